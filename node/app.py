@@ -1,0 +1,72 @@
+"""The running node: wires storage, index, recovery and the SCP, and stops them in order."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+from node import __version__
+from node.config import Config
+from node.index.db import make_engine, migrate, session_factory
+from node.index.writer import IndexWriter
+from node.receive.ingest import Ingest
+from node.receive.scp import StorageSCP
+from node.storage import Storage
+from node.storage.recovery import mark_clean, recover
+
+log = logging.getLogger(__name__)
+
+
+class Node:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.storage = Storage(cfg.data_dir)
+        self.engine = make_engine(cfg.database_url)
+        self.sessions = session_factory(self.engine)
+        self.writer = IndexWriter(self.sessions)
+        self.ingest = Ingest(
+            self.storage,
+            self.writer,
+            duplicates=cfg.node.duplicates,
+            min_free_bytes=cfg.node.min_free_mb * 2**20,
+        )
+        self.scp: StorageSCP | None = None
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        log.info("dicom-node %s starting (config: %s)", __version__, self.cfg.source)
+        log.info("data directory %s, index %s", self.storage.root,
+                 self.engine.url.render_as_string(hide_password=True))  # fmt: skip
+        if self.storage.prepare():
+            mark_clean(self.storage)  # nothing to reconcile in a new data directory
+        migrate(self.engine)
+        recover(self.storage, self.sessions)
+        self.writer.start()
+        self.scp = StorageSCP(self.cfg, self.ingest)
+        self.scp.start()
+
+    def stop(self) -> None:
+        log.info("stopping: finishing open associations")
+        if self.scp is not None:
+            self.scp.stop()
+        self.writer.stop()
+        self.engine.dispose()
+        mark_clean(self.storage)
+        log.info("stopped cleanly")
+
+    def run_forever(self) -> None:
+        """Run until SIGINT/SIGTERM, then stop cleanly."""
+
+        def _signal(signum: int, _frame: object) -> None:
+            log.info("received %s", signal.Signals(signum).name)
+            self._stop.set()
+
+        signal.signal(signal.SIGINT, _signal)
+        signal.signal(signal.SIGTERM, _signal)
+        self.start()
+        try:
+            while not self._stop.wait(1.0):
+                pass
+        finally:
+            self.stop()

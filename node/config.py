@@ -1,0 +1,245 @@
+"""The node's configuration: one TOML file, validated before anything starts.
+
+Every error names the file, the key and what is wrong, because the person
+reading it is an administrator at a console, not the author of this module.
+Environment variables ``DICOM_NODE_<SECTION>__<KEY>`` override file values so
+that containers and service managers can change a port or a path without
+editing the file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "DICOM_NODE_"
+DEFAULT_CONFIG_PATH = Path("config/node.toml")
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded for the person who has to fix it."""
+
+
+def _check_ae_title(value: str) -> str:
+    """AE titles are 1-16 characters of the DICOM default repertoire, no backslash."""
+    stripped = value.strip()
+    if not stripped:
+        raise ValueError("an AE title must not be empty or only spaces")
+    if len(value) > 16:
+        raise ValueError(f"an AE title has at most 16 characters, {value!r} has {len(value)}")
+    if "\\" in value or any(ord(c) < 0x20 or ord(c) > 0x7E for c in value):
+        raise ValueError(f"{value!r} contains a backslash or a control/non-ASCII character")
+    return stripped
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo such as `prot = 104` must not be ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class NodeSection(_Section):
+    ae_title: str = "DICOM_NODE"
+    host: str = "0.0.0.0"
+    port: int = Field(11112, ge=1, le=65535)
+    data_dir: Path = Path("var")
+    #: Largest PDU we accept. Large PDUs mean fewer Python-level loops per
+    #: instance; 0 means unlimited (DICOM PS3.8 allows it).
+    max_pdu: int = Field(1_048_576, ge=0)
+    max_associations: int = Field(32, ge=1, le=1024)
+    acse_timeout: float = Field(30.0, gt=0)
+    dimse_timeout: float = Field(60.0, gt=0)
+    network_timeout: float = Field(60.0, gt=0)
+    #: Refuse new instances (0xA700) while the storage filesystem has less free space.
+    min_free_mb: int = Field(1024, ge=0)
+    #: What to do when an instance with a known SOP Instance UID arrives again.
+    duplicates: Literal["keep_first", "overwrite"] = "keep_first"
+
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
+
+    @field_validator("max_pdu")
+    @classmethod
+    def _pdu(cls, v: int) -> int:
+        if 0 < v < 4096:
+            raise ValueError("must be 0 (unlimited) or at least 4096 bytes")
+        return v
+
+
+class PeerSection(_Section):
+    """One allowed caller: an AE title and, optionally, the hosts it may call from."""
+
+    ae_title: str
+    hosts: list[str] = Field(default_factory=list)
+
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, hosts: list[str]) -> list[str]:
+        for h in hosts:
+            try:
+                ipaddress.ip_network(h, strict=False)
+            except ValueError:
+                raise ValueError(f"{h!r} is not an IP address or network (e.g. 10.1.2.3 or 10.1.0.0/16)") from None
+        return hosts
+
+
+class AccessSection(_Section):
+    #: Empty means any calling AE title is accepted (logged at start-up).
+    allowed_peers: list[PeerSection] = Field(default_factory=list)
+    #: Reject associations whose Called AE Title is not ours.
+    check_called_ae: bool = True
+
+
+class TlsSection(_Section):
+    enabled: bool = False
+    certificate: Path | None = None
+    private_key: Path | None = None
+    #: CA bundle for verifying client certificates; set it to require them.
+    client_ca: Path | None = None
+
+    @model_validator(mode="after")
+    def _files(self) -> "TlsSection":
+        if self.enabled:
+            for key in ("certificate", "private_key"):
+                if getattr(self, key) is None:
+                    raise ValueError(f"TLS is enabled but {key} is not set")
+        return self
+
+
+class DatabaseSection(_Section):
+    #: SQLAlchemy URL; empty means SQLite at <data_dir>/index.sqlite.
+    url: str = ""
+
+
+class DestinationSection(_Section):
+    name: str
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
+
+
+class LoggingSection(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    json_format: bool = False
+
+
+class Config(_Section):
+    node: NodeSection = Field(default_factory=NodeSection)
+    database: DatabaseSection = Field(default_factory=DatabaseSection)
+    access: AccessSection = Field(default_factory=AccessSection)
+    tls: TlsSection = Field(default_factory=TlsSection)
+    logging: LoggingSection = Field(default_factory=LoggingSection)
+    destinations: list[DestinationSection] = Field(default_factory=list)
+    #: Rules are validated by the rule engine; here they are only tables.
+    rules: list[dict[str, Any]] = Field(default_factory=list)
+
+    #: Where the values came from, for messages; not a config key.
+    source: str = Field("built-in defaults", exclude=True)
+
+    @model_validator(mode="after")
+    def _unique_destinations(self) -> "Config":
+        seen: set[str] = set()
+        for d in self.destinations:
+            if d.name in seen:
+                raise ValueError(f"destination name {d.name!r} is used twice")
+            seen.add(d.name)
+        return self
+
+    @property
+    def data_dir(self) -> Path:
+        return self.node.data_dir.resolve()
+
+    @property
+    def database_url(self) -> str:
+        if self.database.url:
+            return self.database.url
+        return f"sqlite:///{self.data_dir / 'index.sqlite'}"
+
+
+def _loc_to_key(loc: tuple[Any, ...]) -> str:
+    """``('destinations', 0, 'port')`` -> ``destinations[0].port``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        key = _loc_to_key(tuple(e["loc"]))
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see config/node.toml for the keys)"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        got = e.get("input")
+        shown = "" if e["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {key}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def _env_value(raw: str) -> Any:
+    """Environment values are TOML values where they parse as one, else strings."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def apply_env_overrides(data: dict[str, Any], environ: dict[str, str]) -> list[str]:
+    """Apply ``DICOM_NODE_<SECTION>__<KEY>`` variables to ``data`` in place."""
+    applied = []
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or "__" not in name[len(ENV_PREFIX) :]:
+            continue
+        section, key = name[len(ENV_PREFIX) :].lower().split("__", 1)
+        target = data.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"environment variable {name}: [{section}] is not a table, it cannot take a key")
+        target[key] = _env_value(raw)
+        applied.append(name)
+    return applied
+
+
+def load_config(path: Path | str | None = None, environ: dict[str, str] | None = None) -> Config:
+    """Load, override and validate the configuration.
+
+    Without ``path``, ``config/node.toml`` is used when present, else the
+    built-in defaults (SQLite and files under ``var/``).
+    """
+    environ = dict(os.environ) if environ is None else environ
+    data: dict[str, Any] = {}
+    if path is None and DEFAULT_CONFIG_PATH.is_file():
+        path = DEFAULT_CONFIG_PATH
+    source = "built-in defaults"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {p} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p} is not valid TOML: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None
+    applied = apply_env_overrides(data, environ)
+    if applied:
+        source += " + environment (" + ", ".join(applied) + ")"
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(source, e)) from None
+    cfg.source = source
+    return cfg

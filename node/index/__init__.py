@@ -1,0 +1,1 @@
+"""Stage 2: the SQL index of what the node holds."""

@@ -1,0 +1,118 @@
+"""The index: Patient / Study / Series / Instance rows for rules, queries and the dashboard.
+
+Only portable SQL types are used here; anything dialect-specific lives in
+:mod:`node.index.db`. UIDs are at most 64 characters (PS3.5 9.1) but peers do
+send longer ones; the columns are wider so such an instance is stored rather
+than lost.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import BigInteger, DateTime, Float, ForeignKey, Index, Integer, String, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+UID = String(128)
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Patient(Base):
+    __tablename__ = "patient"
+    __table_args__ = (UniqueConstraint("patient_id", "issuer_of_patient_id", name="uq_patient_identity"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patient_id: Mapped[str] = mapped_column(String(128), default="")
+    issuer_of_patient_id: Mapped[str] = mapped_column(String(128), default="")
+    patient_name: Mapped[str] = mapped_column(String(512), default="")
+    birth_date: Mapped[str] = mapped_column(String(16), default="")
+    sex: Mapped[str] = mapped_column(String(16), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    studies: Mapped[list["Study"]] = relationship(back_populates="patient")
+
+
+class Study(Base):
+    __tablename__ = "study"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    patient_fk: Mapped[int] = mapped_column(ForeignKey("patient.id"), index=True)
+    study_date: Mapped[str] = mapped_column(String(16), default="")
+    study_time: Mapped[str] = mapped_column(String(32), default="")
+    accession_number: Mapped[str] = mapped_column(String(64), default="", index=True)
+    study_id: Mapped[str] = mapped_column(String(64), default="")
+    study_description: Mapped[str] = mapped_column(String(512), default="")
+    referring_physician_name: Mapped[str] = mapped_column(String(512), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    patient: Mapped[Patient] = relationship(back_populates="studies")
+    series: Mapped[list["Series"]] = relationship(back_populates="study")
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    study_fk: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    modality: Mapped[str] = mapped_column(String(16), default="", index=True)
+    series_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    series_description: Mapped[str] = mapped_column(String(512), default="")
+    body_part_examined: Mapped[str] = mapped_column(String(64), default="")
+    protocol_name: Mapped[str] = mapped_column(String(512), default="")
+    manufacturer: Mapped[str] = mapped_column(String(128), default="")
+    station_name: Mapped[str] = mapped_column(String(64), default="")
+    frame_of_reference_uid: Mapped[str] = mapped_column(UID, default="")
+    #: Maintained in the same transaction as each instance row, so rules can
+    #: read a count without a COUNT(*) over the instance table.
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    first_received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list["Instance"]] = relationship(back_populates="series")
+
+
+class Instance(Base):
+    __tablename__ = "instance"
+    __table_args__ = (Index("ix_instance_received_at", "received_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    series_fk: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(UID, index=True)
+    transfer_syntax_uid: Mapped[str] = mapped_column(UID)
+    instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    acquisition_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    image_type: Mapped[str] = mapped_column(String(256), default="")
+    rows: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    columns: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    number_of_frames: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    bits_allocated: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    photometric_interpretation: Mapped[str] = mapped_column(String(32), default="")
+    #: Backslash-separated decimal strings as in the data set (PS3.5 DS).
+    image_position_patient: Mapped[str] = mapped_column(String(256), default="")
+    image_orientation_patient: Mapped[str] = mapped_column(String(512), default="")
+    pixel_spacing: Mapped[str] = mapped_column(String(128), default="")
+    slice_thickness: Mapped[float | None] = mapped_column(Float, nullable=True)
+    slice_location: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: Relative to the data directory, made by the node, never from peer strings.
+    file_path: Mapped[str] = mapped_column(String(512), unique=True)
+    file_size: Mapped[int] = mapped_column(BigInteger)
+    #: SHA-256 of the stored file, hex.
+    checksum: Mapped[str] = mapped_column(String(64))
+    received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    calling_ae: Mapped[str] = mapped_column(String(16), default="")
+    called_ae: Mapped[str] = mapped_column(String(16), default="")
+    peer_address: Mapped[str] = mapped_column(String(64), default="")
+    association_id: Mapped[str] = mapped_column(String(36), default="", index=True)
+
+    series: Mapped[Series] = relationship(back_populates="instances")

@@ -1,0 +1,46 @@
+"""Read-only summaries of the index for ``dicom-node status``."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+
+from sqlalchemy import func, select
+
+from node.config import Config
+from node.index.db import make_engine, session_factory
+from node.index.models import Instance, Patient, Series, Study
+
+
+@dataclass
+class IndexStatus:
+    patients: int
+    studies: int
+    series: int
+    instances: int
+    stored_bytes: int
+    free_bytes: int
+    recent_series: list[tuple] = field(default_factory=list)
+
+
+def gather(cfg: Config, recent: int = 10) -> IndexStatus:
+    engine = make_engine(cfg.database_url, write=False)
+    try:
+        with session_factory(engine)() as s:
+            counts = [s.execute(select(func.count()).select_from(m)).scalar_one() for m in (Patient, Study, Series)]
+            n_inst, size = s.execute(select(func.count(), func.coalesce(func.sum(Instance.file_size), 0))).one()
+            rows = s.execute(
+                select(
+                    Patient.patient_name, Study.study_date, Series.modality, Series.series_description,
+                    Series.instance_count, Series.last_received_at,
+                )
+                .join(Study, Series.study_fk == Study.id)
+                .join(Patient, Study.patient_fk == Patient.id)
+                .order_by(Series.last_received_at.desc())
+                .limit(recent)
+            ).all()  # fmt: skip
+    finally:
+        engine.dispose()
+    free = shutil.disk_usage(cfg.data_dir).free if cfg.data_dir.exists() else 0
+    recent_rows = [(r[0], r[1], r[2], r[3], r[4], r[5].strftime("%Y-%m-%d %H:%M:%S")) for r in rows]
+    return IndexStatus(*counts, n_inst, int(size), free, recent_rows)

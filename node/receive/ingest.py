@@ -1,0 +1,153 @@
+"""The durable write path: check, fsync, rename, index, and only then answer Success.
+
+The order is what makes it safe. A crash before the rename leaves a temp
+file (removed at start-up); between rename and commit, a stored file with no
+row (indexed by recovery at start-up); after the commit, both. The sender
+only ever sees Success for an instance whose bytes are on disk and whose row
+is committed, and any failure removes what this request wrote.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from dataclasses import dataclass
+from pydicom.uid import UID
+
+from node.index.records import DuplicatePolicy, Recorder, RecordOutcome
+from node.index.writer import IndexWriter
+from node.receive.parse import Rejected, read_header, to_record
+from node.receive.status import Status
+from node.receive.transport import ReceivedFile
+from node.storage import Storage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True, frozen=True)
+class Peer:
+    """Who sent an instance, for the index and the logs."""
+
+    calling_ae: str = ""
+    called_ae: str = ""
+    address: str = ""
+    association_id: str = ""
+
+
+@dataclass(slots=True)
+class StoreResult:
+    status: int
+    reason: str = ""
+    outcome: str = ""  # "new", "duplicate", "replaced" on success
+
+
+class Ingest:
+    """Stores received data sets; shared by all associations (thread-safe)."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        writer: IndexWriter,
+        *,
+        duplicates: DuplicatePolicy = "keep_first",
+        min_free_bytes: int = 0,
+    ) -> None:
+        self.storage = storage
+        self.writer = writer
+        self.recorder = Recorder(duplicates)
+        self.min_free_bytes = min_free_bytes
+
+    def store(
+        self,
+        rx: ReceivedFile,
+        *,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        transfer_syntax: UID,
+        peer: Peer,
+    ) -> StoreResult:
+        """Store one received data set; never raises, always answers with a status."""
+        try:
+            return self._store(rx, sop_class_uid, sop_instance_uid, transfer_syntax, peer)
+        except Rejected as r:
+            log.warning(
+                "refused %s from %s (%s): 0x%04X %s",
+                sop_instance_uid, peer.calling_ae, peer.address, r.status, r.reason,
+            )  # fmt: skip
+            return StoreResult(r.status, r.reason)
+        except OSError as e:
+            reason = f"storage error: {e.strerror or e}"
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                reason = "the storage filesystem is full"
+            log.error("could not store %s from %s: %s", sop_instance_uid, peer.calling_ae, reason)
+            return StoreResult(Status.OUT_OF_RESOURCES, reason)
+        except Exception as e:  # a bug must not become pynetdicom's 0xC211 or kill the association
+            log.exception("unexpected failure storing %s from %s", sop_instance_uid, peer.calling_ae)
+            return StoreResult(Status.OUT_OF_RESOURCES, f"internal error: {type(e).__name__}")
+        finally:
+            rx.discard()  # removes the temp file on failure; nothing left to remove after the rename
+
+    def _store(
+        self, rx: ReceivedFile, sop_class_uid: str, sop_instance_uid: str, ts: UID, peer: Peer
+    ) -> StoreResult:
+        if self.min_free_bytes:
+            free = self.storage.free_bytes()
+            if free < self.min_free_bytes:
+                raise Rejected(
+                    Status.OUT_OF_RESOURCES,
+                    f"storage has {free // 2**20} MiB free, below node.min_free_mb "
+                    f"({self.min_free_bytes // 2**20} MiB)",
+                )
+        with open(rx.name, "rb") as fp:
+            header = read_header(fp, ts, rx.size)
+        ds = header.dataset
+        ds_class = str(ds.get("SOPClassUID", "") or "").strip()
+        ds_inst = str(ds.get("SOPInstanceUID", "") or "").strip()
+        if ds_class != sop_class_uid.strip():
+            raise Rejected(
+                Status.DATASET_MISMATCH,
+                f"SOP Class UID in the data set ({ds_class or 'missing'}) differs from the request ({sop_class_uid})",
+            )
+        if ds_inst != sop_instance_uid.strip():
+            raise Rejected(
+                Status.DATASET_MISMATCH,
+                f"SOP Instance UID in the data set ({ds_inst or 'missing'}) differs from the request "
+                f"({sop_instance_uid})",
+            )
+        for kw in ("StudyInstanceUID", "SeriesInstanceUID"):
+            if not str(ds.get(kw, "") or "").strip():
+                raise Rejected(Status.DATASET_MISMATCH, f"the data set has no {kw}, so it cannot be filed")
+
+        rx.sync()
+        size = rx.size
+        checksum = rx.hexdigest()
+        rx.close()
+        final = self.storage.path_for(ds_inst)
+        self.storage.commit(rx.name, final)
+        relative = self.storage.relative(final)
+        record = to_record(
+            header,
+            file_path=relative,
+            file_size=size,
+            checksum=checksum,
+            calling_ae=peer.calling_ae,
+            called_ae=peer.called_ae,
+            peer_address=peer.address,
+            association_id=peer.association_id,
+        )
+        try:
+            outcome: RecordOutcome = self.writer.call(lambda s: self.recorder.record(s, record))
+        except Exception as e:
+            self.storage.remove(final)
+            raise Rejected(Status.OUT_OF_RESOURCES, f"the index could not record the instance: {e}") from None
+        if outcome.kind == "duplicate":
+            self.storage.remove(final)
+            log.info(
+                "duplicate %s from %s: kept the first copy (node.duplicates = keep_first)",
+                ds_inst, peer.calling_ae,
+            )  # fmt: skip
+        elif outcome.kind == "replaced" and outcome.old_file_path:
+            self.storage.remove(self.storage.absolute(outcome.old_file_path))
+            log.info("duplicate %s from %s: replaced the stored copy (node.duplicates = overwrite)",
+                     ds_inst, peer.calling_ae)  # fmt: skip
+        return StoreResult(Status.SUCCESS, outcome=outcome.kind)

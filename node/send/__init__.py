@@ -1,0 +1,1 @@
+"""Stage 7: send. C-STORE/C-ECHO SCU."""

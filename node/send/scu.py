@@ -1,0 +1,141 @@
+"""A C-STORE SCU that sends files as they are, several per association.
+
+Files are streamed from disk (pynetdicom's chunked send), never decoded;
+presentation contexts are proposed from what the files hold, at most 128
+per association (PS3.8 limit on context IDs), so a folder with more kinds of
+objects is sent over several associations.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
+from pydicom.uid import UID
+from pynetdicom import AE, _config
+from pynetdicom.sop_class import Verification
+
+from node.receive import transport
+
+log = logging.getLogger(__name__)
+
+MAX_CONTEXTS = 128
+
+
+@dataclass
+class SendSummary:
+    sent: int = 0
+    failed: int = 0
+    warnings: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    statuses: Counter = field(default_factory=Counter)
+    errors: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0 and not self.skipped
+
+
+def iter_files(paths: Iterable[Path]) -> list[Path]:
+    out: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            out.extend(sorted(q for q in p.rglob("*") if q.is_file()))
+        else:
+            out.append(p)
+    return out
+
+
+def echo(host: str, port: int, *, called_ae: str = "ANY-SCP", calling_ae: str = "DICOM_NODE", timeout: float = 10) -> int:
+    """C-ECHO; returns the status (raises ConnectionError if no association)."""
+    transport.install()
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(host, port, ae_title=called_ae)
+    if not assoc.is_established:
+        raise ConnectionError(f"no association with {called_ae}@{host}:{port} (rejected, aborted or refused)")
+    try:
+        rsp = assoc.send_c_echo()
+        if not rsp or "Status" not in rsp:
+            raise ConnectionError("no C-ECHO response (timeout or abort)")
+        return int(rsp.Status)
+    finally:
+        assoc.release()
+
+
+def send_files(
+    host: str,
+    port: int,
+    files: list[Path],
+    *,
+    called_ae: str = "ANY-SCP",
+    calling_ae: str = "DICOM_NODE",
+    max_pdu: int = 0,
+    timeout: float = 60,
+    progress: Callable[[Path, int | None], None] | None = None,
+) -> SendSummary:
+    """Send ``files`` as stored; ``progress(path, status)`` is called per file."""
+    transport.install()
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    summary = SendSummary()
+    by_context: dict[tuple[UID, UID], list[Path]] = defaultdict(list)
+    for f in files:
+        try:
+            meta = read_file_meta_info(f)
+            key = (UID(str(meta.MediaStorageSOPClassUID)), UID(str(meta.TransferSyntaxUID)))
+        except (InvalidDicomError, AttributeError, OSError, ValueError) as e:
+            summary.skipped.append((str(f), f"not a DICOM file with File Meta: {e}"))
+            if progress:
+                progress(f, None)
+            continue
+        by_context[key].append(f)
+    keys = list(by_context)
+    for start in range(0, len(keys), MAX_CONTEXTS):
+        batch = keys[start : start + MAX_CONTEXTS]
+        ae = AE(ae_title=calling_ae)
+        ae.maximum_pdu_size = max_pdu
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+        for sop_class, ts in batch:
+            ae.add_requested_context(sop_class, [ts])
+        batch_files = sorted((f for k in batch for f in by_context[k]), key=lambda p: str(p))
+        assoc = ae.associate(host, port, ae_title=called_ae, max_pdu=max_pdu)
+        if not assoc.is_established:
+            for f in batch_files:
+                summary.failed += 1
+                summary.errors.append((str(f), "association rejected, aborted or refused"))
+                if progress:
+                    progress(f, None)
+            continue
+        try:
+            for f in batch_files:
+                status = None
+                try:
+                    rsp = assoc.send_c_store(f)
+                    status = int(rsp.Status) if rsp and "Status" in rsp else None
+                except (ValueError, RuntimeError, OSError) as e:
+                    summary.errors.append((str(f), str(e)))
+                summary.statuses[status] += 1
+                if status == 0:
+                    summary.sent += 1
+                elif status is not None and (status & 0xF000) == 0xB000:
+                    summary.sent += 1
+                    summary.warnings += 1
+                else:
+                    summary.failed += 1
+                    if status is not None:
+                        comment = str(rsp.get("ErrorComment", "")) if rsp else ""
+                        summary.errors.append((str(f), f"status 0x{status:04X} {comment}".strip()))
+                if progress:
+                    progress(f, status)
+                if not assoc.is_established:
+                    break
+        finally:
+            if assoc.is_established:
+                assoc.release()
+    return summary

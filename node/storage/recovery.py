@@ -1,0 +1,125 @@
+"""Start-up reconciliation of the files and the index after a crash.
+
+After a clean shutdown the node leaves a marker and start-up only clears
+temporary files. Without the marker (kill -9, power loss) every stored file
+is compared with the index: a file renamed into place whose row was never
+committed is indexed now (the sender may not have had Success, but the bytes
+are complete and fsync'ed, so keeping them loses nothing); a file whose SOP
+Instance UID is indexed under another path (an interrupted overwrite) is
+moved to ``quarantine/``; a row whose file is missing is reported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom.filereader import read_file_meta_info
+from pydicom.uid import UID
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.index.models import Instance
+from node.index.records import Recorder
+from node.receive.parse import read_header, to_record
+from node.storage.layout import Storage
+
+log = logging.getLogger(__name__)
+
+CLEAN_MARKER = "clean-shutdown"
+
+
+@dataclass
+class RecoveryReport:
+    temp_removed: int = 0
+    full_scan: bool = False
+    files_checked: int = 0
+    indexed: list[str] = field(default_factory=list)
+    quarantined: list[str] = field(default_factory=list)
+    missing_files: list[str] = field(default_factory=list)
+
+
+def mark_clean(storage: Storage) -> None:
+    (storage.root / CLEAN_MARKER).write_text("dicom-node stopped cleanly\n")
+
+
+def recover(storage: Storage, sessions: sessionmaker[Session], *, force_scan: bool = False) -> RecoveryReport:
+    report = RecoveryReport()
+    for p in storage.tmp.glob("*"):
+        if p.is_file():
+            p.unlink()
+            report.temp_removed += 1
+    if report.temp_removed:
+        log.info("recovery: removed %d incomplete temporary file(s)", report.temp_removed)
+    marker = storage.root / CLEAN_MARKER
+    clean = marker.exists()
+    if clean:
+        marker.unlink()
+    if clean and not force_scan:
+        return report
+    report.full_scan = True
+    log.info("recovery: the last run did not stop cleanly; comparing storage with the index")
+    with sessions() as s:
+        indexed = dict(s.execute(select(Instance.file_path, Instance.sop_instance_uid)).all())
+    on_disk: set[str] = set()
+    recorder = Recorder("keep_first")
+    for path in storage.iter_stored():
+        report.files_checked += 1
+        rel = storage.relative(path)
+        on_disk.add(rel)
+        if rel in indexed:
+            continue
+        _adopt(storage, sessions, recorder, path, rel, report)
+    for rel, uid in indexed.items():
+        if rel not in on_disk:
+            report.missing_files.append(uid)
+    if report.missing_files:
+        log.error(
+            "recovery: %d indexed instance(s) have no file (first: %s); they cannot be served or forwarded",
+            len(report.missing_files), ", ".join(report.missing_files[:5]),
+        )  # fmt: skip
+    log.info(
+        "recovery: checked %d file(s), indexed %d unindexed file(s), quarantined %d",
+        report.files_checked, len(report.indexed), len(report.quarantined),
+    )  # fmt: skip
+    return report
+
+
+def _adopt(
+    storage: Storage,
+    sessions: sessionmaker[Session],
+    recorder: Recorder,
+    path: Path,
+    rel: str,
+    report: RecoveryReport,
+) -> None:
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fp:
+            meta = read_file_meta_info(path)
+            ts = UID(str(meta.TransferSyntaxUID))
+            fp.seek(0)
+            header = read_header(fp, ts, size)
+        with open(path, "rb") as fp:
+            digest = hashlib.file_digest(fp, "sha256").hexdigest()
+        record = to_record(header, file_path=rel, file_size=size, checksum=digest, association_id="recovered")
+        with sessions() as s, s.begin():
+            outcome = recorder.record(s, record)
+    except Exception as e:  # unreadable: keep the bytes, out of the way
+        _quarantine(storage, path, report, f"unreadable ({e})")
+        return
+    if outcome.kind == "new":
+        report.indexed.append(record.sop_instance_uid)
+        log.warning("recovery: indexed %s (%s), stored before a crash but not yet indexed", record.sop_instance_uid, rel)
+    else:
+        _quarantine(storage, path, report, f"{record.sop_instance_uid} is already indexed under another file")
+
+
+def _quarantine(storage: Storage, path: Path, report: RecoveryReport, why: str) -> None:
+    target = storage.quarantine / path.name
+    os.replace(path, target)
+    report.quarantined.append(str(target))
+    log.warning("recovery: moved %s to %s: %s", path, target, why)
