@@ -24,7 +24,7 @@ class Node:
         self.storage = Storage(cfg.data_dir)
         self.engine = make_engine(cfg.database_url)
         self.sessions = session_factory(self.engine)
-        self.writer = IndexWriter(self.sessions)
+        self.writer = IndexWriter(self.engine, on_failure=lambda: self.ingest.recorder.forget())
         self.ingest = Ingest(
             self.storage,
             self.writer,

@@ -19,6 +19,7 @@ Only the standard library, numpy, pydicom and pynetdicom are used.
 from __future__ import annotations
 
 import abc
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -32,9 +33,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -48,7 +49,7 @@ ORTHANC = "/usr/sbin/Orthanc"
 LOOPBACK = "127.0.0.1"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage SOP Class
 
 
 # --------------------------------------------------------------------------
@@ -167,7 +168,7 @@ class ProcessGroup:
     def __init__(self) -> None:
         self._procs: list[subprocess.Popen[bytes]] = []
 
-    def __enter__(self) -> "ProcessGroup":
+    def __enter__(self) -> ProcessGroup:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -212,10 +213,8 @@ class ProcessGroup:
         for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
             if proc.poll() is not None:
                 break
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
             try:
                 proc.wait(timeout=wait)
                 break
@@ -236,28 +235,22 @@ class ProcessGroup:
         def signal_all(sig: int) -> None:
             for proc in procs:
                 if proc.poll() is None:
-                    try:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
                         os.killpg(proc.pid, sig)
-                    except (ProcessLookupError, PermissionError):
-                        pass
 
         signal_all(signal.SIGTERM)
         try:
             deadline = time.monotonic() + grace
             for proc in procs:
-                try:
+                with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    pass
         except KeyboardInterrupt:
             pass
         finally:
             signal_all(signal.SIGKILL)
             for proc in procs:
-                try:
+                with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=5.0)
-                except subprocess.TimeoutExpired:
-                    pass
             self._procs.clear()
 
 
@@ -314,10 +307,10 @@ def generate_series(
     ``pydicom.uid.generate_uid`` so they are valid and unique per run.
     Returns the file paths in slice order.
     """
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.dataset import Dataset
-    from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
 
+    sop_class = UID(CT_IMAGE_STORAGE)
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     base = _phantom(spec.rows, spec.cols)
@@ -333,7 +326,7 @@ def generate_series(
     for i in range(spec.count):
         sop_uid = generate_uid()
         meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
+        meta.MediaStorageSOPClassUID = sop_class
         meta.MediaStorageSOPInstanceUID = sop_uid
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
@@ -342,7 +335,7 @@ def generate_series(
         ds.file_meta = meta
         ds.SpecificCharacterSet = "ISO_IR 100"
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.SOPClassUID = CT_IMAGE_STORAGE
+        ds.SOPClassUID = sop_class
         ds.SOPInstanceUID = sop_uid
         ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = date
         ds.StudyTime = ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = tm
@@ -473,7 +466,7 @@ def send_with_storescu(
     deadline = time.monotonic() + timeout
     errors: list[str] = []
     rcs: list[int] = []
-    for proc, log_path in procs:
+    for proc, _log in procs:
         try:
             rcs.append(proc.wait(timeout=max(0.1, deadline - time.monotonic())))
         except subprocess.TimeoutExpired:
@@ -481,7 +474,7 @@ def send_with_storescu(
             rcs.append(-999)
             errors.append(f"storescu timed out after {timeout:.0f}s")
     elapsed = time.perf_counter() - t0
-    for (proc, log_path), rc in zip(procs, rcs):
+    for (proc, log_path), rc in zip(procs, rcs, strict=True):
         pg.stop(proc)  # already exited; just forget it
         if rc != 0:
             errors.append(f"storescu rc={rc}: {tail(log_path, 5)}")
@@ -776,7 +769,7 @@ def machine_info(workdir: Path) -> dict[str, object]:
         "memory": mem,
         "kernel": platform.release(),
         "workdir_fs": _fs_type(workdir),
-        "loadavg_at_start": list(os.getloadavg()),
+        "loadavg_1min_at_start": round(os.getloadavg()[0], 2),
     }
 
 

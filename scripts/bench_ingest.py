@@ -223,8 +223,12 @@ def build_rows(
 
 def plain_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    line = lambda cells: "  ".join(c.rjust(w) if i > 0 else c.ljust(w)  # noqa: E731
-                                   for i, (c, w) in enumerate(zip(cells, widths)))
+
+    def line(cells: list[str]) -> str:
+        # first column (the label) left-aligned, numbers right-aligned
+        return "  ".join(c.rjust(w) if i > 0 else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+
     out = [line(header), line(["-" * w for w in widths])]
     out += [line(r) for r in rows]
     return "\n".join(out)
@@ -258,8 +262,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="repetitions per cell (fresh receiver each); the median is reported")
     p.add_argument("--json", metavar="OUT", type=Path, help="write all results as JSON here")
     p.add_argument("--workdir", type=Path,
-                   help="where data and receiver storage go (default: a new temp dir)")
-    p.add_argument("--keep", action="store_true", help="keep the work dir (logs, stored files)")
+                   help="where data and receiver storage go [a new temp dir]")
+    p.add_argument("--keep", action="store_true", help="keep the work dir (logs, stored files); kept anyway on failures")
     p.add_argument("--storescp-fork", action="store_true",
                    help="run DCMTK storescp with --fork (one process per association)")
     p.add_argument("--orthanc-set", action="append", default=[], metavar="KEY=JSON",
@@ -387,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     header, rows = build_rows(cells, results, args.receiver_list)
     mach_line = (f"{machine['nproc']} CPUs ({machine['cpu_model']}), {machine['memory']} RAM, "
                  f"Linux {machine['kernel']}, storage {machine['workdir_fs']}, "
-                 f"load avg at start {machine['loadavg_at_start'][0]:.2f}")
+                 f"load avg at start {machine['loadavg_1min_at_start']}")
     ver_line = ", ".join(f"{k} {v}" for k, v in versions.items())
     print()
     print(f"Machine:  {mach_line}")

@@ -6,7 +6,8 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, select
+from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
 from node.index.models import Instance, Patient, Series, Study
@@ -38,6 +39,39 @@ class RecordOutcome:
     old_file_path: str | None = None
 
 
+_patient = Patient.__table__
+_study = Study.__table__
+_series = Series.__table__
+_instance = Instance.__table__
+
+# Statements are built once with bound parameters: SQLAlchemy then reuses the
+# compiled form, which is what keeps a row under a millisecond of Python.
+_SEL_PATIENT = select(_patient.c.id).where(
+    _patient.c.patient_id == bindparam("patient_id"),
+    _patient.c.issuer_of_patient_id == bindparam("issuer_of_patient_id"),
+)
+_INS_PATIENT = _patient.insert().returning(_patient.c.id)
+_SEL_STUDY = select(_study.c.id).where(_study.c.study_instance_uid == bindparam("uid"))
+_INS_STUDY = _study.insert().returning(_study.c.id)
+_SEL_SERIES = select(_series.c.id).where(_series.c.series_instance_uid == bindparam("uid"))
+_INS_SERIES = _series.insert().returning(_series.c.id)
+_SEL_INSTANCE = select(_instance.c.id, _instance.c.file_path, _instance.c.series_fk).where(
+    _instance.c.sop_instance_uid == bindparam("uid")
+)
+_INS_INSTANCE = _instance.insert().returning(_instance.c.id)
+_UPD_INSTANCE = _instance.update().where(_instance.c.id == bindparam("pk"))
+_SERIES_ADD = (
+    _series.update()
+    .where(_series.c.id == bindparam("pk"))
+    .values(instance_count=_series.c.instance_count + bindparam("delta"), last_received_at=bindparam("now"))
+)
+_SERIES_SUB = (
+    _series.update()
+    .where(_series.c.id == bindparam("pk"))
+    .values(instance_count=_series.c.instance_count - 1)
+)
+
+
 def existing_file(session: Session, sop_instance_uid: str) -> str | None:
     return session.execute(
         select(Instance.file_path).where(Instance.sop_instance_uid == sop_instance_uid)
@@ -47,9 +81,9 @@ def existing_file(session: Session, sop_instance_uid: str) -> str | None:
 class Recorder:
     """Upserts instances, caching parent row ids.
 
-    Used only from the index writer thread, so the cache needs no lock. The
-    cache is dropped whenever a transaction fails, in case it holds ids of
-    rows that were rolled back.
+    Used only from the index writer thread (or one recovery thread), so the
+    cache needs no lock. The writer calls :meth:`forget` whenever a
+    transaction fails, in case the cache holds ids of rows rolled back.
     """
 
     def __init__(self, policy: DuplicatePolicy) -> None:
@@ -63,72 +97,44 @@ class Recorder:
         self._studies.clear()
         self._series.clear()
 
-    def _patient_id(self, s: Session, values: dict[str, Any]) -> int:
-        key = (values["patient_id"], values["issuer_of_patient_id"])
-        pk = self._patients.get(key)
-        if pk is None:
-            pk = s.execute(
-                select(Patient.id).where(
-                    Patient.patient_id == key[0], Patient.issuer_of_patient_id == key[1]
-                )
-            ).scalar_one_or_none()
-            if pk is None:
-                pk = s.execute(insert(Patient).values(**values).returning(Patient.id)).scalar_one()
-            self._patients[key] = pk
-        return pk
-
-    def _study_id(self, s: Session, values: dict[str, Any], patient_fk: int) -> int:
-        uid = values["study_instance_uid"]
-        pk = self._studies.get(uid)
-        if pk is None:
-            pk = s.execute(select(Study.id).where(Study.study_instance_uid == uid)).scalar_one_or_none()
-            if pk is None:
-                pk = s.execute(
-                    insert(Study).values(patient_fk=patient_fk, **values).returning(Study.id)
-                ).scalar_one()
-            self._studies[uid] = pk
-        return pk
-
-    def _series_id(self, s: Session, values: dict[str, Any], study_fk: int, now: dt.datetime) -> int:
-        uid = values["series_instance_uid"]
-        pk = self._series.get(uid)
-        if pk is None:
-            pk = s.execute(select(Series.id).where(Series.series_instance_uid == uid)).scalar_one_or_none()
-            if pk is None:
-                pk = s.execute(
-                    insert(Series)
-                    .values(study_fk=study_fk, first_received_at=now, last_received_at=now, **values)
-                    .returning(Series.id)
-                ).scalar_one()
-            self._series[uid] = pk
-        return pk
-
-    def record(self, s: Session, rec: InstanceRecord) -> RecordOutcome:
+    def record(self, c: Connection, rec: InstanceRecord) -> RecordOutcome:
         now = rec.received_at
-        patient_fk = self._patient_id(s, rec.patient)
-        study_fk = self._study_id(s, rec.study, patient_fk)
-        series_fk = self._series_id(s, rec.series, study_fk, now)
-        row = s.execute(
-            select(Instance.id, Instance.file_path, Instance.series_fk).where(
-                Instance.sop_instance_uid == rec.sop_instance_uid
-            )
-        ).one_or_none()
+        key = (rec.patient["patient_id"], rec.patient["issuer_of_patient_id"])
+        patient_fk = self._patients.get(key)
+        if patient_fk is None:
+            patient_fk = c.execute(_SEL_PATIENT, rec.patient).scalar()
+            if patient_fk is None:
+                patient_fk = c.execute(_INS_PATIENT, dict(rec.patient, created_at=now)).scalar_one()
+            self._patients[key] = patient_fk
+        uid = rec.study["study_instance_uid"]
+        study_fk = self._studies.get(uid)
+        if study_fk is None:
+            study_fk = c.execute(_SEL_STUDY, {"uid": uid}).scalar()
+            if study_fk is None:
+                study_fk = c.execute(_INS_STUDY, dict(rec.study, patient_fk=patient_fk, created_at=now)).scalar_one()
+            self._studies[uid] = study_fk
+        uid = rec.series["series_instance_uid"]
+        series_fk = self._series.get(uid)
+        if series_fk is None:
+            series_fk = c.execute(_SEL_SERIES, {"uid": uid}).scalar()
+            if series_fk is None:
+                series_fk = c.execute(
+                    _INS_SERIES,
+                    dict(rec.series, study_fk=study_fk, first_received_at=now, last_received_at=now, instance_count=0),
+                ).scalar_one()
+            self._series[uid] = series_fk
+        row = c.execute(_SEL_INSTANCE, {"uid": rec.sop_instance_uid}).one_or_none()
         values = dict(rec.instance, series_fk=series_fk, received_at=now)
         if row is None:
-            pk = s.execute(insert(Instance).values(**values).returning(Instance.id)).scalar_one()
-            s.execute(
-                update(Series)
-                .where(Series.id == series_fk)
-                .values(instance_count=Series.instance_count + 1, last_received_at=now)
-            )
+            pk = c.execute(_INS_INSTANCE, values).scalar_one()
+            c.execute(_SERIES_ADD, {"pk": series_fk, "delta": 1, "now": now})
             return RecordOutcome("new", pk)
         if self.policy == "keep_first":
             return RecordOutcome("duplicate", row.id)
-        s.execute(update(Instance).where(Instance.id == row.id).values(**values))
+        c.execute(_UPD_INSTANCE, dict(values, pk=row.id))
         if row.series_fk != series_fk:  # the same SOP Instance UID moved to another series
-            s.execute(
-                update(Series).where(Series.id == row.series_fk).values(instance_count=Series.instance_count - 1)
-            )
-            s.execute(update(Series).where(Series.id == series_fk).values(instance_count=Series.instance_count + 1))
-        s.execute(update(Series).where(Series.id == series_fk).values(last_received_at=now))
+            c.execute(_SERIES_SUB, {"pk": row.series_fk})
+            c.execute(_SERIES_ADD, {"pk": series_fk, "delta": 1, "now": now})
+        else:
+            c.execute(_SERIES_ADD, {"pk": series_fk, "delta": 0, "now": now})
         return RecordOutcome("replaced", row.id, old_file_path=row.file_path)

@@ -17,19 +17,20 @@ import threading
 from concurrent.futures import Future
 from typing import Callable, TypeVar
 
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import Connection, Engine
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Work = Callable[[Session], T]
+Work = Callable[[Connection], T]
 
 MAX_BATCH = 64
 
 
 class IndexWriter:
-    def __init__(self, sessions: sessionmaker[Session], on_failure: Callable[[], None] | None = None) -> None:
-        self._sessions = sessions
+    def __init__(self, engine: Engine, on_failure: Callable[[], None] | None = None) -> None:
+        """``on_failure`` is called after any failed item or transaction (e.g. to drop caches)."""
+        self._engine = engine
         self._queue: queue.SimpleQueue[tuple[Work, Future] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="index-writer", daemon=True)
         self._on_failure = on_failure
@@ -79,13 +80,17 @@ class IndexWriter:
     def _commit(self, batch: list[tuple[Work, Future]]) -> None:
         results: list[tuple[Future, object, BaseException | None]] = []
         try:
-            with self._sessions() as session, session.begin():
-                for work, fut in batch:
-                    try:
-                        with session.begin_nested():
-                            results.append((fut, work(session), None))
-                    except Exception as exc:  # this item only: its savepoint rolled back
-                        results.append((fut, None, exc))
+            with self._engine.begin() as conn:
+                if len(batch) == 1:  # no savepoint needed: the transaction is the item
+                    work, fut = batch[0]
+                    results.append((fut, work(conn), None))
+                else:
+                    for work, fut in batch:
+                        try:
+                            with conn.begin_nested():
+                                results.append((fut, work(conn), None))
+                        except Exception as exc:  # this item only: its savepoint rolled back
+                            results.append((fut, None, exc))
         except Exception as exc:  # the commit itself failed: nothing in the batch is durable
             log.error("index transaction of %d instance(s) failed: %s", len(batch), exc)
             if self._on_failure:

@@ -44,6 +44,7 @@ from typing import Any
 
 import pynetdicom
 from pydicom.uid import UID
+from pynetdicom import acse as _acse
 from pynetdicom import association as _association
 from pynetdicom import dimse_messages as _dimse_messages
 from pynetdicom import dul as _dul
@@ -321,6 +322,30 @@ def _assoc_kill(self: _association.Association) -> None:
 
 
 _orig_send_pdu = _dul.DULServiceProvider.send_pdu
+_orig_negotiate = _acse.negotiate_as_acceptor
+
+
+def _negotiate_as_acceptor(rq_contexts: Any, ac_contexts: Any, roles: Any = None) -> Any:
+    """Accept the transfer syntax the *requestor* prefers, not the first in our list.
+
+    pynetdicom walks the acceptor's list, so an SCP that supports everything
+    would pick Implicit VR Little Endian for a JPEG 2000 file and make the
+    sender decompress it, or pick a lossy syntax the sender only offered as
+    an alternative. PS3.8 leaves the choice to the acceptor; a store-as-sent
+    node should take the sender's first choice that it supports.
+    """
+    result, ac_roles = _orig_negotiate(rq_contexts, ac_contexts, roles)
+    supported = {cx.abstract_syntax: set(cx.transfer_syntax) for cx in ac_contexts}
+    proposed = {cx.context_id: cx.transfer_syntax for cx in rq_contexts}
+    for cx in result:
+        if cx.result != 0x00:
+            continue
+        ours = supported.get(cx.abstract_syntax, set())
+        for ts in proposed.get(cx.context_id, []):
+            if ts in ours:
+                cx.transfer_syntax = [ts]
+                break
+    return result, ac_roles
 
 
 def install() -> None:
@@ -341,6 +366,7 @@ def install() -> None:
         _dul.DULServiceProvider.run_reactor = _run_reactor  # type: ignore[method-assign]
         _association.Association._run_reactor = _assoc_run_reactor  # type: ignore[method-assign]
         _association.Association.kill = _assoc_kill  # type: ignore[method-assign]
+        _acse.negotiate_as_acceptor = _negotiate_as_acceptor  # type: ignore[attr-defined]
         _dimse_messages.NamedTemporaryFile = _received_file_factory  # type: ignore[attr-defined]
         _dimse_messages.create_file_meta = _file_meta  # type: ignore[attr-defined]
         # Stream every C-STORE data set to disk instead of memory.

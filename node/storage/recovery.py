@@ -107,7 +107,7 @@ def _adopt(
             digest = hashlib.file_digest(fp, "sha256").hexdigest()
         record = to_record(header, file_path=rel, file_size=size, checksum=digest, association_id="recovered")
         with sessions() as s, s.begin():
-            outcome = recorder.record(s, record)
+            outcome = recorder.record(s.connection(), record)
     except Exception as e:  # unreadable: keep the bytes, out of the way
         _quarantine(storage, path, report, f"unreadable ({e})")
         return

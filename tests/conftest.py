@@ -1,0 +1,34 @@
+"""Fixtures: a node started per test (or per module) and checks that real peers exist."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from helpers import SHARED, NodeProcess  # noqa: E402
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    return [f"shared data: {SHARED}", f"storescu: {shutil.which('storescu', path='/usr/bin')}"]
+
+
+@pytest.fixture
+def node(tmp_path: Path):
+    """A fresh node with its own data directory; stopped (and its log shown on failure) afterwards."""
+    n = NodeProcess(tmp_path / "node")
+    yield n
+    code = n.stop()
+    assert "Traceback" not in n.log(), n.log()[-4000:]
+    assert code in (0, -9, None), f"node exited with {code}\n{n.log()[-4000:]}"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED.is_dir():
+        pytest.fail(f"the shared test data folder {SHARED} is missing")
+    return SHARED

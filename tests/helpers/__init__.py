@@ -1,0 +1,227 @@
+"""Shared test helpers: real peers (DCMTK), a node in a subprocess, synthetic data."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED = REPO.parent / "shared" / "data"
+if not SHARED.is_dir():  # CI: shared/ beside the clone
+    SHARED = Path(os.environ.get("DICOM_NODE_SHARED_DATA", "/work/shared/data"))
+
+#: DCMTK acceptors stall ~40 ms per message without this (Nagle + delayed ACK).
+PEER_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def dcmtk(tool: str) -> str:
+    """The Debian DCMTK binary (a pyenv shim of the same name may shadow it on PATH)."""
+    for d in ("/usr/bin", "/bin", "/usr/local/bin"):
+        p = Path(d) / tool
+        if p.is_file() and os.access(p, os.X_OK):
+            return str(p)
+    raise FileNotFoundError(f"DCMTK tool {tool} is not installed (apt-get install dcmtk)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_echo(port: int, ae: str = "DICOM_NODE", timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before answering C-ECHO")
+        r = subprocess.run(
+            [dcmtk("echoscu"), "-to", "2", "-aec", ae, "127.0.0.1", str(port)],
+            capture_output=True, env=PEER_ENV,
+        )  # fmt: skip
+        if r.returncode == 0:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing answered C-ECHO on port {port} within {timeout} s")
+
+
+@dataclass
+class NodeProcess:
+    """``dicom-node run`` in a subprocess, as an administrator would start it."""
+
+    root: Path
+    extra_config: str = ""
+    port: int = field(default_factory=free_port)
+    ae_title: str = "DICOM_NODE"
+    proc: subprocess.Popen | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "node.toml"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "node.log"
+
+    def write_config(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(
+            f"""
+[node]
+ae_title = "{self.ae_title}"
+host = "127.0.0.1"
+port = {self.port}
+data_dir = "{self.data_dir}"
+min_free_mb = 0
+{self.extra_config}
+"""
+        )
+
+    def start(self, wait: bool = True) -> "NodeProcess":
+        self.write_config()
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "node", "run", "--config", str(self.config_path)],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
+        )  # fmt: skip
+        if wait:
+            wait_for_echo(self.port, self.ae_title, proc=self.proc)
+        return self
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def db(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.data_dir / "index.sqlite")
+
+    def query(self, sql: str, *args: Any) -> list[tuple]:
+        with self.db() as c:
+            return c.execute(sql, args).fetchall()
+
+    def stored_files(self) -> list[Path]:
+        return sorted((self.data_dir / "storage").rglob("*.dcm"))
+
+    def temp_files(self) -> list[Path]:
+        return sorted((self.data_dir / "tmp").glob("*"))
+
+
+def storescu(port: int, files: list[Path] | list[str], *args: str, ae: str = "DICOM_NODE",
+             aet: str = "STORESCU", timeout: float = 300) -> subprocess.CompletedProcess:  # fmt: skip
+    """Send with DCMTK storescu, proposing only what the files need, not halting on failures."""
+    cmd = [dcmtk("storescu"), "-nh", "-R", "-aet", aet, "-aec", ae, *args, "127.0.0.1", str(port), *map(str, files)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=PEER_ENV, timeout=timeout)
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The bytes after the File Meta: what travels in the C-STORE data set."""
+    raw = path.read_bytes()
+    if raw[128:132] != b"DICM":
+        return raw
+    meta_len = int.from_bytes(raw[140:144], "little")
+    return raw[144 + meta_len :]
+
+
+def make_ct_series(
+    out: Path, count: int, rows: int = 64, cols: int = 64, *, seed: int = 0, study_uid: str | None = None,
+    series_uid: str | None = None, patient_name: str = "TEST^SYNTHETIC",
+) -> list[Path]:  # fmt: skip
+    """A CT series with real geometry, written as Explicit VR Little Endian files."""
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    study_uid = study_uid or generate_uid()
+    series_uid = series_uid or generate_uid()
+    frame_uid = generate_uid()
+    paths = []
+    for i in range(count):
+        ds = Dataset()
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = generate_uid()
+        ds.PatientName = patient_name
+        ds.PatientID = "SYN-0001"
+        ds.PatientBirthDate = "19700101"
+        ds.PatientSex = "O"
+        ds.StudyInstanceUID = study_uid
+        ds.StudyDate = "20260101"
+        ds.StudyTime = "120000"
+        ds.AccessionNumber = "ACC0001"
+        ds.StudyID = "1"
+        ds.ReferringPhysicianName = ""
+        ds.StudyDescription = "synthetic study"
+        ds.SeriesInstanceUID = series_uid
+        ds.SeriesNumber = 1
+        ds.SeriesDescription = "synthetic CT"
+        ds.Modality = "CT"
+        ds.BodyPartExamined = "HEAD"
+        ds.Manufacturer = "dicom-node tests"
+        ds.FrameOfReferenceUID = frame_uid
+        ds.PositionReferenceIndicator = ""
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.InstanceNumber = i + 1
+        ds.ImagePositionPatient = [-100.0, -100.0, float(i) * 2.5]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing = [0.5, 0.5]
+        ds.SliceThickness = 2.5
+        ds.KVP = 120
+        ds.AcquisitionNumber = 1
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows = rows
+        ds.Columns = cols
+        ds.BitsAllocated = 16
+        ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelRepresentation = 1
+        ds.RescaleIntercept = -1024
+        ds.RescaleSlope = 1
+        ds.PixelData = rng.integers(-1000, 2000, size=(rows, cols), dtype=np.int16).tobytes()
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta = meta
+        p = out / f"{i + 1:04d}.dcm"
+        ds.save_as(p, enforce_file_format=True)
+        paths.append(p)
+    return paths
+
+
+def read_sop_uid(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+
+
+def copy_tree(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
