@@ -785,6 +785,12 @@ def tool_versions() -> dict[str, str]:
     commit = _first_line(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"])
     if not re.fullmatch(r"[0-9a-f]{4,40}", commit):
         commit = "no commit"
+    else:
+        # Uncommitted changes to the node make the commit id misleading.
+        status = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", "node"],
+                                capture_output=True, text=True, timeout=15, check=False)
+        if status.stdout.strip():
+            commit += "+dirty"
     return {
         "dcmtk": m.group(1) if m else dcmtk,
         "orthanc": m2.group(1) if m2 else orthanc,

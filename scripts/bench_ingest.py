@@ -119,8 +119,12 @@ def wait_for_count(recv: Receiver, expected: int, settle: float) -> tuple[int, f
     """
     t0 = time.perf_counter()
     seen = [-1]
+    probe_started = [t0]
 
     def done() -> bool:
+        # Settle time is measured to the *start* of the successful probe, so
+        # the cost of counting (a directory walk, a REST call) is not in it.
+        probe_started[0] = time.perf_counter()
         try:
             seen[0] = recv.stored_count()
         except Exception:  # noqa: BLE001 - REST hiccup: try again until timeout
@@ -128,7 +132,7 @@ def wait_for_count(recv: Receiver, expected: int, settle: float) -> tuple[int, f
         return seen[0] >= expected
 
     wait_until(done, settle, interval=0.1)
-    return seen[0], time.perf_counter() - t0
+    return seen[0], probe_started[0] - t0
 
 
 def run_one(
@@ -263,7 +267,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", metavar="OUT", type=Path, help="write all results as JSON here")
     p.add_argument("--workdir", type=Path,
                    help="where data and receiver storage go [a new temp dir]")
-    p.add_argument("--keep", action="store_true", help="keep the work dir (logs, stored files); kept anyway on failures")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the work dir (logs, stored files); it is kept anyway after a failure")
     p.add_argument("--storescp-fork", action="store_true",
                    help="run DCMTK storescp with --fork (one process per association)")
     p.add_argument("--orthanc-set", action="append", default=[], metavar="KEY=JSON",

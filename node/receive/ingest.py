@@ -18,7 +18,7 @@ from node.index.records import DuplicatePolicy, Recorder, RecordOutcome
 from node.index.writer import IndexWriter
 from node.receive.parse import Rejected, read_header, to_record
 from node.receive.status import Status
-from node.receive.transport import ReceivedFile
+from node.receive.rxfile import ReceivedFile
 from node.storage import Storage
 
 log = logging.getLogger(__name__)

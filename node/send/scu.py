@@ -20,7 +20,7 @@ from pydicom.uid import UID
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification
 
-from node.receive import transport
+from node.send import transport
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,567 @@
+"""The DICOM Upper Layer for the acceptor side: one thread per association, no hand-offs.
+
+Why not pynetdicom's acceptor: it moves each message through a DUL thread, a
+state machine, queues and an association thread, and builds pydicom
+Datasets for every command set. Measured here with a handler that did
+nothing, that capped a single stream at ~260 small instances/s, far below
+what the disk allows. A storage SCP needs a small part of PS3.8: accept or
+reject an association, read P-DATA, answer C-ECHO and C-STORE, release or
+abort. This module does that part directly on the socket, in the
+association's own thread, streaming data set fragments to disk as they are
+read. Association PDUs (rare) are still decoded and encoded by pynetdicom's
+PDU classes, so that negotiation follows a well-tested implementation.
+
+PS3.8 references: PDU structure 9.3, P-DATA-TF 9.3.5, PDV message control
+header E.2, A-ASSOCIATE-RJ reasons 9.3.4, A-ABORT 9.3.8, ARTIM 9.1.5.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import struct
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+from pydicom.uid import UID
+from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    ImplementationClassUIDNotification,
+    ImplementationVersionNameNotification,
+    MaximumLengthNotification,
+)
+from pynetdicom.presentation import PresentationContext
+
+from node.receive import dimse
+from node.receive.rxfile import ReceivedFile
+
+log = logging.getLogger(__name__)
+
+APPLICATION_CONTEXT = UID("1.2.840.10008.3.1.1.1")
+VERIFICATION = "1.2.840.10008.1.1"
+
+_PDU_HEAD = struct.Struct(">BxL")
+_PDV_HEAD = struct.Struct(">LBB")
+#: Largest association-control PDU we read into memory (A-ASSOCIATE-RQ is a few KiB).
+MAX_CONTROL_PDU = 1 << 20
+#: Data set fragments are copied to disk in pieces of at most this size.
+CHUNK = 1 << 20
+#: Command sets are small; anything bigger is a protocol error, not a command.
+MAX_COMMAND = 1 << 16
+
+
+class ProtocolError(Exception):
+    """The peer broke PS3.8; the association is aborted."""
+
+
+class PeerClosed(Exception):
+    """The connection closed (or timed out) under us."""
+
+
+@dataclass(slots=True)
+class AssociationInfo:
+    """What an association is, for handlers, logs and the index."""
+
+    id: str
+    calling_ae: str
+    called_ae: str
+    address: str
+    port: int
+    max_pdu: int = 0
+    contexts: dict[int, tuple[str, str]] = field(default_factory=dict)  # id -> (abstract, transfer)
+    started: float = field(default_factory=time.monotonic)
+    stored: int = 0
+    duplicates: int = 0
+    failed: int = 0
+    bytes: int = 0
+
+
+@dataclass(slots=True)
+class StoreRequest:
+    command: dimse.Command
+    transfer_syntax: str
+    abstract_syntax: str
+    file: ReceivedFile
+
+
+class Handlers(Protocol):
+    """What the acceptor asks of the application (the node's SCP)."""
+
+    def check_association(self, calling_ae: str, called_ae: str, address: str) -> tuple[int, int, int] | None:
+        """Return ``None`` to accept or ``(result, source, reason)`` to reject (PS3.8 9.3.4)."""
+
+    def store(self, assoc: AssociationInfo, request: StoreRequest) -> tuple[int, str]:
+        """Store one data set; return ``(status, error comment)``. Must not raise."""
+
+    def association_ended(self, assoc: AssociationInfo, how: str) -> None:
+        """Called once per accepted association: ``released``, ``aborted``, ``closed`` or ``timeout``."""
+
+
+@dataclass
+class AcceptorSettings:
+    ae_title: str
+    max_pdu: int
+    max_associations: int
+    acse_timeout: float
+    network_timeout: float
+    implementation_class_uid: str
+    implementation_version: str
+    #: abstract syntax -> accepted transfer syntaxes
+    supported: dict[str, frozenset[str]]
+    receive_dir: object  # pathlib.Path of the temp directory on the storage filesystem
+    ssl_context: ssl.SSLContext | None = None
+
+
+class _Conn:
+    """Blocking reads of exact sizes from a socket, into reusable buffers."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray(CHUNK)
+        self.view = memoryview(self.buf)
+
+    def read_exact(self, n: int) -> bytes:
+        out = bytearray(n)
+        view = memoryview(out)
+        got = 0
+        while got < n:
+            try:
+                k = self.sock.recv_into(view[got:], n - got)
+            except (socket.timeout, TimeoutError):
+                raise PeerClosed("timeout") from None
+            except OSError as e:
+                raise PeerClosed(str(e)) from None
+            if not k:
+                raise PeerClosed("closed")
+            got += k
+        return bytes(out)
+
+    def read_into_chunks(self, n: int, sink: Callable[[memoryview], None]) -> None:
+        """Read ``n`` bytes, handing them to ``sink`` in pieces of at most CHUNK bytes."""
+        while n:
+            want = min(n, CHUNK)
+            got = 0
+            while got < want:
+                try:
+                    k = self.sock.recv_into(self.view[got:want], want - got)
+                except (socket.timeout, TimeoutError):
+                    raise PeerClosed("timeout") from None
+                except OSError as e:
+                    raise PeerClosed(str(e)) from None
+                if not k:
+                    raise PeerClosed("closed")
+                got += k
+            sink(self.view[:want])
+            n -= want
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+
+def _pdata(context_id: int, command: bytes) -> bytes:
+    """One P-DATA-TF PDU holding a complete command set (last fragment, command)."""
+    pdv = _PDV_HEAD.pack(len(command) + 2, context_id, 0x03) + command
+    return _PDU_HEAD.pack(0x04, len(pdv)) + pdv
+
+
+def _abort_pdu(source: int = 0x02, reason: int = 0x00) -> bytes:
+    pdu = A_ABORT_RQ()
+    pdu.source = source
+    pdu.reason_diagnostic = reason
+    return pdu.encode()
+
+
+class Association(threading.Thread):
+    def __init__(self, server: "Acceptor", sock: socket.socket, address: tuple[str, int]) -> None:
+        super().__init__(name=f"assoc-{address[0]}:{address[1]}", daemon=True)
+        self.server = server
+        self.settings = server.settings
+        self.handlers = server.handlers
+        self.raw_sock = sock
+        self.sock: socket.socket = sock  # the TLS-wrapped socket once the handshake is done
+        self.address = address
+        self.info: AssociationInfo | None = None
+        self._rx: ReceivedFile | None = None
+        self._closing = False
+
+    # --- lifecycle ----------------------------------------------------------
+
+    def run(self) -> None:
+        sock = self.raw_sock
+        how = "closed"
+        try:
+            if self.settings.ssl_context is not None:
+                sock.settimeout(self.settings.acse_timeout)
+                try:
+                    sock = self.settings.ssl_context.wrap_socket(sock, server_side=True)
+                except (ssl.SSLError, OSError) as e:
+                    log.warning("TLS handshake with %s:%d failed: %s", *self.address, e)
+                    return
+                self.sock = sock
+            conn = _Conn(sock)
+            if not self._negotiate(conn):
+                return
+            how = self._serve(conn)
+        except Exception:  # never let a bug escape a thread silently
+            log.exception("association from %s:%d failed", *self.address)
+            how = "aborted"
+            try:
+                sock.sendall(_abort_pdu())
+            except OSError:
+                pass
+        finally:
+            self._discard_partial()
+            try:
+                sock.close()
+            except OSError:
+                pass
+            self.server._finished(self)
+            if self.info is not None:
+                try:
+                    self.handlers.association_ended(self.info, how)
+                except Exception:
+                    log.exception("association_ended handler failed")
+
+    def abort(self) -> None:
+        """Abort from another thread (node shutdown)."""
+        self._closing = True
+        if self.settings.ssl_context is None:  # an SSL socket must not be written from two threads
+            try:
+                self.raw_sock.sendall(_abort_pdu())
+            except OSError:
+                pass
+        try:
+            self.raw_sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _discard_partial(self) -> None:
+        if self._rx is not None:
+            self._rx.discard()
+            self._rx = None
+
+    # --- association establishment ----------------------------------------
+
+    def _read_pdu_header(self, conn: _Conn) -> tuple[int, int]:
+        head = conn.read_exact(6)
+        return _PDU_HEAD.unpack(head)
+
+    def _negotiate(self, conn: _Conn) -> bool:
+        conn.sock.settimeout(self.settings.acse_timeout)  # ARTIM while waiting for the request
+        try:
+            pdu_type, length = self._read_pdu_header(conn)
+        except PeerClosed:
+            return False  # port scanners, health checks that only connect
+        if pdu_type != 0x01 or length > MAX_CONTROL_PDU:
+            log.warning("%s:%d sent PDU type 0x%02X instead of A-ASSOCIATE-RQ; aborting", *self.address, pdu_type)
+            conn.send(_abort_pdu(0x02, 0x02))
+            return False
+        body = conn.read_exact(length)
+        rq = A_ASSOCIATE_RQ()
+        try:
+            rq.decode(_PDU_HEAD.pack(pdu_type, length) + body)
+            prim = rq.to_primitive()
+        except Exception as e:
+            log.warning("%s:%d sent an undecodable A-ASSOCIATE-RQ (%s); aborting", *self.address, e)
+            conn.send(_abort_pdu(0x02, 0x00))
+            return False
+        calling = str(prim.calling_ae_title).strip()
+        called = str(prim.called_ae_title).strip()
+        info = AssociationInfo(
+            id=uuid.uuid4().hex[:12], calling_ae=calling, called_ae=called,
+            address=self.address[0], port=self.address[1],
+            max_pdu=int(prim.maximum_length_received or 0),
+        )  # fmt: skip
+
+        reject = None
+        if rq.protocol_version != 0x0001:
+            reject = (0x01, 0x02, 0x02)  # protocol version not supported
+        elif prim.application_context_name != APPLICATION_CONTEXT:
+            reject = (0x01, 0x01, 0x02)  # application context name not supported
+        else:
+            reject = self.handlers.check_association(calling, called, self.address[0])
+            if reject is None and not self.server._admit(self):
+                log.warning("rejected association from %s (%s): node.max_associations (%d) reached",
+                            calling, self.address[0], self.settings.max_associations)  # fmt: skip
+                reject = (0x02, 0x03, 0x02)  # transient, local limit exceeded
+        if reject is not None:
+            rj = A_ASSOCIATE_RJ()
+            rj.result, rj.source, rj.reason_diagnostic = reject
+            conn.send(rj.encode())
+            return False
+
+        results = []
+        for cx in prim.presentation_context_definition_list:
+            out = PresentationContext()
+            out.context_id = cx.context_id
+            out.abstract_syntax = cx.abstract_syntax
+            accepted = self.settings.supported.get(str(cx.abstract_syntax))
+            if accepted is None:
+                out.result = 0x03  # abstract syntax not supported
+                out.transfer_syntax = [cx.transfer_syntax[0]]
+            else:
+                # The sender's first choice that we support (PS3.8 leaves the
+                # choice to us; a store-as-sent node takes the sender's).
+                chosen = next((ts for ts in cx.transfer_syntax if str(ts) in accepted), None)
+                if chosen is None:
+                    out.result = 0x04  # transfer syntaxes not supported
+                    out.transfer_syntax = [cx.transfer_syntax[0]]
+                else:
+                    out.result = 0x00
+                    out.transfer_syntax = [chosen]
+                    info.contexts[int(cx.context_id)] = (str(cx.abstract_syntax), str(chosen))
+            results.append(out)
+            if out.result != 0x00:
+                log.info(
+                    "association %s from %s: refused presentation context %s (%s), transfer syntaxes %s",
+                    info.id, calling, cx.abstract_syntax, getattr(cx.abstract_syntax, "name", ""),
+                    ", ".join(str(t) for t in cx.transfer_syntax),
+                )  # fmt: skip
+
+        ac_prim = A_ASSOCIATE()
+        ac_prim.application_context_name = APPLICATION_CONTEXT
+        ac_prim.calling_ae_title = prim.calling_ae_title
+        ac_prim.called_ae_title = prim.called_ae_title
+        ac_prim.result = 0x00
+        ac_prim.result_source = 0x01
+        ac_prim.presentation_context_definition_results_list = results
+        max_len = MaximumLengthNotification()
+        max_len.maximum_length_received = self.settings.max_pdu
+        impl = ImplementationClassUIDNotification()
+        impl.implementation_class_uid = UID(self.settings.implementation_class_uid)
+        ver = ImplementationVersionNameNotification()
+        ver.implementation_version_name = self.settings.implementation_version
+        ac_prim.user_information = [max_len, impl, ver]
+        ac = A_ASSOCIATE_AC()
+        ac.from_primitive(ac_prim)
+        conn.send(ac.encode())
+        self.info = info
+        log.info("association %s from %s (%s:%d) accepted, %d of %d presentation contexts",
+                 info.id, calling, info.address, info.port, len(info.contexts), len(results))  # fmt: skip
+        return True
+
+    # --- data transfer ------------------------------------------------------
+
+    def _serve(self, conn: _Conn) -> str:
+        info = self.info
+        assert info is not None
+        conn.sock.settimeout(self.settings.network_timeout)
+        command_buf = bytearray()
+        command: dimse.Command | None = None
+        context_id = 0
+        while True:
+            try:
+                pdu_type, length = self._read_pdu_header(conn)
+            except PeerClosed as e:
+                if self._closing:
+                    return "aborted"
+                if str(e) == "timeout":
+                    log.error("association %s from %s: no data for node.network_timeout (%.0f s); aborting",
+                              info.id, info.calling_ae, self.settings.network_timeout)  # fmt: skip
+                    conn.send(_abort_pdu())
+                    return "timeout"
+                return "closed"
+            if pdu_type == 0x04:
+                try:
+                    command_buf, command, context_id = self._p_data(conn, length, command_buf, command, context_id)
+                except ProtocolError as e:
+                    log.error("association %s from %s: %s; aborting", info.id, info.calling_ae, e)
+                    conn.send(_abort_pdu(0x02, 0x06))
+                    return "aborted"
+                except PeerClosed:
+                    return "aborted" if self._closing else "closed"
+            elif pdu_type == 0x05:  # A-RELEASE-RQ
+                conn.read_exact(length)
+                conn.send(b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00")  # A-RELEASE-RP
+                return "released"
+            elif pdu_type == 0x07:  # A-ABORT
+                try:
+                    conn.read_exact(length)
+                except PeerClosed:
+                    pass
+                return "aborted"
+            else:
+                log.error("association %s from %s: unexpected PDU type 0x%02X; aborting",
+                          info.id, info.calling_ae, pdu_type)  # fmt: skip
+                conn.send(_abort_pdu(0x02, 0x02))
+                return "aborted"
+
+    def _p_data(
+        self, conn: _Conn, length: int, command_buf: bytearray, command: dimse.Command | None, context_id: int
+    ) -> tuple[bytearray, dimse.Command | None, int]:
+        remaining = length
+        while remaining:
+            if remaining < 6:
+                raise ProtocolError("P-DATA-TF with a truncated PDV item")
+            item_len, cx_id, header = _PDV_HEAD.unpack(conn.read_exact(6))
+            remaining -= 4 + item_len
+            if item_len < 2 or remaining < 0:
+                raise ProtocolError(f"PDV item length {item_len} does not fit its PDU")
+            data_len = item_len - 2
+            is_command = header & 0x01
+            last = header & 0x02
+            if cx_id not in self.info.contexts:  # type: ignore[union-attr]
+                raise ProtocolError(f"PDV for presentation context {cx_id}, which was not accepted")
+            if is_command:
+                if command is not None:
+                    raise ProtocolError("a command fragment arrived while a data set was expected")
+                if len(command_buf) + data_len > MAX_COMMAND:
+                    raise ProtocolError("command set larger than 64 KiB")
+                command_buf += conn.read_exact(data_len)
+                if last:
+                    try:
+                        cmd = dimse.decode_command(command_buf)
+                    except dimse.CommandError as e:
+                        raise ProtocolError(f"undecodable command set: {e}") from None
+                    command_buf = bytearray()
+                    context_id = cx_id
+                    if cmd.has_dataset:
+                        command = cmd
+                        self._start_dataset(cmd, cx_id)
+                    else:
+                        self._dispatch(cmd, cx_id)
+            else:
+                if command is None or self._rx is None:
+                    raise ProtocolError("a data set fragment arrived without its command")
+                if cx_id != context_id:
+                    raise ProtocolError("a data set fragment arrived on another presentation context")
+                conn.read_into_chunks(data_len, self._rx.write)
+                if last:
+                    cmd, command = command, None
+                    self._dispatch(cmd, cx_id)
+        return command_buf, command, context_id
+
+    def _start_dataset(self, cmd: dimse.Command, cx_id: int) -> None:
+        if cmd.command_field != dimse.C_STORE_RQ:
+            raise ProtocolError(f"command 0x{cmd.command_field:04X} with a data set is not supported here")
+        abstract, ts = self.info.contexts[cx_id]  # type: ignore[union-attr]
+        rx = ReceivedFile(self.settings.receive_dir)  # type: ignore[arg-type]
+        self._rx = rx
+        rx.write(
+            dimse.encode_file_meta(
+                cmd.affected_sop_class_uid or abstract,
+                cmd.affected_sop_instance_uid,
+                ts,
+                self.settings.implementation_class_uid,
+                self.settings.implementation_version,
+                self.info.calling_ae,  # type: ignore[union-attr]
+            )
+        )
+        rx.dataset_offset = rx.size
+
+    def _dispatch(self, cmd: dimse.Command, cx_id: int) -> None:
+        info = self.info
+        assert info is not None
+        abstract, ts = info.contexts[cx_id]
+        if cmd.command_field == dimse.C_ECHO_RQ:
+            rsp = dimse.encode_response(dimse.C_ECHO_RSP, cmd.message_id, 0x0000, cmd.affected_sop_class_uid or VERIFICATION)
+            self._conn_send(_pdata(cx_id, rsp))
+            return
+        if cmd.command_field != dimse.C_STORE_RQ:
+            raise ProtocolError(f"command 0x{cmd.command_field:04X} is not supported by this SCP")
+        rx = self._rx
+        if rx is None:
+            raise ProtocolError("C-STORE-RQ without a data set")
+        self._rx = None
+        status, comment = self.handlers.store(info, StoreRequest(cmd, ts, abstract, rx))
+        rsp = dimse.encode_response(
+            dimse.C_STORE_RSP, cmd.message_id, status, cmd.affected_sop_class_uid,
+            cmd.affected_sop_instance_uid, comment if status else "",
+        )  # fmt: skip
+        self._conn_send(_pdata(cx_id, rsp))
+
+    def _conn_send(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except OSError as e:
+            raise PeerClosed(str(e)) from None
+
+
+class Acceptor:
+    """Listens, admits associations up to the limit, and stops cleanly."""
+
+    def __init__(self, settings: AcceptorSettings, handlers: Handlers, host: str, port: int) -> None:
+        self.settings = settings
+        self.handlers = handlers
+        self.host = host
+        self.port = port
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._active: set[Association] = set()
+        self._admitted: set[Association] = set()
+        self._stopping = threading.Event()
+
+    def start(self) -> None:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((self.host, self.port))
+        s.listen(128)
+        s.settimeout(0.5)
+        self._sock = s
+        self.port = s.getsockname()[1]
+        self._thread = threading.Thread(target=self._accept_loop, name="acceptor", daemon=True)
+        self._thread.start()
+
+    def _accept_loop(self) -> None:
+        assert self._sock is not None
+        while not self._stopping.is_set():
+            try:
+                client, address = self._sock.accept()
+            except (socket.timeout, TimeoutError):
+                continue
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                time.sleep(0.05)
+                continue
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            client.settimeout(None)
+            a = Association(self, client, address[:2])
+            with self._lock:
+                self._active.add(a)
+            a.start()
+
+    def _admit(self, a: Association) -> bool:
+        with self._lock:
+            if len(self._admitted) >= self.settings.max_associations:
+                return False
+            self._admitted.add(a)
+            return True
+
+    def _finished(self, a: Association) -> None:
+        with self._lock:
+            self._active.discard(a)
+            self._admitted.discard(a)
+
+    @property
+    def active(self) -> int:
+        with self._lock:
+            return len(self._admitted)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop accepting; give open associations ``timeout`` seconds to finish, then abort them."""
+        self._stopping.set()
+        if self._sock is not None:
+            self._sock.close()
+        if self._thread is not None:
+            self._thread.join(5)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._active:
+                    break
+            time.sleep(0.05)
+        with self._lock:
+            left = list(self._active)
+        for a in left:
+            log.warning("aborting association from %s at shutdown (still open after %.0f s)", a.address[0], timeout)
+            a.abort()
+        for a in left:
+            a.join(5)
