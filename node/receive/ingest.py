@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pydicom.uid import UID
 
@@ -56,6 +57,9 @@ class Ingest:
         self.writer = writer
         self.recorder = Recorder(duplicates)
         self.min_free_bytes = min_free_bytes
+        #: fsyncs release the GIL, so a few threads overlap them with parsing
+        #: and with other associations' work.
+        self._io = ThreadPoolExecutor(max_workers=16, thread_name_prefix="fsync")
 
     def store(
         self,
@@ -98,6 +102,17 @@ class Ingest:
                     f"storage has {free // 2**20} MiB free, below node.min_free_mb "
                     f"({self.min_free_bytes // 2**20} MiB)",
                 )
+        # fdatasync runs in an I/O thread while we parse and check the header;
+        # every path out of here waits for it before the file is closed.
+        synced = self._io.submit(rx.sync)
+        try:
+            return self._check_and_commit(rx, synced, sop_class_uid, sop_instance_uid, ts, peer)
+        finally:
+            synced.exception()  # wait, whatever happened
+
+    def _check_and_commit(
+        self, rx: ReceivedFile, synced: Future, sop_class_uid: str, sop_instance_uid: str, ts: UID, peer: Peer
+    ) -> StoreResult:
         with open(rx.name, "rb") as fp:
             header = read_header(fp, ts, rx.size)
         ds = header.dataset
@@ -118,28 +133,32 @@ class Ingest:
             if not str(ds.get(kw, "") or "").strip():
                 raise Rejected(Status.DATASET_MISMATCH, f"the data set has no {kw}, so it cannot be filed")
 
-        rx.sync()
-        size = rx.size
-        checksum = rx.hexdigest()
-        rx.close()
         final = self.storage.path_for(ds_inst)
-        self.storage.commit(rx.name, final)
         relative = self.storage.relative(final)
+
         record = to_record(
             header,
             file_path=relative,
-            file_size=size,
-            checksum=checksum,
+            file_size=rx.size,
+            checksum=rx.checksum(),
             calling_ae=peer.calling_ae,
             called_ae=peer.called_ae,
             peer_address=peer.address,
             association_id=peer.association_id,
         )
+        synced.result()
+        rx.close()
+        self.storage.place(rx.name, final)
+        # The directory fsync (rename durable) and the index commit run side
+        # by side; Success waits for both.
+        dir_synced = self._io.submit(self.storage.sync_dir, final.parent)
         try:
             outcome: RecordOutcome = self.writer.call(lambda s: self.recorder.record(s, record))
         except Exception as e:
+            dir_synced.result()
             self.storage.remove(final)
             raise Rejected(Status.OUT_OF_RESOURCES, f"the index could not record the instance: {e}") from None
+        dir_synced.result()
         if outcome.kind == "duplicate":
             self.storage.remove(final)
             log.info(

@@ -14,8 +14,11 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from pydicom import config as pydicom_config
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import dcmread
+from pydicom.tag import Tag
 from pydicom.multival import MultiValue
 from pydicom.uid import (
     UID,
@@ -180,53 +183,89 @@ def _check_encapsulated(fp: BinaryIO, pos: int, file_size: int, end: str) -> Non
 
 
 # --- extraction ---------------------------------------------------------------
+#
+# pydicom converts a value through its VR machinery on first access, which
+# costs ~20-40 us per element; the index needs ~35 of them per instance. The
+# header elements are still RawDataElements after ``dcmread``, so for plain
+# ASCII values we decode the bytes directly and only hand anything else
+# (non-ASCII text in a declared character set, binary VRs) to pydicom.
+
+_BINARY_INT = {"US": (2, False), "SS": (2, True), "UL": (4, False), "SL": (4, True)}
 
 
-def _value(ds: Dataset, keyword: str) -> Any:
-    try:
-        return ds.get(keyword)
-    except Exception:  # an unreadable value is indexed as missing, the bytes are kept
-        return None
+class _Values:
+    def __init__(self, ds: Dataset) -> None:
+        self.ds = ds
+        self.little = not (ds.file_meta.get("TransferSyntaxUID") == ExplicitVRBigEndian)
+
+    def _raw(self, keyword: str) -> tuple[Any, str | None]:
+        tag = _TAGS[keyword]
+        elem = self.ds._dict.get(tag)
+        if elem is None:
+            return None, None
+        if isinstance(elem, RawDataElement) and elem.value is not None:
+            return elem.value, elem.VR or _VRS[keyword]
+        try:
+            return self.ds[tag].value, "converted"
+        except Exception:  # an unreadable value is indexed as missing, the bytes are kept
+            return None, None
+
+    def text(self, keyword: str, limit: int) -> str:
+        v, vr = self._raw(keyword)
+        if v is None:
+            return ""
+        if isinstance(v, bytes):
+            if vr in _BINARY_INT:
+                return str(self.int(keyword) or "")
+            try:
+                return v.decode("ascii").strip(" \x00")[:limit]
+            except UnicodeDecodeError:
+                try:
+                    v = self.ds[_TAGS[keyword]].value  # decoded with Specific Character Set
+                except Exception:
+                    return v.decode("latin-1").strip(" \x00")[:limit]
+        if isinstance(v, (MultiValue, list, tuple)):
+            return "\\".join(str(x) for x in v)[:limit]
+        return str(v).strip()[:limit]
+
+    def int(self, keyword: str) -> int | None:
+        v, vr = self._raw(keyword)
+        if v is None:
+            return None
+        if isinstance(v, bytes) and vr in _BINARY_INT:
+            size, signed = _BINARY_INT[vr]
+            if len(v) < size:
+                return None
+            return int.from_bytes(v[:size], "little" if self.little else "big", signed=signed)
+        s = v.decode("ascii", "replace") if isinstance(v, bytes) else str(v)
+        s = s.split("\\")[0].strip(" \x00")
+        try:
+            return int(float(s))
+        except ValueError:
+            return None
+
+    def float(self, keyword: str) -> float | None:
+        v, _vr = self._raw(keyword)
+        if v is None:
+            return None
+        s = v.decode("ascii", "replace") if isinstance(v, bytes) else str(v)
+        try:
+            return float(s.split("\\")[0].strip(" \x00"))
+        except ValueError:
+            return None
 
 
-def _text(ds: Dataset, keyword: str, limit: int) -> str:
-    v = _value(ds, keyword)
-    if v is None:
-        return ""
-    if isinstance(v, MultiValue):
-        s = "\\".join(str(x) for x in v)
-    else:
-        s = str(v)
-    return s.strip()[:limit]
-
-
-def _int(ds: Dataset, keyword: str) -> int | None:
-    v = _value(ds, keyword)
-    if v is None or v == "":
-        return None
-    try:
-        return int(float(str(v).strip()))
-    except (TypeError, ValueError):
-        return None
-
-
-def _float(ds: Dataset, keyword: str) -> float | None:
-    v = _value(ds, keyword)
-    if v is None or v == "":
-        return None
-    try:
-        return float(str(v).strip())
-    except (TypeError, ValueError):
-        return None
-
-
-def _ds_list(ds: Dataset, keyword: str, limit: int) -> str:
-    v = _value(ds, keyword)
-    if v is None:
-        return ""
-    if isinstance(v, (MultiValue, list, tuple)):
-        return "\\".join(str(x) for x in v)[:limit]
-    return str(v)[:limit]
+_KEYWORDS = (
+    "PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex",
+    "StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber", "StudyID", "StudyDescription",
+    "ReferringPhysicianName", "SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription",
+    "BodyPartExamined", "ProtocolName", "Manufacturer", "StationName", "FrameOfReferenceUID",
+    "SOPInstanceUID", "SOPClassUID", "InstanceNumber", "AcquisitionNumber", "ImageType", "Rows",
+    "Columns", "NumberOfFrames", "BitsAllocated", "PhotometricInterpretation", "ImagePositionPatient",
+    "ImageOrientationPatient", "PixelSpacing", "SliceThickness", "SliceLocation",
+)  # fmt: skip
+_TAGS = {k: Tag(tag_for_keyword(k)) for k in _KEYWORDS}
+_VRS = {k: dictionary_VR(_TAGS[k]) for k in _KEYWORDS}
 
 
 def to_record(
@@ -240,52 +279,53 @@ def to_record(
     peer_address: str = "",
     association_id: str = "",
 ) -> InstanceRecord:
-    ds = header.dataset
+    v = _Values(header.dataset)
+    _text, _int, _float = v.text, v.int, v.float
     return InstanceRecord(
         patient={
-            "patient_id": _text(ds, "PatientID", 128),
-            "issuer_of_patient_id": _text(ds, "IssuerOfPatientID", 128),
-            "patient_name": _text(ds, "PatientName", 512),
-            "birth_date": _text(ds, "PatientBirthDate", 16),
-            "sex": _text(ds, "PatientSex", 16),
+            "patient_id": _text("PatientID", 128),
+            "issuer_of_patient_id": _text("IssuerOfPatientID", 128),
+            "patient_name": _text("PatientName", 512),
+            "birth_date": _text("PatientBirthDate", 16),
+            "sex": _text("PatientSex", 16),
         },
         study={
-            "study_instance_uid": _text(ds, "StudyInstanceUID", 128),
-            "study_date": _text(ds, "StudyDate", 16),
-            "study_time": _text(ds, "StudyTime", 32),
-            "accession_number": _text(ds, "AccessionNumber", 64),
-            "study_id": _text(ds, "StudyID", 64),
-            "study_description": _text(ds, "StudyDescription", 512),
-            "referring_physician_name": _text(ds, "ReferringPhysicianName", 512),
+            "study_instance_uid": _text("StudyInstanceUID", 128),
+            "study_date": _text("StudyDate", 16),
+            "study_time": _text("StudyTime", 32),
+            "accession_number": _text("AccessionNumber", 64),
+            "study_id": _text("StudyID", 64),
+            "study_description": _text("StudyDescription", 512),
+            "referring_physician_name": _text("ReferringPhysicianName", 512),
         },
         series={
-            "series_instance_uid": _text(ds, "SeriesInstanceUID", 128),
-            "modality": _text(ds, "Modality", 16),
-            "series_number": _int(ds, "SeriesNumber"),
-            "series_description": _text(ds, "SeriesDescription", 512),
-            "body_part_examined": _text(ds, "BodyPartExamined", 64),
-            "protocol_name": _text(ds, "ProtocolName", 512),
-            "manufacturer": _text(ds, "Manufacturer", 128),
-            "station_name": _text(ds, "StationName", 64),
-            "frame_of_reference_uid": _text(ds, "FrameOfReferenceUID", 128),
+            "series_instance_uid": _text("SeriesInstanceUID", 128),
+            "modality": _text("Modality", 16),
+            "series_number": _int("SeriesNumber"),
+            "series_description": _text("SeriesDescription", 512),
+            "body_part_examined": _text("BodyPartExamined", 64),
+            "protocol_name": _text("ProtocolName", 512),
+            "manufacturer": _text("Manufacturer", 128),
+            "station_name": _text("StationName", 64),
+            "frame_of_reference_uid": _text("FrameOfReferenceUID", 128),
         },
         instance={
-            "sop_instance_uid": _text(ds, "SOPInstanceUID", 128),
-            "sop_class_uid": _text(ds, "SOPClassUID", 128),
+            "sop_instance_uid": _text("SOPInstanceUID", 128),
+            "sop_class_uid": _text("SOPClassUID", 128),
             "transfer_syntax_uid": str(header.transfer_syntax),
-            "instance_number": _int(ds, "InstanceNumber"),
-            "acquisition_number": _int(ds, "AcquisitionNumber"),
-            "image_type": _text(ds, "ImageType", 256),
-            "rows": _int(ds, "Rows"),
-            "columns": _int(ds, "Columns"),
-            "number_of_frames": _int(ds, "NumberOfFrames"),
-            "bits_allocated": _int(ds, "BitsAllocated"),
-            "photometric_interpretation": _text(ds, "PhotometricInterpretation", 32),
-            "image_position_patient": _ds_list(ds, "ImagePositionPatient", 256),
-            "image_orientation_patient": _ds_list(ds, "ImageOrientationPatient", 512),
-            "pixel_spacing": _ds_list(ds, "PixelSpacing", 128),
-            "slice_thickness": _float(ds, "SliceThickness"),
-            "slice_location": _float(ds, "SliceLocation"),
+            "instance_number": _int("InstanceNumber"),
+            "acquisition_number": _int("AcquisitionNumber"),
+            "image_type": _text("ImageType", 256),
+            "rows": _int("Rows"),
+            "columns": _int("Columns"),
+            "number_of_frames": _int("NumberOfFrames"),
+            "bits_allocated": _int("BitsAllocated"),
+            "photometric_interpretation": _text("PhotometricInterpretation", 32),
+            "image_position_patient": _text("ImagePositionPatient", 256),
+            "image_orientation_patient": _text("ImageOrientationPatient", 512),
+            "pixel_spacing": _text("PixelSpacing", 128),
+            "slice_thickness": _float("SliceThickness"),
+            "slice_location": _float("SliceLocation"),
             "file_path": file_path,
             "file_size": file_size,
             "checksum": checksum,

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from pathlib import Path
+
+import xxhash
+
+#: Prefix of every stored checksum, so the algorithm can change without ambiguity.
+CHECKSUM_ALGORITHM = "xxh3_128"
 
 
 class ReceivedFile:
     """Temp file on the storage filesystem, hashed while written.
 
-    Hashing as the bytes arrive means the checksum costs no second read, and
+    Hashing as the bytes arrive means the checksum costs no second read (and
+    xxh3 rather than SHA-256: this is an integrity check, not a signature), and
     writing with ``os.write`` on a raw descriptor means no user-space buffer
     to flush: :meth:`sync` is the one place durability is paid for.
     """
@@ -23,14 +28,14 @@ class ReceivedFile:
         self.size = 0
         #: Where the data set starts (after our File Meta).
         self.dataset_offset = 0
-        self._sha = hashlib.sha256()
+        self._hash = xxhash.xxh3_128()
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         if self.fd is None:
             raise ValueError("write to a closed ReceivedFile")
         view = memoryview(data)
         total = len(view)
-        self._sha.update(view)
+        self._hash.update(view)
         while view:
             n = os.write(self.fd, view)
             view = view[n:]
@@ -41,8 +46,9 @@ class ReceivedFile:
         if self.fd is not None:
             os.fdatasync(self.fd)
 
-    def hexdigest(self) -> str:
-        return self._sha.hexdigest()
+    def checksum(self) -> str:
+        """``xxh3_128:<hex>`` of the whole file: detects bit rot and torn copies, costs ~25 GB/s."""
+        return f"{CHECKSUM_ALGORITHM}:{self._hash.hexdigest()}"
 
     def close(self) -> None:
         if self.fd is not None:
@@ -56,3 +62,12 @@ class ReceivedFile:
             os.unlink(self.name)
         except FileNotFoundError:
             pass
+
+
+def file_checksum(path: Path) -> str:
+    """The checksum :class:`ReceivedFile` records, computed over a file on disk."""
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as fp:
+        while chunk := fp.read(1 << 20):
+            h.update(chunk)
+    return f"{CHECKSUM_ALGORITHM}:{h.hexdigest()}"

@@ -61,15 +61,28 @@ class Storage:
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
 
-    def commit(self, temp_path: str | Path, final: Path) -> None:
-        """Atomically move an already fsync'ed temp file to ``final`` and make the rename durable."""
+    def place(self, temp_path: str | Path, final: Path) -> None:
+        """Atomically move an already fsync'ed temp file to ``final``.
+
+        The rename is durable only after :meth:`sync_dir` on ``final.parent``;
+        callers may overlap that with other work but must wait for it before
+        acknowledging.
+        """
         parent = final.parent
         if not parent.is_dir():
             parent.mkdir(parents=True, exist_ok=True)
             _fsync_dir(parent.parent)
             _fsync_dir(parent.parent.parent)
         os.rename(temp_path, final)
-        _fsync_dir(parent)
+
+    @staticmethod
+    def sync_dir(path: Path) -> None:
+        _fsync_dir(path)
+
+    def commit(self, temp_path: str | Path, final: Path) -> None:
+        """Atomically move an already fsync'ed temp file to ``final`` and make the rename durable."""
+        self.place(temp_path, final)
+        _fsync_dir(final.parent)
 
     def remove(self, path: Path) -> None:
         try:

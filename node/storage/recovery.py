@@ -11,7 +11,6 @@ moved to ``quarantine/``; a row whose file is missing is reported.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.index.models import Instance
 from node.index.records import Recorder
 from node.receive.parse import read_header, to_record
+from node.receive.rxfile import file_checksum
 from node.storage.layout import Storage
 
 log = logging.getLogger(__name__)
@@ -103,9 +103,8 @@ def _adopt(
             ts = UID(str(meta.TransferSyntaxUID))
             fp.seek(0)
             header = read_header(fp, ts, size)
-        with open(path, "rb") as fp:
-            digest = hashlib.file_digest(fp, "sha256").hexdigest()
-        record = to_record(header, file_path=rel, file_size=size, checksum=digest, association_id="recovered")
+        record = to_record(header, file_path=rel, file_size=size, checksum=file_checksum(path),
+                           association_id="recovered")  # fmt: skip
         with sessions() as s, s.begin():
             outcome = recorder.record(s.connection(), record)
     except Exception as e:  # unreadable: keep the bytes, out of the way
