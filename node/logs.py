@@ -32,3 +32,5 @@ def setup_logging(level: str = "INFO", json_format: bool = False) -> None:
     root.setLevel(level)
     # pynetdicom logs every PDU at INFO/DEBUG; its errors still come through.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING if level != "DEBUG" else logging.INFO)
+    # pydicom logs each odd value it meets; the node logs what it refuses, and why.
+    logging.getLogger("pydicom").setLevel(logging.ERROR)

@@ -10,6 +10,7 @@ multi-frame instance as cheap to check as a small one.
 from __future__ import annotations
 
 import struct
+import warnings
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -31,8 +32,10 @@ from node.index.records import InstanceRecord
 from node.receive.status import Status
 
 # The node keeps data sets as they arrive; odd values are the sender's
-# business, not a reason to refuse or to log a warning per element.
+# business, not a reason to refuse or to log a warning per element. What we
+# do refuse is logged by us, with the reason.
 pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\..*)?$")
 
 PIXEL_DATA_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}
 _ITEM = 0xFFFEE000
@@ -67,6 +70,7 @@ def read_header(fp: BinaryIO, transfer_syntax: UID, file_size: int) -> Header:
         ds = dcmread(fp, stop_before_pixels=True, defer_size=65536)
     except Exception as exc:
         raise Rejected(Status.CANNOT_UNDERSTAND, f"the data set cannot be parsed: {exc}") from None
+    _check_complete(ds, file_size)
     meta_len = int(ds.file_meta.get("FileMetaInformationGroupLength", 0))
     dataset_offset = 132 + 12 + meta_len
     pixel_offset = fp.tell()
@@ -74,6 +78,23 @@ def read_header(fp: BinaryIO, transfer_syntax: UID, file_size: int) -> Header:
         _check_vr_encoding(fp, dataset_offset, transfer_syntax, file_size)
         _check_pixel_data(fp, ds, transfer_syntax, pixel_offset, file_size)
     return Header(ds, transfer_syntax, dataset_offset)
+
+
+def _check_complete(ds: Dataset, file_size: int) -> None:
+    """pydicom accepts a value cut short by the end of the data; we refuse to store one."""
+    for elem in ds._dict.values():
+        if not isinstance(elem, RawDataElement) or elem.length == 0xFFFFFFFF:
+            continue
+        short = (
+            elem.value_tell + elem.length > file_size
+            if elem.value is None
+            else len(elem.value) < elem.length
+        )
+        if short:
+            raise Rejected(
+                Status.CANNOT_UNDERSTAND,
+                f"the data set ends inside element {elem.tag} (declared length {elem.length}): it is truncated",
+            )
 
 
 def _check_vr_encoding(fp: BinaryIO, offset: int, ts: UID, file_size: int) -> None:

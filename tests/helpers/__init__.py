@@ -225,3 +225,124 @@ def read_sop_uid(path: Path) -> str:
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+# --- a raw C-STORE client -------------------------------------------------------
+#
+# DCMTK storescu (rightly) refuses to send many broken files; a node must
+# still answer correctly when a less careful sender sends them. This client
+# sends the data set bytes exactly as given, on the presentation context the
+# test chooses, and returns what the SCP answered.
+
+
+@dataclass
+class RawStoreResult:
+    context_accepted: bool
+    status: int | None = None
+    error_comment: str = ""
+    association_rejected: bool = False
+
+
+def _uid_bytes(uid: str) -> bytes:
+    b = uid.encode("ascii")
+    return b + b"\x00" if len(b) % 2 else b
+
+
+def _cmd_elem(elem: int, value: bytes) -> bytes:
+    import struct
+
+    return struct.pack("<HHL", 0, elem, len(value)) + value
+
+
+def raw_c_store(
+    port: int, abstract_syntax: str, transfer_syntax: str, dataset: bytes, *,
+    sop_class_uid: str | None = None, sop_instance_uid: str = "1.2.3.4", called_ae: str = "DICOM_NODE",
+    calling_ae: str = "RAWSCU", fragment: int = 16000, timeout: float = 30,
+) -> RawStoreResult:  # fmt: skip
+    import struct
+
+    from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
+    from pynetdicom.pdu_primitives import A_ASSOCIATE, ImplementationClassUIDNotification, MaximumLengthNotification
+    from pynetdicom.presentation import build_context
+
+    prim = A_ASSOCIATE()
+    prim.application_context_name = "1.2.840.10008.3.1.1.1"
+    prim.calling_ae_title = calling_ae
+    prim.called_ae_title = called_ae
+    cx = build_context(abstract_syntax, [transfer_syntax])
+    cx.context_id = 1
+    prim.presentation_context_definition_list = [cx]
+    ml = MaximumLengthNotification()
+    ml.maximum_length_received = 16384
+    impl = ImplementationClassUIDNotification()
+    impl.implementation_class_uid = "1.2.826.0.1.3680043.10.1431.99"
+    prim.user_information = [ml, impl]
+    rq = A_ASSOCIATE_RQ()
+    rq.from_primitive(prim)
+
+    def read_pdu(sock: socket.socket) -> tuple[int, bytes]:
+        head = b""
+        while len(head) < 6:
+            chunk = sock.recv(6 - len(head))
+            if not chunk:
+                raise ConnectionError("peer closed")
+            head += chunk
+        kind, length = struct.unpack(">BxL", head)
+        body = b""
+        while len(body) < length:
+            chunk = sock.recv(length - len(body))
+            if not chunk:
+                raise ConnectionError("peer closed")
+            body += chunk
+        return kind, head + body
+
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(rq.encode())
+        kind, pdu = read_pdu(sock)
+        if kind == 0x03:
+            return RawStoreResult(False, association_rejected=True)
+        ac = A_ASSOCIATE_AC()
+        ac.decode(pdu)
+        results = ac.to_primitive().presentation_context_definition_results_list
+        if not results or results[0].result != 0:
+            sock.sendall(b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00")
+            read_pdu(sock)
+            return RawStoreResult(False)
+        body = b"".join([
+            _cmd_elem(0x0002, _uid_bytes(sop_class_uid or abstract_syntax)),
+            _cmd_elem(0x0100, (1).to_bytes(2, "little")),
+            _cmd_elem(0x0110, (7).to_bytes(2, "little")),
+            _cmd_elem(0x0700, (0).to_bytes(2, "little")),
+            _cmd_elem(0x0800, (0).to_bytes(2, "little")),
+            _cmd_elem(0x1000, _uid_bytes(sop_instance_uid)),
+        ])  # fmt: skip
+        command = _cmd_elem(0x0000, len(body).to_bytes(4, "little")) + body
+
+        def pdata(data: bytes, header: int) -> bytes:
+            pdv = struct.pack(">LBB", len(data) + 2, 1, header) + data
+            return struct.pack(">BxL", 4, len(pdv)) + pdv
+
+        sock.sendall(pdata(command, 0x03))
+        chunks = [dataset[i : i + fragment] for i in range(0, len(dataset), fragment)] or [b""]
+        for i, chunk in enumerate(chunks):
+            sock.sendall(pdata(chunk, 0x02 if i == len(chunks) - 1 else 0x00))
+        kind, pdu = read_pdu(sock)
+        if kind != 0x04:
+            return RawStoreResult(True, None, f"PDU type {kind} instead of P-DATA")
+        # one PDV holding the whole response command set
+        data = pdu[12:]
+        status, comment, pos = None, "", 0
+        while pos + 8 <= len(data):
+            _g, elem, length = struct.unpack_from("<HHL", data, pos)
+            value = data[pos + 8 : pos + 8 + length]
+            if elem == 0x0900:
+                status = int.from_bytes(value[:2], "little")
+            elif elem == 0x0902:
+                comment = value.decode("ascii", "replace").strip()
+            pos += 8 + length
+        sock.sendall(b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00")
+        try:
+            read_pdu(sock)
+        except ConnectionError:
+            pass
+        return RawStoreResult(True, status, comment)
