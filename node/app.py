@@ -41,8 +41,8 @@ class Node:
         if self.storage.prepare():
             mark_clean(self.storage)  # nothing to reconcile in a new data directory
         migrate(self.engine)
-        recover(self.storage, self.sessions)
         self.writer.start()
+        recover(self.storage, self.sessions, self.writer)
         self.scp = StorageSCP(self.cfg, self.ingest)
         self.scp.start()
 

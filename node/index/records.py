@@ -7,10 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from sqlalchemy import bindparam, select
-from sqlalchemy import Connection
-from sqlalchemy.orm import Session
 
 from node.index.models import Instance, Patient, Series, Study
+from node.index.writer import Tx
 
 DuplicatePolicy = Literal["keep_first", "overwrite"]
 
@@ -72,12 +71,6 @@ _SERIES_SUB = (
 )
 
 
-def existing_file(session: Session, sop_instance_uid: str) -> str | None:
-    return session.execute(
-        select(Instance.file_path).where(Instance.sop_instance_uid == sop_instance_uid)
-    ).scalar_one_or_none()
-
-
 class Recorder:
     """Upserts instances, caching parent row ids.
 
@@ -97,44 +90,48 @@ class Recorder:
         self._studies.clear()
         self._series.clear()
 
-    def record(self, c: Connection, rec: InstanceRecord) -> RecordOutcome:
+    def record(self, tx: Tx, rec: InstanceRecord) -> RecordOutcome:
         now = rec.received_at
         key = (rec.patient["patient_id"], rec.patient["issuer_of_patient_id"])
         patient_fk = self._patients.get(key)
         if patient_fk is None:
-            patient_fk = c.execute(_SEL_PATIENT, rec.patient).scalar()
+            patient_fk = tx.scalar(tx.prepare("sel_patient", _SEL_PATIENT), rec.patient)
             if patient_fk is None:
-                patient_fk = c.execute(_INS_PATIENT, dict(rec.patient, created_at=now)).scalar_one()
+                values = dict(rec.patient, created_at=now)
+                patient_fk = tx.scalar(tx.prepare("ins_patient", _INS_PATIENT, list(values)), values)
             self._patients[key] = patient_fk
         uid = rec.study["study_instance_uid"]
         study_fk = self._studies.get(uid)
         if study_fk is None:
-            study_fk = c.execute(_SEL_STUDY, {"uid": uid}).scalar()
+            study_fk = tx.scalar(tx.prepare("sel_study", _SEL_STUDY), {"uid": uid})
             if study_fk is None:
-                study_fk = c.execute(_INS_STUDY, dict(rec.study, patient_fk=patient_fk, created_at=now)).scalar_one()
+                values = dict(rec.study, patient_fk=patient_fk, created_at=now)
+                study_fk = tx.scalar(tx.prepare("ins_study", _INS_STUDY, list(values)), values)
             self._studies[uid] = study_fk
         uid = rec.series["series_instance_uid"]
         series_fk = self._series.get(uid)
         if series_fk is None:
-            series_fk = c.execute(_SEL_SERIES, {"uid": uid}).scalar()
+            series_fk = tx.scalar(tx.prepare("sel_series", _SEL_SERIES), {"uid": uid})
             if series_fk is None:
-                series_fk = c.execute(
-                    _INS_SERIES,
-                    dict(rec.series, study_fk=study_fk, first_received_at=now, last_received_at=now, instance_count=0),
-                ).scalar_one()
+                values = dict(rec.series, study_fk=study_fk, first_received_at=now, last_received_at=now,
+                              instance_count=0)  # fmt: skip
+                series_fk = tx.scalar(tx.prepare("ins_series", _INS_SERIES, list(values)), values)
             self._series[uid] = series_fk
-        row = c.execute(_SEL_INSTANCE, {"uid": rec.sop_instance_uid}).one_or_none()
+        row = tx.row(tx.prepare("sel_instance", _SEL_INSTANCE), {"uid": rec.sop_instance_uid})
         values = dict(rec.instance, series_fk=series_fk, received_at=now)
+        series_add = tx.prepare("series_add", _SERIES_ADD)
         if row is None:
-            pk = c.execute(_INS_INSTANCE, values).scalar_one()
-            c.execute(_SERIES_ADD, {"pk": series_fk, "delta": 1, "now": now})
+            pk = tx.scalar(tx.prepare("ins_instance", _INS_INSTANCE, list(values)), values)
+            tx.execute(series_add, {"pk": series_fk, "delta": 1, "now": now})
             return RecordOutcome("new", pk)
+        old_id, old_path, old_series = row
         if self.policy == "keep_first":
-            return RecordOutcome("duplicate", row.id)
-        c.execute(_UPD_INSTANCE, dict(values, pk=row.id))
-        if row.series_fk != series_fk:  # the same SOP Instance UID moved to another series
-            c.execute(_SERIES_SUB, {"pk": row.series_fk})
-            c.execute(_SERIES_ADD, {"pk": series_fk, "delta": 1, "now": now})
+            return RecordOutcome("duplicate", old_id)
+        values["pk"] = old_id
+        tx.execute(tx.prepare("upd_instance", _UPD_INSTANCE, [k for k in values if k != "pk"]), values)
+        if old_series != series_fk:  # the same SOP Instance UID moved to another series
+            tx.execute(tx.prepare("series_sub", _SERIES_SUB), {"pk": old_series})
+            tx.execute(series_add, {"pk": series_fk, "delta": 1, "now": now})
         else:
-            c.execute(_SERIES_ADD, {"pk": series_fk, "delta": 0, "now": now})
-        return RecordOutcome("replaced", row.id, old_file_path=row.file_path)
+            tx.execute(series_add, {"pk": series_fk, "delta": 0, "now": now})
+        return RecordOutcome("replaced", old_id, old_file_path=old_path)

@@ -4,9 +4,10 @@ Why: concurrent associations each committing their own transaction would
 contend for SQLite's single write lock (and wait in its sleep-based busy
 handler). Here each association hands its row to the writer and waits; the
 writer takes everything queued meanwhile into one transaction, with a
-savepoint per instance so one bad row fails only its own request. Under load
+savepoint per item so one bad row fails only its own request. Under load
 that is one commit for several instances; with one sender it is one commit
-per instance, as before. It works the same on PostgreSQL.
+per instance. The writer keeps one raw DBAPI connection and runs statements
+prepared by :class:`node.index.db.Prepared`, which works on PostgreSQL too.
 """
 
 from __future__ import annotations
@@ -15,16 +16,46 @@ import logging
 import queue
 import threading
 from concurrent.futures import Future
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Engine
+
+from node.index.db import Prepared, begin_statement
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Work = Callable[[Connection], T]
-
 MAX_BATCH = 64
+
+
+class Tx:
+    """The writer's open transaction, as seen by a work item."""
+
+    def __init__(self, dbapi_conn: Any, dialect: Any) -> None:
+        self.conn = dbapi_conn
+        self.cur = dbapi_conn.cursor()
+        self.dialect = dialect
+        self._prepared: dict[Any, Prepared] = {}
+
+    def prepare(self, key: Any, stmt: Any, keys: list[str] | None = None) -> Prepared:
+        p = self._prepared.get(key)
+        if p is None:
+            p = self._prepared[key] = Prepared(stmt, self.dialect, keys)
+        return p
+
+    def execute(self, p: Prepared, values: dict) -> Any:
+        self.cur.execute(p.sql, p.params(values))
+        return self.cur
+
+    def scalar(self, p: Prepared, values: dict) -> Any:
+        row = self.execute(p, values).fetchone()
+        return None if row is None else row[0]
+
+    def row(self, p: Prepared, values: dict) -> Any:
+        return self.execute(p, values).fetchone()
+
+
+Work = Callable[[Tx], T]
 
 
 class IndexWriter:
@@ -35,6 +66,9 @@ class IndexWriter:
         self._thread = threading.Thread(target=self._run, name="index-writer", daemon=True)
         self._on_failure = on_failure
         self._stopped = False
+        self._begin = begin_statement(engine)
+        self._raw: Any = None
+        self._tx: Tx | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -58,41 +92,69 @@ class IndexWriter:
         return self.submit(work).result(timeout=timeout)
 
     def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            batch = [item]
-            stop = False
-            while len(batch) < MAX_BATCH:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                batch.append(nxt)
-            self._commit(batch)
-            if stop:
-                return
+        try:
+            while True:
+                item = self._queue.get()
+                if item is None:
+                    return
+                batch = [item]
+                stop = False
+                while len(batch) < MAX_BATCH:
+                    try:
+                        nxt = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is None:
+                        stop = True
+                        break
+                    batch.append(nxt)
+                self._commit(batch)
+                if stop:
+                    return
+        finally:
+            self._close()
+
+    def _connection(self) -> Tx:
+        if self._tx is None:
+            self._raw = self._engine.raw_connection()
+            self._tx = Tx(self._raw.dbapi_connection, self._engine.dialect)
+        return self._tx
+
+    def _close(self) -> None:
+        if self._raw is not None:
+            try:
+                self._raw.close()
+            except Exception:
+                pass
+        self._raw = self._tx = None
 
     def _commit(self, batch: list[tuple[Work, Future]]) -> None:
         results: list[tuple[Future, object, BaseException | None]] = []
         try:
-            with self._engine.begin() as conn:
-                if len(batch) == 1:  # no savepoint needed: the transaction is the item
-                    work, fut = batch[0]
-                    results.append((fut, work(conn), None))
-                else:
-                    for work, fut in batch:
-                        try:
-                            with conn.begin_nested():
-                                results.append((fut, work(conn), None))
-                        except Exception as exc:  # this item only: its savepoint rolled back
-                            results.append((fut, None, exc))
-        except Exception as exc:  # the commit itself failed: nothing in the batch is durable
-            log.error("index transaction of %d instance(s) failed: %s", len(batch), exc)
+            tx = self._connection()
+            if self._begin:
+                tx.cur.execute(self._begin)
+            if len(batch) == 1:  # no savepoint needed: the transaction is the item
+                work, fut = batch[0]
+                results.append((fut, work(tx), None))
+            else:
+                for work, fut in batch:
+                    tx.cur.execute("SAVEPOINT item")
+                    try:
+                        results.append((fut, work(tx), None))
+                        tx.cur.execute("RELEASE SAVEPOINT item")
+                    except Exception as exc:  # this item only
+                        tx.cur.execute("ROLLBACK TO SAVEPOINT item")
+                        tx.cur.execute("RELEASE SAVEPOINT item")
+                        results.append((fut, None, exc))
+            tx.conn.commit()
+        except Exception as exc:  # nothing in the batch is durable
+            log.error("index transaction of %d item(s) failed: %s", len(batch), exc)
+            try:
+                if self._tx is not None:
+                    self._tx.conn.rollback()
+            except Exception:
+                self._close()  # a broken connection is replaced on the next batch
             if self._on_failure:
                 self._on_failure()
             for _work, fut in batch:

@@ -113,11 +113,9 @@ class Ingest:
     def _check_and_commit(
         self, rx: ReceivedFile, synced: Future, sop_class_uid: str, sop_instance_uid: str, ts: UID, peer: Peer
     ) -> StoreResult:
-        with open(rx.name, "rb") as fp:
-            header = read_header(fp, ts, rx.size)
-        ds = header.dataset
-        ds_class = str(ds.get("SOPClassUID", "") or "").strip()
-        ds_inst = str(ds.get("SOPInstanceUID", "") or "").strip()
+        header = read_header(rx.name, ts, rx.size, rx.dataset_offset)
+        ds_class = header.text("SOPClassUID")
+        ds_inst = header.text("SOPInstanceUID")
         if ds_class != sop_class_uid.strip():
             raise Rejected(
                 Status.DATASET_MISMATCH,
@@ -130,7 +128,7 @@ class Ingest:
                 f"({sop_instance_uid})",
             )
         for kw in ("StudyInstanceUID", "SeriesInstanceUID"):
-            if not str(ds.get(kw, "") or "").strip():
+            if not header.text(kw):
                 raise Rejected(Status.DATASET_MISMATCH, f"the data set has no {kw}, so it cannot be filed")
 
         final = self.storage.path_for(ds_inst)

@@ -5,30 +5,30 @@ Pixel data is never decoded or even loaded: we read the header up to
 prove it is complete (native: long enough for Rows x Columns x frames;
 encapsulated: items up to the sequence delimiter). That keeps a 1 GB
 multi-frame instance as cheap to check as a small one.
+
+Two readers sit behind one interface, fastest first: the byte-level walker
+in :mod:`node.receive.header`, and pydicom's general reader for what the
+walker declines (deflated data sets, unusual structures). Both apply the
+same checks, so a file gets the same answer whichever reads it.
 """
 
 from __future__ import annotations
 
 import struct
 import warnings
-from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from pydicom import config as pydicom_config
+from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import dcmread
-from pydicom.tag import Tag
 from pydicom.multival import MultiValue
-from pydicom.uid import (
-    UID,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ImplicitVRLittleEndian,
-)
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
 from node.index.records import InstanceRecord
+from node.receive.header import VALID_VRS, HeaderError, RawHeader, read_raw_header
 from node.receive.status import Status
 
 # The node keeps data sets as they arrive; odd values are the sender's
@@ -37,14 +37,24 @@ from node.receive.status import Status
 pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
 warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\..*)?$")
 
-PIXEL_DATA_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}
 _ITEM = 0xFFFEE000
 _SEQ_DELIM = 0xFFFEE0DD
-_VALID_VRS = {
-    b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"OB", b"OD",
-    b"OF", b"OL", b"OV", b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST", b"SV", b"TM", b"UC", b"UI",
-    b"UL", b"UN", b"UR", b"US", b"UT", b"UV",
-}  # fmt: skip
+_BINARY_INT = {b"US": (2, False), b"SS": (2, True), b"UL": (4, False), b"SL": (4, True)}
+#: Text VRs whose bytes depend on Specific Character Set (PS3.5 6.1.2.3).
+_CHARSET_VRS = {b"PN", b"LO", b"SH", b"ST", b"LT", b"UT", b"UC"}
+
+KEYWORDS = (
+    "SpecificCharacterSet", "PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex",
+    "StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber", "StudyID", "StudyDescription",
+    "ReferringPhysicianName", "SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription",
+    "BodyPartExamined", "ProtocolName", "Manufacturer", "StationName", "FrameOfReferenceUID",
+    "SOPInstanceUID", "SOPClassUID", "InstanceNumber", "AcquisitionNumber", "ImageType", "Rows",
+    "Columns", "NumberOfFrames", "BitsAllocated", "SamplesPerPixel", "PhotometricInterpretation",
+    "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness", "SliceLocation",
+)  # fmt: skip
+TAGS = {k: tag_for_keyword(k) for k in KEYWORDS}
+_WANTED = frozenset(TAGS.values())
+_VRS = {k: dictionary_VR(TAGS[k]).encode() for k in KEYWORDS}
 
 
 class Rejected(Exception):
@@ -56,28 +66,142 @@ class Rejected(Exception):
         self.reason = reason
 
 
-@dataclass(slots=True)
 class Header:
-    dataset: Dataset
+    """Attribute values of one data set, whichever reader produced them."""
+
     transfer_syntax: UID
-    #: Offset of the first data set byte (after the File Meta) in the file.
-    dataset_offset: int
+
+    def raw(self, keyword: str) -> tuple[Any, bytes | None]:
+        """``(value, VR)``: bytes for values still encoded, else a decoded value and ``None``."""
+        raise NotImplementedError
+
+    def _decode_text(self, keyword: str, value: bytes, vr: bytes) -> str:
+        raise NotImplementedError
+
+    def text(self, keyword: str, limit: int = 1024) -> str:
+        v, vr = self.raw(keyword)
+        if v is None:
+            return ""
+        if isinstance(v, bytes):
+            if vr in _BINARY_INT:
+                n = self.int(keyword)
+                return "" if n is None else str(n)
+            try:
+                return v.decode("ascii").strip(" \x00")[:limit]
+            except UnicodeDecodeError:
+                return self._decode_text(keyword, v, vr or _VRS[keyword])[:limit]
+        if isinstance(v, (MultiValue, list, tuple)):
+            return "\\".join(str(x) for x in v)[:limit]
+        return str(v).strip()[:limit]
+
+    def int(self, keyword: str) -> int | None:
+        v, vr = self.raw(keyword)
+        if v is None:
+            return None
+        if isinstance(v, bytes) and (vr or _VRS[keyword]) in _BINARY_INT:
+            size, signed = _BINARY_INT[vr or _VRS[keyword]]
+            if len(v) < size:
+                return None
+            return int.from_bytes(v[:size], "big" if self.transfer_syntax == ExplicitVRBigEndian else "little",
+                                  signed=signed)  # fmt: skip
+        s = v.decode("ascii", "replace") if isinstance(v, bytes) else str(v)
+        try:
+            return int(float(s.split("\\")[0].strip(" \x00")))
+        except ValueError:
+            return None
+
+    def float(self, keyword: str) -> float | None:
+        v, _vr = self.raw(keyword)
+        if v is None:
+            return None
+        s = v.decode("ascii", "replace") if isinstance(v, bytes) else str(v)
+        try:
+            return float(s.split("\\")[0].strip(" \x00"))
+        except ValueError:
+            return None
 
 
-def read_header(fp: BinaryIO, transfer_syntax: UID, file_size: int) -> Header:
-    """Read the data set up to Pixel Data and check its encoding and pixel structure."""
+class RawHeaderView(Header):
+    def __init__(self, raw: RawHeader, ts: UID) -> None:
+        self.h = raw
+        self.transfer_syntax = ts
+
+    def raw(self, keyword: str) -> tuple[Any, bytes | None]:
+        found = self.h.values.get(TAGS[keyword])
+        if found is None:
+            return None, None
+        vr, value = found
+        return value, vr or _VRS[keyword]
+
+    def _decode_text(self, keyword: str, value: bytes, vr: bytes) -> str:
+        charset = self.text("SpecificCharacterSet") or "ISO_IR 6"
+        encodings = convert_encodings(charset.split("\\"))
+        delimiters = {0x5E, 0x3D} if vr == b"PN" else {0x5C}
+        try:
+            return decode_bytes(value, encodings, delimiters).strip(" \x00")
+        except Exception:
+            return value.decode("latin-1").strip(" \x00")
+
+
+class DatasetHeaderView(Header):
+    def __init__(self, ds: Dataset, ts: UID) -> None:
+        self.ds = ds
+        self.transfer_syntax = ts
+
+    def raw(self, keyword: str) -> tuple[Any, bytes | None]:
+        tag = TAGS[keyword]
+        elem = self.ds._dict.get(tag)
+        if elem is None:
+            return None, None
+        if isinstance(elem, RawDataElement) and elem.value is not None:
+            return elem.value, (elem.VR.encode() if elem.VR else _VRS[keyword])
+        try:
+            return self.ds[tag].value, None
+        except Exception:  # an unreadable value is indexed as missing, the bytes are kept
+            return None, None
+
+    def _decode_text(self, keyword: str, value: bytes, vr: bytes) -> str:
+        try:
+            return str(self.ds[TAGS[keyword]].value).strip()
+        except Exception:
+            return value.decode("latin-1").strip(" \x00")
+
+
+def read_header(path: str, transfer_syntax: UID, file_size: int, dataset_offset: int) -> Header:
+    """Read and check the data set that starts at ``dataset_offset`` in ``path``."""
+    if transfer_syntax != DeflatedExplicitVRLittleEndian:
+        try:
+            raw = read_raw_header(
+                path, dataset_offset, implicit=transfer_syntax.is_implicit_VR,
+                little_endian=transfer_syntax.is_little_endian, wanted=_WANTED,
+            )  # fmt: skip
+        except HeaderError:
+            pass  # let the general reader judge it
+        else:
+            view = RawHeaderView(raw, transfer_syntax)
+            if raw.pixel_tag is not None:
+                with open(path, "rb") as fp:
+                    _check_pixel_data(fp, view, transfer_syntax, raw.pixel_tag, raw.pixel_length or 0,
+                                      raw.pixel_value_at or 0, file_size)  # fmt: skip
+            return view
+    with open(path, "rb") as fp:
+        return _read_with_pydicom(fp, transfer_syntax, file_size, dataset_offset)
+
+
+def _read_with_pydicom(fp: BinaryIO, transfer_syntax: UID, file_size: int, dataset_offset: int) -> Header:
     try:
         ds = dcmread(fp, stop_before_pixels=True, defer_size=65536)
     except Exception as exc:
         raise Rejected(Status.CANNOT_UNDERSTAND, f"the data set cannot be parsed: {exc}") from None
+    view = DatasetHeaderView(ds, transfer_syntax)
     _check_complete(ds, file_size)
-    meta_len = int(ds.file_meta.get("FileMetaInformationGroupLength", 0))
-    dataset_offset = 132 + 12 + meta_len
     pixel_offset = fp.tell()
     if transfer_syntax != DeflatedExplicitVRLittleEndian:
         _check_vr_encoding(fp, dataset_offset, transfer_syntax, file_size)
-        _check_pixel_data(fp, ds, transfer_syntax, pixel_offset, file_size)
-    return Header(ds, transfer_syntax, dataset_offset)
+        located = _locate_pixel_data(fp, transfer_syntax, pixel_offset, file_size)
+        if located is not None:
+            _check_pixel_data(fp, view, transfer_syntax, *located, file_size)
+    return view
 
 
 def _check_complete(ds: Dataset, file_size: int) -> None:
@@ -85,11 +209,7 @@ def _check_complete(ds: Dataset, file_size: int) -> None:
     for elem in ds._dict.values():
         if not isinstance(elem, RawDataElement) or elem.length == 0xFFFFFFFF:
             continue
-        short = (
-            elem.value_tell + elem.length > file_size
-            if elem.value is None
-            else len(elem.value) < elem.length
-        )
+        short = elem.value_tell + elem.length > file_size if elem.value is None else len(elem.value) < elem.length
         if short:
             raise Rejected(
                 Status.CANNOT_UNDERSTAND,
@@ -107,9 +227,8 @@ def _check_vr_encoding(fp: BinaryIO, offset: int, ts: UID, file_size: int) -> No
         raise Rejected(Status.CANNOT_UNDERSTAND, "the data set is empty")
     fp.seek(offset + 4)
     vr = fp.read(2)
-    explicit = vr in _VALID_VRS
+    explicit = vr in VALID_VRS
     if ts.is_implicit_VR and explicit:
-        # Two VR-like ASCII letters where a length should be: explicit VR data.
         raise Rejected(
             Status.CANNOT_UNDERSTAND,
             "the data set is encoded in explicit VR but Implicit VR Little Endian was negotiated",
@@ -122,43 +241,40 @@ def _check_vr_encoding(fp: BinaryIO, offset: int, ts: UID, file_size: int) -> No
         )
 
 
-def _expected_native_length(ds: Dataset) -> int | None:
-    try:
-        rows = int(ds.Rows)
-        cols = int(ds.Columns)
-        bits = int(ds.BitsAllocated)
-        spp = int(ds.get("SamplesPerPixel", 1) or 1)
-        frames = int(str(ds.get("NumberOfFrames", 1) or 1).strip() or 1)
-    except (AttributeError, TypeError, ValueError):
+def _locate_pixel_data(fp: BinaryIO, ts: UID, offset: int, file_size: int) -> tuple[int, int, int] | None:
+    """``(tag, length, value offset)`` of a Pixel Data element starting at ``offset``, if there is one."""
+    if offset + 8 > file_size:
         return None
+    fp.seek(offset)
+    head = fp.read(12)
+    end = ">" if ts == ExplicitVRBigEndian else "<"
+    group, elem = struct.unpack(end + "HH", head[:4])
+    tag = (group << 16) | elem
+    if tag not in (0x7FE00010, 0x7FE00008, 0x7FE00009):
+        return None
+    if ts == ImplicitVRLittleEndian:
+        return tag, struct.unpack("<L", head[4:8])[0], offset + 8
+    if head[4:6] in (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN"):
+        return tag, struct.unpack(end + "L", head[8:12])[0], offset + 12
+    return tag, struct.unpack(end + "H", head[6:8])[0], offset + 8
+
+
+def _expected_native_length(h: Header) -> int | None:
+    rows, cols, bits = h.int("Rows"), h.int("Columns"), h.int("BitsAllocated")
+    if not rows or not cols or not bits:
+        return None
+    spp = h.int("SamplesPerPixel") or 1
+    frames = h.int("NumberOfFrames") or 1
     total_bits = rows * cols * spp * frames * bits
-    if str(ds.get("PhotometricInterpretation", "")).startswith("YBR_FULL_422"):
+    if h.text("PhotometricInterpretation").startswith("YBR_FULL_422"):
         total_bits = total_bits * 2 // 3
     return (total_bits + 7) // 8
 
 
-def _check_pixel_data(fp: BinaryIO, ds: Dataset, ts: UID, offset: int, file_size: int) -> None:
-    if offset + 8 > file_size:
-        return  # no Pixel Data element
-    fp.seek(offset)
-    head = fp.read(12)
-    little = ts != ExplicitVRBigEndian
-    end = "<" if little else ">"
-    group, elem = struct.unpack(end + "HH", head[:4])
-    tag = (group << 16) | elem
-    if tag not in PIXEL_DATA_TAGS:
-        return  # stopped before something else (e.g. trailing padding)
-    if ts == ImplicitVRLittleEndian:
-        (length,) = struct.unpack("<L", head[4:8])
-        value_at = offset + 8
-    else:
-        vr = head[4:6]
-        if vr in (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN"):
-            (length,) = struct.unpack(end + "L", head[8:12])
-            value_at = offset + 12
-        else:
-            (length,) = struct.unpack(end + "H", head[6:8])
-            value_at = offset + 8
+def _check_pixel_data(
+    fp: BinaryIO, h: Header, ts: UID, tag: int, length: int, value_at: int, file_size: int
+) -> None:
+    end = ">" if ts == ExplicitVRBigEndian else "<"
     if length == 0xFFFFFFFF:
         _check_encapsulated(fp, value_at, file_size, end)
         return
@@ -168,7 +284,7 @@ def _check_pixel_data(fp: BinaryIO, ds: Dataset, ts: UID, offset: int, file_size
             f"Pixel Data says {length} bytes but the data set ends {file_size - value_at} bytes after it starts",
         )
     if tag == 0x7FE00010 and not ts.is_compressed:
-        expected = _expected_native_length(ds)
+        expected = _expected_native_length(h)
         if expected is not None and length < expected:
             raise Rejected(
                 Status.CANNOT_UNDERSTAND,
@@ -203,92 +319,6 @@ def _check_encapsulated(fp: BinaryIO, pos: int, file_size: int, end: str) -> Non
         items += 1
 
 
-# --- extraction ---------------------------------------------------------------
-#
-# pydicom converts a value through its VR machinery on first access, which
-# costs ~20-40 us per element; the index needs ~35 of them per instance. The
-# header elements are still RawDataElements after ``dcmread``, so for plain
-# ASCII values we decode the bytes directly and only hand anything else
-# (non-ASCII text in a declared character set, binary VRs) to pydicom.
-
-_BINARY_INT = {"US": (2, False), "SS": (2, True), "UL": (4, False), "SL": (4, True)}
-
-
-class _Values:
-    def __init__(self, ds: Dataset) -> None:
-        self.ds = ds
-        self.little = not (ds.file_meta.get("TransferSyntaxUID") == ExplicitVRBigEndian)
-
-    def _raw(self, keyword: str) -> tuple[Any, str | None]:
-        tag = _TAGS[keyword]
-        elem = self.ds._dict.get(tag)
-        if elem is None:
-            return None, None
-        if isinstance(elem, RawDataElement) and elem.value is not None:
-            return elem.value, elem.VR or _VRS[keyword]
-        try:
-            return self.ds[tag].value, "converted"
-        except Exception:  # an unreadable value is indexed as missing, the bytes are kept
-            return None, None
-
-    def text(self, keyword: str, limit: int) -> str:
-        v, vr = self._raw(keyword)
-        if v is None:
-            return ""
-        if isinstance(v, bytes):
-            if vr in _BINARY_INT:
-                return str(self.int(keyword) or "")
-            try:
-                return v.decode("ascii").strip(" \x00")[:limit]
-            except UnicodeDecodeError:
-                try:
-                    v = self.ds[_TAGS[keyword]].value  # decoded with Specific Character Set
-                except Exception:
-                    return v.decode("latin-1").strip(" \x00")[:limit]
-        if isinstance(v, (MultiValue, list, tuple)):
-            return "\\".join(str(x) for x in v)[:limit]
-        return str(v).strip()[:limit]
-
-    def int(self, keyword: str) -> int | None:
-        v, vr = self._raw(keyword)
-        if v is None:
-            return None
-        if isinstance(v, bytes) and vr in _BINARY_INT:
-            size, signed = _BINARY_INT[vr]
-            if len(v) < size:
-                return None
-            return int.from_bytes(v[:size], "little" if self.little else "big", signed=signed)
-        s = v.decode("ascii", "replace") if isinstance(v, bytes) else str(v)
-        s = s.split("\\")[0].strip(" \x00")
-        try:
-            return int(float(s))
-        except ValueError:
-            return None
-
-    def float(self, keyword: str) -> float | None:
-        v, _vr = self._raw(keyword)
-        if v is None:
-            return None
-        s = v.decode("ascii", "replace") if isinstance(v, bytes) else str(v)
-        try:
-            return float(s.split("\\")[0].strip(" \x00"))
-        except ValueError:
-            return None
-
-
-_KEYWORDS = (
-    "PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex",
-    "StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber", "StudyID", "StudyDescription",
-    "ReferringPhysicianName", "SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription",
-    "BodyPartExamined", "ProtocolName", "Manufacturer", "StationName", "FrameOfReferenceUID",
-    "SOPInstanceUID", "SOPClassUID", "InstanceNumber", "AcquisitionNumber", "ImageType", "Rows",
-    "Columns", "NumberOfFrames", "BitsAllocated", "PhotometricInterpretation", "ImagePositionPatient",
-    "ImageOrientationPatient", "PixelSpacing", "SliceThickness", "SliceLocation",
-)  # fmt: skip
-_TAGS = {k: Tag(tag_for_keyword(k)) for k in _KEYWORDS}
-_VRS = {k: dictionary_VR(_TAGS[k]) for k in _KEYWORDS}
-
-
 def to_record(
     header: Header,
     *,
@@ -300,53 +330,52 @@ def to_record(
     peer_address: str = "",
     association_id: str = "",
 ) -> InstanceRecord:
-    v = _Values(header.dataset)
-    _text, _int, _float = v.text, v.int, v.float
+    t, i, f = header.text, header.int, header.float
     return InstanceRecord(
         patient={
-            "patient_id": _text("PatientID", 128),
-            "issuer_of_patient_id": _text("IssuerOfPatientID", 128),
-            "patient_name": _text("PatientName", 512),
-            "birth_date": _text("PatientBirthDate", 16),
-            "sex": _text("PatientSex", 16),
+            "patient_id": t("PatientID", 128),
+            "issuer_of_patient_id": t("IssuerOfPatientID", 128),
+            "patient_name": t("PatientName", 512),
+            "birth_date": t("PatientBirthDate", 16),
+            "sex": t("PatientSex", 16),
         },
         study={
-            "study_instance_uid": _text("StudyInstanceUID", 128),
-            "study_date": _text("StudyDate", 16),
-            "study_time": _text("StudyTime", 32),
-            "accession_number": _text("AccessionNumber", 64),
-            "study_id": _text("StudyID", 64),
-            "study_description": _text("StudyDescription", 512),
-            "referring_physician_name": _text("ReferringPhysicianName", 512),
+            "study_instance_uid": t("StudyInstanceUID", 128),
+            "study_date": t("StudyDate", 16),
+            "study_time": t("StudyTime", 32),
+            "accession_number": t("AccessionNumber", 64),
+            "study_id": t("StudyID", 64),
+            "study_description": t("StudyDescription", 512),
+            "referring_physician_name": t("ReferringPhysicianName", 512),
         },
         series={
-            "series_instance_uid": _text("SeriesInstanceUID", 128),
-            "modality": _text("Modality", 16),
-            "series_number": _int("SeriesNumber"),
-            "series_description": _text("SeriesDescription", 512),
-            "body_part_examined": _text("BodyPartExamined", 64),
-            "protocol_name": _text("ProtocolName", 512),
-            "manufacturer": _text("Manufacturer", 128),
-            "station_name": _text("StationName", 64),
-            "frame_of_reference_uid": _text("FrameOfReferenceUID", 128),
+            "series_instance_uid": t("SeriesInstanceUID", 128),
+            "modality": t("Modality", 16),
+            "series_number": i("SeriesNumber"),
+            "series_description": t("SeriesDescription", 512),
+            "body_part_examined": t("BodyPartExamined", 64),
+            "protocol_name": t("ProtocolName", 512),
+            "manufacturer": t("Manufacturer", 128),
+            "station_name": t("StationName", 64),
+            "frame_of_reference_uid": t("FrameOfReferenceUID", 128),
         },
         instance={
-            "sop_instance_uid": _text("SOPInstanceUID", 128),
-            "sop_class_uid": _text("SOPClassUID", 128),
+            "sop_instance_uid": t("SOPInstanceUID", 128),
+            "sop_class_uid": t("SOPClassUID", 128),
             "transfer_syntax_uid": str(header.transfer_syntax),
-            "instance_number": _int("InstanceNumber"),
-            "acquisition_number": _int("AcquisitionNumber"),
-            "image_type": _text("ImageType", 256),
-            "rows": _int("Rows"),
-            "columns": _int("Columns"),
-            "number_of_frames": _int("NumberOfFrames"),
-            "bits_allocated": _int("BitsAllocated"),
-            "photometric_interpretation": _text("PhotometricInterpretation", 32),
-            "image_position_patient": _text("ImagePositionPatient", 256),
-            "image_orientation_patient": _text("ImageOrientationPatient", 512),
-            "pixel_spacing": _text("PixelSpacing", 128),
-            "slice_thickness": _float("SliceThickness"),
-            "slice_location": _float("SliceLocation"),
+            "instance_number": i("InstanceNumber"),
+            "acquisition_number": i("AcquisitionNumber"),
+            "image_type": t("ImageType", 256),
+            "rows": i("Rows"),
+            "columns": i("Columns"),
+            "number_of_frames": i("NumberOfFrames"),
+            "bits_allocated": i("BitsAllocated"),
+            "photometric_interpretation": t("PhotometricInterpretation", 32),
+            "image_position_patient": t("ImagePositionPatient", 256),
+            "image_orientation_patient": t("ImageOrientationPatient", 512),
+            "pixel_spacing": t("PixelSpacing", 128),
+            "slice_thickness": f("SliceThickness"),
+            "slice_location": f("SliceLocation"),
             "file_path": file_path,
             "file_size": file_size,
             "checksum": checksum,

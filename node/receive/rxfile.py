@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import os
-import tempfile
 from pathlib import Path
 
 import xxhash
 
 #: Prefix of every stored checksum, so the algorithm can change without ambiguity.
 CHECKSUM_ALGORITHM = "xxh3_128"
+
+_counter = itertools.count()
 
 
 class ReceivedFile:
@@ -22,8 +24,9 @@ class ReceivedFile:
     """
 
     def __init__(self, directory: Path) -> None:
-        fd, name = tempfile.mkstemp(prefix="rx-", suffix=".part", dir=directory)
-        self.fd: int | None = fd
+        # Unique per process and call; O_EXCL guards against any leftover.
+        name = os.path.join(directory, f"rx-{os.getpid()}-{next(_counter)}.part")
+        self.fd: int | None = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         self.name = name
         self.size = 0
         #: Where the data set starts (after our File Meta).

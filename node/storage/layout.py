@@ -36,6 +36,8 @@ class Storage:
         self.files = self.root / STORAGE_DIR
         self.tmp = self.root / TMP_DIR
         self.quarantine = self.root / QUARANTINE_DIR
+        #: Leaf directories known to exist (at most 65,536), to save a stat per instance.
+        self._dirs: set[Path] = set()
 
     def prepare(self) -> bool:
         """Create the directories; returns True when the data directory is new."""
@@ -69,10 +71,12 @@ class Storage:
         acknowledging.
         """
         parent = final.parent
-        if not parent.is_dir():
-            parent.mkdir(parents=True, exist_ok=True)
-            _fsync_dir(parent.parent)
-            _fsync_dir(parent.parent.parent)
+        if parent not in self._dirs:
+            if not parent.is_dir():
+                parent.mkdir(parents=True, exist_ok=True)
+                _fsync_dir(parent.parent)
+                _fsync_dir(parent.parent.parent)
+            self._dirs.add(parent)
         os.rename(temp_path, final)
 
     @staticmethod

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.index.models import Instance
 from node.index.records import Recorder
+from node.index.writer import IndexWriter
 from node.receive.parse import read_header, to_record
 from node.receive.rxfile import file_checksum
 from node.storage.layout import Storage
@@ -46,7 +47,10 @@ def mark_clean(storage: Storage) -> None:
     (storage.root / CLEAN_MARKER).write_text("dicom-node stopped cleanly\n")
 
 
-def recover(storage: Storage, sessions: sessionmaker[Session], *, force_scan: bool = False) -> RecoveryReport:
+def recover(
+    storage: Storage, sessions: sessionmaker[Session], writer: IndexWriter, *, force_scan: bool = False
+) -> RecoveryReport:
+    """Reconcile; ``writer`` must be running (it records re-indexed files)."""
     report = RecoveryReport()
     for p in storage.tmp.glob("*"):
         if p.is_file():
@@ -72,7 +76,7 @@ def recover(storage: Storage, sessions: sessionmaker[Session], *, force_scan: bo
         on_disk.add(rel)
         if rel in indexed:
             continue
-        _adopt(storage, sessions, recorder, path, rel, report)
+        _adopt(storage, writer, recorder, path, rel, report)
     for rel, uid in indexed.items():
         if rel not in on_disk:
             report.missing_files.append(uid)
@@ -90,7 +94,7 @@ def recover(storage: Storage, sessions: sessionmaker[Session], *, force_scan: bo
 
 def _adopt(
     storage: Storage,
-    sessions: sessionmaker[Session],
+    writer: IndexWriter,
     recorder: Recorder,
     path: Path,
     rel: str,
@@ -98,15 +102,12 @@ def _adopt(
 ) -> None:
     try:
         size = path.stat().st_size
-        with open(path, "rb") as fp:
-            meta = read_file_meta_info(path)
-            ts = UID(str(meta.TransferSyntaxUID))
-            fp.seek(0)
-            header = read_header(fp, ts, size)
+        meta = read_file_meta_info(path)
+        ts = UID(str(meta.TransferSyntaxUID))
+        header = read_header(str(path), ts, size, 132 + 12 + int(meta.FileMetaInformationGroupLength))
         record = to_record(header, file_path=rel, file_size=size, checksum=file_checksum(path),
                            association_id="recovered")  # fmt: skip
-        with sessions() as s, s.begin():
-            outcome = recorder.record(s.connection(), record)
+        outcome = writer.call(lambda tx: recorder.record(tx, record))
     except Exception as e:  # unreadable: keep the bytes, out of the way
         _quarantine(storage, path, report, f"unreadable ({e})")
         return
