@@ -174,8 +174,9 @@ def _loc_to_key(loc: tuple[Any, ...]) -> str:
     return out or "(top level)"
 
 
-def _format_errors(source: str, err: ValidationError) -> str:
+def _format_errors(source: str, err: ValidationError, env_keys: dict[str, str] | None = None) -> str:
     lines = [f"invalid configuration in {source}:"]
+    env_keys = env_keys or {}
     for e in err.errors():
         key = _loc_to_key(tuple(e["loc"]))
         msg = e["msg"]
@@ -185,7 +186,8 @@ def _format_errors(source: str, err: ValidationError) -> str:
             msg = msg[len("Value error, ") :]
         got = e.get("input")
         shown = "" if e["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"  {key}: {msg}{shown}")
+        origin = f" [set by {env_keys[key]}]" if key in env_keys else ""
+        lines.append(f"  {key}: {msg}{shown}{origin}")
     return "\n".join(lines)
 
 
@@ -235,11 +237,12 @@ def load_config(path: Path | str | None = None, environ: dict[str, str] | None =
         except OSError as e:
             raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None
     applied = apply_env_overrides(data, environ)
+    env_keys = {name[len(ENV_PREFIX) :].lower().replace("__", ".", 1): name for name in applied}
     if applied:
         source += " + environment (" + ", ".join(applied) + ")"
     try:
         cfg = Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_errors(source, e)) from None
+        raise ConfigError(_format_errors(source, e, env_keys)) from None
     cfg.source = source
     return cfg

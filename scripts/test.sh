@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Install everything the tests need (Debian packages and Python packages) and run them.
+# Usage: bash scripts/test.sh [pytest args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+[ -x /usr/bin/storescu ] || need_apt+=(dcmtk)
+[ -x /usr/sbin/Orthanc ] || need_apt+=(orthanc)
+command -v dciodvfy >/dev/null 2>&1 || need_apt+=(dicom3tools)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    echo "installing Debian packages: ${need_apt[*]}"
+    $SUDO apt-get update -qq
+    # Orthanc's package would start a system service; the tests start their own.
+    DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+python3 -m pip install -q --disable-pip-version-check -e '.[test]'
+
+set +e
+python3 -m pytest "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+    echo "pytest collected no tests: the test tree is broken" >&2
+    exit 1
+fi
+exit "$rc"
