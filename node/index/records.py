@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from sqlalchemy import bindparam, select
 
@@ -79,8 +79,10 @@ class Recorder:
     transaction fails, in case the cache holds ids of rows rolled back.
     """
 
-    def __init__(self, policy: DuplicatePolicy) -> None:
+    def __init__(self, policy: DuplicatePolicy, file_exists: Callable[[str], bool] | None = None) -> None:
+        """``file_exists(relative_path)`` lets keep_first tell a true duplicate from a lost file."""
         self.policy = policy
+        self.file_exists = file_exists
         self._patients: dict[tuple[str, str], int] = {}
         self._studies: dict[str, int] = {}
         self._series: dict[str, int] = {}
@@ -125,8 +127,9 @@ class Recorder:
             tx.execute(series_add, {"pk": series_fk, "delta": 1, "now": now})
             return RecordOutcome("new", pk)
         old_id, old_path, old_series = row
-        if self.policy == "keep_first":
+        if self.policy == "keep_first" and (self.file_exists is None or self.file_exists(old_path)):
             return RecordOutcome("duplicate", old_id)
+        # overwrite, or keep_first whose first copy is gone: the new copy replaces the row
         values["pk"] = old_id
         tx.execute(tx.prepare("upd_instance", _UPD_INSTANCE, [k for k in values if k != "pk"]), values)
         if old_series != series_fk:  # the same SOP Instance UID moved to another series

@@ -55,7 +55,7 @@ class Ingest:
     ) -> None:
         self.storage = storage
         self.writer = writer
-        self.recorder = Recorder(duplicates)
+        self.recorder = Recorder(duplicates, file_exists=lambda rel: self.storage.absolute(rel).is_file())
         self.min_free_bytes = min_free_bytes
         #: fsyncs release the GIL, so a few threads overlap them with parsing
         #: and with other associations' work.
@@ -164,7 +164,12 @@ class Ingest:
                 ds_inst, peer.calling_ae,
             )  # fmt: skip
         elif outcome.kind == "replaced" and outcome.old_file_path:
-            self.storage.remove(self.storage.absolute(outcome.old_file_path))
-            log.info("duplicate %s from %s: replaced the stored copy (node.duplicates = overwrite)",
-                     ds_inst, peer.calling_ae)  # fmt: skip
+            old = self.storage.absolute(outcome.old_file_path)
+            if old.is_file():
+                self.storage.remove(old)
+                log.info("duplicate %s from %s: replaced the stored copy (node.duplicates = %s)",
+                         ds_inst, peer.calling_ae, self.recorder.policy)  # fmt: skip
+            else:
+                log.warning("%s from %s restores an indexed instance whose file was missing",
+                            ds_inst, peer.calling_ae)  # fmt: skip
         return StoreResult(Status.SUCCESS, outcome=outcome.kind)

@@ -105,8 +105,10 @@ def _adopt(
         meta = read_file_meta_info(path)
         ts = UID(str(meta.TransferSyntaxUID))
         header = read_header(str(path), ts, size, 132 + 12 + int(meta.FileMetaInformationGroupLength))
-        record = to_record(header, file_path=rel, file_size=size, checksum=file_checksum(path),
-                           association_id="recovered")  # fmt: skip
+        record = to_record(
+            header, file_path=rel, file_size=size, checksum=file_checksum(path), association_id="recovered",
+            calling_ae=str(meta.get("SourceApplicationEntityTitle", "") or "").strip(),
+        )  # fmt: skip
         outcome = writer.call(lambda tx: recorder.record(tx, record))
     except Exception as e:  # unreadable: keep the bytes, out of the way
         _quarantine(storage, path, report, f"unreadable ({e})")

@@ -349,7 +349,7 @@ def test_recovery_indexes_a_stored_file_whose_row_is_missing(node, tmp_path: Pat
     assert storage_relpaths(node) == {r["file_path"] for r in after.values()}
 
 
-@pytest.mark.xfail(strict=True, reason="node bug: recovery drops calling_ae although File Meta (0002,0016) has it")
+
 def test_recovered_row_keeps_the_calling_ae_title(node, tmp_path: Path):
     node.start()
     src = send_five(node, tmp_path)
@@ -400,8 +400,6 @@ def test_row_whose_file_is_missing_is_reported_and_node_starts(node, tmp_path: P
     assert count_instances(node) == 7
 
 
-@pytest.mark.xfail(strict=True, reason="node bug: keep_first treats a re-sent instance whose file is lost as a "
-                                       "duplicate, answers Success and discards the only good copy")  # fmt: skip
 def test_resending_an_instance_whose_file_is_lost_restores_it(node, tmp_path: Path):
     node.start()
     src = send_five(node, tmp_path)
