@@ -50,9 +50,9 @@ def wait_for_echo(port: int, ae: str = "DICOM_NODE", timeout: float = 30.0, proc
             raise RuntimeError(f"process exited with {proc.returncode} before answering C-ECHO")
         r = subprocess.run(
             [dcmtk("echoscu"), "-to", "2", "-aec", ae, "127.0.0.1", str(port)],
-            capture_output=True, env=PEER_ENV,
+            capture_output=True, env=PEER_ENV, text=True,
         )  # fmt: skip
-        if r.returncode == 0:
+        if r.returncode == 0 or "Association Rejected" in r.stderr:  # answering (an allowlist may refuse us)
             return
         time.sleep(0.2)
     raise TimeoutError(f"nothing answered C-ECHO on port {port} within {timeout} s")

@@ -21,6 +21,7 @@ import sqlite3
 import subprocess
 import time
 import warnings
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,8 +108,10 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.02) -> 
 def count_instances(node: NodeProcess) -> int:
     try:
         return node.query("select count(*) from instance")[0][0]
-    except sqlite3.OperationalError:  # schema not created yet
-        return 0
+    except sqlite3.OperationalError as e:
+        if "no such table" in str(e):  # the node has not created its schema yet
+            return 0
+        raise
 
 
 def check_log(text: str) -> None:
@@ -123,7 +126,7 @@ def source_index(files: list[Path]) -> dict[str, Path]:
 
 
 def instance_rows(node: NodeProcess) -> dict[str, dict]:
-    with node.db() as c:
+    with closing(node.db()) as c:
         c.row_factory = sqlite3.Row
         return {r["sop_instance_uid"]: dict(r) for r in c.execute("select * from instance")}
 
@@ -218,6 +221,7 @@ def test_eight_concurrent_associations_of_200_instances(node, tmp_path: Path):
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_kill9_during_four_associations_then_recovery(node, tmp_path: Path):
+    """kill -9 while 4 associations stream: nothing acknowledged is lost, storage and index agree."""
     senders = [
         Sender(f"CRASH{i}", make_ct_series(tmp_path / f"src{i}", 200, 128, 128, seed=100 + i),
                tmp_path / f"storescu{i}.log")  # fmt: skip
@@ -297,8 +301,9 @@ def test_kill9_during_four_associations_then_recovery(node, tmp_path: Path):
     for i, s in enumerate(senders):
         todo = [f for f in s.files if f not in acknowledged]
         if todo:
-            r = storescu(node.port, todo, aet=f"RETRY{i}", timeout=120)
-            assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+            r = storescu(node.port, todo, "-v", aet=f"RETRY{i}", timeout=120)
+            assert r.returncode == 0, r.stderr[-3000:]
+            assert parse_storescu_successes(r.stderr) == set(todo), r.stderr[-3000:]
     assert count_instances(node) == total
     assert sorted(c for (c,) in node.query("select instance_count from series")) == [200] * 4
     assert len(node.stored_files()) == total
@@ -318,7 +323,7 @@ _ROW_COLUMNS_FROM_DATA = (
 
 def _lose_row(node: NodeProcess, uid: str) -> None:
     """What a crash between rename and commit leaves: the file, but neither the row nor its count."""
-    with node.db() as c:
+    with closing(node.db()) as c, c:
         (series_fk,) = c.execute("select series_fk from instance where sop_instance_uid = ?", (uid,)).fetchone()
         assert c.execute("delete from instance where sop_instance_uid = ?", (uid,)).rowcount == 1
         c.execute("update series set instance_count = instance_count - 1 where id = ?", (series_fk,))
@@ -326,6 +331,7 @@ def _lose_row(node: NodeProcess, uid: str) -> None:
 
 
 def test_recovery_indexes_a_stored_file_whose_row_is_missing(node, tmp_path: Path):
+    """A file renamed into place whose row never committed is indexed at start, as if received."""
     node.start()
     src = send_five(node, tmp_path)
     uid = sorted(src)[2]
@@ -349,8 +355,8 @@ def test_recovery_indexes_a_stored_file_whose_row_is_missing(node, tmp_path: Pat
     assert storage_relpaths(node) == {r["file_path"] for r in after.values()}
 
 
-
 def test_recovered_row_keeps_the_calling_ae_title(node, tmp_path: Path):
+    """Rules match on calling AE titles; the stored File Meta keeps it, so recovery can too."""
     node.start()
     src = send_five(node, tmp_path)
     uid = sorted(src)[0]
@@ -360,10 +366,14 @@ def test_recovered_row_keeps_the_calling_ae_title(node, tmp_path: Path):
     assert instance_rows(node)[uid]["calling_ae"] == "STORESCU"
 
 
-def test_leftover_temp_file_is_removed_at_start(node, tmp_path: Path):
+@pytest.mark.parametrize("clean_stop", [True, False], ids=["after-clean-stop", "after-crash"])
+def test_leftover_temp_file_is_removed_at_start(node, tmp_path: Path, clean_stop: bool):
+    """A half-received data set never survives a start, whether or not the last stop was clean."""
     node.start()
     src = send_five(node, tmp_path)
     stop_cleanly(node)
+    if not clean_stop:
+        (node.data_dir / CLEAN_MARKER).unlink()
     junk = node.data_dir / "tmp" / "rx-junk.part"
     junk.write_bytes(b"\x00" * 128 + b"DICM" + os.urandom(1000))
 
@@ -373,13 +383,15 @@ def test_leftover_temp_file_is_removed_at_start(node, tmp_path: Path):
     assert not junk.exists()
     assert node.temp_files() == []
     assert "removed 1 incomplete temporary file" in log, log
-    assert "did not stop cleanly" not in log, "a clean stop must not cause a full scan"
+    assert ("did not stop cleanly" in log) is (not clean_stop), "full scan exactly when the last stop was not clean"
+    assert quarantined(node) == []
     rows = instance_rows(node)
     assert set(rows) == set(src)
     assert all((node.data_dir / r["file_path"]).is_file() for r in rows.values())
 
 
 def test_row_whose_file_is_missing_is_reported_and_node_starts(node, tmp_path: Path):
+    """A lost file is named in the log (by SOP Instance UID) and does not stop the node from starting."""
     node.start()
     src = send_five(node, tmp_path)
     uid = sorted(src)[1]
@@ -401,6 +413,7 @@ def test_row_whose_file_is_missing_is_reported_and_node_starts(node, tmp_path: P
 
 
 def test_resending_an_instance_whose_file_is_lost_restores_it(node, tmp_path: Path):
+    """After recovery reported a lost file, the PACS re-sends it: the node must keep that copy."""
     node.start()
     src = send_five(node, tmp_path)
     uid = sorted(src)[1]
@@ -420,11 +433,13 @@ def test_resending_an_instance_whose_file_is_lost_restores_it(node, tmp_path: Pa
 #: Installed as ``sitecustomize`` in the node process only (PYTHONPATH), it wraps the os calls the
 #: write path uses and, just before each C-STORE-RSP leaves the socket, checks the instance it
 #: acknowledges: data synced before the rename, the directory synced after it, any directory the
-#: node created made durable, and the index row committed (visible to another connection).
+#: node created made durable, and the index row committed (visible to another connection). Every
+#: sync is slowed down by 50 ms, so a Success that races a sync instead of waiting for it loses.
 AUDIT_SHIM = r'''
-import json, os, socket, sqlite3, threading
+import json, os, socket, sqlite3, threading, time
 
 _OUT = os.environ["DICOM_NODE_TEST_AUDIT"]
+_DELAY = float(os.environ.get("DICOM_NODE_TEST_SYNC_DELAY", "0.05"))
 _DATA = os.path.realpath(os.environ["DICOM_NODE_TEST_DATA_DIR"])
 _STORAGE = os.path.join(_DATA, "storage")
 _lock = threading.Lock()
@@ -451,6 +466,7 @@ def _wrap_sync(orig):
             path = None
         is_dir = path is not None and os.path.isdir(path)
         start = _tick()
+        time.sleep(_DELAY)  # a slow disk: any Success that does not wait for this now shows up
         result = orig(fd)
         if path is not None:
             with _lock:
