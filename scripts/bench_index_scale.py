@@ -276,13 +276,30 @@ def cached_index(workdir: Path, args: argparse.Namespace) -> tuple[Path, str]:
     return path, head
 
 
-def copy_index(src: Path, data_dir: Path) -> float:
-    """Copy the cached index into a fresh data dir (fsync'ed, so its write-back
-    does not compete with the node's fsyncs during the timed transfer)."""
+def copy_index(src: Path, data_dir: Path, mode: str = "pages") -> float:
+    """Copy the cached index into a fresh data dir, fsync'ed so its write-back
+    does not compete with the node's fsyncs during the timed transfer.
+
+    ``mode="pages"`` writes the copy in 4 KiB pages, leaving it in the page
+    cache as if SQLite had written it itself.  ``mode="bulk"`` uses
+    ``shutil.copyfile`` (copy_file_range): on kernels with large page-cache
+    folios (ext4 on Linux >= 6.x) the copy then sits in large folios, and
+    every random 4 KiB page a WAL checkpoint writes back dirties a whole
+    folio, multiplying the bytes written to disk several times over.  That
+    is an artefact of how the file entered the cache, not of the index size,
+    so it is not the default; ``--copy-mode bulk`` shows it.
+    """
     t0 = time.perf_counter()
     data_dir.mkdir(parents=True, exist_ok=True)
     dst = data_dir / "index.sqlite"
-    shutil.copyfile(src, dst)
+    if mode == "bulk":
+        shutil.copyfile(src, dst)
+    else:
+        with open(src, "rb", buffering=0) as fin, open(dst, "wb", buffering=0) as fout:
+            while chunk := fin.read(1 << 20):
+                view = memoryview(chunk)
+                for off in range(0, len(view), 4096):
+                    fout.write(view[off:off + 4096])
     fd = os.open(dst, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -348,6 +365,12 @@ class RunResult:
     copy_s: float
     ok: bool
     error: str = ""
+    #: Node CPU time (user+system) and bytes written to storage (files, WAL,
+    #: database) per timed instance: far less sensitive than the rate to other
+    #: load on a shared machine, and they say where a slowdown comes from.
+    cpu_ms_per_inst: float = 0.0
+    write_kib_per_inst: float = 0.0
+    loadavg_1min: float = 0.0
 
 
 @dataclass
@@ -357,6 +380,22 @@ class Cell:
     def median(self, attr: str) -> float | None:
         vals = [getattr(r, attr) for r in self.runs if r.ok]
         return statistics.median(vals) if vals else None
+
+
+def proc_usage(pid: int) -> tuple[float, int]:
+    """(CPU seconds user+system, bytes written to the storage layer) of ``pid`` so far."""
+    with open(f"/proc/{pid}/stat") as fp:
+        fields = fp.read().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    written = 0
+    try:
+        with open(f"/proc/{pid}/io") as fp:
+            for line in fp:
+                if line.startswith("write_bytes:"):
+                    written = int(line.split()[1])
+    except OSError:
+        pass
+    return cpu, written
 
 
 def index_counts(db: Path, series_uids: list[str]) -> tuple[int, list[int]]:
@@ -387,11 +426,13 @@ def run_cell(
     args: argparse.Namespace,
 ) -> RunResult:
     rmtree_quiet(cell_dir)
-    copy_s = copy_index(prefilled, cell_dir / "node-data") if prefilled is not None else 0.0
+    copy_s = copy_index(prefilled, cell_dir / "node-data", args.copy_mode) if prefilled is not None else 0.0
     recv = NodeReceiver(pg)
 
     def fail(msg: str) -> RunResult:
         return RunResult(kind, rows_before, streams, 0, 0, 0, 0, copy_s, False, msg)
+
+    load = os.getloadavg()[0]
 
     t0 = time.perf_counter()
     try:
@@ -404,12 +445,15 @@ def run_cell(
                                timeout=args.send_timeout)
         if not w.ok:
             return fail("warm-up failed: " + "; ".join(w.errors))
+        assert recv.proc is not None
+        cpu0, wr0 = proc_usage(recv.proc.pid)
         res = send_with_storescu(pg, files, recv.port, recv.ae_title, streams, cell_dir / "send",
                                  timeout=args.send_timeout)
         expected = len(warmup) + len(files)
         wait_until(lambda: recv.stored_count() >= expected, args.settle, interval=0.1)
         stored_files = recv.stored_count()
         alive = recv.alive()
+        cpu1, wr1 = proc_usage(recv.proc.pid) if alive else (cpu0, wr0)
     finally:
         recv.stop()
     errors = list(res.errors)
@@ -426,7 +470,8 @@ def run_cell(
         log(f"node log tail:\n{tail(recv.log_path, 15)}")
     return RunResult(kind, rows_before, streams, round(res.elapsed_s, 3), len(files) / res.elapsed_s,
                      nbytes / res.elapsed_s / 1e6, round(startup, 2), round(copy_s, 2), not errors,
-                     "; ".join(errors))  # fmt: skip
+                     "; ".join(errors), round((cpu1 - cpu0) * 1000 / len(files), 3),
+                     round((wr1 - wr0) / 1024 / len(files), 1), round(load, 2))  # fmt: skip
 
 
 # --------------------------------------------------------------------------
@@ -449,6 +494,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="cache of pre-filled indexes and run directories (kept between runs)")
     p.add_argument("--rebuild", action="store_true", help="rebuild the cached pre-filled index")
     p.add_argument("--keep", action="store_true", help="keep every run's data dir and logs")
+    p.add_argument("--copy-mode", choices=("pages", "bulk"), default="pages",
+                   help="how the pre-filled index is copied into each run's data dir (see copy_index)")
     p.add_argument("--target", type=float, default=0.90, help="minimum acceptable rate ratio prefilled/empty")
     p.add_argument("--json", metavar="OUT", type=Path, help="write all results as JSON here")
     p.add_argument("--settle", type=float, default=30.0, help="max seconds to wait for the stored count")
@@ -509,7 +556,8 @@ def main(argv: list[str] | None = None) -> int:
                         label = f"rep {rep + 1}/{args.repeat} {kind:9s} ({rows_before:,} rows) streams={streams}"
                         if run.ok:
                             log(f"{label}: {run.inst_per_s:7.1f} inst/s {run.mb_per_s:6.1f} MB/s "
-                                f"({run.elapsed_s:.2f}s; node start-up {run.startup_s:.2f}s"
+                                f"cpu {run.cpu_ms_per_inst:.2f} ms/inst, writes {run.write_kib_per_inst:.0f} KiB/inst "
+                                f"({run.elapsed_s:.2f}s; load {run.loadavg_1min:.2f}; node start-up {run.startup_s:.2f}s"
                                 + (f", index copy {run.copy_s:.1f}s" if run.copy_s else "") + ")")
                             if not args.keep:
                                 rmtree_quiet(cell_dir)
@@ -534,7 +582,8 @@ def main(argv: list[str] | None = None) -> int:
           f"({args.per_study} per study, {args.per_series} per series), "
           f"{prefilled.stat().st_size / 1e6:.0f} MB; median of {args.repeat} run(s)")
     print()
-    header = ["index", "streams", "inst/s", "MB/s", "elapsed s", "start-up s"]
+    header = ["index", "streams", "inst/s", "MB/s", "elapsed s", "node CPU ms/inst", "writes KiB/inst",
+              "start-up s"]
     table: list[list[str]] = []
     for streams in args.stream_list:
         for kind, rows_before, _src in (("empty", 0, None), ("prefilled", args.rows, None)):
@@ -545,6 +594,8 @@ def main(argv: list[str] | None = None) -> int:
                 "FAILED" if rate is None else f"{rate:.1f}",
                 "-" if rate is None else f"{cell.median('mb_per_s'):.2f}",
                 "-" if rate is None else f"{cell.median('elapsed_s'):.2f}",
+                "-" if rate is None else f"{cell.median('cpu_ms_per_inst'):.2f}",
+                "-" if rate is None else f"{cell.median('write_kib_per_inst'):.0f}",
                 "-" if rate is None else f"{cell.median('startup_s'):.2f}",
             ])  # fmt: skip
     widths = [max(len(h), *(len(r[i]) for r in table)) for i, h in enumerate(header)]
@@ -567,8 +618,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             verdict = "ok" if ratios[streams] >= args.target else "BELOW TARGET"
             below |= ratios[streams] < args.target
+            ca = results[("prefilled", streams)].median("cpu_ms_per_inst")
+            cb = results[("empty", streams)].median("cpu_ms_per_inst")
+            cpu = f"; node CPU per instance x{ca / cb:.2f}" if ca and cb else ""
             print(f"ratio prefilled/empty, {streams} stream(s): {ratios[streams]:.2f} "
-                  f"(target >= {args.target:.2f}: {verdict})")
+                  f"(target >= {args.target:.2f}: {verdict}){cpu}")
     print()
     print(f"Write-path query plans (node/index/records.py) on the {args.rows:,}-row index:")
     scans = []
@@ -586,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": machine, "versions": versions, "schema": head,
             "settings": {"rows": args.rows, "count": args.count, "streams": args.stream_list,
                          "repeat": args.repeat, "per_study": args.per_study, "per_series": args.per_series,
-                         "target": args.target},
+                         "target": args.target, "copy_mode": args.copy_mode},
             "runs": [asdict(r) for cell in results.values() for r in cell.runs],
             "ratios": {str(k): v for k, v in ratios.items()},
             "plans": [{"name": n, "sql": s, "plan": p} for n, s, p in plans],

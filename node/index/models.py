@@ -25,8 +25,17 @@ class Base(DeclarativeBase):
 
 
 class Patient(Base):
+    """A patient as the data sets describe them.
+
+    Identity is (Patient ID, Issuer, Name, Birth Date) as sent: many test and
+    anonymised data sets share an empty or constant Patient ID, and merging
+    them by ID alone would show one patient's name on another's study.
+    """
+
     __tablename__ = "patient"
-    __table_args__ = (UniqueConstraint("patient_id", "issuer_of_patient_id", name="uq_patient_identity"),)
+    __table_args__ = (
+        UniqueConstraint("patient_id", "issuer_of_patient_id", "patient_name", "birth_date", name="uq_patient_identity"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     patient_id: Mapped[str] = mapped_column(String(128), default="")

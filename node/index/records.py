@@ -48,6 +48,8 @@ _instance = Instance.__table__
 _SEL_PATIENT = select(_patient.c.id).where(
     _patient.c.patient_id == bindparam("patient_id"),
     _patient.c.issuer_of_patient_id == bindparam("issuer_of_patient_id"),
+    _patient.c.patient_name == bindparam("patient_name"),
+    _patient.c.birth_date == bindparam("birth_date"),
 )
 _INS_PATIENT = _patient.insert().returning(_patient.c.id)
 _SEL_STUDY = select(_study.c.id).where(_study.c.study_instance_uid == bindparam("uid"))
@@ -83,7 +85,7 @@ class Recorder:
         """``file_exists(relative_path)`` lets keep_first tell a true duplicate from a lost file."""
         self.policy = policy
         self.file_exists = file_exists
-        self._patients: dict[tuple[str, str], int] = {}
+        self._patients: dict[tuple[str, str, str, str], int] = {}
         self._studies: dict[str, int] = {}
         self._series: dict[str, int] = {}
 
@@ -94,7 +96,8 @@ class Recorder:
 
     def record(self, tx: Tx, rec: InstanceRecord) -> RecordOutcome:
         now = rec.received_at
-        key = (rec.patient["patient_id"], rec.patient["issuer_of_patient_id"])
+        p = rec.patient
+        key = (p["patient_id"], p["issuer_of_patient_id"], p["patient_name"], p["birth_date"])
         patient_fk = self._patients.get(key)
         if patient_fk is None:
             patient_fk = tx.scalar(tx.prepare("sel_patient", _SEL_PATIENT), rec.patient)

@@ -127,9 +127,13 @@ class Ingest:
                 f"SOP Instance UID in the data set ({ds_inst or 'missing'}) differs from the request "
                 f"({sop_instance_uid})",
             )
-        for kw in ("StudyInstanceUID", "SeriesInstanceUID"):
-            if not header.text(kw):
-                raise Rejected(Status.DATASET_MISMATCH, f"the data set has no {kw}, so it cannot be filed")
+        # Without a Study/Series Instance UID (Type 1 in every IOD) the instance
+        # does not conform, but its bytes are intact: store it and say so
+        # (0xB007) rather than lose it; the index files it under an empty UID.
+        missing = [kw for kw in ("StudyInstanceUID", "SeriesInstanceUID") if not header.text(kw)]
+        warning = ""
+        if missing:
+            warning = f"stored, but the data set has no {' or '.join(missing)} (Type 1)"
 
         final = self.storage.path_for(ds_inst)
         relative = self.storage.relative(final)
@@ -172,4 +176,7 @@ class Ingest:
             else:
                 log.warning("%s from %s restores an indexed instance whose file was missing",
                             ds_inst, peer.calling_ae)  # fmt: skip
+        if warning:
+            log.warning("stored %s from %s with warning 0xB007: %s", ds_inst, peer.calling_ae, warning)
+            return StoreResult(Status.STORED_NONCONFORMANT, warning, outcome=outcome.kind)
         return StoreResult(Status.SUCCESS, outcome=outcome.kind)

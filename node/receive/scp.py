@@ -15,7 +15,7 @@ from pydicom.uid import UID, AllTransferSyntaxes
 from node import __version__
 from node.config import Config
 from node.receive.ingest import Ingest, Peer
-from node.receive.status import Status
+from node.receive.status import is_stored
 from node.receive.ul import Acceptor, AcceptorSettings, AssociationInfo, StoreRequest
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ class StorageSCP:
             peer=Peer(assoc.calling_ae, assoc.called_ae, assoc.address, assoc.id),
         )
         with self._lock:
-            if result.status == Status.SUCCESS:
+            if is_stored(result.status):
                 if result.outcome == "duplicate":
                     assoc.duplicates += 1
                     self.totals["duplicates"] += 1

@@ -471,7 +471,7 @@ class Association(threading.Thread):
         status, comment = self.handlers.store(info, StoreRequest(cmd, ts, abstract, rx))
         rsp = dimse.encode_response(
             dimse.C_STORE_RSP, cmd.message_id, status, cmd.affected_sop_class_uid,
-            cmd.affected_sop_instance_uid, comment if status else "",
+            cmd.affected_sop_instance_uid, comment if status else "",  # warnings carry their reason too
         )  # fmt: skip
         self._conn_send(_pdata(cx_id, rsp))
 

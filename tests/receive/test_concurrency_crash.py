@@ -434,7 +434,8 @@ def test_resending_an_instance_whose_file_is_lost_restores_it(node, tmp_path: Pa
 #: write path uses and, just before each C-STORE-RSP leaves the socket, checks the instance it
 #: acknowledges: data synced before the rename, the directory synced after it, any directory the
 #: node created made durable, and the index row committed (visible to another connection). Every
-#: sync is slowed down by 50 ms, so a Success that races a sync instead of waiting for it loses.
+#: sync and every SQLite commit is slowed down by 50 ms, so a Success that races one of them
+#: instead of waiting for it loses the race every time.
 AUDIT_SHIM = r'''
 import json, os, socket, sqlite3, threading, time
 
@@ -530,7 +531,7 @@ def _store_response(data):
 def _audit(status, uid):
     problems = []
     if status == 0:
-        con = sqlite3.connect(f"file:{_DATA}/index.sqlite?mode=ro", uri=True, timeout=10)
+        con = _orig_connect(f"file:{_DATA}/index.sqlite?mode=ro", uri=True, timeout=10)
         try:
             row = con.execute("select file_path from instance where sop_instance_uid = ?", (uid,)).fetchone()
         finally:
@@ -560,6 +561,19 @@ def _audit(status, uid):
                     problems.append(f"directory {d} was created but its parent not synced since")
                 d = os.path.dirname(d)
     _write({"uid": uid, "status": status, "problems": problems})
+
+_orig_connect = sqlite3.connect
+
+class _SlowCommitConnection(sqlite3.Connection):
+    def commit(self):
+        time.sleep(_DELAY)
+        return super().commit()
+
+def _connect(*args, **kwargs):
+    kwargs.setdefault("factory", _SlowCommitConnection)
+    return _orig_connect(*args, **kwargs)
+
+sqlite3.connect = sqlite3.dbapi2.connect = _connect
 
 _orig_sendall = socket.socket.sendall
 def _sendall(self, data, *args):

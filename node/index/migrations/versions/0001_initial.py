@@ -25,7 +25,7 @@ def upgrade() -> None:
     sa.Column('sex', sa.String(length=16), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('id'),
-    sa.UniqueConstraint('patient_id', 'issuer_of_patient_id', name='uq_patient_identity')
+    sa.UniqueConstraint('patient_id', 'issuer_of_patient_id', 'patient_name', 'birth_date', name='uq_patient_identity')
     )
     op.create_table('study',
     sa.Column('id', sa.Integer(), nullable=False),
