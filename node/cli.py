@@ -21,7 +21,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 console = Console(stderr=True)
-out = Console()
+# Piped output (logs, scripts, tests) gets wide lines instead of truncated names.
+out = Console() if sys.stdout.isatty() else Console(width=200)
 
 ConfigOption = typer.Option(None, "--config", "-c", help="TOML config file (default: config/node.toml if present).")
 
