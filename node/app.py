@@ -48,12 +48,17 @@ class Node:
 
     def stop(self) -> None:
         log.info("stopping: finishing open associations")
+        clean = True
         if self.scp is not None:
-            self.scp.stop()
-        self.writer.stop()
+            clean = self.scp.stop()
+        clean = self.writer.stop() and clean
         self.engine.dispose()
-        mark_clean(self.storage)
-        log.info("stopped cleanly")
+        if clean:
+            mark_clean(self.storage)
+            log.info("stopped cleanly")
+        else:
+            # Something may have been stored but not indexed: the next start scans.
+            log.warning("stopped, but not cleanly (associations aborted or index writes unfinished)")
 
     def run_forever(self) -> None:
         """Run until SIGINT/SIGTERM, then stop cleanly."""

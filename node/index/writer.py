@@ -73,11 +73,14 @@ class IndexWriter:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30) -> bool:
+        """Finish queued work and stop; ``False`` if the thread did not finish in time."""
         if not self._stopped:
             self._stopped = True
             self._queue.put(None)
-            self._thread.join(timeout=30)
+        if self._thread.is_alive():
+            self._thread.join(timeout=timeout)
+        return not self._thread.is_alive()
 
     def submit(self, work: Work) -> Future:
         fut: Future = Future()

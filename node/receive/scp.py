@@ -172,6 +172,9 @@ class StorageSCP:
     def port(self) -> int:
         return self.acceptor.port
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop accepting, let in-flight associations finish (bounded), then abort the rest."""
-        self.acceptor.stop(timeout)
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Stop accepting, let in-flight associations finish (bounded), then abort the rest.
+
+        Returns ``True`` if no association had to be aborted.
+        """
+        return self.acceptor.stop(timeout)

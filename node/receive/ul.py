@@ -545,8 +545,11 @@ class Acceptor:
         with self._lock:
             return len(self._admitted)
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop accepting; give open associations ``timeout`` seconds to finish, then abort them."""
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Stop accepting; give open associations ``timeout`` seconds to finish, then abort them.
+
+        Returns ``True`` if every association ended by itself (nothing was aborted).
+        """
         self._stopping.set()
         if self._sock is not None:
             self._sock.close()
@@ -565,3 +568,4 @@ class Acceptor:
             a.abort()
         for a in left:
             a.join(5)
+        return not left

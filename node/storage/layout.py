@@ -20,6 +20,7 @@ import hashlib
 import os
 import secrets
 import shutil
+import threading
 from pathlib import Path
 
 STORAGE_DIR = "storage"
@@ -36,14 +37,16 @@ class Storage:
         self.files = self.root / STORAGE_DIR
         self.tmp = self.root / TMP_DIR
         self.quarantine = self.root / QUARANTINE_DIR
-        #: Leaf directories known to exist (at most 65,536), to save a stat per instance.
+        #: Leaf directories known to exist durably (at most 65,536), to save a stat per instance.
         self._dirs: set[Path] = set()
+        self._dirs_lock = threading.Lock()
 
     def prepare(self) -> bool:
         """Create the directories; returns True when the data directory is new."""
         new = not self.files.exists()
         for d in (self.root, self.files, self.tmp, self.quarantine):
             d.mkdir(parents=True, exist_ok=True)
+        _fsync_dir(self.root)
         return new
 
     def path_for(self, sop_instance_uid: str) -> Path:
@@ -72,11 +75,15 @@ class Storage:
         """
         parent = final.parent
         if parent not in self._dirs:
-            if not parent.is_dir():
-                parent.mkdir(parents=True, exist_ok=True)
-                _fsync_dir(parent.parent)
-                _fsync_dir(parent.parent.parent)
-            self._dirs.add(parent)
+            # Whoever created the directory, its entry must be durable before a
+            # rename into it is acknowledged; the lock makes a second thread wait
+            # for the first one's parent fsyncs instead of racing past them.
+            with self._dirs_lock:
+                if parent not in self._dirs:
+                    parent.mkdir(parents=True, exist_ok=True)
+                    _fsync_dir(parent.parent)
+                    _fsync_dir(parent.parent.parent)
+                    self._dirs.add(parent)
         os.rename(temp_path, final)
 
     @staticmethod
@@ -103,6 +110,11 @@ class Storage:
             for name in names:
                 if name.endswith(SUFFIX):
                     yield Path(dirpath) / name
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the entries of directory ``path`` durable."""
+    _fsync_dir(path)
 
 
 def _fsync_dir(path: Path) -> None:

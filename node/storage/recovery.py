@@ -26,7 +26,7 @@ from node.index.records import Recorder
 from node.index.writer import IndexWriter
 from node.receive.parse import read_header, to_record
 from node.receive.rxfile import file_checksum
-from node.storage.layout import Storage
+from node.storage.layout import Storage, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,13 @@ class RecoveryReport:
 
 
 def mark_clean(storage: Storage) -> None:
-    (storage.root / CLEAN_MARKER).write_text("dicom-node stopped cleanly\n")
+    """Record a clean stop durably (file and directory entry), so the next start may skip the scan."""
+    path = storage.root / CLEAN_MARKER
+    with open(path, "w") as fp:
+        fp.write("dicom-node stopped cleanly\n")
+        fp.flush()
+        os.fsync(fp.fileno())
+    fsync_dir(storage.root)
 
 
 def recover(
@@ -61,7 +67,10 @@ def recover(
     marker = storage.root / CLEAN_MARKER
     clean = marker.exists()
     if clean:
+        # Durably gone before we accept anything: a crash from here on must
+        # lead to a full scan at the next start.
         marker.unlink()
+        fsync_dir(storage.root)
     if clean and not force_scan:
         return report
     report.full_scan = True
@@ -109,10 +118,12 @@ def _adopt(
             header, file_path=rel, file_size=size, checksum=file_checksum(path), association_id="recovered",
             calling_ae=str(meta.get("SourceApplicationEntityTitle", "") or "").strip(),
         )  # fmt: skip
-        outcome = writer.call(lambda tx: recorder.record(tx, record))
     except Exception as e:  # unreadable: keep the bytes, out of the way
         _quarantine(storage, path, report, f"unreadable ({e})")
         return
+    # An index failure here is not the file's fault: it propagates and stops
+    # the start-up with the reason, leaving the file where it is.
+    outcome = writer.call(lambda tx: recorder.record(tx, record))
     if outcome.kind == "new":
         report.indexed.append(record.sop_instance_uid)
         log.warning("recovery: indexed %s (%s), stored before a crash but not yet indexed", record.sop_instance_uid, rel)
