@@ -54,104 +54,82 @@ def read_raw_header(
         if size <= offset:
             raise HeaderError("empty data set")
         with mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            return _walk(m, offset, size, implicit, little_endian, wanted)
+            return _Walker(m, size, implicit, little_endian).top_level(offset, wanted)
 
 
-def _walk(m: mmap.mmap, pos: int, end: int, implicit: bool, little: bool, wanted: frozenset[int]) -> RawHeader:
-    e = "<" if little else ">"
-    tag_fmt = struct.Struct(e + "HH")
-    u32 = struct.Struct(e + "L")
-    u16 = struct.Struct(e + "H")
-    out = RawHeader(little_endian=little, implicit=implicit)
-    while pos < end:
-        if pos + 8 > end:
+class _Walker:
+    def __init__(self, m: mmap.mmap, end: int, implicit: bool, little: bool) -> None:
+        e = "<" if little else ">"
+        self.m, self.end, self.implicit, self.little = m, end, implicit, little
+        self.tag_fmt = struct.Struct(e + "HH")
+        self.u32 = struct.Struct(e + "L")
+        self.u16 = struct.Struct(e + "H")
+
+    def element(self, pos: int) -> tuple[int, bytes | None, int, int]:
+        """``(tag, VR or None, length, value offset)`` of the element header at ``pos``."""
+        if pos + 8 > self.end:
             raise HeaderError(f"the data set ends inside an element header at byte {pos}")
-        group, elem = tag_fmt.unpack_from(m, pos)
+        group, elem = self.tag_fmt.unpack_from(self.m, pos)
         tag = (group << 16) | elem
-        if implicit:
-            vr = None
-            (length,) = u32.unpack_from(m, pos + 4)
-            value_at = pos + 8
-        else:
-            vr = m[pos + 4 : pos + 6]
-            if vr not in VALID_VRS:
-                raise HeaderError(f"({group:04X},{elem:04X}) has VR bytes {vr!r}: not explicit VR")
-            if vr in LONG_VRS:
-                if pos + 12 > end:
-                    raise HeaderError("the data set ends inside an element header")
-                (length,) = u32.unpack_from(m, pos + 8)
-                value_at = pos + 12
-            else:
-                (length,) = u16.unpack_from(m, pos + 6)
-                value_at = pos + 8
-        if tag in PIXEL_TAGS:
-            out.pixel_tag, out.pixel_vr, out.pixel_length, out.pixel_value_at = tag, vr, length, value_at
-            return out
-        if length == UNDEFINED:
-            if not implicit and vr not in (b"SQ", b"UN"):
-                raise HeaderError(f"({group:04X},{elem:04X}) {vr!r} has undefined length")
-            pos = _skip_sequence(m, value_at, end, tag_fmt, u32, implicit, little, 0)
-            continue
-        if value_at + length > end:
-            raise HeaderError(
-                f"the data set ends inside element ({group:04X},{elem:04X}) (declared length {length})"
-            )
-        if tag in wanted:
-            out.values[tag] = (vr, m[value_at : value_at + length])
-        pos = value_at + length
-    return out
+        if self.implicit or group == 0xFFFE:  # items and delimiters have no VR in any syntax
+            return tag, None, self.u32.unpack_from(self.m, pos + 4)[0], pos + 8
+        vr = self.m[pos + 4 : pos + 6]
+        if vr not in VALID_VRS:
+            raise HeaderError(f"({group:04X},{elem:04X}) has VR bytes {vr!r}: not explicit VR")
+        if vr in LONG_VRS:
+            if pos + 12 > self.end:
+                raise HeaderError("the data set ends inside an element header")
+            return tag, vr, self.u32.unpack_from(self.m, pos + 8)[0], pos + 12
+        return tag, vr, self.u16.unpack_from(self.m, pos + 6)[0], pos + 8
 
+    def top_level(self, pos: int, wanted: frozenset[int]) -> RawHeader:
+        out = RawHeader(little_endian=self.little, implicit=self.implicit)
+        while pos < self.end:
+            tag, vr, length, value_at = self.element(pos)
+            if tag in PIXEL_TAGS:
+                out.pixel_tag, out.pixel_vr, out.pixel_length, out.pixel_value_at = tag, vr, length, value_at
+                return out
+            if length == UNDEFINED:
+                if vr is not None and vr not in (b"SQ", b"UN"):
+                    raise HeaderError(f"({tag >> 16:04X},{tag & 0xFFFF:04X}) {vr!r} has undefined length")
+                pos = self.skip_sequence(value_at, 0)
+                continue
+            if value_at + length > self.end:
+                raise HeaderError(
+                    f"the data set ends inside element ({tag >> 16:04X},{tag & 0xFFFF:04X}) "
+                    f"(declared length {length})"
+                )
+            if tag in wanted:
+                out.values[tag] = (vr, self.m[value_at : value_at + length])
+            pos = value_at + length
+        return out
 
-def _skip_sequence(m, pos, end, tag_fmt, u32, implicit, little, depth) -> int:  # type: ignore[no-untyped-def]
-    """Skip an undefined-length sequence's items; return the position after its delimiter."""
-    if depth > 32:
-        raise HeaderError("sequences nested deeper than 32 levels")
-    while True:
-        if pos + 8 > end:
-            raise HeaderError("the data set ends inside a sequence")
-        group, elem = tag_fmt.unpack_from(m, pos)
-        tag = (group << 16) | elem
-        (length,) = u32.unpack_from(m, pos + 4)
-        pos += 8
-        if tag == SEQ_END:
-            return pos
-        if tag != ITEM:
-            raise HeaderError(f"({group:04X},{elem:04X}) where a sequence item belongs")
-        if length != UNDEFINED:
-            if pos + length > end:
+    def skip_sequence(self, pos: int, depth: int) -> int:
+        """Skip an undefined-length sequence's items; return the position after its delimiter."""
+        if depth > 32:
+            raise HeaderError("sequences nested deeper than 32 levels")
+        while True:
+            tag, _vr, length, pos = self.element(pos)
+            if tag == SEQ_END:
+                return pos
+            if tag != ITEM:
+                raise HeaderError(f"({tag >> 16:04X},{tag & 0xFFFF:04X}) where a sequence item belongs")
+            if length == UNDEFINED:
+                pos = self.skip_item(pos, depth)
+            elif pos + length > self.end:
                 raise HeaderError("the data set ends inside a sequence item")
-            pos += length
-            continue
-        pos = _skip_item(m, pos, end, tag_fmt, u32, implicit, little, depth)
-
-
-def _skip_item(m, pos, end, tag_fmt, u32, implicit, little, depth) -> int:  # type: ignore[no-untyped-def]
-    """Skip the elements of an undefined-length item; return the position after its delimiter."""
-    u16 = struct.Struct(("<" if little else ">") + "H")
-    while True:
-        if pos + 8 > end:
-            raise HeaderError("the data set ends inside a sequence item")
-        group, elem = tag_fmt.unpack_from(m, pos)
-        tag = (group << 16) | elem
-        if tag == ITEM_END:
-            return pos + 8
-        if implicit:
-            vr = None
-            (length,) = u32.unpack_from(m, pos + 4)
-            value_at = pos + 8
-        else:
-            vr = m[pos + 4 : pos + 6]
-            if vr not in VALID_VRS:
-                raise HeaderError(f"({group:04X},{elem:04X}) in a sequence has VR bytes {vr!r}")
-            if vr in LONG_VRS:
-                (length,) = u32.unpack_from(m, pos + 8)
-                value_at = pos + 12
             else:
-                (length,) = u16.unpack_from(m, pos + 6)
-                value_at = pos + 8
-        if length == UNDEFINED:
-            pos = _skip_sequence(m, value_at, end, tag_fmt, u32, implicit, little, depth + 1)
-            continue
-        if value_at + length > end:
-            raise HeaderError("the data set ends inside an element of a sequence item")
-        pos = value_at + length
+                pos += length
+
+    def skip_item(self, pos: int, depth: int) -> int:
+        """Skip the elements of an undefined-length item; return the position after its delimiter."""
+        while True:
+            tag, _vr, length, value_at = self.element(pos)
+            if tag == ITEM_END:
+                return value_at
+            if length == UNDEFINED:
+                pos = self.skip_sequence(value_at, depth + 1)
+            elif value_at + length > self.end:
+                raise HeaderError("the data set ends inside an element of a sequence item")
+            else:
+                pos = value_at + length
