@@ -6,9 +6,12 @@ import logging
 import signal
 import threading
 
+from sqlalchemy import select
+
 from node import __version__
 from node.config import Config
 from node.index.db import make_engine, migrate, session_factory
+from node.index.models import Instance
 from node.index.writer import IndexWriter
 from node.receive.ingest import Ingest
 from node.receive.scp import StorageSCP
@@ -38,13 +41,18 @@ class Node:
         log.info("dicom-node %s starting (config: %s)", __version__, self.cfg.source)
         log.info("data directory %s, index %s", self.storage.root,
                  self.engine.url.render_as_string(hide_password=True))  # fmt: skip
-        if self.storage.prepare():
-            mark_clean(self.storage)  # nothing to reconcile in a new data directory
+        new_dir = self.storage.prepare()
         migrate(self.engine)
+        if new_dir and self._index_is_empty():
+            mark_clean(self.storage)  # nothing to reconcile: no files and no rows
         self.writer.start()
         recover(self.storage, self.sessions, self.writer)
         self.scp = StorageSCP(self.cfg, self.ingest)
         self.scp.start()
+
+    def _index_is_empty(self) -> bool:
+        with self.sessions() as s:
+            return s.execute(select(Instance.id).limit(1)).first() is None
 
     def stop(self) -> None:
         log.info("stopping: finishing open associations")

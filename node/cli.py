@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -27,7 +26,7 @@ out = Console() if sys.stdout.isatty() else Console(width=200)
 ConfigOption = typer.Option(None, "--config", "-c", help="TOML config file (default: config/node.toml if present).")
 
 
-def _load(config: Optional[Path]) -> Config:
+def _load(config: Path | None) -> Config:
     try:
         return load_config(config)
     except ConfigError as e:
@@ -49,7 +48,7 @@ def _main(
 
 
 @app.command()
-def run(config: Optional[Path] = ConfigOption) -> None:
+def run(config: Path | None = ConfigOption) -> None:
     """Run the node in the foreground until SIGINT/SIGTERM."""
     cfg = _load(config)
     from node.app import Node
@@ -124,7 +123,7 @@ def send(
 
 
 @app.command()
-def status(config: Optional[Path] = ConfigOption) -> None:
+def status(config: Path | None = ConfigOption) -> None:
     """What the index holds: counts by patient, study and series, and disk use."""
     cfg = _load(config)
     from node.index.status import gather

@@ -103,7 +103,7 @@ class TlsSection(_Section):
     client_ca: Path | None = None
 
     @model_validator(mode="after")
-    def _files(self) -> "TlsSection":
+    def _files(self) -> TlsSection:
         if self.enabled:
             for key in ("certificate", "private_key"):
                 if getattr(self, key) is None:
@@ -144,7 +144,7 @@ class Config(_Section):
     source: str = Field("built-in defaults", exclude=True)
 
     @model_validator(mode="after")
-    def _unique_destinations(self) -> "Config":
+    def _unique_destinations(self) -> Config:
         seen: set[str] = set()
         for d in self.destinations:
             if d.name in seen:

@@ -19,7 +19,8 @@ What it does:
    about 2 studies per patient, random UIDs in pydicom's ``generate_uid``
    form, storage paths in the node's layout, a checksum, timestamps spread
    over a year, one association per series.  The cache file name carries
-   the row count and the schema's Alembic head, so a schema change rebuilds it.
+   the row count, the Alembic head and a hash of the DDL, so any schema
+   change (even a migration edited in place) rebuilds it.
 2. For each stream count and each index (empty, pre-filled), on a fresh
    copy of the data directory: starts the node (with the ``clean-shutdown``
    marker present, so start-up does not reconcile a million rows that have
@@ -100,6 +101,33 @@ def schema_head() -> str:
     from node.index.db import alembic_config
 
     return str(ScriptDirectory.from_config(alembic_config()).get_current_head())
+
+
+def _schema_sql(con: sqlite3.Connection) -> str:
+    rows = con.execute("SELECT type, name, coalesce(sql, '') FROM sqlite_master "
+                       "WHERE name NOT LIKE 'sqlite_stat%' ORDER BY type, name").fetchall()  # fmt: skip
+    return "\n".join("|".join(r) for r in rows)
+
+
+def schema_fingerprint(scratch: Path) -> str:
+    """Short hash of the DDL the node's migrations create today.
+
+    The Alembic revision alone is not enough to key the cache: a migration
+    edited in place (same revision id) changes the schema without changing
+    the head, and a stale cached index would then be used silently.
+    """
+    db = scratch / f".schema-{os.getpid()}.sqlite"
+    try:
+        _create_schema(db)
+        con = sqlite3.connect(db)
+        try:
+            sql = _schema_sql(con)
+        finally:
+            con.close()
+    finally:
+        for p in scratch.glob(f".schema-{os.getpid()}.sqlite*"):
+            p.unlink(missing_ok=True)
+    return hashlib.sha256(sql.encode()).hexdigest()[:10]
 
 
 def _uid(rng: random.Random) -> str:
@@ -242,20 +270,22 @@ def fill_index(path: Path, rows: int, per_study: int, per_series: int, seed: int
 
 def cached_index(workdir: Path, args: argparse.Namespace) -> tuple[Path, str]:
     """Path of the pre-filled index for ``args.rows`` (built if missing or stale)."""
-    head = schema_head()
     cache = workdir / "cache"
     cache.mkdir(parents=True, exist_ok=True)
-    path = cache / f"index-{args.rows}-rows-{args.per_study}x{args.per_series}-schema-{head}.sqlite"
+    head = schema_head()
+    fingerprint = schema_fingerprint(cache)
+    path = cache / f"index-{args.rows}-rows-{args.per_study}x{args.per_series}-schema-{head}-{fingerprint}.sqlite"
     if path.exists() and not args.rebuild:
         try:
             con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
             n = con.execute("SELECT count(*) FROM instance").fetchone()[0]
             ver = con.execute("SELECT version_num FROM alembic_version").fetchone()[0]
+            same = hashlib.sha256(_schema_sql(con).encode()).hexdigest()[:10] == fingerprint
             con.close()
-            if n == args.rows and ver == head:
+            if n == args.rows and ver == head and same:
                 log(f"using cached pre-filled index {path} ({path.stat().st_size / 1e6:.0f} MB)")
-                return path, head
-            log(f"cached index {path} is stale ({n} rows, schema {ver}); rebuilding")
+                return path, f"{head} ({fingerprint})"
+            log(f"cached index {path} is stale ({n} rows, schema {ver}, same DDL: {same}); rebuilding")
         except sqlite3.Error as exc:
             log(f"cached index {path} is unreadable ({exc}); rebuilding")
     for old in cache.glob(f"index-{args.rows}-rows-*"):
@@ -273,7 +303,7 @@ def cached_index(workdir: Path, args: argparse.Namespace) -> tuple[Path, str]:
     log(f"built {path.name} in {time.perf_counter() - t0:.0f}s: "
         + ", ".join(f"{v:,} {k}" for k, v in counts.items())
         + f", {path.stat().st_size / 1e6:.0f} MB")
-    return path, head
+    return path, f"{head} ({fingerprint})"
 
 
 def copy_index(src: Path, data_dir: Path, mode: str = "pages") -> float:

@@ -73,7 +73,6 @@ from bench_common import (  # noqa: E402
     send_with_storescu,
     tail,
     tool_versions,
-    wait_until,
 )
 
 #: Multi-frame Grayscale Word Secondary Capture Image Storage: the simplest

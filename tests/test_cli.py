@@ -21,7 +21,7 @@ def test_help_everywhere():
 
 
 def test_echo_and_send_and_status(node, tmp_path):
-    files = make_ct_series(tmp_path / "src", 12)
+    make_ct_series(tmp_path / "src", 12)
     (tmp_path / "src" / "notes.txt").write_text("not DICOM")
     node.start()
     r = cli("echo", "127.0.0.1", str(node.port), "--aec", "DICOM_NODE")

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO
+
 from node.config import ConfigError, load_config
 
 

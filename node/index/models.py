@@ -17,7 +17,7 @@ UID = String(128)
 
 
 def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 class Base(DeclarativeBase):
@@ -45,7 +45,7 @@ class Patient(Base):
     sex: Mapped[str] = mapped_column(String(16), default="")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
-    studies: Mapped[list["Study"]] = relationship(back_populates="patient")
+    studies: Mapped[list[Study]] = relationship(back_populates="patient")
 
 
 class Study(Base):
@@ -63,7 +63,7 @@ class Study(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     patient: Mapped[Patient] = relationship(back_populates="studies")
-    series: Mapped[list["Series"]] = relationship(back_populates="study")
+    series: Mapped[list[Series]] = relationship(back_populates="study")
 
 
 class Series(Base):
@@ -87,7 +87,7 @@ class Series(Base):
     last_received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
 
     study: Mapped[Study] = relationship(back_populates="series")
-    instances: Mapped[list["Instance"]] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series")
 
 
 class Instance(Base):

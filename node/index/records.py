@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from sqlalchemy import bindparam, select
 
@@ -22,7 +23,7 @@ class InstanceRecord:
     study: dict[str, Any]
     series: dict[str, Any]
     instance: dict[str, Any]
-    received_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
+    received_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
 
     @property
     def sop_instance_uid(self) -> str:

@@ -13,13 +13,14 @@ import errno
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+
 from pydicom.uid import UID
 
 from node.index.records import DuplicatePolicy, Recorder, RecordOutcome
 from node.index.writer import IndexWriter
 from node.receive.parse import Rejected, read_header, to_record
-from node.receive.status import Status
 from node.receive.rxfile import ReceivedFile
+from node.receive.status import Status
 from node.storage import Storage
 
 log = logging.getLogger(__name__)

@@ -24,8 +24,9 @@ import struct
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 from pydicom.uid import UID
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
@@ -132,7 +133,7 @@ class _Conn:
         while got < n:
             try:
                 k = self.sock.recv_into(view[got:], n - got)
-            except (socket.timeout, TimeoutError):
+            except TimeoutError:
                 raise PeerClosed("timeout") from None
             except OSError as e:
                 raise PeerClosed(str(e)) from None
@@ -149,7 +150,7 @@ class _Conn:
             while got < want:
                 try:
                     k = self.sock.recv_into(self.view[got:want], want - got)
-                except (socket.timeout, TimeoutError):
+                except TimeoutError:
                     raise PeerClosed("timeout") from None
                 except OSError as e:
                     raise PeerClosed(str(e)) from None
@@ -177,7 +178,7 @@ def _abort_pdu(source: int = 0x02, reason: int = 0x00) -> bytes:
 
 
 class Association(threading.Thread):
-    def __init__(self, server: "Acceptor", sock: socket.socket, address: tuple[str, int]) -> None:
+    def __init__(self, server: Acceptor, sock: socket.socket, address: tuple[str, int]) -> None:
         super().__init__(name=f"assoc-{address[0]}:{address[1]}", daemon=True)
         self.server = server
         self.settings = server.settings
@@ -514,7 +515,7 @@ class Acceptor:
         while not self._stopping.is_set():
             try:
                 client, address = self._sock.accept()
-            except (socket.timeout, TimeoutError):
+            except TimeoutError:
                 continue
             except OSError:
                 if self._stopping.is_set():

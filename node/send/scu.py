@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info

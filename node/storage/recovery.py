@@ -31,6 +31,8 @@ from node.storage.layout import Storage, fsync_dir
 log = logging.getLogger(__name__)
 
 CLEAN_MARKER = "clean-shutdown"
+RECOVERY_BATCH = 1000
+MISSING_LISTED = 1000
 
 
 @dataclass
@@ -40,7 +42,9 @@ class RecoveryReport:
     files_checked: int = 0
     indexed: list[str] = field(default_factory=list)
     quarantined: list[str] = field(default_factory=list)
+    #: The first MISSING_LISTED SOP Instance UIDs whose file is missing, and how many there are.
     missing_files: list[str] = field(default_factory=list)
+    missing_count: int = 0
 
 
 def mark_clean(storage: Storage) -> None:
@@ -75,24 +79,43 @@ def recover(
         return report
     report.full_scan = True
     log.info("recovery: the last run did not stop cleanly; comparing storage with the index")
-    with sessions() as s:
-        indexed = dict(s.execute(select(Instance.file_path, Instance.sop_instance_uid)).all())
-    on_disk: set[str] = set()
     recorder = Recorder("keep_first")
+    # Files -> index, in batches, so memory stays bounded with millions of instances.
+    batch: list[tuple[Path, str]] = []
+
+    def check(batch: list[tuple[Path, str]]) -> None:
+        with sessions() as s:
+            known = set(
+                s.execute(select(Instance.file_path).where(Instance.file_path.in_([r for _p, r in batch]))).scalars()
+            )
+        for path, rel in batch:
+            if rel not in known:
+                _adopt(storage, writer, recorder, path, rel, report)
+
     for path in storage.iter_stored():
         report.files_checked += 1
-        rel = storage.relative(path)
-        on_disk.add(rel)
-        if rel in indexed:
-            continue
-        _adopt(storage, writer, recorder, path, rel, report)
-    for rel, uid in indexed.items():
-        if rel not in on_disk:
-            report.missing_files.append(uid)
-    if report.missing_files:
+        batch.append((path, storage.relative(path)))
+        if len(batch) >= RECOVERY_BATCH:
+            check(batch)
+            batch = []
+    if batch:
+        check(batch)
+    # Index -> files, streamed in id order.
+    with sessions() as s:
+        rows = s.execute(
+            select(Instance.file_path, Instance.sop_instance_uid).order_by(Instance.id).execution_options(
+                yield_per=RECOVERY_BATCH
+            )
+        )
+        for rel, uid in rows:
+            if not (storage.root / rel).is_file():
+                report.missing_count += 1
+                if len(report.missing_files) < MISSING_LISTED:
+                    report.missing_files.append(uid)
+    if report.missing_count:
         log.error(
             "recovery: %d indexed instance(s) have no file (first: %s); they cannot be served or forwarded",
-            len(report.missing_files), ", ".join(report.missing_files[:5]),
+            report.missing_count, ", ".join(report.missing_files[:5]),
         )  # fmt: skip
     log.info(
         "recovery: checked %d file(s), indexed %d unindexed file(s), quarantined %d",

@@ -95,7 +95,7 @@ min_free_mb = 0
 """
         )
 
-    def start(self, wait: bool = True) -> "NodeProcess":
+    def start(self, wait: bool = True) -> NodeProcess:
         self.write_config()
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
@@ -261,7 +261,7 @@ def raw_c_store(
 ) -> RawStoreResult:  # fmt: skip
     import struct
 
-    from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
+    from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
     from pynetdicom.pdu_primitives import A_ASSOCIATE, ImplementationClassUIDNotification, MaximumLengthNotification
     from pynetdicom.presentation import build_context
 

@@ -11,9 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
-
 from helpers import dataset_bytes, free_port, make_ct_series, storescu
+from sqlalchemy import create_engine, text
 
 
 def _pg_bin() -> Path:

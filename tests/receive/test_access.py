@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import PEER_ENV, dcmtk, make_ct_series, storescu
 
 

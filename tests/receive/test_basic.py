@@ -6,7 +6,6 @@ import subprocess
 from pathlib import Path
 
 import pydicom
-
 from helpers import PEER_ENV, dataset_bytes, dcmtk, make_ct_series, storescu
 
 

@@ -27,9 +27,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import generate_uid
-
 from helpers import PEER_ENV, NodeProcess, dataset_bytes, dcmtk, make_ct_series, read_sop_uid, storescu
+from pydicom.uid import generate_uid
 
 CLEAN_MARKER = "clean-shutdown"  # node.storage.recovery.CLEAN_MARKER
 LOG_FORBIDDEN = ("database is locked", "aborted", "Traceback")
@@ -48,7 +47,7 @@ class Sender:
     proc: subprocess.Popen | None = None
     returncode: int | None = None
 
-    def start(self, port: int) -> "Sender":
+    def start(self, port: int) -> Sender:
         cmd = [dcmtk("storescu"), "-v", "-nh", "-R", "-aet", self.name, "-aec", "DICOM_NODE",
                "127.0.0.1", str(port), *map(str, self.files)]  # fmt: skip
         with open(self.log_path, "wb") as out:

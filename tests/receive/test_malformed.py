@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-
 from helpers import dataset_bytes, make_ct_series, raw_c_store, storescu
 
 SUCCESS, CANNOT_UNDERSTAND, MISMATCH = 0x0000, 0xC000, 0xA900

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from helpers import PEER_ENV, dataset_bytes, dcmtk, free_port, read_sop_uid
 from pydicom.filereader import read_file_meta_info
 
-from helpers import PEER_ENV, dataset_bytes, dcmtk, free_port, read_sop_uid
 from node.send.scu import send_files
 
 #: DCMTK 3.6.7 predates these transfer syntaxes; pynetdicom sends them.
@@ -77,7 +77,7 @@ def unique_uid_groups(files: list[Path]) -> list[list[Path]]:
     seen: list[set[str]] = []
     for f in files:
         uid = read_sop_uid(f)
-        for g, uids in zip(groups, seen):
+        for g, uids in zip(groups, seen, strict=True):
             if uid not in uids:
                 g.append(f)
                 uids.add(uid)
