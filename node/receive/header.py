@@ -17,6 +17,7 @@ from __future__ import annotations
 import mmap
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
 VALID_VRS = frozenset(
     b"AE AS AT CS DA DS DT FL FD IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR US UT UV".split()
@@ -30,6 +31,10 @@ UNDEFINED = 0xFFFFFFFF
 
 class HeaderError(ValueError):
     """The fast reader cannot vouch for this data set; use the general reader."""
+
+
+class _NeedMore(Exception):
+    """The header runs past the in-memory head of the file; read the file itself."""
 
 
 @dataclass(slots=True)
@@ -46,9 +51,21 @@ class RawHeader:
 
 
 def read_raw_header(
-    path: str, offset: int, *, implicit: bool, little_endian: bool, wanted: frozenset[int]
+    path: str, offset: int, *, implicit: bool, little_endian: bool, wanted: frozenset[int],
+    head: bytes | bytearray | None = None, file_size: int | None = None,
 ) -> RawHeader:
-    """Read the data set that starts at ``offset`` in ``path``."""
+    """Read the data set that starts at ``offset`` in ``path``.
+
+    ``head`` (the first bytes of the file, kept while receiving) saves opening
+    and mapping the file when the whole header lies within it.
+    """
+    if head is not None and file_size is not None and len(head) > offset:
+        try:
+            return _Walker(head, len(head), implicit, little_endian, partial=file_size > len(head)).top_level(
+                offset, wanted
+            )
+        except _NeedMore:
+            pass
     with open(path, "rb") as fp:
         size = fp.seek(0, 2)
         if size <= offset:
@@ -58,33 +75,38 @@ def read_raw_header(
 
 
 class _Walker:
-    def __init__(self, m: mmap.mmap, end: int, implicit: bool, little: bool) -> None:
+    def __init__(self, m: Any, end: int, implicit: bool, little: bool, partial: bool = False) -> None:
         e = "<" if little else ">"
         self.m, self.end, self.implicit, self.little = m, end, implicit, little
+        #: ``m`` holds only the start of the file: running past its end is not truncation.
+        self.partial = partial
         self.tag_fmt = struct.Struct(e + "HH")
         self.u32 = struct.Struct(e + "L")
         self.u16 = struct.Struct(e + "H")
 
+    def short(self, message: str) -> Exception:
+        return _NeedMore() if self.partial else HeaderError(message)
+
     def element(self, pos: int) -> tuple[int, bytes | None, int, int]:
         """``(tag, VR or None, length, value offset)`` of the element header at ``pos``."""
         if pos + 8 > self.end:
-            raise HeaderError(f"the data set ends inside an element header at byte {pos}")
+            raise self.short(f"the data set ends inside an element header at byte {pos}")
         group, elem = self.tag_fmt.unpack_from(self.m, pos)
         tag = (group << 16) | elem
         if self.implicit or group == 0xFFFE:  # items and delimiters have no VR in any syntax
             return tag, None, self.u32.unpack_from(self.m, pos + 4)[0], pos + 8
-        vr = self.m[pos + 4 : pos + 6]
+        vr = bytes(self.m[pos + 4 : pos + 6])
         if vr not in VALID_VRS:
             raise HeaderError(f"({group:04X},{elem:04X}) has VR bytes {vr!r}: not explicit VR")
         if vr in LONG_VRS:
             if pos + 12 > self.end:
-                raise HeaderError("the data set ends inside an element header")
+                raise self.short("the data set ends inside an element header")
             return tag, vr, self.u32.unpack_from(self.m, pos + 8)[0], pos + 12
         return tag, vr, self.u16.unpack_from(self.m, pos + 6)[0], pos + 8
 
     def top_level(self, pos: int, wanted: frozenset[int]) -> RawHeader:
         out = RawHeader(little_endian=self.little, implicit=self.implicit)
-        while pos < self.end:
+        while pos < self.end or self.partial:
             tag, vr, length, value_at = self.element(pos)
             if tag in PIXEL_TAGS:
                 out.pixel_tag, out.pixel_vr, out.pixel_length, out.pixel_value_at = tag, vr, length, value_at
@@ -95,12 +117,12 @@ class _Walker:
                 pos = self.skip_sequence(value_at, 0)
                 continue
             if value_at + length > self.end:
-                raise HeaderError(
+                raise self.short(
                     f"the data set ends inside element ({tag >> 16:04X},{tag & 0xFFFF:04X}) "
                     f"(declared length {length})"
                 )
             if tag in wanted:
-                out.values[tag] = (vr, self.m[value_at : value_at + length])
+                out.values[tag] = (vr, bytes(self.m[value_at : value_at + length]))
             pos = value_at + length
         return out
 
@@ -117,7 +139,7 @@ class _Walker:
             if length == UNDEFINED:
                 pos = self.skip_item(pos, depth)
             elif pos + length > self.end:
-                raise HeaderError("the data set ends inside a sequence item")
+                raise self.short("the data set ends inside a sequence item")
             else:
                 pos += length
 
@@ -130,6 +152,6 @@ class _Walker:
             if length == UNDEFINED:
                 pos = self.skip_sequence(value_at, depth + 1)
             elif value_at + length > self.end:
-                raise HeaderError("the data set ends inside an element of a sequence item")
+                raise self.short("the data set ends inside an element of a sequence item")
             else:
                 pos = value_at + length

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -58,6 +59,7 @@ class Ingest:
         self.writer = writer
         self.recorder = Recorder(duplicates, file_exists=lambda rel: self.storage.absolute(rel).is_file())
         self.min_free_bytes = min_free_bytes
+        self._free, self._free_at = 0, -1.0
         #: fsyncs release the GIL, so a few threads overlap them with parsing
         #: and with other associations' work.
         self._io = ThreadPoolExecutor(max_workers=16, thread_name_prefix="fsync")
@@ -92,11 +94,19 @@ class Ingest:
         finally:
             rx.discard()  # removes the temp file on failure; nothing left to remove after the rename
 
+    def _free_bytes(self) -> int:
+        """Free space, measured at most every 0.5 s (a statfs per instance adds up)."""
+        now = time.monotonic()
+        if now - self._free_at > 0.5:
+            self._free = self.storage.free_bytes()
+            self._free_at = now
+        return self._free
+
     def _store(
         self, rx: ReceivedFile, sop_class_uid: str, sop_instance_uid: str, ts: UID, peer: Peer
     ) -> StoreResult:
         if self.min_free_bytes:
-            free = self.storage.free_bytes()
+            free = self._free_bytes()
             if free < self.min_free_bytes:
                 raise Rejected(
                     Status.OUT_OF_RESOURCES,
@@ -114,7 +124,7 @@ class Ingest:
     def _check_and_commit(
         self, rx: ReceivedFile, synced: Future, sop_class_uid: str, sop_instance_uid: str, ts: UID, peer: Peer
     ) -> StoreResult:
-        header = read_header(rx.name, ts, rx.size, rx.dataset_offset)
+        header = read_header(rx.name, ts, rx.size, rx.dataset_offset, head=rx.head)
         ds_class = header.text("SOPClassUID")
         ds_inst = header.text("SOPInstanceUID")
         if ds_class != sop_class_uid.strip():
@@ -136,7 +146,7 @@ class Ingest:
         if missing:
             warning = f"stored, but the data set has no {' or '.join(missing)} (Type 1)"
 
-        final = self.storage.path_for(ds_inst)
+        final = self.storage.path_for(header.text("SeriesInstanceUID"), ds_inst)
         relative = self.storage.relative(final)
 
         record = to_record(

@@ -167,22 +167,26 @@ class DatasetHeaderView(Header):
             return value.decode("latin-1").strip(" \x00")
 
 
-def read_header(path: str, transfer_syntax: UID, file_size: int, dataset_offset: int) -> Header:
-    """Read and check the data set that starts at ``dataset_offset`` in ``path``."""
+def read_header(
+    path: str, transfer_syntax: UID, file_size: int, dataset_offset: int, head: bytes | bytearray | None = None
+) -> Header:
+    """Read and check the data set that starts at ``dataset_offset`` in ``path``.
+
+    ``head`` is the start of the file if the caller has it in memory.
+    """
     if transfer_syntax != DeflatedExplicitVRLittleEndian:
         try:
             raw = read_raw_header(
                 path, dataset_offset, implicit=transfer_syntax.is_implicit_VR,
-                little_endian=transfer_syntax.is_little_endian, wanted=_WANTED,
+                little_endian=transfer_syntax.is_little_endian, wanted=_WANTED, head=head, file_size=file_size,
             )  # fmt: skip
         except HeaderError:
             pass  # let the general reader judge it
         else:
             view = RawHeaderView(raw, transfer_syntax)
             if raw.pixel_tag is not None:
-                with open(path, "rb") as fp:
-                    _check_pixel_data(fp, view, transfer_syntax, raw.pixel_tag, raw.pixel_length or 0,
-                                      raw.pixel_value_at or 0, file_size)  # fmt: skip
+                _check_pixel_data(path, view, transfer_syntax, raw.pixel_tag, raw.pixel_length or 0,
+                                  raw.pixel_value_at or 0, file_size)  # fmt: skip
             return view
     with open(path, "rb") as fp:
         return _read_with_pydicom(fp, transfer_syntax, file_size, dataset_offset)
@@ -200,7 +204,7 @@ def _read_with_pydicom(fp: BinaryIO, transfer_syntax: UID, file_size: int, datas
         _check_vr_encoding(fp, dataset_offset, transfer_syntax, file_size)
         located = _locate_pixel_data(fp, transfer_syntax, pixel_offset, file_size)
         if located is not None:
-            _check_pixel_data(fp, view, transfer_syntax, *located, file_size)
+            _check_pixel_data(fp.name, view, transfer_syntax, *located, file_size)
     return view
 
 
@@ -271,12 +275,11 @@ def _expected_native_length(h: Header) -> int | None:
     return (total_bits + 7) // 8
 
 
-def _check_pixel_data(
-    fp: BinaryIO, h: Header, ts: UID, tag: int, length: int, value_at: int, file_size: int
-) -> None:
+def _check_pixel_data(path: str, h: Header, ts: UID, tag: int, length: int, value_at: int, file_size: int) -> None:
     end = ">" if ts == ExplicitVRBigEndian else "<"
     if length == 0xFFFFFFFF:
-        _check_encapsulated(fp, value_at, file_size, end)
+        with open(path, "rb") as fp:  # only encapsulated data needs the file: native needs only lengths
+            _check_encapsulated(fp, value_at, file_size, end)
         return
     if value_at + length > file_size:
         raise Rejected(

@@ -12,6 +12,9 @@ import xxhash
 CHECKSUM_ALGORITHM = "xxh3_128"
 
 _counter = itertools.count()
+#: How much of the start of each file is also kept in memory, so the header
+#: can be checked without reading the file back (most headers are < 8 KiB).
+HEAD_BYTES = 64 * 1024
 
 
 class ReceivedFile:
@@ -32,6 +35,7 @@ class ReceivedFile:
         #: Where the data set starts (after our File Meta).
         self.dataset_offset = 0
         self._hash = xxhash.xxh3_128()
+        self.head = bytearray()
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         if self.fd is None:
@@ -39,6 +43,8 @@ class ReceivedFile:
         view = memoryview(data)
         total = len(view)
         self._hash.update(view)
+        if len(self.head) < HEAD_BYTES:
+            self.head += view[: HEAD_BYTES - len(self.head)]
         while view:
             n = os.write(self.fd, view)
             view = view[n:]

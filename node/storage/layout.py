@@ -1,14 +1,16 @@
 """Where instances live on disk and how they get there without ever being half-written.
 
-File names are a hash of the SOP Instance UID plus a random token: a UID like
+File and directory names are hashes of UIDs plus a random token: a UID like
 ``../../etc/x`` only ever becomes hex digits, so nothing a peer sends can
-choose a path. The token lets an "overwrite" duplicate land beside the old
+choose a path. Instances of one series share a directory: it is created (and
+its creation made durable) once per series rather than once per instance,
+and it is what retention and browsing want anyway. The token lets an "overwrite" duplicate land beside the old
 file, be indexed, and only then replace it, so a failure at any step leaves
 the previous, indexed copy intact.
 
 Layout under ``data_dir``::
 
-    storage/ab/cd/<sha256(uid)[:32]>-<token>.dcm   stored instances
+    storage/ab/<sha256(series uid)[:32]>/<sha256(sop uid)[:32]>-<token>.dcm
     tmp/rx-*.part                                  data sets being received
     quarantine/                                    files recovery could not index
 """
@@ -18,7 +20,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import secrets
+import random
 import shutil
 import threading
 from pathlib import Path
@@ -37,7 +39,7 @@ class Storage:
         self.files = self.root / STORAGE_DIR
         self.tmp = self.root / TMP_DIR
         self.quarantine = self.root / QUARANTINE_DIR
-        #: Leaf directories known to exist durably (at most 65,536), to save a stat per instance.
+        #: Series directories known to exist durably (bounded: see place()), to save a stat per instance.
         self._dirs: set[Path] = set()
         self._dirs_lock = threading.Lock()
 
@@ -49,9 +51,10 @@ class Storage:
         _fsync_dir(self.root)
         return new
 
-    def path_for(self, sop_instance_uid: str) -> Path:
-        digest = hashlib.sha256(sop_instance_uid.encode("utf-8", "surrogateescape")).hexdigest()
-        return self.files / digest[:2] / digest[2:4] / f"{digest[:32]}-{secrets.token_hex(4)}{SUFFIX}"
+    def path_for(self, series_instance_uid: str, sop_instance_uid: str) -> Path:
+        series = _digest(series_instance_uid)
+        name = f"{_digest(sop_instance_uid)[:32]}-{random.getrandbits(32):08x}{SUFFIX}"
+        return self.files / series[:2] / series[:32] / name
 
     def relative(self, path: Path) -> str:
         """Index paths are relative so a data directory can be moved."""
@@ -83,6 +86,8 @@ class Storage:
                     parent.mkdir(parents=True, exist_ok=True)
                     _fsync_dir(parent.parent)
                     _fsync_dir(parent.parent.parent)
+                    if len(self._dirs) > 100_000:  # a cache, not a registry
+                        self._dirs.clear()
                     self._dirs.add(parent)
         os.rename(temp_path, final)
 
@@ -110,6 +115,10 @@ class Storage:
             for name in names:
                 if name.endswith(SUFFIX):
                     yield Path(dirpath) / name
+
+
+def _digest(uid: str) -> str:
+    return hashlib.sha256(uid.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def fsync_dir(path: Path) -> None:
