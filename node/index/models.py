@@ -84,20 +84,29 @@ class Series(Base):
     #: read a count without a COUNT(*) over the instance table.
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     first_received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    last_received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    # Not indexed on purpose: it changes with every instance, and an index
+    # here would be rewritten (and WAL-logged) on every commit.
+    last_received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series")
 
 
 class Instance(Base):
+    """One stored instance.
+
+    Indexes are kept to what lookups need (UID, series, file path, time):
+    each one is a B-tree page rewritten on every insert, which on SQLite is
+    also written to the WAL; more indexes come with the queries that use them.
+    """
+
     __tablename__ = "instance"
     __table_args__ = (Index("ix_instance_received_at", "received_at"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
     series_fk: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
-    sop_class_uid: Mapped[str] = mapped_column(UID, index=True)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
     transfer_syntax_uid: Mapped[str] = mapped_column(UID)
     instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
     acquisition_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -122,6 +131,6 @@ class Instance(Base):
     calling_ae: Mapped[str] = mapped_column(String(16), default="")
     called_ae: Mapped[str] = mapped_column(String(16), default="")
     peer_address: Mapped[str] = mapped_column(String(64), default="")
-    association_id: Mapped[str] = mapped_column(String(36), default="", index=True)
+    association_id: Mapped[str] = mapped_column(String(36), default="")
 
     series: Mapped[Series] = relationship(back_populates="instances")
