@@ -30,6 +30,7 @@ such as a node that does not exist yet, is skipped with a message).
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import statistics
 import sys
@@ -155,6 +156,10 @@ def run_one(
         if got != len(warmup):
             return RunResult(0, 0, 0, len(files), 0, 0, False,
                              f"warm-up: stored {got} of {len(warmup)}")
+        # Start every timed send with no dirty pages left by the previous
+        # receiver: otherwise receivers that fsync (this node, Orthanc) wait
+        # behind the write-back of receivers that do not.
+        os.sync()
 
         res = send_with_storescu(recv.pg, files, recv.port, recv.ae_title, streams,
                                  cell_dir / "send", timeout=args.send_timeout)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import logging
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from pydicom.uid import UID
@@ -60,9 +59,6 @@ class Ingest:
         self.recorder = Recorder(duplicates, file_exists=lambda rel: self.storage.absolute(rel).is_file())
         self.min_free_bytes = min_free_bytes
         self._free, self._free_at = 0, -1.0
-        #: fsyncs release the GIL, so a few threads overlap them with parsing
-        #: and with other associations' work.
-        self._io = ThreadPoolExecutor(max_workers=16, thread_name_prefix="fsync")
 
     def store(
         self,
@@ -113,17 +109,6 @@ class Ingest:
                     f"storage has {free // 2**20} MiB free, below node.min_free_mb "
                     f"({self.min_free_bytes // 2**20} MiB)",
                 )
-        # fdatasync runs in an I/O thread while we parse and check the header;
-        # every path out of here waits for it before the file is closed.
-        synced = self._io.submit(rx.sync)
-        try:
-            return self._check_and_commit(rx, synced, sop_class_uid, sop_instance_uid, ts, peer)
-        finally:
-            synced.exception()  # wait, whatever happened
-
-    def _check_and_commit(
-        self, rx: ReceivedFile, synced: Future, sop_class_uid: str, sop_instance_uid: str, ts: UID, peer: Peer
-    ) -> StoreResult:
         header = read_header(rx.name, ts, rx.size, rx.dataset_offset, head=rx.head)
         ds_class = header.text("SOPClassUID")
         ds_inst = header.text("SOPInstanceUID")
@@ -159,19 +144,18 @@ class Ingest:
             peer_address=peer.address,
             association_id=peer.association_id,
         )
-        synced.result()
+        rx.sync()  # the data is durable before it gets its final name
         rx.close()
         self.storage.place(rx.name, final)
-        # The directory fsync (rename durable) and the index commit run side
-        # by side; Success waits for both.
-        dir_synced = self._io.submit(self.storage.sync_dir, final.parent)
+        # The index commit (in the writer thread) and the directory fsync that
+        # makes the rename durable (here) run side by side; Success waits for both.
+        recorded = self.writer.submit(lambda s: self.recorder.record(s, record))
+        self.storage.sync_dir(final.parent)
         try:
-            outcome: RecordOutcome = self.writer.call(lambda s: self.recorder.record(s, record))
+            outcome: RecordOutcome = recorded.result(timeout=60)
         except Exception as e:
-            dir_synced.result()
             self.storage.remove(final)
             raise Rejected(Status.OUT_OF_RESOURCES, f"the index could not record the instance: {e}") from None
-        dir_synced.result()
         if outcome.kind == "duplicate":
             self.storage.remove(final)
             log.info(
