@@ -147,6 +147,7 @@ class Ingest:
         rx.sync()  # the data is durable before it gets its final name
         rx.close()
         self.storage.place(rx.name, final)
+        rx.placed()
         # The index commit (in the writer thread) and the directory fsync that
         # makes the rename durable (here) run side by side; Success waits for both.
         recorded = self.writer.submit(lambda s: self.recorder.record(s, record))

@@ -64,13 +64,19 @@ class ReceivedFile:
             os.close(self.fd)
             self.fd = None
 
-    def discard(self) -> None:
-        """Close and remove; every failure path ends here, and it is harmless after a rename."""
+    def placed(self) -> None:
+        """The file was renamed into storage: nothing is left to discard."""
         self.close()
-        try:
-            os.unlink(self.name)
-        except FileNotFoundError:
-            pass
+        self.name = ""
+
+    def discard(self) -> None:
+        """Close and remove; every failure path ends here, and it is a no-op once placed."""
+        self.close()
+        if self.name:
+            try:
+                os.unlink(self.name)
+            except FileNotFoundError:
+                pass
 
 
 def file_checksum(path: Path) -> str:

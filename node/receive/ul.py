@@ -26,6 +26,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from pydicom.uid import UID
@@ -203,6 +204,8 @@ class Association(threading.Thread):
         self.address = address
         self.info: AssociationInfo | None = None
         self._rx: ReceivedFile | None = None
+        self._tmp: Path | None = None
+        self._spare: ReceivedFile | None = None
         self._closing = False
 
     # --- lifecycle ----------------------------------------------------------
@@ -232,6 +235,11 @@ class Association(threading.Thread):
                 pass
         finally:
             self._discard_partial()
+            if self._tmp is not None:
+                try:
+                    self._tmp.rmdir()
+                except OSError:
+                    pass
             try:
                 sock.close()
             except OSError:
@@ -256,10 +264,19 @@ class Association(threading.Thread):
         except OSError:
             pass
 
+    def _receive_dir(self) -> Path:
+        """A temp directory of this association's own: concurrent associations creating
+        and renaming files in one shared directory contend for its lock."""
+        if self._tmp is None:
+            self._tmp = Path(self.settings.receive_dir) / f"a-{self.info.id}"  # type: ignore[union-attr]
+            self._tmp.mkdir(exist_ok=True)
+        return self._tmp
+
     def _discard_partial(self) -> None:
-        if self._rx is not None:
-            self._rx.discard()
-            self._rx = None
+        for rx in (self._rx, self._spare):
+            if rx is not None:
+                rx.discard()
+        self._rx = self._spare = None
 
     # --- association establishment ----------------------------------------
 
@@ -456,7 +473,7 @@ class Association(threading.Thread):
         if cmd.command_field != dimse.C_STORE_RQ:
             raise ProtocolError(f"command 0x{cmd.command_field:04X} with a data set is not supported here")
         abstract, ts = self.info.contexts[cx_id]  # type: ignore[union-attr]
-        rx = ReceivedFile(self.settings.receive_dir)  # type: ignore[arg-type]
+        rx, self._spare = self._spare or ReceivedFile(self._receive_dir()), None
         self._rx = rx
         rx.write(
             dimse.encode_file_meta(
@@ -490,6 +507,11 @@ class Association(threading.Thread):
             cmd.affected_sop_instance_uid, comment if status else "",  # warnings carry their reason too
         )  # fmt: skip
         self._conn_send(_pdata(cx_id, rsp))
+        # Create the next instance's temp file now, while the sender prepares
+        # it: on ext4 a file creation can wait for a journal commit (that other
+        # associations' fsyncs started), and here that wait overlaps the network.
+        if self._spare is None:
+            self._spare = ReceivedFile(self._receive_dir())
 
     def _conn_send(self, data: bytes) -> None:
         try:

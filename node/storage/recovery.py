@@ -62,10 +62,12 @@ def recover(
 ) -> RecoveryReport:
     """Reconcile; ``writer`` must be running (it records re-indexed files)."""
     report = RecoveryReport()
-    for p in storage.tmp.glob("*"):
+    for p in sorted(storage.tmp.rglob("*"), reverse=True):  # files before their directories
         if p.is_file():
             p.unlink()
             report.temp_removed += 1
+        elif p.is_dir():
+            p.rmdir()
     if report.temp_removed:
         log.info("recovery: removed %d incomplete temporary file(s)", report.temp_removed)
     marker = storage.root / CLEAN_MARKER

@@ -135,7 +135,7 @@ min_free_mb = 0
         return sorted((self.data_dir / "storage").rglob("*.dcm"))
 
     def temp_files(self) -> list[Path]:
-        return sorted((self.data_dir / "tmp").glob("*"))
+        return sorted((self.data_dir / "tmp").rglob("*"))
 
 
 def storescu(port: int, files: list[Path] | list[str], *args: str, ae: str = "DICOM_NODE",
