@@ -67,6 +67,7 @@ _SERIES_ADD = (
     .where(_series.c.id == bindparam("pk"))
     .values(instance_count=_series.c.instance_count + bindparam("delta"), last_received_at=bindparam("now"))
 )
+_STUDY_RELINK = _study.update().where(_study.c.id == bindparam("pk")).values(patient_fk=bindparam("patient_fk"))
 _SERIES_SUB = (
     _series.update()
     .where(_series.c.id == bindparam("pk"))
@@ -136,6 +137,8 @@ class Recorder:
         # overwrite, or keep_first whose first copy is gone: the new copy replaces the row
         values["pk"] = old_id
         tx.execute(tx.prepare("upd_instance", _UPD_INSTANCE, [k for k in values if k != "pk"]), values)
+        # The newest copy wins: a re-send with corrected demographics moves the study to that patient.
+        tx.execute(tx.prepare("study_relink", _STUDY_RELINK), {"pk": study_fk, "patient_fk": patient_fk})
         if old_series != series_fk:  # the same SOP Instance UID moved to another series
             tx.execute(tx.prepare("series_sub", _SERIES_SUB), {"pk": old_series})
             tx.execute(series_add, {"pk": series_fk, "delta": 1, "now": now})
