@@ -30,8 +30,8 @@ such as a node that does not exist yet, is skipped with a message).
 from __future__ import annotations
 
 import argparse
-import os
 import json
+import os
 import statistics
 import sys
 import tempfile

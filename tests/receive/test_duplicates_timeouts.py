@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import pydicom
-
 from helpers import dataset_bytes, make_ct_series, storescu
 
 
