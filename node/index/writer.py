@@ -133,6 +133,10 @@ class IndexWriter:
         self._raw = self._tx = None
 
     def _commit(self, batch: list[tuple[Work, Future]]) -> None:
+        # Work whose caller gave up waiting (and cancelled it) is not run.
+        batch = [(w, f) for w, f in batch if f.set_running_or_notify_cancel()]
+        if not batch:
+            return
         results: list[tuple[Future, object, BaseException | None]] = []
         try:
             tx = self._connection()
@@ -150,6 +154,10 @@ class IndexWriter:
                     except Exception as exc:  # this item only
                         tx.cur.execute("ROLLBACK TO SAVEPOINT item")
                         tx.cur.execute("RELEASE SAVEPOINT item")
+                        # Ids cached while running this item may belong to rows
+                        # just rolled back: the next items must not use them.
+                        if self._on_failure:
+                            self._on_failure()
                         results.append((fut, None, exc))
             tx.conn.commit()
         except Exception as exc:  # nothing in the batch is durable

@@ -81,7 +81,7 @@ def _elem(elem: int, value: bytes) -> bytes:
 
 
 def _ui(value: str) -> bytes:
-    b = value.encode("ascii")
+    b = value.encode("ascii", "replace")  # a peer's non-ASCII UID must not break our answer
     return b + b"\x00" if len(b) % 2 else b
 
 

@@ -48,6 +48,8 @@ class RawHeader:
     pixel_vr: bytes | None = None
     pixel_length: int | None = None
     pixel_value_at: int | None = None
+    #: Group 0002 elements in the data set itself (they belong only in the File Meta).
+    file_meta_in_dataset: bool = False
 
 
 def read_raw_header(
@@ -123,6 +125,8 @@ class _Walker:
                 )
             if tag in wanted:
                 out.values[tag] = (vr, bytes(self.m[value_at : value_at + length]))
+            elif tag >> 16 == 0x0002:
+                out.file_meta_in_dataset = True
             pos = value_at + length
         return out
 

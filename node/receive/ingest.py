@@ -25,6 +25,9 @@ from node.storage import Storage
 
 log = logging.getLogger(__name__)
 
+#: Seconds to wait for the index writer before answering "out of resources".
+INDEX_WAIT = 60.0
+
 
 @dataclass(slots=True, frozen=True)
 class Peer:
@@ -153,7 +156,15 @@ class Ingest:
         recorded = self.writer.submit(lambda s: self.recorder.record(s, record))
         self.storage.sync_dir(final.parent)
         try:
-            outcome: RecordOutcome = recorded.result(timeout=60)
+            outcome: RecordOutcome = recorded.result(timeout=INDEX_WAIT)
+        except TimeoutError:
+            if not recorded.cancel():  # already being committed: its result is moments away
+                outcome = recorded.result()
+            else:
+                self.storage.remove(final)
+                raise Rejected(
+                    Status.OUT_OF_RESOURCES, f"the index did not take the instance within {INDEX_WAIT:.0f} s"
+                ) from None
         except Exception as e:
             self.storage.remove(final)
             raise Rejected(Status.OUT_OF_RESOURCES, f"the index could not record the instance: {e}") from None

@@ -57,6 +57,12 @@ _WANTED = frozenset(TAGS.values())
 _VRS = {k: dictionary_VR(TAGS[k]).encode() for k in KEYWORDS}
 
 
+_GROUP2 = (
+    "the data set contains File Meta elements (group 0002): readers would take them for the file's own "
+    "and misread it"
+)
+
+
 class Rejected(Exception):
     """The data set cannot be stored; carries the DIMSE status and why."""
 
@@ -106,9 +112,10 @@ class Header:
                                   signed=signed)  # fmt: skip
         s = v.decode("ascii", "replace") if isinstance(v, bytes) else str(v)
         try:
-            return int(float(s.split("\\")[0].strip(" \x00")))
-        except ValueError:
+            n = int(float(s.split("\\")[0].strip(" \x00")))
+        except (ValueError, OverflowError):
             return None
+        return n if -(2**31) <= n < 2**31 else None  # an index column, not a place for nonsense values
 
     def float(self, keyword: str) -> float | None:
         v, _vr = self.raw(keyword)
@@ -131,7 +138,8 @@ class RawHeaderView(Header):
         if found is None:
             return None, None
         vr, value = found
-        return value, vr or _VRS[keyword]
+        # A standard attribute sent as UN is still what the dictionary says it is.
+        return value, (vr if vr and vr != b"UN" else _VRS[keyword])
 
     def _decode_text(self, keyword: str, value: bytes, vr: bytes) -> str:
         charset = self.text("SpecificCharacterSet") or "ISO_IR 6"
@@ -183,6 +191,8 @@ def read_header(
         except HeaderError:
             pass  # let the general reader judge it
         else:
+            if raw.file_meta_in_dataset:
+                raise Rejected(Status.CANNOT_UNDERSTAND, _GROUP2)
             view = RawHeaderView(raw, transfer_syntax)
             if raw.pixel_tag is not None:
                 _check_pixel_data(path, view, transfer_syntax, raw.pixel_tag, raw.pixel_length or 0,
@@ -198,6 +208,8 @@ def _read_with_pydicom(fp: BinaryIO, transfer_syntax: UID, file_size: int, datas
     except Exception as exc:
         raise Rejected(Status.CANNOT_UNDERSTAND, f"the data set cannot be parsed: {exc}") from None
     view = DatasetHeaderView(ds, transfer_syntax)
+    if any((int(tag) >> 16) == 0x0002 for tag in ds._dict):
+        raise Rejected(Status.CANNOT_UNDERSTAND, _GROUP2)
     _check_complete(ds, file_size)
     pixel_offset = fp.tell()
     if transfer_syntax != DeflatedExplicitVRLittleEndian:

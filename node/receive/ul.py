@@ -409,19 +409,20 @@ class Association(threading.Thread):
                 except PeerClosed:
                     return "aborted" if self._closing else "closed"
             elif pdu_type == 0x05:  # A-RELEASE-RQ
-                conn.read_exact(length)
+                conn.read_exact(min(length, MAX_CONTROL_PDU))
                 conn.send(b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00")  # A-RELEASE-RP
                 return "released"
             elif pdu_type == 0x07:  # A-ABORT
                 try:
-                    conn.read_exact(length)
+                    conn.read_exact(min(length, MAX_CONTROL_PDU))
                 except PeerClosed:
                     pass
                 return "aborted"
             else:
                 log.error("association %s from %s: unexpected PDU type 0x%02X; aborting",
                           info.id, info.calling_ae, pdu_type)  # fmt: skip
-                conn.send(_abort_pdu(0x02, 0x02))
+                # Known PDU types out of place are "unexpected"; others "unrecognised" (PS3.8 9.3.8).
+                conn.send(_abort_pdu(0x02, 0x02 if pdu_type in (0x01, 0x02, 0x03, 0x06) else 0x01))
                 return "aborted"
 
     def _p_data(
@@ -501,7 +502,16 @@ class Association(threading.Thread):
         if rx is None:
             raise ProtocolError("C-STORE-RQ without a data set")
         self._rx = None
-        status, comment = self.handlers.store(info, StoreRequest(cmd, ts, abstract, rx))
+        if cmd.affected_sop_class_uid != abstract:
+            # PS3.7 9.1.1: the SOP class must be the presentation context's abstract syntax.
+            rx.discard()
+            status = 0x0122  # Refused: SOP Class not supported
+            comment = f"SOP Class {cmd.affected_sop_class_uid} sent on a context for {abstract}"
+            log.warning("association %s from %s: refused %s: %s",
+                        info.id, info.calling_ae, cmd.affected_sop_instance_uid, comment)  # fmt: skip
+            info.failed += 1
+        else:
+            status, comment = self.handlers.store(info, StoreRequest(cmd, ts, abstract, rx))
         rsp = dimse.encode_response(
             dimse.C_STORE_RSP, cmd.message_id, status, cmd.affected_sop_class_uid,
             cmd.affected_sop_instance_uid, comment if status else "",  # warnings carry their reason too

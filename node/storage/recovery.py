@@ -81,7 +81,7 @@ def recover(
         return report
     report.full_scan = True
     log.info("recovery: the last run did not stop cleanly; comparing storage with the index")
-    recorder = Recorder("keep_first")
+    recorder = Recorder("keep_first", file_exists=lambda rel: (storage.root / rel).is_file())
     # Files -> index, in batches, so memory stays bounded with millions of instances.
     batch: list[tuple[Path, str]] = []
 

@@ -134,8 +134,18 @@ min_free_mb = 0
     def stored_files(self) -> list[Path]:
         return sorted((self.data_dir / "storage").rglob("*.dcm"))
 
-    def temp_files(self) -> list[Path]:
-        return sorted((self.data_dir / "tmp").rglob("*"))
+    def temp_files(self, wait: float = 5.0) -> list[Path]:
+        """What is left in tmp/, after giving association threads ``wait`` s to clean up.
+
+        An association's thread tidies its temp directory just after sending
+        A-RELEASE-RP, so a sender can exit a few milliseconds before that.
+        """
+        deadline = time.monotonic() + wait
+        while True:
+            left = sorted((self.data_dir / "tmp").rglob("*"))
+            if not left or time.monotonic() > deadline:
+                return left
+            time.sleep(0.05)
 
 
 def storescu(port: int, files: list[Path] | list[str], *args: str, ae: str = "DICOM_NODE",
@@ -244,7 +254,7 @@ class RawStoreResult:
 
 
 def _uid_bytes(uid: str) -> bytes:
-    b = uid.encode("ascii")
+    b = uid.encode("latin-1")
     return b + b"\x00" if len(b) % 2 else b
 
 
