@@ -177,7 +177,11 @@ class _Conn:
             n -= take
 
     def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
+        """Association-control PDUs (accept, reject, abort): a peer that is gone is not an error here."""
+        try:
+            self.sock.sendall(data)
+        except OSError:
+            pass
 
 
 def _pdata(context_id: int, command: bytes) -> bytes:
@@ -406,8 +410,18 @@ class Association(threading.Thread):
                     log.error("association %s from %s: %s; aborting", info.id, info.calling_ae, e)
                     conn.send(_abort_pdu(0x02, 0x06))
                     return "aborted"
-                except PeerClosed:
-                    return "aborted" if self._closing else "closed"
+                except PeerClosed as e:
+                    if self._closing:
+                        return "aborted"
+                    if str(e) == "timeout":  # silent in the middle of a PDU
+                        log.error("association %s from %s: no data for node.network_timeout (%.0f s) in the "
+                                  "middle of a message; aborting", info.id, info.calling_ae,
+                                  self.settings.network_timeout)  # fmt: skip
+                        conn.send(_abort_pdu())
+                        return "timeout"
+                    log.warning("association %s from %s: connection closed in the middle of a message",
+                                info.id, info.calling_ae)  # fmt: skip
+                    return "closed"
             elif pdu_type == 0x05:  # A-RELEASE-RQ
                 conn.read_exact(min(length, MAX_CONTROL_PDU))
                 conn.send(b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00")  # A-RELEASE-RP
@@ -496,6 +510,8 @@ class Association(threading.Thread):
             rsp = dimse.encode_response(dimse.C_ECHO_RSP, cmd.message_id, 0x0000, cmd.affected_sop_class_uid or VERIFICATION)
             self._conn_send(_pdata(cx_id, rsp))
             return
+        if cmd.command_field == dimse.C_CANCEL_RQ:
+            return  # nothing to cancel: every C-STORE is answered before the next is read (PS3.7 9.3.2.3)
         if cmd.command_field != dimse.C_STORE_RQ:
             raise ProtocolError(f"command 0x{cmd.command_field:04X} is not supported by this SCP")
         rx = self._rx
