@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from node import __version__
 from node.config import Config
-from node.index.db import make_engine, migrate, session_factory
+from node.index.db import WalCheckpointer, make_engine, migrate, session_factory
 from node.index.models import Instance
 from node.index.writer import IndexWriter
 from node.receive.ingest import Ingest
@@ -28,6 +28,7 @@ class Node:
         self.engine = make_engine(cfg.database_url)
         self.sessions = session_factory(self.engine)
         self.writer = IndexWriter(self.engine, on_failure=lambda: self.ingest.recorder.forget())
+        self.checkpointer = WalCheckpointer(self.engine)
         self.ingest = Ingest(
             self.storage,
             self.writer,
@@ -46,6 +47,7 @@ class Node:
         if new_dir and self._index_is_empty():
             mark_clean(self.storage)  # nothing to reconcile: no files and no rows
         self.writer.start()
+        self.checkpointer.start()
         recover(self.storage, self.sessions, self.writer)
         self.scp = StorageSCP(self.cfg, self.ingest)
         self.scp.start()
@@ -60,6 +62,7 @@ class Node:
         if self.scp is not None:
             clean = self.scp.stop()
         clean = self.writer.stop() and clean
+        self.checkpointer.stop()
         self.engine.dispose()
         if clean:
             mark_clean(self.storage)
