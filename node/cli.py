@@ -126,11 +126,14 @@ def send(
 def status(config: Path | None = ConfigOption) -> None:
     """What the index holds: counts by patient, study and series, and disk use."""
     cfg = _load(config)
-    from node.index.status import gather
+    from node.index.status import NoIndex, gather
 
     try:
         s = gather(cfg)
-    except Exception as e:  # e.g. no database yet
+    except NoIndex as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        raise typer.Exit(1) from None
+    except Exception as e:  # unreachable or unmigrated database
         console.print(f"[bold red]error:[/] cannot read the index at {cfg.database_url}: {e}", highlight=False)
         raise typer.Exit(1) from None
     out.print(f"data directory: {cfg.data_dir}")

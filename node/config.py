@@ -52,7 +52,6 @@ class NodeSection(_Section):
     max_pdu: int = Field(1_048_576, ge=0)
     max_associations: int = Field(32, ge=1, le=1024)
     acse_timeout: float = Field(30.0, gt=0)
-    dimse_timeout: float = Field(60.0, gt=0)
     network_timeout: float = Field(60.0, gt=0)
     #: Refuse new instances (0xA700) while the storage filesystem has less free space.
     min_free_mb: int = Field(1024, ge=0)

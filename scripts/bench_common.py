@@ -30,12 +30,14 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -365,20 +367,8 @@ def generate_series(
         ds.FrameOfReferenceUID = frame_uid
         ds.PositionReferenceIndicator = ""
         ds.SliceLocation = f"{z:.3f}"
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows = spec.rows
-        ds.Columns = spec.cols
+        set_ct_pixel_module(ds, spec.rows, spec.cols)
         ds.PixelSpacing = [f"{spacing:.6f}", f"{spacing:.6f}"]
-        ds.BitsAllocated = 16
-        ds.BitsStored = 12
-        ds.HighBit = 11
-        ds.PixelRepresentation = 0
-        ds.WindowCenter = "40"
-        ds.WindowWidth = "400"
-        ds.RescaleIntercept = "-1024"
-        ds.RescaleSlope = "1"
-        ds.RescaleType = "HU"
 
         noise = rng.normal(0.0, 20.0, size=(spec.rows, spec.cols)).astype(np.float32)
         pixels = np.clip(base + noise + 5.0 * np.sin(i / 7.0), 0, 4095).astype("<u2")
@@ -805,6 +795,40 @@ def tool_versions() -> dict[str, str]:
 def have_binaries() -> dict[str, bool]:
     """Which external tools exist (absolute paths, see the module constants)."""
     return {p: Path(p).exists() and os.access(p, os.X_OK) for p in (STORESCU, STORESCP, ECHOSCU, ORTHANC)}
+
+
+def missing_binaries(needed: Iterable[str]) -> list[str]:
+    """Those of ``needed`` (absolute paths) that are not installed; logs them with the apt hint."""
+    missing = sorted(p for p in needed if not (Path(p).exists() and os.access(p, os.X_OK)))
+    if missing:
+        log(f"missing required binaries: {missing} (apt-get install dcmtk orthanc)")
+    return missing
+
+
+def make_workdir(arg: Path | None, prefix: str) -> tuple[Path, bool]:
+    """The work directory (a new temp dir unless given) and whether we created it."""
+    own = arg is None
+    workdir = Path(tempfile.mkdtemp(prefix=prefix)) if own else arg
+    workdir.mkdir(parents=True, exist_ok=True)
+    log(f"work dir: {workdir}")
+    return workdir, own
+
+
+def set_ct_pixel_module(ds: Any, rows: int, cols: int) -> None:
+    """12-bit unsigned CT pixels stored in 16 bits, HU rescale and a soft-tissue window."""
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = rows
+    ds.Columns = cols
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.RescaleIntercept = "-1024"
+    ds.RescaleSlope = "1"
+    ds.RescaleType = "HU"
+    ds.WindowCenter = "40"
+    ds.WindowWidth = "400"
 
 
 def rmtree_quiet(path: Path) -> None:

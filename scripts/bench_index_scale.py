@@ -60,16 +60,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import (  # noqa: E402
+    ECHOSCU,
     REPO_ROOT,
+    STORESCU,
     NodeReceiver,
     ProcessGroup,
     ReceiverUnavailable,
     SeriesSpec,
     generate_series,
-    have_binaries,
     install_sigterm_handler,
     log,
     machine_info,
+    missing_binaries,
     rmtree_quiet,
     send_with_storescu,
     tail,
@@ -542,9 +544,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     install_sigterm_handler()
-    missing = [b for b, ok in have_binaries().items() if not ok and b.endswith(("storescu", "echoscu"))]
-    if missing:
-        log(f"missing required binaries: {missing} (apt-get install dcmtk)")
+    if missing_binaries([STORESCU, ECHOSCU]):
         return 2
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,7 +41,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import (  # noqa: E402
+    ECHOSCU,
+    ORTHANC,
     RECEIVER_NAMES,
+    STORESCP,
+    STORESCU,
     NodeReceiver,
     OrthancReceiver,
     ProcessGroup,
@@ -52,10 +55,11 @@ from bench_common import (  # noqa: E402
     SeriesSpec,
     StorescpReceiver,
     generate_series,
-    have_binaries,
     install_sigterm_handler,
     log,
     machine_info,
+    make_workdir,
+    missing_binaries,
     rmtree_quiet,
     send_with_storescu,
     tool_versions,
@@ -312,20 +316,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     install_sigterm_handler()
 
-    missing = [p for p, ok in have_binaries().items() if not ok]
-    needed = {"/usr/bin/storescu", "/usr/bin/echoscu"}
-    if "storescp" in args.receiver_list:
-        needed.add("/usr/bin/storescp")
-    if "orthanc" in args.receiver_list:
-        needed.add("/usr/sbin/Orthanc")
-    if needed & set(missing):
-        log(f"missing required binaries: {sorted(needed & set(missing))} (apt-get install dcmtk orthanc)")
+    needed = [STORESCU, ECHOSCU]
+    needed += [STORESCP] if "storescp" in args.receiver_list else []
+    needed += [ORTHANC] if "orthanc" in args.receiver_list else []
+    if missing_binaries(needed):
         return 2
-
-    own_workdir = args.workdir is None
-    workdir = Path(tempfile.mkdtemp(prefix="bench-ingest-")) if own_workdir else args.workdir
-    workdir.mkdir(parents=True, exist_ok=True)
-    log(f"work dir: {workdir}")
+    workdir, own_workdir = make_workdir(args.workdir, "bench-ingest-")
 
     machine = machine_info(workdir)
     versions = tool_versions()

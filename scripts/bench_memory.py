@@ -48,7 +48,6 @@ import json
 import sqlite3
 import struct
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -59,18 +58,22 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import (  # noqa: E402
+    ECHOSCU,
+    STORESCU,
     NodeReceiver,
     ProcessGroup,
     ReceiverUnavailable,
     SeriesSpec,
     _phantom,
     generate_series,
-    have_binaries,
     install_sigterm_handler,
     log,
     machine_info,
+    make_workdir,
+    missing_binaries,
     rmtree_quiet,
     send_with_storescu,
+    set_ct_pixel_module,
     tail,
     tool_versions,
 )
@@ -143,22 +146,10 @@ def write_large_instance(path: Path, size_mb: int, seed: int = 99) -> tuple[str,
     ds.SeriesNumber = 1
     ds.InstanceNumber = 1
     ds.PatientOrientation = ""
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
     ds.NumberOfFrames = frames
     ds.FrameIncrementPointer = 0x00182001  # Page Number Vector
     ds.PageNumberVector = list(range(1, frames + 1))
-    ds.Rows = ROWS
-    ds.Columns = COLS
-    ds.BitsAllocated = 16
-    ds.BitsStored = 12
-    ds.HighBit = 11
-    ds.PixelRepresentation = 0
-    ds.RescaleIntercept = "-1024"
-    ds.RescaleSlope = "1"
-    ds.RescaleType = "HU"
-    ds.WindowCenter = "40"
-    ds.WindowWidth = "400"
+    set_ct_pixel_module(ds, ROWS, COLS)
     ds.save_as(path, enforce_file_format=True)
 
     rng = np.random.default_rng(seed)
@@ -332,15 +323,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     install_sigterm_handler()
-    missing = [b for b, ok in have_binaries().items() if not ok and b.endswith(("storescu", "echoscu"))]
-    if missing:
-        log(f"missing required binaries: {missing} (apt-get install dcmtk)")
+    if missing_binaries([STORESCU, ECHOSCU]):
         return 2
-
-    own_workdir = args.workdir is None
-    workdir = Path(tempfile.mkdtemp(prefix="bench-memory-")) if own_workdir else args.workdir
-    workdir.mkdir(parents=True, exist_ok=True)
-    log(f"work dir: {workdir}")
+    workdir, own_workdir = make_workdir(args.workdir, "bench-memory-")
     machine = machine_info(workdir)
     versions = tool_versions()
     errors: list[str] = []

@@ -60,5 +60,6 @@ def test_status_without_an_index_says_so(tmp_path):
     cfg = tmp_path / "node.toml"
     cfg.write_text(f'[node]\ndata_dir = "{tmp_path / "nothing"}"\n')
     r = cli("status", "--config", str(cfg))
-    assert r.returncode in (0, 1)
-    assert "Traceback" not in r.stderr
+    assert r.returncode == 1
+    assert "no index at" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "nothing").exists(), "status creates nothing"

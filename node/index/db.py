@@ -38,7 +38,7 @@ def make_engine(url: str, *, write: bool = True) -> Engine:
     if not is_sqlite(url):
         return create_engine(url, pool_pre_ping=True, future=True)
 
-    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+    if write and url.startswith("sqlite:///") and url != "sqlite:///:memory:":
         Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(
         url,

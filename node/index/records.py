@@ -96,34 +96,39 @@ class Recorder:
         self._studies.clear()
         self._series.clear()
 
+    @staticmethod
+    def _parent(
+        tx: Tx, cache: dict, key: Any, name: str, select_stmt: Any, select_params: dict, insert_stmt: Any,
+        values: Callable[[], dict],
+    ) -> int:
+        """The id of a patient/study/series row: from the cache, the table, or a new insert."""
+        pk = cache.get(key)
+        if pk is None:
+            pk = tx.scalar(tx.prepare("sel_" + name, select_stmt), select_params)
+            if pk is None:
+                row = values()
+                pk = tx.scalar(tx.prepare("ins_" + name, insert_stmt, list(row)), row)
+            cache[key] = pk
+        return pk
+
     def record(self, tx: Tx, rec: InstanceRecord) -> RecordOutcome:
         now = rec.received_at
         p = rec.patient
-        key = (p["patient_id"], p["issuer_of_patient_id"], p["patient_name"], p["birth_date"])
-        patient_fk = self._patients.get(key)
-        if patient_fk is None:
-            patient_fk = tx.scalar(tx.prepare("sel_patient", _SEL_PATIENT), rec.patient)
-            if patient_fk is None:
-                values = dict(rec.patient, created_at=now)
-                patient_fk = tx.scalar(tx.prepare("ins_patient", _INS_PATIENT, list(values)), values)
-            self._patients[key] = patient_fk
+        patient_fk = self._parent(
+            tx, self._patients, (p["patient_id"], p["issuer_of_patient_id"], p["patient_name"], p["birth_date"]),
+            "patient", _SEL_PATIENT, p, _INS_PATIENT, lambda: dict(p, created_at=now),
+        )  # fmt: skip
         uid = rec.study["study_instance_uid"]
-        study_fk = self._studies.get(uid)
-        if study_fk is None:
-            study_fk = tx.scalar(tx.prepare("sel_study", _SEL_STUDY), {"uid": uid})
-            if study_fk is None:
-                values = dict(rec.study, patient_fk=patient_fk, created_at=now)
-                study_fk = tx.scalar(tx.prepare("ins_study", _INS_STUDY, list(values)), values)
-            self._studies[uid] = study_fk
+        study_fk = self._parent(
+            tx, self._studies, uid, "study", _SEL_STUDY, {"uid": uid}, _INS_STUDY,
+            lambda: dict(rec.study, patient_fk=patient_fk, created_at=now),
+        )  # fmt: skip
         uid = rec.series["series_instance_uid"]
-        series_fk = self._series.get(uid)
-        if series_fk is None:
-            series_fk = tx.scalar(tx.prepare("sel_series", _SEL_SERIES), {"uid": uid})
-            if series_fk is None:
-                values = dict(rec.series, study_fk=study_fk, first_received_at=now, last_received_at=now,
-                              instance_count=0)  # fmt: skip
-                series_fk = tx.scalar(tx.prepare("ins_series", _INS_SERIES, list(values)), values)
-            self._series[uid] = series_fk
+        series_fk = self._parent(
+            tx, self._series, uid, "series", _SEL_SERIES, {"uid": uid}, _INS_SERIES,
+            lambda: dict(rec.series, study_fk=study_fk, first_received_at=now, last_received_at=now,
+                         instance_count=0),
+        )  # fmt: skip
         row = tx.row(tx.prepare("sel_instance", _SEL_INSTANCE), {"uid": rec.sop_instance_uid})
         values = dict(rec.instance, series_fk=series_fk, received_at=now)
         series_add = tx.prepare("series_add", _SERIES_ADD)

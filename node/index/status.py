@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from sqlalchemy import func, select
 
@@ -23,8 +24,15 @@ class IndexStatus:
     recent_series: list[tuple] = field(default_factory=list)
 
 
+class NoIndex(Exception):
+    """There is no index at the configured place yet."""
+
+
 def gather(cfg: Config, recent: int = 10) -> IndexStatus:
-    engine = make_engine(cfg.database_url, write=False)
+    url = cfg.database_url
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).is_file():
+        raise NoIndex(f"no index at {url[len('sqlite:///') :]}: the node has not run with this data directory")
+    engine = make_engine(url, write=False)
     try:
         with session_factory(engine)() as s:
             counts = [s.execute(select(func.count()).select_from(m)).scalar_one() for m in (Patient, Study, Series)]

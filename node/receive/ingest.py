@@ -22,6 +22,7 @@ from node.receive.parse import Rejected, read_header, to_record
 from node.receive.rxfile import ReceivedFile
 from node.receive.status import Status
 from node.storage import Storage
+from node.storage.layout import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ class Ingest:
         # The index commit (in the writer thread) and the directory fsync that
         # makes the rename durable (here) run side by side; Success waits for both.
         recorded = self.writer.submit(lambda s: self.recorder.record(s, record))
-        self.storage.sync_dir(final.parent)
+        fsync_dir(final.parent)
         try:
             outcome: RecordOutcome = recorded.result(timeout=INDEX_WAIT)
         except TimeoutError:

@@ -115,7 +115,8 @@ class AcceptorSettings:
     implementation_version: str
     #: abstract syntax -> accepted transfer syntaxes
     supported: dict[str, frozenset[str]]
-    receive_dir: object  # pathlib.Path of the temp directory on the storage filesystem
+    #: Temp directory on the storage filesystem (so the final rename is atomic).
+    receive_dir: Path
     ssl_context: ssl.SSLContext | None = None
 
 
@@ -272,7 +273,7 @@ class Association(threading.Thread):
         """A temp directory of this association's own: concurrent associations creating
         and renaming files in one shared directory contend for its lock."""
         if self._tmp is None:
-            self._tmp = Path(self.settings.receive_dir) / f"a-{self.info.id}"  # type: ignore[union-attr]
+            self._tmp = self.settings.receive_dir / f"a-{self.info.id}"  # type: ignore[union-attr]
             self._tmp.mkdir(exist_ok=True)
         return self._tmp
 
@@ -603,11 +604,6 @@ class Acceptor:
         with self._lock:
             self._active.discard(a)
             self._admitted.discard(a)
-
-    @property
-    def active(self) -> int:
-        with self._lock:
-            return len(self._admitted)
 
     def stop(self, timeout: float = 30.0) -> bool:
         """Stop accepting; give open associations ``timeout`` seconds to finish, then abort them.

@@ -48,7 +48,7 @@ class Storage:
         new = not self.files.exists()
         for d in (self.root, self.files, self.tmp, self.quarantine):
             d.mkdir(parents=True, exist_ok=True)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         return new
 
     def path_for(self, series_instance_uid: str, sop_instance_uid: str) -> Path:
@@ -72,7 +72,7 @@ class Storage:
     def place(self, temp_path: str | Path, final: Path) -> None:
         """Atomically move an already fsync'ed temp file to ``final``.
 
-        The rename is durable only after :meth:`sync_dir` on ``final.parent``;
+        The rename is durable only after :func:`fsync_dir` on ``final.parent``;
         callers may overlap that with other work but must wait for it before
         acknowledging.
         """
@@ -84,28 +84,19 @@ class Storage:
             with self._dirs_lock:
                 if parent not in self._dirs:
                     parent.mkdir(parents=True, exist_ok=True)
-                    _fsync_dir(parent.parent)
-                    _fsync_dir(parent.parent.parent)
+                    fsync_dir(parent.parent)
+                    fsync_dir(parent.parent.parent)
                     if len(self._dirs) > 100_000:  # a cache, not a registry
                         self._dirs.clear()
                     self._dirs.add(parent)
         os.rename(temp_path, final)
-
-    @staticmethod
-    def sync_dir(path: Path) -> None:
-        _fsync_dir(path)
-
-    def commit(self, temp_path: str | Path, final: Path) -> None:
-        """Atomically move an already fsync'ed temp file to ``final`` and make the rename durable."""
-        self.place(temp_path, final)
-        _fsync_dir(final.parent)
 
     def remove(self, path: Path) -> None:
         try:
             path.unlink()
         except FileNotFoundError:
             return
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
     def iter_stored(self):  # type: ignore[no-untyped-def]
         """Every stored instance file (for recovery and audits)."""
@@ -123,10 +114,6 @@ def _digest(uid: str) -> str:
 
 def fsync_dir(path: Path) -> None:
     """Make the entries of directory ``path`` durable."""
-    _fsync_dir(path)
-
-
-def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
