@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import BigInteger, DateTime, Float, ForeignKey, Index, Integer, String, UniqueConstraint
+from sqlalchemy import BigInteger, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 UID = String(128)
@@ -87,6 +87,14 @@ class Series(Base):
     # Not indexed on purpose: it changes with every instance, and an index
     # here would be rewritten (and WAL-logged) on every commit.
     last_received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    #: The series tracker's durable state, kept in this row so that the
+    #: receive path maintains it in the UPDATE it already makes per instance.
+    #: ``receiving`` -> ``stable`` -> ``triggered``; an instance arriving for
+    #: a stable or triggered series opens the next revision (``receiving``).
+    state: Mapped[str] = mapped_column(String(16), default="receiving", index=True)
+    revision: Mapped[int] = mapped_column(Integer, default=1)
+    revision_instances: Mapped[int] = mapped_column(Integer, default=0)
+    revision_started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series")
@@ -132,5 +140,60 @@ class Instance(Base):
     called_ae: Mapped[str] = mapped_column(String(16), default="")
     peer_address: Mapped[str] = mapped_column(String(64), default="")
     association_id: Mapped[str] = mapped_column(String(36), default="")
+    #: The series revision this instance arrived in (see ``Series.state``).
+    revision: Mapped[int] = mapped_column(Integer, default=1)
 
     series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class SeriesRevision(Base):
+    """The history of a series' revisions: written when one becomes stable, completed when it triggers."""
+
+    __tablename__ = "series_revision"
+    __table_args__ = (UniqueConstraint("series_fk", "revision", name="uq_series_revision"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_fk: Mapped[int] = mapped_column(ForeignKey("series.id"))
+    revision: Mapped[int] = mapped_column(Integer)
+    instance_count: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    last_received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    stable_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    #: Why it became stable, e.g. "no instance for 60 s" or "200 of 200 expected instances".
+    stable_reason: Mapped[str] = mapped_column(String(256), default="")
+    triggered_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    #: Names of the rules that matched, comma-separated; empty when none did.
+    matched_rules: Mapped[str] = mapped_column(Text, default="")
+    error: Mapped[str] = mapped_column(Text, default="")
+
+
+class Job(Base):
+    """One (series revision, rule, action) match; the unique constraint makes it exactly one."""
+
+    __tablename__ = "job"
+    __table_args__ = (
+        UniqueConstraint("series_fk", "revision", "rule", "action_index", name="uq_job_match"),
+        Index("ix_job_state_due", "state", "not_before"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_fk: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    revision: Mapped[int] = mapped_column(Integer)
+    rule: Mapped[str] = mapped_column(String(128))
+    action_index: Mapped[int] = mapped_column(Integer)
+    #: "plugin", "forward" or "discard".
+    kind: Mapped[str] = mapped_column(String(16))
+    #: The action as configured when the job was made (JSON), so a later config change does not alter it.
+    action: Mapped[str] = mapped_column(Text)
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    #: pending, running, succeeded, failed, cancelled.
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    #: What the job did, for people (e.g. "sent 200 instances to PACS").
+    result: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    not_before: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

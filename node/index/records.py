@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam, case, literal_column, select
 
 from node.index.models import Instance, Patient, Series, Study
 from node.index.writer import Tx
@@ -37,6 +37,11 @@ class RecordOutcome:
     instance_id: int
     #: For "replaced": the file the old row pointed to, to delete after commit.
     old_file_path: str | None = None
+    #: For "new" and "replaced": the series row, its open revision and how many
+    #: instances that revision holds now (for the series tracker).
+    series_id: int = 0
+    revision: int = 0
+    revision_instances: int = 0
 
 
 _patient = Patient.__table__
@@ -62,10 +67,25 @@ _SEL_INSTANCE = select(_instance.c.id, _instance.c.file_path, _instance.c.series
 )
 _INS_INSTANCE = _instance.insert().returning(_instance.c.id)
 _UPD_INSTANCE = _instance.update().where(_instance.c.id == bindparam("pk"))
+# An arrival keeps a receiving series' revision open, or opens the next
+# revision of a stable/triggered one. Every right-hand side sees the row as
+# it was before the UPDATE (SQL semantics, SQLite and PostgreSQL alike).
+# (Literals inline, not as bind parameters: Prepared binds only named parameters.)
+_RECEIVING = literal_column("'receiving'")
+_ONE = literal_column("1")
+_receiving = _series.c.state == _RECEIVING
 _SERIES_ADD = (
     _series.update()
     .where(_series.c.id == bindparam("pk"))
-    .values(instance_count=_series.c.instance_count + bindparam("delta"), last_received_at=bindparam("now"))
+    .values(
+        instance_count=_series.c.instance_count + bindparam("delta"),
+        last_received_at=bindparam("now"),
+        revision=case((_receiving, _series.c.revision), else_=_series.c.revision + _ONE),
+        revision_instances=case((_receiving, _series.c.revision_instances + bindparam("delta")), else_=_ONE),
+        revision_started_at=case((_receiving, _series.c.revision_started_at), else_=bindparam("now")),
+        state=_RECEIVING,
+    )
+    .returning(_series.c.revision, _series.c.revision_instances)
 )
 _STUDY_RELINK = _study.update().where(_study.c.id == bindparam("pk")).values(patient_fk=bindparam("patient_fk"))
 _SERIES_SUB = (
@@ -127,26 +147,30 @@ class Recorder:
         series_fk = self._parent(
             tx, self._series, uid, "series", _SEL_SERIES, {"uid": uid}, _INS_SERIES,
             lambda: dict(rec.series, study_fk=study_fk, first_received_at=now, last_received_at=now,
-                         instance_count=0),
+                         instance_count=0, state="receiving", revision=1, revision_instances=0,
+                         revision_started_at=now),
         )  # fmt: skip
         row = tx.row(tx.prepare("sel_instance", _SEL_INSTANCE), {"uid": rec.sop_instance_uid})
-        values = dict(rec.instance, series_fk=series_fk, received_at=now)
-        series_add = tx.prepare("series_add", _SERIES_ADD)
+        if row is not None and self.policy == "keep_first" and (
+            self.file_exists is None or self.file_exists(row[1])
+        ):
+            return RecordOutcome("duplicate", row[0])
+        # The series row first: it says which revision the instance belongs to.
+        delta = 1 if row is None or row[2] != series_fk else 0
+        revision, revision_instances = tx.row(
+            tx.prepare("series_add", _SERIES_ADD), {"pk": series_fk, "delta": delta, "now": now}
+        )
+        values = dict(rec.instance, series_fk=series_fk, received_at=now, revision=revision)
+        tracked = {"series_id": series_fk, "revision": revision, "revision_instances": revision_instances}
         if row is None:
             pk = tx.scalar(tx.prepare("ins_instance", _INS_INSTANCE, list(values)), values)
-            tx.execute(series_add, {"pk": series_fk, "delta": 1, "now": now})
-            return RecordOutcome("new", pk)
-        old_id, old_path, old_series = row
-        if self.policy == "keep_first" and (self.file_exists is None or self.file_exists(old_path)):
-            return RecordOutcome("duplicate", old_id)
+            return RecordOutcome("new", pk, **tracked)
         # overwrite, or keep_first whose first copy is gone: the new copy replaces the row
+        old_id, old_path, old_series = row
         values["pk"] = old_id
         tx.execute(tx.prepare("upd_instance", _UPD_INSTANCE, [k for k in values if k != "pk"]), values)
         # The newest copy wins: a re-send with corrected demographics moves the study to that patient.
         tx.execute(tx.prepare("study_relink", _STUDY_RELINK), {"pk": study_fk, "patient_fk": patient_fk})
-        if old_series != series_fk:  # the same SOP Instance UID moved to another series
+        if old_series != series_fk:  # the same SOP Instance UID moved from another series
             tx.execute(tx.prepare("series_sub", _SERIES_SUB), {"pk": old_series})
-            tx.execute(series_add, {"pk": series_fk, "delta": 1, "now": now})
-        else:
-            tx.execute(series_add, {"pk": series_fk, "delta": 0, "now": now})
-        return RecordOutcome("replaced", old_id, old_file_path=old_path)
+        return RecordOutcome("replaced", old_id, old_file_path=old_path, **tracked)
