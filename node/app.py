@@ -10,9 +10,11 @@ from sqlalchemy import select
 
 from node import __version__
 from node.config import Config
+from node.decide.tracker import SeriesTracker
 from node.index.db import WalCheckpointer, make_engine, migrate, session_factory
 from node.index.models import Instance
 from node.index.writer import IndexWriter
+from node.jobs.runner import JobRunner
 from node.receive.ingest import Ingest
 from node.receive.scp import StorageSCP
 from node.storage import Storage
@@ -29,11 +31,14 @@ class Node:
         self.sessions = session_factory(self.engine)
         self.writer = IndexWriter(self.engine, on_failure=lambda: self.ingest.recorder.forget())
         self.checkpointer = WalCheckpointer(self.engine)
+        self.runner = JobRunner(cfg, self.engine, self.storage)
+        self.tracker = SeriesTracker(cfg, self.engine, on_jobs=self.runner.wake)
         self.ingest = Ingest(
             self.storage,
             self.writer,
             duplicates=cfg.node.duplicates,
             min_free_bytes=cfg.node.min_free_mb * 2**20,
+            on_recorded=self.tracker.arrived,
         )
         self.scp: StorageSCP | None = None
         self._stop = threading.Event()
@@ -49,6 +54,10 @@ class Node:
         self.writer.start()
         self.checkpointer.start()
         recover(self.storage, self.sessions, self.writer)
+        self.runner.start()
+        self.tracker.start()
+        log.info("%d rule(s) loaded; series are stable after %g s without a new instance (unless a rule says "
+                 "otherwise)", len(self.tracker.ruleset), self.cfg.tracker.stable_after)  # fmt: skip
         self.scp = StorageSCP(self.cfg, self.ingest)
         self.scp.start()
 
@@ -61,6 +70,8 @@ class Node:
         clean = True
         if self.scp is not None:
             clean = self.scp.stop()
+        self.tracker.stop()
+        self.runner.stop()
         clean = self.writer.stop() and clean
         self.checkpointer.stop()
         self.engine.dispose()

@@ -124,6 +124,44 @@ class DestinationSection(_Section):
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
 
 
+class TrackerSection(_Section):
+    """When a series counts as complete."""
+
+    #: Seconds without a new instance after which a series is stable (a rule may override it).
+    stable_after: float = Field(60.0, gt=0, le=86400)
+    #: Complete a series as soon as its expected size has arrived, when its first
+    #: instance tells it (ImagesInAcquisition, an enhanced multi-frame instance, ...).
+    use_expected_counts: bool = True
+
+
+class JobsSection(_Section):
+    #: Jobs run at the same time.
+    workers: int = Field(2, ge=1, le=64)
+    #: Seconds before a failed job's first retry; doubles on each further attempt.
+    retry_delay: float = Field(30.0, ge=0)
+
+
+_PLUGIN_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
+
+
+class PluginsSection(_Section):
+    #: Local plugins, name = "python.module:attribute" (installed ones come from entry points).
+    local: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("local")
+    @classmethod
+    def _targets(cls, local: dict[str, str]) -> dict[str, str]:
+        import re
+
+        for name, target in local.items():
+            if not re.match(_PLUGIN_NAME, name):
+                raise ValueError(f"plugin name {name!r}: use letters, digits, '-', '_' or '.'")
+            mod, _, attr = target.partition(":")
+            if not mod or not attr:
+                raise ValueError(f"{name} = {target!r}: write it as \"package.module:attribute\"")
+        return local
+
+
 class LoggingSection(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = False
@@ -135,12 +173,17 @@ class Config(_Section):
     access: AccessSection = Field(default_factory=AccessSection)
     tls: TlsSection = Field(default_factory=TlsSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
+    tracker: TrackerSection = Field(default_factory=TrackerSection)
+    jobs: JobsSection = Field(default_factory=JobsSection)
+    plugins: PluginsSection = Field(default_factory=PluginsSection)
     destinations: list[DestinationSection] = Field(default_factory=list)
     #: Rules are validated by the rule engine; here they are only tables.
     rules: list[dict[str, Any]] = Field(default_factory=list)
 
     #: Where the values came from, for messages; not a config key.
     source: str = Field("built-in defaults", exclude=True)
+    #: The compiled rules (set by load_config); not a config key.
+    ruleset: Any = Field(None, exclude=True)
 
     @model_validator(mode="after")
     def _unique_destinations(self) -> Config:
@@ -244,4 +287,21 @@ def load_config(path: Path | str | None = None, environ: dict[str, str] | None =
     except ValidationError as e:
         raise ConfigError(_format_errors(source, e, env_keys)) from None
     cfg.source = source
+    cfg.ruleset = compile_rules(cfg, source)
     return cfg
+
+
+def compile_rules(cfg: Config, source: str = "") -> Any:
+    """The config's rules, checked against its destinations and the installed plugins."""
+    from node.decide.rules import RuleSet, RulesError
+    from node.plugins.registry import discover
+
+    try:
+        return RuleSet.compile(
+            cfg.rules,
+            destinations=[d.name for d in cfg.destinations],
+            plugins=discover(cfg.plugins.local),
+        )
+    except RulesError as e:
+        lines = [f"invalid rules in {source or cfg.source}:"] + [f"  {line}" for line in e.errors]
+        raise ConfigError("\n".join(lines)) from None

@@ -34,3 +34,5 @@ def setup_logging(level: str = "INFO", json_format: bool = False) -> None:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING if level != "DEBUG" else logging.INFO)
     # pydicom logs each odd value it meets; the node logs what it refuses, and why.
     logging.getLogger("pydicom").setLevel(logging.ERROR)
+    # The scheduler logs every job it adds and runs; the tracker logs what matters.
+    logging.getLogger("apscheduler").setLevel(logging.WARNING if level != "DEBUG" else logging.INFO)

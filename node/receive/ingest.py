@@ -9,9 +9,11 @@ is committed, and any failure removes what this request wrote.
 
 from __future__ import annotations
 
+import datetime as dt
 import errno
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pydicom.uid import UID
@@ -57,8 +59,11 @@ class Ingest:
         *,
         duplicates: DuplicatePolicy = "keep_first",
         min_free_bytes: int = 0,
+        on_recorded: Callable[[RecordOutcome, dt.datetime], None] | None = None,
     ) -> None:
+        """``on_recorded(outcome, received_at)`` is told of every committed row (the series tracker)."""
         self.storage = storage
+        self.on_recorded = on_recorded
         self.writer = writer
         self.recorder = Recorder(duplicates, file_exists=lambda rel: self.storage.absolute(rel).is_file())
         self.min_free_bytes = min_free_bytes
@@ -169,6 +174,11 @@ class Ingest:
         except Exception as e:
             self.storage.remove(final)
             raise Rejected(Status.OUT_OF_RESOURCES, f"the index could not record the instance: {e}") from None
+        if self.on_recorded is not None:
+            try:
+                self.on_recorded(outcome, record.received_at)
+            except Exception:  # the instance is stored; the tracker re-arms from the table on restart
+                log.exception("the series tracker could not take note of %s", ds_inst)
         if outcome.kind == "duplicate":
             self.storage.remove(final)
             log.info(

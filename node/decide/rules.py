@@ -1,0 +1,276 @@
+"""Rules: which completed series trigger which actions, declared as data in the TOML config.
+
+::
+
+    [[rules]]
+    name = "ct-bone"
+    priority = 10              # higher first; equal priorities keep file order
+    stop = true                # when it matches, rules of lower priority are not evaluated
+    stable_after = 30          # seconds without a new instance (overrides [tracker] stable_after)
+    expected_instances = 200   # complete as soon as this many arrived
+    on_revision = "ignore"     # or "rerun": instances after triggering open a revision; rerun it?
+    [rules.match]
+    Modality = "CT"
+    [[rules.actions]]
+    type = "plugin"            # run a plugin, send its results
+    plugin = "threshold-seg"
+    params = { lower = 300 }
+    send_to = ["pacs"]
+    [[rules.actions]]
+    type = "forward"           # send the source series
+    to = ["pacs"]
+    [[rules.actions]]
+    type = "discard"           # delete the series from this node
+
+Everything is checked when the config loads; an error names the rule, the
+field and what is wrong.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from node.decide.conditions import Condition, ConditionError, Outcome, parse_match
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PluginStep(_Strict):
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class PluginAction(_Strict):
+    """Run one plugin (``plugin`` + ``params``) or a chain (``plugins``), and send the results."""
+
+    type: Literal["plugin"]
+    plugin: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    plugins: list[PluginStep] = Field(default_factory=list)
+    send_to: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> PluginAction:
+        if (self.plugin is None) == (not self.plugins):
+            raise ValueError("give either plugin = \"name\" (with params) or plugins = [{ name = ... }, ...]")
+        if self.plugins and self.params:
+            raise ValueError("with plugins = [...], give each plugin's params inside its own table")
+        return self
+
+    @property
+    def steps(self) -> list[PluginStep]:
+        return self.plugins or [PluginStep(name=self.plugin or "", params=self.params)]
+
+    def summary(self) -> str:
+        names = " then ".join(s.name for s in self.steps)
+        return f"run {names}" + (f", send results to {', '.join(self.send_to)}" if self.send_to else "")
+
+
+class ForwardAction(_Strict):
+    """Send the source series (the instances of the triggering revision) to destinations."""
+
+    type: Literal["forward"]
+    to: list[str] = Field(min_length=1)
+
+    def summary(self) -> str:
+        return f"forward the series to {', '.join(self.to)}"
+
+
+class DiscardAction(_Strict):
+    """Delete the revision's instances from this node (files and index rows)."""
+
+    type: Literal["discard"]
+
+    def summary(self) -> str:
+        return "discard the series"
+
+
+Action = Annotated[PluginAction | ForwardAction | DiscardAction, Field(discriminator="type")]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+
+class RuleModel(_Strict):
+    name: str
+    priority: int = 0
+    enabled: bool = True
+    match: dict[str, Any] = Field(default_factory=dict)
+    actions: list[Action] = Field(min_length=1)
+    stop: bool = False
+    stable_after: float | None = Field(None, gt=0, le=86400)
+    expected_instances: int | None = Field(None, ge=1)
+    on_revision: Literal["ignore", "rerun"] = "ignore"
+    max_attempts: int = Field(3, ge=1, le=100)
+
+
+@dataclass(frozen=True)
+class Rule:
+    model: RuleModel
+    condition: Condition
+    #: Position in the config file, for messages and as the tie-breaker of equal priorities.
+    index: int
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+
+@dataclass(frozen=True)
+class RuleResult:
+    rule: Rule
+    #: "matched", "not matched", "disabled", "skipped", "not for revisions"
+    status: str
+    why: str = ""
+
+    @property
+    def fired(self) -> bool:
+        return self.status == "matched"
+
+
+class RulesError(ValueError):
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+def _loc(loc: Iterable[Any]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("plugin", "forward", "discard") and out.endswith("]"):
+            continue  # the discriminator pydantic inserts into union locations
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+class RuleSet:
+    """The compiled rules, in evaluation order."""
+
+    def __init__(self, rules: list[Rule]) -> None:
+        self.rules = sorted(rules, key=lambda r: (-r.model.priority, r.index))
+
+    def __len__(self) -> int:
+        return len(self.rules)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.rules)
+
+    def get(self, name: str) -> Rule | None:
+        return next((r for r in self.rules if r.name == name), None)
+
+    @classmethod
+    def compile(
+        cls, tables: list[dict[str, Any]], *, destinations: Iterable[str] = (), plugins: Iterable[str] = ()
+    ) -> RuleSet:
+        """Validate rule tables from the config; raises :class:`RulesError` listing every problem."""
+        destinations, plugins = set(destinations), set(plugins)
+        errors: list[str] = []
+        rules: list[Rule] = []
+        seen: dict[str, int] = {}
+        for i, table in enumerate(tables):
+            name = table.get("name") if isinstance(table, dict) else None
+            where = f'rules[{i}] ("{name}")' if isinstance(name, str) else f"rules[{i}]"
+            try:
+                model = RuleModel.model_validate(table)
+            except ValidationError as e:
+                for err in e.errors():
+                    msg = err["msg"].removeprefix("Value error, ")
+                    if err["type"] == "extra_forbidden":
+                        msg = "unknown key (see the rules section of config/node.toml)"
+                    elif err["type"] == "union_tag_invalid":
+                        msg = "type must be one of plugin, forward, discard"
+                    elif err["type"] == "union_tag_not_found":
+                        msg = 'each action needs a type: "plugin", "forward" or "discard"'
+                    key = _loc(err["loc"])
+                    got = err.get("input")
+                    shown = "" if err["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else (
+                        f" (got {got!r})")  # fmt: skip
+                    errors.append(f"{where}.{key}: {msg}{shown}" if key else f"{where}: {msg}")
+                if isinstance(table, dict) and isinstance(table.get("match", {}), dict):
+                    try:  # report the conditions' problems in the same run
+                        parse_match(table.get("match", {}))
+                    except ConditionError as ce:
+                        errors.append(f"{where}.{ce.path}: {ce.message}")
+                continue
+            if not _NAME.match(model.name):
+                errors.append(f"{where}.name: use letters, digits, '-', '_' or '.' (at most 128), not {model.name!r}")
+            if model.name in seen:
+                errors.append(f"{where}.name: {model.name!r} is already the name of rules[{seen[model.name]}]")
+            seen.setdefault(model.name, i)
+            for j, action in enumerate(model.actions):
+                a = f"{where}.actions[{j}]"
+                targets = (
+                    [("send_to", d) for d in action.send_to] if isinstance(action, PluginAction)
+                    else [("to", d) for d in action.to] if isinstance(action, ForwardAction) else []
+                )  # fmt: skip
+                for key, dest in targets:
+                    if dest not in destinations:
+                        known = ", ".join(sorted(destinations)) or "none are configured; add a [[destinations]] table"
+                        errors.append(f"{a}.{key}: unknown destination {dest!r} (destinations: {known})")
+                if isinstance(action, PluginAction):
+                    for k, step in enumerate(action.steps):
+                        key = "plugin" if action.plugin else f"plugins[{k}].name"
+                        if step.name not in plugins:
+                            known = ", ".join(sorted(plugins)) or "none are installed"
+                            errors.append(f"{a}.{key}: unknown plugin {step.name!r} (installed: {known})")
+            try:
+                condition = parse_match(model.match)
+            except ConditionError as e:
+                errors.append(f"{where}.{e.path}: {e.message}")
+                continue
+            rules.append(Rule(model, condition, i))
+        if errors:
+            raise RulesError(errors)
+        return cls(rules)
+
+    def evaluate(self, facts: Mapping[str, Any]) -> list[RuleResult]:
+        """Every rule's answer for a stable series, in evaluation order (stop honoured)."""
+        results: list[RuleResult] = []
+        stopped_by: str | None = None
+        revision = facts.get("revision") or 1
+        for rule in self.rules:
+            if stopped_by is not None:
+                results.append(RuleResult(rule, "skipped", f"rule {stopped_by!r} matched first and has stop = true"))
+                continue
+            if not rule.model.enabled:
+                results.append(RuleResult(rule, "disabled", "enabled = false"))
+                continue
+            out: Outcome = rule.condition.evaluate(facts)
+            if not out.ok:
+                results.append(RuleResult(rule, "not matched", out.why))
+                continue
+            if revision > 1 and rule.model.on_revision == "ignore":
+                results.append(RuleResult(rule, "not for revisions", f"this is revision {revision} and the rule "
+                                          "has on_revision = \"ignore\" (it ran for an earlier revision)"))  # fmt: skip
+                continue
+            results.append(RuleResult(rule, "matched"))
+            if rule.model.stop:
+                stopped_by = rule.name
+        return results
+
+    def timing(self, facts: Mapping[str, Any]) -> tuple[float | None, int | None, str]:
+        """``(stable_after, expected_instances, rule name)`` from the first rule that may match and sets one.
+
+        Evaluated when a revision opens, from its first instance: conditions on
+        counts cannot be known yet and count as satisfied.
+        """
+        for rule in self.rules:
+            m = rule.model
+            if not m.enabled or (m.stable_after is None and m.expected_instances is None):
+                continue
+            if rule.condition.evaluate(facts, partial=True).ok:
+                return m.stable_after, m.expected_instances, rule.name
+        return None, None, ""
+
+    @property
+    def needs_timing(self) -> bool:
+        return any(r.model.stable_after is not None or r.model.expected_instances is not None for r in self.rules)

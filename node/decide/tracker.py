@@ -1,0 +1,313 @@
+"""The series tracker: when has a series fully arrived, and what does it trigger?
+
+The durable state is the series row (``state``, ``revision``,
+``revision_instances``, ``last_received_at``), kept by the receive path in
+the UPDATE it makes per instance anyway, plus a ``series_revision`` row per
+revision that became stable. APScheduler is only the timer: one date job per
+series, keyed by the series id. An arrival that moves the deadline later
+does not touch the scheduler; when the job fires early it looks at the
+newest arrival and re-schedules itself to the real deadline (a debounce that
+costs the receive path nothing per instance). Only an earlier deadline (the
+expected count reached) re-schedules at once.
+
+A series becomes stable in one conditional UPDATE (``state = 'receiving'``
+and the same revision and nothing newer than the cut-off), so an instance
+committed meanwhile wins and the timer is simply re-armed. Then the rules are
+evaluated and the revision's jobs made in one transaction (unique per
+revision, rule and action). On start-up, receiving series are re-armed from
+the table (overdue ones fire at once) and stable revisions whose jobs were
+not made yet are evaluated again; nothing is kept only in memory.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy import Engine, and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from node.config import Config
+from node.decide.facts import dataset_facts, expected_instances, first_instance, read_dataset, series_snapshot
+from node.decide.rules import ForwardAction, PluginAction, RuleSet
+from node.index.models import Series, SeriesRevision, utcnow
+from node.index.records import RecordOutcome
+from node.jobs.store import NewJob, create_jobs
+
+log = logging.getLogger(__name__)
+
+_series = Series.__table__
+_revision = SeriesRevision.__table__
+
+
+def aware(value: dt.datetime) -> dt.datetime:
+    """SQLite hands back naive datetimes; every time in the index is UTC."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+
+
+@dataclass
+class _Pending:
+    """What the timer knows about a receiving series (the table stays the authority)."""
+
+    revision: int
+    last: dt.datetime
+    count: int
+    stable_after: float
+    expected: int | None = None
+    #: Where stable_after / expected come from, for the logs.
+    source: str = ""
+    timing_known: bool = False
+    job_at: dt.datetime | None = None
+
+    def due(self) -> dt.datetime:
+        if self.expected is not None and self.count >= self.expected:
+            return self.last
+        return self.last + dt.timedelta(seconds=self.stable_after)
+
+
+class SeriesTracker:
+    def __init__(self, cfg: Config, engine: Engine, on_jobs: Callable[[], None] | None = None) -> None:
+        self.cfg = cfg
+        self.engine = engine
+        self.ruleset: RuleSet = cfg.ruleset if cfg.ruleset is not None else RuleSet([])
+        self.data_dir: Path = cfg.data_dir
+        self.on_jobs = on_jobs
+        self._pending: dict[int, _Pending] = {}
+        self._lock = threading.Lock()
+        self.scheduler = BackgroundScheduler(
+            timezone=dt.UTC,
+            executors={"default": ThreadPoolExecutor(4)},
+            # A job that fires late (the process was busy or down) still runs: no misfire is ever dropped.
+            job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1},
+        )
+
+    # -- life cycle ----------------------------------------------------------
+
+    def start(self) -> None:
+        self.scheduler.start()
+        now = utcnow()
+        with self.engine.connect() as conn:
+            receiving = conn.execute(
+                select(_series.c.id, _series.c.revision, _series.c.last_received_at, _series.c.revision_instances)
+                .where(_series.c.state == "receiving", _series.c.series_instance_uid != "")
+            ).all()
+            untriggered = conn.execute(
+                select(_revision.c.series_fk, _revision.c.revision).where(_revision.c.triggered_at.is_(None))
+            ).all()
+        for sid, revision, last, count in receiving:
+            with self._lock:
+                self._pending[sid] = _Pending(revision, aware(last), count, self.cfg.tracker.stable_after)
+            self._schedule(sid, now)  # computes its timing, then waits or fires at once if overdue
+        for sid, revision in untriggered:
+            self.scheduler.add_job(self._trigger_logged, "date", run_date=now, args=[sid, revision],
+                                   id=f"trigger-{sid}-{revision}", replace_existing=True)  # fmt: skip
+        if receiving or untriggered:
+            log.info("series tracker: %d receiving series re-armed from the index, %d stable revision(s) to "
+                     "evaluate", len(receiving), len(untriggered))  # fmt: skip
+
+    def stop(self) -> None:
+        self.scheduler.shutdown(wait=True)
+
+    # -- arrivals (receive threads) ------------------------------------------
+
+    def arrived(self, outcome: RecordOutcome, received_at: dt.datetime) -> None:
+        """Called after an instance's row committed; cheap, never blocks on I/O."""
+        if outcome.kind == "duplicate" or not outcome.series_id:
+            return
+        sid = outcome.series_id
+        when = None
+        with self._lock:
+            p = self._pending.get(sid)
+            if p is None or p.revision < outcome.revision:
+                p = self._pending[sid] = _Pending(
+                    outcome.revision, received_at, outcome.revision_instances, self.cfg.tracker.stable_after
+                )
+                p.job_at = when = received_at  # right away: work out its timing from the first instance
+            elif p.revision > outcome.revision:
+                return
+            else:
+                if received_at > p.last:
+                    p.last = received_at
+                p.count = max(p.count, outcome.revision_instances)
+                due = p.due()
+                if p.job_at is None or due < p.job_at:
+                    p.job_at = when = due
+        if when is not None:
+            self._schedule(sid, when)
+
+    def _schedule(self, sid: int, when: dt.datetime) -> None:
+        self.scheduler.add_job(self._fire_logged, "date", run_date=when, args=[sid], id=f"series-{sid}",
+                               replace_existing=True)  # fmt: skip
+
+    # -- the timer (scheduler threads) --------------------------------------
+
+    def _fire_logged(self, sid: int) -> None:
+        try:
+            self._fire(sid)
+        except Exception:
+            log.exception("series tracker: checking series #%d failed; retrying in 5 s", sid)
+            self._schedule(sid, utcnow() + dt.timedelta(seconds=5))
+
+    def _timing(self, sid: int, p: _Pending) -> None:
+        """stable_after and the expected count for this revision, from its first instance and the rules."""
+        if not (self.ruleset.needs_timing or self.cfg.tracker.use_expected_counts):
+            p.timing_known = True
+            return
+        with Session(self.engine) as s:
+            first = first_instance(s, sid, p.revision)
+        if first is None:
+            p.timing_known = True
+            return
+        try:
+            ds = read_dataset(self.data_dir / first.file_path)
+        except Exception as e:
+            log.warning("series #%d: cannot read its first instance (%s): %s; using the default timing",
+                        sid, first.file_path, e)  # fmt: skip
+            p.timing_known = True
+            return
+        stable_after, expected, rule = self.ruleset.timing(
+            dataset_facts(ds, revision=p.revision, calling_ae=first.calling_ae, called_ae=first.called_ae)
+        )
+        if stable_after is not None:
+            p.stable_after, p.source = stable_after, f"rule {rule!r}"
+        if expected is not None:
+            p.expected, p.source = expected, f"expected_instances = {expected} of rule {rule!r}"
+        elif self.cfg.tracker.use_expected_counts:
+            n, why = expected_instances(ds)
+            if n is not None:
+                p.expected, p.source = n, why
+        p.timing_known = True
+
+    def _fire(self, sid: int) -> None:
+        with self._lock:
+            p = self._pending.get(sid)
+        if p is None:
+            return
+        if not p.timing_known:
+            self._timing(sid, p)
+        now = utcnow()
+        with self._lock:
+            if self._pending.get(sid) is not p:
+                return  # a newer revision took over; its own job handles it
+            due = p.due()
+            if due > now:
+                p.job_at = due
+        if due > now:
+            self._schedule(sid, due)
+            return
+        stable, reason = self._mark_stable(sid, p, now)
+        if not stable:
+            return
+        with self._lock:
+            if self._pending.get(sid) is p:
+                del self._pending[sid]
+        self._trigger(sid, p.revision, reason)
+
+    def _mark_stable(self, sid: int, p: _Pending, now: dt.datetime) -> tuple[bool, str]:
+        cutoff = now - dt.timedelta(seconds=p.stable_after)
+        complete = p.expected is not None and p.count >= p.expected
+        quiet = _series.c.last_received_at <= cutoff
+        cond = or_(quiet, _series.c.revision_instances >= p.expected) if p.expected is not None else quiet
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                update(_series)
+                .where(_series.c.id == sid, _series.c.state == "receiving", _series.c.revision == p.revision, cond)
+                .values(state="stable")
+            ).rowcount
+            row = conn.execute(
+                select(_series.c.state, _series.c.revision, _series.c.revision_instances,
+                       _series.c.revision_started_at, _series.c.last_received_at).where(_series.c.id == sid)
+            ).first()  # fmt: skip
+            if done == 1 and row is not None:
+                if complete:
+                    reason = f"{row.revision_instances} of {p.expected} expected instances ({p.source})"
+                else:
+                    src = f", {p.source}" if p.source and "rule" in p.source and "expected" not in p.source else ""
+                    reason = f"no instance for {p.stable_after:g} s{src}"
+                conn.execute(
+                    _revision.insert().values(
+                        series_fk=sid, revision=p.revision, instance_count=row.revision_instances,
+                        started_at=row.revision_started_at, last_received_at=row.last_received_at, stable_at=now,
+                        stable_reason=reason[:256], matched_rules="", error="",
+                    )
+                )  # fmt: skip
+                return True, reason
+        # Not stable after all: something arrived that the timer had not heard of yet.
+        if row is not None and row.state == "receiving" and row.revision == p.revision:
+            with self._lock:
+                p.last = max(p.last, aware(row.last_received_at))
+                p.count = max(p.count, row.revision_instances)
+                due = p.job_at = p.due()
+            self._schedule(sid, max(due, now))
+        return False, ""
+
+    # -- rules and jobs ------------------------------------------------------
+
+    def _trigger_logged(self, sid: int, revision: int) -> None:
+        try:
+            self._trigger(sid, revision, "")
+        except Exception:
+            log.exception("series tracker: evaluating the rules for series #%d revision %d failed", sid, revision)
+
+    def _trigger(self, sid: int, revision: int, reason: str) -> None:
+        """Evaluate the rules for a stable revision and make its jobs, all in one transaction."""
+        now = utcnow()
+        error, jobs, matched = "", [], []
+        with Session(self.engine) as s:
+            try:
+                snap = series_snapshot(s, self.data_dir, sid, revision)
+            except Exception as e:
+                snap, error = None, f"cannot read the series' first instance: {type(e).__name__}: {e}"
+        if snap is None and not error:
+            error = "the series has no instances (discarded?)"
+        label = f"series #{sid}"
+        if snap is not None:
+            label = f'series {snap.series_uid} ({snap.modality} "{snap.description}", {snap.instance_count} inst.)'
+            try:
+                results = self.ruleset.evaluate(snap.facts)
+            except Exception as e:
+                results, error = [], f"evaluating the rules failed: {type(e).__name__}: {e}"
+            for r in results:
+                if not r.fired:
+                    continue
+                matched.append(r.rule.name)
+                m = r.rule.model
+                for i, action in enumerate(m.actions):
+                    jobs.append(NewJob(m.name, i, action.type, action.model_dump(mode="json"), m.priority,
+                                       m.max_attempts))  # fmt: skip
+        with self.engine.begin() as conn:
+            made = create_jobs(conn, sid, revision, jobs) if jobs else []
+            conn.execute(
+                update(_revision)
+                .where(_revision.c.series_fk == sid, _revision.c.revision == revision, _revision.c.triggered_at.is_(None))
+                .values(triggered_at=now, matched_rules=",".join(matched), error=error)
+            )
+            conn.execute(
+                update(_series)
+                .where(and_(_series.c.id == sid, _series.c.revision == revision, _series.c.state == "stable"))
+                .values(state="triggered")
+            )
+        when = f" ({reason})" if reason else ""
+        if error:
+            log.error("%s revision %d is stable%s but no rule was evaluated: %s", label, revision, when, error)
+        elif matched:
+            actions = "; ".join(_summary(j) for j in jobs)
+            log.info("%s revision %d is stable%s: rule(s) %s matched -> %d job(s): %s", label, revision, when,
+                     ", ".join(matched), len(made), actions)  # fmt: skip
+        else:
+            log.info("%s revision %d is stable%s: no rule matched", label, revision, when)
+        if made and self.on_jobs:
+            self.on_jobs()
+
+
+def _summary(job: NewJob) -> str:
+    kind = {"plugin": PluginAction, "forward": ForwardAction}.get(job.kind)
+    if kind is None:
+        return job.kind
+    return kind.model_validate(job.action).summary()

@@ -1,0 +1,1 @@
+"""Jobs: the durable work that rules create and workers run."""

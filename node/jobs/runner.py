@@ -1,0 +1,127 @@
+"""Worker threads that take pending jobs and run them.
+
+Workers wake when the tracker makes jobs (``wake()``) and otherwise look at
+the table every few seconds, which is how a ``dicom-node jobs retry`` from
+another process, or a retry whose back-off has passed, is picked up. A job
+left ``running`` by a process that died is pending again at start-up: it is
+taken up, not lost; its handler must tolerate a second run (forwarding the
+same instances again is harmless to a PACS; a discard finds fewer files).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+
+from sqlalchemy import Engine, select
+
+from node.config import Config
+from node.index.models import Job, utcnow
+from node.jobs import store
+from node.jobs.actions import JobContext, JobFailed, handler_for
+from node.storage import Storage
+
+log = logging.getLogger(__name__)
+
+POLL = 2.0
+
+
+class JobRunner:
+    def __init__(self, cfg: Config, engine: Engine, storage: Storage) -> None:
+        self.cfg = cfg
+        self.engine = engine
+        self.storage = storage
+        self._wake = threading.Condition()
+        self._pending_wake = False
+        self._stop = threading.Event()
+        self._claim_lock = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"job-worker-{i}", daemon=True) for i in range(cfg.jobs.workers)
+        ]
+
+    def start(self) -> None:
+        for job_id, rule, attempts in store.requeue_running(self.engine):
+            log.warning("job %d (rule %s) was running when the node stopped (attempt %d): taking it up again",
+                        job_id, rule, attempts)  # fmt: skip
+        for t in self._threads:
+            t.start()
+
+    def stop(self, timeout: float = 30) -> None:
+        self._stop.set()
+        self.wake()
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    def wake(self) -> None:
+        with self._wake:
+            self._pending_wake = True
+            self._wake.notify_all()
+
+    def _sleep(self) -> None:
+        timeout = POLL
+        try:
+            due = store.next_due(self.engine)
+        except Exception:
+            due = None
+        if due is not None:
+            timeout = min(POLL, max(0.0, (due - utcnow()).total_seconds()))
+        with self._wake:
+            if not self._pending_wake:
+                self._wake.wait(timeout)
+            self._pending_wake = False
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with self._claim_lock:
+                    job = store.claim_next(self.engine)
+            except Exception as e:
+                log.error("could not read the job table: %s", e)
+                job = None
+            if job is None:
+                self._sleep()
+                continue
+            self._run(job)
+
+    def _cancelled(self, job_id: int) -> bool:
+        with self.engine.connect() as conn:
+            return conn.execute(select(Job.state).where(Job.id == job_id)).scalar() == "cancelled"
+
+    def _run(self, job: store.ClaimedJob) -> None:
+        t0 = time.monotonic()
+        log.info("job %d started: rule %s, action %d (%s), series #%d revision %d, attempt %d of %d",
+                 job.id, job.rule, job.action_index, job.kind, job.series_id, job.revision, job.attempts,
+                 job.max_attempts)  # fmt: skip
+        ctx = JobContext(job, self.cfg, self.engine, self.storage, lambda: self._cancelled(job.id))
+        try:
+            result = handler_for(job.kind)(ctx)
+        except JobFailed as e:
+            self._failed(job, str(e), e.retryable, t0)
+            return
+        except Exception as e:  # a bug in a handler fails the job, never the worker
+            log.exception("job %d: unexpected error", job.id)
+            self._failed(job, f"internal error: {type(e).__name__}: {e}", True, t0)
+            return
+        state = store.finish(self.engine, job.id, ok=True, result=result)
+        if state == "succeeded":
+            log.info("job %d succeeded in %.1f s: %s", job.id, time.monotonic() - t0, result)
+        else:
+            log.warning("job %d finished (%s) but was %s meanwhile; its outcome is not recorded", job.id, result,
+                        state)  # fmt: skip
+
+    def _failed(self, job: store.ClaimedJob, error: str, retryable: bool, t0: float) -> None:
+        retry_at = None
+        if retryable and job.attempts < job.max_attempts:
+            delay = self.cfg.jobs.retry_delay * 2 ** (job.attempts - 1)
+            retry_at = utcnow() + dt.timedelta(seconds=delay)
+        state = store.finish(self.engine, job.id, ok=False, error=error, retry_at=retry_at)
+        if state == "pending":
+            log.warning("job %d attempt %d of %d failed after %.1f s: %s; retrying at %s", job.id, job.attempts,
+                        job.max_attempts, time.monotonic() - t0, error, retry_at.isoformat(timespec="seconds")
+                        if retry_at else "")  # fmt: skip
+        else:
+            why = "" if retryable else " (not retried: another attempt would fail the same way)"
+            log.error("job %d failed after %d attempt(s): %s%s", job.id, job.attempts, error, why)

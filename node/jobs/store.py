@@ -1,0 +1,172 @@
+"""Durable jobs: made once per (series revision, rule, action), claimed, finished, retried, recovered.
+
+"Exactly once" is the table's unique constraint on (series, revision, rule,
+action index), not a hope: making the jobs of a revision twice (a restart
+between its stability and its trigger, say) inserts nothing the second
+time. State changes are conditional UPDATEs (``WHERE state = 'running'``),
+so a job cancelled from the command line while it runs stays cancelled.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, Engine, and_, select, update
+from sqlalchemy.exc import IntegrityError
+
+from node.index.models import Job, utcnow
+
+STATES = ("pending", "running", "succeeded", "failed", "cancelled")
+_job = Job.__table__
+
+
+@dataclass(frozen=True)
+class NewJob:
+    rule: str
+    action_index: int
+    kind: str
+    action: dict[str, Any]
+    priority: int = 0
+    max_attempts: int = 3
+
+
+def create_jobs(conn: Connection, series_id: int, revision: int, jobs: list[NewJob]) -> list[int]:
+    """Insert the jobs of one revision that do not exist yet; returns the ids of those inserted."""
+    existing = set(
+        conn.execute(
+            select(_job.c.rule, _job.c.action_index).where(_job.c.series_fk == series_id, _job.c.revision == revision)
+        ).all()
+    )
+    now = utcnow()
+    ids = []
+    for j in jobs:
+        if (j.rule, j.action_index) in existing:
+            continue
+        try:
+            with conn.begin_nested():
+                pk = conn.execute(
+                    _job.insert().returning(_job.c.id),
+                    dict(series_fk=series_id, revision=revision, rule=j.rule, action_index=j.action_index,
+                         kind=j.kind, action=json.dumps(j.action, sort_keys=True), priority=j.priority,
+                         state="pending", attempts=0, max_attempts=j.max_attempts, last_error="", result="",
+                         created_at=now, not_before=now),
+                ).scalar_one()  # fmt: skip
+        except IntegrityError:  # made meanwhile by another process: the constraint did its job
+            continue
+        ids.append(pk)
+    return ids
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    id: int
+    series_id: int
+    revision: int
+    rule: str
+    action_index: int
+    kind: str
+    action: dict[str, Any]
+    attempts: int
+    max_attempts: int
+
+
+def claim_next(engine: Engine, now: dt.datetime | None = None) -> ClaimedJob | None:
+    """Take the most urgent due pending job (state -> running), or None."""
+    now = now or utcnow()
+    with engine.begin() as conn:
+        row = conn.execute(
+            select(_job)
+            .where(_job.c.state == "pending", _job.c.not_before <= now)
+            .order_by(_job.c.priority.desc(), _job.c.id)
+            .limit(1)
+        ).first()
+        if row is None:
+            return None
+        done = conn.execute(
+            update(_job)
+            .where(_job.c.id == row.id, _job.c.state == "pending")
+            .values(state="running", attempts=_job.c.attempts + 1, started_at=now, finished_at=None)
+        )
+        if done.rowcount != 1:
+            return None
+    return ClaimedJob(row.id, row.series_fk, row.revision, row.rule, row.action_index, row.kind,
+                      json.loads(row.action), row.attempts + 1, row.max_attempts)  # fmt: skip
+
+
+def next_due(engine: Engine) -> dt.datetime | None:
+    """When the earliest pending job becomes due (None when there is none)."""
+    with engine.connect() as conn:
+        value = conn.execute(
+            select(_job.c.not_before).where(_job.c.state == "pending").order_by(_job.c.not_before).limit(1)
+        ).scalar()
+    if value is not None and value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    return value
+
+
+def finish(engine: Engine, job_id: int, *, ok: bool, result: str = "", error: str = "",
+           retry_at: dt.datetime | None = None) -> str:  # fmt: skip
+    """Record a run's end; returns the job's new state ("cancelled" if it was cancelled meanwhile)."""
+    now = utcnow()
+    if ok:
+        values: dict[str, Any] = dict(state="succeeded", result=result, last_error="", finished_at=now)
+    elif retry_at is not None:
+        values = dict(state="pending", last_error=error, not_before=retry_at, finished_at=now)
+    else:
+        values = dict(state="failed", last_error=error, finished_at=now)
+    with engine.begin() as conn:
+        done = conn.execute(update(_job).where(_job.c.id == job_id, _job.c.state == "running").values(**values))
+        if done.rowcount == 1:
+            return str(values["state"])
+        return str(conn.execute(select(_job.c.state).where(_job.c.id == job_id)).scalar() or "missing")
+
+
+def requeue_running(engine: Engine) -> list[tuple[int, str, int]]:
+    """At start-up: jobs left running by a process that died are pending again. Returns (id, rule, attempts)."""
+    with engine.begin() as conn:
+        rows = conn.execute(select(_job.c.id, _job.c.rule, _job.c.attempts).where(_job.c.state == "running")).all()
+        if rows:
+            conn.execute(
+                update(_job)
+                .where(_job.c.state == "running")
+                .values(state="pending", not_before=utcnow(),
+                        last_error="the node stopped while this job was running; taken up again")  # fmt: skip
+            )
+    return [tuple(r) for r in rows]  # type: ignore[misc]
+
+
+class JobStateError(ValueError):
+    pass
+
+
+def retry(engine: Engine, job_id: int) -> None:
+    """Run a failed or cancelled job again (one more attempt allowed)."""
+    with engine.begin() as conn:
+        row = conn.execute(select(_job.c.state, _job.c.attempts, _job.c.max_attempts).where(_job.c.id == job_id)).first()
+        if row is None:
+            raise JobStateError(f"there is no job {job_id}")
+        if row.state not in ("failed", "cancelled"):
+            raise JobStateError(f"job {job_id} is {row.state}; only failed or cancelled jobs can be retried")
+        conn.execute(
+            update(_job)
+            .where(and_(_job.c.id == job_id, _job.c.state == row.state))
+            .values(state="pending", not_before=utcnow(), max_attempts=max(row.max_attempts, row.attempts + 1))
+        )
+
+
+def cancel(engine: Engine, job_id: int) -> str:
+    """Cancel a pending or running job (a running one finishes its current step; its outcome is ignored)."""
+    with engine.begin() as conn:
+        state = conn.execute(select(_job.c.state).where(_job.c.id == job_id)).scalar()
+        if state is None:
+            raise JobStateError(f"there is no job {job_id}")
+        if state not in ("pending", "running"):
+            raise JobStateError(f"job {job_id} is {state}; only pending or running jobs can be cancelled")
+        conn.execute(
+            update(_job).where(_job.c.id == job_id, _job.c.state == state)
+            .values(state="cancelled", finished_at=utcnow(), last_error="cancelled by an operator")
+        )  # fmt: skip
+        return str(state)
