@@ -293,7 +293,7 @@ def load_config(path: Path | str | None = None, environ: dict[str, str] | None =
 
 def compile_rules(cfg: Config, source: str = "") -> Any:
     """The config's rules, checked against its destinations and the installed plugins."""
-    from node.decide.rules import RuleSet, RulesError
+    from node.decide.rules import RulesError, RuleSet
     from node.plugins.registry import discover
 
     try:

@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import dcmread
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
-from pydicom.valuerep import DSdecimal, DSfloat, IS, PersonName
+from pydicom.valuerep import IS, DSdecimal, DSfloat, PersonName
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 

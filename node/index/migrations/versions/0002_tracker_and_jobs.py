@@ -7,7 +7,6 @@ Create Date: 2026-11-23 01:19:39.235719
 import sqlalchemy as sa
 from alembic import op
 
-
 revision = '0002'
 down_revision = '0001'
 branch_labels = None
