@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import typer
@@ -141,6 +142,9 @@ def status(config: Path | None = ConfigOption) -> None:
         f"patients: {s.patients}  studies: {s.studies}  series: {s.series}  instances: {s.instances}  "
         f"stored: {s.stored_bytes / 1e9:.2f} GB  disk free: {s.free_bytes / 1e9:.1f} GB"
     )
+    if s.series_states:
+        out.print("series: " + "  ".join(f"{k}: {v}" for k, v in sorted(s.series_states.items())))
+    out.print("jobs: " + ("  ".join(f"{k}: {v}" for k, v in sorted(s.job_states.items())) or "none"))
     if s.recent_series:
         t = Table(title="most recent series")
         for col in ("patient", "study date", "modality", "series", "instances", "last received (UTC)"):
@@ -148,6 +152,231 @@ def status(config: Path | None = ConfigOption) -> None:
         for r in s.recent_series:
             t.add_row(*[str(x) for x in r])
         out.print(t)
+
+
+rules_app = typer.Typer(help="Check rules and see what they do (nothing here changes the index).",
+                        no_args_is_help=True)  # fmt: skip
+app.add_typer(rules_app, name="rules")
+jobs_app = typer.Typer(help="List, inspect, retry and cancel jobs.", invoke_without_command=True)
+app.add_typer(jobs_app, name="jobs")
+
+
+def _engine(cfg: Config, write: bool = False):  # type: ignore[no-untyped-def]
+    from node.index.db import NoIndex, existing_engine
+
+    try:
+        return existing_engine(cfg.database_url, write=write)
+    except NoIndex as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        raise typer.Exit(1) from None
+
+
+def _lines(lines: list[str]) -> None:
+    for line in lines:
+        out.print(line, highlight=False, markup=False)
+
+
+@rules_app.command("check")
+def rules_check(config: Path | None = ConfigOption) -> None:
+    """Validate the config and its rules; list the rules in evaluation order."""
+    cfg = _load(config)
+    out.print(f"{cfg.source}: configuration valid, {len(cfg.ruleset)} rule(s)", highlight=False)
+    for n, rule in enumerate(cfg.ruleset, 1):
+        m = rule.model
+        flags = [f"priority {m.priority}"] + (["disabled"] if not m.enabled else []) + (["stop"] if m.stop else [])
+        if m.stable_after is not None:
+            flags.append(f"stable_after {m.stable_after:g} s")
+        if m.expected_instances is not None:
+            flags.append(f"expected_instances {m.expected_instances}")
+        flags.append(f"on_revision {m.on_revision}")
+        _lines([f"  {n}. {rule.name} ({', '.join(flags)})", f"     when {rule.condition.describe()}",
+                *[f"     then {a.summary()}" for a in m.actions]])  # fmt: skip
+
+
+@rules_app.command("explain")
+def rules_explain(
+    series_uid: str = typer.Argument(..., help="Series Instance UID (or a unique prefix)."),
+    config: Path | None = ConfigOption,
+) -> None:
+    """For a series in the index: each rule, matched or not, and the first condition that failed."""
+    cfg = _load(config)
+    from node.decide.explain import explain_series
+
+    engine = _engine(cfg)
+    try:
+        _lines(explain_series(engine, cfg.data_dir, cfg.ruleset, series_uid))
+    except LookupError as e:
+        console.print(f"[bold red]error:[/] {e.args[0]}", highlight=False)
+        raise typer.Exit(1) from None
+    finally:
+        engine.dispose()
+
+
+@rules_app.command("test")
+def rules_test(
+    paths: list[Path] = typer.Argument(..., help="DICOM files or folders (searched recursively)."),
+    calling_ae: str = typer.Option("", "--calling-ae", help="Pretend the files came from this AE title."),
+    called_ae: str = typer.Option("", "--called-ae", help="Pretend the sender called this AE title."),
+    config: Path | None = ConfigOption,
+) -> None:
+    """Dry run on files: what the rules would do with each series, without storing anything."""
+    cfg = _load(config)
+    from node.decide.explain import dry_run_files
+    from node.decide.facts import series_from_files
+    from node.send.scu import iter_files
+
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        console.print(f"[bold red]error:[/] no such file or folder: {', '.join(map(str, missing))}")
+        raise typer.Exit(2)
+    groups, bad = series_from_files(iter_files(paths))
+    _lines(dry_run_files(cfg.ruleset, groups, calling_ae, called_ae))
+    for p, why in bad[:20]:
+        console.print(f"  skipped {p}: {why}", highlight=False)
+    if not groups:
+        console.print("[bold red]error:[/] no readable DICOM series in the given paths")
+        raise typer.Exit(1)
+
+
+def _parse_when(value: str, option: str) -> datetime:
+    from datetime import datetime
+
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        console.print(f"[bold red]error:[/] {option} {value!r}: use a date or date-time such as 2026-11-20 or "
+                      "2026-11-20T08:00 (UTC unless an offset is given)", highlight=False)  # fmt: skip
+        raise typer.Exit(2) from None
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+
+
+@rules_app.command("replay")
+def rules_replay(
+    since: str = typer.Option(..., "--since", help="Series last received at or after this date/time (UTC)."),
+    until: str | None = typer.Option(None, "--until", help="... and at or before this one."),
+    config: Path | None = ConfigOption,
+) -> None:
+    """Dry run over the index: what the current rules would fire for past series (no jobs are made)."""
+    cfg = _load(config)
+    from node.decide.explain import replay
+
+    start = _parse_when(since, "--since")
+    end = _parse_when(until, "--until") if until else None
+    engine = _engine(cfg)
+    try:
+        lines, fired = replay(engine, cfg.data_dir, cfg.ruleset, start, end)
+    finally:
+        engine.dispose()
+    _lines(lines)
+    total = sum(fired.values()) - fired.get("(no rule)", 0) - fired.get("(unreadable)", 0)
+    summary = ", ".join(f"{k}: {v}" for k, v in sorted(fired.items())) or "no series in that period"
+    out.print(f"{total} rule match(es) over the series received since {start:%Y-%m-%d %H:%M} UTC ({summary})",
+              highlight=False)  # fmt: skip
+
+
+@jobs_app.callback()
+def jobs_list(
+    ctx: typer.Context,
+    state: str | None = typer.Option(None, "--state", help="Only jobs in this state."),
+    limit: int = typer.Option(50, "--limit", help="At most this many (newest first)."),
+    config: Path | None = ConfigOption,
+) -> None:
+    """Without a sub-command: list jobs, newest first."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from node.index.models import Job, Series
+    from node.jobs.store import STATES
+
+    if state is not None and state not in STATES:
+        console.print(f"[bold red]error:[/] --state must be one of {', '.join(STATES)}", highlight=False)
+        raise typer.Exit(2)
+    cfg = _load(config)
+    engine = _engine(cfg)
+    try:
+        with Session(engine) as s:
+            q = select(Job, Series.series_instance_uid, Series.modality).join(Series, Series.id == Job.series_fk)
+            if state:
+                q = q.where(Job.state == state)
+            rows = s.execute(q.order_by(Job.id.desc()).limit(limit)).all()
+    finally:
+        engine.dispose()
+    t = Table(title=f"jobs{f' ({state})' if state else ''}")
+    for col in ("id", "state", "rule", "action", "series", "rev", "attempts", "created (UTC)", "result / error"):
+        t.add_column(col)
+    for j, uid, modality in rows:
+        detail = j.result if j.state == "succeeded" else j.last_error
+        t.add_row(str(j.id), j.state, j.rule, f"{j.action_index}: {j.kind}", f"{modality} {uid}", str(j.revision),
+                  f"{j.attempts}/{j.max_attempts}", j.created_at.strftime("%Y-%m-%d %H:%M:%S"), detail)  # fmt: skip
+    out.print(t)
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: int, config: Path | None = ConfigOption) -> None:
+    """Everything about one job."""
+    import json
+
+    from sqlalchemy.orm import Session
+
+    from node.index.models import Job, Series
+
+    cfg = _load(config)
+    engine = _engine(cfg)
+    try:
+        with Session(engine) as s:
+            j = s.get(Job, job_id)
+            series = s.get(Series, j.series_fk) if j else None
+    finally:
+        engine.dispose()
+    if j is None:
+        console.print(f"[bold red]error:[/] there is no job {job_id}")
+        raise typer.Exit(1)
+    rows = [
+        ("job", str(j.id)), ("state", j.state), ("rule", j.rule),
+        ("action", f"{j.action_index}: {json.dumps(json.loads(j.action))}"),
+        ("series", f"{series.series_instance_uid} ({series.modality} \"{series.series_description}\")" if series else "?"),
+        ("revision", str(j.revision)), ("priority", str(j.priority)),
+        ("attempts", f"{j.attempts} of {j.max_attempts}"), ("created", str(j.created_at)),
+        ("not before", str(j.not_before)), ("started", str(j.started_at or "-")),
+        ("finished", str(j.finished_at or "-")), ("result", j.result or "-"), ("last error", j.last_error or "-"),
+    ]  # fmt: skip
+    _lines([f"{k:>11}: {v}" for k, v in rows])
+
+
+@jobs_app.command("retry")
+def jobs_retry(job_id: int, config: Path | None = ConfigOption) -> None:
+    """Run a failed or cancelled job again (the running node picks it up within seconds)."""
+    from node.jobs.store import JobStateError, retry
+
+    cfg = _load(config)
+    engine = _engine(cfg, write=True)
+    try:
+        retry(engine, job_id)
+    except JobStateError as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        raise typer.Exit(1) from None
+    finally:
+        engine.dispose()
+    out.print(f"job {job_id} is pending again")
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: int, config: Path | None = ConfigOption) -> None:
+    """Cancel a pending or running job (a running one stops at its next step)."""
+    from node.jobs.store import JobStateError, cancel
+
+    cfg = _load(config)
+    engine = _engine(cfg, write=True)
+    try:
+        was = cancel(engine, job_id)
+    except JobStateError as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        raise typer.Exit(1) from None
+    finally:
+        engine.dispose()
+    out.print(f"job {job_id} cancelled (it was {was})")
 
 
 def main() -> None:

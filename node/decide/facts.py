@@ -171,9 +171,12 @@ def series_from_files(paths: Iterable[Path]) -> tuple[list[FileSeries], list[tup
     for p in paths:
         try:
             ds = read_dataset(p)
-            uid = str(ds.SeriesInstanceUID)
         except Exception as e:  # any unreadable file is reported, not fatal
-            bad.append((p, f"{type(e).__name__}: {e}"))
+            bad.append((p, f"not readable as DICOM: {type(e).__name__}: {e}"))
+            continue
+        uid = str(ds.get("SeriesInstanceUID", "") or "")
+        if not uid:
+            bad.append((p, "no Series Instance UID (a DICOMDIR or a non-image object?)"))
             continue
         num = dataset_value(ds, "InstanceNumber")
         groups.setdefault(uid, []).append((num if isinstance(num, int) else 2**31, p, ds))

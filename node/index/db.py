@@ -76,6 +76,17 @@ def make_engine(url: str, *, write: bool = True) -> Engine:
     return engine
 
 
+class NoIndex(Exception):
+    """There is no index at the configured place yet."""
+
+
+def existing_engine(url: str, *, write: bool = False) -> Engine:
+    """An engine on an index that must already exist (for commands that inspect or change it)."""
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).is_file():
+        raise NoIndex(f"no index at {url[len('sqlite:///') :]}: the node has not run with this data directory")
+    return make_engine(url, write=write)
+
+
 def session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False, future=True)
 

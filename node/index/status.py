@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from sqlalchemy import func, select
 
 from node.config import Config
-from node.index.db import make_engine, session_factory
-from node.index.models import Instance, Patient, Series, Study
+from node.index.db import NoIndex, existing_engine, session_factory
+from node.index.models import Instance, Job, Patient, Series, Study
+
+__all__ = ["IndexStatus", "NoIndex", "gather"]
 
 
 @dataclass
@@ -22,17 +23,13 @@ class IndexStatus:
     stored_bytes: int
     free_bytes: int
     recent_series: list[tuple] = field(default_factory=list)
-
-
-class NoIndex(Exception):
-    """There is no index at the configured place yet."""
+    #: Series by tracker state and jobs by state, e.g. {"receiving": 2}.
+    series_states: dict[str, int] = field(default_factory=dict)
+    job_states: dict[str, int] = field(default_factory=dict)
 
 
 def gather(cfg: Config, recent: int = 10) -> IndexStatus:
-    url = cfg.database_url
-    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).is_file():
-        raise NoIndex(f"no index at {url[len('sqlite:///') :]}: the node has not run with this data directory")
-    engine = make_engine(url, write=False)
+    engine = existing_engine(cfg.database_url)
     try:
         with session_factory(engine)() as s:
             counts = [s.execute(select(func.count()).select_from(m)).scalar_one() for m in (Patient, Study, Series)]
@@ -47,8 +44,10 @@ def gather(cfg: Config, recent: int = 10) -> IndexStatus:
                 .order_by(Series.last_received_at.desc())
                 .limit(recent)
             ).all()  # fmt: skip
+            series_states = dict(s.execute(select(Series.state, func.count()).group_by(Series.state)).all())
+            job_states = dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
     finally:
         engine.dispose()
     free = shutil.disk_usage(cfg.data_dir).free if cfg.data_dir.exists() else 0
     recent_rows = [(r[0], r[1], r[2], r[3], r[4], r[5].strftime("%Y-%m-%d %H:%M:%S")) for r in rows]
-    return IndexStatus(*counts, n_inst, int(size), free, recent_rows)
+    return IndexStatus(*counts, n_inst, int(size), free, recent_rows, series_states, job_states)

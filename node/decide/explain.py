@@ -1,0 +1,144 @@
+"""Answers for people: why a series did or did not trigger, what rules would do with files or past series.
+
+Everything here only reads; the functions return lines of text for the CLI.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from node.decide.conditions import Facts
+from node.decide.facts import FileSeries, series_snapshot
+from node.decide.rules import RuleResult, RuleSet
+from node.decide.tracker import aware
+from node.index.models import Job, Patient, Series, SeriesRevision, Study
+
+
+def _when(value: dt.datetime | None) -> str:
+    return aware(value).strftime("%Y-%m-%d %H:%M:%S UTC") if value else "-"
+
+
+def rule_lines(results: list[RuleResult], indent: str = "  ") -> Iterator[str]:
+    if not results:
+        yield f"{indent}(no rules are configured)"
+    for n, r in enumerate(results, 1):
+        m = r.rule.model
+        head = f"{indent}{n}. {r.rule.name} (priority {m.priority}): "
+        if r.fired:
+            actions = "; ".join(a.summary() for a in m.actions)
+            stop = " -- and stops lower-priority rules" if m.stop else ""
+            yield head + f"MATCHED -> {actions}{stop}"
+        else:
+            yield head + f"{r.status.upper()} -- {r.why}"
+
+
+def _facts_line(facts: Facts) -> str:
+    parts = [f"{k}={facts.get(k)}" for k in ("calling_ae", "called_ae", "orientation") if facts.get(k)]
+    return ", ".join(parts)
+
+
+def explain_series(engine: Engine, data_dir: Path, ruleset: RuleSet, series_uid: str) -> list[str]:
+    with Session(engine) as s:
+        series = s.execute(select(Series).where(Series.series_instance_uid == series_uid)).scalars().first()
+        if series is None:
+            like = s.execute(
+                select(Series.series_instance_uid).where(Series.series_instance_uid.startswith(series_uid)).limit(2)
+            ).scalars().all()
+            if len(like) == 1:
+                series = s.execute(select(Series).where(Series.series_instance_uid == like[0])).scalars().one()
+            else:
+                raise LookupError(f"no series {series_uid} in the index" + (" (the prefix is ambiguous)" if like else ""))
+        study, patient = s.execute(
+            select(Study, Patient).join(Patient, Patient.id == Study.patient_fk).where(Study.id == series.study_fk)
+        ).one()
+        snap = series_snapshot(s, data_dir, series.id)
+        revisions = s.execute(
+            select(SeriesRevision).where(SeriesRevision.series_fk == series.id).order_by(SeriesRevision.revision)
+        ).scalars().all()
+        jobs = s.execute(select(Job).where(Job.series_fk == series.id).order_by(Job.id)).scalars().all()
+    lines = [
+        f'Series {series.series_instance_uid} ({series.modality} "{series.series_description}", '
+        f"{series.instance_count} instances)",
+        f'  patient "{patient.patient_name}" ({patient.patient_id}), study {study.study_instance_uid} '
+        f"of {study.study_date or 'unknown date'}",
+        f"  received {_when(series.first_received_at)} to {_when(series.last_received_at)}",
+    ]
+    state = {"receiving": "receiving: waiting until no instance arrives for stable_after seconds",
+             "stable": "stable: its rules are being evaluated",
+             "triggered": "triggered: its rules were evaluated"}.get(series.state, series.state)  # fmt: skip
+    lines.append(f"  now revision {series.revision} ({series.revision_instances} instances), {state}")
+    for r in revisions:
+        matched = r.matched_rules.replace(",", ", ") or "no rule"
+        outcome = f"error: {r.error}" if r.error else f"matched {matched}"
+        lines.append(f"  revision {r.revision}: {r.instance_count} instances, stable {_when(r.stable_at)} "
+                     f"({r.stable_reason}), {outcome}")  # fmt: skip
+    if snap is None:
+        lines.append("  (no instance of the series is stored, so the rules cannot be evaluated)")
+        return lines
+    extra = _facts_line(snap.facts)
+    lines.append(f"Rules, evaluated now for revision {snap.revision}" + (f" ({extra})" if extra else "") + ":")
+    lines.extend(rule_lines(ruleset.evaluate(snap.facts)))
+    if jobs:
+        lines.append("Jobs:")
+        for j in jobs:
+            lines.append("  " + job_line(j))
+    else:
+        lines.append("Jobs: none")
+    return lines
+
+
+def job_line(j: Job) -> str:
+    detail = j.last_error if j.state in ("failed", "cancelled", "pending") and j.last_error else j.result
+    return (f"#{j.id} revision {j.revision} rule {j.rule} action {j.action_index} ({j.kind}): {j.state}, "
+            f"attempt {j.attempts} of {j.max_attempts}" + (f" -- {detail}" if detail else ""))  # fmt: skip
+
+
+def dry_run_files(ruleset: RuleSet, groups: list[FileSeries], calling_ae: str, called_ae: str) -> list[str]:
+    lines = []
+    for g in groups:
+        facts = g.facts(calling_ae=calling_ae or None, called_ae=called_ae or None)
+        desc = facts.get("SeriesDescription") or ""
+        lines.append(f'Series {g.series_uid} ({facts.get("Modality")} "{desc}", {len(g.files)} files, '
+                     f"{g.frames} frames)")  # fmt: skip
+        stable_after, expected, rule = ruleset.timing(facts)
+        if rule:
+            lines.append(f"  timing from rule {rule}: stable_after={stable_after}, expected_instances={expected}")
+        lines.extend(rule_lines(ruleset.evaluate(facts)))
+    return lines
+
+
+def replay(engine: Engine, data_dir: Path, ruleset: RuleSet, since: dt.datetime,
+           until: dt.datetime | None = None) -> tuple[list[str], Counter]:  # fmt: skip
+    """What the rules would fire now for each series received in [since, until]; nothing is written."""
+    lines: list[str] = []
+    fired: Counter = Counter()
+    with Session(engine) as s:
+        q = select(Series.id).where(Series.last_received_at >= since).order_by(Series.last_received_at)
+        if until is not None:
+            q = q.where(Series.last_received_at <= until)
+        ids = s.execute(q).scalars().all()
+        for sid in ids:
+            try:
+                snap = series_snapshot(s, data_dir, sid)
+            except Exception as e:
+                lines.append(f"series #{sid}: cannot read its first instance: {e}")
+                fired["(unreadable)"] += 1
+                continue
+            if snap is None:
+                continue
+            results = [r for r in ruleset.evaluate(snap.facts) if r.fired]
+            head = (f'{_when(snap.last_received_at)}  {snap.modality:<3} "{snap.description}" '
+                    f"({snap.instance_count} inst.) {snap.series_uid}")  # fmt: skip
+            if not results:
+                fired["(no rule)"] += 1
+                lines.append(f"{head}: no rule")
+            for r in results:
+                fired[r.rule.name] += 1
+                lines.append(f"{head}: {r.rule.name} -> " + "; ".join(a.summary() for a in r.rule.model.actions))
+    return lines, fired
