@@ -124,7 +124,8 @@ class Prepared:
         self.names = names
         self.processors = {}
         for name in names:
-            proc = compiled.binds[name].type.bind_processor(dialect)
+            # The dialect's own implementation (e.g. SQLite's DATETIME text format), as SQLAlchemy would use.
+            proc = compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect)
             if proc is not None:
                 self.processors[name] = proc
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sqlalchemy import bindparam, case, literal_column, select
+from sqlalchemy import DateTime, bindparam, case, literal_column, select
 
 from node.index.models import Instance, Patient, Series, Study
 from node.index.writer import Tx
@@ -74,15 +74,17 @@ _UPD_INSTANCE = _instance.update().where(_instance.c.id == bindparam("pk"))
 _RECEIVING = literal_column("'receiving'")
 _ONE = literal_column("1")
 _receiving = _series.c.state == _RECEIVING
+# Typed, so that SQLite gets the same text format as every other time column.
+_NOW = bindparam("now", type_=DateTime(timezone=True))
 _SERIES_ADD = (
     _series.update()
     .where(_series.c.id == bindparam("pk"))
     .values(
         instance_count=_series.c.instance_count + bindparam("delta"),
-        last_received_at=bindparam("now"),
+        last_received_at=_NOW,
         revision=case((_receiving, _series.c.revision), else_=_series.c.revision + _ONE),
         revision_instances=case((_receiving, _series.c.revision_instances + bindparam("delta")), else_=_ONE),
-        revision_started_at=case((_receiving, _series.c.revision_started_at), else_=bindparam("now")),
+        revision_started_at=case((_receiving, _series.c.revision_started_at), else_=_NOW),
         state=_RECEIVING,
     )
     .returning(_series.c.revision, _series.c.revision_instances)

@@ -165,7 +165,7 @@ def dataset_bytes(path: Path) -> bytes:
 
 def make_ct_series(
     out: Path, count: int, rows: int = 64, cols: int = 64, *, seed: int = 0, study_uid: str | None = None,
-    series_uid: str | None = None, patient_name: str = "TEST^SYNTHETIC",
+    series_uid: str | None = None, patient_name: str = "TEST^SYNTHETIC", images_in_acquisition: int | None = None,
 ) -> list[Path]:  # fmt: skip
     """A CT series with real geometry, written as Explicit VR Little Endian files."""
     out.mkdir(parents=True, exist_ok=True)
@@ -205,6 +205,8 @@ def make_ct_series(
         ds.SliceThickness = 2.5
         ds.KVP = 120
         ds.AcquisitionNumber = 1
+        if images_in_acquisition is not None:
+            ds.ImagesInAcquisition = images_in_acquisition
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"
         ds.Rows = rows
@@ -350,3 +352,41 @@ def raw_c_store(
         except ConnectionError:
             pass
         return RawStoreResult(True, status, comment)
+
+
+def series_files(name: str) -> list[Path]:
+    """The image files of a real series in shared/data/series (without its DICOMDIR)."""
+    return sorted(p for p in (SHARED / "series" / name).iterdir() if p.is_file() and p.name != "DIRFILE")
+
+
+@dataclass
+class StoreSCP:
+    """DCMTK ``storescp`` as a downstream peer: one file per received instance in ``out``."""
+
+    out: Path
+    ae_title: str = "STORESCP"
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+
+    def start(self) -> StoreSCP:
+        self.out.mkdir(parents=True, exist_ok=True)
+        # Files are named <modality>.<SOP Instance UID>: a re-sent instance overwrites its file,
+        # as a PACS keeps one copy per SOP Instance UID.
+        self.proc = subprocess.Popen(
+            [dcmtk("storescp"), "-aet", self.ae_title, "-od", str(self.out), str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=PEER_ENV,
+        )  # fmt: skip
+        wait_for_echo(self.port, self.ae_title, proc=self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def received(self) -> list[Path]:
+        return sorted(p for p in self.out.iterdir() if p.is_file())
+
+    def destination(self, name: str = "scp") -> str:
+        """A [[destinations]] table for the node's config."""
+        return f'[[destinations]]\nname = "{name}"\nae_title = "{self.ae_title}"\nhost = "127.0.0.1"\nport = {self.port}\n'
