@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import Engine, delete, select, update
 
 from node.config import Config
-from node.index.models import Instance, Series
+from node.index.models import Instance, Job, Series
 from node.jobs.store import ClaimedJob
 from node.storage import Storage
 
@@ -77,7 +77,23 @@ def forward(ctx: JobContext) -> str:
 
 
 def discard(ctx: JobContext) -> str:
-    """Delete the revision's instances: files first, then rows, so a crash between leaves no orphan file."""
+    """Delete the revision's instances: files first, then rows, so a crash between leaves no orphan file.
+
+    Runs after the series' other jobs (see the job store), and not at all when one of them did not
+    succeed: data that did not reach its destination is kept.
+    """
+    j = Job.__table__
+    with ctx.engine.connect() as conn:
+        unfinished = conn.execute(
+            select(j.c.id, j.c.state)
+            .where(j.c.series_fk == ctx.job.series_id, j.c.id != ctx.job.id, j.c.kind != "discard",
+                   j.c.state != "succeeded")
+            .order_by(j.c.id)
+        ).all()  # fmt: skip
+    if unfinished:
+        which = ", ".join(f"job {r.id} is {r.state}" for r in unfinished)
+        raise JobFailed(f"not discarding: {which}; the series is kept (retry this job once they succeeded)",
+                        retryable=False)  # fmt: skip
     items = ctx.instance_files()
     removed = 0
     for _, rel in items:

@@ -67,7 +67,10 @@ class JobRunner:
         except Exception:
             due = None
         if due is not None:
-            timeout = min(POLL, max(0.0, (due - utcnow()).total_seconds()))
+            wait = (due - utcnow()).total_seconds()
+            # Due already but not claimed: it waits for other jobs (a discard), which wake us when they end.
+            if wait > 0:
+                timeout = min(POLL, wait)
         with self._wake:
             if not self._pending_wake:
                 self._wake.wait(timeout)
@@ -106,6 +109,7 @@ class JobRunner:
             self._failed(job, f"internal error: {type(e).__name__}: {e}", True, t0)
             return
         state = store.finish(self.engine, job.id, ok=True, result=result)
+        self.wake()  # a job waiting for this one may go now
         if state == "succeeded":
             log.info("job %d succeeded in %.1f s: %s", job.id, time.monotonic() - t0, result)
         else:
@@ -118,6 +122,7 @@ class JobRunner:
             delay = self.cfg.jobs.retry_delay * 2 ** (job.attempts - 1)
             retry_at = utcnow() + dt.timedelta(seconds=delay)
         state = store.finish(self.engine, job.id, ok=False, error=error, retry_at=retry_at)
+        self.wake()
         if state == "pending":
             log.warning("job %d attempt %d of %d failed after %.1f s: %s; retrying at %s", job.id, job.attempts,
                         job.max_attempts, time.monotonic() - t0, error, retry_at.isoformat(timespec="seconds")

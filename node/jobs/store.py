@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, select, update
+from sqlalchemy import Connection, Engine, and_, exists, select, update
 from sqlalchemy.exc import IntegrityError
 
 from node.index.models import Job, utcnow
@@ -60,6 +60,20 @@ def create_jobs(conn: Connection, series_id: int, revision: int, jobs: list[NewJ
     return ids
 
 
+_other = _job.alias("other")
+#: A discard waits until every other job of the series has finished: "forward, then discard"
+#: must not delete the files a forward is still sending.
+_waits_for_others = and_(
+    _job.c.kind == "discard",
+    exists().where(
+        _other.c.series_fk == _job.c.series_fk,
+        _other.c.id != _job.c.id,
+        _other.c.kind != "discard",
+        _other.c.state.in_(("pending", "running")),
+    ),
+)
+
+
 @dataclass(frozen=True)
 class ClaimedJob:
     id: int
@@ -79,7 +93,7 @@ def claim_next(engine: Engine, now: dt.datetime | None = None) -> ClaimedJob | N
     with engine.begin() as conn:
         row = conn.execute(
             select(_job)
-            .where(_job.c.state == "pending", _job.c.not_before <= now)
+            .where(_job.c.state == "pending", _job.c.not_before <= now, ~_waits_for_others)
             .order_by(_job.c.priority.desc(), _job.c.id)
             .limit(1)
         ).first()

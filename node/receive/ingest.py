@@ -174,7 +174,7 @@ class Ingest:
         except Exception as e:
             self.storage.remove(final)
             raise Rejected(Status.OUT_OF_RESOURCES, f"the index could not record the instance: {e}") from None
-        if self.on_recorded is not None:
+        if self.on_recorded is not None and not missing:  # no series to track without its UIDs
             try:
                 self.on_recorded(outcome, record.received_at)
             except Exception:  # the instance is stored; the tracker re-arms from the table on restart

@@ -298,3 +298,40 @@ actions = [{{ type = "forward", to = ["scp"] }}]
     time.sleep(1)
     assert len(jobs(node)) == 1
     assert node.query("select state from series") == [("triggered",)]
+
+
+def test_forward_then_discard_deletes_only_after_delivery(node, scp, tmp_path):
+    down = StoreSCP(tmp_path / "never", ae_title="DOWN")  # never started: its port refuses connections
+    node.extra_config = f"""
+[tracker]
+stable_after = 1
+{scp.destination("scp")}
+{down.destination("down")}
+[jobs]
+retry_delay = 0
+[[rules]]
+name = "ct-route-and-delete"
+match = {{ Modality = "CT" }}
+actions = [{{ type = "forward", to = ["scp"] }}, {{ type = "discard" }}]
+[[rules]]
+name = "mr-route-and-delete"
+max_attempts = 1
+match = {{ Modality = "MR" }}
+actions = [{{ type = "forward", to = ["down"] }}, {{ type = "discard" }}]
+"""
+    node.start()
+    assert storescu(node.port, series_files(CT)).returncode == 0
+    assert storescu(node.port, series_files(MR)).returncode == 0
+    wait_for(lambda: len(jobs(node)) == 4 and all(j[5] in ("succeeded", "failed") for j in jobs(node)), 60,
+             "all four jobs to end")  # fmt: skip
+    states = {(r[3], r[4]): (r[5], r[9]) for r in jobs(node)}
+    assert states[("ct-route-and-delete", 0)] == ("succeeded", "sent 28 to scp")
+    assert states[("ct-route-and-delete", 1)] == ("succeeded", "discarded 28 instances (28 files removed)")
+    assert len(scp.received()) == 28
+    # the MR never reached its destination: it must still be here, files and rows
+    assert states[("mr-route-and-delete", 0)][0] == "failed"
+    assert states[("mr-route-and-delete", 1)][0] == "failed"
+    err = node.query("select last_error from job where rule = 'mr-route-and-delete' and action_index = 1")[0][0]
+    assert err.startswith("not discarding: job") and "the series is kept" in err
+    assert series_row(node, uid_of(MR))[5] == 35 and len(node.stored_files()) == 35
+    assert series_row(node, uid_of(CT))[5] == 0
