@@ -144,6 +144,8 @@ class Test:
             return f"{self.key} is {'present' if present else 'missing'}"
         if self.op == "range":
             return f"{self.key} in [{self.operand[0]}, {self.operand[1]}]"
+        if self.op == "one_of" and len(self.operand) == 1:
+            return f"{self.key} = {_show(self.operand[0])}{case}"
         if self.op == "one_of":
             return f"{self.key} is one of {', '.join(_show(v) for v in self.operand)}{case}"
         if self.op == "regex":
@@ -318,6 +320,8 @@ def _num(value: Any, path: str) -> float:
 
 
 def _parse_tests(key: str, spec: Any, path: str) -> tuple[Test, ...]:
+    if key == "orientation":
+        return _orientation_tests(spec, path)
     if not isinstance(spec, dict):
         if isinstance(spec, list):
             return (Test(key, "one_of", tuple(_scalar(v, path) for v in spec)),)
@@ -369,14 +373,24 @@ def _parse_tests(key: str, spec: Any, path: str) -> tuple[Test, ...]:
             tests.append(Test(key, op, tuple(_scalar(v, where) for v in values), ignore_case))
     if not tests:
         raise ConditionError(path, "no operator given (only modifiers)")
-    if key == "orientation":
-        for t in tests:
-            if t.op in ("equals", "one_of"):
-                vals = t.operand if isinstance(t.operand, (list, tuple)) else [t.operand]
-                bad = [v for v in vals if str(v).lower() not in ORIENTATIONS]
-                if bad:
-                    raise ConditionError(path, f"orientation is one of {', '.join(ORIENTATIONS)}, not {bad[0]!r}")
     return tuple(tests)
+
+
+def _orientation_tests(spec: Any, path: str) -> tuple[Test, ...]:
+    """``orientation`` takes a plane name or a list of them (any case); other operators make no sense."""
+    if isinstance(spec, dict):
+        extra = set(spec) - {"equals", "one_of", "eq", "in", "ignore_case"}
+        if extra:
+            raise ConditionError(path, f"orientation takes a plane or a list of planes, not {sorted(extra)[0]!r}")
+        spec = spec.get("equals", spec.get("eq", spec.get("one_of", spec.get("in"))))
+    values = spec if isinstance(spec, list) else [spec]
+    if not values:
+        raise ConditionError(path, "expected a plane or a non-empty list of planes")
+    bad = [v for v in values if not isinstance(v, str) or v.lower() not in ORIENTATIONS]
+    if bad:
+        raise ConditionError(path, f"orientation is one of {', '.join(ORIENTATIONS)}, not {bad[0]!r}")
+    # The fact is always lower case, so lower-casing the operands is all "any case" needs.
+    return (Test("orientation", "one_of", tuple(v.lower() for v in values)),)
 
 
 def parse_match(table: Any, path: str = "match") -> Condition:
@@ -391,9 +405,13 @@ def parse_match(table: Any, path: str = "match") -> Condition:
             if not items:
                 raise ConditionError(where, f"expected a non-empty list of tables, e.g. {key} = [{{ Modality = "
                                             "\"CT\" }, { Modality = \"MR\" }]")  # fmt: skip
+            if any(t == {} for t in items):
+                raise ConditionError(where, "contains an empty table (it would always hold)")
             parsed = tuple(parse_match(t, f"{where}[{i}]") for i, t in enumerate(items))
             children.append(All(parsed) if key == "all" else AnyOf(parsed))
         elif key == "not":
+            if spec == {}:
+                raise ConditionError(where, "an empty table: not = {} would never match")
             children.append(Not(parse_match(spec, where)))
         else:
             _check_key(key, where)

@@ -5,7 +5,7 @@
     [[rules]]
     name = "ct-bone"
     priority = 10              # higher first; equal priorities keep file order
-    stop = true                # when it matches, rules of lower priority are not evaluated
+    stop = true                # when it matches, the rules after it (in evaluation order) are not evaluated
     stable_after = 30          # seconds without a new instance (overrides [tracker] stable_after)
     expected_instances = 200   # complete as soon as this many arrived
     on_revision = "ignore"     # or "rerun": instances after triggering open a revision; rerun it?
@@ -142,11 +142,14 @@ class RulesError(ValueError):
 
 def _loc(loc: Iterable[Any]) -> str:
     out = ""
-    for part in loc:
+    parts = list(loc)
+    for n, part in enumerate(parts):
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("plugin", "forward", "discard") and out.endswith("]"):
-            continue  # the discriminator pydantic inserts into union locations
+        elif n >= 2 and parts[n - 2] == "actions" and isinstance(parts[n - 1], int) and part in (
+            "plugin", "forward", "discard"
+        ):
+            continue  # the discriminator pydantic inserts after actions[i]
         else:
             out += ("." if out else "") + str(part)
     return out
@@ -263,12 +266,16 @@ class RuleSet:
         Evaluated when a revision opens, from its first instance: conditions on
         counts cannot be known yet and count as satisfied.
         """
+        revision = facts.get("revision") or 1
         for rule in self.rules:
             m = rule.model
-            if not m.enabled or (m.stable_after is None and m.expected_instances is None):
+            if not m.enabled or (revision > 1 and m.on_revision == "ignore"):
                 continue
-            if rule.condition.evaluate(facts, partial=True).ok:
+            may_match = rule.condition.evaluate(facts, partial=True).ok
+            if may_match and (m.stable_after is not None or m.expected_instances is not None):
                 return m.stable_after, m.expected_instances, rule.name
+            if may_match and m.stop:
+                break  # the rules below would be skipped
         return None, None, ""
 
     @property

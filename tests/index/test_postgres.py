@@ -84,3 +84,49 @@ def test_node_on_postgresql(node, tmp_path, postgres_url):
     # Restart on the same database: migrations are idempotent, recovery finds nothing to do.
     node.start()
     assert "Traceback" not in node.log()
+
+
+def test_series_tracker_and_jobs_on_postgresql(node, tmp_path, postgres_url):
+    """Revisions, stability, the unique job constraint and the workers run on PostgreSQL too."""
+    from helpers import StoreSCP
+
+    scp = StoreSCP(tmp_path / "scp").start()
+    try:
+        files = make_ct_series(tmp_path / "c", 12)
+        node.env = {"DICOM_NODE_DATABASE__URL": postgres_url}
+        node.extra_config = f"""
+[tracker]
+stable_after = 1
+use_expected_counts = false
+{scp.destination()}
+[[rules]]
+name = "ct"
+on_revision = "rerun"
+match = {{ Modality = "CT", instances = {{ ">=" = 6 }} }}
+actions = [{{ type = "forward", to = ["scp"] }}]
+"""
+        node.start()
+        engine = create_engine(postgres_url)
+
+        def job_rows() -> list:
+            with engine.connect() as c:
+                return c.execute(text("select j.revision, j.state, j.result from job j join series s on "
+                                      "s.id = j.series_fk where s.series_instance_uid = :u order by j.id"),
+                                 {"u": series_uid}).all()  # fmt: skip
+
+        from pydicom import dcmread
+
+        series_uid = str(dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+        assert storescu(node.port, files[:6]).returncode == 0
+        deadline = time.monotonic() + 30
+        while not (job_rows() and job_rows()[-1][1] == "succeeded") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert storescu(node.port, files[6:]).returncode == 0  # after triggering: revision 2
+        deadline = time.monotonic() + 30
+        while not (len(job_rows()) == 2 and job_rows()[-1][1] == "succeeded") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert [tuple(r) for r in job_rows()] == [(1, "succeeded", "sent 6 to scp"), (2, "succeeded", "sent 6 to scp")]
+        assert len(scp.received()) == 12
+        engine.dispose()
+    finally:
+        scp.stop()
