@@ -20,7 +20,8 @@ app = typer.Typer(
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-console = Console(stderr=True)
+# Piped stderr (logs, cron) keeps each message on one line, so paths can be copied from it.
+console = Console(stderr=True, soft_wrap=not sys.stderr.isatty())
 # Piped output (logs, scripts, tests) gets wide lines instead of truncated names.
 out = Console() if sys.stdout.isatty() else Console(width=200)
 
@@ -238,11 +239,12 @@ def rules_test(
         raise typer.Exit(1)
 
 
-def _parse_when(value: str, option: str) -> datetime:
-    from datetime import datetime
-
+def _parse_when(value: str, option: str, end_of_day: bool = False) -> datetime:
+    """A date or date-time in UTC; a bare date given as an end means the end of that day."""
     try:
         when = datetime.fromisoformat(value)
+        if end_of_day and len(value.strip()) == 10:
+            when = when.replace(hour=23, minute=59, second=59, microsecond=999999)
     except ValueError:
         console.print(f"[bold red]error:[/] {option} {value!r}: use a date or date-time such as 2026-11-20 or "
                       "2026-11-20T08:00 (UTC unless an offset is given)", highlight=False)  # fmt: skip
@@ -261,7 +263,7 @@ def rules_replay(
     from node.decide.explain import replay
 
     start = _parse_when(since, "--since")
-    end = _parse_when(until, "--until") if until else None
+    end = _parse_when(until, "--until", end_of_day=True) if until else None
     engine = _engine(cfg)
     try:
         lines, fired = replay(engine, cfg.data_dir, cfg.ruleset, start, end)
@@ -270,8 +272,8 @@ def rules_replay(
     _lines(lines)
     total = sum(fired.values()) - fired.get("(no rule)", 0) - fired.get("(unreadable)", 0)
     summary = ", ".join(f"{k}: {v}" for k, v in sorted(fired.items())) or "no series in that period"
-    out.print(f"{total} rule match(es) over the series received since {start:%Y-%m-%d %H:%M} UTC ({summary})",
-              highlight=False)  # fmt: skip
+    period = f"since {start:%Y-%m-%d %H:%M} UTC" + (f" until {end:%Y-%m-%d %H:%M} UTC" if end else "")
+    out.print(f"{total} rule match(es) over the series received {period} ({summary})", highlight=False)
 
 
 @jobs_app.callback()

@@ -218,6 +218,9 @@ class Compare(Condition):
         actual = facts.get(self.key)
         for t in self.tests:
             if not t.holds(actual):
+                if actual is None:
+                    what = "not known for this series" if self.key in SPECIAL_KEYS else "missing in the series"
+                    return Outcome(False, f"{t.describe()}: {what}")
                 return Outcome(False, f"{t.describe()}: the series has {_show(actual)}")
         return Outcome(True)
 

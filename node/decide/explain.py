@@ -48,12 +48,16 @@ def explain_series(engine: Engine, data_dir: Path, ruleset: RuleSet, series_uid:
         series = s.execute(select(Series).where(Series.series_instance_uid == series_uid)).scalars().first()
         if series is None:
             like = s.execute(
-                select(Series.series_instance_uid).where(Series.series_instance_uid.startswith(series_uid)).limit(2)
+                select(Series.series_instance_uid)
+                .where(Series.series_instance_uid.startswith(series_uid, autoescape=True))
+                .limit(2)
             ).scalars().all()
             if len(like) == 1:
                 series = s.execute(select(Series).where(Series.series_instance_uid == like[0])).scalars().one()
+            elif like:
+                raise LookupError(f"{series_uid} is the start of several series' UIDs; give more of it")
             else:
-                raise LookupError(f"no series {series_uid} in the index" + (" (the prefix is ambiguous)" if like else ""))
+                raise LookupError(f"no series {series_uid} in the index (nor one whose UID starts with it)")
         study, patient = s.execute(
             select(Study, Patient).join(Patient, Patient.id == Study.patient_fk).where(Study.id == series.study_fk)
         ).one()

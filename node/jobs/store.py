@@ -174,13 +174,15 @@ def retry(engine: Engine, job_id: int) -> None:
 def cancel(engine: Engine, job_id: int) -> str:
     """Cancel a pending or running job (a running one finishes its current step; its outcome is ignored)."""
     with engine.begin() as conn:
-        state = conn.execute(select(_job.c.state).where(_job.c.id == job_id)).scalar()
-        if state is None:
+        row = conn.execute(select(_job.c.state, _job.c.last_error).where(_job.c.id == job_id)).first()
+        if row is None:
             raise JobStateError(f"there is no job {job_id}")
+        state = row.state
         if state not in ("pending", "running"):
             raise JobStateError(f"job {job_id} is {state}; only pending or running jobs can be cancelled")
+        why = "cancelled by an operator" + (f"; the error before: {row.last_error}" if row.last_error else "")
         conn.execute(
             update(_job).where(_job.c.id == job_id, _job.c.state == state)
-            .values(state="cancelled", finished_at=utcnow(), last_error="cancelled by an operator")
+            .values(state="cancelled", finished_at=utcnow(), last_error=why)
         )  # fmt: skip
         return str(state)

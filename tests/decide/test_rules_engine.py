@@ -228,7 +228,7 @@ def test_combinator_explanations():
     out = parse_match({"any": [{"Modality": "MR"}, {"StationName": "CT1"}]}).evaluate(facts(StationName=None))
     assert out.why == (
         'none of the alternatives holds: Modality = "MR": the series has "CT"; '
-        'StationName = "CT1": the series has missing'
+        'StationName = "CT1": missing in the series'
     )
     out = parse_match({"not": {"ImageType": {"contains": "PRIMARY"}}}).evaluate(facts())
     assert out.why == 'not (ImageType contains "PRIMARY"): but it holds'
@@ -398,8 +398,8 @@ def test_stop_rule_ignored_for_a_revision_does_not_stop():
     ("match", "why"),
     [
         ({"Modality": "MR"}, 'Modality = "MR": the series has "CT"'),
-        ({"ContrastBolusAgent": {"exists": True}}, "ContrastBolusAgent is present: the series has missing"),
-        ({"ContrastBolusAgent": "IOPAMIDOL"}, 'ContrastBolusAgent = "IOPAMIDOL": the series has missing'),
+        ({"ContrastBolusAgent": {"exists": True}}, "ContrastBolusAgent is present: missing in the series"),
+        ({"ContrastBolusAgent": "IOPAMIDOL"}, 'ContrastBolusAgent = "IOPAMIDOL": missing in the series'),
         ({"Modality": "CT", "SliceThickness": {"<=": 3}}, "SliceThickness <= 3.0: the series has 5.0"),
         ({"SliceThickness": {"range": [1, 3]}}, "SliceThickness in [1.0, 3.0]: the series has 5.0"),
         (
@@ -426,7 +426,7 @@ def test_why_a_rule_did_not_match(match, why):
 def test_missing_values_said_as_missing_in_facts_from_a_dataset():
     ds = read_dataset(series_files(CT)[0])
     (result,) = make_rules(rule("r", {"ContrastBolusAgent": "IOPAMIDOL"})).evaluate(dataset_facts(ds))
-    assert result.why == 'ContrastBolusAgent = "IOPAMIDOL": the series has missing'
+    assert result.why == 'ContrastBolusAgent = "IOPAMIDOL": missing in the series'
 
 
 # -- timing (partial evaluation when a revision opens) ------------------------
