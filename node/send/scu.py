@@ -113,7 +113,7 @@ def send_files(
                     progress(f, None)
             continue
         try:
-            for f in batch_files:
+            for n, f in enumerate(batch_files):
                 status = None
                 try:
                     rsp = assoc.send_c_store(f)
@@ -131,9 +131,16 @@ def send_files(
                     if status is not None:
                         comment = str(rsp.get("ErrorComment", "")) if rsp else ""
                         summary.errors.append((str(f), f"status 0x{status:04X} {comment}".strip()))
+                    elif not summary.errors or summary.errors[-1][0] != str(f):
+                        summary.errors.append((str(f), "no response (association lost or DIMSE timeout)"))
                 if progress:
                     progress(f, status)
                 if not assoc.is_established:
+                    for rest in batch_files[n + 1 :]:  # never attempted: they failed too
+                        summary.failed += 1
+                        summary.errors.append((str(rest), "not sent: the association ended before it"))
+                        if progress:
+                            progress(rest, None)
                     break
         finally:
             if assoc.is_established:

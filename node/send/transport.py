@@ -13,7 +13,9 @@ logic stay pynetdicom's):
   :meth:`send_pdu` writes to, so it reacts at once to incoming data and to
   outgoing primitives and sleeps otherwise;
 * socket reads use ``recv_into`` into one buffer per PDU;
-* requestor sockets get ``TCP_NODELAY``.
+* requestor sockets get ``TCP_NODELAY``;
+* a requestor association's own loop no longer takes DIMSE messages (it
+  raced with ``send_c_store`` for the responses; see :func:`_assoc_reactor`).
 
 The versions pinned in ``pyproject.toml`` are the ones this was written and
 tested against; :func:`install` refuses other major/minor versions loudly.
@@ -28,10 +30,13 @@ import select
 import socket
 import ssl
 import threading
+import time
 from typing import Any
 
 import pynetdicom
+from pynetdicom import association as _association
 from pynetdicom import dul as _dul
+from pynetdicom import evt as _evt
 from pynetdicom import transport as _transport
 from pynetdicom.pdu import A_ABORT_RQ
 
@@ -155,6 +160,53 @@ def _run_reactor(self: _dul.DULServiceProvider) -> None:
         os.close(wake_r)
 
 
+# --- the association's own loop, for requestors --------------------------------
+
+
+def _assoc_reactor(self: _association.Association) -> None:
+    """pynetdicom's association loop, minus serving requests when we are the requestor.
+
+    pynetdicom's loop takes any complete DIMSE message off the queue to serve
+    it as a request; ``send_c_store`` pauses the loop first, but the pause has a
+    window in which the loop takes the C-STORE *response* the sender waits for
+    ("Received unexpected C-STORE service message"), and the send then waits
+    out its DIMSE timeout. Our SCU associations never act as an SCP, so for
+    them the loop only watches for release, abort, the DUL thread and the
+    network timeout, and leaves every message to the send_* call waiting for it.
+    """
+    if not self.is_requestor:
+        _orig_assoc_reactor(self)
+        return
+    # It never takes a message, so as far as send_* is concerned it is always paused.
+    self._is_paused = True
+    while not self._kill:
+        time.sleep(0.005)
+        if self.is_established and self.acse.is_release_requested():
+            self._reactor_checkpoint.wait()  # never in the middle of a send_*
+            self.acse.send_release(is_response=True)
+            self.is_released = True
+            self.is_established = False
+            _evt.trigger(self, _evt.EVT_RELEASED, {})
+            self.kill()
+            return
+        if self.acse.is_aborted():
+            self.dul.receive_pdu(wait=False)
+            self.is_aborted = True
+            self.is_established = False
+            _evt.trigger(self, _evt.EVT_ABORTED, {})
+            self.kill()
+            return
+        if not self.dul.is_alive():
+            self.kill()
+            return
+        if self.dul.idle_timer_expired():
+            log.error("network timeout reached on an association to %s", self.acceptor.ae_title)
+            self.abort()
+            self.kill()
+            return
+
+
+_orig_assoc_reactor = _association.Association._run_reactor
 _orig_send_pdu = _dul.DULServiceProvider.send_pdu
 _orig_create_socket = _transport.AssociationSocket._create_socket
 
@@ -175,4 +227,5 @@ def install() -> None:
         _transport.AssociationSocket._create_socket = _create_socket  # type: ignore[method-assign]
         _dul.DULServiceProvider.send_pdu = _send_pdu  # type: ignore[method-assign]
         _dul.DULServiceProvider.run_reactor = _run_reactor  # type: ignore[method-assign]
+        _association.Association._run_reactor = _assoc_reactor  # type: ignore[method-assign]
         _installed = True
