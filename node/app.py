@@ -11,6 +11,7 @@ from sqlalchemy import select
 from node import __version__
 from node.config import Config
 from node.decide.tracker import SeriesTracker
+from node.derive.store import OutputStore
 from node.index.db import WalCheckpointer, make_engine, migrate, session_factory
 from node.index.models import Instance
 from node.index.writer import IndexWriter
@@ -40,6 +41,8 @@ class Node:
             min_free_bytes=cfg.node.min_free_mb * 2**20,
             on_recorded=self.tracker.arrived,
         )
+        # Derived objects go through the same index writer and duplicate rules as received ones.
+        self.runner.outputs = OutputStore(self.storage, self.writer, self.ingest.recorder, cfg.node.ae_title)
         self.scp: StorageSCP | None = None
         self._stop = threading.Event()
 

@@ -147,6 +147,12 @@ _PLUGIN_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 class PluginsSection(_Section):
     #: Local plugins, name = "python.module:attribute" (installed ones come from entry points).
     local: dict[str, str] = Field(default_factory=dict)
+    #: Plugin processes running at the same time.
+    workers: int = Field(2, ge=1, le=64)
+    #: Wall-clock seconds a plugin job may take (a rule's action may set its own).
+    timeout: float = Field(600.0, gt=0)
+    #: Address-space limit of a plugin process in MB, 0 for none (a rule's action may set its own).
+    memory_limit_mb: int = Field(8192, ge=0)
 
     @field_validator("local")
     @classmethod
@@ -294,13 +300,29 @@ def load_config(path: Path | str | None = None, environ: dict[str, str] | None =
 def compile_rules(cfg: Config, source: str = "") -> Any:
     """The config's rules, checked against its destinations and the installed plugins."""
     from node.decide.rules import RulesError, RuleSet
-    from node.plugins.registry import discover
+    from node.plugins.registry import PluginLoadError, discover, load
+
+    plugins = discover(cfg.plugins.local)
+
+    def check_params(name: str, params: dict[str, Any]) -> list[tuple[str, str]]:
+        """(field, message) for each problem with a plugin's parameters; loading the plugin checks it too."""
+        try:
+            info = load(name, plugins[name].target)
+        except PluginLoadError as e:
+            return [("", str(e))]
+        try:
+            info.validate_params(params)
+        except ValidationError as e:
+            return [(_loc_to_key(tuple(err["loc"])), err["msg"] + (f" (got {err['input']!r})" if err["type"] not in
+                     ("missing", "extra_forbidden") else "")) for err in e.errors()]  # fmt: skip
+        return []
 
     try:
         return RuleSet.compile(
             cfg.rules,
             destinations=[d.name for d in cfg.destinations],
-            plugins=discover(cfg.plugins.local),
+            plugins=plugins,
+            check_params=check_params,
         )
     except RulesError as e:
         lines = [f"invalid rules in {source or cfg.source}:"] + [f"  {line}" for line in e.errors]

@@ -29,7 +29,7 @@ field and what is wrong.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -55,6 +55,16 @@ class PluginAction(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
     plugins: list[PluginStep] = Field(default_factory=list)
     send_to: list[str] = Field(default_factory=list)
+    #: Wall-clock seconds and memory (MB) for the plugin process; default from [plugins].
+    timeout: float | None = Field(None, gt=0)
+    memory_limit_mb: int | None = Field(None, ge=0)
+    #: Encoding of the derived objects: uncompressed, or lossless JPEG 2000 / RLE.
+    compression: Literal["none", "jpeg2000", "rle"] = "none"
+    #: SEG: keep frames without any segment (some viewers need one frame per source image).
+    keep_empty_frames: bool = False
+    #: Series Number of the first output series (later outputs count up) and their description.
+    series_number: int = Field(9000, ge=0, le=2**31 - 1)
+    series_description: str = Field("", max_length=64)
 
     @model_validator(mode="after")
     def _one_form(self) -> PluginAction:
@@ -172,9 +182,17 @@ class RuleSet:
 
     @classmethod
     def compile(
-        cls, tables: list[dict[str, Any]], *, destinations: Iterable[str] = (), plugins: Iterable[str] = ()
+        cls,
+        tables: list[dict[str, Any]],
+        *,
+        destinations: Iterable[str] = (),
+        plugins: Iterable[str] = (),
+        check_params: Callable[[str, dict[str, Any]], list[tuple[str, str]]] | None = None,
     ) -> RuleSet:
-        """Validate rule tables from the config; raises :class:`RulesError` listing every problem."""
+        """Validate rule tables from the config; raises :class:`RulesError` listing every problem.
+
+        ``check_params(plugin, params)`` returns (field, message) pairs for parameters the plugin refuses.
+        """
         destinations, plugins = set(destinations), set(plugins)
         errors: list[str] = []
         rules: list[Rule] = []
@@ -225,6 +243,11 @@ class RuleSet:
                         if step.name not in plugins:
                             known = ", ".join(sorted(plugins)) or "none are installed"
                             errors.append(f"{a}.{key}: unknown plugin {step.name!r} (installed: {known})")
+                        elif check_params is not None:
+                            pkey = "params" if action.plugin else f"plugins[{k}].params"
+                            for fld, msg in check_params(step.name, step.params):
+                                where_ = f"{a}.{pkey}.{fld}" if fld else f"{a}.{key}"
+                                errors.append(f"{where_}: {msg}")
             try:
                 condition = parse_match(model.match)
             except ConditionError as e:

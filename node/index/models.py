@@ -142,6 +142,8 @@ class Instance(Base):
     association_id: Mapped[str] = mapped_column(String(36), default="")
     #: The series revision this instance arrived in (see ``Series.state``).
     revision: Mapped[int] = mapped_column(Integer, default=1)
+    #: For an object the node derived: the job that made it (lineage: source series -> job -> output).
+    job_fk: Mapped[int | None] = mapped_column(ForeignKey("job.id"), nullable=True, index=True)
 
     series: Mapped[Series] = relationship(back_populates="instances")
 
@@ -193,6 +195,8 @@ class Job(Base):
     last_error: Mapped[str] = mapped_column(Text, default="")
     #: What the job did, for people (e.g. "sent 200 instances to PACS").
     result: Mapped[str] = mapped_column(Text, default="")
+    #: The plugin(s) and versions that produced the job's outputs, e.g. "threshold-seg 1.0".
+    software: Mapped[str] = mapped_column(String(256), default="")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     not_before: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

@@ -8,9 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 from sqlalchemy import Engine, delete, select, update
 
 from node.config import Config
+from node.derive.store import OutputStore
 from node.index.models import Instance, Job, Series
 from node.jobs.store import ClaimedJob
 from node.storage import Storage
@@ -34,6 +36,8 @@ class JobContext:
     storage: Storage
     #: True once the job was cancelled (checked between steps of long work).
     cancelled: Callable[[], bool]
+    #: Where plugin outputs are stored and indexed.
+    outputs: OutputStore | None = None
 
     def instance_files(self) -> list[tuple[int, str]]:
         """(id, stored path) of the revision's instances, in Instance Number order."""
@@ -47,16 +51,13 @@ class JobContext:
         return [(r.id, r.file_path) for r in rows]
 
 
-def forward(ctx: JobContext) -> str:
-    """Send the revision's instances, as stored, to each destination."""
+def _send(ctx: JobContext, files: list[Path], names: list[str]) -> str:
+    """Send files, as stored, to each named destination; raises JobFailed naming each failure."""
     from node.send.scu import send_files
 
-    files = [ctx.storage.absolute(p) for _, p in ctx.instance_files()]
-    if not files:
-        return "nothing to forward: the revision has no instances (discarded?)"
     dests = {d.name: d for d in ctx.cfg.destinations}
     done, problems, retryable = [], [], False
-    for name in ctx.job.action["to"]:
+    for name in names:
         if ctx.cancelled():
             raise JobFailed("cancelled", retryable=False)
         d = dests.get(name)
@@ -74,6 +75,14 @@ def forward(ctx: JobContext) -> str:
     if problems:
         raise JobFailed("; ".join(problems) + (f" (sent {', '.join(done)})" if done else ""), retryable=retryable)
     return "sent " + ", ".join(done)
+
+
+def forward(ctx: JobContext) -> str:
+    """Send the revision's instances, as stored, to each destination."""
+    files = [ctx.storage.absolute(p) for _, p in ctx.instance_files()]
+    if not files:
+        return "nothing to forward: the revision has no instances (discarded?)"
+    return _send(ctx, files, ctx.job.action["to"])
 
 
 def discard(ctx: JobContext) -> str:
@@ -109,11 +118,75 @@ def discard(ctx: JobContext) -> str:
     return f"discarded {gone} instances ({removed} files removed)"
 
 
+_SYNTAX = {"none": ExplicitVRLittleEndian, "jpeg2000": JPEG2000Lossless, "rle": RLELossless}
+
+
 def plugin(ctx: JobContext) -> str:
-    raise JobFailed(
-        "this version of dicom-node creates plugin jobs but has no plugin runtime yet to run them",
-        retryable=False,
-    )
+    """Run the plugin(s) on the whole series in a child process, store the outputs, send them on."""
+    from node.decide.rules import PluginAction
+    from node.plugins.registry import discover
+    from node.plugins.runtime import PluginRunError, run_in_process
+    from node.plugins.worker import StepSpec, WorkSpec
+
+    if ctx.outputs is None:
+        raise JobFailed("this node has no output store (internal error)", retryable=False)
+    action = PluginAction.model_validate(ctx.job.action)
+    cfg = ctx.cfg
+    installed = discover(cfg.plugins.local)
+    steps = []
+    for st in action.steps:
+        ref = installed.get(st.name)
+        if ref is None:
+            raise JobFailed(f"plugin {st.name!r} is not installed any more", retryable=False)
+        steps.append(StepSpec(st.name, ref.target, st.params))
+    i, s = Instance.__table__, Series.__table__
+    with ctx.engine.connect() as conn:
+        series_uid = conn.execute(select(s.c.series_instance_uid).where(s.c.id == ctx.job.series_id)).scalar_one()
+        rels = conn.execute(
+            select(i.c.file_path).where(i.c.series_fk == ctx.job.series_id, i.c.job_fk.is_(None)).order_by(i.c.id)
+        ).scalars().all()
+    if not rels:
+        raise JobFailed("the series has no stored instances (discarded?)", retryable=False)
+    work = ctx.outputs.work_dir(ctx.job.id, ctx.job.attempts)
+    spec = WorkSpec(
+        files=[str(ctx.storage.absolute(r)) for r in rels], steps=steps, out_dir=str(work),
+        job_key=(series_uid, ctx.job.revision, ctx.job.rule, ctx.job.action_index),
+        memory_limit_mb=action.memory_limit_mb if action.memory_limit_mb is not None else cfg.plugins.memory_limit_mb,
+        transfer_syntax=str(_SYNTAX[action.compression]), keep_empty_frames=action.keep_empty_frames,
+        series_number=action.series_number, series_description=action.series_description,
+        station_name=cfg.node.ae_title,
+    )  # fmt: skip
+    timeout = action.timeout or cfg.plugins.timeout
+    try:
+        result = run_in_process(spec, timeout=timeout, workers=cfg.plugins.workers, cancelled=ctx.cancelled)
+    except PluginRunError as e:
+        raise JobFailed(str(e), retryable=e.retryable) from None
+    with ctx.engine.begin() as conn:
+        conn.execute(update(Job.__table__).where(Job.__table__.c.id == ctx.job.id)
+                     .values(software=", ".join(result.plugins)[:256]))  # fmt: skip
+    if not result.ok:
+        raise JobFailed(result.error, retryable=result.retryable)
+    stored = ctx.outputs.store([Path(o.file) for o in result.outputs], ctx.job.id)
+    for f in work.iterdir():
+        f.unlink()
+    work.rmdir()
+    kinds: dict[str, int] = {}
+    for o in result.outputs:
+        kinds[o.kind] = kinds.get(o.kind, 0) + 1
+    t = result.timings
+    made = ", ".join(f"{n} {k}" for k, n in kinds.items()) or "no output"
+    again = sum(1 for o in stored if o.outcome == "duplicate")
+    summary = (f"{made} from {len(rels)} source instances ({', '.join(result.plugins)}; load {t['load']:.1f} s, "
+               f"plugin {t['plugin']:.1f} s, build {t['build']:.1f} s, write {t['write']:.1f} s)")  # fmt: skip
+    if again:
+        summary += f"; {again} already stored by an earlier run"
+    log.info("job %d: %s", ctx.job.id, summary)
+    if action.send_to and stored:
+        with ctx.engine.connect() as conn:
+            out_rels = conn.execute(select(i.c.file_path).where(i.c.job_fk == ctx.job.id).order_by(i.c.id)).scalars()
+            files = [ctx.storage.absolute(r) for r in out_rels]
+        summary += "; " + _send(ctx, files, action.send_to)
+    return summary
 
 
 HANDLERS: dict[str, Callable[[JobContext], str]] = {"forward": forward, "discard": discard, "plugin": plugin}

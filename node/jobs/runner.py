@@ -18,6 +18,7 @@ import time
 from sqlalchemy import Engine, select
 
 from node.config import Config
+from node.derive.store import OutputStore
 from node.index.models import Job, utcnow
 from node.jobs import store
 from node.jobs.actions import JobContext, JobFailed, handler_for
@@ -29,8 +30,9 @@ POLL = 2.0
 
 
 class JobRunner:
-    def __init__(self, cfg: Config, engine: Engine, storage: Storage) -> None:
+    def __init__(self, cfg: Config, engine: Engine, storage: Storage, outputs: OutputStore | None = None) -> None:
         self.cfg = cfg
+        self.outputs = outputs
         self.engine = engine
         self.storage = storage
         self._wake = threading.Condition()
@@ -98,7 +100,7 @@ class JobRunner:
         log.info("job %d started: rule %s, action %d (%s), series #%d revision %d, attempt %d of %d",
                  job.id, job.rule, job.action_index, job.kind, job.series_id, job.revision, job.attempts,
                  job.max_attempts)  # fmt: skip
-        ctx = JobContext(job, self.cfg, self.engine, self.storage, lambda: self._cancelled(job.id))
+        ctx = JobContext(job, self.cfg, self.engine, self.storage, lambda: self._cancelled(job.id), self.outputs)
         try:
             result = handler_for(job.kind)(ctx)
         except JobFailed as e:

@@ -7,9 +7,14 @@ starting; it fails the jobs that use it, with the import error.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from node.plugins.api import PluginInfo
 
 GROUP = "dicom_node.plugins"
 
@@ -33,3 +38,25 @@ def discover(local: Mapping[str, str] | None = None) -> dict[str, PluginRef]:
     for name, target in (local or {}).items():
         found[name] = PluginRef(name, target, "config")
     return found
+
+
+class PluginLoadError(Exception):
+    pass
+
+
+def load(name: str, target: str) -> PluginInfo:
+    """Import a plugin's ``module:attribute`` and return it as a PluginInfo."""
+    from node.plugins.api import as_info
+
+    module, _, attr = target.partition(":")
+    try:
+        obj = importlib.import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except Exception as e:
+        raise PluginLoadError(f"plugin {name!r} ({target}) cannot be loaded: {type(e).__name__}: {e}") from None
+    try:
+        info = as_info(obj, name)
+    except TypeError as e:
+        raise PluginLoadError(str(e)) from None
+    return info

@@ -76,7 +76,7 @@ def test_node_on_postgresql(node, tmp_path, postgres_url):
         version = c.execute(text("select version_num from alembic_version")).scalar()
     engine.dispose()
     assert len(rows) == 80 and counts == [40, 40]
-    assert version == "0002"
+    assert version == "0003"
     from helpers import read_sop_uid
 
     for f in files:

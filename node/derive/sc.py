@@ -1,0 +1,117 @@
+"""Secondary Capture images from a plugin's pictures, with highdicom.
+
+One series per result, consecutive instance numbers, grey or RGB. An image
+that shows one source slice references it (Source Image Sequence) and keeps
+its plane (Image Position/Orientation are not part of SC, so the slice's
+position goes in the Source Image reference and the description); a derived
+view (a projection) references the whole source series.
+"""
+
+from __future__ import annotations
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian
+
+from node.derive.common import MANUFACTURER, Provenance
+from node.derive.seg import OutputError
+from node.plugins.api import Images, SeriesInput
+
+
+def _ref(ds: Dataset, frame: int | None = None) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = ds.SOPClassUID
+    item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+    if frame is not None:
+        item.ReferencedFrameNumber = frame + 1
+    return item
+
+
+def patient_orientation(iop: object) -> tuple[str, str] | None:
+    """DICOM Patient Orientation (e.g. ("L", "P")) from Image Orientation (Patient) direction cosines."""
+    try:
+        v = [float(x) for x in iop]  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        return None
+    if len(v) != 6:
+        return None
+
+    def letters(d: list[float]) -> str:
+        names = (("L", "R"), ("P", "A"), ("H", "F"))
+        order = sorted(range(3), key=lambda i: -abs(d[i]))
+        return "".join(names[i][0 if d[i] > 0 else 1] for i in order if abs(d[i]) > 0.1) or "L"
+
+    return letters(v[:3]), letters(v[3:])
+
+
+def build_sc(
+    series: SeriesInput,
+    result: Images,
+    prov: Provenance,
+    *,
+    index: int = 0,
+    transfer_syntax: UID = ExplicitVRLittleEndian,
+) -> list[Dataset]:
+    """The SC instances of one image result (``index``: its place among the job's outputs)."""
+    px = np.asarray(result.pixels)
+    if px.ndim == 2:  # one grey image
+        px = px[None]
+    if px.ndim == 3:
+        rgb = False
+    elif px.ndim == 4 and px.shape[-1] == 3:
+        rgb = True
+    else:
+        raise OutputError(f"images have shape {px.shape}; expected (n, rows, cols) grey or (n, rows, cols, 3) RGB")
+    if rgb and px.dtype != np.uint8:
+        raise OutputError(f"RGB images must be uint8, got {px.dtype}")
+    if not rgb and px.dtype not in (np.uint8, np.uint16):
+        raise OutputError(f"grey images must be uint8 or uint16, got {px.dtype} (window them first)")
+    sources = list(result.source_slices) if result.source_slices is not None else [None] * len(px)
+    if len(sources) != len(px):
+        raise OutputError(f"{len(px)} images but {len(sources)} source_slices")
+    for s in sources:
+        if s is not None and not 0 <= s < len(series):
+            raise OutputError(f"source slice {s} is outside the series (0..{len(series) - 1})")
+    series_uid = prov.uid("sc-series", index)
+    description = (result.description or prov.series_description or f"{prov.algorithm} images")[:64]
+    out = []
+    for n, (img, src) in enumerate(zip(px, sources, strict=True)):
+        if src is None:
+            ref = series.first
+            refs = [_ref(d) for d in series.datasets] if series.frames is None else [_ref(series.first)]
+        else:
+            ref = series.datasets[src] if series.frames is None else series.first
+            refs = [_ref(ref, series.frames[src] if series.frames is not None else None)]
+        orientation = result.patient_orientation
+        if orientation is None:
+            iop = series.orientation
+            orientation = patient_orientation([*iop[0], *iop[1]]) if iop else None
+        spacing = None
+        if series.pixel_spacing and img.shape[:2] == (int(series.first.Rows), int(series.first.Columns)):
+            spacing = tuple(float(x) for x in series.pixel_spacing)
+        sc = hd.sc.SCImage.from_ref_dataset(
+            ref_dataset=ref,
+            pixel_array=np.ascontiguousarray(img),
+            photometric_interpretation="RGB" if rgb else "MONOCHROME2",
+            bits_allocated=8 if img.dtype == np.uint8 else 16,
+            coordinate_system="PATIENT",
+            patient_orientation=orientation or ("L", "P"),
+            series_instance_uid=series_uid,
+            series_number=prov.series_number + index,
+            sop_instance_uid=prov.uid("sc", index, n),
+            instance_number=n + 1,
+            manufacturer=MANUFACTURER,
+            pixel_spacing=spacing,
+            transfer_syntax_uid=transfer_syntax,
+            contributing_equipment=prov.contributing_equipment(),
+        )
+        sc.SeriesDescription = description
+        sc.ImageType = ["DERIVED", "SECONDARY"]
+        sc.DerivationDescription = f"{prov.algorithm} {prov.algorithm_version} (dicom-node)"[:1024]
+        sc.SourceImageSequence = refs
+        if "Laterality" not in sc:
+            # Type 2C in General Series: present, empty when unknown (dciodvfy expects it without Image Laterality).
+            sc.Laterality = series.first.get("Laterality", "")
+        out.append(sc)
+    return out

@@ -1,0 +1,125 @@
+"""DICOM Segmentation from a plugin's masks, with highdicom.
+
+The SEG references every source image it was made from, lies in the source
+study with its own series, and carries the algorithm (Algorithm
+Identification per segment) and this node (Contributing Equipment).
+"""
+
+from __future__ import annotations
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian
+
+from node.derive.common import MANUFACTURER, Provenance
+from node.plugins.api import Segmentation, SeriesInput
+
+#: A default palette (RGB) for segments without a colour: distinct and readable on grey.
+PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]  # fmt: skip
+
+
+class OutputError(ValueError):
+    """A plugin result the node cannot turn into DICOM (reason in the message)."""
+
+
+def _masks(series: SeriesInput, result: Segmentation) -> np.ndarray:
+    """The masks checked against the series, as highdicom takes them, in source order."""
+    m = np.asarray(result.masks)
+    n, rows, cols = len(series), int(series.first.Rows), int(series.first.Columns)
+    k = len(result.segments)
+    if k == 0:
+        raise OutputError("the segmentation has no segment descriptions")
+    if m.shape[:3] != (n, rows, cols) or m.ndim not in (3, 4):
+        raise OutputError(f"masks have shape {m.shape}; expected ({n}, {rows}, {cols}) as a label map or "
+                          f"({n}, {rows}, {cols}, {k}) as stacked masks")  # fmt: skip
+    if m.ndim == 4 and m.shape[3] != k:
+        raise OutputError(f"{m.shape[3]} stacked masks but {k} segment descriptions")
+    if result.kind == "fractional":
+        if not np.issubdtype(m.dtype, np.floating):
+            raise OutputError(f"a fractional segmentation needs float masks in [0, 1], got {m.dtype}")
+        if m.size and (np.nanmin(m) < 0 or np.nanmax(m) > 1 or np.isnan(m).any()):
+            raise OutputError("fractional masks must lie in [0, 1] (no NaN)")
+        m = m.astype(np.float32)
+    elif m.ndim == 3:
+        if m.dtype == bool:
+            if k != 1:
+                raise OutputError(f"a boolean label map holds one segment, but {k} are described")
+            m = m.astype(np.uint8)
+        elif not np.issubdtype(m.dtype, np.integer):
+            raise OutputError(f"a label map must hold integers (0 = background, 1..{k}), got {m.dtype}")
+        top = int(m.max()) if m.size else 0
+        if (m.size and int(m.min()) < 0) or top > k:
+            raise OutputError(f"label values must be 0..{k}; found {int(m.min())}..{top}")
+        m = m.astype(np.uint8 if k < 256 else np.uint16)
+    else:
+        if result.kind == "labelmap":
+            if (m.astype(bool).sum(axis=3) > 1).any():
+                raise OutputError("stacked masks overlap, so they cannot be one label map; use kind = \"binary\"")
+            m = (np.argmax(m, axis=3) + 1) * m.astype(bool).any(axis=3)
+            m = m.astype(np.uint8 if k < 256 else np.uint16)
+        else:
+            m = m.astype(bool)
+    if series.frames is not None:  # one multi-frame source: back to the source's frame order
+        out = np.empty_like(m)
+        out[np.array(series.frames)] = m
+        m = out
+    return m
+
+
+def _descriptions(result: Segmentation, prov: Provenance) -> list[hd.seg.SegmentDescription]:
+    algo = prov.algorithm_identification()
+    out = []
+    for i, s in enumerate(result.segments, 1):
+        rgb = s.color or PALETTE[(i - 1) % len(PALETTE)]
+        out.append(
+            hd.seg.SegmentDescription(
+                segment_number=i, segment_label=s.label[:64], segmented_property_category=s.category,
+                segmented_property_type=s.type, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=algo, anatomic_regions=[s.anatomic_region] if s.anatomic_region else None,
+                display_color=hd.color.CIELabColor.from_rgb(*rgb),
+            )
+        )  # fmt: skip
+    return out
+
+
+def build_seg(
+    series: SeriesInput,
+    result: Segmentation,
+    prov: Provenance,
+    *,
+    index: int = 0,
+    transfer_syntax: UID = ExplicitVRLittleEndian,
+    keep_empty_frames: bool = False,
+) -> Dataset:
+    """The SEG for one segmentation result (``index``: its place among the job's outputs)."""
+    masks = _masks(series, result)
+    kind = {"binary": hd.seg.SegmentationTypeValues.BINARY, "labelmap": hd.seg.SegmentationTypeValues.LABELMAP,
+            "fractional": hd.seg.SegmentationTypeValues.FRACTIONAL}[result.kind]  # fmt: skip
+    # highdicom cannot leave out every frame: an all-empty result keeps its (empty) frames.
+    omit = not keep_empty_frames and bool(np.any(masks))
+    description = (result.description or prov.series_description or f"{prov.algorithm} segmentation")[:64]
+    seg = hd.seg.Segmentation(
+        source_images=series.datasets,
+        pixel_array=masks,
+        segmentation_type=kind,
+        segment_descriptions=_descriptions(result, prov),
+        series_instance_uid=prov.uid("seg-series", index),
+        series_number=prov.series_number + index,
+        sop_instance_uid=prov.uid("seg", index),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=MANUFACTURER,
+        software_versions=prov.contributing_equipment()[0].SoftwareVersions,
+        device_serial_number=prov.contributing_equipment()[0].DeviceSerialNumber,
+        content_description=description,
+        content_label="SEGMENTATION",
+        content_creator_name=None,
+        transfer_syntax_uid=transfer_syntax,
+        omit_empty_frames=omit,
+        contributing_equipment=prov.contributing_equipment(),
+        max_fractional_value=255,
+    )
+    seg.SeriesDescription = description
+    return seg

@@ -1,0 +1,99 @@
+"""Storing a job's outputs like received instances: fsync, rename into storage, index, link to the job.
+
+The outputs' UIDs are deterministic per job (see :mod:`node.derive.common`),
+so a job run again after a crash stores nothing twice: the index already
+holds those SOP Instance UIDs and keeps the first copy.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom.filereader import read_file_meta_info
+from pydicom.uid import UID
+from sqlalchemy import bindparam, literal_column, update
+
+from node.index.models import Instance, Series
+from node.index.records import Recorder
+from node.index.writer import IndexWriter, Tx
+from node.receive.parse import read_header, to_record
+from node.receive.rxfile import file_checksum
+from node.storage import Storage
+from node.storage.layout import fsync_dir
+
+_i = Instance.__table__
+_LINK_JOB = update(_i).where(_i.c.id == bindparam("pk")).values(job_fk=bindparam("job"))
+_s = Series.__table__
+# The node's own outputs are not "received series": rules do not run on them (no loops of derived objects).
+_NOT_TRACKED = update(_s).where(_s.c.id == bindparam("pk")).values(state=literal_column("'triggered'"))
+
+
+@dataclass
+class StoredOutput:
+    sop_instance_uid: str
+    series_instance_uid: str
+    path: Path
+    #: "new", or "duplicate" when an earlier run of the same job stored it already (that copy is kept).
+    outcome: str
+
+
+class OutputStore:
+    def __init__(self, storage: Storage, writer: IndexWriter, recorder: Recorder, ae_title: str) -> None:
+        self.storage = storage
+        self.writer = writer
+        self.recorder = recorder
+        self.ae_title = ae_title
+
+    def work_dir(self, job_id: int, attempt: int) -> Path:
+        """A fresh directory for a job run's files (under tmp/, which start-up clears)."""
+        d = self.storage.tmp / f"job-{job_id}-{attempt}"
+        d.mkdir(parents=True, exist_ok=True)
+        for old in d.iterdir():
+            old.unlink()
+        return d
+
+    def store(self, files: list[Path], job_id: int) -> list[StoredOutput]:
+        """Place and index ``files`` (written by the plugin process) in one index transaction."""
+        placed: list[tuple[Path, object, str, str]] = []
+        for f in files:
+            size = f.stat().st_size
+            meta = read_file_meta_info(f)
+            header = read_header(str(f), UID(str(meta.TransferSyntaxUID)), size,
+                                 132 + 12 + int(meta.FileMetaInformationGroupLength))  # fmt: skip
+            final = self.storage.path_for(header.text("SeriesInstanceUID"), header.text("SOPInstanceUID"))
+            record = to_record(
+                header, file_path=self.storage.relative(final), file_size=size, checksum=file_checksum(f),
+                calling_ae=self.ae_title, called_ae=self.ae_title, association_id=f"job-{job_id}",
+            )  # fmt: skip
+            with open(f, "rb") as fp:
+                os.fdatasync(fp.fileno())
+            final.parent.mkdir(parents=True, exist_ok=True)
+            self.storage.place(f, final)
+            placed.append((final, record, header.text("SOPInstanceUID"), header.text("SeriesInstanceUID")))
+        for d in {p.parent for p, *_ in placed}:
+            fsync_dir(d)
+        def work(tx: Tx) -> list[str]:
+            kinds = []
+            for _, record, _, _ in placed:
+                outcome = self.recorder.record(tx, record)  # type: ignore[arg-type]
+                tx.execute(tx.prepare("link_job", _LINK_JOB), {"pk": outcome.instance_id, "job": job_id})
+                if outcome.series_id:
+                    tx.execute(tx.prepare("not_tracked", _NOT_TRACKED), {"pk": outcome.series_id})
+                kinds.append(outcome.kind)
+            return kinds
+
+        try:
+            kinds = self.writer.call(work)
+        except BaseException:
+            for p, *_ in placed:
+                self.storage.remove(p)
+            raise
+        out = []
+        for (p, _, sop, series), kind in zip(placed, kinds, strict=True):
+            if kind == "duplicate":  # stored by an earlier run of this job: keep that copy
+                self.storage.remove(p)
+            out.append(StoredOutput(sop, series, p, kind))
+        return out
+

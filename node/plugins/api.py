@@ -1,0 +1,294 @@
+"""The plugin API: what a plugin gets, what it returns, and how it declares itself.
+
+A plugin is a function or a class that takes a :class:`SeriesInput` and its
+validated parameters and returns results: :class:`Segmentation` (masks and
+what they show) or :class:`Images` (pictures for Secondary Capture). It never
+builds DICOM, makes UIDs or copies patient data: the node does that, so every
+output references its sources correctly and identifies the algorithm.
+
+Function form::
+
+    from node.plugins.api import plugin, Segmentation, Segment, codes
+
+    class Params(BaseModel):
+        lower: float = 300
+
+    @plugin(name="bone", version="1.0", params=Params)
+    def bone(series, params):
+        mask = series.rescaled() > params.lower
+        return [Segmentation(mask, [Segment("Bone", codes.SCT.Tissue, codes.SCT.Bone)])]
+
+Class form: subclass :class:`Plugin`, set ``name``, ``version`` and
+``Params``, and implement ``run(self, series, params)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+__all__ = [
+    "Code", "Images", "Plugin", "PluginError", "PluginInfo", "Segment", "Segmentation", "SeriesInput", "codes",
+    "plugin",
+]  # fmt: skip
+
+
+class PluginError(Exception):
+    """Raised by a plugin for a failure it understands; ``retryable`` if another attempt may succeed."""
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class NoParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- outputs -----------------------------------------------------------------
+
+
+@dataclass
+class Segment:
+    """What one segment shows, as coded concepts (e.g. SNOMED CT from ``pydicom.sr.codedict.codes``)."""
+
+    label: str
+    category: Code
+    type: Code
+    #: Display colour, RGB 0-255; the node picks one when not given.
+    color: tuple[int, int, int] | None = None
+    anatomic_region: Code | None = None
+
+
+@dataclass
+class Segmentation:
+    """Masks over the input slices.
+
+    ``masks`` is either a label map of shape (slices, rows, cols) with 0 for
+    background and segment numbers 1..n, or stacked masks of shape
+    (slices, rows, cols, n): booleans, or floats in [0, 1] for a FRACTIONAL
+    result (probabilities). Slices are in the order of ``series.datasets``.
+    """
+
+    masks: np.ndarray
+    segments: Sequence[Segment]
+    #: How the node should encode it; "binary" suits most viewers.
+    kind: Literal["binary", "labelmap", "fractional"] = "binary"
+    description: str = ""
+
+
+@dataclass
+class Images:
+    """Pictures for Secondary Capture: (n, rows, cols) grey (uint8/uint16) or (n, rows, cols, 3) RGB uint8."""
+
+    pixels: np.ndarray
+    #: For each image, the index of the input slice it shows (None: a derived view such as a projection).
+    source_slices: Sequence[int | None] | None = None
+    description: str = ""
+    #: For derived views: the patient directions of the rows and columns (DICOM Patient Orientation,
+    #: e.g. ("L", "F") for a coronal projection). Images of a source slice take the slice's.
+    patient_orientation: tuple[str, str] | None = None
+
+
+Result = Segmentation | Images
+
+
+# -- input -------------------------------------------------------------------
+
+
+class GeometryError(ValueError):
+    """The series cannot form a volume (reason in the message)."""
+
+
+@dataclass
+class SeriesInput:
+    """A series as a plugin sees it: sorted metadata, lazily loaded pixels and geometry.
+
+    Slices are sorted along the slice normal (row x column direction), so
+    sagittal, coronal and tilted series come out in spatial order. A single
+    multi-frame instance gives one slice per frame.
+    """
+
+    datasets: list[Dataset]
+    files: list[Path] = field(default_factory=list)
+    #: For multi-frame input: the frame index (0-based) of each slice in the source instance.
+    frames: list[int] | None = None
+    _loader: Callable[[], np.ndarray] | None = field(default=None, repr=False)
+    #: Per-slice positions (x, y, z) in patient coordinates, when the series has them.
+    positions: np.ndarray | None = None
+    #: Row and column direction cosines.
+    orientation: tuple[tuple[float, float, float], tuple[float, float, float]] | None = None
+    #: (row spacing, column spacing) in mm, i.e. PixelSpacing.
+    pixel_spacing: tuple[float, float] | None = None
+    #: Results of the plugins that ran before this one in the same job (a chain), in order.
+    previous: list[Result] = field(default_factory=list)
+
+    @property
+    def first(self) -> Dataset:
+        return self.datasets[0]
+
+    @property
+    def modality(self) -> str:
+        return str(self.first.get("Modality", ""))
+
+    def __len__(self) -> int:
+        return len(self.frames) if self.frames is not None else len(self.datasets)
+
+    @cached_property
+    def _voxels(self) -> np.ndarray:
+        if self._loader is None:
+            raise RuntimeError("this series has no pixel loader")
+        return self._loader()
+
+    def voxels(self) -> np.ndarray:
+        """Stored values, shape (slices, rows, cols) or (slices, rows, cols, 3) for colour; read on first use."""
+        return self._voxels
+
+    def rescaled(self) -> np.ndarray:
+        """Values after Rescale Slope/Intercept (Hounsfield units for CT), float32."""
+        return self._rescaled
+
+    @cached_property
+    def _rescaled(self) -> np.ndarray:
+        v = self.voxels().astype(np.float32)
+        slopes, intercepts = self._rescale()
+        if np.all(slopes == 1) and np.all(intercepts == 0):
+            return v
+        return v * slopes[:, None, None] + intercepts[:, None, None]
+
+    def _rescale(self) -> tuple[np.ndarray, np.ndarray]:
+        n = len(self)
+        if self.frames is not None:
+            ds = self.first
+            slope = float(ds.get("RescaleSlope", 1) or 1)
+            intercept = float(ds.get("RescaleIntercept", 0) or 0)
+            groups = ds.get("PerFrameFunctionalGroupsSequence")
+            shared = ds.get("SharedFunctionalGroupsSequence")
+            if shared and "PixelValueTransformationSequence" in shared[0]:
+                t = shared[0].PixelValueTransformationSequence[0]
+                slope, intercept = float(t.RescaleSlope), float(t.RescaleIntercept)
+            slopes, intercepts = np.full(n, slope, np.float32), np.full(n, intercept, np.float32)
+            if groups:
+                for i, f in enumerate(self.frames):
+                    g = groups[f]
+                    if "PixelValueTransformationSequence" in g:
+                        t = g.PixelValueTransformationSequence[0]
+                        slopes[i], intercepts[i] = float(t.RescaleSlope), float(t.RescaleIntercept)
+            return slopes, intercepts
+        slopes = np.array([float(d.get("RescaleSlope", 1) or 1) for d in self.datasets], np.float32)
+        intercepts = np.array([float(d.get("RescaleIntercept", 0) or 0) for d in self.datasets], np.float32)
+        return slopes, intercepts
+
+    @property
+    def normal(self) -> np.ndarray | None:
+        if self.orientation is None:
+            return None
+        return np.cross(np.array(self.orientation[0]), np.array(self.orientation[1]))
+
+    @property
+    def spacing(self) -> tuple[float, float, float] | None:
+        """(slice, row, column) spacing in mm; the slice spacing is the median distance between slices."""
+        if self.pixel_spacing is None:
+            return None
+        dz = float("nan")
+        if self.positions is not None and len(self.positions) > 1 and self.normal is not None:
+            d = np.diff(self.positions @ self.normal)
+            dz = float(np.median(np.abs(d)))
+        return (dz, self.pixel_spacing[0], self.pixel_spacing[1])
+
+    @property
+    def affine(self) -> np.ndarray | None:
+        """4x4 matrix from (slice, row, column) voxel indices to patient coordinates (mm)."""
+        if self.orientation is None or self.pixel_spacing is None or self.positions is None:
+            return None
+        row_dir, col_dir = np.array(self.orientation[0]), np.array(self.orientation[1])
+        dr, dc = self.pixel_spacing
+        a = np.eye(4)
+        # index (k, i, j): column index j moves along the row direction, row index i along the column direction
+        a[:3, 2] = row_dir * dc
+        a[:3, 1] = col_dir * dr
+        if len(self.positions) > 1:
+            a[:3, 0] = (self.positions[-1] - self.positions[0]) / (len(self.positions) - 1)
+        else:
+            a[:3, 0] = self.normal if self.normal is not None else (0, 0, 1)
+        a[:3, 3] = self.positions[0]
+        return a
+
+    @property
+    def spacing_is_uniform(self) -> bool:
+        if self.positions is None or len(self.positions) < 3 or self.normal is None:
+            return True
+        d = np.diff(self.positions @ self.normal)
+        return bool(np.allclose(d, d[0], rtol=0.01, atol=0.01))
+
+
+# -- declaring plugins ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """A plugin as the node knows it."""
+
+    name: str
+    version: str
+    run: Callable[[SeriesInput, Any], Sequence[Result]]
+    params: type[BaseModel] = NoParams
+    description: str = ""
+    #: Attempts for failures the plugin marks retryable (PluginError(retryable=True)).
+    max_attempts: int = 1
+
+    def validate_params(self, params: dict[str, Any]) -> BaseModel:
+        return self.params.model_validate(params)
+
+    def schema(self) -> dict[str, Any]:
+        return self.params.model_json_schema()
+
+
+def plugin(
+    name: str, version: str, *, params: type[BaseModel] = NoParams, description: str = "", max_attempts: int = 1
+) -> Callable[[Callable[[SeriesInput, Any], Sequence[Result]]], PluginInfo]:
+    """Declare a function as a plugin (see the module docstring)."""
+
+    def wrap(fn: Callable[[SeriesInput, Any], Sequence[Result]]) -> PluginInfo:
+        return PluginInfo(name, version, fn, params, description or (fn.__doc__ or "").strip().split("\n")[0],
+                          max_attempts)  # fmt: skip
+
+    return wrap
+
+
+class Plugin:
+    """Base class for plugins written as a class; instances are made once per job."""
+
+    name: str = ""
+    version: str = ""
+    description: str = ""
+    Params: type[BaseModel] = NoParams
+    max_attempts: int = 1
+
+    def run(self, series: SeriesInput, params: Any) -> Sequence[Result]:
+        raise NotImplementedError
+
+    @classmethod
+    def info(cls) -> PluginInfo:
+        return PluginInfo(cls.name, cls.version, lambda s, p: cls().run(s, p), cls.Params,
+                          cls.description or (cls.__doc__ or "").strip().split("\n")[0], cls.max_attempts)  # fmt: skip
+
+
+def as_info(obj: Any, name: str) -> PluginInfo:
+    """Whatever an entry point or config names, as a PluginInfo (or a TypeError saying what it should be)."""
+    if isinstance(obj, PluginInfo):
+        return obj
+    if isinstance(obj, type) and issubclass(obj, Plugin):
+        return obj.info()
+    raise TypeError(f"plugin {name!r} is a {type(obj).__name__}; decorate a function with @plugin(...) or "
+                    "subclass node.plugins.api.Plugin")  # fmt: skip
+

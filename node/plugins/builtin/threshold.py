@@ -1,0 +1,85 @@
+"""``threshold-seg``: segments from intensity ranges, e.g. bone as CT values above 300 HU.
+
+Each segment is the voxels whose rescaled value (HU for CT) lies in
+[lower, upper]; optionally only the largest 3-D connected component is kept
+and holes are filled (slice by slice, so a hollow structure's inside is
+filled where it is closed in the slice plane).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from scipy import ndimage
+
+from node.plugins.api import Segment, Segmentation, SeriesInput, plugin
+from node.plugins.builtin.codes import sct
+
+
+class Range(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    label: str = Field(min_length=1, max_length=64)
+    lower: float | None = None
+    upper: float | None = None
+    #: SNOMED CT names from pydicom's code dictionary.
+    category: str = "Tissue"
+    type: str = "Tissue"
+
+    _codes = field_validator("category", "type")(classmethod(lambda cls, v: (sct(v), v)[1]))
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Range:
+        if self.lower is None and self.upper is None:
+            raise ValueError("give lower, upper or both")
+        if self.lower is not None and self.upper is not None and self.lower > self.upper:
+            raise ValueError(f"lower ({self.lower}) is above upper ({self.upper})")
+        return self
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    segments: list[Range] = Field(
+        default_factory=lambda: [Range(label="Bone", lower=300, category="Tissue", type="Bone")], min_length=1
+    )
+    largest_component: bool = False
+    fill_holes: bool = False
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    labels, n = ndimage.label(mask)
+    if n <= 1:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
+
+
+def fill_holes_2d(mask: np.ndarray) -> np.ndarray:
+    out = np.empty_like(mask)
+    for k in range(mask.shape[0]):
+        out[k] = ndimage.binary_fill_holes(mask[k])
+    return out
+
+
+@plugin(name="threshold-seg", version="1.0", params=Params)
+def threshold_seg(series: SeriesInput, params: Params) -> list[Segmentation]:
+    """Segments from intensity ranges (rescaled values, HU for CT)."""
+    values = series.rescaled()
+    if values.ndim != 3:
+        raise ValueError("threshold-seg takes grey images (one sample per pixel)")
+    masks = np.zeros((*values.shape, len(params.segments)), dtype=bool)
+    for i, r in enumerate(params.segments):
+        m = np.ones(values.shape, dtype=bool)
+        if r.lower is not None:
+            m &= values >= r.lower
+        if r.upper is not None:
+            m &= values <= r.upper
+        if params.largest_component:
+            m = largest_component(m)
+        if params.fill_holes:
+            m = fill_holes_2d(m)
+        masks[..., i] = m
+    segments = [Segment(r.label, sct(r.category), sct(r.type)) for r in params.segments]
+    return [Segmentation(masks, segments, description="threshold-seg")]

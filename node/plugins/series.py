@@ -1,0 +1,147 @@
+"""Loading a stored series for a plugin: sorted along the slice normal, checked, pixels read lazily.
+
+Sorting is by each slice's position projected on the normal of its plane
+(row x column direction), not by one coordinate or by Instance Number, so
+sagittal, coronal, oblique and tilted-gantry series come out in spatial
+order. A series that cannot form a volume (mixed orientations or sizes,
+two slices at one position) fails with a message saying which instances.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from node.plugins.api import GeometryError, SeriesInput
+
+#: Positions closer than this (mm) along the normal are "the same position".
+SAME_POSITION_MM = 1e-3
+
+
+def _floats(value: object, n: int) -> tuple[float, ...] | None:
+    try:
+        v = tuple(float(x) for x in value)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        return None
+    return v if len(v) == n else None
+
+
+def _frames(ds: Dataset) -> int:
+    try:
+        return max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def load_series(files: list[Path]) -> SeriesInput:
+    """A series from its files (any order); pixels are decoded only when the plugin asks."""
+    if not files:
+        raise GeometryError("the series has no instances")
+    datasets = [dcmread(f, stop_before_pixels=True) for f in files]
+    images = [(d, f) for d, f in zip(datasets, files, strict=True) if "Rows" in d]
+    if not images:
+        raise GeometryError("the series has no images (no instance has Rows/Columns)")
+    if len(images) == 1 and _frames(images[0][0]) > 1:
+        return _multiframe(*images[0])
+    multi = [f.name for d, f in images if _frames(d) > 1]
+    if multi:
+        raise GeometryError(f"the series mixes {len(multi)} multi-frame instance(s) with others ({multi[0]}, ...); "
+                            "plugins take one multi-frame instance or single-frame images")  # fmt: skip
+    sizes = {(int(d.Rows), int(d.Columns), int(d.get("SamplesPerPixel", 1))) for d, _ in images}
+    if len(sizes) > 1:
+        raise GeometryError(f"the images differ in size ({', '.join(f'{r}x{c}' for r, c, _ in sorted(sizes))}); "
+                            "they do not form one volume")  # fmt: skip
+    iops = [_floats(d.get("ImageOrientationPatient"), 6) for d, _ in images]
+    ipps = [_floats(d.get("ImagePositionPatient"), 3) for d, _ in images]
+    if all(iops) and all(ipps):
+        ref = np.array(iops[0])
+        for (d, f), iop in zip(images, iops, strict=True):
+            if not np.allclose(iop, ref, atol=1e-3):
+                raise GeometryError(f"{f.name} (instance {d.get('InstanceNumber')}) has another orientation "
+                                    f"than the first image: {iop} vs {tuple(ref)}")  # fmt: skip
+        normal = np.cross(ref[:3], ref[3:])
+        dist = np.array([np.dot(p, normal) for p in ipps])
+        order = np.argsort(dist, kind="stable")
+        sd = dist[order]
+        same = np.nonzero(np.diff(sd) < SAME_POSITION_MM)[0]
+        if len(same):
+            a, b = images[order[same[0]]], images[order[same[0] + 1]]
+            raise GeometryError(
+                f"duplicate positions: {a[1].name} (instance {a[0].get('InstanceNumber')}) and {b[1].name} "
+                f"(instance {b[0].get('InstanceNumber')}) are both at {ipps[order[same[0]]]}; "
+                f"{len(same)} slice(s) share a position, so the series is not one volume"
+            )
+        images = [images[i] for i in order]
+        positions = np.array([ipps[i] for i in order])
+        orientation = (tuple(float(x) for x in ref[:3]), tuple(float(x) for x in ref[3:]))
+    else:
+        # 2-D images without patient geometry (e.g. some XA, US or SC): keep Instance Number order
+        images.sort(key=lambda t: (int(t[0].get("InstanceNumber", 0) or 0), str(t[1])))
+        positions, orientation = None, None
+    spacing = _floats(images[0][0].get("PixelSpacing"), 2)
+    paths = [f for _, f in images]
+
+    def load() -> np.ndarray:
+        first = dcmread(paths[0])
+        a0 = first.pixel_array
+        out = np.empty((len(paths), *a0.shape), dtype=a0.dtype)
+        out[0] = a0
+        del first
+        for i, p in enumerate(paths[1:], 1):
+            out[i] = dcmread(p).pixel_array
+        return out
+
+    return SeriesInput(
+        datasets=[d for d, _ in images], files=paths, frames=None, _loader=load, positions=positions,
+        orientation=orientation, pixel_spacing=spacing,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def _multiframe(ds: Dataset, path: Path) -> SeriesInput:
+    n = _frames(ds)
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    per = ds.get("PerFrameFunctionalGroupsSequence")
+    sh = shared[0] if shared else Dataset()
+
+    def group(i: int, name: str) -> Dataset | None:
+        if per is not None and i < len(per) and name in per[i]:
+            return per[i][name][0]
+        if name in sh:
+            return sh[name][0]
+        return None
+
+    positions, iops = [], []
+    for i in range(n):
+        pos = group(i, "PlanePositionSequence")
+        ori = group(i, "PlaneOrientationSequence")
+        positions.append(_floats(pos.get("ImagePositionPatient") if pos else None, 3))
+        iops.append(_floats(ori.get("ImageOrientationPatient") if ori else None, 6))
+    measures = group(0, "PixelMeasuresSequence")
+    spacing = _floats(measures.get("PixelSpacing") if measures else ds.get("PixelSpacing"), 2)
+    frames = list(range(n))
+    pos_arr, orientation = None, None
+    if all(positions) and all(iops):
+        ref = np.array(iops[0])
+        if not all(np.allclose(o, ref, atol=1e-3) for o in iops):
+            raise GeometryError("the frames of the multi-frame instance have different orientations")
+        normal = np.cross(ref[:3], ref[3:])
+        dist = np.array([np.dot(p, normal) for p in positions])
+        order = np.argsort(dist, kind="stable")
+        if np.any(np.diff(dist[order]) < SAME_POSITION_MM):
+            raise GeometryError("duplicate positions: frames of the multi-frame instance share a position "
+                                "(several stacks or time points?), so it is not one volume")  # fmt: skip
+        frames = [int(i) for i in order]
+        pos_arr = np.array([positions[i] for i in frames])
+        orientation = (tuple(float(x) for x in ref[:3]), tuple(float(x) for x in ref[3:]))
+
+    def load() -> np.ndarray:
+        arr = dcmread(path).pixel_array
+        return np.ascontiguousarray(arr[frames])
+
+    return SeriesInput(
+        datasets=[ds], files=[path], frames=frames, _loader=load, positions=pos_arr, orientation=orientation,
+        pixel_spacing=spacing,  # type: ignore[arg-type]
+    )  # fmt: skip

@@ -1,0 +1,160 @@
+"""The child process of a plugin job: load the series, run the plugin(s), build and write the DICOM outputs.
+
+It runs under a memory limit (RLIMIT_AS) set before anything is loaded, and
+reports back through a pipe: either the written outputs with timings, or an
+error with a reason a person can act on. A crash or a hang never reaches the
+node: the parent sees the process end (or kills it) and fails the job.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from node.plugins.api import GeometryError, Images, PluginError, Segmentation
+
+
+@dataclass
+class StepSpec:
+    name: str
+    target: str
+    params: dict[str, Any]
+
+
+@dataclass
+class WorkSpec:
+    files: list[str]
+    steps: list[StepSpec]
+    out_dir: str
+    job_key: tuple[str, int, str, int]
+    memory_limit_mb: int = 0
+    transfer_syntax: str = "1.2.840.10008.1.2.1"
+    keep_empty_frames: bool = False
+    series_number: int = 9000
+    series_description: str = ""
+    station_name: str = ""
+
+
+@dataclass
+class Output:
+    file: str
+    kind: str  # "SEG" or "SC"
+    sop_instance_uid: str
+    series_instance_uid: str
+
+
+@dataclass
+class WorkResult:
+    ok: bool
+    outputs: list[Output] = field(default_factory=list)
+    error: str = ""
+    retryable: bool = False
+    #: Seconds spent loading the series, in the plugin(s), building the objects and writing them.
+    timings: dict[str, float] = field(default_factory=dict)
+    #: "name version" of each plugin that ran.
+    plugins: list[str] = field(default_factory=list)
+
+
+def _limit_memory(mb: int) -> None:
+    if mb > 0:
+        limit = mb * 2**20
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def run(spec: WorkSpec) -> WorkResult:
+    """Everything a plugin job does in its process; never raises."""
+    from pydicom.uid import UID
+
+    from node.derive.common import Provenance
+    from node.derive.sc import build_sc
+    from node.derive.seg import OutputError, build_seg
+    from node.plugins.registry import load
+    from node.plugins.series import load_series
+
+    timings = {"load": 0.0, "plugin": 0.0, "build": 0.0, "write": 0.0}
+    names: list[str] = []
+    step = "loading the series"
+    try:
+        t = time.perf_counter()
+        series = load_series([Path(f) for f in spec.files])
+        timings["load"] += time.perf_counter() - t
+        results: list[Any] = []
+        infos = []
+        for s in spec.steps:
+            step = f"loading plugin {s.name}"
+            info = load(s.name, s.target)
+            infos.append(info)
+            names.append(f"{info.name} {info.version}")
+            params = info.validate_params(s.params)
+            step = f"running plugin {s.name}"
+            series.previous = list(results)
+            t = time.perf_counter()
+            out = info.run(series, params)
+            timings["plugin"] += time.perf_counter() - t
+            if out is None:
+                out = []
+            if not isinstance(out, (list, tuple)):
+                out = [out]
+            for r in out:
+                if not isinstance(r, (Segmentation, Images)):
+                    raise PluginError(f"plugin {s.name} returned a {type(r).__name__}; results are Segmentation "
+                                      "or Images")  # fmt: skip
+            results.extend(out)
+        # The voxels are the largest thing here; the builders need only metadata and the results.
+        t = time.perf_counter()
+        series.__dict__.pop("_voxels", None)
+        series.__dict__.pop("_rescaled", None)
+        timings["load"] += time.perf_counter() - t
+        last = infos[-1]
+        prov = Provenance(
+            job_key=spec.job_key, algorithm=last.name, algorithm_version=last.version,
+            parameters={k: str(v) for k, v in spec.steps[-1].params.items()}, station_name=spec.station_name,
+            series_number=spec.series_number, series_description=spec.series_description,
+        )  # fmt: skip
+        outputs: list[Output] = []
+        out_dir = Path(spec.out_dir)
+        ts = UID(spec.transfer_syntax)
+        for i, r in enumerate(results):
+            step = f"building output {i + 1} of {len(results)}"
+            t = time.perf_counter()
+            if isinstance(r, Segmentation):
+                datasets = [build_seg(series, r, prov, index=i, transfer_syntax=ts,
+                                      keep_empty_frames=spec.keep_empty_frames)]  # fmt: skip
+                kind = "SEG"
+            else:
+                datasets = build_sc(series, r, prov, index=i, transfer_syntax=ts)
+                kind = "SC"
+            timings["build"] += time.perf_counter() - t
+            t = time.perf_counter()
+            for n, ds in enumerate(datasets):
+                path = out_dir / f"{i:03d}-{n:05d}.dcm"
+                ds.save_as(path, enforce_file_format=True)
+                outputs.append(Output(str(path), kind, str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID)))
+            timings["write"] += time.perf_counter() - t
+        return WorkResult(True, outputs, timings=timings, plugins=names)
+    except MemoryError:
+        return WorkResult(False, error=f"{step}: ran out of memory (limit {spec.memory_limit_mb} MB; raise "
+                          "memory_limit_mb for this plugin if the series needs it)", timings=timings, plugins=names)
+    except PluginError as e:
+        return WorkResult(False, error=f"{step}: {e}", retryable=e.retryable, timings=timings, plugins=names)
+    except (GeometryError, OutputError) as e:
+        return WorkResult(False, error=f"{step}: {e}", timings=timings, plugins=names)
+    except Exception as e:
+        tb = traceback.extract_tb(e.__traceback__)
+        where = f" ({Path(tb[-1].filename).name}:{tb[-1].lineno})" if tb else ""
+        return WorkResult(False, error=f"{step}: {type(e).__name__}: {e}{where}", timings=timings, plugins=names)
+
+
+def main(spec: WorkSpec, conn: Any) -> None:
+    """Process entry point: limit memory, run, send the result back."""
+    # Source data sets often carry one-component names ("HEAD"); highdicom warns on each copy.
+    warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
+    _limit_memory(spec.memory_limit_mb)
+    result = run(spec)
+    conn.send(result)
+    conn.close()
