@@ -155,6 +155,50 @@ def status(config: Path | None = ConfigOption) -> None:
         out.print(t)
 
 
+@app.command()
+def plugins(
+    config: Path | None = ConfigOption,
+    schema: bool = typer.Option(False, "--schema", help="Print each plugin's full parameter JSON schema."),
+) -> None:
+    """List installed plugins: name, version, where they come from, and their parameters."""
+    import json
+
+    from node.plugins.registry import PluginLoadError, discover, load
+
+    cfg = _load(config)
+    found = discover(cfg.plugins.local)
+    if not found:
+        out.print("no plugins installed")
+        return
+    failed = False
+    for name, ref in sorted(found.items()):
+        origin = "config [plugins.local]" if ref.source == "config" else f"package {ref.source} {ref.version}".strip()
+        try:
+            info = load(name, ref.target)
+        except PluginLoadError as e:
+            failed = True
+            out.print(f"{name}: cannot be loaded ({origin}, {ref.target}): {e}", highlight=False, markup=False)
+            continue
+        out.print(f"{name} {info.version} -- {info.description or 'no description'}", highlight=False, markup=False)
+        out.print(f"    from {origin} ({ref.target})", highlight=False, markup=False)
+        sch = info.schema()
+        if schema:
+            out.print(json.dumps(sch, indent=2), highlight=False, markup=False)
+            continue
+        props = sch.get("properties", {})
+        if not props:
+            out.print("    parameters: none", highlight=False)
+        for key, p in props.items():
+            kind = p.get("type") or " | ".join(x.get("type", "?") for x in p.get("anyOf", [])) or "object"
+            if "default" in p:
+                default = f" = {json.dumps(p['default'])}"
+            else:
+                default = " (required)" if key in sch.get("required", []) else " (optional, has a default)"
+            out.print(f"    {key}: {kind}{default}", highlight=False, markup=False)
+    if failed:
+        raise typer.Exit(1)
+
+
 rules_app = typer.Typer(help="Check rules and see what they do (nothing here changes the index).",
                         no_args_is_help=True)  # fmt: skip
 app.add_typer(rules_app, name="rules")
