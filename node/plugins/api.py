@@ -165,6 +165,13 @@ class SeriesInput:
             return v
         return v * slopes[:, None, None] + intercepts[:, None, None]
 
+    def uniform_rescale(self) -> tuple[float | None, float]:
+        """(slope, intercept) when every slice shares them, else (None, 0): lets a plugin work on stored values."""
+        slopes, intercepts = self._rescale()
+        if len(slopes) and np.all(slopes == slopes[0]) and np.all(intercepts == intercepts[0]):
+            return float(slopes[0]), float(intercepts[0])
+        return None, 0.0
+
     def _rescale(self) -> tuple[np.ndarray, np.ndarray]:
         n = len(self)
         if self.frames is not None:

@@ -58,6 +58,18 @@ class WorkResult:
     timings: dict[str, float] = field(default_factory=dict)
     #: "name version" of each plugin that ran.
     plugins: list[str] = field(default_factory=list)
+    #: Peak resident memory of the process (MB), and how much of it came after the start (the job's own).
+    peak_mb: float = 0.0
+    peak_added_mb: float = 0.0
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _limit_memory(mb: int) -> None:
@@ -155,6 +167,9 @@ def main(spec: WorkSpec, conn: Any) -> None:
     # Source data sets often carry one-component names ("HEAD"); highdicom warns on each copy.
     warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
     _limit_memory(spec.memory_limit_mb)
+    start = _rss_mb()
     result = run(spec)
+    result.peak_mb = _peak_mb()
+    result.peak_added_mb = max(0.0, result.peak_mb - start)
     conn.send(result)
     conn.close()

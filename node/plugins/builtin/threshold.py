@@ -66,16 +66,24 @@ def fill_holes_2d(mask: np.ndarray) -> np.ndarray:
 @plugin(name="threshold-seg", version="1.0", params=Params)
 def threshold_seg(series: SeriesInput, params: Params) -> list[Segmentation]:
     """Segments from intensity ranges (rescaled values, HU for CT)."""
-    values = series.rescaled()
-    if values.ndim != 3:
+    stored = series.voxels()
+    if stored.ndim != 3:
         raise ValueError("threshold-seg takes grey images (one sample per pixel)")
-    masks = np.zeros((*values.shape, len(params.segments)), dtype=bool)
+    # With one rescale for the whole series, compare stored values against the bounds mapped back
+    # (no float copy of the volume); otherwise compare rescaled values.
+    slope, intercept = series.uniform_rescale()
+    values = stored if slope is not None and slope > 0 else series.rescaled()
+
+    def bound(v: float) -> float:
+        return (v - intercept) / slope if values is stored else v  # type: ignore[operator]
+
+    masks = np.zeros((*stored.shape, len(params.segments)), dtype=bool)
     for i, r in enumerate(params.segments):
-        m = np.ones(values.shape, dtype=bool)
+        m = np.ones(stored.shape, dtype=bool)
         if r.lower is not None:
-            m &= values >= r.lower
+            m &= values >= bound(r.lower)
         if r.upper is not None:
-            m &= values <= r.upper
+            m &= values <= bound(r.upper)
         if params.largest_component:
             m = largest_component(m)
         if params.fill_holes:
