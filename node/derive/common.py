@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import highdicom as hd
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.uid import UID, generate_uid
 
 from node import __version__
@@ -34,6 +35,8 @@ class Provenance:
     #: The plugin's parameters, shown in Algorithm Parameters.
     parameters: dict[str, str] = field(default_factory=dict)
     station_name: str = ""
+    #: Algorithm Family (CID 7162).
+    family: Code = codes.cid7162.ArtificialIntelligence
     series_number: int = 9000
     series_description: str = ""
 
@@ -43,7 +46,7 @@ class Provenance:
     def algorithm_identification(self) -> hd.AlgorithmIdentificationSequence:
         params = {k: str(v)[:64] for k, v in self.parameters.items()} or None
         return hd.AlgorithmIdentificationSequence(
-            name=self.algorithm[:64], family=codes.cid7162.ArtificialIntelligence,
+            name=self.algorithm[:64], family=self.family,
             version=self.algorithm_version[:64], source=MANUFACTURER, parameters=params,
         )  # fmt: skip
 

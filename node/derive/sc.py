@@ -87,8 +87,10 @@ def build_sc(
         if orientation is None:
             iop = series.orientation
             orientation = patient_orientation([*iop[0], *iop[1]]) if iop else None
-        spacing = None
-        if series.pixel_spacing and img.shape[:2] == (int(series.first.Rows), int(series.first.Columns)):
+        spacing = result.pixel_spacing
+        if spacing is None and src is not None and series.pixel_spacing and img.shape[:2] == (
+            int(series.first.Rows), int(series.first.Columns)
+        ):
             spacing = tuple(float(x) for x in series.pixel_spacing)
         sc = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=ref,

@@ -97,6 +97,9 @@ class Images:
     #: For derived views: the patient directions of the rows and columns (DICOM Patient Orientation,
     #: e.g. ("L", "F") for a coronal projection). Images of a source slice take the slice's.
     patient_orientation: tuple[str, str] | None = None
+    #: For derived views: (row spacing, column spacing) in mm. Images of a source slice at its size
+    #: take the slice's Pixel Spacing; other images have none unless given here.
+    pixel_spacing: tuple[float, float] | None = None
 
 
 Result = Segmentation | Images
@@ -252,6 +255,9 @@ class PluginInfo:
     description: str = ""
     #: Attempts for failures the plugin marks retryable (PluginError(retryable=True)).
     max_attempts: int = 1
+    #: Algorithm Family (CID 7162), e.g. codes.cid7162.ArtificialIntelligence or
+    #: codes.cid7162.MorphologicalOperations for classical image processing.
+    family: Code = codes.cid7162.ArtificialIntelligence
 
     def validate_params(self, params: dict[str, Any]) -> BaseModel:
         return self.params.model_validate(params)
@@ -261,13 +267,14 @@ class PluginInfo:
 
 
 def plugin(
-    name: str, version: str, *, params: type[BaseModel] = NoParams, description: str = "", max_attempts: int = 1
+    name: str, version: str, *, params: type[BaseModel] = NoParams, description: str = "", max_attempts: int = 1,
+    family: Code = codes.cid7162.ArtificialIntelligence,
 ) -> Callable[[Callable[[SeriesInput, Any], Sequence[Result]]], PluginInfo]:
     """Declare a function as a plugin (see the module docstring)."""
 
     def wrap(fn: Callable[[SeriesInput, Any], Sequence[Result]]) -> PluginInfo:
         return PluginInfo(name, version, fn, params, description or (fn.__doc__ or "").strip().split("\n")[0],
-                          max_attempts)  # fmt: skip
+                          max_attempts, family)  # fmt: skip
 
     return wrap
 
@@ -280,6 +287,7 @@ class Plugin:
     description: str = ""
     Params: type[BaseModel] = NoParams
     max_attempts: int = 1
+    family: Code = codes.cid7162.ArtificialIntelligence
 
     def run(self, series: SeriesInput, params: Any) -> Sequence[Result]:
         raise NotImplementedError
@@ -287,7 +295,8 @@ class Plugin:
     @classmethod
     def info(cls) -> PluginInfo:
         return PluginInfo(cls.name, cls.version, lambda s, p: cls().run(s, p), cls.Params,
-                          cls.description or (cls.__doc__ or "").strip().split("\n")[0], cls.max_attempts)  # fmt: skip
+                          cls.description or (cls.__doc__ or "").strip().split("\n")[0], cls.max_attempts,
+                          cls.family)  # fmt: skip
 
 
 def as_info(obj: Any, name: str) -> PluginInfo:

@@ -96,13 +96,18 @@ def run(spec: WorkSpec) -> WorkResult:
         series = load_series([Path(f) for f in spec.files])
         timings["load"] += time.perf_counter() - t
         results: list[Any] = []
-        infos = []
+        #: For each result, the step (plugin and parameters) that produced it.
+        made_by: list[Provenance] = []
         for s in spec.steps:
             step = f"loading plugin {s.name}"
             info = load(s.name, s.target)
-            infos.append(info)
             names.append(f"{info.name} {info.version}")
             params = info.validate_params(s.params)
+            prov = Provenance(
+                job_key=spec.job_key, algorithm=info.name, algorithm_version=info.version,
+                parameters={k: str(v) for k, v in s.params.items()}, station_name=spec.station_name,
+                series_number=spec.series_number, series_description=spec.series_description, family=info.family,
+            )  # fmt: skip
             step = f"running plugin {s.name}"
             series.previous = list(results)
             t = time.perf_counter()
@@ -117,21 +122,16 @@ def run(spec: WorkSpec) -> WorkResult:
                     raise PluginError(f"plugin {s.name} returned a {type(r).__name__}; results are Segmentation "
                                       "or Images")  # fmt: skip
             results.extend(out)
+            made_by.extend([prov] * len(out))
         # The voxels are the largest thing here; the builders need only metadata and the results.
         t = time.perf_counter()
         series.__dict__.pop("_voxels", None)
         series.__dict__.pop("_rescaled", None)
         timings["load"] += time.perf_counter() - t
-        last = infos[-1]
-        prov = Provenance(
-            job_key=spec.job_key, algorithm=last.name, algorithm_version=last.version,
-            parameters={k: str(v) for k, v in spec.steps[-1].params.items()}, station_name=spec.station_name,
-            series_number=spec.series_number, series_description=spec.series_description,
-        )  # fmt: skip
         outputs: list[Output] = []
         out_dir = Path(spec.out_dir)
         ts = UID(spec.transfer_syntax)
-        for i, r in enumerate(results):
+        for i, (r, prov) in enumerate(zip(results, made_by, strict=True)):
             step = f"building output {i + 1} of {len(results)}"
             t = time.perf_counter()
             if isinstance(r, Segmentation):

@@ -12,7 +12,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from scipy import ndimage
 
-from node.plugins.api import Segment, Segmentation, SeriesInput, plugin
+from node.plugins.api import PluginError, Segment, Segmentation, SeriesInput, codes, plugin
 from node.plugins.builtin.codes import sct
 
 
@@ -63,12 +63,12 @@ def fill_holes_2d(mask: np.ndarray) -> np.ndarray:
     return out
 
 
-@plugin(name="threshold-seg", version="1.0", params=Params)
+@plugin(name="threshold-seg", version="1.0", params=Params, family=codes.cid7162.HistogramAnalysis)
 def threshold_seg(series: SeriesInput, params: Params) -> list[Segmentation]:
     """Segments from intensity ranges (rescaled values, HU for CT)."""
     stored = series.voxels()
     if stored.ndim != 3:
-        raise ValueError("threshold-seg takes grey images (one sample per pixel)")
+        raise PluginError("threshold-seg takes grey images (one sample per pixel), not colour")
     # With one rescale for the whole series, compare stored values against the bounds mapped back
     # (no float copy of the volume); otherwise compare rescaled values.
     slope, intercept = series.uniform_rescale()
