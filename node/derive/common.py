@@ -60,7 +60,7 @@ class Provenance:
                 software_versions=[__version__, f"{self.algorithm} {self.algorithm_version}"[:64]],
                 device_serial_number=socket.gethostname()[:64] or "unknown",
                 station_name=self.station_name[:16] or None,
-                contribution_datetime=dt.datetime.now(dt.UTC).strftime("%Y%m%d%H%M%S"),
+                contribution_datetime=dt.datetime.now(dt.UTC).strftime("%Y%m%d%H%M%S+0000"),
                 contribution_description=f"{self.algorithm} {self.algorithm_version} run by dicom-node"[:64],
             )
         ]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, JPEG2000Lossless
 
 from node.derive.common import MANUFACTURER, Provenance
 from node.derive.seg import OutputError
@@ -28,8 +28,30 @@ def _ref(ds: Dataset, frame: int | None = None) -> Dataset:
     return item
 
 
-def patient_orientation(iop: object) -> tuple[str, str] | None:
-    """DICOM Patient Orientation (e.g. ("L", "P")) from Image Orientation (Patient) direction cosines."""
+def _laterality(sc: Dataset, source: Dataset) -> None:
+    """Body part and laterality as the source has them.
+
+    Laterality (General Series, Type 2C) is needed unless the body part is a
+    known unpaired one or Image Laterality is sent: copy what the source says,
+    and send it empty when the body part is unknown.
+    """
+    if "BodyPartExamined" in source and "BodyPartExamined" not in sc:
+        sc.BodyPartExamined = source.BodyPartExamined
+    if source.get("Laterality"):
+        sc.Laterality = source.Laterality
+    elif source.get("ImageLaterality"):
+        sc.ImageLaterality = source.ImageLaterality
+    elif not sc.get("BodyPartExamined"):
+        sc.Laterality = ""
+
+
+def patient_orientation(iop: object, *, nearest: bool = False) -> tuple[str, str] | None:
+    """DICOM Patient Orientation from Image Orientation (Patient) direction cosines.
+
+    As PS3.3 C.7.6.1.1.1 writes it: the letters of each direction's significant
+    components, largest first (an oblique row may be "LP"); ``nearest`` keeps
+    only the first letter, which is what highdicom's constructor accepts.
+    """
     try:
         v = [float(x) for x in iop]  # type: ignore[attr-defined]
     except (TypeError, ValueError):
@@ -39,8 +61,9 @@ def patient_orientation(iop: object) -> tuple[str, str] | None:
 
     def letters(d: list[float]) -> str:
         names = (("L", "R"), ("P", "A"), ("H", "F"))
-        order = sorted(range(3), key=lambda i: -abs(d[i]))
-        return "".join(names[i][0 if d[i] > 0 else 1] for i in order if abs(d[i]) > 0.1) or "L"
+        order = sorted(range(3), key=lambda k: -abs(d[k]))
+        found = "".join(names[k][0 if d[k] > 0 else 1] for k in order if abs(d[k]) > 0.1)
+        return (found or names[order[0]][0 if d[order[0]] > 0 else 1])[: 1 if nearest else 3]
 
     return letters(v[:3]), letters(v[3:])
 
@@ -74,7 +97,8 @@ def build_sc(
         if s is not None and not 0 <= s < len(series):
             raise OutputError(f"source slice {s} is outside the series (0..{len(series) - 1})")
     series_uid = prov.uid("sc-series", index)
-    description = (result.description or prov.series_description or f"{prov.algorithm} images")[:64]
+    # The rule's series_description wins over the plugin's own: the site names its series.
+    description = (prov.series_description or result.description or f"{prov.algorithm} images")[:64]
     out = []
     for n, (img, src) in enumerate(zip(px, sources, strict=True)):
         if src is None:
@@ -87,6 +111,7 @@ def build_sc(
         if orientation is None:
             iop = series.orientation
             orientation = patient_orientation([*iop[0], *iop[1]]) if iop else None
+        orientation = orientation or ("L", "P")
         spacing = result.pixel_spacing
         if spacing is None and src is not None and series.pixel_spacing and img.shape[:2] == (
             int(series.first.Rows), int(series.first.Columns)
@@ -95,10 +120,12 @@ def build_sc(
         sc = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=ref,
             pixel_array=np.ascontiguousarray(img),
-            photometric_interpretation="RGB" if rgb else "MONOCHROME2",
+            # JPEG 2000 lossless keeps colour with the reversible colour transform (PS3.5 8.2.4).
+            photometric_interpretation=("YBR_RCT" if transfer_syntax == JPEG2000Lossless else "RGB") if rgb
+            else "MONOCHROME2",
             bits_allocated=8 if img.dtype == np.uint8 else 16,
             coordinate_system="PATIENT",
-            patient_orientation=orientation or ("L", "P"),
+            patient_orientation=(orientation[0][:1], orientation[1][:1]),
             series_instance_uid=series_uid,
             series_number=prov.series_number + index,
             sop_instance_uid=prov.uid("sc", index, n),
@@ -108,12 +135,11 @@ def build_sc(
             transfer_syntax_uid=transfer_syntax,
             contributing_equipment=prov.contributing_equipment(),
         )
+        sc.PatientOrientation = list(orientation)  # the full letters, e.g. "LP" for an oblique row
         sc.SeriesDescription = description
         sc.ImageType = ["DERIVED", "SECONDARY"]
         sc.DerivationDescription = f"{prov.algorithm} {prov.algorithm_version} (dicom-node)"[:1024]
         sc.SourceImageSequence = refs
-        if "Laterality" not in sc:
-            # Type 2C in General Series: present, empty when unknown (dciodvfy expects it without Image Laterality).
-            sc.Laterality = series.first.get("Laterality", "")
+        _laterality(sc, series.first)
         out.append(sc)
     return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, RLELossless
 
 from node.derive.common import MANUFACTURER, Provenance
 from node.plugins.api import Segmentation, SeriesInput
@@ -97,9 +97,15 @@ def build_seg(
     masks = _masks(series, result)
     kind = {"binary": hd.seg.SegmentationTypeValues.BINARY, "labelmap": hd.seg.SegmentationTypeValues.LABELMAP,
             "fractional": hd.seg.SegmentationTypeValues.FRACTIONAL}[result.kind]  # fmt: skip
-    # highdicom cannot leave out every frame: an all-empty result keeps its (empty) frames.
-    omit = not keep_empty_frames and bool(np.any(masks))
-    description = (result.description or prov.series_description or f"{prov.algorithm} segmentation")[:64]
+    if kind == hd.seg.SegmentationTypeValues.BINARY and transfer_syntax == RLELossless:
+        raise OutputError("a BINARY segmentation (1 bit per pixel) cannot be RLE-compressed; use compression = "
+                          "\"jpeg2000\" or \"none\" for this plugin, or a labelmap result")  # fmt: skip
+    # highdicom cannot leave out every frame: an all-empty result keeps its (empty) frames. Fractional
+    # values count as empty when they round to 0 in the stored 8 bits.
+    stored = np.rint(masks * 255) if result.kind == "fractional" else masks
+    omit = not keep_empty_frames and bool(np.any(stored))
+    # The rule's series_description wins over the plugin's own: the site names its series.
+    description = (prov.series_description or result.description or f"{prov.algorithm} segmentation")[:64]
     seg = hd.seg.Segmentation(
         source_images=series.datasets,
         pixel_array=masks,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,18 +159,18 @@ def plugin(ctx: JobContext) -> str:
     )  # fmt: skip
     timeout = action.timeout or cfg.plugins.timeout
     try:
-        result = run_in_process(spec, timeout=timeout, workers=cfg.plugins.workers, cancelled=ctx.cancelled)
-    except PluginRunError as e:
-        raise JobFailed(str(e), retryable=e.retryable) from None
-    with ctx.engine.begin() as conn:
-        conn.execute(update(Job.__table__).where(Job.__table__.c.id == ctx.job.id)
-                     .values(software=", ".join(result.plugins)[:256]))  # fmt: skip
-    if not result.ok:
-        raise JobFailed(result.error, retryable=result.retryable)
-    stored = ctx.outputs.store([Path(o.file) for o in result.outputs], ctx.job.id)
-    for f in work.iterdir():
-        f.unlink()
-    work.rmdir()
+        try:
+            result = run_in_process(spec, timeout=timeout, workers=cfg.plugins.workers, cancelled=ctx.cancelled)
+        except PluginRunError as e:
+            raise JobFailed(str(e), retryable=e.retryable) from None
+        with ctx.engine.begin() as conn:
+            conn.execute(update(Job.__table__).where(Job.__table__.c.id == ctx.job.id)
+                         .values(software=", ".join(result.plugins)[:256]))  # fmt: skip
+        if not result.ok:
+            raise JobFailed(result.error, retryable=result.retryable)
+        stored = ctx.outputs.store([Path(o.file) for o in result.outputs], ctx.job.id)
+    finally:  # outputs were moved into storage; whatever is left (a failed run's files) goes
+        shutil.rmtree(work, ignore_errors=True)
     kinds: dict[str, int] = {}
     for o in result.outputs:
         kinds[o.kind] = kinds.get(o.kind, 0) + 1

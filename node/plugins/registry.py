@@ -1,8 +1,9 @@
 """Where plugins come from: the ``dicom_node.plugins`` entry point group, and local ones named in the config.
 
-Names are known without importing anything, so validating the rules at
-start-up costs nothing and a broken plugin cannot stop the node from
-starting; it fails the jobs that use it, with the import error.
+Names are known without importing anything. Loading the config then imports
+the plugins its rules use, to check their parameters: a rule naming a plugin
+that cannot be imported is a config error that says why (and
+``dicom-node plugins`` lists every plugin, loadable or not).
 """
 
 from __future__ import annotations

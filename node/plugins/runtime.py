@@ -20,7 +20,8 @@ from node.plugins.worker import WorkResult, WorkSpec
 
 log = logging.getLogger(__name__)
 
-_PRELOAD = ["node.plugins.worker", "node.plugins.series", "node.derive.seg", "node.derive.sc", "numpy", "highdicom"]
+# _forkserver first: it ties the fork server's life to the node's.
+_PRELOAD = ["node.plugins._forkserver", "node.plugins.worker", "node.plugins.series", "node.derive.seg", "node.derive.sc", "numpy", "highdicom"]
 _lock = threading.Lock()
 _ctx: mp.context.BaseContext | None = None
 _slots: threading.BoundedSemaphore | None = None

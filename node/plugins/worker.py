@@ -103,9 +103,11 @@ def run(spec: WorkSpec) -> WorkResult:
             info = load(s.name, s.target)
             names.append(f"{info.name} {info.version}")
             params = info.validate_params(s.params)
+            # Algorithm Parameters: every parameter the plugin ran with, defaults included.
             prov = Provenance(
                 job_key=spec.job_key, algorithm=info.name, algorithm_version=info.version,
-                parameters={k: str(v) for k, v in s.params.items()}, station_name=spec.station_name,
+                parameters={k: str(v) for k, v in params.model_dump(mode="json").items()},
+                station_name=spec.station_name,
                 series_number=spec.series_number, series_description=spec.series_description, family=info.family,
             )  # fmt: skip
             step = f"running plugin {s.name}"
@@ -164,6 +166,9 @@ def run(spec: WorkSpec) -> WorkResult:
 
 def main(spec: WorkSpec, conn: Any) -> None:
     """Process entry point: limit memory, run, send the result back."""
+    from node.plugins._forkserver import die_with_parent
+
+    die_with_parent()  # the fork server; which itself dies with the node
     # Source data sets often carry one-component names ("HEAD"); highdicom warns on each copy.
     warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
     _limit_memory(spec.memory_limit_mb)

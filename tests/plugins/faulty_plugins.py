@@ -1,0 +1,91 @@
+"""Plugins that misbehave on purpose, for tests/plugins/test_plugin_runtime.py.
+
+The node imports this module by name in its plugin processes (``[plugins] local = { raiser =
+"faulty_plugins:raiser", ... }``), so the tests put this folder on the node's PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from node.plugins.api import PluginError, Segment, Segmentation, SeriesInput, codes, plugin
+
+RAISER_MESSAGE = "the model weights are corrupt (checksum 1f2e3d4c != 00000000)"
+FLAKY_MESSAGE = "the GPU is busy, try again later"
+REFUSER_MESSAGE = "this series has no contrast; the model needs a contrast-enhanced CT"
+
+
+def centre_box(series: SeriesInput) -> Segmentation:
+    """A small result: the central quarter of every slice."""
+    rows, cols = int(series.first.Rows), int(series.first.Columns)
+    mask = np.zeros((len(series), rows, cols), dtype=bool)
+    mask[:, rows // 4 : 3 * rows // 4, cols // 4 : 3 * cols // 4] = True
+    return Segmentation(mask, [Segment("Box", codes.SCT.Tissue, codes.SCT.Tissue)])
+
+
+@plugin(name="raiser", version="0.1")
+def raiser(series: SeriesInput, params: BaseModel) -> list[Segmentation]:
+    """Raises an ordinary exception (a bug in the plugin)."""
+    raise ValueError(RAISER_MESSAGE)
+
+
+@plugin(name="aborter", version="0.1")
+def aborter(series: SeriesInput, params: BaseModel) -> list[Segmentation]:
+    """Kills its own process with SIGABRT, as a crashing C extension would."""
+    os.abort()
+
+
+@plugin(name="sleeper", version="0.1")
+def sleeper(series: SeriesInput, params: BaseModel) -> list[Segmentation]:
+    """Hangs far longer than any test's timeout."""
+    time.sleep(120)
+    return [centre_box(series)]
+
+
+@plugin(name="hog", version="0.1")
+def hog(series: SeriesInput, params: BaseModel) -> list[Segmentation]:
+    """Allocates 4 GiB (and touches it), far past a 1500 MB limit."""
+    big = np.ones(4 * 2**30, dtype=np.uint8)
+    raise AssertionError(f"allocated {big.nbytes} bytes in spite of the memory limit")
+
+
+class MarkerParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    #: A file the plugin creates on its first attempt; later attempts succeed.
+    marker: str = ""
+
+
+@plugin(name="flaky", version="0.1", params=MarkerParams)
+def flaky(series: SeriesInput, params: MarkerParams) -> list[Segmentation]:
+    """Fails with a retryable PluginError; with a marker, only on the first attempt."""
+    if params.marker:
+        m = Path(params.marker)
+        if m.exists():
+            return [centre_box(series)]
+        m.write_text("attempted\n")
+    raise PluginError(FLAKY_MESSAGE, retryable=True)
+
+
+@plugin(name="refuser", version="0.1")
+def refuser(series: SeriesInput, params: BaseModel) -> list[Segmentation]:
+    """Fails with a PluginError that is not retryable (the input is wrong for this plugin)."""
+    raise PluginError(REFUSER_MESSAGE)
+
+
+class SlowParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    seconds: float = 3.0
+
+
+@plugin(name="slow-box", version="0.1", params=SlowParams)
+def slow_box(series: SeriesInput, params: SlowParams) -> list[Segmentation]:
+    """Sleeps, then returns the central box of every slice."""
+    time.sleep(params.seconds)
+    return [centre_box(series)]
