@@ -155,7 +155,7 @@ def plugin(ctx: JobContext) -> str:
         memory_limit_mb=action.memory_limit_mb if action.memory_limit_mb is not None else cfg.plugins.memory_limit_mb,
         transfer_syntax=str(_SYNTAX[action.compression]), keep_empty_frames=action.keep_empty_frames,
         series_number=action.series_number, series_description=action.series_description,
-        station_name=cfg.node.ae_title,
+        station_name=cfg.node.ae_title, attempt=ctx.job.attempts,
     )  # fmt: skip
     timeout = action.timeout or cfg.plugins.timeout
     try:

@@ -253,8 +253,9 @@ class PluginInfo:
     run: Callable[[SeriesInput, Any], Sequence[Result]]
     params: type[BaseModel] = NoParams
     description: str = ""
-    #: Attempts for failures the plugin marks retryable (PluginError(retryable=True)).
-    max_attempts: int = 1
+    #: The plugin's retry policy: at most this many attempts for failures it marks retryable
+    #: (PluginError(retryable=True)); None leaves it to the rule's max_attempts.
+    max_attempts: int | None = None
     #: Algorithm Family (CID 7162), e.g. codes.cid7162.ArtificialIntelligence or
     #: codes.cid7162.MorphologicalOperations for classical image processing.
     family: Code = codes.cid7162.ArtificialIntelligence
@@ -267,7 +268,7 @@ class PluginInfo:
 
 
 def plugin(
-    name: str, version: str, *, params: type[BaseModel] = NoParams, description: str = "", max_attempts: int = 1,
+    name: str, version: str, *, params: type[BaseModel] = NoParams, description: str = "", max_attempts: int | None = None,
     family: Code = codes.cid7162.ArtificialIntelligence,
 ) -> Callable[[Callable[[SeriesInput, Any], Sequence[Result]]], PluginInfo]:
     """Declare a function as a plugin (see the module docstring)."""
@@ -286,7 +287,7 @@ class Plugin:
     version: str = ""
     description: str = ""
     Params: type[BaseModel] = NoParams
-    max_attempts: int = 1
+    max_attempts: int | None = None
     family: Code = codes.cid7162.ArtificialIntelligence
 
     def run(self, series: SeriesInput, params: Any) -> Sequence[Result]:

@@ -38,6 +38,8 @@ class WorkSpec:
     series_number: int = 9000
     series_description: str = ""
     station_name: str = ""
+    #: This run's attempt number (1 for the first), for the plugin's retry policy.
+    attempt: int = 1
 
 
 @dataclass
@@ -90,6 +92,7 @@ def run(spec: WorkSpec) -> WorkResult:
 
     timings = {"load": 0.0, "plugin": 0.0, "build": 0.0, "write": 0.0}
     names: list[str] = []
+    info = None
     step = "loading the series"
     try:
         t = time.perf_counter()
@@ -155,7 +158,11 @@ def run(spec: WorkSpec) -> WorkResult:
         return WorkResult(False, error=f"{step}: ran out of memory (limit {spec.memory_limit_mb} MB; raise "
                           "memory_limit_mb for this plugin if the series needs it)", timings=timings, plugins=names)
     except PluginError as e:
-        return WorkResult(False, error=f"{step}: {e}", retryable=e.retryable, timings=timings, plugins=names)
+        # The plugin's own policy caps retries (the rule's max_attempts caps them too).
+        limit = info.max_attempts if info is not None else None
+        retryable = e.retryable and (limit is None or spec.attempt < limit)
+        why = "" if retryable or not e.retryable else f" (no more retries: the plugin allows {limit} attempt(s))"
+        return WorkResult(False, error=f"{step}: {e}{why}", retryable=retryable, timings=timings, plugins=names)
     except (GeometryError, OutputError) as e:
         return WorkResult(False, error=f"{step}: {e}", timings=timings, plugins=names)
     except Exception as e:

@@ -72,6 +72,12 @@ def flaky(series: SeriesInput, params: MarkerParams) -> list[Segmentation]:
     raise PluginError(FLAKY_MESSAGE, retryable=True)
 
 
+@plugin(name="flaky-capped", version="0.1", max_attempts=2)
+def flaky_capped(series: SeriesInput, params: BaseModel) -> list[Segmentation]:
+    """Always fails with a retryable PluginError, but its own policy allows only 2 attempts."""
+    raise PluginError(FLAKY_MESSAGE, retryable=True)
+
+
 @plugin(name="refuser", version="0.1")
 def refuser(series: SeriesInput, params: BaseModel) -> list[Segmentation]:
     """Fails with a PluginError that is not retryable (the input is wrong for this plugin)."""

@@ -49,6 +49,7 @@ aborter = "faulty_plugins:aborter"
 sleeper = "faulty_plugins:sleeper"
 hog = "faulty_plugins:hog"
 flaky = "faulty_plugins:flaky"
+flaky-capped = "faulty_plugins:flaky_capped"
 refuser = "faulty_plugins:refuser"
 slow-box = "faulty_plugins:slow_box"
 """
@@ -177,11 +178,12 @@ def test_retryable_plugin_errors_are_retried_up_to_max_attempts(node, tmp_path):
         rule("always", 'plugin = "flaky"', max_attempts=3),
         rule("once", f'plugin = "flaky", params = {{ marker = "{marker}" }}', max_attempts=3),
         rule("never", 'plugin = "refuser"', max_attempts=3),
+        rule("capped", 'plugin = "flaky-capped"', max_attempts=3),
     ])  # fmt: skip
     node.start()
-    for label in ("always", "once", "never"):
+    for label in ("always", "once", "never", "capped"):
         assert storescu(node.port, labelled_ct(tmp_path, label)).returncode == 0
-    wait_for(lambda: all_jobs_ended(node, 3), 60, "the three jobs to end")
+    wait_for(lambda: all_jobs_ended(node, 4), 60, "the four jobs to end")
     jobs = jobs_by_rule(node)
     assert (jobs["always"]["state"], jobs["always"]["attempts"]) == ("failed", 3), jobs["always"]
     assert jobs["always"]["last_error"] == f"running plugin flaky: {FLAKY_MESSAGE}"
@@ -189,6 +191,9 @@ def test_retryable_plugin_errors_are_retried_up_to_max_attempts(node, tmp_path):
     assert marker.exists()
     assert (jobs["never"]["state"], jobs["never"]["attempts"]) == ("failed", 1), jobs["never"]
     assert jobs["never"]["last_error"] == f"running plugin refuser: {REFUSER_MESSAGE}"
+    # the plugin's own policy (max_attempts=2) stops retries before the rule's 3
+    assert (jobs["capped"]["state"], jobs["capped"]["attempts"]) == ("failed", 2), jobs["capped"]
+    assert jobs["capped"]["last_error"].endswith("(no more retries: the plugin allows 2 attempt(s))")
     log = node.log()
     assert "attempt 1 of 3 failed" in log and "attempt 2 of 3 failed" in log
     assert "not retried: another attempt would fail the same way" in log
