@@ -28,3 +28,17 @@ def die_with_parent() -> None:
 
 
 die_with_parent()
+
+
+def warm_up() -> None:
+    """Load once, here, what every plugin job would otherwise load itself (shared copy-on-write by the jobs)."""
+    try:
+        import scipy.ndimage  # noqa: F401  (the built-in plugins use it)
+        from highdicom._standard_utils import get_module_attribute_map
+
+        get_module_attribute_map()  # highdicom's standard tables: ~65 MiB and 0.3 s on first use
+    except Exception:  # a private helper may move in another highdicom version: only slower then
+        pass
+
+
+warm_up()

@@ -60,7 +60,7 @@ class WorkResult:
     timings: dict[str, float] = field(default_factory=dict)
     #: "name version" of each plugin that ran.
     plugins: list[str] = field(default_factory=list)
-    #: Peak resident memory of the process (MB), and how much of it came after the start (the job's own).
+    #: Peak resident memory of the process (MiB), and how much of it came after the start (the job's own).
     peak_mb: float = 0.0
     peak_added_mb: float = 0.0
 
@@ -78,6 +78,24 @@ def _limit_memory(mb: int) -> None:
     if mb > 0:
         limit = mb * 2**20
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def _timed(series: Any, timings: dict[str, float]) -> list[float]:
+    """Wrap the series' pixel loader so its time goes to timings["load"]; returns the running total."""
+    total = [0.0]
+    loader = series._loader
+
+    def load() -> Any:
+        t = time.perf_counter()
+        try:
+            return loader()
+        finally:
+            spent = time.perf_counter() - t
+            total[0] += spent
+            timings["load"] += spent
+
+    series._loader = load
+    return total
 
 
 def run(spec: WorkSpec) -> WorkResult:
@@ -98,6 +116,8 @@ def run(spec: WorkSpec) -> WorkResult:
         t = time.perf_counter()
         series = load_series([Path(f) for f in spec.files])
         timings["load"] += time.perf_counter() - t
+        # Pixels are read when a plugin first asks: count that reading as "load", not as the plugin's time.
+        pixel_read = _timed(series, timings)
         results: list[Any] = []
         #: For each result, the step (plugin and parameters) that produced it.
         made_by: list[Provenance] = []
@@ -115,9 +135,9 @@ def run(spec: WorkSpec) -> WorkResult:
             )  # fmt: skip
             step = f"running plugin {s.name}"
             series.previous = list(results)
-            t = time.perf_counter()
+            t, before = time.perf_counter(), pixel_read[0]
             out = info.run(series, params)
-            timings["plugin"] += time.perf_counter() - t
+            timings["plugin"] += time.perf_counter() - t - (pixel_read[0] - before)
             if out is None:
                 out = []
             if not isinstance(out, (list, tuple)):

@@ -79,11 +79,15 @@ def threshold_seg(series: SeriesInput, params: Params) -> list[Segmentation]:
 
     masks = np.zeros((*stored.shape, len(params.segments)), dtype=bool)
     for i, r in enumerate(params.segments):
-        m = np.ones(stored.shape, dtype=bool)
-        if r.lower is not None:
-            m &= values >= bound(r.lower)
-        if r.upper is not None:
-            m &= values <= bound(r.upper)
+        m = masks[..., i]
+        # Slice by slice: no temporary the size of the volume.
+        for z in range(len(m)):
+            if r.lower is not None and r.upper is not None:
+                np.logical_and(values[z] >= bound(r.lower), values[z] <= bound(r.upper), out=m[z])
+            elif r.lower is not None:
+                np.greater_equal(values[z], bound(r.lower), out=m[z])
+            else:
+                np.less_equal(values[z], bound(r.upper), out=m[z])  # type: ignore[arg-type]
         if params.largest_component:
             m = largest_component(m)
         if params.fill_holes:
