@@ -120,6 +120,9 @@ class DestinationSection(_Section):
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
+    #: How derived objects (SEG, SC) meant for this destination are encoded: uncompressed, or
+    #: lossless JPEG 2000 / RLE. A rule action's own `compression` takes precedence.
+    derived_compression: Literal["none", "jpeg2000", "rle"] = "none"
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
 
@@ -320,7 +323,7 @@ def compile_rules(cfg: Config, source: str = "") -> Any:
     try:
         return RuleSet.compile(
             cfg.rules,
-            destinations=[d.name for d in cfg.destinations],
+            destinations={d.name: d for d in cfg.destinations},
             plugins=plugins,
             check_params=check_params,
         )

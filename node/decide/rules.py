@@ -58,8 +58,9 @@ class PluginAction(_Strict):
     #: Wall-clock seconds and memory (MB) for the plugin process; default from [plugins].
     timeout: float | None = Field(None, gt=0)
     memory_limit_mb: int | None = Field(None, ge=0)
-    #: Encoding of the derived objects: uncompressed, or lossless JPEG 2000 / RLE.
-    compression: Literal["none", "jpeg2000", "rle"] = "none"
+    #: Encoding of the derived objects: uncompressed, or lossless JPEG 2000 / RLE. Unset: what the
+    #: send_to destinations ask for (their derived_compression), else uncompressed.
+    compression: Literal["none", "jpeg2000", "rle"] | None = None
     #: SEG: keep frames without any segment (some viewers need one frame per source image).
     keep_empty_frames: bool = False
     #: Series Number of the first output series (later outputs count up) and their description.
@@ -193,6 +194,7 @@ class RuleSet:
 
         ``check_params(plugin, params)`` returns (field, message) pairs for parameters the plugin refuses.
         """
+        dest_settings = dict(destinations) if isinstance(destinations, Mapping) else {}
         destinations, plugins = set(destinations), set(plugins)
         errors: list[str] = []
         rules: list[Rule] = []
@@ -237,6 +239,14 @@ class RuleSet:
                     if dest not in destinations:
                         known = ", ".join(sorted(destinations)) or "none are configured; add a [[destinations]] table"
                         errors.append(f"{a}.{key}: unknown destination {dest!r} (destinations: {known})")
+                if isinstance(action, PluginAction) and action.compression is None:
+                    wanted = {d: getattr(dest_settings.get(d), "derived_compression", "none") for d in action.send_to
+                              if d in dest_settings}  # fmt: skip
+                    if len(set(wanted.values())) > 1:
+                        which = ", ".join(f"{d} ({c})" for d, c in wanted.items())
+                        errors.append(f"{a}.send_to: the destinations want different encodings of derived objects "
+                                      f"({which}); set compression on this action or split it into one action "
+                                      "per destination")  # fmt: skip
                 if isinstance(action, PluginAction):
                     for k, step in enumerate(action.steps):
                         key = "plugin" if action.plugin else f"plugins[{k}].name"

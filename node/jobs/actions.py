@@ -122,6 +122,15 @@ def discard(ctx: JobContext) -> str:
 _SYNTAX = {"none": ExplicitVRLittleEndian, "jpeg2000": JPEG2000Lossless, "rle": RLELossless}
 
 
+def _compression(action: Any, cfg: Config) -> str:
+    """The action's compression, else what its destinations ask for (config validation made them agree)."""
+    if action.compression is not None:
+        return str(action.compression)
+    dests = {d.name: d for d in cfg.destinations}
+    wanted = [dests[n].derived_compression for n in action.send_to if n in dests]
+    return wanted[0] if wanted else "none"
+
+
 def plugin(ctx: JobContext) -> str:
     """Run the plugin(s) on the whole series in a child process, store the outputs, send them on."""
     from node.decide.rules import PluginAction
@@ -153,7 +162,7 @@ def plugin(ctx: JobContext) -> str:
         files=[str(ctx.storage.absolute(r)) for r in rels], steps=steps, out_dir=str(work),
         job_key=(series_uid, ctx.job.revision, ctx.job.rule, ctx.job.action_index),
         memory_limit_mb=action.memory_limit_mb if action.memory_limit_mb is not None else cfg.plugins.memory_limit_mb,
-        transfer_syntax=str(_SYNTAX[action.compression]), keep_empty_frames=action.keep_empty_frames,
+        transfer_syntax=str(_SYNTAX[_compression(action, cfg)]), keep_empty_frames=action.keep_empty_frames,
         series_number=action.series_number, series_description=action.series_description,
         station_name=cfg.node.ae_title, attempt=ctx.job.attempts,
     )  # fmt: skip
