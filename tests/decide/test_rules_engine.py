@@ -540,7 +540,7 @@ host = "127.0.0.1"
 port = 104
 
 [plugins]
-local = { seg = "my_plugins.seg:Segmenter" }
+local = { seg = "node.plugins.builtin.threshold:threshold_seg" }
 """
 
 
@@ -599,12 +599,12 @@ VALIDATION_CASES = [
     (
         "unknown plugin",
         one_rule(actions='type = "plugin"\nplugin = "lung-seg"'),
-        "rules[0] (\"r\").actions[0].plugin: unknown plugin 'lung-seg' (installed: seg)",
+        "rules[0] (\"r\").actions[0].plugin: unknown plugin 'lung-seg' (installed: body-parts-seg, mip-sc, overlay-sc, seg, threshold-seg)",
     ),
     (
         "unknown plugin in a chain",
         one_rule(actions='type = "plugin"\nplugins = [{ name = "seg" }, { name = "lung-seg" }]'),
-        "rules[0] (\"r\").actions[0].plugins[1].name: unknown plugin 'lung-seg' (installed: seg)",
+        "rules[0] (\"r\").actions[0].plugins[1].name: unknown plugin 'lung-seg' (installed: body-parts-seg, mip-sc, overlay-sc, seg, threshold-seg)",
     ),
     (
         "unknown destination in forward",
@@ -770,7 +770,10 @@ def test_duplicate_rule_names(tmp_path):
     ]
 
 
-def test_nothing_configured_says_so(tmp_path):
+def test_nothing_configured_says_so(tmp_path, monkeypatch):
+    import node.plugins.registry as registry
+
+    monkeypatch.setattr(registry, "entry_points", lambda group: [])  # not even the built-in plugins
     rules_toml = one_rule(actions='type = "forward"\nto = ["pacs"]') + one_rule(
         name="s", actions='type = "plugin"\nplugin = "seg"'
     )
@@ -801,7 +804,7 @@ def test_all_errors_reported_in_one_message(tmp_path):
         '  rules[0] ("ct").priorty: unknown key',
         "  rules[0] (\"ct\").match.SeriesDescription.regex: invalid regular expression '('",
         "  rules[1] (\"mr\").actions[0].send_to: unknown destination 'x' (destinations: pacs)",
-        "  rules[1] (\"mr\").actions[0].plugin: unknown plugin 'nope' (installed: seg)",
+        "  rules[1] (\"mr\").actions[0].plugin: unknown plugin 'nope' (installed: body-parts-seg, mip-sc, overlay-sc, seg, threshold-seg)",
         '  rules[2] ("bad name").name: use letters, digits',
         "  rules[2] (\"bad name\").match.Calling_AE: 'Calling_AE' is not a DICOM keyword (did you mean 'calling_ae'?)",
         '  rules[3] ("mr").stable_after: Input should be greater than 0 (got 0)',
@@ -837,7 +840,7 @@ def test_valid_config_compiles_rules_in_order(tmp_path):
 def test_entry_point_plugins_are_known(tmp_path, monkeypatch):
     import node.plugins.registry as registry
 
-    eps = {"dicom_node.plugins": [SimpleNamespace(name="ep-seg", value="pkg.mod:Seg", dist=None)]}
+    eps = {"dicom_node.plugins": [SimpleNamespace(name="ep-seg", value="node.plugins.builtin.mip:mip_sc", dist=None)]}
     monkeypatch.setattr(registry, "entry_points", lambda group: eps.get(group, []))
     ok = one_rule(actions='type = "plugin"\nplugins = [{ name = "ep-seg" }, { name = "seg" }]')
     assert load_config(write_config(tmp_path, ok), environ={}).ruleset.get("r") is not None

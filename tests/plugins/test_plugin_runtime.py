@@ -533,6 +533,6 @@ def test_chain_outputs_name_the_plugin_that_made_them(example_plugin, node, tmp_
         numbers[segment.SegmentLabel] = ds.SeriesNumber
     assert numbers == {"Sphere": 9000, "Box": 9001}  # one series per result, numbered in the chain's order
     assert made_by == {
-        "Sphere": ("example-sphere", example_plugin, "radius_mm=5"),
-        "Box": ("slow-box", "0.1", "seconds=0"),
+        "Sphere": ("example-sphere", example_plugin, "radius_mm=5.0"),
+        "Box": ("slow-box", "0.1", "seconds=0.0"),
     }
