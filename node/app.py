@@ -57,6 +57,10 @@ class Node:
         self.writer.start()
         self.checkpointer.start()
         recover(self.storage, self.sessions, self.writer)
+        if any(a.type == "plugin" for r in self.tracker.ruleset for a in r.model.actions):
+            from node.plugins.runtime import start_fork_server
+
+            start_fork_server()  # from this (main) thread: see start_fork_server
         self.runner.start()
         self.tracker.start()
         log.info("%d rule(s) loaded; series are stable after %g s without a new instance (unless a rule says "

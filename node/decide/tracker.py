@@ -84,7 +84,9 @@ class SeriesTracker:
             timezone=dt.UTC,
             executors={"default": ThreadPoolExecutor(4)},
             # A job that fires late (the process was busy or down) still runs: no misfire is ever dropped.
-            job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1},
+            # max_instances > 1: a job re-added while its previous run is still going must not be dropped
+            # (APScheduler skips, and then deletes, a run beyond max_instances). _fire is safe to overlap.
+            job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 16},
         )
 
     # -- life cycle ----------------------------------------------------------
@@ -207,7 +209,7 @@ class SeriesTracker:
         with self._lock:
             if self._pending.get(sid) is p:
                 del self._pending[sid]
-        self._trigger(sid, p.revision, reason)
+        self._trigger_logged(sid, p.revision, reason)
 
     def _mark_stable(self, sid: int, p: _Pending, now: dt.datetime) -> tuple[bool, str]:
         cutoff = now - dt.timedelta(seconds=p.stable_after)
@@ -249,11 +251,17 @@ class SeriesTracker:
 
     # -- rules and jobs ------------------------------------------------------
 
-    def _trigger_logged(self, sid: int, revision: int) -> None:
+    def _trigger_logged(self, sid: int, revision: int, reason: str = "", attempt: int = 1) -> None:
+        """_trigger, retried with back-off: a stable revision must get its jobs (the table keeps it stable)."""
         try:
-            self._trigger(sid, revision, "")
+            self._trigger(sid, revision, reason)
         except Exception:
-            log.exception("series tracker: evaluating the rules for series #%d revision %d failed", sid, revision)
+            delay = min(300, 5 * 2 ** (attempt - 1))
+            log.exception("series tracker: evaluating the rules for series #%d revision %d failed (attempt %d); "
+                          "retrying in %d s", sid, revision, attempt, delay)  # fmt: skip
+            self.scheduler.add_job(self._trigger_logged, "date", run_date=utcnow() + dt.timedelta(seconds=delay),
+                                   args=[sid, revision, reason, attempt + 1], id=f"trigger-{sid}-{revision}",
+                                   replace_existing=True)  # fmt: skip
 
     def _trigger(self, sid: int, revision: int, reason: str) -> None:
         """Evaluate the rules for a stable revision and make its jobs, all in one transaction."""

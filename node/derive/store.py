@@ -16,8 +16,9 @@ from pydicom.uid import UID
 from sqlalchemy import bindparam, literal_column, update
 
 from node.index.models import Instance, Series
-from node.index.records import Recorder
+from node.index.records import Recorder, RecordOutcome
 from node.index.writer import IndexWriter, Tx
+from node.receive.ingest import INDEX_WAIT
 from node.receive.parse import read_header, to_record
 from node.receive.rxfile import file_checksum
 from node.storage import Storage
@@ -55,8 +56,20 @@ class OutputStore:
         return d
 
     def store(self, files: list[Path], job_id: int) -> list[StoredOutput]:
-        """Place and index ``files`` (written by the plugin process) in one index transaction."""
+        """Place and index ``files`` (written by the plugin process) in one index transaction.
+
+        On any failure, the files placed so far are removed again: nothing is left without a row.
+        """
         placed: list[tuple[Path, object, str, str]] = []
+        try:
+            return self._store(files, job_id, placed)
+        except BaseException:
+            for p, *_ in placed:
+                if p.exists():
+                    self.storage.remove(p)
+            raise
+
+    def _store(self, files: list[Path], job_id: int, placed: list[tuple[Path, object, str, str]]) -> list[StoredOutput]:
         for f in files:
             size = f.stat().st_size
             meta = read_file_meta_info(f)
@@ -74,26 +87,38 @@ class OutputStore:
             placed.append((final, record, header.text("SOPInstanceUID"), header.text("SeriesInstanceUID")))
         for d in {p.parent for p, *_ in placed}:
             fsync_dir(d)
-        def work(tx: Tx) -> list[str]:
-            kinds = []
+        def work(tx: Tx) -> list[RecordOutcome]:
+            outcomes = []
             for _, record, _, _ in placed:
                 outcome = self.recorder.record(tx, record)  # type: ignore[arg-type]
                 tx.execute(tx.prepare("link_job", _LINK_JOB), {"pk": outcome.instance_id, "job": job_id})
                 if outcome.series_id:
-                    tx.execute(tx.prepare("not_tracked", _NOT_TRACKED), {"pk": outcome.series_id})
-                kinds.append(outcome.kind)
-            return kinds
+                    mark_not_tracked(tx, outcome.series_id)
+                outcomes.append(outcome)
+            return outcomes
 
+        future = self.writer.submit(work)
         try:
-            kinds = self.writer.call(work)
-        except BaseException:
-            for p, *_ in placed:
-                self.storage.remove(p)
-            raise
+            outcomes = future.result(timeout=INDEX_WAIT)
+        except TimeoutError:
+            if not future.cancel():  # already being committed: its result is moments away
+                outcomes = future.result()
+            else:
+                raise
         out = []
-        for (p, _, sop, series), kind in zip(placed, kinds, strict=True):
-            if kind == "duplicate":  # stored by an earlier run of this job: keep that copy
+        for (p, _, sop, series), o in zip(placed, outcomes, strict=True):
+            if o.kind == "duplicate":  # stored by an earlier run of this job: keep that copy
                 self.storage.remove(p)
-            out.append(StoredOutput(sop, series, p, kind))
+            elif o.kind == "replaced" and o.old_file_path and o.old_file_path != self.storage.relative(p):
+                old = self.storage.absolute(o.old_file_path)  # duplicates = "overwrite": the earlier copy goes
+                if old.is_file():
+                    self.storage.remove(old)
+            out.append(StoredOutput(sop, series, p, o.kind))
+        placed.clear()  # committed: nothing to undo
         return out
+
+
+def mark_not_tracked(tx: Tx, series_id: int) -> None:
+    """The node's own outputs are not received series: no rule runs on them (no loops of derived objects)."""
+    tx.execute(tx.prepare("not_tracked", _NOT_TRACKED), {"pk": series_id})
 

@@ -66,11 +66,11 @@ def _send(ctx: JobContext, files: list[Path], names: list[str]) -> str:
             problems.append(f"{name}: no such destination in the config any more")
             continue
         summary = send_files(d.host, d.port, files, called_ae=d.ae_title, calling_ae=ctx.cfg.node.ae_title)
-        if summary.ok:
+        if summary.ok and not summary.skipped:
             done.append(f"{summary.sent} to {name}")
             continue
-        first = summary.errors[0][1] if summary.errors else "unknown error"
-        problems.append(f"{name}: {summary.failed} of {len(files)} failed ({first})")
+        first = (summary.errors or summary.skipped or [("", "unknown error")])[0][1]
+        problems.append(f"{name}: {summary.failed + len(summary.skipped)} of {len(files)} failed ({first})")
         # Refusals by status (0xA9xx, 0xC0xx, ...) will not change by themselves; connection problems may.
         retryable = retryable or any("association" in e or "status" not in e for _, e in summary.errors)
     if problems:
@@ -112,8 +112,13 @@ def discard(ctx: JobContext) -> str:
             ctx.storage.remove(p)
             removed += 1
     i, s = Instance.__table__, Series.__table__
+    gone = 0
     with ctx.engine.begin() as conn:
-        gone = conn.execute(delete(i).where(i.c.id.in_([pk for pk, _ in items]))).rowcount if items else 0
+        for pk, rel in items:
+            # Only the row as listed: a re-send meanwhile (new file, next revision) keeps its row.
+            gone += conn.execute(
+                delete(i).where(i.c.id == pk, i.c.file_path == rel, i.c.revision == ctx.job.revision)
+            ).rowcount
         if gone:
             conn.execute(update(s).where(s.c.id == ctx.job.series_id).values(instance_count=s.c.instance_count - gone))
     return f"discarded {gone} instances ({removed} files removed)"
@@ -152,8 +157,11 @@ def plugin(ctx: JobContext) -> str:
     i, s = Instance.__table__, Series.__table__
     with ctx.engine.connect() as conn:
         series_uid = conn.execute(select(s.c.series_instance_uid).where(s.c.id == ctx.job.series_id)).scalar_one()
+        # The series as of the job's revision (a later revision may still be arriving).
         rels = conn.execute(
-            select(i.c.file_path).where(i.c.series_fk == ctx.job.series_id, i.c.job_fk.is_(None)).order_by(i.c.id)
+            select(i.c.file_path)
+            .where(i.c.series_fk == ctx.job.series_id, i.c.job_fk.is_(None), i.c.revision <= ctx.job.revision)
+            .order_by(i.c.id)
         ).scalars().all()
     if not rels:
         raise JobFailed("the series has no stored instances (discarded?)", retryable=False)

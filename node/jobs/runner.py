@@ -50,7 +50,8 @@ class JobRunner:
         for t in self._threads:
             t.start()
 
-    def stop(self, timeout: float = 30) -> None:
+    def stop(self, timeout: float = 10) -> None:
+        """Let running jobs finish for up to ``timeout`` s; any still running are taken up again at the next start."""
         self._stop.set()
         self.wake()
         deadline = time.monotonic() + timeout
@@ -89,7 +90,11 @@ class JobRunner:
             if job is None:
                 self._sleep()
                 continue
-            self._run(job)
+            try:
+                self._run(job)
+            except Exception:  # e.g. the index was unreachable when recording the end: the job stays
+                # "running" and is taken up again at the next start; this worker carries on.
+                log.exception("job %d: could not record its outcome", job.id)
 
     def _cancelled(self, job_id: int) -> bool:
         with self.engine.connect() as conn:
@@ -129,6 +134,8 @@ class JobRunner:
             log.warning("job %d attempt %d of %d failed after %.1f s: %s; retrying at %s", job.id, job.attempts,
                         job.max_attempts, time.monotonic() - t0, error, retry_at.isoformat(timespec="seconds")
                         if retry_at else "")  # fmt: skip
+        elif state == "cancelled":
+            log.info("job %d was cancelled while it ran (%s)", job.id, error)
         else:
             why = "" if retryable else " (not retried: another attempt would fail the same way)"
             log.error("job %d failed after %d attempt(s): %s%s", job.id, job.attempts, error, why)

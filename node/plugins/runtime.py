@@ -47,6 +47,19 @@ def _context() -> mp.context.BaseContext:
         return _ctx
 
 
+def start_fork_server() -> None:
+    """Start the fork server now, from the calling (main) thread.
+
+    Its parent-death signal (see _forkserver) fires when the *thread* that
+    started it ends; started from a job worker thread, a clean stop that ends
+    that thread first would kill every plugin running for the other workers.
+    """
+    from multiprocessing import forkserver
+
+    _context()
+    forkserver.ensure_running()
+
+
 def _slot(workers: int) -> threading.BoundedSemaphore:
     global _slots, _slot_count
     with _lock:
@@ -79,7 +92,12 @@ def run_in_process(spec: WorkSpec, *, timeout: float, workers: int = 2,
 
         proc = ctx.Process(target=worker.main, args=(spec, sender), name="dicom-node-plugin", daemon=True)
         t0 = time.monotonic()
-        proc.start()
+        try:
+            proc.start()
+        except BaseException:
+            receiver.close()
+            sender.close()
+            raise
         sender.close()
         try:
             deadline = t0 + timeout

@@ -175,8 +175,9 @@ def run(spec: WorkSpec) -> WorkResult:
             timings["write"] += time.perf_counter() - t
         return WorkResult(True, outputs, timings=timings, plugins=names)
     except MemoryError:
-        return WorkResult(False, error=f"{step}: ran out of memory (limit {spec.memory_limit_mb} MB; raise "
-                          "memory_limit_mb for this plugin if the series needs it)", timings=timings, plugins=names)
+        limit = (f"limit {spec.memory_limit_mb} MB; raise memory_limit_mb for this plugin if the series needs it"
+                 if spec.memory_limit_mb else "no limit set: the machine itself is out of memory")  # fmt: skip
+        return WorkResult(False, error=f"{step}: ran out of memory ({limit})", timings=timings, plugins=names)
     except PluginError as e:
         # The plugin's own policy caps retries (the rule's max_attempts caps them too).
         limit = info.max_attempts if info is not None else None

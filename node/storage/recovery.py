@@ -21,6 +21,8 @@ from pydicom.uid import UID
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from node.derive.common import DERIVED_UID_ROOT
+from node.derive.store import mark_not_tracked
 from node.index.models import Instance
 from node.index.records import Recorder
 from node.index.writer import IndexWriter
@@ -149,6 +151,9 @@ def _adopt(
     # An index failure here is not the file's fault: it propagates and stops
     # the start-up with the reason, leaving the file where it is.
     outcome = writer.call(lambda tx: recorder.record(tx, record))
+    if outcome.series_id and record.sop_instance_uid.startswith(DERIVED_UID_ROOT):
+        # one of the node's own outputs, stored just before a crash: not a series for the rules
+        writer.call(lambda tx: mark_not_tracked(tx, outcome.series_id))
     if outcome.kind == "new":
         report.indexed.append(record.sop_instance_uid)
         log.warning("recovery: indexed %s (%s), stored before a crash but not yet indexed", record.sop_instance_uid, rel)

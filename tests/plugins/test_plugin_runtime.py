@@ -536,3 +536,28 @@ def test_chain_outputs_name_the_plugin_that_made_them(example_plugin, node, tmp_
         "Sphere": ("example-sphere", example_plugin, "radius_mm=5.0"),
         "Box": ("slow-box", "0.1", "seconds=0.0"),
     }
+
+
+def test_a_clean_stop_during_a_plugin_job_leaves_it_for_the_next_start(node, tmp_path):
+    """SIGTERM while a plugin runs: the node stops within its grace period, the job is not failed,
+    and the next start runs it again to success (regression: the fork server died with a worker thread)."""
+    with_faulty_plugins(node)
+    node.extra_config = f"""
+[tracker]
+stable_after = 30
+{LOCAL_PLUGINS}
+{rule("slow", 'plugin = "slow-box", params = { seconds = 14 }')}
+"""
+    node.start()
+    assert storescu(node.port, labelled_ct(tmp_path, "slow", count=6)).returncode == 0
+    wait_for(lambda: jobs_by_rule(node).get("slow", {}).get("state") == "running", 20, "the job to start")
+    t0 = time.monotonic()
+    assert node.stop() == 0
+    assert time.monotonic() - t0 < 13, "the stop waited for the plugin instead of its grace period"
+    job = jobs_by_rule(node)["slow"]
+    assert (job["state"], job["attempts"]) == ("running", 1), job
+    node.start()
+    wait_for(lambda: jobs_by_rule(node)["slow"]["state"] == "succeeded", 60, "the job to run again")
+    assert jobs_by_rule(node)["slow"]["attempts"] == 2
+    assert "was running when the node stopped" in node.log()
+    assert len(seg_rows(node)) == 1
