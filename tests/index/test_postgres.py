@@ -130,3 +130,39 @@ actions = [{{ type = "forward", to = ["scp"] }}]
         engine.dispose()
     finally:
         scp.stop()
+
+
+def test_plugin_job_and_lineage_on_postgresql(node, tmp_path, postgres_url):
+    """A plugin job on PostgreSQL: the SEG is stored, indexed with its job, and its series is not tracked."""
+    files = make_ct_series(tmp_path / "c", 8)
+    node.env = {"DICOM_NODE_DATABASE__URL": postgres_url}
+    node.extra_config = """
+[tracker]
+stable_after = 1
+use_expected_counts = false
+[[rules]]
+name = "bone"
+match = { Modality = "CT" }
+actions = [{ type = "plugin", plugin = "threshold-seg", params = { segments = [{ label = "Bone", lower = 300, type = "Bone" }] } }]
+"""
+    node.start()
+    assert storescu(node.port, files).returncode == 0
+    engine = create_engine(postgres_url)
+    try:
+        deadline = time.monotonic() + 60
+        row = None
+        while time.monotonic() < deadline:
+            with engine.connect() as c:
+                row = c.execute(text("select id, state, software, last_error from job where rule = 'bone'")).first()
+            if row is not None and row[1] in ("succeeded", "failed"):
+                break
+            time.sleep(0.3)
+        assert row is not None and row[1] == "succeeded", row
+        assert row[2] == "threshold-seg 1.0"
+        with engine.connect() as c:
+            seg = c.execute(text("select i.file_path, s.state from instance i join series s on s.id = i.series_fk "
+                                 "where i.job_fk = :j"), {"j": row[0]}).all()  # fmt: skip
+        assert len(seg) == 1 and seg[0][1] == "triggered"
+        assert (node.data_dir / seg[0][0]).is_file()
+    finally:
+        engine.dispose()
