@@ -82,7 +82,9 @@ def forward(ctx: JobContext) -> str:
     """Send the revision's instances, as stored, to each destination."""
     files = [ctx.storage.absolute(p) for _, p in ctx.instance_files()]
     if not files:
-        return "nothing to forward: the revision has no instances (discarded?)"
+        # Not a success: the data went somewhere else (discarded, or re-sent into a later revision).
+        raise JobFailed("the revision has no instances any more (discarded, or re-sent into a later revision "
+                        "with node.duplicates = \"overwrite\"); nothing was forwarded", retryable=False)  # fmt: skip
     return _send(ctx, files, ctx.job.action["to"])
 
 
