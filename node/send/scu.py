@@ -14,9 +14,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
-from pydicom.uid import UID
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification
 
@@ -69,6 +71,24 @@ def echo(host: str, port: int, *, called_ae: str = "ANY-SCP", calling_ae: str = 
         assoc.release()
 
 
+def _as_accepted(path: Path, key: tuple[UID, UID], accepted: set[tuple[str, str]]) -> Path | Dataset:
+    """The file as stored when the peer took its syntax; else decoded for an uncompressed context.
+
+    Only when the peer refused the stored syntax is the file read whole and, if compressed,
+    decompressed (pixel values unchanged); otherwise it is streamed from disk untouched.
+    """
+    sop_class, ts = key
+    if (sop_class, ts) in accepted:
+        return path
+    ds = dcmread(path)
+    if ts.is_compressed:
+        # Same instance, same UID: lossless decoding is not a new object (pydicom would make a new UID).
+        ds.decompress(generate_instance_uid=False)  # to Explicit VR Little Endian (pylibjpeg/pyjpegls)
+    log.info("sending %s decompressed (%s -> uncompressed): the peer did not accept %s", path.name, ts.name,
+             ts.name)  # fmt: skip
+    return ds
+
+
 def send_files(
     host: str,
     port: int,
@@ -80,11 +100,15 @@ def send_files(
     timeout: float = 60,
     progress: Callable[[Path, int | None], None] | None = None,
 ) -> SendSummary:
-    """Send ``files`` as stored; ``progress(path, status)`` is called per file."""
+    """Send ``files`` as stored (decompressed only for a peer that refuses their syntax).
+
+    ``progress(path, status)`` is called per file.
+    """
     transport.install()
     _config.STORE_SEND_CHUNKED_DATASET = True
     summary = SendSummary()
     by_context: dict[tuple[UID, UID], list[Path]] = defaultdict(list)
+    file_key: dict[Path, tuple[UID, UID]] = {}
     for f in files:
         try:
             meta = read_file_meta_info(f)
@@ -95,14 +119,21 @@ def send_files(
                 progress(f, None)
             continue
         by_context[key].append(f)
+        file_key[f] = key
     keys = list(by_context)
-    for start in range(0, len(keys), MAX_CONTEXTS):
-        batch = keys[start : start + MAX_CONTEXTS]
+    # Each (SOP class, syntax) gets a context as stored and, when that syntax is not Explicit VR
+    # Little Endian, a second one offering the uncompressed syntaxes: a peer that does not take the
+    # stored syntax (DCMTK storescp's default takes uncompressed only) gets the file decompressed.
+    per_batch = MAX_CONTEXTS // 2
+    for start in range(0, len(keys), per_batch):
+        batch = keys[start : start + per_batch]
         ae = AE(ae_title=calling_ae)
         ae.maximum_pdu_size = max_pdu
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
         for sop_class, ts in batch:
             ae.add_requested_context(sop_class, [ts])
+            if ts != ExplicitVRLittleEndian:
+                ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         batch_files = sorted((f for k in batch for f in by_context[k]), key=lambda p: str(p))
         assoc = ae.associate(host, port, ae_title=called_ae, max_pdu=max_pdu)
         if not assoc.is_established:
@@ -113,10 +144,11 @@ def send_files(
                     progress(f, None)
             continue
         try:
+            accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
             for n, f in enumerate(batch_files):
                 status = None
                 try:
-                    rsp = assoc.send_c_store(f)
+                    rsp = assoc.send_c_store(_as_accepted(f, file_key[f], accepted))
                     status = int(rsp.Status) if rsp and "Status" in rsp else None
                 except (ValueError, RuntimeError, OSError) as e:
                     summary.errors.append((str(f), str(e)))
