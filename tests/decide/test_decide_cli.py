@@ -10,14 +10,12 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pydicom
 import pytest
-from helpers import REPO, SHARED, StoreSCP, read_sop_uid, series_files, storescu
+from helpers import REPO, SHARED, StoreSCP, read_sop_uid, series_files, storescu, wait_for
 
 CT = "ct-head-philips-5mm"  # 28 axial CT images
 MR = "mr-t1-sag-siemens"  # 35 sagittal MR images
@@ -80,17 +78,6 @@ def said(r: subprocess.CompletedProcess, text: str) -> bool:
     Piped, it hard-wraps at 80 columns, at a space (kept or not) or inside a long word such as a path.
     """
     return "".join(text.split()) in "".join(r.stderr.split())
-
-
-def wait_for(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.2)
 
 
 def table_rows(text: str) -> list[list[str]]:

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import StoreSCP, dataset_bytes, make_ct_series, read_sop_uid, series_files, storescu
+from helpers import StoreSCP, dataset_bytes, make_ct_series, read_sop_uid, series_files, storescu, wait_for
 
 CT = "ct-head-philips-5mm"
 MR = "mr-t1-sag-siemens"
@@ -18,16 +18,6 @@ MR = "mr-t1-sag-siemens"
 
 def ts(value: str) -> dt.datetime:
     return dt.datetime.fromisoformat(value)
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def jobs(node) -> list[tuple]:  # type: ignore[no-untyped-def]

@@ -22,7 +22,6 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ import psutil
 import pydicom
 import pytest
 from faulty_plugins import FLAKY_MESSAGE, RAISER_MESSAGE, REFUSER_MESSAGE
-from helpers import REPO, NodeProcess, StoreSCP, make_ct_series, series_files, storescu
+from helpers import REPO, NodeProcess, StoreSCP, make_ct_series, series_files, storescu, wait_for
 
 HERE = Path(__file__).resolve().parent
 EXAMPLE = REPO / "tests" / "data" / "example-plugin"
@@ -53,16 +52,6 @@ flaky-capped = "faulty_plugins:flaky_capped"
 refuser = "faulty_plugins:refuser"
 slow-box = "faulty_plugins:slow_box"
 """
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def with_faulty_plugins(node: NodeProcess) -> None:
