@@ -29,11 +29,14 @@ class Node:
         self.cfg = cfg
         self.storage = Storage(cfg.data_dir)
         self.engine = make_engine(cfg.database_url)
+        # Reads by the tracker and the job workers' polls: on SQLite they then need no write lock,
+        # which the receive path's index writer holds for every commit.
+        self.reader = make_engine(cfg.database_url, write=False)
         self.sessions = session_factory(self.engine)
         self.writer = IndexWriter(self.engine, on_failure=lambda: self.ingest.recorder.forget())
         self.checkpointer = WalCheckpointer(self.engine)
-        self.runner = JobRunner(cfg, self.engine, self.storage)
-        self.tracker = SeriesTracker(cfg, self.engine, on_jobs=self.runner.wake)
+        self.runner = JobRunner(cfg, self.engine, self.storage, reader=self.reader)
+        self.tracker = SeriesTracker(cfg, self.engine, on_jobs=self.runner.wake, reader=self.reader)
         self.ingest = Ingest(
             self.storage,
             self.writer,
@@ -82,6 +85,7 @@ class Node:
         clean = self.writer.stop() and clean
         self.checkpointer.stop()
         self.engine.dispose()
+        self.reader.dispose()
         if clean:
             mark_clean(self.storage)
             log.info("stopped cleanly")

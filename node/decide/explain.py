@@ -16,8 +16,7 @@ from sqlalchemy.orm import Session
 from node.decide.conditions import Facts
 from node.decide.facts import FileSeries, series_snapshot
 from node.decide.rules import RuleResult, RuleSet
-from node.decide.tracker import aware
-from node.index.models import Job, Patient, Series, SeriesRevision, Study
+from node.index.models import Job, Patient, Series, SeriesRevision, Study, aware
 
 
 def _when(value: dt.datetime | None) -> str:

@@ -36,7 +36,7 @@ from sqlalchemy.orm import Session
 from node.config import Config
 from node.decide.facts import dataset_facts, expected_instances, first_instance, read_dataset, series_snapshot
 from node.decide.rules import ForwardAction, PluginAction, RuleSet
-from node.index.models import Series, SeriesRevision, utcnow
+from node.index.models import Series, SeriesRevision, aware, utcnow
 from node.index.records import RecordOutcome
 from node.jobs.store import NewJob, create_jobs
 
@@ -44,11 +44,6 @@ log = logging.getLogger(__name__)
 
 _series = Series.__table__
 _revision = SeriesRevision.__table__
-
-
-def aware(value: dt.datetime) -> dt.datetime:
-    """SQLite hands back naive datetimes; every time in the index is UTC."""
-    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
 
 
 @dataclass
@@ -72,9 +67,13 @@ class _Pending:
 
 
 class SeriesTracker:
-    def __init__(self, cfg: Config, engine: Engine, on_jobs: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, cfg: Config, engine: Engine, on_jobs: Callable[[], None] | None = None, reader: Engine | None = None
+    ) -> None:
+        """``reader``: an engine for reads only (on SQLite, reads then take no write lock)."""
         self.cfg = cfg
         self.engine = engine
+        self.reader = reader or engine
         self.ruleset: RuleSet = cfg.ruleset if cfg.ruleset is not None else RuleSet([])
         self.data_dir: Path = cfg.data_dir
         self.on_jobs = on_jobs
@@ -94,7 +93,7 @@ class SeriesTracker:
     def start(self) -> None:
         self.scheduler.start()
         now = utcnow()
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             receiving = conn.execute(
                 select(_series.c.id, _series.c.revision, _series.c.last_received_at, _series.c.revision_instances)
                 .where(_series.c.state == "receiving", _series.c.series_instance_uid != "")
@@ -161,7 +160,7 @@ class SeriesTracker:
         if not (self.ruleset.needs_timing or self.cfg.tracker.use_expected_counts):
             p.timing_known = True
             return
-        with Session(self.engine) as s:
+        with Session(self.reader) as s:
             first = first_instance(s, sid, p.revision)
         if first is None:
             p.timing_known = True
@@ -267,7 +266,7 @@ class SeriesTracker:
         """Evaluate the rules for a stable revision and make its jobs, all in one transaction."""
         now = utcnow()
         error, jobs, matched = "", [], []
-        with Session(self.engine) as s:
+        with Session(self.reader) as s:
             try:
                 snap = series_snapshot(s, self.data_dir, sid, revision)
             except Exception as e:

@@ -11,15 +11,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom.filereader import read_file_meta_info
-from pydicom.uid import UID
 from sqlalchemy import bindparam, literal_column, update
 
 from node.index.models import Instance, Series
 from node.index.records import Recorder, RecordOutcome
 from node.index.writer import IndexWriter, Tx
 from node.receive.ingest import INDEX_WAIT
-from node.receive.parse import read_header, to_record
+from node.receive.parse import read_file_header, to_record
 from node.receive.rxfile import file_checksum
 from node.storage import Storage
 from node.storage.layout import fsync_dir
@@ -71,10 +69,7 @@ class OutputStore:
 
     def _store(self, files: list[Path], job_id: int, placed: list[tuple[Path, object, str, str]]) -> list[StoredOutput]:
         for f in files:
-            size = f.stat().st_size
-            meta = read_file_meta_info(f)
-            header = read_header(str(f), UID(str(meta.TransferSyntaxUID)), size,
-                                 132 + 12 + int(meta.FileMetaInformationGroupLength))  # fmt: skip
+            header, size, _ = read_file_header(f)
             final = self.storage.path_for(header.text("SeriesInstanceUID"), header.text("SOPInstanceUID"))
             record = to_record(
                 header, file_path=self.storage.relative(final), file_size=size, checksum=file_checksum(f),
@@ -82,7 +77,6 @@ class OutputStore:
             )  # fmt: skip
             with open(f, "rb") as fp:
                 os.fdatasync(fp.fileno())
-            final.parent.mkdir(parents=True, exist_ok=True)
             self.storage.place(f, final)
             placed.append((final, record, header.text("SOPInstanceUID"), header.text("SeriesInstanceUID")))
         for d in {p.parent for p, *_ in placed}:

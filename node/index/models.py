@@ -20,6 +20,11 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def aware(value: dt.datetime) -> dt.datetime:
+    """SQLite hands back naive datetimes; every time in the index is UTC."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+
+
 class Base(DeclarativeBase):
     pass
 

@@ -30,9 +30,14 @@ POLL = 2.0
 
 
 class JobRunner:
-    def __init__(self, cfg: Config, engine: Engine, storage: Storage, outputs: OutputStore | None = None) -> None:
+    def __init__(
+        self, cfg: Config, engine: Engine, storage: Storage, outputs: OutputStore | None = None,
+        reader: Engine | None = None,
+    ) -> None:  # fmt: skip
+        """``reader``: an engine for the frequent polls (next due job, cancelled?) that only read."""
         self.cfg = cfg
         self.outputs = outputs
+        self.reader = reader or engine
         self.engine = engine
         self.storage = storage
         self._wake = threading.Condition()
@@ -66,7 +71,7 @@ class JobRunner:
     def _sleep(self) -> None:
         timeout = POLL
         try:
-            due = store.next_due(self.engine)
+            due = store.next_due(self.reader)
         except Exception:
             due = None
         if due is not None:
@@ -97,7 +102,7 @@ class JobRunner:
                 log.exception("job %d: could not record its outcome", job.id)
 
     def _cancelled(self, job_id: int) -> bool:
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             return conn.execute(select(Job.state).where(Job.id == job_id)).scalar() == "cancelled"
 
     def _run(self, job: store.ClaimedJob) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, and_, exists, select, update
 from sqlalchemy.exc import IntegrityError
 
-from node.index.models import Job, utcnow
+from node.index.models import Job, aware, utcnow
 
 STATES = ("pending", "running", "succeeded", "failed", "cancelled")
 _job = Job.__table__
@@ -116,9 +116,7 @@ def next_due(engine: Engine) -> dt.datetime | None:
         value = conn.execute(
             select(_job.c.not_before).where(_job.c.state == "pending").order_by(_job.c.not_before).limit(1)
         ).scalar()
-    if value is not None and value.tzinfo is None:
-        value = value.replace(tzinfo=dt.UTC)
-    return value
+    return None if value is None else aware(value)
 
 
 def finish(engine: Engine, job_id: int, *, ok: bool, result: str = "", error: str = "",

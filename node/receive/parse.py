@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import struct
 import warnings
+from pathlib import Path
 from typing import Any, BinaryIO
 
 from pydicom import config as pydicom_config
 from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset
-from pydicom.filereader import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filereader import dcmread, read_file_meta_info
 from pydicom.multival import MultiValue
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
@@ -200,6 +201,20 @@ def read_header(
             return view
     with open(path, "rb") as fp:
         return _read_with_pydicom(fp, transfer_syntax, file_size, dataset_offset)
+
+
+def read_file_header(path: Path) -> tuple[Header, int, FileMetaDataset]:
+    """A stored DICOM file (File Meta, then the data set): its checked header, size and File Meta.
+
+    For files already on disk (recovery, the node's own outputs); received data sets come through
+    :func:`read_header` straight from the association's temp file.
+    """
+    size = path.stat().st_size
+    meta = read_file_meta_info(path)
+    ts = UID(str(meta.TransferSyntaxUID))
+    # preamble (128) + "DICM" (4) + the group length element (12) + the rest of group 0002
+    header = read_header(str(path), ts, size, 132 + 12 + int(meta.FileMetaInformationGroupLength))
+    return header, size, meta
 
 
 def _read_with_pydicom(fp: BinaryIO, transfer_syntax: UID, file_size: int, dataset_offset: int) -> Header:

@@ -16,8 +16,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydicom.filereader import read_file_meta_info
-from pydicom.uid import UID
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -26,7 +24,7 @@ from node.derive.store import mark_not_tracked
 from node.index.models import Instance
 from node.index.records import Recorder
 from node.index.writer import IndexWriter
-from node.receive.parse import read_header, to_record
+from node.receive.parse import read_file_header, to_record
 from node.receive.rxfile import file_checksum
 from node.storage.layout import Storage, fsync_dir
 
@@ -137,10 +135,7 @@ def _adopt(
     report: RecoveryReport,
 ) -> None:
     try:
-        size = path.stat().st_size
-        meta = read_file_meta_info(path)
-        ts = UID(str(meta.TransferSyntaxUID))
-        header = read_header(str(path), ts, size, 132 + 12 + int(meta.FileMetaInformationGroupLength))
+        header, size, meta = read_file_header(path)
         record = to_record(
             header, file_path=rel, file_size=size, checksum=file_checksum(path), association_id="recovered",
             calling_ae=str(meta.get("SourceApplicationEntityTitle", "") or "").strip(),

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import dataset_bytes, free_port, make_ct_series, storescu
+from helpers import dataset_bytes, free_port, make_ct_series, storescu, wait_for
 from sqlalchemy import create_engine, text
 
 
@@ -118,13 +118,9 @@ actions = [{{ type = "forward", to = ["scp"] }}]
 
         series_uid = str(dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
         assert storescu(node.port, files[:6]).returncode == 0
-        deadline = time.monotonic() + 30
-        while not (job_rows() and job_rows()[-1][1] == "succeeded") and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_for(lambda: job_rows() and job_rows()[-1][1] == "succeeded", 30, "the revision 1 job")
         assert storescu(node.port, files[6:]).returncode == 0  # after triggering: revision 2
-        deadline = time.monotonic() + 30
-        while not (len(job_rows()) == 2 and job_rows()[-1][1] == "succeeded") and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_for(lambda: len(job_rows()) == 2 and job_rows()[-1][1] == "succeeded", 30, "the revision 2 job")
         assert [tuple(r) for r in job_rows()] == [(1, "succeeded", "sent 6 to scp"), (2, "succeeded", "sent 6 to scp")]
         assert len(scp.received()) == 12
         engine.dispose()
@@ -149,14 +145,12 @@ actions = [{ type = "plugin", plugin = "threshold-seg", params = { segments = [{
     assert storescu(node.port, files).returncode == 0
     engine = create_engine(postgres_url)
     try:
-        deadline = time.monotonic() + 60
-        row = None
-        while time.monotonic() < deadline:
+        def job_row():  # type: ignore[no-untyped-def]
             with engine.connect() as c:
-                row = c.execute(text("select id, state, software, last_error from job where rule = 'bone'")).first()
-            if row is not None and row[1] in ("succeeded", "failed"):
-                break
-            time.sleep(0.3)
+                return c.execute(text("select id, state, software, last_error from job where rule = 'bone'")).first()
+
+        wait_for(lambda: (r := job_row()) is not None and r[1] in ("succeeded", "failed"), 60, "the plugin job")
+        row = job_row()
         assert row is not None and row[1] == "succeeded", row
         assert row[2] == "threshold-seg 1.0"
         with engine.connect() as c:
