@@ -28,6 +28,7 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -564,10 +565,22 @@ class NodeReceiver(Receiver):
             f'ae_title = "{self.ae_title}"\n'
             f'host = "{LOOPBACK}"\n'
             f"port = {self.port}\n"
-            f'data_dir = "{self.data_dir}"\n'
+            f'data_dir = "{self.data_dir}"\n' + self.extra_config()
         )
         self.config_path = cfg
         return [sys.executable, "-m", "node", "run", "--config", str(cfg)], dict(os.environ), REPO_ROOT
+
+    def extra_config(self) -> str:
+        """TOML appended after the [node] keys (a subclass's tracker, rules, destinations)."""
+        return ""
+
+    def query(self, sql: str, *params: object) -> list[tuple]:
+        """Read the node's SQLite index (the times a benchmark reports are the node's own)."""
+        con = sqlite3.connect(self.data_dir / "index.sqlite", timeout=10)
+        try:
+            return con.execute(sql, params).fetchall()
+        finally:
+            con.close()
 
     def stored_count(self) -> int:
         return count_files(self.data_dir, "*.dcm")

@@ -65,7 +65,6 @@ import datetime as dt
 import json
 import os
 import re
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -390,23 +389,10 @@ class DeriveNode(NodeReceiver):
             f'lower = {LOWER_HU}, type = "Bone" }}] }} }}]\n'
         )
 
-    def _command(self, workdir: Path) -> tuple[list[str], dict[str, str], Path | None]:
-        cmd, env, cwd = super()._command(workdir)
-        with self.config_path.open("a") as f:
-            f.write(self.extra_config())
-        return cmd, env, cwd
-
     def describe(self) -> str:
         return (f"python -m node run ([tracker] stable_after = {self.stable_after:g}, use_expected_counts = false; "
                 f"rule {RULE}: Modality = CT -> plugin {PLUGIN}, segments = [Bone, lower = {LOWER_HU}]; "
                 "[plugins] defaults)")  # fmt: skip
-
-    def query(self, sql: str, *params: object) -> list[tuple]:
-        con = sqlite3.connect(self.data_dir / "index.sqlite", timeout=10)
-        try:
-            return con.execute(sql, params).fetchall()
-        finally:
-            con.close()
 
     def plugin_job(self, series_uid: str) -> dict[str, Any] | None:
         rows = self.query(

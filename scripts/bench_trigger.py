@@ -53,7 +53,6 @@ import datetime as dt
 import json
 import os
 import select
-import sqlite3
 import statistics
 import sys
 import time
@@ -119,24 +118,11 @@ class TriggerNode(NodeReceiver):
             'actions = [{ type = "forward", to = ["scp"] }]\n'
         )
 
-    def _command(self, workdir: Path) -> tuple[list[str], dict[str, str], Path | None]:
-        cmd, env, cwd = super()._command(workdir)
-        with self.config_path.open("a") as f:
-            f.write(self.extra_config())
-        return cmd, env, cwd
-
     def describe(self) -> str:
         return (f"python -m node run (defaults; [tracker] stable_after = {self.stable_after:g}, "
                 "use_expected_counts = false; rule ct: Modality = CT -> forward to a DCMTK storescp)")
 
     # -- index look-ups (read only; the times are the node's own) ----------
-
-    def query(self, sql: str, *params: object) -> list[tuple]:
-        con = sqlite3.connect(self.data_dir / "index.sqlite", timeout=10)
-        try:
-            return con.execute(sql, params).fetchall()
-        finally:
-            con.close()
 
     def series_times(self, series_uid: str) -> dict[str, object] | None:
         rows = self.query(

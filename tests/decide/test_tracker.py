@@ -37,6 +37,20 @@ def uid_of(name: str) -> str:
     return str(pydicom.dcmread(series_files(name)[0], stop_before_pixels=True).SeriesInstanceUID)
 
 
+def forward_ct(scp: StoreSCP, *, stable_after: int, expected_counts: bool = True) -> str:
+    """The config most tests here use: rule "ct" forwards every CT series to ``scp``."""
+    return f"""
+[tracker]
+stable_after = {stable_after}
+use_expected_counts = {str(expected_counts).lower()}
+{scp.destination()}
+[[rules]]
+name = "ct"
+match = {{ Modality = "CT" }}
+actions = [{{ type = "forward", to = ["scp"] }}]
+"""
+
+
 @pytest.fixture
 def scp(tmp_path: Path):
     s = StoreSCP(tmp_path / "scp-out").start()
@@ -90,16 +104,7 @@ actions = [{{ type = "forward", to = ["scp"] }}, {{ type = "forward", to = ["scp
 
 
 def test_series_in_three_associations_with_short_pauses_triggers_once(node, scp):
-    node.extra_config = f"""
-[tracker]
-stable_after = 3
-use_expected_counts = false
-{scp.destination()}
-[[rules]]
-name = "ct"
-match = {{ Modality = "CT" }}
-actions = [{{ type = "forward", to = ["scp"] }}]
-"""
+    node.extra_config = forward_ct(scp, stable_after=3, expected_counts=False)
     node.start()
     files = series_files(CT)
     t_first = time.monotonic()
@@ -156,15 +161,7 @@ actions = [{{ type = "forward", to = ["scp2"] }}]
 
 def test_expected_count_completes_a_series_before_the_quiet_period(node, scp, tmp_path):
     files = make_ct_series(tmp_path / "ct", 12, images_in_acquisition=12)
-    node.extra_config = f"""
-[tracker]
-stable_after = 60
-{scp.destination()}
-[[rules]]
-name = "ct"
-match = {{ Modality = "CT" }}
-actions = [{{ type = "forward", to = ["scp"] }}]
-"""
+    node.extra_config = forward_ct(scp, stable_after=60)
     node.start()
     t0 = time.monotonic()
     assert storescu(node.port, files).returncode == 0
@@ -202,16 +199,7 @@ actions = [{{ type = "forward", to = ["scp"] }}]
 
 @pytest.mark.parametrize("overdue", [False, True], ids=["restart-before-due", "restart-after-due"])
 def test_kill9_while_waiting_for_stability_triggers_once(node, scp, overdue):
-    node.extra_config = f"""
-[tracker]
-stable_after = 4
-use_expected_counts = false
-{scp.destination()}
-[[rules]]
-name = "ct"
-match = {{ Modality = "CT" }}
-actions = [{{ type = "forward", to = ["scp"] }}]
-"""
+    node.extra_config = forward_ct(scp, stable_after=4, expected_counts=False)
     node.start()
     assert storescu(node.port, series_files(CT)).returncode == 0
     uid = uid_of(CT)
@@ -237,16 +225,7 @@ actions = [{{ type = "forward", to = ["scp"] }}]
 
 def test_kill9_during_a_job_takes_it_up_again_without_duplicates(node, scp, tmp_path):
     files = make_ct_series(tmp_path / "ct", 200, rows=256, cols=256)
-    node.extra_config = f"""
-[tracker]
-stable_after = 1
-use_expected_counts = false
-{scp.destination()}
-[[rules]]
-name = "ct"
-match = {{ Modality = "CT" }}
-actions = [{{ type = "forward", to = ["scp"] }}]
-"""
+    node.extra_config = forward_ct(scp, stable_after=1, expected_counts=False)
     node.start()
     assert storescu(node.port, files).returncode == 0
     wait_for(lambda: len(scp.received()) >= 20, 30, "the forward job to be half-way", interval=0.01)
@@ -266,15 +245,7 @@ actions = [{{ type = "forward", to = ["scp"] }}]
 
 def test_stable_revision_without_jobs_is_evaluated_at_start_up(node, scp):
     """A crash between "stable" and making its jobs: the next start evaluates it once."""
-    node.extra_config = f"""
-[tracker]
-stable_after = 1
-{scp.destination()}
-[[rules]]
-name = "ct"
-match = {{ Modality = "CT" }}
-actions = [{{ type = "forward", to = ["scp"] }}]
-"""
+    node.extra_config = forward_ct(scp, stable_after=1)
     node.start()
     assert storescu(node.port, series_files(CT)).returncode == 0
     wait_for(lambda: jobs(node) and jobs(node)[0][5] == "succeeded", 30, "the first job")
