@@ -225,20 +225,27 @@ def _loc_to_key(loc: tuple[Any, ...]) -> str:
     return out or "(top level)"
 
 
+def error_text(e: Any, unknown_key: str | None = None) -> str:
+    """One pydantic error as an administrator reads it: the message and, where useful, the value given.
+
+    ``unknown_key`` replaces pydantic's wording for a key the model does not have.
+    """
+    msg = str(e["msg"]).removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden" and unknown_key:
+        msg = unknown_key
+    got = e.get("input")
+    shown = "" if e["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
+    return msg + shown
+
+
 def _format_errors(source: str, err: ValidationError, env_keys: dict[str, str] | None = None) -> str:
     lines = [f"invalid configuration in {source}:"]
     env_keys = env_keys or {}
     for e in err.errors():
         key = _loc_to_key(tuple(e["loc"]))
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see config/node.toml for the keys)"
-        elif msg.startswith("Value error, "):
-            msg = msg[len("Value error, ") :]
-        got = e.get("input")
-        shown = "" if e["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
         origin = f" [set by {env_keys[key]}]" if key in env_keys else ""
-        lines.append(f"  {key}: {msg}{shown}{origin}")
+        text = error_text(e, "unknown key (check the spelling; see config/node.toml for the keys)")
+        lines.append(f"  {key}: {text}{origin}")
     return "\n".join(lines)
 
 
@@ -316,8 +323,7 @@ def compile_rules(cfg: Config, source: str = "") -> Any:
         try:
             info.validate_params(params)
         except ValidationError as e:
-            return [(_loc_to_key(tuple(err["loc"])), err["msg"] + (f" (got {err['input']!r})" if err["type"] not in
-                     ("missing", "extra_forbidden") else "")) for err in e.errors()]  # fmt: skip
+            return [(_loc_to_key(tuple(err["loc"])), error_text(err)) for err in e.errors()]
         return []
 
     try:

@@ -35,6 +35,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from node.config import _loc_to_key, error_text
 from node.decide.conditions import Condition, ConditionError, Outcome, parse_match
 
 
@@ -151,19 +152,22 @@ class RulesError(ValueError):
         self.errors = errors
 
 
+#: The action union's own errors, in words (their inputs are tables, never shown).
+_TAG_ERRORS = {
+    "union_tag_invalid": "type must be one of plugin, forward, discard",
+    "union_tag_not_found": 'each action needs a type: "plugin", "forward" or "discard"',
+}
+
+
 def _loc(loc: Iterable[Any]) -> str:
-    out = ""
+    """An error location as a config key, without the union tag pydantic inserts after actions[i]."""
     parts = list(loc)
-    for n, part in enumerate(parts):
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif n >= 2 and parts[n - 2] == "actions" and isinstance(parts[n - 1], int) and part in (
-            "plugin", "forward", "discard"
-        ):
-            continue  # the discriminator pydantic inserts after actions[i]
-        else:
-            out += ("." if out else "") + str(part)
-    return out
+    kept = [
+        part for n, part in enumerate(parts)
+        if not (n >= 2 and parts[n - 2] == "actions" and isinstance(parts[n - 1], int)
+                and part in ("plugin", "forward", "discard"))
+    ]  # fmt: skip
+    return _loc_to_key(tuple(kept)) if kept else ""
 
 
 class RuleSet:
@@ -206,18 +210,11 @@ class RuleSet:
                 model = RuleModel.model_validate(table)
             except ValidationError as e:
                 for err in e.errors():
-                    msg = err["msg"].removeprefix("Value error, ")
-                    if err["type"] == "extra_forbidden":
-                        msg = "unknown key (see the rules section of config/node.toml)"
-                    elif err["type"] == "union_tag_invalid":
-                        msg = "type must be one of plugin, forward, discard"
-                    elif err["type"] == "union_tag_not_found":
-                        msg = 'each action needs a type: "plugin", "forward" or "discard"'
+                    text = _TAG_ERRORS.get(err["type"]) or error_text(
+                        err, "unknown key (see the rules section of config/node.toml)"
+                    )
                     key = _loc(err["loc"])
-                    got = err.get("input")
-                    shown = "" if err["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else (
-                        f" (got {got!r})")  # fmt: skip
-                    errors.append(f"{where}.{key}: {msg}{shown}" if key else f"{where}: {msg}")
+                    errors.append(f"{where}.{key}: {text}" if key else f"{where}: {text}")
                 if isinstance(table, dict) and isinstance(table.get("match", {}), dict):
                     try:  # report the conditions' problems in the same run
                         parse_match(table.get("match", {}))

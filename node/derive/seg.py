@@ -106,6 +106,7 @@ def build_seg(
     omit = not keep_empty_frames and bool(np.any(stored))
     # The rule's series_description wins over the plugin's own: the site names its series.
     description = (prov.series_description or result.description or f"{prov.algorithm} segmentation")[:64]
+    equipment = prov.contributing_equipment()
     seg = hd.seg.Segmentation(
         source_images=series.datasets,
         pixel_array=masks,
@@ -117,14 +118,14 @@ def build_seg(
         instance_number=1,
         manufacturer=MANUFACTURER,
         manufacturer_model_name=MANUFACTURER,
-        software_versions=prov.contributing_equipment()[0].SoftwareVersions,
-        device_serial_number=prov.contributing_equipment()[0].DeviceSerialNumber,
+        software_versions=equipment[0].SoftwareVersions,
+        device_serial_number=equipment[0].DeviceSerialNumber,
         content_description=description,
         content_label="SEGMENTATION",
         content_creator_name=None,
         transfer_syntax_uid=transfer_syntax,
         omit_empty_frames=omit,
-        contributing_equipment=prov.contributing_equipment(),
+        contributing_equipment=equipment,
         max_fractional_value=255,
     )
     seg.SeriesDescription = description
