@@ -18,6 +18,7 @@ from node.index.writer import IndexWriter
 from node.jobs.runner import JobRunner
 from node.receive.ingest import Ingest
 from node.receive.scp import StorageSCP
+from node.send.dispatch import Dispatcher
 from node.storage import Storage
 from node.storage.recovery import mark_clean, recover
 
@@ -36,6 +37,8 @@ class Node:
         self.writer = IndexWriter(self.engine, on_failure=lambda: self.ingest.recorder.forget())
         self.checkpointer = WalCheckpointer(self.engine)
         self.runner = JobRunner(cfg, self.engine, self.storage, reader=self.reader)
+        self.dispatcher = Dispatcher(cfg, self.engine, self.storage, reader=self.reader)
+        self.runner.wake_senders = self.dispatcher.wake
         self.tracker = SeriesTracker(cfg, self.engine, on_jobs=self.runner.wake, reader=self.reader)
         self.ingest = Ingest(
             self.storage,
@@ -64,6 +67,7 @@ class Node:
             from node.plugins.runtime import start_fork_server
 
             start_fork_server()  # from this (main) thread: see start_fork_server
+        self.dispatcher.start()
         self.runner.start()
         self.tracker.start()
         log.info("%d rule(s) loaded; series are stable after %g s without a new instance (unless a rule says "
@@ -82,6 +86,7 @@ class Node:
             clean = self.scp.stop()
         self.tracker.stop()
         self.runner.stop()
+        self.dispatcher.stop()
         clean = self.writer.stop() and clean
         self.checkpointer.stop()
         self.engine.dispose()

@@ -73,10 +73,11 @@ def echo(
     timeout: float = typer.Option(10.0, help="Seconds to wait for each step."),
 ) -> None:
     """Verify a peer with C-ECHO."""
+    from node.send.scu import Peer
     from node.send.scu import echo as do_echo
 
     try:
-        status = do_echo(host, port, called_ae=called_ae, calling_ae=calling_ae, timeout=timeout)
+        status = do_echo(Peer(host, port, called_ae=called_ae, calling_ae=calling_ae, timeout=timeout))
     except ConnectionError as e:
         console.print(f"[bold red]C-ECHO failed:[/] {e}", highlight=False)
         raise typer.Exit(1) from None
@@ -92,9 +93,19 @@ def send(
     called_ae: str = typer.Option("ANY-SCP", "--aec", help="Called AE title."),
     calling_ae: str = typer.Option("DICOM_NODE", "--aet", help="Our (calling) AE title."),
     timeout: float = typer.Option(60.0, help="Seconds to wait for each step."),
+    transfer_syntax: str = typer.Option(
+        "as-stored", "--transfer-syntax",
+        help="as-stored (decompressed only if the peer refuses it), none (uncompressed), or lossless jpeg2000 / rle.",
+    ),
+    attempts: int = typer.Option(1, "--attempts", min=1, help="Tries for instances that fail transiently."),
 ) -> None:
-    """Send files with C-STORE, as stored (no transcoding), with a progress bar."""
-    from node.send.scu import iter_files, send_files
+    """Send files with C-STORE (the forwarder's sender), with a progress bar."""
+    from node.send.scu import Peer, iter_files, send_files
+    from node.send.transcode import PREFERRED
+
+    if transfer_syntax not in PREFERRED:
+        console.print(f"[bold red]error:[/] --transfer-syntax must be one of {', '.join(PREFERRED)}")
+        raise typer.Exit(2)
 
     files = iter_files(paths)
     missing = [p for p in paths if not p.exists()]
@@ -106,10 +117,9 @@ def send(
         console=console, transient=False, disable=not console.is_terminal,
     ) as bar:  # fmt: skip
         task = bar.add_task("send", total=len(files))
-        summary = send_files(
-            host, port, files, called_ae=called_ae, calling_ae=calling_ae, timeout=timeout,
-            progress=lambda _p, _s: bar.advance(task),
-        )  # fmt: skip
+        peer = Peer(host, port, called_ae=called_ae, calling_ae=calling_ae, timeout=timeout,
+                    transfer_syntax=transfer_syntax)  # fmt: skip
+        summary = send_files(peer, files, progress=lambda _p, _s: bar.advance(task), attempts=attempts)
     t = Table(title=f"C-STORE to {called_ae}@{host}:{port}")
     t.add_column("status")
     t.add_column("instances", justify="right")

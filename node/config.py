@@ -115,16 +115,101 @@ class DatabaseSection(_Section):
     url: str = ""
 
 
+_SYNTAX_NAMES = {
+    "explicit": "1.2.840.10008.1.2.1", "implicit": "1.2.840.10008.1.2", "jpeg2000": "1.2.840.10008.1.2.4.90",
+    "rle": "1.2.840.10008.1.2.5", "jpeg-lossless": "1.2.840.10008.1.2.4.70", "jpeg-ls": "1.2.840.10008.1.2.4.80",
+    "deflate": "1.2.840.10008.1.2.1.99",
+}
+
+
+class RetrySection(_Section):
+    """How deliveries to one destination are retried after a transient failure (refused, reset, 0xA7xx...).
+
+    The n-th consecutive failure waits ``initial_delay * multiplier**(n-1)`` seconds, at most
+    ``max_delay``, give or take ``jitter`` (a fraction) so that many nodes do not retry in step.
+    """
+
+    initial_delay: float = Field(5.0, ge=0)
+    max_delay: float = Field(600.0, gt=0)
+    multiplier: float = Field(2.0, ge=1)
+    jitter: float = Field(0.2, ge=0, le=1)
+    #: A delivery still failing transiently this long after it was queued fails for good (0 = never).
+    give_up_after: float = Field(72 * 3600.0, ge=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> RetrySection:
+        if self.initial_delay > self.max_delay:
+            raise ValueError(f"initial_delay ({self.initial_delay}) is larger than max_delay ({self.max_delay})")
+        return self
+
+
+class DestinationTlsSection(_Section):
+    enabled: bool = False
+    #: CA bundle to verify the destination's certificate (empty: the system's).
+    ca: Path | None = None
+    #: Our client certificate and key, for destinations that require one.
+    certificate: Path | None = None
+    private_key: Path | None = None
+    #: Check that the certificate names ``host``.
+    check_hostname: bool = True
+
+    @model_validator(mode="after")
+    def _pair(self) -> DestinationTlsSection:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("set both certificate and private_key, or neither")
+        return self
+
+
 class DestinationSection(_Section):
     name: str
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
+    #: Our AE title towards this destination (default: [node] ae_title).
+    calling_ae_title: str | None = None
+    #: Associations open to it at the same time (each sends many instances).
+    max_associations: int = Field(2, ge=1, le=32)
+    #: How instances are sent: "as-stored" (decompressed only if the destination refuses the stored
+    #: syntax), "none" (always uncompressed), or lossless "jpeg2000" / "rle" (re-encoded if the
+    #: destination accepts it, else as stored or uncompressed).
+    transfer_syntax: Literal["as-stored", "none", "jpeg2000", "rle"] = "as-stored"
+    #: Only these transfer syntaxes are proposed (UIDs or explicit, implicit, jpeg2000, rle,
+    #: jpeg-lossless, jpeg-ls, deflate); empty: whatever the destination accepts.
+    accepted_transfer_syntaxes: list[str] = Field(default_factory=list)
     #: How derived objects (SEG, SC) meant for this destination are encoded: uncompressed, or
     #: lossless JPEG 2000 / RLE. A rule action's own `compression` takes precedence.
     derived_compression: Literal["none", "jpeg2000", "rle"] = "none"
+    #: Seconds to wait for the association, each response and any network activity.
+    timeout: float = Field(60.0, gt=0)
+    #: Largest PDU we accept from it (0 = unlimited).
+    max_pdu: int = Field(0, ge=0)
+    #: Ask for Storage Commitment (N-ACTION); a delivery then counts only once the PACS confirms it.
+    storage_commitment: bool = False
+    #: Seconds to wait for the confirmation before the instances are sent (and committed) again.
+    commitment_timeout: float = Field(600.0, gt=0)
+    retry: RetrySection = Field(default_factory=RetrySection)
+    tls: DestinationTlsSection = Field(default_factory=DestinationTlsSection)
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
+
+    @field_validator("calling_ae_title")
+    @classmethod
+    def _calling(cls, v: str | None) -> str | None:
+        return None if v is None else _check_ae_title(v)
+
+    @field_validator("accepted_transfer_syntaxes")
+    @classmethod
+    def _syntaxes(cls, values: list[str]) -> list[str]:
+        import re
+
+        out = []
+        for v in values:
+            uid = _SYNTAX_NAMES.get(v.lower(), v)
+            if not re.fullmatch(r"[0-9]+(\.[0-9]+)*", uid):
+                names = ", ".join(_SYNTAX_NAMES)
+                raise ValueError(f"{v!r} is neither a transfer syntax UID nor one of {names}")
+            out.append(uid)
+        return out
 
 
 class TrackerSection(_Section):

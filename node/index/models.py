@@ -206,3 +206,46 @@ class Job(Base):
     not_before: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class Delivery(Base):
+    """One instance on its way to one destination: the durable forward queue.
+
+    ``queued`` -> ``sending`` -> ``delivered`` (or ``failed`` for good, or
+    ``cancelled`` by an operator). A row left ``sending`` by a process that died
+    is queued again at start-up: delivery is at least once, and a PACS that gets
+    the same SOP Instance UID twice keeps one copy.
+    """
+
+    __tablename__ = "delivery"
+    __table_args__ = (
+        UniqueConstraint("instance_fk", "destination", name="uq_delivery_instance_destination"),
+        Index("ix_delivery_claim", "destination", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    #: NULL once the instance was deleted from this node (e.g. discarded after delivery).
+    instance_fk: Mapped[int | None] = mapped_column(ForeignKey("instance.id", ondelete="SET NULL"), nullable=True)
+    series_fk: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    #: The job that queued it (a forward action, or a plugin job sending its outputs); NULL for none.
+    job_fk: Mapped[int | None] = mapped_column(ForeignKey("job.id"), nullable=True, index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(UID)
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    state: Mapped[str] = mapped_column(String(16), default="queued")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    #: The DIMSE status of the last attempt (NULL when it got no response).
+    last_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    #: A warning status the destination answered with (0xB000...), recorded with a delivered instance.
+    warning: Mapped[str] = mapped_column(String(256), default="")
+    #: The transfer syntax it was sent in (differs from the stored one when transcoded).
+    sent_transfer_syntax: Mapped[str] = mapped_column(UID, default="")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    delivered_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    #: Storage Commitment: "" (not asked), "requested", "committed" or "failed".
+    commitment: Mapped[str] = mapped_column(String(16), default="")
+    commitment_uid: Mapped[str] = mapped_column(UID, default="", index=True)
+    commitment_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

@@ -39,6 +39,8 @@ class JobContext:
     cancelled: Callable[[], bool]
     #: Where plugin outputs are stored and indexed.
     outputs: OutputStore | None = None
+    #: Tells the forward dispatcher that deliveries were queued for these destinations.
+    wake_senders: Callable[[list[str]], None] = lambda names: None
 
     def instance_files(self) -> list[tuple[int, str]]:
         """(id, stored path) of the revision's instances, in Instance Number order."""
@@ -52,40 +54,34 @@ class JobContext:
         return [(r.id, r.file_path) for r in rows]
 
 
-def _send(ctx: JobContext, files: list[Path], names: list[str]) -> str:
-    """Send files, as stored, to each named destination; raises JobFailed naming each failure."""
-    from node.send.scu import send_files
+def _queue(ctx: JobContext, instance_ids: list[int], names: list[str]) -> str:
+    """Put instances on the durable forward queue of each named destination (sent by the dispatcher)."""
+    from node.send import queue
 
-    dests = {d.name: d for d in ctx.cfg.destinations}
-    done, problems, retryable = [], [], False
-    for name in names:
-        if ctx.cancelled():
-            raise JobFailed("cancelled", retryable=False)
-        d = dests.get(name)
-        if d is None:
-            problems.append(f"{name}: no such destination in the config any more")
-            continue
-        summary = send_files(d.host, d.port, files, called_ae=d.ae_title, calling_ae=ctx.cfg.node.ae_title)
-        if summary.ok and not summary.skipped:
-            done.append(f"{summary.sent} to {name}")
-            continue
-        first = (summary.errors or summary.skipped or [("", "unknown error")])[0][1]
-        problems.append(f"{name}: {summary.failed + len(summary.skipped)} of {len(files)} failed ({first})")
-        # Refusals by status (0xA9xx, 0xC0xx, ...) will not change by themselves; connection problems may.
-        retryable = retryable or any("association" in e or "status" not in e for _, e in summary.errors)
-    if problems:
-        raise JobFailed("; ".join(problems) + (f" (sent {', '.join(done)})" if done else ""), retryable=retryable)
-    return "sent " + ", ".join(done)
+    if ctx.cancelled():
+        raise JobFailed("cancelled", retryable=False)
+    known = {d.name for d in ctx.cfg.destinations}
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise JobFailed(f"no destination {', '.join(map(repr, missing))} in the config any more; nothing was queued",
+                        retryable=False)  # fmt: skip
+    with ctx.engine.begin() as conn:
+        got = queue.enqueue(conn, instance_ids, names, job_id=ctx.job.id)
+    ctx.wake_senders(names)
+    parts = [f"queued {got.new + got.requeued} instance(s) for {', '.join(names)}"]
+    if got.already:
+        parts.append(f"{got.already} already queued or delivered")
+    return "; ".join(parts)
 
 
 def forward(ctx: JobContext) -> str:
-    """Send the revision's instances, as stored, to each destination."""
-    files = [ctx.storage.absolute(p) for _, p in ctx.instance_files()]
-    if not files:
+    """Queue the revision's instances, as stored, for each destination."""
+    ids = [pk for pk, _ in ctx.instance_files()]
+    if not ids:
         # Not a success: the data went somewhere else (discarded, or re-sent into a later revision).
         raise JobFailed("the revision has no instances any more (discarded, or re-sent into a later revision "
                         "with node.duplicates = \"overwrite\"); nothing was forwarded", retryable=False)  # fmt: skip
-    return _send(ctx, files, ctx.job.action["to"])
+    return _queue(ctx, ids, ctx.job.action["to"])
 
 
 def discard(ctx: JobContext) -> str:
@@ -106,6 +102,14 @@ def discard(ctx: JobContext) -> str:
         which = ", ".join(f"job {r.id} is {r.state}" for r in unfinished)
         raise JobFailed(f"not discarding: {which}; the series is kept (retry this job once they succeeded)",
                         retryable=False)  # fmt: skip
+    from node.send.queue import unfinished_for_series
+
+    with ctx.engine.connect() as conn:
+        undelivered = unfinished_for_series(conn, ctx.job.series_id, ctx.job.revision)
+    if undelivered:
+        which = ", ".join(f"{n} {state} for {dest}" for state, dest, n in undelivered)
+        raise JobFailed(f"not discarding: deliveries of this revision have not all arrived ({which}); the series is "
+                        "kept (see dicom-node queue; retry this job once they are delivered)", retryable=False)  # fmt: skip
     items = ctx.instance_files()
     removed = 0
     for _, rel in items:
@@ -204,9 +208,8 @@ def plugin(ctx: JobContext) -> str:
     log.info("job %d: %s", ctx.job.id, summary)
     if action.send_to and stored:
         with ctx.engine.connect() as conn:
-            out_rels = conn.execute(select(i.c.file_path).where(i.c.job_fk == ctx.job.id).order_by(i.c.id)).scalars()
-            files = [ctx.storage.absolute(r) for r in out_rels]
-        summary += "; " + _send(ctx, files, action.send_to)
+            out_ids = list(conn.execute(select(i.c.id).where(i.c.job_fk == ctx.job.id).order_by(i.c.id)).scalars())
+        summary += "; " + _queue(ctx, out_ids, action.send_to)
     return summary
 
 

@@ -14,6 +14,7 @@ import datetime as dt
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from sqlalchemy import Engine, select
 
@@ -40,6 +41,8 @@ class JobRunner:
         self.reader = reader or engine
         self.engine = engine
         self.storage = storage
+        #: Set by the node: tells the forward dispatcher about newly queued deliveries.
+        self.wake_senders: Callable[[list[str]], None] = lambda names: None
         self._wake = threading.Condition()
         self._pending_wake = False
         self._stop = threading.Event()
@@ -110,7 +113,8 @@ class JobRunner:
         log.info("job %d started: rule %s, action %d (%s), series #%d revision %d, attempt %d of %d",
                  job.id, job.rule, job.action_index, job.kind, job.series_id, job.revision, job.attempts,
                  job.max_attempts)  # fmt: skip
-        ctx = JobContext(job, self.cfg, self.engine, self.storage, lambda: self._cancelled(job.id), self.outputs)
+        ctx = JobContext(job, self.cfg, self.engine, self.storage, lambda: self._cancelled(job.id), self.outputs,
+                         self.wake_senders)  # fmt: skip
         try:
             result = handler_for(job.kind)(ctx)
         except JobFailed as e:

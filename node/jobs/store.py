@@ -14,10 +14,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, exists, select, update
+from sqlalchemy import Connection, Engine, and_, exists, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from node.index.models import Job, aware, utcnow
+from node.index.models import Delivery, Job, aware, utcnow
 
 STATES = ("pending", "running", "succeeded", "failed", "cancelled")
 _job = Job.__table__
@@ -61,15 +61,22 @@ def create_jobs(conn: Connection, series_id: int, revision: int, jobs: list[NewJ
 
 
 _other = _job.alias("other")
-#: A discard waits until every other job of the series has finished: "forward, then discard"
-#: must not delete the files a forward is still sending.
+_delivery = Delivery.__table__
+#: A discard waits until every other job of the series has finished and its deliveries have arrived
+#: (and been committed, where asked): "forward, then discard" must not delete what is still being sent.
 _waits_for_others = and_(
     _job.c.kind == "discard",
-    exists().where(
-        _other.c.series_fk == _job.c.series_fk,
-        _other.c.id != _job.c.id,
-        _other.c.kind != "discard",
-        _other.c.state.in_(("pending", "running")),
+    or_(
+        exists().where(
+            _other.c.series_fk == _job.c.series_fk,
+            _other.c.id != _job.c.id,
+            _other.c.kind != "discard",
+            _other.c.state.in_(("pending", "running")),
+        ),
+        exists().where(
+            _delivery.c.series_fk == _job.c.series_fk,
+            or_(_delivery.c.state.in_(("queued", "sending")), _delivery.c.commitment == "requested"),
+        ),
     ),
 )
 

@@ -83,6 +83,7 @@ actions = [{{ type = "forward", to = ["scp"] }}, {{ type = "forward", to = ["scp
     wait_for(lambda: len(node.query("select * from series_revision where triggered_at is not null")) == 2, 20,
              "both series to be evaluated")  # fmt: skip
     wait_for(lambda: all(j[5] == "succeeded" for j in jobs(node)), 60, "the jobs to finish")
+    node.wait_delivered(56)
     rows = jobs(node)
     # exactly one job per action, none for the MR series
     assert [(r[1], r[2], r[3], r[4]) for r in rows] == [(ct, 1, "ct-forward", 0), (ct, 1, "ct-forward", 1)]
@@ -114,6 +115,7 @@ def test_series_in_three_associations_with_short_pauses_triggers_once(node, scp)
     uid = uid_of(CT)
     wait_for(lambda: jobs(node) and jobs(node)[0][5] == "succeeded", 30, "the job to succeed")
     assert time.monotonic() - t_first >= 3
+    node.wait_delivered(28)
     time.sleep(3.5)  # longer than stable_after: a second trigger would show now
     rows = jobs(node)
     assert len(rows) == 1 and rows[0][1] == uid and rows[0][2] == 1
@@ -149,6 +151,7 @@ actions = [{{ type = "forward", to = ["scp2"] }}]
     wait_for(lambda: len(node.query("select * from series_revision where revision = 2 and triggered_at is not null")),
              20, "revision 2 to be evaluated")  # fmt: skip
     wait_for(lambda: all(j[5] == "succeeded" for j in jobs(node)), 30, "the jobs to finish")
+    node.wait_delivered(48)
     rows = [(r[2], r[3]) for r in jobs(node)]
     assert rows == [(1, "first-only"), (1, "every-revision"), (2, "every-revision")]
     assert node.query("select revision, instance_count, matched_rules from series_revision order by revision") == [
@@ -156,7 +159,8 @@ actions = [{{ type = "forward", to = ["scp2"] }}]
     # "first-only" forwarded revision 1 only; "every-revision" forwarded each revision's own instances
     assert len(scp.received()) == 20
     assert {read_sop_uid(p) for p in scp2.received()} == {read_sop_uid(p) for p in files}
-    assert [r[9] for r in jobs(node)] == ["sent 20 to scp", "sent 20 to scp2", "sent 8 to scp2"]
+    assert [r[9] for r in jobs(node)] == ["queued 20 instance(s) for scp", "queued 20 instance(s) for scp2",
+                                          "queued 8 instance(s) for scp2"]  # fmt: skip
 
 
 def test_expected_count_completes_a_series_before_the_quiet_period(node, scp, tmp_path):
@@ -223,22 +227,22 @@ def test_kill9_while_waiting_for_stability_triggers_once(node, scp, overdue):
     assert "re-armed from the index" in node.log()
 
 
-def test_kill9_during_a_job_takes_it_up_again_without_duplicates(node, scp, tmp_path):
+def test_kill9_during_delivery_sends_the_rest_after_restart(node, scp, tmp_path):
     files = make_ct_series(tmp_path / "ct", 200, rows=256, cols=256)
     node.extra_config = forward_ct(scp, stable_after=1, expected_counts=False)
     node.start()
     assert storescu(node.port, files).returncode == 0
-    wait_for(lambda: len(scp.received()) >= 20, 30, "the forward job to be half-way", interval=0.01)
+    wait_for(lambda: len(scp.received()) >= 20, 30, "the delivery to be under way", interval=0.01)
     node.kill9()
     partial = len(scp.received())
-    assert partial < 200, "the job finished before the kill; make the series bigger"
-    assert jobs(node)[0][5] == "running"
+    assert partial < 200, "the delivery finished before the kill; make the series bigger"
+    assert jobs(node)[0][5] == "succeeded"  # the forward job only queues
+    assert node.deliveries().get("delivered", 0) < 200
     node.start()
-    wait_for(lambda: jobs(node)[0][5] == "succeeded", 60, "the job to be taken up again and succeed")
-    rows = jobs(node)
-    assert len(rows) == 1 and rows[0][6] == 2, "one job, on its second attempt"
-    assert "was running when the node stopped" in node.log()
-    # every instance arrived, each exactly once (storescp names files by SOP Instance UID)
+    assert node.wait_delivered(200) == {"delivered": 200}
+    assert len(jobs(node)) == 1
+    assert "were being sent when the node stopped" in node.log()
+    # every instance arrived (storescp names files by SOP Instance UID)
     got = [read_sop_uid(p) for p in scp.received()]
     assert len(got) == 200 and set(got) == {read_sop_uid(p) for p in files}
 
@@ -267,7 +271,7 @@ def test_forward_then_discard_deletes_only_after_delivery(node, scp, tmp_path):
 [tracker]
 stable_after = 1
 {scp.destination("scp")}
-{down.destination("down")}
+{down.destination("down", retry="{ initial_delay = 0.2, max_delay = 0.5, give_up_after = 3 }")}
 [jobs]
 retry_delay = 0
 [[rules]]
@@ -285,14 +289,16 @@ actions = [{{ type = "forward", to = ["down"] }}, {{ type = "discard" }}]
     assert storescu(node.port, series_files(MR)).returncode == 0
     wait_for(lambda: len(jobs(node)) == 4 and all(j[5] in ("succeeded", "failed") for j in jobs(node)), 60,
              "all four jobs to end")  # fmt: skip
+    node.wait_delivered(28)
     states = {(r[3], r[4]): (r[5], r[9]) for r in jobs(node)}
-    assert states[("ct-route-and-delete", 0)] == ("succeeded", "sent 28 to scp")
+    assert states[("ct-route-and-delete", 0)] == ("succeeded", "queued 28 instance(s) for scp")
     assert states[("ct-route-and-delete", 1)] == ("succeeded", "discarded 28 instances (28 files removed)")
     assert len(scp.received()) == 28
-    # the MR never reached its destination: it must still be here, files and rows
-    assert states[("mr-route-and-delete", 0)][0] == "failed"
+    # the MR never reached its destination (the discard waited until its deliveries gave up): it is still here
+    assert states[("mr-route-and-delete", 0)][0] == "succeeded"
     assert states[("mr-route-and-delete", 1)][0] == "failed"
+    assert node.query("select distinct state from delivery where destination = 'down'") == [("failed",)]
     err = node.query("select last_error from job where rule = 'mr-route-and-delete' and action_index = 1")[0][0]
-    assert err.startswith("not discarding: job") and "the series is kept" in err
+    assert err.startswith("not discarding: deliveries") and "35 failed for down" in err and "kept" in err
     assert series_row(node, uid_of(MR))[5] == 35 and len(node.stored_files()) == 35
     assert series_row(node, uid_of(CT))[5] == 0

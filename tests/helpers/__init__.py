@@ -145,6 +145,22 @@ min_free_mb = 0
     def stored_files(self) -> list[Path]:
         return sorted((self.data_dir / "storage").rglob("*.dcm"))
 
+    def deliveries(self) -> dict[str, int]:
+        """{state: count} of the forward queue."""
+        return dict(self.query("select state, count(*) from delivery group by state"))
+
+    def wait_delivered(self, count: int | None = None, timeout: float = 60.0) -> dict[str, int]:
+        """Wait until nothing is queued or being sent (and, if given, ``count`` are delivered)."""
+
+        def done() -> bool:
+            d = self.deliveries()
+            if d.get("queued") or d.get("sending"):
+                return False
+            return count is None or d.get("delivered", 0) == count
+
+        wait_for(done, timeout, f"deliveries to finish ({count} delivered)", interval=0.1)
+        return self.deliveries()
+
     def temp_files(self, wait: float = 5.0) -> list[Path]:
         """What is left in tmp/, after giving association threads ``wait`` s to clean up.
 
@@ -399,6 +415,7 @@ class StoreSCP:
     def received(self) -> list[Path]:
         return sorted(p for p in self.out.iterdir() if p.is_file())
 
-    def destination(self, name: str = "scp") -> str:
-        """A [[destinations]] table for the node's config."""
-        return f'[[destinations]]\nname = "{name}"\nae_title = "{self.ae_title}"\nhost = "127.0.0.1"\nport = {self.port}\n'
+    def destination(self, name: str = "scp", **extra: str) -> str:
+        """A [[destinations]] table for the node's config; ``extra`` values are TOML as written."""
+        more = "".join(f"{k} = {v}\n" for k, v in extra.items())
+        return f'[[destinations]]\nname = "{name}"\nae_title = "{self.ae_title}"\nhost = "127.0.0.1"\nport = {self.port}\n{more}'

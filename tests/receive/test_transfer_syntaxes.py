@@ -17,7 +17,7 @@ import pytest
 from helpers import PEER_ENV, dataset_bytes, dcmtk, free_port, read_sop_uid
 from pydicom.filereader import read_file_meta_info
 
-from node.send.scu import send_files
+from node.send.scu import Peer, send_files
 
 #: DCMTK 3.6.7 predates these transfer syntaxes; pynetdicom sends them.
 DCMTK_UNKNOWN_TS = {"1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"}
@@ -132,7 +132,7 @@ def test_pynetdicom_file_bytes_are_stored(node, shared_data):
     node.start()
     warnings = 0
     for group in unique_uid_groups(files):
-        summary = send_files("127.0.0.1", node.port, group, called_ae="DICOM_NODE", calling_ae="PYNETDICOM")
+        summary = send_files(Peer("127.0.0.1", node.port, "DICOM_NODE", "PYNETDICOM"), group)
         assert summary.failed == 0 and not summary.skipped, summary.errors
         assert summary.sent == len(group)
         warnings += summary.warnings
@@ -149,7 +149,7 @@ def test_pynetdicom_file_bytes_are_stored(node, shared_data):
 def test_stored_file_meta_names_the_node_and_sender(node, shared_data):
     f = shared_data / "series" / "ct-head-philips-5mm" / "I10"
     node.start()
-    assert send_files("127.0.0.1", node.port, [f], called_ae="DICOM_NODE", calling_ae="MODALITY1").sent == 1
+    assert send_files(Peer("127.0.0.1", node.port, "DICOM_NODE", "MODALITY1"), [f]).sent == 1
     (path,) = node.query("select file_path from instance")[0]
     meta = read_file_meta_info(node.data_dir / path)
     assert meta.SourceApplicationEntityTitle == "MODALITY1"
@@ -161,8 +161,8 @@ def test_stored_file_meta_names_the_node_and_sender(node, shared_data):
 def test_directory_file_is_refused(node, shared_data):
     """A DICOMDIR (Media Storage Directory) is not an instance: it has no SOP Class UID in its data set."""
     node.start()
-    summary = send_files("127.0.0.1", node.port, [shared_data / "series" / "ct-head-philips-5mm" / "DIRFILE"],
-                         called_ae="DICOM_NODE")  # fmt: skip
+    summary = send_files(Peer("127.0.0.1", node.port, "DICOM_NODE"),
+                         [shared_data / "series" / "ct-head-philips-5mm" / "DIRFILE"])  # fmt: skip
     assert summary.failed == 1
     assert "0xA900" in summary.errors[0][1]
     assert node.query("select count(*) from instance") == [(0,)]

@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from helpers import PEER_ENV, SHARED, StoreSCP, dataset_bytes, dcmtk, free_port, storescu, wait_for_echo
 
-from node.send.scu import send_files
+from node.send.scu import Peer, send_files
 
 ONE_SLICE = SHARED / "transfer-syntaxes" / "one-mr-slice"
 #: RLE, JPEG lossless, JPEG-LS lossless, JPEG 2000 lossless
@@ -26,7 +26,7 @@ def test_compressed_files_reach_an_uncompressed_only_peer_with_identical_pixels(
     scp = StoreSCP(tmp_path / "out").start()  # DCMTK's default: uncompressed transfer syntaxes only
     try:
         files = [ONE_SLICE / n for n in COMPRESSED] + [ONE_SLICE / "1.dcm"]
-        summary = send_files("127.0.0.1", scp.port, files, called_ae=scp.ae_title)
+        summary = send_files(Peer("127.0.0.1", scp.port, scp.ae_title), files)
         assert summary.ok and summary.sent == len(files), summary.errors
         got = received_by_uid(scp.out)
     finally:
@@ -52,7 +52,7 @@ def test_a_peer_that_takes_the_stored_syntax_gets_the_bytes_as_stored(tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=PEER_ENV)  # fmt: skip
     try:
         wait_for_echo(port, "J2KSCP", proc=proc)
-        summary = send_files("127.0.0.1", port, [ONE_SLICE / "9.dcm"], called_ae="J2KSCP")
+        summary = send_files(Peer("127.0.0.1", port, "J2KSCP"), [ONE_SLICE / "9.dcm"])
         assert summary.ok, summary.errors
     finally:
         proc.terminate()
@@ -88,4 +88,7 @@ actions = [{{ type = "forward", to = ["scp"] }}]
     assert not dst.file_meta.TransferSyntaxUID.is_compressed
     np.testing.assert_array_equal(dst.pixel_array, src.pixel_array)
     assert dst.SOPInstanceUID == src.SOPInstanceUID
-    assert node.query("select state, result from job") == [("succeeded", "sent 1 to scp")]
+    assert node.query("select state, result from job") == [("succeeded", "queued 1 instance(s) for scp")]
+    assert node.query("select state, attempts, sent_transfer_syntax from delivery") == [
+        ("delivered", 1, "1.2.840.10008.1.2.1")
+    ]

@@ -1,0 +1,350 @@
+"""The durable forward queue: one ``delivery`` row per (instance, destination).
+
+Every state change is a conditional UPDATE on the row's current state, so
+an operator's ``cancel`` while a row is being sent is not undone by the
+sender, and a second node process could never claim the same row twice.
+Delivery is at least once: rows left ``sending`` by a process that died are
+queued again at start-up, and a PACS keeps one copy of a SOP Instance UID.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, Engine, and_, bindparam, func, or_, select, update
+
+from node.index.models import Delivery, Instance, aware, utcnow
+
+STATES = ("queued", "sending", "delivered", "failed", "cancelled")
+#: States in which a delivery is still on its way (a discard of its series waits for these).
+UNFINISHED = ("queued", "sending")
+
+_d = Delivery.__table__
+_i = Instance.__table__
+
+
+@dataclass(frozen=True)
+class Enqueued:
+    new: int = 0
+    #: Failed or cancelled rows queued again (a retried job asks for them once more).
+    requeued: int = 0
+    #: Already queued, being sent or delivered: left as they are.
+    already: int = 0
+
+
+def enqueue(conn: Connection, instance_ids: Sequence[int], destinations: Iterable[str], *,
+            job_id: int | None = None, priority: int = 0) -> Enqueued:  # fmt: skip
+    """Queue instances (in the order given, which is the order they are sent in) for each destination."""
+    now = utcnow()
+    new = requeued = already = 0
+    if not instance_ids:
+        return Enqueued()
+    info = {
+        r.id: r
+        for r in conn.execute(
+            select(_i.c.id, _i.c.series_fk, _i.c.sop_instance_uid).where(_i.c.id.in_(list(instance_ids)))
+        )
+    }
+    for dest in destinations:
+        existing = {
+            r.instance_fk: r
+            for r in conn.execute(
+                select(_d.c.id, _d.c.instance_fk, _d.c.state)
+                .where(_d.c.destination == dest, _d.c.instance_fk.in_(list(instance_ids)))
+            )
+        }  # fmt: skip
+        rows = []
+        again = []
+        for pk in instance_ids:
+            if pk not in info:
+                continue
+            old = existing.get(pk)
+            if old is None:
+                r = info[pk]
+                rows.append(dict(instance_fk=pk, series_fk=r.series_fk, job_fk=job_id, destination=dest,
+                                 sop_instance_uid=r.sop_instance_uid, priority=priority, state="queued", attempts=0,
+                                 next_attempt_at=now, last_error="", warning="", sent_transfer_syntax="",
+                                 created_at=now, updated_at=now, commitment="", commitment_uid=""))  # fmt: skip
+            elif old.state in ("failed", "cancelled"):
+                again.append(old.id)
+            else:
+                already += 1
+        if rows:
+            conn.execute(_d.insert(), rows)
+            new += len(rows)
+        if again:
+            requeued += conn.execute(
+                update(_d)
+                .where(_d.c.id.in_(again), _d.c.state.in_(("failed", "cancelled")))
+                .values(state="queued", next_attempt_at=now, created_at=now, updated_at=now, attempts=0,
+                        commitment="", commitment_uid="", job_fk=job_id if job_id is not None else _d.c.job_fk)
+            ).rowcount  # fmt: skip
+    return Enqueued(new, requeued, already)
+
+
+@dataclass(frozen=True)
+class Item:
+    """A claimed delivery with what the sender needs to know about its instance."""
+
+    id: int
+    instance_id: int | None
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    file_path: str
+    attempts: int
+    created_at: dt.datetime
+
+
+def claim(engine: Engine, destination: str, limit: int, now: dt.datetime | None = None) -> list[Item]:
+    """Take up to ``limit`` due queued deliveries for a destination, most urgent first, in queue order."""
+    now = now or utcnow()
+    with engine.begin() as conn:
+        rows = conn.execute(
+            select(_d.c.id, _d.c.instance_fk, _d.c.sop_instance_uid, _d.c.attempts, _d.c.created_at,
+                   _i.c.sop_class_uid, _i.c.transfer_syntax_uid, _i.c.file_path)
+            .select_from(_d.outerjoin(_i, _i.c.id == _d.c.instance_fk))
+            .where(_d.c.destination == destination, _d.c.state == "queued", _d.c.next_attempt_at <= now)
+            .order_by(_d.c.priority.desc(), _d.c.id)
+            .limit(limit)
+        ).all()  # fmt: skip
+        if not rows:
+            return []
+        ids = [r.id for r in rows]
+        # A row cancelled between the SELECT and the UPDATE is not ours.
+        taken = set(
+            conn.execute(
+                update(_d).where(_d.c.id.in_(ids), _d.c.state == "queued")
+                .values(state="sending", attempts=_d.c.attempts + 1, updated_at=now)
+                .returning(_d.c.id)
+            ).scalars()
+        )  # fmt: skip
+    return [
+        Item(r.id, r.instance_fk, r.sop_instance_uid, r.sop_class_uid or "", r.transfer_syntax_uid or "",
+             r.file_path or "", r.attempts + 1, aware(r.created_at))
+        for r in rows
+        if r.id in taken
+    ]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one sent item."""
+
+    id: int
+    #: delivered, failed or queued (again, at ``retry_at``).
+    state: str
+    status: int | None = None
+    error: str = ""
+    warning: str = ""
+    sent_syntax: str = ""
+    retry_at: dt.datetime | None = None
+    #: Whether this try counts as an attempt (items never tried because the association ended do not).
+    attempted: bool = True
+    #: Storage Commitment transaction asked for with this delivery ("" for none).
+    commitment_uid: str = ""
+
+
+def record(engine: Engine, outcomes: Sequence[Outcome]) -> None:
+    """Write the outcomes of a batch in one transaction (only for rows still ``sending``)."""
+    if not outcomes:
+        return
+    now = utcnow()
+    with engine.begin() as conn:
+        delivered = [o for o in outcomes if o.state == "delivered"]
+        if delivered:
+            conn.execute(
+                update(_d)
+                .where(_d.c.id == bindparam("b_id"), or_(_d.c.state == "sending", _d.c.state == "cancelled"))
+                .values(state="delivered", last_status=bindparam("b_status"), last_error=bindparam("b_error"),
+                        warning=bindparam("b_warning"), sent_transfer_syntax=bindparam("b_syntax"),
+                        delivered_at=now, updated_at=now, commitment=bindparam("b_commitment"),
+                        commitment_uid=bindparam("b_uid"), commitment_at=None),
+                [dict(b_id=o.id, b_status=o.status, b_warning=o.warning[:256], b_syntax=o.sent_syntax,
+                      b_commitment="requested" if o.commitment_uid else "failed" if o.error else "",
+                      b_uid=o.commitment_uid, b_error=o.error)
+                 for o in delivered],
+            )  # fmt: skip
+        for o in outcomes:
+            if o.state == "delivered":
+                continue
+            values: dict = dict(state=o.state, last_status=o.status, last_error=o.error, updated_at=now)
+            if o.state == "queued":
+                values["next_attempt_at"] = o.retry_at or now
+                if not o.attempted:
+                    values["attempts"] = _d.c.attempts - 1
+            conn.execute(update(_d).where(_d.c.id == o.id, _d.c.state == "sending").values(**values))
+
+
+def release(engine: Engine, ids: Sequence[int], why: str) -> int:
+    """Put claimed rows back (an internal error while sending them): due again a little later."""
+    at = utcnow() + dt.timedelta(seconds=30)
+    with engine.begin() as conn:
+        return conn.execute(
+            update(_d).where(_d.c.id.in_(list(ids)), _d.c.state == "sending")
+            .values(state="queued", next_attempt_at=at, updated_at=utcnow(), last_error=why)
+        ).rowcount  # fmt: skip
+
+
+def requeue_sending(engine: Engine) -> int:
+    """At start-up: deliveries left ``sending`` by a process that died are queued again."""
+    with engine.begin() as conn:
+        return conn.execute(
+            update(_d).where(_d.c.state == "sending")
+            .values(state="queued", next_attempt_at=utcnow(), updated_at=utcnow(),
+                    last_error="the node stopped while this was being sent; sending it again")
+        ).rowcount  # fmt: skip
+
+
+def next_due(engine: Engine, destination: str) -> dt.datetime | None:
+    with engine.connect() as conn:
+        value = conn.execute(
+            select(func.min(_d.c.next_attempt_at)).where(_d.c.destination == destination, _d.c.state == "queued")
+        ).scalar()
+    return None if value is None else aware(value)
+
+
+# --- Storage Commitment ------------------------------------------------------
+
+
+def commitment_result(engine: Engine, transaction_uid: str, committed: Iterable[str],
+                      failed: dict[str, str]) -> tuple[int, list[int]]:  # fmt: skip
+    """Record a Storage Commitment report; returns (committed count, ids of failed deliveries)."""
+    now = utcnow()
+    committed = list(committed)
+    with engine.begin() as conn:
+        n = 0
+        if committed:
+            n = conn.execute(
+                update(_d)
+                .where(_d.c.commitment_uid == transaction_uid, _d.c.sop_instance_uid.in_(committed),
+                       _d.c.commitment == "requested")
+                .values(commitment="committed", commitment_at=now, updated_at=now)
+            ).rowcount  # fmt: skip
+        bad = []
+        for uid, why in failed.items():
+            row = conn.execute(
+                select(_d.c.id).where(_d.c.commitment_uid == transaction_uid, _d.c.sop_instance_uid == uid,
+                                      _d.c.commitment == "requested")
+            ).first()  # fmt: skip
+            if row is None:
+                continue
+            conn.execute(
+                update(_d).where(_d.c.id == row.id)
+                .values(commitment="failed", commitment_at=now, updated_at=now, last_error=why)
+            )  # fmt: skip
+            bad.append(row.id)
+    return n, bad
+
+
+def commitment_overdue(engine: Engine, destination: str, older_than: dt.datetime) -> list[int]:
+    """Deliveries whose commitment was asked for before ``older_than`` and never answered."""
+    with engine.connect() as conn:
+        return list(
+            conn.execute(
+                select(_d.c.id).where(_d.c.destination == destination, _d.c.state == "delivered",
+                                      _d.c.commitment == "requested", _d.c.delivered_at < older_than)
+            ).scalars()
+        )  # fmt: skip
+
+
+def resend(engine: Engine, ids: Sequence[int], reason: str, at: dt.datetime | None = None) -> int:
+    """Queue delivered rows again (commitment failed or never confirmed)."""
+    if not ids:
+        return 0
+    now = utcnow()
+    with engine.begin() as conn:
+        return conn.execute(
+            update(_d).where(_d.c.id.in_(list(ids)), _d.c.state == "delivered")
+            .values(state="queued", next_attempt_at=at or now, updated_at=now, last_error=reason,
+                    commitment="", commitment_uid="")
+        ).rowcount  # fmt: skip
+
+
+# --- operators ----------------------------------------------------------------
+
+
+def _selection(destination: str | None, state: str | None, ids: Sequence[int] | None, series_uid: str | None):  # type: ignore[no-untyped-def]
+    from node.index.models import Series
+
+    cond = []
+    if destination:
+        cond.append(_d.c.destination == destination)
+    if state:
+        cond.append(_d.c.state == state)
+    if ids:
+        cond.append(_d.c.id.in_(list(ids)))
+    if series_uid:
+        s = Series.__table__
+        cond.append(_d.c.series_fk.in_(select(s.c.id).where(s.c.series_instance_uid == series_uid)))
+    return and_(*cond) if cond else None
+
+
+def retry(engine: Engine, *, destination: str | None = None, ids: Sequence[int] | None = None,
+          series_uid: str | None = None, include_cancelled: bool = True) -> int:  # fmt: skip
+    """Queue failed (and cancelled) deliveries again, due now, with a fresh give-up clock."""
+    states = ("failed", "cancelled") if include_cancelled else ("failed",)
+    sel = _selection(destination, None, ids, series_uid)
+    now = utcnow()
+    cond = _d.c.state.in_(states) if sel is None else and_(sel, _d.c.state.in_(states))
+    with engine.begin() as conn:
+        return conn.execute(
+            update(_d).where(cond)
+            .values(state="queued", next_attempt_at=now, created_at=now, updated_at=now, commitment="",
+                    commitment_uid="")
+        ).rowcount  # fmt: skip
+
+
+def retry_now(engine: Engine, destination: str | None = None) -> int:
+    """Make waiting queued deliveries due now (after a PACS outage was fixed)."""
+    now = utcnow()
+    cond = _d.c.state == "queued"
+    if destination:
+        cond = and_(cond, _d.c.destination == destination)
+    with engine.begin() as conn:
+        return conn.execute(
+            update(_d).where(cond, _d.c.next_attempt_at > now).values(next_attempt_at=now, updated_at=now)
+        ).rowcount
+
+
+def cancel(engine: Engine, *, destination: str | None = None, ids: Sequence[int] | None = None,
+           series_uid: str | None = None) -> int:  # fmt: skip
+    """Cancel queued (and in-flight) deliveries; an instance already on the wire may still arrive."""
+    sel = _selection(destination, None, ids, series_uid)
+    cond = _d.c.state.in_(UNFINISHED) if sel is None else and_(sel, _d.c.state.in_(UNFINISHED))
+    with engine.begin() as conn:
+        return conn.execute(
+            update(_d).where(cond)
+            .values(state="cancelled", updated_at=utcnow(),
+                    last_error=func.trim(func.coalesce(_d.c.last_error, "") + " (cancelled by an operator)"))
+        ).rowcount  # fmt: skip
+
+
+def counts(engine: Engine) -> dict[str, dict[str, int]]:
+    """{destination: {state: count}} (committed / awaiting commitment counted apart from delivered)."""
+    out: dict[str, dict[str, int]] = {}
+    with engine.connect() as conn:
+        for dest, state, commitment, n in conn.execute(
+            select(_d.c.destination, _d.c.state, _d.c.commitment, func.count())
+            .group_by(_d.c.destination, _d.c.state, _d.c.commitment)
+        ):  # fmt: skip
+            key = state
+            if state == "delivered" and commitment in ("requested", "committed"):
+                key = "awaiting commitment" if commitment == "requested" else "committed"
+            out.setdefault(dest, {}).setdefault(key, 0)
+            out[dest][key] += n
+    return out
+
+
+def unfinished_for_series(conn: Connection, series_id: int, revision: int | None = None):  # type: ignore[no-untyped-def]
+    """Deliveries of a series' instances that have not (yet) arrived, as (state, destination, count)."""
+    cond = [_d.c.series_fk == series_id,
+            or_(_d.c.state != "delivered", _d.c.commitment.in_(("requested", "failed")))]  # fmt: skip
+    if revision is not None:
+        cond.append(_d.c.instance_fk.in_(select(_i.c.id).where(_i.c.series_fk == series_id,
+                                                              _i.c.revision == revision)))  # fmt: skip
+    return conn.execute(
+        select(_d.c.state, _d.c.destination, func.count()).where(*cond).group_by(_d.c.state, _d.c.destination)
+    ).all()
