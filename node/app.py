@@ -72,7 +72,8 @@ class Node:
         self.tracker.start()
         log.info("%d rule(s) loaded; series are stable after %g s without a new instance (unless a rule says "
                  "otherwise)", len(self.tracker.ruleset), self.cfg.tracker.stable_after)  # fmt: skip
-        self.scp = StorageSCP(self.cfg, self.ingest)
+        commitment = any(d.storage_commitment for d in self.cfg.destinations)
+        self.scp = StorageSCP(self.cfg, self.ingest, self.dispatcher.commitment_report if commitment else None)
         self.scp.start()
 
     def _index_is_empty(self) -> bool:

@@ -94,7 +94,8 @@ def send(
     calling_ae: str = typer.Option("DICOM_NODE", "--aet", help="Our (calling) AE title."),
     timeout: float = typer.Option(60.0, help="Seconds to wait for each step."),
     transfer_syntax: str = typer.Option(
-        "as-stored", "--transfer-syntax",
+        "as-stored",
+        "--transfer-syntax",
         help="as-stored (decompressed only if the peer refuses it), none (uncompressed), or lossless jpeg2000 / rle.",
     ),
     attempts: int = typer.Option(1, "--attempts", min=1, help="Tries for instances that fail transiently."),
@@ -156,6 +157,8 @@ def status(config: Path | None = ConfigOption) -> None:
     if s.series_states:
         out.print("series: " + "  ".join(f"{k}: {v}" for k, v in sorted(s.series_states.items())))
     out.print("jobs: " + ("  ".join(f"{k}: {v}" for k, v in sorted(s.job_states.items())) or "none"))
+    for dest, states in sorted(s.deliveries.items()):
+        out.print(f"deliveries to {dest}: " + "  ".join(f"{k}: {v}" for k, v in sorted(states.items())))
     if s.recent_series:
         t = Table(title="most recent series")
         for col in ("patient", "study date", "modality", "series", "instances", "last received (UTC)"):
@@ -214,6 +217,9 @@ rules_app = typer.Typer(help="Check rules and see what they do (nothing here cha
 app.add_typer(rules_app, name="rules")
 jobs_app = typer.Typer(help="List, inspect, retry and cancel jobs.", invoke_without_command=True)
 app.add_typer(jobs_app, name="jobs")
+queue_app = typer.Typer(help="The forward queue: what waits for which destination; retry and cancel deliveries.",
+                        invoke_without_command=True)  # fmt: skip
+app.add_typer(queue_app, name="queue")
 
 
 def _engine(cfg: Config, write: bool = False):  # type: ignore[no-untyped-def]
@@ -433,6 +439,135 @@ def jobs_cancel(job_id: int, config: Path | None = ConfigOption) -> None:
     finally:
         engine.dispose()
     out.print(f"job {job_id} cancelled (it was {was})")
+
+
+DestinationOption = typer.Option(None, "--destination", "-d", help="Only deliveries to this destination.")
+SeriesOption = typer.Option(None, "--series", help="Only deliveries of this series (Series Instance UID).")
+IdsOption = typer.Option(None, "--id", help="Only this delivery (repeatable).")
+
+
+def _when(value: datetime | None) -> str:
+    if value is None:
+        return "-"
+    delta = (value - datetime.now(UTC)).total_seconds()
+    at = value.strftime("%Y-%m-%d %H:%M:%S")
+    return f"{at} (in {delta:.0f} s)" if delta > 0 else f"{at} (due)"
+
+
+@queue_app.callback()
+def queue_list(
+    ctx: typer.Context,
+    destination: str | None = DestinationOption,
+    state: str | None = typer.Option(None, "--state", help="List the deliveries in this state, newest first."),
+    series: str | None = SeriesOption,
+    limit: int = typer.Option(50, "--limit", help="At most this many rows in a listing."),
+    config: Path | None = ConfigOption,
+) -> None:
+    """Without a sub-command: deliveries by destination and state (with --state or --series: one row each)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from node.index.models import aware
+    from node.send import queue
+
+    if state is not None and state not in queue.STATES:
+        console.print(f"[bold red]error:[/] --state must be one of {', '.join(queue.STATES)}", highlight=False)
+        raise typer.Exit(2)
+    cfg = _load(config)
+    engine = _engine(cfg)
+    try:
+        if state is None and series is None:
+            summaries = [s for s in queue.summary(engine) if destination in (None, s.destination)]
+            rows = None
+        else:
+            rows = queue.listing(engine, destination=destination, state=state, series_uid=series, limit=limit)
+    finally:
+        engine.dispose()
+    configured = {d.name: d for d in cfg.destinations}
+    if rows is None:
+        t = Table(title="forward queue")
+        for col in ("destination", "queued", "sending", "delivered", "failed", "cancelled", "oldest queued (UTC)",
+                    "next attempt (UTC)", "last error"):  # fmt: skip
+            t.add_column(col)
+        for s in summaries:
+            name = s.destination + ("" if s.destination in configured else " (not configured)")
+            delivered = s.states.get("delivered", 0) + s.states.get("committed", 0)
+            if s.states.get("awaiting commitment"):
+                delivered_text = f"{delivered + s.states['awaiting commitment']} ({s.states['awaiting commitment']} " \
+                                 "awaiting commitment)"  # fmt: skip
+            else:
+                delivered_text = str(delivered)
+            t.add_row(name, str(s.states.get("queued", 0)), str(s.states.get("sending", 0)), delivered_text,
+                      str(s.states.get("failed", 0)), str(s.states.get("cancelled", 0)),
+                      s.oldest_queued.strftime("%Y-%m-%d %H:%M:%S") if s.oldest_queued else "-",
+                      _when(s.next_attempt), s.last_error)  # fmt: skip
+        out.print(t)
+        if not summaries:
+            out.print("nothing was ever queued" + (f" for {destination}" if destination else ""))
+        return
+    t = Table(title="deliveries" + (f" ({state})" if state else ""))
+    for col in ("id", "destination", "state", "attempts", "next attempt (UTC)", "status", "error / warning",
+                "SOP Instance UID"):  # fmt: skip
+        t.add_column(col)
+    for r in rows:
+        st = (
+            r.state
+            if not r.commitment
+            else f"{r.state} ({'awaiting commitment' if r.commitment == 'requested' else r.commitment})"
+        )
+        t.add_row(str(r.id), r.destination, st, str(r.attempts),
+                  _when(aware(r.next_attempt_at)) if r.state == "queued" else "-",
+                  "-" if r.last_status is None else f"0x{r.last_status:04X}", r.last_error or r.warning,
+                  r.sop_instance_uid)  # fmt: skip
+    out.print(t)
+
+
+def _selected(destination: str | None, series: str | None, ids: list[int] | None, everything: bool) -> None:
+    if not (destination or series or ids or everything):
+        console.print("[bold red]error:[/] say which deliveries: --destination, --series, --id, or --all")
+        raise typer.Exit(2)
+
+
+@queue_app.command("retry")
+def queue_retry(
+    destination: str | None = DestinationOption,
+    series: str | None = SeriesOption,
+    ids: list[int] | None = IdsOption,
+    everything: bool = typer.Option(False, "--all", help="Every failed or cancelled delivery."),
+    config: Path | None = ConfigOption,
+) -> None:
+    """Send failed or cancelled deliveries again, and waiting ones now (the running node takes them within seconds)."""
+    from node.send import queue
+
+    _selected(destination, series, ids, everything)
+    cfg = _load(config)
+    engine = _engine(cfg, write=True)
+    try:
+        again = queue.retry(engine, destination=destination, ids=ids, series_uid=series)
+        now = queue.retry_now(engine, destination) if not (series or ids) else 0
+    finally:
+        engine.dispose()
+    out.print(f"{again} failed or cancelled deliveries queued again; {now} waiting ones made due now")
+
+
+@queue_app.command("cancel")
+def queue_cancel(
+    destination: str | None = DestinationOption,
+    series: str | None = SeriesOption,
+    ids: list[int] | None = IdsOption,
+    everything: bool = typer.Option(False, "--all", help="Every queued delivery."),
+    config: Path | None = ConfigOption,
+) -> None:
+    """Cancel queued deliveries (one already on the wire may still arrive)."""
+    from node.send import queue
+
+    _selected(destination, series, ids, everything)
+    cfg = _load(config)
+    engine = _engine(cfg, write=True)
+    try:
+        n = queue.cancel(engine, destination=destination, ids=ids, series_uid=series)
+    finally:
+        engine.dispose()
+    out.print(f"{n} deliveries cancelled")
 
 
 def main() -> None:

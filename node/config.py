@@ -116,8 +116,12 @@ class DatabaseSection(_Section):
 
 
 _SYNTAX_NAMES = {
-    "explicit": "1.2.840.10008.1.2.1", "implicit": "1.2.840.10008.1.2", "jpeg2000": "1.2.840.10008.1.2.4.90",
-    "rle": "1.2.840.10008.1.2.5", "jpeg-lossless": "1.2.840.10008.1.2.4.70", "jpeg-ls": "1.2.840.10008.1.2.4.80",
+    "explicit": "1.2.840.10008.1.2.1",
+    "implicit": "1.2.840.10008.1.2",
+    "jpeg2000": "1.2.840.10008.1.2.4.90",
+    "rle": "1.2.840.10008.1.2.5",
+    "jpeg-lossless": "1.2.840.10008.1.2.4.70",
+    "jpeg-ls": "1.2.840.10008.1.2.4.80",
     "deflate": "1.2.840.10008.1.2.1.99",
 }
 
@@ -252,7 +256,7 @@ class PluginsSection(_Section):
                 raise ValueError(f"plugin name {name!r}: use letters, digits, '-', '_' or '.'")
             mod, _, attr = target.partition(":")
             if not mod or not attr:
-                raise ValueError(f"{name} = {target!r}: write it as \"package.module:attribute\"")
+                raise ValueError(f'{name} = {target!r}: write it as "package.module:attribute"')
         return local
 
 

@@ -81,6 +81,7 @@ class OutputStore:
             placed.append((final, record, header.text("SOPInstanceUID"), header.text("SeriesInstanceUID")))
         for d in {p.parent for p, *_ in placed}:
             fsync_dir(d)
+
         def work(tx: Tx) -> list[RecordOutcome]:
             outcomes = []
             for _, record, _, _ in placed:
@@ -115,4 +116,3 @@ class OutputStore:
 def mark_not_tracked(tx: Tx, series_id: int) -> None:
     """The node's own outputs are not received series: no rule runs on them (no loops of derived objects)."""
     tx.execute(tx.prepare("not_tracked", _NOT_TRACKED), {"pk": series_id})
-

@@ -39,7 +39,9 @@ class Patient(Base):
 
     __tablename__ = "patient"
     __table_args__ = (
-        UniqueConstraint("patient_id", "issuer_of_patient_id", "patient_name", "birth_date", name="uq_patient_identity"),
+        UniqueConstraint(
+            "patient_id", "issuer_of_patient_id", "patient_name", "birth_date", name="uq_patient_identity"
+        ),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

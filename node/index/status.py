@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 from node.config import Config
 from node.index.db import NoIndex, existing_engine, session_factory
 from node.index.models import Instance, Job, Patient, Series, Study
+from node.send import queue
 
 __all__ = ["IndexStatus", "NoIndex", "gather"]
 
@@ -26,6 +27,8 @@ class IndexStatus:
     #: Series by tracker state and jobs by state, e.g. {"receiving": 2}.
     series_states: dict[str, int] = field(default_factory=dict)
     job_states: dict[str, int] = field(default_factory=dict)
+    #: {destination: {state: count}} of the forward queue.
+    deliveries: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def gather(cfg: Config, recent: int = 10) -> IndexStatus:
@@ -46,8 +49,9 @@ def gather(cfg: Config, recent: int = 10) -> IndexStatus:
             ).all()  # fmt: skip
             series_states = dict(s.execute(select(Series.state, func.count()).group_by(Series.state)).all())
             job_states = dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+        deliveries = queue.counts(engine)
     finally:
         engine.dispose()
     free = shutil.disk_usage(cfg.data_dir).free if cfg.data_dir.exists() else 0
     recent_rows = [(r[0], r[1], r[2], r[3], r[4], r[5].strftime("%Y-%m-%d %H:%M:%S")) for r in rows]
-    return IndexStatus(*counts, n_inst, int(size), free, recent_rows, series_states, job_states)
+    return IndexStatus(*counts, n_inst, int(size), free, recent_rows, series_states, job_states, deliveries)

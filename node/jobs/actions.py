@@ -164,11 +164,15 @@ def plugin(ctx: JobContext) -> str:
     with ctx.engine.connect() as conn:
         series_uid = conn.execute(select(s.c.series_instance_uid).where(s.c.id == ctx.job.series_id)).scalar_one()
         # The series as of the job's revision (a later revision may still be arriving).
-        rels = conn.execute(
-            select(i.c.file_path)
-            .where(i.c.series_fk == ctx.job.series_id, i.c.job_fk.is_(None), i.c.revision <= ctx.job.revision)
-            .order_by(i.c.id)
-        ).scalars().all()
+        rels = (
+            conn.execute(
+                select(i.c.file_path)
+                .where(i.c.series_fk == ctx.job.series_id, i.c.job_fk.is_(None), i.c.revision <= ctx.job.revision)
+                .order_by(i.c.id)
+            )
+            .scalars()
+            .all()
+        )
     if not rels:
         raise JobFailed("the series has no stored instances (discarded?)", retryable=False)
     work = ctx.outputs.work_dir(ctx.job.id, ctx.job.attempts)

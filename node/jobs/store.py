@@ -151,8 +151,11 @@ def requeue_running(engine: Engine) -> list[tuple[int, str, int]]:
             conn.execute(
                 update(_job)
                 .where(_job.c.state == "running")
-                .values(state="pending", not_before=utcnow(),
-                        last_error="the node stopped while this job was running; taken up again")  # fmt: skip
+                .values(
+                    state="pending",
+                    not_before=utcnow(),
+                    last_error="the node stopped while this job was running; taken up again",
+                )  # fmt: skip
             )
     return [tuple(r) for r in rows]  # type: ignore[misc]
 
@@ -164,7 +167,9 @@ class JobStateError(ValueError):
 def retry(engine: Engine, job_id: int) -> None:
     """Run a failed or cancelled job again (one more attempt allowed)."""
     with engine.begin() as conn:
-        row = conn.execute(select(_job.c.state, _job.c.attempts, _job.c.max_attempts).where(_job.c.id == job_id)).first()
+        row = conn.execute(
+            select(_job.c.state, _job.c.attempts, _job.c.max_attempts).where(_job.c.id == job_id)
+        ).first()
         if row is None:
             raise JobStateError(f"there is no job {job_id}")
         if row.state not in ("failed", "cancelled"):

@@ -19,6 +19,8 @@ C_STORE_RSP = 0x8001
 C_ECHO_RQ = 0x0030
 C_ECHO_RSP = 0x8030
 C_CANCEL_RQ = 0x0FFF
+N_EVENT_REPORT_RQ = 0x0100
+N_EVENT_REPORT_RSP = 0x8100
 NO_DATASET = 0x0101
 
 _ELEM = struct.Struct("<HHL")
@@ -37,6 +39,8 @@ class Command:
     affected_sop_instance_uid: str = ""
     priority: int = 0
     move_originator_ae: str = ""
+    #: N-EVENT-REPORT's Event Type ID (0000,1002).
+    event_type_id: int = 0
 
 
 def _uid(value: bytes) -> str:
@@ -74,6 +78,7 @@ def decode_command(data: bytes | bytearray | memoryview) -> Command:
         affected_sop_instance_uid=_uid(fields.get(0x1000, b"")),
         priority=int.from_bytes(fields.get(0x0700, b"\0\0")[:2], "little"),
         move_originator_ae=fields.get(0x1030, b"").decode("ascii", "replace").strip(),
+        event_type_id=int.from_bytes(fields.get(0x1002, b"\0\0")[:2], "little"),
     )
 
 
@@ -102,14 +107,17 @@ def encode_response(
     sop_class_uid: str,
     sop_instance_uid: str = "",
     error_comment: str = "",
+    event_type_id: int | None = None,
 ) -> bytes:
-    """A C-STORE-RSP or C-ECHO-RSP command set, group length first."""
+    """A C-STORE-RSP, C-ECHO-RSP or N-EVENT-REPORT-RSP command set, group length first."""
     body = [_elem(0x0002, _ui(sop_class_uid)), _elem(0x0100, _us(command_field)),
             _elem(0x0120, _us(message_id)), _elem(0x0800, _us(NO_DATASET)), _elem(0x0900, _us(status))]  # fmt: skip
     if error_comment:
         body.append(_elem(0x0902, _text(error_comment[:64])))
     if sop_instance_uid:
         body.append(_elem(0x1000, _ui(sop_instance_uid)))
+    if event_type_id is not None:
+        body.append(_elem(0x1002, _us(event_type_id)))
     rest = b"".join(body)
     return _elem(0x0000, len(rest).to_bytes(4, "little")) + rest
 

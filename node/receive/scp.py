@@ -7,13 +7,17 @@ import logging
 import ssl
 import threading
 import time
+from collections.abc import Callable
+from io import BytesIO
 from typing import Any
 
 from pydicom._uid_dict import UID_dictionary
-from pydicom.uid import UID, AllTransferSyntaxes
+from pydicom.filereader import read_dataset
+from pydicom.uid import UID, AllTransferSyntaxes, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from node import __version__
 from node.config import Config
+from node.receive import dimse
 from node.receive.ingest import Ingest, Peer
 from node.receive.status import is_stored
 from node.receive.ul import Acceptor, AcceptorSettings, AssociationInfo, StoreRequest
@@ -71,12 +75,32 @@ class AccessPolicy:
         return f"calling AE title {calling_ae.strip()!r} is not allowed from {address}"
 
 
+STORAGE_COMMITMENT = "1.2.840.10008.1.20.1"
+
+_FAILURE_REASONS = {
+    0x0110: "processing failure",
+    0x0112: "no such object instance",
+    0x0119: "class-instance conflict",
+    0x0122: "referenced SOP class not supported",
+    0x0131: "duplicate transaction UID",
+    0x0213: "resource limitation",
+}
+
+
+def _failure_reason(code: int) -> str:
+    return f"the PACS did not commit it: failure reason 0x{code:04X} ({_FAILURE_REASONS.get(code, 'unknown')})"
+
+
 class StorageSCP:
     """Owns the listening acceptor and answers for the node."""
 
-    def __init__(self, cfg: Config, ingest: Ingest) -> None:
+    def __init__(self, cfg: Config, ingest: Ingest,
+                 on_commitment: Callable[[str, list[str], dict[str, str]], None] | None = None) -> None:  # fmt: skip
+        """``on_commitment(transaction UID, committed SOP Instance UIDs, {failed UID: reason})``: a
+        Storage Commitment result arrived (a PACS sends it on an association of its own)."""
         self.cfg = cfg
         self.ingest = ingest
+        self.on_commitment = on_commitment
         self.access = AccessPolicy(cfg)
         self._lock = threading.Lock()
         self.totals = {"stored": 0, "duplicates": 0, "failed": 0, "associations": 0}
@@ -84,6 +108,8 @@ class StorageSCP:
         syntaxes = accepted_transfer_syntaxes()
         supported = {uid: syntaxes for uid in storage_sop_classes()}
         supported[VERIFICATION] = syntaxes
+        if on_commitment is not None:
+            supported[STORAGE_COMMITMENT] = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian})
         settings = AcceptorSettings(
             ae_title=n.ae_title,
             max_pdu=n.max_pdu,
@@ -95,6 +121,7 @@ class StorageSCP:
             supported=supported,
             receive_dir=ingest.storage.tmp,
             ssl_context=self._ssl_context(),
+            scp_role_classes=frozenset({STORAGE_COMMITMENT}) if on_commitment is not None else frozenset(),
         )
         self.acceptor = Acceptor(settings, self, n.host, n.port)
 
@@ -154,6 +181,35 @@ class StorageSCP:
             assoc.id, assoc.calling_ae, how, time.monotonic() - assoc.started,
             assoc.stored, assoc.duplicates, assoc.failed, assoc.bytes / 1e6,
         )  # fmt: skip
+
+    def event_report(self, assoc: AssociationInfo, command: dimse.Command, transfer_syntax: str, data: bytes) -> int:
+        if command.affected_sop_class_uid != STORAGE_COMMITMENT or self.on_commitment is None:
+            log.warning("association %s from %s: N-EVENT-REPORT for %s refused (only Storage Commitment results "
+                        "are taken)", assoc.id, assoc.calling_ae, command.affected_sop_class_uid)  # fmt: skip
+            return 0x0122  # SOP class not supported
+        if command.event_type_id not in (1, 2):
+            return 0x0113  # no such event type
+        try:
+            ts = UID(transfer_syntax)
+            ds = read_dataset(BytesIO(data), ts.is_implicit_VR, ts.is_little_endian)
+            transaction = str(ds.TransactionUID)
+            committed = [str(i.ReferencedSOPInstanceUID) for i in ds.get("ReferencedSOPSequence", [])]
+            failed = {
+                str(i.ReferencedSOPInstanceUID): _failure_reason(int(i.get("FailureReason", 0x0110)))
+                for i in ds.get("FailedSOPSequence", [])
+            }
+        except Exception as e:
+            log.error("association %s from %s: unreadable storage commitment result: %s", assoc.id, assoc.calling_ae,
+                      e)  # fmt: skip
+            return 0x0110  # processing failure
+        log.info("association %s from %s: storage commitment result for transaction %s: %d committed, %d failed",
+                 assoc.id, assoc.calling_ae, transaction, len(committed), len(failed))  # fmt: skip
+        try:
+            self.on_commitment(transaction, committed, failed)
+        except Exception:
+            log.exception("could not record the storage commitment result of transaction %s", transaction)
+            return 0x0110
+        return 0x0000
 
     # --- lifecycle ----------------------------------------------------------
 

@@ -36,6 +36,7 @@ from pynetdicom.pdu_primitives import (
     ImplementationClassUIDNotification,
     ImplementationVersionNameNotification,
     MaximumLengthNotification,
+    SCP_SCU_RoleSelectionNegotiation,
 )
 from pynetdicom.presentation import PresentationContext
 
@@ -55,6 +56,7 @@ MAX_CONTROL_PDU = 1 << 20
 CHUNK = 1 << 20
 #: Command sets are small; anything bigger is a protocol error, not a command.
 MAX_COMMAND = 1 << 16
+MAX_EVENT_DATASET = 16 << 20
 
 
 class ProtocolError(Exception):
@@ -103,6 +105,9 @@ class Handlers(Protocol):
     def association_ended(self, assoc: AssociationInfo, how: str) -> None:
         """Called once per accepted association: ``released``, ``aborted``, ``closed`` or ``timeout``."""
 
+    def event_report(self, assoc: AssociationInfo, command: dimse.Command, transfer_syntax: str, data: bytes) -> int:
+        """An N-EVENT-REPORT (Storage Commitment's result); return its status. Must not raise."""
+
 
 @dataclass
 class AcceptorSettings:
@@ -117,6 +122,8 @@ class AcceptorSettings:
     supported: dict[str, frozenset[str]]
     #: Temp directory on the storage filesystem (so the final rename is atomic).
     receive_dir: Path
+    #: SOP classes for which a requestor may take the SCP role (sends us N-EVENT-REPORTs).
+    scp_role_classes: frozenset[str] = frozenset()
     ssl_context: ssl.SSLContext | None = None
 
 
@@ -211,6 +218,8 @@ class Association(threading.Thread):
         self._rx: ReceivedFile | None = None
         self._tmp: Path | None = None
         self._spare: ReceivedFile | None = None
+        #: An N-EVENT-REPORT's data set while it arrives.
+        self._small: bytearray | None = None
         self._closing = False
 
     # --- lifecycle ----------------------------------------------------------
@@ -374,7 +383,7 @@ class Association(threading.Thread):
         impl.implementation_class_uid = UID(self.settings.implementation_class_uid)
         ver = ImplementationVersionNameNotification()
         ver.implementation_version_name = self.settings.implementation_version
-        ac_prim.user_information = [max_len, impl, ver]
+        ac_prim.user_information = [max_len, impl, ver] + self._roles(prim, info)
         ac = A_ASSOCIATE_AC()
         ac.from_primitive(ac_prim)
         conn.send(ac.encode())
@@ -382,6 +391,23 @@ class Association(threading.Thread):
         log.info("association %s from %s (%s:%d) accepted, %d of %d presentation contexts",
                  info.id, calling, info.address, info.port, len(info.contexts), len(results))  # fmt: skip
         return True
+
+    def _roles(self, prim: A_ASSOCIATE, info: AssociationInfo) -> list:
+        """Answers to SCP/SCU role selection (PS3.7 D.3.3.4): a PACS sending Storage Commitment results
+        on its own association proposes the SCP role for that SOP class; we accept exactly that."""
+        out = []
+        for item in prim.user_information or []:
+            if not isinstance(item, SCP_SCU_RoleSelectionNegotiation):
+                continue
+            uid = str(item.sop_class_uid)
+            if uid not in self.settings.scp_role_classes or uid not in {a for a, _ in info.contexts.values()}:
+                continue
+            rsp = SCP_SCU_RoleSelectionNegotiation()
+            rsp.sop_class_uid = item.sop_class_uid
+            rsp.scu_role = False
+            rsp.scp_role = bool(item.scp_role)
+            out.append(rsp)
+        return out
 
     # --- data transfer ------------------------------------------------------
 
@@ -475,17 +501,25 @@ class Association(threading.Thread):
                     else:
                         self._dispatch(cmd, cx_id)
             else:
-                if command is None or self._rx is None:
+                if command is None or (self._rx is None and self._small is None):
                     raise ProtocolError("a data set fragment arrived without its command")
                 if cx_id != context_id:
                     raise ProtocolError("a data set fragment arrived on another presentation context")
-                conn.read_into_chunks(data_len, self._rx.write)
+                if self._small is not None:
+                    if len(self._small) + data_len > MAX_EVENT_DATASET:
+                        raise ProtocolError("N-EVENT-REPORT data set larger than 16 MiB")
+                    self._small += conn.read_exact(data_len)
+                else:
+                    conn.read_into_chunks(data_len, self._rx.write)  # type: ignore[union-attr]
                 if last:
                     cmd, command = command, None
                     self._dispatch(cmd, cx_id)
         return command_buf, command, context_id
 
     def _start_dataset(self, cmd: dimse.Command, cx_id: int) -> None:
+        if cmd.command_field == dimse.N_EVENT_REPORT_RQ:
+            self._small = bytearray()  # a few references: kept in memory, never a file
+            return
         if cmd.command_field != dimse.C_STORE_RQ:
             raise ProtocolError(f"command 0x{cmd.command_field:04X} with a data set is not supported here")
         abstract, ts = self.info.contexts[cx_id]  # type: ignore[union-attr]
@@ -508,11 +542,20 @@ class Association(threading.Thread):
         assert info is not None
         abstract, ts = info.contexts[cx_id]
         if cmd.command_field == dimse.C_ECHO_RQ:
-            rsp = dimse.encode_response(dimse.C_ECHO_RSP, cmd.message_id, 0x0000, cmd.affected_sop_class_uid or VERIFICATION)
+            rsp = dimse.encode_response(
+                dimse.C_ECHO_RSP, cmd.message_id, 0x0000, cmd.affected_sop_class_uid or VERIFICATION
+            )
             self._conn_send(_pdata(cx_id, rsp))
             return
         if cmd.command_field == dimse.C_CANCEL_RQ:
             return  # nothing to cancel: every C-STORE is answered before the next is read (PS3.7 9.3.2.3)
+        if cmd.command_field == dimse.N_EVENT_REPORT_RQ:
+            data, self._small = bytes(self._small or b""), None
+            status = self.handlers.event_report(info, cmd, ts, data)
+            rsp = dimse.encode_response(dimse.N_EVENT_REPORT_RSP, cmd.message_id, status, cmd.affected_sop_class_uid,
+                                        cmd.affected_sop_instance_uid, event_type_id=cmd.event_type_id)  # fmt: skip
+            self._conn_send(_pdata(cx_id, rsp))
+            return
         if cmd.command_field != dimse.C_STORE_RQ:
             raise ProtocolError(f"command 0x{cmd.command_field:04X} is not supported by this SCP")
         rx = self._rx

@@ -51,6 +51,8 @@ class Breaker:
         self.policy = policy
         self.failures = 0
         self._open_until = 0.0  # monotonic
+        #: The wall-clock time of the next try while the circuit is open.
+        self.retry_at: dt.datetime | None = None
         self._probing = False
         self._lock = threading.Lock()
         self._rng = rng or random.Random()
@@ -84,6 +86,11 @@ class Breaker:
             self.failures = 0
             self._probing = False
 
+    def probe_now(self) -> None:
+        """End the current back-off early (an operator's retry): the next worker probes."""
+        with self._lock:
+            self._open_until = 0.0
+
     def idle(self) -> None:
         """A probe found nothing to send: another worker may probe next time."""
         with self._lock:
@@ -96,7 +103,8 @@ class Breaker:
             d = self.delay(self.failures)
             self._open_until = time.monotonic() + d
             self._probing = False
-            return d, utcnow() + dt.timedelta(seconds=d)
+            self.retry_at = utcnow() + dt.timedelta(seconds=d)
+            return d, self.retry_at
 
 
 class DestinationSender:
@@ -131,6 +139,23 @@ class DestinationSender:
                 self._wake.wait(max(0.01, seconds))
             self._woken = False
 
+    def _postpone(self) -> None:
+        """Deliveries queued while the circuit is open show (in ``dicom-node queue``) when they will go."""
+        until = self.breaker.retry_at
+        if until is not None:
+            try:
+                queue.postpone(self.engine, self.dest.name, until)
+            except Exception as e:
+                log.debug("destination %s: could not postpone queued deliveries: %s", self.dest.name, e)
+
+    def _forced(self) -> bool:
+        """Whether an operator made deliveries due at once (``dicom-node queue retry``)."""
+        try:
+            due = queue.next_due(self.reader, self.dest.name)
+        except Exception:
+            return False
+        return due is not None and due <= queue.FORCED
+
     def _idle_wait(self) -> float:
         try:
             due = queue.next_due(self.reader, self.dest.name)
@@ -146,8 +171,15 @@ class DestinationSender:
         try:
             while not self._stop.is_set():
                 wait = self.breaker.wait()
+                if wait > 0 and self._forced():
+                    log.info("destination %s: an operator asked to retry now; trying before the back-off ends",
+                             self.dest.name)  # fmt: skip
+                    self.breaker.probe_now()
+                    wait = self.breaker.wait()
                 if wait > 0:
                     sender.close()
+                    if threading.current_thread() is self.threads[0]:
+                        self._postpone()
                     self._sleep(min(wait, POLL))
                     continue
                 try:

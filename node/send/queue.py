@@ -18,6 +18,9 @@ from sqlalchemy import Connection, Engine, and_, bindparam, func, or_, select, u
 from node.index.models import Delivery, Instance, aware, utcnow
 
 STATES = ("queued", "sending", "delivered", "failed", "cancelled")
+#: The due time an operator's retry gives: earlier than anything else, so the sender also tries at
+#: once when the destination's circuit is open (see Breaker).
+FORCED = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
 #: States in which a delivery is still on its way (a discard of its series waits for these).
 UNFINISHED = ("queued", "sending")
 
@@ -188,6 +191,16 @@ def release(engine: Engine, ids: Sequence[int], why: str) -> int:
         ).rowcount  # fmt: skip
 
 
+def postpone(engine: Engine, destination: str, until: dt.datetime) -> int:
+    """While a destination is in back-off, what is queued for it waits until then (an operator's retry excepted)."""
+    with engine.begin() as conn:
+        return conn.execute(
+            update(_d).where(_d.c.destination == destination, _d.c.state == "queued", _d.c.next_attempt_at < until,
+                             _d.c.next_attempt_at > FORCED)
+            .values(next_attempt_at=until)
+        ).rowcount  # fmt: skip
+
+
 def requeue_sending(engine: Engine) -> int:
     """At start-up: deliveries left ``sending`` by a process that died are queued again."""
     with engine.begin() as conn:
@@ -292,7 +305,7 @@ def retry(engine: Engine, *, destination: str | None = None, ids: Sequence[int] 
     with engine.begin() as conn:
         return conn.execute(
             update(_d).where(cond)
-            .values(state="queued", next_attempt_at=now, created_at=now, updated_at=now, commitment="",
+            .values(state="queued", next_attempt_at=FORCED, created_at=now, updated_at=now, commitment="",
                     commitment_uid="")
         ).rowcount  # fmt: skip
 
@@ -305,7 +318,7 @@ def retry_now(engine: Engine, destination: str | None = None) -> int:
         cond = and_(cond, _d.c.destination == destination)
     with engine.begin() as conn:
         return conn.execute(
-            update(_d).where(cond, _d.c.next_attempt_at > now).values(next_attempt_at=now, updated_at=now)
+            update(_d).where(cond, _d.c.next_attempt_at > now).values(next_attempt_at=FORCED, updated_at=now)
         ).rowcount
 
 
@@ -348,3 +361,47 @@ def unfinished_for_series(conn: Connection, series_id: int, revision: int | None
     return conn.execute(
         select(_d.c.state, _d.c.destination, func.count()).where(*cond).group_by(_d.c.state, _d.c.destination)
     ).all()
+
+
+@dataclass(frozen=True)
+class DestinationSummary:
+    destination: str
+    states: dict[str, int]
+    #: When the oldest still-queued delivery was queued, and when the next attempt is due.
+    oldest_queued: dt.datetime | None
+    next_attempt: dt.datetime | None
+    #: The newest error among queued or failed deliveries.
+    last_error: str
+
+
+def summary(engine: Engine) -> list[DestinationSummary]:
+    """Per destination: counts by state, the queue's age, its next attempt and its newest error."""
+    states = counts(engine)
+    out = []
+    with engine.connect() as conn:
+        for dest in sorted(states):
+            oldest, nxt = conn.execute(
+                select(func.min(_d.c.created_at), func.min(_d.c.next_attempt_at))
+                .where(_d.c.destination == dest, _d.c.state == "queued")
+            ).one()  # fmt: skip
+            err = conn.execute(
+                select(_d.c.last_error)
+                .where(_d.c.destination == dest, _d.c.state.in_(("queued", "failed")), _d.c.last_error != "")
+                .order_by(_d.c.updated_at.desc()).limit(1)
+            ).scalar()  # fmt: skip
+            out.append(DestinationSummary(dest, states[dest], aware(oldest) if oldest else None,
+                                          aware(nxt) if nxt else None, err or ""))  # fmt: skip
+    return out
+
+
+def listing(engine: Engine, *, destination: str | None = None, state: str | None = None,
+            series_uid: str | None = None, limit: int = 50) -> list[tuple]:  # fmt: skip
+    """Deliveries, newest first: (id, destination, state, attempts, next attempt, status, error or warning,
+    SOP Instance UID, updated)."""
+    sel = _selection(destination, state, None, series_uid)
+    q = select(_d.c.id, _d.c.destination, _d.c.state, _d.c.commitment, _d.c.attempts, _d.c.next_attempt_at,
+               _d.c.last_status, _d.c.last_error, _d.c.warning, _d.c.sop_instance_uid, _d.c.updated_at)  # fmt: skip
+    if sel is not None:
+        q = q.where(sel)
+    with engine.connect() as conn:
+        return list(conn.execute(q.order_by(_d.c.id.desc()).limit(limit)).all())

@@ -188,11 +188,25 @@ class Sender:
                          self.peer.accepted_syntaxes)  # fmt: skip
         return all((c, ts) in self._proposed for c, groups in need.items() for g in groups for ts in g)
 
+    def _settle(self, assoc, wait: float = 1.0) -> None:  # type: ignore[no-untyped-def]
+        """After a send got no response: give the association's loop a moment to take in an abort.
+
+        The DIMSE wait can end (the connection closed) before the loop has read the A-ABORT that
+        says whether the peer's application refused us, and before the association counts as ended.
+        """
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and not assoc.is_aborted and not self._seen.get("user_abort"):
+            if not assoc.dul.is_alive() and assoc.dul.to_user_queue.empty():
+                break
+            time.sleep(0.005)
+
     def close(self) -> None:
         if self.assoc is not None:
             try:
-                if self.assoc.is_established:
+                if self.assoc.is_established and not self.assoc.is_aborted and self.assoc.dul.is_alive():
                     self.assoc.release()
+                elif not self.assoc.is_aborted:
+                    self.assoc.abort()
             except Exception:  # releasing a dead association must not fail the caller
                 pass
             self.assoc = None
@@ -270,6 +284,7 @@ class Sender:
             return Result(it, "transient", None, f"association to {self.peer.label} lost: {e}")
         self._requests += 1
         if not rsp or "Status" not in rsp:
+            self._settle(assoc)
             if self._seen.get("user_abort"):
                 # The peer's application refused the request by aborting (Orthanc does this for a calling AE
                 # it does not know): sending again would meet the same refusal.

@@ -52,6 +52,8 @@ class Orthanc:
     http_port: int = field(default_factory=free_port)
     #: Orthanc's DCMTK may not know every newer storage SOP class (e.g. Label Map Segmentation, 2024).
     unknown_sop_class_accepted: bool = True
+    #: DICOM ports of senders Orthanc calls back (Storage Commitment results); others get 104.
+    sender_ports: dict[str, int] = field(default_factory=dict)
     proc: subprocess.Popen | None = None
 
     @property
@@ -85,7 +87,7 @@ class Orthanc:
             "DicomAlwaysAllowEcho": True,
             "DicomAlwaysAllowStore": False,
             "DicomCheckModalityHost": True,
-            "DicomModalities": {ae.lower(): [ae, "127.0.0.1", 104] for ae in self.senders},
+            "DicomModalities": {ae.lower(): [ae, "127.0.0.1", self.sender_ports.get(ae, 104)] for ae in self.senders},
             "UnknownSopClassAccepted": self.unknown_sop_class_accepted,
             "DicomScpTimeout": 30,
             "StableAge": 1,
@@ -191,6 +193,17 @@ class Orthanc:
             raise KeyError(sop_instance_uid)
         return bytes(self.get(f"/instances/{oid}/file"))
 
-    def destination(self, name: str = "orthanc") -> str:
-        """A [[destinations]] table for the node's config."""
-        return f'[[destinations]]\nname = "{name}"\nae_title = "{self.aet}"\nhost = "127.0.0.1"\nport = {self.dicom_port}\n'
+    def count(self) -> int:
+        """How many instances Orthanc holds."""
+        return int(self.get("/statistics")["CountInstances"])
+
+    def new_instance_events(self) -> int:
+        """How many times an instance was stored as new (a re-sent copy of a stored one is not new)."""
+        changes = self.get("/changes?limit=100000")["Changes"]
+        return sum(1 for c in changes if c["ChangeType"] == "NewInstance")
+
+    def destination(self, name: str = "orthanc", **extra: str) -> str:
+        """A [[destinations]] table for the node's config; ``extra`` values are TOML as written."""
+        more = "".join(f"{k} = {v}\n" for k, v in extra.items())
+        return (f'[[destinations]]\nname = "{name}"\nae_title = "{self.aet}"\nhost = "127.0.0.1"\n'
+                f"port = {self.dicom_port}\n{more}")  # fmt: skip

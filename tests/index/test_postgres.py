@@ -76,7 +76,7 @@ def test_node_on_postgresql(node, tmp_path, postgres_url):
         version = c.execute(text("select version_num from alembic_version")).scalar()
     engine.dispose()
     assert len(rows) == 80 and counts == [40, 40]
-    assert version == "0003"
+    assert version == "0004"
     from helpers import read_sop_uid
 
     for f in files:
@@ -121,7 +121,12 @@ actions = [{{ type = "forward", to = ["scp"] }}]
         wait_for(lambda: job_rows() and job_rows()[-1][1] == "succeeded", 30, "the revision 1 job")
         assert storescu(node.port, files[6:]).returncode == 0  # after triggering: revision 2
         wait_for(lambda: len(job_rows()) == 2 and job_rows()[-1][1] == "succeeded", 30, "the revision 2 job")
-        assert [tuple(r) for r in job_rows()] == [(1, "succeeded", "sent 6 to scp"), (2, "succeeded", "sent 6 to scp")]
+        assert [tuple(r) for r in job_rows()] == [(1, "succeeded", "queued 6 instance(s) for scp"),
+                                                  (2, "succeeded", "queued 6 instance(s) for scp")]  # fmt: skip
+        # the forward queue lives in PostgreSQL too
+        with engine.connect() as c:
+            wait_for(lambda: c.execute(text("select state, count(*) from delivery group by state")).all()
+                     == [("delivered", 12)], 30, "12 deliveries")  # fmt: skip
         assert len(scp.received()) == 12
         engine.dispose()
     finally:

@@ -333,8 +333,9 @@ series_number = 7001
     for job_id, _, state, attempts, software, result, error in jobs:
         assert (state, attempts) == ("succeeded", 1), (job_id, error)
         assert software == f"example-sphere {example_plugin}"
-        assert result.endswith("sent 1 to scp"), result
+        assert result.endswith("queued 1 instance(s) for scp"), result
     job_of_series = {uid: job_id for job_id, uid, *_ in jobs}
+    node.wait_delivered(2)
 
     # Lineage: each SEG in the index points at the job that made it.
     rows = seg_rows(node)
@@ -433,6 +434,7 @@ stable_after = 30
 
     node.start()
     wait_for(lambda: jobs_by_rule(node)["slow"]["state"] == "succeeded", 60, "the job to be taken up again")
+    node.wait_delivered(1)
     job = jobs_by_rule(node)["slow"]
     assert job["attempts"] == 2, job
     assert "was running when the node stopped" in node.log()
@@ -448,6 +450,7 @@ stable_after = 30
         c.execute("update job set state = 'running' where id = ?", (job["id"],))
     node.start()
     wait_for(lambda: jobs_by_rule(node)["slow"]["state"] == "succeeded", 60, "the third run to succeed")
+    node.wait_delivered(1)
     job = jobs_by_rule(node)["slow"]
     assert job["attempts"] == 3, job
     assert "already stored by an earlier run" in job["result"], job["result"]
