@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from helpers import REPO, SHARED, StoreSCP, read_sop_uid, series_files, storescu, wait_for
+from helpers import REPO, SHARED, StoreSCP, series_files, storescu, wait_for
 
 CT = "ct-head-philips-5mm"  # 28 axial CT images
 MR = "mr-t1-sag-siemens"  # 35 sagittal MR images
