@@ -46,15 +46,11 @@ def explain_series(engine: Engine, data_dir: Path, ruleset: RuleSet, series_uid:
     with Session(engine) as s:
         series = s.execute(select(Series).where(Series.series_instance_uid == series_uid)).scalars().first()
         if series is None:
-            like = (
-                s.execute(
-                    select(Series.series_instance_uid)
-                    .where(Series.series_instance_uid.startswith(series_uid, autoescape=True))
-                    .limit(2)
-                )
-                .scalars()
-                .all()
-            )
+            like = s.execute(
+                select(Series.series_instance_uid)
+                .where(Series.series_instance_uid.startswith(series_uid, autoescape=True))
+                .limit(2)
+            ).scalars().all()
             if len(like) == 1:
                 series = s.execute(select(Series).where(Series.series_instance_uid == like[0])).scalars().one()
             elif like:
@@ -65,13 +61,9 @@ def explain_series(engine: Engine, data_dir: Path, ruleset: RuleSet, series_uid:
             select(Study, Patient).join(Patient, Patient.id == Study.patient_fk).where(Study.id == series.study_fk)
         ).one()
         snap = series_snapshot(s, data_dir, series.id)
-        revisions = (
-            s.execute(
-                select(SeriesRevision).where(SeriesRevision.series_fk == series.id).order_by(SeriesRevision.revision)
-            )
-            .scalars()
-            .all()
-        )
+        revisions = s.execute(
+            select(SeriesRevision).where(SeriesRevision.series_fk == series.id).order_by(SeriesRevision.revision)
+        ).scalars().all()
         jobs = s.execute(select(Job).where(Job.series_fk == series.id).order_by(Job.id)).scalars().all()
     lines = [
         f'Series {series.series_instance_uid} ({series.modality} "{series.series_description}", '

@@ -71,7 +71,7 @@ class PluginAction(_Strict):
     @model_validator(mode="after")
     def _one_form(self) -> PluginAction:
         if (self.plugin is None) == (not self.plugins):
-            raise ValueError('give either plugin = "name" (with params) or plugins = [{ name = ... }, ...]')
+            raise ValueError("give either plugin = \"name\" (with params) or plugins = [{ name = ... }, ...]")
         if self.plugins and self.params:
             raise ValueError("with plugins = [...], give each plugin's params inside its own table")
         return self

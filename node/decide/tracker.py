@@ -95,9 +95,8 @@ class SeriesTracker:
         now = utcnow()
         with self.reader.connect() as conn:
             receiving = conn.execute(
-                select(
-                    _series.c.id, _series.c.revision, _series.c.last_received_at, _series.c.revision_instances
-                ).where(_series.c.state == "receiving", _series.c.series_instance_uid != "")
+                select(_series.c.id, _series.c.revision, _series.c.last_received_at, _series.c.revision_instances)
+                .where(_series.c.state == "receiving", _series.c.series_instance_uid != "")
             ).all()
             untriggered = conn.execute(
                 select(_revision.c.series_fk, _revision.c.revision).where(_revision.c.triggered_at.is_(None))
@@ -293,9 +292,7 @@ class SeriesTracker:
             made = create_jobs(conn, sid, revision, jobs) if jobs else []
             conn.execute(
                 update(_revision)
-                .where(
-                    _revision.c.series_fk == sid, _revision.c.revision == revision, _revision.c.triggered_at.is_(None)
-                )
+                .where(_revision.c.series_fk == sid, _revision.c.revision == revision, _revision.c.triggered_at.is_(None))
                 .values(triggered_at=now, matched_rules=",".join(matched), error=error)
             )
             conn.execute(

@@ -56,7 +56,7 @@ def _masks(series: SeriesInput, result: Segmentation) -> np.ndarray:
     else:
         if result.kind == "labelmap":
             if (m.astype(bool).sum(axis=3) > 1).any():
-                raise OutputError('stacked masks overlap, so they cannot be one label map; use kind = "binary"')
+                raise OutputError("stacked masks overlap, so they cannot be one label map; use kind = \"binary\"")
             m = (np.argmax(m, axis=3) + 1) * m.astype(bool).any(axis=3)
             m = m.astype(np.uint8 if k < 256 else np.uint16)
         else:

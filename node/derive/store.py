@@ -81,7 +81,6 @@ class OutputStore:
             placed.append((final, record, header.text("SOPInstanceUID"), header.text("SeriesInstanceUID")))
         for d in {p.parent for p, *_ in placed}:
             fsync_dir(d)
-
         def work(tx: Tx) -> list[RecordOutcome]:
             outcomes = []
             for _, record, _, _ in placed:
@@ -116,3 +115,4 @@ class OutputStore:
 def mark_not_tracked(tx: Tx, series_id: int) -> None:
     """The node's own outputs are not received series: no rule runs on them (no loops of derived objects)."""
     tx.execute(tx.prepare("not_tracked", _NOT_TRACKED), {"pk": series_id})
+

@@ -91,7 +91,9 @@ _SERIES_ADD = (
 )
 _STUDY_RELINK = _study.update().where(_study.c.id == bindparam("pk")).values(patient_fk=bindparam("patient_fk"))
 _SERIES_SUB = (
-    _series.update().where(_series.c.id == bindparam("pk")).values(instance_count=_series.c.instance_count - 1)
+    _series.update()
+    .where(_series.c.id == bindparam("pk"))
+    .values(instance_count=_series.c.instance_count - 1)
 )
 
 
@@ -118,13 +120,7 @@ class Recorder:
 
     @staticmethod
     def _parent(
-        tx: Tx,
-        cache: dict,
-        key: Any,
-        name: str,
-        select_stmt: Any,
-        select_params: dict,
-        insert_stmt: Any,
+        tx: Tx, cache: dict, key: Any, name: str, select_stmt: Any, select_params: dict, insert_stmt: Any,
         values: Callable[[], dict],
     ) -> int:
         """The id of a patient/study/series row: from the cache, the table, or a new insert."""
@@ -157,7 +153,9 @@ class Recorder:
                          revision_started_at=now),
         )  # fmt: skip
         row = tx.row(tx.prepare("sel_instance", _SEL_INSTANCE), {"uid": rec.sop_instance_uid})
-        if row is not None and self.policy == "keep_first" and (self.file_exists is None or self.file_exists(row[1])):
+        if row is not None and self.policy == "keep_first" and (
+            self.file_exists is None or self.file_exists(row[1])
+        ):
             return RecordOutcome("duplicate", row[0])
         # The series row first: it says which revision the instance belongs to.
         delta = 1 if row is None or row[2] != series_fk else 0

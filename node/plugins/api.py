@@ -268,12 +268,7 @@ class PluginInfo:
 
 
 def plugin(
-    name: str,
-    version: str,
-    *,
-    params: type[BaseModel] = NoParams,
-    description: str = "",
-    max_attempts: int | None = None,
+    name: str, version: str, *, params: type[BaseModel] = NoParams, description: str = "", max_attempts: int | None = None,
     family: Code = codes.cid7162.ArtificialIntelligence,
 ) -> Callable[[Callable[[SeriesInput, Any], Sequence[Result]]], PluginInfo]:
     """Declare a function as a plugin (see the module docstring)."""
@@ -313,3 +308,4 @@ def as_info(obj: Any, name: str) -> PluginInfo:
         return obj.info()
     raise TypeError(f"plugin {name!r} is a {type(obj).__name__}; decorate a function with @plugin(...) or "
                     "subclass node.plugins.api.Plugin")  # fmt: skip
+

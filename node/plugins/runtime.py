@@ -21,15 +21,8 @@ from node.plugins.worker import WorkResult, WorkSpec
 log = logging.getLogger(__name__)
 
 # _forkserver last: it ties the fork server's life to the node's and warms caches after the imports.
-_PRELOAD = [
-    "node.plugins.worker",
-    "node.plugins.series",
-    "node.derive.seg",
-    "node.derive.sc",
-    "numpy",
-    "highdicom",
-    "node.plugins._forkserver",
-]
+_PRELOAD = ["node.plugins.worker", "node.plugins.series", "node.derive.seg", "node.derive.sc", "numpy", "highdicom",
+            "node.plugins._forkserver"]
 _lock = threading.Lock()
 _ctx: mp.context.BaseContext | None = None
 _slots: threading.BoundedSemaphore | None = None

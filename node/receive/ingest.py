@@ -107,7 +107,9 @@ class Ingest:
             self._free_at = now
         return self._free
 
-    def _store(self, rx: ReceivedFile, sop_class_uid: str, sop_instance_uid: str, ts: UID, peer: Peer) -> StoreResult:
+    def _store(
+        self, rx: ReceivedFile, sop_class_uid: str, sop_instance_uid: str, ts: UID, peer: Peer
+    ) -> StoreResult:
         if self.min_free_bytes:
             free = self._free_bytes()
             if free < self.min_free_bytes:

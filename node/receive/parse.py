@@ -59,7 +59,8 @@ _VRS = {k: dictionary_VR(TAGS[k]).encode() for k in KEYWORDS}
 
 
 _GROUP2 = (
-    "the data set contains File Meta elements (group 0002): readers would take them for the file's own and misread it"
+    "the data set contains File Meta elements (group 0002): readers would take them for the file's own "
+    "and misread it"
 )
 
 

@@ -105,9 +105,9 @@ def recover(
     # Index -> files, streamed in id order.
     with sessions() as s:
         rows = s.execute(
-            select(Instance.file_path, Instance.sop_instance_uid)
-            .order_by(Instance.id)
-            .execution_options(yield_per=RECOVERY_BATCH)
+            select(Instance.file_path, Instance.sop_instance_uid).order_by(Instance.id).execution_options(
+                yield_per=RECOVERY_BATCH
+            )
         )
         for rel, uid in rows:
             if not (storage.root / rel).is_file():
@@ -151,9 +151,7 @@ def _adopt(
         writer.call(lambda tx: mark_not_tracked(tx, outcome.series_id))
     if outcome.kind == "new":
         report.indexed.append(record.sop_instance_uid)
-        log.warning(
-            "recovery: indexed %s (%s), stored before a crash but not yet indexed", record.sop_instance_uid, rel
-        )
+        log.warning("recovery: indexed %s (%s), stored before a crash but not yet indexed", record.sop_instance_uid, rel)
     else:
         _quarantine(storage, path, report, f"{record.sop_instance_uid} is already indexed under another file")
 
