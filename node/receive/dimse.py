@@ -21,7 +21,10 @@ C_ECHO_RSP = 0x8030
 C_CANCEL_RQ = 0x0FFF
 N_EVENT_REPORT_RQ = 0x0100
 N_EVENT_REPORT_RSP = 0x8100
+N_ACTION_RQ = 0x0130
+N_ACTION_RSP = 0x8130
 NO_DATASET = 0x0101
+HAS_DATASET = 0x0000
 
 _ELEM = struct.Struct("<HHL")
 
@@ -41,6 +44,10 @@ class Command:
     move_originator_ae: str = ""
     #: N-EVENT-REPORT's Event Type ID (0000,1002).
     event_type_id: int = 0
+    #: In responses: Message ID Being Responded To, Status and Error Comment.
+    responding_to: int = 0
+    status: int | None = None
+    error_comment: str = ""
 
 
 def _uid(value: bytes) -> str:
@@ -79,6 +86,9 @@ def decode_command(data: bytes | bytearray | memoryview) -> Command:
         priority=int.from_bytes(fields.get(0x0700, b"\0\0")[:2], "little"),
         move_originator_ae=fields.get(0x1030, b"").decode("ascii", "replace").strip(),
         event_type_id=int.from_bytes(fields.get(0x1002, b"\0\0")[:2], "little"),
+        responding_to=int.from_bytes(fields.get(0x0120, b"\0\0")[:2], "little"),
+        status=int.from_bytes(fields[0x0900][:2], "little") if 0x0900 in fields else None,
+        error_comment=fields.get(0x0902, b"").decode("ascii", "replace").strip(" \x00"),
     )
 
 
@@ -120,6 +130,30 @@ def encode_response(
         body.append(_elem(0x1002, _us(event_type_id)))
     rest = b"".join(body)
     return _elem(0x0000, len(rest).to_bytes(4, "little")) + rest
+
+
+def _group(body: list[bytes]) -> bytes:
+    rest = b"".join(body)
+    return _elem(0x0000, len(rest).to_bytes(4, "little")) + rest
+
+
+def encode_c_store_rq(message_id: int, sop_class_uid: str, sop_instance_uid: str, priority: int = 0) -> bytes:
+    """A C-STORE-RQ command set (a data set follows)."""
+    return _group([_elem(0x0002, _ui(sop_class_uid)), _elem(0x0100, _us(C_STORE_RQ)), _elem(0x0110, _us(message_id)),
+                   _elem(0x0700, _us(priority)), _elem(0x0800, _us(HAS_DATASET)),
+                   _elem(0x1000, _ui(sop_instance_uid))])  # fmt: skip
+
+
+def encode_c_echo_rq(message_id: int) -> bytes:
+    return _group([_elem(0x0002, _ui("1.2.840.10008.1.1")), _elem(0x0100, _us(C_ECHO_RQ)),
+                   _elem(0x0110, _us(message_id)), _elem(0x0800, _us(NO_DATASET))])  # fmt: skip
+
+
+def encode_n_action_rq(message_id: int, sop_class_uid: str, sop_instance_uid: str, action_type_id: int) -> bytes:
+    """An N-ACTION-RQ command set (an action information data set follows)."""
+    return _group([_elem(0x0003, _ui(sop_class_uid)), _elem(0x0100, _us(N_ACTION_RQ)), _elem(0x0110, _us(message_id)),
+                   _elem(0x0800, _us(HAS_DATASET)), _elem(0x1001, _ui(sop_instance_uid)),
+                   _elem(0x1008, _us(action_type_id))])  # fmt: skip
 
 
 def encode_file_meta(

@@ -11,7 +11,6 @@ association rejected as transient) is retried with back-off.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 #: Statuses that are warnings: the instance is stored (PS3.4 B.2.3, PS3.7 C.3).
 WARNINGS = {
@@ -75,13 +74,3 @@ def classify_status(status: int, comment: str = "") -> tuple[str, str]:
     if status & 0xFF00 == 0xA700 or status in (0x0110, 0x0210):
         return "transient", text
     return "permanent", text
-
-
-def rejection_text(rsp: Any, peer: str) -> Failure:
-    """A-ASSOCIATE-RJ as a failure: permanent (result 1) or transient (result 2), with who and why."""
-    result = getattr(rsp, "result", None)
-    kind = "transient" if result == 0x02 else "permanent"
-    source = getattr(rsp, "source_str", "") or "unknown source"
-    reason = getattr(rsp, "reason_str", "") or "no reason given"
-    return Failure(kind, None, f"{peer} rejected the association ({'transient' if kind == 'transient' else 'permanent'}"
-                               f", {source}): {reason}")  # fmt: skip

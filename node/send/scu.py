@@ -3,8 +3,8 @@
 A :class:`Sender` holds one association to one peer and sends instances over
 it one after another, reusing it while there is more to send and opening a
 new one when an instance needs a presentation context it does not have.
-Files are streamed from disk as stored (pynetdicom's chunked send) unless the
-peer refuses their syntax or the destination asks for another one; then
+Files are streamed from disk as stored (:mod:`node.send.association`) unless
+the peer refuses their syntax or the destination asks for another one; then
 they are transcoded (see :mod:`node.send.transcode`).
 
 Every outcome is classified (:mod:`node.send.failures`), so the caller knows
@@ -24,14 +24,24 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
-from pydicom.uid import UID
-from pynetdicom import AE, _config, evt
-from pynetdicom.pdu_primitives import A_ABORT
-from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import dsutils
 
-from node.send import transport
-from node.send.failures import Failure, classify_status, rejection_text
+from node.send.association import (
+    Association,
+    AssociationError,
+    ConnectFailed,
+    Lost,
+    PeerAborted,
+    Rejected,
+)
+from node.send.failures import Failure, classify_status
 from node.send.transcode import TranscodeError, prepare, proposals
+
+VERIFICATION = "1.2.840.10008.1.1"
+STORAGE_COMMITMENT = "1.2.840.10008.1.20.1"
+#: The well-known SOP Instance of the Storage Commitment Push Model (PS3.4 J.3.5).
+STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
 
 log = logging.getLogger(__name__)
 
@@ -116,99 +126,66 @@ class Sender:
     """An association to one peer, opened on demand and kept while it can carry what is sent."""
 
     def __init__(self, peer: Peer) -> None:
-        transport.install()
-        _config.STORE_SEND_CHUNKED_DATASET = True
         self.peer = peer
-        self.assoc = None
+        self.assoc: Association | None = None
         self._proposed: set[tuple[str, str]] = set()
+        self._requests = 0
         self.associations = 0
 
     # --- association ---------------------------------------------------------
 
     def _open(self, items: list[Item]) -> None:
         self.close()
-        ae = AE(ae_title=self.peer.calling_ae)
-        ae.maximum_pdu_size = self.peer.max_pdu
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.peer.timeout
         wanted = proposals({(i.sop_class, i.transfer_syntax) for i in items}, self.peer.transfer_syntax,
                            self.peer.accepted_syntaxes)  # fmt: skip
-        contexts = 0
+        contexts: list[tuple[str, list[str]]] = []
         proposed = set()
         for sop_class, syntaxes in wanted.items():
             for group in syntaxes:
-                if contexts >= MAX_CONTEXTS - 1:
+                if len(contexts) >= MAX_CONTEXTS - 1:
                     break
-                ae.add_requested_context(sop_class, list(group))
-                contexts += 1
+                contexts.append((sop_class, list(group)))
                 proposed.update((sop_class, ts) for ts in group)
         if self.peer.storage_commitment:
-            ae.add_requested_context(StorageCommitmentPushModel)
-        seen: dict[str, object] = {}
-
-        def _acse(event: evt.Event) -> None:
-            if isinstance(event.primitive, A_ABORT):  # (A_P_ABORT, the provider's, is not a decision of the peer)
-                seen["user_abort"] = True
-
-        def _conn(event: evt.Event) -> None:
-            seen["connected"] = True
-
-        handlers = [(evt.EVT_ACSE_RECV, _acse), (evt.EVT_CONN_OPEN, _conn)]
-        tls_args = (self.peer.tls, self.peer.host) if self.peer.tls is not None else None
-        assoc = ae.associate(self.peer.host, self.peer.port, ae_title=self.peer.called_ae, max_pdu=self.peer.max_pdu,
-                             evt_handlers=handlers, tls_args=tls_args)  # fmt: skip
+            contexts.append((STORAGE_COMMITMENT, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
+        p = self.peer
         self.associations += 1
-        if not assoc.is_established:
-            rsp = assoc.acceptor.primitive  # the A-ASSOCIATE-AC or -RJ, if one came
-            if assoc.is_rejected and rsp is not None:
-                raise AssociationFailed(rejection_text(rsp, self.peer.label))
-            if seen.get("connected") and assoc.rejected_contexts and not assoc.accepted_contexts:
-                refused = sorted({UID(cx.abstract_syntax).name for cx in assoc.rejected_contexts})
-                raise AssociationFailed(Failure("permanent", None,
-                    f"{self.peer.label} accepted none of the proposed presentation contexts "
-                    f"({', '.join(refused)}): it does not support these SOP classes or transfer syntaxes"))  # fmt: skip
-            if not seen.get("connected"):
-                raise AssociationFailed(Failure("transient", None, f"cannot connect to {self.peer.label} "
-                                                "(connection refused, unreachable or timed out)"))  # fmt: skip
-            raise AssociationFailed(Failure("transient", None, f"{self.peer.label} aborted the association or did "
-                                            f"not answer within {self.peer.timeout:g} s"))  # fmt: skip
+        try:
+            assoc = Association.request(p.host, p.port, calling_ae=p.calling_ae, called_ae=p.called_ae,
+                                        contexts=contexts, timeout=p.timeout, max_pdu=p.max_pdu, tls=p.tls)  # fmt: skip
+        except Rejected as e:
+            kind = "transient" if e.result == 2 else "permanent"
+            raise AssociationFailed(Failure(kind, None, f"{p.label} rejected the association ({e})")) from None
+        except ConnectFailed as e:
+            raise AssociationFailed(Failure("transient", None, f"cannot connect to {p.label}: {e}")) from None
+        except PeerAborted as e:
+            raise AssociationFailed(Failure("transient", None, f"{p.label}: {e}")) from None
+        except Lost as e:
+            raise AssociationFailed(Failure("transient", None, f"{p.label}: {e}")) from None
+        if not assoc.accepted.contexts:
+            refused = sorted({UID(a).name for a, _ in assoc.accepted.refused.values()})
+            raise AssociationFailed(Failure("permanent", None,
+                f"{p.label} accepted none of the proposed presentation contexts ({', '.join(refused)}): it does "
+                "not support these SOP classes or transfer syntaxes"))  # fmt: skip
         self.assoc = assoc
-        self._seen = seen
         self._requests = 0
         self._proposed = proposed
-        self._accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
-        self._refused_classes = {cx.abstract_syntax for cx in assoc.rejected_contexts} - {
-            cx.abstract_syntax for cx in assoc.accepted_contexts
+        self._accepted = set(assoc.accepted.contexts.values())
+        self._refused_classes = {a for a, _ in assoc.accepted.refused.values()} - {
+            a for a, _ in assoc.accepted.contexts.values()
         }
 
     def _covers(self, items: Iterable[Item]) -> bool:
         """Whether the open association proposed what these items need."""
-        if self.assoc is None or not self.assoc.is_established:
+        if self.assoc is None or not self.assoc.open:
             return False
         need = proposals({(i.sop_class, i.transfer_syntax) for i in items}, self.peer.transfer_syntax,
                          self.peer.accepted_syntaxes)  # fmt: skip
         return all((c, ts) in self._proposed for c, groups in need.items() for g in groups for ts in g)
 
-    def _settle(self, assoc, wait: float = 1.0) -> None:  # type: ignore[no-untyped-def]
-        """After a send got no response: give the association's loop a moment to take in an abort.
-
-        The DIMSE wait can end (the connection closed) before the loop has read the A-ABORT that
-        says whether the peer's application refused us, and before the association counts as ended.
-        """
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and not assoc.is_aborted and not self._seen.get("user_abort"):
-            if not assoc.dul.is_alive() and assoc.dul.to_user_queue.empty():
-                break
-            time.sleep(0.005)
-
     def close(self) -> None:
         if self.assoc is not None:
-            try:
-                if self.assoc.is_established and not self.assoc.is_aborted and self.assoc.dul.is_alive():
-                    self.assoc.release()
-                elif not self.assoc.is_aborted:
-                    self.assoc.abort()
-            except Exception:  # releasing a dead association must not fail the caller
-                pass
+            self.assoc.release()
             self.assoc = None
 
     # --- sending ---------------------------------------------------------------
@@ -228,7 +205,7 @@ class Sender:
         def rest() -> list[Item]:
             return [it for it in items if id(it) not in finished]
 
-        # At most MAX_CONTEXTS/2 kinds of (SOP class, syntax) per association: send in groups.
+        # At most MAX_CONTEXTS/3 kinds of (SOP class, syntax) per association: send in groups.
         for group in _context_groups(items):
             if not self._covers(group):
                 try:
@@ -252,12 +229,12 @@ class Sender:
                         done(Result(other, "permanent", None, r.text))
                     self.close()
                     return results
-                lost = self.assoc is None or not self.assoc.is_established
+                lost = self.assoc is None or not self.assoc.open
                 if r.outcome == "transient" and (r.status is not None or lost):
                     # Out of resources (0xA7xx) or the association ended: stop here, the rest waits.
                     why = r.text if r.status is not None else f"not sent: {r.text}"
-                    for it in rest():
-                        done(Result(it, "transient", None, why, attempted=False))
+                    for other in rest():
+                        done(Result(other, "transient", None, why, attempted=False))
                     self.close()
                     return results
         return results
@@ -265,40 +242,46 @@ class Sender:
     def _send_one(self, it: Item) -> Result:
         assoc = self.assoc
         assert assoc is not None
+        label = self.peer.label
         if it.sop_class in self._refused_classes:
-            return Result(it, "permanent", 0x0122, f"{self.peer.label} does not support the SOP class "
+            return Result(it, "permanent", 0x0122, f"{label} does not support the SOP class "
                           f"{UID(it.sop_class).name} (presentation context rejected)")  # fmt: skip
         try:
-            what, sent_ts = prepare(
-                it.path, it.sop_class, it.transfer_syntax, self._accepted, self.peer.transfer_syntax
-            )
+            what, sent_ts = prepare(it.path, it.sop_class, it.transfer_syntax, self._accepted, self.peer.transfer_syntax)
+            cx_id = assoc.accepted.find(it.sop_class, sent_ts)
+            if cx_id is None:
+                raise TranscodeError(f"{it.path.name}: no accepted presentation context for "
+                                     f"{UID(it.sop_class).name} in {UID(sent_ts).name}")  # fmt: skip
+            data = None if isinstance(what, Path) else encode_dataset(what, UID(sent_ts))
         except TranscodeError as e:
             return Result(it, "permanent", None, str(e))
         except OSError as e:
             return Result(it, "permanent", None, f"cannot read {it.path}: {e}")
-        try:
-            rsp = assoc.send_c_store(what)
-        except (ValueError, AttributeError) as e:
-            return Result(it, "permanent", None, f"cannot send {it.path.name}: {e}")
-        except (RuntimeError, OSError) as e:
-            return Result(it, "transient", None, f"association to {self.peer.label} lost: {e}")
         self._requests += 1
-        if not rsp or "Status" not in rsp:
-            self._settle(assoc)
-            if self._seen.get("user_abort"):
-                # The peer's application refused the request by aborting (Orthanc does this for a calling AE
-                # it does not know): sending again would meet the same refusal.
-                first = self._requests == 1
-                text = (f"{self.peer.label} aborted the association instead of answering the C-STORE "
-                        + ("(its first request): it refuses us; check that it knows our calling AE title "
-                           f"{self.peer.calling_ae!r} from this host" if first else
-                           f"of this instance ({UID(it.sop_class).name}); see the destination's log"))  # fmt: skip
-                return Result(it, "permanent", None, text, sent_syntax=sent_ts, refused_all=first)
-            return Result(it, "transient", None, f"no response from {self.peer.label} (association lost, or no answer "
-                          f"within {self.peer.timeout:g} s)", sent_syntax=sent_ts)  # fmt: skip
-        status = int(rsp.Status)
-        comment = str(rsp.get("ErrorComment", "") or "")
-        kind, text = classify_status(status, comment)
+        try:
+            if data is None:
+                rsp = assoc.store(cx_id, it.sop_class, it.sop_instance, path=it.path)
+            else:
+                rsp = assoc.store(cx_id, it.sop_class, it.sop_instance, data=data)
+        except PeerAborted as e:
+            if e.source != 0:
+                return Result(it, "transient", None, f"{label}: {e}", sent_syntax=sent_ts)
+            # The peer's application refused the request by aborting (Orthanc does this for a calling AE
+            # title it does not know): sending again would meet the same refusal.
+            first = self._requests == 1
+            text = (f"{label} aborted the association instead of answering the C-STORE "
+                    + ("(its first request): it refuses us; check that it knows our calling AE title "
+                       f"{self.peer.calling_ae!r} from this host" if first else
+                       f"of this instance ({UID(it.sop_class).name}); see the destination's log"))  # fmt: skip
+            return Result(it, "permanent", None, text, sent_syntax=sent_ts, refused_all=first)
+        except (Lost, ValueError) as e:
+            if isinstance(e, ValueError):  # the stored file is not what the index says
+                return Result(it, "permanent", None, f"cannot send {it.path.name}: {e}")
+            return Result(it, "transient", None, f"no response from {label}: {e}", sent_syntax=sent_ts)
+        except OSError as e:
+            return Result(it, "permanent", None, f"cannot read {it.path}: {e}")
+        status = rsp.status if rsp.status is not None else 0xC000
+        kind, text = classify_status(status, rsp.error_comment)
         if kind == "delivered":
             return Result(it, "delivered", status, "", warning=text, sent_syntax=sent_ts)
         return Result(it, kind, status, text, sent_syntax=sent_ts)
@@ -308,9 +291,11 @@ class Sender:
     def request_commitment(self, transaction_uid: str, refs: list[tuple[str, str]]) -> str:
         """N-ACTION Request Storage Commitment for (SOP class, SOP instance) pairs; "" or why it failed."""
         assoc = self.assoc
-        if assoc is None or not assoc.is_established:
+        if assoc is None or not assoc.open:
             return "the association ended before storage commitment could be requested"
-        if not any(cx.abstract_syntax == StorageCommitmentPushModel for cx in assoc.accepted_contexts):
+        cx = next(((cx_id, ts) for cx_id, (a, ts) in assoc.accepted.contexts.items() if a == STORAGE_COMMITMENT),
+                  None)  # fmt: skip
+        if cx is None:
             return f"{self.peer.label} does not accept Storage Commitment (its presentation context was rejected)"
         ds = Dataset()
         ds.TransactionUID = transaction_uid
@@ -322,14 +307,21 @@ class Sender:
             seq.append(r)
         ds.ReferencedSOPSequence = seq
         try:
-            status, _ = assoc.send_n_action(ds, 1, StorageCommitmentPushModel, "1.2.840.10008.1.20.1.1")
-        except (ValueError, RuntimeError, OSError) as e:
+            rsp = assoc.n_action(cx[0], STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE, 1,
+                                 encode_dataset(ds, UID(cx[1])))  # fmt: skip
+        except AssociationError as e:
             return f"storage commitment request failed: {e}"
-        if not status or "Status" not in status:
-            return "no response to the storage commitment request"
-        if int(status.Status) != 0:
-            return f"storage commitment request refused with status 0x{int(status.Status):04X}"
+        if rsp.status != 0:
+            return f"storage commitment request refused with status 0x{(rsp.status or 0):04X}"
         return ""
+
+
+def encode_dataset(ds: Dataset, ts: UID) -> bytes:
+    """A data set as bytes in an uncompressed or encapsulated transfer syntax's VR and byte order."""
+    raw = dsutils.encode(ds, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
+    if raw is None:
+        raise TranscodeError(f"cannot encode the data set in {ts.name}")
+    return raw
 
 
 def _context_groups(items: list[Item]) -> list[list[Item]]:
@@ -441,18 +433,17 @@ def send_files(
 
 def echo(peer: Peer) -> int:
     """C-ECHO; returns the status (raises ConnectionError naming why there was no association)."""
-    transport.install()
-    ae = AE(ae_title=peer.calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = peer.timeout
-    ae.add_requested_context(Verification)
-    tls_args = (peer.tls, peer.host) if peer.tls is not None else None
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.called_ae, tls_args=tls_args)
-    if not assoc.is_established:
-        raise ConnectionError(f"no association with {peer.label} (rejected, aborted or refused)")
     try:
-        rsp = assoc.send_c_echo()
-        if not rsp or "Status" not in rsp:
-            raise ConnectionError("no C-ECHO response (timeout or abort)")
-        return int(rsp.Status)
+        assoc = Association.request(peer.host, peer.port, calling_ae=peer.calling_ae, called_ae=peer.called_ae,
+                                    contexts=[(VERIFICATION, [ImplicitVRLittleEndian])], timeout=peer.timeout,
+                                    tls=peer.tls)  # fmt: skip
+    except AssociationError as e:
+        raise ConnectionError(f"no association with {peer.label}: {e}") from None
+    if not assoc.accepted.contexts:
+        raise ConnectionError(f"{peer.label} does not accept Verification")
+    try:
+        return int(assoc.echo(next(iter(assoc.accepted.contexts))).status or 0)
+    except AssociationError as e:
+        raise ConnectionError(f"no C-ECHO response from {peer.label}: {e}") from None
     finally:
         assoc.release()
