@@ -1,0 +1,121 @@
+"""The sender's parts: what a status means, the back-off, what is proposed, and TLS to a real DCMTK storescp."""
+
+from __future__ import annotations
+
+import random
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from helpers import PEER_ENV, dcmtk, free_port, make_ct_series, read_sop_uid
+
+from node.config import RetrySection
+from node.send.dispatch import Breaker
+from node.send.failures import classify_status
+from node.send.scu import Peer, send_files
+from node.send.transcode import proposals
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+EXPLICIT, IMPLICIT, J2K, RLE = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.5"
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [
+        (0x0000, "delivered"), (0xB000, "delivered"), (0xB006, "delivered"), (0xB007, "delivered"),
+        (0x0111, "delivered"), (0xA700, "transient"), (0xA7FF, "transient"), (0x0110, "transient"),
+        (0xA900, "permanent"), (0xA9FF, "permanent"), (0xC000, "permanent"), (0xC123, "permanent"),
+        (0x0122, "permanent"), (0x0124, "permanent"), (0x0117, "permanent"), (0xFE00, "permanent"),
+    ],
+)  # fmt: skip
+def test_status_classes(status, kind):
+    got, text = classify_status(status, "why")
+    assert got == kind
+    if status:
+        assert f"0x{status:04X}" in text and "why" in text  # the reason travels with the outcome
+
+
+def test_backoff_grows_by_the_multiplier_to_its_maximum_with_bounded_jitter():
+    policy = RetrySection(initial_delay=2, multiplier=3, max_delay=60, jitter=0.25)
+    b = Breaker(policy, random.Random(7))
+    for n, base in enumerate([2, 6, 18, 54, 60, 60, 60], start=1):
+        for _ in range(50):
+            d = b.delay(n)
+            assert base * 0.75 - 1e-9 <= d <= min(60, base * 1.25) + 1e-9, (n, d)
+
+
+def test_breaker_lets_one_probe_through_after_the_backoff_and_closes_on_success():
+    b = Breaker(RetrySection(initial_delay=0.2, max_delay=1, jitter=0))
+    assert b.wait() == 0 and b.state == "closed"
+    delay, _ = b.failure()
+    assert delay == pytest.approx(0.2) and b.state == "open"
+    assert 0 < b.wait() <= 0.2
+    time.sleep(0.25)
+    assert b.wait() == 0, "one worker probes"
+    assert b.wait() > 0, "the others wait while it probes"
+    b.failure()
+    assert b.failures == 2 and b.delay(2) == pytest.approx(0.4)
+    b.success()
+    assert b.state == "closed" and b.wait() == 0
+
+
+def test_proposals_offer_the_stored_syntax_and_an_uncompressed_fallback():
+    assert proposals({(CT, J2K)}, "as-stored") == {CT: [(J2K,), (EXPLICIT, IMPLICIT)]}
+    assert proposals({(CT, EXPLICIT)}, "as-stored") == {CT: [(EXPLICIT,), (IMPLICIT,)]}
+    # asked for lossless JPEG 2000: it comes first, the stored syntax and uncompressed after
+    assert proposals({(CT, EXPLICIT)}, "jpeg2000") == {CT: [(J2K,), (EXPLICIT,), (IMPLICIT,)]}
+    # "none": a compressed file is only ever sent decoded
+    assert proposals({(CT, RLE)}, "none") == {CT: [(EXPLICIT, IMPLICIT)]}
+    # a destination that only takes implicit VR
+    assert proposals({(CT, J2K)}, "as-stored", (IMPLICIT,)) == {CT: [(IMPLICIT,)]}
+
+
+def _make_cert(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    key, cert = tmp_path / f"{name}.key", tmp_path / f"{name}.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return key, cert
+
+
+def test_tls_destination_with_client_certificate_to_dcmtk_storescp(tmp_path):
+    server_key, server_cert = _make_cert(tmp_path, "server")
+    client_key, client_cert = _make_cert(tmp_path, "client")
+    out = tmp_path / "out"
+    out.mkdir()
+    port = free_port()
+    proc = subprocess.Popen(
+        [dcmtk("storescp"), "-aet", "TLSSCP", "+tls", str(server_key), str(server_cert), "+cf", str(client_cert),
+         "-rc", "-od", str(out), str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=PEER_ENV,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while proc.poll() is None and time.monotonic() < deadline:  # listening?
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        assert proc.poll() is None, "storescp with TLS did not start"
+        files = make_ct_series(tmp_path / "ct", 3)
+        from node.config import DestinationSection
+
+        d = DestinationSection(name="tls", ae_title="TLSSCP", host="127.0.0.1", port=port,
+                               tls=dict(enabled=True, ca=server_cert, certificate=client_cert, private_key=client_key,
+                                        check_hostname=False))  # fmt: skip
+        summary = send_files(Peer.from_destination(d, "DICOM_NODE"), files)
+        assert summary.ok and summary.sent == 3, summary.errors
+        assert {read_sop_uid(p) for p in out.iterdir()} == {read_sop_uid(f) for f in files}
+        # without our certificate the peer refuses: a clear, transient (connection-level) failure
+        anon = DestinationSection(name="anon", ae_title="TLSSCP", host="127.0.0.1", port=port,
+                                  tls=dict(enabled=True, ca=server_cert, check_hostname=False))  # fmt: skip
+        refused = send_files(Peer.from_destination(anon, "DICOM_NODE"), files[:1])
+        assert refused.failed == 1 and refused.errors[0][1], refused.errors
+    finally:
+        proc.terminate()
+        proc.wait(10)
