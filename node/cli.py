@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -521,10 +523,19 @@ def queue_list(
     out.print(t)
 
 
-def _selected(destination: str | None, series: str | None, ids: list[int] | None, everything: bool) -> None:
+def _change_queue(config: Path | None, destination: str | None, series: str | None, ids: list[int] | None,
+                  everything: bool, change: Callable[[Any], str]) -> None:  # fmt: skip
+    """Run ``change(engine)`` on the index for retry/cancel, after checking that a selection was given."""
     if not (destination or series or ids or everything):
         console.print("[bold red]error:[/] say which deliveries: --destination, --series, --id, or --all")
         raise typer.Exit(2)
+    cfg = _load(config)
+    engine = _engine(cfg, write=True)
+    try:
+        message = change(engine)
+    finally:
+        engine.dispose()
+    out.print(message)
 
 
 @queue_app.command("retry")
@@ -538,15 +549,12 @@ def queue_retry(
     """Send failed or cancelled deliveries again, and waiting ones now (the running node takes them within seconds)."""
     from node.send import queue
 
-    _selected(destination, series, ids, everything)
-    cfg = _load(config)
-    engine = _engine(cfg, write=True)
-    try:
+    def change(engine: Any) -> str:
         again = queue.retry(engine, destination=destination, ids=ids, series_uid=series)
         now = queue.retry_now(engine, destination) if not (series or ids) else 0
-    finally:
-        engine.dispose()
-    out.print(f"{again} failed or cancelled deliveries queued again; {now} waiting ones made due now")
+        return f"{again} failed or cancelled deliveries queued again; {now} waiting ones made due now"
+
+    _change_queue(config, destination, series, ids, everything, change)
 
 
 @queue_app.command("cancel")
@@ -560,14 +568,11 @@ def queue_cancel(
     """Cancel queued deliveries (one already on the wire may still arrive)."""
     from node.send import queue
 
-    _selected(destination, series, ids, everything)
-    cfg = _load(config)
-    engine = _engine(cfg, write=True)
-    try:
+    def change(engine: Any) -> str:
         n = queue.cancel(engine, destination=destination, ids=ids, series_uid=series)
-    finally:
-        engine.dispose()
-    out.print(f"{n} deliveries cancelled")
+        return f"{n} deliveries cancelled"
+
+    _change_queue(config, destination, series, ids, everything, change)
 
 
 def main() -> None:

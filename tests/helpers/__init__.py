@@ -419,3 +419,14 @@ class StoreSCP:
         """A [[destinations]] table for the node's config; ``extra`` values are TOML as written."""
         more = "".join(f"{k} = {v}\n" for k, v in extra.items())
         return f'[[destinations]]\nname = "{name}"\nae_title = "{self.ae_title}"\nhost = "127.0.0.1"\nport = {self.port}\n{more}'
+
+
+def make_cert(folder: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate (CN = name) and its key, for TLS tests: (key, certificate)."""
+    key, cert = folder / f"{name}.key", folder / f"{name}.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return key, cert

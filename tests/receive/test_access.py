@@ -5,10 +5,9 @@ from __future__ import annotations
 import socket
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
-from helpers import PEER_ENV, dcmtk, make_ct_series, storescu
+from helpers import PEER_ENV, dcmtk, make_cert, make_ct_series, storescu
 
 
 def _rejected(r: subprocess.CompletedProcess) -> bool:
@@ -94,19 +93,9 @@ def test_port_scanner_does_not_disturb(node, tmp_path):
     assert storescu(node.port, files).returncode == 0
 
 
-def _make_cert(tmp_path: Path, name: str) -> tuple[Path, Path]:
-    key, cert = tmp_path / f"{name}.key", tmp_path / f"{name}.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return key, cert
-
-
 def test_tls_with_client_certificates(node, tmp_path):
-    server_key, server_cert = _make_cert(tmp_path, "server")
-    client_key, client_cert = _make_cert(tmp_path, "client")
+    server_key, server_cert = make_cert(tmp_path, "server")
+    client_key, client_cert = make_cert(tmp_path, "client")
     node.extra_config = f"""
 [tls]
 enabled = true

@@ -6,10 +6,9 @@ import random
 import socket
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
-from helpers import PEER_ENV, dcmtk, free_port, make_ct_series, read_sop_uid
+from helpers import PEER_ENV, dcmtk, free_port, make_cert, make_ct_series, read_sop_uid
 
 from node.config import RetrySection
 from node.send.dispatch import Breaker
@@ -72,19 +71,9 @@ def test_proposals_offer_the_stored_syntax_and_an_uncompressed_fallback():
     assert proposals({(CT, J2K)}, "as-stored", (IMPLICIT,)) == {CT: [(IMPLICIT,)]}
 
 
-def _make_cert(tmp_path: Path, name: str) -> tuple[Path, Path]:
-    key, cert = tmp_path / f"{name}.key", tmp_path / f"{name}.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return key, cert
-
-
 def test_tls_destination_with_client_certificate_to_dcmtk_storescp(tmp_path):
-    server_key, server_cert = _make_cert(tmp_path, "server")
-    client_key, client_cert = _make_cert(tmp_path, "client")
+    server_key, server_cert = make_cert(tmp_path, "server")
+    client_key, client_cert = make_cert(tmp_path, "client")
     out = tmp_path / "out"
     out.mkdir()
     port = free_port()
