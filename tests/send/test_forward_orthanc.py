@@ -280,3 +280,61 @@ actions = [{{ type = "forward", to = ["pacs"] }}]
         assert "storage commitment result for transaction" in node.log()
     finally:
         pacs.stop()
+
+
+def test_storage_commitment_failures_and_silence_are_sent_again(node, tmp_path):
+    """A PACS reports one instance as not committed and never answers for the rest: both are sent again."""
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE, build_role
+    from pynetdicom.sop_class import StorageCommitmentPushModel
+
+    # Orthanc calls back a wrong port, so its own reports never arrive: this test speaks for the PACS.
+    pacs = Orthanc(tmp_path / "orthanc").start()
+    try:
+        node.extra_config = f"""
+[tracker]
+stable_after = 1
+{pacs.destination("pacs", storage_commitment="true", commitment_timeout="3")}
+[[rules]]
+name = "route"
+actions = [{{ type = "forward", to = ["pacs"] }}]
+"""
+        node.start()
+        files = make_ct_series(tmp_path / "ct", 3, seed=8)
+        uids = [read_sop_uid(f) for f in files]
+        assert storescu(node.port, files).returncode == 0
+        node.wait_delivered(3)
+        ((transaction,),) = node.query("select distinct commitment_uid from delivery")
+        assert node.query("select distinct commitment from delivery") == [("requested",)]
+
+        report = Dataset()
+        report.TransactionUID = transaction
+        ok = Dataset()
+        ok.ReferencedSOPClassUID, ok.ReferencedSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2", uids[0]
+        bad = Dataset()
+        bad.ReferencedSOPClassUID, bad.ReferencedSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2", uids[1]
+        bad.FailureReason = 0x0112
+        report.ReferencedSOPSequence = [ok]
+        report.FailedSOPSequence = [bad]
+        ae = AE("ORTHANC")
+        ae.add_requested_context(StorageCommitmentPushModel)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title,
+                             ext_neg=[build_role(StorageCommitmentPushModel, scp_role=True)])  # fmt: skip
+        assert assoc.is_established
+        status, _ = assoc.send_n_event_report(report, 2, StorageCommitmentPushModel, "1.2.840.10008.1.20.1.1")
+        assoc.release()
+        assert status.Status == 0x0000
+
+        state = dict((u, (s, c, a)) for u, s, c, a in node.query(
+            "select sop_instance_uid, state, commitment, attempts from delivery"))  # fmt: skip
+        assert state[uids[0]] == ("delivered", "committed", 1)
+        # the failed one is sent (and committed) again at once; the unanswered one after commitment_timeout
+        wait_for(lambda: node.query("select attempts from delivery where sop_instance_uid = ?", uids[1]) == [(2,)],
+                 20, "the instance the PACS did not commit to be sent again")  # fmt: skip
+        wait_for(lambda: node.query("select attempts from delivery where sop_instance_uid = ?", uids[2])[0][0] >= 2,
+                 30, "the unanswered instance to be sent again")  # fmt: skip
+        assert "reported failed; sending them again" in node.log()
+        assert "never confirmed by storage commitment" in node.log()
+        assert node.query("select commitment from delivery where sop_instance_uid = ?", uids[0]) == [("committed",)]
+    finally:
+        pacs.stop()
