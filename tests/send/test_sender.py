@@ -108,3 +108,39 @@ def test_tls_destination_with_client_certificate_to_dcmtk_storescp(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_out_of_resources_is_retried_until_the_peer_has_room(node, tmp_path):
+    """0xA700 from a real peer (a second node whose disk is 'full') is transient: retried, then delivered."""
+    from helpers import NodeProcess, storescu, wait_for
+
+    full = NodeProcess(tmp_path / "downstream", ae_title="DOWNSTREAM")
+    full.env["DICOM_NODE_NODE__MIN_FREE_MB"] = "100000000"  # more than any disk: every C-STORE gets 0xA700
+    full.start()
+    try:
+        node.extra_config = f"""
+[tracker]
+stable_after = 1
+[[destinations]]
+name = "down"
+ae_title = "DOWNSTREAM"
+host = "127.0.0.1"
+port = {full.port}
+retry = {{ initial_delay = 0.5, max_delay = 1, jitter = 0 }}
+[[rules]]
+name = "route"
+actions = [{{ type = "forward", to = ["down"] }}]
+"""
+        node.start()
+        files = make_ct_series(tmp_path / "ct", 4, seed=9)
+        assert storescu(node.port, files).returncode == 0
+        wait_for(lambda: (node.query("select max(attempts) from delivery")[0][0] or 0) >= 3, 30, "several attempts")
+        rows = node.query("select state, last_status, last_error from delivery where last_status is not null")
+        assert rows and all(r[0] == "queued" and r[1] == 0xA700 and "out of resources" in r[2] for r in rows), rows
+        full.stop()
+        del full.env["DICOM_NODE_NODE__MIN_FREE_MB"]
+        full.start()  # room again
+        node.wait_delivered(4, timeout=30)
+        assert full.query("select count(*) from instance") == [(4,)]
+    finally:
+        full.stop()
