@@ -443,6 +443,27 @@ def jobs_cancel(job_id: int, config: Path | None = ConfigOption) -> None:
     out.print(f"job {job_id} cancelled (it was {was})")
 
 
+@app.command()
+def lineage(
+    uid: str = typer.Argument(..., help="A SOP Instance UID or Series Instance UID (a source or an output)."),
+    config: Path | None = ConfigOption,
+) -> None:
+    """Where an object came from and went: source series, revisions, jobs (plugin versions), outputs, deliveries."""
+    from node.index.lineage import NotFound
+    from node.index.lineage import lineage as chain
+
+    cfg = _load(config)
+    engine = _engine(cfg)
+    try:
+        lines = chain(engine, uid)
+    except NotFound as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        raise typer.Exit(1) from None
+    finally:
+        engine.dispose()
+    _lines(lines)
+
+
 DestinationOption = typer.Option(None, "--destination", "-d", help="Only deliveries to this destination.")
 SeriesOption = typer.Option(None, "--series", help="Only deliveries of this series (Series Instance UID).")
 IdsOption = typer.Option(None, "--id", help="Only this delivery (repeatable).")

@@ -6,6 +6,8 @@ Each test starts its own Orthanc on loopback ports; what Orthanc holds is read b
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -82,6 +84,17 @@ to = ["pacs"]
                           for i in r.ReferencedInstanceSequence}  # fmt: skip
             assert referenced <= {read_sop_uid(f) for f in files} and referenced
     assert {r[1] for r in deliveries(node, "pacs")} == {"delivered"}
+
+    # -- the chain, as an administrator asks for it: from any output back to its source and on to the PACS
+    seg_uid = next(uid for uid, c in outputs if c == seg_class)
+    r = subprocess.run([sys.executable, "-m", "node", "lineage", seg_uid, "--config", str(node.config_path)],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())
+    assert f"{seg_uid} was made by this node from series {source.SeriesInstanceUID}" in text, r.stdout
+    assert "(plugin threshold-seg 1.0): succeeded" in text and f"output Segmentation Storage {seg_uid}" in text
+    assert "(forward): succeeded" in text and "-> pacs: 28 delivered" in text, r.stdout
+    assert text.count("-> pacs: 1 delivered") == len(outputs), r.stdout
 
 
 def test_orthanc_outage_is_ridden_out_with_backoff_while_storescp_keeps_receiving(node, orthanc, tmp_path):

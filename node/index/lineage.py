@@ -1,0 +1,101 @@
+"""Where an object came from and where it went: source series -> jobs -> outputs -> deliveries.
+
+Read from the index only (instance.job_fk links an output to the job that made it; job.software
+names the plugin versions; the delivery table says where each instance went).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Engine, func, select
+
+from node.index.models import Delivery, Instance, Job, Series, SeriesRevision
+
+_i, _s, _j, _d, _r = (m.__table__ for m in (Instance, Series, Job, Delivery, SeriesRevision))
+
+
+class NotFound(LookupError):
+    pass
+
+
+def _when(value) -> str:  # type: ignore[no-untyped-def]
+    return value.strftime("%Y-%m-%d %H:%M:%S") if value is not None else "-"
+
+
+def _deliveries(conn, instance_ids: list[int], indent: str) -> list[str]:  # type: ignore[no-untyped-def]
+    if not instance_ids:
+        return []
+    rows = conn.execute(
+        select(_d.c.destination, _d.c.state, _d.c.commitment, func.count(), func.min(_d.c.delivered_at),
+               func.max(_d.c.delivered_at), func.max(_d.c.last_error))
+        .where(_d.c.instance_fk.in_(instance_ids))
+        .group_by(_d.c.destination, _d.c.state, _d.c.commitment)
+        .order_by(_d.c.destination, _d.c.state)
+    ).all()  # fmt: skip
+    out = []
+    for dest, state, commitment, n, first, last, error in rows:
+        line = f"{indent}-> {dest}: {n} {state}"
+        if commitment:
+            line += f" ({'awaiting commitment' if commitment == 'requested' else commitment})"
+        if state == "delivered":
+            line += f" {_when(first)}" + (f" .. {_when(last)}" if n > 1 and last != first else "")
+        elif error:
+            line += f" -- {error}"
+        out.append(line)
+    return out or [f"{indent}-> not queued for any destination"]
+
+
+def lineage(engine: Engine, uid: str) -> list[str]:
+    """Lines describing the chain through ``uid`` (a SOP Instance UID or a Series Instance UID)."""
+    with engine.connect() as conn:
+        series = conn.execute(select(_s).where(_s.c.series_instance_uid == uid)).first()
+        if series is None:
+            inst = conn.execute(select(_i.c.series_fk).where(_i.c.sop_instance_uid == uid)).first()
+            if inst is None:
+                raise NotFound(f"no instance or series {uid} in the index")
+            series = conn.execute(select(_s).where(_s.c.id == inst.series_fk)).one()
+        made_by = conn.execute(
+            select(_j.c.series_fk).select_from(_i.join(_j, _j.c.id == _i.c.job_fk))
+            .where(_i.c.series_fk == series.id).limit(1)
+        ).first()  # fmt: skip
+        lines: list[str] = []
+        if made_by is not None:  # an output series: start from its source
+            src = conn.execute(select(_s).where(_s.c.id == made_by.series_fk)).one()
+            lines.append(f"{uid} was made by this node from series {src.series_instance_uid}:")
+            series = src
+        lines.append(f"source series {series.series_instance_uid} ({series.modality} "
+                     f"\"{series.series_description}\", {series.instance_count} instances)")  # fmt: skip
+        for rev in conn.execute(select(_r).where(_r.c.series_fk == series.id).order_by(_r.c.revision)):
+            rules = rev.matched_rules or "no rule matched"
+            lines.append(f"  revision {rev.revision}: {rev.instance_count} instances, stable {_when(rev.stable_at)} "
+                         f"({rev.stable_reason}); {rules}")  # fmt: skip
+        sources = [r.id for r in conn.execute(select(_i.c.id).where(_i.c.series_fk == series.id))]
+        jobs = conn.execute(select(_j).where(_j.c.series_fk == series.id).order_by(_j.c.id)).all()
+        for job in jobs:
+            what = job.kind + (f" {job.software}" if job.software else "")
+            detail = job.result if job.state == "succeeded" else job.last_error
+            lines.append(f"  job #{job.id} revision {job.revision} rule {job.rule} action {job.action_index} ({what}): "
+                         f"{job.state} {_when(job.finished_at)}" + (f" -- {detail}" if detail else ""))  # fmt: skip
+            outputs = conn.execute(
+                select(_i.c.id, _i.c.sop_instance_uid, _i.c.sop_class_uid, _s.c.series_instance_uid)
+                .select_from(_i.join(_s, _s.c.id == _i.c.series_fk))
+                .where(_i.c.job_fk == job.id).order_by(_i.c.id)
+            ).all()  # fmt: skip
+            for o in outputs:
+                from pydicom.uid import UID
+
+                lines.append(f"    output {UID(o.sop_class_uid).name} {o.sop_instance_uid} (series "
+                             f"{o.series_instance_uid})")  # fmt: skip
+                lines.extend(_deliveries(conn, [o.id], "      "))
+            if job.kind == "forward":
+                ids = [r.id for r in conn.execute(select(_d.c.instance_fk).where(_d.c.job_fk == job.id)
+                                                  .where(_d.c.instance_fk.is_not(None)).distinct()
+                                                  .with_only_columns(_d.c.instance_fk.label("id")))]  # fmt: skip
+                lines.extend(_deliveries(conn, ids, "    "))
+        if not jobs:
+            lines.append("  no jobs")
+        # Deliveries of the source instances not made by a forward job (e.g. queued before a job existed).
+        if not any(j.kind == "forward" for j in jobs) and sources:
+            extra = _deliveries(conn, sources, "  ")
+            if extra and not extra[0].endswith("not queued for any destination"):
+                lines.extend(extra)
+    return lines
