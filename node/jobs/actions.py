@@ -207,6 +207,8 @@ def plugin(ctx: JobContext) -> str:
     summary = (f"{made} from {len(rels)} source instances ({', '.join(result.plugins)}; load {t['load']:.1f} s, "
                f"plugin {t['plugin']:.1f} s, build {t['build']:.1f} s, write {t['write']:.1f} s; "
                f"peak memory {result.peak_mb:.0f} MiB, {result.peak_added_mb:.0f} MiB for the job)")  # fmt: skip
+    if result.notes:
+        summary += "; " + "; ".join(result.notes)
     if again:
         summary += f"; {again} already stored by an earlier run"
     log.info("job %d: %s", ctx.job.id, summary)

@@ -102,7 +102,27 @@ class Images:
     pixel_spacing: tuple[float, float] | None = None
 
 
-Result = Segmentation | Images
+@dataclass
+class Volume:
+    """A volume of numbers on the input's grid: (slices, rows, cols), slices in the order of ``series.datasets``.
+
+    Returned as a derived image series of the source's kind (CT stays CT Image, MR stays MR
+    Image): a denoised or subtracted series, a probability map, anything that should stack,
+    scroll and measure like the original. Integer values that fit 16 bits are stored exactly;
+    anything else is stored in 16 bits with a Rescale Slope/Intercept, and the node reports the
+    largest error that costs (``precision`` makes a larger one an error).
+    """
+
+    values: np.ndarray
+    #: What it is, e.g. "denoised" (the Series Description unless the rule sets one).
+    name: str = ""
+    #: Largest acceptable error of a stored value (same units as ``values``); None: whatever 16 bits give.
+    precision: float | None = None
+    #: How it was derived, for Derivation Description (default: the plugin's name and version).
+    description: str = ""
+
+
+Result = Segmentation | Images | Volume
 
 
 # -- input -------------------------------------------------------------------

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from node.plugins.api import GeometryError, Images, PluginError, Segmentation
+from node.plugins.api import GeometryError, Images, PluginError, Segmentation, Volume
 
 
 @dataclass
@@ -45,7 +45,7 @@ class WorkSpec:
 @dataclass
 class Output:
     file: str
-    kind: str  # "SEG" or "SC"
+    kind: str  # "SEG", "SC" or "image"
     sop_instance_uid: str
     series_instance_uid: str
 
@@ -63,6 +63,8 @@ class WorkResult:
     #: Peak resident memory of the process (MiB), and how much of it came after the start (the job's own).
     peak_mb: float = 0.0
     peak_added_mb: float = 0.0
+    #: What the job's summary should also say (e.g. the precision a derived image series keeps).
+    notes: list[str] = field(default_factory=list)
 
 
 def _rss_mb() -> float:
@@ -103,6 +105,7 @@ def run(spec: WorkSpec) -> WorkResult:
     from pydicom.uid import UID
 
     from node.derive.common import Provenance
+    from node.derive.image import build_image_series
     from node.derive.sc import build_sc
     from node.derive.seg import OutputError, build_seg
     from node.plugins.registry import load
@@ -143,9 +146,9 @@ def run(spec: WorkSpec) -> WorkResult:
             if not isinstance(out, (list, tuple)):
                 out = [out]
             for r in out:
-                if not isinstance(r, (Segmentation, Images)):
-                    raise PluginError(f"plugin {s.name} returned a {type(r).__name__}; results are Segmentation "
-                                      "or Images")  # fmt: skip
+                if not isinstance(r, (Segmentation, Images, Volume)):
+                    raise PluginError(f"plugin {s.name} returned a {type(r).__name__}; results are Segmentation, "
+                                      "Images or Volume")  # fmt: skip
             results.extend(out)
             made_by.extend([prov] * len(out))
         # The voxels are the largest thing here; the builders need only metadata and the results.
@@ -154,6 +157,7 @@ def run(spec: WorkSpec) -> WorkResult:
         series.__dict__.pop("_rescaled", None)
         timings["load"] += time.perf_counter() - t
         outputs: list[Output] = []
+        notes: list[str] = []
         out_dir = Path(spec.out_dir)
         ts = UID(spec.transfer_syntax)
         for i, (r, prov) in enumerate(zip(results, made_by, strict=True)):
@@ -163,6 +167,10 @@ def run(spec: WorkSpec) -> WorkResult:
                 datasets = [build_seg(series, r, prov, index=i, transfer_syntax=ts,
                                       keep_empty_frames=spec.keep_empty_frames)]  # fmt: skip
                 kind = "SEG"
+            elif isinstance(r, Volume):
+                datasets, error = build_image_series(series, r, prov, index=i, transfer_syntax=ts)
+                kind = "image"
+                notes.append(f"{r.name or 'volume'} stored " + ("exactly" if error == 0 else f"within {error:.3g}"))
             else:
                 datasets = build_sc(series, r, prov, index=i, transfer_syntax=ts)
                 kind = "SC"
@@ -173,7 +181,7 @@ def run(spec: WorkSpec) -> WorkResult:
                 ds.save_as(path, enforce_file_format=True)
                 outputs.append(Output(str(path), kind, str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID)))
             timings["write"] += time.perf_counter() - t
-        return WorkResult(True, outputs, timings=timings, plugins=names)
+        return WorkResult(True, outputs, timings=timings, plugins=names, notes=notes)
     except MemoryError:
         limit = (f"limit {spec.memory_limit_mb} MB; raise memory_limit_mb for this plugin if the series needs it"
                  if spec.memory_limit_mb else "no limit set: the machine itself is out of memory")  # fmt: skip

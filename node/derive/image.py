@@ -1,0 +1,192 @@
+"""Derived image series: a plugin's volume on the source grid, as images of the source's own kind.
+
+Each output slice is the source slice's data set with what no longer holds
+replaced: new SOP Instance and Series UIDs (deterministic, see
+:class:`Provenance`), Image Type ``DERIVED\\SECONDARY``, the pixel data and its
+description, window, Derivation Description and a Source Image Sequence
+pointing at the slice it was computed from. Everything that describes the
+patient, the study, the frame of reference and the slice's plane (Image
+Position/Orientation, Pixel Spacing, Slice Thickness) stays the source's, so
+the series stacks and measures exactly like the original.
+
+Values are stored in 16 bits: integers that fit, exactly; anything else with
+a Rescale Slope and Intercept chosen from the value range, whose rounding
+error (half a step) is the precision reported. Rescale values are DS (at
+most 16 characters), so the stored integers are computed from the values as
+written, not from the unrounded ones.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
+from pydicom.valuerep import format_number_as_ds
+
+from node.derive.common import MANUFACTURER, Provenance
+from node.derive.seg import OutputError
+from node.plugins.api import SeriesInput, Volume
+
+#: Source SOP classes a derived image series is written in (single-frame, one instance per slice).
+SUPPORTED = {str(CTImageStorage): "CT Image", str(MRImageStorage): "MR Image"}
+
+#: Source attributes that describe the source's pixels or its own identity, not the derived image.
+_REPLACED = {
+    "PixelData", "SmallestImagePixelValue", "LargestImagePixelValue", "WindowCenter", "WindowWidth",
+    "WindowCenterWidthExplanation", "VOILUTSequence", "ModalityLUTSequence", "RescaleType", "IconImageSequence",
+    "SOPInstanceUID", "SeriesInstanceUID", "SeriesNumber", "SeriesDescription", "InstanceNumber", "ImageType",
+    "DerivationDescription", "DerivationCodeSequence", "SourceImageSequence", "ReferencedImageSequence",
+    "ContributingEquipmentSequence", "InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime",
+    "PixelPaddingValue", "PixelPaddingRangeLimit", "RescaleIntercept", "RescaleSlope", "BitsAllocated",
+    "BitsStored", "HighBit", "PixelRepresentation", "SeriesDate", "SeriesTime", "IrradiationEventUID",
+    "DataSetTrailingPadding", "RequestAttributesSequence", "StorageMediaFileSetUID", "StorageMediaFileSetID",
+}  # fmt: skip
+
+
+#: Type 2 (or 2C, required for these classes) attributes of the CT and MR Image IODs that a source may lack:
+#: sent empty rather than missing.
+_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+          "ReferringPhysicianName", "StudyID", "AccessionNumber", "PatientPosition", "SliceThickness",
+          "AcquisitionNumber")  # fmt: skip
+_TYPE2_BY_CLASS = {
+    str(CTImageStorage): ("KVP",),
+    str(MRImageStorage): ("ScanningSequence", "SequenceVariant", "ScanOptions", "MRAcquisitionType",
+                          "RepetitionTime", "EchoTime", "EchoTrainLength"),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How values are stored: ``stored * slope + intercept`` is within ``error`` of each value."""
+
+    stored: np.ndarray
+    slope: float
+    intercept: float
+    signed: bool
+    #: The largest difference between a value and what the stored integer means (0: exact).
+    error: float
+
+
+def encode_values(values: np.ndarray, precision: float | None = None) -> Encoding:
+    """16-bit storage for a volume: exact for integers that fit, else a slope/intercept over the range."""
+    v = np.asarray(values)
+    if v.size == 0:
+        raise OutputError("the volume is empty")
+    if not np.issubdtype(v.dtype, np.number) or np.issubdtype(v.dtype, np.complexfloating):
+        raise OutputError(f"volume values must be real numbers, not {v.dtype}")
+    if not np.all(np.isfinite(v)):
+        raise OutputError("the volume holds NaN or infinite values; replace them before returning it")
+    lo, hi = float(v.min()), float(v.max())
+    integral = np.issubdtype(v.dtype, np.integer) or bool(np.all(v == np.round(v)))
+    if integral and lo >= -32768 and hi <= 32767:
+        return Encoding(v.astype(np.int16), 1.0, 0.0, True, 0.0)
+    if integral and lo >= 0 and hi <= 65535:
+        return Encoding(v.astype(np.uint16), 1.0, 0.0, False, 0.0)
+    # Signed 16 bits over [lo, hi]: stored -32767..32767, step = slope.
+    centre = (lo + hi) / 2
+    slope = float(format_number_as_ds((hi - lo) / 65534.0 * (1 + 1e-9) or 1.0))
+    intercept = float(format_number_as_ds(centre))
+    stored = np.clip(np.round((v.astype(np.float64) - intercept) / slope), -32768, 32767)
+    error = float(np.max(np.abs(stored * slope + intercept - v)))
+    if precision is not None and error > precision:
+        raise OutputError(f"values from {lo:g} to {hi:g} cannot be kept within {precision:g} in 16 bits (the step "
+                          f"is {slope:g}, error up to {error:g}); ask for a coarser precision")  # fmt: skip
+    return Encoding(stored.astype(np.int16), slope, intercept, True, error)
+
+
+def _window(values: np.ndarray) -> tuple[float, float]:
+    lo, hi = np.percentile(values, [1, 99]) if values.size > 100 else (values.min(), values.max())
+    width = max(float(hi - lo), 1e-6)
+    return float(lo + hi) / 2, width
+
+
+def build_image_series(series: SeriesInput, volume: Volume, prov: Provenance, *, index: int = 0,
+                       transfer_syntax: UID = ExplicitVRLittleEndian) -> tuple[list[Dataset], float]:  # fmt: skip
+    """The derived series (one data set per source slice) and the largest storage error of its values."""
+    values = np.asarray(volume.values)
+    n = len(series.datasets)
+    first = series.datasets[0]
+    sop_class = str(first.SOPClassUID)
+    if sop_class not in SUPPORTED or series.frames is not None:
+        kind = UID(sop_class).name if sop_class else "unknown"
+        raise OutputError(f"a derived image series is written for single-frame CT and MR sources; this series is "
+                          f"{kind}" + (" (multi-frame)" if series.frames is not None else ""))  # fmt: skip
+    shape = (n, int(first.Rows), int(first.Columns))
+    if values.shape != shape:
+        raise OutputError(f"the volume has shape {values.shape}; on this series' grid it must be (slices, rows, "
+                          f"columns) = {shape}")  # fmt: skip
+    enc = encode_values(values, volume.precision)
+    centre, width = _window(values)
+    series_uid = prov.uid("image-series", index)
+    now = dt.datetime.now()
+    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S.%f")
+    description = (volume.description or f"{prov.algorithm} {prov.algorithm_version} by dicom-node")[:1024]
+    out = []
+    for i, src in enumerate(series.datasets):
+        ds = Dataset()
+        for elem in src:
+            if elem.tag.group == 0x0002 or elem.tag.is_private or elem.keyword in _REPLACED:
+                continue
+            ds.add(elem)
+        ds = _copy(ds)
+        ds.SOPClassUID = src.SOPClassUID
+        ds.SOPInstanceUID = prov.uid("image", index, i)
+        ds.SeriesInstanceUID = series_uid
+        ds.SeriesNumber = prov.series_number + index
+        ds.SeriesDescription = (prov.series_description or volume.name or prov.algorithm)[:64]
+        ds.SeriesDate, ds.SeriesTime = date, time
+        ds.InstanceNumber = i + 1
+        ds.InstanceCreationDate = ds.ContentDate = date
+        ds.InstanceCreationTime = ds.ContentTime = time
+        rest = list(src.get("ImageType", []))[2:] or (["AXIAL"] if sop_class == str(CTImageStorage) else [])
+        ds.ImageType = ["DERIVED", "SECONDARY", *rest]
+        ds.DerivationDescription = description
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = src.SOPClassUID
+        ref.ReferencedSOPInstanceUID = src.SOPInstanceUID
+        purpose = codes.DCM.SourceImageForImageProcessingOperation
+        ref.PurposeOfReferenceCodeSequence = [_code(purpose)]
+        ds.SourceImageSequence = [ref]
+        ds.ContributingEquipmentSequence = prov.contributing_equipment()
+        if not ds.get("Manufacturer"):
+            ds.Manufacturer = MANUFACTURER
+        for keyword in _TYPE2 + _TYPE2_BY_CLASS.get(sop_class, ()):
+            if keyword not in ds:  # the IOD needs it; empty when the source does not say (Type 2)
+                setattr(ds, keyword, None)
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+        ds.PixelRepresentation = 1 if enc.signed else 0
+        ds.RescaleIntercept = format_number_as_ds(enc.intercept)
+        ds.RescaleSlope = format_number_as_ds(enc.slope)
+        if sop_class == str(MRImageStorage) and enc.slope == 1.0 and enc.intercept == 0.0:
+            del ds.RescaleIntercept, ds.RescaleSlope  # not part of the MR Image IOD when not needed
+        ds.WindowCenter = format_number_as_ds(centre)
+        ds.WindowWidth = format_number_as_ds(width)
+        ds.PixelData = np.ascontiguousarray(enc.stored[i]).tobytes()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        if transfer_syntax != ExplicitVRLittleEndian:
+            ds.compress(transfer_syntax, generate_instance_uid=False)
+        out.append(ds)
+    return out, enc.error
+
+
+def _copy(ds: Dataset) -> Dataset:
+    import copy
+
+    return copy.deepcopy(ds)
+
+
+def _code(code) -> Dataset:  # type: ignore[no-untyped-def]
+    item = Dataset()
+    item.CodeValue = code.value
+    item.CodingSchemeDesignator = code.scheme_designator
+    item.CodeMeaning = code.meaning
+    return item
