@@ -1,4 +1,4 @@
-"""Derived image series: a plugin's volume on the source grid, as images of the source's own kind.
+"""Volumes on the source grid: derived image series of the source's own kind, and parametric maps.
 
 Each output slice is the source slice's data set with what no longer holds
 replaced: new SOP Instance and Series UIDs (deterministic, see
@@ -24,10 +24,12 @@ from dataclasses import dataclass
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
 from pydicom.valuerep import format_number_as_ds
 
 from node.derive.common import MANUFACTURER, Provenance
+from node.derive.sc import copy_laterality
 from node.derive.seg import OutputError
 from node.plugins.api import SeriesInput, Volume
 
@@ -190,3 +192,50 @@ def _code(code) -> Dataset:  # type: ignore[no-untyped-def]
     item.CodingSchemeDesignator = code.scheme_designator
     item.CodeMeaning = code.meaning
     return item
+
+
+NO_UNITS = Code("1", "UCUM", "no units")
+
+
+def build_parametric_map(series: SeriesInput, volume: Volume, prov: Provenance, *, index: int = 0) -> Dataset:
+    """One Parametric Map instance (highdicom) with the volume as 32-bit floats on the source grid.
+
+    The values are stored as they are (Float Pixel Data), so nothing is lost; the Real World Value
+    Mapping carries the units. Frames follow the source slices (their positions and orientation).
+    """
+    import highdicom as hd
+
+    values = np.asarray(volume.values)
+    shape = (len(series.datasets), int(series.first.Rows), int(series.first.Columns))
+    if series.frames is not None:
+        raise OutputError("a parametric map is written for single-frame sources; this series is one multi-frame "
+                          "instance")  # fmt: skip
+    if values.shape != shape:
+        raise OutputError(f"the volume has shape {values.shape}; on this series' grid it must be (slices, rows, "
+                          f"columns) = {shape}")  # fmt: skip
+    if not np.all(np.isfinite(values)):
+        raise OutputError("the volume holds NaN or infinite values; replace them before returning it")
+    values = values.astype(np.float32)
+    lo, hi = float(values.min()), float(values.max())
+    label = (volume.name or prov.algorithm)[:16]
+    mapping = hd.pm.RealWorldValueMapping(
+        lut_label=label, lut_explanation=(volume.description or volume.name or prov.algorithm)[:64],
+        unit=volume.units or NO_UNITS, value_range=(lo, hi), slope=1.0, intercept=0.0,
+    )  # fmt: skip
+    centre, width = _window(values)
+    eq = prov.contributing_equipment()
+    pm = hd.pm.ParametricMap(
+        source_images=series.datasets, pixel_array=values,
+        series_instance_uid=prov.uid("map-series", index), series_number=prov.series_number + index,
+        sop_instance_uid=prov.uid("map", index), instance_number=1,
+        manufacturer=MANUFACTURER, manufacturer_model_name=MANUFACTURER,
+        software_versions=f"{prov.algorithm} {prov.algorithm_version}"[:64],
+        device_serial_number=str(eq[0].DeviceSerialNumber), contains_recognizable_visual_features=False,
+        real_world_value_mappings=[mapping], window_center=centre, window_width=width,
+        content_label="MAP", content_description=(volume.description or volume.name or prov.algorithm)[:64],
+        contributing_equipment=eq,
+    )  # fmt: skip
+    copy_laterality(pm, series.first)  # General Series' Laterality (2C), as for Secondary Capture
+    pm.SeriesDescription = (prov.series_description or volume.name or prov.algorithm)[:64]
+    pm.DerivationDescription = (volume.description or f"{prov.algorithm} {prov.algorithm_version} by dicom-node")[:1024]
+    return pm

@@ -28,7 +28,7 @@ def _ref(ds: Dataset, frame: int | None = None) -> Dataset:
     return item
 
 
-def _laterality(sc: Dataset, source: Dataset) -> None:
+def copy_laterality(sc: Dataset, source: Dataset) -> None:
     """Body part and laterality as the source has them.
 
     Laterality (General Series, Type 2C) is needed unless the body part is a
@@ -140,6 +140,6 @@ def build_sc(
         sc.ImageType = ["DERIVED", "SECONDARY"]
         sc.DerivationDescription = f"{prov.algorithm} {prov.algorithm_version} (dicom-node)"[:1024]
         sc.SourceImageSequence = refs
-        _laterality(sc, series.first)
+        copy_laterality(sc, series.first)
         out.append(sc)
     return out

@@ -120,6 +120,12 @@ class Volume:
     precision: float | None = None
     #: How it was derived, for Derivation Description (default: the plugin's name and version).
     description: str = ""
+    #: "image": a derived image series of the source's kind; "parametric-map": one Parametric Map
+    #: instance with float values and their units (a probability, a distance, a perfusion map).
+    kind: Literal["image", "parametric-map"] = "image"
+    #: The values' units as a UCUM code, e.g. ``Code("mm", "UCUM", "millimeter")``; for a parametric
+    #: map (default: ``1``, no units).
+    units: Code | None = None
 
 
 Result = Segmentation | Images | Volume

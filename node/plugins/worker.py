@@ -105,7 +105,7 @@ def run(spec: WorkSpec) -> WorkResult:
     from pydicom.uid import UID
 
     from node.derive.common import Provenance
-    from node.derive.image import build_image_series
+    from node.derive.image import build_image_series, build_parametric_map
     from node.derive.sc import build_sc
     from node.derive.seg import OutputError, build_seg
     from node.plugins.registry import load
@@ -167,6 +167,9 @@ def run(spec: WorkSpec) -> WorkResult:
                 datasets = [build_seg(series, r, prov, index=i, transfer_syntax=ts,
                                       keep_empty_frames=spec.keep_empty_frames)]  # fmt: skip
                 kind = "SEG"
+            elif isinstance(r, Volume) and r.kind == "parametric-map":
+                datasets = [build_parametric_map(series, r, prov, index=i)]
+                kind = "parametric map"
             elif isinstance(r, Volume):
                 datasets, error = build_image_series(series, r, prov, index=i, transfer_syntax=ts)
                 kind = "image"

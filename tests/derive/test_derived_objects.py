@@ -40,7 +40,7 @@ from helpers import PEER_ENV, SHARED, dcmtk, make_ct_series, series_files  # noq
 from helpers.orthanc import Orthanc  # noqa: E402
 
 from node.derive.common import DERIVED_UID_ROOT, MANUFACTURER, Provenance  # noqa: E402
-from node.derive.image import build_image_series  # noqa: E402
+from node.derive.image import build_image_series, build_parametric_map  # noqa: E402
 from node.derive.sc import build_sc  # noqa: E402
 from node.derive.seg import OutputError, build_seg  # noqa: E402
 from node.plugins.api import GeometryError, Images, Segment, Segmentation, SeriesInput, Volume, codes  # noqa: E402
@@ -942,6 +942,67 @@ def test_smooth_series_plugin_job_returns_the_median_filtered_ct(sources: dict[s
     for i, o in enumerate(res.outputs[:3]):
         verify(Path(o.file), f"smooth-series {i}")
     PRODUCED.extend(Path(o.file) for o in res.outputs)
+
+
+@pytest.mark.parametrize("name", ["ct-head", "mr-sag", "ct-tilted"])
+def test_parametric_map_keeps_float_values_units_and_geometry(sources: dict[str, list[Path]], tmp_path: Path,
+                                                              name: str) -> None:  # fmt: skip
+    from pydicom.sr.coding import Code
+
+    series = load(sources, name)
+    values = np.random.default_rng(11).uniform(-0.5, 1e4, series.voxels().shape).astype(np.float32)
+    units = Code("mm2/s", "UCUM", "square millimeter per second")
+    ds = build_parametric_map(series, Volume(values, name="ADC", kind="parametric-map", units=units),
+                              provenance(series, f"map-{name}"), index=1)  # fmt: skip
+    path = write(ds, tmp_path / "map.dcm", f"parametric map {name}")
+    back = pydicom.dcmread(path)
+    assert back.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30"  # Parametric Map Storage
+    rwvm = back.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+    assert rwvm.MeasurementUnitsCodeSequence[0].CodeValue == "mm2/s"
+    # each frame lies on a source slice (within 1e-3 mm) and holds that slice's values exactly (float32)
+    pixels = back.pixel_array.reshape((-1, *values.shape[1:]))
+    assert len(pixels) == len(values)
+    seen = set()
+    for k, f in enumerate(back.PerFrameFunctionalGroupsSequence):
+        pos = np.array([float(x) for x in f.PlanePositionSequence[0].ImagePositionPatient])
+        i = int(np.argmin(np.linalg.norm(series.positions - pos, axis=1)))
+        np.testing.assert_allclose(pos, series.positions[i], atol=1e-3)
+        np.testing.assert_array_equal(pixels[k], values[i])
+        seen.add(i)
+    assert seen == set(range(len(values)))
+    assert back.FrameOfReferenceUID == series.first.FrameOfReferenceUID
+    assert back.StudyInstanceUID == series.first.StudyInstanceUID
+
+
+def test_distance_map_chained_after_a_segmentation(sources: dict[str, list[Path]], tmp_path: Path) -> None:
+    """threshold-seg then distance-map in one job: a float Parametric Map in mm, negative inside the bone."""
+    out = tmp_path / "out"
+    out.mkdir()
+    files = sources["ct-head"]
+    steps = [StepSpec("threshold-seg", THRESHOLD, {}),
+             StepSpec("distance-map", "node.plugins.builtin.distance:distance_map", {})]  # fmt: skip
+    res = run_work(WorkSpec(files=[str(f) for f in files], steps=steps, out_dir=str(out),
+                            job_key=("1.2.3", 1, "dist", 0)))  # fmt: skip
+    assert res.ok, res.error
+    assert [o.kind for o in res.outputs] == ["SEG", "parametric map"]
+    pm = pydicom.dcmread(res.outputs[1].file)
+    verify(Path(res.outputs[1].file), "distance-map")
+    PRODUCED.append(Path(res.outputs[1].file))
+    series = load(sources, "ct-head")
+    bone = series.rescaled() >= 300
+    order = [int(np.argmin(np.linalg.norm(series.positions - np.array([float(x) for x in
+             f.PlanePositionSequence[0].ImagePositionPatient]), axis=1))) for f in pm.PerFrameFunctionalGroupsSequence]
+    d = np.empty(bone.shape, np.float32)
+    d[order] = pm.pixel_array.reshape(bone.shape)
+    assert (d[bone] <= 0).all() and (d[~bone] > 0).all()
+    # one voxel outside the bone's edge, in-plane: about one pixel spacing away
+    assert 0 < d[~bone].min() <= max(series.pixel_spacing) * 1.01
+    unit = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0].MeasurementUnitsCodeSequence[0]
+    assert unit.CodeValue == "mm"
+    # without a segmentation before it, the job fails and says what to do
+    res = run_work(WorkSpec(files=[str(f) for f in files], steps=steps[1:], out_dir=str(out),
+                            job_key=("1.2.3", 1, "dist2", 0)))  # fmt: skip
+    assert not res.ok and "chain it after a segmentation plugin" in res.error
 
 
 # -- Orthanc: every object the tests produced is accepted over C-STORE ----------------------------------
