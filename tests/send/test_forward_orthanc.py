@@ -351,3 +351,44 @@ actions = [{{ type = "forward", to = ["pacs"] }}]
         assert node.query("select commitment from delivery where sop_instance_uid = ?", uids[0]) == [("committed",)]
     finally:
         pacs.stop()
+
+
+def test_volume_results_reach_orthanc_as_a_derived_series_and_a_parametric_map(node, orthanc):
+    orthanc.start()
+    node.extra_config = f"""
+[tracker]
+stable_after = 1
+{orthanc.destination("pacs")}
+[[rules]]
+name = "volumes"
+match = {{ Modality = "CT" }}
+[[rules.actions]]
+type = "plugin"
+plugin = "smooth-series"
+send_to = ["pacs"]
+series_description = "smoothed (AI)"
+[[rules.actions]]
+type = "plugin"
+plugins = [{{ name = "threshold-seg" }}, {{ name = "distance-map" }}]
+send_to = ["pacs"]
+"""
+    node.start()
+    files = series_files(CT)
+    assert storescu(node.port, files).returncode == 0
+    wait_for(lambda: node.query("select count(*) from job where state = 'succeeded'") == [(2,)], 120, "two jobs")
+    results = [r for (r,) in node.query("select result from job order by id")]
+    assert "28 image from 28 source instances" in results[0] and "stored exactly" in results[0], results[0]
+    assert "1 SEG, 1 parametric map" in results[1], results[1]
+    node.wait_delivered(28 + 2)
+    assert orthanc.count() == 28 + 2
+    source = pydicom.dcmread(files[0], stop_before_pixels=True)
+    series = orthanc.get("/series?expand")
+    by_desc = {s["MainDicomTags"].get("SeriesDescription"): s for s in series}
+    smoothed = by_desc["smoothed (AI)"]
+    assert len(smoothed["Instances"]) == 28 and smoothed["MainDicomTags"]["Modality"] == "CT"
+    sop_classes = {orthanc.get(f"/instances/{i}/metadata/SopClassUid").decode() for s in series
+                   for i in s["Instances"]}  # fmt: skip
+    assert {"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.30"} <= sop_classes
+    assert all(s["ParentStudy"] == series[0]["ParentStudy"] for s in series), "all in the source's study"
+    assert source.StudyInstanceUID == orthanc.get(f"/studies/{series[0]['ParentStudy']}")["MainDicomTags"][
+        "StudyInstanceUID"]

@@ -1,6 +1,6 @@
 """``distance-map``: the signed distance (mm) to a segment's surface, as a float Parametric Map.
 
-Chain it after a segmentation plugin (``steps = [{ plugin = "threshold-seg" }, { plugin = "distance-map" }]``):
+Chain it after a segmentation plugin (``plugins = [{ name = "threshold-seg" }, { name = "distance-map" }]``):
 it takes the last Segmentation an earlier step returned and, for the chosen segment (the
 first by default), computes the Euclidean distance of every voxel to the segment's boundary
 with the series' real spacing (``scipy.ndimage.distance_transform_edt`` with ``sampling``):
@@ -46,7 +46,7 @@ def distance_map(series: SeriesInput, params: Params) -> Volume:
     segs = [r for r in series.previous if isinstance(r, Segmentation)]
     if not segs:
         raise PluginError("distance-map needs a segmentation from an earlier step: chain it after a segmentation "
-                          "plugin (steps = [{ plugin = \"threshold-seg\" }, { plugin = \"distance-map\" }])")  # fmt: skip
+                          "plugin (plugins = [{ name = \"threshold-seg\" }, { name = \"distance-map\" }])")  # fmt: skip
     mask = _mask(segs[-1], params.segment)
     spacing = series.spacing
     if spacing is None:
