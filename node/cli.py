@@ -464,6 +464,36 @@ def lineage(
     _lines(lines)
 
 
+@app.command("seg-template")
+def seg_template(
+    seg_file: Path = typer.Argument(..., help="A DICOM Segmentation file."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Write the JSON here (default: standard output)."),
+) -> None:
+    """Write a SEG's segments as a dcmqi metainfo.json (usable as a rule's segment_template)."""
+    import json
+
+    from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
+
+    from node.derive.template import export_template
+
+    try:
+        ds = dcmread(seg_file, stop_before_pixels=True)
+    except (OSError, InvalidDicomError) as e:
+        console.print(f"[bold red]error:[/] cannot read {seg_file}: {e}", highlight=False)
+        raise typer.Exit(1) from None
+    if "SegmentSequence" not in ds:
+        console.print(f"[bold red]error:[/] {seg_file} is not a Segmentation (it has no Segment Sequence)",
+                      highlight=False)  # fmt: skip
+        raise typer.Exit(1)
+    text = json.dumps(export_template(ds), indent=2) + "\n"
+    if output is None:
+        out.print(text, end="", highlight=False, markup=False, soft_wrap=True)
+    else:
+        output.write_text(text)
+        console.print(f"wrote {output} ({len(ds.SegmentSequence)} segments)", highlight=False)
+
+
 DestinationOption = typer.Option(None, "--destination", "-d", help="Only deliveries to this destination.")
 SeriesOption = typer.Option(None, "--series", help="Only deliveries of this series (Series Instance UID).")
 IdsOption = typer.Option(None, "--id", help="Only this delivery (repeatable).")

@@ -67,6 +67,21 @@ class PluginAction(_Strict):
     #: Series Number of the first output series (later outputs count up) and their description.
     series_number: int = Field(9000, ge=0, le=2**31 - 1)
     series_description: str = Field("", max_length=64)
+    #: A dcmqi metainfo.json whose segments describe the SEG(s) (labels, codes, colours), by label value.
+    segment_template: str | None = None
+    #: A label value without a template entry: fail the job, or leave that segment out.
+    unknown_labels: Literal["error", "skip"] = "error"
+
+    @model_validator(mode="after")
+    def _template(self) -> PluginAction:
+        if self.segment_template is not None:
+            from node.derive.template import TemplateError, load_template
+
+            try:
+                load_template(self.segment_template)
+            except TemplateError as e:
+                raise ValueError(str(e)) from None
+        return self
 
     @model_validator(mode="after")
     def _one_form(self) -> PluginAction:

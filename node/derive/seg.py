@@ -73,14 +73,21 @@ def _descriptions(result: Segmentation, prov: Provenance) -> list[hd.seg.Segment
     out = []
     for i, s in enumerate(result.segments, 1):
         rgb = s.color or PALETTE[(i - 1) % len(PALETTE)]
-        out.append(
-            hd.seg.SegmentDescription(
-                segment_number=i, segment_label=s.label[:64], segmented_property_category=s.category,
-                segmented_property_type=s.type, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-                algorithm_identification=algo, anatomic_regions=[s.anatomic_region] if s.anatomic_region else None,
-                display_color=hd.color.CIELabColor.from_rgb(*rgb),
-            )
+        manual = s.algorithm_type == "MANUAL"
+        desc = hd.seg.SegmentDescription(
+            segment_number=i, segment_label=s.label[:64], segmented_property_category=s.category,
+            segmented_property_type=s.type, algorithm_type=s.algorithm_type,
+            algorithm_identification=None if manual else algo,
+            anatomic_regions=[s.anatomic_region] if s.anatomic_region else None,
+            display_color=hd.color.CIELabColor.from_rgb(*rgb),
         )  # fmt: skip
+        if s.type_modifier is not None:
+            desc.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
+                hd.sr.CodedConcept(s.type_modifier.value, s.type_modifier.scheme_designator, s.type_modifier.meaning)
+            ]
+        if s.description:
+            desc.SegmentDescription = s.description[:1024]
+        out.append(desc)
     return out
 
 

@@ -183,6 +183,7 @@ def plugin(ctx: JobContext) -> str:
         transfer_syntax=str(_SYNTAX[_compression(action, cfg)]), keep_empty_frames=action.keep_empty_frames,
         series_number=action.series_number, series_description=action.series_description,
         station_name=cfg.node.ae_title, attempt=ctx.job.attempts,
+        segment_template=action.segment_template, unknown_labels=action.unknown_labels,
     )  # fmt: skip
     timeout = action.timeout or cfg.plugins.timeout
     try:

@@ -67,6 +67,12 @@ class Segment:
     #: Display colour, RGB 0-255; the node picks one when not given.
     color: tuple[int, int, int] | None = None
     anatomic_region: Code | None = None
+    #: E.g. left/right (SNOMED CT); goes with ``type``.
+    type_modifier: Code | None = None
+    #: Segment Description, free text (optional).
+    description: str = ""
+    #: "AUTOMATIC" (the default: a plugin made it) or "SEMIAUTOMATIC" (e.g. a model refined by hand).
+    algorithm_type: str = "AUTOMATIC"
 
 
 @dataclass

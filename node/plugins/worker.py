@@ -40,6 +40,10 @@ class WorkSpec:
     station_name: str = ""
     #: This run's attempt number (1 for the first), for the plugin's retry policy.
     attempt: int = 1
+    #: A dcmqi metainfo.json describing the segments of every Segmentation result, and what to do with a
+    #: label it does not list ("error" or "skip").
+    segment_template: str | None = None
+    unknown_labels: str = "error"
 
 
 @dataclass
@@ -108,6 +112,7 @@ def run(spec: WorkSpec) -> WorkResult:
     from node.derive.image import build_image_series, build_parametric_map
     from node.derive.sc import build_sc
     from node.derive.seg import OutputError, build_seg
+    from node.derive.template import TemplateError
     from node.plugins.registry import load
     from node.plugins.series import load_series
 
@@ -149,6 +154,12 @@ def run(spec: WorkSpec) -> WorkResult:
                 if not isinstance(r, (Segmentation, Images, Volume)):
                     raise PluginError(f"plugin {s.name} returned a {type(r).__name__}; results are Segmentation, "
                                       "Images or Volume")  # fmt: skip
+            if spec.segment_template:
+                from node.derive.template import apply_template, load_template
+
+                template = load_template(spec.segment_template)
+                out = [apply_template(r, template, spec.unknown_labels, spec.segment_template)
+                       if isinstance(r, Segmentation) else r for r in out]  # fmt: skip
             results.extend(out)
             made_by.extend([prov] * len(out))
         # The voxels are the largest thing here; the builders need only metadata and the results.
@@ -195,7 +206,7 @@ def run(spec: WorkSpec) -> WorkResult:
         retryable = e.retryable and (limit is None or spec.attempt < limit)
         why = "" if retryable or not e.retryable else f" (no more retries: the plugin allows {limit} attempt(s))"
         return WorkResult(False, error=f"{step}: {e}{why}", retryable=retryable, timings=timings, plugins=names)
-    except (GeometryError, OutputError) as e:
+    except (GeometryError, OutputError, TemplateError) as e:
         return WorkResult(False, error=f"{step}: {e}", timings=timings, plugins=names)
     except Exception as e:
         tb = traceback.extract_tb(e.__traceback__)

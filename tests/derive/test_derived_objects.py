@@ -1005,6 +1005,150 @@ def test_distance_map_chained_after_a_segmentation(sources: dict[str, list[Path]
     assert not res.ok and "chain it after a segmentation plugin" in res.error
 
 
+# -- segment templates (dcmqi metainfo.json) --------------------------------------------------------------
+
+
+METAINFO = {
+    "ContentCreatorName": "Reader1",
+    "SeriesDescription": "Brain structures",
+    "segmentAttributes": [[
+        {"labelID": 1, "SegmentLabel": "Left ventricle", "SegmentDescription": "lateral ventricle, left",
+         "SegmentAlgorithmType": "AUTOMATIC", "SegmentAlgorithmName": "vent-net",
+         "SegmentedPropertyCategoryCodeSequence": {"CodeValue": "123037004", "CodingSchemeDesignator": "SCT",
+                                                   "CodeMeaning": "Anatomical Structure"},
+         "SegmentedPropertyTypeCodeSequence": {"CodeValue": "66720007", "CodingSchemeDesignator": "SCT",
+                                               "CodeMeaning": "Lateral Ventricle"},
+         "SegmentedPropertyTypeModifierCodeSequence": {"CodeValue": "7771000", "CodingSchemeDesignator": "SCT",
+                                                       "CodeMeaning": "Left"},
+         "AnatomicRegionSequence": {"CodeValue": "12738006", "CodingSchemeDesignator": "SCT",
+                                    "CodeMeaning": "Brain"},
+         "recommendedDisplayRGBValue": [88, 106, 215]},
+        {"labelID": 3, "SegmentLabel": "Skull",
+         "SegmentedPropertyCategoryCodeSequence": {"CodeValue": "123037004", "CodingSchemeDesignator": "SCT",
+                                                   "CodeMeaning": "Anatomical Structure"},
+         "SegmentedPropertyTypeCodeSequence": {"CodeValue": "89546000", "CodingSchemeDesignator": "SCT",
+                                               "CodeMeaning": "Skull"},
+         "recommendedDisplayRGBValue": [241, 214, 145]},
+        {"labelID": 7, "SegmentLabel": "Lesion", "SegmentAlgorithmType": "SEMIAUTOMATIC",
+         "SegmentedPropertyCategoryCodeSequence": {"CodeValue": "49755003", "CodingSchemeDesignator": "SCT",
+                                                   "CodeMeaning": "Morphologically Altered Structure"},
+         "SegmentedPropertyTypeCodeSequence": {"CodeValue": "52988006", "CodingSchemeDesignator": "SCT",
+                                               "CodeMeaning": "Lesion"},
+         "recommendedDisplayRGBValue": [255, 0, 0]},
+    ]],
+}  # fmt: skip
+
+
+def _labels(series: SeriesInput, values: tuple[int, ...]) -> np.ndarray:
+    m = np.zeros(series.voxels().shape, np.uint8)
+    for k, v in enumerate(values):
+        m[:, 4 + 6 * k : 8 + 6 * k, 4:12] = v
+    return m
+
+
+def test_segment_template_describes_the_seg_and_exports_back(sources: dict[str, list[Path]], tmp_path: Path) -> None:
+    import json
+
+    from node.derive.template import apply_template, export_template, load_template
+
+    path = tmp_path / "metainfo.json"
+    path.write_text(json.dumps(METAINFO))
+    template = load_template(path)
+    series = load(sources, "ct-tilted")
+    plugin_result = Segmentation(_labels(series, (1, 3, 7)), [])  # a label map, without descriptions
+    described = apply_template(plugin_result, template)
+    ds = build_seg(series, described, provenance(series, "template"))
+    seg_path = write(ds, tmp_path / "seg.dcm", "SEG from a dcmqi template")
+    back = pydicom.dcmread(seg_path)
+    segs = back.SegmentSequence
+    assert [str(x.SegmentLabel) for x in segs] == ["Left ventricle", "Skull", "Lesion"]
+    assert segs[0].SegmentDescription == "lateral ventricle, left"
+    assert segs[0].SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence[0].CodeValue == "7771000"
+    assert segs[0].AnatomicRegionSequence[0].CodeValue == "12738006"
+    assert segs[2].SegmentAlgorithmType == "SEMIAUTOMATIC"
+    # the colours, as CIELab in the SEG, come back to the template's RGB (within rounding)
+    exported = export_template(back)
+    got = exported["segmentAttributes"][0]
+    want = METAINFO["segmentAttributes"][0]
+    for g, w in zip(got, want, strict=True):
+        assert max(abs(a - b) for a, b in zip(g["recommendedDisplayRGBValue"], w["recommendedDisplayRGBValue"],
+                                              strict=True)) <= 1  # fmt: skip
+        for key in ("SegmentLabel", "SegmentedPropertyCategoryCodeSequence", "SegmentedPropertyTypeCodeSequence",
+                    "SegmentedPropertyTypeModifierCodeSequence", "AnatomicRegionSequence"):  # fmt: skip
+            assert g.get(key) == w.get(key), key
+    assert [g["labelID"] for g in got] == [1, 2, 3]  # SEG segment numbers count from 1 by 1
+    # the CLI writes the same JSON, and it loads as a template again
+    r = subprocess.run([sys.executable, "-m", "node", "seg-template", str(seg_path), "-o", str(tmp_path / "out.json")],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "out.json").read_text()) == exported
+    assert [e.SegmentLabel for e in load_template(tmp_path / "out.json").entries] == ["Left ventricle", "Skull", "Lesion"]
+
+
+def test_segment_template_labels_missing_from_it_fail_or_are_skipped(sources: dict[str, list[Path]],
+                                                                     tmp_path: Path) -> None:  # fmt: skip
+    import json
+
+    from node.derive.template import TemplateError, apply_template, load_template
+
+    path = tmp_path / "metainfo.json"
+    path.write_text(json.dumps(METAINFO))
+    template = load_template(path)
+    series = load(sources, "ct-tilted")
+    result = Segmentation(_labels(series, (1, 5)), [], kind="labelmap")
+    with pytest.raises(TemplateError, match=r"label value\(s\) \[5\] .* have no entry .* labelIDs: \[1, 3, 7\]"):
+        apply_template(result, template, "error", str(path))
+    skipped = apply_template(result, template, "skip")
+    assert [s.label for s in skipped.segments] == ["Left ventricle"] and set(np.unique(skipped.masks)) == {0, 1}
+
+
+def test_plugin_job_with_a_segment_template(sources: dict[str, list[Path]], tmp_path: Path) -> None:
+    """The worker applies the rule's template: threshold-seg's bone, described as the template says."""
+    import json
+
+    meta = {"segmentAttributes": [[dict(METAINFO["segmentAttributes"][0][1], labelID=1, SegmentLabel="Cranium")]]}
+    path = tmp_path / "bone.json"
+    path.write_text(json.dumps(meta))
+    out = tmp_path / "out"
+    out.mkdir()
+    res = run_work(WorkSpec(files=[str(f) for f in sources["ct-tilted"]], steps=[StepSpec("threshold-seg", THRESHOLD, {})],
+                            out_dir=str(out), job_key=("1.2.3", 1, "tpl", 0), segment_template=str(path)))  # fmt: skip
+    assert res.ok, res.error
+    seg = pydicom.dcmread(res.outputs[0].file, stop_before_pixels=True)
+    assert [str(x.SegmentLabel) for x in seg.SegmentSequence] == ["Cranium"]
+    assert seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue == "89546000"
+
+
+def test_broken_segment_template_names_the_segment_and_field(tmp_path: Path) -> None:
+    import copy
+    import json
+
+    from node.derive.template import TemplateError, load_template
+
+    bad = copy.deepcopy(METAINFO)
+    del bad["segmentAttributes"][0][1]["SegmentedPropertyTypeCodeSequence"]["CodeValue"]
+    bad["segmentAttributes"][0][2]["recommendedDisplayRGBValue"] = [255, 0, 300]
+    path = tmp_path / "broken.json"
+    path.write_text(json.dumps(bad))
+    with pytest.raises(TemplateError) as e:
+        load_template(path)
+    msg = str(e.value)
+    assert 'segmentAttributes[0][1] ("Skull").SegmentedPropertyTypeCodeSequence.CodeValue: Field required' in msg, msg
+    assert 'segmentAttributes[0][2] ("Lesion")' in msg and "each value 0-255" in msg, msg
+    # in a rule, the config does not load, and says so
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(f"""
+[[rules]]
+name = "brain"
+actions = [{{ type = "plugin", plugin = "threshold-seg", segment_template = "{path}" }}]
+""")
+    r = subprocess.run([sys.executable, "-m", "node", "rules", "check", "--config", str(cfg)], capture_output=True,
+                       text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 2, r.stdout + r.stderr
+    text = " ".join(r.stderr.split())
+    assert 'rules[0] ("brain").actions[0]' in text and '("Skull").SegmentedPropertyTypeCodeSequence.CodeValue' in text
+
+
 # -- Orthanc: every object the tests produced is accepted over C-STORE ----------------------------------
 
 
