@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -100,6 +101,42 @@ def encode_values(values: np.ndarray, precision: float | None = None) -> Encodin
     return Encoding(stored.astype(np.int16), slope, intercept, True, error)
 
 
+@dataclass(frozen=True)
+class Grid:
+    """A volume's planes: per-slice positions, the row/column directions, spacing and thickness."""
+
+    positions: np.ndarray
+    orientation: list[float]
+    pixel_spacing: tuple[float, float]
+    thickness: float
+
+
+def grid_of(affine: np.ndarray, slices: int) -> Grid:
+    """Planes from a (slice, row, column) -> patient affine, checked to be a proper image grid."""
+    a = np.asarray(affine, dtype=np.float64)
+    if a.shape != (4, 4) or not np.all(np.isfinite(a)):
+        raise OutputError(f"the volume's affine must be a finite 4x4 matrix, not {a.shape}")
+    step, col_vec, row_vec = a[:3, 0], a[:3, 1], a[:3, 2]
+    dr, dc, dz = (float(np.linalg.norm(v)) for v in (col_vec, row_vec, step))
+    if min(dr, dc) < 1e-6 or (slices > 1 and dz < 1e-6):
+        raise OutputError("the volume's affine has a zero-length axis")
+    row_dir, col_dir = row_vec / dc, col_vec / dr
+    if abs(float(row_dir @ col_dir)) > 1e-4:
+        raise OutputError("the volume's affine has row and column axes that are not perpendicular")
+    normal = np.cross(row_dir, col_dir)
+    thickness = abs(float(step @ normal)) if slices > 1 else 1.0
+    positions = a[:3, 3] + np.arange(slices)[:, None] * step
+    return Grid(positions, [*map(float, row_dir), *map(float, col_dir)], (dr, dc), thickness)
+
+
+def _nearest_sources(series: SeriesInput, grid: Grid) -> list[int]:
+    """For each output slice, the source slice closest to it (what Source Image Sequence names)."""
+    if series.positions is None:
+        return [0] * len(grid.positions)
+    d = np.linalg.norm(series.positions[None, :, :] - grid.positions[:, None, :], axis=2)
+    return [int(i) for i in np.argmin(d, axis=1)]
+
+
 def _window(values: np.ndarray) -> tuple[float, float]:
     lo, hi = np.percentile(values, [1, 99]) if values.size > 100 else (values.min(), values.max())
     width = max(float(hi - lo), 1e-6)
@@ -117,10 +154,18 @@ def build_image_series(series: SeriesInput, volume: Volume, prov: Provenance, *,
         kind = UID(sop_class).name if sop_class else "unknown"
         raise OutputError(f"a derived image series is written for single-frame CT and MR sources; this series is "
                           f"{kind}" + (" (multi-frame)" if series.frames is not None else ""))  # fmt: skip
-    shape = (n, int(first.Rows), int(first.Columns))
-    if values.shape != shape:
-        raise OutputError(f"the volume has shape {values.shape}; on this series' grid it must be (slices, rows, "
-                          f"columns) = {shape}")  # fmt: skip
+    grid = None
+    if volume.affine is not None:
+        if values.ndim != 3:
+            raise OutputError(f"the volume has shape {values.shape}; it must be (slices, rows, columns)")
+        grid = grid_of(volume.affine, values.shape[0])
+        sources = _nearest_sources(series, grid)
+    else:
+        shape = (n, int(first.Rows), int(first.Columns))
+        if values.shape != shape:
+            raise OutputError(f"the volume has shape {values.shape}; on this series' grid it must be (slices, rows, "
+                              f"columns) = {shape} (or give its affine)")  # fmt: skip
+        sources = list(range(n))
     enc = encode_values(values, volume.precision)
     centre, width = _window(values)
     series_uid = prov.uid("image-series", index)
@@ -128,13 +173,23 @@ def build_image_series(series: SeriesInput, volume: Volume, prov: Provenance, *,
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S.%f")
     description = (volume.description or f"{prov.algorithm} {prov.algorithm_version} by dicom-node")[:1024]
     out = []
-    for i, src in enumerate(series.datasets):
+    for i, k in enumerate(sources):
+        src = series.datasets[k]
         ds = Dataset()
         for elem in src:
             if elem.tag.group == 0x0002 or elem.tag.is_private or elem.keyword in _REPLACED:
                 continue
             ds.add(elem)
         ds = _copy(ds)
+        if grid is not None:  # its own plane, not the nearest source slice's
+            ds.ImagePositionPatient = [format_number_as_ds(float(x)) for x in grid.positions[i]]
+            ds.ImageOrientationPatient = [format_number_as_ds(x) for x in grid.orientation]
+            ds.PixelSpacing = [format_number_as_ds(x) for x in grid.pixel_spacing]
+            ds.SliceThickness = format_number_as_ds(grid.thickness)
+            ds.Rows, ds.Columns = int(values.shape[1]), int(values.shape[2])
+            for keyword in ("SliceLocation", "SpacingBetweenSlices"):
+                if keyword in ds:
+                    delattr(ds, keyword)
         ds.SOPClassUID = src.SOPClassUID
         ds.SOPInstanceUID = prov.uid("image", index, i)
         ds.SeriesInstanceUID = series_uid
@@ -210,9 +265,21 @@ def build_parametric_map(series: SeriesInput, volume: Volume, prov: Provenance, 
     if series.frames is not None:
         raise OutputError("a parametric map is written for single-frame sources; this series is one multi-frame "
                           "instance")  # fmt: skip
-    if values.shape != shape:
+    geometry: dict[str, Any] = {}
+    if volume.affine is not None:
+        if values.ndim != 3:
+            raise OutputError(f"the volume has shape {values.shape}; it must be (slices, rows, columns)")
+        grid = grid_of(volume.affine, values.shape[0])
+        geometry = dict(
+            plane_positions=[hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, [float(x) for x in p])
+                             for p in grid.positions],
+            plane_orientation=hd.PlaneOrientationSequence(hd.CoordinateSystemNames.PATIENT, grid.orientation),
+            pixel_measures=hd.PixelMeasuresSequence(pixel_spacing=grid.pixel_spacing,
+                                                    slice_thickness=grid.thickness),
+        )  # fmt: skip
+    elif values.shape != shape:
         raise OutputError(f"the volume has shape {values.shape}; on this series' grid it must be (slices, rows, "
-                          f"columns) = {shape}")  # fmt: skip
+                          f"columns) = {shape} (or give its affine)")  # fmt: skip
     if not np.all(np.isfinite(values)):
         raise OutputError("the volume holds NaN or infinite values; replace them before returning it")
     values = values.astype(np.float32)
@@ -233,7 +300,7 @@ def build_parametric_map(series: SeriesInput, volume: Volume, prov: Provenance, 
         device_serial_number=str(eq[0].DeviceSerialNumber), contains_recognizable_visual_features=False,
         real_world_value_mappings=[mapping], window_center=centre, window_width=width,
         content_label="MAP", content_description=(volume.description or volume.name or prov.algorithm)[:64],
-        contributing_equipment=eq,
+        contributing_equipment=eq, **geometry,
     )  # fmt: skip
     copy_laterality(pm, series.first)  # General Series' Laterality (2C), as for Secondary Capture
     pm.SeriesDescription = (prov.series_description or volume.name or prov.algorithm)[:64]

@@ -132,6 +132,9 @@ class Volume:
     #: The values' units as a UCUM code, e.g. ``Code("mm", "UCUM", "millimeter")``; for a parametric
     #: map (default: ``1``, no units).
     units: Code | None = None
+    #: A grid of its own (resampled, registered): 4x4 from (slice, row, column) indices to the source's
+    #: patient coordinates in mm, as ``SeriesInput.affine``. None: the input's grid.
+    affine: np.ndarray | None = None
 
 
 Result = Segmentation | Images | Volume

@@ -1005,6 +1005,43 @@ def test_distance_map_chained_after_a_segmentation(sources: dict[str, list[Path]
     assert not res.ok and "chain it after a segmentation plugin" in res.error
 
 
+@pytest.mark.parametrize("name", ["ct-head", "mr-sag"])
+def test_volume_on_its_own_grid(sources: dict[str, list[Path]], tmp_path: Path, name: str) -> None:
+    """A resampled result (every other slice, half the in-plane resolution) with its affine: the derived series
+    and the parametric map lie where the affine says, with the plugin's values."""
+    series = load(sources, name)
+    a = _affine_of(series).copy()
+    a[:3, 0] *= 2  # every other slice
+    a[:3, 1] *= 2  # every other row
+    a[:3, 2] *= 2  # every other column
+    values = np.round(series.rescaled()[::2, ::2, ::2]).astype(np.int16)
+    datasets, error = build_image_series(series, Volume(values, affine=a), provenance(series, f"grid-{name}"))
+    assert error == 0 and len(datasets) == len(values)
+    paths = [write(ds, tmp_path / f"{i:03d}.dcm", f"image own grid {name}") for i, ds in enumerate(datasets)]
+    back = load_series(paths)
+    np.testing.assert_allclose(_affine_of(back), a, atol=1e-3)
+    got = np.stack([pydicom.dcmread(f).pixel_array for f in back.files])
+    np.testing.assert_array_equal(got, values)
+    for ds, pos in zip(back.datasets, back.positions, strict=True):  # each names the source slice it lies on
+        ref = ds.SourceImageSequence[0].ReferencedSOPInstanceUID
+        src = next(d for d in series.datasets if d.SOPInstanceUID == ref)
+        np.testing.assert_allclose([float(x) for x in src.ImagePositionPatient], pos, atol=1e-3)
+    pm = build_parametric_map(series, Volume(values.astype(np.float32) / 7, kind="parametric-map", affine=a),
+                              provenance(series, f"grid-map-{name}"))  # fmt: skip
+    pm_path = write(pm, tmp_path / "map.dcm", f"parametric map own grid {name}")
+    pm = pydicom.dcmread(pm_path)
+    frames = [np.array([float(x) for x in f.PlanePositionSequence[0].ImagePositionPatient])
+              for f in pm.PerFrameFunctionalGroupsSequence]  # fmt: skip
+    expected = a[:3, 3] + np.arange(len(values))[:, None] * a[:3, 0]
+    assert sorted(map(tuple, np.round(frames, 3))) == sorted(map(tuple, np.round(expected, 3)))
+    spacing = pm.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
+    np.testing.assert_allclose([float(x) for x in spacing], [2 * x for x in series.pixel_spacing], atol=1e-6)
+    with pytest.raises(OutputError, match="not perpendicular"):
+        skew = a.copy()
+        skew[:3, 1] = skew[:3, 2]
+        build_image_series(series, Volume(values, affine=skew), provenance(series, "skew"))
+
+
 # -- segment templates (dcmqi metainfo.json) --------------------------------------------------------------
 
 
