@@ -85,6 +85,11 @@ def _descriptions(result: Segmentation, prov: Provenance) -> list[hd.seg.Segment
             desc.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
                 hd.sr.CodedConcept(s.type_modifier.value, s.type_modifier.scheme_designator, s.type_modifier.meaning)
             ]
+        if s.anatomic_region is not None and s.anatomic_region_modifier is not None:
+            m = s.anatomic_region_modifier
+            desc.AnatomicRegionSequence[0].AnatomicRegionModifierSequence = [
+                hd.sr.CodedConcept(m.value, m.scheme_designator, m.meaning)
+            ]
         if s.description:
             desc.SegmentDescription = s.description[:1024]
         out.append(desc)

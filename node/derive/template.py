@@ -7,6 +7,8 @@ list (one per input label file) of lists of segments, each with its
 (with an optional modifier), anatomic region, algorithm type/name and
 ``recommendedDisplayRGBValue``. A rule names one with ``segment_template``;
 its entries then describe the plugin's segments, whatever the plugin said.
+``SegmentAlgorithmName`` is read but not written: the SEG names the plugin
+(and version) that actually ran.
 """
 
 from __future__ import annotations
@@ -74,6 +76,8 @@ class SegmentEntry(BaseModel):
             anatomic_region=self.AnatomicRegionSequence.code() if self.AnatomicRegionSequence else None,
             type_modifier=(self.SegmentedPropertyTypeModifierCodeSequence.code()
                            if self.SegmentedPropertyTypeModifierCodeSequence else None),
+            anatomic_region_modifier=(self.AnatomicRegionModifierSequence.code()
+                                      if self.AnatomicRegionModifierSequence else None),
             description=self.SegmentDescription or "", algorithm_type=self.SegmentAlgorithmType,
         )  # fmt: skip
 

@@ -69,6 +69,8 @@ class Segment:
     anatomic_region: Code | None = None
     #: E.g. left/right (SNOMED CT); goes with ``type``.
     type_modifier: Code | None = None
+    #: E.g. left/right; goes with ``anatomic_region``.
+    anatomic_region_modifier: Code | None = None
     #: Segment Description, free text (optional).
     description: str = ""
     #: "AUTOMATIC" (the default: a plugin made it) or "SEMIAUTOMATIC" (e.g. a model refined by hand).

@@ -1059,6 +1059,8 @@ METAINFO = {
                                                        "CodeMeaning": "Left"},
          "AnatomicRegionSequence": {"CodeValue": "12738006", "CodingSchemeDesignator": "SCT",
                                     "CodeMeaning": "Brain"},
+         "AnatomicRegionModifierSequence": {"CodeValue": "7771000", "CodingSchemeDesignator": "SCT",
+                                            "CodeMeaning": "Left"},
          "recommendedDisplayRGBValue": [88, 106, 215]},
         {"labelID": 3, "SegmentLabel": "Skull",
          "SegmentedPropertyCategoryCodeSequence": {"CodeValue": "123037004", "CodingSchemeDesignator": "SCT",
@@ -1111,7 +1113,8 @@ def test_segment_template_describes_the_seg_and_exports_back(sources: dict[str, 
         assert max(abs(a - b) for a, b in zip(g["recommendedDisplayRGBValue"], w["recommendedDisplayRGBValue"],
                                               strict=True)) <= 1  # fmt: skip
         for key in ("SegmentLabel", "SegmentedPropertyCategoryCodeSequence", "SegmentedPropertyTypeCodeSequence",
-                    "SegmentedPropertyTypeModifierCodeSequence", "AnatomicRegionSequence"):  # fmt: skip
+                    "SegmentedPropertyTypeModifierCodeSequence", "AnatomicRegionSequence",
+                    "AnatomicRegionModifierSequence"):  # fmt: skip
             assert g.get(key) == w.get(key), key
     assert [g["labelID"] for g in got] == [1, 2, 3]  # SEG segment numbers count from 1 by 1
     # the CLI writes the same JSON, and it loads as a template again
