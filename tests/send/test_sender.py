@@ -144,3 +144,40 @@ actions = [{{ type = "forward", to = ["down"] }}]
         assert full.query("select count(*) from instance") == [(4,)]
     finally:
         full.stop()
+
+
+def test_a_large_instance_is_forwarded_without_being_loaded_whole(node, tmp_path):
+    """A 400 MB instance goes through the node (in and out) while its peak memory stays far below that."""
+    import numpy as np
+    import pydicom
+    from helpers import StoreSCP, storescu
+
+    src = make_ct_series(tmp_path / "ct", 1, rows=64, cols=64)[0]
+    ds = pydicom.dcmread(src)
+    ds.Rows = ds.Columns = 14_000  # 14000 x 14000 x 2 bytes = 392 MB of pixel data
+    ds.PixelData = np.zeros((14_000, 14_000), np.int16).tobytes()
+    big = tmp_path / "big.dcm"
+    ds.save_as(big, enforce_file_format=True)
+    del ds
+    size = big.stat().st_size
+    scp = StoreSCP(tmp_path / "scp").start()
+    try:
+        node.extra_config = f"""
+[tracker]
+stable_after = 1
+{scp.destination("scp")}
+[[rules]]
+name = "route"
+actions = [{{ type = "forward", to = ["scp"] }}]
+"""
+        node.start()
+        assert storescu(node.port, [big]).returncode == 0
+        node.wait_delivered(1, timeout=120)
+        (got,) = scp.received()
+        assert got.stat().st_size >= size - 1024  # storescp's own File Meta may differ by a few bytes
+        peak_kb = next(int(line.split()[1]) for line in open(f"/proc/{node.proc.pid}/status")
+                       if line.startswith("VmHWM:"))  # fmt: skip
+    finally:
+        scp.stop()
+    print(f"node peak memory {peak_kb / 1024:.0f} MiB for a {size / 2**20:.0f} MiB instance (received and forwarded)")
+    assert peak_kb < 300 * 1024, f"the node's peak memory was {peak_kb / 1024:.0f} MiB for a {size / 2**20:.0f} MiB instance"
