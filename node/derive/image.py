@@ -26,7 +26,14 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
+from pydicom.uid import (
+    UID,
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    EnhancedMRImageStorage,
+    ExplicitVRLittleEndian,
+    MRImageStorage,
+)
 from pydicom.valuerep import format_number_as_ds
 
 from node.derive.common import MANUFACTURER, Provenance
@@ -36,6 +43,8 @@ from node.plugins.api import SeriesInput, Volume
 
 #: Source SOP classes a derived image series is written in (single-frame, one instance per slice).
 SUPPORTED = {str(CTImageStorage): "CT Image", str(MRImageStorage): "MR Image"}
+#: Enhanced multi-frame sources: the derived image is one instance of the same class, frame for frame.
+ENHANCED = {str(EnhancedCTImageStorage): "Enhanced CT Image", str(EnhancedMRImageStorage): "Enhanced MR Image"}
 
 #: Source attributes that describe the source's pixels or its own identity, not the derived image.
 _REPLACED = {
@@ -150,10 +159,13 @@ def build_image_series(series: SeriesInput, volume: Volume, prov: Provenance, *,
     n = len(series.datasets)
     first = series.datasets[0]
     sop_class = str(first.SOPClassUID)
+    if series.frames is not None and sop_class in ENHANCED and volume.affine is None:
+        return _build_enhanced(series, volume, prov, index, transfer_syntax)
     if sop_class not in SUPPORTED or series.frames is not None:
         kind = UID(sop_class).name if sop_class else "unknown"
-        raise OutputError(f"a derived image series is written for single-frame CT and MR sources; this series is "
-                          f"{kind}" + (" (multi-frame)" if series.frames is not None else ""))  # fmt: skip
+        raise OutputError(f"a derived image series is written for single-frame CT and MR sources and, on their own "
+                          f"grid, enhanced CT and MR; this series is {kind}"
+                          + (" (multi-frame)" if series.frames is not None else ""))  # fmt: skip
     grid = None
     if volume.affine is not None:
         if values.ndim != 3:
@@ -233,6 +245,110 @@ def build_image_series(series: SeriesInput, volume: Volume, prov: Provenance, *,
             ds.compress(transfer_syntax, generate_instance_uid=False)
         out.append(ds)
     return out, enc.error
+
+
+def _set_in_groups(ds: Dataset, sequence: str, **values: Any) -> bool:
+    """Set attributes in a functional group macro wherever the data set has it (shared or per frame)."""
+    found = False
+    for groups in (ds.get("SharedFunctionalGroupsSequence", []), ds.get("PerFrameFunctionalGroupsSequence", [])):
+        for g in groups:
+            for item in g.get(sequence, []):
+                for k, v in values.items():
+                    setattr(item, k, v)
+                found = True
+    return found
+
+
+def _build_enhanced(series: SeriesInput, volume: Volume, prov: Provenance, index: int,
+                    transfer_syntax: UID) -> tuple[list[Dataset], float]:  # fmt: skip
+    """One enhanced multi-frame instance like the source, frame for frame, with the volume's values."""
+    from pydicom import dcmread
+
+    assert series.frames is not None
+    values = np.asarray(volume.values)
+    src = dcmread(series.files[0], stop_before_pixels=True)
+    frames = int(src.NumberOfFrames)
+    shape = (len(series.frames), int(src.Rows), int(src.Columns))
+    if values.shape != shape or len(series.frames) != frames:
+        raise OutputError(f"the volume has shape {values.shape}; on this series' grid it must be (frames, rows, "
+                          f"columns) = {shape}")  # fmt: skip
+    enc = encode_values(values, volume.precision)
+    stored = np.empty((frames, *shape[1:]), dtype=enc.stored.dtype)
+    stored[np.array(series.frames)] = enc.stored  # back to the source's frame order
+    centre, width = _window(values)
+    ds = Dataset()
+    for elem in src:
+        if elem.tag.group == 0x0002 or elem.tag.is_private or elem.keyword in _REPLACED:
+            continue
+        ds.add(elem)
+    ds = _copy(ds)
+    now = dt.datetime.now()
+    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S.%f")
+    ds.SOPClassUID = src.SOPClassUID
+    ds.SOPInstanceUID = prov.uid("image", index, 0)
+    ds.SeriesInstanceUID = prov.uid("image-series", index)
+    ds.SeriesNumber = prov.series_number + index
+    ds.SeriesDescription = (prov.series_description or volume.name or prov.algorithm)[:64]
+    ds.SeriesDate, ds.SeriesTime = date, time
+    ds.InstanceNumber = 1
+    ds.InstanceCreationDate = ds.ContentDate = date
+    ds.InstanceCreationTime = ds.ContentTime = time
+    # Value 2 stays the source's: the enhanced IODs allow only PRIMARY or MIXED there.
+    ds.ImageType = ["DERIVED", *list(src.get("ImageType", ["", "PRIMARY"]))[1:]]
+    description = (volume.description or f"{prov.algorithm} {prov.algorithm_version} by dicom-node")[:1024]
+    ds.ContributingEquipmentSequence = prov.contributing_equipment()
+    for frame_type in ("CTImageFrameTypeSequence", "MRImageFrameTypeSequence"):
+        for groups in (ds.get("SharedFunctionalGroupsSequence", []), ds.get("PerFrameFunctionalGroupsSequence", [])):
+            for g in groups:
+                for item in g.get(frame_type, []):
+                    item.FrameType = ["DERIVED", *list(item.FrameType)[1:]]
+    # Source Image Evidence (1C with a Derivation Image Sequence): the source, by study and series.
+    inst = Dataset()
+    inst.ReferencedSOPClassUID, inst.ReferencedSOPInstanceUID = src.SOPClassUID, src.SOPInstanceUID
+    ser = Dataset()
+    ser.SeriesInstanceUID = src.SeriesInstanceUID
+    ser.ReferencedSOPSequence = [inst]
+    evidence = Dataset()
+    evidence.StudyInstanceUID = src.StudyInstanceUID
+    evidence.ReferencedSeriesSequence = [ser]
+    ds.SourceImageEvidenceSequence = [evidence]
+    rescale = dict(RescaleIntercept=format_number_as_ds(enc.intercept), RescaleSlope=format_number_as_ds(enc.slope))
+    if str(src.SOPClassUID) == str(EnhancedCTImageStorage):
+        rescale["RescaleType"] = "HU"  # the only value the Enhanced CT IOD allows
+    if not _set_in_groups(ds, "PixelValueTransformationSequence", **rescale) and (enc.slope, enc.intercept) != (1, 0):
+        item = Dataset()
+        for k, v in {**rescale, "RescaleType": rescale.get("RescaleType", "US")}.items():
+            setattr(item, k, v)
+        ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence = [item]
+    ds.SharedFunctionalGroupsSequence[0].pop("RealWorldValueMappingSequence", None)  # the source's values' meaning
+    for g in ds.get("PerFrameFunctionalGroupsSequence", []):
+        g.pop("RealWorldValueMappingSequence", None)
+    _set_in_groups(ds, "FrameVOILUTSequence", WindowCenter=format_number_as_ds(centre),
+                   WindowWidth=format_number_as_ds(width))  # fmt: skip
+    purpose = _code(codes.DCM.SourceImageForImageProcessingOperation)
+    for k, g in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = src.SOPClassUID
+        ref.ReferencedSOPInstanceUID = src.SOPInstanceUID
+        ref.ReferencedFrameNumber = k + 1
+        ref.PurposeOfReferenceCodeSequence = [purpose]
+        derivation = Dataset()
+        derivation.DerivationDescription = description
+        derivation.DerivationCodeSequence = [_code(codes.DCM.ImageProcessing)]
+        derivation.SourceImageSequence = [ref]
+        g.DerivationImageSequence = [derivation]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.PixelRepresentation = 1 if enc.signed else 0
+    ds.PixelData = np.ascontiguousarray(stored).tobytes()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    if transfer_syntax != ExplicitVRLittleEndian:
+        ds.compress(transfer_syntax, generate_instance_uid=False)
+    return [ds], enc.error
 
 
 def _copy(ds: Dataset) -> Dataset:

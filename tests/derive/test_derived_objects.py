@@ -895,6 +895,30 @@ def test_derived_image_series_stacks_like_its_source(sources: dict[str, list[Pat
     assert [d.SOPInstanceUID for d in again] == [d.SOPInstanceUID for d in datasets]
 
 
+@pytest.mark.parametrize("kind", ["int", "float"])
+def test_enhanced_ct_source_gives_an_enhanced_ct_frame_for_frame(sources: dict[str, list[Path]], tmp_path: Path,
+                                                                  kind: str) -> None:  # fmt: skip
+    series = load(sources, "ect-multiframe")
+    src = series.rescaled().astype(np.float64)
+    values = (np.round(src) + 5).astype(np.int32) if kind == "int" else src * 0.37 + 0.125
+    datasets, error = build_image_series(series, Volume(values, name="enhanced"), provenance(series, f"ect-{kind}"))
+    (ds,) = datasets
+    path = write(ds, tmp_path / "ect.dcm", f"derived enhanced CT {kind}")
+    back = load_series([path])
+    assert back.first.SOPClassUID == series.first.SOPClassUID and int(back.first.NumberOfFrames) == len(values)
+    np.testing.assert_allclose(_affine_of(back), _affine_of(series), atol=1e-3)
+    got = back.rescaled().astype(np.float64)
+    if kind == "int":
+        assert error == 0
+        np.testing.assert_array_equal(got, values)
+    else:
+        assert np.max(np.abs(got - values)) <= error + np.abs(values).max() * 1e-6  # (float32 in rescaled())
+    full = pydicom.dcmread(path)
+    frame = full.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0].SourceImageSequence[0]
+    assert frame.ReferencedSOPInstanceUID == series.first.SOPInstanceUID and frame.ReferencedFrameNumber == 1
+    assert full.ImageType[0] == "DERIVED"
+
+
 def test_float_range_round_trips_within_the_reported_precision(sources: dict[str, list[Path]]) -> None:
     series = load(sources, "ct-tilted")
     shape = series.voxels().shape
@@ -920,7 +944,7 @@ def test_volume_results_that_cannot_be_written_fail_clearly(sources: dict[str, l
         build_image_series(series, Volume(bad), prov)
     multi = load(sources, "ect-multiframe")
     with pytest.raises(OutputError, match="single-frame CT and MR sources.*multi-frame"):
-        build_image_series(multi, Volume(np.zeros(multi.voxels().shape)), prov)
+        build_image_series(multi, Volume(np.zeros(multi.voxels().shape), affine=_affine_of(multi)), prov)
 
 
 def test_smooth_series_plugin_job_returns_the_median_filtered_ct(sources: dict[str, list[Path]], tmp_path: Path) -> None:
