@@ -296,6 +296,9 @@ class PluginInfo:
     #: Algorithm Family (CID 7162), e.g. codes.cid7162.ArtificialIntelligence or
     #: codes.cid7162.MorphologicalOperations for classical image processing.
     family: Code = codes.cid7162.ArtificialIntelligence
+    #: The plugin's own dcmqi metainfo.json for its segments (absolute, or relative to the module that
+    #: declared it); a rule's ``segment_template`` takes precedence.
+    segment_template: str | None = None
 
     def validate_params(self, params: dict[str, Any]) -> BaseModel:
         return self.params.model_validate(params)
@@ -304,15 +307,27 @@ class PluginInfo:
         return self.params.model_json_schema()
 
 
+def _beside(fn: Any, path: str | None) -> str | None:
+    """A template path relative to the file that declared the plugin."""
+    if path is None or Path(path).is_absolute():
+        return path
+    import inspect
+
+    try:
+        return str(Path(inspect.getfile(fn)).resolve().parent / path)
+    except TypeError:
+        return path
+
+
 def plugin(
     name: str, version: str, *, params: type[BaseModel] = NoParams, description: str = "", max_attempts: int | None = None,
-    family: Code = codes.cid7162.ArtificialIntelligence,
+    family: Code = codes.cid7162.ArtificialIntelligence, segment_template: str | None = None,
 ) -> Callable[[Callable[[SeriesInput, Any], Sequence[Result]]], PluginInfo]:
     """Declare a function as a plugin (see the module docstring)."""
 
     def wrap(fn: Callable[[SeriesInput, Any], Sequence[Result]]) -> PluginInfo:
         return PluginInfo(name, version, fn, params, description or (fn.__doc__ or "").strip().split("\n")[0],
-                          max_attempts, family)  # fmt: skip
+                          max_attempts, family, _beside(fn, segment_template))  # fmt: skip
 
     return wrap
 
@@ -326,6 +341,7 @@ class Plugin:
     Params: type[BaseModel] = NoParams
     max_attempts: int | None = None
     family: Code = codes.cid7162.ArtificialIntelligence
+    segment_template: str | None = None
 
     def run(self, series: SeriesInput, params: Any) -> Sequence[Result]:
         raise NotImplementedError
@@ -334,7 +350,7 @@ class Plugin:
     def info(cls) -> PluginInfo:
         return PluginInfo(cls.name, cls.version, lambda s, p: cls().run(s, p), cls.Params,
                           cls.description or (cls.__doc__ or "").strip().split("\n")[0], cls.max_attempts,
-                          cls.family)  # fmt: skip
+                          cls.family, _beside(cls, cls.segment_template))  # fmt: skip
 
 
 def as_info(obj: Any, name: str) -> PluginInfo:

@@ -154,11 +154,13 @@ def run(spec: WorkSpec) -> WorkResult:
                 if not isinstance(r, (Segmentation, Images, Volume)):
                     raise PluginError(f"plugin {s.name} returned a {type(r).__name__}; results are Segmentation, "
                                       "Images or Volume")  # fmt: skip
-            if spec.segment_template:
+            # The rule's template, else the plugin's own, describes its segments.
+            template_path = spec.segment_template or info.segment_template
+            if template_path:
                 from node.derive.template import apply_template, load_template
 
-                template = load_template(spec.segment_template)
-                out = [apply_template(r, template, spec.unknown_labels, spec.segment_template)
+                template = load_template(template_path)
+                out = [apply_template(r, template, spec.unknown_labels, template_path)
                        if isinstance(r, Segmentation) else r for r in out]  # fmt: skip
             results.extend(out)
             made_by.extend([prov] * len(out))

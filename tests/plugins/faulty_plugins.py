@@ -95,3 +95,13 @@ def slow_box(series: SeriesInput, params: SlowParams) -> list[Segmentation]:
     """Sleeps, then returns the central box of every slice."""
     time.sleep(params.seconds)
     return [centre_box(series)]
+
+
+@plugin(name="templated", version="0.1", segment_template="templated-metainfo.json")
+def templated(series: SeriesInput, params: BaseModel) -> list[Segmentation]:
+    """A label map (labels 1 and 2) without descriptions: its own metainfo.json beside this file names them."""
+    rows, cols = int(series.first.Rows), int(series.first.Columns)
+    labels = np.zeros((len(series), rows, cols), dtype=np.uint8)
+    labels[:, : rows // 2, : cols // 2] = 1
+    labels[:, rows // 2 :, cols // 2 :] = 2
+    return [Segmentation(labels, [])]

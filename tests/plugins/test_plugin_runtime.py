@@ -553,3 +553,19 @@ stable_after = 30
     assert jobs_by_rule(node)["slow"]["attempts"] == 2
     assert "was running when the node stopped" in node.log()
     assert len(seg_rows(node)) == 1
+
+
+def test_a_plugin_may_bring_its_own_segment_template(tmp_path):
+    """@plugin(segment_template=...) beside the module describes the SEG; a rule's template would take precedence."""
+    from helpers import make_ct_series
+
+    from node.plugins.worker import StepSpec, WorkSpec, run
+
+    files = make_ct_series(tmp_path / "ct", 4)
+    out = tmp_path / "out"
+    out.mkdir()
+    res = run(WorkSpec(files=[str(f) for f in files], steps=[StepSpec("templated", "faulty_plugins:templated", {})],
+                       out_dir=str(out), job_key=("1.2.3", 1, "tpl", 0)))  # fmt: skip
+    assert res.ok, res.error
+    seg = pydicom.dcmread(res.outputs[0].file, stop_before_pixels=True)
+    assert [str(s.SegmentLabel) for s in seg.SegmentSequence] == ["Upper left", "Lower right"]
