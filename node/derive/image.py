@@ -18,10 +18,12 @@ written, not from the unrounded ones.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
+import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.codedict import codes
@@ -83,6 +85,11 @@ class Encoding:
     error: float
 
 
+def _check_finite(values: np.ndarray) -> None:
+    if not np.all(np.isfinite(values)):
+        raise OutputError("the volume holds NaN or infinite values; replace them before returning it")
+
+
 def encode_values(values: np.ndarray, precision: float | None = None) -> Encoding:
     """16-bit storage for a volume: exact for integers that fit, else a slope/intercept over the range."""
     v = np.asarray(values)
@@ -90,8 +97,7 @@ def encode_values(values: np.ndarray, precision: float | None = None) -> Encodin
         raise OutputError("the volume is empty")
     if not np.issubdtype(v.dtype, np.number) or np.issubdtype(v.dtype, np.complexfloating):
         raise OutputError(f"volume values must be real numbers, not {v.dtype}")
-    if not np.all(np.isfinite(v)):
-        raise OutputError("the volume holds NaN or infinite values; replace them before returning it")
+    _check_finite(v)
     lo, hi = float(v.min()), float(v.max())
     integral = np.issubdtype(v.dtype, np.integer) or bool(np.all(v == np.round(v)))
     if integral and lo >= -32768 and hi <= 32767:
@@ -152,11 +158,73 @@ def _window(values: np.ndarray) -> tuple[float, float]:
     return float(lo + hi) / 2, width
 
 
+def _check_shape(values: np.ndarray, expected: tuple[int, ...], affine: np.ndarray | None,
+                 own_grid: bool = True) -> None:  # fmt: skip
+    """On the input's grid the volume has its shape; on its own (an affine) any 3-D shape."""
+    if affine is not None:
+        if values.ndim != 3:
+            raise OutputError(f"the volume has shape {values.shape}; it must be (slices, rows, columns)")
+    elif values.shape != expected:
+        raise OutputError(f"the volume has shape {values.shape}; on this series' grid it must be (slices, rows, "
+                          f"columns) = {expected}" + (" (or give its affine)" if own_grid else ""))  # fmt: skip
+
+
+def _derived_from(src: Dataset, prov: Provenance, volume: Volume, index: int, number: int, when: dt.datetime) -> Dataset:
+    """The source data set without what describes its own pixels and identity, with the output's identity."""
+    ds = Dataset()
+    for elem in src:
+        if elem.tag.group == 0x0002 or elem.tag.is_private or elem.keyword in _REPLACED:
+            continue
+        ds.add(elem)
+    ds = copy.deepcopy(ds)
+    date, time = when.strftime("%Y%m%d"), when.strftime("%H%M%S.%f")
+    ds.SOPClassUID = src.SOPClassUID
+    ds.SOPInstanceUID = prov.uid("image", index, number - 1)
+    ds.SeriesInstanceUID = prov.uid("image-series", index)
+    ds.SeriesNumber = prov.series_number + index
+    ds.SeriesDescription = (prov.series_description or volume.name or prov.algorithm)[:64]
+    ds.SeriesDate, ds.SeriesTime = date, time
+    ds.InstanceNumber = number
+    ds.InstanceCreationDate = ds.ContentDate = date
+    ds.InstanceCreationTime = ds.ContentTime = time
+    ds.ContributingEquipmentSequence = prov.contributing_equipment()
+    return ds
+
+
+def _source_ref(src: Dataset, frame: int | None = None) -> Dataset:
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = src.SOPClassUID
+    ref.ReferencedSOPInstanceUID = src.SOPInstanceUID
+    if frame is not None:
+        ref.ReferencedFrameNumber = frame
+    purpose = codes.DCM.SourceImageForImageProcessingOperation
+    ref.PurposeOfReferenceCodeSequence = [hd.sr.CodedConcept(purpose.value, purpose.scheme_designator, purpose.meaning)]
+    return ref
+
+
+def _set_pixels(ds: Dataset, stored: np.ndarray, enc: Encoding, transfer_syntax: UID) -> None:
+    """Grey 16-bit pixel data, then File Meta, then the transfer syntax (compressed if asked)."""
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.PixelRepresentation = 1 if enc.signed else 0
+    ds.PixelData = np.ascontiguousarray(stored).tobytes()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    if transfer_syntax != ExplicitVRLittleEndian:
+        ds.compress(transfer_syntax, generate_instance_uid=False)
+
+
+def _description(volume: Volume, prov: Provenance) -> str:
+    return (volume.description or f"{prov.algorithm} {prov.algorithm_version} by dicom-node")[:1024]
+
+
 def build_image_series(series: SeriesInput, volume: Volume, prov: Provenance, *, index: int = 0,
                        transfer_syntax: UID = ExplicitVRLittleEndian) -> tuple[list[Dataset], float]:  # fmt: skip
-    """The derived series (one data set per source slice) and the largest storage error of its values."""
+    """The derived series (one data set per slice) and the largest storage error of its values."""
     values = np.asarray(volume.values)
-    n = len(series.datasets)
     first = series.datasets[0]
     sop_class = str(first.SOPClassUID)
     if series.frames is not None and sop_class in ENHANCED and volume.affine is None:
@@ -166,33 +234,17 @@ def build_image_series(series: SeriesInput, volume: Volume, prov: Provenance, *,
         raise OutputError(f"a derived image series is written for single-frame CT and MR sources and, on their own "
                           f"grid, enhanced CT and MR; this series is {kind}"
                           + (" (multi-frame)" if series.frames is not None else ""))  # fmt: skip
-    grid = None
-    if volume.affine is not None:
-        if values.ndim != 3:
-            raise OutputError(f"the volume has shape {values.shape}; it must be (slices, rows, columns)")
-        grid = grid_of(volume.affine, values.shape[0])
-        sources = _nearest_sources(series, grid)
-    else:
-        shape = (n, int(first.Rows), int(first.Columns))
-        if values.shape != shape:
-            raise OutputError(f"the volume has shape {values.shape}; on this series' grid it must be (slices, rows, "
-                              f"columns) = {shape} (or give its affine)")  # fmt: skip
-        sources = list(range(n))
+    _check_shape(values, (len(series.datasets), int(first.Rows), int(first.Columns)), volume.affine)
+    grid = grid_of(volume.affine, values.shape[0]) if volume.affine is not None else None
+    sources = _nearest_sources(series, grid) if grid is not None else list(range(len(series.datasets)))
     enc = encode_values(values, volume.precision)
     centre, width = _window(values)
-    series_uid = prov.uid("image-series", index)
-    now = dt.datetime.now()
-    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S.%f")
-    description = (volume.description or f"{prov.algorithm} {prov.algorithm_version} by dicom-node")[:1024]
+    when = dt.datetime.now()
+    rest = list(first.get("ImageType", []))[2:] or (["AXIAL"] if sop_class == str(CTImageStorage) else [])
     out = []
     for i, k in enumerate(sources):
         src = series.datasets[k]
-        ds = Dataset()
-        for elem in src:
-            if elem.tag.group == 0x0002 or elem.tag.is_private or elem.keyword in _REPLACED:
-                continue
-            ds.add(elem)
-        ds = _copy(ds)
+        ds = _derived_from(src, prov, volume, index, i + 1, when)
         if grid is not None:  # its own plane, not the nearest source slice's
             ds.ImagePositionPatient = [format_number_as_ds(float(x)) for x in grid.positions[i]]
             ds.ImageOrientationPatient = [format_number_as_ds(x) for x in grid.orientation]
@@ -200,49 +252,22 @@ def build_image_series(series: SeriesInput, volume: Volume, prov: Provenance, *,
             ds.SliceThickness = format_number_as_ds(grid.thickness)
             ds.Rows, ds.Columns = int(values.shape[1]), int(values.shape[2])
             for keyword in ("SliceLocation", "SpacingBetweenSlices"):
-                if keyword in ds:
-                    delattr(ds, keyword)
-        ds.SOPClassUID = src.SOPClassUID
-        ds.SOPInstanceUID = prov.uid("image", index, i)
-        ds.SeriesInstanceUID = series_uid
-        ds.SeriesNumber = prov.series_number + index
-        ds.SeriesDescription = (prov.series_description or volume.name or prov.algorithm)[:64]
-        ds.SeriesDate, ds.SeriesTime = date, time
-        ds.InstanceNumber = i + 1
-        ds.InstanceCreationDate = ds.ContentDate = date
-        ds.InstanceCreationTime = ds.ContentTime = time
-        rest = list(src.get("ImageType", []))[2:] or (["AXIAL"] if sop_class == str(CTImageStorage) else [])
-        ds.ImageType = ["DERIVED", "SECONDARY", *rest]
-        ds.DerivationDescription = description
-        ref = Dataset()
-        ref.ReferencedSOPClassUID = src.SOPClassUID
-        ref.ReferencedSOPInstanceUID = src.SOPInstanceUID
-        purpose = codes.DCM.SourceImageForImageProcessingOperation
-        ref.PurposeOfReferenceCodeSequence = [_code(purpose)]
-        ds.SourceImageSequence = [ref]
-        ds.ContributingEquipmentSequence = prov.contributing_equipment()
+                ds.pop(keyword, None)
+        ds.ImageType = ["DERIVED", "SECONDARY", *(list(src.get("ImageType", []))[2:] or rest)]
+        ds.DerivationDescription = _description(volume, prov)
+        ds.SourceImageSequence = [_source_ref(src)]
         if not ds.get("Manufacturer"):
             ds.Manufacturer = MANUFACTURER
         for keyword in _TYPE2 + _TYPE2_BY_CLASS.get(sop_class, ()):
             if keyword not in ds:  # the IOD needs it; empty when the source does not say (Type 2)
                 setattr(ds, keyword, None)
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
-        ds.PixelRepresentation = 1 if enc.signed else 0
-        ds.RescaleIntercept = format_number_as_ds(enc.intercept)
-        ds.RescaleSlope = format_number_as_ds(enc.slope)
-        if sop_class == str(MRImageStorage) and enc.slope == 1.0 and enc.intercept == 0.0:
-            del ds.RescaleIntercept, ds.RescaleSlope  # not part of the MR Image IOD when not needed
+        if not (sop_class == str(MRImageStorage) and enc.slope == 1.0 and enc.intercept == 0.0):
+            # (not part of the MR Image IOD, so left out when not needed)
+            ds.RescaleIntercept = format_number_as_ds(enc.intercept)
+            ds.RescaleSlope = format_number_as_ds(enc.slope)
         ds.WindowCenter = format_number_as_ds(centre)
         ds.WindowWidth = format_number_as_ds(width)
-        ds.PixelData = np.ascontiguousarray(enc.stored[i]).tobytes()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        if transfer_syntax != ExplicitVRLittleEndian:
-            ds.compress(transfer_syntax, generate_instance_uid=False)
+        _set_pixels(ds, enc.stored[i], enc, transfer_syntax)
         out.append(ds)
     return out, enc.error
 
@@ -268,35 +293,14 @@ def _build_enhanced(series: SeriesInput, volume: Volume, prov: Provenance, index
     values = np.asarray(volume.values)
     src = dcmread(series.files[0], stop_before_pixels=True)
     frames = int(src.NumberOfFrames)
-    shape = (len(series.frames), int(src.Rows), int(src.Columns))
-    if values.shape != shape or len(series.frames) != frames:
-        raise OutputError(f"the volume has shape {values.shape}; on this series' grid it must be (frames, rows, "
-                          f"columns) = {shape}")  # fmt: skip
+    _check_shape(values, (frames, int(src.Rows), int(src.Columns)), None, own_grid=False)
     enc = encode_values(values, volume.precision)
-    stored = np.empty((frames, *shape[1:]), dtype=enc.stored.dtype)
+    stored = np.empty_like(enc.stored)
     stored[np.array(series.frames)] = enc.stored  # back to the source's frame order
     centre, width = _window(values)
-    ds = Dataset()
-    for elem in src:
-        if elem.tag.group == 0x0002 or elem.tag.is_private or elem.keyword in _REPLACED:
-            continue
-        ds.add(elem)
-    ds = _copy(ds)
-    now = dt.datetime.now()
-    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S.%f")
-    ds.SOPClassUID = src.SOPClassUID
-    ds.SOPInstanceUID = prov.uid("image", index, 0)
-    ds.SeriesInstanceUID = prov.uid("image-series", index)
-    ds.SeriesNumber = prov.series_number + index
-    ds.SeriesDescription = (prov.series_description or volume.name or prov.algorithm)[:64]
-    ds.SeriesDate, ds.SeriesTime = date, time
-    ds.InstanceNumber = 1
-    ds.InstanceCreationDate = ds.ContentDate = date
-    ds.InstanceCreationTime = ds.ContentTime = time
+    ds = _derived_from(src, prov, volume, index, 1, dt.datetime.now())
     # Value 2 stays the source's: the enhanced IODs allow only PRIMARY or MIXED there.
     ds.ImageType = ["DERIVED", *list(src.get("ImageType", ["", "PRIMARY"]))[1:]]
-    description = (volume.description or f"{prov.algorithm} {prov.algorithm_version} by dicom-node")[:1024]
-    ds.ContributingEquipmentSequence = prov.contributing_equipment()
     for frame_type in ("CTImageFrameTypeSequence", "MRImageFrameTypeSequence"):
         for groups in (ds.get("SharedFunctionalGroupsSequence", []), ds.get("PerFrameFunctionalGroupsSequence", [])):
             for g in groups:
@@ -320,49 +324,22 @@ def _build_enhanced(series: SeriesInput, volume: Volume, prov: Provenance, index
         for k, v in {**rescale, "RescaleType": rescale.get("RescaleType", "US")}.items():
             setattr(item, k, v)
         ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence = [item]
-    ds.SharedFunctionalGroupsSequence[0].pop("RealWorldValueMappingSequence", None)  # the source's values' meaning
-    for g in ds.get("PerFrameFunctionalGroupsSequence", []):
-        g.pop("RealWorldValueMappingSequence", None)
+    for groups in (ds.get("SharedFunctionalGroupsSequence", []), ds.get("PerFrameFunctionalGroupsSequence", [])):
+        for g in groups:
+            g.pop("RealWorldValueMappingSequence", None)  # the meaning of the source's values, not these
     _set_in_groups(ds, "FrameVOILUTSequence", WindowCenter=format_number_as_ds(centre),
                    WindowWidth=format_number_as_ds(width))  # fmt: skip
-    purpose = _code(codes.DCM.SourceImageForImageProcessingOperation)
+    processing = codes.DCM.ImageProcessing
     for k, g in enumerate(ds.PerFrameFunctionalGroupsSequence):
-        ref = Dataset()
-        ref.ReferencedSOPClassUID = src.SOPClassUID
-        ref.ReferencedSOPInstanceUID = src.SOPInstanceUID
-        ref.ReferencedFrameNumber = k + 1
-        ref.PurposeOfReferenceCodeSequence = [purpose]
         derivation = Dataset()
-        derivation.DerivationDescription = description
-        derivation.DerivationCodeSequence = [_code(codes.DCM.ImageProcessing)]
-        derivation.SourceImageSequence = [ref]
+        derivation.DerivationDescription = _description(volume, prov)
+        derivation.DerivationCodeSequence = [
+            hd.sr.CodedConcept(processing.value, processing.scheme_designator, processing.meaning)
+        ]
+        derivation.SourceImageSequence = [_source_ref(src, k + 1)]
         g.DerivationImageSequence = [derivation]
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
-    ds.PixelRepresentation = 1 if enc.signed else 0
-    ds.PixelData = np.ascontiguousarray(stored).tobytes()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    if transfer_syntax != ExplicitVRLittleEndian:
-        ds.compress(transfer_syntax, generate_instance_uid=False)
+    _set_pixels(ds, stored, enc, transfer_syntax)
     return [ds], enc.error
-
-
-def _copy(ds: Dataset) -> Dataset:
-    import copy
-
-    return copy.deepcopy(ds)
-
-
-def _code(code) -> Dataset:  # type: ignore[no-untyped-def]
-    item = Dataset()
-    item.CodeValue = code.value
-    item.CodingSchemeDesignator = code.scheme_designator
-    item.CodeMeaning = code.meaning
-    return item
 
 
 NO_UNITS = Code("1", "UCUM", "no units")
@@ -374,17 +351,15 @@ def build_parametric_map(series: SeriesInput, volume: Volume, prov: Provenance, 
     The values are stored as they are (Float Pixel Data), so nothing is lost; the Real World Value
     Mapping carries the units. Frames follow the source slices (their positions and orientation).
     """
-    import highdicom as hd
-
     values = np.asarray(volume.values)
     shape = (len(series.datasets), int(series.first.Rows), int(series.first.Columns))
     if series.frames is not None:
         raise OutputError("a parametric map is written for single-frame sources; this series is one multi-frame "
                           "instance")  # fmt: skip
+    _check_shape(values, shape, volume.affine)
+    _check_finite(values)
     geometry: dict[str, Any] = {}
     if volume.affine is not None:
-        if values.ndim != 3:
-            raise OutputError(f"the volume has shape {values.shape}; it must be (slices, rows, columns)")
         grid = grid_of(volume.affine, values.shape[0])
         geometry = dict(
             plane_positions=[hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, [float(x) for x in p])
@@ -393,11 +368,6 @@ def build_parametric_map(series: SeriesInput, volume: Volume, prov: Provenance, 
             pixel_measures=hd.PixelMeasuresSequence(pixel_spacing=grid.pixel_spacing,
                                                     slice_thickness=grid.thickness),
         )  # fmt: skip
-    elif values.shape != shape:
-        raise OutputError(f"the volume has shape {values.shape}; on this series' grid it must be (slices, rows, "
-                          f"columns) = {shape} (or give its affine)")  # fmt: skip
-    if not np.all(np.isfinite(values)):
-        raise OutputError("the volume holds NaN or infinite values; replace them before returning it")
     values = values.astype(np.float32)
     lo, hi = float(values.min()), float(values.max())
     label = (volume.name or prov.algorithm)[:16]
