@@ -25,6 +25,7 @@ import ssl
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from pydicom.uid import UID
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
@@ -96,12 +97,10 @@ class Accepted:
         return None
 
 
-def dataset_offset(path: Path) -> int:
+def dataset_offset(head: bytes, name: str) -> int:
     """Where a Part 10 file's data set starts (after the File Meta group), from its first 144 bytes."""
-    with open(path, "rb") as f:
-        head = f.read(144)
     if len(head) < 144 or head[128:132] != b"DICM" or head[132:136] != b"\x02\x00\x00\x00":
-        raise ValueError(f"{path.name} is not a DICOM file with a File Meta group")
+        raise ValueError(f"{name} is not a DICOM file with a File Meta group")
     return 144 + int.from_bytes(head[140:144], "little")
 
 
@@ -230,23 +229,22 @@ class Association:
             self._dead()
             raise Lost(f"the connection failed while sending: {e}") from None
 
-    def _send_file(self, cx_id: int, path: Path, offset: int) -> None:
-        size = os.path.getsize(path) - offset
+    def _send_file(self, cx_id: int, f: BinaryIO, offset: int, name: str) -> None:
+        """An open file's data set (from ``offset``), in PDU-sized fragments."""
+        size = os.fstat(f.fileno()).st_size - offset
         if size <= 0:
             self._send_data(cx_id, b"", True)
             return
         chunk = min(self._fragment, 1 << 22)
-        buf = bytearray(min(chunk, size))
-        view = memoryview(buf)
+        view = memoryview(bytearray(min(chunk, size)))
         left = size
-        with open(path, "rb", buffering=0) as f:
-            f.seek(offset)
-            while left:
-                n = f.readinto(view[: min(chunk, left)])
-                if not n:
-                    raise OSError(f"{path.name} ended {left} bytes early")
-                left -= n
-                self._send_data(cx_id, view[:n], left == 0)
+        f.seek(offset)
+        while left:
+            n = f.readinto(view[: min(chunk, left)])  # type: ignore[attr-defined]
+            if not n:
+                raise OSError(f"{name} ended {left} bytes early")
+            left -= n
+            self._send_data(cx_id, view[:n], left == 0)
 
     def _send_bytes(self, cx_id: int, data: bytes) -> None:
         view = memoryview(data)
@@ -308,10 +306,16 @@ class Association:
               data: bytes | None = None) -> dimse.Command:  # fmt: skip
         """C-STORE a file's data set (streamed from disk) or encoded bytes; returns the response command."""
         msg_id = self._next_id()
-        self._send_command(cx_id, dimse.encode_c_store_rq(msg_id, sop_class, sop_instance))
+        command = dimse.encode_c_store_rq(msg_id, sop_class, sop_instance)
         if path is not None:
-            self._send_file(cx_id, path, dataset_offset(path))
+            # Opened (and its File Meta checked) before anything goes on the wire: one open per instance,
+            # and a file that is not what the index says leaves the association usable.
+            with open(path, "rb", buffering=0) as f:
+                offset = dataset_offset(f.read(144), path.name)
+                self._send_command(cx_id, command)
+                self._send_file(cx_id, f, offset, path.name)
         else:
+            self._send_command(cx_id, command)
             self._send_bytes(cx_id, data or b"")
         return self._response(msg_id)
 
