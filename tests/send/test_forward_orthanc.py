@@ -5,6 +5,7 @@ Each test starts its own Orthanc on loopback ports; what Orthanc holds is read b
 
 from __future__ import annotations
 
+import io
 import re
 import subprocess
 import sys
@@ -28,6 +29,13 @@ def orthanc(tmp_path: Path):
     server = Orthanc(tmp_path / "orthanc")
     yield server
     server.stop()
+
+
+def forward_all(destination: str, *, expected_counts: bool = True) -> str:
+    """Config: a series is stable 1 s after its last instance; one rule forwards every series to ``pacs``."""
+    counts = "" if expected_counts else "use_expected_counts = false\n"
+    return (f"[tracker]\nstable_after = 1\n{counts}{destination}\n[[rules]]\nname = \"route\"\n"
+            'actions = [{ type = "forward", to = ["pacs"] }]\n')  # fmt: skip
 
 
 def deliveries(node, destination: str) -> list[tuple]:  # type: ignore[no-untyped-def]
@@ -76,7 +84,7 @@ to = ["pacs"]
         assert tags["StudyInstanceUID"] == source.StudyInstanceUID, "derived objects belong to the source's study"
         assert tags["SeriesInstanceUID"] != source.SeriesInstanceUID, "in a series of their own"
         assert tags["PatientID"] == source.PatientID
-        ds = pydicom.dcmread(__import__("io").BytesIO(orthanc.file(uid)))
+        ds = pydicom.dcmread(io.BytesIO(orthanc.file(uid)))
         if sop_class == seg_class:
             refs = {r.SeriesInstanceUID for r in ds.ReferencedSeriesSequence}
             assert refs == {source.SeriesInstanceUID}
@@ -150,15 +158,7 @@ actions = [{{ type = "forward", to = ["pacs"] }}, {{ type = "forward", to = ["ar
 def test_kill9_mid_delivery_of_200_instances_then_orthanc_holds_all(node, orthanc, tmp_path):
     orthanc.start()
     files = make_ct_series(tmp_path / "ct", 200, rows=512, cols=512)
-    node.extra_config = f"""
-[tracker]
-stable_after = 1
-use_expected_counts = false
-{orthanc.destination("pacs", max_associations="1")}
-[[rules]]
-name = "route"
-actions = [{{ type = "forward", to = ["pacs"] }}]
-"""
+    node.extra_config = forward_all(orthanc.destination("pacs", max_associations="1"), expected_counts=False)
     node.start()
     assert storescu(node.port, files).returncode == 0
     wait_for(lambda: orthanc.count() >= 20, 60, "the delivery to be under way", interval=0.05)
@@ -176,14 +176,7 @@ actions = [{{ type = "forward", to = ["pacs"] }}]
 
 def test_a_destination_that_refuses_our_calling_ae_fails_once_with_the_reason(node, orthanc, tmp_path):
     orthanc.start()  # knows DICOM_NODE and STORESCU, not INTRUDER
-    node.extra_config = f"""
-[tracker]
-stable_after = 1
-{orthanc.destination("pacs", calling_ae_title='"INTRUDER"', retry="{ initial_delay = 0.5 }")}
-[[rules]]
-name = "route"
-actions = [{{ type = "forward", to = ["pacs"] }}]
-"""
+    node.extra_config = forward_all(orthanc.destination("pacs", calling_ae_title='"INTRUDER"', retry="{ initial_delay = 0.5 }"))
     node.start()
     files = make_ct_series(tmp_path / "ct", 40, seed=4)
     assert storescu(node.port, files).returncode == 0
@@ -199,14 +192,7 @@ actions = [{{ type = "forward", to = ["pacs"] }}]
 def test_a_sop_class_the_destination_does_not_support_fails_once(node, tmp_path):
     pacs = Orthanc(tmp_path / "orthanc", unknown_sop_class_accepted=False).start()
     try:
-        node.extra_config = f"""
-[tracker]
-stable_after = 1
-{pacs.destination("pacs", retry="{ initial_delay = 0.5 }")}
-[[rules]]
-name = "route"
-actions = [{{ type = "forward", to = ["pacs"] }}]
-"""
+        node.extra_config = forward_all(pacs.destination("pacs", retry="{ initial_delay = 0.5 }"))
         node.start()
         files = make_ct_series(tmp_path / "ct", 3, seed=5)
         # the same image under a storage SOP class newer than Orthanc 1.10 (Photoacoustic Image Storage, 2022)
@@ -224,42 +210,10 @@ actions = [{{ type = "forward", to = ["pacs"] }}]
         pacs.stop()
 
 
-def test_jpeg2000_source_reaches_an_uncompressed_only_storescp_with_identical_pixels(node, tmp_path):
-    scp = StoreSCP(tmp_path / "scp").start()  # DCMTK's default: uncompressed syntaxes only
-    try:
-        node.extra_config = f"""
-[tracker]
-stable_after = 1
-{scp.destination("scp")}
-[[rules]]
-name = "all"
-actions = [{{ type = "forward", to = ["scp"] }}]
-"""
-        node.start()
-        assert storescu(node.port, [ONE_SLICE / "9.dcm"], "-xv").returncode == 0  # stored as JPEG 2000
-        assert node.query("select transfer_syntax_uid from instance") == [("1.2.840.10008.1.2.4.90",)]
-        node.wait_delivered(1)
-        (got,) = scp.received()
-    finally:
-        scp.stop()
-    src, dst = pydicom.dcmread(ONE_SLICE / "9.dcm"), pydicom.dcmread(got)
-    assert not dst.file_meta.TransferSyntaxUID.is_compressed
-    np.testing.assert_array_equal(dst.pixel_array, src.pixel_array)
-    assert dst.SOPInstanceUID == src.SOPInstanceUID
-    assert node.query("select sent_transfer_syntax from delivery") == [("1.2.840.10008.1.2.1",)]
-
-
 def test_destination_asking_for_jpeg2000_gets_lossless_reencoded_instances(node, orthanc, tmp_path):
     orthanc.start()
     files = make_ct_series(tmp_path / "ct", 4, rows=128, cols=128, seed=6)
-    node.extra_config = f"""
-[tracker]
-stable_after = 1
-{orthanc.destination("pacs", transfer_syntax='"jpeg2000"')}
-[[rules]]
-name = "route"
-actions = [{{ type = "forward", to = ["pacs"] }}]
-"""
+    node.extra_config = forward_all(orthanc.destination("pacs", transfer_syntax='"jpeg2000"'))
     node.start()
     assert storescu(node.port, files).returncode == 0
     node.wait_delivered(4)
@@ -267,7 +221,7 @@ actions = [{{ type = "forward", to = ["pacs"] }}]
         uid = read_sop_uid(f)
         oid = orthanc.find_instance(uid)
         assert orthanc.get(f"/instances/{oid}/metadata/TransferSyntax").decode() == "1.2.840.10008.1.2.4.90"
-        got = pydicom.dcmread(__import__("io").BytesIO(orthanc.file(uid)))
+        got = pydicom.dcmread(io.BytesIO(orthanc.file(uid)))
         np.testing.assert_array_equal(got.pixel_array, pydicom.dcmread(f).pixel_array)
         assert got.SOPInstanceUID == uid
 
@@ -275,14 +229,7 @@ actions = [{{ type = "forward", to = ["pacs"] }}]
 def test_storage_commitment_with_orthanc(node, tmp_path):
     pacs = Orthanc(tmp_path / "orthanc", sender_ports={"DICOM_NODE": node.port}).start()
     try:
-        node.extra_config = f"""
-[tracker]
-stable_after = 1
-{pacs.destination("pacs", storage_commitment="true")}
-[[rules]]
-name = "route"
-actions = [{{ type = "forward", to = ["pacs"] }}]
-"""
+        node.extra_config = forward_all(pacs.destination("pacs", storage_commitment="true"))
         node.start()
         files = make_ct_series(tmp_path / "ct", 6, seed=7)
         assert storescu(node.port, files).returncode == 0
@@ -304,14 +251,7 @@ def test_storage_commitment_failures_and_silence_are_sent_again(node, tmp_path):
     # Orthanc calls back a wrong port, so its own reports never arrive: this test speaks for the PACS.
     pacs = Orthanc(tmp_path / "orthanc").start()
     try:
-        node.extra_config = f"""
-[tracker]
-stable_after = 1
-{pacs.destination("pacs", storage_commitment="true", commitment_timeout="3")}
-[[rules]]
-name = "route"
-actions = [{{ type = "forward", to = ["pacs"] }}]
-"""
+        node.extra_config = forward_all(pacs.destination("pacs", storage_commitment="true", commitment_timeout="3"))
         node.start()
         files = make_ct_series(tmp_path / "ct", 3, seed=8)
         uids = [read_sop_uid(f) for f in files]

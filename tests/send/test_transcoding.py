@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -77,9 +76,8 @@ actions = [{{ type = "forward", to = ["scp"] }}]
 """
         node.start()
         assert storescu(node.port, [ONE_SLICE / name], "-xv").returncode == 0  # propose JPEG 2000 lossless
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not list(scp.out.iterdir()):
-            time.sleep(0.2)
+        assert node.query("select transfer_syntax_uid from instance") == [("1.2.840.10008.1.2.4.90",)]  # as sent
+        node.wait_delivered(1)
         (got,) = scp.out.iterdir()
     finally:
         scp.stop()
