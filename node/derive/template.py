@@ -104,7 +104,8 @@ class Template(BaseModel):
 
 
 def _where(data: Any, loc: tuple) -> str:
-    """``segmentAttributes[0][1] ("Liver").SegmentedPropertyTypeCodeSequence.CodeValue``."""
+    """``segmentAttributes[0][1] ("Liver").SegmentedPropertyTypeCodeSequence.CodeValue``: the config's
+    key notation (``config._loc_to_key``) with each segment's label, so the user finds it in the file."""
     out, node = "", data
     for part in loc:
         if isinstance(part, int):
@@ -130,7 +131,9 @@ def load_template(path: Path | str) -> Template:
     try:
         return Template.model_validate(data)
     except ValidationError as e:
-        problems = [f"{_where(data, err['loc'])}: {err['msg']}" for err in e.errors()]
+        from node.config import error_text
+
+        problems = [f"{_where(data, err['loc'])}: {error_text(err)}" for err in e.errors()]
         raise TemplateError(f"{path}: " + "; ".join(problems)) from None
 
 
