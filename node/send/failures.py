@@ -10,8 +10,6 @@ association rejected as transient) is retried with back-off.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 #: Statuses that are warnings: the instance is stored (PS3.4 B.2.3, PS3.7 C.3).
 WARNINGS = {
     0x0001: "requested optional attributes are not supported",
@@ -34,14 +32,6 @@ _FAILURES = {
 
 #: A processing failure may be passing (a locked database at the PACS); after this many it is not.
 PROCESSING_FAILURE_ATTEMPTS = 3
-
-
-@dataclass(frozen=True)
-class Failure:
-    #: "transient" or "permanent".
-    kind: str
-    status: int | None
-    text: str
 
 
 def status_name(status: int) -> str:

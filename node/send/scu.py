@@ -35,7 +35,7 @@ from node.send.association import (
     PeerAborted,
     Rejected,
 )
-from node.send.failures import Failure, classify_status
+from node.send.failures import classify_status
 from node.send.transcode import TranscodeError, prepare, proposals
 
 VERIFICATION = "1.2.840.10008.1.1"
@@ -117,9 +117,12 @@ class Result:
 
 
 class AssociationFailed(Exception):
-    def __init__(self, failure: Failure) -> None:
-        super().__init__(failure.text)
-        self.failure = failure
+    """No usable association: ``kind`` is "transient" (try later) or "permanent" (the peer refuses)."""
+
+    def __init__(self, kind: str, text: str) -> None:
+        super().__init__(text)
+        self.kind = kind
+        self.text = text
 
 
 class Sender:
@@ -130,7 +133,6 @@ class Sender:
         self.assoc: Association | None = None
         self._proposed: set[tuple[str, str]] = set()
         self._requests = 0
-        self.associations = 0
 
     # --- association ---------------------------------------------------------
 
@@ -149,24 +151,21 @@ class Sender:
         if self.peer.storage_commitment:
             contexts.append((STORAGE_COMMITMENT, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
         p = self.peer
-        self.associations += 1
         try:
             assoc = Association.request(p.host, p.port, calling_ae=p.calling_ae, called_ae=p.called_ae,
                                         contexts=contexts, timeout=p.timeout, max_pdu=p.max_pdu, tls=p.tls)  # fmt: skip
         except Rejected as e:
             kind = "transient" if e.result == 2 else "permanent"
-            raise AssociationFailed(Failure(kind, None, f"{p.label} rejected the association ({e})")) from None
+            raise AssociationFailed(kind, f"{p.label} rejected the association ({e})") from None
         except ConnectFailed as e:
-            raise AssociationFailed(Failure("transient", None, f"cannot connect to {p.label}: {e}")) from None
-        except PeerAborted as e:
-            raise AssociationFailed(Failure("transient", None, f"{p.label}: {e}")) from None
-        except Lost as e:
-            raise AssociationFailed(Failure("transient", None, f"{p.label}: {e}")) from None
+            raise AssociationFailed("transient", f"cannot connect to {p.label}: {e}") from None
+        except (PeerAborted, Lost) as e:
+            raise AssociationFailed("transient", f"{p.label}: {e}") from None
         if not assoc.accepted.contexts:
             refused = sorted({UID(a).name for a, _ in assoc.accepted.refused.values()})
-            raise AssociationFailed(Failure("permanent", None,
+            raise AssociationFailed("permanent",
                 f"{p.label} accepted none of the proposed presentation contexts ({', '.join(refused)}): it does "
-                "not support these SOP classes or transfer syntaxes"))  # fmt: skip
+                "not support these SOP classes or transfer syntaxes")  # fmt: skip
         self.assoc = assoc
         self._requests = 0
         self._proposed = proposed
@@ -212,11 +211,11 @@ class Sender:
                     self._open(group)
                 except AssociationFailed as e:
                     for it in group:
-                        done(Result(it, e.failure.kind, None, e.failure.text))
-                    if e.failure.kind == "transient":
+                        done(Result(it, e.kind, None, e.text))
+                    if e.kind == "transient":
                         # The rest would meet the same closed door; the caller retries later.
                         for it in rest():
-                            done(Result(it, "transient", None, e.failure.text))
+                            done(Result(it, "transient", None, e.text))
                         return results
                     continue
             for it in group:
