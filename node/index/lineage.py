@@ -21,13 +21,12 @@ def _when(value) -> str:  # type: ignore[no-untyped-def]
     return value.strftime("%Y-%m-%d %H:%M:%S") if value is not None else "-"
 
 
-def _deliveries(conn, instance_ids: list[int], indent: str) -> list[str]:  # type: ignore[no-untyped-def]
-    if not instance_ids:
-        return []
+def _deliveries(conn, which, indent: str) -> list[str]:  # type: ignore[no-untyped-def]
+    """Deliveries matching ``which`` (a condition on the delivery table), by destination and state."""
     rows = conn.execute(
         select(_d.c.destination, _d.c.state, _d.c.commitment, func.count(), func.min(_d.c.delivered_at),
                func.max(_d.c.delivered_at), func.max(_d.c.last_error))
-        .where(_d.c.instance_fk.in_(instance_ids))
+        .where(which)
         .group_by(_d.c.destination, _d.c.state, _d.c.commitment)
         .order_by(_d.c.destination, _d.c.state)
     ).all()  # fmt: skip
@@ -68,7 +67,6 @@ def lineage(engine: Engine, uid: str) -> list[str]:
             rules = rev.matched_rules or "no rule matched"
             lines.append(f"  revision {rev.revision}: {rev.instance_count} instances, stable {_when(rev.stable_at)} "
                          f"({rev.stable_reason}); {rules}")  # fmt: skip
-        sources = [r.id for r in conn.execute(select(_i.c.id).where(_i.c.series_fk == series.id))]
         jobs = conn.execute(select(_j).where(_j.c.series_fk == series.id).order_by(_j.c.id)).all()
         for job in jobs:
             what = job.kind + (f" {job.software}" if job.software else "")
@@ -85,17 +83,9 @@ def lineage(engine: Engine, uid: str) -> list[str]:
 
                 lines.append(f"    output {UID(o.sop_class_uid).name} {o.sop_instance_uid} (series "
                              f"{o.series_instance_uid})")  # fmt: skip
-                lines.extend(_deliveries(conn, [o.id], "      "))
+                lines.extend(_deliveries(conn, _d.c.instance_fk == o.id, "      "))
             if job.kind == "forward":
-                ids = [r.id for r in conn.execute(select(_d.c.instance_fk).where(_d.c.job_fk == job.id)
-                                                  .where(_d.c.instance_fk.is_not(None)).distinct()
-                                                  .with_only_columns(_d.c.instance_fk.label("id")))]  # fmt: skip
-                lines.extend(_deliveries(conn, ids, "    "))
+                lines.extend(_deliveries(conn, _d.c.job_fk == job.id, "    "))
         if not jobs:
             lines.append("  no jobs")
-        # Deliveries of the source instances not made by a forward job (e.g. queued before a job existed).
-        if not any(j.kind == "forward" for j in jobs) and sources:
-            extra = _deliveries(conn, sources, "  ")
-            if extra and not extra[0].endswith("not queued for any destination"):
-                lines.extend(extra)
     return lines
