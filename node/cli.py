@@ -626,6 +626,12 @@ def queue_cancel(
     _change_queue(config, destination, series, ids, everything, change)
 
 
+# The demo is a command of its own module (it starts a node, a PACS and a sender, and narrates).
+from node.demo import demo as _demo  # noqa: E402
+
+app.command("demo")(_demo)
+
+
 def main() -> None:
     app()
 

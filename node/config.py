@@ -263,6 +263,85 @@ class PluginsSection(_Section):
 class LoggingSection(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = False
+    #: Keep patient names and IDs out of the logs (they stay in the index and the audit table).
+    redact_phi: bool = True
+
+
+class WebUserSection(_Section):
+    name: str = Field(min_length=1, max_length=64)
+    #: A hash from `dicom-node web hash-password` ("pbkdf2_sha256$iterations$salt$hash"); never the password.
+    password_hash: str
+
+    @field_validator("password_hash")
+    @classmethod
+    def _hash(cls, v: str) -> str:
+        if not v.startswith("pbkdf2_sha256$") or v.count("$") != 3:
+            raise ValueError('must be a hash made by "dicom-node web hash-password", not a password')
+        return v
+
+
+class WebSection(_Section):
+    """The dashboard, the REST API, /metrics, /healthz and /readyz, on one HTTP port."""
+
+    enabled: bool = True
+    #: Loopback by default: open it to the network on purpose (and behind TLS termination).
+    host: str = "127.0.0.1"
+    #: 0 picks a free port (logged at start-up).
+    port: int = Field(8080, ge=0, le=65535)
+    #: "token": a bearer token (``token`` below, or one generated into <data_dir>/web-token);
+    #: "users": local users (and the token, for scripts); "none": no authentication, only on purpose.
+    auth: Literal["token", "users", "none"] = "token"
+    token: str = Field("", repr=False)
+    users: list[WebUserSection] = Field(default_factory=list)
+    #: /metrics without authentication, for a Prometheus scraper (it carries no patient data).
+    public_metrics: bool = True
+    #: Minutes a dashboard login lasts without use.
+    session_minutes: int = Field(480, ge=1)
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, v: str) -> str:
+        if v and len(v) < 16:
+            raise ValueError("use at least 16 characters (or leave it empty for a generated one)")
+        return v
+
+    @model_validator(mode="after")
+    def _users(self) -> WebSection:
+        if self.auth == "users" and not self.users:
+            raise ValueError('auth = "users" needs at least one [[web.users]] entry')
+        return self
+
+
+class RetentionKindSection(_Section):
+    #: Delete after this many days since the series last changed; 0 keeps them by age.
+    max_age_days: float = Field(0, ge=0)
+    #: May be deleted (oldest first) when the disk is above the high watermark.
+    by_watermark: bool = True
+
+
+class RetentionSection(_Section):
+    """Scheduled clean-up. Nothing with an undelivered delivery or an unfinished job is ever deleted."""
+
+    enabled: bool = False
+    #: Seconds between clean-up runs.
+    interval: float = Field(3600.0, ge=10)
+    #: Start deleting when the storage filesystem is this full (percent used); 0 turns it off.
+    high_watermark: float = Field(0, ge=0, le=100)
+    #: ... and stop once it is down to this.
+    low_watermark: float = Field(0, ge=0, le=100)
+    sources: RetentionKindSection = Field(default_factory=RetentionKindSection)
+    outputs: RetentionKindSection = Field(default_factory=RetentionKindSection)
+    #: Days to keep delivery rows of instances already deleted (their history); 0 keeps them.
+    delivery_history_days: float = Field(90, ge=0)
+
+    @model_validator(mode="after")
+    def _marks(self) -> RetentionSection:
+        if self.high_watermark and not (0 < self.low_watermark < self.high_watermark):
+            raise ValueError(
+                f"low_watermark ({self.low_watermark:g}) must be above 0 and below high_watermark "
+                f"({self.high_watermark:g})"
+            )
+        return self
 
 
 class Config(_Section):
@@ -275,6 +354,8 @@ class Config(_Section):
     jobs: JobsSection = Field(default_factory=JobsSection)
     plugins: PluginsSection = Field(default_factory=PluginsSection)
     destinations: list[DestinationSection] = Field(default_factory=list)
+    web: WebSection = Field(default_factory=WebSection)
+    retention: RetentionSection = Field(default_factory=RetentionSection)
     #: Rules are validated by the rule engine; here they are only tables.
     rules: list[dict[str, Any]] = Field(default_factory=list)
 

@@ -9,6 +9,8 @@ need_apt=()
 [ -x /usr/sbin/Orthanc ] || need_apt+=(orthanc)
 command -v dciodvfy >/dev/null 2>&1 || need_apt+=(dicom3tools)
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need_apt+=(postgresql)
+# The dashboard's browser tests drive Debian's Chromium with Playwright (no browser download).
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
     SUDO=""
     [ "$(id -u)" -eq 0 ] || SUDO="sudo"

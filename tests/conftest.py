@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -11,6 +12,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers import SHARED, NodeProcess  # noqa: E402
+
+# Every node a test starts serves its web port on a free port of its own, never on the default 8080,
+# unless the test sets one (NodeProcess does, so that tests can reach it).
+os.environ.setdefault("DICOM_NODE_WEB__PORT", "0")
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

@@ -76,6 +76,8 @@ class NodeProcess:
     root: Path
     extra_config: str = ""
     port: int = field(default_factory=free_port)
+    #: The dashboard / REST API / metrics port.
+    web_port: int = field(default_factory=free_port)
     ae_title: str = "DICOM_NODE"
     proc: subprocess.Popen | None = None
     env: dict[str, str] = field(default_factory=dict)
@@ -111,7 +113,8 @@ min_free_mb = 0
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "node", "run", "--config", str(self.config_path)],
-            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "DICOM_NODE_WEB__PORT": str(self.web_port), **self.env},
         )  # fmt: skip
         if wait:
             wait_for_echo(self.port, self.ae_title, proc=self.proc)
