@@ -630,6 +630,10 @@ def queue_cancel(
 from node.demo import demo as _demo  # noqa: E402
 
 app.command("demo")(_demo)
+# Retention's command lives beside the clean-up it runs.
+from node.retention import retention as _retention  # noqa: E402
+
+app.command("retention")(_retention)
 
 
 def main() -> None:
