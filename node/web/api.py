@@ -1,0 +1,391 @@
+"""The REST API under /api: everything the dashboard shows and does, described by the OpenAPI spec at /openapi.json."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, Field, model_validator
+
+from node.web import data
+from node.web.context import WebContext, api_user, context
+
+router = APIRouter(prefix="/api", dependencies=[Depends(api_user)])
+
+SeriesState = Literal["receiving", "stable", "triggered"]
+JobState = Literal["pending", "running", "succeeded", "failed", "cancelled"]
+DeliveryState = Literal["queued", "sending", "delivered", "failed", "cancelled"]
+Limit = Query(50, ge=1, le=1000)
+Offset = Query(0, ge=0, le=10**9)
+
+
+class DestinationModel(BaseModel):
+    name: str
+    states: dict[str, int]
+    oldest_queued: str | None
+    next_attempt: str | None
+    last_error: str
+
+
+class RateModel(BaseModel):
+    at: float
+    received_per_s: float
+    sent_per_s: float
+
+
+class DiskModel(BaseModel):
+    total_bytes: int
+    used_bytes: int
+    free_bytes: int
+
+
+class OverviewModel(BaseModel):
+    patients: int
+    studies: int
+    series: int
+    instances: int
+    outputs: int = Field(description="instances this node produced (SEG, SC, ...)")
+    stored_bytes: int
+    series_states: dict[str, int]
+    job_states: dict[str, int]
+    destinations: list[DestinationModel]
+    disk: DiskModel
+    rates: list[RateModel] = Field(description="instances/s received and sent, sampled every 5 s, last hour")
+    now: str
+
+
+class SeriesModel(BaseModel):
+    series_instance_uid: str
+    modality: str
+    series_number: int | None
+    series_description: str
+    instance_count: int
+    state: str
+    revision: int
+    first_received_at: str | None
+    last_received_at: str | None
+    study_instance_uid: str
+    study_date: str
+    study_description: str
+    accession_number: str
+    patient_name: str
+    patient_id: str
+
+
+class SeriesPage(BaseModel):
+    total: int
+    items: list[SeriesModel]
+
+
+class StudyModel(BaseModel):
+    study_instance_uid: str
+    study_date: str
+    study_description: str
+    accession_number: str
+    patient_name: str
+    patient_id: str
+    last_received_at: str | None
+    series_count: int
+    instance_count: int
+    series: list[SeriesModel]
+
+
+class StudyPage(BaseModel):
+    total: int
+    items: list[StudyModel]
+
+
+class JobModel(BaseModel):
+    id: int
+    series_instance_uid: str
+    revision: int
+    rule: str
+    action_index: int
+    kind: str
+    state: str
+    attempts: int
+    max_attempts: int
+    software: str
+    result: str
+    last_error: str
+    created_at: str | None
+    started_at: str | None
+    finished_at: str | None
+
+
+class JobDetail(JobModel):
+    action: str = Field(description="the rule action this job runs, as JSON")
+
+
+class JobPage(BaseModel):
+    total: int
+    items: list[JobModel]
+
+
+class DeliveryModel(BaseModel):
+    id: int
+    destination: str
+    state: str
+    commitment: str
+    attempts: int
+    next_attempt_at: str | None
+    last_status: int | None
+    last_error: str
+    warning: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    created_at: str | None
+    updated_at: str | None
+    delivered_at: str | None
+
+
+class DeliveryPage(BaseModel):
+    total: int
+    items: list[DeliveryModel]
+
+
+class RevisionModel(BaseModel):
+    revision: int
+    instance_count: int
+    stable_at: str | None
+    stable_reason: str
+    triggered_at: str | None
+    matched_rules: list[str]
+    error: str
+
+
+class TimelineEvent(BaseModel):
+    at: str
+    offset_s: float = Field(description="seconds since the first event")
+    step: str = Field(description="received, stable, rules, job, output, delivered, failed or queued")
+    text: str
+
+
+class OutputModel(BaseModel):
+    sop_instance_uid: str
+    sop_class: str
+    job_id: int
+    series_instance_uid: str
+    series_description: str
+    modality: str
+
+
+class SeriesDetail(SeriesModel):
+    body_part_examined: str
+    manufacturer: str
+    station_name: str
+    made_by: dict[str, Any] | None = Field(description="for an output: the job and source series that made it")
+    received_from: dict[str, str] | None
+    sop_class: str
+    transfer_syntax: str
+    revisions: list[RevisionModel]
+    rules_now: list[str] = Field(description="each rule evaluated now against the series, and why it (did not) match")
+    jobs: list[JobModel]
+    outputs: list[OutputModel]
+    deliveries: dict[str, dict[str, dict[str, int]]] = Field(
+        description='{"source"|"outputs": {destination: {state: count}}}'
+    )
+    timeline: list[TimelineEvent]
+
+
+class RuleModel(BaseModel):
+    name: str
+    priority: int
+    enabled: bool
+    stop: bool
+    match: dict[str, Any]
+    actions: list[str]
+    matched_revisions: int
+
+
+class PluginModel(BaseModel):
+    name: str
+    target: str
+    source: str
+    package_version: str
+    version: str
+    description: str
+    error: str
+    used_by_rules: list[str]
+
+
+class LineageModel(BaseModel):
+    uid: str
+    lines: list[str]
+
+
+class Selection(BaseModel):
+    """Which deliveries: by id, destination and/or series; ``all`` must be said explicitly."""
+
+    ids: list[int] = Field(default_factory=list, max_length=10000)
+    destination: str | None = None
+    series_uid: str | None = None
+    all: bool = False
+
+    @model_validator(mode="after")
+    def _something(self) -> Selection:
+        if not (self.ids or self.destination or self.series_uid or self.all):
+            raise ValueError("say which deliveries: ids, destination, series_uid, or all = true")
+        return self
+
+
+class ActionResult(BaseModel):
+    changed: int
+    message: str
+
+
+def _not_found(e: LookupError) -> HTTPException:
+    return HTTPException(404, str(e.args[0] if e.args else e))
+
+
+@router.get("/overview", response_model=OverviewModel, summary="Counts, states, queues, disk use and rates")
+def get_overview(ctx: WebContext = Depends(context)) -> dict[str, Any]:
+    return data.overview(ctx.reader, ctx.cfg, ctx.sampler)
+
+
+@router.get("/studies", response_model=StudyPage, summary="Studies, newest first, with their series")
+def get_studies(q: str = Query("", max_length=256, description="patient name or ID, accession, description or UID"),
+                limit: int = Query(25, ge=1, le=500), offset: int = Offset,
+                ctx: WebContext = Depends(context)) -> dict[str, Any]:  # fmt: skip
+    return data.studies(ctx.reader, q=q, limit=limit, offset=offset)
+
+
+@router.get("/series", response_model=SeriesPage, summary="Series, most recently received first")
+def get_series_list(q: str = Query("", max_length=256), state: SeriesState | None = None,
+                    modality: str = Query("", max_length=16), study_uid: str = Query("", max_length=64),
+                    limit: int = Limit, offset: int = Offset, ctx: WebContext = Depends(context)) -> dict[str, Any]:  # fmt: skip
+    return data.series_list(ctx.reader, q=q, state=state or "", modality=modality, study_uid=study_uid,
+                            limit=limit, offset=offset)  # fmt: skip
+
+
+@router.get("/series/{uid}", response_model=SeriesDetail, responses={404: {"description": "no such series"}},
+            summary="One series: revisions, rules and why, jobs, outputs, deliveries and its timeline")  # fmt: skip
+def get_series(uid: str, ctx: WebContext = Depends(context)) -> dict[str, Any]:
+    try:
+        return data.series_detail(ctx.reader, ctx.cfg, uid)
+    except data.NotFound as e:
+        raise _not_found(e) from None
+
+
+@router.get("/series/{uid}/preview.png", response_class=Response, summary="A slice of the series as a PNG",
+            responses={200: {"content": {"image/png": {}}}, 404: {"description": "no such series"},
+                       422: {"description": "the image cannot be decoded"}})  # fmt: skip
+def get_preview(uid: str, index: int | None = Query(None, ge=0, le=10**6, description="instance (default: middle)"),
+                frame: int | None = Query(None, ge=0, le=10**6), size: int = Query(512, ge=16, le=1024),
+                ctx: WebContext = Depends(context)) -> Response:  # fmt: skip
+    from node.web.preview import NoPreview, render_png
+
+    try:
+        path, _ = data.first_instance_file(ctx.reader, ctx.cfg.data_dir, uid, index)
+        png = render_png(path, frame, size)
+    except data.NotFound as e:
+        raise _not_found(e) from None
+    except (NoPreview, OSError, ValueError) as e:
+        raise HTTPException(422, f"no preview: {e}") from None
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+
+
+@router.get("/lineage/{uid}", response_model=LineageModel, responses={404: {"description": "unknown UID"}},
+            summary="Source -> jobs (plugin versions) -> outputs -> deliveries, from any SOP or series UID")  # fmt: skip
+def get_lineage(uid: str, ctx: WebContext = Depends(context)) -> dict[str, Any]:
+    from node.index.lineage import NotFound, lineage
+
+    try:
+        return {"uid": uid, "lines": lineage(ctx.reader, uid)}
+    except NotFound as e:
+        raise _not_found(e) from None
+
+
+@router.get("/jobs", response_model=JobPage, summary="Jobs, newest first")
+def get_jobs(state: JobState | None = None, series_uid: str = Query("", max_length=64), limit: int = Limit,
+             offset: int = Offset, ctx: WebContext = Depends(context)) -> dict[str, Any]:  # fmt: skip
+    return data.jobs(ctx.reader, state=state or "", series_uid=series_uid, limit=limit, offset=offset)
+
+
+@router.get("/jobs/{job_id}", response_model=JobDetail, responses={404: {"description": "no such job"}})
+def get_job(job_id: int, ctx: WebContext = Depends(context)) -> dict[str, Any]:
+    try:
+        return data.job(ctx.reader, job_id)
+    except data.NotFound as e:
+        raise _not_found(e) from None
+
+
+def _job_change(ctx: WebContext, job_id: int, what: str, user: str) -> ActionResult:
+    from node.jobs import store
+
+    try:
+        if what == "retry":
+            store.retry(ctx.engine, job_id)
+            ctx.wake_jobs()
+            return ActionResult(changed=1, message=f"job {job_id} queued to run again")
+        was = store.cancel(ctx.engine, job_id)
+        return ActionResult(changed=1, message=f"job {job_id} cancelled (it was {was})")
+    except store.JobStateError as e:
+        raise HTTPException(404 if "there is no job" in str(e) else 409, str(e)) from None
+    finally:
+        ctx.note_action(user, f"job {what}", f"job {job_id}")
+
+
+@router.post("/jobs/{job_id}/retry", response_model=ActionResult,
+             responses={404: {"description": "no such job"}, 409: {"description": "the job is not failed or cancelled"}})  # fmt: skip
+def post_job_retry(job_id: int, ctx: WebContext = Depends(context), user: str = Depends(api_user)) -> ActionResult:
+    return _job_change(ctx, job_id, "retry", user)
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=ActionResult,
+             responses={404: {"description": "no such job"}, 409: {"description": "the job is not pending or running"}})  # fmt: skip
+def post_job_cancel(job_id: int, ctx: WebContext = Depends(context), user: str = Depends(api_user)) -> ActionResult:
+    return _job_change(ctx, job_id, "cancel", user)
+
+
+@router.get("/deliveries", response_model=DeliveryPage, summary="Deliveries (one per instance and destination), newest first")
+def get_deliveries(destination: str = Query("", max_length=64), state: DeliveryState | None = None,
+                   series_uid: str = Query("", max_length=64), limit: int = Limit, offset: int = Offset,
+                   ctx: WebContext = Depends(context)) -> dict[str, Any]:  # fmt: skip
+    return data.deliveries(ctx.reader, destination=destination, state=state or "", series_uid=series_uid,
+                           limit=limit, offset=offset)  # fmt: skip
+
+
+def delivery_change(ctx: WebContext, what: str, sel: Selection, user: str) -> ActionResult:
+    from node.send import queue
+
+    scope = dict(destination=sel.destination or None, ids=sel.ids or None, series_uid=sel.series_uid or None)
+    if what == "retry":
+        n = queue.retry(ctx.engine, **scope)
+        n += queue.retry_now(ctx.engine, sel.destination) if sel.all or (sel.destination and not sel.ids) else 0
+        ctx.wake_senders()
+        message = f"{n} deliver{'y' if n == 1 else 'ies'} queued to be sent now"
+    else:
+        n = queue.cancel(ctx.engine, **scope)
+        message = f"{n} deliver{'y' if n == 1 else 'ies'} cancelled"
+    ctx.note_action(user, f"delivery {what}", f"{sel.model_dump_json(exclude_defaults=True)}: {message}")
+    return ActionResult(changed=n, message=message)
+
+
+@router.post("/deliveries/retry", response_model=ActionResult,
+             summary="Queue failed or cancelled deliveries again (and waiting ones now, for a whole destination)")  # fmt: skip
+def post_deliveries_retry(sel: Selection, ctx: WebContext = Depends(context),
+                          user: str = Depends(api_user)) -> ActionResult:  # fmt: skip
+    return delivery_change(ctx, "retry", sel, user)
+
+
+@router.post("/deliveries/cancel", response_model=ActionResult, summary="Cancel queued deliveries")
+def post_deliveries_cancel(sel: Selection, ctx: WebContext = Depends(context),
+                           user: str = Depends(api_user)) -> ActionResult:  # fmt: skip
+    return delivery_change(ctx, "cancel", sel, user)
+
+
+@router.get("/rules", response_model=list[RuleModel], summary="The configured rules and how often each matched")
+def get_rules(ctx: WebContext = Depends(context)) -> list[dict[str, Any]]:
+    return data.rules(ctx.cfg, ctx.reader)
+
+
+@router.get("/plugins", response_model=list[PluginModel], summary="Installed plugins, their versions and users")
+def get_plugins(ctx: WebContext = Depends(context)) -> list[dict[str, Any]]:
+    return data.plugins(ctx.cfg)
+
+
+@router.get("/whoami", summary="The user this request is authenticated as")
+def whoami(request: Request, user: str = Depends(api_user)) -> dict[str, str]:
+    return {"user": user}

@@ -1,0 +1,109 @@
+"""What every request handler needs (the node's config, engines, authenticator) and who is asking."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from urllib.parse import quote, urlsplit
+
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBasic, HTTPBasicCredentials, HTTPBearer
+from sqlalchemy import Engine
+
+from node.config import Config
+from node.web.auth import COOKIE, Authenticator
+from node.web.data import RateSampler
+
+log = logging.getLogger(__name__)
+
+
+def _nothing() -> None:
+    pass
+
+
+@dataclass
+class WebContext:
+    cfg: Config
+    #: Changes (retry, cancel) go through the writing engine; everything shown is read through ``reader``.
+    engine: Engine
+    reader: Engine
+    auth: Authenticator
+    sampler: RateSampler | None = None
+    #: Readiness checks by name: each returns "" when fine, else what is wrong.
+    checks: dict[str, Callable[[], str]] = field(default_factory=dict)
+    wake_jobs: Callable[[], None] = _nothing
+    wake_senders: Callable[[], None] = _nothing
+
+    def note_action(self, user: str, what: str, detail: str) -> None:
+        """An operator's change, for the log and the audit trail."""
+        log.info("%s by %s: %s", what, user, detail)
+        try:
+            from node import audit
+        except ImportError:
+            return
+        record = getattr(audit, "operator_action", None)
+        if record is not None:
+            record(self.engine, actor=user, action=what, detail=detail)
+
+
+def context(request: Request) -> WebContext:
+    return request.app.state.ctx  # type: ignore[no-any-return]
+
+
+_bearer = HTTPBearer(auto_error=False, description="the token from [web] token or <data_dir>/web-token")
+_basic = HTTPBasic(auto_error=False, description='a local user from [[web.users]] (auth = "users")')
+
+
+def _same_origin(request: Request) -> bool:
+    """A browser's form post carries Origin (or Referer); it must name this server."""
+    source = request.headers.get("origin") or request.headers.get("referer")
+    if not source or source == "null":
+        return source is None
+    return urlsplit(source).netloc == request.headers.get("host", "")
+
+
+def identify(request: Request) -> str | None:
+    """The authenticated user of a request, or None."""
+    ctx = context(request)
+    if ctx.auth.open:
+        return "anonymous"
+    header = request.headers.get("authorization")
+    if header:
+        return ctx.auth.from_header(header)
+    sid = request.cookies.get(COOKIE)
+    if sid:
+        user = ctx.auth.session_user(sid)
+        if user and request.method not in ("GET", "HEAD") and not _same_origin(request):
+            raise HTTPException(403, "this request comes from another site; it is refused")
+        return user
+    return None
+
+
+def api_user(
+    request: Request,
+    _b: HTTPAuthorizationCredentials | None = Depends(_bearer),
+    _u: HTTPBasicCredentials | None = Depends(_basic),
+) -> str:
+    user = identify(request)
+    if user is None:
+        raise HTTPException(
+            401,
+            "authentication required: send 'Authorization: Bearer <token>' (the token is in [web] token or "
+            "<data_dir>/web-token), HTTP Basic for a local user, or log in at /login",
+            headers={"WWW-Authenticate": 'Bearer realm="dicom-node"'},
+        )
+    return user
+
+
+class LoginRequired(Exception):
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+
+def page_user(request: Request) -> str:
+    user = identify(request)
+    if user is None:
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        raise LoginRequired("/login?next=" + quote(target, safe=""))
+    return user

@@ -1,0 +1,534 @@
+"""What the dashboard and the REST API show, read from the index as plain dicts.
+
+Everything here only reads, through the node's read-only engine; the few changes an operator can make
+(retry, cancel) go through the same functions as the command line (node.send.queue, node.jobs.store).
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydicom.uid import UID
+from sqlalchemy import Engine, and_, func, or_, select
+
+from node.config import Config
+from node.decide.explain import rule_lines
+from node.decide.facts import series_snapshot
+from node.index.models import Delivery, Instance, Job, Patient, Series, SeriesRevision, Study, aware, utcnow
+from node.send import queue
+from node.storage import Storage
+
+_s, _st, _p, _i, _j, _d, _r = (m.__table__ for m in (Series, Study, Patient, Instance, Job, Delivery, SeriesRevision))
+
+SERIES_STATES = ("receiving", "stable", "triggered")
+JOB_STATES = ("pending", "running", "succeeded", "failed", "cancelled")
+DELIVERY_STATES = ("queued", "sending", "delivered", "failed", "cancelled")
+
+
+class NotFound(LookupError):
+    pass
+
+
+def iso(value: dt.datetime | None) -> str | None:
+    return aware(value).isoformat(timespec="milliseconds") if value else None
+
+
+def sop_class_name(uid: str) -> str:
+    name = UID(uid).name
+    return name if name != uid else uid
+
+
+@dataclass
+class Sample:
+    at: float
+    received: int
+    sent: int
+
+
+class RateSampler:
+    """Instances received and sent, sampled every few seconds for the overview's live charts.
+
+    The totals come from the index (the highest instance id, the delivered count), so a chart is right
+    whatever process stored or sent; it covers the last hour this process has been up.
+    """
+
+    def __init__(self, engine: Engine, every: float = 5.0, keep: float = 3600.0) -> None:
+        self.engine = engine
+        self.every = every
+        self._samples: collections.deque[Sample] = collections.deque(maxlen=int(keep / every) + 1)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="web-rates", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def sample(self) -> None:
+        with self.engine.connect() as conn:
+            received = conn.execute(select(func.coalesce(func.max(_i.c.id), 0))).scalar_one()
+            sent = conn.execute(select(func.count()).where(_d.c.state == "delivered")).scalar_one()
+        self._samples.append(Sample(time.time(), int(received), int(sent)))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.sample()
+            except Exception:  # the database may be busy or gone for a moment; the next sample will tell
+                pass
+            self._stop.wait(self.every)
+
+    def rates(self) -> list[dict[str, float]]:
+        """Per interval: its end time (epoch seconds) and instances/s received and sent."""
+        s = list(self._samples)
+        out = []
+        for a, b in zip(s, s[1:], strict=False):
+            span = max(b.at - a.at, 1e-6)
+            out.append({"at": round(b.at, 3), "received_per_s": round(max(b.received - a.received, 0) / span, 3),
+                        "sent_per_s": round(max(b.sent - a.sent, 0) / span, 3)})  # fmt: skip
+        return out
+
+
+def disk(data_dir: Path) -> dict[str, int]:
+    if not data_dir.exists():
+        return {"total_bytes": 0, "used_bytes": 0, "free_bytes": 0}
+    u = shutil.disk_usage(data_dir)
+    return {"total_bytes": u.total, "used_bytes": u.used, "free_bytes": u.free}
+
+
+def _counts(conn: Any, column: Any, states: tuple[str, ...]) -> dict[str, int]:
+    found = dict(conn.execute(select(column, func.count()).group_by(column)).all())
+    return {**{k: 0 for k in states}, **{str(k): int(v) for k, v in found.items()}}
+
+
+def overview(engine: Engine, cfg: Config, sampler: RateSampler | None) -> dict[str, Any]:
+    with engine.connect() as conn:
+        n_pat = conn.execute(select(func.count()).select_from(_p)).scalar_one()
+        n_study = conn.execute(select(func.count()).select_from(_st)).scalar_one()
+        n_series = conn.execute(select(func.count()).select_from(_s)).scalar_one()
+        n_inst, size = conn.execute(select(func.count(), func.coalesce(func.sum(_i.c.file_size), 0))).one()
+        n_out = conn.execute(select(func.count()).where(_i.c.job_fk.is_not(None))).scalar_one()
+        series_states = _counts(conn, _s.c.state, SERIES_STATES)
+        job_states = _counts(conn, _j.c.state, JOB_STATES)
+    destinations = [
+        {
+            "name": d.destination,
+            "states": d.states,
+            "oldest_queued": iso(d.oldest_queued),
+            "next_attempt": iso(d.next_attempt),
+            "last_error": d.last_error,
+        }
+        for d in queue.summary(engine)
+    ]
+    known = {d["name"] for d in destinations}
+    for d in cfg.destinations:  # configured but never used yet
+        if d.name not in known:
+            destinations.append({"name": d.name, "states": {}, "oldest_queued": None, "next_attempt": None,
+                                 "last_error": ""})  # fmt: skip
+    return {
+        "patients": int(n_pat),
+        "studies": int(n_study),
+        "series": int(n_series),
+        "instances": int(n_inst),
+        "outputs": int(n_out),
+        "stored_bytes": int(size),
+        "series_states": series_states,
+        "job_states": job_states,
+        "destinations": destinations,
+        "disk": disk(cfg.data_dir),
+        "rates": sampler.rates() if sampler else [],
+        "now": iso(utcnow()),
+    }
+
+
+def _series_row(r: Any) -> dict[str, Any]:
+    return {
+        "series_instance_uid": r.series_instance_uid,
+        "modality": r.modality,
+        "series_number": r.series_number,
+        "series_description": r.series_description,
+        "instance_count": r.instance_count,
+        "state": r.state,
+        "revision": r.revision,
+        "first_received_at": iso(r.first_received_at),
+        "last_received_at": iso(r.last_received_at),
+        "study_instance_uid": r.study_instance_uid,
+        "study_date": r.study_date,
+        "study_description": r.study_description,
+        "accession_number": r.accession_number,
+        "patient_name": r.patient_name,
+        "patient_id": r.patient_id,
+    }
+
+
+_SERIES_COLUMNS = (
+    _s.c.id, _s.c.series_instance_uid, _s.c.modality, _s.c.series_number, _s.c.series_description,
+    _s.c.instance_count, _s.c.state, _s.c.revision, _s.c.first_received_at, _s.c.last_received_at,
+    _st.c.study_instance_uid, _st.c.study_date, _st.c.study_description, _st.c.accession_number,
+    _p.c.patient_name, _p.c.patient_id,
+)  # fmt: skip
+
+
+def _search(q: str) -> Any:
+    like = f"%{q}%"
+    return or_(
+        _p.c.patient_name.ilike(like), _p.c.patient_id.ilike(like), _st.c.accession_number.ilike(like),
+        _st.c.study_description.ilike(like), _s.c.series_description.ilike(like),
+        _s.c.series_instance_uid == q, _st.c.study_instance_uid == q,
+    )  # fmt: skip
+
+
+def series_list(engine: Engine, *, q: str = "", state: str = "", modality: str = "", study_uid: str = "",
+                limit: int = 50, offset: int = 0) -> dict[str, Any]:  # fmt: skip
+    cond = []
+    if q:
+        cond.append(_search(q))
+    if state:
+        cond.append(_s.c.state == state)
+    if modality:
+        cond.append(_s.c.modality == modality)
+    if study_uid:
+        cond.append(_st.c.study_instance_uid == study_uid)
+    base = _s.join(_st, _st.c.id == _s.c.study_fk).join(_p, _p.c.id == _st.c.patient_fk)
+    with engine.connect() as conn:
+        total = conn.execute(select(func.count()).select_from(base).where(*cond)).scalar_one()
+        rows = conn.execute(
+            select(*_SERIES_COLUMNS).select_from(base).where(*cond)
+            .order_by(_s.c.last_received_at.desc(), _s.c.id.desc()).limit(limit).offset(offset)
+        ).all()  # fmt: skip
+    return {"total": int(total), "items": [_series_row(r) for r in rows]}
+
+
+def studies(engine: Engine, *, q: str = "", limit: int = 25, offset: int = 0) -> dict[str, Any]:
+    """Studies, newest first, each with its series."""
+    base = _st.join(_p, _p.c.id == _st.c.patient_fk)
+    cond = []
+    if q:
+        like = f"%{q}%"
+        cond.append(or_(_p.c.patient_name.ilike(like), _p.c.patient_id.ilike(like),
+                        _st.c.accession_number.ilike(like), _st.c.study_description.ilike(like),
+                        _st.c.study_instance_uid == q))  # fmt: skip
+    last = (
+        select(_s.c.study_fk, func.max(_s.c.last_received_at).label("last"), func.count().label("n_series"),
+               func.sum(_s.c.instance_count).label("n_inst"))
+        .group_by(_s.c.study_fk).subquery()
+    )  # fmt: skip
+    with engine.connect() as conn:
+        total = conn.execute(select(func.count()).select_from(base).where(*cond)).scalar_one()
+        rows = conn.execute(
+            select(_st.c.id, _st.c.study_instance_uid, _st.c.study_date, _st.c.study_description,
+                   _st.c.accession_number, _p.c.patient_name, _p.c.patient_id, last.c.last, last.c.n_series,
+                   last.c.n_inst)
+            .select_from(base.join(last, last.c.study_fk == _st.c.id, isouter=True)).where(*cond)
+            .order_by(last.c.last.desc(), _st.c.id.desc()).limit(limit).offset(offset)
+        ).all()  # fmt: skip
+        ids = [r.id for r in rows]
+        series = conn.execute(
+            select(*_SERIES_COLUMNS, _s.c.study_fk)
+            .select_from(_s.join(_st, _st.c.id == _s.c.study_fk).join(_p, _p.c.id == _st.c.patient_fk))
+            .where(_s.c.study_fk.in_(ids)).order_by(_s.c.series_number, _s.c.id)
+        ).all() if ids else []  # fmt: skip
+    by_study: dict[int, list[dict[str, Any]]] = collections.defaultdict(list)
+    for r in series:
+        by_study[r.study_fk].append(_series_row(r))
+    items = [
+        {
+            "study_instance_uid": r.study_instance_uid,
+            "study_date": r.study_date,
+            "study_description": r.study_description,
+            "accession_number": r.accession_number,
+            "patient_name": r.patient_name,
+            "patient_id": r.patient_id,
+            "last_received_at": iso(r.last),
+            "series_count": int(r.n_series or 0),
+            "instance_count": int(r.n_inst or 0),
+            "series": by_study[r.id],
+        }
+        for r in rows
+    ]
+    return {"total": int(total), "items": items}
+
+
+def _job_row(j: Any, series_uid: str = "") -> dict[str, Any]:
+    return {
+        "id": j.id,
+        "series_instance_uid": series_uid,
+        "revision": j.revision,
+        "rule": j.rule,
+        "action_index": j.action_index,
+        "kind": j.kind,
+        "state": j.state,
+        "attempts": j.attempts,
+        "max_attempts": j.max_attempts,
+        "software": j.software,
+        "result": j.result,
+        "last_error": j.last_error,
+        "created_at": iso(j.created_at),
+        "started_at": iso(j.started_at),
+        "finished_at": iso(j.finished_at),
+    }
+
+
+def _delivery_row(d: Any) -> dict[str, Any]:
+    return {
+        "id": d.id,
+        "destination": d.destination,
+        "state": d.state,
+        "commitment": d.commitment,
+        "attempts": d.attempts,
+        "next_attempt_at": iso(d.next_attempt_at) if d.state == "queued" else None,
+        "last_status": d.last_status,
+        "last_error": d.last_error,
+        "warning": d.warning,
+        "sop_instance_uid": d.sop_instance_uid,
+        "series_instance_uid": d.series_instance_uid,
+        "created_at": iso(d.created_at),
+        "updated_at": iso(d.updated_at),
+        "delivered_at": iso(d.delivered_at),
+    }
+
+
+def series_detail(engine: Engine, cfg: Config, uid: str) -> dict[str, Any]:
+    """One series: what it is, its revisions, the rules now and why, jobs, outputs, deliveries, timeline."""
+    with engine.connect() as conn:
+        r = conn.execute(
+            select(*_SERIES_COLUMNS, _s.c.body_part_examined, _s.c.manufacturer, _s.c.station_name)
+            .select_from(_s.join(_st, _st.c.id == _s.c.study_fk).join(_p, _p.c.id == _st.c.patient_fk))
+            .where(_s.c.series_instance_uid == uid)
+        ).first()  # fmt: skip
+        if r is None:
+            raise NotFound(f"no series {uid} in the index")
+        sid = r.id
+        head = _series_row(r) | {"body_part_examined": r.body_part_examined, "manufacturer": r.manufacturer,
+                                 "station_name": r.station_name}  # fmt: skip
+        made_by = conn.execute(
+            select(_j.c.id, _s.c.series_instance_uid)
+            .select_from(_i.join(_j, _j.c.id == _i.c.job_fk).join(_s, _s.c.id == _j.c.series_fk))
+            .where(_i.c.series_fk == sid).limit(1)
+        ).first()  # fmt: skip
+        first_inst = conn.execute(
+            select(_i.c.calling_ae, _i.c.called_ae, _i.c.peer_address, _i.c.sop_class_uid, _i.c.transfer_syntax_uid)
+            .where(_i.c.series_fk == sid).order_by(_i.c.id).limit(1)
+        ).first()  # fmt: skip
+        revisions = conn.execute(select(_r).where(_r.c.series_fk == sid).order_by(_r.c.revision)).all()
+        jobs = conn.execute(select(_j).where(_j.c.series_fk == sid).order_by(_j.c.id)).all()
+        job_ids = [j.id for j in jobs]
+        outputs = conn.execute(
+            select(_i.c.sop_instance_uid, _i.c.sop_class_uid, _i.c.job_fk, _i.c.received_at, _i.c.id,
+                   _s.c.series_instance_uid, _s.c.series_description, _s.c.modality)
+            .select_from(_i.join(_s, _s.c.id == _i.c.series_fk))
+            .where(_i.c.job_fk.in_(job_ids)).order_by(_i.c.id)
+        ).all() if job_ids else []  # fmt: skip
+        out_series = sorted({o.series_instance_uid for o in outputs})
+        dq = (
+            select(_d, _s.c.series_instance_uid)
+            .select_from(_d.join(_s, _s.c.id == _d.c.series_fk))
+            .where(or_(_d.c.series_fk == sid, _s.c.series_instance_uid.in_(out_series)))
+        )
+        deliveries = conn.execute(dq.order_by(_d.c.id)).all()
+    snap_lines: list[str] = []
+    try:
+        from sqlalchemy.orm import Session
+
+        with Session(engine) as s:
+            snap = series_snapshot(s, cfg.data_dir, sid)
+        if snap is not None and cfg.ruleset is not None:
+            snap_lines = [line.strip() for line in rule_lines(cfg.ruleset.evaluate(snap.facts), indent="")]
+    except Exception as e:  # a series whose files are gone can still be shown
+        snap_lines = [f"(the rules cannot be evaluated now: {e})"]
+
+    # Deliveries by destination and state, for the series itself and for its outputs.
+    summary: dict[str, dict[str, dict[str, int]]] = {"source": {}, "outputs": {}}
+    for d in deliveries:
+        part = "source" if d.series_fk == sid else "outputs"
+        summary[part].setdefault(d.destination, {}).setdefault(d.state, 0)
+        summary[part][d.destination][d.state] += 1
+
+    timeline: list[dict[str, Any]] = [
+        {"at": iso(r.first_received_at), "step": "received", "text": "first instance received"
+         + (f" from {first_inst.calling_ae} ({first_inst.peer_address})" if first_inst and first_inst.calling_ae
+            else "")},
+        {"at": iso(r.last_received_at), "step": "received", "text": f"last instance received ({r.instance_count} in all)"},
+    ]  # fmt: skip
+    for rev in revisions:
+        timeline.append({"at": iso(rev.stable_at), "step": "stable",
+                         "text": f"revision {rev.revision} stable, {rev.instance_count} instances ({rev.stable_reason})"})  # fmt: skip
+        if rev.triggered_at:
+            what = f"rules matched: {rev.matched_rules.replace(',', ', ')}" if rev.matched_rules else "no rule matched"
+            if rev.error:
+                what = f"rules could not be evaluated: {rev.error}"
+            timeline.append({"at": iso(rev.triggered_at), "step": "rules", "text": f"revision {rev.revision}: {what}"})
+    for j in jobs:
+        label = f"job #{j.id} ({j.kind}{' ' + j.software if j.software else ''}, rule {j.rule})"
+        if j.started_at:
+            timeline.append({"at": iso(j.started_at), "step": "job", "text": f"{label} started"})
+        if j.finished_at:
+            detail = j.result if j.state == "succeeded" else j.last_error
+            timeline.append({"at": iso(j.finished_at), "step": "job",
+                             "text": f"{label} {j.state}" + (f": {detail}" if detail else "")})  # fmt: skip
+    by_job: dict[int, list[Any]] = collections.defaultdict(list)
+    for o in outputs:
+        by_job[o.job_fk].append(o)
+    for job_id, outs in by_job.items():
+        names = collections.Counter(sop_class_name(o.sop_class_uid) for o in outs)
+        text = ", ".join(f"{n} × {k}" for k, n in names.items())
+        timeline.append({"at": iso(max(o.received_at for o in outs)), "step": "output",
+                         "text": f"job #{job_id} produced {text}"})  # fmt: skip
+    per_dest: dict[tuple[str, str], list[Any]] = collections.defaultdict(list)
+    for d in deliveries:
+        per_dest[("source" if d.series_fk == sid else "outputs", d.destination)].append(d)
+    for (part, dest), rows in sorted(per_dest.items()):
+        done = [d for d in rows if d.state == "delivered" and d.delivered_at]
+        failed = [d for d in rows if d.state == "failed"]
+        if done:
+            timeline.append({"at": iso(max(d.delivered_at for d in done)), "step": "delivered",
+                             "text": f"{len(done)} of {len(rows)} {part} instance(s) delivered to {dest}"})  # fmt: skip
+        if failed:
+            timeline.append({"at": iso(max(d.updated_at for d in failed)), "step": "failed",
+                             "text": f"{len(failed)} {part} instance(s) failed for {dest}: {failed[-1].last_error}"})  # fmt: skip
+        waiting = len(rows) - len(done) - len(failed)
+        if waiting:
+            timeline.append({"at": iso(max(d.updated_at for d in rows)), "step": "queued",
+                             "text": f"{waiting} {part} instance(s) still waiting for {dest}"})  # fmt: skip
+    timeline = [t for t in timeline if t["at"]]
+    timeline.sort(key=lambda t: t["at"])
+    start = dt.datetime.fromisoformat(timeline[0]["at"]) if timeline else None
+    for t in timeline:
+        t["offset_s"] = round((dt.datetime.fromisoformat(t["at"]) - start).total_seconds(), 3) if start else 0.0
+
+    return head | {
+        "made_by": {"job_id": made_by.id, "source_series_instance_uid": made_by.series_instance_uid} if made_by else None,
+        "received_from": {"calling_ae": first_inst.calling_ae, "called_ae": first_inst.called_ae,
+                          "peer_address": first_inst.peer_address} if first_inst else None,
+        "sop_class": sop_class_name(first_inst.sop_class_uid) if first_inst else "",
+        "transfer_syntax": sop_class_name(first_inst.transfer_syntax_uid) if first_inst else "",
+        "revisions": [
+            {"revision": v.revision, "instance_count": v.instance_count, "stable_at": iso(v.stable_at),
+             "stable_reason": v.stable_reason, "triggered_at": iso(v.triggered_at),
+             "matched_rules": [m for m in v.matched_rules.split(",") if m], "error": v.error}
+            for v in revisions
+        ],
+        "rules_now": snap_lines,
+        "jobs": [_job_row(j, uid) for j in jobs],
+        "outputs": [
+            {"sop_instance_uid": o.sop_instance_uid, "sop_class": sop_class_name(o.sop_class_uid),
+             "job_id": o.job_fk, "series_instance_uid": o.series_instance_uid,
+             "series_description": o.series_description, "modality": o.modality}
+            for o in outputs
+        ],
+        "deliveries": summary,
+        "timeline": timeline,
+    }  # fmt: skip
+
+
+def jobs(engine: Engine, *, state: str = "", series_uid: str = "", limit: int = 50, offset: int = 0) -> dict[str, Any]:
+    cond = []
+    if state:
+        cond.append(_j.c.state == state)
+    if series_uid:
+        cond.append(_s.c.series_instance_uid == series_uid)
+    base = _j.join(_s, _s.c.id == _j.c.series_fk)
+    with engine.connect() as conn:
+        total = conn.execute(select(func.count()).select_from(base).where(*cond)).scalar_one()
+        rows = conn.execute(
+            select(_j, _s.c.series_instance_uid).select_from(base).where(*cond)
+            .order_by(_j.c.id.desc()).limit(limit).offset(offset)
+        ).all()  # fmt: skip
+    return {"total": int(total), "items": [_job_row(r, r.series_instance_uid) for r in rows]}
+
+
+def job(engine: Engine, job_id: int) -> dict[str, Any]:
+    with engine.connect() as conn:
+        r = conn.execute(
+            select(_j, _s.c.series_instance_uid).select_from(_j.join(_s, _s.c.id == _j.c.series_fk))
+            .where(_j.c.id == job_id)
+        ).first()  # fmt: skip
+    if r is None:
+        raise NotFound(f"there is no job {job_id}")
+    return _job_row(r, r.series_instance_uid) | {"action": r.action}
+
+
+def deliveries(engine: Engine, *, destination: str = "", state: str = "", series_uid: str = "",
+               limit: int = 50, offset: int = 0) -> dict[str, Any]:  # fmt: skip
+    cond = []
+    if destination:
+        cond.append(_d.c.destination == destination)
+    if state:
+        cond.append(_d.c.state == state)
+    if series_uid:
+        cond.append(_s.c.series_instance_uid == series_uid)
+    base = _d.join(_s, _s.c.id == _d.c.series_fk)
+    with engine.connect() as conn:
+        total = conn.execute(select(func.count()).select_from(base).where(and_(*cond) if cond else True)).scalar_one()
+        rows = conn.execute(
+            select(_d, _s.c.series_instance_uid).select_from(base).where(*cond)
+            .order_by(_d.c.id.desc()).limit(limit).offset(offset)
+        ).all()  # fmt: skip
+    return {"total": int(total), "items": [_delivery_row(r) for r in rows]}
+
+
+def rules(cfg: Config, engine: Engine) -> list[dict[str, Any]]:
+    """The configured rules, with how often each matched (per series revision)."""
+    with engine.connect() as conn:
+        matched = collections.Counter()
+        for (names,) in conn.execute(select(_r.c.matched_rules).where(_r.c.matched_rules != "")):
+            matched.update(n for n in names.split(",") if n)
+    out = []
+    for rule in cfg.ruleset or []:
+        m = rule.model
+        out.append({
+            "name": m.name,
+            "priority": m.priority,
+            "enabled": m.enabled,
+            "stop": m.stop,
+            "match": m.model_dump(mode="json").get("match", {}),
+            "actions": [a.summary() for a in m.actions],
+            "matched_revisions": matched.get(m.name, 0),
+        })  # fmt: skip
+    return out
+
+
+def plugins(cfg: Config) -> list[dict[str, Any]]:
+    from node.plugins.registry import PluginLoadError, discover, load
+
+    used: dict[str, list[str]] = collections.defaultdict(list)
+    for rule in cfg.ruleset or []:
+        for a in rule.model.actions:
+            for step in a.steps if a.type == "plugin" else []:
+                used[step.name].append(rule.name)
+    out = []
+    for name, ref in sorted(discover(cfg.plugins.local).items()):
+        item = {"name": name, "target": ref.target, "source": ref.source, "package_version": ref.version,
+                "version": "", "description": "", "error": "", "used_by_rules": sorted(set(used.get(name, [])))}  # fmt: skip
+        try:
+            info = load(name, ref.target)
+            item["version"] = info.version
+            item["description"] = info.description
+        except PluginLoadError as e:
+            item["error"] = str(e)
+        out.append(item)
+    return out
+
+
+def first_instance_file(engine: Engine, data_dir: Path, uid: str, index: int | None = None) -> tuple[Path, int]:
+    """The file of a series' middle instance (or the ``index``-th, in instance order) and its instance count."""
+    with engine.connect() as conn:
+        sid = conn.execute(select(_s.c.id).where(_s.c.series_instance_uid == uid)).scalar()
+        if sid is None:
+            raise NotFound(f"no series {uid} in the index")
+        paths = conn.execute(
+            select(_i.c.file_path).where(_i.c.series_fk == sid)
+            .order_by(_i.c.instance_number.is_(None), _i.c.instance_number, _i.c.id)
+        ).scalars().all()  # fmt: skip
+    if not paths:
+        raise NotFound(f"series {uid} has no stored instance")
+    i = len(paths) // 2 if index is None else max(0, min(index, len(paths) - 1))
+    return Storage(data_dir).absolute(paths[i]), len(paths)

@@ -1,0 +1,195 @@
+"""The dashboard: server-rendered pages (Jinja2, autoescaped) over the same data as the API."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+
+from node import __version__
+from node.web import data
+from node.web.api import Selection, _job_change, delivery_change
+from node.web.auth import COOKIE
+from node.web.context import WebContext, context, page_user
+
+router = APIRouter()
+templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
+
+
+def _size(n: int | None) -> str:
+    value = float(n or 0)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if value < 1024 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return str(n)
+
+
+def _when(value: str | None) -> str:
+    if not value:
+        return "-"
+    return dt.datetime.fromisoformat(value).astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+templates.env.filters["size"] = _size
+templates.env.filters["when"] = _when
+templates.env.filters["q"] = lambda s: quote(str(s), safe="")
+templates.env.filters["pager"] = lambda params, offset: urlencode({**dict(params), "offset": max(offset, 0)})
+templates.env.globals["version"] = __version__
+
+
+def _render(request: Request, name: str, user: str, **values: Any) -> HTMLResponse:
+    ctx = context(request)
+    return templates.TemplateResponse(request, name, {"user": user, "open_access": ctx.auth.open,
+                                                      "msg": request.query_params.get("msg", ""), **values})  # fmt: skip
+
+
+def _safe_next(target: str) -> str:
+    """Only a path on this server: never an open redirect to another site."""
+    return target if target.startswith("/") and not target.startswith("//") and "\\" not in target else "/"
+
+
+def _back(target: str, message: str) -> RedirectResponse:
+    sep = "&" if "?" in target else "?"
+    return RedirectResponse(f"{_safe_next(target)}{sep}msg={quote(message)}", status_code=303)
+
+
+@router.get("/login", response_class=HTMLResponse)
+def login_page(request: Request, next: str = "/", token: str = "", ctx: WebContext = Depends(context)) -> Response:
+    if ctx.auth.open:
+        return RedirectResponse(_safe_next(next), status_code=303)
+    if token:  # a link such as the demo prints: log in with the token, then drop it from the address bar
+        if not ctx.auth.check_token(token):
+            return _render(request, "login.html", "", next=_safe_next(next), error="that token is not valid",
+                           users=ctx.cfg.web.auth == "users")  # fmt: skip
+        return _logged_in(ctx, "token", next)
+    return _render(request, "login.html", "", next=_safe_next(next), error="", users=ctx.cfg.web.auth == "users")
+
+
+def _logged_in(ctx: WebContext, user: str, target: str) -> Response:
+    response = RedirectResponse(_safe_next(target), status_code=303)
+    response.set_cookie(COOKIE, ctx.auth.new_session(user), httponly=True, samesite="strict",
+                        max_age=ctx.cfg.web.session_minutes * 60)  # fmt: skip
+    return response
+
+
+@router.post("/login", response_class=HTMLResponse)
+def login(request: Request, username: str = Form(""), password: str = Form(""), token: str = Form(""),
+          next: str = Form("/"), ctx: WebContext = Depends(context)) -> Response:  # fmt: skip
+    if token and ctx.auth.check_token(token):
+        return _logged_in(ctx, "token", next)
+    if username and ctx.auth.check_user(username, password):
+        return _logged_in(ctx, username, next)
+    page = _render(request, "login.html", "", next=_safe_next(next), error="wrong user name, password or token",
+                   users=ctx.cfg.web.auth == "users")  # fmt: skip
+    page.status_code = 401
+    return page
+
+
+@router.post("/logout")
+def logout(request: Request, ctx: WebContext = Depends(context)) -> Response:
+    sid = request.cookies.get(COOKIE)
+    if sid:
+        ctx.auth.end_session(sid)
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(COOKIE)
+    return response
+
+
+@router.get("/", response_class=HTMLResponse)
+def overview(request: Request, user: str = Depends(page_user), ctx: WebContext = Depends(context)) -> Response:
+    ov = data.overview(ctx.reader, ctx.cfg, ctx.sampler)
+    recent = data.series_list(ctx.reader, limit=10)["items"]
+    return _render(request, "overview.html", user, ov=ov, recent=recent, page="overview")
+
+
+@router.get("/studies", response_class=HTMLResponse)
+def studies(request: Request, q: str = Query("", max_length=256), offset: int = Query(0, ge=0, le=10**9),
+            user: str = Depends(page_user), ctx: WebContext = Depends(context)) -> Response:  # fmt: skip
+    found = data.studies(ctx.reader, q=q, limit=20, offset=offset)
+    return _render(request, "studies.html", user, found=found, q=q, offset=offset, limit=20, page="studies")
+
+
+@router.get("/series/{uid}", response_class=HTMLResponse)
+def series(request: Request, uid: str, user: str = Depends(page_user), ctx: WebContext = Depends(context)) -> Response:
+    try:
+        s = data.series_detail(ctx.reader, ctx.cfg, uid)
+    except data.NotFound as e:
+        raise HTTPException(404, str(e)) from None
+    recent = data.deliveries(ctx.reader, series_uid=uid, limit=20)["items"]
+    return _render(request, "series.html", user, s=s, deliveries=recent, page="studies")
+
+
+@router.get("/jobs", response_class=HTMLResponse)
+def jobs(request: Request, state: str = Query("", max_length=16), offset: int = Query(0, ge=0, le=10**9),
+         user: str = Depends(page_user), ctx: WebContext = Depends(context)) -> Response:  # fmt: skip
+    found = data.jobs(ctx.reader, state=state if state in data.JOB_STATES else "", limit=50, offset=offset)
+    return _render(request, "jobs.html", user, found=found, state=state, states=data.JOB_STATES, offset=offset,
+                   limit=50, page="jobs")  # fmt: skip
+
+
+@router.post("/jobs/{job_id}/{what}")
+def job_action(request: Request, job_id: int, what: str, back: str = Form("/jobs"),
+               user: str = Depends(page_user), ctx: WebContext = Depends(context)) -> Response:  # fmt: skip
+    if what not in ("retry", "cancel"):
+        raise HTTPException(404, "no such action")
+    try:
+        result = _job_change(ctx, job_id, what, user)
+    except HTTPException as e:
+        return _back(back, str(e.detail))
+    return _back(back, result.message)
+
+
+@router.get("/deliveries", response_class=HTMLResponse)
+def deliveries(request: Request, destination: str = Query("", max_length=64), state: str = Query("", max_length=16),
+               series_uid: str = Query("", max_length=64), offset: int = Query(0, ge=0, le=10**9),
+               user: str = Depends(page_user), ctx: WebContext = Depends(context)) -> Response:  # fmt: skip
+    found = data.deliveries(ctx.reader, destination=destination, state=state if state in data.DELIVERY_STATES else "",
+                            series_uid=series_uid, limit=50, offset=offset)  # fmt: skip
+    ov = data.overview(ctx.reader, ctx.cfg, None)
+    return _render(request, "deliveries.html", user, found=found, destinations=ov["destinations"],
+                   destination=destination, state=state, series_uid=series_uid, states=data.DELIVERY_STATES,
+                   offset=offset, limit=50, page="deliveries")  # fmt: skip
+
+
+@router.post("/deliveries/{what}")
+def deliveries_action(request: Request, what: str, ids: list[int] = Form(default_factory=list),
+                      destination: str = Form(""), series_uid: str = Form(""), back: str = Form("/deliveries"),
+                      user: str = Depends(page_user), ctx: WebContext = Depends(context)) -> Response:  # fmt: skip
+    if what not in ("retry", "cancel"):
+        raise HTTPException(404, "no such action")
+    try:
+        sel = Selection(ids=ids, destination=destination or None, series_uid=series_uid or None)
+    except ValueError as e:
+        return _back(back, str(e))
+    return _back(back, delivery_change(ctx, what, sel, user).message)
+
+
+@router.get("/rules", response_class=HTMLResponse)
+def rules(request: Request, user: str = Depends(page_user), ctx: WebContext = Depends(context)) -> Response:
+    return _render(request, "rules.html", user, rules=data.rules(ctx.cfg, ctx.reader), page="rules")
+
+
+@router.get("/plugins", response_class=HTMLResponse)
+def plugins(request: Request, user: str = Depends(page_user), ctx: WebContext = Depends(context)) -> Response:
+    return _render(request, "plugins.html", user, plugins=data.plugins(ctx.cfg), page="plugins")
+
+
+@router.get("/lineage", response_class=HTMLResponse)
+def lineage(request: Request, uid: str = Query("", max_length=64), user: str = Depends(page_user),
+            ctx: WebContext = Depends(context)) -> Response:  # fmt: skip
+    from node.index.lineage import NotFound
+    from node.index.lineage import lineage as chain
+
+    lines, error = [], ""
+    if uid:
+        try:
+            lines = chain(ctx.reader, uid)
+        except NotFound as e:
+            error = str(e)
+    return _render(request, "lineage.html", user, uid=uid, lines=lines, error=error, page="lineage")

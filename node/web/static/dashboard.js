@@ -1,0 +1,75 @@
+// The overview refreshes itself from /api/overview every 5 s. Values go in with textContent only:
+// nothing from the server is ever parsed as HTML.
+(function () {
+  "use strict";
+  const root = document.querySelector("[data-refresh]");
+  if (!root) return;
+  const url = root.getAttribute("data-refresh");
+
+  function size(n) {
+    const units = ["B", "KB", "MB", "GB", "TB"];
+    let v = Number(n) || 0, i = 0;
+    while (v >= 1024 && i < units.length - 1) { v /= 1024; i++; }
+    return i === 0 ? v.toFixed(0) + " B" : v.toFixed(1) + " " + units[i];
+  }
+
+  function lookup(ov, key) {
+    if (key.startsWith("dest.")) {
+      const rest = key.slice(5), dot = rest.lastIndexOf(".");
+      const name = rest.slice(0, dot), state = rest.slice(dot + 1);
+      const d = (ov.destinations || []).find((x) => x.name === name);
+      if (!d) return 0;
+      if (state === "delivered") {
+        return (d.states.delivered || 0) + (d.states.committed || 0) + (d.states["awaiting commitment"] || 0);
+      }
+      return d.states[state] || 0;
+    }
+    return key.split(".").reduce((o, k) => (o == null ? undefined : o[k]), ov);
+  }
+
+  function chart(id, points, field) {
+    const svg = document.getElementById(id);
+    if (!svg) return;
+    const values = points.map((p) => p[field]);
+    const max = Math.max(1, ...values);
+    const n = Math.max(values.length - 1, 1);
+    const coords = values.map((v, i) => (i * 300 / n).toFixed(1) + "," + (58 - v / max * 56).toFixed(1));
+    let line = svg.querySelector("polyline");
+    if (!line) {
+      line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
+      svg.appendChild(line);
+    }
+    line.setAttribute("points", coords.join(" "));
+  }
+
+  function apply(ov) {
+    root.ownerDocument.querySelectorAll("[data-k]").forEach((el) => {
+      const key = el.getAttribute("data-k"), fmt = el.getAttribute("data-fmt");
+      if (fmt === "usedpct") {
+        const d = ov.disk || {};
+        el.style.width = d.total_bytes ? (100 * d.used_bytes / d.total_bytes).toFixed(1) + "%" : "0";
+        return;
+      }
+      if (key === "rate.received" || key === "rate.sent") {
+        const last = (ov.rates || []).slice(-1)[0];
+        const v = last ? last[key === "rate.received" ? "received_per_s" : "sent_per_s"] : 0;
+        el.textContent = "now " + v.toFixed(1);
+        return;
+      }
+      const v = lookup(ov, key);
+      if (v === undefined) return;
+      el.textContent = fmt === "size" ? size(v) : String(v);
+    });
+    chart("chart-received", ov.rates || [], "received_per_s");
+    chart("chart-sent", ov.rates || [], "sent_per_s");
+  }
+
+  function refresh() {
+    fetch(url, { credentials: "same-origin", headers: { Accept: "application/json" } })
+      .then((r) => (r.ok ? r.json() : null))
+      .then((ov) => { if (ov) apply(ov); })
+      .catch(() => {});
+  }
+  refresh();
+  setInterval(refresh, 5000);
+})();

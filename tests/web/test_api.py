@@ -1,0 +1,171 @@
+"""The REST API, health and authentication of a running node, against what it really received and sent."""
+
+from __future__ import annotations
+
+import base64
+import io
+import subprocess
+import sys
+from urllib.parse import quote
+
+import numpy as np
+import pydicom
+import pytest
+from helpers import NodeProcess
+from helpers.web import EVIL_NAME, TOKEN, request
+from PIL import Image
+
+from node.config import ConfigError, load_config
+from node.web.auth import check_password, hash_password
+
+
+def test_health_is_open_and_ready_names_its_checks(web_node):
+    code, body = web_node.get("/healthz", token=None)
+    assert code == 200 and body["status"] == "ok"
+    code, body = web_node.get("/readyz", token=None)
+    assert code == 200, body
+    assert body == {"status": "ready", "checks": {"index": "ok", "storage": "ok", "dicom": "ok"}}
+
+
+def test_the_api_refuses_without_or_with_a_wrong_token(web_node):
+    code, body = web_node.get("/api/overview", token=None)
+    assert code == 401 and "Bearer" in body["detail"]
+    code, _ = web_node.get("/api/overview", token="not-the-token-at-all")
+    assert code == 401
+    code, _ = web_node.post("/api/deliveries/retry", {"all": True}, token=None)
+    assert code == 401
+    # The pages send a browser to the login form, and keep where it wanted to go.
+    code, body = request(web_node.url + "/jobs?state=failed", token=None)
+    assert code == 200 and b"Log in" in body  # urllib follows the 303 to /login
+
+
+def test_overview_counts_what_was_received_made_and_delivered(web_node):
+    code, ov = web_node.get("/api/overview")
+    assert code == 200, ov
+    assert (ov["series"], ov["instances"], ov["outputs"]) == (4, 33, 2), ov  # 2 sources + 2 SEG series
+    assert ov["job_states"]["succeeded"] == 4 and ov["job_states"]["failed"] == 0
+    by_name = {d["name"]: d for d in ov["destinations"]}
+    assert by_name["pacs"]["states"] == {"delivered": 33}
+    assert by_name["down"]["states"] == {"failed": 31}
+    assert "refused" in by_name["down"]["last_error"] or "connect" in by_name["down"]["last_error"]
+    assert ov["disk"]["free_bytes"] > 0 and ov["stored_bytes"] > 28 * 500_000
+
+
+def test_series_detail_has_the_timeline_from_first_instance_to_delivery(web_node):
+    code, s = web_node.get(f"/api/series/{web_node.ct_series_uid}")
+    assert code == 200, s
+    assert s["instance_count"] == 28 and s["patient_name"] == "HEAD" and s["state"] == "triggered"
+    steps = [t["step"] for t in s["timeline"]]
+    # In order: received, stable, rules, the jobs, the SEG, deliveries (and the failure for 'down').
+    assert steps[0] == "received" and steps.index("stable") < steps.index("rules") < steps.index("job")
+    assert steps.index("job") < steps.index("output") and "delivered" in steps
+    # The SEG is delivered after it was made (the sources may go before: forwarding runs beside the plugin).
+    at = {t["text"].split(" to ")[0] if t["step"] == "delivered" else t["step"]: t["offset_s"] for t in s["timeline"]}
+    assert at["output"] <= at["1 of 1 outputs instance(s) delivered"]
+    offsets = [t["offset_s"] for t in s["timeline"]]
+    assert offsets == sorted(offsets) and offsets[0] == 0.0
+    texts = " | ".join(t["text"] for t in s["timeline"])
+    assert "28 in all" in texts and "rules matched: ct-seg" in texts and "Segmentation Storage" in texts
+    assert "28 of 28 source instance(s) delivered to pacs" in texts
+    assert "1 of 1 outputs instance(s) delivered to pacs" in texts
+    assert "28 source instance(s) failed for down" in texts
+    assert s["revisions"][0]["matched_rules"] == ["ct-seg"]
+    assert any("ct-seg" in line and "MATCHED" in line for line in s["rules_now"])
+    assert [o["sop_class"] for o in s["outputs"]] == ["Segmentation Storage"]
+    assert s["deliveries"]["source"] == {"pacs": {"delivered": 28}, "down": {"failed": 28}}
+    assert s["deliveries"]["outputs"] == {"pacs": {"delivered": 1}}
+    assert s["received_from"]["calling_ae"] == "STORESCU"
+    # The output series points back to its source.
+    code, seg = web_node.get(f"/api/series/{s['outputs'][0]['series_instance_uid']}")
+    assert code == 200 and seg["made_by"]["source_series_instance_uid"] == web_node.ct_series_uid
+
+
+def test_preview_is_a_png_of_the_middle_slice(web_node, shared_data):
+    code, png = web_node.get(f"/api/series/{web_node.ct_series_uid}/preview.png?size=256")
+    assert code == 200
+    img = Image.open(io.BytesIO(png))
+    assert img.format == "PNG" and img.size == (256, 256) and img.mode == "L"
+    # The picture is of the instance in the middle: its brightest pixels are where the CT's are.
+    files = sorted(shared_data.glob("series/ct-head-philips-5mm/*[!E]"), key=lambda p: int(pydicom.dcmread(
+        p, stop_before_pixels=True).InstanceNumber))  # fmt: skip
+    middle = pydicom.dcmread(files[len(files) // 2]).pixel_array
+    small = np.asarray(Image.fromarray((middle > middle.mean()).astype("uint8") * 255).resize((256, 256)))
+    agree = float(np.mean((np.asarray(img) > 127) == (small > 127)))
+    assert agree > 0.85, agree
+    code, body = web_node.get("/api/series/1.2.3.4.does.not.exist/preview.png")
+    assert code == 404 and "no series" in body["detail"]
+
+
+def test_jobs_deliveries_lineage_rules_plugins(web_node):
+    code, jobs = web_node.get(f"/api/jobs?series_uid={web_node.ct_series_uid}")
+    assert code == 200 and jobs["total"] == 2
+    assert {j["kind"] for j in jobs["items"]} == {"plugin", "forward"}
+    plugin_job = next(j for j in jobs["items"] if j["kind"] == "plugin")
+    assert plugin_job["software"].startswith("threshold-seg ")
+    code, failed = web_node.get("/api/deliveries?destination=down&state=failed&limit=5")
+    assert code == 200 and failed["total"] == 31 and len(failed["items"]) == 5
+    code, lin = web_node.get(f"/api/lineage/{web_node.ct_series_uid}")
+    assert code == 200 and any("threshold-seg" in line for line in lin["lines"])
+    code, rules = web_node.get("/api/rules")
+    assert code == 200 and rules[0]["name"] == "ct-seg" and rules[0]["matched_revisions"] == 2
+    code, plugins = web_node.get("/api/plugins")
+    by_name = {p["name"]: p for p in plugins}
+    assert code == 200 and by_name["threshold-seg"]["used_by_rules"] == ["ct-seg"] and by_name["mip-sc"]["version"]
+    code, body = web_node.get("/api/jobs/999999")
+    assert code == 404
+    code, body = web_node.post(f"/api/jobs/{plugin_job['id']}/cancel")
+    assert code == 409 and "succeeded" in body["detail"]
+    code, body = web_node.post("/api/deliveries/cancel", {})
+    assert code == 422  # a selection must be said, never implied
+
+
+def test_patient_names_come_back_exactly_as_stored(web_node):
+    code, s = web_node.get(f"/api/series/{quote(web_node.evil_series_uid)}")
+    assert code == 200 and s["patient_name"] == EVIL_NAME
+
+
+def test_local_users_log_in_with_basic_auth(tmp_path):
+    hashed = hash_password("s3cret-pass")
+    assert check_password("s3cret-pass", hashed) and not check_password("wrong", hashed)
+    node = NodeProcess(tmp_path / "node", extra_config=f"""
+[web]
+auth = "users"
+token = "{TOKEN}"
+[[web.users]]
+name = "alice"
+password_hash = "{hashed}"
+""").start()  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{node.web_port}/api/whoami"
+        basic = "Basic " + base64.b64encode(b"alice:s3cret-pass").decode()
+        assert request(url, token=None, headers={"Authorization": basic}) == (200, {"user": "alice"})
+        wrong = "Basic " + base64.b64encode(b"alice:guess").decode()
+        assert request(url, token=None, headers={"Authorization": wrong})[0] == 401
+        assert request(url, token=TOKEN) == (200, {"user": "token"})
+    finally:
+        assert node.stop() == 0
+
+
+@pytest.mark.parametrize(("web", "message"), [
+    ('auth = "users"', 'auth = "users" needs at least one [[web.users]] entry'),
+    ('token = "short"', "at least 16 characters"),
+    ('[[web.users]]\nname = "bob"\npassword_hash = "hunter2"', "not a password"),
+    ('port = 70000', "web.port"),
+])  # fmt: skip
+def test_web_config_errors_name_the_key(tmp_path, web, message):
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(f"[web]\n{web}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg, environ={})
+    assert message in str(e.value) and "web" in str(e.value)
+
+
+def test_hash_password_command_makes_a_hash_the_config_accepts(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "node", "web", "hash-password", "--password", "long enough"],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    hashed = r.stdout.strip()
+    assert check_password("long enough", hashed)
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(f'[web]\nauth = "users"\n[[web.users]]\nname = "carol"\npassword_hash = "{hashed}"\n')
+    assert load_config(cfg, environ={}).web.users[0].name == "carol"
