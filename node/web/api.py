@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import Path as PathParam
 from fastapi.responses import Response
 from pydantic import BaseModel, Field, model_validator
 
@@ -17,6 +18,9 @@ SeriesState = Literal["receiving", "stable", "triggered"]
 JobState = Literal["pending", "running", "succeeded", "failed", "cancelled"]
 DeliveryState = Literal["queued", "sending", "delivered", "failed", "cancelled"]
 Limit = Query(50, ge=1, le=1000)
+#: Database ids are 64-bit; a larger number is a client's mistake (422), not a server error.
+JobId = PathParam(ge=1, le=2**63 - 1)
+DbId = Annotated[int, Field(ge=1, le=2**63 - 1)]
 Offset = Query(0, ge=0, le=10**9)
 
 
@@ -218,7 +222,7 @@ class LineageModel(BaseModel):
 class Selection(BaseModel):
     """Which deliveries: by id, destination and/or series; ``all`` must be said explicitly."""
 
-    ids: list[int] = Field(default_factory=list, max_length=10000)
+    ids: list[DbId] = Field(default_factory=list, max_length=10000)
     destination: str | None = None
     series_uid: str | None = None
     all: bool = False
@@ -304,7 +308,7 @@ def get_jobs(state: JobState | None = None, series_uid: str = Query("", max_leng
 
 
 @router.get("/jobs/{job_id}", response_model=JobDetail, responses={404: {"description": "no such job"}})
-def get_job(job_id: int, ctx: WebContext = Depends(context)) -> dict[str, Any]:
+def get_job(job_id: int = JobId, ctx: WebContext = Depends(context)) -> dict[str, Any]:
     try:
         return data.job(ctx.reader, job_id)
     except data.NotFound as e:
@@ -329,13 +333,13 @@ def _job_change(ctx: WebContext, job_id: int, what: str, user: str) -> ActionRes
 
 @router.post("/jobs/{job_id}/retry", response_model=ActionResult,
              responses={404: {"description": "no such job"}, 409: {"description": "the job is not failed or cancelled"}})  # fmt: skip
-def post_job_retry(job_id: int, ctx: WebContext = Depends(context), user: str = Depends(api_user)) -> ActionResult:
+def post_job_retry(job_id: int = JobId, ctx: WebContext = Depends(context), user: str = Depends(api_user)) -> ActionResult:
     return _job_change(ctx, job_id, "retry", user)
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=ActionResult,
              responses={404: {"description": "no such job"}, 409: {"description": "the job is not pending or running"}})  # fmt: skip
-def post_job_cancel(job_id: int, ctx: WebContext = Depends(context), user: str = Depends(api_user)) -> ActionResult:
+def post_job_cancel(job_id: int = JobId, ctx: WebContext = Depends(context), user: str = Depends(api_user)) -> ActionResult:
     return _job_change(ctx, job_id, "cancel", user)
 
 

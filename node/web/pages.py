@@ -13,7 +13,7 @@ from fastapi.templating import Jinja2Templates
 
 from node import __version__
 from node.web import data
-from node.web.api import Selection, _job_change, delivery_change
+from node.web.api import JobId, Selection, _job_change, delivery_change
 from node.web.auth import COOKIE
 from node.web.context import WebContext, context, page_user
 
@@ -134,7 +134,7 @@ def jobs(request: Request, state: str = Query("", max_length=16), offset: int = 
 
 
 @router.post("/jobs/{job_id}/{what}")
-def job_action(request: Request, job_id: int, what: str, back: str = Form("/jobs"),
+def job_action(request: Request, what: str, job_id: int = JobId, back: str = Form("/jobs"),
                user: str = Depends(page_user), ctx: WebContext = Depends(context)) -> Response:  # fmt: skip
     if what not in ("retry", "cancel"):
         raise HTTPException(404, "no such action")
