@@ -205,6 +205,8 @@ class Demo:
         series_uid = self._send(files)
         self._watch(series_uid, len(files))
         self._confirm_in_pacs()
+        if not self.opts.keep_running:
+            self.stop()  # before saying where to look, which then says they are stopped
         self._where_to_look()
         self._write_summary(ok=True)
         if self.opts.keep_running:
