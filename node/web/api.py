@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
@@ -9,6 +10,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import Response
 from pydantic import BaseModel, Field, model_validator
 
+from node import audit
 from node.web import data
 from node.web.context import WebContext, api_user, context
 
@@ -219,6 +221,29 @@ class LineageModel(BaseModel):
     lines: list[str]
 
 
+class AuditEventModel(BaseModel):
+    id: int
+    at: str
+    kind: str
+    actor: str
+    calling_ae: str
+    called_ae: str
+    peer_address: str
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    rule: str
+    job_id: int | None
+    destination: str
+    status: int | None
+    detail: str
+
+
+class AuditPage(BaseModel):
+    total: int
+    items: list[AuditEventModel]
+
+
 class Selection(BaseModel):
     """Which deliveries: by id, destination and/or series; ``all`` must be said explicitly."""
 
@@ -388,6 +413,20 @@ def get_rules(ctx: WebContext = Depends(context)) -> list[dict[str, Any]]:
 @router.get("/plugins", response_model=list[PluginModel], summary="Installed plugins, their versions and users")
 def get_plugins(ctx: WebContext = Depends(context)) -> list[dict[str, Any]]:
     return data.plugins(ctx.cfg)
+
+
+AuditKind = Literal[tuple(audit.KINDS)]  # type: ignore[valid-type]
+
+
+@router.get("/audit", response_model=AuditPage,
+            summary="The append-only audit trail: connections, stored instances, rules, outputs, deliveries, operators")  # fmt: skip
+def get_audit(kind: list[AuditKind] = Query(default_factory=list), uid: str = Query("", max_length=64),
+              since: dt.datetime | None = None, until: dt.datetime | None = None,
+              limit: int = Limit, offset: int = Offset, ctx: WebContext = Depends(context)) -> dict[str, Any]:  # fmt: skip
+    scope = dict(since=since, until=until, kind=kind or None, uid=uid or None)
+    items = audit.query(ctx.reader, **scope, limit=limit, offset=offset)
+    return {"total": audit.count(ctx.reader, **scope),
+            "items": [e | {"at": data.iso(e["at"])} for e in items]}  # fmt: skip
 
 
 @router.get("/whoami", summary="The user this request is authenticated as")

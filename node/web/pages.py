@@ -193,3 +193,16 @@ def lineage(request: Request, uid: str = Query("", max_length=64), user: str = D
         except NotFound as e:
             error = str(e)
     return _render(request, "lineage.html", user, uid=uid, lines=lines, error=error, page="lineage")
+
+
+@router.get("/audit", response_class=HTMLResponse)
+def audit_page(request: Request, kind: str = Query("", max_length=32), uid: str = Query("", max_length=64),
+               offset: int = Query(0, ge=0, le=10**9), user: str = Depends(page_user),
+               ctx: WebContext = Depends(context)) -> Response:  # fmt: skip
+    from node import audit
+
+    scope = dict(kind=kind if kind in audit.KINDS else None, uid=uid or None)
+    found = {"total": audit.count(ctx.reader, **scope),
+             "items": audit.query(ctx.reader, **scope, limit=100, offset=offset)}  # fmt: skip
+    return _render(request, "audit.html", user, found=found, kinds=audit.KINDS, kind=kind, uid=uid, offset=offset,
+                   limit=100, page="audit")  # fmt: skip

@@ -169,3 +169,21 @@ def test_hash_password_command_makes_a_hash_the_config_accepts(tmp_path):
     cfg = tmp_path / "node.toml"
     cfg.write_text(f'[web]\nauth = "users"\n[[web.users]]\nname = "carol"\npassword_hash = "{hashed}"\n')
     assert load_config(cfg, environ={}).web.users[0].name == "carol"
+
+
+def test_audit_trail_says_who_connected_what_was_stored_fired_produced_and_delivered(web_node):
+    code, assoc = web_node.get("/api/audit?kind=association_accepted")
+    assert code == 200 and assoc["total"] >= 2
+    assert {(e["calling_ae"], e["peer_address"]) for e in assoc["items"]} >= {("STORESCU", "127.0.0.1")}
+    code, stored = web_node.get(f"/api/audit?kind=instance_stored&uid={web_node.ct_series_uid}&limit=100")
+    assert code == 200 and stored["total"] == 28
+    assert len({e["sop_instance_uid"] for e in stored["items"]}) == 28
+    code, fired = web_node.get(f"/api/audit?kind=rule_fired&uid={web_node.ct_series_uid}")
+    assert code == 200 and [e["rule"] for e in fired["items"]] == ["ct-seg"]
+    code, made = web_node.get("/api/audit?kind=output_produced")
+    assert code == 200 and made["total"] == 2
+    code, sent = web_node.get("/api/audit?kind=delivered&kind=delivery_failed&limit=1000")
+    kinds = {(e["kind"], e["destination"]) for e in sent["items"]}
+    assert code == 200 and sent["total"] == 33 + 31 and kinds == {("delivered", "pacs"), ("delivery_failed", "down")}
+    code, body = web_node.get("/api/audit?kind=no_such_kind")
+    assert code == 422
