@@ -8,7 +8,7 @@ import threading
 
 from sqlalchemy import select
 
-from node import __version__
+from node import __version__, metrics
 from node.config import Config
 from node.decide.tracker import SeriesTracker
 from node.derive.store import OutputStore
@@ -16,6 +16,7 @@ from node.index.db import WalCheckpointer, make_engine, migrate, session_factory
 from node.index.models import Instance
 from node.index.writer import IndexWriter
 from node.jobs.runner import JobRunner
+from node.logs import set_redaction
 from node.receive.ingest import Ingest
 from node.receive.scp import StorageSCP
 from node.send.dispatch import Dispatcher
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 class Node:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+        set_redaction(cfg.logging.redact_phi)
         self.storage = Storage(cfg.data_dir)
         self.engine = make_engine(cfg.database_url)
         # Reads by the tracker and the job workers' polls: on SQLite they then need no write lock,
@@ -62,6 +64,7 @@ class Node:
             mark_clean(self.storage)  # nothing to reconcile: no files and no rows
         self.writer.start()
         self.checkpointer.start()
+        metrics.install(self.reader, self.storage.root)
         recover(self.storage, self.sessions, self.writer)
         if any(a.type == "plugin" for r in self.tracker.ruleset for a in r.model.actions):
             from node.plugins.runtime import start_fork_server
@@ -90,6 +93,7 @@ class Node:
         self.dispatcher.stop()
         clean = self.writer.stop() and clean
         self.checkpointer.stop()
+        metrics.uninstall()
         self.engine.dispose()
         self.reader.dispose()
         if clean:

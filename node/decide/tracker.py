@@ -33,12 +33,14 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine, and_, or_, select, update
 from sqlalchemy.orm import Session
 
+from node import audit
 from node.config import Config
 from node.decide.facts import dataset_facts, expected_instances, first_instance, read_dataset, series_snapshot
 from node.decide.rules import ForwardAction, PluginAction, RuleSet
 from node.index.models import Series, SeriesRevision, aware, utcnow
 from node.index.records import RecordOutcome
 from node.jobs.store import NewJob, create_jobs
+from node.logs import phi
 
 log = logging.getLogger(__name__)
 
@@ -274,8 +276,13 @@ class SeriesTracker:
         if snap is None and not error:
             error = "the series has no instances (discarded?)"
         label = f"series #{sid}"
+        extra: dict = {"series_id": sid, "revision": revision}
         if snap is not None:
-            label = f'series {snap.series_uid} ({snap.modality} "{snap.description}", {snap.instance_count} inst.)'
+            # Patient name and ID help an operator find the study; they are shown only with redact_phi off.
+            name, pid = snap.facts["PatientName"], snap.facts["PatientID"]
+            label = (f'series {snap.series_uid} ({snap.modality} "{snap.description}", {snap.instance_count} inst.; '
+                     f'patient "{phi(name) or ""}", ID "{phi(pid) or ""}")')  # fmt: skip
+            extra.update(series_uid=snap.series_uid, study_uid=snap.study_uid)
             try:
                 results = self.ruleset.evaluate(snap.facts)
             except Exception as e:
@@ -288,8 +295,11 @@ class SeriesTracker:
                 for i, action in enumerate(m.actions):
                     jobs.append(NewJob(m.name, i, action.type, action.model_dump(mode="json"), m.priority,
                                        m.max_attempts))  # fmt: skip
+        uids = {"series_uid": snap.series_uid, "study_uid": snap.study_uid} if snap is not None else {}
         with self.engine.begin() as conn:
-            made = create_jobs(conn, sid, revision, jobs) if jobs else []
+            for name in matched:  # audited with the jobs, in the transaction that makes them
+                audit.record(conn, "rule_fired", actor="node", rule=name, detail=f"revision {revision}", **uids)
+            made = create_jobs(conn, sid, revision, jobs, **uids) if jobs else []
             conn.execute(
                 update(_revision)
                 .where(_revision.c.series_fk == sid, _revision.c.revision == revision, _revision.c.triggered_at.is_(None))
@@ -302,13 +312,14 @@ class SeriesTracker:
             )
         when = f" ({reason})" if reason else ""
         if error:
-            log.error("%s revision %d is stable%s but no rule was evaluated: %s", label, revision, when, error)
+            log.error("%s revision %d is stable%s but no rule was evaluated: %s", label, revision, when, error,
+                      extra=extra)  # fmt: skip
         elif matched:
             actions = "; ".join(_summary(j) for j in jobs)
             log.info("%s revision %d is stable%s: rule(s) %s matched -> %d job(s): %s", label, revision, when,
-                     ", ".join(matched), len(made), actions)  # fmt: skip
+                     ", ".join(matched), len(made), actions, extra=dict(extra, rules=matched, job_ids=made))  # fmt: skip
         else:
-            log.info("%s revision %d is stable%s: no rule matched", label, revision, when)
+            log.info("%s revision %d is stable%s: no rule matched", label, revision, when, extra=extra)
         if made and self.on_jobs:
             self.on_jobs()
 

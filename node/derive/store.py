@@ -13,6 +13,7 @@ from pathlib import Path
 
 from sqlalchemy import bindparam, literal_column, update
 
+from node import audit
 from node.index.models import Instance, Series
 from node.index.records import Recorder, RecordOutcome
 from node.index.writer import IndexWriter, Tx
@@ -53,21 +54,24 @@ class OutputStore:
             old.unlink()
         return d
 
-    def store(self, files: list[Path], job_id: int) -> list[StoredOutput]:
+    def store(self, files: list[Path], job_id: int, *, rule: str = "", software: str = "") -> list[StoredOutput]:
         """Place and index ``files`` (written by the plugin process) in one index transaction.
 
         On any failure, the files placed so far are removed again: nothing is left without a row.
+        Each new output is audited (``output_produced``: the job, its ``rule``, the plugin ``software``
+        that made it, e.g. "threshold-seg 1.0") in the same transaction.
         """
         placed: list[tuple[Path, object, str, str]] = []
         try:
-            return self._store(files, job_id, placed)
+            return self._store(files, job_id, placed, rule, software)
         except BaseException:
             for p, *_ in placed:
                 if p.exists():
                     self.storage.remove(p)
             raise
 
-    def _store(self, files: list[Path], job_id: int, placed: list[tuple[Path, object, str, str]]) -> list[StoredOutput]:
+    def _store(self, files: list[Path], job_id: int, placed: list[tuple[Path, object, str, str]], rule: str,
+               software: str) -> list[StoredOutput]:  # fmt: skip
         for f in files:
             header, size, _ = read_file_header(f)
             final = self.storage.path_for(header.text("SeriesInstanceUID"), header.text("SOPInstanceUID"))
@@ -83,11 +87,18 @@ class OutputStore:
             fsync_dir(d)
         def work(tx: Tx) -> list[RecordOutcome]:
             outcomes = []
-            for _, record, _, _ in placed:
+            for _, record, sop, series in placed:
                 outcome = self.recorder.record(tx, record)  # type: ignore[arg-type]
                 tx.execute(tx.prepare("link_job", _LINK_JOB), {"pk": outcome.instance_id, "job": job_id})
                 if outcome.series_id:
                     mark_not_tracked(tx, outcome.series_id)
+                if outcome.kind != "duplicate":  # a duplicate was audited when an earlier run stored it
+                    audit.record_tx(
+                        tx, "output_produced", actor="node", job_id=job_id, rule=rule,
+                        study_uid=record.study["study_instance_uid"],  # type: ignore[attr-defined]
+                        series_uid=series, sop_instance_uid=sop,
+                        detail=software + (" (replaced the stored copy)" if outcome.kind == "replaced" else ""),
+                    )  # fmt: skip
                 outcomes.append(outcome)
             return outcomes
 

@@ -251,3 +251,38 @@ class Delivery(Base):
     commitment: Mapped[str] = mapped_column(String(16), default="")
     commitment_uid: Mapped[str] = mapped_column(UID, default="", index=True)
     commitment_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class AuditEvent(Base):
+    """Who did what, when: an append-only record for the people who must answer for the node.
+
+    The database itself refuses UPDATE and DELETE on this table (triggers made by migration 0005),
+    so neither a bug nor an operator with the node's credentials rewrites history. Rows name
+    instances, series and jobs by UID or number, never by foreign key: deleting an instance
+    (retention, discard) never conflicts with its audit trail. No patient names, IDs or birth dates
+    are written here; UIDs and AE titles are.
+    """
+
+    __tablename__ = "audit_event"
+    __table_args__ = (Index("ix_audit_event_at", "at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    #: UTC.
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    #: What happened: see :data:`node.audit.KINDS`.
+    kind: Mapped[str] = mapped_column(String(32))
+    #: Who did it: the peer for network events; "cli" or a web user for operator actions; "node" otherwise.
+    actor: Mapped[str] = mapped_column(String(64), default="")
+    calling_ae: Mapped[str] = mapped_column(String(16), default="")
+    called_ae: Mapped[str] = mapped_column(String(16), default="")
+    peer_address: Mapped[str] = mapped_column(String(64), default="")
+    study_uid: Mapped[str] = mapped_column(UID, default="", index=True)
+    series_uid: Mapped[str] = mapped_column(UID, default="", index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, default="", index=True)
+    rule: Mapped[str] = mapped_column(String(128), default="")
+    #: A job's number (no foreign key: see above).
+    job_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    destination: Mapped[str] = mapped_column(String(64), default="")
+    #: A DIMSE status where one was exchanged (C-STORE response sent or received).
+    status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    detail: Mapped[str] = mapped_column(Text, default="")

@@ -12,6 +12,7 @@ from typing import Any
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 from sqlalchemy import Engine, delete, select, update
 
+from node import metrics
 from node.config import Config
 from node.derive.store import OutputStore
 from node.index.models import Instance, Job, Series
@@ -191,12 +192,19 @@ def plugin(ctx: JobContext) -> str:
             result = run_in_process(spec, timeout=timeout, workers=cfg.plugins.workers, cancelled=ctx.cancelled)
         except PluginRunError as e:
             raise JobFailed(str(e), retryable=e.retryable) from None
+        plugin_label = metrics.job_labels("plugin", ctx.job.action)[1]
+        if result.timings.get("plugin"):
+            metrics.PLUGIN_SECONDS.labels(plugin_label).observe(result.timings["plugin"])
         with ctx.engine.begin() as conn:
             conn.execute(update(Job.__table__).where(Job.__table__.c.id == ctx.job.id)
                          .values(software=", ".join(result.plugins)[:256]))  # fmt: skip
         if not result.ok:
             raise JobFailed(result.error, retryable=result.retryable)
-        stored = ctx.outputs.store([Path(o.file) for o in result.outputs], ctx.job.id)
+        stored = ctx.outputs.store([Path(o.file) for o in result.outputs], ctx.job.id, rule=ctx.job.rule,
+                                   software=", ".join(result.plugins))  # fmt: skip
+        for o, st in zip(result.outputs, stored, strict=True):
+            if st.outcome != "duplicate":
+                metrics.OUTPUTS_PRODUCED.labels(plugin_label, o.kind).inc()
     finally:  # outputs were moved into storage; whatever is left (a failed run's files) goes
         shutil.rmtree(work, ignore_errors=True)
     kinds: dict[str, int] = {}

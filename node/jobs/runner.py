@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from sqlalchemy import Engine, select
 
+from node import metrics
 from node.config import Config
 from node.derive.store import OutputStore
 from node.index.models import Job, utcnow
@@ -112,7 +113,7 @@ class JobRunner:
         t0 = time.monotonic()
         log.info("job %d started: rule %s, action %d (%s), series #%d revision %d, attempt %d of %d",
                  job.id, job.rule, job.action_index, job.kind, job.series_id, job.revision, job.attempts,
-                 job.max_attempts)  # fmt: skip
+                 job.max_attempts, extra=_extra(job))  # fmt: skip
         ctx = JobContext(job, self.cfg, self.engine, self.storage, lambda: self._cancelled(job.id), self.outputs,
                          self.wake_senders)  # fmt: skip
         try:
@@ -126,11 +127,13 @@ class JobRunner:
             return
         state = store.finish(self.engine, job.id, ok=True, result=result)
         self.wake()  # a job waiting for this one may go now
+        took = time.monotonic() - t0
+        metrics.JOB_SECONDS.labels(*metrics.job_labels(job.kind, job.action), "succeeded").observe(took)
         if state == "succeeded":
-            log.info("job %d succeeded in %.1f s: %s", job.id, time.monotonic() - t0, result)
+            log.info("job %d succeeded in %.1f s: %s", job.id, took, result, extra=_extra(job))
         else:
             log.warning("job %d finished (%s) but was %s meanwhile; its outcome is not recorded", job.id, result,
-                        state)  # fmt: skip
+                        state, extra=_extra(job))  # fmt: skip
 
     def _failed(self, job: store.ClaimedJob, error: str, retryable: bool, t0: float) -> None:
         retry_at = None
@@ -139,12 +142,21 @@ class JobRunner:
             retry_at = utcnow() + dt.timedelta(seconds=delay)
         state = store.finish(self.engine, job.id, ok=False, error=error, retry_at=retry_at)
         self.wake()
+        labels = metrics.job_labels(job.kind, job.action)
+        metrics.JOB_SECONDS.labels(*labels, "failed").observe(time.monotonic() - t0)
+        metrics.JOB_FAILURES.labels(*labels, "false" if state in ("pending", "cancelled") else "true").inc()
         if state == "pending":
             log.warning("job %d attempt %d of %d failed after %.1f s: %s; retrying at %s", job.id, job.attempts,
                         job.max_attempts, time.monotonic() - t0, error, retry_at.isoformat(timespec="seconds")
-                        if retry_at else "")  # fmt: skip
+                        if retry_at else "", extra=_extra(job))  # fmt: skip
         elif state == "cancelled":
-            log.info("job %d was cancelled while it ran (%s)", job.id, error)
+            log.info("job %d was cancelled while it ran (%s)", job.id, error, extra=_extra(job))
         else:
             why = "" if retryable else " (not retried: another attempt would fail the same way)"
-            log.error("job %d failed after %d attempt(s): %s%s", job.id, job.attempts, error, why)
+            log.error("job %d failed after %d attempt(s): %s%s", job.id, job.attempts, error, why, extra=_extra(job))
+
+
+def _extra(job: store.ClaimedJob) -> dict:
+    """Structured log fields of a job (JSON logs carry them as keys)."""
+    return {"job_id": job.id, "rule": job.rule, "job_kind": job.kind, "series_id": job.series_id,
+            "revision": job.revision, "attempt": job.attempts}  # fmt: skip

@@ -17,10 +17,12 @@ from typing import Any
 from sqlalchemy import Connection, Engine, and_, exists, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from node.index.models import Delivery, Job, aware, utcnow
+from node import audit
+from node.index.models import Delivery, Job, Series, aware, utcnow
 
 STATES = ("pending", "running", "succeeded", "failed", "cancelled")
 _job = Job.__table__
+_series = Series.__table__
 
 
 @dataclass(frozen=True)
@@ -33,8 +35,12 @@ class NewJob:
     max_attempts: int = 3
 
 
-def create_jobs(conn: Connection, series_id: int, revision: int, jobs: list[NewJob]) -> list[int]:
-    """Insert the jobs of one revision that do not exist yet; returns the ids of those inserted."""
+def create_jobs(conn: Connection, series_id: int, revision: int, jobs: list[NewJob], *,
+                series_uid: str = "", study_uid: str = "") -> list[int]:  # fmt: skip
+    """Insert the jobs of one revision that do not exist yet; returns the ids of those inserted.
+
+    Each job made is audited (``job_created``) in the same transaction, under the UIDs given.
+    """
     existing = set(
         conn.execute(
             select(_job.c.rule, _job.c.action_index).where(_job.c.series_fk == series_id, _job.c.revision == revision)
@@ -57,6 +63,8 @@ def create_jobs(conn: Connection, series_id: int, revision: int, jobs: list[NewJ
         except IntegrityError:  # made meanwhile by another process: the constraint did its job
             continue
         ids.append(pk)
+        audit.record(conn, "job_created", actor="node", rule=j.rule, job_id=pk, series_uid=series_uid,
+                     study_uid=study_uid, detail=f"revision {revision}, action {j.action_index} ({j.kind})")  # fmt: skip
     return ids
 
 
@@ -164,12 +172,17 @@ class JobStateError(ValueError):
     pass
 
 
-def retry(engine: Engine, job_id: int) -> None:
-    """Run a failed or cancelled job again (one more attempt allowed)."""
+def _series_uid(conn: Connection, series_id: int) -> str:
+    return str(conn.execute(select(_series.c.series_instance_uid).where(_series.c.id == series_id)).scalar() or "")
+
+
+def retry(engine: Engine, job_id: int, *, actor: str = "cli") -> None:
+    """Run a failed or cancelled job again (one more attempt allowed); audited as done by ``actor``."""
     with engine.begin() as conn:
         row = conn.execute(
-            select(_job.c.state, _job.c.attempts, _job.c.max_attempts).where(_job.c.id == job_id)
-        ).first()
+            select(_job.c.state, _job.c.attempts, _job.c.max_attempts, _job.c.rule, _job.c.series_fk)
+            .where(_job.c.id == job_id)
+        ).first()  # fmt: skip
         if row is None:
             raise JobStateError(f"there is no job {job_id}")
         if row.state not in ("failed", "cancelled"):
@@ -179,12 +192,19 @@ def retry(engine: Engine, job_id: int) -> None:
             .where(and_(_job.c.id == job_id, _job.c.state == row.state))
             .values(state="pending", not_before=utcnow(), max_attempts=max(row.max_attempts, row.attempts + 1))
         )
+        audit.record(conn, "job_retry", actor=actor, job_id=job_id, rule=row.rule,
+                     series_uid=_series_uid(conn, row.series_fk), detail=f"was {row.state}")  # fmt: skip
 
 
-def cancel(engine: Engine, job_id: int) -> str:
-    """Cancel a pending or running job (a running one finishes its current step; its outcome is ignored)."""
+def cancel(engine: Engine, job_id: int, *, actor: str = "cli") -> str:
+    """Cancel a pending or running job (a running one finishes its current step; its outcome is ignored).
+
+    Audited as done by ``actor`` ("cli", or the web user's name).
+    """
     with engine.begin() as conn:
-        row = conn.execute(select(_job.c.state, _job.c.last_error).where(_job.c.id == job_id)).first()
+        row = conn.execute(
+            select(_job.c.state, _job.c.last_error, _job.c.rule, _job.c.series_fk).where(_job.c.id == job_id)
+        ).first()
         if row is None:
             raise JobStateError(f"there is no job {job_id}")
         state = row.state
@@ -195,4 +215,6 @@ def cancel(engine: Engine, job_id: int) -> str:
             update(_job).where(_job.c.id == job_id, _job.c.state == state)
             .values(state="cancelled", finished_at=utcnow(), last_error=why)
         )  # fmt: skip
+        audit.record(conn, "job_cancel", actor=actor, job_id=job_id, rule=row.rule,
+                     series_uid=_series_uid(conn, row.series_fk), detail=f"was {state}")  # fmt: skip
         return str(state)

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 from pydicom.uid import UID
 
+from node import audit
 from node.index.records import DuplicatePolicy, Recorder, RecordOutcome
-from node.index.writer import IndexWriter
+from node.index.writer import IndexWriter, Tx
 from node.receive.parse import Rejected, read_header, to_record
 from node.receive.rxfile import ReceivedFile
 from node.receive.status import Status
@@ -159,7 +160,26 @@ class Ingest:
         rx.placed()
         # The index commit (in the writer thread) and the directory fsync that
         # makes the rename durable (here) run side by side; Success waits for both.
-        recorded = self.writer.submit(lambda s: self.recorder.record(s, record))
+        # The audit row goes into the same transaction (and savepoint) as the index rows: an instance
+        # is never indexed without its audit row, nor audited without being indexed.
+        event = audit.row(
+            "instance_stored", at=record.received_at, actor=peer.calling_ae, calling_ae=peer.calling_ae,
+            called_ae=peer.called_ae, peer_address=peer.address, study_uid=header.text("StudyInstanceUID"),
+            series_uid=header.text("SeriesInstanceUID"), sop_instance_uid=ds_inst,
+            status=Status.STORED_NONCONFORMANT if warning else Status.SUCCESS,
+            detail=f"association {peer.association_id}" if peer.association_id else "",
+        )  # fmt: skip
+
+        def work(tx: Tx) -> RecordOutcome:
+            outcome = self.recorder.record(tx, record)
+            if outcome.kind == "duplicate":
+                event["kind"], event["detail"] = "instance_duplicate", event["detail"] + " (first copy kept)"
+            elif outcome.kind == "replaced":
+                event["detail"] += " (replaced the stored copy)"
+            audit.write_tx(tx, event)
+            return outcome
+
+        recorded = self.writer.submit(work)
         fsync_dir(final.parent)
         try:
             outcome: RecordOutcome = recorded.result(timeout=INDEX_WAIT)

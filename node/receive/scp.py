@@ -15,7 +15,7 @@ from pydicom._uid_dict import UID_dictionary
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID, AllTransferSyntaxes, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from node import __version__
+from node import __version__, audit, metrics
 from node.config import Config
 from node.receive import dimse
 from node.receive.ingest import Ingest, Peer
@@ -139,17 +139,36 @@ class StorageSCP:
     # --- Handlers protocol ----------------------------------------------------
 
     def check_association(self, calling_ae: str, called_ae: str, address: str) -> tuple[int, int, int] | None:
+        who = {"calling_ae": calling_ae, "called_ae": called_ae, "peer_address": address}
         if self.cfg.access.check_called_ae and called_ae != self.cfg.node.ae_title:
-            log.warning("rejected association from %s (%s): called AE title %r is not ours (%r)",
-                        calling_ae, address, called_ae, self.cfg.node.ae_title)  # fmt: skip
+            reason = f"called AE title {called_ae!r} is not ours ({self.cfg.node.ae_title!r})"
+            log.warning("rejected association from %s (%s): %s", calling_ae, address, reason, extra=who)
+            self._rejected(calling_ae, called_ae, address, "called-ae", reason)
             return (0x01, 0x01, 0x07)  # permanent, service user, called AE title not recognised
         reason = self.access.allows(calling_ae, address)
         if reason is not None:
-            log.warning("rejected association from %s (%s): %s", calling_ae, address, reason)
+            log.warning("rejected association from %s (%s): %s", calling_ae, address, reason, extra=who)
+            key = "calling-ae" if calling_ae.strip() not in self.access.peers else "peer-address"
+            self._rejected(calling_ae, called_ae, address, key, reason)
             return (0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognised
         with self._lock:
             self.totals["associations"] += 1
         return None
+
+    def _rejected(self, calling_ae: str, called_ae: str, address: str, key: str, text: str) -> None:
+        metrics.ASSOCIATIONS_REJECTED.labels(key).inc()
+        audit.submit(self.ingest.writer, "association_rejected", actor=calling_ae, calling_ae=calling_ae,
+                     called_ae=called_ae, peer_address=address, detail=text)  # fmt: skip
+
+    def association_rejected(self, assoc: AssociationInfo, reason: str, text: str) -> None:
+        self._rejected(assoc.calling_ae, assoc.called_ae, assoc.address, reason, text)
+
+    def association_accepted(self, assoc: AssociationInfo) -> None:
+        metrics.ASSOCIATIONS_ACCEPTED.inc()
+        audit.submit(self.ingest.writer, "association_accepted", actor=assoc.calling_ae, calling_ae=assoc.calling_ae,
+                     called_ae=assoc.called_ae, peer_address=assoc.address,
+                     detail=f"association {assoc.id} from port {assoc.port}, {len(assoc.contexts)} presentation "
+                     "context(s) accepted")  # fmt: skip
 
     def store(self, assoc: AssociationInfo, request: StoreRequest) -> tuple[int, str]:
         rx = request.file
@@ -173,6 +192,12 @@ class StorageSCP:
             else:
                 assoc.failed += 1
                 self.totals["failed"] += 1
+        if is_stored(result.status):
+            if result.outcome == "duplicate":
+                metrics.DUPLICATES_RECEIVED.inc()
+            else:
+                metrics.INSTANCES_RECEIVED.inc()
+                metrics.BYTES_RECEIVED.inc(size)
         return int(result.status), result.reason
 
     def association_ended(self, assoc: AssociationInfo, how: str) -> None:
@@ -180,6 +205,7 @@ class StorageSCP:
             "association %s from %s %s after %.1f s: %d stored, %d duplicate, %d refused, %.1f MB",
             assoc.id, assoc.calling_ae, how, time.monotonic() - assoc.started,
             assoc.stored, assoc.duplicates, assoc.failed, assoc.bytes / 1e6,
+            extra={"association_id": assoc.id, "calling_ae": assoc.calling_ae, "peer_address": assoc.address},
         )  # fmt: skip
 
     def event_report(self, assoc: AssociationInfo, command: dimse.Command, transfer_syntax: str, data: bytes) -> int:

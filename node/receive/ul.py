@@ -40,6 +40,7 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext
 
+from node import metrics
 from node.receive import dimse
 from node.receive.rxfile import ReceivedFile
 
@@ -101,6 +102,15 @@ class Handlers(Protocol):
 
     def store(self, assoc: AssociationInfo, request: StoreRequest) -> tuple[int, str]:
         """Store one data set; return ``(status, error comment)``. Must not raise."""
+
+    def association_accepted(self, assoc: AssociationInfo) -> None:
+        """Called once the A-ASSOCIATE-AC is sent. Must not raise."""
+
+    def association_rejected(self, assoc: AssociationInfo, reason: str, text: str) -> None:
+        """The acceptor rejected a request on its own (``reason``: "protocol", "limit"); ``text`` says why.
+
+        Rejections decided by :meth:`check_association` are the handler's to record. Must not raise.
+        """
 
     def association_ended(self, assoc: AssociationInfo, how: str) -> None:
         """Called once per accepted association: ``released``, ``aborted``, ``closed`` or ``timeout``."""
@@ -326,16 +336,29 @@ class Association(threading.Thread):
         )  # fmt: skip
 
         reject = None
+        why = ("", "")
         if rq.protocol_version != 0x0001:
             reject = (0x01, 0x02, 0x02)  # protocol version not supported
+            why = ("protocol", f"protocol version {rq.protocol_version} is not supported")
         elif prim.application_context_name != APPLICATION_CONTEXT:
             reject = (0x01, 0x01, 0x02)  # application context name not supported
+            why = ("protocol", f"application context {prim.application_context_name} is not DICOM's")
         else:
             reject = self.handlers.check_association(calling, called, self.address[0])
             if reject is None and not self.server._admit(self):
                 log.warning("rejected association from %s (%s): node.max_associations (%d) reached",
-                            calling, self.address[0], self.settings.max_associations)  # fmt: skip
+                            calling, self.address[0], self.settings.max_associations,
+                            extra={"calling_ae": calling, "peer_address": self.address[0]})  # fmt: skip
                 reject = (0x02, 0x03, 0x02)  # transient, local limit exceeded
+                why = ("limit", f"node.max_associations ({self.settings.max_associations}) reached")
+        if reject is not None and why[0]:
+            if why[0] == "protocol":
+                log.warning("rejected association from %s (%s): %s", calling, self.address[0], why[1],
+                            extra={"calling_ae": calling, "peer_address": self.address[0]})  # fmt: skip
+            try:
+                self.handlers.association_rejected(info, *why)
+            except Exception:
+                log.exception("association_rejected handler failed")
         if reject is not None:
             rj = A_ASSOCIATE_RJ()
             rj.result, rj.source, rj.reason_diagnostic = reject
@@ -389,7 +412,13 @@ class Association(threading.Thread):
         conn.send(ac.encode())
         self.info = info
         log.info("association %s from %s (%s:%d) accepted, %d of %d presentation contexts",
-                 info.id, calling, info.address, info.port, len(info.contexts), len(results))  # fmt: skip
+                 info.id, calling, info.address, info.port, len(info.contexts), len(results),
+                 extra={"association_id": info.id, "calling_ae": calling, "called_ae": called,
+                        "peer_address": info.address})  # fmt: skip
+        try:
+            self.handlers.association_accepted(info)
+        except Exception:
+            log.exception("association_accepted handler failed")
         return True
 
     def _roles(self, prim: A_ASSOCIATE, info: AssociationInfo) -> list:
@@ -572,6 +601,7 @@ class Association(threading.Thread):
             info.failed += 1
         else:
             status, comment = self.handlers.store(info, StoreRequest(cmd, ts, abstract, rx))
+        metrics.cstore_response(status)
         rsp = dimse.encode_response(
             dimse.C_STORE_RSP, cmd.message_id, status, cmd.affected_sop_class_uid,
             cmd.affected_sop_instance_uid, comment if status else "",  # warnings carry their reason too

@@ -16,6 +16,7 @@ with the reason, without retrying.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import random
@@ -26,6 +27,7 @@ from pathlib import Path
 from pydicom.uid import generate_uid
 from sqlalchemy import Engine
 
+from node import metrics
 from node.config import Config, DestinationSection
 from node.index.models import utcnow
 from node.send import queue
@@ -221,16 +223,22 @@ class DestinationSender:
             path = self.storage.absolute(c.file_path) if c.file_path else None
             if c.instance_id is None or path is None or not path.is_file():
                 outcomes.append(queue.Outcome(c.id, "failed", error="the instance is no longer stored on this node "
-                                              "(deleted or discarded before it was sent)"))  # fmt: skip
+                                              "(deleted or discarded before it was sent)", **self._who(c)))  # fmt: skip
+                metrics.DELIVERY_RESULTS.labels(self.dest.name, "permanent").inc()
                 continue
             items.append(Item(Path(path), c.sop_class_uid, c.transfer_syntax_uid, c.sop_instance_uid, key=c))
         commit = self.peer.storage_commitment
         last_flush = [time.monotonic()]
         delivered = 0
         retry_at: list[dt.datetime] = []
+        on_wire = [time.monotonic()]
 
         def on_result(r: Result) -> None:
             nonlocal delivered
+            now = time.monotonic()
+            if r.attempted:
+                metrics.DELIVERY_SECONDS.labels(self.dest.name).observe(now - on_wire[0])
+            on_wire[0] = now
             outcomes.append(self._outcome(r, retry_at))
             delivered += r.outcome == "delivered"
             if not commit and time.monotonic() - last_flush[0] >= FLUSH_EVERY:
@@ -251,20 +259,32 @@ class DestinationSender:
         took = time.monotonic() - t0
         if delivered:
             log.info("destination %s: %d instance(s) delivered in %.2f s%s", self.dest.name, delivered, took,
-                     f", {len(failed)} failed, {len(waiting)} waiting" if failed or waiting else "")  # fmt: skip
+                     f", {len(failed)} failed, {len(waiting)} waiting" if failed or waiting else "",
+                     extra={"destination": self.dest.name, "delivered": delivered})  # fmt: skip
         for r in failed:
-            log.error("destination %s: %s not delivered, not retried: %s", self.dest.name, r.item.sop_instance, r.text)
+            log.error("destination %s: %s not delivered, not retried: %s", self.dest.name, r.item.sop_instance, r.text,
+                      extra={"destination": self.dest.name, "sop_instance_uid": r.item.sop_instance})  # fmt: skip
+
+    def _who(self, c: queue.Item) -> dict:
+        """An outcome's fields for the audit trail."""
+        return {"destination": self.dest.name, "sop_instance_uid": c.sop_instance_uid, "job_id": c.job_id}
 
     def _outcome(self, r: Result, retry_at: list[dt.datetime]) -> queue.Outcome:
         c: queue.Item = r.item.key  # type: ignore[assignment]
+        if r.attempted:
+            metrics.DELIVERY_RESULTS.labels(self.dest.name, r.outcome).inc()
         if r.outcome == "delivered":
             self.breaker.success()
+            metrics.INSTANCES_SENT.labels(self.dest.name).inc()
+            metrics.BYTES_SENT.labels(self.dest.name).inc(c.file_size)
+            metrics.DELIVERY_LATENCY.labels(self.dest.name).observe(max(0.0, (utcnow() - c.created_at).total_seconds()))
             if r.warning:
                 log.warning("destination %s: %s stored with a warning: %s", self.dest.name, c.sop_instance_uid,
-                            r.warning)  # fmt: skip
-            return queue.Outcome(c.id, "delivered", r.status, warning=r.warning, sent_syntax=r.sent_syntax)
+                            r.warning, extra={"destination": self.dest.name})  # fmt: skip
+            return queue.Outcome(c.id, "delivered", r.status, warning=r.warning, sent_syntax=r.sent_syntax,
+                                 **self._who(c))  # fmt: skip
         if r.outcome == "permanent":
-            return queue.Outcome(c.id, "failed", r.status, r.text)
+            return queue.Outcome(c.id, "failed", r.status, r.text, **self._who(c))
         # Transient: the first such result of a batch counts as one failure of the destination.
         if not retry_at:
             delay, when = self.breaker.failure()
@@ -275,9 +295,9 @@ class DestinationSender:
         age = (utcnow() - c.created_at).total_seconds()
         if give_up and age >= give_up:
             return queue.Outcome(c.id, "failed", r.status, f"gave up after {c.attempts} attempt(s) over "
-                                 f"{age / 3600:.1f} h (retry.give_up_after): {r.text}")  # fmt: skip
+                                 f"{age / 3600:.1f} h (retry.give_up_after): {r.text}", **self._who(c))  # fmt: skip
         if r.status == 0x0110 and c.attempts >= PROCESSING_FAILURE_ATTEMPTS:
-            return queue.Outcome(c.id, "failed", r.status, f"{r.text} ({c.attempts} times)")
+            return queue.Outcome(c.id, "failed", r.status, f"{r.text} ({c.attempts} times)", **self._who(c))
         return queue.Outcome(c.id, "queued", r.status, r.text, retry_at=retry_at[0], attempted=r.attempted)
 
     def _request_commitment(self, sender: Sender, outcomes: list[queue.Outcome], items: list[Item]) -> None:
@@ -290,8 +310,7 @@ class DestinationSender:
         problem = sender.request_commitment(uid, refs)
         for n, o in enumerate(outcomes):
             if o.state == "delivered" and o.id in by_id:
-                outcomes[n] = queue.Outcome(o.id, "delivered", o.status, problem, o.warning, o.sent_syntax,
-                                            commitment_uid="" if problem else uid)  # fmt: skip
+                outcomes[n] = dataclasses.replace(o, error=problem, commitment_uid="" if problem else uid)
         if problem:
             log.error("destination %s: %d instance(s) delivered but not committed: %s", self.dest.name, len(refs),
                       problem)  # fmt: skip

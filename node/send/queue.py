@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection, Engine, and_, bindparam, func, or_, select, update
 
+from node import audit
 from node.index.models import Delivery, Instance, aware, utcnow
 
 STATES = ("queued", "sending", "delivered", "failed", "cancelled")
@@ -99,6 +100,9 @@ class Item:
     file_path: str
     attempts: int
     created_at: dt.datetime
+    #: The job that queued it (None for none); the stored file's size, for the sent-bytes metric.
+    job_id: int | None = None
+    file_size: int = 0
 
 
 def claim(engine: Engine, destination: str, limit: int, now: dt.datetime | None = None) -> list[Item]:
@@ -107,7 +111,7 @@ def claim(engine: Engine, destination: str, limit: int, now: dt.datetime | None 
     with engine.begin() as conn:
         rows = conn.execute(
             select(_d.c.id, _d.c.instance_fk, _d.c.sop_instance_uid, _d.c.attempts, _d.c.created_at,
-                   _i.c.sop_class_uid, _i.c.transfer_syntax_uid, _i.c.file_path)
+                   _d.c.job_fk, _i.c.sop_class_uid, _i.c.transfer_syntax_uid, _i.c.file_path, _i.c.file_size)
             .select_from(_d.outerjoin(_i, _i.c.id == _d.c.instance_fk))
             .where(_d.c.destination == destination, _d.c.state == "queued", _d.c.next_attempt_at <= now)
             .order_by(_d.c.priority.desc(), _d.c.id)
@@ -126,7 +130,7 @@ def claim(engine: Engine, destination: str, limit: int, now: dt.datetime | None 
         )  # fmt: skip
     return [
         Item(r.id, r.instance_fk, r.sop_instance_uid, r.sop_class_uid or "", r.transfer_syntax_uid or "",
-             r.file_path or "", r.attempts + 1, aware(r.created_at))
+             r.file_path or "", r.attempts + 1, aware(r.created_at), r.job_fk, r.file_size or 0)
         for r in rows
         if r.id in taken
     ]  # fmt: skip
@@ -148,14 +152,31 @@ class Outcome:
     attempted: bool = True
     #: Storage Commitment transaction asked for with this delivery ("" for none).
     commitment_uid: str = ""
+    #: For the audit trail of delivered and failed items: where to, what, for which job.
+    destination: str = ""
+    sop_instance_uid: str = ""
+    job_id: int | None = None
 
 
 def record(engine: Engine, outcomes: Sequence[Outcome]) -> None:
-    """Write the outcomes of a batch in one transaction (only for rows still ``sending``)."""
+    """Write the outcomes of a batch in one transaction (only for rows still ``sending``).
+
+    Deliveries and permanent failures are audited in the same transaction, as they happened (a row
+    cancelled meanwhile was still delivered).
+    """
     if not outcomes:
         return
     now = utcnow()
+    events = [
+        audit.row("delivered" if o.state == "delivered" else "delivery_failed", at=now, actor="node",
+                  destination=o.destination, sop_instance_uid=o.sop_instance_uid, job_id=o.job_id, status=o.status,
+                  detail=(o.warning or (f"sent as {o.sent_syntax}" if o.sent_syntax else "")) if o.state == "delivered"
+                  else o.error)
+        for o in outcomes
+        if o.state in ("delivered", "failed")
+    ]  # fmt: skip
     with engine.begin() as conn:
+        audit.record_many(conn, events)
         delivered = [o for o in outcomes if o.state == "delivered"]
         if delivered:
             conn.execute(
@@ -295,44 +316,67 @@ def _selection(destination: str | None, state: str | None, ids: Sequence[int] | 
     return and_(*cond) if cond else None
 
 
+def _operator_event(conn: Connection, kind: str, actor: str, n: int, destination: str | None,
+                    ids: Sequence[int] | None, series_uid: str | None, what: str) -> None:  # fmt: skip
+    selection = [f"delivery ids {', '.join(map(str, ids))}"] if ids else []
+    if not destination and not ids and not series_uid:
+        selection.append("all destinations")
+    detail = f"{n} {what}" + (f" ({'; '.join(selection)})" if selection else "")
+    audit.record(conn, kind, actor=actor, destination=destination or "", series_uid=series_uid or "",
+                 detail=detail)  # fmt: skip
+
+
 def retry(engine: Engine, *, destination: str | None = None, ids: Sequence[int] | None = None,
-          series_uid: str | None = None, include_cancelled: bool = True) -> int:  # fmt: skip
-    """Queue failed (and cancelled) deliveries again, due now, with a fresh give-up clock."""
+          series_uid: str | None = None, include_cancelled: bool = True, actor: str = "cli") -> int:  # fmt: skip
+    """Queue failed (and cancelled) deliveries again, due now, with a fresh give-up clock.
+
+    ``actor`` (who asked: "cli", or the web user's name) goes into the audit trail.
+    """
     states = ("failed", "cancelled") if include_cancelled else ("failed",)
     sel = _selection(destination, None, ids, series_uid)
     now = utcnow()
     cond = _d.c.state.in_(states) if sel is None else and_(sel, _d.c.state.in_(states))
     with engine.begin() as conn:
-        return conn.execute(
+        n = conn.execute(
             update(_d).where(cond)
             .values(state="queued", next_attempt_at=FORCED, created_at=now, updated_at=now, commitment="",
                     commitment_uid="")
         ).rowcount  # fmt: skip
+        _operator_event(conn, "queue_retry", actor, n, destination, ids, series_uid,
+                        "failed or cancelled deliveries queued again" if include_cancelled
+                        else "failed deliveries queued again")  # fmt: skip
+        return n
 
 
-def retry_now(engine: Engine, destination: str | None = None) -> int:
+def retry_now(engine: Engine, destination: str | None = None, *, actor: str = "cli") -> int:
     """Make waiting queued deliveries due now (after a PACS outage was fixed)."""
     now = utcnow()
     cond = _d.c.state == "queued"
     if destination:
         cond = and_(cond, _d.c.destination == destination)
     with engine.begin() as conn:
-        return conn.execute(
+        n = conn.execute(
             update(_d).where(cond, _d.c.next_attempt_at > now).values(next_attempt_at=FORCED, updated_at=now)
         ).rowcount
+        if n:  # also run after every ``queue retry``; nothing waiting is nothing to record
+            _operator_event(conn, "queue_retry_now", actor, n, destination, None, None,
+                            "waiting deliveries made due now")  # fmt: skip
+        return n
 
 
 def cancel(engine: Engine, *, destination: str | None = None, ids: Sequence[int] | None = None,
-           series_uid: str | None = None) -> int:  # fmt: skip
+           series_uid: str | None = None, actor: str = "cli") -> int:  # fmt: skip
     """Cancel queued (and in-flight) deliveries; an instance already on the wire may still arrive."""
     sel = _selection(destination, None, ids, series_uid)
     cond = _d.c.state.in_(UNFINISHED) if sel is None else and_(sel, _d.c.state.in_(UNFINISHED))
     with engine.begin() as conn:
-        return conn.execute(
+        n = conn.execute(
             update(_d).where(cond)
             .values(state="cancelled", updated_at=utcnow(),
                     last_error=func.trim(func.coalesce(_d.c.last_error, "") + " (cancelled by an operator)"))
         ).rowcount  # fmt: skip
+        _operator_event(conn, "queue_cancel", actor, n, destination, ids, series_uid, "deliveries cancelled")
+        return n
 
 
 def counts(engine: Engine) -> dict[str, dict[str, int]]:

@@ -74,9 +74,13 @@ def test_node_on_postgresql(node, tmp_path, postgres_url):
         rows = dict(c.execute(text("select sop_instance_uid, file_path from instance")).all())
         counts = c.execute(text("select instance_count from series order by id")).scalars().all()
         version = c.execute(text("select version_num from alembic_version")).scalar()
+        audited = dict(c.execute(text("select kind, count(*) from audit_event where kind like 'instance%' "
+                                      "group by kind")).all())  # fmt: skip
     engine.dispose()
     assert len(rows) == 80 and counts == [40, 40]
-    assert version == "0004"
+    assert version == "0005"
+    # The receive path's audit rows, written in the index writer's transactions, on PostgreSQL too.
+    assert audited == {"instance_stored": 80, "instance_duplicate": 5}
     from helpers import read_sop_uid
 
     for f in files:

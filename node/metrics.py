@@ -1,0 +1,266 @@
+"""Prometheus metrics: counters the stages bump as work passes, and state read from the index at scrape time.
+
+Why two kinds: rates (instances received, deliveries, job durations) can only be counted as they
+happen, and cost one increment each; levels (queue depths, jobs and series by state, disk space)
+are already in the index and on disk, so they are read when Prometheus asks instead of being
+maintained on the hot path. Everything lives in this module's own :data:`REGISTRY`, not
+prometheus_client's global one, so the exposition holds exactly the node's metrics and a library
+that registers its own cannot collide with them. No metric carries patient data; labels are AE
+titles, destinations, plugin names, job kinds and DIMSE statuses.
+
+The web layer serves :func:`exposition`; :meth:`node.app.Node.start` calls :func:`install`.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+from sqlalchemy import Engine, func, select
+
+from node import __version__
+
+log = logging.getLogger(__name__)
+
+PREFIX = "dicom_node_"
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+# --- receive ------------------------------------------------------------------------
+
+ASSOCIATIONS_ACCEPTED = Counter(
+    PREFIX + "associations_accepted", "Associations accepted by the storage SCP.", registry=REGISTRY
+)
+ASSOCIATIONS_REJECTED = Counter(
+    PREFIX + "associations_rejected",
+    "Associations rejected by the storage SCP, by reason (called-ae, calling-ae, peer-address, limit, protocol).",
+    ["reason"], registry=REGISTRY,
+)  # fmt: skip
+INSTANCES_RECEIVED = Counter(
+    PREFIX + "instances_received", "Instances received and stored (duplicates kept as the first copy excluded).",
+    registry=REGISTRY,
+)  # fmt: skip
+DUPLICATES_RECEIVED = Counter(
+    PREFIX + "duplicates_received", "Instances received again whose first copy was kept.", registry=REGISTRY
+)
+BYTES_RECEIVED = Counter(
+    PREFIX + "received_bytes", "Data set bytes of the instances received and stored.", registry=REGISTRY
+)
+CSTORE_RESPONSES = Counter(
+    PREFIX + "cstore_responses",
+    "C-STORE responses sent by the storage SCP, by status class (success, warning, failure) and status.",
+    ["status_class", "status"], registry=REGISTRY,
+)  # fmt: skip
+
+# --- send ---------------------------------------------------------------------------
+
+INSTANCES_SENT = Counter(
+    PREFIX + "instances_sent", "Instances delivered to a destination.", ["destination"], registry=REGISTRY
+)
+BYTES_SENT = Counter(
+    PREFIX + "sent_bytes", "Bytes (as stored) of the instances delivered to a destination.", ["destination"],
+    registry=REGISTRY,
+)  # fmt: skip
+DELIVERY_RESULTS = Counter(
+    PREFIX + "delivery_results",
+    "Outcomes of delivery attempts per destination: delivered, transient (retried), permanent (failed for good).",
+    ["destination", "result"], registry=REGISTRY,
+)  # fmt: skip
+DELIVERY_SECONDS = Histogram(
+    PREFIX + "delivery_seconds",
+    "Time to send one instance to a destination (C-STORE request to response; the first of an association "
+    "includes opening it).",
+    ["destination"], registry=REGISTRY,
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)  # fmt: skip
+DELIVERY_LATENCY = Histogram(
+    PREFIX + "delivery_latency_seconds",
+    "Time from queuing an instance for a destination to its delivery (retries and back-off included).",
+    ["destination"], registry=REGISTRY,
+    buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600),
+)  # fmt: skip
+
+# --- jobs and plugins ---------------------------------------------------------------
+
+_JOB_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+JOB_SECONDS = Histogram(
+    PREFIX + "job_seconds",
+    "Wall-clock time of job runs, by kind (plugin, forward, discard), plugin (for plugin jobs) and outcome.",
+    ["kind", "plugin", "outcome"], registry=REGISTRY, buckets=_JOB_BUCKETS,
+)  # fmt: skip
+JOB_FAILURES = Counter(
+    PREFIX + "job_failures",
+    "Failed job runs, by kind and plugin; final is 'true' when no further attempt follows.",
+    ["kind", "plugin", "final"], registry=REGISTRY,
+)  # fmt: skip
+PLUGIN_SECONDS = Histogram(
+    PREFIX + "plugin_seconds",
+    "Time spent in a plugin's own code per job run (loading, building and writing excluded).",
+    ["plugin"], registry=REGISTRY, buckets=_JOB_BUCKETS,
+)  # fmt: skip
+OUTPUTS_PRODUCED = Counter(
+    PREFIX + "outputs_produced", "Derived instances stored, by plugin and kind (seg, sc, ...).",
+    ["plugin", "kind"], registry=REGISTRY,
+)  # fmt: skip
+
+_STATUS_CHILDREN: dict[int, Any] = {}
+_lock = threading.Lock()
+
+
+def status_class(status: int) -> str:
+    """PS3.7 C.1: 0x0000 success; 0x0001, 0x0107, 0x0116, 0xBxxx warning; everything else a failure."""
+    if status == 0:
+        return "success"
+    if status in (0x0001, 0x0107, 0x0116) or (status & 0xF000) == 0xB000:
+        return "warning"
+    return "failure"
+
+
+def cstore_response(status: int) -> None:
+    """Count one C-STORE response the SCP sent (a dict look-up and an increment)."""
+    child = _STATUS_CHILDREN.get(status)
+    if child is None:
+        with _lock:
+            child = _STATUS_CHILDREN.setdefault(
+                status, CSTORE_RESPONSES.labels(status_class(status), f"0x{status:04X}")
+            )
+    child.inc()
+
+
+def job_labels(kind: str, action: dict[str, Any]) -> tuple[str, str]:
+    """(kind, plugin) labels of a job: the plugin chain's names joined by '+', '' for other kinds."""
+    if kind != "plugin":
+        return kind, ""
+    if action.get("plugin"):  # plugin = "name"
+        return kind, str(action["plugin"])
+    steps = action.get("plugins") or []  # plugins = [{ name = ... }, ...]
+    names = [str(s.get("name", "")) for s in steps if isinstance(s, dict)]
+    return kind, "+".join(n for n in names if n)
+
+
+# --- state, read at scrape time --------------------------------------------------
+
+
+class StateCollector(Collector):
+    """Queue depths, jobs and series by state from the index; disk space of the data directory.
+
+    Runs in the scraping thread; a few GROUP BY queries on indexed columns through the read-only
+    engine (no write lock on SQLite). When the index cannot be read, ``dicom_node_index_up`` is 0
+    and the index-based families are left out rather than reported as zeros.
+    """
+
+    def __init__(self, engine: Engine | None = None, storage_root: Path | None = None) -> None:
+        self.engine = engine
+        self.storage_root = storage_root
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # collected fresh each time; nothing to check in advance
+
+    def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily(PREFIX + "info", "The node's version (always 1).", labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+        if self.engine is not None:
+            yield from self._index()
+        if self.storage_root is not None:
+            yield from self._disk()
+
+    def _index(self) -> Iterator[Metric]:
+        from node.index.models import Delivery, Job, Series
+
+        up = GaugeMetricFamily(PREFIX + "index_up", "1 when the index could be read for this scrape, else 0.")
+        try:
+            with self.engine.connect() as conn:  # type: ignore[union-attr]
+                queue = conn.execute(
+                    select(Delivery.destination, Delivery.state, func.count()).group_by(Delivery.destination,
+                                                                                        Delivery.state)
+                ).all()  # fmt: skip
+                awaiting = conn.execute(
+                    select(Delivery.destination, func.count())
+                    .where(Delivery.state == "delivered", Delivery.commitment == "requested")
+                    .group_by(Delivery.destination)
+                ).all()  # fmt: skip
+                jobs = conn.execute(select(Job.state, func.count()).group_by(Job.state)).all()
+                series = conn.execute(select(Series.state, func.count()).group_by(Series.state)).all()
+        except Exception as e:
+            log.warning("metrics: cannot read the index: %s", e)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        from node.jobs.store import STATES as JOB_STATES
+        from node.send.queue import STATES as QUEUE_STATES
+
+        q = GaugeMetricFamily(PREFIX + "queue_deliveries",
+                              "Deliveries in the forward queue by destination and state.",
+                              labels=["destination", "state"])  # fmt: skip
+        seen: dict[str, dict[str, int]] = {}
+        for dest, state, n in queue:
+            seen.setdefault(dest, dict.fromkeys(QUEUE_STATES, 0))[state] = int(n)
+        for dest, states in sorted(seen.items()):
+            for state, n in states.items():
+                q.add_metric([dest, state], n)
+        yield q
+        c = GaugeMetricFamily(PREFIX + "queue_awaiting_commitment",
+                              "Delivered instances whose storage commitment is not confirmed yet, by destination.",
+                              labels=["destination"])  # fmt: skip
+        for dest, n in awaiting:
+            c.add_metric([dest], int(n))
+        yield c
+        j = GaugeMetricFamily(PREFIX + "jobs", "Jobs by state.", labels=["state"])
+        by_state = dict.fromkeys(JOB_STATES, 0) | {s: int(n) for s, n in jobs}
+        for state, n in by_state.items():
+            j.add_metric([state], n)
+        yield j
+        s = GaugeMetricFamily(PREFIX + "series", "Series in the index by tracker state.", labels=["state"])
+        by_state = dict.fromkeys(("receiving", "stable", "triggered"), 0) | {st: int(n) for st, n in series}
+        for state, n in by_state.items():
+            s.add_metric([state], n)
+        yield s
+
+    def _disk(self) -> Iterator[Metric]:
+        try:
+            usage = shutil.disk_usage(self.storage_root)  # type: ignore[arg-type]
+        except OSError as e:
+            log.warning("metrics: cannot measure the data directory's filesystem: %s", e)
+            return
+        free = GaugeMetricFamily(PREFIX + "disk_free_bytes",
+                                 "Bytes free (for the node's user) on the data directory's filesystem.")  # fmt: skip
+        free.add_metric([], usage.free)
+        used = GaugeMetricFamily(PREFIX + "disk_used_bytes", "Bytes used on the data directory's filesystem.")
+        used.add_metric([], usage.used)
+        total = GaugeMetricFamily(PREFIX + "disk_total_bytes", "Size of the data directory's filesystem.")
+        total.add_metric([], usage.total)
+        yield from (free, used, total)
+
+
+_state = StateCollector()
+REGISTRY.register(_state)
+
+
+def install(engine_for_reads: Engine, storage_root: Path | str) -> None:
+    """Point the scrape-time collector at the node's index (a read-only engine) and data directory.
+
+    Safe to call again (a node restarted in the same process): the collector is registered once.
+    """
+    _state.engine = engine_for_reads
+    _state.storage_root = Path(storage_root)
+
+
+def uninstall() -> None:
+    """Stop reading the index at scrape time (the node stopped; its engine is disposed)."""
+    _state.engine = None
+    _state.storage_root = None
+
+
+def exposition() -> tuple[bytes, str]:
+    """The body and Content-Type of a ``/metrics`` response (Prometheus text exposition format)."""
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
