@@ -133,12 +133,17 @@ class Recorder:
             cache[key] = pk
         return pk
 
-    def record(self, tx: Tx, rec: InstanceRecord) -> RecordOutcome:
+    def record(self, tx: Tx, rec: InstanceRecord, *, _again: bool = False) -> RecordOutcome:
         now = rec.received_at
         p = rec.patient
+        patient_key = (p["patient_id"], p["issuer_of_patient_id"], p["patient_name"], p["birth_date"])
+        if rec.series["series_instance_uid"] not in self._series:
+            # A series new to this cache: its study and patient rows may have been removed since their ids
+            # were cached (retention, perhaps run from another process); look them up again, once per series.
+            self._studies.pop(rec.study["study_instance_uid"], None)
+            self._patients.pop(patient_key, None)
         patient_fk = self._parent(
-            tx, self._patients, (p["patient_id"], p["issuer_of_patient_id"], p["patient_name"], p["birth_date"]),
-            "patient", _SEL_PATIENT, p, _INS_PATIENT, lambda: dict(p, created_at=now),
+            tx, self._patients, patient_key, "patient", _SEL_PATIENT, p, _INS_PATIENT, lambda: dict(p, created_at=now),
         )  # fmt: skip
         uid = rec.study["study_instance_uid"]
         study_fk = self._parent(
@@ -159,9 +164,11 @@ class Recorder:
             return RecordOutcome("duplicate", row[0])
         # The series row first: it says which revision the instance belongs to.
         delta = 1 if row is None or row[2] != series_fk else 0
-        revision, revision_instances = tx.row(
-            tx.prepare("series_add", _SERIES_ADD), {"pk": series_fk, "delta": delta, "now": now}
-        )
+        added = tx.row(tx.prepare("series_add", _SERIES_ADD), {"pk": series_fk, "delta": delta, "now": now})
+        if added is None and not _again:  # the cached series row was removed meanwhile (retention)
+            self.forget()
+            return self.record(tx, rec, _again=True)
+        revision, revision_instances = added
         values = dict(rec.instance, series_fk=series_fk, received_at=now, revision=revision)
         tracked = {"series_id": series_fk, "revision": revision, "revision_instances": revision_instances}
         if row is None:

@@ -77,6 +77,20 @@ class Storage:
         acknowledging.
         """
         parent = final.parent
+        self._ensure_dir(parent)
+        try:
+            os.rename(temp_path, final)
+        except FileNotFoundError:
+            if parent.is_dir() or not Path(temp_path).exists():
+                raise
+            # The series directory was removed meanwhile (retention found it empty, perhaps in another
+            # process): forget it, make it again, and try once more.
+            with self._dirs_lock:
+                self._dirs.discard(parent)
+            self._ensure_dir(parent)
+            os.rename(temp_path, final)
+
+    def _ensure_dir(self, parent: Path) -> None:
         if parent not in self._dirs:
             # Whoever created the directory, its entry must be durable before a
             # rename into it is acknowledged; the lock makes a second thread wait
@@ -89,7 +103,6 @@ class Storage:
                     if len(self._dirs) > 100_000:  # a cache, not a registry
                         self._dirs.clear()
                     self._dirs.add(parent)
-        os.rename(temp_path, final)
 
     def remove(self, path: Path) -> None:
         try:
@@ -97,6 +110,19 @@ class Storage:
         except FileNotFoundError:
             return
         fsync_dir(path.parent)
+
+    def prune_dir(self, directory: Path) -> bool:
+        """Remove a series directory under ``storage/`` if it is empty (durably); True if it went."""
+        if not directory.is_relative_to(self.files) or directory == self.files:
+            raise ValueError(f"{directory} is not a series directory under {self.files}")
+        with self._dirs_lock:
+            self._dirs.discard(directory)
+            try:
+                directory.rmdir()
+            except OSError:  # not empty (an instance arrived meanwhile) or already gone
+                return False
+        fsync_dir(directory.parent)
+        return True
 
     def iter_stored(self):  # type: ignore[no-untyped-def]
         """Every stored instance file (for recovery and audits)."""
