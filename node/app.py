@@ -19,6 +19,7 @@ from node.jobs.runner import JobRunner
 from node.logs import set_redaction
 from node.receive.ingest import Ingest
 from node.receive.scp import StorageSCP
+from node.retention import Retention
 from node.send.dispatch import Dispatcher
 from node.storage import Storage
 from node.storage.recovery import mark_clean, recover
@@ -51,6 +52,7 @@ class Node:
         )
         # Derived objects go through the same index writer and duplicate rules as received ones.
         self.runner.outputs = OutputStore(self.storage, self.writer, self.ingest.recorder, cfg.node.ae_title)
+        self.retention = Retention(cfg, self.engine, self.storage, reader=self.reader) if cfg.retention.enabled else None
         self.scp: StorageSCP | None = None
         self._stop = threading.Event()
 
@@ -72,6 +74,8 @@ class Node:
             start_fork_server()  # from this (main) thread: see start_fork_server
         self.dispatcher.start()
         self.runner.start()
+        if self.retention is not None:
+            self.retention.start()
         self.tracker.start()
         log.info("%d rule(s) loaded; series are stable after %g s without a new instance (unless a rule says "
                  "otherwise)", len(self.tracker.ruleset), self.cfg.tracker.stable_after)  # fmt: skip
@@ -84,6 +88,8 @@ class Node:
             return s.execute(select(Instance.id).limit(1)).first() is None
 
     def stop(self) -> None:
+        if self.retention is not None:
+            self.retention.stop()  # a run going on ends after its current series
         log.info("stopping: finishing open associations")
         clean = True
         if self.scp is not None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
-from sqlalchemy import Engine, delete, select, update
+from sqlalchemy import Engine, select, update
 
 from node import metrics
 from node.config import Config
@@ -86,7 +86,7 @@ def forward(ctx: JobContext) -> str:
 
 
 def discard(ctx: JobContext) -> str:
-    """Delete the revision's instances: files first, then rows, so a crash between leaves no orphan file.
+    """Delete the revision's instances, rows and files in one transaction (see :mod:`node.storage.removal`).
 
     Runs after the series' other jobs (see the job store), and not at all when one of them did not
     succeed: data that did not reach its destination is kept.
@@ -111,24 +111,13 @@ def discard(ctx: JobContext) -> str:
         which = ", ".join(f"{n} {state} for {dest}" for state, dest, n in undelivered)
         raise JobFailed(f"not discarding: deliveries of this revision have not all arrived ({which}); the series is "
                         "kept (see dicom-node queue; retry this job once they are delivered)", retryable=False)  # fmt: skip
+    from node.storage.removal import delete_instances
+
     items = ctx.instance_files()
-    removed = 0
-    for _, rel in items:
-        p: Path = ctx.storage.absolute(rel)
-        if p.is_file():
-            ctx.storage.remove(p)
-            removed += 1
-    i, s = Instance.__table__, Series.__table__
-    gone = 0
     with ctx.engine.begin() as conn:
-        for pk, rel in items:
-            # Only the row as listed: a re-send meanwhile (new file, next revision) keeps its row.
-            gone += conn.execute(
-                delete(i).where(i.c.id == pk, i.c.file_path == rel, i.c.revision == ctx.job.revision)
-            ).rowcount
-        if gone:
-            conn.execute(update(s).where(s.c.id == ctx.job.series_id).values(instance_count=s.c.instance_count - gone))
-    return f"discarded {gone} instances ({removed} files removed)"
+        # Only the rows as listed: a re-send meanwhile (new file, next revision) keeps its row and file.
+        removed = delete_instances(conn, ctx.storage, ctx.job.series_id, items, revision=ctx.job.revision)
+    return f"discarded {removed.instances} instances ({removed.files} files removed)"
 
 
 _SYNTAX = {"none": ExplicitVRLittleEndian, "jpeg2000": JPEG2000Lossless, "rle": RLELossless}
