@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import signal
 import threading
+from collections.abc import Callable
 
 from sqlalchemy import select
 
@@ -54,7 +57,40 @@ class Node:
         self.runner.outputs = OutputStore(self.storage, self.writer, self.ingest.recorder, cfg.node.ae_title)
         self.retention = Retention(cfg, self.engine, self.storage, reader=self.reader) if cfg.retention.enabled else None
         self.scp: StorageSCP | None = None
+        self.web = self._web() if cfg.web.enabled else None
         self._stop = threading.Event()
+
+    def _web(self):  # type: ignore[no-untyped-def]
+        """The dashboard, REST API, /metrics and health checks (node.web), served from this process."""
+        from node.web.auth import Authenticator, load_token
+        from node.web.context import WebContext
+        from node.web.data import RateSampler
+        from node.web.server import WebServer
+
+        token, self._token_source = load_token(self.cfg.web, self.cfg.data_dir)
+        ctx = WebContext(self.cfg, self.engine, self.reader, Authenticator(self.cfg.web, token),
+                         sampler=RateSampler(self.reader), checks=self._readiness(),
+                         wake_jobs=self.runner.wake, wake_senders=self.dispatcher.wake,
+                         retention=self.retention)  # fmt: skip
+        return WebServer(ctx)
+
+    def _readiness(self) -> dict[str, Callable[[], str]]:
+        def index() -> str:
+            with self.reader.connect() as conn:
+                conn.execute(select(1))
+            return "" if self.writer.alive else "the index writer has stopped"
+
+        def storage() -> str:
+            if not os.access(self.storage.files, os.W_OK):
+                return f"{self.storage.files} is not writable"
+            free = shutil.disk_usage(self.storage.root).free
+            low = self.cfg.node.min_free_mb * 2**20
+            return f"only {free // 2**20} MiB free (min_free_mb is {self.cfg.node.min_free_mb})" if free < low else ""
+
+        def scp() -> str:
+            return "" if self.scp is not None and self.scp.listening else "the DICOM port is not listening"
+
+        return {"index": index, "storage": storage, "dicom": scp}
 
     def start(self) -> None:
         log.info("dicom-node %s starting (config: %s)", __version__, self.cfg.source)
@@ -82,6 +118,14 @@ class Node:
         commitment = any(d.storage_commitment for d in self.cfg.destinations)
         self.scp = StorageSCP(self.cfg, self.ingest, self.dispatcher.commitment_report if commitment else None)
         self.scp.start()
+        if self.web is not None:
+            self.web.start()
+            web = self.cfg.web
+            auth = {"none": "no authentication ([web] auth = \"none\")",
+                    "token": f"token from {self._token_source}",
+                    "users": f"local users, or the token from {self._token_source}"}[web.auth]  # fmt: skip
+            log.info("dashboard and REST API on http://%s:%d/ (%s); OpenAPI at /openapi.json, metrics at /metrics",
+                     web.host, self.web.port, auth)  # fmt: skip
 
     def _index_is_empty(self) -> bool:
         with self.sessions() as s:
@@ -92,6 +136,8 @@ class Node:
             self.retention.stop()  # a run going on ends after its current series
         log.info("stopping: finishing open associations")
         clean = True
+        if self.web is not None:
+            self.web.stop()
         if self.scp is not None:
             clean = self.scp.stop()
         self.tracker.stop()

@@ -626,6 +626,55 @@ def queue_cancel(
     _change_queue(config, destination, series, ids, everything, change)
 
 
+@app.command()
+def audit(
+    kind: list[str] = typer.Option([], "--kind", "-k", help="Only these event kinds (repeat; see --kinds)."),
+    uid: str | None = typer.Option(None, "--uid", help="Only events about this study, series or SOP Instance UID."),
+    since: str | None = typer.Option(None, "--since", help="From this date/time (UTC)."),
+    until: str | None = typer.Option(None, "--until", help="Up to this date/time (UTC)."),
+    limit: int = typer.Option(100, "--limit", "-n", min=1, help="At most this many events, newest first."),
+    kinds: bool = typer.Option(False, "--kinds", help="List the event kinds and what they mean."),
+    config: Path | None = ConfigOption,
+) -> None:
+    """The append-only audit trail: who connected, what was stored, which rule fired, what was made and sent."""
+    from node import audit as trail
+
+    if kinds:
+        _lines([f"{k:<22} {meaning}" for k, meaning in trail.KINDS.items()])
+        return
+    cfg = _load(config)
+    engine = _engine(cfg)
+    try:
+        events = trail.query(engine, kind=kind or None, uid=uid,
+                             since=_parse_when(since, "--since") if since else None,
+                             until=_parse_when(until, "--until", end_of_day=True) if until else None,
+                             limit=limit)  # fmt: skip
+    except ValueError as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        raise typer.Exit(2) from None
+    finally:
+        engine.dispose()
+    _lines([trail.format_event(e) for e in reversed(events)] or ["(no events)"])
+
+
+web_app = typer.Typer(help="The dashboard and REST API.", no_args_is_help=True)
+app.add_typer(web_app, name="web")
+
+
+@web_app.command("hash-password")
+def web_hash_password(
+    password: str = typer.Option(..., prompt=True, confirmation_prompt=True, hide_input=True,
+                                 help="The password (asked for when not given)."),
+) -> None:
+    """Print a password hash for a [[web.users]] entry (password_hash = "...")."""
+    from node.web.auth import hash_password
+
+    if len(password) < 8:
+        console.print("[bold red]error:[/] use at least 8 characters", highlight=False)
+        raise typer.Exit(2)
+    out.print(hash_password(password), highlight=False, soft_wrap=True)
+
+
 # The demo is a command of its own module (it starts a node, a PACS and a sender, and narrates).
 from node.demo import demo as _demo  # noqa: E402
 

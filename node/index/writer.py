@@ -74,6 +74,10 @@ class IndexWriter:
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopped
+
     def stop(self, timeout: float = 30) -> bool:
         """Finish queued work and stop; ``False`` if the thread did not finish in time."""
         if not self._stopped:

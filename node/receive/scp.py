@@ -254,6 +254,10 @@ class StorageSCP:
     def port(self) -> int:
         return self.acceptor.port
 
+    @property
+    def listening(self) -> bool:
+        return self.acceptor.listening
+
     def stop(self, timeout: float = 30.0) -> bool:
         """Stop accepting, let in-flight associations finish (bounded), then abort the rest.
 

@@ -647,6 +647,10 @@ class Acceptor:
         self._thread = threading.Thread(target=self._accept_loop, name="acceptor", daemon=True)
         self._thread.start()
 
+    @property
+    def listening(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping.is_set()
+
     def _accept_loop(self) -> None:
         assert self._sock is not None
         while not self._stopping.is_set():

@@ -429,6 +429,42 @@ def get_audit(kind: list[AuditKind] = Query(default_factory=list), uid: str = Qu
             "items": [e | {"at": data.iso(e["at"])} for e in items]}  # fmt: skip
 
 
+class RetentionModel(BaseModel):
+    enabled: bool
+    config: dict[str, Any] = Field(description="the [retention] section in force")
+    last_report: dict[str, Any] | None = Field(description="the newest run's report (this process), if any")
+
+
+@router.get("/retention", response_model=RetentionModel, summary="The clean-up's settings and its last run")
+def get_retention(ctx: WebContext = Depends(context)) -> dict[str, Any]:
+    r = ctx.retention
+    return {"enabled": r is not None, "config": ctx.cfg.retention.model_dump(mode="json"),
+            "last_report": r.last_report.as_dict() if r is not None and r.last_report else None}  # fmt: skip
+
+
+@router.post("/retention/run", response_model=dict[str, Any],
+             responses={409: {"description": "retention is off (a dry run still works), or a run is going on"}},
+             summary="Run the clean-up now; with dry_run, only say what would be deleted")  # fmt: skip
+def post_retention_run(dry_run: bool = True, ctx: WebContext = Depends(context),
+                       user: str = Depends(api_user)) -> dict[str, Any]:  # fmt: skip
+    from node.retention import Retention, RetentionBusy
+    from node.storage import Storage
+
+    r = ctx.retention
+    if r is None:
+        if not dry_run:
+            raise HTTPException(409, "retention is off ([retention] enabled = false); a dry run still shows "
+                                     "what it would delete")  # fmt: skip
+        r = Retention(ctx.cfg, ctx.engine, Storage(ctx.cfg.data_dir), reader=ctx.reader)
+    try:
+        report = r.run_once(dry_run=dry_run)
+    except RetentionBusy as e:
+        raise HTTPException(409, str(e)) from None
+    if not dry_run:
+        ctx.note_action(user, "retention run", f"{report.series} series, {report.instances} instances deleted")
+    return report.as_dict()
+
+
 @router.get("/whoami", summary="The user this request is authenticated as")
 def whoami(request: Request, user: str = Depends(api_user)) -> dict[str, str]:
     return {"user": user}

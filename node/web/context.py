@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 from fastapi import Depends, HTTPException, Request
@@ -34,6 +35,8 @@ class WebContext:
     checks: dict[str, Callable[[], str]] = field(default_factory=dict)
     wake_jobs: Callable[[], None] = _nothing
     wake_senders: Callable[[], None] = _nothing
+    #: The node's scheduled clean-up, when [retention] enabled.
+    retention: Any = None
 
     def note_action(self, user: str, what: str, detail: str) -> None:
         """An operator's change, for the log and the audit trail."""

@@ -68,8 +68,9 @@ PLUGINS_PATH = {"PYTHONPATH": str(REPO / "tests" / "plugins")}
 
 def cli(*args: str, config: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "node", *args] + (["--config", str(config)] if config else [])
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                       env={**os.environ, **PLUGINS_PATH})  # fmt: skip
+    # One-shot commands serve no web port: without conftest's override, their config's source is the file alone.
+    env = {k: v for k, v in os.environ.items() if k != "DICOM_NODE_WEB__PORT"}
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**env, **PLUGINS_PATH})
     assert "Traceback" not in r.stderr, show(r)
     return r
 
