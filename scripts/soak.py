@@ -286,6 +286,7 @@ class Sample:
     backlog: int | None  # deliveries queued or being sent
     delivered: int | None
     healthz: int | None  # HTTP status, None when nothing answered
+    load1: float | None = None  # the machine's 1-minute load average (it is shared: rates depend on it)
 
 
 def index_query(db: Path, sql: str) -> list[tuple]:
@@ -345,7 +346,8 @@ class Sampler(threading.Thread):
             backlog = states.get("queued", 0) + states.get("sending", 0)
             delivered = states.get("delivered", 0)
         s = Sample(round(time.monotonic() - self.t0, 2), self.phase, round(rss / MIB, 1), round(tree / MIB, 1),
-                   len(kids), instances, backlog, delivered, healthz(self.node.web_port))  # fmt: skip
+                   len(kids), instances, backlog, delivered, healthz(self.node.web_port),
+                   round(os.getloadavg()[0], 2))  # fmt: skip
         self.samples.append(s)
         return s
 
@@ -435,14 +437,33 @@ def memory_figures(samples: list[Sample], load_seconds: float) -> dict[str, Any]
         f = statistics.median(getattr(s, key) for s in first)
         la = statistics.median(getattr(s, key) for s in last)
         sl = slope_per_minute([(s.t, getattr(s, key)) for s in steady])
+        # Warm-up (caches filling) flattens out; a leak keeps its slope in the second half too.
+        sl2 = slope_per_minute([(s.t, getattr(s, key)) for s in load if s.t >= end / 2])
         out[key] = {
             "first_window_median": round(f, 1),
             "last_window_median": round(la, 1),
             "growth": round(la - f, 1),
             "slope_after_first_window_mib_per_min": None if sl is None else round(sl, 3),
+            "slope_second_half_mib_per_min": None if sl2 is None else round(sl2, 3),
             "min": round(min(getattr(s, key) for s in load), 1),
             "max": round(max(getattr(s, key) for s in load), 1),
         }
+    return out
+
+
+def rate_by_minute(samples: list[Sample]) -> list[float]:
+    """Instances/s received in each whole minute of the load, from the index counts the samples saw."""
+    load = [s for s in samples if s.phase == "load" and s.instances is not None]
+    out: list[float] = []
+    if not load:
+        return out
+    minute = 0
+    while (minute + 1) * 60 <= load[-1].t + 1:
+        a = min(load, key=lambda s: abs(s.t - minute * 60))
+        b = min(load, key=lambda s: abs(s.t - (minute + 1) * 60))
+        if b.t > a.t:
+            out.append(round((b.instances - a.instances) / (b.t - a.t), 1))  # type: ignore[operator]
+        minute += 1
     return out
 
 
@@ -598,6 +619,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "association_seconds_median": round(statistics.median(a.seconds for a in assocs), 3) if assocs else None,
                 "association_seconds_max": max((a.seconds for a in assocs), default=None),
                 "sender_crashes": [s.crashed for s in senders if s.crashed],
+                "instances_per_s_by_minute": rate_by_minute(sampler.samples),
+                "load_average_by_sample": [s.load1 for s in sampler.samples if s.phase == "load"],
             }
             result["index"] = {"instances": len(in_index), "lost": len(lost), "lost_examples": lost[:10],
                                "series_states": series_states, "jobs": jobs}  # fmt: skip
@@ -663,6 +686,8 @@ def summary(result: dict[str, Any]) -> str:
                      f"{ld['failed_associations']} failed; {ld['instances_sent']} instances, "
                      f"{ld['instances_per_s']} instances/s; association median {ld['association_seconds_median']} s, "
                      f"max {ld['association_seconds_max']} s")  # fmt: skip
+        if ld.get("instances_per_s_by_minute"):
+            lines.append(f"  instances/s by minute: {ld['instances_per_s_by_minute']}")
     if ix:
         lines.append(f"  index: {ix['instances']} instances, {ix['lost']} lost; series {ix['series_states']}; "
                      f"jobs {ix['jobs']}")  # fmt: skip
@@ -679,7 +704,8 @@ def summary(result: dict[str, Any]) -> str:
             lines.append(f"  {label}: first {mem['window_s']:.0f} s median {m['first_window_median']} MiB, "
                          f"last {mem['window_s']:.0f} s median {m['last_window_median']} MiB "
                          f"(growth {m['growth']:+} MiB), slope after the first window "
-                         f"{m['slope_after_first_window_mib_per_min']} MiB/min, range {m['min']}-{m['max']} MiB")  # fmt: skip
+                         f"{m['slope_after_first_window_mib_per_min']} MiB/min (second half of the load "
+                         f"{m['slope_second_half_mib_per_min']}), range {m['min']}-{m['max']} MiB")  # fmt: skip
     hz = result.get("healthz")
     if hz:
         lines.append(f"  /healthz: {hz['ok']} of {hz['probes']} probes answered 200, {hz['no_answer']} no answer"

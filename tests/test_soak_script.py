@@ -33,6 +33,7 @@ def test_memory_figures_show_growth_and_slope(soak):
     m = soak.memory_figures(samples, 600.0)
     assert m["window_s"] == 60.0
     assert m["rss_mib"]["slope_after_first_window_mib_per_min"] == pytest.approx(1.0, abs=1e-6)
+    assert m["rss_mib"]["slope_second_half_mib_per_min"] == pytest.approx(1.0, abs=1e-6)
     assert m["rss_mib"]["first_window_median"] == pytest.approx(100.5, abs=0.01)
     assert m["rss_mib"]["last_window_median"] == pytest.approx(109.5, abs=0.01)
     assert m["rss_mib"]["max"] < 111
