@@ -39,7 +39,8 @@ def _check_ae_title(value: str) -> str:
 
 class _Section(BaseModel):
     # Unknown keys are errors: a typo such as `prot = 104` must not be ignored.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Environment values are read as TOML, so a token or AE title of digits arrives as a number: keep it a string.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
 
 class NodeSection(_Section):

@@ -85,3 +85,8 @@ def test_node_does_not_start_on_a_bad_config(tmp_path):
     assert r.returncode == 2
     assert "node.port" in r.stderr and str(path) in r.stderr
     assert not (tmp_path / "var").exists()
+
+
+def test_a_token_of_digits_from_the_environment_stays_a_string():
+    cfg = load_config(None, environ={"DICOM_NODE_WEB__TOKEN": "12345678901234567890", "DICOM_NODE_NODE__PORT": "11113"})
+    assert cfg.web.token == "12345678901234567890" and cfg.node.port == 11113
