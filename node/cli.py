@@ -58,7 +58,7 @@ def run(config: Path | None = ConfigOption) -> None:
     from node.app import Node
     from node.logs import setup_logging
 
-    setup_logging(cfg.logging.level, cfg.logging.json_format)
+    setup_logging(cfg.logging.level, cfg.logging.json_format, redact_phi=cfg.logging.redact_phi)
     try:
         Node(cfg).run_forever()
     except OSError as e:

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
@@ -31,6 +31,8 @@ from node import __version__
 log = logging.getLogger(__name__)
 
 PREFIX = "dicom_node_"
+# A *_created sample per counter tells Prometheus nothing it does not know from the process start.
+disable_created_metrics()
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 # --- receive ------------------------------------------------------------------------

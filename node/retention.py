@@ -36,6 +36,7 @@ from typing import Any
 import typer
 from sqlalchemy import Connection, Engine, and_, case, delete, exists, func, or_, select, true
 
+from node import audit
 from node.config import Config
 from node.index.models import Delivery, Instance, Job, Patient, Series, SeriesRevision, Study, aware, utcnow
 from node.storage import Storage
@@ -414,7 +415,7 @@ class Retention:
         reason = protected.get(c.id)
         if reason is None and not r.dry_run:
             try:
-                outcome = self._delete_series(c)
+                outcome = self._delete_series(c, why)
             except Exception as e:
                 log.exception("retention: deleting series %s failed", c.uid)
                 r.errors.append(f"series {c.uid}: {type(e).__name__}: {e}")
@@ -449,7 +450,7 @@ class Retention:
                  c.uid, c.kind, instances, _size(size), why)  # fmt: skip
         return size
 
-    def _delete_series(self, c: _Candidate) -> tuple[int, int, tuple[int, int, int]] | str | None:
+    def _delete_series(self, c: _Candidate, why: str) -> tuple[int, int, tuple[int, int, int]] | str | None:
         """One series in one transaction: check again, delete its rows, remove its files, commit.
 
         Returns (instances, bytes, (series, study, patient rows)) deleted, the reason it is kept after
@@ -470,6 +471,8 @@ class Retention:
             gone = delete_instance_rows(conn, c.id, items)
             rows = drop_series_row(conn, c.id)
             _files, size = remove_files(self.storage, gone)
+            audit.record(conn, "series_deleted", actor="retention", series_uid=c.uid,
+                         detail=f"{c.kind}, {len(gone)} instance(s), {size} bytes: {why}")  # fmt: skip
         return len(gone), size, rows
 
     def _watermark(self, candidates: list[_Candidate], protected: dict[int, str], blocked: dict[int, str],

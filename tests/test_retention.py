@@ -142,6 +142,8 @@ actions = [{{ type = "forward", to = ["down"] }}]
     assert "TEST^SYNTHETIC" not in r.stderr + r.stdout
     assert instances_of(node, ct) == 0
     assert instances_of(node, mr) == 35 and instances_of(node, new) == 5
+    trail = node.query("SELECT actor, series_uid, detail FROM audit_event WHERE kind = 'series_deleted'")
+    assert [(a, u) for a, u, _ in trail] == [("retention", ct)] and "sources, 28 instance(s)" in trail[0][2], trail
     assert assert_consistent(node) == 35 + 5
     assert len(scp.received()) == 33, "the destination keeps what it got"
     # the delivery history stays (younger than delivery_history_days), and with it the CT's series row

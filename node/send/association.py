@@ -161,7 +161,12 @@ class Association:
             rq = A_ASSOCIATE_RQ()
             rq.from_primitive(prim)
             _sendall(sock, rq.encode())
-            pdu_type, body = _read_pdu(sock, MAX_CONTROL_PDU)
+            try:
+                pdu_type, body = _read_pdu(sock, MAX_CONTROL_PDU)
+            except TimeoutError:
+                raise Lost(f"no answer to the association request within {timeout:g} s") from None
+            except OSError as e:  # reset, or a TLS alert (a refused client certificate) during negotiation
+                raise Lost(f"the connection failed during association negotiation: {e}") from None
             raw = _PDU_HEAD.pack(pdu_type, len(body)) + body
             if pdu_type == 0x03:
                 rj = A_ASSOCIATE_RJ()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
@@ -13,6 +14,8 @@ from pydantic import BaseModel, Field, model_validator
 from node import audit
 from node.web import data
 from node.web.context import WebContext, api_user, context
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/api", dependencies=[Depends(api_user)])
 
@@ -340,32 +343,30 @@ def get_job(job_id: int = JobId, ctx: WebContext = Depends(context)) -> dict[str
         raise _not_found(e) from None
 
 
-def _job_change(ctx: WebContext, job_id: int, what: str, user: str) -> ActionResult:
+def job_change(ctx: WebContext, job_id: int, what: str, user: str) -> ActionResult:
     from node.jobs import store
 
     try:
         if what == "retry":
-            store.retry(ctx.engine, job_id)
+            store.retry(ctx.engine, job_id, actor=user)
             ctx.wake_jobs()
             return ActionResult(changed=1, message=f"job {job_id} queued to run again")
-        was = store.cancel(ctx.engine, job_id)
+        was = store.cancel(ctx.engine, job_id, actor=user)
         return ActionResult(changed=1, message=f"job {job_id} cancelled (it was {was})")
     except store.JobStateError as e:
         raise HTTPException(404 if "there is no job" in str(e) else 409, str(e)) from None
-    finally:
-        ctx.note_action(user, f"job {what}", f"job {job_id}")
 
 
 @router.post("/jobs/{job_id}/retry", response_model=ActionResult,
              responses={404: {"description": "no such job"}, 409: {"description": "the job is not failed or cancelled"}})  # fmt: skip
 def post_job_retry(job_id: int = JobId, ctx: WebContext = Depends(context), user: str = Depends(api_user)) -> ActionResult:
-    return _job_change(ctx, job_id, "retry", user)
+    return job_change(ctx, job_id, "retry", user)
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=ActionResult,
              responses={404: {"description": "no such job"}, 409: {"description": "the job is not pending or running"}})  # fmt: skip
 def post_job_cancel(job_id: int = JobId, ctx: WebContext = Depends(context), user: str = Depends(api_user)) -> ActionResult:
-    return _job_change(ctx, job_id, "cancel", user)
+    return job_change(ctx, job_id, "cancel", user)
 
 
 @router.get("/deliveries", response_model=DeliveryPage, summary="Deliveries (one per instance and destination), newest first")
@@ -379,27 +380,33 @@ def get_deliveries(destination: str = Query("", max_length=64), state: DeliveryS
 def delivery_change(ctx: WebContext, what: str, sel: Selection, user: str) -> ActionResult:
     from node.send import queue
 
-    scope = dict(destination=sel.destination or None, ids=sel.ids or None, series_uid=sel.series_uid or None)
+    scope = dict(destination=sel.destination or None, ids=sel.ids or None, series_uid=sel.series_uid or None,
+                 actor=user)  # fmt: skip
     if what == "retry":
         n = queue.retry(ctx.engine, **scope)
-        n += queue.retry_now(ctx.engine, sel.destination) if sel.all or (sel.destination and not sel.ids) else 0
+        if sel.all or (sel.destination and not sel.ids):
+            n += queue.retry_now(ctx.engine, sel.destination, actor=user)
         ctx.wake_senders()
         message = f"{n} deliver{'y' if n == 1 else 'ies'} queued to be sent now"
     else:
         n = queue.cancel(ctx.engine, **scope)
         message = f"{n} deliver{'y' if n == 1 else 'ies'} cancelled"
-    ctx.note_action(user, f"delivery {what}", f"{sel.model_dump_json(exclude_defaults=True)}: {message}")
+    log.info("deliveries %s by %s: %s: %s", what, user, sel.model_dump_json(exclude_defaults=True), message)
     return ActionResult(changed=n, message=message)
 
 
-@router.post("/deliveries/retry", response_model=ActionResult,
+_BODY_ERRORS: dict[int | str, dict[str, Any]] = {400: {"description": "the body is not JSON"}}
+
+
+@router.post("/deliveries/retry", response_model=ActionResult, responses=_BODY_ERRORS,
              summary="Queue failed or cancelled deliveries again (and waiting ones now, for a whole destination)")  # fmt: skip
 def post_deliveries_retry(sel: Selection, ctx: WebContext = Depends(context),
                           user: str = Depends(api_user)) -> ActionResult:  # fmt: skip
     return delivery_change(ctx, "retry", sel, user)
 
 
-@router.post("/deliveries/cancel", response_model=ActionResult, summary="Cancel queued deliveries")
+@router.post("/deliveries/cancel", response_model=ActionResult, responses=_BODY_ERRORS,
+             summary="Cancel queued deliveries")
 def post_deliveries_cancel(sel: Selection, ctx: WebContext = Depends(context),
                            user: str = Depends(api_user)) -> ActionResult:  # fmt: skip
     return delivery_change(ctx, "cancel", sel, user)
@@ -461,7 +468,7 @@ def post_retention_run(dry_run: bool = True, ctx: WebContext = Depends(context),
     except RetentionBusy as e:
         raise HTTPException(409, str(e)) from None
     if not dry_run:
-        ctx.note_action(user, "retention run", f"{report.series} series, {report.instances} instances deleted")
+        log.info("retention run by %s: %d series, %d instances deleted", user, report.series, report.instances)
     return report.as_dict()
 
 

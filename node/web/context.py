@@ -38,17 +38,6 @@ class WebContext:
     #: The node's scheduled clean-up, when [retention] enabled.
     retention: Any = None
 
-    def note_action(self, user: str, what: str, detail: str) -> None:
-        """An operator's change, for the log and the audit trail."""
-        log.info("%s by %s: %s", what, user, detail)
-        try:
-            from node import audit
-        except ImportError:
-            return
-        record = getattr(audit, "operator_action", None)
-        if record is not None:
-            record(self.engine, actor=user, action=what, detail=detail)
-
 
 def context(request: Request) -> WebContext:
     return request.app.state.ctx  # type: ignore[no-any-return]

@@ -13,7 +13,7 @@ from fastapi.templating import Jinja2Templates
 
 from node import __version__
 from node.web import data
-from node.web.api import JobId, Selection, _job_change, delivery_change
+from node.web.api import JobId, Selection, delivery_change, job_change
 from node.web.auth import COOKIE
 from node.web.context import WebContext, context, page_user
 
@@ -139,7 +139,7 @@ def job_action(request: Request, what: str, job_id: int = JobId, back: str = For
     if what not in ("retry", "cancel"):
         raise HTTPException(404, "no such action")
     try:
-        result = _job_change(ctx, job_id, what, user)
+        result = job_change(ctx, job_id, what, user)
     except HTTPException as e:
         return _back(back, str(e.detail))
     return _back(back, result.message)

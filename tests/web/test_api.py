@@ -11,7 +11,7 @@ from urllib.parse import quote
 import numpy as np
 import pydicom
 import pytest
-from helpers import NodeProcess
+from helpers import NodeProcess, wait_for
 from helpers.web import EVIL_NAME, TOKEN, request
 from PIL import Image
 
@@ -198,3 +198,32 @@ def test_retention_status_and_a_dry_run_from_the_api(web_node):
     # Nothing is due (no max age set), and the undelivered series for 'down' would be protected anyway.
     assert code == 200 and report["dry_run"] is True and report["deleted_series"] == 0, report
     assert web_node.node.query("SELECT count(*) FROM instance")[0][0] == 33
+
+
+def test_metrics_count_what_the_node_received_made_and_sent(web_node):
+    code, body = web_node.get("/metrics", token=None)  # public_metrics: a scraper needs no token
+    assert code == 200
+    text = body.decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    assert values["dicom_node_instances_received_total"] == 31  # 28 + 3 received; the 2 SEGs were made here
+    assert values["dicom_node_outputs_produced_total{kind=\"SEG\",plugin=\"threshold-seg\"}"] == 2
+    assert values['dicom_node_instances_sent_total{destination="pacs"}'] == 33
+    assert values['dicom_node_queue_deliveries{destination="down",state="failed"}'] == 31
+    assert values['dicom_node_jobs{state="succeeded"}'] == 4
+    assert values["dicom_node_disk_free_bytes"] > 0 and values["dicom_node_index_up"] == 1
+    assert "_created" not in text
+
+
+def test_operator_actions_in_the_web_are_audited_with_the_user(web_node):
+    target = web_node.node.query("SELECT id FROM delivery WHERE destination = 'down' AND state = 'failed' LIMIT 1")[0][0]
+    code, body = web_node.post("/api/deliveries/retry", {"ids": [target]})
+    assert code == 200 and body["changed"] == 1
+    code, trail = web_node.get("/api/audit?kind=queue_retry")
+    assert code == 200 and trail["total"] == 1 and trail["items"][0]["actor"] == "token", trail
+    # 'down' is still down: the delivery fails again at once, as before.
+    wait_for(lambda: web_node.node.query("SELECT state FROM delivery WHERE id = ?", target)[0][0] == "failed", 30,
+             "the retried delivery to fail again")  # fmt: skip
