@@ -144,3 +144,7 @@ def test_jobs_rules_and_plugins_pages(page, web_node, tmp_path):
     page.goto(web_node.url + "/plugins")
     assert "threshold-seg" in page.inner_text("main")
     shot(page, "plugins", tmp_path)
+    page.goto(web_node.url + "/audit?kind=association_accepted")
+    assert "STORESCU" in page.inner_text("table.audit") and "127.0.0.1" in page.inner_text("table.audit")
+    page.goto(web_node.url + "/audit")
+    shot(page, "audit", tmp_path)
