@@ -102,7 +102,8 @@ def prepare(path: Path, sop_class: str, stored_ts: str, accepted: set[tuple[str,
     except Exception as e:
         raise TranscodeError(f"{path.name}: cannot decode {stored.name} to send it uncompressed: {e}") from None
     if stored.is_compressed:
-        log.info("%s: sent decompressed (%s -> %s): the destination did not accept %s", path.name, stored.name,
-                 target.name, stored.name)  # fmt: skip
+        why = ("its transfer_syntax asks for uncompressed" if as_is
+               else f"the destination did not accept {stored.name}")  # fmt: skip
+        log.info("%s: sent decompressed (%s -> %s): %s", path.name, stored.name, target.name, why)
     # pynetdicom encodes the data set in the accepted context's syntax (explicit or implicit VR).
     return ds, str(target)
