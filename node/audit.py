@@ -49,7 +49,7 @@ KINDS: dict[str, str] = {
     "queue_cancel": "an operator cancelled deliveries",
     "job_retry": "an operator ran a failed or cancelled job again",
     "job_cancel": "an operator cancelled a job",
-    "series_deleted": "retention deleted a series' instances and files (why, how many, how many bytes)",
+    "series_deleted": "a series' instances and files were deleted: by retention (or an operator's run), or a rule's discard",
 }
 
 #: The columns a caller may set (``at`` and ``kind`` are set by the functions here).

@@ -36,7 +36,7 @@ from typing import Any
 import typer
 from sqlalchemy import Connection, Engine, and_, case, delete, exists, func, or_, select, true
 
-from node import audit
+from node import audit, units
 from node.config import Config
 from node.index.models import Delivery, Instance, Job, Patient, Series, SeriesRevision, Study, aware, utcnow
 from node.storage import Storage
@@ -67,7 +67,12 @@ DiskUsage = Callable[[Path], tuple[int, int, int]]
 
 
 def _undelivered() -> Any:
-    """A delivery that has not (yet) arrived; as the discard action counts them."""
+    """A delivery that has not (yet) arrived, or whose commitment is outstanding or refused.
+
+    Unlike the discard action (``queue.unfinished_for_series``), a *cancelled* delivery does not
+    protect: an operator decided it will not be sent, and old data must not be kept for ever because
+    of it. A discard right after forwarding keeps the stricter rule: it waits for arrival.
+    """
     return or_(_d.c.state.in_(("queued", "sending", "failed")),
                and_(_d.c.state == "delivered", _d.c.commitment.in_(("requested", "failed"))))  # fmt: skip
 
@@ -150,14 +155,6 @@ class KindCount:
     bytes: int = 0
 
 
-def _size(n: float) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
-
-
 @dataclass
 class RetentionReport:
     """What one run deleted (or, with ``dry_run``, would delete) and what it kept, and why."""
@@ -228,7 +225,7 @@ class RetentionReport:
         out = [("dry run: nothing was changed" if self.dry_run else "retention run")
                + f" ({self.started_at:%Y-%m-%d %H:%M:%S} UTC)"]  # fmt: skip
         for kind, k in self.deleted.items():
-            out.append(f"{kind}: {verb} {k.series} series, {k.instances} instances, {_size(k.bytes)}")
+            out.append(f"{kind}: {verb} {k.series} series, {k.instances} instances, {units.size(k.bytes)}")
         if self.series:
             out.append(f"  {self.by_age} series by age, {self.by_watermark} for the disk watermark")
             out.extend(f"  {uid}" for uid in self.series_uids)
@@ -239,9 +236,9 @@ class RetentionReport:
             out.append(f"{disk}; watermark: {self.watermark}")
         if self.blocked:
             parts = ", ".join(f"{n} {REASONS[r]}" for r, n in sorted(self.blocked.items()))
-            out.append(f"kept {sum(self.blocked.values())} due series ({_size(self.blocked_bytes)}): {parts}")
+            out.append(f"kept {sum(self.blocked.values())} due series ({units.size(self.blocked_bytes)}): {parts}")
         if self.not_by_watermark:
-            out.append(f"kept {self.not_by_watermark} series ({_size(self.not_by_watermark_bytes)}) whose kind has "
+            out.append(f"kept {self.not_by_watermark} series ({units.size(self.not_by_watermark_bytes)}) whose kind has "
                        "by_watermark = false")  # fmt: skip
         prune = "would prune" if self.dry_run else "pruned"
         out.append(f"{prune} {self.pruned_deliveries} delivery rows of deleted instances")
@@ -294,6 +291,7 @@ class Retention:
         self.disk_usage = disk_usage
         #: The report of the last run (for the API and the dashboard).
         self.last_report: RetentionReport | None = None
+        self._actor = "retention"
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._scheduler: Any = None
@@ -347,15 +345,20 @@ class Retention:
 
     # -- one run ------------------------------------------------------------------------------------
 
-    def run_once(self, dry_run: bool = False) -> RetentionReport:
-        """Delete what is due now (nothing with ``dry_run``) and say what was done; never two at once."""
+    def run_once(self, dry_run: bool = False, actor: str = "retention") -> RetentionReport:
+        """Delete what is due now (nothing with ``dry_run``) and say what was done; never two at once.
+
+        ``actor`` is who the audit trail names for the deletions: the schedule, or an operator.
+        """
         if not self._lock.acquire(blocking=False):
             raise RetentionBusy("a clean-up is already running")
         try:
+            self._actor = actor
             report = self._run(dry_run)
         finally:
             self._lock.release()
-        self.last_report = report
+        if not dry_run:  # the last report is the last run that deleted (or could have)
+            self.last_report = report
         return report
 
     def _run(self, dry_run: bool) -> RetentionReport:
@@ -447,7 +450,7 @@ class Retention:
         else:
             r.by_watermark += 1
         log.info("retention: %s series %s (%s, %d instances, %s; %s)", "would delete" if r.dry_run else "deleted",
-                 c.uid, c.kind, instances, _size(size), why)  # fmt: skip
+                 c.uid, c.kind, instances, units.size(size), why)  # fmt: skip
         return size
 
     def _delete_series(self, c: _Candidate, why: str) -> tuple[int, int, tuple[int, int, int]] | str | None:
@@ -470,9 +473,9 @@ class Retention:
             items = [(pk, rel) for pk, rel in conn.execute(select(_i.c.id, _i.c.file_path).where(_i.c.series_fk == c.id))]
             gone = delete_instance_rows(conn, c.id, items)
             rows = drop_series_row(conn, c.id)
-            _files, size = remove_files(self.storage, gone)
-            audit.record(conn, "series_deleted", actor="retention", series_uid=c.uid,
-                         detail=f"{c.kind}, {len(gone)} instance(s), {size} bytes: {why}")  # fmt: skip
+            audit.record(conn, "series_deleted", actor=self._actor, series_uid=c.uid,
+                         detail=f"{c.kind}, {len(gone)} instance(s): {why}")  # fmt: skip
+            _files, size = remove_files(self.storage, gone)  # last, just before the commit (node.storage.removal)
         return len(gone), size, rows
 
     def _watermark(self, candidates: list[_Candidate], protected: dict[int, str], blocked: dict[int, str],
@@ -489,7 +492,7 @@ class Retention:
         need = used - rc.low_watermark / 100.0 * room
         allowed = {k for k in KINDS if getattr(rc, k).by_watermark}
         log.info("retention: the disk is %.1f %% used, above high_watermark %g %%: freeing %s to reach %g %%",
-                 pct, rc.high_watermark, _size(need), rc.low_watermark)  # fmt: skip
+                 pct, rc.high_watermark, units.size(need), rc.low_watermark)  # fmt: skip
         freed = 0
         for c in candidates:
             if freed >= need or self._stop_here(r):
@@ -518,8 +521,8 @@ class Retention:
             "retention: cannot bring the disk down to low_watermark %g %% (%.1f %% used, %s freed of %s needed): "
             "everything left is protected: %d series (%s) kept: %s; %d series (%s) not deleted because their "
             "kind has by_watermark = false",
-            rc.low_watermark, pct - 100.0 * freed / room if room else pct, _size(freed), _size(need),
-            sum(kept.values()), _size(kept_bytes), why, r.not_by_watermark, _size(r.not_by_watermark_bytes),
+            rc.low_watermark, pct - 100.0 * freed / room if room else pct, units.size(freed), units.size(need),
+            sum(kept.values()), units.size(kept_bytes), why, r.not_by_watermark, units.size(r.not_by_watermark_bytes),
         )  # fmt: skip
 
     def _prune_history(self, r: RetentionReport) -> None:
@@ -566,7 +569,7 @@ class Retention:
             "watermark; %d delivery rows pruned; %d empty series, %d study and %d patient rows removed; "
             "%d due series kept as protected",
             " (dry run)" if r.dry_run else "", "would delete" if r.dry_run else "deleted", r.series,
-            r.deleted["sources"].series, r.deleted["outputs"].series, r.instances, _size(r.bytes),
+            r.deleted["sources"].series, r.deleted["outputs"].series, r.instances, units.size(r.bytes),
             "" if r.dry_run else " freed", r.by_age, r.by_watermark, r.pruned_deliveries, r.series_rows_removed,
             r.studies_removed, r.patients_removed, blocked,
         )  # fmt: skip

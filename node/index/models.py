@@ -266,7 +266,8 @@ class AuditEvent(Base):
     __tablename__ = "audit_event"
     __table_args__ = (Index("ix_audit_event_at", "at"),)
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    #: 64-bit on PostgreSQL (the fastest-growing table, never pruned); SQLite's rowid is 64-bit anyway.
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     #: UTC.
     at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     #: What happened: see :data:`node.audit.KINDS`.

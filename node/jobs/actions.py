@@ -91,33 +91,38 @@ def discard(ctx: JobContext) -> str:
     Runs after the series' other jobs (see the job store), and not at all when one of them did not
     succeed: data that did not reach its destination is kept.
     """
+    from node import audit
+    from node.send.queue import unfinished_for_series
+    from node.storage.removal import delete_instance_rows, remove_files
+
     j = Job.__table__
-    with ctx.engine.connect() as conn:
+    items = ctx.instance_files()
+    # The checks, the deletion and its audit row in one transaction: nothing can start on the series
+    # between "all delivered" and "deleted" (SQLite's write lock; the job rows are locked elsewhere).
+    with ctx.engine.begin() as conn:
         unfinished = conn.execute(
             select(j.c.id, j.c.state)
             .where(j.c.series_fk == ctx.job.series_id, j.c.id != ctx.job.id, j.c.kind != "discard",
                    j.c.state != "succeeded")
-            .order_by(j.c.id)
+            .order_by(j.c.id).with_for_update()
         ).all()  # fmt: skip
-    if unfinished:
-        which = ", ".join(f"job {r.id} is {r.state}" for r in unfinished)
-        raise JobFailed(f"not discarding: {which}; the series is kept (retry this job once they succeeded)",
-                        retryable=False)  # fmt: skip
-    from node.send.queue import unfinished_for_series
-
-    with ctx.engine.connect() as conn:
+        if unfinished:
+            which = ", ".join(f"job {r.id} is {r.state}" for r in unfinished)
+            raise JobFailed(f"not discarding: {which}; the series is kept (retry this job once they succeeded)",
+                            retryable=False)  # fmt: skip
         undelivered = unfinished_for_series(conn, ctx.job.series_id, ctx.job.revision)
-    if undelivered:
-        which = ", ".join(f"{n} {state} for {dest}" for state, dest, n in undelivered)
-        raise JobFailed(f"not discarding: deliveries of this revision have not all arrived ({which}); the series is "
-                        "kept (see dicom-node queue; retry this job once they are delivered)", retryable=False)  # fmt: skip
-    from node.storage.removal import delete_instances
-
-    items = ctx.instance_files()
-    with ctx.engine.begin() as conn:
+        if undelivered:
+            which = ", ".join(f"{n} {state} for {dest}" for state, dest, n in undelivered)
+            raise JobFailed(f"not discarding: deliveries of this revision have not all arrived ({which}); the series "
+                            "is kept (see dicom-node queue; retry this job once they are delivered)", retryable=False)  # fmt: skip
         # Only the rows as listed: a re-send meanwhile (new file, next revision) keeps its row and file.
-        removed = delete_instances(conn, ctx.storage, ctx.job.series_id, items, revision=ctx.job.revision)
-    return f"discarded {removed.instances} instances ({removed.files} files removed)"
+        gone = delete_instance_rows(conn, ctx.job.series_id, items, revision=ctx.job.revision)
+        if gone:
+            series_uid = conn.execute(select(Series.series_instance_uid).where(Series.id == ctx.job.series_id)).scalar()
+            audit.record(conn, "series_deleted", actor="discard", series_uid=series_uid or "", rule=ctx.job.rule,
+                         job_id=ctx.job.id, detail=f"revision {ctx.job.revision}, {len(gone)} instance(s)")  # fmt: skip
+        files, _size = remove_files(ctx.storage, gone)  # last, just before the commit (see node.storage.removal)
+    return f"discarded {len(gone)} instances ({files} files removed)"
 
 
 _SYNTAX = {"none": ExplicitVRLittleEndian, "jpeg2000": JPEG2000Lossless, "rle": RLELossless}

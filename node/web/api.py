@@ -439,7 +439,7 @@ def get_audit(kind: list[AuditKind] = Query(default_factory=list), uid: str = Qu
 class RetentionModel(BaseModel):
     enabled: bool
     config: dict[str, Any] = Field(description="the [retention] section in force")
-    last_report: dict[str, Any] | None = Field(description="the newest run's report (this process), if any")
+    last_report: dict[str, Any] | None = Field(description="the newest real run's report (this process), if any")
 
 
 @router.get("/retention", response_model=RetentionModel, summary="The clean-up's settings and its last run")
@@ -464,7 +464,7 @@ def post_retention_run(dry_run: bool = True, ctx: WebContext = Depends(context),
                                      "what it would delete")  # fmt: skip
         r = Retention(ctx.cfg, ctx.engine, Storage(ctx.cfg.data_dir), reader=ctx.reader)
     try:
-        report = r.run_once(dry_run=dry_run)
+        report = r.run_once(dry_run=dry_run, actor=user)
     except RetentionBusy as e:
         raise HTTPException(409, str(e)) from None
     if not dry_run:

@@ -12,6 +12,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from node import __version__
+from node.units import size
 from node.web import data
 from node.web.api import JobId, Selection, delivery_change, job_change
 from node.web.auth import COOKIE
@@ -21,22 +22,13 @@ router = APIRouter()
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
 
 
-def _size(n: int | None) -> str:
-    value = float(n or 0)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if value < 1024 or unit == "TB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return str(n)
-
-
 def _when(value: str | None) -> str:
     if not value:
         return "-"
     return dt.datetime.fromisoformat(value).astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
-templates.env.filters["size"] = _size
+templates.env.filters["size"] = size
 templates.env.filters["when"] = _when
 templates.env.filters["q"] = lambda s: quote(str(s), safe="")
 templates.env.filters["pager"] = lambda params, offset: urlencode({**dict(params), "offset": max(offset, 0)})
@@ -67,13 +59,15 @@ def login_page(request: Request, next: str = "/", token: str = "", ctx: WebConte
         if not ctx.auth.check_token(token):
             return _render(request, "login.html", "", next=_safe_next(next), error="that token is not valid",
                            users=ctx.cfg.web.auth == "users")  # fmt: skip
-        return _logged_in(ctx, "token", next)
+        return _logged_in(request, ctx, "token", next)
     return _render(request, "login.html", "", next=_safe_next(next), error="", users=ctx.cfg.web.auth == "users")
 
 
-def _logged_in(ctx: WebContext, user: str, target: str) -> Response:
+def _logged_in(request: Request, ctx: WebContext, user: str, target: str) -> Response:
     response = RedirectResponse(_safe_next(target), status_code=303)
-    response.set_cookie(COOKIE, ctx.auth.new_session(user), httponly=True, samesite="strict",
+    # Secure when the browser came over HTTPS (directly, or through a TLS-terminating proxy that says so).
+    https = request.url.scheme == "https" or request.headers.get("x-forwarded-proto", "").lower() == "https"
+    response.set_cookie(COOKIE, ctx.auth.new_session(user), httponly=True, samesite="strict", secure=https,
                         max_age=ctx.cfg.web.session_minutes * 60)  # fmt: skip
     return response
 
@@ -82,9 +76,9 @@ def _logged_in(ctx: WebContext, user: str, target: str) -> Response:
 def login(request: Request, username: str = Form(""), password: str = Form(""), token: str = Form(""),
           next: str = Form("/"), ctx: WebContext = Depends(context)) -> Response:  # fmt: skip
     if token and ctx.auth.check_token(token):
-        return _logged_in(ctx, "token", next)
+        return _logged_in(request, ctx, "token", next)
     if username and ctx.auth.check_user(username, password):
-        return _logged_in(ctx, username, next)
+        return _logged_in(request, ctx, username, next)
     page = _render(request, "login.html", "", next=_safe_next(next), error="wrong user name, password or token",
                    users=ctx.cfg.web.auth == "users")  # fmt: skip
     page.status_code = 401

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import subprocess
 import sys
@@ -227,3 +228,79 @@ def test_operator_actions_in_the_web_are_audited_with_the_user(web_node):
     # 'down' is still down: the delivery fails again at once, as before.
     wait_for(lambda: web_node.node.query("SELECT state FROM delivery WHERE id = ?", target)[0][0] == "failed", 30,
              "the retried delivery to fail again")  # fmt: skip
+
+
+def _no_redirect(url: str, method: str = "GET", headers: dict[str, str] | None = None, data: bytes | None = None):
+    """(status, Location) without following redirects."""
+    import urllib.error
+    import urllib.request
+
+    class Stay(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):  # noqa: ANN002, ANN003
+            return None
+
+    opener = urllib.request.build_opener(Stay)
+    req = urllib.request.Request(url, data=data, headers=headers or {}, method=method)
+    try:
+        with opener.open(req, timeout=30) as r:
+            return r.status, r.headers.get("Location")
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers.get("Location")
+
+
+def test_every_api_route_and_page_needs_authentication(web_node):
+    code, spec = web_node.get("/openapi.json", token=None)
+    assert code == 200
+    open_paths = {"/healthz", "/readyz", "/metrics"}
+    checked = 0
+    for path, ops in spec["paths"].items():
+        concrete = path.replace("{uid}", web_node.ct_series_uid).replace("{job_id}", "1")
+        for method in ops:
+            status, _ = _no_redirect(web_node.url + concrete, method.upper(),
+                                     {"Content-Type": "application/json"}, b"{}" if method == "post" else None)  # fmt: skip
+            if path in open_paths:
+                assert status == 200, (method, path, status)
+            else:
+                assert status == 401, (method, path, status)
+                checked += 1
+    assert checked >= 19
+    for page in ("/", "/studies", f"/series/{web_node.ct_series_uid}", "/jobs", "/deliveries", "/rules", "/plugins",
+                 "/lineage", "/audit"):  # fmt: skip
+        status, location = _no_redirect(web_node.url + page)
+        assert status == 303 and location.startswith("/login?next="), (page, status, location)
+    # The login page never sends a browser to another site afterwards.
+    for target in ("//evil.example/", "https://evil.example/", "/\\evil.example"):
+        status, location = _no_redirect(f"{web_node.url}/login?token={TOKEN}&next={quote(target, safe='')}")
+        assert status == 303 and location == "/", (target, location)
+
+
+def test_a_form_from_another_site_is_refused_with_a_session_cookie(web_node):
+    # Log in by form and keep the cookie (no redirects followed).
+    conn = http.client.HTTPConnection("127.0.0.1", web_node.node.web_port, timeout=30)
+    conn.request("POST", "/login", body=f"token={TOKEN}&next=/", headers={"Content-Type": "application/x-www-form-urlencoded"})
+    r = conn.getresponse()
+    r.read()
+    cookie = r.getheader("Set-Cookie")
+    assert r.status == 303 and "HttpOnly" in cookie and "SameSite=strict" in cookie, cookie
+    sid = cookie.split(";")[0]
+    form = {"Content-Type": "application/x-www-form-urlencoded", "Cookie": sid}
+    status, _ = _no_redirect(web_node.url + "/deliveries/cancel", "POST", {**form, "Origin": "https://evil.example"},
+                             b"destination=pacs&back=/deliveries")  # fmt: skip
+    assert status == 403
+    status, _ = _no_redirect(web_node.url + "/deliveries/cancel", "POST", {**form, "Origin": web_node.url},
+                             b"destination=nowhere&back=/deliveries")  # fmt: skip
+    assert status == 303
+    assert web_node.node.query("SELECT count(*) FROM delivery WHERE state = 'cancelled'")[0][0] == 0
+
+
+def test_with_authentication_off_a_form_from_another_site_is_still_refused(tmp_path):
+    node = NodeProcess(tmp_path / "node", extra_config='[web]\nauth = "none"\n').start()
+    try:
+        url = f"http://127.0.0.1:{node.web_port}"
+        assert request(url + "/api/whoami", token=None) == (200, {"user": "anonymous"})
+        status, _ = _no_redirect(url + "/api/retention/run?dry_run=true", "POST", {"Origin": "https://evil.example"})
+        assert status == 403
+        status, _ = _no_redirect(url + "/api/retention/run?dry_run=true", "POST")  # a script: no Origin
+        assert status == 200
+    finally:
+        assert node.stop() == 0

@@ -6,11 +6,12 @@
   if (!root) return;
   const url = root.getAttribute("data-refresh");
 
+  // As node.units.size, which renders the page first.
   function size(n) {
-    const units = ["B", "KB", "MB", "GB", "TB"];
+    const units = ["bytes", "KiB", "MiB", "GiB", "TiB"];
     let v = Number(n) || 0, i = 0;
-    while (v >= 1024 && i < units.length - 1) { v /= 1024; i++; }
-    return i === 0 ? v.toFixed(0) + " B" : v.toFixed(1) + " " + units[i];
+    while (Math.abs(v) >= 1024 && i < units.length - 1) { v /= 1024; i++; }
+    return i === 0 ? v.toFixed(0) + " bytes" : v.toFixed(1) + " " + units[i];
   }
 
   function lookup(ov, key) {

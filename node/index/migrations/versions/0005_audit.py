@@ -38,7 +38,7 @@ _POSTGRES_TRIGGERS = [
 def upgrade() -> None:
     op.create_table(
         "audit_event",
-        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
         sa.Column("at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("kind", sa.String(length=32), nullable=False),
         sa.Column("actor", sa.String(length=64), nullable=False),
