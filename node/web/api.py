@@ -309,7 +309,7 @@ def get_preview(uid: str, index: int | None = Query(None, ge=0, le=10**6, descri
     from node.web.preview import NoPreview, render_png
 
     try:
-        path, _ = data.first_instance_file(ctx.reader, ctx.cfg.data_dir, uid, index)
+        path, _ = data.instance_file(ctx.reader, ctx.cfg.data_dir, uid, index)
         png = render_png(path, frame, size)
     except data.NotFound as e:
         raise _not_found(e) from None

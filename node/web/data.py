@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.uid import UID
-from sqlalchemy import Engine, and_, func, or_, select
+from sqlalchemy import Engine, func, or_, select
 
 from node.config import Config
 from node.decide.explain import rule_lines
@@ -40,7 +40,7 @@ def iso(value: dt.datetime | None) -> str | None:
     return aware(value).isoformat(timespec="milliseconds") if value else None
 
 
-def sop_class_name(uid: str) -> str:
+def uid_name(uid: str) -> str:
     name = UID(uid).name
     return name if name != uid else uid
 
@@ -177,13 +177,15 @@ _SERIES_COLUMNS = (
 )  # fmt: skip
 
 
-def _search(q: str) -> Any:
-    like = f"%{q}%"
-    return or_(
-        _p.c.patient_name.ilike(like), _p.c.patient_id.ilike(like), _st.c.accession_number.ilike(like),
-        _st.c.study_description.ilike(like), _s.c.series_description.ilike(like),
-        _s.c.series_instance_uid == q, _st.c.study_instance_uid == q,
-    )  # fmt: skip
+def _search(q: str, *, series: bool = True) -> Any:
+    """Patient name or ID, accession or description containing ``q`` (literally: % and _ are not wildcards),
+    or a study (or series) UID equal to it."""
+    cond = [_p.c.patient_name.icontains(q, autoescape=True), _p.c.patient_id.icontains(q, autoescape=True),
+            _st.c.accession_number.icontains(q, autoescape=True), _st.c.study_description.icontains(q, autoescape=True),
+            _st.c.study_instance_uid == q]  # fmt: skip
+    if series:
+        cond += [_s.c.series_description.icontains(q, autoescape=True), _s.c.series_instance_uid == q]
+    return or_(*cond)
 
 
 def series_list(engine: Engine, *, q: str = "", state: str = "", modality: str = "", study_uid: str = "",
@@ -212,10 +214,7 @@ def studies(engine: Engine, *, q: str = "", limit: int = 25, offset: int = 0) ->
     base = _st.join(_p, _p.c.id == _st.c.patient_fk)
     cond = []
     if q:
-        like = f"%{q}%"
-        cond.append(or_(_p.c.patient_name.ilike(like), _p.c.patient_id.ilike(like),
-                        _st.c.accession_number.ilike(like), _st.c.study_description.ilike(like),
-                        _st.c.study_instance_uid == q))  # fmt: skip
+        cond.append(_search(q, series=False))
     last = (
         select(_s.c.study_fk, func.max(_s.c.last_received_at).label("last"), func.count().label("n_series"),
                func.sum(_s.c.instance_count).label("n_inst"))
@@ -378,7 +377,7 @@ def series_detail(engine: Engine, cfg: Config, uid: str) -> dict[str, Any]:
     for o in outputs:
         by_job[o.job_fk].append(o)
     for job_id, outs in by_job.items():
-        names = collections.Counter(sop_class_name(o.sop_class_uid) for o in outs)
+        names = collections.Counter(uid_name(o.sop_class_uid) for o in outs)
         text = ", ".join(f"{n} × {k}" for k, n in names.items())
         timeline.append({"at": iso(max(o.received_at for o in outs)), "step": "output",
                          "text": f"job #{job_id} produced {text}"})  # fmt: skip
@@ -408,8 +407,8 @@ def series_detail(engine: Engine, cfg: Config, uid: str) -> dict[str, Any]:
         "made_by": {"job_id": made_by.id, "source_series_instance_uid": made_by.series_instance_uid} if made_by else None,
         "received_from": {"calling_ae": first_inst.calling_ae, "called_ae": first_inst.called_ae,
                           "peer_address": first_inst.peer_address} if first_inst else None,
-        "sop_class": sop_class_name(first_inst.sop_class_uid) if first_inst else "",
-        "transfer_syntax": sop_class_name(first_inst.transfer_syntax_uid) if first_inst else "",
+        "sop_class": uid_name(first_inst.sop_class_uid) if first_inst else "",
+        "transfer_syntax": uid_name(first_inst.transfer_syntax_uid) if first_inst else "",
         "revisions": [
             {"revision": v.revision, "instance_count": v.instance_count, "stable_at": iso(v.stable_at),
              "stable_reason": v.stable_reason, "triggered_at": iso(v.triggered_at),
@@ -419,7 +418,7 @@ def series_detail(engine: Engine, cfg: Config, uid: str) -> dict[str, Any]:
         "rules_now": snap_lines,
         "jobs": [_job_row(j, uid) for j in jobs],
         "outputs": [
-            {"sop_instance_uid": o.sop_instance_uid, "sop_class": sop_class_name(o.sop_class_uid),
+            {"sop_instance_uid": o.sop_instance_uid, "sop_class": uid_name(o.sop_class_uid),
              "job_id": o.job_fk, "series_instance_uid": o.series_instance_uid,
              "series_description": o.series_description, "modality": o.modality}
             for o in outputs
@@ -467,7 +466,7 @@ def deliveries(engine: Engine, *, destination: str = "", state: str = "", series
         cond.append(_s.c.series_instance_uid == series_uid)
     base = _d.join(_s, _s.c.id == _d.c.series_fk)
     with engine.connect() as conn:
-        total = conn.execute(select(func.count()).select_from(base).where(and_(*cond) if cond else True)).scalar_one()
+        total = conn.execute(select(func.count()).select_from(base).where(*cond)).scalar_one()
         rows = conn.execute(
             select(_d, _s.c.series_instance_uid).select_from(base).where(*cond)
             .order_by(_d.c.id.desc()).limit(limit).offset(offset)
@@ -518,8 +517,8 @@ def plugins(cfg: Config) -> list[dict[str, Any]]:
     return out
 
 
-def first_instance_file(engine: Engine, data_dir: Path, uid: str, index: int | None = None) -> tuple[Path, int]:
-    """The file of a series' middle instance (or the ``index``-th, in instance order) and its instance count."""
+def instance_file(engine: Engine, data_dir: Path, uid: str, index: int | None = None) -> tuple[Path, int]:
+    """The file of a series' ``index``-th instance in instance order (default: the middle one), and the count."""
     with engine.connect() as conn:
         sid = conn.execute(select(_s.c.id).where(_s.c.series_instance_uid == uid)).scalar()
         if sid is None:

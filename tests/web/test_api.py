@@ -304,3 +304,15 @@ def test_with_authentication_off_a_form_from_another_site_is_still_refused(tmp_p
         assert status == 200
     finally:
         assert node.stop() == 0
+
+
+def test_study_search_is_literal(web_node):
+    def total(q: str) -> int:
+        code, body = web_node.get(f"/api/studies?q={quote(q)}")
+        assert code == 200
+        return body["total"]
+
+    assert total("") == 2 and total("head") == 1 and total("PLASTIC") == 1 and total("<script>") == 1
+    assert total("%") == 0 and total("w_ndow") == 0 and total("__pwned") == 1  # % and _ are not wildcards
+    code, body = web_node.get(f"/api/series?q={quote('STD BRAIN')}")
+    assert code == 200 and [s["series_instance_uid"] for s in body["items"]] == [web_node.ct_series_uid]
