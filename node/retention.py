@@ -181,7 +181,8 @@ class RetentionReport:
     #: Series the watermark would have taken but whose kind has by_watermark = false.
     not_by_watermark: int = 0
     not_by_watermark_bytes: int = 0
-    #: Percent of the storage filesystem used before and after (None: not measured).
+    #: Percent of the storage filesystem used when the watermark pass began (after this run's deletions by
+    #: age, which it decides on) and at its end (None: no watermark configured).
     disk_used_before: float | None = None
     disk_used_after: float | None = None
     #: "off", "below" (nothing to do), "reached" or "not reached".
@@ -467,6 +468,10 @@ class Retention:
                 return None
             if aware(row.last_received_at) != c.last or row.revision != c.revision:
                 return "receiving"  # instances arrived since the survey
+            # Lock what could change protection meanwhile (a job or delivery retried by an operator): on
+            # PostgreSQL these row locks make the retry wait; SQLite's write lock already covers them.
+            conn.execute(select(_j.c.id).where(_j.c.series_fk == c.id).with_for_update()).all()
+            conn.execute(select(_d.c.id).where(_d.c.series_fk == c.id).with_for_update()).all()
             reason = protected_series(conn, [c.id]).get(c.id)
             if reason is not None:
                 return reason

@@ -128,7 +128,8 @@ class JobRunner:
         state = store.finish(self.engine, job.id, ok=True, result=result)
         self.wake()  # a job waiting for this one may go now
         took = time.monotonic() - t0
-        metrics.JOB_SECONDS.labels(*metrics.job_labels(job.kind, job.action), "succeeded").observe(took)
+        # The outcome that counts is the recorded one: a job cancelled while it ran did not succeed.
+        metrics.JOB_SECONDS.labels(*metrics.job_labels(job.kind, job.action), state).observe(took)
         if state == "succeeded":
             log.info("job %d succeeded in %.1f s: %s", job.id, took, result, extra=_extra(job))
         else:
@@ -143,8 +144,9 @@ class JobRunner:
         state = store.finish(self.engine, job.id, ok=False, error=error, retry_at=retry_at)
         self.wake()
         labels = metrics.job_labels(job.kind, job.action)
-        metrics.JOB_SECONDS.labels(*labels, "failed").observe(time.monotonic() - t0)
-        metrics.JOB_FAILURES.labels(*labels, "false" if state in ("pending", "cancelled") else "true").inc()
+        metrics.JOB_SECONDS.labels(*labels, "cancelled" if state == "cancelled" else "failed").observe(time.monotonic() - t0)
+        if state != "cancelled":  # an operator's cancel is not a failure; "final" = no attempt follows
+            metrics.JOB_FAILURES.labels(*labels, "false" if state == "pending" else "true").inc()
         if state == "pending":
             log.warning("job %d attempt %d of %d failed after %.1f s: %s; retrying at %s", job.id, job.attempts,
                         job.max_attempts, time.monotonic() - t0, error, retry_at.isoformat(timespec="seconds")
