@@ -116,8 +116,8 @@ class Node:
         log.info("%d rule(s) loaded; series are stable after %g s without a new instance (unless a rule says "
                  "otherwise)", len(self.tracker.ruleset), self.cfg.tracker.stable_after)  # fmt: skip
         commitment = any(d.storage_commitment for d in self.cfg.destinations)
-        self.scp = StorageSCP(self.cfg, self.ingest, self.dispatcher.commitment_report if commitment else None)
-        self.scp.start()
+        # The web side first: once the DICOM port answers, /healthz and the API do too (/readyz tells the
+        # DICOM port's state).
         if self.web is not None:
             self.web.start()
             web = self.cfg.web
@@ -126,6 +126,8 @@ class Node:
                     "users": f"local users, or the token from {self._token_source}"}[web.auth]  # fmt: skip
             log.info("dashboard and REST API on http://%s:%d/ (%s); OpenAPI at /openapi.json, metrics at /metrics",
                      web.host, self.web.port, auth)  # fmt: skip
+        self.scp = StorageSCP(self.cfg, self.ingest, self.dispatcher.commitment_report if commitment else None)
+        self.scp.start()
 
     def _index_is_empty(self) -> bool:
         with self.sessions() as s:
