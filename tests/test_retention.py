@@ -35,6 +35,18 @@ def scp(tmp_path: Path):
     s.stop()
 
 
+#: CT series go to the storescp destination (and arrive), MR series to "down" (and never do).
+CT_TO_SCP_MR_TO_DOWN = """[[rules]]
+name = "ct"
+match = { Modality = "CT" }
+actions = [{ type = "forward", to = ["scp"] }]
+[[rules]]
+name = "mr"
+match = { Modality = "MR" }
+actions = [{ type = "forward", to = ["down"] }]
+"""
+
+
 def down(tmp_path: Path) -> str:
     return StoreSCP(tmp_path / "never", ae_title="DOWN").destination("down", retry=DOWN_RETRY)
 
@@ -106,15 +118,7 @@ stable_after = 1
 [retention]
 sources = {{ max_age_days = 30 }}
 delivery_history_days = 90
-[[rules]]
-name = "ct"
-match = {{ Modality = "CT" }}
-actions = [{{ type = "forward", to = ["scp"] }}]
-[[rules]]
-name = "mr"
-match = {{ Modality = "MR" }}
-actions = [{{ type = "forward", to = ["down"] }}]
-"""
+{CT_TO_SCP_MR_TO_DOWN}"""
     fresh = make_ct_series(tmp_path / "fresh", 5)
     node.start()
     for files in (series_files(CT), series_files(MR), fresh):
@@ -412,15 +416,7 @@ stable_after = 1
 {down(tmp_path)}
 [retention]
 sources = {{ max_age_days = 1 }}
-[[rules]]
-name = "ct"
-match = {{ Modality = "CT" }}
-actions = [{{ type = "forward", to = ["scp"] }}]
-[[rules]]
-name = "mr"
-match = {{ Modality = "MR" }}
-actions = [{{ type = "forward", to = ["down"] }}]
-"""
+{CT_TO_SCP_MR_TO_DOWN}"""
     node.start()
     for name in (CT, MR):
         assert storescu(node.port, series_files(name)).returncode == 0

@@ -58,6 +58,38 @@ def find_orthanc() -> str | None:
     return shutil.which("Orthanc")
 
 
+def orthanc_config(root: Path, *, name: str, ae_title: str, dicom_port: int, http_port: int,
+                   modalities: dict[str, list[Any]], unknown_sop_class_accepted: bool = True) -> dict[str, Any]:
+    """A private Orthanc on loopback (the demo's PACS, the tests' PACS): storage under ``root``, plain DICOM
+    files, HTTP for this host only, and C-STORE only from ``modalities`` ({name: [AE, host, port]})."""
+    return {
+        "Name": name,
+        "StorageDirectory": str(root / "storage"),
+        "IndexDirectory": str(root / "index"),
+        # Plain DICOM files on disk: what arrived can be read back with any DICOM tool.
+        "StorageCompression": False,
+        "Plugins": [],
+        "HttpServerEnabled": True,
+        "HttpPort": http_port,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "SslEnabled": False,
+        "DicomServerEnabled": True,
+        "DicomAet": ae_title,
+        "DicomPort": dicom_port,
+        "DicomCheckCalledAet": False,
+        "DicomAlwaysAllowEcho": True,
+        "DicomAlwaysAllowStore": False,
+        "DicomCheckModalityHost": True,
+        "DicomModalities": modalities,
+        "UnknownSopClassAccepted": unknown_sop_class_accepted,
+        "DicomScpTimeout": 30,
+        "StableAge": 1,
+        "SaveJobs": False,
+        "HttpDescribeErrors": True,
+    }
+
+
 class PacsError(RuntimeError):
     pass
 
@@ -100,32 +132,9 @@ class OrthancPacs:
         return f"{self.url}/app/explorer.html"
 
     def config(self) -> dict[str, Any]:
-        return {
-            "Name": "dicom-node demo PACS",
-            "StorageDirectory": str(self.storage),
-            "IndexDirectory": str(self.root / "index"),
-            # Plain DICOM files on disk: what arrived can be read back with any DICOM tool.
-            "StorageCompression": False,
-            "Plugins": [],
-            "HttpServerEnabled": True,
-            "HttpPort": self.http_port,
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "SslEnabled": False,
-            "DicomServerEnabled": True,
-            "DicomAet": self.ae_title,
-            "DicomPort": self.dicom_port,
-            "DicomCheckCalledAet": False,
-            "DicomAlwaysAllowEcho": True,
-            "DicomAlwaysAllowStore": False,
-            "DicomCheckModalityHost": True,
-            "DicomModalities": {"dicom-node": [self.node_ae, "127.0.0.1", self.node_port]},
-            "UnknownSopClassAccepted": True,
-            "DicomScpTimeout": 30,
-            "StableAge": 1,
-            "SaveJobs": False,
-            "HttpDescribeErrors": True,
-        }
+        return orthanc_config(self.root, name="dicom-node demo PACS", ae_title=self.ae_title,
+                              dicom_port=self.dicom_port, http_port=self.http_port,
+                              modalities={"dicom-node": [self.node_ae, "127.0.0.1", self.node_port]})  # fmt: skip
 
     def start(self, timeout: float = 30.0) -> None:
         self.root.mkdir(parents=True, exist_ok=True)

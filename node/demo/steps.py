@@ -16,6 +16,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydicom.uid import UID
 from sqlalchemy import Engine, func, select
 
 from node.demo.pacs import short_name
@@ -153,7 +154,7 @@ class SeriesWatch:
                      f"plugin {j.software or _plugins_of(j.action)} ran{detail}", _secs(j.started_at, j.finished_at))  # fmt: skip
                 if made:
                     classes = Counter(o.sop_class_uid for o in made)
-                    names = ", ".join(sorted({self._class_name(c) for c in classes}))
+                    names = ", ".join(sorted({UID(c).name for c in classes}))
                     step(f"job{j.id}.built", made[-1].received_at, f"built {kinds(classes)} ({names})")
                 else:
                     step(f"job{j.id}.built", j.finished_at, "built nothing (the plugin returned no output)")
@@ -197,12 +198,6 @@ class SeriesWatch:
         progress.delivered = delivered
         progress.seg_uid = seg
         return progress
-
-    @staticmethod
-    def _class_name(sop_class: str) -> str:
-        from pydicom.uid import UID
-
-        return UID(sop_class).name
 
     @staticmethod
     def _short_result(result: str) -> str:

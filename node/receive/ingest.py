@@ -164,8 +164,8 @@ class Ingest:
         # is never indexed without its audit row, nor audited without being indexed.
         event = audit.row(
             "instance_stored", at=record.received_at, actor=peer.calling_ae, calling_ae=peer.calling_ae,
-            called_ae=peer.called_ae, peer_address=peer.address, study_uid=header.text("StudyInstanceUID"),
-            series_uid=header.text("SeriesInstanceUID"), sop_instance_uid=ds_inst,
+            called_ae=peer.called_ae, peer_address=peer.address, study_uid=record.study["study_instance_uid"],
+            series_uid=record.series["series_instance_uid"], sop_instance_uid=ds_inst,
             status=Status.STORED_NONCONFORMANT if warning else Status.SUCCESS,
             detail=f"association {peer.association_id}" if peer.association_id else "",
         )  # fmt: skip

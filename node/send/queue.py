@@ -300,7 +300,8 @@ def resend(engine: Engine, ids: Sequence[int], reason: str, at: dt.datetime | No
 # --- operators ----------------------------------------------------------------
 
 
-def _selection(destination: str | None, state: str | None, ids: Sequence[int] | None, series_uid: str | None):  # type: ignore[no-untyped-def]
+def selection(destination: str | None, state: str | None, ids: Sequence[int] | None, series_uid: str | None):  # type: ignore[no-untyped-def]
+    """The condition on delivery rows that the CLI, the API and the dashboard select by (None: all)."""
     from node.index.models import Series
 
     cond = []
@@ -333,7 +334,7 @@ def retry(engine: Engine, *, destination: str | None = None, ids: Sequence[int] 
     ``actor`` (who asked: "cli", or the web user's name) goes into the audit trail.
     """
     states = ("failed", "cancelled") if include_cancelled else ("failed",)
-    sel = _selection(destination, None, ids, series_uid)
+    sel = selection(destination, None, ids, series_uid)
     now = utcnow()
     cond = _d.c.state.in_(states) if sel is None else and_(sel, _d.c.state.in_(states))
     with engine.begin() as conn:
@@ -367,7 +368,7 @@ def retry_now(engine: Engine, destination: str | None = None, *, actor: str = "c
 def cancel(engine: Engine, *, destination: str | None = None, ids: Sequence[int] | None = None,
            series_uid: str | None = None, actor: str = "cli") -> int:  # fmt: skip
     """Cancel queued (and in-flight) deliveries; an instance already on the wire may still arrive."""
-    sel = _selection(destination, None, ids, series_uid)
+    sel = selection(destination, None, ids, series_uid)
     cond = _d.c.state.in_(UNFINISHED) if sel is None else and_(sel, _d.c.state.in_(UNFINISHED))
     with engine.begin() as conn:
         n = conn.execute(
@@ -442,7 +443,7 @@ def listing(engine: Engine, *, destination: str | None = None, state: str | None
             series_uid: str | None = None, limit: int = 50) -> list[tuple]:  # fmt: skip
     """Deliveries, newest first: (id, destination, state, attempts, next attempt, status, error or warning,
     SOP Instance UID, updated)."""
-    sel = _selection(destination, state, None, series_uid)
+    sel = selection(destination, state, None, series_uid)
     q = select(_d.c.id, _d.c.destination, _d.c.state, _d.c.commitment, _d.c.attempts, _d.c.next_attempt_at,
                _d.c.last_status, _d.c.last_error, _d.c.warning, _d.c.sop_instance_uid, _d.c.updated_at)  # fmt: skip
     if sel is not None:

@@ -64,7 +64,18 @@ class OverviewModel(BaseModel):
     now: str
 
 
-class SeriesModel(BaseModel):
+class StudyKeys(BaseModel):
+    """What names a study for people: its patient, date, description, accession."""
+
+    study_instance_uid: str
+    study_date: str
+    study_description: str
+    accession_number: str
+    patient_name: str
+    patient_id: str
+
+
+class SeriesModel(StudyKeys):
     series_instance_uid: str
     modality: str
     series_number: int | None
@@ -74,12 +85,6 @@ class SeriesModel(BaseModel):
     revision: int
     first_received_at: str | None
     last_received_at: str | None
-    study_instance_uid: str
-    study_date: str
-    study_description: str
-    accession_number: str
-    patient_name: str
-    patient_id: str
 
 
 class SeriesPage(BaseModel):
@@ -87,13 +92,7 @@ class SeriesPage(BaseModel):
     items: list[SeriesModel]
 
 
-class StudyModel(BaseModel):
-    study_instance_uid: str
-    study_date: str
-    study_description: str
-    accession_number: str
-    patient_name: str
-    patient_id: str
+class StudyModel(StudyKeys):
     last_received_at: str | None
     series_count: int
     instance_count: int

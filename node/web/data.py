@@ -40,11 +40,6 @@ def iso(value: dt.datetime | None) -> str | None:
     return aware(value).isoformat(timespec="milliseconds") if value else None
 
 
-def uid_name(uid: str) -> str:
-    name = UID(uid).name
-    return name if name != uid else uid
-
-
 @dataclass
 class Sample:
     at: float
@@ -109,16 +104,9 @@ def _counts(conn: Any, column: Any, states: tuple[str, ...]) -> dict[str, int]:
     return {**{k: 0 for k in states}, **{str(k): int(v) for k, v in found.items()}}
 
 
-def overview(engine: Engine, cfg: Config, sampler: RateSampler | None) -> dict[str, Any]:
-    with engine.connect() as conn:
-        n_pat = conn.execute(select(func.count()).select_from(_p)).scalar_one()
-        n_study = conn.execute(select(func.count()).select_from(_st)).scalar_one()
-        n_series = conn.execute(select(func.count()).select_from(_s)).scalar_one()
-        n_inst, size = conn.execute(select(func.count(), func.coalesce(func.sum(_i.c.file_size), 0))).one()
-        n_out = conn.execute(select(func.count()).where(_i.c.job_fk.is_not(None))).scalar_one()
-        series_states = _counts(conn, _s.c.state, SERIES_STATES)
-        job_states = _counts(conn, _j.c.state, JOB_STATES)
-    destinations = [
+def destinations(engine: Engine, cfg: Config) -> list[dict[str, Any]]:
+    """Each destination's queue: counts by state, oldest queued, next attempt, newest error."""
+    found = [
         {
             "name": d.destination,
             "states": d.states,
@@ -128,11 +116,22 @@ def overview(engine: Engine, cfg: Config, sampler: RateSampler | None) -> dict[s
         }
         for d in queue.summary(engine)
     ]
-    known = {d["name"] for d in destinations}
+    known = {d["name"] for d in found}
     for d in cfg.destinations:  # configured but never used yet
         if d.name not in known:
-            destinations.append({"name": d.name, "states": {}, "oldest_queued": None, "next_attempt": None,
-                                 "last_error": ""})  # fmt: skip
+            found.append({"name": d.name, "states": {}, "oldest_queued": None, "next_attempt": None, "last_error": ""})
+    return found
+
+
+def overview(engine: Engine, cfg: Config, sampler: RateSampler | None) -> dict[str, Any]:
+    with engine.connect() as conn:
+        n_pat = conn.execute(select(func.count()).select_from(_p)).scalar_one()
+        n_study = conn.execute(select(func.count()).select_from(_st)).scalar_one()
+        n_series = conn.execute(select(func.count()).select_from(_s)).scalar_one()
+        n_inst, size = conn.execute(select(func.count(), func.coalesce(func.sum(_i.c.file_size), 0))).one()
+        n_out = conn.execute(select(func.count()).where(_i.c.job_fk.is_not(None))).scalar_one()
+        series_states = _counts(conn, _s.c.state, SERIES_STATES)
+        job_states = _counts(conn, _j.c.state, JOB_STATES)
     return {
         "patients": int(n_pat),
         "studies": int(n_study),
@@ -142,7 +141,7 @@ def overview(engine: Engine, cfg: Config, sampler: RateSampler | None) -> dict[s
         "stored_bytes": int(size),
         "series_states": series_states,
         "job_states": job_states,
-        "destinations": destinations,
+        "destinations": destinations(engine, cfg),
         "disk": disk(cfg.data_dir),
         "rates": sampler.rates() if sampler else [],
         "now": iso(utcnow()),
@@ -160,13 +159,12 @@ def _series_row(r: Any) -> dict[str, Any]:
         "revision": r.revision,
         "first_received_at": iso(r.first_received_at),
         "last_received_at": iso(r.last_received_at),
-        "study_instance_uid": r.study_instance_uid,
-        "study_date": r.study_date,
-        "study_description": r.study_description,
-        "accession_number": r.accession_number,
-        "patient_name": r.patient_name,
-        "patient_id": r.patient_id,
-    }
+    } | _study_keys(r)
+
+
+def _study_keys(r: Any) -> dict[str, Any]:
+    return {key: getattr(r, key) for key in ("study_instance_uid", "study_date", "study_description",
+                                              "accession_number", "patient_name", "patient_id")}  # fmt: skip
 
 
 _SERIES_COLUMNS = (
@@ -239,13 +237,7 @@ def studies(engine: Engine, *, q: str = "", limit: int = 25, offset: int = 0) ->
     for r in series:
         by_study[r.study_fk].append(_series_row(r))
     items = [
-        {
-            "study_instance_uid": r.study_instance_uid,
-            "study_date": r.study_date,
-            "study_description": r.study_description,
-            "accession_number": r.accession_number,
-            "patient_name": r.patient_name,
-            "patient_id": r.patient_id,
+        _study_keys(r) | {
             "last_received_at": iso(r.last),
             "series_count": int(r.n_series or 0),
             "instance_count": int(r.n_inst or 0),
@@ -377,7 +369,7 @@ def series_detail(engine: Engine, cfg: Config, uid: str) -> dict[str, Any]:
     for o in outputs:
         by_job[o.job_fk].append(o)
     for job_id, outs in by_job.items():
-        names = collections.Counter(uid_name(o.sop_class_uid) for o in outs)
+        names = collections.Counter(UID(o.sop_class_uid).name for o in outs)
         text = ", ".join(f"{n} × {k}" for k, n in names.items())
         timeline.append({"at": iso(max(o.received_at for o in outs)), "step": "output",
                          "text": f"job #{job_id} produced {text}"})  # fmt: skip
@@ -407,8 +399,8 @@ def series_detail(engine: Engine, cfg: Config, uid: str) -> dict[str, Any]:
         "made_by": {"job_id": made_by.id, "source_series_instance_uid": made_by.series_instance_uid} if made_by else None,
         "received_from": {"calling_ae": first_inst.calling_ae, "called_ae": first_inst.called_ae,
                           "peer_address": first_inst.peer_address} if first_inst else None,
-        "sop_class": uid_name(first_inst.sop_class_uid) if first_inst else "",
-        "transfer_syntax": uid_name(first_inst.transfer_syntax_uid) if first_inst else "",
+        "sop_class": UID(first_inst.sop_class_uid).name if first_inst else "",
+        "transfer_syntax": UID(first_inst.transfer_syntax_uid).name if first_inst else "",
         "revisions": [
             {"revision": v.revision, "instance_count": v.instance_count, "stable_at": iso(v.stable_at),
              "stable_reason": v.stable_reason, "triggered_at": iso(v.triggered_at),
@@ -418,7 +410,7 @@ def series_detail(engine: Engine, cfg: Config, uid: str) -> dict[str, Any]:
         "rules_now": snap_lines,
         "jobs": [_job_row(j, uid) for j in jobs],
         "outputs": [
-            {"sop_instance_uid": o.sop_instance_uid, "sop_class": uid_name(o.sop_class_uid),
+            {"sop_instance_uid": o.sop_instance_uid, "sop_class": UID(o.sop_class_uid).name,
              "job_id": o.job_fk, "series_instance_uid": o.series_instance_uid,
              "series_description": o.series_description, "modality": o.modality}
             for o in outputs
@@ -457,13 +449,8 @@ def job(engine: Engine, job_id: int) -> dict[str, Any]:
 
 def deliveries(engine: Engine, *, destination: str = "", state: str = "", series_uid: str = "",
                limit: int = 50, offset: int = 0) -> dict[str, Any]:  # fmt: skip
-    cond = []
-    if destination:
-        cond.append(_d.c.destination == destination)
-    if state:
-        cond.append(_d.c.state == state)
-    if series_uid:
-        cond.append(_s.c.series_instance_uid == series_uid)
+    sel = queue.selection(destination or None, state or None, None, series_uid or None)
+    cond = [] if sel is None else [sel]
     base = _d.join(_s, _s.c.id == _d.c.series_fk)
     with engine.connect() as conn:
         total = conn.execute(select(func.count()).select_from(base).where(*cond)).scalar_one()

@@ -145,8 +145,7 @@ def deliveries(request: Request, destination: str = Query("", max_length=64), st
                user: str = Depends(page_user), ctx: WebContext = Depends(context)) -> Response:  # fmt: skip
     found = data.deliveries(ctx.reader, destination=destination, state=state if state in data.DELIVERY_STATES else "",
                             series_uid=series_uid, limit=50, offset=offset)  # fmt: skip
-    ov = data.overview(ctx.reader, ctx.cfg, None)
-    return _render(request, "deliveries.html", user, found=found, destinations=ov["destinations"],
+    return _render(request, "deliveries.html", user, found=found, destinations=data.destinations(ctx.reader, ctx.cfg),
                    destination=destination, state=state, series_uid=series_uid, states=data.DELIVERY_STATES,
                    offset=offset, limit=50, page="deliveries")  # fmt: skip
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from helpers import PEER_ENV, free_port
+from node.demo.pacs import orthanc_config
 
 ORTHANC = "/usr/sbin/Orthanc"
 
@@ -69,31 +70,10 @@ class Orthanc:
         return f"http://127.0.0.1:{self.http_port}"
 
     def config(self) -> dict[str, Any]:
-        return {
-            "Name": f"dicom-node tests {self.aet}",
-            "StorageDirectory": str(self.root / "storage"),
-            "IndexDirectory": str(self.root / "index"),
-            "StorageCompression": False,
-            "Plugins": [],
-            "HttpServerEnabled": True,
-            "HttpPort": self.http_port,
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "SslEnabled": False,
-            "DicomServerEnabled": True,
-            "DicomAet": self.aet,
-            "DicomPort": self.dicom_port,
-            "DicomCheckCalledAet": False,
-            "DicomAlwaysAllowEcho": True,
-            "DicomAlwaysAllowStore": False,
-            "DicomCheckModalityHost": True,
-            "DicomModalities": {ae.lower(): [ae, "127.0.0.1", self.sender_ports.get(ae, 104)] for ae in self.senders},
-            "UnknownSopClassAccepted": self.unknown_sop_class_accepted,
-            "DicomScpTimeout": 30,
-            "StableAge": 1,
-            "SaveJobs": False,
-            "HttpDescribeErrors": True,
-        }
+        modalities = {ae.lower(): [ae, "127.0.0.1", self.sender_ports.get(ae, 104)] for ae in self.senders}
+        return orthanc_config(self.root, name=f"dicom-node tests {self.aet}", ae_title=self.aet,
+                              dicom_port=self.dicom_port, http_port=self.http_port, modalities=modalities,
+                              unknown_sop_class_accepted=self.unknown_sop_class_accepted)  # fmt: skip
 
     def start(self, timeout: float = 30.0) -> Orthanc:
         self.root.mkdir(parents=True, exist_ok=True)
