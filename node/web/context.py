@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,8 +14,6 @@ from sqlalchemy import Engine
 from node.config import Config
 from node.web.auth import COOKIE, Authenticator
 from node.web.data import RateSampler
-
-log = logging.getLogger(__name__)
 
 
 def _nothing() -> None:
