@@ -39,8 +39,9 @@ from pydicom.uid import (
 from pydicom.valuerep import format_number_as_ds
 
 from node.derive.common import MANUFACTURER, Provenance
+from node.derive.errors import OutputError
 from node.derive.sc import copy_laterality
-from node.derive.seg import OutputError
+from node.derive.sources import library_errors, prepare
 from node.plugins.api import SeriesInput, Volume
 
 #: Source SOP classes a derived image series is written in (single-frame, one instance per slice).
@@ -68,9 +69,13 @@ _TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDa
           "AcquisitionNumber")  # fmt: skip
 _TYPE2_BY_CLASS = {
     str(CTImageStorage): ("KVP",),
-    str(MRImageStorage): ("ScanningSequence", "SequenceVariant", "ScanOptions", "MRAcquisitionType",
-                          "RepetitionTime", "EchoTime", "EchoTrainLength"),
+    str(MRImageStorage): ("ScanOptions", "MRAcquisitionType", "RepetitionTime", "EchoTime", "EchoTrainLength"),
 }  # fmt: skip
+#: Type 1 attributes of the MR Image module a source may lack (an anonymiser, a research export): the
+#: standard has no "unknown" for them, so the values that claim least: Research Mode, no variant.
+_TYPE1_DEFAULTS_BY_CLASS = {
+    str(MRImageStorage): (("ScanningSequence", "RM"), ("SequenceVariant", "NONE")),
+}
 
 
 @dataclass(frozen=True)
@@ -152,10 +157,37 @@ def _nearest_sources(series: SeriesInput, grid: Grid) -> list[int]:
     return [int(i) for i in np.argmin(d, axis=1)]
 
 
-def _window(values: np.ndarray) -> tuple[float, float]:
+@dataclass(frozen=True)
+class Window:
+    """A VOI window over the values' 1st to 99th percentile.
+
+    A width below 1 is valid only with VOI LUT Function LINEAR_EXACT (PS3.3 C.11.2.1.2.1), which maps
+    the window exactly instead of LINEAR's "width - 1": small-valued maps (probabilities, ADC in mm2/s)
+    get it.
+    """
+
+    center: float
+    width: float
+    function: str | None
+
+    def apply(self, ds: Dataset) -> None:
+        """Window Center/Width (and the function, when needed) in the VOI LUT module of a data set."""
+        ds.WindowCenter = format_number_as_ds(self.center)
+        ds.WindowWidth = format_number_as_ds(self.width)
+        if self.function:
+            ds.VOILUTFunction = self.function
+
+    def transformation(self) -> hd.VOILUTTransformation:
+        return hd.VOILUTTransformation(window_center=self.center, window_width=self.width,
+                                       voi_lut_function=self.function)  # fmt: skip
+
+
+def _window(values: np.ndarray) -> Window:
     lo, hi = np.percentile(values, [1, 99]) if values.size > 100 else (values.min(), values.max())
     width = max(float(hi - lo), 1e-6)
-    return float(lo + hi) / 2, width
+    # The value as written (DS, 16 characters) decides, not the float.
+    written = float(format_number_as_ds(width))
+    return Window(float(lo + hi) / 2, written, "LINEAR_EXACT" if written < 1 else None)
 
 
 def _check_shape(values: np.ndarray, expected: tuple[int, ...], affine: np.ndarray | None,
@@ -238,7 +270,7 @@ def build_image_series(series: SeriesInput, volume: Volume, prov: Provenance, *,
     grid = grid_of(volume.affine, values.shape[0]) if volume.affine is not None else None
     sources = _nearest_sources(series, grid) if grid is not None else list(range(len(series.datasets)))
     enc = encode_values(values, volume.precision)
-    centre, width = _window(values)
+    window = _window(values)
     when = dt.datetime.now()
     rest = list(first.get("ImageType", []))[2:] or (["AXIAL"] if sop_class == str(CTImageStorage) else [])
     out = []
@@ -261,12 +293,14 @@ def build_image_series(series: SeriesInput, volume: Volume, prov: Provenance, *,
         for keyword in _TYPE2 + _TYPE2_BY_CLASS.get(sop_class, ()):
             if keyword not in ds:  # the IOD needs it; empty when the source does not say (Type 2)
                 setattr(ds, keyword, None)
+        for keyword, value in _TYPE1_DEFAULTS_BY_CLASS.get(sop_class, ()):
+            if not ds.get(keyword):  # Type 1: never empty
+                setattr(ds, keyword, value)
         if not (sop_class == str(MRImageStorage) and enc.slope == 1.0 and enc.intercept == 0.0):
             # (not part of the MR Image IOD, so left out when not needed)
             ds.RescaleIntercept = format_number_as_ds(enc.intercept)
             ds.RescaleSlope = format_number_as_ds(enc.slope)
-        ds.WindowCenter = format_number_as_ds(centre)
-        ds.WindowWidth = format_number_as_ds(width)
+        window.apply(ds)
         _set_pixels(ds, enc.stored[i], enc, transfer_syntax)
         out.append(ds)
     return out, enc.error
@@ -297,7 +331,7 @@ def _build_enhanced(series: SeriesInput, volume: Volume, prov: Provenance, index
     enc = encode_values(values, volume.precision)
     stored = np.empty_like(enc.stored)
     stored[np.array(series.frames)] = enc.stored  # back to the source's frame order
-    centre, width = _window(values)
+    window = _window(values)
     ds = _derived_from(src, prov, volume, index, 1, dt.datetime.now())
     # Value 2 stays the source's: the enhanced IODs allow only PRIMARY or MIXED there.
     ds.ImageType = ["DERIVED", *list(src.get("ImageType", ["", "PRIMARY"]))[1:]]
@@ -327,8 +361,8 @@ def _build_enhanced(series: SeriesInput, volume: Volume, prov: Provenance, index
     for groups in (ds.get("SharedFunctionalGroupsSequence", []), ds.get("PerFrameFunctionalGroupsSequence", [])):
         for g in groups:
             g.pop("RealWorldValueMappingSequence", None)  # the meaning of the source's values, not these
-    _set_in_groups(ds, "FrameVOILUTSequence", WindowCenter=format_number_as_ds(centre),
-                   WindowWidth=format_number_as_ds(width))  # fmt: skip
+    voi = dict(WindowCenter=format_number_as_ds(window.center), WindowWidth=format_number_as_ds(window.width))
+    _set_in_groups(ds, "FrameVOILUTSequence", **voi, **({"VOILUTFunction": window.function} if window.function else {}))
     processing = codes.DCM.ImageProcessing
     for k, g in enumerate(ds.PerFrameFunctionalGroupsSequence):
         derivation = Dataset()
@@ -375,19 +409,20 @@ def build_parametric_map(series: SeriesInput, volume: Volume, prov: Provenance, 
         lut_label=label, lut_explanation=(volume.description or volume.name or prov.algorithm)[:64],
         unit=volume.units or NO_UNITS, value_range=(lo, hi), slope=1.0, intercept=0.0,
     )  # fmt: skip
-    centre, width = _window(values)
     eq = prov.contributing_equipment()
-    pm = hd.pm.ParametricMap(
-        source_images=series.datasets, pixel_array=values,
-        series_instance_uid=prov.uid("map-series", index), series_number=prov.series_number + index,
-        sop_instance_uid=prov.uid("map", index), instance_number=1,
-        manufacturer=MANUFACTURER, manufacturer_model_name=MANUFACTURER,
-        software_versions=f"{prov.algorithm} {prov.algorithm_version}"[:64],
-        device_serial_number=str(eq[0].DeviceSerialNumber), contains_recognizable_visual_features=False,
-        real_world_value_mappings=[mapping], window_center=centre, window_width=width,
-        content_label="MAP", content_description=(volume.description or volume.name or prov.algorithm)[:64],
-        contributing_equipment=eq, **geometry,
-    )  # fmt: skip
+    sources = prepare(series)
+    with library_errors(series, "Parametric Map"):
+        pm = hd.pm.ParametricMap(
+            source_images=sources.datasets, pixel_array=values,
+            series_instance_uid=prov.uid("map-series", index), series_number=prov.series_number + index,
+            sop_instance_uid=prov.uid("map", index), instance_number=1,
+            manufacturer=MANUFACTURER, manufacturer_model_name=MANUFACTURER,
+            software_versions=f"{prov.algorithm} {prov.algorithm_version}"[:64],
+            device_serial_number=str(eq[0].DeviceSerialNumber), contains_recognizable_visual_features=False,
+            real_world_value_mappings=[mapping], voi_lut_transformations=[_window(values).transformation()],
+            content_label="MAP", content_description=(volume.description or volume.name or prov.algorithm)[:64],
+            contributing_equipment=eq, **geometry,
+        )  # fmt: skip
     copy_laterality(pm, series.first)  # General Series' Laterality (2C), as for Secondary Capture
     pm.SeriesDescription = (prov.series_description or volume.name or prov.algorithm)[:64]
     pm.DerivationDescription = (volume.description or f"{prov.algorithm} {prov.algorithm_version} by dicom-node")[:1024]

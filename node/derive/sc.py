@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, JPEG2000Lossless
 
 from node.derive.common import MANUFACTURER, Provenance
-from node.derive.seg import OutputError
+from node.derive.errors import OutputError
 from node.plugins.api import Images, SeriesInput
 
 

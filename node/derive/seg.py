@@ -13,15 +13,13 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, RLELossless
 
 from node.derive.common import MANUFACTURER, Provenance
+from node.derive.errors import OutputError
+from node.derive.sources import library_errors, prepare
 from node.plugins.api import Segmentation, SeriesInput
 
 #: A default palette (RGB) for segments without a colour: distinct and readable on grey.
 PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]  # fmt: skip
-
-
-class OutputError(ValueError):
-    """A plugin result the node cannot turn into DICOM (reason in the message)."""
 
 
 def _masks(series: SeriesInput, result: Segmentation) -> np.ndarray:
@@ -119,26 +117,28 @@ def build_seg(
     # The rule's series_description wins over the plugin's own: the site names its series.
     description = (prov.series_description or result.description or f"{prov.algorithm} segmentation")[:64]
     equipment = prov.contributing_equipment()
-    seg = hd.seg.Segmentation(
-        source_images=series.datasets,
-        pixel_array=masks,
-        segmentation_type=kind,
-        segment_descriptions=_descriptions(result, prov),
-        series_instance_uid=prov.uid("seg-series", index),
-        series_number=prov.series_number + index,
-        sop_instance_uid=prov.uid("seg", index),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name=MANUFACTURER,
-        software_versions=equipment[0].SoftwareVersions,
-        device_serial_number=equipment[0].DeviceSerialNumber,
-        content_description=description,
-        content_label="SEGMENTATION",
-        content_creator_name=None,
-        transfer_syntax_uid=transfer_syntax,
-        omit_empty_frames=omit,
-        contributing_equipment=equipment,
-        max_fractional_value=255,
-    )
+    sources = prepare(series)
+    with library_errors(series, "SEG"):
+        seg = hd.seg.Segmentation(
+            source_images=sources.datasets,
+            pixel_array=masks,
+            segmentation_type=kind,
+            segment_descriptions=_descriptions(result, prov),
+            series_instance_uid=prov.uid("seg-series", index),
+            series_number=prov.series_number + index,
+            sop_instance_uid=prov.uid("seg", index),
+            instance_number=1,
+            manufacturer=MANUFACTURER,
+            manufacturer_model_name=MANUFACTURER,
+            software_versions=equipment[0].SoftwareVersions,
+            device_serial_number=equipment[0].DeviceSerialNumber,
+            content_description=description,
+            content_label="SEGMENTATION",
+            content_creator_name=None,
+            transfer_syntax_uid=transfer_syntax,
+            omit_empty_frames=omit,
+            contributing_equipment=equipment,
+            max_fractional_value=255,
+        )
     seg.SeriesDescription = description
     return seg

@@ -111,7 +111,8 @@ def run(spec: WorkSpec) -> WorkResult:
     from node.derive.common import Provenance
     from node.derive.image import build_image_series, build_parametric_map
     from node.derive.sc import build_sc
-    from node.derive.seg import OutputError, build_seg
+    from node.derive.errors import OutputError
+    from node.derive.seg import build_seg
     from node.derive.template import TemplateError
     from node.plugins.registry import load
     from node.plugins.series import load_series
