@@ -102,11 +102,24 @@ def build_seg(
     index: int = 0,
     transfer_syntax: UID = ExplicitVRLittleEndian,
     keep_empty_frames: bool = False,
+    as_binary: bool = False,
 ) -> Dataset:
-    """The SEG for one segmentation result (``index``: its place among the job's outputs)."""
+    """The SEG for one segmentation result (``index``: its place among the job's outputs).
+
+    ``as_binary``: a label map result written as a BINARY SEG (Segmentation Storage), for destinations
+    that do not accept Label Map Segmentation Storage (PS3.3 C.8.20, 2024); same segments, own UIDs,
+    uncompressed when RLE was asked (1-bit frames cannot be RLE-coded).
+    """
     masks = _masks(series, result)
     kind = {"binary": hd.seg.SegmentationTypeValues.BINARY, "labelmap": hd.seg.SegmentationTypeValues.LABELMAP,
             "fractional": hd.seg.SegmentationTypeValues.FRACTIONAL}[result.kind]  # fmt: skip
+    uid_tag = "seg"
+    if as_binary:
+        if result.kind != "labelmap":
+            raise OutputError("as_binary is for label map results")
+        kind, uid_tag = hd.seg.SegmentationTypeValues.BINARY, "seg-binary"
+        if transfer_syntax == RLELossless:
+            transfer_syntax = ExplicitVRLittleEndian
     if kind == hd.seg.SegmentationTypeValues.BINARY and transfer_syntax == RLELossless:
         raise OutputError("a BINARY segmentation (1 bit per pixel) cannot be RLE-compressed; use compression = "
                           "\"jpeg2000\" or \"none\" for this plugin, or a labelmap result")  # fmt: skip
@@ -124,9 +137,9 @@ def build_seg(
             pixel_array=masks,
             segmentation_type=kind,
             segment_descriptions=_descriptions(result, prov),
-            series_instance_uid=prov.uid("seg-series", index),
+            series_instance_uid=prov.uid(f"{uid_tag}-series", index),
             series_number=prov.series_number + index,
-            sop_instance_uid=prov.uid("seg", index),
+            sop_instance_uid=prov.uid(uid_tag, index),
             instance_number=1,
             manufacturer=MANUFACTURER,
             manufacturer_model_name=MANUFACTURER,

@@ -54,16 +54,18 @@ class OutputStore:
             old.unlink()
         return d
 
-    def store(self, files: list[Path], job_id: int, *, rule: str = "", software: str = "") -> list[StoredOutput]:
+    def store(self, files: list[Path], job_id: int, *, rule: str = "", software: str = "",
+              notes: list[str] | None = None) -> list[StoredOutput]:  # fmt: skip
         """Place and index ``files`` (written by the plugin process) in one index transaction.
 
         On any failure, the files placed so far are removed again: nothing is left without a row.
         Each new output is audited (``output_produced``: the job, its ``rule``, the plugin ``software``
-        that made it, e.g. "threshold-seg 1.0") in the same transaction.
+        that made it, e.g. "threshold-seg 1.0", and the file's entry in ``notes``, if any) in the same
+        transaction.
         """
         placed: list[tuple[Path, object, str, str]] = []
         try:
-            return self._store(files, job_id, placed, rule, software)
+            return self._store(files, job_id, placed, rule, software, notes or [""] * len(files))
         except BaseException:
             for p, *_ in placed:
                 if p.exists():
@@ -71,7 +73,7 @@ class OutputStore:
             raise
 
     def _store(self, files: list[Path], job_id: int, placed: list[tuple[Path, object, str, str]], rule: str,
-               software: str) -> list[StoredOutput]:  # fmt: skip
+               software: str, notes: list[str]) -> list[StoredOutput]:  # fmt: skip
         for f in files:
             header, size, _ = read_file_header(f)
             final = self.storage.path_for(header.text("SeriesInstanceUID"), header.text("SOPInstanceUID"))
@@ -87,7 +89,7 @@ class OutputStore:
             fsync_dir(d)
         def work(tx: Tx) -> list[RecordOutcome]:
             outcomes = []
-            for _, record, sop, series in placed:
+            for (_, record, sop, series), note in zip(placed, notes, strict=True):
                 outcome = self.recorder.record(tx, record)  # type: ignore[arg-type]
                 tx.execute(tx.prepare("link_job", _LINK_JOB), {"pk": outcome.instance_id, "job": job_id})
                 if outcome.series_id:
@@ -97,7 +99,8 @@ class OutputStore:
                         tx, "output_produced", actor="node", job_id=job_id, rule=rule,
                         study_uid=record.study["study_instance_uid"],  # type: ignore[attr-defined]
                         series_uid=series, sop_instance_uid=sop,
-                        detail=software + (" (replaced the stored copy)" if outcome.kind == "replaced" else ""),
+                        detail=software + (f"; {note}" if note else "")
+                        + (" (replaced the stored copy)" if outcome.kind == "replaced" else ""),
                     )  # fmt: skip
                 outcomes.append(outcome)
             return outcomes

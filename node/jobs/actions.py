@@ -137,6 +137,40 @@ def _compression(action: Any, cfg: Config) -> str:
     return wanted[0] if wanted else "none"
 
 
+#: Label Map Segmentation Storage (PS3.4 B.5, 2024): many PACS of today refuse it.
+LABEL_MAP_SEG = "1.2.840.10008.5.1.4.1.1.66.7"
+#: How long a destination's answer to "do you take Label Map SEG?" is reused (seconds).
+_ASKED_TTL = 300.0
+_asked: dict[tuple[str, str, int, str], tuple[float, bool]] = {}
+
+
+def wants_binary_segs(ctx: JobContext, names: list[str]) -> dict[str, str]:
+    """Destinations among ``names`` that get label map SEGs as BINARY SEGs, each with the reason."""
+    import time
+
+    from node.send.scu import Peer, accepts
+
+    out: dict[str, str] = {}
+    for d in ctx.cfg.destinations:
+        if d.name not in names or d.label_map_seg == "send":
+            continue
+        if d.label_map_seg == "binary":
+            out[d.name] = "label_map_seg = \"binary\""
+            continue
+        key = (d.host, d.ae_title, d.port, d.calling_ae_title or ctx.cfg.node.ae_title)
+        hit = _asked.get(key)
+        if hit is None or time.monotonic() - hit[0] > _ASKED_TTL:
+            try:
+                hit = (time.monotonic(), accepts(Peer.from_destination(d, ctx.cfg.node.ae_title), LABEL_MAP_SEG))
+            except ConnectionError as e:  # cannot ask now: the SEG every PACS takes, and ask again next time
+                out[d.name] = f"could not ask it ({e})"
+                continue
+            _asked[key] = hit
+        if not hit[1]:
+            out[d.name] = "it does not accept Label Map Segmentation Storage"
+    return out
+
+
 def plugin(ctx: JobContext) -> str:
     """Run the plugin(s) on the whole series in a child process, store the outputs, send them on."""
     from node.decide.rules import PluginAction
@@ -170,6 +204,7 @@ def plugin(ctx: JobContext) -> str:
         )
     if not rels:
         raise JobFailed("the series has no stored instances (discarded?)", retryable=False)
+    binary_for = wants_binary_segs(ctx, action.send_to) if action.send_to else {}
     work = ctx.outputs.work_dir(ctx.job.id, ctx.job.attempts)
     spec = WorkSpec(
         files=[str(ctx.storage.absolute(r)) for r in rels], steps=steps, out_dir=str(work),
@@ -179,6 +214,7 @@ def plugin(ctx: JobContext) -> str:
         series_number=action.series_number, series_description=action.series_description,
         station_name=cfg.node.ae_title, attempt=ctx.job.attempts,
         segment_template=action.segment_template, unknown_labels=action.unknown_labels,
+        labelmap_as_binary=bool(binary_for),
     )  # fmt: skip
     timeout = action.timeout or cfg.plugins.timeout
     try:
@@ -192,10 +228,12 @@ def plugin(ctx: JobContext) -> str:
         with ctx.engine.begin() as conn:
             conn.execute(update(Job.__table__).where(Job.__table__.c.id == ctx.job.id)
                          .values(software=", ".join(result.plugins)[:256]))  # fmt: skip
-        if not result.ok:
+        if not result.ok and not result.outputs:
             raise JobFailed(result.error, retryable=result.retryable)
+        notes = [f"BINARY copy of label map SEG {o.twin_of} for {', '.join(sorted(binary_for))}"
+                 if o.twin_of else "" for o in result.outputs]  # fmt: skip
         stored = ctx.outputs.store([Path(o.file) for o in result.outputs], ctx.job.id, rule=ctx.job.rule,
-                                   software=", ".join(result.plugins))  # fmt: skip
+                                   software=", ".join(result.plugins), notes=notes)  # fmt: skip
         for o, st in zip(result.outputs, stored, strict=True):
             if st.outcome != "duplicate":
                 metrics.OUTPUTS_PRODUCED.labels(plugin_label, o.kind).inc()
@@ -203,7 +241,8 @@ def plugin(ctx: JobContext) -> str:
         shutil.rmtree(work, ignore_errors=True)
     kinds: dict[str, int] = {}
     for o in result.outputs:
-        kinds[o.kind] = kinds.get(o.kind, 0) + 1
+        if not o.twin_of:
+            kinds[o.kind] = kinds.get(o.kind, 0) + 1
     t = result.timings
     made = ", ".join(f"{n} {k}" for k, n in kinds.items()) or "no output"
     again = sum(1 for o in stored if o.outcome == "duplicate")
@@ -214,12 +253,36 @@ def plugin(ctx: JobContext) -> str:
         summary += "; " + "; ".join(result.notes)
     if again:
         summary += f"; {again} already stored by an earlier run"
+    twins = sum(1 for o in result.outputs if o.twin_of)
+    if twins:
+        why = "; ".join(f"{n}: {r}" for n, r in sorted(binary_for.items()))
+        summary += f"; {twins} label map SEG(s) also written as BINARY SEG for {why}"
     log.info("job %d: %s", ctx.job.id, summary)
     if action.send_to and stored:
-        with ctx.engine.connect() as conn:
-            out_ids = list(conn.execute(select(i.c.id).where(i.c.job_fk == ctx.job.id).order_by(i.c.id)).scalars())
-        summary += "; " + _queue(ctx, out_ids, action.send_to)
+        summary += "; " + _queue_outputs(ctx, result.outputs, action.send_to, binary_for)
+    if not result.ok:  # what was built before the failure is kept and sent; the job says what failed
+        raise JobFailed(f"{result.error} ({summary})", retryable=False)
     return summary
+
+
+def _queue_outputs(ctx: JobContext, outputs: list[Any], names: list[str], binary_for: dict[str, str]) -> str:
+    """Queue a job's outputs: label map SEGs to the destinations that take them, their BINARY copies to the rest."""
+    i = Instance.__table__
+    with ctx.engine.connect() as conn:
+        ids = dict(conn.execute(select(i.c.sop_instance_uid, i.c.id).where(i.c.job_fk == ctx.job.id)).all())
+    twinned = {o.twin_of for o in outputs if o.twin_of}
+    label_maps = [n for n in names if n not in binary_for]
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for o in outputs:
+        if o.twin_of:
+            to = [n for n in names if n in binary_for]
+        elif o.sop_instance_uid in twinned:
+            to = label_maps
+        else:
+            to = names
+        if to and o.sop_instance_uid in ids:
+            groups.setdefault(tuple(to), []).append(ids[o.sop_instance_uid])
+    return "; ".join(_queue(ctx, sorted(pks), list(to)) for to, pks in groups.items()) or "nothing to queue"
 
 
 HANDLERS: dict[str, Callable[[JobContext], str]] = {"forward": forward, "discard": discard, "plugin": plugin}

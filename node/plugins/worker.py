@@ -44,14 +44,18 @@ class WorkSpec:
     #: label it does not list ("error" or "skip").
     segment_template: str | None = None
     unknown_labels: str = "error"
+    #: Also write each label map SEG as a BINARY SEG, for destinations that do not accept Label Map SEG.
+    labelmap_as_binary: bool = False
 
 
 @dataclass
 class Output:
     file: str
-    kind: str  # "SEG", "SC" or "image"
+    kind: str  # "SEG", "SC", "image" or "parametric map"
     sop_instance_uid: str
     series_instance_uid: str
+    #: For a BINARY SEG made for destinations that refuse Label Map SEG: the label map's SOP Instance UID.
+    twin_of: str = ""
 
 
 @dataclass
@@ -71,9 +75,18 @@ class WorkResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _rss_mb() -> float:
+def _statm_mb(field: int) -> float:
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+        return int(f.read().split()[field]) * resource.getpagesize() / 2**20
+
+
+def _rss_mb() -> float:
+    return _statm_mb(1)
+
+
+def address_space_mb() -> float:
+    """What RLIMIT_AS counts: the process's whole address space (VmSize), in MiB."""
+    return _statm_mb(0)
 
 
 def _peak_mb() -> float:
@@ -81,9 +94,24 @@ def _peak_mb() -> float:
 
 
 def _limit_memory(mb: int) -> None:
-    if mb > 0:
-        limit = mb * 2**20
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    """Cap the address space at ``mb`` (0: no cap, back to the hard limit).
+
+    Only the soft limit: the process can lift it again to report an allocation that failed.
+    """
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    soft = mb * 2**20 if mb > 0 else hard
+    if hard != resource.RLIM_INFINITY:
+        soft = min(soft, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def out_of_memory(limit_mb: int, baseline_mb: float, where: str = "") -> str:
+    """What a plugin process that ran out of memory outside the plugin's run says, and what to change."""
+    if not limit_mb:
+        return f"ran out of memory{where} (no limit set: the machine itself is out of memory)"
+    return (f"ran out of memory (limit {limit_mb} MB){where}: a plugin process takes about {baseline_mb:.0f} MB of "
+            "address space after its imports, before it loads the series; raise memory_limit_mb for this rule "
+            "(or [plugins] memory_limit_mb) well above that")  # fmt: skip
 
 
 def _timed(series: Any, timings: dict[str, float]) -> list[float]:
@@ -104,16 +132,37 @@ def _timed(series: Any, timings: dict[str, float]) -> list[float]:
     return total
 
 
-def run(spec: WorkSpec) -> WorkResult:
-    """Everything a plugin job does in its process; never raises."""
-    from pydicom.uid import UID
-
-    from node.derive.common import Provenance
-    from node.derive.image import build_image_series, build_parametric_map
-    from node.derive.sc import build_sc
+def _failure(e: BaseException, step: str, spec: WorkSpec, info: Any) -> tuple[str, bool]:
+    """What a failed step says, and whether another attempt may help."""
     from node.derive.errors import OutputError
-    from node.derive.seg import build_seg
     from node.derive.template import TemplateError
+
+    if isinstance(e, MemoryError):
+        limit = (f"limit {spec.memory_limit_mb} MB; raise memory_limit_mb for this plugin if the series needs it"
+                 if spec.memory_limit_mb else "no limit set: the machine itself is out of memory")  # fmt: skip
+        return f"{step}: ran out of memory ({limit})", False
+    if isinstance(e, PluginError):
+        # The plugin's own policy caps retries (the rule's max_attempts caps them too).
+        limit = info.max_attempts if info is not None else None
+        retryable = e.retryable and (limit is None or spec.attempt < limit)
+        why = "" if retryable or not e.retryable else f" (no more retries: the plugin allows {limit} attempt(s))"
+        return f"{step}: {e}{why}", retryable
+    if isinstance(e, (GeometryError, OutputError, TemplateError)):
+        return f"{step}: {e}", False
+    tb = traceback.extract_tb(e.__traceback__)
+    where = f" ({Path(tb[-1].filename).name}:{tb[-1].lineno})" if tb else ""
+    return f"{step}: {type(e).__name__}: {e}{where}", False
+
+
+def run(spec: WorkSpec) -> WorkResult:
+    """Everything a plugin job does in its process; never raises.
+
+    A step that fails ends the chain, but what the steps before it returned is still built and
+    written: the result then has outputs *and* an error (``ok`` False), and the job keeps and sends
+    what was made. Likewise one output that cannot be built or fails validation does not stop the
+    others.
+    """
+    from node.derive.common import Provenance
     from node.plugins.registry import load
     from node.plugins.series import load_series
 
@@ -121,15 +170,17 @@ def run(spec: WorkSpec) -> WorkResult:
     names: list[str] = []
     info = None
     step = "loading the series"
+    results: list[Any] = []
+    #: For each result, the step (plugin and parameters) that produced it.
+    made_by: list[Provenance] = []
+    errors: list[str] = []
+    retryable = False
     try:
         t = time.perf_counter()
         series = load_series([Path(f) for f in spec.files])
         timings["load"] += time.perf_counter() - t
         # Pixels are read when a plugin first asks: count that reading as "load", not as the plugin's time.
         pixel_read = _timed(series, timings)
-        results: list[Any] = []
-        #: For each result, the step (plugin and parameters) that produced it.
-        made_by: list[Provenance] = []
         for s in spec.steps:
             step = f"loading plugin {s.name}"
             info = load(s.name, s.target)
@@ -165,69 +216,111 @@ def run(spec: WorkSpec) -> WorkResult:
                        if isinstance(r, Segmentation) else r for r in out]  # fmt: skip
             results.extend(out)
             made_by.extend([prov] * len(out))
-        # The voxels are the largest thing here; the builders need only metadata and the results.
-        t = time.perf_counter()
-        series.__dict__.pop("_voxels", None)
-        series.__dict__.pop("_rescaled", None)
-        timings["load"] += time.perf_counter() - t
-        outputs: list[Output] = []
-        notes: list[str] = []
-        out_dir = Path(spec.out_dir)
-        ts = UID(spec.transfer_syntax)
-        for i, (r, prov) in enumerate(zip(results, made_by, strict=True)):
-            step = f"building output {i + 1} of {len(results)}"
-            t = time.perf_counter()
-            if isinstance(r, Segmentation):
-                datasets = [build_seg(series, r, prov, index=i, transfer_syntax=ts,
-                                      keep_empty_frames=spec.keep_empty_frames)]  # fmt: skip
-                kind = "SEG"
-            elif isinstance(r, Volume) and r.kind == "parametric-map":
-                datasets = [build_parametric_map(series, r, prov, index=i)]
-                kind = "parametric map"
-            elif isinstance(r, Volume):
-                datasets, error = build_image_series(series, r, prov, index=i, transfer_syntax=ts)
-                kind = "image"
-                notes.append(f"{r.name or 'volume'} stored " + ("exactly" if error == 0 else f"within {error:.3g}"))
-            else:
-                datasets = build_sc(series, r, prov, index=i, transfer_syntax=ts)
-                kind = "SC"
-            timings["build"] += time.perf_counter() - t
-            t = time.perf_counter()
-            for n, ds in enumerate(datasets):
-                path = out_dir / f"{i:03d}-{n:05d}.dcm"
-                ds.save_as(path, enforce_file_format=True)
-                outputs.append(Output(str(path), kind, str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID)))
-            timings["write"] += time.perf_counter() - t
-        return WorkResult(True, outputs, timings=timings, plugins=names, notes=notes)
-    except MemoryError:
-        limit = (f"limit {spec.memory_limit_mb} MB; raise memory_limit_mb for this plugin if the series needs it"
-                 if spec.memory_limit_mb else "no limit set: the machine itself is out of memory")  # fmt: skip
-        return WorkResult(False, error=f"{step}: ran out of memory ({limit})", timings=timings, plugins=names)
-    except PluginError as e:
-        # The plugin's own policy caps retries (the rule's max_attempts caps them too).
-        limit = info.max_attempts if info is not None else None
-        retryable = e.retryable and (limit is None or spec.attempt < limit)
-        why = "" if retryable or not e.retryable else f" (no more retries: the plugin allows {limit} attempt(s))"
-        return WorkResult(False, error=f"{step}: {e}{why}", retryable=retryable, timings=timings, plugins=names)
-    except (GeometryError, OutputError, TemplateError) as e:
-        return WorkResult(False, error=f"{step}: {e}", timings=timings, plugins=names)
-    except Exception as e:
-        tb = traceback.extract_tb(e.__traceback__)
-        where = f" ({Path(tb[-1].filename).name}:{tb[-1].lineno})" if tb else ""
-        return WorkResult(False, error=f"{step}: {type(e).__name__}: {e}{where}", timings=timings, plugins=names)
+    except Exception as e:  # noqa: BLE001 (MemoryError included: it is an Exception)
+        error, retryable = _failure(e, step, spec, info)
+        errors.append(error)
+        if not results:
+            return WorkResult(False, error=error, retryable=retryable, timings=timings, plugins=names)
+    # The voxels are the largest thing here; the builders need only metadata and the results.
+    t = time.perf_counter()
+    series.__dict__.pop("_voxels", None)
+    series.__dict__.pop("_rescaled", None)
+    timings["load"] += time.perf_counter() - t
+    outputs: list[Output] = []
+    notes: list[str] = []
+    for i, (r, prov) in enumerate(zip(results, made_by, strict=True)):
+        step = f"building output {i + 1} of {len(results)} ({prov.algorithm})"
+        try:
+            outputs += _build_and_write(series, r, prov, i, spec, timings, notes)
+        except Exception as e:  # noqa: BLE001
+            errors.append(_failure(e, step, spec, None)[0])
+    if errors and outputs:
+        notes.append(f"kept {len(outputs)} output(s) that were built before or beside the failure")
+    return WorkResult(not errors, outputs, error="; ".join(errors), retryable=retryable and not outputs,
+                      timings=timings, plugins=names, notes=notes)  # fmt: skip
+
+
+def _build_and_write(series: Any, r: Any, prov: Any, i: int, spec: WorkSpec, timings: dict[str, float],
+                     notes: list[str]) -> list[Output]:  # fmt: skip
+    """One result as DICOM objects, written to the job's folder (nothing written if any of them fails)."""
+    from pydicom.uid import UID
+
+    from node.derive.image import build_image_series, build_parametric_map
+    from node.derive.sc import build_sc
+    from node.derive.seg import build_seg
+
+    t = time.perf_counter()
+    ts = UID(spec.transfer_syntax)
+    twins: list[Any] = []
+    if isinstance(r, Segmentation):
+        datasets = [build_seg(series, r, prov, index=i, transfer_syntax=ts, keep_empty_frames=spec.keep_empty_frames)]
+        kind = "SEG"
+        if r.kind == "labelmap" and spec.labelmap_as_binary:
+            # For destinations that do not take Label Map Segmentation Storage: the same segments, BINARY.
+            twins = [build_seg(series, r, prov, index=i, transfer_syntax=ts, keep_empty_frames=spec.keep_empty_frames,
+                               as_binary=True)]  # fmt: skip
+    elif isinstance(r, Volume) and r.kind == "parametric-map":
+        datasets = [build_parametric_map(series, r, prov, index=i)]
+        kind = "parametric map"
+    elif isinstance(r, Volume):
+        datasets, error = build_image_series(series, r, prov, index=i, transfer_syntax=ts)
+        kind = "image"
+        notes.append(f"{r.name or 'volume'} stored " + ("exactly" if error == 0 else f"within {error:.3g}"))
+    else:
+        datasets = build_sc(series, r, prov, index=i, transfer_syntax=ts)
+        kind = "SC"
+    timings["build"] += time.perf_counter() - t
+    t = time.perf_counter()
+    out_dir = Path(spec.out_dir)
+    written: list[Output] = []
+    try:
+        for n, ds in enumerate(datasets):
+            path = out_dir / f"{i:03d}-{n:05d}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            written.append(Output(str(path), kind, str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID)))
+        for ds in twins:
+            path = out_dir / f"{i:03d}-binary.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            written.append(Output(str(path), kind, str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID),
+                                  twin_of=str(datasets[0].SOPInstanceUID)))  # fmt: skip
+    except BaseException:
+        for o in written:
+            Path(o.file).unlink(missing_ok=True)
+        raise
+    timings["write"] += time.perf_counter() - t
+    return written
 
 
 def main(spec: WorkSpec, conn: Any) -> None:
-    """Process entry point: limit memory, run, send the result back."""
-    from node.plugins._forkserver import die_with_parent
+    """Process entry point: contain, limit memory, run, send the result back.
 
-    die_with_parent()  # the fork server; which itself dies with the node
+    A limit below what the process takes already (its baseline: the fork server's imports) fails at
+    once and says so. An allocation that fails outside ``run`` (in sending the result, say) is
+    reported as running out of memory too, not as a process that ended without a result.
+    """
+    import psutil
+
+    from node.plugins._forkserver import contain
+    from node.plugins.runtime import kill_descendants
+
+    contain()  # its own process group and subreaper; it dies with the fork server, which dies with the node
     # Source data sets often carry one-component names ("HEAD"); highdicom warns on each copy.
     warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
-    _limit_memory(spec.memory_limit_mb)
-    start = _rss_mb()
-    result = run(spec)
-    result.peak_mb = _peak_mb()
-    result.peak_added_mb = max(0.0, result.peak_mb - start)
-    conn.send(result)
-    conn.close()
+    baseline = address_space_mb()
+    limit = spec.memory_limit_mb
+    try:
+        if 0 < limit <= baseline:
+            result = WorkResult(False, error=out_of_memory(limit, baseline))
+        else:
+            _limit_memory(limit)
+            start = _rss_mb()
+            result = run(spec)
+            result.peak_mb = _peak_mb()
+            result.peak_added_mb = max(0.0, result.peak_mb - start)
+        conn.send(result)
+    except MemoryError:
+        _limit_memory(0)
+        conn.send(WorkResult(False, error=out_of_memory(limit, baseline, " outside the plugin's run")))
+    finally:
+        conn.close()
+        kill_descendants(psutil.Process())  # what the plugin started and left running ends with the job

@@ -430,6 +430,23 @@ def send_files(
     return summary
 
 
+def accepts(peer: Peer, sop_class: str) -> bool:
+    """Whether ``peer`` accepts ``sop_class`` at association negotiation (nothing is sent).
+
+    Raises ConnectionError when it cannot be asked (down, or it rejects the association).
+    """
+    try:
+        assoc = Association.request(peer.host, peer.port, calling_ae=peer.calling_ae, called_ae=peer.called_ae,
+                                    contexts=[(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])],
+                                    timeout=peer.timeout, tls=peer.tls)  # fmt: skip
+    except AssociationError as e:
+        raise ConnectionError(f"no association with {peer.label}: {e}") from None
+    try:
+        return any(a == sop_class for a, _ in assoc.accepted.contexts.values())
+    finally:
+        assoc.release()
+
+
 def echo(peer: Peer) -> int:
     """C-ECHO; returns the status (raises ConnectionError naming why there was no association)."""
     try:
