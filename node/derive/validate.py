@@ -78,8 +78,10 @@ def _values(ds: Dataset, keyword: str) -> list[str]:
 #: (module, keyword) -> (holds?, the condition as PS3.3 states it). Checked, and repaired, where it holds.
 _CONDITIONS_2C: dict[tuple[str, str], tuple[Callable[[Dataset], bool], str]] = {
     ("general-series", "PatientPosition"): (
-        lambda ds: str(ds.get("SOPClassUID", "")) in ("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4")
-        and "PatientOrientationCodeSequence" not in ds,
+        lambda ds: (
+            str(ds.get("SOPClassUID", "")) in ("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4")
+            and "PatientOrientationCodeSequence" not in ds
+        ),
         "required for CT and MR images without Patient Orientation Code Sequence",
     ),
     ("mr-image", "RepetitionTime"): (
@@ -126,6 +128,7 @@ class Problem:
 class _Node:
     """An attribute at one place in an IOD: the modules that name it there (with their type) and its items."""
 
+    tag: BaseTag
     rules: dict[str, str] = field(default_factory=dict)  # module -> type
     children: dict[str, _Node] | None = None
 
@@ -195,11 +198,11 @@ def _iod(sop_class_uid: str) -> _Iod | None:
             for target in (tree, merged):
                 level = target
                 for p in path:
-                    parent = level.setdefault(p, _Node())
+                    parent = level.setdefault(p, _Node(Tag(p)))
                     if parent.children is None:
                         parent.children = {}
                     level = parent.children
-                node = level.setdefault(attr["keyword"], _Node())
+                node = level.setdefault(attr["keyword"], _Node(Tag(attr["keyword"])))
                 old = node.rules.get(key)
                 if old is None or _STRICTNESS[kind] < _STRICTNESS[old]:
                     node.rules[key] = kind
@@ -242,18 +245,18 @@ def _empty(elem: DataElement) -> bool:
 
 def _used(iod: _Iod, ds: Dataset) -> list[_Module]:
     """The modules this data set must satisfy: the Mandatory ones and the others that are present."""
-    return [m for m in iod.modules if m.usage == "M" or any(kw in ds for kw in m.own)]
+    return [m for m in iod.modules if m.usage == "M" or any(m.tree[kw].tag in ds for kw in m.own)]
 
 
 def _check_tree(ds: Dataset, tree: dict[str, _Node], module: str, path: str, out: list[Problem]) -> None:
     for kw, node in tree.items():
         kind = node.rules[module]
-        elem = ds[kw] if kw in ds else None
+        elem = ds[node.tag] if node.tag in ds else None  # (by tag: a keyword is looked up each time)
         if elem is None:
             if kind in ("1", "2"):
-                out.append(Problem(kw, _tag_of(kw), module, kind, "missing", path))
+                out.append(Problem(kw, _tag(node.tag), module, kind, "missing", path))
             elif kind == "2C" and not path and (condition := _CONDITIONS_2C.get((module, kw))) and condition[0](ds):
-                out.append(Problem(kw, _tag_of(kw), module, kind, f"missing ({condition[1]})", path))
+                out.append(Problem(kw, _tag(node.tag), module, kind, f"missing ({condition[1]})", path))
             continue
         if kind in ("1", "1C") and _empty(elem):
             what = "empty (a sequence without items)" if elem.VR == "SQ" else "empty"
@@ -305,16 +308,15 @@ def _value_problem(elem: DataElement) -> str | None:
     return None
 
 
-def _walk(ds: Dataset, merged: dict[str, _Node] | None, used: set[str], path: str
-          ) -> Iterator[tuple[Dataset, DataElement, _Node | None, str]]:  # fmt: skip
+def _walk(ds: Dataset, merged: dict[str, _Node] | None, path: str) -> Iterator[tuple[DataElement, _Node | None, str]]:
     """Every element (inside sequences too) with the tables' node for its place (None where they say nothing)."""
     for elem in ds:
         node = merged.get(elem.keyword) if merged is not None and elem.keyword else None
-        yield ds, elem, node, path
+        yield elem, node, path
         if elem.VR == "SQ":
             children = node.children if node is not None else None
             for i, item in enumerate(elem.value):
-                yield from _walk(item, children, used, f"{path}.{elem.keyword}[{i}]" if path else f"{elem.keyword}[{i}]")
+                yield from _walk(item, children, f"{path}.{elem.keyword}[{i}]" if path else f"{elem.keyword}[{i}]")
 
 
 def _rule(node: _Node | None, used: set[str]) -> tuple[str, str]:
@@ -344,7 +346,8 @@ def validate(ds: Dataset) -> list[Problem]:
     iod = _iod(sop_class) if sop_class else None
     out: list[Problem] = []
     if iod is None:
-        what = "missing" if not sop_class else f"{sop_class} ({UID(sop_class).name}) has no IOD in the tables"
+        name = UID(sop_class).name
+        what = "missing" if not sop_class else f"{sop_class}{f' ({name})' if name != sop_class else ''} is no IOD's"
         out.append(Problem("SOPClassUID", "(0008,0016)", "sop-common", "1", what))
         merged, used = None, set()
     else:
@@ -355,7 +358,7 @@ def validate(ds: Dataset) -> list[Problem]:
         merged = iod.merged
     out = _strictest(out)
     seen = {(p.path, p.keyword) for p in out}
-    for _, elem, node, path in _walk(ds, merged, used, ""):
+    for elem, node, path in _walk(ds, merged, ""):
         what = _value_problem(elem)
         if what is not None:
             module, kind = _rule(node, used)
@@ -368,11 +371,15 @@ def validate(ds: Dataset) -> list[Problem]:
 # -- repairs ---------------------------------------------------------------------------------------------
 
 
+#: SOP classes whose IOD allows one Modality only.
+_MODALITY_OF_CLASS = {"1.2.840.10008.5.1.4.1.1.2": "CT", "1.2.840.10008.5.1.4.1.1.4": "MR",
+                      "1.2.840.10008.5.1.4.1.1.66.4": "SEG", "1.2.840.10008.5.1.4.1.1.66.7": "SEG"}  # fmt: skip
+
+
 def _type1_default(keyword: str, module: str, ds: Dataset) -> tuple[Any, str] | None:
     """A value the standard allows for a Type 1 attribute a source did not have, with why; None if none."""
     sop_class = str(ds.get("SOPClassUID", ""))
-    modality = {"1.2.840.10008.5.1.4.1.1.2": "CT", "1.2.840.10008.5.1.4.1.1.4": "MR",
-                "1.2.840.10008.5.1.4.1.1.66.4": "SEG", "1.2.840.10008.5.1.4.1.1.66.7": "SEG"}.get(sop_class)  # fmt: skip
+    modality = _MODALITY_OF_CLASS.get(sop_class)
     if module == "mr-image" and keyword == "ScanningSequence":
         return "RM", "Research Mode: the source does not say how it was acquired"
     if module == "mr-image" and keyword == "SequenceVariant":
@@ -410,7 +417,7 @@ def _fill(ds: Dataset, source: Dataset | None, iod: _Iod, changes: list[str]) ->
         problems: list[Problem] = []
         _check_tree(ds, module.tree, module.key, "", problems)
         for p in problems:
-            if p.path or p.keyword in _IDENTITY and p.keyword in ds:
+            if p.path or (p.keyword in _IDENTITY and p.keyword in ds):
                 continue  # inside items: left to the builder; identity: never touched
             if p.type not in ("1", "2", "2C"):
                 continue
@@ -445,7 +452,8 @@ def _prune(ds: Dataset, merged: dict[str, _Node], used: set[str], path: str, cha
         optional = kind in ("3", "")  # "": no module of the IOD names it here (a standard extension)
         where = f"{path}." if path else ""
         label = f"{where}{elem.keyword or 'unknown'} {_tag(elem)} (" + (
-            f"Type {kind}, module {module})" if module else "in no module of this IOD)")
+            f"Type {kind}, module {module})" if module else "in no module of this IOD)"
+        )
         if elem.VR == "SQ":
             if optional and len(elem.value) == 0 and kind:
                 del ds[elem.tag]
