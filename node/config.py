@@ -58,6 +58,13 @@ class NodeSection(_Section):
     min_free_mb: int = Field(1024, ge=0)
     #: What to do when an instance with a known SOP Instance UID arrives again.
     duplicates: Literal["keep_first", "overwrite"] = "keep_first"
+    #: Take abstract syntaxes that are no standard SOP class (private, or newer than this node) as
+    #: storage classes; false refuses them at negotiation.
+    accept_unknown_sop_classes: bool = True
+    #: Connections that have not yet been accepted as an association, in all and per peer address;
+    #: more are closed at once (a flood of idle connections must not starve real senders).
+    max_pending_connections: int = Field(64, ge=1, le=4096)
+    max_pending_per_address: int = Field(16, ge=1, le=4096)
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
 
@@ -184,6 +191,10 @@ class DestinationSection(_Section):
     #: How derived objects (SEG, SC) meant for this destination are encoded: uncompressed, or
     #: lossless JPEG 2000 / RLE. A rule action's own `compression` takes precedence.
     derived_compression: Literal["none", "jpeg2000", "rle"] = "none"
+    #: Label map SEGs (Label Map Segmentation Storage, 2024) for this destination: "auto" asks it at
+    #: association negotiation whether it accepts that SOP class and sends the same segments as a BINARY
+    #: SEG when it does not (or cannot be asked); "send" always sends the label map; "binary" never does.
+    label_map_seg: Literal["auto", "send", "binary"] = "auto"
     #: Seconds to wait for the association, each response and any network activity.
     timeout: float = Field(60.0, gt=0)
     #: Largest PDU we accept from it (0 = unlimited).

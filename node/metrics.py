@@ -42,7 +42,8 @@ ASSOCIATIONS_ACCEPTED = Counter(
 )
 ASSOCIATIONS_REJECTED = Counter(
     PREFIX + "associations_rejected",
-    "Associations rejected by the storage SCP, by reason (called-ae, calling-ae, peer-address, limit, protocol).",
+    "Associations rejected by the storage SCP, by reason (called-ae, calling-ae, peer-address, limit, protocol, "
+    "pending-limit: closed before the request, acse-timeout: no request in time).",
     ["reason"], registry=REGISTRY,
 )  # fmt: skip
 INSTANCES_RECEIVED = Counter(

@@ -92,7 +92,9 @@ class Ingest:
             reason = f"storage error: {e.strerror or e}"
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 reason = "the storage filesystem is full"
-            log.error("could not store %s from %s: %s", sop_instance_uid, peer.calling_ae, reason)
+            log.error("could not store %s from %s (%s): %s (%s); answered 0xA700, the sender may retry once "
+                      "there is space again under node.data_dir", sop_instance_uid, peer.calling_ae, peer.address,
+                      reason, e)  # fmt: skip
             return StoreResult(Status.OUT_OF_RESOURCES, reason)
         except Exception as e:  # a bug must not become pynetdicom's 0xC211 or kill the association
             log.exception("unexpected failure storing %s from %s", sop_instance_uid, peer.calling_ae)
@@ -111,6 +113,8 @@ class Ingest:
     def _store(
         self, rx: ReceivedFile, sop_class_uid: str, sop_instance_uid: str, ts: UID, peer: Peer
     ) -> StoreResult:
+        if rx.error is not None:  # the data set could not be written (it was read to its end and dropped)
+            raise rx.error
         if self.min_free_bytes:
             free = self._free_bytes()
             if free < self.min_free_bytes:
@@ -180,7 +184,11 @@ class Ingest:
             return outcome
 
         recorded = self.writer.submit(work)
-        fsync_dir(final.parent)
+        try:
+            fsync_dir(final.parent)
+            unsynced: OSError | None = None
+        except OSError as e:  # answered with 0xA700 below, once the row is settled (a retry is a duplicate)
+            unsynced = e
         try:
             outcome: RecordOutcome = recorded.result(timeout=INDEX_WAIT)
         except TimeoutError:
@@ -193,7 +201,7 @@ class Ingest:
                 ) from None
         except Exception as e:
             self.storage.remove(final)
-            raise Rejected(Status.OUT_OF_RESOURCES, f"the index could not record the instance: {e}") from None
+            raise Rejected(Status.OUT_OF_RESOURCES, f"the index could not record it: {e}") from None
         if self.on_recorded is not None and not missing:  # no series to track without its UIDs
             try:
                 self.on_recorded(outcome, record.received_at)
@@ -214,6 +222,8 @@ class Ingest:
             else:
                 log.warning("%s from %s restores an indexed instance whose file was missing",
                             ds_inst, peer.calling_ae)  # fmt: skip
+        if unsynced is not None:
+            raise unsynced
         if warning:
             log.warning("stored %s from %s with warning 0xB007: %s", ds_inst, peer.calling_ae, warning)
             return StoreResult(Status.STORED_NONCONFORMANT, warning, outcome=outcome.kind)

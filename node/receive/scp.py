@@ -11,7 +11,6 @@ from collections.abc import Callable
 from io import BytesIO
 from typing import Any
 
-from pydicom._uid_dict import UID_dictionary
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID, AllTransferSyntaxes, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
@@ -19,6 +18,7 @@ from node import __version__, audit, metrics
 from node.config import Config
 from node.receive import dimse
 from node.receive.ingest import Ingest, Peer
+from node.receive.sop_classes import storage_classes
 from node.receive.status import is_stored
 from node.receive.ul import Acceptor, AcceptorSettings, AssociationInfo, StoreRequest
 
@@ -28,15 +28,6 @@ log = logging.getLogger(__name__)
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1431.1.0"
 IMPLEMENTATION_VERSION_NAME = f"DICOMNODE_{__version__}"[:16]
 VERIFICATION = "1.2.840.10008.1.1"
-
-
-def storage_sop_classes() -> list[str]:
-    """Every Storage SOP Class pydicom knows, retired ones included (old modalities send them)."""
-    out = set()
-    for uid, (name, kind, *_rest) in UID_dictionary.items():
-        if kind == "SOP Class" and "Storage" in name and "Commitment" not in name:
-            out.add(uid)
-    return sorted(out)
 
 
 def accepted_transfer_syntaxes() -> frozenset[str]:
@@ -106,7 +97,7 @@ class StorageSCP:
         self.totals = {"stored": 0, "duplicates": 0, "failed": 0, "associations": 0}
         n = cfg.node
         syntaxes = accepted_transfer_syntaxes()
-        supported = {uid: syntaxes for uid in storage_sop_classes()}
+        supported = {uid: syntaxes for uid in storage_classes()}
         supported[VERIFICATION] = syntaxes
         if on_commitment is not None:
             supported[STORAGE_COMMITMENT] = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian})
@@ -119,6 +110,9 @@ class StorageSCP:
             implementation_class_uid=IMPLEMENTATION_CLASS_UID,
             implementation_version=IMPLEMENTATION_VERSION_NAME,
             supported=supported,
+            unknown_storage=syntaxes if n.accept_unknown_sop_classes else frozenset(),
+            max_pending=n.max_pending_connections,
+            max_pending_per_address=n.max_pending_per_address,
             receive_dir=ingest.storage.tmp,
             ssl_context=self._ssl_context(),
             scp_role_classes=frozenset({STORAGE_COMMITMENT}) if on_commitment is not None else frozenset(),

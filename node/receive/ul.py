@@ -41,7 +41,7 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import PresentationContext
 
 from node import metrics
-from node.receive import dimse
+from node.receive import dimse, sop_classes
 from node.receive.rxfile import ReceivedFile
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,9 @@ _PDV_HEAD = struct.Struct(">LBB")
 MAX_CONTROL_PDU = 1 << 20
 #: Data set fragments are copied to disk in pieces of at most this size.
 CHUNK = 1 << 20
+#: Receive buffer until the association is accepted: an A-ASSOCIATE-RQ is a few KiB, and a
+#: connection that never associates must not cost a CHUNK of memory.
+NEGOTIATION_BUFFER = 16 << 10
 #: Command sets are small; anything bigger is a protocol error, not a command.
 MAX_COMMAND = 1 << 16
 MAX_EVENT_DATASET = 16 << 20
@@ -134,6 +137,13 @@ class AcceptorSettings:
     receive_dir: Path
     #: SOP classes for which a requestor may take the SCP role (sends us N-EVENT-REPORTs).
     scp_role_classes: frozenset[str] = frozenset()
+    #: Transfer syntaxes for an abstract syntax not in ``supported`` that the standard does not give
+    #: to another service (a private or newer storage class); empty: such contexts are refused.
+    unknown_storage: frozenset[str] = frozenset()
+    #: Connections not yet associated (TLS handshake, waiting for the A-ASSOCIATE-RQ), in all and
+    #: per peer address; more are closed at once.
+    max_pending: int = 64
+    max_pending_per_address: int = 16
     ssl_context: ssl.SSLContext | None = None
 
 
@@ -145,12 +155,22 @@ class _Conn:
     call is also a GIL hand-off between associations.
     """
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, size: int = CHUNK) -> None:
         self.sock = sock
-        self.buf = bytearray(CHUNK)
+        self.buf = bytearray(size)
         self.view = memoryview(self.buf)
         self.start = 0  # unread bytes are buf[start:end]
         self.end = 0
+
+    def grow(self, size: int) -> None:
+        """Enlarge the buffer (once the association is accepted), keeping what is unread."""
+        if size <= len(self.buf):
+            return
+        unread = bytes(self.view[self.start : self.end])
+        buf = bytearray(size)
+        buf[: len(unread)] = unread
+        self.buf, self.view = buf, memoryview(buf)
+        self.start, self.end = 0, len(unread)
 
     def _fill(self) -> None:
         if self.start == self.end:
@@ -202,6 +222,28 @@ class _Conn:
             pass
 
 
+class _Throttled:
+    """One log line per ``interval`` seconds at most for an event that may come in floods (the next
+    line says how many were left out): a flood of connections must not become a flood of logs."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self._next = 0.0
+        self._skipped = 0
+        self._lock = threading.Lock()
+
+    def warning(self, msg: str, *args: object) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now < self._next:
+                self._skipped += 1
+                return
+            skipped, self._skipped, self._next = self._skipped, 0, now + self.interval
+        if skipped:
+            msg += f" ({skipped} more like this in the last {self.interval:.0f} s, not logged)"
+        log.warning(msg, *args)
+
+
 def _pdata(context_id: int, command: bytes) -> bytes:
     """One P-DATA-TF PDU holding a complete command set (last fragment, command)."""
     pdv = _PDV_HEAD.pack(len(command) + 2, context_id, 0x03) + command
@@ -231,6 +273,8 @@ class Association(threading.Thread):
         #: An N-EVENT-REPORT's data set while it arrives.
         self._small: bytearray | None = None
         self._closing = False
+        #: Set by the acceptor when node.acse_timeout ran out before the association request.
+        self.expired = False
 
     # --- lifecycle ----------------------------------------------------------
 
@@ -243,12 +287,16 @@ class Association(threading.Thread):
                 try:
                     sock = self.settings.ssl_context.wrap_socket(sock, server_side=True)
                 except (ssl.SSLError, OSError) as e:
-                    log.warning("TLS handshake with %s:%d failed: %s", *self.address, e)
+                    if self.expired:
+                        self.server.timed_out(self, "the TLS handshake")
+                    else:
+                        log.warning("TLS handshake with %s:%d failed: %s", *self.address, e)
                     return
                 self.sock = sock
-            conn = _Conn(sock)
+            conn = _Conn(sock, NEGOTIATION_BUFFER)
             if not self._negotiate(conn):
                 return
+            conn.grow(CHUNK)
             how = self._serve(conn)
         except Exception:  # never let a bug escape a thread silently
             log.exception("association from %s:%d failed", *self.address)
@@ -296,6 +344,14 @@ class Association(threading.Thread):
             self._tmp.mkdir(exist_ok=True)
         return self._tmp
 
+    def _new_file(self) -> ReceivedFile:
+        """A temp file for the next data set; one that cannot be created (storage full) still takes the
+        data set, discarding it, so that the request is answered (0xA700) and the association goes on."""
+        try:
+            return ReceivedFile(self._receive_dir())
+        except OSError as e:
+            return ReceivedFile.unwritable(e)
+
     def _discard_partial(self) -> None:
         for rx in (self._rx, self._spare):
             if rx is not None:
@@ -309,16 +365,21 @@ class Association(threading.Thread):
         return _PDU_HEAD.unpack(head)
 
     def _negotiate(self, conn: _Conn) -> bool:
-        conn.sock.settimeout(self.settings.acse_timeout)  # ARTIM while waiting for the request
+        # ARTIM (PS3.8 9.1.5) for each read; the acceptor closes the connection when node.acse_timeout
+        # has passed since it connected, however slowly the request trickles in.
+        conn.sock.settimeout(self.settings.acse_timeout)
         try:
             pdu_type, length = self._read_pdu_header(conn)
+            if pdu_type != 0x01 or length > MAX_CONTROL_PDU:
+                log.warning("%s:%d sent PDU type 0x%02X instead of A-ASSOCIATE-RQ; aborting", *self.address, pdu_type)
+                conn.send(_abort_pdu(0x02, 0x02))
+                return False
+            body = conn.read_exact(length)
         except PeerClosed:
+            if self.expired:
+                self.server.timed_out(self, "an A-ASSOCIATE-RQ")
             return False  # port scanners, health checks that only connect
-        if pdu_type != 0x01 or length > MAX_CONTROL_PDU:
-            log.warning("%s:%d sent PDU type 0x%02X instead of A-ASSOCIATE-RQ; aborting", *self.address, pdu_type)
-            conn.send(_abort_pdu(0x02, 0x02))
-            return False
-        body = conn.read_exact(length)
+        self.server.requested(self)
         rq = A_ASSOCIATE_RQ()
         try:
             rq.decode(_PDU_HEAD.pack(pdu_type, length) + body)
@@ -370,7 +431,8 @@ class Association(threading.Thread):
             out = PresentationContext()
             out.context_id = cx.context_id
             out.abstract_syntax = cx.abstract_syntax
-            accepted = self.settings.supported.get(str(cx.abstract_syntax))
+            abstract = str(cx.abstract_syntax)
+            accepted, why_not = self._syntaxes_for(abstract)
             if accepted is None:
                 out.result = 0x03  # abstract syntax not supported
                 out.transfer_syntax = [cx.transfer_syntax[0]]
@@ -384,13 +446,17 @@ class Association(threading.Thread):
                 else:
                     out.result = 0x00
                     out.transfer_syntax = [chosen]
-                    info.contexts[int(cx.context_id)] = (str(cx.abstract_syntax), str(chosen))
+                    info.contexts[int(cx.context_id)] = (abstract, str(chosen))
+                    if accepted is self.settings.unknown_storage and abstract not in self.settings.supported:
+                        log.info("association %s from %s: accepted presentation context %d for %s as a storage "
+                                 "class (node.accept_unknown_sop_classes)", info.id, calling, out.context_id,
+                                 sop_classes.describe(abstract))  # fmt: skip
             results.append(out)
             if out.result != 0x00:
                 log.info(
-                    "association %s from %s: refused presentation context %s (%s), transfer syntaxes %s",
-                    info.id, calling, cx.abstract_syntax, getattr(cx.abstract_syntax, "name", ""),
-                    ", ".join(str(t) for t in cx.transfer_syntax),
+                    "association %s from %s: refused presentation context %s, transfer syntaxes %s: %s",
+                    info.id, calling, sop_classes.describe(abstract), ", ".join(str(t) for t in cx.transfer_syntax),
+                    why_not or "none of these transfer syntaxes is supported",
                 )  # fmt: skip
 
         ac_prim = A_ASSOCIATE()
@@ -420,6 +486,17 @@ class Association(threading.Thread):
         except Exception:
             log.exception("association_accepted handler failed")
         return True
+
+    def _syntaxes_for(self, abstract: str) -> tuple[frozenset[str] | None, str]:
+        """The transfer syntaxes accepted for ``abstract``, or ``None`` and why it is refused."""
+        accepted = self.settings.supported.get(abstract)
+        if accepted is not None:
+            return accepted, ""
+        if sop_classes.is_other_service(abstract):
+            return None, "not a storage service (this node is a Storage and Verification SCP)"
+        if not self.settings.unknown_storage:
+            return None, "not a standard storage class, and node.accept_unknown_sop_classes is false"
+        return self.settings.unknown_storage, ""
 
     def _roles(self, prim: A_ASSOCIATE, info: AssociationInfo) -> list:
         """Answers to SCP/SCU role selection (PS3.7 D.3.3.4): a PACS sending Storage Commitment results
@@ -552,7 +629,7 @@ class Association(threading.Thread):
         if cmd.command_field != dimse.C_STORE_RQ:
             raise ProtocolError(f"command 0x{cmd.command_field:04X} with a data set is not supported here")
         abstract, ts = self.info.contexts[cx_id]  # type: ignore[union-attr]
-        rx, self._spare = self._spare or ReceivedFile(self._receive_dir()), None
+        rx, self._spare = self._spare or self._new_file(), None
         self._rx = rx
         rx.write(
             dimse.encode_file_meta(
@@ -611,7 +688,7 @@ class Association(threading.Thread):
         # it: on ext4 a file creation can wait for a journal commit (that other
         # associations' fsyncs started), and here that wait overlaps the network.
         if self._spare is None:
-            self._spare = ReceivedFile(self._receive_dir())
+            self._spare = self._new_file()
 
     def _conn_send(self, data: bytes) -> None:
         try:
@@ -633,7 +710,12 @@ class Acceptor:
         self._lock = threading.Lock()
         self._active: set[Association] = set()
         self._admitted: set[Association] = set()
+        #: Connections still to send their A-ASSOCIATE-RQ -> when node.acse_timeout runs out.
+        self._pending: dict[Association, float] = {}
+        self._pending_by_address: dict[str, int] = {}
         self._stopping = threading.Event()
+        self._refused_log = _Throttled()
+        self._expired_log = _Throttled()
 
     def start(self) -> None:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
@@ -654,6 +736,7 @@ class Acceptor:
     def _accept_loop(self) -> None:
         assert self._sock is not None
         while not self._stopping.is_set():
+            self._expire_pending()
             try:
                 client, address = self._sock.accept()
             except TimeoutError:
@@ -663,12 +746,73 @@ class Acceptor:
                     return
                 time.sleep(0.05)
                 continue
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            client.settimeout(None)
+            host = address[0]
             a = Association(self, client, address[:2])
             with self._lock:
-                self._active.add(a)
+                limit = self._pending_limit(host)
+                if limit is None:
+                    self._pending[a] = time.monotonic() + self.settings.acse_timeout
+                    self._pending_by_address[host] = self._pending_by_address.get(host, 0) + 1
+                    self._active.add(a)
+            if limit is not None:
+                self._refuse(client, address[:2], limit)
+                continue
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            client.settimeout(None)
             a.start()
+
+    def _pending_limit(self, host: str) -> str | None:
+        """Which limit on connections not yet associated a new one from ``host`` would exceed (lock held)."""
+        if len(self._pending) >= self.settings.max_pending:
+            return f"node.max_pending_connections ({self.settings.max_pending})"
+        if self._pending_by_address.get(host, 0) >= self.settings.max_pending_per_address:
+            return f"node.max_pending_per_address ({self.settings.max_pending_per_address})"
+        return None
+
+    def _refuse(self, client: socket.socket, address: tuple[str, int], limit: str) -> None:
+        """Close a connection over a pending limit at once: no thread, no buffer, nothing read."""
+        try:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST: no TIME_WAIT
+            client.close()
+        except OSError:
+            pass
+        metrics.ASSOCIATIONS_REJECTED.labels("pending-limit").inc()
+        self._refused_log.warning("closed a connection from %s:%d at once: %s connections are waiting for their "
+                                  "association request", address[0], address[1], limit)  # fmt: skip
+
+    def _expire_pending(self) -> None:
+        """Close connections whose association request is not complete within node.acse_timeout of connecting."""
+        now = time.monotonic()
+        with self._lock:
+            late = [a for a, deadline in self._pending.items() if deadline <= now and not a.expired]
+            for a in late:
+                a.expired = True
+        for a in late:
+            try:
+                a.raw_sock.shutdown(socket.SHUT_RDWR)  # its thread's read returns at once
+            except OSError:
+                pass
+
+    def _not_pending(self, a: Association) -> None:
+        """``a`` sent its association request or went away (lock held)."""
+        if self._pending.pop(a, None) is not None:
+            host = a.address[0]
+            left = self._pending_by_address[host] - 1
+            if left:
+                self._pending_by_address[host] = left
+            else:
+                del self._pending_by_address[host]
+
+    def requested(self, a: Association) -> None:
+        """``a`` has sent a complete A-ASSOCIATE-RQ: it no longer counts as pending."""
+        with self._lock:
+            self._not_pending(a)
+
+    def timed_out(self, a: Association, waiting_for: str) -> None:
+        metrics.ASSOCIATIONS_REJECTED.labels("acse-timeout").inc()
+        self._expired_log.warning("closed the connection from %s:%d: no complete %s within node.acse_timeout "
+                                  "(%.0f s) of connecting", a.address[0], a.address[1], waiting_for,
+                                  self.settings.acse_timeout)  # fmt: skip
 
     def _admit(self, a: Association) -> bool:
         with self._lock:
@@ -679,6 +823,7 @@ class Acceptor:
 
     def _finished(self, a: Association) -> None:
         with self._lock:
+            self._not_pending(a)
             self._active.discard(a)
             self._admitted.discard(a)
 
