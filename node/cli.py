@@ -254,6 +254,12 @@ def rules_check(config: Path | None = ConfigOption) -> None:
         flags.append(f"on_revision {m.on_revision}")
         _lines([f"  {n}. {rule.name} ({', '.join(flags)})", f"     when {rule.condition.describe()}",
                 *[f"     then {a.summary()}" for a in m.actions]])  # fmt: skip
+    from rich.markup import escape
+
+    from node.plugins.runtime import memory_limit_warnings
+
+    for warning in memory_limit_warnings(cfg):
+        console.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False)
 
 
 @rules_app.command("explain")

@@ -1,10 +1,17 @@
-"""Imported only in the plugin fork server (as a preload): it must not outlive the node.
+"""Imported only in the plugin fork server (as a preload): it must not outlive the node, nor let plugins outlive it.
 
 Python's fork server stays up while any plugin process it forked runs, and a
 plugin process would outlive a node killed with SIGKILL, writing into a data
 directory the next start has cleaned. The kernel's parent-death signal ties
 the fork server to the node, and (set again in each child, see
-:func:`die_with_parent`) each plugin process to the fork server.
+:func:`contain`) each plugin process to the fork server.
+
+A plugin may start processes of its own, and they may leave its process
+group and session (setsid). Each plugin process leads a process group and is
+a child subreaper, so its orphans stay under it where the node's
+``runtime.kill_tree`` finds them; the fork server is a subreaper too (it
+adopts what a plugin process that ended left behind) and, when the node
+ends, kills every process under it before it exits.
 """
 
 from __future__ import annotations
@@ -12,22 +19,61 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import warnings
+from types import FrameType
+
+import psutil
+
+from node.plugins.runtime import kill_descendants
 
 PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
 
 
-def die_with_parent() -> None:
-    """Ask the kernel to SIGKILL this process when its parent ends (Linux)."""
+def _prctl(option: int, value: int) -> bool:
+    """prctl(2); False where there is none (not Linux): the timeout still bounds a plugin run."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: the timeout still bounds a plugin run
-        return
-    if os.getppid() == 1:  # the parent died before the request took effect
-        os._exit(1)
+        return bool(libc.prctl(option, value, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
 
 
-die_with_parent()
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Ask the kernel to send ``sig`` to this process when its parent ends (Linux)."""
+    parent = os.getppid()
+    if _prctl(PR_SET_PDEATHSIG, sig) and (os.getppid() != parent or parent == 1):
+        os._exit(1)  # the parent died before the request took effect
+
+
+def contain() -> None:
+    """In a plugin process, first thing: lead a process group, adopt orphans, die with the fork server."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the fork server's handler below
+    try:
+        os.setpgid(0, 0)
+    except OSError:  # the tree is still found through the subreaper's parent links
+        pass
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    die_with_parent(signal.SIGKILL)
+
+
+def _end_everything(signum: int, frame: FrameType | None) -> None:
+    """The node ended: kill every plugin process with all it started, then end the fork server."""
+    try:
+        kill_descendants(psutil.Process())
+    finally:
+        os._exit(0)
+
+
+def _serve_contained() -> None:
+    signal.signal(signal.SIGTERM, _end_everything)
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    # The fork server reaps the adopted orphans too, and would warn about each one.
+    warnings.filterwarnings("ignore", message="forkserver: waitpid returned unexpected pid")
+    die_with_parent(signal.SIGTERM)
+
+
+_serve_contained()
 
 
 def warm_up() -> None:

@@ -6,23 +6,38 @@ importing numpy and highdicom). A plugin that raises, segfaults, aborts,
 hangs or allocates past its limit ends only that process: the job fails
 with the reason, and the node carries on receiving. At most
 ``[plugins] workers`` plugin processes run at once.
+
+Whatever a plugin starts ends with it: the plugin process leads its own
+process group and is a child subreaper (see ``_forkserver.contain``), so a
+timeout or a cancel kills its whole tree, even a grandchild that left the
+group with setsid; and the fork server does the same to every plugin process
+when the node stops or dies.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import signal
 import threading
 import time
+from typing import TYPE_CHECKING, Any
+
+import psutil
 
 from node.plugins.worker import WorkResult, WorkSpec
 
+if TYPE_CHECKING:
+    from node.config import Config
+
 log = logging.getLogger(__name__)
 
-# _forkserver last: it ties the fork server's life to the node's and warms caches after the imports.
-_PRELOAD = ["node.plugins.worker", "node.plugins.series", "node.derive.seg", "node.derive.sc", "numpy", "highdicom",
-            "node.plugins._forkserver"]
+# Everything worker.run imports, so that a plugin process starts with it (and under its memory limit imports
+# nothing of the node's). _forkserver last: it ties the fork server's life to the node's and warms caches.
+_PRELOAD = ["node.plugins.worker", "node.plugins.series", "node.plugins.registry", "node.derive.common",
+            "node.derive.errors", "node.derive.seg", "node.derive.sc", "node.derive.image", "node.derive.template",
+            "numpy", "highdicom", "node.plugins._forkserver"]  # fmt: skip
 _lock = threading.Lock()
 _ctx: mp.context.BaseContext | None = None
 _slots: threading.BoundedSemaphore | None = None
@@ -68,6 +83,62 @@ def _slot(workers: int) -> threading.BoundedSemaphore:
         return _slots
 
 
+def _living(procs: list[psutil.Process]) -> list[psutil.Process]:
+    alive = []
+    for p in procs:
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def kill_descendants(root: psutil.Process, rounds: int = 200) -> None:
+    """SIGKILL every descendant of ``root`` (found through /proc's parent links), until none is left.
+
+    ``root`` must be a child subreaper (or stopped): an orphan of a killed descendant is re-parented to
+    it and found in the next round, and a process that forks meanwhile is caught the same way.
+    """
+    for _ in range(rounds):
+        try:
+            alive = _living(root.children(recursive=True))
+        except psutil.NoSuchProcess:
+            return
+        if not alive:
+            return
+        for p in alive:
+            try:
+                p.kill()  # psutil checks the pid still names the same process
+            except psutil.NoSuchProcess:
+                pass
+        time.sleep(0.01)
+    log.warning("plugin process %d: descendants still alive after %d rounds of SIGKILL", root.pid, rounds)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a plugin process with everything it started, also what left its process group (setsid).
+
+    The plugin process is stopped first (it can neither fork nor reap then, and as a child subreaper
+    it still adopts the orphans of what is killed under it), its descendants are killed, then its
+    process group (it leads one, see ``_forkserver.contain``), which ends it too.
+    """
+    try:
+        root = psutil.Process(pid)
+        root.suspend()
+        group = os.getpgid(pid)
+    except (psutil.NoSuchProcess, ProcessLookupError):
+        return  # ended already; what it left is the fork server's (a subreaper) until the node stops
+    kill_descendants(root)
+    try:
+        if group == pid:
+            os.killpg(group, signal.SIGKILL)
+        else:  # it ended before it could lead a group of its own
+            root.kill()
+    except (psutil.NoSuchProcess, ProcessLookupError):
+        pass
+
+
 def _death(exitcode: int | None) -> str:
     if exitcode is None:
         return "did not end"
@@ -79,6 +150,13 @@ def _death(exitcode: int | None) -> str:
         hint = " (out of memory? the kernel's OOM killer sends SIGKILL)" if -exitcode == signal.SIGKILL else ""
         return f"crashed with {name}{hint}"
     return f"exited with code {exitcode} without a result"
+
+
+def _end(proc: mp.process.BaseProcess) -> None:
+    """Kill the plugin process's whole tree and wait for the process itself."""
+    if proc.is_alive() and proc.pid is not None:
+        kill_tree(proc.pid)
+    proc.join(5)
 
 
 def run_in_process(spec: WorkSpec, *, timeout: float, workers: int = 2,
@@ -115,12 +193,10 @@ def run_in_process(spec: WorkSpec, *, timeout: float, workers: int = 2,
                 if not proc.is_alive():
                     break
                 if callable(cancelled) and cancelled():
-                    proc.kill()
-                    proc.join(5)
+                    _end(proc)
                     raise PluginRunError("cancelled while the plugin ran")
             if result is None and proc.is_alive() and time.monotonic() >= deadline:
-                proc.kill()
-                proc.join(5)
+                _end(proc)
                 raise PluginRunError(f"the plugin did not finish within its timeout of {timeout:g} s and was "
                                      "stopped (raise timeout for this plugin if the series needs longer)")  # fmt: skip
             proc.join(10)
@@ -129,6 +205,62 @@ def run_in_process(spec: WorkSpec, *, timeout: float, workers: int = 2,
             return result
         finally:
             if proc.is_alive():
-                proc.kill()
-                proc.join(5)
+                _end(proc)
             receiver.close()
+
+
+def _report_baseline(conn: Any) -> None:
+    """Plugin process entry point for measure_baseline_mb: start as a job's process does, report its size."""
+    from node.plugins import worker
+    from node.plugins._forkserver import contain
+
+    contain()
+    conn.send(worker.address_space_mb())
+    conn.close()
+
+
+def measure_baseline_mb(timeout: float = 60) -> float:
+    """The address space (MiB) a plugin process takes before it loads anything, from a real one.
+
+    That is the floor under any memory_limit_mb. It depends on the installed numpy, highdicom and
+    their libraries, so it is measured here rather than written down (about 400 MiB with the test
+    environment's versions).
+    """
+    ctx = _context()
+    receiver, sender = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_report_baseline, args=(sender,), name="dicom-node-plugin-probe", daemon=True)
+    proc.start()
+    sender.close()
+    try:
+        if not receiver.poll(timeout):
+            raise PluginRunError(f"a plugin process did not report its size within {timeout:g} s")
+        return float(receiver.recv())
+    finally:
+        receiver.close()
+        _end(proc)
+
+
+def memory_limit_warnings(cfg: Config) -> list[str]:
+    """A warning for each plugin action whose memory_limit_mb (its own or [plugins]') is below the baseline.
+
+    Such a job cannot even start its plugin; the warning names where the limit is set. Nothing is
+    measured when no plugin action has a limit.
+    """
+    limits: list[tuple[int, str]] = []
+    for rule in cfg.ruleset:
+        for n, action in enumerate(rule.model.actions):
+            if action.type != "plugin":
+                continue
+            own = action.memory_limit_mb
+            if own is not None:
+                limits.append((own, f'rules[{rule.index}] ("{rule.name}").actions[{n}].memory_limit_mb = {own}'))
+            else:
+                mb = cfg.plugins.memory_limit_mb
+                limits.append((mb, f'[plugins] memory_limit_mb = {mb} (used by rule "{rule.name}")'))
+    limits = [(mb, where) for mb, where in limits if mb > 0]
+    if not limits:
+        return []
+    baseline = measure_baseline_mb()
+    return [f"{where} is below the {baseline:.0f} MB a plugin process takes before it loads a series: its jobs "
+            "will fail with \"ran out of memory\"; raise it (0 means no limit)"
+            for mb, where in limits if mb <= baseline]  # fmt: skip

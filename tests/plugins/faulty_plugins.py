@@ -7,6 +7,8 @@ The node imports this module by name in its plugin processes (``[plugins] local 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -105,3 +107,26 @@ def templated(series: SeriesInput, params: BaseModel) -> list[Segmentation]:
     labels[:, : rows // 2, : cols // 2] = 1
     labels[:, rows // 2 :, cols // 2 :] = 2
     return [Segmentation(labels, [])]
+
+
+class SpawnParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    #: Put on the command line of every process the plugin starts, so a test can find them.
+    marker: str
+
+
+#: A Python process that sleeps (its argv, and so its command line, carries the marker).
+HANG = "import time; time.sleep(300)"
+#: An intermediate that starts HANG in a new session (setsid) and exits at once, leaving it orphaned.
+DAEMONIZE = ("import subprocess, sys; "
+             "subprocess.Popen([sys.executable, '-c', sys.argv[1], sys.argv[2]], start_new_session=True)")  # fmt: skip
+
+
+@plugin(name="spawner", version="0.1", params=SpawnParams)
+def spawner(series: SeriesInput, params: SpawnParams) -> list[Segmentation]:
+    """Starts a child that hangs and a grandchild that leaves its session and parent (setsid, orphaned); hangs."""
+    subprocess.Popen([sys.executable, "-c", HANG, params.marker])
+    subprocess.run([sys.executable, "-c", DAEMONIZE, HANG, params.marker], check=True)
+    time.sleep(120)
+    return [centre_box(series)]

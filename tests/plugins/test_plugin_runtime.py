@@ -51,6 +51,7 @@ flaky = "faulty_plugins:flaky"
 flaky-capped = "faulty_plugins:flaky_capped"
 refuser = "faulty_plugins:refuser"
 slow-box = "faulty_plugins:slow_box"
+spawner = "faulty_plugins:spawner"
 """
 
 
