@@ -114,6 +114,8 @@ class SpawnParams(BaseModel):
 
     #: Put on the command line of every process the plugin starts, so a test can find them.
     marker: str
+    #: Return a result once they run, instead of hanging.
+    then_return: bool = False
 
 
 #: A Python process that sleeps (its argv, and so its command line, carries the marker).
@@ -128,5 +130,6 @@ def spawner(series: SeriesInput, params: SpawnParams) -> list[Segmentation]:
     """Starts a child that hangs and a grandchild that leaves its session and parent (setsid, orphaned); hangs."""
     subprocess.Popen([sys.executable, "-c", HANG, params.marker])
     subprocess.run([sys.executable, "-c", DAEMONIZE, HANG, params.marker], check=True)
-    time.sleep(120)
+    if not params.then_return:
+        time.sleep(120)
     return [centre_box(series)]

@@ -2,7 +2,8 @@
 
 - A plugin that starts a child (which hangs) and a grandchild that leaves its session with setsid and
   is orphaned: when the job times out, is cancelled, or the node stops or is killed, no process of
-  that tree is left (found by a marker on their command lines), and the job says why it ended.
+  that tree is left (found by a marker on their command lines), and the job says why it ended;
+  nor when the plugin returns a result and leaves them running.
 - memory_limit_mb below what a plugin process takes after its imports: the job fails with "ran out
   of memory (limit N MB)" and what to raise; ``rules check`` warns about such a limit (exit 0).
 
@@ -97,6 +98,22 @@ def test_a_node_that_ends_leaves_none_of_its_plugins_processes(node, tmp_path, m
     else:
         node.kill9()
     assert gone(marker) == [], f"processes of a plugin still running after the node's {how}"
+
+
+def test_a_plugin_that_returns_leaves_none_of_its_processes(tmp_path, marker):
+    """What a plugin started and left running is ended with its process (here without a node)."""
+    from node.plugins.runtime import run_in_process
+    from node.plugins.worker import StepSpec, WorkSpec
+
+    files = labelled_ct(tmp_path, "spawn")
+    out = tmp_path / "out"
+    out.mkdir()
+    step = StepSpec("spawner", "faulty_plugins:spawner", {"marker": marker, "then_return": True})
+    result = run_in_process(WorkSpec(files=[str(f) for f in files], steps=[step], out_dir=str(out),
+                                     job_key=("1.2.3", 1, "spawn", 0)), timeout=120)  # fmt: skip
+    assert result.ok, result.error
+    assert len(result.outputs) == 1
+    assert gone(marker) == [], "processes started by a plugin that returned still running"
 
 
 def test_a_memory_limit_below_the_baseline_says_so(node, tmp_path):
