@@ -240,6 +240,22 @@ def run(spec: WorkSpec) -> WorkResult:
                       timings=timings, plugins=names, notes=notes)  # fmt: skip
 
 
+def _check(ds: Any, source: Any, kind: str, notes: list[str]) -> None:
+    """Repair what the standard allows, then validate against the IOD: an invalid object is never written."""
+    from node.derive.errors import OutputError
+    from node.derive.validate import repair, validate
+
+    for change in repair(ds, source):
+        note = f"{kind}: {change}"
+        if note not in notes:  # once per kind of output, not once per slice
+            notes.append(note)
+    problems = validate(ds)
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise OutputError(f"the {kind} is not valid DICOM, so it was not stored or sent: "
+                          + "; ".join(map(str, problems[:5])) + more)
+
+
 def _build_and_write(series: Any, r: Any, prov: Any, i: int, spec: WorkSpec, timings: dict[str, float],
                      notes: list[str]) -> list[Output]:  # fmt: skip
     """One result as DICOM objects, written to the job's folder (nothing written if any of them fails)."""
@@ -269,6 +285,8 @@ def _build_and_write(series: Any, r: Any, prov: Any, i: int, spec: WorkSpec, tim
     else:
         datasets = build_sc(series, r, prov, index=i, transfer_syntax=ts)
         kind = "SC"
+    for ds in [*datasets, *twins]:
+        _check(ds, series.first, kind, notes)
     timings["build"] += time.perf_counter() - t
     t = time.perf_counter()
     out_dir = Path(spec.out_dir)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import warnings
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from pydicom.uid import (
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from helpers import PEER_ENV, SHARED, dcmtk, make_ct_series, series_files  # noqa: E402
+from helpers.dciodvfy import LABEL_MAP_SEGMENTATION_STORAGE, verify  # noqa: E402
 from helpers.orthanc import Orthanc  # noqa: E402
 
 from node.derive.common import DERIVED_UID_ROOT, MANUFACTURER, Provenance  # noqa: E402
@@ -53,8 +53,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:.*unlikely to represent the intended person name:UserWarning"),
 ]
 
-DCIODVFY = "/usr/bin/dciodvfy"
-LABEL_MAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"  # Sup 243 (2024); pydicom 3.0 has no name for it
 THRESHOLD = "node.plugins.builtin.threshold:threshold_seg"
 
 #: The node's compression options (``compression`` in a plugin action) and their transfer syntaxes.
@@ -76,71 +74,6 @@ PRODUCED: list[Path] = []
 
 
 # -- dciodvfy ------------------------------------------------------------------------------------
-
-
-class DciodvfyWarning(UserWarning):
-    """A warning dciodvfy printed for an object the node made (listed in pytest's warnings summary)."""
-
-
-_SEEN: dict[str, str] = {}
-
-#: dicom3tools 1.00~20220618 predates Label Map Segmentation Storage (Sup 243, 2024): it finds no IOD for
-#: the SOP class and reads highdicom's background segment (number 0, allowed for LABELMAP) as an error.
-LABELMAP_TOOL_ERRORS = (
-    "Error - Information Object Not found",
-    "Error - SegmentNumber not monotonically increasing from one by one - have SegmentSequence item number 1 "
-    "(from one) with SegmentNumber of 0",
-)
-#: The same object checked as a (pre-2024) Segmentation Storage instance: what Sup 243 changed for LABELMAP.
-LABELMAP_AS_SEG_ERRORS = (
-    *LABELMAP_TOOL_ERRORS,
-    "Error - Unrecognized enumerated value <LABELMAP> for value 1 of attribute <Segmentation Type>",
-    "Error - Value is zero for value 1 of attribute <Segment Number>",
-    "Error - Missing attribute Type 1 Required Element=<SegmentIdentificationSequence> Module=<SegmentationMacro>",
-)
-
-
-def _dciodvfy_lines(path: Path) -> list[str]:
-    r = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=120)
-    return [line.strip() for line in (r.stdout + r.stderr).splitlines() if line.strip()]
-
-
-def _note(line: str, label: str) -> None:
-    if line not in _SEEN:
-        _SEEN[line] = label
-        print(f"dciodvfy [{label}]: {line}")
-        warnings.warn(DciodvfyWarning(f"dciodvfy: {line} (first in {label})"), stacklevel=3)
-
-
-def verify(path: Path, label: str) -> list[str]:
-    """dciodvfy finds no error in ``path``; returns its warnings (each new one is also a pytest warning)."""
-    lines = _dciodvfy_lines(path)
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
-    errors = [x for x in lines if x.startswith("Error")]
-    if ds.SOPClassUID == LABEL_MAP_SEGMENTATION_STORAGE:
-        errors = [e for e in errors if e not in LABELMAP_TOOL_ERRORS]
-        # Check everything else against the Segmentation IOD dicom3tools knows.
-        full = pydicom.dcmread(path)
-        full.SOPClassUID = full.file_meta.MediaStorageSOPClassUID = SegmentationStorage
-        surrogate = path.with_name(path.stem + ".as-seg.dcm")
-        full.save_as(surrogate, enforce_file_format=True)
-        try:
-            surrogate_lines = _dciodvfy_lines(surrogate)
-        finally:
-            surrogate.unlink()
-        if not any(x == "Segmentation" for x in surrogate_lines):
-            errors.append(f"dciodvfy did not check the label map as a Segmentation: {surrogate_lines[:5]}")
-        errors += [f"(as Segmentation IOD) {e}" for e in surrogate_lines
-                   if e.startswith("Error") and e not in LABELMAP_AS_SEG_ERRORS]  # fmt: skip
-        for e in (x for x in lines if x in LABELMAP_TOOL_ERRORS):
-            _note(f"tolerated for Label Map SEG (dicom3tools predates Sup 243): {e}", label)
-    assert not errors, (
-        f"dciodvfy errors in {label} ({path}):\n" + "\n".join(errors) + "\n\nall output:\n" + "\n".join(lines)
-    )
-    found = [x for x in lines if x.startswith("Warning")]
-    for w in found:
-        _note(w, label)
-    return found
 
 
 def write(ds: Dataset, path: Path, label: str) -> Path:
