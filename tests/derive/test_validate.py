@@ -30,6 +30,7 @@ from node.derive.validate import Problem, TablesUnavailable, dciodvfy, repair, v
 from node.plugins.api import Images, Segment, Segmentation, SeriesInput, Volume, codes  # noqa: E402
 from node.plugins.series import load_series  # noqa: E402
 from tests.helpers import series_files  # noqa: E402
+from tests.helpers.dciodvfy import LABELMAP_TOOL_ERRORS  # noqa: E402
 from tests.helpers.variants import ANONYMISED_AWAY, make_files  # noqa: E402
 
 pytestmark = [
@@ -40,15 +41,6 @@ pytestmark = [
 SERIES = {"ct": "ct-head-philips-5mm", "mr": "mr-t1-sag-siemens"}
 KINDS = ("seg binary", "seg labelmap", "seg fractional", "sc grey", "sc rgb", "image", "parametric map")
 LABELS = [f"{s} {k}" for s in SERIES for k in KINDS]
-#: dicom3tools 1.00~20220618 predates Label Map Segmentation Storage (Sup 243, 2024): it knows no IOD for the
-#: SOP class and takes the background segment (number 0, allowed for LABELMAP) for an error.
-LABELMAP_TOOL_ERRORS = {
-    "Error - Information Object Not found",
-    "Error - SegmentNumber not monotonically increasing from one by one - have SegmentSequence item number 1 "
-    "(from one) with SegmentNumber of 0",
-}
-
-
 def _provenance(series: SeriesInput) -> Provenance:
     return Provenance(job_key=(str(series.first.SeriesInstanceUID), 1, "validate", 0), algorithm="validate-test",
                       algorithm_version="1.0", station_name="NODE_TEST", parameters={"threshold": "90%"})  # fmt: skip
