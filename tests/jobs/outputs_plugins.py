@@ -1,0 +1,20 @@
+"""Plugins for the job tests: a label map of two segments, from the series' own values."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from node.plugins.api import Segment, Segmentation, SeriesInput, codes, plugin
+
+SEGMENTS = [Segment("Bone", codes.SCT.Tissue, codes.SCT.Bone), Segment("Soft", codes.SCT.Tissue, codes.SCT.SoftTissue)]
+
+
+def label_map(series: SeriesInput) -> np.ndarray:
+    """1 where the CT is bone (>= 300 HU), 2 where soft tissue (0..80 HU), else 0."""
+    v = series.rescaled()
+    return ((v >= 300) * 1 + ((v >= 0) & (v <= 80)) * 2).astype(np.uint8)
+
+
+@plugin(name="two-labels", version="1.0")
+def two_labels(series: SeriesInput, params: object) -> Segmentation:
+    return Segmentation(label_map(series), SEGMENTS, "labelmap", "bone and soft tissue")

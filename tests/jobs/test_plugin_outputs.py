@@ -1,0 +1,135 @@
+"""What a plugin job keeps and where its outputs go: a node in a subprocess, real peers downstream.
+
+- A chain whose later step fails keeps what the earlier steps made and sends it; the job fails naming the step.
+- A label map SEG reaches a PACS that refuses Label Map Segmentation Storage (DCMTK 3.6.7's storescp) as a
+  BINARY SEG with the same segments, while a PACS that accepts it (Orthanc, told to take SOP classes its
+  DCMTK does not know) gets the label map; the copy is in the audit trail.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from helpers import NodeProcess, StoreSCP, series_files, storescu, wait_for  # noqa: E402
+from helpers.orthanc import Orthanc  # noqa: E402
+
+from node.plugins.series import load_series  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+CT = "ct-head-philips-5mm"
+SEG = "1.2.840.10008.5.1.4.1.1.66.4"
+LABEL_MAP_SEG = "1.2.840.10008.5.1.4.1.1.66.7"
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*unlikely to represent the intended person name:UserWarning")
+
+
+def job_rows(node: NodeProcess) -> list[tuple]:
+    return node.query("select id, state, result, last_error from job order by id")
+
+
+def ended(node: NodeProcess, count: int) -> bool:
+    rows = job_rows(node)
+    return len(rows) == count and all(r[1] in ("succeeded", "failed") for r in rows)
+
+
+@pytest.fixture
+def scp(tmp_path: Path):
+    s = StoreSCP(tmp_path / "scp-out").start()
+    yield s
+    s.stop()
+
+
+def test_a_failed_step_keeps_and_sends_what_the_earlier_steps_made(tmp_path: Path, scp: StoreSCP) -> None:
+    # threshold-seg finds nothing above 5000 HU (an empty segment: a valid, empty SEG); distance-map then
+    # has no surface to measure from and fails.
+    node = NodeProcess(tmp_path / "node", extra_config=f"""
+[tracker]
+stable_after = 1
+{scp.destination("scp")}
+[[rules]]
+name = "chain"
+[[rules.actions]]
+type = "plugin"
+plugins = [{{ name = "threshold-seg", params = {{ segments = [{{ label = "Metal", lower = 5000, category = "Tissue", type = "Bone" }}] }} }}, {{ name = "distance-map" }}]
+send_to = ["scp"]
+""")  # fmt: skip
+    node.start()
+    try:
+        assert storescu(node.port, series_files(CT)).returncode == 0
+        wait_for(lambda: ended(node, 1), 120, "the chain's job to end")
+        ((job_id, state, result, error),) = job_rows(node)
+        assert state == "failed"
+        assert "running plugin distance-map" in error and "segment 1 is empty" in error, error
+        assert "kept 1 output(s)" in error and "queued 1 instance(s) for scp" in error, error
+        node.wait_delivered(1)
+        (seg_file,) = scp.received()
+        ds = pydicom.dcmread(seg_file)
+        assert ds.SOPClassUID == SEG and ds.SegmentSequence[0].SegmentLabel == "Metal"
+        rows = node.query("select sop_instance_uid from instance where job_fk = ?", job_id)
+        assert rows == [(ds.SOPInstanceUID,)]
+    finally:
+        node.stop()
+
+
+def test_a_label_map_seg_goes_as_binary_where_the_pacs_refuses_it(tmp_path: Path, scp: StoreSCP) -> None:
+    with Orthanc(tmp_path / "orthanc") as orthanc:
+        node = NodeProcess(tmp_path / "node", extra_config=f"""
+[tracker]
+stable_after = 1
+{scp.destination("scp")}
+{orthanc.destination("pacs")}
+[plugins.local]
+two-labels = "outputs_plugins:two_labels"
+[[rules]]
+name = "labels"
+[[rules.actions]]
+type = "plugin"
+plugin = "two-labels"
+send_to = ["scp", "pacs"]
+""")  # fmt: skip
+        node.env = {"PYTHONPATH": os.pathsep.join([str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])])}
+        node.start()
+        try:
+            files = series_files(CT)
+            assert storescu(node.port, files).returncode == 0
+            wait_for(lambda: ended(node, 1), 120, "the label map job to end")
+            ((_, state, result, error),) = job_rows(node)
+            assert state == "succeeded", error
+            assert "1 label map SEG(s) also written as BINARY SEG for scp: it does not accept Label Map" in result
+            node.wait_delivered(2)
+            # storescp (DCMTK 3.6.7) holds the BINARY copy, and only that
+            (got,) = scp.received()
+            binary = pydicom.dcmread(got)
+            assert binary.SOPClassUID == SEG and binary.SegmentationType == "BINARY"
+            # Orthanc holds the label map, and only that
+            (oid,) = orthanc.instances()
+            label_map = pydicom.dcmread(io.BytesIO(orthanc.get(f"/instances/{oid}/file")))
+            assert label_map.SOPClassUID == LABEL_MAP_SEG and label_map.SegmentationType == "LABELMAP"
+            assert binary.SOPInstanceUID != label_map.SOPInstanceUID
+            # The same segments, voxel for voxel
+            from outputs_plugins import label_map as expected_labels
+
+            series = load_series(files)
+            want = expected_labels(series)
+            uids = [str(d.SOPInstanceUID) for d in series.datasets]
+            from_binary = hd.seg.segread(got).get_pixels_by_source_instance(uids, assert_missing_frames_are_empty=True)
+            np.testing.assert_array_equal(from_binary[..., 0], want == 1)
+            np.testing.assert_array_equal(from_binary[..., 1], want == 2)
+            assert [s.SegmentLabel for s in binary.SegmentSequence] == ["Bone", "Soft"]
+            # Lineage: both are the job's outputs; the copy says what it is
+            details = node.query("select sop_instance_uid, detail from audit_event where kind = 'output_produced'")
+            assert {u for u, _ in details} == {binary.SOPInstanceUID, label_map.SOPInstanceUID}
+            (copy_detail,) = [d for u, d in details if u == binary.SOPInstanceUID]
+            assert f"BINARY copy of label map SEG {label_map.SOPInstanceUID} for scp" in copy_detail
+        finally:
+            node.stop()
