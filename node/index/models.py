@@ -253,6 +253,26 @@ class Delivery(Base):
     commitment_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
+class DestinationCircuit(Base):
+    """A destination's circuit breaker, kept so that a restart neither forgets an outage nor hammers a dead PACS.
+
+    One row per destination the node has sent to: its consecutive transient failures and the time
+    before which nothing is tried (the back-off of the last one). The sender reads it at start and
+    writes it when the circuit opens, grows or closes (:mod:`node.send.dispatch`).
+    """
+
+    __tablename__ = "destination_circuit"
+
+    destination: Mapped[str] = mapped_column(String(64), primary_key=True)
+    #: Consecutive transient failures (0: the circuit is closed).
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    #: No attempt before this time while ``failures`` > 0 (UTC; NULL when closed).
+    retry_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    #: Why the last attempt failed ("" when closed).
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class AuditEvent(Base):
     """Who did what, when: an append-only record for the people who must answer for the node.
 

@@ -8,10 +8,16 @@ association open for the next batch while the queue has more.
 A transient failure (refused, reset, timed out, rejected as transient,
 0xA7xx) opens the destination's circuit: nothing is tried until its back-off
 has passed (``initial_delay * multiplier**(n-1)``, at most ``max_delay``, with
-jitter); then one worker probes, and a success closes the circuit. The
-failed and waiting deliveries are rescheduled for that time, which is what
-``dicom-node queue`` shows. A permanent failure fails the delivery at once
-with the reason, without retrying.
+jitter); then one worker probes, and a delivery closes the circuit. The probe
+is a turn (:meth:`Breaker.turn`) that is released however it ends, so a probe
+whose batch is refused for good (or that crashes, or is stopped) never leaves
+the destination waiting. The failed and waiting deliveries are rescheduled for
+that time, which is what ``dicom-node queue`` shows. A permanent failure fails
+the delivery at once with the reason, without retrying.
+
+The circuit (failure count and next try) is kept in the index, so a node
+restarted during an outage waits out the back-off and goes on counting from
+where it was, instead of sending from every association at once.
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom.uid import generate_uid
@@ -46,8 +55,23 @@ LINGER = 2.0
 FLUSH_EVERY = 0.5
 
 
+@dataclass(frozen=True)
+class Turn:
+    """A worker's turn at a destination: wait this long first (0: go); ``probe``: it tests a half-open circuit."""
+
+    wait: float
+    probe: bool = False
+
+
 class Breaker:
-    """A destination's consecutive transient failures, back-off and circuit state (shared by its workers)."""
+    """A destination's consecutive transient failures, back-off and circuit state (shared by its workers).
+
+    Closed: every worker sends. Open (after a transient failure, for its back-off): none does.
+    Half-open (the back-off has passed): exactly one worker's turn is the probe, and the others wait
+    until that turn ends. A turn ends however it ends (delivered, transient or permanent failure,
+    nothing to send, an exception, the node stopping): :meth:`turn` releases the probe on the way out,
+    so no outcome can leave the destination waiting for a probe that never finishes.
+    """
 
     def __init__(self, policy, rng: random.Random | None = None) -> None:  # type: ignore[no-untyped-def]
         self.policy = policy
@@ -70,43 +94,82 @@ class Breaker:
             return "closed"
         return "open" if time.monotonic() < self._open_until else "half-open"
 
-    def wait(self) -> float:
-        """Seconds until this worker may try (0: go, and if the circuit was open, this worker probes)."""
+    def restore(self, failures: int, retry_at: dt.datetime | None) -> None:
+        """Take up the circuit as a previous run left it (an outage outlives a restart)."""
+        with self._lock:
+            self.failures = max(0, failures)
+            self.retry_at = retry_at if self.failures else None
+            left = (retry_at - utcnow()).total_seconds() if self.failures and retry_at else 0.0
+            self._open_until = time.monotonic() + max(0.0, left)
+
+    def snapshot(self) -> tuple[int, dt.datetime | None]:
+        """(consecutive failures, when to try again), to be recorded."""
+        with self._lock:
+            return self.failures, self.retry_at
+
+    @contextmanager
+    def turn(self) -> Iterator[Turn]:
+        """A worker's turn; in a half-open circuit only one turn at a time gets to go, and it is released here."""
+        t = self._admit()
+        try:
+            yield t
+        finally:
+            if t.probe:
+                with self._lock:
+                    self._probing = False
+
+    def _admit(self) -> Turn:
         with self._lock:
             if self.failures == 0:
-                return 0.0
+                return Turn(0.0)
             left = self._open_until - time.monotonic()
             if left > 0:
-                return left
+                return Turn(left)
             if self._probing:
-                return min(POLL, self.policy.initial_delay or POLL)
+                return Turn(min(POLL, self.policy.initial_delay or POLL))
             self._probing = True
-            return 0.0
+            return Turn(0.0, probe=True)
 
-    def success(self) -> None:
+    def success(self) -> bool:
+        """The destination took an instance: the circuit closes. Returns whether it was open (a change to record)."""
         with self._lock:
+            was_open = self.failures > 0
             self.failures = 0
-            self._probing = False
-
-    def probe_now(self) -> None:
-        """End the current back-off early (an operator's retry): the next worker probes."""
-        with self._lock:
+            self.retry_at = None
             self._open_until = 0.0
+            return was_open
 
-    def idle(self) -> None:
-        """A probe found nothing to send: another worker may probe next time."""
+    def probe_now(self) -> bool:
+        """End the current back-off early (an operator's retry): the next worker probes. False if it had ended."""
         with self._lock:
-            self._probing = False
+            was_open = self.failures > 0 and time.monotonic() < self._open_until
+            self._open_until = 0.0
+            return was_open
 
-    def failure(self) -> tuple[float, dt.datetime]:
-        """Count a failure; returns (delay, when to try again)."""
+    def failure(self) -> tuple[bool, float, dt.datetime]:
+        """Count a transient failure; returns (counted, delay, when to try again).
+
+        A failure reported while the circuit is already open comes from an attempt that began before
+        it opened (another worker's batch, in flight when the first one failed): the same outage, so it
+        neither counts again nor lengthens the back-off.
+        """
         with self._lock:
+            wall, now = utcnow(), time.monotonic()  # in this order: when the back-off ends, retry_at has passed
+            if self.failures and now < self._open_until and self.retry_at is not None:
+                return False, self._open_until - now, self.retry_at
             self.failures += 1
             d = self.delay(self.failures)
-            self._open_until = time.monotonic() + d
-            self._probing = False
-            self.retry_at = utcnow() + dt.timedelta(seconds=d)
-            return d, self.retry_at
+            self._open_until = now + d
+            self.retry_at = wall + dt.timedelta(seconds=d)
+            return True, d, self.retry_at
+
+
+@dataclass
+class _Worker:
+    """One sender thread's association and how long it has had nothing to send."""
+
+    sender: Sender
+    idle_since: float | None = None
 
 
 class DestinationSender:
@@ -125,6 +188,7 @@ class DestinationSender:
         self._wake = threading.Condition()
         self._woken = False
         self._claim_lock = threading.Lock()
+        self._circuit_lock = threading.Lock()
         self.threads = [
             threading.Thread(target=self._work, name=f"send-{d.name}-{i}", daemon=True)
             for i in range(d.max_associations)
@@ -141,12 +205,16 @@ class DestinationSender:
                 self._wake.wait(max(0.01, seconds))
             self._woken = False
 
-    def _postpone(self) -> None:
-        """Deliveries queued while the circuit is open show (in ``dicom-node queue``) when they will go."""
+    def _postpone(self, forced_too: bool = False) -> None:
+        """Deliveries queued while the circuit is open show (in ``dicom-node queue``) when they will go.
+
+        ``forced_too`` after a failure: an operator's retry has had its try, and what it made due
+        waits for the back-off too (else each batch of it would be one more try at a dead PACS).
+        """
         until = self.breaker.retry_at
         if until is not None:
             try:
-                queue.postpone(self.engine, self.dest.name, until)
+                queue.postpone(self.engine, self.dest.name, until, forced_too=forced_too)
             except Exception as e:
                 log.debug("destination %s: could not postpone queued deliveries: %s", self.dest.name, e)
 
@@ -167,53 +235,76 @@ class DestinationSender:
             return POLL
         return min(POLL, max(0.01, (due - utcnow()).total_seconds()))
 
+    def restore(self, circuit: queue.Circuit) -> None:
+        """Take up the circuit the last run left: a destination that was down is not hammered after a restart."""
+        self.breaker.restore(circuit.failures, circuit.retry_at)
+        if circuit.failures:
+            log.warning("destination %s: %d consecutive failure(s) before the node stopped (last: %s); next try at "
+                        "%s, then backing off from there", self.dest.name, circuit.failures, circuit.last_error,
+                        circuit.retry_at.isoformat(timespec="seconds") if circuit.retry_at else "once started",
+                        extra={"destination": self.dest.name})  # fmt: skip
+
+    def _record_circuit(self, error: str = "") -> None:
+        """Write the circuit's current state to the index (it survives a restart)."""
+        with self._circuit_lock:  # the state read under this lock is the one written last
+            failures, retry_at = self.breaker.snapshot()
+            try:
+                queue.save_circuit(self.engine, self.dest.name, queue.Circuit(failures, retry_at, error))
+            except Exception as e:
+                log.warning("destination %s: could not record its circuit state (%s); after a restart it would start "
+                            "closed", self.dest.name, e)  # fmt: skip
+
     def _work(self) -> None:
-        sender = Sender(self.peer)
-        idle_since: float | None = None
+        w = _Worker(Sender(self.peer))
         try:
             while not self._stop.is_set():
-                wait = self.breaker.wait()
-                if wait > 0 and self._forced():
+                if self.breaker.state == "open" and self._forced() and self.breaker.probe_now():
                     log.info("destination %s: an operator asked to retry now; trying before the back-off ends",
                              self.dest.name)  # fmt: skip
-                    self.breaker.probe_now()
-                    wait = self.breaker.wait()
-                if wait > 0:
-                    sender.close()
-                    if threading.current_thread() is self.threads[0]:
-                        self._postpone()
-                    self._sleep(min(wait, POLL))
-                    continue
-                try:
-                    with self._claim_lock:
-                        items = queue.claim(self.engine, self.dest.name, BATCH)
-                except Exception as e:
-                    log.error("destination %s: cannot read the delivery queue: %s", self.dest.name, e)
-                    self.breaker.idle()
-                    self._sleep(POLL)
-                    continue
-                if not items:
-                    self.breaker.idle()
-                    now = time.monotonic()
-                    idle_since = idle_since or now
-                    if sender.assoc is not None and now - idle_since >= LINGER:
-                        sender.close()
-                    self._sleep(min(self._idle_wait(), LINGER if sender.assoc is not None else POLL))
-                    continue
-                idle_since = None
-                try:
-                    self._send_batch(sender, items)
-                except Exception as e:  # a bug must not kill the worker, nor leave rows "sending"
-                    log.exception("destination %s: unexpected error while sending", self.dest.name)
-                    sender.close()
-                    try:
-                        queue.release(self.engine, [c.id for c in items], f"internal error while sending: {e}")
-                    except Exception:
-                        log.exception("destination %s: could not put the batch back (it is at the next start)",
-                                      self.dest.name)  # fmt: skip
-                    self._sleep(POLL)
+                with self.breaker.turn() as turn:
+                    if turn.wait > 0:
+                        w.sender.close()
+                        if threading.current_thread() is self.threads[0]:
+                            self._postpone()
+                        pause = min(turn.wait, POLL)
+                    else:
+                        if turn.probe:
+                            log.info("destination %s: trying again after %d consecutive failure(s); the other "
+                                     "associations wait for this one", self.dest.name, self.breaker.failures,
+                                     extra={"destination": self.dest.name})  # fmt: skip
+                        pause = self._round(w)
+                if pause:  # outside the turn: a probe that found nothing to send does not hold the others back
+                    self._sleep(pause)
         finally:
-            sender.close()
+            w.sender.close()
+
+    def _round(self, w: _Worker) -> float:
+        """Claim a batch and send it; returns how long to pause before the next turn."""
+        try:
+            with self._claim_lock:
+                items = queue.claim(self.engine, self.dest.name, BATCH)
+        except Exception as e:
+            log.error("destination %s: cannot read the delivery queue: %s", self.dest.name, e)
+            return POLL
+        if not items:
+            now = time.monotonic()
+            w.idle_since = w.idle_since or now
+            if w.sender.assoc is not None and now - w.idle_since >= LINGER:
+                w.sender.close()
+            return min(self._idle_wait(), LINGER if w.sender.assoc is not None else POLL)
+        w.idle_since = None
+        try:
+            self._send_batch(w.sender, items)
+        except Exception as e:  # a bug must not kill the worker, nor leave rows "sending"
+            log.exception("destination %s: unexpected error while sending", self.dest.name)
+            w.sender.close()
+            try:
+                queue.release(self.engine, [c.id for c in items], f"internal error while sending: {e}")
+            except Exception:
+                log.exception("destination %s: could not put the batch back (it is at the next start)",
+                              self.dest.name)  # fmt: skip
+            return POLL
+        return 0.0
 
     def _send_batch(self, sender: Sender, claimed: list[queue.Item]) -> None:
         t0 = time.monotonic()
@@ -274,7 +365,10 @@ class DestinationSender:
         if r.attempted:
             metrics.DELIVERY_RESULTS.labels(self.dest.name, r.outcome).inc()
         if r.outcome == "delivered":
-            self.breaker.success()
+            if self.breaker.success():
+                log.info("destination %s: delivering again; circuit closed", self.dest.name,
+                         extra={"destination": self.dest.name})  # fmt: skip
+                self._record_circuit()
             metrics.INSTANCES_SENT.labels(self.dest.name).inc()
             metrics.BYTES_SENT.labels(self.dest.name).inc(c.file_size)
             metrics.DELIVERY_LATENCY.labels(self.dest.name).observe(max(0.0, (utcnow() - c.created_at).total_seconds()))
@@ -287,10 +381,14 @@ class DestinationSender:
             return queue.Outcome(c.id, "failed", r.status, r.text, **self._who(c))
         # Transient: the first such result of a batch counts as one failure of the destination.
         if not retry_at:
-            delay, when = self.breaker.failure()
+            counted, delay, when = self.breaker.failure()
             retry_at.append(when)
-            log.warning("destination %s: %s; %d consecutive failure(s), next try in %.0f s (at %s)", self.dest.name,
-                        r.text, self.breaker.failures, delay, when.isoformat(timespec="seconds"))  # fmt: skip
+            if counted:
+                log.warning("destination %s: %s; %d consecutive failure(s), next try in %.0f s (at %s)",
+                            self.dest.name, r.text, self.breaker.failures, delay, when.isoformat(timespec="seconds"),
+                            extra={"destination": self.dest.name})  # fmt: skip
+                self._record_circuit(r.text)
+                self._postpone(forced_too=True)
         give_up = self.dest.retry.give_up_after
         age = (utcnow() - c.created_at).total_seconds()
         if give_up and age >= give_up:
@@ -344,6 +442,8 @@ class Dispatcher:
                             dest, dest)  # fmt: skip
             elif waiting:
                 log.info("destination %s: %d deliveries queued", dest, waiting)
+        for name, state in queue.load_circuits(self.engine, list(self.senders)).items():
+            self.senders[name].restore(state)
         for s in self.senders.values():
             for t in s.threads:
                 t.start()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, Engine, and_, bindparam, func, or_, select, update
 
 from node import audit
-from node.index.models import Delivery, Instance, aware, utcnow
+from node.index.models import Delivery, DestinationCircuit, Instance, aware, utcnow
 
 STATES = ("queued", "sending", "delivered", "failed", "cancelled")
 #: The due time an operator's retry gives: earlier than anything else, so the sender also tries at
@@ -27,6 +27,7 @@ UNFINISHED = ("queued", "sending")
 
 _d = Delivery.__table__
 _i = Instance.__table__
+_c = DestinationCircuit.__table__
 
 
 @dataclass(frozen=True)
@@ -212,14 +213,17 @@ def release(engine: Engine, ids: Sequence[int], why: str) -> int:
         ).rowcount  # fmt: skip
 
 
-def postpone(engine: Engine, destination: str, until: dt.datetime) -> int:
-    """While a destination is in back-off, what is queued for it waits until then (an operator's retry excepted)."""
+def postpone(engine: Engine, destination: str, until: dt.datetime, *, forced_too: bool = False) -> int:
+    """While a destination is in back-off, what is queued for it waits until then.
+
+    An operator's retry (due at FORCED) is left due unless ``forced_too``: the sender passes that once
+    the retry has been tried and failed.
+    """
+    cond = [_d.c.destination == destination, _d.c.state == "queued", _d.c.next_attempt_at < until]
+    if not forced_too:
+        cond.append(_d.c.next_attempt_at > FORCED)
     with engine.begin() as conn:
-        return conn.execute(
-            update(_d).where(_d.c.destination == destination, _d.c.state == "queued", _d.c.next_attempt_at < until,
-                             _d.c.next_attempt_at > FORCED)
-            .values(next_attempt_at=until)
-        ).rowcount  # fmt: skip
+        return conn.execute(update(_d).where(*cond).values(next_attempt_at=until)).rowcount
 
 
 def requeue_sending(engine: Engine) -> int:
@@ -238,6 +242,44 @@ def next_due(engine: Engine, destination: str) -> dt.datetime | None:
             select(func.min(_d.c.next_attempt_at)).where(_d.c.destination == destination, _d.c.state == "queued")
         ).scalar()
     return None if value is None else aware(value)
+
+
+# --- circuit breakers ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Circuit:
+    """A destination's stored circuit: consecutive transient failures and when to try again."""
+
+    failures: int = 0
+    #: No attempt before this (UTC); None when the circuit is closed.
+    retry_at: dt.datetime | None = None
+    last_error: str = ""
+
+
+def load_circuits(engine: Engine, destinations: Sequence[str]) -> dict[str, Circuit]:
+    """At start-up: each destination's circuit as the last run left it (a closed one is made where none is)."""
+    now = utcnow()
+    with engine.begin() as conn:
+        rows = {r.destination: r for r in conn.execute(select(_c).where(_c.c.destination.in_(list(destinations))))}
+        missing = [d for d in destinations if d not in rows]
+        if missing:
+            conn.execute(_c.insert(), [dict(destination=d, failures=0, retry_at=None, last_error="", updated_at=now)
+                                       for d in missing])  # fmt: skip
+    out = {d: Circuit() for d in destinations}
+    for d, r in rows.items():
+        out[d] = Circuit(r.failures, aware(r.retry_at) if r.retry_at else None, r.last_error)
+    return out
+
+
+def save_circuit(engine: Engine, destination: str, circuit: Circuit) -> None:
+    """Record a destination's circuit (its row exists: :func:`load_circuits` made it)."""
+    with engine.begin() as conn:
+        conn.execute(
+            update(_c).where(_c.c.destination == destination)
+            .values(failures=circuit.failures, retry_at=circuit.retry_at, last_error=circuit.last_error,
+                    updated_at=utcnow())
+        )  # fmt: skip
 
 
 # --- Storage Commitment ------------------------------------------------------

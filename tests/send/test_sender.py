@@ -45,21 +45,6 @@ def test_backoff_grows_by_the_multiplier_to_its_maximum_with_bounded_jitter():
             assert base * 0.75 - 1e-9 <= d <= min(60, base * 1.25) + 1e-9, (n, d)
 
 
-def test_breaker_lets_one_probe_through_after_the_backoff_and_closes_on_success():
-    b = Breaker(RetrySection(initial_delay=0.2, max_delay=1, jitter=0))
-    assert b.wait() == 0 and b.state == "closed"
-    delay, _ = b.failure()
-    assert delay == pytest.approx(0.2) and b.state == "open"
-    assert 0 < b.wait() <= 0.2
-    time.sleep(0.25)
-    assert b.wait() == 0, "one worker probes"
-    assert b.wait() > 0, "the others wait while it probes"
-    b.failure()
-    assert b.failures == 2 and b.delay(2) == pytest.approx(0.4)
-    b.success()
-    assert b.state == "closed" and b.wait() == 0
-
-
 def test_proposals_offer_the_stored_syntax_and_an_uncompressed_fallback():
     assert proposals({(CT, J2K)}, "as-stored") == {CT: [(J2K,), (EXPLICIT, IMPLICIT)]}
     assert proposals({(CT, EXPLICIT)}, "as-stored") == {CT: [(EXPLICIT,), (IMPLICIT,)]}
