@@ -273,8 +273,9 @@ class Association(threading.Thread):
         #: An N-EVENT-REPORT's data set while it arrives.
         self._small: bytearray | None = None
         self._closing = False
-        #: Set by the acceptor when node.acse_timeout ran out before the association request.
-        self.expired = False
+        #: Why the acceptor closed this connection before its association request ("acse-timeout": it
+        #: took longer than node.acse_timeout; "pending-limit": room was needed for a newer one).
+        self.cut_off: str | None = None
 
     # --- lifecycle ----------------------------------------------------------
 
@@ -287,8 +288,8 @@ class Association(threading.Thread):
                 try:
                     sock = self.settings.ssl_context.wrap_socket(sock, server_side=True)
                 except (ssl.SSLError, OSError) as e:
-                    if self.expired:
-                        self.server.timed_out(self, "the TLS handshake")
+                    if self.cut_off:
+                        self.server.log_cut_off(self, "TLS handshake")
                     else:
                         log.warning("TLS handshake with %s:%d failed: %s", *self.address, e)
                     return
@@ -371,13 +372,14 @@ class Association(threading.Thread):
         try:
             pdu_type, length = self._read_pdu_header(conn)
             if pdu_type != 0x01 or length > MAX_CONTROL_PDU:
-                log.warning("%s:%d sent PDU type 0x%02X instead of A-ASSOCIATE-RQ; aborting", *self.address, pdu_type)
+                what = f"PDU type 0x{pdu_type:02X}" if pdu_type != 0x01 else f"a PDU of {length} bytes (> 1 MiB)"
+                log.warning("%s:%d sent %s instead of an A-ASSOCIATE-RQ; aborting", *self.address, what)
                 conn.send(_abort_pdu(0x02, 0x02))
                 return False
             body = conn.read_exact(length)
         except PeerClosed:
-            if self.expired:
-                self.server.timed_out(self, "an A-ASSOCIATE-RQ")
+            if self.cut_off:
+                self.server.log_cut_off(self, "A-ASSOCIATE-RQ")
             return False  # port scanners, health checks that only connect
         self.server.requested(self)
         rq = A_ASSOCIATE_RQ()
@@ -762,11 +764,21 @@ class Acceptor:
             a.start()
 
     def _pending_limit(self, host: str) -> str | None:
-        """Which limit on connections not yet associated a new one from ``host`` would exceed (lock held)."""
-        if len(self._pending) >= self.settings.max_pending:
-            return f"node.max_pending_connections ({self.settings.max_pending})"
+        """Make room for a new connection from ``host`` among those not yet associated (lock held).
+
+        Over the per-address limit, the new connection is refused: that address holds enough. Over
+        the overall limit, the connection waiting longest is cut off instead: a real sender's request
+        takes milliseconds, so the oldest ones are the idle or trickling ones, and a flood from many
+        addresses then churns itself rather than locking every sender out.
+        """
         if self._pending_by_address.get(host, 0) >= self.settings.max_pending_per_address:
             return f"node.max_pending_per_address ({self.settings.max_pending_per_address})"
+        if len(self._pending) >= self.settings.max_pending:
+            waiting = [a for a in self._pending if not a.cut_off]
+            # Cut-off ones leave within milliseconds; a flood faster than that is refused outright.
+            if not waiting or len(self._pending) >= 2 * self.settings.max_pending:
+                return f"node.max_pending_connections ({self.settings.max_pending})"
+            self._cut(min(waiting, key=self._pending.__getitem__), "pending-limit")
         return None
 
     def _refuse(self, client: socket.socket, address: tuple[str, int], limit: str) -> None:
@@ -777,21 +789,37 @@ class Acceptor:
         except OSError:
             pass
         metrics.ASSOCIATIONS_REJECTED.labels("pending-limit").inc()
-        self._refused_log.warning("closed a connection from %s:%d at once: %s connections are waiting for their "
-                                  "association request", address[0], address[1], limit)  # fmt: skip
+        self._refused_log.warning("closed a connection from %s:%d at once: %s reached (connections still to send "
+                                  "their association request)", address[0], address[1], limit)  # fmt: skip
+
+    @staticmethod
+    def _cut(a: Association, why: str) -> None:
+        """End a pending connection from the acceptor's thread: its own thread's read returns at once."""
+        a.cut_off = why
+        try:
+            a.raw_sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def _expire_pending(self) -> None:
-        """Close connections whose association request is not complete within node.acse_timeout of connecting."""
+        """Cut off connections whose association request is not complete node.acse_timeout after connecting."""
         now = time.monotonic()
         with self._lock:
-            late = [a for a, deadline in self._pending.items() if deadline <= now and not a.expired]
-            for a in late:
-                a.expired = True
-        for a in late:
-            try:
-                a.raw_sock.shutdown(socket.SHUT_RDWR)  # its thread's read returns at once
-            except OSError:
-                pass
+            for a, deadline in self._pending.items():
+                if deadline <= now and not a.cut_off:
+                    self._cut(a, "acse-timeout")
+
+    def log_cut_off(self, a: Association, waiting_for: str) -> None:
+        """The thread of a connection the acceptor cut off tells (throttled) and counts it."""
+        metrics.ASSOCIATIONS_REJECTED.labels(a.cut_off).inc()
+        if a.cut_off == "acse-timeout":
+            self._expired_log.warning("closed the connection from %s:%d: %s not complete within node.acse_timeout "
+                                      "(%.0f s) of connecting", a.address[0], a.address[1], waiting_for,
+                                      self.settings.acse_timeout)  # fmt: skip
+        else:
+            self._refused_log.warning("closed the connection from %s:%d, the longest waiting for its %s, to make "
+                                      "room: node.max_pending_connections (%d) reached", a.address[0], a.address[1],
+                                      waiting_for, self.settings.max_pending)  # fmt: skip
 
     def _not_pending(self, a: Association) -> None:
         """``a`` sent its association request or went away (lock held)."""
@@ -807,12 +835,6 @@ class Acceptor:
         """``a`` has sent a complete A-ASSOCIATE-RQ: it no longer counts as pending."""
         with self._lock:
             self._not_pending(a)
-
-    def timed_out(self, a: Association, waiting_for: str) -> None:
-        metrics.ASSOCIATIONS_REJECTED.labels("acse-timeout").inc()
-        self._expired_log.warning("closed the connection from %s:%d: no complete %s within node.acse_timeout "
-                                  "(%.0f s) of connecting", a.address[0], a.address[1], waiting_for,
-                                  self.settings.acse_timeout)  # fmt: skip
 
     def _admit(self, a: Association) -> bool:
         with self._lock:
