@@ -39,11 +39,18 @@ def _prctl(option: int, value: int) -> bool:
         return False
 
 
-def die_with_parent(sig: int = signal.SIGKILL) -> None:
-    """Ask the kernel to send ``sig`` to this process when its parent ends (Linux)."""
-    parent = os.getppid()
-    if _prctl(PR_SET_PDEATHSIG, sig) and (os.getppid() != parent or parent == 1):
-        os._exit(1)  # the parent died before the request took effect
+#: This fork server's pid, which its plugin processes inherit (their expected parent).
+_server_pid = 0
+
+
+def die_with_parent(sig: int, parent: int) -> None:
+    """Ask the kernel to send ``sig`` to this process when its parent ends (Linux).
+
+    If the parent is not ``parent`` any more, it ended before the request took effect: exit now.
+    (Not "the parent is pid 1": in a container without an init, the node itself is pid 1.)
+    """
+    if _prctl(PR_SET_PDEATHSIG, sig) and os.getppid() != parent:
+        os._exit(1)
 
 
 def contain() -> None:
@@ -54,7 +61,7 @@ def contain() -> None:
     except OSError:  # the tree is still found through the subreaper's parent links
         pass
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
-    die_with_parent(signal.SIGKILL)
+    die_with_parent(signal.SIGKILL, _server_pid)
 
 
 def _end_everything(signum: int, frame: FrameType | None) -> None:
@@ -66,11 +73,13 @@ def _end_everything(signum: int, frame: FrameType | None) -> None:
 
 
 def _serve_contained() -> None:
+    global _server_pid
+    _server_pid = os.getpid()
     signal.signal(signal.SIGTERM, _end_everything)
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
     # The fork server reaps the adopted orphans too, and would warn about each one.
     warnings.filterwarnings("ignore", message="forkserver: waitpid returned unexpected pid")
-    die_with_parent(signal.SIGTERM)
+    die_with_parent(signal.SIGTERM, os.getppid())
 
 
 _serve_contained()
@@ -85,6 +94,9 @@ def warm_up() -> None:
         get_module_attribute_map()  # highdicom's standard tables: ~65 MiB and 0.3 s on first use
     except Exception:  # a private helper may move in another highdicom version: only slower then
         pass
+    from node.derive.validate import preload
+
+    preload()  # the IOD tables every output is validated against: ~0.6 s once here, not in every job
 
 
 warm_up()
