@@ -18,3 +18,11 @@ def label_map(series: SeriesInput) -> np.ndarray:
 @plugin(name="two-labels", version="1.0")
 def two_labels(series: SeriesInput, params: object) -> Segmentation:
     return Segmentation(label_map(series), SEGMENTS, "labelmap", "bone and soft tissue")
+
+
+@plugin(name="bad-label", version="1.0")
+def bad_label(series: SeriesInput, params: object) -> list[Segmentation]:
+    """Two SEGs; the second's segment label holds a backslash, which a Long String (LO) may not."""
+    labels = label_map(series)
+    return [Segmentation(labels == 1, SEGMENTS[:1], "binary"),
+            Segmentation(labels == 2, [Segment("Left\\Right", codes.SCT.Tissue, codes.SCT.SoftTissue)], "binary")]

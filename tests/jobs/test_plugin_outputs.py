@@ -133,3 +133,24 @@ send_to = ["scp", "pacs"]
             assert f"BINARY copy of label map SEG {label_map.SOPInstanceUID} for scp" in copy_detail
         finally:
             node.stop()
+
+
+def test_an_invalid_output_fails_its_job_with_the_validators_message_and_is_not_written(tmp_path: Path) -> None:
+    from node.plugins.worker import StepSpec, WorkSpec, run
+
+    out = tmp_path / "out"
+    out.mkdir()
+    spec = WorkSpec(files=[str(f) for f in series_files(CT)], out_dir=str(out), job_key=("x", 1, "r", 0),
+                    steps=[StepSpec("bad-label", "outputs_plugins:bad_label", {})])  # fmt: skip
+    sys.path.insert(0, str(HERE))
+    try:
+        result = run(spec)
+    finally:
+        sys.path.remove(str(HERE))
+    assert not result.ok
+    assert "building output 2 of 2 (bad-label): the SEG is not valid DICOM, so it was not stored or sent" in result.error
+    assert "SegmentLabel (0062,0005) (Type 1 in module segmentation-image): 2 value(s)" in result.error
+    # The valid first SEG is kept; nothing of the second was written.
+    (kept,) = result.outputs
+    assert sorted(p.name for p in out.iterdir()) == [Path(kept.file).name]
+    assert pydicom.dcmread(kept.file).SegmentSequence[0].SegmentLabel == "Bone"
