@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 # nothing of the node's). _forkserver last: it ties the fork server's life to the node's and warms caches.
 _PRELOAD = ["node.plugins.worker", "node.plugins.series", "node.plugins.registry", "node.derive.common",
             "node.derive.errors", "node.derive.seg", "node.derive.sc", "node.derive.image", "node.derive.template",
-            "numpy", "highdicom", "node.plugins._forkserver"]  # fmt: skip
+            "node.derive.validate", "numpy", "highdicom", "node.plugins._forkserver"]  # fmt: skip
 _lock = threading.Lock()
 _ctx: mp.context.BaseContext | None = None
 _slots: threading.BoundedSemaphore | None = None
@@ -113,7 +113,7 @@ def kill_descendants(root: psutil.Process, rounds: int = 200) -> None:
             except psutil.NoSuchProcess:
                 pass
         time.sleep(0.01)
-    log.warning("plugin process %d: descendants still alive after %d rounds of SIGKILL", root.pid, rounds)
+    log.warning("process %d: descendants still alive after %d rounds of SIGKILL", root.pid, rounds)
 
 
 def kill_tree(pid: int) -> None:
@@ -133,7 +133,7 @@ def kill_tree(pid: int) -> None:
     try:
         if group == pid:
             os.killpg(group, signal.SIGKILL)
-        else:  # it ended before it could lead a group of its own
+        else:  # just started: it does not lead a group of its own yet
             root.kill()
     except (psutil.NoSuchProcess, ProcessLookupError):
         pass
