@@ -268,18 +268,14 @@ class DestinationSender:
                             self._postpone()
                         pause = min(turn.wait, POLL)
                     else:
-                        if turn.probe:
-                            log.info("destination %s: trying again after %d consecutive failure(s); the other "
-                                     "associations wait for this one", self.dest.name, self.breaker.failures,
-                                     extra={"destination": self.dest.name})  # fmt: skip
-                        pause = self._round(w)
+                        pause = self._round(w, turn.probe)
                 if pause:  # outside the turn: a probe that found nothing to send does not hold the others back
                     self._sleep(pause)
         finally:
             w.sender.close()
 
-    def _round(self, w: _Worker) -> float:
-        """Claim a batch and send it; returns how long to pause before the next turn."""
+    def _round(self, w: _Worker, probe: bool = False) -> float:
+        """Claim a batch and send it (``probe``: it tests a half-open circuit); returns the pause before the next."""
         try:
             with self._claim_lock:
                 items = queue.claim(self.engine, self.dest.name, BATCH)
@@ -293,6 +289,10 @@ class DestinationSender:
                 w.sender.close()
             return min(self._idle_wait(), LINGER if w.sender.assoc is not None else POLL)
         w.idle_since = None
+        if probe:
+            log.info("destination %s: trying again after %d consecutive failure(s) with %d instance(s); the other "
+                     "associations wait for this one", self.dest.name, self.breaker.failures, len(items),
+                     extra={"destination": self.dest.name})  # fmt: skip
         try:
             self._send_batch(w.sender, items)
         except Exception as e:  # a bug must not kill the worker, nor leave rows "sending"
