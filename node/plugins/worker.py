@@ -138,9 +138,10 @@ def _failure(e: BaseException, step: str, spec: WorkSpec, info: Any) -> tuple[st
     from node.derive.template import TemplateError
 
     if isinstance(e, MemoryError):
-        limit = (f"limit {spec.memory_limit_mb} MB; raise memory_limit_mb for this plugin if the series needs it"
-                 if spec.memory_limit_mb else "no limit set: the machine itself is out of memory")  # fmt: skip
-        return f"{step}: ran out of memory ({limit})", False
+        if not spec.memory_limit_mb:
+            return f"{step}: ran out of memory (no limit set: the machine itself is out of memory)", False
+        return (f"{step}: ran out of memory (limit {spec.memory_limit_mb} MB); raise memory_limit_mb for this rule "
+                "(or [plugins] memory_limit_mb) if the series needs it"), False
     if isinstance(e, PluginError):
         # The plugin's own policy caps retries (the rule's max_attempts caps them too).
         limit = info.max_attempts if info is not None else None
