@@ -1,34 +1,45 @@
 """``mip-sc``: maximum-intensity projections (axial, coronal, sagittal) as grey Secondary Capture key images.
 
-1. **Window.** The rescaled values (HU for CT) map linearly to grey in
+1. **True geometry.** The voxels are first put on an orthogonal grid of the
+   series' own frame (slice normal, column and row directions;
+   ``node.plugins.geometry.orthogonal_volume``): a tilted gantry's slices,
+   shifted in-plane against each other, are moved back to their true places
+   (linear interpolation), and uneven slices are brought to even spacing (the
+   median distance between them) by linear interpolation along the normal.
+   Projections on the index grid would shear the anatomy (0.7 mm per slice on
+   a 16.5 degree tilt) under a Pixel Spacing that claims otherwise. A regular
+   series (unsheared, even slices) is used as it is. As in gantry-tilt
+   correction elsewhere, the frame keeps the acquisition's tilt: the views of
+   a tilted CT are perpendicular to its slices, and their Patient Orientation
+   says so (e.g. ("L", "FP") for the coronal view of a 16.5 degree tilt).
+2. **Window.** The rescaled values (HU for CT) map linearly to grey in
    [0, 255] as in ``overlay-sc``: ``clip((v - (center - width / 2)) / width,
    0, 1) * 255``. Without a given window: CT 300/1500 (a MIP shows the
    densest voxels: bone, contrast), otherwise the first image's Window
    Center/Width, otherwise the 0.5th to 99.5th percentile of the series.
    Windowing is monotonic, so projecting the windowed volume equals
    windowing the projection of the values.
-2. **Views in patient terms.** Each volume axis (slices, rows, columns) is
+3. **Views in patient terms.** Each volume axis (slices, rows, columns) is
    matched to the patient axis it is most parallel to (the assignment with
    the largest sum of |cosines|), so "coronal" means a projection along the
    patient's anterior-posterior axis whatever the acquisition plane: for an
    axial series it projects along the rows, for a sagittal one along the
    columns.
-3. **Layout.** The projection along the slice axis (the axial MIP of an axial
-   series) keeps the source's rows and columns, and so its Patient
-   Orientation (("L", "P") for a head-first supine axial series). The other
-   views are laid out as radiologists read them: axial with the patient's
-   left to the right of the image and posterior down (("L", "P")), coronal
-   left to the right and feet down (("L", "F")), sagittal posterior to the
-   right and feet down (("P", "F")); an axis that points the other way is
-   flipped. Patient Orientation is computed from the resulting directions
-   (so an oblique series gets two-letter values such as "LP").
-4. **Square pixels.** Slices are first brought to even spacing (the median
-   distance between them) by linear interpolation between neighbouring
-   slices if the series' spacing varies; then the picture is resampled
-   (``scipy.ndimage.zoom``, linear) from its (vertical, horizontal) spacing
-   to square pixels of the finer spacing, so coronal and sagittal views of
-   thick slices are not squashed. ``max_size`` caps the longer side. The
-   result is rounded to uint8.
+4. **Layout.** The projection along the slice axis (the axial MIP of an axial
+   series) keeps the source's rows and columns (widened by the in-plane shift
+   of a tilted series' slices), and so its Patient Orientation (("L", "P") for
+   a head-first supine axial series). The other views are laid out as
+   radiologists read them: axial with the patient's left to the right of the
+   image and posterior down (("L", "P")), coronal left to the right and feet
+   down (("L", "F")), sagittal posterior to the right and feet down
+   (("P", "F")); an axis that points the other way is flipped. Patient
+   Orientation is computed from the resulting directions (so an oblique
+   series gets two-letter values such as "LP").
+5. **Square pixels.** The picture is resampled (``scipy.ndimage.zoom``,
+   linear) from its (vertical, horizontal) spacing to square pixels of the
+   finer spacing, so coronal and sagittal views of thick slices are not
+   squashed. ``max_size`` caps the longer side. The result is rounded to
+   uint8, with its true Pixel Spacing.
 
 Each view is its own result, so its own SC series with one image that
 references the whole source series.
@@ -48,6 +59,7 @@ from node.derive.sc import patient_orientation
 from node.plugins.api import Images, PluginError, SeriesInput, plugin
 from node.plugins.builtin.body_parts import Values, values_of
 from node.plugins.builtin.overlay import resolve_window, window
+from node.plugins.geometry import orthogonal_volume, slice_frame
 
 View = Literal["axial", "coronal", "sagittal"]
 
@@ -100,38 +112,37 @@ def patient_axes(dirs: np.ndarray) -> tuple[int, int, int]:
     return best  # type: ignore[return-value]
 
 
-def even_slices(img: np.ndarray, axis: int, series: SeriesInput, dz: float) -> np.ndarray:
-    """``img`` with its slice axis (``axis``) interpolated onto slices ``dz`` apart (for uneven spacing)."""
-    if series.spacing_is_uniform or series.positions is None or series.normal is None:
-        return img
-    d = series.positions @ series.normal
-    count = int(round((d[-1] - d[0]) / dz)) + 1
-    idx = np.interp(d[0] + dz * np.arange(count), d, np.arange(len(d)))
-    i0 = np.floor(idx).astype(int)
-    i1 = np.minimum(i0 + 1, len(d) - 1)
-    w = (idx - i0).astype(np.float32)
-    a, b = np.take(img, i0, axis=axis), np.take(img, i1, axis=axis)
-    shape = [1, 1]
-    shape[axis] = count
-    return a * (1 - w.reshape(shape)) + b * w.reshape(shape)
+def true_grid(series: SeriesInput, values: Values) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """The voxels on an orthogonal grid of the series' own frame (step 1 of the module docstring), and its spacing."""
+    nan = float("nan")
+    if len(series) < 2 or series.positions is None or series.pixel_spacing is None:
+        # one slice, or no geometry: only the projection along the slices is possible, on the index grid
+        return values.array, series.spacing or (nan, nan, nan)
+    frame = slice_frame(series, "mip-sc")
+    volume, dz = orthogonal_volume(frame, values.array, fill=float(values.array.min()))
+    return volume, (dz, *frame.pixel_spacing)
 
 
 def project(
-    series: SeriesInput, values: Values, window_: tuple[float, float], view: str, square: bool, max_size: int
+    series: SeriesInput,
+    values: Values,
+    grid: tuple[np.ndarray, tuple[float, float, float]],
+    window_: tuple[float, float],
+    view: str,
+    square: bool,
+    max_size: int,
 ) -> tuple[np.ndarray, tuple[str, str], tuple[float, float] | None]:
     """The MIP for ``view`` in grey (windowed), laid out and resampled; its Patient Orientation and Pixel Spacing."""
     dirs = axis_directions(series)
     owner = patient_axes(dirs)
     along, want_h, want_v = LAYOUT[view]
     p = owner.index(along)
-    spacing = series.spacing or (float("nan"), 1.0, 1.0)
+    volume, spacing = grid
+    if p != 0 and (volume.shape[0] < 2 or not math.isfinite(spacing[0]) or spacing[0] <= 0):
+        raise PluginError(f"a {view} MIP needs several slices with a known spacing")
     # the rescale and the window are increasing: the projection of the windowed values is the windowed projection
-    img = window(values.rescaled(values.array.max(axis=p)), *window_)
+    img = window(values.rescaled(volume.max(axis=p)), *window_)
     rest = [a for a in range(3) if a != p]  # the volume axes of img's rows and columns, in that order
-    if p != 0:
-        if len(series) < 2 or not math.isfinite(spacing[0]) or spacing[0] <= 0:
-            raise PluginError(f"a {view} MIP needs several slices with a known spacing")
-        img = even_slices(img, rest.index(0), series, spacing[0])
     if p == 0:  # the source plane: keep its layout
         h_axis, v_axis, h_sign, v_sign = 2, 1, 1, 1
     else:
@@ -145,7 +156,7 @@ def project(
         img = img[::v_sign, ::h_sign]
     orientation = patient_orientation([*(dirs[h_axis] * h_sign), *(dirs[v_axis] * v_sign)]) or ("L", "P")
     sv, sh = spacing[v_axis], spacing[h_axis]
-    if square and not math.isclose(sv, sh, rel_tol=1e-3):
+    if square and math.isfinite(sv) and math.isfinite(sh) and not math.isclose(sv, sh, rel_tol=1e-3):
         target = min(sv, sh)
         longest = max(img.shape[0] * sv, img.shape[1] * sh)
         target = max(target, longest / max_size)
@@ -163,9 +174,10 @@ def mip_sc(series: SeriesInput, params: Params) -> list[Images]:
     if values.array.ndim != 3:
         raise PluginError("mip-sc takes grey images (one sample per pixel)")
     center_width = resolve_window(series, values, params.window_center, params.window_width, DEFAULT_WINDOWS)
+    grid = true_grid(series, values)
     out = []
     for view in params.views:
-        img, orientation, spacing = project(series, values, center_width, view, params.square_pixels,
+        img, orientation, spacing = project(series, values, grid, center_width, view, params.square_pixels,
                                             params.max_size)  # fmt: skip
         out.append(Images(img[None], source_slices=None, description=f"MIP {view}",
                           patient_orientation=orientation, pixel_spacing=spacing))  # fmt: skip
