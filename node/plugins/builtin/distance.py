@@ -69,8 +69,11 @@ def _mask(seg: Segmentation, number: int) -> np.ndarray:
 def refinement(offsets: np.ndarray, spacing: float, budget: float) -> int:
     """The smallest subdivision q of ``spacing`` that puts every offset (pixels) within ``budget`` mm of a node."""
     for q in range(1, MAX_REFINE + 1):
-        if np.abs(offsets * q - np.rint(offsets * q)).max() * spacing / q <= budget:
+        miss = float(np.abs(offsets * q - np.rint(offsets * q)).max() * spacing / q)
+        if miss <= budget:
             return q
+    log.warning("distance-map: slices are shifted by fractions of a pixel finer than 1/%d; distances may be off by "
+                "up to %.3f mm", MAX_REFINE, miss)  # fmt: skip
     return MAX_REFINE
 
 
