@@ -42,7 +42,10 @@
    uint8, with its true Pixel Spacing.
 
 Each view is its own result, so its own SC series with one image that
-references the whole source series.
+references the whole source series. A single slice (or a series without a
+known spacing) has only its own plane: the views across the slices are left
+out, and the job fails only if the rule asked for none of the views that
+remain.
 """
 
 from __future__ import annotations
@@ -123,6 +126,18 @@ def true_grid(series: SeriesInput, values: Values) -> tuple[np.ndarray, tuple[fl
     return volume, (dz, *frame.pixel_spacing)
 
 
+def through_plane_possible(grid: tuple[np.ndarray, tuple[float, float, float]]) -> bool:
+    """Whether views across the slices can be drawn: several slices, a known spacing between them."""
+    volume, spacing = grid
+    return volume.shape[0] >= 2 and math.isfinite(spacing[0]) and spacing[0] > 0
+
+
+def in_plane_view(series: SeriesInput) -> str:
+    """The view that projects along the slices (axial for an axial series, sagittal for a sagittal one)."""
+    along = patient_axes(axis_directions(series))[0]
+    return next(v for v, (axis, *_rest) in LAYOUT.items() if axis == along)
+
+
 def project(
     series: SeriesInput,
     values: Values,
@@ -138,8 +153,9 @@ def project(
     along, want_h, want_v = LAYOUT[view]
     p = owner.index(along)
     volume, spacing = grid
-    if p != 0 and (volume.shape[0] < 2 or not math.isfinite(spacing[0]) or spacing[0] <= 0):
-        raise PluginError(f"a {view} MIP needs several slices with a known spacing")
+    if p != 0 and not through_plane_possible(grid):
+        raise PluginError(f"the {view} MIP projects across the slices, which needs several slices with a known "
+                          "spacing")  # fmt: skip
     # the rescale and the window are increasing: the projection of the windowed values is the windowed projection
     img = window(values.rescaled(volume.max(axis=p)), *window_)
     rest = [a for a in range(3) if a != p]  # the volume axes of img's rows and columns, in that order
@@ -175,8 +191,16 @@ def mip_sc(series: SeriesInput, params: Params) -> list[Images]:
         raise PluginError("mip-sc takes grey images (one sample per pixel)")
     center_width = resolve_window(series, values, params.window_center, params.window_width, DEFAULT_WINDOWS)
     grid = true_grid(series, values)
+    views = list(params.views)
+    if not through_plane_possible(grid):
+        # One slice (or no spacing): only its own plane can be drawn; the other views are left out, not failed.
+        own = in_plane_view(series)
+        if own not in views:
+            raise PluginError(f"the series has a single slice (or no known spacing), so only the {own} view can "
+                              f"be drawn, and views = {views} does not ask for it")  # fmt: skip
+        views = [own]
     out = []
-    for view in params.views:
+    for view in views:
         img, orientation, spacing = project(series, values, grid, center_width, view, params.square_pixels,
                                             params.max_size)  # fmt: skip
         out.append(Images(img[None], source_slices=None, description=f"MIP {view}",
