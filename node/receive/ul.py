@@ -631,7 +631,9 @@ class Association(threading.Thread):
         if cmd.command_field != dimse.C_STORE_RQ:
             raise ProtocolError(f"command 0x{cmd.command_field:04X} with a data set is not supported here")
         abstract, ts = self.info.contexts[cx_id]  # type: ignore[union-attr]
-        rx, self._spare = self._spare or self._new_file(), None
+        spare, self._spare = self._spare, None
+        # A spare made while the storage was full gets a new try: space may have been freed since.
+        rx = spare if spare is not None and spare.error is None else self._new_file()
         self._rx = rx
         rx.write(
             dimse.encode_file_meta(
