@@ -8,14 +8,13 @@ whatever the profile lists, which is what a modality with a newer or private cla
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-import subprocess
-
 from helpers import PEER_ENV, dataset_bytes, dcmtk
 from pynetdicom import AE, build_context
 
