@@ -17,7 +17,6 @@ image series and a Parametric Map; a second job chains every built-in plugin. Ea
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +29,7 @@ from pydicom.dataset import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from helpers import PEER_ENV, dcmtk  # noqa: E402
+from helpers import storescu_exact  # noqa: E402
 from helpers import variants as V  # noqa: E402
 from helpers.dciodvfy import LABEL_MAP_SEGMENTATION_STORAGE, verify  # noqa: E402
 from helpers.orthanc import Orthanc  # noqa: E402
@@ -271,21 +270,7 @@ def test_orthanc_accepts_every_object(orthanc: Orthanc, case_files: dict[tuple[s
     files = list(MADE)
     metas = {f: pydicom.dcmread(f, stop_before_pixels=True) for f in files}
     wanted = {str(m.SOPInstanceUID): (str(m.SOPClassUID), str(m.file_meta.TransferSyntaxUID)) for m in metas.values()}
-    contexts = sorted(set(wanted.values()))
-    syntaxes = sorted({ts for _, ts in contexts})
-    cfg = ["[[TransferSyntaxes]]"]
-    cfg += [f"[TS{i}]\nTransferSyntax1 = {ts}" for i, ts in enumerate(syntaxes)]
-    cfg += ["[[PresentationContexts]]", "[Contexts]"]
-    cfg += [f"PresentationContext{i + 1} = {sop}\\TS{syntaxes.index(ts)}" for i, (sop, ts) in enumerate(contexts)]
-    cfg += ["[[Profiles]]", "[Derived]", "PresentationContexts = Contexts"]
-    config = tmp_path / "storescu.cfg"
-    config.write_text("\n".join(cfg) + "\n")
-    for chunk in range(0, len(files), 400):  # a bounded command line
-        r = subprocess.run(
-            [dcmtk("storescu"), "-nh", "-xf", str(config), "Derived", "-aet", "STORESCU", "-aec", orthanc.aet,
-             "127.0.0.1", str(orthanc.dicom_port), *map(str, files[chunk:chunk + 400])],
-            capture_output=True, text=True, env=PEER_ENV, timeout=300,
-        )  # fmt: skip
+    for r in storescu_exact(orthanc.dicom_port, files, tmp_path, ae=orthanc.aet):
         assert r.returncode == 0 and "Store Failed" not in r.stderr, r.stderr[-4000:] + orthanc.log()[-3000:]
     held = {i["MainDicomTags"]["SOPInstanceUID"] for i in orthanc.get("/instances?expand")}
     missing = sorted(set(wanted) - held)

@@ -35,7 +35,7 @@ from pydicom.uid import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from helpers import PEER_ENV, SHARED, dcmtk, make_ct_series, series_files  # noqa: E402
+from helpers import SHARED, make_ct_series, series_files, storescu_exact  # noqa: E402
 from helpers.dciodvfy import LABEL_MAP_SEGMENTATION_STORAGE, verify  # noqa: E402
 from helpers.orthanc import Orthanc  # noqa: E402
 
@@ -1178,23 +1178,8 @@ def test_orthanc_accepts_every_object(orthanc: Orthanc, sources: dict[str, list[
     files = list(PRODUCED)
     metas = {f: pydicom.dcmread(f, stop_before_pixels=True) for f in files}
     wanted = {str(m.SOPInstanceUID): (str(m.SOPClassUID), str(m.file_meta.TransferSyntaxUID)) for m in metas.values()}
-    # storescu proposes exactly what the files hold; a config profile also lets it send SOP classes
-    # its DCMTK (3.6.7) does not know, such as Label Map Segmentation Storage.
-    contexts = sorted(set(wanted.values()))
-    syntaxes = sorted({ts for _, ts in contexts})
-    cfg = ["[[TransferSyntaxes]]"]
-    cfg += [f"[TS{i}]\nTransferSyntax1 = {ts}" for i, ts in enumerate(syntaxes)]
-    cfg += ["[[PresentationContexts]]", "[Contexts]"]
-    cfg += [f"PresentationContext{i + 1} = {sop}\\TS{syntaxes.index(ts)}" for i, (sop, ts) in enumerate(contexts)]
-    cfg += ["[[Profiles]]", "[Derived]", "PresentationContexts = Contexts"]
-    config = tmp_path / "storescu.cfg"
-    config.write_text("\n".join(cfg) + "\n")
-    r = subprocess.run(
-        [dcmtk("storescu"), "-nh", "-xf", str(config), "Derived", "-aet", "STORESCU", "-aec", orthanc.aet,
-         "127.0.0.1", str(orthanc.dicom_port), *map(str, files)],
-        capture_output=True, text=True, env=PEER_ENV, timeout=150,
-    )  # fmt: skip
-    assert r.returncode == 0 and "Store Failed" not in r.stderr, r.stderr[-4000:] + orthanc.log()[-3000:]
+    for r in storescu_exact(orthanc.dicom_port, files, tmp_path, ae=orthanc.aet):
+        assert r.returncode == 0 and "Store Failed" not in r.stderr, r.stderr[-4000:] + orthanc.log()[-3000:]
     stored = orthanc.get("/instances?expand")
     held = {i["MainDicomTags"]["SOPInstanceUID"]: i["ID"] for i in stored}
     missing = sorted(set(wanted) - set(held))
@@ -1209,11 +1194,7 @@ def test_orthanc_accepts_every_object(orthanc: Orthanc, sources: dict[str, list[
     print(f"Orthanc holds all {len(wanted)} objects ({len(files)} files; "
           f"{sum(f.stat().st_size for f in files) / 2**20:.1f} MiB)")  # fmt: skip
     # Only the senders it knows may store: another AE title is refused.
-    refused = subprocess.run(
-        [dcmtk("storescu"), "-xf", str(config), "Derived", "-aet", "INTRUDER", "-aec", orthanc.aet,
-         "127.0.0.1", str(orthanc.dicom_port), str(files[0])],
-        capture_output=True, text=True, env=PEER_ENV, timeout=60,
-    )  # fmt: skip
+    (refused,) = storescu_exact(orthanc.dicom_port, files[:1], tmp_path, ae=orthanc.aet, aet="INTRUDER", timeout=60)
     assert refused.returncode != 0
     import tomllib
 

@@ -185,6 +185,33 @@ def storescu(port: int, files: list[Path] | list[str], *args: str, ae: str = "DI
     return subprocess.run(cmd, capture_output=True, text=True, env=PEER_ENV, timeout=timeout)
 
 
+def storescu_exact(port: int, files: list[Path], workdir: Path, *, ae: str, aet: str = "STORESCU",
+                   timeout: float = 300) -> list[subprocess.CompletedProcess]:  # fmt: skip
+    """Send with DCMTK storescu proposing exactly each file's (SOP class, transfer syntax), 400 files per run.
+
+    A config profile (``-xf``) also lets storescu send SOP classes its DCMTK (3.6.7) does not know, such
+    as Label Map Segmentation Storage, which ``-R`` alone would not.
+    """
+    metas = [pydicom.filereader.read_file_meta_info(f) for f in files]
+    contexts = sorted({(str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID)) for m in metas})
+    syntaxes = sorted({ts for _, ts in contexts})
+    cfg = ["[[TransferSyntaxes]]"]
+    cfg += [f"[TS{i}]\nTransferSyntax1 = {ts}" for i, ts in enumerate(syntaxes)]
+    cfg += ["[[PresentationContexts]]", "[Contexts]"]
+    cfg += [f"PresentationContext{i + 1} = {sop}\\TS{syntaxes.index(ts)}" for i, (sop, ts) in enumerate(contexts)]
+    cfg += ["[[Profiles]]", "[Exact]", "PresentationContexts = Contexts"]
+    config = workdir / "storescu-exact.cfg"
+    config.write_text("\n".join(cfg) + "\n")
+    return [
+        subprocess.run(
+            [dcmtk("storescu"), "-nh", "-xf", str(config), "Exact", "-aet", aet, "-aec", ae, "127.0.0.1", str(port),
+             *map(str, files[k:k + 400])],
+            capture_output=True, text=True, env=PEER_ENV, timeout=timeout,
+        )  # fmt: skip
+        for k in range(0, len(files), 400)
+    ]
+
+
 def dataset_bytes(path: Path) -> bytes:
     """The bytes after the File Meta: what travels in the C-STORE data set."""
     raw = path.read_bytes()
