@@ -486,6 +486,23 @@ def _prune(ds: Dataset, merged: dict[str, _Node], used: set[str], path: str, cha
             changes.append(f"{label}: {problem} -> emptied (Type 2: unknown)")
 
 
+def as_in_source(problems: list[Problem], ds: Dataset, source: Dataset | None) -> tuple[list[Problem], list[Problem]]:
+    """(problems, inherited): split off the problems of identity attributes that are exactly the source's.
+
+    A Patient Name with too many components or an over-long Accession Number came with the source,
+    which the PACS already holds under those values; the derived object must carry the same ones to be
+    filed with it. Such values are kept (and said), not a reason to fail; anything else still is.
+    """
+    if source is None:
+        return problems, []
+    own, inherited = [], []
+    for p in problems:
+        same = (not p.path and p.keyword in _IDENTITY and p.keyword in ds and p.keyword in source
+                and ds[p.keyword].value == source[p.keyword].value)  # fmt: skip
+        (inherited if same else own).append(p)
+    return own, inherited
+
+
 def repair(ds: Dataset, source: Dataset | None = None) -> list[str]:
     """Fix in place what the standard allows to be fixed; returns one line per change (empty: nothing to do).
 

@@ -244,13 +244,17 @@ def run(spec: WorkSpec) -> WorkResult:
 def _check(ds: Any, source: Any, kind: str, notes: list[str]) -> None:
     """Repair what the standard allows, then validate against the IOD: an invalid object is never written."""
     from node.derive.errors import OutputError
-    from node.derive.validate import repair, validate
+    from node.derive.validate import as_in_source, repair, validate
+
+    def note(text: str) -> None:
+        if text not in notes:  # once per kind of output, not once per slice
+            notes.append(text)
 
     for change in repair(ds, source):
-        note = f"{kind}: {change}"
-        if note not in notes:  # once per kind of output, not once per slice
-            notes.append(note)
-    problems = validate(ds)
+        note(f"{kind}: {change}")
+    problems, inherited = as_in_source(validate(ds), ds, source)
+    for p in inherited:
+        note(f"{kind}: {p.keyword} kept as the source has it ({p.what}), so the result is filed with its source")
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise OutputError(f"the {kind} is not valid DICOM, so it was not stored or sent: "

@@ -154,3 +154,22 @@ def test_an_invalid_output_fails_its_job_with_the_validators_message_and_is_not_
     (kept,) = result.outputs
     assert sorted(p.name for p in out.iterdir()) == [Path(kept.file).name]
     assert pydicom.dcmread(kept.file).SegmentSequence[0].SegmentLabel == "Bone"
+
+
+def test_a_patient_name_invalid_in_the_source_is_kept_so_the_result_files_with_it(tmp_path: Path) -> None:
+    from helpers import make_ct_series
+
+    from node.plugins.worker import StepSpec, WorkSpec, run
+
+    # Five "=" groups: PN allows three. The PACS holds the source under this name; the SEG must match it.
+    name = "A^B=C^D=E^F=G=H"
+    files = make_ct_series(tmp_path / "src", 3, patient_name=name)
+    out = tmp_path / "out"
+    out.mkdir()
+    spec = WorkSpec(files=[str(f) for f in files], out_dir=str(out), job_key=("pn", 1, "r", 0),
+                    steps=[StepSpec("threshold-seg", "node.plugins.builtin.threshold:threshold_seg", {})])  # fmt: skip
+    result = run(spec)
+    assert result.ok, result.error
+    (seg,) = result.outputs
+    assert str(pydicom.dcmread(seg.file).PatientName) == name
+    assert any("PatientName kept as the source has it" in n for n in result.notes), result.notes
