@@ -16,6 +16,7 @@ ends, kills every process under it before it exits.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import os
 import signal
@@ -76,6 +77,9 @@ def _serve_contained() -> None:
     global _server_pid
     _server_pid = os.getpid()
     signal.signal(signal.SIGTERM, _end_everything)
+    # The fork server also ends by itself when the node closes its pipe (a clean stop), possibly before
+    # the parent-death signal: what a killed plugin process left behind was adopted here and goes too.
+    atexit.register(lambda: kill_descendants(psutil.Process()) if os.getpid() == _server_pid else None)
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
     # The fork server reaps the adopted orphans too, and would warn about each one.
     warnings.filterwarnings("ignore", message="forkserver: waitpid returned unexpected pid")
