@@ -59,6 +59,7 @@ _REPLACED = {
     "PixelPaddingValue", "PixelPaddingRangeLimit", "RescaleIntercept", "RescaleSlope", "BitsAllocated",
     "BitsStored", "HighBit", "PixelRepresentation", "SeriesDate", "SeriesTime", "IrradiationEventUID",
     "DataSetTrailingPadding", "RequestAttributesSequence", "StorageMediaFileSetUID", "StorageMediaFileSetID",
+    "VOILUTFunction",
 }  # fmt: skip
 
 
@@ -71,11 +72,6 @@ _TYPE2_BY_CLASS = {
     str(CTImageStorage): ("KVP",),
     str(MRImageStorage): ("ScanOptions", "MRAcquisitionType", "RepetitionTime", "EchoTime", "EchoTrainLength"),
 }  # fmt: skip
-#: Type 1 attributes of the MR Image module a source may lack (an anonymiser, a research export): the
-#: standard has no "unknown" for them, so the values that claim least: Research Mode, no variant.
-_TYPE1_DEFAULTS_BY_CLASS = {
-    str(MRImageStorage): (("ScanningSequence", "RM"), ("SequenceVariant", "NONE")),
-}
 
 
 @dataclass(frozen=True)
@@ -293,9 +289,6 @@ def build_image_series(series: SeriesInput, volume: Volume, prov: Provenance, *,
         for keyword in _TYPE2 + _TYPE2_BY_CLASS.get(sop_class, ()):
             if keyword not in ds:  # the IOD needs it; empty when the source does not say (Type 2)
                 setattr(ds, keyword, None)
-        for keyword, value in _TYPE1_DEFAULTS_BY_CLASS.get(sop_class, ()):
-            if not ds.get(keyword):  # Type 1: never empty
-                setattr(ds, keyword, value)
         if not (sop_class == str(MRImageStorage) and enc.slope == 1.0 and enc.intercept == 0.0):
             # (not part of the MR Image IOD, so left out when not needed)
             ds.RescaleIntercept = format_number_as_ds(enc.intercept)
@@ -361,8 +354,14 @@ def _build_enhanced(series: SeriesInput, volume: Volume, prov: Provenance, index
     for groups in (ds.get("SharedFunctionalGroupsSequence", []), ds.get("PerFrameFunctionalGroupsSequence", [])):
         for g in groups:
             g.pop("RealWorldValueMappingSequence", None)  # the meaning of the source's values, not these
-    voi = dict(WindowCenter=format_number_as_ds(window.center), WindowWidth=format_number_as_ds(window.width))
-    _set_in_groups(ds, "FrameVOILUTSequence", **voi, **({"VOILUTFunction": window.function} if window.function else {}))
+    # The source's window items describe its values: each becomes one window for these values, with no
+    # explanation or function of the source's left over.
+    for groups in (ds.get("SharedFunctionalGroupsSequence", []), ds.get("PerFrameFunctionalGroupsSequence", [])):
+        for g in groups:
+            if "FrameVOILUTSequence" in g:
+                item = Dataset()
+                window.apply(item)
+                g.FrameVOILUTSequence = [item]
     processing = codes.DCM.ImageProcessing
     for k, g in enumerate(ds.PerFrameFunctionalGroupsSequence):
         derivation = Dataset()

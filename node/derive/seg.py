@@ -17,6 +17,9 @@ from node.derive.errors import OutputError
 from node.derive.sources import library_errors, prepare
 from node.plugins.api import Segmentation, SeriesInput
 
+#: Label Map Segmentation Storage (Sup 243, 2024): highdicom writes it; pydicom 3.0 has no name for it.
+LABEL_MAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
+
 #: A default palette (RGB) for segments without a colour: distinct and readable on grey.
 PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]  # fmt: skip

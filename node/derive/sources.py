@@ -83,7 +83,14 @@ def _thickness(series: SeriesInput) -> float | None:
 
 
 def prepare(series: SeriesInput) -> Prepared:
-    """Copies of ``series.datasets`` that highdicom accepts, with the repairs listed."""
+    """Copies of ``series.datasets`` that highdicom accepts, with the repairs listed (made once per series)."""
+    cached = series.__dict__.get("_prepared_sources")
+    if cached is None:
+        cached = series.__dict__["_prepared_sources"] = _prepare(series)
+    return cached  # type: ignore[no-any-return]
+
+
+def _prepare(series: SeriesInput) -> Prepared:
     repairs: list[str] = []
     out = [_copy(d) for d in series.datasets]
     missing = [k for k in TYPE2_COPIED if k not in out[0]]

@@ -476,7 +476,7 @@ def _prune(ds: Dataset, merged: dict[str, _Node], used: set[str], path: str, cha
             changes.append(f"{label}: empty -> dropped")
             continue
         problem = _value_problem(elem)
-        if problem is None:
+        if problem is None or elem.keyword in _IDENTITY:  # identity is the source's: see as_in_source
             continue
         if optional:
             del ds[elem.tag]
@@ -515,9 +515,10 @@ def repair(ds: Dataset, source: Dataset | None = None) -> list[str]:
       its VR or VM: dropped; Type 2 ones with such a value: emptied.
 
     Nothing about the patient is invented, and the attributes that match the object to its patient and study
-    (Patient Name and ID, Study Instance UID, Accession Number, Study ID) are never changed: an object whose
-    copy of them is invalid fails the check rather than be filed elsewhere. Type 1 and 1C attributes with an
-    invalid value are left for :func:`validate` to report.
+    (Patient Name and ID, Issuer of Patient ID, Other Patient IDs, Study Instance UID, Accession Number,
+    Study ID) are never changed, not even dropped: a value that is invalid exactly as the source has it is
+    kept (see :func:`as_in_source`), anything else fails the check rather than be filed elsewhere. Type 1 and
+    1C attributes with an invalid value are left for :func:`validate` to report.
     """
     sop_class = str(ds.get("SOPClassUID", ""))
     iod = _iod(sop_class) if sop_class else None

@@ -15,7 +15,7 @@ from sqlalchemy import Engine, select, update
 from node import metrics
 from node.config import Config
 from node.derive.store import OutputStore
-from node.index.models import Instance, Job, Series
+from node.index.models import Delivery, Instance, Job, Series
 from node.jobs.store import ClaimedJob
 from node.storage import Storage
 
@@ -137,17 +137,26 @@ def _compression(action: Any, cfg: Config) -> str:
     return wanted[0] if wanted else "none"
 
 
-#: Label Map Segmentation Storage (PS3.4 B.5, 2024): many PACS of today refuse it.
-LABEL_MAP_SEG = "1.2.840.10008.5.1.4.1.1.66.7"
-#: How long a destination's answer to "do you take Label Map SEG?" is reused (seconds).
+#: How long a destination's answer to "do you take Label Map SEG?" is reused (seconds); "could not ask"
+#: is reused for a shorter while, so a PACS that is down does not hold every job up for its timeout.
 _ASKED_TTL = 300.0
-_asked: dict[tuple[str, str, int, str], tuple[float, bool]] = {}
+_UNASKED_TTL = 30.0
+#: The ask is one association request: it should not take a destination's whole (C-STORE) timeout.
+_ASK_TIMEOUT = 10.0
+_asked: dict[tuple[str, str, int, str], tuple[float, bool | None, str]] = {}
+
+
+def _label_map_policy(ctx: JobContext, names: list[str]) -> dict[str, str]:
+    """label_map_seg of each destination among ``names``."""
+    return {d.name: d.label_map_seg for d in ctx.cfg.destinations if d.name in names}
 
 
 def wants_binary_segs(ctx: JobContext, names: list[str]) -> dict[str, str]:
     """Destinations among ``names`` that get label map SEGs as BINARY SEGs, each with the reason."""
+    import dataclasses
     import time
 
+    from node.derive.seg import LABEL_MAP_SEGMENTATION_STORAGE
     from node.send.scu import Peer, accepts
 
     out: dict[str, str] = {}
@@ -159,14 +168,17 @@ def wants_binary_segs(ctx: JobContext, names: list[str]) -> dict[str, str]:
             continue
         key = (d.host, d.ae_title, d.port, d.calling_ae_title or ctx.cfg.node.ae_title)
         hit = _asked.get(key)
-        if hit is None or time.monotonic() - hit[0] > _ASKED_TTL:
+        if hit is None or time.monotonic() - hit[0] > (_ASKED_TTL if hit[1] is not None else _UNASKED_TTL):
+            peer = Peer.from_destination(d, ctx.cfg.node.ae_title)
             try:
-                hit = (time.monotonic(), accepts(Peer.from_destination(d, ctx.cfg.node.ae_title), LABEL_MAP_SEG))
-            except ConnectionError as e:  # cannot ask now: the SEG every PACS takes, and ask again next time
-                out[d.name] = f"could not ask it ({e})"
-                continue
+                hit = (time.monotonic(), accepts(dataclasses.replace(peer, timeout=min(peer.timeout, _ASK_TIMEOUT)),
+                                                 LABEL_MAP_SEGMENTATION_STORAGE), "")  # fmt: skip
+            except ConnectionError as e:  # cannot ask now: the SEG every PACS takes
+                hit = (time.monotonic(), None, str(e))
             _asked[key] = hit
-        if not hit[1]:
+        if hit[1] is None:
+            out[d.name] = f"could not ask it ({hit[2]})"
+        elif not hit[1]:
             out[d.name] = "it does not accept Label Map Segmentation Storage"
     return out
 
@@ -204,7 +216,9 @@ def plugin(ctx: JobContext) -> str:
         )
     if not rels:
         raise JobFailed("the series has no stored instances (discarded?)", retryable=False)
-    binary_for = wants_binary_segs(ctx, action.send_to) if action.send_to else {}
+    # A BINARY copy of each label map is built whenever a destination might need it; which one it
+    # needs is asked only once the plugin has actually returned a label map (see _queue_outputs).
+    policies = _label_map_policy(ctx, action.send_to)
     work = ctx.outputs.work_dir(ctx.job.id, ctx.job.attempts)
     spec = WorkSpec(
         files=[str(ctx.storage.absolute(r)) for r in rels], steps=steps, out_dir=str(work),
@@ -214,7 +228,7 @@ def plugin(ctx: JobContext) -> str:
         series_number=action.series_number, series_description=action.series_description,
         station_name=cfg.node.ae_title, attempt=ctx.job.attempts,
         segment_template=action.segment_template, unknown_labels=action.unknown_labels,
-        labelmap_as_binary=bool(binary_for),
+        labelmap_as_binary=any(p != "send" for p in policies.values()),
     )  # fmt: skip
     timeout = action.timeout or cfg.plugins.timeout
     try:
@@ -230,12 +244,14 @@ def plugin(ctx: JobContext) -> str:
                          .values(software=", ".join(result.plugins)[:256]))  # fmt: skip
         if not result.ok and not result.outputs:
             raise JobFailed(result.error, retryable=result.retryable)
-        notes = [f"BINARY copy of label map SEG {o.twin_of} for {', '.join(sorted(binary_for))}"
+        twinned = any(o.twin_of for o in result.outputs)
+        binary_for = wants_binary_segs(ctx, action.send_to) if twinned else {}
+        notes = [f"BINARY copy of label map SEG {o.twin_of} for destinations that do not take Label Map SEG"
                  if o.twin_of else "" for o in result.outputs]  # fmt: skip
         stored = ctx.outputs.store([Path(o.file) for o in result.outputs], ctx.job.id, rule=ctx.job.rule,
                                    software=", ".join(result.plugins), notes=notes)  # fmt: skip
         for o, st in zip(result.outputs, stored, strict=True):
-            if st.outcome != "duplicate":
+            if st.outcome != "duplicate" and not o.twin_of:  # a BINARY copy is the same result again
                 metrics.OUTPUTS_PRODUCED.labels(plugin_label, o.kind).inc()
     finally:  # outputs were moved into storage; whatever is left (a failed run's files) goes
         shutil.rmtree(work, ignore_errors=True)
@@ -254,14 +270,16 @@ def plugin(ctx: JobContext) -> str:
     if again:
         summary += f"; {again} already stored by an earlier run"
     twins = sum(1 for o in result.outputs if o.twin_of)
-    if twins:
+    if twins and binary_for:
         why = "; ".join(f"{n}: {r}" for n, r in sorted(binary_for.items()))
         summary += f"; {twins} label map SEG(s) also written as BINARY SEG for {why}"
+    elif twins:
+        summary += f"; {twins} label map SEG(s) also written as BINARY SEG (kept; every destination takes label maps)"
     log.info("job %d: %s", ctx.job.id, summary)
     if action.send_to and stored:
         summary += "; " + _queue_outputs(ctx, result.outputs, action.send_to, binary_for)
     if not result.ok:  # what was built before the failure is kept and sent; the job says what failed
-        raise JobFailed(f"{result.error} ({summary})", retryable=False)
+        raise JobFailed(f"{result.error} ({summary})", retryable=result.retryable)
     return summary
 
 
@@ -270,14 +288,25 @@ def _queue_outputs(ctx: JobContext, outputs: list[Any], names: list[str], binary
     i = Instance.__table__
     with ctx.engine.connect() as conn:
         ids = dict(conn.execute(select(i.c.sop_instance_uid, i.c.id).where(i.c.job_fk == ctx.job.id)).all())
-    twinned = {o.twin_of for o in outputs if o.twin_of}
-    label_maps = [n for n in names if n not in binary_for]
+        # A run again (a retry) routes each destination as the first run did: one of the two, never both.
+        d = Delivery.__table__
+        earlier = set(conn.execute(select(d.c.sop_instance_uid, d.c.destination)
+                                   .where(d.c.job_fk == ctx.job.id)).all())  # fmt: skip
+    twin_of = {o.sop_instance_uid: o.twin_of for o in outputs if o.twin_of}
+    twinned = set(twin_of.values())
+
+    def binary(label_map: str, twin: str, dest: str) -> bool:
+        if (label_map, dest) in earlier or (twin, dest) in earlier:
+            return (twin, dest) in earlier
+        return dest in binary_for
+
+    twin_for = {lm: tw for tw, lm in twin_of.items()}
     groups: dict[tuple[str, ...], list[int]] = {}
     for o in outputs:
         if o.twin_of:
-            to = [n for n in names if n in binary_for]
+            to = [n for n in names if binary(o.twin_of, o.sop_instance_uid, n)]
         elif o.sop_instance_uid in twinned:
-            to = label_maps
+            to = [n for n in names if not binary(o.sop_instance_uid, twin_for[o.sop_instance_uid], n)]
         else:
             to = names
         if to and o.sop_instance_uid in ids:

@@ -237,7 +237,9 @@ def run(spec: WorkSpec) -> WorkResult:
             errors.append(_failure(e, step, spec, None)[0])
     if errors and outputs:
         notes.append(f"kept {len(outputs)} output(s) that were built before or beside the failure")
-    return WorkResult(not errors, outputs, error="; ".join(errors), retryable=retryable and not outputs,
+    # A retry may help even with outputs kept: they have the job's own UIDs, so a re-run stores and
+    # sends nothing twice (the index keeps the first copy, the queue already has it).
+    return WorkResult(not errors, outputs, error="; ".join(errors), retryable=retryable,
                       timings=timings, plugins=names, notes=notes)  # fmt: skip
 
 
@@ -251,7 +253,9 @@ def _check(ds: Any, source: Any, kind: str, notes: list[str]) -> None:
             notes.append(text)
 
     for change in repair(ds, source):
-        note(f"{kind}: {change}")
+        # One note per attribute and action, not one per slice with its value: "LABEL: WHAT -> ACTION".
+        label, _, action = change.partition(": ")
+        note(f"{kind}: {label} -> {action.rpartition(' -> ')[2] or action}")
     problems, inherited = as_in_source(validate(ds), ds, source)
     for p in inherited:
         note(f"{kind}: {p.keyword} kept as the source has it ({p.what}), so the result is filed with its source")
@@ -286,12 +290,19 @@ def _build_and_write(series: Any, r: Any, prov: Any, i: int, spec: WorkSpec, tim
     elif isinstance(r, Volume):
         datasets, error = build_image_series(series, r, prov, index=i, transfer_syntax=ts)
         kind = "image"
-        notes.append(f"{r.name or 'volume'} stored " + ("exactly" if error == 0 else f"within {error:.3g}"))
     else:
         datasets = build_sc(series, r, prov, index=i, transfer_syntax=ts)
         kind = "SC"
     for ds in [*datasets, *twins]:
         _check(ds, series.first, kind, notes)
+    if isinstance(r, Volume) and r.kind != "parametric-map":
+        notes.append(f"{r.name or 'volume'} stored " + ("exactly" if error == 0 else f"within {error:.3g}"))
+    if isinstance(r, Segmentation) or (isinstance(r, Volume) and r.kind == "parametric-map"):
+        from node.derive.sources import prepare
+
+        for repair in prepare(series).repairs:  # what the sources lacked (made once per series, see prepare)
+            if f"sources: {repair}" not in notes:
+                notes.append(f"sources: {repair}")
     timings["build"] += time.perf_counter() - t
     t = time.perf_counter()
     out_dir = Path(spec.out_dir)

@@ -130,7 +130,7 @@ send_to = ["scp", "pacs"]
             details = node.query("select sop_instance_uid, detail from audit_event where kind = 'output_produced'")
             assert {u for u, _ in details} == {binary.SOPInstanceUID, label_map.SOPInstanceUID}
             (copy_detail,) = [d for u, d in details if u == binary.SOPInstanceUID]
-            assert f"BINARY copy of label map SEG {label_map.SOPInstanceUID} for scp" in copy_detail
+            assert f"BINARY copy of label map SEG {label_map.SOPInstanceUID}" in copy_detail
         finally:
             node.stop()
 
@@ -173,3 +173,41 @@ def test_a_patient_name_invalid_in_the_source_is_kept_so_the_result_files_with_i
     (seg,) = result.outputs
     assert str(pydicom.dcmread(seg.file).PatientName) == name
     assert any("PatientName kept as the source has it" in n for n in result.notes), result.notes
+
+
+def test_a_retried_chain_sends_what_it_kept_exactly_once(tmp_path: Path, scp: StoreSCP) -> None:
+    """Step 2 fails retryably on attempt 1 (after step 1's SEG was kept and queued) and succeeds on attempt 2."""
+    plugins_dir = HERE.parent / "plugins"
+    marker = tmp_path / "flaky-marker"
+    node = NodeProcess(tmp_path / "node", extra_config=f"""
+[tracker]
+stable_after = 1
+[jobs]
+retry_delay = 0.5
+{scp.destination("scp")}
+[plugins.local]
+flaky = "faulty_plugins:flaky"
+[[rules]]
+name = "chain"
+max_attempts = 2
+[[rules.actions]]
+type = "plugin"
+plugins = [{{ name = "threshold-seg" }}, {{ name = "flaky", params = {{ marker = "{marker}" }} }}]
+send_to = ["scp"]
+""")  # fmt: skip
+    node.env = {"PYTHONPATH": os.pathsep.join([str(plugins_dir), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    node.start()
+    try:
+        assert storescu(node.port, series_files(CT)).returncode == 0
+        wait_for(lambda: job_rows(node) and job_rows(node)[0][1] == "succeeded", 120, "the chain to succeed")
+        attempts = node.query("select attempts from job")[0][0]
+        assert attempts == 2, attempts
+        node.wait_delivered(2)
+        # Both SEGs (threshold-seg's from attempt 1, flaky's from attempt 2) delivered once each, one row each
+        rows = node.query("select sop_instance_uid, state, attempts from delivery where destination = 'scp'")
+        assert len(rows) == 2 and {r[1] for r in rows} == {"delivered"}, rows
+        assert len({r[0] for r in rows}) == 2
+        assert len(scp.received()) == 2
+        assert node.query("select count(*) from instance where job_fk is not null")[0][0] == 2
+    finally:
+        node.stop()
