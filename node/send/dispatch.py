@@ -82,6 +82,11 @@ class Breaker:
         self._probing = False
         self._lock = threading.Lock()
         self._rng = rng or random.Random()
+        #: Changes whenever the circuit does (a failure counted, the circuit closed); each worker thread
+        #: remembers the one its turn was admitted in, so a batch that began before the change and fails
+        #: late (a hung PACS answers after the back-off ended) is the same outage, not a new failure.
+        self._generation = 0
+        self._admitted = threading.local()
 
     def delay(self, n: int) -> float:
         p = self.policy
@@ -120,6 +125,7 @@ class Breaker:
 
     def _admit(self) -> Turn:
         with self._lock:
+            self._admitted.generation = self._generation
             if self.failures == 0:
                 return Turn(0.0)
             left = self._open_until - time.monotonic()
@@ -134,6 +140,8 @@ class Breaker:
         """The destination took an instance: the circuit closes. Returns whether it was open (a change to record)."""
         with self._lock:
             was_open = self.failures > 0
+            if was_open:
+                self._generation += 1
             self.failures = 0
             self.retry_at = None
             self._open_until = 0.0
@@ -149,14 +157,17 @@ class Breaker:
     def failure(self) -> tuple[bool, float, dt.datetime]:
         """Count a transient failure; returns (counted, delay, when to try again).
 
-        A failure reported while the circuit is already open comes from an attempt that began before
-        it opened (another worker's batch, in flight when the first one failed): the same outage, so it
-        neither counts again nor lengthens the back-off.
+        A failure reported while the circuit is already open, or by a worker whose turn was admitted
+        before the circuit last changed, comes from an attempt that began before it opened (another
+        worker's batch, in flight when the first one failed, however late it fails): the same outage,
+        so it neither counts again nor lengthens the back-off.
         """
         with self._lock:
             wall, now = utcnow(), time.monotonic()  # in this order: when the back-off ends, retry_at has passed
-            if self.failures and now < self._open_until and self.retry_at is not None:
-                return False, self._open_until - now, self.retry_at
+            stale = getattr(self._admitted, "generation", self._generation) != self._generation
+            if self.failures and self.retry_at is not None and (now < self._open_until or stale):
+                return False, max(0.0, self._open_until - now), self.retry_at
+            self._generation += 1
             self.failures += 1
             d = self.delay(self.failures)
             self._open_until = now + d

@@ -142,6 +142,36 @@ def test_a_failure_reported_while_the_circuit_is_open_is_the_same_outage():
     assert b.failures == 1 and late[2] == first[2], "neither counted again nor pushed back"
 
 
+def test_a_batch_that_began_before_the_outage_and_fails_after_the_backoff_is_the_same_outage():
+    """A hung PACS answers the other association's batch only after the back-off has ended."""
+    import threading
+
+    b = Breaker(RetrySection(initial_delay=0.1, max_delay=60, jitter=0))
+    admitted = threading.Event()
+    first_counted = threading.Event()
+    late: list[tuple] = []
+
+    def slow_batch() -> None:
+        with b.turn():  # admitted while the circuit is closed
+            admitted.set()
+            first_counted.wait(5)
+            time.sleep(0.3)  # fails after the 0.1 s back-off has passed
+            late.append(b.failure())
+
+    t = threading.Thread(target=slow_batch)
+    t.start()
+    admitted.wait(5)
+    with b.turn():
+        first = b.failure()
+    first_counted.set()
+    t.join(5)
+    assert first[0] and not late[0][0], (first, late)
+    assert b.failures == 1, "the late failure of a batch from before the outage counted again"
+    with b.turn() as probe:  # the probe, admitted after the outage began, counts
+        assert probe.probe
+        assert b.failure()[0] and b.failures == 2
+
+
 # --- against real peers -------------------------------------------------------------
 
 
