@@ -266,7 +266,11 @@ def memory_limit_warnings(cfg: Config) -> list[str]:
     limits = [(mb, where) for mb, where in limits if 0 < mb < _NEVER_BELOW_BASELINE_MB]
     if not limits:
         return []
-    baseline = measure_baseline_mb()
+    try:
+        baseline = measure_baseline_mb()
+    except (PluginRunError, OSError) as e:  # a check that cannot measure says so, and checks nothing
+        return [f"could not measure what a plugin process takes, so memory_limit_mb values below "
+                f"{_NEVER_BELOW_BASELINE_MB} MB were not checked: {e}"]
     return [f"{where} is below the {baseline:.0f} MB a plugin process takes before it loads a series: its jobs "
             "will fail with \"ran out of memory\"; raise it (0 means no limit)"
             for mb, where in limits if mb <= baseline]  # fmt: skip
