@@ -159,6 +159,21 @@ def _end(proc: mp.process.BaseProcess) -> None:
     proc.join(5)
 
 
+def _kill_orphaned_group(pgid: int | None) -> None:
+    """After a plugin process died without cleaning up (a crash, the OOM killer), kill what is left of its group.
+
+    Only while no process has the leader's pid: then the group id cannot have been given to anyone else
+    (Linux does not reuse a pid that is still a process group's id). A descendant that called setsid is
+    not in the group; it stays under the fork server until the node stops (see _forkserver).
+    """
+    if pgid is None or psutil.pid_exists(pgid):
+        return
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):  # nothing left (the usual case), or not ours
+        pass
+
+
 def run_in_process(spec: WorkSpec, *, timeout: float, workers: int = 2,
                    cancelled: object = None) -> WorkResult:  # fmt: skip
     """Run ``spec`` in a child process; raises PluginRunError for a crash or a timeout."""
@@ -206,6 +221,7 @@ def run_in_process(spec: WorkSpec, *, timeout: float, workers: int = 2,
         finally:
             if proc.is_alive():
                 _end(proc)
+            _kill_orphaned_group(proc.pid)
             receiver.close()
 
 

@@ -7,6 +7,7 @@ The node imports this module by name in its plugin processes (``[plugins] local 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -116,6 +117,8 @@ class SpawnParams(BaseModel):
     marker: str
     #: Return a result once they run, instead of hanging.
     then_return: bool = False
+    #: Die with SIGKILL once they run (as the kernel's OOM killer would end it), instead of hanging.
+    then_crash: bool = False
 
 
 #: A Python process that sleeps (its argv, and so its command line, carries the marker).
@@ -130,6 +133,8 @@ def spawner(series: SeriesInput, params: SpawnParams) -> list[Segmentation]:
     """Starts a child that hangs and a grandchild that leaves its session and parent (setsid, orphaned); hangs."""
     subprocess.Popen([sys.executable, "-c", HANG, params.marker])
     subprocess.run([sys.executable, "-c", DAEMONIZE, HANG, params.marker], check=True)
+    if params.then_crash:
+        os.kill(os.getpid(), signal.SIGKILL)
     if not params.then_return:
         time.sleep(120)
     return [centre_box(series)]

@@ -116,6 +116,37 @@ def test_a_plugin_that_returns_leaves_none_of_its_processes(tmp_path, marker):
     assert gone(marker) == [], "processes started by a plugin that returned still running"
 
 
+def test_a_crashed_plugin_leaves_nothing_of_its_process_group(tmp_path, marker):
+    """Killed by SIGKILL (the OOM killer's way) after starting a child: the child goes with the group.
+
+    (Its detached grandchild, in a session of its own, stays under the fork server until the node stops.)
+    """
+    from node.plugins.runtime import PluginRunError, run_in_process
+    from node.plugins.worker import StepSpec, WorkSpec
+
+    files = labelled_ct(tmp_path, "crash")
+    out = tmp_path / "out"
+    out.mkdir()
+    step = StepSpec("spawner", "faulty_plugins:spawner", {"marker": marker, "then_crash": True})
+    with pytest.raises(PluginRunError, match="crashed with SIGKILL"):
+        run_in_process(WorkSpec(files=[str(f) for f in files], steps=[step], out_dir=str(out),
+                                job_key=("1.2.3", 1, "crash", 0)), timeout=120)  # fmt: skip
+    def in_group() -> list[int]:  # the marked processes but the setsid grandchild (a session leader)
+        out = []
+        for p in marked(marker):
+            try:
+                if os.getsid(p.pid) != p.pid:
+                    out.append(p.pid)
+            except ProcessLookupError:
+                pass
+        return out
+
+    deadline = time.monotonic() + 5
+    while in_group() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert in_group() == [], "the crashed plugin's child is still running"
+
+
 def test_a_memory_limit_below_the_baseline_says_so(node, tmp_path):
     with_faulty_plugins(node)
     node.extra_config = (f"[tracker]\nstable_after = 30\n[jobs]\nretry_delay = 0\n{LOCAL_PLUGINS}\n"
