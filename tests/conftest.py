@@ -32,6 +32,17 @@ def node(tmp_path: Path):
     assert code in (0, -9, None), f"node exited with {code}\n{n.log()[-4000:]}"
 
 
+@pytest.fixture(scope="module")
+def module_orthanc(tmp_path_factory: pytest.TempPathFactory):
+    """A real Orthanc (Debian's package) shared by one test module's tests."""
+    from helpers.orthanc import Orthanc
+
+    server = Orthanc(tmp_path_factory.mktemp("orthanc"))
+    server.start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED.is_dir():

@@ -255,24 +255,16 @@ def test_every_builtin_plugin(case_files: dict[tuple[str, str], list[Path]], tmp
 # -- Orthanc accepts every object -------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
-    server = Orthanc(tmp_path_factory.mktemp("orthanc"))
-    server.start()
-    yield server
-    server.stop()
-
-
-def test_orthanc_accepts_every_object(orthanc: Orthanc, case_files: dict[tuple[str, str], list[Path]],
+def test_orthanc_accepts_every_object(module_orthanc: Orthanc, case_files: dict[tuple[str, str], list[Path]],
                                       tmp_path: Path) -> None:  # fmt: skip
     if not MADE:  # run alone: one case
         test_every_result_kind(case_files, tmp_path, "ct-tilted", "anonymised")
     files = list(MADE)
     metas = {f: pydicom.dcmread(f, stop_before_pixels=True) for f in files}
     wanted = {str(m.SOPInstanceUID): (str(m.SOPClassUID), str(m.file_meta.TransferSyntaxUID)) for m in metas.values()}
-    for r in storescu_exact(orthanc.dicom_port, files, tmp_path, ae=orthanc.aet):
-        assert r.returncode == 0 and "Store Failed" not in r.stderr, r.stderr[-4000:] + orthanc.log()[-3000:]
-    held = {i["MainDicomTags"]["SOPInstanceUID"] for i in orthanc.get("/instances?expand")}
+    for r in storescu_exact(module_orthanc.dicom_port, files, tmp_path, ae=module_orthanc.aet):
+        assert r.returncode == 0 and "Store Failed" not in r.stderr, r.stderr[-4000:] + module_orthanc.log()[-3000:]
+    held = {i["MainDicomTags"]["SOPInstanceUID"] for i in module_orthanc.get("/instances?expand")}
     missing = sorted(set(wanted) - held)
     assert not missing, f"Orthanc lacks {len(missing)} of {len(wanted)} objects, e.g. {missing[:3]}"
     print(f"Orthanc holds all {len(wanted)} objects the harness made")

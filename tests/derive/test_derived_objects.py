@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import sys
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -1149,14 +1148,6 @@ actions = [{{ type = "plugin", plugin = "threshold-seg", segment_template = "{pa
 # -- Orthanc: every object the tests produced is accepted over C-STORE ----------------------------------
 
 
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
-    server = Orthanc(tmp_path_factory.mktemp("orthanc"))
-    server.start()
-    yield server
-    server.stop()
-
-
 def _some_outputs(sources: dict[str, list[Path]], tmp_path: Path) -> None:
     """When the Orthanc test runs alone: one object of each kind and syntax."""
     series = load(sources, "ct-tilted")
@@ -1172,31 +1163,31 @@ def _some_outputs(sources: dict[str, list[Path]], tmp_path: Path) -> None:
             write(d, tmp_path / f"alone-sc-{syntax}-{i}.dcm", f"SC {syntax}")
 
 
-def test_orthanc_accepts_every_object(orthanc: Orthanc, sources: dict[str, list[Path]], tmp_path: Path) -> None:
+def test_orthanc_accepts_every_object(module_orthanc: Orthanc, sources: dict[str, list[Path]], tmp_path: Path) -> None:
     if len(PRODUCED) < 10:
         _some_outputs(sources, tmp_path)
     files = list(PRODUCED)
     metas = {f: pydicom.dcmread(f, stop_before_pixels=True) for f in files}
     wanted = {str(m.SOPInstanceUID): (str(m.SOPClassUID), str(m.file_meta.TransferSyntaxUID)) for m in metas.values()}
-    for r in storescu_exact(orthanc.dicom_port, files, tmp_path, ae=orthanc.aet):
-        assert r.returncode == 0 and "Store Failed" not in r.stderr, r.stderr[-4000:] + orthanc.log()[-3000:]
-    stored = orthanc.get("/instances?expand")
+    for r in storescu_exact(module_orthanc.dicom_port, files, tmp_path, ae=module_orthanc.aet):
+        assert r.returncode == 0 and "Store Failed" not in r.stderr, r.stderr[-4000:] + module_orthanc.log()[-3000:]
+    stored = module_orthanc.get("/instances?expand")
     held = {i["MainDicomTags"]["SOPInstanceUID"]: i["ID"] for i in stored}
     missing = sorted(set(wanted) - set(held))
     assert not missing, f"Orthanc lacks {len(missing)} of {len(wanted)} instances, e.g. {missing[:3]}"
     assert set(held) == set(wanted)
     for uid, (sop_class, ts) in wanted.items():
         oid = held[uid]
-        assert orthanc.get(f"/instances/{oid}/metadata/SopClassUid").decode() == sop_class
-        assert orthanc.get(f"/instances/{oid}/metadata/TransferSyntax").decode() == ts
+        assert module_orthanc.get(f"/instances/{oid}/metadata/SopClassUid").decode() == sop_class
+        assert module_orthanc.get(f"/instances/{oid}/metadata/TransferSyntax").decode() == ts
     one = next(iter(wanted))
-    assert orthanc.has_instance(one) and orthanc.tags(one)["SOPInstanceUID"] == one
+    assert module_orthanc.has_instance(one) and module_orthanc.tags(one)["SOPInstanceUID"] == one
     print(f"Orthanc holds all {len(wanted)} objects ({len(files)} files; "
           f"{sum(f.stat().st_size for f in files) / 2**20:.1f} MiB)")  # fmt: skip
     # Only the senders it knows may store: another AE title is refused.
-    (refused,) = storescu_exact(orthanc.dicom_port, files[:1], tmp_path, ae=orthanc.aet, aet="INTRUDER", timeout=60)
+    (refused,) = storescu_exact(module_orthanc.dicom_port, files[:1], tmp_path, ae=module_orthanc.aet, aet="INTRUDER", timeout=60)
     assert refused.returncode != 0
     import tomllib
 
-    (dest,) = tomllib.loads(orthanc.destination("pacs"))["destinations"]
-    assert dest == {"name": "pacs", "ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}
+    (dest,) = tomllib.loads(module_orthanc.destination("pacs"))["destinations"]
+    assert dest == {"name": "pacs", "ae_title": module_orthanc.aet, "host": "127.0.0.1", "port": module_orthanc.dicom_port}
