@@ -492,6 +492,7 @@ def load_config(path: Path | str | None = None, environ: dict[str, str] | None =
 def compile_rules(cfg: Config, source: str = "") -> Any:
     """The config's rules, checked against its destinations and the installed plugins."""
     from node.decide.rules import RulesError, RuleSet
+    from node.plugins.api import ParamsError
     from node.plugins.registry import PluginLoadError, discover, load
 
     plugins = discover(cfg.plugins.local)
@@ -504,7 +505,7 @@ def compile_rules(cfg: Config, source: str = "") -> Any:
             return [("", str(e))]
         try:
             info.validate_params(params)
-        except ValidationError as e:
+        except ParamsError as e:  # the plugin's own check (pydantic or dataclass), one entry per problem
             return [(_loc_to_key(tuple(err["loc"])), error_text(err)) for err in e.errors()]
         return []
 

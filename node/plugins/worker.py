@@ -190,7 +190,7 @@ def run(spec: WorkSpec) -> WorkResult:
             # Algorithm Parameters: every parameter the plugin ran with, defaults included.
             prov = Provenance(
                 job_key=spec.job_key, algorithm=info.name, algorithm_version=info.version,
-                parameters={k: str(v) for k, v in params.model_dump(mode="json").items()},
+                parameters={k: str(v) for k, v in info.dump_params(params).items()},
                 station_name=spec.station_name,
                 series_number=spec.series_number, series_description=spec.series_description, family=info.family,
             )  # fmt: skip
