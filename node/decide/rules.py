@@ -4,7 +4,7 @@
 
     [[rules]]
     name = "ct-bone"
-    priority = 10              # higher first; equal priorities keep file order
+    priority = 10              # higher first; equal priorities keep file order; or "urgent"
     stop = true                # when it matches, the rules after it (in evaluation order) are not evaluated
     stable_after = 30          # seconds without a new instance (overrides [tracker] stable_after)
     expected_instances = 200   # complete as soon as this many arrived
@@ -16,6 +16,8 @@
     plugin = "threshold-seg"
     params = { lower = 300 }
     send_to = ["pacs"]
+    priority = "urgent"        # this action's job goes before every normal job (default "normal")
+    gpu = "required"           # overrides the plugin's own "none" | "optional" | "required"
     [[rules.actions]]
     type = "forward"           # send the source series
     to = ["pacs"]
@@ -33,14 +35,29 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from node.config import _loc_to_key, error_text
 from node.decide.conditions import Condition, ConditionError, Outcome, parse_match
 
+#: Added to the priority of an urgent job (an action's or its rule's ``priority = "urgent"``). Jobs are
+#: claimed, and GPU devices given, by priority (higher first), so every urgent job goes before every normal
+#: one; among urgent jobs the rules' priorities still order them.
+URGENT = 1_000_000
+#: A rule's priority as a number stays within +-PRIORITY_LIMIT, so that URGENT keeps urgent jobs above.
+PRIORITY_LIMIT = 99_999
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _ActionBase(_Strict):
+    #: "urgent": the job is claimed (and given a GPU) before every normal job.
+    priority: Literal["normal", "urgent"] = "normal"
+
+    def _urgent_note(self) -> str:
+        return " (urgent)" if self.priority == "urgent" else ""
 
 
 class PluginStep(_Strict):
@@ -48,7 +65,7 @@ class PluginStep(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
-class PluginAction(_Strict):
+class PluginAction(_ActionBase):
     """Run one plugin (``plugin`` + ``params``) or a chain (``plugins``), and send the results."""
 
     type: Literal["plugin"]
@@ -71,6 +88,8 @@ class PluginAction(_Strict):
     segment_template: str | None = None
     #: A label value without a template entry: fail the job, or leave that segment out.
     unknown_labels: Literal["error", "skip"] = "error"
+    #: Whether the job wants a GPU from [plugins] gpus; None: what the plugin declares.
+    gpu: Literal["none", "optional", "required"] | None = None
 
     @model_validator(mode="after")
     def _template(self) -> PluginAction:
@@ -97,26 +116,28 @@ class PluginAction(_Strict):
 
     def summary(self) -> str:
         names = " then ".join(s.name for s in self.steps)
-        return f"run {names}" + (f", send results to {', '.join(self.send_to)}" if self.send_to else "")
+        sent = f", send results to {', '.join(self.send_to)}" if self.send_to else ""
+        gpu = f", gpu {self.gpu}" if self.gpu is not None else ""
+        return f"run {names}{sent}{gpu}{self._urgent_note()}"
 
 
-class ForwardAction(_Strict):
+class ForwardAction(_ActionBase):
     """Send the source series (the instances of the triggering revision) to destinations."""
 
     type: Literal["forward"]
     to: list[str] = Field(min_length=1)
 
     def summary(self) -> str:
-        return f"forward the series to {', '.join(self.to)}"
+        return f"forward the series to {', '.join(self.to)}{self._urgent_note()}"
 
 
-class DiscardAction(_Strict):
+class DiscardAction(_ActionBase):
     """Delete the revision's instances from this node (files and index rows)."""
 
     type: Literal["discard"]
 
     def summary(self) -> str:
-        return "discard the series"
+        return "discard the series" + self._urgent_note()
 
 
 Action = Annotated[PluginAction | ForwardAction | DiscardAction, Field(discriminator="type")]
@@ -126,7 +147,8 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 class RuleModel(_Strict):
     name: str
-    priority: int = 0
+    #: Evaluation order (higher first), and the priority of the rule's jobs; "urgent": first of all.
+    priority: int | Literal["urgent"] = 0
     enabled: bool = True
     match: dict[str, Any] = Field(default_factory=dict)
     actions: list[Action] = Field(min_length=1)
@@ -135,6 +157,27 @@ class RuleModel(_Strict):
     expected_instances: int | None = Field(None, ge=1)
     on_revision: Literal["ignore", "rerun"] = "ignore"
     max_attempts: int = Field(3, ge=1, le=100)
+
+    @field_validator("priority", mode="before")
+    @classmethod
+    def _priority(cls, value: Any) -> Any:
+        if value == "urgent" or (isinstance(value, int) and not isinstance(value, bool)
+                                 and -PRIORITY_LIMIT <= value <= PRIORITY_LIMIT):  # fmt: skip
+            return value
+        raise ValueError(f'give a whole number from -{PRIORITY_LIMIT} to {PRIORITY_LIMIT} (higher first) or "urgent"')
+
+    @property
+    def urgent(self) -> bool:
+        return self.priority == "urgent"
+
+    @property
+    def rank(self) -> int:
+        """The rule's place in evaluation order as a number: an urgent rule comes before every other."""
+        return PRIORITY_LIMIT + 1 if self.priority == "urgent" else int(self.priority)
+
+    def job_priority(self, action: PluginAction | ForwardAction | DiscardAction) -> int:
+        """The priority of the job ``action`` makes: the rule's rank, plus URGENT if the rule or action is urgent."""
+        return self.rank + (URGENT if self.urgent or action.priority == "urgent" else 0)
 
 
 @dataclass(frozen=True)
@@ -189,7 +232,7 @@ class RuleSet:
     """The compiled rules, in evaluation order."""
 
     def __init__(self, rules: list[Rule]) -> None:
-        self.rules = sorted(rules, key=lambda r: (-r.model.priority, r.index))
+        self.rules = sorted(rules, key=lambda r: (-r.model.rank, r.index))
 
     def __len__(self) -> int:
         return len(self.rules)

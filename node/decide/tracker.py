@@ -293,8 +293,8 @@ class SeriesTracker:
                 matched.append(r.rule.name)
                 m = r.rule.model
                 for i, action in enumerate(m.actions):
-                    jobs.append(NewJob(m.name, i, action.type, action.model_dump(mode="json"), m.priority,
-                                       m.max_attempts))  # fmt: skip
+                    jobs.append(NewJob(m.name, i, action.type, action.model_dump(mode="json"),
+                                       m.job_priority(action), m.max_attempts))  # fmt: skip
         uids = {"series_uid": snap.series_uid, "study_uid": snap.study_uid} if snap is not None else {}
         with self.engine.begin() as conn:
             for name in matched:  # audited with the jobs, in the transaction that makes them
