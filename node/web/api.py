@@ -199,7 +199,7 @@ class SeriesDetail(SeriesModel):
 
 class RuleModel(BaseModel):
     name: str
-    priority: int
+    priority: int | Literal["urgent"]
     enabled: bool
     stop: bool
     match: dict[str, Any]
