@@ -108,6 +108,7 @@ class Node:
             from node.plugins.runtime import start_fork_server
 
             start_fork_server()  # from this (main) thread: see start_fork_server
+            self._keep_workers_warm()
         self.dispatcher.start()
         self.runner.start()
         if self.retention is not None:
@@ -129,6 +130,30 @@ class Node:
         self.scp = StorageSCP(self.cfg, self.ingest, self.dispatcher.commitment_report if commitment else None)
         self.scp.start()
 
+    def _keep_workers_warm(self) -> None:
+        """Start the keep_warm workers of the environment plugins the rules use (in the background)."""
+        from node.plugins.pool import WorkerKey, WorkerSpec, pool
+        from node.plugins.registry import discover
+
+        plugins = self.cfg.plugins
+        used = {st.name for r in self.tracker.ruleset for a in r.model.actions if a.type == "plugin" for st in a.steps}
+        wanted = {}
+        for name, ref in discover(plugins).items():
+            if ref.kind != "environment" or name not in used or ref.remote is None:
+                continue
+            env = plugins.environments[ref.environment or ""]
+            settings = env.warm(name)
+            if not settings.keep_warm:
+                continue
+            gpu = str(ref.remote.get("gpu") or "none")
+            # A worker's GPU is fixed when it starts: warm one per device when the plugin would be given one.
+            devices: list[str | None] = list(plugins.gpus) if plugins.gpus and gpu != "none" else [None]
+            for device in devices:
+                wanted[WorkerKey(env_name := ref.environment or "", name, ref.target, device)] = WorkerSpec(
+                    plugins.environments[env_name].python, dict(env.env), settings)
+        if wanted:
+            pool(self.cfg.data_dir / "logs" / "workers").keep_warm(wanted)
+
     def _index_is_empty(self) -> bool:
         with self.sessions() as s:
             return s.execute(select(Instance.id).limit(1)).first() is None
@@ -144,6 +169,9 @@ class Node:
             clean = self.scp.stop()
         self.tracker.stop()
         self.runner.stop()
+        from node.plugins.pool import close_pool
+
+        close_pool()  # after the jobs: a job still running gave its worker back or was stopped
         self.dispatcher.stop()
         clean = self.writer.stop() and clean
         self.checkpointer.stop()

@@ -178,25 +178,35 @@ def plugins(
     """List installed plugins: name, version, where they come from, and their parameters."""
     import json
 
-    from node.plugins.registry import PluginLoadError, discover, load
+    from node.plugins.registry import PluginLoadError, describe, discover
 
     cfg = _load(config)
-    found = discover(cfg.plugins.local)
+    found = discover(cfg.plugins)
     if not found:
         out.print("no plugins installed")
         return
     failed = False
     for name, ref in sorted(found.items()):
-        origin = "config [plugins.local]" if ref.source == "config" else f"package {ref.source} {ref.version}".strip()
+        if ref.kind == "command":
+            origin = "config [plugins.commands]"
+        elif ref.source == "config":
+            origin = "config [plugins.local]"
+        else:
+            origin = f"package {ref.source} {ref.version}".strip()
+        if ref.environment:
+            env = cfg.plugins.environments[ref.environment]
+            origin += f", environment {ref.environment} ({env.python})"
         try:
-            info = load(name, ref.target)
+            info = describe(ref, cfg.plugins)
         except PluginLoadError as e:
             failed = True
             out.print(f"{name}: cannot be loaded ({origin}, {ref.target}): {e}", highlight=False, markup=False)
             continue
         out.print(f"{name} {info.version} -- {info.description or 'no description'}", highlight=False, markup=False)
         out.print(f"    from {origin} ({ref.target})", highlight=False, markup=False)
-        sch = info.schema()
+        if info.gpu != "none":
+            out.print(f"    GPU: {info.gpu}", highlight=False, markup=False)
+        sch = dict(info.schema)
         if schema:
             out.print(json.dumps(sch, indent=2), highlight=False, markup=False)
             continue

@@ -248,28 +248,122 @@ class JobsSection(_Section):
 _PLUGIN_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 
 
+class WarmSettings(_Section):
+    """How long the worker processes of a plugin environment live (see docs/plugins.md, "Warm workers")."""
+
+    #: Workers per plugin kept started (setup done) even when idle, so the first job finds one ready.
+    keep_warm: int = Field(0, ge=0, le=64)
+    #: A worker is replaced after this many jobs (0: never): a model that leaks memory stays bounded.
+    max_jobs_per_worker: int = Field(0, ge=0)
+    #: Seconds an idle worker beyond keep_warm lives before it is stopped.
+    idle_timeout: float = Field(600.0, gt=0)
+    #: Seconds a worker may take to start and run the plugin's setup() (loading weights).
+    setup_timeout: float = Field(600.0, gt=0)
+
+
+class EnvironmentSection(WarmSettings):
+    """A Python environment of its own (a venv, a conda env) whose plugins run in warm worker processes."""
+
+    #: Its interpreter, e.g. "/opt/envs/nnunet/bin/python"; dicom-node-sdk must be installed in it.
+    python: str
+    #: Extra environment variables of its processes (e.g. nnUNet_results, TOTALSEG_HOME_DIR, PYTHONPATH).
+    env: dict[str, str] = Field(default_factory=dict)
+    #: Per plugin of this environment: its own keep_warm / max_jobs_per_worker / idle_timeout / setup_timeout.
+    plugins: dict[str, WarmSettings] = Field(default_factory=dict)
+
+    @field_validator("python")
+    @classmethod
+    def _python(cls, v: str) -> str:
+        p = Path(v).expanduser()
+        if not p.is_absolute():
+            raise ValueError(f"{v!r}: give the interpreter's absolute path, e.g. /opt/envs/NAME/bin/python")
+        if not p.exists():
+            raise ValueError(f"{v} does not exist")
+        if not os.access(p, os.X_OK):
+            raise ValueError(f"{v} is not executable")
+        return str(p)
+
+    def warm(self, plugin: str) -> WarmSettings:
+        """The settings that hold for ``plugin``: its own table, else the environment's."""
+        return self.plugins.get(plugin) or self
+
+
+class LocalPlugin(_Section):
+    """A local plugin that lives in a plugin environment: ``{ entry = "module:attr", environment = "NAME" }``."""
+
+    entry: str
+    environment: str | None = None
+
+
 class PluginsSection(_Section):
-    #: Local plugins, name = "python.module:attribute" (installed ones come from entry points).
-    local: dict[str, str] = Field(default_factory=dict)
+    #: Local plugins: name = "python.module:attribute" (imported by the node), or
+    #: name = { entry = "module:attribute", environment = "NAME" } (run in that environment).
+    #: Installed ones come from entry points.
+    local: dict[str, str | LocalPlugin] = Field(default_factory=dict)
     #: Plugin processes running at the same time.
     workers: int = Field(2, ge=1, le=64)
     #: Wall-clock seconds a plugin job may take (a rule's action may set its own).
     timeout: float = Field(600.0, gt=0)
     #: Address-space limit of a plugin process in MB, 0 for none (a rule's action may set its own).
+    #: For a plugin in an environment: the resident memory its worker may reach during a job.
     memory_limit_mb: int = Field(8192, ge=0)
+    #: GPU devices jobs may be given (CUDA device ids, as CUDA_VISIBLE_DEVICES takes them); [] for none.
+    gpus: list[str] = Field(default_factory=list)
+    #: Python environments of their own, by name (see docs/plugins.md, "Plugin environments").
+    environments: dict[str, EnvironmentSection] = Field(default_factory=dict)
 
     @field_validator("local")
     @classmethod
-    def _targets(cls, local: dict[str, str]) -> dict[str, str]:
+    def _targets(cls, local: dict[str, str | LocalPlugin]) -> dict[str, str | LocalPlugin]:
         import re
 
-        for name, target in local.items():
+        for name, value in local.items():
             if not re.match(_PLUGIN_NAME, name):
                 raise ValueError(f"plugin name {name!r}: use letters, digits, '-', '_' or '.'")
+            target = value if isinstance(value, str) else value.entry
             mod, _, attr = target.partition(":")
             if not mod or not attr:
                 raise ValueError(f'{name} = {target!r}: write it as "package.module:attribute"')
         return local
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpus(cls, gpus: list[str]) -> list[str]:
+        for g in gpus:
+            if not g.strip() or "," in g:
+                raise ValueError(f"{g!r}: one device per entry, e.g. gpus = [\"0\", \"1\"]")
+        if len(set(gpus)) != len(gpus):
+            raise ValueError("a device is listed twice")
+        return gpus
+
+    @field_validator("environments")
+    @classmethod
+    def _env_names(cls, envs: dict[str, EnvironmentSection]) -> dict[str, EnvironmentSection]:
+        import re
+
+        for name in envs:
+            if not re.match(_PLUGIN_NAME, name):
+                raise ValueError(f"environment name {name!r}: use letters, digits, '-', '_' or '.'")
+        return envs
+
+    @model_validator(mode="after")
+    def _known_environments(self) -> PluginsSection:
+        for name, value in self.local.items():
+            if isinstance(value, LocalPlugin) and value.environment is not None \
+                    and value.environment not in self.environments:  # fmt: skip
+                known = ", ".join(sorted(self.environments)) or "none is configured"
+                raise ValueError(f"local.{name}.environment = {value.environment!r} is not a "
+                                 f"[plugins.environments.NAME] table ({known})")  # fmt: skip
+        return self
+
+    def local_entries(self, environment: str | None) -> dict[str, str]:
+        """The local plugins of one environment (None: the node's own Python), name -> "module:attr"."""
+        out = {}
+        for name, value in self.local.items():
+            env = None if isinstance(value, str) else value.environment
+            if env == environment:
+                out[name] = value if isinstance(value, str) else value.entry
+        return out
 
 
 class LoggingSection(_Section):
@@ -493,21 +587,21 @@ def compile_rules(cfg: Config, source: str = "") -> Any:
     """The config's rules, checked against its destinations and the installed plugins."""
     from node.decide.rules import RulesError, RuleSet
     from node.plugins.api import ParamsError
-    from node.plugins.registry import PluginLoadError, discover, load
+    from node.plugins.registry import PluginLoadError, check_params as check, describe, discover
 
-    plugins = discover(cfg.plugins.local)
+    try:
+        plugins = discover(cfg.plugins)
+    except PluginLoadError as e:
+        raise ConfigError(f"invalid plugins in {source or cfg.source}: {e}") from None
 
     def check_params(name: str, params: dict[str, Any]) -> list[tuple[str, str]]:
         """(field, message) for each problem with a plugin's parameters; loading the plugin checks it too."""
         try:
-            info = load(name, plugins[name].target)
+            return check(describe(plugins[name], cfg.plugins), params)
         except PluginLoadError as e:
             return [("", str(e))]
-        try:
-            info.validate_params(params)
         except ParamsError as e:  # the plugin's own check (pydantic or dataclass), one entry per problem
             return [(_loc_to_key(tuple(err["loc"])), error_text(err)) for err in e.errors()]
-        return []
 
     try:
         return RuleSet.compile(

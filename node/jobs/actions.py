@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 from collections.abc import Callable
@@ -186,7 +187,7 @@ def wants_binary_segs(ctx: JobContext, names: list[str]) -> dict[str, str]:
 def plugin(ctx: JobContext) -> str:
     """Run the plugin(s) on the whole series in a child process, store the outputs, send them on."""
     from node.decide.rules import PluginAction
-    from node.plugins.registry import discover
+    from node.plugins.registry import PluginLoadError, describe, discover
     from node.plugins.runtime import PluginRunError, run_in_process
     from node.plugins.worker import StepSpec, WorkSpec
 
@@ -194,13 +195,20 @@ def plugin(ctx: JobContext) -> str:
         raise JobFailed("this node has no output store (internal error)", retryable=False)
     action = PluginAction.model_validate(ctx.job.action)
     cfg = ctx.cfg
-    installed = discover(cfg.plugins.local)
+    installed = discover(cfg.plugins)
     steps = []
+    needs = []
     for st in action.steps:
         ref = installed.get(st.name)
         if ref is None:
             raise JobFailed(f"plugin {st.name!r} is not installed any more", retryable=False)
-        steps.append(StepSpec(st.name, ref.target, st.params))
+        try:
+            needs.append(describe(ref, cfg.plugins).gpu)
+        except PluginLoadError as e:
+            raise JobFailed(str(e), retryable=False) from None
+        command = cfg.plugins.commands[st.name].model_dump(mode="json") if ref.kind == "command" else None
+        steps.append(StepSpec(st.name, ref.target, st.params, kind=ref.kind, environment=ref.environment or "",
+                              remote=dict(ref.remote) if ref.remote else None, command=command))  # fmt: skip
     i, s = Instance.__table__, Series.__table__
     with ctx.engine.connect() as conn:
         series_uid = conn.execute(select(s.c.series_instance_uid).where(s.c.id == ctx.job.series_id)).scalar_one()
@@ -232,10 +240,14 @@ def plugin(ctx: JobContext) -> str:
     )  # fmt: skip
     timeout = action.timeout or cfg.plugins.timeout
     try:
-        try:
-            result = run_in_process(spec, timeout=timeout, workers=cfg.plugins.workers, cancelled=ctx.cancelled)
-        except PluginRunError as e:
-            raise JobFailed(str(e), retryable=e.retryable) from None
+        with _plugin_resources(ctx, action, steps, needs, spec) as watch:
+            try:
+                result = run_in_process(spec, timeout=timeout, workers=cfg.plugins.workers, cancelled=ctx.cancelled,
+                                        watch=watch)  # fmt: skip
+            except PluginRunError as e:
+                watch.failed(str(e))
+                raise JobFailed(str(e), retryable=e.retryable) from None
+            watch.finished(result)
         plugin_label = metrics.job_labels("plugin", ctx.job.action)[1]
         if result.timings.get("plugin"):
             metrics.PLUGIN_SECONDS.labels(plugin_label).observe(result.timings["plugin"])
@@ -263,7 +275,9 @@ def plugin(ctx: JobContext) -> str:
     made = ", ".join(f"{n} {k}" for k, n in kinds.items()) or "no output"
     again = sum(1 for o in stored if o.outcome == "duplicate")
     summary = (f"{made} from {len(rels)} source instances ({', '.join(result.plugins)}; load {t['load']:.1f} s, "
-               f"plugin {t['plugin']:.1f} s, build {t['build']:.1f} s, write {t['write']:.1f} s; "
+               f"plugin {t['plugin']:.1f} s, "
+               + (f"worker transfer {t['transfer'] * 1000:.0f} ms, " if "transfer" in t else "")
+               + f"build {t['build']:.1f} s, write {t['write']:.1f} s; "
                f"peak memory {result.peak_mb:.0f} MiB, {result.peak_added_mb:.0f} MiB for the job)")  # fmt: skip
     if result.notes:
         summary += "; " + "; ".join(result.notes)
@@ -281,6 +295,105 @@ def plugin(ctx: JobContext) -> str:
     if not result.ok:  # what was built before the failure is kept and sent; the job says what failed
         raise JobFailed(f"{result.error} ({summary})", retryable=result.retryable)
     return summary
+
+
+_GPU_ORDER = {"none": 0, "optional": 1, "required": 2}
+
+
+def _note_running(ctx: JobContext, text: str) -> None:
+    """Say what a running job waits for (its result column until it ends), in the log and for jobs show."""
+    log.info("job %d: %s", ctx.job.id, text)
+    j = Job.__table__
+    with ctx.engine.begin() as conn:
+        conn.execute(update(j).where(j.c.id == ctx.job.id, j.c.state == "running").values(result=text[:1000]))
+
+
+class _Resources:
+    """The GPU and warm workers a plugin job holds while its process runs; ``watch`` for run_in_process."""
+
+    def __init__(self, ctx: JobContext, limit_mb: int) -> None:
+        self.ctx = ctx
+        self.limit_mb = limit_mb
+        self.workers: list[Any] = []
+        self.gpu: Any = None
+
+    def __call__(self) -> str | None:
+        """A reason to stop the job: a worker of it over the memory limit (its resident memory)."""
+        if not self.limit_mb:
+            return None
+        for w in self.workers:
+            rss = w.rss_mb()
+            if rss > self.limit_mb:
+                return (f"the worker of {w.key} used {rss:.0f} MB, over the memory limit of {self.limit_mb} MB, and "
+                        "was stopped (raise memory_limit_mb for this rule, or [plugins] memory_limit_mb; for a "
+                        "plugin in an environment it bounds its worker's resident memory, model included)")  # fmt: skip
+        return None
+
+    def failed(self, why: str) -> None:
+        """The job's process was stopped (timeout, cancel, memory) or crashed: its workers' state is unknown."""
+        from node.plugins.pool import pool
+
+        for w in self.workers:
+            pool().discard(w, f"job {self.ctx.job.id} failed while it used it: {why}")
+        self.workers = []
+
+    def finished(self, result: Any) -> None:
+        """Give the workers back; a worker that died during the job explains the job's error."""
+        from node.plugins.pool import pool
+
+        for w in self.workers:
+            if not w.alive():
+                result.error = (result.error + "; " if result.error else "") + w.death()
+            else:
+                result.notes.append(f"warm worker pid {w.pid} for {w.key}: its job {w.jobs + 1}, setup "
+                                    f"{w.setup_seconds:.1f} s when it started")  # fmt: skip
+            pool().release(w, healthy=w.alive())
+        self.workers = []
+
+    def close(self) -> None:
+        self.failed("the job ended before its plugin process ran")
+        if self.gpu is not None:
+            self.gpu.release()
+
+
+@contextlib.contextmanager
+def _plugin_resources(ctx: JobContext, action: Any, steps: list[Any], needs: list[str], spec: Any) -> Any:
+    """Take a GPU (when the job needs one) and a warm worker for each environment step; fill them into ``spec``."""
+    from node.plugins.gpus import GpuWaitCancelled, slots_for
+    from node.plugins.pool import WorkerKey, WorkerSpec, WorkerStartError, pool
+
+    cfg = ctx.cfg
+    res = _Resources(ctx, spec.memory_limit_mb)
+    need = action.gpu or max(needs, key=lambda n: _GPU_ORDER.get(n, 0), default="none")
+    try:
+        if need != "none":
+            try:
+                res.gpu = slots_for(cfg.plugins.gpus).acquire(
+                    need, priority=ctx.job.priority, cancelled=ctx.cancelled, label=f"job {ctx.job.id}",
+                    on_wait=lambda text: _note_running(ctx, text))  # fmt: skip
+            except GpuWaitCancelled:
+                raise JobFailed("cancelled while waiting for a GPU", retryable=False) from None
+            spec.device = res.gpu.device
+            if res.gpu.device is not None:
+                _note_running(ctx, f"running on GPU {res.gpu.device}")
+        if cfg.plugins.gpus:  # the node schedules GPUs: a job sees only the one it was given
+            spec.environ = {"CUDA_VISIBLE_DEVICES": spec.device or ""}
+        for st in steps:
+            if st.kind != "environment":
+                continue
+            env = cfg.plugins.environments[st.environment]
+            key = WorkerKey(st.environment, st.name, st.target, spec.device)
+            try:
+                w = pool(cfg.data_dir / "logs" / "workers").lease(
+                    key, WorkerSpec(env.python, dict(env.env), env.warm(st.name)), ctx.cancelled,
+                    on_wait=lambda text: _note_running(ctx, text))  # fmt: skip
+            except WorkerStartError as e:
+                raise JobFailed(str(e), retryable=True) from None
+            res.workers.append(w)
+            st.socket = w.socket
+        yield res
+    finally:
+        res.close()
 
 
 def _queue_outputs(ctx: JobContext, outputs: list[Any], names: list[str], binary_for: dict[str, str]) -> str:

@@ -100,6 +100,8 @@ class ClaimedJob:
     action: dict[str, Any]
     attempts: int
     max_attempts: int
+    #: Higher first (node.decide.rules.URGENT added for an urgent job); also orders waiting for a GPU.
+    priority: int = 0
 
 
 def claim_next(engine: Engine, now: dt.datetime | None = None) -> ClaimedJob | None:
@@ -122,7 +124,7 @@ def claim_next(engine: Engine, now: dt.datetime | None = None) -> ClaimedJob | N
         if done.rowcount != 1:
             return None
     return ClaimedJob(row.id, row.series_fk, row.revision, row.rule, row.action_index, row.kind,
-                      json.loads(row.action), row.attempts + 1, row.max_attempts)  # fmt: skip
+                      json.loads(row.action), row.attempts + 1, row.max_attempts, row.priority)  # fmt: skip
 
 
 def next_due(engine: Engine) -> dt.datetime | None:

@@ -22,6 +22,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import psutil
@@ -174,9 +175,13 @@ def _kill_orphaned_group(pgid: int | None) -> None:
         pass
 
 
-def run_in_process(spec: WorkSpec, *, timeout: float, workers: int = 2,
-                   cancelled: object = None) -> WorkResult:  # fmt: skip
-    """Run ``spec`` in a child process; raises PluginRunError for a crash or a timeout."""
+def run_in_process(spec: WorkSpec, *, timeout: float, workers: int = 2, cancelled: object = None,
+                   watch: Callable[[], str | None] | None = None) -> WorkResult:  # fmt: skip
+    """Run ``spec`` in a child process; raises PluginRunError for a crash or a timeout.
+
+    ``watch``, called a few times a second while the process runs, returns a reason to stop it (a warm
+    worker of the job over its memory limit), or None.
+    """
     slots = _slot(workers)
     with slots:
         ctx = _context()
@@ -199,7 +204,7 @@ def run_in_process(spec: WorkSpec, *, timeout: float, workers: int = 2,
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
-                if receiver.poll(min(left, 1.0)):
+                if receiver.poll(min(left, 1.0 if watch is None else 0.2)):
                     try:
                         result = receiver.recv()
                     except EOFError:  # the process ended without sending
@@ -210,6 +215,10 @@ def run_in_process(spec: WorkSpec, *, timeout: float, workers: int = 2,
                 if callable(cancelled) and cancelled():
                     _end(proc)
                     raise PluginRunError("cancelled while the plugin ran")
+                why = watch() if watch is not None else None
+                if why:
+                    _end(proc)
+                    raise PluginRunError(why)
             if result is None and proc.is_alive() and time.monotonic() >= deadline:
                 _end(proc)
                 raise PluginRunError(f"the plugin did not finish within its timeout of {timeout:g} s and was "

@@ -9,13 +9,19 @@ two slices at one position) fails with a message saying which instances.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from node.plugins.api import GeometryError, SeriesInput
+
+#: Makes the array the pixels are decoded into: (shape, dtype) -> array. np.empty by default; a memory-mapped
+#: file when the voxels go to a worker in another environment (node.plugins.worker.share_voxels).
+Allocate = Callable[[tuple[int, ...], Any], np.ndarray]
 
 #: Positions closer than this (mm) along the normal are "the same position".
 SAME_POSITION_MM = 1e-3
@@ -84,10 +90,10 @@ def load_series(files: list[Path]) -> SeriesInput:
     spacing = _floats(images[0][0].get("PixelSpacing"), 2)
     paths = [f for _, f in images]
 
-    def load() -> np.ndarray:
+    def load(allocate: Allocate = np.empty) -> np.ndarray:
         first = dcmread(paths[0])
         a0 = first.pixel_array
-        out = np.empty((len(paths), *a0.shape), dtype=a0.dtype)
+        out = allocate((len(paths), *a0.shape), a0.dtype)
         out[0] = a0
         del first
         for i, p in enumerate(paths[1:], 1):
@@ -137,9 +143,11 @@ def _multiframe(ds: Dataset, path: Path) -> SeriesInput:
         pos_arr = np.array([positions[i] for i in frames])
         orientation = (tuple(float(x) for x in ref[:3]), tuple(float(x) for x in ref[3:]))
 
-    def load() -> np.ndarray:
+    def load(allocate: Allocate = np.empty) -> np.ndarray:
         arr = dcmread(path).pixel_array
-        return np.ascontiguousarray(arr[frames])
+        out = allocate((len(frames), *arr.shape[1:]), arr.dtype)
+        np.take(arr, frames, axis=0, out=out)
+        return out
 
     return SeriesInput(
         datasets=[ds], files=[path], frames=frames, _loader=load, positions=pos_arr, orientation=orientation,

@@ -24,6 +24,15 @@ class StepSpec:
     name: str
     target: str
     params: dict[str, Any]
+    #: "local" (imported here), "environment" (a warm worker, at ``socket``) or "command".
+    kind: str = "local"
+    #: For an environment plugin: the Unix socket of the worker leased for this job, and the plugin as its
+    #: environment describes it (family, segment_template, max_attempts).
+    socket: str = ""
+    environment: str = ""
+    remote: dict[str, Any] | None = None
+    #: For a command plugin: its [plugins.commands.NAME] table.
+    command: dict[str, Any] | None = None
 
 
 @dataclass
@@ -46,6 +55,10 @@ class WorkSpec:
     unknown_labels: str = "error"
     #: Also write each label map SEG as a BINARY SEG, for destinations that do not accept Label Map SEG.
     labelmap_as_binary: bool = False
+    #: The GPU this job was given, None for the CPU.
+    device: str | None = None
+    #: Environment variables of the job's process (CUDA_VISIBLE_DEVICES when the node schedules GPUs).
+    environ: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -119,10 +132,10 @@ def _timed(series: Any, timings: dict[str, float]) -> list[float]:
     total = [0.0]
     loader = series._loader
 
-    def load() -> Any:
+    def load(*args: Any) -> Any:
         t = time.perf_counter()
         try:
-            return loader()
+            return loader(*args)
         finally:
             spent = time.perf_counter() - t
             total[0] += spent
@@ -150,6 +163,17 @@ def _failure(e: BaseException, step: str, spec: WorkSpec, info: Any) -> tuple[st
         return f"{step}: {e}{why}", retryable
     if isinstance(e, (GeometryError, OutputError, TemplateError)):
         return f"{step}: {e}", False
+    from dicom_node_sdk.protocol import RemoteError, WorkerGone
+
+    if isinstance(e, RemoteError):
+        if e.kind == "PluginError":
+            limit = info.max_attempts if info is not None else None
+            retryable = e.retryable and (limit is None or spec.attempt < limit)
+            why = "" if retryable or not e.retryable else f" (no more retries: the plugin allows {limit} attempt(s))"
+            return f"{step}: {e}{why}", retryable
+        return f"{step}: {e}", False
+    if isinstance(e, WorkerGone):
+        return f"{step}: the plugin's worker ended during the job ({e})", False
     tb = traceback.extract_tb(e.__traceback__)
     where = f" ({Path(tb[-1].filename).name}:{tb[-1].lineno})" if tb else ""
     return f"{step}: {type(e).__name__}: {e}{where}", False
@@ -176,29 +200,37 @@ def run(spec: WorkSpec) -> WorkResult:
     made_by: list[Provenance] = []
     errors: list[str] = []
     retryable = False
+    #: Ready DICOM objects a command plugin wrote (validated and written like the node's own outputs).
+    ready: list[tuple[Any, Provenance]] = []
     try:
         t = time.perf_counter()
         series = load_series([Path(f) for f in spec.files])
         timings["load"] += time.perf_counter() - t
         # Pixels are read when a plugin first asks: count that reading as "load", not as the plugin's time.
         pixel_read = _timed(series, timings)
-        for s in spec.steps:
-            step = f"loading plugin {s.name}"
-            info = load(s.name, s.target)
-            names.append(f"{info.name} {info.version}")
-            params = info.validate_params(s.params)
-            # Algorithm Parameters: every parameter the plugin ran with, defaults included.
-            prov = Provenance(
-                job_key=spec.job_key, algorithm=info.name, algorithm_version=info.version,
-                parameters={k: str(v) for k, v in info.dump_params(params).items()},
-                station_name=spec.station_name,
-                series_number=spec.series_number, series_description=spec.series_description, family=info.family,
-            )  # fmt: skip
-            step = f"running plugin {s.name}"
+        for k, s in enumerate(spec.steps):
             series.previous = list(results)
-            t, before = time.perf_counter(), pixel_read[0]
-            out = info.run(series, params)
-            timings["plugin"] += time.perf_counter() - t - (pixel_read[0] - before)
+            if s.kind == "environment":
+                step = f"running plugin {s.name} (environment {s.environment})"
+                info = _RemoteInfo(s.remote or {})
+                out, prov = _remote_step(s, k, series, spec, timings, pixel_read)
+                names.append(prov.algorithm + " " + prov.algorithm_version)
+            elif s.kind == "command":
+                step = f"running command plugin {s.name}"
+                info = None
+                out, prov = _command_step(s, k, series, spec, timings, ready)
+                names.append(f"{s.name} {prov.algorithm_version}".strip())
+            else:
+                step = f"loading plugin {s.name}"
+                info = load(s.name, s.target)
+                names.append(f"{info.name} {info.version}")
+                params = info.validate_params(s.params)
+                # Algorithm Parameters: every parameter the plugin ran with, defaults included.
+                prov = _provenance(spec, info.name, info.version, info.dump_params(params), info.family)
+                step = f"running plugin {s.name}"
+                t, before = time.perf_counter(), pixel_read[0]
+                out = info.run(series, params)
+                timings["plugin"] += time.perf_counter() - t - (pixel_read[0] - before)
             if out is None:
                 out = []
             if not isinstance(out, (list, tuple)):
@@ -208,7 +240,7 @@ def run(spec: WorkSpec) -> WorkResult:
                     raise PluginError(f"plugin {s.name} returned a {type(r).__name__}; results are Segmentation, "
                                       "Images or Volume")  # fmt: skip
             # The rule's template, else the plugin's own, describes its segments.
-            template_path = spec.segment_template or info.segment_template
+            template_path = spec.segment_template or (info.segment_template if info is not None else None)
             if template_path:
                 from node.derive.template import apply_template, load_template
 
@@ -220,7 +252,7 @@ def run(spec: WorkSpec) -> WorkResult:
     except Exception as e:  # noqa: BLE001 (MemoryError included: it is an Exception)
         error, retryable = _failure(e, step, spec, info)
         errors.append(error)
-        if not results:
+        if not results and not ready:
             return WorkResult(False, error=error, retryable=retryable, timings=timings, plugins=names)
     # The voxels are the largest thing here; the builders need only metadata and the results.
     t = time.perf_counter()
@@ -235,12 +267,183 @@ def run(spec: WorkSpec) -> WorkResult:
             outputs += _build_and_write(series, r, prov, i, spec, timings, notes)
         except Exception as e:  # noqa: BLE001
             errors.append(_failure(e, step, spec, None)[0])
+    for n, (ds, prov) in enumerate(ready):
+        step = f"checking DICOM object {n + 1} of {len(ready)} written by {prov.algorithm}"
+        try:
+            outputs.append(_check_and_write_ready(series, ds, n, spec, timings, notes))
+        except Exception as e:  # noqa: BLE001
+            errors.append(_failure(e, step, spec, None)[0])
     if errors and outputs:
         notes.append(f"kept {len(outputs)} output(s) that were built before or beside the failure")
     # A retry may help even with outputs kept: they have the job's own UIDs, so a re-run stores and
     # sends nothing twice (the index keeps the first copy, the queue already has it).
     return WorkResult(not errors, outputs, error="; ".join(errors), retryable=retryable,
                       timings=timings, plugins=names, notes=notes)  # fmt: skip
+
+
+class _RemoteInfo:
+    """What _failure and the template lookup need of a plugin that lives in another environment."""
+
+    def __init__(self, remote: dict[str, Any]) -> None:
+        self.max_attempts = remote.get("max_attempts")
+        self.segment_template = remote.get("segment_template")
+
+
+def _code(value: Any) -> Any:
+    from pydicom.sr.coding import Code
+
+    return Code(*value) if value else None
+
+
+def _provenance(spec: WorkSpec, name: str, version: str, parameters: dict[str, Any], family: Any) -> Any:
+    from node.derive.common import Provenance
+
+    return Provenance(
+        job_key=spec.job_key, algorithm=name, algorithm_version=version,
+        parameters={k: str(v) for k, v in parameters.items()}, station_name=spec.station_name,
+        series_number=spec.series_number, series_description=spec.series_description,
+        **({"family": family} if family is not None else {}),
+    )  # fmt: skip
+
+
+#: /dev/shm is used for the voxels of a worker in another environment when it has this much room to spare.
+_SHM = Path("/dev/shm")
+
+
+def _transfer_dir(spec: WorkSpec, nbytes: int) -> Path:
+    """Where arrays for a worker go: memory (/dev/shm) when it has room, else the job's own folder."""
+    import os
+    import shutil
+    import tempfile
+
+    try:
+        if _SHM.is_dir() and shutil.disk_usage(_SHM).free > 2 * nbytes + 2**28:
+            return Path(tempfile.mkdtemp(prefix=f"dicom-node-{os.getpid()}-", dir=_SHM))
+    except OSError:
+        pass
+    return Path(tempfile.mkdtemp(prefix="transfer-", dir=spec.out_dir))
+
+
+def share_voxels(series: Any, folder: Path) -> Path:
+    """The series' voxels as a .npy file a worker maps: decoded straight into it when not read yet (no copy)."""
+    import numpy as np
+
+    path = folder / "voxels.npy"
+    loaded = series.__dict__.get("_voxels")
+    if loaded is not None:
+        mm = np.lib.format.open_memmap(path, mode="w+", dtype=loaded.dtype, shape=loaded.shape)
+        mm[...] = loaded
+        mm.flush()
+        return path
+
+    def into(shape: tuple[int, ...], dtype: Any) -> Any:
+        return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+
+    series.__dict__["_voxels"] = series._loader(into)  # later steps here read the same mapped pixels
+    return path
+
+
+def _expected_bytes(series: Any) -> int:
+    ds = series.first
+    per = int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) * int(ds.get("SamplesPerPixel", 1) or 1)
+    return per * len(series) * max(1, int(ds.get("BitsAllocated", 16) or 16) // 8)
+
+
+def _remote_step(s: StepSpec, k: int, series: Any, spec: WorkSpec, timings: dict[str, float],
+                 pixel_read: list[float]) -> tuple[list[Any], Any]:  # fmt: skip
+    """Run one step in its warm worker: voxels through a mapped file, results back as mapped arrays."""
+    import shutil
+
+    from dicom_node_sdk.protocol import WorkerClient, encode_series
+
+    folder = _transfer_dir(spec, _expected_bytes(series))
+    try:
+        t = time.perf_counter()
+        before = pixel_read[0]
+        voxels = share_voxels(series, folder)
+        message = encode_series(series, voxels)
+        out_dir = folder / f"results-{k}"
+        out_dir.mkdir()
+        with WorkerClient(s.socket) as client:
+            t_call = time.perf_counter()
+            reply = client.run(message, s.params, attempt=spec.attempt, out_dir=out_dir, previous=list(series.previous))
+            call = time.perf_counter() - t_call
+        # Results are mapped from files in ``folder``: read them into memory before it goes.
+        results = [_in_memory(r) for r in reply.results]
+        spent = time.perf_counter() - t
+        timings["plugin"] += reply.seconds
+        # The rest of the step (sharing the voxels beyond decoding them, the round trip, reading results).
+        timings["transfer"] = timings.get("transfer", 0.0) + max(0.0, spent - reply.seconds - (pixel_read[0] - before))
+        timings["call"] = timings.get("call", 0.0) + max(0.0, call - reply.seconds)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    name, _, version = reply.plugin.partition(" ")
+    remote = s.remote or {}
+    prov = _provenance(spec, name or s.name, version or str(remote.get("version", "")), dict(reply.parameters),
+                       _code(remote.get("family")))  # fmt: skip
+    return results, prov
+
+
+def _in_memory(r: Any) -> Any:
+    """A result whose arrays are memory-mapped files, with its arrays read into memory."""
+    import dataclasses
+
+    import numpy as np
+
+    changes = {}
+    for f in dataclasses.fields(r):
+        v = getattr(r, f.name)
+        if isinstance(v, np.memmap) or (isinstance(v, np.ndarray) and isinstance(v.base, np.memmap)):
+            changes[f.name] = np.array(v)
+    return dataclasses.replace(r, **changes) if changes else r
+
+
+def _command_step(s: StepSpec, k: int, series: Any, spec: WorkSpec, timings: dict[str, float],
+                  ready: list[tuple[Any, Any]]) -> tuple[list[Any], Any]:  # fmt: skip
+    """Run a command plugin on the series; its label maps become results, its ready DICOM objects outputs."""
+    from node.plugins.commands import CommandPlugin, run_command
+
+    cmd = CommandPlugin.model_validate(s.command or {})
+    work = Path(spec.out_dir) / f"command-{k}"
+    work.mkdir(parents=True, exist_ok=True)
+    outcome = run_command(s.name, cmd, series, work, device=spec.device)
+    timings["plugin"] += outcome.seconds
+    prov = _provenance(spec, s.name, cmd.version, {}, None)
+    ready.extend((ds, prov) for ds in outcome.ready)
+    return list(outcome.results), prov
+
+
+_KINDS = {"1.2.840.10008.5.1.4.1.1.66.4": "SEG", "1.2.840.10008.5.1.4.1.1.66.7": "SEG",
+          "1.2.840.10008.5.1.4.1.1.30": "parametric map"}  # fmt: skip
+
+
+def _ready_kind(ds: Any) -> str:
+    """The output kind of a ready DICOM object, by SOP class (as the job summary and metrics count them)."""
+    from pydicom.uid import UID
+
+    uid = str(ds.get("SOPClassUID", ""))
+    if uid in _KINDS:
+        return _KINDS[uid]
+    name = UID(uid).name if uid else ""
+    if "Secondary Capture" in name:
+        return "SC"
+    if "SR" in name.split() or "Structured" in name or "Report" in name:
+        return "SR"
+    return "image"
+
+
+def _check_and_write_ready(series: Any, ds: Any, n: int, spec: WorkSpec, timings: dict[str, float],
+                           notes: list[str]) -> Output:  # fmt: skip
+    """A DICOM object a command wrote: repaired where the standard allows, validated, written as an output."""
+    t = time.perf_counter()
+    kind = _ready_kind(ds)
+    _check(ds, series.first, kind, notes)
+    timings["build"] += time.perf_counter() - t
+    t = time.perf_counter()
+    path = Path(spec.out_dir) / f"ready-{n:05d}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    timings["write"] += time.perf_counter() - t
+    return Output(str(path), kind, str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID))
 
 
 def _check(ds: Any, source: Any, kind: str, notes: list[str]) -> None:
@@ -338,6 +541,9 @@ def main(spec: WorkSpec, conn: Any) -> None:
     from node.plugins.runtime import kill_descendants
 
     contain()  # its own process group and subreaper; it dies with the fork server, which dies with the node
+    import os
+
+    os.environ.update(spec.environ)
     # Source data sets often carry one-component names ("HEAD"); highdicom warns on each copy.
     warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
     baseline = address_space_mb()

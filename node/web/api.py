@@ -212,6 +212,10 @@ class PluginModel(BaseModel):
     target: str
     source: str
     package_version: str
+    #: "local" (the node's own Python), "environment" (a warm worker in its own Python) or "command".
+    kind: str
+    #: The [plugins.environments] name, for an environment plugin.
+    environment: str
     version: str
     description: str
     error: str

@@ -483,7 +483,7 @@ def rules(cfg: Config, engine: Engine) -> list[dict[str, Any]]:
 
 
 def plugins(cfg: Config) -> list[dict[str, Any]]:
-    from node.plugins.registry import PluginLoadError, discover, load
+    from node.plugins.registry import PluginLoadError, describe, discover
 
     used: dict[str, list[str]] = collections.defaultdict(list)
     for rule in cfg.ruleset or []:
@@ -491,11 +491,12 @@ def plugins(cfg: Config) -> list[dict[str, Any]]:
             for step in a.steps if a.type == "plugin" else []:
                 used[step.name].append(rule.name)
     out = []
-    for name, ref in sorted(discover(cfg.plugins.local).items()):
+    for name, ref in sorted(discover(cfg.plugins).items()):
         item = {"name": name, "target": ref.target, "source": ref.source, "package_version": ref.version,
+                "kind": ref.kind, "environment": ref.environment or "",
                 "version": "", "description": "", "error": "", "used_by_rules": sorted(set(used.get(name, [])))}  # fmt: skip
         try:
-            info = load(name, ref.target)
+            info = describe(ref, cfg.plugins)
             item["version"] = info.version
             item["description"] = info.description
         except PluginLoadError as e:
