@@ -26,13 +26,18 @@ CACHE = Path(os.environ.get("DICOM_NODE_TEST_ENVS", Path.home() / ".cache" / "di
 OLD_STACK = ["numpy<2", "pydicom<3"]
 
 
-def make_env(packages: list[str], editable: list[Path] = (), *, tag: str = "env") -> Path:  # type: ignore[assignment]
+def make_env(packages: list[str], editable: list[Path] = (), *, tag: str = "env",  # type: ignore[assignment]
+             python: str | Path | None = None) -> Path:
     """The python of a venv with ``packages`` (pip requirement strings) and ``editable`` folders installed.
 
-    Built once per distinct content and kept; built under a lock, so concurrent test processes wait for
-    one build. Raises RuntimeError with pip's output when the environment cannot be built.
+    ``python`` makes the venv (another Python version; default: the one running the tests). Built once
+    per distinct content and kept; built under a lock, so concurrent test processes wait for one build.
+    Raises RuntimeError with pip's output when the environment cannot be built.
     """
-    key = json.dumps([sys.version_info[:2], sorted(packages), [str(Path(p).resolve()) for p in editable]])
+    base = str(python or sys.executable)
+    version = sys.version_info[:2] if python is None else subprocess.run(
+        [base, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True, text=True, check=True).stdout.strip()
+    key = json.dumps([version, sorted(packages), [str(Path(p).resolve()) for p in editable]] + ([base] if python else []))
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     root = CACHE / f"{tag}-{digest}"
     python = root / "bin" / "python"
@@ -42,7 +47,7 @@ def make_env(packages: list[str], editable: list[Path] = (), *, tag: str = "env"
         if (root / ".complete").exists() and python.exists():
             return python
         shutil.rmtree(root, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "venv", str(root)], check=True, capture_output=True, timeout=300)
+        subprocess.run([base, "-m", "venv", str(root)], check=True, capture_output=True, timeout=300)
         args = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *packages]
         for folder in editable:
             args += ["-e", str(folder)]
