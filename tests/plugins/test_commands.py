@@ -281,3 +281,39 @@ def test_container_with_a_missing_image_says_so(shared_data: Path, tmp_path: Pat
     cmd = CommandPlugin(container="localhost/dicom-node-no-such-image:0")
     with pytest.raises(PluginError, match=r"exited with code 125 \(podman could not run the container"):
         run_command("gone", cmd, series, tmp_path)
+
+
+def _run_boxed(work: str, image: str) -> None:
+    """A job process's part (forked): run a container that hangs."""
+    series = load_series(_ct2())
+    run_command("hang", CommandPlugin(container=image, command=["sleep", "600"]), series, Path(work))
+
+
+def test_killed_job_leaves_no_container_once_removed(shared_data: Path, tmp_path: Path, test_image: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """A timeout kills the job's tree (the podman client with it); remove_container clears what podman kept."""
+    import multiprocessing as mp
+
+    from helpers import wait_for
+
+    from node.plugins.commands import remove_container
+    from node.plugins.runtime import kill_tree
+
+    monkeypatch.setenv("CONTAINERS_CONF", str(CONTAINERS / "containers.conf"))
+
+    def names() -> str:
+        ps = subprocess.run(
+            ["podman", "ps", "-a", "--format", "{{.Names}}"], capture_output=True, text=True, check=True
+        )
+        return ps.stdout
+
+    proc = mp.get_context("fork").Process(target=_run_boxed, args=(str(tmp_path), test_image))
+    proc.start()
+    try:
+        wait_for(lambda: "dicom-node-hang-" in names(), 60, "the container to start")
+    finally:
+        kill_tree(proc.pid)
+        proc.join(10)
+    assert "dicom-node-hang-" in names()  # what a killed client leaves
+    remove_container(tmp_path)
+    assert "dicom-node-hang-" not in names()

@@ -25,16 +25,28 @@ def main():
             ds.SeriesInstanceUID = uid
     mask = np.stack([ds.pixel_array > ds.pixel_array.mean() for ds in sources])
     desc = hd.seg.SegmentDescription(
-        segment_number=1, segment_label="Bright", segmented_property_category=codes.SCT.Tissue,
-        segmented_property_type=codes.SCT.Tissue, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        segment_number=1,
+        segment_label="Bright",
+        segmented_property_category=codes.SCT.Tissue,
+        segmented_property_type=codes.SCT.Tissue,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=hd.AlgorithmIdentificationSequence(
-            name="make_seg", version="1", family=codes.cid7162.ArtificialIntelligence),
+            name="make_seg", version="1", family=codes.cid7162.ArtificialIntelligence
+        ),
     )
     seg = hd.seg.Segmentation(
-        source_images=sources, pixel_array=mask, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[desc], series_instance_uid=generate_uid(), series_number=901,
-        sop_instance_uid=generate_uid(), instance_number=1, manufacturer="test",
-        manufacturer_model_name="make_seg", software_versions="1", device_serial_number="1",
+        source_images=sources,
+        pixel_array=mask,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[desc],
+        series_instance_uid=generate_uid(),
+        series_number=901,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer="test",
+        manufacturer_model_name="make_seg",
+        software_versions="1",
+        device_serial_number="1",
     )
     if flag == "--other-study":
         seg.StudyInstanceUID = generate_uid()

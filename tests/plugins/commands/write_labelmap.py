@@ -54,13 +54,21 @@ def main():
     args = ap.parse_args()
     inp, out = Path(args.input), Path(args.output)
     files = sorted(p for p in inp.iterdir() if p.name.endswith(".dcm"))
-    print(json.dumps({
-        "input": [p.name for p in sorted(inp.iterdir())],
-        "modes": sorted({oct(stat.S_IMODE(p.stat().st_mode)) for p in inp.iterdir()}),
-        "writable": os.access(files[0], os.W_OK),
-        "env": {k: v for k, v in os.environ.items() if k.startswith(("MERCURE_", "MONAI_", "HOLOSCAN_", "CUDA_", "EXTRA_"))},
-        "task": json.loads((inp / "task.json").read_text()),
-    }))
+    print(
+        json.dumps(
+            {
+                "input": [p.name for p in sorted(inp.iterdir())],
+                "modes": sorted({oct(stat.S_IMODE(p.stat().st_mode)) for p in inp.iterdir()}),
+                "writable": os.access(files[0], os.W_OK),
+                "env": {
+                    k: v
+                    for k, v in os.environ.items()
+                    if k.startswith(("MERCURE_", "MONAI_", "HOLOSCAN_", "CUDA_", "EXTRA_"))
+                },
+                "task": json.loads((inp / "task.json").read_text()),
+            }
+        )
+    )
     sys.stdout.flush()
     lab = labels(files)
     if args.empty:
