@@ -21,7 +21,7 @@ import sys
 from typing import Any
 
 from dicom_node_sdk import __version__
-from dicom_node_sdk._stdout import answer, take_stdout
+from dicom_node_sdk._process import answer, forget_working_directory, take_stdout
 from dicom_node_sdk.loading import PluginLoadError, installed_plugins, load, packages
 from dicom_node_sdk.protocol import PROTOCOL, info_to_json
 
@@ -64,6 +64,7 @@ def discover(local: dict[str, str]) -> dict[str, Any]:
 
 
 def main() -> int:
+    forget_working_directory()
     out = take_stdout()
     raw = sys.stdin.read()
     try:

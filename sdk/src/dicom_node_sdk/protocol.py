@@ -132,6 +132,10 @@ def code_from_json(value: Sequence[str] | None) -> Code | None:
 
 def save_array(array: Any, path: str | os.PathLike[str]) -> str:
     """Write ``array`` as an ``.npy`` file at ``path`` (through a memory map: no second copy in memory)."""
+    mapped = getattr(array, "filename", None)
+    if isinstance(array, np.memmap) and mapped and os.path.exists(path) and os.path.samefile(mapped, path):
+        array.flush()  # already that file (the node decodes the voxels straight into it): writing it again
+        return str(path)  # would truncate the very file being copied from
     a = np.asarray(array)
     if a.dtype.hasobject:
         raise TypeError(f"an array of Python objects cannot be handed over (dtype {a.dtype}); use numbers or bools")

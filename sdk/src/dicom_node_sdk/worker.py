@@ -30,7 +30,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from dicom_node_sdk._stdout import answer, take_stdout
+from dicom_node_sdk._process import answer, forget_working_directory, take_stdout
 from dicom_node_sdk.api import GeometryError, Images, PluginError, PluginInfo, Segmentation, Volume
 from dicom_node_sdk.loading import PluginLoadError, installed_plugins, load
 from dicom_node_sdk.params import ParamsError
@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plugin", required=True, metavar="NAME=module:attr", help="the plugin this worker runs")
     ap.add_argument("--parent-pid", type=int, default=None, help="exit if this process is no longer the parent")
     args = ap.parse_args(argv)
+    forget_working_directory()
     parent = args.parent_pid if args.parent_pid is not None else os.getppid()
     out = take_stdout()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,

@@ -1,4 +1,5 @@
-"""Keeping stdout for the one JSON answer: whatever a plugin prints goes to stderr (the node's log)."""
+"""What the worker and discovery do to their own process: stdout kept for the one JSON answer (whatever a
+plugin prints goes to stderr, the node's log), and an import path free of the directory they were started in."""
 
 from __future__ import annotations
 
@@ -25,3 +26,14 @@ def answer(out: TextIO, obj: Any) -> None:
     out.write(json.dumps(obj, separators=(",", ":")) + "\n")
     out.flush()
     out.close()
+
+
+def forget_working_directory() -> None:
+    """Drop the current directory that ``python -m`` puts first on sys.path.
+
+    A worker or discovery run must see the environment's packages, not whatever lies in the directory
+    the node was started from (a checkout with ``*.egg-info`` would add its entry points, a folder named
+    like a module would shadow it). PYTHONPATH entries stay.
+    """
+    if sys.path and sys.path[0] in ("", os.getcwd()):
+        del sys.path[0]
