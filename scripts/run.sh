@@ -3,5 +3,5 @@
 # Usage: bash scripts/run.sh [dicom-node run options...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install -q --disable-pip-version-check -e .
+python3 -m pip install -q --disable-pip-version-check -e ./sdk -e .
 exec dicom-node run "$@"
