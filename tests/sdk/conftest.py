@@ -23,7 +23,6 @@ from helpers import REPO, series_files  # noqa: E402
 from helpers.envs import OLD_STACK, make_env, sdk_env  # noqa: E402
 
 
-
 def _python39() -> str | None:
     """An older Python for the SDK's "3.9+" promise, where this machine has one (a pyenv shim may not run)."""
     candidates = [*sorted(Path.home().glob(".pyenv/versions/3.9*/bin/python")), shutil.which("python3.9")]

@@ -8,7 +8,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import List, Literal, Optional
+from typing import Literal
 
 import numpy as np
 from dicom_node_sdk import Images, Plugin, PluginError, Segment, Segmentation, Volume, codes, plugin
@@ -20,9 +20,9 @@ class OrganParams:
     """Thresholds of the two segments, in rescaled values (HU for CT)."""
 
     bone: float = field(default=300.0, metadata={"description": "lower bound of bone"})
-    tissue: List[float] = field(default_factory=lambda: [-100.0, 100.0])
+    tissue: list[float] = field(default_factory=lambda: [-100.0, 100.0])
     kind: Literal["labelmap", "binary"] = "labelmap"
-    label: Optional[str] = None
+    label: str | None = None
 
     def __post_init__(self) -> None:
         if len(self.tissue) != 2 or self.tissue[0] >= self.tissue[1]:

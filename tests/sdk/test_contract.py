@@ -5,21 +5,27 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass, field
-from typing import List, Optional
 
+import dicom_node_sdk
 import jsonschema
 import numpy as np
 import pytest
 import sdk_plugins
-from pydantic import BaseModel, Field
-
-import dicom_node_sdk
-import node.plugins.api as node_api
 from dicom_node_sdk import NoParams, ParamsError, Plugin, plugin
 from dicom_node_sdk.protocol import (
-    ProtocolError, code_from_json, code_to_json, decode_series, encode_series, recv_message, result_from_json,
-    result_to_json, send_message,
+    ProtocolError,
+    code_from_json,
+    code_to_json,
+    decode_series,
+    encode_series,
+    recv_message,
+    result_from_json,
+    result_to_json,
+    send_message,
 )  # fmt: skip
+from pydantic import BaseModel, Field
+
+import node.plugins.api as node_api
 
 
 def test_the_node_api_is_the_sdk():
@@ -32,15 +38,15 @@ def test_the_node_api_is_the_sdk():
 class DcParams:
     lower: float = 300
     count: int = 2
-    labels: List[str] = field(default_factory=lambda: ["Bone"])
-    upper: Optional[float] = None
+    labels: list[str] = field(default_factory=lambda: ["Bone"])
+    upper: float | None = None
 
 
 class PdParams(BaseModel):
     lower: float = 300
     count: int = Field(2, gt=0)
-    labels: List[str] = ["Bone"]
-    upper: Optional[float] = None
+    labels: list[str] = ["Bone"]
+    upper: float | None = None
 
 
 @pytest.mark.parametrize("params", [DcParams, PdParams])

@@ -17,9 +17,8 @@ import psutil
 import pytest
 import sdk_plugins
 from conftest import plugin_env, read_line
-from helpers import wait_for
-
 from dicom_node_sdk.protocol import PROTOCOL, RemoteError, WorkerClient, WorkerGone, encode_series
+from helpers import wait_for
 
 ORGANS = "organs=sdk_plugins:Organs"
 FAULTY = "faulty=sdk_plugins:faulty"

@@ -5,8 +5,23 @@ inside the node the same objects are ``node.plugins.api``.
 """
 
 from dicom_node_sdk.api import (
-    GPU_MODES, Code, GeometryError, Images, NoParams, ParamsError, Plugin, PluginError, PluginInfo, Result, Segment,
-    Segmentation, SeriesInput, Volume, as_info, codes, plugin,
+    GPU_MODES,
+    Code,
+    GeometryError,
+    Images,
+    NoParams,
+    ParamsError,
+    Plugin,
+    PluginError,
+    PluginInfo,
+    Result,
+    Segment,
+    Segmentation,
+    SeriesInput,
+    Volume,
+    as_info,
+    codes,
+    plugin,
 )  # fmt: skip
 
 __version__ = "0.1.0"

@@ -19,14 +19,15 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import sys
 import typing
 from pathlib import Path
-from typing import Any, Dict, List, Tuple, Union
+from typing import Any, Union
 
 __all__ = ["NoParams", "ParamsError", "check_params_type", "dump", "schema", "validate"]
 
 #: One problem: where (a path of keys and indexes), what, and pydantic's name for its kind.
-ErrorDict = Dict[str, Any]
+ErrorDict = dict[str, Any]
 
 
 class ParamsError(ValueError):
@@ -91,8 +92,8 @@ def validate(cls: type, data: dict[str, Any] | None) -> Any:
         except ValueError as e:  # pydantic's ValidationError (v1 and v2) is a ValueError
             if not hasattr(e, "errors"):
                 raise ParamsError([_err((), str(e), "value_error", data)]) from None
-            found = [_err(tuple(x.get("loc", ())), str(x.get("msg", "")), str(x.get("type", "")), x.get("input"))
-                     for x in e.errors()]  # fmt: skip
+            found = [_err(tuple(x.get("loc", ())), str(x.get("msg", "")).replace("Value error, ", "", 1),
+                          str(x.get("type", "")), x.get("input")) for x in e.errors()]  # fmt: skip
             raise ParamsError(found) from None
     errors: list[ErrorDict] = []
     value = _dataclass(cls, data, (), errors)
@@ -129,11 +130,48 @@ def _err(loc: tuple[Any, ...], msg: str, kind: str, value: Any) -> ErrorDict:
 
 
 def _hints(cls: type) -> dict[str, Any]:
-    """The fields' types; ``Any`` where they cannot be resolved (e.g. ``int | None`` as a string on Python 3.9)."""
+    """The fields' types, resolved one by one when they cannot be all at once.
+
+    On Python 3.9 ``get_type_hints`` cannot evaluate ``str | None`` (written with ``from __future__ import
+    annotations``); such a field is read as the Union it means. A type that cannot be resolved at all is
+    ``Any``: an odd annotation must not make the plugin unusable.
+    """
     try:
         return typing.get_type_hints(cls)
-    except Exception:  # noqa: BLE001 (an unresolvable annotation must not make the plugin unusable)
-        return {f.name: Any for f in dataclasses.fields(cls)}
+    except Exception:  # noqa: BLE001
+        pass
+    module = sys.modules.get(cls.__module__)
+    namespace = dict(vars(module)) if module is not None else {}
+    return {f.name: _resolve(f.type, namespace) for f in dataclasses.fields(cls)}
+
+
+def _resolve(annotation: Any, namespace: dict[str, Any]) -> Any:
+    if not isinstance(annotation, str):
+        return annotation
+    try:
+        return eval(annotation, namespace)  # noqa: S307 (what typing.get_type_hints does with annotations)
+    except TypeError:
+        parts = _top_level(annotation, "|")
+        if len(parts) > 1:
+            return Union[tuple(_resolve(p, namespace) for p in parts)]  # noqa: UP007 (for Python 3.9)
+    except Exception:  # noqa: BLE001
+        pass
+    return Any
+
+
+def _top_level(text: str, sep: str) -> list[str]:
+    """``text`` split at ``sep`` outside brackets."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch in "[(":
+            depth += 1
+        elif ch in "])":
+            depth -= 1
+        elif ch == sep and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    parts.append(text[start:].strip())
+    return parts
 
 
 _MISSING = dataclasses.MISSING
@@ -196,9 +234,9 @@ def _coerce(tp: Any, value: Any, loc: tuple[Any, ...], errors: list[ErrorDict]) 
         allowed = ", ".join(repr(a) for a in args)
         errors.append(_err(loc, f"Input should be {allowed}", "literal_error", value))
         return None
-    if origin in (list, List, tuple, Tuple, set, frozenset) or origin in (typing.Sequence, _abc("Sequence")):
+    if origin in (list, tuple, set, frozenset) or origin is _abc("Sequence"):
         return _sequence(tp, origin, args, value, loc, errors)
-    if origin in (dict, Dict) or origin in (typing.Mapping, _abc("Mapping")):
+    if origin is dict or origin is _abc("Mapping"):
         if not isinstance(value, dict):
             errors.append(_err(loc, "Input should be a valid dictionary", "dict_type", value))
             return None
@@ -254,7 +292,7 @@ def _sequence(tp: Any, origin: Any, args: tuple[Any, ...], value: Any, loc: tupl
     if not isinstance(value, (list, tuple)):
         errors.append(_err(loc, "Input should be a valid list", "list_type", value))
         return None
-    is_tuple = origin in (tuple, Tuple)
+    is_tuple = origin is tuple
     if is_tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
         if len(value) != len(args):
             errors.append(_err(loc, f"Input should have {len(args)} items, not {len(value)}", "tuple_length", value))
@@ -282,12 +320,12 @@ def _type_schema(tp: Any) -> dict[str, Any]:
         if len(kinds) == 1 and next(iter(kinds)) in simple:
             out["type"] = simple[next(iter(kinds))]
         return out
-    if origin in (tuple, Tuple) and args and not (len(args) == 2 and args[1] is Ellipsis):
+    if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
         return {"type": "array", "prefixItems": [_type_schema(a) for a in args], "minItems": len(args),
                 "maxItems": len(args)}  # fmt: skip
-    if origin in (list, List, tuple, Tuple, set, frozenset, typing.Sequence, _abc("Sequence")):
+    if origin in (list, tuple, set, frozenset, _abc("Sequence")):
         return {"type": "array", "items": _type_schema(args[0]) if args else {}}
-    if origin in (dict, Dict, typing.Mapping, _abc("Mapping")):
+    if origin in (dict, _abc("Mapping")):
         return {"type": "object", "additionalProperties": _type_schema(args[1]) if len(args) == 2 else {}}
     simple_types = {bool: "boolean", int: "integer", float: "number", str: "string"}
     if tp in simple_types:

@@ -25,7 +25,7 @@ import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import numpy as np
 from numpy.lib.format import open_memmap
@@ -280,7 +280,7 @@ class RemoteSeries(SeriesInput):
     """A SeriesInput from a SERIES message: voxels memory-mapped, headers read on first use."""
 
     #: (slopes, intercepts) per slice as the node read them, when it sent them.
-    rescale_values: Optional[tuple[np.ndarray, np.ndarray]] = None  # noqa: UP007 (Python 3.9)
+    rescale_values: tuple[np.ndarray, np.ndarray] | None = None
 
     def _rescale(self) -> tuple[np.ndarray, np.ndarray]:
         if self.rescale_values is not None:
@@ -402,7 +402,7 @@ class WorkerClient:
         return reply
 
     def run(self, series_msg: dict[str, Any], params: dict[str, Any] | None, *, attempt: int = 1,
-            out_dir: str | os.PathLike[str], previous: Sequence[Union[Result, dict[str, Any]]] = ()) -> RunReply:  # fmt: skip
+            out_dir: str | os.PathLike[str], previous: Sequence[Result | dict[str, Any]] = ()) -> RunReply:  # fmt: skip
         """Run the worker's plugin on a series (from :func:`encode_series`).
 
         ``previous`` (results of earlier steps of the chain) are written to ``out_dir`` for the worker;

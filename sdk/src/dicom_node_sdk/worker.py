@@ -35,7 +35,13 @@ from dicom_node_sdk.api import GeometryError, Images, PluginError, PluginInfo, S
 from dicom_node_sdk.loading import PluginLoadError, installed_plugins, load
 from dicom_node_sdk.params import ParamsError
 from dicom_node_sdk.protocol import (
-    PROTOCOL, ProtocolError, decode_series, info_to_json, recv_message, result_from_json, result_to_json,
+    PROTOCOL,
+    ProtocolError,
+    decode_series,
+    info_to_json,
+    recv_message,
+    result_from_json,
+    result_to_json,
     send_message,
 )  # fmt: skip
 
