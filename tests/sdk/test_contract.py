@@ -134,6 +134,22 @@ def test_a_decoded_series_reads_headers_only_when_asked(ct_series, tmp_path):
     assert [d.SOPInstanceUID for d in remote.datasets] == [d.SOPInstanceUID for d in ct_series.datasets]
 
 
+def test_voxels_the_node_decoded_into_the_transfer_file_are_not_written_over(ct_series, tmp_path):
+    """The node decodes the pixels straight into the .npy it hands over; encoding must keep them, not re-create
+    the file under its own mapping (which would zero it)."""
+    path = tmp_path / "voxels.npy"
+    mapped = np.lib.format.open_memmap(path, mode="w+", dtype=np.int16, shape=(len(ct_series), 512, 512))
+    mapped[...] = ct_series.voxels()
+    series = node_api.SeriesInput(ct_series.datasets, ct_series.files, _loader=lambda: mapped,
+                                  positions=ct_series.positions, orientation=ct_series.orientation,
+                                  pixel_spacing=ct_series.pixel_spacing)  # fmt: skip
+    before = path.stat().st_ino
+    remote = decode_series(encode_series(series, path))
+    assert path.stat().st_ino == before
+    np.testing.assert_array_equal(remote.voxels(), ct_series.voxels())
+    np.testing.assert_array_equal(np.load(path), ct_series.voxels())
+
+
 def test_framing_refuses_what_is_not_a_message():
     a, b = socket.socketpair()
     with a, b:

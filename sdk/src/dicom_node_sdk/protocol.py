@@ -131,12 +131,19 @@ def code_from_json(value: Sequence[str] | None) -> Code | None:
 
 
 def save_array(array: Any, path: str | os.PathLike[str]) -> str:
-    """Write ``array`` as an ``.npy`` file at ``path`` (through a memory map: no second copy in memory)."""
-    mapped = getattr(array, "filename", None)
-    if isinstance(array, np.memmap) and mapped and os.path.exists(path) and os.path.samefile(mapped, path):
-        array.flush()  # already that file (the node decodes the voxels straight into it): writing it again
-        return str(path)  # would truncate the very file being copied from
+    """Write ``array`` as an ``.npy`` file at ``path`` (through a memory map: no second copy in memory).
+
+    An array that already is that file, mapped (the node decodes the voxels straight into it), is kept
+    as it is: re-creating the file would truncate the very data being copied.
+    """
+    if _maps_file(array, path):
+        array.flush()
+        return str(path)
     a = np.asarray(array)
+    if isinstance(a.base, np.memmap) or isinstance(array, np.memmap):
+        source = getattr(array, "filename", None) or getattr(a.base, "filename", None)
+        if source and os.path.exists(path) and os.path.samefile(source, path):
+            a = np.array(a)  # a part of that very file: copy it out before the file is re-created
     if a.dtype.hasobject:
         raise TypeError(f"an array of Python objects cannot be handed over (dtype {a.dtype}); use numbers or bools")
     if a.size == 0:  # an empty file cannot be memory-mapped
@@ -148,6 +155,25 @@ def save_array(array: Any, path: str | os.PathLike[str]) -> str:
     out.flush()
     del out
     return str(path)
+
+
+def _maps_file(array: Any, path: str | os.PathLike[str]) -> bool:
+    """Whether ``array`` is the whole of the ``.npy`` file at ``path``, memory-mapped (rewriting it would zero it)."""
+    if not isinstance(array, np.memmap) or not array.filename or not os.path.exists(path):
+        return False
+    try:
+        if not os.path.samefile(array.filename, path):
+            return False
+    except OSError:
+        return False
+    try:
+        on_disk = np.load(str(path), mmap_mode="r", allow_pickle=False)
+    except ValueError:
+        return False
+    same = (on_disk.offset, on_disk.shape, on_disk.dtype, on_disk.flags.c_contiguous) == (
+        array.offset, array.shape, array.dtype, array.flags.c_contiguous)
+    del on_disk
+    return bool(same)
 
 
 def load_array(path: str | os.PathLike[str]) -> np.ndarray:
