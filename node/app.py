@@ -149,8 +149,8 @@ class Node:
             # A worker's GPU is fixed when it starts: warm one per device when the plugin would be given one.
             devices: list[str | None] = list(plugins.gpus) if plugins.gpus and gpu != "none" else [None]
             for device in devices:
-                wanted[WorkerKey(env_name := ref.environment or "", name, ref.target, device)] = WorkerSpec(
-                    plugins.environments[env_name].python, dict(env.env), settings)
+                wanted[WorkerKey(ref.environment or "", name, ref.target, device)] = WorkerSpec(
+                    env.python, dict(env.env), settings)
         if wanted:
             pool(self.cfg.data_dir / "logs" / "workers").keep_warm(wanted)
 

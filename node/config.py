@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from node.plugins.commands import CommandPlugin
+
 ENV_PREFIX = "DICOM_NODE_"
 DEFAULT_CONFIG_PATH = Path("config/node.toml")
 
@@ -311,6 +313,8 @@ class PluginsSection(_Section):
     gpus: list[str] = Field(default_factory=list)
     #: Python environments of their own, by name (see docs/plugins.md, "Plugin environments").
     environments: dict[str, EnvironmentSection] = Field(default_factory=dict)
+    #: Programs and container images run as plugins, by name (see docs/plugins.md, "Command and container plugins").
+    commands: dict[str, CommandPlugin] = Field(default_factory=dict)
 
     @field_validator("local")
     @classmethod
@@ -336,15 +340,15 @@ class PluginsSection(_Section):
             raise ValueError("a device is listed twice")
         return gpus
 
-    @field_validator("environments")
+    @field_validator("environments", "commands")
     @classmethod
-    def _env_names(cls, envs: dict[str, EnvironmentSection]) -> dict[str, EnvironmentSection]:
+    def _names(cls, tables: dict[str, Any]) -> dict[str, Any]:
         import re
 
-        for name in envs:
+        for name in tables:
             if not re.match(_PLUGIN_NAME, name):
-                raise ValueError(f"environment name {name!r}: use letters, digits, '-', '_' or '.'")
-        return envs
+                raise ValueError(f"name {name!r}: use letters, digits, '-', '_' or '.'")
+        return tables
 
     @model_validator(mode="after")
     def _known_environments(self) -> PluginsSection:

@@ -34,7 +34,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import psutil
 
-from node.plugins.registry import PROTOCOL, worker_environ
+from node.plugins.registry import PROTOCOL, neutral_cwd, worker_environ
 from node.plugins.runtime import kill_tree
 
 if TYPE_CHECKING:
@@ -201,7 +201,8 @@ class WorkerPool:
         with open(log_path, "ab") as errors:
             try:
                 proc = self._spawner.submit(subprocess.Popen, argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                            stderr=errors, env=env, start_new_session=True).result()  # fmt: skip
+                                            stderr=errors, env=env, cwd=neutral_cwd(spec.python),
+                                            start_new_session=True).result()  # fmt: skip
             except OSError as e:
                 raise WorkerStartError(f"cannot start a worker for {key} with {spec.python}: {e.strerror or e}") from None
         w = Worker(key, proc, sock, log_path, t0)

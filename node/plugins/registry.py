@@ -72,6 +72,16 @@ def worker_environ(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def neutral_cwd(python: str) -> str:
+    """Where another interpreter runs: its environment's root, never the node's folder.
+
+    ``python -m`` puts the working folder first on sys.path: run from a source checkout it would find the
+    node's own packages (and their entry points) there.
+    """
+    root = Path(python).parent.parent
+    return str(root) if root.is_dir() else "/"
+
+
 # -- environments --------------------------------------------------------------------------------------
 
 
@@ -115,7 +125,7 @@ def discover_environment(name: str, env: EnvironmentSection, local: Mapping[str,
     try:
         done = subprocess.run([env.python, "-m", "dicom_node_sdk.discover"], input=json.dumps({"local": dict(local)}),
                               capture_output=True, text=True, timeout=DISCOVERY_TIMEOUT,
-                              env=worker_environ(env.env), stdin=None)  # fmt: skip
+                              env=worker_environ(env.env), cwd=neutral_cwd(env.python))  # fmt: skip
     except subprocess.TimeoutExpired:
         raise EnvironmentError_(f"{where}: listing its plugins took longer than {DISCOVERY_TIMEOUT:g} s "
                                 "(a plugin module that loads a model when imported? load it in setup())") from None
@@ -123,7 +133,7 @@ def discover_environment(name: str, env: EnvironmentSection, local: Mapping[str,
         raise EnvironmentError_(f"{where}: cannot run it: {e.strerror or e}") from None
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        if "No module named dicom_node_sdk" in done.stderr:
+        if "No module named 'dicom_node_sdk'" in done.stderr or "No module named dicom_node_sdk" in done.stderr:
             tail = "dicom-node-sdk is not installed there (pip install it into that environment: pip install ./sdk)"
         raise EnvironmentError_(f"{where}: cannot list its plugins: {tail}")
     try:

@@ -325,21 +325,19 @@ def _transfer_dir(spec: WorkSpec, nbytes: int) -> Path:
 
 
 def share_voxels(series: Any, folder: Path) -> Path:
-    """The series' voxels as a .npy file a worker maps: decoded straight into it when not read yet (no copy)."""
+    """Where the series' voxels go for a worker (a .npy file it maps); decoded straight into it when not read yet.
+
+    Voxels already in memory (an earlier step read them) are written there by encode_series.
+    """
     import numpy as np
 
     path = folder / "voxels.npy"
-    loaded = series.__dict__.get("_voxels")
-    if loaded is not None:
-        mm = np.lib.format.open_memmap(path, mode="w+", dtype=loaded.dtype, shape=loaded.shape)
-        mm[...] = loaded
-        mm.flush()
-        return path
+    if "_voxels" not in series.__dict__:
 
-    def into(shape: tuple[int, ...], dtype: Any) -> Any:
-        return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        def into(shape: tuple[int, ...], dtype: Any) -> Any:
+            return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
 
-    series.__dict__["_voxels"] = series._loader(into)  # later steps here read the same mapped pixels
+        series.__dict__["_voxels"] = series._loader(into)  # later steps here read the same mapped pixels
     return path
 
 
