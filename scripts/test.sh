@@ -11,6 +11,11 @@ command -v dciodvfy >/dev/null 2>&1 || need_apt+=(dicom3tools)
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need_apt+=(postgresql)
 # The dashboard's browser tests drive Debian's Chromium with Playwright (no browser download).
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)
+# Container plugins are tested with podman (runc: see tests/data/containers/containers.conf) on an image
+# built here from Debian's packages with mmdebstrap; nothing is pulled from a container registry.
+for tool in podman runc mmdebstrap; do
+    command -v "$tool" >/dev/null 2>&1 || need_apt+=("$tool")
+done
 if [ ${#need_apt[@]} -gt 0 ]; then
     SUDO=""
     [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -21,6 +26,9 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 python3 -m pip install -q --disable-pip-version-check -e ./sdk -e '.[test]'
+if [ "$(id -u)" -eq 0 ]; then
+    sh tests/data/containers/build.sh || echo "could not build the container plugin tests' image: they will fail" >&2
+fi
 
 set +e
 python3 -m pytest "$@"

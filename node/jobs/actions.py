@@ -246,6 +246,7 @@ def plugin(ctx: JobContext) -> str:
                                         watch=watch)  # fmt: skip
             except PluginRunError as e:
                 watch.failed(str(e))
+                _remove_containers(steps, work)
                 raise JobFailed(str(e), retryable=e.retryable) from None
             watch.finished(result)
         plugin_label = metrics.job_labels("plugin", ctx.job.action)[1]
@@ -298,6 +299,15 @@ def plugin(ctx: JobContext) -> str:
 
 
 _GPU_ORDER = {"none": 0, "optional": 1, "required": 2}
+
+
+def _remove_containers(steps: list[Any], work: Path) -> None:
+    """After a job's process was killed: the containers its command steps started (a killed client leaves them)."""
+    from node.plugins.commands import remove_container
+
+    for k, st in enumerate(steps):
+        if st.kind == "command":
+            remove_container(work / f"command-{k}")
 
 
 def _note_running(ctx: JobContext, text: str) -> None:
