@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import time
@@ -297,7 +298,7 @@ def run_command(name: str, cmd: CommandPlugin, series: SeriesInput, work: Path, 
     t = time.perf_counter()
     try:
         with open(log, "wb") as out:
-            out.write(f"$ {' '.join(argv)}\n".encode())
+            out.write(f"$ {shlex.join(argv)}\n".encode())
             out.flush()
             try:
                 proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,

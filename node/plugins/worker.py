@@ -401,7 +401,11 @@ def _command_step(s: StepSpec, k: int, series: Any, spec: WorkSpec, timings: dic
     """Run a command plugin on the series; its label maps become results, its ready DICOM objects outputs."""
     from node.plugins.commands import CommandPlugin, run_command
 
-    cmd = CommandPlugin.model_validate(s.command or {})
+    # The table as configured: a dump with defaults (runtime = "podman" on a plain command) would fail the
+    # checks that refuse a key set where it does not belong.
+    table = {key: v for key, v in (s.command or {}).items()
+             if key not in CommandPlugin.model_fields or v != CommandPlugin.model_fields[key].default}  # fmt: skip
+    cmd = CommandPlugin.model_validate(table)
     work = Path(spec.out_dir) / f"command-{k}"
     work.mkdir(parents=True, exist_ok=True)
     outcome = run_command(s.name, cmd, series, work, device=spec.device)

@@ -1,8 +1,9 @@
 """A command plugin for the tests: builds a ready DICOM SEG of the input with highdicom (run with the node's python).
 
-usage: make_seg.py INPUT OUTPUT [--other-series | --other-study]
+usage: make_seg.py INPUT OUTPUT [--other-series | --other-study | --without KEYWORD]
 --other-series: the SEG references a series that is not the input (its sources get a new Series UID);
---other-study: the SEG belongs to another study.
+--other-study: the SEG belongs to another study;
+--without KEYWORD: the SEG lacks that (top-level) attribute, e.g. a Type 1 one: an invalid object.
 """
 
 import sys
@@ -50,6 +51,8 @@ def main():
     )
     if flag == "--other-study":
         seg.StudyInstanceUID = generate_uid()
+    if flag == "--without":
+        del seg[sys.argv[4]]
     seg.save_as(out / "seg.dcm")
     print("wrote", out / "seg.dcm", mask.sum(), "voxels")
 
