@@ -68,7 +68,7 @@ def _queue(ctx: JobContext, instance_ids: list[int], names: list[str]) -> str:
         raise JobFailed(f"no destination {', '.join(map(repr, missing))} in the config any more; nothing was queued",
                         retryable=False)  # fmt: skip
     with ctx.engine.begin() as conn:
-        got = queue.enqueue(conn, instance_ids, names, job_id=ctx.job.id)
+        got = queue.enqueue(conn, instance_ids, names, job_id=ctx.job.id, priority=ctx.job.priority)
     ctx.wake_senders(names)
     parts = [f"queued {got.new + got.requeued} instance(s) for {', '.join(names)}"]
     if got.already:
