@@ -174,6 +174,31 @@ class StateCollector(Collector):
             yield from self._index()
         if self.storage_root is not None:
             yield from self._disk()
+        yield from self._plugins()
+
+    def _plugins(self) -> Iterator[Metric]:
+        """Warm workers by plugin and state, GPU devices in use and jobs waiting for one (this process)."""
+        import sys
+
+        pool_module = sys.modules.get("node.plugins.pool")  # nothing to report before a plugin ran
+        workers = GaugeMetricFamily(PREFIX + "plugin_workers",
+                                    "Warm plugin workers by environment, plugin and state (busy or idle).",
+                                    labels=["environment", "plugin", "state"])  # fmt: skip
+        pool = getattr(pool_module, "_pool", None) if pool_module is not None else None
+        counts: dict[tuple[str, str, str], int] = {}
+        for w in pool.state() if pool is not None else []:
+            key = (w["environment"], w["plugin"], "busy" if w["busy"] else "idle")
+            counts[key] = counts.get(key, 0) + 1
+        for key, n in sorted(counts.items()):
+            workers.add_metric(list(key), n)
+        yield workers
+        gpus_module = sys.modules.get("node.plugins.gpus")
+        busy = GaugeMetricFamily(PREFIX + "gpus_busy", "GPU devices ([plugins] gpus) given to a job now.")
+        waiting = GaugeMetricFamily(PREFIX + "jobs_waiting_for_gpu", "Plugin jobs waiting for a GPU device.")
+        states = [s.state() for s in getattr(gpus_module, "_shared", {}).values()] if gpus_module else []
+        busy.add_metric([], sum(len(st["busy"]) for st in states))
+        waiting.add_metric([], sum(len(st["waiting"]) for st in states))
+        yield from (busy, waiting)
 
     def _index(self) -> Iterator[Metric]:
         from node.index.models import Delivery, Job, Series

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -183,6 +184,8 @@ actions = [{ type = "plugin", plugin = "env-hog", memory_limit_mb = 700 }]
         assert "env-hang=" not in names and "env-hog=" not in names, names
         assert f"env-bone=" in names
         assert psutil.pid_exists(bone_pid)
+        body = urllib.request.urlopen(f"http://127.0.0.1:{node.web_port}/metrics", timeout=10).read().decode()
+        assert 'dicom_node_plugin_workers{environment="old",plugin="env-bone",state="idle"} 1.0' in body, body
         send("bone 2", "uneven")
         wait_for(lambda: ended(4), 180, "the second bone job")
         _, state, result, error = jobs(node)[3]
