@@ -6,8 +6,23 @@ runs anywhere the SDK is installed.
 """
 
 from dicom_node_sdk.api import (
-    GPU_MODES, Code, GeometryError, Images, NoParams, ParamsError, Plugin, PluginError, PluginInfo, Result, Segment,
-    Segmentation, SeriesInput, Volume, as_info, codes, plugin,
+    GPU_MODES,
+    Code,
+    GeometryError,
+    Images,
+    NoParams,
+    ParamsError,
+    Plugin,
+    PluginError,
+    PluginInfo,
+    Result,
+    Segment,
+    Segmentation,
+    SeriesInput,
+    Volume,
+    as_info,
+    codes,
+    plugin,
 )  # fmt: skip
 
 __all__ = [
