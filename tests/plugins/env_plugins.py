@@ -69,3 +69,29 @@ class Hog(Plugin):
             blocks.append(numpy.ones(64 * 2**20 // 8))  # 64 MiB each, written
             time.sleep(0.05)
         raise PluginError("should have been stopped before it got here")
+
+
+class BrokenSetup(Plugin):
+    """Its weights are missing: setup says so."""
+
+    name = "env-broken"
+    version = "1.0"
+
+    def setup(self) -> None:
+        raise PluginError("weights file /models/missing.onnx not found: set MODEL_PATH in the environment's env")
+
+    def run(self, series, params):  # type: ignore[no-untyped-def]
+        return []
+
+
+class SlowSetup(Plugin):
+    """Its setup takes far longer than any setup_timeout in the tests."""
+
+    name = "env-slow-setup"
+    version = "1.0"
+
+    def setup(self) -> None:
+        time.sleep(3600)
+
+    def run(self, series, params):  # type: ignore[no-untyped-def]
+        return []
