@@ -397,8 +397,11 @@ def _in_memory(r: Any) -> Any:
 
 
 def _command_step(s: StepSpec, k: int, series: Any, spec: WorkSpec, timings: dict[str, float],
-                  ready: list[tuple[Any, Any]]) -> tuple[list[Any], Any]:  # fmt: skip
-    """Run a command plugin on the series; its label maps become results, its ready DICOM objects outputs."""
+                  ready: list[tuple[Any, Any]], notes: list[str] | None = None) -> tuple[list[Any], Any]:  # fmt: skip
+    """Run a command plugin on the series; its label maps become results, its ready DICOM objects outputs.
+
+    ``notes`` gets what the job's summary should say about its output (an empty label map, files ignored).
+    """
     from node.plugins.commands import CommandPlugin, run_command
 
     # The table as configured: a dump with defaults (runtime = "podman" on a plain command) would fail the
@@ -412,6 +415,8 @@ def _command_step(s: StepSpec, k: int, series: Any, spec: WorkSpec, timings: dic
     timings["plugin"] += outcome.seconds
     prov = _provenance(spec, s.name, cmd.version, {}, None)
     ready.extend((ds, prov) for ds in outcome.ready)
+    if notes is not None:
+        notes.extend(n for n in outcome.notes if n not in notes)
     return list(outcome.results), prov
 
 

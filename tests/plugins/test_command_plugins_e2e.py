@@ -168,7 +168,8 @@ def keep(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory, module_orthanc, keep: Path) -> Iterator[NodeProcess]:
-    make_seg = f'"{sys.executable}" "{SCRIPTS / "make_seg.py"}" "{{input}}" "{{output}}"'
+    # A ready SEG without its (Type 2) Content Description: the node may add it, empty, and says so.
+    make_seg = f'"{sys.executable}" "{SCRIPTS / "make_seg.py"}" "{{input}}" "{{output}}" --without ContentDescription'
     n = NodeProcess(tmp_path_factory.mktemp("node"), extra_config=f"""
 [tracker]
 stable_after = 1
@@ -180,12 +181,15 @@ version = "2.1"
 command = {toml(["sh", "-c", f'{make_seg} && cp "{{output}}/seg.dcm" "{keep}/"'])}
 [plugins.commands.invalid-seg]
 command = {toml(py("make_seg.py", "--without", "SegmentationType"))}
+[plugins.commands.finds-nothing]
+command = {toml(py("write_labelmap.py", "--empty", "--metainfo", METAINFO))}
 [plugins.commands.broken]
 command = {toml(["sh", "-c", "for i in $(seq 1 40); do echo step $i; done; echo 'model weights missing' >&2; exit 7"])}
 {rule("labels", "labels")}
 {rule("ready", "ready-seg")}
 {rule("invalid", "invalid-seg")}
 {rule("broken", "broken")}
+{rule("nothing", "finds-nothing")}
 """)  # fmt: skip
     n.start()
     yield n
@@ -228,8 +232,8 @@ def test_a_ready_seg_is_validated_and_forwarded_as_the_command_wrote_it(node: No
     changed = sorted(e.keyword for e in written if e.tag.group != 0x0002 and (e.tag not in held or held[e.tag] != e))
     assert not changed, changed
     added = sorted(e.keyword for e in held if e.tag.group != 0x0002 and e.tag not in written)
-    for keyword in added:
-        assert keyword in result, (keyword, result)
+    assert added == ["ContentDescription"] and held.ContentDescription == "", added
+    assert "SEG: ContentDescription" in result, result  # the repair is in the job's result
     path = tmp_path / "held.dcm"
     path.write_bytes(module_orthanc.file(written.SOPInstanceUID))
     verify(path, "ready SEG from a command plugin")
@@ -256,6 +260,18 @@ def test_a_command_that_exits_non_zero_fails_with_its_exit_code_and_log_tail(nod
     assert "running command plugin broken: command plugin broken exited with code 7" in error, error
     assert "model weights missing" in error and "step 40" in error, error
     assert "step 5\n" not in error  # the tail, not the whole log
+    assert outputs_of(node, job_id) == [] and in_orthanc(module_orthanc, study) == []
+
+
+@pytest.mark.xfail(strict=True, reason="worker.run does not yet pass its notes to _command_step, so a command's "
+                   "notes (an empty label map, files ignored) are lost")  # fmt: skip
+def test_a_label_map_that_labels_nothing_succeeds_with_no_output_and_says_why(node: NodeProcess, module_orthanc,
+                                                                             tmp_path: Path) -> None:  # fmt: skip
+    files, study = send(node, tmp_path, "nothing", "single")
+    job_id, state, result, error = job_of(node, files)
+    assert state == "succeeded", error
+    assert result.startswith("no output from 1 source instances"), result
+    assert "labels.npy labels no voxel: no segmentation made from it" in result, result
     assert outputs_of(node, job_id) == [] and in_orthanc(module_orthanc, study) == []
 
 
