@@ -24,6 +24,7 @@ from typing import Any
 
 import highdicom as hd
 import numpy as np
+import psutil
 import pydicom
 import pytest
 
@@ -312,7 +313,7 @@ command = {toml(["python3", "/opt/test/write_labelmap.py", "{input}", "{output}"
                  "/opt/test/metainfo.json"])}
 [plugins.commands.boxed-sleep]
 container = "{image}"
-command = ["sleep", "600"]
+command = ["sleep", "617"]  # a number of its own: its process is looked for below
 {rule("boxed", "boxed-labels")}
 {rule("sleeps", "boxed-sleep", timeout=3)}
 """)  # fmt: skip
@@ -342,4 +343,11 @@ def test_a_container_past_its_timeout_fails_the_job_and_leaves_no_container(cont
     assert state == "failed", result
     assert "did not finish within its timeout of 3 s" in error, error
     assert "dicom-node-boxed-sleep-" not in podman_ps()
+    # Nor its processes: conmon (which names the container) and what ran in it went with the job.
+    left = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(p.info["cmdline"] or [])
+        if "dicom-node-boxed-sleep-" in cmdline or cmdline == "sleep 617":
+            left.append(cmdline)
+    assert not left, left
     assert outputs_of(container_node, job_id) == []
