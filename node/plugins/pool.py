@@ -91,7 +91,13 @@ class Worker:
         return self.proc.pid
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        """Running (not ended, not a zombie: poll() cannot reap while another thread waits on the process)."""
+        if self.proc.poll() is not None:
+            return False
+        try:
+            return psutil.Process(self.pid).status() != psutil.STATUS_ZOMBIE  # still ours: not reaped yet
+        except psutil.NoSuchProcess:
+            return False
 
     def rss_mb(self) -> float:
         """Resident memory of the worker and everything it started, MiB (0 when it has ended)."""
@@ -129,6 +135,7 @@ class WorkerPool:
 
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
+        _prune_logs(log_dir)
         self._sockets = Path(tempfile.mkdtemp(prefix="dicom-node-workers-"))  # short: socket paths are <108 bytes
         self._cond = threading.Condition()
         self._workers: list[Worker] = []
@@ -193,7 +200,7 @@ class WorkerPool:
         n = next(self._counter)
         sock = str(self._sockets / f"w{n}.sock")
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        log_path = self.log_dir / f"{key.environment}-{key.plugin}-{n}.log"
+        log_path = self.log_dir / f"{key.environment}-{key.plugin}-{time.strftime('%Y%m%d-%H%M%S')}-{n}.log"
         gpu = {"CUDA_VISIBLE_DEVICES": key.device or "", "DICOM_NODE_DEVICE": "cuda" if key.device else "cpu"}
         env = worker_environ({**spec.env, **gpu})
         argv = [spec.python, "-m", "dicom_node_sdk.worker", "--socket", sock, "--plugin", f"{key.plugin}={key.target}"]
@@ -378,6 +385,19 @@ class WorkerPool:
                 pass
         self._spawner.shutdown(wait=False)
         shutil.rmtree(self._sockets, ignore_errors=True)
+
+
+#: Worker logs kept in the log folder (the oldest go first, when a pool starts).
+KEEP_LOGS = 200
+
+
+def _prune_logs(folder: Path) -> None:
+    try:
+        logs = sorted(folder.glob("*.log"), key=lambda p: p.stat().st_mtime)
+    except OSError:
+        return
+    for old in logs[:-KEEP_LOGS] if len(logs) > KEEP_LOGS else []:
+        old.unlink(missing_ok=True)
 
 
 def _drain(stream: IO[bytes] | None, log_path: Path) -> None:
