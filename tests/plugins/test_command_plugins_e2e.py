@@ -3,11 +3,13 @@
 - A command writes a label map (.npy) and a dcmqi metainfo.json: the job succeeds, the node's SEG reaches
   Orthanc once, its masks are the label map, its segments the metainfo's, and dciodvfy finds no error.
 - A command writes a ready DICOM SEG: the node validates it and forwards it as it is (same SOP Instance
-  UID, same segments, same pixels); a SEG lacking a Type 1 attribute fails the job with the validator's
-  message, and nothing is stored or sent.
-- A command that exits non-zero fails its job with the exit code and the tail of its log.
+  UID, same segments, same pixels; a missing Type 2 attribute added empty, which the job's result says);
+  a SEG lacking a Type 1 attribute fails the job with the validator's message, and nothing is stored or sent.
+- A command that exits non-zero fails its job with the exit code and the tail of its log; one whose label
+  map labels nothing succeeds with no output and says why.
 - The label map flow through a container (podman, an image built from Debian's packages, nothing
-  pulled); a container that outlives its timeout fails the job, and no container of it is left.
+  pulled); a container that outlives its timeout fails the job, and neither the container nor its
+  processes are left.
 """
 
 from __future__ import annotations
@@ -226,7 +228,7 @@ def test_a_ready_seg_is_validated_and_forwarded_as_the_command_wrote_it(node: No
     assert in_orthanc(module_orthanc, study) == [module_orthanc.find_instance(written.SOPInstanceUID)]
     held = pydicom.dcmread(io.BytesIO(module_orthanc.file(written.SOPInstanceUID)))
     for key in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "SegmentSequence",
-                "ReferencedSeriesSequence", "PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"):
+                "ReferencedSeriesSequence", "PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"):  # fmt: skip
         assert held[key] == written[key], key
     assert held.PixelData == written.PixelData
     # Everything the command wrote is there as it wrote it; what the node added (repairs) its result says.
