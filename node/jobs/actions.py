@@ -206,7 +206,9 @@ def plugin(ctx: JobContext) -> str:
             needs.append(describe(ref, cfg.plugins).gpu)
         except PluginLoadError as e:
             raise JobFailed(str(e), retryable=False) from None
-        command = cfg.plugins.commands[st.name].model_dump(mode="json") if ref.kind == "command" else None
+        # Only the keys the table sets: validated again in the job's process exactly as configured.
+        command = (cfg.plugins.commands[st.name].model_dump(mode="json", exclude_unset=True)
+                   if ref.kind == "command" else None)  # fmt: skip
         steps.append(StepSpec(st.name, ref.target, st.params, kind=ref.kind, environment=ref.environment or "",
                               remote=dict(ref.remote) if ref.remote else None, command=command))  # fmt: skip
     i, s = Instance.__table__, Series.__table__

@@ -202,6 +202,8 @@ def run(spec: WorkSpec) -> WorkResult:
     retryable = False
     #: Ready DICOM objects a command plugin wrote (validated and written like the node's own outputs).
     ready: list[tuple[Any, Provenance]] = []
+    #: What the job's summary should also say.
+    notes: list[str] = []
     try:
         t = time.perf_counter()
         series = load_series([Path(f) for f in spec.files])
@@ -218,7 +220,7 @@ def run(spec: WorkSpec) -> WorkResult:
             elif s.kind == "command":
                 step = f"running command plugin {s.name}"
                 info = None
-                out, prov = _command_step(s, k, series, spec, timings, ready)
+                out, prov = _command_step(s, k, series, spec, timings, ready, notes)
                 names.append(f"{s.name} {prov.algorithm_version}".strip())
             else:
                 step = f"loading plugin {s.name}"
@@ -253,14 +255,13 @@ def run(spec: WorkSpec) -> WorkResult:
         error, retryable = _failure(e, step, spec, info)
         errors.append(error)
         if not results and not ready:
-            return WorkResult(False, error=error, retryable=retryable, timings=timings, plugins=names)
+            return WorkResult(False, error=error, retryable=retryable, timings=timings, plugins=names, notes=notes)
     # The voxels are the largest thing here; the builders need only metadata and the results.
     t = time.perf_counter()
     series.__dict__.pop("_voxels", None)
     series.__dict__.pop("_rescaled", None)
     timings["load"] += time.perf_counter() - t
     outputs: list[Output] = []
-    notes: list[str] = []
     for i, (r, prov) in enumerate(zip(results, made_by, strict=True)):
         step = f"building output {i + 1} of {len(results)} ({prov.algorithm})"
         try:
@@ -404,11 +405,7 @@ def _command_step(s: StepSpec, k: int, series: Any, spec: WorkSpec, timings: dic
     """
     from node.plugins.commands import CommandPlugin, run_command
 
-    # The table as configured: a dump with defaults (runtime = "podman" on a plain command) would fail the
-    # checks that refuse a key set where it does not belong.
-    table = {key: v for key, v in (s.command or {}).items()
-             if key not in CommandPlugin.model_fields or v != CommandPlugin.model_fields[key].default}  # fmt: skip
-    cmd = CommandPlugin.model_validate(table)
+    cmd = CommandPlugin.model_validate(s.command or {})  # the table as configured (the job sends only set keys)
     work = Path(spec.out_dir) / f"command-{k}"
     work.mkdir(parents=True, exist_ok=True)
     outcome = run_command(s.name, cmd, series, work, device=spec.device)

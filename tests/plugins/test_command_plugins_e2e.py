@@ -2,6 +2,7 @@
 
 - A command writes a label map (.npy) and a dcmqi metainfo.json: the job succeeds, the node's SEG reaches
   Orthanc once, its masks are the label map, its segments the metainfo's, and dciodvfy finds no error.
+- The same from a NIfTI label map in another axis order, described by the plugin's configured metainfo.
 - A command writes a ready DICOM SEG: the node validates it and forwards it as it is (same SOP Instance
   UID, same segments, same pixels; a missing Type 2 attribute added empty, which the job's result says);
   a SEG lacking a Type 1 attribute fails the job with the validator's message, and nothing is stored or sent.
@@ -180,6 +181,9 @@ stable_after = 1
 [plugins.commands.labels]
 command = {toml(py("write_labelmap.py", "--metainfo", METAINFO))}
 version = "2.1"
+[plugins.commands.nifti-labels]
+command = {toml(py("write_labelmap.py", "--nifti", "canonical"))}
+metainfo = {toml(METAINFO)}
 [plugins.commands.ready-seg]
 command = {toml(["sh", "-c", f'{make_seg} && cp "{{output}}/seg.dcm" "{keep}/"'])}
 [plugins.commands.invalid-seg]
@@ -189,6 +193,7 @@ command = {toml(py("write_labelmap.py", "--empty", "--metainfo", METAINFO))}
 [plugins.commands.broken]
 command = {toml(["sh", "-c", "for i in $(seq 1 40); do echo step $i; done; echo 'model weights missing' >&2; exit 7"])}
 {rule("labels", "labels")}
+{rule("nifti", "nifti-labels")}
 {rule("ready", "ready-seg")}
 {rule("invalid", "invalid-seg")}
 {rule("broken", "broken")}
@@ -213,6 +218,19 @@ def test_a_label_map_with_metainfo_becomes_the_seg_orthanc_gets(node: NodeProces
     # The node's own SEG: its provenance names the command plugin and its version.
     algo = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
     assert (algo.AlgorithmName, algo.AlgorithmVersion) == ("labels", "2.1")
+
+
+def test_a_nifti_label_map_with_the_configured_metainfo_becomes_the_seg_orthanc_gets(
+        node: NodeProcess, module_orthanc, tmp_path: Path) -> None:  # fmt: skip
+    # NIfTI in RAS canonical order (axes reversed and flipped against the series); the metainfo comes from
+    # the plugin's table (metainfo = "..."), not from the command.
+    files, study = send(node, tmp_path, "nifti", "no-thickness")
+    job_id, state, result, error = job_of(node, files)
+    assert state == "succeeded", error
+    (uid,) = outputs_of(node, job_id)
+    node.wait_delivered()
+    assert deliveries_of(node, job_id) == [(uid, "delivered")]
+    check_label_map_seg(module_orthanc, study, files, uid, tmp_path)
 
 
 def test_a_ready_seg_is_validated_and_forwarded_as_the_command_wrote_it(node: NodeProcess, module_orthanc,
@@ -266,8 +284,6 @@ def test_a_command_that_exits_non_zero_fails_with_its_exit_code_and_log_tail(nod
     assert outputs_of(node, job_id) == [] and in_orthanc(module_orthanc, study) == []
 
 
-@pytest.mark.xfail(strict=True, reason="worker.run does not yet pass its notes to _command_step, so a command's "
-                   "notes (an empty label map, files ignored) are lost")  # fmt: skip
 def test_a_label_map_that_labels_nothing_succeeds_with_no_output_and_says_why(node: NodeProcess, module_orthanc,
                                                                              tmp_path: Path) -> None:  # fmt: skip
     files, study = send(node, tmp_path, "nothing", "single")
