@@ -249,8 +249,12 @@ def plugin(ctx: JobContext) -> str:
             except PluginRunError as e:
                 watch.failed(str(e))
                 _remove_containers(steps, work)
-                raise JobFailed(str(e), retryable=e.retryable) from None
+                kept = _keep_command_logs(ctx, steps, work)
+                raise JobFailed(str(e) + "".join(f"; the output of {name}: {kept_at}" for name, _, kept_at in kept),
+                                retryable=e.retryable) from None  # fmt: skip
             watch.finished(result)
+            for _, was, kept_at in _keep_command_logs(ctx, steps, work):  # the error names it: keep it there
+                result.error = result.error.replace(str(was), str(kept_at))
         plugin_label = metrics.job_labels("plugin", ctx.job.action)[1]
         if result.timings.get("plugin"):
             metrics.PLUGIN_SECONDS.labels(plugin_label).observe(result.timings["plugin"])
@@ -301,6 +305,24 @@ def plugin(ctx: JobContext) -> str:
 
 
 _GPU_ORDER = {"none": 0, "optional": 1, "required": 2}
+
+
+def _keep_command_logs(ctx: JobContext, steps: list[Any], work: Path) -> list[tuple[str, Path, Path]]:
+    """Move the command plugins' logs out of the job's folder (which goes) into <data_dir>/logs/commands.
+
+    Returns (plugin, where it was, where it is now) for each.
+    """
+    kept = []
+    for k, st in enumerate(steps):
+        log_file = work / f"command-{k}" / "command.log"
+        if st.kind != "command" or not log_file.exists():
+            continue
+        folder = ctx.cfg.data_dir / "logs" / "commands"
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / f"job-{ctx.job.id}-attempt-{ctx.job.attempts}-{st.name}.log"
+        shutil.move(str(log_file), target)
+        kept.append((st.name, log_file, target))
+    return kept
 
 
 def _remove_containers(steps: list[Any], work: Path) -> None:

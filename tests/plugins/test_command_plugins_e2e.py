@@ -279,6 +279,9 @@ def test_a_command_that_exits_non_zero_fails_with_its_exit_code_and_log_tail(nod
     job_id, state, result, error = job_of(node, files)
     assert state == "failed", result
     assert "running command plugin broken: command plugin broken exited with code 7" in error, error
+    # The whole log is kept where the error says (the job's own folder is gone).
+    kept = Path(error.split("the last lines of ")[1].split(":\n")[0])
+    assert kept.is_file() and "step 5\n" in kept.read_text() and "logs/commands" in str(kept), error
     assert "model weights missing" in error and "step 40" in error, error
     assert "step 5\n" not in error  # the tail, not the whole log
     assert outputs_of(node, job_id) == [] and in_orthanc(module_orthanc, study) == []
