@@ -3,7 +3,7 @@
 One run measures, on the same data:
 
 1. **Per-job overhead.** The example model (``onnx-tissue``, examples/onnx-organs) on a real CT series
-   (the shared ``ct-head-philips-5mm``, 28 slices of 512x512) and on a 300-slice series made from it
+   (``ct-head-philips-5mm`` of the test data, 28 slices of 512x512) and on a 300-slice series made from it
    (its slices repeated with new positions and UIDs, written as DICOM files), three ways:
 
    - *bare*: the model environment's python runs a script that loads the series with pydicom and runs
@@ -382,7 +382,7 @@ def transfer_copy(array: np.ndarray, socket: str, shm: Path, rep: int, way: str)
         run.write_or_load, run.call, run.total, run.plugin = t1 - t0, t2 - t1, t2 - t0, reply.seconds
         if reply.results:
             run.ok, run.error = False, f"the touch plugin returned {len(reply.results)} result(s)"
-    except Exception as e:  # noqa: BLE001: reported, the run goes on
+    except Exception as e:  # noqa: BLE001 (reported; the run goes on)
         run.ok, run.error = False, f"{type(e).__name__}: {e}"
     finally:
         rmtree_quiet(folder)
@@ -430,7 +430,7 @@ def table(rows: list[list[str]], header: list[str], markdown: bool) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
 
     def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
 
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
@@ -443,7 +443,7 @@ def job_report(runs: list[JobRun], names: list[str], markdown: bool) -> tuple[st
     for name in names:
         by = {way: [r for r in runs if r.series == name and r.way == way and r.ok] for way in WAYS}
 
-        def v(way: str, what: str) -> list[float]:
+        def v(way: str, what: str, by: dict[str, list[JobRun]] = by) -> list[float]:
             rs = by[way]
             if what in ("wall", "start", "process_wall", "overhead", "work", "first_pass"):
                 return [getattr(r, what) for r in rs]
