@@ -286,8 +286,12 @@ class EnvironmentSection(WarmSettings):
         return str(p)
 
     def warm(self, plugin: str) -> WarmSettings:
-        """The settings that hold for ``plugin``: its own table, else the environment's."""
-        return self.plugins.get(plugin) or self
+        """The settings that hold for ``plugin``: the keys its own table sets, the environment's for the rest."""
+        own = self.plugins.get(plugin)
+        values = {k: getattr(self, k) for k in WarmSettings.model_fields}
+        if own is not None:
+            values.update({k: getattr(own, k) for k in own.model_fields_set})
+        return WarmSettings(**values)
 
 
 class LocalPlugin(_Section):

@@ -186,7 +186,7 @@ class StateCollector(Collector):
                                     labels=["environment", "plugin", "state"])  # fmt: skip
         pool = getattr(pool_module, "_pool", None) if pool_module is not None else None
         counts: dict[tuple[str, str, str], int] = {}
-        for w in pool.state() if pool is not None else []:
+        for w in pool.state(memory=False) if pool is not None else []:
             key = (w["environment"], w["plugin"], "busy" if w["busy"] else "idle")
             counts[key] = counts.get(key, 0) + 1
         for key, n in sorted(counts.items()):
@@ -195,7 +195,11 @@ class StateCollector(Collector):
         gpus_module = sys.modules.get("node.plugins.gpus")
         busy = GaugeMetricFamily(PREFIX + "gpus_busy", "GPU devices ([plugins] gpus) given to a job now.")
         waiting = GaugeMetricFamily(PREFIX + "jobs_waiting_for_gpu", "Plugin jobs waiting for a GPU device.")
-        states = [s.state() for s in getattr(gpus_module, "_shared", {}).values()] if gpus_module else []
+        states = []
+        if gpus_module is not None:
+            with gpus_module._shared_lock:
+                allocators = list(gpus_module._shared.values())
+            states = [a.state() for a in allocators]
         busy.add_metric([], sum(len(st["busy"]) for st in states))
         waiting.add_metric([], sum(len(st["waiting"]) for st in states))
         yield from (busy, waiting)

@@ -188,14 +188,17 @@ def plugin(ctx: JobContext) -> str:
     """Run the plugin(s) on the whole series in a child process, store the outputs, send them on."""
     from node.decide.rules import PluginAction
     from node.plugins.registry import PluginLoadError, describe, discover
-    from node.plugins.runtime import PluginRunError, run_in_process
+    from node.plugins.runtime import PluginRunError, plugin_slot, run_in_process
     from node.plugins.worker import StepSpec, WorkSpec
 
     if ctx.outputs is None:
         raise JobFailed("this node has no output store (internal error)", retryable=False)
     action = PluginAction.model_validate(ctx.job.action)
     cfg = ctx.cfg
-    installed = discover(cfg.plugins)
+    try:
+        installed = discover(cfg.plugins)
+    except PluginLoadError as e:  # an environment that cannot list its plugins any more (changed since the start)
+        raise JobFailed(str(e), retryable=True) from None
     steps = []
     needs = []
     for st in action.steps:
@@ -242,10 +245,10 @@ def plugin(ctx: JobContext) -> str:
     )  # fmt: skip
     timeout = action.timeout or cfg.plugins.timeout
     try:
-        with _plugin_resources(ctx, action, steps, needs, spec) as watch:
+        # A plugin process slot first, then a GPU, then warm workers: nothing is held while waiting for a slot.
+        with plugin_slot(cfg.plugins.workers), _plugin_resources(ctx, action, steps, needs, spec) as watch:
             try:
-                result = run_in_process(spec, timeout=timeout, workers=cfg.plugins.workers, cancelled=ctx.cancelled,
-                                        watch=watch)  # fmt: skip
+                result = run_in_process(spec, timeout=timeout, cancelled=ctx.cancelled, watch=watch)
             except PluginRunError as e:
                 watch.failed(str(e))
                 _remove_containers(steps, work)
@@ -352,42 +355,45 @@ class _Resources:
         self.gpu: Any = None
 
     def __call__(self) -> str | None:
-        """A reason to stop the job: a worker of it over the memory limit (its resident memory)."""
-        if not self.limit_mb:
-            return None
+        """A reason to stop the job now: a worker of it died, or went over the memory limit."""
         for w in self.workers:
-            rss = w.rss_mb()
-            if rss > self.limit_mb:
-                return (f"the worker of {w.key} used {rss:.0f} MB, over the memory limit of {self.limit_mb} MB, and "
-                        "was stopped (raise memory_limit_mb for this rule, or [plugins] memory_limit_mb; for a "
-                        "plugin in an environment it bounds its worker's resident memory, model included)")  # fmt: skip
+            if not w.alive():  # a child it forked may hold the job's connection open: do not wait for a timeout
+                return w.death()
+            if self.limit_mb:
+                rss = w.rss_mb()
+                if rss > self.limit_mb:
+                    return (f"the worker of {w.key} used {rss:.0f} MB, over the memory limit of {self.limit_mb} MB, "
+                            "and was stopped (raise memory_limit_mb for this rule, or [plugins] memory_limit_mb; for "
+                            "a plugin in an environment it bounds its worker's resident memory, model included)")  # fmt: skip
         return None
 
     def failed(self, why: str) -> None:
         """The job's process was stopped (timeout, cancel, memory) or crashed: its workers' state is unknown."""
-        from node.plugins.pool import pool
-
         for w in self.workers:
-            pool().discard(w, f"job {self.ctx.job.id} failed while it used it: {why}")
+            w.pool.discard(w, f"job {self.ctx.job.id} failed while it used it: {why}")
         self.workers = []
 
     def finished(self, result: Any) -> None:
         """Give the workers back; a worker that died during the job explains the job's error."""
-        from node.plugins.pool import pool
-
         for w in self.workers:
             if not w.alive():
                 result.error = (result.error + "; " if result.error else "") + w.death()
+                result.retryable = True  # the next attempt gets a new worker
             else:
                 result.notes.append(f"warm worker pid {w.pid} for {w.key}: its job {w.jobs + 1}, setup "
                                     f"{w.setup_seconds:.1f} s when it started")  # fmt: skip
-            pool().release(w, healthy=w.alive())
+            w.pool.release(w, healthy=w.alive())
         self.workers = []
 
     def close(self) -> None:
-        self.failed("the job ended before its plugin process ran")
-        if self.gpu is not None:
-            self.gpu.release()
+        """The job ended before its process ran (cancelled, a second worker failed to start): give all back."""
+        try:
+            for w in self.workers:
+                w.pool.release(w, healthy=w.alive())
+            self.workers = []
+        finally:
+            if self.gpu is not None:
+                self.gpu.release()
 
 
 @contextlib.contextmanager

@@ -85,6 +85,9 @@ class Worker:
     busy: bool = False
     #: What the worker said about its plugin when it was ready (dicom_node_sdk's plugin info).
     plugin: Mapping[str, Any] = field(default_factory=dict)
+    #: Its lifetime settings, and the pool it belongs to (a job gives it back there, even after a new pool).
+    settings: WarmSettings | None = None
+    pool: WorkerPool | None = field(default=None, repr=False)
 
     @property
     def pid(self) -> int:
@@ -100,17 +103,21 @@ class Worker:
             return False
 
     def rss_mb(self) -> float:
-        """Resident memory of the worker and everything it started, MiB (0 when it has ended)."""
+        """Memory of the worker and everything it started, MiB (0 when it has ended).
+
+        The worker's resident set, plus what each child has of its own (USS): a forked child (a data
+        loader) shares the worker's pages, and counting its RSS would count the model once per child.
+        """
         try:
             root = psutil.Process(self.pid)
-            procs = [root, *root.children(recursive=True)]
+            total = root.memory_info().rss
+            children = root.children(recursive=True)
         except psutil.NoSuchProcess:
             return 0.0
-        total = 0
-        for p in procs:
+        for p in children:
             try:
-                total += p.memory_info().rss
-            except psutil.NoSuchProcess:
+                total += p.memory_full_info().uss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
         return total / 2**20
 
@@ -142,6 +149,8 @@ class WorkerPool:
         self._specs: dict[WorkerKey, WorkerSpec] = {}
         self._counter = itertools.count(1)
         self._starting: dict[WorkerKey, int] = {}
+        #: Keys whose keep_warm start failed: (consecutive failures, not again before this monotonic time).
+        self._backoff: dict[WorkerKey, tuple[int, float]] = {}
         # One long-lived thread starts every worker: their parent-death signal follows it (see the module doc).
         self._spawner = ThreadPoolExecutor(1, thread_name_prefix="plugin-worker-spawner")
         self._closed = False
@@ -170,15 +179,22 @@ class WorkerPool:
         w = self._start(key, spec, cancelled)
         with self._cond:
             w.busy = True
-            self._workers.append(w)
+            if self._closed:  # the node stopped while it started
+                closed = True
+            else:
+                closed = False
+                self._workers.append(w)
+        if closed:
+            self._stop(w, "the node is stopping", logging.INFO)
+            raise WorkerStartError(f"the node stopped while the worker for {key} started")
         return w
 
     def release(self, w: Worker, *, healthy: bool = True) -> None:
         """The job is done with ``w``: back to idle, or stopped if it is unhealthy, ended, or used up."""
         w.jobs += 1
         w.last_used = time.monotonic()
-        limit = self._settings(w).max_jobs_per_worker
-        if not healthy or not w.alive():
+        limit = w.settings.max_jobs_per_worker if w.settings is not None else 0
+        if not healthy or not w.alive() or self._closed:
             self._stop(w, "it failed its job" if w.alive() else w.death())
         elif limit and w.jobs >= limit:
             self._stop(w, f"it served max_jobs_per_worker = {limit} jobs", level=logging.INFO)
@@ -193,13 +209,13 @@ class WorkerPool:
 
     # -- starting and stopping -------------------------------------------------------------------------
 
-    def _settings(self, w: Worker) -> WarmSettings:
-        return self._specs[w.key].settings
-
     def _start(self, key: WorkerKey, spec: WorkerSpec, cancelled: Callable[[], bool]) -> Worker:
         n = next(self._counter)
         sock = str(self._sockets / f"w{n}.sock")
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise WorkerStartError(f"cannot make the worker log folder {self.log_dir}: {e.strerror or e}") from None
         log_path = self.log_dir / f"{key.environment}-{key.plugin}-{time.strftime('%Y%m%d-%H%M%S')}-{n}.log"
         gpu = {"CUDA_VISIBLE_DEVICES": key.device or "", "DICOM_NODE_DEVICE": "cuda" if key.device else "cpu"}
         env = worker_environ({**spec.env, **gpu})
@@ -210,15 +226,17 @@ class WorkerPool:
                 proc = self._spawner.submit(subprocess.Popen, argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                             stderr=errors, env=env, cwd=neutral_cwd(spec.python),
                                             start_new_session=True).result()  # fmt: skip
-            except OSError as e:
-                raise WorkerStartError(f"cannot start a worker for {key} with {spec.python}: {e.strerror or e}") from None
-        w = Worker(key, proc, sock, log_path, t0)
+            except (OSError, RuntimeError) as e:  # RuntimeError: the pool closed meanwhile
+                raise WorkerStartError(f"cannot start a worker for {key} with {spec.python}: "
+                                       f"{getattr(e, 'strerror', None) or e}") from None  # fmt: skip
+        w = Worker(key, proc, sock, log_path, t0, settings=spec.settings, pool=self)
         log.info("starting a worker for %s: pid %d, log %s", key, proc.pid, log_path)
         try:
             ready = self._ready_line(w, spec.settings.setup_timeout, cancelled)
         except BaseException:
             kill_tree(proc.pid)
             proc.wait(5)
+            _kill_group(proc.pid)
             raise
         w.setup_seconds = float(ready.get("setup_seconds") or (time.monotonic() - t0))
         w.plugin = ready.get("plugin") or {}
@@ -273,12 +291,14 @@ class WorkerPool:
             w.proc.wait(10)
         except subprocess.TimeoutExpired:
             log.warning("the worker for %s (pid %d) did not end after SIGKILL", w.key, w.pid)
+        _kill_group(w.pid)  # what it started and left (it led its own process group), also after a crash
         Path(w.socket).unlink(missing_ok=True)
 
     def _forget(self, w: Worker, why: str) -> None:
-        """Drop a worker that ended by itself (called with the lock held)."""
+        """Drop a worker that ended by itself (called with the lock held), with whatever it left running."""
         log.warning("the worker for %s (pid %d) %s", w.key, w.pid, why)
         self._workers.remove(w)
+        _kill_group(w.pid)
         Path(w.socket).unlink(missing_ok=True)
 
     # -- keeping warm ----------------------------------------------------------------------------------
@@ -294,6 +314,8 @@ class WorkerPool:
         with self._cond:
             todo = []
             for key, spec in self._specs.items():
+                if self._backoff.get(key, (0, 0.0))[1] > time.monotonic():
+                    continue  # its setup failed lately: not again at every reap
                 have = sum(1 for w in self._workers if w.key == key) + self._starting.get(key, 0)
                 for _ in range(spec.settings.keep_warm - have):
                     self._starting[key] = self._starting.get(key, 0) + 1
@@ -304,12 +326,18 @@ class WorkerPool:
     def _warm_one(self, key: WorkerKey, spec: WorkerSpec) -> None:
         try:
             w = self._start(key, spec, lambda: self._closed)
-        except WorkerStartError as e:
-            log.error("could not keep a worker warm: %s", e)
+        except Exception as e:  # a thread of its own: say why, never die with a traceback
+            with self._cond:
+                failures = self._backoff.get(key, (0, 0.0))[0] + 1
+                wait = min(600.0, REAP_INTERVAL * 2**failures)
+                self._backoff[key] = (failures, time.monotonic() + wait)
+            log.error("could not keep a worker warm (trying again in %.0f s): %s", wait, e)
             return
         finally:
             with self._cond:
                 self._starting[key] -= 1
+        with self._cond:
+            self._backoff.pop(key, None)
         with self._cond:
             if self._closed:
                 closed = True
@@ -355,20 +383,27 @@ class WorkerPool:
                         break
                     if now - w.last_used >= spec.settings.idle_timeout:
                         stop.append(w)
+                        self._workers.remove(w)  # under the lock: no lease can take it from here on
                         total -= 1
         for w in stop:
-            self._stop(w, f"idle for idle_timeout = {self._settings(w).idle_timeout:g} s", logging.INFO)
+            idle_timeout = w.settings.idle_timeout if w.settings is not None else 0
+            self._stop(w, f"idle for idle_timeout = {idle_timeout:g} s", logging.INFO)
         self._top_up()
 
     # -- the whole pool --------------------------------------------------------------------------------
 
-    def state(self) -> list[dict[str, Any]]:
+    def state(self, memory: bool = True) -> list[dict[str, Any]]:
+        """Each worker as a dict (``memory``: with its resident memory, measured outside the pool's lock)."""
         now = time.monotonic()
         with self._cond:
-            return [{"environment": w.key.environment, "plugin": w.key.plugin, "device": w.key.device,
-                     "pid": w.pid, "busy": w.busy, "jobs": w.jobs, "setup_seconds": round(w.setup_seconds, 3),
-                     "idle_seconds": 0.0 if w.busy else round(now - w.last_used, 1), "rss_mb": round(w.rss_mb(), 1)}
-                    for w in self._workers]  # fmt: skip
+            workers = list(self._workers)
+            out = [{"environment": w.key.environment, "plugin": w.key.plugin, "device": w.key.device,
+                    "pid": w.pid, "busy": w.busy, "jobs": w.jobs, "setup_seconds": round(w.setup_seconds, 3),
+                    "idle_seconds": 0.0 if w.busy else round(now - w.last_used, 1)} for w in workers]  # fmt: skip
+        if memory:
+            for item, w in zip(out, workers, strict=True):
+                item["rss_mb"] = round(w.rss_mb(), 1)
+        return out
 
     def close(self) -> None:
         with self._cond:
@@ -385,6 +420,13 @@ class WorkerPool:
                 pass
         self._spawner.shutdown(wait=False)
         shutil.rmtree(self._sockets, ignore_errors=True)
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGKILL what is left of a worker's process group (it leads one: start_new_session) once it has ended."""
+    from node.plugins.runtime import _kill_orphaned_group
+
+    _kill_orphaned_group(pgid)
 
 
 #: Worker logs kept in the log folder (the oldest go first, when a pool starts).

@@ -166,22 +166,49 @@ def discover(plugins: PluginsSection | Mapping[str, str] | None = None) -> dict[
         for name, target in (plugins or {}).items():
             found[name] = PluginRef(name, target, "config")
         return found
+    own = dict(found)  # the node's own entry points
+
+    def add(ref: PluginRef, where: str) -> None:
+        """One name, one plugin: a second source for a name is a config error naming both."""
+        seen = found.get(ref.name)
+        if seen is not None and ref.name in own and seen is own[ref.name] and ref.kind == "environment" \
+                and ref.target == seen.target:  # fmt: skip
+            return  # the node's own plugin, seen again through an environment's system site-packages
+        if seen is not None:
+            raise PluginLoadError(f"plugin name {ref.name!r} is used twice: {_where(seen)} and {where}; "
+                                  "rename one (a [plugins] local entry can give a plugin another name)")  # fmt: skip
+        found[ref.name] = ref
+
     for env_name, env in plugins.environments.items():
         local = plugins.local_entries(env_name)
         info = discover_environment(env_name, env, local)
         for name, remote in info.plugins.items():
             source = "config" if name in local else str(remote.get("dist") or "")
-            found[name] = PluginRef(name, str(remote.get("target", "")), source, str(remote.get("dist_version") or ""),
-                                    kind="environment", environment=env_name, remote=remote)  # fmt: skip
+            add(PluginRef(name, str(remote.get("target", "")), source, str(remote.get("dist_version") or ""),
+                          kind="environment", environment=env_name, remote=remote), f"environment {env_name}")  # fmt: skip
         for name, error in info.errors.items():
             source = "config" if name in local else ""
-            found[name] = PluginRef(name, local.get(name, ""), source, kind="environment", environment=env_name,
-                                    error=error)  # fmt: skip
+            add(PluginRef(name, local.get(name, ""), source, kind="environment", environment=env_name, error=error),
+                f"environment {env_name}")  # fmt: skip
+        for name in local:
+            if name not in info.plugins and name not in info.errors:
+                raise PluginLoadError(f"[plugins] local {name} names environment {env_name!r}, whose listing does "
+                                      "not have it (an older dicom-node-sdk there?)")  # fmt: skip
     for name, target in plugins.local_entries(None).items():
-        found[name] = PluginRef(name, target, "config")
+        if name in found and found[name].kind != "local":
+            add(PluginRef(name, target, "config"), "[plugins] local")
+        found[name] = PluginRef(name, target, "config")  # a local entry may replace an installed plugin, as before
     for name, cmd in getattr(plugins, "commands", {}).items():
-        found[name] = PluginRef(name, name, "command", cmd.version, kind="command")
+        add(PluginRef(name, name, "command", cmd.version, kind="command"), "[plugins.commands]")
     return found
+
+
+def _where(ref: PluginRef) -> str:
+    if ref.kind == "command":
+        return "[plugins.commands]"
+    if ref.kind == "environment":
+        return f"environment {ref.environment}"
+    return "[plugins] local" if ref.source == "config" else f"package {ref.source or '?'} in the node's Python"
 
 
 def load(name: str, target: str) -> PluginInfo:

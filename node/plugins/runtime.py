@@ -16,6 +16,7 @@ when the node stops or dies.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -175,15 +176,21 @@ def _kill_orphaned_group(pgid: int | None) -> None:
         pass
 
 
-def run_in_process(spec: WorkSpec, *, timeout: float, workers: int = 2, cancelled: object = None,
+def plugin_slot(workers: int) -> threading.BoundedSemaphore:
+    """One of the ``[plugins] workers`` plugin process slots (a context manager), for a caller that must hold
+    it before taking anything else a job needs (a GPU, warm workers)."""
+    return _slot(workers)
+
+
+def run_in_process(spec: WorkSpec, *, timeout: float, workers: int | None = None, cancelled: object = None,
                    watch: Callable[[], str | None] | None = None) -> WorkResult:  # fmt: skip
     """Run ``spec`` in a child process; raises PluginRunError for a crash or a timeout.
 
+    ``workers``: take one of that many process slots first (None: the caller holds one, see plugin_slot).
     ``watch``, called a few times a second while the process runs, returns a reason to stop it (a warm
-    worker of the job over its memory limit), or None.
+    worker of the job died or went over its memory limit), or None.
     """
-    slots = _slot(workers)
-    with slots:
+    with _slot(workers) if workers is not None else contextlib.nullcontext():
         ctx = _context()
         receiver, sender = ctx.Pipe(duplex=False)
         from node.plugins import worker
@@ -231,7 +238,19 @@ def run_in_process(spec: WorkSpec, *, timeout: float, workers: int = 2, cancelle
             if proc.is_alive():
                 _end(proc)
             _kill_orphaned_group(proc.pid)
+            _remove_transfer_dirs(proc.pid)
             receiver.close()
+
+
+def _remove_transfer_dirs(pid: int | None) -> None:
+    """The memory-backed folders a killed job process left for its workers (node.plugins.worker._transfer_dir)."""
+    import glob
+    import shutil
+
+    if pid is None:
+        return
+    for folder in glob.glob(f"/dev/shm/dicom-node-{pid}-*"):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _report_baseline(conn: Any) -> None:

@@ -172,8 +172,8 @@ def _failure(e: BaseException, step: str, spec: WorkSpec, info: Any) -> tuple[st
             why = "" if retryable or not e.retryable else f" (no more retries: the plugin allows {limit} attempt(s))"
             return f"{step}: {e}{why}", retryable
         return f"{step}: {e}", False
-    if isinstance(e, WorkerGone):
-        return f"{step}: the plugin's worker ended during the job ({e})", False
+    if isinstance(e, WorkerGone):  # killed, crashed, or the node stopped: another attempt gets a new worker
+        return f"{step}: the plugin's worker ended during the job ({e})", True
     tb = traceback.extract_tb(e.__traceback__)
     where = f" ({Path(tb[-1].filename).name}:{tb[-1].lineno})" if tb else ""
     return f"{step}: {type(e).__name__}: {e}{where}", False
@@ -193,7 +193,7 @@ def run(spec: WorkSpec) -> WorkResult:
 
     timings = {"load": 0.0, "plugin": 0.0, "build": 0.0, "write": 0.0}
     names: list[str] = []
-    info = None
+    info: Any = None
     step = "loading the series"
     results: list[Any] = []
     #: For each result, the step (plugin and parameters) that produced it.

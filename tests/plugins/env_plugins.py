@@ -95,3 +95,18 @@ class SlowSetup(Plugin):
 
     def run(self, series, params):  # type: ignore[no-untyped-def]
         return []
+
+
+class DiesLeavingAChild(Plugin):
+    """Forks a child that keeps the job's connection open (a data loader would), then dies mid-job."""
+
+    name = "env-dies"
+    version = "1.0"
+
+    def run(self, series, params):  # type: ignore[no-untyped-def]
+        import signal
+
+        if os.fork() == 0:  # the child: holds every inherited descriptor, the connection included
+            time.sleep(3600)
+            os._exit(0)
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -53,6 +54,7 @@ env-bone = {{ entry = "env_plugins:Bone", environment = "old" }}
 env-gpu-bone = {{ entry = "env_plugins:GpuBone", environment = "old" }}
 env-hang = {{ entry = "env_plugins:Hang", environment = "old" }}
 env-hog = {{ entry = "env_plugins:Hog", environment = "old" }}
+env-dies = {{ entry = "env_plugins:DiesLeavingAChild", environment = "old" }}
 {extra_plugins}
 [plugins.environments.old]
 python = "{python}"
@@ -149,6 +151,10 @@ actions = [{ type = "plugin", plugin = "env-hang", timeout = 3 }]
 name = "hog"
 match = { SeriesDescription = { regex = "^hog" } }
 actions = [{ type = "plugin", plugin = "env-hog", memory_limit_mb = 700 }]
+[[rules]]
+name = "dies"
+match = { SeriesDescription = { regex = "^dies" } }
+actions = [{ type = "plugin", plugin = "env-dies", timeout = 120 }]
 """)  # fmt: skip
     node.start()
     try:
@@ -177,18 +183,28 @@ actions = [{ type = "plugin", plugin = "env-hog", memory_limit_mb = 700 }]
         wait_for(lambda: ended(3), 120, "the memory-hungry job to be stopped")
         _, state, _, error = jobs(node)[2]
         assert state == "failed" and "over the memory limit of 700 MB" in error, error
+        # A worker that dies while a child it forked holds the job's connection: the job fails at once, saying
+        # the worker died (not after its 120 s timeout), and the child goes with it.
+        t = time.monotonic()
+        send("dies", "uneven")
+        wait_for(lambda: ended(4), 60, "the job whose worker died")
+        _, state, _, error = jobs(node)[3]
+        assert state == "failed" and "crashed with SIGKILL" in error and "env-dies" in error, error
+        assert time.monotonic() - t < 60
         # Their workers are gone; the bone plugin's warm worker lived through both and serves the next job.
         assert node.proc is not None
         names = " ".join(" ".join(p.cmdline()) for p in psutil.Process(node.proc.pid).children()
                          if p.status() != psutil.STATUS_ZOMBIE)  # fmt: skip
-        assert "env-hang=" not in names and "env-hog=" not in names, names
+        assert "env-hang=" not in names and "env-hog=" not in names and "env-dies=" not in names, names
+        assert not [p for p in psutil.process_iter(["cmdline"]) if "env_plugins" in " ".join(p.info["cmdline"] or [])
+                    and "env-dies" in " ".join(p.info["cmdline"] or [])]  # fmt: skip
         assert f"env-bone=" in names
         assert psutil.pid_exists(bone_pid)
         body = urllib.request.urlopen(f"http://127.0.0.1:{node.web_port}/metrics", timeout=10).read().decode()
         assert 'dicom_node_plugin_workers{environment="old",plugin="env-bone",state="idle"} 1.0' in body, body
-        send("bone 2", "uneven")
-        wait_for(lambda: ended(4), 180, "the second bone job")
-        _, state, result, error = jobs(node)[3]
+        send("bone 2", "sheared")
+        wait_for(lambda: ended(5), 180, "the second bone job")
+        _, state, result, error = jobs(node)[4]
         assert state == "succeeded", error
         assert f"warm worker pid {bone_pid} " in result and "its job 2," in result, result
         assert "stopping the worker for env-hang" in node.log_path.read_text()
@@ -277,6 +293,8 @@ name = "r"
 actions = [{ type = "plugin", plugin = "env-bone", params = { lower = 5 } }]
 """)
     assert "rules[0]" in error and "lower" in error, error
+    error = load(env_config(old_python) + '[plugins.commands.env-bone]\ncommand = ["/bin/true", "{input}"]\n')
+    assert "plugin name 'env-bone' is used twice: environment old and [plugins.commands]" in error, error
 
 
 def test_plugins_lists_environment_plugins_with_their_environment(tmp_path: Path, old_python: Path) -> None:
