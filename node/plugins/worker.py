@@ -367,8 +367,8 @@ def _remote_step(s: StepSpec, k: int, series: Any, spec: WorkSpec, timings: dict
             t_call = time.perf_counter()
             reply = client.run(message, s.params, attempt=spec.attempt, out_dir=out_dir, previous=list(series.previous))
             call = time.perf_counter() - t_call
-        # Results are mapped from files in ``folder``: read them into memory before it goes.
-        results = [_in_memory(r) for r in reply.results]
+        # Results are mapped from files in ``folder``; the mappings outlive the files (removed below).
+        results = list(reply.results)
         spent = time.perf_counter() - t
         timings["plugin"] += reply.seconds
         # The rest of the step (sharing the voxels beyond decoding them, the round trip, reading results).
@@ -381,20 +381,6 @@ def _remote_step(s: StepSpec, k: int, series: Any, spec: WorkSpec, timings: dict
     prov = _provenance(spec, name or s.name, version or str(remote.get("version", "")), dict(reply.parameters),
                        _code(remote.get("family")))  # fmt: skip
     return results, prov
-
-
-def _in_memory(r: Any) -> Any:
-    """A result whose arrays are memory-mapped files, with its arrays read into memory."""
-    import dataclasses
-
-    import numpy as np
-
-    changes = {}
-    for f in dataclasses.fields(r):
-        v = getattr(r, f.name)
-        if isinstance(v, np.memmap) or (isinstance(v, np.ndarray) and isinstance(v.base, np.memmap)):
-            changes[f.name] = np.array(v)
-    return dataclasses.replace(r, **changes) if changes else r
 
 
 def _command_step(s: StepSpec, k: int, series: Any, spec: WorkSpec, timings: dict[str, float],

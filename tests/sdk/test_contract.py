@@ -129,7 +129,8 @@ def test_a_decoded_series_reads_headers_only_when_asked(ct_series, tmp_path):
     np.testing.assert_array_equal(remote.rescaled(), ct_series.rescaled())
     assert remote.spacing == ct_series.spacing and np.allclose(remote.affine, ct_series.affine)
     assert remote.datasets._loaded is None and len(remote.datasets) == 28  # nothing read for voxels and geometry
-    assert remote.modality == "CT" and remote.datasets._loaded is not None
+    assert remote.modality == "CT" and remote.datasets._loaded is None  # the first header only
+    assert list(remote.datasets._single) == [0]
     assert "PixelData" not in remote.datasets[0]
     assert [d.SOPInstanceUID for d in remote.datasets] == [d.SOPInstanceUID for d in ct_series.datasets]
 
