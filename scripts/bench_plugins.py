@@ -20,7 +20,7 @@ One run measures, on the same data:
 
 2. **Transfer.** A 300x512x512 int16 volume in the node's memory handed to a worker in another
    environment (numpy 1 there, numpy 2 here) whose plugin reads one element of every 4 KiB page and
-   returns nothing: ``save_array`` to /dev/shm + ``WorkerClient.run`` (*copy*); the same round trip
+   returns nothing: ``save_array`` into the job's folder + ``WorkerClient.run`` (*copy*); the same round trip
    when the voxels were decoded straight into the mapped file (*zero-copy*, what the node does when no
    earlier step read them); against the environment's python doing ``np.load`` of the same array from
    a ``.npy`` file whose pages are in the page cache, plus the same touch (*bare np.load*).
@@ -501,9 +501,9 @@ def transfer_report(runs: list[TransferRun], shape: tuple[int, ...], markdown: b
     by = {way: [r for r in runs if r.way == way and r.ok] for way in TRANSFER_WAYS}
     rows = []
     labels = {"np.load": "bare np.load (env python, page cache warm) + touch",
-              "copy": "save_array to /dev/shm + round trip (worker maps, touches)",
+              "copy": "save_array into the job folder + round trip (worker maps, touches)",
               "zero-copy": "round trip only (voxels already in the mapped file)",
-              "copy-write": "the .npy written with write() to /dev/shm + round trip (not what save_array does)"}  # fmt: skip
+              "copy-write": "the .npy written with one write() + round trip"}  # fmt: skip
     for way in TRANSFER_WAYS:
         rs = by[way]
         if not rs:
@@ -607,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir, own = make_workdir(args.workdir, "bench-plugins-")
     machine = machine_info(workdir)
     vers = versions(python)
-    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else workdir
+    shm = workdir  # where the node hands arrays over: the job's folder, in the data directory's page cache
     failed = False
     runs: list[JobRun] = []
     transfers: list[TransferRun] = []

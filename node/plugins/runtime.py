@@ -238,19 +238,7 @@ def run_in_process(spec: WorkSpec, *, timeout: float, workers: int | None = None
             if proc.is_alive():
                 _end(proc)
             _kill_orphaned_group(proc.pid)
-            _remove_transfer_dirs(proc.pid)
             receiver.close()
-
-
-def _remove_transfer_dirs(pid: int | None) -> None:
-    """The memory-backed folders a killed job process left for its workers (node.plugins.worker._transfer_dir)."""
-    import glob
-    import shutil
-
-    if pid is None:
-        return
-    for folder in glob.glob(f"/dev/shm/dicom-node-{pid}-*"):
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _report_baseline(conn: Any) -> None:

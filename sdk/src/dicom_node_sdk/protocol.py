@@ -7,7 +7,8 @@ Both ends live here, so they cannot drift apart: the node (its job process) uses
 - Arrays never go through the socket: they are ``.npy`` files written with
   ``numpy.lib.format.open_memmap`` and read with ``numpy.load(mmap_mode="c")`` (copy-on-write: a
   plugin may change its input privately), so a 300 MB volume costs a file write on one side and page
-  faults on the other, not a pickle through a pipe. The node puts them in ``/dev/shm`` when it can.
+  faults on the other, not a pickle through a pipe. The node puts them in the job's folder, in the
+  page cache of its data directory.
 - A series goes as its file paths, geometry and voxels file; the worker reads the DICOM headers only
   if the plugin looks at ``series.datasets`` (a model that needs only voxels pays nothing).
 - Codes (pydicom ``Code``) are ``[value, scheme, meaning]`` or ``[value, scheme, meaning, version]``.
@@ -19,11 +20,9 @@ The messages are described in the node's docs (docs/plugins.md) and in :func:`en
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import socket
 import struct
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,8 +137,7 @@ def save_array(array: Any, path: str | os.PathLike[str]) -> str:
     An array that already is that file, mapped (the node decodes the voxels straight into it), is kept
     as it is: re-creating the file would truncate the very data being copied.
     """
-    if _maps_file(array, path):
-        array.flush()
+    if _maps_file(array, path):  # a shared mapping of that very file: what it holds is in the file already
         return str(path)
     a = np.asarray(array)
     if isinstance(a.base, np.memmap) or isinstance(array, np.memmap):
@@ -180,37 +178,13 @@ def _maps_file(array: Any, path: str | os.PathLike[str]) -> bool:
 def load_array(path: str | os.PathLike[str]) -> np.ndarray:
     """An ``.npy`` file as a copy-on-write memory map (an empty array as itself).
 
-    The mapping is populated in one call (MAP_POPULATE, Linux): a plugin that reads the whole volume
-    then takes no page fault per 4 KiB page, which costs more than the rest of the hand-over.
+    Not populated up front: on a private writable mapping the kernel would copy every page to do it
+    (MAP_POPULATE there costs more than the page faults it saves); pages are mapped as they are read.
     """
-    try:
-        return _map_populated(str(path))
-    except (ValueError, OSError, AttributeError):  # empty, an unusual header, no mmap flags here
-        pass
     try:
         return np.load(str(path), mmap_mode="c", allow_pickle=False)
     except ValueError:  # mmap of an empty array
         return np.load(str(path), allow_pickle=False)
-
-
-#: mmap.MAP_POPULATE (Python 3.10+ names it; its value on Linux before that).
-_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0x8000 if sys.platform.startswith("linux") else 0)
-
-
-def _map_populated(path: str) -> np.ndarray:
-    """``np.load(path, mmap_mode="c")``, with the pages mapped up front."""
-    if not _MAP_POPULATE:
-        raise AttributeError("no MAP_POPULATE here")
-    with open(path, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        shape, fortran, dtype = np.lib.format._read_array_header(f, version)  # type: ignore[attr-defined]
-        offset = f.tell()
-        if dtype.hasobject or not shape or 0 in shape:
-            raise ValueError("not a plain non-empty array")
-        size = int(np.prod(shape)) * dtype.itemsize
-        m = mmap.mmap(f.fileno(), offset + size, flags=mmap.MAP_PRIVATE | _MAP_POPULATE,
-                      prot=mmap.PROT_READ | mmap.PROT_WRITE)  # fmt: skip
-    return np.ndarray(shape, dtype=dtype, buffer=m, offset=offset, order="F" if fortran else "C")
 
 
 def _floats(value: Any) -> list[float] | None:

@@ -71,6 +71,7 @@ class Worker:
     def __init__(self, name: str, target: str, info: PluginInfo, runner: Callable[..., Any]) -> None:
         self.name, self.target, self.info, self.runner = name, target, info, runner
         self.jobs = 0
+        self._hold: Any = None
 
     def handle(self, msg: dict[str, Any]) -> dict[str, Any]:
         op = msg.get("op")
@@ -108,6 +109,8 @@ class Worker:
             return self._refused("ProtocolError", f"a run request that is not protocol {PROTOCOL}: "
                                  f"{type(e).__name__}: {e}")  # fmt: skip
         t = time.perf_counter()
+        # Unmapping a large volume takes milliseconds: done after the reply is sent (see serve_connection).
+        self._hold = series
         try:
             out = self.runner(series, params)
             seconds = time.perf_counter() - t
@@ -147,6 +150,7 @@ class Worker:
             if msg is None:
                 return
             send_message(conn, self.handle(msg))
+            self._hold = None  # the job's series and its mapped voxels go now, with the node already answered
 
     def serve(self, listener: socket.socket) -> None:
         while True:
