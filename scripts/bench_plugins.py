@@ -364,9 +364,11 @@ def transfer_copy(array: np.ndarray, socket: str, shm: Path, rep: int, way: str)
     path = folder / "voxels.npy"
     try:
         if zero_copy:  # as the node does: the voxels decoded straight into the mapped file (not timed)
+            from node.plugins.worker import _huge_pages
+
             mapped = np.lib.format.open_memmap(path, mode="w+", dtype=array.dtype, shape=array.shape)
+            _huge_pages(mapped)  # as share_voxels does
             mapped[...] = array
-            mapped.flush()
             del mapped
         with WorkerClient(socket) as client:
             client.hello()  # connect before timing: the job process connects once, as here
