@@ -8,6 +8,7 @@ node: the parent sees the process end (or kills it) and fails the job.
 
 from __future__ import annotations
 
+import errno
 import resource
 import time
 import traceback
@@ -331,11 +332,27 @@ def share_voxels(series: Any, folder: Path) -> Path:
 
         def into(shape: tuple[int, ...], dtype: Any) -> Any:
             mapped = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+            _reserve(path, mapped)
             _huge_pages(mapped)
             return mapped
 
         series.__dict__["_voxels"] = series._loader(into)  # later steps here read the same mapped pixels
     return path
+
+
+def _reserve(path: Path, mapped: Any) -> None:
+    """Allocate the file's blocks now: a full disk is then an error that says so, not a SIGBUS mid-decode."""
+    import os
+
+    size = int(mapped.offset) + int(mapped.nbytes)
+    try:
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, size)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(e.errno, f"no room in the job's folder {path.parent} for the {size / 2**20:.0f} MiB of "
+                                   "voxels handed to the plugin's worker (free space on the data directory's disk)") from None  # fmt: skip
+        # EOPNOTSUPP and the like: a filesystem without fallocate; the writes allocate as they go
 
 
 def _huge_pages(mapped: Any) -> None:
