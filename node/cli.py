@@ -204,6 +204,10 @@ def plugins(
             continue
         out.print(f"{name} {info.version} -- {info.description or 'no description'}", highlight=False, markup=False)
         out.print(f"    from {origin} ({ref.target})", highlight=False, markup=False)
+        if ref.kind == "command":
+            cmd = cfg.plugins.commands[name]
+            runs = f"{cmd.runtime} image {cmd.container}" if cmd.container else "command"
+            out.print(f"    runs: {runs} {' '.join(cmd.command or [])}".rstrip(), highlight=False, markup=False)
         if info.gpu != "none":
             out.print(f"    GPU: {info.gpu}", highlight=False, markup=False)
         sch = dict(info.schema)
