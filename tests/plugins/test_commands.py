@@ -317,3 +317,15 @@ def test_killed_job_leaves_no_container_once_removed(shared_data: Path, tmp_path
     assert "dicom-node-hang-" in names()  # what a killed client leaves
     remove_container(tmp_path)
     assert "dicom-node-hang-" not in names()
+
+
+def test_plugins_lists_a_command_plugin_with_what_it_runs(tmp_path: Path) -> None:
+    cfg = tmp_path / "node.toml"
+    cfg.write_text('[plugins.commands.labels]\ncommand = ["/bin/sh", "-c", "echo {input} {output}"]\n'
+                   'description = "writes a label map"\nversion = "2.1"\n')  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "node", "plugins", "--config", str(cfg)], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "labels 2.1 -- writes a label map" in done.stdout
+    assert "from config [plugins.commands]" in done.stdout
+    assert "runs: command /bin/sh -c echo {input} {output}" in done.stdout, done.stdout
