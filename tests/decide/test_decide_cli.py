@@ -348,7 +348,7 @@ def test_explain_replay_jobs_and_status_after_two_real_series(node, scp):
     assert r.returncode == 0, show(r)
     f = fields(r.stdout)
     assert f["job"] == str(ct_job) and f["state"] == "succeeded" and f["rule"] == "ct-forward", show(r)
-    assert f["action"] == '0: {"to": ["scp"], "type": "forward"}', show(r)
+    assert f["action"] == '0: {"priority": "normal", "to": ["scp"], "type": "forward"}', show(r)
     assert f["series"] == f'{ct_uid} (CT "STD BRAIN 5MM")', show(r)
     assert f["revision"] == "1" and f["priority"] == "0" and f["attempts"] == "1 of 3", show(r)
     assert f["result"] == "queued 28 instance(s) for scp" and f["last error"] == "-", show(r)
