@@ -164,16 +164,33 @@ class WorkerPool:
 
         Raises WorkerStartError when a new worker fails to start or set up.
         """
+        told = False
         with self._cond:
             self._specs[key] = spec
             self._ensure_reaper()
-            for w in list(self._workers):
-                if w.key == key and not w.busy:
-                    if not w.alive():
-                        self._forget(w, f"ended while idle: {w.death()}")
-                        continue
-                    w.busy = True
-                    return w
+            while True:
+                for w in list(self._workers):
+                    if w.key == key and not w.busy:
+                        if not w.alive():
+                            self._forget(w, f"ended while idle: {w.death()}")
+                            continue
+                        w.busy = True
+                        return w
+                # A keep_warm worker of this key is being started (the node just started): wait for it rather
+                # than pay a second setup.
+                if not self._starting.get(key) or self._closed:
+                    break
+                if cancelled():
+                    raise WorkerStartError(f"cancelled while the worker for {key} was starting")
+                if on_wait is not None and not told:
+                    told = True
+                    self._cond.release()
+                    try:
+                        on_wait(f"waiting for the worker for {key} that is starting (its setup loads the model)")
+                    finally:
+                        self._cond.acquire()
+                    continue
+                self._cond.wait(0.5)
         if on_wait is not None:
             on_wait(f"starting a worker for {key} (its setup loads the model)")
         w = self._start(key, spec, cancelled)
@@ -328,23 +345,20 @@ class WorkerPool:
             w = self._start(key, spec, lambda: self._closed)
         except Exception as e:  # a thread of its own: say why, never die with a traceback
             with self._cond:
+                self._starting[key] -= 1
                 failures = self._backoff.get(key, (0, 0.0))[0] + 1
                 wait = min(600.0, REAP_INTERVAL * 2**failures)
                 self._backoff[key] = (failures, time.monotonic() + wait)
+                self._cond.notify_all()  # a job waiting for this worker starts its own
             log.error("could not keep a worker warm (trying again in %.0f s): %s", wait, e)
             return
-        finally:
-            with self._cond:
-                self._starting[key] -= 1
-        with self._cond:
+        with self._cond:  # one step: a job waiting for it never sees it neither starting nor there
+            self._starting[key] -= 1
             self._backoff.pop(key, None)
-        with self._cond:
-            if self._closed:
-                closed = True
-            else:
-                closed = False
+            closed = self._closed
+            if not closed:
                 self._workers.append(w)
-                self._cond.notify_all()
+            self._cond.notify_all()
         if closed:
             self._stop(w, "the node is stopping", logging.INFO)
 

@@ -125,3 +125,13 @@ def test_workers_die_with_the_node_process(tmp_path: Path) -> None:
     finally:
         if node.poll() is None:
             node.kill()
+
+
+def test_a_job_waits_for_the_keep_warm_worker_that_is_starting(pool: WorkerPool) -> None:
+    s = spec(keep_warm=1)
+    pool.keep_warm({key(): s})  # the node's start: one worker being set up in the background
+    said: list[str] = []
+    w = pool.lease(key(), s, on_wait=said.append)  # the first job arrives meanwhile
+    assert any("waiting for the worker" in m for m in said), said
+    assert len(pool.state()) == 1  # the same worker: no second setup
+    pool.release(w)
