@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from node.plugins.commands import CommandPlugin
+from node.plugins.command_table import CommandPlugin
 
 ENV_PREFIX = "DICOM_NODE_"
 DEFAULT_CONFIG_PATH = Path("config/node.toml")
@@ -595,7 +595,8 @@ def compile_rules(cfg: Config, source: str = "") -> Any:
     """The config's rules, checked against its destinations and the installed plugins."""
     from node.decide.rules import RulesError, RuleSet
     from node.plugins.api import ParamsError
-    from node.plugins.registry import PluginLoadError, check_params as check, describe, discover
+    from node.plugins.registry import PluginLoadError, describe, discover
+    from node.plugins.registry import check_params as check
 
     try:
         plugins = discover(cfg.plugins)

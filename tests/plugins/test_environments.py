@@ -198,7 +198,7 @@ actions = [{ type = "plugin", plugin = "env-dies", timeout = 120 }]
         assert "env-hang=" not in names and "env-hog=" not in names and "env-dies=" not in names, names
         assert not [p for p in psutil.process_iter(["cmdline"]) if "env_plugins" in " ".join(p.info["cmdline"] or [])
                     and "env-dies" in " ".join(p.info["cmdline"] or [])]  # fmt: skip
-        assert f"env-bone=" in names
+        assert "env-bone=" in names
         assert psutil.pid_exists(bone_pid)
         body = urllib.request.urlopen(f"http://127.0.0.1:{node.web_port}/metrics", timeout=10).read().decode()
         assert 'dicom_node_plugin_workers{environment="old",plugin="env-bone",state="idle"} 1.0' in body, body
@@ -303,6 +303,6 @@ def test_plugins_lists_environment_plugins_with_their_environment(tmp_path: Path
     done = subprocess.run([sys.executable, "-m", "node", "plugins", "--config", str(cfg)], capture_output=True,
                           text=True, timeout=120, cwd=REPO)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
-    assert f"env-bone 2.0 -- Bone above 300 HU" in done.stdout, done.stdout
+    assert "env-bone 2.0 -- Bone above 300 HU" in done.stdout, done.stdout
     assert f"environment old ({old_python})" in done.stdout
     assert "env-gpu-bone" in done.stdout and "GPU: required" in done.stdout

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from numpy.lib.format import open_memmap
 from pydicom.sr.coding import Code
 
 from dicom_node_sdk.api import Images, PluginInfo, Result, Segment, Segmentation, SeriesInput, Volume
