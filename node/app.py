@@ -109,6 +109,10 @@ class Node:
 
             start_fork_server()  # from this (main) thread: see start_fork_server
             self._keep_workers_warm()
+            from node.plugins.gpus import gpu_warnings
+
+            for warning in gpu_warnings(self.cfg):
+                log.warning("%s", warning)
         self.dispatcher.start()
         self.runner.start()
         if self.retention is not None:

@@ -270,9 +270,10 @@ def rules_check(config: Path | None = ConfigOption) -> None:
                 *[f"     then {a.summary()}" for a in m.actions]])  # fmt: skip
     from rich.markup import escape
 
+    from node.plugins.gpus import gpu_warnings
     from node.plugins.runtime import memory_limit_warnings
 
-    for warning in memory_limit_warnings(cfg):
+    for warning in [*memory_limit_warnings(cfg), *gpu_warnings(cfg)]:
         console.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False)
 
 

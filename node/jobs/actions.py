@@ -307,9 +307,6 @@ def plugin(ctx: JobContext) -> str:
     return summary
 
 
-_GPU_ORDER = {"none": 0, "optional": 1, "required": 2}
-
-
 def _keep_command_logs(ctx: JobContext, steps: list[Any], work: Path) -> list[tuple[str, Path, Path]]:
     """Move the command plugins' logs out of the job's folder (which goes) into <data_dir>/logs/commands.
 
@@ -399,12 +396,12 @@ class _Resources:
 @contextlib.contextmanager
 def _plugin_resources(ctx: JobContext, action: Any, steps: list[Any], needs: list[str], spec: Any) -> Any:
     """Take a GPU (when the job needs one) and a warm worker for each environment step; fill them into ``spec``."""
-    from node.plugins.gpus import GpuWaitCancelled, slots_for
+    from node.plugins.gpus import GpuWaitCancelled, job_need, slots_for
     from node.plugins.pool import WorkerKey, WorkerSpec, WorkerStartError, pool
 
     cfg = ctx.cfg
     res = _Resources(ctx, spec.memory_limit_mb)
-    need = action.gpu or max(needs, key=lambda n: _GPU_ORDER.get(n, 0), default="none")
+    need = job_need(action.gpu, needs)
     try:
         if need != "none":
             try:

@@ -214,3 +214,38 @@ def slots_for(devices: Sequence[str]) -> GpuSlots:
         if slots is None:
             slots = _shared[key] = GpuSlots(list(key))
         return slots
+
+
+def job_need(action_gpu: str | None, plugin_needs: Sequence[str]) -> str:
+    """What a plugin job asks for: its action's ``gpu`` if set, else the most any of its plugins asks."""
+    if action_gpu is not None:
+        return action_gpu
+    return max(plugin_needs, key=NEEDS.index, default="none")
+
+
+def gpu_warnings(cfg: Any) -> list[str]:
+    """A warning for each plugin action that requires a GPU on a node whose [plugins] gpus is empty.
+
+    Its jobs wait (each holding one of the [jobs] workers) until a device is configured.
+    """
+    from node.plugins.registry import PluginLoadError, describe, discover
+
+    if cfg.plugins.gpus:
+        return []
+    installed = discover(cfg.plugins)
+    out = []
+    for rule in cfg.ruleset or []:
+        for n, action in enumerate(rule.model.actions):
+            if action.type != "plugin":
+                continue
+            needs = []
+            for st in action.steps:
+                try:
+                    needs.append(describe(installed[st.name], cfg.plugins).gpu)
+                except (KeyError, PluginLoadError):
+                    pass
+            if job_need(action.gpu, needs) == "required":
+                out.append(f'rules[{rule.index}] ("{rule.name}").actions[{n}] requires a GPU and [plugins] gpus is '
+                           "empty: its jobs will wait for one, each holding a job worker; list the devices in "
+                           '[plugins] gpus, or set gpu = "optional" on the action to run it on the CPU')  # fmt: skip
+    return out

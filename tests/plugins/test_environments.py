@@ -260,6 +260,11 @@ actions = [{ type = "plugin", plugin = "env-gpu-bone" }]
         wait_for(lambda: jobs(node) and "waiting for a GPU" in (jobs(node)[0][2] or ""), 60, "the job to wait")
         job_id, state, result, _ = jobs(node)[0]
         assert state == "running" and "[plugins] gpus is empty" in result, result
+        # Said when the node started, and by rules check, before any series arrives.
+        assert 'rules[0] ("gpu").actions[0] requires a GPU and [plugins] gpus is empty' in node.log_path.read_text()
+        check = subprocess.run([sys.executable, "-m", "node", "rules", "check", "--config", str(node.config_path)],
+                               capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert "requires a GPU and [plugins] gpus is empty" in check.stdout + check.stderr, check.stdout
         done = subprocess.run([sys.executable, "-m", "node", "jobs", "cancel", str(job_id), "--config",
                                str(node.config_path)], capture_output=True, text=True, timeout=60)  # fmt: skip
         assert done.returncode == 0, done.stdout + done.stderr
