@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from node.plugins.api import GeometryError, Images, PluginError, Segmentation, Volume
+from dicom_node_sdk.api import as_results
+
+from node.plugins.api import GeometryError, PluginError, Segmentation, Volume
 
 
 @dataclass
@@ -234,14 +236,7 @@ def run(spec: WorkSpec) -> WorkResult:
                 t, before = time.perf_counter(), pixel_read[0]
                 out = info.run(series, params)
                 timings["plugin"] += time.perf_counter() - t - (pixel_read[0] - before)
-            if out is None:
-                out = []
-            if not isinstance(out, (list, tuple)):
-                out = [out]
-            for r in out:
-                if not isinstance(r, (Segmentation, Images, Volume)):
-                    raise PluginError(f"plugin {s.name} returned a {type(r).__name__}; results are Segmentation, "
-                                      "Images or Volume")  # fmt: skip
+            out = as_results(s.name, out)
             # The rule's template, else the plugin's own, describes its segments.
             template_path = spec.segment_template or (info.segment_template if info is not None else None)
             if template_path:

@@ -11,17 +11,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pydicom
-import pytest
 from pydicom.sr.codedict import codes
 
 from node.plugins.series import load_series
 from tests.helpers import REPO
-from tests.helpers.envs import OLD_STACK, make_env
 
 EXAMPLE = REPO / "examples" / "onnx-organs"
 CT = "series/ct-head-philips-5mm"
@@ -67,21 +64,8 @@ print(json.dumps(out))
 """
 
 
-@pytest.fixture(scope="module")
-def onnx_python() -> Path:
-    """A venv with the old numpy/pydicom, onnxruntime, onnx, the SDK and the example (editable)."""
-    return make_env([*OLD_STACK, "onnxruntime", "onnx"], [REPO / "sdk", EXAMPLE], tag="onnx")
 
 
-@pytest.fixture(scope="module")
-def reference():
-    """The example's reference module, imported in the node's own Python (numpy only, no onnxruntime)."""
-    sys.path.insert(0, str(EXAMPLE))
-    try:
-        from dicom_node_example_onnx import reference as module
-    finally:
-        sys.path.remove(str(EXAMPLE))
-    return module
 
 
 def run_plugin(python: Path, tmp_path: Path, folder: Path, runs: list[dict], **env: str) -> dict:

@@ -9,7 +9,6 @@ and its masks equal the numpy reference computed here.
 from __future__ import annotations
 
 import io
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,6 @@ import pytest
 
 from node.plugins.series import load_series
 from tests.helpers import REPO, NodeProcess, storescu, wait_for
-from tests.helpers.envs import OLD_STACK, make_env
 from tests.helpers.variants import make_files
 
 EXAMPLE = REPO / "examples" / "onnx-organs"
@@ -28,20 +26,8 @@ SEGMENTS = {"Fat": "55603005", "Soft tissue": "87784001", "Bone": "3138006"}
 pytestmark = pytest.mark.filterwarnings("ignore:.*unlikely to represent the intended person name:UserWarning")
 
 
-@pytest.fixture(scope="module")
-def onnx_python() -> Path:
-    return make_env([*OLD_STACK, "onnxruntime", "onnx"], [REPO / "sdk", EXAMPLE], tag="onnx")
 
 
-@pytest.fixture(scope="module")
-def reference():
-    sys.path.insert(0, str(EXAMPLE))
-    try:
-        from dicom_node_example_onnx import reference
-
-        yield reference
-    finally:
-        sys.path.remove(str(EXAMPLE))
 
 
 def test_the_example_model_runs_warm_in_its_environment_and_its_segs_reach_orthanc(

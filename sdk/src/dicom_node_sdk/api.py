@@ -418,6 +418,20 @@ def _defines_setup(cls: type) -> bool:
     return getattr(cls, "setup", None) is not Plugin.setup
 
 
+def as_results(name: str, out: Any) -> list[Result]:
+    """What a plugin's run returned as a list of results (None: none; one result: a list of it).
+
+    Raises PluginError naming the plugin for anything that is not a Segmentation, Images or Volume.
+    """
+    if out is None:
+        return []
+    items = list(out) if isinstance(out, (list, tuple)) else [out]
+    for r in items:
+        if not isinstance(r, (Segmentation, Images, Volume)):
+            raise PluginError(f"plugin {name} returned a {type(r).__name__}; results are Segmentation, Images or Volume")
+    return items
+
+
 def as_info(obj: Any, name: str) -> PluginInfo:
     """Whatever an entry point or config names, as a PluginInfo (or a TypeError saying what it should be)."""
     if isinstance(obj, PluginInfo):

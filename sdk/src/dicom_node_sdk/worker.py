@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dicom_node_sdk._process import answer, forget_working_directory, take_stdout
-from dicom_node_sdk.api import GeometryError, Images, PluginError, PluginInfo, Segmentation, Volume
+from dicom_node_sdk.api import GeometryError, PluginError, PluginInfo, as_results
 from dicom_node_sdk.loading import PluginLoadError, installed_plugins, load
 from dicom_node_sdk.params import ParamsError
 from dicom_node_sdk.protocol import (
@@ -112,16 +112,8 @@ class Worker:
         # Unmapping a large volume takes milliseconds: done after the reply is sent (see serve_connection).
         self._hold = series
         try:
-            out = self.runner(series, params)
+            out = as_results(name, self.runner(series, params))
             seconds = time.perf_counter() - t
-            if out is None:
-                out = []
-            if not isinstance(out, (list, tuple)):
-                out = [out]
-            for r in out:
-                if not isinstance(r, (Segmentation, Images, Volume)):
-                    raise PluginError(f"plugin {name} returned a {type(r).__name__}; results are Segmentation, "
-                                      "Images or Volume")  # fmt: skip
             stem = f"w{os.getpid()}-{self.jobs:05d}"
             results = [result_to_json(r, out_dir, f"{stem}-{i}") for i, r in enumerate(out)]
             parameters = self.info.dump_params(params)
