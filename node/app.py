@@ -55,7 +55,9 @@ class Node:
         )
         # Derived objects go through the same index writer and duplicate rules as received ones.
         self.runner.outputs = OutputStore(self.storage, self.writer, self.ingest.recorder, cfg.node.ae_title)
-        self.retention = Retention(cfg, self.engine, self.storage, reader=self.reader) if cfg.retention.enabled else None
+        self.retention = (
+            Retention(cfg, self.engine, self.storage, reader=self.reader) if cfg.retention.enabled else None
+        )
         self.scp: StorageSCP | None = None
         self.web = self._web() if cfg.web.enabled else None
         self._stop = threading.Event()
@@ -68,10 +70,17 @@ class Node:
         from node.web.server import WebServer
 
         token, self._token_source = load_token(self.cfg.web, self.cfg.data_dir)
-        ctx = WebContext(self.cfg, self.engine, self.reader, Authenticator(self.cfg.web, token),
-                         sampler=RateSampler(self.reader), checks=self._readiness(),
-                         wake_jobs=self.runner.wake, wake_senders=self.dispatcher.wake,
-                         retention=self.retention)  # fmt: skip
+        ctx = WebContext(
+            self.cfg,
+            self.engine,
+            self.reader,
+            Authenticator(self.cfg.web, token),
+            sampler=RateSampler(self.reader),
+            checks=self._readiness(),
+            wake_jobs=self.runner.wake,
+            wake_senders=self.dispatcher.wake,
+            retention=self.retention,
+        )
         return WebServer(ctx)
 
     def _readiness(self) -> dict[str, Callable[[], str]]:
@@ -94,8 +103,7 @@ class Node:
 
     def start(self) -> None:
         log.info("dicom-node %s starting (config: %s)", __version__, self.cfg.source)
-        log.info("data directory %s, index %s", self.storage.root,
-                 self.engine.url.render_as_string(hide_password=True))  # fmt: skip
+        log.info("data directory %s, index %s", self.storage.root, self.engine.url.render_as_string(hide_password=True))
         new_dir = self.storage.prepare()
         migrate(self.engine)
         if new_dir and self._index_is_empty():
@@ -118,19 +126,28 @@ class Node:
         if self.retention is not None:
             self.retention.start()
         self.tracker.start()
-        log.info("%d rule(s) loaded; series are stable after %g s without a new instance (unless a rule says "
-                 "otherwise)", len(self.tracker.ruleset), self.cfg.tracker.stable_after)  # fmt: skip
+        log.info(
+            "%d rule(s) loaded; series are stable after %g s without a new instance (unless a rule says otherwise)",
+            len(self.tracker.ruleset),
+            self.cfg.tracker.stable_after,
+        )
         commitment = any(d.storage_commitment for d in self.cfg.destinations)
         # The web side first: once the DICOM port answers, /healthz and the API do too (/readyz tells the
         # DICOM port's state).
         if self.web is not None:
             self.web.start()
             web = self.cfg.web
-            auth = {"none": "no authentication ([web] auth = \"none\")",
-                    "token": f"token from {self._token_source}",
-                    "users": f"local users, or the token from {self._token_source}"}[web.auth]  # fmt: skip
-            log.info("dashboard and REST API on http://%s:%d/ (%s); OpenAPI at /openapi.json, metrics at /metrics",
-                     web.host, self.web.port, auth)  # fmt: skip
+            auth = {
+                "none": 'no authentication ([web] auth = "none")',
+                "token": f"token from {self._token_source}",
+                "users": f"local users, or the token from {self._token_source}",
+            }[web.auth]
+            log.info(
+                "dashboard and REST API on http://%s:%d/ (%s); OpenAPI at /openapi.json, metrics at /metrics",
+                web.host,
+                self.web.port,
+                auth,
+            )
         self.scp = StorageSCP(self.cfg, self.ingest, self.dispatcher.commitment_report if commitment else None)
         self.scp.start()
 
@@ -154,7 +171,8 @@ class Node:
             devices: list[str | None] = list(plugins.gpus) if plugins.gpus and gpu != "none" else [None]
             for device in devices:
                 wanted[WorkerKey(ref.environment or "", name, ref.target, device)] = WorkerSpec(
-                    env.python, dict(env.env), settings)
+                    env.python, dict(env.env), settings
+                )
         if wanted:
             pool(self.cfg.data_dir / "logs" / "workers").keep_warm(wanted)
 

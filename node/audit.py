@@ -54,11 +54,30 @@ KINDS: dict[str, str] = {
 
 #: The columns a caller may set (``at`` and ``kind`` are set by the functions here).
 FIELDS = (
-    "actor", "calling_ae", "called_ae", "peer_address", "study_uid", "series_uid", "sop_instance_uid",
-    "rule", "job_id", "destination", "status", "detail",
-)  # fmt: skip
-_LIMITS = {"actor": 64, "calling_ae": 16, "called_ae": 16, "peer_address": 64, "study_uid": 128,
-           "series_uid": 128, "sop_instance_uid": 128, "rule": 128, "destination": 64}  # fmt: skip
+    "actor",
+    "calling_ae",
+    "called_ae",
+    "peer_address",
+    "study_uid",
+    "series_uid",
+    "sop_instance_uid",
+    "rule",
+    "job_id",
+    "destination",
+    "status",
+    "detail",
+)
+_LIMITS = {
+    "actor": 64,
+    "calling_ae": 16,
+    "called_ae": 16,
+    "peer_address": 64,
+    "study_uid": 128,
+    "series_uid": 128,
+    "sop_instance_uid": 128,
+    "rule": 128,
+    "destination": 64,
+}
 _NULLABLE = ("job_id", "status")
 
 _table = AuditEvent.__table__
@@ -130,8 +149,9 @@ def submit(writer: IndexWriter, kind: str, **fields: Any) -> None:
 # --- reading ---------------------------------------------------------------------
 
 
-def _conditions(since: dt.datetime | None, until: dt.datetime | None, kind: str | Iterable[str] | None,
-                uid: str | None) -> list[Any]:  # fmt: skip
+def _conditions(
+    since: dt.datetime | None, until: dt.datetime | None, kind: str | Iterable[str] | None, uid: str | None
+) -> list[Any]:
     c = _table.c
     cond: list[Any] = []
     if since is not None:
@@ -153,9 +173,16 @@ def _utc(value: dt.datetime) -> dt.datetime:
     return aware(value).astimezone(dt.UTC)
 
 
-def query(engine: Engine, *, since: dt.datetime | None = None, until: dt.datetime | None = None,
-          kind: str | Iterable[str] | None = None, uid: str | None = None, limit: int = 100,
-          offset: int = 0) -> list[dict[str, Any]]:  # fmt: skip
+def query(
+    engine: Engine,
+    *,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+    kind: str | Iterable[str] | None = None,
+    uid: str | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> list[dict[str, Any]]:
     """Events, newest first.
 
     ``since`` (inclusive) and ``until`` (exclusive) are datetimes (naive ones are taken as UTC);
@@ -170,14 +197,21 @@ def query(engine: Engine, *, since: dt.datetime | None = None, until: dt.datetim
     return [dict(r, at=aware(r["at"])) for r in rows]
 
 
-def count(engine: Engine, *, since: dt.datetime | None = None, until: dt.datetime | None = None,
-          kind: str | Iterable[str] | None = None, uid: str | None = None) -> int:  # fmt: skip
+def count(
+    engine: Engine,
+    *,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+    kind: str | Iterable[str] | None = None,
+    uid: str | None = None,
+) -> int:
     """How many events :func:`query` would page through with the same filters."""
     with engine.connect() as conn:
         return int(
-            conn.execute(select(func.count()).select_from(_table).where(*_conditions(since, until, kind, uid)))
-            .scalar_one()
-        )  # fmt: skip
+            conn.execute(
+                select(func.count()).select_from(_table).where(*_conditions(since, until, kind, uid))
+            ).scalar_one()
+        )
 
 
 def format_event(event: dict[str, Any]) -> str:
@@ -185,8 +219,15 @@ def format_event(event: dict[str, Any]) -> str:
     at = event["at"]
     when = at.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z" if isinstance(at, dt.datetime) else at
     parts = [str(when), f"{event['kind']:<20}"]
-    names = {"calling_ae": "calling", "called_ae": "called", "peer_address": "peer", "sop_instance_uid": "sop",
-             "series_uid": "series", "study_uid": "study", "job_id": "job"}  # fmt: skip
+    names = {
+        "calling_ae": "calling",
+        "called_ae": "called",
+        "peer_address": "peer",
+        "sop_instance_uid": "sop",
+        "series_uid": "series",
+        "study_uid": "study",
+        "job_id": "job",
+    }
     for name in FIELDS:
         value = event.get(name)
         if value is None or value == "" or name == "detail":

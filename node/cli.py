@@ -116,12 +116,18 @@ def send(
         console.print(f"[bold red]error:[/] no such file or folder: {', '.join(map(str, missing))}")
         raise typer.Exit(2)
     with Progress(
-        TextColumn("[bold]sending"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        console=console, transient=False, disable=not console.is_terminal,
-    ) as bar:  # fmt: skip
+        TextColumn("[bold]sending"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+        disable=not console.is_terminal,
+    ) as bar:
         task = bar.add_task("send", total=len(files))
-        peer = Peer(host, port, called_ae=called_ae, calling_ae=calling_ae, timeout=timeout,
-                    transfer_syntax=transfer_syntax)  # fmt: skip
+        peer = Peer(
+            host, port, called_ae=called_ae, calling_ae=calling_ae, timeout=timeout, transfer_syntax=transfer_syntax
+        )
         summary = send_files(peer, files, progress=lambda _p, _s: bar.advance(task), attempts=attempts)
     t = Table(title=f"C-STORE to {called_ae}@{host}:{port}")
     t.add_column("status")
@@ -228,13 +234,14 @@ def plugins(
         raise typer.Exit(1)
 
 
-rules_app = typer.Typer(help="Check rules and see what they do (nothing here changes the index).",
-                        no_args_is_help=True)  # fmt: skip
+rules_app = typer.Typer(help="Check rules and see what they do (nothing here changes the index).", no_args_is_help=True)
 app.add_typer(rules_app, name="rules")
 jobs_app = typer.Typer(help="List, inspect, retry and cancel jobs.", invoke_without_command=True)
 app.add_typer(jobs_app, name="jobs")
-queue_app = typer.Typer(help="The forward queue: what waits for which destination; retry and cancel deliveries.",
-                        invoke_without_command=True)  # fmt: skip
+queue_app = typer.Typer(
+    help="The forward queue: what waits for which destination; retry and cancel deliveries.",
+    invoke_without_command=True,
+)
 app.add_typer(queue_app, name="queue")
 
 
@@ -266,8 +273,13 @@ def rules_check(config: Path | None = ConfigOption) -> None:
         if m.expected_instances is not None:
             flags.append(f"expected_instances {m.expected_instances}")
         flags.append(f"on_revision {m.on_revision}")
-        _lines([f"  {n}. {rule.name} ({', '.join(flags)})", f"     when {rule.condition.describe()}",
-                *[f"     then {a.summary()}" for a in m.actions]])  # fmt: skip
+        _lines(
+            [
+                f"  {n}. {rule.name} ({', '.join(flags)})",
+                f"     when {rule.condition.describe()}",
+                *[f"     then {a.summary()}" for a in m.actions],
+            ]
+        )
     from rich.markup import escape
 
     from node.plugins.gpus import gpu_warnings
@@ -329,8 +341,11 @@ def _parse_when(value: str, option: str, end_of_day: bool = False) -> datetime:
         if end_of_day and len(value.strip()) == 10:
             when = when.replace(hour=23, minute=59, second=59, microsecond=999999)
     except ValueError:
-        console.print(f"[bold red]error:[/] {option} {value!r}: use a date or date-time such as 2026-11-20 or "
-                      "2026-11-20T08:00 (UTC unless an offset is given)", highlight=False)  # fmt: skip
+        console.print(
+            f"[bold red]error:[/] {option} {value!r}: use a date or date-time such as 2026-11-20 or "
+            "2026-11-20T08:00 (UTC unless an offset is given)",
+            highlight=False,
+        )
         raise typer.Exit(2) from None
     return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
 
@@ -393,8 +408,17 @@ def jobs_list(
         t.add_column(col)
     for j, uid, modality in rows:
         detail = j.result if j.state == "succeeded" else j.last_error
-        t.add_row(str(j.id), j.state, j.rule, f"{j.action_index}: {j.kind}", f"{modality} {uid}", str(j.revision),
-                  f"{j.attempts}/{j.max_attempts}", j.created_at.strftime("%Y-%m-%d %H:%M:%S"), detail)  # fmt: skip
+        t.add_row(
+            str(j.id),
+            j.state,
+            j.rule,
+            f"{j.action_index}: {j.kind}",
+            f"{modality} {uid}",
+            str(j.revision),
+            f"{j.attempts}/{j.max_attempts}",
+            j.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+            detail,
+        )
     out.print(t)
 
 
@@ -419,14 +443,24 @@ def jobs_show(job_id: int, config: Path | None = ConfigOption) -> None:
         console.print(f"[bold red]error:[/] there is no job {job_id}")
         raise typer.Exit(1)
     rows = [
-        ("job", str(j.id)), ("state", j.state), ("rule", j.rule),
+        ("job", str(j.id)),
+        ("state", j.state),
+        ("rule", j.rule),
         ("action", f"{j.action_index}: {json.dumps(json.loads(j.action))}"),
-        ("series", f"{series.series_instance_uid} ({series.modality} \"{series.series_description}\")" if series else "?"),
-        ("revision", str(j.revision)), ("priority", str(j.priority)),
-        ("attempts", f"{j.attempts} of {j.max_attempts}"), ("created", str(j.created_at)),
-        ("not before", str(j.not_before)), ("started", str(j.started_at or "-")),
-        ("finished", str(j.finished_at or "-")), ("result", j.result or "-"), ("last error", j.last_error or "-"),
-    ]  # fmt: skip
+        (
+            "series",
+            f'{series.series_instance_uid} ({series.modality} "{series.series_description}")' if series else "?",
+        ),
+        ("revision", str(j.revision)),
+        ("priority", str(j.priority)),
+        ("attempts", f"{j.attempts} of {j.max_attempts}"),
+        ("created", str(j.created_at)),
+        ("not before", str(j.not_before)),
+        ("started", str(j.started_at or "-")),
+        ("finished", str(j.finished_at or "-")),
+        ("result", j.result or "-"),
+        ("last error", j.last_error or "-"),
+    ]
     _lines([f"{k:>11}: {v}" for k, v in rows])
 
 
@@ -504,8 +538,9 @@ def seg_template(
         console.print(f"[bold red]error:[/] cannot read {seg_file}: {e}", highlight=False)
         raise typer.Exit(1) from None
     if "SegmentSequence" not in ds:
-        console.print(f"[bold red]error:[/] {seg_file} is not a Segmentation (it has no Segment Sequence)",
-                      highlight=False)  # fmt: skip
+        console.print(
+            f"[bold red]error:[/] {seg_file} is not a Segmentation (it has no Segment Sequence)", highlight=False
+        )
         raise typer.Exit(1)
     text = json.dumps(export_template(ds), indent=2) + "\n"
     if output is None:
@@ -559,28 +594,54 @@ def queue_list(
     configured = {d.name: d for d in cfg.destinations}
     if rows is None:
         t = Table(title="forward queue")
-        for col in ("destination", "queued", "sending", "delivered", "failed", "cancelled", "oldest queued (UTC)",
-                    "next attempt (UTC)", "last error"):  # fmt: skip
+        for col in (
+            "destination",
+            "queued",
+            "sending",
+            "delivered",
+            "failed",
+            "cancelled",
+            "oldest queued (UTC)",
+            "next attempt (UTC)",
+            "last error",
+        ):
             t.add_column(col)
         for s in summaries:
             name = s.destination + ("" if s.destination in configured else " (not configured)")
             delivered = s.states.get("delivered", 0) + s.states.get("committed", 0)
             if s.states.get("awaiting commitment"):
-                delivered_text = f"{delivered + s.states['awaiting commitment']} ({s.states['awaiting commitment']} " \
-                                 "awaiting commitment)"  # fmt: skip
+                delivered_text = (
+                    f"{delivered + s.states['awaiting commitment']} ({s.states['awaiting commitment']} "
+                    "awaiting commitment)"
+                )
             else:
                 delivered_text = str(delivered)
-            t.add_row(name, str(s.states.get("queued", 0)), str(s.states.get("sending", 0)), delivered_text,
-                      str(s.states.get("failed", 0)), str(s.states.get("cancelled", 0)),
-                      s.oldest_queued.strftime("%Y-%m-%d %H:%M:%S") if s.oldest_queued else "-",
-                      _when(s.next_attempt), s.last_error)  # fmt: skip
+            t.add_row(
+                name,
+                str(s.states.get("queued", 0)),
+                str(s.states.get("sending", 0)),
+                delivered_text,
+                str(s.states.get("failed", 0)),
+                str(s.states.get("cancelled", 0)),
+                s.oldest_queued.strftime("%Y-%m-%d %H:%M:%S") if s.oldest_queued else "-",
+                _when(s.next_attempt),
+                s.last_error,
+            )
         out.print(t)
         if not summaries:
             out.print("nothing was ever queued" + (f" for {destination}" if destination else ""))
         return
     t = Table(title="deliveries" + (f" ({state})" if state else ""))
-    for col in ("id", "destination", "state", "attempts", "next attempt (UTC)", "status", "error / warning",
-                "SOP Instance UID"):  # fmt: skip
+    for col in (
+        "id",
+        "destination",
+        "state",
+        "attempts",
+        "next attempt (UTC)",
+        "status",
+        "error / warning",
+        "SOP Instance UID",
+    ):
         t.add_column(col)
     for r in rows:
         st = (
@@ -588,15 +649,27 @@ def queue_list(
             if not r.commitment
             else f"{r.state} ({'awaiting commitment' if r.commitment == 'requested' else r.commitment})"
         )
-        t.add_row(str(r.id), r.destination, st, str(r.attempts),
-                  _when(aware(r.next_attempt_at)) if r.state == "queued" else "-",
-                  "-" if r.last_status is None else f"0x{r.last_status:04X}", r.last_error or r.warning,
-                  r.sop_instance_uid)  # fmt: skip
+        t.add_row(
+            str(r.id),
+            r.destination,
+            st,
+            str(r.attempts),
+            _when(aware(r.next_attempt_at)) if r.state == "queued" else "-",
+            "-" if r.last_status is None else f"0x{r.last_status:04X}",
+            r.last_error or r.warning,
+            r.sop_instance_uid,
+        )
     out.print(t)
 
 
-def _change_queue(config: Path | None, destination: str | None, series: str | None, ids: list[int] | None,
-                  everything: bool, change: Callable[[Any], str]) -> None:  # fmt: skip
+def _change_queue(
+    config: Path | None,
+    destination: str | None,
+    series: str | None,
+    ids: list[int] | None,
+    everything: bool,
+    change: Callable[[Any], str],
+) -> None:
     """Run ``change(engine)`` on the index for retry/cancel, after checking that a selection was given."""
     if not (destination or series or ids or everything):
         console.print("[bold red]error:[/] say which deliveries: --destination, --series, --id, or --all")
@@ -666,10 +739,14 @@ def audit(
     cfg = _load(config)
     engine = _engine(cfg)
     try:
-        events = trail.query(engine, kind=kind or None, uid=uid,
-                             since=_parse_when(since, "--since") if since else None,
-                             until=_parse_when(until, "--until", end_of_day=True) if until else None,
-                             limit=limit)  # fmt: skip
+        events = trail.query(
+            engine,
+            kind=kind or None,
+            uid=uid,
+            since=_parse_when(since, "--since") if since else None,
+            until=_parse_when(until, "--until", end_of_day=True) if until else None,
+            limit=limit,
+        )
     except ValueError as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False)
         raise typer.Exit(2) from None
@@ -684,8 +761,9 @@ app.add_typer(web_app, name="web")
 
 @web_app.command("hash-password")
 def web_hash_password(
-    password: str = typer.Option(..., prompt=True, confirmation_prompt=True, hide_input=True,
-                                 help="The password (asked for when not given)."),
+    password: str = typer.Option(
+        ..., prompt=True, confirmation_prompt=True, hide_input=True, help="The password (asked for when not given)."
+    ),
 ) -> None:
     """Print a password hash for a [[web.users]] entry (password_hash = "...")."""
     from node.web.auth import hash_password

@@ -339,7 +339,7 @@ class PluginsSection(_Section):
     def _gpus(cls, gpus: list[str]) -> list[str]:
         for g in gpus:
             if not g.strip() or "," in g:
-                raise ValueError(f"{g!r}: one device per entry, e.g. gpus = [\"0\", \"1\"]")
+                raise ValueError(f'{g!r}: one device per entry, e.g. gpus = ["0", "1"]')
         if len(set(gpus)) != len(gpus):
             raise ValueError("a device is listed twice")
         return gpus
@@ -357,11 +357,16 @@ class PluginsSection(_Section):
     @model_validator(mode="after")
     def _known_environments(self) -> PluginsSection:
         for name, value in self.local.items():
-            if isinstance(value, LocalPlugin) and value.environment is not None \
-                    and value.environment not in self.environments:  # fmt: skip
+            if (
+                isinstance(value, LocalPlugin)
+                and value.environment is not None
+                and value.environment not in self.environments
+            ):
                 known = ", ".join(sorted(self.environments)) or "none is configured"
-                raise ValueError(f"local.{name}.environment = {value.environment!r} is not a "
-                                 f"[plugins.environments.NAME] table ({known})")  # fmt: skip
+                raise ValueError(
+                    f"local.{name}.environment = {value.environment!r} is not a "
+                    f"[plugins.environments.NAME] table ({known})"
+                )
         return self
 
     def local_entries(self, environment: str | None) -> dict[str, str]:

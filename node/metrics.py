@@ -44,12 +44,14 @@ ASSOCIATIONS_REJECTED = Counter(
     PREFIX + "associations_rejected",
     "Associations rejected by the storage SCP, by reason (called-ae, calling-ae, peer-address, limit, protocol, "
     "pending-limit: closed before the request, acse-timeout: no request in time).",
-    ["reason"], registry=REGISTRY,
-)  # fmt: skip
-INSTANCES_RECEIVED = Counter(
-    PREFIX + "instances_received", "Instances received and stored (duplicates kept as the first copy excluded).",
+    ["reason"],
     registry=REGISTRY,
-)  # fmt: skip
+)
+INSTANCES_RECEIVED = Counter(
+    PREFIX + "instances_received",
+    "Instances received and stored (duplicates kept as the first copy excluded).",
+    registry=REGISTRY,
+)
 DUPLICATES_RECEIVED = Counter(
     PREFIX + "duplicates_received", "Instances received again whose first copy was kept.", registry=REGISTRY
 )
@@ -59,8 +61,9 @@ BYTES_RECEIVED = Counter(
 CSTORE_RESPONSES = Counter(
     PREFIX + "cstore_responses",
     "C-STORE responses sent by the storage SCP, by status class (success, warning, failure) and status.",
-    ["status_class", "status"], registry=REGISTRY,
-)  # fmt: skip
+    ["status_class", "status"],
+    registry=REGISTRY,
+)
 
 # --- send ---------------------------------------------------------------------------
 
@@ -68,27 +71,32 @@ INSTANCES_SENT = Counter(
     PREFIX + "instances_sent", "Instances delivered to a destination.", ["destination"], registry=REGISTRY
 )
 BYTES_SENT = Counter(
-    PREFIX + "sent_bytes", "Bytes (as stored) of the instances delivered to a destination.", ["destination"],
+    PREFIX + "sent_bytes",
+    "Bytes (as stored) of the instances delivered to a destination.",
+    ["destination"],
     registry=REGISTRY,
-)  # fmt: skip
+)
 DELIVERY_RESULTS = Counter(
     PREFIX + "delivery_results",
     "Outcomes of delivery attempts per destination: delivered, transient (retried), permanent (failed for good).",
-    ["destination", "result"], registry=REGISTRY,
-)  # fmt: skip
+    ["destination", "result"],
+    registry=REGISTRY,
+)
 DELIVERY_SECONDS = Histogram(
     PREFIX + "delivery_seconds",
     "Time to send one instance to a destination (C-STORE request to response; the first of an association "
     "includes opening it).",
-    ["destination"], registry=REGISTRY,
+    ["destination"],
+    registry=REGISTRY,
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
-)  # fmt: skip
+)
 DELIVERY_LATENCY = Histogram(
     PREFIX + "delivery_latency_seconds",
     "Time from queuing an instance for a destination to its delivery (retries and back-off included).",
-    ["destination"], registry=REGISTRY,
+    ["destination"],
+    registry=REGISTRY,
     buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600),
-)  # fmt: skip
+)
 
 # --- jobs and plugins ---------------------------------------------------------------
 
@@ -96,22 +104,29 @@ _JOB_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 JOB_SECONDS = Histogram(
     PREFIX + "job_seconds",
     "Wall-clock time of job runs, by kind (plugin, forward, discard), plugin (for plugin jobs) and outcome.",
-    ["kind", "plugin", "outcome"], registry=REGISTRY, buckets=_JOB_BUCKETS,
-)  # fmt: skip
+    ["kind", "plugin", "outcome"],
+    registry=REGISTRY,
+    buckets=_JOB_BUCKETS,
+)
 JOB_FAILURES = Counter(
     PREFIX + "job_failures",
     "Failed job runs, by kind and plugin; final is 'true' when no further attempt follows.",
-    ["kind", "plugin", "final"], registry=REGISTRY,
-)  # fmt: skip
+    ["kind", "plugin", "final"],
+    registry=REGISTRY,
+)
 PLUGIN_SECONDS = Histogram(
     PREFIX + "plugin_seconds",
     "Time spent in a plugin's own code per job run (loading, building and writing excluded).",
-    ["plugin"], registry=REGISTRY, buckets=_JOB_BUCKETS,
-)  # fmt: skip
+    ["plugin"],
+    registry=REGISTRY,
+    buckets=_JOB_BUCKETS,
+)
 OUTPUTS_PRODUCED = Counter(
-    PREFIX + "outputs_produced", "Derived instances stored, by plugin and kind (seg, sc, ...).",
-    ["plugin", "kind"], registry=REGISTRY,
-)  # fmt: skip
+    PREFIX + "outputs_produced",
+    "Derived instances stored, by plugin and kind (seg, sc, ...).",
+    ["plugin", "kind"],
+    registry=REGISTRY,
+)
 
 _STATUS_CHILDREN: dict[int, Any] = {}
 _lock = threading.Lock()
@@ -181,9 +196,11 @@ class StateCollector(Collector):
         import sys
 
         pool_module = sys.modules.get("node.plugins.pool")  # nothing to report before a plugin ran
-        workers = GaugeMetricFamily(PREFIX + "plugin_workers",
-                                    "Warm plugin workers by environment, plugin and state (busy or idle).",
-                                    labels=["environment", "plugin", "state"])  # fmt: skip
+        workers = GaugeMetricFamily(
+            PREFIX + "plugin_workers",
+            "Warm plugin workers by environment, plugin and state (busy or idle).",
+            labels=["environment", "plugin", "state"],
+        )
         pool = getattr(pool_module, "_pool", None) if pool_module is not None else None
         counts: dict[tuple[str, str, str], int] = {}
         for w in pool.state(memory=False) if pool is not None else []:
@@ -211,14 +228,15 @@ class StateCollector(Collector):
         try:
             with self.engine.connect() as conn:  # type: ignore[union-attr]
                 queue = conn.execute(
-                    select(Delivery.destination, Delivery.state, func.count()).group_by(Delivery.destination,
-                                                                                        Delivery.state)
-                ).all()  # fmt: skip
+                    select(Delivery.destination, Delivery.state, func.count()).group_by(
+                        Delivery.destination, Delivery.state
+                    )
+                ).all()
                 awaiting = conn.execute(
                     select(Delivery.destination, func.count())
                     .where(Delivery.state == "delivered", Delivery.commitment == "requested")
                     .group_by(Delivery.destination)
-                ).all()  # fmt: skip
+                ).all()
                 jobs = conn.execute(select(Job.state, func.count()).group_by(Job.state)).all()
                 series = conn.execute(select(Series.state, func.count()).group_by(Series.state)).all()
         except Exception as e:
@@ -231,9 +249,11 @@ class StateCollector(Collector):
         from node.jobs.store import STATES as JOB_STATES
         from node.send.queue import STATES as QUEUE_STATES
 
-        q = GaugeMetricFamily(PREFIX + "queue_deliveries",
-                              "Deliveries in the forward queue by destination and state.",
-                              labels=["destination", "state"])  # fmt: skip
+        q = GaugeMetricFamily(
+            PREFIX + "queue_deliveries",
+            "Deliveries in the forward queue by destination and state.",
+            labels=["destination", "state"],
+        )
         seen: dict[str, dict[str, int]] = {}
         for dest, state, n in queue:
             seen.setdefault(dest, dict.fromkeys(QUEUE_STATES, 0))[state] = int(n)
@@ -241,9 +261,11 @@ class StateCollector(Collector):
             for state, n in states.items():
                 q.add_metric([dest, state], n)
         yield q
-        c = GaugeMetricFamily(PREFIX + "queue_awaiting_commitment",
-                              "Delivered instances whose storage commitment is not confirmed yet, by destination.",
-                              labels=["destination"])  # fmt: skip
+        c = GaugeMetricFamily(
+            PREFIX + "queue_awaiting_commitment",
+            "Delivered instances whose storage commitment is not confirmed yet, by destination.",
+            labels=["destination"],
+        )
         for dest, n in awaiting:
             c.add_metric([dest], int(n))
         yield c
@@ -264,8 +286,9 @@ class StateCollector(Collector):
         except OSError as e:
             log.warning("metrics: cannot measure the data directory's filesystem: %s", e)
             return
-        free = GaugeMetricFamily(PREFIX + "disk_free_bytes",
-                                 "Bytes free (for the node's user) on the data directory's filesystem.")  # fmt: skip
+        free = GaugeMetricFamily(
+            PREFIX + "disk_free_bytes", "Bytes free (for the node's user) on the data directory's filesystem."
+        )
         free.add_metric([], usage.free)
         used = GaugeMetricFamily(PREFIX + "disk_used_bytes", "Bytes used on the data directory's filesystem.")
         used.add_metric([], usage.used)

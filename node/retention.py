@@ -73,8 +73,10 @@ def _undelivered() -> Any:
     protect: an operator decided it will not be sent, and old data must not be kept for ever because
     of it. A discard right after forwarding keeps the stricter rule: it waits for arrival.
     """
-    return or_(_d.c.state.in_(("queued", "sending", "failed")),
-               and_(_d.c.state == "delivered", _d.c.commitment.in_(("requested", "failed"))))  # fmt: skip
+    return or_(
+        _d.c.state.in_(("queued", "sending", "failed")),
+        and_(_d.c.state == "delivered", _d.c.commitment.in_(("requested", "failed"))),
+    )
 
 
 def protected_series(conn: Connection, series_ids: list[int] | None = None) -> dict[int, str]:
@@ -98,10 +100,11 @@ def protected_series(conn: Connection, series_ids: list[int] | None = None) -> d
             select(_i.c.series_fk).join(_d, _d.c.instance_fk == _i.c.id).where(_undelivered(), only(_i.c.series_fk)),
         ],
         "outputs_undelivered": [
-            select(_j.c.series_fk).select_from(_d.join(_i, _i.c.id == _d.c.instance_fk).join(_j, _j.c.id == _i.c.job_fk))
+            select(_j.c.series_fk)
+            .select_from(_d.join(_i, _i.c.id == _d.c.instance_fk).join(_j, _j.c.id == _i.c.job_fk))
             .where(_undelivered(), only(_j.c.series_fk)),
         ],
-    }  # fmt: skip
+    }
     for reason, stmts in queries.items():
         for stmt in stmts:
             for sid in conn.execute(stmt.distinct()).scalars():
@@ -138,9 +141,10 @@ def drop_series_row(conn: Connection, series_id: int) -> tuple[int, int, int]:
     if conn.execute(select(_s.c.id).where(_s.c.study_fk == row.study_fk).limit(1)).first() is None:
         patient_fk = conn.execute(select(_study.c.patient_fk).where(_study.c.id == row.study_fk)).scalar()
         studies = conn.execute(delete(_study).where(_study.c.id == row.study_fk)).rowcount
-        if patient_fk is not None and conn.execute(
-            select(_study.c.id).where(_study.c.patient_fk == patient_fk).limit(1)
-        ).first() is None:
+        if (
+            patient_fk is not None
+            and conn.execute(select(_study.c.id).where(_study.c.patient_fk == patient_fk).limit(1)).first() is None
+        ):
             patients = conn.execute(delete(_patient).where(_patient.c.id == patient_fk)).rowcount
     return 1, studies, patients
 
@@ -210,21 +214,34 @@ class RetentionReport:
             "started_at": self.started_at.isoformat(),
             "finished_at": self.finished_at.isoformat() if self.finished_at else None,
             "deleted": {k: vars(v).copy() for k, v in self.deleted.items()},
-            "deleted_series": self.series, "deleted_instances": self.instances, "deleted_bytes": self.bytes,
-            "by_age": self.by_age, "by_watermark": self.by_watermark, "series_uids": list(self.series_uids),
-            "pruned_deliveries": self.pruned_deliveries, "series_rows_removed": self.series_rows_removed,
-            "studies_removed": self.studies_removed, "patients_removed": self.patients_removed,
-            "blocked": dict(self.blocked), "blocked_bytes": self.blocked_bytes,
-            "not_by_watermark": self.not_by_watermark, "not_by_watermark_bytes": self.not_by_watermark_bytes,
-            "disk_used_before": self.disk_used_before, "disk_used_after": self.disk_used_after,
-            "watermark": self.watermark, "interrupted": self.interrupted, "errors": list(self.errors),
-        }  # fmt: skip
+            "deleted_series": self.series,
+            "deleted_instances": self.instances,
+            "deleted_bytes": self.bytes,
+            "by_age": self.by_age,
+            "by_watermark": self.by_watermark,
+            "series_uids": list(self.series_uids),
+            "pruned_deliveries": self.pruned_deliveries,
+            "series_rows_removed": self.series_rows_removed,
+            "studies_removed": self.studies_removed,
+            "patients_removed": self.patients_removed,
+            "blocked": dict(self.blocked),
+            "blocked_bytes": self.blocked_bytes,
+            "not_by_watermark": self.not_by_watermark,
+            "not_by_watermark_bytes": self.not_by_watermark_bytes,
+            "disk_used_before": self.disk_used_before,
+            "disk_used_after": self.disk_used_after,
+            "watermark": self.watermark,
+            "interrupted": self.interrupted,
+            "errors": list(self.errors),
+        }
 
     def lines(self) -> list[str]:
         """For people: what happened, one fact a line."""
         verb = "would delete" if self.dry_run else "deleted"
-        out = [("dry run: nothing was changed" if self.dry_run else "retention run")
-               + f" ({self.started_at:%Y-%m-%d %H:%M:%S} UTC)"]  # fmt: skip
+        out = [
+            ("dry run: nothing was changed" if self.dry_run else "retention run")
+            + f" ({self.started_at:%Y-%m-%d %H:%M:%S} UTC)"
+        ]
         for kind, k in self.deleted.items():
             out.append(f"{kind}: {verb} {k.series} series, {k.instances} instances, {units.size(k.bytes)}")
         if self.series:
@@ -239,13 +256,17 @@ class RetentionReport:
             parts = ", ".join(f"{n} {REASONS[r]}" for r, n in sorted(self.blocked.items()))
             out.append(f"kept {sum(self.blocked.values())} due series ({units.size(self.blocked_bytes)}): {parts}")
         if self.not_by_watermark:
-            out.append(f"kept {self.not_by_watermark} series ({units.size(self.not_by_watermark_bytes)}) whose kind has "
-                       "by_watermark = false")  # fmt: skip
+            out.append(
+                f"kept {self.not_by_watermark} series ({units.size(self.not_by_watermark_bytes)}) whose kind has "
+                "by_watermark = false"
+            )
         prune = "would prune" if self.dry_run else "pruned"
         out.append(f"{prune} {self.pruned_deliveries} delivery rows of deleted instances")
         if self.series_rows_removed or self.studies_removed or self.patients_removed:
-            out.append(f"{'would remove' if self.dry_run else 'removed'} the index rows of {self.series_rows_removed} "
-                       f"empty series, {self.studies_removed} studies, {self.patients_removed} patients")  # fmt: skip
+            out.append(
+                f"{'would remove' if self.dry_run else 'removed'} the index rows of {self.series_rows_removed} "
+                f"empty series, {self.studies_removed} studies, {self.patients_removed} patients"
+            )
         if self.interrupted:
             out.append("interrupted: the node is stopping; the next run goes on")
         out.extend(f"error: {e}" for e in self.errors)
@@ -283,8 +304,15 @@ class Retention:
     cache of their ids notices a removed row and looks it up again (:class:`node.index.records.Recorder`).
     """
 
-    def __init__(self, cfg: Config, engine: Engine, storage: Storage, *, reader: Engine | None = None,
-                 disk_usage: DiskUsage = shutil.disk_usage) -> None:  # fmt: skip
+    def __init__(
+        self,
+        cfg: Config,
+        engine: Engine,
+        storage: Storage,
+        *,
+        reader: Engine | None = None,
+        disk_usage: DiskUsage = shutil.disk_usage,
+    ) -> None:
         self.cfg = cfg
         self.engine = engine
         self.reader = reader or engine
@@ -306,13 +334,13 @@ class Retention:
         rc = self.cfg.retention
         self._stopping.clear()
         self._scheduler = BackgroundScheduler(
-            timezone=dt.UTC, executors={"default": ThreadPoolExecutor(1)},
+            timezone=dt.UTC,
+            executors={"default": ThreadPoolExecutor(1)},
             # One run at a time; a run that was due while the last one went on happens once, late.
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
-        )  # fmt: skip
+        )
         first = utcnow() + dt.timedelta(seconds=min(FIRST_RUN_DELAY, rc.interval))
-        self._scheduler.add_job(self._scheduled, "interval", seconds=rc.interval, next_run_time=first,
-                                id="retention")  # fmt: skip
+        self._scheduler.add_job(self._scheduled, "interval", seconds=rc.interval, next_run_time=first, id="retention")
         self._scheduler.start()
         log.info("retention: clean-up every %g s (%s)", rc.interval, self.describe())
 
@@ -402,17 +430,33 @@ class Retention:
         """Every series with instances, oldest change first."""
         derived = func.max(case((_i.c.job_fk.is_not(None), 1), else_=0))
         rows = conn.execute(
-            select(_s.c.id, _s.c.series_instance_uid, _s.c.last_received_at, _s.c.revision,
-                   func.count(_i.c.id), func.coalesce(func.sum(_i.c.file_size), 0), derived)
+            select(
+                _s.c.id,
+                _s.c.series_instance_uid,
+                _s.c.last_received_at,
+                _s.c.revision,
+                func.count(_i.c.id),
+                func.coalesce(func.sum(_i.c.file_size), 0),
+                derived,
+            )
             .select_from(_s.join(_i, _i.c.series_fk == _s.c.id))
             .group_by(_s.c.id, _s.c.series_instance_uid, _s.c.last_received_at, _s.c.revision)
             .order_by(_s.c.last_received_at, _s.c.id)
-        ).all()  # fmt: skip
-        return [_Candidate(sid, uid, aware(last), rev, "outputs" if out else "sources", int(n), int(size))
-                for sid, uid, last, rev, n, size, out in rows]  # fmt: skip
+        ).all()
+        return [
+            _Candidate(sid, uid, aware(last), rev, "outputs" if out else "sources", int(n), int(size))
+            for sid, uid, last, rev, n, size, out in rows
+        ]
 
-    def _consider(self, c: _Candidate, why: str, protected: dict[int, str], blocked: dict[int, str],
-                  done: set[int], r: RetentionReport) -> int:  # fmt: skip
+    def _consider(
+        self,
+        c: _Candidate,
+        why: str,
+        protected: dict[int, str],
+        blocked: dict[int, str],
+        done: set[int],
+        r: RetentionReport,
+    ) -> int:
         """Delete one due series unless it is protected; returns the bytes freed."""
         if c.id in done or c.id in blocked:
             return 0
@@ -450,8 +494,15 @@ class Retention:
             r.by_age += 1
         else:
             r.by_watermark += 1
-        log.info("retention: %s series %s (%s, %d instances, %s; %s)", "would delete" if r.dry_run else "deleted",
-                 c.uid, c.kind, instances, units.size(size), why)  # fmt: skip
+        log.info(
+            "retention: %s series %s (%s, %d instances, %s; %s)",
+            "would delete" if r.dry_run else "deleted",
+            c.uid,
+            c.kind,
+            instances,
+            units.size(size),
+            why,
+        )
         return size
 
     def _delete_series(self, c: _Candidate, why: str) -> tuple[int, int, tuple[int, int, int]] | str | None:
@@ -475,16 +526,29 @@ class Retention:
             reason = protected_series(conn, [c.id]).get(c.id)
             if reason is not None:
                 return reason
-            items = [(pk, rel) for pk, rel in conn.execute(select(_i.c.id, _i.c.file_path).where(_i.c.series_fk == c.id))]
+            items = [
+                (pk, rel) for pk, rel in conn.execute(select(_i.c.id, _i.c.file_path).where(_i.c.series_fk == c.id))
+            ]
             gone = delete_instance_rows(conn, c.id, items)
             rows = drop_series_row(conn, c.id)
-            audit.record(conn, "series_deleted", actor=self._actor, series_uid=c.uid,
-                         detail=f"{c.kind}, {len(gone)} instance(s): {why}")  # fmt: skip
+            audit.record(
+                conn,
+                "series_deleted",
+                actor=self._actor,
+                series_uid=c.uid,
+                detail=f"{c.kind}, {len(gone)} instance(s): {why}",
+            )
             _files, size = remove_files(self.storage, gone)  # last, just before the commit (node.storage.removal)
         return len(gone), size, rows
 
-    def _watermark(self, candidates: list[_Candidate], protected: dict[int, str], blocked: dict[int, str],
-                   done: set[int], r: RetentionReport) -> None:  # fmt: skip
+    def _watermark(
+        self,
+        candidates: list[_Candidate],
+        protected: dict[int, str],
+        blocked: dict[int, str],
+        done: set[int],
+        r: RetentionReport,
+    ) -> None:
         rc = self.cfg.retention
         pct, used, room = _percent(self.disk_usage(self.storage.root))
         if r.dry_run:  # nothing was removed by age: count it as if
@@ -496,8 +560,13 @@ class Retention:
             return
         need = used - rc.low_watermark / 100.0 * room
         allowed = {k for k in KINDS if getattr(rc, k).by_watermark}
-        log.info("retention: the disk is %.1f %% used, above high_watermark %g %%: freeing %s to reach %g %%",
-                 pct, rc.high_watermark, units.size(need), rc.low_watermark)  # fmt: skip
+        log.info(
+            "retention: the disk is %.1f %% used, above high_watermark %g %%: freeing %s to reach %g %%",
+            pct,
+            rc.high_watermark,
+            units.size(need),
+            rc.low_watermark,
+        )
         freed = 0
         for c in candidates:
             if freed >= need or self._stop_here(r):
@@ -526,9 +595,16 @@ class Retention:
             "retention: cannot bring the disk down to low_watermark %g %% (%.1f %% used, %s freed of %s needed): "
             "everything left is protected: %d series (%s) kept: %s; %d series (%s) not deleted because their "
             "kind has by_watermark = false",
-            rc.low_watermark, pct - 100.0 * freed / room if room else pct, units.size(freed), units.size(need),
-            sum(kept.values()), units.size(kept_bytes), why, r.not_by_watermark, units.size(r.not_by_watermark_bytes),
-        )  # fmt: skip
+            rc.low_watermark,
+            pct - 100.0 * freed / room if room else pct,
+            units.size(freed),
+            units.size(need),
+            sum(kept.values()),
+            units.size(kept_bytes),
+            why,
+            r.not_by_watermark,
+            units.size(r.not_by_watermark_bytes),
+        )
 
     def _prune_history(self, r: RetentionReport) -> None:
         days = self.cfg.retention.delivery_history_days
@@ -573,16 +649,28 @@ class Retention:
             "retention%s: %s %d series (%d sources, %d outputs; %d instances, %s%s), %d by age, %d for the "
             "watermark; %d delivery rows pruned; %d empty series, %d study and %d patient rows removed; "
             "%d due series kept as protected",
-            " (dry run)" if r.dry_run else "", "would delete" if r.dry_run else "deleted", r.series,
-            r.deleted["sources"].series, r.deleted["outputs"].series, r.instances, units.size(r.bytes),
-            "" if r.dry_run else " freed", r.by_age, r.by_watermark, r.pruned_deliveries, r.series_rows_removed,
-            r.studies_removed, r.patients_removed, blocked,
-        )  # fmt: skip
+            " (dry run)" if r.dry_run else "",
+            "would delete" if r.dry_run else "deleted",
+            r.series,
+            r.deleted["sources"].series,
+            r.deleted["outputs"].series,
+            r.instances,
+            units.size(r.bytes),
+            "" if r.dry_run else " freed",
+            r.by_age,
+            r.by_watermark,
+            r.pruned_deliveries,
+            r.series_rows_removed,
+            r.studies_removed,
+            r.patients_removed,
+            blocked,
+        )
 
 
 def retention(
-    config: Path | None = typer.Option(None, "--config", "-c", help="TOML config file (default: config/node.toml "
-                                       "if present)."),
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="TOML config file (default: config/node.toml if present)."
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be deleted; change nothing."),
 ) -> None:
     """Run the clean-up once now ([retention] in the config): old series, the disk watermark, delivery history.

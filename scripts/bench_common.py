@@ -93,9 +93,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_until(
-    predicate: Callable[[], bool], timeout: float, interval: float = 0.2
-) -> bool:
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
     """Poll ``predicate`` until it returns True or ``timeout`` seconds pass.
 
     Every wait in the benchmarks goes through here so that nothing can hang
@@ -118,9 +116,16 @@ def echo_ok(port: int, called_ae: str, timeout: int = 3) -> bool:
     """
     cmd = [
         ECHOSCU,
-        "-to", str(timeout), "-ta", str(timeout), "-ts", str(timeout),
-        "-aec", called_ae,
-        LOOPBACK, str(port),
+        "-to",
+        str(timeout),
+        "-ta",
+        str(timeout),
+        "-ts",
+        str(timeout),
+        "-aec",
+        called_ae,
+        LOOPBACK,
+        str(port),
     ]
     try:
         res = subprocess.run(
@@ -299,9 +304,7 @@ def _phantom(rows: int, cols: int) -> np.ndarray:
     return img
 
 
-def generate_series(
-    spec: SeriesSpec, out_dir: Path, seed: int = 1234, patient_id: str = "BENCH001"
-) -> list[Path]:
+def generate_series(spec: SeriesSpec, out_dir: Path, seed: int = 1234, patient_id: str = "BENCH001") -> list[Path]:
     """Write ``spec.count`` CT Image Storage files (explicit VR LE) to ``out_dir``.
 
     One patient, one study, one series; every slice has its own SOP Instance
@@ -447,10 +450,16 @@ def send_with_storescu(
         log_path = log_dir / f"storescu-{k}.log"
         cmd = [
             STORESCU,
-            "-ll", "error",
-            "-aec", called_ae,
-            "-to", "30", "-ta", "600",
-            LOOPBACK, str(port),
+            "-ll",
+            "error",
+            "-aec",
+            called_ae,
+            "-to",
+            "30",
+            "-ta",
+            "600",
+            LOOPBACK,
+            str(port),
             *[str(p) for p in chunk],
         ]
         procs.append((pg.start(cmd, log_path=log_path, env=env), log_path))
@@ -634,8 +643,16 @@ class PynetdicomReceiver(Receiver):
     def _command(self, workdir: Path) -> tuple[list[str], dict[str, str], Path | None]:
         self.out_dir = workdir / "pynetdicom-out"
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pynetdicom", "storescp", *self._options(),
-               "-od", str(self.out_dir), str(self.port)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pynetdicom",
+            "storescp",
+            *self._options(),
+            "-od",
+            str(self.out_dir),
+            str(self.port),
+        ]
         return cmd, dict(os.environ), workdir
 
     def _options(self) -> list[str]:
@@ -715,8 +732,11 @@ class OrthancReceiver(Receiver):
         return int(stats["CountInstances"])
 
     def describe(self) -> str:
-        shown = {k: v for k, v in self.config(Path("TMP")).items()
-                 if k not in ("StorageDirectory", "IndexDirectory", "HttpPort", "DicomPort", "Name")}
+        shown = {
+            k: v
+            for k, v in self.config(Path("TMP")).items()
+            if k not in ("StorageDirectory", "IndexDirectory", "HttpPort", "DicomPort", "Name")
+        }
         return f"Orthanc CONFIG.json with {json.dumps(shown, separators=(',', ':'))} (TCP_NODELAY=1)"
 
 
@@ -790,8 +810,13 @@ def tool_versions() -> dict[str, str]:
         commit = "no commit"
     else:
         # Uncommitted changes to the node make the commit id misleading.
-        status = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", "node"],
-                                capture_output=True, text=True, timeout=15, check=False)
+        status = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", "node"],
+            capture_output=True,
+            text=True,
+            timeout=15,
+            check=False,
+        )
         if status.stdout.strip():
             commit += "+dirty"
     return {

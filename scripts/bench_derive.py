@@ -110,11 +110,15 @@ WHAT_IF = [
     ((), "the node as it is"),
     (("warm-highdicom",), "+ highdicom's standard tables loaded before the job (as a fork server preload could)"),
     (("warm-highdicom", "preload-plugin"), "+ the plugin module (scipy.ndimage) imported before the job"),
-    (("warm-highdicom", "preload-plugin", "lean-threshold"),
-     "+ threshold written into the result mask (np.greater_equal(..., out=)), no ones() / comparison temporaries"),
+    (
+        ("warm-highdicom", "preload-plugin", "lean-threshold"),
+        "+ threshold written into the result mask (np.greater_equal(..., out=)), no ones() / comparison temporaries",
+    ),
 ]
-RESULT_RE = re.compile(r"load ([\d.]+) s, plugin ([\d.]+) s, build ([\d.]+) s, write ([\d.]+) s; "
-                       r"peak memory (\d+) MiB, (\d+) MiB for the job")  # fmt: skip
+RESULT_RE = re.compile(
+    r"load ([\d.]+) s, plugin ([\d.]+) s, build ([\d.]+) s, write ([\d.]+) s; "
+    r"peak memory (\d+) MiB, (\d+) MiB for the job"
+)
 
 
 # --------------------------------------------------------------------------
@@ -184,8 +188,7 @@ def child_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     variant = set(cfg.get("variant", []))
     extra = {"headers": 0.0, "pixels": 0.0, "plugin_import": 0.0, "masks_check": 0.0, "build_seg": 0.0}
     peaks: dict[str, float] = {}
-    load_series, reg_load, masks, build_seg = (series_mod.load_series, registry.load, seg_mod._masks,
-                                               seg_mod.build_seg)  # fmt: skip
+    load_series, reg_load, masks, build_seg = (series_mod.load_series, registry.load, seg_mod._masks, seg_mod.build_seg)
 
     def timed_load_series(files: list[Path]) -> Any:
         t = time.perf_counter()
@@ -235,8 +238,12 @@ def child_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     if "warm-highdicom" in variant:  # what a fork server could do once: highdicom's standard tables, loaded lazily
         from highdicom import _standard_utils as su
 
-        for fn in ("get_sop_class_iod_map", "get_iod_module_map", "get_module_attribute_map",
-                   "get_anatomic_region_map"):  # fmt: skip
+        for fn in (
+            "get_sop_class_iod_map",
+            "get_iod_module_map",
+            "get_module_attribute_map",
+            "get_anatomic_region_map",
+        ):
             getattr(su, fn)()
     if "preload-plugin" in variant:  # ... and the plugin's module (threshold.py imports scipy.ndimage)
         importlib.import_module(PLUGIN_TARGET.partition(":")[0])
@@ -244,9 +251,12 @@ def child_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     seg_mod.build_seg = timed_build_seg
 
     spec = worker.WorkSpec(
-        files=cfg["files"], steps=[worker.StepSpec(PLUGIN, PLUGIN_TARGET, PARAMS)], out_dir=cfg["out_dir"],
-        job_key=tuple(cfg["job_key"]), memory_limit_mb=MEMORY_LIMIT_MB,  # type: ignore[arg-type]
-    )  # fmt: skip
+        files=cfg["files"],
+        steps=[worker.StepSpec(PLUGIN, PLUGIN_TARGET, PARAMS)],
+        out_dir=cfg["out_dir"],
+        job_key=tuple(cfg["job_key"]),
+        memory_limit_mb=MEMORY_LIMIT_MB,  # type: ignore[arg-type]
+    )
     worker._limit_memory(spec.memory_limit_mb)  # as worker.main does, then the same start measurement
     start = worker._rss_mb()
     profile = None
@@ -270,10 +280,18 @@ def child_worker(cfg: dict[str, Any]) -> dict[str, Any]:
         Path(cfg["profile"]).write_text(buf.getvalue())
     peak = worker._peak_mb()
     return {
-        "ok": result.ok, "error": result.error, "timings": result.timings, "extra": extra, "total": total,
-        "start_mib": start, "peak_mib": peak, "vmhwm_mib": _vmhwm_mib(), "phase_peaks_mib": peaks,
-        "outputs": [o.file for o in result.outputs], "plugins": result.plugins,
-    }  # fmt: skip
+        "ok": result.ok,
+        "error": result.error,
+        "timings": result.timings,
+        "extra": extra,
+        "total": total,
+        "start_mib": start,
+        "peak_mib": peak,
+        "vmhwm_mib": _vmhwm_mib(),
+        "phase_peaks_mib": peaks,
+        "outputs": [o.file for o in result.outputs],
+        "plugins": result.plugins,
+    }
 
 
 def child_bare(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -309,30 +327,53 @@ def child_bare(cfg: dict[str, Any]) -> dict[str, Any]:
         mask_ge = int(np.count_nonzero(hu >= LOWER_HU))
     t2 = time.perf_counter()
     peaks["mask"] = _maxrss_mib()
-    algorithm = hd.AlgorithmIdentificationSequence(name=PLUGIN, family=codes.cid7162.ArtificialIntelligence,
-                                                   version="1.0")  # fmt: skip
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=PLUGIN, family=codes.cid7162.ArtificialIntelligence, version="1.0"
+    )
     description = hd.seg.SegmentDescription(
-        segment_number=1, segment_label="Bone", segmented_property_category=codes.SCT.Tissue,
-        segmented_property_type=codes.SCT.Bone, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        segment_number=1,
+        segment_label="Bone",
+        segmented_property_category=codes.SCT.Tissue,
+        segmented_property_type=codes.SCT.Bone,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm,
-    )  # fmt: skip
+    )
     seg = hd.seg.Segmentation(
-        source_images=datasets, pixel_array=mask, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[description], series_instance_uid=generate_uid(), series_number=9000,
-        sop_instance_uid=generate_uid(), instance_number=1, manufacturer="bench", manufacturer_model_name="bench",
-        software_versions="1.0", device_serial_number="1", content_description="threshold",
-        content_label="SEGMENTATION", transfer_syntax_uid=ExplicitVRLittleEndian, omit_empty_frames=bool(mask.any()),
-    )  # fmt: skip
+        source_images=datasets,
+        pixel_array=mask,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[description],
+        series_instance_uid=generate_uid(),
+        series_number=9000,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer="bench",
+        manufacturer_model_name="bench",
+        software_versions="1.0",
+        device_serial_number="1",
+        content_description="threshold",
+        content_label="SEGMENTATION",
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        omit_empty_frames=bool(mask.any()),
+    )
     t3 = time.perf_counter()
     peaks["build"] = _maxrss_mib()
     seg.save_as(cfg["out"], enforce_file_format=True)
     t4 = time.perf_counter()
     return {
-        "ok": True, "timings": {"load": t1 - t0, "mask": t2 - t1, "build": t3 - t2, "write": t4 - t3},
-        "total": t4 - t0, "start_mib": start, "peak_mib": _maxrss_mib(), "vmhwm_mib": _vmhwm_mib(),
-        "phase_peaks_mib": peaks, "mask_voxels": int(np.count_nonzero(mask)), "mask_voxels_ge": mask_ge,
-        "voxel_bytes": int(volume.nbytes), "voxel_dtype": str(volume.dtype), "outputs": [cfg["out"]],
-    }  # fmt: skip
+        "ok": True,
+        "timings": {"load": t1 - t0, "mask": t2 - t1, "build": t3 - t2, "write": t4 - t3},
+        "total": t4 - t0,
+        "start_mib": start,
+        "peak_mib": _maxrss_mib(),
+        "vmhwm_mib": _vmhwm_mib(),
+        "phase_peaks_mib": peaks,
+        "mask_voxels": int(np.count_nonzero(mask)),
+        "mask_voxels_ge": mask_ge,
+        "voxel_bytes": int(volume.nbytes),
+        "voxel_dtype": str(volume.dtype),
+        "outputs": [cfg["out"]],
+    }
 
 
 def child_main(kind: str, in_path: str, out_path: str) -> int:
@@ -354,9 +395,15 @@ def run_child(kind: str, cfg: dict[str, Any], work: Path, timeout: float) -> dic
     cfg_path.write_text(json.dumps(cfg))
     with open(log_path, "wb") as logf:
         try:
-            rc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", kind, str(cfg_path),
-                                 str(out_path)], cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=logf,
-                                stderr=subprocess.STDOUT, timeout=timeout, check=False).returncode  # fmt: skip
+            rc = subprocess.run(
+                [sys.executable, str(Path(__file__).resolve()), "--child", kind, str(cfg_path), str(out_path)],
+                cwd=REPO_ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+                check=False,
+            ).returncode
         except subprocess.TimeoutExpired:  # subprocess.run has killed it
             return {"ok": False, "error": f"{kind} child timed out after {timeout:.0f} s"}
     if rc != 0 or not out_path.exists():
@@ -390,23 +437,27 @@ class DeriveNode(NodeReceiver):
         )
 
     def describe(self) -> str:
-        return (f"python -m node run ([tracker] stable_after = {self.stable_after:g}, use_expected_counts = false; "
-                f"rule {RULE}: Modality = CT -> plugin {PLUGIN}, segments = [Bone, lower = {LOWER_HU}]; "
-                "[plugins] defaults)")  # fmt: skip
+        return (
+            f"python -m node run ([tracker] stable_after = {self.stable_after:g}, use_expected_counts = false; "
+            f"rule {RULE}: Modality = CT -> plugin {PLUGIN}, segments = [Bone, lower = {LOWER_HU}]; "
+            "[plugins] defaults)"
+        )
 
     def plugin_job(self, series_uid: str) -> dict[str, Any] | None:
         rows = self.query(
             "select j.id, j.state, j.attempts, j.result, j.last_error, j.created_at, j.started_at, j.finished_at "
             "from job j join series s on s.id = j.series_fk where s.series_instance_uid = ? and j.kind = 'plugin' "
-            "order by j.id", series_uid,
-        )  # fmt: skip
+            "order by j.id",
+            series_uid,
+        )
         if not rows:
             return None
         keys = ("id", "state", "attempts", "result", "last_error", "created_at", "started_at", "finished_at")
         out = dict(zip(keys, rows[-1], strict=True))
         out["jobs"] = len(rows)
-        out["outputs"] = self.query("select received_at, file_path, sop_class_uid from instance where job_fk = ? "
-                                    "order by id", out["id"])  # fmt: skip
+        out["outputs"] = self.query(
+            "select received_at, file_path, sop_class_uid from instance where job_fk = ? order by id", out["id"]
+        )
         return out
 
 
@@ -494,8 +545,9 @@ def check_peak(res: dict[str, Any], what: str) -> None:
         log(f"warning: {what}: ru_maxrss {res['peak_mib']:.0f} MiB but VmHWM {res['vmhwm_mib']:.0f} MiB")
 
 
-def measure_job(node: DeriveNode, rep: int, files: list[Path], series_uid: str, log_dir: Path,
-                args: argparse.Namespace) -> Run:
+def measure_job(
+    node: DeriveNode, rep: int, files: list[Path], series_uid: str, log_dir: Path, args: argparse.Namespace
+) -> Run:
     run = Run("node-job", rep)
     err = send(node.pg, files, node.port, node.ae_title, log_dir, args.send_timeout)
     if err:
@@ -535,13 +587,25 @@ def measure_job(node: DeriveNode, rep: int, files: list[Path], series_uid: str, 
     return run
 
 
-def measure_worker(rep: int, files: list[Path], series_uid: str, work: Path, timeout: float,
-                   profile: Path | None = None, variant: tuple[str, ...] = ()) -> Run:
+def measure_worker(
+    rep: int,
+    files: list[Path],
+    series_uid: str,
+    work: Path,
+    timeout: float,
+    profile: Path | None = None,
+    variant: tuple[str, ...] = (),
+) -> Run:
     run = Run("node-worker" + "".join(f"+{v}" for v in variant), rep)
     out_dir = work / "out"
     out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = {"files": [str(f) for f in files], "out_dir": str(out_dir), "job_key": [series_uid, 1, RULE, 0],
-           "profile": str(profile) if profile else "", "variant": list(variant)}  # fmt: skip
+    cfg = {
+        "files": [str(f) for f in files],
+        "out_dir": str(out_dir),
+        "job_key": [series_uid, 1, RULE, 0],
+        "profile": str(profile) if profile else "",
+        "variant": list(variant),
+    }
     res = run_child("worker", cfg, work, timeout)
     if not res.get("ok"):
         run.ok, run.error = False, res.get("error", "?")
@@ -553,8 +617,12 @@ def measure_worker(rep: int, files: list[Path], series_uid: str, work: Path, tim
     run.load_px, run.plugin_px = t["load"], t["plugin"]
     run.total = res["total"]
     run.peak_mib, run.added_mib = res["peak_mib"], max(0.0, res["peak_mib"] - res["start_mib"])
-    run.extra = {"extra": x, "start_mib": res["start_mib"], "vmhwm_mib": res["vmhwm_mib"],
-                 "phase_peaks_mib": res["phase_peaks_mib"]}  # fmt: skip
+    run.extra = {
+        "extra": x,
+        "start_mib": res["start_mib"],
+        "vmhwm_mib": res["vmhwm_mib"],
+        "phase_peaks_mib": res["phase_peaks_mib"],
+    }
     if len(res["outputs"]) != 1:
         run.ok, run.error = False, f"expected one SEG, got {res['outputs']}"
         return run
@@ -573,8 +641,18 @@ def measure_bare(rep: int, files: list[Path], work: Path, timeout: float) -> Run
     run.load, run.plugin, run.build, run.write = t["load"], t["mask"], t["build"], t["write"]
     run.total = res["total"]
     run.peak_mib, run.added_mib = res["peak_mib"], max(0.0, res["peak_mib"] - res["start_mib"])
-    run.extra = {k: res[k] for k in ("start_mib", "vmhwm_mib", "phase_peaks_mib", "mask_voxels", "mask_voxels_ge",
-                                     "voxel_bytes", "voxel_dtype")}  # fmt: skip
+    run.extra = {
+        k: res[k]
+        for k in (
+            "start_mib",
+            "vmhwm_mib",
+            "phase_peaks_mib",
+            "mask_voxels",
+            "mask_voxels_ge",
+            "voxel_bytes",
+            "voxel_dtype",
+        )
+    }
     voxels, run.seg_frames, run.seg_pixel_digest = seg_summary(Path(res["outputs"][0]))
     run.mask_voxels = res["mask_voxels"]
     if voxels != res["mask_voxels"]:
@@ -631,32 +709,77 @@ def report(runs: list[Run], voxel_mib: float, markdown: bool) -> tuple[str, dict
     bare = [r for r in runs if r.way == "bare"]
     out: list[str] = []
     summary: dict[str, Any] = {}
-    header = ["s, median (min-max)", "load", "plugin / mask", "build", "write", "load+build+write", "total",
-              "peak MiB", "peak added MiB", "added / int16 array", "added / float32 array"]  # fmt: skip
+    header = [
+        "s, median (min-max)",
+        "load",
+        "plugin / mask",
+        "build",
+        "write",
+        "load+build+write",
+        "total",
+        "peak MiB",
+        "peak added MiB",
+        "added / int16 array",
+        "added / float32 array",
+    ]
 
     def mem(rs: list[Run]) -> list[str]:
         added = vals(rs, "added_mib")
-        return [cell(vals(rs, "peak_mib"), "{:.0f}"), cell(added, "{:.0f}"),
-                cell([a / voxel_mib for a in added]), cell([a / (2 * voxel_mib) for a in added])]  # fmt: skip
+        return [
+            cell(vals(rs, "peak_mib"), "{:.0f}"),
+            cell(added, "{:.0f}"),
+            cell([a / voxel_mib for a in added]),
+            cell([a / (2 * voxel_mib) for a in added]),
+        ]
 
     rows = [
-        ["node, job end to end (its result text: 0.1 s / 1 MiB steps; pixel read in load)",
-         cell(vals(job, "load")), cell(vals(job, "plugin")), cell(vals(job, "build")), cell(vals(job, "write")),
-         cell(vals(job, "lbw")), cell(vals(job, "total")), *mem(job)],
-        ["node, in-process worker as it reports (pixel read in load)",
-         cell(vals(wrk, "load")), cell(vals(wrk, "plugin")), cell(vals(wrk, "build")), cell(vals(wrk, "write")),
-         cell(vals(wrk, "lbw")), cell(vals(wrk, "total")), *mem(wrk)],
-        ["node, in-process worker, pixel read counted as load",
-         cell(vals(wrk, "load_px")), cell(vals(wrk, "plugin_px")), cell(vals(wrk, "build")),
-         cell(vals(wrk, "write")), cell(vals(wrk, "lbw_px")), cell(vals(wrk, "total")), *mem(wrk)],
-        ["bare highdicom (load = read + sort + stack pixels)",
-         cell(vals(bare, "load")), cell(vals(bare, "plugin")), cell(vals(bare, "build")), cell(vals(bare, "write")),
-         cell(vals(bare, "lbw")), cell(vals(bare, "total")), *mem(bare)],
-    ]  # fmt: skip
+        [
+            "node, job end to end (its result text: 0.1 s / 1 MiB steps; pixel read in load)",
+            cell(vals(job, "load")),
+            cell(vals(job, "plugin")),
+            cell(vals(job, "build")),
+            cell(vals(job, "write")),
+            cell(vals(job, "lbw")),
+            cell(vals(job, "total")),
+            *mem(job),
+        ],
+        [
+            "node, in-process worker as it reports (pixel read in load)",
+            cell(vals(wrk, "load")),
+            cell(vals(wrk, "plugin")),
+            cell(vals(wrk, "build")),
+            cell(vals(wrk, "write")),
+            cell(vals(wrk, "lbw")),
+            cell(vals(wrk, "total")),
+            *mem(wrk),
+        ],
+        [
+            "node, in-process worker, pixel read counted as load",
+            cell(vals(wrk, "load_px")),
+            cell(vals(wrk, "plugin_px")),
+            cell(vals(wrk, "build")),
+            cell(vals(wrk, "write")),
+            cell(vals(wrk, "lbw_px")),
+            cell(vals(wrk, "total")),
+            *mem(wrk),
+        ],
+        [
+            "bare highdicom (load = read + sort + stack pixels)",
+            cell(vals(bare, "load")),
+            cell(vals(bare, "plugin")),
+            cell(vals(bare, "build")),
+            cell(vals(bare, "write")),
+            cell(vals(bare, "lbw")),
+            cell(vals(bare, "total")),
+            *mem(bare),
+        ],
+    ]
     out.append(table(rows, header, markdown))
     out.append("")
-    out.append("total: node job = job.started_at -> stored SEG's instance.received_at; in-process and bare = the "
-               "whole pipeline in the process (imports excluded).")  # fmt: skip
+    out.append(
+        "total: node job = job.started_at -> stored SEG's instance.received_at; in-process and bare = the "
+        "whole pipeline in the process (imports excluded)."
+    )
     if job:
         out.append(f"node job: job.started_at -> job.finished_at {cell(vals(job, 'job_to_finished'))} s")
 
@@ -690,32 +813,46 @@ def report(runs: list[Run], voxel_mib: float, markdown: bool) -> tuple[str, dict
     ]
     out.append("")
     out.append(table(ratio_rows, ["ratio (of medians)", "value"], markdown))
-    summary["ratios"] = {"lbw_node_worker_over_bare": r_lbw, "lbw_node_worker_as_reported_over_bare": r_lbw_asrep,
-                         "total_node_worker_over_bare": r_total_w, "job_phases_over_bare": r_job_phases,
-                         "job_total_over_bare": r_job_total, "job_added_over_int16": mem_job,
-                         "worker_added_over_int16": mem_wrk, "bare_added_over_int16": mem_bare}  # fmt: skip
+    summary["ratios"] = {
+        "lbw_node_worker_over_bare": r_lbw,
+        "lbw_node_worker_as_reported_over_bare": r_lbw_asrep,
+        "total_node_worker_over_bare": r_total_w,
+        "job_phases_over_bare": r_job_phases,
+        "job_total_over_bare": r_job_total,
+        "job_added_over_int16": mem_job,
+        "worker_added_over_int16": mem_wrk,
+        "bare_added_over_int16": mem_bare,
+    }
 
     # Where the node's time goes.
     ok_w = [r for r in wrk if r.ok]
     if ok_w:
+
         def xs(key: str) -> list[float]:
             return [r.extra["extra"][key] for r in ok_w]
 
         parts = [
             ("read headers (load_series: dcmread stop_before_pixels, sort, checks)", xs("headers")),
-            ("read pixels (series.voxels(): dcmread of every file again, decode, copy into the volume)",
-             xs("pixels")),
-            ("import the plugin module (threshold.py imports scipy.ndimage; not in any reported phase)",
-             xs("plugin_import")),
+            ("read pixels (series.voxels(): dcmread of every file again, decode, copy into the volume)", xs("pixels")),
+            (
+                "import the plugin module (threshold.py imports scipy.ndimage; not in any reported phase)",
+                xs("plugin_import"),
+            ),
             ("plugin proper (thresholds on stored values)", [r.plugin_px or 0.0 for r in ok_w]),
             ("build: masks checked/converted (seg._masks)", xs("masks_check")),
-            ("build: highdicom Segmentation (+ descriptions, provenance)",
-             [r.extra["extra"]["build_seg"] - r.extra["extra"]["masks_check"] for r in ok_w]),
+            (
+                "build: highdicom Segmentation (+ descriptions, provenance)",
+                [r.extra["extra"]["build_seg"] - r.extra["extra"]["masks_check"] for r in ok_w],
+            ),
             ("write: save_as", vals(ok_w, "write")),
-        ]  # fmt: skip
+        ]
         accounted = [sum(p[1][i] for p in parts) for i in range(len(ok_w))]
-        parts.append(("other (dropping the voxels, provenance, bookkeeping)",
-                      [r.total - a for r, a in zip(ok_w, accounted, strict=True)]))  # fmt: skip
+        parts.append(
+            (
+                "other (dropping the voxels, provenance, bookkeeping)",
+                [r.total - a for r, a in zip(ok_w, accounted, strict=True)],
+            )
+        )
         tot = statistics.median(vals(ok_w, "total"))
         prow = [[name, cell(v, "{:.3f}"), f"{100 * statistics.median(v) / tot:.0f} %"] for name, v in parts]
         out.append("")
@@ -728,13 +865,17 @@ def report(runs: list[Run], voxel_mib: float, markdown: bool) -> tuple[str, dict
         out.append("")
         gap = [(r.job_to_finished or 0.0) - r.lpbw for r in ok_j]
         to_seg = [r.total - r.lpbw for r in ok_j]
-        out.append(f"node job: outside the four reported phases (process start from the fork server, plugin import, "
-                   f"result through the pipe, store + index, ±0.2 s rounding): {cell(to_seg)} s to the SEG's index "
-                   f"record, {cell(gap)} s to job finished")  # fmt: skip
+        out.append(
+            f"node job: outside the four reported phases (process start from the fork server, plugin import, "
+            f"result through the pipe, store + index, ±0.2 s rounding): {cell(to_seg)} s to the SEG's index "
+            f"record, {cell(gap)} s to job finished"
+        )
     # Peak by phase.
     prow = []
-    for name, rs, keys in (("node in-process worker", ok_w, ["headers", "pixels", "plugin", "build"]),
-                           ("bare highdicom", [r for r in bare if r.ok], ["load", "mask", "build"])):
+    for name, rs, keys in (
+        ("node in-process worker", ok_w, ["headers", "pixels", "plugin", "build"]),
+        ("bare highdicom", [r for r in bare if r.ok], ["load", "mask", "build"]),
+    ):
         if not rs:
             continue
         cells = []
@@ -750,23 +891,42 @@ def report(runs: list[Run], voxel_mib: float, markdown: bool) -> tuple[str, dict
         out.append(table(prow, ["process", "after phase"], markdown))
     # Every run.
     erows = []
-    for name, rs, attrs in (("node job", job, ["load", "plugin", "build", "write", "total", "added_mib"]),
-                            ("node worker", wrk, ["load_px", "plugin_px", "build", "write", "total", "added_mib"]),
-                            ("bare", bare, ["load", "plugin", "build", "write", "total", "added_mib"])):
+    for name, rs, attrs in (
+        ("node job", job, ["load", "plugin", "build", "write", "total", "added_mib"]),
+        ("node worker", wrk, ["load_px", "plugin_px", "build", "write", "total", "added_mib"]),
+        ("bare", bare, ["load", "plugin", "build", "write", "total", "added_mib"]),
+    ):
         for a in attrs:
-            each = ", ".join("FAILED" if not r.ok else (f"{getattr(r, a):.0f}" if a == "added_mib"
-                                                        else f"{getattr(r, a):.2f}") for r in rs)  # fmt: skip
-            label = {"load_px": "load (with pixels)", "plugin_px": "plugin (without pixels)",
-                     "added_mib": "peak added MiB"}.get(a, a)  # fmt: skip
+            each = ", ".join(
+                "FAILED" if not r.ok else (f"{getattr(r, a):.0f}" if a == "added_mib" else f"{getattr(r, a):.2f}")
+                for r in rs
+            )
+            label = {
+                "load_px": "load (with pixels)",
+                "plugin_px": "plugin (without pixels)",
+                "added_mib": "peak added MiB",
+            }.get(a, a)
             erows.append([f"{name}: {label}", each])
     out.append("")
     out.append("Every run (in repetition order):")
     out.append("")
     out.append(table(erows, ["measure", "runs"], markdown))
-    summary["medians"] = {f"{r}.{a}": stats(vals([x for x in runs if x.way == r], a))
-                          for r in ("node-job", "node-worker", "bare")
-                          for a in ("load", "plugin", "build", "write", "lbw", "lbw_px", "total", "job_to_finished",
-                                    "peak_mib", "added_mib")}  # fmt: skip
+    summary["medians"] = {
+        f"{r}.{a}": stats(vals([x for x in runs if x.way == r], a))
+        for r in ("node-job", "node-worker", "bare")
+        for a in (
+            "load",
+            "plugin",
+            "build",
+            "write",
+            "lbw",
+            "lbw_px",
+            "total",
+            "job_to_finished",
+            "peak_mib",
+            "added_mib",
+        )
+    }
     return "\n".join(out), summary
 
 
@@ -779,11 +939,26 @@ def what_if_report(runs: list[Run], voxel_mib: float, markdown: bool) -> str:
             rows.append([label, "FAILED", "", "", "", "", ""])
             continue
         added = vals(rs, "added_mib")
-        rows.append([label, cell(added, "{:.0f}"), cell([a / voxel_mib for a in added], spread=False),
-                     cell([r.extra["extra"]["plugin_import"] for r in rs]), cell(vals(rs, "build")),
-                     cell(vals(rs, "total")), cell(vals(rs, "lbw_px"))])  # fmt: skip
-    header = ["in-process worker, what if", "peak added MiB", "/ int16 array", "plugin import s", "build s",
-              "whole run s", "load+build+write s"]  # fmt: skip
+        rows.append(
+            [
+                label,
+                cell(added, "{:.0f}"),
+                cell([a / voxel_mib for a in added], spread=False),
+                cell([r.extra["extra"]["plugin_import"] for r in rs]),
+                cell(vals(rs, "build")),
+                cell(vals(rs, "total")),
+                cell(vals(rs, "lbw_px")),
+            ]
+        )
+    header = [
+        "in-process worker, what if",
+        "peak added MiB",
+        "/ int16 array",
+        "plugin import s",
+        "build s",
+        "whole run s",
+        "load+build+write s",
+    ]
     return table(rows, header, markdown)
 
 
@@ -793,18 +968,25 @@ def what_if_report(runs: list[Run], voxel_mib: float, markdown: bool) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--repeat", type=int, default=5, help="repetitions (a new series each)")
     p.add_argument("--slices", type=int, default=200, help="instances in the series")
     p.add_argument("--size", type=int, default=512, help="image rows and columns")
     p.add_argument("--stable-after", type=float, default=1.0, help="the node's [tracker] stable_after, seconds")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 repetitions of 40 slices")
-    p.add_argument("--profile", action="store_true",
-                   help="after the repetitions, one more in-process worker run under cProfile (printed, not counted)")
-    p.add_argument("--what-if", action="store_true",
-                   help="after the repetitions, in-process worker runs with the causes of the node's peak memory "
-                        "removed one by one (outside node/, by patching in the child; not counted above)")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the repetitions, one more in-process worker run under cProfile (printed, not counted)",
+    )
+    p.add_argument(
+        "--what-if",
+        action="store_true",
+        help="after the repetitions, in-process worker runs with the causes of the node's peak memory "
+        "removed one by one (outside node/, by patching in the child; not counted above)",
+    )
     p.add_argument("--job-timeout", type=float, default=300.0, help="max seconds for the node's job to finish")
     p.add_argument("--child-timeout", type=float, default=300.0, help="max seconds for one in-process/bare run")
     p.add_argument("--send-timeout", type=float, default=300.0, help="max seconds for one storescu transfer")
@@ -855,8 +1037,12 @@ def main(argv: list[str] | None = None) -> int:
                 failed = True
                 return 1
             # Untimed warm-up: starts the node's plugin fork server (imports numpy, highdicom).
-            warm = generate_series(SeriesSpec("warm", "warm-up", args.size, args.size, 5), workdir / "data" / "warm",
-                                   seed=7, patient_id="WARMUP01")  # fmt: skip
+            warm = generate_series(
+                SeriesSpec("warm", "warm-up", args.size, args.size, 5),
+                workdir / "data" / "warm",
+                seed=7,
+                patient_id="WARMUP01",
+            )
             w = measure_job(node, -1, warm, series_uid_of(warm[0]), workdir / "send-warm", args)
             log(f"warm-up job: {'ok' if w.ok else 'FAILED: ' + w.error}")
             if not w.ok:
@@ -867,7 +1053,7 @@ def main(argv: list[str] | None = None) -> int:
                 data = workdir / "data" / f"rep{rep}"
                 files = generate_series(SeriesSpec("ct", "CT", args.size, args.size, args.slices), data, seed=rep)
                 uid = series_uid_of(files[0])
-                order = ways[rep % 3:] + ways[:rep % 3]
+                order = ways[rep % 3 :] + ways[: rep % 3]
                 rep_runs: dict[str, Run] = {}
                 for way in order:
                     os.sync()  # no write-back of the previous step during this one
@@ -883,52 +1069,75 @@ def main(argv: list[str] | None = None) -> int:
                         run = measure_bare(rep, files, work, args.child_timeout)
                     rep_runs[way] = run
                     runs.append(run)
-                    log(f"rep {rep + 1}/{args.repeat} {way}: "
-                        + (f"load {run.load:.2f} (with pixels {run.load_px:.2f}) " if run.load_px is not None
-                           else f"load {run.load:.2f} ")
+                    log(
+                        f"rep {rep + 1}/{args.repeat} {way}: "
+                        + (
+                            f"load {run.load:.2f} (with pixels {run.load_px:.2f}) "
+                            if run.load_px is not None
+                            else f"load {run.load:.2f} "
+                        )
                         + f"plugin/mask {run.plugin:.2f} build {run.build:.2f} write {run.write:.2f} "
                         f"total {run.total:.2f} s; peak {run.peak_mib:.0f} MiB (+{run.added_mib:.0f}); "
                         f"{run.mask_voxels} voxels in {run.seg_frames} frames"
-                        + ("" if run.ok else f" [FAILED: {run.error}]"))  # fmt: skip
+                        + ("" if run.ok else f" [FAILED: {run.error}]")
+                    )
                 # Same mask, same SEG pixel data, everywhere.
                 good = [r for r in rep_runs.values() if r.ok]
                 if len({(r.mask_voxels, r.seg_frames, r.seg_pixel_digest) for r in good}) > 1:
-                    detail = "; ".join(f"{r.way}: {r.mask_voxels} voxels, {r.seg_frames} frames, pixel data "
-                                       f"{r.seg_pixel_digest}" for r in good)  # fmt: skip
+                    detail = "; ".join(
+                        f"{r.way}: {r.mask_voxels} voxels, {r.seg_frames} frames, pixel data {r.seg_pixel_digest}"
+                        for r in good
+                    )
                     log(f"rep {rep + 1}: THE SEGS DIFFER: {detail}")
                     for r in good:
                         r.ok, r.error = False, "SEGs differ between the three ways"
                 bare_run = rep_runs.get("bare")
-                if bare_run is not None and bare_run.ok and \
-                        bare_run.extra["mask_voxels_ge"] != bare_run.extra["mask_voxels"]:
-                    log(f"rep {rep + 1}: note: {bare_run.extra['mask_voxels_ge'] - bare_run.mask_voxels} voxels are "
-                        f"exactly {LOWER_HU} HU (> vs >=)")  # fmt: skip
+                if (
+                    bare_run is not None
+                    and bare_run.ok
+                    and bare_run.extra["mask_voxels_ge"] != bare_run.extra["mask_voxels"]
+                ):
+                    log(
+                        f"rep {rep + 1}: note: {bare_run.extra['mask_voxels_ge'] - bare_run.mask_voxels} voxels are "
+                        f"exactly {LOWER_HU} HU (> vs >=)"
+                    )
                 failed |= not all(r.ok for r in rep_runs.values())
                 if not args.keep:
                     rmtree_quiet(data)
             if args.what_if:
-                files = generate_series(SeriesSpec("ct", "CT", args.size, args.size, args.slices),
-                                        workdir / "data" / "what-if", seed=98)  # fmt: skip
+                files = generate_series(
+                    SeriesSpec("ct", "CT", args.size, args.size, args.slices), workdir / "data" / "what-if", seed=98
+                )
                 uid = series_uid_of(files[0])
                 for rep in range(min(args.repeat, 3)):
                     for variant, _ in WHAT_IF:  # interleaved
                         os.sync()
                         time.sleep(0.5)
                         name = "+".join(variant) or "as-is"
-                        run = measure_worker(rep, files, uid, workdir / "runs" / f"what-if-{rep}" / name,
-                                             args.child_timeout, variant=variant)  # fmt: skip
+                        run = measure_worker(
+                            rep,
+                            files,
+                            uid,
+                            workdir / "runs" / f"what-if-{rep}" / name,
+                            args.child_timeout,
+                            variant=variant,
+                        )
                         what_if_runs.append(run)
-                        log(f"what-if {rep + 1} {name}: peak +{run.added_mib:.0f} MiB, total {run.total:.2f} s, "
-                            f"{run.mask_voxels} voxels" + ("" if run.ok else f" [FAILED: {run.error}]"))
+                        log(
+                            f"what-if {rep + 1} {name}: peak +{run.added_mib:.0f} MiB, total {run.total:.2f} s, "
+                            f"{run.mask_voxels} voxels" + ("" if run.ok else f" [FAILED: {run.error}]")
+                        )
                 if len({(r.mask_voxels, r.seg_pixel_digest) for r in what_if_runs if r.ok}) > 1:
                     log("what-if: THE VARIANTS' SEGS DIFFER")
                     failed = True
             if args.profile:
-                files = generate_series(SeriesSpec("ct", "CT", args.size, args.size, args.slices),
-                                        workdir / "data" / "profile", seed=99)  # fmt: skip
+                files = generate_series(
+                    SeriesSpec("ct", "CT", args.size, args.size, args.slices), workdir / "data" / "profile", seed=99
+                )
                 prof = workdir / "profile.txt"
-                run = measure_worker(-1, files, series_uid_of(files[0]), workdir / "runs" / "profile",
-                                     args.child_timeout, profile=prof)  # fmt: skip
+                run = measure_worker(
+                    -1, files, series_uid_of(files[0]), workdir / "runs" / "profile", args.child_timeout, profile=prof
+                )
                 profile_text = prof.read_text() if prof.exists() else f"(profile run failed: {run.error})"
             if not node.alive():
                 failed = True
@@ -949,8 +1158,10 @@ def main(argv: list[str] | None = None) -> int:
     bare_ok = [r for r in runs if r.way == "bare" and r.ok]
     if bare_ok:
         voxel_mib = bare_ok[0].extra["voxel_bytes"] / 2**20
-    mach = (f"{machine['nproc']} CPUs ({machine['cpu_model']}), {machine['memory']} RAM, Linux {machine['kernel']}, "
-            f"storage {machine['workdir_fs']}, load avg at start {machine['loadavg_1min_at_start']}")
+    mach = (
+        f"{machine['nproc']} CPUs ({machine['cpu_model']}), {machine['memory']} RAM, Linux {machine['kernel']}, "
+        f"storage {machine['workdir_fs']}, load avg at start {machine['loadavg_1min_at_start']}"
+    )
     vers = ", ".join(f"{k} {v}" for k, v in versions.items() if k != "orthanc")
     plain, summary = report(runs, voxel_mib, False)
     md, _ = report(runs, voxel_mib, True)
@@ -958,18 +1169,24 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"Machine:  {mach}")
     print(f"Versions: {vers}")
-    print(f"Series: {args.slices} x {args.size}x{args.size} 16-bit CT (voxel array {voxel_mib:.0f} MiB as stored, "
-          f"{2 * voxel_mib:.0f} MiB as float32), {args.repeat} repetition(s), order rotating")  # fmt: skip
+    print(
+        f"Series: {args.slices} x {args.size}x{args.size} 16-bit CT (voxel array {voxel_mib:.0f} MiB as stored, "
+        f"{2 * voxel_mib:.0f} MiB as float32), {args.repeat} repetition(s), order rotating"
+    )
     print(f"Node: {described}")
-    print(f"Mask (set voxels, SEG frames) in every run: {masks} (same SEG Pixel Data in all three ways: "
-          f"{'yes' if not failed else 'see the log'})")  # fmt: skip
+    print(
+        f"Mask (set voxels, SEG frames) in every run: {masks} (same SEG Pixel Data in all three ways: "
+        f"{'yes' if not failed else 'see the log'})"
+    )
     print()
     print(plain)
     if what_if_runs:
         wi_plain, wi_md = what_if_report(what_if_runs, voxel_mib, False), what_if_report(what_if_runs, voxel_mib, True)
         print()
-        print(f"What if (in-process worker, a new series, {min(args.repeat, 3)} run(s) each, interleaved; cumulative "
-              "from top to bottom; the SEGs are identical):")  # fmt: skip
+        print(
+            f"What if (in-process worker, a new series, {min(args.repeat, 3)} run(s) each, interleaved; cumulative "
+            "from top to bottom; the SEGs are identical):"
+        )
         print()
         print(wi_plain)
         md += "\n\n" + wi_md
@@ -982,10 +1199,19 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(md)
     if args.json:
-        out = {"machine": machine, "versions": versions, "settings": {
-            "slices": args.slices, "size": args.size, "repeat": args.repeat, "stable_after": args.stable_after},
-            "voxel_mib": voxel_mib, "summary": summary,
-            "runs": [dict(asdict(r), lbw=r.lbw, lbw_px=r.lbw_px) for r in runs + what_if_runs]}  # fmt: skip
+        out = {
+            "machine": machine,
+            "versions": versions,
+            "settings": {
+                "slices": args.slices,
+                "size": args.size,
+                "repeat": args.repeat,
+                "stable_after": args.stable_after,
+            },
+            "voxel_mib": voxel_mib,
+            "summary": summary,
+            "runs": [dict(asdict(r), lbw=r.lbw, lbw_px=r.lbw_px) for r in runs + what_if_runs],
+        }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=2, default=str) + "\n")
         log(f"wrote {args.json}")

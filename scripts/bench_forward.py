@@ -116,7 +116,9 @@ def time_node(pg: ProcessGroup, files: list[Path], work: Path, associations: int
             return dict(rows).get("delivered", 0) == n
 
         if not wait_until(done, 600, interval=0.2):
-            raise RuntimeError(f"the node did not deliver {n} instances: {node.query('select state, count(*), max(last_error) from delivery group by state')}")
+            raise RuntimeError(
+                f"the node did not deliver {n} instances: {node.query('select state, count(*), max(last_error) from delivery group by state')}"
+            )
         if pacs.stored_count() != n:
             raise RuntimeError(f"Orthanc holds {pacs.stored_count()} of {n}")
         first, last = node.query("select min(created_at), max(delivered_at) from delivery")[0]
@@ -130,8 +132,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--workload", choices=[*WORKLOADS, "both"], default="both")
-    ap.add_argument("--associations", type=int, nargs="+", default=[1, 2],
-                    help="node max_associations values to measure (default: 1 and 2, the default)")  # fmt: skip
+    ap.add_argument(
+        "--associations",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        help="node max_associations values to measure (default: 1 and 2, the default)",
+    )
     args = ap.parse_args()
     install_sigterm_handler()
     chosen = list(WORKLOADS.values()) if args.workload == "both" else [WORKLOADS[args.workload]]
@@ -153,7 +160,9 @@ def main() -> int:
                     else:
                         t = time_node(pg, files, work, int(who.split("x")[1]))
                     results.setdefault((spec.key, who), []).append(t)
-                    log(f"  rep {rep + 1} {who}: {t:.2f} s ({len(files) / t:.0f} inst/s; cell {time.monotonic() - t0:.0f} s)")
+                    log(
+                        f"  rep {rep + 1} {who}: {t:.2f} s ({len(files) / t:.0f} inst/s; cell {time.monotonic() - t0:.0f} s)"
+                    )
     print()
     print("| workload | sender | median s | instances/s | MB/s | ratio storescu/node |")
     print("|---|---|---:|---:|---:|---:|")
@@ -165,8 +174,10 @@ def main() -> int:
             ratio = "" if who == "storescu" else f"{base / t:.2f}"
             print(f"| {spec.label} | {who} | {t:.2f} | {spec.count / t:.0f} | {mb / t:.0f} | {ratio} |")
     print()
-    print("all runs (s): " + "; ".join(f"{k[0]} {k[1]}: " + ", ".join(f"{v:.2f}" for v in vs)
-                                      for k, vs in results.items()))  # fmt: skip
+    print(
+        "all runs (s): "
+        + "; ".join(f"{k[0]} {k[1]}: " + ", ".join(f"{v:.2f}" for v in vs) for k, vs in results.items())
+    )
     return 0
 
 

@@ -106,8 +106,9 @@ def schema_head() -> str:
 
 
 def _schema_sql(con: sqlite3.Connection) -> str:
-    rows = con.execute("SELECT type, name, coalesce(sql, '') FROM sqlite_master "
-                       "WHERE name NOT LIKE 'sqlite_stat%' ORDER BY type, name").fetchall()  # fmt: skip
+    rows = con.execute(
+        "SELECT type, name, coalesce(sql, '') FROM sqlite_master WHERE name NOT LIKE 'sqlite_stat%' ORDER BY type, name"
+    ).fetchall()
     return "\n".join("|".join(r) for r in rows)
 
 
@@ -170,8 +171,10 @@ def fill_index(path: Path, rows: int, per_study: int, per_series: int, seed: int
     con.execute("PRAGMA temp_store=MEMORY")
     con.execute("PRAGMA foreign_keys=OFF")
 
-    cols = {t: [r[1] for r in con.execute(f"PRAGMA table_info({t})") if r[1] != "id"]
-            for t in ("patient", "study", "series", "instance")}  # fmt: skip
+    cols = {
+        t: [r[1] for r in con.execute(f"PRAGMA table_info({t})") if r[1] != "id"]
+        for t in ("patient", "study", "series", "instance")
+    }
 
     def ins(table: str, data: list[tuple[object, ...]]) -> None:
         names = ["id", *cols[table]]
@@ -181,10 +184,19 @@ def fill_index(path: Path, rows: int, per_study: int, per_series: int, seed: int
     start = dt.datetime(2025, 11, 22, 7, 0, 0)
     span_s = 365 * 86400
     # Scanners (calling AE, address, manufacturer, station) and protocols.
-    scanners = [(f"CT_SCANNER_{k}", f"10.20.1.{10 + k}", ["SIEMENS", "GE MEDICAL SYSTEMS", "Philips"][k % 3],
-                 f"CTSTATION{k:02d}") for k in range(8)]  # fmt: skip
-    mr_scanners = [(f"MR_SCANNER_{k}", f"10.20.2.{10 + k}", ["SIEMENS", "GE MEDICAL SYSTEMS"][k % 2],
-                    f"MRSTATION{k:02d}") for k in range(3)]  # fmt: skip
+    scanners = [
+        (
+            f"CT_SCANNER_{k}",
+            f"10.20.1.{10 + k}",
+            ["SIEMENS", "GE MEDICAL SYSTEMS", "Philips"][k % 3],
+            f"CTSTATION{k:02d}",
+        )
+        for k in range(8)
+    ]
+    mr_scanners = [
+        (f"MR_SCANNER_{k}", f"10.20.2.{10 + k}", ["SIEMENS", "GE MEDICAL SYSTEMS"][k % 2], f"MRSTATION{k:02d}")
+        for k in range(3)
+    ]
     body_parts = ["CHEST", "ABDOMEN", "HEAD", "PELVIS", "NECK", "SPINE"]
     first = ["Anna", "Peter", "Maria", "Jan", "Eva", "Lukas", "Sofia", "Tomas", "Lena", "Karl"]
     last = ["Muller", "Schmidt", "Novak", "Svoboda", "Weber", "Fischer", "Dvorak", "Meyer", "Wagner", "Horak"]
@@ -206,17 +218,36 @@ def fill_index(path: Path, rows: int, per_study: int, per_series: int, seed: int
             patient_id += 1
             pname = f"{rng.choice(last)}^{rng.choice(first)}"
             when = start + dt.timedelta(seconds=span_s * s / n_studies)
-            patient_rows.append((patient_id, f"PID{patient_id:08d}", "", pname,
-                                 f"{rng.randint(1930, 2020)}{rng.randint(1, 12):02d}{rng.randint(1, 28):02d}",
-                                 rng.choice("MFO"), _ts(when)))  # fmt: skip
+            patient_rows.append(
+                (
+                    patient_id,
+                    f"PID{patient_id:08d}",
+                    "",
+                    pname,
+                    f"{rng.randint(1930, 2020)}{rng.randint(1, 12):02d}{rng.randint(1, 28):02d}",
+                    rng.choice("MFO"),
+                    _ts(when),
+                )
+            )
         when = start + dt.timedelta(seconds=span_s * s / n_studies)
         is_mr = rng.random() < 0.2
         modality, sop_class = ("MR", MR) if is_mr else ("CT", CT)
         ae, addr, manufacturer, station = rng.choice(mr_scanners if is_mr else scanners)
         body = rng.choice(body_parts)
-        study_rows.append((s + 1, _uid(rng), patient_id, when.strftime("%Y%m%d"), when.strftime("%H%M%S.%f")[:10],
-                           f"ACC{s + 1:09d}", str(rng.randint(1, 9999)), f"{modality} {body.title()}",
-                           "Referrer^Doctor", _ts(when)))  # fmt: skip
+        study_rows.append(
+            (
+                s + 1,
+                _uid(rng),
+                patient_id,
+                when.strftime("%Y%m%d"),
+                when.strftime("%H%M%S.%f")[:10],
+                f"ACC{s + 1:09d}",
+                str(rng.randint(1, 9999)),
+                f"{modality} {body.title()}",
+                "Referrer^Doctor",
+                _ts(when),
+            )
+        )
         n_inst = min(per_study, rows - done)
         n_series = -(-n_inst // per_series)
         for k in range(n_series):
@@ -234,18 +265,54 @@ def fill_index(path: Path, rows: int, per_study: int, per_series: int, seed: int
                 digest = hashlib.sha256(sop_uid.encode()).hexdigest()
                 z = -thickness * i
                 recv = s_first + dt.timedelta(microseconds=25_000 * i)
-                inst_rows.append((
-                    inst_id, sop_uid, series_id, sop_class, EXPLICIT_LE, i + 1, 1,
-                    "ORIGINAL\\PRIMARY\\AXIAL", 512, 512, None, 16, "MONOCHROME2",
-                    f"{-spacing * 256:.3f}\\{-spacing * 256:.3f}\\{z:.3f}", "1\\0\\0\\0\\1\\0",
-                    f"{spacing:.6f}\\{spacing:.6f}", thickness, z,
-                    f"storage/{digest[:2]}/{digest[2:4]}/{digest[:32]}-{rng.getrandbits(32):08x}.dcm",
-                    rng.randint(524_800, 525_600), f"xxh3_128:{rng.getrandbits(128):032x}",
-                    _ts(recv), ae, "DICOM_NODE", addr, assoc,
-                ))  # fmt: skip
-            series_rows.append((series_id, _uid(rng), s + 1, modality, k + 1,
-                                f"{body.title()} {thickness} mm", body, f"{body.title()} routine",
-                                manufacturer, station, frame_uid, in_series, _ts(s_first), _ts(recv)))  # fmt: skip
+                inst_rows.append(
+                    (
+                        inst_id,
+                        sop_uid,
+                        series_id,
+                        sop_class,
+                        EXPLICIT_LE,
+                        i + 1,
+                        1,
+                        "ORIGINAL\\PRIMARY\\AXIAL",
+                        512,
+                        512,
+                        None,
+                        16,
+                        "MONOCHROME2",
+                        f"{-spacing * 256:.3f}\\{-spacing * 256:.3f}\\{z:.3f}",
+                        "1\\0\\0\\0\\1\\0",
+                        f"{spacing:.6f}\\{spacing:.6f}",
+                        thickness,
+                        z,
+                        f"storage/{digest[:2]}/{digest[2:4]}/{digest[:32]}-{rng.getrandbits(32):08x}.dcm",
+                        rng.randint(524_800, 525_600),
+                        f"xxh3_128:{rng.getrandbits(128):032x}",
+                        _ts(recv),
+                        ae,
+                        "DICOM_NODE",
+                        addr,
+                        assoc,
+                    )
+                )
+            series_rows.append(
+                (
+                    series_id,
+                    _uid(rng),
+                    s + 1,
+                    modality,
+                    k + 1,
+                    f"{body.title()} {thickness} mm",
+                    body,
+                    f"{body.title()} routine",
+                    manufacturer,
+                    station,
+                    frame_uid,
+                    in_series,
+                    _ts(s_first),
+                    _ts(recv),
+                )
+            )
         done += n_inst
         if len(inst_rows) >= 50_000 or done == rows:
             ins("patient", patient_rows)
@@ -258,8 +325,9 @@ def fill_index(path: Path, rows: int, per_study: int, per_series: int, seed: int
                 rate = done / (time.perf_counter() - t0)
                 log(f"  {done:,}/{rows:,} instance rows ({rate:,.0f} rows/s)")
     con.execute("COMMIT")
-    counts = {t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
-              for t in ("patient", "study", "series", "instance")}  # fmt: skip
+    counts = {
+        t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("patient", "study", "series", "instance")
+    }
     bad = con.execute("PRAGMA foreign_key_check").fetchall()
     con.close()
     if bad:
@@ -302,9 +370,11 @@ def cached_index(workdir: Path, args: argparse.Namespace) -> tuple[Path, str]:
     finally:
         for p in cache.glob(f".building-{os.getpid()}.sqlite*"):
             p.unlink(missing_ok=True)
-    log(f"built {path.name} in {time.perf_counter() - t0:.0f}s: "
+    log(
+        f"built {path.name} in {time.perf_counter() - t0:.0f}s: "
         + ", ".join(f"{v:,} {k}" for k, v in counts.items())
-        + f", {path.stat().st_size / 1e6:.0f} MB")
+        + f", {path.stat().st_size / 1e6:.0f} MB"
+    )
     return path, f"{head} ({fingerprint})"
 
 
@@ -331,7 +401,7 @@ def copy_index(src: Path, data_dir: Path, mode: str = "pages") -> float:
             while chunk := fin.read(1 << 20):
                 view = memoryview(chunk)
                 for off in range(0, len(view), 4096):
-                    fout.write(view[off:off + 4096])
+                    fout.write(view[off : off + 4096])
     fd = os.open(dst, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -473,14 +543,16 @@ def run_cell(
         return fail(f"node did not start: {exc}")
     startup = time.perf_counter() - t0
     try:
-        w = send_with_storescu(pg, warmup, recv.port, recv.ae_title, 1, cell_dir / "send-warmup",
-                               timeout=args.send_timeout)
+        w = send_with_storescu(
+            pg, warmup, recv.port, recv.ae_title, 1, cell_dir / "send-warmup", timeout=args.send_timeout
+        )
         if not w.ok:
             return fail("warm-up failed: " + "; ".join(w.errors))
         assert recv.proc is not None
         cpu0, wr0 = proc_usage(recv.proc.pid)
-        res = send_with_storescu(pg, files, recv.port, recv.ae_title, streams, cell_dir / "send",
-                                 timeout=args.send_timeout)
+        res = send_with_storescu(
+            pg, files, recv.port, recv.ae_title, streams, cell_dir / "send", timeout=args.send_timeout
+        )
         expected = len(warmup) + len(files)
         wait_until(lambda: recv.stored_count() >= expected, args.settle, interval=0.1)
         stored_files = recv.stored_count()
@@ -500,10 +572,21 @@ def run_cell(
         errors.append(f"series instance_count {counts}, expected {[len(warmup), len(files)]}")
     if errors and recv.log_path is not None:
         log(f"node log tail:\n{tail(recv.log_path, 15)}")
-    return RunResult(kind, rows_before, streams, round(res.elapsed_s, 3), len(files) / res.elapsed_s,
-                     nbytes / res.elapsed_s / 1e6, round(startup, 2), round(copy_s, 2), not errors,
-                     "; ".join(errors), round((cpu1 - cpu0) * 1000 / len(files), 3),
-                     round((wr1 - wr0) / 1024 / len(files), 1), round(load, 2))  # fmt: skip
+    return RunResult(
+        kind,
+        rows_before,
+        streams,
+        round(res.elapsed_s, 3),
+        len(files) / res.elapsed_s,
+        nbytes / res.elapsed_s / 1e6,
+        round(startup, 2),
+        round(copy_s, 2),
+        not errors,
+        "; ".join(errors),
+        round((cpu1 - cpu0) * 1000 / len(files), 3),
+        round((wr1 - wr0) / 1024 / len(files), 1),
+        round(load, 2),
+    )
 
 
 # --------------------------------------------------------------------------
@@ -522,12 +605,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=1, help="repetitions per cell; the median is reported")
     p.add_argument("--per-study", type=int, default=200, help="instances per study in the pre-filled index")
     p.add_argument("--per-series", type=int, default=50, help="instances per series in the pre-filled index")
-    p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
-                   help="cache of pre-filled indexes and run directories (kept between runs)")
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=DEFAULT_WORKDIR,
+        help="cache of pre-filled indexes and run directories (kept between runs)",
+    )
     p.add_argument("--rebuild", action="store_true", help="rebuild the cached pre-filled index")
     p.add_argument("--keep", action="store_true", help="keep every run's data dir and logs")
-    p.add_argument("--copy-mode", choices=("pages", "bulk"), default="pages",
-                   help="how the pre-filled index is copied into each run's data dir (see copy_index)")
+    p.add_argument(
+        "--copy-mode",
+        choices=("pages", "bulk"),
+        default="pages",
+        help="how the pre-filled index is copied into each run's data dir (see copy_index)",
+    )
     p.add_argument("--target", type=float, default=0.90, help="minimum acceptable rate ratio prefilled/empty")
     p.add_argument("--json", metavar="OUT", type=Path, help="write all results as JSON here")
     p.add_argument("--settle", type=float, default=30.0, help="max seconds to wait for the stored count")
@@ -563,12 +654,18 @@ def main(argv: list[str] | None = None) -> int:
 
         data_dir = workdir / "data" / f"n{args.count}"
         rmtree_quiet(workdir / "data")
-        warmup = generate_series(SeriesSpec("warmup", "warm-up", 128, 128, WARMUP_INSTANCES),
-                                 workdir / "data" / "warmup", seed=7, patient_id="WARMUP01")
+        warmup = generate_series(
+            SeriesSpec("warmup", "warm-up", 128, 128, WARMUP_INSTANCES),
+            workdir / "data" / "warmup",
+            seed=7,
+            patient_id="WARMUP01",
+        )
         files = generate_series(SeriesSpec("small128", "128x128 16-bit", 128, 128, args.count), data_dir, seed=42)
         nbytes = sum(f.stat().st_size for f in files)
-        series_uids = (str(dcmread(warmup[0], stop_before_pixels=True).SeriesInstanceUID),
-                       str(dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID))  # fmt: skip
+        series_uids = (
+            str(dcmread(warmup[0], stop_before_pixels=True).SeriesInstanceUID),
+            str(dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID),
+        )
         log(f"generated {len(files)} instances, {nbytes / 1e6:.1f} MB")
 
         kinds = [("empty", 0, None), ("prefilled", args.rows, prefilled)]
@@ -580,15 +677,19 @@ def main(argv: list[str] | None = None) -> int:
                     order = kinds if rep % 2 == 0 else kinds[::-1]
                     for kind, rows_before, src in order:
                         cell_dir = runs_dir / f"r{rep}-{kind}-{streams}s"
-                        run = run_cell(pg, kind, rows_before, src, cell_dir, warmup, files, nbytes,
-                                       series_uids, streams, args)  # fmt: skip
+                        run = run_cell(
+                            pg, kind, rows_before, src, cell_dir, warmup, files, nbytes, series_uids, streams, args
+                        )
                         results.setdefault((kind, streams), Cell()).runs.append(run)
                         label = f"rep {rep + 1}/{args.repeat} {kind:9s} ({rows_before:,} rows) streams={streams}"
                         if run.ok:
-                            log(f"{label}: {run.inst_per_s:7.1f} inst/s {run.mb_per_s:6.1f} MB/s "
+                            log(
+                                f"{label}: {run.inst_per_s:7.1f} inst/s {run.mb_per_s:6.1f} MB/s "
                                 f"cpu {run.cpu_ms_per_inst:.2f} ms/inst, writes {run.write_kib_per_inst:.0f} KiB/inst "
                                 f"({run.elapsed_s:.2f}s; load {run.loadavg_1min:.2f}; node start-up {run.startup_s:.2f}s"
-                                + (f", index copy {run.copy_s:.1f}s" if run.copy_s else "") + ")")
+                                + (f", index copy {run.copy_s:.1f}s" if run.copy_s else "")
+                                + ")"
+                            )
                             if not args.keep:
                                 rmtree_quiet(cell_dir)
                         else:
@@ -603,34 +704,44 @@ def main(argv: list[str] | None = None) -> int:
 
     # --- report
     print()
-    print(f"Machine:  {machine['nproc']} CPUs ({machine['cpu_model']}), {machine['memory']} RAM, "
-          f"Linux {machine['kernel']}, storage {machine['workdir_fs']}, "
-          f"load avg at start {machine['loadavg_1min_at_start']}")
+    print(
+        f"Machine:  {machine['nproc']} CPUs ({machine['cpu_model']}), {machine['memory']} RAM, "
+        f"Linux {machine['kernel']}, storage {machine['workdir_fs']}, "
+        f"load avg at start {machine['loadavg_1min_at_start']}"
+    )
     print("Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + f", schema {head}")
-    print(f"Data: {args.count} instances 128x128 16-bit (~{nbytes / args.count / 1024:.0f} KiB each), "
-          f"DCMTK storescu on loopback, TCP_NODELAY=1; pre-filled index: {args.rows:,} instances "
-          f"({args.per_study} per study, {args.per_series} per series), "
-          f"{prefilled.stat().st_size / 1e6:.0f} MB; median of {args.repeat} run(s)")
+    print(
+        f"Data: {args.count} instances 128x128 16-bit (~{nbytes / args.count / 1024:.0f} KiB each), "
+        f"DCMTK storescu on loopback, TCP_NODELAY=1; pre-filled index: {args.rows:,} instances "
+        f"({args.per_study} per study, {args.per_series} per series), "
+        f"{prefilled.stat().st_size / 1e6:.0f} MB; median of {args.repeat} run(s)"
+    )
     print()
-    header = ["index", "streams", "inst/s", "MB/s", "elapsed s", "node CPU ms/inst", "writes KiB/inst",
-              "start-up s"]
+    header = ["index", "streams", "inst/s", "MB/s", "elapsed s", "node CPU ms/inst", "writes KiB/inst", "start-up s"]
     table: list[list[str]] = []
     for streams in args.stream_list:
         for kind, rows_before, _src in (("empty", 0, None), ("prefilled", args.rows, None)):
             cell = results.get((kind, streams), Cell())
             rate = cell.median("inst_per_s")
-            table.append([
-                f"{kind} ({rows_before:,} rows)", str(streams),
-                "FAILED" if rate is None else f"{rate:.1f}",
-                "-" if rate is None else f"{cell.median('mb_per_s'):.2f}",
-                "-" if rate is None else f"{cell.median('elapsed_s'):.2f}",
-                "-" if rate is None else f"{cell.median('cpu_ms_per_inst'):.2f}",
-                "-" if rate is None else f"{cell.median('write_kib_per_inst'):.0f}",
-                "-" if rate is None else f"{cell.median('startup_s'):.2f}",
-            ])  # fmt: skip
+            table.append(
+                [
+                    f"{kind} ({rows_before:,} rows)",
+                    str(streams),
+                    "FAILED" if rate is None else f"{rate:.1f}",
+                    "-" if rate is None else f"{cell.median('mb_per_s'):.2f}",
+                    "-" if rate is None else f"{cell.median('elapsed_s'):.2f}",
+                    "-" if rate is None else f"{cell.median('cpu_ms_per_inst'):.2f}",
+                    "-" if rate is None else f"{cell.median('write_kib_per_inst'):.0f}",
+                    "-" if rate is None else f"{cell.median('startup_s'):.2f}",
+                ]
+            )
     widths = [max(len(h), *(len(r[i]) for r in table)) for i, h in enumerate(header)]
-    fmt_line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
-                                       for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+
+    def fmt_line(cells: list[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
     print(fmt_line(header))
     print(fmt_line(["-" * w for w in widths]))
     for row in table:
@@ -651,8 +762,10 @@ def main(argv: list[str] | None = None) -> int:
             ca = results[("prefilled", streams)].median("cpu_ms_per_inst")
             cb = results[("empty", streams)].median("cpu_ms_per_inst")
             cpu = f"; node CPU per instance x{ca / cb:.2f}" if ca and cb else ""
-            print(f"ratio prefilled/empty, {streams} stream(s): {ratios[streams]:.2f} "
-                  f"(target >= {args.target:.2f}: {verdict}){cpu}")
+            print(
+                f"ratio prefilled/empty, {streams} stream(s): {ratios[streams]:.2f} "
+                f"(target >= {args.target:.2f}: {verdict}){cpu}"
+            )
     print()
     print(f"Write-path query plans (node/index/records.py) on the {args.rows:,}-row index:")
     scans = []
@@ -667,14 +780,23 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.json:
         out = {
-            "machine": machine, "versions": versions, "schema": head,
-            "settings": {"rows": args.rows, "count": args.count, "streams": args.stream_list,
-                         "repeat": args.repeat, "per_study": args.per_study, "per_series": args.per_series,
-                         "target": args.target, "copy_mode": args.copy_mode},
+            "machine": machine,
+            "versions": versions,
+            "schema": head,
+            "settings": {
+                "rows": args.rows,
+                "count": args.count,
+                "streams": args.stream_list,
+                "repeat": args.repeat,
+                "per_study": args.per_study,
+                "per_series": args.per_series,
+                "target": args.target,
+                "copy_mode": args.copy_mode,
+            },
             "runs": [asdict(r) for cell in results.values() for r in cell.runs],
             "ratios": {str(k): v for k, v in ratios.items()},
             "plans": [{"name": n, "sql": s, "plan": p} for n, s, p in plans],
-        }  # fmt: skip
+        }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=2) + "\n")
         log(f"wrote {args.json}")

@@ -152,21 +152,22 @@ def run_one(
     """Fresh start, warm-up, timed send, verification, stop."""
     recv.start(cell_dir)
     try:
-        w = send_with_storescu(recv.pg, warmup, recv.port, recv.ae_title, 1,
-                               cell_dir / "send-warmup", timeout=args.send_timeout)
+        w = send_with_storescu(
+            recv.pg, warmup, recv.port, recv.ae_title, 1, cell_dir / "send-warmup", timeout=args.send_timeout
+        )
         if not w.ok:
             return RunResult(0, 0, 0, len(files), 0, 0, False, "warm-up failed: " + "; ".join(w.errors))
         got, _ = wait_for_count(recv, len(warmup), args.settle)
         if got != len(warmup):
-            return RunResult(0, 0, 0, len(files), 0, 0, False,
-                             f"warm-up: stored {got} of {len(warmup)}")
+            return RunResult(0, 0, 0, len(files), 0, 0, False, f"warm-up: stored {got} of {len(warmup)}")
         # Start every timed send with no dirty pages left by the previous
         # receiver: otherwise receivers that fsync (this node, Orthanc) wait
         # behind the write-back of receivers that do not.
         os.sync()
 
-        res = send_with_storescu(recv.pg, files, recv.port, recv.ae_title, streams,
-                                 cell_dir / "send", timeout=args.send_timeout)
+        res = send_with_storescu(
+            recv.pg, files, recv.port, recv.ae_title, streams, cell_dir / "send", timeout=args.send_timeout
+        )
         expected = len(warmup) + len(files)
         total, settle_s = wait_for_count(recv, expected, args.settle)
         stored = total - len(warmup)
@@ -228,8 +229,9 @@ def build_rows(
         row = [f"{spec.label} x{spec.count} (~{inst_bytes / 1024:.0f} KiB)", str(streams)]
         row += [fmt_rate(res.get(r)) for r in receivers]
         if "node" in receivers:
-            row += [fmt_ratio(res.get("node"), res.get(r))
-                    for r in ("orthanc", "storescp", "pynetdicom") if r in others]
+            row += [
+                fmt_ratio(res.get("node"), res.get(r)) for r in ("orthanc", "storescp", "pynetdicom") if r in others
+            ]
         rows.append(row)
     return header, rows
 
@@ -239,8 +241,9 @@ def plain_table(header: list[str], rows: list[list[str]]) -> str:
 
     def line(cells: list[str]) -> str:
         # first column (the label) left-aligned, numbers right-aligned
-        return "  ".join(c.rjust(w) if i > 0 else c.ljust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+        return "  ".join(
+            c.rjust(w) if i > 0 else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
 
     out = [line(header), line(["-" * w for w in widths])]
     out += [line(r) for r in rows]
@@ -248,8 +251,7 @@ def plain_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    out = ["| " + " | ".join(header) + " |",
-           "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(out)
 
@@ -264,28 +266,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="C-STORE ingest throughput of dicom-node vs storescp, Orthanc and pynetdicom.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--receivers", default=",".join(RECEIVER_NAMES),
-                   help="comma-separated subset of: " + ",".join(RECEIVER_NAMES))
+    p.add_argument(
+        "--receivers", default=",".join(RECEIVER_NAMES), help="comma-separated subset of: " + ",".join(RECEIVER_NAMES)
+    )
     p.add_argument("--count-ct", type=int, default=200, help="instances of 512x512 CT")
     p.add_argument("--count-small", type=int, default=1000, help="instances of 128x128")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: 20 CT and 50 small instances (overrides the counts)")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke run: 20 CT and 50 small instances (overrides the counts)"
+    )
     p.add_argument("--streams", default="1,4", help="comma-separated parallel storescu counts")
-    p.add_argument("--repeat", type=int, default=1,
-                   help="repetitions per cell (fresh receiver each); the median is reported")
+    p.add_argument(
+        "--repeat", type=int, default=1, help="repetitions per cell (fresh receiver each); the median is reported"
+    )
     p.add_argument("--json", metavar="OUT", type=Path, help="write all results as JSON here")
-    p.add_argument("--workdir", type=Path,
-                   help="where data and receiver storage go [a new temp dir]")
-    p.add_argument("--keep", action="store_true",
-                   help="keep the work dir (logs, stored files); it is kept anyway after a failure")
-    p.add_argument("--storescp-fork", action="store_true",
-                   help="run DCMTK storescp with --fork (one process per association)")
-    p.add_argument("--orthanc-set", action="append", default=[], metavar="KEY=JSON",
-                   help='override an Orthanc option, e.g. SyncStorageArea=false (repeatable)')
-    p.add_argument("--settle", type=float, default=30.0,
-                   help="max seconds to wait for the stored count after a transfer")
-    p.add_argument("--send-timeout", type=float, default=900.0,
-                   help="max seconds for one transfer before it is killed")
+    p.add_argument("--workdir", type=Path, help="where data and receiver storage go [a new temp dir]")
+    p.add_argument(
+        "--keep", action="store_true", help="keep the work dir (logs, stored files); it is kept anyway after a failure"
+    )
+    p.add_argument(
+        "--storescp-fork", action="store_true", help="run DCMTK storescp with --fork (one process per association)"
+    )
+    p.add_argument(
+        "--orthanc-set",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="override an Orthanc option, e.g. SyncStorageArea=false (repeatable)",
+    )
+    p.add_argument(
+        "--settle", type=float, default=30.0, help="max seconds to wait for the stored count after a transfer"
+    )
+    p.add_argument("--send-timeout", type=float, default=900.0, help="max seconds for one transfer before it is killed")
     args = p.parse_args(argv)
 
     args.receiver_list = [r.strip() for r in args.receivers.split(",") if r.strip()]
@@ -325,10 +336,14 @@ def main(argv: list[str] | None = None) -> int:
 
     machine = machine_info(workdir)
     versions = tool_versions()
-    specs = [s for s in (
-        SeriesSpec("ct512", "CT 512x512 16-bit", 512, 512, args.count_ct),
-        SeriesSpec("small128", "128x128 16-bit", 128, 128, args.count_small),
-    ) if s.count > 0]
+    specs = [
+        s
+        for s in (
+            SeriesSpec("ct512", "CT 512x512 16-bit", 512, 512, args.count_ct),
+            SeriesSpec("small128", "128x128 16-bit", 128, 128, args.count_small),
+        )
+        if s.count > 0
+    ]
 
     results: dict[tuple[str, int], dict[str, CellResult]] = {}
     unavailable: dict[str, str] = {}
@@ -339,16 +354,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # --- data: generated once; every receiver gets the very same files.
         t0 = time.perf_counter()
-        warmup = generate_series(SeriesSpec("warmup", "warm-up", 128, 128, WARMUP_INSTANCES),
-                                 workdir / "data" / "warmup", seed=7, patient_id="WARMUP01")
+        warmup = generate_series(
+            SeriesSpec("warmup", "warm-up", 128, 128, WARMUP_INSTANCES),
+            workdir / "data" / "warmup",
+            seed=7,
+            patient_id="WARMUP01",
+        )
         data: dict[str, tuple[list[Path], int]] = {}
         for spec in specs:
             files = generate_series(spec, workdir / "data" / spec.key, seed=42)
             data[spec.key] = (files, sum(f.stat().st_size for f in files))
-        log(f"generated data in {time.perf_counter() - t0:.1f}s: "
-            + ", ".join(f"{k}: {len(f)} files, {b / 1e6:.1f} MB" for k, (f, b) in data.items()))
-        cells = [(spec, st, data[spec.key][1] // max(1, spec.count))
-                 for spec in specs for st in args.stream_list]
+        log(
+            f"generated data in {time.perf_counter() - t0:.1f}s: "
+            + ", ".join(f"{k}: {len(f)} files, {b / 1e6:.1f} MB" for k, (f, b) in data.items())
+        )
+        cells = [(spec, st, data[spec.key][1] // max(1, spec.count)) for spec in specs for st in args.stream_list]
 
         with ProcessGroup() as pg:
             receivers = {name: make_receiver(name, pg, args) for name in args.receiver_list}
@@ -358,8 +378,10 @@ def main(argv: list[str] | None = None) -> int:
                     files, nbytes = data[spec.key]
                     # Rotate the receiver order between repetitions so slow
                     # drifts on a shared machine do not always hit the same one.
-                    order = args.receiver_list[rep % len(args.receiver_list):] + \
-                        args.receiver_list[:rep % len(args.receiver_list)]
+                    order = (
+                        args.receiver_list[rep % len(args.receiver_list) :]
+                        + args.receiver_list[: rep % len(args.receiver_list)]
+                    )
                     for name in order:
                         if name in unavailable:
                             continue
@@ -375,8 +397,10 @@ def main(argv: list[str] | None = None) -> int:
                         results.setdefault((spec.key, streams), {}).setdefault(name, CellResult()).runs.append(run)
                         if run.ok:
                             extra = f", settle {run.settle_s:.2f}s" if run.settle_s > 0.2 else ""
-                            log(f"{label}: {run.inst_per_s:8.1f} inst/s  {run.mb_per_s:7.1f} MB/s "
-                                f"({run.elapsed_s:.2f}s{extra})")
+                            log(
+                                f"{label}: {run.inst_per_s:8.1f} inst/s  {run.mb_per_s:7.1f} MB/s "
+                                f"({run.elapsed_s:.2f}s{extra})"
+                            )
                         else:
                             any_failure = True
                             rate = f" (measured {run.inst_per_s:.1f} inst/s)" if run.elapsed_s else ""
@@ -395,15 +419,19 @@ def main(argv: list[str] | None = None) -> int:
 
     # --- report
     header, rows = build_rows(cells, results, args.receiver_list)
-    mach_line = (f"{machine['nproc']} CPUs ({machine['cpu_model']}), {machine['memory']} RAM, "
-                 f"Linux {machine['kernel']}, storage {machine['workdir_fs']}, "
-                 f"load avg at start {machine['loadavg_1min_at_start']}")
+    mach_line = (
+        f"{machine['nproc']} CPUs ({machine['cpu_model']}), {machine['memory']} RAM, "
+        f"Linux {machine['kernel']}, storage {machine['workdir_fs']}, "
+        f"load avg at start {machine['loadavg_1min_at_start']}"
+    )
     ver_line = ", ".join(f"{k} {v}" for k, v in versions.items())
     print()
     print(f"Machine:  {mach_line}")
     print(f"Versions: {ver_line}")
-    print(f"Median of {args.repeat} run(s) per cell; instances/s, wall clock from first storescu "
-          f"start to last storescu exit; '!' = some run failed verification.")
+    print(
+        f"Median of {args.repeat} run(s) per cell; instances/s, wall clock from first storescu "
+        f"start to last storescu exit; '!' = some run failed verification."
+    )
     for name in args.receiver_list:
         if name in unavailable:
             print(f"  {name:10s} SKIPPED: {unavailable[name].splitlines()[0]}")
@@ -414,8 +442,10 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("Markdown (for docs/benchmarks.md):")
     print()
-    print(f"Machine: {mach_line}. Versions: {ver_line}. "
-          f"Sender: DCMTK storescu on loopback, TCP_NODELAY=1; median of {args.repeat} run(s).")
+    print(
+        f"Machine: {mach_line}. Versions: {ver_line}. "
+        f"Sender: DCMTK storescu on loopback, TCP_NODELAY=1; median of {args.repeat} run(s)."
+    )
     print()
     print(markdown_table(header, rows))
 
@@ -424,17 +454,25 @@ def main(argv: list[str] | None = None) -> int:
             "machine": machine,
             "versions": versions,
             "settings": {
-                "count_ct": args.count_ct, "count_small": args.count_small,
-                "streams": args.stream_list, "repeat": args.repeat,
-                "warmup_instances": WARMUP_INSTANCES, "storescp_fork": args.storescp_fork,
+                "count_ct": args.count_ct,
+                "count_small": args.count_small,
+                "streams": args.stream_list,
+                "repeat": args.repeat,
+                "warmup_instances": WARMUP_INSTANCES,
+                "storescp_fork": args.storescp_fork,
                 "orthanc_overrides": args.orthanc_set,
             },
-            "receivers": {n: ({"skipped": unavailable[n]} if n in unavailable
-                              else {"command": described.get(n, "")}) for n in args.receiver_list},
+            "receivers": {
+                n: ({"skipped": unavailable[n]} if n in unavailable else {"command": described.get(n, "")})
+                for n in args.receiver_list
+            },
             "cells": [
                 {
-                    "data": spec.key, "label": spec.label, "instances": spec.count,
-                    "bytes_per_instance": inst_bytes, "streams": streams,
+                    "data": spec.key,
+                    "label": spec.label,
+                    "instances": spec.count,
+                    "bytes_per_instance": inst_bytes,
+                    "streams": streams,
                     "results": {
                         name: {
                             "median_inst_per_s": cr.median("inst_per_s"),

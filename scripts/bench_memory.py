@@ -307,8 +307,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--size-mb", type=int, default=1024, help="Pixel Data size of the instance, MiB")
-    p.add_argument("--limit-mb", type=float, default=100.0,
-                   help="fail if the node's RSS grows by more than this (MiB) during the transfer")
+    p.add_argument(
+        "--limit-mb",
+        type=float,
+        default=100.0,
+        help="fail if the node's RSS grows by more than this (MiB) during the transfer",
+    )
     p.add_argument("--interval", type=float, default=0.02, help="RSS sampling interval, seconds")
     p.add_argument("--workdir", type=Path, help="where the instance and the node's data go [a new temp dir]")
     p.add_argument("--keep", action="store_true", help="keep the work dir (two copies of the instance!)")
@@ -339,8 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         sop_uid, frames = write_large_instance(big, args.size_mb)
         size = big.stat().st_size
-        log(f"wrote {big.name}: {frames} frames {ROWS}x{COLS}, {size / 1e6:.1f} MB "
-            f"in {time.perf_counter() - t0:.1f}s")
+        log(f"wrote {big.name}: {frames} frames {ROWS}x{COLS}, {size / 1e6:.1f} MB in {time.perf_counter() - t0:.1f}s")
         from pydicom import dcmread
 
         chk = dcmread(big, stop_before_pixels=True)
@@ -348,8 +351,9 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         src_digest, src_len = dataset_digest(big)
         log(f"source data set: {src_len} bytes, digest {src_digest[:16]}... ({time.perf_counter() - t0:.1f}s)")
-        warmup = generate_series(SeriesSpec("warmup", "warm-up", 128, 128, 1),
-                                 workdir / "data" / "warmup", seed=7, patient_id="WARMUP01")
+        warmup = generate_series(
+            SeriesSpec("warmup", "warm-up", 128, 128, 1), workdir / "data" / "warmup", seed=7, patient_id="WARMUP01"
+        )
 
         with ProcessGroup() as pg:
             recv = NodeReceiver(pg)
@@ -369,14 +373,17 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.5)
             idle = proc_status(pid)["VmRSS"]
             hwm_reset = reset_peak(pid)
-            log(f"node pid {pid}: idle RSS {mb(idle_cold)}, after warm-up {mb(idle)}; "
-                f"VmHWM reset: {'yes' if hwm_reset else 'NO (VmHWM includes start-up)'}")
+            log(
+                f"node pid {pid}: idle RSS {mb(idle_cold)}, after warm-up {mb(idle)}; "
+                f"VmHWM reset: {'yes' if hwm_reset else 'NO (VmHWM includes start-up)'}"
+            )
 
             sampler = Sampler(pid, args.interval)
             sampler.start()
             log(f"sending {size / 1e6:.0f} MB with storescu ...")
-            res = send_with_storescu(pg, [big], recv.port, recv.ae_title, 1, workdir / "send",
-                                     timeout=args.send_timeout)
+            res = send_with_storescu(
+                pg, [big], recv.port, recv.ae_title, 1, workdir / "send", timeout=args.send_timeout
+            )
             time.sleep(0.3)  # the tail of the store (fsync, index) is in the samples too
             sampler.stop()
             samples = sampler.samples
@@ -386,8 +393,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 status = proc_status(pid)
             errors += res.errors
-            log(f"transfer: {res.elapsed_s:.2f}s, {size / res.elapsed_s / 1e6:.1f} MB/s "
-                f"({len(samples)} RSS samples)")
+            log(f"transfer: {res.elapsed_s:.2f}s, {size / res.elapsed_s / 1e6:.1f} MB/s ({len(samples)} RSS samples)")
 
             # --- verification: the index points at a file whose data set is the source's
             db = recv.data_dir / "index.sqlite"
@@ -395,8 +401,9 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
                 try:
-                    row = con.execute("SELECT file_path, file_size FROM instance WHERE sop_instance_uid = ?",
-                                      (sop_uid,)).fetchone()
+                    row = con.execute(
+                        "SELECT file_path, file_size FROM instance WHERE sop_instance_uid = ?", (sop_uid,)
+                    ).fetchone()
                 finally:
                     con.close()
             except sqlite3.Error as exc:
@@ -416,8 +423,10 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 dst_digest, dst_len = dataset_digest(stored)
                 bytes_match = (dst_digest, dst_len) == (src_digest, src_len)
-                log(f"stored data set: {dst_len} bytes, digest {dst_digest[:16]}... "
-                    f"({time.perf_counter() - t0:.1f}s): {'IDENTICAL' if bytes_match else 'DIFFERENT'}")
+                log(
+                    f"stored data set: {dst_len} bytes, digest {dst_digest[:16]}... "
+                    f"({time.perf_counter() - t0:.1f}s): {'IDENTICAL' if bytes_match else 'DIFFERENT'}"
+                )
                 if not bytes_match:
                     errors.append(f"stored data set differs from the source ({dst_len} vs {src_len} bytes)")
             if errors:
@@ -429,14 +438,25 @@ def main(argv: list[str] | None = None) -> int:
         peak = max(peak_sampled, hwm if hwm_reset else 0)
         growth = peak - idle
         result = Result(
-            size_bytes=size, frames=frames, idle_cold_kib=idle_cold, idle_kib=idle,
-            peak_sampled_kib=peak_sampled, peak_sampled_at_s=round(peak_t, 3),
-            vmhwm_kib=hwm, vmhwm_reset=hwm_reset, peak_kib=peak,
-            growth_kib=growth, growth_vs_cold_kib=peak - idle_cold,
-            after_kib=status.get("VmRSS", 0), samples=len(samples),
-            elapsed_s=round(res.elapsed_s, 3), mb_per_s=round(size / res.elapsed_s / 1e6, 1),
-            bytes_match=bytes_match, ok=False, errors=errors,
-        )  # fmt: skip
+            size_bytes=size,
+            frames=frames,
+            idle_cold_kib=idle_cold,
+            idle_kib=idle,
+            peak_sampled_kib=peak_sampled,
+            peak_sampled_at_s=round(peak_t, 3),
+            vmhwm_kib=hwm,
+            vmhwm_reset=hwm_reset,
+            peak_kib=peak,
+            growth_kib=growth,
+            growth_vs_cold_kib=peak - idle_cold,
+            after_kib=status.get("VmRSS", 0),
+            samples=len(samples),
+            elapsed_s=round(res.elapsed_s, 3),
+            mb_per_s=round(size / res.elapsed_s / 1e6, 1),
+            bytes_match=bytes_match,
+            ok=False,
+            errors=errors,
+        )
         if growth / 1024 > args.limit_mb:
             errors.append(f"RSS grew by {mb(growth)}, above the {args.limit_mb:.0f} MiB limit")
         result.ok = not errors
@@ -453,32 +473,43 @@ def main(argv: list[str] | None = None) -> int:
 
     r = result
     print()
-    print(f"Machine:  {machine['nproc']} CPUs ({machine['cpu_model']}), {machine['memory']} RAM, "
-          f"Linux {machine['kernel']}, storage {machine['workdir_fs']}, "
-          f"load avg at start {machine['loadavg_1min_at_start']}")
+    print(
+        f"Machine:  {machine['nproc']} CPUs ({machine['cpu_model']}), {machine['memory']} RAM, "
+        f"Linux {machine['kernel']}, storage {machine['workdir_fs']}, "
+        f"load avg at start {machine['loadavg_1min_at_start']}"
+    )
     print("Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
-    print(f"Instance: Multi-frame Grayscale Word SC, {r.frames} frames {ROWS}x{COLS} 16-bit, "
-          f"explicit VR LE, {r.size_bytes / 1e6:.1f} MB ({r.size_bytes / MIB:.1f} MiB); "
-          f"sender DCMTK storescu on loopback, TCP_NODELAY=1")
+    print(
+        f"Instance: Multi-frame Grayscale Word SC, {r.frames} frames {ROWS}x{COLS} 16-bit, "
+        f"explicit VR LE, {r.size_bytes / 1e6:.1f} MB ({r.size_bytes / MIB:.1f} MiB); "
+        f"sender DCMTK storescu on loopback, TCP_NODELAY=1"
+    )
     print()
     print(f"  idle RSS (after start)        {mb(r.idle_cold_kib):>12}")
     print(f"  idle RSS (after warm-up) [B]  {mb(r.idle_kib):>12}")
-    print(f"  peak RSS sampled every {args.interval * 1000:.0f} ms {mb(r.peak_sampled_kib):>12}"
-          f"  (at {r.peak_sampled_at_s:.2f}s, {r.samples} samples)")
-    print(f"  VmHWM after transfer          {mb(r.vmhwm_kib):>12}"
-          f"  ({'reset before the transfer' if r.vmhwm_reset else 'NOT reset: includes start-up'})")
+    print(
+        f"  peak RSS sampled every {args.interval * 1000:.0f} ms {mb(r.peak_sampled_kib):>12}"
+        f"  (at {r.peak_sampled_at_s:.2f}s, {r.samples} samples)"
+    )
+    print(
+        f"  VmHWM after transfer          {mb(r.vmhwm_kib):>12}"
+        f"  ({'reset before the transfer' if r.vmhwm_reset else 'NOT reset: includes start-up'})"
+    )
     print(f"  RSS after transfer            {mb(r.after_kib):>12}")
     print(f"  peak [P]                      {mb(r.peak_kib):>12}")
     print(f"  growth P - B                  {mb(r.growth_kib):>12}  (limit {args.limit_mb:.0f} MiB)")
     print(f"  growth vs idle after start    {mb(r.growth_vs_cold_kib):>12}")
-    print(f"  transfer time                 {r.elapsed_s:>10.2f} s  ({r.mb_per_s:.1f} MB/s, "
-          f"storescu start to exit)")
+    print(f"  transfer time                 {r.elapsed_s:>10.2f} s  ({r.mb_per_s:.1f} MB/s, storescu start to exit)")
     print(f"  stored data set == source     {'yes' if r.bytes_match else 'NO':>12}")
     print()
     if args.json:
-        out = {"machine": machine, "versions": versions, "settings": vars(args) | {"json": str(args.json),
-               "workdir": str(args.workdir) if args.workdir else None},
-               "result": asdict(r), "samples_t_s_vmrss_kib_rssanon_kib": samples}  # fmt: skip
+        out = {
+            "machine": machine,
+            "versions": versions,
+            "settings": vars(args) | {"json": str(args.json), "workdir": str(args.workdir) if args.workdir else None},
+            "result": asdict(r),
+            "samples_t_s_vmrss_kib_rssanon_kib": samples,
+        }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=1) + "\n")
         log(f"wrote {args.json}")

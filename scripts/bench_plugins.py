@@ -211,16 +211,23 @@ class JobRun:
         return self.wall - self.timings.get("build", 0.0) - self.timings.get("write", 0.0)
 
 
-def run_bare(python: str, files: list[Path], work: Path, name: str, rep: int, batch_size: int,
-             timeout: float) -> JobRun:  # fmt: skip
+def run_bare(
+    python: str, files: list[Path], work: Path, name: str, rep: int, batch_size: int, timeout: float
+) -> JobRun:
     run = JobRun(name, "bare", rep)
     work.mkdir(parents=True, exist_ok=True)
     listing = work / "files.json"
     listing.write_text(json.dumps([str(f) for f in files]))
     t = time.perf_counter()
     try:
-        done = subprocess.run([python, "-c", BARE_SCRIPT, str(listing), str(batch_size)], capture_output=True,
-                              text=True, timeout=timeout, cwd=str(Path(python).parent.parent), check=False)  # fmt: skip
+        done = subprocess.run(
+            [python, "-c", BARE_SCRIPT, str(listing), str(batch_size)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=str(Path(python).parent.parent),
+            check=False,
+        )
     except subprocess.TimeoutExpired:
         run.ok, run.error = False, f"the bare script took more than {timeout:g} s"
         return run
@@ -237,18 +244,32 @@ def run_bare(python: str, files: list[Path], work: Path, name: str, rep: int, ba
     return run
 
 
-def _spec(files: list[Path], out_dir: Path, socket: str, plugin_info: dict[str, Any], job_key: tuple[str, int, str, int],
-          environment: str) -> Any:  # fmt: skip
+def _spec(
+    files: list[Path],
+    out_dir: Path,
+    socket: str,
+    plugin_info: dict[str, Any],
+    job_key: tuple[str, int, str, int],
+    environment: str,
+) -> Any:
     from node.plugins.worker import StepSpec, WorkSpec
 
-    step = StepSpec(PLUGIN, TARGET, {}, kind="environment", socket=socket, environment=environment,
-                    remote=dict(plugin_info))  # fmt: skip
-    return WorkSpec(files=[str(f) for f in files], steps=[step], out_dir=str(out_dir), job_key=job_key,
-                    memory_limit_mb=MEMORY_LIMIT_MB, series_description="benchmark")  # fmt: skip
+    step = StepSpec(
+        PLUGIN, TARGET, {}, kind="environment", socket=socket, environment=environment, remote=dict(plugin_info)
+    )
+    return WorkSpec(
+        files=[str(f) for f in files],
+        steps=[step],
+        out_dir=str(out_dir),
+        job_key=job_key,
+        memory_limit_mb=MEMORY_LIMIT_MB,
+        series_description="benchmark",
+    )
 
 
-def _job(files: list[Path], work: Path, w: Any, job_key: tuple[str, int, str, int], timeout: float, run: JobRun,
-         t0: float) -> None:  # fmt: skip
+def _job(
+    files: list[Path], work: Path, w: Any, job_key: tuple[str, int, str, int], timeout: float, run: JobRun, t0: float
+) -> None:
     """The node's job path for one leased worker (as node.jobs.actions runs it, RSS watch included).
 
     ``run.wall`` is from ``t0`` to the job's end (the SEG is checked after that, untimed).
@@ -277,8 +298,9 @@ def _job(files: list[Path], work: Path, w: Any, job_key: tuple[str, int, str, in
     run.labelled = seg_voxels(Path(result.outputs[0].file))
 
 
-def run_warm(pool: Any, key: Any, wspec: Any, files: list[Path], work: Path, name: str, rep: int,
-             uid: str, timeout: float) -> JobRun:  # fmt: skip
+def run_warm(
+    pool: Any, key: Any, wspec: Any, files: list[Path], work: Path, name: str, rep: int, uid: str, timeout: float
+) -> JobRun:
     run = JobRun(name, "warm", rep)
     t = time.perf_counter()
     w = pool.lease(key, wspec)
@@ -289,8 +311,9 @@ def run_warm(pool: Any, key: Any, wspec: Any, files: list[Path], work: Path, nam
     return run
 
 
-def run_cold(pool: Any, key: Any, wspec: Any, files: list[Path], work: Path, name: str, rep: int,
-             uid: str, timeout: float) -> JobRun:  # fmt: skip
+def run_cold(
+    pool: Any, key: Any, wspec: Any, files: list[Path], work: Path, name: str, rep: int, uid: str, timeout: float
+) -> JobRun:
     run = JobRun(name, "cold", rep)
     t = time.perf_counter()
     w = pool.lease(key, wspec)
@@ -309,8 +332,13 @@ def run_empty(files: list[Path], work: Path, name: str, rep: int, uid: str, time
 
     run = JobRun(name, "empty", rep)
     work.mkdir(parents=True, exist_ok=True)
-    spec = WorkSpec(files=[str(f) for f in files], steps=[], out_dir=str(work), job_key=(uid, rep + 1, "bench-empty", 0),
-                    memory_limit_mb=MEMORY_LIMIT_MB)  # fmt: skip
+    spec = WorkSpec(
+        files=[str(f) for f in files],
+        steps=[],
+        out_dir=str(work),
+        job_key=(uid, rep + 1, "bench-empty", 0),
+        memory_limit_mb=MEMORY_LIMIT_MB,
+    )
     t = time.perf_counter()
     try:
         result = run_in_process(spec, timeout=timeout, workers=1)
@@ -347,8 +375,14 @@ class TransferRun:
 
 def _series_message(voxels: Path) -> dict[str, Any]:
     """A SERIES message with voxels only: the touch plugin never reads a header."""
-    return {"files": [], "frames": None, "positions": None, "orientation": None, "pixel_spacing": None,
-            "voxels": {"path": str(voxels)}}  # fmt: skip
+    return {
+        "files": [],
+        "frames": None,
+        "positions": None,
+        "orientation": None,
+        "pixel_spacing": None,
+        "voxels": {"path": str(voxels)},
+    }
 
 
 def transfer_copy(array: np.ndarray, socket: str, shm: Path, rep: int, way: str) -> TransferRun:
@@ -394,8 +428,14 @@ def transfer_copy(array: np.ndarray, socket: str, shm: Path, rep: int, way: str)
 def transfer_npload(python: str, npy: Path, rep: int, timeout: float) -> TransferRun:
     run = TransferRun("np.load", rep)
     try:
-        done = subprocess.run([python, "-c", NPLOAD_SCRIPT, str(npy), str(SCRIPTS)], capture_output=True, text=True,
-                              timeout=timeout, cwd=str(Path(python).parent.parent), check=False)  # fmt: skip
+        done = subprocess.run(
+            [python, "-c", NPLOAD_SCRIPT, str(npy), str(SCRIPTS)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=str(Path(python).parent.parent),
+            check=False,
+        )
     except subprocess.TimeoutExpired:
         run.ok, run.error = False, f"np.load took more than {timeout:g} s"
         return run
@@ -432,7 +472,9 @@ def table(rows: list[list[str]], header: list[str], markdown: bool) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
 
     def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
 
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
@@ -451,8 +493,12 @@ def job_report(runs: list[JobRun], names: list[str], markdown: bool) -> tuple[st
                 return [getattr(r, what) for r in rs]
             return [r.timings.get(what, 0.0) for r in rs]
 
-        labels = {"bare": "bare script", "warm": "warm worker", "cold": "cold worker (new per job)",
-                  "empty": "job without a step"}  # fmt: skip
+        labels = {
+            "bare": "bare script",
+            "warm": "warm worker",
+            "cold": "cold worker (new per job)",
+            "empty": "job without a step",
+        }
         for way in WAYS:
             if not by[way]:
                 rows.append([f"{name}, {labels[way]}", *["FAILED"] * 9])
@@ -462,23 +508,40 @@ def job_report(runs: list[JobRun], names: list[str], markdown: bool) -> tuple[st
             def c(what: str, show: bool = True) -> str:
                 return cell(v(way, what), 1000) if show else ""  # noqa: B023
 
-            start = {"bare": f"setup {c('start')} (its model pass {c('first_pass')}); process {c('process_wall')}",
-                     "cold": f"lease {c('start')}", "warm": "", "empty": ""}[way]  # fmt: skip
-            rows.append([f"{name}, {labels[way]}", c("wall"), c("load"), c("plugin", way != "empty"),
-                         c("transfer", node_side), c("call", node_side), c("build", node_side),
-                         c("write", node_side), c("overhead", way != "bare"), start])  # fmt: skip
+            start = {
+                "bare": f"setup {c('start')} (its model pass {c('first_pass')}); process {c('process_wall')}",
+                "cold": f"lease {c('start')}",
+                "warm": "",
+                "empty": "",
+            }[way]
+            rows.append(
+                [
+                    f"{name}, {labels[way]}",
+                    c("wall"),
+                    c("load"),
+                    c("plugin", way != "empty"),
+                    c("transfer", node_side),
+                    c("call", node_side),
+                    c("build", node_side),
+                    c("write", node_side),
+                    c("overhead", way != "bare"),
+                    start,
+                ]
+            )
         warm, cold, bare = med(v("warm", "wall")), med(v("cold", "wall")), med(v("bare", "wall"))
         overhead, work = med(v("warm", "overhead")), med(v("warm", "work"))
         empty = med(v("empty", "overhead"))
         start = med(v("cold", "start"))
-        s = {"warm_over_bare": warm / bare if warm and bare else None,
-             "warm_without_seg_over_bare": work / bare if work and bare else None,
-             "cold_over_warm": cold / warm if cold and warm else None,
-             "warm_overhead_ms": overhead * 1000 if overhead is not None else None,
-             "warm_extra_over_bare_ms": (work - bare) * 1000 if work and bare else None,
-             "cold_start_ms": start * 1000 if start is not None else None,
-             "empty_job_overhead_ms": empty * 1000 if empty is not None else None,
-             "cold_minus_warm_ms": (cold - warm) * 1000 if cold and warm else None}  # fmt: skip
+        s = {
+            "warm_over_bare": warm / bare if warm and bare else None,
+            "warm_without_seg_over_bare": work / bare if work and bare else None,
+            "cold_over_warm": cold / warm if cold and warm else None,
+            "warm_overhead_ms": overhead * 1000 if overhead is not None else None,
+            "warm_extra_over_bare_ms": (work - bare) * 1000 if work and bare else None,
+            "cold_start_ms": start * 1000 if start is not None else None,
+            "empty_job_overhead_ms": empty * 1000 if empty is not None else None,
+            "cold_minus_warm_ms": (cold - warm) * 1000 if cold and warm else None,
+        }
         summary[name] = s
 
         def f(x: float | None, unit: str = "", digits: int = 2) -> str:
@@ -493,26 +556,47 @@ def job_report(runs: list[JobRun], names: list[str], markdown: bool) -> tuple[st
             f"warm overhead ({name}): {f(s['warm_overhead_ms'], ' ms', 1)} per job (wall - load - plugin - build - "
             f"write; target <= 50 ms: {met}); of it a job without a step: {f(s['empty_job_overhead_ms'], ' ms', 1)}; "
             f"warm wall - build - write - bare: {f(s['warm_extra_over_bare_ms'], ' ms', 0)}",
-        ]  # fmt: skip
-    header = ["ms, median (min-max)", "wall", "load", "plugin / run", "transfer", "call", "build", "write",
-              "overhead", "start"]  # fmt: skip
+        ]
+    header = [
+        "ms, median (min-max)",
+        "wall",
+        "load",
+        "plugin / run",
+        "transfer",
+        "call",
+        "build",
+        "write",
+        "overhead",
+        "start",
+    ]
     return table(rows, header, markdown), ratios, summary
 
 
-def transfer_report(runs: list[TransferRun], shape: tuple[int, ...], markdown: bool) -> tuple[str, list[str], dict[str, Any]]:
+def transfer_report(
+    runs: list[TransferRun], shape: tuple[int, ...], markdown: bool
+) -> tuple[str, list[str], dict[str, Any]]:
     by = {way: [r for r in runs if r.way == way and r.ok] for way in TRANSFER_WAYS}
     rows = []
-    labels = {"np.load": "bare np.load (env python, page cache warm) + touch",
-              "copy": "save_array into the job folder + round trip (worker maps, touches)",
-              "zero-copy": "round trip only (voxels already in the mapped file)",
-              "copy-write": "the .npy written with one write() + round trip"}  # fmt: skip
+    labels = {
+        "np.load": "bare np.load (env python, page cache warm) + touch",
+        "copy": "save_array into the job folder + round trip (worker maps, touches)",
+        "zero-copy": "round trip only (voxels already in the mapped file)",
+        "copy-write": "the .npy written with one write() + round trip",
+    }
     for way in TRANSFER_WAYS:
         rs = by[way]
         if not rs:
             rows.append([labels[way], "FAILED", "", "", ""])
             continue
-        rows.append([labels[way], cell([r.total for r in rs], 1000), cell([r.write_or_load for r in rs], 1000),
-                     cell([r.call for r in rs], 1000), "" if way == "np.load" else cell([r.plugin for r in rs], 1000)])
+        rows.append(
+            [
+                labels[way],
+                cell([r.total for r in rs], 1000),
+                cell([r.write_or_load for r in rs], 1000),
+                cell([r.call for r in rs], 1000),
+                "" if way == "np.load" else cell([r.plugin for r in rs], 1000),
+            ]
+        )
     base = med([r.total for r in by["np.load"]])
     copy, zero = med([r.total for r in by["copy"]]), med([r.total for r in by["zero-copy"]])
     write = med([r.total for r in by["copy-write"]])
@@ -524,12 +608,17 @@ def transfer_report(runs: list[TransferRun], shape: tuple[int, ...], markdown: b
     def verdict(x: float | None) -> str:
         return "n/a" if x is None else f"{x:.2f} (target <= 1.2: {'met' if x <= 1.2 else 'MISSED'})"
 
-    ratios = [f"ratio copy/np.load ({size} int16): {verdict(rc)}",
-              f"ratio zero-copy/np.load ({size} int16): {verdict(rz)}",
-              f"ratio copy-write/np.load ({size} int16): {verdict(rw)} (write() instead of save_array's memory map)"]
+    ratios = [
+        f"ratio copy/np.load ({size} int16): {verdict(rc)}",
+        f"ratio zero-copy/np.load ({size} int16): {verdict(rz)}",
+        f"ratio copy-write/np.load ({size} int16): {verdict(rw)} (write() instead of save_array's memory map)",
+    ]
     header = ["ms, median (min-max)", "total", "np.load / save_array", "touch / round trip", "in the worker's plugin"]
-    return table(rows, header, markdown), ratios, {"copy_over_npload": rc, "zero_copy_over_npload": rz,
-                                                   "copy_write_over_npload": rw}
+    return (
+        table(rows, header, markdown),
+        ratios,
+        {"copy_over_npload": rc, "zero_copy_over_npload": rz, "copy_write_over_npload": rw},
+    )
 
 
 def every_run(runs: list[JobRun], transfers: list[TransferRun], markdown: bool) -> str:
@@ -537,10 +626,16 @@ def every_run(runs: list[JobRun], transfers: list[TransferRun], markdown: bool) 
     for name in dict.fromkeys(r.series for r in runs):
         for way in WAYS:
             rs = [r for r in runs if r.series == name and r.way == way]
-            rows.append([f"{name}, {way}: wall", ", ".join("FAILED" if not r.ok else f"{r.wall * 1000:.0f}" for r in rs)])
+            rows.append(
+                [f"{name}, {way}: wall", ", ".join("FAILED" if not r.ok else f"{r.wall * 1000:.0f}" for r in rs)]
+            )
             if way != "bare":
-                rows.append([f"{name}, {way}: overhead",
-                             ", ".join("FAILED" if not r.ok else f"{r.overhead * 1000:.0f}" for r in rs)])  # fmt: skip
+                rows.append(
+                    [
+                        f"{name}, {way}: overhead",
+                        ", ".join("FAILED" if not r.ok else f"{r.overhead * 1000:.0f}" for r in rs),
+                    ]
+                )
     for way in TRANSFER_WAYS:
         rs = [r for r in transfers if r.way == way]
         rows.append([f"transfer, {way}", ", ".join("FAILED" if not r.ok else f"{r.total * 1000:.0f}" for r in rs)])
@@ -553,18 +648,27 @@ def every_run(runs: list[JobRun], transfers: list[TransferRun], markdown: bool) 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--repeat", type=int, default=5, help="timed runs of each way (the median is reported)")
-    p.add_argument("--slices", type=int, default=300,
-                   help="slices of the series made from the real CT by repeating its slices (0: only the real one)")
+    p.add_argument(
+        "--slices",
+        type=int,
+        default=300,
+        help="slices of the series made from the real CT by repeating its slices (0: only the real one)",
+    )
     p.add_argument("--transfer-slices", type=int, default=300, help="slices of the 512x512 int16 volume of part 2")
     p.add_argument("--batch-size", type=int, default=16, help="the model's batch_size (slices per onnxruntime call)")
-    p.add_argument("--python", help="the model environment's python (with dicom-node-sdk and examples/onnx-organs "
-                                    "installed) [built with tests/helpers/envs.py, numpy<2 and pydicom<3]")
+    p.add_argument(
+        "--python",
+        help="the model environment's python (with dicom-node-sdk and examples/onnx-organs "
+        "installed) [built with tests/helpers/envs.py, numpy<2 and pydicom<3]",
+    )
     p.add_argument("--data", type=Path, default=None, help=f"the test data folder holding {SOURCE}")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: 1 repetition, the real CT only, a 20-slice transfer volume")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke run: 1 repetition, the real CT only, a 20-slice transfer volume"
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="max seconds for one job, script or worker start")
     p.add_argument("--json", metavar="OUT", type=Path, help="write all results as JSON here")
     p.add_argument("--workdir", type=Path, help="where data, jobs and logs go [a new temp dir]")
@@ -584,21 +688,43 @@ def env_python(arg: str | None) -> str:
     from tests.helpers.envs import OLD_STACK, make_env
 
     log("building (or reusing) the model environment: numpy<2, pydicom<3, onnxruntime, onnx, the SDK, the example")
-    return str(make_env([*OLD_STACK, "onnxruntime", "onnx"], [REPO_ROOT / "sdk", REPO_ROOT / "examples" / "onnx-organs"],
-                        tag="onnx"))  # fmt: skip
+    return str(
+        make_env(
+            [*OLD_STACK, "onnxruntime", "onnx"], [REPO_ROOT / "sdk", REPO_ROOT / "examples" / "onnx-organs"], tag="onnx"
+        )
+    )
 
 
 def versions(python: str) -> dict[str, str]:
     import pydicom
 
-    code = ("import json, sys, numpy, pydicom, onnxruntime; print(json.dumps({'python': sys.version.split()[0], "
-            "'numpy': numpy.__version__, 'pydicom': pydicom.__version__, 'onnxruntime': onnxruntime.__version__}))")
-    env = json.loads(subprocess.run([python, "-c", code], capture_output=True, text=True, check=True, timeout=120,
-                                    cwd=str(Path(python).parent.parent)).stdout)  # fmt: skip
-    commit = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, check=False).stdout.strip() or "no commit"  # fmt: skip
-    return {"commit": commit, "node python": sys.version.split()[0], "node numpy": np.__version__,
-            "node pydicom": pydicom.__version__, **{f"env {k}": v for k, v in env.items()}}  # fmt: skip
+    code = (
+        "import json, sys, numpy, pydicom, onnxruntime; print(json.dumps({'python': sys.version.split()[0], "
+        "'numpy': numpy.__version__, 'pydicom': pydicom.__version__, 'onnxruntime': onnxruntime.__version__}))"
+    )
+    env = json.loads(
+        subprocess.run(
+            [python, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+            cwd=str(Path(python).parent.parent),
+        ).stdout
+    )
+    commit = (
+        subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+        or "no commit"
+    )
+    return {
+        "commit": commit,
+        "node python": sys.version.split()[0],
+        "node numpy": np.__version__,
+        "node pydicom": pydicom.__version__,
+        **{f"env {k}": v for k, v in env.items()},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -627,7 +753,9 @@ def main(argv: list[str] | None = None) -> int:
         series[f"CT {len(real)} slices"] = real
         if args.slices:
             log(f"writing a {args.slices}-slice series made from {SOURCE}")
-            series[f"CT {args.slices} slices"] = repeated_series(real, args.slices, workdir / "data" / f"ct{args.slices}")
+            series[f"CT {args.slices} slices"] = repeated_series(
+                real, args.slices, workdir / "data" / f"ct{args.slices}"
+            )
         start_fork_server()
         warm_key = WorkerKey("onnx", PLUGIN, TARGET)
         cold_key = WorkerKey("onnx-cold", PLUGIN, TARGET)
@@ -638,8 +766,17 @@ def main(argv: list[str] | None = None) -> int:
         warm_pool.release(w)
         # Untimed: the fork server's first job and the worker's first run (lazy imports on both sides).
         for name, files in series.items():
-            r = run_warm(warm_pool, warm_key, model_spec, files, workdir / "jobs" / "warm-up", name, -1,
-                         series_uid_of(files[0]), args.timeout)  # fmt: skip
+            r = run_warm(
+                warm_pool,
+                warm_key,
+                model_spec,
+                files,
+                workdir / "jobs" / "warm-up",
+                name,
+                -1,
+                series_uid_of(files[0]),
+                args.timeout,
+            )
             log(f"warm-up job ({name}): {'ok' if r.ok else 'FAILED: ' + r.error}")
             if not r.ok:
                 failed = True
@@ -647,7 +784,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, files in series.items():
             uid = series_uid_of(files[0])
             for rep in range(args.repeat):
-                order = WAYS[rep % 4:] + WAYS[:rep % 4]
+                order = WAYS[rep % 4 :] + WAYS[: rep % 4]
                 found: dict[str, JobRun] = {}
                 for way in order:
                     work = workdir / "jobs" / f"{name.replace(' ', '-')}-{rep}-{way}"
@@ -664,14 +801,20 @@ def main(argv: list[str] | None = None) -> int:
                     rmtree_quiet(work)
                     found[way] = r
                     runs.append(r)
-                    log(f"{name} rep {rep + 1}/{args.repeat} {way}: wall {r.wall * 1000:.0f} ms, "
+                    log(
+                        f"{name} rep {rep + 1}/{args.repeat} {way}: wall {r.wall * 1000:.0f} ms, "
                         + ", ".join(f"{k} {v * 1000:.0f}" for k, v in r.timings.items())
                         + (f", overhead {r.overhead * 1000:.0f} ms" if way != "bare" else "")
                         + (f", start {r.start * 1000:.0f} ms" if r.start else "")
-                        + f"; {r.labelled} voxels labelled" + ("" if r.ok else f" [FAILED: {r.error}]"))  # fmt: skip
+                        + f"; {r.labelled} voxels labelled"
+                        + ("" if r.ok else f" [FAILED: {r.error}]")
+                    )
                 good = [r for r in found.values() if r.ok and r.way != "empty"]
                 if len({r.labelled for r in good}) > 1:
-                    log(f"{name} rep {rep + 1}: THE LABEL MAPS DIFFER: " + ", ".join(f"{r.way} {r.labelled}" for r in good))
+                    log(
+                        f"{name} rep {rep + 1}: THE LABEL MAPS DIFFER: "
+                        + ", ".join(f"{r.way} {r.labelled}" for r in good)
+                    )
                     for r in good:
                         r.ok, r.error = False, "label maps differ between the ways"
                 failed |= not all(r.ok for r in found.values())
@@ -693,7 +836,7 @@ def main(argv: list[str] | None = None) -> int:
                 transfer_copy(array, tw.socket, shm, -1, way)
             transfer_npload(python, npy, -1, args.timeout)
             for rep in range(args.repeat):
-                order = TRANSFER_WAYS[rep % 4:] + TRANSFER_WAYS[:rep % 4]
+                order = TRANSFER_WAYS[rep % 4 :] + TRANSFER_WAYS[: rep % 4]
                 for way in order:
                     if way == "np.load":
                         tr = transfer_npload(python, npy, rep, args.timeout)
@@ -701,9 +844,11 @@ def main(argv: list[str] | None = None) -> int:
                         tr = transfer_copy(array, tw.socket, shm, rep, way)
                     transfers.append(tr)
                     failed |= not tr.ok
-                    log(f"transfer rep {rep + 1}/{args.repeat} {way}: {tr.total * 1000:.1f} ms "
+                    log(
+                        f"transfer rep {rep + 1}/{args.repeat} {way}: {tr.total * 1000:.1f} ms "
                         f"({tr.write_or_load * 1000:.1f} + {tr.call * 1000:.1f}; plugin {tr.plugin * 1000:.1f})"
-                        + ("" if tr.ok else f" [FAILED: {tr.error}]"))  # fmt: skip
+                        + ("" if tr.ok else f" [FAILED: {tr.error}]")
+                    )
         finally:
             warm_pool.release(tw)
     except KeyboardInterrupt:
@@ -725,22 +870,30 @@ def main(argv: list[str] | None = None) -> int:
     md, _, _ = job_report(runs, names, True)
     t_plain, t_ratios, t_summary = transfer_report(transfers, shape, False)
     t_md, _, _ = transfer_report(transfers, shape, True)
-    mach = (f"{machine['nproc']} CPUs ({machine['cpu_model']}), {machine['memory']} RAM, Linux {machine['kernel']}, "
-            f"work dir on {machine['workdir_fs']}, load avg at start {machine['loadavg_1min_at_start']}, "
-            f"at end {os.getloadavg()[0]:.2f}")  # fmt: skip
+    mach = (
+        f"{machine['nproc']} CPUs ({machine['cpu_model']}), {machine['memory']} RAM, Linux {machine['kernel']}, "
+        f"work dir on {machine['workdir_fs']}, load avg at start {machine['loadavg_1min_at_start']}, "
+        f"at end {os.getloadavg()[0]:.2f}"
+    )
     print()
     print(f"Machine:  {mach}")
     print("Versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()))
-    print(f"Model: {PLUGIN} (batch_size {args.batch_size}), {args.repeat} run(s) of each way, order rotating; "
-          f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}")  # fmt: skip
+    print(
+        f"Model: {PLUGIN} (batch_size {args.batch_size}), {args.repeat} run(s) of each way, order rotating; "
+        f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}"
+    )
     print()
-    print("Per job (ms): wall; its parts as WorkResult.timings has them; overhead = wall - load - plugin - build - "
-          "write. Bare: load + run timed inside the script after its setup.")  # fmt: skip
+    print(
+        "Per job (ms): wall; its parts as WorkResult.timings has them; overhead = wall - load - plugin - build - "
+        "write. Bare: load + run timed inside the script after its setup."
+    )
     print()
     print(plain)
     print()
-    print(f"Transfer of a {'x'.join(map(str, shape))} int16 volume ({array.nbytes / 2**20:.0f} MiB) to a worker "
-          "in the model environment:")  # fmt: skip
+    print(
+        f"Transfer of a {'x'.join(map(str, shape))} int16 volume ({array.nbytes / 2**20:.0f} MiB) to a worker "
+        "in the model environment:"
+    )
     print()
     print(t_plain)
     print()
@@ -755,12 +908,20 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(every_run(runs, transfers, True))
     if args.json:
-        out = {"machine": machine, "versions": vers, "loadavg_at_end": os.getloadavg()[0],
-               "settings": {"repeat": args.repeat, "slices": args.slices, "transfer_shape": list(shape),
-                            "batch_size": args.batch_size},
-               "summary": {"jobs": summary, "transfer": t_summary},
-               "jobs": [dict(asdict(r), overhead=r.overhead) for r in runs],
-               "transfers": [asdict(r) for r in transfers]}  # fmt: skip
+        out = {
+            "machine": machine,
+            "versions": vers,
+            "loadavg_at_end": os.getloadavg()[0],
+            "settings": {
+                "repeat": args.repeat,
+                "slices": args.slices,
+                "transfer_shape": list(shape),
+                "batch_size": args.batch_size,
+            },
+            "summary": {"jobs": summary, "transfer": t_summary},
+            "jobs": [dict(asdict(r), overhead=r.overhead) for r in runs],
+            "transfers": [asdict(r) for r in transfers],
+        }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=2) + "\n")
         log(f"wrote {args.json}")

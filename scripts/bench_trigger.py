@@ -119,8 +119,10 @@ class TriggerNode(NodeReceiver):
         )
 
     def describe(self) -> str:
-        return (f"python -m node run (defaults; [tracker] stable_after = {self.stable_after:g}, "
-                "use_expected_counts = false; rule ct: Modality = CT -> forward to a DCMTK storescp)")
+        return (
+            f"python -m node run (defaults; [tracker] stable_after = {self.stable_after:g}, "
+            "use_expected_counts = false; rule ct: Modality = CT -> forward to a DCMTK storescp)"
+        )
 
     # -- index look-ups (read only; the times are the node's own) ----------
 
@@ -135,8 +137,17 @@ class TriggerNode(NodeReceiver):
         )
         if not rows:
             return None
-        keys = ("last_received_at", "instance_count", "stable_at", "triggered_at", "created_at",
-                "started_at", "finished_at", "state", "last_error")
+        keys = (
+            "last_received_at",
+            "instance_count",
+            "stable_at",
+            "triggered_at",
+            "created_at",
+            "started_at",
+            "finished_at",
+            "state",
+            "last_error",
+        )
         out = dict(zip(keys, rows[0], strict=True))
         out["revisions_or_jobs"] = len(rows)
         return out
@@ -162,8 +173,10 @@ class TriggerOrthanc(OrthancReceiver):
         super().__init__(pg, extra={"StableAge": stable_age, "LuaScripts": [str(self.lua)]})
 
     def describe(self) -> str:
-        return (f"Orthanc (defaults; StableAge = {self.extra['StableAge']}, Lua OnStableSeries -> "
-                "os.execute('date +%s.%N'))")
+        return (
+            f"Orthanc (defaults; StableAge = {self.extra['StableAge']}, Lua OnStableSeries -> "
+            "os.execute('date +%s.%N'))"
+        )
 
     def stable_event(self, series_uid: str) -> tuple[float, str] | None:
         """(wall-clock time, Orthanc series id) of the series' OnStableSeries call, if it happened."""
@@ -188,10 +201,16 @@ def start_storescp(pg: ProcessGroup, out_dir: Path) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log_path = out_dir.parent / "storescp.log"
-    proc = pg.start([STORESCP, "-aet", DEST_AE, "-dhl", "-od", str(out_dir), str(port)],
-                    log_path=log_path, env=dcmtk_env(), cwd=out_dir.parent)
-    if not wait_until(lambda: proc.poll() is not None or echo_ok(port, DEST_AE), 20, interval=0.2) \
-            or proc.poll() is not None:
+    proc = pg.start(
+        [STORESCP, "-aet", DEST_AE, "-dhl", "-od", str(out_dir), str(port)],
+        log_path=log_path,
+        env=dcmtk_env(),
+        cwd=out_dir.parent,
+    )
+    if (
+        not wait_until(lambda: proc.poll() is not None or echo_ok(port, DEST_AE), 20, interval=0.2)
+        or proc.poll() is not None
+    ):
         raise RuntimeError(f"storescp did not start: {tail(log_path)}")
     return port
 
@@ -228,8 +247,9 @@ def utc_ts(value: object) -> float:
     return parsed.timestamp()
 
 
-def send(pg: ProcessGroup, files: list[Path], port: int, ae: str, log_dir: Path,
-         timeout: float) -> tuple[float, float, str]:
+def send(
+    pg: ProcessGroup, files: list[Path], port: int, ae: str, log_dir: Path, timeout: float
+) -> tuple[float, float, str]:
     """One storescu association; returns (wall clock when it exited, duration, error).
 
     The exit is observed through a pidfd (``select`` returns the moment the
@@ -255,8 +275,9 @@ def send(pg: ProcessGroup, files: list[Path], port: int, ae: str, log_dir: Path,
     return t_exit, t_exit - t0, "" if rc == 0 else f"storescu rc={rc}: {tail(log_path, 5)}"
 
 
-def measure_node(node: TriggerNode, rep: int, files: list[Path], series_uid: str, log_dir: Path,
-                 args: argparse.Namespace) -> Run:
+def measure_node(
+    node: TriggerNode, rep: int, files: list[Path], series_uid: str, log_dir: Path, args: argparse.Namespace
+) -> Run:
     run = Run("node", rep, series_uid)
     t_exit, run.send_s, err = send(node.pg, files, node.port, node.ae_title, log_dir, args.send_timeout)
     if err:
@@ -308,8 +329,9 @@ def measure_node(node: TriggerNode, rep: int, files: list[Path], series_uid: str
     return run
 
 
-def measure_orthanc(orthanc: TriggerOrthanc, rep: int, files: list[Path], series_uid: str, log_dir: Path,
-                    args: argparse.Namespace) -> Run:
+def measure_orthanc(
+    orthanc: TriggerOrthanc, rep: int, files: list[Path], series_uid: str, log_dir: Path, args: argparse.Namespace
+) -> Run:
     run = Run("orthanc", rep, series_uid)
     t_exit, run.send_s, err = send(orthanc.pg, files, orthanc.port, orthanc.ae_title, log_dir, args.send_timeout)
     if err:
@@ -381,8 +403,9 @@ def table(rows: list[list[str]], header: list[str], markdown: bool) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-def report(node_runs: list[Run], orthanc_runs: list[Run], args: argparse.Namespace,
-           unavailable: dict[str, str]) -> tuple[str, str, dict[str, object]]:
+def report(
+    node_runs: list[Run], orthanc_runs: list[Run], args: argparse.Namespace, unavailable: dict[str, str]
+) -> tuple[str, str, dict[str, object]]:
     sa = f"{args.stable_after:g} s"
     measures = [
         ("node", node_runs, "job_overhead", f"node: job started - last instance received (index) - {sa}"),
@@ -415,10 +438,12 @@ def report(node_runs: list[Run], orthanc_runs: list[Run], args: argparse.Namespa
     stats["ratio_orthanc_over_node"] = ratio
     brk_header = ["node breakdown (ms)", "median", "min", "max"]
     brk_rows = []
-    for attr, label in (("stable_overhead", f"timer: stable_at - last_received_at - {sa}"),
-                        ("stable_to_created", "rules + job insert: job.created_at - stable_at"),
-                        ("created_to_started", "worker wake + claim: job.started_at - job.created_at"),
-                        ("exit_after_last", "storescu exit - last_received_at (fsync, commit, answer, release)")):
+    for attr, label in (
+        ("stable_overhead", f"timer: stable_at - last_received_at - {sa}"),
+        ("stable_to_created", "rules + job insert: job.created_at - stable_at"),
+        ("created_to_started", "worker wake + claim: job.started_at - job.created_at"),
+        ("exit_after_last", "storescu exit - last_received_at (fsync, commit, answer, release)"),
+    ):
         s = summary(node_runs, attr)
         if s:
             brk_rows.append([label, ms(s[0]), ms(s[1]), ms(s[2])])
@@ -434,17 +459,26 @@ def report(node_runs: list[Run], orthanc_runs: list[Run], args: argparse.Namespa
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--receivers", default="node,orthanc", help="comma-separated subset of: node,orthanc")
     p.add_argument("--repeat", type=int, default=10, help="repetitions (a new series each)")
     p.add_argument("--count", type=int, default=200, help="instances per series")
     p.add_argument("--size", type=int, default=64, help="image rows and columns")
-    p.add_argument("--stable-after", type=int, default=2,
-                   help="seconds: the node's stable_after and Orthanc's StableAge (whole seconds in Orthanc)")
+    p.add_argument(
+        "--stable-after",
+        type=int,
+        default=2,
+        help="seconds: the node's stable_after and Orthanc's StableAge (whole seconds in Orthanc)",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: 3 repetitions of 50 instances")
-    p.add_argument("--trigger-timeout", type=float, default=30.0,
-                   help="max seconds beyond stable_after to wait for the job / stable event")
+    p.add_argument(
+        "--trigger-timeout",
+        type=float,
+        default=30.0,
+        help="max seconds beyond stable_after to wait for the job / stable event",
+    )
     p.add_argument("--job-timeout", type=float, default=120.0, help="max seconds for the forward job to finish")
     p.add_argument("--send-timeout", type=float, default=300.0, help="max seconds for one storescu transfer")
     p.add_argument("--json", metavar="OUT", type=Path, help="write all results as JSON here")
@@ -501,8 +535,12 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"SKIPPING {name}: {e}")
                     del receivers[name]
             # Untimed warm-up: first series through each receiver (imports, first rule evaluation, Lua start).
-            warm = generate_series(SeriesSpec("warm", "warm-up", args.size, args.size, WARMUP_INSTANCES),
-                                   workdir / "data" / "warmup", seed=7, patient_id="WARMUP01")
+            warm = generate_series(
+                SeriesSpec("warm", "warm-up", args.size, args.size, WARMUP_INSTANCES),
+                workdir / "data" / "warmup",
+                seed=7,
+                patient_id="WARMUP01",
+            )
             warm_uid = series_uid_of(warm[0])
             for name, recv in receivers.items():
                 m = measure_node if name == "node" else measure_orthanc
@@ -510,8 +548,9 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"warm-up {name}: {'ok' if w.ok else 'FAILED: ' + w.error}")
             names = list(receivers)
             for rep in range(args.repeat):
-                files = generate_series(SeriesSpec("ct", "CT", args.size, args.size, args.count),
-                                        workdir / "data" / f"rep{rep}", seed=rep)
+                files = generate_series(
+                    SeriesSpec("ct", "CT", args.size, args.size, args.count), workdir / "data" / f"rep{rep}", seed=rep
+                )
                 uid = series_uid_of(files[0])
                 order = names if rep % 2 == 0 else names[::-1]
                 for name in order:
@@ -522,8 +561,10 @@ def main(argv: list[str] | None = None) -> int:
                     if name == "node":
                         run = measure_node(recv, rep, files, uid, log_dir, args)  # type: ignore[arg-type]
                         node_runs.append(run)
-                        detail = (f"job {ms(run.job_overhead)} ms, stable {ms(run.stable_overhead)} ms, "
-                                  f"from storescu exit {ms(run.ext_overhead)} ms")
+                        detail = (
+                            f"job {ms(run.job_overhead)} ms, stable {ms(run.stable_overhead)} ms, "
+                            f"from storescu exit {ms(run.ext_overhead)} ms"
+                        )
                     else:
                         run = measure_orthanc(recv, rep, files, uid, log_dir, args)  # type: ignore[arg-type]
                         orthanc_runs.append(run)
@@ -533,8 +574,10 @@ def main(argv: list[str] | None = None) -> int:
                     status = "ok" if run.ok else f"FAILED: {run.error}"
                     if run.job_note:
                         status += f"; NOTE {run.job_note}"
-                    log(f"rep {rep + 1}/{args.repeat} {name}: sent {len(files)} in {run.send_s:.2f} s; "
-                        f"overhead {detail} [{status}]")
+                    log(
+                        f"rep {rep + 1}/{args.repeat} {name}: sent {len(files)} in {run.send_s:.2f} s; "
+                        f"overhead {detail} [{status}]"
+                    )
                     failed |= not run.ok
             for name, recv in receivers.items():
                 if not recv.alive():
@@ -553,14 +596,18 @@ def main(argv: list[str] | None = None) -> int:
             log(f"work dir kept: {workdir}")
 
     plain, md, stats = report(node_runs, orthanc_runs, args, unavailable)
-    mach = (f"{machine['nproc']} CPUs ({machine['cpu_model']}), {machine['memory']} RAM, Linux {machine['kernel']}, "
-            f"storage {machine['workdir_fs']}, load avg at start {machine['loadavg_1min_at_start']}")
+    mach = (
+        f"{machine['nproc']} CPUs ({machine['cpu_model']}), {machine['memory']} RAM, Linux {machine['kernel']}, "
+        f"storage {machine['workdir_fs']}, load avg at start {machine['loadavg_1min_at_start']}"
+    )
     vers = ", ".join(f"{k} {v}" for k, v in versions.items())
     print()
     print(f"Machine:  {mach}")
     print(f"Versions: {vers}")
-    print(f"Series: {args.count} x {args.size}x{args.size} 16-bit CT, one storescu association, "
-          f"{args.repeat} repetition(s), stable_after / StableAge = {args.stable_after} s")
+    print(
+        f"Series: {args.count} x {args.size}x{args.size} 16-bit CT, one storescu association, "
+        f"{args.repeat} repetition(s), stable_after / StableAge = {args.stable_after} s"
+    )
     for name, d in described.items():
         print(f"  {name:8s} {'SKIPPED: ' + unavailable[name].splitlines()[0] if name in unavailable else d}")
     if calib is not None:
@@ -578,10 +625,20 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(md)
     if args.json:
-        out = {"machine": machine, "versions": versions, "settings": {
-            "count": args.count, "size": args.size, "stable_after": args.stable_after, "repeat": args.repeat},
-            "date_spawn_cost_s": calib, "unavailable": unavailable, "summary": stats,
-            "runs": [asdict(r) for r in node_runs + orthanc_runs]}
+        out = {
+            "machine": machine,
+            "versions": versions,
+            "settings": {
+                "count": args.count,
+                "size": args.size,
+                "stable_after": args.stable_after,
+                "repeat": args.repeat,
+            },
+            "date_spawn_cost_s": calib,
+            "unavailable": unavailable,
+            "summary": stats,
+            "runs": [asdict(r) for r in node_runs + orthanc_runs],
+        }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=2) + "\n")
         log(f"wrote {args.json}")

@@ -195,11 +195,28 @@ class Sender:
     crashed: str = ""
 
 
-def send_storescu(pg: ProcessGroup, port: int, calling_ae: str, files: list[Path], log_path: Path,
-                  timeout: float) -> str:
+def send_storescu(
+    pg: ProcessGroup, port: int, calling_ae: str, files: list[Path], log_path: Path, timeout: float
+) -> str:
     """Send ``files`` in one storescu association; '' on success, else why not."""
-    cmd = [STORESCU, "-ll", "warn", "-aet", calling_ae, "-aec", "DICOM_NODE",
-           "-to", "30", "-ta", "60", "-td", "120", LOOPBACK, str(port), *map(str, files)]  # fmt: skip
+    cmd = [
+        STORESCU,
+        "-ll",
+        "warn",
+        "-aet",
+        calling_ae,
+        "-aec",
+        "DICOM_NODE",
+        "-to",
+        "30",
+        "-ta",
+        "60",
+        "-td",
+        "120",
+        LOOPBACK,
+        str(port),
+        *map(str, files),
+    ]
     with contextlib.suppress(FileNotFoundError):
         log_path.unlink()
     proc = pg.start(cmd, log_path=log_path, env=dcmtk_env())
@@ -236,8 +253,17 @@ def _lines(path: Path) -> list[str]:
         return []
 
 
-def run_sender(s: Sender, pg: ProcessGroup, template: list[Path], work: Path, port: int, t0: float,
-               deadline: float, stop: threading.Event, timeout: float) -> None:
+def run_sender(
+    s: Sender,
+    pg: ProcessGroup,
+    template: list[Path],
+    work: Path,
+    port: int,
+    t0: float,
+    deadline: float,
+    stop: threading.Event,
+    timeout: float,
+) -> None:
     """Send new series until the deadline; never starts a round after it (bounded by ``timeout`` per round)."""
     try:
         factory = SeriesFactory(template, work / f"sender-{s.index}", s.index)
@@ -254,8 +280,17 @@ def run_sender(s: Sender, pg: ProcessGroup, template: list[Path], work: Path, po
                     error = send_node_scu(port, calling_ae, files, timeout)
             except Exception as e:  # noqa: BLE001 - an unexpected error is a failed association, not a crash
                 error = f"{type(e).__name__}: {e}"
-            a = Association(s.index, s.tool, round_no, series, len(uids), round(started - t0, 3),
-                            round(time.monotonic() - started, 3), not error, error)  # fmt: skip
+            a = Association(
+                s.index,
+                s.tool,
+                round_no,
+                series,
+                len(uids),
+                round(started - t0, 3),
+                round(time.monotonic() - started, 3),
+                not error,
+                error,
+            )
             s.associations.append(a)
             if error:
                 log(f"sender {s.index} round {round_no}: FAILED: {error}")
@@ -345,9 +380,18 @@ class Sampler(threading.Thread):
             states = delivery_states(db)
             backlog = states.get("queued", 0) + states.get("sending", 0)
             delivered = states.get("delivered", 0)
-        s = Sample(round(time.monotonic() - self.t0, 2), self.phase, round(rss / MIB, 1), round(tree / MIB, 1),
-                   len(kids), instances, backlog, delivered, healthz(self.node.web_port),
-                   round(os.getloadavg()[0], 2))  # fmt: skip
+        s = Sample(
+            round(time.monotonic() - self.t0, 2),
+            self.phase,
+            round(rss / MIB, 1),
+            round(tree / MIB, 1),
+            len(kids),
+            instances,
+            backlog,
+            delivered,
+            healthz(self.node.web_port),
+            round(os.getloadavg()[0], 2),
+        )
         self.samples.append(s)
         return s
 
@@ -471,7 +515,8 @@ def forward_rate(db: Path) -> dict[str, Any]:
     """Instances/s forwarded, by the node's own clock: first delivery queued to last delivered."""
     with contextlib.suppress(sqlite3.Error, ValueError, TypeError):
         first, last, n = index_query(
-            db, "select min(created_at), max(delivered_at), count(delivered_at) from delivery")[0]  # fmt: skip
+            db, "select min(created_at), max(delivered_at), count(delivered_at) from delivery"
+        )[0]
         span = (dt.datetime.fromisoformat(last) - dt.datetime.fromisoformat(first)).total_seconds()
         return {"delivered": n, "span_s": round(span, 1), "instances_per_s": round(n / span, 1) if span > 0 else None}
     return {}
@@ -487,16 +532,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--minutes", type=float, default=10.0, help="load duration in minutes (default 10)")
     ap.add_argument("--seconds", type=float, default=None, help="load duration in seconds (overrides --minutes)")
     ap.add_argument("--senders", type=int, default=8, help="parallel senders (default 8)")
-    ap.add_argument("--tools", choices=["mixed", "storescu", "node-scu"], default="mixed",
-                    help="mixed: even senders use storescu, odd ones the node's SCU (default)")  # fmt: skip
+    ap.add_argument(
+        "--tools",
+        choices=["mixed", "storescu", "node-scu"],
+        default="mixed",
+        help="mixed: even senders use storescu, odd ones the node's SCU (default)",
+    )
     ap.add_argument("--instances", type=int, default=20, help="instances per series (default 20)")
     ap.add_argument("--rows", type=int, default=256)
     ap.add_argument("--cols", type=int, default=256)
     ap.add_argument("--sample-interval", type=float, default=3.0, help="seconds between RSS samples (default 3)")
-    ap.add_argument("--drain-timeout", type=float, default=600.0,
-                    help="seconds to wait after the load for the forward queue to empty (default 600)")  # fmt: skip
-    ap.add_argument("--association-timeout", type=float, default=300.0,
-                    help="seconds one series' association may take before it counts as failed")  # fmt: skip
+    ap.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=600.0,
+        help="seconds to wait after the load for the forward queue to empty (default 600)",
+    )
+    ap.add_argument(
+        "--association-timeout",
+        type=float,
+        default=300.0,
+        help="seconds one series' association may take before it counts as failed",
+    )
     ap.add_argument("--json", type=Path, default=Path("soak-result.json"), help="result file")
     ap.add_argument("--workdir", type=Path, default=None, help="keep everything here (default: a temp dir, removed)")
     args = ap.parse_args(argv)
@@ -515,23 +572,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "started": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": machine_info(workdir),
         "versions": tool_versions(),
-        "settings": {"duration_s": args.duration, "senders": args.senders, "tools": args.tools,
-                     "series": f"{args.instances} x CT {args.rows}x{args.cols} 16-bit, explicit VR LE",
-                     "forward": "one rule: every CT series -> storescp --fork (DCMTK)"},  # fmt: skip
+        "settings": {
+            "duration_s": args.duration,
+            "senders": args.senders,
+            "tools": args.tools,
+            "series": f"{args.instances} x CT {args.rows}x{args.cols} 16-bit, explicit VR LE",
+            "forward": "one rule: every CT series -> storescp --fork (DCMTK)",
+        },
     }
     problems: list[str] = []
     try:
         with ProcessGroup() as pg:
-            template = generate_series(SeriesSpec("soak", "soak", args.rows, args.cols, args.instances),
-                                       workdir / "template", patient_id="SOAK00")  # fmt: skip
+            template = generate_series(
+                SeriesSpec("soak", "soak", args.rows, args.cols, args.instances),
+                workdir / "template",
+                patient_id="SOAK00",
+            )
             result["settings"]["instance_bytes"] = template[0].stat().st_size
             archive = StorescpReceiver(pg, fork=True)
             archive.start(workdir / "archive")
             node = SoakNode(pg, archive.port, archive.ae_title)
             node.start(workdir / "node")
             db = node.data_dir / "index.sqlite"
-            log(f"node on port {node.port} (web {node.web_port}), storescp on {archive.port}; "
-                f"{args.senders} senders for {args.duration:.0f} s")  # fmt: skip
+            log(
+                f"node on port {node.port} (web {node.web_port}), storescp on {archive.port}; "
+                f"{args.senders} senders for {args.duration:.0f} s"
+            )
             scanner = ArchiveScanner(archive.out_dir)
             scanner.start()
 
@@ -542,10 +608,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             deadline = t0 + args.duration
             sampler = Sampler(node, t0, args.sample_interval)
             sampler.start()
-            threads = [threading.Thread(target=run_sender, name=f"sender-{s.index}", daemon=True,
-                                        args=(s, pg, template, workdir / "send", node.port, t0, deadline, stop,
-                                              args.association_timeout))  # fmt: skip
-                       for s in senders]
+            threads = [
+                threading.Thread(
+                    target=run_sender,
+                    name=f"sender-{s.index}",
+                    daemon=True,
+                    args=(s, pg, template, workdir / "send", node.port, t0, deadline, stop, args.association_timeout),
+                )
+                for s in senders
+            ]
             for th in threads:
                 th.start()
             next_report = t0 + 60
@@ -557,8 +628,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         next_report += 60
                         last = sampler.samples[-1] if sampler.samples else None
                         done = sum(len(s.sent_uids) for s in senders)
-                        log(f"{time.monotonic() - t0:.0f} s: {done} instances sent"
-                            + (f", node RSS {last.rss_mib} MiB, backlog {last.backlog}" if last else ""))
+                        log(
+                            f"{time.monotonic() - t0:.0f} s: {done} instances sent"
+                            + (f", node RSS {last.rss_mib} MiB, backlog {last.backlog}" if last else "")
+                        )
                     if not node.alive():
                         problems.append("the node exited during the load")
                         stop.set()
@@ -590,7 +663,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             in_index = {u for (u,) in index_query(db, "select sop_instance_uid from instance")}
             states = delivery_states(db)
             failed_deliveries = index_query(
-                db, "select sop_instance_uid, last_status, last_error from delivery where state = 'failed' limit 5")
+                db, "select sop_instance_uid, last_status, last_error from delivery where state = 'failed' limit 5"
+            )
             forwarded = forward_rate(db)
             series_states = dict(index_query(db, "select state, count(*) from series group by state"))
             jobs = dict(index_query(db, "select state, count(*) from job group by state"))
@@ -616,14 +690,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "failures": [asdict(a) for a in failed[:20]],
                 "instances_sent": len(sent),
                 "instances_per_s": round(len(sent) / load_seconds, 1) if load_seconds else None,
-                "association_seconds_median": round(statistics.median(a.seconds for a in assocs), 3) if assocs else None,
+                "association_seconds_median": round(statistics.median(a.seconds for a in assocs), 3)
+                if assocs
+                else None,
                 "association_seconds_max": max((a.seconds for a in assocs), default=None),
                 "sender_crashes": [s.crashed for s in senders if s.crashed],
                 "instances_per_s_by_minute": rate_by_minute(sampler.samples),
                 "load_average_by_sample": [s.load1 for s in sampler.samples if s.phase == "load"],
             }
-            result["index"] = {"instances": len(in_index), "lost": len(lost), "lost_examples": lost[:10],
-                               "series_states": series_states, "jobs": jobs}  # fmt: skip
+            result["index"] = {
+                "instances": len(in_index),
+                "lost": len(lost),
+                "lost_examples": lost[:10],
+                "series_states": series_states,
+                "jobs": jobs,
+            }
             result["forward"] = {
                 "drained": drain_ok,
                 "drain_seconds_after_load": round(drain_seconds, 1),
@@ -638,9 +719,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             }
             result["memory"] = memory_figures(sampler.samples, load_seconds)
             probes = [s.healthz for s in sampler.samples]
-            result["healthz"] = {"probes": len(probes), "ok": sum(1 for h in probes if h == 200),
-                                 "no_answer": sum(1 for h in probes if h is None),
-                                 "other": sorted({h for h in probes if h not in (None, 200)})}  # fmt: skip
+            result["healthz"] = {
+                "probes": len(probes),
+                "ok": sum(1 for h in probes if h == 200),
+                "no_answer": sum(1 for h in probes if h is None),
+                "other": sorted({h for h in probes if h not in (None, 200)}),
+            }
             result["node_exit_code"] = node_rc
             result["samples"] = [asdict(s) for s in sampler.samples]
 
@@ -681,35 +765,44 @@ def summary(result: dict[str, Any]) -> str:
     lines = [f"soak: {'PASS' if result['ok'] else 'FAIL'}  ({result['command']})"]
     ld, ix, fw, mem = (result.get(k, {}) for k in ("load", "index", "forward", "memory"))
     if ld:
-        lines.append(f"  load: {ld['seconds']} s, {ld['associations']} associations "
-                     f"({', '.join(f'{k} {v}' for k, v in ld['associations_by_tool'].items())}), "
-                     f"{ld['failed_associations']} failed; {ld['instances_sent']} instances, "
-                     f"{ld['instances_per_s']} instances/s; association median {ld['association_seconds_median']} s, "
-                     f"max {ld['association_seconds_max']} s")  # fmt: skip
+        lines.append(
+            f"  load: {ld['seconds']} s, {ld['associations']} associations "
+            f"({', '.join(f'{k} {v}' for k, v in ld['associations_by_tool'].items())}), "
+            f"{ld['failed_associations']} failed; {ld['instances_sent']} instances, "
+            f"{ld['instances_per_s']} instances/s; association median {ld['association_seconds_median']} s, "
+            f"max {ld['association_seconds_max']} s"
+        )
         if ld.get("instances_per_s_by_minute"):
             lines.append(f"  instances/s by minute: {ld['instances_per_s_by_minute']}")
     if ix:
-        lines.append(f"  index: {ix['instances']} instances, {ix['lost']} lost; series {ix['series_states']}; "
-                     f"jobs {ix['jobs']}")  # fmt: skip
+        lines.append(
+            f"  index: {ix['instances']} instances, {ix['lost']} lost; series {ix['series_states']}; jobs {ix['jobs']}"
+        )
     if fw:
-        lines.append(f"  forward: {fw['delivery_states']}; storescp received {fw['received_by_storescp']}, "
-                     f"{fw['not_received']} missing, {fw['received_more_than_once']} twice; "
-                     f"{fw.get('instances_per_s')} instances/s over {fw.get('span_s')} s; queue empty "
-                     f"{fw['drain_seconds_after_load']} s after the load")  # fmt: skip
+        lines.append(
+            f"  forward: {fw['delivery_states']}; storescp received {fw['received_by_storescp']}, "
+            f"{fw['not_received']} missing, {fw['received_more_than_once']} twice; "
+            f"{fw.get('instances_per_s')} instances/s over {fw.get('span_s')} s; queue empty "
+            f"{fw['drain_seconds_after_load']} s after the load"
+        )
     for key, label in (("rss_mib", "node RSS"), ("rss_tree_mib", "node + children RSS")):
         m = mem.get(key)
         if key == "rss_tree_mib" and m == mem.get("rss_mib"):
             continue  # no child processes (no plugin ran): the same figures
         if m:
-            lines.append(f"  {label}: first {mem['window_s']:.0f} s median {m['first_window_median']} MiB, "
-                         f"last {mem['window_s']:.0f} s median {m['last_window_median']} MiB "
-                         f"(growth {m['growth']:+} MiB), slope after the first window "
-                         f"{m['slope_after_first_window_mib_per_min']} MiB/min (second half of the load "
-                         f"{m['slope_second_half_mib_per_min']}), range {m['min']}-{m['max']} MiB")  # fmt: skip
+            lines.append(
+                f"  {label}: first {mem['window_s']:.0f} s median {m['first_window_median']} MiB, "
+                f"last {mem['window_s']:.0f} s median {m['last_window_median']} MiB "
+                f"(growth {m['growth']:+} MiB), slope after the first window "
+                f"{m['slope_after_first_window_mib_per_min']} MiB/min (second half of the load "
+                f"{m['slope_second_half_mib_per_min']}), range {m['min']}-{m['max']} MiB"
+            )
     hz = result.get("healthz")
     if hz:
-        lines.append(f"  /healthz: {hz['ok']} of {hz['probes']} probes answered 200, {hz['no_answer']} no answer"
-                     + (f", other statuses {hz['other']}" if hz["other"] else ""))
+        lines.append(
+            f"  /healthz: {hz['ok']} of {hz['probes']} probes answered 200, {hz['no_answer']} no answer"
+            + (f", other statuses {hz['other']}" if hz["other"] else "")
+        )
     if "node_exit_code" in result:
         lines.append(f"  node exit code on SIGTERM: {result['node_exit_code']}")
     for p in result["problems"]:

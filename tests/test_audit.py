@@ -18,8 +18,21 @@ from node import audit
 from node.index.db import make_engine, migrate
 from node.index.models import Patient, Series, Study
 
-AUDIT_COLUMNS = ("kind", "actor", "calling_ae", "called_ae", "peer_address", "study_uid", "series_uid",
-                 "sop_instance_uid", "rule", "job_id", "destination", "status", "detail")  # fmt: skip
+AUDIT_COLUMNS = (
+    "kind",
+    "actor",
+    "calling_ae",
+    "called_ae",
+    "peer_address",
+    "study_uid",
+    "series_uid",
+    "sop_instance_uid",
+    "rule",
+    "job_id",
+    "destination",
+    "status",
+    "detail",
+)
 
 
 def events(node, kind: str | None = None) -> list[dict]:  # type: ignore[no-untyped-def]
@@ -62,8 +75,11 @@ actions = [{{ type = "forward", to = ["scp"] }},
         series_uid = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
         study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
         assert storescu(node.port, files, aet="AUDITSCU").returncode == 0
-        wait_for(lambda: node.query("select count(*) from job where state = 'succeeded'")[0][0] == 2, 120,
-                 "both jobs to succeed")  # fmt: skip
+        wait_for(
+            lambda: node.query("select count(*) from job where state = 'succeeded'")[0][0] == 2,
+            120,
+            "both jobs to succeed",
+        )
         outputs = {r[0] for r in node.query("select sop_instance_uid from instance where job_fk is not null")}
         assert outputs
         node.wait_delivered(len(sops) + len(outputs), timeout=120)
@@ -108,8 +124,10 @@ actions = [{{ type = "forward", to = ["scp"] }},
 
 
 def test_rejected_associations_and_duplicates_are_audited(node, tmp_path):
-    node.extra_config = '[[access.allowed_peers]]\nae_title = "GOODSCU"\n[[access.allowed_peers]]\nae_title = ' \
-                        '"FARSCU"\nhosts = ["10.9.9.9"]\n'  # fmt: skip
+    node.extra_config = (
+        '[[access.allowed_peers]]\nae_title = "GOODSCU"\n[[access.allowed_peers]]\nae_title = '
+        '"FARSCU"\nhosts = ["10.9.9.9"]\n'
+    )
     node.start()
     files = secret_series(tmp_path / "ct", 3)
     assert storescu(node.port, files, aet="GOODSCU").returncode == 0
@@ -137,8 +155,13 @@ def test_rejected_associations_and_duplicates_are_audited(node, tmp_path):
 
 
 def _cli(node, *args: str) -> subprocess.CompletedProcess:  # type: ignore[no-untyped-def]
-    return subprocess.run([sys.executable, "-m", "node", *args, "--config", str(node.config_path)], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "node", *args, "--config", str(node.config_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_operator_actions_are_audited_with_their_actor(node, tmp_path):
@@ -159,8 +182,11 @@ actions = [{{ type = "forward", to = ["dead"] }}, {{ type = "discard" }}]
     files = make_ct_series(tmp_path / "ct", 3)
     assert storescu(node.port, files).returncode == 0
     wait_for(lambda: node.deliveries().get("queued") == 3, 60, "three queued deliveries")
-    discard = wait_for(lambda: node.query("select id from job where kind = 'discard' and state = 'pending'"), 30,
-                       "a discard job waiting for the deliveries")[0][0]  # fmt: skip
+    discard = wait_for(
+        lambda: node.query("select id from job where kind = 'discard' and state = 'pending'"),
+        30,
+        "a discard job waiting for the deliveries",
+    )[0][0]
 
     r = _cli(node, "jobs", "cancel", str(discard))
     assert r.returncode == 0, r.stderr
@@ -176,10 +202,17 @@ actions = [{{ type = "forward", to = ["dead"] }}, {{ type = "discard" }}]
     # (queue_retry_now, which the CLI's retry also runs, is recorded only when it finds waiting deliveries)
     ops = [e for e in events(node) if e["kind"] in ("job_retry", "job_cancel", "queue_retry", "queue_cancel")]
     assert [(e["kind"], e["actor"]) for e in ops] == [
-        ("job_cancel", "cli"), ("queue_cancel", "cli"), ("queue_retry", "cli"), ("job_retry", "cli"),
-    ]  # fmt: skip
+        ("job_cancel", "cli"),
+        ("queue_cancel", "cli"),
+        ("queue_retry", "cli"),
+        ("job_retry", "cli"),
+    ]
     assert (ops[0]["job_id"], ops[0]["rule"], ops[0]["series_uid"], ops[0]["detail"]) == (
-        discard, "forward-then-discard", series_uid, "was pending")
+        discard,
+        "forward-then-discard",
+        series_uid,
+        "was pending",
+    )
     assert (ops[1]["destination"], ops[1]["detail"]) == ("dead", "3 deliveries cancelled")
     assert (ops[2]["destination"], ops[2]["detail"]) == ("dead", "3 failed or cancelled deliveries queued again")
     assert (ops[3]["job_id"], ops[3]["detail"]) == (discard, "was cancelled")
@@ -193,20 +226,28 @@ def test_a_web_user_is_the_actor_of_what_they_do(tmp_path):
     engine = make_engine(f"sqlite:///{tmp_path / 'index.sqlite'}")
     migrate(engine)
     with Session(engine) as s:
-        s.add(Series(series_instance_uid="1.2.3.4", state="triggered",
-                     study=Study(study_instance_uid="1.2.3", patient=Patient())))  # fmt: skip
+        s.add(
+            Series(
+                series_instance_uid="1.2.3.4",
+                state="triggered",
+                study=Study(study_instance_uid="1.2.3", patient=Patient()),
+            )
+        )
         s.commit()
     with engine.begin() as conn:
-        (job,) = create_jobs(conn, 1, 1, [NewJob("r", 0, "discard", {"type": "discard"})],
-                             series_uid="1.2.3.4", study_uid="1.2.3")  # fmt: skip
+        (job,) = create_jobs(
+            conn, 1, 1, [NewJob("r", 0, "discard", {"type": "discard"})], series_uid="1.2.3.4", study_uid="1.2.3"
+        )
     cancel(engine, job, actor="alice")
     retry(engine, job, actor="bob")
     assert queue.cancel(engine, destination="pacs", actor="carol") == 0
     got = audit.query(engine, kind=["job_created", "job_cancel", "job_retry", "queue_cancel"])
     assert [(e["kind"], e["actor"], e["job_id"]) for e in got] == [
-        ("queue_cancel", "carol", None), ("job_retry", "bob", job), ("job_cancel", "alice", job),
+        ("queue_cancel", "carol", None),
+        ("job_retry", "bob", job),
+        ("job_cancel", "alice", job),
         ("job_created", "node", job),
-    ]  # fmt: skip
+    ]
     assert got[-1]["series_uid"] == "1.2.3.4" and got[-1]["study_uid"] == "1.2.3"
     engine.dispose()
 
@@ -216,11 +257,21 @@ def test_query_filters_and_pages(tmp_path):
     migrate(engine)
     t0 = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.UTC)
     with engine.begin() as conn:
-        audit.record_many(conn, [
-            audit.row("instance_stored", at=t0 + dt.timedelta(minutes=i), calling_ae="CT1", study_uid="1.1",
-                      series_uid=f"1.1.{i % 2}", sop_instance_uid=f"1.1.{i % 2}.{i}", status=0)
-            for i in range(10)
-        ])  # fmt: skip
+        audit.record_many(
+            conn,
+            [
+                audit.row(
+                    "instance_stored",
+                    at=t0 + dt.timedelta(minutes=i),
+                    calling_ae="CT1",
+                    study_uid="1.1",
+                    series_uid=f"1.1.{i % 2}",
+                    sop_instance_uid=f"1.1.{i % 2}.{i}",
+                    status=0,
+                )
+                for i in range(10)
+            ],
+        )
         audit.record(conn, "delivered", destination="pacs", sop_instance_uid="1.1.0.4", status=0xB000)
     assert len(audit.query(engine)) == 11
     assert [e["sop_instance_uid"] for e in audit.query(engine, uid="1.1.0.4")] == ["1.1.0.4", "1.1.0.4"]
@@ -229,8 +280,11 @@ def test_query_filters_and_pages(tmp_path):
     window = audit.query(engine, since=t0 + dt.timedelta(minutes=2), until=t0 + dt.timedelta(minutes=5))
     assert [e["sop_instance_uid"] for e in window] == ["1.1.0.4", "1.1.1.3", "1.1.0.2"]  # newest first
     assert window[0]["at"] == t0 + dt.timedelta(minutes=4)  # aware UTC
-    naive = audit.query(engine, since=(t0 + dt.timedelta(minutes=2)).replace(tzinfo=None),
-                        until=(t0 + dt.timedelta(minutes=5)).replace(tzinfo=None))  # fmt: skip
+    naive = audit.query(
+        engine,
+        since=(t0 + dt.timedelta(minutes=2)).replace(tzinfo=None),
+        until=(t0 + dt.timedelta(minutes=5)).replace(tzinfo=None),
+    )
     assert naive == window
     page = audit.query(engine, kind="instance_stored", limit=3, offset=3)
     assert [e["sop_instance_uid"] for e in page] == ["1.1.0.6", "1.1.1.5", "1.1.0.4"]
@@ -247,8 +301,11 @@ def _sqlite_refuses_changes(path) -> None:  # type: ignore[no-untyped-def]
     try:
         before = con.execute("select count(*) from audit_event").fetchone()[0]
         assert before > 0
-        for sql in ("update audit_event set detail = 'rewritten'", "delete from audit_event",
-                    "update audit_event set kind = 'delivered' where id = 1"):  # fmt: skip
+        for sql in (
+            "update audit_event set detail = 'rewritten'",
+            "delete from audit_event",
+            "update audit_event set kind = 'delivered' where id = 1",
+        ):
             with pytest.raises(sqlite3.DatabaseError, match="append-only"):
                 con.execute(sql)
             con.rollback()

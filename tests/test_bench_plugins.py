@@ -20,22 +20,42 @@ SCRIPT = REPO / "scripts" / "bench_plugins.py"
 
 
 def test_smallest_run_prints_the_ratios(tmp_path: Path, shared_data: Path) -> None:
-    python = make_env([*OLD_STACK, "onnxruntime", "onnx"], [REPO / "sdk", REPO / "examples" / "onnx-organs"], tag="onnx")
+    python = make_env(
+        [*OLD_STACK, "onnxruntime", "onnx"], [REPO / "sdk", REPO / "examples" / "onnx-organs"], tag="onnx"
+    )
     result_file = tmp_path / "bench.json"
     log = tmp_path / "bench.log"
     with open(log, "wb") as out:  # never a pipe: the script starts workers
         r = subprocess.run(
-            [sys.executable, str(SCRIPT), "--quick", "--python", str(python), "--data", str(shared_data),
-             "--json", str(result_file), "--workdir", str(tmp_path / "work")],
-            cwd=REPO, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=600,
-        )  # fmt: skip
+            [
+                sys.executable,
+                str(SCRIPT),
+                "--quick",
+                "--python",
+                str(python),
+                "--data",
+                str(shared_data),
+                "--json",
+                str(result_file),
+                "--workdir",
+                str(tmp_path / "work"),
+            ],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            timeout=600,
+        )
     text = log.read_text(errors="replace")
     assert r.returncode == 0, text[-4000:]
     number = r"(\d+\.\d+)"
-    for line in (rf"ratio warm/bare \(CT 28 slices\): {number}", rf"ratio cold/warm \(CT 28 slices\): {number}",
-                 rf"warm overhead \(CT 28 slices\): -?{number} ms per job",
-                 rf"ratio copy/np.load \(20x512x512 int16\): {number}",
-                 rf"ratio zero-copy/np.load \(20x512x512 int16\): {number}"):  # fmt: skip
+    for line in (
+        rf"ratio warm/bare \(CT 28 slices\): {number}",
+        rf"ratio cold/warm \(CT 28 slices\): {number}",
+        rf"warm overhead \(CT 28 slices\): -?{number} ms per job",
+        rf"ratio copy/np.load \(20x512x512 int16\): {number}",
+        rf"ratio zero-copy/np.load \(20x512x512 int16\): {number}",
+    ):
         assert re.search(line, text), f"no line matching {line!r} in:\n{text[-4000:]}"
     result = json.loads(result_file.read_text())
     jobs = {j["way"]: j for j in result["jobs"]}

@@ -9,8 +9,9 @@ from helpers import free_port, make_ct_series
 
 
 def cli(*args: str, cwd=None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "node", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "node", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout
+    )
 
 
 def test_help_everywhere():

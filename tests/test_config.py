@@ -33,8 +33,11 @@ def test_defaults_work_without_a_file(tmp_path, monkeypatch):
         ('[node]\nae_title = "THIS_TITLE_IS_TOO_LONG"\n', "node.ae_title", "at most 16 characters"),
         ('[node]\nduplicates = "newest"\n', "node.duplicates", "keep_first"),
         ("[node]\nmax_pdu = 100\n", "node.max_pdu", "at least 4096"),
-        ('[[access.allowed_peers]]\nae_title = "CT1"\nhosts = ["not-an-ip"]\n', "access.allowed_peers[0].hosts",
-         "not an IP address"),
+        (
+            '[[access.allowed_peers]]\nae_title = "CT1"\nhosts = ["not-an-ip"]\n',
+            "access.allowed_peers[0].hosts",
+            "not an IP address",
+        ),
         ('[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "h"\n', "destinations[0].port", "required"),
         ("[tls]\nenabled = true\n", "tls", "certificate is not set"),
         ("[nod]\nport = 1\n", "nod", "unknown key"),
@@ -58,8 +61,14 @@ def test_toml_syntax_error_names_the_line(tmp_path):
 
 def test_environment_overrides(tmp_path):
     path = write(tmp_path, "[node]\nport = 2000\n")
-    cfg = load_config(path, environ={"DICOM_NODE_NODE__PORT": "3000", "DICOM_NODE_DATABASE__URL": "sqlite:///x.db",
-                                     "DICOM_NODE_ACCESS__CHECK_CALLED_AE": "false"})  # fmt: skip
+    cfg = load_config(
+        path,
+        environ={
+            "DICOM_NODE_NODE__PORT": "3000",
+            "DICOM_NODE_DATABASE__URL": "sqlite:///x.db",
+            "DICOM_NODE_ACCESS__CHECK_CALLED_AE": "false",
+        },
+    )
     assert cfg.node.port == 3000
     assert cfg.database_url == "sqlite:///x.db"
     assert cfg.access.check_called_ae is False
@@ -80,8 +89,13 @@ def test_example_config_is_valid():
 
 def test_node_does_not_start_on_a_bad_config(tmp_path):
     path = write(tmp_path, "[node]\nport = -1\n")
-    r = subprocess.run([sys.executable, "-m", "node", "run", "--config", str(path)], capture_output=True, text=True,
-                       cwd=tmp_path, timeout=60)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "node", "run", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
     assert r.returncode == 2
     assert "node.port" in r.stderr and str(path) in r.stderr
     assert not (tmp_path / "var").exists()

@@ -35,8 +35,12 @@ def run_demo(tmp_path: Path, data_dir: Path, *args: str, timeout: float = 420) -
     with open(out, "wb") as f:
         proc = subprocess.run(
             [sys.executable, "-m", "node", "demo", "--data-dir", str(data_dir), "--no-keep-running", *args],
-            cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
-        )  # fmt: skip
+            cwd=tmp_path,
+            stdin=subprocess.DEVNULL,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+        )
     return proc.returncode, out.read_text(errors="replace")
 
 
@@ -113,8 +117,13 @@ def test_demo_with_orthanc_ends_with_seg_and_sc_in_orthanc(tmp_path: Path):
     assert "/app/explorer.html" in output
     check_run(output, data_dir, data_dir / "pacs" / "storage")
     # The config it wrote is a usable node config: the commands it points at work on it.
-    r = subprocess.run([sys.executable, "-m", "node", "status", "--config", str(data_dir / "node.toml")],
-                       capture_output=True, text=True, timeout=120, cwd=REPO)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "node", "status", "--config", str(data_dir / "node.toml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "deliveries to pacs: delivered: 32" in " ".join(r.stdout.split()), r.stdout
 

@@ -260,8 +260,9 @@ def test_the_health_check_command_follows_healthz(status):
 
 
 def test_dockerignore_keeps_secrets_and_local_state_out_but_not_the_package():
-    lines = {ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines()
-             if ln.strip() and not ln.startswith("#")}  # fmt: skip
+    lines = {
+        ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines() if ln.strip() and not ln.startswith("#")
+    }
     for must in (".git/", "var/", "tests/", ".env", "**/.env", "**/__pycache__/"):
         assert must in lines, must
     for needed in ("node", "node/", "pyproject.toml", "README.md", "config", "config/", "*"):
@@ -275,12 +276,24 @@ def test_the_node_runs_on_the_docker_config(tmp_path):
     port, web_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_NODE_")}
     env.update(node_env())
-    env.update({"DICOM_NODE_NODE__HOST": "127.0.0.1", "DICOM_NODE_NODE__PORT": str(port),
-                "DICOM_NODE_NODE__DATA_DIR": str(tmp_path / "data"), "DICOM_NODE_WEB__HOST": "127.0.0.1",
-                "DICOM_NODE_WEB__PORT": str(web_port)})  # fmt: skip
+    env.update(
+        {
+            "DICOM_NODE_NODE__HOST": "127.0.0.1",
+            "DICOM_NODE_NODE__PORT": str(port),
+            "DICOM_NODE_NODE__DATA_DIR": str(tmp_path / "data"),
+            "DICOM_NODE_WEB__HOST": "127.0.0.1",
+            "DICOM_NODE_WEB__PORT": str(web_port),
+        }
+    )
     with open(tmp_path / "node.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "node", "run", "--config", str(DOCKER_TOML)], cwd=tmp_path,
-                                env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "node", "run", "--config", str(DOCKER_TOML)],
+            cwd=tmp_path,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
     try:
         wait_for_echo(port, "DICOM_NODE", timeout=60, proc=proc)
         status = None
@@ -322,9 +335,24 @@ def test_pip_install_dot_carries_every_file_of_the_package(tmp_path):
         shutil.copy2(REPO / name, src / name)
     shutil.copytree(REPO / "node", src / "node", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     with open(tmp_path / "pip.log", "wb") as log:
-        r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(tmp_path / "wheel"), str(src)],
-                           cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, timeout=300)  # fmt: skip
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "wheel",
+                "--no-deps",
+                "--no-build-isolation",
+                "-q",
+                "-w",
+                str(tmp_path / "wheel"),
+                str(src),
+            ],
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=300,
+        )
     assert r.returncode == 0, (tmp_path / "pip.log").read_text()[-2000:]
     (wheel,) = (tmp_path / "wheel").glob("*.whl")
     packaged = set(zipfile.ZipFile(wheel).namelist())

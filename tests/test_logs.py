@@ -78,8 +78,12 @@ def test_structured_extras_and_their_redaction(capsys, restore_logging, redact):
     from node.logs import phi
 
     log = logging.getLogger("node.test")
-    log.info("stored %s for %s", "1.2.3", phi(NAME), extra={"series_uid": "1.2", "patient_id": PID, "job_id": 7,
-                                                             "rules": ["a", "b"], "when": object})  # fmt: skip
+    log.info(
+        "stored %s for %s",
+        "1.2.3",
+        phi(NAME),
+        extra={"series_uid": "1.2", "patient_id": PID, "job_id": 7, "rules": ["a", "b"], "when": object},
+    )
     log.info("no patient here: %s", phi(""))
     lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
     first, second = lines

@@ -50,7 +50,7 @@ def start_node(tmp_path):
 [node]
 host = "127.0.0.1"
 port = {port}
-data_dir = "{tmp_path / 'data'}"
+data_dir = "{tmp_path / "data"}"
 min_free_mb = 0
 [web]
 enabled = false
@@ -120,8 +120,10 @@ actions = [{{ type = "forward", to = ["scp", "dead"] }}]
 
         def queued_for_dead() -> bool:
             s = scrape()
-            return value(s, "dicom_node_queue_deliveries", destination="dead", state="queued") == 5 and value(
-                s, "dicom_node_queue_deliveries", destination="scp", state="delivered") == 5  # fmt: skip
+            return (
+                value(s, "dicom_node_queue_deliveries", destination="dead", state="queued") == 5
+                and value(s, "dicom_node_queue_deliveries", destination="scp", state="delivered") == 5
+            )
 
         wait_for(queued_for_dead, 60, "5 delivered to scp and 5 queued for the dead destination", interval=0.3)
         after = scrape()
@@ -171,12 +173,15 @@ actions = [{ type = "plugin", plugin = "threshold-seg" }, { type = "plugin", plu
     assert value(after, "dicom_node_jobs", state="failed") == 1
     assert delta(before, after, "dicom_node_plugin_seconds_count", plugin="threshold-seg") == 1
     assert delta(before, after, "dicom_node_outputs_produced_total", plugin="threshold-seg", kind="SEG") == outputs
-    assert delta(before, after, "dicom_node_job_seconds_count", kind="plugin", plugin="threshold-seg",
-                 outcome="succeeded") == 1  # fmt: skip
+    assert (
+        delta(before, after, "dicom_node_job_seconds_count", kind="plugin", plugin="threshold-seg", outcome="succeeded")
+        == 1
+    )
     assert delta(before, after, "dicom_node_job_seconds_count", kind="plugin", plugin="refuser", outcome="failed") == 1
     assert delta(before, after, "dicom_node_job_failures_total", kind="plugin", plugin="refuser", final="true") == 1
-    assert delta(before, after, "dicom_node_job_failures_total", kind="plugin", plugin="threshold-seg",
-                 final="true") == 0  # fmt: skip
+    assert (
+        delta(before, after, "dicom_node_job_failures_total", kind="plugin", plugin="threshold-seg", final="true") == 0
+    )
 
 
 def test_the_scrape_reports_an_unreadable_index(tmp_path):

@@ -56,9 +56,14 @@ def uid_of(files: list[Path]) -> str:
 
 
 def cli(node, *args: str) -> subprocess.CompletedProcess:  # type: ignore[no-untyped-def]
-    r = subprocess.run([sys.executable, "-m", "node", *args, "--config", str(node.config_path)],
-                       cwd=REPO, capture_output=True, text=True, timeout=120,
-                       env={**os.environ, **PLUGINS_PATH, **node.env})  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "node", *args, "--config", str(node.config_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **PLUGINS_PATH, **node.env},
+    )
     assert "Traceback" not in r.stderr, r.stderr
     return r
 
@@ -78,13 +83,18 @@ def stamp(days_ago: float) -> str:
 
 def make_old(node, uid: str, days: float) -> None:  # type: ignore[no-untyped-def]
     with node.db() as c:
-        assert c.execute("update series set last_received_at = ? where series_instance_uid = ?",
-                         (stamp(days), uid)).rowcount == 1  # fmt: skip
+        assert (
+            c.execute(
+                "update series set last_received_at = ? where series_instance_uid = ?", (stamp(days), uid)
+            ).rowcount
+            == 1
+        )
 
 
 def instances_of(node, uid: str) -> int:  # type: ignore[no-untyped-def]
-    return node.query("select count(*) from instance i join series s on s.id = i.series_fk "
-                      "where s.series_instance_uid = ?", uid)[0][0]  # fmt: skip
+    return node.query(
+        "select count(*) from instance i join series s on s.id = i.series_fk where s.series_instance_uid = ?", uid
+    )[0][0]
 
 
 def series_rows(node) -> set[str]:  # type: ignore[no-untyped-def]
@@ -95,14 +105,23 @@ def assert_consistent(node) -> int:  # type: ignore[no-untyped-def]
     """Index and files agree exactly; counts and parents hold. Returns the number of instances."""
     rows = [r[0] for r in node.query("select file_path from instance")]
     files = [p.relative_to(node.data_dir).as_posix() for p in node.stored_files()]
-    assert sorted(rows) == sorted(files), (set(rows) ^ set(files))
-    assert node.query("select s.series_instance_uid, s.instance_count, count(i.id) from series s "
-                      "left join instance i on i.series_fk = s.id group by s.id "
-                      "having s.instance_count != count(i.id)") == []  # fmt: skip
+    assert sorted(rows) == sorted(files), set(rows) ^ set(files)
+    assert (
+        node.query(
+            "select s.series_instance_uid, s.instance_count, count(i.id) from series s "
+            "left join instance i on i.series_fk = s.id group by s.id "
+            "having s.instance_count != count(i.id)"
+        )
+        == []
+    )
     assert node.query("select id from study where id not in (select study_fk from series)") == []
     assert node.query("select id from patient where id not in (select patient_fk from study)") == []
-    assert node.query("select id from delivery where instance_fk is not null "
-                      "and instance_fk not in (select id from instance)") == []  # fmt: skip
+    assert (
+        node.query(
+            "select id from delivery where instance_fk is not null and instance_fk not in (select id from instance)"
+        )
+        == []
+    )
     storage = node.data_dir / "storage"
     empty = [d for d in storage.glob("*/*") if d.is_dir() and not any(d.iterdir())]
     assert empty == [], f"series directories left empty: {empty}"
@@ -229,8 +248,13 @@ actions = [{{ type = "plugin", plugin = "threshold-seg", send_to = ["{send_to}"]
 
 
 def output_uids(node) -> list[str]:  # type: ignore[no-untyped-def]
-    return [r[0] for r in node.query("select distinct s.series_instance_uid from series s join instance i "
-                                     "on i.series_fk = s.id where i.job_fk is not null")]  # fmt: skip
+    return [
+        r[0]
+        for r in node.query(
+            "select distinct s.series_instance_uid from series s join instance i "
+            "on i.series_fk = s.id where i.job_fk is not null"
+        )
+    ]
 
 
 def test_scheduler_deletes_old_outputs_and_keeps_sources(node, scp, tmp_path):
@@ -394,8 +418,9 @@ actions = [{{ type = "forward", to = ["down"] }}]
     high = math.floor(50 * usage.used / (usage.used + usage.free))
     if high < 2:
         pytest.skip(f"the test filesystem is only {2 * high} % used")
-    node.config_path.write_text(node.config_path.read_text()
-                                + f"[retention]\nhigh_watermark = {high}\nlow_watermark = 1\n")  # fmt: skip
+    node.config_path.write_text(
+        node.config_path.read_text() + f"[retention]\nhigh_watermark = {high}\nlow_watermark = 1\n"
+    )
     r = retention_cli(node)
     assert r.returncode == 0, show(r)
     assert "sources: deleted 1 series, 4 instances" in r.stdout, show(r)
@@ -429,8 +454,10 @@ sources = {{ max_age_days = 1 }}
             return [tuple(r) for r in result.all()] if result.returns_rows else []
 
     def count(uid: str) -> int:
-        return q("select count(*) from instance i join series s on s.id = i.series_fk "
-                 "where s.series_instance_uid = :u", u=uid)[0][0]  # fmt: skip
+        return q(
+            "select count(*) from instance i join series s on s.id = i.series_fk where s.series_instance_uid = :u",
+            u=uid,
+        )[0][0]
 
     def consistent() -> int:
         rows = sorted(r[0] for r in q("select file_path from instance"))
@@ -439,8 +466,11 @@ sources = {{ max_age_days = 1 }}
         return len(rows)
 
     try:
-        wait_for(lambda: dict(q("select state, count(*) from delivery group by state")) == {"delivered": 28,
-                 "failed": 35}, 60, "28 delivered, 35 failed")  # fmt: skip
+        wait_for(
+            lambda: dict(q("select state, count(*) from delivery group by state")) == {"delivered": 28, "failed": 35},
+            60,
+            "28 delivered, 35 failed",
+        )
         q("update series set last_received_at = now() - interval '3 days'")
         r = retention_cli(node)
         assert r.returncode == 0, show(r)

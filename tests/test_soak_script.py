@@ -27,8 +27,9 @@ def soak():
 
 
 def test_memory_figures_show_growth_and_slope(soak):
-    samples = [soak.Sample(t, "load", 100.0 + t / 60.0, 100.0 + t / 60.0, 0, None, None, None, None)
-               for t in range(0, 601, 3)]  # fmt: skip  (1 MiB per minute)
+    samples = [
+        soak.Sample(t, "load", 100.0 + t / 60.0, 100.0 + t / 60.0, 0, None, None, None, None) for t in range(0, 601, 3)
+    ]  # 1 MiB per minute
     samples.append(soak.Sample(700, "drain", 500.0, 500.0, 0, None, None, None, None))  # not part of the load
     m = soak.memory_figures(samples, 600.0)
     assert m["window_s"] == 60.0
@@ -44,10 +45,24 @@ def test_a_short_soak_passes(tmp_path):
     log = tmp_path / "soak.log"
     with open(log, "wb") as out:  # never a pipe: the script starts servers
         r = subprocess.run(
-            [sys.executable, str(SCRIPTS / "soak.py"), "--seconds", "20", "--senders", "2",
-             "--json", str(result_file), "--workdir", str(tmp_path / "work")],
-            cwd=REPO, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=600,
-        )  # fmt: skip
+            [
+                sys.executable,
+                str(SCRIPTS / "soak.py"),
+                "--seconds",
+                "20",
+                "--senders",
+                "2",
+                "--json",
+                str(result_file),
+                "--workdir",
+                str(tmp_path / "work"),
+            ],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            timeout=600,
+        )
     text = log.read_text(errors="replace")
     assert r.returncode == 0, text[-3000:]
     result = json.loads(result_file.read_text())

@@ -178,8 +178,10 @@ class Test:
                 return self._text_eq("\\".join(str(v) for v in actual), self.operand)
             return self._text_eq(actual, self.operand)
         if op == "one_of":
-            return any(self._text_eq(actual if not isinstance(actual, list) else "\\".join(map(str, actual)), o)
-                       for o in self.operand)  # fmt: skip
+            return any(
+                self._text_eq(actual if not isinstance(actual, list) else "\\".join(map(str, actual)), o)
+                for o in self.operand
+            )
         if op == "regex":
             return any(self.operand.search(str(v)) is not None for v in _values(actual))
         if op == "contains":
@@ -339,8 +341,9 @@ def _parse_tests(key: str, spec: Any, path: str) -> tuple[Test, ...]:
         op = _ALIASES.get(raw_op, raw_op)
         where = f"{path}.{raw_op}" if raw_op.isidentifier() else f'{path}."{raw_op}"'
         if op not in OPERATORS:
-            raise ConditionError(where, f"unknown operator {raw_op!r}; operators: {', '.join(OPERATORS)}, "
-                                        "and ignore_case = true")  # fmt: skip
+            raise ConditionError(
+                where, f"unknown operator {raw_op!r}; operators: {', '.join(OPERATORS)}, and ignore_case = true"
+            )
         if op == "equals":
             value = [_scalar(v, where) for v in operand] if isinstance(operand, list) else _scalar(operand, where)
             tests.append(Test(key, op, value, ignore_case))
@@ -406,8 +409,10 @@ def parse_match(table: Any, path: str = "match") -> Condition:
         if key in ("all", "any"):
             items = spec if isinstance(spec, list) else None
             if not items:
-                raise ConditionError(where, f"expected a non-empty list of tables, e.g. {key} = [{{ Modality = "
-                                            "\"CT\" }, { Modality = \"MR\" }]")  # fmt: skip
+                raise ConditionError(
+                    where,
+                    f'expected a non-empty list of tables, e.g. {key} = [{{ Modality = "CT" }}, {{ Modality = "MR" }}]',
+                )
             if any(t == {} for t in items):
                 raise ConditionError(where, "contains an empty table (it would always hold)")
             parsed = tuple(parse_match(t, f"{where}[{i}]") for i, t in enumerate(items))

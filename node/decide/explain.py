@@ -46,11 +46,15 @@ def explain_series(engine: Engine, data_dir: Path, ruleset: RuleSet, series_uid:
     with Session(engine) as s:
         series = s.execute(select(Series).where(Series.series_instance_uid == series_uid)).scalars().first()
         if series is None:
-            like = s.execute(
-                select(Series.series_instance_uid)
-                .where(Series.series_instance_uid.startswith(series_uid, autoescape=True))
-                .limit(2)
-            ).scalars().all()
+            like = (
+                s.execute(
+                    select(Series.series_instance_uid)
+                    .where(Series.series_instance_uid.startswith(series_uid, autoescape=True))
+                    .limit(2)
+                )
+                .scalars()
+                .all()
+            )
             if len(like) == 1:
                 series = s.execute(select(Series).where(Series.series_instance_uid == like[0])).scalars().one()
             elif like:
@@ -61,9 +65,13 @@ def explain_series(engine: Engine, data_dir: Path, ruleset: RuleSet, series_uid:
             select(Study, Patient).join(Patient, Patient.id == Study.patient_fk).where(Study.id == series.study_fk)
         ).one()
         snap = series_snapshot(s, data_dir, series.id)
-        revisions = s.execute(
-            select(SeriesRevision).where(SeriesRevision.series_fk == series.id).order_by(SeriesRevision.revision)
-        ).scalars().all()
+        revisions = (
+            s.execute(
+                select(SeriesRevision).where(SeriesRevision.series_fk == series.id).order_by(SeriesRevision.revision)
+            )
+            .scalars()
+            .all()
+        )
         jobs = s.execute(select(Job).where(Job.series_fk == series.id).order_by(Job.id)).scalars().all()
     lines = [
         f'Series {series.series_instance_uid} ({series.modality} "{series.series_description}", '
@@ -72,15 +80,19 @@ def explain_series(engine: Engine, data_dir: Path, ruleset: RuleSet, series_uid:
         f"of {study.study_date or 'unknown date'}",
         f"  received {_when(series.first_received_at)} to {_when(series.last_received_at)}",
     ]
-    state = {"receiving": "receiving: waiting until no instance arrives for stable_after seconds",
-             "stable": "stable: its rules are being evaluated",
-             "triggered": "triggered: its rules were evaluated"}.get(series.state, series.state)  # fmt: skip
+    state = {
+        "receiving": "receiving: waiting until no instance arrives for stable_after seconds",
+        "stable": "stable: its rules are being evaluated",
+        "triggered": "triggered: its rules were evaluated",
+    }.get(series.state, series.state)
     lines.append(f"  now revision {series.revision} ({series.revision_instances} instances), {state}")
     for r in revisions:
         matched = r.matched_rules.replace(",", ", ") or "no rule"
         outcome = f"error: {r.error}" if r.error else f"matched {matched}"
-        lines.append(f"  revision {r.revision}: {r.instance_count} instances, stable {_when(r.stable_at)} "
-                     f"({r.stable_reason}), {outcome}")  # fmt: skip
+        lines.append(
+            f"  revision {r.revision}: {r.instance_count} instances, stable {_when(r.stable_at)} "
+            f"({r.stable_reason}), {outcome}"
+        )
     if snap is None:
         lines.append("  (no instance of the series is stored, so the rules cannot be evaluated)")
         return lines
@@ -98,8 +110,10 @@ def explain_series(engine: Engine, data_dir: Path, ruleset: RuleSet, series_uid:
 
 def job_line(j: Job) -> str:
     detail = j.last_error if j.state in ("failed", "cancelled", "pending") and j.last_error else j.result
-    return (f"#{j.id} revision {j.revision} rule {j.rule} action {j.action_index} ({j.kind}): {j.state}, "
-            f"attempt {j.attempts} of {j.max_attempts}" + (f" -- {detail}" if detail else ""))  # fmt: skip
+    return (
+        f"#{j.id} revision {j.revision} rule {j.rule} action {j.action_index} ({j.kind}): {j.state}, "
+        f"attempt {j.attempts} of {j.max_attempts}" + (f" -- {detail}" if detail else "")
+    )
 
 
 def dry_run_files(ruleset: RuleSet, groups: list[FileSeries], calling_ae: str, called_ae: str) -> list[str]:
@@ -107,8 +121,9 @@ def dry_run_files(ruleset: RuleSet, groups: list[FileSeries], calling_ae: str, c
     for g in groups:
         facts = g.facts(calling_ae=calling_ae or None, called_ae=called_ae or None)
         desc = facts.get("SeriesDescription") or ""
-        lines.append(f'Series {g.series_uid} ({facts.get("Modality")} "{desc}", {len(g.files)} files, '
-                     f"{g.frames} frames)")  # fmt: skip
+        lines.append(
+            f'Series {g.series_uid} ({facts.get("Modality")} "{desc}", {len(g.files)} files, {g.frames} frames)'
+        )
         stable_after, expected, rule = ruleset.timing(facts)
         if rule:
             lines.append(f"  timing from rule {rule}: stable_after={stable_after}, expected_instances={expected}")
@@ -116,8 +131,9 @@ def dry_run_files(ruleset: RuleSet, groups: list[FileSeries], calling_ae: str, c
     return lines
 
 
-def replay(engine: Engine, data_dir: Path, ruleset: RuleSet, since: dt.datetime,
-           until: dt.datetime | None = None) -> tuple[list[str], Counter]:  # fmt: skip
+def replay(
+    engine: Engine, data_dir: Path, ruleset: RuleSet, since: dt.datetime, until: dt.datetime | None = None
+) -> tuple[list[str], Counter]:
     """What the rules would fire now for each series received in [since, until]; nothing is written."""
     lines: list[str] = []
     fired: Counter = Counter()
@@ -136,8 +152,10 @@ def replay(engine: Engine, data_dir: Path, ruleset: RuleSet, since: dt.datetime,
             if snap is None:
                 continue
             results = [r for r in ruleset.evaluate(snap.facts) if r.fired]
-            head = (f'{_when(snap.last_received_at)}  {snap.modality:<3} "{snap.description}" '
-                    f"({snap.instance_count} inst.) {snap.series_uid}")  # fmt: skip
+            head = (
+                f'{_when(snap.last_received_at)}  {snap.modality:<3} "{snap.description}" '
+                f"({snap.instance_count} inst.) {snap.series_uid}"
+            )
             if not results:
                 fired["(no rule)"] += 1
                 lines.append(f"{head}: no rule")

@@ -144,11 +144,19 @@ def series_snapshot(
         called_ae=sender.called_ae,
     )
     return SeriesSnapshot(
-        series_id=series.id, series_uid=series.series_instance_uid, study_uid=study_uid, modality=series.modality,
-        description=series.series_description, state=series.state, revision=revision,
-        instance_count=series.instance_count, revision_instances=series.revision_instances,
-        last_received_at=series.last_received_at, first_file=first.file_path, facts=facts,
-    )  # fmt: skip
+        series_id=series.id,
+        series_uid=series.series_instance_uid,
+        study_uid=study_uid,
+        modality=series.modality,
+        description=series.series_description,
+        state=series.state,
+        revision=revision,
+        instance_count=series.instance_count,
+        revision_instances=series.revision_instances,
+        last_received_at=series.last_received_at,
+        first_file=first.file_path,
+        facts=facts,
+    )
 
 
 @dataclass

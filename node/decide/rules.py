@@ -105,7 +105,7 @@ class PluginAction(_ActionBase):
     @model_validator(mode="after")
     def _one_form(self) -> PluginAction:
         if (self.plugin is None) == (not self.plugins):
-            raise ValueError("give either plugin = \"name\" (with params) or plugins = [{ name = ... }, ...]")
+            raise ValueError('give either plugin = "name" (with params) or plugins = [{ name = ... }, ...]')
         if self.plugins and self.params:
             raise ValueError("with plugins = [...], give each plugin's params inside its own table")
         return self
@@ -161,8 +161,9 @@ class RuleModel(_Strict):
     @field_validator("priority", mode="before")
     @classmethod
     def _priority(cls, value: Any) -> Any:
-        if value == "urgent" or (isinstance(value, int) and not isinstance(value, bool)
-                                 and -PRIORITY_LIMIT <= value <= PRIORITY_LIMIT):  # fmt: skip
+        if value == "urgent" or (
+            isinstance(value, int) and not isinstance(value, bool) and -PRIORITY_LIMIT <= value <= PRIORITY_LIMIT
+        ):
             return value
         raise ValueError(f'give a whole number from -{PRIORITY_LIMIT} to {PRIORITY_LIMIT} (higher first) or "urgent"')
 
@@ -221,10 +222,15 @@ def _loc(loc: Iterable[Any]) -> str:
     """An error location as a config key, without the union tag pydantic inserts after actions[i]."""
     parts = list(loc)
     kept = [
-        part for n, part in enumerate(parts)
-        if not (n >= 2 and parts[n - 2] == "actions" and isinstance(parts[n - 1], int)
-                and part in ("plugin", "forward", "discard"))
-    ]  # fmt: skip
+        part
+        for n, part in enumerate(parts)
+        if not (
+            n >= 2
+            and parts[n - 2] == "actions"
+            and isinstance(parts[n - 1], int)
+            and part in ("plugin", "forward", "discard")
+        )
+    ]
     return _loc_to_key(tuple(kept)) if kept else ""
 
 
@@ -287,21 +293,29 @@ class RuleSet:
             for j, action in enumerate(model.actions):
                 a = f"{where}.actions[{j}]"
                 targets = (
-                    [("send_to", d) for d in action.send_to] if isinstance(action, PluginAction)
-                    else [("to", d) for d in action.to] if isinstance(action, ForwardAction) else []
-                )  # fmt: skip
+                    [("send_to", d) for d in action.send_to]
+                    if isinstance(action, PluginAction)
+                    else [("to", d) for d in action.to]
+                    if isinstance(action, ForwardAction)
+                    else []
+                )
                 for key, dest in targets:
                     if dest not in destinations:
                         known = ", ".join(sorted(destinations)) or "none are configured; add a [[destinations]] table"
                         errors.append(f"{a}.{key}: unknown destination {dest!r} (destinations: {known})")
                 if isinstance(action, PluginAction) and action.compression is None:
-                    wanted = {d: getattr(dest_settings.get(d), "derived_compression", "none") for d in action.send_to
-                              if d in dest_settings}  # fmt: skip
+                    wanted = {
+                        d: getattr(dest_settings.get(d), "derived_compression", "none")
+                        for d in action.send_to
+                        if d in dest_settings
+                    }
                     if len(set(wanted.values())) > 1:
                         which = ", ".join(f"{d} ({c})" for d, c in wanted.items())
-                        errors.append(f"{a}.send_to: the destinations want different encodings of derived objects "
-                                      f"({which}); set compression on this action or split it into one action "
-                                      "per destination")  # fmt: skip
+                        errors.append(
+                            f"{a}.send_to: the destinations want different encodings of derived objects "
+                            f"({which}); set compression on this action or split it into one action "
+                            "per destination"
+                        )
                 if isinstance(action, PluginAction):
                     for k, step in enumerate(action.steps):
                         key = "plugin" if action.plugin else f"plugins[{k}].name"
@@ -340,8 +354,14 @@ class RuleSet:
                 results.append(RuleResult(rule, "not matched", out.why))
                 continue
             if revision > 1 and rule.model.on_revision == "ignore":
-                results.append(RuleResult(rule, "not for revisions", f"this is revision {revision} and the rule "
-                                          "has on_revision = \"ignore\" (it ran for an earlier revision)"))  # fmt: skip
+                results.append(
+                    RuleResult(
+                        rule,
+                        "not for revisions",
+                        f"this is revision {revision} and the rule "
+                        'has on_revision = "ignore" (it ran for an earlier revision)',
+                    )
+                )
                 continue
             results.append(RuleResult(rule, "matched"))
             if rule.model.stop:

@@ -97,8 +97,9 @@ class SeriesTracker:
         now = utcnow()
         with self.reader.connect() as conn:
             receiving = conn.execute(
-                select(_series.c.id, _series.c.revision, _series.c.last_received_at, _series.c.revision_instances)
-                .where(_series.c.state == "receiving", _series.c.series_instance_uid != "")
+                select(
+                    _series.c.id, _series.c.revision, _series.c.last_received_at, _series.c.revision_instances
+                ).where(_series.c.state == "receiving", _series.c.series_instance_uid != "")
             ).all()
             untriggered = conn.execute(
                 select(_revision.c.series_fk, _revision.c.revision).where(_revision.c.triggered_at.is_(None))
@@ -108,11 +109,20 @@ class SeriesTracker:
                 self._pending[sid] = _Pending(revision, aware(last), count, self.cfg.tracker.stable_after)
             self._schedule(sid, now)  # computes its timing, then waits or fires at once if overdue
         for sid, revision in untriggered:
-            self.scheduler.add_job(self._trigger_logged, "date", run_date=now, args=[sid, revision],
-                                   id=f"trigger-{sid}-{revision}", replace_existing=True)  # fmt: skip
+            self.scheduler.add_job(
+                self._trigger_logged,
+                "date",
+                run_date=now,
+                args=[sid, revision],
+                id=f"trigger-{sid}-{revision}",
+                replace_existing=True,
+            )
         if receiving or untriggered:
-            log.info("series tracker: %d receiving series re-armed from the index, %d stable revision(s) to "
-                     "evaluate", len(receiving), len(untriggered))  # fmt: skip
+            log.info(
+                "series tracker: %d receiving series re-armed from the index, %d stable revision(s) to evaluate",
+                len(receiving),
+                len(untriggered),
+            )
 
     def stop(self) -> None:
         self.scheduler.shutdown(wait=True)
@@ -145,8 +155,9 @@ class SeriesTracker:
             self._schedule(sid, when)
 
     def _schedule(self, sid: int, when: dt.datetime) -> None:
-        self.scheduler.add_job(self._fire_logged, "date", run_date=when, args=[sid], id=f"series-{sid}",
-                               replace_existing=True)  # fmt: skip
+        self.scheduler.add_job(
+            self._fire_logged, "date", run_date=when, args=[sid], id=f"series-{sid}", replace_existing=True
+        )
 
     # -- the timer (scheduler threads) --------------------------------------
 
@@ -170,8 +181,9 @@ class SeriesTracker:
         try:
             ds = read_dataset(self.data_dir / first.file_path)
         except Exception as e:
-            log.warning("series #%d: cannot read its first instance (%s): %s; using the default timing",
-                        sid, first.file_path, e)  # fmt: skip
+            log.warning(
+                "series #%d: cannot read its first instance (%s): %s; using the default timing", sid, first.file_path, e
+            )
             p.timing_known = True
             return
         stable_after, expected, rule = self.ruleset.timing(
@@ -224,9 +236,14 @@ class SeriesTracker:
                 .values(state="stable")
             ).rowcount
             row = conn.execute(
-                select(_series.c.state, _series.c.revision, _series.c.revision_instances,
-                       _series.c.revision_started_at, _series.c.last_received_at).where(_series.c.id == sid)
-            ).first()  # fmt: skip
+                select(
+                    _series.c.state,
+                    _series.c.revision,
+                    _series.c.revision_instances,
+                    _series.c.revision_started_at,
+                    _series.c.last_received_at,
+                ).where(_series.c.id == sid)
+            ).first()
             if done == 1 and row is not None:
                 if complete:
                     reason = f"{row.revision_instances} of {p.expected} expected instances ({p.source})"
@@ -235,11 +252,17 @@ class SeriesTracker:
                     reason = f"no instance for {p.stable_after:g} s{src}"
                 conn.execute(
                     _revision.insert().values(
-                        series_fk=sid, revision=p.revision, instance_count=row.revision_instances,
-                        started_at=row.revision_started_at, last_received_at=row.last_received_at, stable_at=now,
-                        stable_reason=reason[:256], matched_rules="", error="",
+                        series_fk=sid,
+                        revision=p.revision,
+                        instance_count=row.revision_instances,
+                        started_at=row.revision_started_at,
+                        last_received_at=row.last_received_at,
+                        stable_at=now,
+                        stable_reason=reason[:256],
+                        matched_rules="",
+                        error="",
                     )
-                )  # fmt: skip
+                )
                 return True, reason
         # Not stable after all: something arrived that the timer had not heard of yet.
         if row is not None and row.state == "receiving" and row.revision == p.revision:
@@ -258,11 +281,21 @@ class SeriesTracker:
             self._trigger(sid, revision, reason)
         except Exception:
             delay = min(300, 5 * 2 ** (attempt - 1))
-            log.exception("series tracker: evaluating the rules for series #%d revision %d failed (attempt %d); "
-                          "retrying in %d s", sid, revision, attempt, delay)  # fmt: skip
-            self.scheduler.add_job(self._trigger_logged, "date", run_date=utcnow() + dt.timedelta(seconds=delay),
-                                   args=[sid, revision, reason, attempt + 1], id=f"trigger-{sid}-{revision}",
-                                   replace_existing=True)  # fmt: skip
+            log.exception(
+                "series tracker: evaluating the rules for series #%d revision %d failed (attempt %d); retrying in %d s",
+                sid,
+                revision,
+                attempt,
+                delay,
+            )
+            self.scheduler.add_job(
+                self._trigger_logged,
+                "date",
+                run_date=utcnow() + dt.timedelta(seconds=delay),
+                args=[sid, revision, reason, attempt + 1],
+                id=f"trigger-{sid}-{revision}",
+                replace_existing=True,
+            )
 
     def _trigger(self, sid: int, revision: int, reason: str) -> None:
         """Evaluate the rules for a stable revision and make its jobs, all in one transaction."""
@@ -280,8 +313,10 @@ class SeriesTracker:
         if snap is not None:
             # Patient name and ID help an operator find the study; they are shown only with redact_phi off.
             name, pid = snap.facts["PatientName"], snap.facts["PatientID"]
-            label = (f'series {snap.series_uid} ({snap.modality} "{snap.description}", {snap.instance_count} inst.; '
-                     f'patient "{phi(name) or ""}", ID "{phi(pid) or ""}")')  # fmt: skip
+            label = (
+                f'series {snap.series_uid} ({snap.modality} "{snap.description}", {snap.instance_count} inst.; '
+                f'patient "{phi(name) or ""}", ID "{phi(pid) or ""}")'
+            )
             extra.update(series_uid=snap.series_uid, study_uid=snap.study_uid)
             try:
                 results = self.ruleset.evaluate(snap.facts)
@@ -293,8 +328,16 @@ class SeriesTracker:
                 matched.append(r.rule.name)
                 m = r.rule.model
                 for i, action in enumerate(m.actions):
-                    jobs.append(NewJob(m.name, i, action.type, action.model_dump(mode="json"),
-                                       m.job_priority(action), m.max_attempts))  # fmt: skip
+                    jobs.append(
+                        NewJob(
+                            m.name,
+                            i,
+                            action.type,
+                            action.model_dump(mode="json"),
+                            m.job_priority(action),
+                            m.max_attempts,
+                        )
+                    )
         uids = {"series_uid": snap.series_uid, "study_uid": snap.study_uid} if snap is not None else {}
         with self.engine.begin() as conn:
             for name in matched:  # audited with the jobs, in the transaction that makes them
@@ -302,7 +345,9 @@ class SeriesTracker:
             made = create_jobs(conn, sid, revision, jobs, **uids) if jobs else []
             conn.execute(
                 update(_revision)
-                .where(_revision.c.series_fk == sid, _revision.c.revision == revision, _revision.c.triggered_at.is_(None))
+                .where(
+                    _revision.c.series_fk == sid, _revision.c.revision == revision, _revision.c.triggered_at.is_(None)
+                )
                 .values(triggered_at=now, matched_rules=",".join(matched), error=error)
             )
             conn.execute(
@@ -312,12 +357,21 @@ class SeriesTracker:
             )
         when = f" ({reason})" if reason else ""
         if error:
-            log.error("%s revision %d is stable%s but no rule was evaluated: %s", label, revision, when, error,
-                      extra=extra)  # fmt: skip
+            log.error(
+                "%s revision %d is stable%s but no rule was evaluated: %s", label, revision, when, error, extra=extra
+            )
         elif matched:
             actions = "; ".join(_summary(j) for j in jobs)
-            log.info("%s revision %d is stable%s: rule(s) %s matched -> %d job(s): %s", label, revision, when,
-                     ", ".join(matched), len(made), actions, extra=dict(extra, rules=matched, job_ids=made))  # fmt: skip
+            log.info(
+                "%s revision %d is stable%s: rule(s) %s matched -> %d job(s): %s",
+                label,
+                revision,
+                when,
+                ", ".join(matched),
+                len(made),
+                actions,
+                extra=dict(extra, rules=matched, job_ids=made),
+            )
         else:
             log.info("%s revision %d is stable%s: no rule matched", label, revision, when, extra=extra)
         if made and self.on_jobs:

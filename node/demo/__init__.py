@@ -68,9 +68,20 @@ def demo(
     previous = signal.signal(signal.SIGTERM, _terminate)
     # Ctrl-C stops the demo even when started from a shell that ignores SIGINT for background jobs.
     previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
-    run = Demo(Options(data_dir=data_dir, fresh=fresh, keep_running=keep_running, pacs=pacs, node_port=node_port,
-                       web_port=web_port, pacs_port=pacs_port, pacs_http_port=pacs_http_port, timeout=timeout),
-               out)  # fmt: skip
+    run = Demo(
+        Options(
+            data_dir=data_dir,
+            fresh=fresh,
+            keep_running=keep_running,
+            pacs=pacs,
+            node_port=node_port,
+            web_port=web_port,
+            pacs_port=pacs_port,
+            pacs_http_port=pacs_http_port,
+            timeout=timeout,
+        ),
+        out,
+    )
     try:
         code = run.run()
     except WorkdirError as e:
@@ -80,8 +91,7 @@ def demo(
         run.fail(str(e))
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
-        out.print("stopped: the node and the PACS are shut down; the files stay in "
-                  f"{run.root}", highlight=False)  # fmt: skip
+        out.print(f"stopped: the node and the PACS are shut down; the files stay in {run.root}", highlight=False)
         code = 0 if run.result.get("pacs_holds") else 130
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -58,8 +58,16 @@ def find_orthanc() -> str | None:
     return shutil.which("Orthanc")
 
 
-def orthanc_config(root: Path, *, name: str, ae_title: str, dicom_port: int, http_port: int,
-                   modalities: dict[str, list[Any]], unknown_sop_class_accepted: bool = True) -> dict[str, Any]:
+def orthanc_config(
+    root: Path,
+    *,
+    name: str,
+    ae_title: str,
+    dicom_port: int,
+    http_port: int,
+    modalities: dict[str, list[Any]],
+    unknown_sop_class_accepted: bool = True,
+) -> dict[str, Any]:
     """A private Orthanc on loopback (the demo's PACS, the tests' PACS): storage under ``root``, plain DICOM
     files, HTTP for this host only, and C-STORE only from ``modalities`` ({name: [AE, host, port]})."""
     return {
@@ -104,8 +112,17 @@ class OrthancPacs:
     kind = "orthanc"
     label = "Orthanc"
 
-    def __init__(self, root: Path, *, binary: str, dicom_port: int, http_port: int, node_ae: str,
-                 node_port: int, ae_title: str = "DEMO_PACS") -> None:  # fmt: skip
+    def __init__(
+        self,
+        root: Path,
+        *,
+        binary: str,
+        dicom_port: int,
+        http_port: int,
+        node_ae: str,
+        node_port: int,
+        ae_title: str = "DEMO_PACS",
+    ) -> None:
         self.root = root
         self.binary = binary
         self.dicom_port = dicom_port
@@ -132,9 +149,14 @@ class OrthancPacs:
         return f"{self.url}/app/explorer.html"
 
     def config(self) -> dict[str, Any]:
-        return orthanc_config(self.root, name="dicom-node demo PACS", ae_title=self.ae_title,
-                              dicom_port=self.dicom_port, http_port=self.http_port,
-                              modalities={"dicom-node": [self.node_ae, "127.0.0.1", self.node_port]})  # fmt: skip
+        return orthanc_config(
+            self.root,
+            name="dicom-node demo PACS",
+            ae_title=self.ae_title,
+            dicom_port=self.dicom_port,
+            http_port=self.http_port,
+            modalities={"dicom-node": [self.node_ae, "127.0.0.1", self.node_port]},
+        )
 
     def start(self, timeout: float = 30.0) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -145,9 +167,14 @@ class OrthancPacs:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [self.binary, f"--logfile={self.root / 'orthanc-verbose.log'}", str(cfg)],
-                cwd=self.root, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                start_new_session=True, preexec_fn=child_preexec,
-            )  # fmt: skip
+                cwd=self.root,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                preexec_fn=child_preexec,
+            )
         deadline = time.monotonic() + timeout
         last: Exception | None = None
         while time.monotonic() < deadline:
@@ -163,8 +190,10 @@ class OrthancPacs:
                 last = e
             time.sleep(0.1)
         self.stop()
-        raise PacsError(f"Orthanc did not answer on HTTP port {self.http_port} and DICOM port {self.dicom_port} "
-                        f"within {timeout:g} s ({last}); see {self.log_path}")  # fmt: skip
+        raise PacsError(
+            f"Orthanc did not answer on HTTP port {self.http_port} and DICOM port {self.dicom_port} "
+            f"within {timeout:g} s ({last}); see {self.log_path}"
+        )
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -263,8 +292,9 @@ class BuiltinPacs:
             ae.add_supported_context(cx.abstract_syntax, syntaxes)
         ae.add_supported_context(Verification)
         try:
-            self.server = ae.start_server(("127.0.0.1", self.dicom_port), block=False,
-                                          evt_handlers=[(evt.EVT_C_STORE, on_store)])  # fmt: skip
+            self.server = ae.start_server(
+                ("127.0.0.1", self.dicom_port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+            )
         except OSError as e:
             raise PacsError(f"the built-in storage SCP cannot listen on port {self.dicom_port}: {e}") from None
 

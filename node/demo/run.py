@@ -192,13 +192,25 @@ class Demo:
 
     def _run(self) -> int:
         files = bundled_series()
-        ports = {k: getattr(self.opts, k) or pacs_mod.free_port()
-                 for k in ("node_port", "web_port", "pacs_port", "pacs_http_port")}  # fmt: skip
+        ports = {
+            k: getattr(self.opts, k) or pacs_mod.free_port()
+            for k in ("node_port", "web_port", "pacs_port", "pacs_http_port")
+        }
         self.ports = ports
-        self.out.print(f"[bold]dicom-node demo[/] in {shown(self.root)}: a node, a downstream PACS and a real CT "
-                       f"series ({len(files)} images, head phantom)", highlight=False)  # fmt: skip
-        self.config_path.write_text(node_config(self.root, node_port=ports["node_port"], web_port=ports["web_port"],
-                                                pacs_port=ports["pacs_port"], token=self.token))  # fmt: skip
+        self.out.print(
+            f"[bold]dicom-node demo[/] in {shown(self.root)}: a node, a downstream PACS and a real CT "
+            f"series ({len(files)} images, head phantom)",
+            highlight=False,
+        )
+        self.config_path.write_text(
+            node_config(
+                self.root,
+                node_port=ports["node_port"],
+                web_port=ports["web_port"],
+                pacs_port=ports["pacs_port"],
+                token=self.token,
+            )
+        )
         self._check_config()
         self._start_pacs()
         self._start_node()
@@ -228,12 +240,20 @@ class Demo:
         binary = pacs_mod.find_orthanc()
         kind = self.opts.pacs
         if kind == "orthanc" and binary is None:
-            raise DemoError("--pacs orthanc: Orthanc is not installed (e.g. apt-get install orthanc); "
-                            "use --pacs builtin for the built-in storage SCP")  # fmt: skip
+            raise DemoError(
+                "--pacs orthanc: Orthanc is not installed (e.g. apt-get install orthanc); "
+                "use --pacs builtin for the built-in storage SCP"
+            )
         if kind in ("auto", "orthanc") and binary is not None:
-            self.pacs = pacs_mod.OrthancPacs(self.root / "pacs", binary=binary, dicom_port=self.opts_port("pacs_port"),
-                                             http_port=self.opts_port("pacs_http_port"), node_ae=NODE_AE,
-                                             node_port=self.ports["node_port"], ae_title=PACS_AE)  # fmt: skip
+            self.pacs = pacs_mod.OrthancPacs(
+                self.root / "pacs",
+                binary=binary,
+                dicom_port=self.opts_port("pacs_port"),
+                http_port=self.opts_port("pacs_http_port"),
+                node_ae=NODE_AE,
+                node_port=self.ports["node_port"],
+                ae_title=PACS_AE,
+            )
             try:
                 self.pacs.start()
             except pacs_mod.PacsError as e:
@@ -243,8 +263,11 @@ class Demo:
                 self.pacs = None
             if self.pacs is not None:
                 version = self.pacs.get("/system").get("Version", "?")
-                self.say(f"PACS ready: Orthanc {version}, AE {PACS_AE}, DICOM port {self.pacs.dicom_port}, "
-                         f"HTTP port {self.pacs.http_port}", took=time.monotonic() - t)  # fmt: skip
+                self.say(
+                    f"PACS ready: Orthanc {version}, AE {PACS_AE}, DICOM port {self.pacs.dicom_port}, "
+                    f"HTTP port {self.pacs.http_port}",
+                    took=time.monotonic() - t,
+                )
                 return
         self.pacs = pacs_mod.BuiltinPacs(self.root / "pacs", dicom_port=self.opts_port("pacs_port"), ae_title=PACS_AE)
         try:
@@ -252,8 +275,10 @@ class Demo:
         except pacs_mod.PacsError as e:
             raise DemoError(str(e)) from None
         why = "" if kind == "builtin" else " (Orthanc is not installed)"
-        self.say(f"PACS ready: built-in storage SCP{why}, AE {PACS_AE}, DICOM port {self.pacs.dicom_port}",
-                 took=time.monotonic() - t)  # fmt: skip
+        self.say(
+            f"PACS ready: built-in storage SCP{why}, AE {PACS_AE}, DICOM port {self.pacs.dicom_port}",
+            took=time.monotonic() - t,
+        )
 
     def opts_port(self, name: str) -> int:
         return self.ports[name]
@@ -265,9 +290,14 @@ class Demo:
         with open(self.node_log, "ab") as log:
             self.node_proc = subprocess.Popen(
                 [sys.executable, "-m", "node", "run", "--config", str(self.config_path)],
-                cwd=self.root, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=_clean_env(),
-                start_new_session=True, preexec_fn=child_preexec,
-            )  # fmt: skip
+                cwd=self.root,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=_clean_env(),
+                start_new_session=True,
+                preexec_fn=child_preexec,
+            )
         peer = Peer("127.0.0.1", self.ports["node_port"], called_ae=NODE_AE, calling_ae=SENDER_AE, timeout=2.0)
         deadline = time.monotonic() + 60
         last = ""
@@ -284,9 +314,11 @@ class Demo:
                     f"the node did not answer C-ECHO on port {self.ports['node_port']} within 60 s ({last})"
                 )
             time.sleep(0.2)
-        self.say(f"node ready: {NODE_AE} on 127.0.0.1:{self.ports['node_port']} (C-ECHO answered), "
-                 f"rule {RULE!r}: CT -> threshold-seg (SEG) + mip-sc (SC) + the series -> {DESTINATION}",
-                 took=time.monotonic() - t)  # fmt: skip
+        self.say(
+            f"node ready: {NODE_AE} on 127.0.0.1:{self.ports['node_port']} (C-ECHO answered), "
+            f"rule {RULE!r}: CT -> threshold-seg (SEG) + mip-sc (SC) + the series -> {DESTINATION}",
+            took=time.monotonic() - t,
+        )
 
     def _send(self, files: list[Path]) -> str:
         import pydicom
@@ -297,13 +329,17 @@ class Demo:
         peer = Peer("127.0.0.1", self.ports["node_port"], called_ae=NODE_AE, calling_ae=SENDER_AE, timeout=30.0)
         self.t0 = dt.datetime.now(dt.UTC)
         t = time.monotonic()
-        self.say(f"sending {len(files)} CT images ({first.SeriesDescription}, JPEG 2000 lossless) to {NODE_AE} "
-                 f"with C-STORE", at=0.0)  # fmt: skip
+        self.say(
+            f"sending {len(files)} CT images ({first.SeriesDescription}, JPEG 2000 lossless) to {NODE_AE} with C-STORE",
+            at=0.0,
+        )
         summary = send_files(peer, files)
         if not summary.ok:
             what = summary.errors[0] if summary.errors else (summary.skipped[0] if summary.skipped else ("", "?"))
-            raise DemoError(f"sending the series to the node failed: {summary.failed} failed, "
-                            f"{len(summary.skipped)} skipped; {what[0]}: {what[1]}")  # fmt: skip
+            raise DemoError(
+                f"sending the series to the node failed: {summary.failed} failed, "
+                f"{len(summary.skipped)} skipped; {what[0]}: {what[1]}"
+            )
         took = time.monotonic() - t
         self.say(f"sent {summary.sent} instances (all answered 0x0000 Success)", at=took, took=took)
         return str(first.SeriesInstanceUID)
@@ -345,15 +381,17 @@ class Demo:
                 if not self.pacs.alive():
                     raise DemoError(f"the PACS ({self.pacs.label}) stopped")
                 if time.monotonic() > deadline:
-                    raise DemoError(f"gave up after {self.opts.timeout:g} s "
-                                    f"{progress.waiting_for or 'waiting for the node'}")  # fmt: skip
+                    raise DemoError(
+                        f"gave up after {self.opts.timeout:g} s {progress.waiting_for or 'waiting for the node'}"
+                    )
                 time.sleep(0.2)
         finally:
             if status is not None:
                 status.stop()
             engine.dispose()
-        self.result.update(series_uid=series_uid, seg_uid=progress.seg_uid, outputs=progress.outputs,
-                           delivered=progress.delivered)  # fmt: skip
+        self.result.update(
+            series_uid=series_uid, seg_uid=progress.seg_uid, outputs=progress.outputs, delivered=progress.delivered
+        )
 
     def _show(self, s: Step) -> None:
         style = ""
@@ -380,8 +418,10 @@ class Demo:
                 break
             if time.monotonic() > deadline:
                 got = kinds(holds) or "nothing" if holds is not None else f"no answer: {err}"
-                raise DemoError(f"{self.pacs.label} does not hold the {expected} instances delivered to it 30 s later "
-                                f"(it holds {got})")  # fmt: skip
+                raise DemoError(
+                    f"{self.pacs.label} does not hold the {expected} instances delivered to it 30 s later "
+                    f"(it holds {got})"
+                )
             time.sleep(0.3)
         missing = {"SEG", "SC"} - {pacs_mod.short_name(c) for c in holds}
         if missing:
@@ -408,8 +448,10 @@ class Demo:
         cfg = shown(self.config_path)
         running = self.opts.keep_running
         self.out.print()
-        self.out.print("[bold]Where to look[/]" + ("" if running else " (the demo's servers are stopped now; the "
-                       "files stay)"), highlight=False)  # fmt: skip
+        self.out.print(
+            "[bold]Where to look[/]" + ("" if running else " (the demo's servers are stopped now; the files stay)"),
+            highlight=False,
+        )
         rows: list[tuple[str, str]] = []
         for label, where in self.pacs.where():
             rows.append(
@@ -457,8 +499,9 @@ class Demo:
 
     def _wait_for_ctrl_c(self) -> None:
         self.out.print()
-        self.out.print("[bold]The node, the PACS and the dashboard keep running: press Ctrl-C to stop them.[/]",
-                       highlight=False)  # fmt: skip
+        self.out.print(
+            "[bold]The node, the PACS and the dashboard keep running: press Ctrl-C to stop them.[/]", highlight=False
+        )
         while True:
             time.sleep(1.0)
             if self.node_proc is not None and self.node_proc.poll() is not None:
@@ -478,8 +521,14 @@ class Demo:
             signal.signal(signal.SIGINT, previous)
 
     def _stop(self) -> None:
-        running = [what for what, up in (("the node", self.node_proc is not None and self.node_proc.poll() is None),
-                                         ("the PACS", self.pacs is not None and self.pacs.alive())) if up]  # fmt: skip
+        running = [
+            what
+            for what, up in (
+                ("the node", self.node_proc is not None and self.node_proc.poll() is None),
+                ("the PACS", self.pacs is not None and self.pacs.alive()),
+            )
+            if up
+        ]
         if running:
             self.out.print(f"stopping {' and '.join(running)}", highlight=False)
         if self.node_proc is not None and self.node_proc.poll() is None:

@@ -98,22 +98,31 @@ class SeriesWatch:
             if at is not None and key not in self.seen:
                 found.append(Step(aware(at), key, text, took))
 
-        series = conn.execute(select(_s.c.id, _s.c.instance_count, _s.c.state)
-                              .where(_s.c.series_instance_uid == self.series_uid)).first()  # fmt: skip
+        series = conn.execute(
+            select(_s.c.id, _s.c.instance_count, _s.c.state).where(_s.c.series_instance_uid == self.series_uid)
+        ).first()
         if series is None:
             return self._emit(found, 0, False, "waiting for the first instance to arrive")
         self.series_id = series.id
         first, last, received = conn.execute(
-            select(func.min(_i.c.received_at), func.max(_i.c.received_at), func.count())
-            .where(_i.c.series_fk == series.id, _i.c.job_fk.is_(None))
-        ).one()  # fmt: skip
+            select(func.min(_i.c.received_at), func.max(_i.c.received_at), func.count()).where(
+                _i.c.series_fk == series.id, _i.c.job_fk.is_(None)
+            )
+        ).one()
         if received >= self.expected:
-            step("received", last, f"received {received}/{self.expected} CT images (stored and indexed)",
-                 _secs(first, last))  # fmt: skip
+            step(
+                "received",
+                last,
+                f"received {received}/{self.expected} CT images (stored and indexed)",
+                _secs(first, last),
+            )
         rev = conn.execute(select(_r).where(_r.c.series_fk == series.id).order_by(_r.c.revision).limit(1)).first()
         if rev is None:
-            wait = (f"waiting for the rest of the series ({received}/{self.expected})" if received < self.expected
-                    else "waiting for the series to become stable (no new instance for stable_after seconds)")  # fmt: skip
+            wait = (
+                f"waiting for the rest of the series ({received}/{self.expected})"
+                if received < self.expected
+                else "waiting for the series to become stable (no new instance for stable_after seconds)"
+            )
             return self._emit(found, received, False, wait)
         step("stable", rev.stable_at, f"series stable: {rev.stable_reason}", _secs(rev.last_received_at, rev.stable_at))
         if rev.error:
@@ -123,14 +132,23 @@ class SeriesWatch:
         if not rev.matched_rules:
             raise StepFailed("no rule matched the series, so nothing was made or sent")
         jobs = conn.execute(select(_j).where(_j.c.series_fk == series.id).order_by(_j.c.id)).all()
-        step("matched", rev.triggered_at, f"rule matched: {rev.matched_rules} -> {len(jobs)} job(s)",
-             _secs(rev.stable_at, rev.triggered_at))  # fmt: skip
+        step(
+            "matched",
+            rev.triggered_at,
+            f"rule matched: {rev.matched_rules} -> {len(jobs)} job(s)",
+            _secs(rev.stable_at, rev.triggered_at),
+        )
 
         job_ids = [j.id for j in jobs]
-        outputs = conn.execute(
-            select(_i.c.job_fk, _i.c.sop_class_uid, _i.c.sop_instance_uid, _i.c.received_at)
-            .where(_i.c.job_fk.in_(job_ids)).order_by(_i.c.id)
-        ).all() if job_ids else []  # fmt: skip
+        outputs = (
+            conn.execute(
+                select(_i.c.job_fk, _i.c.sop_class_uid, _i.c.sop_instance_uid, _i.c.received_at)
+                .where(_i.c.job_fk.in_(job_ids))
+                .order_by(_i.c.id)
+            ).all()
+            if job_ids
+            else []
+        )
         by_job: dict[int, list[Any]] = defaultdict(list)
         for o in outputs:
             by_job[o.job_fk].append(o)
@@ -138,8 +156,12 @@ class SeriesWatch:
         for j in jobs:
             what = "forward" if j.kind == "forward" else f"plugin {_plugins_of(j.action)}"
             waited = _secs(j.created_at, j.started_at) or 0.0
-            step(f"job{j.id}.start", j.started_at, f"job #{j.id} started: {what}"
-                 + (f" (waited {waited:.2f} s for a free worker)" if waited >= 0.5 else ""))  # fmt: skip
+            step(
+                f"job{j.id}.start",
+                j.started_at,
+                f"job #{j.id} started: {what}"
+                + (f" (waited {waited:.2f} s for a free worker)" if waited >= 0.5 else ""),
+            )
             if j.state in ("failed", "cancelled"):
                 raise StepFailed(f"job #{j.id} ({what}) {j.state}: {j.last_error or 'no error recorded'}")
             if j.state != "succeeded":
@@ -150,8 +172,12 @@ class SeriesWatch:
                 made = by_job.get(j.id, [])
                 t = _TIMINGS.search(j.result or "")
                 detail = f" (load {t[1]} s, plugin {t[2]} s, build {t[3]} s, write {t[4]} s)" if t else ""
-                step(f"job{j.id}.ran", made[-1].received_at if made else j.finished_at,
-                     f"plugin {j.software or _plugins_of(j.action)} ran{detail}", _secs(j.started_at, j.finished_at))  # fmt: skip
+                step(
+                    f"job{j.id}.ran",
+                    made[-1].received_at if made else j.finished_at,
+                    f"plugin {j.software or _plugins_of(j.action)} ran{detail}",
+                    _secs(j.started_at, j.finished_at),
+                )
                 if made:
                     classes = Counter(o.sop_class_uid for o in made)
                     names = ", ".join(sorted({UID(c).name for c in classes}))
@@ -161,12 +187,23 @@ class SeriesWatch:
             step(f"job{j.id}.done", j.finished_at, f"job #{j.id} finished: {self._short_result(j.result)}")
 
         # The deliveries: every row the series' jobs queued, per destination.
-        rows = conn.execute(
-            select(_d.c.job_fk, _d.c.destination, _d.c.state, _d.c.created_at, _d.c.delivered_at, _d.c.last_error,
-                   _i.c.sop_class_uid)
-            .select_from(_d.outerjoin(_i, _i.c.id == _d.c.instance_fk))
-            .where(_d.c.job_fk.in_(job_ids))
-        ).all() if job_ids else []  # fmt: skip
+        rows = (
+            conn.execute(
+                select(
+                    _d.c.job_fk,
+                    _d.c.destination,
+                    _d.c.state,
+                    _d.c.created_at,
+                    _d.c.delivered_at,
+                    _d.c.last_error,
+                    _i.c.sop_class_uid,
+                )
+                .select_from(_d.outerjoin(_i, _i.c.id == _d.c.instance_fk))
+                .where(_d.c.job_fk.in_(job_ids))
+            ).all()
+            if job_ids
+            else []
+        )
         per_dest: dict[str, list[Any]] = defaultdict(list)
         for r in rows:
             per_dest[r.destination].append(r)
@@ -187,8 +224,13 @@ class SeriesWatch:
             for dest, drows in sorted(per_dest.items()):
                 at = max(aware(r.delivered_at) for r in drows)
                 queued = min(aware(r.created_at) for r in drows)
-                step(f"delivered.{dest}", at, f"delivered to {dest}: {len(drows)}/{len(drows)} "
-                     f"({kinds(Counter(r.sop_class_uid for r in drows))})", _secs(queued, at))  # fmt: skip
+                step(
+                    f"delivered.{dest}",
+                    at,
+                    f"delivered to {dest}: {len(drows)}/{len(drows)} "
+                    f"({kinds(Counter(r.sop_class_uid for r in drows))})",
+                    _secs(queued, at),
+                )
         elif jobs_done and not rows and not waiting:
             raise StepFailed("the jobs succeeded but queued nothing for delivery")
         made_classes = Counter(o.sop_class_uid for o in outputs)

@@ -33,8 +33,10 @@ def prepare(path: Path, *, fresh: bool) -> IO[str]:
         raise WorkdirError(f"{path} exists and is not a directory; choose another --data-dir")
     marker = path / MARKER
     if path.is_dir() and not marker.is_file() and any(path.iterdir()):
-        raise WorkdirError(f"{path} is not empty and was not made by `dicom-node demo` (no {MARKER} file in it); "
-                           "nothing in it was touched. Choose an empty or new folder with --data-dir.")  # fmt: skip
+        raise WorkdirError(
+            f"{path} is not empty and was not made by `dicom-node demo` (no {MARKER} file in it); "
+            "nothing in it was touched. Choose an empty or new folder with --data-dir."
+        )
     path.mkdir(parents=True, exist_ok=True)
     lock = open(path / LOCK, "a+")  # noqa: SIM115 - held open until the demo ends
     try:
@@ -51,8 +53,10 @@ def prepare(path: Path, *, fresh: bool) -> IO[str]:
     leftovers = [p for p in path.iterdir() if p.name not in (MARKER, LOCK)]
     if leftovers and not fresh:
         lock.close()
-        raise WorkdirError(f"{path} holds an earlier demo run; pass --fresh to delete it and start again "
-                           "(or choose another --data-dir)")  # fmt: skip
+        raise WorkdirError(
+            f"{path} holds an earlier demo run; pass --fresh to delete it and start again "
+            "(or choose another --data-dir)"
+        )
     for p in leftovers:
         _remove(p)
     marker.write_text("This folder was made by `dicom-node demo`; `dicom-node demo --fresh` may delete its contents.\n")

@@ -42,15 +42,20 @@ class Provenance:
 
     def uid(self, *parts: object) -> UID:
         # The plugin's version is part of it: an upgraded plugin's result is a new object, not a re-send.
-        return generate_uid(prefix=DERIVED_UID_ROOT, entropy_srcs=[*map(str, self.job_key), self.algorithm,
-                                                                   self.algorithm_version, *map(str, parts)])
+        return generate_uid(
+            prefix=DERIVED_UID_ROOT,
+            entropy_srcs=[*map(str, self.job_key), self.algorithm, self.algorithm_version, *map(str, parts)],
+        )
 
     def algorithm_identification(self) -> hd.AlgorithmIdentificationSequence:
         params = {k: str(v)[:64] for k, v in self.parameters.items()} or None
         return hd.AlgorithmIdentificationSequence(
-            name=self.algorithm[:64], family=self.family,
-            version=self.algorithm_version[:64], source=MANUFACTURER, parameters=params,
-        )  # fmt: skip
+            name=self.algorithm[:64],
+            family=self.family,
+            version=self.algorithm_version[:64],
+            source=MANUFACTURER,
+            parameters=params,
+        )
 
     def contributing_equipment(self) -> list[hd.ContributingEquipment]:
         """This node, as IHE AI Results asks: who processed the images, with what software."""

@@ -51,27 +51,70 @@ ENHANCED = {str(EnhancedCTImageStorage): "Enhanced CT Image", str(EnhancedMRImag
 
 #: Source attributes that describe the source's pixels or its own identity, not the derived image.
 _REPLACED = {
-    "PixelData", "SmallestImagePixelValue", "LargestImagePixelValue", "WindowCenter", "WindowWidth",
-    "WindowCenterWidthExplanation", "VOILUTSequence", "ModalityLUTSequence", "RescaleType", "IconImageSequence",
-    "SOPInstanceUID", "SeriesInstanceUID", "SeriesNumber", "SeriesDescription", "InstanceNumber", "ImageType",
-    "DerivationDescription", "DerivationCodeSequence", "SourceImageSequence", "ReferencedImageSequence",
-    "ContributingEquipmentSequence", "InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime",
-    "PixelPaddingValue", "PixelPaddingRangeLimit", "RescaleIntercept", "RescaleSlope", "BitsAllocated",
-    "BitsStored", "HighBit", "PixelRepresentation", "SeriesDate", "SeriesTime", "IrradiationEventUID",
-    "DataSetTrailingPadding", "RequestAttributesSequence", "StorageMediaFileSetUID", "StorageMediaFileSetID",
+    "PixelData",
+    "SmallestImagePixelValue",
+    "LargestImagePixelValue",
+    "WindowCenter",
+    "WindowWidth",
+    "WindowCenterWidthExplanation",
+    "VOILUTSequence",
+    "ModalityLUTSequence",
+    "RescaleType",
+    "IconImageSequence",
+    "SOPInstanceUID",
+    "SeriesInstanceUID",
+    "SeriesNumber",
+    "SeriesDescription",
+    "InstanceNumber",
+    "ImageType",
+    "DerivationDescription",
+    "DerivationCodeSequence",
+    "SourceImageSequence",
+    "ReferencedImageSequence",
+    "ContributingEquipmentSequence",
+    "InstanceCreationDate",
+    "InstanceCreationTime",
+    "ContentDate",
+    "ContentTime",
+    "PixelPaddingValue",
+    "PixelPaddingRangeLimit",
+    "RescaleIntercept",
+    "RescaleSlope",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "SeriesDate",
+    "SeriesTime",
+    "IrradiationEventUID",
+    "DataSetTrailingPadding",
+    "RequestAttributesSequence",
+    "StorageMediaFileSetUID",
+    "StorageMediaFileSetID",
     "VOILUTFunction",
-}  # fmt: skip
+}
 
 
 #: Type 2 (or 2C, required for these classes) attributes of the CT and MR Image IODs that a source may lack:
 #: sent empty rather than missing.
-_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-          "ReferringPhysicianName", "StudyID", "AccessionNumber", "PatientPosition", "SliceThickness",
-          "AcquisitionNumber")  # fmt: skip
+_TYPE2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+    "PatientPosition",
+    "SliceThickness",
+    "AcquisitionNumber",
+)
 _TYPE2_BY_CLASS = {
     str(CTImageStorage): ("KVP",),
     str(MRImageStorage): ("ScanOptions", "MRAcquisitionType", "RepetitionTime", "EchoTime", "EchoTrainLength"),
-}  # fmt: skip
+}
 
 
 @dataclass(frozen=True)
@@ -112,8 +155,10 @@ def encode_values(values: np.ndarray, precision: float | None = None) -> Encodin
     stored = np.clip(np.round((v.astype(np.float64) - intercept) / slope), -32768, 32767)
     error = float(np.max(np.abs(stored * slope + intercept - v)))
     if precision is not None and error > precision:
-        raise OutputError(f"values from {lo:g} to {hi:g} cannot be kept within {precision:g} in 16 bits (the step "
-                          f"is {slope:g}, error up to {error:g}); ask for a coarser precision")  # fmt: skip
+        raise OutputError(
+            f"values from {lo:g} to {hi:g} cannot be kept within {precision:g} in 16 bits (the step "
+            f"is {slope:g}, error up to {error:g}); ask for a coarser precision"
+        )
     return Encoding(stored.astype(np.int16), slope, intercept, True, error)
 
 
@@ -174,8 +219,9 @@ class Window:
             ds.VOILUTFunction = self.function
 
     def transformation(self) -> hd.VOILUTTransformation:
-        return hd.VOILUTTransformation(window_center=self.center, window_width=self.width,
-                                       voi_lut_function=self.function)  # fmt: skip
+        return hd.VOILUTTransformation(
+            window_center=self.center, window_width=self.width, voi_lut_function=self.function
+        )
 
 
 def _window(values: np.ndarray) -> Window:
@@ -186,18 +232,23 @@ def _window(values: np.ndarray) -> Window:
     return Window(float(lo + hi) / 2, written, "LINEAR_EXACT" if written < 1 else None)
 
 
-def _check_shape(values: np.ndarray, expected: tuple[int, ...], affine: np.ndarray | None,
-                 own_grid: bool = True) -> None:  # fmt: skip
+def _check_shape(
+    values: np.ndarray, expected: tuple[int, ...], affine: np.ndarray | None, own_grid: bool = True
+) -> None:
     """On the input's grid the volume has its shape; on its own (an affine) any 3-D shape."""
     if affine is not None:
         if values.ndim != 3:
             raise OutputError(f"the volume has shape {values.shape}; it must be (slices, rows, columns)")
     elif values.shape != expected:
-        raise OutputError(f"the volume has shape {values.shape}; on this series' grid it must be (slices, rows, "
-                          f"columns) = {expected}" + (" (or give its affine)" if own_grid else ""))  # fmt: skip
+        raise OutputError(
+            f"the volume has shape {values.shape}; on this series' grid it must be (slices, rows, "
+            f"columns) = {expected}" + (" (or give its affine)" if own_grid else "")
+        )
 
 
-def _derived_from(src: Dataset, prov: Provenance, volume: Volume, index: int, number: int, when: dt.datetime) -> Dataset:
+def _derived_from(
+    src: Dataset, prov: Provenance, volume: Volume, index: int, number: int, when: dt.datetime
+) -> Dataset:
     """The source data set without what describes its own pixels and identity, with the output's identity."""
     ds = Dataset()
     for elem in src:
@@ -249,8 +300,14 @@ def _description(volume: Volume, prov: Provenance) -> str:
     return (volume.description or f"{prov.algorithm} {prov.algorithm_version} by dicom-node")[:1024]
 
 
-def build_image_series(series: SeriesInput, volume: Volume, prov: Provenance, *, index: int = 0,
-                       transfer_syntax: UID = ExplicitVRLittleEndian) -> tuple[list[Dataset], float]:  # fmt: skip
+def build_image_series(
+    series: SeriesInput,
+    volume: Volume,
+    prov: Provenance,
+    *,
+    index: int = 0,
+    transfer_syntax: UID = ExplicitVRLittleEndian,
+) -> tuple[list[Dataset], float]:
     """The derived series (one data set per slice) and the largest storage error of its values."""
     values = np.asarray(volume.values)
     first = series.datasets[0]
@@ -259,9 +316,10 @@ def build_image_series(series: SeriesInput, volume: Volume, prov: Provenance, *,
         return _build_enhanced(series, volume, prov, index, transfer_syntax)
     if sop_class not in SUPPORTED or series.frames is not None:
         kind = UID(sop_class).name if sop_class else "unknown"
-        raise OutputError(f"a derived image series is written for single-frame CT and MR sources and, on their own "
-                          f"grid, enhanced CT and MR; this series is {kind}"
-                          + (" (multi-frame)" if series.frames is not None else ""))  # fmt: skip
+        raise OutputError(
+            f"a derived image series is written for single-frame CT and MR sources and, on their own "
+            f"grid, enhanced CT and MR; this series is {kind}" + (" (multi-frame)" if series.frames is not None else "")
+        )
     _check_shape(values, (len(series.datasets), int(first.Rows), int(first.Columns)), volume.affine)
     grid = grid_of(volume.affine, values.shape[0]) if volume.affine is not None else None
     sources = _nearest_sources(series, grid) if grid is not None else list(range(len(series.datasets)))
@@ -311,8 +369,9 @@ def _set_in_groups(ds: Dataset, sequence: str, **values: Any) -> bool:
     return found
 
 
-def _build_enhanced(series: SeriesInput, volume: Volume, prov: Provenance, index: int,
-                    transfer_syntax: UID) -> tuple[list[Dataset], float]:  # fmt: skip
+def _build_enhanced(
+    series: SeriesInput, volume: Volume, prov: Provenance, index: int, transfer_syntax: UID
+) -> tuple[list[Dataset], float]:
     """One enhanced multi-frame instance like the source, frame for frame, with the volume's values."""
     from pydicom import dcmread
 
@@ -387,41 +446,55 @@ def build_parametric_map(series: SeriesInput, volume: Volume, prov: Provenance, 
     values = np.asarray(volume.values)
     shape = (len(series.datasets), int(series.first.Rows), int(series.first.Columns))
     if series.frames is not None:
-        raise OutputError("a parametric map is written for single-frame sources; this series is one multi-frame "
-                          "instance")  # fmt: skip
+        raise OutputError(
+            "a parametric map is written for single-frame sources; this series is one multi-frame instance"
+        )
     _check_shape(values, shape, volume.affine)
     _check_finite(values)
     geometry: dict[str, Any] = {}
     if volume.affine is not None:
         grid = grid_of(volume.affine, values.shape[0])
         geometry = dict(
-            plane_positions=[hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, [float(x) for x in p])
-                             for p in grid.positions],
+            plane_positions=[
+                hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, [float(x) for x in p])
+                for p in grid.positions
+            ],
             plane_orientation=hd.PlaneOrientationSequence(hd.CoordinateSystemNames.PATIENT, grid.orientation),
-            pixel_measures=hd.PixelMeasuresSequence(pixel_spacing=grid.pixel_spacing,
-                                                    slice_thickness=grid.thickness),
-        )  # fmt: skip
+            pixel_measures=hd.PixelMeasuresSequence(pixel_spacing=grid.pixel_spacing, slice_thickness=grid.thickness),
+        )
     values = values.astype(np.float32)
     lo, hi = float(values.min()), float(values.max())
     label = (volume.name or prov.algorithm)[:16]
     mapping = hd.pm.RealWorldValueMapping(
-        lut_label=label, lut_explanation=(volume.description or volume.name or prov.algorithm)[:64],
-        unit=volume.units or NO_UNITS, value_range=(lo, hi), slope=1.0, intercept=0.0,
-    )  # fmt: skip
+        lut_label=label,
+        lut_explanation=(volume.description or volume.name or prov.algorithm)[:64],
+        unit=volume.units or NO_UNITS,
+        value_range=(lo, hi),
+        slope=1.0,
+        intercept=0.0,
+    )
     eq = prov.contributing_equipment()
     sources = prepare(series)
     with library_errors(series, "Parametric Map"):
         pm = hd.pm.ParametricMap(
-            source_images=sources.datasets, pixel_array=values,
-            series_instance_uid=prov.uid("map-series", index), series_number=prov.series_number + index,
-            sop_instance_uid=prov.uid("map", index), instance_number=1,
-            manufacturer=MANUFACTURER, manufacturer_model_name=MANUFACTURER,
+            source_images=sources.datasets,
+            pixel_array=values,
+            series_instance_uid=prov.uid("map-series", index),
+            series_number=prov.series_number + index,
+            sop_instance_uid=prov.uid("map", index),
+            instance_number=1,
+            manufacturer=MANUFACTURER,
+            manufacturer_model_name=MANUFACTURER,
             software_versions=f"{prov.algorithm} {prov.algorithm_version}"[:64],
-            device_serial_number=str(eq[0].DeviceSerialNumber), contains_recognizable_visual_features=False,
-            real_world_value_mappings=[mapping], voi_lut_transformations=[_window(values).transformation()],
-            content_label="MAP", content_description=(volume.description or volume.name or prov.algorithm)[:64],
-            contributing_equipment=eq, **geometry,
-        )  # fmt: skip
+            device_serial_number=str(eq[0].DeviceSerialNumber),
+            contains_recognizable_visual_features=False,
+            real_world_value_mappings=[mapping],
+            voi_lut_transformations=[_window(values).transformation()],
+            content_label="MAP",
+            content_description=(volume.description or volume.name or prov.algorithm)[:64],
+            contributing_equipment=eq,
+            **geometry,
+        )
     copy_laterality(pm, series.first)  # General Series' Laterality (2C), as for Secondary Capture
     pm.SeriesDescription = (prov.series_description or volume.name or prov.algorithm)[:64]
     pm.DerivationDescription = (volume.description or f"{prov.algorithm} {prov.algorithm_version} by dicom-node")[:1024]

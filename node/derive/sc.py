@@ -113,15 +113,19 @@ def build_sc(
             orientation = patient_orientation([*iop[0], *iop[1]]) if iop else None
         orientation = orientation or ("L", "P")
         spacing = result.pixel_spacing
-        if spacing is None and src is not None and series.pixel_spacing and img.shape[:2] == (
-            int(series.first.Rows), int(series.first.Columns)
+        if (
+            spacing is None
+            and src is not None
+            and series.pixel_spacing
+            and img.shape[:2] == (int(series.first.Rows), int(series.first.Columns))
         ):
             spacing = tuple(float(x) for x in series.pixel_spacing)
         sc = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=ref,
             pixel_array=np.ascontiguousarray(img),
             # JPEG 2000 lossless keeps colour with the reversible colour transform (PS3.5 8.2.4).
-            photometric_interpretation=("YBR_RCT" if transfer_syntax == JPEG2000Lossless else "RGB") if rgb
+            photometric_interpretation=("YBR_RCT" if transfer_syntax == JPEG2000Lossless else "RGB")
+            if rgb
             else "MONOCHROME2",
             bits_allocated=8 if img.dtype == np.uint8 else 16,
             coordinate_system="PATIENT",

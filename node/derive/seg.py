@@ -21,8 +21,18 @@ from node.plugins.api import Segmentation, SeriesInput
 LABEL_MAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
 
 #: A default palette (RGB) for segments without a colour: distinct and readable on grey.
-PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]  # fmt: skip
+PALETTE = [
+    (230, 25, 75),
+    (60, 180, 75),
+    (255, 225, 25),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 190, 212),
+]
 
 
 def _masks(series: SeriesInput, result: Segmentation) -> np.ndarray:
@@ -33,8 +43,10 @@ def _masks(series: SeriesInput, result: Segmentation) -> np.ndarray:
     if k == 0:
         raise OutputError("the segmentation has no segment descriptions")
     if m.shape[:3] != (n, rows, cols) or m.ndim not in (3, 4):
-        raise OutputError(f"masks have shape {m.shape}; expected ({n}, {rows}, {cols}) as a label map or "
-                          f"({n}, {rows}, {cols}, {k}) as stacked masks")  # fmt: skip
+        raise OutputError(
+            f"masks have shape {m.shape}; expected ({n}, {rows}, {cols}) as a label map or "
+            f"({n}, {rows}, {cols}, {k}) as stacked masks"
+        )
     if m.ndim == 4 and m.shape[3] != k:
         raise OutputError(f"{m.shape[3]} stacked masks but {k} segment descriptions")
     if result.kind == "fractional":
@@ -57,7 +69,7 @@ def _masks(series: SeriesInput, result: Segmentation) -> np.ndarray:
     else:
         if result.kind == "labelmap":
             if (m.astype(bool).sum(axis=3) > 1).any():
-                raise OutputError("stacked masks overlap, so they cannot be one label map; use kind = \"binary\"")
+                raise OutputError('stacked masks overlap, so they cannot be one label map; use kind = "binary"')
             m = (np.argmax(m, axis=3) + 1) * m.astype(bool).any(axis=3)
             m = m.astype(np.uint8 if k < 256 else np.uint16)
         else:
@@ -76,12 +88,15 @@ def _descriptions(result: Segmentation, prov: Provenance) -> list[hd.seg.Segment
         rgb = s.color or PALETTE[(i - 1) % len(PALETTE)]
         manual = s.algorithm_type == "MANUAL"
         desc = hd.seg.SegmentDescription(
-            segment_number=i, segment_label=s.label[:64], segmented_property_category=s.category,
-            segmented_property_type=s.type, algorithm_type=s.algorithm_type,
+            segment_number=i,
+            segment_label=s.label[:64],
+            segmented_property_category=s.category,
+            segmented_property_type=s.type,
+            algorithm_type=s.algorithm_type,
             algorithm_identification=None if manual else algo,
             anatomic_regions=[s.anatomic_region] if s.anatomic_region else None,
             display_color=hd.color.CIELabColor.from_rgb(*rgb),
-        )  # fmt: skip
+        )
         if s.type_modifier is not None:
             desc.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
                 hd.sr.CodedConcept(s.type_modifier.value, s.type_modifier.scheme_designator, s.type_modifier.meaning)
@@ -114,8 +129,11 @@ def build_seg(
     uncompressed when RLE was asked (1-bit frames cannot be RLE-coded).
     """
     masks = _masks(series, result)
-    kind = {"binary": hd.seg.SegmentationTypeValues.BINARY, "labelmap": hd.seg.SegmentationTypeValues.LABELMAP,
-            "fractional": hd.seg.SegmentationTypeValues.FRACTIONAL}[result.kind]  # fmt: skip
+    kind = {
+        "binary": hd.seg.SegmentationTypeValues.BINARY,
+        "labelmap": hd.seg.SegmentationTypeValues.LABELMAP,
+        "fractional": hd.seg.SegmentationTypeValues.FRACTIONAL,
+    }[result.kind]
     uid_tag = "seg"
     if as_binary:
         if result.kind != "labelmap":
@@ -124,8 +142,10 @@ def build_seg(
         if transfer_syntax == RLELossless:
             transfer_syntax = ExplicitVRLittleEndian
     if kind == hd.seg.SegmentationTypeValues.BINARY and transfer_syntax == RLELossless:
-        raise OutputError("a BINARY segmentation (1 bit per pixel) cannot be RLE-compressed; use compression = "
-                          "\"jpeg2000\" or \"none\" for this plugin, or a labelmap result")  # fmt: skip
+        raise OutputError(
+            "a BINARY segmentation (1 bit per pixel) cannot be RLE-compressed; use compression = "
+            '"jpeg2000" or "none" for this plugin, or a labelmap result'
+        )
     # highdicom cannot leave out every frame: an all-empty result keeps its (empty) frames. Fractional
     # values count as empty when they round to 0 in the stored 8 bits.
     stored = np.rint(masks * 255) if result.kind == "fractional" else masks

@@ -34,8 +34,17 @@ from node.derive.errors import OutputError
 from node.plugins.api import SeriesInput
 
 #: Type 2 attributes of the Patient and General Study modules that highdicom reads from the first source.
-TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-                "ReferringPhysicianName", "StudyID", "AccessionNumber")  # fmt: skip
+TYPE2_COPIED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
 
 
 @dataclass
@@ -107,15 +116,19 @@ def _prepare(series: SeriesInput) -> Prepared:
         ref = [float(x) for x in iop]
         differing = [ds for ds in out if [float(x) for x in ds.ImageOrientationPatient] != ref]
         if differing:
-            repairs.append(f"{len(differing)} slice(s) differ in orientation by rounding (within 1e-3): the "
-                           "first slice's orientation is used for all")  # fmt: skip
+            repairs.append(
+                f"{len(differing)} slice(s) differ in orientation by rounding (within 1e-3): the "
+                "first slice's orientation is used for all"
+            )
             for ds in differing:
                 _replace(ds, "ImageOrientationPatient", iop)
     if any(not _positive(ds.get("SliceThickness")) for ds in out) and "PixelSpacing" in out[0]:
         thickness = _thickness(series)
         if thickness is None:
-            raise OutputError("the source has no Slice Thickness and a single slice, so its thickness is unknown; "
-                              "a SEG or Parametric Map needs it (PS3.3 C.7.6.16.2.1)")  # fmt: skip
+            raise OutputError(
+                "the source has no Slice Thickness and a single slice, so its thickness is unknown; "
+                "a SEG or Parametric Map needs it (PS3.3 C.7.6.16.2.1)"
+            )
         value = format_number_as_ds(thickness)
         repairs.append(f"source lacks Slice Thickness: {value} mm (the slice spacing) is used")
         for ds in out:

@@ -54,8 +54,9 @@ class OutputStore:
             old.unlink()
         return d
 
-    def store(self, files: list[Path], job_id: int, *, rule: str = "", software: str = "",
-              notes: list[str] | None = None) -> list[StoredOutput]:  # fmt: skip
+    def store(
+        self, files: list[Path], job_id: int, *, rule: str = "", software: str = "", notes: list[str] | None = None
+    ) -> list[StoredOutput]:
         """Place and index ``files`` (written by the plugin process) in one index transaction.
 
         On any failure, the files placed so far are removed again: nothing is left without a row.
@@ -72,21 +73,34 @@ class OutputStore:
                     self.storage.remove(p)
             raise
 
-    def _store(self, files: list[Path], job_id: int, placed: list[tuple[Path, object, str, str]], rule: str,
-               software: str, notes: list[str]) -> list[StoredOutput]:  # fmt: skip
+    def _store(
+        self,
+        files: list[Path],
+        job_id: int,
+        placed: list[tuple[Path, object, str, str]],
+        rule: str,
+        software: str,
+        notes: list[str],
+    ) -> list[StoredOutput]:
         for f in files:
             header, size, _ = read_file_header(f)
             final = self.storage.path_for(header.text("SeriesInstanceUID"), header.text("SOPInstanceUID"))
             record = to_record(
-                header, file_path=self.storage.relative(final), file_size=size, checksum=file_checksum(f),
-                calling_ae=self.ae_title, called_ae=self.ae_title, association_id=f"job-{job_id}",
-            )  # fmt: skip
+                header,
+                file_path=self.storage.relative(final),
+                file_size=size,
+                checksum=file_checksum(f),
+                calling_ae=self.ae_title,
+                called_ae=self.ae_title,
+                association_id=f"job-{job_id}",
+            )
             with open(f, "rb") as fp:
                 os.fdatasync(fp.fileno())
             self.storage.place(f, final)
             placed.append((final, record, header.text("SOPInstanceUID"), header.text("SeriesInstanceUID")))
         for d in {p.parent for p, *_ in placed}:
             fsync_dir(d)
+
         def work(tx: Tx) -> list[RecordOutcome]:
             outcomes = []
             for (_, record, sop, series), note in zip(placed, notes, strict=True):
@@ -96,12 +110,18 @@ class OutputStore:
                     mark_not_tracked(tx, outcome.series_id)
                 if outcome.kind != "duplicate":  # a duplicate was audited when an earlier run stored it
                     audit.record_tx(
-                        tx, "output_produced", actor="node", job_id=job_id, rule=rule,
+                        tx,
+                        "output_produced",
+                        actor="node",
+                        job_id=job_id,
+                        rule=rule,
                         study_uid=record.study["study_instance_uid"],  # type: ignore[attr-defined]
-                        series_uid=series, sop_instance_uid=sop,
-                        detail=software + (f"; {note}" if note else "")
+                        series_uid=series,
+                        sop_instance_uid=sop,
+                        detail=software
+                        + (f"; {note}" if note else "")
                         + (" (replaced the stored copy)" if outcome.kind == "replaced" else ""),
-                    )  # fmt: skip
+                    )
                 outcomes.append(outcome)
             return outcomes
 
@@ -129,4 +149,3 @@ class OutputStore:
 def mark_not_tracked(tx: Tx, series_id: int) -> None:
     """The node's own outputs are not received series: no rule runs on them (no loops of derived objects)."""
     tx.execute(tx.prepare("not_tracked", _NOT_TRACKED), {"pk": series_id})
-

@@ -41,8 +41,11 @@ class CodeItem(BaseModel):
 
     @classmethod
     def of(cls, item: Dataset) -> dict[str, str]:
-        return {"CodeValue": str(item.CodeValue), "CodingSchemeDesignator": str(item.CodingSchemeDesignator),
-                "CodeMeaning": str(item.CodeMeaning)}  # fmt: skip
+        return {
+            "CodeValue": str(item.CodeValue),
+            "CodingSchemeDesignator": str(item.CodingSchemeDesignator),
+            "CodeMeaning": str(item.CodeMeaning),
+        }
 
 
 class SegmentEntry(BaseModel):
@@ -64,22 +67,31 @@ class SegmentEntry(BaseModel):
 
     @model_validator(mode="after")
     def _rgb(self) -> SegmentEntry:
-        if self.recommendedDisplayRGBValue is not None and not all(0 <= c <= 255 for c in self.recommendedDisplayRGBValue):
+        if self.recommendedDisplayRGBValue is not None and not all(
+            0 <= c <= 255 for c in self.recommendedDisplayRGBValue
+        ):
             raise ValueError(f"recommendedDisplayRGBValue {list(self.recommendedDisplayRGBValue)}: each value 0-255")
         return self
 
     def segment(self) -> Segment:
         label = self.SegmentLabel or self.SegmentDescription or self.SegmentedPropertyTypeCodeSequence.CodeMeaning
         return Segment(
-            label=label[:64], category=self.SegmentedPropertyCategoryCodeSequence.code(),
-            type=self.SegmentedPropertyTypeCodeSequence.code(), color=self.recommendedDisplayRGBValue,
+            label=label[:64],
+            category=self.SegmentedPropertyCategoryCodeSequence.code(),
+            type=self.SegmentedPropertyTypeCodeSequence.code(),
+            color=self.recommendedDisplayRGBValue,
             anatomic_region=self.AnatomicRegionSequence.code() if self.AnatomicRegionSequence else None,
-            type_modifier=(self.SegmentedPropertyTypeModifierCodeSequence.code()
-                           if self.SegmentedPropertyTypeModifierCodeSequence else None),
-            anatomic_region_modifier=(self.AnatomicRegionModifierSequence.code()
-                                      if self.AnatomicRegionModifierSequence else None),
-            description=self.SegmentDescription or "", algorithm_type=self.SegmentAlgorithmType,
-        )  # fmt: skip
+            type_modifier=(
+                self.SegmentedPropertyTypeModifierCodeSequence.code()
+                if self.SegmentedPropertyTypeModifierCodeSequence
+                else None
+            ),
+            anatomic_region_modifier=(
+                self.AnatomicRegionModifierSequence.code() if self.AnatomicRegionModifierSequence else None
+            ),
+            description=self.SegmentDescription or "",
+            algorithm_type=self.SegmentAlgorithmType,
+        )
 
 
 class Template(BaseModel):
@@ -146,12 +158,15 @@ def apply_template(result: Segmentation, template: Template, unknown: str = "err
     by_id = {e.labelID: e for e in template.entries}
     m = np.asarray(result.masks)
     stacked = m.ndim == 4 or m.dtype == bool or np.issubdtype(m.dtype, np.floating)
-    labels = list(range(1, (m.shape[-1] if m.ndim == 4 else 1) + 1)) if stacked else \
-        [int(v) for v in np.unique(m) if v != 0]  # fmt: skip
+    labels = (
+        list(range(1, (m.shape[-1] if m.ndim == 4 else 1) + 1)) if stacked else [int(v) for v in np.unique(m) if v != 0]
+    )
     missing = [v for v in labels if v not in by_id]
     if missing and unknown == "error":
-        raise TemplateError(f"label value(s) {missing} in the plugin's result have no entry in the segment template "
-                            f"{source} (its labelIDs: {sorted(by_id)}); add them, or set unknown_labels = \"skip\"")  # fmt: skip
+        raise TemplateError(
+            f"label value(s) {missing} in the plugin's result have no entry in the segment template "
+            f'{source} (its labelIDs: {sorted(by_id)}); add them, or set unknown_labels = "skip"'
+        )
     kept = [v for v in labels if v in by_id]
     if not kept:
         raise TemplateError(f"none of the plugin's label values {labels} is in the segment template {source}")

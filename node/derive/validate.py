@@ -69,8 +69,15 @@ _NUMBER_VRS = {"SL", "SS", "SV", "UL", "US", "UV", "FL", "FD"}
 _SHARED_IES = {"Patient", "Study"}
 #: Attributes that match an object to its patient and study at the receiver: never changed by a repair,
 #: even where their type would allow it (an object that fails is better than one filed elsewhere).
-_IDENTITY = {"PatientName", "PatientID", "IssuerOfPatientID", "OtherPatientIDsSequence", "StudyInstanceUID",
-             "AccessionNumber", "StudyID"}  # fmt: skip
+_IDENTITY = {
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "OtherPatientIDsSequence",
+    "StudyInstanceUID",
+    "AccessionNumber",
+    "StudyID",
+}
 #: Functional-group modules: the tables list each macro's sequence as Type 1 under both the shared and the
 #: per-frame item, without the macro's usage (M/C/U) or the rule that it sits in one of the two.
 _FUNCTIONAL_GROUPS = ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence")
@@ -379,8 +386,12 @@ def validate(ds: Dataset) -> list[Problem]:
 
 
 #: SOP classes whose IOD allows one Modality only.
-_MODALITY_OF_CLASS = {"1.2.840.10008.5.1.4.1.1.2": "CT", "1.2.840.10008.5.1.4.1.1.4": "MR",
-                      "1.2.840.10008.5.1.4.1.1.66.4": "SEG", "1.2.840.10008.5.1.4.1.1.66.7": "SEG"}  # fmt: skip
+_MODALITY_OF_CLASS = {
+    "1.2.840.10008.5.1.4.1.1.2": "CT",
+    "1.2.840.10008.5.1.4.1.1.4": "MR",
+    "1.2.840.10008.5.1.4.1.1.66.4": "SEG",
+    "1.2.840.10008.5.1.4.1.1.66.7": "SEG",
+}
 
 
 def _type1_default(keyword: str, module: str, ds: Dataset) -> tuple[Any, str] | None:
@@ -497,8 +508,13 @@ def as_in_source(problems: list[Problem], ds: Dataset, source: Dataset | None) -
         return problems, []
     own, inherited = [], []
     for p in problems:
-        same = (not p.path and p.keyword in _IDENTITY and p.keyword in ds and p.keyword in source
-                and ds[p.keyword].value == source[p.keyword].value)  # fmt: skip
+        same = (
+            not p.path
+            and p.keyword in _IDENTITY
+            and p.keyword in ds
+            and p.keyword in source
+            and ds[p.keyword].value == source[p.keyword].value
+        )
         (inherited if same else own).append(p)
     return own, inherited
 

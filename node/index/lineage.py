@@ -24,12 +24,19 @@ def _when(value) -> str:  # type: ignore[no-untyped-def]
 def _deliveries(conn, which, indent: str) -> list[str]:  # type: ignore[no-untyped-def]
     """Deliveries matching ``which`` (a condition on the delivery table), by destination and state."""
     rows = conn.execute(
-        select(_d.c.destination, _d.c.state, _d.c.commitment, func.count(), func.min(_d.c.delivered_at),
-               func.max(_d.c.delivered_at), func.max(_d.c.last_error))
+        select(
+            _d.c.destination,
+            _d.c.state,
+            _d.c.commitment,
+            func.count(),
+            func.min(_d.c.delivered_at),
+            func.max(_d.c.delivered_at),
+            func.max(_d.c.last_error),
+        )
         .where(which)
         .group_by(_d.c.destination, _d.c.state, _d.c.commitment)
         .order_by(_d.c.destination, _d.c.state)
-    ).all()  # fmt: skip
+    ).all()
     out = []
     for dest, state, commitment, n, first, last, error in rows:
         line = f"{indent}-> {dest}: {n} {state}"
@@ -53,36 +60,46 @@ def lineage(engine: Engine, uid: str) -> list[str]:
                 raise NotFound(f"no instance or series {uid} in the index")
             series = conn.execute(select(_s).where(_s.c.id == inst.series_fk)).one()
         made_by = conn.execute(
-            select(_j.c.series_fk).select_from(_i.join(_j, _j.c.id == _i.c.job_fk))
-            .where(_i.c.series_fk == series.id).limit(1)
-        ).first()  # fmt: skip
+            select(_j.c.series_fk)
+            .select_from(_i.join(_j, _j.c.id == _i.c.job_fk))
+            .where(_i.c.series_fk == series.id)
+            .limit(1)
+        ).first()
         lines: list[str] = []
         if made_by is not None:  # an output series: start from its source
             src = conn.execute(select(_s).where(_s.c.id == made_by.series_fk)).one()
             lines.append(f"{uid} was made by this node from series {src.series_instance_uid}:")
             series = src
-        lines.append(f"source series {series.series_instance_uid} ({series.modality} "
-                     f"\"{series.series_description}\", {series.instance_count} instances)")  # fmt: skip
+        lines.append(
+            f"source series {series.series_instance_uid} ({series.modality} "
+            f'"{series.series_description}", {series.instance_count} instances)'
+        )
         for rev in conn.execute(select(_r).where(_r.c.series_fk == series.id).order_by(_r.c.revision)):
             rules = rev.matched_rules or "no rule matched"
-            lines.append(f"  revision {rev.revision}: {rev.instance_count} instances, stable {_when(rev.stable_at)} "
-                         f"({rev.stable_reason}); {rules}")  # fmt: skip
+            lines.append(
+                f"  revision {rev.revision}: {rev.instance_count} instances, stable {_when(rev.stable_at)} "
+                f"({rev.stable_reason}); {rules}"
+            )
         jobs = conn.execute(select(_j).where(_j.c.series_fk == series.id).order_by(_j.c.id)).all()
         for job in jobs:
             what = job.kind + (f" {job.software}" if job.software else "")
             detail = job.result if job.state == "succeeded" else job.last_error
-            lines.append(f"  job #{job.id} revision {job.revision} rule {job.rule} action {job.action_index} ({what}): "
-                         f"{job.state} {_when(job.finished_at)}" + (f" -- {detail}" if detail else ""))  # fmt: skip
+            lines.append(
+                f"  job #{job.id} revision {job.revision} rule {job.rule} action {job.action_index} ({what}): "
+                f"{job.state} {_when(job.finished_at)}" + (f" -- {detail}" if detail else "")
+            )
             outputs = conn.execute(
                 select(_i.c.id, _i.c.sop_instance_uid, _i.c.sop_class_uid, _s.c.series_instance_uid)
                 .select_from(_i.join(_s, _s.c.id == _i.c.series_fk))
-                .where(_i.c.job_fk == job.id).order_by(_i.c.id)
-            ).all()  # fmt: skip
+                .where(_i.c.job_fk == job.id)
+                .order_by(_i.c.id)
+            ).all()
             for o in outputs:
                 from pydicom.uid import UID
 
-                lines.append(f"    output {UID(o.sop_class_uid).name} {o.sop_instance_uid} (series "
-                             f"{o.series_instance_uid})")  # fmt: skip
+                lines.append(
+                    f"    output {UID(o.sop_class_uid).name} {o.sop_instance_uid} (series {o.series_instance_uid})"
+                )
                 lines.extend(_deliveries(conn, _d.c.instance_fk == o.id, "      "))
             if job.kind == "forward":
                 lines.extend(_deliveries(conn, _d.c.job_fk == job.id, "    "))

@@ -91,9 +91,7 @@ _SERIES_ADD = (
 )
 _STUDY_RELINK = _study.update().where(_study.c.id == bindparam("pk")).values(patient_fk=bindparam("patient_fk"))
 _SERIES_SUB = (
-    _series.update()
-    .where(_series.c.id == bindparam("pk"))
-    .values(instance_count=_series.c.instance_count - 1)
+    _series.update().where(_series.c.id == bindparam("pk")).values(instance_count=_series.c.instance_count - 1)
 )
 
 
@@ -120,7 +118,13 @@ class Recorder:
 
     @staticmethod
     def _parent(
-        tx: Tx, cache: dict, key: Any, name: str, select_stmt: Any, select_params: dict, insert_stmt: Any,
+        tx: Tx,
+        cache: dict,
+        key: Any,
+        name: str,
+        select_stmt: Any,
+        select_params: dict,
+        insert_stmt: Any,
         values: Callable[[], dict],
     ) -> int:
         """The id of a patient/study/series row: from the cache, the table, or a new insert."""
@@ -143,24 +147,49 @@ class Recorder:
             self._studies.pop(rec.study["study_instance_uid"], None)
             self._patients.pop(patient_key, None)
         patient_fk = self._parent(
-            tx, self._patients, patient_key, "patient", _SEL_PATIENT, p, _INS_PATIENT, lambda: dict(p, created_at=now),
-        )  # fmt: skip
+            tx,
+            self._patients,
+            patient_key,
+            "patient",
+            _SEL_PATIENT,
+            p,
+            _INS_PATIENT,
+            lambda: dict(p, created_at=now),
+        )
         uid = rec.study["study_instance_uid"]
         study_fk = self._parent(
-            tx, self._studies, uid, "study", _SEL_STUDY, {"uid": uid}, _INS_STUDY,
+            tx,
+            self._studies,
+            uid,
+            "study",
+            _SEL_STUDY,
+            {"uid": uid},
+            _INS_STUDY,
             lambda: dict(rec.study, patient_fk=patient_fk, created_at=now),
-        )  # fmt: skip
+        )
         uid = rec.series["series_instance_uid"]
         series_fk = self._parent(
-            tx, self._series, uid, "series", _SEL_SERIES, {"uid": uid}, _INS_SERIES,
-            lambda: dict(rec.series, study_fk=study_fk, first_received_at=now, last_received_at=now,
-                         instance_count=0, state="receiving", revision=1, revision_instances=0,
-                         revision_started_at=now),
-        )  # fmt: skip
+            tx,
+            self._series,
+            uid,
+            "series",
+            _SEL_SERIES,
+            {"uid": uid},
+            _INS_SERIES,
+            lambda: dict(
+                rec.series,
+                study_fk=study_fk,
+                first_received_at=now,
+                last_received_at=now,
+                instance_count=0,
+                state="receiving",
+                revision=1,
+                revision_instances=0,
+                revision_started_at=now,
+            ),
+        )
         row = tx.row(tx.prepare("sel_instance", _SEL_INSTANCE), {"uid": rec.sop_instance_uid})
-        if row is not None and self.policy == "keep_first" and (
-            self.file_exists is None or self.file_exists(row[1])
-        ):
+        if row is not None and self.policy == "keep_first" and (self.file_exists is None or self.file_exists(row[1])):
             return RecordOutcome("duplicate", row[0])
         # The series row first: it says which revision the instance belongs to.
         delta = 1 if row is None or row[2] != series_fk else 0

@@ -39,14 +39,18 @@ def gather(cfg: Config, recent: int = 10) -> IndexStatus:
             n_inst, size = s.execute(select(func.count(), func.coalesce(func.sum(Instance.file_size), 0))).one()
             rows = s.execute(
                 select(
-                    Patient.patient_name, Study.study_date, Series.modality, Series.series_description,
-                    Series.instance_count, Series.last_received_at,
+                    Patient.patient_name,
+                    Study.study_date,
+                    Series.modality,
+                    Series.series_description,
+                    Series.instance_count,
+                    Series.last_received_at,
                 )
                 .join(Study, Series.study_fk == Study.id)
                 .join(Patient, Study.patient_fk == Patient.id)
                 .order_by(Series.last_received_at.desc())
                 .limit(recent)
-            ).all()  # fmt: skip
+            ).all()
             series_states = dict(s.execute(select(Series.state, func.count()).group_by(Series.state)).all())
             job_states = dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
         deliveries = queue.counts(engine)

@@ -65,8 +65,10 @@ def _queue(ctx: JobContext, instance_ids: list[int], names: list[str]) -> str:
     known = {d.name for d in ctx.cfg.destinations}
     missing = [n for n in names if n not in known]
     if missing:
-        raise JobFailed(f"no destination {', '.join(map(repr, missing))} in the config any more; nothing was queued",
-                        retryable=False)  # fmt: skip
+        raise JobFailed(
+            f"no destination {', '.join(map(repr, missing))} in the config any more; nothing was queued",
+            retryable=False,
+        )
     with ctx.engine.begin() as conn:
         got = queue.enqueue(conn, instance_ids, names, job_id=ctx.job.id, priority=ctx.job.priority)
     ctx.wake_senders(names)
@@ -81,8 +83,11 @@ def forward(ctx: JobContext) -> str:
     ids = [pk for pk, _ in ctx.instance_files()]
     if not ids:
         # Not a success: the data went somewhere else (discarded, or re-sent into a later revision).
-        raise JobFailed("the revision has no instances any more (discarded, or re-sent into a later revision "
-                        "with node.duplicates = \"overwrite\"); nothing was forwarded", retryable=False)  # fmt: skip
+        raise JobFailed(
+            "the revision has no instances any more (discarded, or re-sent into a later revision "
+            'with node.duplicates = "overwrite"); nothing was forwarded',
+            retryable=False,
+        )
     return _queue(ctx, ids, ctx.job.action["to"])
 
 
@@ -103,25 +108,41 @@ def discard(ctx: JobContext) -> str:
     with ctx.engine.begin() as conn:
         unfinished = conn.execute(
             select(j.c.id, j.c.state)
-            .where(j.c.series_fk == ctx.job.series_id, j.c.id != ctx.job.id, j.c.kind != "discard",
-                   j.c.state != "succeeded")
-            .order_by(j.c.id).with_for_update()
-        ).all()  # fmt: skip
+            .where(
+                j.c.series_fk == ctx.job.series_id,
+                j.c.id != ctx.job.id,
+                j.c.kind != "discard",
+                j.c.state != "succeeded",
+            )
+            .order_by(j.c.id)
+            .with_for_update()
+        ).all()
         if unfinished:
             which = ", ".join(f"job {r.id} is {r.state}" for r in unfinished)
-            raise JobFailed(f"not discarding: {which}; the series is kept (retry this job once they succeeded)",
-                            retryable=False)  # fmt: skip
+            raise JobFailed(
+                f"not discarding: {which}; the series is kept (retry this job once they succeeded)", retryable=False
+            )
         undelivered = unfinished_for_series(conn, ctx.job.series_id, ctx.job.revision)
         if undelivered:
             which = ", ".join(f"{n} {state} for {dest}" for state, dest, n in undelivered)
-            raise JobFailed(f"not discarding: deliveries of this revision have not all arrived ({which}); the series "
-                            "is kept (see dicom-node queue; retry this job once they are delivered)", retryable=False)  # fmt: skip
+            raise JobFailed(
+                f"not discarding: deliveries of this revision have not all arrived ({which}); the series "
+                "is kept (see dicom-node queue; retry this job once they are delivered)",
+                retryable=False,
+            )
         # Only the rows as listed: a re-send meanwhile (new file, next revision) keeps its row and file.
         gone = delete_instance_rows(conn, ctx.job.series_id, items, revision=ctx.job.revision)
         if gone:
             series_uid = conn.execute(select(Series.series_instance_uid).where(Series.id == ctx.job.series_id)).scalar()
-            audit.record(conn, "series_deleted", actor="discard", series_uid=series_uid or "", rule=ctx.job.rule,
-                         job_id=ctx.job.id, detail=f"revision {ctx.job.revision}, {len(gone)} instance(s)")  # fmt: skip
+            audit.record(
+                conn,
+                "series_deleted",
+                actor="discard",
+                series_uid=series_uid or "",
+                rule=ctx.job.rule,
+                job_id=ctx.job.id,
+                detail=f"revision {ctx.job.revision}, {len(gone)} instance(s)",
+            )
         files, _size = remove_files(ctx.storage, gone)  # last, just before the commit (see node.storage.removal)
     return f"discarded {len(gone)} instances ({files} files removed)"
 
@@ -165,15 +186,21 @@ def wants_binary_segs(ctx: JobContext, names: list[str]) -> dict[str, str]:
         if d.name not in names or d.label_map_seg == "send":
             continue
         if d.label_map_seg == "binary":
-            out[d.name] = "label_map_seg = \"binary\""
+            out[d.name] = 'label_map_seg = "binary"'
             continue
         key = (d.host, d.ae_title, d.port, d.calling_ae_title or ctx.cfg.node.ae_title)
         hit = _asked.get(key)
         if hit is None or time.monotonic() - hit[0] > (_ASKED_TTL if hit[1] is not None else _UNASKED_TTL):
             peer = Peer.from_destination(d, ctx.cfg.node.ae_title)
             try:
-                hit = (time.monotonic(), accepts(dataclasses.replace(peer, timeout=min(peer.timeout, _ASK_TIMEOUT)),
-                                                 LABEL_MAP_SEGMENTATION_STORAGE), "")  # fmt: skip
+                hit = (
+                    time.monotonic(),
+                    accepts(
+                        dataclasses.replace(peer, timeout=min(peer.timeout, _ASK_TIMEOUT)),
+                        LABEL_MAP_SEGMENTATION_STORAGE,
+                    ),
+                    "",
+                )
             except ConnectionError as e:  # cannot ask now: the SEG every PACS takes
                 hit = (time.monotonic(), None, str(e))
             _asked[key] = hit
@@ -210,10 +237,20 @@ def plugin(ctx: JobContext) -> str:
         except PluginLoadError as e:
             raise JobFailed(str(e), retryable=False) from None
         # Only the keys the table sets: validated again in the job's process exactly as configured.
-        command = (cfg.plugins.commands[st.name].model_dump(mode="json", exclude_unset=True)
-                   if ref.kind == "command" else None)  # fmt: skip
-        steps.append(StepSpec(st.name, ref.target, st.params, kind=ref.kind, environment=ref.environment or "",
-                              remote=dict(ref.remote) if ref.remote else None, command=command))  # fmt: skip
+        command = (
+            cfg.plugins.commands[st.name].model_dump(mode="json", exclude_unset=True) if ref.kind == "command" else None
+        )
+        steps.append(
+            StepSpec(
+                st.name,
+                ref.target,
+                st.params,
+                kind=ref.kind,
+                environment=ref.environment or "",
+                remote=dict(ref.remote) if ref.remote else None,
+                command=command,
+            )
+        )
     i, s = Instance.__table__, Series.__table__
     with ctx.engine.connect() as conn:
         series_uid = conn.execute(select(s.c.series_instance_uid).where(s.c.id == ctx.job.series_id)).scalar_one()
@@ -234,15 +271,21 @@ def plugin(ctx: JobContext) -> str:
     policies = _label_map_policy(ctx, action.send_to)
     work = ctx.outputs.work_dir(ctx.job.id, ctx.job.attempts)
     spec = WorkSpec(
-        files=[str(ctx.storage.absolute(r)) for r in rels], steps=steps, out_dir=str(work),
+        files=[str(ctx.storage.absolute(r)) for r in rels],
+        steps=steps,
+        out_dir=str(work),
         job_key=(series_uid, ctx.job.revision, ctx.job.rule, ctx.job.action_index),
         memory_limit_mb=action.memory_limit_mb if action.memory_limit_mb is not None else cfg.plugins.memory_limit_mb,
-        transfer_syntax=str(_SYNTAX[_compression(action, cfg)]), keep_empty_frames=action.keep_empty_frames,
-        series_number=action.series_number, series_description=action.series_description,
-        station_name=cfg.node.ae_title, attempt=ctx.job.attempts,
-        segment_template=action.segment_template, unknown_labels=action.unknown_labels,
+        transfer_syntax=str(_SYNTAX[_compression(action, cfg)]),
+        keep_empty_frames=action.keep_empty_frames,
+        series_number=action.series_number,
+        series_description=action.series_description,
+        station_name=cfg.node.ae_title,
+        attempt=ctx.job.attempts,
+        segment_template=action.segment_template,
+        unknown_labels=action.unknown_labels,
         labelmap_as_binary=any(p != "send" for p in policies.values()),
-    )  # fmt: skip
+    )
     timeout = action.timeout or cfg.plugins.timeout
     try:
         # A plugin process slot first, then a GPU, then warm workers: nothing is held while waiting for a slot.
@@ -253,8 +296,10 @@ def plugin(ctx: JobContext) -> str:
                 watch.failed(str(e))
                 _remove_containers(steps, work)
                 kept = _keep_command_logs(ctx, steps, work)
-                raise JobFailed(str(e) + "".join(f"; the output of {name}: {kept_at}" for name, _, kept_at in kept),
-                                retryable=e.retryable) from None  # fmt: skip
+                raise JobFailed(
+                    str(e) + "".join(f"; the output of {name}: {kept_at}" for name, _, kept_at in kept),
+                    retryable=e.retryable,
+                ) from None
             watch.finished(result)
             for _, was, kept_at in _keep_command_logs(ctx, steps, work):  # the error names it: keep it there
                 result.error = result.error.replace(str(was), str(kept_at))
@@ -262,16 +307,28 @@ def plugin(ctx: JobContext) -> str:
         if result.timings.get("plugin"):
             metrics.PLUGIN_SECONDS.labels(plugin_label).observe(result.timings["plugin"])
         with ctx.engine.begin() as conn:
-            conn.execute(update(Job.__table__).where(Job.__table__.c.id == ctx.job.id)
-                         .values(software=", ".join(result.plugins)[:256]))  # fmt: skip
+            conn.execute(
+                update(Job.__table__)
+                .where(Job.__table__.c.id == ctx.job.id)
+                .values(software=", ".join(result.plugins)[:256])
+            )
         if not result.ok and not result.outputs:
             raise JobFailed(result.error, retryable=result.retryable)
         twinned = any(o.twin_of for o in result.outputs)
         binary_for = wants_binary_segs(ctx, action.send_to) if twinned else {}
-        notes = [f"BINARY copy of label map SEG {o.twin_of} for destinations that do not take Label Map SEG"
-                 if o.twin_of else "" for o in result.outputs]  # fmt: skip
-        stored = ctx.outputs.store([Path(o.file) for o in result.outputs], ctx.job.id, rule=ctx.job.rule,
-                                   software=", ".join(result.plugins), notes=notes)  # fmt: skip
+        notes = [
+            f"BINARY copy of label map SEG {o.twin_of} for destinations that do not take Label Map SEG"
+            if o.twin_of
+            else ""
+            for o in result.outputs
+        ]
+        stored = ctx.outputs.store(
+            [Path(o.file) for o in result.outputs],
+            ctx.job.id,
+            rule=ctx.job.rule,
+            software=", ".join(result.plugins),
+            notes=notes,
+        )
         for o, st in zip(result.outputs, stored, strict=True):
             if st.outcome != "duplicate" and not o.twin_of:  # a BINARY copy is the same result again
                 metrics.OUTPUTS_PRODUCED.labels(plugin_label, o.kind).inc()
@@ -284,11 +341,13 @@ def plugin(ctx: JobContext) -> str:
     t = result.timings
     made = ", ".join(f"{n} {k}" for k, n in kinds.items()) or "no output"
     again = sum(1 for o in stored if o.outcome == "duplicate")
-    summary = (f"{made} from {len(rels)} source instances ({', '.join(result.plugins)}; load {t['load']:.1f} s, "
-               f"plugin {t['plugin']:.1f} s, "
-               + (f"worker transfer {t['transfer'] * 1000:.0f} ms, " if "transfer" in t else "")
-               + f"build {t['build']:.1f} s, write {t['write']:.1f} s; "
-               f"peak memory {result.peak_mb:.0f} MiB, {result.peak_added_mb:.0f} MiB for the job)")  # fmt: skip
+    summary = (
+        f"{made} from {len(rels)} source instances ({', '.join(result.plugins)}; load {t['load']:.1f} s, "
+        f"plugin {t['plugin']:.1f} s, "
+        + (f"worker transfer {t['transfer'] * 1000:.0f} ms, " if "transfer" in t else "")
+        + f"build {t['build']:.1f} s, write {t['write']:.1f} s; "
+        f"peak memory {result.peak_mb:.0f} MiB, {result.peak_added_mb:.0f} MiB for the job)"
+    )
     if result.notes:
         summary += "; " + "; ".join(result.notes)
     if again:
@@ -359,9 +418,11 @@ class _Resources:
             if self.limit_mb:
                 rss = w.rss_mb()
                 if rss > self.limit_mb:
-                    return (f"the worker of {w.key} used {rss:.0f} MB, over the memory limit of {self.limit_mb} MB, "
-                            "and was stopped (raise memory_limit_mb for this rule, or [plugins] memory_limit_mb; for "
-                            "a plugin in an environment it bounds its worker's resident memory, model included)")  # fmt: skip
+                    return (
+                        f"the worker of {w.key} used {rss:.0f} MB, over the memory limit of {self.limit_mb} MB, "
+                        "and was stopped (raise memory_limit_mb for this rule, or [plugins] memory_limit_mb; for "
+                        "a plugin in an environment it bounds its worker's resident memory, model included)"
+                    )
         return None
 
     def failed(self, why: str) -> None:
@@ -377,8 +438,10 @@ class _Resources:
                 result.error = (result.error + "; " if result.error else "") + w.death()
                 result.retryable = True  # the next attempt gets a new worker
             else:
-                result.notes.append(f"warm worker pid {w.pid} for {w.key}: its job {w.jobs + 1}, setup "
-                                    f"{w.setup_seconds:.1f} s when it started")  # fmt: skip
+                result.notes.append(
+                    f"warm worker pid {w.pid} for {w.key}: its job {w.jobs + 1}, setup "
+                    f"{w.setup_seconds:.1f} s when it started"
+                )
             w.pool.release(w, healthy=w.alive())
         self.workers = []
 
@@ -406,8 +469,12 @@ def _plugin_resources(ctx: JobContext, action: Any, steps: list[Any], needs: lis
         if need != "none":
             try:
                 res.gpu = slots_for(cfg.plugins.gpus).acquire(
-                    need, priority=ctx.job.priority, cancelled=ctx.cancelled, label=f"job {ctx.job.id}",
-                    on_wait=lambda text: _note_running(ctx, text))  # fmt: skip
+                    need,
+                    priority=ctx.job.priority,
+                    cancelled=ctx.cancelled,
+                    label=f"job {ctx.job.id}",
+                    on_wait=lambda text: _note_running(ctx, text),
+                )
             except GpuWaitCancelled:
                 raise JobFailed("cancelled while waiting for a GPU", retryable=False) from None
             spec.device = res.gpu.device
@@ -422,8 +489,11 @@ def _plugin_resources(ctx: JobContext, action: Any, steps: list[Any], needs: lis
             key = WorkerKey(st.environment, st.name, st.target, spec.device)
             try:
                 w = pool(cfg.data_dir / "logs" / "workers").lease(
-                    key, WorkerSpec(env.python, dict(env.env), env.warm(st.name)), ctx.cancelled,
-                    on_wait=lambda text: _note_running(ctx, text))  # fmt: skip
+                    key,
+                    WorkerSpec(env.python, dict(env.env), env.warm(st.name)),
+                    ctx.cancelled,
+                    on_wait=lambda text: _note_running(ctx, text),
+                )
             except WorkerStartError as e:
                 raise JobFailed(str(e), retryable=True) from None
             res.workers.append(w)
@@ -440,8 +510,7 @@ def _queue_outputs(ctx: JobContext, outputs: list[Any], names: list[str], binary
         ids = dict(conn.execute(select(i.c.sop_instance_uid, i.c.id).where(i.c.job_fk == ctx.job.id)).all())
         # A run again (a retry) routes each destination as the first run did: one of the two, never both.
         d = Delivery.__table__
-        earlier = set(conn.execute(select(d.c.sop_instance_uid, d.c.destination)
-                                   .where(d.c.job_fk == ctx.job.id)).all())  # fmt: skip
+        earlier = set(conn.execute(select(d.c.sop_instance_uid, d.c.destination).where(d.c.job_fk == ctx.job.id)).all())
     twin_of = {o.sop_instance_uid: o.twin_of for o in outputs if o.twin_of}
     twinned = set(twin_of.values())
 

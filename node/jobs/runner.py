@@ -33,9 +33,13 @@ POLL = 2.0
 
 class JobRunner:
     def __init__(
-        self, cfg: Config, engine: Engine, storage: Storage, outputs: OutputStore | None = None,
+        self,
+        cfg: Config,
+        engine: Engine,
+        storage: Storage,
+        outputs: OutputStore | None = None,
         reader: Engine | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """``reader``: an engine for the frequent polls (next due job, cancelled?) that only read."""
         self.cfg = cfg
         self.outputs = outputs
@@ -54,8 +58,12 @@ class JobRunner:
 
     def start(self) -> None:
         for job_id, rule, attempts in store.requeue_running(self.engine):
-            log.warning("job %d (rule %s) was running when the node stopped (attempt %d): taking it up again",
-                        job_id, rule, attempts)  # fmt: skip
+            log.warning(
+                "job %d (rule %s) was running when the node stopped (attempt %d): taking it up again",
+                job_id,
+                rule,
+                attempts,
+            )
         for t in self._threads:
             t.start()
 
@@ -111,11 +119,21 @@ class JobRunner:
 
     def _run(self, job: store.ClaimedJob) -> None:
         t0 = time.monotonic()
-        log.info("job %d started: rule %s, action %d (%s), series #%d revision %d, attempt %d of %d",
-                 job.id, job.rule, job.action_index, job.kind, job.series_id, job.revision, job.attempts,
-                 job.max_attempts, extra=_extra(job))  # fmt: skip
-        ctx = JobContext(job, self.cfg, self.engine, self.storage, lambda: self._cancelled(job.id), self.outputs,
-                         self.wake_senders)  # fmt: skip
+        log.info(
+            "job %d started: rule %s, action %d (%s), series #%d revision %d, attempt %d of %d",
+            job.id,
+            job.rule,
+            job.action_index,
+            job.kind,
+            job.series_id,
+            job.revision,
+            job.attempts,
+            job.max_attempts,
+            extra=_extra(job),
+        )
+        ctx = JobContext(
+            job, self.cfg, self.engine, self.storage, lambda: self._cancelled(job.id), self.outputs, self.wake_senders
+        )
         try:
             result = handler_for(job.kind)(ctx)
         except JobFailed as e:
@@ -133,8 +151,13 @@ class JobRunner:
         if state == "succeeded":
             log.info("job %d succeeded in %.1f s: %s", job.id, took, result, extra=_extra(job))
         else:
-            log.warning("job %d finished (%s) but was %s meanwhile; its outcome is not recorded", job.id, result,
-                        state, extra=_extra(job))  # fmt: skip
+            log.warning(
+                "job %d finished (%s) but was %s meanwhile; its outcome is not recorded",
+                job.id,
+                result,
+                state,
+                extra=_extra(job),
+            )
 
     def _failed(self, job: store.ClaimedJob, error: str, retryable: bool, t0: float) -> None:
         retry_at = None
@@ -144,13 +167,22 @@ class JobRunner:
         state = store.finish(self.engine, job.id, ok=False, error=error, retry_at=retry_at)
         self.wake()
         labels = metrics.job_labels(job.kind, job.action)
-        metrics.JOB_SECONDS.labels(*labels, "cancelled" if state == "cancelled" else "failed").observe(time.monotonic() - t0)
+        metrics.JOB_SECONDS.labels(*labels, "cancelled" if state == "cancelled" else "failed").observe(
+            time.monotonic() - t0
+        )
         if state != "cancelled":  # an operator's cancel is not a failure; "final" = no attempt follows
             metrics.JOB_FAILURES.labels(*labels, "false" if state == "pending" else "true").inc()
         if state == "pending":
-            log.warning("job %d attempt %d of %d failed after %.1f s: %s; retrying at %s", job.id, job.attempts,
-                        job.max_attempts, time.monotonic() - t0, error, retry_at.isoformat(timespec="seconds")
-                        if retry_at else "", extra=_extra(job))  # fmt: skip
+            log.warning(
+                "job %d attempt %d of %d failed after %.1f s: %s; retrying at %s",
+                job.id,
+                job.attempts,
+                job.max_attempts,
+                time.monotonic() - t0,
+                error,
+                retry_at.isoformat(timespec="seconds") if retry_at else "",
+                extra=_extra(job),
+            )
         elif state == "cancelled":
             log.info("job %d was cancelled while it ran (%s)", job.id, error, extra=_extra(job))
         else:
@@ -160,5 +192,11 @@ class JobRunner:
 
 def _extra(job: store.ClaimedJob) -> dict:
     """Structured log fields of a job (JSON logs carry them as keys)."""
-    return {"job_id": job.id, "rule": job.rule, "job_kind": job.kind, "series_id": job.series_id,
-            "revision": job.revision, "attempt": job.attempts}  # fmt: skip
+    return {
+        "job_id": job.id,
+        "rule": job.rule,
+        "job_kind": job.kind,
+        "series_id": job.series_id,
+        "revision": job.revision,
+        "attempt": job.attempts,
+    }

@@ -35,8 +35,9 @@ class NewJob:
     max_attempts: int = 3
 
 
-def create_jobs(conn: Connection, series_id: int, revision: int, jobs: list[NewJob], *,
-                series_uid: str = "", study_uid: str = "") -> list[int]:  # fmt: skip
+def create_jobs(
+    conn: Connection, series_id: int, revision: int, jobs: list[NewJob], *, series_uid: str = "", study_uid: str = ""
+) -> list[int]:
     """Insert the jobs of one revision that do not exist yet; returns the ids of those inserted.
 
     Each job made is audited (``job_created``) in the same transaction, under the UIDs given.
@@ -55,16 +56,36 @@ def create_jobs(conn: Connection, series_id: int, revision: int, jobs: list[NewJ
             with conn.begin_nested():
                 pk = conn.execute(
                     _job.insert().returning(_job.c.id),
-                    dict(series_fk=series_id, revision=revision, rule=j.rule, action_index=j.action_index,
-                         kind=j.kind, action=json.dumps(j.action, sort_keys=True), priority=j.priority,
-                         state="pending", attempts=0, max_attempts=j.max_attempts, last_error="", result="",
-                         created_at=now, not_before=now),
-                ).scalar_one()  # fmt: skip
+                    dict(
+                        series_fk=series_id,
+                        revision=revision,
+                        rule=j.rule,
+                        action_index=j.action_index,
+                        kind=j.kind,
+                        action=json.dumps(j.action, sort_keys=True),
+                        priority=j.priority,
+                        state="pending",
+                        attempts=0,
+                        max_attempts=j.max_attempts,
+                        last_error="",
+                        result="",
+                        created_at=now,
+                        not_before=now,
+                    ),
+                ).scalar_one()
         except IntegrityError:  # made meanwhile by another process: the constraint did its job
             continue
         ids.append(pk)
-        audit.record(conn, "job_created", actor="node", rule=j.rule, job_id=pk, series_uid=series_uid,
-                     study_uid=study_uid, detail=f"revision {revision}, action {j.action_index} ({j.kind})")  # fmt: skip
+        audit.record(
+            conn,
+            "job_created",
+            actor="node",
+            rule=j.rule,
+            job_id=pk,
+            series_uid=series_uid,
+            study_uid=study_uid,
+            detail=f"revision {revision}, action {j.action_index} ({j.kind})",
+        )
     return ids
 
 
@@ -123,8 +144,18 @@ def claim_next(engine: Engine, now: dt.datetime | None = None) -> ClaimedJob | N
         )
         if done.rowcount != 1:
             return None
-    return ClaimedJob(row.id, row.series_fk, row.revision, row.rule, row.action_index, row.kind,
-                      json.loads(row.action), row.attempts + 1, row.max_attempts, row.priority)  # fmt: skip
+    return ClaimedJob(
+        row.id,
+        row.series_fk,
+        row.revision,
+        row.rule,
+        row.action_index,
+        row.kind,
+        json.loads(row.action),
+        row.attempts + 1,
+        row.max_attempts,
+        row.priority,
+    )
 
 
 def next_due(engine: Engine) -> dt.datetime | None:
@@ -136,8 +167,9 @@ def next_due(engine: Engine) -> dt.datetime | None:
     return None if value is None else aware(value)
 
 
-def finish(engine: Engine, job_id: int, *, ok: bool, result: str = "", error: str = "",
-           retry_at: dt.datetime | None = None) -> str:  # fmt: skip
+def finish(
+    engine: Engine, job_id: int, *, ok: bool, result: str = "", error: str = "", retry_at: dt.datetime | None = None
+) -> str:
     """Record a run's end; returns the job's new state ("cancelled" if it was cancelled meanwhile)."""
     now = utcnow()
     if ok:
@@ -165,7 +197,7 @@ def requeue_running(engine: Engine) -> list[tuple[int, str, int]]:
                     state="pending",
                     not_before=utcnow(),
                     last_error="the node stopped while this job was running; taken up again",
-                )  # fmt: skip
+                )
             )
     return [tuple(r) for r in rows]  # type: ignore[misc]
 
@@ -182,9 +214,10 @@ def retry(engine: Engine, job_id: int, *, actor: str = "cli") -> None:
     """Run a failed or cancelled job again (one more attempt allowed); audited as done by ``actor``."""
     with engine.begin() as conn:
         row = conn.execute(
-            select(_job.c.state, _job.c.attempts, _job.c.max_attempts, _job.c.rule, _job.c.series_fk)
-            .where(_job.c.id == job_id)
-        ).first()  # fmt: skip
+            select(_job.c.state, _job.c.attempts, _job.c.max_attempts, _job.c.rule, _job.c.series_fk).where(
+                _job.c.id == job_id
+            )
+        ).first()
         if row is None:
             raise JobStateError(f"there is no job {job_id}")
         if row.state not in ("failed", "cancelled"):
@@ -194,8 +227,15 @@ def retry(engine: Engine, job_id: int, *, actor: str = "cli") -> None:
             .where(and_(_job.c.id == job_id, _job.c.state == row.state))
             .values(state="pending", not_before=utcnow(), max_attempts=max(row.max_attempts, row.attempts + 1))
         )
-        audit.record(conn, "job_retry", actor=actor, job_id=job_id, rule=row.rule,
-                     series_uid=_series_uid(conn, row.series_fk), detail=f"was {row.state}")  # fmt: skip
+        audit.record(
+            conn,
+            "job_retry",
+            actor=actor,
+            job_id=job_id,
+            rule=row.rule,
+            series_uid=_series_uid(conn, row.series_fk),
+            detail=f"was {row.state}",
+        )
 
 
 def cancel(engine: Engine, job_id: int, *, actor: str = "cli") -> str:
@@ -214,9 +254,17 @@ def cancel(engine: Engine, job_id: int, *, actor: str = "cli") -> str:
             raise JobStateError(f"job {job_id} is {state}; only pending or running jobs can be cancelled")
         why = "cancelled by an operator" + (f"; the error before: {row.last_error}" if row.last_error else "")
         conn.execute(
-            update(_job).where(_job.c.id == job_id, _job.c.state == state)
+            update(_job)
+            .where(_job.c.id == job_id, _job.c.state == state)
             .values(state="cancelled", finished_at=utcnow(), last_error=why)
-        )  # fmt: skip
-        audit.record(conn, "job_cancel", actor=actor, job_id=job_id, rule=row.rule,
-                     series_uid=_series_uid(conn, row.series_fk), detail=f"was {state}")  # fmt: skip
+        )
+        audit.record(
+            conn,
+            "job_cancel",
+            actor=actor,
+            job_id=job_id,
+            rule=row.rule,
+            series_uid=_series_uid(conn, row.series_fk),
+            detail=f"was {state}",
+        )
         return str(state)

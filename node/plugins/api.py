@@ -23,9 +23,24 @@ from dicom_node_sdk.api import (
     as_info,
     codes,
     plugin,
-)  # fmt: skip
+)
 
 __all__ = [
-    "GPU_MODES", "Code", "GeometryError", "Images", "NoParams", "ParamsError", "Plugin", "PluginError", "PluginInfo",
-    "Result", "Segment", "Segmentation", "SeriesInput", "Volume", "as_info", "codes", "plugin",
-]  # fmt: skip
+    "GPU_MODES",
+    "Code",
+    "GeometryError",
+    "Images",
+    "NoParams",
+    "ParamsError",
+    "Plugin",
+    "PluginError",
+    "PluginInfo",
+    "Result",
+    "Segment",
+    "Segmentation",
+    "SeriesInput",
+    "Volume",
+    "as_info",
+    "codes",
+    "plugin",
+]

@@ -88,6 +88,7 @@ class CommandPlugin(BaseModel):
                 raise ValueError('container = "": give the image, e.g. "localhost/totalseg:1"')
             if shutil.which(self.runtime) is None:
                 other = "docker" if self.runtime == "podman" else "podman"
-                raise ValueError(f'runtime = "{self.runtime}": {self.runtime} is not on PATH; install it, or '
-                                 f'set runtime = "{other}"')  # fmt: skip
+                raise ValueError(
+                    f'runtime = "{self.runtime}": {self.runtime} is not on PATH; install it, or set runtime = "{other}"'
+                )
         return self

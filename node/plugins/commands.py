@@ -73,8 +73,9 @@ class CommandOutcome:
 # -- the input folder --------------------------------------------------------
 
 
-def write_input(series: SeriesInput, folder: Path, *, link: bool, settings: dict[str, Any] | None = None,
-                name: str = "") -> list[Path]:  # fmt: skip
+def write_input(
+    series: SeriesInput, folder: Path, *, link: bool, settings: dict[str, Any] | None = None, name: str = ""
+) -> list[Path]:
     """The series' files in ``folder``, named in slice order, mode 0444; and mercure's task.json.
 
     Names are ``SERIESUID#00000.dcm``: mercure's convention (series UID, ``#``, instance) that its modules
@@ -98,8 +99,11 @@ def write_input(series: SeriesInput, folder: Path, *, link: bool, settings: dict
             shutil.copyfile(src, dst)
         os.chmod(dst, 0o444)
         written.append(dst)
-    task = {"id": folder.parent.name, "info": {"uid": uid, "uid_type": "series"},
-            "process": {"module_name": name, "settings": settings or {}}}  # fmt: skip
+    task = {
+        "id": folder.parent.name,
+        "info": {"uid": uid, "uid_type": "series"},
+        "process": {"module_name": name, "settings": settings or {}},
+    }
     (folder / "task.json").write_text(json.dumps(task, indent=2))
     os.chmod(folder / "task.json", 0o444)
     return written
@@ -122,8 +126,7 @@ def container_name(plugin: str) -> str:
     return f"dicom-node-{slug}-{uuid.uuid4().hex[:12]}"
 
 
-def container_argv(cmd: CommandPlugin, input_dir: Path, output_dir: Path, name: str,
-                   device: str | None) -> list[str]:  # fmt: skip
+def container_argv(cmd: CommandPlugin, input_dir: Path, output_dir: Path, name: str, device: str | None) -> list[str]:
     """``<runtime> run ...`` for a container plugin.
 
     No network; the input mounted read-only; nothing pulled (``--pull=never``: an image missing here is
@@ -131,8 +134,19 @@ def container_argv(cmd: CommandPlugin, input_dir: Path, output_dir: Path, name: 
     (podman through CDI, docker through ``--gpus``), which the container then sees as device 0.
     """
     assert cmd.container is not None
-    argv = [cmd.runtime, "run", "--rm", "--pull=never", "--network=none", "--name", name,
-            "-v", f"{input_dir}:{CONTAINER_INPUT}:ro", "-v", f"{output_dir}:{CONTAINER_OUTPUT}"]  # fmt: skip
+    argv = [
+        cmd.runtime,
+        "run",
+        "--rm",
+        "--pull=never",
+        "--network=none",
+        "--name",
+        name,
+        "-v",
+        f"{input_dir}:{CONTAINER_INPUT}:ro",
+        "-v",
+        f"{output_dir}:{CONTAINER_OUTPUT}",
+    ]
     for key, value in {**_convention_env(CONTAINER_INPUT, CONTAINER_OUTPUT), **cmd.env}.items():
         argv += ["-e", f"{key}={value}"]
     if device:
@@ -166,8 +180,14 @@ def remove_container(work: Path) -> None:
     except (OSError, ValueError):
         return
     try:
-        subprocess.run([runtime, "rm", "-f", name], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL, timeout=60, check=False)  # fmt: skip
+        subprocess.run(
+            [runtime, "rm", "-f", name],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=60,
+            check=False,
+        )
     except (OSError, subprocess.TimeoutExpired):
         pass
 
@@ -191,8 +211,9 @@ def _failed(name: str, code: int, log: Path, cmd: CommandPlugin) -> PluginError:
     return PluginError(f"command plugin {name} {how}{shown}")
 
 
-def run_command(name: str, cmd: CommandPlugin, series: SeriesInput, work: Path, *,
-                device: str | None = None) -> CommandOutcome:  # fmt: skip
+def run_command(
+    name: str, cmd: CommandPlugin, series: SeriesInput, work: Path, *, device: str | None = None
+) -> CommandOutcome:
     """Run a command plugin on ``series`` in the folder ``work`` (the job's own, empty) and take its outputs.
 
     Called in the job's process: the command is its child, so the job's timeout and memory limit hold
@@ -215,16 +236,21 @@ def run_command(name: str, cmd: CommandPlugin, series: SeriesInput, work: Path, 
         (work / "container").write_text(f"{cmd.runtime} {cname}\n")
     else:
         argv = command_argv(cmd, input_dir, output_dir)
-        env = {**os.environ, **_convention_env(str(input_dir), str(output_dir)), **cmd.env,
-               "CUDA_VISIBLE_DEVICES": device or ""}  # fmt: skip
+        env = {
+            **os.environ,
+            **_convention_env(str(input_dir), str(output_dir)),
+            **cmd.env,
+            "CUDA_VISIBLE_DEVICES": device or "",
+        }
     t = time.perf_counter()
     try:
         with open(log, "wb") as out:
             out.write(f"$ {shlex.join(argv)}\n".encode())
             out.flush()
             try:
-                proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                      cwd=work, env=env, check=False)  # fmt: skip
+                proc = subprocess.run(
+                    argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=work, env=env, check=False
+                )
             except OSError as e:
                 raise PluginError(f"command plugin {name}: cannot start {argv[0]}: {e.strerror or e}") from None
     finally:
@@ -286,10 +312,14 @@ def collect(name: str, cmd: CommandPlugin, series: SeriesInput, output_dir: Path
         outcome.notes.append(f"{name}: ignored in its output: {', '.join(ignored)}")
     if not outcome.ready and not outcome.results and not empty:
         found = ", ".join(rel) if rel else "nothing"
-        wanted = {"auto": "DICOM objects or a label map (.npy, .nii, .nii.gz) with a metainfo.json",
-                  "dicom": "DICOM objects", "labelmap": "a label map (.npy, .nii, .nii.gz)"}[cmd.output]  # fmt: skip
-        raise PluginError(f"command plugin {name} wrote no result into its output folder (found: {found}); "
-                          f"it should write {wanted}")  # fmt: skip
+        wanted = {
+            "auto": "DICOM objects or a label map (.npy, .nii, .nii.gz) with a metainfo.json",
+            "dicom": "DICOM objects",
+            "labelmap": "a label map (.npy, .nii, .nii.gz)",
+        }[cmd.output]
+        raise PluginError(
+            f"command plugin {name} wrote no result into its output folder (found: {found}); it should write {wanted}"
+        )
     return outcome
 
 
@@ -308,9 +338,11 @@ def _metainfo(name: str, cmd: CommandPlugin, output_dir: Path, found: list[Path]
                 raise PluginError(f"command plugin {name}: {e}") from None
     if cmd.metainfo is not None:
         return load_template(cmd.metainfo), str(cmd.metainfo)
-    raise PluginError(f"command plugin {name} wrote a label map but no metainfo.json saying what its values "
-                      f"are; write one into {CONTAINER_OUTPUT if cmd.container else '{output}'} or set metainfo = "
-                      f'"/path/to/metainfo.json" in [plugins.commands.{name}]')  # fmt: skip
+    raise PluginError(
+        f"command plugin {name} wrote a label map but no metainfo.json saying what its values "
+        f"are; write one into {CONTAINER_OUTPUT if cmd.container else '{output}'} or set metainfo = "
+        f'"/path/to/metainfo.json" in [plugins.commands.{name}]'
+    )
 
 
 # -- label maps --------------------------------------------------------------
@@ -339,8 +371,10 @@ def read_labelmap(path: Path, series: SeriesInput, where: str) -> np.ndarray:
         except (OSError, ValueError) as e:
             raise PluginError(f"{where}: not a readable .npy array: {e}") from None
         if a.shape != shape:
-            raise PluginError(f"{where}: shape {a.shape}, but the input series is {shape} (slices, rows, columns) "
-                              "in the order of the input files' names")  # fmt: skip
+            raise PluginError(
+                f"{where}: shape {a.shape}, but the input series is {shape} (slices, rows, columns) "
+                "in the order of the input files' names"
+            )
         return _as_labels(a, where)
     return _as_labels(nifti_on_grid(path, series, where), where)
 
@@ -366,16 +400,22 @@ def nifti_on_grid(path: Path, series: SeriesInput, where: str) -> np.ndarray:
         raise PluginError(f"{where}: a {data.ndim}-D image with shape {data.shape}; a label map is 3-D")
     grid = series.affine
     if grid is None:
-        raise PluginError(f"{where}: the input series has no patient geometry to place a NIfTI image on; "
-                          "write the label map as .npy in the order of the input files")  # fmt: skip
+        raise PluginError(
+            f"{where}: the input series has no patient geometry to place a NIfTI image on; "
+            "write the label map as .npy in the order of the input files"
+        )
     shape = (len(series), int(series.first.Rows), int(series.first.Columns))
     lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ img.affine
     # m maps a series index (slice, row, column) to a NIfTI index: a signed permutation plus an offset.
     m = np.linalg.solve(lps, grid)
     rot, offset = m[:3, :3], m[:3, 3]
     perm = np.round(rot)
-    ok = np.allclose(rot, perm, atol=1e-3) and all(np.count_nonzero(perm[:, a]) == 1 for a in range(3)) \
-        and all(np.count_nonzero(perm[i]) == 1 for i in range(3)) and np.allclose(offset, np.round(offset), atol=1e-2)  # fmt: skip
+    ok = (
+        np.allclose(rot, perm, atol=1e-3)
+        and all(np.count_nonzero(perm[:, a]) == 1 for a in range(3))
+        and all(np.count_nonzero(perm[i]) == 1 for i in range(3))
+        and np.allclose(offset, np.round(offset), atol=1e-2)
+    )
     axes = [int(np.nonzero(perm[:, a])[0][0]) for a in range(3)] if ok else []
     signs = [int(perm[axes[a], a]) for a in range(3)] if ok else []
     if ok:
@@ -389,9 +429,11 @@ def nifti_on_grid(path: Path, series: SeriesInput, where: str) -> np.ndarray:
             if signs[a] < 0:
                 out = np.flip(out, axis=a)
     if not ok:
-        raise PluginError(f"{where}: the label map is not on the input grid (shape {data.shape}, affine "
-                          f"{np.round(img.affine, 3).tolist()} vs the series' {shape} voxels); write it on the "
-                          "input's voxels (axes may be reordered or flipped, not resampled, cropped or shifted)")  # fmt: skip
+        raise PluginError(
+            f"{where}: the label map is not on the input grid (shape {data.shape}, affine "
+            f"{np.round(img.affine, 3).tolist()} vs the series' {shape} voxels); write it on the "
+            "input's voxels (axes may be reordered or flipped, not resampled, cropped or shifted)"
+        )
     return np.ascontiguousarray(out)
 
 
@@ -430,11 +472,15 @@ def check_references(ds: Dataset, series: SeriesInput, where: str) -> None:
     for key in ("StudyInstanceUID", "PatientID"):
         mine, theirs = str(ds.get(key, "") or ""), str(src.get(key, "") or "")
         if mine != theirs:
-            raise PluginError(f"{where}: {key} is {mine!r}, the input's is {theirs!r}; a result must belong to "
-                              "the input's patient and study (copy both from the input files)")  # fmt: skip
+            raise PluginError(
+                f"{where}: {key} is {mine!r}, the input's is {theirs!r}; a result must belong to "
+                "the input's patient and study (copy both from the input files)"
+            )
     if str(ds.get("SOPInstanceUID", "")) in inputs:
-        raise PluginError(f"{where}: it has the SOP Instance UID of an input instance; a result needs a new "
-                          "SOP Instance UID (and a new Series Instance UID)")  # fmt: skip
+        raise PluginError(
+            f"{where}: it has the SOP Instance UID of an input instance; a result needs a new "
+            "SOP Instance UID (and a new Series Instance UID)"
+        )
     if str(ds.get("SeriesInstanceUID", "")) == uid:
         raise PluginError(f"{where}: it is in the input series ({uid}); a result needs a new Series Instance UID")
     sop_class = str(ds.get("SOPClassUID", ""))
@@ -450,10 +496,15 @@ def check_references(ds: Dataset, series: SeriesInput, where: str) -> None:
             return
         what = "an SR's Current Requested Procedure Evidence Sequence must name the input series"
     else:
-        named = _instance_refs(ds.get("SourceImageSequence")) | _instance_refs(ds.get("ReferencedImageSequence")) \
-            | _derivation_refs(ds)  # fmt: skip
+        named = (
+            _instance_refs(ds.get("SourceImageSequence"))
+            | _instance_refs(ds.get("ReferencedImageSequence"))
+            | _derivation_refs(ds)
+        )
         if named & inputs or uid in _series_refs(ds.get("ReferencedSeriesSequence")):
             return
-        what = ("an image must name input instances in Source Image Sequence or Referenced Image Sequence "
-                "(or the input series in Referenced Series Sequence)")  # fmt: skip
+        what = (
+            "an image must name input instances in Source Image Sequence or Referenced Image Sequence "
+            "(or the input series in Referenced Series Sequence)"
+        )
     raise PluginError(f"{where}: it does not reference the input series {uid}: {what}")

@@ -74,8 +74,7 @@ class SliceFrame:
         dr, dc = self.pixel_spacing
         c = self.shift[k, 0] + i * dr
         r = self.shift[k, 1] + j * dc
-        return (self.origin + np.outer(self.depth[k], self.normal) + np.outer(c, self.column)
-                + np.outer(r, self.row))  # fmt: skip
+        return self.origin + np.outer(self.depth[k], self.normal) + np.outer(c, self.column) + np.outer(r, self.row)
 
 
 def slice_frame(series: SeriesInput, purpose: str) -> SliceFrame:
@@ -90,10 +89,14 @@ def slice_frame(series: SeriesInput, purpose: str) -> SliceFrame:
     normal /= np.linalg.norm(normal)
     rel = np.asarray(series.positions, dtype=float) - series.positions[0]
     return SliceFrame(
-        origin=np.asarray(series.positions[0], dtype=float), normal=normal, column=column, row=row,
-        depth=rel @ normal, shift=np.stack([rel @ column, rel @ row], axis=1),
+        origin=np.asarray(series.positions[0], dtype=float),
+        normal=normal,
+        column=column,
+        row=row,
+        depth=rel @ normal,
+        shift=np.stack([rel @ column, rel @ row], axis=1),
         pixel_spacing=(float(series.pixel_spacing[0]), float(series.pixel_spacing[1])),
-    )  # fmt: skip
+    )
 
 
 def orthogonal_volume(frame: SliceFrame, volume: np.ndarray, fill: float) -> tuple[np.ndarray, float]:
@@ -116,8 +119,16 @@ def orthogonal_volume(frame: SliceFrame, volume: np.ndarray, fill: float) -> tup
     moved = np.empty((len(volume), *shape), np.float32)
     for k in range(len(volume)):
         offset = -(frame.shift[k] - lo) / (dr, dc)  # output pixel o shows input pixel o + offset
-        ndimage.affine_transform(volume[k].astype(np.float32), np.ones(2), offset=offset, output_shape=shape,
-                                 output=moved[k], order=1, mode="constant", cval=fill)  # fmt: skip
+        ndimage.affine_transform(
+            volume[k].astype(np.float32),
+            np.ones(2),
+            offset=offset,
+            output_shape=shape,
+            output=moved[k],
+            order=1,
+            mode="constant",
+            cval=fill,
+        )
     count = int(round((frame.depth[-1] - frame.depth[0]) / dz)) + 1
     at = np.interp(frame.depth[0] + dz * np.arange(count), frame.depth, np.arange(len(frame.depth)))
     k0 = np.minimum(np.floor(at).astype(int), len(volume) - 2)

@@ -107,8 +107,16 @@ class GpuSlots:
 
     # -- taking and giving back ---------------------------------------------
 
-    def acquire(self, need: str, *, priority: int, cancelled: Callable[[], bool],
-                on_wait: Callable[[str], None] | None = None, poll: float = 0.2, label: str = "") -> GpuLease:  # fmt: skip
+    def acquire(
+        self,
+        need: str,
+        *,
+        priority: int,
+        cancelled: Callable[[], bool],
+        on_wait: Callable[[str], None] | None = None,
+        poll: float = 0.2,
+        label: str = "",
+    ) -> GpuLease:
         """A lease for a job step that needs ``need``; blocks only for ``"required"`` (see the module docstring).
 
         ``label`` names the holder in :meth:`state` (e.g. "job 12"). ``on_wait(message)`` is called when
@@ -178,8 +186,7 @@ class GpuSlots:
         if not self.devices:
             return "waiting for a GPU: this plugin requires one and [plugins] gpus is empty"
         ahead = self._waiting.index(me)
-        return (f"waiting for a GPU: all of [plugins] gpus ({', '.join(self.devices)}) are busy; "
-                f"{ahead} job(s) ahead")  # fmt: skip
+        return f"waiting for a GPU: all of [plugins] gpus ({', '.join(self.devices)}) are busy; {ahead} job(s) ahead"
 
     # -- for the API and metrics ---------------------------------------------
 
@@ -191,11 +198,14 @@ class GpuSlots:
         with self._lock:
             return {
                 "devices": list(self.devices),
-                "busy": {d: {"lease": h.label, "priority": h.priority, "since": h.since.isoformat()}
-                         for d, h in self._busy.items()},
-                "waiting": [{"lease": w.label, "priority": w.priority, "since": w.since.isoformat()}
-                            for w in self._waiting],
-            }  # fmt: skip
+                "busy": {
+                    d: {"lease": h.label, "priority": h.priority, "since": h.since.isoformat()}
+                    for d, h in self._busy.items()
+                },
+                "waiting": [
+                    {"lease": w.label, "priority": w.priority, "since": w.since.isoformat()} for w in self._waiting
+                ],
+            }
 
 
 def _now() -> dt.datetime:
@@ -245,7 +255,9 @@ def gpu_warnings(cfg: Any) -> list[str]:
                 except (KeyError, PluginLoadError):
                     pass
             if job_need(action.gpu, needs) == "required":
-                out.append(f'rules[{rule.index}] ("{rule.name}").actions[{n}] requires a GPU and [plugins] gpus is '
-                           "empty: its jobs will wait for one, each holding a job worker; list the devices in "
-                           '[plugins] gpus, or set gpu = "optional" on the action to run it on the CPU')  # fmt: skip
+                out.append(
+                    f'rules[{rule.index}] ("{rule.name}").actions[{n}] requires a GPU and [plugins] gpus is '
+                    "empty: its jobs will wait for one, each holding a job worker; list the devices in "
+                    '[plugins] gpus, or set gpu = "optional" on the action to run it on the CPU'
+                )
     return out

@@ -158,8 +158,13 @@ class WorkerPool:
 
     # -- leasing ---------------------------------------------------------------------------------------
 
-    def lease(self, key: WorkerKey, spec: WorkerSpec, cancelled: Callable[[], bool] = lambda: False,
-              on_wait: Callable[[str], None] | None = None) -> Worker:  # fmt: skip
+    def lease(
+        self,
+        key: WorkerKey,
+        spec: WorkerSpec,
+        cancelled: Callable[[], bool] = lambda: False,
+        on_wait: Callable[[str], None] | None = None,
+    ) -> Worker:
         """An idle worker of ``key`` (marked busy), else a new one once its setup is done.
 
         Raises WorkerStartError when a new worker fails to start or set up.
@@ -240,12 +245,20 @@ class WorkerPool:
         t0 = time.monotonic()
         with open(log_path, "ab") as errors:
             try:
-                proc = self._spawner.submit(subprocess.Popen, argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                            stderr=errors, env=env, cwd=neutral_cwd(spec.python),
-                                            start_new_session=True).result()  # fmt: skip
+                proc = self._spawner.submit(
+                    subprocess.Popen,
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=errors,
+                    env=env,
+                    cwd=neutral_cwd(spec.python),
+                    start_new_session=True,
+                ).result()
             except (OSError, RuntimeError) as e:  # RuntimeError: the pool closed meanwhile
-                raise WorkerStartError(f"cannot start a worker for {key} with {spec.python}: "
-                                       f"{getattr(e, 'strerror', None) or e}") from None  # fmt: skip
+                raise WorkerStartError(
+                    f"cannot start a worker for {key} with {spec.python}: {getattr(e, 'strerror', None) or e}"
+                ) from None
         w = Worker(key, proc, sock, log_path, t0, settings=spec.settings, pool=self)
         log.info("starting a worker for %s: pid %d, log %s", key, proc.pid, log_path)
         try:
@@ -257,8 +270,9 @@ class WorkerPool:
             raise
         w.setup_seconds = float(ready.get("setup_seconds") or (time.monotonic() - t0))
         w.plugin = ready.get("plugin") or {}
-        threading.Thread(target=_drain, args=(proc.stdout, log_path), name=f"worker-{proc.pid}-stdout",
-                         daemon=True).start()  # fmt: skip
+        threading.Thread(
+            target=_drain, args=(proc.stdout, log_path), name=f"worker-{proc.pid}-stdout", daemon=True
+        ).start()
         log.info("worker for %s ready: pid %d, setup took %.1f s", key, proc.pid, w.setup_seconds)
         return w
 
@@ -271,8 +285,10 @@ class WorkerPool:
         while b"\n" not in buf:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise WorkerStartError(f"the worker for {w.key} did not finish its setup within setup_timeout = "
-                                       f"{timeout:g} s; its log ends: {w.log_tail() or '(empty)'}")  # fmt: skip
+                raise WorkerStartError(
+                    f"the worker for {w.key} did not finish its setup within setup_timeout = "
+                    f"{timeout:g} s; its log ends: {w.log_tail() or '(empty)'}"
+                )
             if cancelled():
                 raise WorkerStartError(f"cancelled while the worker for {w.key} was starting")
             readable, _, _ = select.select([fd], [], [], min(left, 0.5))
@@ -287,11 +303,15 @@ class WorkerPool:
         try:
             msg = json.loads(line)
         except json.JSONDecodeError:
-            raise WorkerStartError(f"the worker for {w.key} printed {line[:200]!r} instead of its ready line "
-                                   "(is dicom-node-sdk installed in that environment?)") from None  # fmt: skip
+            raise WorkerStartError(
+                f"the worker for {w.key} printed {line[:200]!r} instead of its ready line "
+                "(is dicom-node-sdk installed in that environment?)"
+            ) from None
         if msg.get("protocol") != PROTOCOL:
-            raise WorkerStartError(f"the worker for {w.key} speaks protocol {msg.get('protocol')}, this node "
-                                   f"{PROTOCOL}: install this node's dicom-node-sdk in that environment")  # fmt: skip
+            raise WorkerStartError(
+                f"the worker for {w.key} speaks protocol {msg.get('protocol')}, this node "
+                f"{PROTOCOL}: install this node's dicom-node-sdk in that environment"
+            )
         if not msg.get("ready"):
             raise WorkerStartError(f"the worker for {w.key} could not set up its plugin: {msg.get('error', '?')}")
         return msg
@@ -411,9 +431,19 @@ class WorkerPool:
         now = time.monotonic()
         with self._cond:
             workers = list(self._workers)
-            out = [{"environment": w.key.environment, "plugin": w.key.plugin, "device": w.key.device,
-                    "pid": w.pid, "busy": w.busy, "jobs": w.jobs, "setup_seconds": round(w.setup_seconds, 3),
-                    "idle_seconds": 0.0 if w.busy else round(now - w.last_used, 1)} for w in workers]  # fmt: skip
+            out = [
+                {
+                    "environment": w.key.environment,
+                    "plugin": w.key.plugin,
+                    "device": w.key.device,
+                    "pid": w.pid,
+                    "busy": w.busy,
+                    "jobs": w.jobs,
+                    "setup_seconds": round(w.setup_seconds, 3),
+                    "idle_seconds": 0.0 if w.busy else round(now - w.last_used, 1),
+                }
+                for w in workers
+            ]
         if memory:
             for item, w in zip(out, workers, strict=True):
                 item["rss_mb"] = round(w.rss_mb(), 1)

@@ -123,12 +123,20 @@ def discover_environment(name: str, env: EnvironmentSection, local: Mapping[str,
             return hit[1]
     where = f"[plugins.environments.{name}] python = {env.python}"
     try:
-        done = subprocess.run([env.python, "-m", "dicom_node_sdk.discover"], input=json.dumps({"local": dict(local)}),
-                              capture_output=True, text=True, timeout=DISCOVERY_TIMEOUT,
-                              env=worker_environ(env.env), cwd=neutral_cwd(env.python))  # fmt: skip
+        done = subprocess.run(
+            [env.python, "-m", "dicom_node_sdk.discover"],
+            input=json.dumps({"local": dict(local)}),
+            capture_output=True,
+            text=True,
+            timeout=DISCOVERY_TIMEOUT,
+            env=worker_environ(env.env),
+            cwd=neutral_cwd(env.python),
+        )
     except subprocess.TimeoutExpired:
-        raise EnvironmentError_(f"{where}: listing its plugins took longer than {DISCOVERY_TIMEOUT:g} s "
-                                "(a plugin module that loads a model when imported? load it in setup())") from None
+        raise EnvironmentError_(
+            f"{where}: listing its plugins took longer than {DISCOVERY_TIMEOUT:g} s "
+            "(a plugin module that loads a model when imported? load it in setup())"
+        ) from None
     except OSError as e:
         raise EnvironmentError_(f"{where}: cannot run it: {e.strerror or e}") from None
     if done.returncode != 0:
@@ -141,10 +149,18 @@ def discover_environment(name: str, env: EnvironmentSection, local: Mapping[str,
     except json.JSONDecodeError:
         raise EnvironmentError_(f"{where}: its plugin listing is not JSON: {done.stdout[:200]!r}") from None
     if data.get("protocol") != PROTOCOL:
-        raise EnvironmentError_(f"{where}: its dicom-node-sdk speaks protocol {data.get('protocol')}, this node "
-                                f"{PROTOCOL}: install the SDK of this node's version there")  # fmt: skip
-    info = EnvironmentInfo(name, env.python, str(data.get("python", "")), dict(data.get("packages", {})),
-                           dict(data.get("plugins", {})), dict(data.get("errors", {})))  # fmt: skip
+        raise EnvironmentError_(
+            f"{where}: its dicom-node-sdk speaks protocol {data.get('protocol')}, this node "
+            f"{PROTOCOL}: install the SDK of this node's version there"
+        )
+    info = EnvironmentInfo(
+        name,
+        env.python,
+        str(data.get("python", "")),
+        dict(data.get("packages", {})),
+        dict(data.get("plugins", {})),
+        dict(data.get("errors", {})),
+    )
     with _cache_lock:
         _cache[key] = (stamp, info)
     return info
@@ -171,12 +187,19 @@ def discover(plugins: PluginsSection | Mapping[str, str] | None = None) -> dict[
     def add(ref: PluginRef, where: str) -> None:
         """One name, one plugin: a second source for a name is a config error naming both."""
         seen = found.get(ref.name)
-        if seen is not None and ref.name in own and seen is own[ref.name] and ref.kind == "environment" \
-                and ref.target == seen.target:  # fmt: skip
+        if (
+            seen is not None
+            and ref.name in own
+            and seen is own[ref.name]
+            and ref.kind == "environment"
+            and ref.target == seen.target
+        ):
             return  # the node's own plugin, seen again through an environment's system site-packages
         if seen is not None:
-            raise PluginLoadError(f"plugin name {ref.name!r} is used twice: {_where(seen)} and {where}; "
-                                  "rename one (a [plugins] local entry can give a plugin another name)")  # fmt: skip
+            raise PluginLoadError(
+                f"plugin name {ref.name!r} is used twice: {_where(seen)} and {where}; "
+                "rename one (a [plugins] local entry can give a plugin another name)"
+            )
         found[ref.name] = ref
 
     for env_name, env in plugins.environments.items():
@@ -184,16 +207,30 @@ def discover(plugins: PluginsSection | Mapping[str, str] | None = None) -> dict[
         info = discover_environment(env_name, env, local)
         for name, remote in info.plugins.items():
             source = "config" if name in local else str(remote.get("dist") or "")
-            add(PluginRef(name, str(remote.get("target", "")), source, str(remote.get("dist_version") or ""),
-                          kind="environment", environment=env_name, remote=remote), f"environment {env_name}")  # fmt: skip
+            add(
+                PluginRef(
+                    name,
+                    str(remote.get("target", "")),
+                    source,
+                    str(remote.get("dist_version") or ""),
+                    kind="environment",
+                    environment=env_name,
+                    remote=remote,
+                ),
+                f"environment {env_name}",
+            )
         for name, error in info.errors.items():
             source = "config" if name in local else ""
-            add(PluginRef(name, local.get(name, ""), source, kind="environment", environment=env_name, error=error),
-                f"environment {env_name}")  # fmt: skip
+            add(
+                PluginRef(name, local.get(name, ""), source, kind="environment", environment=env_name, error=error),
+                f"environment {env_name}",
+            )
         for name in local:
             if name not in info.plugins and name not in info.errors:
-                raise PluginLoadError(f"[plugins] local {name} names environment {env_name!r}, whose listing does "
-                                      "not have it (an older dicom-node-sdk there?)")  # fmt: skip
+                raise PluginLoadError(
+                    f"[plugins] local {name} names environment {env_name!r}, whose listing does "
+                    "not have it (an older dicom-node-sdk there?)"
+                )
     for name, target in plugins.local_entries(None).items():
         if name in found and found[name].kind != "local":
             add(PluginRef(name, target, "config"), "[plugins] local")
@@ -253,11 +290,18 @@ def describe(ref: PluginRef, plugins: PluginsSection | None = None) -> Described
         return Described(info.name, info.version, info.description, info.schema(), getattr(info, "gpu", "none"), info)
     if ref.kind == "environment":
         if ref.error or ref.remote is None:
-            raise PluginLoadError(f"plugin {ref.name!r} in environment {ref.environment!r} cannot be loaded there: "
-                                  f"{ref.error or 'no description'}")  # fmt: skip
+            raise PluginLoadError(
+                f"plugin {ref.name!r} in environment {ref.environment!r} cannot be loaded there: "
+                f"{ref.error or 'no description'}"
+            )
         r = ref.remote
-        return Described(str(r.get("name") or ref.name), str(r.get("version", "")), str(r.get("description", "")),
-                         r.get("schema") or _NO_PARAMS, str(r.get("gpu") or "none"))  # fmt: skip
+        return Described(
+            str(r.get("name") or ref.name),
+            str(r.get("version", "")),
+            str(r.get("description", "")),
+            r.get("schema") or _NO_PARAMS,
+            str(r.get("gpu") or "none"),
+        )
     cmd = getattr(plugins, "commands", {}).get(ref.name) if plugins is not None else None
     if cmd is None:
         raise PluginLoadError(f"command plugin {ref.name!r} is not configured")

@@ -37,9 +37,21 @@ log = logging.getLogger(__name__)
 
 # Everything worker.run imports, so that a plugin process starts with it (and under its memory limit imports
 # nothing of the node's). _forkserver last: it ties the fork server's life to the node's and warms caches.
-_PRELOAD = ["node.plugins.worker", "node.plugins.series", "node.plugins.registry", "node.derive.common",
-            "node.derive.errors", "node.derive.seg", "node.derive.sc", "node.derive.image", "node.derive.template",
-            "node.derive.validate", "numpy", "highdicom", "node.plugins._forkserver"]  # fmt: skip
+_PRELOAD = [
+    "node.plugins.worker",
+    "node.plugins.series",
+    "node.plugins.registry",
+    "node.derive.common",
+    "node.derive.errors",
+    "node.derive.seg",
+    "node.derive.sc",
+    "node.derive.image",
+    "node.derive.template",
+    "node.derive.validate",
+    "numpy",
+    "highdicom",
+    "node.plugins._forkserver",
+]
 _lock = threading.Lock()
 _ctx: mp.context.BaseContext | None = None
 _slots: threading.BoundedSemaphore | None = None
@@ -182,8 +194,14 @@ def plugin_slot(workers: int) -> threading.BoundedSemaphore:
     return _slot(workers)
 
 
-def run_in_process(spec: WorkSpec, *, timeout: float, workers: int | None = None, cancelled: object = None,
-                   watch: Callable[[], str | None] | None = None) -> WorkResult:  # fmt: skip
+def run_in_process(
+    spec: WorkSpec,
+    *,
+    timeout: float,
+    workers: int | None = None,
+    cancelled: object = None,
+    watch: Callable[[], str | None] | None = None,
+) -> WorkResult:
     """Run ``spec`` in a child process; raises PluginRunError for a crash or a timeout.
 
     ``workers``: take one of that many process slots first (None: the caller holds one, see plugin_slot).
@@ -228,8 +246,10 @@ def run_in_process(spec: WorkSpec, *, timeout: float, workers: int | None = None
                     raise PluginRunError(why)
             if result is None and proc.is_alive() and time.monotonic() >= deadline:
                 _end(proc)
-                raise PluginRunError(f"the plugin did not finish within its timeout of {timeout:g} s and was "
-                                     "stopped (raise timeout for this plugin if the series needs longer)")  # fmt: skip
+                raise PluginRunError(
+                    f"the plugin did not finish within its timeout of {timeout:g} s and was "
+                    "stopped (raise timeout for this plugin if the series needs longer)"
+                )
             proc.join(10)
             if result is None:
                 raise PluginRunError(f"the plugin process {_death(proc.exitcode)}")
@@ -301,8 +321,13 @@ def memory_limit_warnings(cfg: Config) -> list[str]:
     try:
         baseline = measure_baseline_mb()
     except (PluginRunError, OSError) as e:  # a check that cannot measure says so, and checks nothing
-        return [f"could not measure what a plugin process takes, so memory_limit_mb values below "
-                f"{_NEVER_BELOW_BASELINE_MB} MB were not checked: {e}"]
-    return [f"{where} is below the {baseline:.0f} MB a plugin process takes before it loads a series: its jobs "
-            "will fail with \"ran out of memory\"; raise it (0 means no limit)"
-            for mb, where in limits if mb <= baseline]  # fmt: skip
+        return [
+            f"could not measure what a plugin process takes, so memory_limit_mb values below "
+            f"{_NEVER_BELOW_BASELINE_MB} MB were not checked: {e}"
+        ]
+    return [
+        f"{where} is below the {baseline:.0f} MB a plugin process takes before it loads a series: its jobs "
+        'will fail with "ran out of memory"; raise it (0 means no limit)'
+        for mb, where in limits
+        if mb <= baseline
+    ]

@@ -54,20 +54,26 @@ def load_series(files: list[Path]) -> SeriesInput:
         return _multiframe(*images[0])
     multi = [f.name for d, f in images if _frames(d) > 1]
     if multi:
-        raise GeometryError(f"the series mixes {len(multi)} multi-frame instance(s) with others ({multi[0]}, ...); "
-                            "plugins take one multi-frame instance or single-frame images")  # fmt: skip
+        raise GeometryError(
+            f"the series mixes {len(multi)} multi-frame instance(s) with others ({multi[0]}, ...); "
+            "plugins take one multi-frame instance or single-frame images"
+        )
     sizes = {(int(d.Rows), int(d.Columns), int(d.get("SamplesPerPixel", 1))) for d, _ in images}
     if len(sizes) > 1:
-        raise GeometryError(f"the images differ in size ({', '.join(f'{r}x{c}' for r, c, _ in sorted(sizes))}); "
-                            "they do not form one volume")  # fmt: skip
+        raise GeometryError(
+            f"the images differ in size ({', '.join(f'{r}x{c}' for r, c, _ in sorted(sizes))}); "
+            "they do not form one volume"
+        )
     iops = [_floats(d.get("ImageOrientationPatient"), 6) for d, _ in images]
     ipps = [_floats(d.get("ImagePositionPatient"), 3) for d, _ in images]
     if all(iops) and all(ipps):
         ref = np.array(iops[0])
         for (d, f), iop in zip(images, iops, strict=True):
             if not np.allclose(iop, ref, atol=1e-3):
-                raise GeometryError(f"{f.name} (instance {d.get('InstanceNumber')}) has another orientation "
-                                    f"than the first image: {iop} vs {tuple(ref)}")  # fmt: skip
+                raise GeometryError(
+                    f"{f.name} (instance {d.get('InstanceNumber')}) has another orientation "
+                    f"than the first image: {iop} vs {tuple(ref)}"
+                )
         normal = np.cross(ref[:3], ref[3:])
         dist = np.array([np.dot(p, normal) for p in ipps])
         order = np.argsort(dist, kind="stable")
@@ -101,9 +107,14 @@ def load_series(files: list[Path]) -> SeriesInput:
         return out
 
     return SeriesInput(
-        datasets=[d for d, _ in images], files=paths, frames=None, _loader=load, positions=positions,
-        orientation=orientation, pixel_spacing=spacing,  # type: ignore[arg-type]
-    )  # fmt: skip
+        datasets=[d for d, _ in images],
+        files=paths,
+        frames=None,
+        _loader=load,
+        positions=positions,
+        orientation=orientation,
+        pixel_spacing=spacing,  # type: ignore[arg-type]
+    )
 
 
 def _multiframe(ds: Dataset, path: Path) -> SeriesInput:
@@ -137,8 +148,10 @@ def _multiframe(ds: Dataset, path: Path) -> SeriesInput:
         dist = np.array([np.dot(p, normal) for p in positions])
         order = np.argsort(dist, kind="stable")
         if np.any(np.diff(dist[order]) < SAME_POSITION_MM):
-            raise GeometryError("duplicate positions: frames of the multi-frame instance share a position "
-                                "(several stacks or time points?), so it is not one volume")  # fmt: skip
+            raise GeometryError(
+                "duplicate positions: frames of the multi-frame instance share a position "
+                "(several stacks or time points?), so it is not one volume"
+            )
         frames = [int(i) for i in order]
         pos_arr = np.array([positions[i] for i in frames])
         orientation = (tuple(float(x) for x in ref[:3]), tuple(float(x) for x in ref[3:]))
@@ -150,6 +163,11 @@ def _multiframe(ds: Dataset, path: Path) -> SeriesInput:
         return out
 
     return SeriesInput(
-        datasets=[ds], files=[path], frames=frames, _loader=load, positions=pos_arr, orientation=orientation,
+        datasets=[ds],
+        files=[path],
+        frames=frames,
+        _loader=load,
+        positions=pos_arr,
+        orientation=orientation,
         pixel_spacing=spacing,  # type: ignore[arg-type]
-    )  # fmt: skip
+    )

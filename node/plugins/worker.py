@@ -125,9 +125,11 @@ def out_of_memory(limit_mb: int, baseline_mb: float, where: str = "") -> str:
     """What a plugin process that ran out of memory outside the plugin's run says, and what to change."""
     if not limit_mb:
         return f"ran out of memory{where} (no limit set: the machine itself is out of memory)"
-    return (f"ran out of memory (limit {limit_mb} MB){where}: a plugin process takes about {baseline_mb:.0f} MB of "
-            "address space after its imports, before it loads the series; raise memory_limit_mb for this rule "
-            "(or [plugins] memory_limit_mb) well above that")  # fmt: skip
+    return (
+        f"ran out of memory (limit {limit_mb} MB){where}: a plugin process takes about {baseline_mb:.0f} MB of "
+        "address space after its imports, before it loads the series; raise memory_limit_mb for this rule "
+        "(or [plugins] memory_limit_mb) well above that"
+    )
 
 
 def _timed(series: Any, timings: dict[str, float]) -> list[float]:
@@ -156,8 +158,10 @@ def _failure(e: BaseException, step: str, spec: WorkSpec, info: Any) -> tuple[st
     if isinstance(e, MemoryError):
         if not spec.memory_limit_mb:
             return f"{step}: ran out of memory (no limit set: the machine itself is out of memory)", False
-        return (f"{step}: ran out of memory (limit {spec.memory_limit_mb} MB); raise memory_limit_mb for this rule "
-                "(or [plugins] memory_limit_mb) if the series needs it"), False
+        return (
+            f"{step}: ran out of memory (limit {spec.memory_limit_mb} MB); raise memory_limit_mb for this rule "
+            "(or [plugins] memory_limit_mb) if the series needs it"
+        ), False
     if isinstance(e, PluginError):
         # The plugin's own policy caps retries (the rule's max_attempts caps them too).
         limit = info.max_attempts if info is not None else None
@@ -243,8 +247,12 @@ def run(spec: WorkSpec) -> WorkResult:
                 from node.derive.template import apply_template, load_template
 
                 template = load_template(template_path)
-                out = [apply_template(r, template, spec.unknown_labels, template_path)
-                       if isinstance(r, Segmentation) else r for r in out]  # fmt: skip
+                out = [
+                    apply_template(r, template, spec.unknown_labels, template_path)
+                    if isinstance(r, Segmentation)
+                    else r
+                    for r in out
+                ]
             results.extend(out)
             made_by.extend([prov] * len(out))
     except Exception as e:  # noqa: BLE001 (MemoryError included: it is an Exception)
@@ -274,8 +282,9 @@ def run(spec: WorkSpec) -> WorkResult:
         notes.append(f"kept {len(outputs)} output(s) that were built before or beside the failure")
     # A retry may help even with outputs kept: they have the job's own UIDs, so a re-run stores and
     # sends nothing twice (the index keeps the first copy, the queue already has it).
-    return WorkResult(not errors, outputs, error="; ".join(errors), retryable=retryable,
-                      timings=timings, plugins=names, notes=notes)  # fmt: skip
+    return WorkResult(
+        not errors, outputs, error="; ".join(errors), retryable=retryable, timings=timings, plugins=names, notes=notes
+    )
 
 
 class _RemoteInfo:
@@ -296,11 +305,15 @@ def _provenance(spec: WorkSpec, name: str, version: str, parameters: dict[str, A
     from node.derive.common import Provenance
 
     return Provenance(
-        job_key=spec.job_key, algorithm=name, algorithm_version=version,
-        parameters={k: str(v) for k, v in parameters.items()}, station_name=spec.station_name,
-        series_number=spec.series_number, series_description=spec.series_description,
+        job_key=spec.job_key,
+        algorithm=name,
+        algorithm_version=version,
+        parameters={k: str(v) for k, v in parameters.items()},
+        station_name=spec.station_name,
+        series_number=spec.series_number,
+        series_description=spec.series_description,
         **({"family": family} if family is not None else {}),
-    )  # fmt: skip
+    )
 
 
 def _transfer_dir(spec: WorkSpec) -> Path:
@@ -345,8 +358,11 @@ def _reserve(path: Path, mapped: Any) -> None:
             os.posix_fallocate(f.fileno(), 0, size)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OSError(e.errno, f"no room in the job's folder {path.parent} for the {size / 2**20:.0f} MiB of "
-                                   "voxels handed to the plugin's worker (free space on the data directory's disk)") from None  # fmt: skip
+            raise OSError(
+                e.errno,
+                f"no room in the job's folder {path.parent} for the {size / 2**20:.0f} MiB of "
+                "voxels handed to the plugin's worker (free space on the data directory's disk)",
+            ) from None
         # EOPNOTSUPP and the like: a filesystem without fallocate; the writes allocate as they go
 
 
@@ -361,8 +377,9 @@ def _huge_pages(mapped: Any) -> None:
         pass
 
 
-def _remote_step(s: StepSpec, k: int, series: Any, spec: WorkSpec, timings: dict[str, float],
-                 pixel_read: list[float]) -> tuple[list[Any], Any]:  # fmt: skip
+def _remote_step(
+    s: StepSpec, k: int, series: Any, spec: WorkSpec, timings: dict[str, float], pixel_read: list[float]
+) -> tuple[list[Any], Any]:
     """Run one step in its warm worker: voxels through a mapped file, results back as mapped arrays."""
     import shutil
 
@@ -391,13 +408,25 @@ def _remote_step(s: StepSpec, k: int, series: Any, spec: WorkSpec, timings: dict
         shutil.rmtree(folder, ignore_errors=True)
     name, _, version = reply.plugin.partition(" ")
     remote = s.remote or {}
-    prov = _provenance(spec, name or s.name, version or str(remote.get("version", "")), dict(reply.parameters),
-                       _code(remote.get("family")))  # fmt: skip
+    prov = _provenance(
+        spec,
+        name or s.name,
+        version or str(remote.get("version", "")),
+        dict(reply.parameters),
+        _code(remote.get("family")),
+    )
     return results, prov
 
 
-def _command_step(s: StepSpec, k: int, series: Any, spec: WorkSpec, timings: dict[str, float],
-                  ready: list[tuple[Any, Any]], notes: list[str] | None = None) -> tuple[list[Any], Any]:  # fmt: skip
+def _command_step(
+    s: StepSpec,
+    k: int,
+    series: Any,
+    spec: WorkSpec,
+    timings: dict[str, float],
+    ready: list[tuple[Any, Any]],
+    notes: list[str] | None = None,
+) -> tuple[list[Any], Any]:
     """Run a command plugin on the series; its label maps become results, its ready DICOM objects outputs.
 
     ``notes`` gets what the job's summary should say about its output (an empty label map, files ignored).
@@ -416,8 +445,11 @@ def _command_step(s: StepSpec, k: int, series: Any, spec: WorkSpec, timings: dic
     return list(outcome.results), prov
 
 
-_KINDS = {"1.2.840.10008.5.1.4.1.1.66.4": "SEG", "1.2.840.10008.5.1.4.1.1.66.7": "SEG",
-          "1.2.840.10008.5.1.4.1.1.30": "parametric map"}  # fmt: skip
+_KINDS = {
+    "1.2.840.10008.5.1.4.1.1.66.4": "SEG",
+    "1.2.840.10008.5.1.4.1.1.66.7": "SEG",
+    "1.2.840.10008.5.1.4.1.1.30": "parametric map",
+}
 
 
 def _ready_kind(ds: Any) -> str:
@@ -435,8 +467,9 @@ def _ready_kind(ds: Any) -> str:
     return "image"
 
 
-def _check_and_write_ready(series: Any, ds: Any, n: int, spec: WorkSpec, timings: dict[str, float],
-                           notes: list[str]) -> Output:  # fmt: skip
+def _check_and_write_ready(
+    series: Any, ds: Any, n: int, spec: WorkSpec, timings: dict[str, float], notes: list[str]
+) -> Output:
     """A DICOM object a command wrote: repaired where the standard allows, validated, written as an output."""
     t = time.perf_counter()
     kind = _ready_kind(ds)
@@ -467,12 +500,14 @@ def _check(ds: Any, source: Any, kind: str, notes: list[str]) -> None:
         note(f"{kind}: {p.keyword} kept as the source has it ({p.what}), so the result is filed with its source")
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise OutputError(f"the {kind} is not valid DICOM, so it was not stored or sent: "
-                          + "; ".join(map(str, problems[:5])) + more)
+        raise OutputError(
+            f"the {kind} is not valid DICOM, so it was not stored or sent: " + "; ".join(map(str, problems[:5])) + more
+        )
 
 
-def _build_and_write(series: Any, r: Any, prov: Any, i: int, spec: WorkSpec, timings: dict[str, float],
-                     notes: list[str]) -> list[Output]:  # fmt: skip
+def _build_and_write(
+    series: Any, r: Any, prov: Any, i: int, spec: WorkSpec, timings: dict[str, float], notes: list[str]
+) -> list[Output]:
     """One result as DICOM objects, written to the job's folder (nothing written if any of them fails)."""
     from pydicom.uid import UID
 
@@ -488,8 +523,17 @@ def _build_and_write(series: Any, r: Any, prov: Any, i: int, spec: WorkSpec, tim
         kind = "SEG"
         if r.kind == "labelmap" and spec.labelmap_as_binary:
             # For destinations that do not take Label Map Segmentation Storage: the same segments, BINARY.
-            twins = [build_seg(series, r, prov, index=i, transfer_syntax=ts, keep_empty_frames=spec.keep_empty_frames,
-                               as_binary=True)]  # fmt: skip
+            twins = [
+                build_seg(
+                    series,
+                    r,
+                    prov,
+                    index=i,
+                    transfer_syntax=ts,
+                    keep_empty_frames=spec.keep_empty_frames,
+                    as_binary=True,
+                )
+            ]
     elif isinstance(r, Volume) and r.kind == "parametric-map":
         datasets = [build_parametric_map(series, r, prov, index=i)]
         kind = "parametric map"
@@ -521,8 +565,15 @@ def _build_and_write(series: Any, r: Any, prov: Any, i: int, spec: WorkSpec, tim
         for ds in twins:
             path = out_dir / f"{i:03d}-binary.dcm"
             ds.save_as(path, enforce_file_format=True)
-            written.append(Output(str(path), kind, str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID),
-                                  twin_of=str(datasets[0].SOPInstanceUID)))  # fmt: skip
+            written.append(
+                Output(
+                    str(path),
+                    kind,
+                    str(ds.SOPInstanceUID),
+                    str(ds.SeriesInstanceUID),
+                    twin_of=str(datasets[0].SOPInstanceUID),
+                )
+            )
     except BaseException:
         for o in written:
             Path(o.file).unlink(missing_ok=True)

@@ -120,8 +120,13 @@ def encode_response(
     event_type_id: int | None = None,
 ) -> bytes:
     """A C-STORE-RSP, C-ECHO-RSP or N-EVENT-REPORT-RSP command set, group length first."""
-    body = [_elem(0x0002, _ui(sop_class_uid)), _elem(0x0100, _us(command_field)),
-            _elem(0x0120, _us(message_id)), _elem(0x0800, _us(NO_DATASET)), _elem(0x0900, _us(status))]  # fmt: skip
+    body = [
+        _elem(0x0002, _ui(sop_class_uid)),
+        _elem(0x0100, _us(command_field)),
+        _elem(0x0120, _us(message_id)),
+        _elem(0x0800, _us(NO_DATASET)),
+        _elem(0x0900, _us(status)),
+    ]
     if error_comment:
         body.append(_elem(0x0902, _text(error_comment[:64])))
     if sop_instance_uid:
@@ -139,21 +144,41 @@ def _group(body: list[bytes]) -> bytes:
 
 def encode_c_store_rq(message_id: int, sop_class_uid: str, sop_instance_uid: str, priority: int = 0) -> bytes:
     """A C-STORE-RQ command set (a data set follows)."""
-    return _group([_elem(0x0002, _ui(sop_class_uid)), _elem(0x0100, _us(C_STORE_RQ)), _elem(0x0110, _us(message_id)),
-                   _elem(0x0700, _us(priority)), _elem(0x0800, _us(HAS_DATASET)),
-                   _elem(0x1000, _ui(sop_instance_uid))])  # fmt: skip
+    return _group(
+        [
+            _elem(0x0002, _ui(sop_class_uid)),
+            _elem(0x0100, _us(C_STORE_RQ)),
+            _elem(0x0110, _us(message_id)),
+            _elem(0x0700, _us(priority)),
+            _elem(0x0800, _us(HAS_DATASET)),
+            _elem(0x1000, _ui(sop_instance_uid)),
+        ]
+    )
 
 
 def encode_c_echo_rq(message_id: int) -> bytes:
-    return _group([_elem(0x0002, _ui("1.2.840.10008.1.1")), _elem(0x0100, _us(C_ECHO_RQ)),
-                   _elem(0x0110, _us(message_id)), _elem(0x0800, _us(NO_DATASET))])  # fmt: skip
+    return _group(
+        [
+            _elem(0x0002, _ui("1.2.840.10008.1.1")),
+            _elem(0x0100, _us(C_ECHO_RQ)),
+            _elem(0x0110, _us(message_id)),
+            _elem(0x0800, _us(NO_DATASET)),
+        ]
+    )
 
 
 def encode_n_action_rq(message_id: int, sop_class_uid: str, sop_instance_uid: str, action_type_id: int) -> bytes:
     """An N-ACTION-RQ command set (an action information data set follows)."""
-    return _group([_elem(0x0003, _ui(sop_class_uid)), _elem(0x0100, _us(N_ACTION_RQ)), _elem(0x0110, _us(message_id)),
-                   _elem(0x0800, _us(HAS_DATASET)), _elem(0x1001, _ui(sop_instance_uid)),
-                   _elem(0x1008, _us(action_type_id))])  # fmt: skip
+    return _group(
+        [
+            _elem(0x0003, _ui(sop_class_uid)),
+            _elem(0x0100, _us(N_ACTION_RQ)),
+            _elem(0x0110, _us(message_id)),
+            _elem(0x0800, _us(HAS_DATASET)),
+            _elem(0x1001, _ui(sop_instance_uid)),
+            _elem(0x1008, _us(action_type_id)),
+        ]
+    )
 
 
 def encode_file_meta(

@@ -53,8 +53,14 @@ class RawHeader:
 
 
 def read_raw_header(
-    path: str, offset: int, *, implicit: bool, little_endian: bool, wanted: frozenset[int],
-    head: bytes | bytearray | None = None, file_size: int | None = None,
+    path: str,
+    offset: int,
+    *,
+    implicit: bool,
+    little_endian: bool,
+    wanted: frozenset[int],
+    head: bytes | bytearray | None = None,
+    file_size: int | None = None,
 ) -> RawHeader:
     """Read the data set that starts at ``offset`` in ``path``.
 
@@ -120,8 +126,7 @@ class _Walker:
                 continue
             if value_at + length > self.end:
                 raise self.short(
-                    f"the data set ends inside element ({tag >> 16:04X},{tag & 0xFFFF:04X}) "
-                    f"(declared length {length})"
+                    f"the data set ends inside element ({tag >> 16:04X},{tag & 0xFFFF:04X}) (declared length {length})"
                 )
             if tag in wanted:
                 out.values[tag] = (vr, bytes(self.m[value_at : value_at + length]))

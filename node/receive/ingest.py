@@ -85,16 +85,26 @@ class Ingest:
         except Rejected as r:
             log.warning(
                 "refused %s from %s (%s): 0x%04X %s",
-                sop_instance_uid, peer.calling_ae, peer.address, r.status, r.reason,
-            )  # fmt: skip
+                sop_instance_uid,
+                peer.calling_ae,
+                peer.address,
+                r.status,
+                r.reason,
+            )
             return StoreResult(r.status, r.reason)
         except OSError as e:
             reason = f"storage error: {e.strerror or e}"
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 reason = "the storage filesystem is full"
-            log.error("could not store %s from %s (%s): %s (%s); answered 0xA700, the sender may retry once "
-                      "there is space again under node.data_dir", sop_instance_uid, peer.calling_ae, peer.address,
-                      reason, e)  # fmt: skip
+            log.error(
+                "could not store %s from %s (%s): %s (%s); answered 0xA700, the sender may retry once "
+                "there is space again under node.data_dir",
+                sop_instance_uid,
+                peer.calling_ae,
+                peer.address,
+                reason,
+                e,
+            )
             return StoreResult(Status.OUT_OF_RESOURCES, reason)
         except Exception as e:  # a bug must not become pynetdicom's 0xC211 or kill the association
             log.exception("unexpected failure storing %s from %s", sop_instance_uid, peer.calling_ae)
@@ -110,9 +120,7 @@ class Ingest:
             self._free_at = now
         return self._free
 
-    def _store(
-        self, rx: ReceivedFile, sop_class_uid: str, sop_instance_uid: str, ts: UID, peer: Peer
-    ) -> StoreResult:
+    def _store(self, rx: ReceivedFile, sop_class_uid: str, sop_instance_uid: str, ts: UID, peer: Peer) -> StoreResult:
         if rx.error is not None:  # the data set could not be written (it was read to its end and dropped)
             raise rx.error
         if self.min_free_bytes:
@@ -167,12 +175,18 @@ class Ingest:
         # The audit row goes into the same transaction (and savepoint) as the index rows: an instance
         # is never indexed without its audit row, nor audited without being indexed.
         event = audit.row(
-            "instance_stored", at=record.received_at, actor=peer.calling_ae, calling_ae=peer.calling_ae,
-            called_ae=peer.called_ae, peer_address=peer.address, study_uid=record.study["study_instance_uid"],
-            series_uid=record.series["series_instance_uid"], sop_instance_uid=ds_inst,
+            "instance_stored",
+            at=record.received_at,
+            actor=peer.calling_ae,
+            calling_ae=peer.calling_ae,
+            called_ae=peer.called_ae,
+            peer_address=peer.address,
+            study_uid=record.study["study_instance_uid"],
+            series_uid=record.series["series_instance_uid"],
+            sop_instance_uid=ds_inst,
             status=Status.STORED_NONCONFORMANT if warning else Status.SUCCESS,
             detail=f"association {peer.association_id}" if peer.association_id else "",
-        )  # fmt: skip
+        )
 
         def work(tx: Tx) -> RecordOutcome:
             outcome = self.recorder.record(tx, record)
@@ -211,17 +225,21 @@ class Ingest:
             self.storage.remove(final)
             log.info(
                 "duplicate %s from %s: kept the first copy (node.duplicates = keep_first)",
-                ds_inst, peer.calling_ae,
-            )  # fmt: skip
+                ds_inst,
+                peer.calling_ae,
+            )
         elif outcome.kind == "replaced" and outcome.old_file_path:
             old = self.storage.absolute(outcome.old_file_path)
             if old.is_file():
                 self.storage.remove(old)
-                log.info("duplicate %s from %s: replaced the stored copy (node.duplicates = %s)",
-                         ds_inst, peer.calling_ae, self.recorder.policy)  # fmt: skip
+                log.info(
+                    "duplicate %s from %s: replaced the stored copy (node.duplicates = %s)",
+                    ds_inst,
+                    peer.calling_ae,
+                    self.recorder.policy,
+                )
             else:
-                log.warning("%s from %s restores an indexed instance whose file was missing",
-                            ds_inst, peer.calling_ae)  # fmt: skip
+                log.warning("%s from %s restores an indexed instance whose file was missing", ds_inst, peer.calling_ae)
         if unsynced is not None:
             raise unsynced
         if warning:

@@ -45,22 +45,52 @@ _BINARY_INT = {b"US": (2, False), b"SS": (2, True), b"UL": (4, False), b"SL": (4
 _CHARSET_VRS = {b"PN", b"LO", b"SH", b"ST", b"LT", b"UT", b"UC"}
 
 KEYWORDS = (
-    "SpecificCharacterSet", "PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex",
-    "StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber", "StudyID", "StudyDescription",
-    "ReferringPhysicianName", "SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription",
-    "BodyPartExamined", "ProtocolName", "Manufacturer", "StationName", "FrameOfReferenceUID",
-    "SOPInstanceUID", "SOPClassUID", "InstanceNumber", "AcquisitionNumber", "ImageType", "Rows",
-    "Columns", "NumberOfFrames", "BitsAllocated", "SamplesPerPixel", "PhotometricInterpretation",
-    "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness", "SliceLocation",
-)  # fmt: skip
+    "SpecificCharacterSet",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDescription",
+    "ReferringPhysicianName",
+    "SeriesInstanceUID",
+    "Modality",
+    "SeriesNumber",
+    "SeriesDescription",
+    "BodyPartExamined",
+    "ProtocolName",
+    "Manufacturer",
+    "StationName",
+    "FrameOfReferenceUID",
+    "SOPInstanceUID",
+    "SOPClassUID",
+    "InstanceNumber",
+    "AcquisitionNumber",
+    "ImageType",
+    "Rows",
+    "Columns",
+    "NumberOfFrames",
+    "BitsAllocated",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "PixelSpacing",
+    "SliceThickness",
+    "SliceLocation",
+)
 TAGS = {k: tag_for_keyword(k) for k in KEYWORDS}
 _WANTED = frozenset(TAGS.values())
 _VRS = {k: dictionary_VR(TAGS[k]).encode() for k in KEYWORDS}
 
 
 _GROUP2 = (
-    "the data set contains File Meta elements (group 0002): readers would take them for the file's own "
-    "and misread it"
+    "the data set contains File Meta elements (group 0002): readers would take them for the file's own and misread it"
 )
 
 
@@ -109,8 +139,9 @@ class Header:
             size, signed = _BINARY_INT[vr or _VRS[keyword]]
             if len(v) < size:
                 return None
-            return int.from_bytes(v[:size], "big" if self.transfer_syntax == ExplicitVRBigEndian else "little",
-                                  signed=signed)  # fmt: skip
+            return int.from_bytes(
+                v[:size], "big" if self.transfer_syntax == ExplicitVRBigEndian else "little", signed=signed
+            )
         s = v.decode("ascii", "replace") if isinstance(v, bytes) else str(v)
         try:
             n = int(float(s.split("\\")[0].strip(" \x00")))
@@ -186,9 +217,14 @@ def read_header(
     if transfer_syntax != DeflatedExplicitVRLittleEndian:
         try:
             raw = read_raw_header(
-                path, dataset_offset, implicit=transfer_syntax.is_implicit_VR,
-                little_endian=transfer_syntax.is_little_endian, wanted=_WANTED, head=head, file_size=file_size,
-            )  # fmt: skip
+                path,
+                dataset_offset,
+                implicit=transfer_syntax.is_implicit_VR,
+                little_endian=transfer_syntax.is_little_endian,
+                wanted=_WANTED,
+                head=head,
+                file_size=file_size,
+            )
         except HeaderError:
             pass  # let the general reader judge it
         else:
@@ -196,8 +232,15 @@ def read_header(
                 raise Rejected(Status.CANNOT_UNDERSTAND, _GROUP2)
             view = RawHeaderView(raw, transfer_syntax)
             if raw.pixel_tag is not None:
-                _check_pixel_data(path, view, transfer_syntax, raw.pixel_tag, raw.pixel_length or 0,
-                                  raw.pixel_value_at or 0, file_size)  # fmt: skip
+                _check_pixel_data(
+                    path,
+                    view,
+                    transfer_syntax,
+                    raw.pixel_tag,
+                    raw.pixel_length or 0,
+                    raw.pixel_value_at or 0,
+                    file_size,
+                )
             return view
     with open(path, "rb") as fp:
         return _read_with_pydicom(fp, transfer_syntax, file_size, dataset_offset)

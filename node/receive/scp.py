@@ -85,8 +85,9 @@ def _failure_reason(code: int) -> str:
 class StorageSCP:
     """Owns the listening acceptor and answers for the node."""
 
-    def __init__(self, cfg: Config, ingest: Ingest,
-                 on_commitment: Callable[[str, list[str], dict[str, str]], None] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, cfg: Config, ingest: Ingest, on_commitment: Callable[[str, list[str], dict[str, str]], None] | None = None
+    ) -> None:
         """``on_commitment(transaction UID, committed SOP Instance UIDs, {failed UID: reason})``: a
         Storage Commitment result arrived (a PACS sends it on an association of its own)."""
         self.cfg = cfg
@@ -151,18 +152,31 @@ class StorageSCP:
 
     def _rejected(self, calling_ae: str, called_ae: str, address: str, key: str, text: str) -> None:
         metrics.ASSOCIATIONS_REJECTED.labels(key).inc()
-        audit.submit(self.ingest.writer, "association_rejected", actor=calling_ae, calling_ae=calling_ae,
-                     called_ae=called_ae, peer_address=address, detail=text)  # fmt: skip
+        audit.submit(
+            self.ingest.writer,
+            "association_rejected",
+            actor=calling_ae,
+            calling_ae=calling_ae,
+            called_ae=called_ae,
+            peer_address=address,
+            detail=text,
+        )
 
     def association_rejected(self, assoc: AssociationInfo, reason: str, text: str) -> None:
         self._rejected(assoc.calling_ae, assoc.called_ae, assoc.address, reason, text)
 
     def association_accepted(self, assoc: AssociationInfo) -> None:
         metrics.ASSOCIATIONS_ACCEPTED.inc()
-        audit.submit(self.ingest.writer, "association_accepted", actor=assoc.calling_ae, calling_ae=assoc.calling_ae,
-                     called_ae=assoc.called_ae, peer_address=assoc.address,
-                     detail=f"association {assoc.id} from port {assoc.port}, {len(assoc.contexts)} presentation "
-                     "context(s) accepted")  # fmt: skip
+        audit.submit(
+            self.ingest.writer,
+            "association_accepted",
+            actor=assoc.calling_ae,
+            calling_ae=assoc.calling_ae,
+            called_ae=assoc.called_ae,
+            peer_address=assoc.address,
+            detail=f"association {assoc.id} from port {assoc.port}, {len(assoc.contexts)} presentation "
+            "context(s) accepted",
+        )
 
     def store(self, assoc: AssociationInfo, request: StoreRequest) -> tuple[int, str]:
         rx = request.file
@@ -197,15 +211,25 @@ class StorageSCP:
     def association_ended(self, assoc: AssociationInfo, how: str) -> None:
         log.info(
             "association %s from %s %s after %.1f s: %d stored, %d duplicate, %d refused, %.1f MB",
-            assoc.id, assoc.calling_ae, how, time.monotonic() - assoc.started,
-            assoc.stored, assoc.duplicates, assoc.failed, assoc.bytes / 1e6,
+            assoc.id,
+            assoc.calling_ae,
+            how,
+            time.monotonic() - assoc.started,
+            assoc.stored,
+            assoc.duplicates,
+            assoc.failed,
+            assoc.bytes / 1e6,
             extra={"association_id": assoc.id, "calling_ae": assoc.calling_ae, "peer_address": assoc.address},
-        )  # fmt: skip
+        )
 
     def event_report(self, assoc: AssociationInfo, command: dimse.Command, transfer_syntax: str, data: bytes) -> int:
         if command.affected_sop_class_uid != STORAGE_COMMITMENT or self.on_commitment is None:
-            log.warning("association %s from %s: N-EVENT-REPORT for %s refused (only Storage Commitment results "
-                        "are taken)", assoc.id, assoc.calling_ae, command.affected_sop_class_uid)  # fmt: skip
+            log.warning(
+                "association %s from %s: N-EVENT-REPORT for %s refused (only Storage Commitment results are taken)",
+                assoc.id,
+                assoc.calling_ae,
+                command.affected_sop_class_uid,
+            )
             return 0x0122  # SOP class not supported
         if command.event_type_id not in (1, 2):
             return 0x0113  # no such event type
@@ -219,11 +243,16 @@ class StorageSCP:
                 for i in ds.get("FailedSOPSequence", [])
             }
         except Exception as e:
-            log.error("association %s from %s: unreadable storage commitment result: %s", assoc.id, assoc.calling_ae,
-                      e)  # fmt: skip
+            log.error("association %s from %s: unreadable storage commitment result: %s", assoc.id, assoc.calling_ae, e)
             return 0x0110  # processing failure
-        log.info("association %s from %s: storage commitment result for transaction %s: %d committed, %d failed",
-                 assoc.id, assoc.calling_ae, transaction, len(committed), len(failed))  # fmt: skip
+        log.info(
+            "association %s from %s: storage commitment result for transaction %s: %d committed, %d failed",
+            assoc.id,
+            assoc.calling_ae,
+            transaction,
+            len(committed),
+            len(failed),
+        )
         try:
             self.on_commitment(transaction, committed, failed)
         except Exception:
@@ -240,9 +269,13 @@ class StorageSCP:
             log.warning("access.allowed_peers is empty: any calling AE title may store to this node")
         log.info(
             "listening as %s on %s:%d (TLS %s, max PDU %s, max %d associations)",
-            n.ae_title, n.host, self.port, "on" if self.cfg.tls.enabled else "off",
-            n.max_pdu or "unlimited", n.max_associations,
-        )  # fmt: skip
+            n.ae_title,
+            n.host,
+            self.port,
+            "on" if self.cfg.tls.enabled else "off",
+            n.max_pdu or "unlimited",
+            n.max_associations,
+        )
 
     @property
     def port(self) -> int:

@@ -393,10 +393,13 @@ class Association(threading.Thread):
         calling = str(prim.calling_ae_title).strip()
         called = str(prim.called_ae_title).strip()
         info = AssociationInfo(
-            id=uuid.uuid4().hex[:12], calling_ae=calling, called_ae=called,
-            address=self.address[0], port=self.address[1],
+            id=uuid.uuid4().hex[:12],
+            calling_ae=calling,
+            called_ae=called,
+            address=self.address[0],
+            port=self.address[1],
             max_pdu=int(prim.maximum_length_received or 0),
-        )  # fmt: skip
+        )
 
         reject = None
         why = ("", "")
@@ -409,15 +412,24 @@ class Association(threading.Thread):
         else:
             reject = self.handlers.check_association(calling, called, self.address[0])
             if reject is None and not self.server._admit(self):
-                log.warning("rejected association from %s (%s): node.max_associations (%d) reached",
-                            calling, self.address[0], self.settings.max_associations,
-                            extra={"calling_ae": calling, "peer_address": self.address[0]})  # fmt: skip
+                log.warning(
+                    "rejected association from %s (%s): node.max_associations (%d) reached",
+                    calling,
+                    self.address[0],
+                    self.settings.max_associations,
+                    extra={"calling_ae": calling, "peer_address": self.address[0]},
+                )
                 reject = (0x02, 0x03, 0x02)  # transient, local limit exceeded
                 why = ("limit", f"node.max_associations ({self.settings.max_associations}) reached")
         if reject is not None and why[0]:
             if why[0] == "protocol":
-                log.warning("rejected association from %s (%s): %s", calling, self.address[0], why[1],
-                            extra={"calling_ae": calling, "peer_address": self.address[0]})  # fmt: skip
+                log.warning(
+                    "rejected association from %s (%s): %s",
+                    calling,
+                    self.address[0],
+                    why[1],
+                    extra={"calling_ae": calling, "peer_address": self.address[0]},
+                )
             try:
                 self.handlers.association_rejected(info, *why)
             except Exception:
@@ -450,16 +462,24 @@ class Association(threading.Thread):
                     out.transfer_syntax = [chosen]
                     info.contexts[int(cx.context_id)] = (abstract, str(chosen))
                     if accepted is self.settings.unknown_storage and abstract not in self.settings.supported:
-                        log.info("association %s from %s: accepted presentation context %d for %s as a storage "
-                                 "class (node.accept_unknown_sop_classes)", info.id, calling, out.context_id,
-                                 sop_classes.describe(abstract))  # fmt: skip
+                        log.info(
+                            "association %s from %s: accepted presentation context %d for %s as a storage "
+                            "class (node.accept_unknown_sop_classes)",
+                            info.id,
+                            calling,
+                            out.context_id,
+                            sop_classes.describe(abstract),
+                        )
             results.append(out)
             if out.result != 0x00:
                 log.info(
                     "association %s from %s: refused presentation context %s, transfer syntaxes %s: %s",
-                    info.id, calling, sop_classes.describe(abstract), ", ".join(str(t) for t in cx.transfer_syntax),
+                    info.id,
+                    calling,
+                    sop_classes.describe(abstract),
+                    ", ".join(str(t) for t in cx.transfer_syntax),
                     why_not or "none of these transfer syntaxes is supported",
-                )  # fmt: skip
+                )
 
         ac_prim = A_ASSOCIATE()
         ac_prim.application_context_name = APPLICATION_CONTEXT
@@ -479,10 +499,16 @@ class Association(threading.Thread):
         ac.from_primitive(ac_prim)
         conn.send(ac.encode())
         self.info = info
-        log.info("association %s from %s (%s:%d) accepted, %d of %d presentation contexts",
-                 info.id, calling, info.address, info.port, len(info.contexts), len(results),
-                 extra={"association_id": info.id, "calling_ae": calling, "called_ae": called,
-                        "peer_address": info.address})  # fmt: skip
+        log.info(
+            "association %s from %s (%s:%d) accepted, %d of %d presentation contexts",
+            info.id,
+            calling,
+            info.address,
+            info.port,
+            len(info.contexts),
+            len(results),
+            extra={"association_id": info.id, "calling_ae": calling, "called_ae": called, "peer_address": info.address},
+        )
         try:
             self.handlers.association_accepted(info)
         except Exception:
@@ -533,8 +559,12 @@ class Association(threading.Thread):
                 if self._closing:
                     return "aborted"
                 if str(e) == "timeout":
-                    log.error("association %s from %s: no data for node.network_timeout (%.0f s); aborting",
-                              info.id, info.calling_ae, self.settings.network_timeout)  # fmt: skip
+                    log.error(
+                        "association %s from %s: no data for node.network_timeout (%.0f s); aborting",
+                        info.id,
+                        info.calling_ae,
+                        self.settings.network_timeout,
+                    )
                     conn.send(_abort_pdu())
                     return "timeout"
                 return "closed"
@@ -549,13 +579,18 @@ class Association(threading.Thread):
                     if self._closing:
                         return "aborted"
                     if str(e) == "timeout":  # silent in the middle of a PDU
-                        log.error("association %s from %s: no data for node.network_timeout (%.0f s) in the "
-                                  "middle of a message; aborting", info.id, info.calling_ae,
-                                  self.settings.network_timeout)  # fmt: skip
+                        log.error(
+                            "association %s from %s: no data for node.network_timeout (%.0f s) in the "
+                            "middle of a message; aborting",
+                            info.id,
+                            info.calling_ae,
+                            self.settings.network_timeout,
+                        )
                         conn.send(_abort_pdu())
                         return "timeout"
-                    log.warning("association %s from %s: connection closed in the middle of a message",
-                                info.id, info.calling_ae)  # fmt: skip
+                    log.warning(
+                        "association %s from %s: connection closed in the middle of a message", info.id, info.calling_ae
+                    )
                     return "closed"
             elif pdu_type == 0x05:  # A-RELEASE-RQ
                 conn.read_exact(min(length, MAX_CONTROL_PDU))
@@ -568,8 +603,9 @@ class Association(threading.Thread):
                     pass
                 return "aborted"
             else:
-                log.error("association %s from %s: unexpected PDU type 0x%02X; aborting",
-                          info.id, info.calling_ae, pdu_type)  # fmt: skip
+                log.error(
+                    "association %s from %s: unexpected PDU type 0x%02X; aborting", info.id, info.calling_ae, pdu_type
+                )
                 # Known PDU types out of place are "unexpected"; others "unrecognised" (PS3.8 9.3.8).
                 conn.send(_abort_pdu(0x02, 0x02 if pdu_type in (0x01, 0x02, 0x03, 0x06) else 0x01))
                 return "aborted"
@@ -662,8 +698,14 @@ class Association(threading.Thread):
         if cmd.command_field == dimse.N_EVENT_REPORT_RQ:
             data, self._small = bytes(self._small or b""), None
             status = self.handlers.event_report(info, cmd, ts, data)
-            rsp = dimse.encode_response(dimse.N_EVENT_REPORT_RSP, cmd.message_id, status, cmd.affected_sop_class_uid,
-                                        cmd.affected_sop_instance_uid, event_type_id=cmd.event_type_id)  # fmt: skip
+            rsp = dimse.encode_response(
+                dimse.N_EVENT_REPORT_RSP,
+                cmd.message_id,
+                status,
+                cmd.affected_sop_class_uid,
+                cmd.affected_sop_instance_uid,
+                event_type_id=cmd.event_type_id,
+            )
             self._conn_send(_pdata(cx_id, rsp))
             return
         if cmd.command_field != dimse.C_STORE_RQ:
@@ -677,16 +719,25 @@ class Association(threading.Thread):
             rx.discard()
             status = 0x0122  # Refused: SOP Class not supported
             comment = f"SOP Class {cmd.affected_sop_class_uid} sent on a context for {abstract}"
-            log.warning("association %s from %s: refused %s: %s",
-                        info.id, info.calling_ae, cmd.affected_sop_instance_uid, comment)  # fmt: skip
+            log.warning(
+                "association %s from %s: refused %s: %s",
+                info.id,
+                info.calling_ae,
+                cmd.affected_sop_instance_uid,
+                comment,
+            )
             info.failed += 1
         else:
             status, comment = self.handlers.store(info, StoreRequest(cmd, ts, abstract, rx))
         metrics.cstore_response(status)
         rsp = dimse.encode_response(
-            dimse.C_STORE_RSP, cmd.message_id, status, cmd.affected_sop_class_uid,
-            cmd.affected_sop_instance_uid, comment if status else "",  # warnings carry their reason too
-        )  # fmt: skip
+            dimse.C_STORE_RSP,
+            cmd.message_id,
+            status,
+            cmd.affected_sop_class_uid,
+            cmd.affected_sop_instance_uid,
+            comment if status else "",  # warnings carry their reason too
+        )
         self._conn_send(_pdata(cx_id, rsp))
         # Create the next instance's temp file now, while the sender prepares
         # it: on ext4 a file creation can wait for a journal commit (that other
@@ -791,8 +842,12 @@ class Acceptor:
         except OSError:
             pass
         metrics.ASSOCIATIONS_REJECTED.labels("pending-limit").inc()
-        self._refused_log.warning("closed a connection from %s:%d at once: %s reached (connections still to send "
-                                  "their association request)", address[0], address[1], limit)  # fmt: skip
+        self._refused_log.warning(
+            "closed a connection from %s:%d at once: %s reached (connections still to send their association request)",
+            address[0],
+            address[1],
+            limit,
+        )
 
     @staticmethod
     def _cut(a: Association, why: str) -> None:
@@ -815,13 +870,22 @@ class Acceptor:
         """The thread of a connection the acceptor cut off tells (throttled) and counts it."""
         metrics.ASSOCIATIONS_REJECTED.labels(a.cut_off).inc()
         if a.cut_off == "acse-timeout":
-            self._expired_log.warning("closed the connection from %s:%d: %s not complete within node.acse_timeout "
-                                      "(%.0f s) of connecting", a.address[0], a.address[1], waiting_for,
-                                      self.settings.acse_timeout)  # fmt: skip
+            self._expired_log.warning(
+                "closed the connection from %s:%d: %s not complete within node.acse_timeout (%.0f s) of connecting",
+                a.address[0],
+                a.address[1],
+                waiting_for,
+                self.settings.acse_timeout,
+            )
         else:
-            self._refused_log.warning("closed the connection from %s:%d, the longest waiting for its %s, to make "
-                                      "room: node.max_pending_connections (%d) reached", a.address[0], a.address[1],
-                                      waiting_for, self.settings.max_pending)  # fmt: skip
+            self._refused_log.warning(
+                "closed the connection from %s:%d, the longest waiting for its %s, to make "
+                "room: node.max_pending_connections (%d) reached",
+                a.address[0],
+                a.address[1],
+                waiting_for,
+                self.settings.max_pending,
+            )
 
     def _not_pending(self, a: Association) -> None:
         """``a`` sent its association request or went away (lock held)."""

@@ -50,7 +50,11 @@ DEFAULT_MAX_PDU = 1 << 20
 #: Data set fragments when the peer accepts PDUs of any size.
 UNLIMITED_FRAGMENT = 1 << 20
 MAX_CONTROL_PDU = 1 << 20
-_ABORT_SOURCES = {0: "the peer's application (service user)", 1: "reserved", 2: "the peer's DICOM stack (service provider)"}
+_ABORT_SOURCES = {
+    0: "the peer's application (service user)",
+    1: "reserved",
+    2: "the peer's DICOM stack (service provider)",
+}
 
 
 class AssociationError(Exception):
@@ -72,8 +76,9 @@ class Rejected(AssociationError):
 
 class PeerAborted(AssociationError):
     def __init__(self, source: int, reason: int) -> None:
-        super().__init__(f"the peer aborted the association (source: {_ABORT_SOURCES.get(source, source)}, "
-                         f"reason {reason})")  # fmt: skip
+        super().__init__(
+            f"the peer aborted the association (source: {_ABORT_SOURCES.get(source, source)}, reason {reason})"
+        )
         #: 0: the peer's application decided (e.g. Orthanc refusing an unknown calling AE title).
         self.source = source
 
@@ -122,9 +127,17 @@ class Association:
 
     @classmethod
     def request(
-        cls, host: str, port: int, *, calling_ae: str, called_ae: str, contexts: list[tuple[str, list[str]]],
-        timeout: float = 60.0, max_pdu: int = 0, tls: ssl.SSLContext | None = None,
-    ) -> Association:  # fmt: skip
+        cls,
+        host: str,
+        port: int,
+        *,
+        calling_ae: str,
+        called_ae: str,
+        contexts: list[tuple[str, list[str]]],
+        timeout: float = 60.0,
+        max_pdu: int = 0,
+        tls: ssl.SSLContext | None = None,
+    ) -> Association:
         """Connect and negotiate ``contexts`` ([(abstract syntax, [transfer syntaxes])]); at most 128."""
         if not contexts or len(contexts) > 128:
             raise ValueError(f"an association proposes 1 to 128 presentation contexts, not {len(contexts)}")
@@ -171,9 +184,12 @@ class Association:
             if pdu_type == 0x03:
                 rj = A_ASSOCIATE_RJ()
                 rj.decode(raw)
-                raise Rejected(rj.result, rj.source, rj.reason_diagnostic,
-                               f"{'permanent' if rj.result == 1 else 'transient'}, {rj.source_str}: "
-                               f"{rj.reason_str}")  # fmt: skip
+                raise Rejected(
+                    rj.result,
+                    rj.source,
+                    rj.reason_diagnostic,
+                    f"{'permanent' if rj.result == 1 else 'transient'}, {rj.source_str}: {rj.reason_str}",
+                )
             if pdu_type == 0x07:
                 raise PeerAborted(body[2] if len(body) > 2 else 0, body[3] if len(body) > 3 else 0)
             if pdu_type != 0x02:
@@ -190,8 +206,14 @@ class Association:
                     accepted.contexts[cx_id] = (abstract, str(r.transfer_syntax[0]))
                 else:
                     accepted.refused[cx_id] = (abstract, int(r.result or 0))
-            peer_max = next((int(i.maximum_length_received or 0) for i in ac_prim.user_information
-                             if isinstance(i, MaximumLengthNotification)), 0)  # fmt: skip
+            peer_max = next(
+                (
+                    int(i.maximum_length_received or 0)
+                    for i in ac_prim.user_information
+                    if isinstance(i, MaximumLengthNotification)
+                ),
+                0,
+            )
         except BaseException:
             _close(sock)
             raise
@@ -279,8 +301,7 @@ class Association:
                 if done is not None:
                     if done.responding_to == message_id:
                         return done
-                    log.debug("ignoring a response to message %d while waiting for %d", done.responding_to,
-                              message_id)  # fmt: skip
+                    log.debug("ignoring a response to message %d while waiting for %d", done.responding_to, message_id)
             elif pdu_type == 0x07:
                 self._dead()
                 raise PeerAborted(body[2] if len(body) > 2 else 0, body[3] if len(body) > 3 else 0)
@@ -307,8 +328,9 @@ class Association:
             self._dead()
             raise Lost(f"the connection closed: {e}") from None
 
-    def store(self, cx_id: int, sop_class: str, sop_instance: str, *, path: Path | None = None,
-              data: bytes | None = None) -> dimse.Command:  # fmt: skip
+    def store(
+        self, cx_id: int, sop_class: str, sop_instance: str, *, path: Path | None = None, data: bytes | None = None
+    ) -> dimse.Command:
         """C-STORE a file's data set (streamed from disk) or encoded bytes; returns the response command."""
         msg_id = self._next_id()
         command = dimse.encode_c_store_rq(msg_id, sop_class, sop_instance)

@@ -186,8 +186,15 @@ class _Worker:
 class DestinationSender:
     """The workers, back-off and wake-up of one destination."""
 
-    def __init__(self, cfg: Config, d: DestinationSection, engine: Engine, storage: Storage,
-                 reader: Engine, stop: threading.Event) -> None:  # fmt: skip
+    def __init__(
+        self,
+        cfg: Config,
+        d: DestinationSection,
+        engine: Engine,
+        storage: Storage,
+        reader: Engine,
+        stop: threading.Event,
+    ) -> None:
         self.cfg = cfg
         self.dest = d
         self.peer = Peer.from_destination(d, cfg.node.ae_title)
@@ -250,10 +257,15 @@ class DestinationSender:
         """Take up the circuit the last run left: a destination that was down is not hammered after a restart."""
         self.breaker.restore(circuit.failures, circuit.retry_at)
         if circuit.failures:
-            log.warning("destination %s: %d consecutive failure(s) before the node stopped (last: %s); next try at "
-                        "%s, then backing off from there", self.dest.name, circuit.failures, circuit.last_error,
-                        circuit.retry_at.isoformat(timespec="seconds") if circuit.retry_at else "once started",
-                        extra={"destination": self.dest.name})  # fmt: skip
+            log.warning(
+                "destination %s: %d consecutive failure(s) before the node stopped (last: %s); next try at "
+                "%s, then backing off from there",
+                self.dest.name,
+                circuit.failures,
+                circuit.last_error,
+                circuit.retry_at.isoformat(timespec="seconds") if circuit.retry_at else "once started",
+                extra={"destination": self.dest.name},
+            )
 
     def _record_circuit(self, error: str = "") -> None:
         """Write the circuit's current state to the index (it survives a restart)."""
@@ -262,16 +274,21 @@ class DestinationSender:
             try:
                 queue.save_circuit(self.engine, self.dest.name, queue.Circuit(failures, retry_at, error))
             except Exception as e:
-                log.warning("destination %s: could not record its circuit state (%s); after a restart it would start "
-                            "closed", self.dest.name, e)  # fmt: skip
+                log.warning(
+                    "destination %s: could not record its circuit state (%s); after a restart it would start closed",
+                    self.dest.name,
+                    e,
+                )
 
     def _work(self) -> None:
         w = _Worker(Sender(self.peer))
         try:
             while not self._stop.is_set():
                 if self.breaker.state == "open" and self._forced() and self.breaker.probe_now():
-                    log.info("destination %s: an operator asked to retry now; trying before the back-off ends",
-                             self.dest.name)  # fmt: skip
+                    log.info(
+                        "destination %s: an operator asked to retry now; trying before the back-off ends",
+                        self.dest.name,
+                    )
                 with self.breaker.turn() as turn:
                     if turn.wait > 0:
                         w.sender.close()
@@ -301,9 +318,14 @@ class DestinationSender:
             return min(self._idle_wait(), LINGER if w.sender.assoc is not None else POLL)
         w.idle_since = None
         if probe:
-            log.info("destination %s: trying again after %d consecutive failure(s) with %d instance(s); the other "
-                     "associations wait for this one", self.dest.name, self.breaker.failures, len(items),
-                     extra={"destination": self.dest.name})  # fmt: skip
+            log.info(
+                "destination %s: trying again after %d consecutive failure(s) with %d instance(s); the other "
+                "associations wait for this one",
+                self.dest.name,
+                self.breaker.failures,
+                len(items),
+                extra={"destination": self.dest.name},
+            )
         try:
             self._send_batch(w.sender, items)
         except Exception as e:  # a bug must not kill the worker, nor leave rows "sending"
@@ -312,8 +334,7 @@ class DestinationSender:
             try:
                 queue.release(self.engine, [c.id for c in items], f"internal error while sending: {e}")
             except Exception:
-                log.exception("destination %s: could not put the batch back (it is at the next start)",
-                              self.dest.name)  # fmt: skip
+                log.exception("destination %s: could not put the batch back (it is at the next start)", self.dest.name)
             return POLL
         return 0.0
 
@@ -324,8 +345,14 @@ class DestinationSender:
         for c in claimed:
             path = self.storage.absolute(c.file_path) if c.file_path else None
             if c.instance_id is None or path is None or not path.is_file():
-                outcomes.append(queue.Outcome(c.id, "failed", error="the instance is no longer stored on this node "
-                                              "(deleted or discarded before it was sent)", **self._who(c)))  # fmt: skip
+                outcomes.append(
+                    queue.Outcome(
+                        c.id,
+                        "failed",
+                        error="the instance is no longer stored on this node (deleted or discarded before it was sent)",
+                        **self._who(c),
+                    )
+                )
                 metrics.DELIVERY_RESULTS.labels(self.dest.name, "permanent").inc()
                 continue
             items.append(Item(Path(path), c.sop_class_uid, c.transfer_syntax_uid, c.sop_instance_uid, key=c))
@@ -351,8 +378,11 @@ class DestinationSender:
         results = sender.send(items, on_result, cancelled=self._stop.is_set)
         if len(results) < len(items):  # stopping: what was not sent goes back, not counted as an attempt
             sent = {id(r.item) for r in results}
-            outcomes.extend(queue.Outcome(it.key.id, "queued", error="", attempted=False)  # type: ignore[attr-defined]
-                            for it in items if id(it) not in sent)  # fmt: skip
+            outcomes.extend(
+                queue.Outcome(it.key.id, "queued", error="", attempted=False)  # type: ignore[attr-defined]
+                for it in items
+                if id(it) not in sent
+            )
         if commit:
             self._request_commitment(sender, outcomes, items)
         queue.record(self.engine, outcomes)
@@ -360,12 +390,22 @@ class DestinationSender:
         waiting = [r for r in results if r.outcome == "transient"]
         took = time.monotonic() - t0
         if delivered:
-            log.info("destination %s: %d instance(s) delivered in %.2f s%s", self.dest.name, delivered, took,
-                     f", {len(failed)} failed, {len(waiting)} waiting" if failed or waiting else "",
-                     extra={"destination": self.dest.name, "delivered": delivered})  # fmt: skip
+            log.info(
+                "destination %s: %d instance(s) delivered in %.2f s%s",
+                self.dest.name,
+                delivered,
+                took,
+                f", {len(failed)} failed, {len(waiting)} waiting" if failed or waiting else "",
+                extra={"destination": self.dest.name, "delivered": delivered},
+            )
         for r in failed:
-            log.error("destination %s: %s not delivered, not retried: %s", self.dest.name, r.item.sop_instance, r.text,
-                      extra={"destination": self.dest.name, "sop_instance_uid": r.item.sop_instance})  # fmt: skip
+            log.error(
+                "destination %s: %s not delivered, not retried: %s",
+                self.dest.name,
+                r.item.sop_instance,
+                r.text,
+                extra={"destination": self.dest.name, "sop_instance_uid": r.item.sop_instance},
+            )
 
     def _who(self, c: queue.Item) -> dict:
         """An outcome's fields for the audit trail."""
@@ -377,17 +417,26 @@ class DestinationSender:
             metrics.DELIVERY_RESULTS.labels(self.dest.name, r.outcome).inc()
         if r.outcome == "delivered":
             if self.breaker.success():
-                log.info("destination %s: delivering again; circuit closed", self.dest.name,
-                         extra={"destination": self.dest.name})  # fmt: skip
+                log.info(
+                    "destination %s: delivering again; circuit closed",
+                    self.dest.name,
+                    extra={"destination": self.dest.name},
+                )
                 self._record_circuit()
             metrics.INSTANCES_SENT.labels(self.dest.name).inc()
             metrics.BYTES_SENT.labels(self.dest.name).inc(c.file_size)
             metrics.DELIVERY_LATENCY.labels(self.dest.name).observe(max(0.0, (utcnow() - c.created_at).total_seconds()))
             if r.warning:
-                log.warning("destination %s: %s stored with a warning: %s", self.dest.name, c.sop_instance_uid,
-                            r.warning, extra={"destination": self.dest.name})  # fmt: skip
-            return queue.Outcome(c.id, "delivered", r.status, warning=r.warning, sent_syntax=r.sent_syntax,
-                                 **self._who(c))  # fmt: skip
+                log.warning(
+                    "destination %s: %s stored with a warning: %s",
+                    self.dest.name,
+                    c.sop_instance_uid,
+                    r.warning,
+                    extra={"destination": self.dest.name},
+                )
+            return queue.Outcome(
+                c.id, "delivered", r.status, warning=r.warning, sent_syntax=r.sent_syntax, **self._who(c)
+            )
         if r.outcome == "permanent":
             return queue.Outcome(c.id, "failed", r.status, r.text, **self._who(c))
         # Transient: the first such result of a batch counts as one failure of the destination.
@@ -395,16 +444,27 @@ class DestinationSender:
             counted, delay, when = self.breaker.failure()
             retry_at.append(when)
             if counted:
-                log.warning("destination %s: %s; %d consecutive failure(s), next try in %.0f s (at %s)",
-                            self.dest.name, r.text, self.breaker.failures, delay, when.isoformat(timespec="seconds"),
-                            extra={"destination": self.dest.name})  # fmt: skip
+                log.warning(
+                    "destination %s: %s; %d consecutive failure(s), next try in %.0f s (at %s)",
+                    self.dest.name,
+                    r.text,
+                    self.breaker.failures,
+                    delay,
+                    when.isoformat(timespec="seconds"),
+                    extra={"destination": self.dest.name},
+                )
                 self._record_circuit(r.text)
                 self._postpone(forced_too=True)
         give_up = self.dest.retry.give_up_after
         age = (utcnow() - c.created_at).total_seconds()
         if give_up and age >= give_up:
-            return queue.Outcome(c.id, "failed", r.status, f"gave up after {c.attempts} attempt(s) over "
-                                 f"{age / 3600:.1f} h (retry.give_up_after): {r.text}", **self._who(c))  # fmt: skip
+            return queue.Outcome(
+                c.id,
+                "failed",
+                r.status,
+                f"gave up after {c.attempts} attempt(s) over {age / 3600:.1f} h (retry.give_up_after): {r.text}",
+                **self._who(c),
+            )
         if r.status == 0x0110 and c.attempts >= PROCESSING_FAILURE_ATTEMPTS:
             return queue.Outcome(c.id, "failed", r.status, f"{r.text} ({c.attempts} times)", **self._who(c))
         return queue.Outcome(c.id, "queued", r.status, r.text, retry_at=retry_at[0], attempted=r.attempted)
@@ -421,11 +481,16 @@ class DestinationSender:
             if o.state == "delivered" and o.id in by_id:
                 outcomes[n] = dataclasses.replace(o, error=problem, commitment_uid="" if problem else uid)
         if problem:
-            log.error("destination %s: %d instance(s) delivered but not committed: %s", self.dest.name, len(refs),
-                      problem)  # fmt: skip
+            log.error(
+                "destination %s: %d instance(s) delivered but not committed: %s", self.dest.name, len(refs), problem
+            )
         else:
-            log.info("destination %s: storage commitment requested for %d instance(s) (transaction %s)",
-                     self.dest.name, len(refs), uid)  # fmt: skip
+            log.info(
+                "destination %s: storage commitment requested for %d instance(s) (transaction %s)",
+                self.dest.name,
+                len(refs),
+                uid,
+            )
 
 
 class Dispatcher:
@@ -448,9 +513,13 @@ class Dispatcher:
         for dest, states in queue.counts(self.engine).items():
             waiting = states.get("queued", 0)
             if dest not in known and waiting:
-                log.warning("%d deliveries are queued for destination %r, which is not in the config: they wait "
-                            "until it is configured again (or: dicom-node queue cancel --destination %s)", waiting,
-                            dest, dest)  # fmt: skip
+                log.warning(
+                    "%d deliveries are queued for destination %r, which is not in the config: they wait "
+                    "until it is configured again (or: dicom-node queue cancel --destination %s)",
+                    waiting,
+                    dest,
+                    dest,
+                )
             elif waiting:
                 log.info("destination %s: %d deliveries queued", dest, waiting)
         for name, state in queue.load_circuits(self.engine, list(self.senders)).items():
@@ -483,13 +552,20 @@ class Dispatcher:
                 if not d.storage_commitment:
                     continue
                 try:
-                    late = queue.commitment_overdue(self.engine, d.name,
-                                                    utcnow() - dt.timedelta(seconds=d.commitment_timeout))  # fmt: skip
+                    late = queue.commitment_overdue(
+                        self.engine, d.name, utcnow() - dt.timedelta(seconds=d.commitment_timeout)
+                    )
                     if late:
-                        n = queue.resend(self.engine, late, f"no storage commitment report within "
-                                         f"{d.commitment_timeout:g} s; sending again")  # fmt: skip
-                        log.warning("destination %s: %d instance(s) never confirmed by storage commitment: sending "
-                                    "again", d.name, n)  # fmt: skip
+                        n = queue.resend(
+                            self.engine,
+                            late,
+                            f"no storage commitment report within {d.commitment_timeout:g} s; sending again",
+                        )
+                        log.warning(
+                            "destination %s: %d instance(s) never confirmed by storage commitment: sending again",
+                            d.name,
+                            n,
+                        )
                         self.senders[d.name].wake()
                 except Exception as e:
                     log.error("storage commitment watchdog: %s", e)

@@ -39,8 +39,14 @@ class Enqueued:
     already: int = 0
 
 
-def enqueue(conn: Connection, instance_ids: Sequence[int], destinations: Iterable[str], *,
-            job_id: int | None = None, priority: int = 0) -> Enqueued:  # fmt: skip
+def enqueue(
+    conn: Connection,
+    instance_ids: Sequence[int],
+    destinations: Iterable[str],
+    *,
+    job_id: int | None = None,
+    priority: int = 0,
+) -> Enqueued:
     """Queue instances (in the order given, which is the order they are sent in) for each destination."""
     now = utcnow()
     new = requeued = already = 0
@@ -56,10 +62,11 @@ def enqueue(conn: Connection, instance_ids: Sequence[int], destinations: Iterabl
         existing = {
             r.instance_fk: r
             for r in conn.execute(
-                select(_d.c.id, _d.c.instance_fk, _d.c.state)
-                .where(_d.c.destination == dest, _d.c.instance_fk.in_(list(instance_ids)))
+                select(_d.c.id, _d.c.instance_fk, _d.c.state).where(
+                    _d.c.destination == dest, _d.c.instance_fk.in_(list(instance_ids))
+                )
             )
-        }  # fmt: skip
+        }
         rows = []
         again = []
         for pk in instance_ids:
@@ -68,10 +75,26 @@ def enqueue(conn: Connection, instance_ids: Sequence[int], destinations: Iterabl
             old = existing.get(pk)
             if old is None:
                 r = info[pk]
-                rows.append(dict(instance_fk=pk, series_fk=r.series_fk, job_fk=job_id, destination=dest,
-                                 sop_instance_uid=r.sop_instance_uid, priority=priority, state="queued", attempts=0,
-                                 next_attempt_at=now, last_error="", warning="", sent_transfer_syntax="",
-                                 created_at=now, updated_at=now, commitment="", commitment_uid=""))  # fmt: skip
+                rows.append(
+                    dict(
+                        instance_fk=pk,
+                        series_fk=r.series_fk,
+                        job_fk=job_id,
+                        destination=dest,
+                        sop_instance_uid=r.sop_instance_uid,
+                        priority=priority,
+                        state="queued",
+                        attempts=0,
+                        next_attempt_at=now,
+                        last_error="",
+                        warning="",
+                        sent_transfer_syntax="",
+                        created_at=now,
+                        updated_at=now,
+                        commitment="",
+                        commitment_uid="",
+                    )
+                )
             elif old.state in ("failed", "cancelled"):
                 again.append(old.id)
             else:
@@ -83,9 +106,17 @@ def enqueue(conn: Connection, instance_ids: Sequence[int], destinations: Iterabl
             requeued += conn.execute(
                 update(_d)
                 .where(_d.c.id.in_(again), _d.c.state.in_(("failed", "cancelled")))
-                .values(state="queued", next_attempt_at=now, created_at=now, updated_at=now, attempts=0,
-                        commitment="", commitment_uid="", job_fk=job_id if job_id is not None else _d.c.job_fk)
-            ).rowcount  # fmt: skip
+                .values(
+                    state="queued",
+                    next_attempt_at=now,
+                    created_at=now,
+                    updated_at=now,
+                    attempts=0,
+                    commitment="",
+                    commitment_uid="",
+                    job_fk=job_id if job_id is not None else _d.c.job_fk,
+                )
+            ).rowcount
     return Enqueued(new, requeued, already)
 
 
@@ -111,30 +142,51 @@ def claim(engine: Engine, destination: str, limit: int, now: dt.datetime | None 
     now = now or utcnow()
     with engine.begin() as conn:
         rows = conn.execute(
-            select(_d.c.id, _d.c.instance_fk, _d.c.sop_instance_uid, _d.c.attempts, _d.c.created_at,
-                   _d.c.job_fk, _i.c.sop_class_uid, _i.c.transfer_syntax_uid, _i.c.file_path, _i.c.file_size)
+            select(
+                _d.c.id,
+                _d.c.instance_fk,
+                _d.c.sop_instance_uid,
+                _d.c.attempts,
+                _d.c.created_at,
+                _d.c.job_fk,
+                _i.c.sop_class_uid,
+                _i.c.transfer_syntax_uid,
+                _i.c.file_path,
+                _i.c.file_size,
+            )
             .select_from(_d.outerjoin(_i, _i.c.id == _d.c.instance_fk))
             .where(_d.c.destination == destination, _d.c.state == "queued", _d.c.next_attempt_at <= now)
             .order_by(_d.c.priority.desc(), _d.c.id)
             .limit(limit)
-        ).all()  # fmt: skip
+        ).all()
         if not rows:
             return []
         ids = [r.id for r in rows]
         # A row cancelled between the SELECT and the UPDATE is not ours.
         taken = set(
             conn.execute(
-                update(_d).where(_d.c.id.in_(ids), _d.c.state == "queued")
+                update(_d)
+                .where(_d.c.id.in_(ids), _d.c.state == "queued")
                 .values(state="sending", attempts=_d.c.attempts + 1, updated_at=now)
                 .returning(_d.c.id)
             ).scalars()
-        )  # fmt: skip
+        )
     return [
-        Item(r.id, r.instance_fk, r.sop_instance_uid, r.sop_class_uid or "", r.transfer_syntax_uid or "",
-             r.file_path or "", r.attempts + 1, aware(r.created_at), r.job_fk, r.file_size or 0)
+        Item(
+            r.id,
+            r.instance_fk,
+            r.sop_instance_uid,
+            r.sop_class_uid or "",
+            r.transfer_syntax_uid or "",
+            r.file_path or "",
+            r.attempts + 1,
+            aware(r.created_at),
+            r.job_fk,
+            r.file_size or 0,
+        )
         for r in rows
         if r.id in taken
-    ]  # fmt: skip
+    ]
 
 
 @dataclass(frozen=True)
@@ -169,13 +221,21 @@ def record(engine: Engine, outcomes: Sequence[Outcome]) -> None:
         return
     now = utcnow()
     events = [
-        audit.row("delivered" if o.state == "delivered" else "delivery_failed", at=now, actor="node",
-                  destination=o.destination, sop_instance_uid=o.sop_instance_uid, job_id=o.job_id, status=o.status,
-                  detail=(o.warning or (f"sent as {o.sent_syntax}" if o.sent_syntax else "")) if o.state == "delivered"
-                  else o.error)
+        audit.row(
+            "delivered" if o.state == "delivered" else "delivery_failed",
+            at=now,
+            actor="node",
+            destination=o.destination,
+            sop_instance_uid=o.sop_instance_uid,
+            job_id=o.job_id,
+            status=o.status,
+            detail=(o.warning or (f"sent as {o.sent_syntax}" if o.sent_syntax else ""))
+            if o.state == "delivered"
+            else o.error,
+        )
         for o in outcomes
         if o.state in ("delivered", "failed")
-    ]  # fmt: skip
+    ]
     with engine.begin() as conn:
         audit.record_many(conn, events)
         delivered = [o for o in outcomes if o.state == "delivered"]
@@ -183,15 +243,31 @@ def record(engine: Engine, outcomes: Sequence[Outcome]) -> None:
             conn.execute(
                 update(_d)
                 .where(_d.c.id == bindparam("b_id"), or_(_d.c.state == "sending", _d.c.state == "cancelled"))
-                .values(state="delivered", last_status=bindparam("b_status"), last_error=bindparam("b_error"),
-                        warning=bindparam("b_warning"), sent_transfer_syntax=bindparam("b_syntax"),
-                        delivered_at=now, updated_at=now, commitment=bindparam("b_commitment"),
-                        commitment_uid=bindparam("b_uid"), commitment_at=None),
-                [dict(b_id=o.id, b_status=o.status, b_warning=o.warning[:256], b_syntax=o.sent_syntax,
-                      b_commitment="requested" if o.commitment_uid else "failed" if o.error else "",
-                      b_uid=o.commitment_uid, b_error=o.error)
-                 for o in delivered],
-            )  # fmt: skip
+                .values(
+                    state="delivered",
+                    last_status=bindparam("b_status"),
+                    last_error=bindparam("b_error"),
+                    warning=bindparam("b_warning"),
+                    sent_transfer_syntax=bindparam("b_syntax"),
+                    delivered_at=now,
+                    updated_at=now,
+                    commitment=bindparam("b_commitment"),
+                    commitment_uid=bindparam("b_uid"),
+                    commitment_at=None,
+                ),
+                [
+                    dict(
+                        b_id=o.id,
+                        b_status=o.status,
+                        b_warning=o.warning[:256],
+                        b_syntax=o.sent_syntax,
+                        b_commitment="requested" if o.commitment_uid else "failed" if o.error else "",
+                        b_uid=o.commitment_uid,
+                        b_error=o.error,
+                    )
+                    for o in delivered
+                ],
+            )
         for o in outcomes:
             if o.state == "delivered":
                 continue
@@ -208,9 +284,10 @@ def release(engine: Engine, ids: Sequence[int], why: str) -> int:
     at = utcnow() + dt.timedelta(seconds=30)
     with engine.begin() as conn:
         return conn.execute(
-            update(_d).where(_d.c.id.in_(list(ids)), _d.c.state == "sending")
+            update(_d)
+            .where(_d.c.id.in_(list(ids)), _d.c.state == "sending")
             .values(state="queued", next_attempt_at=at, updated_at=utcnow(), last_error=why)
-        ).rowcount  # fmt: skip
+        ).rowcount
 
 
 def postpone(engine: Engine, destination: str, until: dt.datetime, *, forced_too: bool = False) -> int:
@@ -230,10 +307,15 @@ def requeue_sending(engine: Engine) -> int:
     """At start-up: deliveries left ``sending`` by a process that died are queued again."""
     with engine.begin() as conn:
         return conn.execute(
-            update(_d).where(_d.c.state == "sending")
-            .values(state="queued", next_attempt_at=utcnow(), updated_at=utcnow(),
-                    last_error="the node stopped while this was being sent; sending it again")
-        ).rowcount  # fmt: skip
+            update(_d)
+            .where(_d.c.state == "sending")
+            .values(
+                state="queued",
+                next_attempt_at=utcnow(),
+                updated_at=utcnow(),
+                last_error="the node stopped while this was being sent; sending it again",
+            )
+        ).rowcount
 
 
 def next_due(engine: Engine, destination: str) -> dt.datetime | None:
@@ -264,8 +346,10 @@ def load_circuits(engine: Engine, destinations: Sequence[str]) -> dict[str, Circ
         rows = {r.destination: r for r in conn.execute(select(_c).where(_c.c.destination.in_(list(destinations))))}
         missing = [d for d in destinations if d not in rows]
         if missing:
-            conn.execute(_c.insert(), [dict(destination=d, failures=0, retry_at=None, last_error="", updated_at=now)
-                                       for d in missing])  # fmt: skip
+            conn.execute(
+                _c.insert(),
+                [dict(destination=d, failures=0, retry_at=None, last_error="", updated_at=now) for d in missing],
+            )
     out = {d: Circuit() for d in destinations}
     for d, r in rows.items():
         out[d] = Circuit(r.failures, aware(r.retry_at) if r.retry_at else None, r.last_error)
@@ -276,17 +360,20 @@ def save_circuit(engine: Engine, destination: str, circuit: Circuit) -> None:
     """Record a destination's circuit (its row exists: :func:`load_circuits` made it)."""
     with engine.begin() as conn:
         conn.execute(
-            update(_c).where(_c.c.destination == destination)
-            .values(failures=circuit.failures, retry_at=circuit.retry_at, last_error=circuit.last_error,
-                    updated_at=utcnow())
-        )  # fmt: skip
+            update(_c)
+            .where(_c.c.destination == destination)
+            .values(
+                failures=circuit.failures, retry_at=circuit.retry_at, last_error=circuit.last_error, updated_at=utcnow()
+            )
+        )
 
 
 # --- Storage Commitment ------------------------------------------------------
 
 
-def commitment_result(engine: Engine, transaction_uid: str, committed: Iterable[str],
-                      failed: dict[str, str]) -> tuple[int, list[int]]:  # fmt: skip
+def commitment_result(
+    engine: Engine, transaction_uid: str, committed: Iterable[str], failed: dict[str, str]
+) -> tuple[int, list[int]]:
     """Record a Storage Commitment report; returns (committed count, ids of failed deliveries)."""
     now = utcnow()
     committed = list(committed)
@@ -295,22 +382,27 @@ def commitment_result(engine: Engine, transaction_uid: str, committed: Iterable[
         if committed:
             n = conn.execute(
                 update(_d)
-                .where(_d.c.commitment_uid == transaction_uid, _d.c.sop_instance_uid.in_(committed),
-                       _d.c.commitment == "requested")
+                .where(
+                    _d.c.commitment_uid == transaction_uid,
+                    _d.c.sop_instance_uid.in_(committed),
+                    _d.c.commitment == "requested",
+                )
                 .values(commitment="committed", commitment_at=now, updated_at=now)
-            ).rowcount  # fmt: skip
+            ).rowcount
         bad = []
         for uid, why in failed.items():
             row = conn.execute(
-                select(_d.c.id).where(_d.c.commitment_uid == transaction_uid, _d.c.sop_instance_uid == uid,
-                                      _d.c.commitment == "requested")
-            ).first()  # fmt: skip
+                select(_d.c.id).where(
+                    _d.c.commitment_uid == transaction_uid, _d.c.sop_instance_uid == uid, _d.c.commitment == "requested"
+                )
+            ).first()
             if row is None:
                 continue
             conn.execute(
-                update(_d).where(_d.c.id == row.id)
+                update(_d)
+                .where(_d.c.id == row.id)
                 .values(commitment="failed", commitment_at=now, updated_at=now, last_error=why)
-            )  # fmt: skip
+            )
             bad.append(row.id)
     return n, bad
 
@@ -320,10 +412,14 @@ def commitment_overdue(engine: Engine, destination: str, older_than: dt.datetime
     with engine.connect() as conn:
         return list(
             conn.execute(
-                select(_d.c.id).where(_d.c.destination == destination, _d.c.state == "delivered",
-                                      _d.c.commitment == "requested", _d.c.delivered_at < older_than)
+                select(_d.c.id).where(
+                    _d.c.destination == destination,
+                    _d.c.state == "delivered",
+                    _d.c.commitment == "requested",
+                    _d.c.delivered_at < older_than,
+                )
             ).scalars()
-        )  # fmt: skip
+        )
 
 
 def resend(engine: Engine, ids: Sequence[int], reason: str, at: dt.datetime | None = None) -> int:
@@ -333,10 +429,17 @@ def resend(engine: Engine, ids: Sequence[int], reason: str, at: dt.datetime | No
     now = utcnow()
     with engine.begin() as conn:
         return conn.execute(
-            update(_d).where(_d.c.id.in_(list(ids)), _d.c.state == "delivered")
-            .values(state="queued", next_attempt_at=at or now, updated_at=now, last_error=reason,
-                    commitment="", commitment_uid="")
-        ).rowcount  # fmt: skip
+            update(_d)
+            .where(_d.c.id.in_(list(ids)), _d.c.state == "delivered")
+            .values(
+                state="queued",
+                next_attempt_at=at or now,
+                updated_at=now,
+                last_error=reason,
+                commitment="",
+                commitment_uid="",
+            )
+        ).rowcount
 
 
 # --- operators ----------------------------------------------------------------
@@ -359,18 +462,32 @@ def selection(destination: str | None, state: str | None, ids: Sequence[int] | N
     return and_(*cond) if cond else None
 
 
-def _operator_event(conn: Connection, kind: str, actor: str, n: int, destination: str | None,
-                    ids: Sequence[int] | None, series_uid: str | None, what: str) -> None:  # fmt: skip
+def _operator_event(
+    conn: Connection,
+    kind: str,
+    actor: str,
+    n: int,
+    destination: str | None,
+    ids: Sequence[int] | None,
+    series_uid: str | None,
+    what: str,
+) -> None:
     selection = [f"delivery ids {', '.join(map(str, ids))}"] if ids else []
     if not destination and not ids and not series_uid:
         selection.append("all destinations")
     detail = f"{n} {what}" + (f" ({'; '.join(selection)})" if selection else "")
-    audit.record(conn, kind, actor=actor, destination=destination or "", series_uid=series_uid or "",
-                 detail=detail)  # fmt: skip
+    audit.record(conn, kind, actor=actor, destination=destination or "", series_uid=series_uid or "", detail=detail)
 
 
-def retry(engine: Engine, *, destination: str | None = None, ids: Sequence[int] | None = None,
-          series_uid: str | None = None, include_cancelled: bool = True, actor: str = "cli") -> int:  # fmt: skip
+def retry(
+    engine: Engine,
+    *,
+    destination: str | None = None,
+    ids: Sequence[int] | None = None,
+    series_uid: str | None = None,
+    include_cancelled: bool = True,
+    actor: str = "cli",
+) -> int:
     """Queue failed (and cancelled) deliveries again, due now, with a fresh give-up clock.
 
     ``actor`` (who asked: "cli", or the web user's name) goes into the audit trail.
@@ -381,13 +498,22 @@ def retry(engine: Engine, *, destination: str | None = None, ids: Sequence[int] 
     cond = _d.c.state.in_(states) if sel is None else and_(sel, _d.c.state.in_(states))
     with engine.begin() as conn:
         n = conn.execute(
-            update(_d).where(cond)
-            .values(state="queued", next_attempt_at=FORCED, created_at=now, updated_at=now, commitment="",
-                    commitment_uid="")
-        ).rowcount  # fmt: skip
-        _operator_event(conn, "queue_retry", actor, n, destination, ids, series_uid,
-                        "failed or cancelled deliveries queued again" if include_cancelled
-                        else "failed deliveries queued again")  # fmt: skip
+            update(_d)
+            .where(cond)
+            .values(
+                state="queued", next_attempt_at=FORCED, created_at=now, updated_at=now, commitment="", commitment_uid=""
+            )
+        ).rowcount
+        _operator_event(
+            conn,
+            "queue_retry",
+            actor,
+            n,
+            destination,
+            ids,
+            series_uid,
+            "failed or cancelled deliveries queued again" if include_cancelled else "failed deliveries queued again",
+        )
         return n
 
 
@@ -402,22 +528,33 @@ def retry_now(engine: Engine, destination: str | None = None, *, actor: str = "c
             update(_d).where(cond, _d.c.next_attempt_at > now).values(next_attempt_at=FORCED, updated_at=now)
         ).rowcount
         if n:  # also run after every ``queue retry``; nothing waiting is nothing to record
-            _operator_event(conn, "queue_retry_now", actor, n, destination, None, None,
-                            "waiting deliveries made due now")  # fmt: skip
+            _operator_event(
+                conn, "queue_retry_now", actor, n, destination, None, None, "waiting deliveries made due now"
+            )
         return n
 
 
-def cancel(engine: Engine, *, destination: str | None = None, ids: Sequence[int] | None = None,
-           series_uid: str | None = None, actor: str = "cli") -> int:  # fmt: skip
+def cancel(
+    engine: Engine,
+    *,
+    destination: str | None = None,
+    ids: Sequence[int] | None = None,
+    series_uid: str | None = None,
+    actor: str = "cli",
+) -> int:
     """Cancel queued (and in-flight) deliveries; an instance already on the wire may still arrive."""
     sel = selection(destination, None, ids, series_uid)
     cond = _d.c.state.in_(UNFINISHED) if sel is None else and_(sel, _d.c.state.in_(UNFINISHED))
     with engine.begin() as conn:
         n = conn.execute(
-            update(_d).where(cond)
-            .values(state="cancelled", updated_at=utcnow(),
-                    last_error=func.trim(func.coalesce(_d.c.last_error, "") + " (cancelled by an operator)"))
-        ).rowcount  # fmt: skip
+            update(_d)
+            .where(cond)
+            .values(
+                state="cancelled",
+                updated_at=utcnow(),
+                last_error=func.trim(func.coalesce(_d.c.last_error, "") + " (cancelled by an operator)"),
+            )
+        ).rowcount
         _operator_event(conn, "queue_cancel", actor, n, destination, ids, series_uid, "deliveries cancelled")
         return n
 
@@ -427,9 +564,10 @@ def counts(engine: Engine) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
     with engine.connect() as conn:
         for dest, state, commitment, n in conn.execute(
-            select(_d.c.destination, _d.c.state, _d.c.commitment, func.count())
-            .group_by(_d.c.destination, _d.c.state, _d.c.commitment)
-        ):  # fmt: skip
+            select(_d.c.destination, _d.c.state, _d.c.commitment, func.count()).group_by(
+                _d.c.destination, _d.c.state, _d.c.commitment
+            )
+        ):
             key = state
             if state == "delivered" and commitment in ("requested", "committed"):
                 key = "awaiting commitment" if commitment == "requested" else "committed"
@@ -440,11 +578,9 @@ def counts(engine: Engine) -> dict[str, dict[str, int]]:
 
 def unfinished_for_series(conn: Connection, series_id: int, revision: int | None = None):  # type: ignore[no-untyped-def]
     """Deliveries of a series' instances that have not (yet) arrived, as (state, destination, count)."""
-    cond = [_d.c.series_fk == series_id,
-            or_(_d.c.state != "delivered", _d.c.commitment.in_(("requested", "failed")))]  # fmt: skip
+    cond = [_d.c.series_fk == series_id, or_(_d.c.state != "delivered", _d.c.commitment.in_(("requested", "failed")))]
     if revision is not None:
-        cond.append(_d.c.instance_fk.in_(select(_i.c.id).where(_i.c.series_fk == series_id,
-                                                              _i.c.revision == revision)))  # fmt: skip
+        cond.append(_d.c.instance_fk.in_(select(_i.c.id).where(_i.c.series_fk == series_id, _i.c.revision == revision)))
     return conn.execute(
         select(_d.c.state, _d.c.destination, func.count()).where(*cond).group_by(_d.c.state, _d.c.destination)
     ).all()
@@ -468,26 +604,48 @@ def summary(engine: Engine) -> list[DestinationSummary]:
     with engine.connect() as conn:
         for dest in sorted(states):
             oldest, nxt = conn.execute(
-                select(func.min(_d.c.created_at), func.min(_d.c.next_attempt_at))
-                .where(_d.c.destination == dest, _d.c.state == "queued")
-            ).one()  # fmt: skip
+                select(func.min(_d.c.created_at), func.min(_d.c.next_attempt_at)).where(
+                    _d.c.destination == dest, _d.c.state == "queued"
+                )
+            ).one()
             err = conn.execute(
                 select(_d.c.last_error)
                 .where(_d.c.destination == dest, _d.c.state.in_(("queued", "failed")), _d.c.last_error != "")
-                .order_by(_d.c.updated_at.desc()).limit(1)
-            ).scalar()  # fmt: skip
-            out.append(DestinationSummary(dest, states[dest], aware(oldest) if oldest else None,
-                                          aware(nxt) if nxt else None, err or ""))  # fmt: skip
+                .order_by(_d.c.updated_at.desc())
+                .limit(1)
+            ).scalar()
+            out.append(
+                DestinationSummary(
+                    dest, states[dest], aware(oldest) if oldest else None, aware(nxt) if nxt else None, err or ""
+                )
+            )
     return out
 
 
-def listing(engine: Engine, *, destination: str | None = None, state: str | None = None,
-            series_uid: str | None = None, limit: int = 50) -> list[tuple]:  # fmt: skip
+def listing(
+    engine: Engine,
+    *,
+    destination: str | None = None,
+    state: str | None = None,
+    series_uid: str | None = None,
+    limit: int = 50,
+) -> list[tuple]:
     """Deliveries, newest first: (id, destination, state, attempts, next attempt, status, error or warning,
     SOP Instance UID, updated)."""
     sel = selection(destination, state, None, series_uid)
-    q = select(_d.c.id, _d.c.destination, _d.c.state, _d.c.commitment, _d.c.attempts, _d.c.next_attempt_at,
-               _d.c.last_status, _d.c.last_error, _d.c.warning, _d.c.sop_instance_uid, _d.c.updated_at)  # fmt: skip
+    q = select(
+        _d.c.id,
+        _d.c.destination,
+        _d.c.state,
+        _d.c.commitment,
+        _d.c.attempts,
+        _d.c.next_attempt_at,
+        _d.c.last_status,
+        _d.c.last_error,
+        _d.c.warning,
+        _d.c.sop_instance_uid,
+        _d.c.updated_at,
+    )
     if sel is not None:
         q = q.where(sel)
     with engine.connect() as conn:

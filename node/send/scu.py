@@ -74,11 +74,18 @@ class Peer:
     @classmethod
     def from_destination(cls, d, node_ae: str) -> Peer:  # type: ignore[no-untyped-def]
         return cls(
-            host=d.host, port=d.port, called_ae=d.ae_title, calling_ae=d.calling_ae_title or node_ae,
-            timeout=d.timeout, max_pdu=d.max_pdu, transfer_syntax=d.transfer_syntax,
-            accepted_syntaxes=tuple(d.accepted_transfer_syntaxes), storage_commitment=d.storage_commitment,
-            tls=tls_context(d.tls, d.host) if d.tls.enabled else None, name=d.name,
-        )  # fmt: skip
+            host=d.host,
+            port=d.port,
+            called_ae=d.ae_title,
+            calling_ae=d.calling_ae_title or node_ae,
+            timeout=d.timeout,
+            max_pdu=d.max_pdu,
+            transfer_syntax=d.transfer_syntax,
+            accepted_syntaxes=tuple(d.accepted_transfer_syntaxes),
+            storage_commitment=d.storage_commitment,
+            tls=tls_context(d.tls, d.host) if d.tls.enabled else None,
+            name=d.name,
+        )
 
 
 def tls_context(t, host: str) -> ssl.SSLContext:  # type: ignore[no-untyped-def]
@@ -138,8 +145,9 @@ class Sender:
 
     def _open(self, items: list[Item]) -> None:
         self.close()
-        wanted = proposals({(i.sop_class, i.transfer_syntax) for i in items}, self.peer.transfer_syntax,
-                           self.peer.accepted_syntaxes)  # fmt: skip
+        wanted = proposals(
+            {(i.sop_class, i.transfer_syntax) for i in items}, self.peer.transfer_syntax, self.peer.accepted_syntaxes
+        )
         contexts: list[tuple[str, list[str]]] = []
         proposed = set()
         for sop_class, syntaxes in wanted.items():
@@ -152,8 +160,16 @@ class Sender:
             contexts.append((STORAGE_COMMITMENT, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
         p = self.peer
         try:
-            assoc = Association.request(p.host, p.port, calling_ae=p.calling_ae, called_ae=p.called_ae,
-                                        contexts=contexts, timeout=p.timeout, max_pdu=p.max_pdu, tls=p.tls)  # fmt: skip
+            assoc = Association.request(
+                p.host,
+                p.port,
+                calling_ae=p.calling_ae,
+                called_ae=p.called_ae,
+                contexts=contexts,
+                timeout=p.timeout,
+                max_pdu=p.max_pdu,
+                tls=p.tls,
+            )
         except Rejected as e:
             kind = "transient" if e.result == 2 else "permanent"
             raise AssociationFailed(kind, f"{p.label} rejected the association ({e})") from None
@@ -163,9 +179,11 @@ class Sender:
             raise AssociationFailed("transient", f"{p.label}: {e}") from None
         if not assoc.accepted.contexts:
             refused = sorted({UID(a).name for a, _ in assoc.accepted.refused.values()})
-            raise AssociationFailed("permanent",
+            raise AssociationFailed(
+                "permanent",
                 f"{p.label} accepted none of the proposed presentation contexts ({', '.join(refused)}): it does "
-                "not support these SOP classes or transfer syntaxes")  # fmt: skip
+                "not support these SOP classes or transfer syntaxes",
+            )
         self.assoc = assoc
         self._requests = 0
         self._proposed = proposed
@@ -178,8 +196,9 @@ class Sender:
         """Whether the open association proposed what these items need."""
         if self.assoc is None or not self.assoc.open:
             return False
-        need = proposals({(i.sop_class, i.transfer_syntax) for i in items}, self.peer.transfer_syntax,
-                         self.peer.accepted_syntaxes)  # fmt: skip
+        need = proposals(
+            {(i.sop_class, i.transfer_syntax) for i in items}, self.peer.transfer_syntax, self.peer.accepted_syntaxes
+        )
         return all((c, ts) in self._proposed for c, groups in need.items() for g in groups for ts in g)
 
     def close(self) -> None:
@@ -189,8 +208,12 @@ class Sender:
 
     # --- sending ---------------------------------------------------------------
 
-    def send(self, items: list[Item], on_result: Callable[[Result], None] | None = None,
-             cancelled: Callable[[], bool] | None = None) -> list[Result]:  # fmt: skip
+    def send(
+        self,
+        items: list[Item],
+        on_result: Callable[[Result], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> list[Result]:
         """Send items in order; returns a result per item (never raises for a peer's behaviour)."""
         results: list[Result] = []
         finished: set[int] = set()
@@ -243,14 +266,22 @@ class Sender:
         assert assoc is not None
         label = self.peer.label
         if it.sop_class in self._refused_classes:
-            return Result(it, "permanent", 0x0122, f"{label} does not support the SOP class "
-                          f"{UID(it.sop_class).name} (presentation context rejected)")  # fmt: skip
+            return Result(
+                it,
+                "permanent",
+                0x0122,
+                f"{label} does not support the SOP class {UID(it.sop_class).name} (presentation context rejected)",
+            )
         try:
-            what, sent_ts = prepare(it.path, it.sop_class, it.transfer_syntax, self._accepted, self.peer.transfer_syntax)
+            what, sent_ts = prepare(
+                it.path, it.sop_class, it.transfer_syntax, self._accepted, self.peer.transfer_syntax
+            )
             cx_id = assoc.accepted.find(it.sop_class, sent_ts)
             if cx_id is None:
-                raise TranscodeError(f"{it.path.name}: no accepted presentation context for "
-                                     f"{UID(it.sop_class).name} in {UID(sent_ts).name}")  # fmt: skip
+                raise TranscodeError(
+                    f"{it.path.name}: no accepted presentation context for "
+                    f"{UID(it.sop_class).name} in {UID(sent_ts).name}"
+                )
             data = None if isinstance(what, Path) else encode_dataset(what, UID(sent_ts))
         except TranscodeError as e:
             return Result(it, "permanent", None, str(e))
@@ -268,10 +299,12 @@ class Sender:
             # The peer's application refused the request by aborting (Orthanc does this for a calling AE
             # title it does not know): sending again would meet the same refusal.
             first = self._requests == 1
-            text = (f"{label} aborted the association instead of answering the C-STORE "
-                    + ("(its first request): it refuses us; check that it knows our calling AE title "
-                       f"{self.peer.calling_ae!r} from this host" if first else
-                       f"of this instance ({UID(it.sop_class).name}); see the destination's log"))  # fmt: skip
+            text = f"{label} aborted the association instead of answering the C-STORE " + (
+                "(its first request): it refuses us; check that it knows our calling AE title "
+                f"{self.peer.calling_ae!r} from this host"
+                if first
+                else f"of this instance ({UID(it.sop_class).name}); see the destination's log"
+            )
             return Result(it, "permanent", None, text, sent_syntax=sent_ts, refused_all=first)
         except (Lost, ValueError) as e:
             if isinstance(e, ValueError):  # the stored file is not what the index says
@@ -292,8 +325,7 @@ class Sender:
         assoc = self.assoc
         if assoc is None or not assoc.open:
             return "the association ended before storage commitment could be requested"
-        cx = next(((cx_id, ts) for cx_id, (a, ts) in assoc.accepted.contexts.items() if a == STORAGE_COMMITMENT),
-                  None)  # fmt: skip
+        cx = next(((cx_id, ts) for cx_id, (a, ts) in assoc.accepted.contexts.items() if a == STORAGE_COMMITMENT), None)
         if cx is None:
             return f"{self.peer.label} does not accept Storage Commitment (its presentation context was rejected)"
         ds = Dataset()
@@ -306,8 +338,9 @@ class Sender:
             seq.append(r)
         ds.ReferencedSOPSequence = seq
         try:
-            rsp = assoc.n_action(cx[0], STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE, 1,
-                                 encode_dataset(ds, UID(cx[1])))  # fmt: skip
+            rsp = assoc.n_action(
+                cx[0], STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE, 1, encode_dataset(ds, UID(cx[1]))
+            )
         except AssociationError as e:
             return f"storage commitment request failed: {e}"
         if rsp.status != 0:
@@ -369,8 +402,13 @@ def file_item(path: Path) -> Item:
     """An item from a file's File Meta (raises ValueError for anything that is not a DICOM file with one)."""
     try:
         meta = read_file_meta_info(path)
-        return Item(path, str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID),
-                    str(meta.MediaStorageSOPInstanceUID), key=path)  # fmt: skip
+        return Item(
+            path,
+            str(meta.MediaStorageSOPClassUID),
+            str(meta.TransferSyntaxUID),
+            str(meta.MediaStorageSOPInstanceUID),
+            key=path,
+        )
     except (InvalidDicomError, AttributeError, OSError, ValueError) as e:
         raise ValueError(f"not a DICOM file with File Meta: {e}") from None
 
@@ -421,8 +459,12 @@ def send_files(
             sender.send(items, _one)
             if not retry:
                 break
-            log.warning("%d instance(s) not sent to %s (transient failure); trying again in %g s", len(retry),
-                        peer.label, retry_wait)  # fmt: skip
+            log.warning(
+                "%d instance(s) not sent to %s (transient failure); trying again in %g s",
+                len(retry),
+                peer.label,
+                retry_wait,
+            )
             time.sleep(retry_wait)
             items = list(retry)
     finally:
@@ -436,9 +478,15 @@ def accepts(peer: Peer, sop_class: str) -> bool:
     Raises ConnectionError when it cannot be asked (down, or it rejects the association).
     """
     try:
-        assoc = Association.request(peer.host, peer.port, calling_ae=peer.calling_ae, called_ae=peer.called_ae,
-                                    contexts=[(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])],
-                                    timeout=peer.timeout, tls=peer.tls)  # fmt: skip
+        assoc = Association.request(
+            peer.host,
+            peer.port,
+            calling_ae=peer.calling_ae,
+            called_ae=peer.called_ae,
+            contexts=[(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])],
+            timeout=peer.timeout,
+            tls=peer.tls,
+        )
     except AssociationError as e:
         raise ConnectionError(f"no association with {peer.label}: {e}") from None
     try:
@@ -450,9 +498,15 @@ def accepts(peer: Peer, sop_class: str) -> bool:
 def echo(peer: Peer) -> int:
     """C-ECHO; returns the status (raises ConnectionError naming why there was no association)."""
     try:
-        assoc = Association.request(peer.host, peer.port, calling_ae=peer.calling_ae, called_ae=peer.called_ae,
-                                    contexts=[(VERIFICATION, [ImplicitVRLittleEndian])], timeout=peer.timeout,
-                                    tls=peer.tls)  # fmt: skip
+        assoc = Association.request(
+            peer.host,
+            peer.port,
+            calling_ae=peer.calling_ae,
+            called_ae=peer.called_ae,
+            contexts=[(VERIFICATION, [ImplicitVRLittleEndian])],
+            timeout=peer.timeout,
+            tls=peer.tls,
+        )
     except AssociationError as e:
         raise ConnectionError(f"no association with {peer.label}: {e}") from None
     if not assoc.accepted.contexts:

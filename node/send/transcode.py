@@ -72,8 +72,9 @@ def _decoded(path: Path, stored: UID) -> Dataset:
     return ds
 
 
-def prepare(path: Path, sop_class: str, stored_ts: str, accepted: set[tuple[str, str]],
-            preferred: str = "as-stored") -> tuple[Path | Dataset, str]:  # fmt: skip
+def prepare(
+    path: Path, sop_class: str, stored_ts: str, accepted: set[tuple[str, str]], preferred: str = "as-stored"
+) -> tuple[Path | Dataset, str]:
     """What to hand to C-STORE for this file, and the syntax it goes out in."""
     stored = UID(stored_ts)
     want = PREFERRED[preferred]
@@ -84,8 +85,13 @@ def prepare(path: Path, sop_class: str, stored_ts: str, accepted: set[tuple[str,
                 ds.compress(want, generate_instance_uid=False)
                 return ds, str(want)
         except Exception as e:  # e.g. a photometric or bit depth the encoder refuses: fall back below
-            log.info("%s: cannot re-encode to %s (%s); sending it %s", path.name, want.name, e,
-                     "as stored" if (sop_class, stored_ts) in accepted else "uncompressed")  # fmt: skip
+            log.info(
+                "%s: cannot re-encode to %s (%s); sending it %s",
+                path.name,
+                want.name,
+                e,
+                "as stored" if (sop_class, stored_ts) in accepted else "uncompressed",
+            )
     as_is = (sop_class, stored_ts) in accepted
     if as_is and not (want in UNCOMPRESSED and stored.is_compressed):
         return path, stored_ts
@@ -102,8 +108,7 @@ def prepare(path: Path, sop_class: str, stored_ts: str, accepted: set[tuple[str,
     except Exception as e:
         raise TranscodeError(f"{path.name}: cannot decode {stored.name} to send it uncompressed: {e}") from None
     if stored.is_compressed:
-        why = ("its transfer_syntax asks for uncompressed" if as_is
-               else f"the destination did not accept {stored.name}")  # fmt: skip
+        why = "its transfer_syntax asks for uncompressed" if as_is else f"the destination did not accept {stored.name}"
         log.info("%s: sent decompressed (%s -> %s): %s", path.name, stored.name, target.name, why)
     # pynetdicom encodes the data set in the accepted context's syntax (explicit or implicit VR).
     return ds, str(target)

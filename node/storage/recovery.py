@@ -105,9 +105,9 @@ def recover(
     # Index -> files, streamed in id order.
     with sessions() as s:
         rows = s.execute(
-            select(Instance.file_path, Instance.sop_instance_uid).order_by(Instance.id).execution_options(
-                yield_per=RECOVERY_BATCH
-            )
+            select(Instance.file_path, Instance.sop_instance_uid)
+            .order_by(Instance.id)
+            .execution_options(yield_per=RECOVERY_BATCH)
         )
         for rel, uid in rows:
             if not (storage.root / rel).is_file():
@@ -117,12 +117,15 @@ def recover(
     if report.missing_count:
         log.error(
             "recovery: %d indexed instance(s) have no file (first: %s); they cannot be served or forwarded",
-            report.missing_count, ", ".join(report.missing_files[:5]),
-        )  # fmt: skip
+            report.missing_count,
+            ", ".join(report.missing_files[:5]),
+        )
     log.info(
         "recovery: checked %d file(s), indexed %d unindexed file(s), quarantined %d",
-        report.files_checked, len(report.indexed), len(report.quarantined),
-    )  # fmt: skip
+        report.files_checked,
+        len(report.indexed),
+        len(report.quarantined),
+    )
     return report
 
 
@@ -137,9 +140,13 @@ def _adopt(
     try:
         header, size, meta = read_file_header(path)
         record = to_record(
-            header, file_path=rel, file_size=size, checksum=file_checksum(path), association_id="recovered",
+            header,
+            file_path=rel,
+            file_size=size,
+            checksum=file_checksum(path),
+            association_id="recovered",
             calling_ae=str(meta.get("SourceApplicationEntityTitle", "") or "").strip(),
-        )  # fmt: skip
+        )
     except Exception as e:  # unreadable: keep the bytes, out of the way
         _quarantine(storage, path, report, f"unreadable ({e})")
         return
@@ -151,7 +158,9 @@ def _adopt(
         writer.call(lambda tx: mark_not_tracked(tx, outcome.series_id))
     if outcome.kind == "new":
         report.indexed.append(record.sop_instance_uid)
-        log.warning("recovery: indexed %s (%s), stored before a crash but not yet indexed", record.sop_instance_uid, rel)
+        log.warning(
+            "recovery: indexed %s (%s), stored before a crash but not yet indexed", record.sop_instance_uid, rel
+        )
     else:
         _quarantine(storage, path, report, f"{record.sop_instance_uid} is already indexed under another file")
 

@@ -37,8 +37,9 @@ class Removed:
     bytes: int = 0
 
 
-def delete_instance_rows(conn: Connection, series_id: int, items: Sequence[tuple[int, str]], *,
-                         revision: int | None = None) -> list[str]:  # fmt: skip
+def delete_instance_rows(
+    conn: Connection, series_id: int, items: Sequence[tuple[int, str]], *, revision: int | None = None
+) -> list[str]:
     """Delete the rows of ``items`` ((id, stored path) of instances of one series) still as listed.
 
     A row that changed meanwhile (another file, another series or, with ``revision``, another
@@ -88,8 +89,9 @@ def remove_files(storage: Storage, relative_paths: Iterable[str]) -> tuple[int, 
     return files, size
 
 
-def delete_instances(conn: Connection, storage: Storage, series_id: int, items: Sequence[tuple[int, str]], *,
-                     revision: int | None = None) -> Removed:  # fmt: skip
+def delete_instances(
+    conn: Connection, storage: Storage, series_id: int, items: Sequence[tuple[int, str]], *, revision: int | None = None
+) -> Removed:
     """:func:`delete_instance_rows`, then :func:`remove_files`; the caller commits ``conn`` afterwards."""
     gone = delete_instance_rows(conn, series_id, items, revision=revision)
     files, size = remove_files(storage, gone)

@@ -280,22 +280,36 @@ def get_overview(ctx: WebContext = Depends(context)) -> dict[str, Any]:
 
 
 @router.get("/studies", response_model=StudyPage, summary="Studies, newest first, with their series")
-def get_studies(q: str = Query("", max_length=256, description="patient name or ID, accession, description or UID"),
-                limit: int = Query(25, ge=1, le=500), offset: int = Offset,
-                ctx: WebContext = Depends(context)) -> dict[str, Any]:  # fmt: skip
+def get_studies(
+    q: str = Query("", max_length=256, description="patient name or ID, accession, description or UID"),
+    limit: int = Query(25, ge=1, le=500),
+    offset: int = Offset,
+    ctx: WebContext = Depends(context),
+) -> dict[str, Any]:
     return data.studies(ctx.reader, q=q, limit=limit, offset=offset)
 
 
 @router.get("/series", response_model=SeriesPage, summary="Series, most recently received first")
-def get_series_list(q: str = Query("", max_length=256), state: SeriesState | None = None,
-                    modality: str = Query("", max_length=16), study_uid: str = Query("", max_length=64),
-                    limit: int = Limit, offset: int = Offset, ctx: WebContext = Depends(context)) -> dict[str, Any]:  # fmt: skip
-    return data.series_list(ctx.reader, q=q, state=state or "", modality=modality, study_uid=study_uid,
-                            limit=limit, offset=offset)  # fmt: skip
+def get_series_list(
+    q: str = Query("", max_length=256),
+    state: SeriesState | None = None,
+    modality: str = Query("", max_length=16),
+    study_uid: str = Query("", max_length=64),
+    limit: int = Limit,
+    offset: int = Offset,
+    ctx: WebContext = Depends(context),
+) -> dict[str, Any]:
+    return data.series_list(
+        ctx.reader, q=q, state=state or "", modality=modality, study_uid=study_uid, limit=limit, offset=offset
+    )
 
 
-@router.get("/series/{uid}", response_model=SeriesDetail, responses={404: {"description": "no such series"}},
-            summary="One series: revisions, rules and why, jobs, outputs, deliveries and its timeline")  # fmt: skip
+@router.get(
+    "/series/{uid}",
+    response_model=SeriesDetail,
+    responses={404: {"description": "no such series"}},
+    summary="One series: revisions, rules and why, jobs, outputs, deliveries and its timeline",
+)
 def get_series(uid: str, ctx: WebContext = Depends(context)) -> dict[str, Any]:
     try:
         return data.series_detail(ctx.reader, ctx.cfg, uid)
@@ -303,12 +317,23 @@ def get_series(uid: str, ctx: WebContext = Depends(context)) -> dict[str, Any]:
         raise _not_found(e) from None
 
 
-@router.get("/series/{uid}/preview.png", response_class=Response, summary="A slice of the series as a PNG",
-            responses={200: {"content": {"image/png": {}}}, 404: {"description": "no such series"},
-                       422: {"description": "the image cannot be decoded"}})  # fmt: skip
-def get_preview(uid: str, index: int | None = Query(None, ge=0, le=10**6, description="instance (default: middle)"),
-                frame: int | None = Query(None, ge=0, le=10**6), size: int = Query(512, ge=16, le=1024),
-                ctx: WebContext = Depends(context)) -> Response:  # fmt: skip
+@router.get(
+    "/series/{uid}/preview.png",
+    response_class=Response,
+    summary="A slice of the series as a PNG",
+    responses={
+        200: {"content": {"image/png": {}}},
+        404: {"description": "no such series"},
+        422: {"description": "the image cannot be decoded"},
+    },
+)
+def get_preview(
+    uid: str,
+    index: int | None = Query(None, ge=0, le=10**6, description="instance (default: middle)"),
+    frame: int | None = Query(None, ge=0, le=10**6),
+    size: int = Query(512, ge=16, le=1024),
+    ctx: WebContext = Depends(context),
+) -> Response:
     from node.web.preview import NoPreview, render_png
 
     try:
@@ -321,8 +346,12 @@ def get_preview(uid: str, index: int | None = Query(None, ge=0, le=10**6, descri
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
 
 
-@router.get("/lineage/{uid}", response_model=LineageModel, responses={404: {"description": "unknown UID"}},
-            summary="Source -> jobs (plugin versions) -> outputs -> deliveries, from any SOP or series UID")  # fmt: skip
+@router.get(
+    "/lineage/{uid}",
+    response_model=LineageModel,
+    responses={404: {"description": "unknown UID"}},
+    summary="Source -> jobs (plugin versions) -> outputs -> deliveries, from any SOP or series UID",
+)
 def get_lineage(uid: str, ctx: WebContext = Depends(context)) -> dict[str, Any]:
     from node.index.lineage import NotFound, lineage
 
@@ -333,8 +362,13 @@ def get_lineage(uid: str, ctx: WebContext = Depends(context)) -> dict[str, Any]:
 
 
 @router.get("/jobs", response_model=JobPage, summary="Jobs, newest first")
-def get_jobs(state: JobState | None = None, series_uid: str = Query("", max_length=64), limit: int = Limit,
-             offset: int = Offset, ctx: WebContext = Depends(context)) -> dict[str, Any]:  # fmt: skip
+def get_jobs(
+    state: JobState | None = None,
+    series_uid: str = Query("", max_length=64),
+    limit: int = Limit,
+    offset: int = Offset,
+    ctx: WebContext = Depends(context),
+) -> dict[str, Any]:
     return data.jobs(ctx.reader, state=state or "", series_uid=series_uid, limit=limit, offset=offset)
 
 
@@ -360,31 +394,50 @@ def job_change(ctx: WebContext, job_id: int, what: str, user: str) -> ActionResu
         raise HTTPException(404 if "there is no job" in str(e) else 409, str(e)) from None
 
 
-@router.post("/jobs/{job_id}/retry", response_model=ActionResult,
-             responses={404: {"description": "no such job"}, 409: {"description": "the job is not failed or cancelled"}})  # fmt: skip
-def post_job_retry(job_id: int = JobId, ctx: WebContext = Depends(context), user: str = Depends(api_user)) -> ActionResult:
+@router.post(
+    "/jobs/{job_id}/retry",
+    response_model=ActionResult,
+    responses={404: {"description": "no such job"}, 409: {"description": "the job is not failed or cancelled"}},
+)
+def post_job_retry(
+    job_id: int = JobId, ctx: WebContext = Depends(context), user: str = Depends(api_user)
+) -> ActionResult:
     return job_change(ctx, job_id, "retry", user)
 
 
-@router.post("/jobs/{job_id}/cancel", response_model=ActionResult,
-             responses={404: {"description": "no such job"}, 409: {"description": "the job is not pending or running"}})  # fmt: skip
-def post_job_cancel(job_id: int = JobId, ctx: WebContext = Depends(context), user: str = Depends(api_user)) -> ActionResult:
+@router.post(
+    "/jobs/{job_id}/cancel",
+    response_model=ActionResult,
+    responses={404: {"description": "no such job"}, 409: {"description": "the job is not pending or running"}},
+)
+def post_job_cancel(
+    job_id: int = JobId, ctx: WebContext = Depends(context), user: str = Depends(api_user)
+) -> ActionResult:
     return job_change(ctx, job_id, "cancel", user)
 
 
-@router.get("/deliveries", response_model=DeliveryPage, summary="Deliveries (one per instance and destination), newest first")
-def get_deliveries(destination: str = Query("", max_length=64), state: DeliveryState | None = None,
-                   series_uid: str = Query("", max_length=64), limit: int = Limit, offset: int = Offset,
-                   ctx: WebContext = Depends(context)) -> dict[str, Any]:  # fmt: skip
-    return data.deliveries(ctx.reader, destination=destination, state=state or "", series_uid=series_uid,
-                           limit=limit, offset=offset)  # fmt: skip
+@router.get(
+    "/deliveries", response_model=DeliveryPage, summary="Deliveries (one per instance and destination), newest first"
+)
+def get_deliveries(
+    destination: str = Query("", max_length=64),
+    state: DeliveryState | None = None,
+    series_uid: str = Query("", max_length=64),
+    limit: int = Limit,
+    offset: int = Offset,
+    ctx: WebContext = Depends(context),
+) -> dict[str, Any]:
+    return data.deliveries(
+        ctx.reader, destination=destination, state=state or "", series_uid=series_uid, limit=limit, offset=offset
+    )
 
 
 def delivery_change(ctx: WebContext, what: str, sel: Selection, user: str) -> ActionResult:
     from node.send import queue
 
-    scope = dict(destination=sel.destination or None, ids=sel.ids or None, series_uid=sel.series_uid or None,
-                 actor=user)  # fmt: skip
+    scope = dict(
+        destination=sel.destination or None, ids=sel.ids or None, series_uid=sel.series_uid or None, actor=user
+    )
     if what == "retry":
         n = queue.retry(ctx.engine, **scope)
         if sel.all or (sel.destination and not sel.ids):
@@ -401,17 +454,24 @@ def delivery_change(ctx: WebContext, what: str, sel: Selection, user: str) -> Ac
 _BODY_ERRORS: dict[int | str, dict[str, Any]] = {400: {"description": "the body is not JSON"}}
 
 
-@router.post("/deliveries/retry", response_model=ActionResult, responses=_BODY_ERRORS,
-             summary="Queue failed or cancelled deliveries again (and waiting ones now, for a whole destination)")  # fmt: skip
-def post_deliveries_retry(sel: Selection, ctx: WebContext = Depends(context),
-                          user: str = Depends(api_user)) -> ActionResult:  # fmt: skip
+@router.post(
+    "/deliveries/retry",
+    response_model=ActionResult,
+    responses=_BODY_ERRORS,
+    summary="Queue failed or cancelled deliveries again (and waiting ones now, for a whole destination)",
+)
+def post_deliveries_retry(
+    sel: Selection, ctx: WebContext = Depends(context), user: str = Depends(api_user)
+) -> ActionResult:
     return delivery_change(ctx, "retry", sel, user)
 
 
-@router.post("/deliveries/cancel", response_model=ActionResult, responses=_BODY_ERRORS,
-             summary="Cancel queued deliveries")
-def post_deliveries_cancel(sel: Selection, ctx: WebContext = Depends(context),
-                           user: str = Depends(api_user)) -> ActionResult:  # fmt: skip
+@router.post(
+    "/deliveries/cancel", response_model=ActionResult, responses=_BODY_ERRORS, summary="Cancel queued deliveries"
+)
+def post_deliveries_cancel(
+    sel: Selection, ctx: WebContext = Depends(context), user: str = Depends(api_user)
+) -> ActionResult:
     return delivery_change(ctx, "cancel", sel, user)
 
 
@@ -428,15 +488,23 @@ def get_plugins(ctx: WebContext = Depends(context)) -> list[dict[str, Any]]:
 AuditKind = Literal[tuple(audit.KINDS)]  # type: ignore[valid-type]
 
 
-@router.get("/audit", response_model=AuditPage,
-            summary="The append-only audit trail: connections, stored instances, rules, outputs, deliveries, operators")  # fmt: skip
-def get_audit(kind: list[AuditKind] = Query(default_factory=list), uid: str = Query("", max_length=64),
-              since: dt.datetime | None = None, until: dt.datetime | None = None,
-              limit: int = Limit, offset: int = Offset, ctx: WebContext = Depends(context)) -> dict[str, Any]:  # fmt: skip
+@router.get(
+    "/audit",
+    response_model=AuditPage,
+    summary="The append-only audit trail: connections, stored instances, rules, outputs, deliveries, operators",
+)
+def get_audit(
+    kind: list[AuditKind] = Query(default_factory=list),
+    uid: str = Query("", max_length=64),
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+    limit: int = Limit,
+    offset: int = Offset,
+    ctx: WebContext = Depends(context),
+) -> dict[str, Any]:
     scope = dict(since=since, until=until, kind=kind or None, uid=uid or None)
     items = audit.query(ctx.reader, **scope, limit=limit, offset=offset)
-    return {"total": audit.count(ctx.reader, **scope),
-            "items": [e | {"at": data.iso(e["at"])} for e in items]}  # fmt: skip
+    return {"total": audit.count(ctx.reader, **scope), "items": [e | {"at": data.iso(e["at"])} for e in items]}
 
 
 class RetentionModel(BaseModel):
@@ -448,23 +516,31 @@ class RetentionModel(BaseModel):
 @router.get("/retention", response_model=RetentionModel, summary="The clean-up's settings and its last run")
 def get_retention(ctx: WebContext = Depends(context)) -> dict[str, Any]:
     r = ctx.retention
-    return {"enabled": r is not None, "config": ctx.cfg.retention.model_dump(mode="json"),
-            "last_report": r.last_report.as_dict() if r is not None and r.last_report else None}  # fmt: skip
+    return {
+        "enabled": r is not None,
+        "config": ctx.cfg.retention.model_dump(mode="json"),
+        "last_report": r.last_report.as_dict() if r is not None and r.last_report else None,
+    }
 
 
-@router.post("/retention/run", response_model=dict[str, Any],
-             responses={409: {"description": "retention is off (a dry run still works), or a run is going on"}},
-             summary="Run the clean-up now; with dry_run, only say what would be deleted")  # fmt: skip
-def post_retention_run(dry_run: bool = True, ctx: WebContext = Depends(context),
-                       user: str = Depends(api_user)) -> dict[str, Any]:  # fmt: skip
+@router.post(
+    "/retention/run",
+    response_model=dict[str, Any],
+    responses={409: {"description": "retention is off (a dry run still works), or a run is going on"}},
+    summary="Run the clean-up now; with dry_run, only say what would be deleted",
+)
+def post_retention_run(
+    dry_run: bool = True, ctx: WebContext = Depends(context), user: str = Depends(api_user)
+) -> dict[str, Any]:
     from node.retention import Retention, RetentionBusy
     from node.storage import Storage
 
     r = ctx.retention
     if r is None:
         if not dry_run:
-            raise HTTPException(409, "retention is off ([retention] enabled = false); a dry run still shows "
-                                     "what it would delete")  # fmt: skip
+            raise HTTPException(
+                409, "retention is off ([retention] enabled = false); a dry run still shows what it would delete"
+            )
         r = Retention(ctx.cfg, ctx.engine, Storage(ctx.cfg.data_dir), reader=ctx.reader)
     try:
         report = r.run_once(dry_run=dry_run, actor=user)

@@ -22,8 +22,14 @@ token is `[web] token`, or the one generated into `<data_dir>/web-token`), or HT
 
 
 def create_app(ctx: WebContext) -> FastAPI:
-    app = FastAPI(title="dicom-node", version=__version__, description=DESCRIPTION, docs_url="/api/docs",
-                  redoc_url=None, openapi_url="/openapi.json")  # fmt: skip
+    app = FastAPI(
+        title="dicom-node",
+        version=__version__,
+        description=DESCRIPTION,
+        docs_url="/api/docs",
+        redoc_url=None,
+        openapi_url="/openapi.json",
+    )
     app.state.ctx = ctx
 
     @app.exception_handler(LoginRequired)
@@ -47,8 +53,12 @@ def create_app(ctx: WebContext) -> FastAPI:
     def healthz() -> dict[str, str]:
         return {"status": "ok", "version": __version__}
 
-    @app.get("/readyz", tags=["health"], summary="The node can take work: index, storage, SCP and workers",
-             responses={503: {"description": "not ready; the body says what is wrong"}})  # fmt: skip
+    @app.get(
+        "/readyz",
+        tags=["health"],
+        summary="The node can take work: index, storage, SCP and workers",
+        responses={503: {"description": "not ready; the body says what is wrong"}},
+    )
     def readyz() -> Response:
         problems = {}
         for name, check in ctx.checks.items():
@@ -58,15 +68,26 @@ def create_app(ctx: WebContext) -> FastAPI:
                 why = f"{type(e).__name__}: {e}"
             if why:
                 problems[name] = why
-        body = {"status": "not ready" if problems else "ready", "checks": {n: problems.get(n, "ok") for n in ctx.checks}}
+        body = {
+            "status": "not ready" if problems else "ready",
+            "checks": {n: problems.get(n, "ok") for n in ctx.checks},
+        }
         return JSONResponse(body, status_code=503 if problems else 200)
 
-    @app.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=Response,
-             responses={200: {"content": {"text/plain": {}}}, 401: {"description": "authentication required"}})  # fmt: skip
+    @app.get(
+        "/metrics",
+        tags=["health"],
+        summary="Prometheus metrics",
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {}}}, 401: {"description": "authentication required"}},
+    )
     def metrics(request: Request) -> Response:
         if not ctx.cfg.web.public_metrics and identify(request) is None:
-            return JSONResponse({"detail": "authentication required"}, status_code=401,
-                                headers={"WWW-Authenticate": 'Bearer realm="dicom-node"'})  # fmt: skip
+            return JSONResponse(
+                {"detail": "authentication required"},
+                status_code=401,
+                headers={"WWW-Authenticate": 'Bearer realm="dicom-node"'},
+            )
         try:
             from node.metrics import exposition
         except ImportError:

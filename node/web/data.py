@@ -87,8 +87,13 @@ class RateSampler:
         out = []
         for a, b in zip(s, s[1:], strict=False):
             span = max(b.at - a.at, 1e-6)
-            out.append({"at": round(b.at, 3), "received_per_s": round(max(b.received - a.received, 0) / span, 3),
-                        "sent_per_s": round(max(b.sent - a.sent, 0) / span, 3)})  # fmt: skip
+            out.append(
+                {
+                    "at": round(b.at, 3),
+                    "received_per_s": round(max(b.received - a.received, 0) / span, 3),
+                    "sent_per_s": round(max(b.sent - a.sent, 0) / span, 3),
+                }
+            )
         return out
 
 
@@ -163,31 +168,64 @@ def _series_row(r: Any) -> dict[str, Any]:
 
 
 def _study_keys(r: Any) -> dict[str, Any]:
-    return {key: getattr(r, key) for key in ("study_instance_uid", "study_date", "study_description",
-                                              "accession_number", "patient_name", "patient_id")}  # fmt: skip
+    return {
+        key: getattr(r, key)
+        for key in (
+            "study_instance_uid",
+            "study_date",
+            "study_description",
+            "accession_number",
+            "patient_name",
+            "patient_id",
+        )
+    }
 
 
 _SERIES_COLUMNS = (
-    _s.c.id, _s.c.series_instance_uid, _s.c.modality, _s.c.series_number, _s.c.series_description,
-    _s.c.instance_count, _s.c.state, _s.c.revision, _s.c.first_received_at, _s.c.last_received_at,
-    _st.c.study_instance_uid, _st.c.study_date, _st.c.study_description, _st.c.accession_number,
-    _p.c.patient_name, _p.c.patient_id,
-)  # fmt: skip
+    _s.c.id,
+    _s.c.series_instance_uid,
+    _s.c.modality,
+    _s.c.series_number,
+    _s.c.series_description,
+    _s.c.instance_count,
+    _s.c.state,
+    _s.c.revision,
+    _s.c.first_received_at,
+    _s.c.last_received_at,
+    _st.c.study_instance_uid,
+    _st.c.study_date,
+    _st.c.study_description,
+    _st.c.accession_number,
+    _p.c.patient_name,
+    _p.c.patient_id,
+)
 
 
 def _search(q: str, *, series: bool = True) -> Any:
     """Patient name or ID, accession or description containing ``q`` (literally: % and _ are not wildcards),
     or a study (or series) UID equal to it."""
-    cond = [_p.c.patient_name.icontains(q, autoescape=True), _p.c.patient_id.icontains(q, autoescape=True),
-            _st.c.accession_number.icontains(q, autoescape=True), _st.c.study_description.icontains(q, autoescape=True),
-            _st.c.study_instance_uid == q]  # fmt: skip
+    cond = [
+        _p.c.patient_name.icontains(q, autoescape=True),
+        _p.c.patient_id.icontains(q, autoescape=True),
+        _st.c.accession_number.icontains(q, autoescape=True),
+        _st.c.study_description.icontains(q, autoescape=True),
+        _st.c.study_instance_uid == q,
+    ]
     if series:
         cond += [_s.c.series_description.icontains(q, autoescape=True), _s.c.series_instance_uid == q]
     return or_(*cond)
 
 
-def series_list(engine: Engine, *, q: str = "", state: str = "", modality: str = "", study_uid: str = "",
-                limit: int = 50, offset: int = 0) -> dict[str, Any]:  # fmt: skip
+def series_list(
+    engine: Engine,
+    *,
+    q: str = "",
+    state: str = "",
+    modality: str = "",
+    study_uid: str = "",
+    limit: int = 50,
+    offset: int = 0,
+) -> dict[str, Any]:
     cond = []
     if q:
         cond.append(_search(q))
@@ -201,9 +239,13 @@ def series_list(engine: Engine, *, q: str = "", state: str = "", modality: str =
     with engine.connect() as conn:
         total = conn.execute(select(func.count()).select_from(base).where(*cond)).scalar_one()
         rows = conn.execute(
-            select(*_SERIES_COLUMNS).select_from(base).where(*cond)
-            .order_by(_s.c.last_received_at.desc(), _s.c.id.desc()).limit(limit).offset(offset)
-        ).all()  # fmt: skip
+            select(*_SERIES_COLUMNS)
+            .select_from(base)
+            .where(*cond)
+            .order_by(_s.c.last_received_at.desc(), _s.c.id.desc())
+            .limit(limit)
+            .offset(offset)
+        ).all()
     return {"total": int(total), "items": [_series_row(r) for r in rows]}
 
 
@@ -214,30 +256,53 @@ def studies(engine: Engine, *, q: str = "", limit: int = 25, offset: int = 0) ->
     if q:
         cond.append(_search(q, series=False))
     last = (
-        select(_s.c.study_fk, func.max(_s.c.last_received_at).label("last"), func.count().label("n_series"),
-               func.sum(_s.c.instance_count).label("n_inst"))
-        .group_by(_s.c.study_fk).subquery()
-    )  # fmt: skip
+        select(
+            _s.c.study_fk,
+            func.max(_s.c.last_received_at).label("last"),
+            func.count().label("n_series"),
+            func.sum(_s.c.instance_count).label("n_inst"),
+        )
+        .group_by(_s.c.study_fk)
+        .subquery()
+    )
     with engine.connect() as conn:
         total = conn.execute(select(func.count()).select_from(base).where(*cond)).scalar_one()
         rows = conn.execute(
-            select(_st.c.id, _st.c.study_instance_uid, _st.c.study_date, _st.c.study_description,
-                   _st.c.accession_number, _p.c.patient_name, _p.c.patient_id, last.c.last, last.c.n_series,
-                   last.c.n_inst)
-            .select_from(base.join(last, last.c.study_fk == _st.c.id, isouter=True)).where(*cond)
-            .order_by(last.c.last.desc(), _st.c.id.desc()).limit(limit).offset(offset)
-        ).all()  # fmt: skip
+            select(
+                _st.c.id,
+                _st.c.study_instance_uid,
+                _st.c.study_date,
+                _st.c.study_description,
+                _st.c.accession_number,
+                _p.c.patient_name,
+                _p.c.patient_id,
+                last.c.last,
+                last.c.n_series,
+                last.c.n_inst,
+            )
+            .select_from(base.join(last, last.c.study_fk == _st.c.id, isouter=True))
+            .where(*cond)
+            .order_by(last.c.last.desc(), _st.c.id.desc())
+            .limit(limit)
+            .offset(offset)
+        ).all()
         ids = [r.id for r in rows]
-        series = conn.execute(
-            select(*_SERIES_COLUMNS, _s.c.study_fk)
-            .select_from(_s.join(_st, _st.c.id == _s.c.study_fk).join(_p, _p.c.id == _st.c.patient_fk))
-            .where(_s.c.study_fk.in_(ids)).order_by(_s.c.series_number, _s.c.id)
-        ).all() if ids else []  # fmt: skip
+        series = (
+            conn.execute(
+                select(*_SERIES_COLUMNS, _s.c.study_fk)
+                .select_from(_s.join(_st, _st.c.id == _s.c.study_fk).join(_p, _p.c.id == _st.c.patient_fk))
+                .where(_s.c.study_fk.in_(ids))
+                .order_by(_s.c.series_number, _s.c.id)
+            ).all()
+            if ids
+            else []
+        )
     by_study: dict[int, list[dict[str, Any]]] = collections.defaultdict(list)
     for r in series:
         by_study[r.study_fk].append(_series_row(r))
     items = [
-        _study_keys(r) | {
+        _study_keys(r)
+        | {
             "last_received_at": iso(r.last),
             "series_count": int(r.n_series or 0),
             "instance_count": int(r.n_inst or 0),
@@ -294,30 +359,49 @@ def series_detail(engine: Engine, cfg: Config, uid: str) -> dict[str, Any]:
             select(*_SERIES_COLUMNS, _s.c.body_part_examined, _s.c.manufacturer, _s.c.station_name)
             .select_from(_s.join(_st, _st.c.id == _s.c.study_fk).join(_p, _p.c.id == _st.c.patient_fk))
             .where(_s.c.series_instance_uid == uid)
-        ).first()  # fmt: skip
+        ).first()
         if r is None:
             raise NotFound(f"no series {uid} in the index")
         sid = r.id
-        head = _series_row(r) | {"body_part_examined": r.body_part_examined, "manufacturer": r.manufacturer,
-                                 "station_name": r.station_name}  # fmt: skip
+        head = _series_row(r) | {
+            "body_part_examined": r.body_part_examined,
+            "manufacturer": r.manufacturer,
+            "station_name": r.station_name,
+        }
         made_by = conn.execute(
             select(_j.c.id, _s.c.series_instance_uid)
             .select_from(_i.join(_j, _j.c.id == _i.c.job_fk).join(_s, _s.c.id == _j.c.series_fk))
-            .where(_i.c.series_fk == sid).limit(1)
-        ).first()  # fmt: skip
+            .where(_i.c.series_fk == sid)
+            .limit(1)
+        ).first()
         first_inst = conn.execute(
             select(_i.c.calling_ae, _i.c.called_ae, _i.c.peer_address, _i.c.sop_class_uid, _i.c.transfer_syntax_uid)
-            .where(_i.c.series_fk == sid).order_by(_i.c.id).limit(1)
-        ).first()  # fmt: skip
+            .where(_i.c.series_fk == sid)
+            .order_by(_i.c.id)
+            .limit(1)
+        ).first()
         revisions = conn.execute(select(_r).where(_r.c.series_fk == sid).order_by(_r.c.revision)).all()
         jobs = conn.execute(select(_j).where(_j.c.series_fk == sid).order_by(_j.c.id)).all()
         job_ids = [j.id for j in jobs]
-        outputs = conn.execute(
-            select(_i.c.sop_instance_uid, _i.c.sop_class_uid, _i.c.job_fk, _i.c.received_at, _i.c.id,
-                   _s.c.series_instance_uid, _s.c.series_description, _s.c.modality)
-            .select_from(_i.join(_s, _s.c.id == _i.c.series_fk))
-            .where(_i.c.job_fk.in_(job_ids)).order_by(_i.c.id)
-        ).all() if job_ids else []  # fmt: skip
+        outputs = (
+            conn.execute(
+                select(
+                    _i.c.sop_instance_uid,
+                    _i.c.sop_class_uid,
+                    _i.c.job_fk,
+                    _i.c.received_at,
+                    _i.c.id,
+                    _s.c.series_instance_uid,
+                    _s.c.series_description,
+                    _s.c.modality,
+                )
+                .select_from(_i.join(_s, _s.c.id == _i.c.series_fk))
+                .where(_i.c.job_fk.in_(job_ids))
+                .order_by(_i.c.id)
+            ).all()
+            if job_ids
+            else []
+        )
         out_series = sorted({o.series_instance_uid for o in outputs})
         dq = (
             select(_d, _s.c.series_instance_uid)
@@ -344,14 +428,30 @@ def series_detail(engine: Engine, cfg: Config, uid: str) -> dict[str, Any]:
         summary[part][d.destination][d.state] += 1
 
     timeline: list[dict[str, Any]] = [
-        {"at": iso(r.first_received_at), "step": "received", "text": "first instance received"
-         + (f" from {first_inst.calling_ae} ({first_inst.peer_address})" if first_inst and first_inst.calling_ae
-            else "")},
-        {"at": iso(r.last_received_at), "step": "received", "text": f"last instance received ({r.instance_count} in all)"},
-    ]  # fmt: skip
+        {
+            "at": iso(r.first_received_at),
+            "step": "received",
+            "text": "first instance received"
+            + (
+                f" from {first_inst.calling_ae} ({first_inst.peer_address})"
+                if first_inst and first_inst.calling_ae
+                else ""
+            ),
+        },
+        {
+            "at": iso(r.last_received_at),
+            "step": "received",
+            "text": f"last instance received ({r.instance_count} in all)",
+        },
+    ]
     for rev in revisions:
-        timeline.append({"at": iso(rev.stable_at), "step": "stable",
-                         "text": f"revision {rev.revision} stable, {rev.instance_count} instances ({rev.stable_reason})"})  # fmt: skip
+        timeline.append(
+            {
+                "at": iso(rev.stable_at),
+                "step": "stable",
+                "text": f"revision {rev.revision} stable, {rev.instance_count} instances ({rev.stable_reason})",
+            }
+        )
         if rev.triggered_at:
             what = f"rules matched: {rev.matched_rules.replace(',', ', ')}" if rev.matched_rules else "no rule matched"
             if rev.error:
@@ -363,16 +463,22 @@ def series_detail(engine: Engine, cfg: Config, uid: str) -> dict[str, Any]:
             timeline.append({"at": iso(j.started_at), "step": "job", "text": f"{label} started"})
         if j.finished_at:
             detail = j.result if j.state == "succeeded" else j.last_error
-            timeline.append({"at": iso(j.finished_at), "step": "job",
-                             "text": f"{label} {j.state}" + (f": {detail}" if detail else "")})  # fmt: skip
+            timeline.append(
+                {
+                    "at": iso(j.finished_at),
+                    "step": "job",
+                    "text": f"{label} {j.state}" + (f": {detail}" if detail else ""),
+                }
+            )
     by_job: dict[int, list[Any]] = collections.defaultdict(list)
     for o in outputs:
         by_job[o.job_fk].append(o)
     for job_id, outs in by_job.items():
         names = collections.Counter(UID(o.sop_class_uid).name for o in outs)
         text = ", ".join(f"{n} × {k}" for k, n in names.items())
-        timeline.append({"at": iso(max(o.received_at for o in outs)), "step": "output",
-                         "text": f"job #{job_id} produced {text}"})  # fmt: skip
+        timeline.append(
+            {"at": iso(max(o.received_at for o in outs)), "step": "output", "text": f"job #{job_id} produced {text}"}
+        )
     per_dest: dict[tuple[str, str], list[Any]] = collections.defaultdict(list)
     for d in deliveries:
         per_dest[("source" if d.series_fk == sid else "outputs", d.destination)].append(d)
@@ -380,15 +486,30 @@ def series_detail(engine: Engine, cfg: Config, uid: str) -> dict[str, Any]:
         done = [d for d in rows if d.state == "delivered" and d.delivered_at]
         failed = [d for d in rows if d.state == "failed"]
         if done:
-            timeline.append({"at": iso(max(d.delivered_at for d in done)), "step": "delivered",
-                             "text": f"{len(done)} of {len(rows)} {part} instance(s) delivered to {dest}"})  # fmt: skip
+            timeline.append(
+                {
+                    "at": iso(max(d.delivered_at for d in done)),
+                    "step": "delivered",
+                    "text": f"{len(done)} of {len(rows)} {part} instance(s) delivered to {dest}",
+                }
+            )
         if failed:
-            timeline.append({"at": iso(max(d.updated_at for d in failed)), "step": "failed",
-                             "text": f"{len(failed)} {part} instance(s) failed for {dest}: {failed[-1].last_error}"})  # fmt: skip
+            timeline.append(
+                {
+                    "at": iso(max(d.updated_at for d in failed)),
+                    "step": "failed",
+                    "text": f"{len(failed)} {part} instance(s) failed for {dest}: {failed[-1].last_error}",
+                }
+            )
         waiting = len(rows) - len(done) - len(failed)
         if waiting:
-            timeline.append({"at": iso(max(d.updated_at for d in rows)), "step": "queued",
-                             "text": f"{waiting} {part} instance(s) still waiting for {dest}"})  # fmt: skip
+            timeline.append(
+                {
+                    "at": iso(max(d.updated_at for d in rows)),
+                    "step": "queued",
+                    "text": f"{waiting} {part} instance(s) still waiting for {dest}",
+                }
+            )
     timeline = [t for t in timeline if t["at"]]
     timeline.sort(key=lambda t: t["at"])
     start = dt.datetime.fromisoformat(timeline[0]["at"]) if timeline else None
@@ -396,28 +517,46 @@ def series_detail(engine: Engine, cfg: Config, uid: str) -> dict[str, Any]:
         t["offset_s"] = round((dt.datetime.fromisoformat(t["at"]) - start).total_seconds(), 3) if start else 0.0
 
     return head | {
-        "made_by": {"job_id": made_by.id, "source_series_instance_uid": made_by.series_instance_uid} if made_by else None,
-        "received_from": {"calling_ae": first_inst.calling_ae, "called_ae": first_inst.called_ae,
-                          "peer_address": first_inst.peer_address} if first_inst else None,
+        "made_by": {"job_id": made_by.id, "source_series_instance_uid": made_by.series_instance_uid}
+        if made_by
+        else None,
+        "received_from": {
+            "calling_ae": first_inst.calling_ae,
+            "called_ae": first_inst.called_ae,
+            "peer_address": first_inst.peer_address,
+        }
+        if first_inst
+        else None,
         "sop_class": UID(first_inst.sop_class_uid).name if first_inst else "",
         "transfer_syntax": UID(first_inst.transfer_syntax_uid).name if first_inst else "",
         "revisions": [
-            {"revision": v.revision, "instance_count": v.instance_count, "stable_at": iso(v.stable_at),
-             "stable_reason": v.stable_reason, "triggered_at": iso(v.triggered_at),
-             "matched_rules": [m for m in v.matched_rules.split(",") if m], "error": v.error}
+            {
+                "revision": v.revision,
+                "instance_count": v.instance_count,
+                "stable_at": iso(v.stable_at),
+                "stable_reason": v.stable_reason,
+                "triggered_at": iso(v.triggered_at),
+                "matched_rules": [m for m in v.matched_rules.split(",") if m],
+                "error": v.error,
+            }
             for v in revisions
         ],
         "rules_now": snap_lines,
         "jobs": [_job_row(j, uid) for j in jobs],
         "outputs": [
-            {"sop_instance_uid": o.sop_instance_uid, "sop_class": UID(o.sop_class_uid).name,
-             "job_id": o.job_fk, "series_instance_uid": o.series_instance_uid,
-             "series_description": o.series_description, "modality": o.modality}
+            {
+                "sop_instance_uid": o.sop_instance_uid,
+                "sop_class": UID(o.sop_class_uid).name,
+                "job_id": o.job_fk,
+                "series_instance_uid": o.series_instance_uid,
+                "series_description": o.series_description,
+                "modality": o.modality,
+            }
             for o in outputs
         ],
         "deliveries": summary,
         "timeline": timeline,
-    }  # fmt: skip
+    }
 
 
 def jobs(engine: Engine, *, state: str = "", series_uid: str = "", limit: int = 50, offset: int = 0) -> dict[str, Any]:
@@ -430,34 +569,44 @@ def jobs(engine: Engine, *, state: str = "", series_uid: str = "", limit: int = 
     with engine.connect() as conn:
         total = conn.execute(select(func.count()).select_from(base).where(*cond)).scalar_one()
         rows = conn.execute(
-            select(_j, _s.c.series_instance_uid).select_from(base).where(*cond)
-            .order_by(_j.c.id.desc()).limit(limit).offset(offset)
-        ).all()  # fmt: skip
+            select(_j, _s.c.series_instance_uid)
+            .select_from(base)
+            .where(*cond)
+            .order_by(_j.c.id.desc())
+            .limit(limit)
+            .offset(offset)
+        ).all()
     return {"total": int(total), "items": [_job_row(r, r.series_instance_uid) for r in rows]}
 
 
 def job(engine: Engine, job_id: int) -> dict[str, Any]:
     with engine.connect() as conn:
         r = conn.execute(
-            select(_j, _s.c.series_instance_uid).select_from(_j.join(_s, _s.c.id == _j.c.series_fk))
+            select(_j, _s.c.series_instance_uid)
+            .select_from(_j.join(_s, _s.c.id == _j.c.series_fk))
             .where(_j.c.id == job_id)
-        ).first()  # fmt: skip
+        ).first()
     if r is None:
         raise NotFound(f"there is no job {job_id}")
     return _job_row(r, r.series_instance_uid) | {"action": r.action}
 
 
-def deliveries(engine: Engine, *, destination: str = "", state: str = "", series_uid: str = "",
-               limit: int = 50, offset: int = 0) -> dict[str, Any]:  # fmt: skip
+def deliveries(
+    engine: Engine, *, destination: str = "", state: str = "", series_uid: str = "", limit: int = 50, offset: int = 0
+) -> dict[str, Any]:
     sel = queue.selection(destination or None, state or None, None, series_uid or None)
     cond = [] if sel is None else [sel]
     base = _d.join(_s, _s.c.id == _d.c.series_fk)
     with engine.connect() as conn:
         total = conn.execute(select(func.count()).select_from(base).where(*cond)).scalar_one()
         rows = conn.execute(
-            select(_d, _s.c.series_instance_uid).select_from(base).where(*cond)
-            .order_by(_d.c.id.desc()).limit(limit).offset(offset)
-        ).all()  # fmt: skip
+            select(_d, _s.c.series_instance_uid)
+            .select_from(base)
+            .where(*cond)
+            .order_by(_d.c.id.desc())
+            .limit(limit)
+            .offset(offset)
+        ).all()
     return {"total": int(total), "items": [_delivery_row(r) for r in rows]}
 
 
@@ -470,15 +619,17 @@ def rules(cfg: Config, engine: Engine) -> list[dict[str, Any]]:
     out = []
     for rule in cfg.ruleset or []:
         m = rule.model
-        out.append({
-            "name": m.name,
-            "priority": m.priority,
-            "enabled": m.enabled,
-            "stop": m.stop,
-            "match": m.model_dump(mode="json").get("match", {}),
-            "actions": [a.summary() for a in m.actions],
-            "matched_revisions": matched.get(m.name, 0),
-        })  # fmt: skip
+        out.append(
+            {
+                "name": m.name,
+                "priority": m.priority,
+                "enabled": m.enabled,
+                "stop": m.stop,
+                "match": m.model_dump(mode="json").get("match", {}),
+                "actions": [a.summary() for a in m.actions],
+                "matched_revisions": matched.get(m.name, 0),
+            }
+        )
     return out
 
 
@@ -492,9 +643,18 @@ def plugins(cfg: Config) -> list[dict[str, Any]]:
                 used[step.name].append(rule.name)
     out = []
     for name, ref in sorted(discover(cfg.plugins).items()):
-        item = {"name": name, "target": ref.target, "source": ref.source, "package_version": ref.version,
-                "kind": ref.kind, "environment": ref.environment or "",
-                "version": "", "description": "", "error": "", "used_by_rules": sorted(set(used.get(name, [])))}  # fmt: skip
+        item = {
+            "name": name,
+            "target": ref.target,
+            "source": ref.source,
+            "package_version": ref.version,
+            "kind": ref.kind,
+            "environment": ref.environment or "",
+            "version": "",
+            "description": "",
+            "error": "",
+            "used_by_rules": sorted(set(used.get(name, []))),
+        }
         try:
             info = describe(ref, cfg.plugins)
             item["version"] = info.version
@@ -511,10 +671,15 @@ def instance_file(engine: Engine, data_dir: Path, uid: str, index: int | None = 
         sid = conn.execute(select(_s.c.id).where(_s.c.series_instance_uid == uid)).scalar()
         if sid is None:
             raise NotFound(f"no series {uid} in the index")
-        paths = conn.execute(
-            select(_i.c.file_path).where(_i.c.series_fk == sid)
-            .order_by(_i.c.instance_number.is_(None), _i.c.instance_number, _i.c.id)
-        ).scalars().all()  # fmt: skip
+        paths = (
+            conn.execute(
+                select(_i.c.file_path)
+                .where(_i.c.series_fk == sid)
+                .order_by(_i.c.instance_number.is_(None), _i.c.instance_number, _i.c.id)
+            )
+            .scalars()
+            .all()
+        )
     if not paths:
         raise NotFound(f"series {uid} has no stored instance")
     i = len(paths) // 2 if index is None else max(0, min(index, len(paths) - 1))

@@ -37,8 +37,11 @@ templates.env.globals["version"] = __version__
 
 def _render(request: Request, name: str, user: str, **values: Any) -> HTMLResponse:
     ctx = context(request)
-    return templates.TemplateResponse(request, name, {"user": user, "open_access": ctx.auth.open,
-                                                      "msg": request.query_params.get("msg", ""), **values})  # fmt: skip
+    return templates.TemplateResponse(
+        request,
+        name,
+        {"user": user, "open_access": ctx.auth.open, "msg": request.query_params.get("msg", ""), **values},
+    )
 
 
 def _safe_next(target: str) -> str:
@@ -57,8 +60,14 @@ def login_page(request: Request, next: str = "/", token: str = "", ctx: WebConte
         return RedirectResponse(_safe_next(next), status_code=303)
     if token:  # a link such as the demo prints: log in with the token, then drop it from the address bar
         if not ctx.auth.check_token(token):
-            return _render(request, "login.html", "", next=_safe_next(next), error="that token is not valid",
-                           users=ctx.cfg.web.auth == "users")  # fmt: skip
+            return _render(
+                request,
+                "login.html",
+                "",
+                next=_safe_next(next),
+                error="that token is not valid",
+                users=ctx.cfg.web.auth == "users",
+            )
         return _logged_in(request, ctx, "token", next)
     return _render(request, "login.html", "", next=_safe_next(next), error="", users=ctx.cfg.web.auth == "users")
 
@@ -67,20 +76,38 @@ def _logged_in(request: Request, ctx: WebContext, user: str, target: str) -> Res
     response = RedirectResponse(_safe_next(target), status_code=303)
     # Secure when the browser came over HTTPS (directly, or through a TLS-terminating proxy that says so).
     https = request.url.scheme == "https" or request.headers.get("x-forwarded-proto", "").lower() == "https"
-    response.set_cookie(COOKIE, ctx.auth.new_session(user), httponly=True, samesite="strict", secure=https,
-                        max_age=ctx.cfg.web.session_minutes * 60)  # fmt: skip
+    response.set_cookie(
+        COOKIE,
+        ctx.auth.new_session(user),
+        httponly=True,
+        samesite="strict",
+        secure=https,
+        max_age=ctx.cfg.web.session_minutes * 60,
+    )
     return response
 
 
 @router.post("/login", response_class=HTMLResponse)
-def login(request: Request, username: str = Form(""), password: str = Form(""), token: str = Form(""),
-          next: str = Form("/"), ctx: WebContext = Depends(context)) -> Response:  # fmt: skip
+def login(
+    request: Request,
+    username: str = Form(""),
+    password: str = Form(""),
+    token: str = Form(""),
+    next: str = Form("/"),
+    ctx: WebContext = Depends(context),
+) -> Response:
     if token and ctx.auth.check_token(token):
         return _logged_in(request, ctx, "token", next)
     if username and ctx.auth.check_user(username, password):
         return _logged_in(request, ctx, username, next)
-    page = _render(request, "login.html", "", next=_safe_next(next), error="wrong user name, password or token",
-                   users=ctx.cfg.web.auth == "users")  # fmt: skip
+    page = _render(
+        request,
+        "login.html",
+        "",
+        next=_safe_next(next),
+        error="wrong user name, password or token",
+        users=ctx.cfg.web.auth == "users",
+    )
     page.status_code = 401
     return page
 
@@ -103,8 +130,13 @@ def overview(request: Request, user: str = Depends(page_user), ctx: WebContext =
 
 
 @router.get("/studies", response_class=HTMLResponse)
-def studies(request: Request, q: str = Query("", max_length=256), offset: int = Query(0, ge=0, le=10**9),
-            user: str = Depends(page_user), ctx: WebContext = Depends(context)) -> Response:  # fmt: skip
+def studies(
+    request: Request,
+    q: str = Query("", max_length=256),
+    offset: int = Query(0, ge=0, le=10**9),
+    user: str = Depends(page_user),
+    ctx: WebContext = Depends(context),
+) -> Response:
     found = data.studies(ctx.reader, q=q, limit=20, offset=offset)
     return _render(request, "studies.html", user, found=found, q=q, offset=offset, limit=20, page="studies")
 
@@ -120,16 +152,36 @@ def series(request: Request, uid: str, user: str = Depends(page_user), ctx: WebC
 
 
 @router.get("/jobs", response_class=HTMLResponse)
-def jobs(request: Request, state: str = Query("", max_length=16), offset: int = Query(0, ge=0, le=10**9),
-         user: str = Depends(page_user), ctx: WebContext = Depends(context)) -> Response:  # fmt: skip
+def jobs(
+    request: Request,
+    state: str = Query("", max_length=16),
+    offset: int = Query(0, ge=0, le=10**9),
+    user: str = Depends(page_user),
+    ctx: WebContext = Depends(context),
+) -> Response:
     found = data.jobs(ctx.reader, state=state if state in data.JOB_STATES else "", limit=50, offset=offset)
-    return _render(request, "jobs.html", user, found=found, state=state, states=data.JOB_STATES, offset=offset,
-                   limit=50, page="jobs")  # fmt: skip
+    return _render(
+        request,
+        "jobs.html",
+        user,
+        found=found,
+        state=state,
+        states=data.JOB_STATES,
+        offset=offset,
+        limit=50,
+        page="jobs",
+    )
 
 
 @router.post("/jobs/{job_id}/{what}")
-def job_action(request: Request, what: str, job_id: int = JobId, back: str = Form("/jobs"),
-               user: str = Depends(page_user), ctx: WebContext = Depends(context)) -> Response:  # fmt: skip
+def job_action(
+    request: Request,
+    what: str,
+    job_id: int = JobId,
+    back: str = Form("/jobs"),
+    user: str = Depends(page_user),
+    ctx: WebContext = Depends(context),
+) -> Response:
     if what not in ("retry", "cancel"):
         raise HTTPException(404, "no such action")
     try:
@@ -140,20 +192,50 @@ def job_action(request: Request, what: str, job_id: int = JobId, back: str = For
 
 
 @router.get("/deliveries", response_class=HTMLResponse)
-def deliveries(request: Request, destination: str = Query("", max_length=64), state: str = Query("", max_length=16),
-               series_uid: str = Query("", max_length=64), offset: int = Query(0, ge=0, le=10**9),
-               user: str = Depends(page_user), ctx: WebContext = Depends(context)) -> Response:  # fmt: skip
-    found = data.deliveries(ctx.reader, destination=destination, state=state if state in data.DELIVERY_STATES else "",
-                            series_uid=series_uid, limit=50, offset=offset)  # fmt: skip
-    return _render(request, "deliveries.html", user, found=found, destinations=data.destinations(ctx.reader, ctx.cfg),
-                   destination=destination, state=state, series_uid=series_uid, states=data.DELIVERY_STATES,
-                   offset=offset, limit=50, page="deliveries")  # fmt: skip
+def deliveries(
+    request: Request,
+    destination: str = Query("", max_length=64),
+    state: str = Query("", max_length=16),
+    series_uid: str = Query("", max_length=64),
+    offset: int = Query(0, ge=0, le=10**9),
+    user: str = Depends(page_user),
+    ctx: WebContext = Depends(context),
+) -> Response:
+    found = data.deliveries(
+        ctx.reader,
+        destination=destination,
+        state=state if state in data.DELIVERY_STATES else "",
+        series_uid=series_uid,
+        limit=50,
+        offset=offset,
+    )
+    return _render(
+        request,
+        "deliveries.html",
+        user,
+        found=found,
+        destinations=data.destinations(ctx.reader, ctx.cfg),
+        destination=destination,
+        state=state,
+        series_uid=series_uid,
+        states=data.DELIVERY_STATES,
+        offset=offset,
+        limit=50,
+        page="deliveries",
+    )
 
 
 @router.post("/deliveries/{what}")
-def deliveries_action(request: Request, what: str, ids: list[int] = Form(default_factory=list),
-                      destination: str = Form(""), series_uid: str = Form(""), back: str = Form("/deliveries"),
-                      user: str = Depends(page_user), ctx: WebContext = Depends(context)) -> Response:  # fmt: skip
+def deliveries_action(
+    request: Request,
+    what: str,
+    ids: list[int] = Form(default_factory=list),
+    destination: str = Form(""),
+    series_uid: str = Form(""),
+    back: str = Form("/deliveries"),
+    user: str = Depends(page_user),
+    ctx: WebContext = Depends(context),
+) -> Response:
     if what not in ("retry", "cancel"):
         raise HTTPException(404, "no such action")
     try:
@@ -174,8 +256,12 @@ def plugins(request: Request, user: str = Depends(page_user), ctx: WebContext = 
 
 
 @router.get("/lineage", response_class=HTMLResponse)
-def lineage(request: Request, uid: str = Query("", max_length=64), user: str = Depends(page_user),
-            ctx: WebContext = Depends(context)) -> Response:  # fmt: skip
+def lineage(
+    request: Request,
+    uid: str = Query("", max_length=64),
+    user: str = Depends(page_user),
+    ctx: WebContext = Depends(context),
+) -> Response:
     from node.index.lineage import NotFound
     from node.index.lineage import lineage as chain
 
@@ -189,13 +275,30 @@ def lineage(request: Request, uid: str = Query("", max_length=64), user: str = D
 
 
 @router.get("/audit", response_class=HTMLResponse)
-def audit_page(request: Request, kind: str = Query("", max_length=32), uid: str = Query("", max_length=64),
-               offset: int = Query(0, ge=0, le=10**9), user: str = Depends(page_user),
-               ctx: WebContext = Depends(context)) -> Response:  # fmt: skip
+def audit_page(
+    request: Request,
+    kind: str = Query("", max_length=32),
+    uid: str = Query("", max_length=64),
+    offset: int = Query(0, ge=0, le=10**9),
+    user: str = Depends(page_user),
+    ctx: WebContext = Depends(context),
+) -> Response:
     from node import audit
 
     scope = dict(kind=kind if kind in audit.KINDS else None, uid=uid or None)
-    found = {"total": audit.count(ctx.reader, **scope),
-             "items": audit.query(ctx.reader, **scope, limit=100, offset=offset)}  # fmt: skip
-    return _render(request, "audit.html", user, found=found, kinds=audit.KINDS, kind=kind, uid=uid, offset=offset,
-                   limit=100, page="audit")  # fmt: skip
+    found = {
+        "total": audit.count(ctx.reader, **scope),
+        "items": audit.query(ctx.reader, **scope, limit=100, offset=offset),
+    }
+    return _render(
+        request,
+        "audit.html",
+        user,
+        found=found,
+        kinds=audit.KINDS,
+        kind=kind,
+        uid=uid,
+        offset=offset,
+        limit=100,
+        page="audit",
+    )

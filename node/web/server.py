@@ -18,8 +18,15 @@ class WebServer:
     def __init__(self, ctx: WebContext) -> None:
         web = ctx.cfg.web
         self.ctx = ctx
-        config = uvicorn.Config(create_app(ctx), host=web.host, port=web.port, log_level="warning",
-                                access_log=False, lifespan="off", server_header=False)  # fmt: skip
+        config = uvicorn.Config(
+            create_app(ctx),
+            host=web.host,
+            port=web.port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            server_header=False,
+        )
         self.server = uvicorn.Server(config)
         # uvicorn installs signal handlers only in the main thread; the node owns those.
         self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
@@ -43,8 +50,10 @@ class WebServer:
             self._thread.join(0.05)
         if not self.server.started:
             web = self.ctx.cfg.web
-            raise OSError(f"the web server cannot listen on {web.host}:{web.port} ([web] host/port): "
-                          f"{self._error or 'it did not start in time'}")  # fmt: skip
+            raise OSError(
+                f"the web server cannot listen on {web.host}:{web.port} ([web] host/port): "
+                f"{self._error or 'it did not start in time'}"
+            )
         self.port = self.server.servers[0].sockets[0].getsockname()[1]
 
     def stop(self) -> None:

@@ -259,8 +259,11 @@ def test_explain_replay_jobs_and_status_after_two_real_series(node, scp):
     before = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=1)
     node.start()
     send_both(node)
-    wait_for(lambda: node.query("select count(*) from job where state = 'succeeded'") == [(2,)], 20,
-             "both series stable and forwarded")  # fmt: skip
+    wait_for(
+        lambda: node.query("select count(*) from job where state = 'succeeded'") == [(2,)],
+        20,
+        "both series stable and forwarded",
+    )
     cfg = node.config_path
     ct_uid, mr_uid = series_uid(CT), series_uid(MR)
     ct_job, mr_job = job_id(node, "ct-forward"), job_id(node, "mr-sag")
@@ -276,7 +279,9 @@ def test_explain_replay_jobs_and_status_after_two_real_series(node, scp):
     stable = [line for line in lines if line.startswith("  revision 1:")]
     assert len(stable) == 1 and re.fullmatch(
         r"  revision 1: 28 instances, stable \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC \(no instance for 1 s\), "
-        r"matched ct-forward", stable[0]), show(r)  # fmt: skip
+        r"matched ct-forward",
+        stable[0],
+    ), show(r)
     start = lines.index(next(line for line in lines if line.startswith("Rules, evaluated now for revision 1")))
     assert "calling_ae=STORESCU" in lines[start] and "orientation=axial" in lines[start], show(r)
     assert lines[start + 1 : start + 6] == [
@@ -306,12 +311,19 @@ def test_explain_replay_jobs_and_status_after_two_real_series(node, scp):
     assert len(lines) == 3, show(r)
     ct_line = next(line for line in lines if ct_uid in line)
     mr_line = next(line for line in lines if mr_uid in line)
-    assert re.fullmatch(rf'\S+ \S+ UTC  CT  "STD BRAIN 5MM" \(28 inst\.\) {re.escape(ct_uid)}: ct-forward -> '
-                        "forward the series to scp", ct_line), show(r)  # fmt: skip
-    assert re.fullmatch(rf'\S+ \S+ UTC  MR  "t1_fl2d_sag" \(35 inst\.\) {re.escape(mr_uid)}: mr-sag -> '
-                        "forward the series to scp", mr_line), show(r)  # fmt: skip
-    assert lines[2] == (f"2 rule match(es) over the series received since {yesterday} 00:00 UTC "
-                        "(ct-forward: 1, mr-sag: 1)"), show(r)  # fmt: skip
+    assert re.fullmatch(
+        rf'\S+ \S+ UTC  CT  "STD BRAIN 5MM" \(28 inst\.\) {re.escape(ct_uid)}: ct-forward -> '
+        "forward the series to scp",
+        ct_line,
+    ), show(r)
+    assert re.fullmatch(
+        rf'\S+ \S+ UTC  MR  "t1_fl2d_sag" \(35 inst\.\) {re.escape(mr_uid)}: mr-sag -> '
+        "forward the series to scp",
+        mr_line,
+    ), show(r)
+    assert lines[2] == (
+        f"2 rule match(es) over the series received since {yesterday} 00:00 UTC (ct-forward: 1, mr-sag: 1)"
+    ), show(r)
 
     r = cli("rules", "replay", "--since", yesterday, "--until", before.strftime("%Y-%m-%dT%H:%M:%S"), config=cfg)
     assert r.returncode == 0 and "0 rule match(es)" in r.stdout and "no series in that period" in r.stdout, show(r)
@@ -335,7 +347,9 @@ def test_explain_replay_jobs_and_status_after_two_real_series(node, scp):
     by_id = {int(row[0]): row for row in rows}
     assert by_id[ct_job][1:4] == ["succeeded", "ct-forward", "0: forward"], show(r)
     assert by_id[ct_job][6] == "1/3" and by_id[ct_job][8] == "queued 28 instance(s) for scp", show(r)
-    assert by_id[mr_job][1:3] == ["succeeded", "mr-sag"] and by_id[mr_job][8] == "queued 35 instance(s) for scp", show(r)
+    assert by_id[mr_job][1:3] == ["succeeded", "mr-sag"] and by_id[mr_job][8] == "queued 35 instance(s) for scp", show(
+        r
+    )
 
     r = cli("jobs", "--state", "failed", config=cfg)
     assert r.returncode == 0 and "jobs (failed)" in r.stdout, show(r)
@@ -389,13 +403,21 @@ actions = [{{ type = "plugin", plugin = "flaky", params = {{ marker = "{mr_marke
 def test_failed_job_retried_and_pending_job_cancelled(node, tmp_path):
     # The plugin fails on its first attempt: ct-seg (max_attempts = 1) fails; mr-seg waits 60 s to try again.
     node.env.update(PLUGINS_PATH)
-    node.extra_config = TRACKER + "[jobs]\nretry_delay = 60\n" + FLAKY_RULES.format(
-        ct_marker=tmp_path / "ct-tried", mr_marker=tmp_path / "mr-tried")  # fmt: skip
+    node.extra_config = (
+        TRACKER
+        + "[jobs]\nretry_delay = 60\n"
+        + FLAKY_RULES.format(ct_marker=tmp_path / "ct-tried", mr_marker=tmp_path / "mr-tried")
+    )
     node.start()
     send_both(node)
-    wait_for(lambda: node.query("select rule, state, attempts from job order by rule")
-             == [("ct-seg", "failed", 1), ("mr-seg", "pending", 1)], 60,
-             "the CT job failed and the MR job waiting for its second attempt")  # fmt: skip
+    wait_for(
+        lambda: (
+            node.query("select rule, state, attempts from job order by rule")
+            == [("ct-seg", "failed", 1), ("mr-seg", "pending", 1)]
+        ),
+        60,
+        "the CT job failed and the MR job waiting for its second attempt",
+    )
     cfg = node.config_path
     ct_uid = series_uid(CT)
     ct_job, mr_job = job_id(node, "ct-seg"), job_id(node, "mr-seg")
@@ -471,8 +493,11 @@ def test_queue_shows_waiting_deliveries_and_retry_and_cancel_them(node, scp):
     node.start()
     send_both(node)
     wait_for(lambda: node.deliveries() == {"queued": 63}, 30, "both series queued")
-    wait_for(lambda: node.query("select count(*) from delivery where attempts >= 1") >= [(28,)], 30,
-             "a first attempt (then the circuit is open: nothing more is tried for 120 s)")  # fmt: skip
+    wait_for(
+        lambda: node.query("select count(*) from delivery where attempts >= 1") >= [(28,)],
+        30,
+        "a first attempt (then the circuit is open: nothing more is tried for 120 s)",
+    )
     cfg = node.config_path
     ct_uid, mr_uid = series_uid(CT), series_uid(MR)
 

@@ -21,14 +21,19 @@ def ts(value: str) -> dt.datetime:
 
 
 def jobs(node) -> list[tuple]:  # type: ignore[no-untyped-def]
-    return node.query("select j.id, s.series_instance_uid, j.revision, j.rule, j.action_index, j.state, j.attempts, "
-                      "j.created_at, j.started_at, j.result from job j join series s on s.id = j.series_fk "
-                      "order by j.id")  # fmt: skip
+    return node.query(
+        "select j.id, s.series_instance_uid, j.revision, j.rule, j.action_index, j.state, j.attempts, "
+        "j.created_at, j.started_at, j.result from job j join series s on s.id = j.series_fk "
+        "order by j.id"
+    )
 
 
 def series_row(node, uid: str) -> tuple:  # type: ignore[no-untyped-def]
-    return node.query("select id, state, revision, revision_instances, last_received_at, instance_count "
-                      "from series where series_instance_uid = ?", uid)[0]  # fmt: skip
+    return node.query(
+        "select id, state, revision, revision_instances, last_received_at, instance_count "
+        "from series where series_instance_uid = ?",
+        uid,
+    )[0]
 
 
 def uid_of(name: str) -> str:
@@ -80,8 +85,11 @@ actions = [{{ type = "forward", to = ["scp"] }}, {{ type = "forward", to = ["scp
     assert storescu(node.port, series_files(CT)).returncode == 0
     assert storescu(node.port, series_files(MR)).returncode == 0
     ct, mr = uid_of(CT), uid_of(MR)
-    wait_for(lambda: len(node.query("select * from series_revision where triggered_at is not null")) == 2, 20,
-             "both series to be evaluated")  # fmt: skip
+    wait_for(
+        lambda: len(node.query("select * from series_revision where triggered_at is not null")) == 2,
+        20,
+        "both series to be evaluated",
+    )
     wait_for(lambda: all(j[5] == "succeeded" for j in jobs(node)), 60, "the jobs to finish")
     node.wait_delivered(56)
     rows = jobs(node)
@@ -90,8 +98,11 @@ actions = [{{ type = "forward", to = ["scp"] }}, {{ type = "forward", to = ["scp
     last = ts(series_row(node, ct)[4])
     for r in rows:
         assert ts(r[7]) - last >= dt.timedelta(seconds=2), "a job was made before the series was stable"
-    revs = dict(node.query("select s.series_instance_uid, r.matched_rules from series_revision r "
-                           "join series s on s.id = r.series_fk"))  # fmt: skip
+    revs = dict(
+        node.query(
+            "select s.series_instance_uid, r.matched_rules from series_revision r join series s on s.id = r.series_fk"
+        )
+    )
     assert revs == {ct: "ct-forward", mr: ""}
     # the outputs: both peers hold exactly the CT series, byte for byte as sent
     sent = {read_sop_uid(p): dataset_bytes(p) for p in series_files(CT)}
@@ -148,19 +159,27 @@ actions = [{{ type = "forward", to = ["scp2"] }}]
     assert series_row(node, uid)[1:4] == ("triggered", 1, 20)
     assert storescu(node.port, files[20:]).returncode == 0
     assert series_row(node, uid)[1:4] == ("receiving", 2, 8)
-    wait_for(lambda: len(node.query("select * from series_revision where revision = 2 and triggered_at is not null")),
-             20, "revision 2 to be evaluated")  # fmt: skip
+    wait_for(
+        lambda: len(node.query("select * from series_revision where revision = 2 and triggered_at is not null")),
+        20,
+        "revision 2 to be evaluated",
+    )
     wait_for(lambda: all(j[5] == "succeeded" for j in jobs(node)), 30, "the jobs to finish")
     node.wait_delivered(48)
     rows = [(r[2], r[3]) for r in jobs(node)]
     assert rows == [(1, "first-only"), (1, "every-revision"), (2, "every-revision")]
     assert node.query("select revision, instance_count, matched_rules from series_revision order by revision") == [
-        (1, 20, "first-only,every-revision"), (2, 8, "every-revision")]  # fmt: skip
+        (1, 20, "first-only,every-revision"),
+        (2, 8, "every-revision"),
+    ]
     # "first-only" forwarded revision 1 only; "every-revision" forwarded each revision's own instances
     assert len(scp.received()) == 20
     assert {read_sop_uid(p) for p in scp2.received()} == {read_sop_uid(p) for p in files}
-    assert [r[9] for r in jobs(node)] == ["queued 20 instance(s) for scp", "queued 20 instance(s) for scp2",
-                                          "queued 8 instance(s) for scp2"]  # fmt: skip
+    assert [r[9] for r in jobs(node)] == [
+        "queued 20 instance(s) for scp",
+        "queued 20 instance(s) for scp2",
+        "queued 8 instance(s) for scp2",
+    ]
 
 
 def test_expected_count_completes_a_series_before_the_quiet_period(node, scp, tmp_path):
@@ -197,8 +216,10 @@ actions = [{{ type = "forward", to = ["scp"] }}]
     assert storescu(node.port, series_files(MR)).returncode == 0
     wait_for(lambda: len(jobs(node)) == 2, 20, "both series to trigger long before 60 s")
     reasons = sorted(r[0] for r in node.query("select stable_reason from series_revision"))
-    assert reasons == ["6 of 6 expected instances (expected_instances = 6 of rule 'ct-six')",
-                       "no instance for 1 s, rule 'mr-quick'"]  # fmt: skip
+    assert reasons == [
+        "6 of 6 expected instances (expected_instances = 6 of rule 'ct-six')",
+        "no instance for 1 s, rule 'mr-quick'",
+    ]
 
 
 @pytest.mark.parametrize("overdue", [False, True], ids=["restart-before-due", "restart-after-due"])
@@ -287,8 +308,11 @@ actions = [{{ type = "forward", to = ["down"] }}, {{ type = "discard" }}]
     node.start()
     assert storescu(node.port, series_files(CT)).returncode == 0
     assert storescu(node.port, series_files(MR)).returncode == 0
-    wait_for(lambda: len(jobs(node)) == 4 and all(j[5] in ("succeeded", "failed") for j in jobs(node)), 60,
-             "all four jobs to end")  # fmt: skip
+    wait_for(
+        lambda: len(jobs(node)) == 4 and all(j[5] in ("succeeded", "failed") for j in jobs(node)),
+        60,
+        "all four jobs to end",
+    )
     node.wait_delivered(28)
     states = {(r[3], r[4]): (r[5], r[9]) for r in jobs(node)}
     assert states[("ct-route-and-delete", 0)] == ("succeeded", "queued 28 instance(s) for scp")

@@ -101,19 +101,31 @@ def test_urgent_reads_as_such_where_rules_are_explained(tmp_path):
 @pytest.mark.parametrize(
     ("old", "new", "expected"),
     [
-        ("priority = 50", 'priority = "high"',
-         'rules[0] ("routine").priority: give a whole number from -99999 to 99999 (higher first) or "urgent" '
-         "(got 'high')"),
-        ("priority = 50", "priority = 100000",
-         'rules[0] ("routine").priority: give a whole number from -99999 to 99999 (higher first) or "urgent" '
-         "(got 100000)"),
-        ('actions = [{ type = "forward", to = ["pacs"] }]', 'actions = [{ type = "forward", to = ["pacs"], priority = "soon" }]',
-         'rules[0] ("routine").actions[0].priority: Input should be \'normal\' or \'urgent\' (got \'soon\')'),
-        ('gpu = "optional"', 'gpu = "always"',
-         'rules[1] ("stroke").actions[1].gpu: Input should be \'none\', \'optional\' or \'required\' (got \'always\')'),
+        (
+            "priority = 50",
+            'priority = "high"',
+            'rules[0] ("routine").priority: give a whole number from -99999 to 99999 (higher first) or "urgent" '
+            "(got 'high')",
+        ),
+        (
+            "priority = 50",
+            "priority = 100000",
+            'rules[0] ("routine").priority: give a whole number from -99999 to 99999 (higher first) or "urgent" '
+            "(got 100000)",
+        ),
+        (
+            'actions = [{ type = "forward", to = ["pacs"] }]',
+            'actions = [{ type = "forward", to = ["pacs"], priority = "soon" }]',
+            "rules[0] (\"routine\").actions[0].priority: Input should be 'normal' or 'urgent' (got 'soon')",
+        ),
+        (
+            'gpu = "optional"',
+            'gpu = "always"',
+            "rules[1] (\"stroke\").actions[1].gpu: Input should be 'none', 'optional' or 'required' (got 'always')",
+        ),
     ],
     ids=["rule-word", "rule-too-high", "action-word", "action-gpu"],
-)  # fmt: skip
+)
 def test_a_wrong_priority_or_gpu_names_the_key(tmp_path, old, new, expected):
     rules = RULES.replace(old, new, 1)
     assert rules != RULES
@@ -134,8 +146,11 @@ def test_urgent_jobs_are_claimed_before_normal_ones_that_came_earlier(tmp_path):
         with engine.begin() as conn:  # series 1 first: only its routine job
             create_jobs(conn, 1, 1, [NewJob("routine", 0, "forward", {}, routine.job_priority(routine.actions[0]))])
         with engine.begin() as conn:  # then series 2: every rule's jobs, made as the tracker makes them
-            jobs = [NewJob(r.name, i, a.type, a.model_dump(mode="json"), r.model.job_priority(a))
-                    for r in rs for i, a in enumerate(r.model.actions)]  # fmt: skip
+            jobs = [
+                NewJob(r.name, i, a.type, a.model_dump(mode="json"), r.model.job_priority(a))
+                for r in rs
+                for i, a in enumerate(r.model.actions)
+            ]
             create_jobs(conn, 2, 1, jobs)
         claimed = []
         while (job := claim_next(engine)) is not None:
@@ -149,8 +164,14 @@ def test_rules_check_shows_urgent(tmp_path):
     path = tmp_path / "node.toml"
     path.write_text(HEADER + RULES)
     env = {k: v for k, v in os.environ.items() if k != "DICOM_NODE_WEB__PORT"}
-    r = subprocess.run([sys.executable, "-m", "node", "rules", "check", "--config", str(path)], cwd=REPO,
-                       capture_output=True, text=True, timeout=60, env=env)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "node", "rules", "check", "--config", str(path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[1] == "  1. trauma (priority urgent, on_revision ignore)", r.stdout
@@ -173,11 +194,17 @@ def test_a_node_runs_urgent_jobs_first(node, tmp_path):
         files = series_files(CT)
         assert storescu(node.port, files).returncode == 0
         query = "select rule, action_index, priority, state, started_at from job order by started_at"
-        rows = wait_for(lambda: (r := node.query(query)) and len(r) == 4 and all(x[3] == "succeeded" for x in r)
-                        and r, timeout=60, what="the four jobs to succeed")  # fmt: skip
+        rows = wait_for(
+            lambda: (r := node.query(query)) and len(r) == 4 and all(x[3] == "succeeded" for x in r) and r,
+            timeout=60,
+            what="the four jobs to succeed",
+        )
         assert [(rule, i, p) for rule, i, p, _, _ in rows] == [
-            ("trauma", 0, URGENT + PRIORITY_LIMIT + 1), ("stroke", 1, URGENT), ("routine", 0, 50), ("stroke", 0, 0),
-        ]  # fmt: skip
+            ("trauma", 0, URGENT + PRIORITY_LIMIT + 1),
+            ("stroke", 1, URGENT),
+            ("routine", 0, 50),
+            ("stroke", 0, 0),
+        ]
         starts = [dt.datetime.fromisoformat(r[4]) for r in rows]
         assert starts == sorted(starts)
         assert len(scp.received()) == len(files)

@@ -60,7 +60,7 @@ def expected(series: SeriesInput) -> list[Segmentation | Images | Volume]:
     dense, faint = v > hi, (v > lo) & (v <= hi)
     n, rows, cols = v.shape
     core = np.zeros_like(dense)
-    core[:, rows // 3: 2 * rows // 3, cols // 3: 2 * cols // 3] = True
+    core[:, rows // 3 : 2 * rows // 3, cols // 3 : 2 * cols // 3] = True
     core &= dense | faint  # overlaps both
     stacked = np.stack([dense, faint, core], axis=-1)
     labels = (dense * 1 + faint * 2).astype(np.uint8)
@@ -97,8 +97,13 @@ BODY_PARTS = StepSpec("body-parts-seg", "node.plugins.builtin.body_parts:body_pa
 
 def run_job(files: list[Path], out: Path, steps: list[StepSpec], tag: str) -> WorkResult:
     out.mkdir(parents=True, exist_ok=True)
-    spec = WorkSpec(files=[str(f) for f in files], steps=steps, out_dir=str(out), job_key=(tag, 1, "harness", 0),
-                    labelmap_as_binary=True)  # fmt: skip
+    spec = WorkSpec(
+        files=[str(f) for f in files],
+        steps=steps,
+        out_dir=str(out),
+        job_key=(tag, 1, "harness", 0),
+        labelmap_as_binary=True,
+    )
     result = run_work(spec)
     assert result.ok, f"{tag}: {result.error}"
     return result
@@ -152,8 +157,7 @@ def check_seg(path: Path, series: SeriesInput, want: np.ndarray, kind: str) -> N
     check_frames_geometry(ds, series)
     seg = hd.seg.segread(path)
     uids = [str(d.SOPInstanceUID) for d in series.datasets]
-    got = seg.get_pixels_by_source_instance(uids, assert_missing_frames_are_empty=True,
-                                            rescale_fractional=False)  # fmt: skip
+    got = seg.get_pixels_by_source_instance(uids, assert_missing_frames_are_empty=True, rescale_fractional=False)
     if kind == "fractional":
         np.testing.assert_array_equal(got[..., 0], np.around(want * 255).astype(np.uint8))
     else:
@@ -174,8 +178,11 @@ def check_image_series(paths: list[Path], series: SeriesInput, want: Volume) -> 
     for k, p in enumerate(paths):
         ds = pydicom.dcmread(p)
         np.testing.assert_allclose([float(x) for x in ds.ImagePositionPatient], pos[k], atol=1e-3)
-        np.testing.assert_allclose([float(x) for x in ds.ImageOrientationPatient],
-                                   [float(x) for x in series.datasets[k].ImageOrientationPatient], atol=1e-6)  # fmt: skip
+        np.testing.assert_allclose(
+            [float(x) for x in ds.ImageOrientationPatient],
+            [float(x) for x in series.datasets[k].ImageOrientationPatient],
+            atol=1e-6,
+        )
         assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == series.datasets[k].SOPInstanceUID
         values = ds.pixel_array * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
         np.testing.assert_allclose(values, want.values[k], atol=1e-6 + float(ds.get("RescaleSlope", 1)) / 2)
@@ -211,11 +218,13 @@ def verify_all(paths: list[Path], label: str) -> None:
 
 
 @pytest.mark.parametrize(("source", "variant"), CASES)
-def test_every_result_kind(case_files: dict[tuple[str, str], list[Path]], tmp_path: Path, source: str,
-                           variant: str) -> None:  # fmt: skip
+def test_every_result_kind(
+    case_files: dict[tuple[str, str], list[Path]], tmp_path: Path, source: str, variant: str
+) -> None:
     files = case_files[(source, variant)]
-    result = run_job(files, tmp_path / "out", [StepSpec("every-kind", f"{__name__}:every_kind", {})],
-                     f"{source}-{variant}")  # fmt: skip
+    result = run_job(
+        files, tmp_path / "out", [StepSpec("every-kind", f"{__name__}:every_kind", {})], f"{source}-{variant}"
+    )
     series = load_series(files)
     want = expected(series)
     out = by_result(result.outputs)
@@ -235,8 +244,9 @@ def test_every_result_kind(case_files: dict[tuple[str, str], list[Path]], tmp_pa
 
 
 @pytest.mark.parametrize(("source", "variant"), CASES)
-def test_every_builtin_plugin(case_files: dict[tuple[str, str], list[Path]], tmp_path: Path, source: str,
-                              variant: str) -> None:  # fmt: skip
+def test_every_builtin_plugin(
+    case_files: dict[tuple[str, str], list[Path]], tmp_path: Path, source: str, variant: str
+) -> None:
     files = case_files[(source, variant)]
     steps = BUILTIN_STEPS + ([BODY_PARTS] if source.startswith("ct") else [])
     result = run_job(files, tmp_path / "out", steps, f"builtin-{source}-{variant}")
@@ -255,8 +265,9 @@ def test_every_builtin_plugin(case_files: dict[tuple[str, str], list[Path]], tmp
 # -- Orthanc accepts every object -------------------------------------------------------------------------------
 
 
-def test_orthanc_accepts_every_object(module_orthanc: Orthanc, case_files: dict[tuple[str, str], list[Path]],
-                                      tmp_path: Path) -> None:  # fmt: skip
+def test_orthanc_accepts_every_object(
+    module_orthanc: Orthanc, case_files: dict[tuple[str, str], list[Path]], tmp_path: Path
+) -> None:
     if not MADE:  # run alone: one case
         test_every_result_kind(case_files, tmp_path, "ct-tilted", "anonymised")
     files = list(MADE)

@@ -87,8 +87,18 @@ def write(ds: Dataset, path: Path, label: str) -> Path:
 # -- sources ---------------------------------------------------------------------------------------
 
 
-def _synthetic(out: Path, name: str, positions: np.ndarray, iop: list[float], *, rows: int, cols: int,
-               modality: str = "CT", seed: int = 0, tilt: float | None = None) -> list[Path]:  # fmt: skip
+def _synthetic(
+    out: Path,
+    name: str,
+    positions: np.ndarray,
+    iop: list[float],
+    *,
+    rows: int,
+    cols: int,
+    modality: str = "CT",
+    seed: int = 0,
+    tilt: float | None = None,
+) -> list[Path]:
     """A single-frame series with the given geometry; slice i is file i and has pixel (0, 0) = i."""
     files = make_ct_series(out, len(positions), rows, cols, seed=seed, patient_name=f"TEST^{name.upper()}")
     for i, f in enumerate(files):
@@ -133,13 +143,15 @@ def _build_sources(root: Path) -> dict[str, list[Path]]:
     gaps = [1.0, 2.5, 5.0, 1.25, 2.5, 7.5, 2.5, 1.0, 3.0, 5.0, 2.5, 1.25, 2.0]
     z = np.concatenate([[0.0], np.cumsum(gaps)]) - 20.0
     pos = np.stack([np.full_like(z, -120.0), np.full_like(z, -110.0), z], axis=1)[rng.permutation(len(z))]
-    out["ct-varspacing"] = _synthetic(root / "ct-varspacing", "varspacing", pos, [1, 0, 0, 0, 1, 0], rows=64, cols=48,
-                                      seed=2)  # fmt: skip
+    out["ct-varspacing"] = _synthetic(
+        root / "ct-varspacing", "varspacing", pos, [1, 0, 0, 0, 1, 0], rows=64, cols=48, seed=2
+    )
     # Coronal MR: rows along x, columns head to feet, slices posterior-going (normal +y).
     y = -40.0 + 4.0 * np.arange(18)
     pos = np.stack([np.full_like(y, -100.0), y, np.full_like(y, 80.0)], axis=1)[rng.permutation(18)]
-    out["mr-coronal"] = _synthetic(root / "mr-coronal", "coronal", pos, [1, 0, 0, 0, 0, -1], rows=56, cols=40,
-                                   modality="MR", seed=3)  # fmt: skip
+    out["mr-coronal"] = _synthetic(
+        root / "mr-coronal", "coronal", pos, [1, 0, 0, 0, 0, -1], rows=56, cols=40, modality="MR", seed=3
+    )
     return out
 
 
@@ -229,25 +241,29 @@ def plugin_result(kind: str, masks: np.ndarray, seed: int, description: str = ""
     """What a plugin of this kind returns for ``masks``, and what must come back."""
     n, _, _, k = masks.shape
     if kind == "binary":  # stacked, overlapping
-        return Expected(Segmentation(masks, SEGMENTS[:k], "binary", description), masks,
-                        int(masks.any(axis=(1, 2)).sum()))  # fmt: skip
+        return Expected(
+            Segmentation(masks, SEGMENTS[:k], "binary", description), masks, int(masks.any(axis=(1, 2)).sum())
+        )
     if kind == "labelmap":  # a label map; later segments win where masks overlap
         labels = np.zeros(masks.shape[:3], dtype=np.uint8)
         for s in range(k):
             labels[masks[..., s]] = s + 1
         stacked = labels[..., None] == np.arange(1, k + 1, dtype=np.uint8)
-        return Expected(Segmentation(labels, SEGMENTS[:k], "labelmap", description), stacked,
-                        int(labels.any(axis=(1, 2)).sum()))  # fmt: skip
+        return Expected(
+            Segmentation(labels, SEGMENTS[:k], "labelmap", description), stacked, int(labels.any(axis=(1, 2)).sum())
+        )
     rng = np.random.default_rng(seed)
     p = rng.uniform(0.0, 1.0, masks.shape).astype(np.float32) * masks
     p[masks & (rng.random(masks.shape) < 0.05)] = 1.0
     stored = np.around(p * 255.0).astype(np.uint8)  # float32 arithmetic, as highdicom rounds
-    return Expected(Segmentation(p, SEGMENTS[:k], "fractional", description), stored,
-                    int(stored.any(axis=(1, 2)).sum()))  # fmt: skip
+    return Expected(
+        Segmentation(p, SEGMENTS[:k], "fractional", description), stored, int(stored.any(axis=(1, 2)).sum())
+    )
 
 
-def read_back(path: Path | hd.seg.Segmentation, series: SeriesInput, *, missing_are_empty: bool,
-              **kw: object) -> np.ndarray:  # fmt: skip
+def read_back(
+    path: Path | hd.seg.Segmentation, series: SeriesInput, *, missing_are_empty: bool, **kw: object
+) -> np.ndarray:
     """The SEG's masks in the plugin's slice order, through highdicom's per-source-instance (or frame) access."""
     seg = path if isinstance(path, hd.seg.Segmentation) else hd.seg.segread(path)
     if series.frames is None:
@@ -255,16 +271,22 @@ def read_back(path: Path | hd.seg.Segmentation, series: SeriesInput, *, missing_
             source_sop_instance_uids=source_uids(series), assert_missing_frames_are_empty=missing_are_empty, **kw
         )
     return seg.get_pixels_by_source_frame(
-        source_sop_instance_uid=str(series.first.SOPInstanceUID), source_frame_numbers=[f + 1 for f in series.frames],
-        assert_missing_frames_are_empty=missing_are_empty, **kw,
-    )  # fmt: skip
+        source_sop_instance_uid=str(series.first.SOPInstanceUID),
+        source_frame_numbers=[f + 1 for f in series.frames],
+        assert_missing_frames_are_empty=missing_are_empty,
+        **kw,
+    )
 
 
 def provenance(series: SeriesInput, tag: str, **kw: object) -> Provenance:
     return Provenance(
-        job_key=(str(series.first.SeriesInstanceUID), 1, tag, 0), algorithm="blob-finder", algorithm_version="2.1",
-        parameters={"threshold": "0.5", "model": "blobs-v2"}, station_name="NODE_TEST", **kw,  # type: ignore[arg-type]
-    )  # fmt: skip
+        job_key=(str(series.first.SeriesInstanceUID), 1, tag, 0),
+        algorithm="blob-finder",
+        algorithm_version="2.1",
+        parameters={"threshold": "0.5", "model": "blobs-v2"},
+        station_name="NODE_TEST",
+        **kw,  # type: ignore[arg-type]
+    )
 
 
 # -- checks shared by the tests ---------------------------------------------------------------------
@@ -392,8 +414,14 @@ def test_duplicate_positions_name_both_files(sources: dict[str, list[Path]], tmp
     # The job fails with that message, not retried
     out = tmp_path / "out"
     out.mkdir()
-    res = run_work(WorkSpec(files=[str(f) for f in files], steps=[StepSpec("threshold-seg", THRESHOLD, {})],
-                            out_dir=str(out), job_key=("1.2.3", 1, "dup", 0)))  # fmt: skip
+    res = run_work(
+        WorkSpec(
+            files=[str(f) for f in files],
+            steps=[StepSpec("threshold-seg", THRESHOLD, {})],
+            out_dir=str(out),
+            job_key=("1.2.3", 1, "dup", 0),
+        )
+    )
     assert not res.ok and not res.retryable
     assert "loading the series" in res.error and "duplicate positions" in res.error
     assert a.name in res.error and b.name in res.error, res.error
@@ -431,8 +459,9 @@ def test_mixed_sizes_and_orientations_refused(sources: dict[str, list[Path]], tm
 @pytest.mark.parametrize("keep_empty", [False, True], ids=["omit-empty", "keep-empty"])
 @pytest.mark.parametrize(("kind", "syntax"), COMBOS, ids=[f"{k}-{s}" for k, s in COMBOS])
 @pytest.mark.parametrize("name", SOURCES)
-def test_seg_round_trip(sources: dict[str, list[Path]], tmp_path: Path, name: str, kind: str, syntax: str,
-                        keep_empty: bool) -> None:  # fmt: skip
+def test_seg_round_trip(
+    sources: dict[str, list[Path]], tmp_path: Path, name: str, kind: str, syntax: str, keep_empty: bool
+) -> None:
     series = load(sources, name)
     masks = series_masks(name, series)
     exp = plugin_result(kind, masks, seed=zlib.crc32(name.encode()))
@@ -461,8 +490,10 @@ def test_seg_round_trip(sources: dict[str, list[Path]], tmp_path: Path, name: st
             np.testing.assert_array_equal(labels, exp.result.masks)
     if series.frames is None and not masks[-1].any():
         # the empty last slice has a frame only when empty frames are kept
-        framed = {str(f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
-                  for f in back_ds.PerFrameFunctionalGroupsSequence}  # fmt: skip
+        framed = {
+            str(f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+            for f in back_ds.PerFrameFunctionalGroupsSequence
+        }
         assert (str(series.datasets[-1].SOPInstanceUID) in framed) == keep_empty
 
 
@@ -473,8 +504,9 @@ def test_offered_syntaxes_are_the_ones_tested() -> None:
 
 
 @pytest.mark.parametrize(("kind", "syntax"), sorted(REFUSED))
-def test_seg_syntax_highdicom_refuses_fails_clearly(sources: dict[str, list[Path]], tmp_path: Path, kind: str,
-                                                    syntax: str) -> None:  # fmt: skip
+def test_seg_syntax_highdicom_refuses_fails_clearly(
+    sources: dict[str, list[Path]], tmp_path: Path, kind: str, syntax: str
+) -> None:
     """A BINARY SEG cannot be RLE (1-bit frames): building fails with a message naming both, and so does the job."""
     assert SYNTAXES[syntax] == RLELossless
     series = load(sources, "ct-tilted")
@@ -483,8 +515,15 @@ def test_seg_syntax_highdicom_refuses_fails_clearly(sources: dict[str, list[Path
         build_seg(series, exp.result, provenance(series, "refused"), transfer_syntax=RLELossless)
     out = tmp_path / "out"
     out.mkdir()
-    res = run_work(WorkSpec(files=[str(f) for f in sources["ct-tilted"]], steps=[StepSpec("threshold-seg", THRESHOLD, {})],
-                            out_dir=str(out), job_key=("1.2.3", 1, "rle", 0), transfer_syntax=str(RLELossless)))  # fmt: skip
+    res = run_work(
+        WorkSpec(
+            files=[str(f) for f in sources["ct-tilted"]],
+            steps=[StepSpec("threshold-seg", THRESHOLD, {})],
+            out_dir=str(out),
+            job_key=("1.2.3", 1, "rle", 0),
+            transfer_syntax=str(RLELossless),
+        )
+    )
     assert not res.ok and not res.retryable
     assert "building output 1 of 1" in res.error and "BINARY" in res.error and "RLE" in res.error, res.error
 
@@ -494,9 +533,16 @@ def test_seg_from_plugin_job_on_tilted_ct(sources: dict[str, list[Path]], tmp_pa
     out = tmp_path / "out"
     out.mkdir()
     files = sources["ct-tilted"]
-    spec = WorkSpec(files=[str(f) for f in files], steps=[StepSpec("threshold-seg", THRESHOLD, {})],
-                    out_dir=str(out), job_key=("1.2.3.4", 2, "tilted", 0), transfer_syntax=str(JPEG2000Lossless),
-                    series_number=9100, series_description="bone (AI)", station_name="NODE_TEST")  # fmt: skip
+    spec = WorkSpec(
+        files=[str(f) for f in files],
+        steps=[StepSpec("threshold-seg", THRESHOLD, {})],
+        out_dir=str(out),
+        job_key=("1.2.3.4", 2, "tilted", 0),
+        transfer_syntax=str(JPEG2000Lossless),
+        series_number=9100,
+        series_description="bone (AI)",
+        station_name="NODE_TEST",
+    )
     res = run_work(spec)
     assert res.ok, res.error
     (o,) = res.outputs
@@ -544,8 +590,10 @@ def test_empty_segment(sources: dict[str, list[Path]], tmp_path: Path, kind: str
         path = write(ds, tmp_path / f"empty-seg-{keep}.dcm", f"SEG empty segment {kind} keep={keep}")
         check_seg(pydicom.dcmread(path), series, prov, exp)
         if kind != "labelmap":
-            seg_numbers = {int(f.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
-                           for f in ds.PerFrameFunctionalGroupsSequence}  # fmt: skip
+            seg_numbers = {
+                int(f.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+                for f in ds.PerFrameFunctionalGroupsSequence
+            }
             assert (2 in seg_numbers) == keep
         back = read_back(path, series, missing_are_empty=not keep, rescale_fractional=False)
         np.testing.assert_array_equal(back if kind == "fractional" else back.astype(bool), exp.stacked)
@@ -654,8 +702,9 @@ def sc_pixels(series: SeriesInput, flavour: str, picks: list[int]) -> np.ndarray
     return rgb
 
 
-def check_sc_series(out: list[Dataset], series: SeriesInput, prov: Provenance, images: Images, *,
-                    index: int = 0) -> None:  # fmt: skip
+def check_sc_series(
+    out: list[Dataset], series: SeriesInput, prov: Provenance, images: Images, *, index: int = 0
+) -> None:
     px = np.asarray(images.pixels)
     assert len(out) == len(px)
     assert {d.SeriesInstanceUID for d in out} == {prov.uid("sc-series", index)}
@@ -694,10 +743,7 @@ def check_sc_series(out: list[Dataset], series: SeriesInput, prov: Provenance, i
             assert "PixelSpacing" not in d
 
 
-SC_CASES = [
-    pytest.param(f, s, id=f"{f}-{s}")
-    for f in ("grey8", "grey16", "rgb") for s in SYNTAXES
-]  # fmt: skip
+SC_CASES = [pytest.param(f, s, id=f"{f}-{s}") for f in ("grey8", "grey16", "rgb") for s in SYNTAXES]
 
 
 @pytest.mark.parametrize(("flavour", "syntax"), SC_CASES)
@@ -718,10 +764,7 @@ def test_sc_series(sources: dict[str, list[Path]], tmp_path: Path, flavour: str,
         np.testing.assert_array_equal(back.pixel_array, images.pixels[n])
 
 
-SC_SOURCES = [
-    n
-    for n in SOURCES
-]  # fmt: skip
+SC_SOURCES = [n for n in SOURCES]
 
 
 @pytest.mark.parametrize("name", SC_SOURCES)
@@ -737,8 +780,15 @@ def test_sc_references_per_source(sources: dict[str, list[Path]], tmp_path: Path
     out = build_sc(series, images, prov)
     check_sc_series(out, series, prov, images)
     # Patient Orientation of each slice image: its row and column directions, as letters
-    orientation = {"ct-head": ("L", "P"), "mr-sag": ("P", "F"), "ect-multiframe": ("R", "P"), "ct-tilted": ("L", "P"),
-                   "ct-oblique": ("L", "PH"), "ct-varspacing": ("L", "P"), "mr-coronal": ("L", "F")}[name]  # fmt: skip
+    orientation = {
+        "ct-head": ("L", "P"),
+        "mr-sag": ("P", "F"),
+        "ect-multiframe": ("R", "P"),
+        "ct-tilted": ("L", "P"),
+        "ct-oblique": ("L", "PH"),
+        "ct-varspacing": ("L", "P"),
+        "mr-coronal": ("L", "F"),
+    }[name]
     assert all(tuple(d.PatientOrientation) == orientation for d in out)
     for i, d in enumerate(out):
         write(d, tmp_path / f"sc-{i}.dcm", f"SC {name}")
@@ -789,8 +839,9 @@ def _affine_of(series: SeriesInput) -> np.ndarray:
 
 @pytest.mark.parametrize("name", IMAGE_SOURCES)
 @pytest.mark.parametrize("kind", ["int", "float"])
-def test_derived_image_series_stacks_like_its_source(sources: dict[str, list[Path]], tmp_path: Path, name: str,
-                                                      kind: str) -> None:  # fmt: skip
+def test_derived_image_series_stacks_like_its_source(
+    sources: dict[str, list[Path]], tmp_path: Path, name: str, kind: str
+) -> None:
     """The series reloads as a volume with the source's geometry and the plugin's values (exact, or within the
     precision the node reports), and dciodvfy finds no error in any instance."""
     series = load(sources, name)
@@ -808,8 +859,9 @@ def test_derived_image_series_stacks_like_its_source(sources: dict[str, list[Pat
     np.testing.assert_allclose(_affine_of(back), _affine_of(series), atol=1e-3)
     # back is sorted along the normal like series: slice i is slice i (values in float64, as stored)
     full = [pydicom.dcmread(f) for f in back.files]
-    got = np.stack([d.pixel_array * float(d.get("RescaleSlope", 1)) + float(d.get("RescaleIntercept", 0))
-                    for d in full])  # fmt: skip
+    got = np.stack(
+        [d.pixel_array * float(d.get("RescaleSlope", 1)) + float(d.get("RescaleIntercept", 0)) for d in full]
+    )
     if kind == "int":
         assert error == 0
         np.testing.assert_array_equal(got, values)
@@ -828,8 +880,9 @@ def test_derived_image_series_stacks_like_its_source(sources: dict[str, list[Pat
 
 
 @pytest.mark.parametrize("kind", ["int", "float"])
-def test_enhanced_ct_source_gives_an_enhanced_ct_frame_for_frame(sources: dict[str, list[Path]], tmp_path: Path,
-                                                                  kind: str) -> None:  # fmt: skip
+def test_enhanced_ct_source_gives_an_enhanced_ct_frame_for_frame(
+    sources: dict[str, list[Path]], tmp_path: Path, kind: str
+) -> None:
     series = load(sources, "ect-multiframe")
     src = series.rescaled().astype(np.float64)
     values = (np.round(src) + 5).astype(np.int32) if kind == "int" else src * 0.37 + 0.125
@@ -858,8 +911,9 @@ def test_float_range_round_trips_within_the_reported_precision(sources: dict[str
     values.flat[0], values.flat[1] = -0.5, 1e4
     datasets, error = build_image_series(series, Volume(values), provenance(series, "range"))
     assert error <= (1e4 + 0.5) / 65534 / 2 * 1.001
-    stored = np.stack([d.pixel_array.astype(np.float64) * float(d.RescaleSlope) + float(d.RescaleIntercept)
-                       for d in datasets])  # fmt: skip
+    stored = np.stack(
+        [d.pixel_array.astype(np.float64) * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in datasets]
+    )
     assert np.max(np.abs(stored - values)) <= error + 1e-9
     with pytest.raises(OutputError, match=r"cannot be kept within 0.01 in 16 bits"):
         build_image_series(series, Volume(values, precision=0.01), provenance(series, "range"))
@@ -879,15 +933,22 @@ def test_volume_results_that_cannot_be_written_fail_clearly(sources: dict[str, l
         build_image_series(multi, Volume(np.zeros(multi.voxels().shape), affine=_affine_of(multi)), prov)
 
 
-def test_smooth_series_plugin_job_returns_the_median_filtered_ct(sources: dict[str, list[Path]], tmp_path: Path) -> None:
+def test_smooth_series_plugin_job_returns_the_median_filtered_ct(
+    sources: dict[str, list[Path]], tmp_path: Path
+) -> None:
     from scipy import ndimage
 
     out = tmp_path / "out"
     out.mkdir()
     files = sources["ct-head"]
-    res = run_work(WorkSpec(files=[str(f) for f in files],
-                            steps=[StepSpec("smooth-series", "node.plugins.builtin.smooth:smooth_series", {"size": 5})],
-                            out_dir=str(out), job_key=("1.2.3", 1, "smooth", 0)))  # fmt: skip
+    res = run_work(
+        WorkSpec(
+            files=[str(f) for f in files],
+            steps=[StepSpec("smooth-series", "node.plugins.builtin.smooth:smooth_series", {"size": 5})],
+            out_dir=str(out),
+            job_key=("1.2.3", 1, "smooth", 0),
+        )
+    )
     assert res.ok, res.error
     assert {o.kind for o in res.outputs} == {"image"} and len(res.outputs) == len(files)
     assert res.notes == [f"{pydicom.dcmread(files[0]).SeriesDescription} median 5 stored exactly"]
@@ -901,15 +962,20 @@ def test_smooth_series_plugin_job_returns_the_median_filtered_ct(sources: dict[s
 
 
 @pytest.mark.parametrize("name", ["ct-head", "mr-sag", "ct-tilted"])
-def test_parametric_map_keeps_float_values_units_and_geometry(sources: dict[str, list[Path]], tmp_path: Path,
-                                                              name: str) -> None:  # fmt: skip
+def test_parametric_map_keeps_float_values_units_and_geometry(
+    sources: dict[str, list[Path]], tmp_path: Path, name: str
+) -> None:
     from pydicom.sr.coding import Code
 
     series = load(sources, name)
     values = np.random.default_rng(11).uniform(-0.5, 1e4, series.voxels().shape).astype(np.float32)
     units = Code("mm2/s", "UCUM", "square millimeter per second")
-    ds = build_parametric_map(series, Volume(values, name="ADC", kind="parametric-map", units=units),
-                              provenance(series, f"map-{name}"), index=1)  # fmt: skip
+    ds = build_parametric_map(
+        series,
+        Volume(values, name="ADC", kind="parametric-map", units=units),
+        provenance(series, f"map-{name}"),
+        index=1,
+    )
     path = write(ds, tmp_path / "map.dcm", f"parametric map {name}")
     back = pydicom.dcmread(path)
     assert back.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30"  # Parametric Map Storage
@@ -935,10 +1001,13 @@ def test_distance_map_chained_after_a_segmentation(sources: dict[str, list[Path]
     out = tmp_path / "out"
     out.mkdir()
     files = sources["ct-head"]
-    steps = [StepSpec("threshold-seg", THRESHOLD, {}),
-             StepSpec("distance-map", "node.plugins.builtin.distance:distance_map", {})]  # fmt: skip
-    res = run_work(WorkSpec(files=[str(f) for f in files], steps=steps, out_dir=str(out),
-                            job_key=("1.2.3", 1, "dist", 0)))  # fmt: skip
+    steps = [
+        StepSpec("threshold-seg", THRESHOLD, {}),
+        StepSpec("distance-map", "node.plugins.builtin.distance:distance_map", {}),
+    ]
+    res = run_work(
+        WorkSpec(files=[str(f) for f in files], steps=steps, out_dir=str(out), job_key=("1.2.3", 1, "dist", 0))
+    )
     assert res.ok, res.error
     assert [o.kind for o in res.outputs] == ["SEG", "parametric map"]
     pm = pydicom.dcmread(res.outputs[1].file)
@@ -946,8 +1015,17 @@ def test_distance_map_chained_after_a_segmentation(sources: dict[str, list[Path]
     PRODUCED.append(Path(res.outputs[1].file))
     series = load(sources, "ct-head")
     bone = series.rescaled() >= 300
-    order = [int(np.argmin(np.linalg.norm(series.positions - np.array([float(x) for x in
-             f.PlanePositionSequence[0].ImagePositionPatient]), axis=1))) for f in pm.PerFrameFunctionalGroupsSequence]
+    order = [
+        int(
+            np.argmin(
+                np.linalg.norm(
+                    series.positions - np.array([float(x) for x in f.PlanePositionSequence[0].ImagePositionPatient]),
+                    axis=1,
+                )
+            )
+        )
+        for f in pm.PerFrameFunctionalGroupsSequence
+    ]
     d = np.empty(bone.shape, np.float32)
     d[order] = pm.pixel_array.reshape(bone.shape)
     assert (d[bone] <= 0).all() and (d[~bone] > 0).all()
@@ -956,8 +1034,9 @@ def test_distance_map_chained_after_a_segmentation(sources: dict[str, list[Path]
     unit = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0].MeasurementUnitsCodeSequence[0]
     assert unit.CodeValue == "mm"
     # without a segmentation before it, the job fails and says what to do
-    res = run_work(WorkSpec(files=[str(f) for f in files], steps=steps[1:], out_dir=str(out),
-                            job_key=("1.2.3", 1, "dist2", 0)))  # fmt: skip
+    res = run_work(
+        WorkSpec(files=[str(f) for f in files], steps=steps[1:], out_dir=str(out), job_key=("1.2.3", 1, "dist2", 0))
+    )
     assert not res.ok and "chain it after a segmentation plugin" in res.error
 
 
@@ -982,12 +1061,17 @@ def test_volume_on_its_own_grid(sources: dict[str, list[Path]], tmp_path: Path, 
         ref = ds.SourceImageSequence[0].ReferencedSOPInstanceUID
         src = next(d for d in series.datasets if d.SOPInstanceUID == ref)
         np.testing.assert_allclose([float(x) for x in src.ImagePositionPatient], pos, atol=1e-3)
-    pm = build_parametric_map(series, Volume(values.astype(np.float32) / 7, kind="parametric-map", affine=a),
-                              provenance(series, f"grid-map-{name}"))  # fmt: skip
+    pm = build_parametric_map(
+        series,
+        Volume(values.astype(np.float32) / 7, kind="parametric-map", affine=a),
+        provenance(series, f"grid-map-{name}"),
+    )
     pm_path = write(pm, tmp_path / "map.dcm", f"parametric map own grid {name}")
     pm = pydicom.dcmread(pm_path)
-    frames = [np.array([float(x) for x in f.PlanePositionSequence[0].ImagePositionPatient])
-              for f in pm.PerFrameFunctionalGroupsSequence]  # fmt: skip
+    frames = [
+        np.array([float(x) for x in f.PlanePositionSequence[0].ImagePositionPatient])
+        for f in pm.PerFrameFunctionalGroupsSequence
+    ]
     expected = a[:3, 3] + np.arange(len(values))[:, None] * a[:3, 0]
     assert sorted(map(tuple, np.round(frames, 3))) == sorted(map(tuple, np.round(expected, 3)))
     spacing = pm.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
@@ -1004,34 +1088,75 @@ def test_volume_on_its_own_grid(sources: dict[str, list[Path]], tmp_path: Path, 
 METAINFO = {
     "ContentCreatorName": "Reader1",
     "SeriesDescription": "Brain structures",
-    "segmentAttributes": [[
-        {"labelID": 1, "SegmentLabel": "Left ventricle", "SegmentDescription": "lateral ventricle, left",
-         "SegmentAlgorithmType": "AUTOMATIC", "SegmentAlgorithmName": "vent-net",
-         "SegmentedPropertyCategoryCodeSequence": {"CodeValue": "123037004", "CodingSchemeDesignator": "SCT",
-                                                   "CodeMeaning": "Anatomical Structure"},
-         "SegmentedPropertyTypeCodeSequence": {"CodeValue": "66720007", "CodingSchemeDesignator": "SCT",
-                                               "CodeMeaning": "Lateral Ventricle"},
-         "SegmentedPropertyTypeModifierCodeSequence": {"CodeValue": "7771000", "CodingSchemeDesignator": "SCT",
-                                                       "CodeMeaning": "Left"},
-         "AnatomicRegionSequence": {"CodeValue": "12738006", "CodingSchemeDesignator": "SCT",
-                                    "CodeMeaning": "Brain"},
-         "AnatomicRegionModifierSequence": {"CodeValue": "7771000", "CodingSchemeDesignator": "SCT",
-                                            "CodeMeaning": "Left"},
-         "recommendedDisplayRGBValue": [88, 106, 215]},
-        {"labelID": 3, "SegmentLabel": "Skull",
-         "SegmentedPropertyCategoryCodeSequence": {"CodeValue": "123037004", "CodingSchemeDesignator": "SCT",
-                                                   "CodeMeaning": "Anatomical Structure"},
-         "SegmentedPropertyTypeCodeSequence": {"CodeValue": "89546000", "CodingSchemeDesignator": "SCT",
-                                               "CodeMeaning": "Skull"},
-         "recommendedDisplayRGBValue": [241, 214, 145]},
-        {"labelID": 7, "SegmentLabel": "Lesion", "SegmentAlgorithmType": "SEMIAUTOMATIC",
-         "SegmentedPropertyCategoryCodeSequence": {"CodeValue": "49755003", "CodingSchemeDesignator": "SCT",
-                                                   "CodeMeaning": "Morphologically Altered Structure"},
-         "SegmentedPropertyTypeCodeSequence": {"CodeValue": "52988006", "CodingSchemeDesignator": "SCT",
-                                               "CodeMeaning": "Lesion"},
-         "recommendedDisplayRGBValue": [255, 0, 0]},
-    ]],
-}  # fmt: skip
+    "segmentAttributes": [
+        [
+            {
+                "labelID": 1,
+                "SegmentLabel": "Left ventricle",
+                "SegmentDescription": "lateral ventricle, left",
+                "SegmentAlgorithmType": "AUTOMATIC",
+                "SegmentAlgorithmName": "vent-net",
+                "SegmentedPropertyCategoryCodeSequence": {
+                    "CodeValue": "123037004",
+                    "CodingSchemeDesignator": "SCT",
+                    "CodeMeaning": "Anatomical Structure",
+                },
+                "SegmentedPropertyTypeCodeSequence": {
+                    "CodeValue": "66720007",
+                    "CodingSchemeDesignator": "SCT",
+                    "CodeMeaning": "Lateral Ventricle",
+                },
+                "SegmentedPropertyTypeModifierCodeSequence": {
+                    "CodeValue": "7771000",
+                    "CodingSchemeDesignator": "SCT",
+                    "CodeMeaning": "Left",
+                },
+                "AnatomicRegionSequence": {
+                    "CodeValue": "12738006",
+                    "CodingSchemeDesignator": "SCT",
+                    "CodeMeaning": "Brain",
+                },
+                "AnatomicRegionModifierSequence": {
+                    "CodeValue": "7771000",
+                    "CodingSchemeDesignator": "SCT",
+                    "CodeMeaning": "Left",
+                },
+                "recommendedDisplayRGBValue": [88, 106, 215],
+            },
+            {
+                "labelID": 3,
+                "SegmentLabel": "Skull",
+                "SegmentedPropertyCategoryCodeSequence": {
+                    "CodeValue": "123037004",
+                    "CodingSchemeDesignator": "SCT",
+                    "CodeMeaning": "Anatomical Structure",
+                },
+                "SegmentedPropertyTypeCodeSequence": {
+                    "CodeValue": "89546000",
+                    "CodingSchemeDesignator": "SCT",
+                    "CodeMeaning": "Skull",
+                },
+                "recommendedDisplayRGBValue": [241, 214, 145],
+            },
+            {
+                "labelID": 7,
+                "SegmentLabel": "Lesion",
+                "SegmentAlgorithmType": "SEMIAUTOMATIC",
+                "SegmentedPropertyCategoryCodeSequence": {
+                    "CodeValue": "49755003",
+                    "CodingSchemeDesignator": "SCT",
+                    "CodeMeaning": "Morphologically Altered Structure",
+                },
+                "SegmentedPropertyTypeCodeSequence": {
+                    "CodeValue": "52988006",
+                    "CodingSchemeDesignator": "SCT",
+                    "CodeMeaning": "Lesion",
+                },
+                "recommendedDisplayRGBValue": [255, 0, 0],
+            },
+        ]
+    ],
+}
 
 
 def _labels(series: SeriesInput, values: tuple[int, ...]) -> np.ndarray:
@@ -1058,7 +1183,9 @@ def test_segment_template_describes_the_seg_and_exports_back(sources: dict[str, 
     segs = back.SegmentSequence
     assert [str(x.SegmentLabel) for x in segs] == ["Left ventricle", "Skull", "Lesion"]
     assert segs[0].SegmentDescription == "lateral ventricle, left"
-    assert segs[0].SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence[0].CodeValue == "7771000"
+    assert (
+        segs[0].SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence[0].CodeValue == "7771000"
+    )
     assert segs[0].AnatomicRegionSequence[0].CodeValue == "12738006"
     assert segs[2].SegmentAlgorithmType == "SEMIAUTOMATIC"
     # the colours, as CIELab in the SEG, come back to the template's RGB (within rounding)
@@ -1066,23 +1193,42 @@ def test_segment_template_describes_the_seg_and_exports_back(sources: dict[str, 
     got = exported["segmentAttributes"][0]
     want = METAINFO["segmentAttributes"][0]
     for g, w in zip(got, want, strict=True):
-        assert max(abs(a - b) for a, b in zip(g["recommendedDisplayRGBValue"], w["recommendedDisplayRGBValue"],
-                                              strict=True)) <= 1  # fmt: skip
-        for key in ("SegmentLabel", "SegmentedPropertyCategoryCodeSequence", "SegmentedPropertyTypeCodeSequence",
-                    "SegmentedPropertyTypeModifierCodeSequence", "AnatomicRegionSequence",
-                    "AnatomicRegionModifierSequence"):  # fmt: skip
+        assert (
+            max(
+                abs(a - b)
+                for a, b in zip(g["recommendedDisplayRGBValue"], w["recommendedDisplayRGBValue"], strict=True)
+            )
+            <= 1
+        )
+        for key in (
+            "SegmentLabel",
+            "SegmentedPropertyCategoryCodeSequence",
+            "SegmentedPropertyTypeCodeSequence",
+            "SegmentedPropertyTypeModifierCodeSequence",
+            "AnatomicRegionSequence",
+            "AnatomicRegionModifierSequence",
+        ):
             assert g.get(key) == w.get(key), key
     assert [g["labelID"] for g in got] == [1, 2, 3]  # SEG segment numbers count from 1 by 1
     # the CLI writes the same JSON, and it loads as a template again
-    r = subprocess.run([sys.executable, "-m", "node", "seg-template", str(seg_path), "-o", str(tmp_path / "out.json")],
-                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "node", "seg-template", str(seg_path), "-o", str(tmp_path / "out.json")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "out.json").read_text()) == exported
-    assert [e.SegmentLabel for e in load_template(tmp_path / "out.json").entries] == ["Left ventricle", "Skull", "Lesion"]
+    assert [e.SegmentLabel for e in load_template(tmp_path / "out.json").entries] == [
+        "Left ventricle",
+        "Skull",
+        "Lesion",
+    ]
 
 
-def test_segment_template_labels_missing_from_it_fail_or_are_skipped(sources: dict[str, list[Path]],
-                                                                     tmp_path: Path) -> None:  # fmt: skip
+def test_segment_template_labels_missing_from_it_fail_or_are_skipped(
+    sources: dict[str, list[Path]], tmp_path: Path
+) -> None:
     import json
 
     from node.derive.template import TemplateError, apply_template, load_template
@@ -1107,8 +1253,15 @@ def test_plugin_job_with_a_segment_template(sources: dict[str, list[Path]], tmp_
     path.write_text(json.dumps(meta))
     out = tmp_path / "out"
     out.mkdir()
-    res = run_work(WorkSpec(files=[str(f) for f in sources["ct-tilted"]], steps=[StepSpec("threshold-seg", THRESHOLD, {})],
-                            out_dir=str(out), job_key=("1.2.3", 1, "tpl", 0), segment_template=str(path)))  # fmt: skip
+    res = run_work(
+        WorkSpec(
+            files=[str(f) for f in sources["ct-tilted"]],
+            steps=[StepSpec("threshold-seg", THRESHOLD, {})],
+            out_dir=str(out),
+            job_key=("1.2.3", 1, "tpl", 0),
+            segment_template=str(path),
+        )
+    )
     assert res.ok, res.error
     seg = pydicom.dcmread(res.outputs[0].file, stop_before_pixels=True)
     assert [str(x.SegmentLabel) for x in seg.SegmentSequence] == ["Cranium"]
@@ -1138,8 +1291,12 @@ def test_broken_segment_template_names_the_segment_and_field(tmp_path: Path) -> 
 name = "brain"
 actions = [{{ type = "plugin", plugin = "threshold-seg", segment_template = "{path}" }}]
 """)
-    r = subprocess.run([sys.executable, "-m", "node", "rules", "check", "--config", str(cfg)], capture_output=True,
-                       text=True, timeout=60)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "node", "rules", "check", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2, r.stdout + r.stderr
     text = " ".join(r.stderr.split())
     assert 'rules[0] ("brain").actions[0]' in text and '("Skull").SegmentedPropertyTypeCodeSequence.CodeValue' in text
@@ -1154,12 +1311,19 @@ def _some_outputs(sources: dict[str, list[Path]], tmp_path: Path) -> None:
     masks = series_masks("ct-tilted", series)
     for kind, syntax in COMBOS:
         exp = plugin_result(kind, masks, 0)
-        ds = build_seg(series, exp.result, provenance(series, f"alone-{kind}-{syntax}"),
-                       transfer_syntax=SYNTAXES[syntax])  # fmt: skip
+        ds = build_seg(
+            series, exp.result, provenance(series, f"alone-{kind}-{syntax}"), transfer_syntax=SYNTAXES[syntax]
+        )
         write(ds, tmp_path / f"alone-{kind}-{syntax}.dcm", f"SEG {kind} {syntax}")
     for syntax in SYNTAXES:
-        for i, d in enumerate(build_sc(series, Images(sc_pixels(series, "grey8", [0, 5]), [0, 5]),
-                                       provenance(series, f"alone-sc-{syntax}"), transfer_syntax=SYNTAXES[syntax])):  # fmt: skip
+        for i, d in enumerate(
+            build_sc(
+                series,
+                Images(sc_pixels(series, "grey8", [0, 5]), [0, 5]),
+                provenance(series, f"alone-sc-{syntax}"),
+                transfer_syntax=SYNTAXES[syntax],
+            )
+        ):
             write(d, tmp_path / f"alone-sc-{syntax}-{i}.dcm", f"SC {syntax}")
 
 
@@ -1182,12 +1346,21 @@ def test_orthanc_accepts_every_object(module_orthanc: Orthanc, sources: dict[str
         assert module_orthanc.get(f"/instances/{oid}/metadata/TransferSyntax").decode() == ts
     one = next(iter(wanted))
     assert module_orthanc.has_instance(one) and module_orthanc.tags(one)["SOPInstanceUID"] == one
-    print(f"Orthanc holds all {len(wanted)} objects ({len(files)} files; "
-          f"{sum(f.stat().st_size for f in files) / 2**20:.1f} MiB)")  # fmt: skip
+    print(
+        f"Orthanc holds all {len(wanted)} objects ({len(files)} files; "
+        f"{sum(f.stat().st_size for f in files) / 2**20:.1f} MiB)"
+    )
     # Only the senders it knows may store: another AE title is refused.
-    (refused,) = storescu_exact(module_orthanc.dicom_port, files[:1], tmp_path, ae=module_orthanc.aet, aet="INTRUDER", timeout=60)
+    (refused,) = storescu_exact(
+        module_orthanc.dicom_port, files[:1], tmp_path, ae=module_orthanc.aet, aet="INTRUDER", timeout=60
+    )
     assert refused.returncode != 0
     import tomllib
 
     (dest,) = tomllib.loads(module_orthanc.destination("pacs"))["destinations"]
-    assert dest == {"name": "pacs", "ae_title": module_orthanc.aet, "host": "127.0.0.1", "port": module_orthanc.dicom_port}
+    assert dest == {
+        "name": "pacs",
+        "ae_title": module_orthanc.aet,
+        "host": "127.0.0.1",
+        "port": module_orthanc.dicom_port,
+    }

@@ -41,9 +41,16 @@ pytestmark = [
 SERIES = {"ct": "ct-head-philips-5mm", "mr": "mr-t1-sag-siemens"}
 KINDS = ("seg binary", "seg labelmap", "seg fractional", "sc grey", "sc rgb", "image", "parametric map")
 LABELS = [f"{s} {k}" for s in SERIES for k in KINDS]
+
+
 def _provenance(series: SeriesInput) -> Provenance:
-    return Provenance(job_key=(str(series.first.SeriesInstanceUID), 1, "validate", 0), algorithm="validate-test",
-                      algorithm_version="1.0", station_name="NODE_TEST", parameters={"threshold": "90%"})  # fmt: skip
+    return Provenance(
+        job_key=(str(series.first.SeriesInstanceUID), 1, "validate", 0),
+        algorithm="validate-test",
+        algorithm_version="1.0",
+        station_name="NODE_TEST",
+        parameters={"threshold": "90%"},
+    )
 
 
 def build_all(series: SeriesInput) -> dict[str, list[Dataset]]:
@@ -52,8 +59,10 @@ def build_all(series: SeriesInput) -> dict[str, list[Dataset]]:
     voxels = series.rescaled().astype(np.float32)
     bright = voxels > np.percentile(voxels, 90)
     brighter = voxels > np.percentile(voxels, 97)
-    segments = [Segment("Bright", codes.SCT.Tissue, codes.SCT.Bone),
-                Segment("Brightest", codes.SCT.MorphologicallyAbnormalStructure, codes.SCT.Lesion)]  # fmt: skip
+    segments = [
+        Segment("Bright", codes.SCT.Tissue, codes.SCT.Bone),
+        Segment("Brightest", codes.SCT.MorphologicallyAbnormalStructure, codes.SCT.Lesion),
+    ]
     labels = bright.astype(np.uint8) + brighter.astype(np.uint8)
     fraction = np.clip((voxels - voxels.min()) / np.ptp(voxels), 0, 1)[..., None] * bright[..., None]
     grey = (np.clip((voxels[:3] - voxels.min()) / np.ptp(voxels), 0, 1) * 255).astype(np.uint8)
@@ -133,40 +142,91 @@ def _remove_segment_label(ds: Dataset) -> None:
 
 #: damage -> (output, how, (keyword, tag, module, type, path), what the problem says)
 DAMAGE: dict[str, tuple[str, Callable[[Dataset], None], tuple[str, str, str, str, str], str]] = {
-    "type 1 removed": ("mr image", _remove("ScanningSequence"),
-                       ("ScanningSequence", "(0018,0020)", "mr-image", "1", ""), "missing"),
-    "type 1 emptied": ("mr image", _set("SequenceVariant", None),
-                       ("SequenceVariant", "(0018,0021)", "mr-image", "1", ""), "empty"),
-    "type 1 removed in an item": ("ct seg binary", _remove_segment_label,
-                                  ("SegmentLabel", "(0062,0005)", "segmentation-image", "1", "SegmentSequence[0]"),
-                                  "missing"),
-    "type 1 emptied (SEG)": ("mr seg fractional", _set("ContentLabel", ""),
-                             ("ContentLabel", "(0070,0080)", "segmentation-image", "1", ""), "empty"),
-    "type 1 removed (SC)": ("ct sc grey", _remove("ConversionType"),
-                            ("ConversionType", "(0008,0064)", "sc-equipment", "1", ""), "missing"),
-    "type 2 removed": ("ct image", _remove("StudyDate"), ("StudyDate", "(0008,0020)", "general-study", "2", ""),
-                       "missing"),
-    "type 2 removed (map)": ("ct parametric map", _remove("PositionReferenceIndicator"),
-                             ("PositionReferenceIndicator", "(0020,1040)", "frame-of-reference", "2", ""), "missing"),
-    "type 2C removed where its condition holds": ("mr image", _remove("RepetitionTime"),
-                                                  ("RepetitionTime", "(0018,0080)", "mr-image", "2C", ""),
-                                                  "missing (required unless Scanning Sequence is EP"),
-    "DS too long": ("ct image", _set("SliceThickness", "1.234567890123456789"),
-                    ("SliceThickness", "(0018,0050)", "image-plane", "2", ""),
-                    "The value length (20) exceeds the maximum length of 16 allowed for VR DS"),
-    "IS not an integer": ("mr image", _set("InstanceNumber", "1.5"),
-                          ("InstanceNumber", "(0020,0013)", "general-image", "2", ""), "Invalid value for VR IS"),
-    "UI with a leading zero": ("ct sc rgb", _set("SeriesInstanceUID", "1.2.826.0.01"),
-                               ("SeriesInstanceUID", "(0020,000E)", "general-series", "1", ""),
-                               "Invalid value for VR UI"),
-    "CS lower case": ("mr parametric map", _set("PatientSex", "male"),
-                      ("PatientSex", "(0010,0040)", "patient", "2", ""), "Invalid value for VR CS"),
-    "CS too long": ("ct image", _set("ImageType", ["DERIVED", "SECONDARY", "AXIAL", "RECONSTRUCTED_FROM_RAW"]),
-                    ("ImageType", "(0008,0008)", "ct-image", "1", ""),
-                    "The value length (22) exceeds the maximum length of 16 allowed for VR CS"),
-    "VM too small": ("mr image", _set("PixelSpacing", [0.9]), ("PixelSpacing", "(0028,0030)", "image-plane", "1", ""),
-                     "1 value(s), the data dictionary allows VM 2"),
-}  # fmt: skip
+    "type 1 removed": (
+        "mr image",
+        _remove("ScanningSequence"),
+        ("ScanningSequence", "(0018,0020)", "mr-image", "1", ""),
+        "missing",
+    ),
+    "type 1 emptied": (
+        "mr image",
+        _set("SequenceVariant", None),
+        ("SequenceVariant", "(0018,0021)", "mr-image", "1", ""),
+        "empty",
+    ),
+    "type 1 removed in an item": (
+        "ct seg binary",
+        _remove_segment_label,
+        ("SegmentLabel", "(0062,0005)", "segmentation-image", "1", "SegmentSequence[0]"),
+        "missing",
+    ),
+    "type 1 emptied (SEG)": (
+        "mr seg fractional",
+        _set("ContentLabel", ""),
+        ("ContentLabel", "(0070,0080)", "segmentation-image", "1", ""),
+        "empty",
+    ),
+    "type 1 removed (SC)": (
+        "ct sc grey",
+        _remove("ConversionType"),
+        ("ConversionType", "(0008,0064)", "sc-equipment", "1", ""),
+        "missing",
+    ),
+    "type 2 removed": (
+        "ct image",
+        _remove("StudyDate"),
+        ("StudyDate", "(0008,0020)", "general-study", "2", ""),
+        "missing",
+    ),
+    "type 2 removed (map)": (
+        "ct parametric map",
+        _remove("PositionReferenceIndicator"),
+        ("PositionReferenceIndicator", "(0020,1040)", "frame-of-reference", "2", ""),
+        "missing",
+    ),
+    "type 2C removed where its condition holds": (
+        "mr image",
+        _remove("RepetitionTime"),
+        ("RepetitionTime", "(0018,0080)", "mr-image", "2C", ""),
+        "missing (required unless Scanning Sequence is EP",
+    ),
+    "DS too long": (
+        "ct image",
+        _set("SliceThickness", "1.234567890123456789"),
+        ("SliceThickness", "(0018,0050)", "image-plane", "2", ""),
+        "The value length (20) exceeds the maximum length of 16 allowed for VR DS",
+    ),
+    "IS not an integer": (
+        "mr image",
+        _set("InstanceNumber", "1.5"),
+        ("InstanceNumber", "(0020,0013)", "general-image", "2", ""),
+        "Invalid value for VR IS",
+    ),
+    "UI with a leading zero": (
+        "ct sc rgb",
+        _set("SeriesInstanceUID", "1.2.826.0.01"),
+        ("SeriesInstanceUID", "(0020,000E)", "general-series", "1", ""),
+        "Invalid value for VR UI",
+    ),
+    "CS lower case": (
+        "mr parametric map",
+        _set("PatientSex", "male"),
+        ("PatientSex", "(0010,0040)", "patient", "2", ""),
+        "Invalid value for VR CS",
+    ),
+    "CS too long": (
+        "ct image",
+        _set("ImageType", ["DERIVED", "SECONDARY", "AXIAL", "RECONSTRUCTED_FROM_RAW"]),
+        ("ImageType", "(0008,0008)", "ct-image", "1", ""),
+        "The value length (22) exceeds the maximum length of 16 allowed for VR CS",
+    ),
+    "VM too small": (
+        "mr image",
+        _set("PixelSpacing", [0.9]),
+        ("PixelSpacing", "(0028,0030)", "image-plane", "1", ""),
+        "1 value(s), the data dictionary allows VM 2",
+    ),
+}
 
 
 def _tool_names(error: str, keyword: str, tag: str) -> bool:
@@ -227,16 +287,24 @@ def test_repair_fixes_an_anonymisers_damage_copied_into_a_derived_mr(outputs: di
     for keyword in ANONYMISED_AWAY:
         ds.pop(keyword, None)
     missing = {(p.keyword, p.type) for p in validate(ds)}
-    assert {("ScanningSequence", "1"), ("SequenceVariant", "1"), ("StudyDate", "2"), ("PatientSex", "2"),
-            ("EchoTime", "2"), ("SeriesNumber", "2")} <= missing  # fmt: skip
+    assert {
+        ("ScanningSequence", "1"),
+        ("SequenceVariant", "1"),
+        ("StudyDate", "2"),
+        ("PatientSex", "2"),
+        ("EchoTime", "2"),
+        ("SeriesNumber", "2"),
+    } <= missing
     changes = repair(ds, None)
     assert validate(ds) == []
     assert tool_errors(ds) == []
     assert (ds.ScanningSequence, ds.SequenceVariant) == ("RM", "NONE")
     for keyword in ("StudyDate", "PatientSex", "PatientBirthDate", "EchoTime", "PatientPosition", "RepetitionTime"):
         assert keyword in ds and not ds[keyword].value, keyword  # present, empty: unknown
-    assert "ScanningSequence (0018,0020) (Type 1, module mr-image): missing -> set to 'RM' (Research Mode: the " \
-           "source does not say how it was acquired)" in changes  # fmt: skip
+    assert (
+        "ScanningSequence (0018,0020) (Type 1, module mr-image): missing -> set to 'RM' (Research Mode: the "
+        "source does not say how it was acquired)" in changes
+    )
     assert "StudyDate (0008,0020) (Type 2, module general-study): missing -> added empty (unknown)" in changes
     assert len(changes) >= len(missing)
 
@@ -252,8 +320,10 @@ def test_repair_copies_patient_and_study_attributes_only_from_a_source_of_the_sa
     assert (ds.StudyDate, ds.PatientSex) == (source.StudyDate, source.PatientSex)
     assert not ds.PatientBirthDate and not source.PatientBirthDate  # the source does not know it either
     assert not ds.StudyTime
-    assert f"StudyDate (0008,0020) (Type 2, module general-study): missing -> copied from the source " \
-           f"('{source.StudyDate}')" in changes  # fmt: skip
+    assert (
+        f"StudyDate (0008,0020) (Type 2, module general-study): missing -> copied from the source "
+        f"('{source.StudyDate}')" in changes
+    )
     other = copy.deepcopy(source)
     other.StudyInstanceUID = "1.2.826.0.1.3680043.10.1431.98"
     ds = copy.deepcopy(outputs["ct seg binary"][0])
@@ -274,10 +344,16 @@ def test_repair_drops_invalid_optional_values_empties_type_2_and_never_touches_i
     assert "PatientWeight" not in ds and "BodyPartExamined" not in ds
     assert "SliceThickness" in ds and not ds.SliceThickness
     assert ds.PatientID == "X" * 70
-    assert any(c.startswith("PatientWeight (0010,1030) (Type 3, module patient-study): value '70.00") and
-               c.endswith("-> dropped") for c in changes)  # fmt: skip
-    assert any(c.startswith("SliceThickness (0018,0050) (Type 2, module image-plane)") and
-               c.endswith("-> emptied (Type 2: unknown)") for c in changes)  # fmt: skip
+    assert any(
+        c.startswith("PatientWeight (0010,1030) (Type 3, module patient-study): value '70.00")
+        and c.endswith("-> dropped")
+        for c in changes
+    )
+    assert any(
+        c.startswith("SliceThickness (0018,0050) (Type 2, module image-plane)")
+        and c.endswith("-> emptied (Type 2: unknown)")
+        for c in changes
+    )
     assert [(p.keyword, p.type) for p in validate(ds)] == [("PatientID", "2")]
 
 

@@ -64,29 +64,37 @@ print(json.dumps(out))
 """
 
 
-
-
-
-
 def run_plugin(python: Path, tmp_path: Path, folder: Path, runs: list[dict], **env: str) -> dict:
     """Run onnx-tissue in its environment on the series in ``folder``, once per entry of ``runs`` (one instance)."""
     series = load_series(sorted(p for p in folder.iterdir() if p.name != "DIRFILE"))
     voxels = tmp_path / "voxels.npy"
     np.save(voxels, series.voxels())
     spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"files": [str(f) for f in series.files], "voxels": str(voxels), "out": str(tmp_path),
-                                "runs": runs}))  # fmt: skip
+    spec.write_text(
+        json.dumps({"files": [str(f) for f in series.files], "voxels": str(voxels), "out": str(tmp_path), "runs": runs})
+    )
     # cwd elsewhere than the repository: its dicom_node.egg-info would show the node's entry points there.
-    done = subprocess.run([str(python), "-c", ENV_SCRIPT, str(spec)], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, **env})  # fmt: skip
+    done = subprocess.run(
+        [str(python), "-c", ENV_SCRIPT, str(spec)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **env},
+    )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def test_environment_has_other_numpy_and_pydicom_than_the_node(onnx_python: Path, tmp_path: Path) -> None:
-    done = subprocess.run([str(onnx_python), "-c", "import numpy, pydicom, onnxruntime; "
-                           "print(numpy.__version__, pydicom.__version__)"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
+    done = subprocess.run(
+        [str(onnx_python), "-c", "import numpy, pydicom, onnxruntime; print(numpy.__version__, pydicom.__version__)"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     env_numpy, env_pydicom = done.stdout.split()
     assert env_numpy.startswith("1.") and env_pydicom.startswith("2."), done.stdout
     assert np.__version__.split(".")[0] != "1" and pydicom.__version__.split(".")[0] != "2"
@@ -95,15 +103,29 @@ def test_environment_has_other_numpy_and_pydicom_than_the_node(onnx_python: Path
 def test_model_script_writes_the_same_checked_graph_each_time(onnx_python: Path, tmp_path: Path) -> None:
     """``python -m dicom_node_example_onnx.make_model OUT`` (and by env var): a valid ONNX file, byte for byte stable."""
     a, b = tmp_path / "a.onnx", tmp_path / "sub" / "b.onnx"
-    subprocess.run([str(onnx_python), "-m", "dicom_node_example_onnx.make_model", str(a)], cwd=tmp_path, check=True,
-                   capture_output=True, timeout=120)  # fmt: skip
-    subprocess.run([str(onnx_python), "-m", "dicom_node_example_onnx.make_model"], cwd=tmp_path, check=True,
-                   capture_output=True, timeout=120, env={**os.environ, "DICOM_NODE_ONNX_TISSUE_MODEL": str(b)})  # fmt: skip
+    subprocess.run(
+        [str(onnx_python), "-m", "dicom_node_example_onnx.make_model", str(a)],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    subprocess.run(
+        [str(onnx_python), "-m", "dicom_node_example_onnx.make_model"],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        timeout=120,
+        env={**os.environ, "DICOM_NODE_ONNX_TISSUE_MODEL": str(b)},
+    )
     assert a.read_bytes() == b.read_bytes()
-    check = ("import onnx, sys; m = onnx.load(sys.argv[1]); onnx.checker.check_model(m, full_check=True); "
-             "print(' '.join(n.op_type for n in m.graph.node), m.opset_import[0].version)")
-    done = subprocess.run([str(onnx_python), "-c", check, str(a)], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120, check=True)  # fmt: skip
+    check = (
+        "import onnx, sys; m = onnx.load(sys.argv[1]); onnx.checker.check_model(m, full_check=True); "
+        "print(' '.join(n.op_type for n in m.graph.node), m.opset_import[0].version)"
+    )
+    done = subprocess.run(
+        [str(onnx_python), "-c", check, str(a)], cwd=tmp_path, capture_output=True, text=True, timeout=120, check=True
+    )
     assert done.stdout.split() == ["Unsqueeze", "Clip", "Pad", "Conv", "Mul", "Concat", "Conv", "ArgMax", "Cast", "13"]
 
 
@@ -126,8 +148,11 @@ def test_plugin_in_its_environment_matches_the_reference_on_a_real_ct(
 
     # Segments: category Tissue, types of DICOM CID 7166 as pydicom 3 (the node's) names them.
     tissue = [codes.cid7150.Tissue.value, "SCT"]
-    expected = [("Fat", codes.cid7166.AdiposeTissue), ("Soft tissue", codes.cid7166.SoftTissue),
-                ("Bone", codes.cid7166.BoneTissue)]  # fmt: skip
+    expected = [
+        ("Fat", codes.cid7166.AdiposeTissue),
+        ("Soft tissue", codes.cid7166.SoftTissue),
+        ("Bone", codes.cid7166.BoneTissue),
+    ]
     for run in out["runs"]:
         assert [(s["label"], s["category"], s["type"]) for s in run["segments"]] == [
             (label, tissue, [code.value, code.scheme_designator, code.meaning]) for label, code in expected
@@ -143,7 +168,9 @@ def test_plugin_in_its_environment_matches_the_reference_on_a_real_ct(
         # float32 (onnxruntime) and float64 (reference) may pick different classes only on a class boundary,
         # where the two best scores tie within float32 rounding. Measured: 0 voxels of 7.3 million differ.
         assert differ.mean() <= 1e-5, f"{differ.sum()} voxels differ"
-        assert np.all(margin[differ] < 1e-3), f"voxels differ away from a class boundary: margins {margin[differ].max()}"
+        assert np.all(margin[differ] < 1e-3), (
+            f"voxels differ away from a class boundary: margins {margin[differ].max()}"
+        )
 
     # What a CT head holds: every class, none taking everything (fractions of the 28 x 512 x 512 voxels).
     fractions = np.bincount(want.ravel(), minlength=4) / want.size
@@ -154,16 +181,29 @@ def test_refuses_what_it_cannot_segment_and_asks_for_cuda_only_when_there(
     onnx_python: Path, tmp_path: Path, shared_data: Path
 ) -> None:
     """An MR series and bad parameters fail with messages that say why; a GPU worker without CUDA runs on the CPU."""
-    out = run_plugin(onnx_python, tmp_path, shared_data / MR, [{}, {"batch_size": 0}, {"kind": "fractional"}],
-                     DICOM_NODE_DEVICE="cuda", CUDA_VISIBLE_DEVICES="0",
-                     DICOM_NODE_ONNX_TISSUE_MODEL=str(tmp_path / "tissue.onnx"))  # fmt: skip
+    out = run_plugin(
+        onnx_python,
+        tmp_path,
+        shared_data / MR,
+        [{}, {"batch_size": 0}, {"kind": "fractional"}],
+        DICOM_NODE_DEVICE="cuda",
+        CUDA_VISIBLE_DEVICES="0",
+        DICOM_NODE_ONNX_TISSUE_MODEL=str(tmp_path / "tissue.onnx"),
+    )
     mr, small, kind = out["runs"]
     assert mr == {"error": "PluginError", "message": "onnx-tissue classifies CT values (HU); this series is MR"}
     assert small["error"] == "ParamsError" and "batch_size must be between 1 and 512 (got 0)" in small["message"]
     assert kind["error"] == "ParamsError" and "kind" in kind["message"]
 
-    ct = run_plugin(onnx_python, tmp_path, shared_data / CT, [{}], DICOM_NODE_DEVICE="cuda", CUDA_VISIBLE_DEVICES="0",
-                    DICOM_NODE_ONNX_TISSUE_MODEL=str(tmp_path / "tissue.onnx"))  # fmt: skip
+    ct = run_plugin(
+        onnx_python,
+        tmp_path,
+        shared_data / CT,
+        [{}],
+        DICOM_NODE_DEVICE="cuda",
+        CUDA_VISIBLE_DEVICES="0",
+        DICOM_NODE_ONNX_TISSUE_MODEL=str(tmp_path / "tissue.onnx"),
+    )
     assert ct["runs"][0]["description"].endswith("job 1 (CPU)")
 
 

@@ -26,15 +26,14 @@ SEGMENTS = {"Fat": "55603005", "Soft tissue": "87784001", "Bone": "3138006"}
 pytestmark = pytest.mark.filterwarnings("ignore:.*unlikely to represent the intended person name:UserWarning")
 
 
-
-
-
-
 def test_the_example_model_runs_warm_in_its_environment_and_its_segs_reach_orthanc(
-        tmp_path: Path, onnx_python: Path, reference, module_orthanc) -> None:  # fmt: skip
+    tmp_path: Path, onnx_python: Path, reference, module_orthanc
+) -> None:
     orthanc = module_orthanc
     model = tmp_path / "models" / "tissue.onnx"
-    node = NodeProcess(tmp_path / "node", extra_config=f"""
+    node = NodeProcess(
+        tmp_path / "node",
+        extra_config=f"""
 [tracker]
 stable_after = 1
 [plugins.environments.onnx]
@@ -45,15 +44,24 @@ env = {{ DICOM_NODE_ONNX_TISSUE_MODEL = "{model}" }}
 name = "tissue"
 match = {{ Modality = "CT" }}
 actions = [{{ type = "plugin", plugin = "onnx-tissue", send_to = ["orthanc"] }}]
-""")  # fmt: skip
+""",
+    )
     node.start()
     try:
-        sent = [make_files(tmp_path / "-".join(v or ("original",)), "ct-head", *v)
-                for v in [(), ("anonymised",), ("uneven",)]]  # fmt: skip
+        sent = [
+            make_files(tmp_path / "-".join(v or ("original",)), "ct-head", *v)
+            for v in [(), ("anonymised",), ("uneven",)]
+        ]
         for n, files in enumerate(sent, 1):
             assert storescu(node.port, files).returncode == 0
-            wait_for(lambda n=n: len(node.query("select id from job")) == n and node.query(
-                "select state from job order by id")[-1][0] in ("succeeded", "failed"), 240, f"job {n}")  # fmt: skip
+            wait_for(
+                lambda n=n: (
+                    len(node.query("select id from job")) == n
+                    and node.query("select state from job order by id")[-1][0] in ("succeeded", "failed")
+                ),
+                240,
+                f"job {n}",
+            )
         rows = node.query("select state, result, last_error from job order by id")
         assert [r[0] for r in rows] == ["succeeded"] * 3, rows
         assert model.exists()  # setup made the model with the package's own script (no download)
@@ -67,8 +75,9 @@ actions = [{{ type = "plugin", plugin = "onnx-tissue", send_to = ["orthanc"] }}]
             assert ds.SeriesDescription.startswith("onnx-tissue setup #1 in pid "), ds.SeriesDescription
             assert f", job {k} " in ds.SeriesDescription, ds.SeriesDescription
             pids.add(ds.SeriesDescription.split(" pid ")[1].split(",")[0])
-            assert {s.SegmentLabel: s.SegmentedPropertyTypeCodeSequence[0].CodeValue
-                    for s in ds.SegmentSequence} == SEGMENTS  # fmt: skip
+            assert {
+                s.SegmentLabel: s.SegmentedPropertyTypeCodeSequence[0].CodeValue for s in ds.SegmentSequence
+            } == SEGMENTS
             assert all(s.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "85756007" for s in ds.SegmentSequence)
             # The label map the node encoded equals the reference model's, computed here in numpy 2.
             src = load_series(files)
@@ -89,6 +98,11 @@ def _labels(seg: pydicom.Dataset, src) -> np.ndarray:
     s = hd.seg.Segmentation.from_dataset(seg) if not isinstance(seg, hd.seg.Segmentation) else seg
     uids = [str(d.SOPInstanceUID) for d in src.datasets]
     numbers = [int(x.SegmentNumber) for x in seg.SegmentSequence]
-    vol = s.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=numbers,
-                                          combine_segments=True, relabel=False, skip_overlap_checks=True)  # fmt: skip
+    vol = s.get_pixels_by_source_instance(
+        source_sop_instance_uids=uids,
+        segment_numbers=numbers,
+        combine_segments=True,
+        relabel=False,
+        skip_overlap_checks=True,
+    )
     return np.asarray(vol).astype(np.uint8)

@@ -54,15 +54,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for_echo(port: int, ae: str = "DICOM_NODE", timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+def wait_for_echo(
+    port: int, ae: str = "DICOM_NODE", timeout: float = 30.0, proc: subprocess.Popen | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process exited with {proc.returncode} before answering C-ECHO")
         r = subprocess.run(
             [dcmtk("echoscu"), "-to", "2", "-aec", ae, "127.0.0.1", str(port)],
-            capture_output=True, env=PEER_ENV, text=True,
-        )  # fmt: skip
+            capture_output=True,
+            env=PEER_ENV,
+            text=True,
+        )
         if r.returncode == 0 or "Association Rejected" in r.stderr:  # answering (an allowlist may refuse us)
             return
         time.sleep(0.2)
@@ -113,9 +117,11 @@ min_free_mb = 0
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "node", "run", "--config", str(self.config_path)],
-            cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             env={**os.environ, "DICOM_NODE_WEB__PORT": str(self.web_port), **self.env},
-        )  # fmt: skip
+        )
         if wait:
             wait_for_echo(self.port, self.ae_title, proc=self.proc)
         return self
@@ -178,15 +184,22 @@ min_free_mb = 0
             time.sleep(0.05)
 
 
-def storescu(port: int, files: list[Path] | list[str], *args: str, ae: str = "DICOM_NODE",
-             aet: str = "STORESCU", timeout: float = 300) -> subprocess.CompletedProcess:  # fmt: skip
+def storescu(
+    port: int,
+    files: list[Path] | list[str],
+    *args: str,
+    ae: str = "DICOM_NODE",
+    aet: str = "STORESCU",
+    timeout: float = 300,
+) -> subprocess.CompletedProcess:
     """Send with DCMTK storescu, proposing only what the files need, not halting on failures."""
     cmd = [dcmtk("storescu"), "-nh", "-R", "-aet", aet, "-aec", ae, *args, "127.0.0.1", str(port), *map(str, files)]
     return subprocess.run(cmd, capture_output=True, text=True, env=PEER_ENV, timeout=timeout)
 
 
-def storescu_exact(port: int, files: list[Path], workdir: Path, *, ae: str, aet: str = "STORESCU",
-                   timeout: float = 300) -> list[subprocess.CompletedProcess]:  # fmt: skip
+def storescu_exact(
+    port: int, files: list[Path], workdir: Path, *, ae: str, aet: str = "STORESCU", timeout: float = 300
+) -> list[subprocess.CompletedProcess]:
     """Send with DCMTK storescu proposing exactly each file's (SOP class, transfer syntax), 400 files per run.
 
     A config profile (``-xf``) also lets storescu send SOP classes its DCMTK (3.6.7) does not know, such
@@ -204,10 +217,25 @@ def storescu_exact(port: int, files: list[Path], workdir: Path, *, ae: str, aet:
     config.write_text("\n".join(cfg) + "\n")
     return [
         subprocess.run(
-            [dcmtk("storescu"), "-nh", "-xf", str(config), "Exact", "-aet", aet, "-aec", ae, "127.0.0.1", str(port),
-             *map(str, files[k:k + 400])],
-            capture_output=True, text=True, env=PEER_ENV, timeout=timeout,
-        )  # fmt: skip
+            [
+                dcmtk("storescu"),
+                "-nh",
+                "-xf",
+                str(config),
+                "Exact",
+                "-aet",
+                aet,
+                "-aec",
+                ae,
+                "127.0.0.1",
+                str(port),
+                *map(str, files[k : k + 400]),
+            ],
+            capture_output=True,
+            text=True,
+            env=PEER_ENV,
+            timeout=timeout,
+        )
         for k in range(0, len(files), 400)
     ]
 
@@ -222,9 +250,17 @@ def dataset_bytes(path: Path) -> bytes:
 
 
 def make_ct_series(
-    out: Path, count: int, rows: int = 64, cols: int = 64, *, seed: int = 0, study_uid: str | None = None,
-    series_uid: str | None = None, patient_name: str = "TEST^SYNTHETIC", images_in_acquisition: int | None = None,
-) -> list[Path]:  # fmt: skip
+    out: Path,
+    count: int,
+    rows: int = 64,
+    cols: int = 64,
+    *,
+    seed: int = 0,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    patient_name: str = "TEST^SYNTHETIC",
+    images_in_acquisition: int | None = None,
+) -> list[Path]:
     """A CT series with real geometry, written as Explicit VR Little Endian files."""
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -319,10 +355,18 @@ def _cmd_elem(elem: int, value: bytes) -> bytes:
 
 
 def raw_c_store(
-    port: int, abstract_syntax: str, transfer_syntax: str, dataset: bytes, *,
-    sop_class_uid: str | None = None, sop_instance_uid: str = "1.2.3.4", called_ae: str = "DICOM_NODE",
-    calling_ae: str = "RAWSCU", fragment: int = 16000, timeout: float = 30,
-) -> RawStoreResult:  # fmt: skip
+    port: int,
+    abstract_syntax: str,
+    transfer_syntax: str,
+    dataset: bytes,
+    *,
+    sop_class_uid: str | None = None,
+    sop_instance_uid: str = "1.2.3.4",
+    called_ae: str = "DICOM_NODE",
+    calling_ae: str = "RAWSCU",
+    fragment: int = 16000,
+    timeout: float = 30,
+) -> RawStoreResult:
     import struct
 
     from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
@@ -372,14 +416,16 @@ def raw_c_store(
             sock.sendall(b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00")
             read_pdu(sock)
             return RawStoreResult(False)
-        body = b"".join([
-            _cmd_elem(0x0002, _uid_bytes(sop_class_uid or abstract_syntax)),
-            _cmd_elem(0x0100, (1).to_bytes(2, "little")),
-            _cmd_elem(0x0110, (7).to_bytes(2, "little")),
-            _cmd_elem(0x0700, (0).to_bytes(2, "little")),
-            _cmd_elem(0x0800, (0).to_bytes(2, "little")),
-            _cmd_elem(0x1000, _uid_bytes(sop_instance_uid)),
-        ])  # fmt: skip
+        body = b"".join(
+            [
+                _cmd_elem(0x0002, _uid_bytes(sop_class_uid or abstract_syntax)),
+                _cmd_elem(0x0100, (1).to_bytes(2, "little")),
+                _cmd_elem(0x0110, (7).to_bytes(2, "little")),
+                _cmd_elem(0x0700, (0).to_bytes(2, "little")),
+                _cmd_elem(0x0800, (0).to_bytes(2, "little")),
+                _cmd_elem(0x1000, _uid_bytes(sop_instance_uid)),
+            ]
+        )
         command = _cmd_elem(0x0000, len(body).to_bytes(4, "little")) + body
 
         def pdata(data: bytes, header: int) -> bytes:
@@ -432,8 +478,10 @@ class StoreSCP:
         # as a PACS keeps one copy per SOP Instance UID.
         self.proc = subprocess.Popen(
             [dcmtk("storescp"), "-aet", self.ae_title, "-od", str(self.out), str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=PEER_ENV,
-        )  # fmt: skip
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=PEER_ENV,
+        )
         wait_for_echo(self.port, self.ae_title, proc=self.proc)
         return self
 
@@ -455,8 +503,23 @@ def make_cert(folder: Path, name: str) -> tuple[Path, Path]:
     """A self-signed certificate (CN = name) and its key, for TLS tests: (key, certificate)."""
     key, cert = folder / f"{name}.key", folder / f"{name}.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            f"/CN={name}",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return key, cert

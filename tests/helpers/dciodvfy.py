@@ -69,8 +69,11 @@ def errors(path: Path) -> list[str]:
             surrogate.unlink()
         if not any(x == "Segmentation" for x in surrogate_lines):
             found.append(f"dciodvfy did not check the label map as a Segmentation: {surrogate_lines[:5]}")
-        found += [f"(as Segmentation IOD) {e}" for e in surrogate_lines
-                  if e.startswith("Error") and e not in LABELMAP_AS_SEG_ERRORS]  # fmt: skip
+        found += [
+            f"(as Segmentation IOD) {e}"
+            for e in surrogate_lines
+            if e.startswith("Error") and e not in LABELMAP_AS_SEG_ERRORS
+        ]
     return found
 
 
@@ -81,7 +84,9 @@ def verify(path: Path, label: str) -> list[str]:
     if pydicom.dcmread(path, stop_before_pixels=True).SOPClassUID == LABEL_MAP_SEGMENTATION_STORAGE:
         for e in (x for x in out if x in LABELMAP_TOOL_ERRORS):
             _note(f"tolerated for Label Map SEG (dicom3tools predates Sup 243): {e}", label)
-    assert not found, f"dciodvfy errors in {label} ({path}):\n" + "\n".join(found) + "\n\nall output:\n" + "\n".join(out)
+    assert not found, (
+        f"dciodvfy errors in {label} ({path}):\n" + "\n".join(found) + "\n\nall output:\n" + "\n".join(out)
+    )
     warned = [x for x in out if x.startswith("Warning")]
     for w in warned:
         _note(w, label)

@@ -26,8 +26,13 @@ CACHE = Path(os.environ.get("DICOM_NODE_TEST_ENVS", Path.home() / ".cache" / "di
 OLD_STACK = ["numpy<2", "pydicom<3"]
 
 
-def make_env(packages: list[str], editable: list[Path] = (), *, tag: str = "env",  # type: ignore[assignment]
-             python: str | Path | None = None) -> Path:
+def make_env(
+    packages: list[str],
+    editable: list[Path] = (),
+    *,
+    tag: str = "env",  # type: ignore[assignment]
+    python: str | Path | None = None,
+) -> Path:
     """The python of a venv with ``packages`` (pip requirement strings) and ``editable`` folders installed.
 
     ``python`` makes the venv (another Python version; default: the one running the tests). Built once
@@ -35,9 +40,16 @@ def make_env(packages: list[str], editable: list[Path] = (), *, tag: str = "env"
     Raises RuntimeError with pip's output when the environment cannot be built.
     """
     base = str(python or sys.executable)
-    version = sys.version_info[:2] if python is None else subprocess.run(
-        [base, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True, text=True, check=True).stdout.strip()
-    key = json.dumps([version, sorted(packages), [str(Path(p).resolve()) for p in editable]] + ([base] if python else []))
+    version = (
+        sys.version_info[:2]
+        if python is None
+        else subprocess.run(
+            [base, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    )
+    key = json.dumps(
+        [version, sorted(packages), [str(Path(p).resolve()) for p in editable]] + ([base] if python else [])
+    )
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     root = CACHE / f"{tag}-{digest}"
     python = root / "bin" / "python"

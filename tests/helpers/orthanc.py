@@ -71,9 +71,15 @@ class Orthanc:
 
     def config(self) -> dict[str, Any]:
         modalities = {ae.lower(): [ae, "127.0.0.1", self.sender_ports.get(ae, 104)] for ae in self.senders}
-        return orthanc_config(self.root, name=f"dicom-node tests {self.aet}", ae_title=self.aet,
-                              dicom_port=self.dicom_port, http_port=self.http_port, modalities=modalities,
-                              unknown_sop_class_accepted=self.unknown_sop_class_accepted)  # fmt: skip
+        return orthanc_config(
+            self.root,
+            name=f"dicom-node tests {self.aet}",
+            ae_title=self.aet,
+            dicom_port=self.dicom_port,
+            http_port=self.http_port,
+            modalities=modalities,
+            unknown_sop_class_accepted=self.unknown_sop_class_accepted,
+        )
 
     def start(self, timeout: float = 30.0) -> Orthanc:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -82,8 +88,11 @@ class Orthanc:
         try:
             self.proc = subprocess.Popen(
                 [orthanc_binary(), f"--logfile={self.log_path}.verbose", str(self.config_path)],
-                cwd=self.root, stdout=log, stderr=subprocess.STDOUT, env=PEER_ENV,
-            )  # fmt: skip
+                cwd=self.root,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=PEER_ENV,
+            )
         finally:
             log.close()
         try:
@@ -107,8 +116,10 @@ class Orthanc:
             except (OSError, urllib.error.URLError) as e:
                 last = e
             time.sleep(0.1)
-        raise TimeoutError(f"Orthanc did not answer on HTTP {self.http_port} / DICOM {self.dicom_port} within "
-                           f"{timeout} s ({last}):\n{self.log()[-3000:]}")  # fmt: skip
+        raise TimeoutError(
+            f"Orthanc did not answer on HTTP {self.http_port} / DICOM {self.dicom_port} within "
+            f"{timeout} s ({last}):\n{self.log()[-3000:]}"
+        )
 
     def stop(self, timeout: float = 15.0) -> int | None:
         if self.proc is None or self.proc.poll() is not None:
@@ -127,8 +138,9 @@ class Orthanc:
         self.stop()
 
     def log(self) -> str:
-        return "".join(p.read_text(errors="replace") for p in (self.log_path, Path(f"{self.log_path}.verbose"))
-                       if p.exists())  # fmt: skip
+        return "".join(
+            p.read_text(errors="replace") for p in (self.log_path, Path(f"{self.log_path}.verbose")) if p.exists()
+        )
 
     # -- REST ------------------------------------------------------------------
 
@@ -185,5 +197,7 @@ class Orthanc:
     def destination(self, name: str = "orthanc", **extra: str) -> str:
         """A [[destinations]] table for the node's config; ``extra`` values are TOML as written."""
         more = "".join(f"{k} = {v}\n" for k, v in extra.items())
-        return (f'[[destinations]]\nname = "{name}"\nae_title = "{self.aet}"\nhost = "127.0.0.1"\n'
-                f"port = {self.dicom_port}\n{more}")  # fmt: skip
+        return (
+            f'[[destinations]]\nname = "{name}"\nae_title = "{self.aet}"\nhost = "127.0.0.1"\n'
+            f"port = {self.dicom_port}\n{more}"
+        )

@@ -35,8 +35,9 @@ class WebNode:
         return request(self.url + path, token=token, body=body if body is not None else {})
 
 
-def request(url: str, token: str | None = TOKEN, body: dict | None = None,
-            headers: dict[str, str] | None = None) -> tuple[int, Any]:  # fmt: skip
+def request(
+    url: str, token: str | None = TOKEN, body: dict | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
     h = dict(headers or {})
     if token:
         h["Authorization"] = f"Bearer {token}"

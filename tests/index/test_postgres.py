@@ -30,13 +30,29 @@ def postgres_url():
     data = root / "data"
     port = free_port()
     as_pg = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    subprocess.run([*as_pg, str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
-                   check=True, capture_output=True)  # fmt: skip
     subprocess.run(
-        [*as_pg, str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(root / "pg.log"), "-w", "-t", "60",
-         "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=on", "start"],
-        check=True, capture_output=True,
-    )  # fmt: skip
+        [*as_pg, str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [
+            *as_pg,
+            str(bin_dir / "pg_ctl"),
+            "-D",
+            str(data),
+            "-l",
+            str(root / "pg.log"),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=on",
+            "start",
+        ],
+        check=True,
+        capture_output=True,
+    )
     try:
         url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
         engine = create_engine(url)
@@ -55,8 +71,9 @@ def postgres_url():
         engine.dispose()
         yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/dicom_node"
     finally:
-        subprocess.run([*as_pg, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
-                       capture_output=True)  # fmt: skip
+        subprocess.run(
+            [*as_pg, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"], capture_output=True
+        )
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -74,15 +91,18 @@ def test_node_on_postgresql(node, tmp_path, postgres_url):
         rows = dict(c.execute(text("select sop_instance_uid, file_path from instance")).all())
         counts = c.execute(text("select instance_count from series order by id")).scalars().all()
         version = c.execute(text("select version_num from alembic_version")).scalar()
-        audited = dict(c.execute(text("select kind, count(*) from audit_event where kind like 'instance%' "
-                                      "group by kind")).all())  # fmt: skip
+        audited = dict(
+            c.execute(text("select kind, count(*) from audit_event where kind like 'instance%' group by kind")).all()
+        )
     engine.dispose()
     assert len(rows) == 80 and counts == [40, 40]
     from alembic.script import ScriptDirectory
 
     from node.index.db import alembic_config
 
-    assert version == ScriptDirectory.from_config(alembic_config()).get_current_head(), "migrated to the newest revision"
+    assert version == ScriptDirectory.from_config(alembic_config()).get_current_head(), (
+        "migrated to the newest revision"
+    )
     # The receive path's audit rows, written in the index writer's transactions, on PostgreSQL too.
     assert audited == {"instance_stored": 80, "instance_duplicate": 5}
     from helpers import read_sop_uid
@@ -118,9 +138,13 @@ actions = [{{ type = "forward", to = ["scp"] }}]
 
         def job_rows() -> list:
             with engine.connect() as c:
-                return c.execute(text("select j.revision, j.state, j.result from job j join series s on "
-                                      "s.id = j.series_fk where s.series_instance_uid = :u order by j.id"),
-                                 {"u": series_uid}).all()  # fmt: skip
+                return c.execute(
+                    text(
+                        "select j.revision, j.state, j.result from job j join series s on "
+                        "s.id = j.series_fk where s.series_instance_uid = :u order by j.id"
+                    ),
+                    {"u": series_uid},
+                ).all()
 
         from pydicom import dcmread
 
@@ -129,12 +153,19 @@ actions = [{{ type = "forward", to = ["scp"] }}]
         wait_for(lambda: job_rows() and job_rows()[-1][1] == "succeeded", 30, "the revision 1 job")
         assert storescu(node.port, files[6:]).returncode == 0  # after triggering: revision 2
         wait_for(lambda: len(job_rows()) == 2 and job_rows()[-1][1] == "succeeded", 30, "the revision 2 job")
-        assert [tuple(r) for r in job_rows()] == [(1, "succeeded", "queued 6 instance(s) for scp"),
-                                                  (2, "succeeded", "queued 6 instance(s) for scp")]  # fmt: skip
+        assert [tuple(r) for r in job_rows()] == [
+            (1, "succeeded", "queued 6 instance(s) for scp"),
+            (2, "succeeded", "queued 6 instance(s) for scp"),
+        ]
         # the forward queue lives in PostgreSQL too
         with engine.connect() as c:
-            wait_for(lambda: c.execute(text("select state, count(*) from delivery group by state")).all()
-                     == [("delivered", 12)], 30, "12 deliveries")  # fmt: skip
+            wait_for(
+                lambda: (
+                    c.execute(text("select state, count(*) from delivery group by state")).all() == [("delivered", 12)]
+                ),
+                30,
+                "12 deliveries",
+            )
         assert len(scp.received()) == 12
         engine.dispose()
     finally:
@@ -158,6 +189,7 @@ actions = [{ type = "plugin", plugin = "threshold-seg", params = { segments = [{
     assert storescu(node.port, files).returncode == 0
     engine = create_engine(postgres_url)
     try:
+
         def job_row():  # type: ignore[no-untyped-def]
             with engine.connect() as c:
                 return c.execute(text("select id, state, software, last_error from job where rule = 'bone'")).first()
@@ -167,8 +199,13 @@ actions = [{ type = "plugin", plugin = "threshold-seg", params = { segments = [{
         assert row is not None and row[1] == "succeeded", row
         assert row[2] == "threshold-seg 1.0"
         with engine.connect() as c:
-            seg = c.execute(text("select i.file_path, s.state from instance i join series s on s.id = i.series_fk "
-                                 "where i.job_fk = :j"), {"j": row[0]}).all()  # fmt: skip
+            seg = c.execute(
+                text(
+                    "select i.file_path, s.state from instance i join series s on s.id = i.series_fk "
+                    "where i.job_fk = :j"
+                ),
+                {"j": row[0]},
+            ).all()
         assert len(seg) == 1 and seg[0][1] == "triggered"
         assert (node.data_dir / seg[0][0]).is_file()
     finally:

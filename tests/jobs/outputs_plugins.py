@@ -24,5 +24,7 @@ def two_labels(series: SeriesInput, params: object) -> Segmentation:
 def bad_label(series: SeriesInput, params: object) -> list[Segmentation]:
     """Two SEGs; the second's segment label holds a backslash, which a Long String (LO) may not."""
     labels = label_map(series)
-    return [Segmentation(labels == 1, SEGMENTS[:1], "binary"),
-            Segmentation(labels == 2, [Segment("Left\\Right", codes.SCT.Tissue, codes.SCT.SoftTissue)], "binary")]
+    return [
+        Segmentation(labels == 1, SEGMENTS[:1], "binary"),
+        Segmentation(labels == 2, [Segment("Left\\Right", codes.SCT.Tissue, codes.SCT.SoftTissue)], "binary"),
+    ]

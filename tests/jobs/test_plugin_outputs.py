@@ -52,7 +52,9 @@ def scp(tmp_path: Path):
 def test_a_failed_step_keeps_and_sends_what_the_earlier_steps_made(tmp_path: Path, scp: StoreSCP) -> None:
     # threshold-seg finds nothing above 5000 HU (an empty segment: a valid, empty SEG); distance-map then
     # has no surface to measure from and fails.
-    node = NodeProcess(tmp_path / "node", extra_config=f"""
+    node = NodeProcess(
+        tmp_path / "node",
+        extra_config=f"""
 [tracker]
 stable_after = 1
 {scp.destination("scp")}
@@ -62,7 +64,8 @@ name = "chain"
 type = "plugin"
 plugins = [{{ name = "threshold-seg", params = {{ segments = [{{ label = "Metal", lower = 5000, category = "Tissue", type = "Bone" }}] }} }}, {{ name = "distance-map" }}]
 send_to = ["scp"]
-""")  # fmt: skip
+""",
+    )
     node.start()
     try:
         assert storescu(node.port, series_files(CT)).returncode == 0
@@ -83,7 +86,9 @@ send_to = ["scp"]
 
 def test_a_label_map_seg_goes_as_binary_where_the_pacs_refuses_it(tmp_path: Path, scp: StoreSCP) -> None:
     with Orthanc(tmp_path / "orthanc") as orthanc:
-        node = NodeProcess(tmp_path / "node", extra_config=f"""
+        node = NodeProcess(
+            tmp_path / "node",
+            extra_config=f"""
 [tracker]
 stable_after = 1
 {scp.destination("scp")}
@@ -96,7 +101,8 @@ name = "labels"
 type = "plugin"
 plugin = "two-labels"
 send_to = ["scp", "pacs"]
-""")  # fmt: skip
+""",
+        )
         node.env = {"PYTHONPATH": os.pathsep.join([str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])])}
         node.start()
         try:
@@ -140,15 +146,21 @@ def test_an_invalid_output_fails_its_job_with_the_validators_message_and_is_not_
 
     out = tmp_path / "out"
     out.mkdir()
-    spec = WorkSpec(files=[str(f) for f in series_files(CT)], out_dir=str(out), job_key=("x", 1, "r", 0),
-                    steps=[StepSpec("bad-label", "outputs_plugins:bad_label", {})])  # fmt: skip
+    spec = WorkSpec(
+        files=[str(f) for f in series_files(CT)],
+        out_dir=str(out),
+        job_key=("x", 1, "r", 0),
+        steps=[StepSpec("bad-label", "outputs_plugins:bad_label", {})],
+    )
     sys.path.insert(0, str(HERE))
     try:
         result = run(spec)
     finally:
         sys.path.remove(str(HERE))
     assert not result.ok
-    assert "building output 2 of 2 (bad-label): the SEG is not valid DICOM, so it was not stored or sent" in result.error
+    assert (
+        "building output 2 of 2 (bad-label): the SEG is not valid DICOM, so it was not stored or sent" in result.error
+    )
     assert "SegmentLabel (0062,0005) (Type 1 in module segmentation-image): 2 value(s)" in result.error
     # The valid first SEG is kept; nothing of the second was written.
     (kept,) = result.outputs
@@ -166,8 +178,12 @@ def test_a_patient_name_invalid_in_the_source_is_kept_so_the_result_files_with_i
     files = make_ct_series(tmp_path / "src", 3, patient_name=name)
     out = tmp_path / "out"
     out.mkdir()
-    spec = WorkSpec(files=[str(f) for f in files], out_dir=str(out), job_key=("pn", 1, "r", 0),
-                    steps=[StepSpec("threshold-seg", "node.plugins.builtin.threshold:threshold_seg", {})])  # fmt: skip
+    spec = WorkSpec(
+        files=[str(f) for f in files],
+        out_dir=str(out),
+        job_key=("pn", 1, "r", 0),
+        steps=[StepSpec("threshold-seg", "node.plugins.builtin.threshold:threshold_seg", {})],
+    )
     result = run(spec)
     assert result.ok, result.error
     (seg,) = result.outputs
@@ -179,7 +195,9 @@ def test_a_retried_chain_sends_what_it_kept_exactly_once(tmp_path: Path, scp: St
     """Step 2 fails retryably on attempt 1 (after step 1's SEG was kept and queued) and succeeds on attempt 2."""
     plugins_dir = HERE.parent / "plugins"
     marker = tmp_path / "flaky-marker"
-    node = NodeProcess(tmp_path / "node", extra_config=f"""
+    node = NodeProcess(
+        tmp_path / "node",
+        extra_config=f"""
 [tracker]
 stable_after = 1
 [jobs]
@@ -194,7 +212,8 @@ max_attempts = 2
 type = "plugin"
 plugins = [{{ name = "threshold-seg" }}, {{ name = "flaky", params = {{ marker = "{marker}" }} }}]
 send_to = ["scp"]
-""")  # fmt: skip
+""",
+    )
     node.env = {"PYTHONPATH": os.pathsep.join([str(plugins_dir), *filter(None, [os.environ.get("PYTHONPATH")])])}
     node.start()
     try:

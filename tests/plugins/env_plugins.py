@@ -29,8 +29,10 @@ class Bone(Plugin):
 
     def run(self, series, params):  # type: ignore[no-untyped-def]
         mask = series.rescaled() > 300
-        seen = (f"setup {self.setups} pid {self.pid} numpy {numpy.__version__} pydicom {pydicom.__version__} "
-                f"gpu [{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}]")  # fmt: skip
+        seen = (
+            f"setup {self.setups} pid {self.pid} numpy {numpy.__version__} pydicom {pydicom.__version__} "
+            f"gpu [{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}]"
+        )
         return [Segmentation(mask, [Segment("Bone", codes.SCT.Tissue, codes.SCT.Bone)], description=seen[:64])]
 
 

@@ -124,8 +124,9 @@ class SpawnParams(BaseModel):
 #: A Python process that sleeps (its argv, and so its command line, carries the marker).
 HANG = "import time; time.sleep(300)"
 #: An intermediate that starts HANG in a new session (setsid) and exits at once, leaving it orphaned.
-DAEMONIZE = ("import subprocess, sys; "
-             "subprocess.Popen([sys.executable, '-c', sys.argv[1], sys.argv[2]], start_new_session=True)")  # fmt: skip
+DAEMONIZE = (
+    "import subprocess, sys; subprocess.Popen([sys.executable, '-c', sys.argv[1], sys.argv[2]], start_new_session=True)"
+)
 
 
 @plugin(name="spawner", version="0.1", params=SpawnParams)

@@ -258,8 +258,10 @@ COLORS = [(230, 40, 40), (40, 90, 230)]
 
 def two_segments(truth: dict) -> Segmentation:
     masks = np.stack([truth["lungs"], truth["bone"]], axis=-1)
-    segments = [Segment("Lungs", codes.SCT.AnatomicalStructure, codes.SCT.Lung, COLORS[0]),
-                Segment("Bone", codes.SCT.Tissue, codes.SCT.BoneTissue, COLORS[1])]  # fmt: skip
+    segments = [
+        Segment("Lungs", codes.SCT.AnatomicalStructure, codes.SCT.Lung, COLORS[0]),
+        Segment("Bone", codes.SCT.Tissue, codes.SCT.BoneTissue, COLORS[1]),
+    ]
     return Segmentation(masks, segments, description="test seg")
 
 
@@ -287,8 +289,9 @@ def test_overlay_filled_colours_exactly_the_mask(series: SeriesInput, phantom: t
 def test_overlay_outline_selection_and_legend(series: SeriesInput, phantom: tuple[list[Path], dict]) -> None:
     truth = phantom[1]
     series.previous = [two_segments(truth)]
-    (images,) = run(overlay_sc, series, style="outline", outline_px=2, segments=["Lungs"], slices="all", every=3,
-                    legend=False)  # fmt: skip
+    (images,) = run(
+        overlay_sc, series, style="outline", outline_px=2, segments=["Lungs"], slices="all", every=3, legend=False
+    )
     assert list(images.source_slices) == list(range(0, N, 3))
     for n, k in enumerate(images.source_slices):
         px = images.pixels[n]
@@ -355,8 +358,10 @@ def test_overlay_sc_builds_and_verifies(series: SeriesInput, phantom: tuple[list
 
 def test_chain_body_parts_then_overlay_in_a_job(phantom: tuple[list[Path], dict], tmp_path: Path) -> None:
     found = discover()
-    steps = [StepSpec(name, found[name].target, params)
-             for name, params in (("body-parts-seg", {"min_lung_ml": 30}), ("overlay-sc", {"segments": ["Lungs"]}))]  # fmt: skip
+    steps = [
+        StepSpec(name, found[name].target, params)
+        for name, params in (("body-parts-seg", {"min_lung_ml": 30}), ("overlay-sc", {"segments": ["Lungs"]}))
+    ]
     assert {"body-parts-seg", "overlay-sc", "mip-sc"} <= set(found)
     out = tmp_path / "out"
     out.mkdir()
@@ -395,8 +400,9 @@ def test_mip_views_of_the_phantom(series: SeriesInput, phantom: tuple[list[Path]
     )
     # without resampling: one row per slice, the head (last slice) at the top, the source's columns
     grey = np.rint(window(hu, 40, 400))
-    coronal, sagittal = run(mip_sc, series, views=["coronal", "sagittal"], window_center=40, window_width=400,
-                            square_pixels=False)  # fmt: skip
+    coronal, sagittal = run(
+        mip_sc, series, views=["coronal", "sagittal"], window_center=40, window_width=400, square_pixels=False
+    )
     assert np.abs(coronal.pixels[0].astype(int) - grey.max(axis=1)[::-1, :]).max() <= 1
     assert np.abs(sagittal.pixels[0].astype(int) - grey.max(axis=2)[::-1, :]).max() <= 1
 
@@ -440,8 +446,9 @@ def test_mip_of_a_sagittal_mr_in_patient_terms() -> None:
     # the source plane keeps its layout
     assert np.abs(sagittal.pixels[0].astype(int) - grey.max(axis=0)).max() <= 1
     # the slices run towards the patient's right (normal -x): the other views flip them, so left is right
-    coronal, axial = run(mip_sc, series, views=["coronal", "axial"], window_center=300, window_width=600,
-                         square_pixels=False)  # fmt: skip
+    coronal, axial = run(
+        mip_sc, series, views=["coronal", "axial"], window_center=300, window_width=600, square_pixels=False
+    )
     assert np.abs(coronal.pixels[0].astype(int) - grey.max(axis=2).T[:, ::-1]).max() <= 1
     assert np.abs(axial.pixels[0].astype(int) - grey.max(axis=1).T[:, ::-1]).max() <= 1
     # without a window: the first image's Window Center/Width (MR has no modality default)
@@ -461,5 +468,6 @@ def test_mip_sc_builds_and_verifies(series: SeriesInput, tmp_path: Path) -> None
         assert len(ds.SourceImageSequence) == N  # a derived view references the whole series
         assert (ds.Rows, ds.Columns) == images.pixels.shape[1:]
         save_and_check(datasets, tmp_path / images.description.replace(" ", "-"))
-    assert math.isclose(results[1].pixels.shape[1] / results[1].pixels.shape[2], (N * SLICE_MM) / (COLS * PIXEL_MM),
-                        rel_tol=0.02)  # fmt: skip
+    assert math.isclose(
+        results[1].pixels.shape[1] / results[1].pixels.shape[2], (N * SLICE_MM) / (COLS * PIXEL_MM), rel_tol=0.02
+    )

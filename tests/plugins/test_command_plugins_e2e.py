@@ -83,8 +83,11 @@ def job_of(node: NodeProcess, files: list[Path], timeout: float = 120) -> tuple[
     uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
 
     def rows() -> list[tuple]:
-        return node.query("select job.id, job.state, job.result, job.last_error from job join series "
-                          "on series.id = job.series_fk where series.series_instance_uid = ?", uid)  # fmt: skip
+        return node.query(
+            "select job.id, job.state, job.result, job.last_error from job join series "
+            "on series.id = job.series_fk where series.series_instance_uid = ?",
+            uid,
+        )
 
     wait_for(lambda: len(rows()) == 1 and rows()[0][1] in ("succeeded", "failed"), timeout, f"the job of {uid}")
     return rows()[0]
@@ -120,8 +123,9 @@ def seg_pixels(data: bytes, files: list[Path]) -> tuple[Any, np.ndarray]:
     """The SEG and its segments as (slices, rows, cols, segments) booleans on the source's slice order."""
     seg = hd.seg.segread(io.BytesIO(data))
     uids = [str(d.SOPInstanceUID) for d in load_series(files).datasets]
-    vol = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, combine_segments=False,
-                                            skip_overlap_checks=True)  # fmt: skip
+    vol = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=uids, combine_segments=False, skip_overlap_checks=True
+    )
     return seg, vol.astype(bool)
 
 
@@ -136,12 +140,24 @@ def check_label_map_seg(orthanc, study_uid: str, files: list[Path], sop_uid: str
     for n in (1, 2):  # label value n is segment n (the metainfo lists labelIDs 1 and 2)
         assert np.array_equal(masks[..., n - 1], want == n), f"segment {n} differs from label {n}"
     template = load_template(METAINFO)
-    got = [(s.SegmentLabel, s.SegmentedPropertyCategoryCodeSequence[0].CodeValue,
-            s.SegmentedPropertyTypeCodeSequence[0].CodeValue, s.SegmentedPropertyTypeCodeSequence[0].CodeMeaning)
-           for s in seg.SegmentSequence]  # fmt: skip
-    assert got == [(e.SegmentLabel, e.SegmentedPropertyCategoryCodeSequence.CodeValue,
-                    e.SegmentedPropertyTypeCodeSequence.CodeValue, e.SegmentedPropertyTypeCodeSequence.CodeMeaning)
-                   for e in template.entries]  # fmt: skip
+    got = [
+        (
+            s.SegmentLabel,
+            s.SegmentedPropertyCategoryCodeSequence[0].CodeValue,
+            s.SegmentedPropertyTypeCodeSequence[0].CodeValue,
+            s.SegmentedPropertyTypeCodeSequence[0].CodeMeaning,
+        )
+        for s in seg.SegmentSequence
+    ]
+    assert got == [
+        (
+            e.SegmentLabel,
+            e.SegmentedPropertyCategoryCodeSequence.CodeValue,
+            e.SegmentedPropertyTypeCodeSequence.CodeValue,
+            e.SegmentedPropertyTypeCodeSequence.CodeMeaning,
+        )
+        for e in template.entries
+    ]
     path = tmp_path / "from-orthanc.dcm"
     path.write_bytes(data)
     verify(path, "command plugin label map SEG")
@@ -174,7 +190,9 @@ def keep(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def node(tmp_path_factory: pytest.TempPathFactory, module_orthanc, keep: Path) -> Iterator[NodeProcess]:
     # A ready SEG without its (Type 2) Content Description: the node may add it, empty, and says so.
     make_seg = f'"{sys.executable}" "{SCRIPTS / "make_seg.py"}" "{{input}}" "{{output}}" --without ContentDescription'
-    n = NodeProcess(tmp_path_factory.mktemp("node"), extra_config=f"""
+    n = NodeProcess(
+        tmp_path_factory.mktemp("node"),
+        extra_config=f"""
 [tracker]
 stable_after = 1
 {module_orthanc.destination("orthanc")}
@@ -198,14 +216,16 @@ command = {toml(["sh", "-c", "for i in $(seq 1 40); do echo step $i; done; echo 
 {rule("invalid", "invalid-seg")}
 {rule("broken", "broken")}
 {rule("nothing", "finds-nothing")}
-""")  # fmt: skip
+""",
+    )
     n.start()
     yield n
     assert n.stop() == 0, n.log()[-4000:]  # (its log quotes the commands' output, tracebacks included)
 
 
-def test_a_label_map_with_metainfo_becomes_the_seg_orthanc_gets(node: NodeProcess, module_orthanc,
-                                                                 tmp_path: Path) -> None:  # fmt: skip
+def test_a_label_map_with_metainfo_becomes_the_seg_orthanc_gets(
+    node: NodeProcess, module_orthanc, tmp_path: Path
+) -> None:
     files, study = send(node, tmp_path, "labels")
     job_id, state, result, error = job_of(node, files)
     assert state == "succeeded", error
@@ -221,7 +241,8 @@ def test_a_label_map_with_metainfo_becomes_the_seg_orthanc_gets(node: NodeProces
 
 
 def test_a_nifti_label_map_with_the_configured_metainfo_becomes_the_seg_orthanc_gets(
-        node: NodeProcess, module_orthanc, tmp_path: Path) -> None:  # fmt: skip
+    node: NodeProcess, module_orthanc, tmp_path: Path
+) -> None:
     # NIfTI in RAS canonical order (axes reversed and flipped against the series); the metainfo comes from
     # the plugin's table (metainfo = "..."), not from the command.
     files, study = send(node, tmp_path, "nifti", "no-thickness")
@@ -233,8 +254,9 @@ def test_a_nifti_label_map_with_the_configured_metainfo_becomes_the_seg_orthanc_
     check_label_map_seg(module_orthanc, study, files, uid, tmp_path)
 
 
-def test_a_ready_seg_is_validated_and_forwarded_as_the_command_wrote_it(node: NodeProcess, module_orthanc,
-                                                                        keep: Path, tmp_path: Path) -> None:  # fmt: skip
+def test_a_ready_seg_is_validated_and_forwarded_as_the_command_wrote_it(
+    node: NodeProcess, module_orthanc, keep: Path, tmp_path: Path
+) -> None:
     files, study = send(node, tmp_path, "ready", "uneven")
     job_id, state, result, error = job_of(node, files)
     assert state == "succeeded", error
@@ -245,8 +267,16 @@ def test_a_ready_seg_is_validated_and_forwarded_as_the_command_wrote_it(node: No
     assert deliveries_of(node, job_id) == [(written.SOPInstanceUID, "delivered")]
     assert in_orthanc(module_orthanc, study) == [module_orthanc.find_instance(written.SOPInstanceUID)]
     held = pydicom.dcmread(io.BytesIO(module_orthanc.file(written.SOPInstanceUID)))
-    for key in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "SegmentSequence",
-                "ReferencedSeriesSequence", "PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"):  # fmt: skip
+    for key in (
+        "SOPClassUID",
+        "SOPInstanceUID",
+        "SeriesInstanceUID",
+        "StudyInstanceUID",
+        "SegmentSequence",
+        "ReferencedSeriesSequence",
+        "PerFrameFunctionalGroupsSequence",
+        "SharedFunctionalGroupsSequence",
+    ):
         assert held[key] == written[key], key
     assert held.PixelData == written.PixelData
     # Everything the command wrote is there as it wrote it; what the node added (repairs) its result says.
@@ -260,8 +290,9 @@ def test_a_ready_seg_is_validated_and_forwarded_as_the_command_wrote_it(node: No
     verify(path, "ready SEG from a command plugin")
 
 
-def test_an_invalid_ready_seg_fails_the_job_with_the_validators_message(node: NodeProcess, module_orthanc,
-                                                                        tmp_path: Path) -> None:  # fmt: skip
+def test_an_invalid_ready_seg_fails_the_job_with_the_validators_message(
+    node: NodeProcess, module_orthanc, tmp_path: Path
+) -> None:
     before = module_orthanc.new_instance_events()
     files, study = send(node, tmp_path, "invalid", "sheared")
     job_id, state, result, error = job_of(node, files)
@@ -273,8 +304,9 @@ def test_an_invalid_ready_seg_fails_the_job_with_the_validators_message(node: No
     assert in_orthanc(module_orthanc, study) == [] and module_orthanc.new_instance_events() == before
 
 
-def test_a_command_that_exits_non_zero_fails_with_its_exit_code_and_log_tail(node: NodeProcess, module_orthanc,
-                                                                             tmp_path: Path) -> None:  # fmt: skip
+def test_a_command_that_exits_non_zero_fails_with_its_exit_code_and_log_tail(
+    node: NodeProcess, module_orthanc, tmp_path: Path
+) -> None:
     files, study = send(node, tmp_path, "broken", "jittered")
     job_id, state, result, error = job_of(node, files)
     assert state == "failed", result
@@ -287,8 +319,9 @@ def test_a_command_that_exits_non_zero_fails_with_its_exit_code_and_log_tail(nod
     assert outputs_of(node, job_id) == [] and in_orthanc(module_orthanc, study) == []
 
 
-def test_a_label_map_that_labels_nothing_succeeds_with_no_output_and_says_why(node: NodeProcess, module_orthanc,
-                                                                             tmp_path: Path) -> None:  # fmt: skip
+def test_a_label_map_that_labels_nothing_succeeds_with_no_output_and_says_why(
+    node: NodeProcess, module_orthanc, tmp_path: Path
+) -> None:
     files, study = send(node, tmp_path, "nothing", "single")
     job_id, state, result, error = job_of(node, files)
     assert state == "succeeded", error
@@ -301,8 +334,13 @@ def test_a_label_map_that_labels_nothing_succeeds_with_no_output_and_says_why(no
 
 
 def podman_ps() -> str:
-    r = subprocess.run(["podman", "ps", "-a", "--format", "{{.Names}}"], capture_output=True, text=True, check=True,
-                       env={**os.environ, "CONTAINERS_CONF": CONTAINERS_CONF})  # fmt: skip
+    r = subprocess.run(
+        ["podman", "ps", "-a", "--format", "{{.Names}}"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "CONTAINERS_CONF": CONTAINERS_CONF},
+    )
     return r.stdout
 
 
@@ -317,35 +355,54 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> str:
     shutil.copyfile(SCRIPTS / "write_labelmap.py", context / "write_labelmap.py")
     shutil.copyfile(METAINFO, context / "metainfo.json")
     (context / "Containerfile").write_text(f"FROM {BASE_IMAGE}\nCOPY write_labelmap.py metainfo.json /opt/test/\n")
-    subprocess.run(["podman", "build", "--pull=never", "-q", "-t", IMAGE, str(context)], env=env, check=True,
-                   capture_output=True, timeout=300)  # fmt: skip
+    subprocess.run(
+        ["podman", "build", "--pull=never", "-q", "-t", IMAGE, str(context)],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     return IMAGE
 
 
 @pytest.fixture(scope="module")
 def container_node(tmp_path_factory: pytest.TempPathFactory, module_orthanc, image: str) -> Iterator[NodeProcess]:
-    n = NodeProcess(tmp_path_factory.mktemp("container-node"), extra_config=f"""
+    n = NodeProcess(
+        tmp_path_factory.mktemp("container-node"),
+        extra_config=f"""
 [tracker]
 stable_after = 1
 {module_orthanc.destination("orthanc")}
 [plugins.commands.boxed-labels]
 container = "{image}"
-command = {toml(["python3", "/opt/test/write_labelmap.py", "{input}", "{output}", "--metainfo",
-                 "/opt/test/metainfo.json"])}
+command = {
+            toml(
+                [
+                    "python3",
+                    "/opt/test/write_labelmap.py",
+                    "{input}",
+                    "{output}",
+                    "--metainfo",
+                    "/opt/test/metainfo.json",
+                ]
+            )
+        }
 [plugins.commands.boxed-sleep]
 container = "{image}"
 command = ["sleep", "617"]  # a number of its own: its process is looked for below
 {rule("boxed", "boxed-labels")}
 {rule("sleeps", "boxed-sleep", timeout=3)}
-""")  # fmt: skip
+""",
+    )
     n.env = {"CONTAINERS_CONF": CONTAINERS_CONF}
     n.start()
     yield n
     assert n.stop() == 0, n.log()[-4000:]  # (its log quotes the commands' output, tracebacks included)
 
 
-def test_a_container_label_map_becomes_the_seg_orthanc_gets(container_node: NodeProcess, module_orthanc,
-                                                            tmp_path: Path) -> None:  # fmt: skip
+def test_a_container_label_map_becomes_the_seg_orthanc_gets(
+    container_node: NodeProcess, module_orthanc, tmp_path: Path
+) -> None:
     files, study = send(container_node, tmp_path, "boxed", "anonymised")
     job_id, state, result, error = job_of(container_node, files)
     assert state == "succeeded", error
@@ -356,8 +413,9 @@ def test_a_container_label_map_becomes_the_seg_orthanc_gets(container_node: Node
     assert "dicom-node-boxed-labels-" not in podman_ps()
 
 
-def test_a_container_past_its_timeout_fails_the_job_and_leaves_no_container(container_node: NodeProcess,
-                                                                           tmp_path: Path) -> None:  # fmt: skip
+def test_a_container_past_its_timeout_fails_the_job_and_leaves_no_container(
+    container_node: NodeProcess, tmp_path: Path
+) -> None:
     files, _ = send(container_node, tmp_path, "sleeps", "single")
     wait_for(lambda: "dicom-node-boxed-sleep-" in podman_ps(), 60, "the container to start")
     job_id, state, result, error = job_of(container_node, files, timeout=60)

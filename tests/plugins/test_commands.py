@@ -53,17 +53,19 @@ def _py(script: str, *args: str) -> list[str]:
 
 def test_npy_labelmap_with_metainfo_becomes_a_segmentation(shared_data: Path, tmp_path: Path) -> None:
     series = load_series(_ct2())
-    cmd = CommandPlugin(command=_py("write_labelmap.py", "--metainfo", str(METAINFO)), env={"EXTRA_X": "1"},
-                        settings={"sigma": 2})  # fmt: skip
+    cmd = CommandPlugin(
+        command=_py("write_labelmap.py", "--metainfo", str(METAINFO)), env={"EXTRA_X": "1"}, settings={"sigma": 2}
+    )
     out = run_command("labels", cmd, series, tmp_path, device=None)
     assert not out.ready and len(out.results) == 1
     seg = out.results[0]
     written = np.load(tmp_path / "output" / "labels.npy")
     assert np.array_equal(seg.masks, written) and np.array_equal(seg.masks, _expected_labels(series))
     template = load_template(METAINFO)
-    assert [(s.label, s.type, s.color) for s in seg.segments] == \
-        [(e.SegmentLabel, e.SegmentedPropertyTypeCodeSequence.code(), e.recommendedDisplayRGBValue)
-         for e in template.entries]  # fmt: skip
+    assert [(s.label, s.type, s.color) for s in seg.segments] == [
+        (e.SegmentLabel, e.SegmentedPropertyTypeCodeSequence.code(), e.recommendedDisplayRGBValue)
+        for e in template.entries
+    ]
     probe = _probe(tmp_path)
     env = probe["env"]
     for key in ("MERCURE_IN_DIR", "MONAI_INPUTPATH", "HOLOSCAN_INPUT_PATH"):
@@ -106,8 +108,9 @@ def test_write_input_links_stored_files_and_makes_them_read_only(shared_data: Pa
 
 
 @pytest.mark.parametrize("ornt", ["canonical", "2,-1;0,1;1,-1", "1,1;2,-1;0,-1"])
-def test_nifti_labelmap_with_axes_reordered_or_flipped_maps_back_exactly(shared_data: Path, tmp_path: Path,
-                                                                        ornt: str) -> None:  # fmt: skip
+def test_nifti_labelmap_with_axes_reordered_or_flipped_maps_back_exactly(
+    shared_data: Path, tmp_path: Path, ornt: str
+) -> None:
     series = load_series(series_files("mr-t1-sag-siemens"))  # sagittal: RAS canonical reorders all three axes
     cmd = CommandPlugin(command=_py("write_labelmap.py", "--nifti", ornt), metainfo=METAINFO)
     out = run_command("nifti", cmd, series, tmp_path)
@@ -136,10 +139,13 @@ def test_ready_seg_is_returned_as_a_dataset(shared_data: Path, tmp_path: Path) -
     assert "PixelData" in seg and seg.SegmentSequence[0].SegmentLabel == "Bright"
 
 
-@pytest.mark.parametrize(("flag", "error"), [
-    ("--other-series", r"seg.dcm: it does not reference the input series .*Referenced Series Sequence"),
-    ("--other-study", r"seg.dcm: StudyInstanceUID is '[0-9.]+', the input's is '[0-9.]+'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("flag", "error"),
+    [
+        ("--other-series", r"seg.dcm: it does not reference the input series .*Referenced Series Sequence"),
+        ("--other-study", r"seg.dcm: StudyInstanceUID is '[0-9.]+', the input's is '[0-9.]+'"),
+    ],
+)
 def test_seg_of_another_series_or_study_is_refused(shared_data: Path, tmp_path: Path, flag: str, error: str) -> None:
     series = load_series(_ct2())
     with pytest.raises(PluginError, match=error):
@@ -181,39 +187,73 @@ def test_label_map_without_metainfo_says_where_to_put_one(shared_data: Path, tmp
 
 def test_empty_label_map_is_a_note_not_a_failure(shared_data: Path, tmp_path: Path) -> None:
     series = load_series(_ct2())
-    out = run_command("none", CommandPlugin(command=_py("write_labelmap.py", "--empty"), metainfo=METAINFO),
-                      series, tmp_path)  # fmt: skip
+    out = run_command(
+        "none", CommandPlugin(command=_py("write_labelmap.py", "--empty"), metainfo=METAINFO), series, tmp_path
+    )
     assert not out.results and not out.ready and any("labels no voxel" in n for n in out.notes)
 
 
 # -- configuration -------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("table", "error"), [
-    ({}, r"give command = \[.*\] or container = \"image\""),
-    ({"command": ["/nonexistent/run.sh", "{input}"]}, r"command\[0\] = '/nonexistent/run.sh' does not exist"),
-    ({"command": ["no-such-tool-here"]}, r"'no-such-tool-here' is not on PATH"),
-    ({"command": ["true", "{inpt}"]}, r"\{inpt\} is not a placeholder; use \{input\} and \{output\}"),
-    ({"command": ["true"], "runtime": "docker"}, r'runtime = "docker" is for a container'),
-    ({"container": "img", "runtime": "docker"} if not shutil.which("docker") else {"container": ""},
-     r"docker is not on PATH; install it, or set runtime = \"podman\"|container = \"\""),
-    ({"command": ["true"], "gpu": "always"}, r"gpu"),
-    ({"command": ["true"], "outputs": "dicom"}, r"outputs"),
-    ({"command": ["true"], "metainfo": str(REPO / "pyproject.toml")}, r"is not JSON"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("table", "error"),
+    [
+        ({}, r"give command = \[.*\] or container = \"image\""),
+        ({"command": ["/nonexistent/run.sh", "{input}"]}, r"command\[0\] = '/nonexistent/run.sh' does not exist"),
+        ({"command": ["no-such-tool-here"]}, r"'no-such-tool-here' is not on PATH"),
+        ({"command": ["true", "{inpt}"]}, r"\{inpt\} is not a placeholder; use \{input\} and \{output\}"),
+        ({"command": ["true"], "runtime": "docker"}, r'runtime = "docker" is for a container'),
+        (
+            {"container": "img", "runtime": "docker"} if not shutil.which("docker") else {"container": ""},
+            r"docker is not on PATH; install it, or set runtime = \"podman\"|container = \"\"",
+        ),
+        ({"command": ["true"], "gpu": "always"}, r"gpu"),
+        ({"command": ["true"], "outputs": "dicom"}, r"outputs"),
+        ({"command": ["true"], "metainfo": str(REPO / "pyproject.toml")}, r"is not JSON"),
+    ],
+)
 def test_config_errors_name_the_key(table: dict, error: str) -> None:
     with pytest.raises(ValidationError, match=error):
         CommandPlugin.model_validate(table)
 
 
 def test_container_argv(tmp_path: Path) -> None:
-    cmd = CommandPlugin(container="localhost/seg:2", runtime="podman", command=["--in", "{input}", "--out={output}"],
-                        env={"MODEL": "fast"})  # fmt: skip
-    conventions = ["-e", "MERCURE_IN_DIR=/input", "-e", "MONAI_INPUTPATH=/input", "-e", "HOLOSCAN_INPUT_PATH=/input",
-                   "-e", "MERCURE_OUT_DIR=/output", "-e", "MONAI_OUTPUTPATH=/output",
-                   "-e", "HOLOSCAN_OUTPUT_PATH=/output", "-e", "MODEL=fast"]  # fmt: skip
-    head = ["run", "--rm", "--pull=never", "--network=none", "--name", "dicom-node-seg-1",
-            "-v", f"{tmp_path}/in:/input:ro", "-v", f"{tmp_path}/out:/output", *conventions]  # fmt: skip
+    cmd = CommandPlugin(
+        container="localhost/seg:2",
+        runtime="podman",
+        command=["--in", "{input}", "--out={output}"],
+        env={"MODEL": "fast"},
+    )
+    conventions = [
+        "-e",
+        "MERCURE_IN_DIR=/input",
+        "-e",
+        "MONAI_INPUTPATH=/input",
+        "-e",
+        "HOLOSCAN_INPUT_PATH=/input",
+        "-e",
+        "MERCURE_OUT_DIR=/output",
+        "-e",
+        "MONAI_OUTPUTPATH=/output",
+        "-e",
+        "HOLOSCAN_OUTPUT_PATH=/output",
+        "-e",
+        "MODEL=fast",
+    ]
+    head = [
+        "run",
+        "--rm",
+        "--pull=never",
+        "--network=none",
+        "--name",
+        "dicom-node-seg-1",
+        "-v",
+        f"{tmp_path}/in:/input:ro",
+        "-v",
+        f"{tmp_path}/out:/output",
+        *conventions,
+    ]
     tail = ["localhost/seg:2", "--in", "/input", "--out=/output"]
     argv = container_argv(cmd, tmp_path / "in", tmp_path / "out", "dicom-node-seg-1", None)
     assert argv == ["podman", *head, *tail]
@@ -249,18 +289,33 @@ def test_image(tmp_path_factory: pytest.TempPathFactory) -> str:
     shutil.copyfile(SCRIPTS / "write_labelmap.py", context / "write_labelmap.py")
     shutil.copyfile(METAINFO, context / "metainfo.json")
     (context / "Containerfile").write_text(f"FROM {BASE}\nCOPY write_labelmap.py metainfo.json /opt/test/\n")
-    subprocess.run(["podman", "build", "--pull=never", "-q", "-t", IMAGE, str(context)], env=env, check=True,
-                   capture_output=True, timeout=300)  # fmt: skip
+    subprocess.run(
+        ["podman", "build", "--pull=never", "-q", "-t", IMAGE, str(context)],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     return IMAGE
 
 
-def test_container_plugin_writes_a_labelmap_with_metainfo(shared_data: Path, tmp_path: Path, test_image: str,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_container_plugin_writes_a_labelmap_with_metainfo(
+    shared_data: Path, tmp_path: Path, test_image: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("CONTAINERS_CONF", str(CONTAINERS / "containers.conf"))
     series = load_series(_ct2())
-    cmd = CommandPlugin(container=test_image, command=["python3", "/opt/test/write_labelmap.py", "{input}",
-                                                       "{output}", "--metainfo", "/opt/test/metainfo.json"],
-                        env={"EXTRA_Y": "2"})  # fmt: skip
+    cmd = CommandPlugin(
+        container=test_image,
+        command=[
+            "python3",
+            "/opt/test/write_labelmap.py",
+            "{input}",
+            "{output}",
+            "--metainfo",
+            "/opt/test/metainfo.json",
+        ],
+        env={"EXTRA_Y": "2"},
+    )
     out = run_command("boxed", cmd, series, tmp_path, device=None)
     assert np.array_equal(out.results[0].masks, _expected_labels(series))
     assert [s.label for s in out.results[0].segments] == ["Upper left", "Lower right"]
@@ -274,8 +329,9 @@ def test_container_plugin_writes_a_labelmap_with_metainfo(shared_data: Path, tmp
     assert "dicom-node-boxed" not in left.stdout
 
 
-def test_container_with_a_missing_image_says_so(shared_data: Path, tmp_path: Path, test_image: str,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_container_with_a_missing_image_says_so(
+    shared_data: Path, tmp_path: Path, test_image: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("CONTAINERS_CONF", str(CONTAINERS / "containers.conf"))
     series = load_series(_ct2())
     cmd = CommandPlugin(container="localhost/dicom-node-no-such-image:0")
@@ -289,8 +345,9 @@ def _run_boxed(work: str, image: str) -> None:
     run_command("hang", CommandPlugin(container=image, command=["sleep", "600"]), series, Path(work))
 
 
-def test_killed_job_leaves_no_container_once_removed(shared_data: Path, tmp_path: Path, test_image: str,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_killed_job_leaves_no_container_once_removed(
+    shared_data: Path, tmp_path: Path, test_image: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A timeout kills the job's tree (the podman client with it); remove_container clears what podman kept."""
     import multiprocessing as mp
 
@@ -321,10 +378,17 @@ def test_killed_job_leaves_no_container_once_removed(shared_data: Path, tmp_path
 
 def test_plugins_lists_a_command_plugin_with_what_it_runs(tmp_path: Path) -> None:
     cfg = tmp_path / "node.toml"
-    cfg.write_text('[plugins.commands.labels]\ncommand = ["/bin/sh", "-c", "echo {input} {output}"]\n'
-                   'description = "writes a label map"\nversion = "2.1"\n')  # fmt: skip
-    done = subprocess.run([sys.executable, "-m", "node", "plugins", "--config", str(cfg)], capture_output=True,
-                          text=True, timeout=120, cwd=tmp_path)  # fmt: skip
+    cfg.write_text(
+        '[plugins.commands.labels]\ncommand = ["/bin/sh", "-c", "echo {input} {output}"]\n'
+        'description = "writes a label map"\nversion = "2.1"\n'
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "node", "plugins", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "labels 2.1 -- writes a label map" in done.stdout
     assert "from config [plugins.commands]" in done.stdout

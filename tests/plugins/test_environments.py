@@ -83,16 +83,21 @@ def seg_masks(data: bytes, shape: tuple[int, ...], files: list[Path]) -> np.ndar
     seg = hd.seg.segread(io.BytesIO(data))
     src = load_series(files)
     uids = [str(d.SOPInstanceUID) for d in src.datasets]
-    vol = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1],
-                                            combine_segments=False, skip_overlap_checks=True)  # fmt: skip
+    vol = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=uids, segment_numbers=[1], combine_segments=False, skip_overlap_checks=True
+    )
     assert vol.shape[:3] == shape
     return vol[..., 0].astype(bool)
 
 
 def test_an_environment_plugin_runs_in_one_warm_worker_and_its_segs_reach_orthanc(
-        tmp_path: Path, old_python: Path, module_orthanc) -> None:  # fmt: skip
+    tmp_path: Path, old_python: Path, module_orthanc
+) -> None:
     orthanc = module_orthanc
-    node = NodeProcess(tmp_path / "node", extra_config=env_config(old_python) + f"""
+    node = NodeProcess(
+        tmp_path / "node",
+        extra_config=env_config(old_python)
+        + f"""
 [tracker]
 stable_after = 1
 {orthanc.destination("orthanc")}
@@ -100,14 +105,18 @@ stable_after = 1
 name = "bone"
 match = {{ Modality = "CT" }}
 actions = [{{ type = "plugin", plugin = "env-bone", send_to = ["orthanc"] }}]
-""")  # fmt: skip
+""",
+    )
     node.start()
     try:
         sent = [series(tmp_path, *v) for v in [(), ("jittered",), ("no-thickness",)]]
         for n, files in enumerate(sent, 1):
             assert storescu(node.port, files).returncode == 0
-            wait_for(lambda n=n: len(jobs(node)) == n and jobs(node)[-1][1] in ("succeeded", "failed"), 180,
-                     f"job {n} to end")  # fmt: skip
+            wait_for(
+                lambda n=n: len(jobs(node)) == n and jobs(node)[-1][1] in ("succeeded", "failed"),
+                180,
+                f"job {n} to end",
+            )
         rows = jobs(node)
         assert [r[1] for r in rows] == ["succeeded"] * 3, rows
         # One worker, three jobs: its notes count them; setup ran once.
@@ -134,7 +143,10 @@ actions = [{{ type = "plugin", plugin = "env-bone", send_to = ["orthanc"] }}]
 
 
 def test_a_hung_or_memory_hungry_job_kills_only_its_own_worker(tmp_path: Path, old_python: Path) -> None:
-    node = NodeProcess(tmp_path / "node", extra_config=env_config(old_python, warm_bone=True) + """
+    node = NodeProcess(
+        tmp_path / "node",
+        extra_config=env_config(old_python, warm_bone=True)
+        + """
 [tracker]
 stable_after = 1
 [jobs]
@@ -155,9 +167,11 @@ actions = [{ type = "plugin", plugin = "env-hog", memory_limit_mb = 700 }]
 name = "dies"
 match = { SeriesDescription = { regex = "^dies" } }
 actions = [{ type = "plugin", plugin = "env-dies", timeout = 120 }]
-""")  # fmt: skip
+""",
+    )
     node.start()
     try:
+
         def send(description: str, *variants: str) -> None:
             files = series(tmp_path, *variants)
             out = tmp_path / description
@@ -193,11 +207,17 @@ actions = [{ type = "plugin", plugin = "env-dies", timeout = 120 }]
         assert time.monotonic() - t < 60
         # Their workers are gone; the bone plugin's warm worker lived through both and serves the next job.
         assert node.proc is not None
-        names = " ".join(" ".join(p.cmdline()) for p in psutil.Process(node.proc.pid).children()
-                         if p.status() != psutil.STATUS_ZOMBIE)  # fmt: skip
+        names = " ".join(
+            " ".join(p.cmdline())
+            for p in psutil.Process(node.proc.pid).children()
+            if p.status() != psutil.STATUS_ZOMBIE
+        )
         assert "env-hang=" not in names and "env-hog=" not in names and "env-dies=" not in names, names
-        assert not [p for p in psutil.process_iter(["cmdline"]) if "env_plugins" in " ".join(p.info["cmdline"] or [])
-                    and "env-dies" in " ".join(p.info["cmdline"] or [])]  # fmt: skip
+        assert not [
+            p
+            for p in psutil.process_iter(["cmdline"])
+            if "env_plugins" in " ".join(p.info["cmdline"] or []) and "env-dies" in " ".join(p.info["cmdline"] or [])
+        ]
         assert "env-bone=" in names
         assert psutil.pid_exists(bone_pid)
         body = urllib.request.urlopen(f"http://127.0.0.1:{node.web_port}/metrics", timeout=10).read().decode()
@@ -211,12 +231,18 @@ actions = [{ type = "plugin", plugin = "env-dies", timeout = 120 }]
     finally:
         node.stop()
     # The node stopped: so did every worker it started.
-    wait_for(lambda: not psutil.pid_exists(bone_pid) or psutil.Process(bone_pid).status() == psutil.STATUS_ZOMBIE,
-             15, "the warm worker to end with the node")  # fmt: skip
+    wait_for(
+        lambda: not psutil.pid_exists(bone_pid) or psutil.Process(bone_pid).status() == psutil.STATUS_ZOMBIE,
+        15,
+        "the warm worker to end with the node",
+    )
 
 
 def test_a_worker_gets_the_gpu_its_job_was_given(tmp_path: Path, old_python: Path) -> None:
-    node = NodeProcess(tmp_path / "node", extra_config=env_config(old_python, gpus='["0", "1"]') + """
+    node = NodeProcess(
+        tmp_path / "node",
+        extra_config=env_config(old_python, gpus='["0", "1"]')
+        + """
 [tracker]
 stable_after = 1
 [jobs]
@@ -225,19 +251,28 @@ workers = 2
 name = "gpu"
 match = { Modality = "CT" }
 actions = [{ type = "plugin", plugin = "env-gpu-bone" }]
-""", env={"ENV_PLUGIN_HOLD": "4"})  # fmt: skip
+""",
+        env={"ENV_PLUGIN_HOLD": "4"},
+    )
     node.start()
     try:
         a, b = series(tmp_path), series(tmp_path, "jittered")
         assert storescu(node.port, a).returncode == 0
         assert storescu(node.port, b).returncode == 0
-        wait_for(lambda: len(jobs(node)) == 2 and all(r[1] in ("succeeded", "failed") for r in jobs(node)), 180,
-                 "both GPU jobs")  # fmt: skip
+        wait_for(
+            lambda: len(jobs(node)) == 2 and all(r[1] in ("succeeded", "failed") for r in jobs(node)),
+            180,
+            "both GPU jobs",
+        )
         rows = jobs(node)
         assert [r[1] for r in rows] == ["succeeded", "succeeded"], rows
-        described = sorted(r[0] for r in node.query(
-            "select series.series_description from instance join series on instance.series_fk = series.id "
-            "where instance.job_fk is not null"))  # fmt: skip
+        described = sorted(
+            r[0]
+            for r in node.query(
+                "select series.series_description from instance join series on instance.series_fk = series.id "
+                "where instance.job_fk is not null"
+            )
+        )
         # Two jobs at the same time (each holds its device 4 s): one on each device.
         devices = sorted(d.split("]")[0].split("[")[1] for d in described)
         assert devices == ["0", "1"], described
@@ -246,14 +281,18 @@ actions = [{ type = "plugin", plugin = "env-gpu-bone" }]
 
 
 def test_a_plugin_that_requires_a_gpu_waits_on_a_node_without_one(tmp_path: Path, old_python: Path) -> None:
-    node = NodeProcess(tmp_path / "node", extra_config=env_config(old_python) + """
+    node = NodeProcess(
+        tmp_path / "node",
+        extra_config=env_config(old_python)
+        + """
 [tracker]
 stable_after = 1
 [[rules]]
 name = "gpu"
 match = { Modality = "CT" }
 actions = [{ type = "plugin", plugin = "env-gpu-bone" }]
-""")  # fmt: skip
+""",
+    )
     node.start()
     try:
         assert storescu(node.port, series(tmp_path)).returncode == 0
@@ -262,19 +301,28 @@ actions = [{ type = "plugin", plugin = "env-gpu-bone" }]
         assert state == "running" and "[plugins] gpus is empty" in result, result
         # Said when the node started, and by rules check, before any series arrives.
         assert 'rules[0] ("gpu").actions[0] requires a GPU and [plugins] gpus is empty' in node.log_path.read_text()
-        check = subprocess.run([sys.executable, "-m", "node", "rules", "check", "--config", str(node.config_path)],
-                               capture_output=True, text=True, timeout=120)  # fmt: skip
+        check = subprocess.run(
+            [sys.executable, "-m", "node", "rules", "check", "--config", str(node.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert "requires a GPU and [plugins] gpus is empty" in check.stdout + check.stderr, check.stdout
-        done = subprocess.run([sys.executable, "-m", "node", "jobs", "cancel", str(job_id), "--config",
-                               str(node.config_path)], capture_output=True, text=True, timeout=60)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "node", "jobs", "cancel", str(job_id), "--config", str(node.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert done.returncode == 0, done.stdout + done.stderr
         wait_for(lambda: jobs(node)[0][1] == "cancelled", 30, "the waiting job to be cancelled")
     finally:
         node.stop()
 
 
-def test_a_broken_environment_or_bad_parameters_are_config_errors_naming_the_key(tmp_path: Path,
-                                                                                  old_python: Path) -> None:  # fmt: skip
+def test_a_broken_environment_or_bad_parameters_are_config_errors_naming_the_key(
+    tmp_path: Path, old_python: Path
+) -> None:
     from node.config import ConfigError, load_config
 
     def load(text: str) -> str:
@@ -292,11 +340,14 @@ def test_a_broken_environment_or_bad_parameters_are_config_errors_naming_the_key
     error = load(f'[plugins.environments.x]\npython = "{plain / "bin" / "python"}"\n')
     assert "[plugins.environments.x]" in error and "dicom-node-sdk is not installed there" in error, error
     assert bare.exists()
-    error = load(env_config(old_python) + """
+    error = load(
+        env_config(old_python)
+        + """
 [[rules]]
 name = "r"
 actions = [{ type = "plugin", plugin = "env-bone", params = { lower = 5 } }]
-""")
+"""
+    )
     assert "rules[0]" in error and "lower" in error, error
     error = load(env_config(old_python) + '[plugins.commands.env-bone]\ncommand = ["/bin/true", "{input}"]\n')
     assert "plugin name 'env-bone' is used twice: environment old and [plugins.commands]" in error, error
@@ -305,8 +356,13 @@ actions = [{ type = "plugin", plugin = "env-bone", params = { lower = 5 } }]
 def test_plugins_lists_environment_plugins_with_their_environment(tmp_path: Path, old_python: Path) -> None:
     cfg = tmp_path / "node.toml"
     cfg.write_text(env_config(old_python))
-    done = subprocess.run([sys.executable, "-m", "node", "plugins", "--config", str(cfg)], capture_output=True,
-                          text=True, timeout=120, cwd=REPO)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "node", "plugins", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "env-bone 2.0 -- Bone above 300 HU" in done.stdout, done.stdout
     assert f"environment old ({old_python})" in done.stdout

@@ -55,8 +55,9 @@ def voxel_centres(series: SeriesInput, k: np.ndarray, i: np.ndarray, j: np.ndarr
     return series.positions[k] + np.outer(i * dr, col) + np.outer(j * dc, row)
 
 
-def nearest_within(series: SeriesInput, frame: SliceFrame, other: np.ndarray, q: tuple[np.ndarray, ...],
-                   radius: float) -> np.ndarray:  # fmt: skip
+def nearest_within(
+    series: SeriesInput, frame: SliceFrame, other: np.ndarray, q: tuple[np.ndarray, ...], radius: float
+) -> np.ndarray:
     """Exact distance from each voxel ``q`` to the nearest ``other`` voxel centre, by brute force in a ball.
 
     Every voxel whose centre can be within ``radius`` is looked at (per slice within ``radius`` along
@@ -158,14 +159,14 @@ def bright(image: np.ndarray) -> np.ndarray:
     return image[0] == 255
 
 
-@pytest.mark.parametrize("source", [("ct-tilted",), ("ct-tilted", "uneven"), ("ct-head", "sheared")],
-                         ids=lambda s: "-".join(s))  # fmt: skip
+@pytest.mark.parametrize(
+    "source", [("ct-tilted",), ("ct-tilted", "uneven"), ("ct-head", "sheared")], ids=lambda s: "-".join(s)
+)
 def test_mip_of_a_sheared_series_is_geometry_correct(folder: Path, source: tuple[str, ...]) -> None:
     series, length = with_rod(source, folder)
     dz = slice_frame(series, "test").slice_spacing
     hu = ROD_STORED * float(series.first.RescaleSlope) + float(series.first.RescaleIntercept)
-    axial, coronal, sagittal = (r for r in mip_sc.run(series, mip_sc.params(window_center=hu - 300,
-                                                                             window_width=200)))  # fmt: skip
+    axial, coronal, sagittal = (r for r in mip_sc.run(series, mip_sc.params(window_center=hu - 300, window_width=200)))
     # along the normal: a dot the rod's width (3 pixels), not a streak of 1.75 pixels per slice
     rows, cols = np.nonzero(bright(axial.pixels))
     assert len(rows) and np.ptp(rows) <= 3 and np.ptp(cols) <= 3, (np.ptp(rows), np.ptp(cols))

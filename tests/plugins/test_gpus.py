@@ -35,8 +35,14 @@ class Job:
 
     def _run(self) -> None:
         try:
-            with self.slots.acquire(self.need, priority=self.priority, cancelled=self.cancel.is_set,
-                                    on_wait=self.messages.append, poll=0.05, label=self.label) as lease:  # fmt: skip
+            with self.slots.acquire(
+                self.need,
+                priority=self.priority,
+                cancelled=self.cancel.is_set,
+                on_wait=self.messages.append,
+                poll=0.05,
+                label=self.label,
+            ) as lease:
                 self.lease, self.env = lease, lease.env
                 self.got.set()
                 self.done.wait(20)
@@ -118,8 +124,10 @@ def test_an_urgent_waiter_overtakes_a_normal_one_that_waited_longer():
     urgent = Job(slots, "required", priority=URGENT, label="urgent").start()
     until(lambda: waiting(slots) == ["urgent", "normal"], "the urgent job to queue first")
     # The normal job is told it has one job ahead of it now.
-    until(lambda: normal.messages[-1:] == ["waiting for a GPU: all of [plugins] gpus (0) are busy; 1 job(s) ahead"],
-          "the normal job's message to change")  # fmt: skip
+    until(
+        lambda: normal.messages[-1:] == ["waiting for a GPU: all of [plugins] gpus (0) are busy; 1 job(s) ahead"],
+        "the normal job's message to change",
+    )
     holder.finish()
     assert urgent.got.wait(10) and urgent.lease.device == "0"
     time.sleep(0.2)  # several of the normal job's polls: it must still be waiting
@@ -172,8 +180,10 @@ def test_a_cancelled_waiter_leaves_the_queue_and_the_next_one_gets_the_device():
     doomed.cancel.set()
     until(lambda: waiting(slots) == ["next"], "the cancelled job to leave the queue")
     assert isinstance(doomed.error, GpuWaitCancelled)
-    until(lambda: nxt.messages[-1:] == ["waiting for a GPU: all of [plugins] gpus (0) are busy; 0 job(s) ahead"],
-          "next to move up")  # fmt: skip
+    until(
+        lambda: nxt.messages[-1:] == ["waiting for a GPU: all of [plugins] gpus (0) are busy; 0 job(s) ahead"],
+        "next to move up",
+    )
     holder.finish()
     assert nxt.got.wait(10) and nxt.lease.device == "0"
     nxt.finish()

@@ -111,14 +111,16 @@ def scp(tmp_path: Path):
 
 def test_faulty_plugins_fail_only_their_own_job_while_the_node_keeps_receiving(node, tmp_path):
     with_faulty_plugins(node)
-    node.extra_config = "\n".join([
-        "[tracker]\nstable_after = 30\n[jobs]\nworkers = 4\nretry_delay = 0\n" + LOCAL_PLUGINS,
-        rule("raise", 'plugin = "raiser"'),
-        rule("abort", 'plugin = "aborter"'),
-        rule("hang", 'plugin = "sleeper", timeout = 3'),
-        rule("hog", 'plugin = "hog", memory_limit_mb = 1500'),
-        rule("ok", 'plugin = "threshold-seg"'),
-    ])  # fmt: skip
+    node.extra_config = "\n".join(
+        [
+            "[tracker]\nstable_after = 30\n[jobs]\nworkers = 4\nretry_delay = 0\n" + LOCAL_PLUGINS,
+            rule("raise", 'plugin = "raiser"'),
+            rule("abort", 'plugin = "aborter"'),
+            rule("hang", 'plugin = "sleeper", timeout = 3'),
+            rule("hog", 'plugin = "hog", memory_limit_mb = 1500'),
+            rule("ok", 'plugin = "threshold-seg"'),
+        ]
+    )
     node.start()
     for label in ("raise", "abort", "hog"):
         assert storescu(node.port, labelled_ct(tmp_path, label)).returncode == 0
@@ -134,7 +136,8 @@ def test_faulty_plugins_fail_only_their_own_job_while_the_node_keeps_receiving(n
     stored = node.query("select s.instance_count from series s where s.series_instance_uid = ?", ok_uid)
     assert stored == [(4,)]
     assert jobs_by_rule(node)["hang"]["state"] == "running", (
-        f"the hanging job ended before the other series was stored ({time.monotonic() - t0:.1f} s)")  # fmt: skip
+        f"the hanging job ended before the other series was stored ({time.monotonic() - t0:.1f} s)"
+    )
     wait_for(lambda: all_jobs_ended(node, 5), 60, "all five jobs to end")
     assert node.proc is not None and node.proc.poll() is None, "the node died"
 
@@ -163,13 +166,15 @@ def test_faulty_plugins_fail_only_their_own_job_while_the_node_keeps_receiving(n
 def test_retryable_plugin_errors_are_retried_up_to_max_attempts(node, tmp_path):
     with_faulty_plugins(node)
     marker = tmp_path / "flaky-once.marker"
-    node.extra_config = "\n".join([
-        "[tracker]\nstable_after = 30\n[jobs]\nretry_delay = 0\n" + LOCAL_PLUGINS,
-        rule("always", 'plugin = "flaky"', max_attempts=3),
-        rule("once", f'plugin = "flaky", params = {{ marker = "{marker}" }}', max_attempts=3),
-        rule("never", 'plugin = "refuser"', max_attempts=3),
-        rule("capped", 'plugin = "flaky-capped"', max_attempts=3),
-    ])  # fmt: skip
+    node.extra_config = "\n".join(
+        [
+            "[tracker]\nstable_after = 30\n[jobs]\nretry_delay = 0\n" + LOCAL_PLUGINS,
+            rule("always", 'plugin = "flaky"', max_attempts=3),
+            rule("once", f'plugin = "flaky", params = {{ marker = "{marker}" }}', max_attempts=3),
+            rule("never", 'plugin = "refuser"', max_attempts=3),
+            rule("capped", 'plugin = "flaky-capped"', max_attempts=3),
+        ]
+    )
     node.start()
     for label in ("always", "once", "never", "capped"):
         assert storescu(node.port, labelled_ct(tmp_path, label)).returncode == 0
@@ -208,16 +213,23 @@ def _can_build_without_isolation() -> bool:
 
 
 def _pip(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "pip", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+    )
 
 
 @pytest.fixture(scope="session")
 def example_plugin():
     """tests/data/example-plugin installed (editable) like any plugin package; uninstalled afterwards."""
     if _pip("show", "dicom-node-example").returncode == 0:
-        pytest.fail("dicom-node-example is installed already (a previous run was interrupted?); "
-                    "pip uninstall -y dicom-node-example")  # fmt: skip
+        pytest.fail(
+            "dicom-node-example is installed already (a previous run was interrupted?); "
+            "pip uninstall -y dicom-node-example"
+        )
     args = ["install", "--no-deps", "-e", str(EXAMPLE)]
     if _can_build_without_isolation():
         # Offline: no build dependencies to fetch, no index to ask.
@@ -257,28 +269,38 @@ def test_dicom_node_plugins_lists_the_installed_example(example_plugin, tmp_path
 @pytest.mark.parametrize(
     ("action", "expected"),
     [
-        ('plugin = "example-sphere", params = { radius_mm = "big" }',
-         'rules[0] ("sphere").actions[0].params.radius_mm: Input should be a valid number, unable to parse string as '
-         "a number (got 'big')"),
-        ('plugin = "example-sphere", params = { radius = 20 }',
-         'rules[0] ("sphere").actions[0].params.radius: Extra inputs are not permitted'),
-        ('plugins = [{ name = "example-sphere", params = { radius_mm = 20 } }, '
-         '{ name = "example-sphere", params = { radius_mm = -1 } }]',
-         'rules[0] ("sphere").actions[0].plugins[1].params.radius_mm: Input should be greater than 0 (got -1)'),
+        (
+            'plugin = "example-sphere", params = { radius_mm = "big" }',
+            'rules[0] ("sphere").actions[0].params.radius_mm: Input should be a valid number, unable to parse string as '
+            "a number (got 'big')",
+        ),
+        (
+            'plugin = "example-sphere", params = { radius = 20 }',
+            'rules[0] ("sphere").actions[0].params.radius: Extra inputs are not permitted',
+        ),
+        (
+            'plugins = [{ name = "example-sphere", params = { radius_mm = 20 } }, '
+            '{ name = "example-sphere", params = { radius_mm = -1 } }]',
+            'rules[0] ("sphere").actions[0].plugins[1].params.radius_mm: Input should be greater than 0 (got -1)',
+        ),
     ],
     ids=["wrong-type", "unknown-key", "chain-out-of-range"],
-)  # fmt: skip
+)
 def test_rules_check_validates_plugin_params(example_plugin, tmp_path, action, expected):
     cfg = tmp_path / "node.toml"
     base = f'[node]\ndata_dir = "{tmp_path / "data"}"\n'
-    cfg.write_text(base + '[[rules]]\nname = "sphere"\nmatch = { Modality = "CT" }\n'
-                   f"actions = [{{ type = \"plugin\", {action} }}]\n")  # fmt: skip
+    cfg.write_text(
+        base + '[[rules]]\nname = "sphere"\nmatch = { Modality = "CT" }\n'
+        f'actions = [{{ type = "plugin", {action} }}]\n'
+    )
     r = node_cli("rules", "check", config=cfg)
     assert r.returncode == 2, r.stdout + r.stderr
     assert expected in r.stderr, r.stderr
     # the same rule with good parameters is valid
-    cfg.write_text(base + '[[rules]]\nname = "sphere"\nmatch = { Modality = "CT" }\n'
-                   'actions = [{ type = "plugin", plugin = "example-sphere", params = { radius_mm = 12.5 } }]\n')  # fmt: skip
+    cfg.write_text(
+        base + '[[rules]]\nname = "sphere"\nmatch = { Modality = "CT" }\n'
+        'actions = [{ type = "plugin", plugin = "example-sphere", params = { radius_mm = 12.5 } }]\n'
+    )
     r = node_cli("rules", "check", config=cfg)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "then run example-sphere" in r.stdout
@@ -329,8 +351,10 @@ series_number = 7001
     for files in sources.values():
         assert storescu(node.port, files).returncode == 0
     wait_for(lambda: all_jobs_ended(node, 2), 90, "both sphere jobs to end")
-    jobs = node.query("select j.id, s.series_instance_uid, j.state, j.attempts, j.software, j.result, j.last_error "
-                      "from job j join series s on s.id = j.series_fk")  # fmt: skip
+    jobs = node.query(
+        "select j.id, s.series_instance_uid, j.state, j.attempts, j.software, j.result, j.last_error "
+        "from job j join series s on s.id = j.series_fk"
+    )
     for job_id, _, state, attempts, software, result, error in jobs:
         assert (state, attempts) == ("succeeded", 1), (job_id, error)
         assert software == f"example-sphere {example_plugin}"
@@ -347,8 +371,9 @@ series_number = 7001
 
     for name, files in sources.items():
         src = pydicom.dcmread(files[0], stop_before_pixels=True)
-        seg_path = next(p for p in got if pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID ==
-                        src.StudyInstanceUID)  # fmt: skip
+        seg_path = next(
+            p for p in got if pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID == src.StudyInstanceUID
+        )
         seg = hd.seg.segread(seg_path)
         # What the node adds: the source study, its own series, references, the algorithm and itself.
         assert seg.StudyInstanceUID == src.StudyInstanceUID and seg.PatientID == src.PatientID
@@ -479,11 +504,15 @@ stable_after = 30
         # Nothing of the killed node should run on: not the plugin (no one enforces its timeout any more),
         # nor the fork server and its resource tracker.
         deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-                                                  for p in children):  # fmt: skip
+        while time.monotonic() < deadline and any(
+            p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in children
+        ):
             time.sleep(0.1)
-        alive = [f"{p.pid} ({' '.join(p.cmdline())[:100]})" for p in children
-                 if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]  # fmt: skip
+        alive = [
+            f"{p.pid} ({' '.join(p.cmdline())[:100]})"
+            for p in children
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        ]
         assert alive == [], f"processes of the killed node still running 5 s later: {alive}"
     finally:
         end_processes(children)
@@ -491,11 +520,13 @@ stable_after = 30
 
 def test_failed_plugin_runs_leave_nothing_in_tmp(node, tmp_path):
     with_faulty_plugins(node)
-    node.extra_config = "\n".join([
-        "[tracker]\nstable_after = 30\n[jobs]\nretry_delay = 0\n" + LOCAL_PLUGINS,
-        rule("raise", 'plugin = "raiser"'),
-        rule("always", 'plugin = "flaky"', max_attempts=2),
-    ])  # fmt: skip
+    node.extra_config = "\n".join(
+        [
+            "[tracker]\nstable_after = 30\n[jobs]\nretry_delay = 0\n" + LOCAL_PLUGINS,
+            rule("raise", 'plugin = "raiser"'),
+            rule("always", 'plugin = "flaky"', max_attempts=2),
+        ]
+    )
     node.start()
     for label in ("raise", "always"):
         assert storescu(node.port, labelled_ct(tmp_path, label)).returncode == 0
@@ -508,8 +539,10 @@ def test_failed_plugin_runs_leave_nothing_in_tmp(node, tmp_path):
 def test_chain_outputs_name_the_plugin_that_made_them(example_plugin, node, tmp_path):
     """A chain's job makes one output per result; each names the plugin (and parameters) that made it."""
     with_faulty_plugins(node)
-    chain = ('plugins = [{ name = "example-sphere", params = { radius_mm = 5 } }, '
-             '{ name = "slow-box", params = { seconds = 0 } }]')  # fmt: skip
+    chain = (
+        'plugins = [{ name = "example-sphere", params = { radius_mm = 5 } }, '
+        '{ name = "slow-box", params = { seconds = 0 } }]'
+    )
     node.extra_config = f"[tracker]\nstable_after = 30\n{LOCAL_PLUGINS}\n{rule('chain', chain)}"
     node.start()
     assert storescu(node.port, labelled_ct(tmp_path, "chain")).returncode == 0
@@ -565,8 +598,14 @@ def test_a_plugin_may_bring_its_own_segment_template(tmp_path):
     files = make_ct_series(tmp_path / "ct", 4)
     out = tmp_path / "out"
     out.mkdir()
-    res = run(WorkSpec(files=[str(f) for f in files], steps=[StepSpec("templated", "faulty_plugins:templated", {})],
-                       out_dir=str(out), job_key=("1.2.3", 1, "tpl", 0)))  # fmt: skip
+    res = run(
+        WorkSpec(
+            files=[str(f) for f in files],
+            steps=[StepSpec("templated", "faulty_plugins:templated", {})],
+            out_dir=str(out),
+            job_key=("1.2.3", 1, "tpl", 0),
+        )
+    )
     assert res.ok, res.error
     seg = pydicom.dcmread(res.outputs[0].file, stop_before_pixels=True)
     assert [str(s.SegmentLabel) for s in seg.SegmentSequence] == ["Upper left", "Lower right"]

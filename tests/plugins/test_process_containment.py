@@ -57,8 +57,9 @@ def marker():
 def start_spawner(node: NodeProcess, tmp_path: Path, marker: str, timeout: float) -> None:
     """A node whose "spawn" job runs the spawner plugin; returns once its child and grandchild run."""
     with_faulty_plugins(node)
-    node.extra_config = (f"[tracker]\nstable_after = 30\n{LOCAL_PLUGINS}\n"
-                         + rule("spawn", f'plugin = "spawner", params = {{ marker = "{marker}" }}, timeout = {timeout}'))  # fmt: skip
+    node.extra_config = f"[tracker]\nstable_after = 30\n{LOCAL_PLUGINS}\n" + rule(
+        "spawn", f'plugin = "spawner", params = {{ marker = "{marker}" }}, timeout = {timeout}'
+    )
     node.start()
     assert storescu(node.port, labelled_ct(tmp_path, "spawn")).returncode == 0
 
@@ -82,8 +83,14 @@ def test_a_timed_out_plugin_leaves_none_of_its_processes(node, tmp_path, marker)
 def test_a_cancelled_plugin_leaves_none_of_its_processes(node, tmp_path, marker):
     start_spawner(node, tmp_path, marker, timeout=120)
     job_id = jobs_by_rule(node)["spawn"]["id"]
-    r = subprocess.run([sys.executable, "-m", "node", "jobs", "cancel", str(job_id), "--config", str(node.config_path)],
-                       capture_output=True, text=True, cwd=REPO, timeout=60, env={**os.environ, **node.env})  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "node", "jobs", "cancel", str(job_id), "--config", str(node.config_path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        env={**os.environ, **node.env},
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert gone(marker, within=10) == [], "processes of the cancelled plugin still running"
     wait_for(lambda: "cancelled while it ran" in node.log(), 10, "the runner to note the cancel")
@@ -109,8 +116,10 @@ def test_a_plugin_that_returns_leaves_none_of_its_processes(tmp_path, marker):
     out = tmp_path / "out"
     out.mkdir()
     step = StepSpec("spawner", "faulty_plugins:spawner", {"marker": marker, "then_return": True})
-    result = run_in_process(WorkSpec(files=[str(f) for f in files], steps=[step], out_dir=str(out),
-                                     job_key=("1.2.3", 1, "spawn", 0)), timeout=120)  # fmt: skip
+    result = run_in_process(
+        WorkSpec(files=[str(f) for f in files], steps=[step], out_dir=str(out), job_key=("1.2.3", 1, "spawn", 0)),
+        timeout=120,
+    )
     assert result.ok, result.error
     assert len(result.outputs) == 1
     assert gone(marker) == [], "processes started by a plugin that returned still running"
@@ -129,8 +138,11 @@ def test_a_crashed_plugin_leaves_nothing_of_its_process_group(tmp_path, marker):
     out.mkdir()
     step = StepSpec("spawner", "faulty_plugins:spawner", {"marker": marker, "then_crash": True})
     with pytest.raises(PluginRunError, match="crashed with SIGKILL"):
-        run_in_process(WorkSpec(files=[str(f) for f in files], steps=[step], out_dir=str(out),
-                                job_key=("1.2.3", 1, "crash", 0)), timeout=120)  # fmt: skip
+        run_in_process(
+            WorkSpec(files=[str(f) for f in files], steps=[step], out_dir=str(out), job_key=("1.2.3", 1, "crash", 0)),
+            timeout=120,
+        )
+
     def in_group() -> list[int]:  # the marked processes but the setsid grandchild (a session leader)
         out = []
         for p in marked(marker):
@@ -149,8 +161,9 @@ def test_a_crashed_plugin_leaves_nothing_of_its_process_group(tmp_path, marker):
 
 def test_a_memory_limit_below_the_baseline_says_so(node, tmp_path):
     with_faulty_plugins(node)
-    node.extra_config = (f"[tracker]\nstable_after = 30\n[jobs]\nretry_delay = 0\n{LOCAL_PLUGINS}\n"
-                         + rule("small", 'plugin = "slow-box", params = { seconds = 0 }, memory_limit_mb = 50'))  # fmt: skip
+    node.extra_config = f"[tracker]\nstable_after = 30\n[jobs]\nretry_delay = 0\n{LOCAL_PLUGINS}\n" + rule(
+        "small", 'plugin = "slow-box", params = { seconds = 0 }, memory_limit_mb = 50'
+    )
     node.start()
     assert storescu(node.port, labelled_ct(tmp_path, "small")).returncode == 0
     wait_for(lambda: jobs_by_rule(node).get("small", {}).get("state") == "failed", 30, "the job to fail")
@@ -173,8 +186,13 @@ memory_limit_mb = 100
 {rule("roomy", 'plugin = "threshold-seg", memory_limit_mb = 4096')}
 {rule("unlimited", 'plugin = "threshold-seg", memory_limit_mb = 0')}
 """)
-    r = subprocess.run([sys.executable, "-m", "node", "rules", "check", "--config", str(cfg)],
-                       capture_output=True, text=True, cwd=REPO, timeout=120)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "node", "rules", "check", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "configuration valid, 4 rule(s)" in r.stdout
     warnings = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
@@ -186,6 +204,11 @@ memory_limit_mb = 100
     # A config whose limits are all above the baseline gets no warning.
     roomy = rule("roomy", 'plugin = "threshold-seg"')  # the default [plugins] memory_limit_mb
     cfg.write_text(f'[node]\ndata_dir = "{tmp_path / "data"}"\n{roomy}')
-    r = subprocess.run([sys.executable, "-m", "node", "rules", "check", "--config", str(cfg)],
-                       capture_output=True, text=True, cwd=REPO, timeout=120)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "node", "rules", "check", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert r.returncode == 0 and "warning" not in r.stderr, r.stdout + r.stderr

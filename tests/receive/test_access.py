@@ -113,20 +113,46 @@ client_ca = "{client_cert}"
         except OSError:
             time.sleep(0.2)
     ok = subprocess.run(
-        [dcmtk("storescu"), "+tls", str(client_key), str(client_cert), "+cf", str(server_cert), "-aec", "DICOM_NODE",
-         "127.0.0.1", str(node.port), *map(str, files)],
-        capture_output=True, text=True, env=PEER_ENV, timeout=60,
-    )  # fmt: skip
+        [
+            dcmtk("storescu"),
+            "+tls",
+            str(client_key),
+            str(client_cert),
+            "+cf",
+            str(server_cert),
+            "-aec",
+            "DICOM_NODE",
+            "127.0.0.1",
+            str(node.port),
+            *map(str, files),
+        ],
+        capture_output=True,
+        text=True,
+        env=PEER_ENV,
+        timeout=60,
+    )
     assert ok.returncode == 0, ok.stderr
     assert node.query("select count(*) from instance") == [(3,)]
     # Plain TCP and a TLS client without a certificate are both refused.
     plain = storescu(node.port, files)
     assert plain.returncode != 0
     anon = subprocess.run(
-        [dcmtk("storescu"), "+tla", "+cf", str(server_cert), "-aec", "DICOM_NODE", "127.0.0.1", str(node.port),
-         str(files[0])],
-        capture_output=True, text=True, env=PEER_ENV, timeout=60,
-    )  # fmt: skip
+        [
+            dcmtk("storescu"),
+            "+tla",
+            "+cf",
+            str(server_cert),
+            "-aec",
+            "DICOM_NODE",
+            "127.0.0.1",
+            str(node.port),
+            str(files[0]),
+        ],
+        capture_output=True,
+        text=True,
+        env=PEER_ENV,
+        timeout=60,
+    )
     assert anon.returncode != 0
     assert node.query("select count(*) from instance") == [(3,)]
     assert "TLS handshake with 127.0.0.1" in node.log()

@@ -37,6 +37,6 @@ def test_synthetic_series_stored_byte_identical_and_indexed(node, tmp_path: Path
         assert row[6] == "STORESCU"
         assert row[7] == "1.2.840.10008.1.2.1"
         assert row[8] == stored.stat().st_size
-    (n_series, count), = node.query("select count(*), max(instance_count) from series")
+    ((n_series, count),) = node.query("select count(*), max(instance_count) from series")
     assert (n_series, count) == (1, 10)
     assert node.temp_files() == []

@@ -48,8 +48,19 @@ class Sender:
     returncode: int | None = None
 
     def start(self, port: int) -> Sender:
-        cmd = [dcmtk("storescu"), "-v", "-nh", "-R", "-aet", self.name, "-aec", "DICOM_NODE",
-               "127.0.0.1", str(port), *map(str, self.files)]  # fmt: skip
+        cmd = [
+            dcmtk("storescu"),
+            "-v",
+            "-nh",
+            "-R",
+            "-aet",
+            self.name,
+            "-aec",
+            "DICOM_NODE",
+            "127.0.0.1",
+            str(port),
+            *map(str, self.files),
+        ]
         with open(self.log_path, "wb") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=PEER_ENV)
         return self
@@ -115,9 +126,9 @@ def count_instances(node: NodeProcess) -> int:
 
 def check_log(text: str) -> None:
     for bad in LOG_FORBIDDEN:
-        assert bad not in text, f"node log contains {bad!r}:\n" + "\n".join(
-            line for line in text.splitlines() if bad in line
-        )[-4000:]
+        assert bad not in text, (
+            f"node log contains {bad!r}:\n" + "\n".join(line for line in text.splitlines() if bad in line)[-4000:]
+        )
 
 
 def source_index(files: list[Path]) -> dict[str, Path]:
@@ -169,8 +180,11 @@ def test_eight_concurrent_associations_of_200_instances(node, tmp_path: Path):
     """
     study_uid = generate_uid()
     senders = [
-        Sender(f"SENDER{i}", make_ct_series(tmp_path / f"src{i}", 200, 64, 64, seed=i, study_uid=study_uid),
-               tmp_path / f"storescu{i}.log")  # fmt: skip
+        Sender(
+            f"SENDER{i}",
+            make_ct_series(tmp_path / f"src{i}", 200, 64, 64, seed=i, study_uid=study_uid),
+            tmp_path / f"storescu{i}.log",
+        )
         for i in range(8)
     ]
     node.start()
@@ -222,8 +236,11 @@ def test_eight_concurrent_associations_of_200_instances(node, tmp_path: Path):
 def test_kill9_during_four_associations_then_recovery(node, tmp_path: Path):
     """kill -9 while 4 associations stream: nothing acknowledged is lost, storage and index agree."""
     senders = [
-        Sender(f"CRASH{i}", make_ct_series(tmp_path / f"src{i}", 200, 128, 128, seed=100 + i),
-               tmp_path / f"storescu{i}.log")  # fmt: skip
+        Sender(
+            f"CRASH{i}",
+            make_ct_series(tmp_path / f"src{i}", 200, 128, 128, seed=100 + i),
+            tmp_path / f"storescu{i}.log",
+        )
         for i in range(4)
     ]
     source = {uid: f for s in senders for uid, f in source_index(s.files).items()}
@@ -236,8 +253,9 @@ def test_kill9_during_four_associations_then_recovery(node, tmp_path: Path):
     t0 = time.monotonic()
     wait_until(
         lambda: (n := count_instances(node)) >= 300 or (n > 0 and time.monotonic() - t0 >= 1.0),
-        timeout=60, what="indexed instances",
-    )  # fmt: skip
+        timeout=60,
+        what="indexed instances",
+    )
     killed_at = count_instances(node)
     node.kill9()
     print(f"killed the node {time.monotonic() - t0:.2f} s after the senders started, {killed_at} rows indexed")
@@ -260,8 +278,10 @@ def test_kill9_during_four_associations_then_recovery(node, tmp_path: Path):
     rows = instance_rows(node)
     adopted = [uid for uid in rows if rows[uid]["association_id"] == "recovered"]
     q = quarantined(node)
-    print(f"after recovery: {len(rows)} rows, {len(acknowledged)} acknowledged, "
-          f"{len(adopted)} indexed by recovery, {len(q)} quarantined")  # fmt: skip
+    print(
+        f"after recovery: {len(rows)} rows, {len(acknowledged)} acknowledged, "
+        f"{len(adopted)} indexed by recovery, {len(q)} quarantined"
+    )
     for p in q:
         warnings.warn(f"recovery quarantined {p}", stacklevel=1)
 
@@ -313,11 +333,27 @@ def test_kill9_during_four_associations_then_recovery(node, tmp_path: Path):
 # --- 3. recovery, one case at a time ----------------------------------------------------------------
 
 _ROW_COLUMNS_FROM_DATA = (
-    "sop_instance_uid", "series_fk", "sop_class_uid", "transfer_syntax_uid", "instance_number",
-    "acquisition_number", "image_type", "rows", "columns", "number_of_frames", "bits_allocated",
-    "photometric_interpretation", "image_position_patient", "image_orientation_patient", "pixel_spacing",
-    "slice_thickness", "slice_location", "file_path", "file_size", "checksum",
-)  # fmt: skip
+    "sop_instance_uid",
+    "series_fk",
+    "sop_class_uid",
+    "transfer_syntax_uid",
+    "instance_number",
+    "acquisition_number",
+    "image_type",
+    "rows",
+    "columns",
+    "number_of_frames",
+    "bits_allocated",
+    "photometric_interpretation",
+    "image_position_patient",
+    "image_orientation_patient",
+    "pixel_spacing",
+    "slice_thickness",
+    "slice_location",
+    "file_path",
+    "file_size",
+    "checksum",
+)
 
 
 def _lose_row(node: NodeProcess, uid: str) -> None:
@@ -604,8 +640,10 @@ def test_success_only_after_fsync_rename_and_commit(node, tmp_path: Path):
         "DICOM_NODE_TEST_AUDIT": str(audit),
         "DICOM_NODE_TEST_DATA_DIR": str(node.data_dir),
     }
-    senders = [Sender(f"AUDIT{i}", make_ct_series(tmp_path / f"src{i}", 20, seed=200 + i), tmp_path / f"s{i}.log")
-               for i in range(2)]  # fmt: skip
+    senders = [
+        Sender(f"AUDIT{i}", make_ct_series(tmp_path / f"src{i}", 20, seed=200 + i), tmp_path / f"s{i}.log")
+        for i in range(2)
+    ]
     node.start()
     for s in senders:
         s.start(node.port)

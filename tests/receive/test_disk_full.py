@@ -23,7 +23,7 @@ CT_SERIES = "series/ct-head-philips-5mm"
 #: How DCMTK's storescu -v reports status 0xA700.
 REFUSED_A700 = "Refused: OutOfResources"
 
-FAULT_SHIM = '''
+FAULT_SHIM = """
 import errno, os
 
 _flag = os.environ.get("DICOM_NODE_TEST_ENOSPC_FLAG", "")
@@ -52,7 +52,7 @@ elif _mode == "rename":
         return _real_rename(src, dst, *args, **kwargs)
 
     os.rename = rename
-'''
+"""
 
 
 @pytest.fixture
@@ -62,8 +62,9 @@ def small_fs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
 
     def mount(path: Path, size: str = "8m") -> Path:
         path.mkdir(parents=True, exist_ok=True)
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                           capture_output=True, text=True)  # fmt: skip
+        r = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True
+        )
         if r.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs to fill up (needs root or CAP_SYS_ADMIN): {r.stderr.strip()}")
         mounted.append(path)
@@ -169,8 +170,9 @@ def test_full_index_filesystem_answers_a700(node, small_fs, shared_data: Path, t
     out = r.stdout + r.stderr
     assert responses(out) == [REFUSED_A700] * len(files), out
     assert node.stored_files() == [] and node.temp_files() == []
-    assert re.search(r"refused \S+ from STORESCU .*0xA700 the index could not record it: database or disk is full",
-                     node.log()), node.log()[-3000:]  # fmt: skip
+    assert re.search(
+        r"refused \S+ from STORESCU .*0xA700 the index could not record it: database or disk is full", node.log()
+    ), node.log()[-3000:]
 
     filler.unlink()
     r = storescu(node.port, files, "-v")

@@ -44,7 +44,9 @@ def test_overwrite(node, tmp_path):
     assert dataset_bytes(node.data_dir / rows[0][0]) == dataset_bytes(second)
     assert not (node.data_dir / old_path).exists(), "the replaced file is removed"
     assert len(node.stored_files()) == 1
-    assert node.query("select patient_name from patient p join study s on s.patient_fk = p.id") [-1] == ("CORRECTED^NAME",)
+    assert node.query("select patient_name from patient p join study s on s.patient_fk = p.id")[-1] == (
+        "CORRECTED^NAME",
+    )
     assert node.query("select instance_count from series") == [(1,)]
     assert "replaced the stored copy" in node.log()
 

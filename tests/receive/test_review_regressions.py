@@ -18,21 +18,60 @@ CT = "1.2.840.10008.5.1.4.1.1.2"
 
 def _record(n: int, patient: str, study: str) -> InstanceRecord:
     return InstanceRecord(
-        patient={"patient_id": patient, "issuer_of_patient_id": "", "patient_name": patient, "birth_date": "",
-                 "sex": ""},
-        study={"study_instance_uid": study, "study_date": "", "study_time": "", "accession_number": "",
-               "study_id": "", "study_description": "", "referring_physician_name": ""},
-        series={"series_instance_uid": study + ".1", "modality": "CT", "series_number": 1, "series_description": "",
-                "body_part_examined": "", "protocol_name": "", "manufacturer": "", "station_name": "",
-                "frame_of_reference_uid": ""},
-        instance={"sop_instance_uid": f"I-{n}", "sop_class_uid": CT, "transfer_syntax_uid": "1.2.840.10008.1.2.1",
-                  "instance_number": n, "acquisition_number": None, "image_type": "", "rows": None, "columns": None,
-                  "number_of_frames": None, "bits_allocated": None, "photometric_interpretation": "",
-                  "image_position_patient": "", "image_orientation_patient": "", "pixel_spacing": "",
-                  "slice_thickness": None, "slice_location": None, "file_path": f"p/{n}", "file_size": 1,
-                  "checksum": "x", "calling_ae": "", "called_ae": "", "peer_address": "", "association_id": ""},
+        patient={
+            "patient_id": patient,
+            "issuer_of_patient_id": "",
+            "patient_name": patient,
+            "birth_date": "",
+            "sex": "",
+        },
+        study={
+            "study_instance_uid": study,
+            "study_date": "",
+            "study_time": "",
+            "accession_number": "",
+            "study_id": "",
+            "study_description": "",
+            "referring_physician_name": "",
+        },
+        series={
+            "series_instance_uid": study + ".1",
+            "modality": "CT",
+            "series_number": 1,
+            "series_description": "",
+            "body_part_examined": "",
+            "protocol_name": "",
+            "manufacturer": "",
+            "station_name": "",
+            "frame_of_reference_uid": "",
+        },
+        instance={
+            "sop_instance_uid": f"I-{n}",
+            "sop_class_uid": CT,
+            "transfer_syntax_uid": "1.2.840.10008.1.2.1",
+            "instance_number": n,
+            "acquisition_number": None,
+            "image_type": "",
+            "rows": None,
+            "columns": None,
+            "number_of_frames": None,
+            "bits_allocated": None,
+            "photometric_interpretation": "",
+            "image_position_patient": "",
+            "image_orientation_patient": "",
+            "pixel_spacing": "",
+            "slice_thickness": None,
+            "slice_location": None,
+            "file_path": f"p/{n}",
+            "file_size": 1,
+            "checksum": "x",
+            "calling_ae": "",
+            "called_ae": "",
+            "peer_address": "",
+            "association_id": "",
+        },
         received_at=dt.datetime.now(dt.UTC),
-    )  # fmt: skip
+    )
 
 
 def test_a_failed_item_does_not_leave_stale_ids_for_the_rest_of_its_batch(tmp_path):
@@ -87,8 +126,14 @@ def test_sop_class_must_match_the_presentation_context(node, tmp_path):
     src = make_ct_series(tmp_path / "src", 1)[0]
     ds = pydicom.dcmread(src)
     node.start()
-    r = raw_c_store(node.port, MR, "1.2.840.10008.1.2.1", dataset_bytes(src), sop_class_uid=CT,
-                    sop_instance_uid=str(ds.SOPInstanceUID))  # fmt: skip
+    r = raw_c_store(
+        node.port,
+        MR,
+        "1.2.840.10008.1.2.1",
+        dataset_bytes(src),
+        sop_class_uid=CT,
+        sop_instance_uid=str(ds.SOPInstanceUID),
+    )
     assert r.status == 0x0122
     assert node.query("select count(*) from instance") == [(0,)]
     assert node.temp_files() == []

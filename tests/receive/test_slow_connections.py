@@ -112,8 +112,11 @@ def test_slow_loris_flood_is_cut_off_while_a_real_sender_stores(node, shared_dat
         rss_peak = rss_start
         sender = subprocess.Popen(
             [dcmtk("storescu"), "-v", "-nh", "-R", "-aec", "DICOM_NODE", "127.0.0.1", str(node.port), *map(str, files)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=PEER_ENV,
-        )  # fmt: skip
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=PEER_ENV,
+        )
         deadline = time.monotonic() + ACSE_TIMEOUT + 10
         while loris.sockets and time.monotonic() < deadline:
             loris.trickle()
@@ -134,15 +137,22 @@ def test_slow_loris_flood_is_cut_off_while_a_real_sender_stores(node, shared_dat
     assert max(loris.closed_after) < ACSE_TIMEOUT + 2.0, sorted(loris.closed_after)[-5:]
     # Memory stayed bounded.
     growth = rss_peak - rss_start
-    print(f"closed after (s): min {min(loris.closed_after):.2f}, median {sorted(loris.closed_after)[SLOW // 2]:.2f}, "
-          f"max {max(loris.closed_after):.2f}")
-    print(f"node RSS {rss_start / 2**20:.0f} MiB at start, {rss_peak / 2**20:.0f} MiB at most with {SLOW} slow "
-          f"connections and a 28-instance series")  # fmt: skip
+    print(
+        f"closed after (s): min {min(loris.closed_after):.2f}, median {sorted(loris.closed_after)[SLOW // 2]:.2f}, "
+        f"max {max(loris.closed_after):.2f}"
+    )
+    print(
+        f"node RSS {rss_start / 2**20:.0f} MiB at start, {rss_peak / 2**20:.0f} MiB at most with {SLOW} slow "
+        f"connections and a 28-instance series"
+    )
     assert growth < RSS_GROWTH_BOUND, f"RSS grew by {growth / 2**20:.0f} MiB"
     # The log and the metrics say what happened.
     log = node.log()
-    assert re.search(r"closed the connection from 127\.0\.0\.\d+:\d+: A-ASSOCIATE-RQ not complete within "
-                     r"node\.acse_timeout \(3 s\) of connecting", log), log[-3000:]  # fmt: skip
+    assert re.search(
+        r"closed the connection from 127\.0\.0\.\d+:\d+: A-ASSOCIATE-RQ not complete within "
+        r"node\.acse_timeout \(3 s\) of connecting",
+        log,
+    ), log[-3000:]
     assert re.search(r"node\.max_pending_connections \(64\) reached", log), log[-3000:]
     name = "dicom_node_associations_rejected_total"
     cut = metric(node.web_port, name, "pending-limit") + metric(node.web_port, name, "acse-timeout")

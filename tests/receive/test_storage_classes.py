@@ -46,19 +46,28 @@ def label_map_seg(source_dir: Path, out: Path) -> Path:
     mask[1:3, 0:3, 0:3] = 2
     segments = [
         hd.seg.SegmentDescription(
-            segment_number=i, segment_label=f"region {i}",
+            segment_number=i,
+            segment_label=f"region {i}",
             segmented_property_category=hd.sr.CodedConcept("91723000", "SCT", "Anatomical Structure"),
             segmented_property_type=hd.sr.CodedConcept("123037004", "SCT", "Anatomical Structure"),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
-        )  # fmt: skip
+        )
         for i in (1, 2)
     ]
     seg = hd.seg.Segmentation(
-        source_images=sources, pixel_array=mask, segmentation_type=hd.seg.SegmentationTypeValues.LABELMAP,
-        segment_descriptions=segments, series_instance_uid=hd.UID(), series_number=90, sop_instance_uid=hd.UID(),
-        instance_number=1, manufacturer="dicom-node tests", manufacturer_model_name="labelmap",
-        software_versions="1", device_serial_number="1",
-    )  # fmt: skip
+        source_images=sources,
+        pixel_array=mask,
+        segmentation_type=hd.seg.SegmentationTypeValues.LABELMAP,
+        segment_descriptions=segments,
+        series_instance_uid=hd.UID(),
+        series_number=90,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="dicom-node tests",
+        manufacturer_model_name="labelmap",
+        software_versions="1",
+        device_serial_number="1",
+    )
     assert seg.SOPClassUID == LABEL_MAP_SEG
     seg.save_as(out)
     return out
@@ -99,8 +108,19 @@ def files(shared_data: Path, tmp_path: Path) -> dict[str, Path]:
 
 def send_with_profile(port: int, files: list[Path], config: Path) -> str:
     """storescu with the profile of ``config`` (-R cannot go with -xf); returns its output."""
-    cmd = [dcmtk("storescu"), "-v", "-nh", "-aec", "DICOM_NODE", "-xf", str(config), "Contexts",
-           "127.0.0.1", str(port), *map(str, files)]  # fmt: skip
+    cmd = [
+        dcmtk("storescu"),
+        "-v",
+        "-nh",
+        "-aec",
+        "DICOM_NODE",
+        "-xf",
+        str(config),
+        "Contexts",
+        "127.0.0.1",
+        str(port),
+        *map(str, files),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, env=PEER_ENV, timeout=120)
     return f"exit {r.returncode}\n{r.stdout}{r.stderr}"
 
@@ -120,11 +140,17 @@ def test_label_map_seg_and_private_class_stored_byte_identical_and_indexed(node,
     assert dataset_bytes(node.data_dir / rows[PRIVATE_CLASS]) == dataset_bytes(files["private"])
     log = node.log()
     # The private class is accepted on purpose, and the log says which class it was.
-    assert re.search(rf"accepted presentation context \d+ for {re.escape(PRIVATE_CLASS)} \(not a standard SOP "
-                     r"class: private or unknown\) as a storage class", log), log[-3000:]  # fmt: skip
+    assert re.search(
+        rf"accepted presentation context \d+ for {re.escape(PRIVATE_CLASS)} \(not a standard SOP "
+        r"class: private or unknown\) as a storage class",
+        log,
+    ), log[-3000:]
     # A query is never taken for a storage class, even with unknown classes accepted.
-    assert re.search(rf"refused presentation context {re.escape(PATIENT_ROOT_FIND)} \(Patient Root Query/Retrieve "
-                     r"Information Model - FIND\).*not a storage service", log), log[-3000:]  # fmt: skip
+    assert re.search(
+        rf"refused presentation context {re.escape(PATIENT_ROOT_FIND)} \(Patient Root Query/Retrieve "
+        r"Information Model - FIND\).*not a storage service",
+        log,
+    ), log[-3000:]
     assert node.temp_files() == []
 
 
@@ -133,11 +159,18 @@ def test_private_class_refused_when_configured_standard_ones_still_taken(node, f
     node.start()
     out = send_with_profile(node.port, [files["labelmap"], files["private"]], files["config"])
     assert store_responses(out) == ["Success"], out  # the private one is not even sent: no context for it
-    assert re.search(rf"no presentation context for.*{re.escape(str(files['private']))}|"
-                     rf"no presentation context for.*{re.escape(PRIVATE_CLASS)}", out, re.I | re.S), out  # fmt: skip
+    assert re.search(
+        rf"no presentation context for.*{re.escape(str(files['private']))}|"
+        rf"no presentation context for.*{re.escape(PRIVATE_CLASS)}",
+        out,
+        re.I | re.S,
+    ), out
     assert [c for (c,) in node.query("select sop_class_uid from instance")] == [LABEL_MAP_SEG]
-    assert re.search(rf"refused presentation context {re.escape(PRIVATE_CLASS)} .*node.accept_unknown_sop_classes "
-                     "is false", node.log()), node.log()[-3000:]  # fmt: skip
+    assert re.search(
+        rf"refused presentation context {re.escape(PRIVATE_CLASS)} .*node.accept_unknown_sop_classes "
+        "is false",
+        node.log(),
+    ), node.log()[-3000:]
 
 
 def test_storage_classes_of_2023_to_2025_accepted_at_negotiation(node):

@@ -32,8 +32,9 @@ def real_files(shared: Path) -> list[Path]:
 def _profile(files: list[Path], path: Path) -> Path:
     """DCMTK association profiles: ``SCU`` proposes exactly each file's (SOP class, transfer
     syntax) as its own context; ``SCP`` accepts, per SOP class, all of those syntaxes."""
-    pairs = sorted({(str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID))
-                    for m in map(read_file_meta_info, files)})  # fmt: skip
+    pairs = sorted(
+        {(str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID)) for m in map(read_file_meta_info, files)}
+    )
     tss = sorted({ts for _c, ts in pairs})
     classes = sorted({c for c, _ts in pairs})
     lines = ["[[TransferSyntaxes]]"]
@@ -62,12 +63,18 @@ def check_indexed(node, src: Path) -> None:
     row = rows[0]
     frames = ds.get("NumberOfFrames")
     expected = (
-        str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID), ds.get("Rows"), ds.get("Columns"),
+        str(ds.SOPClassUID),
+        str(ds.file_meta.TransferSyntaxUID),
+        ds.get("Rows"),
+        ds.get("Columns"),
         int(frames) if frames not in (None, "") else None,
         int(ds.InstanceNumber) if ds.get("InstanceNumber") not in (None, "") else None,
-        str(ds.get("SeriesInstanceUID", "")), str(ds.get("Modality", "")), str(ds.get("StudyInstanceUID", "")),
-        str(ds.get("PatientID", "")), str(ds.get("PatientName", "")),
-    )  # fmt: skip
+        str(ds.get("SeriesInstanceUID", "")),
+        str(ds.get("Modality", "")),
+        str(ds.get("StudyInstanceUID", "")),
+        str(ds.get("PatientID", "")),
+        str(ds.get("PatientName", "")),
+    )
     assert row[:11] == expected, f"{src.name}: index {row[:11]} != file {expected}"
 
 
@@ -89,7 +96,9 @@ def unique_uid_groups(files: list[Path]) -> list[list[Path]]:
 
 
 def test_storescu_bytes_on_the_wire_are_stored(node, shared_data, tmp_path):
-    files = [f for f in real_files(shared_data) if str(read_file_meta_info(f).TransferSyntaxUID) not in DCMTK_UNKNOWN_TS]
+    files = [
+        f for f in real_files(shared_data) if str(read_file_meta_info(f).TransferSyntaxUID) not in DCMTK_UNKNOWN_TS
+    ]
     profile = _profile(files, tmp_path / "profile.cfg")
     node.extra_config = 'duplicates = "overwrite"\n'  # later groups re-send the same slice in another syntax
     node.start()
@@ -99,24 +108,51 @@ def test_storescu_bytes_on_the_wire_are_stored(node, shared_data, tmp_path):
         port = free_port()
         scp = subprocess.Popen(
             [dcmtk("storescp"), "-xf", str(profile), "SCP", "+B", "-od", str(reference), str(port)],
-            env=PEER_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            env=PEER_ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         try:
             time.sleep(0.5)
             sent = subprocess.run(
-                [dcmtk("storescu"), "-xf", str(profile), "SCU", "-aec", "ANY", "127.0.0.1", str(port), *map(str, group)],
-                env=PEER_ENV, capture_output=True, text=True, timeout=300,
-            )  # fmt: skip
+                [
+                    dcmtk("storescu"),
+                    "-xf",
+                    str(profile),
+                    "SCU",
+                    "-aec",
+                    "ANY",
+                    "127.0.0.1",
+                    str(port),
+                    *map(str, group),
+                ],
+                env=PEER_ENV,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
             assert sent.returncode == 0, sent.stderr
         finally:
             scp.terminate()
             out = scp.communicate(timeout=10)[0]
         assert len(list(reference.iterdir())) == len(group), out
         r = subprocess.run(
-            [dcmtk("storescu"), "-xf", str(profile), "SCU", "-aec", "DICOM_NODE", "127.0.0.1", str(node.port),
-             *map(str, group)],
-            env=PEER_ENV, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+            [
+                dcmtk("storescu"),
+                "-xf",
+                str(profile),
+                "SCU",
+                "-aec",
+                "DICOM_NODE",
+                "127.0.0.1",
+                str(node.port),
+                *map(str, group),
+            ],
+            env=PEER_ENV,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert r.returncode == 0, r.stderr
         stored = dict(node.query("select sop_instance_uid, file_path from instance"))
         for ref in reference.iterdir():
@@ -161,8 +197,9 @@ def test_stored_file_meta_names_the_node_and_sender(node, shared_data):
 def test_directory_file_is_refused(node, shared_data):
     """A DICOMDIR (Media Storage Directory) is not an instance: it has no SOP Class UID in its data set."""
     node.start()
-    summary = send_files(Peer("127.0.0.1", node.port, "DICOM_NODE"),
-                         [shared_data / "series" / "ct-head-philips-5mm" / "DIRFILE"])  # fmt: skip
+    summary = send_files(
+        Peer("127.0.0.1", node.port, "DICOM_NODE"), [shared_data / "series" / "ct-head-philips-5mm" / "DIRFILE"]
+    )
     assert summary.failed == 1
     assert "0xA900" in summary.errors[0][1]
     assert node.query("select count(*) from instance") == [(0,)]

@@ -90,8 +90,13 @@ def read_line(proc: subprocess.Popen, timeout: float) -> str:
 
 def start_worker(python: str, plugin: str, folder: Path) -> WorkerProcess:
     sock = str(folder / f"w{len(list(folder.glob('*.sock')))}.sock")
-    proc = subprocess.Popen([python, "-m", "dicom_node_sdk.worker", "--socket", sock, "--plugin", plugin],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=plugin_env())  # fmt: skip
+    proc = subprocess.Popen(
+        [python, "-m", "dicom_node_sdk.worker", "--socket", sock, "--plugin", plugin],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=plugin_env(),
+    )
     line = read_line(proc, 120)
     return WorkerProcess(proc, sock, json.loads(line) if line.strip() else {"ready": False, "error": "no line"})
 

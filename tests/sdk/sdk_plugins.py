@@ -37,9 +37,14 @@ def compute(series, params: OrganParams) -> list:  # type: ignore[no-untyped-def
     labels[hu >= params.bone] = 2
     segments = [
         Segment("Soft tissue", codes.SCT.Tissue, Code("87784001", "SCT", "Soft tissue"), color=(200, 120, 100)),
-        Segment(params.label or "Bone", codes.SCT.Tissue, codes.SCT.Bone, anatomic_region=codes.SCT.Skull,
-                type_modifier=Code("7771000", "SCT", "Left")),
-    ]  # fmt: skip
+        Segment(
+            params.label or "Bone",
+            codes.SCT.Tissue,
+            codes.SCT.Bone,
+            anatomic_region=codes.SCT.Skull,
+            type_modifier=Code("7771000", "SCT", "Left"),
+        ),
+    ]
     mip = hu.max(axis=1)  # a coronal projection
     lo, hi = float(mip.min()), float(mip.max())
     picture = ((mip - lo) / max(hi - lo, 1.0) * 255).astype(np.uint8)[None]
@@ -72,7 +77,9 @@ class Organs(Plugin):
 
 @dataclass
 class FailParams:
-    mode: Literal["ok", "plugin-error", "retry", "crash", "bad-result", "exit", "die", "sleep", "print", "scribble"] = "ok"
+    mode: Literal["ok", "plugin-error", "retry", "crash", "bad-result", "exit", "die", "sleep", "print", "scribble"] = (
+        "ok"
+    )
     seconds: float = 0.0
 
 
@@ -101,8 +108,13 @@ def faulty(series, params: FailParams):  # type: ignore[no-untyped-def]
             raise PluginError("the input was changed by an earlier job")
         v[...] = 0
         assert int(series.voxels().max()) == 0
-        return [Segmentation(np.zeros((len(series), 4, 4), bool), [Segment("Nothing", codes.SCT.Tissue, codes.SCT.Tissue)],
-                             description="scribbled")]
+        return [
+            Segmentation(
+                np.zeros((len(series), 4, 4), bool),
+                [Segment("Nothing", codes.SCT.Tissue, codes.SCT.Tissue)],
+                description="scribbled",
+            )
+        ]
     return [Segmentation(np.zeros((len(series), 4, 4), bool), [Segment("Nothing", codes.SCT.Tissue, codes.SCT.Tissue)])]
 
 

@@ -22,15 +22,30 @@ from dicom_node_sdk.protocol import (
     result_from_json,
     result_to_json,
     send_message,
-)  # fmt: skip
+)
 from pydantic import BaseModel, Field
 
 import node.plugins.api as node_api
 
 
 def test_the_node_api_is_the_sdk():
-    for name in ("plugin", "Plugin", "PluginInfo", "PluginError", "SeriesInput", "GeometryError", "Segmentation",
-                 "Segment", "Images", "Volume", "Result", "codes", "Code", "NoParams", "as_info"):  # fmt: skip
+    for name in (
+        "plugin",
+        "Plugin",
+        "PluginInfo",
+        "PluginError",
+        "SeriesInput",
+        "GeometryError",
+        "Segmentation",
+        "Segment",
+        "Images",
+        "Volume",
+        "Result",
+        "codes",
+        "Code",
+        "NoParams",
+        "as_info",
+    ):
         assert getattr(node_api, name) is getattr(dicom_node_sdk, name), name
 
 
@@ -74,8 +89,13 @@ def test_dataclass_and_pydantic_parameters_behave_alike(params):
 def test_no_parameters_refuse_any_and_a_wrong_params_type_is_refused_at_declaration():
     info = plugin(name="none", version="1", params=None)(lambda s, p: [])
     assert info.params is NoParams and info.dump_params(info.validate_params({})) == {}
-    assert info.schema() == {"title": "NoParams", "type": "object", "properties": {}, "additionalProperties": False,
-                             "description": "A plugin without parameters: any parameter given is an error."}  # fmt: skip
+    assert info.schema() == {
+        "title": "NoParams",
+        "type": "object",
+        "properties": {},
+        "additionalProperties": False,
+        "description": "A plugin without parameters: any parameter given is an error.",
+    }
     with pytest.raises(ParamsError, match="radius: Extra inputs are not permitted"):
         info.validate_params({"radius": 3})
     with pytest.raises(TypeError, match="must be a dataclass, a pydantic model or None"):
@@ -141,9 +161,14 @@ def test_voxels_the_node_decoded_into_the_transfer_file_are_not_written_over(ct_
     path = tmp_path / "voxels.npy"
     mapped = np.lib.format.open_memmap(path, mode="w+", dtype=np.int16, shape=(len(ct_series), 512, 512))
     mapped[...] = ct_series.voxels()
-    series = node_api.SeriesInput(ct_series.datasets, ct_series.files, _loader=lambda: mapped,
-                                  positions=ct_series.positions, orientation=ct_series.orientation,
-                                  pixel_spacing=ct_series.pixel_spacing)  # fmt: skip
+    series = node_api.SeriesInput(
+        ct_series.datasets,
+        ct_series.files,
+        _loader=lambda: mapped,
+        positions=ct_series.positions,
+        orientation=ct_series.orientation,
+        pixel_spacing=ct_series.pixel_spacing,
+    )
     before = path.stat().st_ino
     remote = decode_series(encode_series(series, path))
     assert path.stat().st_ino == before

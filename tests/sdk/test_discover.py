@@ -59,15 +59,25 @@ def demo_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (src / name).parent.mkdir(parents=True, exist_ok=True)
         (src / name).write_text(text)
     out = tmp_path_factory.mktemp("wheels")
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out),
-                        str(src)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(src)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     return next(out.glob("*.whl"))
 
 
 def discover(python: str, request: object, path: list[Path] = ()) -> tuple[int, dict, str]:  # type: ignore[assignment]
-    r = subprocess.run([python, "-m", "dicom_node_sdk.discover"], input=json.dumps(request), capture_output=True,
-                       text=True, timeout=120, env=plugin_env(path))  # fmt: skip
+    r = subprocess.run(
+        [python, "-m", "dicom_node_sdk.discover"],
+        input=json.dumps(request),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=plugin_env(path),
+    )
     return r.returncode, json.loads(r.stdout) if r.returncode == 0 else {}, r.stderr
 
 
@@ -75,11 +85,31 @@ def discover(python: str, request: object, path: list[Path] = ()) -> tuple[int, 
 def test_discovery_lists_installed_and_local_plugins_and_why_others_cannot_load(kind, demo_wheel, tmp_path):
     python = python_of(kind)
     site = tmp_path / "site"
-    r = subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--disable-pip-version-check",
-                        "--target", str(site), str(demo_wheel)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    r = subprocess.run(
+        [
+            python,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-index",
+            "--disable-pip-version-check",
+            "--target",
+            str(site),
+            str(demo_wheel),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
-    local = {"sdk-organs": "sdk_plugins:Organs", "nope": "no_such_module:plugin", "number": "sdk_plugins:not_a_plugin",
-             "short": {"entry": "sdk_plugins:plain", "environment": "x"}}  # fmt: skip
+    local = {
+        "sdk-organs": "sdk_plugins:Organs",
+        "nope": "no_such_module:plugin",
+        "number": "sdk_plugins:not_a_plugin",
+        "short": {"entry": "sdk_plugins:plain", "environment": "x"},
+    }
     code, out, err = discover(python, {"local": local}, [site])
     assert code == 0, err
     assert "demo_pkg imported" in err  # a plugin's print goes to the log, stdout stays JSON
@@ -88,22 +118,35 @@ def test_discovery_lists_installed_and_local_plugins_and_why_others_cannot_load(
     assert out["packages"]["sdk-demo-plugin"] == "0.3" and "pydantic" not in out["packages"]
     assert sorted(out["plugins"]) == ["demo-sphere", "sdk-organs", "short"]
     demo = out["plugins"]["demo-sphere"]
-    assert {k: demo[k] for k in ("name", "version", "target", "gpu", "setup", "dist", "dist_version", "description")} == {
-        "name": "demo-sphere", "version": "0.3", "target": "demo_pkg:sphere", "gpu": "required", "setup": False,
-        "dist": "sdk-demo-plugin", "dist_version": "0.3", "description": "A sphere in the middle."}  # fmt: skip
+    assert {
+        k: demo[k] for k in ("name", "version", "target", "gpu", "setup", "dist", "dist_version", "description")
+    } == {
+        "name": "demo-sphere",
+        "version": "0.3",
+        "target": "demo_pkg:sphere",
+        "gpu": "required",
+        "setup": False,
+        "dist": "sdk-demo-plugin",
+        "dist_version": "0.3",
+        "description": "A sphere in the middle.",
+    }
     assert demo["schema"]["properties"]["radius_mm"] == {"title": "Radius Mm", "type": "number", "default": 20.0}
     assert demo["family"] == ["123110", "DCM", "Artificial Intelligence"]
     organs = out["plugins"]["sdk-organs"]
     assert (organs["setup"], organs["gpu"], organs["dist"]) == (True, "optional", "")
-    assert organs["schema"]["properties"]["kind"] == {"title": "Kind", "enum": ["labelmap", "binary"], "type": "string",
-                                                      "default": "labelmap"}  # fmt: skip
+    assert organs["schema"]["properties"]["kind"] == {
+        "title": "Kind",
+        "enum": ["labelmap", "binary"],
+        "type": "string",
+        "default": "labelmap",
+    }
     assert out["errors"] == {
         "demo-broken": "cannot be loaded: AttributeError: module 'demo_pkg' has no attribute 'missing' "
-                       "(entry demo_pkg:missing)",
+        "(entry demo_pkg:missing)",
         "nope": "cannot be loaded: ModuleNotFoundError: No module named 'no_such_module' (entry no_such_module:plugin)",
         "number": "cannot be loaded: plugin 'number' is a int; decorate a function with @plugin(...) or subclass "
-                  "dicom_node_sdk.Plugin (node.plugins.api.Plugin) (entry sdk_plugins:not_a_plugin)",
-    }  # fmt: skip
+        "dicom_node_sdk.Plugin (node.plugins.api.Plugin) (entry sdk_plugins:not_a_plugin)",
+    }
 
 
 def test_discovery_in_the_nodes_own_python_sees_the_built_in_plugins():
@@ -115,8 +158,9 @@ def test_discovery_in_the_nodes_own_python_sees_the_built_in_plugins():
 
 
 def test_a_request_that_is_not_json_is_refused_with_the_reason():
-    r = subprocess.run([sys.executable, "-m", "dicom_node_sdk.discover"], input="local = 1", capture_output=True,
-                       text=True, timeout=60)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "dicom_node_sdk.discover"], input="local = 1", capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 2 and r.stdout == ""
     assert "bad request on stdin" in r.stderr
     code, out, err = discover(sys.executable, {"local": ["a:b"]})

@@ -40,13 +40,19 @@ def test_runs_in_any_environment_give_the_local_results_and_setup_runs_once(pyth
             assert seg.description == f"setups=1 runs={n} pid={w.ready['pid']}"
             np.testing.assert_array_equal(seg.masks, expected[0].masks)
             assert seg.kind == "labelmap"
-            assert [(s.label, s.category, s.type, s.color, s.anatomic_region, s.type_modifier)
-                    for s in seg.segments] == [(s.label, s.category, s.type, s.color, s.anatomic_region, s.type_modifier)
-                                               for s in expected[0].segments]  # fmt: skip
+            assert [
+                (s.label, s.category, s.type, s.color, s.anatomic_region, s.type_modifier) for s in seg.segments
+            ] == [
+                (s.label, s.category, s.type, s.color, s.anatomic_region, s.type_modifier) for s in expected[0].segments
+            ]
             np.testing.assert_allclose(vol.values, expected[1].values, rtol=1e-6)
             assert (vol.name, vol.precision, vol.units) == ("half", 0.5, expected[1].units)
             np.testing.assert_array_equal(img.pixels, expected[2].pixels)
-            assert (list(img.source_slices), img.patient_orientation, img.pixel_spacing) == ([None], ("L", "F"), (5.0, 0.5))
+            assert (list(img.source_slices), img.patient_orientation, img.pixel_spacing) == (
+                [None],
+                ("L", "F"),
+                (5.0, 0.5),
+            )
         assert reply.plugin == "sdk-organs 1.2"
         assert reply.parameters == {"bone": 250.0, "tissue": [-100.0, 100.0], "kind": "labelmap", "label": None}
         assert client.hello()["jobs"] == 3
@@ -131,8 +137,12 @@ def test_another_protocol_version_or_garbage_gets_a_clear_answer(old_python, wor
 
 def test_a_worker_that_cannot_start_says_why_on_its_ready_line(old_python, workers):
     bad = workers(old_python, "bad=sdk_plugins:BadSetup")
-    assert bad.ready == {"protocol": 1, "ready": False, "error": "plugin 'bad' (sdk_plugins:BadSetup) cannot start: "
-                         "RuntimeError: weights file /models/missing.onnx not found"}  # fmt: skip
+    assert bad.ready == {
+        "protocol": 1,
+        "ready": False,
+        "error": "plugin 'bad' (sdk_plugins:BadSetup) cannot start: "
+        "RuntimeError: weights file /models/missing.onnx not found",
+    }
     assert bad.proc.wait(timeout=30) == 1
     missing = workers(old_python, "gone=no_such_module:plugin")
     assert missing.ready["ready"] is False

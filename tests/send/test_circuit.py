@@ -87,8 +87,9 @@ def _probe_ends(b: Breaker, how: str) -> None:
         # "cancelled" (an operator cancelled the claimed rows) leave the circuit as it is.
 
 
-@pytest.mark.parametrize("how", ["delivered", "transient", "permanent", "exception", "nothing to send", "stopped",
-                                 "cancelled"])  # fmt: skip
+@pytest.mark.parametrize(
+    "how", ["delivered", "transient", "permanent", "exception", "nothing to send", "stopped", "cancelled"]
+)
 def test_every_end_of_a_probe_releases_it(how):
     b = _half_open()
     try:
@@ -178,8 +179,12 @@ def test_a_batch_that_began_before_the_outage_and_fails_after_the_backoff_is_the
 def _storescp(port: int, out: Path, *args: str) -> subprocess.Popen:
     """DCMTK storescp keeping every instance it receives in a file of its own (+uf: a resend is a new file)."""
     out.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([dcmtk("storescp"), "-aet", "PACS", "+uf", "-od", str(out), *args, str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=PEER_ENV)  # fmt: skip
+    proc = subprocess.Popen(
+        [dcmtk("storescp"), "-aet", "PACS", "+uf", "-od", str(out), *args, str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=PEER_ENV,
+    )
     wait_for_echo(port, "PACS", proc=proc)
     return proc
 
@@ -232,8 +237,9 @@ def _attempts(node) -> list[int]:  # type: ignore[no-untyped-def]
 
 def test_while_a_pacs_is_down_exactly_one_association_probes_at_a_time(node, tmp_path):
     """Four associations, a dead PACS, more than two batches queued: each probe is one batch, and counts once."""
-    node.extra_config = _config(free_port(), "{ initial_delay = 0.3, max_delay = 0.3, multiplier = 1, jitter = 0 }",
-                                max_associations=4)  # fmt: skip
+    node.extra_config = _config(
+        free_port(), "{ initial_delay = 0.3, max_delay = 0.3, multiplier = 1, jitter = 0 }", max_associations=4
+    )
     node.start()
     assert storescu(node.port, make_ct_series(tmp_path / "ct", 2 * BATCH + 6, rows=16, cols=16)).returncode == 0
     wait_for(lambda: _circuit(node)[0] >= 8, 60, "eight failures of the dead destination")
@@ -250,8 +256,9 @@ def test_while_a_pacs_is_down_exactly_one_association_probes_at_a_time(node, tmp
 
 def test_a_restart_keeps_the_open_circuit_and_its_backoff(node, tmp_path):
     """A node restarted during an outage keeps the circuit open, then probes with one association, counting on."""
-    node.extra_config = _config(free_port(), "{ initial_delay = 0.5, max_delay = 600, multiplier = 8, jitter = 0 }",
-                                max_associations=4)  # fmt: skip
+    node.extra_config = _config(
+        free_port(), "{ initial_delay = 0.5, max_delay = 600, multiplier = 8, jitter = 0 }", max_associations=4
+    )
     node.start()
     assert storescu(node.port, make_ct_series(tmp_path / "ct", 2 * BATCH + 6, rows=16, cols=16)).returncode == 0
     wait_for(lambda: _circuit(node)[0] >= 3, 60, "three failures (back-off 0.5, 4, then 32 s)")
@@ -267,8 +274,12 @@ def test_a_restart_keeps_the_open_circuit_and_its_backoff(node, tmp_path):
     assert _attempts(node) == before and _circuit(node)[:2] == (3, retry_at)
     assert "3 consecutive failure(s) before the node stopped" in node.log()
     # an operator ends the back-off early: one association probes, and the count goes on
-    r = subprocess.run([sys.executable, "-m", "node", "queue", "retry", "--destination", "pacs", "--config",
-                        str(node.config_path)], capture_output=True, text=True, timeout=60)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "node", "queue", "retry", "--destination", "pacs", "--config", str(node.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     wait_for(lambda: _circuit(node)[0] == 4, 30, "the operator's retry to be tried")
     node.stop()
@@ -317,8 +328,22 @@ def test_outage_restart_recovery_permanent_refusal_then_new_work(node, tmp_path)
         # -- the PACS now accepts any SOP class; an operator's retry sends the label map
         _stop(pacs)
         pacs = _storescp(port, out, "-pm")
-        r = subprocess.run([sys.executable, "-m", "node", "queue", "retry", "--destination", "pacs", "--config",
-                            str(node.config_path)], capture_output=True, text=True, timeout=60)  # fmt: skip
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "node",
+                "queue",
+                "retry",
+                "--destination",
+                "pacs",
+                "--config",
+                str(node.config_path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert r.returncode == 0, r.stderr
         node.wait_delivered(29, timeout=30)
         assert _received(out) == sorted([*map(read_sop_uid, files), read_sop_uid(seg)]), "each instance exactly once"

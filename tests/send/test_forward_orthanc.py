@@ -34,13 +34,18 @@ def orthanc(tmp_path: Path):
 def forward_all(destination: str, *, expected_counts: bool = True) -> str:
     """Config: a series is stable 1 s after its last instance; one rule forwards every series to ``pacs``."""
     counts = "" if expected_counts else "use_expected_counts = false\n"
-    return (f"[tracker]\nstable_after = 1\n{counts}{destination}\n[[rules]]\nname = \"route\"\n"
-            'actions = [{ type = "forward", to = ["pacs"] }]\n')  # fmt: skip
+    return (
+        f'[tracker]\nstable_after = 1\n{counts}{destination}\n[[rules]]\nname = "route"\n'
+        'actions = [{ type = "forward", to = ["pacs"] }]\n'
+    )
 
 
 def deliveries(node, destination: str) -> list[tuple]:  # type: ignore[no-untyped-def]
-    return node.query("select sop_instance_uid, state, attempts, last_status, last_error, warning from delivery "
-                      "where destination = ? order by id", destination)  # fmt: skip
+    return node.query(
+        "select sop_instance_uid, state, attempts, last_status, last_error, warning from delivery "
+        "where destination = ? order by id",
+        destination,
+    )
 
 
 def test_a_matched_series_sends_seg_sc_and_source_to_orthanc(node, orthanc):
@@ -88,15 +93,20 @@ to = ["pacs"]
         if sop_class == seg_class:
             refs = {r.SeriesInstanceUID for r in ds.ReferencedSeriesSequence}
             assert refs == {source.SeriesInstanceUID}
-            referenced = {i.ReferencedSOPInstanceUID for r in ds.ReferencedSeriesSequence
-                          for i in r.ReferencedInstanceSequence}  # fmt: skip
+            referenced = {
+                i.ReferencedSOPInstanceUID for r in ds.ReferencedSeriesSequence for i in r.ReferencedInstanceSequence
+            }
             assert referenced <= {read_sop_uid(f) for f in files} and referenced
     assert {r[1] for r in deliveries(node, "pacs")} == {"delivered"}
 
     # -- the chain, as an administrator asks for it: from any output back to its source and on to the PACS
     seg_uid = next(uid for uid, c in outputs if c == seg_class)
-    r = subprocess.run([sys.executable, "-m", "node", "lineage", seg_uid, "--config", str(node.config_path)],
-                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "node", "lineage", seg_uid, "--config", str(node.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     text = " ".join(r.stdout.split())
     assert f"{seg_uid} was made by this node from series {source.SeriesInstanceUID}" in text, r.stdout
@@ -149,8 +159,9 @@ actions = [{{ type = "forward", to = ["pacs"] }}, {{ type = "forward", to = ["ar
     retried = [r[2] for r in rows[10:]]
     assert min(retried) >= 3, f"each waiting delivery was tried several times: {retried}"
     # the back-off grew (1, 2, 4, 8 s, give or take 10 %) and stayed at its maximum
-    delays = [float(d) for d in re.findall(r"destination pacs: .* consecutive failure\(s\), next try in (\d+) s",
-                                           node.log())]  # fmt: skip
+    delays = [
+        float(d) for d in re.findall(r"destination pacs: .* consecutive failure\(s\), next try in (\d+) s", node.log())
+    ]
     assert len(delays) >= 4 and delays[:4] == sorted(delays[:4]) and delays[0] <= 1.1 and max(delays) <= 8.8, delays
     assert all(r[2] == 1 for r in deliveries(node, "archive")), "storescp got everything at the first attempt"
 
@@ -176,7 +187,9 @@ def test_kill9_mid_delivery_of_200_instances_then_orthanc_holds_all(node, orthan
 
 def test_a_destination_that_refuses_our_calling_ae_fails_once_with_the_reason(node, orthanc, tmp_path):
     orthanc.start()  # knows DICOM_NODE and STORESCU, not INTRUDER
-    node.extra_config = forward_all(orthanc.destination("pacs", calling_ae_title='"INTRUDER"', retry="{ initial_delay = 0.5 }"))
+    node.extra_config = forward_all(
+        orthanc.destination("pacs", calling_ae_title='"INTRUDER"', retry="{ initial_delay = 0.5 }")
+    )
     node.start()
     files = make_ct_series(tmp_path / "ct", 40, seed=4)
     assert storescu(node.port, files).returncode == 0
@@ -234,8 +247,11 @@ def test_storage_commitment_with_orthanc(node, tmp_path):
         files = make_ct_series(tmp_path / "ct", 6, seed=7)
         assert storescu(node.port, files).returncode == 0
         node.wait_delivered(6)
-        wait_for(lambda: node.query("select distinct commitment from delivery") == [("committed",)], 30,
-                 "Orthanc to confirm the storage commitment")  # fmt: skip
+        wait_for(
+            lambda: node.query("select distinct commitment from delivery") == [("committed",)],
+            30,
+            "Orthanc to confirm the storage commitment",
+        )
         assert pacs.count() == 6
         assert "storage commitment result for transaction" in node.log()
     finally:
@@ -271,21 +287,33 @@ def test_storage_commitment_failures_and_silence_are_sent_again(node, tmp_path):
         report.FailedSOPSequence = [bad]
         ae = AE("ORTHANC")
         ae.add_requested_context(StorageCommitmentPushModel)
-        assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title,
-                             ext_neg=[build_role(StorageCommitmentPushModel, scp_role=True)])  # fmt: skip
+        assoc = ae.associate(
+            "127.0.0.1",
+            node.port,
+            ae_title=node.ae_title,
+            ext_neg=[build_role(StorageCommitmentPushModel, scp_role=True)],
+        )
         assert assoc.is_established
         status, _ = assoc.send_n_event_report(report, 2, StorageCommitmentPushModel, "1.2.840.10008.1.20.1.1")
         assoc.release()
         assert status.Status == 0x0000
 
-        state = dict((u, (s, c, a)) for u, s, c, a in node.query(
-            "select sop_instance_uid, state, commitment, attempts from delivery"))  # fmt: skip
+        state = dict(
+            (u, (s, c, a))
+            for u, s, c, a in node.query("select sop_instance_uid, state, commitment, attempts from delivery")
+        )
         assert state[uids[0]] == ("delivered", "committed", 1)
         # the failed one is sent (and committed) again at once; the unanswered one after commitment_timeout
-        wait_for(lambda: node.query("select attempts from delivery where sop_instance_uid = ?", uids[1]) == [(2,)],
-                 20, "the instance the PACS did not commit to be sent again")  # fmt: skip
-        wait_for(lambda: node.query("select attempts from delivery where sop_instance_uid = ?", uids[2])[0][0] >= 2,
-                 30, "the unanswered instance to be sent again")  # fmt: skip
+        wait_for(
+            lambda: node.query("select attempts from delivery where sop_instance_uid = ?", uids[1]) == [(2,)],
+            20,
+            "the instance the PACS did not commit to be sent again",
+        )
+        wait_for(
+            lambda: node.query("select attempts from delivery where sop_instance_uid = ?", uids[2])[0][0] >= 2,
+            30,
+            "the unanswered instance to be sent again",
+        )
         assert "reported failed; sending them again" in node.log()
         assert "never confirmed by storage commitment" in node.log()
         assert node.query("select commitment from delivery where sop_instance_uid = ?", uids[0]) == [("committed",)]
@@ -326,9 +354,10 @@ send_to = ["pacs"]
     by_desc = {s["MainDicomTags"].get("SeriesDescription"): s for s in series}
     smoothed = by_desc["smoothed (AI)"]
     assert len(smoothed["Instances"]) == 28 and smoothed["MainDicomTags"]["Modality"] == "CT"
-    sop_classes = {orthanc.get(f"/instances/{i}/metadata/SopClassUid").decode() for s in series
-                   for i in s["Instances"]}  # fmt: skip
+    sop_classes = {orthanc.get(f"/instances/{i}/metadata/SopClassUid").decode() for s in series for i in s["Instances"]}
     assert {"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.30"} <= sop_classes
     assert all(s["ParentStudy"] == series[0]["ParentStudy"] for s in series), "all in the source's study"
-    assert source.StudyInstanceUID == orthanc.get(f"/studies/{series[0]['ParentStudy']}")["MainDicomTags"][
-        "StudyInstanceUID"]
+    assert (
+        source.StudyInstanceUID
+        == orthanc.get(f"/studies/{series[0]['ParentStudy']}")["MainDicomTags"]["StudyInstanceUID"]
+    )

@@ -17,18 +17,35 @@ from node.send.scu import Peer, send_files
 from node.send.transcode import proposals
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
-EXPLICIT, IMPLICIT, J2K, RLE = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.5"
+EXPLICIT, IMPLICIT, J2K, RLE = (
+    "1.2.840.10008.1.2.1",
+    "1.2.840.10008.1.2",
+    "1.2.840.10008.1.2.4.90",
+    "1.2.840.10008.1.2.5",
+)
 
 
 @pytest.mark.parametrize(
     ("status", "kind"),
     [
-        (0x0000, "delivered"), (0xB000, "delivered"), (0xB006, "delivered"), (0xB007, "delivered"),
-        (0x0111, "delivered"), (0xA700, "transient"), (0xA7FF, "transient"), (0x0110, "transient"),
-        (0xA900, "permanent"), (0xA9FF, "permanent"), (0xC000, "permanent"), (0xC123, "permanent"),
-        (0x0122, "permanent"), (0x0124, "permanent"), (0x0117, "permanent"), (0xFE00, "permanent"),
+        (0x0000, "delivered"),
+        (0xB000, "delivered"),
+        (0xB006, "delivered"),
+        (0xB007, "delivered"),
+        (0x0111, "delivered"),
+        (0xA700, "transient"),
+        (0xA7FF, "transient"),
+        (0x0110, "transient"),
+        (0xA900, "permanent"),
+        (0xA9FF, "permanent"),
+        (0xC000, "permanent"),
+        (0xC123, "permanent"),
+        (0x0122, "permanent"),
+        (0x0124, "permanent"),
+        (0x0117, "permanent"),
+        (0xFE00, "permanent"),
     ],
-)  # fmt: skip
+)
 def test_status_classes(status, kind):
     got, text = classify_status(status, "why")
     assert got == kind
@@ -63,10 +80,24 @@ def test_tls_destination_with_client_certificate_to_dcmtk_storescp(tmp_path):
     out.mkdir()
     port = free_port()
     proc = subprocess.Popen(
-        [dcmtk("storescp"), "-aet", "TLSSCP", "+tls", str(server_key), str(server_cert), "+cf", str(client_cert),
-         "-rc", "-od", str(out), str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=PEER_ENV,
-    )  # fmt: skip
+        [
+            dcmtk("storescp"),
+            "-aet",
+            "TLSSCP",
+            "+tls",
+            str(server_key),
+            str(server_cert),
+            "+cf",
+            str(client_cert),
+            "-rc",
+            "-od",
+            str(out),
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=PEER_ENV,
+    )
     try:
         deadline = time.monotonic() + 10
         while proc.poll() is None and time.monotonic() < deadline:  # listening?
@@ -79,15 +110,26 @@ def test_tls_destination_with_client_certificate_to_dcmtk_storescp(tmp_path):
         files = make_ct_series(tmp_path / "ct", 3)
         from node.config import DestinationSection
 
-        d = DestinationSection(name="tls", ae_title="TLSSCP", host="127.0.0.1", port=port,
-                               tls=dict(enabled=True, ca=server_cert, certificate=client_cert, private_key=client_key,
-                                        check_hostname=False))  # fmt: skip
+        d = DestinationSection(
+            name="tls",
+            ae_title="TLSSCP",
+            host="127.0.0.1",
+            port=port,
+            tls=dict(
+                enabled=True, ca=server_cert, certificate=client_cert, private_key=client_key, check_hostname=False
+            ),
+        )
         summary = send_files(Peer.from_destination(d, "DICOM_NODE"), files)
         assert summary.ok and summary.sent == 3, summary.errors
         assert {read_sop_uid(p) for p in out.iterdir()} == {read_sop_uid(f) for f in files}
         # without our certificate the peer refuses: a clear, transient (connection-level) failure
-        anon = DestinationSection(name="anon", ae_title="TLSSCP", host="127.0.0.1", port=port,
-                                  tls=dict(enabled=True, ca=server_cert, check_hostname=False))  # fmt: skip
+        anon = DestinationSection(
+            name="anon",
+            ae_title="TLSSCP",
+            host="127.0.0.1",
+            port=port,
+            tls=dict(enabled=True, ca=server_cert, check_hostname=False),
+        )
         refused = send_files(Peer.from_destination(anon, "DICOM_NODE"), files[:1])
         assert refused.failed == 1 and refused.errors[0][1], refused.errors
     finally:
@@ -160,9 +202,12 @@ actions = [{{ type = "forward", to = ["scp"] }}]
         node.wait_delivered(1, timeout=120)
         (got,) = scp.received()
         assert got.stat().st_size >= size - 1024  # storescp's own File Meta may differ by a few bytes
-        peak_kb = next(int(line.split()[1]) for line in open(f"/proc/{node.proc.pid}/status")
-                       if line.startswith("VmHWM:"))  # fmt: skip
+        peak_kb = next(
+            int(line.split()[1]) for line in open(f"/proc/{node.proc.pid}/status") if line.startswith("VmHWM:")
+        )
     finally:
         scp.stop()
     print(f"node peak memory {peak_kb / 1024:.0f} MiB for a {size / 2**20:.0f} MiB instance (received and forwarded)")
-    assert peak_kb < 300 * 1024, f"the node's peak memory was {peak_kb / 1024:.0f} MiB for a {size / 2**20:.0f} MiB instance"
+    assert peak_kb < 300 * 1024, (
+        f"the node's peak memory was {peak_kb / 1024:.0f} MiB for a {size / 2**20:.0f} MiB instance"
+    )

@@ -47,8 +47,12 @@ def test_a_peer_that_takes_the_stored_syntax_gets_the_bytes_as_stored(tmp_path):
     out.mkdir()
     port = free_port()
     # +xv: also accept (and prefer) JPEG 2000 lossless
-    proc = subprocess.Popen([dcmtk("storescp"), "-aet", "J2KSCP", "+xv", "-od", str(out), str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=PEER_ENV)  # fmt: skip
+    proc = subprocess.Popen(
+        [dcmtk("storescp"), "-aet", "J2KSCP", "+xv", "-od", str(out), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=PEER_ENV,
+    )
     try:
         wait_for_echo(port, "J2KSCP", proc=proc)
         summary = send_files(Peer("127.0.0.1", port, "J2KSCP"), [ONE_SLICE / "9.dcm"])

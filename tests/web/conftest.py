@@ -29,8 +29,11 @@ def web_node(tmp_path_factory: pytest.TempPathFactory, shared_data: Path):
             jobs = dict(node.query("SELECT state, count(*) FROM job GROUP BY state"))
             states = dict(node.query("SELECT destination || ':' || state, count(*) FROM delivery GROUP BY 1"))
             # 28 + 3 sources and one SEG per series to pacs; the sources to 'down', which fails at once.
-            return (jobs.get("succeeded", 0) == 4 and states.get("pacs:delivered", 0) == 33
-                    and states.get("down:failed", 0) == 31)  # fmt: skip
+            return (
+                jobs.get("succeeded", 0) == 4
+                and states.get("pacs:delivered", 0) == 33
+                and states.get("down:failed", 0) == 31
+            )
 
         wait_for(settled, 120, "both series to be processed, delivered to pacs and failed for 'down'")
         yield WebNode(node, pacs, down_port, ct_uid, evil_uid, root)

@@ -87,8 +87,10 @@ def test_preview_is_a_png_of_the_middle_slice(web_node, shared_data):
     img = Image.open(io.BytesIO(png))
     assert img.format == "PNG" and img.size == (256, 256) and img.mode == "L"
     # The picture is of the instance in the middle: its brightest pixels are where the CT's are.
-    files = sorted(shared_data.glob("series/ct-head-philips-5mm/*[!E]"), key=lambda p: int(pydicom.dcmread(
-        p, stop_before_pixels=True).InstanceNumber))  # fmt: skip
+    files = sorted(
+        shared_data.glob("series/ct-head-philips-5mm/*[!E]"),
+        key=lambda p: int(pydicom.dcmread(p, stop_before_pixels=True).InstanceNumber),
+    )
     middle = pydicom.dcmread(files[len(files) // 2]).pixel_array
     small = np.asarray(Image.fromarray((middle > middle.mean()).astype("uint8") * 255).resize((256, 256)))
     agree = float(np.mean((np.asarray(img) > 127) == (small > 127)))
@@ -128,14 +130,17 @@ def test_patient_names_come_back_exactly_as_stored(web_node):
 def test_local_users_log_in_with_basic_auth(tmp_path):
     hashed = hash_password("s3cret-pass")
     assert check_password("s3cret-pass", hashed) and not check_password("wrong", hashed)
-    node = NodeProcess(tmp_path / "node", extra_config=f"""
+    node = NodeProcess(
+        tmp_path / "node",
+        extra_config=f"""
 [web]
 auth = "users"
 token = "{TOKEN}"
 [[web.users]]
 name = "alice"
 password_hash = "{hashed}"
-""").start()  # fmt: skip
+""",
+    ).start()
     try:
         url = f"http://127.0.0.1:{node.web_port}/api/whoami"
         basic = "Basic " + base64.b64encode(b"alice:s3cret-pass").decode()
@@ -147,12 +152,15 @@ password_hash = "{hashed}"
         assert node.stop() == 0
 
 
-@pytest.mark.parametrize(("web", "message"), [
-    ('auth = "users"', 'auth = "users" needs at least one [[web.users]] entry'),
-    ('token = "short"', "at least 16 characters"),
-    ('[[web.users]]\nname = "bob"\npassword_hash = "hunter2"', "not a password"),
-    ('port = 70000', "web.port"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("web", "message"),
+    [
+        ('auth = "users"', 'auth = "users" needs at least one [[web.users]] entry'),
+        ('token = "short"', "at least 16 characters"),
+        ('[[web.users]]\nname = "bob"\npassword_hash = "hunter2"', "not a password"),
+        ("port = 70000", "web.port"),
+    ],
+)
 def test_web_config_errors_name_the_key(tmp_path, web, message):
     cfg = tmp_path / "node.toml"
     cfg.write_text(f"[web]\n{web}\n")
@@ -162,8 +170,12 @@ def test_web_config_errors_name_the_key(tmp_path, web, message):
 
 
 def test_hash_password_command_makes_a_hash_the_config_accepts(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "node", "web", "hash-password", "--password", "long enough"],
-                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "node", "web", "hash-password", "--password", "long enough"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     hashed = r.stdout.strip()
     assert check_password("long enough", hashed)
@@ -211,7 +223,7 @@ def test_metrics_count_what_the_node_received_made_and_sent(web_node):
             name, _, value = line.rpartition(" ")
             values[name] = float(value)
     assert values["dicom_node_instances_received_total"] == 31  # 28 + 3 received; the 2 SEGs were made here
-    assert values["dicom_node_outputs_produced_total{kind=\"SEG\",plugin=\"threshold-seg\"}"] == 2
+    assert values['dicom_node_outputs_produced_total{kind="SEG",plugin="threshold-seg"}'] == 2
     assert values['dicom_node_instances_sent_total{destination="pacs"}'] == 33
     assert values['dicom_node_queue_deliveries{destination="down",state="failed"}'] == 31
     assert values['dicom_node_jobs{state="succeeded"}'] == 4
@@ -220,14 +232,19 @@ def test_metrics_count_what_the_node_received_made_and_sent(web_node):
 
 
 def test_operator_actions_in_the_web_are_audited_with_the_user(web_node):
-    target = web_node.node.query("SELECT id FROM delivery WHERE destination = 'down' AND state = 'failed' LIMIT 1")[0][0]
+    target = web_node.node.query("SELECT id FROM delivery WHERE destination = 'down' AND state = 'failed' LIMIT 1")[0][
+        0
+    ]
     code, body = web_node.post("/api/deliveries/retry", {"ids": [target]})
     assert code == 200 and body["changed"] == 1
     code, trail = web_node.get("/api/audit?kind=queue_retry")
     assert code == 200 and trail["total"] == 1 and trail["items"][0]["actor"] == "token", trail
     # 'down' is still down: the delivery fails again at once, as before.
-    wait_for(lambda: web_node.node.query("SELECT state FROM delivery WHERE id = ?", target)[0][0] == "failed", 30,
-             "the retried delivery to fail again")  # fmt: skip
+    wait_for(
+        lambda: web_node.node.query("SELECT state FROM delivery WHERE id = ?", target)[0][0] == "failed",
+        30,
+        "the retried delivery to fail again",
+    )
 
 
 def _no_redirect(url: str, method: str = "GET", headers: dict[str, str] | None = None, data: bytes | None = None):
@@ -256,16 +273,29 @@ def test_every_api_route_and_page_needs_authentication(web_node):
     for path, ops in spec["paths"].items():
         concrete = path.replace("{uid}", web_node.ct_series_uid).replace("{job_id}", "1")
         for method in ops:
-            status, _ = _no_redirect(web_node.url + concrete, method.upper(),
-                                     {"Content-Type": "application/json"}, b"{}" if method == "post" else None)  # fmt: skip
+            status, _ = _no_redirect(
+                web_node.url + concrete,
+                method.upper(),
+                {"Content-Type": "application/json"},
+                b"{}" if method == "post" else None,
+            )
             if path in open_paths:
                 assert status == 200, (method, path, status)
             else:
                 assert status == 401, (method, path, status)
                 checked += 1
     assert checked >= 19
-    for page in ("/", "/studies", f"/series/{web_node.ct_series_uid}", "/jobs", "/deliveries", "/rules", "/plugins",
-                 "/lineage", "/audit"):  # fmt: skip
+    for page in (
+        "/",
+        "/studies",
+        f"/series/{web_node.ct_series_uid}",
+        "/jobs",
+        "/deliveries",
+        "/rules",
+        "/plugins",
+        "/lineage",
+        "/audit",
+    ):
         status, location = _no_redirect(web_node.url + page)
         assert status == 303 and location.startswith("/login?next="), (page, status, location)
     # The login page never sends a browser to another site afterwards.
@@ -277,18 +307,28 @@ def test_every_api_route_and_page_needs_authentication(web_node):
 def test_a_form_from_another_site_is_refused_with_a_session_cookie(web_node):
     # Log in by form and keep the cookie (no redirects followed).
     conn = http.client.HTTPConnection("127.0.0.1", web_node.node.web_port, timeout=30)
-    conn.request("POST", "/login", body=f"token={TOKEN}&next=/", headers={"Content-Type": "application/x-www-form-urlencoded"})
+    conn.request(
+        "POST", "/login", body=f"token={TOKEN}&next=/", headers={"Content-Type": "application/x-www-form-urlencoded"}
+    )
     r = conn.getresponse()
     r.read()
     cookie = r.getheader("Set-Cookie")
     assert r.status == 303 and "HttpOnly" in cookie and "SameSite=strict" in cookie, cookie
     sid = cookie.split(";")[0]
     form = {"Content-Type": "application/x-www-form-urlencoded", "Cookie": sid}
-    status, _ = _no_redirect(web_node.url + "/deliveries/cancel", "POST", {**form, "Origin": "https://evil.example"},
-                             b"destination=pacs&back=/deliveries")  # fmt: skip
+    status, _ = _no_redirect(
+        web_node.url + "/deliveries/cancel",
+        "POST",
+        {**form, "Origin": "https://evil.example"},
+        b"destination=pacs&back=/deliveries",
+    )
     assert status == 403
-    status, _ = _no_redirect(web_node.url + "/deliveries/cancel", "POST", {**form, "Origin": web_node.url},
-                             b"destination=nowhere&back=/deliveries")  # fmt: skip
+    status, _ = _no_redirect(
+        web_node.url + "/deliveries/cancel",
+        "POST",
+        {**form, "Origin": web_node.url},
+        b"destination=nowhere&back=/deliveries",
+    )
     assert status == 303
     assert web_node.node.query("SELECT count(*) FROM delivery WHERE state = 'cancelled'")[0][0] == 0
 

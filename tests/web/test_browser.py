@@ -15,10 +15,19 @@ from helpers import StoreSCP, wait_for
 from helpers.web import EVIL_NAME, TOKEN
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]  # fmt: skip
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (scripts/test.sh installs it)")
+pytestmark = pytest.mark.skipif(
+    not Path(CHROMIUM).exists(), reason="needs Debian's chromium (scripts/test.sh installs it)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +132,11 @@ def test_the_retry_button_requeues_a_failed_delivery(page, web_node, tmp_path):
         shot(page, "deliveries", tmp_path)
         page.click(f"#delivery-{target} button.retry")
         assert "1 delivery queued to be sent now" in page.inner_text("#msg")
-        wait_for(lambda: web_node.node.query("SELECT state FROM delivery WHERE id = ?", target)[0][0] == "delivered",
-                 30, "the retried delivery to arrive")  # fmt: skip
+        wait_for(
+            lambda: web_node.node.query("SELECT state FROM delivery WHERE id = ?", target)[0][0] == "delivered",
+            30,
+            "the retried delivery to arrive",
+        )
         assert len(scp.received()) == 1
         # Only that one: the others are still failed, as the operator left them.
         n = web_node.node.query("SELECT count(*) FROM delivery WHERE destination = 'down' AND state = 'failed'")[0][0]

@@ -26,11 +26,30 @@ def test_schemathesis_finds_no_server_error_and_no_undocumented_answer(node, tmp
     out = tmp_path / "schemathesis.log"
     with open(out, "w") as f:
         result = subprocess.run(
-            [*cmd, "run", f"{url}/openapi.json", "-H", f"Authorization: Bearer {TOKEN}", "--checks", CHECKS,
-             "--max-examples", "30", "--seed", "1", "--workers", "1", "--request-timeout", "30",
-             "--generation-allow-x00", "false"],
-            stdout=f, stderr=subprocess.STDOUT, timeout=900, cwd=tmp_path,
-        )  # fmt: skip
+            [
+                *cmd,
+                "run",
+                f"{url}/openapi.json",
+                "-H",
+                f"Authorization: Bearer {TOKEN}",
+                "--checks",
+                CHECKS,
+                "--max-examples",
+                "30",
+                "--seed",
+                "1",
+                "--workers",
+                "1",
+                "--request-timeout",
+                "30",
+                "--generation-allow-x00",
+                "false",
+            ],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            timeout=900,
+            cwd=tmp_path,
+        )
     text = out.read_text()
     assert result.returncode == 0, text[-6000:]
     assert "No issues found" in text or "passed" in text, text[-3000:]

@@ -83,8 +83,9 @@ class Params(BaseModel):
     @model_validator(mode="after")
     def _order(self) -> Params:
         if self.include_bone and self.bone_threshold <= self.body_threshold:
-            raise ValueError(f"bone_threshold ({self.bone_threshold}) must be above body_threshold "
-                             f"({self.body_threshold})")  # fmt: skip
+            raise ValueError(
+                f"bone_threshold ({self.bone_threshold}) must be above body_threshold ({self.body_threshold})"
+            )
         return self
 
 
@@ -147,8 +148,9 @@ def outside_air(air: np.ndarray) -> np.ndarray:
     labels, n = ndimage.label(air)
     if n == 0:
         return air
-    edge = np.concatenate([labels[:, 0, :].ravel(), labels[:, -1, :].ravel(), labels[:, :, 0].ravel(),
-                           labels[:, :, -1].ravel()])  # fmt: skip
+    edge = np.concatenate(
+        [labels[:, 0, :].ravel(), labels[:, -1, :].ravel(), labels[:, :, 0].ravel(), labels[:, :, -1].ravel()]
+    )
     outside = np.zeros(n + 1, dtype=bool)
     outside[np.unique(edge)] = True
     outside[0] = False
@@ -180,8 +182,9 @@ def lung_mask(values: Values, body: np.ndarray, params: Params, voxel_ml: float)
 def body_parts_seg(series: SeriesInput, params: Params) -> list[Segmentation]:
     """Body outline, lungs and bone of a CT by thresholds, connected components and hole filling."""
     if series.modality != "CT":
-        raise PluginError(f"body-parts-seg works on CT (Hounsfield units); this series is "
-                          f"{series.modality or 'without a Modality'}")  # fmt: skip
+        raise PluginError(
+            f"body-parts-seg works on CT (Hounsfield units); this series is {series.modality or 'without a Modality'}"
+        )
     spacing = series.spacing
     if spacing is None:
         raise PluginError("body-parts-seg needs Pixel Spacing to measure volumes and distances in mm")

@@ -11,5 +11,7 @@ def sct(name: str) -> Code:
     try:
         return getattr(codes.SCT, name)
     except AttributeError:
-        raise ValueError(f"{name!r} is not a SNOMED CT concept name in pydicom's dictionary (e.g. Bone, Lung, "
-                         "Tissue, Organ; see pydicom.sr.codedict.codes.SCT.dir())") from None
+        raise ValueError(
+            f"{name!r} is not a SNOMED CT concept name in pydicom's dictionary (e.g. Bone, Lung, "
+            "Tissue, Organ; see pydicom.sr.codedict.codes.SCT.dir())"
+        ) from None

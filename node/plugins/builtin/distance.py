@@ -72,8 +72,12 @@ def refinement(offsets: np.ndarray, spacing: float, budget: float) -> int:
         miss = float(np.abs(offsets * q - np.rint(offsets * q)).max() * spacing / q)
         if miss <= budget:
             return q
-    log.warning("distance-map: slices are shifted by fractions of a pixel finer than 1/%d; distances may be off by "
-                "up to %.3f mm", MAX_REFINE, miss)  # fmt: skip
+    log.warning(
+        "distance-map: slices are shifted by fractions of a pixel finer than 1/%d; distances may be off by "
+        "up to %.3f mm",
+        MAX_REFINE,
+        miss,
+    )
     return MAX_REFINE
 
 
@@ -89,8 +93,9 @@ def distance_to(source: np.ndarray, frame: SliceFrame) -> np.ndarray:
     sheared_axes = int(np.abs(offsets[..., 0]).max() > 0) + int(np.abs(offsets[..., 1]).max() > 0)
     budget = ERROR_BUDGET * min(dr, dc) / math.sqrt(max(sheared_axes, 1))
     q = (refinement(offsets[..., 0], dr, budget), refinement(offsets[..., 1], dc, budget))
-    pad = [int(math.ceil(np.abs(offsets[..., a]).max())) + 1 if np.abs(offsets[..., a]).max() > 0 else 0
-           for a in range(2)]  # fmt: skip
+    pad = [
+        int(math.ceil(np.abs(offsets[..., a]).max())) + 1 if np.abs(offsets[..., a]).max() > 0 else 0 for a in range(2)
+    ]
     # fine node of slice m's pixel (i, j): ((i + pad0) * q0, (j + pad1) * q1)
     fine_shape = ((rows - 1 + 2 * pad[0]) * q[0] + 1, (cols - 1 + 2 * pad[1]) * q[1] + 1)
     start = np.rint((offsets + pad) * q).astype(int)  # fine node of slice k's pixel (0, 0) in slice m's grid
@@ -119,8 +124,10 @@ def distance_map(series: SeriesInput, params: Params) -> Volume:
     """Signed distance in mm to the boundary of a segment from an earlier step (negative inside)."""
     segs = [r for r in series.previous if isinstance(r, Segmentation)]
     if not segs:
-        raise PluginError("distance-map needs a segmentation from an earlier step: chain it after a segmentation "
-                          "plugin (plugins = [{ name = \"threshold-seg\" }, { name = \"distance-map\" }])")  # fmt: skip
+        raise PluginError(
+            "distance-map needs a segmentation from an earlier step: chain it after a segmentation "
+            'plugin (plugins = [{ name = "threshold-seg" }, { name = "distance-map" }])'
+        )
     mask = _mask(segs[-1], params.segment)
     frame = slice_frame(series, "distance-map")
     if not mask.any():
@@ -128,5 +135,10 @@ def distance_map(series: SeriesInput, params: Params) -> Volume:
     if mask.all():
         raise PluginError(f"segment {params.segment} covers every voxel: there is no surface to measure from")
     values = np.where(mask, -distance_to(~mask, frame), distance_to(mask, frame))
-    return Volume(values, name="distance", kind="parametric-map", units=MILLIMETER,
-                  description=f"signed distance to segment {params.segment}, mm (negative inside)")  # fmt: skip
+    return Volume(
+        values,
+        name="distance",
+        kind="parametric-map",
+        units=MILLIMETER,
+        description=f"signed distance to segment {params.segment}, mm (negative inside)",
+    )

@@ -154,8 +154,7 @@ def project(
     p = owner.index(along)
     volume, spacing = grid
     if p != 0 and not through_plane_possible(grid):
-        raise PluginError(f"the {view} MIP projects across the slices, which needs several slices with a known "
-                          "spacing")  # fmt: skip
+        raise PluginError(f"the {view} MIP projects across the slices, which needs several slices with a known spacing")
     # the rescale and the window are increasing: the projection of the windowed values is the windowed projection
     img = window(values.rescaled(volume.max(axis=p)), *window_)
     rest = [a for a in range(3) if a != p]  # the volume axes of img's rows and columns, in that order
@@ -196,13 +195,23 @@ def mip_sc(series: SeriesInput, params: Params) -> list[Images]:
         # One slice (or no spacing): only its own plane can be drawn; the other views are left out, not failed.
         own = in_plane_view(series)
         if own not in views:
-            raise PluginError(f"the series has a single slice (or no known spacing), so only the {own} view can "
-                              f"be drawn, and views = {views} does not ask for it")  # fmt: skip
+            raise PluginError(
+                f"the series has a single slice (or no known spacing), so only the {own} view can "
+                f"be drawn, and views = {views} does not ask for it"
+            )
         views = [own]
     out = []
     for view in views:
-        img, orientation, spacing = project(series, values, grid, center_width, view, params.square_pixels,
-                                            params.max_size)  # fmt: skip
-        out.append(Images(img[None], source_slices=None, description=f"MIP {view}",
-                          patient_orientation=orientation, pixel_spacing=spacing))  # fmt: skip
+        img, orientation, spacing = project(
+            series, values, grid, center_width, view, params.square_pixels, params.max_size
+        )
+        out.append(
+            Images(
+                img[None],
+                source_slices=None,
+                description=f"MIP {view}",
+                patient_orientation=orientation,
+                pixel_spacing=spacing,
+            )
+        )
     return out

@@ -46,22 +46,63 @@ DEFAULT_WINDOWS = {"CT": (40.0, 400.0)}
 
 #: A 5x7 bitmap font: seven rows per glyph, top to bottom, five bits each (16 = leftmost), as hex pairs.
 FONT_5X7 = {
-    "A": "0e11111f111111", "B": "1e11111e11111e", "C": "0e11101010110e", "D": "1c12111111121c",
-    "E": "1f10101e10101f", "F": "1f10101e101010", "G": "0e11101711110f", "H": "1111111f111111",
-    "I": "0e04040404040e", "J": "0702020202120c", "K": "11121418141211", "L": "1010101010101f",
-    "M": "111b1515111111", "N": "11111915131111", "O": "0e11111111110e", "P": "1e11111e101010",
-    "Q": "0e11111115120d", "R": "1e11111e141211", "S": "0f10100e01011e", "T": "1f040404040404",
-    "U": "1111111111110e", "V": "11111111110a04", "W": "1111111515150a", "X": "11110a040a1111",
-    "Y": "1111110a040404", "Z": "1f01020408101f",
-    "0": "0e11131519110e", "1": "040c040404040e", "2": "0e11010204081f", "3": "1f02040201110e",
-    "4": "02060a121f0202", "5": "1f101e0101110e", "6": "0608101e11110e", "7": "1f010204080808",
-    "8": "0e11110e11110e", "9": "0e11110f01020c",
-    " ": "00000000000000", "-": "0000001f000000", "_": "0000000000001f", ".": "00000000000c0c",
-    ",": "000000000c0408", ":": "000c0c000c0c00", "/": "00010204081000", "(": "02040808080402",
-    ")": "08040202020408", "+": "0004041f040400", "%": "18190204081303", "#": "0a0a1f0a1f0a0a",
-    "?": "0e110102040004", "'": "0c040800000000", "=": "00001f001f0000", "*": "0004150e150400",
-    ">": "08040201020408", "<": "02040810080402", "!": "04040404040004", "&": "0c12140815120d",
-}  # fmt: skip
+    "A": "0e11111f111111",
+    "B": "1e11111e11111e",
+    "C": "0e11101010110e",
+    "D": "1c12111111121c",
+    "E": "1f10101e10101f",
+    "F": "1f10101e101010",
+    "G": "0e11101711110f",
+    "H": "1111111f111111",
+    "I": "0e04040404040e",
+    "J": "0702020202120c",
+    "K": "11121418141211",
+    "L": "1010101010101f",
+    "M": "111b1515111111",
+    "N": "11111915131111",
+    "O": "0e11111111110e",
+    "P": "1e11111e101010",
+    "Q": "0e11111115120d",
+    "R": "1e11111e141211",
+    "S": "0f10100e01011e",
+    "T": "1f040404040404",
+    "U": "1111111111110e",
+    "V": "11111111110a04",
+    "W": "1111111515150a",
+    "X": "11110a040a1111",
+    "Y": "1111110a040404",
+    "Z": "1f01020408101f",
+    "0": "0e11131519110e",
+    "1": "040c040404040e",
+    "2": "0e11010204081f",
+    "3": "1f02040201110e",
+    "4": "02060a121f0202",
+    "5": "1f101e0101110e",
+    "6": "0608101e11110e",
+    "7": "1f010204080808",
+    "8": "0e11110e11110e",
+    "9": "0e11110f01020c",
+    " ": "00000000000000",
+    "-": "0000001f000000",
+    "_": "0000000000001f",
+    ".": "00000000000c0c",
+    ",": "000000000c0408",
+    ":": "000c0c000c0c00",
+    "/": "00010204081000",
+    "(": "02040808080402",
+    ")": "08040202020408",
+    "+": "0004041f040400",
+    "%": "18190204081303",
+    "#": "0a0a1f0a1f0a0a",
+    "?": "0e110102040004",
+    "'": "0c040800000000",
+    "=": "00001f001f0000",
+    "*": "0004150e150400",
+    ">": "08040201020408",
+    "<": "02040810080402",
+    "!": "04040404040004",
+    "&": "0c12140815120d",
+}
 
 
 def _glyph(code: str) -> np.ndarray:
@@ -121,7 +162,9 @@ def _first(value: object) -> float | None:
         return None
 
 
-def default_window(series: SeriesInput, values: Values, defaults: dict[str, tuple[float, float]]) -> tuple[float, float]:  # fmt: skip
+def default_window(
+    series: SeriesInput, values: Values, defaults: dict[str, tuple[float, float]]
+) -> tuple[float, float]:
     """The window for ``series``: the modality's default, else the first image's, else the value range."""
     if series.modality in defaults:
         return defaults[series.modality]
@@ -133,8 +176,13 @@ def default_window(series: SeriesInput, values: Values, defaults: dict[str, tupl
     return (lo + hi) / 2.0, max(hi - lo, 1e-6)
 
 
-def resolve_window(series: SeriesInput, values: Values, center: float | None, width: float | None,
-                   defaults: dict[str, tuple[float, float]]) -> tuple[float, float]:  # fmt: skip
+def resolve_window(
+    series: SeriesInput,
+    values: Values,
+    center: float | None,
+    width: float | None,
+    defaults: dict[str, tuple[float, float]],
+) -> tuple[float, float]:
     """The given window, with a missing center or width taken from :func:`default_window`."""
     if center is not None and width is not None:
         return center, width
@@ -149,8 +197,10 @@ def stacked_masks(seg: Segmentation, shape: tuple[int, int, int]) -> np.ndarray:
     if k == 0:
         raise PluginError("the previous segmentation has no segments")
     if m.shape[:3] != shape or m.ndim not in (3, 4) or (m.ndim == 4 and m.shape[3] != k):
-        raise PluginError(f"the previous segmentation's masks have shape {m.shape}, which does not fit the series "
-                          f"{shape} with {len(seg.segments)} segment(s)")  # fmt: skip
+        raise PluginError(
+            f"the previous segmentation's masks have shape {m.shape}, which does not fit the series "
+            f"{shape} with {len(seg.segments)} segment(s)"
+        )
     if seg.kind == "fractional":
         m = m >= 0.5
     if m.ndim == 4:
@@ -217,9 +267,11 @@ def overlay_sc(series: SeriesInput, params: Params) -> list[Images]:
     """The previous plugin's segmentation in colour on the windowed slices, as RGB Secondary Capture."""
     seg = next((r for r in reversed(series.previous) if isinstance(r, Segmentation)), None)
     if seg is None:
-        raise PluginError('overlay-sc draws the segmentation of an earlier plugin in the same job, and there is '
-                          'none: chain it after a segmentation plugin, e.g. plugins = [{ name = "threshold-seg" }, '
-                          '{ name = "overlay-sc" }]')  # fmt: skip
+        raise PluginError(
+            "overlay-sc draws the segmentation of an earlier plugin in the same job, and there is "
+            'none: chain it after a segmentation plugin, e.g. plugins = [{ name = "threshold-seg" }, '
+            '{ name = "overlay-sc" }]'
+        )
     values = values_of(series)
     if values.array.ndim != 3:
         raise PluginError("overlay-sc takes grey images (one sample per pixel)")

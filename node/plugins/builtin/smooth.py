@@ -43,6 +43,8 @@ def smooth_series(series: SeriesInput, params: Params) -> Volume:
     else:
         for z in range(len(values)):  # slice by slice: no second temporary the size of the volume
             out[z] = ndimage.median_filter(values[z], size=params.size, mode="nearest")
-    return Volume(out, name=f"{series.first.get('SeriesDescription', '') or series.modality} median {params.size}",
-                  description=f"median filter {params.size}x{params.size}" + (" x3 slices" if params.volumetric
-                                                                              else " in plane"))  # fmt: skip
+    return Volume(
+        out,
+        name=f"{series.first.get('SeriesDescription', '') or series.modality} median {params.size}",
+        description=f"median filter {params.size}x{params.size}" + (" x3 slices" if params.volumetric else " in plane"),
+    )

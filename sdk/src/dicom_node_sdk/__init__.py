@@ -22,11 +22,27 @@ from dicom_node_sdk.api import (
     as_info,
     codes,
     plugin,
-)  # fmt: skip
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "GPU_MODES", "Code", "GeometryError", "Images", "NoParams", "ParamsError", "Plugin", "PluginError", "PluginInfo",
-    "Result", "Segment", "Segmentation", "SeriesInput", "Volume", "__version__", "as_info", "codes", "plugin",
-]  # fmt: skip
+    "GPU_MODES",
+    "Code",
+    "GeometryError",
+    "Images",
+    "NoParams",
+    "ParamsError",
+    "Plugin",
+    "PluginError",
+    "PluginInfo",
+    "Result",
+    "Segment",
+    "Segmentation",
+    "SeriesInput",
+    "Volume",
+    "__version__",
+    "as_info",
+    "codes",
+    "plugin",
+]

@@ -47,9 +47,24 @@ from dicom_node_sdk import params as _params
 from dicom_node_sdk.params import NoParams, ParamsError
 
 __all__ = [
-    "GPU_MODES", "Code", "GeometryError", "Images", "NoParams", "ParamsError", "Plugin", "PluginError", "PluginInfo",
-    "Result", "Segment", "Segmentation", "SeriesInput", "Volume", "as_info", "codes", "plugin",
-]  # fmt: skip
+    "GPU_MODES",
+    "Code",
+    "GeometryError",
+    "Images",
+    "NoParams",
+    "ParamsError",
+    "Plugin",
+    "PluginError",
+    "PluginInfo",
+    "Result",
+    "Segment",
+    "Segmentation",
+    "SeriesInput",
+    "Volume",
+    "as_info",
+    "codes",
+    "plugin",
+]
 
 
 class PluginError(Exception):
@@ -363,16 +378,32 @@ def _gpu(value: str, name: str) -> str:
 
 
 def plugin(
-    name: str, version: str, *, params: type | None = NoParams, description: str = "", max_attempts: int | None = None,
-    family: Code = codes.cid7162.ArtificialIntelligence, segment_template: str | None = None, gpu: str = "none",
+    name: str,
+    version: str,
+    *,
+    params: type | None = NoParams,
+    description: str = "",
+    max_attempts: int | None = None,
+    family: Code = codes.cid7162.ArtificialIntelligence,
+    segment_template: str | None = None,
+    gpu: str = "none",
 ) -> Callable[[Runner], PluginInfo]:
     """Declare a function as a plugin (see the module docstring)."""
     params = _params.check_params_type(params, name)
     _gpu(gpu, name)
 
     def wrap(fn: Runner) -> PluginInfo:
-        return PluginInfo(name, version, fn, params, description or (fn.__doc__ or "").strip().split("\n")[0],
-                          max_attempts, family, _beside(fn, segment_template), gpu)  # fmt: skip
+        return PluginInfo(
+            name,
+            version,
+            fn,
+            params,
+            description or (fn.__doc__ or "").strip().split("\n")[0],
+            max_attempts,
+            family,
+            _beside(fn, segment_template),
+            gpu,
+        )
 
     return wrap
 
@@ -408,10 +439,18 @@ class Plugin:
             instance.setup()
             return instance.run(series, params)
 
-        return PluginInfo(cls.name, cls.version, run, _params.check_params_type(cls.Params, cls.name),
-                          cls.description or (cls.__doc__ or "").strip().split("\n")[0], cls.max_attempts,
-                          cls.family, _beside(cls, cls.segment_template), _gpu(cls.gpu, cls.name),
-                          plugin_class=cls)  # fmt: skip
+        return PluginInfo(
+            cls.name,
+            cls.version,
+            run,
+            _params.check_params_type(cls.Params, cls.name),
+            cls.description or (cls.__doc__ or "").strip().split("\n")[0],
+            cls.max_attempts,
+            cls.family,
+            _beside(cls, cls.segment_template),
+            _gpu(cls.gpu, cls.name),
+            plugin_class=cls,
+        )
 
 
 def _defines_setup(cls: type) -> bool:
@@ -428,7 +467,9 @@ def as_results(name: str, out: Any) -> list[Result]:
     items = list(out) if isinstance(out, (list, tuple)) else [out]
     for r in items:
         if not isinstance(r, (Segmentation, Images, Volume)):
-            raise PluginError(f"plugin {name} returned a {type(r).__name__}; results are Segmentation, Images or Volume")
+            raise PluginError(
+                f"plugin {name} returned a {type(r).__name__}; results are Segmentation, Images or Volume"
+            )
     return items
 
 
@@ -438,5 +479,7 @@ def as_info(obj: Any, name: str) -> PluginInfo:
         return obj
     if isinstance(obj, type) and issubclass(obj, Plugin):
         return obj.info()
-    raise TypeError(f"plugin {name!r} is a {type(obj).__name__}; decorate a function with @plugin(...) or "
-                    "subclass dicom_node_sdk.Plugin (node.plugins.api.Plugin)")  # fmt: skip
+    raise TypeError(
+        f"plugin {name!r} is a {type(obj).__name__}; decorate a function with @plugin(...) or "
+        "subclass dicom_node_sdk.Plugin (node.plugins.api.Plugin)"
+    )

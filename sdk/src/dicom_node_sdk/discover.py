@@ -59,8 +59,14 @@ def discover(local: dict[str, str]) -> dict[str, Any]:
             errors[name] = f"cannot be loaded: {e.reason} (entry {target})"
         except Exception as e:  # noqa: BLE001 (its parameters have no JSON schema, say)
             errors[name] = f"cannot be described: {type(e).__name__}: {e} (entry {target})"
-    return {"protocol": PROTOCOL, "python": platform.python_version(), "sdk": __version__, "packages": packages(),
-            "plugins": plugins, "errors": errors}  # fmt: skip
+    return {
+        "protocol": PROTOCOL,
+        "python": platform.python_version(),
+        "sdk": __version__,
+        "packages": packages(),
+        "plugins": plugins,
+        "errors": errors,
+    }
 
 
 def main() -> int:

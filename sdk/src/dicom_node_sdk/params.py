@@ -73,8 +73,7 @@ def check_params_type(cls: Any, plugin: str) -> type:
         return NoParams
     if _pydantic_major(cls) or (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
         return cls
-    raise TypeError(f"plugin {plugin!r}: its parameters must be a dataclass, a pydantic model or None "
-                    f"(got {cls!r})")  # fmt: skip
+    raise TypeError(f"plugin {plugin!r}: its parameters must be a dataclass, a pydantic model or None (got {cls!r})")
 
 
 # -- the three operations -----------------------------------------------------------
@@ -92,8 +91,15 @@ def validate(cls: type, data: dict[str, Any] | None) -> Any:
         except ValueError as e:  # pydantic's ValidationError (v1 and v2) is a ValueError
             if not hasattr(e, "errors"):
                 raise ParamsError([_err((), str(e), "value_error", data)]) from None
-            found = [_err(tuple(x.get("loc", ())), str(x.get("msg", "")).replace("Value error, ", "", 1),
-                          str(x.get("type", "")), x.get("input")) for x in e.errors()]  # fmt: skip
+            found = [
+                _err(
+                    tuple(x.get("loc", ())),
+                    str(x.get("msg", "")).replace("Value error, ", "", 1),
+                    str(x.get("type", "")),
+                    x.get("input"),
+                )
+                for x in e.errors()
+            ]
             raise ParamsError(found) from None
     errors: list[ErrorDict] = []
     value = _dataclass(cls, data, (), errors)
@@ -287,8 +293,9 @@ def _abc(name: str) -> Any:
     return getattr(collections.abc, name)
 
 
-def _sequence(tp: Any, origin: Any, args: tuple[Any, ...], value: Any, loc: tuple[Any, ...],
-              errors: list[ErrorDict]) -> Any:  # fmt: skip
+def _sequence(
+    tp: Any, origin: Any, args: tuple[Any, ...], value: Any, loc: tuple[Any, ...], errors: list[ErrorDict]
+) -> Any:
     if not isinstance(value, (list, tuple)):
         errors.append(_err(loc, "Input should be a valid list", "list_type", value))
         return None
@@ -321,8 +328,12 @@ def _type_schema(tp: Any) -> dict[str, Any]:
             out["type"] = simple[next(iter(kinds))]
         return out
     if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
-        return {"type": "array", "prefixItems": [_type_schema(a) for a in args], "minItems": len(args),
-                "maxItems": len(args)}  # fmt: skip
+        return {
+            "type": "array",
+            "prefixItems": [_type_schema(a) for a in args],
+            "minItems": len(args),
+            "maxItems": len(args),
+        }
     if origin in (list, tuple, set, frozenset, _abc("Sequence")):
         return {"type": "array", "items": _type_schema(args[0]) if args else {}}
     if origin in (dict, _abc("Mapping")):
@@ -356,8 +367,7 @@ def _dataclass_schema(cls: type) -> dict[str, Any]:
         else:
             required.append(f.name)
         props[f.name] = p
-    out: dict[str, Any] = {"title": cls.__name__, "type": "object", "properties": props,
-                           "additionalProperties": False}  # fmt: skip
+    out: dict[str, Any] = {"title": cls.__name__, "type": "object", "properties": props, "additionalProperties": False}
     doc = (cls.__doc__ or "").strip()
     if doc and not doc.startswith(f"{cls.__name__}("):  # not the signature dataclasses make up
         out["description"] = doc
@@ -383,4 +393,3 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "item") and callable(value.item):  # a numpy scalar
         return value.item()
     return str(value)
-

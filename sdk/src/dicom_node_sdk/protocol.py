@@ -34,10 +34,25 @@ from pydicom.sr.coding import Code
 from dicom_node_sdk.api import Images, PluginInfo, Result, Segment, Segmentation, SeriesInput, Volume
 
 __all__ = [
-    "MAX_MESSAGE", "PROTOCOL", "ProtocolError", "RemoteError", "RunReply", "WorkerClient", "WorkerGone",
-    "code_from_json", "code_to_json", "decode_series", "encode_series", "info_to_json", "load_array", "recv_message",
-    "result_from_json", "result_to_json", "save_array", "send_message",
-]  # fmt: skip
+    "MAX_MESSAGE",
+    "PROTOCOL",
+    "ProtocolError",
+    "RemoteError",
+    "RunReply",
+    "WorkerClient",
+    "WorkerGone",
+    "code_from_json",
+    "code_to_json",
+    "decode_series",
+    "encode_series",
+    "info_to_json",
+    "load_array",
+    "recv_message",
+    "result_from_json",
+    "result_to_json",
+    "save_array",
+    "send_message",
+]
 
 PROTOCOL = 1
 #: The largest message either side accepts (messages carry paths and metadata, never arrays).
@@ -169,7 +184,11 @@ def _maps_file(array: Any, path: str | os.PathLike[str]) -> bool:
     except ValueError:
         return False
     same = (on_disk.offset, on_disk.shape, on_disk.dtype, on_disk.flags.c_contiguous) == (
-        array.offset, array.shape, array.dtype, array.flags.c_contiguous)
+        array.offset,
+        array.shape,
+        array.dtype,
+        array.flags.c_contiguous,
+    )
     del on_disk
     return bool(same)
 
@@ -192,44 +211,66 @@ def _floats(value: Any) -> list[float] | None:
 
 def _segment_to_json(s: Segment) -> dict[str, Any]:
     return {
-        "label": str(s.label), "category": code_to_json(s.category), "type": code_to_json(s.type),
+        "label": str(s.label),
+        "category": code_to_json(s.category),
+        "type": code_to_json(s.type),
         "color": None if s.color is None else [int(c) for c in s.color],
-        "anatomic_region": code_to_json(s.anatomic_region), "type_modifier": code_to_json(s.type_modifier),
-        "anatomic_region_modifier": code_to_json(s.anatomic_region_modifier), "description": str(s.description),
+        "anatomic_region": code_to_json(s.anatomic_region),
+        "type_modifier": code_to_json(s.type_modifier),
+        "anatomic_region_modifier": code_to_json(s.anatomic_region_modifier),
+        "description": str(s.description),
         "algorithm_type": str(s.algorithm_type),
-    }  # fmt: skip
+    }
 
 
 def _segment_from_json(d: dict[str, Any]) -> Segment:
     color = d.get("color")
     return Segment(
-        label=str(d["label"]), category=code_from_json(d["category"]), type=code_from_json(d["type"]),  # type: ignore[arg-type]
+        label=str(d["label"]),
+        category=code_from_json(d["category"]),
+        type=code_from_json(d["type"]),  # type: ignore[arg-type]
         color=None if color is None else (int(color[0]), int(color[1]), int(color[2])),
-        anatomic_region=code_from_json(d.get("anatomic_region")), type_modifier=code_from_json(d.get("type_modifier")),
+        anatomic_region=code_from_json(d.get("anatomic_region")),
+        type_modifier=code_from_json(d.get("type_modifier")),
         anatomic_region_modifier=code_from_json(d.get("anatomic_region_modifier")),
-        description=str(d.get("description", "")), algorithm_type=str(d.get("algorithm_type", "AUTOMATIC")),
-    )  # fmt: skip
+        description=str(d.get("description", "")),
+        algorithm_type=str(d.get("algorithm_type", "AUTOMATIC")),
+    )
 
 
 def result_to_json(result: Result, folder: str | os.PathLike[str], stem: str) -> dict[str, Any]:
     """A plugin result as a RESULT message; its array goes to ``folder/stem-<field>.npy``."""
     base = Path(folder) / stem
     if isinstance(result, Segmentation):
-        return {"type": "segmentation", "masks": save_array(result.masks, f"{base}-masks.npy"),
-                "segments": [_segment_to_json(s) for s in result.segments], "kind": str(result.kind),
-                "description": str(result.description)}  # fmt: skip
+        return {
+            "type": "segmentation",
+            "masks": save_array(result.masks, f"{base}-masks.npy"),
+            "segments": [_segment_to_json(s) for s in result.segments],
+            "kind": str(result.kind),
+            "description": str(result.description),
+        }
     if isinstance(result, Images):
         src = None if result.source_slices is None else [None if i is None else int(i) for i in result.source_slices]
-        return {"type": "images", "pixels": save_array(result.pixels, f"{base}-pixels.npy"), "source_slices": src,
-                "description": str(result.description),
-                "patient_orientation": None if result.patient_orientation is None else list(result.patient_orientation),
-                "pixel_spacing": _floats(result.pixel_spacing)}  # fmt: skip
+        return {
+            "type": "images",
+            "pixels": save_array(result.pixels, f"{base}-pixels.npy"),
+            "source_slices": src,
+            "description": str(result.description),
+            "patient_orientation": None if result.patient_orientation is None else list(result.patient_orientation),
+            "pixel_spacing": _floats(result.pixel_spacing),
+        }
     if isinstance(result, Volume):
         affine = None if result.affine is None else np.asarray(result.affine, dtype=float).tolist()
-        return {"type": "volume", "values": save_array(result.values, f"{base}-values.npy"), "name": str(result.name),
-                "precision": None if result.precision is None else float(result.precision),
-                "description": str(result.description), "kind": str(result.kind), "units": code_to_json(result.units),
-                "affine": affine}  # fmt: skip
+        return {
+            "type": "volume",
+            "values": save_array(result.values, f"{base}-values.npy"),
+            "name": str(result.name),
+            "precision": None if result.precision is None else float(result.precision),
+            "description": str(result.description),
+            "kind": str(result.kind),
+            "units": code_to_json(result.units),
+            "affine": affine,
+        }
     raise TypeError(f"a plugin result is a Segmentation, Images or Volume, not a {type(result).__name__}")
 
 
@@ -237,20 +278,33 @@ def result_from_json(d: dict[str, Any]) -> Result:
     """A RESULT message as the plugin result it describes (arrays memory-mapped from their files)."""
     kind = d.get("type")
     if kind == "segmentation":
-        return Segmentation(load_array(d["masks"]), [_segment_from_json(s) for s in d.get("segments", [])],
-                            kind=d.get("kind", "binary"), description=d.get("description", ""))  # fmt: skip
+        return Segmentation(
+            load_array(d["masks"]),
+            [_segment_from_json(s) for s in d.get("segments", [])],
+            kind=d.get("kind", "binary"),
+            description=d.get("description", ""),
+        )
     if kind == "images":
         po = d.get("patient_orientation")
         ps = d.get("pixel_spacing")
-        return Images(load_array(d["pixels"]), source_slices=d.get("source_slices"),
-                      description=d.get("description", ""), patient_orientation=None if po is None else tuple(po),
-                      pixel_spacing=None if ps is None else (float(ps[0]), float(ps[1])))  # type: ignore[arg-type]  # fmt: skip
+        return Images(
+            load_array(d["pixels"]),
+            source_slices=d.get("source_slices"),
+            description=d.get("description", ""),
+            patient_orientation=None if po is None else tuple(po),
+            pixel_spacing=None if ps is None else (float(ps[0]), float(ps[1])),
+        )  # type: ignore[arg-type]
     if kind == "volume":
         affine = d.get("affine")
-        return Volume(load_array(d["values"]), name=d.get("name", ""), precision=d.get("precision"),
-                      description=d.get("description", ""), kind=d.get("kind", "image"),
-                      units=code_from_json(d.get("units")),
-                      affine=None if affine is None else np.array(affine, dtype=float))  # fmt: skip
+        return Volume(
+            load_array(d["values"]),
+            name=d.get("name", ""),
+            precision=d.get("precision"),
+            description=d.get("description", ""),
+            kind=d.get("kind", "image"),
+            units=code_from_json(d.get("units")),
+            affine=None if affine is None else np.array(affine, dtype=float),
+        )
     raise ProtocolError(f"a result of type {kind!r}: protocol {PROTOCOL} knows segmentation, images and volume")
 
 
@@ -287,8 +341,9 @@ class LazyDatasets(Sequence):  # type: ignore[type-arg]
         if self._loaded is None:
             from pydicom import dcmread
 
-            self._loaded = [self._single.get(i) or dcmread(str(f), stop_before_pixels=True)
-                            for i, f in enumerate(self._files)]  # fmt: skip
+            self._loaded = [
+                self._single.get(i) or dcmread(str(f), stop_before_pixels=True) for i, f in enumerate(self._files)
+            ]
         return self._loaded
 
     def __len__(self) -> int:
@@ -341,13 +396,16 @@ def decode_series(msg: dict[str, Any]) -> SeriesInput:
     rescale = msg.get("rescale")
     return RemoteSeries(
         datasets=LazyDatasets(files),  # type: ignore[arg-type]
-        files=files, frames=msg.get("frames"), _loader=lambda: load_array(voxels),
+        files=files,
+        frames=msg.get("frames"),
+        _loader=lambda: load_array(voxels),
         positions=None if positions is None else np.array(positions, dtype=float),
         orientation=None if orientation is None else (tuple(orientation[0]), tuple(orientation[1])),  # type: ignore[arg-type]
         pixel_spacing=None if spacing is None else (float(spacing[0]), float(spacing[1])),
-        rescale_values=None if rescale is None else (np.array(rescale["slopes"], np.float32),
-                                                     np.array(rescale["intercepts"], np.float32)),
-    )  # fmt: skip
+        rescale_values=None
+        if rescale is None
+        else (np.array(rescale["slopes"], np.float32), np.array(rescale["intercepts"], np.float32)),
+    )
 
 
 # -- plugin info -------------------------------------------------------------------------
@@ -356,11 +414,19 @@ def decode_series(msg: dict[str, Any]) -> SeriesInput:
 def info_to_json(info: PluginInfo, target: str, dist: str = "", dist_version: str = "") -> dict[str, Any]:
     """What the node learns about a plugin in another environment (ready line, discovery)."""
     return {
-        "name": info.name, "version": info.version, "description": info.description, "target": target,
-        "schema": info.schema(), "max_attempts": info.max_attempts, "family": code_to_json(info.family),
-        "segment_template": info.segment_template, "setup": info.has_setup, "gpu": info.gpu, "dist": dist,
+        "name": info.name,
+        "version": info.version,
+        "description": info.description,
+        "target": target,
+        "schema": info.schema(),
+        "max_attempts": info.max_attempts,
+        "family": code_to_json(info.family),
+        "segment_template": info.segment_template,
+        "setup": info.has_setup,
+        "gpu": info.gpu,
+        "dist": dist,
         "dist_version": dist_version,
-    }  # fmt: skip
+    }
 
 
 # -- the node's side -----------------------------------------------------------------------
@@ -423,15 +489,18 @@ class WorkerClient:
             reply = recv_message(sock)
         except socket.timeout:  # TimeoutError from Python 3.10 on; an OSError before
             self.close()
-            raise TimeoutError(f"the worker at {self.socket_path} did not answer {msg.get('op')!r} within "
-                               f"{self.timeout} s") from None
+            raise TimeoutError(
+                f"the worker at {self.socket_path} did not answer {msg.get('op')!r} within {self.timeout} s"
+            ) from None
         except (ConnectionError, OSError) as e:
             self.close()
             raise WorkerGone(f"the worker at {self.socket_path} went away during {msg.get('op')!r}: {e}") from None
         if reply is None:
             self.close()
-            raise WorkerGone(f"the worker at {self.socket_path} closed the connection without answering "
-                             f"{msg.get('op')!r} (it was killed, crashed or ran out of memory)")  # fmt: skip
+            raise WorkerGone(
+                f"the worker at {self.socket_path} closed the connection without answering "
+                f"{msg.get('op')!r} (it was killed, crashed or ran out of memory)"
+            )
         return reply
 
     def hello(self) -> dict[str, Any]:
@@ -441,18 +510,42 @@ class WorkerClient:
             raise RemoteError(str(reply.get("error", "refused")), False, str(reply.get("kind", "ProtocolError")))
         return reply
 
-    def run(self, series_msg: dict[str, Any], params: dict[str, Any] | None, *, attempt: int = 1,
-            out_dir: str | os.PathLike[str], previous: Sequence[Result | dict[str, Any]] = ()) -> RunReply:  # fmt: skip
+    def run(
+        self,
+        series_msg: dict[str, Any],
+        params: dict[str, Any] | None,
+        *,
+        attempt: int = 1,
+        out_dir: str | os.PathLike[str],
+        previous: Sequence[Result | dict[str, Any]] = (),
+    ) -> RunReply:
         """Run the worker's plugin on a series (from :func:`encode_series`).
 
         ``previous`` (results of earlier steps of the chain) are written to ``out_dir`` for the worker;
         the worker writes its result arrays to ``out_dir`` too. RemoteError when the plugin fails.
         """
-        prev = [r if isinstance(r, dict) else result_to_json(r, out_dir, f"previous-{i}") for i, r in enumerate(previous)]
-        reply = self.request({"op": "run", "series": series_msg, "params": params or {}, "attempt": int(attempt),
-                              "out_dir": str(out_dir), "previous": prev})  # fmt: skip
+        prev = [
+            r if isinstance(r, dict) else result_to_json(r, out_dir, f"previous-{i}") for i, r in enumerate(previous)
+        ]
+        reply = self.request(
+            {
+                "op": "run",
+                "series": series_msg,
+                "params": params or {},
+                "attempt": int(attempt),
+                "out_dir": str(out_dir),
+                "previous": prev,
+            }
+        )
         if not reply.get("ok"):
-            raise RemoteError(str(reply.get("error", "the plugin failed")), bool(reply.get("retryable", False)),
-                              str(reply.get("kind", "Exception")))  # fmt: skip
-        return RunReply([result_from_json(r) for r in reply.get("results", [])], float(reply.get("seconds", 0.0)),
-                        str(reply.get("plugin", "")), dict(reply.get("parameters") or {}))  # fmt: skip
+            raise RemoteError(
+                str(reply.get("error", "the plugin failed")),
+                bool(reply.get("retryable", False)),
+                str(reply.get("kind", "Exception")),
+            )
+        return RunReply(
+            [result_from_json(r) for r in reply.get("results", [])],
+            float(reply.get("seconds", 0.0)),
+            str(reply.get("plugin", "")),
+            dict(reply.get("parameters") or {}),
+        )

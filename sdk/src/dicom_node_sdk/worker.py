@@ -43,7 +43,7 @@ from dicom_node_sdk.protocol import (
     result_from_json,
     result_to_json,
     send_message,
-)  # fmt: skip
+)
 
 log = logging.getLogger("dicom_node_sdk.worker")
 
@@ -56,8 +56,9 @@ def die_with_parent(parent: int) -> None:
         try:
             libc = ctypes.CDLL(None, use_errno=True)
             if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-                log.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d): this worker may outlive the node",
-                            ctypes.get_errno())  # fmt: skip
+                log.warning(
+                    "prctl(PR_SET_PDEATHSIG) failed (errno %d): this worker may outlive the node", ctypes.get_errno()
+                )
         except (OSError, AttributeError) as e:
             log.warning("cannot ask to die with the node (%s): this worker may outlive it", e)
     if os.getppid() != parent:  # the parent ended before the request took effect
@@ -78,10 +79,13 @@ class Worker:
         if op == "hello":
             theirs = msg.get("protocol")
             if theirs != PROTOCOL:
-                return {"ok": False, "kind": "ProtocolError",
-                        "error": f"protocol {theirs!r} is not spoken here: this worker (dicom-node-sdk in "
-                                 f"{sys.executable}) speaks protocol {PROTOCOL}; install the dicom-node-sdk of the "
-                                 "node's version into the plugin's environment"}  # fmt: skip
+                return {
+                    "ok": False,
+                    "kind": "ProtocolError",
+                    "error": f"protocol {theirs!r} is not spoken here: this worker (dicom-node-sdk in "
+                    f"{sys.executable}) speaks protocol {PROTOCOL}; install the dicom-node-sdk of the "
+                    "node's version into the plugin's environment",
+                }
             return {"ok": True, "protocol": PROTOCOL, "pid": os.getpid(), "jobs": self.jobs}
         if op == "run":
             self.jobs += 1
@@ -106,8 +110,9 @@ class Worker:
         except ParamsError as e:
             return self._refused("ParamsError", f"plugin {name}: {e}")
         except (ProtocolError, KeyError, TypeError, ValueError) as e:
-            return self._refused("ProtocolError", f"a run request that is not protocol {PROTOCOL}: "
-                                 f"{type(e).__name__}: {e}")  # fmt: skip
+            return self._refused(
+                "ProtocolError", f"a run request that is not protocol {PROTOCOL}: {type(e).__name__}: {e}"
+            )
         t = time.perf_counter()
         # Unmapping a large volume takes milliseconds: done after the reply is sent (see serve_connection).
         self._hold = series
@@ -126,10 +131,22 @@ class Worker:
             tb = traceback.extract_tb(e.__traceback__)
             where = f" ({Path(tb[-1].filename).name}:{tb[-1].lineno})" if tb else ""
             return self._refused("Exception", f"{type(e).__name__}: {e}{where}")
-        log.info("job %d: %s %s on %d slice(s): %d result(s) in %.3f s", self.jobs, name, self.info.version,
-                 len(series), len(results), seconds)  # fmt: skip
-        return {"ok": True, "results": results, "seconds": seconds, "plugin": f"{name} {self.info.version}",
-                "parameters": parameters}  # fmt: skip
+        log.info(
+            "job %d: %s %s on %d slice(s): %d result(s) in %.3f s",
+            self.jobs,
+            name,
+            self.info.version,
+            len(series),
+            len(results),
+            seconds,
+        )
+        return {
+            "ok": True,
+            "results": results,
+            "seconds": seconds,
+            "plugin": f"{name} {self.info.version}",
+            "parameters": parameters,
+        }
 
     def serve_connection(self, conn: socket.socket) -> None:
         """Requests until the client closes the connection (or breaks the protocol)."""
@@ -182,8 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     forget_working_directory()
     parent = args.parent_pid if args.parent_pid is not None else os.getppid()
     out = take_stdout()
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format=f"%(asctime)s worker[{os.getpid()}] %(levelname)s %(message)s")  # fmt: skip
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format=f"%(asctime)s worker[{os.getpid()}] %(levelname)s %(message)s"
+    )
     die_with_parent(parent)
     name, sep, target = args.plugin.partition("=")
     if not sep or not name:
@@ -199,8 +217,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except (Exception, SystemExit) as e:  # noqa: BLE001: setup() failed
         log.error("%s cannot start:\n%s", name, traceback.format_exc())
-        answer(out, {"protocol": PROTOCOL, "ready": False, "error": f"plugin {name!r} ({target}) cannot start: "
-                     f"{type(e).__name__}: {e}"})  # fmt: skip
+        answer(
+            out,
+            {
+                "protocol": PROTOCOL,
+                "ready": False,
+                "error": f"plugin {name!r} ({target}) cannot start: {type(e).__name__}: {e}",
+            },
+        )
         return 1
     setup_seconds = time.perf_counter() - t
     try:
@@ -209,11 +233,14 @@ def main(argv: list[str] | None = None) -> int:
         answer(out, {"protocol": PROTOCOL, "ready": False, "error": f"cannot listen on {args.socket}: {e}"})
         return 1
     described["dist"], described["dist_version"] = next(
-        ((ep.dist, ep.dist_version) for ep in installed_plugins() if ep.target == target), ("", ""))
+        ((ep.dist, ep.dist_version) for ep in installed_plugins() if ep.target == target), ("", "")
+    )
     signal.signal(signal.SIGTERM, _terminate)
     log.info("%s %s ready on %s (setup %.2f s)", info.name, info.version, args.socket, setup_seconds)
-    answer(out, {"protocol": PROTOCOL, "ready": True, "pid": os.getpid(), "setup_seconds": setup_seconds,
-                 "plugin": described})  # fmt: skip
+    answer(
+        out,
+        {"protocol": PROTOCOL, "ready": True, "pid": os.getpid(), "setup_seconds": setup_seconds, "plugin": described},
+    )
     try:
         Worker(name, target, info, runner).serve(listener)
     except Terminated:

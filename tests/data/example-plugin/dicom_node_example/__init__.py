@@ -48,8 +48,10 @@ def sphere_mask(series: SeriesInput, radius_mm: float) -> np.ndarray:
     """Boolean mask (slices, rows, cols): the voxels whose centre lies within ``radius_mm`` of the volume centre."""
     a = series.affine
     if a is None or series.positions is None:
-        raise PluginError("example-sphere needs images with a position, an orientation and a pixel spacing "
-                          "(ImagePositionPatient, ImageOrientationPatient, PixelSpacing)")  # fmt: skip
+        raise PluginError(
+            "example-sphere needs images with a position, an orientation and a pixel spacing "
+            "(ImagePositionPatient, ImageOrientationPatient, PixelSpacing)"
+        )
     rows, cols = int(series.first.Rows), int(series.first.Columns)
     centre = volume_centre(series)
     # Voxel (k, i, j) lies at positions[k] + i * a[:3, 1] + j * a[:3, 2]. The slice positions are
