@@ -11,23 +11,18 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import bindparam, literal_column, update
+from sqlalchemy import bindparam, update
 
 from node import audit
-from node.index.models import Instance, Series
-from node.index.records import Recorder, RecordOutcome
+from node.dicom.files import file_checksum, read_file_header
+from node.index.models import Instance
+from node.index.records import INDEX_WAIT, InstanceRecord, Recorder, RecordOutcome, mark_not_tracked, to_record
 from node.index.writer import IndexWriter, Tx
-from node.receive.ingest import INDEX_WAIT
-from node.receive.parse import read_file_header, to_record
-from node.receive.rxfile import file_checksum
 from node.storage import Storage
 from node.storage.layout import fsync_dir
 
 _i = Instance.__table__
 _LINK_JOB = update(_i).where(_i.c.id == bindparam("pk")).values(job_fk=bindparam("job"))
-_s = Series.__table__
-# The node's own outputs are not "received series": rules do not run on them (no loops of derived objects).
-_NOT_TRACKED = update(_s).where(_s.c.id == bindparam("pk")).values(state=literal_column("'triggered'"))
 
 
 @dataclass
@@ -64,7 +59,7 @@ class OutputStore:
         that made it, e.g. "threshold-seg 1.0", and the file's entry in ``notes``, if any) in the same
         transaction.
         """
-        placed: list[tuple[Path, object, str, str]] = []
+        placed: list[tuple[Path, InstanceRecord, str, str]] = []
         try:
             return self._store(files, job_id, placed, rule, software, notes or [""] * len(files))
         except BaseException:
@@ -77,7 +72,7 @@ class OutputStore:
         self,
         files: list[Path],
         job_id: int,
-        placed: list[tuple[Path, object, str, str]],
+        placed: list[tuple[Path, InstanceRecord, str, str]],
         rule: str,
         software: str,
         notes: list[str],
@@ -104,7 +99,7 @@ class OutputStore:
         def work(tx: Tx) -> list[RecordOutcome]:
             outcomes = []
             for (_, record, sop, series), note in zip(placed, notes, strict=True):
-                outcome = self.recorder.record(tx, record)  # type: ignore[arg-type]
+                outcome = self.recorder.record(tx, record)
                 tx.execute(tx.prepare("link_job", _LINK_JOB), {"pk": outcome.instance_id, "job": job_id})
                 if outcome.series_id:
                     mark_not_tracked(tx, outcome.series_id)
@@ -115,7 +110,7 @@ class OutputStore:
                         actor="node",
                         job_id=job_id,
                         rule=rule,
-                        study_uid=record.study["study_instance_uid"],  # type: ignore[attr-defined]
+                        study_uid=record.study["study_instance_uid"],
                         series_uid=series,
                         sop_instance_uid=sop,
                         detail=software
@@ -144,8 +139,3 @@ class OutputStore:
             out.append(StoredOutput(sop, series, p, o.kind))
         placed.clear()  # committed: nothing to undo
         return out
-
-
-def mark_not_tracked(tx: Tx, series_id: int) -> None:
-    """The node's own outputs are not received series: no rule runs on them (no loops of derived objects)."""
-    tx.execute(tx.prepare("not_tracked", _NOT_TRACKED), {"pk": series_id})

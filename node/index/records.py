@@ -7,12 +7,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sqlalchemy import DateTime, bindparam, case, literal_column, select
+from sqlalchemy import ColumnClause, DateTime, bindparam, case, literal_column, select
 
+from node.dicom.files import Header
 from node.index.models import Instance, Patient, Series, Study
 from node.index.writer import Tx
 
 DuplicatePolicy = Literal["keep_first", "overwrite"]
+
+#: Seconds a writer of instances (receiving, a job storing its outputs) waits for the index writer to
+#: record them before it gives up (receiving then answers "out of resources").
+INDEX_WAIT = 60.0
 
 
 @dataclass(slots=True)
@@ -71,8 +76,8 @@ _UPD_INSTANCE = _instance.update().where(_instance.c.id == bindparam("pk"))
 # revision of a stable/triggered one. Every right-hand side sees the row as
 # it was before the UPDATE (SQL semantics, SQLite and PostgreSQL alike).
 # (Literals inline, not as bind parameters: Prepared binds only named parameters.)
-_RECEIVING = literal_column("'receiving'")
-_ONE = literal_column("1")
+_RECEIVING: ColumnClause[str] = literal_column("'receiving'")
+_ONE: ColumnClause[int] = literal_column("1")
 _receiving = _series.c.state == _RECEIVING
 # Typed, so that SQLite gets the same text format as every other time column.
 _NOW = bindparam("now", type_=DateTime(timezone=True))
@@ -93,6 +98,8 @@ _STUDY_RELINK = _study.update().where(_study.c.id == bindparam("pk")).values(pat
 _SERIES_SUB = (
     _series.update().where(_series.c.id == bindparam("pk")).values(instance_count=_series.c.instance_count - 1)
 )
+# The node's own outputs are not "received series": rules do not run on them (no loops of derived objects).
+_NOT_TRACKED = _series.update().where(_series.c.id == bindparam("pk")).values(state=literal_column("'triggered'"))
 
 
 class Recorder:
@@ -119,13 +126,13 @@ class Recorder:
     @staticmethod
     def _parent(
         tx: Tx,
-        cache: dict,
+        cache: dict[Any, int],
         key: Any,
         name: str,
         select_stmt: Any,
-        select_params: dict,
+        select_params: dict[str, Any],
         insert_stmt: Any,
-        values: Callable[[], dict],
+        values: Callable[[], dict[str, Any]],
     ) -> int:
         """The id of a patient/study/series row: from the cache, the table, or a new insert."""
         pk = cache.get(key)
@@ -134,8 +141,8 @@ class Recorder:
             if pk is None:
                 row = values()
                 pk = tx.scalar(tx.prepare("ins_" + name, insert_stmt, list(row)), row)
-            cache[key] = pk
-        return pk
+            cache[key] = int(pk)
+        return int(pk)
 
     def record(self, tx: Tx, rec: InstanceRecord, *, _again: bool = False) -> RecordOutcome:
         now = rec.received_at
@@ -212,3 +219,77 @@ class Recorder:
         if old_series != series_fk:  # the same SOP Instance UID moved from another series
             tx.execute(tx.prepare("series_sub", _SERIES_SUB), {"pk": old_series})
         return RecordOutcome("replaced", old_id, old_file_path=old_path, **tracked)
+
+
+def mark_not_tracked(tx: Tx, series_id: int) -> None:
+    """The node's own outputs are not received series: no rule runs on them (no loops of derived objects)."""
+    tx.execute(tx.prepare("not_tracked", _NOT_TRACKED), {"pk": series_id})
+
+
+def to_record(
+    header: Header,
+    *,
+    file_path: str,
+    file_size: int,
+    checksum: str,
+    calling_ae: str = "",
+    called_ae: str = "",
+    peer_address: str = "",
+    association_id: str = "",
+) -> InstanceRecord:
+    """The index rows of one checked data set (received, recovered or made by the node)."""
+    t, i, f = header.text, header.int, header.float
+    return InstanceRecord(
+        patient={
+            "patient_id": t("PatientID", 128),
+            "issuer_of_patient_id": t("IssuerOfPatientID", 128),
+            "patient_name": t("PatientName", 512),
+            "birth_date": t("PatientBirthDate", 16),
+            "sex": t("PatientSex", 16),
+        },
+        study={
+            "study_instance_uid": t("StudyInstanceUID", 128),
+            "study_date": t("StudyDate", 16),
+            "study_time": t("StudyTime", 32),
+            "accession_number": t("AccessionNumber", 64),
+            "study_id": t("StudyID", 64),
+            "study_description": t("StudyDescription", 512),
+            "referring_physician_name": t("ReferringPhysicianName", 512),
+        },
+        series={
+            "series_instance_uid": t("SeriesInstanceUID", 128),
+            "modality": t("Modality", 16),
+            "series_number": i("SeriesNumber"),
+            "series_description": t("SeriesDescription", 512),
+            "body_part_examined": t("BodyPartExamined", 64),
+            "protocol_name": t("ProtocolName", 512),
+            "manufacturer": t("Manufacturer", 128),
+            "station_name": t("StationName", 64),
+            "frame_of_reference_uid": t("FrameOfReferenceUID", 128),
+        },
+        instance={
+            "sop_instance_uid": t("SOPInstanceUID", 128),
+            "sop_class_uid": t("SOPClassUID", 128),
+            "transfer_syntax_uid": str(header.transfer_syntax),
+            "instance_number": i("InstanceNumber"),
+            "acquisition_number": i("AcquisitionNumber"),
+            "image_type": t("ImageType", 256),
+            "rows": i("Rows"),
+            "columns": i("Columns"),
+            "number_of_frames": i("NumberOfFrames"),
+            "bits_allocated": i("BitsAllocated"),
+            "photometric_interpretation": t("PhotometricInterpretation", 32),
+            "image_position_patient": t("ImagePositionPatient", 256),
+            "image_orientation_patient": t("ImageOrientationPatient", 512),
+            "pixel_spacing": t("PixelSpacing", 128),
+            "slice_thickness": f("SliceThickness"),
+            "slice_location": f("SliceLocation"),
+            "file_path": file_path,
+            "file_size": file_size,
+            "checksum": checksum,
+            "calling_ae": calling_ae[:16],
+            "called_ae": called_ae[:16],
+            "peer_address": peer_address[:64],
+            "association_id": association_id,
+        },
+    )

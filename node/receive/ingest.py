@@ -19,18 +19,15 @@ from dataclasses import dataclass
 from pydicom.uid import UID
 
 from node import audit
-from node.index.records import DuplicatePolicy, Recorder, RecordOutcome
+from node.dicom.files import Rejected, read_header
+from node.dicom.status import Status
+from node.index.records import INDEX_WAIT, DuplicatePolicy, Recorder, RecordOutcome, to_record
 from node.index.writer import IndexWriter, Tx
-from node.receive.parse import Rejected, read_header, to_record
 from node.receive.rxfile import ReceivedFile
-from node.receive.status import Status
 from node.storage import Storage
 from node.storage.layout import fsync_dir
 
 log = logging.getLogger(__name__)
-
-#: Seconds to wait for the index writer before answering "out of resources".
-INDEX_WAIT = 60.0
 
 
 @dataclass(slots=True, frozen=True)

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import xxhash
 
-#: Prefix of every stored checksum, so the algorithm can change without ambiguity.
-CHECKSUM_ALGORITHM = "xxh3_128"
+from node.dicom.files import CHECKSUM_ALGORITHM
 
 _counter = itertools.count()
 #: How much of the start of each file is also kept in memory, so the header
@@ -102,12 +101,3 @@ class ReceivedFile:
                 os.unlink(self.name)
             except FileNotFoundError:
                 pass
-
-
-def file_checksum(path: Path) -> str:
-    """The checksum :class:`ReceivedFile` records, computed over a file on disk."""
-    h = xxhash.xxh3_128()
-    with open(path, "rb") as fp:
-        while chunk := fp.read(1 << 20):
-            h.update(chunk)
-    return f"{CHECKSUM_ALGORITHM}:{h.hexdigest()}"

@@ -19,13 +19,11 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.derive.common import DERIVED_UID_ROOT
-from node.derive.store import mark_not_tracked
+from node.dicom.files import file_checksum, read_file_header
+from node.dicom.identity import DERIVED_UID_ROOT
 from node.index.models import Instance
-from node.index.records import Recorder
+from node.index.records import Recorder, mark_not_tracked, to_record
 from node.index.writer import IndexWriter
-from node.receive.parse import read_file_header, to_record
-from node.receive.rxfile import file_checksum
 from node.storage.layout import Storage, fsync_dir
 
 log = logging.getLogger(__name__)

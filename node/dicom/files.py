@@ -1,36 +1,215 @@
-"""Reading just enough of a received data set to check it and index it.
+"""Reading DICOM files: just enough of a data set to check it is whole and to index it.
 
-Pixel data is never decoded or even loaded: we read the header up to
-(7FE0,0010) and then walk the Pixel Data element's structure on disk to
-prove it is complete (native: long enough for Rows x Columns x frames;
-encapsulated: items up to the sequence delimiter). That keeps a 1 GB
-multi-frame instance as cheap to check as a small one.
+Pixel data is never decoded or even loaded: the header is read up to (7FE0,0010), and then the Pixel
+Data element's structure is walked on disk to prove it is complete (native: long enough for Rows x
+Columns x frames; encapsulated: items up to the sequence delimiter). That keeps a 1 GB multi-frame
+instance as cheap to check as a small one.
 
-Two readers sit behind one interface, fastest first: the byte-level walker
-in :mod:`node.receive.header`, and pydicom's general reader for what the
-walker declines (deflated data sets, unusual structures). Both apply the
-same checks, so a file gets the same answer whichever reads it.
+Two readers sit behind one interface, fastest first. The byte-level walker (:func:`read_raw_header`)
+walks the elements of the file once, keeps the raw bytes of the ~35 top-level tags the index needs,
+skips everything else (sequences included, nested to any depth), and checks as it goes that every
+length fits in the file and that explicit VR data really is explicit VR: pydicom's general reader
+builds a Dataset of every element on the way, which was the largest single cost of storing a small
+instance. What the walker declines (deflate, a structure it finds odd: :class:`HeaderError`) goes to
+pydicom's reader; a data set the walker finds cut short (:class:`Truncated`) is refused unless
+pydicom's reader names another cause. Both apply the same checks, so a file gets the same answer whichever reads it.
+
+The same checks serve a data set being received (:func:`read_header`, straight from the
+association's temp file) and a file already on disk (:func:`read_file_header`: recovery, the node's
+own outputs); :func:`file_checksum` is the checksum the index keeps for either.
 """
 
 from __future__ import annotations
 
+import mmap
 import struct
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import xxhash
 from pydicom import config as pydicom_config
 from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
 from pydicom.filereader import dcmread, read_file_meta_info
 from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
-from node.index.records import InstanceRecord
-from node.receive.header import VALID_VRS, HeaderError, RawHeader, read_raw_header
-from node.receive.status import Status
+from node.dicom.status import Status
+
+#: Prefix of every stored checksum, so the algorithm can change without ambiguity.
+CHECKSUM_ALGORITHM = "xxh3_128"
+
+# -- the byte-level walker ----------------------------------------------------
+
+VALID_VRS = frozenset(
+    b"AE AS AT CS DA DS DT FL FD IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR US UT UV".split()
+)
+#: Explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2).
+LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ UC UN UR UT SV UV".split())
+ITEM, ITEM_END, SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
+UNDEFINED = 0xFFFFFFFF
+
+
+class HeaderError(ValueError):
+    """The fast reader cannot vouch for this data set; use the general reader."""
+
+
+class Truncated(HeaderError):
+    """The data set ends inside a top-level element: the sender's bytes are incomplete.
+
+    pydicom's reader stops quietly at a cut-off element header or a value it has already decoded, so
+    this verdict stands unless the general reader names another cause (a wrong VR encoding, say).
+    """
+
+
+class _NeedMore(Exception):
+    """The header runs past the in-memory head of the file; read the file itself."""
+
+
+@dataclass(slots=True)
+class RawHeader:
+    """Raw values of the wanted top-level tags, and where Pixel Data starts."""
+
+    little_endian: bool
+    implicit: bool
+    values: dict[int, tuple[bytes | None, bytes]] = field(default_factory=dict)  # tag -> (VR or None, value)
+    pixel_tag: int | None = None
+    pixel_vr: bytes | None = None
+    pixel_length: int | None = None
+    pixel_value_at: int | None = None
+    #: Group 0002 elements in the data set itself (they belong only in the File Meta).
+    file_meta_in_dataset: bool = False
+
+
+def read_raw_header(
+    path: str,
+    offset: int,
+    *,
+    implicit: bool,
+    little_endian: bool,
+    wanted: frozenset[int],
+    head: bytes | bytearray | None = None,
+    file_size: int | None = None,
+) -> RawHeader:
+    """Read the data set that starts at ``offset`` in ``path``.
+
+    ``head`` (the first bytes of the file, kept while receiving) saves opening
+    and mapping the file when the whole header lies within it.
+    """
+    if head is not None and file_size is not None and len(head) > offset:
+        try:
+            return _Walker(head, len(head), implicit, little_endian, partial=file_size > len(head)).top_level(
+                offset, wanted
+            )
+        except _NeedMore:
+            pass
+    with open(path, "rb") as fp:
+        size = fp.seek(0, 2)
+        if size <= offset:
+            raise HeaderError("empty data set")
+        with mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            return _Walker(m, size, implicit, little_endian).top_level(offset, wanted)
+
+
+class _Walker:
+    def __init__(self, m: Any, end: int, implicit: bool, little: bool, partial: bool = False) -> None:
+        e = "<" if little else ">"
+        self.m, self.end, self.implicit, self.little = m, end, implicit, little
+        #: ``m`` holds only the start of the file: running past its end is not truncation.
+        self.partial = partial
+        self.tag_fmt = struct.Struct(e + "HH")
+        self.u32 = struct.Struct(e + "L")
+        self.u16 = struct.Struct(e + "H")
+        #: Inside a sequence, and after an undefined-length UN (whose items are implicit VR, PS3.5 6.2.2),
+        #: the walk may be off track: running out of bytes there proves nothing.
+        self.nested = 0
+        self.skipped_un = False
+
+    def short(self, message: str) -> Exception:
+        if self.partial:
+            return _NeedMore()
+        return Truncated(message) if self.nested == 0 and not self.skipped_un else HeaderError(message)
+
+    def element(self, pos: int) -> tuple[int, bytes | None, int, int]:
+        """``(tag, VR or None, length, value offset)`` of the element header at ``pos``."""
+        if pos + 8 > self.end:
+            raise self.short(f"the data set ends inside an element header at byte {pos}")
+        group, elem = self.tag_fmt.unpack_from(self.m, pos)
+        tag = (group << 16) | elem
+        if self.implicit or group == 0xFFFE:  # items and delimiters have no VR in any syntax
+            return tag, None, self.u32.unpack_from(self.m, pos + 4)[0], pos + 8
+        vr = bytes(self.m[pos + 4 : pos + 6])
+        if vr not in VALID_VRS:
+            raise HeaderError(f"({group:04X},{elem:04X}) has VR bytes {vr!r}: not explicit VR")
+        if vr in LONG_VRS:
+            if pos + 12 > self.end:
+                raise self.short("the data set ends inside an element header")
+            return tag, vr, self.u32.unpack_from(self.m, pos + 8)[0], pos + 12
+        return tag, vr, self.u16.unpack_from(self.m, pos + 6)[0], pos + 8
+
+    def top_level(self, pos: int, wanted: frozenset[int]) -> RawHeader:
+        out = RawHeader(little_endian=self.little, implicit=self.implicit)
+        while pos < self.end or self.partial:
+            tag, vr, length, value_at = self.element(pos)
+            if tag in PIXEL_TAGS:
+                out.pixel_tag, out.pixel_vr, out.pixel_length, out.pixel_value_at = tag, vr, length, value_at
+                return out
+            if length == UNDEFINED:
+                if vr is not None and vr not in (b"SQ", b"UN"):
+                    raise HeaderError(f"({tag >> 16:04X},{tag & 0xFFFF:04X}) {vr!r} has undefined length")
+                self.skipped_un |= vr == b"UN"
+                self.nested += 1
+                pos = self.skip_sequence(value_at, 0)
+                self.nested -= 1
+                continue
+            if value_at + length > self.end:
+                raise self.short(
+                    f"the data set ends inside element ({tag >> 16:04X},{tag & 0xFFFF:04X}) (declared length {length})"
+                )
+            if tag in wanted:
+                out.values[tag] = (vr, bytes(self.m[value_at : value_at + length]))
+            elif tag >> 16 == 0x0002:
+                out.file_meta_in_dataset = True
+            pos = value_at + length
+        return out
+
+    def skip_sequence(self, pos: int, depth: int) -> int:
+        """Skip an undefined-length sequence's items; return the position after its delimiter."""
+        if depth > 32:
+            raise HeaderError("sequences nested deeper than 32 levels")
+        while True:
+            tag, _vr, length, pos = self.element(pos)
+            if tag == SEQ_END:
+                return pos
+            if tag != ITEM:
+                raise HeaderError(f"({tag >> 16:04X},{tag & 0xFFFF:04X}) where a sequence item belongs")
+            if length == UNDEFINED:
+                pos = self.skip_item(pos, depth)
+            elif pos + length > self.end:
+                raise self.short("the data set ends inside a sequence item")
+            else:
+                pos += length
+
+    def skip_item(self, pos: int, depth: int) -> int:
+        """Skip the elements of an undefined-length item; return the position after its delimiter."""
+        while True:
+            tag, _vr, length, value_at = self.element(pos)
+            if tag == ITEM_END:
+                return value_at
+            if length == UNDEFINED:
+                pos = self.skip_sequence(value_at, depth + 1)
+            elif value_at + length > self.end:
+                raise self.short("the data set ends inside an element of a sequence item")
+            else:
+                pos = value_at + length
+
 
 # The node keeps data sets as they arrive; odd values are the sender's
 # business, not a reason to refuse or to log a warning per element. What we
@@ -38,8 +217,6 @@ from node.receive.status import Status
 pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
 warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\..*)?$")
 
-_ITEM = 0xFFFEE000
-_SEQ_DELIM = 0xFFFEE0DD
 _BINARY_INT = {b"US": (2, False), b"SS": (2, True), b"UL": (4, False), b"SL": (4, True)}
 #: Text VRs whose bytes depend on Specific Character Set (PS3.5 6.1.2.3).
 _CHARSET_VRS = {b"PN", b"LO", b"SH", b"ST", b"LT", b"UT", b"UC"}
@@ -84,7 +261,16 @@ KEYWORDS = (
     "SliceThickness",
     "SliceLocation",
 )
-TAGS = {k: tag_for_keyword(k) for k in KEYWORDS}
+
+
+def _tag(keyword: str) -> int:
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        raise KeyError(f"{keyword} is not in pydicom's data dictionary")
+    return tag
+
+
+TAGS = {k: _tag(k) for k in KEYWORDS}
 _WANTED = frozenset(TAGS.values())
 _VRS = {k: dictionary_VR(TAGS[k]).encode() for k in KEYWORDS}
 
@@ -92,6 +278,9 @@ _VRS = {k: dictionary_VR(TAGS[k]).encode() for k in KEYWORDS}
 _GROUP2 = (
     "the data set contains File Meta elements (group 0002): readers would take them for the file's own and misread it"
 )
+
+
+# -- the checks ---------------------------------------------------------------
 
 
 class Rejected(Exception):
@@ -190,7 +379,7 @@ class DatasetHeaderView(Header):
 
     def raw(self, keyword: str) -> tuple[Any, bytes | None]:
         tag = TAGS[keyword]
-        elem = self.ds._dict.get(tag)
+        elem = self.ds._dict.get(BaseTag(tag))
         if elem is None:
             return None, None
         if isinstance(elem, RawDataElement) and elem.value is not None:
@@ -214,6 +403,7 @@ def read_header(
 
     ``head`` is the start of the file if the caller has it in memory.
     """
+    truncated: Truncated | None = None
     if transfer_syntax != DeflatedExplicitVRLittleEndian:
         try:
             raw = read_raw_header(
@@ -225,6 +415,8 @@ def read_header(
                 head=head,
                 file_size=file_size,
             )
+        except Truncated as e:
+            truncated = e
         except HeaderError:
             pass  # let the general reader judge it
         else:
@@ -243,7 +435,10 @@ def read_header(
                 )
             return view
     with open(path, "rb") as fp:
-        return _read_with_pydicom(fp, transfer_syntax, file_size, dataset_offset)
+        checked = _read_with_pydicom(fp, transfer_syntax, file_size, dataset_offset)
+    if truncated is not None:
+        raise Rejected(Status.CANNOT_UNDERSTAND, f"{truncated}: it is truncated")
+    return checked
 
 
 def read_file_header(path: Path) -> tuple[Header, int, FileMetaDataset]:
@@ -253,8 +448,18 @@ def read_file_header(path: Path) -> tuple[Header, int, FileMetaDataset]:
     :func:`read_header` straight from the association's temp file.
     """
     size = path.stat().st_size
-    meta = read_file_meta_info(path)
+    try:
+        meta = read_file_meta_info(path)
+    except InvalidDicomError:
+        raise Rejected(
+            Status.CANNOT_UNDERSTAND,
+            "no File Meta Information (128-byte preamble, 'DICM', group 0002): not a DICOM file as stored",
+        ) from None
+    if not meta.get("TransferSyntaxUID"):
+        raise Rejected(Status.CANNOT_UNDERSTAND, "the File Meta has no Transfer Syntax UID (0002,0010)")
     ts = UID(str(meta.TransferSyntaxUID))
+    if not ts.is_transfer_syntax:
+        raise Rejected(Status.CANNOT_UNDERSTAND, f"transfer syntax {ts} is not one this node can read")
     # preamble (128) + "DICM" (4) + the group length element (12) + the rest of group 0002
     header = read_header(str(path), ts, size, 132 + 12 + int(meta.FileMetaInformationGroupLength))
     return header, size, meta
@@ -324,7 +529,7 @@ def _locate_pixel_data(fp: BinaryIO, ts: UID, offset: int, file_size: int) -> tu
     end = ">" if ts == ExplicitVRBigEndian else "<"
     group, elem = struct.unpack(end + "HH", head[:4])
     tag = (group << 16) | elem
-    if tag not in (0x7FE00010, 0x7FE00008, 0x7FE00009):
+    if tag not in PIXEL_TAGS:
         return None
     if ts == ImplicitVRLittleEndian:
         return tag, struct.unpack("<L", head[4:8])[0], offset + 8
@@ -379,11 +584,11 @@ def _check_encapsulated(fp: BinaryIO, pos: int, file_size: int, end: str) -> Non
         fp.seek(pos)
         group, elem, length = struct.unpack(fmt, fp.read(8))
         tag = (group << 16) | elem
-        if tag == _SEQ_DELIM:
+        if tag == SEQ_END:
             if items == 0:
                 raise Rejected(Status.CANNOT_UNDERSTAND, "encapsulated Pixel Data has no Basic Offset Table item")
             return
-        if tag != _ITEM:
+        if tag != ITEM:
             raise Rejected(
                 Status.CANNOT_UNDERSTAND,
                 f"encapsulated Pixel Data item {items} has tag ({group:04X},{elem:04X}) instead of (FFFE,E000)",
@@ -392,69 +597,10 @@ def _check_encapsulated(fp: BinaryIO, pos: int, file_size: int, end: str) -> Non
         items += 1
 
 
-def to_record(
-    header: Header,
-    *,
-    file_path: str,
-    file_size: int,
-    checksum: str,
-    calling_ae: str = "",
-    called_ae: str = "",
-    peer_address: str = "",
-    association_id: str = "",
-) -> InstanceRecord:
-    t, i, f = header.text, header.int, header.float
-    return InstanceRecord(
-        patient={
-            "patient_id": t("PatientID", 128),
-            "issuer_of_patient_id": t("IssuerOfPatientID", 128),
-            "patient_name": t("PatientName", 512),
-            "birth_date": t("PatientBirthDate", 16),
-            "sex": t("PatientSex", 16),
-        },
-        study={
-            "study_instance_uid": t("StudyInstanceUID", 128),
-            "study_date": t("StudyDate", 16),
-            "study_time": t("StudyTime", 32),
-            "accession_number": t("AccessionNumber", 64),
-            "study_id": t("StudyID", 64),
-            "study_description": t("StudyDescription", 512),
-            "referring_physician_name": t("ReferringPhysicianName", 512),
-        },
-        series={
-            "series_instance_uid": t("SeriesInstanceUID", 128),
-            "modality": t("Modality", 16),
-            "series_number": i("SeriesNumber"),
-            "series_description": t("SeriesDescription", 512),
-            "body_part_examined": t("BodyPartExamined", 64),
-            "protocol_name": t("ProtocolName", 512),
-            "manufacturer": t("Manufacturer", 128),
-            "station_name": t("StationName", 64),
-            "frame_of_reference_uid": t("FrameOfReferenceUID", 128),
-        },
-        instance={
-            "sop_instance_uid": t("SOPInstanceUID", 128),
-            "sop_class_uid": t("SOPClassUID", 128),
-            "transfer_syntax_uid": str(header.transfer_syntax),
-            "instance_number": i("InstanceNumber"),
-            "acquisition_number": i("AcquisitionNumber"),
-            "image_type": t("ImageType", 256),
-            "rows": i("Rows"),
-            "columns": i("Columns"),
-            "number_of_frames": i("NumberOfFrames"),
-            "bits_allocated": i("BitsAllocated"),
-            "photometric_interpretation": t("PhotometricInterpretation", 32),
-            "image_position_patient": t("ImagePositionPatient", 256),
-            "image_orientation_patient": t("ImageOrientationPatient", 512),
-            "pixel_spacing": t("PixelSpacing", 128),
-            "slice_thickness": f("SliceThickness"),
-            "slice_location": f("SliceLocation"),
-            "file_path": file_path,
-            "file_size": file_size,
-            "checksum": checksum,
-            "calling_ae": calling_ae[:16],
-            "called_ae": called_ae[:16],
-            "peer_address": peer_address[:64],
-            "association_id": association_id,
-        },
-    )
+def file_checksum(path: Path) -> str:
+    """``xxh3_128:<hex>`` of a file on disk: what receiving computes while the bytes arrive (``ReceivedFile``)."""
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as fp:
+        while chunk := fp.read(1 << 20):
+            h.update(chunk)
+    return f"{CHECKSUM_ALGORITHM}:{h.hexdigest()}"
