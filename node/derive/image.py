@@ -25,6 +25,8 @@ from typing import Any
 
 import highdicom as hd
 import numpy as np
+from dicom_node_sdk.geometry import Grid, grid_from_affine
+from dicom_node_sdk.results import transpose_hint
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
@@ -129,19 +131,12 @@ class Encoding:
     error: float
 
 
-def _check_finite(values: np.ndarray) -> None:
-    if not np.all(np.isfinite(values)):
-        raise OutputError("the volume holds NaN or infinite values; replace them before returning it")
-
-
 def encode_values(values: np.ndarray, precision: float | None = None) -> Encoding:
-    """16-bit storage for a volume: exact for integers that fit, else a slope/intercept over the range."""
+    """16-bit storage for a volume: exact for integers that fit, else a slope/intercept over the range.
+
+    ``values`` are a Volume's: real, finite and not empty (checked when the Volume was made).
+    """
     v = np.asarray(values)
-    if v.size == 0:
-        raise OutputError("the volume is empty")
-    if not np.issubdtype(v.dtype, np.number) or np.issubdtype(v.dtype, np.complexfloating):
-        raise OutputError(f"volume values must be real numbers, not {v.dtype}")
-    _check_finite(v)
     lo, hi = float(v.min()), float(v.max())
     integral = np.issubdtype(v.dtype, np.integer) or bool(np.all(v == np.round(v)))
     if integral and lo >= -32768 and hi <= 32767:
@@ -160,34 +155,6 @@ def encode_values(values: np.ndarray, precision: float | None = None) -> Encodin
             f"is {slope:g}, error up to {error:g}); ask for a coarser precision"
         )
     return Encoding(stored.astype(np.int16), slope, intercept, True, error)
-
-
-@dataclass(frozen=True)
-class Grid:
-    """A volume's planes: per-slice positions, the row/column directions, spacing and thickness."""
-
-    positions: np.ndarray
-    orientation: list[float]
-    pixel_spacing: tuple[float, float]
-    thickness: float
-
-
-def grid_of(affine: np.ndarray, slices: int) -> Grid:
-    """Planes from a (slice, row, column) -> patient affine, checked to be a proper image grid."""
-    a = np.asarray(affine, dtype=np.float64)
-    if a.shape != (4, 4) or not np.all(np.isfinite(a)):
-        raise OutputError(f"the volume's affine must be a finite 4x4 matrix, not {a.shape}")
-    step, col_vec, row_vec = a[:3, 0], a[:3, 1], a[:3, 2]
-    dr, dc, dz = (float(np.linalg.norm(v)) for v in (col_vec, row_vec, step))
-    if min(dr, dc) < 1e-6 or (slices > 1 and dz < 1e-6):
-        raise OutputError("the volume's affine has a zero-length axis")
-    row_dir, col_dir = row_vec / dc, col_vec / dr
-    if abs(float(row_dir @ col_dir)) > 1e-4:
-        raise OutputError("the volume's affine has row and column axes that are not perpendicular")
-    normal = np.cross(row_dir, col_dir)
-    thickness = abs(float(step @ normal)) if slices > 1 else 1.0
-    positions = a[:3, 3] + np.arange(slices)[:, None] * step
-    return Grid(positions, [*map(float, row_dir), *map(float, col_dir)], (dr, dc), thickness)
 
 
 def _nearest_sources(series: SeriesInput, grid: Grid) -> list[int]:
@@ -235,14 +202,14 @@ def _window(values: np.ndarray) -> Window:
 def _check_shape(
     values: np.ndarray, expected: tuple[int, ...], affine: np.ndarray | None, own_grid: bool = True
 ) -> None:
-    """On the input's grid the volume has its shape; on its own (an affine) any 3-D shape."""
-    if affine is not None:
-        if values.ndim != 3:
-            raise OutputError(f"the volume has shape {values.shape}; it must be (slices, rows, columns)")
-    elif values.shape != expected:
+    """On the input's grid the volume has its shape; on its own (an affine) any 3-D shape (checked when made)."""
+    if affine is None and values.shape != expected:
         raise OutputError(
-            f"the volume has shape {values.shape}; on this series' grid it must be (slices, rows, "
-            f"columns) = {expected}" + (" (or give its affine)" if own_grid else "")
+            f"Volume.values must be (slices, rows, columns) = {expected} like the series; got {values.shape}"
+            + (
+                transpose_hint(values.shape, expected)
+                or (" (or give its affine: a grid of its own)" if own_grid else "")
+            )
         )
 
 
@@ -321,7 +288,7 @@ def build_image_series(
             f"grid, enhanced CT and MR; this series is {kind}" + (" (multi-frame)" if series.frames is not None else "")
         )
     _check_shape(values, (len(series.datasets), int(first.Rows), int(first.Columns)), volume.affine)
-    grid = grid_of(volume.affine, values.shape[0]) if volume.affine is not None else None
+    grid = grid_from_affine(volume.affine, values.shape[0]) if volume.affine is not None else None
     sources = _nearest_sources(series, grid) if grid is not None else list(range(len(series.datasets)))
     enc = encode_values(values, volume.precision)
     window = _window(values)
@@ -450,10 +417,9 @@ def build_parametric_map(series: SeriesInput, volume: Volume, prov: Provenance, 
             "a parametric map is written for single-frame sources; this series is one multi-frame instance"
         )
     _check_shape(values, shape, volume.affine)
-    _check_finite(values)
     geometry: dict[str, Any] = {}
     if volume.affine is not None:
-        grid = grid_of(volume.affine, values.shape[0])
+        grid = grid_from_affine(volume.affine, values.shape[0])
         geometry = dict(
             plane_positions=[
                 hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, [float(x) for x in p])

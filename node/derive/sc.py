@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import highdicom as hd
 import numpy as np
+from dicom_node_sdk import geometry
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, JPEG2000Lossless
 
@@ -45,29 +46,6 @@ def copy_laterality(sc: Dataset, source: Dataset) -> None:
         sc.Laterality = ""
 
 
-def patient_orientation(iop: object, *, nearest: bool = False) -> tuple[str, str] | None:
-    """DICOM Patient Orientation from Image Orientation (Patient) direction cosines.
-
-    As PS3.3 C.7.6.1.1.1 writes it: the letters of each direction's significant
-    components, largest first (an oblique row may be "LP"); ``nearest`` keeps
-    only the first letter, which is what highdicom's constructor accepts.
-    """
-    try:
-        v = [float(x) for x in iop]  # type: ignore[attr-defined]
-    except (TypeError, ValueError):
-        return None
-    if len(v) != 6:
-        return None
-
-    def letters(d: list[float]) -> str:
-        names = (("L", "R"), ("P", "A"), ("H", "F"))
-        order = sorted(range(3), key=lambda k: -abs(d[k]))
-        found = "".join(names[k][0 if d[k] > 0 else 1] for k in order if abs(d[k]) > 0.1)
-        return (found or names[order[0]][0 if d[order[0]] > 0 else 1])[: 1 if nearest else 3]
-
-    return letters(v[:3]), letters(v[3:])
-
-
 def build_sc(
     series: SeriesInput,
     result: Images,
@@ -77,25 +55,16 @@ def build_sc(
     transfer_syntax: UID = ExplicitVRLittleEndian,
 ) -> list[Dataset]:
     """The SC instances of one image result (``index``: its place among the job's outputs)."""
-    px = np.asarray(result.pixels)
-    if px.ndim == 2:  # one grey image
-        px = px[None]
-    if px.ndim == 3:
-        rgb = False
-    elif px.ndim == 4 and px.shape[-1] == 3:
-        rgb = True
-    else:
-        raise OutputError(f"images have shape {px.shape}; expected (n, rows, cols) grey or (n, rows, cols, 3) RGB")
-    if rgb and px.dtype != np.uint8:
-        raise OutputError(f"RGB images must be uint8, got {px.dtype}")
-    if not rgb and px.dtype not in (np.uint8, np.uint16):
-        raise OutputError(f"grey images must be uint8 or uint16, got {px.dtype} (window them first)")
+    # The result checked its shape, dtype and source_slices when it was made (dicom_node_sdk.results);
+    # only what needs the series is left to check here.
+    px = result.pixels
+    rgb = px.ndim == 4
     sources = list(result.source_slices) if result.source_slices is not None else [None] * len(px)
-    if len(sources) != len(px):
-        raise OutputError(f"{len(px)} images but {len(sources)} source_slices")
     for s in sources:
-        if s is not None and not 0 <= s < len(series):
-            raise OutputError(f"source slice {s} is outside the series (0..{len(series) - 1})")
+        if s is not None and s >= len(series):
+            raise OutputError(
+                f"Images.source_slices holds {s}, outside the series: slice indices are 0..{len(series) - 1}"
+            )
     series_uid = prov.uid("sc-series", index)
     # The rule's series_description wins over the plugin's own: the site names its series.
     description = (prov.series_description or result.description or f"{prov.algorithm} images")[:64]
@@ -110,7 +79,7 @@ def build_sc(
         orientation = result.patient_orientation
         if orientation is None:
             iop = series.orientation
-            orientation = patient_orientation([*iop[0], *iop[1]]) if iop else None
+            orientation = geometry.patient_orientation([*iop[0], *iop[1]]) if iop else None
         orientation = orientation or ("L", "P")
         spacing = result.pixel_spacing
         if (

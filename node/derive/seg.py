@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import highdicom as hd
 import numpy as np
+from dicom_node_sdk.results import transpose_hint
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, RLELossless
 
@@ -36,44 +37,29 @@ PALETTE = [
 
 
 def _masks(series: SeriesInput, result: Segmentation) -> np.ndarray:
-    """The masks checked against the series, as highdicom takes them, in source order."""
-    m = np.asarray(result.masks)
-    n, rows, cols = len(series), int(series.first.Rows), int(series.first.Columns)
+    """The masks as highdicom takes them, in source order.
+
+    The result checked its own dtype, values and segments when it was made (dicom_node_sdk.results);
+    only the shape against the series is left to check here.
+    """
+    m = result.masks
     k = len(result.segments)
-    if k == 0:
-        raise OutputError("the segmentation has no segment descriptions")
-    if m.shape[:3] != (n, rows, cols) or m.ndim not in (3, 4):
+    expected = (len(series), int(series.first.Rows), int(series.first.Columns))
+    if m.shape[:3] != expected:
+        want = expected if m.ndim == 3 else (*expected, k)
+        form = "(slices, rows, columns)" if m.ndim == 3 else "(slices, rows, columns, segments)"
         raise OutputError(
-            f"masks have shape {m.shape}; expected ({n}, {rows}, {cols}) as a label map or "
-            f"({n}, {rows}, {cols}, {k}) as stacked masks"
+            f"Segmentation.masks must be {form} = {want} like the series; got {m.shape}"
+            + (transpose_hint(m.shape, want) or ": one mask value per voxel of every slice, in slice order")
         )
-    if m.ndim == 4 and m.shape[3] != k:
-        raise OutputError(f"{m.shape[3]} stacked masks but {k} segment descriptions")
     if result.kind == "fractional":
-        if not np.issubdtype(m.dtype, np.floating):
-            raise OutputError(f"a fractional segmentation needs float masks in [0, 1], got {m.dtype}")
-        if m.size and (np.nanmin(m) < 0 or np.nanmax(m) > 1 or np.isnan(m).any()):
-            raise OutputError("fractional masks must lie in [0, 1] (no NaN)")
         m = m.astype(np.float32)
     elif m.ndim == 3:
-        if m.dtype == bool:
-            if k != 1:
-                raise OutputError(f"a boolean label map holds one segment, but {k} are described")
-            m = m.astype(np.uint8)
-        elif not np.issubdtype(m.dtype, np.integer):
-            raise OutputError(f"a label map must hold integers (0 = background, 1..{k}), got {m.dtype}")
-        top = int(m.max()) if m.size else 0
-        if (m.size and int(m.min()) < 0) or top > k:
-            raise OutputError(f"label values must be 0..{k}; found {int(m.min())}..{top}")
         m = m.astype(np.uint8 if k < 256 else np.uint16)
+    elif result.kind == "labelmap":  # stacked masks that do not overlap: one label map
+        m = ((np.argmax(m, axis=3) + 1) * m.astype(bool).any(axis=3)).astype(np.uint8 if k < 256 else np.uint16)
     else:
-        if result.kind == "labelmap":
-            if (m.astype(bool).sum(axis=3) > 1).any():
-                raise OutputError('stacked masks overlap, so they cannot be one label map; use kind = "binary"')
-            m = (np.argmax(m, axis=3) + 1) * m.astype(bool).any(axis=3)
-            m = m.astype(np.uint8 if k < 256 else np.uint16)
-        else:
-            m = m.astype(bool)
+        m = m.astype(bool)
     if series.frames is not None:  # one multi-frame source: back to the source's frame order
         out = np.empty_like(m)
         out[np.array(series.frames)] = m

@@ -26,7 +26,7 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import numpy as np
+from dicom_node_sdk import geometry
 from pydicom.dataset import Dataset
 from pydicom.valuerep import format_number_as_ds
 
@@ -72,11 +72,8 @@ def _replace(ds: Dataset, keyword: str, value: object) -> None:
 
 def slice_spacing(series: SeriesInput) -> float | None:
     """The median distance between neighbouring slices along the normal, if the series has more than one."""
-    if series.positions is None or series.normal is None or len(series.positions) < 2:
-        return None
-    d = np.abs(np.diff(series.positions @ series.normal))
-    spacing = float(np.median(d))
-    return spacing if spacing > 0 else None
+    spacing = geometry.slice_spacing(series.positions, series.orientation)
+    return spacing if spacing > 0 else None  # NaN (one slice, no positions) is not > 0
 
 
 def _thickness(series: SeriesInput) -> float | None:

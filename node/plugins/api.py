@@ -2,9 +2,15 @@
 
 One contract for plugins in the node's own environment and in environments of their own: existing
 ``from node.plugins.api import ...`` keeps working, and a plugin that imports ``dicom_node_sdk``
-runs anywhere the SDK is installed.
+runs anywhere the SDK is installed. The node's side of it (``PluginInfo``, ``as_info``) is in
+``dicom_node_sdk._info`` and ``dicom_node_sdk.loading``.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
+from dicom_node_sdk import geometry
 from dicom_node_sdk.api import (
     GPU_MODES,
     Code,
@@ -14,13 +20,14 @@ from dicom_node_sdk.api import (
     ParamsError,
     Plugin,
     PluginError,
-    PluginInfo,
+    PluginFunction,
     Result,
+    ResultError,
+    Returned,
     Segment,
     Segmentation,
     SeriesInput,
     Volume,
-    as_info,
     codes,
     plugin,
 )
@@ -34,13 +41,24 @@ __all__ = [
     "ParamsError",
     "Plugin",
     "PluginError",
-    "PluginInfo",
+    "PluginFunction",
     "Result",
+    "ResultError",
+    "Returned",
     "Segment",
     "Segmentation",
     "SeriesInput",
     "Volume",
-    "as_info",
     "codes",
+    "geometry",
     "plugin",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``PluginInfo`` and ``as_info``, importable from here as before they moved to the SDK's node side."""
+    import dicom_node_sdk
+
+    if name in ("PluginInfo", "as_info"):
+        return getattr(dicom_node_sdk, name)
+    raise AttributeError(f"module 'node.plugins.api' has no attribute {name!r}")

@@ -1,80 +1,25 @@
-"""Where a series' voxels really are: its own orthogonal frame, and the slices' places in it.
+"""A series' own orthogonal frame for the built-in plugins: the SDK's geometry on a SeriesInput, and resampling.
 
 A series is a stack of parallel planes, but not necessarily a regular grid: a tilted gantry shifts
 each slice in-plane ("sheared"), and dropped or irregular slices make the spacing uneven. Treating
 the (slice, row, column) indices as an orthogonal grid with the median spacing then misplaces voxels
-by millimetres. Every slice's position (Image Position Patient) is exact, though, so each voxel
-centre is known exactly: slice origin + row index x column direction x row spacing + column index x
-row direction x column spacing. This module expresses that in the series' own orthogonal frame
-(slice normal, column direction, row direction), which the built-in ``distance-map`` and ``mip-sc``
-plugins compute in.
+by millimetres. :mod:`dicom_node_sdk.geometry` expresses each slice's exact place in the series' own
+orthogonal frame (:class:`SliceFrame`); this module takes it from a :class:`SeriesInput` (refusing a
+series without geometry with a PluginError) and resamples a volume onto a regular grid of that frame
+(which needs scipy, so it is not part of the SDK). The built-in ``distance-map`` and ``mip-sc``
+plugins compute in it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
+from dicom_node_sdk import geometry
+from dicom_node_sdk.geometry import REGULAR_TOLERANCE_MM, SliceFrame
 from scipy import ndimage
 
 from node.plugins.api import PluginError, SeriesInput
 
-#: Slice origins closer than this (mm) to a regular, unsheared grid count as on it (decimal strings in
-#: Image Position Patient carry about 1e-5 mm of rounding).
-REGULAR_TOLERANCE_MM = 1e-3
-
-
-@dataclass(frozen=True)
-class SliceFrame:
-    """A series' orthogonal frame and each slice's origin in it.
-
-    The frame's axes are the slice normal (row x column direction), the column direction (along
-    which the row index runs) and the row direction (along which the column index runs), all unit
-    vectors in patient coordinates. Voxel (k, i, j) is at ``depth[k]`` along the normal and at
-    ``shift[k] + (i * row_spacing, j * column_spacing)`` along (column, row) direction, relative to
-    the first slice's origin.
-    """
-
-    origin: np.ndarray
-    normal: np.ndarray
-    column: np.ndarray
-    row: np.ndarray
-    #: (slices,) each slice's origin along the normal, mm, increasing.
-    depth: np.ndarray
-    #: (slices, 2) each slice's origin along (column direction, row direction), mm: non-zero when sheared.
-    shift: np.ndarray
-    #: (row spacing, column spacing), mm: Pixel Spacing.
-    pixel_spacing: tuple[float, float]
-
-    @property
-    def slice_spacing(self) -> float:
-        """The median distance between neighbouring slices along the normal (NaN for one slice)."""
-        return float(np.median(np.diff(self.depth))) if len(self.depth) > 1 else float("nan")
-
-    @property
-    def sheared(self) -> bool:
-        """Whether slices are shifted in-plane against each other (a tilted gantry)."""
-        return bool(np.abs(self.shift).max() > REGULAR_TOLERANCE_MM)
-
-    @property
-    def uneven(self) -> bool:
-        """Whether the distance between slices varies."""
-        if len(self.depth) < 3:
-            return False
-        regular = self.depth[0] + self.slice_spacing * np.arange(len(self.depth))
-        return bool(np.abs(self.depth - regular).max() > REGULAR_TOLERANCE_MM)
-
-    @property
-    def regular(self) -> bool:
-        """Whether (slice, row, column) indices times the spacing are the voxels' true places."""
-        return not self.sheared and not self.uneven
-
-    def positions(self, k: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-        """Patient coordinates (n, 3), mm, of the centres of voxels (k, i, j)."""
-        dr, dc = self.pixel_spacing
-        c = self.shift[k, 0] + i * dr
-        r = self.shift[k, 1] + j * dc
-        return self.origin + np.outer(self.depth[k], self.normal) + np.outer(c, self.column) + np.outer(r, self.row)
+__all__ = ["REGULAR_TOLERANCE_MM", "SliceFrame", "orthogonal_volume", "slice_frame"]
 
 
 def slice_frame(series: SeriesInput, purpose: str) -> SliceFrame:
@@ -83,20 +28,7 @@ def slice_frame(series: SeriesInput, purpose: str) -> SliceFrame:
         raise PluginError(f"{purpose} needs Image Orientation (Patient) and Image Position (Patient) on every slice")
     if series.pixel_spacing is None:
         raise PluginError(f"{purpose} needs Pixel Spacing")
-    row, column = (np.asarray(v, dtype=float) for v in series.orientation)
-    row, column = row / np.linalg.norm(row), column / np.linalg.norm(column)
-    normal = np.cross(row, column)
-    normal /= np.linalg.norm(normal)
-    rel = np.asarray(series.positions, dtype=float) - series.positions[0]
-    return SliceFrame(
-        origin=np.asarray(series.positions[0], dtype=float),
-        normal=normal,
-        column=column,
-        row=row,
-        depth=rel @ normal,
-        shift=np.stack([rel @ column, rel @ row], axis=1),
-        pixel_spacing=(float(series.pixel_spacing[0]), float(series.pixel_spacing[1])),
-    )
+    return geometry.slice_frame(series.positions, series.orientation, series.pixel_spacing)
 
 
 def orthogonal_volume(frame: SliceFrame, volume: np.ndarray, fill: float) -> tuple[np.ndarray, float]:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from node.config import EnvironmentSection, PluginsSection
-    from node.plugins.api import PluginInfo
+    from dicom_node_sdk._info import PluginInfo
 
 GROUP = "dicom_node.plugins"
 #: The worker protocol this node speaks (dicom_node_sdk.protocol.PROTOCOL must match).
@@ -250,7 +250,7 @@ def _where(ref: PluginRef) -> str:
 
 def load(name: str, target: str) -> PluginInfo:
     """Import a plugin's ``module:attribute`` (in the node's Python) and return it as a PluginInfo."""
-    from node.plugins.api import as_info
+    from dicom_node_sdk.loading import as_info
 
     module, _, attr = target.partition(":")
     try:

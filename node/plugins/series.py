@@ -17,7 +17,7 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from node.plugins.api import GeometryError, SeriesInput
+from node.plugins.api import GeometryError, SeriesInput, geometry
 
 #: Makes the array the pixels are decoded into: (shape, dtype) -> array. np.empty by default; a memory-mapped
 #: file when the voxels go to a worker in another environment (node.plugins.worker.share_voxels).
@@ -74,8 +74,7 @@ def load_series(files: list[Path]) -> SeriesInput:
                     f"{f.name} (instance {d.get('InstanceNumber')}) has another orientation "
                     f"than the first image: {iop} vs {tuple(ref)}"
                 )
-        normal = np.cross(ref[:3], ref[3:])
-        dist = np.array([np.dot(p, normal) for p in ipps])
+        dist = np.asarray(ipps, dtype=float) @ geometry.normal((ref[:3], ref[3:]))
         order = np.argsort(dist, kind="stable")
         sd = dist[order]
         same = np.nonzero(np.diff(sd) < SAME_POSITION_MM)[0]
@@ -144,8 +143,7 @@ def _multiframe(ds: Dataset, path: Path) -> SeriesInput:
         ref = np.array(iops[0])
         if not all(np.allclose(o, ref, atol=1e-3) for o in iops):
             raise GeometryError("the frames of the multi-frame instance have different orientations")
-        normal = np.cross(ref[:3], ref[3:])
-        dist = np.array([np.dot(p, normal) for p in positions])
+        dist = np.asarray(positions, dtype=float) @ geometry.normal((ref[:3], ref[3:]))
         order = np.argsort(dist, kind="stable")
         if np.any(np.diff(dist[order]) < SAME_POSITION_MM):
             raise GeometryError(

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dicom_node_sdk.api import as_results
+from dicom_node_sdk._info import as_results
 
-from node.plugins.api import GeometryError, PluginError, Segmentation, Volume
+from node.plugins.api import GeometryError, PluginError, ResultError, Segmentation, Volume
 
 
 @dataclass
@@ -168,7 +168,7 @@ def _failure(e: BaseException, step: str, spec: WorkSpec, info: Any) -> tuple[st
         retryable = e.retryable and (limit is None or spec.attempt < limit)
         why = "" if retryable or not e.retryable else f" (no more retries: the plugin allows {limit} attempt(s))"
         return f"{step}: {e}{why}", retryable
-    if isinstance(e, (GeometryError, OutputError, TemplateError)):
+    if isinstance(e, (GeometryError, ResultError, OutputError, TemplateError)):
         return f"{step}: {e}", False
     from dicom_node_sdk.protocol import RemoteError, WorkerGone
 

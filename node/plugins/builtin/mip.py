@@ -50,7 +50,6 @@ remain.
 
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Literal
 
@@ -58,8 +57,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from scipy import ndimage
 
-from node.derive.sc import patient_orientation
-from node.plugins.api import Images, PluginError, SeriesInput, plugin
+from node.plugins.api import Images, PluginError, SeriesInput, geometry, plugin
 from node.plugins.builtin.body_parts import Values, values_of
 from node.plugins.builtin.overlay import resolve_window, window
 from node.plugins.geometry import orthogonal_volume, slice_frame
@@ -102,17 +100,7 @@ def axis_directions(series: SeriesInput) -> np.ndarray:
     """Unit patient-space directions of the volume axes (slices, rows, columns), one per row."""
     if series.orientation is None:
         raise PluginError("mip-sc needs Image Orientation (Patient) to tell axial, coronal and sagittal apart")
-    row_dir, col_dir = (np.array(v, dtype=float) for v in series.orientation)
-    normal = np.cross(row_dir, col_dir)
-    # index k runs along the normal (slices are sorted by it), i along the column direction, j along the row one
-    d = np.array([normal, col_dir, row_dir])
-    return d / np.linalg.norm(d, axis=1, keepdims=True)
-
-
-def patient_axes(dirs: np.ndarray) -> tuple[int, int, int]:
-    """For each volume axis, the patient axis (0 x, 1 y, 2 z) it is matched to (most parallel overall)."""
-    best = max(itertools.permutations(range(3)), key=lambda p: sum(abs(dirs[a, p[a]]) for a in range(3)))
-    return best  # type: ignore[return-value]
+    return geometry.axis_directions(series.orientation)
 
 
 def true_grid(series: SeriesInput, values: Values) -> tuple[np.ndarray, tuple[float, float, float]]:
@@ -134,7 +122,7 @@ def through_plane_possible(grid: tuple[np.ndarray, tuple[float, float, float]]) 
 
 def in_plane_view(series: SeriesInput) -> str:
     """The view that projects along the slices (axial for an axial series, sagittal for a sagittal one)."""
-    along = patient_axes(axis_directions(series))[0]
+    along = geometry.patient_axes(axis_directions(series))[0]
     return next(v for v, (axis, *_rest) in LAYOUT.items() if axis == along)
 
 
@@ -149,7 +137,7 @@ def project(
 ) -> tuple[np.ndarray, tuple[str, str], tuple[float, float] | None]:
     """The MIP for ``view`` in grey (windowed), laid out and resampled; its Patient Orientation and Pixel Spacing."""
     dirs = axis_directions(series)
-    owner = patient_axes(dirs)
+    owner = geometry.patient_axes(dirs)
     along, want_h, want_v = LAYOUT[view]
     p = owner.index(along)
     volume, spacing = grid
@@ -169,7 +157,7 @@ def project(
         h_sign = 1 if dirs[h_axis] @ want_h >= 0 else -1
         v_sign = 1 if dirs[v_axis] @ want_v >= 0 else -1
         img = img[::v_sign, ::h_sign]
-    orientation = patient_orientation([*(dirs[h_axis] * h_sign), *(dirs[v_axis] * v_sign)]) or ("L", "P")
+    orientation = geometry.patient_orientation([*(dirs[h_axis] * h_sign), *(dirs[v_axis] * v_sign)]) or ("L", "P")
     sv, sh = spacing[v_axis], spacing[h_axis]
     if square and math.isfinite(sv) and math.isfinite(sh) and not math.isclose(sv, sh, rel_tol=1e-3):
         target = min(sv, sh)

@@ -10,7 +10,8 @@ import importlib
 from importlib import metadata
 from typing import Any, NamedTuple
 
-from dicom_node_sdk.api import PluginInfo, as_info
+from dicom_node_sdk._info import PluginInfo
+from dicom_node_sdk.api import Plugin
 
 #: The entry point group plugin packages register in (the left side is the plugin's name in rules).
 GROUP = "dicom_node.plugins"
@@ -70,6 +71,22 @@ def load_target(target: str) -> Any:
     for part in attr.split(".") if attr else []:
         obj = getattr(obj, part)
     return obj
+
+
+def as_info(obj: Any, name: str) -> PluginInfo:
+    """Whatever an entry point or config names, as a PluginInfo (or a TypeError saying what it should be).
+
+    A function decorated with ``@plugin`` already is one (a callable PluginInfo); a Plugin subclass
+    describes itself with ``info()``.
+    """
+    if isinstance(obj, PluginInfo):
+        return obj
+    if isinstance(obj, type) and issubclass(obj, Plugin):
+        return obj.info()
+    raise TypeError(
+        f"plugin {name!r} is a {type(obj).__name__}; decorate a function with @plugin(...) or "
+        "subclass dicom_node_sdk.Plugin (node.plugins.api.Plugin)"
+    )
 
 
 def load(name: str, target: str) -> PluginInfo:

@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 from pydicom.sr.coding import Code
 
-from dicom_node_sdk.api import Images, PluginInfo, Result, Segment, Segmentation, SeriesInput, Volume
+from dicom_node_sdk._info import PluginInfo
+from dicom_node_sdk.api import Images, Result, Segment, Segmentation, SeriesInput, Volume
 
 __all__ = [
     "MAX_MESSAGE",

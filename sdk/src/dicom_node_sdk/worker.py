@@ -30,8 +30,9 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
+from dicom_node_sdk._info import PluginInfo, as_results
 from dicom_node_sdk._process import answer, forget_working_directory, take_stdout
-from dicom_node_sdk.api import GeometryError, PluginError, PluginInfo, as_results
+from dicom_node_sdk.errors import GeometryError, PluginError, ResultError
 from dicom_node_sdk.loading import PluginLoadError, installed_plugins, load
 from dicom_node_sdk.params import ParamsError
 from dicom_node_sdk.protocol import (
@@ -126,6 +127,8 @@ class Worker:
             return self._refused("PluginError", str(e), bool(e.retryable))
         except GeometryError as e:
             return self._refused("GeometryError", str(e))
+        except ResultError as e:  # a result the plugin made wrong: the message says what to change
+            return self._refused("ResultError", str(e))
         except (Exception, SystemExit) as e:  # noqa: BLE001 (MemoryError too): the job fails, the worker serves on
             log.error("job %d failed:\n%s", self.jobs, traceback.format_exc())
             tb = traceback.extract_tb(e.__traceback__)
