@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
-    from node.config import EnvironmentSection, PluginsSection
     from dicom_node_sdk._info import PluginInfo
+
+    from node.config import EnvironmentSection, PluginsSection
 
 GROUP = "dicom_node.plugins"
 #: The worker protocol this node speaks (dicom_node_sdk.protocol.PROTOCOL must match).
