@@ -11,12 +11,16 @@ SQLAlchemy and runs on PostgreSQL unchanged.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Dialect, Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql import ClauseElement
+from sqlalchemy.sql.compiler import SQLCompiler
 
 log = logging.getLogger(__name__)
 
@@ -116,20 +120,23 @@ class Prepared:
     processors still convert the values; only the per-call overhead goes.
     """
 
-    def __init__(self, stmt, dialect, keys: list[str] | None = None) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, stmt: ClauseElement, dialect: Dialect, keys: list[str] | None = None) -> None:
         compiled = stmt.compile(dialect=dialect, column_keys=keys)
+        if not isinstance(compiled, SQLCompiler):  # e.g. DDL: has no bind parameters to prepare
+            raise TypeError(f"not a SQL statement with parameters: {stmt}")
         self.sql = compiled.string
         self.positional = bool(compiled.positional)
-        names = list(compiled.positiontup) if self.positional else list(compiled.binds)
+        names = list(compiled.positiontup or ()) if self.positional else list(compiled.binds)
         self.names = names
-        self.processors = {}
+        self.processors: dict[str, Callable[[Any], Any]] = {}
         for name in names:
             # The dialect's own implementation (e.g. SQLite's DATETIME text format), as SQLAlchemy would use.
             proc = compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect)
             if proc is not None:
                 self.processors[name] = proc
 
-    def params(self, values: dict):  # type: ignore[no-untyped-def]
+    def params(self, values: dict[str, Any]) -> tuple[Any, ...] | dict[str, Any]:
+        """The DBAPI parameters for ``values`` (keyed by column), converted as SQLAlchemy would."""
         procs = self.processors
         if self.positional:
             return tuple(procs[n](values[n]) if n in procs else values[n] for n in self.names)
@@ -171,7 +178,11 @@ class WalCheckpointer:
             try:
                 if raw is None:
                     raw = self._engine.raw_connection()
-                raw.dbapi_connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                cur = raw.cursor()
+                try:
+                    cur.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                finally:
+                    cur.close()
             except Exception as e:  # the automatic checkpoint still bounds the WAL
                 log.warning("WAL checkpoint failed: %s", e)
                 raw = None

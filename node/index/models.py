@@ -9,9 +9,12 @@ than lost.
 from __future__ import annotations
 
 import datetime as dt
+from typing import ClassVar
 
-from sqlalchemy import BigInteger, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import BigInteger, DateTime, Float, ForeignKey, Index, Integer, String, Table, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from node.index.states import CommitmentState, DeliveryState, JobState, SeriesState
 
 UID = String(128)
 
@@ -26,7 +29,9 @@ def aware(value: dt.datetime) -> dt.datetime:
 
 
 class Base(DeclarativeBase):
-    pass
+    # Every model maps one table (no joined or selectable mappings), so the Core queries that use
+    # ``Model.__table__`` get a Table (insert(), update(), .c) rather than DeclarativeBase's FromClause.
+    __table__: ClassVar[Table]
 
 
 class Patient(Base):
@@ -98,7 +103,7 @@ class Series(Base):
     #: receive path maintains it in the UPDATE it already makes per instance.
     #: ``receiving`` -> ``stable`` -> ``triggered``; an instance arriving for
     #: a stable or triggered series opens the next revision (``receiving``).
-    state: Mapped[str] = mapped_column(String(16), default="receiving", index=True)
+    state: Mapped[str] = mapped_column(String(16), default=SeriesState.RECEIVING, index=True)
     revision: Mapped[int] = mapped_column(Integer, default=1)
     revision_instances: Mapped[int] = mapped_column(Integer, default=0)
     revision_started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -195,8 +200,8 @@ class Job(Base):
     #: The action as configured when the job was made (JSON), so a later config change does not alter it.
     action: Mapped[str] = mapped_column(Text)
     priority: Mapped[int] = mapped_column(Integer, default=0)
-    #: pending, running, succeeded, failed, cancelled.
-    state: Mapped[str] = mapped_column(String(16), default="pending")
+    #: A :class:`~node.index.states.JobState`.
+    state: Mapped[str] = mapped_column(String(16), default=JobState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     last_error: Mapped[str] = mapped_column(Text, default="")
@@ -234,7 +239,7 @@ class Delivery(Base):
     destination: Mapped[str] = mapped_column(String(64))
     sop_instance_uid: Mapped[str] = mapped_column(UID)
     priority: Mapped[int] = mapped_column(Integer, default=0)
-    state: Mapped[str] = mapped_column(String(16), default="queued")
+    state: Mapped[str] = mapped_column(String(16), default=DeliveryState.QUEUED)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     #: The DIMSE status of the last attempt (NULL when it got no response).
@@ -248,7 +253,7 @@ class Delivery(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     delivered_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     #: Storage Commitment: "" (not asked), "requested", "committed" or "failed".
-    commitment: Mapped[str] = mapped_column(String(16), default="")
+    commitment: Mapped[str] = mapped_column(String(16), default=CommitmentState.NONE)
     commitment_uid: Mapped[str] = mapped_column(UID, default="", index=True)
     commitment_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 

@@ -44,15 +44,15 @@ class Tx:
             p = self._prepared[key] = Prepared(stmt, self.dialect, keys)
         return p
 
-    def execute(self, p: Prepared, values: dict) -> Any:
+    def execute(self, p: Prepared, values: dict[str, Any]) -> Any:
         self.cur.execute(p.sql, p.params(values))
         return self.cur
 
-    def scalar(self, p: Prepared, values: dict) -> Any:
+    def scalar(self, p: Prepared, values: dict[str, Any]) -> Any:
         row = self.execute(p, values).fetchone()
         return None if row is None else row[0]
 
-    def row(self, p: Prepared, values: dict) -> Any:
+    def row(self, p: Prepared, values: dict[str, Any]) -> Any:
         return self.execute(p, values).fetchone()
 
 
@@ -63,7 +63,7 @@ class IndexWriter:
     def __init__(self, engine: Engine, on_failure: Callable[[], None] | None = None) -> None:
         """``on_failure`` is called after any failed item or transaction (e.g. to drop caches)."""
         self._engine = engine
-        self._queue: queue.SimpleQueue[tuple[Work, Future] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[Work[Any], Future[Any]] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="index-writer", daemon=True)
         self._on_failure = on_failure
         self._stopped = False
@@ -87,8 +87,8 @@ class IndexWriter:
             self._thread.join(timeout=timeout)
         return not self._thread.is_alive()
 
-    def submit(self, work: Work) -> Future:
-        fut: Future = Future()
+    def submit(self, work: Work[T]) -> Future[T]:
+        fut: Future[T] = Future()
         if self._stopped:
             fut.set_exception(RuntimeError("the index writer is stopped"))
         else:
@@ -136,12 +136,12 @@ class IndexWriter:
                 pass
         self._raw = self._tx = None
 
-    def _commit(self, batch: list[tuple[Work, Future]]) -> None:
+    def _commit(self, batch: list[tuple[Work[Any], Future[Any]]]) -> None:
         # Work whose caller gave up waiting (and cancelled it) is not run.
         batch = [(w, f) for w, f in batch if f.set_running_or_notify_cancel()]
         if not batch:
             return
-        results: list[tuple[Future, object, BaseException | None]] = []
+        results: list[tuple[Future[Any], object, BaseException | None]] = []
         try:
             tx = self._connection()
             if self._begin:
@@ -177,10 +177,10 @@ class IndexWriter:
                 if not fut.done():
                     fut.set_exception(exc)
             return
-        for fut, value, exc in results:
-            if exc is not None:
+        for fut, value, error in results:
+            if error is not None:
                 if self._on_failure:
                     self._on_failure()
-                fut.set_exception(exc)
+                fut.set_exception(error)
             else:
                 fut.set_result(value)
