@@ -22,6 +22,7 @@ from typing import Any
 
 from node.demo.procs import child_preexec
 
+VERIFICATION = "1.2.840.10008.1.1"  # the Verification SOP Class (C-ECHO)
 ORTHANC_PATHS = ("/usr/sbin/Orthanc", "/usr/bin/Orthanc", "/usr/local/bin/Orthanc")
 
 #: Short names for the SOP classes the demo deals with (others are shown by pydicom's name).
@@ -130,7 +131,7 @@ class OrthancPacs:
         self.ae_title = ae_title
         self.node_ae = node_ae
         self.node_port = node_port
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def storage(self) -> Path:
@@ -257,10 +258,8 @@ class BuiltinPacs:
         return self.root / "scp.log"
 
     def start(self, timeout: float = 10.0) -> None:
-        from pydicom.filewriter import write_file_meta_info
         from pydicom.uid import ExplicitVRLittleEndian
         from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
-        from pynetdicom.sop_class import Verification
 
         self.storage.mkdir(parents=True, exist_ok=True)
         plog = logging.getLogger("pynetdicom")
@@ -272,15 +271,13 @@ class BuiltinPacs:
 
         store_dir = self.storage
 
-        def on_store(event: Any) -> int:
-            uid = str(event.request.AffectedSOPInstanceUID)
+        def on_store(event: evt.Event) -> int:
+            uid = str(event.file_meta.MediaStorageSOPInstanceUID)  # the request's Affected SOP Instance UID
             if not uid or "/" in uid or uid.startswith("."):
                 return 0xC000
             tmp = store_dir / f".{uid}.part"
-            with open(tmp, "wb") as f:
-                f.write(b"\x00" * 128 + b"DICM")
-                write_file_meta_info(f, event.file_meta, enforce_standard=True)
-                f.write(event.request.DataSet.getvalue())
+            # Preamble, file meta information and the data set as received.
+            tmp.write_bytes(event.encoded_dataset())
             tmp.replace(store_dir / f"{uid}.dcm")
             return 0x0000
 
@@ -289,8 +286,9 @@ class BuiltinPacs:
         # Explicit VR first: offered a choice, the SCP keeps the VRs rather than taking Implicit VR.
         syntaxes = [ExplicitVRLittleEndian] + [ts for ts in ALL_TRANSFER_SYNTAXES if ts != ExplicitVRLittleEndian]
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, syntaxes)
-        ae.add_supported_context(Verification)
+            if cx.abstract_syntax is not None:  # pynetdicom's predefined contexts all have one
+                ae.add_supported_context(cx.abstract_syntax, syntaxes)
+        ae.add_supported_context(VERIFICATION)
         try:
             self.server = ae.start_server(
                 ("127.0.0.1", self.dicom_port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]

@@ -38,7 +38,7 @@ def render_png(path: Path, frame: int | None = None, size: int = 512) -> bytes:
         pixels = pixels[frames // 2 if frame is None else max(0, min(frame, frames - 1))]
     if rgb:
         if ds.get("PhotometricInterpretation", "").startswith("YBR"):
-            from pydicom.pixels import convert_color_space
+            from pydicom.pixels.processing import convert_color_space
 
             pixels = convert_color_space(pixels, ds.PhotometricInterpretation, "RGB")
         img = Image.fromarray(np.asarray(pixels, dtype=np.uint8), "RGB")

@@ -27,9 +27,8 @@ class WebServer:
             lifespan="off",
             server_header=False,
         )
+        # Served from its own thread, where uvicorn installs no signal handlers: the node owns those.
         self.server = uvicorn.Server(config)
-        # uvicorn installs signal handlers only in the main thread; the node owns those.
-        self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self._thread = threading.Thread(target=self._run, name="web", daemon=True)
         self._error: BaseException | None = None
         self.port = web.port
