@@ -77,9 +77,20 @@ class Organs(Plugin):
 
 @dataclass
 class FailParams:
-    mode: Literal["ok", "plugin-error", "retry", "crash", "bad-result", "exit", "die", "sleep", "print", "scribble"] = (
-        "ok"
-    )
+    mode: Literal[
+        "ok",
+        "plugin-error",
+        "retry",
+        "crash",
+        "bad-result",
+        "wrong-result",
+        "slices-last",
+        "exit",
+        "die",
+        "sleep",
+        "print",
+        "scribble",
+    ] = "ok"
     seconds: float = 0.0
 
 
@@ -94,6 +105,15 @@ def faulty(series, params: FailParams):  # type: ignore[no-untyped-def]
         return [1 / 0]
     if params.mode == "bad-result":
         return ["not a result"]
+    if params.mode == "wrong-result":  # probabilities where a label map belongs: refused where it is made
+        return [
+            Segmentation(
+                np.zeros((len(series), 4, 4), np.float32), [Segment("Nothing", codes.SCT.Tissue, codes.SCT.Tissue)]
+            )
+        ]
+    if params.mode == "slices-last":  # (rows, columns, slices), as NIfTI tools keep them: refused against the series
+        shape = (int(series.first.Rows), int(series.first.Columns), len(series))
+        return [Segmentation(np.zeros(shape, bool), [Segment("Nothing", codes.SCT.Tissue, codes.SCT.Tissue)])]
     if params.mode == "exit":
         raise SystemExit(3)
     if params.mode == "die":  # what the OOM killer does

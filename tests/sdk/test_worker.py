@@ -103,6 +103,7 @@ def test_a_failing_plugin_is_an_answer_and_the_worker_serves_on(old_python, work
         "retry": ("PluginError", True, "the licence server did not answer"),
         "crash": ("Exception", False, "ZeroDivisionError: division by zero (sdk_plugins.py:"),
         "bad-result": ("PluginError", False, "plugin sdk-faulty returned a str; results are Segmentation"),
+        "wrong-result": ("ResultError", False, "a label map must hold integers (0 = background, 1..1), got float32"),
         "exit": ("Exception", False, "SystemExit: 3"),
     }
     with WorkerClient(w.socket, timeout=60) as client:
@@ -112,7 +113,7 @@ def test_a_failing_plugin_is_an_answer_and_the_worker_serves_on(old_python, work
             assert (e.value.kind, e.value.retryable) == (kind, retryable) and text in e.value.message, e.value.message
         reply = client.run(msg, {"mode": "print"}, out_dir=exchange)  # stdout of a plugin goes to the log
         assert reply.results[0].masks.shape == (28, 4, 4)
-        assert client.hello() == {"ok": True, "protocol": PROTOCOL, "pid": w.ready["pid"], "jobs": 6}
+        assert client.hello() == {"ok": True, "protocol": PROTOCOL, "pid": w.ready["pid"], "jobs": 7}
     assert "a plugin printing to stdout" in w.stderr()
 
 
