@@ -11,6 +11,7 @@ the module, sent with DCMTK storescu to a real Orthanc that must then hold each 
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -42,7 +43,16 @@ from node.derive.common import DERIVED_UID_ROOT, MANUFACTURER, Provenance  # noq
 from node.derive.image import build_image_series, build_parametric_map  # noqa: E402
 from node.derive.sc import build_sc  # noqa: E402
 from node.derive.seg import OutputError, build_seg  # noqa: E402
-from node.plugins.api import GeometryError, Images, Segment, Segmentation, SeriesInput, Volume, codes  # noqa: E402
+from node.plugins.api import (  # noqa: E402
+    GeometryError,
+    Images,
+    ResultError,
+    Segment,
+    Segmentation,
+    SeriesInput,
+    Volume,
+    codes,
+)
 from node.plugins.series import load_series  # noqa: E402
 from node.plugins.worker import StepSpec, WorkSpec  # noqa: E402
 from node.plugins.worker import run as run_work  # noqa: E402
@@ -631,23 +641,27 @@ def test_seg_input_forms(sources: dict[str, list[Path]], tmp_path: Path) -> None
 
 
 def test_seg_refuses_what_it_cannot_encode(sources: dict[str, list[Path]]) -> None:
+    """What the masks alone get wrong is refused when the Segmentation is made; the shape, when the SEG is built."""
     series = load(sources, "ct-oblique")
     n, r, c = len(series), int(series.first.Rows), int(series.first.Columns)
     m = series_masks("ct-oblique", series)
-    prov = provenance(series, "refused")
-    bad = {
-        "masks have shape": Segmentation(m[:-1], SEGMENTS),
-        "3 stacked masks but 2 segment descriptions": Segmentation(m, SEGMENTS[:2]),
-        "label values must be 0..2": Segmentation(np.full((n, r, c), 3, np.uint8), SEGMENTS[:2], "labelmap"),
-        "needs float masks": Segmentation(m, SEGMENTS, "fractional"),
-        r"must lie in \[0, 1\]": Segmentation(m * 1.5, SEGMENTS, "fractional"),
-        "stacked masks overlap": Segmentation(m, SEGMENTS, "labelmap"),
-        "no segment descriptions": Segmentation(m[..., 0], [], "binary"),
-        "must hold integers": Segmentation(np.zeros((n, r, c), np.float32), SEGMENTS[:1], "labelmap"),
+    made_wrong = {
+        "3 stacked masks but 2 segment descriptions": lambda: Segmentation(m, SEGMENTS[:2]),
+        "label values must be 0..2": lambda: Segmentation(np.full((n, r, c), 3, np.uint8), SEGMENTS[:2], "labelmap"),
+        "needs float masks": lambda: Segmentation(m, SEGMENTS, "fractional"),
+        r"must lie in \[0, 1\]": lambda: Segmentation(m * 1.5, SEGMENTS, "fractional"),
+        "stacked masks overlap": lambda: Segmentation(m, SEGMENTS, "labelmap"),
+        "segments is empty": lambda: Segmentation(m[..., 0], [], "binary"),
+        "must hold integers": lambda: Segmentation(np.zeros((n, r, c), np.float32), SEGMENTS[:1], "labelmap"),
     }
-    for message, result in bad.items():
-        with pytest.raises(OutputError, match=message):
-            build_seg(series, result, prov)
+    for message, make in made_wrong.items():
+        with pytest.raises(ResultError, match=message):
+            make()
+    with pytest.raises(OutputError, match=rf"masks must be \(slices, rows, columns, segments\) = \({n}, {r}, {c}, 3\)"):
+        build_seg(series, Segmentation(m[:-1], SEGMENTS), provenance(series, "refused"))
+    # slices last, as NIfTI tools keep them: the message says how to turn it
+    with pytest.raises(OutputError, match=r"got \(\d+, \d+, \d+\): transpose it with \.transpose\(2, 0, 1\)"):
+        build_seg(series, Segmentation(m[..., 0].transpose(1, 2, 0), SEGMENTS[:1]), provenance(series, "refused"))
 
 
 def test_seg_uids_deterministic_and_series_numbering(sources: dict[str, list[Path]], tmp_path: Path) -> None:
@@ -813,16 +827,19 @@ def test_sc_uids_deterministic_and_refusals(sources: dict[str, list[Path]]) -> N
     assert a[0].SeriesDescription == "blob-finder images" and a[0].SeriesNumber == 9000
     one = build_sc(series, Images(px[0]), prov)  # a single 2-D image
     assert len(one) == 1 and one[0].InstanceNumber == 1
-    bad = {
-        "grey images must be uint8 or uint16": Images(px.astype(np.float32)),
-        "RGB images must be uint8": Images(np.zeros((1, 8, 8, 3), np.uint16)),
-        "expected \\(n, rows, cols\\) grey": Images(np.zeros((1, 8, 8, 4), np.uint8)),
-        "3 images but 2 source_slices": Images(px, [0, 1]),
-        "source slice 18 is outside the series": Images(px, [0, 1, 18]),
+    made_wrong = {
+        "grey Images.pixels must be uint8 or uint16": lambda: Images(px.astype(np.float32)),
+        "RGB Images.pixels must be uint8": lambda: Images(np.zeros((1, 8, 8, 3), np.uint16)),
+        r"must be \(n, rows, columns\) grey .* drop the alpha channel": lambda: Images(
+            np.zeros((1, 8, 8, 4), np.uint8)
+        ),
+        "3 images but 2 source_slices": lambda: Images(px, [0, 1]),
     }
-    for message, images in bad.items():
-        with pytest.raises(OutputError, match=message):
-            build_sc(series, images, prov)
+    for message, make in made_wrong.items():
+        with pytest.raises(ResultError, match=message):
+            make()
+    with pytest.raises(OutputError, match=r"source_slices holds 18, outside the series: slice indices are 0\.\.17"):
+        build_sc(series, Images(px, [0, 1, 18]), prov)
 
 
 # -- derived image series (issue 7: volumes on the source grid) -----------------------------------------
@@ -922,12 +939,13 @@ def test_float_range_round_trips_within_the_reported_precision(sources: dict[str
 def test_volume_results_that_cannot_be_written_fail_clearly(sources: dict[str, list[Path]]) -> None:
     series = load(sources, "ct-tilted")
     prov = provenance(series, "bad-volume")
-    with pytest.raises(OutputError, match=r"shape \(2, 3, 4\); on this series' grid it must be"):
+    shape = series.voxels().shape
+    with pytest.raises(OutputError, match=rf"values must be \(slices, rows, columns\) = {re.escape(str(shape))} like"):
         build_image_series(series, Volume(np.zeros((2, 3, 4))), prov)
-    bad = np.zeros(series.voxels().shape)
+    bad = np.zeros(shape)
     bad[0, 0, 0] = np.nan
-    with pytest.raises(OutputError, match="NaN or infinite"):
-        build_image_series(series, Volume(bad), prov)
+    with pytest.raises(ResultError, match="NaN or infinite"):
+        Volume(bad)
     multi = load(sources, "ect-multiframe")
     with pytest.raises(OutputError, match="single-frame CT and MR sources.*multi-frame"):
         build_image_series(multi, Volume(np.zeros(multi.voxels().shape), affine=_affine_of(multi)), prov)
@@ -1076,10 +1094,10 @@ def test_volume_on_its_own_grid(sources: dict[str, list[Path]], tmp_path: Path, 
     assert sorted(map(tuple, np.round(frames, 3))) == sorted(map(tuple, np.round(expected, 3)))
     spacing = pm.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
     np.testing.assert_allclose([float(x) for x in spacing], [2 * x for x in series.pixel_spacing], atol=1e-6)
-    with pytest.raises(OutputError, match="not perpendicular"):
+    with pytest.raises(ResultError, match="Volume.affine has row and column axes that are not perpendicular"):
         skew = a.copy()
         skew[:3, 1] = skew[:3, 2]
-        build_image_series(series, Volume(values, affine=skew), provenance(series, "skew"))
+        Volume(values, affine=skew)
 
 
 # -- segment templates (dcmqi metainfo.json) --------------------------------------------------------------
