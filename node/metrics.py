@@ -27,6 +27,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine, func, select
 
 from node import __version__
+from node.dicom.status import category
 
 log = logging.getLogger(__name__)
 
@@ -133,12 +134,8 @@ _lock = threading.Lock()
 
 
 def status_class(status: int) -> str:
-    """PS3.7 C.1: 0x0000 success; 0x0001, 0x0107, 0x0116, 0xBxxx warning; everything else a failure."""
-    if status == 0:
-        return "success"
-    if status in (0x0001, 0x0107, 0x0116) or (status & 0xF000) == 0xB000:
-        return "warning"
-    return "failure"
+    """The status's category (success, warning, failure) from node.dicom.status's table."""
+    return str(category(status))
 
 
 def cstore_response(status: int) -> None:

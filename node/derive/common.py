@@ -18,9 +18,8 @@ from pydicom.sr.coding import Code
 from pydicom.uid import UID, generate_uid
 
 from node import __version__
+from node.dicom.identity import DERIVED_UID_ROOT
 
-#: Under the node's UID root (see node.receive.scp.IMPLEMENTATION_CLASS_UID); .2 is for derived objects.
-DERIVED_UID_ROOT = "1.2.826.0.1.3680043.10.1431.2."
 MANUFACTURER = "dicom-node"
 
 

@@ -14,19 +14,17 @@ from typing import Any
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID, AllTransferSyntaxes, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from node import __version__, audit, metrics
+from node import audit, metrics
 from node.config import Config
-from node.receive import dimse
+from node.dicom import dimse, pdu
+from node.dicom.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from node.dicom.status import Status, is_stored, lookup
+from node.receive.acceptor import Acceptor, AcceptorSettings, AssociationInfo, StoreRequest
 from node.receive.ingest import Ingest, Peer
 from node.receive.sop_classes import storage_classes
-from node.receive.status import is_stored
-from node.receive.ul import Acceptor, AcceptorSettings, AssociationInfo, StoreRequest
 
 log = logging.getLogger(__name__)
 
-#: Our implementation identity in A-ASSOCIATE-AC and in every stored File Meta (PS3.7 D.3.3.2).
-IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1431.1.0"
-IMPLEMENTATION_VERSION_NAME = f"DICOMNODE_{__version__}"[:16]
 VERIFICATION = "1.2.840.10008.1.1"
 
 
@@ -68,18 +66,10 @@ class AccessPolicy:
 
 STORAGE_COMMITMENT = "1.2.840.10008.1.20.1"
 
-_FAILURE_REASONS = {
-    0x0110: "processing failure",
-    0x0112: "no such object instance",
-    0x0119: "class-instance conflict",
-    0x0122: "referenced SOP class not supported",
-    0x0131: "duplicate transaction UID",
-    0x0213: "resource limitation",
-}
-
 
 def _failure_reason(code: int) -> str:
-    return f"the PACS did not commit it: failure reason 0x{code:04X} ({_FAILURE_REASONS.get(code, 'unknown')})"
+    """Storage Commitment's Failure Reason (0008,1197) uses the status codes (PS3.4 J.3.3)."""
+    return f"the PACS did not commit it: failure reason 0x{code:04X} ({lookup(code).name})"
 
 
 class StorageSCP:
@@ -133,19 +123,19 @@ class StorageSCP:
 
     # --- Handlers protocol ----------------------------------------------------
 
-    def check_association(self, calling_ae: str, called_ae: str, address: str) -> tuple[int, int, int] | None:
+    def check_association(self, calling_ae: str, called_ae: str, address: str) -> pdu.Rejection | None:
         who = {"calling_ae": calling_ae, "called_ae": called_ae, "peer_address": address}
         if self.cfg.access.check_called_ae and called_ae != self.cfg.node.ae_title:
             reason = f"called AE title {called_ae!r} is not ours ({self.cfg.node.ae_title!r})"
             log.warning("rejected association from %s (%s): %s", calling_ae, address, reason, extra=who)
             self._rejected(calling_ae, called_ae, address, "called-ae", reason)
-            return (0x01, 0x01, 0x07)  # permanent, service user, called AE title not recognised
-        reason = self.access.allows(calling_ae, address)
-        if reason is not None:
-            log.warning("rejected association from %s (%s): %s", calling_ae, address, reason, extra=who)
+            return pdu.CALLED_AE_NOT_RECOGNIZED
+        refused = self.access.allows(calling_ae, address)
+        if refused is not None:
+            log.warning("rejected association from %s (%s): %s", calling_ae, address, refused, extra=who)
             key = "calling-ae" if calling_ae.strip() not in self.access.peers else "peer-address"
-            self._rejected(calling_ae, called_ae, address, key, reason)
-            return (0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognised
+            self._rejected(calling_ae, called_ae, address, key, refused)
+            return pdu.CALLING_AE_NOT_RECOGNIZED
         with self._lock:
             self.totals["associations"] += 1
         return None
@@ -230,9 +220,9 @@ class StorageSCP:
                 assoc.calling_ae,
                 command.affected_sop_class_uid,
             )
-            return 0x0122  # SOP class not supported
+            return Status.SOP_CLASS_NOT_SUPPORTED
         if command.event_type_id not in (1, 2):
-            return 0x0113  # no such event type
+            return Status.NO_SUCH_EVENT_TYPE
         try:
             ts = UID(transfer_syntax)
             ds = read_dataset(BytesIO(data), ts.is_implicit_VR, ts.is_little_endian)
@@ -244,7 +234,7 @@ class StorageSCP:
             }
         except Exception as e:
             log.error("association %s from %s: unreadable storage commitment result: %s", assoc.id, assoc.calling_ae, e)
-            return 0x0110  # processing failure
+            return Status.PROCESSING_FAILURE
         log.info(
             "association %s from %s: storage commitment result for transaction %s: %d committed, %d failed",
             assoc.id,
@@ -257,8 +247,8 @@ class StorageSCP:
             self.on_commitment(transaction, committed, failed)
         except Exception:
             log.exception("could not record the storage commitment result of transaction %s", transaction)
-            return 0x0110
-        return 0x0000
+            return Status.PROCESSING_FAILURE
+        return Status.SUCCESS
 
     # --- lifecycle ----------------------------------------------------------
 

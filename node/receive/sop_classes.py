@@ -31,7 +31,9 @@ def _pynetdicom_classes() -> dict[str, tuple[str, type[ServiceClass]]]:
     out: dict[str, tuple[str, type[ServiceClass]]] = {}
     for keyword, value in vars(sop_class).items():
         if isinstance(value, sop_class.SOPClass):
-            out.setdefault(str(value), (keyword, value.service_class))
+            # pynetdicom annotates service_class as an instance; it is the class (a type).
+            service: type[ServiceClass] = value.service_class  # type: ignore[assignment]
+            out.setdefault(str(value), (keyword, service))
     return out
 
 

@@ -3,7 +3,7 @@
 A :class:`Sender` holds one association to one peer and sends instances over
 it one after another, reusing it while there is more to send and opening a
 new one when an instance needs a presentation context it does not have.
-Files are streamed from disk as stored (:mod:`node.send.association`) unless
+Files are streamed from disk as stored (:mod:`node.send.requestor`) unless
 the peer refuses their syntax or the destination asks for another one; then
 they are transcoded (see :mod:`node.send.transcode`).
 
@@ -27,7 +27,9 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import dsutils
 
-from node.send.association import (
+from node.dicom.pdu import AbortSource, RejectResult
+from node.send.failures import classify_status
+from node.send.requestor import (
     Association,
     AssociationError,
     ConnectFailed,
@@ -35,7 +37,6 @@ from node.send.association import (
     PeerAborted,
     Rejected,
 )
-from node.send.failures import classify_status
 from node.send.transcode import TranscodeError, prepare, proposals
 
 VERIFICATION = "1.2.840.10008.1.1"
@@ -149,7 +150,7 @@ class Sender:
             {(i.sop_class, i.transfer_syntax) for i in items}, self.peer.transfer_syntax, self.peer.accepted_syntaxes
         )
         contexts: list[tuple[str, list[str]]] = []
-        proposed = set()
+        proposed: set[tuple[str, str]] = set()
         for sop_class, syntaxes in wanted.items():
             for group in syntaxes:
                 if len(contexts) >= MAX_CONTEXTS - 1:
@@ -171,7 +172,7 @@ class Sender:
                 tls=p.tls,
             )
         except Rejected as e:
-            kind = "transient" if e.result == 2 else "permanent"
+            kind = "transient" if e.result == RejectResult.TRANSIENT else "permanent"
             raise AssociationFailed(kind, f"{p.label} rejected the association ({e})") from None
         except ConnectFailed as e:
             raise AssociationFailed("transient", f"cannot connect to {p.label}: {e}") from None
@@ -294,7 +295,7 @@ class Sender:
             else:
                 rsp = assoc.store(cx_id, it.sop_class, it.sop_instance, data=data)
         except PeerAborted as e:
-            if e.source != 0:
+            if e.source != AbortSource.SERVICE_USER:
                 return Result(it, "transient", None, f"{label}: {e}", sent_syntax=sent_ts)
             # The peer's application refused the request by aborting (Orthanc does this for a calling AE
             # title it does not know): sending again would meet the same refusal.
@@ -379,7 +380,7 @@ class SendSummary:
     failed: int = 0
     warnings: int = 0
     #: DIMSE status -> count (None: no response).
-    statuses: Counter = field(default_factory=Counter)
+    statuses: Counter[int | None] = field(default_factory=Counter)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     errors: list[tuple[str, str]] = field(default_factory=list)
 

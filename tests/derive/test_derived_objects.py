@@ -39,7 +39,8 @@ from helpers import SHARED, make_ct_series, series_files, storescu_exact  # noqa
 from helpers.dciodvfy import LABEL_MAP_SEGMENTATION_STORAGE, verify  # noqa: E402
 from helpers.orthanc import Orthanc  # noqa: E402
 
-from node.derive.common import DERIVED_UID_ROOT, MANUFACTURER, Provenance  # noqa: E402
+from node.derive.common import MANUFACTURER, Provenance  # noqa: E402
+from node.dicom.identity import DERIVED_UID_ROOT  # noqa: E402
 from node.derive.image import build_image_series, build_parametric_map  # noqa: E402
 from node.derive.sc import build_sc  # noqa: E402
 from node.derive.seg import OutputError, build_seg  # noqa: E402

@@ -343,17 +343,6 @@ class RawStoreResult:
     association_rejected: bool = False
 
 
-def _uid_bytes(uid: str) -> bytes:
-    b = uid.encode("latin-1")
-    return b + b"\x00" if len(b) % 2 else b
-
-
-def _cmd_elem(elem: int, value: bytes) -> bytes:
-    import struct
-
-    return struct.pack("<HHL", 0, elem, len(value)) + value
-
-
 def raw_c_store(
     port: int,
     abstract_syntax: str,
@@ -367,95 +356,47 @@ def raw_c_store(
     fragment: int = 16000,
     timeout: float = 30,
 ) -> RawStoreResult:
-    import struct
+    from node.dicom import association, dimse, pdu
 
-    from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
-    from pynetdicom.pdu_primitives import A_ASSOCIATE, ImplementationClassUIDNotification, MaximumLengthNotification
-    from pynetdicom.presentation import build_context
-
-    prim = A_ASSOCIATE()
-    prim.application_context_name = "1.2.840.10008.3.1.1.1"
-    prim.calling_ae_title = calling_ae
-    prim.called_ae_title = called_ae
-    cx = build_context(abstract_syntax, [transfer_syntax])
-    cx.context_id = 1
-    prim.presentation_context_definition_list = [cx]
-    ml = MaximumLengthNotification()
-    ml.maximum_length_received = 16384
-    impl = ImplementationClassUIDNotification()
-    impl.implementation_class_uid = "1.2.826.0.1.3680043.10.1431.99"
-    prim.user_information = [ml, impl]
-    rq = A_ASSOCIATE_RQ()
-    rq.from_primitive(prim)
-
-    def read_pdu(sock: socket.socket) -> tuple[int, bytes]:
-        head = b""
-        while len(head) < 6:
-            chunk = sock.recv(6 - len(head))
-            if not chunk:
-                raise ConnectionError("peer closed")
-            head += chunk
-        kind, length = struct.unpack(">BxL", head)
-        body = b""
-        while len(body) < length:
-            chunk = sock.recv(length - len(body))
-            if not chunk:
-                raise ConnectionError("peer closed")
-            body += chunk
-        return kind, head + body
-
+    rq = association.build_request(
+        calling_ae,
+        called_ae,
+        [(abstract_syntax, [transfer_syntax])],
+        implementation_class_uid="1.2.826.0.1.3680043.10.1431.99",
+        implementation_version_name=None,
+        max_pdu=16384,
+    )
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        reader = pdu.PduReader(sock, 1 << 16)
         sock.sendall(rq.encode())
-        kind, pdu = read_pdu(sock)
-        if kind == 0x03:
+        kind, body = reader.read_pdu(pdu.MAX_CONTROL_PDU)
+        if kind == pdu.PduType.A_ASSOCIATE_RJ:
             return RawStoreResult(False, association_rejected=True)
-        ac = A_ASSOCIATE_AC()
-        ac.decode(pdu)
-        results = ac.to_primitive().presentation_context_definition_results_list
-        if not results or results[0].result != 0:
-            sock.sendall(b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00")
-            read_pdu(sock)
+        accepted = association.read_accept(rq, pdu.AssociateAC.decode(body))
+        if 1 not in accepted.contexts:
+            sock.sendall(pdu.A_RELEASE_RQ)
+            reader.read_pdu(pdu.MAX_CONTROL_PDU)
             return RawStoreResult(False)
-        body = b"".join(
-            [
-                _cmd_elem(0x0002, _uid_bytes(sop_class_uid or abstract_syntax)),
-                _cmd_elem(0x0100, (1).to_bytes(2, "little")),
-                _cmd_elem(0x0110, (7).to_bytes(2, "little")),
-                _cmd_elem(0x0700, (0).to_bytes(2, "little")),
-                _cmd_elem(0x0800, (0).to_bytes(2, "little")),
-                _cmd_elem(0x1000, _uid_bytes(sop_instance_uid)),
-            ]
-        )
-        command = _cmd_elem(0x0000, len(body).to_bytes(4, "little")) + body
-
-        def pdata(data: bytes, header: int) -> bytes:
-            pdv = struct.pack(">LBB", len(data) + 2, 1, header) + data
-            return struct.pack(">BxL", 4, len(pdv)) + pdv
-
-        sock.sendall(pdata(command, 0x03))
+        # The command as given (its SOP class may differ from the context's; the instance UID goes on the
+        # wire as its Latin-1 bytes, even where the encoder would not write them), the data set as it is.
+        uid, placeholder = sop_instance_uid.encode("latin-1"), b"8" * len(sop_instance_uid)
+        command = dimse.encode_c_store_rq(1, sop_class_uid or abstract_syntax, placeholder.decode())
+        sock.sendall(pdu.p_data(1, command.replace(placeholder, uid)))
         chunks = [dataset[i : i + fragment] for i in range(0, len(dataset), fragment)] or [b""]
         for i, chunk in enumerate(chunks):
-            sock.sendall(pdata(chunk, 0x02 if i == len(chunks) - 1 else 0x00))
-        kind, pdu = read_pdu(sock)
-        if kind != 0x04:
+            flags = pdu.Pdv.LAST if i == len(chunks) - 1 else pdu.Pdv.DATA
+            sock.sendall(pdu.p_data(1, chunk, flags))
+        kind, body = reader.read_pdu(pdu.MAX_CONTROL_PDU)
+        if kind != pdu.PduType.P_DATA_TF:
             return RawStoreResult(True, None, f"PDU type {kind} instead of P-DATA")
-        # one PDV holding the whole response command set
-        data = pdu[12:]
-        status, comment, pos = None, "", 0
-        while pos + 8 <= len(data):
-            _g, elem, length = struct.unpack_from("<HHL", data, pos)
-            value = data[pos + 8 : pos + 8 + length]
-            if elem == 0x0900:
-                status = int.from_bytes(value[:2], "little")
-            elif elem == 0x0902:
-                comment = value.decode("ascii", "replace").strip()
-            pos += 8 + length
-        sock.sendall(b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00")
+        ((_cx, _header, command),) = pdu.iter_pdvs(body)  # one PDV holding the whole response command set
+        rsp = dimse.decode_command(command)
+        sock.sendall(pdu.A_RELEASE_RQ)
         try:
-            read_pdu(sock)
-        except ConnectionError:
+            reader.read_pdu(pdu.MAX_CONTROL_PDU)
+        except pdu.PeerClosed:
             pass
-        return RawStoreResult(True, status, comment)
+        return RawStoreResult(True, rsp.status, rsp.error_comment)
 
 
 def series_files(name: str) -> list[Path]:

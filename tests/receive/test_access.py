@@ -9,6 +9,8 @@ import time
 import pytest
 from helpers import PEER_ENV, dcmtk, make_cert, make_ct_series, storescu
 
+from node.dicom.pdu import PduType
+
 
 def _rejected(r: subprocess.CompletedProcess) -> bool:
     return r.returncode != 0 and "Association Rejected" in (r.stderr + r.stdout)
@@ -89,7 +91,7 @@ def test_port_scanner_does_not_disturb(node, tmp_path):
     with socket.create_connection(("127.0.0.1", node.port)) as s:
         s.sendall(b"GET / HTTP/1.0\r\n\r\n")
         s.settimeout(5)
-        assert s.recv(10)[:1] == b"\x07"  # A-ABORT: not an A-ASSOCIATE-RQ
+        assert s.recv(10)[:1] == bytes([PduType.A_ABORT])  # not an A-ASSOCIATE-RQ
     assert storescu(node.port, files).returncode == 0
 
 

@@ -24,6 +24,8 @@ from pathlib import Path
 import psutil
 from helpers import PEER_ENV, dcmtk
 
+from node.dicom.association import build_request
+
 ACSE_TIMEOUT = 3.0
 SLOW = 400
 ADDRESSES = 25  # 16 connections each: at node.max_pending_per_address (16), none refused for its address
@@ -32,9 +34,15 @@ ADDRESSES = 25  # 16 connections each: at node.max_pending_per_address (16), non
 RSS_GROWTH_BOUND = 120 * 2**20
 
 
-#: The start of a plausible A-ASSOCIATE-RQ (PDU type 1, 68 bytes, protocol version 1, called AE title
-#: ...), sent one byte per tick: more than the few bytes a connection gets out before its deadline.
-REQUEST_START = b"\x01\x00" + (68).to_bytes(4, "big") + b"\x00\x01\x00\x00" + b"DICOM_NODE      " + b"SLOWLORIS" * 8
+#: The start of a plausible A-ASSOCIATE-RQ (PDU header, protocol version 1, called AE title ...), sent one
+#: byte per tick: more than the few bytes a connection gets out before its deadline.
+REQUEST_START = build_request(
+    "SLOWLORIS",
+    "DICOM_NODE",
+    [("1.2.840.10008.1.1", ["1.2.840.10008.1.2"])],
+    implementation_class_uid="1.2.3",
+    implementation_version_name=None,
+).encode()[:80]
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The DICOM Upper Layer for the acceptor side: one thread per association, no hand-offs.
+"""The acceptor: one thread per association, no hand-offs.
 
 Why not pynetdicom's acceptor: it moves each message through a DUL thread, a
 state machine, queues and an association thread, and builds pydicom
@@ -8,11 +8,19 @@ what the disk allows. A storage SCP needs a small part of PS3.8: accept or
 reject an association, read P-DATA, answer C-ECHO and C-STORE, release or
 abort. This module does that part directly on the socket, in the
 association's own thread, streaming data set fragments to disk as they are
-read. Association PDUs (rare) are still decoded and encoded by pynetdicom's
-PDU classes, so that negotiation follows a well-tested implementation.
+read. PDUs, negotiation and command sets are :mod:`node.dicom`'s; this module
+is the acceptor's state machine, its limits and its hand-over to the handlers.
 
-PS3.8 references: PDU structure 9.3, P-DATA-TF 9.3.5, PDV message control
-header E.2, A-ASSOCIATE-RJ reasons 9.3.4, A-ABORT 9.3.8, ARTIM 9.1.5.
+What a malformed or out-of-place PDU gets (PS3.8 9.3.8, 9.1.5):
+
+- anything but an A-ASSOCIATE-RQ first, or one over 1 MiB: A-ABORT (provider, unexpected PDU);
+- an A-ASSOCIATE-RQ that does not decode: A-ABORT (provider, reason not specified);
+- protocol version other than 1: A-ASSOCIATE-RJ (permanent, ACSE, protocol version not supported);
+- an application context other than DICOM's: A-ASSOCIATE-RJ (permanent, user, context not supported);
+- a P-DATA-TF that breaks PS3.8 (PDV lengths, unaccepted context, command/data set order):
+  A-ABORT (provider, invalid PDU parameter value);
+- a known PDU type out of place: A-ABORT (provider, unexpected PDU); an unknown type: unrecognised PDU;
+- ARTIM: no complete A-ASSOCIATE-RQ within node.acse_timeout: the connection is closed.
 """
 
 from __future__ import annotations
@@ -24,37 +32,37 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from pydicom.uid import UID
-from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import (
-    A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    ImplementationVersionNameNotification,
-    MaximumLengthNotification,
-    SCP_SCU_RoleSelectionNegotiation,
-)
-from pynetdicom.presentation import PresentationContext
-
 from node import metrics
-from node.receive import dimse, sop_classes
+from node.dicom import association, dimse, pdu
+from node.dicom.pdu import (
+    MAX_CONTROL_PDU,
+    PDV_HEAD,
+    AbortReason,
+    AbortSource,
+    ContextResult,
+    PduReader,
+    PduType,
+    Pdv,
+    PeerClosed,
+    Rejection,
+)
+from node.dicom.status import Status
+from node.receive import sop_classes
 from node.receive.rxfile import ReceivedFile
 
 log = logging.getLogger(__name__)
 
-APPLICATION_CONTEXT = UID("1.2.840.10008.3.1.1.1")
 VERIFICATION = "1.2.840.10008.1.1"
 
-_PDU_HEAD = struct.Struct(">BxL")
-_PDV_HEAD = struct.Struct(">LBB")
-#: Largest association-control PDU we read into memory (A-ASSOCIATE-RQ is a few KiB).
-MAX_CONTROL_PDU = 1 << 20
-#: Data set fragments are copied to disk in pieces of at most this size.
-CHUNK = 1 << 20
+#: Data set fragments are copied to disk in pieces of at most this size (the reader's buffer).
+CHUNK = pdu.CHUNK
+_KNOWN_PDU_TYPES = frozenset(PduType)
+#: Plain ints: an IntFlag operand would make each PDV's ``&`` a Python-level call.
+_COMMAND, _LAST = int(Pdv.COMMAND), int(Pdv.LAST)
 #: Receive buffer until the association is accepted: an A-ASSOCIATE-RQ is a few KiB, and a
 #: connection that never associates must not cost a CHUNK of memory.
 NEGOTIATION_BUFFER = 16 << 10
@@ -65,10 +73,6 @@ MAX_EVENT_DATASET = 16 << 20
 
 class ProtocolError(Exception):
     """The peer broke PS3.8; the association is aborted."""
-
-
-class PeerClosed(Exception):
-    """The connection closed (or timed out) under us."""
 
 
 @dataclass(slots=True)
@@ -100,8 +104,8 @@ class StoreRequest:
 class Handlers(Protocol):
     """What the acceptor asks of the application (the node's SCP)."""
 
-    def check_association(self, calling_ae: str, called_ae: str, address: str) -> tuple[int, int, int] | None:
-        """Return ``None`` to accept or ``(result, source, reason)`` to reject (PS3.8 9.3.4)."""
+    def check_association(self, calling_ae: str, called_ae: str, address: str) -> Rejection | None:
+        """Return ``None`` to accept or the rejection to answer with (PS3.8 9.3.4)."""
 
     def store(self, assoc: AssociationInfo, request: StoreRequest) -> tuple[int, str]:
         """Store one data set; return ``(status, error comment)``. Must not raise."""
@@ -147,81 +151,6 @@ class AcceptorSettings:
     ssl_context: ssl.SSLContext | None = None
 
 
-class _Conn:
-    """Buffered reads from a socket: one ``recv`` takes whatever has arrived.
-
-    A small C-STORE (PDU and PDV headers, command, data set) then costs one or
-    two system calls instead of eight, which matters because every system
-    call is also a GIL hand-off between associations.
-    """
-
-    def __init__(self, sock: socket.socket, size: int = CHUNK) -> None:
-        self.sock = sock
-        self.buf = bytearray(size)
-        self.view = memoryview(self.buf)
-        self.start = 0  # unread bytes are buf[start:end]
-        self.end = 0
-
-    def grow(self, size: int) -> None:
-        """Enlarge the buffer (once the association is accepted), keeping what is unread."""
-        if size <= len(self.buf):
-            return
-        unread = bytes(self.view[self.start : self.end])
-        buf = bytearray(size)
-        buf[: len(unread)] = unread
-        self.buf, self.view = buf, memoryview(buf)
-        self.start, self.end = 0, len(unread)
-
-    def _fill(self) -> None:
-        if self.start == self.end:
-            self.start = self.end = 0
-        elif self.end == len(self.buf):  # move the unread tail to the front
-            n = self.end - self.start
-            self.buf[:n] = self.view[self.start : self.end]
-            self.start, self.end = 0, n
-        try:
-            k = self.sock.recv_into(self.view[self.end :])
-        except TimeoutError:
-            raise PeerClosed("timeout") from None
-        except OSError as e:
-            raise PeerClosed(str(e)) from None
-        if not k:
-            raise PeerClosed("closed")
-        self.end += k
-
-    def read_exact(self, n: int) -> bytes:
-        if n > len(self.buf):  # never for PDUs we accept, but stay correct
-            parts = []
-            self.read_into_chunks(n, lambda v: parts.append(bytes(v)))
-            return b"".join(parts)
-        while self.end - self.start < n:
-            if len(self.buf) - self.start < n:  # not enough room after start: compact first
-                m = self.end - self.start
-                self.buf[:m] = self.view[self.start : self.end]
-                self.start, self.end = 0, m
-            self._fill()
-        out = bytes(self.view[self.start : self.start + n])
-        self.start += n
-        return out
-
-    def read_into_chunks(self, n: int, sink: Callable[[memoryview], None]) -> None:
-        """Hand the next ``n`` bytes to ``sink`` in pieces of at most CHUNK bytes, as they arrive."""
-        while n:
-            if self.start == self.end:
-                self._fill()
-            take = min(self.end - self.start, n)
-            sink(self.view[self.start : self.start + take])
-            self.start += take
-            n -= take
-
-    def send(self, data: bytes) -> None:
-        """Association-control PDUs (accept, reject, abort): a peer that is gone is not an error here."""
-        try:
-            self.sock.sendall(data)
-        except OSError:
-            pass
-
-
 class _Throttled:
     """One log line per ``interval`` seconds at most for an event that may come in floods (the next
     line says how many were left out): a flood of connections must not become a flood of logs."""
@@ -244,17 +173,12 @@ class _Throttled:
         log.warning(msg, *args)
 
 
-def _pdata(context_id: int, command: bytes) -> bytes:
-    """One P-DATA-TF PDU holding a complete command set (last fragment, command)."""
-    pdv = _PDV_HEAD.pack(len(command) + 2, context_id, 0x03) + command
-    return _PDU_HEAD.pack(0x04, len(pdv)) + pdv
-
-
-def _abort_pdu(source: int = 0x02, reason: int = 0x00) -> bytes:
-    pdu = A_ABORT_RQ()
-    pdu.source = source
-    pdu.reason_diagnostic = reason
-    return pdu.encode()
+def _send_quietly(reader: PduReader, data: bytes) -> None:
+    """Association-control PDUs (accept, reject, abort): a peer that is gone is not an error here."""
+    try:
+        reader.sock.sendall(data)
+    except OSError:
+        pass
 
 
 class Association(threading.Thread):
@@ -294,7 +218,7 @@ class Association(threading.Thread):
                         log.warning("TLS handshake with %s:%d failed: %s", *self.address, e)
                     return
                 self.sock = sock
-            conn = _Conn(sock, NEGOTIATION_BUFFER)
+            conn = PduReader(sock, NEGOTIATION_BUFFER)
             if not self._negotiate(conn):
                 return
             conn.grow(CHUNK)
@@ -303,7 +227,7 @@ class Association(threading.Thread):
             log.exception("association from %s:%d failed", *self.address)
             how = "aborted"
             try:
-                sock.sendall(_abort_pdu())
+                sock.sendall(pdu.a_abort())
             except OSError:
                 pass
         finally:
@@ -329,7 +253,7 @@ class Association(threading.Thread):
         self._closing = True
         if self.settings.ssl_context is None:  # an SSL socket must not be written from two threads
             try:
-                self.raw_sock.sendall(_abort_pdu())
+                self.raw_sock.sendall(pdu.a_abort())
             except OSError:
                 pass
         try:
@@ -361,20 +285,20 @@ class Association(threading.Thread):
 
     # --- association establishment ----------------------------------------
 
-    def _read_pdu_header(self, conn: _Conn) -> tuple[int, int]:
-        head = conn.read_exact(6)
-        return _PDU_HEAD.unpack(head)
-
-    def _negotiate(self, conn: _Conn) -> bool:
+    def _negotiate(self, conn: PduReader) -> bool:
         # ARTIM (PS3.8 9.1.5) for each read; the acceptor closes the connection when node.acse_timeout
         # has passed since it connected, however slowly the request trickles in.
         conn.sock.settimeout(self.settings.acse_timeout)
         try:
-            pdu_type, length = self._read_pdu_header(conn)
-            if pdu_type != 0x01 or length > MAX_CONTROL_PDU:
-                what = f"PDU type 0x{pdu_type:02X}" if pdu_type != 0x01 else f"a PDU of {length} bytes (> 1 MiB)"
+            pdu_type, length = conn.read_header()
+            if pdu_type != PduType.A_ASSOCIATE_RQ or length > MAX_CONTROL_PDU:
+                what = (
+                    f"PDU type 0x{pdu_type:02X}"
+                    if pdu_type != PduType.A_ASSOCIATE_RQ
+                    else f"a PDU of {length} bytes (> 1 MiB)"
+                )
                 log.warning("%s:%d sent %s instead of an A-ASSOCIATE-RQ; aborting", *self.address, what)
-                conn.send(_abort_pdu(0x02, 0x02))
+                _send_quietly(conn, pdu.a_abort(AbortSource.SERVICE_PROVIDER, AbortReason.UNEXPECTED_PDU))
                 return False
             body = conn.read_exact(length)
         except PeerClosed:
@@ -382,33 +306,27 @@ class Association(threading.Thread):
                 self.server.log_cut_off(self, "A-ASSOCIATE-RQ")
             return False  # port scanners, health checks that only connect
         self.server.requested(self)
-        rq = A_ASSOCIATE_RQ()
         try:
-            rq.decode(_PDU_HEAD.pack(pdu_type, length) + body)
-            prim = rq.to_primitive()
-        except Exception as e:
+            rq = pdu.AssociateRQ.decode(body)
+        except pdu.PduError as e:
             log.warning("%s:%d sent an undecodable A-ASSOCIATE-RQ (%s); aborting", *self.address, e)
-            conn.send(_abort_pdu(0x02, 0x00))
+            _send_quietly(conn, pdu.a_abort(AbortSource.SERVICE_PROVIDER, AbortReason.NOT_SPECIFIED))
             return False
-        calling = str(prim.calling_ae_title).strip()
-        called = str(prim.called_ae_title).strip()
+        calling, called = rq.calling_ae, rq.called_ae
         info = AssociationInfo(
             id=uuid.uuid4().hex[:12],
             calling_ae=calling,
             called_ae=called,
             address=self.address[0],
             port=self.address[1],
-            max_pdu=int(prim.maximum_length_received or 0),
+            max_pdu=rq.user.max_pdu or 0,
         )
 
-        reject = None
+        reject: Rejection | None = None
         why = ("", "")
-        if rq.protocol_version != 0x0001:
-            reject = (0x01, 0x02, 0x02)  # protocol version not supported
-            why = ("protocol", f"protocol version {rq.protocol_version} is not supported")
-        elif prim.application_context_name != APPLICATION_CONTEXT:
-            reject = (0x01, 0x01, 0x02)  # application context name not supported
-            why = ("protocol", f"application context {prim.application_context_name} is not DICOM's")
+        invalid = association.check_request(rq)
+        if invalid is not None:
+            reject, why = invalid[0], ("protocol", invalid[1])
         else:
             reject = self.handlers.check_association(calling, called, self.address[0])
             if reject is None and not self.server._admit(self):
@@ -419,7 +337,7 @@ class Association(threading.Thread):
                     self.settings.max_associations,
                     extra={"calling_ae": calling, "peer_address": self.address[0]},
                 )
-                reject = (0x02, 0x03, 0x02)  # transient, local limit exceeded
+                reject = pdu.LOCAL_LIMIT_EXCEEDED
                 why = ("limit", f"node.max_associations ({self.settings.max_associations}) reached")
         if reject is not None and why[0]:
             if why[0] == "protocol":
@@ -435,69 +353,49 @@ class Association(threading.Thread):
             except Exception:
                 log.exception("association_rejected handler failed")
         if reject is not None:
-            rj = A_ASSOCIATE_RJ()
-            rj.result, rj.source, rj.reason_diagnostic = reject
-            conn.send(rj.encode())
+            _send_quietly(conn, pdu.a_associate_rj(reject))
             return False
 
-        results = []
-        for cx in prim.presentation_context_definition_list:
-            out = PresentationContext()
-            out.context_id = cx.context_id
-            out.abstract_syntax = cx.abstract_syntax
-            abstract = str(cx.abstract_syntax)
-            accepted, why_not = self._syntaxes_for(abstract)
-            if accepted is None:
-                out.result = 0x03  # abstract syntax not supported
-                out.transfer_syntax = [cx.transfer_syntax[0]]
+        answers = []
+        for cx in rq.contexts:
+            accepted, why_not = self._syntaxes_for(cx.abstract_syntax)
+            answer = association.answer_context(cx, accepted)
+            answers.append(answer)
+            if answer.result == ContextResult.ACCEPTANCE:
+                info.contexts[cx.id] = (cx.abstract_syntax, answer.transfer_syntax)
+                if accepted is self.settings.unknown_storage and cx.abstract_syntax not in self.settings.supported:
+                    log.info(
+                        "association %s from %s: accepted presentation context %d for %s as a storage "
+                        "class (node.accept_unknown_sop_classes)",
+                        info.id,
+                        calling,
+                        cx.id,
+                        sop_classes.describe(cx.abstract_syntax),
+                    )
             else:
-                # The sender's first choice that we support (PS3.8 leaves the
-                # choice to us; a store-as-sent node takes the sender's).
-                chosen = next((ts for ts in cx.transfer_syntax if str(ts) in accepted), None)
-                if chosen is None:
-                    out.result = 0x04  # transfer syntaxes not supported
-                    out.transfer_syntax = [cx.transfer_syntax[0]]
-                else:
-                    out.result = 0x00
-                    out.transfer_syntax = [chosen]
-                    info.contexts[int(cx.context_id)] = (abstract, str(chosen))
-                    if accepted is self.settings.unknown_storage and abstract not in self.settings.supported:
-                        log.info(
-                            "association %s from %s: accepted presentation context %d for %s as a storage "
-                            "class (node.accept_unknown_sop_classes)",
-                            info.id,
-                            calling,
-                            out.context_id,
-                            sop_classes.describe(abstract),
-                        )
-            results.append(out)
-            if out.result != 0x00:
                 log.info(
                     "association %s from %s: refused presentation context %s, transfer syntaxes %s: %s",
                     info.id,
                     calling,
-                    sop_classes.describe(abstract),
-                    ", ".join(str(t) for t in cx.transfer_syntax),
+                    sop_classes.describe(cx.abstract_syntax),
+                    ", ".join(cx.transfer_syntaxes),
                     why_not or "none of these transfer syntaxes is supported",
                 )
 
-        ac_prim = A_ASSOCIATE()
-        ac_prim.application_context_name = APPLICATION_CONTEXT
-        ac_prim.calling_ae_title = prim.calling_ae_title
-        ac_prim.called_ae_title = prim.called_ae_title
-        ac_prim.result = 0x00
-        ac_prim.result_source = 0x01
-        ac_prim.presentation_context_definition_results_list = results
-        max_len = MaximumLengthNotification()
-        max_len.maximum_length_received = self.settings.max_pdu
-        impl = ImplementationClassUIDNotification()
-        impl.implementation_class_uid = UID(self.settings.implementation_class_uid)
-        ver = ImplementationVersionNameNotification()
-        ver.implementation_version_name = self.settings.implementation_version
-        ac_prim.user_information = [max_len, impl, ver] + self._roles(prim, info)
-        ac = A_ASSOCIATE_AC()
-        ac.from_primitive(ac_prim)
-        conn.send(ac.encode())
+        # A PACS sending Storage Commitment results on its own association proposes the SCP role for
+        # that SOP class; we accept exactly that.
+        roles = association.answer_roles(
+            rq.user.roles, self.settings.scp_role_classes, (a for a, _ in info.contexts.values())
+        )
+        ac = association.build_accept(
+            rq,
+            answers,
+            max_pdu=self.settings.max_pdu,
+            implementation_class_uid=self.settings.implementation_class_uid,
+            implementation_version_name=self.settings.implementation_version,
+            roles=roles,
+        )
+        _send_quietly(conn, ac.encode())
         self.info = info
         log.info(
             "association %s from %s (%s:%d) accepted, %d of %d presentation contexts",
@@ -506,7 +404,7 @@ class Association(threading.Thread):
             info.address,
             info.port,
             len(info.contexts),
-            len(results),
+            len(answers),
             extra={"association_id": info.id, "calling_ae": calling, "called_ae": called, "peer_address": info.address},
         )
         try:
@@ -526,26 +424,9 @@ class Association(threading.Thread):
             return None, "not a standard storage class, and node.accept_unknown_sop_classes is false"
         return self.settings.unknown_storage, ""
 
-    def _roles(self, prim: A_ASSOCIATE, info: AssociationInfo) -> list:
-        """Answers to SCP/SCU role selection (PS3.7 D.3.3.4): a PACS sending Storage Commitment results
-        on its own association proposes the SCP role for that SOP class; we accept exactly that."""
-        out = []
-        for item in prim.user_information or []:
-            if not isinstance(item, SCP_SCU_RoleSelectionNegotiation):
-                continue
-            uid = str(item.sop_class_uid)
-            if uid not in self.settings.scp_role_classes or uid not in {a for a, _ in info.contexts.values()}:
-                continue
-            rsp = SCP_SCU_RoleSelectionNegotiation()
-            rsp.sop_class_uid = item.sop_class_uid
-            rsp.scu_role = False
-            rsp.scp_role = bool(item.scp_role)
-            out.append(rsp)
-        return out
-
     # --- data transfer ------------------------------------------------------
 
-    def _serve(self, conn: _Conn) -> str:
+    def _serve(self, conn: PduReader) -> str:
         info = self.info
         assert info is not None
         conn.sock.settimeout(self.settings.network_timeout)
@@ -554,31 +435,31 @@ class Association(threading.Thread):
         context_id = 0
         while True:
             try:
-                pdu_type, length = self._read_pdu_header(conn)
+                pdu_type, length = conn.read_header()
             except PeerClosed as e:
                 if self._closing:
                     return "aborted"
-                if str(e) == "timeout":
+                if e.timed_out:
                     log.error(
                         "association %s from %s: no data for node.network_timeout (%.0f s); aborting",
                         info.id,
                         info.calling_ae,
                         self.settings.network_timeout,
                     )
-                    conn.send(_abort_pdu())
+                    _send_quietly(conn, pdu.a_abort())
                     return "timeout"
                 return "closed"
-            if pdu_type == 0x04:
+            if pdu_type == PduType.P_DATA_TF:
                 try:
                     command_buf, command, context_id = self._p_data(conn, length, command_buf, command, context_id)
                 except ProtocolError as e:
                     log.error("association %s from %s: %s; aborting", info.id, info.calling_ae, e)
-                    conn.send(_abort_pdu(0x02, 0x06))
+                    _send_quietly(conn, pdu.a_abort(AbortSource.SERVICE_PROVIDER, AbortReason.INVALID_PDU_PARAMETER))
                     return "aborted"
                 except PeerClosed as e:
                     if self._closing:
                         return "aborted"
-                    if str(e) == "timeout":  # silent in the middle of a PDU
+                    if e.timed_out:  # silent in the middle of a PDU
                         log.error(
                             "association %s from %s: no data for node.network_timeout (%.0f s) in the "
                             "middle of a message; aborting",
@@ -586,17 +467,17 @@ class Association(threading.Thread):
                             info.calling_ae,
                             self.settings.network_timeout,
                         )
-                        conn.send(_abort_pdu())
+                        _send_quietly(conn, pdu.a_abort())
                         return "timeout"
                     log.warning(
                         "association %s from %s: connection closed in the middle of a message", info.id, info.calling_ae
                     )
                     return "closed"
-            elif pdu_type == 0x05:  # A-RELEASE-RQ
+            elif pdu_type == PduType.A_RELEASE_RQ:
                 conn.read_exact(min(length, MAX_CONTROL_PDU))
-                conn.send(b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00")  # A-RELEASE-RP
+                _send_quietly(conn, pdu.A_RELEASE_RP)
                 return "released"
-            elif pdu_type == 0x07:  # A-ABORT
+            elif pdu_type == PduType.A_ABORT:
                 try:
                     conn.read_exact(min(length, MAX_CONTROL_PDU))
                 except PeerClosed:
@@ -607,23 +488,24 @@ class Association(threading.Thread):
                     "association %s from %s: unexpected PDU type 0x%02X; aborting", info.id, info.calling_ae, pdu_type
                 )
                 # Known PDU types out of place are "unexpected"; others "unrecognised" (PS3.8 9.3.8).
-                conn.send(_abort_pdu(0x02, 0x02 if pdu_type in (0x01, 0x02, 0x03, 0x06) else 0x01))
+                reason = AbortReason.UNEXPECTED_PDU if pdu_type in _KNOWN_PDU_TYPES else AbortReason.UNRECOGNIZED_PDU
+                _send_quietly(conn, pdu.a_abort(AbortSource.SERVICE_PROVIDER, reason))
                 return "aborted"
 
     def _p_data(
-        self, conn: _Conn, length: int, command_buf: bytearray, command: dimse.Command | None, context_id: int
+        self, conn: PduReader, length: int, command_buf: bytearray, command: dimse.Command | None, context_id: int
     ) -> tuple[bytearray, dimse.Command | None, int]:
         remaining = length
         while remaining:
             if remaining < 6:
                 raise ProtocolError("P-DATA-TF with a truncated PDV item")
-            item_len, cx_id, header = _PDV_HEAD.unpack(conn.read_exact(6))
+            item_len, cx_id, header = PDV_HEAD.unpack(conn.read_exact(6))
             remaining -= 4 + item_len
             if item_len < 2 or remaining < 0:
                 raise ProtocolError(f"PDV item length {item_len} does not fit its PDU")
             data_len = item_len - 2
-            is_command = header & 0x01
-            last = header & 0x02
+            is_command = header & _COMMAND
+            last = header & _LAST
             if cx_id not in self.info.contexts:  # type: ignore[union-attr]
                 raise ProtocolError(f"PDV for presentation context {cx_id}, which was not accepted")
             if is_command:
@@ -689,24 +571,24 @@ class Association(threading.Thread):
         abstract, ts = info.contexts[cx_id]
         if cmd.command_field == dimse.C_ECHO_RQ:
             rsp = dimse.encode_response(
-                dimse.C_ECHO_RSP, cmd.message_id, 0x0000, cmd.affected_sop_class_uid or VERIFICATION
+                dimse.C_ECHO_RSP, cmd.message_id, Status.SUCCESS, cmd.affected_sop_class_uid or VERIFICATION
             )
-            self._conn_send(_pdata(cx_id, rsp))
+            self._conn_send(pdu.p_data(cx_id, rsp))
             return
         if cmd.command_field == dimse.C_CANCEL_RQ:
             return  # nothing to cancel: every C-STORE is answered before the next is read (PS3.7 9.3.2.3)
         if cmd.command_field == dimse.N_EVENT_REPORT_RQ:
             data, self._small = bytes(self._small or b""), None
-            status = self.handlers.event_report(info, cmd, ts, data)
+            event_status = self.handlers.event_report(info, cmd, ts, data)
             rsp = dimse.encode_response(
                 dimse.N_EVENT_REPORT_RSP,
                 cmd.message_id,
-                status,
+                event_status,
                 cmd.affected_sop_class_uid,
                 cmd.affected_sop_instance_uid,
                 event_type_id=cmd.event_type_id,
             )
-            self._conn_send(_pdata(cx_id, rsp))
+            self._conn_send(pdu.p_data(cx_id, rsp))
             return
         if cmd.command_field != dimse.C_STORE_RQ:
             raise ProtocolError(f"command 0x{cmd.command_field:04X} is not supported by this SCP")
@@ -717,7 +599,7 @@ class Association(threading.Thread):
         if cmd.affected_sop_class_uid != abstract:
             # PS3.7 9.1.1: the SOP class must be the presentation context's abstract syntax.
             rx.discard()
-            status = 0x0122  # Refused: SOP Class not supported
+            status: int = Status.SOP_CLASS_NOT_SUPPORTED
             comment = f"SOP Class {cmd.affected_sop_class_uid} sent on a context for {abstract}"
             log.warning(
                 "association %s from %s: refused %s: %s",
@@ -738,7 +620,7 @@ class Association(threading.Thread):
             cmd.affected_sop_instance_uid,
             comment if status else "",  # warnings carry their reason too
         )
-        self._conn_send(_pdata(cx_id, rsp))
+        self._conn_send(pdu.p_data(cx_id, rsp))
         # Create the next instance's temp file now, while the sender prepares
         # it: on ext4 a file creation can wait for a journal commit (that other
         # associations' fsyncs started), and here that wait overlaps the network.

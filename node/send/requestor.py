@@ -1,13 +1,12 @@
-"""A requestor association written directly on the socket: the SCU's fast path.
+"""The requestor: an association written directly on the socket, the SCU's fast path.
 
 pynetdicom's association runs two threads that hand every PDU and DIMSE
 message through queues and builds a pydicom Dataset for every command set;
 for a stream of C-STOREs that cost ~2 ms per instance, more than a PACS
 takes to store one. Here the sending thread does everything itself: it
-writes the command set (:mod:`node.receive.dimse`), streams the data set from
+writes the command set (:mod:`node.dicom.dimse`), streams the data set from
 the file in PDU-sized fragments, and reads the response off the same socket.
-pynetdicom still encodes and decodes the association-control PDUs (PS3.8
-9.3.2-9.3.4), which happen once per association.
+PDUs and negotiation are :mod:`node.dicom`'s.
 
 Errors say what happened, because the caller decides from them whether to
 try again: :class:`ConnectFailed` (no TCP connection), :class:`Rejected`
@@ -22,39 +21,24 @@ import logging
 import os
 import socket
 import ssl
-import struct
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
-from pydicom.uid import UID
-from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import (
-    A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    ImplementationVersionNameNotification,
-    MaximumLengthNotification,
-)
-from pynetdicom.presentation import PresentationContext
+from node.dicom import association, dimse, pdu
+from node.dicom.association import Accepted
+from node.dicom.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from node.dicom.pdu import MAX_CONTROL_PDU, AbortSource, PduReader, PduType, Pdv, PeerClosed
 
-from node.receive import dimse
-from node.receive.scp import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+__all__ = ["Accepted", "Association", "AssociationError", "ConnectFailed", "Lost", "PeerAborted", "Rejected"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-APPLICATION_CONTEXT = UID("1.2.840.10008.3.1.1.1")
-_PDU_HEAD = struct.Struct(">BxL")
-_PDV_HEAD = struct.Struct(">LBB")
-#: Our largest accepted PDU when the caller gives none (what we tell the peer).
-DEFAULT_MAX_PDU = 1 << 20
 #: Data set fragments when the peer accepts PDUs of any size.
 UNLIMITED_FRAGMENT = 1 << 20
-MAX_CONTROL_PDU = 1 << 20
-_ABORT_SOURCES = {
-    0: "the peer's application (service user)",
-    1: "reserved",
-    2: "the peer's DICOM stack (service provider)",
-}
+#: Largest PDU read from the peer (its responses are command sets: a few hundred bytes).
+MAX_RESPONSE_PDU = 64 << 20
 
 
 class AssociationError(Exception):
@@ -66,18 +50,18 @@ class ConnectFailed(AssociationError):
 
 
 class Rejected(AssociationError):
-    def __init__(self, result: int, source: int, reason: int, text: str) -> None:
-        super().__init__(text)
+    def __init__(self, rejection: pdu.Rejection) -> None:
+        super().__init__(rejection.text)
         #: 1 permanent, 2 transient (PS3.8 9.3.4).
-        self.result = result
-        self.source = source
-        self.reason = reason
+        self.result = rejection.result
+        self.source = rejection.source
+        self.reason = rejection.reason
 
 
 class PeerAborted(AssociationError):
     def __init__(self, source: int, reason: int) -> None:
         super().__init__(
-            f"the peer aborted the association (source: {_ABORT_SOURCES.get(source, source)}, reason {reason})"
+            f"the peer aborted the association (source: {pdu.ABORT_SOURCE_TEXT.get(source, str(source))}, reason {reason})"
         )
         #: 0: the peer's application decided (e.g. Orthanc refusing an unknown calling AE title).
         self.source = source
@@ -85,21 +69,6 @@ class PeerAborted(AssociationError):
 
 class Lost(AssociationError):
     """The connection closed, timed out, or the peer broke the protocol."""
-
-
-@dataclass
-class Accepted:
-    """The negotiated presentation contexts: id -> (abstract syntax, transfer syntax)."""
-
-    contexts: dict[int, tuple[str, str]] = field(default_factory=dict)
-    #: Refused ones: id -> (abstract syntax, result: 3 abstract syntax, 4 transfer syntaxes not supported).
-    refused: dict[int, tuple[str, int]] = field(default_factory=dict)
-
-    def find(self, abstract: str, transfer: str) -> int | None:
-        for cx_id, (a, t) in self.contexts.items():
-            if a == abstract and t == transfer:
-                return cx_id
-        return None
 
 
 def dataset_offset(head: bytes, name: str) -> int:
@@ -112,14 +81,14 @@ def dataset_offset(head: bytes, name: str) -> int:
 class Association:
     """One association we requested; not thread-safe (one sender thread uses it)."""
 
-    def __init__(self, sock: socket.socket, accepted: Accepted, peer_max_pdu: int, timeout: float) -> None:
+    def __init__(self, sock: socket.socket, reader: PduReader, accepted: Accepted, timeout: float) -> None:
         self.sock = sock
+        self.reader = reader
         self.accepted = accepted
-        self.peer_max_pdu = peer_max_pdu
+        self.peer_max_pdu = peer_max_pdu = accepted.peer_max_pdu
         self.timeout = timeout
         self.open = True
         self._message_id = 0
-        self._buf = bytearray(1 << 16)
         # Data per P-DATA-TF: the PDU body is a PDV item (4-byte length, context id, header) plus data.
         self._fragment = (peer_max_pdu - 6) if peer_max_pdu else UNLIMITED_FRAGMENT
 
@@ -139,8 +108,14 @@ class Association:
         tls: ssl.SSLContext | None = None,
     ) -> Association:
         """Connect and negotiate ``contexts`` ([(abstract syntax, [transfer syntaxes])]); at most 128."""
-        if not contexts or len(contexts) > 128:
-            raise ValueError(f"an association proposes 1 to 128 presentation contexts, not {len(contexts)}")
+        rq = association.build_request(
+            calling_ae,
+            called_ae,
+            contexts,
+            implementation_class_uid=IMPLEMENTATION_CLASS_UID,
+            implementation_version_name=IMPLEMENTATION_VERSION_NAME,
+            max_pdu=max_pdu,
+        )
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
         except OSError as e:
@@ -152,72 +127,28 @@ class Association:
                     sock = tls.wrap_socket(sock, server_hostname=host)
                 except (ssl.SSLError, OSError) as e:
                     raise ConnectFailed(f"TLS handshake with {host}:{port} failed: {e}") from None
-            prim = A_ASSOCIATE()
-            prim.application_context_name = APPLICATION_CONTEXT
-            prim.calling_ae_title = calling_ae
-            prim.called_ae_title = called_ae
-            proposed = []
-            for n, (abstract, syntaxes) in enumerate(contexts):
-                cx = PresentationContext()
-                cx.context_id = 2 * n + 1
-                cx.abstract_syntax = UID(abstract)
-                cx.transfer_syntax = [UID(t) for t in syntaxes]
-                proposed.append(cx)
-            prim.presentation_context_definition_list = proposed
-            ml = MaximumLengthNotification()
-            ml.maximum_length_received = max_pdu if max_pdu else DEFAULT_MAX_PDU
-            impl = ImplementationClassUIDNotification()
-            impl.implementation_class_uid = UID(IMPLEMENTATION_CLASS_UID)
-            ver = ImplementationVersionNameNotification()
-            ver.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-            prim.user_information = [ml, impl, ver]
-            rq = A_ASSOCIATE_RQ()
-            rq.from_primitive(prim)
             _sendall(sock, rq.encode())
+            reader = PduReader(sock, 1 << 16)
             try:
-                pdu_type, body = _read_pdu(sock, MAX_CONTROL_PDU)
-            except TimeoutError:
-                raise Lost(f"no answer to the association request within {timeout:g} s") from None
-            except OSError as e:  # reset, or a TLS alert (a refused client certificate) during negotiation
+                pdu_type, body = reader.read_pdu(MAX_CONTROL_PDU)
+            except PeerClosed as e:
+                if e.timed_out:
+                    raise Lost(f"no answer to the association request within {timeout:g} s") from None
+                # reset, or a TLS alert (a refused client certificate) during negotiation
                 raise Lost(f"the connection failed during association negotiation: {e}") from None
-            raw = _PDU_HEAD.pack(pdu_type, len(body)) + body
-            if pdu_type == 0x03:
-                rj = A_ASSOCIATE_RJ()
-                rj.decode(raw)
-                raise Rejected(
-                    rj.result,
-                    rj.source,
-                    rj.reason_diagnostic,
-                    f"{'permanent' if rj.result == 1 else 'transient'}, {rj.source_str}: {rj.reason_str}",
-                )
-            if pdu_type == 0x07:
-                raise PeerAborted(body[2] if len(body) > 2 else 0, body[3] if len(body) > 3 else 0)
-            if pdu_type != 0x02:
+            except pdu.PduError as e:
+                raise Lost(str(e)) from None
+            if pdu_type == PduType.A_ASSOCIATE_RJ:
+                raise Rejected(_decoded(pdu.decode_a_associate_rj, body))
+            if pdu_type == PduType.A_ABORT:
+                raise PeerAborted(*pdu.decode_a_abort(body))
+            if pdu_type != PduType.A_ASSOCIATE_AC:
                 raise Lost(f"the peer answered the association request with PDU type 0x{pdu_type:02X}")
-            ac = A_ASSOCIATE_AC()
-            ac.decode(raw)
-            ac_prim = ac.to_primitive()
-            by_id = {int(cx.context_id): cx for cx in proposed}
-            accepted = Accepted()
-            for r in ac_prim.presentation_context_definition_results_list:
-                cx_id = int(r.context_id)
-                abstract = str(by_id[cx_id].abstract_syntax) if cx_id in by_id else ""
-                if r.result == 0 and r.transfer_syntax:
-                    accepted.contexts[cx_id] = (abstract, str(r.transfer_syntax[0]))
-                else:
-                    accepted.refused[cx_id] = (abstract, int(r.result or 0))
-            peer_max = next(
-                (
-                    int(i.maximum_length_received or 0)
-                    for i in ac_prim.user_information
-                    if isinstance(i, MaximumLengthNotification)
-                ),
-                0,
-            )
+            accepted = association.read_accept(rq, _decoded(pdu.AssociateAC.decode, body))
         except BaseException:
             _close(sock)
             raise
-        assoc = cls(sock, accepted, peer_max, timeout)
+        assoc = cls(sock, reader, accepted, timeout)
         if not accepted.contexts:
             assoc.abort()
         return assoc
@@ -229,12 +160,10 @@ class Association:
         return self._message_id
 
     def _send_command(self, cx_id: int, command: bytes) -> None:
-        pdv = _PDV_HEAD.pack(len(command) + 2, cx_id, 0x03)
-        self._send(_PDU_HEAD.pack(0x04, len(command) + 6) + pdv + command)
+        self._send(pdu.p_data(cx_id, command))
 
     def _send_data(self, cx_id: int, data: bytes | memoryview, last: bool) -> None:
-        header = _PDU_HEAD.pack(0x04, len(data) + 6) + _PDV_HEAD.pack(len(data) + 2, cx_id, 0x02 if last else 0x00)
-        self._send(header, data)
+        self._send(pdu.p_data_header(cx_id, len(data), Pdv.LAST if last else Pdv.DATA), data)
 
     def _send(self, *parts: bytes | memoryview) -> None:
         try:
@@ -286,28 +215,28 @@ class Association:
         command = bytearray()
         while True:
             pdu_type, body = self._read()
-            if pdu_type == 0x04:
-                pos = 0
+            if pdu_type == PduType.P_DATA_TF:
                 done = None
-                while pos + 6 <= len(body):
-                    length, _cx, header = _PDV_HEAD.unpack_from(body, pos)
-                    data = body[pos + 6 : pos + 4 + length]
-                    pos += 4 + length
-                    if header & 0x01:
-                        command += data
-                        if header & 0x02:
-                            done = dimse.decode_command(command)
-                            command = bytearray()
+                try:
+                    for _cx, header, data in pdu.iter_pdvs(body):
+                        if header & Pdv.COMMAND:
+                            command += data
+                            if header & Pdv.LAST:
+                                done = dimse.decode_command(command)
+                                command = bytearray()
+                except (pdu.PduError, dimse.CommandError) as e:
+                    self.abort()
+                    raise Lost(f"the peer broke the protocol: {e}") from None
                 if done is not None:
                     if done.responding_to == message_id:
                         return done
                     log.debug("ignoring a response to message %d while waiting for %d", done.responding_to, message_id)
-            elif pdu_type == 0x07:
+            elif pdu_type == PduType.A_ABORT:
                 self._dead()
-                raise PeerAborted(body[2] if len(body) > 2 else 0, body[3] if len(body) > 3 else 0)
-            elif pdu_type == 0x05:  # the peer wants to release in the middle of our request
+                raise PeerAborted(*pdu.decode_a_abort(body))
+            elif pdu_type == PduType.A_RELEASE_RQ:  # the peer wants to release in the middle of our request
                 try:
-                    self.sock.sendall(b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00")
+                    self.sock.sendall(pdu.A_RELEASE_RP)
                 finally:
                     self._dead()
                 raise Lost("the peer released the association before answering")
@@ -317,16 +246,16 @@ class Association:
 
     def _read(self) -> tuple[int, bytes]:
         try:
-            return _read_pdu(self.sock, 64 << 20)
-        except TimeoutError:
-            self.abort()
-            raise Lost(f"no answer within {self.timeout:g} s") from None
-        except Lost:
-            self._dead()
-            raise
-        except (OSError, EOFError) as e:
+            return self.reader.read_pdu(MAX_RESPONSE_PDU)
+        except PeerClosed as e:
+            if e.timed_out:
+                self.abort()
+                raise Lost(f"no answer within {self.timeout:g} s") from None
             self._dead()
             raise Lost(f"the connection closed: {e}") from None
+        except pdu.PduError as e:
+            self._dead()
+            raise Lost(str(e)) from None
 
     def store(
         self, cx_id: int, sop_class: str, sop_instance: str, *, path: Path | None = None, data: bytes | None = None
@@ -364,13 +293,13 @@ class Association:
         if not self.open:
             return
         try:
-            self.sock.sendall(b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00")
+            self.sock.sendall(pdu.A_RELEASE_RQ)
             self.sock.settimeout(min(self.timeout, 10.0))
             while True:
-                pdu_type, _ = _read_pdu(self.sock, MAX_CONTROL_PDU)
-                if pdu_type in (0x06, 0x07):
+                pdu_type, _ = self.reader.read_pdu(MAX_RESPONSE_PDU)
+                if pdu_type in (PduType.A_RELEASE_RP, PduType.A_ABORT):
                     break
-        except (OSError, EOFError, Lost):
+        except (OSError, PeerClosed, pdu.PduError):
             pass  # the peer closed without A-RELEASE-RP: released all the same
         finally:
             self._dead()
@@ -380,7 +309,7 @@ class Association:
         if not self.open:
             return
         try:
-            self.sock.sendall(b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00")
+            self.sock.sendall(pdu.a_abort(AbortSource.SERVICE_USER))
         except OSError:
             pass
         finally:
@@ -398,26 +327,11 @@ def _sendall(sock: socket.socket, data: bytes) -> None:
         raise Lost(f"the connection failed: {e}") from None
 
 
-def _read_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = sock.recv_into(view[got:], n - got)
-        if not k:
-            raise EOFError("the peer closed the connection")
-        got += k
-    return bytes(buf)
-
-
-def _read_pdu(sock: socket.socket, limit: int) -> tuple[int, bytes]:
+def _decoded(decode: Callable[[bytes], T], body: bytes) -> T:
     try:
-        pdu_type, length = _PDU_HEAD.unpack(_read_exact(sock, 6))
-        if length > limit:
-            raise Lost(f"a PDU of {length} bytes (type 0x{pdu_type:02X}) is larger than allowed")
-        return pdu_type, _read_exact(sock, length)
-    except EOFError as e:
-        raise Lost(str(e)) from None
+        return decode(body)
+    except pdu.PduError as e:
+        raise Lost(f"the peer's answer to the association request is malformed: {e}") from None
 
 
 def _close(sock: socket.socket) -> None:

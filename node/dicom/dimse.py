@@ -1,11 +1,12 @@
-"""The few DIMSE encodings the Storage SCP needs, done directly on bytes.
+"""The DIMSE command sets both roles need (PS3.7 9.3, 10.3, E.1), done directly on bytes.
 
 Command sets are always Implicit VR Little Endian group 0000 elements
-(PS3.7 6.3.1), and an SCP that only answers C-ECHO and C-STORE reads five
-of them and writes six. Building a pydicom Dataset for each (as a general
-toolkit must) cost more than a millisecond per instance; these functions
-cost microseconds. The File Meta written in front of each stored data set
-is encoded here too, for the same reason.
+(PS3.7 6.3.1): the acceptor reads C-ECHO, C-STORE and N-EVENT-REPORT requests
+and writes their responses; the requestor writes C-ECHO, C-STORE and N-ACTION
+requests and reads the responses. Building a pydicom Dataset for each (as a
+general toolkit must) cost more than a millisecond per instance; these
+functions cost microseconds. The File Meta written in front of each stored
+data set is encoded here too, for the same reason.
 """
 
 from __future__ import annotations
