@@ -8,11 +8,13 @@ import shutil
 import signal
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 
 from node import __version__, metrics
 from node.config import Config
+from node.decide.compile import compile_rules
 from node.decide.tracker import SeriesTracker
 from node.derive.store import OutputStore
 from node.index.db import WalCheckpointer, make_engine, migrate, session_factory
@@ -27,11 +29,16 @@ from node.send.dispatch import Dispatcher
 from node.storage import Storage
 from node.storage.recovery import mark_clean, recover
 
+if TYPE_CHECKING:
+    from node.web.server import WebServer
+
 log = logging.getLogger(__name__)
 
 
 class Node:
     def __init__(self, cfg: Config) -> None:
+        if cfg.ruleset is None:  # a config loaded without its rules (node.config.load_config): compile them now
+            cfg.ruleset = compile_rules(cfg)
         self.cfg = cfg
         set_redaction(cfg.logging.redact_phi)
         self.storage = Storage(cfg.data_dir)
@@ -62,7 +69,7 @@ class Node:
         self.web = self._web() if cfg.web.enabled else None
         self._stop = threading.Event()
 
-    def _web(self):  # type: ignore[no-untyped-def]
+    def _web(self) -> WebServer:
         """The dashboard, REST API, /metrics and health checks (node.web), served from this process."""
         from node.web.auth import Authenticator, load_token
         from node.web.context import WebContext

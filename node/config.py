@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
+import shutil
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from node.plugins.command_table import CommandPlugin
 
 ENV_PREFIX = "DICOM_NODE_"
 DEFAULT_CONFIG_PATH = Path("config/node.toml")
@@ -218,8 +218,6 @@ class DestinationSection(_Section):
     @field_validator("accepted_transfer_syntaxes")
     @classmethod
     def _syntaxes(cls, values: list[str]) -> list[str]:
-        import re
-
         out = []
         for v in values:
             uid = _SYNTAX_NAMES.get(v.lower(), v)
@@ -248,6 +246,7 @@ class JobsSection(_Section):
 
 
 _PLUGIN_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
+_PLACEHOLDER = re.compile(r"\{(\w*)\}")
 
 
 class WarmSettings(_Section):
@@ -301,6 +300,73 @@ class LocalPlugin(_Section):
     environment: str | None = None
 
 
+class CommandPlugin(BaseModel):
+    """One ``[plugins.commands.NAME]`` table: a program or a container image run as a plugin (node.plugins.commands)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: The program and its arguments; "{input}" and "{output}" become the folders. With ``container``:
+    #: the arguments given to the image (its entrypoint runs them).
+    command: list[str] | None = None
+    #: A container image, run with ``runtime`` (it must be on this machine already: nothing is pulled).
+    container: str | None = None
+    runtime: Literal["podman", "docker"] = "podman"
+    #: "required": the job waits for a GPU; "optional": one is given when free; "none": never.
+    gpu: Literal["none", "optional", "required"] = "none"
+    #: What the command writes: DICOM objects, a label map with metainfo.json, or either ("auto").
+    output: Literal["auto", "dicom", "labelmap"] = "auto"
+    #: A dcmqi metainfo.json describing the label map's values, for commands that do not write one
+    #: (read and checked when the rules are compiled: node.decide.compile).
+    metainfo: Path | None = None
+    version: str = "1.0"
+    description: str = ""
+    #: Extra environment variables of the command (in the container for an image).
+    env: dict[str, str] = Field(default_factory=dict)
+    #: mercure module settings: written to task.json ("process" > "settings") in the input folder.
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        if not v or not v[0].strip():
+            raise ValueError('give the program and its arguments, e.g. ["/opt/tool/run.sh", "{input}", "{output}"]')
+        for arg in v:
+            for word in _PLACEHOLDER.findall(arg):
+                if word not in ("input", "output"):
+                    raise ValueError(f"{arg!r}: {{{word}}} is not a placeholder; use {{input}} and {{output}}")
+        return v
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: dict[str, str]) -> dict[str, str]:
+        for key in v:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+                raise ValueError(f"{key!r} is not an environment variable name")
+        return v
+
+    @model_validator(mode="after")
+    def _what_runs(self) -> CommandPlugin:
+        if self.container is None:
+            if self.command is None:
+                raise ValueError('give command = ["/path/to/program", "{input}", "{output}"] or container = "image"')
+            if "runtime" in self.model_fields_set:
+                raise ValueError(f'runtime = "{self.runtime}" is for a container; this plugin runs a command')
+            if shutil.which(self.command[0]) is None:
+                where = "does not exist or is not executable" if "/" in self.command[0] else "is not on PATH"
+                raise ValueError(f"command[0] = {self.command[0]!r} {where}")
+        else:
+            if not self.container.strip():
+                raise ValueError('container = "": give the image, e.g. "localhost/totalseg:1"')
+            if shutil.which(self.runtime) is None:
+                other = "docker" if self.runtime == "podman" else "podman"
+                raise ValueError(
+                    f'runtime = "{self.runtime}": {self.runtime} is not on PATH; install it, or set runtime = "{other}"'
+                )
+        return self
+
+
 class PluginsSection(_Section):
     #: Local plugins: name = "python.module:attribute" (imported by the node), or
     #: name = { entry = "module:attribute", environment = "NAME" } (run in that environment).
@@ -323,8 +389,6 @@ class PluginsSection(_Section):
     @field_validator("local")
     @classmethod
     def _targets(cls, local: dict[str, str | LocalPlugin]) -> dict[str, str | LocalPlugin]:
-        import re
-
         for name, value in local.items():
             if not re.match(_PLUGIN_NAME, name):
                 raise ValueError(f"plugin name {name!r}: use letters, digits, '-', '_' or '.'")
@@ -347,8 +411,6 @@ class PluginsSection(_Section):
     @field_validator("environments", "commands")
     @classmethod
     def _names(cls, tables: dict[str, Any]) -> dict[str, Any]:
-        import re
-
         for name in tables:
             if not re.match(_PLUGIN_NAME, name):
                 raise ValueError(f"name {name!r}: use letters, digits, '-', '_' or '.'")
@@ -480,7 +542,7 @@ class Config(_Section):
 
     #: Where the values came from, for messages; not a config key.
     source: str = Field("built-in defaults", exclude=True)
-    #: The compiled rules (set by load_config); not a config key.
+    #: The compiled rules (a node.decide.rules.RuleSet, set by node.decide.compile); not a config key.
     ruleset: Any = Field(None, exclude=True)
 
     @model_validator(mode="after")
@@ -503,7 +565,7 @@ class Config(_Section):
         return f"sqlite:///{self.data_dir / 'index.sqlite'}"
 
 
-def _loc_to_key(loc: tuple[Any, ...]) -> str:
+def loc_to_key(loc: tuple[Any, ...]) -> str:
     """``('destinations', 0, 'port')`` -> ``destinations[0].port``."""
     out = ""
     for part in loc:
@@ -527,15 +589,20 @@ def error_text(e: Any, unknown_key: str | None = None) -> str:
     return msg + shown
 
 
-def _format_errors(source: str, err: ValidationError, env_keys: dict[str, str] | None = None) -> str:
-    lines = [f"invalid configuration in {source}:"]
+def format_errors(source: str, errors: list[tuple[str, str]]) -> str:
+    """The text of a ConfigError: the source, then one ``key: message`` line per problem."""
+    return "\n".join([f"invalid configuration in {source}:"] + [f"  {key}: {text}" for key, text in errors])
+
+
+def _validation_errors(source: str, err: ValidationError, env_keys: dict[str, str] | None = None) -> str:
     env_keys = env_keys or {}
+    lines = []
     for e in err.errors():
-        key = _loc_to_key(tuple(e["loc"]))
+        key = loc_to_key(tuple(e["loc"]))
         origin = f" [set by {env_keys[key]}]" if key in env_keys else ""
         text = error_text(e, "unknown key (check the spelling; see config/node.toml for the keys)")
-        lines.append(f"  {key}: {text}{origin}")
-    return "\n".join(lines)
+        lines.append((key, text + origin))
+    return format_errors(source, lines)
 
 
 def _env_value(raw: str) -> Any:
@@ -565,7 +632,8 @@ def load_config(path: Path | str | None = None, environ: dict[str, str] | None =
     """Load, override and validate the configuration.
 
     Without ``path``, ``config/node.toml`` is used when present, else the
-    built-in defaults (SQLite and files under ``var/``).
+    built-in defaults (SQLite and files under ``var/``). The rules are only tables here:
+    ``node.decide.compile`` checks them against the plugins and compiles them.
     """
     environ = dict(os.environ) if environ is None else environ
     data: dict[str, Any] = {}
@@ -590,40 +658,6 @@ def load_config(path: Path | str | None = None, environ: dict[str, str] | None =
     try:
         cfg = Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_errors(source, e, env_keys)) from None
+        raise ConfigError(_validation_errors(source, e, env_keys)) from None
     cfg.source = source
-    cfg.ruleset = compile_rules(cfg, source)
     return cfg
-
-
-def compile_rules(cfg: Config, source: str = "") -> Any:
-    """The config's rules, checked against its destinations and the installed plugins."""
-    from node.decide.rules import RulesError, RuleSet
-    from node.plugins.api import ParamsError
-    from node.plugins.registry import PluginLoadError, describe, discover
-    from node.plugins.registry import check_params as check
-
-    try:
-        plugins = discover(cfg.plugins)
-    except PluginLoadError as e:
-        raise ConfigError(f"invalid plugins in {source or cfg.source}: {e}") from None
-
-    def check_params(name: str, params: dict[str, Any]) -> list[tuple[str, str]]:
-        """(field, message) for each problem with a plugin's parameters; loading the plugin checks it too."""
-        try:
-            return check(describe(plugins[name], cfg.plugins), params)
-        except PluginLoadError as e:
-            return [("", str(e))]
-        except ParamsError as e:  # the plugin's own check (pydantic or dataclass), one entry per problem
-            return [(_loc_to_key(tuple(err["loc"])), error_text(err)) for err in e.errors()]
-
-    try:
-        return RuleSet.compile(
-            cfg.rules,
-            destinations={d.name: d for d in cfg.destinations},
-            plugins=plugins,
-            check_params=check_params,
-        )
-    except RulesError as e:
-        lines = [f"invalid rules in {source or cfg.source}:"] + [f"  {line}" for line in e.errors]
-        raise ConfigError("\n".join(lines)) from None

@@ -29,6 +29,7 @@ import pytest
 from helpers import free_port, wait_for_echo
 
 from node.config import load_config
+from node.decide.compile import load_checked_config
 
 yaml = pytest.importorskip("yaml")
 
@@ -136,7 +137,7 @@ def under(path: str | Path, folder: str) -> bool:
 
 @pytest.fixture(scope="module")
 def cfg():
-    return load_config(DOCKER_TOML, environ=node_env())
+    return load_checked_config(DOCKER_TOML, environ=node_env())
 
 
 def test_the_config_loads_with_the_containers_environment(cfg):

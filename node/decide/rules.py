@@ -31,13 +31,13 @@ field and what is wrong.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from node.config import _loc_to_key, error_text
+from node.config import error_text, loc_to_key
 from node.decide.conditions import Condition, ConditionError, Outcome, parse_match
 
 #: Added to the priority of an urgent job (an action's or its rule's ``priority = "urgent"``). Jobs are
@@ -231,7 +231,7 @@ def _loc(loc: Iterable[Any]) -> str:
             and part in ("plugin", "forward", "discard")
         )
     ]
-    return _loc_to_key(tuple(kept)) if kept else ""
+    return loc_to_key(tuple(kept)) if kept else ""
 
 
 class RuleSet:
@@ -252,13 +252,15 @@ class RuleSet:
     @classmethod
     def compile(
         cls,
-        tables: list[dict[str, Any]],
+        tables: Sequence[Any],
         *,
         destinations: Iterable[str] = (),
         plugins: Iterable[str] = (),
         check_params: Callable[[str, dict[str, Any]], list[tuple[str, str]]] | None = None,
     ) -> RuleSet:
         """Validate rule tables from the config; raises :class:`RulesError` listing every problem.
+
+        ``tables`` are what the TOML holds: each should be a table (a dict), and one that is not is an error.
 
         ``check_params(plugin, params)`` returns (field, message) pairs for parameters the plugin refuses.
         """

@@ -146,7 +146,7 @@ class Demo:
     opts: Options
     out: Console
     root: Path = field(init=False)
-    node_proc: subprocess.Popen | None = None
+    node_proc: subprocess.Popen[bytes] | None = None
     pacs: Any = None
     t0: dt.datetime | None = None
     steps: list[tuple[float | None, float | None, str]] = field(default_factory=list)
@@ -226,10 +226,11 @@ class Demo:
         return 0
 
     def _check_config(self) -> None:
-        from node.config import ConfigError, load_config
+        from node.config import ConfigError
+        from node.decide.compile import load_checked_config
 
         try:
-            load_config(self.config_path, environ={})
+            load_checked_config(self.config_path, environ={})
         except ConfigError as e:
             raise DemoError(
                 f"the demo's config does not load (a bug in the demo, or a plugin missing?):\n{e}"

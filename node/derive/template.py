@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from dicom_node_sdk.api import Segment, Segmentation
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
-from node.plugins.api import Segment, Segmentation
+from node.config import error_text
 
 
 class TemplateError(ValueError):
@@ -115,9 +116,9 @@ class Template(BaseModel):
         return [e for group in self.segmentAttributes for e in group]
 
 
-def _where(data: Any, loc: tuple) -> str:
+def _where(data: Any, loc: tuple[Any, ...]) -> str:
     """``segmentAttributes[0][1] ("Liver").SegmentedPropertyTypeCodeSequence.CodeValue``: the config's
-    key notation (``config._loc_to_key``) with each segment's label, so the user finds it in the file."""
+    key notation (``config.loc_to_key``) with each segment's label, so the user finds it in the file."""
     out, node = "", data
     for part in loc:
         if isinstance(part, int):
@@ -143,8 +144,6 @@ def load_template(path: Path | str) -> Template:
     try:
         return Template.model_validate(data)
     except ValidationError as e:
-        from node.config import error_text
-
         problems = [f"{_where(data, err['loc'])}: {error_text(err)}" for err in e.errors()]
         raise TemplateError(f"{path}: " + "; ".join(problems)) from None
 

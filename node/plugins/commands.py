@@ -39,8 +39,8 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from node.config import CommandPlugin
 from node.plugins.api import PluginError, Segmentation, SeriesInput
-from node.plugins.command_table import CommandPlugin
 
 #: Environment variables that name the input and output folders, as the tools this runs read them:
 #: mercure sets all six for its modules (process/runtime_base.py ``_build_environment``); MONAI Deploy

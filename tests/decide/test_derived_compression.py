@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from node.config import ConfigError, load_config
+from node.config import ConfigError
+from node.decide.compile import load_checked_config
 from node.jobs.actions import _compression
 
 DESTS = """
@@ -34,7 +35,7 @@ name = "bone"
 actions = [{{ type = "plugin", plugin = "threshold-seg", {action} }}]
 """
     )
-    return load_config(p, environ={})
+    return load_checked_config(p, environ={})
 
 
 @pytest.mark.parametrize(

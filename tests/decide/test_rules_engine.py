@@ -1,5 +1,5 @@
 """The rule engine: every operator, nesting, priority and stop, AE titles, timing, facts from real files,
-and each validation error as an administrator sees it (through load_config, naming the file, rule and field)."""
+and each validation error as an administrator sees it (through load_checked_config, naming the file, rule and field)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from helpers import SHARED, series_files
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage
 
-from node.config import ConfigError, load_config
+from node.config import ConfigError
+from node.decide.compile import load_checked_config
 from node.decide.conditions import ConditionError, Facts, orientation, parse_match
 from node.decide.facts import dataset_facts, expected_instances, read_dataset, series_from_files
 from node.decide.rules import ForwardAction, PluginAction, RulesError, RuleSet
@@ -530,7 +531,7 @@ def test_actions_compile():
     ]
 
 
-# -- validation through load_config -------------------------------------------
+# -- validation through load_checked_config -------------------------------------------
 
 HEADER = """
 [[destinations]]
@@ -553,7 +554,7 @@ def write_config(tmp_path: Path, rules_toml: str, header: str = HEADER) -> Path:
 def config_error(tmp_path: Path, rules_toml: str, header: str = HEADER) -> tuple[Path, str]:
     path = write_config(tmp_path, rules_toml, header)
     with pytest.raises(ConfigError) as e:
-        load_config(path, environ={})
+        load_checked_config(path, environ={})
     return path, str(e.value)
 
 
@@ -829,7 +830,7 @@ def test_valid_config_compiles_rules_in_order(tmp_path):
         )
         + one_rule(name="mr", match='Modality = "MR"\norientation = "sagittal"', extra="priority = 10\nenabled = false")
     )
-    cfg = load_config(write_config(tmp_path, rules_toml), environ={})
+    cfg = load_checked_config(write_config(tmp_path, rules_toml), environ={})
     rs = cfg.ruleset
     assert isinstance(rs, RuleSet)
     assert [r.name for r in rs] == ["mr", "seg", "ct"]
@@ -843,7 +844,7 @@ def test_entry_point_plugins_are_known(tmp_path, monkeypatch):
     eps = {"dicom_node.plugins": [SimpleNamespace(name="ep-seg", value="node.plugins.builtin.mip:mip_sc", dist=None)]}
     monkeypatch.setattr(registry, "entry_points", lambda group: eps.get(group, []))
     ok = one_rule(actions='type = "plugin"\nplugins = [{ name = "ep-seg" }, { name = "seg" }]')
-    assert load_config(write_config(tmp_path, ok), environ={}).ruleset.get("r") is not None
+    assert load_checked_config(write_config(tmp_path, ok), environ={}).ruleset.get("r") is not None
     _, msg = config_error(tmp_path, one_rule(actions='type = "plugin"\nplugin = "other"'))
     assert "unknown plugin 'other' (installed: ep-seg, seg)" in msg
 

@@ -13,7 +13,8 @@ import pytest
 from helpers import REPO, StoreSCP, series_files, storescu, wait_for
 from sqlalchemy.orm import Session
 
-from node.config import ConfigError, load_config
+from node.config import ConfigError
+from node.decide.compile import load_checked_config
 from node.decide.explain import rule_lines
 from node.decide.rules import PRIORITY_LIMIT, URGENT, RuleSet
 from node.index.db import make_engine, migrate
@@ -58,7 +59,7 @@ actions = [{ type = "forward", to = ["pacs"] }]
 def load(tmp_path: Path, rules: str, header: str = HEADER):  # type: ignore[no-untyped-def]
     path = tmp_path / "node.toml"
     path.write_text(header + rules)
-    return load_config(path, environ={})
+    return load_checked_config(path, environ={})
 
 
 def errors_of(tmp_path: Path, rules: str) -> list[str]:

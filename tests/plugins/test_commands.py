@@ -210,7 +210,6 @@ def test_empty_label_map_is_a_note_not_a_failure(shared_data: Path, tmp_path: Pa
         ),
         ({"command": ["true"], "gpu": "always"}, r"gpu"),
         ({"command": ["true"], "outputs": "dicom"}, r"outputs"),
-        ({"command": ["true"], "metainfo": str(REPO / "pyproject.toml")}, r"is not JSON"),
     ],
 )
 def test_config_errors_name_the_key(table: dict, error: str) -> None:

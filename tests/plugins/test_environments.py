@@ -323,13 +323,14 @@ actions = [{ type = "plugin", plugin = "env-gpu-bone" }]
 def test_a_broken_environment_or_bad_parameters_are_config_errors_naming_the_key(
     tmp_path: Path, old_python: Path
 ) -> None:
-    from node.config import ConfigError, load_config
+    from node.config import ConfigError
+    from node.decide.compile import load_checked_config
 
     def load(text: str) -> str:
         p = tmp_path / "node.toml"
         p.write_text(text)
         with pytest.raises(ConfigError) as e:
-            load_config(p)
+            load_checked_config(p)
         return str(e.value)
 
     error = load('[plugins.environments.x]\npython = "/nowhere/bin/python"\n')

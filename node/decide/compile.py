@@ -1,0 +1,75 @@
+"""Compiling the configured rules: what turns a validated config into the rules the node runs.
+
+Loading the config (:mod:`node.config`) checks only its own tables, so that it imports nothing of the
+node. Compiling needs the rest: the segment templates of command plugins are read, the installed and
+configured plugins discovered, each rule's plugin parameters checked by the plugin itself, and the
+rules compiled against the destinations. Every problem is a :class:`~node.config.ConfigError` in the
+words of the config (``invalid configuration/plugins/rules in <file>``), raised before the node
+listens or a ``rules`` command answers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from node.config import Config, ConfigError, error_text, format_errors, load_config, loc_to_key
+from node.decide.rules import RulesError, RuleSet
+from node.derive.template import TemplateError, load_template
+from node.plugins.api import ParamsError
+from node.plugins.registry import PluginLoadError, PluginRef, describe, discover
+from node.plugins.registry import check_params as check
+
+
+def load_checked_config(path: Path | str | None = None, environ: dict[str, str] | None = None) -> Config:
+    """The configuration with its rules compiled (``cfg.ruleset``): what ``run`` and the CLI use."""
+    cfg = load_config(path, environ)
+    cfg.ruleset = compile_rules(cfg)
+    return cfg
+
+
+def compile_rules(cfg: Config, source: str = "") -> RuleSet:
+    """The config's rules, checked against its destinations, its command plugins and the installed plugins.
+
+    ``source`` names where the config came from in messages (default: ``cfg.source``).
+    """
+    source = source or cfg.source
+    check_command_templates(cfg, source)
+    try:
+        plugins = discover(cfg.plugins)
+    except PluginLoadError as e:
+        raise ConfigError(f"invalid plugins in {source}: {e}") from None
+    try:
+        return RuleSet.compile(
+            cfg.rules,
+            destinations={d.name: d for d in cfg.destinations},
+            plugins=plugins,
+            check_params=lambda name, params: _param_problems(cfg, plugins[name], params),
+        )
+    except RulesError as e:
+        lines = [f"invalid rules in {source}:"] + [f"  {line}" for line in e.errors]
+        raise ConfigError("\n".join(lines)) from None
+
+
+def check_command_templates(cfg: Config, source: str) -> None:
+    """Each command plugin's ``metainfo`` must be a segment template the node can apply to its label maps."""
+    problems = []
+    for name, command in cfg.plugins.commands.items():
+        if command.metainfo is None:
+            continue
+        try:
+            load_template(command.metainfo)
+        except TemplateError as e:
+            problems.append((f"plugins.commands.{name}.metainfo", f"{e} (got {str(command.metainfo)!r})"))
+    if problems:
+        raise ConfigError(format_errors(source, problems))
+
+
+def _param_problems(cfg: Config, ref: PluginRef, params: dict[str, Any]) -> list[tuple[str, str]]:
+    """(field, message) for each problem with a plugin's parameters; loading the plugin checks it too."""
+    try:
+        return check(describe(ref, cfg.plugins), params)
+    except PluginLoadError as e:
+        return [("", str(e))]
+    except ParamsError as e:  # the plugin's own check (pydantic or dataclass), one entry per problem
+        return [(loc_to_key(tuple(err["loc"])), error_text(err)) for err in e.errors()]
