@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from node import __version__
-from node.config import Config, ConfigError, load_config
+from node.config import Config, ConfigError
 
 app = typer.Typer(
     help="dicom-node: receive, index, derive and forward DICOM.",
@@ -31,8 +31,11 @@ ConfigOption = typer.Option(None, "--config", "-c", help="TOML config file (defa
 
 
 def _load(config: Path | None) -> Config:
+    """The config with its rules compiled; an error is printed as the config's and exits 2."""
+    from node.decide.compile import load_checked_config  # plugins and rules: not for --help
+
     try:
-        return load_config(config)
+        return load_checked_config(config)
     except ConfigError as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False)
         raise typer.Exit(2) from None
