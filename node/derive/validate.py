@@ -361,8 +361,8 @@ def validate(ds: Dataset) -> list[Problem]:
     out: list[Problem] = []
     if iod is None:
         name = UID(sop_class).name
-        what = "missing" if not sop_class else f"{sop_class}{f' ({name})' if name != sop_class else ''} is no IOD's"
-        out.append(Problem("SOPClassUID", "(0008,0016)", "sop-common", "1", what))
+        why = "missing" if not sop_class else f"{sop_class}{f' ({name})' if name != sop_class else ''} is no IOD's"
+        out.append(Problem("SOPClassUID", "(0008,0016)", "sop-common", "1", why))
         merged, used = None, set()
     else:
         modules = _used(iod, ds)
@@ -506,7 +506,8 @@ def as_in_source(problems: list[Problem], ds: Dataset, source: Dataset | None) -
     """
     if source is None:
         return problems, []
-    own, inherited = [], []
+    own: list[Problem] = []
+    inherited: list[Problem] = []
     for p in problems:
         same = (
             not p.path

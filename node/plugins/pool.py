@@ -303,6 +303,8 @@ class WorkerPool:
         try:
             msg = json.loads(line)
         except json.JSONDecodeError:
+            msg = None
+        if not isinstance(msg, dict):  # not JSON, or JSON but not the ready object
             raise WorkerStartError(
                 f"the worker for {w.key} printed {line[:200]!r} instead of its ready line "
                 "(is dicom-node-sdk installed in that environment?)"

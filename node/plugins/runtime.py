@@ -53,7 +53,7 @@ _PRELOAD = [
     "node.plugins._forkserver",
 ]
 _lock = threading.Lock()
-_ctx: mp.context.BaseContext | None = None
+_ctx: mp.context.ForkServerContext | None = None
 _slots: threading.BoundedSemaphore | None = None
 _slot_count = 0
 
@@ -66,7 +66,7 @@ class PluginRunError(Exception):
         self.retryable = retryable
 
 
-def _context() -> mp.context.BaseContext:
+def _context() -> mp.context.ForkServerContext:
     global _ctx
     with _lock:
         if _ctx is None:

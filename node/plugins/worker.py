@@ -211,10 +211,14 @@ def run(spec: WorkSpec) -> WorkResult:
     ready: list[tuple[Any, Provenance]] = []
     #: What the job's summary should also say.
     notes: list[str] = []
+    t = time.perf_counter()
     try:
-        t = time.perf_counter()
         series = load_series([Path(f) for f in spec.files])
-        timings["load"] += time.perf_counter() - t
+    except Exception as e:  # noqa: BLE001 (MemoryError included: it is an Exception)
+        error, retryable = _failure(e, step, spec, info)
+        return WorkResult(False, error=error, retryable=retryable, timings=timings, plugins=names, notes=notes)
+    timings["load"] += time.perf_counter() - t
+    try:
         # Pixels are read when a plugin first asks: count that reading as "load", not as the plugin's time.
         pixel_read = _timed(series, timings)
         for k, s in enumerate(spec.steps):
@@ -431,7 +435,8 @@ def _command_step(
 
     ``notes`` gets what the job's summary should say about its output (an empty label map, files ignored).
     """
-    from node.plugins.commands import CommandPlugin, run_command
+    from node.config import CommandPlugin
+    from node.plugins.commands import run_command
 
     cmd = CommandPlugin.model_validate(s.command or {})  # the table as configured (the job sends only set keys)
     work = Path(spec.out_dir) / f"command-{k}"
@@ -518,6 +523,8 @@ def _build_and_write(
     t = time.perf_counter()
     ts = UID(spec.transfer_syntax)
     twins: list[Any] = []
+    #: How exactly an image result's values were stored (said in the job's summary).
+    stored = ""
     if isinstance(r, Segmentation):
         datasets = [build_seg(series, r, prov, index=i, transfer_syntax=ts, keep_empty_frames=spec.keep_empty_frames)]
         kind = "SEG"
@@ -540,13 +547,14 @@ def _build_and_write(
     elif isinstance(r, Volume):
         datasets, error = build_image_series(series, r, prov, index=i, transfer_syntax=ts)
         kind = "image"
+        stored = f"{r.name or 'volume'} stored " + ("exactly" if error == 0 else f"within {error:.3g}")
     else:
         datasets = build_sc(series, r, prov, index=i, transfer_syntax=ts)
         kind = "SC"
     for ds in [*datasets, *twins]:
         _check(ds, series.first, kind, notes)
-    if isinstance(r, Volume) and r.kind != "parametric-map":
-        notes.append(f"{r.name or 'volume'} stored " + ("exactly" if error == 0 else f"within {error:.3g}"))
+    if stored:
+        notes.append(stored)
     if isinstance(r, Segmentation) or (isinstance(r, Volume) and r.kind == "parametric-map"):
         from node.derive.sources import prepare
 

@@ -93,6 +93,18 @@ def test_a_setup_that_fails_or_hangs_is_a_clear_start_error(pool: WorkerPool) ->
     assert all(p.status() == psutil.STATUS_ZOMBIE for p in workers), workers
 
 
+def test_an_environment_that_prints_json_before_the_worker_is_a_clear_start_error(
+    pool: WorkerPool, tmp_path: Path
+) -> None:
+    """Startup code of the environment (here a sitecustomize) printing a JSON number where the ready line goes."""
+    (tmp_path / "sitecustomize.py").write_text("print(42, flush=True)\n")
+    s = WorkerSpec(sys.executable, {"PYTHONPATH": f"{tmp_path}{os.pathsep}{HERE}"}, WarmSettings())
+    with pytest.raises(WorkerStartError) as e:
+        pool.lease(key(), s)
+    assert "printed b'42' instead of its ready line" in str(e.value), e.value
+    assert pool.state() == []
+
+
 def test_discard_and_close_kill_their_workers(pool: WorkerPool) -> None:
     a = pool.lease(key(), spec())
     pool.discard(a, "its job timed out")
