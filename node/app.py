@@ -24,10 +24,10 @@ from node.jobs.runner import JobRunner
 from node.logs import set_redaction
 from node.receive.ingest import Ingest
 from node.receive.scp import StorageSCP
-from node.retention import Retention
 from node.send.dispatch import Dispatcher
 from node.storage import Storage
 from node.storage.recovery import mark_clean, recover
+from node.storage.retention import Retention
 
 if TYPE_CHECKING:
     from node.web.server import WebServer

@@ -149,33 +149,40 @@ def send(
 @app.command()
 def status(config: Path | None = ConfigOption) -> None:
     """What the index holds: counts by patient, study and series, and disk use."""
-    cfg = _load(config)
-    from node.index.status import NoIndex, gather
+    import shutil
 
+    from node.index import read
+
+    cfg = _load(config)
+    engine = _engine(cfg)
     try:
-        s = gather(cfg)
-    except NoIndex as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False)
-        raise typer.Exit(1) from None
+        s = read.summary(engine)
+        recent = read.series(engine, limit=10).items
     except Exception as e:  # unreachable or unmigrated database
         console.print(f"[bold red]error:[/] cannot read the index at {cfg.database_url}: {e}", highlight=False)
         raise typer.Exit(1) from None
+    finally:
+        engine.dispose()
+    free = shutil.disk_usage(cfg.data_dir).free if cfg.data_dir.exists() else 0
     out.print(f"data directory: {cfg.data_dir}")
     out.print(
         f"patients: {s.patients}  studies: {s.studies}  series: {s.series}  instances: {s.instances}  "
-        f"stored: {s.stored_bytes / 1e9:.2f} GB  disk free: {s.free_bytes / 1e9:.1f} GB"
+        f"stored: {s.stored_bytes / 1e9:.2f} GB  disk free: {free / 1e9:.1f} GB"
     )
-    if s.series_states:
-        out.print("series: " + "  ".join(f"{k}: {v}" for k, v in sorted(s.series_states.items())))
-    out.print("jobs: " + ("  ".join(f"{k}: {v}" for k, v in sorted(s.job_states.items())) or "none"))
-    for dest, states in sorted(s.deliveries.items()):
+    series_states = {k: v for k, v in s.states.series.items() if v}
+    job_states = {k: v for k, v in s.states.jobs.items() if v}
+    if series_states:
+        out.print("series: " + "  ".join(f"{k}: {v}" for k, v in sorted(series_states.items())))
+    out.print("jobs: " + ("  ".join(f"{k}: {v}" for k, v in sorted(job_states.items())) or "none"))
+    for dest, states in sorted(s.states.deliveries.items()):
         out.print(f"deliveries to {dest}: " + "  ".join(f"{k}: {v}" for k, v in sorted(states.items())))
-    if s.recent_series:
+    if recent:
         t = Table(title="most recent series")
         for col in ("patient", "study date", "modality", "series", "instances", "last received (UTC)"):
             t.add_column(col)
-        for r in s.recent_series:
-            t.add_row(*[str(x) for x in r])
+        for r in recent:
+            last = r.last_received_at.strftime("%Y-%m-%d %H:%M:%S") if r.last_received_at else "-"
+            t.add_row(r.patient_name, r.study_date, r.modality, r.series_description, str(r.instance_count), last)
         out.print(t)
 
 
@@ -387,40 +394,32 @@ def jobs_list(
     """Without a sub-command: list jobs, newest first."""
     if ctx.invoked_subcommand is not None:
         return
-    from sqlalchemy import select
-    from sqlalchemy.orm import Session
+    from node.index import read
+    from node.index.states import JobState
 
-    from node.index.models import Job, Series
-    from node.jobs.store import STATES
-
-    if state is not None and state not in STATES:
-        console.print(f"[bold red]error:[/] --state must be one of {', '.join(STATES)}", highlight=False)
+    if state is not None and state not in list(JobState):
+        console.print(f"[bold red]error:[/] --state must be one of {', '.join(JobState)}", highlight=False)
         raise typer.Exit(2)
     cfg = _load(config)
     engine = _engine(cfg)
     try:
-        with Session(engine) as s:
-            q = select(Job, Series.series_instance_uid, Series.modality).join(Series, Series.id == Job.series_fk)
-            if state:
-                q = q.where(Job.state == state)
-            rows = s.execute(q.order_by(Job.id.desc()).limit(limit)).all()
+        rows = read.jobs(engine, state=state or "", limit=limit).items
     finally:
         engine.dispose()
     t = Table(title=f"jobs{f' ({state})' if state else ''}")
     for col in ("id", "state", "rule", "action", "series", "rev", "attempts", "created (UTC)", "result / error"):
         t.add_column(col)
-    for j, uid, modality in rows:
-        detail = j.result if j.state == "succeeded" else j.last_error
+    for j in rows:
         t.add_row(
             str(j.id),
             j.state,
             j.rule,
             f"{j.action_index}: {j.kind}",
-            f"{modality} {uid}",
+            f"{j.modality} {j.series_instance_uid}",
             str(j.revision),
             f"{j.attempts}/{j.max_attempts}",
-            j.created_at.strftime("%Y-%m-%d %H:%M:%S"),
-            detail,
+            j.created_at.strftime("%Y-%m-%d %H:%M:%S") if j.created_at else "-",
+            j.detail,
         )
     out.print(t)
 
@@ -430,16 +429,12 @@ def jobs_show(job_id: int, config: Path | None = ConfigOption) -> None:
     """Everything about one job."""
     import json
 
-    from sqlalchemy.orm import Session
-
-    from node.index.models import Job, Series
+    from node.index import read
 
     cfg = _load(config)
     engine = _engine(cfg)
     try:
-        with Session(engine) as s:
-            j = s.get(Job, job_id)
-            series = s.get(Series, j.series_fk) if j else None
+        j = read.job(engine, job_id)
     finally:
         engine.dispose()
     if j is None:
@@ -450,10 +445,7 @@ def jobs_show(job_id: int, config: Path | None = ConfigOption) -> None:
         ("state", j.state),
         ("rule", j.rule),
         ("action", f"{j.action_index}: {json.dumps(json.loads(j.action))}"),
-        (
-            "series",
-            f'{series.series_instance_uid} ({series.modality} "{series.series_description}")' if series else "?",
-        ),
+        ("series", f'{j.series_instance_uid} ({j.modality} "{j.series_description}")'),
         ("revision", str(j.revision)),
         ("priority", str(j.priority)),
         ("attempts", f"{j.attempts} of {j.max_attempts}"),
@@ -578,20 +570,23 @@ def queue_list(
     """Without a sub-command: deliveries by destination and state (with --state or --series: one row each)."""
     if ctx.invoked_subcommand is not None:
         return
-    from node.index.models import aware
-    from node.send import queue
+    from node.index import read
+    from node.index.states import DeliveryState
 
-    if state is not None and state not in queue.STATES:
-        console.print(f"[bold red]error:[/] --state must be one of {', '.join(queue.STATES)}", highlight=False)
+    if state is not None and state not in list(DeliveryState):
+        console.print(f"[bold red]error:[/] --state must be one of {', '.join(DeliveryState)}", highlight=False)
         raise typer.Exit(2)
     cfg = _load(config)
     engine = _engine(cfg)
+    summaries: list[read.DestinationQueue] = []
     try:
         if state is None and series is None:
-            summaries = [s for s in queue.summary(engine) if destination in (None, s.destination)]
+            summaries = [s for s in read.destinations(engine) if destination in (None, s.destination)]
             rows = None
         else:
-            rows = queue.listing(engine, destination=destination, state=state, series_uid=series, limit=limit)
+            rows = read.deliveries(
+                engine, destination=destination or "", state=state or "", series_uid=series or "", limit=limit
+            ).items
     finally:
         engine.dispose()
     configured = {d.name: d for d in cfg.destinations}
@@ -599,11 +594,7 @@ def queue_list(
         t = Table(title="forward queue")
         for col in (
             "destination",
-            "queued",
-            "sending",
-            "delivered",
-            "failed",
-            "cancelled",
+            *DeliveryState,
             "oldest queued (UTC)",
             "next attempt (UTC)",
             "last error",
@@ -611,21 +602,18 @@ def queue_list(
             t.add_column(col)
         for s in summaries:
             name = s.destination + ("" if s.destination in configured else " (not configured)")
-            delivered = s.states.get("delivered", 0) + s.states.get("committed", 0)
-            if s.states.get("awaiting commitment"):
-                delivered_text = (
-                    f"{delivered + s.states['awaiting commitment']} ({s.states['awaiting commitment']} "
-                    "awaiting commitment)"
-                )
-            else:
-                delivered_text = str(delivered)
+            delivered = s.states.get(DeliveryState.DELIVERED, 0) + s.states.get(read.COMMITTED, 0)
+            awaiting = s.states.get(read.AWAITING_COMMITMENT, 0)
+            delivered_text = (
+                f"{delivered + awaiting} ({awaiting} {read.AWAITING_COMMITMENT})" if awaiting else str(delivered)
+            )
             t.add_row(
                 name,
-                str(s.states.get("queued", 0)),
-                str(s.states.get("sending", 0)),
+                str(s.states.get(DeliveryState.QUEUED, 0)),
+                str(s.states.get(DeliveryState.SENDING, 0)),
                 delivered_text,
-                str(s.states.get("failed", 0)),
-                str(s.states.get("cancelled", 0)),
+                str(s.states.get(DeliveryState.FAILED, 0)),
+                str(s.states.get(DeliveryState.CANCELLED, 0)),
                 s.oldest_queued.strftime("%Y-%m-%d %H:%M:%S") if s.oldest_queued else "-",
                 _when(s.next_attempt),
                 s.last_error,
@@ -647,17 +635,12 @@ def queue_list(
     ):
         t.add_column(col)
     for r in rows:
-        st = (
-            r.state
-            if not r.commitment
-            else f"{r.state} ({'awaiting commitment' if r.commitment == 'requested' else r.commitment})"
-        )
         t.add_row(
             str(r.id),
             r.destination,
-            st,
+            r.state_text,
             str(r.attempts),
-            _when(aware(r.next_attempt_at)) if r.state == "queued" else "-",
+            _when(r.next_attempt_at) if r.next_attempt_at else "-",
             "-" if r.last_status is None else f"0x{r.last_status:04X}",
             r.last_error or r.warning,
             r.sop_instance_uid,
@@ -758,6 +741,32 @@ def audit(
     _lines([trail.format_event(e) for e in reversed(events)] or ["(no events)"])
 
 
+@app.command()
+def retention(
+    config: Path | None = ConfigOption,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be deleted; change nothing."),
+) -> None:
+    """Run the clean-up once now (the config's retention section): old series, the disk watermark, delivery history.
+
+    Safe while the node runs: each series is checked again and deleted in its own transaction.
+    """
+    from node.logs import setup_logging
+    from node.storage import Storage
+    from node.storage.retention import Retention
+
+    cfg = _load(config)
+    setup_logging(cfg.logging.level, cfg.logging.json_format, redact_phi=cfg.logging.redact_phi)
+    reader = _engine(cfg)
+    engine = _engine(cfg, write=True) if not dry_run else reader
+    try:
+        report = Retention(cfg, engine, Storage(cfg.data_dir), reader=reader).run_once(dry_run=dry_run)
+    finally:
+        engine.dispose()
+        reader.dispose()
+    _lines(report.lines())
+    raise typer.Exit(1 if report.errors else 0)
+
+
 web_app = typer.Typer(help="The dashboard and REST API.", no_args_is_help=True)
 app.add_typer(web_app, name="web")
 
@@ -781,10 +790,6 @@ def web_hash_password(
 from node.demo import demo as _demo  # noqa: E402
 
 app.command("demo")(_demo)
-# Retention's command lives beside the clean-up it runs.
-from node.retention import retention as _retention  # noqa: E402
-
-app.command("retention")(_retention)
 
 
 def main() -> None:
@@ -792,4 +797,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

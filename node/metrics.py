@@ -24,16 +24,17 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine
 
 from node import __version__
 from node.dicom.status import category
+from node.index import read
 
 log = logging.getLogger(__name__)
 
 PREFIX = "dicom_node_"
 # A *_created sample per counter tells Prometheus nothing it does not know from the process start.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 # --- receive ------------------------------------------------------------------------
@@ -183,7 +184,7 @@ class StateCollector(Collector):
         info.add_metric([__version__], 1)
         yield info
         if self.engine is not None:
-            yield from self._index()
+            yield from self._index(self.engine)
         if self.storage_root is not None:
             yield from self._disk()
         yield from self._plugins()
@@ -218,24 +219,10 @@ class StateCollector(Collector):
         waiting.add_metric([], sum(len(st["waiting"]) for st in states))
         yield from (busy, waiting)
 
-    def _index(self) -> Iterator[Metric]:
-        from node.index.models import Delivery, Job, Series
-
+    def _index(self, engine: Engine) -> Iterator[Metric]:
         up = GaugeMetricFamily(PREFIX + "index_up", "1 when the index could be read for this scrape, else 0.")
         try:
-            with self.engine.connect() as conn:  # type: ignore[union-attr]
-                queue = conn.execute(
-                    select(Delivery.destination, Delivery.state, func.count()).group_by(
-                        Delivery.destination, Delivery.state
-                    )
-                ).all()
-                awaiting = conn.execute(
-                    select(Delivery.destination, func.count())
-                    .where(Delivery.state == "delivered", Delivery.commitment == "requested")
-                    .group_by(Delivery.destination)
-                ).all()
-                jobs = conn.execute(select(Job.state, func.count()).group_by(Job.state)).all()
-                series = conn.execute(select(Series.state, func.count()).group_by(Series.state)).all()
+            counts = read.state_counts(engine)
         except Exception as e:
             log.warning("metrics: cannot read the index: %s", e)
             up.add_metric([], 0)
@@ -243,19 +230,13 @@ class StateCollector(Collector):
             return
         up.add_metric([], 1)
         yield up
-        from node.jobs.store import STATES as JOB_STATES
-        from node.send.queue import STATES as QUEUE_STATES
-
         q = GaugeMetricFamily(
             PREFIX + "queue_deliveries",
             "Deliveries in the forward queue by destination and state.",
             labels=["destination", "state"],
         )
-        seen: dict[str, dict[str, int]] = {}
-        for dest, state, n in queue:
-            seen.setdefault(dest, dict.fromkeys(QUEUE_STATES, 0))[state] = int(n)
-        for dest, states in sorted(seen.items()):
-            for state, n in states.items():
+        for dest in sorted(counts.deliveries):
+            for state, n in counts.delivery_states(dest).items():
                 q.add_metric([dest, state], n)
         yield q
         c = GaugeMetricFamily(
@@ -263,17 +244,16 @@ class StateCollector(Collector):
             "Delivered instances whose storage commitment is not confirmed yet, by destination.",
             labels=["destination"],
         )
-        for dest, n in awaiting:
-            c.add_metric([dest], int(n))
+        for dest, states in sorted(counts.deliveries.items()):
+            if states.get(read.AWAITING_COMMITMENT):
+                c.add_metric([dest], states[read.AWAITING_COMMITMENT])
         yield c
         j = GaugeMetricFamily(PREFIX + "jobs", "Jobs by state.", labels=["state"])
-        by_state = dict.fromkeys(JOB_STATES, 0) | {s: int(n) for s, n in jobs}
-        for state, n in by_state.items():
+        for state, n in counts.jobs.items():
             j.add_metric([state], n)
         yield j
         s = GaugeMetricFamily(PREFIX + "series", "Series in the index by tracker state.", labels=["state"])
-        by_state = dict.fromkeys(("receiving", "stable", "triggered"), 0) | {st: int(n) for st, n in series}
-        for state, n in by_state.items():
+        for state, n in counts.series.items():
             s.add_metric([state], n)
         yield s
 

@@ -320,7 +320,7 @@ sources = {{ max_age_days = 1 }}
 def test_watermark_deletes_oldest_first_and_says_why_it_stops(node, scp, tmp_path, caplog):
     from node.config import load_config
     from node.index.db import make_engine
-    from node.retention import Retention
+    from node.storage.retention import Retention
     from node.storage import Storage
 
     node.extra_config = f"""
@@ -377,7 +377,7 @@ actions = [{{ type = "forward", to = ["down"] }}]
         assert dry.series_uids == [uids["a"], uids["b"]] and dry.watermark == "reached"
         assert assert_consistent(node) == 40
 
-        with caplog.at_level(logging.INFO, logger="node.retention"):
+        with caplog.at_level(logging.INFO, logger="node.storage.retention"):
             report = ret.run_once()
         # the protected series is the oldest but is skipped; a and b go (oldest first); c is not needed
         assert report.series_uids == [uids["a"], uids["b"]], report.lines()
@@ -392,7 +392,7 @@ actions = [{{ type = "forward", to = ["down"] }}]
         caplog.clear()
         cfg.retention.low_watermark = 1
         cfg.retention.high_watermark = 10  # the "disk" is 45 % used now
-        with caplog.at_level(logging.INFO, logger="node.retention"):
+        with caplog.at_level(logging.INFO, logger="node.storage.retention"):
             report = ret.run_once()
         assert report.series_uids == [uids["c"]] and report.watermark == "not reached", report.lines()
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

@@ -17,6 +17,7 @@ from node.decide.conditions import Facts
 from node.decide.facts import FileSeries, series_snapshot
 from node.decide.rules import RuleResult, RuleSet
 from node.index.models import Job, Patient, Series, SeriesRevision, Study, aware
+from node.index.states import JobState, SeriesState
 
 
 def _when(value: dt.datetime | None) -> str:
@@ -80,11 +81,12 @@ def explain_series(engine: Engine, data_dir: Path, ruleset: RuleSet, series_uid:
         f"of {study.study_date or 'unknown date'}",
         f"  received {_when(series.first_received_at)} to {_when(series.last_received_at)}",
     ]
-    state = {
-        "receiving": "receiving: waiting until no instance arrives for stable_after seconds",
-        "stable": "stable: its rules are being evaluated",
-        "triggered": "triggered: its rules were evaluated",
-    }.get(series.state, series.state)
+    meaning: dict[str, str] = {
+        SeriesState.RECEIVING: "receiving: waiting until no instance arrives for stable_after seconds",
+        SeriesState.STABLE: "stable: its rules are being evaluated",
+        SeriesState.TRIGGERED: "triggered: its rules were evaluated",
+    }
+    state = meaning.get(series.state, series.state)
     lines.append(f"  now revision {series.revision} ({series.revision_instances} instances), {state}")
     for r in revisions:
         matched = r.matched_rules.replace(",", ", ") or "no rule"
@@ -109,7 +111,11 @@ def explain_series(engine: Engine, data_dir: Path, ruleset: RuleSet, series_uid:
 
 
 def job_line(j: Job) -> str:
-    detail = j.last_error if j.state in ("failed", "cancelled", "pending") and j.last_error else j.result
+    detail = (
+        j.last_error
+        if j.state in (JobState.FAILED, JobState.CANCELLED, JobState.PENDING) and j.last_error
+        else j.result
+    )
     return (
         f"#{j.id} revision {j.revision} rule {j.rule} action {j.action_index} ({j.kind}): {j.state}, "
         f"attempt {j.attempts} of {j.max_attempts}" + (f" -- {detail}" if detail else "")

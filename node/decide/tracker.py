@@ -39,6 +39,7 @@ from node.decide.facts import dataset_facts, expected_instances, first_instance,
 from node.decide.rules import ForwardAction, PluginAction, RuleSet
 from node.index.models import Series, SeriesRevision, aware, utcnow
 from node.index.records import RecordOutcome
+from node.index.states import SeriesState
 from node.jobs.store import NewJob, create_jobs
 from node.logs import phi
 
@@ -99,7 +100,7 @@ class SeriesTracker:
             receiving = conn.execute(
                 select(
                     _series.c.id, _series.c.revision, _series.c.last_received_at, _series.c.revision_instances
-                ).where(_series.c.state == "receiving", _series.c.series_instance_uid != "")
+                ).where(_series.c.state == SeriesState.RECEIVING, _series.c.series_instance_uid != "")
             ).all()
             untriggered = conn.execute(
                 select(_revision.c.series_fk, _revision.c.revision).where(_revision.c.triggered_at.is_(None))
@@ -232,8 +233,13 @@ class SeriesTracker:
         with self.engine.begin() as conn:
             done = conn.execute(
                 update(_series)
-                .where(_series.c.id == sid, _series.c.state == "receiving", _series.c.revision == p.revision, cond)
-                .values(state="stable")
+                .where(
+                    _series.c.id == sid,
+                    _series.c.state == SeriesState.RECEIVING,
+                    _series.c.revision == p.revision,
+                    cond,
+                )
+                .values(state=SeriesState.STABLE)
             ).rowcount
             row = conn.execute(
                 select(
@@ -265,7 +271,7 @@ class SeriesTracker:
                 )
                 return True, reason
         # Not stable after all: something arrived that the timer had not heard of yet.
-        if row is not None and row.state == "receiving" and row.revision == p.revision:
+        if row is not None and row.state == SeriesState.RECEIVING and row.revision == p.revision:
             with self._lock:
                 p.last = max(p.last, aware(row.last_received_at))
                 p.count = max(p.count, row.revision_instances)
@@ -352,8 +358,8 @@ class SeriesTracker:
             )
             conn.execute(
                 update(_series)
-                .where(and_(_series.c.id == sid, _series.c.revision == revision, _series.c.state == "stable"))
-                .values(state="triggered")
+                .where(and_(_series.c.id == sid, _series.c.revision == revision, _series.c.state == SeriesState.STABLE))
+                .values(state=SeriesState.TRIGGERED)
             )
         when = f" ({reason})" if reason else ""
         if error:

@@ -21,6 +21,7 @@ from sqlalchemy import Engine, func, select
 
 from node.demo.pacs import short_name
 from node.index.models import Delivery, Instance, Job, Series, SeriesRevision, aware
+from node.index.states import DELIVERY_RETRYABLE, JOB_RETRYABLE, DeliveryState, JobState
 
 _i, _s, _j, _d, _r = (m.__table__ for m in (Instance, Series, Job, Delivery, SeriesRevision))
 _TIMINGS = re.compile(r"load ([\d.]+) s, plugin ([\d.]+) s, build ([\d.]+) s, write ([\d.]+) s")
@@ -162,9 +163,9 @@ class SeriesWatch:
                 f"job #{j.id} started: {what}"
                 + (f" (waited {waited:.2f} s for a free worker)" if waited >= 0.5 else ""),
             )
-            if j.state in ("failed", "cancelled"):
+            if j.state in JOB_RETRYABLE:
                 raise StepFailed(f"job #{j.id} ({what}) {j.state}: {j.last_error or 'no error recorded'}")
-            if j.state != "succeeded":
+            if j.state != JobState.SUCCEEDED:
                 again = f", attempt {j.attempts} failed: {j.last_error}" if j.last_error else ""
                 waiting.append(f"job #{j.id} ({what}, {j.state}{again})")
                 continue
@@ -209,16 +210,16 @@ class SeriesWatch:
             per_dest[r.destination].append(r)
         delivered: dict[str, int] = {}
         for dest, drows in sorted(per_dest.items()):
-            bad = [r for r in drows if r.state in ("failed", "cancelled")]
+            bad = [r for r in drows if r.state in DELIVERY_RETRYABLE]
             if bad:
                 raise StepFailed(f"{len(bad)} delivery(ies) to {dest} {bad[0].state}: {bad[0].last_error or '-'}")
-            ok = [r for r in drows if r.state == "delivered"]
+            ok = [r for r in drows if r.state == DeliveryState.DELIVERED]
             delivered[dest] = len(ok)
             pending = len(drows) - len(ok)
             if pending:
                 errs = [r.last_error for r in drows if r.last_error]
                 waiting.append(f"{pending} delivery(ies) to {dest}" + (f" (last error: {errs[-1]})" if errs else ""))
-        jobs_done = all(j.state == "succeeded" for j in jobs)
+        jobs_done = all(j.state == JobState.SUCCEEDED for j in jobs)
         all_sent = jobs_done and not waiting and bool(rows)
         if all_sent:
             for dest, drows in sorted(per_dest.items()):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from sqlalchemy import Engine, func, select
 
 from node.index.models import Delivery, Instance, Job, Series, SeriesRevision
+from node.index.states import CommitmentState, DeliveryState, JobState
 
 _i, _s, _j, _d, _r = (m.__table__ for m in (Instance, Series, Job, Delivery, SeriesRevision))
 
@@ -41,8 +42,8 @@ def _deliveries(conn, which, indent: str) -> list[str]:  # type: ignore[no-untyp
     for dest, state, commitment, n, first, last, error in rows:
         line = f"{indent}-> {dest}: {n} {state}"
         if commitment:
-            line += f" ({'awaiting commitment' if commitment == 'requested' else commitment})"
-        if state == "delivered":
+            line += f" ({'awaiting commitment' if commitment == CommitmentState.REQUESTED else commitment})"
+        if state == DeliveryState.DELIVERED:
             line += f" {_when(first)}" + (f" .. {_when(last)}" if n > 1 and last != first else "")
         elif error:
             line += f" -- {error}"
@@ -83,7 +84,7 @@ def lineage(engine: Engine, uid: str) -> list[str]:
         jobs = conn.execute(select(_j).where(_j.c.series_fk == series.id).order_by(_j.c.id)).all()
         for job in jobs:
             what = job.kind + (f" {job.software}" if job.software else "")
-            detail = job.result if job.state == "succeeded" else job.last_error
+            detail = job.result if job.state == JobState.SUCCEEDED else job.last_error
             lines.append(
                 f"  job #{job.id} revision {job.revision} rule {job.rule} action {job.action_index} ({what}): "
                 f"{job.state} {_when(job.finished_at)}" + (f" -- {detail}" if detail else "")

@@ -11,6 +11,7 @@ from sqlalchemy import ColumnClause, DateTime, bindparam, case, literal_column, 
 
 from node.dicom.files import Header
 from node.index.models import Instance, Patient, Series, Study
+from node.index.states import SeriesState
 from node.index.writer import Tx
 
 DuplicatePolicy = Literal["keep_first", "overwrite"]
@@ -76,7 +77,7 @@ _UPD_INSTANCE = _instance.update().where(_instance.c.id == bindparam("pk"))
 # revision of a stable/triggered one. Every right-hand side sees the row as
 # it was before the UPDATE (SQL semantics, SQLite and PostgreSQL alike).
 # (Literals inline, not as bind parameters: Prepared binds only named parameters.)
-_RECEIVING: ColumnClause[str] = literal_column("'receiving'")
+_RECEIVING: ColumnClause[str] = literal_column(f"'{SeriesState.RECEIVING}'")
 _ONE: ColumnClause[int] = literal_column("1")
 _receiving = _series.c.state == _RECEIVING
 # Typed, so that SQLite gets the same text format as every other time column.
@@ -99,7 +100,9 @@ _SERIES_SUB = (
     _series.update().where(_series.c.id == bindparam("pk")).values(instance_count=_series.c.instance_count - 1)
 )
 # The node's own outputs are not "received series": rules do not run on them (no loops of derived objects).
-_NOT_TRACKED = _series.update().where(_series.c.id == bindparam("pk")).values(state=literal_column("'triggered'"))
+_NOT_TRACKED = (
+    _series.update().where(_series.c.id == bindparam("pk")).values(state=literal_column(f"'{SeriesState.TRIGGERED}'"))
+)
 
 
 class Recorder:
@@ -189,7 +192,7 @@ class Recorder:
                 first_received_at=now,
                 last_received_at=now,
                 instance_count=0,
-                state="receiving",
+                state=SeriesState.RECEIVING,
                 revision=1,
                 revision_instances=0,
                 revision_started_at=now,

@@ -93,7 +93,7 @@ COMMITMENT_NOT_CONFIRMED = frozenset({CommitmentState.REQUESTED, CommitmentState
 SERIES_TRACKING = frozenset({SeriesState.RECEIVING, SeriesState.STABLE})
 
 
-def _in(column: Any, states: frozenset[StrEnum]) -> ColumnElement[bool]:
+def _in(column: ColumnElement[str], states: frozenset[StrEnum]) -> ColumnElement[bool]:
     return column.in_(sorted(states))  # sorted: the same SQL text each time (statement cache)
 
 

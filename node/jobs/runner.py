@@ -22,6 +22,7 @@ from node import metrics
 from node.config import Config
 from node.derive.store import OutputStore
 from node.index.models import Job, utcnow
+from node.index.states import JobState
 from node.jobs import store
 from node.jobs.actions import JobContext, JobFailed, handler_for
 from node.storage import Storage
@@ -115,7 +116,7 @@ class JobRunner:
 
     def _cancelled(self, job_id: int) -> bool:
         with self.reader.connect() as conn:
-            return conn.execute(select(Job.state).where(Job.id == job_id)).scalar() == "cancelled"
+            return conn.execute(select(Job.state).where(Job.id == job_id)).scalar() == JobState.CANCELLED
 
     def _run(self, job: store.ClaimedJob) -> None:
         t0 = time.monotonic()
@@ -148,7 +149,7 @@ class JobRunner:
         took = time.monotonic() - t0
         # The outcome that counts is the recorded one: a job cancelled while it ran did not succeed.
         metrics.JOB_SECONDS.labels(*metrics.job_labels(job.kind, job.action), state).observe(took)
-        if state == "succeeded":
+        if state == JobState.SUCCEEDED:
             log.info("job %d succeeded in %.1f s: %s", job.id, took, result, extra=_extra(job))
         else:
             log.warning(
@@ -167,12 +168,12 @@ class JobRunner:
         state = store.finish(self.engine, job.id, ok=False, error=error, retry_at=retry_at)
         self.wake()
         labels = metrics.job_labels(job.kind, job.action)
-        metrics.JOB_SECONDS.labels(*labels, "cancelled" if state == "cancelled" else "failed").observe(
-            time.monotonic() - t0
-        )
-        if state != "cancelled":  # an operator's cancel is not a failure; "final" = no attempt follows
-            metrics.JOB_FAILURES.labels(*labels, "false" if state == "pending" else "true").inc()
-        if state == "pending":
+        metrics.JOB_SECONDS.labels(
+            *labels, JobState.CANCELLED if state == JobState.CANCELLED else JobState.FAILED
+        ).observe(time.monotonic() - t0)
+        if state != JobState.CANCELLED:  # an operator's cancel is not a failure; "final" = no attempt follows
+            metrics.JOB_FAILURES.labels(*labels, "false" if state == JobState.PENDING else "true").inc()
+        if state == JobState.PENDING:
             log.warning(
                 "job %d attempt %d of %d failed after %.1f s: %s; retrying at %s",
                 job.id,
@@ -183,7 +184,7 @@ class JobRunner:
                 retry_at.isoformat(timespec="seconds") if retry_at else "",
                 extra=_extra(job),
             )
-        elif state == "cancelled":
+        elif state == JobState.CANCELLED:
             log.info("job %d was cancelled while it ran (%s)", job.id, error, extra=_extra(job))
         else:
             why = "" if retryable else " (not retried: another attempt would fail the same way)"

@@ -19,8 +19,8 @@ from sqlalchemy.exc import IntegrityError
 
 from node import audit
 from node.index.models import Delivery, Job, Series, aware, utcnow
+from node.index.states import JOB_ACTIVE, JOB_RETRYABLE, JobState, delivery_settling, job_active
 
-STATES = ("pending", "running", "succeeded", "failed", "cancelled")
 _job = Job.__table__
 _series = Series.__table__
 
@@ -64,7 +64,7 @@ def create_jobs(
                         kind=j.kind,
                         action=json.dumps(j.action, sort_keys=True),
                         priority=j.priority,
-                        state="pending",
+                        state=JobState.PENDING,
                         attempts=0,
                         max_attempts=j.max_attempts,
                         last_error="",
@@ -100,12 +100,9 @@ _waits_for_others = and_(
             _other.c.series_fk == _job.c.series_fk,
             _other.c.id != _job.c.id,
             _other.c.kind != "discard",
-            _other.c.state.in_(("pending", "running")),
+            job_active(_other),
         ),
-        exists().where(
-            _delivery.c.series_fk == _job.c.series_fk,
-            or_(_delivery.c.state.in_(("queued", "sending")), _delivery.c.commitment == "requested"),
-        ),
+        exists().where(_delivery.c.series_fk == _job.c.series_fk, delivery_settling(_delivery)),
     ),
 )
 
@@ -131,7 +128,7 @@ def claim_next(engine: Engine, now: dt.datetime | None = None) -> ClaimedJob | N
     with engine.begin() as conn:
         row = conn.execute(
             select(_job)
-            .where(_job.c.state == "pending", _job.c.not_before <= now, ~_waits_for_others)
+            .where(_job.c.state == JobState.PENDING, _job.c.not_before <= now, ~_waits_for_others)
             .order_by(_job.c.priority.desc(), _job.c.id)
             .limit(1)
         ).first()
@@ -139,8 +136,8 @@ def claim_next(engine: Engine, now: dt.datetime | None = None) -> ClaimedJob | N
             return None
         done = conn.execute(
             update(_job)
-            .where(_job.c.id == row.id, _job.c.state == "pending")
-            .values(state="running", attempts=_job.c.attempts + 1, started_at=now, finished_at=None)
+            .where(_job.c.id == row.id, _job.c.state == JobState.PENDING)
+            .values(state=JobState.RUNNING, attempts=_job.c.attempts + 1, started_at=now, finished_at=None)
         )
         if done.rowcount != 1:
             return None
@@ -162,7 +159,7 @@ def next_due(engine: Engine) -> dt.datetime | None:
     """When the earliest pending job becomes due (None when there is none)."""
     with engine.connect() as conn:
         value = conn.execute(
-            select(_job.c.not_before).where(_job.c.state == "pending").order_by(_job.c.not_before).limit(1)
+            select(_job.c.not_before).where(_job.c.state == JobState.PENDING).order_by(_job.c.not_before).limit(1)
         ).scalar()
     return None if value is None else aware(value)
 
@@ -173,13 +170,13 @@ def finish(
     """Record a run's end; returns the job's new state ("cancelled" if it was cancelled meanwhile)."""
     now = utcnow()
     if ok:
-        values: dict[str, Any] = dict(state="succeeded", result=result, last_error="", finished_at=now)
+        values: dict[str, Any] = dict(state=JobState.SUCCEEDED, result=result, last_error="", finished_at=now)
     elif retry_at is not None:
-        values = dict(state="pending", last_error=error, not_before=retry_at, finished_at=now)
+        values = dict(state=JobState.PENDING, last_error=error, not_before=retry_at, finished_at=now)
     else:
-        values = dict(state="failed", last_error=error, finished_at=now)
+        values = dict(state=JobState.FAILED, last_error=error, finished_at=now)
     with engine.begin() as conn:
-        done = conn.execute(update(_job).where(_job.c.id == job_id, _job.c.state == "running").values(**values))
+        done = conn.execute(update(_job).where(_job.c.id == job_id, _job.c.state == JobState.RUNNING).values(**values))
         if done.rowcount == 1:
             return str(values["state"])
         return str(conn.execute(select(_job.c.state).where(_job.c.id == job_id)).scalar() or "missing")
@@ -188,18 +185,20 @@ def finish(
 def requeue_running(engine: Engine) -> list[tuple[int, str, int]]:
     """At start-up: jobs left running by a process that died are pending again. Returns (id, rule, attempts)."""
     with engine.begin() as conn:
-        rows = conn.execute(select(_job.c.id, _job.c.rule, _job.c.attempts).where(_job.c.state == "running")).all()
+        rows = conn.execute(
+            select(_job.c.id, _job.c.rule, _job.c.attempts).where(_job.c.state == JobState.RUNNING)
+        ).all()
         if rows:
             conn.execute(
                 update(_job)
-                .where(_job.c.state == "running")
+                .where(_job.c.state == JobState.RUNNING)
                 .values(
-                    state="pending",
+                    state=JobState.PENDING,
                     not_before=utcnow(),
                     last_error="the node stopped while this job was running; taken up again",
                 )
             )
-    return [tuple(r) for r in rows]  # type: ignore[misc]
+    return [(r.id, r.rule, r.attempts) for r in rows]
 
 
 class JobStateError(ValueError):
@@ -220,12 +219,12 @@ def retry(engine: Engine, job_id: int, *, actor: str = "cli") -> None:
         ).first()
         if row is None:
             raise JobStateError(f"there is no job {job_id}")
-        if row.state not in ("failed", "cancelled"):
+        if row.state not in JOB_RETRYABLE:
             raise JobStateError(f"job {job_id} is {row.state}; only failed or cancelled jobs can be retried")
         conn.execute(
             update(_job)
             .where(and_(_job.c.id == job_id, _job.c.state == row.state))
-            .values(state="pending", not_before=utcnow(), max_attempts=max(row.max_attempts, row.attempts + 1))
+            .values(state=JobState.PENDING, not_before=utcnow(), max_attempts=max(row.max_attempts, row.attempts + 1))
         )
         audit.record(
             conn,
@@ -250,13 +249,13 @@ def cancel(engine: Engine, job_id: int, *, actor: str = "cli") -> str:
         if row is None:
             raise JobStateError(f"there is no job {job_id}")
         state = row.state
-        if state not in ("pending", "running"):
+        if state not in JOB_ACTIVE:
             raise JobStateError(f"job {job_id} is {state}; only pending or running jobs can be cancelled")
         why = "cancelled by an operator" + (f"; the error before: {row.last_error}" if row.last_error else "")
         conn.execute(
             update(_job)
             .where(_job.c.id == job_id, _job.c.state == state)
-            .values(state="cancelled", finished_at=utcnow(), last_error=why)
+            .values(state=JobState.CANCELLED, finished_at=utcnow(), last_error=why)
         )
         audit.record(
             conn,

@@ -38,7 +38,9 @@ from sqlalchemy import Engine
 
 from node import metrics
 from node.config import Config, DestinationSection
+from node.index import read
 from node.index.models import utcnow
+from node.index.states import DeliveryState
 from node.send import queue
 from node.send.failures import PROCESSING_FAILURE_ATTEMPTS
 from node.send.scu import Item, Peer, Result, Sender
@@ -348,7 +350,7 @@ class DestinationSender:
                 outcomes.append(
                     queue.Outcome(
                         c.id,
-                        "failed",
+                        DeliveryState.FAILED,
                         error="the instance is no longer stored on this node (deleted or discarded before it was sent)",
                         **self._who(c),
                     )
@@ -379,7 +381,7 @@ class DestinationSender:
         if len(results) < len(items):  # stopping: what was not sent goes back, not counted as an attempt
             sent = {id(r.item) for r in results}
             outcomes.extend(
-                queue.Outcome(it.key.id, "queued", error="", attempted=False)  # type: ignore[attr-defined]
+                queue.Outcome(it.key.id, DeliveryState.QUEUED, error="", attempted=False)  # type: ignore[attr-defined]
                 for it in items
                 if id(it) not in sent
             )
@@ -435,10 +437,10 @@ class DestinationSender:
                     extra={"destination": self.dest.name},
                 )
             return queue.Outcome(
-                c.id, "delivered", r.status, warning=r.warning, sent_syntax=r.sent_syntax, **self._who(c)
+                c.id, DeliveryState.DELIVERED, r.status, warning=r.warning, sent_syntax=r.sent_syntax, **self._who(c)
             )
         if r.outcome == "permanent":
-            return queue.Outcome(c.id, "failed", r.status, r.text, **self._who(c))
+            return queue.Outcome(c.id, DeliveryState.FAILED, r.status, r.text, **self._who(c))
         # Transient: the first such result of a batch counts as one failure of the destination.
         if not retry_at:
             counted, delay, when = self.breaker.failure()
@@ -460,25 +462,25 @@ class DestinationSender:
         if give_up and age >= give_up:
             return queue.Outcome(
                 c.id,
-                "failed",
+                DeliveryState.FAILED,
                 r.status,
                 f"gave up after {c.attempts} attempt(s) over {age / 3600:.1f} h (retry.give_up_after): {r.text}",
                 **self._who(c),
             )
         if r.status == 0x0110 and c.attempts >= PROCESSING_FAILURE_ATTEMPTS:
-            return queue.Outcome(c.id, "failed", r.status, f"{r.text} ({c.attempts} times)", **self._who(c))
-        return queue.Outcome(c.id, "queued", r.status, r.text, retry_at=retry_at[0], attempted=r.attempted)
+            return queue.Outcome(c.id, DeliveryState.FAILED, r.status, f"{r.text} ({c.attempts} times)", **self._who(c))
+        return queue.Outcome(c.id, DeliveryState.QUEUED, r.status, r.text, retry_at=retry_at[0], attempted=r.attempted)
 
     def _request_commitment(self, sender: Sender, outcomes: list[queue.Outcome], items: list[Item]) -> None:
         by_id = {it.key.id: it for it in items}  # type: ignore[attr-defined]
-        delivered = [o for o in outcomes if o.state == "delivered" and o.id in by_id]
+        delivered = [o for o in outcomes if o.state == DeliveryState.DELIVERED and o.id in by_id]
         if not delivered:
             return
         uid = str(generate_uid())
         refs = [(by_id[o.id].sop_class, by_id[o.id].sop_instance) for o in delivered]
         problem = sender.request_commitment(uid, refs)
         for n, o in enumerate(outcomes):
-            if o.state == "delivered" and o.id in by_id:
+            if o.state == DeliveryState.DELIVERED and o.id in by_id:
                 outcomes[n] = dataclasses.replace(o, error=problem, commitment_uid="" if problem else uid)
         if problem:
             log.error(
@@ -510,8 +512,8 @@ class Dispatcher:
         if n:
             log.warning("%d deliveries were being sent when the node stopped: sending them again", n)
         known = set(self.senders)
-        for dest, states in queue.counts(self.engine).items():
-            waiting = states.get("queued", 0)
+        for dest, states in read.delivery_counts(self.engine).items():
+            waiting = states.get(DeliveryState.QUEUED, 0)
             if dest not in known and waiting:
                 log.warning(
                     "%d deliveries are queued for destination %r, which is not in the config: they wait "

@@ -12,18 +12,24 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, bindparam, func, or_, select, update
+from sqlalchemy import Connection, Engine, Row, and_, bindparam, func, or_, select, update
 
 from node import audit
 from node.index.models import Delivery, DestinationCircuit, Instance, aware, utcnow
+from node.index.read import delivery_selection
+from node.index.states import (
+    DELIVERY_RETRYABLE,
+    CommitmentState,
+    DeliveryState,
+    delivery_in_flight,
+    delivery_not_arrived,
+)
 
-STATES = ("queued", "sending", "delivered", "failed", "cancelled")
 #: The due time an operator's retry gives: earlier than anything else, so the sender also tries at
 #: once when the destination's circuit is open (see Breaker).
 FORCED = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
-#: States in which a delivery is still on its way (a discard of its series waits for these).
-UNFINISHED = ("queued", "sending")
 
 _d = Delivery.__table__
 _i = Instance.__table__
@@ -83,7 +89,7 @@ def enqueue(
                         destination=dest,
                         sop_instance_uid=r.sop_instance_uid,
                         priority=priority,
-                        state="queued",
+                        state=DeliveryState.QUEUED,
                         attempts=0,
                         next_attempt_at=now,
                         last_error="",
@@ -91,11 +97,11 @@ def enqueue(
                         sent_transfer_syntax="",
                         created_at=now,
                         updated_at=now,
-                        commitment="",
+                        commitment=CommitmentState.NONE,
                         commitment_uid="",
                     )
                 )
-            elif old.state in ("failed", "cancelled"):
+            elif old.state in DELIVERY_RETRYABLE:
                 again.append(old.id)
             else:
                 already += 1
@@ -105,14 +111,14 @@ def enqueue(
         if again:
             requeued += conn.execute(
                 update(_d)
-                .where(_d.c.id.in_(again), _d.c.state.in_(("failed", "cancelled")))
+                .where(_d.c.id.in_(again), _d.c.state.in_(sorted(DELIVERY_RETRYABLE)))
                 .values(
-                    state="queued",
+                    state=DeliveryState.QUEUED,
                     next_attempt_at=now,
                     created_at=now,
                     updated_at=now,
                     attempts=0,
-                    commitment="",
+                    commitment=CommitmentState.NONE,
                     commitment_uid="",
                     job_fk=job_id if job_id is not None else _d.c.job_fk,
                 )
@@ -155,7 +161,7 @@ def claim(engine: Engine, destination: str, limit: int, now: dt.datetime | None 
                 _i.c.file_size,
             )
             .select_from(_d.outerjoin(_i, _i.c.id == _d.c.instance_fk))
-            .where(_d.c.destination == destination, _d.c.state == "queued", _d.c.next_attempt_at <= now)
+            .where(_d.c.destination == destination, _d.c.state == DeliveryState.QUEUED, _d.c.next_attempt_at <= now)
             .order_by(_d.c.priority.desc(), _d.c.id)
             .limit(limit)
         ).all()
@@ -166,8 +172,8 @@ def claim(engine: Engine, destination: str, limit: int, now: dt.datetime | None 
         taken = set(
             conn.execute(
                 update(_d)
-                .where(_d.c.id.in_(ids), _d.c.state == "queued")
-                .values(state="sending", attempts=_d.c.attempts + 1, updated_at=now)
+                .where(_d.c.id.in_(ids), _d.c.state == DeliveryState.QUEUED)
+                .values(state=DeliveryState.SENDING, attempts=_d.c.attempts + 1, updated_at=now)
                 .returning(_d.c.id)
             ).scalars()
         )
@@ -195,7 +201,7 @@ class Outcome:
 
     id: int
     #: delivered, failed or queued (again, at ``retry_at``).
-    state: str
+    state: DeliveryState
     status: int | None = None
     error: str = ""
     warning: str = ""
@@ -222,7 +228,7 @@ def record(engine: Engine, outcomes: Sequence[Outcome]) -> None:
     now = utcnow()
     events = [
         audit.row(
-            "delivered" if o.state == "delivered" else "delivery_failed",
+            "delivered" if o.state == DeliveryState.DELIVERED else "delivery_failed",
             at=now,
             actor="node",
             destination=o.destination,
@@ -230,21 +236,25 @@ def record(engine: Engine, outcomes: Sequence[Outcome]) -> None:
             job_id=o.job_id,
             status=o.status,
             detail=(o.warning or (f"sent as {o.sent_syntax}" if o.sent_syntax else ""))
-            if o.state == "delivered"
+            if o.state == DeliveryState.DELIVERED
             else o.error,
         )
         for o in outcomes
-        if o.state in ("delivered", "failed")
+        if o.state in (DeliveryState.DELIVERED, DeliveryState.FAILED)
     ]
     with engine.begin() as conn:
         audit.record_many(conn, events)
-        delivered = [o for o in outcomes if o.state == "delivered"]
+        delivered = [o for o in outcomes if o.state == DeliveryState.DELIVERED]
         if delivered:
             conn.execute(
                 update(_d)
-                .where(_d.c.id == bindparam("b_id"), or_(_d.c.state == "sending", _d.c.state == "cancelled"))
+                .where(
+                    _d.c.id == bindparam("b_id"),
+                    # Not IN (...): an expanding parameter cannot be used with executemany.
+                    or_(_d.c.state == DeliveryState.SENDING, _d.c.state == DeliveryState.CANCELLED),
+                )
                 .values(
-                    state="delivered",
+                    state=DeliveryState.DELIVERED,
                     last_status=bindparam("b_status"),
                     last_error=bindparam("b_error"),
                     warning=bindparam("b_warning"),
@@ -261,7 +271,11 @@ def record(engine: Engine, outcomes: Sequence[Outcome]) -> None:
                         b_status=o.status,
                         b_warning=o.warning[:256],
                         b_syntax=o.sent_syntax,
-                        b_commitment="requested" if o.commitment_uid else "failed" if o.error else "",
+                        b_commitment=CommitmentState.REQUESTED
+                        if o.commitment_uid
+                        else CommitmentState.FAILED
+                        if o.error
+                        else CommitmentState.NONE,
                         b_uid=o.commitment_uid,
                         b_error=o.error,
                     )
@@ -269,14 +283,14 @@ def record(engine: Engine, outcomes: Sequence[Outcome]) -> None:
                 ],
             )
         for o in outcomes:
-            if o.state == "delivered":
+            if o.state == DeliveryState.DELIVERED:
                 continue
-            values: dict = dict(state=o.state, last_status=o.status, last_error=o.error, updated_at=now)
-            if o.state == "queued":
+            values: dict[str, Any] = dict(state=o.state, last_status=o.status, last_error=o.error, updated_at=now)
+            if o.state == DeliveryState.QUEUED:
                 values["next_attempt_at"] = o.retry_at or now
                 if not o.attempted:
                     values["attempts"] = _d.c.attempts - 1
-            conn.execute(update(_d).where(_d.c.id == o.id, _d.c.state == "sending").values(**values))
+            conn.execute(update(_d).where(_d.c.id == o.id, _d.c.state == DeliveryState.SENDING).values(**values))
 
 
 def release(engine: Engine, ids: Sequence[int], why: str) -> int:
@@ -285,8 +299,8 @@ def release(engine: Engine, ids: Sequence[int], why: str) -> int:
     with engine.begin() as conn:
         return conn.execute(
             update(_d)
-            .where(_d.c.id.in_(list(ids)), _d.c.state == "sending")
-            .values(state="queued", next_attempt_at=at, updated_at=utcnow(), last_error=why)
+            .where(_d.c.id.in_(list(ids)), _d.c.state == DeliveryState.SENDING)
+            .values(state=DeliveryState.QUEUED, next_attempt_at=at, updated_at=utcnow(), last_error=why)
         ).rowcount
 
 
@@ -296,7 +310,7 @@ def postpone(engine: Engine, destination: str, until: dt.datetime, *, forced_too
     An operator's retry (due at FORCED) is left due unless ``forced_too``: the sender passes that once
     the retry has been tried and failed.
     """
-    cond = [_d.c.destination == destination, _d.c.state == "queued", _d.c.next_attempt_at < until]
+    cond = [_d.c.destination == destination, _d.c.state == DeliveryState.QUEUED, _d.c.next_attempt_at < until]
     if not forced_too:
         cond.append(_d.c.next_attempt_at > FORCED)
     with engine.begin() as conn:
@@ -308,9 +322,9 @@ def requeue_sending(engine: Engine) -> int:
     with engine.begin() as conn:
         return conn.execute(
             update(_d)
-            .where(_d.c.state == "sending")
+            .where(_d.c.state == DeliveryState.SENDING)
             .values(
-                state="queued",
+                state=DeliveryState.QUEUED,
                 next_attempt_at=utcnow(),
                 updated_at=utcnow(),
                 last_error="the node stopped while this was being sent; sending it again",
@@ -321,7 +335,9 @@ def requeue_sending(engine: Engine) -> int:
 def next_due(engine: Engine, destination: str) -> dt.datetime | None:
     with engine.connect() as conn:
         value = conn.execute(
-            select(func.min(_d.c.next_attempt_at)).where(_d.c.destination == destination, _d.c.state == "queued")
+            select(func.min(_d.c.next_attempt_at)).where(
+                _d.c.destination == destination, _d.c.state == DeliveryState.QUEUED
+            )
         ).scalar()
     return None if value is None else aware(value)
 
@@ -385,15 +401,17 @@ def commitment_result(
                 .where(
                     _d.c.commitment_uid == transaction_uid,
                     _d.c.sop_instance_uid.in_(committed),
-                    _d.c.commitment == "requested",
+                    _d.c.commitment == CommitmentState.REQUESTED,
                 )
-                .values(commitment="committed", commitment_at=now, updated_at=now)
+                .values(commitment=CommitmentState.COMMITTED, commitment_at=now, updated_at=now)
             ).rowcount
         bad = []
         for uid, why in failed.items():
             row = conn.execute(
                 select(_d.c.id).where(
-                    _d.c.commitment_uid == transaction_uid, _d.c.sop_instance_uid == uid, _d.c.commitment == "requested"
+                    _d.c.commitment_uid == transaction_uid,
+                    _d.c.sop_instance_uid == uid,
+                    _d.c.commitment == CommitmentState.REQUESTED,
                 )
             ).first()
             if row is None:
@@ -401,7 +419,7 @@ def commitment_result(
             conn.execute(
                 update(_d)
                 .where(_d.c.id == row.id)
-                .values(commitment="failed", commitment_at=now, updated_at=now, last_error=why)
+                .values(commitment=CommitmentState.FAILED, commitment_at=now, updated_at=now, last_error=why)
             )
             bad.append(row.id)
     return n, bad
@@ -414,8 +432,8 @@ def commitment_overdue(engine: Engine, destination: str, older_than: dt.datetime
             conn.execute(
                 select(_d.c.id).where(
                     _d.c.destination == destination,
-                    _d.c.state == "delivered",
-                    _d.c.commitment == "requested",
+                    _d.c.state == DeliveryState.DELIVERED,
+                    _d.c.commitment == CommitmentState.REQUESTED,
                     _d.c.delivered_at < older_than,
                 )
             ).scalars()
@@ -430,36 +448,19 @@ def resend(engine: Engine, ids: Sequence[int], reason: str, at: dt.datetime | No
     with engine.begin() as conn:
         return conn.execute(
             update(_d)
-            .where(_d.c.id.in_(list(ids)), _d.c.state == "delivered")
+            .where(_d.c.id.in_(list(ids)), _d.c.state == DeliveryState.DELIVERED)
             .values(
-                state="queued",
+                state=DeliveryState.QUEUED,
                 next_attempt_at=at or now,
                 updated_at=now,
                 last_error=reason,
-                commitment="",
+                commitment=CommitmentState.NONE,
                 commitment_uid="",
             )
         ).rowcount
 
 
 # --- operators ----------------------------------------------------------------
-
-
-def selection(destination: str | None, state: str | None, ids: Sequence[int] | None, series_uid: str | None):  # type: ignore[no-untyped-def]
-    """The condition on delivery rows that the CLI, the API and the dashboard select by (None: all)."""
-    from node.index.models import Series
-
-    cond = []
-    if destination:
-        cond.append(_d.c.destination == destination)
-    if state:
-        cond.append(_d.c.state == state)
-    if ids:
-        cond.append(_d.c.id.in_(list(ids)))
-    if series_uid:
-        s = Series.__table__
-        cond.append(_d.c.series_fk.in_(select(s.c.id).where(s.c.series_instance_uid == series_uid)))
-    return and_(*cond) if cond else None
 
 
 def _operator_event(
@@ -492,8 +493,8 @@ def retry(
 
     ``actor`` (who asked: "cli", or the web user's name) goes into the audit trail.
     """
-    states = ("failed", "cancelled") if include_cancelled else ("failed",)
-    sel = selection(destination, None, ids, series_uid)
+    states = sorted(DELIVERY_RETRYABLE) if include_cancelled else [DeliveryState.FAILED]
+    sel = delivery_selection(destination, None, ids, series_uid)
     now = utcnow()
     cond = _d.c.state.in_(states) if sel is None else and_(sel, _d.c.state.in_(states))
     with engine.begin() as conn:
@@ -501,7 +502,12 @@ def retry(
             update(_d)
             .where(cond)
             .values(
-                state="queued", next_attempt_at=FORCED, created_at=now, updated_at=now, commitment="", commitment_uid=""
+                state=DeliveryState.QUEUED,
+                next_attempt_at=FORCED,
+                created_at=now,
+                updated_at=now,
+                commitment=CommitmentState.NONE,
+                commitment_uid="",
             )
         ).rowcount
         _operator_event(
@@ -520,7 +526,7 @@ def retry(
 def retry_now(engine: Engine, destination: str | None = None, *, actor: str = "cli") -> int:
     """Make waiting queued deliveries due now (after a PACS outage was fixed)."""
     now = utcnow()
-    cond = _d.c.state == "queued"
+    cond = _d.c.state == DeliveryState.QUEUED
     if destination:
         cond = and_(cond, _d.c.destination == destination)
     with engine.begin() as conn:
@@ -543,14 +549,14 @@ def cancel(
     actor: str = "cli",
 ) -> int:
     """Cancel queued (and in-flight) deliveries; an instance already on the wire may still arrive."""
-    sel = selection(destination, None, ids, series_uid)
-    cond = _d.c.state.in_(UNFINISHED) if sel is None else and_(sel, _d.c.state.in_(UNFINISHED))
+    sel = delivery_selection(destination, None, ids, series_uid)
+    cond = delivery_in_flight(_d) if sel is None else and_(sel, delivery_in_flight(_d))
     with engine.begin() as conn:
         n = conn.execute(
             update(_d)
             .where(cond)
             .values(
-                state="cancelled",
+                state=DeliveryState.CANCELLED,
                 updated_at=utcnow(),
                 last_error=func.trim(func.coalesce(_d.c.last_error, "") + " (cancelled by an operator)"),
             )
@@ -559,94 +565,11 @@ def cancel(
         return n
 
 
-def counts(engine: Engine) -> dict[str, dict[str, int]]:
-    """{destination: {state: count}} (committed / awaiting commitment counted apart from delivered)."""
-    out: dict[str, dict[str, int]] = {}
-    with engine.connect() as conn:
-        for dest, state, commitment, n in conn.execute(
-            select(_d.c.destination, _d.c.state, _d.c.commitment, func.count()).group_by(
-                _d.c.destination, _d.c.state, _d.c.commitment
-            )
-        ):
-            key = state
-            if state == "delivered" and commitment in ("requested", "committed"):
-                key = "awaiting commitment" if commitment == "requested" else "committed"
-            out.setdefault(dest, {}).setdefault(key, 0)
-            out[dest][key] += n
-    return out
-
-
-def unfinished_for_series(conn: Connection, series_id: int, revision: int | None = None):  # type: ignore[no-untyped-def]
+def unfinished_for_series(conn: Connection, series_id: int, revision: int | None = None) -> Sequence[Row[Any]]:
     """Deliveries of a series' instances that have not (yet) arrived, as (state, destination, count)."""
-    cond = [_d.c.series_fk == series_id, or_(_d.c.state != "delivered", _d.c.commitment.in_(("requested", "failed")))]
+    cond = [_d.c.series_fk == series_id, delivery_not_arrived(_d)]
     if revision is not None:
         cond.append(_d.c.instance_fk.in_(select(_i.c.id).where(_i.c.series_fk == series_id, _i.c.revision == revision)))
     return conn.execute(
         select(_d.c.state, _d.c.destination, func.count()).where(*cond).group_by(_d.c.state, _d.c.destination)
     ).all()
-
-
-@dataclass(frozen=True)
-class DestinationSummary:
-    destination: str
-    states: dict[str, int]
-    #: When the oldest still-queued delivery was queued, and when the next attempt is due.
-    oldest_queued: dt.datetime | None
-    next_attempt: dt.datetime | None
-    #: The newest error among queued or failed deliveries.
-    last_error: str
-
-
-def summary(engine: Engine) -> list[DestinationSummary]:
-    """Per destination: counts by state, the queue's age, its next attempt and its newest error."""
-    states = counts(engine)
-    out = []
-    with engine.connect() as conn:
-        for dest in sorted(states):
-            oldest, nxt = conn.execute(
-                select(func.min(_d.c.created_at), func.min(_d.c.next_attempt_at)).where(
-                    _d.c.destination == dest, _d.c.state == "queued"
-                )
-            ).one()
-            err = conn.execute(
-                select(_d.c.last_error)
-                .where(_d.c.destination == dest, _d.c.state.in_(("queued", "failed")), _d.c.last_error != "")
-                .order_by(_d.c.updated_at.desc())
-                .limit(1)
-            ).scalar()
-            out.append(
-                DestinationSummary(
-                    dest, states[dest], aware(oldest) if oldest else None, aware(nxt) if nxt else None, err or ""
-                )
-            )
-    return out
-
-
-def listing(
-    engine: Engine,
-    *,
-    destination: str | None = None,
-    state: str | None = None,
-    series_uid: str | None = None,
-    limit: int = 50,
-) -> list[tuple]:
-    """Deliveries, newest first: (id, destination, state, attempts, next attempt, status, error or warning,
-    SOP Instance UID, updated)."""
-    sel = selection(destination, state, None, series_uid)
-    q = select(
-        _d.c.id,
-        _d.c.destination,
-        _d.c.state,
-        _d.c.commitment,
-        _d.c.attempts,
-        _d.c.next_attempt_at,
-        _d.c.last_status,
-        _d.c.last_error,
-        _d.c.warning,
-        _d.c.sop_instance_uid,
-        _d.c.updated_at,
-    )
-    if sel is not None:
-        q = q.where(sel)
-    with engine.connect() as conn:
-        return list(conn.execute(q.order_by(_d.c.id.desc()).limit(limit)).all())

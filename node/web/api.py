@@ -4,28 +4,23 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
-from fastapi import Path as PathParam
 from fastapi.responses import Response
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field
 
 from node import audit
+from node.index.states import DeliveryState, JobState, SeriesState
 from node.web import data
+from node.web.actions import ActionResult, JobId, Refused, Selection, delivery_change, job_change
 from node.web.context import WebContext, api_user, context
 
 log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/api", dependencies=[Depends(api_user)])
 
-SeriesState = Literal["receiving", "stable", "triggered"]
-JobState = Literal["pending", "running", "succeeded", "failed", "cancelled"]
-DeliveryState = Literal["queued", "sending", "delivered", "failed", "cancelled"]
 Limit = Query(50, ge=1, le=1000)
-#: Database ids are 64-bit; a larger number is a client's mistake (422), not a server error.
-JobId = PathParam(ge=1, le=2**63 - 1)
-DbId = Annotated[int, Field(ge=1, le=2**63 - 1)]
 Offset = Query(0, ge=0, le=10**9)
 
 
@@ -76,6 +71,8 @@ class StudyKeys(BaseModel):
 
 
 class SeriesModel(StudyKeys):
+    """:class:`node.index.read.SeriesRow` as JSON."""
+
     series_instance_uid: str
     modality: str
     series_number: int | None
@@ -105,8 +102,11 @@ class StudyPage(BaseModel):
 
 
 class JobModel(BaseModel):
+    """:class:`node.index.read.JobRow` as JSON (:func:`node.web.data.jsonable`)."""
+
     id: int
     series_instance_uid: str
+    modality: str
     revision: int
     rule: str
     action_index: int
@@ -123,7 +123,12 @@ class JobModel(BaseModel):
 
 
 class JobDetail(JobModel):
+    """:class:`node.index.read.JobDetail` as JSON."""
+
     action: str = Field(description="the rule action this job runs, as JSON")
+    priority: int
+    not_before: str | None
+    series_description: str
 
 
 class JobPage(BaseModel):
@@ -132,6 +137,8 @@ class JobPage(BaseModel):
 
 
 class DeliveryModel(BaseModel):
+    """:class:`node.index.read.DeliveryRow` as JSON."""
+
     id: int
     destination: str
     state: str
@@ -250,26 +257,6 @@ class AuditPage(BaseModel):
     items: list[AuditEventModel]
 
 
-class Selection(BaseModel):
-    """Which deliveries: by id, destination and/or series; ``all`` must be said explicitly."""
-
-    ids: list[DbId] = Field(default_factory=list, max_length=10000)
-    destination: str | None = None
-    series_uid: str | None = None
-    all: bool = False
-
-    @model_validator(mode="after")
-    def _something(self) -> Selection:
-        if not (self.ids or self.destination or self.series_uid or self.all):
-            raise ValueError("say which deliveries: ids, destination, series_uid, or all = true")
-        return self
-
-
-class ActionResult(BaseModel):
-    changed: int
-    message: str
-
-
 def _not_found(e: LookupError) -> HTTPException:
     return HTTPException(404, str(e.args[0] if e.args else e))
 
@@ -380,18 +367,8 @@ def get_job(job_id: int = JobId, ctx: WebContext = Depends(context)) -> dict[str
         raise _not_found(e) from None
 
 
-def job_change(ctx: WebContext, job_id: int, what: str, user: str) -> ActionResult:
-    from node.jobs import store
-
-    try:
-        if what == "retry":
-            store.retry(ctx.engine, job_id, actor=user)
-            ctx.wake_jobs()
-            return ActionResult(changed=1, message=f"job {job_id} queued to run again")
-        was = store.cancel(ctx.engine, job_id, actor=user)
-        return ActionResult(changed=1, message=f"job {job_id} cancelled (it was {was})")
-    except store.JobStateError as e:
-        raise HTTPException(404 if "there is no job" in str(e) else 409, str(e)) from None
+def _refused(e: Refused) -> HTTPException:
+    return HTTPException(e.status, e.message)
 
 
 @router.post(
@@ -402,7 +379,10 @@ def job_change(ctx: WebContext, job_id: int, what: str, user: str) -> ActionResu
 def post_job_retry(
     job_id: int = JobId, ctx: WebContext = Depends(context), user: str = Depends(api_user)
 ) -> ActionResult:
-    return job_change(ctx, job_id, "retry", user)
+    try:
+        return job_change(ctx, job_id, "retry", user)
+    except Refused as e:
+        raise _refused(e) from None
 
 
 @router.post(
@@ -413,7 +393,10 @@ def post_job_retry(
 def post_job_cancel(
     job_id: int = JobId, ctx: WebContext = Depends(context), user: str = Depends(api_user)
 ) -> ActionResult:
-    return job_change(ctx, job_id, "cancel", user)
+    try:
+        return job_change(ctx, job_id, "cancel", user)
+    except Refused as e:
+        raise _refused(e) from None
 
 
 @router.get(
@@ -430,25 +413,6 @@ def get_deliveries(
     return data.deliveries(
         ctx.reader, destination=destination, state=state or "", series_uid=series_uid, limit=limit, offset=offset
     )
-
-
-def delivery_change(ctx: WebContext, what: str, sel: Selection, user: str) -> ActionResult:
-    from node.send import queue
-
-    scope = dict(
-        destination=sel.destination or None, ids=sel.ids or None, series_uid=sel.series_uid or None, actor=user
-    )
-    if what == "retry":
-        n = queue.retry(ctx.engine, **scope)
-        if sel.all or (sel.destination and not sel.ids):
-            n += queue.retry_now(ctx.engine, sel.destination, actor=user)
-        ctx.wake_senders()
-        message = f"{n} deliver{'y' if n == 1 else 'ies'} queued to be sent now"
-    else:
-        n = queue.cancel(ctx.engine, **scope)
-        message = f"{n} deliver{'y' if n == 1 else 'ies'} cancelled"
-    log.info("deliveries %s by %s: %s: %s", what, user, sel.model_dump_json(exclude_defaults=True), message)
-    return ActionResult(changed=n, message=message)
 
 
 _BODY_ERRORS: dict[int | str, dict[str, Any]] = {400: {"description": "the body is not JSON"}}
@@ -485,7 +449,10 @@ def get_plugins(ctx: WebContext = Depends(context)) -> list[dict[str, Any]]:
     return data.plugins(ctx.cfg)
 
 
-AuditKind = Literal[tuple(audit.KINDS)]  # type: ignore[valid-type]
+if TYPE_CHECKING:
+    AuditKind = str
+else:  # the kinds as an enum in the OpenAPI spec, and a 422 for an unknown one
+    AuditKind = Literal[tuple(audit.KINDS)]
 
 
 @router.get(
@@ -502,9 +469,10 @@ def get_audit(
     offset: int = Offset,
     ctx: WebContext = Depends(context),
 ) -> dict[str, Any]:
-    scope = dict(since=since, until=until, kind=kind or None, uid=uid or None)
-    items = audit.query(ctx.reader, **scope, limit=limit, offset=offset)
-    return {"total": audit.count(ctx.reader, **scope), "items": [e | {"at": data.iso(e["at"])} for e in items]}
+    kinds, about = kind or None, uid or None
+    items = audit.query(ctx.reader, since=since, until=until, kind=kinds, uid=about, limit=limit, offset=offset)
+    total = audit.count(ctx.reader, since=since, until=until, kind=kinds, uid=about)
+    return {"total": total, "items": [e | {"at": data.iso(e["at"])} for e in items]}
 
 
 class RetentionModel(BaseModel):
@@ -532,8 +500,8 @@ def get_retention(ctx: WebContext = Depends(context)) -> dict[str, Any]:
 def post_retention_run(
     dry_run: bool = True, ctx: WebContext = Depends(context), user: str = Depends(api_user)
 ) -> dict[str, Any]:
-    from node.retention import Retention, RetentionBusy
     from node.storage import Storage
+    from node.storage.retention import Retention, RetentionBusy
 
     r = ctx.retention
     if r is None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 from urllib.parse import quote, urlsplit
 
 from fastapi import Depends, HTTPException, Request
@@ -12,6 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBasic, HTTPBasicC
 from sqlalchemy import Engine
 
 from node.config import Config
+from node.storage.retention import Retention
 from node.web.auth import COOKIE, Authenticator
 from node.web.data import RateSampler
 
@@ -33,7 +33,7 @@ class WebContext:
     wake_jobs: Callable[[], None] = _nothing
     wake_senders: Callable[[], None] = _nothing
     #: The node's scheduled clean-up, when [retention] enabled.
-    retention: Any = None
+    retention: Retention | None = None
 
 
 def context(request: Request) -> WebContext:

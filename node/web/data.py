@@ -1,12 +1,15 @@
-"""What the dashboard and the REST API show, read from the index as plain dicts.
+"""What the dashboard and the REST API show: the read model (:mod:`node.index.read`) as JSON-ready dicts.
 
 Everything here only reads, through the node's read-only engine; the few changes an operator can make
-(retry, cancel) go through the same functions as the command line (node.send.queue, node.jobs.store).
+(retry, cancel) are :mod:`node.web.actions`. The rows and counts come from :mod:`node.index.read`, as for
+the command line and the metrics; what is only the dashboard's (a series' timeline, the studies page,
+rates, rules, plugins) is put together here.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import datetime as dt
 import shutil
 import threading
@@ -21,15 +24,12 @@ from sqlalchemy import Engine, func, or_, select
 from node.config import Config
 from node.decide.explain import rule_lines
 from node.decide.facts import series_snapshot
+from node.index import read
 from node.index.models import Delivery, Instance, Job, Patient, Series, SeriesRevision, Study, aware, utcnow
-from node.send import queue
+from node.index.states import DeliveryState
 from node.storage import Storage
 
 _s, _st, _p, _i, _j, _d, _r = (m.__table__ for m in (Series, Study, Patient, Instance, Job, Delivery, SeriesRevision))
-
-SERIES_STATES = ("receiving", "stable", "triggered")
-JOB_STATES = ("pending", "running", "succeeded", "failed", "cancelled")
-DELIVERY_STATES = ("queued", "sending", "delivered", "failed", "cancelled")
 
 
 class NotFound(LookupError):
@@ -38,6 +38,11 @@ class NotFound(LookupError):
 
 def iso(value: dt.datetime | None) -> str | None:
     return aware(value).isoformat(timespec="milliseconds") if value else None
+
+
+def jsonable(row: Any) -> dict[str, Any]:
+    """A read-model row (a dataclass) as the API sends it: its fields, times as ISO 8601 strings."""
+    return {k: iso(v) if isinstance(v, dt.datetime) else v for k, v in dataclasses.asdict(row).items()}
 
 
 @dataclass
@@ -68,10 +73,8 @@ class RateSampler:
         self._stop.set()
 
     def sample(self) -> None:
-        with self.engine.connect() as conn:
-            received = conn.execute(select(func.coalesce(func.max(_i.c.id), 0))).scalar_one()
-            sent = conn.execute(select(func.count()).where(_d.c.state == "delivered")).scalar_one()
-        self._samples.append(Sample(time.time(), int(received), int(sent)))
+        received, sent = read.received_and_sent(self.engine)
+        self._samples.append(Sample(time.time(), received, sent))
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -104,11 +107,6 @@ def disk(data_dir: Path) -> dict[str, int]:
     return {"total_bytes": u.total, "used_bytes": u.used, "free_bytes": u.free}
 
 
-def _counts(conn: Any, column: Any, states: tuple[str, ...]) -> dict[str, int]:
-    found = dict(conn.execute(select(column, func.count()).group_by(column)).all())
-    return {**{k: 0 for k in states}, **{str(k): int(v) for k, v in found.items()}}
-
-
 def destinations(engine: Engine, cfg: Config) -> list[dict[str, Any]]:
     """Each destination's queue: counts by state, oldest queued, next attempt, newest error."""
     found = [
@@ -119,7 +117,7 @@ def destinations(engine: Engine, cfg: Config) -> list[dict[str, Any]]:
             "next_attempt": iso(d.next_attempt),
             "last_error": d.last_error,
         }
-        for d in queue.summary(engine)
+        for d in read.destinations(engine)
     ]
     known = {d["name"] for d in found}
     for d in cfg.destinations:  # configured but never used yet
@@ -129,23 +127,16 @@ def destinations(engine: Engine, cfg: Config) -> list[dict[str, Any]]:
 
 
 def overview(engine: Engine, cfg: Config, sampler: RateSampler | None) -> dict[str, Any]:
-    with engine.connect() as conn:
-        n_pat = conn.execute(select(func.count()).select_from(_p)).scalar_one()
-        n_study = conn.execute(select(func.count()).select_from(_st)).scalar_one()
-        n_series = conn.execute(select(func.count()).select_from(_s)).scalar_one()
-        n_inst, size = conn.execute(select(func.count(), func.coalesce(func.sum(_i.c.file_size), 0))).one()
-        n_out = conn.execute(select(func.count()).where(_i.c.job_fk.is_not(None))).scalar_one()
-        series_states = _counts(conn, _s.c.state, SERIES_STATES)
-        job_states = _counts(conn, _j.c.state, JOB_STATES)
+    s = read.summary(engine)
     return {
-        "patients": int(n_pat),
-        "studies": int(n_study),
-        "series": int(n_series),
-        "instances": int(n_inst),
-        "outputs": int(n_out),
-        "stored_bytes": int(size),
-        "series_states": series_states,
-        "job_states": job_states,
+        "patients": s.patients,
+        "studies": s.studies,
+        "series": s.series,
+        "instances": s.instances,
+        "outputs": s.outputs,
+        "stored_bytes": s.stored_bytes,
+        "series_states": s.states.series,
+        "job_states": s.states.jobs,
         "destinations": destinations(engine, cfg),
         "disk": disk(cfg.data_dir),
         "rates": sampler.rates() if sampler else [],
@@ -153,18 +144,18 @@ def overview(engine: Engine, cfg: Config, sampler: RateSampler | None) -> dict[s
     }
 
 
-def _series_row(r: Any) -> dict[str, Any]:
-    return {
-        "series_instance_uid": r.series_instance_uid,
-        "modality": r.modality,
-        "series_number": r.series_number,
-        "series_description": r.series_description,
-        "instance_count": r.instance_count,
-        "state": r.state,
-        "revision": r.revision,
-        "first_received_at": iso(r.first_received_at),
-        "last_received_at": iso(r.last_received_at),
-    } | _study_keys(r)
+def series_list(
+    engine: Engine,
+    *,
+    q: str = "",
+    state: str = "",
+    modality: str = "",
+    study_uid: str = "",
+    limit: int = 50,
+    offset: int = 0,
+) -> dict[str, Any]:
+    page = read.series(engine, q=q, state=state, modality=modality, study_uid=study_uid, limit=limit, offset=offset)
+    return {"total": page.total, "items": [jsonable(r) for r in page.items]}
 
 
 def _study_keys(r: Any) -> dict[str, Any]:
@@ -181,80 +172,12 @@ def _study_keys(r: Any) -> dict[str, Any]:
     }
 
 
-_SERIES_COLUMNS = (
-    _s.c.id,
-    _s.c.series_instance_uid,
-    _s.c.modality,
-    _s.c.series_number,
-    _s.c.series_description,
-    _s.c.instance_count,
-    _s.c.state,
-    _s.c.revision,
-    _s.c.first_received_at,
-    _s.c.last_received_at,
-    _st.c.study_instance_uid,
-    _st.c.study_date,
-    _st.c.study_description,
-    _st.c.accession_number,
-    _p.c.patient_name,
-    _p.c.patient_id,
-)
-
-
-def _search(q: str, *, series: bool = True) -> Any:
-    """Patient name or ID, accession or description containing ``q`` (literally: % and _ are not wildcards),
-    or a study (or series) UID equal to it."""
-    cond = [
-        _p.c.patient_name.icontains(q, autoescape=True),
-        _p.c.patient_id.icontains(q, autoescape=True),
-        _st.c.accession_number.icontains(q, autoescape=True),
-        _st.c.study_description.icontains(q, autoescape=True),
-        _st.c.study_instance_uid == q,
-    ]
-    if series:
-        cond += [_s.c.series_description.icontains(q, autoescape=True), _s.c.series_instance_uid == q]
-    return or_(*cond)
-
-
-def series_list(
-    engine: Engine,
-    *,
-    q: str = "",
-    state: str = "",
-    modality: str = "",
-    study_uid: str = "",
-    limit: int = 50,
-    offset: int = 0,
-) -> dict[str, Any]:
-    cond = []
-    if q:
-        cond.append(_search(q))
-    if state:
-        cond.append(_s.c.state == state)
-    if modality:
-        cond.append(_s.c.modality == modality)
-    if study_uid:
-        cond.append(_st.c.study_instance_uid == study_uid)
-    base = _s.join(_st, _st.c.id == _s.c.study_fk).join(_p, _p.c.id == _st.c.patient_fk)
-    with engine.connect() as conn:
-        total = conn.execute(select(func.count()).select_from(base).where(*cond)).scalar_one()
-        rows = conn.execute(
-            select(*_SERIES_COLUMNS)
-            .select_from(base)
-            .where(*cond)
-            .order_by(_s.c.last_received_at.desc(), _s.c.id.desc())
-            .limit(limit)
-            .offset(offset)
-        ).all()
-    return {"total": int(total), "items": [_series_row(r) for r in rows]}
-
-
 def studies(engine: Engine, *, q: str = "", limit: int = 25, offset: int = 0) -> dict[str, Any]:
     """Studies, newest first, each with its series."""
     base = _st.join(_p, _p.c.id == _st.c.patient_fk)
     cond = []
     if q:
-        cond.append(_search(q, series=False))
+        cond.append(read.search_condition(q, series=False))
     last = (
         select(
             _s.c.study_fk,
@@ -289,8 +212,8 @@ def studies(engine: Engine, *, q: str = "", limit: int = 25, offset: int = 0) ->
         ids = [r.id for r in rows]
         series = (
             conn.execute(
-                select(*_SERIES_COLUMNS, _s.c.study_fk)
-                .select_from(_s.join(_st, _st.c.id == _s.c.study_fk).join(_p, _p.c.id == _st.c.patient_fk))
+                select(*read.SERIES_COLUMNS, _s.c.study_fk)
+                .select_from(read.SERIES_JOIN)
                 .where(_s.c.study_fk.in_(ids))
                 .order_by(_s.c.series_number, _s.c.id)
             ).all()
@@ -299,7 +222,7 @@ def studies(engine: Engine, *, q: str = "", limit: int = 25, offset: int = 0) ->
         )
     by_study: dict[int, list[dict[str, Any]]] = collections.defaultdict(list)
     for r in series:
-        by_study[r.study_fk].append(_series_row(r))
+        by_study[r.study_fk].append(jsonable(read.SeriesRow.of(r)))
     items = [
         _study_keys(r)
         | {
@@ -313,57 +236,18 @@ def studies(engine: Engine, *, q: str = "", limit: int = 25, offset: int = 0) ->
     return {"total": int(total), "items": items}
 
 
-def _job_row(j: Any, series_uid: str = "") -> dict[str, Any]:
-    return {
-        "id": j.id,
-        "series_instance_uid": series_uid,
-        "revision": j.revision,
-        "rule": j.rule,
-        "action_index": j.action_index,
-        "kind": j.kind,
-        "state": j.state,
-        "attempts": j.attempts,
-        "max_attempts": j.max_attempts,
-        "software": j.software,
-        "result": j.result,
-        "last_error": j.last_error,
-        "created_at": iso(j.created_at),
-        "started_at": iso(j.started_at),
-        "finished_at": iso(j.finished_at),
-    }
-
-
-def _delivery_row(d: Any) -> dict[str, Any]:
-    return {
-        "id": d.id,
-        "destination": d.destination,
-        "state": d.state,
-        "commitment": d.commitment,
-        "attempts": d.attempts,
-        "next_attempt_at": iso(d.next_attempt_at) if d.state == "queued" else None,
-        "last_status": d.last_status,
-        "last_error": d.last_error,
-        "warning": d.warning,
-        "sop_instance_uid": d.sop_instance_uid,
-        "series_instance_uid": d.series_instance_uid,
-        "created_at": iso(d.created_at),
-        "updated_at": iso(d.updated_at),
-        "delivered_at": iso(d.delivered_at),
-    }
-
-
 def series_detail(engine: Engine, cfg: Config, uid: str) -> dict[str, Any]:
     """One series: what it is, its revisions, the rules now and why, jobs, outputs, deliveries, timeline."""
     with engine.connect() as conn:
         r = conn.execute(
-            select(*_SERIES_COLUMNS, _s.c.body_part_examined, _s.c.manufacturer, _s.c.station_name)
-            .select_from(_s.join(_st, _st.c.id == _s.c.study_fk).join(_p, _p.c.id == _st.c.patient_fk))
+            select(*read.SERIES_COLUMNS, _s.c.body_part_examined, _s.c.manufacturer, _s.c.station_name)
+            .select_from(read.SERIES_JOIN)
             .where(_s.c.series_instance_uid == uid)
         ).first()
         if r is None:
             raise NotFound(f"no series {uid} in the index")
         sid = r.id
-        head = _series_row(r) | {
+        head = jsonable(read.SeriesRow.of(r)) | {
             "body_part_examined": r.body_part_examined,
             "manufacturer": r.manufacturer,
             "station_name": r.station_name,
@@ -381,8 +265,7 @@ def series_detail(engine: Engine, cfg: Config, uid: str) -> dict[str, Any]:
             .limit(1)
         ).first()
         revisions = conn.execute(select(_r).where(_r.c.series_fk == sid).order_by(_r.c.revision)).all()
-        jobs = conn.execute(select(_j).where(_j.c.series_fk == sid).order_by(_j.c.id)).all()
-        job_ids = [j.id for j in jobs]
+        job_ids = list(conn.execute(select(_j.c.id).where(_j.c.series_fk == sid).order_by(_j.c.id)).scalars())
         outputs = (
             conn.execute(
                 select(
@@ -409,6 +292,7 @@ def series_detail(engine: Engine, cfg: Config, uid: str) -> dict[str, Any]:
             .where(or_(_d.c.series_fk == sid, _s.c.series_instance_uid.in_(out_series)))
         )
         deliveries = conn.execute(dq.order_by(_d.c.id)).all()
+    jobs = read.series_jobs(engine, sid)
     snap_lines: list[str] = []
     try:
         from sqlalchemy.orm import Session
@@ -462,7 +346,7 @@ def series_detail(engine: Engine, cfg: Config, uid: str) -> dict[str, Any]:
         if j.started_at:
             timeline.append({"at": iso(j.started_at), "step": "job", "text": f"{label} started"})
         if j.finished_at:
-            detail = j.result if j.state == "succeeded" else j.last_error
+            detail = j.detail
             timeline.append(
                 {
                     "at": iso(j.finished_at),
@@ -483,8 +367,8 @@ def series_detail(engine: Engine, cfg: Config, uid: str) -> dict[str, Any]:
     for d in deliveries:
         per_dest[("source" if d.series_fk == sid else "outputs", d.destination)].append(d)
     for (part, dest), rows in sorted(per_dest.items()):
-        done = [d for d in rows if d.state == "delivered" and d.delivered_at]
-        failed = [d for d in rows if d.state == "failed"]
+        done = [d for d in rows if d.state == DeliveryState.DELIVERED and d.delivered_at]
+        failed = [d for d in rows if d.state == DeliveryState.FAILED]
         if done:
             timeline.append(
                 {
@@ -542,7 +426,7 @@ def series_detail(engine: Engine, cfg: Config, uid: str) -> dict[str, Any]:
             for v in revisions
         ],
         "rules_now": snap_lines,
-        "jobs": [_job_row(j, uid) for j in jobs],
+        "jobs": [jsonable(j) for j in jobs],
         "outputs": [
             {
                 "sop_instance_uid": o.sop_instance_uid,
@@ -560,60 +444,30 @@ def series_detail(engine: Engine, cfg: Config, uid: str) -> dict[str, Any]:
 
 
 def jobs(engine: Engine, *, state: str = "", series_uid: str = "", limit: int = 50, offset: int = 0) -> dict[str, Any]:
-    cond = []
-    if state:
-        cond.append(_j.c.state == state)
-    if series_uid:
-        cond.append(_s.c.series_instance_uid == series_uid)
-    base = _j.join(_s, _s.c.id == _j.c.series_fk)
-    with engine.connect() as conn:
-        total = conn.execute(select(func.count()).select_from(base).where(*cond)).scalar_one()
-        rows = conn.execute(
-            select(_j, _s.c.series_instance_uid)
-            .select_from(base)
-            .where(*cond)
-            .order_by(_j.c.id.desc())
-            .limit(limit)
-            .offset(offset)
-        ).all()
-    return {"total": int(total), "items": [_job_row(r, r.series_instance_uid) for r in rows]}
+    page = read.jobs(engine, state=state, series_uid=series_uid, limit=limit, offset=offset)
+    return {"total": page.total, "items": [jsonable(r) for r in page.items]}
 
 
 def job(engine: Engine, job_id: int) -> dict[str, Any]:
-    with engine.connect() as conn:
-        r = conn.execute(
-            select(_j, _s.c.series_instance_uid)
-            .select_from(_j.join(_s, _s.c.id == _j.c.series_fk))
-            .where(_j.c.id == job_id)
-        ).first()
-    if r is None:
+    found = read.job(engine, job_id)
+    if found is None:
         raise NotFound(f"there is no job {job_id}")
-    return _job_row(r, r.series_instance_uid) | {"action": r.action}
+    return jsonable(found)
 
 
 def deliveries(
     engine: Engine, *, destination: str = "", state: str = "", series_uid: str = "", limit: int = 50, offset: int = 0
 ) -> dict[str, Any]:
-    sel = queue.selection(destination or None, state or None, None, series_uid or None)
-    cond = [] if sel is None else [sel]
-    base = _d.join(_s, _s.c.id == _d.c.series_fk)
-    with engine.connect() as conn:
-        total = conn.execute(select(func.count()).select_from(base).where(*cond)).scalar_one()
-        rows = conn.execute(
-            select(_d, _s.c.series_instance_uid)
-            .select_from(base)
-            .where(*cond)
-            .order_by(_d.c.id.desc())
-            .limit(limit)
-            .offset(offset)
-        ).all()
-    return {"total": int(total), "items": [_delivery_row(r) for r in rows]}
+    page = read.deliveries(
+        engine, destination=destination, state=state, series_uid=series_uid, limit=limit, offset=offset
+    )
+    return {"total": page.total, "items": [jsonable(r) for r in page.items]}
 
 
 def rules(cfg: Config, engine: Engine) -> list[dict[str, Any]]:
     """The configured rules, with how often each matched (per series revision)."""
     with engine.connect() as conn:
-        matched = collections.Counter()
+        matched: collections.Counter[str] = collections.Counter()
         for (names,) in conn.execute(select(_r.c.matched_rules).where(_r.c.matched_rules != "")):
             matched.update(n for n in names.split(",") if n)
     out = []

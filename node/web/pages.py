@@ -12,9 +12,10 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from node import __version__
+from node.index.states import DeliveryState, JobState
 from node.units import size
 from node.web import data
-from node.web.api import JobId, Selection, delivery_change, job_change
+from node.web.actions import JobId, Refused, Selection, delivery_change, job_change
 from node.web.auth import COOKIE
 from node.web.context import WebContext, context, page_user
 
@@ -159,14 +160,14 @@ def jobs(
     user: str = Depends(page_user),
     ctx: WebContext = Depends(context),
 ) -> Response:
-    found = data.jobs(ctx.reader, state=state if state in data.JOB_STATES else "", limit=50, offset=offset)
+    found = data.jobs(ctx.reader, state=state if state in list(JobState) else "", limit=50, offset=offset)
     return _render(
         request,
         "jobs.html",
         user,
         found=found,
         state=state,
-        states=data.JOB_STATES,
+        states=list(JobState),
         offset=offset,
         limit=50,
         page="jobs",
@@ -185,9 +186,9 @@ def job_action(
     if what not in ("retry", "cancel"):
         raise HTTPException(404, "no such action")
     try:
-        result = job_change(ctx, job_id, what, user)
-    except HTTPException as e:
-        return _back(back, str(e.detail))
+        result = job_change(ctx, job_id, "retry" if what == "retry" else "cancel", user)
+    except Refused as e:
+        return _back(back, e.message)
     return _back(back, result.message)
 
 
@@ -204,7 +205,7 @@ def deliveries(
     found = data.deliveries(
         ctx.reader,
         destination=destination,
-        state=state if state in data.DELIVERY_STATES else "",
+        state=state if state in list(DeliveryState) else "",
         series_uid=series_uid,
         limit=50,
         offset=offset,
@@ -218,7 +219,7 @@ def deliveries(
         destination=destination,
         state=state,
         series_uid=series_uid,
-        states=data.DELIVERY_STATES,
+        states=list(DeliveryState),
         offset=offset,
         limit=50,
         page="deliveries",
@@ -242,7 +243,7 @@ def deliveries_action(
         sel = Selection(ids=ids, destination=destination or None, series_uid=series_uid or None)
     except ValueError as e:
         return _back(back, str(e))
-    return _back(back, delivery_change(ctx, what, sel, user).message)
+    return _back(back, delivery_change(ctx, "retry" if what == "retry" else "cancel", sel, user).message)
 
 
 @router.get("/rules", response_class=HTMLResponse)
@@ -285,10 +286,10 @@ def audit_page(
 ) -> Response:
     from node import audit
 
-    scope = dict(kind=kind if kind in audit.KINDS else None, uid=uid or None)
+    which, about = (kind if kind in audit.KINDS else None), (uid or None)
     found = {
-        "total": audit.count(ctx.reader, **scope),
-        "items": audit.query(ctx.reader, **scope, limit=100, offset=offset),
+        "total": audit.count(ctx.reader, kind=which, uid=about),
+        "items": audit.query(ctx.reader, kind=which, uid=about, limit=100, offset=offset),
     }
     return _render(
         request,

@@ -33,12 +33,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import typer
-from sqlalchemy import Connection, Engine, and_, case, delete, exists, func, or_, select, true
+from sqlalchemy import Connection, Engine, and_, case, delete, exists, func, select, true
 
 from node import audit, units
 from node.config import Config
 from node.index.models import Delivery, Instance, Job, Patient, Series, SeriesRevision, Study, aware, utcnow
+from node.index.states import DELIVERY_IN_FLIGHT, delivery_not_arrived, job_active, series_tracking
 from node.storage import Storage
 from node.storage.removal import delete_instance_rows, remove_files
 
@@ -60,8 +60,6 @@ PRUNE_CHUNK = 5000
 _s, _i, _d = Series.__table__, Instance.__table__, Delivery.__table__
 _j, _rev = Job.__table__, SeriesRevision.__table__
 _study, _patient = Study.__table__, Patient.__table__
-_UNFINISHED_JOB = ("pending", "running")
-_TRACKING = ("receiving", "stable")
 
 DiskUsage = Callable[[Path], tuple[int, int, int]]
 
@@ -73,10 +71,7 @@ def _undelivered() -> Any:
     protect: an operator decided it will not be sent, and old data must not be kept for ever because
     of it. A discard right after forwarding keeps the stricter rule: it waits for arrival.
     """
-    return or_(
-        _d.c.state.in_(("queued", "sending", "failed")),
-        and_(_d.c.state == "delivered", _d.c.commitment.in_(("requested", "failed"))),
-    )
+    return delivery_not_arrived(_d, cancelled=False)
 
 
 def protected_series(conn: Connection, series_ids: list[int] | None = None) -> dict[int, str]:
@@ -86,10 +81,10 @@ def protected_series(conn: Connection, series_ids: list[int] | None = None) -> d
     def only(col: Any) -> Any:
         return true() if series_ids is None else col.in_(series_ids)
 
-    unfinished_job = _j.c.state.in_(_UNFINISHED_JOB)
+    unfinished_job = job_active(_j)
     queries = {
         "receiving": [
-            select(_s.c.id).where(_s.c.state.in_(_TRACKING), only(_s.c.id)),
+            select(_s.c.id).where(series_tracking(_s), only(_s.c.id)),
             select(_rev.c.series_fk).where(_rev.c.triggered_at.is_(None), only(_rev.c.series_fk)),
         ],
         "job": [
@@ -115,11 +110,11 @@ def protected_series(conn: Connection, series_ids: list[int] | None = None) -> d
 def _row_removable() -> Any:
     """A series row (correlated) that nothing needs any more: no instances, no history, no lineage."""
     return and_(
-        _s.c.state.not_in(_TRACKING),
+        ~series_tracking(_s),
         ~exists().where(_i.c.series_fk == _s.c.id),
         ~exists().where(_rev.c.series_fk == _s.c.id, _rev.c.triggered_at.is_(None)),
         ~exists().where(_d.c.series_fk == _s.c.id),
-        ~exists().where(_j.c.series_fk == _s.c.id, _j.c.state.in_(_UNFINISHED_JOB)),
+        ~exists().where(_j.c.series_fk == _s.c.id, job_active(_j)),
         ~exists().where(_i.c.job_fk == _j.c.id, _j.c.series_fk == _s.c.id),
         ~exists().where(_d.c.job_fk == _j.c.id, _j.c.series_fk == _s.c.id),
     )
@@ -461,6 +456,7 @@ class Retention:
         if c.id in done or c.id in blocked:
             return 0
         reason = protected.get(c.id)
+        instances, size = c.instances, c.size  # a dry run counts what the survey saw
         if reason is None and not r.dry_run:
             try:
                 outcome = self._delete_series(c, why)
@@ -479,8 +475,6 @@ class Retention:
                 r.series_rows_removed += series
                 r.studies_removed += studies
                 r.patients_removed += patients
-        elif reason is None:
-            instances, size = c.instances, c.size
         if reason is not None:
             blocked[c.id] = reason
             return 0
@@ -611,7 +605,7 @@ class Retention:
         if not days:
             return
         cutoff = r.started_at - dt.timedelta(days=days)
-        cond = and_(_d.c.instance_fk.is_(None), _d.c.updated_at < cutoff, _d.c.state.not_in(("queued", "sending")))
+        cond = and_(_d.c.instance_fk.is_(None), _d.c.updated_at < cutoff, _d.c.state.not_in(sorted(DELIVERY_IN_FLIGHT)))
         if r.dry_run:
             with self.reader.connect() as conn:
                 r.pruned_deliveries = int(conn.execute(select(func.count()).where(cond)).scalar() or 0)
@@ -665,29 +659,3 @@ class Retention:
             r.patients_removed,
             blocked,
         )
-
-
-def retention(
-    config: Path | None = typer.Option(
-        None, "--config", "-c", help="TOML config file (default: config/node.toml if present)."
-    ),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be deleted; change nothing."),
-) -> None:
-    """Run the clean-up once now ([retention] in the config): old series, the disk watermark, delivery history.
-
-    Safe while the node runs: each series is checked again and deleted in its own transaction.
-    """
-    from node.cli import _engine, _lines, _load
-    from node.logs import setup_logging
-
-    cfg = _load(config)
-    setup_logging(cfg.logging.level, cfg.logging.json_format, redact_phi=cfg.logging.redact_phi)
-    reader = _engine(cfg)
-    engine = _engine(cfg, write=True) if not dry_run else reader
-    try:
-        report = Retention(cfg, engine, Storage(cfg.data_dir), reader=reader).run_once(dry_run=dry_run)
-    finally:
-        engine.dispose()
-        reader.dispose()
-    _lines(report.lines())
-    raise typer.Exit(1 if report.errors else 0)

@@ -1,0 +1,511 @@
+"""The read model: what people see of the index, in one place for the command line, the dashboard, the API and metrics.
+
+Every function here only reads (give it the node's read-only engine) and returns typed rows
+(frozen dataclasses with UTC datetimes), never ORM objects or dicts: ``dicom-node status``,
+``dicom-node jobs``, ``dicom-node queue``, the dashboard, the REST API and the Prometheus gauges
+count and list the same things the same way. The web layer turns a row into JSON
+(:func:`node.web.data.jsonable`); the API's models are that JSON's schema.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy import ColumnElement, Engine, and_, func, or_, select
+
+from node.index.models import Delivery, Instance, Job, Patient, Series, Study, aware
+from node.index.states import CommitmentState, DeliveryState, JobState, SeriesState
+
+__all__ = [
+    "AWAITING_COMMITMENT",
+    "COMMITTED",
+    "DeliveryRow",
+    "DestinationQueue",
+    "IndexSummary",
+    "JobDetail",
+    "JobRow",
+    "Page",
+    "SeriesRow",
+    "StateCounts",
+    "deliveries",
+    "delivery_counts",
+    "delivery_selection",
+    "destinations",
+    "job",
+    "jobs",
+    "received_and_sent",
+    "search_condition",
+    "series",
+    "series_jobs",
+    "state_counts",
+    "summary",
+]
+
+_s, _st, _p, _i, _j, _d = (m.__table__ for m in (Series, Study, Patient, Instance, Job, Delivery))
+
+#: How delivered instances are counted apart, by their storage commitment, in a destination's counts.
+AWAITING_COMMITMENT = "awaiting commitment"
+COMMITTED = "committed"
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    """One page of a listing and how many rows the whole listing has."""
+
+    total: int
+    items: list[T]
+
+
+def _aware(value: dt.datetime | None) -> dt.datetime | None:
+    return aware(value) if value is not None else None
+
+
+# --- counts -----------------------------------------------------------------------------------------
+
+
+def delivery_counts(engine: Engine) -> dict[str, dict[str, int]]:
+    """{destination: {state: count}}; delivered ones awaiting or with a storage commitment counted apart
+    (as :data:`AWAITING_COMMITMENT` and :data:`COMMITTED`), only the states that occur."""
+    out: dict[str, dict[str, int]] = {}
+    with engine.connect() as conn:
+        for dest, state, commitment, n in conn.execute(
+            select(_d.c.destination, _d.c.state, _d.c.commitment, func.count()).group_by(
+                _d.c.destination, _d.c.state, _d.c.commitment
+            )
+        ):
+            key = state
+            if state == DeliveryState.DELIVERED and commitment == CommitmentState.REQUESTED:
+                key = AWAITING_COMMITMENT
+            elif state == DeliveryState.DELIVERED and commitment == CommitmentState.COMMITTED:
+                key = COMMITTED
+            counts = out.setdefault(dest, {})
+            counts[key] = counts.get(key, 0) + int(n)
+    return out
+
+
+def _by_state(engine: Engine, column: Any, states: type[SeriesState] | type[JobState]) -> dict[str, int]:
+    """Every state of the enum (0 where none), then any other value found."""
+    with engine.connect() as conn:
+        found = {str(k): int(v) for k, v in conn.execute(select(column, func.count()).group_by(column))}
+    return {str(s): 0 for s in states} | found
+
+
+@dataclass(frozen=True)
+class StateCounts:
+    """Series by tracker state, jobs by state (every state, 0 where none) and the forward queue's counts."""
+
+    series: dict[str, int]
+    jobs: dict[str, int]
+    #: :func:`delivery_counts`.
+    deliveries: dict[str, dict[str, int]]
+
+    def delivery_states(self, destination: str) -> dict[str, int]:
+        """A destination's deliveries by :class:`DeliveryState` alone (every state; delivered whatever the commitment)."""
+        counts = self.deliveries.get(destination, {})
+        out = {str(s): counts.get(s, 0) for s in DeliveryState}
+        out[DeliveryState.DELIVERED] += counts.get(AWAITING_COMMITMENT, 0) + counts.get(COMMITTED, 0)
+        return out
+
+
+def state_counts(engine: Engine) -> StateCounts:
+    """A few GROUP BYs on indexed columns: cheap enough for every metrics scrape."""
+    return StateCounts(
+        _by_state(engine, _s.c.state, SeriesState), _by_state(engine, _j.c.state, JobState), delivery_counts(engine)
+    )
+
+
+@dataclass(frozen=True)
+class IndexSummary:
+    """What the index holds: the overview of ``dicom-node status`` and the dashboard."""
+
+    patients: int
+    studies: int
+    series: int
+    instances: int
+    #: Instances this node produced (SEG, SC, ...).
+    outputs: int
+    stored_bytes: int
+    states: StateCounts
+
+
+def summary(engine: Engine) -> IndexSummary:
+    with engine.connect() as conn:
+        patients, studies, n_series = (
+            int(conn.execute(select(func.count()).select_from(t)).scalar_one()) for t in (_p, _st, _s)
+        )
+        instances, size = conn.execute(select(func.count(), func.coalesce(func.sum(_i.c.file_size), 0))).one()
+        outputs = conn.execute(select(func.count()).where(_i.c.job_fk.is_not(None))).scalar_one()
+    return IndexSummary(patients, studies, n_series, int(instances), int(outputs), int(size), state_counts(engine))
+
+
+def received_and_sent(engine: Engine) -> tuple[int, int]:
+    """(the highest instance id, deliveries delivered): running totals for the dashboard's rates."""
+    with engine.connect() as conn:
+        received = conn.execute(select(func.coalesce(func.max(_i.c.id), 0))).scalar_one()
+        sent = conn.execute(select(func.count()).where(_d.c.state == DeliveryState.DELIVERED)).scalar_one()
+    return int(received), int(sent)
+
+
+@dataclass(frozen=True)
+class DestinationQueue:
+    """One destination's part of the forward queue."""
+
+    destination: str
+    #: :func:`delivery_counts` of this destination.
+    states: dict[str, int]
+    #: When the oldest still-queued delivery was queued, and when the next attempt is due.
+    oldest_queued: dt.datetime | None
+    next_attempt: dt.datetime | None
+    #: The newest error among queued or failed deliveries.
+    last_error: str
+
+
+def destinations(engine: Engine) -> list[DestinationQueue]:
+    """Per destination ever queued for: counts by state, the queue's age, its next attempt, its newest error."""
+    states = delivery_counts(engine)
+    out = []
+    with engine.connect() as conn:
+        for dest in sorted(states):
+            oldest, nxt = conn.execute(
+                select(func.min(_d.c.created_at), func.min(_d.c.next_attempt_at)).where(
+                    _d.c.destination == dest, _d.c.state == DeliveryState.QUEUED
+                )
+            ).one()
+            err = conn.execute(
+                select(_d.c.last_error)
+                .where(
+                    _d.c.destination == dest,
+                    _d.c.state.in_((DeliveryState.QUEUED, DeliveryState.FAILED)),
+                    _d.c.last_error != "",
+                )
+                .order_by(_d.c.updated_at.desc())
+                .limit(1)
+            ).scalar()
+            out.append(DestinationQueue(dest, states[dest], _aware(oldest), _aware(nxt), err or ""))
+    return out
+
+
+# --- series ---------------------------------------------------------------------------------------
+
+#: The columns of a :class:`SeriesRow` (and the series' id), over series JOIN study JOIN patient.
+SERIES_COLUMNS = (
+    _s.c.id,
+    _s.c.series_instance_uid,
+    _s.c.modality,
+    _s.c.series_number,
+    _s.c.series_description,
+    _s.c.instance_count,
+    _s.c.state,
+    _s.c.revision,
+    _s.c.first_received_at,
+    _s.c.last_received_at,
+    _st.c.study_instance_uid,
+    _st.c.study_date,
+    _st.c.study_description,
+    _st.c.accession_number,
+    _p.c.patient_name,
+    _p.c.patient_id,
+)
+#: series JOIN study JOIN patient.
+SERIES_JOIN = _s.join(_st, _st.c.id == _s.c.study_fk).join(_p, _p.c.id == _st.c.patient_fk)
+
+
+@dataclass(frozen=True)
+class SeriesRow:
+    """A series as listed: what it is, where the tracker is, and the study and patient it belongs to."""
+
+    series_instance_uid: str
+    modality: str
+    series_number: int | None
+    series_description: str
+    instance_count: int
+    state: str
+    revision: int
+    first_received_at: dt.datetime | None
+    last_received_at: dt.datetime | None
+    study_instance_uid: str
+    study_date: str
+    study_description: str
+    accession_number: str
+    patient_name: str
+    patient_id: str
+
+    @classmethod
+    def of(cls, r: Any) -> SeriesRow:
+        """From a result row selecting at least :data:`SERIES_COLUMNS`."""
+        return cls(
+            r.series_instance_uid,
+            r.modality,
+            r.series_number,
+            r.series_description,
+            r.instance_count,
+            r.state,
+            r.revision,
+            _aware(r.first_received_at),
+            _aware(r.last_received_at),
+            r.study_instance_uid,
+            r.study_date,
+            r.study_description,
+            r.accession_number,
+            r.patient_name,
+            r.patient_id,
+        )
+
+
+def search_condition(q: str, *, series: bool = True) -> ColumnElement[bool]:
+    """Patient name or ID, accession or description containing ``q`` (literally: % and _ are not wildcards),
+    or a study (or series) UID equal to it."""
+    cond = [
+        _p.c.patient_name.icontains(q, autoescape=True),
+        _p.c.patient_id.icontains(q, autoescape=True),
+        _st.c.accession_number.icontains(q, autoescape=True),
+        _st.c.study_description.icontains(q, autoescape=True),
+        _st.c.study_instance_uid == q,
+    ]
+    if series:
+        cond += [_s.c.series_description.icontains(q, autoescape=True), _s.c.series_instance_uid == q]
+    return or_(*cond)
+
+
+def series(
+    engine: Engine,
+    *,
+    q: str = "",
+    state: str = "",
+    modality: str = "",
+    study_uid: str = "",
+    limit: int = 50,
+    offset: int = 0,
+) -> Page[SeriesRow]:
+    """Series, most recently received first."""
+    cond = []
+    if q:
+        cond.append(search_condition(q))
+    if state:
+        cond.append(_s.c.state == state)
+    if modality:
+        cond.append(_s.c.modality == modality)
+    if study_uid:
+        cond.append(_st.c.study_instance_uid == study_uid)
+    with engine.connect() as conn:
+        total = conn.execute(select(func.count()).select_from(SERIES_JOIN).where(*cond)).scalar_one()
+        rows = conn.execute(
+            select(*SERIES_COLUMNS)
+            .select_from(SERIES_JOIN)
+            .where(*cond)
+            .order_by(_s.c.last_received_at.desc(), _s.c.id.desc())
+            .limit(limit)
+            .offset(offset)
+        ).all()
+    return Page(int(total), [SeriesRow.of(r) for r in rows])
+
+
+# --- jobs -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """A job as listed (the dashboard, the API, ``dicom-node jobs``)."""
+
+    id: int
+    series_instance_uid: str
+    modality: str
+    revision: int
+    rule: str
+    action_index: int
+    kind: str
+    state: str
+    attempts: int
+    max_attempts: int
+    software: str
+    result: str
+    last_error: str
+    created_at: dt.datetime | None
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+
+    @property
+    def detail(self) -> str:
+        """What people want to know of it: its result once it succeeded, else its last error."""
+        return self.result if self.state == JobState.SUCCEEDED else self.last_error
+
+    @classmethod
+    def of(cls, j: Any, series_uid: str, modality: str) -> JobRow:
+        """From a job row (table or ORM) and its series' UID and modality."""
+        return cls(**_job_values(j, series_uid, modality))
+
+
+def _job_values(j: Any, series_uid: str, modality: str) -> dict[str, Any]:
+    return dict(
+        id=j.id,
+        series_instance_uid=series_uid,
+        modality=modality,
+        revision=j.revision,
+        rule=j.rule,
+        action_index=j.action_index,
+        kind=j.kind,
+        state=j.state,
+        attempts=j.attempts,
+        max_attempts=j.max_attempts,
+        software=j.software,
+        result=j.result,
+        last_error=j.last_error,
+        created_at=_aware(j.created_at),
+        started_at=_aware(j.started_at),
+        finished_at=_aware(j.finished_at),
+    )
+
+
+@dataclass(frozen=True)
+class JobDetail(JobRow):
+    """Everything about one job (``dicom-node jobs show``, ``GET /api/jobs/{id}``)."""
+
+    #: The rule action this job runs, as JSON (as configured when the job was made).
+    action: str = ""
+    priority: int = 0
+    not_before: dt.datetime | None = None
+    series_description: str = ""
+
+
+def _job_select() -> Any:
+    return select(_j, _s.c.series_instance_uid, _s.c.modality, _s.c.series_description).select_from(
+        _j.join(_s, _s.c.id == _j.c.series_fk)
+    )
+
+
+def jobs(engine: Engine, *, state: str = "", series_uid: str = "", limit: int = 50, offset: int = 0) -> Page[JobRow]:
+    """Jobs, newest first."""
+    cond = []
+    if state:
+        cond.append(_j.c.state == state)
+    if series_uid:
+        cond.append(_s.c.series_instance_uid == series_uid)
+    with engine.connect() as conn:
+        total = conn.execute(
+            select(func.count()).select_from(_j.join(_s, _s.c.id == _j.c.series_fk)).where(*cond)
+        ).scalar_one()
+        rows = conn.execute(_job_select().where(*cond).order_by(_j.c.id.desc()).limit(limit).offset(offset)).all()
+    return Page(int(total), [JobRow.of(r, r.series_instance_uid, r.modality) for r in rows])
+
+
+def series_jobs(engine: Engine, series_id: int) -> list[JobRow]:
+    """The jobs of one series (by its id), oldest first."""
+    with engine.connect() as conn:
+        rows = conn.execute(_job_select().where(_j.c.series_fk == series_id).order_by(_j.c.id)).all()
+    return [JobRow.of(r, r.series_instance_uid, r.modality) for r in rows]
+
+
+def job(engine: Engine, job_id: int) -> JobDetail | None:
+    """One job, or None when there is none with that number."""
+    with engine.connect() as conn:
+        r = conn.execute(_job_select().where(_j.c.id == job_id)).first()
+    if r is None:
+        return None
+    return JobDetail(
+        **_job_values(r, r.series_instance_uid, r.modality),
+        action=r.action,
+        priority=r.priority,
+        not_before=_aware(r.not_before),
+        series_description=r.series_description,
+    )
+
+
+# --- deliveries ---------------------------------------------------------------------------------------
+
+
+def delivery_selection(
+    destination: str | None, state: str | None, ids: Sequence[int] | None, series_uid: str | None
+) -> ColumnElement[bool] | None:
+    """The condition on delivery rows that the CLI, the API and the dashboard select by (None: all)."""
+    cond = []
+    if destination:
+        cond.append(_d.c.destination == destination)
+    if state:
+        cond.append(_d.c.state == state)
+    if ids:
+        cond.append(_d.c.id.in_(list(ids)))
+    if series_uid:
+        cond.append(_d.c.series_fk.in_(select(_s.c.id).where(_s.c.series_instance_uid == series_uid)))
+    return and_(*cond) if cond else None
+
+
+@dataclass(frozen=True)
+class DeliveryRow:
+    """One instance's delivery to one destination (the dashboard, the API, ``dicom-node queue --state``)."""
+
+    id: int
+    destination: str
+    state: str
+    #: A :class:`~node.index.states.CommitmentState`.
+    commitment: str
+    attempts: int
+    #: Only while it is queued.
+    next_attempt_at: dt.datetime | None
+    #: The DIMSE status of the last attempt (None: no response).
+    last_status: int | None
+    last_error: str
+    warning: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    created_at: dt.datetime | None
+    updated_at: dt.datetime | None
+    delivered_at: dt.datetime | None
+
+    @property
+    def state_text(self) -> str:
+        """Its state for people, with the storage commitment where one was asked for."""
+        if not self.commitment:
+            return self.state
+        commitment = AWAITING_COMMITMENT if self.commitment == CommitmentState.REQUESTED else self.commitment
+        return f"{self.state} ({commitment})"
+
+    @classmethod
+    def of(cls, d: Any) -> DeliveryRow:
+        """From a delivery row that also selects its series' ``series_instance_uid``."""
+        return cls(
+            d.id,
+            d.destination,
+            d.state,
+            d.commitment,
+            d.attempts,
+            _aware(d.next_attempt_at) if d.state == DeliveryState.QUEUED else None,
+            d.last_status,
+            d.last_error,
+            d.warning,
+            d.sop_instance_uid,
+            d.series_instance_uid,
+            _aware(d.created_at),
+            _aware(d.updated_at),
+            _aware(d.delivered_at),
+        )
+
+
+def deliveries(
+    engine: Engine,
+    *,
+    destination: str = "",
+    state: str = "",
+    series_uid: str = "",
+    limit: int = 50,
+    offset: int = 0,
+) -> Page[DeliveryRow]:
+    """Deliveries, newest first."""
+    sel = delivery_selection(destination or None, state or None, None, series_uid or None)
+    cond = [] if sel is None else [sel]
+    base = _d.join(_s, _s.c.id == _d.c.series_fk)
+    with engine.connect() as conn:
+        total = conn.execute(select(func.count()).select_from(base).where(*cond)).scalar_one()
+        rows = conn.execute(
+            select(_d, _s.c.series_instance_uid)
+            .select_from(base)
+            .where(*cond)
+            .order_by(_d.c.id.desc())
+            .limit(limit)
+            .offset(offset)
+        ).all()
+    return Page(int(total), [DeliveryRow.of(r) for r in rows])
