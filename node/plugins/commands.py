@@ -388,11 +388,17 @@ def nifti_on_grid(path: Path, series: SeriesInput, where: str) -> np.ndarray:
     grid and fails: it would be a different image.
     """
     import nibabel as nib
+    from nibabel.spatialimages import SpatialImage
 
     try:
         img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
     except Exception as e:  # noqa: BLE001 (nibabel raises many kinds for a bad file)
+        raise PluginError(f"{where}: not a readable NIfTI file: {e}") from None
+    if not isinstance(img, SpatialImage) or img.affine is None:
+        raise PluginError(f"{where}: a {type(img).__name__} without voxels on an affine; write a NIfTI label map")
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception as e:  # noqa: BLE001
         raise PluginError(f"{where}: not a readable NIfTI file: {e}") from None
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
@@ -407,34 +413,42 @@ def nifti_on_grid(path: Path, series: SeriesInput, where: str) -> np.ndarray:
     shape = (len(series), int(series.first.Rows), int(series.first.Columns))
     lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ img.affine
     # m maps a series index (slice, row, column) to a NIfTI index: a signed permutation plus an offset.
-    m = np.linalg.solve(lps, grid)
-    rot, offset = m[:3, :3], m[:3, 3]
-    perm = np.round(rot)
-    ok = (
-        np.allclose(rot, perm, atol=1e-3)
-        and all(np.count_nonzero(perm[:, a]) == 1 for a in range(3))
-        and all(np.count_nonzero(perm[i]) == 1 for i in range(3))
-        and np.allclose(offset, np.round(offset), atol=1e-2)
-    )
-    axes = [int(np.nonzero(perm[:, a])[0][0]) for a in range(3)] if ok else []
-    signs = [int(perm[axes[a], a]) for a in range(3)] if ok else []
-    if ok:
-        out = np.transpose(data, axes)
-        for a in range(3):
-            start = int(round(offset[axes[a]]))
-            expected = 0 if signs[a] > 0 else shape[a] - 1
-            if out.shape[a] != shape[a] or start != expected:
-                ok = False
-                break
-            if signs[a] < 0:
-                out = np.flip(out, axis=a)
-    if not ok:
+    out = _reoriented(data, np.linalg.solve(lps, grid), shape)
+    if out is None:
         raise PluginError(
             f"{where}: the label map is not on the input grid (shape {data.shape}, affine "
             f"{np.round(img.affine, 3).tolist()} vs the series' {shape} voxels); write it on the "
             "input's voxels (axes may be reordered or flipped, not resampled, cropped or shifted)"
         )
     return np.ascontiguousarray(out)
+
+
+def _reoriented(data: np.ndarray, m: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray | None:
+    """``data`` in the series' (slice, row, column) order; None if ``m`` does not map the same voxels.
+
+    ``m`` maps a series index to a NIfTI index; the voxels are the same when it is a signed permutation of
+    the axes with an offset that puts each reversed axis' first voxel at the series' last.
+    """
+    rot, offset = m[:3, :3], m[:3, 3]
+    perm = np.round(rot)
+    if not (
+        np.allclose(rot, perm, atol=1e-3)
+        and all(np.count_nonzero(perm[:, a]) == 1 for a in range(3))
+        and all(np.count_nonzero(perm[i]) == 1 for i in range(3))
+        and np.allclose(offset, np.round(offset), atol=1e-2)
+    ):
+        return None
+    axes = [int(np.nonzero(perm[:, a])[0][0]) for a in range(3)]
+    signs = [int(perm[axes[a], a]) for a in range(3)]
+    out = np.transpose(data, axes)
+    for a in range(3):
+        start = int(round(offset[axes[a]]))
+        expected = 0 if signs[a] > 0 else shape[a] - 1
+        if out.shape[a] != shape[a] or start != expected:
+            return None
+        if signs[a] < 0:
+            out = np.flip(out, axis=a)
+    return out
 
 
 # -- references of ready DICOM objects ---------------------------------------
