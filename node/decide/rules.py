@@ -33,12 +33,15 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from node.config import error_text, loc_to_key
 from node.decide.conditions import Condition, ConditionError, Outcome, parse_match
+from node.jobs.spec import Action, DiscardAction
+from node.jobs.spec import ForwardAction as ForwardAction  # the action types are the jobs' data; rules build them
+from node.jobs.spec import PluginAction as PluginAction
 
 #: Added to the priority of an urgent job (an action's or its rule's ``priority = "urgent"``). Jobs are
 #: claimed, and GPU devices given, by priority (higher first), so every urgent job goes before every normal
@@ -51,96 +54,6 @@ PRIORITY_LIMIT = 99_999
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-
-class _ActionBase(_Strict):
-    #: "urgent": the job is claimed (and given a GPU) before every normal job.
-    priority: Literal["normal", "urgent"] = "normal"
-
-    def _urgent_note(self) -> str:
-        return " (urgent)" if self.priority == "urgent" else ""
-
-
-class PluginStep(_Strict):
-    name: str
-    params: dict[str, Any] = Field(default_factory=dict)
-
-
-class PluginAction(_ActionBase):
-    """Run one plugin (``plugin`` + ``params``) or a chain (``plugins``), and send the results."""
-
-    type: Literal["plugin"]
-    plugin: str | None = None
-    params: dict[str, Any] = Field(default_factory=dict)
-    plugins: list[PluginStep] = Field(default_factory=list)
-    send_to: list[str] = Field(default_factory=list)
-    #: Wall-clock seconds and memory (MB) for the plugin process; default from [plugins].
-    timeout: float | None = Field(None, gt=0)
-    memory_limit_mb: int | None = Field(None, ge=0)
-    #: Encoding of the derived objects: uncompressed, or lossless JPEG 2000 / RLE. Unset: what the
-    #: send_to destinations ask for (their derived_compression), else uncompressed.
-    compression: Literal["none", "jpeg2000", "rle"] | None = None
-    #: SEG: keep frames without any segment (some viewers need one frame per source image).
-    keep_empty_frames: bool = False
-    #: Series Number of the first output series (later outputs count up) and their description.
-    series_number: int = Field(9000, ge=0, le=2**31 - 1)
-    series_description: str = Field("", max_length=64)
-    #: A dcmqi metainfo.json whose segments describe the SEG(s) (labels, codes, colours), by label value.
-    segment_template: str | None = None
-    #: A label value without a template entry: fail the job, or leave that segment out.
-    unknown_labels: Literal["error", "skip"] = "error"
-    #: Whether the job wants a GPU from [plugins] gpus; None: what the plugin declares.
-    gpu: Literal["none", "optional", "required"] | None = None
-
-    @model_validator(mode="after")
-    def _template(self) -> PluginAction:
-        if self.segment_template is not None:
-            from node.derive.template import TemplateError, load_template
-
-            try:
-                load_template(self.segment_template)
-            except TemplateError as e:
-                raise ValueError(str(e)) from None
-        return self
-
-    @model_validator(mode="after")
-    def _one_form(self) -> PluginAction:
-        if (self.plugin is None) == (not self.plugins):
-            raise ValueError('give either plugin = "name" (with params) or plugins = [{ name = ... }, ...]')
-        if self.plugins and self.params:
-            raise ValueError("with plugins = [...], give each plugin's params inside its own table")
-        return self
-
-    @property
-    def steps(self) -> list[PluginStep]:
-        return self.plugins or [PluginStep(name=self.plugin or "", params=self.params)]
-
-    def summary(self) -> str:
-        names = " then ".join(s.name for s in self.steps)
-        sent = f", send results to {', '.join(self.send_to)}" if self.send_to else ""
-        gpu = f", gpu {self.gpu}" if self.gpu is not None else ""
-        return f"run {names}{sent}{gpu}{self._urgent_note()}"
-
-
-class ForwardAction(_ActionBase):
-    """Send the source series (the instances of the triggering revision) to destinations."""
-
-    type: Literal["forward"]
-    to: list[str] = Field(min_length=1)
-
-    def summary(self) -> str:
-        return f"forward the series to {', '.join(self.to)}{self._urgent_note()}"
-
-
-class DiscardAction(_ActionBase):
-    """Delete the revision's instances from this node (files and index rows)."""
-
-    type: Literal["discard"]
-
-    def summary(self) -> str:
-        return "discard the series" + self._urgent_note()
-
-
-Action = Annotated[PluginAction | ForwardAction | DiscardAction, Field(discriminator="type")]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 

@@ -17,7 +17,7 @@ from node import metrics
 from node.config import Config
 from node.derive.store import OutputStore
 from node.index.models import Delivery, Instance, Job, Series
-from node.index.states import JobState
+from node.jobs.spec import PluginAction
 from node.jobs.store import ClaimedJob
 from node.storage import Storage
 
@@ -113,7 +113,7 @@ def discard(ctx: JobContext) -> str:
                 j.c.series_fk == ctx.job.series_id,
                 j.c.id != ctx.job.id,
                 j.c.kind != "discard",
-                j.c.state != JobState.SUCCEEDED,
+                j.c.state != "succeeded",
             )
             .order_by(j.c.id)
             .with_for_update()
@@ -214,7 +214,6 @@ def wants_binary_segs(ctx: JobContext, names: list[str]) -> dict[str, str]:
 
 def plugin(ctx: JobContext) -> str:
     """Run the plugin(s) on the whole series in a child process, store the outputs, send them on."""
-    from node.decide.rules import PluginAction
     from node.plugins.registry import PluginLoadError, describe, discover
     from node.plugins.runtime import PluginRunError, plugin_slot, run_in_process
     from node.plugins.worker import StepSpec, WorkSpec
@@ -399,7 +398,7 @@ def _note_running(ctx: JobContext, text: str) -> None:
     log.info("job %d: %s", ctx.job.id, text)
     j = Job.__table__
     with ctx.engine.begin() as conn:
-        conn.execute(update(j).where(j.c.id == ctx.job.id, j.c.state == JobState.RUNNING).values(result=text[:1000]))
+        conn.execute(update(j).where(j.c.id == ctx.job.id, j.c.state == "running").values(result=text[:1000]))
 
 
 class _Resources:
