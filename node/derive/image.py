@@ -25,6 +25,7 @@ from typing import Any
 
 import highdicom as hd
 import numpy as np
+from dicom_node_sdk.api import SeriesInput, Volume
 from dicom_node_sdk.geometry import Grid, grid_from_affine
 from dicom_node_sdk.results import transpose_hint
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -44,7 +45,6 @@ from node.derive.common import MANUFACTURER, Provenance
 from node.derive.errors import OutputError
 from node.derive.sc import copy_laterality
 from node.derive.sources import library_errors, prepare
-from node.plugins.api import SeriesInput, Volume
 
 #: Source SOP classes a derived image series is written in (single-frame, one instance per slice).
 SUPPORTED = {str(CTImageStorage): "CT Image", str(MRImageStorage): "MR Image"}

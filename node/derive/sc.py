@@ -12,12 +12,12 @@ from __future__ import annotations
 import highdicom as hd
 import numpy as np
 from dicom_node_sdk import geometry
+from dicom_node_sdk.api import Images, SeriesInput
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, JPEG2000Lossless
 
 from node.derive.common import MANUFACTURER, Provenance
 from node.derive.errors import OutputError
-from node.plugins.api import Images, SeriesInput
 
 
 def _ref(ds: Dataset, frame: int | None = None) -> Dataset:

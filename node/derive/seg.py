@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import highdicom as hd
 import numpy as np
+from dicom_node_sdk.api import Segmentation, SeriesInput
 from dicom_node_sdk.results import transpose_hint
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, RLELossless
@@ -16,7 +17,6 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, RLELossless
 from node.derive.common import MANUFACTURER, Provenance
 from node.derive.errors import OutputError
 from node.derive.sources import library_errors, prepare
-from node.plugins.api import Segmentation, SeriesInput
 
 #: Label Map Segmentation Storage (Sup 243, 2024): highdicom writes it; pydicom 3.0 has no name for it.
 LABEL_MAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"

@@ -27,11 +27,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from dicom_node_sdk import geometry
+from dicom_node_sdk.api import SeriesInput
 from pydicom.dataset import Dataset
 from pydicom.valuerep import format_number_as_ds
 
 from node.derive.errors import OutputError
-from node.plugins.api import SeriesInput
 
 #: Type 2 attributes of the Patient and General Study modules that highdicom reads from the first source.
 TYPE2_COPIED = (
