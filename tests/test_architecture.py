@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import tomllib
 
-
 import grimp
 import pytest
 from helpers import REPO
