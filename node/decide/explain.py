@@ -139,10 +139,10 @@ def dry_run_files(ruleset: RuleSet, groups: list[FileSeries], calling_ae: str, c
 
 def replay(
     engine: Engine, data_dir: Path, ruleset: RuleSet, since: dt.datetime, until: dt.datetime | None = None
-) -> tuple[list[str], Counter]:
+) -> tuple[list[str], Counter[str]]:
     """What the rules would fire now for each series received in [since, until]; nothing is written."""
     lines: list[str] = []
-    fired: Counter = Counter()
+    fired: Counter[str] = Counter()
     with Session(engine) as s:
         q = select(Series.id).where(Series.last_received_at >= since).order_by(Series.last_received_at)
         if until is not None:

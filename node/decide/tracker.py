@@ -27,6 +27,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -315,7 +316,7 @@ class SeriesTracker:
         if snap is None and not error:
             error = "the series has no instances (discarded?)"
         label = f"series #{sid}"
-        extra: dict = {"series_id": sid, "revision": revision}
+        extra: dict[str, Any] = {"series_id": sid, "revision": revision}
         if snap is not None:
             # Patient name and ID help an operator find the study; they are shown only with redact_phi off.
             name, pid = snap.facts["PatientName"], snap.facts["PatientID"]
@@ -384,8 +385,12 @@ class SeriesTracker:
             self.on_jobs()
 
 
+#: The job kinds whose log line says what the action does (others say their kind).
+_SUMMARIZED: dict[str, type[PluginAction] | type[ForwardAction]] = {"plugin": PluginAction, "forward": ForwardAction}
+
+
 def _summary(job: NewJob) -> str:
-    kind = {"plugin": PluginAction, "forward": ForwardAction}.get(job.kind)
+    kind = _SUMMARIZED.get(job.kind)
     if kind is None:
         return job.kind
     return kind.model_validate(job.action).summary()

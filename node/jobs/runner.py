@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from sqlalchemy import Engine, select
 
@@ -191,7 +192,7 @@ class JobRunner:
             log.error("job %d failed after %d attempt(s): %s%s", job.id, job.attempts, error, why, extra=_extra(job))
 
 
-def _extra(job: store.ClaimedJob) -> dict:
+def _extra(job: store.ClaimedJob) -> dict[str, Any]:
     """Structured log fields of a job (JSON logs carry them as keys)."""
     return {
         "job_id": job.id,

@@ -32,12 +32,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydicom.uid import generate_uid
 from sqlalchemy import Engine
 
 from node import metrics
-from node.config import Config, DestinationSection
+from node.config import Config, DestinationSection, RetrySection
 from node.index import read
 from node.index.models import utcnow
 from node.index.states import DeliveryState
@@ -75,7 +76,7 @@ class Breaker:
     so no outcome can leave the destination waiting for a probe that never finishes.
     """
 
-    def __init__(self, policy, rng: random.Random | None = None) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, policy: RetrySection, rng: random.Random | None = None) -> None:
         self.policy = policy
         self.failures = 0
         self._open_until = 0.0  # monotonic
@@ -409,7 +410,7 @@ class DestinationSender:
                 extra={"destination": self.dest.name, "sop_instance_uid": r.item.sop_instance},
             )
 
-    def _who(self, c: queue.Item) -> dict:
+    def _who(self, c: queue.Item) -> dict[str, Any]:
         """An outcome's fields for the audit trail."""
         return {"destination": self.dest.name, "sop_instance_uid": c.sop_instance_uid, "job_id": c.job_id}
 
