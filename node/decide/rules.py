@@ -24,8 +24,8 @@
     [[rules.actions]]
     type = "discard"           # delete the series from this node
 
-Everything is checked when the config loads; an error names the rule, the
-field and what is wrong.
+Everything is checked when the rules are compiled (node.decide.compile, before the node listens); an
+error names the rule, the field and what is wrong.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 - **local**: importable in the node's own Python: the ``dicom_node.plugins`` entry point group, and
   ``[plugins] local`` entries written as ``name = "module:attr"``. Names are known without importing
-  anything; loading the config imports the plugins its rules use, to check their parameters.
+  anything; compiling the rules (node.decide.compile) imports the plugins they use, to check their parameters.
 - **environment**: installed in a Python environment of its own (``[plugins.environments.NAME]``), or a
   ``[plugins] local`` entry that names one. Found by running that interpreter's
   ``python -m dicom_node_sdk.discover`` (which imports them there, never here); their parameters are
