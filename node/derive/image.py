@@ -389,13 +389,13 @@ def _build_enhanced(
                 window.apply(item)
                 g.FrameVOILUTSequence = [item]
     processing = codes.DCM.ImageProcessing
-    for k, g in enumerate(ds.PerFrameFunctionalGroupsSequence):
+    for frame, g in enumerate(ds.PerFrameFunctionalGroupsSequence):
         derivation = Dataset()
         derivation.DerivationDescription = _description(volume, prov)
         derivation.DerivationCodeSequence = [
             hd.sr.CodedConcept(processing.value, processing.scheme_designator, processing.meaning)
         ]
-        derivation.SourceImageSequence = [_source_ref(src, k + 1)]
+        derivation.SourceImageSequence = [_source_ref(src, frame + 1)]
         g.DerivationImageSequence = [derivation]
     _set_pixels(ds, stored, enc, transfer_syntax)
     return [ds], enc.error

@@ -9,6 +9,8 @@ view (a projection) references the whole source series.
 
 from __future__ import annotations
 
+from typing import cast
+
 import highdicom as hd
 import numpy as np
 from dicom_node_sdk import geometry
@@ -68,7 +70,7 @@ def build_sc(
     series_uid = prov.uid("sc-series", index)
     # The rule's series_description wins over the plugin's own: the site names its series.
     description = (prov.series_description or result.description or f"{prov.algorithm} images")[:64]
-    out = []
+    out: list[Dataset] = []
     for n, (img, src) in enumerate(zip(px, sources, strict=True)):
         if src is None:
             ref = series.first
@@ -88,7 +90,7 @@ def build_sc(
             and series.pixel_spacing
             and img.shape[:2] == (int(series.first.Rows), int(series.first.Columns))
         ):
-            spacing = tuple(float(x) for x in series.pixel_spacing)
+            spacing = (float(series.pixel_spacing[0]), float(series.pixel_spacing[1]))
         sc = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=ref,
             pixel_array=np.ascontiguousarray(img),
@@ -104,7 +106,8 @@ def build_sc(
             sop_instance_uid=prov.uid("sc", index, n),
             instance_number=n + 1,
             manufacturer=MANUFACTURER,
-            pixel_spacing=spacing,
+            # (highdicom annotates integers; Pixel Spacing is DS, and it writes floats as they are)
+            pixel_spacing=cast("tuple[int, int] | None", spacing),
             transfer_syntax_uid=transfer_syntax,
             contributing_equipment=prov.contributing_equipment(),
         )

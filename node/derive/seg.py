@@ -7,6 +7,9 @@ Identification per segment) and this node (Contributing Equipment).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import cast
+
 import highdicom as hd
 import numpy as np
 from dicom_node_sdk.api import Segmentation, SeriesInput
@@ -40,10 +43,15 @@ def _masks(series: SeriesInput, result: Segmentation) -> np.ndarray:
     """The masks as highdicom takes them, in source order.
 
     The result checked its own dtype, values and segments when it was made (dicom_node_sdk.results);
-    only the shape against the series is left to check here.
+    left to check here: the shape against the series, and that something describes the segments.
     """
     m = result.masks
     k = len(result.segments)
+    if k == 0:  # a plugin may leave them to a segment template, and none was given
+        raise OutputError(
+            "the segmentation has no segment descriptions: give a Segment for each label, or a segment "
+            "template (the rule's segment_template, or the plugin's own)"
+        )
     expected = (len(series), int(series.first.Rows), int(series.first.Columns))
     if m.shape[:3] != expected:
         want = expected if m.ndim == 3 else (*expected, k)
@@ -65,6 +73,11 @@ def _masks(series: SeriesInput, result: Segmentation) -> np.ndarray:
         out[np.array(series.frames)] = m
         m = out
     return m
+
+
+def _versions(value: str | Sequence[str]) -> tuple[str]:
+    """Software Versions as highdicom takes them (it annotates one value; it writes every value given)."""
+    return cast("tuple[str]", (value,) if isinstance(value, str) else tuple(str(v) for v in value))
 
 
 def _descriptions(result: Segmentation, prov: Provenance) -> list[hd.seg.SegmentDescription]:
@@ -152,7 +165,7 @@ def build_seg(
             instance_number=1,
             manufacturer=MANUFACTURER,
             manufacturer_model_name=MANUFACTURER,
-            software_versions=equipment[0].SoftwareVersions,
+            software_versions=_versions(equipment[0].SoftwareVersions),
             device_serial_number=equipment[0].DeviceSerialNumber,
             content_description=description,
             content_label="SEGMENTATION",

@@ -93,7 +93,7 @@ def prepare(series: SeriesInput) -> Prepared:
     cached = series.__dict__.get("_prepared_sources")
     if cached is None:
         cached = series.__dict__["_prepared_sources"] = _prepare(series)
-    return cached  # type: ignore[no-any-return]
+    return cached
 
 
 def _prepare(series: SeriesInput) -> Prepared:

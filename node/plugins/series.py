@@ -9,9 +9,9 @@ two slices at one position) fails with a message saying which instances.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from pydicom import dcmread
@@ -28,11 +28,23 @@ SAME_POSITION_MM = 1e-3
 
 
 def _floats(value: object, n: int) -> tuple[float, ...] | None:
+    """``n`` numbers of a multi-valued attribute (None when it is missing or not that)."""
     try:
-        v = tuple(float(x) for x in value)  # type: ignore[union-attr]
+        v = tuple(float(x) for x in cast("Iterable[Any]", value))
     except (TypeError, ValueError):
         return None
     return v if len(v) == n else None
+
+
+def _pair(value: object) -> tuple[float, float] | None:
+    """Pixel Spacing as (row spacing, column spacing)."""
+    v = _floats(value, 2)
+    return None if v is None else (v[0], v[1])
+
+
+def _orientation(iop: tuple[float, ...]) -> geometry.Orientation:
+    """Image Orientation (Patient)'s six cosines as the row and the column direction."""
+    return (iop[0], iop[1], iop[2]), (iop[3], iop[4], iop[5])
 
 
 def _frames(ds: Dataset) -> int:
@@ -64,9 +76,13 @@ def load_series(files: list[Path]) -> SeriesInput:
             f"the images differ in size ({', '.join(f'{r}x{c}' for r, c, _ in sorted(sizes))}); "
             "they do not form one volume"
         )
-    iops = [_floats(d.get("ImageOrientationPatient"), 6) for d, _ in images]
-    ipps = [_floats(d.get("ImagePositionPatient"), 3) for d, _ in images]
-    if all(iops) and all(ipps):
+    found_iops = [_floats(d.get("ImageOrientationPatient"), 6) for d, _ in images]
+    found_ipps = [_floats(d.get("ImagePositionPatient"), 3) for d, _ in images]
+    iops = [v for v in found_iops if v is not None]
+    ipps = [v for v in found_ipps if v is not None]
+    orientation: geometry.Orientation | None = None
+    positions: np.ndarray | None = None
+    if len(iops) == len(ipps) == len(images):
         ref = np.array(iops[0])
         for (d, f), iop in zip(images, iops, strict=True):
             if not np.allclose(iop, ref, atol=1e-3):
@@ -74,7 +90,8 @@ def load_series(files: list[Path]) -> SeriesInput:
                     f"{f.name} (instance {d.get('InstanceNumber')}) has another orientation "
                     f"than the first image: {iop} vs {tuple(ref)}"
                 )
-        dist = np.asarray(ipps, dtype=float) @ geometry.normal((ref[:3], ref[3:]))
+        orientation = _orientation(iops[0])
+        dist = np.asarray(ipps, dtype=float) @ geometry.normal(orientation)
         order = np.argsort(dist, kind="stable")
         sd = dist[order]
         same = np.nonzero(np.diff(sd) < SAME_POSITION_MM)[0]
@@ -87,12 +104,10 @@ def load_series(files: list[Path]) -> SeriesInput:
             )
         images = [images[i] for i in order]
         positions = np.array([ipps[i] for i in order])
-        orientation = (tuple(float(x) for x in ref[:3]), tuple(float(x) for x in ref[3:]))
     else:
         # 2-D images without patient geometry (e.g. some XA, US or SC): keep Instance Number order
         images.sort(key=lambda t: (int(t[0].get("InstanceNumber", 0) or 0), str(t[1])))
-        positions, orientation = None, None
-    spacing = _floats(images[0][0].get("PixelSpacing"), 2)
+    spacing = _pair(images[0][0].get("PixelSpacing"))
     paths = [f for _, f in images]
 
     def load(allocate: Allocate = np.empty) -> np.ndarray:
@@ -112,7 +127,7 @@ def load_series(files: list[Path]) -> SeriesInput:
         _loader=load,
         positions=positions,
         orientation=orientation,
-        pixel_spacing=spacing,  # type: ignore[arg-type]
+        pixel_spacing=spacing,
     )
 
 
@@ -123,27 +138,34 @@ def _multiframe(ds: Dataset, path: Path) -> SeriesInput:
     sh = shared[0] if shared else Dataset()
 
     def group(i: int, name: str) -> Dataset | None:
+        item: Dataset
         if per is not None and i < len(per) and name in per[i]:
-            return per[i][name][0]
+            item = per[i][name][0]
+            return item
         if name in sh:
-            return sh[name][0]
+            item = sh[name][0]
+            return item
         return None
 
-    positions, iops = [], []
+    found_positions, found_iops = [], []
     for i in range(n):
         pos = group(i, "PlanePositionSequence")
         ori = group(i, "PlaneOrientationSequence")
-        positions.append(_floats(pos.get("ImagePositionPatient") if pos else None, 3))
-        iops.append(_floats(ori.get("ImageOrientationPatient") if ori else None, 6))
+        found_positions.append(_floats(pos.get("ImagePositionPatient") if pos else None, 3))
+        found_iops.append(_floats(ori.get("ImageOrientationPatient") if ori else None, 6))
+    positions = [v for v in found_positions if v is not None]
+    iops = [v for v in found_iops if v is not None]
     measures = group(0, "PixelMeasuresSequence")
-    spacing = _floats(measures.get("PixelSpacing") if measures else ds.get("PixelSpacing"), 2)
+    spacing = _pair(measures.get("PixelSpacing") if measures else ds.get("PixelSpacing"))
     frames = list(range(n))
-    pos_arr, orientation = None, None
-    if all(positions) and all(iops):
+    pos_arr: np.ndarray | None = None
+    orientation: geometry.Orientation | None = None
+    if len(positions) == len(iops) == n:
         ref = np.array(iops[0])
         if not all(np.allclose(o, ref, atol=1e-3) for o in iops):
             raise GeometryError("the frames of the multi-frame instance have different orientations")
-        dist = np.asarray(positions, dtype=float) @ geometry.normal((ref[:3], ref[3:]))
+        orientation = _orientation(iops[0])
+        dist = np.asarray(positions, dtype=float) @ geometry.normal(orientation)
         order = np.argsort(dist, kind="stable")
         if np.any(np.diff(dist[order]) < SAME_POSITION_MM):
             raise GeometryError(
@@ -152,7 +174,6 @@ def _multiframe(ds: Dataset, path: Path) -> SeriesInput:
             )
         frames = [int(i) for i in order]
         pos_arr = np.array([positions[i] for i in frames])
-        orientation = (tuple(float(x) for x in ref[:3]), tuple(float(x) for x in ref[3:]))
 
     def load(allocate: Allocate = np.empty) -> np.ndarray:
         arr = dcmread(path).pixel_array
@@ -167,5 +188,5 @@ def _multiframe(ds: Dataset, path: Path) -> SeriesInput:
         _loader=load,
         positions=pos_arr,
         orientation=orientation,
-        pixel_spacing=spacing,  # type: ignore[arg-type]
+        pixel_spacing=spacing,
     )

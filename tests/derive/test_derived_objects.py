@@ -652,12 +652,13 @@ def test_seg_refuses_what_it_cannot_encode(sources: dict[str, list[Path]]) -> No
         "needs float masks": lambda: Segmentation(m, SEGMENTS, "fractional"),
         r"must lie in \[0, 1\]": lambda: Segmentation(m * 1.5, SEGMENTS, "fractional"),
         "stacked masks overlap": lambda: Segmentation(m, SEGMENTS, "labelmap"),
-        "segments is empty": lambda: Segmentation(m[..., 0], [], "binary"),
         "must hold integers": lambda: Segmentation(np.zeros((n, r, c), np.float32), SEGMENTS[:1], "labelmap"),
     }
     for message, make in made_wrong.items():
         with pytest.raises(ResultError, match=message):
             make()
+    with pytest.raises(OutputError, match="no segment descriptions: give a Segment for each label, or a segment"):
+        build_seg(series, Segmentation(m[..., 0], [], "binary"), provenance(series, "refused"))  # and no template
     with pytest.raises(OutputError, match=rf"masks must be \(slices, rows, columns, segments\) = \({n}, {r}, {c}, 3\)"):
         build_seg(series, Segmentation(m[:-1], SEGMENTS), provenance(series, "refused"))
     # slices last, as NIfTI tools keep them: the message says how to turn it

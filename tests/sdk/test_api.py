@@ -43,11 +43,19 @@ MADE_WRONG: dict[str, tuple[Any, str]] = {
     ),
     # Segmentation
     "seg-kind": (lambda: Segmentation(_labels(1), [BONE], kind="mask"), r"Segmentation.kind must be one of 'binary'"),
-    "seg-no-segments": (lambda: Segmentation(_labels(1), []), r"segments is empty: describe each segment .* Segment\("),
+    "seg-negative-undescribed": (
+        lambda: Segmentation(-_labels(1), []),  # (labels a segment template describes)
+        r"label values must be 0 \(background\) or more; found -1",
+    ),
+    "seg-fractional-two": (
+        lambda: Segmentation(np.zeros(SHAPE), [BONE, LIVER], "fractional"),
+        r"one fractional mask holds one segment, but 2 are described: stack one per segment",
+    ),
     "seg-segment-type": (lambda: Segmentation(_labels(1), ["Bone"]), r"segments\[0\] must be a Segment, not a str"),
     "seg-2d": (
         lambda: Segmentation(np.zeros((6, 5), bool), [BONE]),
-        r"masks must be \(slices, rows, columns\) as a label map or \(slices, rows, columns, 1\) .* got shape \(6, 5\)",
+        r"masks must be \(slices, rows, columns\) as a label map or \(slices, rows, columns, segments\) as stacked masks; "
+        r"got shape \(6, 5\)",
     ),
     "seg-stack-count": (
         lambda: Segmentation(np.zeros((*SHAPE, 3), bool), [BONE, LIVER]),
@@ -164,6 +172,9 @@ def test_result_errors_are_value_errors_and_right_results_are_taken_as_given():
     Segmentation(np.zeros((*SHAPE, 2), bool), [BONE, LIVER], "labelmap")
     Segmentation(np.random.default_rng(0).random((*SHAPE, 1)), [BONE], "fractional")
     Segmentation(np.zeros((0, 6, 5), bool), [BONE])  # no slices: nothing to check
+    # without descriptions, for a segment template: label values and masks as the template numbers them
+    Segmentation(_labels(7), [])
+    Segmentation(np.zeros((*SHAPE, 3), bool), [])
     Segment("Bone", codes.SCT.Tissue, Code("3138006", "SCT", "Bone"), color=(np.uint8(1), 2, 3))
     Volume(np.arange(120, dtype=np.int16).reshape(SHAPE), affine=np.diag([2.0, 1, 1, 1]), precision=0)
     # normalised: arrays, one 2-D picture as one image, lists of source slices

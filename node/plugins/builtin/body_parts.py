@@ -127,7 +127,8 @@ def disk(radius_mm: float, pixel_spacing: tuple[float, float]) -> np.ndarray:
     ry, rx = radius_mm / pixel_spacing[0], radius_mm / pixel_spacing[1]
     ny, nx = math.floor(ry), math.floor(rx)
     y, x = np.mgrid[-ny : ny + 1, -nx : nx + 1]
-    return (y / max(ry, 1e-9)) ** 2 + (x / max(rx, 1e-9)) ** 2 <= 1.0
+    inside: np.ndarray = (y / max(ry, 1e-9)) ** 2 + (x / max(rx, 1e-9)) ** 2 <= 1.0
+    return inside
 
 
 def body_mask(values: Values, params: Params, pixel_spacing: tuple[float, float]) -> np.ndarray:
@@ -154,13 +155,14 @@ def outside_air(air: np.ndarray) -> np.ndarray:
     outside = np.zeros(n + 1, dtype=bool)
     outside[np.unique(edge)] = True
     outside[0] = False
-    return outside[labels]
+    connected: np.ndarray = outside[labels]
+    return connected
 
 
 def lung_mask(values: Values, body: np.ndarray, params: Params, voxel_ml: float) -> np.ndarray:
     """Step 2 of the module docstring."""
     air = values.array < values.units(params.lung_threshold)
-    candidates = air & body & ~outside_air(air)
+    candidates: np.ndarray = air & body & ~outside_air(air)
     labels, n = ndimage.label(candidates)
     if n == 0:
         return candidates
@@ -172,7 +174,7 @@ def lung_mask(values: Values, body: np.ndarray, params: Params, voxel_ml: float)
     if params.lung_min_median_hu is not None and len(ids):
         medians = np.atleast_1d(ndimage.median(values.array, labels, ids))
         keep[ids[medians <= values.units(params.lung_min_median_hu)]] = False
-    lungs = keep[labels]
+    lungs: np.ndarray = keep[labels]
     if params.fill_lung_holes and lungs.any():
         lungs = fill_holes_2d(lungs) & body
     return lungs

@@ -9,7 +9,8 @@ from pydicom.sr.coding import Code
 def sct(name: str) -> Code:
     """``codes.SCT.<name>``, e.g. "Bone", "Lung", "Tissue"; a ValueError says how to find names."""
     try:
-        return getattr(codes.SCT, name)
+        code: Code = getattr(codes.SCT, name)
+        return code
     except AttributeError:
         raise ValueError(
             f"{name!r} is not a SNOMED CT concept name in pydicom's dictionary (e.g. Bone, Lung, "

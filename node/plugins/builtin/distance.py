@@ -60,7 +60,8 @@ def _mask(seg: Segmentation, number: int) -> np.ndarray:
             if number != 1:
                 raise PluginError(f"the segmentation has one segment; segment = {number} does not exist")
             return m > 0.5
-        return m == number
+        labelled: np.ndarray = m == number
+        return labelled
     if number > m.shape[-1]:
         raise PluginError(f"the segmentation has {m.shape[-1]} segments; segment = {number} does not exist")
     return m[..., number - 1] > 0.5
@@ -68,6 +69,7 @@ def _mask(seg: Segmentation, number: int) -> np.ndarray:
 
 def refinement(offsets: np.ndarray, spacing: float, budget: float) -> int:
     """The smallest subdivision q of ``spacing`` that puts every offset (pixels) within ``budget`` mm of a node."""
+    miss = math.inf
     for q in range(1, MAX_REFINE + 1):
         miss = float(np.abs(offsets * q - np.rint(offsets * q)).max() * spacing / q)
         if miss <= budget:
@@ -86,7 +88,8 @@ def distance_to(source: np.ndarray, frame: SliceFrame) -> np.ndarray:
     dr, dc = frame.pixel_spacing
     if frame.regular:
         dz = frame.slice_spacing if len(frame.depth) > 1 else 1.0
-        return ndimage.distance_transform_edt(~source, sampling=(dz, dr, dc)).astype(np.float32)
+        regular: np.ndarray = ndimage.distance_transform_edt(~source, sampling=(dz, dr, dc)).astype(np.float32)
+        return regular
     n, rows, cols = source.shape
     # in-plane offset of slice k's pixels against slice m's, in pixels: offsets[k, m] = (rows, columns)
     offsets = (frame.shift[:, None, :] - frame.shift[None, :, :]) / (dr, dc)

@@ -63,6 +63,7 @@ from node.plugins.builtin.overlay import resolve_window, window
 from node.plugins.geometry import orthogonal_volume, slice_frame
 
 View = Literal["axial", "coronal", "sagittal"]
+VIEWS: tuple[View, ...] = ("axial", "coronal", "sagittal")
 
 #: Default windows (center, width) by modality.
 DEFAULT_WINDOWS = {"CT": (300.0, 1500.0)}
@@ -79,7 +80,7 @@ LAYOUT: dict[str, tuple[int, tuple[float, float, float], tuple[float, float, flo
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    views: list[View] = Field(default_factory=lambda: ["axial", "coronal", "sagittal"], min_length=1)
+    views: list[View] = Field(default_factory=lambda: list(VIEWS), min_length=1)
     #: Window (rescaled values, HU for CT); by default CT 300/1500, else the image's window or the value range.
     window_center: float | None = None
     window_width: float | None = Field(None, gt=0)

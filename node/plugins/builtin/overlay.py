@@ -221,7 +221,8 @@ def segment_colors(seg: Segmentation) -> list[tuple[int, int, int]]:
 
 def inner_boundary(mask: np.ndarray, width: int) -> np.ndarray:
     """Pixels of a 2-D mask within ``width`` 4-neighbour steps of a pixel outside it (the image edge is outside)."""
-    return mask & ~ndimage.binary_erosion(mask, iterations=width, border_value=0)
+    boundary: np.ndarray = mask & ~ndimage.binary_erosion(mask, iterations=width, border_value=0)
+    return boundary
 
 
 def legend_layout(labels: list[str], scale: int) -> tuple[int, int, list[tuple[int, int, np.ndarray]]]:
@@ -242,7 +243,12 @@ def choose_corner(occupied: np.ndarray, h: int, w: int) -> tuple[int, int]:
     return corners[int(np.argmin(counts))]
 
 
-def draw_legend(rgb: np.ndarray, at: tuple[int, int], layout: tuple[int, int, list], colors: list) -> None:
+def draw_legend(
+    rgb: np.ndarray,
+    at: tuple[int, int],
+    layout: tuple[int, int, list[tuple[int, int, np.ndarray]]],
+    colors: list[tuple[int, int, int]],
+) -> None:
     """Paints the legend into ``rgb`` (rows, cols, 3) with its top-left corner at ``at``, clipped to the image."""
     h, w, items = layout
     r0, c0 = at
@@ -288,7 +294,7 @@ def overlay_sc(series: SeriesInput, params: Params) -> list[Images]:
     colors = [colors[i] for i in chosen]
     labels = [labels[i] for i in chosen]
 
-    any_mask = masks.any(axis=-1)
+    any_mask = np.asarray(masks.any(axis=-1))
     if params.slices == "segmented":
         indices = [int(k) for k in np.nonzero(any_mask.any(axis=(1, 2)))[0]]
     else:
@@ -301,7 +307,7 @@ def overlay_sc(series: SeriesInput, params: Params) -> list[Images]:
     rows, cols = values.array.shape[1:]
     scale = 1 + min(rows, cols) // 384
     layout = legend_layout(labels, scale) if params.legend else None
-    corner = choose_corner(any_mask[indices].any(axis=0), layout[0], layout[1]) if layout else (0, 0)
+    corner = choose_corner(np.asarray(any_mask[indices].any(axis=0)), layout[0], layout[1]) if layout else (0, 0)
 
     out = np.empty((len(indices), rows, cols, 3), dtype=np.uint8)
     a = params.opacity

@@ -53,7 +53,8 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
         return mask
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
-    return labels == int(np.argmax(sizes))
+    largest: np.ndarray = labels == int(np.argmax(sizes))
+    return largest
 
 
 def fill_holes_2d(mask: np.ndarray) -> np.ndarray:

@@ -49,9 +49,9 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from dicom_node_sdk import geometry
+from dicom_node_sdk import _info, geometry
 from dicom_node_sdk import params as _params
-from dicom_node_sdk._info import PluginInfo, Returned
+from dicom_node_sdk._info import Returned
 from dicom_node_sdk.errors import GeometryError, PluginError, ResultError
 from dicom_node_sdk.params import NoParams, ParamsError
 from dicom_node_sdk.results import Images, Result, Segment, Segmentation, Volume
@@ -140,7 +140,8 @@ class SeriesInput:
         slopes, intercepts = self._rescale()
         if np.all(slopes == 1) and np.all(intercepts == 0):
             return v
-        return v * slopes[:, None, None] + intercepts[:, None, None]
+        out: np.ndarray = v * slopes[:, None, None] + intercepts[:, None, None]
+        return out
 
     def uniform_rescale(self) -> tuple[float | None, float]:
         """(slope, intercept) when every slice shares them, else (None, 0): lets a plugin work on stored values."""
@@ -198,11 +199,11 @@ class SeriesInput:
 #: What a plugin says about GPUs: it never uses one, uses one when there is one, or cannot run without one.
 GPU_MODES = ("none", "optional", "required")
 
-P = ParamSpec("P")
-R = TypeVar("R", bound=Returned)
+_P = ParamSpec("_P")
+_R = TypeVar("_R", bound=Returned)
 
 
-class PluginFunction(PluginInfo, Generic[P, R]):
+class PluginFunction(_info.PluginInfo, Generic[_P, _R]):
     """A function declared with ``@plugin``: called, it is the function; the node reads the rest.
 
     ``bone(series, params)`` runs the function and returns what it returns (a unit test calls it so);
@@ -210,8 +211,8 @@ class PluginFunction(PluginInfo, Generic[P, R]):
     how the node runs it.
     """
 
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        return cast("Callable[P, R]", self.run)(*args, **kwargs)
+    def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        return cast("Callable[_P, _R]", self.run)(*args, **kwargs)
 
 
 def _beside(fn: Any, path: str | None) -> str | None:
@@ -240,7 +241,7 @@ def plugin(
     family: Code = codes.cid7162.ArtificialIntelligence,
     segment_template: str | None = None,
     gpu: str = "none",
-) -> Callable[[Callable[P, R]], PluginFunction[P, R]]:
+) -> Callable[[Callable[_P, _R]], PluginFunction[_P, _R]]:
     """Declare a function as a plugin (see the module docstring).
 
     The function takes the series and the validated parameters and returns one result, a list of
@@ -249,8 +250,8 @@ def plugin(
     checked = _params.check_params_type(params, name)
     _gpu(gpu, name)
 
-    def wrap(fn: Callable[P, R]) -> PluginFunction[P, R]:
-        declared: PluginFunction[P, R] = PluginFunction(
+    def wrap(fn: Callable[_P, _R]) -> PluginFunction[_P, _R]:
+        declared: PluginFunction[_P, _R] = PluginFunction(
             name,
             version,
             cast("Callable[[SeriesInput, Any], Returned]", fn),
@@ -296,7 +297,7 @@ class Plugin:
         raise NotImplementedError
 
     @classmethod
-    def info(cls) -> PluginInfo:
+    def info(cls) -> _info.PluginInfo:
         """The plugin as the node knows it (what the node's loader makes of this class)."""
 
         def run(series: SeriesInput, params: Any) -> Returned:
@@ -304,7 +305,7 @@ class Plugin:
             instance.setup()
             return instance.run(series, params)
 
-        return PluginInfo(
+        return _info.PluginInfo(
             cls.name,
             cls.version,
             run,

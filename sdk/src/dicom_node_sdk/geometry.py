@@ -102,7 +102,8 @@ def axis_directions(orientation: Orientation) -> np.ndarray:
     """
     row_dir, col_dir = (np.asarray(v, dtype=float) for v in orientation)
     d = np.array([np.cross(row_dir, col_dir), col_dir, row_dir])
-    return d / np.linalg.norm(d, axis=1, keepdims=True)
+    unit: np.ndarray = d / np.linalg.norm(d, axis=1, keepdims=True)
+    return unit
 
 
 def patient_axes(directions: np.ndarray) -> tuple[int, int, int]:

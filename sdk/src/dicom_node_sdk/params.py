@@ -22,7 +22,7 @@ import json
 import sys
 import typing
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Union, cast
 
 __all__ = ["NoParams", "ParamsError", "check_params_type", "dump", "schema", "validate"]
 
@@ -72,7 +72,7 @@ def check_params_type(cls: Any, plugin: str) -> type:
     if cls is None:
         return NoParams
     if _pydantic_major(cls) or (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
-        return cls
+        return cast(type, cls)
     raise TypeError(f"plugin {plugin!r}: its parameters must be a dataclass, a pydantic model or None (got {cls!r})")
 
 

@@ -200,10 +200,12 @@ def load_array(path: str | os.PathLike[str]) -> np.ndarray:
     Not populated up front: on a private writable mapping the kernel would copy every page to do it
     (MAP_POPULATE there costs more than the page faults it saves); pages are mapped as they are read.
     """
+    array: np.ndarray
     try:
-        return np.load(str(path), mmap_mode="c", allow_pickle=False)
+        array = np.load(str(path), mmap_mode="c", allow_pickle=False)
     except ValueError:  # mmap of an empty array
-        return np.load(str(path), allow_pickle=False)
+        array = np.load(str(path), allow_pickle=False)
+    return array
 
 
 def _floats(value: Any) -> list[float] | None:
@@ -224,12 +226,19 @@ def _segment_to_json(s: Segment) -> dict[str, Any]:
     }
 
 
+def _required_code(value: Sequence[str] | None, what: str) -> Code:
+    code = code_from_json(value)
+    if code is None:
+        raise ProtocolError(f"a segment's {what} is a code, not null")
+    return code
+
+
 def _segment_from_json(d: dict[str, Any]) -> Segment:
     color = d.get("color")
     return Segment(
         label=str(d["label"]),
-        category=code_from_json(d["category"]),
-        type=code_from_json(d["type"]),  # type: ignore[arg-type]
+        category=_required_code(d["category"], "category"),
+        type=_required_code(d["type"], "type"),
         color=None if color is None else (int(color[0]), int(color[1]), int(color[2])),
         anatomic_region=code_from_json(d.get("anatomic_region")),
         type_modifier=code_from_json(d.get("type_modifier")),
@@ -294,7 +303,7 @@ def result_from_json(d: dict[str, Any]) -> Result:
             description=d.get("description", ""),
             patient_orientation=None if po is None else tuple(po),
             pixel_spacing=None if ps is None else (float(ps[0]), float(ps[1])),
-        )  # type: ignore[arg-type]
+        )
     if kind == "volume":
         affine = d.get("affine")
         return Volume(
@@ -401,7 +410,7 @@ def decode_series(msg: dict[str, Any]) -> SeriesInput:
         frames=msg.get("frames"),
         _loader=lambda: load_array(voxels),
         positions=None if positions is None else np.array(positions, dtype=float),
-        orientation=None if orientation is None else (tuple(orientation[0]), tuple(orientation[1])),  # type: ignore[arg-type]
+        orientation=None if orientation is None else (tuple(orientation[0]), tuple(orientation[1])),
         pixel_spacing=None if spacing is None else (float(spacing[0]), float(spacing[1])),
         rescale_values=None
         if rescale is None

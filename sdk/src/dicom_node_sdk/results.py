@@ -80,10 +80,10 @@ class Segment:
             if value is not None and not _is_code(value):
                 raise ResultError(f"Segment {self.label!r}: {name} must be a pydicom Code or None; got {value!r}")
         if self.color is not None:
-            rgb = tuple(self.color)
+            rgb: tuple[object, ...] = tuple(self.color)  # what the plugin gave, whatever the annotation says
             if len(rgb) != 3 or not all(isinstance(c, (int, np.integer)) and 0 <= c <= 255 for c in rgb):
                 raise ResultError(f"Segment {self.label!r}: color must be (red, green, blue), each 0-255; got {rgb!r}")
-            self.color = (int(rgb[0]), int(rgb[1]), int(rgb[2]))
+            self.color = (int(self.color[0]), int(self.color[1]), int(self.color[2]))
         _one_of(f"Segment {self.label!r}", "algorithm_type", self.algorithm_type, ALGORITHM_TYPES)
 
 
@@ -95,6 +95,7 @@ class Segmentation:
     background and segment numbers 1..n, or stacked masks of shape
     (slices, rows, cols, n): booleans, or floats in [0, 1] for a FRACTIONAL
     result (probabilities). Slices are in the order of ``series.datasets``.
+    ``segments`` describes label 1..n (mask 1..n); empty, a segment template describes them.
     Checked when made (:class:`ResultError`); the node checks the shape against the series.
     """
 
@@ -107,12 +108,6 @@ class Segmentation:
     def __post_init__(self) -> None:
         _one_of("Segmentation", "kind", self.kind, SEGMENTATION_KINDS)
         self.segments = list(self.segments)
-        k = len(self.segments)
-        if k == 0:
-            raise ResultError(
-                "Segmentation.segments is empty: describe each segment (label 1..n, or mask 1..n) with a "
-                "Segment(label, category, type)"
-            )
         for i, s in enumerate(self.segments):
             if not isinstance(s, Segment):
                 raise ResultError(f"Segmentation.segments[{i}] must be a Segment, not a {type(s).__name__}")
@@ -121,45 +116,63 @@ class Segmentation:
             raise ResultError(f"Segmentation.masks must be booleans or numbers, not {m.dtype}")
         if m.ndim not in (3, 4):
             raise ResultError(
-                f"Segmentation.masks must be (slices, rows, columns) as a label map or (slices, rows, columns, "
-                f"{k}) as stacked masks; got shape {m.shape}"
+                "Segmentation.masks must be (slices, rows, columns) as a label map or (slices, rows, columns, "
+                f"segments) as stacked masks; got shape {m.shape}"
             )
-        if m.ndim == 4 and m.shape[3] != k:
+        if self.kind == "fractional":
+            _check_fractional(m)
+        elif m.ndim == 4 and self.kind == "labelmap" and (m.astype(bool).sum(axis=3) > 1).any():
+            raise ResultError('stacked masks overlap, so they cannot be one label map; use kind="binary"')
+        if self.segments:
+            _check_described(m, len(self.segments), self.kind)
+        elif m.ndim == 3 and np.issubdtype(m.dtype, np.integer) and m.size and int(m.min()) < 0:
+            # No descriptions: a segment template describes the labels (checked when it is applied).
+            raise ResultError(f"label values must be 0 (background) or more; found {int(m.min())}")
+
+
+def _check_fractional(m: np.ndarray) -> None:
+    if not np.issubdtype(m.dtype, np.floating):
+        raise ResultError(
+            f"a fractional Segmentation needs float masks in [0, 1] (probabilities), got {m.dtype}; "
+            'convert with masks.astype(np.float32), or use kind="binary" for masks'
+        )
+    lo, hi = (float(np.min(m)), float(np.max(m))) if m.size else (0.0, 0.0)  # NaN if any is NaN
+    if not (0 <= lo and hi <= 1):
+        found = "NaN" if np.isnan(lo) or np.isnan(hi) else f"values {lo:g}..{hi:g}"
+        raise ResultError(f"fractional Segmentation.masks must lie in [0, 1] (no NaN); found {found}")
+
+
+def _check_described(m: np.ndarray, k: int, kind: str) -> None:
+    """Masks against their ``k`` segment descriptions: one per stacked mask, or label values 1..k."""
+    if m.ndim == 4:
+        if m.shape[3] != k:
             raise ResultError(
                 f"Segmentation has {m.shape[3]} stacked masks but {k} segment descriptions: give one Segment per "
                 "mask (the last axis of masks)"
             )
-        if self.kind == "fractional":
-            if not np.issubdtype(m.dtype, np.floating):
-                raise ResultError(
-                    f"a fractional Segmentation needs float masks in [0, 1] (probabilities), got {m.dtype}; "
-                    'convert with masks.astype(np.float32), or use kind="binary" for masks'
-                )
-            lo, hi = (float(np.min(m)), float(np.max(m))) if m.size else (0.0, 0.0)  # NaN if any is NaN
-            if not (0 <= lo and hi <= 1):
-                found = "NaN" if np.isnan(lo) or np.isnan(hi) else f"values {lo:g}..{hi:g}"
-                raise ResultError(f"fractional Segmentation.masks must lie in [0, 1] (no NaN); found {found}")
-        elif m.ndim == 3:
-            if m.dtype == bool:
-                if k != 1:
-                    raise ResultError(
-                        f"a boolean label map holds one segment, but {k} are described: give integer labels "
-                        "0..n, or stack one mask per segment on a last axis"
-                    )
-            elif not np.issubdtype(m.dtype, np.integer):
-                raise ResultError(
-                    f"a label map must hold integers (0 = background, 1..{k}), got {m.dtype}; convert with "
-                    "masks.astype(np.uint8)"
-                )
-            elif m.size:
-                lo, hi = int(m.min()), int(m.max())
-                if lo < 0 or hi > k:
-                    raise ResultError(
-                        f"label values must be 0..{k} (one Segment per label); found {lo}..{hi}: describe every "
-                        "label with a Segment, or set the others to 0"
-                    )
-        elif self.kind == "labelmap" and (m.astype(bool).sum(axis=3) > 1).any():
-            raise ResultError('stacked masks overlap, so they cannot be one label map; use kind="binary"')
+        return
+    if kind == "fractional":
+        if k != 1:
+            raise ResultError(f"one fractional mask holds one segment, but {k} are described: stack one per segment")
+        return
+    if m.dtype == bool:
+        if k != 1:
+            raise ResultError(
+                f"a boolean label map holds one segment, but {k} are described: give integer labels 0..n, or "
+                "stack one mask per segment on a last axis"
+            )
+        return
+    if not np.issubdtype(m.dtype, np.integer):
+        raise ResultError(
+            f"a label map must hold integers (0 = background, 1..{k}), got {m.dtype}; convert with "
+            "masks.astype(np.uint8)"
+        )
+    lo, hi = (int(m.min()), int(m.max())) if m.size else (0, 0)
+    if lo < 0 or hi > k:
+        raise ResultError(
+            f"label values must be 0..{k} (one Segment per label); found {lo}..{hi}: describe every label "
+            "with a Segment, or set the others to 0"
+        )
 
 
 @dataclass
@@ -201,7 +214,7 @@ class Images:
                 "np.clip((v - low) / (high - low) * 255, 0, 255).astype(np.uint8)"
             )
         if self.source_slices is not None:
-            sources = list(self.source_slices)
+            sources: list[object] = list(self.source_slices)
             if len(sources) != len(px):
                 raise ResultError(
                     f"{len(px)} images but {len(sources)} source_slices: give one slice index (or None) per image"
@@ -212,15 +225,15 @@ class Images:
                         f"Images.source_slices holds {s!r}; each is the index (0, 1, ...) of the input slice the "
                         "image shows, or None for a derived view"
                     )
-            self.source_slices = [None if s is None else int(s) for s in sources]
+            self.source_slices = [None if s is None else int(s) for s in self.source_slices]
         if self.patient_orientation is not None:
-            po = tuple(self.patient_orientation)
+            po: tuple[object, ...] = tuple(self.patient_orientation)
             if len(po) != 2 or not all(isinstance(d, str) and d and set(d) <= ORIENTATION_LETTERS for d in po):
                 raise ResultError(
                     "Images.patient_orientation must be the directions of the rows and the columns, two strings "
                     f'of the letters L, R, A, P, H, F, e.g. ("L", "F"); got {self.patient_orientation!r}'
                 )
-            self.patient_orientation = (po[0], po[1])
+            self.patient_orientation = (self.patient_orientation[0], self.patient_orientation[1])
         if self.pixel_spacing is not None:
             self.pixel_spacing = _positive_pair("Images.pixel_spacing", self.pixel_spacing)
 
