@@ -6,7 +6,9 @@ names the plugin versions; the delivery table says where each instance went).
 
 from __future__ import annotations
 
-from sqlalchemy import Engine, func, select
+import datetime as dt
+
+from sqlalchemy import ColumnElement, Connection, Engine, func, select
 
 from node.index.models import Delivery, Instance, Job, Series, SeriesRevision
 from node.index.states import CommitmentState, DeliveryState, JobState
@@ -18,11 +20,11 @@ class NotFound(LookupError):
     pass
 
 
-def _when(value) -> str:  # type: ignore[no-untyped-def]
+def _when(value: dt.datetime | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S") if value is not None else "-"
 
 
-def _deliveries(conn, which, indent: str) -> list[str]:  # type: ignore[no-untyped-def]
+def _deliveries(conn: Connection, which: ColumnElement[bool], indent: str) -> list[str]:
     """Deliveries matching ``which`` (a condition on the delivery table), by destination and state."""
     rows = conn.execute(
         select(

@@ -186,6 +186,14 @@ class _Worker:
     idle_since: float | None = None
 
 
+def _claimed(item: Item) -> queue.Item:
+    """The claimed delivery an item to send was made for (the sender's key; see _send_batch)."""
+    c = item.key
+    if not isinstance(c, queue.Item):
+        raise TypeError(f"an item to send without its claimed delivery: {item}")
+    return c
+
+
 class DestinationSender:
     """The workers, back-off and wake-up of one destination."""
 
@@ -382,7 +390,7 @@ class DestinationSender:
         if len(results) < len(items):  # stopping: what was not sent goes back, not counted as an attempt
             sent = {id(r.item) for r in results}
             outcomes.extend(
-                queue.Outcome(it.key.id, DeliveryState.QUEUED, error="", attempted=False)  # type: ignore[attr-defined]
+                queue.Outcome(_claimed(it).id, DeliveryState.QUEUED, error="", attempted=False)
                 for it in items
                 if id(it) not in sent
             )
@@ -415,7 +423,7 @@ class DestinationSender:
         return {"destination": self.dest.name, "sop_instance_uid": c.sop_instance_uid, "job_id": c.job_id}
 
     def _outcome(self, r: Result, retry_at: list[dt.datetime]) -> queue.Outcome:
-        c: queue.Item = r.item.key  # type: ignore[assignment]
+        c = _claimed(r.item)
         if r.attempted:
             metrics.DELIVERY_RESULTS.labels(self.dest.name, r.outcome).inc()
         if r.outcome == "delivered":
@@ -473,7 +481,7 @@ class DestinationSender:
         return queue.Outcome(c.id, DeliveryState.QUEUED, r.status, r.text, retry_at=retry_at[0], attempted=r.attempted)
 
     def _request_commitment(self, sender: Sender, outcomes: list[queue.Outcome], items: list[Item]) -> None:
-        by_id = {it.key.id: it for it in items}  # type: ignore[attr-defined]
+        by_id = {_claimed(it).id: it for it in items}
         delivered = [o for o in outcomes if o.state == DeliveryState.DELIVERED and o.id in by_id]
         if not delivered:
             return

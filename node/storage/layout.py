@@ -23,6 +23,7 @@ import os
 import random
 import shutil
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 STORAGE_DIR = "storage"
@@ -124,7 +125,7 @@ class Storage:
         fsync_dir(directory.parent)
         return True
 
-    def iter_stored(self):  # type: ignore[no-untyped-def]
+    def iter_stored(self) -> Iterator[Path]:
         """Every stored instance file (for recovery and audits)."""
         if not self.files.is_dir():
             return

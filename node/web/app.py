@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -37,7 +38,7 @@ def create_app(ctx: WebContext) -> FastAPI:
         return RedirectResponse(exc.target, status_code=303)
 
     @app.middleware("http")
-    async def _headers(request: Request, call_next):  # type: ignore[no-untyped-def]
+    async def _headers(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         response = await call_next(request)
         # Pages hold patient data: never cached by a shared proxy, never framed, no inline scripts.
         response.headers.setdefault("Cache-Control", "no-store")
