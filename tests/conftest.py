@@ -22,6 +22,26 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     return [f"shared data: {SHARED}", f"storescu: {shutil.which('storescu', path='/usr/bin')}"]
 
 
+#: Fixtures that change something every test process shares, and the xdist group their tests run in
+#: (``--dist loadgroup`` in pyproject's addopts sends a group to one worker, one test after another).
+SHARED_STATE_GROUPS = {
+    # pip-installs tests/data/example-plugin into the Python running the tests (and its node processes).
+    "example_plugin": "system-python",
+    # builds and tags the container plugins' test image, and lists every container podman has.
+    "test_image": "podman",
+}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests whose fixtures touch state shared between processes run in one xdist worker (see above)."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        for fixture, group in SHARED_STATE_GROUPS.items():
+            if fixture in fixtures:
+                item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture
 def node(tmp_path: Path):
     """A fresh node with its own data directory; stopped (and its log shown on failure) afterwards."""

@@ -6,24 +6,14 @@ demo can show that the SEG and SC really arrived (and a test can read the files 
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from node.demo.procs import child_preexec
+from node.demo.peers import Orthanc, PeerError
 
 VERIFICATION = "1.2.840.10008.1.1"  # the Verification SOP Class (C-ECHO)
-ORTHANC_PATHS = ("/usr/sbin/Orthanc", "/usr/bin/Orthanc", "/usr/local/bin/Orthanc")
 
 #: Short names for the SOP classes the demo deals with (others are shown by pydicom's name).
 SHORT_NAMES = {
@@ -45,70 +35,9 @@ def short_name(sop_class: str) -> str:
     return UID(sop_class).name
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on right now (on loopback)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def find_orthanc() -> str | None:
-    for p in ORTHANC_PATHS:
-        if Path(p).is_file() and os.access(p, os.X_OK):
-            return p
-    return shutil.which("Orthanc")
-
-
-def orthanc_config(
-    root: Path,
-    *,
-    name: str,
-    ae_title: str,
-    dicom_port: int,
-    http_port: int,
-    modalities: dict[str, list[Any]],
-    unknown_sop_class_accepted: bool = True,
-) -> dict[str, Any]:
-    """A private Orthanc on loopback (the demo's PACS, the tests' PACS): storage under ``root``, plain DICOM
-    files, HTTP for this host only, and C-STORE only from ``modalities`` ({name: [AE, host, port]})."""
-    return {
-        "Name": name,
-        "StorageDirectory": str(root / "storage"),
-        "IndexDirectory": str(root / "index"),
-        # Plain DICOM files on disk: what arrived can be read back with any DICOM tool.
-        "StorageCompression": False,
-        "Plugins": [],
-        "HttpServerEnabled": True,
-        "HttpPort": http_port,
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "SslEnabled": False,
-        "DicomServerEnabled": True,
-        "DicomAet": ae_title,
-        "DicomPort": dicom_port,
-        "DicomCheckCalledAet": False,
-        "DicomAlwaysAllowEcho": True,
-        "DicomAlwaysAllowStore": False,
-        "DicomCheckModalityHost": True,
-        "DicomModalities": modalities,
-        "UnknownSopClassAccepted": unknown_sop_class_accepted,
-        "DicomScpTimeout": 30,
-        "StableAge": 1,
-        "SaveJobs": False,
-        "HttpDescribeErrors": True,
-    }
-
-
-class PacsError(RuntimeError):
-    pass
-
-
-class OrthancPacs:
-    """Orthanc in ``root``: its config, storage, index and log; HTTP only from this host.
-
-    Orthanc binds its DICOM port on every interface (it has no setting for loopback), so C-STORE
-    is limited to the node's AE title calling from 127.0.0.1.
-    """
+class OrthancPacs(Orthanc):
+    """Orthanc as the demo's PACS (see node.demo.peers.Orthanc): C-STORE only from the node's AE title, which
+    it also calls back for storage commitment; HTTP only from this host; nothing of it outlives the demo."""
 
     kind = "orthanc"
     label = "Orthanc"
@@ -124,94 +53,21 @@ class OrthancPacs:
         node_port: int,
         ae_title: str = "DEMO_PACS",
     ) -> None:
-        self.root = root
-        self.binary = binary
-        self.dicom_port = dicom_port
-        self.http_port = http_port
-        self.ae_title = ae_title
-        self.node_ae = node_ae
-        self.node_port = node_port
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def storage(self) -> Path:
-        return self.root / "storage"
-
-    @property
-    def log_path(self) -> Path:
-        return self.root / "orthanc.log"
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        super().__init__(
+            root,
+            aet=ae_title,
+            senders=(node_ae,),
+            dicom_port=dicom_port,
+            http_port=http_port,
+            sender_ports={node_ae: node_port},
+            name="dicom-node demo PACS",
+            binary=binary,
+            detached=True,
+        )
 
     @property
     def explorer(self) -> str:
         return f"{self.url}/app/explorer.html"
-
-    def config(self) -> dict[str, Any]:
-        return orthanc_config(
-            self.root,
-            name="dicom-node demo PACS",
-            ae_title=self.ae_title,
-            dicom_port=self.dicom_port,
-            http_port=self.http_port,
-            modalities={"dicom-node": [self.node_ae, "127.0.0.1", self.node_port]},
-        )
-
-    def start(self, timeout: float = 30.0) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        cfg = self.root / "orthanc.json"
-        cfg.write_text(json.dumps(self.config(), indent=2))
-        # DCMTK's acceptor waits ~40 ms per message for delayed ACKs without TCP_NODELAY.
-        env = {**os.environ, "TCP_NODELAY": "1"}
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [self.binary, f"--logfile={self.root / 'orthanc-verbose.log'}", str(cfg)],
-                cwd=self.root,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-                preexec_fn=child_preexec,
-            )
-        deadline = time.monotonic() + timeout
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise PacsError(
-                    f"Orthanc exited with status {self.proc.returncode} while starting; see {self.log_path}"
-                )
-            try:
-                self.get("/system", timeout=2)
-                with socket.create_connection(("127.0.0.1", self.dicom_port), timeout=2):
-                    return
-            except (OSError, urllib.error.URLError) as e:
-                last = e
-            time.sleep(0.1)
-        self.stop()
-        raise PacsError(
-            f"Orthanc did not answer on HTTP port {self.http_port} and DICOM port {self.dicom_port} "
-            f"within {timeout:g} s ({last}); see {self.log_path}"
-        )
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, timeout: float = 15.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout)
-
-    def get(self, path: str, timeout: float = 10.0) -> Any:
-        with urllib.request.urlopen(self.url + path, timeout=timeout) as rsp:
-            return json.loads(rsp.read())
 
     def holds(self) -> Counter[str]:
         """SOP class UID -> instances, asked through Orthanc's REST API."""
@@ -294,7 +150,7 @@ class BuiltinPacs:
                 ("127.0.0.1", self.dicom_port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
             )
         except OSError as e:
-            raise PacsError(f"the built-in storage SCP cannot listen on port {self.dicom_port}: {e}") from None
+            raise PeerError(f"the built-in storage SCP cannot listen on port {self.dicom_port}: {e}") from None
 
     def alive(self) -> bool:
         return self.server is not None

@@ -28,6 +28,7 @@ from typing import Any
 from rich.console import Console
 
 from node.demo import pacs as pacs_mod
+from node.demo import peers
 from node.demo.procs import child_preexec
 from node.demo.steps import SeriesWatch, Step, StepFailed
 from node.demo.workdir import prepare
@@ -193,7 +194,7 @@ class Demo:
     def _run(self) -> int:
         files = bundled_series()
         ports = {
-            k: getattr(self.opts, k) or pacs_mod.free_port()
+            k: getattr(self.opts, k) or peers.free_port()
             for k in ("node_port", "web_port", "pacs_port", "pacs_http_port")
         }
         self.ports = ports
@@ -238,7 +239,7 @@ class Demo:
 
     def _start_pacs(self) -> None:
         t = time.monotonic()
-        binary = pacs_mod.find_orthanc()
+        binary = peers.find_orthanc()
         kind = self.opts.pacs
         if kind == "orthanc" and binary is None:
             raise DemoError(
@@ -257,7 +258,7 @@ class Demo:
             )
             try:
                 self.pacs.start()
-            except pacs_mod.PacsError as e:
+            except peers.PeerError as e:
                 if kind == "orthanc":
                     raise DemoError(str(e)) from None
                 self.say(f"[yellow]Orthanc did not start ({e}); using the built-in storage SCP instead[/]")
@@ -273,7 +274,7 @@ class Demo:
         self.pacs = pacs_mod.BuiltinPacs(self.root / "pacs", dicom_port=self.opts_port("pacs_port"), ae_title=PACS_AE)
         try:
             self.pacs.start()
-        except pacs_mod.PacsError as e:
+        except peers.PeerError as e:
             raise DemoError(str(e)) from None
         why = "" if kind == "builtin" else " (Orthanc is not installed)"
         self.say(

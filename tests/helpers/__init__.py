@@ -13,18 +13,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+# One place for the peers the demo, the tests and the benchmarks start (re-exported for the tests).
+from node.demo.peers import free_port as free_port
+from node.demo.peers import make_ct_series as make_ct_series
+from node.demo.peers import peer_env
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared" / "data"
 if not SHARED.is_dir():  # CI: shared/ beside the clone
     SHARED = Path(os.environ.get("DICOM_NODE_SHARED_DATA", "/work/shared/data"))
 
-#: DCMTK acceptors stall ~40 ms per message without this (Nagle + delayed ACK).
-PEER_ENV = {**os.environ, "TCP_NODELAY": "1"}
+#: The misbehaving test plugins (faulty_plugins.py), importable by a node given it on PYTHONPATH.
+FAULTY_PLUGINS = REPO / "tests" / "plugins"
+#: The command plugins' test scripts and their templated metainfo.json.
+COMMAND_PLUGINS = REPO / "tests" / "data" / "command-plugins"
+
+#: DCMTK acceptors stall ~40 ms per message without TCP_NODELAY (Nagle + delayed ACK).
+PEER_ENV = peer_env()
 
 
 def dcmtk(tool: str) -> str:
@@ -48,10 +55,20 @@ def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.1) -
         time.sleep(interval)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def alive_cmdline(proc: Any) -> str | None:
+    """The command line of a ``psutil.Process`` that still runs (not a zombie), else None.
+
+    A process may end between being listed and being asked (more so with tests running in parallel):
+    that counts as ended, never as an error.
+    """
+    import psutil
+
+    try:
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return " ".join(proc.cmdline())
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return None
 
 
 def wait_for_echo(
@@ -247,80 +264,6 @@ def dataset_bytes(path: Path) -> bytes:
         return raw
     meta_len = int.from_bytes(raw[140:144], "little")
     return raw[144 + meta_len :]
-
-
-def make_ct_series(
-    out: Path,
-    count: int,
-    rows: int = 64,
-    cols: int = 64,
-    *,
-    seed: int = 0,
-    study_uid: str | None = None,
-    series_uid: str | None = None,
-    patient_name: str = "TEST^SYNTHETIC",
-    images_in_acquisition: int | None = None,
-) -> list[Path]:
-    """A CT series with real geometry, written as Explicit VR Little Endian files."""
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    study_uid = study_uid or generate_uid()
-    series_uid = series_uid or generate_uid()
-    frame_uid = generate_uid()
-    paths = []
-    for i in range(count):
-        ds = Dataset()
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = generate_uid()
-        ds.PatientName = patient_name
-        ds.PatientID = "SYN-0001"
-        ds.PatientBirthDate = "19700101"
-        ds.PatientSex = "O"
-        ds.StudyInstanceUID = study_uid
-        ds.StudyDate = "20260101"
-        ds.StudyTime = "120000"
-        ds.AccessionNumber = "ACC0001"
-        ds.StudyID = "1"
-        ds.ReferringPhysicianName = ""
-        ds.StudyDescription = "synthetic study"
-        ds.SeriesInstanceUID = series_uid
-        ds.SeriesNumber = 1
-        ds.SeriesDescription = "synthetic CT"
-        ds.Modality = "CT"
-        ds.BodyPartExamined = "HEAD"
-        ds.Manufacturer = "dicom-node tests"
-        ds.FrameOfReferenceUID = frame_uid
-        ds.PositionReferenceIndicator = ""
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.InstanceNumber = i + 1
-        ds.ImagePositionPatient = [-100.0, -100.0, float(i) * 2.5]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.PixelSpacing = [0.5, 0.5]
-        ds.SliceThickness = 2.5
-        ds.KVP = 120
-        ds.AcquisitionNumber = 1
-        if images_in_acquisition is not None:
-            ds.ImagesInAcquisition = images_in_acquisition
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows = rows
-        ds.Columns = cols
-        ds.BitsAllocated = 16
-        ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 1
-        ds.RescaleIntercept = -1024
-        ds.RescaleSlope = 1
-        ds.PixelData = rng.integers(-1000, 2000, size=(rows, cols), dtype=np.int16).tobytes()
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta = meta
-        p = out / f"{i + 1:04d}.dcm"
-        ds.save_as(p, enforce_file_format=True)
-        paths.append(p)
-    return paths
 
 
 def read_sop_uid(path: Path) -> str:

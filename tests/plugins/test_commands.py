@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import REPO, SHARED, series_files
+from helpers import COMMAND_PLUGINS, REPO, SHARED, series_files
 from pydantic import ValidationError
 
 from node.derive.template import load_template
@@ -19,9 +19,8 @@ from node.plugins.api import PluginError
 from node.plugins.commands import CommandPlugin, container_argv, run_command, write_input
 from node.plugins.series import load_series
 
-HERE = Path(__file__).parent
-SCRIPTS = HERE / "commands"
-METAINFO = HERE / "templated-metainfo.json"  # labelIDs 1 ("Upper left") and 2 ("Lower right")
+SCRIPTS = COMMAND_PLUGINS
+METAINFO = COMMAND_PLUGINS / "templated-metainfo.json"  # labelIDs 1 ("Upper left") and 2 ("Lower right")
 BASE = "localhost/dicom-node-test-python:1"
 IMAGE = "localhost/dicom-node-test-labelmap:latest"
 CONTAINERS = REPO / "tests" / "data" / "containers"

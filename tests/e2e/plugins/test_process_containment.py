@@ -27,7 +27,11 @@ from test_plugin_runtime import LOCAL_PLUGINS, jobs_by_rule, labelled_ct, rule, 
 
 
 def marked(marker: str) -> list[psutil.Process]:
-    """Running (not zombie) processes whose command line carries ``marker``."""
+    """Running (not zombie) processes whose command line carries ``marker``.
+
+    The marker is this test's own, so other tests' processes (in parallel workers) are never counted;
+    ``p.info`` is read once while listing, so a process that ends meanwhile is not asked again.
+    """
     found = []
     for p in psutil.process_iter(["cmdline", "status"]):
         if marker in (p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE:
@@ -35,12 +39,16 @@ def marked(marker: str) -> list[psutil.Process]:
     return found
 
 
+def described(procs: list[psutil.Process]) -> list[str]:
+    return [f"{p.pid} ({' '.join(p.info['cmdline'] or [])})" for p in procs]
+
+
 def gone(marker: str, within: float = 5.0) -> list[str]:
     """The marked processes still running after ``within`` seconds (the kill itself is asynchronous)."""
     deadline = time.monotonic() + within
     while marked(marker) and time.monotonic() < deadline:
         time.sleep(0.1)
-    return [f"{p.pid} ({' '.join(p.cmdline())})" for p in marked(marker)]
+    return described(marked(marker))
 
 
 @pytest.fixture
@@ -50,7 +58,10 @@ def marker():
     yield m
     procs = marked(m)
     for p in procs:
-        p.kill()
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
     psutil.wait_procs(procs, timeout=5)
 
 
@@ -64,7 +75,7 @@ def start_spawner(node: NodeProcess, tmp_path: Path, marker: str, timeout: float
     assert storescu(node.port, labelled_ct(tmp_path, "spawn")).returncode == 0
 
     def hanging() -> list[psutil.Process]:  # not the short-lived intermediate
-        return [p for p in marked(marker) if p.cmdline()[1:3] == ["-c", HANG]]
+        return [p for p in marked(marker) if (p.info["cmdline"] or [])[1:3] == ["-c", HANG]]
 
     wait_for(lambda: len(hanging()) == 2, 30, "the plugin's child and grandchild to start")
     # What the test is about: the grandchild has left the plugin's session and group.

@@ -31,9 +31,18 @@ import psutil
 import pydicom
 import pytest
 from faulty_plugins import FLAKY_MESSAGE, RAISER_MESSAGE, REFUSER_MESSAGE
-from helpers import REPO, NodeProcess, StoreSCP, make_ct_series, series_files, storescu, wait_for
+from helpers import (
+    FAULTY_PLUGINS,
+    REPO,
+    NodeProcess,
+    StoreSCP,
+    alive_cmdline,
+    make_ct_series,
+    series_files,
+    storescu,
+    wait_for,
+)
 
-HERE = Path(__file__).resolve().parent
 EXAMPLE = REPO / "tests" / "data" / "example-plugin"
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 CT = "ct-head-philips-5mm"
@@ -57,7 +66,7 @@ spawner = "faulty_plugins:spawner"
 
 def with_faulty_plugins(node: NodeProcess) -> None:
     """The node (and its plugin processes) can import faulty_plugins."""
-    node.env = {"PYTHONPATH": os.pathsep.join([str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    node.env = {"PYTHONPATH": os.pathsep.join([str(FAULTY_PLUGINS), *filter(None, [os.environ.get("PYTHONPATH")])])}
 
 
 def jobs_by_rule(node: NodeProcess) -> dict[str, dict[str, Any]]:
@@ -504,15 +513,9 @@ stable_after = 30
         # Nothing of the killed node should run on: not the plugin (no one enforces its timeout any more),
         # nor the fork server and its resource tracker.
         deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and any(
-            p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in children
-        ):
+        while time.monotonic() < deadline and any(alive_cmdline(p) is not None for p in children):
             time.sleep(0.1)
-        alive = [
-            f"{p.pid} ({' '.join(p.cmdline())[:100]})"
-            for p in children
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-        ]
+        alive = [f"{p.pid} ({cmd[:100]})" for p in children if (cmd := alive_cmdline(p)) is not None]
         assert alive == [], f"processes of the killed node still running 5 s later: {alive}"
     finally:
         end_processes(children)

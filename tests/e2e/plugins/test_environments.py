@@ -25,10 +25,7 @@ import numpy as np
 import psutil
 import pydicom
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from helpers import REPO, NodeProcess, storescu, wait_for  # noqa: E402
+from helpers import REPO, NodeProcess, alive_cmdline, storescu, wait_for  # noqa: E402
 from helpers.envs import sdk_env  # noqa: E402
 from helpers.variants import make_files  # noqa: E402
 
@@ -207,11 +204,7 @@ actions = [{ type = "plugin", plugin = "env-dies", timeout = 120 }]
         assert time.monotonic() - t < 60
         # Their workers are gone; the bone plugin's warm worker lived through both and serves the next job.
         assert node.proc is not None
-        names = " ".join(
-            " ".join(p.cmdline())
-            for p in psutil.Process(node.proc.pid).children()
-            if p.status() != psutil.STATUS_ZOMBIE
-        )
+        names = " ".join(cmd for p in psutil.Process(node.proc.pid).children() if (cmd := alive_cmdline(p)))
         assert "env-hang=" not in names and "env-hog=" not in names and "env-dies=" not in names, names
         assert not [
             p

@@ -30,19 +30,15 @@ import numpy as np
 import psutil
 import pydicom
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from helpers import REPO, NodeProcess, storescu, wait_for  # noqa: E402
+from helpers import COMMAND_PLUGINS, REPO, NodeProcess, storescu, wait_for  # noqa: E402
 from helpers.dciodvfy import verify  # noqa: E402
 from helpers.variants import make_files  # noqa: E402
 
 from node.derive.template import load_template  # noqa: E402
 from node.plugins.series import load_series  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
-SCRIPTS = HERE / "commands"
-METAINFO = HERE / "templated-metainfo.json"  # labelIDs 1 ("Upper left") and 2 ("Lower right")
+SCRIPTS = COMMAND_PLUGINS
+METAINFO = COMMAND_PLUGINS / "templated-metainfo.json"  # labelIDs 1 ("Upper left") and 2 ("Lower right")
 CONTAINERS = REPO / "tests" / "data" / "containers"
 CONTAINERS_CONF = str(CONTAINERS / "containers.conf")
 BASE_IMAGE = "localhost/dicom-node-test-python:1"

@@ -17,10 +17,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from helpers import NodeProcess, StoreSCP, series_files, storescu, wait_for  # noqa: E402
+from helpers import FAULTY_PLUGINS, NodeProcess, StoreSCP, series_files, storescu, wait_for  # noqa: E402
 from helpers.orthanc import Orthanc  # noqa: E402
 
 from node.plugins.series import load_series  # noqa: E402
@@ -193,7 +190,7 @@ def test_a_patient_name_invalid_in_the_source_is_kept_so_the_result_files_with_i
 
 def test_a_retried_chain_sends_what_it_kept_exactly_once(tmp_path: Path, scp: StoreSCP) -> None:
     """Step 2 fails retryably on attempt 1 (after step 1's SEG was kept and queued) and succeeds on attempt 2."""
-    plugins_dir = HERE.parent / "plugins"
+    plugins_dir = FAULTY_PLUGINS
     marker = tmp_path / "flaky-marker"
     node = NodeProcess(
         tmp_path / "node",
