@@ -22,6 +22,8 @@ from node.index.states import CommitmentState, DeliveryState, JobState, SeriesSt
 __all__ = [
     "AWAITING_COMMITMENT",
     "COMMITTED",
+    "SERIES_COLUMNS",
+    "SERIES_JOIN",
     "DeliveryRow",
     "DestinationQueue",
     "IndexSummary",
