@@ -483,7 +483,7 @@ class PduReader:
         except OSError as e:
             raise PeerClosed(str(e)) from None
         if not k:
-            raise PeerClosed("closed")
+            raise PeerClosed("the peer closed the connection")
         self.end += k
 
     def read_header(self) -> tuple[int, int]:

@@ -39,6 +39,8 @@ T = TypeVar("T")
 UNLIMITED_FRAGMENT = 1 << 20
 #: Largest PDU read from the peer (its responses are command sets: a few hundred bytes).
 MAX_RESPONSE_PDU = 64 << 20
+#: Plain ints: an IntFlag operand would make each ``&`` a Python-level call.
+_COMMAND, _LAST, _DATA = int(Pdv.COMMAND), int(Pdv.LAST), int(Pdv.DATA)
 
 
 class AssociationError(Exception):
@@ -163,7 +165,7 @@ class Association:
         self._send(pdu.p_data(cx_id, command))
 
     def _send_data(self, cx_id: int, data: bytes | memoryview, last: bool) -> None:
-        self._send(pdu.p_data_header(cx_id, len(data), Pdv.LAST if last else Pdv.DATA), data)
+        self._send(pdu.p_data_header(cx_id, len(data), _LAST if last else _DATA), data)
 
     def _send(self, *parts: bytes | memoryview) -> None:
         try:
@@ -219,9 +221,9 @@ class Association:
                 done = None
                 try:
                     for _cx, header, data in pdu.iter_pdvs(body):
-                        if header & Pdv.COMMAND:
+                        if header & _COMMAND:
                             command += data
-                            if header & Pdv.LAST:
+                            if header & _LAST:
                                 done = dimse.decode_command(command)
                                 command = bytearray()
                 except (pdu.PduError, dimse.CommandError) as e:
