@@ -38,6 +38,10 @@ class Status(IntEnum):
     #: An N-EVENT-REPORT with an event type the class does not define.
     NO_SUCH_EVENT_TYPE = 0x0113
     PROCESSING_FAILURE = 0x0110
+    #: The peer holds this SOP instance already.
+    DUPLICATE_SOP_INSTANCE = 0x0111
+    #: The message id is in use already (a peer's passing state).
+    DUPLICATE_INVOCATION = 0x0210
 
 
 @dataclass(frozen=True)

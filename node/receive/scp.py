@@ -229,7 +229,7 @@ class StorageSCP:
             transaction = str(ds.TransactionUID)
             committed = [str(i.ReferencedSOPInstanceUID) for i in ds.get("ReferencedSOPSequence", [])]
             failed = {
-                str(i.ReferencedSOPInstanceUID): _failure_reason(int(i.get("FailureReason", 0x0110)))
+                str(i.ReferencedSOPInstanceUID): _failure_reason(int(i.get("FailureReason", Status.PROCESSING_FAILURE)))
                 for i in ds.get("FailedSOPSequence", [])
             }
         except Exception as e:

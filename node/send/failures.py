@@ -11,7 +11,7 @@ association rejected as transient) is retried with back-off.
 
 from __future__ import annotations
 
-from node.dicom.status import Category, lookup
+from node.dicom.status import Category, Status, lookup
 
 #: A processing failure may be passing (a locked database at the PACS); after this many it is not.
 PROCESSING_FAILURE_ATTEMPTS = 3
@@ -28,8 +28,8 @@ def classify_status(status: int, comment: str = "") -> tuple[str, str]:
     text = f"status 0x{status:04X} ({meaning.name})" + (f": {comment}" if comment else "")
     if meaning.category == Category.WARNING:
         return "delivered", text
-    if status == 0x0111:  # duplicate SOP instance: the destination holds it already
+    if status == Status.DUPLICATE_SOP_INSTANCE:  # the destination holds it already
         return "delivered", text
-    if status & 0xFF00 == 0xA700 or status in (0x0110, 0x0210):
+    if status & 0xFF00 == Status.OUT_OF_RESOURCES or status in (Status.PROCESSING_FAILURE, Status.DUPLICATE_INVOCATION):
         return "transient", text
     return "permanent", text

@@ -28,6 +28,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import dsutils
 
 from node.dicom.pdu import AbortSource, RejectResult
+from node.dicom.status import Status
 from node.send.failures import classify_status
 from node.send.requestor import (
     Association,
@@ -270,7 +271,7 @@ class Sender:
             return Result(
                 it,
                 "permanent",
-                0x0122,
+                Status.SOP_CLASS_NOT_SUPPORTED,
                 f"{label} does not support the SOP class {UID(it.sop_class).name} (presentation context rejected)",
             )
         try:
@@ -313,7 +314,7 @@ class Sender:
             return Result(it, "transient", None, f"no response from {label}: {e}", sent_syntax=sent_ts)
         except OSError as e:
             return Result(it, "permanent", None, f"cannot read {it.path}: {e}")
-        status = rsp.status if rsp.status is not None else 0xC000
+        status = rsp.status if rsp.status is not None else Status.CANNOT_UNDERSTAND
         kind, text = classify_status(status, rsp.error_comment)
         if kind == "delivered":
             return Result(it, "delivered", status, "", warning=text, sent_syntax=sent_ts)
