@@ -8,7 +8,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 from sqlalchemy import Engine, select, update
@@ -17,9 +17,13 @@ from node import metrics
 from node.config import Config
 from node.derive.store import OutputStore
 from node.index.models import Delivery, Instance, Job, Series
+from node.index.states import JobState
 from node.jobs.spec import PluginAction
 from node.jobs.store import ClaimedJob
 from node.storage import Storage
+
+if TYPE_CHECKING:  # the plugin machinery is imported by the jobs that run plugins, not at start
+    from node.plugins.pool import Worker
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +117,7 @@ def discard(ctx: JobContext) -> str:
                 j.c.series_fk == ctx.job.series_id,
                 j.c.id != ctx.job.id,
                 j.c.kind != "discard",
-                j.c.state != "succeeded",
+                j.c.state != JobState.SUCCEEDED,
             )
             .order_by(j.c.id)
             .with_for_update()
@@ -329,9 +333,9 @@ def plugin(ctx: JobContext) -> str:
             software=", ".join(result.plugins),
             notes=notes,
         )
-        for o, st in zip(result.outputs, stored, strict=True):
-            if st.outcome != "duplicate" and not o.twin_of:  # a BINARY copy is the same result again
-                metrics.OUTPUTS_PRODUCED.labels(plugin_label, o.kind).inc()
+        for out, output in zip(result.outputs, stored, strict=True):
+            if output.outcome != "duplicate" and not out.twin_of:  # a BINARY copy is the same result again
+                metrics.OUTPUTS_PRODUCED.labels(plugin_label, out.kind).inc()
     finally:  # outputs were moved into storage; whatever is left (a failed run's files) goes
         shutil.rmtree(work, ignore_errors=True)
     kinds: dict[str, int] = {}
@@ -340,7 +344,7 @@ def plugin(ctx: JobContext) -> str:
             kinds[o.kind] = kinds.get(o.kind, 0) + 1
     t = result.timings
     made = ", ".join(f"{n} {k}" for k, n in kinds.items()) or "no output"
-    again = sum(1 for o in stored if o.outcome == "duplicate")
+    again = sum(1 for output in stored if output.outcome == "duplicate")
     summary = (
         f"{made} from {len(rels)} source instances ({', '.join(result.plugins)}; load {t['load']:.1f} s, "
         f"plugin {t['plugin']:.1f} s, "
@@ -398,7 +402,7 @@ def _note_running(ctx: JobContext, text: str) -> None:
     log.info("job %d: %s", ctx.job.id, text)
     j = Job.__table__
     with ctx.engine.begin() as conn:
-        conn.execute(update(j).where(j.c.id == ctx.job.id, j.c.state == "running").values(result=text[:1000]))
+        conn.execute(update(j).where(j.c.id == ctx.job.id, j.c.state == JobState.RUNNING).values(result=text[:1000]))
 
 
 class _Resources:
@@ -407,7 +411,7 @@ class _Resources:
     def __init__(self, ctx: JobContext, limit_mb: int) -> None:
         self.ctx = ctx
         self.limit_mb = limit_mb
-        self.workers: list[Any] = []
+        self.workers: list[Worker] = []
         self.gpu: Any = None
 
     def __call__(self) -> str | None:
@@ -428,7 +432,7 @@ class _Resources:
     def failed(self, why: str) -> None:
         """The job's process was stopped (timeout, cancel, memory) or crashed: its workers' state is unknown."""
         for w in self.workers:
-            w.pool.discard(w, f"job {self.ctx.job.id} failed while it used it: {why}")
+            w.throw_away(f"job {self.ctx.job.id} failed while it used it: {why}")
         self.workers = []
 
     def finished(self, result: Any) -> None:
@@ -442,14 +446,14 @@ class _Resources:
                     f"warm worker pid {w.pid} for {w.key}: its job {w.jobs + 1}, setup "
                     f"{w.setup_seconds:.1f} s when it started"
                 )
-            w.pool.release(w, healthy=w.alive())
+            w.give_back(healthy=w.alive())
         self.workers = []
 
     def close(self) -> None:
         """The job ended before its process ran (cancelled, a second worker failed to start): give all back."""
         try:
             for w in self.workers:
-                w.pool.release(w, healthy=w.alive())
+                w.give_back(healthy=w.alive())
             self.workers = []
         finally:
             if self.gpu is not None:

@@ -93,6 +93,16 @@ class Worker:
     def pid(self) -> int:
         return self.proc.pid
 
+    def give_back(self, healthy: bool) -> None:
+        """End a job's lease: back to the pool it was leased from (kept warm if healthy)."""
+        if self.pool is not None:
+            self.pool.release(self, healthy=healthy)
+
+    def throw_away(self, why: str) -> None:
+        """End a job's lease on a worker whose state is unknown: its pool stops it (``why`` goes to its log)."""
+        if self.pool is not None:
+            self.pool.discard(self, why)
+
     def alive(self) -> bool:
         """Running (not ended, not a zombie: poll() cannot reap while another thread waits on the process)."""
         if self.proc.poll() is not None:

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Row, and_, bindparam, func, or_, select, update
+from sqlalchemy import Connection, Engine, and_, bindparam, func, or_, select, update
 
 from node import audit
 from node.index.models import Delivery, DestinationCircuit, Instance, aware, utcnow
@@ -565,11 +565,12 @@ def cancel(
         return n
 
 
-def unfinished_for_series(conn: Connection, series_id: int, revision: int | None = None) -> Sequence[Row[Any]]:
+def unfinished_for_series(conn: Connection, series_id: int, revision: int | None = None) -> list[tuple[str, str, int]]:
     """Deliveries of a series' instances that have not (yet) arrived, as (state, destination, count)."""
     cond = [_d.c.series_fk == series_id, delivery_not_arrived(_d)]
     if revision is not None:
         cond.append(_d.c.instance_fk.in_(select(_i.c.id).where(_i.c.series_fk == series_id, _i.c.revision == revision)))
-    return conn.execute(
+    rows = conn.execute(
         select(_d.c.state, _d.c.destination, func.count()).where(*cond).group_by(_d.c.state, _d.c.destination)
-    ).all()
+    )
+    return [(state, destination, count) for state, destination, count in rows]
