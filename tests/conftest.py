@@ -25,8 +25,6 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 #: Fixtures that change something every test process shares, and the xdist group their tests run in
 #: (``--dist loadgroup`` in pyproject's addopts sends a group to one worker, one test after another).
 SHARED_STATE_GROUPS = {
-    # pip-installs tests/data/example-plugin into the Python running the tests (and its node processes).
-    "example_plugin": "system-python",
     # builds and tags the container plugins' test image, and lists every container podman has.
     "test_image": "podman",
 }

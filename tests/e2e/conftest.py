@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import FAULTY_PLUGINS
+from helpers import TEST_PLUGINS
 
 HERE = Path(__file__).resolve().parent
-# The misbehaving test plugins stay beside the unit tests that use them too; tests here import their messages.
-sys.path.insert(0, str(FAULTY_PLUGINS))
+# The test plugins stay beside the unit tests that use them too; tests here import their messages.
+sys.path.insert(0, str(TEST_PLUGINS))
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -25,8 +25,8 @@ SHARED = REPO.parent / "shared" / "data"
 if not SHARED.is_dir():  # CI: shared/ beside the clone
     SHARED = Path(os.environ.get("DICOM_NODE_SHARED_DATA", "/work/shared/data"))
 
-#: The misbehaving test plugins (faulty_plugins.py), importable by a node given it on PYTHONPATH.
-FAULTY_PLUGINS = REPO / "tests" / "plugins"
+#: The test plugins (faulty_plugins.py, env_plugins.py), importable by a node given this folder on PYTHONPATH.
+TEST_PLUGINS = REPO / "tests" / "plugins"
 #: The command plugins' test scripts and their templated metainfo.json.
 COMMAND_PLUGINS = REPO / "tests" / "data" / "command-plugins"
 

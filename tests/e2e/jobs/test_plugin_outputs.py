@@ -17,10 +17,10 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from helpers import FAULTY_PLUGINS, NodeProcess, StoreSCP, series_files, storescu, wait_for  # noqa: E402
-from helpers.orthanc import Orthanc  # noqa: E402
+from helpers import TEST_PLUGINS, NodeProcess, StoreSCP, series_files, storescu, wait_for
+from helpers.orthanc import Orthanc
 
-from node.plugins.series import load_series  # noqa: E402
+from node.plugins.series import load_series
 
 HERE = Path(__file__).resolve().parent
 CT = "ct-head-philips-5mm"
@@ -190,7 +190,7 @@ def test_a_patient_name_invalid_in_the_source_is_kept_so_the_result_files_with_i
 
 def test_a_retried_chain_sends_what_it_kept_exactly_once(tmp_path: Path, scp: StoreSCP) -> None:
     """Step 2 fails retryably on attempt 1 (after step 1's SEG was kept and queued) and succeeds on attempt 2."""
-    plugins_dir = FAULTY_PLUGINS
+    plugins_dir = TEST_PLUGINS
     marker = tmp_path / "flaky-marker"
     node = NodeProcess(
         tmp_path / "node",

@@ -30,12 +30,12 @@ import numpy as np
 import psutil
 import pydicom
 import pytest
-from helpers import COMMAND_PLUGINS, REPO, NodeProcess, storescu, wait_for  # noqa: E402
-from helpers.dciodvfy import verify  # noqa: E402
-from helpers.variants import make_files  # noqa: E402
+from helpers import COMMAND_PLUGINS, REPO, NodeProcess, storescu, wait_for
+from helpers.dciodvfy import verify
+from helpers.variants import make_files
 
-from node.derive.template import load_template  # noqa: E402
-from node.plugins.series import load_series  # noqa: E402
+from node.derive.template import load_template
+from node.plugins.series import load_series
 
 SCRIPTS = COMMAND_PLUGINS
 METAINFO = COMMAND_PLUGINS / "templated-metainfo.json"  # labelIDs 1 ("Upper left") and 2 ("Lower right")

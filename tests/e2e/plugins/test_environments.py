@@ -25,13 +25,12 @@ import numpy as np
 import psutil
 import pydicom
 import pytest
-from helpers import REPO, NodeProcess, alive_cmdline, storescu, wait_for  # noqa: E402
-from helpers.envs import sdk_env  # noqa: E402
-from helpers.variants import make_files  # noqa: E402
+from helpers import REPO, TEST_PLUGINS, NodeProcess, alive_cmdline, storescu, wait_for
+from helpers.envs import sdk_env
+from helpers.variants import make_files
 
-from node.plugins.series import load_series  # noqa: E402
+from node.plugins.series import load_series
 
-HERE = Path(__file__).resolve().parent
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*unlikely to represent the intended person name:UserWarning")
@@ -55,7 +54,7 @@ env-dies = {{ entry = "env_plugins:DiesLeavingAChild", environment = "old" }}
 {extra_plugins}
 [plugins.environments.old]
 python = "{python}"
-env = {{ PYTHONPATH = "{HERE}" }}
+env = {{ PYTHONPATH = "{TEST_PLUGINS}" }}
 [plugins.environments.old.plugins.env-bone]
 keep_warm = {int(warm_bone)}
 """

@@ -32,8 +32,8 @@ import pydicom
 import pytest
 from faulty_plugins import FLAKY_MESSAGE, RAISER_MESSAGE, REFUSER_MESSAGE
 from helpers import (
-    FAULTY_PLUGINS,
     REPO,
+    TEST_PLUGINS,
     NodeProcess,
     StoreSCP,
     alive_cmdline,
@@ -66,7 +66,7 @@ spawner = "faulty_plugins:spawner"
 
 def with_faulty_plugins(node: NodeProcess) -> None:
     """The node (and its plugin processes) can import faulty_plugins."""
-    node.env = {"PYTHONPATH": os.pathsep.join([str(FAULTY_PLUGINS), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    node.env = {"PYTHONPATH": os.pathsep.join([str(TEST_PLUGINS), *filter(None, [os.environ.get("PYTHONPATH")])])}
 
 
 def jobs_by_rule(node: NodeProcess) -> dict[str, dict[str, Any]]:
@@ -232,27 +232,31 @@ def _pip(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="session")
-def example_plugin():
-    """tests/data/example-plugin installed (editable) like any plugin package; uninstalled afterwards."""
-    if _pip("show", "dicom-node-example").returncode == 0:
-        pytest.fail(
-            "dicom-node-example is installed already (a previous run was interrupted?); "
-            "pip uninstall -y dicom-node-example"
-        )
-    args = ["install", "--no-deps", "-e", str(EXAMPLE)]
+def example_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/data/example-plugin installed with pip like any plugin package, into a folder of this test session
+    (``pip install --target``), not into the Python running the tests: tests in parallel workers, and the tests
+    that list the installed plugins, never see it. Built from a copy, so that workers never share a build folder.
+    """
+    root = tmp_path_factory.mktemp("example-plugin")
+    source, site = root / "source", root / "site"
+    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    args = ["install", "--no-deps", "--target", str(site), str(source)]
     if _can_build_without_isolation():
         # Offline: no build dependencies to fetch, no index to ask.
         args[1:1] = ["--no-build-isolation", "--no-index"]
     # else: pip fetches setuptools and wheel for an isolated build from the configured index.
     r = _pip(*args)
     assert r.returncode == 0, f"pip {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}"
-    try:
-        yield _example_version()
-    finally:
-        r = _pip("uninstall", "-y", "dicom-node-example")
-        shutil.rmtree(EXAMPLE / "dicom_node_example.egg-info", ignore_errors=True)
-        shutil.rmtree(EXAMPLE / "build", ignore_errors=True)
-        assert r.returncode == 0, r.stderr
+    return site
+
+
+@pytest.fixture
+def example_plugin(example_site: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The example plugin's version; the node processes and CLI runs of this test find the package on PYTHONPATH."""
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join([str(example_site), *filter(None, [os.environ.get("PYTHONPATH")])])
+    )
+    return _example_version()
 
 
 def node_cli(*args: str, config: Path | None = None) -> subprocess.CompletedProcess:

@@ -17,7 +17,6 @@ image series and a Parametric Map; a second job chains every built-in plugin. Ea
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,19 +24,16 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from helpers import storescu_exact
+from helpers import variants as V
+from helpers.dciodvfy import LABEL_MAP_SEGMENTATION_STORAGE, verify
+from helpers.orthanc import Orthanc
 from pydicom.dataset import Dataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from helpers import storescu_exact  # noqa: E402
-from helpers import variants as V  # noqa: E402
-from helpers.dciodvfy import LABEL_MAP_SEGMENTATION_STORAGE, verify  # noqa: E402
-from helpers.orthanc import Orthanc  # noqa: E402
-
-from node.plugins.api import Images, Segment, Segmentation, SeriesInput, Volume, codes, plugin  # noqa: E402
-from node.plugins.series import load_series  # noqa: E402
-from node.plugins.worker import Output, StepSpec, WorkResult, WorkSpec  # noqa: E402
-from node.plugins.worker import run as run_work  # noqa: E402
+from node.plugins.api import Images, Segment, Segmentation, SeriesInput, Volume, codes, plugin
+from node.plugins.series import load_series
+from node.plugins.worker import Output, StepSpec, WorkResult, WorkSpec
+from node.plugins.worker import run as run_work
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*unlikely to represent the intended person name:UserWarning")]
 
