@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
+import typing
 from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
 
 from node import audit
+from node.index import read
 from node.index.states import DeliveryState, JobState, SeriesState
 from node.web import data
 from node.web.actions import ActionResult, JobId, Refused, Selection, delivery_change, job_change
@@ -22,6 +25,33 @@ router = APIRouter(prefix="/api", dependencies=[Depends(api_user)])
 
 Limit = Query(50, ge=1, le=1000)
 Offset = Query(0, ge=0, le=10**9)
+
+
+def _as_json(hint: Any) -> Any:
+    """The type a field has once :func:`node.web.data.jsonable` made a time of it an ISO 8601 string."""
+    if hint is dt.datetime:
+        return str
+    args = typing.get_args(hint)
+    if dt.datetime in args:
+        return typing.Union[tuple(str if a is dt.datetime else a for a in args)]  # noqa: UP007 (built at run time)
+    return hint
+
+
+def row_model(
+    row: type[Any], name: str, *, base: type[BaseModel] = BaseModel, described: dict[str, str] | None = None
+) -> type[BaseModel]:
+    """The API's model of a read-model row (a dataclass), made from its fields, so the two cannot drift apart.
+
+    Fields ``base`` already has are left to it (e.g. :class:`StudyKeys`); every field is required, as the row
+    always sends it.
+    """
+    hints = typing.get_type_hints(row)
+    fields: dict[str, Any] = {
+        f.name: (_as_json(hints[f.name]), Field(description=(described or {}).get(f.name)))
+        for f in dataclasses.fields(row)
+        if f.name not in base.model_fields
+    }
+    return create_model(name, __base__=base, __doc__=f":class:`{row.__module__}.{row.__qualname__}` as JSON.", **fields)
 
 
 class DestinationModel(BaseModel):
@@ -70,18 +100,18 @@ class StudyKeys(BaseModel):
     patient_id: str
 
 
-class SeriesModel(StudyKeys):
-    """:class:`node.index.read.SeriesRow` as JSON."""
-
-    series_instance_uid: str
-    modality: str
-    series_number: int | None
-    series_description: str
-    instance_count: int
-    state: str
-    revision: int
-    first_received_at: str | None
-    last_received_at: str | None
+if TYPE_CHECKING:  # mypy cannot see into a model made at run time: to it, these are models of their own
+    SeriesModel = StudyKeys
+    JobModel = BaseModel
+    JobDetail = BaseModel
+    DeliveryModel = BaseModel
+else:
+    SeriesModel = row_model(read.SeriesRow, "SeriesModel", base=StudyKeys)
+    JobModel = row_model(read.JobRow, "JobModel")
+    JobDetail = row_model(
+        read.JobDetail, "JobDetail", base=JobModel, described={"action": "the rule action this job runs, as JSON"}
+    )
+    DeliveryModel = row_model(read.DeliveryRow, "DeliveryModel")
 
 
 class SeriesPage(BaseModel):
@@ -101,58 +131,9 @@ class StudyPage(BaseModel):
     items: list[StudyModel]
 
 
-class JobModel(BaseModel):
-    """:class:`node.index.read.JobRow` as JSON (:func:`node.web.data.jsonable`)."""
-
-    id: int
-    series_instance_uid: str
-    modality: str
-    revision: int
-    rule: str
-    action_index: int
-    kind: str
-    state: str
-    attempts: int
-    max_attempts: int
-    software: str
-    result: str
-    last_error: str
-    created_at: str | None
-    started_at: str | None
-    finished_at: str | None
-
-
-class JobDetail(JobModel):
-    """:class:`node.index.read.JobDetail` as JSON."""
-
-    action: str = Field(description="the rule action this job runs, as JSON")
-    priority: int
-    not_before: str | None
-    series_description: str
-
-
 class JobPage(BaseModel):
     total: int
     items: list[JobModel]
-
-
-class DeliveryModel(BaseModel):
-    """:class:`node.index.read.DeliveryRow` as JSON."""
-
-    id: int
-    destination: str
-    state: str
-    commitment: str
-    attempts: int
-    next_attempt_at: str | None
-    last_status: int | None
-    last_error: str
-    warning: str
-    sop_instance_uid: str
-    series_instance_uid: str
-    created_at: str | None
-    updated_at: str | None
-    delivered_at: str | None
 
 
 class DeliveryPage(BaseModel):
@@ -286,8 +267,10 @@ def get_series_list(
     offset: int = Offset,
     ctx: WebContext = Depends(context),
 ) -> dict[str, Any]:
-    return data.series_list(
-        ctx.reader, q=q, state=state or "", modality=modality, study_uid=study_uid, limit=limit, offset=offset
+    return data.page_json(
+        read.series(
+            ctx.reader, q=q, state=state or "", modality=modality, study_uid=study_uid, limit=limit, offset=offset
+        )
     )
 
 
@@ -356,7 +339,7 @@ def get_jobs(
     offset: int = Offset,
     ctx: WebContext = Depends(context),
 ) -> dict[str, Any]:
-    return data.jobs(ctx.reader, state=state or "", series_uid=series_uid, limit=limit, offset=offset)
+    return data.page_json(read.jobs(ctx.reader, state=state or "", series_uid=series_uid, limit=limit, offset=offset))
 
 
 @router.get("/jobs/{job_id}", response_model=JobDetail, responses={404: {"description": "no such job"}})
@@ -410,8 +393,10 @@ def get_deliveries(
     offset: int = Offset,
     ctx: WebContext = Depends(context),
 ) -> dict[str, Any]:
-    return data.deliveries(
-        ctx.reader, destination=destination, state=state or "", series_uid=series_uid, limit=limit, offset=offset
+    return data.page_json(
+        read.deliveries(
+            ctx.reader, destination=destination, state=state or "", series_uid=series_uid, limit=limit, offset=offset
+        )
     )
 
 

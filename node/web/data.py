@@ -45,6 +45,11 @@ def jsonable(row: Any) -> dict[str, Any]:
     return {k: iso(v) if isinstance(v, dt.datetime) else v for k, v in dataclasses.asdict(row).items()}
 
 
+def page_json(page: read.Page[Any]) -> dict[str, Any]:
+    """A page of read-model rows as the API sends it (and the pages show it): the total and the rows."""
+    return {"total": page.total, "items": [jsonable(r) for r in page.items]}
+
+
 @dataclass
 class Sample:
     at: float
@@ -142,20 +147,6 @@ def overview(engine: Engine, cfg: Config, sampler: RateSampler | None) -> dict[s
         "rates": sampler.rates() if sampler else [],
         "now": iso(utcnow()),
     }
-
-
-def series_list(
-    engine: Engine,
-    *,
-    q: str = "",
-    state: str = "",
-    modality: str = "",
-    study_uid: str = "",
-    limit: int = 50,
-    offset: int = 0,
-) -> dict[str, Any]:
-    page = read.series(engine, q=q, state=state, modality=modality, study_uid=study_uid, limit=limit, offset=offset)
-    return {"total": page.total, "items": [jsonable(r) for r in page.items]}
 
 
 def _study_keys(r: Any) -> dict[str, Any]:
@@ -443,25 +434,11 @@ def series_detail(engine: Engine, cfg: Config, uid: str) -> dict[str, Any]:
     }
 
 
-def jobs(engine: Engine, *, state: str = "", series_uid: str = "", limit: int = 50, offset: int = 0) -> dict[str, Any]:
-    page = read.jobs(engine, state=state, series_uid=series_uid, limit=limit, offset=offset)
-    return {"total": page.total, "items": [jsonable(r) for r in page.items]}
-
-
 def job(engine: Engine, job_id: int) -> dict[str, Any]:
     found = read.job(engine, job_id)
     if found is None:
         raise NotFound(f"there is no job {job_id}")
     return jsonable(found)
-
-
-def deliveries(
-    engine: Engine, *, destination: str = "", state: str = "", series_uid: str = "", limit: int = 50, offset: int = 0
-) -> dict[str, Any]:
-    page = read.deliveries(
-        engine, destination=destination, state=state, series_uid=series_uid, limit=limit, offset=offset
-    )
-    return {"total": page.total, "items": [jsonable(r) for r in page.items]}
 
 
 def rules(cfg: Config, engine: Engine) -> list[dict[str, Any]]:

@@ -12,6 +12,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from node import __version__
+from node.index import read
 from node.index.states import DeliveryState, JobState
 from node.units import size
 from node.web import data
@@ -126,7 +127,7 @@ def logout(request: Request, ctx: WebContext = Depends(context)) -> Response:
 @router.get("/", response_class=HTMLResponse)
 def overview(request: Request, user: str = Depends(page_user), ctx: WebContext = Depends(context)) -> Response:
     ov = data.overview(ctx.reader, ctx.cfg, ctx.sampler)
-    recent = data.series_list(ctx.reader, limit=10)["items"]
+    recent = data.page_json(read.series(ctx.reader, limit=10))["items"]
     return _render(request, "overview.html", user, ov=ov, recent=recent, page="overview")
 
 
@@ -148,8 +149,37 @@ def series(request: Request, uid: str, user: str = Depends(page_user), ctx: WebC
         s = data.series_detail(ctx.reader, ctx.cfg, uid)
     except data.NotFound as e:
         raise HTTPException(404, str(e)) from None
-    recent = data.deliveries(ctx.reader, series_uid=uid, limit=20)["items"]
+    recent = data.page_json(read.deliveries(ctx.reader, series_uid=uid, limit=20))["items"]
     return _render(request, "series.html", user, s=s, deliveries=recent, page="studies")
+
+
+#: Rows on one page of the jobs and the deliveries.
+_ROWS = 50
+
+
+def _list_page(
+    request: Request,
+    user: str,
+    page: str,
+    found: read.Page[Any],
+    state: str,
+    states: list[str],
+    offset: int,
+    **extra: Any,
+) -> Response:
+    """The jobs or the deliveries page: one page of rows, the state filter and the links to the other pages."""
+    return _render(
+        request,
+        f"{page}.html",
+        user,
+        found=data.page_json(found),
+        state=state,
+        states=states,
+        offset=offset,
+        limit=_ROWS,
+        page=page,
+        **extra,
+    )
 
 
 @router.get("/jobs", response_class=HTMLResponse)
@@ -160,18 +190,8 @@ def jobs(
     user: str = Depends(page_user),
     ctx: WebContext = Depends(context),
 ) -> Response:
-    found = data.jobs(ctx.reader, state=state if state in list(JobState) else "", limit=50, offset=offset)
-    return _render(
-        request,
-        "jobs.html",
-        user,
-        found=found,
-        state=state,
-        states=list(JobState),
-        offset=offset,
-        limit=50,
-        page="jobs",
-    )
+    found = read.jobs(ctx.reader, state=state if state in list(JobState) else "", limit=_ROWS, offset=offset)
+    return _list_page(request, user, "jobs", found, state, list(JobState), offset)
 
 
 @router.post("/jobs/{job_id}/{what}")
@@ -202,27 +222,25 @@ def deliveries(
     user: str = Depends(page_user),
     ctx: WebContext = Depends(context),
 ) -> Response:
-    found = data.deliveries(
+    found = read.deliveries(
         ctx.reader,
         destination=destination,
         state=state if state in list(DeliveryState) else "",
         series_uid=series_uid,
-        limit=50,
+        limit=_ROWS,
         offset=offset,
     )
-    return _render(
+    return _list_page(
         request,
-        "deliveries.html",
         user,
-        found=found,
+        "deliveries",
+        found,
+        state,
+        list(DeliveryState),
+        offset,
         destinations=data.destinations(ctx.reader, ctx.cfg),
         destination=destination,
-        state=state,
         series_uid=series_uid,
-        states=list(DeliveryState),
-        offset=offset,
-        limit=50,
-        page="deliveries",
     )
 
 

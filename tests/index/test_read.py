@@ -205,8 +205,11 @@ def test_metrics_and_the_api_show_the_same(index):
         assert set(model.model_fields) == {f.name for f in dataclasses.fields(row)}
     assert set(api.JobDetail.model_fields) == {f.name for f in dataclasses.fields(read.JobDetail)}
     assert set(api.SeriesModel.model_fields) == {f.name for f in dataclasses.fields(read.SeriesRow)}
-    page = api.JobPage.model_validate(data.jobs(engine))
+    page = api.JobPage.model_validate(data.page_json(read.jobs(engine)))
     assert {j.state for j in page.items} == {"failed", "succeeded"}
-    assert api.DeliveryPage.model_validate(data.deliveries(engine, state="failed")).items[0].last_error == REFUSED
+    assert (
+        api.DeliveryPage.model_validate(data.page_json(read.deliveries(engine, state="failed"))).items[0].last_error
+        == REFUSED
+    )
     with engine.connect() as conn:
         assert conn.execute(select(Instance.__table__.c.id)).all(), "nothing here deletes"
