@@ -6,12 +6,15 @@ import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+
+if TYPE_CHECKING:  # the database layer is imported by the commands that read the index, not at start
+    from sqlalchemy import Engine
 
 from node import __version__
 from node.config import Config, ConfigError
@@ -255,7 +258,7 @@ queue_app = typer.Typer(
 app.add_typer(queue_app, name="queue")
 
 
-def _engine(cfg: Config, write: bool = False):  # type: ignore[no-untyped-def]
+def _engine(cfg: Config, write: bool = False) -> Engine:
     from node.index.db import NoIndex, existing_engine
 
     try:

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 PREFIX = "dicom_node_"
 # A *_created sample per counter tells Prometheus nothing it does not know from the process start.
-disable_created_metrics()  # type: ignore[no-untyped-call]
+disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 # --- receive ------------------------------------------------------------------------
@@ -186,7 +186,7 @@ class StateCollector(Collector):
         if self.engine is not None:
             yield from self._index(self.engine)
         if self.storage_root is not None:
-            yield from self._disk()
+            yield from self._disk(self.storage_root)
         yield from self._plugins()
 
     def _plugins(self) -> Iterator[Metric]:
@@ -257,9 +257,9 @@ class StateCollector(Collector):
             s.add_metric([state], n)
         yield s
 
-    def _disk(self) -> Iterator[Metric]:
+    def _disk(self, root: Path) -> Iterator[Metric]:
         try:
-            usage = shutil.disk_usage(self.storage_root)  # type: ignore[arg-type]
+            usage = shutil.disk_usage(root)
         except OSError as e:
             log.warning("metrics: cannot measure the data directory's filesystem: %s", e)
             return

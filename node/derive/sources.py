@@ -136,6 +136,7 @@ def _prepare(series: SeriesInput) -> Prepared:
 
 def _positive(value: object) -> bool:
     try:
+        # A pydicom value (DSfloat, IS, str or bytes): float() reads each, or raises what is caught below.
         return value is not None and value != "" and float(value) > 0  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return False

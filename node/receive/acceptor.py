@@ -265,7 +265,8 @@ class Association(threading.Thread):
         """A temp directory of this association's own: concurrent associations creating
         and renaming files in one shared directory contend for its lock."""
         if self._tmp is None:
-            self._tmp = self.settings.receive_dir / f"a-{self.info.id}"  # type: ignore[union-attr]
+            assert self.info is not None  # files are made only once the association is accepted
+            self._tmp = self.settings.receive_dir / f"a-{self.info.id}"
             self._tmp.mkdir(exist_ok=True)
         return self._tmp
 
@@ -495,6 +496,8 @@ class Association(threading.Thread):
     def _p_data(
         self, conn: PduReader, length: int, command_buf: bytearray, command: dimse.Command | None, context_id: int
     ) -> tuple[bytearray, dimse.Command | None, int]:
+        assert self.info is not None  # P-DATA is read only once the association is accepted
+        contexts = self.info.contexts
         remaining = length
         while remaining:
             if remaining < 6:
@@ -506,7 +509,7 @@ class Association(threading.Thread):
             data_len = item_len - 2
             is_command = header & _COMMAND
             last = header & _LAST
-            if cx_id not in self.info.contexts:  # type: ignore[union-attr]
+            if cx_id not in contexts:
                 raise ProtocolError(f"PDV for presentation context {cx_id}, which was not accepted")
             if is_command:
                 if command is not None:
@@ -535,8 +538,8 @@ class Association(threading.Thread):
                     if len(self._small) + data_len > MAX_EVENT_DATASET:
                         raise ProtocolError("N-EVENT-REPORT data set larger than 16 MiB")
                     self._small += conn.read_exact(data_len)
-                else:
-                    conn.read_into_chunks(data_len, self._rx.write)  # type: ignore[union-attr]
+                elif self._rx is not None:  # checked above: a file or the small buffer
+                    conn.read_into_chunks(data_len, self._rx.write)
                 if last:
                     cmd, command = command, None
                     self._dispatch(cmd, cx_id)
@@ -548,7 +551,9 @@ class Association(threading.Thread):
             return
         if cmd.command_field != dimse.C_STORE_RQ:
             raise ProtocolError(f"command 0x{cmd.command_field:04X} with a data set is not supported here")
-        abstract, ts = self.info.contexts[cx_id]  # type: ignore[union-attr]
+        info = self.info
+        assert info is not None  # a data set is read only once the association is accepted
+        abstract, ts = info.contexts[cx_id]
         spare, self._spare = self._spare, None
         # A spare made while the storage was full gets a new try: space may have been freed since.
         rx = spare if spare is not None and spare.error is None else self._new_file()
@@ -560,7 +565,7 @@ class Association(threading.Thread):
                 ts,
                 self.settings.implementation_class_uid,
                 self.settings.implementation_version,
-                self.info.calling_ae,  # type: ignore[union-attr]
+                info.calling_ae,
             )
         )
         rx.dataset_offset = rx.size

@@ -17,13 +17,14 @@ try again: :class:`ConnectFailed` (no TCP connection), :class:`Rejected`
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import socket
 import ssl
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import TypeVar
 
 from node.dicom import association, dimse, pdu
 from node.dicom.association import Accepted
@@ -187,7 +188,7 @@ class Association:
             self._dead()
             raise Lost(f"the connection failed while sending: {e}") from None
 
-    def _send_file(self, cx_id: int, f: BinaryIO, offset: int, name: str) -> None:
+    def _send_file(self, cx_id: int, f: io.RawIOBase, offset: int, name: str) -> None:
         """An open file's data set (from ``offset``), in PDU-sized fragments."""
         size = os.fstat(f.fileno()).st_size - offset
         if size <= 0:
@@ -198,7 +199,7 @@ class Association:
         left = size
         f.seek(offset)
         while left:
-            n = f.readinto(view[: min(chunk, left)])  # type: ignore[attr-defined]
+            n = f.readinto(view[: min(chunk, left)])
             if not n:
                 raise OSError(f"{name} ended {left} bytes early")
             left -= n

@@ -27,6 +27,7 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import dsutils
 
+from node.config import DestinationSection, DestinationTlsSection
 from node.dicom.pdu import AbortSource, RejectResult
 from node.dicom.status import Status
 from node.send.failures import classify_status
@@ -74,7 +75,7 @@ class Peer:
         return f"{self.name + ' ' if self.name else ''}({self.called_ae}@{self.host}:{self.port})"
 
     @classmethod
-    def from_destination(cls, d, node_ae: str) -> Peer:  # type: ignore[no-untyped-def]
+    def from_destination(cls, d: DestinationSection, node_ae: str) -> Peer:
         return cls(
             host=d.host,
             port=d.port,
@@ -90,7 +91,7 @@ class Peer:
         )
 
 
-def tls_context(t, host: str) -> ssl.SSLContext:  # type: ignore[no-untyped-def]
+def tls_context(t: DestinationTlsSection, host: str) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(t.ca) if t.ca else None)
     ctx.check_hostname = bool(t.check_hostname)
     if t.certificate is not None:

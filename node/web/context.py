@@ -37,7 +37,8 @@ class WebContext:
 
 
 def context(request: Request) -> WebContext:
-    return request.app.state.ctx  # type: ignore[no-any-return]
+    ctx: WebContext = request.app.state.ctx  # set by create_app
+    return ctx
 
 
 _bearer = HTTPBearer(auto_error=False, description="the token from [web] token or <data_dir>/web-token")

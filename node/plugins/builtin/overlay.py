@@ -157,6 +157,7 @@ def _first(value: object) -> float | None:
     if isinstance(value, (MultiValue, list, tuple)):
         value = value[0] if len(value) else None
     try:
+        # A pydicom value (DSfloat, IS, str or bytes): float() reads each, or raises what is caught below.
         return float(value) if value not in (None, "") else None  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return None

@@ -75,8 +75,9 @@ def threshold_seg(series: SeriesInput, params: Params) -> list[Segmentation]:
     slope, intercept = series.uniform_rescale()
     values = stored if slope is not None and slope > 0 else series.rescaled()
 
-    def bound(v: float) -> float:
-        return (v - intercept) / slope if values is stored else v  # type: ignore[operator]
+    def bound(v: float | None) -> float:
+        assert v is not None  # only called for the bounds a segment has
+        return (v - intercept) / slope if slope is not None and values is stored else v
 
     masks = np.zeros((*stored.shape, len(params.segments)), dtype=bool)
     for i, r in enumerate(params.segments):
@@ -88,7 +89,7 @@ def threshold_seg(series: SeriesInput, params: Params) -> list[Segmentation]:
             elif r.lower is not None:
                 np.greater_equal(values[z], bound(r.lower), out=m[z])
             else:
-                np.less_equal(values[z], bound(r.upper), out=m[z])  # type: ignore[arg-type]
+                np.less_equal(values[z], bound(r.upper), out=m[z])
         if params.largest_component:
             m = largest_component(m)
         if params.fill_holes:

@@ -339,7 +339,7 @@ def encode_series(series: SeriesInput, voxels_path: str | os.PathLike[str]) -> d
     }
 
 
-class LazyDatasets(Sequence):  # type: ignore[type-arg]
+class LazyDatasets(Sequence):  # type: ignore[type-arg]  # of pydicom Datasets; Python 3.9 has no Sequence[...] base here
     """``series.datasets`` in a worker: each file's header (no pixels), read when first looked at."""
 
     def __init__(self, files: Sequence[Path]) -> None:
@@ -405,7 +405,7 @@ def decode_series(msg: dict[str, Any]) -> SeriesInput:
     positions = msg.get("positions")
     rescale = msg.get("rescale")
     return RemoteSeries(
-        datasets=LazyDatasets(files),  # type: ignore[arg-type]
+        datasets=LazyDatasets(files),  # type: ignore[arg-type]  # a list to authors; read lazily here
         files=files,
         frames=msg.get("frames"),
         _loader=lambda: load_array(voxels),
