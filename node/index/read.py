@@ -9,10 +9,11 @@ count and list the same things the same way. The web layer turns a row into JSON
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Self, TypeVar
 
 from sqlalchemy import ColumnElement, Engine, and_, func, or_, select
 
@@ -65,6 +66,17 @@ class Page(Generic[T]):
 
 def _aware(value: dt.datetime | None) -> dt.datetime | None:
     return aware(value) if value is not None else None
+
+
+def _values(row_type: type[Any], r: Any, **given: Any) -> dict[str, Any]:
+    """The fields of the row dataclass ``row_type``, read by name from the result row ``r`` (times made
+    timezone-aware: the database may hand them back naive), except those ``given``."""
+
+    def value(name: str) -> Any:
+        v = getattr(r, name)
+        return aware(v) if isinstance(v, dt.datetime) else v
+
+    return {f.name: given[f.name] if f.name in given else value(f.name) for f in dataclasses.fields(row_type)}
 
 
 # --- counts -----------------------------------------------------------------------------------------
@@ -194,6 +206,15 @@ def destinations(engine: Engine) -> list[DestinationQueue]:
 
 # --- series ---------------------------------------------------------------------------------------
 
+#: The columns of a :class:`StudyKeys`, over study JOIN patient.
+STUDY_KEY_COLUMNS = (
+    _st.c.study_instance_uid,
+    _st.c.study_date,
+    _st.c.study_description,
+    _st.c.accession_number,
+    _p.c.patient_name,
+    _p.c.patient_id,
+)
 #: The columns of a :class:`SeriesRow` (and the series' id), over series JOIN study JOIN patient.
 SERIES_COLUMNS = (
     _s.c.id,
@@ -206,20 +227,32 @@ SERIES_COLUMNS = (
     _s.c.revision,
     _s.c.first_received_at,
     _s.c.last_received_at,
-    _st.c.study_instance_uid,
-    _st.c.study_date,
-    _st.c.study_description,
-    _st.c.accession_number,
-    _p.c.patient_name,
-    _p.c.patient_id,
+    *STUDY_KEY_COLUMNS,
 )
 #: series JOIN study JOIN patient.
 SERIES_JOIN = _s.join(_st, _st.c.id == _s.c.study_fk).join(_p, _p.c.id == _st.c.patient_fk)
 
 
 @dataclass(frozen=True)
-class SeriesRow:
-    """A series as listed: what it is, where the tracker is, and the study and patient it belongs to."""
+class StudyKeys:
+    """What names a study for people: its patient, date, description, accession."""
+
+    study_instance_uid: str
+    study_date: str
+    study_description: str
+    accession_number: str
+    patient_name: str
+    patient_id: str
+
+    @staticmethod
+    def values(r: Any) -> dict[str, Any]:
+        """The keys from a result row selecting at least :data:`STUDY_KEY_COLUMNS`."""
+        return _values(StudyKeys, r)
+
+
+@dataclass(frozen=True)
+class SeriesRow(StudyKeys):
+    """A series as listed: the study and patient it belongs to, what it is, where the tracker is."""
 
     series_instance_uid: str
     modality: str
@@ -230,33 +263,11 @@ class SeriesRow:
     revision: int
     first_received_at: dt.datetime | None
     last_received_at: dt.datetime | None
-    study_instance_uid: str
-    study_date: str
-    study_description: str
-    accession_number: str
-    patient_name: str
-    patient_id: str
 
     @classmethod
     def of(cls, r: Any) -> SeriesRow:
         """From a result row selecting at least :data:`SERIES_COLUMNS`."""
-        return cls(
-            r.series_instance_uid,
-            r.modality,
-            r.series_number,
-            r.series_description,
-            r.instance_count,
-            r.state,
-            r.revision,
-            _aware(r.first_received_at),
-            _aware(r.last_received_at),
-            r.study_instance_uid,
-            r.study_date,
-            r.study_description,
-            r.accession_number,
-            r.patient_name,
-            r.patient_id,
-        )
+        return cls(**_values(cls, r))
 
 
 def search_condition(q: str, *, series: bool = True) -> ColumnElement[bool]:
@@ -337,30 +348,9 @@ class JobRow:
         return self.result if self.state == JobState.SUCCEEDED else self.last_error
 
     @classmethod
-    def of(cls, j: Any, series_uid: str, modality: str) -> JobRow:
-        """From a job row (table or ORM) and its series' UID and modality."""
-        return cls(**_job_values(j, series_uid, modality))
-
-
-def _job_values(j: Any, series_uid: str, modality: str) -> dict[str, Any]:
-    return dict(
-        id=j.id,
-        series_instance_uid=series_uid,
-        modality=modality,
-        revision=j.revision,
-        rule=j.rule,
-        action_index=j.action_index,
-        kind=j.kind,
-        state=j.state,
-        attempts=j.attempts,
-        max_attempts=j.max_attempts,
-        software=j.software,
-        result=j.result,
-        last_error=j.last_error,
-        created_at=_aware(j.created_at),
-        started_at=_aware(j.started_at),
-        finished_at=_aware(j.finished_at),
-    )
+    def of(cls, r: Any) -> Self:
+        """From a row of :func:`_job_select`."""
+        return cls(**_values(cls, r))
 
 
 @dataclass(frozen=True)
@@ -392,14 +382,14 @@ def jobs(engine: Engine, *, state: str = "", series_uid: str = "", limit: int = 
             select(func.count()).select_from(_j.join(_s, _s.c.id == _j.c.series_fk)).where(*cond)
         ).scalar_one()
         rows = conn.execute(_job_select().where(*cond).order_by(_j.c.id.desc()).limit(limit).offset(offset)).all()
-    return Page(int(total), [JobRow.of(r, r.series_instance_uid, r.modality) for r in rows])
+    return Page(int(total), [JobRow.of(r) for r in rows])
 
 
 def series_jobs(engine: Engine, series_id: int) -> list[JobRow]:
     """The jobs of one series (by its id), oldest first."""
     with engine.connect() as conn:
         rows = conn.execute(_job_select().where(_j.c.series_fk == series_id).order_by(_j.c.id)).all()
-    return [JobRow.of(r, r.series_instance_uid, r.modality) for r in rows]
+    return [JobRow.of(r) for r in rows]
 
 
 def job(engine: Engine, job_id: int) -> JobDetail | None:
@@ -408,13 +398,7 @@ def job(engine: Engine, job_id: int) -> JobDetail | None:
         r = conn.execute(_job_select().where(_j.c.id == job_id)).first()
     if r is None:
         return None
-    return JobDetail(
-        **_job_values(r, r.series_instance_uid, r.modality),
-        action=r.action,
-        priority=r.priority,
-        not_before=_aware(r.not_before),
-        series_description=r.series_description,
-    )
+    return JobDetail.of(r)
 
 
 # --- deliveries ---------------------------------------------------------------------------------------
@@ -470,20 +454,7 @@ class DeliveryRow:
     def of(cls, d: Any) -> DeliveryRow:
         """From a delivery row that also selects its series' ``series_instance_uid``."""
         return cls(
-            d.id,
-            d.destination,
-            d.state,
-            d.commitment,
-            d.attempts,
-            _aware(d.next_attempt_at) if d.state == DeliveryState.QUEUED else None,
-            d.last_status,
-            d.last_error,
-            d.warning,
-            d.sop_instance_uid,
-            d.series_instance_uid,
-            _aware(d.created_at),
-            _aware(d.updated_at),
-            _aware(d.delivered_at),
+            **_values(cls, d, next_attempt_at=_aware(d.next_attempt_at) if d.state == DeliveryState.QUEUED else None)
         )
 
 

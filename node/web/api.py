@@ -89,23 +89,14 @@ class OverviewModel(BaseModel):
     now: str
 
 
-class StudyKeys(BaseModel):
-    """What names a study for people: its patient, date, description, accession."""
-
-    study_instance_uid: str
-    study_date: str
-    study_description: str
-    accession_number: str
-    patient_name: str
-    patient_id: str
-
-
 if TYPE_CHECKING:  # mypy cannot see into a model made at run time: to it, these are models of their own
-    SeriesModel = StudyKeys
+    StudyKeys = BaseModel
+    SeriesModel = BaseModel
     JobModel = BaseModel
     JobDetail = BaseModel
     DeliveryModel = BaseModel
 else:
+    StudyKeys = row_model(read.StudyKeys, "StudyKeys")
     SeriesModel = row_model(read.SeriesRow, "SeriesModel", base=StudyKeys)
     JobModel = row_model(read.JobRow, "JobModel")
     JobDetail = row_model(

@@ -149,20 +149,6 @@ def overview(engine: Engine, cfg: Config, sampler: RateSampler | None) -> dict[s
     }
 
 
-def _study_keys(r: Any) -> dict[str, Any]:
-    return {
-        key: getattr(r, key)
-        for key in (
-            "study_instance_uid",
-            "study_date",
-            "study_description",
-            "accession_number",
-            "patient_name",
-            "patient_id",
-        )
-    }
-
-
 def studies(engine: Engine, *, q: str = "", limit: int = 25, offset: int = 0) -> dict[str, Any]:
     """Studies, newest first, each with its series."""
     base = _st.join(_p, _p.c.id == _st.c.patient_fk)
@@ -184,12 +170,7 @@ def studies(engine: Engine, *, q: str = "", limit: int = 25, offset: int = 0) ->
         rows = conn.execute(
             select(
                 _st.c.id,
-                _st.c.study_instance_uid,
-                _st.c.study_date,
-                _st.c.study_description,
-                _st.c.accession_number,
-                _p.c.patient_name,
-                _p.c.patient_id,
+                *read.STUDY_KEY_COLUMNS,
                 last.c.last,
                 last.c.n_series,
                 last.c.n_inst,
@@ -215,7 +196,7 @@ def studies(engine: Engine, *, q: str = "", limit: int = 25, offset: int = 0) ->
     for r in series:
         by_study[r.study_fk].append(jsonable(read.SeriesRow.of(r)))
     items = [
-        _study_keys(r)
+        read.StudyKeys.values(r)
         | {
             "last_received_at": iso(r.last),
             "series_count": int(r.n_series or 0),

@@ -124,6 +124,12 @@ def logout(request: Request, ctx: WebContext = Depends(context)) -> Response:
     return response
 
 
+#: Where a list page starts.
+Offset = Query(0, ge=0, le=10**9)
+#: Rows on one page of the jobs and the deliveries.
+_ROWS = 50
+
+
 @router.get("/", response_class=HTMLResponse)
 def overview(request: Request, user: str = Depends(page_user), ctx: WebContext = Depends(context)) -> Response:
     ov = data.overview(ctx.reader, ctx.cfg, ctx.sampler)
@@ -135,7 +141,7 @@ def overview(request: Request, user: str = Depends(page_user), ctx: WebContext =
 def studies(
     request: Request,
     q: str = Query("", max_length=256),
-    offset: int = Query(0, ge=0, le=10**9),
+    offset: int = Offset,
     user: str = Depends(page_user),
     ctx: WebContext = Depends(context),
 ) -> Response:
@@ -151,10 +157,6 @@ def series(request: Request, uid: str, user: str = Depends(page_user), ctx: WebC
         raise HTTPException(404, str(e)) from None
     recent = data.page_json(read.deliveries(ctx.reader, series_uid=uid, limit=20))["items"]
     return _render(request, "series.html", user, s=s, deliveries=recent, page="studies")
-
-
-#: Rows on one page of the jobs and the deliveries.
-_ROWS = 50
 
 
 def _list_page(
@@ -186,7 +188,7 @@ def _list_page(
 def jobs(
     request: Request,
     state: str = Query("", max_length=16),
-    offset: int = Query(0, ge=0, le=10**9),
+    offset: int = Offset,
     user: str = Depends(page_user),
     ctx: WebContext = Depends(context),
 ) -> Response:
@@ -218,7 +220,7 @@ def deliveries(
     destination: str = Query("", max_length=64),
     state: str = Query("", max_length=16),
     series_uid: str = Query("", max_length=64),
-    offset: int = Query(0, ge=0, le=10**9),
+    offset: int = Offset,
     user: str = Depends(page_user),
     ctx: WebContext = Depends(context),
 ) -> Response:
@@ -298,7 +300,7 @@ def audit_page(
     request: Request,
     kind: str = Query("", max_length=32),
     uid: str = Query("", max_length=64),
-    offset: int = Query(0, ge=0, le=10**9),
+    offset: int = Offset,
     user: str = Depends(page_user),
     ctx: WebContext = Depends(context),
 ) -> Response:
