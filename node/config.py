@@ -14,13 +14,28 @@ import os
 import re
 import shutil
 import tomllib
+from collections.abc import Hashable, Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ENV_PREFIX = "DICOM_NODE_"
 DEFAULT_CONFIG_PATH = Path("config/node.toml")
+
+
+H = TypeVar("H", bound=Hashable)
+
+
+def first_repeated(values: Iterable[H]) -> H | None:
+    """The first value that stands a second time (None: each stands once): for validators of names or numbers
+    that must be unique, so the message can name the one to change."""
+    seen: set[H] = set()
+    for v in values:
+        if v in seen:
+            return v
+        seen.add(v)
+    return None
 
 
 class ConfigError(Exception):
@@ -547,11 +562,9 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _unique_destinations(self) -> Config:
-        seen: set[str] = set()
-        for d in self.destinations:
-            if d.name in seen:
-                raise ValueError(f"destination name {d.name!r} is used twice")
-            seen.add(d.name)
+        name = first_repeated(d.name for d in self.destinations)
+        if name is not None:
+            raise ValueError(f"destination name {name!r} is used twice")
         return self
 
     @property

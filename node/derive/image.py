@@ -44,7 +44,7 @@ from pydicom.valuerep import format_number_as_ds
 from node.derive.common import MANUFACTURER, Provenance
 from node.derive.errors import OutputError
 from node.derive.sc import copy_laterality
-from node.derive.sources import library_errors, prepare
+from node.derive.sources import TYPE2_COPIED, library_errors, prepare
 
 #: Source SOP classes a derived image series is written in (single-frame, one instance per slice).
 SUPPORTED = {str(CTImageStorage): "CT Image", str(MRImageStorage): "MR Image"}
@@ -100,15 +100,7 @@ _REPLACED = {
 #: Type 2 (or 2C, required for these classes) attributes of the CT and MR Image IODs that a source may lack:
 #: sent empty rather than missing.
 _TYPE2 = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-    "StudyID",
-    "AccessionNumber",
+    *TYPE2_COPIED,
     "PatientPosition",
     "SliceThickness",
     "AcquisitionNumber",

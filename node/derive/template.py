@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
-from node.config import error_text
+from node.config import error_text, first_repeated
 
 
 class TemplateError(ValueError):
@@ -104,11 +104,9 @@ class Template(BaseModel):
 
     @model_validator(mode="after")
     def _unique(self) -> Template:
-        seen: set[int] = set()
-        for entry in self.entries:
-            if entry.labelID in seen:
-                raise ValueError(f"labelID {entry.labelID} is used by two segments")
-            seen.add(entry.labelID)
+        label = first_repeated(e.labelID for e in self.entries)
+        if label is not None:
+            raise ValueError(f"labelID {label} is used by two segments")
         return self
 
     @property
