@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,97 +37,82 @@ PREFIX = "dicom_node_"
 disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated
 REGISTRY = CollectorRegistry(auto_describe=True)
 
+
+def _counter(name: str, doc: str, labels: Sequence[str] = ()) -> Counter:
+    """A counter named with :data:`PREFIX`, in :data:`REGISTRY`."""
+    return Counter(PREFIX + name, doc, labels, registry=REGISTRY)
+
+
+def _histogram(name: str, doc: str, labels: Sequence[str], buckets: Sequence[float]) -> Histogram:
+    """A histogram named with :data:`PREFIX`, in :data:`REGISTRY`."""
+    return Histogram(PREFIX + name, doc, labels, registry=REGISTRY, buckets=buckets)
+
+
 # --- receive ------------------------------------------------------------------------
 
-ASSOCIATIONS_ACCEPTED = Counter(
-    PREFIX + "associations_accepted", "Associations accepted by the storage SCP.", registry=REGISTRY
-)
-ASSOCIATIONS_REJECTED = Counter(
-    PREFIX + "associations_rejected",
+ASSOCIATIONS_ACCEPTED = _counter("associations_accepted", "Associations accepted by the storage SCP.")
+ASSOCIATIONS_REJECTED = _counter(
+    "associations_rejected",
     "Associations rejected by the storage SCP, by reason (called-ae, calling-ae, peer-address, limit, protocol, "
     "pending-limit: closed before the request, acse-timeout: no request in time).",
     ["reason"],
-    registry=REGISTRY,
 )
-INSTANCES_RECEIVED = Counter(
-    PREFIX + "instances_received",
-    "Instances received and stored (duplicates kept as the first copy excluded).",
-    registry=REGISTRY,
+INSTANCES_RECEIVED = _counter(
+    "instances_received", "Instances received and stored (duplicates kept as the first copy excluded)."
 )
-DUPLICATES_RECEIVED = Counter(
-    PREFIX + "duplicates_received", "Instances received again whose first copy was kept.", registry=REGISTRY
-)
-BYTES_RECEIVED = Counter(
-    PREFIX + "received_bytes", "Data set bytes of the instances received and stored.", registry=REGISTRY
-)
-CSTORE_RESPONSES = Counter(
-    PREFIX + "cstore_responses",
+DUPLICATES_RECEIVED = _counter("duplicates_received", "Instances received again whose first copy was kept.")
+BYTES_RECEIVED = _counter("received_bytes", "Data set bytes of the instances received and stored.")
+CSTORE_RESPONSES = _counter(
+    "cstore_responses",
     "C-STORE responses sent by the storage SCP, by status class (success, warning, failure) and status.",
     ["status_class", "status"],
-    registry=REGISTRY,
 )
 
 # --- send ---------------------------------------------------------------------------
 
-INSTANCES_SENT = Counter(
-    PREFIX + "instances_sent", "Instances delivered to a destination.", ["destination"], registry=REGISTRY
-)
-BYTES_SENT = Counter(
-    PREFIX + "sent_bytes",
-    "Bytes (as stored) of the instances delivered to a destination.",
-    ["destination"],
-    registry=REGISTRY,
-)
-DELIVERY_RESULTS = Counter(
-    PREFIX + "delivery_results",
+INSTANCES_SENT = _counter("instances_sent", "Instances delivered to a destination.", ["destination"])
+BYTES_SENT = _counter("sent_bytes", "Bytes (as stored) of the instances delivered to a destination.", ["destination"])
+DELIVERY_RESULTS = _counter(
+    "delivery_results",
     "Outcomes of delivery attempts per destination: delivered, transient (retried), permanent (failed for good).",
     ["destination", "result"],
-    registry=REGISTRY,
 )
-DELIVERY_SECONDS = Histogram(
-    PREFIX + "delivery_seconds",
+DELIVERY_SECONDS = _histogram(
+    "delivery_seconds",
     "Time to send one instance to a destination (C-STORE request to response; the first of an association "
     "includes opening it).",
     ["destination"],
-    registry=REGISTRY,
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
-DELIVERY_LATENCY = Histogram(
-    PREFIX + "delivery_latency_seconds",
+DELIVERY_LATENCY = _histogram(
+    "delivery_latency_seconds",
     "Time from queuing an instance for a destination to its delivery (retries and back-off included).",
     ["destination"],
-    registry=REGISTRY,
-    buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600),
+    (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600),
 )
 
 # --- jobs and plugins ---------------------------------------------------------------
 
 _JOB_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
-JOB_SECONDS = Histogram(
-    PREFIX + "job_seconds",
+JOB_SECONDS = _histogram(
+    "job_seconds",
     "Wall-clock time of job runs, by kind (plugin, forward, discard), plugin (for plugin jobs) and outcome.",
     ["kind", "plugin", "outcome"],
-    registry=REGISTRY,
-    buckets=_JOB_BUCKETS,
+    _JOB_BUCKETS,
 )
-JOB_FAILURES = Counter(
-    PREFIX + "job_failures",
+JOB_FAILURES = _counter(
+    "job_failures",
     "Failed job runs, by kind and plugin; final is 'true' when no further attempt follows.",
     ["kind", "plugin", "final"],
-    registry=REGISTRY,
 )
-PLUGIN_SECONDS = Histogram(
-    PREFIX + "plugin_seconds",
+PLUGIN_SECONDS = _histogram(
+    "plugin_seconds",
     "Time spent in a plugin's own code per job run (loading, building and writing excluded).",
     ["plugin"],
-    registry=REGISTRY,
-    buckets=_JOB_BUCKETS,
+    _JOB_BUCKETS,
 )
-OUTPUTS_PRODUCED = Counter(
-    PREFIX + "outputs_produced",
-    "Derived instances stored, by plugin and kind (seg, sc, ...).",
-    ["plugin", "kind"],
-    registry=REGISTRY,
+OUTPUTS_PRODUCED = _counter(
+    "outputs_produced", "Derived instances stored, by plugin and kind (seg, sc, ...).", ["plugin", "kind"]
 )
 
 _STATUS_CHILDREN: dict[int, Any] = {}
