@@ -205,20 +205,32 @@ class JobStateError(ValueError):
     pass
 
 
-def _series_uid(conn: Connection, series_id: int) -> str:
-    return str(conn.execute(select(_series.c.series_instance_uid).where(_series.c.id == series_id)).scalar() or "")
+def _operator_row(conn: Connection, job_id: int, *columns: Any) -> Any:
+    """The job an operator acts on: its state, rule and series and the ``columns`` the change needs."""
+    row = conn.execute(select(_job.c.state, _job.c.rule, _job.c.series_fk, *columns).where(_job.c.id == job_id)).first()
+    if row is None:
+        raise JobStateError(f"there is no job {job_id}")
+    return row
+
+
+def _audit_operator(conn: Connection, kind: str, job_id: int, row: Any, actor: str) -> None:
+    """Audit an operator's change of a job: who, which job, its rule and series, the state it was in."""
+    series_uid = conn.execute(select(_series.c.series_instance_uid).where(_series.c.id == row.series_fk)).scalar()
+    audit.record(
+        conn,
+        kind,
+        actor=actor,
+        job_id=job_id,
+        rule=row.rule,
+        series_uid=str(series_uid or ""),
+        detail=f"was {row.state}",
+    )
 
 
 def retry(engine: Engine, job_id: int, *, actor: str = "cli") -> None:
     """Run a failed or cancelled job again (one more attempt allowed); audited as done by ``actor``."""
     with engine.begin() as conn:
-        row = conn.execute(
-            select(_job.c.state, _job.c.attempts, _job.c.max_attempts, _job.c.rule, _job.c.series_fk).where(
-                _job.c.id == job_id
-            )
-        ).first()
-        if row is None:
-            raise JobStateError(f"there is no job {job_id}")
+        row = _operator_row(conn, job_id, _job.c.attempts, _job.c.max_attempts)
         if row.state not in JOB_RETRYABLE:
             raise JobStateError(f"job {job_id} is {row.state}; only failed or cancelled jobs can be retried")
         conn.execute(
@@ -226,15 +238,7 @@ def retry(engine: Engine, job_id: int, *, actor: str = "cli") -> None:
             .where(and_(_job.c.id == job_id, _job.c.state == row.state))
             .values(state=JobState.PENDING, not_before=utcnow(), max_attempts=max(row.max_attempts, row.attempts + 1))
         )
-        audit.record(
-            conn,
-            "job_retry",
-            actor=actor,
-            job_id=job_id,
-            rule=row.rule,
-            series_uid=_series_uid(conn, row.series_fk),
-            detail=f"was {row.state}",
-        )
+        _audit_operator(conn, "job_retry", job_id, row, actor)
 
 
 def cancel(engine: Engine, job_id: int, *, actor: str = "cli") -> str:
@@ -243,11 +247,7 @@ def cancel(engine: Engine, job_id: int, *, actor: str = "cli") -> str:
     Audited as done by ``actor`` ("cli", or the web user's name).
     """
     with engine.begin() as conn:
-        row = conn.execute(
-            select(_job.c.state, _job.c.last_error, _job.c.rule, _job.c.series_fk).where(_job.c.id == job_id)
-        ).first()
-        if row is None:
-            raise JobStateError(f"there is no job {job_id}")
+        row = _operator_row(conn, job_id, _job.c.last_error)
         state = row.state
         if state not in JOB_ACTIVE:
             raise JobStateError(f"job {job_id} is {state}; only pending or running jobs can be cancelled")
@@ -257,13 +257,5 @@ def cancel(engine: Engine, job_id: int, *, actor: str = "cli") -> str:
             .where(_job.c.id == job_id, _job.c.state == state)
             .values(state=JobState.CANCELLED, finished_at=utcnow(), last_error=why)
         )
-        audit.record(
-            conn,
-            "job_cancel",
-            actor=actor,
-            job_id=job_id,
-            rule=row.rule,
-            series_uid=_series_uid(conn, row.series_fk),
-            detail=f"was {state}",
-        )
+        _audit_operator(conn, "job_cancel", job_id, row, actor)
         return str(state)
