@@ -16,7 +16,7 @@ from node import audit
 from node.index import read
 from node.index.states import DeliveryState, JobState, SeriesState
 from node.web import data
-from node.web.actions import ActionResult, JobId, Refused, Selection, delivery_change, job_change
+from node.web.actions import ActionResult, Change, JobId, Refused, Selection, delivery_change, job_change
 from node.web.context import WebContext, api_user, context
 
 log = logging.getLogger(__name__)
@@ -345,32 +345,24 @@ def _refused(e: Refused) -> HTTPException:
     return HTTPException(e.status, e.message)
 
 
-@router.post(
-    "/jobs/{job_id}/retry",
-    response_model=ActionResult,
-    responses={404: {"description": "no such job"}, 409: {"description": "the job is not failed or cancelled"}},
-)
-def post_job_retry(
-    job_id: int = JobId, ctx: WebContext = Depends(context), user: str = Depends(api_user)
-) -> ActionResult:
-    try:
-        return job_change(ctx, job_id, "retry", user)
-    except Refused as e:
-        raise _refused(e) from None
+def _job_action(what: Change, refused: str) -> None:
+    """``POST /api/jobs/{job_id}/<what>``: one route per change, so each has its own entry in the spec."""
+
+    @router.post(
+        f"/jobs/{{job_id}}/{what}",
+        name=f"post_job_{what}",
+        response_model=ActionResult,
+        responses={404: {"description": "no such job"}, 409: {"description": refused}},
+    )
+    def post(job_id: int = JobId, ctx: WebContext = Depends(context), user: str = Depends(api_user)) -> ActionResult:
+        try:
+            return job_change(ctx, job_id, what, user)
+        except Refused as e:
+            raise _refused(e) from None
 
 
-@router.post(
-    "/jobs/{job_id}/cancel",
-    response_model=ActionResult,
-    responses={404: {"description": "no such job"}, 409: {"description": "the job is not pending or running"}},
-)
-def post_job_cancel(
-    job_id: int = JobId, ctx: WebContext = Depends(context), user: str = Depends(api_user)
-) -> ActionResult:
-    try:
-        return job_change(ctx, job_id, "cancel", user)
-    except Refused as e:
-        raise _refused(e) from None
+_job_action("retry", "the job is not failed or cancelled")
+_job_action("cancel", "the job is not pending or running")
 
 
 @router.get(
