@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -30,6 +32,13 @@ console = Console(stderr=True, soft_wrap=not sys.stderr.isatty())
 # Piped output (logs, scripts, tests) gets wide lines instead of truncated names.
 out = Console() if sys.stdout.isatty() else Console(width=200)
 
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    """End the command with ``error: <message>`` on stderr and exit status ``code`` (2: the command line is wrong)."""
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code) from None
+
+
 ConfigOption = typer.Option(None, "--config", "-c", help="TOML config file (default: config/node.toml if present).")
 
 
@@ -40,8 +49,7 @@ def _load(config: Path | None) -> Config:
     try:
         return load_checked_config(config)
     except ConfigError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False)
-        raise typer.Exit(2) from None
+        _fail(str(e), 2)
 
 
 def _version(value: bool) -> None:
@@ -68,8 +76,7 @@ def run(config: Path | None = ConfigOption) -> None:
     try:
         Node(cfg).run_forever()
     except OSError as e:
-        console.print(f"[bold red]error:[/] cannot start: {e}", highlight=False)
-        raise typer.Exit(1) from None
+        _fail(f"cannot start: {e}")
 
 
 @app.command()
@@ -113,14 +120,12 @@ def send(
     from node.send.transcode import PREFERRED
 
     if transfer_syntax not in PREFERRED:
-        console.print(f"[bold red]error:[/] --transfer-syntax must be one of {', '.join(PREFERRED)}")
-        raise typer.Exit(2)
+        _fail(f"--transfer-syntax must be one of {', '.join(PREFERRED)}", 2)
 
     files = iter_files(paths)
     missing = [p for p in paths if not p.exists()]
     if missing:
-        console.print(f"[bold red]error:[/] no such file or folder: {', '.join(map(str, missing))}")
-        raise typer.Exit(2)
+        _fail(f"no such file or folder: {', '.join(map(str, missing))}", 2)
     with Progress(
         TextColumn("[bold]sending"),
         BarColumn(),
@@ -157,15 +162,12 @@ def status(config: Path | None = ConfigOption) -> None:
     from node.index import read
 
     cfg = _load(config)
-    engine = _engine(cfg)
-    try:
-        s = read.summary(engine)
-        recent = read.series(engine, limit=10).items
-    except Exception as e:  # unreachable or unmigrated database
-        console.print(f"[bold red]error:[/] cannot read the index at {cfg.database_url}: {e}", highlight=False)
-        raise typer.Exit(1) from None
-    finally:
-        engine.dispose()
+    with _index(cfg) as engine:
+        try:
+            s = read.summary(engine)
+            recent = read.series(engine, limit=10).items
+        except Exception as e:  # unreachable or unmigrated database
+            _fail(f"cannot read the index at {cfg.database_url}: {e}")
     free = shutil.disk_usage(cfg.data_dir).free if cfg.data_dir.exists() else 0
     out.print(f"data directory: {cfg.data_dir}")
     out.print(
@@ -264,8 +266,23 @@ def _engine(cfg: Config, write: bool = False) -> Engine:
     try:
         return existing_engine(cfg.database_url, write=write)
     except NoIndex as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False)
-        raise typer.Exit(1) from None
+        _fail(str(e))
+
+
+@contextlib.contextmanager
+def _index(cfg: Config, write: bool = False) -> Iterator[Engine]:
+    """The index's engine for one command, disposed of when the command is done with it."""
+    engine = _engine(cfg, write)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+def _check_state(state: str | None, states: type[StrEnum]) -> None:
+    """A ``--state`` given must be one of ``states`` (exit 2, naming them, if not)."""
+    if state is not None and state not in list(states):
+        _fail(f"--state must be one of {', '.join(states)}", 2)
 
 
 def _lines(lines: list[str]) -> None:
@@ -311,14 +328,11 @@ def rules_explain(
     cfg = _load(config)
     from node.decide.explain import explain_series
 
-    engine = _engine(cfg)
-    try:
-        _lines(explain_series(engine, cfg.data_dir, cfg.ruleset, series_uid))
-    except LookupError as e:
-        console.print(f"[bold red]error:[/] {e.args[0]}", highlight=False)
-        raise typer.Exit(1) from None
-    finally:
-        engine.dispose()
+    with _index(cfg) as engine:
+        try:
+            _lines(explain_series(engine, cfg.data_dir, cfg.ruleset, series_uid))
+        except LookupError as e:
+            _fail(str(e.args[0]))
 
 
 @rules_app.command("test")
@@ -336,15 +350,13 @@ def rules_test(
 
     missing = [p for p in paths if not p.exists()]
     if missing:
-        console.print(f"[bold red]error:[/] no such file or folder: {', '.join(map(str, missing))}")
-        raise typer.Exit(2)
+        _fail(f"no such file or folder: {', '.join(map(str, missing))}", 2)
     groups, bad = series_from_files(iter_files(paths))
     _lines(dry_run_files(cfg.ruleset, groups, calling_ae, called_ae))
     for p, why in bad[:20]:
         console.print(f"  skipped {p}: {why}", highlight=False)
     if not groups:
-        console.print("[bold red]error:[/] no readable DICOM series in the given paths")
-        raise typer.Exit(1)
+        _fail("no readable DICOM series in the given paths")
 
 
 def _parse_when(value: str, option: str, end_of_day: bool = False) -> datetime:
@@ -354,12 +366,11 @@ def _parse_when(value: str, option: str, end_of_day: bool = False) -> datetime:
         if end_of_day and len(value.strip()) == 10:
             when = when.replace(hour=23, minute=59, second=59, microsecond=999999)
     except ValueError:
-        console.print(
-            f"[bold red]error:[/] {option} {value!r}: use a date or date-time such as 2026-11-20 or "
+        _fail(
+            f"{option} {value!r}: use a date or date-time such as 2026-11-20 or "
             "2026-11-20T08:00 (UTC unless an offset is given)",
-            highlight=False,
+            2,
         )
-        raise typer.Exit(2) from None
     return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
 
 
@@ -375,11 +386,8 @@ def rules_replay(
 
     start = _parse_when(since, "--since")
     end = _parse_when(until, "--until", end_of_day=True) if until else None
-    engine = _engine(cfg)
-    try:
+    with _index(cfg) as engine:
         lines, fired = replay(engine, cfg.data_dir, cfg.ruleset, start, end)
-    finally:
-        engine.dispose()
     _lines(lines)
     total = sum(fired.values()) - fired.get("(no rule)", 0) - fired.get("(unreadable)", 0)
     summary = ", ".join(f"{k}: {v}" for k, v in sorted(fired.items())) or "no series in that period"
@@ -400,15 +408,10 @@ def jobs_list(
     from node.index import read
     from node.index.states import JobState
 
-    if state is not None and state not in list(JobState):
-        console.print(f"[bold red]error:[/] --state must be one of {', '.join(JobState)}", highlight=False)
-        raise typer.Exit(2)
+    _check_state(state, JobState)
     cfg = _load(config)
-    engine = _engine(cfg)
-    try:
+    with _index(cfg) as engine:
         rows = read.jobs(engine, state=state or "", limit=limit).items
-    finally:
-        engine.dispose()
     t = Table(title=f"jobs{f' ({state})' if state else ''}")
     for col in ("id", "state", "rule", "action", "series", "rev", "attempts", "created (UTC)", "result / error"):
         t.add_column(col)
@@ -435,14 +438,10 @@ def jobs_show(job_id: int, config: Path | None = ConfigOption) -> None:
     from node.index import read
 
     cfg = _load(config)
-    engine = _engine(cfg)
-    try:
+    with _index(cfg) as engine:
         j = read.job(engine, job_id)
-    finally:
-        engine.dispose()
     if j is None:
-        console.print(f"[bold red]error:[/] there is no job {job_id}")
-        raise typer.Exit(1)
+        _fail(f"there is no job {job_id}")
     rows = [
         ("job", str(j.id)),
         ("state", j.state),
@@ -468,14 +467,11 @@ def jobs_retry(job_id: int, config: Path | None = ConfigOption) -> None:
     from node.jobs.store import JobStateError, retry
 
     cfg = _load(config)
-    engine = _engine(cfg, write=True)
-    try:
-        retry(engine, job_id)
-    except JobStateError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False)
-        raise typer.Exit(1) from None
-    finally:
-        engine.dispose()
+    with _index(cfg, write=True) as engine:
+        try:
+            retry(engine, job_id)
+        except JobStateError as e:
+            _fail(str(e))
     out.print(f"job {job_id} is pending again")
 
 
@@ -485,14 +481,11 @@ def jobs_cancel(job_id: int, config: Path | None = ConfigOption) -> None:
     from node.jobs.store import JobStateError, cancel
 
     cfg = _load(config)
-    engine = _engine(cfg, write=True)
-    try:
-        was = cancel(engine, job_id)
-    except JobStateError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False)
-        raise typer.Exit(1) from None
-    finally:
-        engine.dispose()
+    with _index(cfg, write=True) as engine:
+        try:
+            was = cancel(engine, job_id)
+        except JobStateError as e:
+            _fail(str(e))
     out.print(f"job {job_id} cancelled (it was {was})")
 
 
@@ -506,14 +499,11 @@ def lineage(
     from node.index.lineage import lineage as chain
 
     cfg = _load(config)
-    engine = _engine(cfg)
-    try:
-        lines = chain(engine, uid)
-    except NotFound as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False)
-        raise typer.Exit(1) from None
-    finally:
-        engine.dispose()
+    with _index(cfg) as engine:
+        try:
+            lines = chain(engine, uid)
+        except NotFound as e:
+            _fail(str(e))
     _lines(lines)
 
 
@@ -533,13 +523,9 @@ def seg_template(
     try:
         ds = dcmread(seg_file, stop_before_pixels=True)
     except (OSError, InvalidDicomError) as e:
-        console.print(f"[bold red]error:[/] cannot read {seg_file}: {e}", highlight=False)
-        raise typer.Exit(1) from None
+        _fail(f"cannot read {seg_file}: {e}")
     if "SegmentSequence" not in ds:
-        console.print(
-            f"[bold red]error:[/] {seg_file} is not a Segmentation (it has no Segment Sequence)", highlight=False
-        )
-        raise typer.Exit(1)
+        _fail(f"{seg_file} is not a Segmentation (it has no Segment Sequence)")
     text = json.dumps(export_template(ds), indent=2) + "\n"
     if output is None:
         out.print(text, end="", highlight=False, markup=False, soft_wrap=True)
@@ -576,13 +562,10 @@ def queue_list(
     from node.index import read
     from node.index.states import DeliveryState
 
-    if state is not None and state not in list(DeliveryState):
-        console.print(f"[bold red]error:[/] --state must be one of {', '.join(DeliveryState)}", highlight=False)
-        raise typer.Exit(2)
+    _check_state(state, DeliveryState)
     cfg = _load(config)
-    engine = _engine(cfg)
     summaries: list[read.DestinationQueue] = []
-    try:
+    with _index(cfg) as engine:
         if state is None and series is None:
             summaries = [s for s in read.destinations(engine) if destination in (None, s.destination)]
             rows = None
@@ -590,8 +573,6 @@ def queue_list(
             rows = read.deliveries(
                 engine, destination=destination or "", state=state or "", series_uid=series or "", limit=limit
             ).items
-    finally:
-        engine.dispose()
     configured = {d.name: d for d in cfg.destinations}
     if rows is None:
         t = Table(title="forward queue")
@@ -661,14 +642,10 @@ def _change_queue(
 ) -> None:
     """Run ``change(engine)`` on the index for retry/cancel, after checking that a selection was given."""
     if not (destination or series or ids or everything):
-        console.print("[bold red]error:[/] say which deliveries: --destination, --series, --id, or --all")
-        raise typer.Exit(2)
+        _fail("say which deliveries: --destination, --series, --id, or --all", 2)
     cfg = _load(config)
-    engine = _engine(cfg, write=True)
-    try:
+    with _index(cfg, write=True) as engine:
         message = change(engine)
-    finally:
-        engine.dispose()
     out.print(message)
 
 
@@ -726,21 +703,18 @@ def audit(
         _lines([f"{k:<22} {meaning}" for k, meaning in trail.KINDS.items()])
         return
     cfg = _load(config)
-    engine = _engine(cfg)
-    try:
-        events = trail.query(
-            engine,
-            kind=kind or None,
-            uid=uid,
-            since=_parse_when(since, "--since") if since else None,
-            until=_parse_when(until, "--until", end_of_day=True) if until else None,
-            limit=limit,
-        )
-    except ValueError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False)
-        raise typer.Exit(2) from None
-    finally:
-        engine.dispose()
+    with _index(cfg) as engine:
+        try:
+            events = trail.query(
+                engine,
+                kind=kind or None,
+                uid=uid,
+                since=_parse_when(since, "--since") if since else None,
+                until=_parse_when(until, "--until", end_of_day=True) if until else None,
+                limit=limit,
+            )
+        except ValueError as e:
+            _fail(str(e), 2)
     _lines([trail.format_event(e) for e in reversed(events)] or ["(no events)"])
 
 
@@ -784,8 +758,7 @@ def web_hash_password(
     from node.web.auth import hash_password
 
     if len(password) < 8:
-        console.print("[bold red]error:[/] use at least 8 characters", highlight=False)
-        raise typer.Exit(2)
+        _fail("use at least 8 characters", 2)
     out.print(hash_password(password), highlight=False, soft_wrap=True)
 
 
