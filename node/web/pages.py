@@ -169,7 +169,11 @@ def _list_page(
     offset: int,
     **extra: Any,
 ) -> Response:
-    """The jobs or the deliveries page: one page of rows, the state filter and the links to the other pages."""
+    """The jobs or the deliveries page: one page of rows, the state filter and the links to the other pages.
+
+    ``back``: where a Retry or Cancel button returns to, this very page.
+    """
+    query = request.url.query
     return _render(
         request,
         f"{page}.html",
@@ -180,6 +184,7 @@ def _list_page(
         offset=offset,
         limit=_ROWS,
         page=page,
+        back=request.url.path + (f"?{query}" if query else ""),
         **extra,
     )
 
