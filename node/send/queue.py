@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, bindparam, func, or_, select, update
+from sqlalchemy import ColumnElement, Connection, Engine, and_, bindparam, func, or_, select, update
 
 from node import audit
 from node.index.models import Delivery, DestinationCircuit, Instance, aware, utcnow
@@ -480,6 +480,27 @@ def _operator_event(
     audit.record(conn, kind, actor=actor, destination=destination or "", series_uid=series_uid or "", detail=detail)
 
 
+def _operator_update(
+    engine: Engine,
+    kind: str,
+    only: ColumnElement[bool],
+    values: dict[str, Any],
+    what: str,
+    *,
+    actor: str,
+    destination: str | None,
+    ids: Sequence[int] | None,
+    series_uid: str | None,
+) -> int:
+    """Set ``values`` on the selected deliveries (destination, ids, series UID) that satisfy ``only`` and audit it
+    as ``kind`` done by ``actor`` (``what``: the change in words): how an operator's retry or cancel changes the queue."""
+    sel = delivery_selection(destination, None, ids, series_uid)
+    with engine.begin() as conn:
+        n = conn.execute(update(_d).where(only if sel is None else and_(sel, only)).values(values)).rowcount
+        _operator_event(conn, kind, actor, n, destination, ids, series_uid, what)
+        return n
+
+
 def retry(
     engine: Engine,
     *,
@@ -494,33 +515,25 @@ def retry(
     ``actor`` (who asked: "cli", or the web user's name) goes into the audit trail.
     """
     states = sorted(DELIVERY_RETRYABLE) if include_cancelled else [DeliveryState.FAILED]
-    sel = delivery_selection(destination, None, ids, series_uid)
     now = utcnow()
-    cond = _d.c.state.in_(states) if sel is None else and_(sel, _d.c.state.in_(states))
-    with engine.begin() as conn:
-        n = conn.execute(
-            update(_d)
-            .where(cond)
-            .values(
-                state=DeliveryState.QUEUED,
-                next_attempt_at=FORCED,
-                created_at=now,
-                updated_at=now,
-                commitment=CommitmentState.NONE,
-                commitment_uid="",
-            )
-        ).rowcount
-        _operator_event(
-            conn,
-            "queue_retry",
-            actor,
-            n,
-            destination,
-            ids,
-            series_uid,
-            "failed or cancelled deliveries queued again" if include_cancelled else "failed deliveries queued again",
-        )
-        return n
+    return _operator_update(
+        engine,
+        "queue_retry",
+        _d.c.state.in_(states),
+        {
+            "state": DeliveryState.QUEUED,
+            "next_attempt_at": FORCED,
+            "created_at": now,
+            "updated_at": now,
+            "commitment": CommitmentState.NONE,
+            "commitment_uid": "",
+        },
+        "failed or cancelled deliveries queued again" if include_cancelled else "failed deliveries queued again",
+        actor=actor,
+        destination=destination,
+        ids=ids,
+        series_uid=series_uid,
+    )
 
 
 def retry_now(engine: Engine, destination: str | None = None, *, actor: str = "cli") -> int:
@@ -549,20 +562,21 @@ def cancel(
     actor: str = "cli",
 ) -> int:
     """Cancel queued (and in-flight) deliveries; an instance already on the wire may still arrive."""
-    sel = delivery_selection(destination, None, ids, series_uid)
-    cond = delivery_in_flight(_d) if sel is None else and_(sel, delivery_in_flight(_d))
-    with engine.begin() as conn:
-        n = conn.execute(
-            update(_d)
-            .where(cond)
-            .values(
-                state=DeliveryState.CANCELLED,
-                updated_at=utcnow(),
-                last_error=func.trim(func.coalesce(_d.c.last_error, "") + " (cancelled by an operator)"),
-            )
-        ).rowcount
-        _operator_event(conn, "queue_cancel", actor, n, destination, ids, series_uid, "deliveries cancelled")
-        return n
+    return _operator_update(
+        engine,
+        "queue_cancel",
+        delivery_in_flight(_d),
+        {
+            "state": DeliveryState.CANCELLED,
+            "updated_at": utcnow(),
+            "last_error": func.trim(func.coalesce(_d.c.last_error, "") + " (cancelled by an operator)"),
+        },
+        "deliveries cancelled",
+        actor=actor,
+        destination=destination,
+        ids=ids,
+        series_uid=series_uid,
+    )
 
 
 def unfinished_for_series(conn: Connection, series_id: int, revision: int | None = None) -> list[tuple[str, str, int]]:
