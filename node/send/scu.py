@@ -74,6 +74,19 @@ class Peer:
     def label(self) -> str:
         return f"{self.name + ' ' if self.name else ''}({self.called_ae}@{self.host}:{self.port})"
 
+    def associate(self, contexts: list[tuple[str, list[str]]], max_pdu: int = 0) -> Association:
+        """An association with this peer proposing ``contexts`` (raises AssociationError)."""
+        return Association.request(
+            self.host,
+            self.port,
+            calling_ae=self.calling_ae,
+            called_ae=self.called_ae,
+            contexts=contexts,
+            timeout=self.timeout,
+            max_pdu=max_pdu,
+            tls=self.tls,
+        )
+
     @classmethod
     def from_destination(cls, d: DestinationSection, node_ae: str) -> Peer:
         return cls(
@@ -163,16 +176,7 @@ class Sender:
             contexts.append((STORAGE_COMMITMENT, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
         p = self.peer
         try:
-            assoc = Association.request(
-                p.host,
-                p.port,
-                calling_ae=p.calling_ae,
-                called_ae=p.called_ae,
-                contexts=contexts,
-                timeout=p.timeout,
-                max_pdu=p.max_pdu,
-                tls=p.tls,
-            )
+            assoc = p.associate(contexts, max_pdu=p.max_pdu)
         except Rejected as e:
             kind = "transient" if e.result == RejectResult.TRANSIENT else "permanent"
             raise AssociationFailed(kind, f"{p.label} rejected the association ({e})") from None
@@ -481,15 +485,7 @@ def accepts(peer: Peer, sop_class: str) -> bool:
     Raises ConnectionError when it cannot be asked (down, or it rejects the association).
     """
     try:
-        assoc = Association.request(
-            peer.host,
-            peer.port,
-            calling_ae=peer.calling_ae,
-            called_ae=peer.called_ae,
-            contexts=[(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])],
-            timeout=peer.timeout,
-            tls=peer.tls,
-        )
+        assoc = peer.associate([(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])])
     except AssociationError as e:
         raise ConnectionError(f"no association with {peer.label}: {e}") from None
     try:
@@ -501,15 +497,7 @@ def accepts(peer: Peer, sop_class: str) -> bool:
 def echo(peer: Peer) -> int:
     """C-ECHO; returns the status (raises ConnectionError naming why there was no association)."""
     try:
-        assoc = Association.request(
-            peer.host,
-            peer.port,
-            calling_ae=peer.calling_ae,
-            called_ae=peer.called_ae,
-            contexts=[(VERIFICATION, [ImplicitVRLittleEndian])],
-            timeout=peer.timeout,
-            tls=peer.tls,
-        )
+        assoc = peer.associate([(VERIFICATION, [ImplicitVRLittleEndian])])
     except AssociationError as e:
         raise ConnectionError(f"no association with {peer.label}: {e}") from None
     if not assoc.accepted.contexts:
