@@ -53,9 +53,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "bench"))
 
-from bench_common import (  # noqa: E402 (the scripts folder is not a package)
+from bench_common import (  # noqa: E402 (scripts/bench is not a package)
     LOOPBACK,
     STORESCP,
     STORESCU,

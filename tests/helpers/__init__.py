@@ -27,7 +27,7 @@ if not SHARED.is_dir():  # CI: shared/ beside the clone
 
 #: The test plugins (faulty_plugins.py, env_plugins.py), importable by a node given this folder on PYTHONPATH.
 TEST_PLUGINS = REPO / "tests" / "plugins"
-#: The command plugins' test scripts and their templated metainfo.json.
+#: The command plugins' test scripts (their templated metainfo.json is in TEST_PLUGINS, beside faulty_plugins.py).
 COMMAND_PLUGINS = REPO / "tests" / "data" / "command-plugins"
 
 #: DCMTK acceptors stall ~40 ms per message without TCP_NODELAY (Nagle + delayed ACK).

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import COMMAND_PLUGINS, REPO, SHARED, series_files
+from helpers import COMMAND_PLUGINS, REPO, SHARED, TEST_PLUGINS, series_files
 from pydantic import ValidationError
 
 from node.derive.template import load_template
@@ -19,7 +19,7 @@ from node.plugins.commands import CommandPlugin, container_argv, run_command, wr
 from node.plugins.series import load_series
 
 SCRIPTS = COMMAND_PLUGINS
-METAINFO = COMMAND_PLUGINS / "templated-metainfo.json"  # labelIDs 1 ("Upper left") and 2 ("Lower right")
+METAINFO = TEST_PLUGINS / "templated-metainfo.json"  # labelIDs 1 ("Upper left") and 2 ("Lower right")
 BASE = "localhost/dicom-node-test-python:1"
 IMAGE = "localhost/dicom-node-test-labelmap:latest"
 CONTAINERS = REPO / "tests" / "data" / "containers"

@@ -30,7 +30,7 @@ import numpy as np
 import psutil
 import pydicom
 import pytest
-from helpers import COMMAND_PLUGINS, REPO, NodeProcess, storescu, wait_for
+from helpers import COMMAND_PLUGINS, REPO, TEST_PLUGINS, NodeProcess, storescu, wait_for
 from helpers.dciodvfy import verify
 from helpers.variants import make_files
 
@@ -38,7 +38,7 @@ from node.derive.template import load_template
 from node.plugins.series import load_series
 
 SCRIPTS = COMMAND_PLUGINS
-METAINFO = COMMAND_PLUGINS / "templated-metainfo.json"  # labelIDs 1 ("Upper left") and 2 ("Lower right")
+METAINFO = TEST_PLUGINS / "templated-metainfo.json"  # labelIDs 1 ("Upper left") and 2 ("Lower right")
 CONTAINERS = REPO / "tests" / "data" / "containers"
 CONTAINERS_CONF = str(CONTAINERS / "containers.conf")
 BASE_IMAGE = "localhost/dicom-node-test-python:1"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import COMMAND_PLUGINS, REPO
+from helpers import COMMAND_PLUGINS, REPO, TEST_PLUGINS
 from test_commands import _ct2, _expected_labels, _probe  # beside the unit tests (tests/plugins)
 
 from node.plugins.api import PluginError
@@ -20,7 +20,7 @@ from node.plugins.commands import CommandPlugin, run_command
 from node.plugins.series import load_series
 
 SCRIPTS = COMMAND_PLUGINS
-METAINFO = COMMAND_PLUGINS / "templated-metainfo.json"  # labelIDs 1 ("Upper left") and 2 ("Lower right")
+METAINFO = TEST_PLUGINS / "templated-metainfo.json"  # labelIDs 1 ("Upper left") and 2 ("Lower right")
 BASE = "localhost/dicom-node-test-python:1"
 IMAGE = "localhost/dicom-node-test-labelmap:latest"
 CONTAINERS = REPO / "tests" / "data" / "containers"

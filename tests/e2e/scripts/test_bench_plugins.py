@@ -1,4 +1,4 @@
-"""scripts/bench_plugins.py keeps working: its smallest run (one job each way on the real CT, a 20-slice transfer) passes.
+"""scripts/bench/bench_plugins.py keeps working: its smallest run (one job each way on the real CT, a 20-slice transfer) passes.
 
 It runs the example model in its own environment (numpy 1, pydicom 2) through the node's job path with a
 warm and a cold worker, and as a bare script; the three label maps must agree (the script fails otherwise).
@@ -16,7 +16,7 @@ from pathlib import Path
 from tests.helpers import REPO
 from tests.helpers.envs import OLD_STACK, make_env
 
-SCRIPT = REPO / "scripts" / "bench_plugins.py"
+SCRIPT = REPO / "scripts" / "bench" / "bench_plugins.py"
 
 
 def test_smallest_run_prints_the_ratios(tmp_path: Path, shared_data: Path) -> None:

@@ -17,8 +17,8 @@ transfer, then a check that the receiver really stored every instance.
 
 Usage examples::
 
-    python scripts/bench_ingest.py --quick --receivers storescp,orthanc,pynetdicom
-    python scripts/bench_ingest.py --repeat 3 --json bench-ingest.json
+    python scripts/bench/bench_ingest.py --quick --receivers storescp,orthanc,pynetdicom
+    python scripts/bench/bench_ingest.py --repeat 3 --json bench-ingest.json
 
 Run from anywhere; the node is started with the repository root as cwd.
 Progress goes to stderr, the results tables to stdout.  The exit status is
@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -65,6 +64,7 @@ from bench_common import (  # noqa: E402
     tool_versions,
     wait_until,
 )
+from report import median, table  # noqa: E402
 
 WARMUP_INSTANCES = 5
 
@@ -94,8 +94,7 @@ class CellResult:
         return bool(self.runs) and all(r.ok for r in self.runs)
 
     def median(self, attr: str) -> float | None:
-        vals = [getattr(r, attr) for r in self.runs if r.ok]
-        return statistics.median(vals) if vals else None
+        return median([getattr(r, attr) for r in self.runs if r.ok])
 
 
 # --------------------------------------------------------------------------
@@ -234,26 +233,6 @@ def build_rows(
             ]
         rows.append(row)
     return header, rows
-
-
-def plain_table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-
-    def line(cells: list[str]) -> str:
-        # first column (the label) left-aligned, numbers right-aligned
-        return "  ".join(
-            c.rjust(w) if i > 0 else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        )
-
-    out = [line(header), line(["-" * w for w in widths])]
-    out += [line(r) for r in rows]
-    return "\n".join(out)
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(out)
 
 
 # --------------------------------------------------------------------------
@@ -438,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"  {name:10s} {described.get(name, '')}")
     print()
-    print(plain_table(header, rows))
+    print(table(rows, header))
     print()
     print("Markdown (for docs/benchmarks.md):")
     print()
@@ -447,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Sender: DCMTK storescu on loopback, TCP_NODELAY=1; median of {args.repeat} run(s)."
     )
     print()
-    print(markdown_table(header, rows))
+    print(table(rows, header, markdown=True))
 
     if args.json:
         out = {

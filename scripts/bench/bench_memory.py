@@ -30,8 +30,8 @@ What it does:
 
 Usage::
 
-    python scripts/bench_memory.py                 # 1 GiB instance
-    python scripts/bench_memory.py --size-mb 64    # quick check
+    python scripts/bench/bench_memory.py                 # 1 GiB instance
+    python scripts/bench/bench_memory.py --size-mb 64    # quick check
 
 Progress goes to stderr, results to stdout.  Exit status: 0 if the growth
 is within ``--limit-mb`` (default 100) and the bytes match, 1 otherwise

@@ -1,4 +1,4 @@
-"""The plugin scripts/bench_plugins.py hands a volume to: it reads one element of every 4 KiB page and returns nothing.
+"""The plugin scripts/bench/bench_plugins.py hands a volume to: it reads one element of every 4 KiB page and returns nothing.
 
 It runs in the plugin environment's worker (``PYTHONPATH`` = this folder), so it imports only the SDK
 and numpy. Touching every page is what any model does to its input at least once; reading one element

@@ -43,10 +43,10 @@ array (200 MiB) are printed too.
 
 Usage::
 
-    python scripts/bench_derive.py --repeat 5
-    python scripts/bench_derive.py --quick        # 2 repetitions of 40 slices
-    python scripts/bench_derive.py --repeat 5 --what-if   # + runs with the causes of the peak removed
-    python scripts/bench_derive.py --repeat 5 --profile   # + a cProfile of one in-process run
+    python scripts/bench/bench_derive.py --repeat 5
+    python scripts/bench/bench_derive.py --quick        # 2 repetitions of 40 slices
+    python scripts/bench/bench_derive.py --repeat 5 --what-if   # + runs with the causes of the peak removed
+    python scripts/bench/bench_derive.py --repeat 5 --profile   # + a cProfile of one in-process run
 
 ``--what-if`` runs the in-process worker a few more times with one cause of the
 node's time and peak memory removed at a time, by patching inside the child
@@ -65,7 +65,6 @@ import datetime as dt
 import json
 import os
 import re
-import statistics
 import subprocess
 import sys
 import time
@@ -96,6 +95,7 @@ from bench_common import (  # noqa: E402
     tool_versions,
     wait_until,
 )
+from report import cell, median, ratio, spread, table  # noqa: E402
 
 RULE = "ct-bone"
 PLUGIN = "threshold-seg"
@@ -665,31 +665,6 @@ def measure_bare(rep: int, files: list[Path], work: Path, timeout: float) -> Run
 # --------------------------------------------------------------------------
 
 
-def stats(vals: list[float]) -> tuple[float, float, float] | None:
-    return (statistics.median(vals), min(vals), max(vals)) if vals else None
-
-
-def cell(vals: list[float], fmt: str = "{:.2f}", spread: bool = True) -> str:
-    s = stats(vals)
-    if s is None:
-        return "n/a"
-    med, lo, hi = s
-    return fmt.format(med) + (f" ({fmt.format(lo)}-{fmt.format(hi)})" if spread and len(vals) > 1 else "")
-
-
-def table(rows: list[list[str]], header: list[str], markdown: bool) -> str:
-    if markdown:
-        out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-        return "\n".join(out + ["| " + " | ".join(r) + " |" for r in rows])
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-
-    def line(cells: list[str]) -> str:
-        pairs = enumerate(zip(cells, widths, strict=True))
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in pairs)
-
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
-
-
 def vals(runs: list[Run], attr: str) -> list[float]:
     out = []
     for r in runs:
@@ -697,10 +672,6 @@ def vals(runs: list[Run], attr: str) -> list[float]:
         if r.ok and v is not None:
             out.append(float(v))
     return out
-
-
-def ratio(a: list[float], b: list[float]) -> float | None:
-    return statistics.median(a) / statistics.median(b) if a and b and statistics.median(b) > 0 else None
 
 
 def report(runs: list[Run], voxel_mib: float, markdown: bool) -> tuple[str, dict[str, Any]]:
@@ -853,13 +824,15 @@ def report(runs: list[Run], voxel_mib: float, markdown: bool) -> tuple[str, dict
                 [r.total - a for r, a in zip(ok_w, accounted, strict=True)],
             )
         )
-        tot = statistics.median(vals(ok_w, "total"))
-        prow = [[name, cell(v, "{:.3f}"), f"{100 * statistics.median(v) / tot:.0f} %"] for name, v in parts]
+        tot = median(vals(ok_w, "total"))
+        prow = [
+            [name, cell(v, "{:.3f}"), f"{100 * (median(v) or 0.0) / tot:.0f} %" if tot else "n/a"] for name, v in parts
+        ]
         out.append("")
         out.append("Where the node's time goes (in-process worker):")
         out.append("")
         out.append(table(prow, ["step", "s, median (min-max)", "of run"], markdown))
-        summary["node_time"] = {name: stats(v) for name, v in parts}
+        summary["node_time"] = {name: spread(v) for name, v in parts}
     ok_j = [r for r in job if r.ok]
     if ok_j:
         out.append("")
@@ -912,7 +885,7 @@ def report(runs: list[Run], voxel_mib: float, markdown: bool) -> tuple[str, dict
     out.append("")
     out.append(table(erows, ["measure", "runs"], markdown))
     summary["medians"] = {
-        f"{r}.{a}": stats(vals([x for x in runs if x.way == r], a))
+        f"{r}.{a}": spread(vals([x for x in runs if x.way == r], a))
         for r in ("node-job", "node-worker", "bare")
         for a in (
             "load",

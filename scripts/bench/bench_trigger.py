@@ -39,8 +39,8 @@ directly comparable.
 
 Usage::
 
-    python scripts/bench_trigger.py --repeat 10
-    python scripts/bench_trigger.py --quick          # 3 repetitions, 50 instances
+    python scripts/bench/bench_trigger.py --repeat 10
+    python scripts/bench/bench_trigger.py --quick          # 3 repetitions, 50 instances
 
 Everything runs on loopback; every child process is stopped on exit, error
 or Ctrl-C, and every wait is bounded.  Exit status 1 if a repetition failed.
@@ -53,7 +53,6 @@ import datetime as dt
 import json
 import os
 import select
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -86,6 +85,7 @@ from bench_common import (  # noqa: E402
     tool_versions,
     wait_until,
 )
+from report import median, spread, table  # noqa: E402
 
 DEST_AE = "STORESCP"
 WARMUP_INSTANCES = 5
@@ -154,7 +154,7 @@ class TriggerNode(NodeReceiver):
 
 
 LUA = """\
--- Written by scripts/bench_trigger.py: timestamp each stable series.
+-- Written by scripts/bench/bench_trigger.py: timestamp each stable series.
 -- os.time() has 1 s resolution, so the shell's date(1) gives the time.
 function OnStableSeries(seriesId, tags, metadata)
   os.execute("echo " .. seriesId .. " " .. tags["SeriesInstanceUID"] .. " $(date +%s.%N) >> '{out}'")
@@ -371,7 +371,7 @@ def date_spawn_cost(workdir: Path, n: int = 20) -> float:
         t0 = time.time()
         os.system(f"echo calib $(date +%s.%N) >> '{out}'")  # noqa: S605 - the very command Orthanc runs
         costs.append(float(out.read_text().split()[1]) - t0)
-    return statistics.median(costs)
+    return median(costs) or 0.0
 
 
 # --------------------------------------------------------------------------
@@ -385,22 +385,8 @@ def ms(v: float | None) -> str:
 
 def summary(runs: list[Run], attr: str) -> tuple[float, float, float, list[float]] | None:
     vals = [getattr(r, attr) for r in runs if r.ok and getattr(r, attr) is not None]
-    if not vals:
-        return None
-    return statistics.median(vals), min(vals), max(vals), vals
-
-
-def table(rows: list[list[str]], header: list[str], markdown: bool) -> str:
-    if markdown:
-        out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-        return "\n".join(out + ["| " + " | ".join(r) + " |" for r in rows])
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-
-    def line(cells: list[str]) -> str:
-        pairs = enumerate(zip(cells, widths, strict=True))
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in pairs)
-
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+    s = spread(vals)
+    return None if s is None else (*s, vals)
 
 
 def report(

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,6 +48,7 @@ SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS))
 
 from bench_common import REPO_ROOT, install_sigterm_handler, log, machine_info, make_workdir, rmtree_quiet  # noqa: E402
+from report import cell, median, table  # noqa: E402
 
 PLUGIN = "onnx-tissue"
 TARGET = "dicom_node_example_onnx.plugin:TissuePlugin"
@@ -452,33 +452,6 @@ def transfer_npload(python: str, npy: Path, rep: int, timeout: float) -> Transfe
 # --------------------------------------------------------------------------
 
 
-def med(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
-
-
-def cell(values: list[float], scale: float = 1.0, fmt: str = "{:.0f}") -> str:
-    if not values:
-        return "n/a"
-    m = statistics.median(values) * scale
-    if len(values) == 1:
-        return fmt.format(m)
-    return f"{fmt.format(m)} ({fmt.format(min(values) * scale)}-{fmt.format(max(values) * scale)})"
-
-
-def table(rows: list[list[str]], header: list[str], markdown: bool) -> str:
-    if markdown:
-        out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-        return "\n".join(out + ["| " + " | ".join(r) + " |" for r in rows])
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        )
-
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
-
-
 def job_report(runs: list[JobRun], names: list[str], markdown: bool) -> tuple[str, list[str], dict[str, Any]]:
     """The table of part 1 (ms, median (min-max)), the ratio lines, and the summary for --json."""
     rows: list[list[str]] = []
@@ -506,7 +479,7 @@ def job_report(runs: list[JobRun], names: list[str], markdown: bool) -> tuple[st
             node_side = way in ("warm", "cold")
 
             def c(what: str, show: bool = True) -> str:
-                return cell(v(way, what), 1000) if show else ""  # noqa: B023
+                return cell(v(way, what), "{:.0f}", scale=1000) if show else ""  # noqa: B023
 
             start = {
                 "bare": f"setup {c('start')} (its model pass {c('first_pass')}); process {c('process_wall')}",
@@ -528,10 +501,10 @@ def job_report(runs: list[JobRun], names: list[str], markdown: bool) -> tuple[st
                     start,
                 ]
             )
-        warm, cold, bare = med(v("warm", "wall")), med(v("cold", "wall")), med(v("bare", "wall"))
-        overhead, work = med(v("warm", "overhead")), med(v("warm", "work"))
-        empty = med(v("empty", "overhead"))
-        start = med(v("cold", "start"))
+        warm, cold, bare = median(v("warm", "wall")), median(v("cold", "wall")), median(v("bare", "wall"))
+        overhead, work = median(v("warm", "overhead")), median(v("warm", "work"))
+        empty = median(v("empty", "overhead"))
+        start = median(v("cold", "start"))
         s = {
             "warm_over_bare": warm / bare if warm and bare else None,
             "warm_without_seg_over_bare": work / bare if work and bare else None,
@@ -591,15 +564,15 @@ def transfer_report(
         rows.append(
             [
                 labels[way],
-                cell([r.total for r in rs], 1000),
-                cell([r.write_or_load for r in rs], 1000),
-                cell([r.call for r in rs], 1000),
-                "" if way == "np.load" else cell([r.plugin for r in rs], 1000),
+                cell([r.total for r in rs], "{:.0f}", scale=1000),
+                cell([r.write_or_load for r in rs], "{:.0f}", scale=1000),
+                cell([r.call for r in rs], "{:.0f}", scale=1000),
+                "" if way == "np.load" else cell([r.plugin for r in rs], "{:.0f}", scale=1000),
             ]
         )
-    base = med([r.total for r in by["np.load"]])
-    copy, zero = med([r.total for r in by["copy"]]), med([r.total for r in by["zero-copy"]])
-    write = med([r.total for r in by["copy-write"]])
+    base = median([r.total for r in by["np.load"]])
+    copy, zero = median([r.total for r in by["copy"]]), median([r.total for r in by["zero-copy"]])
+    write = median([r.total for r in by["copy-write"]])
     rc = copy / base if copy and base else None
     rz = zero / base if zero and base else None
     rw = write / base if write and base else None

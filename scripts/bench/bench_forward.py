@@ -21,15 +21,14 @@ Orthanc runs with the same configuration in every cell (defaults, fsync per
 file), so the receiving side is the same for both senders. The ratio printed
 is storescu time / node time: above 1.0 the node forwards faster.
 
-    python scripts/bench_forward.py            # 3 repetitions, both workloads
-    python scripts/bench_forward.py --reps 1 --workload small
+    python scripts/bench/bench_forward.py            # 3 repetitions, both workloads
+    python scripts/bench/bench_forward.py --reps 1 --workload small
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import statistics
 import sys
 import tempfile
 import time
@@ -46,6 +45,7 @@ from bench_common import (
     send_with_storescu,
     wait_until,
 )
+from report import median, ratio, table
 
 WORKLOADS = {
     "ct": SeriesSpec("ct", "200 CT, 512x512 (0.5 MB)", 512, 512, 200),
@@ -164,15 +164,16 @@ def main() -> int:
                         f"  rep {rep + 1} {who}: {t:.2f} s ({len(files) / t:.0f} inst/s; cell {time.monotonic() - t0:.0f} s)"
                     )
     print()
-    print("| workload | sender | median s | instances/s | MB/s | ratio storescu/node |")
-    print("|---|---|---:|---:|---:|---:|")
+    header = ["workload", "sender", "median s", "instances/s", "MB/s", "ratio storescu/node"]
+    rows: list[list[str]] = []
     for spec in chosen:
-        base = statistics.median(results[(spec.key, "storescu")])
         mb = spec.rows * spec.cols * 2 * spec.count / 1e6
         for who in ["storescu"] + [f"node x{a}" for a in args.associations]:
-            t = statistics.median(results[(spec.key, who)])
-            ratio = "" if who == "storescu" else f"{base / t:.2f}"
-            print(f"| {spec.label} | {who} | {t:.2f} | {spec.count / t:.0f} | {mb / t:.0f} | {ratio} |")
+            t = median(results[(spec.key, who)]) or float("nan")
+            r = ratio(results[(spec.key, "storescu")], results[(spec.key, who)])
+            speedup = "" if who == "storescu" or r is None else f"{r:.2f}"
+            rows.append([spec.label, who, f"{t:.2f}", f"{spec.count / t:.0f}", f"{mb / t:.0f}", speedup])
+    print(table(rows, header, markdown=True))
     print()
     print(
         "all runs (s): "

@@ -27,7 +27,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -42,6 +41,9 @@ from typing import Any
 
 import numpy as np
 
+from node.demo.peers import free_port, make_ct_series
+from node.demo.peers import peer_env as dcmtk_env  # DCMTK (and Orthanc) acceptors need TCP_NODELAY
+
 # Absolute paths on purpose: a pyenv shim called ``storescu``/``storescp``
 # (from pynetdicom's console scripts) shadows the DCMTK binaries on PATH.
 STORESCU = "/usr/bin/storescu"
@@ -50,7 +52,7 @@ ECHOSCU = "/usr/bin/echoscu"
 ORTHANC = "/usr/sbin/Orthanc"
 
 LOOPBACK = "127.0.0.1"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage SOP Class
 
@@ -64,33 +66,6 @@ def log(msg: str) -> None:
     """Print a progress line to stderr (stdout is kept for the results)."""
     stamp = _dt.datetime.now().strftime("%H:%M:%S")
     print(f"[{stamp}] {msg}", file=sys.stderr, flush=True)
-
-
-def dcmtk_env() -> dict[str, str]:
-    """Environment for DCMTK tools and Orthanc (which embeds DCMTK).
-
-    DCMTK only disables Nagle's algorithm on its sockets when ``TCP_NODELAY``
-    is set in the environment.  Without it a DCMTK acceptor waits for the
-    delayed ACK (~40 ms) on every small C-STORE response, which would cap any
-    DCMTK-involved transfer at ~25 instances/s and make the numbers
-    meaningless.  The sender (storescu) is DCMTK too, so this applies to every
-    receiver's measurement.
-    """
-    env = dict(os.environ)
-    env["TCP_NODELAY"] = "1"
-    return env
-
-
-def free_port() -> int:
-    """Return a TCP port on loopback that is free right now.
-
-    There is an unavoidable race between closing the probe socket and the
-    receiver binding it; on a loopback-only benchmark it is harmless, and a
-    receiver that fails to bind is reported by the readiness check.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
@@ -305,83 +280,40 @@ def _phantom(rows: int, cols: int) -> np.ndarray:
 
 
 def generate_series(spec: SeriesSpec, out_dir: Path, seed: int = 1234, patient_id: str = "BENCH001") -> list[Path]:
-    """Write ``spec.count`` CT Image Storage files (explicit VR LE) to ``out_dir``.
+    """Write ``spec.count`` CT Image Storage files (explicit VR LE) to ``out_dir``, in slice order.
 
-    One patient, one study, one series; every slice has its own SOP Instance
-    UID, InstanceNumber, ImagePositionPatient and SliceLocation, and 12-bit
-    pixel data (phantom + per-slice noise) in 16-bit words.  UIDs come from
-    ``pydicom.uid.generate_uid`` so they are valid and unique per run.
-    Returns the file paths in slice order.
+    The synthetic CT of the tests and the demo (node.demo.peers.make_ct_series: one patient, study and
+    series, real geometry, a UID per slice) with a body-like phantom plus per-slice noise as 12-bit pixels
+    in 16-bit words, 350 mm across, one slice per mm.
     """
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
-
-    sop_class = UID(CT_IMAGE_STORAGE)
-    out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     base = _phantom(spec.rows, spec.cols)
-    study_uid = generate_uid()
-    series_uid = generate_uid()
-    frame_uid = generate_uid()
-    now = _dt.datetime.now()
-    date, tm = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
-    spacing = 350.0 / spec.cols
-    thickness = 1.0
-    paths: list[Path] = []
 
-    for i in range(spec.count):
-        sop_uid = generate_uid()
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = sop_class
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SpecificCharacterSet = "ISO_IR 100"
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.SOPClassUID = sop_class
-        ds.SOPInstanceUID = sop_uid
-        ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = date
-        ds.StudyTime = ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = tm
-        ds.AccessionNumber = f"ACC{patient_id[-3:]}{spec.key[:6].upper()}"
-        ds.Modality = "CT"
-        ds.Manufacturer = "dicom-node-bench"
-        ds.ReferringPhysicianName = "Referrer^Bench"
-        ds.StudyDescription = "Synthetic benchmark study"
-        ds.SeriesDescription = f"Synthetic {spec.label}"
-        ds.PatientName = "Bench^Synthetic"
-        ds.PatientID = patient_id
-        ds.PatientBirthDate = "19700101"
-        ds.PatientSex = "O"
-        ds.BodyPartExamined = "CHEST"
-        ds.SliceThickness = f"{thickness:.1f}"
-        ds.KVP = "120"
-        ds.PatientPosition = "HFS"
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.StudyID = "1"
-        ds.SeriesNumber = 1
-        ds.AcquisitionNumber = 1
-        ds.InstanceNumber = i + 1
-        z = -float(i) * thickness
-        ds.ImagePositionPatient = [f"{-spacing * spec.cols / 2:.3f}", f"{-spacing * spec.rows / 2:.3f}", f"{z:.3f}"]
-        ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
-        ds.FrameOfReferenceUID = frame_uid
-        ds.PositionReferenceIndicator = ""
-        ds.SliceLocation = f"{z:.3f}"
-        set_ct_pixel_module(ds, spec.rows, spec.cols)
-        ds.PixelSpacing = [f"{spacing:.6f}", f"{spacing:.6f}"]
-
+    def pixels(i: int) -> np.ndarray:
         noise = rng.normal(0.0, 20.0, size=(spec.rows, spec.cols)).astype(np.float32)
-        pixels = np.clip(base + noise + 5.0 * np.sin(i / 7.0), 0, 4095).astype("<u2")
-        ds.PixelData = pixels.tobytes()
+        return np.clip(base + noise + 5.0 * np.sin(i / 7.0), 0, 4095).astype("<u2")
 
-        path = out_dir / f"{i + 1:05d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
+    spacing = 350.0 / spec.cols
+    return make_ct_series(
+        out_dir,
+        spec.count,
+        spec.rows,
+        spec.cols,
+        patient_name="Bench^Synthetic",
+        patient_id=patient_id,
+        pixels=pixels,
+        spacing=(spacing, spacing),
+        slice_step=-1.0,
+        extra={
+            "SeriesDescription": f"Synthetic {spec.label}",
+            "StudyDescription": "Synthetic benchmark study",
+            "Manufacturer": "dicom-node-bench",
+            "BodyPartExamined": "CHEST",
+            "RescaleType": "HU",
+            "WindowCenter": "40",
+            "WindowWidth": "400",
+        },
+    )
 
 
 # --------------------------------------------------------------------------

@@ -32,9 +32,9 @@ What it does:
 
 Usage::
 
-    python scripts/bench_index_scale.py --rows 20000 --count 200   # quick
-    python scripts/bench_index_scale.py                            # 1M rows, 1000 instances
-    python scripts/bench_index_scale.py --repeat 3 --json out.json
+    python scripts/bench/bench_index_scale.py --rows 20000 --count 200   # quick
+    python scripts/bench/bench_index_scale.py                            # 1M rows, 1000 instances
+    python scripts/bench/bench_index_scale.py --repeat 3 --json out.json
 
 Progress goes to stderr, results to stdout.  Exit status: 0 if every
 transfer was complete and every ratio meets ``--target``; 1 otherwise.
@@ -50,7 +50,6 @@ import os
 import random
 import shutil
 import sqlite3
-import statistics
 import sys
 import tempfile
 import time
@@ -78,6 +77,8 @@ from bench_common import (  # noqa: E402
     tool_versions,
     wait_until,
 )
+from report import median  # noqa: E402
+from report import table as report_table  # noqa: E402
 
 sys.path.insert(0, str(REPO_ROOT))
 
@@ -480,8 +481,7 @@ class Cell:
     runs: list[RunResult] = field(default_factory=list)
 
     def median(self, attr: str) -> float | None:
-        vals = [getattr(r, attr) for r in self.runs if r.ok]
-        return statistics.median(vals) if vals else None
+        return median([getattr(r, attr) for r in self.runs if r.ok])
 
 
 def proc_usage(pid: int) -> tuple[float, int]:
@@ -735,17 +735,7 @@ def main(argv: list[str] | None = None) -> int:
                     "-" if rate is None else f"{cell.median('startup_s'):.2f}",
                 ]
             )
-    widths = [max(len(h), *(len(r[i]) for r in table)) for i, h in enumerate(header)]
-
-    def fmt_line(cells: list[str]) -> str:
-        return "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        )
-
-    print(fmt_line(header))
-    print(fmt_line(["-" * w for w in widths]))
-    for row in table:
-        print(fmt_line(row))
+    print(report_table(table, header))
     print()
     ratios: dict[int, float | None] = {}
     below = False
