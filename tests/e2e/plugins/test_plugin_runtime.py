@@ -516,11 +516,12 @@ stable_after = 30
     try:
         # Nothing of the killed node should run on: not the plugin (no one enforces its timeout any more),
         # nor the fork server and its resource tracker.
-        deadline = time.monotonic() + 5
+        # They end by themselves, noticing their parent is gone; the bound is generous for a loaded machine.
+        deadline = time.monotonic() + 20
         while time.monotonic() < deadline and any(alive_cmdline(p) is not None for p in children):
             time.sleep(0.1)
         alive = [f"{p.pid} ({cmd[:100]})" for p in children if (cmd := alive_cmdline(p)) is not None]
-        assert alive == [], f"processes of the killed node still running 5 s later: {alive}"
+        assert alive == [], f"processes of the killed node still running 20 s later: {alive}"
     finally:
         end_processes(children)
 
@@ -584,9 +585,9 @@ stable_after = 30
     node.start()
     assert storescu(node.port, labelled_ct(tmp_path, "slow", count=6)).returncode == 0
     wait_for(lambda: jobs_by_rule(node).get("slow", {}).get("state") == "running", 20, "the job to start")
-    t0 = time.monotonic()
     assert node.stop() == 0
-    assert time.monotonic() - t0 < 13, "the stop waited for the plugin instead of its grace period"
+    # Had the stop waited for the plugin (14 s, beyond the runner's grace period), the job would have
+    # succeeded; it is left running for the next start. (No clock here: a loaded machine is slow.)
     job = jobs_by_rule(node)["slow"]
     assert (job["state"], job["attempts"]) == ("running", 1), job
     node.start()
