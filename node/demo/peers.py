@@ -358,7 +358,7 @@ def make_ct_series(
         ds.InstanceNumber = i + 1
         ds.ImagePositionPatient = [-100.0, -100.0, float(i) * slice_step]
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.PixelSpacing = list(spacing)
+        ds.PixelSpacing = [round(v, 6) for v in spacing]  # a DS holds 16 characters
         ds.SliceThickness = abs(slice_step)
         ds.KVP = 120
         ds.AcquisitionNumber = 1

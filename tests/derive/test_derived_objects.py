@@ -40,10 +40,10 @@ from helpers.dciodvfy import LABEL_MAP_SEGMENTATION_STORAGE, verify  # noqa: E40
 from helpers.orthanc import Orthanc  # noqa: E402
 
 from node.derive.common import MANUFACTURER, Provenance  # noqa: E402
-from node.dicom.identity import DERIVED_UID_ROOT  # noqa: E402
 from node.derive.image import build_image_series, build_parametric_map  # noqa: E402
 from node.derive.sc import build_sc  # noqa: E402
 from node.derive.seg import OutputError, build_seg  # noqa: E402
+from node.dicom.identity import DERIVED_UID_ROOT  # noqa: E402
 from node.plugins.api import (  # noqa: E402
     GeometryError,
     Images,
