@@ -4,10 +4,9 @@ the scrape-time state matches the index."""
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
-from helpers import StoreSCP, dataset_bytes, free_port, make_ct_series, storescu, wait_for, wait_for_echo
+from helpers import TEST_PLUGINS, StoreSCP, dataset_bytes, free_port, make_ct_series, storescu, wait_for, wait_for_echo
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
@@ -15,7 +14,7 @@ from node import metrics
 from node.app import Node
 from node.config import load_config
 
-PLUGINS_DIR = Path(__file__).resolve().parent / "plugins"  # faulty_plugins.py
+PLUGINS_DIR = TEST_PLUGINS  # faulty_plugins.py
 
 
 def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
