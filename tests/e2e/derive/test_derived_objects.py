@@ -33,7 +33,7 @@ from pydicom.uid import (
     SegmentationStorage,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from helpers import SHARED, make_ct_series, series_files, storescu_exact  # noqa: E402
 from helpers.dciodvfy import LABEL_MAP_SEGMENTATION_STORAGE, verify  # noqa: E402
