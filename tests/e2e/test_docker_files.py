@@ -33,7 +33,7 @@ from node.decide.compile import load_checked_config
 
 yaml = pytest.importorskip("yaml")
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 COMPOSE = REPO / "docker" / "docker-compose.yml"
 DOCKER_TOML = REPO / "config" / "docker.toml"
