@@ -1,4 +1,4 @@
-"""The peers the demo, the tests and the benchmarks start: a private Orthanc and a synthetic CT series.
+"""The peers the demo, the tests and the benchmarks start: a node, a private Orthanc and a synthetic CT series.
 
 One place for each, so that the demo's PACS, the tests' PACS and the benchmarks' inputs cannot drift apart:
 the Orthanc configuration (loopback HTTP, C-STORE only from known AE titles), how its readiness is
@@ -12,12 +12,14 @@ checked, and what a synthetic CT holds. It lives in the package (not under tests
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -285,6 +287,103 @@ class Orthanc:
             f'[[destinations]]\nname = "{name}"\nae_title = "{self.aet}"\nhost = "127.0.0.1"\n'
             f"port = {self.dicom_port}\n{more}"
         )
+
+
+@dataclass
+class NodeRun:
+    """``python -m node run --config FILE`` in a subprocess: started, ready once it answers C-ECHO, stopped.
+
+    The one way the demo, the tests and the benchmarks run a node, so their start-up checks and shutdown
+    (SIGTERM, a bounded wait, then SIGKILL) cannot drift apart; each keeps its own config and narration.
+    """
+
+    config: Path
+    port: int
+    log_path: Path
+    ae_title: str = "DICOM_NODE"
+    #: The AE title the readiness C-ECHO calls from.
+    calling_ae: str = "ECHOSCU"
+    cwd: Path | None = None
+    #: The node's environment (default: this process's).
+    env: dict[str, str] | None = None
+    #: More Popen arguments (preexec_fn, start_new_session...).
+    popen: dict[str, Any] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float | None = 30.0) -> NodeRun:
+        """Start the node; unless ``timeout`` is None, wait that long for C-ECHO (else stop it, PeerError)."""
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "node", "run", "--config", str(self.config)],
+                cwd=self.cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                **self.popen,
+            )
+        if timeout is not None:
+            try:
+                self.wait_ready(timeout)
+            except BaseException:
+                self.stop()
+                raise
+        return self
+
+    def answers_echo(self) -> bool:
+        """True when the node answers C-ECHO, or refuses the association (an allowlist may refuse us)."""
+        from node.send.requestor import Rejected
+        from node.send.scu import Peer
+
+        peer = Peer("127.0.0.1", self.port, called_ae=self.ae_title, calling_ae=self.calling_ae, timeout=2.0)
+        try:
+            assoc = peer.associate([("1.2.840.10008.1.1", ["1.2.840.10008.1.2"])])  # Verification, Implicit LE
+        except Rejected:
+            return True
+        except Exception:  # not listening yet, or the association broke: still starting
+            return False
+        try:
+            return bool(assoc.accepted.contexts) and not assoc.echo(next(iter(assoc.accepted.contexts))).status
+        except Exception:
+            return False
+        finally:
+            with contextlib.suppress(Exception):
+                assoc.release()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Return once the node answers C-ECHO; PeerError (with the end of its log) if it exits or is late."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise PeerError(
+                    f"the node exited with status {self.proc.returncode} while starting; see {self.log_path}:\n"
+                    f"{self.log()[-3000:]}"
+                )
+            if self.answers_echo():
+                return
+            if time.monotonic() > deadline:
+                raise PeerError(
+                    f"the node did not answer C-ECHO on port {self.port} within {timeout:g} s; see "
+                    f"{self.log_path}:\n{self.log()[-3000:]}"
+                )
+            time.sleep(0.2)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM, wait up to ``timeout`` s for the node to finish what it holds, then SIGKILL; the exit code."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
 #: Pixel values of one slice, given its index (stored values, int16 or uint16).

@@ -17,8 +17,6 @@ import json
 import os
 import secrets
 import signal
-import subprocess
-import sys
 import time
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -147,7 +145,7 @@ class Demo:
     opts: Options
     out: Console
     root: Path = field(init=False)
-    node_proc: subprocess.Popen[bytes] | None = None
+    node: peers.NodeRun | None = None
     pacs: Any = None
     t0: dt.datetime | None = None
     steps: list[tuple[float | None, float | None, str]] = field(default_factory=list)
@@ -286,36 +284,21 @@ class Demo:
         return self.ports[name]
 
     def _start_node(self) -> None:
-        from node.send.scu import Peer, echo
-
         t = time.monotonic()
-        with open(self.node_log, "ab") as log:
-            self.node_proc = subprocess.Popen(
-                [sys.executable, "-m", "node", "run", "--config", str(self.config_path)],
-                cwd=self.root,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=_clean_env(),
-                start_new_session=True,
-                preexec_fn=child_preexec,
-            )
-        peer = Peer("127.0.0.1", self.ports["node_port"], called_ae=NODE_AE, calling_ae=SENDER_AE, timeout=2.0)
-        deadline = time.monotonic() + 60
-        last = ""
-        while True:
-            if self.node_proc.poll() is not None:
-                raise DemoError(f"the node exited with status {self.node_proc.returncode} while starting")
-            try:
-                if echo(peer) == 0:
-                    break
-            except ConnectionError as e:
-                last = str(e)
-            if time.monotonic() > deadline:
-                raise DemoError(
-                    f"the node did not answer C-ECHO on port {self.ports['node_port']} within 60 s ({last})"
-                )
-            time.sleep(0.2)
+        self.node = peers.NodeRun(
+            self.config_path,
+            self.ports["node_port"],
+            self.node_log,
+            ae_title=NODE_AE,
+            calling_ae=SENDER_AE,
+            cwd=self.root,
+            env=_clean_env(),
+            popen={"start_new_session": True, "preexec_fn": child_preexec},
+        )
+        try:
+            self.node.start(timeout=60)
+        except peers.PeerError as e:
+            raise DemoError(str(e)) from None
         self.say(
             f"node ready: {NODE_AE} on 127.0.0.1:{self.ports['node_port']} (C-ECHO answered), "
             f"rule {RULE!r}: CT -> threshold-seg (SEG) + mip-sc (SC) + the series -> {DESTINATION}",
@@ -378,8 +361,8 @@ class Demo:
                 if status is not None:
                     got = f"received {progress.received}/{expected}; " if progress.received < expected else ""
                     status.update(got + (progress.waiting_for or "working"))
-                if self.node_proc is not None and self.node_proc.poll() is not None:
-                    raise DemoError(f"the node exited with status {self.node_proc.returncode}")
+                if self.node is not None and self.node.proc is not None and self.node.proc.poll() is not None:
+                    raise DemoError(f"the node exited with status {self.node.proc.returncode}")
                 if not self.pacs.alive():
                     raise DemoError(f"the PACS ({self.pacs.label}) stopped")
                 if time.monotonic() > deadline:
@@ -506,8 +489,8 @@ class Demo:
         )
         while True:
             time.sleep(1.0)
-            if self.node_proc is not None and self.node_proc.poll() is not None:
-                raise DemoError(f"the node exited with status {self.node_proc.returncode}")
+            if self.node is not None and self.node.proc is not None and self.node.proc.poll() is not None:
+                raise DemoError(f"the node exited with status {self.node.proc.returncode}")
             if not self.pacs.alive():
                 raise DemoError(f"the PACS ({self.pacs.label}) stopped")
 
@@ -526,20 +509,15 @@ class Demo:
         running = [
             what
             for what, up in (
-                ("the node", self.node_proc is not None and self.node_proc.poll() is None),
+                ("the node", self.node is not None and self.node.alive()),
                 ("the PACS", self.pacs is not None and self.pacs.alive()),
             )
             if up
         ]
         if running:
             self.out.print(f"stopping {' and '.join(running)}", highlight=False)
-        if self.node_proc is not None and self.node_proc.poll() is None:
-            self.node_proc.send_signal(signal.SIGTERM)
-            try:
-                self.node_proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.node_proc.kill()
-                self.node_proc.wait(10)
+        if self.node is not None:
+            self.node.stop(30)
         if self.pacs is not None:
             with suppress(Exception):
                 self.pacs.stop()

@@ -7,7 +7,6 @@ import signal
 import socket
 import sqlite3
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,10 +14,11 @@ from typing import Any
 
 import pydicom
 
+from node.demo.peers import NodeRun, peer_env
+
 # One place for the peers the demo, the tests and the benchmarks start (re-exported for the tests).
 from node.demo.peers import free_port as free_port
 from node.demo.peers import make_ct_series as make_ct_series
-from node.demo.peers import peer_env
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared" / "data"
@@ -102,6 +102,8 @@ class NodeProcess:
     ae_title: str = "DICOM_NODE"
     proc: subprocess.Popen | None = None
     env: dict[str, str] = field(default_factory=dict)
+    #: The running node (started, readiness, stopping: node.demo.peers.NodeRun, shared with demo and benchmarks).
+    run: NodeRun | None = None
 
     @property
     def data_dir(self) -> Path:
@@ -131,27 +133,20 @@ min_free_mb = 0
 
     def start(self, wait: bool = True) -> NodeProcess:
         self.write_config()
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "node", "run", "--config", str(self.config_path)],
+        self.run = NodeRun(
+            self.config_path,
+            self.port,
+            self.log_path,
+            ae_title=self.ae_title,
             cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
             env={**os.environ, "DICOM_NODE_WEB__PORT": str(self.web_port), **self.env},
         )
-        if wait:
-            wait_for_echo(self.port, self.ae_title, proc=self.proc)
+        self.run.start(timeout=30.0 if wait else None)
+        self.proc = self.run.proc
         return self
 
     def stop(self, timeout: float = 30) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+        return self.run.stop(timeout) if self.run else 0
 
     def kill9(self) -> None:
         assert self.proc is not None
