@@ -310,11 +310,16 @@ class NodeRun:
     popen: dict[str, Any] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
 
+    @staticmethod
+    def command(config: Path) -> list[str]:
+        """The command line that runs a node on ``config``."""
+        return [sys.executable, "-m", "node", "run", "--config", str(config)]
+
     def start(self, timeout: float | None = 30.0) -> NodeRun:
         """Start the node; unless ``timeout`` is None, wait that long for C-ECHO (else stop it, PeerError)."""
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "node", "run", "--config", str(self.config)],
+                self.command(self.config),
                 cwd=self.cwd,
                 stdin=subprocess.DEVNULL,
                 stdout=log,

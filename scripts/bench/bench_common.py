@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from node.demo.peers import free_port, make_ct_series
+from node.demo.peers import NodeRun, PeerError, free_port, make_ct_series
 from node.demo.peers import peer_env as dcmtk_env  # DCMTK (and Orthanc) acceptors need TCP_NODELAY
 
 # Absolute paths on purpose: a pyenv shim called ``storescu``/``storescp``
@@ -186,6 +186,15 @@ class ProcessGroup:
                 out.close()  # type: ignore[union-attr]
         self._procs.append(proc)
         return proc
+
+    def track(self, proc: subprocess.Popen[bytes]) -> None:
+        """Stop ``proc`` with the others on exit (a child started elsewhere, in its own session)."""
+        self._procs.append(proc)
+
+    def forget(self, proc: subprocess.Popen[bytes]) -> None:
+        """No longer stop ``proc`` on exit (it was stopped elsewhere)."""
+        if proc in self._procs:
+            self._procs.remove(proc)
 
     def stop(self, proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
         """SIGTERM the child's process group, then SIGKILL after ``grace`` s.
@@ -495,6 +504,7 @@ class NodeReceiver(Receiver):
 
     name = "node"
     ae_title = "DICOM_NODE"
+    run: NodeRun | None = None
 
     def _command(self, workdir: Path) -> tuple[list[str], dict[str, str], Path | None]:
         if not (REPO_ROOT / "node").is_dir():
@@ -509,7 +519,38 @@ class NodeReceiver(Receiver):
             f'data_dir = "{self.data_dir}"\n' + self.extra_config()
         )
         self.config_path = cfg
-        return [sys.executable, "-m", "node", "run", "--config", str(cfg)], dict(os.environ), REPO_ROOT
+        return NodeRun.command(cfg), dict(os.environ), REPO_ROOT
+
+    def start(self, workdir: Path) -> None:
+        """Launch on ``workdir`` with NodeRun (the tests' and the demo's starter) and wait until C-ECHO works."""
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = workdir
+        self.port = free_port()
+        self.log_path = workdir / f"{self.name}.log"
+        cmd, env, cwd = self._command(workdir)
+        # Own session, as ProcessGroup starts every child; tracked there so stop_all() reaches it.
+        self.run = NodeRun(
+            self.config_path,
+            self.port,
+            self.log_path,
+            ae_title=self.ae_title,
+            cwd=cwd,
+            env=env,
+            popen={"start_new_session": True},
+        )
+        try:
+            self.run.start(timeout=self.start_timeout)
+        except PeerError as e:
+            raise ReceiverUnavailable(f"{self.name}: {e}; command: {' '.join(cmd)}") from None
+        assert self.run.proc is not None
+        self.proc = self.run.proc
+        self.pg.track(self.proc)
+
+    def stop(self) -> None:
+        if self.run is not None and self.proc is not None:
+            self.run.stop(timeout=10.0)
+            self.pg.forget(self.proc)
+        self.proc = None
 
     def extra_config(self) -> str:
         """TOML appended after the [node] keys (a subclass's tracker, rules, destinations)."""
