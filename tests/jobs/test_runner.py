@@ -1,0 +1,202 @@
+"""The job runner on its own (node.jobs.runner): its worker threads, in-process, on a migrated SQLite index.
+
+Real CT slices are received through Ingest; forward jobs are made as the tracker makes them and the
+runner's workers take them. No dispatcher runs, so nothing is sent: a forward job's work is to queue
+deliveries, which is what these tests look at. What a user relies on: a pending job is run and its
+outcome recorded, the senders are woken; a job left running by a dead process is taken up at start;
+a job that keeps failing is retried up to its attempts and then failed with the error, and the
+workers carry on with the next job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from helpers import dataset_bytes, series_files, wait_for
+from pydicom import dcmread
+from pydicom.uid import UID
+from sqlalchemy import Engine, select, update
+from sqlalchemy.orm import Session
+
+from node.config import Config
+from node.decide.compile import load_checked_config
+from node.dicom import dimse
+from node.dicom.status import Status
+from node.index.db import make_engine, migrate
+from node.index.models import Delivery, Job
+from node.index.writer import IndexWriter
+from node.jobs.runner import JobRunner
+from node.jobs.store import NewJob, create_jobs
+from node.receive.ingest import Ingest, Peer
+from node.receive.rxfile import ReceivedFile
+from node.storage import Storage
+
+CT = "ct-head-philips-5mm"
+
+CONFIG = """
+[node]
+data_dir = "{data_dir}"
+
+[jobs]
+workers = 1  # with two, stop() may wait a whole poll (2 s) for the worker that missed its wake-up
+retry_delay = 0
+
+[[destinations]]
+name = "pacs"
+ae_title = "PACS"
+host = "127.0.0.1"
+port = 104
+"""
+
+
+@dataclass
+class Jobs:
+    cfg: Config
+    engine: Engine
+    storage: Storage
+    woken: list[list[str]] = field(default_factory=list)
+
+    def make(self, *jobs: NewJob) -> list[int]:
+        """Jobs of series #1 revision 1, as the tracker makes them."""
+        with self.engine.begin() as conn:
+            return create_jobs(conn, 1, 1, list(jobs))
+
+    def runner(self) -> JobRunner:
+        r = JobRunner(self.cfg, self.engine, self.storage)
+        r.wake_senders = self.woken.append
+        return r
+
+    def job(self, job_id: int) -> Job:
+        with Session(self.engine) as s:
+            job = s.get(Job, job_id)
+            assert job is not None
+            s.expunge(job)
+            return job
+
+    def done(self, job_id: int) -> Job | None:
+        job = self.job(job_id)
+        return job if job.state in ("succeeded", "failed") else None
+
+    def deliveries(self) -> list[tuple[str, str, int | None]]:
+        with Session(self.engine) as s:
+            q = select(Delivery.sop_instance_uid, Delivery.destination, Delivery.job_fk).order_by(Delivery.id)
+            return [tuple(r) for r in s.execute(q).all()]
+
+
+def _receive(storage: Storage, ingest: Ingest, path: Path) -> None:
+    """One C-STORE as the acceptor hands it over: our File Meta, then the data set as sent."""
+    ds = dcmread(path, stop_before_pixels=True)
+    ts = str(ds.file_meta.TransferSyntaxUID)
+    rx = ReceivedFile(storage.tmp)
+    rx.write(dimse.encode_file_meta(str(ds.SOPClassUID), str(ds.SOPInstanceUID), ts, "1.2.3.4", "TEST"))
+    rx.dataset_offset = rx.size
+    rx.write(dataset_bytes(path))
+    result = ingest.store(
+        rx,
+        sop_class_uid=str(ds.SOPClassUID),
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        transfer_syntax=UID(ts),
+        peer=Peer("SENDER", "NODE", "127.0.0.1"),
+    )
+    assert result.status == Status.SUCCESS, result
+
+
+def _slices() -> list[Path]:
+    """The two slices every test's series holds."""
+    return series_files(CT)[:2]
+
+
+@pytest.fixture
+def jobs(tmp_path: Path) -> Iterator[Jobs]:
+    config = tmp_path / "node.toml"
+    config.write_text(CONFIG.format(data_dir=tmp_path / "data"))
+    cfg = load_checked_config(config, environ={})
+    storage = Storage(cfg.data_dir)
+    storage.prepare()
+    engine = make_engine(cfg.database_url)
+    migrate(engine)
+    writer = IndexWriter(engine)
+    writer.start()
+    ingest = Ingest(storage, writer)
+    for path in _slices():
+        _receive(storage, ingest, path)
+    writer.stop()
+    try:
+        yield Jobs(cfg, engine, storage)
+    finally:
+        engine.dispose()
+
+
+def _uids() -> list[str]:
+    return [str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in _slices()]
+
+
+def test_a_pending_job_is_run_and_its_outcome_recorded(jobs: Jobs) -> None:
+    [job_id] = jobs.make(NewJob("ct", 0, "forward", {"type": "forward", "to": ["pacs"]}))
+    runner = jobs.runner()
+    runner.start()
+    try:
+        runner.wake()
+        job = wait_for(lambda: jobs.done(job_id), 10, "the job to end")
+    finally:
+        runner.stop()
+
+    assert (job.state, job.attempts, job.last_error) == ("succeeded", 1, "")
+    assert job.result == "queued 2 instance(s) for pacs"
+    assert sorted(jobs.deliveries()) == sorted((uid, "pacs", job_id) for uid in _uids())
+    assert jobs.woken == [["pacs"]]  # the senders are told at once
+
+
+def test_a_job_left_running_by_a_dead_process_is_taken_up_at_start(jobs: Jobs) -> None:
+    [job_id] = jobs.make(NewJob("ct", 0, "forward", {"type": "forward", "to": ["pacs"]}))
+    with jobs.engine.begin() as conn:  # claimed by a process that then died
+        conn.execute(update(Job).where(Job.id == job_id).values(state="running", attempts=1))
+
+    runner = jobs.runner()
+    runner.start()
+    try:
+        job = wait_for(lambda: jobs.done(job_id), 10, "the job to be taken up")
+    finally:
+        runner.stop()
+
+    assert (job.state, job.attempts) == ("succeeded", 2)
+    assert len(jobs.deliveries()) == 2  # queued once, not lost
+
+
+def test_a_failing_job_is_retried_then_failed_and_the_workers_carry_on(jobs: Jobs) -> None:
+    # An action without its destinations (a row edited by hand): the handler fails unexpectedly.
+    broken, good = jobs.make(
+        NewJob("broken", 0, "forward", {"type": "forward"}, priority=1, max_attempts=2),
+        NewJob("ct", 0, "forward", {"type": "forward", "to": ["pacs"]}),
+    )
+    runner = jobs.runner()
+    runner.start()
+    try:
+        runner.wake()
+        failed = wait_for(lambda: jobs.done(broken), 10, "the broken job to fail")
+        ok = wait_for(lambda: jobs.done(good), 10, "the good job to end")
+    finally:
+        runner.stop()
+
+    assert (failed.state, failed.attempts) == ("failed", 2)  # retried once (retry_delay = 0), then given up
+    assert "KeyError" in failed.last_error and "to" in failed.last_error, failed.last_error
+    assert ok.state == "succeeded"
+    assert [d[2] for d in jobs.deliveries()] == [good, good]
+
+
+def test_a_job_whose_destination_left_the_config_fails_at_once_and_says_so(jobs: Jobs) -> None:
+    [job_id] = jobs.make(NewJob("ct", 0, "forward", {"type": "forward", "to": ["old-pacs"]}))
+    runner = jobs.runner()
+    runner.start()
+    try:
+        runner.wake()
+        job = wait_for(lambda: jobs.done(job_id), 10, "the job to end")
+    finally:
+        runner.stop()
+
+    assert (job.state, job.attempts) == ("failed", 1)  # another attempt would fail the same way
+    assert "no destination 'old-pacs' in the config" in job.last_error, job.last_error
+    assert jobs.deliveries() == [] and jobs.woken == []
