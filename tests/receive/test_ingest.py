@@ -50,7 +50,7 @@ class Node:
     def rows(self) -> list[tuple[str, str, str]]:
         with self.sessions() as s:
             q = select(Instance.sop_instance_uid, Instance.file_path, Instance.checksum)
-            return [tuple(r) for r in s.execute(q).all()]
+            return list(s.execute(q).tuples())
 
 
 def _node(tmp_path: Path, policy: DuplicatePolicy) -> Iterator[Node]:
