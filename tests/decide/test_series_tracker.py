@@ -95,7 +95,7 @@ class Tracked:
 
     def jobs(self) -> list[tuple[int, str, str]]:
         with Session(self.engine) as s:
-            return list(s.execute(select(Job.revision, Job.rule, Job.kind).order_by(Job.id)).tuples())
+            return list(s.execute(select(Job.revision, Job.rule, Job.kind).order_by(Job.id)).all())
 
     def triggered(self, revisions: int) -> bool:
         return len([r for r in self.revisions() if r.triggered_at is not None]) == revisions

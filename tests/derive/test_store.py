@@ -57,7 +57,7 @@ class Outputs:
     def rows(self) -> list[tuple[str, str, int | None]]:
         with Session(self.engine) as s:
             q = select(Instance.sop_instance_uid, Instance.file_path, Instance.job_fk).order_by(Instance.id)
-            return list(s.execute(q).tuples())
+            return list(s.execute(q).all())
 
     def stored_files(self) -> list[Path]:
         return sorted(p for p in self.storage.files.rglob("*") if p.is_file())
@@ -67,7 +67,7 @@ class Outputs:
             q = select(AuditEvent.sop_instance_uid, AuditEvent.job_id, AuditEvent.rule, AuditEvent.detail).where(
                 AuditEvent.kind == "output_produced"
             )
-            return list(s.execute(q.order_by(AuditEvent.id)).tuples())
+            return list(s.execute(q.order_by(AuditEvent.id)).all())
 
 
 @pytest.fixture

@@ -83,7 +83,7 @@ class Jobs:
     def deliveries(self) -> list[tuple[str, str, int | None]]:
         with Session(self.engine) as s:
             q = select(Delivery.sop_instance_uid, Delivery.destination, Delivery.job_fk).order_by(Delivery.id)
-            return list(s.execute(q).tuples())
+            return list(s.execute(q).all())
 
 
 def _receive(storage: Storage, ingest: Ingest, path: Path) -> None:

@@ -50,7 +50,7 @@ class Node:
     def rows(self) -> list[tuple[str, str, str]]:
         with self.sessions() as s:
             q = select(Instance.sop_instance_uid, Instance.file_path, Instance.checksum)
-            return list(s.execute(q).tuples())
+            return list(s.execute(q).all())
 
 
 def _node(tmp_path: Path, policy: DuplicatePolicy) -> Iterator[Node]:
