@@ -157,6 +157,8 @@ class _Walker:
     def top_level(self, pos: int, wanted: frozenset[int]) -> RawHeader:
         out = RawHeader(little_endian=self.little, implicit=self.implicit)
         while pos < self.end or self.partial:
+            if not self.partial and pos + 8 > self.end and not bytes(self.m[pos : self.end]).strip(b"\x00 "):
+                break  # padding after the last element (some senders pad to an even or block size): not data
             tag, vr, length, value_at = self.element(pos)
             if tag in PIXEL_TAGS:
                 out.pixel_tag, out.pixel_vr, out.pixel_length, out.pixel_value_at = tag, vr, length, value_at

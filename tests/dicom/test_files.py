@@ -194,3 +194,18 @@ def test_file_checksum_matches_what_receiving_records(shared_data: Path, tmp_pat
     assert file_checksum(Path(rx.name)) == rx.checksum()
     assert rx.checksum().startswith("xxh3_128:")
     rx.discard()
+
+
+@pytest.mark.parametrize("padding", [b"\x00", b"\x00\x00", b"\x00" * 4, b"  \x00", b"\x00" * 7])
+def test_padding_after_the_last_element_is_not_a_truncation(shared_data: Path, tmp_path: Path, padding: bytes) -> None:
+    """An object without Pixel Data (as an SR or a KOS is) that a sender padded after its last element is stored:
+    refusing it (0xC000, a permanent failure) would lose it. Bytes that are not padding are still a cut."""
+    ds = dcmread(shared_data / CT)
+    del ds.PixelData
+    plain = tmp_path / "no-pixels.dcm"
+    ds.save_as(plain, enforce_file_format=True)
+    padded = _damaged(tmp_path, plain.read_bytes() + padding, "padded.dcm")
+    header, _, _ = read_file_header(padded)
+    assert header.text("SOPInstanceUID") == ds.SOPInstanceUID
+    cut = _damaged(tmp_path, plain.read_bytes() + b"\x10\x00\x10", "cut.dcm")
+    assert "truncated" in _rejected(cut).reason
