@@ -331,6 +331,8 @@ class AssociateRQ:
     @classmethod
     def decode(cls, body: bytes) -> AssociateRQ:
         version, called, calling, app, raw_contexts, user = _decode_associate(body, 0x20)
+        _check_ae(called, "called")
+        _check_ae(calling, "calling")
         contexts = []
         for value in raw_contexts:
             abstract, syntaxes = "", []
@@ -383,6 +385,15 @@ def _encode_associate(kind: PduType, pdu: AssociateRQ | AssociateAC, contexts: l
         ]
     )
     return PDU_HEAD.pack(kind, len(body)) + body
+
+
+def _check_ae(title: str, which: str) -> None:
+    """An AE title of an A-ASSOCIATE-RQ: the default repertoire without backslash or control characters, not
+    only spaces (PS3.5 6.2); anything else would reach the index, the audit and every stored file's File Meta."""
+    if not title:
+        raise PduError(f"the {which} AE title is empty or only spaces")
+    if any(c == "\\" or ord(c) < 0x20 or ord(c) > 0x7E for c in title):
+        raise PduError(f"the {which} AE title {title!r} holds a backslash or a control or non-ASCII character")
 
 
 def _decode_associate(body: bytes, context_item: int) -> tuple[int, str, str, str, list[bytes], UserInformation]:

@@ -157,6 +157,13 @@ def test_p_data_and_pdvs():
         (lambda b: b[:-5], "overruns its PDU"),
         (lambda b: b[:68] + b[68 + 25 :], "without an application context"),  # the 0x10 item cut out
         (lambda b: b[:68] + b[68:70] + b"\xff\xff" + b[72:], "overruns"),
+        # AE titles (PS3.5 6.2): pynetdicom refused these too; they would reach the index and File Meta.
+        (
+            lambda b: b[:4] + b"NODE\x00\x00" + b" " * 10 + b[20:],
+            "the called AE title 'NODE.x00.x00' holds a backslash or a control",
+        ),
+        (lambda b: b[:20] + b"A\\B" + b" " * 13 + b[36:], "the calling AE title 'A\\\\\\\\B' holds a backslash"),
+        (lambda b: b[:20] + b" " * 16 + b[36:], "the calling AE title is empty"),
     ],
 )
 def test_malformed_requests_are_errors(cut, match):

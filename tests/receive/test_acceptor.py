@@ -119,6 +119,21 @@ def test_undecodable_request_is_aborted(acceptor):
         assert answer(reader) == aborted(AbortReason.NOT_SPECIFIED)
 
 
+def test_a_request_with_a_control_character_in_an_ae_title_is_aborted(acceptor):
+    s, reader = connect(acceptor)
+    rq = association.build_request(
+        "SCU",
+        "NODE",
+        [(VERIFICATION, [EXPLICIT])],
+        implementation_class_uid="1.2.3.4",
+        implementation_version_name=None,
+    ).encode()
+    broken = rq[: 6 + 20] + b"SCU\x00" + rq[6 + 24 :]  # the calling AE title, NUL-padded
+    with s:
+        s.sendall(broken)
+        assert answer(reader) == aborted(AbortReason.NOT_SPECIFIED)
+
+
 def test_other_protocol_version_is_rejected(acceptor):
     s, reader = connect(acceptor)
     rq = association.build_request(
