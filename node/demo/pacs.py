@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from node.demo.peers import Orthanc, PeerError
-
-VERIFICATION = "1.2.840.10008.1.1"  # the Verification SOP Class (C-ECHO)
+from node.dicom.dimse import VERIFICATION
 
 #: Short names for the SOP classes the demo deals with (others are shown by pydicom's name).
 SHORT_NAMES = {

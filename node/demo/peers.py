@@ -32,6 +32,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from node.demo.procs import child_preexec
+from node.dicom.dimse import VERIFICATION
 
 ORTHANC_PATHS = ("/usr/sbin/Orthanc", "/usr/bin/Orthanc", "/usr/local/bin/Orthanc")
 
@@ -342,7 +343,7 @@ class NodeRun:
 
         peer = Peer("127.0.0.1", self.port, called_ae=self.ae_title, calling_ae=self.calling_ae, timeout=2.0)
         try:
-            assoc = peer.associate([("1.2.840.10008.1.1", ["1.2.840.10008.1.2"])])  # Verification, Implicit LE
+            assoc = peer.associate([(VERIFICATION, ["1.2.840.10008.1.2"])])  # Implicit VR Little Endian
         except Rejected:
             return True
         except Exception:  # not listening yet, or the association broke: still starting

@@ -157,10 +157,14 @@ def encode_c_store_rq(message_id: int, sop_class_uid: str, sop_instance_uid: str
     )
 
 
+#: The Verification SOP Class (C-ECHO).
+VERIFICATION = "1.2.840.10008.1.1"
+
+
 def encode_c_echo_rq(message_id: int) -> bytes:
     return _group(
         [
-            _elem(0x0002, _ui("1.2.840.10008.1.1")),
+            _elem(0x0002, _ui(VERIFICATION)),
             _elem(0x0100, _us(C_ECHO_RQ)),
             _elem(0x0110, _us(message_id)),
             _elem(0x0800, _us(NO_DATASET)),

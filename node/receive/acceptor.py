@@ -38,6 +38,7 @@ from typing import Protocol
 
 from node import metrics
 from node.dicom import association, dimse, pdu
+from node.dicom.dimse import VERIFICATION
 from node.dicom.pdu import (
     MAX_CONTROL_PDU,
     PDV_HEAD,
@@ -56,7 +57,6 @@ from node.receive.rxfile import ReceivedFile
 
 log = logging.getLogger(__name__)
 
-VERIFICATION = "1.2.840.10008.1.1"
 
 #: Data set fragments are copied to disk in pieces of at most this size (the reader's buffer).
 CHUNK = pdu.CHUNK

@@ -17,6 +17,7 @@ from pydicom.uid import UID, AllTransferSyntaxes, ExplicitVRLittleEndian, Implic
 from node import audit, metrics
 from node.config import Config
 from node.dicom import dimse, pdu
+from node.dicom.dimse import VERIFICATION
 from node.dicom.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from node.dicom.status import Status, is_stored, lookup
 from node.receive.acceptor import Acceptor, AcceptorSettings, AssociationInfo, StoreRequest
@@ -24,8 +25,6 @@ from node.receive.ingest import Ingest, Peer
 from node.receive.sop_classes import storage_classes
 
 log = logging.getLogger(__name__)
-
-VERIFICATION = "1.2.840.10008.1.1"
 
 
 def accepted_transfer_syntaxes() -> frozenset[str]:

@@ -28,6 +28,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import dsutils
 
 from node.config import DestinationSection, DestinationTlsSection
+from node.dicom.dimse import VERIFICATION
 from node.dicom.pdu import AbortSource, RejectResult
 from node.dicom.status import Status
 from node.send.failures import classify_status
@@ -41,7 +42,6 @@ from node.send.requestor import (
 )
 from node.send.transcode import TranscodeError, prepare, proposals
 
-VERIFICATION = "1.2.840.10008.1.1"
 STORAGE_COMMITMENT = "1.2.840.10008.1.20.1"
 #: The well-known SOP Instance of the Storage Commitment Push Model (PS3.4 J.3.5).
 STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
