@@ -94,7 +94,8 @@ class JobRunner:
             if wait > 0:
                 timeout = min(POLL, wait)
         with self._wake:
-            if not self._pending_wake:
+            # stop() wakes once; a worker that comes here after another took that wake must not wait a poll.
+            if not self._pending_wake and not self._stop.is_set():
                 self._wake.wait(timeout)
             self._pending_wake = False
 
