@@ -104,45 +104,35 @@ def test_anything_but_a_request_first_is_an_unexpected_pdu(acceptor):
         assert answer(reader) == aborted(AbortReason.UNEXPECTED_PDU)
 
 
-def test_undecodable_request_is_aborted(acceptor):
-    s, reader = connect(acceptor)
-    rq = association.build_request(
-        "SCU",
-        "NODE",
-        [(VERIFICATION, [EXPLICIT])],
-        implementation_class_uid="1.2.3.4",
-        implementation_version_name=None,
-    ).encode()
-    broken = rq[: 6 + 68 + 2] + b"\xff\xff" + rq[6 + 68 + 4 :]  # the first item's length overruns the PDU
-    with s:
-        s.sendall(broken)
-        assert answer(reader) == aborted(AbortReason.NOT_SPECIFIED)
-
-
-def test_a_request_with_a_control_character_in_an_ae_title_is_aborted(acceptor):
-    s, reader = connect(acceptor)
-    rq = association.build_request(
-        "SCU",
-        "NODE",
-        [(VERIFICATION, [EXPLICIT])],
-        implementation_class_uid="1.2.3.4",
-        implementation_version_name=None,
-    ).encode()
-    broken = rq[: 6 + 20] + b"SCU\x00" + rq[6 + 24 :]  # the calling AE title, NUL-padded
-    with s:
-        s.sendall(broken)
-        assert answer(reader) == aborted(AbortReason.NOT_SPECIFIED)
-
-
-def test_other_protocol_version_is_rejected(acceptor):
-    s, reader = connect(acceptor)
-    rq = association.build_request(
+def echo_request() -> pdu.AssociateRQ:
+    """An A-ASSOCIATE-RQ from SCU to NODE proposing Verification."""
+    return association.build_request(
         "SCU",
         "NODE",
         [(VERIFICATION, [EXPLICIT])],
         implementation_class_uid="1.2.3.4",
         implementation_version_name=None,
     )
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda rq: rq[: 6 + 68 + 2] + b"\xff\xff" + rq[6 + 68 + 4 :],  # the first item's length overruns the PDU
+        lambda rq: rq[: 6 + 20] + b"SCU\x00" + rq[6 + 24 :],  # the calling AE title, NUL-padded
+    ],
+    ids=["item-overruns", "nul-in-calling-ae"],
+)
+def test_undecodable_request_is_aborted(acceptor, damage):
+    s, reader = connect(acceptor)
+    with s:
+        s.sendall(damage(echo_request().encode()))
+        assert answer(reader) == aborted(AbortReason.NOT_SPECIFIED)
+
+
+def test_other_protocol_version_is_rejected(acceptor):
+    s, reader = connect(acceptor)
+    rq = echo_request()
     rq.protocol_version = 2
     with s:
         s.sendall(rq.encode())
