@@ -8,6 +8,7 @@ shim, while a trigger file exists.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import sqlite3
@@ -79,11 +80,22 @@ def small_fs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
 
 
 def fill(directory: Path, leave: int) -> Path:
-    """Fill the filesystem of ``directory`` up to ``leave`` free bytes with a filler file."""
+    """Fill the filesystem of ``directory`` up to ``leave`` free bytes with a filler file.
+
+    With ``leave=0`` the aim is a full filesystem: a node writing there meanwhile (its index growing) may fill
+    the last bytes first, so running out of space while filling is the aim reached, not an error.
+    """
     filler = directory / "filler.bin"
     free = os.statvfs(directory).f_bavail * os.statvfs(directory).f_frsize
-    with open(filler, "wb") as fp:
-        fp.write(b"\0" * max(0, free - leave))
+    left = max(0, free - leave)
+    with open(filler, "wb", buffering=0) as fp:
+        while left:
+            try:
+                left -= fp.write(b"\0" * min(left, 1 << 20))
+            except OSError as e:
+                if e.errno != errno.ENOSPC or leave:
+                    raise
+                break
     return filler
 
 
