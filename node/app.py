@@ -17,6 +17,7 @@ from node.config import Config
 from node.decide.compile import compile_rules
 from node.decide.tracker import SeriesTracker
 from node.derive.store import OutputStore
+from node.index.cluster import RUN_DIR, Membership
 from node.index.db import WalCheckpointer, make_engine, migrate, session_factory
 from node.index.models import Instance
 from node.index.writer import IndexWriter
@@ -47,6 +48,10 @@ class Node:
         # which the receive path's index writer holds for every commit.
         self.reader = make_engine(cfg.database_url, write=False)
         self.sessions = session_factory(self.engine)
+        #: This process in the index: the owner of what it claims, its heartbeat (node.index.cluster).
+        self.membership = Membership(
+            self.engine, cfg.data_dir.resolve() / RUN_DIR, lease=cfg.node.lease, version=__version__
+        )
         self.writer = IndexWriter(self.engine, on_failure=lambda: self.ingest.recorder.forget())
         self.checkpointer = WalCheckpointer(self.engine)
         self.runner = JobRunner(cfg, self.engine, self.storage, reader=self.reader)
@@ -113,6 +118,7 @@ class Node:
         log.info("data directory %s, index %s", self.storage.root, self.engine.url.render_as_string(hide_password=True))
         new_dir = self.storage.prepare()
         migrate(self.engine)
+        self.membership.register()
         if new_dir and self._index_is_empty():
             mark_clean(self.storage)  # nothing to reconcile: no files and no rows
         self.writer.start()
@@ -133,6 +139,7 @@ class Node:
         if self.retention is not None:
             self.retention.start()
         self.tracker.start()
+        self.membership.start()
         log.info(
             "%d rule(s) loaded; series are stable after %g s without a new instance (unless a rule says otherwise)",
             len(self.tracker.ruleset),
@@ -205,6 +212,7 @@ class Node:
         clean = self.writer.stop() and clean
         self.checkpointer.stop()
         metrics.uninstall()
+        self.membership.stop(clean=clean)
         self.engine.dispose()
         self.reader.dispose()
         if clean:

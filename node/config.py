@@ -82,6 +82,12 @@ class NodeSection(_Section):
     #: more are closed at once (a flood of idle connections must not starve real senders).
     max_pending_connections: int = Field(64, ge=1, le=4096)
     max_pending_per_address: int = Field(16, ge=1, le=4096)
+    #: Processes that receive on the DICOM port (sharing it: SO_REUSEPORT); the first one also runs the
+    #: rules, jobs, forwarding and the web server. See docs/scale-out.md.
+    processes: int = Field(1, ge=1, le=64)
+    #: Seconds a node process may go without its heartbeat before the other processes on the same index
+    #: take over its running jobs, deliveries in flight and series waiting for stability.
+    lease: float = Field(30.0, ge=3, le=3600)
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
 

@@ -66,3 +66,20 @@ def shared_data() -> Path:
     if not SHARED.is_dir():
         pytest.fail(f"the shared test data folder {SHARED} is missing")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One PostgreSQL cluster per test process, started on first use (``postgres_url`` makes databases in it)."""
+    from helpers.postgres import postgres_server as start
+
+    with start() as url:
+        yield url
+
+
+@pytest.fixture
+def postgres_url(postgres_server):
+    """A new, empty PostgreSQL database for this test."""
+    from helpers.postgres import new_database
+
+    return new_database(postgres_server)

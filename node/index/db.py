@@ -10,8 +10,10 @@ SQLAlchemy and runs on PostgreSQL unchanged.
 
 from __future__ import annotations
 
+import fcntl
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -105,12 +107,38 @@ def alembic_config(engine: Engine | None = None) -> AlembicConfig:
     return cfg
 
 
+#: The PostgreSQL advisory lock key that serialises migrations (any constant; "dcmnode" in ASCII).
+MIGRATION_LOCK_KEY = 0x64636D6E6F6465
+
+
 def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest revision (creates it on a new database)."""
+    """Bring the schema to the newest revision (creates it on a new database).
+
+    Under a lock, so that node processes starting together on an empty database do not both create
+    it: a PostgreSQL advisory lock held by the migrating transaction, or on SQLite a file lock beside
+    the database file. The second process waits, then finds the schema current.
+    """
     cfg = alembic_config(engine)
-    with engine.begin() as conn:
+    with _migration_file_lock(engine), engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY})")
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
+
+
+@contextmanager
+def _migration_file_lock(engine: Engine) -> Iterator[None]:
+    """An exclusive ``flock`` on ``<database>.migrate.lock`` for a SQLite file database (else nothing)."""
+    db = engine.url.database
+    if engine.dialect.name != "sqlite" or not db or db == ":memory:":
+        yield
+        return
+    with open(f"{db}.migrate.lock", "ab") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 class Prepared:

@@ -213,6 +213,8 @@ class Job(Base):
     not_before: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    #: The node process (:class:`NodeProcess` id) running it; NULL unless ``running``.
+    owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class Delivery(Base):
@@ -256,6 +258,8 @@ class Delivery(Base):
     commitment: Mapped[str] = mapped_column(String(16), default=CommitmentState.NONE)
     commitment_uid: Mapped[str] = mapped_column(UID, default="", index=True)
     commitment_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    #: The node process (:class:`NodeProcess` id) sending it; NULL unless ``sending``.
+    owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class DestinationCircuit(Base):
@@ -312,3 +316,56 @@ class AuditEvent(Base):
     #: A DIMSE status where one was exchanged (C-STORE response sent or received).
     status: Mapped[int | None] = mapped_column(Integer, nullable=True)
     detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class NodeProcess(Base):
+    """A node process working on this index: who owns running jobs and deliveries in flight.
+
+    A process writes its heartbeat (``expires_at`` = now + its lease) every few seconds. Once
+    ``expires_at`` has passed, the others take over its work (:mod:`node.index.cluster`). A clean stop sets
+    ``stopped_at``; a row expired without it is a process that died, whose left-overs (temporary files,
+    files stored but not indexed) are reconciled once by whoever holds the ``recovery`` duty.
+    """
+
+    __tablename__ = "node_process"
+
+    #: ``host:pid:random``, unique for each start.
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255), default="")
+    pid: Mapped[int] = mapped_column(Integer, default=0)
+    #: "node" (everything) or "receiver" (only the DICOM port: ``[node] processes`` > 1).
+    role: Mapped[str] = mapped_column(String(16), default="node")
+    version: Mapped[str] = mapped_column(String(32), default="")
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    heartbeat_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    #: Alive until then (UTC): the last heartbeat plus the process's lease.
+    expires_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    #: Set by a clean stop (NULL while running, or after a crash).
+    stopped_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    #: Set when another process (or this one's successor) reconciled what a crashed process left.
+    recovered_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class Duty(Base):
+    """A task that must run in one process at a time across the cluster (retention, watchdogs, sweeps).
+
+    Held by ``owner`` until ``expires_at``; the holder renews it, anyone takes it once it has expired.
+    """
+
+    __tablename__ = "duty"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64), default="")
+    expires_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class WebSession(Base):
+    """A dashboard login, shared by every node process serving the web port (a restart keeps it)."""
+
+    __tablename__ = "web_session"
+
+    #: SHA-256 of the cookie's value (the value itself is never stored).
+    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
