@@ -166,10 +166,18 @@ def status(config: Path | None = ConfigOption) -> None:
         try:
             s = read.summary(engine)
             recent = read.series(engine, limit=10).items
+            procs = read.node_processes(engine)
         except Exception as e:  # unreachable or unmigrated database
             _fail(f"cannot read the index at {cfg.database_url}: {e}")
     free = shutil.disk_usage(cfg.data_dir).free if cfg.data_dir.exists() else 0
     out.print(f"data directory: {cfg.data_dir}")
+    now = datetime.now(UTC)
+    for p in procs:
+        if p.alive(now):
+            state = f"alive, heartbeat {(now - p.heartbeat_at).total_seconds():.0f} s ago"
+        else:
+            state = f"gone since {p.expires_at:%Y-%m-%d %H:%M:%S} UTC (its work is taken over)"
+        out.print(f"node process {p.id} ({p.role}, pid {p.pid}, since {p.started_at:%Y-%m-%d %H:%M:%S} UTC): {state}")
     out.print(
         f"patients: {s.patients}  studies: {s.studies}  series: {s.series}  instances: {s.instances}  "
         f"stored: {s.stored_bytes / 1e9:.2f} GB  disk free: {free / 1e9:.1f} GB"

@@ -17,7 +17,9 @@ from typing import Any, Generic, Self, TypeVar
 
 from sqlalchemy import ColumnElement, Engine, and_, func, or_, select
 
-from node.index.models import Delivery, Instance, Job, Patient, Series, Study, aware
+from node.index import cluster
+from node.index.cluster import ProcessRow
+from node.index.models import Delivery, Instance, Job, Patient, Series, Study, aware, utcnow
 from node.index.states import CommitmentState, DeliveryState, JobState, SeriesState
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "JobDetail",
     "JobRow",
     "Page",
+    "ProcessRow",
     "SeriesRow",
     "StateCounts",
     "deliveries",
@@ -39,6 +42,7 @@ __all__ = [
     "destinations",
     "job",
     "jobs",
+    "node_processes",
     "received_and_sent",
     "search_condition",
     "series",
@@ -155,6 +159,12 @@ def summary(engine: Engine) -> IndexSummary:
         instances, size = conn.execute(select(func.count(), func.coalesce(func.sum(_i.c.file_size), 0))).one()
         outputs = conn.execute(select(func.count()).where(_i.c.job_fk.is_not(None))).scalar_one()
     return IndexSummary(patients, studies, n_series, int(instances), int(outputs), int(size), state_counts(engine))
+
+
+def node_processes(engine: Engine) -> list[ProcessRow]:
+    """The node processes working on this index, and those that died and whose work is not reconciled yet."""
+    now = utcnow()
+    return [p for p in cluster.processes(engine) if p.alive(now) or (p.stopped_at is None and p.recovered_at is None)]
 
 
 def received_and_sent(engine: Engine) -> tuple[int, int]:
