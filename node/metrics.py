@@ -241,6 +241,18 @@ class StateCollector(Collector):
         for state, n in counts.series.items():
             s.add_metric([state], n)
         yield s
+        p = GaugeMetricFamily(
+            PREFIX + "node_processes",
+            "Node processes on this index: alive (heartbeat within their lease), or gone and not yet reconciled.",
+            labels=["role", "state"],
+        )
+        procs: dict[tuple[str, str], int] = {}
+        for row in read.node_processes(engine):
+            key = (row.role, "alive" if row.alive() else "gone")
+            procs[key] = procs.get(key, 0) + 1
+        for (role, state), n in sorted(procs.items()):
+            p.add_metric([role, state], n)
+        yield p
 
     def _disk(self, root: Path) -> Iterator[Metric]:
         try:
