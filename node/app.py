@@ -86,7 +86,7 @@ class Node:
             self.cfg,
             self.engine,
             self.reader,
-            Authenticator(self.cfg.web, token),
+            Authenticator(self.cfg.web, token, self.engine, self.reader),
             sampler=RateSampler(self.reader),
             checks=self._readiness(),
             wake_jobs=self.runner.wake,
