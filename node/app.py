@@ -54,7 +54,8 @@ class Node:
         )
         self.writer = IndexWriter(self.engine, on_failure=lambda: self.ingest.recorder.forget())
         self.checkpointer = WalCheckpointer(self.engine)
-        self.runner = JobRunner(cfg, self.engine, self.storage, reader=self.reader)
+        self.runner = JobRunner(cfg, self.engine, self.storage, reader=self.reader, owner=self.membership.id)
+        self.membership.on_beat.append(self.runner.take_over)
         self.dispatcher = Dispatcher(cfg, self.engine, self.storage, reader=self.reader)
         self.runner.wake_senders = self.dispatcher.wake
         self.tracker = SeriesTracker(cfg, self.engine, on_jobs=self.runner.wake, reader=self.reader)

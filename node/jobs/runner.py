@@ -2,10 +2,14 @@
 
 Workers wake when the tracker makes jobs (``wake()``) and otherwise look at
 the table every few seconds, which is how a ``dicom-node jobs retry`` from
-another process, or a retry whose back-off has passed, is picked up. A job
-left ``running`` by a process that died is pending again at start-up: it is
-taken up, not lost; its handler must tolerate a second run (forwarding the
+another process, or a retry whose back-off has passed, is picked up.
+
+The runner claims jobs as its node process (``owner``, node.index.cluster).
+A job left ``running`` by a process that is gone (killed, or its lease ran
+out) is pending again, at start and on every heartbeat (:meth:`take_over`):
+taken up, not lost. Its handler must tolerate a second run (forwarding the
 same instances again is harmless to a PACS; a discard finds fewer files).
+A live process's running jobs are never taken.
 """
 
 from __future__ import annotations
@@ -41,9 +45,15 @@ class JobRunner:
         storage: Storage,
         outputs: OutputStore | None = None,
         reader: Engine | None = None,
+        *,
+        owner: str,
     ) -> None:
-        """``reader``: an engine for the frequent polls (next due job, cancelled?) that only read."""
+        """``reader``: an engine for the frequent polls (next due job, cancelled?) that only read.
+
+        ``owner``: this node process's id (``Membership.id``), recorded on every job it claims.
+        """
         self.cfg = cfg
+        self.owner = owner
         self.outputs = outputs
         self.reader = reader or engine
         self.engine = engine
@@ -59,15 +69,27 @@ class JobRunner:
         ]
 
     def start(self) -> None:
-        for job_id, rule, attempts in store.requeue_running(self.engine):
-            log.warning(
-                "job %d (rule %s) was running when the node stopped (attempt %d): taking it up again",
-                job_id,
-                rule,
-                attempts,
-            )
+        self.take_over()
         for t in self._threads:
             t.start()
+
+    def take_over(self) -> None:
+        """Make the jobs of node processes that are gone pending again, and wake the workers for them.
+
+        Run at start and on every heartbeat (``Membership.on_beat``).
+        """
+        taken = store.take_over(self.engine, utcnow())
+        for t in taken:
+            log.warning(
+                "job %d (rule %s) was running in %s, which stopped (attempt %d): taking it up again",
+                t.id,
+                t.rule,
+                f"node process {t.owner}" if t.owner else "an earlier run of the node",
+                t.attempts,
+                extra={"job_id": t.id, "rule": t.rule},
+            )
+        if taken:
+            self.wake()
 
     def stop(self, timeout: float = 10) -> None:
         """Let running jobs finish for up to ``timeout`` s; any still running are taken up again at the next start."""
@@ -103,7 +125,7 @@ class JobRunner:
         while not self._stop.is_set():
             try:
                 with self._claim_lock:
-                    job = store.claim_next(self.engine)
+                    job = store.claim_next(self.engine, self.owner)
             except Exception as e:
                 log.error("could not read the job table: %s", e)
                 job = None
@@ -113,12 +135,14 @@ class JobRunner:
             try:
                 self._run(job)
             except Exception:  # e.g. the index was unreachable when recording the end: the job stays
-                # "running" and is taken up again at the next start; this worker carries on.
+                # "running" and is taken up again once this process is gone; this worker carries on.
                 log.exception("job %d: could not record its outcome", job.id)
 
     def _cancelled(self, job_id: int) -> bool:
+        """Whether the job is no longer this run's: cancelled, or taken over by another process."""
         with self.reader.connect() as conn:
-            return conn.execute(select(Job.state).where(Job.id == job_id)).scalar() == JobState.CANCELLED
+            row = conn.execute(select(Job.state, Job.owner).where(Job.id == job_id)).first()
+        return row is None or row.state != JobState.RUNNING or row.owner != self.owner
 
     def _run(self, job: store.ClaimedJob) -> None:
         t0 = time.monotonic()
@@ -132,7 +156,7 @@ class JobRunner:
             job.revision,
             job.attempts,
             job.max_attempts,
-            extra=_extra(job),
+            extra=self._extra(job),
         )
         ctx = JobContext(
             job, self.cfg, self.engine, self.storage, lambda: self._cancelled(job.id), self.outputs, self.wake_senders
@@ -146,35 +170,31 @@ class JobRunner:
             log.exception("job %d: unexpected error", job.id)
             self._failed(job, f"internal error: {type(e).__name__}: {e}", True, t0)
             return
-        state = store.finish(self.engine, job.id, ok=True, result=result)
+        done = store.finish(self.engine, job.id, self.owner, ok=True, result=result)
         self.wake()  # a job waiting for this one may go now
         took = time.monotonic() - t0
         # The outcome that counts is the recorded one: a job cancelled while it ran did not succeed.
-        metrics.JOB_SECONDS.labels(*metrics.job_labels(job.kind, job.action), state).observe(took)
-        if state == JobState.SUCCEEDED:
-            log.info("job %d succeeded in %.1f s: %s", job.id, took, result, extra=_extra(job))
+        metrics.JOB_SECONDS.labels(*metrics.job_labels(job.kind, job.action), _outcome(done)).observe(took)
+        if done.recorded:
+            log.info("job %d succeeded in %.1f s: %s", job.id, took, result, extra=self._extra(job))
         else:
-            log.warning(
-                "job %d finished (%s) but was %s meanwhile; its outcome is not recorded",
-                job.id,
-                result,
-                state,
-                extra=_extra(job),
-            )
+            self._not_recorded(job, f"succeeded ({result})", done)
 
     def _failed(self, job: store.ClaimedJob, error: str, retryable: bool, t0: float) -> None:
         retry_at = None
         if retryable and job.attempts < job.max_attempts:
             delay = self.cfg.jobs.retry_delay * 2 ** (job.attempts - 1)
             retry_at = utcnow() + dt.timedelta(seconds=delay)
-        state = store.finish(self.engine, job.id, ok=False, error=error, retry_at=retry_at)
+        done = store.finish(self.engine, job.id, self.owner, ok=False, error=error, retry_at=retry_at)
+        state = done.state
         self.wake()
         labels = metrics.job_labels(job.kind, job.action)
-        metrics.JOB_SECONDS.labels(
-            *labels, JobState.CANCELLED if state == JobState.CANCELLED else JobState.FAILED
-        ).observe(time.monotonic() - t0)
-        if state != JobState.CANCELLED:  # an operator's cancel is not a failure; "final" = no attempt follows
-            metrics.JOB_FAILURES.labels(*labels, "false" if state == JobState.PENDING else "true").inc()
+        metrics.JOB_SECONDS.labels(*labels, _outcome(done)).observe(time.monotonic() - t0)
+        if not done.recorded:
+            # Cancelled, or taken over by another process (which runs it again): not this run's failure.
+            self._not_recorded(job, f"failed ({error})", done)
+            return
+        metrics.JOB_FAILURES.labels(*labels, "false" if state == JobState.PENDING else "true").inc()
         if state == JobState.PENDING:
             log.warning(
                 "job %d attempt %d of %d failed after %.1f s: %s; retrying at %s",
@@ -184,22 +204,49 @@ class JobRunner:
                 time.monotonic() - t0,
                 error,
                 retry_at.isoformat(timespec="seconds") if retry_at else "",
-                extra=_extra(job),
+                extra=self._extra(job),
             )
-        elif state == JobState.CANCELLED:
-            log.info("job %d was cancelled while it ran (%s)", job.id, error, extra=_extra(job))
         else:
             why = "" if retryable else " (not retried: another attempt would fail the same way)"
-            log.error("job %d failed after %d attempt(s): %s%s", job.id, job.attempts, error, why, extra=_extra(job))
+            log.error(
+                "job %d failed after %d attempt(s): %s%s", job.id, job.attempts, error, why, extra=self._extra(job)
+            )
+
+    def _extra(self, job: store.ClaimedJob) -> dict[str, Any]:
+        """Structured log fields of a job (JSON logs carry them as keys), with the process running it."""
+        return {
+            "job_id": job.id,
+            "rule": job.rule,
+            "job_kind": job.kind,
+            "series_id": job.series_id,
+            "revision": job.revision,
+            "attempt": job.attempts,
+            "owner": self.owner,
+        }
+
+    def _not_recorded(self, job: store.ClaimedJob, outcome: str, now: store.Finished) -> None:
+        """Log a run whose outcome was not written because the job is no longer this run's, and why."""
+        if now.state == JobState.CANCELLED:
+            log.info(
+                "job %d %s but was cancelled while it ran; its outcome is not recorded",
+                job.id,
+                outcome,
+                extra=self._extra(job),
+            )
+            return
+        if now.state == "missing":
+            why = "the job is no longer in the index (its series was deleted)"
+        else:
+            by = f"node process {now.owner}" if now.owner else "another node process"
+            why = (
+                f"the job was taken over by {by} after this process's lease ran out (is its heartbeat failing?);"
+                f" it is {now.state} there now"
+            )
+        log.warning("job %d %s, but its outcome is not recorded: %s", job.id, outcome, why, extra=self._extra(job))
 
 
-def _extra(job: store.ClaimedJob) -> dict[str, Any]:
-    """Structured log fields of a job (JSON logs carry them as keys)."""
-    return {
-        "job_id": job.id,
-        "rule": job.rule,
-        "job_kind": job.kind,
-        "series_id": job.series_id,
-        "revision": job.revision,
-        "attempt": job.attempts,
-    }
+def _outcome(done: store.Finished) -> str:
+    """The ``outcome`` label of a run: the state it recorded, or why it recorded none."""
+    if done.recorded:
+        return JobState.FAILED if done.state == JobState.PENDING else done.state
+    return JobState.CANCELLED if done.state == JobState.CANCELLED else "taken_over"

@@ -1,10 +1,17 @@
-"""Durable jobs: made once per (series revision, rule, action), claimed, finished, retried, recovered.
+"""Durable jobs: made once per (series revision, rule, action), claimed, finished, retried, taken over.
 
 "Exactly once" is the table's unique constraint on (series, revision, rule,
 action index), not a hope: making the jobs of a revision twice (a restart
 between its stability and its trigger, say) inserts nothing the second
-time. State changes are conditional UPDATEs (``WHERE state = 'running'``),
-so a job cancelled from the command line while it runs stays cancelled.
+time.
+
+Several node processes may share the table (node.index.cluster). A claim sets
+``owner`` to the claiming process in the same UPDATE that makes the job
+``running``; every later change by that process is conditional on
+``state = 'running' AND owner = <it>``, so a job cancelled from the command line
+while it runs stays cancelled, and a job another process took over (because its
+owner's lease ran out) is not overwritten by the late owner. Only jobs whose
+owner is gone are taken over (:func:`take_over`), never a live process's.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from sqlalchemy import Connection, Engine, and_, exists, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from node import audit
+from node.index.cluster import owner_gone
 from node.index.models import Delivery, Job, Series, aware, utcnow
 from node.index.states import JOB_ACTIVE, JOB_RETRYABLE, JobState, delivery_settling, job_active
 
@@ -122,8 +130,13 @@ class ClaimedJob:
     priority: int = 0
 
 
-def claim_next(engine: Engine, now: dt.datetime | None = None) -> ClaimedJob | None:
-    """Take the most urgent due pending job (state -> running), or None."""
+def claim_next(engine: Engine, owner: str, now: dt.datetime | None = None) -> ClaimedJob | None:
+    """Take the most urgent due pending job for process ``owner`` (state -> running), or None.
+
+    On PostgreSQL the candidate is selected ``FOR UPDATE SKIP LOCKED``: processes claiming at the same
+    time each get a different job instead of queueing behind one row lock and then finding it gone.
+    (SQLite ignores it; its ``BEGIN IMMEDIATE`` already lets one writer in at a time.)
+    """
     now = now or utcnow()
     with engine.begin() as conn:
         row = conn.execute(
@@ -131,13 +144,14 @@ def claim_next(engine: Engine, now: dt.datetime | None = None) -> ClaimedJob | N
             .where(_job.c.state == JobState.PENDING, _job.c.not_before <= now, ~_waits_for_others)
             .order_by(_job.c.priority.desc(), _job.c.id)
             .limit(1)
+            .with_for_update(skip_locked=True)
         ).first()
         if row is None:
             return None
         done = conn.execute(
             update(_job)
             .where(_job.c.id == row.id, _job.c.state == JobState.PENDING)
-            .values(state=JobState.RUNNING, attempts=_job.c.attempts + 1, started_at=now, finished_at=None)
+            .values(state=JobState.RUNNING, owner=owner, attempts=_job.c.attempts + 1, started_at=now, finished_at=None)
         )
         if done.rowcount != 1:
             return None
@@ -164,10 +178,33 @@ def next_due(engine: Engine) -> dt.datetime | None:
     return None if value is None else aware(value)
 
 
+@dataclass(frozen=True)
+class Finished:
+    """What :func:`finish` recorded: the job's state now, and whether it was this run's outcome."""
+
+    state: str
+    #: False: the job was no longer this process's running job (cancelled, or taken over by another
+    #: process after this one's lease ran out); ``state`` and ``owner`` then say what it is now.
+    recorded: bool
+    #: The process that holds the job now (None unless it is running elsewhere).
+    owner: str | None = None
+
+
 def finish(
-    engine: Engine, job_id: int, *, ok: bool, result: str = "", error: str = "", retry_at: dt.datetime | None = None
-) -> str:
-    """Record a run's end; returns the job's new state ("cancelled" if it was cancelled meanwhile)."""
+    engine: Engine,
+    job_id: int,
+    owner: str,
+    *,
+    ok: bool,
+    result: str = "",
+    error: str = "",
+    retry_at: dt.datetime | None = None,
+) -> Finished:
+    """Record the end of ``owner``'s run of a job, if the job is still that run's.
+
+    A job cancelled meanwhile, or taken over by another process, is left as it is: the late outcome of
+    this run is not written over what happened since.
+    """
     now = utcnow()
     if ok:
         values: dict[str, Any] = dict(state=JobState.SUCCEEDED, result=result, last_error="", finished_at=now)
@@ -176,29 +213,61 @@ def finish(
     else:
         values = dict(state=JobState.FAILED, last_error=error, finished_at=now)
     with engine.begin() as conn:
-        done = conn.execute(update(_job).where(_job.c.id == job_id, _job.c.state == JobState.RUNNING).values(**values))
+        done = conn.execute(
+            update(_job)
+            .where(_job.c.id == job_id, _job.c.state == JobState.RUNNING, _job.c.owner == owner)
+            .values(owner=None, **values)
+        )
         if done.rowcount == 1:
-            return str(values["state"])
-        return str(conn.execute(select(_job.c.state).where(_job.c.id == job_id)).scalar() or "missing")
+            return Finished(str(values["state"]), True)
+        now_row = conn.execute(select(_job.c.state, _job.c.owner).where(_job.c.id == job_id)).first()
+    if now_row is None:
+        return Finished("missing", False)
+    return Finished(str(now_row.state), False, now_row.owner)
 
 
-def requeue_running(engine: Engine) -> list[tuple[int, str, int]]:
-    """At start-up: jobs left running by a process that died are pending again. Returns (id, rule, attempts)."""
+@dataclass(frozen=True)
+class TakenOver:
+    """A running job whose process was gone, pending again."""
+
+    id: int
+    rule: str
+    attempts: int
+    #: The process that was running it (None: a row from before owners were recorded).
+    owner: str | None
+
+
+def take_over(engine: Engine, now: dt.datetime | None = None) -> list[TakenOver]:
+    """Jobs left running by node processes that are gone are pending again (owner cleared).
+
+    A live process's running jobs are never touched. Each job's ``last_error`` names the process that
+    stopped; its next attempt may be its second run, which every handler tolerates.
+    """
+    now = now or utcnow()
     with engine.begin() as conn:
         rows = conn.execute(
-            select(_job.c.id, _job.c.rule, _job.c.attempts).where(_job.c.state == JobState.RUNNING)
+            select(_job.c.id, _job.c.rule, _job.c.attempts, _job.c.owner)
+            .where(_job.c.state == JobState.RUNNING, owner_gone(_job.c.owner, now))
+            .order_by(_job.c.id)
+            .with_for_update(skip_locked=True)
         ).all()
-        if rows:
-            conn.execute(
+        taken = []
+        for r in rows:
+            who = f"node process {r.owner}" if r.owner else "the node"
+            same_owner = _job.c.owner.is_(None) if r.owner is None else _job.c.owner == r.owner
+            done = conn.execute(
                 update(_job)
-                .where(_job.c.state == JobState.RUNNING)
+                .where(_job.c.id == r.id, _job.c.state == JobState.RUNNING, same_owner)
                 .values(
                     state=JobState.PENDING,
-                    not_before=utcnow(),
-                    last_error="the node stopped while this job was running; taken up again",
+                    owner=None,
+                    not_before=now,
+                    last_error=f"{who} stopped while this job was running; taken up again",
                 )
             )
-    return [(r.id, r.rule, r.attempts) for r in rows]
+            if done.rowcount == 1:
+                taken.append(TakenOver(r.id, r.rule, r.attempts, r.owner))
+    return taken
 
 
 class JobStateError(ValueError):
@@ -255,7 +324,7 @@ def cancel(engine: Engine, job_id: int, *, actor: str = "cli") -> str:
         conn.execute(
             update(_job)
             .where(_job.c.id == job_id, _job.c.state == state)
-            .values(state=JobState.CANCELLED, finished_at=utcnow(), last_error=why)
+            .values(state=JobState.CANCELLED, owner=None, finished_at=utcnow(), last_error=why)
         )
         _audit_operator(conn, "job_cancel", job_id, row, actor)
         return str(state)

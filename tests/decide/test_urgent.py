@@ -149,7 +149,7 @@ def test_urgent_jobs_are_claimed_before_normal_ones_that_came_earlier(tmp_path):
             ]
             create_jobs(conn, 2, 1, jobs)
         claimed = []
-        while (job := claim_next(engine)) is not None:
+        while (job := claim_next(engine, "test")) is not None:
             claimed.append((job.series_id, job.rule, job.action_index))
         assert claimed == [(2, "trauma", 0), (2, "stroke", 1), (1, "routine", 0), (2, "routine", 0), (2, "stroke", 0)]
     finally:

@@ -77,14 +77,14 @@ def index(tmp_path_factory):
             ],
             series_uid=SERIES_UID,
         )
-    first = store.claim_next(engine)
+    first = store.claim_next(engine, "test")
     assert first is not None
-    store.finish(engine, first.id, ok=False, error="no destination 'nowhere'")
-    second = store.claim_next(engine)
+    store.finish(engine, first.id, "test", ok=False, error="no destination 'nowhere'")
+    second = store.claim_next(engine, "test")
     assert second is not None
     with engine.begin() as conn:
         queue.enqueue(conn, instances, ["pacs"], job_id=second.id)
-    store.finish(engine, second.id, ok=True, result="queued 3 instance(s) for pacs")
+    store.finish(engine, second.id, "test", ok=True, result="queued 3 instance(s) for pacs")
     claimed = queue.claim(engine, "pacs", 10)
     assert len(claimed) == 3
     ok, refused, later = (c.id for c in claimed)

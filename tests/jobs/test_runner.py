@@ -3,8 +3,8 @@
 Real CT slices are received through Ingest; forward jobs are made as the tracker makes them and the
 runner's workers take them. No dispatcher runs, so nothing is sent: a forward job's work is to queue
 deliveries, which is what these tests look at. What a user relies on: a pending job is run and its
-outcome recorded, the senders are woken; a job left running by a dead process is taken up at start;
-a job that keeps failing is retried up to its attempts and then failed with the error, and the
+outcome recorded, the senders are woken; a job left running by a process that is gone is taken up at
+start, one a live process runs is not; a job that keeps failing is retried up to its attempts and then failed with the error, and the
 workers carry on with the next job.
 """
 
@@ -25,6 +25,7 @@ from node.config import Config
 from node.decide.compile import load_checked_config
 from node.dicom import dimse
 from node.dicom.status import Status
+from node.index.cluster import Membership
 from node.index.db import make_engine, migrate
 from node.index.models import Delivery, Job
 from node.index.writer import IndexWriter
@@ -57,6 +58,8 @@ class Jobs:
     cfg: Config
     engine: Engine
     storage: Storage
+    #: The node process the runners run as (registered, lease running).
+    me: Membership
     woken: list[list[str]] = field(default_factory=list)
 
     def make(self, *jobs: NewJob) -> list[int]:
@@ -65,7 +68,7 @@ class Jobs:
             return create_jobs(conn, 1, 1, list(jobs))
 
     def runner(self) -> JobRunner:
-        r = JobRunner(self.cfg, self.engine, self.storage)
+        r = JobRunner(self.cfg, self.engine, self.storage, owner=self.me.id)
         r.wake_senders = self.woken.append
         return r
 
@@ -124,9 +127,12 @@ def jobs(tmp_path: Path) -> Iterator[Jobs]:
     for path in _slices():
         _receive(storage, ingest, path)
     writer.stop()
+    me = Membership(engine, tmp_path / "run", lease=30)
+    me.register()
     try:
-        yield Jobs(cfg, engine, storage)
+        yield Jobs(cfg, engine, storage, me)
     finally:
+        me.stop(clean=True)
         engine.dispose()
 
 
@@ -150,20 +156,32 @@ def test_a_pending_job_is_run_and_its_outcome_recorded(jobs: Jobs) -> None:
     assert jobs.woken == [["pacs"]]  # the senders are told at once
 
 
-def test_a_job_left_running_by_a_dead_process_is_taken_up_at_start(jobs: Jobs) -> None:
-    [job_id] = jobs.make(NewJob("ct", 0, "forward", {"type": "forward", "to": ["pacs"]}))
-    with jobs.engine.begin() as conn:  # claimed by a process that then died
-        conn.execute(update(Job).where(Job.id == job_id).values(state="running", attempts=1))
+def test_a_job_left_running_by_a_dead_process_is_taken_up_at_start(jobs: Jobs, tmp_path: Path) -> None:
+    dead, live = jobs.make(
+        NewJob("ct", 0, "forward", {"type": "forward", "to": ["pacs"]}),
+        NewJob("ct", 1, "forward", {"type": "forward", "to": ["pacs"]}),
+    )
+    gone = Membership(jobs.engine, tmp_path / "run", lease=30)
+    gone.register()
+    other = Membership(jobs.engine, tmp_path / "run", lease=30)
+    other.register()
+    with jobs.engine.begin() as conn:  # claimed by a process that then died, and by one that runs on
+        conn.execute(update(Job).where(Job.id == dead).values(state="running", attempts=1, owner=gone.id))
+        conn.execute(update(Job).where(Job.id == live).values(state="running", attempts=1, owner=other.id))
+    gone.stop(clean=False)  # as a crash leaves it: the lease ended, no clean stop
 
     runner = jobs.runner()
     runner.start()
     try:
-        job = wait_for(lambda: jobs.done(job_id), 10, "the job to be taken up")
+        job = wait_for(lambda: jobs.done(dead), 10, "the job to be taken up")
     finally:
         runner.stop()
+        other.stop(clean=True)
 
-    assert (job.state, job.attempts) == ("succeeded", 2)
+    assert (job.state, job.attempts, job.owner) == ("succeeded", 2, None)
     assert len(jobs.deliveries()) == 2  # queued once, not lost
+    still = jobs.job(live)  # the live process's job is its own: not taken, not run here
+    assert (still.state, still.attempts, still.owner) == ("running", 1, other.id)
 
 
 def test_a_failing_job_is_retried_then_failed_and_the_workers_carry_on(jobs: Jobs) -> None:
