@@ -9,6 +9,8 @@ need_apt=()
 [ -x /usr/sbin/Orthanc ] || need_apt+=(orthanc)
 command -v dciodvfy >/dev/null 2>&1 || need_apt+=(dicom3tools)
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need_apt+=(postgresql)
+# The scale-out compose file's DICOM load balancer is run by tests/e2e/test_docker_files.py.
+[ -x /usr/sbin/haproxy ] || need_apt+=(haproxy)
 # The dashboard's browser tests drive Debian's Chromium with Playwright (no browser download).
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)
 # Container plugins are tested with podman (runc: see tests/data/containers/containers.conf) on an image

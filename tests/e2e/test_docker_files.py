@@ -1,4 +1,5 @@
-"""The container files hold together: Dockerfile, docker/docker-compose.yml, config/docker.toml, .dockerignore.
+"""The container files hold together: Dockerfile, docker/docker-compose.yml, docker/compose-scale-out.yml,
+config/docker.toml, .dockerignore.
 
 No Docker engine runs here, so nothing is built; instead the wiring an engine would rely on is checked:
 the node's config loads with exactly the environment the image and the compose file give it, its
@@ -26,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import free_port, wait_for_echo
+from helpers import free_port, read_sop_uid, series_files, storescu, wait_for_echo
+from sqlalchemy import create_engine, text
 
 from node.config import load_config
 from node.decide.compile import load_checked_config
@@ -36,9 +38,10 @@ yaml = pytest.importorskip("yaml")
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 COMPOSE = REPO / "docker" / "docker-compose.yml"
+SCALE_OUT = REPO / "docker" / "compose-scale-out.yml"
 DOCKER_TOML = REPO / "config" / "docker.toml"
 TOKEN = "test-token-0123456789abcdefXYZ"
-DOTENV = {"DICOM_NODE_WEB__TOKEN": TOKEN, "ORTHANC_ADMIN_PASSWORD": "test-password"}
+DOTENV = {"DICOM_NODE_WEB__TOKEN": TOKEN, "ORTHANC_ADMIN_PASSWORD": "test-password", "POSTGRES_PASSWORD": "pg-pw_1"}
 
 _VAR = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}")
 
@@ -68,8 +71,8 @@ def resolved(node: Any, env: dict[str, str]) -> Any:
     return node
 
 
-def compose(env: dict[str, str] | None = None) -> dict[str, Any]:
-    return resolved(yaml.safe_load(COMPOSE.read_text()), DOTENV if env is None else env)
+def compose(env: dict[str, str] | None = None, path: Path = COMPOSE) -> dict[str, Any]:
+    return resolved(yaml.safe_load(path.read_text()), DOTENV if env is None else env)
 
 
 def env_of(service: dict[str, Any]) -> dict[str, str]:
@@ -224,7 +227,8 @@ def test_the_image_runs_as_a_non_root_user_with_a_health_check(cfg):
     assert f"'{cfg.web.port}'" in checks[0], "the health check's default port is the config's web port"
     # Installed as the README says, into the image (not editable).
     runs = " ".join(args for w, args in dockerfile_instructions() if w == "RUN")
-    assert re.search(r"pip install (--\S+ )*\.(\s|$)", runs), runs
+    assert re.search(r'pip install (--\S+ )*"?\.(\[[\w,]+\])?"?(\s|$)', runs), runs
+    assert re.search(r'pip install (--\S+ )*"?\.\[([\w,]*,)?postgres[],]', runs), "the image has the PostgreSQL driver"
     assert not re.search(r"pip install[^&]*\s-e\s", runs)
     copies = [args for w, args in stage if w == "COPY"]
     assert any("config/docker.toml" in c for c in copies), "the image carries config/docker.toml"
@@ -360,3 +364,223 @@ def test_pip_install_dot_carries_every_file_of_the_package(tmp_path):
     present = {p.relative_to(src).as_posix() for p in (src / "node").rglob("*") if p.is_file()}
     missing = sorted(present - packaged)
     assert not missing, f"not installed by pip install . (add them to [tool.setuptools.package-data]): {missing}"
+
+
+# -- docker/compose-scale-out.yml: two nodes on one PostgreSQL and one data volume behind HAProxy
+
+
+def scale_out(env: dict[str, str] | None = None) -> dict[str, Any]:
+    return compose(env, SCALE_OUT)
+
+
+def node_services(c: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {name: s for name, s in c["services"].items() if s.get("image") == "dicom-node:latest"}
+
+
+def scale_out_cfg(service: dict[str, Any]) -> Any:
+    """The config a scale-out node runs with: docker.toml, the image's ENV, then the service's environment."""
+    command = service["command"]
+    assert mounts(service)[command[command.index("--config") + 1]] == "../config/docker.toml"
+    return load_checked_config(DOCKER_TOML, environ={**image_env(), **env_of(service)})
+
+
+def haproxy_config(c: dict[str, Any]) -> str:
+    lb = c["services"]["dicom-lb"]
+    (cfg,) = lb["configs"]
+    assert cfg["target"] == "/usr/local/etc/haproxy/haproxy.cfg"
+    return str(c["configs"][cfg["source"]]["content"])
+
+
+def test_scale_out_nodes_share_one_index_and_one_data_directory():
+    c = scale_out()
+    nodes = node_services(c)
+    assert len(nodes) >= 2, "the scale-out compose runs several nodes"
+    cfgs = {name: scale_out_cfg(s) for name, s in nodes.items()}
+    urls = {cfg.database_url for cfg in cfgs.values()}
+    assert len(urls) == 1, f"every node must use the same index: {urls}"
+    (url,) = urls
+    from sqlalchemy.engine import make_url
+
+    u = make_url(url)
+    assert u.drivername == "postgresql+psycopg", "several nodes share a PostgreSQL index, not SQLite"
+    pg = c["services"][u.host]
+    assert "postgres" in pg["image"]
+    pg_env = env_of(pg)
+    assert (u.username, u.password, u.database, u.port) == (
+        pg_env["POSTGRES_USER"],
+        DOTENV["POSTGRES_PASSWORD"],
+        pg_env["POSTGRES_DB"],
+        5432,
+    )
+    assert pg_env["POSTGRES_PASSWORD"] == DOTENV["POSTGRES_PASSWORD"]
+    assert nodes and all(s["depends_on"]["postgres"]["condition"] == "service_healthy" for s in nodes.values())
+    # One data directory: the same named volume at the same path in every node, holding data_dir.
+    named = set(c["volumes"])
+    data_volumes = {
+        name: {(src, target) for target, src in mounts(s).items() if src in named} for name, s in nodes.items()
+    }
+    assert len({frozenset(v) for v in data_volumes.values()}) == 1, data_volumes
+    (volume,) = next(iter(data_volumes.values()))
+    assert all(under(cfg.node.data_dir, volume[1]) for cfg in cfgs.values())
+    assert len({cfg.node.data_dir for cfg in cfgs.values()}) == 1
+    assert any(target == "/var/lib/postgresql/data" and src in named for target, src in mounts(pg).items())
+    for cfg in cfgs.values():
+        assert cfg.web.token == TOKEN and cfg.node.lease >= 3 and cfg.node.processes >= 1
+
+
+def test_scale_out_secrets_are_required_and_never_defaulted():
+    for missing in DOTENV:
+        with pytest.raises(KeyError, match=missing):
+            scale_out({k: v for k, v in DOTENV.items() if k != missing})
+        with pytest.raises(KeyError, match=missing):
+            scale_out({**DOTENV, missing: ""})
+    assert "POSTGRES_PASSWORD=" in (REPO / "docker" / ".env.example").read_text().split()
+
+
+def test_scale_out_dicom_goes_through_the_load_balancer_to_every_node():
+    c = scale_out()
+    nodes = node_services(c)
+    cfgs = {name: scale_out_cfg(s) for name, s in nodes.items()}
+    conf = haproxy_config(c)
+    assert re.search(r"^\s*mode tcp\b", conf, re.M), "DICOM is balanced as TCP (one association per connection)"
+    servers = dict(re.findall(r"^\s*server\s+\S+\s+([\w.-]+):(\d+)", conf, re.M))
+    assert {h: int(p) for h, p in servers.items()} == {name: cfg.node.port for name, cfg in cfgs.items()}
+    (bind,) = re.findall(r"^\s*bind\s+\S*:(\d+)", conf, re.M)
+    assert int(bind) in container_ports(c["services"]["dicom-lb"])
+    # The nodes publish only their dashboards, each on its own loopback port; DICOM comes through the balancer.
+    host_ports = []
+    for name, s in nodes.items():
+        assert cfgs[name].node.port not in container_ports(s), f"{name} publishes DICOM past the balancer"
+        (web,) = s["ports"]
+        assert str(web).startswith("127.0.0.1:") and str(web).endswith(f":{cfgs[name].web.port}")
+        host_ports.append(str(web).split(":")[1])
+        assert s.get("init") is True and s["build"]["dockerfile"] == "docker/Dockerfile"
+    assert len(set(host_ports)) == len(host_ports), "each node's dashboard on its own host port"
+    # The balancer outlasts the node's idle timeout: the node ends idle associations, not the balancer.
+    for side in ("client", "server"):
+        (value,) = re.findall(rf"^\s*timeout {side}\s+(\d+)([sm])", conf, re.M)
+        seconds = int(value[0]) * (60 if value[1] == "m" else 1)
+        assert all(seconds > cfg.node.network_timeout for cfg in cfgs.values()), side
+    # Orthanc knows the node by its AE title at the balancer, and the destination is the compose's Orthanc.
+    orthanc = json.loads(env_of(c["services"]["orthanc"])["ORTHANC_JSON"])
+    any_cfg = next(iter(cfgs.values()))
+    assert [any_cfg.node.ae_title, "dicom-lb", int(bind)] in orthanc["DicomModalities"].values()
+    pacs = next(d for d in any_cfg.destinations if d.name == "pacs")
+    assert pacs.host == "orthanc" and pacs.port == orthanc["DicomPort"] and pacs.ae_title == orthanc["DicomAet"]
+
+
+def _haproxy() -> str:
+    found = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin")
+    if not found:
+        pytest.fail("HAProxy is not installed (scripts/test.sh installs the Debian package haproxy)")
+    return found
+
+
+def test_the_scale_out_setup_runs_two_nodes_behind_its_load_balancer(tmp_path, postgres_url):
+    """The compose file's nodes and HAProxy configuration, moved to loopback ports, a temp data directory and a
+    test database: associations through the balancer reach both nodes, every instance is indexed once, and a
+    dashboard login made on one node works on the other (sessions live in the shared index)."""
+    c = scale_out()
+    nodes = node_services(c)
+    data = tmp_path / "data"
+    ports = {name: (free_port(), free_port()) for name in nodes}
+    lb_port = free_port()
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    for name, service in nodes.items():
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_NODE_")}
+        env.update({**image_env(), **env_of(service)})
+        env.update(
+            {
+                "DICOM_NODE_NODE__HOST": "127.0.0.1",
+                "DICOM_NODE_NODE__PORT": str(ports[name][0]),
+                "DICOM_NODE_NODE__DATA_DIR": str(data),
+                "DICOM_NODE_WEB__HOST": "127.0.0.1",
+                "DICOM_NODE_WEB__PORT": str(ports[name][1]),
+                "DICOM_NODE_DATABASE__URL": postgres_url,
+            }
+        )
+        with open(tmp_path / f"{name}.log", "wb") as log:
+            procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "node", "run", "--config", str(DOCKER_TOML)],
+                cwd=tmp_path,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+    conf = haproxy_config(c)
+    conf = re.sub(r"^(\s*bind\s+)\S+", rf"\g<1>127.0.0.1:{lb_port}", conf, flags=re.M)
+    for name in nodes:
+        conf = re.sub(rf"\b{re.escape(name)}:\d+", f"127.0.0.1:{ports[name][0]}", conf)
+    (tmp_path / "haproxy.cfg").write_text(conf)
+    lb: subprocess.Popen[bytes] | None = None
+    try:
+        for name, proc in procs.items():
+            try:
+                wait_for_echo(ports[name][0], "DICOM_NODE", timeout=90, proc=proc)
+            except (RuntimeError, TimeoutError) as e:
+                raise AssertionError(f"{name}: {e}\n{(tmp_path / f'{name}.log').read_text(errors='replace')[-3000:]}")
+        with open(tmp_path / "haproxy.log", "wb") as log:
+            lb = subprocess.Popen(
+                [_haproxy(), "-db", "-f", str(tmp_path / "haproxy.cfg")], stdout=log, stderr=subprocess.STDOUT
+            )
+        wait_for_echo(lb_port, "DICOM_NODE", timeout=30, proc=lb)
+        files = series_files("ct-head-philips-5mm")[:12]
+        # One association per file: leastconn hands consecutive ones to the nodes in turn.
+        for f in files:
+            r = storescu(lb_port, [f])
+            assert r.returncode == 0, r.stderr
+        engine = create_engine(postgres_url)
+        try:
+            with engine.connect() as conn:
+                indexed = conn.execute(text("SELECT sop_instance_uid FROM instance")).scalars().all()
+        finally:
+            engine.dispose()
+        assert sorted(indexed) == sorted(read_sop_uid(f) for f in files), "every instance indexed once"
+        for name in nodes:
+            log = (tmp_path / f"{name}.log").read_text(errors="replace")
+            assert "STORESCU" in log, f"no association reached {name} through the balancer:\n{log[-2000:]}"
+        # A dashboard login on the first node is a login on the second.
+        first, second = (f"http://127.0.0.1:{ports[name][1]}" for name in nodes)
+        cookie = _login(first)
+        req = urllib.request.Request(f"{second}/", headers={"Cookie": cookie})
+        with urllib.request.urlopen(req, timeout=10) as page:
+            assert page.status == 200 and "/login" not in page.url, page.url
+    finally:
+        if lb is not None:
+            lb.terminate()
+            lb.wait(timeout=30)
+        codes = {}
+        for proc in procs.values():
+            proc.terminate()
+        for name, proc in procs.items():
+            try:
+                codes[name] = proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                codes[name] = proc.wait(timeout=10)
+    for name, code in codes.items():
+        log = (tmp_path / f"{name}.log").read_text(errors="replace")
+        assert code == 0 and "Traceback" not in log, f"{name} exited with {code}:\n{log[-3000:]}"
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def _login(base: str) -> str:
+    """Log in with the token through the form; returns the session cookie (``name=value``)."""
+    opener = urllib.request.build_opener(_NoRedirect)
+    body = f"token={TOKEN}&next=/".encode()
+    req = urllib.request.Request(
+        f"{base}/login", data=body, headers={"Content-Type": "application/x-www-form-urlencoded", "Origin": base}
+    )
+    try:
+        opener.open(req, timeout=10)
+    except urllib.error.HTTPError as e:
+        assert e.code == 303, e.code
+        cookie = e.headers["Set-Cookie"]
+    else:
+        raise AssertionError("the login did not redirect")
+    return str(cookie.split(";", 1)[0])
