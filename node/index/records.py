@@ -7,12 +7,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sqlalchemy import ColumnClause, DateTime, bindparam, case, literal_column, select
+from sqlalchemy import ColumnClause, DateTime, Insert, Table, bindparam, case, literal_column, select
+from sqlalchemy.dialects import postgresql, sqlite
 
 from node.dicom.files import Header
 from node.index.models import Instance, Patient, Series, Study
 from node.index.states import SeriesState
-from node.index.writer import Tx
+from node.index.writer import Conflict, Tx
 
 DuplicatePolicy = Literal["keep_first", "overwrite"]
 
@@ -57,22 +58,49 @@ _instance = Instance.__table__
 
 # Statements are built once with bound parameters: SQLAlchemy then reuses the
 # compiled form, which is what keeps a row under a millisecond of Python.
+
+
+def _upserts(table: Table, *identity: str) -> dict[str, Insert]:
+    """``INSERT ... ON CONFLICT (identity) DO NOTHING RETURNING id``, per dialect.
+
+    Why: several node processes may insert the same patient, study, series or instance at the same
+    moment. With a plain INSERT the slower one fails on the unique constraint; with this it gets no
+    row back, and the caller reads the winner's row (PostgreSQL makes the statement wait for the
+    other transaction, so what it finds afterwards is committed).
+    """
+    conflict = [table.c[name] for name in identity]
+    return {
+        module.dialect.name: module.insert(table).on_conflict_do_nothing(index_elements=conflict).returning(table.c.id)
+        for module in (sqlite, postgresql)
+    }
+
+
+def _upsert(tx: Tx, statements: dict[str, Insert]) -> Insert:
+    try:
+        return statements[tx.dialect.name]
+    except KeyError:
+        raise RuntimeError(f"the index needs SQLite or PostgreSQL, not {tx.dialect.name}") from None
+
+
 _SEL_PATIENT = select(_patient.c.id).where(
     _patient.c.patient_id == bindparam("patient_id"),
     _patient.c.issuer_of_patient_id == bindparam("issuer_of_patient_id"),
     _patient.c.patient_name == bindparam("patient_name"),
     _patient.c.birth_date == bindparam("birth_date"),
 )
-_INS_PATIENT = _patient.insert().returning(_patient.c.id)
+_UPS_PATIENT = _upserts(_patient, "patient_id", "issuer_of_patient_id", "patient_name", "birth_date")
 _SEL_STUDY = select(_study.c.id).where(_study.c.study_instance_uid == bindparam("uid"))
-_INS_STUDY = _study.insert().returning(_study.c.id)
+_UPS_STUDY = _upserts(_study, "study_instance_uid")
 _SEL_SERIES = select(_series.c.id).where(_series.c.series_instance_uid == bindparam("uid"))
-_INS_SERIES = _series.insert().returning(_series.c.id)
+_UPS_SERIES = _upserts(_series, "series_instance_uid")
 _SEL_INSTANCE = select(_instance.c.id, _instance.c.file_path, _instance.c.series_fk).where(
     _instance.c.sop_instance_uid == bindparam("uid")
 )
-_INS_INSTANCE = _instance.insert().returning(_instance.c.id)
-_UPD_INSTANCE = _instance.update().where(_instance.c.id == bindparam("pk"))
+_UPS_INSTANCE = _upserts(_instance, "sop_instance_uid")
+# Only the row as this transaction read it: another process may have replaced it meanwhile (its file would be lost).
+_UPD_INSTANCE = _instance.update().where(
+    _instance.c.id == bindparam("pk"), _instance.c.file_path == bindparam("old_file_path")
+)
 # An arrival keeps a receiving series' revision open, or opens the next
 # revision of a stable/triggered one. Every right-hand side sees the row as
 # it was before the UPDATE (SQL semantics, SQLite and PostgreSQL alike).
@@ -134,16 +162,26 @@ class Recorder:
         name: str,
         select_stmt: Any,
         select_params: dict[str, Any],
-        insert_stmt: Any,
+        upserts: dict[str, Insert],
         values: Callable[[], dict[str, Any]],
     ) -> int:
-        """The id of a patient/study/series row: from the cache, the table, or a new insert."""
+        """The id of a patient/study/series row: from the cache, the table, or a new row.
+
+        The SELECT comes first because on a cache miss the row usually exists already (a new
+        series of a known study, another process's series); the upsert then only runs for a new
+        row, and a second SELECT only when another process inserted it since the first.
+        """
         pk = cache.get(key)
         if pk is None:
-            pk = tx.scalar(tx.prepare("sel_" + name, select_stmt), select_params)
+            select_p = tx.prepare("sel_" + name, select_stmt)
+            pk = tx.scalar(select_p, select_params)
             if pk is None:
                 row = values()
-                pk = tx.scalar(tx.prepare("ins_" + name, insert_stmt, list(row)), row)
+                pk = tx.scalar(tx.prepare("ups_" + name, _upsert(tx, upserts), list(row)), row)
+                if pk is None:  # inserted by another process since our SELECT: take its row
+                    pk = tx.scalar(select_p, select_params)
+                if pk is None:  # ... which is gone again (removed by retention)
+                    raise Conflict(f"the {name} row {key} changed while this transaction read it")
             cache[key] = int(pk)
         return int(pk)
 
@@ -163,7 +201,7 @@ class Recorder:
             "patient",
             _SEL_PATIENT,
             p,
-            _INS_PATIENT,
+            _UPS_PATIENT,
             lambda: dict(p, created_at=now),
         )
         uid = rec.study["study_instance_uid"]
@@ -174,7 +212,7 @@ class Recorder:
             "study",
             _SEL_STUDY,
             {"uid": uid},
-            _INS_STUDY,
+            _UPS_STUDY,
             lambda: dict(rec.study, patient_fk=patient_fk, created_at=now),
         )
         uid = rec.series["series_instance_uid"]
@@ -185,7 +223,7 @@ class Recorder:
             "series",
             _SEL_SERIES,
             {"uid": uid},
-            _INS_SERIES,
+            _UPS_SERIES,
             lambda: dict(
                 rec.series,
                 study_fk=study_fk,
@@ -211,12 +249,20 @@ class Recorder:
         values = dict(rec.instance, series_fk=series_fk, received_at=now, revision=revision)
         tracked = {"series_id": series_fk, "revision": revision, "revision_instances": revision_instances}
         if row is None:
-            pk = tx.scalar(tx.prepare("ins_instance", _INS_INSTANCE, list(values)), values)
+            pk = tx.scalar(tx.prepare("ups_instance", _upsert(tx, _UPS_INSTANCE), list(values)), values)
+            if pk is None:
+                # Another process recorded this SOP Instance UID since our SELECT (the series row above
+                # already counted it): the writer runs the transaction again, which finds that row and
+                # ends as a duplicate or a replacement.
+                raise Conflict(f"{rec.sop_instance_uid} was recorded by another process meanwhile")
             return RecordOutcome("new", pk, **tracked)
         # overwrite, or keep_first whose first copy is gone: the new copy replaces the row
         old_id, old_path, old_series = row
-        values["pk"] = old_id
-        tx.execute(tx.prepare("upd_instance", _UPD_INSTANCE, [k for k in values if k != "pk"]), values)
+        keys = list(values)
+        values["pk"], values["old_file_path"] = old_id, old_path
+        if tx.execute(tx.prepare("upd_instance", _UPD_INSTANCE, keys), values).rowcount != 1:
+            # Replaced (or removed) by another process since our SELECT: run again, or its file would be lost.
+            raise Conflict(f"{rec.sop_instance_uid} was changed by another process meanwhile")
         # The newest copy wins: a re-send with corrected demographics moves the study to that patient.
         tx.execute(tx.prepare("study_relink", _STUDY_RELINK), {"pk": study_fk, "patient_fk": patient_fk})
         if old_series != series_fk:  # the same SOP Instance UID moved from another series

@@ -8,13 +8,24 @@ savepoint per item so one bad row fails only its own request. Under load
 that is one commit for several instances; with one sender it is one commit
 per instance. The writer keeps one raw DBAPI connection and runs statements
 prepared by :class:`node.index.db.Prepared`, which works on PostgreSQL too.
+
+Several node processes may write one index. On PostgreSQL their transactions
+can deadlock (two batches touching the same series rows in different orders)
+or find that another process recorded the same instance first (a
+:class:`Conflict`): the writer then rolls the batch back and runs it again, so
+callers never see it. On SQLite, writers of several processes take turns on
+an ``flock`` beside the database file (see :class:`_WriteLock`).
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import queue
+import random
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
@@ -27,6 +38,30 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MAX_BATCH = 64
+#: How often a batch runs at most when it keeps losing races with other processes (deadlock etc.).
+ATTEMPTS = 5
+#: PostgreSQL's "deadlock detected" and "could not serialize access": the transaction may simply run again.
+RETRY_SQLSTATES = frozenset({"40P01", "40001"})
+
+
+class Conflict(Exception):
+    """A work item found that another process changed what it read: its transaction runs again.
+
+    Raised from within a work item (e.g. an instance INSERT that lost the race for its SOP Instance
+    UID); the writer rolls the whole batch back and runs it again, where the item reads the other
+    process's committed row.
+    """
+
+
+def retryable(exc: BaseException) -> bool:
+    """Whether ``exc`` means "run the transaction again" rather than "this item is wrong"."""
+    if isinstance(exc, Conflict):
+        return True
+    # psycopg 3 errors carry .sqlstate (psycopg2's .pgcode); SQLAlchemy wraps them in .orig.
+    for e in (exc, getattr(exc, "orig", None)):
+        if (getattr(e, "sqlstate", None) or getattr(e, "pgcode", None)) in RETRY_SQLSTATES:
+            return True
+    return False
 
 
 class Tx:
@@ -70,6 +105,7 @@ class IndexWriter:
         self._begin = begin_statement(engine)
         self._raw: Any = None
         self._tx: Tx | None = None
+        self._lock = _WriteLock(engine)
 
     def start(self) -> None:
         self._thread.start()
@@ -88,6 +124,11 @@ class IndexWriter:
         return not self._thread.is_alive()
 
     def submit(self, work: Work[T]) -> Future[T]:
+        """Queue ``work`` for the next transaction.
+
+        ``work`` may run more than once (its transaction is run again after a deadlock or a
+        :class:`Conflict`): it must change nothing outside the transaction but its return value.
+        """
         fut: Future[T] = Future()
         if self._stopped:
             fut.set_exception(RuntimeError("the index writer is stopped"))
@@ -121,6 +162,7 @@ class IndexWriter:
                     return
         finally:
             self._close()
+            self._lock.close()
 
     def _connection(self) -> Tx:
         if self._tx is None:
@@ -141,42 +183,37 @@ class IndexWriter:
         batch = [(w, f) for w, f in batch if f.set_running_or_notify_cancel()]
         if not batch:
             return
-        results: list[tuple[Future[Any], object, BaseException | None]] = []
-        try:
-            tx = self._connection()
-            if self._begin:
-                tx.cur.execute(self._begin)
-            if len(batch) == 1:  # no savepoint needed: the transaction is the item
-                work, fut = batch[0]
-                results.append((fut, work(tx), None))
-            else:
-                for work, fut in batch:
-                    tx.cur.execute("SAVEPOINT item")
-                    try:
-                        results.append((fut, work(tx), None))
-                        tx.cur.execute("RELEASE SAVEPOINT item")
-                    except Exception as exc:  # this item only
-                        tx.cur.execute("ROLLBACK TO SAVEPOINT item")
-                        tx.cur.execute("RELEASE SAVEPOINT item")
-                        # Ids cached while running this item may belong to rows
-                        # just rolled back: the next items must not use them.
-                        if self._on_failure:
-                            self._on_failure()
-                        results.append((fut, None, exc))
-            tx.conn.commit()
-        except Exception as exc:  # nothing in the batch is durable
-            log.error("index transaction of %d item(s) failed: %s", len(batch), exc)
+        results: list[tuple[Future[Any], object, Exception | None]] = []
+        for attempt in range(1, ATTEMPTS + 1):
             try:
-                if self._tx is not None:
-                    self._tx.conn.rollback()
-            except Exception:
-                self._close()  # a broken connection is replaced on the next batch
-            if self._on_failure:
-                self._on_failure()
-            for _work, fut in batch:
-                if not fut.done():
-                    fut.set_exception(exc)
-            return
+                with self._lock:  # the rollback too: SQLite's write lock is held until it ends
+                    try:
+                        results = self._transaction(batch)
+                    except Exception:
+                        self._rollback()
+                        raise
+            except Exception as exc:  # nothing in the batch is durable
+                if self._on_failure:
+                    self._on_failure()
+                if retryable(exc) and attempt < ATTEMPTS:
+                    log.log(
+                        logging.WARNING if attempt >= 3 else logging.INFO,
+                        "index transaction of %d item(s) met another process's writes (%s); "
+                        "running it again (attempt %d of %d)",
+                        len(batch),
+                        _first_line(exc),
+                        attempt + 1,
+                        ATTEMPTS,
+                    )
+                    # Jitter, so that two processes that deadlocked do not meet again in step.
+                    time.sleep(random.uniform(0, 0.01 * 2**attempt))
+                    continue
+                log.error("index transaction of %d item(s) failed: %s", len(batch), exc)
+                for _work, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                return
+            break
         for fut, value, error in results:
             if error is not None:
                 if self._on_failure:
@@ -184,3 +221,76 @@ class IndexWriter:
                 fut.set_exception(error)
             else:
                 fut.set_result(value)
+
+    def _transaction(
+        self, batch: list[tuple[Work[Any], Future[Any]]]
+    ) -> list[tuple[Future[Any], object, Exception | None]]:
+        """Run ``batch`` in one transaction and commit; per-item failures are results, not exceptions."""
+        results: list[tuple[Future[Any], object, Exception | None]] = []
+        tx = self._connection()
+        if self._begin:
+            tx.cur.execute(self._begin)
+        if len(batch) == 1:  # no savepoint needed: the transaction is the item
+            work, fut = batch[0]
+            results.append((fut, work(tx), None))
+        else:
+            for work, fut in batch:
+                tx.cur.execute("SAVEPOINT item")
+                try:
+                    results.append((fut, work(tx), None))
+                    tx.cur.execute("RELEASE SAVEPOINT item")
+                except Exception as exc:
+                    if retryable(exc):  # the whole batch runs again
+                        raise
+                    # this item only
+                    tx.cur.execute("ROLLBACK TO SAVEPOINT item")
+                    tx.cur.execute("RELEASE SAVEPOINT item")
+                    # Ids cached while running this item may belong to rows
+                    # just rolled back: the next items must not use them.
+                    if self._on_failure:
+                        self._on_failure()
+                    results.append((fut, None, exc))
+        tx.conn.commit()
+        return results
+
+    def _rollback(self) -> None:
+        try:
+            if self._tx is not None:
+                self._tx.conn.rollback()
+        except Exception:
+            self._close()  # a broken connection is replaced on the next batch
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class _WriteLock:
+    """An exclusive ``flock`` on ``<database>.write.lock`` around each write transaction (SQLite files only).
+
+    Why: writers of several processes on one SQLite file otherwise wait for its write lock in
+    SQLite's busy handler, which sleeps (up to 100 ms a time) and polls; a writer waiting here is
+    woken by the kernel the moment the other process releases the lock.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        db = engine.url.database
+        self.path = f"{db}.write.lock" if engine.dialect.name == "sqlite" and db and db != ":memory:" else None
+        self._fd: int | None = None
+
+    def __enter__(self) -> None:
+        if self.path is None:
+            return
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *_exc: object) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

@@ -185,12 +185,15 @@ class Ingest:
             detail=f"association {peer.association_id}" if peer.association_id else "",
         )
 
-        def work(tx: Tx) -> RecordOutcome:
+        detail = event["detail"]
+
+        def work(tx: Tx) -> RecordOutcome:  # may run twice (the writer retries after a conflict): no "+="
             outcome = self.recorder.record(tx, record)
+            event["kind"], event["detail"] = "instance_stored", detail
             if outcome.kind == "duplicate":
-                event["kind"], event["detail"] = "instance_duplicate", event["detail"] + " (first copy kept)"
+                event["kind"], event["detail"] = "instance_duplicate", detail + " (first copy kept)"
             elif outcome.kind == "replaced":
-                event["detail"] += " (replaced the stored copy)"
+                event["detail"] = detail + " (replaced the stored copy)"
             audit.write_tx(tx, event)
             return outcome
 
