@@ -10,7 +10,10 @@ workers carry on with the next job.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,8 +30,9 @@ from node.dicom import dimse
 from node.dicom.status import Status
 from node.index.cluster import Membership
 from node.index.db import make_engine, migrate
-from node.index.models import Delivery, Job
+from node.index.models import Delivery, Job, NodeProcess, utcnow
 from node.index.writer import IndexWriter
+from node.jobs import store
 from node.jobs.runner import JobRunner
 from node.jobs.store import NewJob, create_jobs
 from node.receive.ingest import Ingest, Peer
@@ -42,7 +46,7 @@ CONFIG = """
 data_dir = "{data_dir}"
 
 [jobs]
-workers = 1  # with two, stop() may wait a whole poll (2 s) for the worker that missed its wake-up
+workers = {workers}  # with two, stop() may wait a whole poll (2 s) for the worker that missed its wake-up
 retry_delay = 0
 
 [[destinations]]
@@ -112,10 +116,11 @@ def _slices() -> list[Path]:
     return series_files(CT)[:2]
 
 
-@pytest.fixture
-def jobs(tmp_path: Path) -> Iterator[Jobs]:
+@contextmanager
+def _received(tmp_path: Path, extra_config: str = "", workers: int = 1) -> Iterator[Jobs]:
+    """A migrated index holding the two slices, with a registered node process to run jobs as."""
     config = tmp_path / "node.toml"
-    config.write_text(CONFIG.format(data_dir=tmp_path / "data"))
+    config.write_text(CONFIG.format(data_dir=tmp_path / "data", workers=workers) + extra_config)
     cfg = load_checked_config(config, environ={})
     storage = Storage(cfg.data_dir)
     storage.prepare()
@@ -134,6 +139,12 @@ def jobs(tmp_path: Path) -> Iterator[Jobs]:
     finally:
         me.stop(clean=True)
         engine.dispose()
+
+
+@pytest.fixture
+def jobs(tmp_path: Path) -> Iterator[Jobs]:
+    with _received(tmp_path) as j:
+        yield j
 
 
 def _uids() -> list[str]:
@@ -218,3 +229,94 @@ def test_a_job_whose_destination_left_the_config_fails_at_once_and_says_so(jobs:
     assert (job.state, job.attempts) == ("failed", 1)  # another attempt would fail the same way
     assert "no destination 'old-pacs' in the config" in job.last_error, job.last_error
     assert jobs.deliveries() == [] and jobs.woken == []
+
+
+def test_a_result_for_a_job_taken_over_meanwhile_is_not_recorded_and_the_log_says_why(
+    jobs: Jobs, caplog: pytest.LogCaptureFixture
+) -> None:
+    """This process's lease ran out while its job ran (its heartbeat could not be written, say) and
+    another process took the job up: the late success must not overwrite the other's run."""
+    [job_id] = jobs.make(NewJob("ct", 0, "forward", {"type": "forward", "to": ["pacs"]}))
+    other = Membership(jobs.engine, jobs.me.run_dir, lease=30)
+    other.register()
+    runner = jobs.runner()
+    taken: list[store.TakenOver] = []
+
+    def meanwhile(names: list[str]) -> None:
+        """Called by the forward job when it has queued its deliveries, before it records its end."""
+        with jobs.engine.begin() as conn:  # our lease runs out ...
+            conn.execute(update(NodeProcess).where(NodeProcess.id == jobs.me.id).values(expires_at=utcnow()))
+        taken.extend(store.take_over(jobs.engine))  # ... the other process takes the job up and runs it
+        assert store.claim_next(jobs.engine, other.id) is not None
+
+    runner.wake_senders = meanwhile
+    caplog.set_level(logging.INFO, logger="node.jobs.runner")
+    runner.start()
+    try:
+        runner.wake()
+        wait_for(lambda: "not recorded" in caplog.text or None, 10, "the runner to record the end")
+    finally:
+        runner.stop()
+        other.stop(clean=True)
+
+    assert [t.id for t in taken] == [job_id]
+    job = jobs.job(job_id)
+    assert (job.state, job.owner, job.attempts, job.result) == ("running", other.id, 2, "")  # the other's run
+    assert (
+        f"job {job_id} succeeded (queued 2 instance(s) for pacs), but its outcome is not recorded: the job was "
+        f"taken over by node process {other.id} after this process's lease ran out" in caplog.text
+    ), caplog.text
+    assert f"job {job_id} succeeded in" not in caplog.text
+
+
+def test_two_runners_on_one_postgresql_index_run_each_job_once(
+    tmp_path: Path, postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two node processes' runners (two workers each, engines of their own) share one job table."""
+    n = 40
+    destinations = "".join(
+        f'\n[[destinations]]\nname = "d{i}"\nae_title = "D{i}"\nhost = "127.0.0.1"\nport = 104\n' for i in range(n)
+    )
+    caplog.set_level(logging.INFO, logger="node.jobs.runner")
+    with _received(tmp_path, f'\n[database]\nurl = "{postgres_url}"\n' + destinations, workers=2) as jobs:
+        # Each job forwards to a destination of its own (two jobs queueing the same instances for the
+        # same destination at the same moment is the delivery queue's concern, not this test's).
+        ids = jobs.make(*(NewJob(f"r{i}", 0, "forward", {"type": "forward", "to": [f"d{i}"]}) for i in range(n)))
+        second = Membership(jobs.engine, jobs.me.run_dir, lease=30)
+        second.register()
+        engines = [make_engine(postgres_url), make_engine(postgres_url)]
+        runners = [
+            JobRunner(jobs.cfg, engines[0], jobs.storage, owner=jobs.me.id),
+            JobRunner(jobs.cfg, engines[1], jobs.storage, owner=second.id),
+        ]
+        for r in runners:
+            r.wake_senders = lambda names: time.sleep(0.02)  # a little work, so both runners get some
+            r.start()
+        try:
+            for r in runners:
+                r.wake()
+
+            def beat_then_done() -> bool | None:
+                """Both processes' heartbeats take over what is left by dead ones: nothing here."""
+                for r in runners:
+                    r.take_over()
+                return all(jobs.done(j) for j in ids) or None
+
+            wait_for(beat_then_done, 60, "every job to end")
+        finally:
+            for r in runners:
+                r.stop()
+            second.stop(clean=True)
+            for e in engines:
+                e.dispose()
+
+        for j in ids:
+            job = jobs.job(j)
+            assert (job.state, job.attempts, job.owner) == ("succeeded", 1, None), (j, job.state, job.last_error)
+        started = [r for r in caplog.records if r.getMessage().startswith("job ") and " started: " in r.getMessage()]
+        assert sorted(r.job_id for r in started) == ids  # each run once
+        by = {o: sum(1 for r in started if r.owner == o) for o in (jobs.me.id, second.id)}
+        assert all(by.values()), by  # both processes ran jobs
+        assert sorted((d[1], d[2]) for d in jobs.deliveries()) == sorted(
+            (f"d{i}", j) for i, j in enumerate(ids) for _ in range(2)
+        )
