@@ -1,0 +1,191 @@
+"""kill -9 of one of three node processes while it holds work: the other two finish all of it, exactly once.
+
+At the moment of the kill the victim holds a running plugin job (a slow plugin), deliveries in flight (to a
+PACS that hangs until the test lets it answer) and a series only it received, still waiting for its quiet
+period. Its lease is short (5 s), so the others must notice, take over each piece once and finish it:
+the job runs once more (attempts 2) and stores one SEG, every delivery reaches the PACS exactly once, the
+waiting series is triggered once. Restarting the killed process afterwards must change nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import psutil
+from cluster_peers import CLUSTER_GROUP, Cluster, CountingSCP, GatedProxy, assert_stored, send, send_concurrently
+from helpers import make_ct_series, read_sop_uid, wait_for
+
+pytestmark = CLUSTER_GROUP
+
+LEASE = 5
+#: How long the slow plugin sleeps per run.
+PLUGIN_SECONDS = 5
+#: Forwarded series, each of FORWARD_SLICES: more deliveries than the three processes' senders claim at
+#: once (32 per association), so that every process holds some in flight when the PACS hangs.
+FORWARD_SERIES, FORWARD_SLICES = 3, 34
+
+
+def config(gate: GatedProxy) -> str:
+    return f"""
+[tracker]
+stable_after = 1
+use_expected_counts = false
+[jobs]
+workers = 1
+retry_delay = 1
+[plugins.local]
+slow-box = "faulty_plugins:slow_box"
+[[destinations]]
+name = "pacs"
+ae_title = "PACS"
+host = "127.0.0.1"
+port = {gate.port}
+max_associations = 1
+[[rules]]
+name = "fwd"
+match = {{ SeriesDescription = "fwd" }}
+actions = [{{ type = "forward", to = ["pacs"] }}]
+[[rules]]
+name = "slow"
+match = {{ SeriesDescription = "slow" }}
+actions = [{{ type = "plugin", plugin = "slow-box", params = {{ seconds = {PLUGIN_SECONDS} }}, send_to = ["pacs"] }}]
+[[rules]]
+name = "late"
+match = {{ SeriesDescription = "late" }}
+stable_after = 4
+actions = [{{ type = "forward", to = ["pacs"] }}]
+"""
+
+
+def labelled(out: Path, label: str, count: int, seed: int) -> list[Path]:
+    return make_ct_series(
+        out / f"{label}{seed}", count, rows=32, cols=32, seed=seed, extra={"SeriesDescription": label}
+    )
+
+
+def owners(cluster: Cluster, sql: str) -> Counter[str]:
+    return Counter(owner for (owner,) in cluster.rows(sql) if owner)
+
+
+def snapshot(cluster: Cluster, pacs: CountingSCP) -> dict[str, Any]:
+    """What a restart must not change: jobs, deliveries, revisions, audit counts, what the PACS holds."""
+    return {
+        "jobs": sorted(cluster.rows("select id, state, attempts from job")),
+        "deliveries": sorted(cluster.rows("select id, state, attempts from delivery")),
+        "revisions": sorted(cluster.rows("select series_fk, revision, triggered_at is not null from series_revision")),
+        "instances": cluster.value("select count(*) from instance"),
+        "audit": sorted(
+            cluster.rows(
+                "select kind, count(*) from audit_event where kind in "
+                "('rule_fired', 'job_created', 'output_produced', 'delivered', 'instance_stored') group by kind"
+            )
+        ),
+        "pacs": sorted(pacs.copies().items()),
+    }
+
+
+def all_done(cluster: Cluster, jobs: int) -> bool:
+    states = [s for (s,) in cluster.rows("select state from job")]
+    waiting = cluster.value("select count(*) from delivery where state in ('queued', 'sending')")
+    return len(states) == jobs and all(s in ("succeeded", "failed", "cancelled") for s in states) and waiting == 0
+
+
+def test_kill9_of_one_process_the_others_finish_its_work_once(
+    make_cluster, postgres_url, pacs: CountingSCP, gated_pacs: GatedProxy, tmp_path: Path
+):
+    cluster: Cluster = make_cluster(
+        postgres_url, extra_config=config(gated_pacs), env={"DICOM_NODE_NODE__LEASE": str(LEASE)}
+    ).start()
+    nodes = cluster.nodes
+    ids = [cluster.process_id(n) for n in nodes]
+
+    # Deliveries in flight in every process: the PACS hangs (the gate holds each association).
+    forward = [labelled(tmp_path, "fwd", FORWARD_SLICES, seed=i) for i in range(FORWARD_SERIES)]
+    results = send_concurrently([(n.port, files) for n, files in zip(nodes, forward, strict=True)])
+    assert_stored(results)
+    sending_sql = "select owner from delivery where state = 'sending'"
+    wait_for(lambda: set(owners(cluster, sending_sql)) == set(ids), 60, "every process to hold deliveries in flight")
+
+    # A running plugin job in every process (one job worker each, one slow series each).
+    slow = [labelled(tmp_path, "slow", 6, seed=10 + i) for i in range(len(nodes))]
+    results = send_concurrently([(n.port, files) for n, files in zip(nodes, slow, strict=True)])
+    assert_stored(results)
+    running_sql = "select owner from job where state = 'running' and rule = 'slow'"
+    wait_for(lambda: set(owners(cluster, running_sql)) == set(ids), 60, "every process to run a slow plugin job")
+
+    victim, victim_id = nodes[0], ids[0]
+    # A series only the victim received, waiting for its quiet period (4 s) when the victim dies.
+    late = labelled(tmp_path, "late", 5, seed=20)
+    assert_stored([send(victim.port, late)])
+    victim_job = cluster.rows("select id from job where state = 'running' and owner = :o", o=victim_id)
+    victim_sending = cluster.rows("select id from delivery where state = 'sending' and owner = :o", o=victim_id)
+    late_state = cluster.value("select state from series where series_description = 'late'")
+    assert len(victim_job) == 1 and victim_sending and late_state == "receiving", (victim_job, late_state)
+
+    assert victim.proc is not None
+    children = psutil.Process(victim.proc.pid).children(recursive=True)
+    victim.kill9()
+    killed_at = time.monotonic()
+    # Its plugin processes are not the subject here (tests/e2e/plugins checks that they end by themselves):
+    # end them now, so that none finishes a run for a process that is gone.
+    for p in children:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(children, timeout=10)
+    gated_pacs.open()
+
+    fwd_uids = {read_sop_uid(f) for files in forward for f in files}
+    late_uids = {read_sop_uid(f) for f in late}
+    jobs = FORWARD_SERIES + len(slow) + 1
+    wait_for(lambda: all_done(cluster, jobs), 120, "the two survivors to finish every job and delivery")
+    finished_after = time.monotonic() - killed_at
+
+    # Every job succeeded; the victim's plugin job ran once more (attempts 2), all others once.
+    rows = cluster.rows("select id, rule, state, attempts, owner from job order by id")
+    assert {r[2] for r in rows} == {"succeeded"}, rows
+    attempts = {r[0]: r[3] for r in rows}
+    assert attempts.pop(victim_job[0][0]) == 2, rows
+    assert set(attempts.values()) == {1}, rows
+    # One SEG per slow series, the taken-over job's included.
+    segs = cluster.rows("select sop_instance_uid, job_fk from instance where job_fk is not null")
+    assert sorted(job for _, job in segs) == sorted(r[0] for r in rows if r[1] == "slow"), segs
+    seg_uids = {u for u, _ in segs}
+
+    # The late series: triggered once (one revision, one rule_fired), though its receiver died.
+    revisions = cluster.rows(
+        "select r.revision, r.triggered_at is not null from series_revision r join series s on s.id = r.series_fk "
+        "where s.series_description = 'late'"
+    )
+    assert revisions == [(1, True)], revisions
+    assert cluster.value("select count(*) from audit_event where kind = 'rule_fired' and rule = 'late'") == 1
+
+    # Every delivery delivered, and the PACS received each SOP Instance UID exactly once.
+    deliveries = cluster.rows("select sop_instance_uid, state from delivery")
+    assert Counter(u for u, _ in deliveries) == Counter(fwd_uids | late_uids | seg_uids)
+    assert {s for _, s in deliveries} == {"delivered"}
+    copies = pacs.copies()
+    assert set(copies) == fwd_uids | late_uids | seg_uids
+    assert [u for u, n in copies.items() if n != 1] == [], "sent more than once"
+
+    # What the victim left (temp files, files stored but not yet indexed) was reconciled by a survivor.
+    wait_for(
+        lambda: cluster.value("select recovered_at from node_process where id = :i", i=victim_id),
+        30,
+        "the crashed process to be reconciled (node_process.recovered_at)",
+    )
+    rows_on_disk = {p for (p,) in cluster.rows("select file_path from instance")}
+    on_disk = {str(p.relative_to(cluster.data_dir)) for p in (cluster.data_dir / "storage").rglob("*.dcm")}
+    assert on_disk == rows_on_disk
+
+    # The killed process restarted: it takes nothing up again and sends nothing again.
+    before = snapshot(cluster, pacs)
+    victim.start()
+    cluster.process_id(victim)
+    time.sleep(LEASE + 2)  # several heartbeats (lease / 4) and take-over sweeps of every process
+    assert snapshot(cluster, pacs) == before
+    print(f"kill -9 -> all finished by the two survivors in {finished_after:.1f} s (lease {LEASE} s)")
