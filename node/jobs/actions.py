@@ -42,7 +42,8 @@ class JobContext:
     cfg: Config
     engine: Engine
     storage: Storage
-    #: True once the job was cancelled (checked between steps of long work).
+    #: True once the job was cancelled, or taken over by another node process (checked between steps of long
+    #: work: the rest of it would not count).
     cancelled: Callable[[], bool]
     #: Where plugin outputs are stored and indexed.
     outputs: OutputStore | None = None

@@ -92,7 +92,11 @@ class JobRunner:
             self.wake()
 
     def stop(self, timeout: float = 10) -> None:
-        """Let running jobs finish for up to ``timeout`` s; any still running are taken up again at the next start."""
+        """Let running jobs finish for up to ``timeout`` s.
+
+        Any still running are taken up again by another node process once this one is gone (at once after
+        a clean stop), or at the next start.
+        """
         self._stop.set()
         self.wake()
         deadline = time.monotonic() + timeout

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -320,3 +320,49 @@ def test_two_runners_on_one_postgresql_index_run_each_job_once(
         assert sorted((d[1], d[2]) for d in jobs.deliveries()) == sorted(
             (f"d{i}", j) for i, j in enumerate(ids) for _ in range(2)
         )
+
+
+class _OnStart(logging.Handler):
+    """Calls ``fn`` in the worker when it logs that job ``job_id`` started (after its claim, before its work)."""
+
+    def __init__(self, job_id: int, fn: Callable[[], None]) -> None:
+        super().__init__()
+        self.job_id, self.fn = job_id, fn
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "job_id", None) == self.job_id and " started: " in record.getMessage():
+            self.fn()
+
+
+def test_a_job_taken_over_before_its_work_is_left_to_the_process_that_took_it(
+    jobs: Jobs, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The process that lost its job (its lease ran out) stops at the next step: nothing is queued twice."""
+    [job_id] = jobs.make(NewJob("ct", 0, "forward", {"type": "forward", "to": ["pacs"]}))
+    other = Membership(jobs.engine, jobs.me.run_dir, lease=30)
+    other.register()
+
+    def lose_it() -> None:
+        with jobs.engine.begin() as conn:
+            conn.execute(update(NodeProcess).where(NodeProcess.id == jobs.me.id).values(expires_at=utcnow()))
+        assert [t.id for t in store.take_over(jobs.engine)] == [job_id]
+        assert store.claim_next(jobs.engine, other.id) is not None
+
+    hook = _OnStart(job_id, lose_it)
+    log = logging.getLogger("node.jobs.runner")
+    log.addHandler(hook)
+    caplog.set_level(logging.INFO, logger="node.jobs.runner")
+    runner = jobs.runner()
+    runner.start()
+    try:
+        runner.wake()
+        wait_for(lambda: "not recorded" in caplog.text or None, 10, "the runner to give the job up")
+    finally:
+        runner.stop()
+        log.removeHandler(hook)
+        other.stop(clean=True)
+
+    job = jobs.job(job_id)
+    assert (job.state, job.owner, job.attempts) == ("running", other.id, 2)
+    assert jobs.deliveries() == [] and jobs.woken == []  # left to the other process
+    assert f"taken over by node process {other.id}" in caplog.text, caplog.text
