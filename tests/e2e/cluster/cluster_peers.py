@@ -14,10 +14,12 @@ import re
 import socket
 import subprocess
 import threading
+import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pydicom
 import pytest
@@ -27,6 +29,8 @@ from sqlalchemy import Engine, create_engine, text
 #: Every test here starts three node processes and more peers: its module puts it in this xdist group, so
 #: that they run one after another in one worker and one test's nodes do not compete with another's.
 CLUSTER_GROUP = pytest.mark.xdist_group("cluster")
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -229,6 +233,7 @@ class Sent:
     """One storescu run: its files and the C-STORE responses it got (storescu exits 0 even when the peer
     answered a failure status, so its responses are what tells a refusal)."""
 
+    port: int
     files: list[Path]
     returncode: int
     responses: Counter[str]
@@ -242,7 +247,7 @@ class Sent:
 
 def send(port: int, files: list[Path], aet: str = "STORESCU") -> Sent:
     r = storescu(port, files, "-v", aet=aet)
-    return Sent(files, r.returncode, Counter(_RESPONSE.findall(r.stderr)), r.stderr)
+    return Sent(port, files, r.returncode, Counter(_RESPONSE.findall(r.stderr)), r.stderr)
 
 
 def send_concurrently(jobs: list[tuple[int, list[Path]]], aet: str = "STORESCU") -> list[Sent]:
@@ -260,11 +265,23 @@ def send_concurrently(jobs: list[tuple[int, list[Path]]], aet: str = "STORESCU")
     return results
 
 
+def wait_until(probe: Callable[[], T], ok: Callable[[T], bool], timeout: float, what: str) -> T:
+    """Poll ``probe`` until ``ok`` holds for its value (returned); on time-out, fail naming the last value seen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if ok(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}; last seen: {value!r}")
+        time.sleep(0.1)
+
+
 def assert_stored(sent: list[Sent]) -> None:
     """Every file of every run answered Success; else an AssertionError saying what was refused."""
     bad = [s for s in sent if s.returncode or s.refused]
     assert not bad, "\n".join(
-        f"storescu rc {s.returncode}: {s.refused} of {len(s.files)} not stored, responses {dict(s.responses)}\n"
+        f"storescu to port {s.port} (rc {s.returncode}): {s.refused} of {len(s.files)} not stored, responses {dict(s.responses)}\n"
         + "\n".join(line for line in s.output.splitlines() if not line.startswith("I: "))[-1500:]
         for s in bad
     )

@@ -15,7 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from cluster_peers import CLUSTER_GROUP, Cluster, CountingSCP, GatedProxy, assert_stored, send, send_concurrently
+from cluster_peers import (
+    CLUSTER_GROUP,
+    Cluster,
+    CountingSCP,
+    GatedProxy,
+    assert_stored,
+    send,
+    send_concurrently,
+    wait_until,
+)
 from helpers import make_ct_series, read_sop_uid, wait_for
 
 pytestmark = CLUSTER_GROUP
@@ -87,10 +96,23 @@ def snapshot(cluster: Cluster, pacs: CountingSCP) -> dict[str, Any]:
     }
 
 
-def all_done(cluster: Cluster, jobs: int) -> bool:
-    states = [s for (s,) in cluster.rows("select state from job")]
-    waiting = cluster.value("select count(*) from delivery where state in ('queued', 'sending')")
-    return len(states) == jobs and all(s in ("succeeded", "failed", "cancelled") for s in states) and waiting == 0
+def progress(cluster: Cluster) -> dict[str, Any]:
+    """Jobs by (rule, state, owner) and deliveries by (state, owner): what is left, and who holds it."""
+    return {
+        "jobs": Counter(cluster.rows("select rule, state, owner from job")),
+        "deliveries": Counter(cluster.rows("select state, owner from delivery")),
+        "series": Counter(cluster.rows("select series_description, state from series")),
+    }
+
+
+def finished(p: dict[str, Any], jobs: int) -> bool:
+    """Every job ended and nothing waiting to be sent."""
+    ended = ("succeeded", "failed", "cancelled")
+    return (
+        sum(p["jobs"].values()) == jobs
+        and all(state in ended for _, state, _ in p["jobs"])
+        and not any(state in ("queued", "sending") for state, _ in p["deliveries"])
+    )
 
 
 def test_kill9_of_one_process_the_others_finish_its_work_once(
@@ -107,14 +129,24 @@ def test_kill9_of_one_process_the_others_finish_its_work_once(
     results = send_concurrently([(n.port, files) for n, files in zip(nodes, forward, strict=True)])
     assert_stored(results)
     sending_sql = "select owner from delivery where state = 'sending'"
-    wait_for(lambda: set(owners(cluster, sending_sql)) == set(ids), 60, "every process to hold deliveries in flight")
+    wait_until(
+        lambda: owners(cluster, sending_sql),
+        lambda o: set(o) == set(ids),
+        60,
+        f"each of {ids} to hold deliveries in flight",
+    )
 
     # A running plugin job in every process (one job worker each, one slow series each).
     slow = [labelled(tmp_path, "slow", 6, seed=10 + i) for i in range(len(nodes))]
     results = send_concurrently([(n.port, files) for n, files in zip(nodes, slow, strict=True)])
     assert_stored(results)
     running_sql = "select owner from job where state = 'running' and rule = 'slow'"
-    wait_for(lambda: set(owners(cluster, running_sql)) == set(ids), 60, "every process to run a slow plugin job")
+    wait_until(
+        lambda: owners(cluster, running_sql),
+        lambda o: set(o) == set(ids),
+        60,
+        f"each of {ids} to run a slow plugin job",
+    )
 
     victim, victim_id = nodes[0], ids[0]
     # A series only the victim received, waiting for its quiet period (4 s) when the victim dies.
@@ -142,7 +174,12 @@ def test_kill9_of_one_process_the_others_finish_its_work_once(
     fwd_uids = {read_sop_uid(f) for files in forward for f in files}
     late_uids = {read_sop_uid(f) for f in late}
     jobs = FORWARD_SERIES + len(slow) + 1
-    wait_for(lambda: all_done(cluster, jobs), 120, "the two survivors to finish every job and delivery")
+    wait_until(
+        lambda: progress(cluster),
+        lambda p: finished(p, jobs),
+        120,
+        "the two survivors to finish every job and delivery",
+    )
     finished_after = time.monotonic() - killed_at
 
     # Every job succeeded; the victim's plugin job ran once more (attempts 2), all others once.

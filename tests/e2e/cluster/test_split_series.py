@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
-from cluster_peers import CLUSTER_GROUP, Cluster, CountingSCP, assert_stored, send_concurrently
-from helpers import make_ct_series, read_sop_uid, wait_for
+from cluster_peers import CLUSTER_GROUP, Cluster, CountingSCP, assert_stored, send_concurrently, wait_until
+from helpers import make_ct_series, read_sop_uid
 
 pytestmark = CLUSTER_GROUP
 
@@ -44,16 +45,23 @@ actions = [{{ type = "plugin", plugin = "threshold-seg", send_to = ["pacs"], par
 """
 
 
-def finished(cluster: Cluster, series: int) -> bool:
+def progress(cluster: Cluster) -> dict[str, Any]:
+    """Series, jobs and deliveries by state: how far the cluster got."""
+    return {
+        "series": Counter(cluster.rows("select modality, state from series")),
+        "jobs": Counter(cluster.rows("select rule, state from job")),
+        "deliveries": Counter(cluster.rows("select state from delivery")),
+    }
+
+
+def finished(p: dict[str, Any], series: int) -> bool:
     """Every series triggered, every job ended, nothing waiting to be sent."""
-    triggered = cluster.value("select count(*) from series where state = 'triggered' and modality = 'CT'")
-    jobs = cluster.rows("select state from job")
-    waiting = cluster.value("select count(*) from delivery where state in ('queued', 'sending')")
     return (
-        triggered == series
-        and len(jobs) == 2 * series
-        and all(s in ("succeeded", "failed", "cancelled") for (s,) in jobs)
-        and waiting == 0
+        p["series"][("CT", "triggered")] == series
+        and sum(p["jobs"].values()) == 2 * series
+        and all(state in ("succeeded", "failed", "cancelled") for _, state in p["jobs"])
+        and not p["deliveries"][("queued",)]
+        and not p["deliveries"][("sending",)]
     )
 
 
@@ -78,7 +86,12 @@ def test_series_split_across_three_processes_are_handled_once(make_cluster, post
 
     source_uids = {read_sop_uid(f) for files in sent.values() for f in files}
     series_count = len(sent)
-    wait_for(lambda: finished(cluster, series_count), 90, "every series triggered, its jobs run and sent")
+    wait_until(
+        lambda: progress(cluster),
+        lambda p: finished(p, series_count),
+        90,
+        "every series triggered, its jobs run and sent",
+    )
 
     # Every instance indexed once, counted once in its series, its file on disk; nothing else on disk.
     rows = cluster.rows("select sop_instance_uid, file_path, job_fk from instance")
