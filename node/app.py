@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
+import selectors
 import shutil
 import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy import select
@@ -17,7 +23,7 @@ from node.config import Config
 from node.decide.compile import compile_rules
 from node.decide.tracker import SeriesTracker
 from node.derive.store import OutputStore
-from node.index.cluster import RUN_DIR, Membership
+from node.index.cluster import NODE, RECEIVER, RUN_DIR, Membership
 from node.index.db import WalCheckpointer, make_engine, migrate, session_factory
 from node.index.models import Instance
 from node.index.writer import IndexWriter
@@ -37,10 +43,28 @@ log = logging.getLogger(__name__)
 
 
 class Node:
-    def __init__(self, cfg: Config) -> None:
+    """One node process: the whole node (``role`` NODE), or one of its extra receivers (RECEIVER).
+
+    With ``[node] processes = N`` the first process starts N-1 receiver processes on the same config
+    (:class:`Receivers`): they only take the DICOM port (SO_REUSEPORT: the kernel spreads the
+    associations), store, index and track series; jobs, sending, retention and the web stay here.
+    ``config_path``: the file the receivers are started with (None: the default lookup, as
+    ``dicom-node run`` without ``--config``). ``parent``: a receiver's line to the process that started it.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        role: str = NODE,
+        config_path: Path | None = None,
+        parent: ParentLink | None = None,
+    ) -> None:
         if cfg.ruleset is None:  # a config loaded without its rules (node.config.load_config): compile them now
             cfg.ruleset = compile_rules(cfg)
         self.cfg = cfg
+        self.role = role
+        self.parent = parent
         set_redaction(cfg.logging.redact_phi)
         self.storage = Storage(cfg.data_dir)
         self.engine = make_engine(cfg.database_url)
@@ -50,7 +74,7 @@ class Node:
         self.sessions = session_factory(self.engine)
         #: This process in the index: the owner of what it claims, its heartbeat (node.index.cluster).
         self.membership = Membership(
-            self.engine, cfg.data_dir.resolve() / RUN_DIR, lease=cfg.node.lease, version=__version__
+            self.engine, cfg.data_dir.resolve() / RUN_DIR, lease=cfg.node.lease, role=role, version=__version__
         )
         self.writer = IndexWriter(self.engine, on_failure=lambda: self.ingest.recorder.forget())
         self.checkpointer = WalCheckpointer(self.engine)
@@ -58,7 +82,7 @@ class Node:
         self.membership.on_beat.append(self.runner.take_over)
         self.dispatcher = Dispatcher(cfg, self.engine, self.storage, reader=self.reader)
         self.runner.wake_senders = self.dispatcher.wake
-        self.tracker = SeriesTracker(cfg, self.engine, on_jobs=self.runner.wake, reader=self.reader)
+        self.tracker = SeriesTracker(cfg, self.engine, on_jobs=self._jobs_made, reader=self.reader)
         self.ingest = Ingest(
             self.storage,
             self.writer,
@@ -72,7 +96,12 @@ class Node:
             Retention(cfg, self.engine, self.storage, reader=self.reader) if cfg.retention.enabled else None
         )
         self.scp: StorageSCP | None = None
-        self.web = self._web() if cfg.web.enabled else None
+        self.receivers = (
+            Receivers(cfg.node.processes - 1, config_path, on_jobs=self.runner.wake, on_sends=self.dispatcher.wake)
+            if role == NODE and cfg.node.processes > 1
+            else None
+        )
+        self.web = self._web() if cfg.web.enabled and role == NODE else None
         self._stop = threading.Event()
 
     def _web(self) -> WebServer:
@@ -112,9 +141,22 @@ class Node:
         def scp() -> str:
             return "" if self.scp is not None and self.scp.listening else "the DICOM port is not listening"
 
-        return {"index": index, "storage": storage, "dicom": scp}
+        checks = {"index": index, "storage": storage, "dicom": scp}
+        if self.receivers is not None:
+            checks["receivers"] = self.receivers.problems
+        return checks
+
+    def _jobs_made(self) -> None:
+        """The tracker made jobs: wake the job runner, which in a receiver is the parent's."""
+        if self.parent is not None:
+            self.parent.tell(JOBS)
+        else:
+            self.runner.wake()
 
     def start(self) -> None:
+        if self.role == RECEIVER:
+            self._start_receiver()
+            return
         log.info("dicom-node %s starting (config: %s)", __version__, self.cfg.source)
         log.info("data directory %s, index %s", self.storage.root, self.engine.url.render_as_string(hide_password=True))
         new_dir = self.storage.prepare()
@@ -165,6 +207,26 @@ class Node:
             )
         self.scp = StorageSCP(self.cfg, self.ingest, self.dispatcher.commitment_report if commitment else None)
         self.scp.start()
+        if self.receivers is not None:  # after this process holds the port (and has migrated and recovered)
+            self.receivers.start(self.scp.acceptor.port)
+
+    def _start_receiver(self) -> None:
+        """A receiver: the DICOM port, storage, the index writer and the series tracker; nothing else.
+
+        The first process has migrated the index and reconciled the data directory before starting it;
+        what a receiver that crashed left is reconciled by the holder of the "recovery" duty.
+        """
+        log.info("dicom-node %s receiver process starting (config: %s)", __version__, self.cfg.source)
+        self.storage.prepare()
+        self.membership.register()
+        self.writer.start()
+        self.tracker.start()
+        self.membership.start()
+        commitment = any(d.storage_commitment for d in self.cfg.destinations)
+        self.scp = StorageSCP(self.cfg, self.ingest, self.dispatcher.commitment_report if commitment else None)
+        self.scp.start()
+        if self.parent is not None:
+            self.parent.tell(READY)
 
     def _keep_workers_warm(self) -> None:
         """Start the keep_warm workers of the environment plugins the rules use (in the background)."""
@@ -196,7 +258,9 @@ class Node:
             return s.execute(select(Instance.id).limit(1)).first() is None
 
     def stop(self) -> None:
-        if self.retention is not None:
+        if self.receivers is not None:
+            self.receivers.stop_begin()  # they finish their associations while this process does
+        if self.retention is not None and self.role == NODE:
             self.retention.stop()  # a run going on ends after its current series
         log.info("stopping: finishing open associations")
         clean = True
@@ -204,12 +268,15 @@ class Node:
             self.web.stop()
         if self.scp is not None:
             clean = self.scp.stop()
+        if self.receivers is not None:
+            self.receivers.join()  # their jobs still reach this process's runner meanwhile
         self.tracker.stop()
-        self.runner.stop()
-        from node.plugins.pool import close_pool
+        if self.role == NODE:  # a receiver did not start them
+            self.runner.stop()
+            from node.plugins.pool import close_pool
 
-        close_pool()  # after the jobs: a job still running gave its worker back or was stopped
-        self.dispatcher.stop()
+            close_pool()  # after the jobs: a job still running gave its worker back or was stopped
+            self.dispatcher.stop()
         clean = self.writer.stop() and clean
         self.checkpointer.stop()
         metrics.uninstall()
@@ -217,7 +284,8 @@ class Node:
         self.engine.dispose()
         self.reader.dispose()
         if clean:
-            mark_clean(self.storage)
+            if self.role == NODE:  # the data directory's marker: the first process's to write
+                mark_clean(self.storage)
             log.info("stopped cleanly")
         else:
             # Something may have been stored but not indexed: the next start scans.
@@ -238,3 +306,227 @@ class Node:
                 pass
         finally:
             self.stop()
+
+
+# -- several receivers on one host ([node] processes) ----------------------------------------------
+
+#: What a receiver tells the process that started it, one byte each over a pipe: it listens; it made
+#: jobs (wake the job runner).
+READY = b"R"
+JOBS = b"J"
+#: A receiver that died is started again after RESTART_MIN s, doubling up to RESTART_MAX while it keeps
+#: dying; one that ran STEADY s before dying counts as healthy again.
+RESTART_MIN = 1.0
+RESTART_MAX = 60.0
+STEADY = 60.0
+#: How long a stopping receiver may take (it finishes its associations like the node: StorageSCP.stop).
+STOP_TIMEOUT = 45.0
+
+
+class ParentLink:
+    """A receiver process's line to the node process that started it.
+
+    It dies with that process (the kernel's parent-death signal: SIGTERM, a clean stop), and tells it
+    what the parent's threads must hear at once: that it listens, and that its tracker made jobs
+    (the parent's job runner would otherwise find them at its next poll, up to 2 s later).
+    """
+
+    def __init__(self, parent_pid: int, fd: int) -> None:
+        from node.plugins.runtime import die_with_parent
+
+        die_with_parent(signal.SIGTERM, parent_pid)
+        self.fd = fd
+        os.set_blocking(fd, False)
+
+    def tell(self, message: bytes) -> None:
+        try:
+            os.write(self.fd, message)
+        except BlockingIOError:  # the pipe is full of wake-ups the parent has still to read: one more adds nothing
+            pass
+        except OSError as e:  # the parent is gone: its death signal stops this process
+            log.debug("cannot tell the node process %r: %s", message, e)
+
+
+@dataclass
+class _Child:
+    """One receiver slot: its process (None while waiting to be started again) and what it said."""
+
+    number: int
+    proc: subprocess.Popen[bytes] | None = None
+    pipe: int | None = None
+    ready: bool = False
+    started: float = 0.0
+    restart_at: float = 0.0
+    delay: float = RESTART_MIN
+    last_exit: str = ""
+
+
+class Receivers:
+    """The first process's supervisor of its ``count`` receiver processes.
+
+    One thread starts them, reads what they tell (readiness, new jobs), starts one again that died
+    (with back-off, logged), and on stop sends them SIGTERM and waits until they stopped cleanly. The
+    same thread does all of it because the kernel's parent-death signal follows the *thread* that
+    started a child: it must live as long as the children do.
+    """
+
+    def __init__(self, count: int, config_path: Path | None, *, on_jobs: Callable[[], None]) -> None:
+        self.config_path = config_path
+        self.on_jobs = on_jobs
+        self.children = [_Child(i + 1) for i in range(count)]
+        self.port = 0
+        self._stopping = threading.Event()
+        self._sel = selectors.DefaultSelector()
+        self._thread = threading.Thread(target=self._run, name="receivers", daemon=True)
+
+    def start(self, port: int) -> None:
+        """Start the receivers on ``port`` (the port this process listens on, also when configured as 0)."""
+        self.port = port
+        self._thread.start()
+
+    def stop_begin(self) -> None:
+        self._stopping.set()
+
+    def join(self) -> None:
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join(STOP_TIMEOUT + 10)
+
+    def problems(self) -> str:
+        """For /readyz: which receivers are not listening now (empty when all are)."""
+        bad = []
+        for c in self.children:
+            if c.ready and c.proc is not None:
+                continue
+            if c.proc is not None:
+                bad.append(f"receiver {c.number} (pid {c.proc.pid}) is starting")
+            else:
+                bad.append(f"receiver {c.number} {c.last_exit or 'is not started'}")
+        return "; ".join(bad)
+
+    def command(self, fd: int) -> list[str]:
+        config = ["--config", str(self.config_path)] if self.config_path is not None else []
+        return [sys.executable, "-m", "node", "run", *config, "--receiver-of", str(os.getpid()), "--notify-fd", str(fd)]
+
+    # -- the supervisor thread ------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                now = time.monotonic()
+                for c in self.children:
+                    if c.proc is None and now >= c.restart_at:
+                        self._spawn(c)
+                self._read(0.25)
+                for c in self.children:
+                    if c.proc is not None and c.proc.poll() is not None:
+                        self._ended(c)
+        except Exception:  # the receivers must still be stopped below
+            log.exception("the receiver supervisor failed; stopping the receiver processes")
+        finally:
+            self._stop_all()
+
+    def _spawn(self, c: _Child) -> None:
+        r, w = os.pipe()
+        env = {**os.environ, "DICOM_NODE_NODE__PORT": str(self.port)}
+        try:
+            c.proc = subprocess.Popen(self.command(w), pass_fds=(w,), stdin=subprocess.DEVNULL, env=env)
+        except OSError as e:
+            os.close(r)
+            c.last_exit = f"could not be started ({e}); trying again in {c.delay:g} s"
+            log.error("receiver process %d %s", c.number, c.last_exit)
+            c.restart_at = time.monotonic() + c.delay
+            c.delay = min(c.delay * 2, RESTART_MAX)
+            return
+        finally:
+            os.close(w)
+        os.set_blocking(r, False)
+        c.pipe, c.ready, c.started = r, False, time.monotonic()
+        self._sel.register(r, selectors.EVENT_READ, c)
+        log.info("started receiver process %d (pid %d) on port %d", c.number, c.proc.pid, self.port)
+
+    def _read(self, timeout: float) -> None:
+        """Handle what the receivers said within ``timeout`` s."""
+        jobs = False
+        for key, _ in self._sel.select(timeout):
+            c: _Child = key.data
+            data = self._drain(c)
+            if READY in data and not c.ready:
+                c.ready = True
+                log.info("receiver process %d (pid %d) is listening", c.number, c.proc.pid if c.proc else 0)
+            jobs = jobs or JOBS in data
+        if jobs:
+            self.on_jobs()
+
+    def _drain(self, c: _Child) -> bytes:
+        """Everything ``c`` wrote so far; closes the pipe at its end (the child exited)."""
+        if c.pipe is None:
+            return b""
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(c.pipe, 4096)
+            except BlockingIOError:
+                break
+            if not chunk:
+                self._sel.unregister(c.pipe)
+                os.close(c.pipe)
+                c.pipe = None
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _ended(self, c: _Child) -> None:
+        """``c`` exited while the node runs: log how, and start it again after its back-off."""
+        assert c.proc is not None
+        self._forget(c)
+        code = c.proc.returncode
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+        ran = time.monotonic() - c.started
+        c.delay = RESTART_MIN if ran >= STEADY else c.delay
+        c.last_exit = f"(pid {c.proc.pid}) {how} after {ran:.0f} s; starting it again in {c.delay:g} s"
+        log.error("receiver process %d %s", c.number, c.last_exit)
+        c.restart_at = time.monotonic() + c.delay
+        c.delay = min(c.delay * 2, RESTART_MAX)
+        c.proc, c.ready = None, False
+
+    def _forget(self, c: _Child) -> None:
+        data = self._drain(c)  # its last jobs count too
+        if JOBS in data:
+            self.on_jobs()
+        if c.pipe is not None:
+            self._sel.unregister(c.pipe)
+            os.close(c.pipe)
+            c.pipe = None
+
+    def _stop_all(self) -> None:
+        """SIGTERM to every receiver, then wait (reading their last wake-ups) until they stopped; SIGKILL after STOP_TIMEOUT."""
+        running = [c for c in self.children if c.proc is not None and c.proc.poll() is None]
+        for c in running:
+            assert c.proc is not None
+            c.proc.terminate()
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while any(c.proc.poll() is None for c in running if c.proc is not None):
+            if time.monotonic() > deadline:
+                for c in running:
+                    if c.proc is not None and c.proc.poll() is None:
+                        log.error(
+                            "receiver process %d (pid %d) did not stop in %g s: killed",
+                            c.number,
+                            c.proc.pid,
+                            STOP_TIMEOUT,
+                        )
+                        c.proc.kill()
+                        c.proc.wait(10)
+                break
+            self._read(0.1)
+        for c in self.children:
+            if c.proc is not None:
+                self._forget(c)
+                if c.proc.returncode != 0:
+                    log.warning(
+                        "receiver process %d (pid %d) stopped with status %s", c.number, c.proc.pid, c.proc.returncode
+                    )
+                c.proc, c.ready = None, False
+                c.last_exit = "is stopped"
+        self._sel.close()

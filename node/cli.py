@@ -66,15 +66,30 @@ def _main(
 
 
 @app.command()
-def run(config: Path | None = ConfigOption) -> None:
+def run(
+    config: Path | None = ConfigOption,
+    receiver_of: int | None = typer.Option(
+        None, "--receiver-of", hidden=True, help="Run as a receiver process of this node process ([node] processes)."
+    ),
+    notify_fd: int = typer.Option(-1, "--notify-fd", hidden=True, help="A receiver's pipe to its node process."),
+) -> None:
     """Run the node in the foreground until SIGINT/SIGTERM."""
+    link = None
+    if receiver_of is not None:  # started by the node itself (node.app.Receivers), not by hand
+        from node.app import ParentLink
+
+        link = ParentLink(receiver_of, notify_fd)  # first: it must not outlive a parent that dies meanwhile
     cfg = _load(config)
     from node.app import Node
+    from node.index.cluster import RECEIVER
     from node.logs import setup_logging
 
     setup_logging(cfg.logging.level, cfg.logging.json_format, redact_phi=cfg.logging.redact_phi)
     try:
-        Node(cfg).run_forever()
+        if link is not None:
+            Node(cfg, role=RECEIVER, parent=link).run_forever()
+        else:
+            Node(cfg, config_path=config).run_forever()
     except OSError as e:
         _fail(f"cannot start: {e}")
 

@@ -17,7 +17,6 @@ ends, kills every process under it before it exits.
 from __future__ import annotations
 
 import atexit
-import ctypes
 import os
 import signal
 import warnings
@@ -25,33 +24,10 @@ from types import FrameType
 
 import psutil
 
-from node.plugins.runtime import kill_descendants
-
-PR_SET_PDEATHSIG = 1
-PR_SET_CHILD_SUBREAPER = 36
-
-
-def _prctl(option: int, value: int) -> bool:
-    """prctl(2); False where there is none (not Linux): the timeout still bounds a plugin run."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return bool(libc.prctl(option, value, 0, 0, 0) == 0)
-    except (OSError, AttributeError):
-        return False
-
+from node.plugins.runtime import PR_SET_CHILD_SUBREAPER, die_with_parent, kill_descendants, prctl
 
 #: This fork server's pid, which its plugin processes inherit (their expected parent).
 _server_pid = 0
-
-
-def die_with_parent(sig: int, parent: int) -> None:
-    """Ask the kernel to send ``sig`` to this process when its parent ends (Linux).
-
-    If the parent is not ``parent`` any more, it ended before the request took effect: exit now.
-    (Not "the parent is pid 1": in a container without an init, the node itself is pid 1.)
-    """
-    if _prctl(PR_SET_PDEATHSIG, sig) and os.getppid() != parent:
-        os._exit(1)
 
 
 def contain() -> None:
@@ -61,7 +37,7 @@ def contain() -> None:
         os.setpgid(0, 0)
     except OSError:  # the tree is still found through the subreaper's parent links
         pass
-    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    prctl(PR_SET_CHILD_SUBREAPER, 1)
     die_with_parent(signal.SIGKILL, _server_pid)
 
 
@@ -80,7 +56,7 @@ def _serve_contained() -> None:
     # The fork server also ends by itself when the node closes its pipe (a clean stop), possibly before
     # the parent-death signal: what a killed plugin process left behind was adopted here and goes too.
     atexit.register(lambda: kill_descendants(psutil.Process()) if os.getpid() == _server_pid else None)
-    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    prctl(PR_SET_CHILD_SUBREAPER, 1)
     # The fork server reaps the adopted orphans too, and would warn about each one.
     warnings.filterwarnings("ignore", message="forkserver: waitpid returned unexpected pid")
     die_with_parent(signal.SIGTERM, os.getppid())

@@ -17,6 +17,7 @@ when the node stops or dies.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import multiprocessing as mp
 import os
@@ -64,6 +65,32 @@ class PluginRunError(Exception):
     def __init__(self, message: str, retryable: bool = False) -> None:
         super().__init__(message)
         self.retryable = retryable
+
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def prctl(option: int, value: int) -> bool:
+    """prctl(2); False where there is none (not Linux): the timeout still bounds a plugin run."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(option, value, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+def die_with_parent(sig: int, parent: int) -> None:
+    """Ask the kernel to send ``sig`` to this process when its parent ends (Linux).
+
+    The fork server and its plugin processes use it, and the node's receiver processes
+    (``[node] processes``). The "parent" is the thread that started this process: the starter must
+    keep that thread alive for as long as the child should live. If the parent is not ``parent`` any
+    more, it ended before the request took effect: exit now. (Not "the parent is pid 1": in a
+    container without an init, the node itself is pid 1.)
+    """
+    if prctl(PR_SET_PDEATHSIG, sig) and os.getppid() != parent:
+        os._exit(1)
 
 
 def _context() -> mp.context.ForkServerContext:

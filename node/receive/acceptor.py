@@ -149,6 +149,10 @@ class AcceptorSettings:
     max_pending: int = 64
     max_pending_per_address: int = 16
     ssl_context: ssl.SSLContext | None = None
+    #: Share the port with the node's other processes on this host (``[node] processes``): SO_REUSEPORT,
+    #: the kernel spreads new connections over them. Off for a single process, so that a second node
+    #: started on the same port by mistake fails with "address in use" rather than taking half the traffic.
+    reuse_port: bool = False
 
 
 class _Throttled:
@@ -663,6 +667,8 @@ class Acceptor:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         s = socket.socket(family, socket.SOCK_STREAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self.settings.reuse_port:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         s.bind((self.host, self.port))
         s.listen(128)
         s.settimeout(0.5)

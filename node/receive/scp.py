@@ -106,6 +106,7 @@ class StorageSCP:
             receive_dir=ingest.storage.tmp,
             ssl_context=self._ssl_context(),
             scp_role_classes=frozenset({STORAGE_COMMITMENT}) if on_commitment is not None else frozenset(),
+            reuse_port=n.processes > 1,
         )
         self.acceptor = Acceptor(settings, self, n.host, n.port)
 
