@@ -25,7 +25,6 @@ from node.decide.tracker import SeriesTracker
 from node.derive.store import OutputStore
 from node.index.cluster import NODE, RECEIVER, RUN_DIR, Membership
 from node.index.db import WalCheckpointer, make_engine, migrate, session_factory
-from node.index.models import Instance
 from node.index.writer import IndexWriter
 from node.jobs.runner import JobRunner
 from node.logs import set_redaction
@@ -33,7 +32,7 @@ from node.receive.ingest import Ingest
 from node.receive.scp import StorageSCP
 from node.send.dispatch import Dispatcher
 from node.storage import Storage
-from node.storage.recovery import mark_clean, recover
+from node.storage.recovery import Recovery
 from node.storage.retention import Retention
 
 if TYPE_CHECKING:
@@ -66,7 +65,6 @@ class Node:
         self.role = role
         self.parent = parent
         set_redaction(cfg.logging.redact_phi)
-        self.storage = Storage(cfg.data_dir)
         self.engine = make_engine(cfg.database_url)
         # Reads by the tracker and the job workers' polls: on SQLite they then need no write lock,
         # which the receive path's index writer holds for every commit.
@@ -76,8 +74,12 @@ class Node:
         self.membership = Membership(
             self.engine, cfg.data_dir.resolve() / RUN_DIR, lease=cfg.node.lease, role=role, version=__version__
         )
+        #: Temp and quarantine directories of this process's own (node.storage.layout).
+        self.storage = Storage(cfg.data_dir, self.membership.id)
         self.writer = IndexWriter(self.engine, on_failure=lambda: self.ingest.recorder.forget())
         self.checkpointer = WalCheckpointer(self.engine)
+        self.recovery = Recovery(self.storage, self.writer, self.membership)
+        self.membership.on_beat.append(self.recovery.sweep)  # files that crashed processes left
         self.runner = JobRunner(cfg, self.engine, self.storage, reader=self.reader, owner=self.membership.id)
         self.membership.on_beat.append(self.runner.take_over)
         self.dispatcher = Dispatcher(cfg, self.engine, self.storage, reader=self.reader)
@@ -159,15 +161,13 @@ class Node:
             return
         log.info("dicom-node %s starting (config: %s)", __version__, self.cfg.source)
         log.info("data directory %s, index %s", self.storage.root, self.engine.url.render_as_string(hide_password=True))
-        new_dir = self.storage.prepare()
         migrate(self.engine)
         self.membership.register()
-        if new_dir and self._index_is_empty():
-            mark_clean(self.storage)  # nothing to reconcile: no files and no rows
+        self.storage.prepare()  # after registering: see Storage.prepare
         self.writer.start()
         self.checkpointer.start()
         metrics.install(self.reader, self.storage.root)
-        recover(self.storage, self.sessions, self.writer)
+        self.recovery.at_start()
         if any(a.type == "plugin" for r in self.tracker.ruleset for a in r.model.actions):
             from node.plugins.runtime import start_fork_server
 
@@ -217,8 +217,8 @@ class Node:
         what a receiver that crashed left is reconciled by the holder of the "recovery" duty.
         """
         log.info("dicom-node %s receiver process starting (config: %s)", __version__, self.cfg.source)
-        self.storage.prepare()
         self.membership.register()
+        self.storage.prepare()  # after registering: see Storage.prepare
         self.writer.start()
         self.tracker.start()
         self.membership.start()
@@ -253,10 +253,6 @@ class Node:
         if wanted:
             pool(self.cfg.data_dir / "logs" / "workers").keep_warm(wanted)
 
-    def _index_is_empty(self) -> bool:
-        with self.sessions() as s:
-            return s.execute(select(Instance.id).limit(1)).first() is None
-
     def stop(self) -> None:
         if self.receivers is not None:
             self.receivers.stop_begin()  # they finish their associations while this process does
@@ -277,18 +273,19 @@ class Node:
 
             close_pool()  # after the jobs: a job still running gave its worker back or was stopped
             self.dispatcher.stop()
+        self.recovery.stop()  # a reconciliation in progress ends before the index writer does
         clean = self.writer.stop() and clean
         self.checkpointer.stop()
         metrics.uninstall()
-        self.membership.stop(clean=clean)
+        if clean:  # nothing in flight any more; an unclean stop's temp files go when it is reconciled
+            self.storage.clear_temp(self.storage.tmp)
+        self.membership.stop(clean=clean)  # stopped_at: nothing for anyone to reconcile
         self.engine.dispose()
         self.reader.dispose()
         if clean:
-            if self.role == NODE:  # the data directory's marker: the first process's to write
-                mark_clean(self.storage)
             log.info("stopped cleanly")
         else:
-            # Something may have been stored but not indexed: the next start scans.
+            # Something may have been stored but not indexed: it is reconciled (node.storage.recovery).
             log.warning("stopped, but not cleanly (associations aborted or index writes unfinished)")
 
     def run_forever(self) -> None:

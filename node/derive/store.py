@@ -42,7 +42,7 @@ class OutputStore:
         self.ae_title = ae_title
 
     def work_dir(self, job_id: int, attempt: int) -> Path:
-        """A fresh directory for a job run's files (under tmp/, which start-up clears)."""
+        """A fresh directory for a job run's files, in this process's temp directory (cleared once it is gone)."""
         d = self.storage.tmp / f"job-{job_id}-{attempt}"
         d.mkdir(parents=True, exist_ok=True)
         for old in d.iterdir():

@@ -11,8 +11,13 @@ the previous, indexed copy intact.
 Layout under ``data_dir``::
 
     storage/ab/<sha256(series uid)[:32]>/<sha256(sop uid)[:32]>-<token>.dcm
-    tmp/rx-*.part                                  data sets being received
-    quarantine/                                    files recovery could not index
+    tmp/<process>/rx-*.part                        data sets being received by node process <process>
+    tmp/<process>/job-<id>-<attempt>/              a job run's outputs before they are stored
+    quarantine/<process>/                          files that process's recovery could not index
+
+Several node processes may share one data directory (``[node] processes``, or several hosts): each
+has its own temp and quarantine directory, named after its process id (:func:`scratch_name`), so one
+process clearing what it left never touches another's files in flight (node.storage.recovery).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import errno
 import hashlib
 import os
 import random
+import re
+import secrets
 import shutil
 import threading
 from collections.abc import Iterator
@@ -32,25 +39,63 @@ QUARANTINE_DIR = "quarantine"
 SUFFIX = ".dcm"
 
 
-class Storage:
-    """The node's file store rooted at ``data_dir``."""
+def scratch_name(process_id: str) -> str:
+    """The directory name of a node process's temp and quarantine directories.
 
-    def __init__(self, data_dir: Path) -> None:
+    Process ids are ``host:pid:random``; a host name may hold characters a file name should not
+    (and ``:`` is awkward on some filesystems), so anything but letters, digits, ``.``, ``-`` and ``_``
+    becomes ``_``. The random part keeps two processes apart.
+    """
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", process_id)
+    return name if name.strip(".") else f"_{name}"
+
+
+class Storage:
+    """The node's file store rooted at ``data_dir``, as node process ``process`` uses it.
+
+    A node passes its process id (node.index.cluster.Membership.id). Without one (tools and tests that
+    only read or remove stored files) the store gets a temp directory of its own under a made-up name.
+    """
+
+    def __init__(self, data_dir: Path, process: str | None = None) -> None:
         self.root = data_dir.resolve()
+        self.process = process or f"standalone:{os.getpid()}:{secrets.token_hex(4)}"
         self.files = self.root / STORAGE_DIR
-        self.tmp = self.root / TMP_DIR
-        self.quarantine = self.root / QUARANTINE_DIR
+        #: Every process's temp directories are under ``tmp_root``; ``tmp`` is this process's.
+        self.tmp_root = self.root / TMP_DIR
+        self.tmp = self.tmp_root / scratch_name(self.process)
+        self.quarantine_root = self.root / QUARANTINE_DIR
+        #: Made when recovery first moves a file there.
+        self.quarantine = self.quarantine_root / scratch_name(self.process)
         #: Series directories known to exist durably (bounded: see place()), to save a stat per instance.
         self._dirs: set[Path] = set()
         self._dirs_lock = threading.Lock()
 
     def prepare(self) -> bool:
-        """Create the directories; returns True when the data directory is new."""
+        """Create the directories (this process's temp directory too); True when the data directory is new.
+
+        A node calls it only once its process row is in the index: another process starting up removes
+        temp directories named after no live process (node.storage.recovery.clear_scratch).
+        """
         new = not self.files.exists()
-        for d in (self.root, self.files, self.tmp, self.quarantine):
+        for d in (self.root, self.files, self.tmp_root, self.quarantine_root, self.tmp):
             d.mkdir(parents=True, exist_ok=True)
         fsync_dir(self.root)
         return new
+
+    def clear_temp(self, entry: Path) -> int:
+        """Remove ``entry`` (a file or a directory tree directly under ``tmp/``); returns the files removed."""
+        if entry.parent != self.tmp_root:
+            raise ValueError(f"{entry} is not an entry of {self.tmp_root}")
+        if not entry.is_dir() or entry.is_symlink():
+            try:
+                entry.unlink()
+            except FileNotFoundError:
+                return 0
+            return 1
+        removed = sum(len(names) for _dir, _subdirs, names in os.walk(entry))
+        shutil.rmtree(entry, ignore_errors=True)  # another process may be clearing it too
+        return removed
 
     def path_for(self, series_instance_uid: str, sop_instance_uid: str) -> Path:
         series = _digest(series_instance_uid)

@@ -186,11 +186,13 @@ min_free_mb = 0
         """What is left in tmp/, after giving association threads ``wait`` s to clean up.
 
         An association's thread tidies its temp directory just after sending
-        A-RELEASE-RP, so a sender can exit a few milliseconds before that.
+        A-RELEASE-RP, so a sender can exit a few milliseconds before that. Each
+        node process's own temp directory (``tmp/<process>/``) is not a leftover.
         """
         deadline = time.monotonic() + wait
+        tmp = self.data_dir / "tmp"
         while True:
-            left = sorted((self.data_dir / "tmp").rglob("*"))
+            left = sorted(p for p in tmp.rglob("*") if not (p.parent == tmp and p.is_dir()))
             if not left or time.monotonic() > deadline:
                 return left
             time.sleep(0.05)

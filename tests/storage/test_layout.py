@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from node.storage.layout import Storage
+from node.storage.layout import Storage, scratch_name
 
 HEX_NAME = re.compile(r"[0-9a-f]{32}-[0-9a-f]{8}\.dcm")
 
@@ -23,6 +23,33 @@ def storage(tmp_path: Path) -> Storage:
 def test_prepare_says_whether_the_data_directory_is_new(storage: Storage) -> None:
     assert {p.name for p in storage.root.iterdir()} == {"storage", "tmp", "quarantine"}
     assert Storage(storage.root).prepare() is False
+
+
+def test_each_process_has_its_own_temp_and_quarantine_directory_with_a_safe_name(storage: Storage) -> None:
+    a = Storage(storage.root, "pacs-gw.example.org:4242:0a1b2c3d")
+    b = Storage(storage.root, "pacs-gw.example.org:4243:99aa88bb")
+    a.prepare()
+    b.prepare()
+    assert a.tmp == storage.tmp_root / "pacs-gw.example.org_4242_0a1b2c3d" and a.tmp.is_dir()
+    assert a.quarantine == storage.quarantine_root / "pacs-gw.example.org_4242_0a1b2c3d"
+    assert a.tmp != b.tmp and a.quarantine != b.quarantine and b.tmp.is_dir()
+    for hostile in ("../../etc:1:ab", "..", ".", "a/b\\c:1:ff", "\x00"):
+        name = scratch_name(hostile)
+        assert name not in (".", "..", "") and "/" not in name and "\x00" not in name, name
+        assert (storage.tmp_root / name).parent == storage.tmp_root
+
+
+def test_clearing_a_temp_entry_counts_its_files_and_stays_under_tmp(storage: Storage) -> None:
+    other = Storage(storage.root, "host:1:00000001")
+    other.prepare()
+    (other.tmp / "job-3-1").mkdir()
+    for f in (other.tmp / "rx-1.part", other.tmp / "job-3-1" / "out.dcm"):
+        f.write_bytes(b"x")
+    (storage.tmp / "mine.part").write_bytes(b"y")
+    assert storage.clear_temp(other.tmp) == 2 and not other.tmp.exists()
+    assert (storage.tmp / "mine.part").is_file()
+    with pytest.raises(ValueError, match="is not an entry of"):
+        storage.clear_temp(storage.files)
 
 
 def test_uids_become_hex_names_under_storage_whatever_a_peer_sends(storage: Storage) -> None:

@@ -30,7 +30,6 @@ import pytest
 from helpers import PEER_ENV, NodeProcess, dataset_bytes, dcmtk, make_ct_series, read_sop_uid, storescu
 from pydicom.uid import generate_uid
 
-CLEAN_MARKER = "clean-shutdown"  # node.storage.recovery.CLEAN_MARKER
 LOG_FORBIDDEN = ("database is locked", "aborted", "Traceback")
 
 
@@ -158,9 +157,22 @@ def send_five(node: NodeProcess, tmp_path: Path) -> dict[str, Path]:
     return source_index(files)
 
 
+def last_stop(node: NodeProcess) -> str | None:
+    """When the node process that registered last recorded its clean stop (None: it did not)."""
+    rows = node.query("select stopped_at from node_process order by started_at desc limit 1")
+    assert rows, "the node registered no process row"
+    return rows[0][0]
+
+
 def stop_cleanly(node: NodeProcess) -> None:
     assert node.stop() == 0, node.log()[-4000:]
-    assert (node.data_dir / CLEAN_MARKER).is_file(), "a clean stop must leave the clean-shutdown marker"
+    assert last_stop(node) is not None, "a clean stop must be recorded in the node's process row"
+
+
+def forget_clean_stop(node: NodeProcess) -> None:
+    """Make the last stop look like a crash (kill -9 between rename and commit): nothing says it was clean."""
+    with closing(node.db()) as c, c:
+        c.execute("update node_process set stopped_at = null, recovered_at = null")
 
 
 def log_since(node: NodeProcess, offset: int) -> str:
@@ -267,12 +279,12 @@ def test_kill9_during_four_associations_then_recovery(node, tmp_path: Path):
     )
     assert any(s.returncode != 0 for s in senders), "no sender noticed the crash"
 
-    # Restart on the same data directory: recovery must run (no clean-shutdown marker).
+    # Restart on the same data directory: recovery must run (no clean stop recorded).
     log_offset = len(node.log())
-    assert not (node.data_dir / CLEAN_MARKER).exists()
+    assert last_stop(node) is None
     node.start()
     restart_log = log_since(node, log_offset)
-    assert "recovery: the last run did not stop cleanly" in restart_log, restart_log
+    assert re.search(r"recovery: node process\(es\) \S+ did not stop cleanly", restart_log), restart_log
     assert re.search(r"recovery: checked \d+ file\(s\)", restart_log), restart_log
 
     rows = instance_rows(node)
@@ -362,7 +374,7 @@ def _lose_row(node: NodeProcess, uid: str) -> None:
         (series_fk,) = c.execute("select series_fk from instance where sop_instance_uid = ?", (uid,)).fetchone()
         assert c.execute("delete from instance where sop_instance_uid = ?", (uid,)).rowcount == 1
         c.execute("update series set instance_count = instance_count - 1 where id = ?", (series_fk,))
-    (node.data_dir / CLEAN_MARKER).unlink()
+    forget_clean_stop(node)
 
 
 def test_recovery_indexes_a_stored_file_whose_row_is_missing(node, tmp_path: Path):
@@ -408,7 +420,7 @@ def test_leftover_temp_file_is_removed_at_start(node, tmp_path: Path, clean_stop
     src = send_five(node, tmp_path)
     stop_cleanly(node)
     if not clean_stop:
-        (node.data_dir / CLEAN_MARKER).unlink()
+        forget_clean_stop(node)
     junk = node.data_dir / "tmp" / "rx-junk.part"
     junk.write_bytes(b"\x00" * 128 + b"DICM" + os.urandom(1000))
 
@@ -433,7 +445,7 @@ def test_row_whose_file_is_missing_is_reported_and_node_starts(node, tmp_path: P
     lost = node.data_dir / instance_rows(node)[uid]["file_path"]
     stop_cleanly(node)
     lost.unlink()
-    (node.data_dir / CLEAN_MARKER).unlink()
+    forget_clean_stop(node)
 
     offset = len(node.log())
     node.start()  # waits for C-ECHO: the node is up
@@ -455,7 +467,7 @@ def test_resending_an_instance_whose_file_is_lost_restores_it(node, tmp_path: Pa
     stop_cleanly(node)
     lost = node.data_dir / instance_rows(node)[uid]["file_path"]
     lost.unlink()
-    (node.data_dir / CLEAN_MARKER).unlink()
+    forget_clean_stop(node)
     node.start()
     r = storescu(node.port, [src[uid]])
     assert r.returncode == 0, r.stderr
