@@ -112,8 +112,19 @@ class Cluster:
     def stop(self) -> list[str]:
         """Stop every node; the problems found in their logs and exit codes."""
         problems = []
-        for n in self.nodes:
-            code = n.stop()
+        codes: dict[int, int | None] = {}
+
+        def stop(i: int, n: ClusterNode) -> None:
+            codes[i] = n.stop()
+
+        # All at once: each may take seconds to finish what it holds.
+        threads = [threading.Thread(target=stop, args=(i, n)) for i, n in enumerate(self.nodes)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i, n in enumerate(self.nodes):
+            code = codes.get(i)
             log = n.log()
             if "Traceback" in log:
                 problems.append(f"{n.root.name} logged a traceback:\n{log[-4000:]}")
@@ -163,7 +174,6 @@ class GatedProxy:
         self._server.settimeout(0.2)
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
-        self.held = 0
         threading.Thread(target=self._accept, daemon=True).start()
 
     def open(self) -> None:
@@ -187,7 +197,6 @@ class GatedProxy:
                 return
             with self._lock:
                 self._sockets.append(client)
-                self.held += 0 if self._gate.is_set() else 1
             threading.Thread(target=self._relay, args=(client,), daemon=True).start()
 
     def _relay(self, client: socket.socket) -> None:
