@@ -9,6 +9,13 @@ this node against DCMTK ``storescp`` (a C++ lower bound on overhead: it only
 writes files), Orthanc (a C++ PACS with a database, the closest peer) and
 pynetdicom's ``storescp`` (the pure-Python baseline the node builds on).
 
+The node can be run in several variants side by side: ``--node-processes 1,2,4`` (``[node]
+processes``: one node process and N-1 receiver processes sharing the DICOM port) and
+``--node-databases sqlite,postgresql`` (PostgreSQL: one throwaway server on loopback for the whole
+run, started as the tests start it, a new database per run, ``fsync`` on). Each variant is a
+receiver of its own, named ``node`` (1 process, SQLite), ``node-x4``, ``node-pg``, ``node-pg-x2``...;
+a variant with several processes counts as started once every receiver process listens.
+
 Matrix: two data sets (512x512 16-bit CT, ~0.5 MB per instance; 128x128
 16-bit, ~35 KB per instance) x stream counts (1 and 4 parallel storescu
 associations).  For every cell and receiver: fresh storage directory and a
@@ -19,6 +26,8 @@ Usage examples::
 
     python scripts/bench/bench_ingest.py --quick --receivers storescp,orthanc,pynetdicom
     python scripts/bench/bench_ingest.py --repeat 3 --json bench-ingest.json
+    python scripts/bench/bench_ingest.py --receivers node,orthanc,storescp --storescp-fork \
+        --node-processes 1,2,4 --node-databases sqlite,postgresql
 
 Run from anywhere; the node is started with the repository root as cwd.
 Progress goes to stderr, the results tables to stdout.  The exit status is
@@ -30,14 +39,20 @@ such as a node that does not exist yet, is skipped with a message).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The throwaway PostgreSQL server the tests use (tests/helpers/postgres.py): one way to start it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
 from bench_common import (  # noqa: E402
     ECHOSCU,
@@ -53,6 +68,7 @@ from bench_common import (  # noqa: E402
     ReceiverUnavailable,
     SeriesSpec,
     StorescpReceiver,
+    free_port,
     generate_series,
     install_sigterm_handler,
     log,
@@ -102,9 +118,50 @@ class CellResult:
 # --------------------------------------------------------------------------
 
 
+class NodeVariant(NodeReceiver):
+    """The node with ``processes`` processes on SQLite, or on PostgreSQL (``database`` makes a new database)."""
+
+    def __init__(self, pg: ProcessGroup, processes: int, database: Callable[[], str] | None) -> None:
+        super().__init__(pg)
+        self.processes = processes
+        self.database = database
+        self.name = node_name(processes, database is not None)
+        self.web_port = 0
+
+    def extra_config(self) -> str:
+        self.web_port = free_port()
+        text = f"processes = {self.processes}\n\n[web]\nport = {self.web_port}\n"
+        if self.database is not None:
+            text += f'\n[database]\nurl = "{self.database()}"\n'
+        return text
+
+    def start(self, workdir: Path) -> None:
+        """Started once the node answers C-ECHO and (several processes) /readyz says every receiver listens."""
+        super().start(workdir)
+        if self.processes > 1 and not wait_until(self._receivers_up, 90, interval=0.25):
+            self.stop()
+            raise ReceiverUnavailable(f"{self.name}: the receiver processes did not all listen within 90 s")
+
+    def _receivers_up(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}/readyz", timeout=5) as rsp:
+                return bool(json.load(rsp)["checks"].get("receivers") == "ok")
+        except (OSError, ValueError):  # 503 (not ready yet) is an HTTPError, an OSError
+            return False
+
+    def describe(self) -> str:
+        db = "PostgreSQL on loopback (fsync on)" if self.database is not None else "SQLite in data_dir"
+        return f"python -m node run, [node] processes = {self.processes}, {db}"
+
+
+def node_name(processes: int, postgresql: bool) -> str:
+    return "node" + ("-pg" if postgresql else "") + (f"-x{processes}" if processes > 1 else "")
+
+
 def make_receiver(name: str, pg: ProcessGroup, args: argparse.Namespace) -> Receiver:
-    if name == "node":
-        return NodeReceiver(pg)
+    if name.startswith("node"):
+        processes, postgresql = args.node_variants[name]
+        return NodeVariant(pg, processes, args.new_database if postgresql else None)
     if name == "storescp":
         return StorescpReceiver(pg, fork=args.storescp_fork)
     if name == "orthanc":
@@ -217,21 +274,31 @@ def build_rows(
     results: dict[tuple[str, int], dict[str, CellResult]],
     receivers: list[str],
 ) -> tuple[list[str], list[list[str]]]:
-    """Header and rows shared by the plain-text and Markdown tables."""
-    others = [r for r in receivers if r != "node"]
+    """The rates table: one row per cell, one column per receiver (plain text and Markdown)."""
     header = ["data", "streams", *[f"{r} inst/s" for r in receivers]]
-    if "node" in receivers:
-        header += [f"node/{r}" for r in ("orthanc", "storescp", "pynetdicom") if r in others]
     rows: list[list[str]] = []
     for spec, streams, inst_bytes in cells:
         res = results.get((spec.key, streams), {})
         row = [f"{spec.label} x{spec.count} (~{inst_bytes / 1024:.0f} KiB)", str(streams)]
-        row += [fmt_rate(res.get(r)) for r in receivers]
-        if "node" in receivers:
-            row += [
-                fmt_ratio(res.get("node"), res.get(r)) for r in ("orthanc", "storescp", "pynetdicom") if r in others
-            ]
-        rows.append(row)
+        rows.append(row + [fmt_rate(res.get(r)) for r in receivers])
+    return header, rows
+
+
+def build_ratio_rows(
+    cells: list[tuple[SeriesSpec, int, int]],
+    results: dict[tuple[str, int], dict[str, CellResult]],
+    receivers: list[str],
+) -> tuple[list[str], list[list[str]]]:
+    """The ratios table: one row per cell and node variant, its rate over each other receiver's."""
+    nodes = [r for r in receivers if r.startswith("node")]
+    others = [r for r in ("orthanc", "storescp", "pynetdicom") if r in receivers]
+    header = ["data", "streams", "node", "inst/s", *[f"/{r}" for r in others]]
+    rows: list[list[str]] = []
+    for spec, streams, _ in cells:
+        res = results.get((spec.key, streams), {})
+        for n in nodes:
+            row = [spec.key, str(streams), n, fmt_rate(res.get(n))]
+            rows.append(row + [fmt_ratio(res.get(n), res.get(r)) for r in others])
     return header, rows
 
 
@@ -263,6 +330,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--keep", action="store_true", help="keep the work dir (logs, stored files); it is kept anyway after a failure"
     )
     p.add_argument(
+        "--node-processes", default="1", help="comma-separated [node] processes values, one node variant each"
+    )
+    p.add_argument(
+        "--node-databases", default="sqlite", help="comma-separated index databases of the node: sqlite, postgresql"
+    )
+    p.add_argument(
         "--storescp-fork", action="store_true", help="run DCMTK storescp with --fork (one process per association)"
     )
     p.add_argument(
@@ -282,6 +355,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = [r for r in args.receiver_list if r not in RECEIVER_NAMES]
     if bad or not args.receiver_list:
         p.error(f"unknown receivers {bad}; choose from {','.join(RECEIVER_NAMES)}")
+    try:
+        processes = [int(n) for n in args.node_processes.split(",") if n.strip()]
+    except ValueError:
+        p.error(f"--node-processes wants integers, got {args.node_processes!r}")
+    databases = [d.strip() for d in args.node_databases.split(",") if d.strip()]
+    if not processes or min(processes) < 1 or not databases or set(databases) - {"sqlite", "postgresql"}:
+        p.error("--node-processes needs positive integers, --node-databases sqlite and/or postgresql")
+    # "node" stands for every variant, in its place in the receiver order.
+    args.node_variants = {node_name(n, d == "postgresql"): (n, d == "postgresql") for d in databases for n in processes}
+    if "node" in args.receiver_list:
+        i = args.receiver_list.index("node")
+        args.receiver_list[i : i + 1] = list(args.node_variants)
+    args.new_database = None  # set in main() when a variant needs PostgreSQL
     args.stream_list = [int(s) for s in args.streams.split(",") if s.strip()]
     if not args.stream_list or min(args.stream_list) < 1:
         p.error("--streams needs positive integers")
@@ -305,6 +391,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     install_sigterm_handler()
+    with contextlib.ExitStack() as stack:
+        if any(pg for _, pg in args.node_variants.values() if pg) and any(
+            r.startswith("node") for r in args.receiver_list
+        ):
+            from helpers.postgres import new_database, postgres_server
+
+            server = stack.enter_context(postgres_server())
+            args.new_database = lambda: new_database(server)
+        return run_all(args)
+
+
+def run_all(args: argparse.Namespace) -> int:
 
     needed = [STORESCU, ECHOSCU]
     needed += [STORESCP] if "storescp" in args.receiver_list else []
@@ -416,8 +514,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:10s} SKIPPED: {unavailable[name].splitlines()[0]}")
         else:
             print(f"  {name:10s} {described.get(name, '')}")
+    ratio_header, ratio_rows = build_ratio_rows(cells, results, args.receiver_list)
     print()
     print(table(rows, header))
+    if ratio_rows:
+        print()
+        print(table(ratio_rows, ratio_header))
     print()
     print("Markdown (for docs/benchmarks.md):")
     print()
@@ -427,6 +529,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     print()
     print(table(rows, header, markdown=True))
+    if ratio_rows:
+        print()
+        print(table(ratio_rows, ratio_header, markdown=True))
 
     if args.json:
         out = {
@@ -439,6 +544,7 @@ def main(argv: list[str] | None = None) -> int:
                 "repeat": args.repeat,
                 "warmup_instances": WARMUP_INSTANCES,
                 "storescp_fork": args.storescp_fork,
+                "node_variants": {n: {"processes": k, "postgresql": pg} for n, (k, pg) in args.node_variants.items()},
                 "orthanc_overrides": args.orthanc_set,
             },
             "receivers": {
@@ -465,6 +571,7 @@ def main(argv: list[str] | None = None) -> int:
                 for spec, streams, inst_bytes in cells
             ],
             "table": {"header": header, "rows": rows},
+            "ratios": {"header": ratio_header, "rows": ratio_rows},
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=2) + "\n")
