@@ -84,7 +84,10 @@ class Node:
         self.membership.on_beat.append(self.runner.take_over)
         self.dispatcher = Dispatcher(cfg, self.engine, self.storage, reader=self.reader)
         self.runner.wake_senders = self.dispatcher.wake
-        self.tracker = SeriesTracker(cfg, self.engine, on_jobs=self._jobs_made, reader=self.reader)
+        self.tracker = SeriesTracker(
+            cfg, self.engine, on_jobs=self._jobs_made, reader=self.reader, lease=self.membership.lease
+        )
+        self.membership.on_beat.append(self.tracker.sweep)  # series and revisions a dead process left
         self.ingest = Ingest(
             self.storage,
             self.writer,
@@ -95,7 +98,9 @@ class Node:
         # Derived objects go through the same index writer and duplicate rules as received ones.
         self.runner.outputs = OutputStore(self.storage, self.writer, self.ingest.recorder, cfg.node.ae_title)
         self.retention = (
-            Retention(cfg, self.engine, self.storage, reader=self.reader) if cfg.retention.enabled else None
+            Retention(cfg, self.engine, self.storage, reader=self.reader, owner=self.membership.id)
+            if cfg.retention.enabled
+            else None
         )
         self.scp: StorageSCP | None = None
         self.receivers = (

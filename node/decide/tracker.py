@@ -17,6 +17,14 @@ evaluated and the revision's jobs made in one transaction (unique per
 revision, rule and action). On start-up, receiving series are re-armed from
 the table (overdue ones fire at once) and stable revisions whose jobs were
 not made yet are evaluated again; nothing is kept only in memory.
+
+Several node processes may share the index (docs/scale-out.md). A series is timed by the process that
+received it; if that process dies, :meth:`SeriesTracker.sweep` (run on every heartbeat) in another
+process adopts every receiving series it does not time itself once its last arrival is older than the
+shortest quiet period any rule may give it plus the lease, and triggers stable revisions left
+untriggered for longer than the lease. Two processes timing one series is harmless: marking it stable
+is conditional, and a revision is triggered by the one transaction that claims it
+(``triggered_at IS NULL``); the other makes no job, audit event or log line for it.
 """
 
 from __future__ import annotations
@@ -72,10 +80,21 @@ class _Pending:
 
 class SeriesTracker:
     def __init__(
-        self, cfg: Config, engine: Engine, on_jobs: Callable[[], None] | None = None, reader: Engine | None = None
+        self,
+        cfg: Config,
+        engine: Engine,
+        on_jobs: Callable[[], None] | None = None,
+        reader: Engine | None = None,
+        *,
+        lease: float | None = None,
     ) -> None:
-        """``reader``: an engine for reads only (on SQLite, reads then take no write lock)."""
+        """``reader``: an engine for reads only (on SQLite, reads then take no write lock).
+
+        ``lease``: the node processes' lease (``[node] lease`` unless given): how long :meth:`sweep` leaves a
+        series or revision to the process that is timing it before taking it up.
+        """
         self.cfg = cfg
+        self.lease = cfg.node.lease if lease is None else lease
         self.engine = engine
         self.reader = reader or engine
         self.ruleset: RuleSet = cfg.ruleset if cfg.ruleset is not None else RuleSet([])
@@ -111,14 +130,7 @@ class SeriesTracker:
                 self._pending[sid] = _Pending(revision, aware(last), count, self.cfg.tracker.stable_after)
             self._schedule(sid, now)  # computes its timing, then waits or fires at once if overdue
         for sid, revision in untriggered:
-            self.scheduler.add_job(
-                self._trigger_logged,
-                "date",
-                run_date=now,
-                args=[sid, revision],
-                id=f"trigger-{sid}-{revision}",
-                replace_existing=True,
-            )
+            self._schedule_trigger(sid, revision, now)
         if receiving or untriggered:
             log.info(
                 "series tracker: %d receiving series re-armed from the index, %d stable revision(s) to evaluate",
@@ -128,6 +140,73 @@ class SeriesTracker:
 
     def stop(self) -> None:
         self.scheduler.shutdown(wait=True)
+
+    # -- other processes' series (the heartbeat thread) ------------------------
+
+    @property
+    def adopt_after(self) -> float:
+        """Seconds after its last arrival that a receiving series nobody here times is taken up.
+
+        The shortest quiet period of the default and every rule (no series is due earlier, except by an
+        expected count) plus the lease (its own process, if alive, has decided by then).
+        """
+        rules = [r.model.stable_after for r in self.ruleset if r.model.stable_after is not None]
+        return min([self.cfg.tracker.stable_after, *rules]) + self.lease
+
+    def sweep(self) -> None:
+        """Take up what a process that died left: series it was timing, revisions it did not trigger.
+
+        Cheap (two indexed reads); the timers and triggers it schedules run in the scheduler's threads.
+        """
+        if not self.scheduler.running:
+            return
+        now = utcnow()
+        with self.reader.connect() as conn:
+            receiving = conn.execute(
+                select(
+                    _series.c.id, _series.c.revision, _series.c.last_received_at, _series.c.revision_instances
+                ).where(
+                    _series.c.state == SeriesState.RECEIVING,
+                    _series.c.series_instance_uid != "",
+                    _series.c.last_received_at < now - dt.timedelta(seconds=self.adopt_after),
+                )
+            ).all()
+            untriggered = conn.execute(
+                select(_revision.c.series_fk, _revision.c.revision).where(
+                    _revision.c.triggered_at.is_(None), _revision.c.stable_at < now - dt.timedelta(seconds=self.lease)
+                )
+            ).all()
+        adopted = []
+        for sid, revision, last, count in receiving:
+            with self._lock:
+                p = self._pending.get(sid)
+                if p is not None and p.revision >= revision:
+                    continue  # timed here
+                self._pending[sid] = _Pending(revision, aware(last), count, self.cfg.tracker.stable_after)
+            adopted.append(sid)
+            self._schedule(sid, now)  # works out its timing, then marks it stable or waits
+        taken = []
+        for sid, revision in untriggered:
+            if self.scheduler.get_job(f"trigger-{sid}-{revision}") is not None:
+                continue  # a retry of it is scheduled here
+            taken.append((sid, revision))
+            self._schedule_trigger(sid, revision, now)
+        if adopted:
+            log.warning(
+                "series tracker: %d receiving series without an instance for over %g s, timed by no process, "
+                "taken up here (series #%s)",
+                len(adopted),
+                self.adopt_after,
+                ", #".join(map(str, adopted)),
+            )
+        if taken:
+            log.warning(
+                "series tracker: %d stable revision(s) left without their rules evaluated for over %g s, "
+                "evaluated here (series #%s)",
+                len(taken),
+                self.lease,
+                ", #".join(f"{sid} revision {rev}" for sid, rev in taken),
+            )
 
     # -- arrivals (receive threads) ------------------------------------------
 
@@ -159,6 +238,16 @@ class SeriesTracker:
     def _schedule(self, sid: int, when: dt.datetime) -> None:
         self.scheduler.add_job(
             self._fire_logged, "date", run_date=when, args=[sid], id=f"series-{sid}", replace_existing=True
+        )
+
+    def _schedule_trigger(self, sid: int, revision: int, when: dt.datetime, reason: str = "", attempt: int = 1) -> None:
+        self.scheduler.add_job(
+            self._trigger_logged,
+            "date",
+            run_date=when,
+            args=[sid, revision, reason, attempt],
+            id=f"trigger-{sid}-{revision}",
+            replace_existing=True,
         )
 
     # -- the timer (scheduler threads) --------------------------------------
@@ -278,6 +367,10 @@ class SeriesTracker:
                 p.count = max(p.count, row.revision_instances)
                 due = p.job_at = p.due()
             self._schedule(sid, max(due, now))
+        else:  # made stable by another process (or gone, or a newer revision opened there): not ours to time
+            with self._lock:
+                if self._pending.get(sid) is p:
+                    del self._pending[sid]
         return False, ""
 
     # -- rules and jobs ------------------------------------------------------
@@ -295,19 +388,18 @@ class SeriesTracker:
                 attempt,
                 delay,
             )
-            self.scheduler.add_job(
-                self._trigger_logged,
-                "date",
-                run_date=utcnow() + dt.timedelta(seconds=delay),
-                args=[sid, revision, reason, attempt + 1],
-                id=f"trigger-{sid}-{revision}",
-                replace_existing=True,
-            )
+            self._schedule_trigger(sid, revision, utcnow() + dt.timedelta(seconds=delay), reason, attempt + 1)
 
     def _trigger(self, sid: int, revision: int, reason: str) -> None:
-        """Evaluate the rules for a stable revision and make its jobs, all in one transaction."""
+        """Evaluate the rules for a stable revision and make its jobs, all in one transaction.
+
+        The transaction first claims the revision (sets ``triggered_at`` where it is still NULL): of two
+        processes triggering it, only the one that claims it makes jobs, audits and logs.
+        """
         now = utcnow()
         error, jobs, matched = "", [], []
+        if self._triggered(sid, revision):
+            return
         with Session(self.reader) as s:
             try:
                 snap = series_snapshot(s, self.data_dir, sid, revision)
@@ -347,16 +439,19 @@ class SeriesTracker:
                     )
         uids = {"series_uid": snap.series_uid, "study_uid": snap.study_uid} if snap is not None else {}
         with self.engine.begin() as conn:
-            for name in matched:  # audited with the jobs, in the transaction that makes them
-                audit.record(conn, "rule_fired", actor="node", rule=name, detail=f"revision {revision}", **uids)
-            made = create_jobs(conn, sid, revision, jobs, **uids) if jobs else []
-            conn.execute(
+            claimed = conn.execute(
                 update(_revision)
                 .where(
                     _revision.c.series_fk == sid, _revision.c.revision == revision, _revision.c.triggered_at.is_(None)
                 )
                 .values(triggered_at=now, matched_rules=",".join(matched), error=error)
-            )
+            ).rowcount
+            if claimed != 1:
+                log.debug("series #%d revision %d: triggered by another process meanwhile", sid, revision)
+                return
+            for name in matched:  # audited with the jobs, in the transaction that makes them
+                audit.record(conn, "rule_fired", actor="node", rule=name, detail=f"revision {revision}", **uids)
+            made = create_jobs(conn, sid, revision, jobs, **uids) if jobs else []
             conn.execute(
                 update(_series)
                 .where(and_(_series.c.id == sid, _series.c.revision == revision, _series.c.state == SeriesState.STABLE))
@@ -383,6 +478,14 @@ class SeriesTracker:
             log.info("%s revision %d is stable%s: no rule matched", label, revision, when, extra=extra)
         if made and self.on_jobs:
             self.on_jobs()
+
+    def _triggered(self, sid: int, revision: int) -> bool:
+        """Whether the revision's rules were evaluated already (by another process): then nothing is read."""
+        with self.reader.connect() as conn:
+            row = conn.execute(
+                select(_revision.c.triggered_at).where(_revision.c.series_fk == sid, _revision.c.revision == revision)
+            ).first()
+        return row is None or row.triggered_at is not None
 
 
 #: The job kinds whose log line says what the action does (others say their kind).

@@ -20,6 +20,12 @@ the rows, removes the files and then commits (see :mod:`node.storage.removal` fo
 The series, study and patient rows go too once nothing refers to them; while delivery rows (the
 history of what was sent) or the lineage of a remaining output still refer to a series, its row
 stays with no instances, and a later run removes it once that history is pruned.
+
+Several node processes may share the index: the scheduled clean-up runs only in the one holding the
+duty ``retention`` (:func:`node.index.cluster.hold_duty`), taken or renewed before each run and while
+it goes on; when its holder dies another process takes it up after the duty's lease. A run asked for
+by an operator (``dicom-node retention``, the API) runs wherever it is asked: every series is checked
+again in its own transaction, so it is safe next to the holder's run.
 """
 
 from __future__ import annotations
@@ -28,16 +34,19 @@ import datetime as dt
 import logging
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, and_, case, delete, exists, func, select, true
+from sqlalchemy.exc import SQLAlchemyError
 
 from node import audit, units
 from node.config import Config
-from node.index.models import Delivery, Instance, Job, Patient, Series, SeriesRevision, Study, aware, utcnow
+from node.index.cluster import hold_duty, live_ids
+from node.index.models import Delivery, Duty, Instance, Job, Patient, Series, SeriesRevision, Study, aware, utcnow
 from node.index.states import DELIVERY_IN_FLIGHT, delivery_not_arrived, job_active, series_tracking
 from node.storage import Storage
 from node.storage.removal import delete_instance_rows, remove_files
@@ -56,6 +65,8 @@ REASONS: dict[str, str] = {
 }
 #: Delivery rows removed per statement when pruning the history.
 PRUNE_CHUNK = 5000
+#: The duty whose holder runs the scheduled clean-up (node.index.cluster).
+DUTY = "retention"
 
 _s, _i, _d = Series.__table__, Instance.__table__, Delivery.__table__
 _j, _rev = Job.__table__, SeriesRevision.__table__
@@ -263,7 +274,7 @@ class RetentionReport:
                 f"empty series, {self.studies_removed} studies, {self.patients_removed} patients"
             )
         if self.interrupted:
-            out.append("interrupted: the node is stopping; the next run goes on")
+            out.append("interrupted (the node is stopping, or another process took the duty); the next run goes on")
         out.extend(f"error: {e}" for e in self.errors)
         return out
 
@@ -297,6 +308,11 @@ class Retention:
     lock. ``disk_usage`` is :func:`shutil.disk_usage` except in tests. Removing series, study and
     patient rows is safe while a node receives, in this process or another: the index writer's
     cache of their ids notices a removed row and looks it up again (:class:`node.index.records.Recorder`).
+
+    ``owner`` is this node process's id (node.index.cluster): its scheduled runs happen only while it
+    holds the duty ``retention``, for ``interval + lease`` seconds from each run (``lease``: ``[node]
+    lease`` unless given), renewed every ``lease / 4`` seconds while a run goes on. Without an owner
+    (the command line) there is no schedule to share.
     """
 
     def __init__(
@@ -307,8 +323,16 @@ class Retention:
         *,
         reader: Engine | None = None,
         disk_usage: DiskUsage = shutil.disk_usage,
+        owner: str | None = None,
+        lease: float | None = None,
     ) -> None:
         self.cfg = cfg
+        self.owner = owner
+        self.lease = cfg.node.lease if lease is None else lease
+        #: Whether this process held the duty at its last scheduled run (None: not asked yet); for the logs.
+        self._holding: bool | None = None
+        self._renewed = 0.0
+        self._duty_run = False
         self.engine = engine
         self.reader = reader or engine
         self.storage = storage
@@ -360,24 +384,63 @@ class Retention:
         return "; ".join(parts)
 
     def _scheduled(self) -> None:
+        if self.owner is not None and not self._hold():
+            return
         try:
-            self.run_once()
+            self.run_once(scheduled=True)
         except RetentionBusy:
             log.info("retention: the previous clean-up is still running; this one is skipped")
         except Exception:
             log.exception("retention: the clean-up failed; the next run tries again")
 
+    def _hold(self) -> bool:
+        """Take or renew the duty for the schedule; says so in the log when that changes."""
+        assert self.owner is not None
+        held = hold_duty(self.engine, DUTY, self.owner, self.cfg.retention.interval + self.lease)
+        self._renewed = time.monotonic()
+        if held and self._holding is not True:
+            log.info("retention: this node process runs the scheduled clean-up (it holds the retention duty)")
+        elif not held and self._holding is not False:
+            log.info(
+                "retention: the scheduled clean-up runs in node process %s (it holds the retention duty); "
+                "this process takes it up if that one stops",
+                self.duty_holder() or "(another)",
+            )
+        self._holding = held
+        return held
+
+    def duty_holder(self) -> str | None:
+        """The live node process holding the retention duty, if any."""
+        d = Duty.__table__
+        now = utcnow()
+        with self.reader.connect() as conn:
+            return conn.execute(
+                select(d.c.owner).where(d.c.name == DUTY, d.c.expires_at >= now, d.c.owner.in_(live_ids(now)))
+            ).scalar()
+
     # -- one run ------------------------------------------------------------------------------------
 
-    def run_once(self, dry_run: bool = False, actor: str = "retention") -> RetentionReport:
+    def run_once(self, dry_run: bool = False, actor: str = "retention", *, scheduled: bool = False) -> RetentionReport:
         """Delete what is due now (nothing with ``dry_run``) and say what was done; never two at once.
 
         ``actor`` is who the audit trail names for the deletions: the schedule, or an operator.
+        ``scheduled``: the schedule's run (which holds the duty and renews it as it goes).
         """
         if not self._lock.acquire(blocking=False):
             raise RetentionBusy("a clean-up is already running")
         try:
-            self._actor = actor
+            if not scheduled:
+                try:
+                    holder = self.duty_holder()
+                except SQLAlchemyError:  # an index not migrated to node processes yet: nobody holds it
+                    holder = None
+                if holder is not None and holder != self.owner:
+                    log.info(
+                        "retention: node process %s holds the retention duty and runs the scheduled clean-up; "
+                        "this run goes ahead too (each series is checked again before it is deleted)",
+                        holder,
+                    )
+            self._actor, self._duty_run = actor, scheduled and self.owner is not None
             report = self._run(dry_run)
         finally:
             self._lock.release()
@@ -418,6 +481,9 @@ class Retention:
 
     def _stop_here(self, r: RetentionReport) -> bool:
         if self._stopping.is_set():
+            r.interrupted = True
+        elif self._duty_run and time.monotonic() - self._renewed > self.lease / 4 and not self._hold():
+            log.warning("retention: another node process took the retention duty; this run stops here")
             r.interrupted = True
         return r.interrupted
 

@@ -15,21 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import dataset_bytes, series_files, wait_for
-from pydicom import dcmread
-from pydicom.uid import UID
+from helpers import series_files, wait_for
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
+from two_processes import receive
 
 from node.decide.compile import load_checked_config
 from node.decide.tracker import SeriesTracker
-from node.dicom import dimse
-from node.dicom.status import Status
 from node.index.db import make_engine, migrate
 from node.index.models import Job, Series, SeriesRevision
 from node.index.writer import IndexWriter
-from node.receive.ingest import Ingest, Peer
-from node.receive.rxfile import ReceivedFile
+from node.receive.ingest import Ingest
 from node.storage import Storage
 
 CT = "ct-head-philips-5mm"
@@ -65,21 +61,7 @@ class Tracked:
     jobs_woken: list[bool]
 
     def receive(self, path: Path) -> None:
-        """One C-STORE as the acceptor hands it over: our File Meta, then the data set as sent."""
-        ds = dcmread(path, stop_before_pixels=True)
-        ts = str(ds.file_meta.TransferSyntaxUID)
-        rx = ReceivedFile(self.storage.tmp)
-        rx.write(dimse.encode_file_meta(str(ds.SOPClassUID), str(ds.SOPInstanceUID), ts, "1.2.3.4", "TEST"))
-        rx.dataset_offset = rx.size
-        rx.write(dataset_bytes(path))
-        result = self.ingest.store(
-            rx,
-            sop_class_uid=str(ds.SOPClassUID),
-            sop_instance_uid=str(ds.SOPInstanceUID),
-            transfer_syntax=UID(ts),
-            peer=Peer("SENDER", "NODE", "127.0.0.1"),
-        )
-        assert result.status == Status.SUCCESS, result
+        receive(self.storage, self.ingest, path)
 
     def series(self) -> Series:
         with Session(self.engine) as s:
