@@ -129,3 +129,24 @@ def test_three_processes_share_the_port_store_everything_once_and_restart(
     finally:
         node.stop()
         engine.dispose()
+
+
+def test_receivers_stop_cleanly_when_the_node_process_is_killed(tmp_path: Path) -> None:
+    """kill -9 of the first process: its receivers get the parent-death signal and stop cleanly."""
+    node = NodeProcess(tmp_path / "node", extra_config="processes = 3\n").start()
+    engine = create_engine(f"sqlite:///{node.data_dir / 'index.sqlite'}")
+    try:
+        wait_for(lambda: ready(node).get("receivers") == "ok", 90, "both receiver processes listening")
+        pids = receiver_pids(node)
+        assert len(pids) == 2
+        assert node.proc is not None
+        node.proc.kill()
+        node.proc.wait(10)
+        wait_for(lambda: not any(psutil.pid_exists(p) for p in pids), 40, "the receivers to exit with their parent")
+        with engine.connect() as c:
+            rows = dict(c.execute(text("select pid, stopped_at from node_process")).all())
+        assert rows[node.proc.pid] is None  # killed: not a clean stop
+        assert all(rows[p] is not None for p in pids), f"a receiver did not stop cleanly: {rows}"
+    finally:
+        node.stop()
+        engine.dispose()
