@@ -104,7 +104,7 @@ class Node:
         )
         self.scp: StorageSCP | None = None
         self.receivers = (
-            Receivers(cfg.node.processes - 1, config_path, on_jobs=self.runner.wake, on_sends=self.dispatcher.wake)
+            Receivers(cfg.node.processes - 1, config_path, on_jobs=self.runner.wake)
             if role == NODE and cfg.node.processes > 1
             else None
         )
