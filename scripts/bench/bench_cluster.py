@@ -448,9 +448,9 @@ def main() -> int:
             for kind in ("jobs", "deliveries"):
                 for n in sorted({1, args.processes}):
                     engine.dispose()
-                    r = claim_run(url, engine, kind, n, args.seconds)
-                    claims.append(r)
-                    print(_claim_line(r), flush=True)
+                    run = claim_run(url, engine, kind, n, args.seconds)
+                    claims.append(run)
+                    print(_claim_line(run), flush=True)
                     reset(engine)
             engine.dispose()
             results["claims"] = [asdict(r) for r in claims]
@@ -459,7 +459,7 @@ def main() -> int:
                 if not args.instances
                 else generate_series(SeriesSpec("ct512", "0.5 MB", 512, 512, args.instances + 1), workdir / "series")
             )
-            receives = []
+            receives: list[ReceiveRun] = []
             for streams in (1, 4) if files else ():
                 r = receive_run(server, workdir, files, streams)
                 receives.append(r)
