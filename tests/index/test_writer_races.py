@@ -1,0 +1,155 @@
+"""The index writer against another process's transactions, one race at a time (deterministic).
+
+The other process is played by a second connection in this test, which holds its locks exactly as long
+as the test says: a deadlock with the writer, an instance the other side inserts first, and (SQLite) the
+write lock file that lets writers of several processes take turns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import logging
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, text
+
+from node.dicom.files import read_file_header
+from node.index.db import make_engine, migrate
+from node.index.records import DuplicatePolicy, InstanceRecord, Recorder, to_record
+from node.index.writer import IndexWriter, Tx
+
+
+@pytest.fixture
+def pg(postgres_url: str) -> Engine:
+    engine = make_engine(postgres_url)
+    migrate(engine)
+    with engine.begin() as c:  # the writer's session finds the deadlock first (it waits first), in 0.1 s
+        c.exec_driver_sql(f"ALTER DATABASE {engine.url.database} SET deadlock_timeout = '100ms'")
+    engine.dispose()
+    return engine
+
+
+@pytest.fixture
+def record(shared_data: Path) -> InstanceRecord:
+    path = next(p for p in sorted((shared_data / "series" / "ct-head-philips-5mm").iterdir()) if p.name != "DIRFILE")
+    header, size, _meta = read_file_header(path)
+    return to_record(header, file_path="files/writer.dcm", file_size=size, checksum="-")
+
+
+def _wait_until_blocked(engine: Engine, timeout: float = 30) -> None:
+    """Until some session of this database waits for a lock (the writer, blocked by the other side)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        # A new transaction each time: PostgreSQL keeps a transaction's first view of pg_stat_activity.
+        with engine.connect() as c:
+            waiting = c.execute(
+                text(
+                    "select count(*) from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock'"
+                )
+            ).scalar()
+        if waiting:
+            return
+        time.sleep(0.02)
+    raise AssertionError("the writer never waited for the other transaction's lock")
+
+
+def test_a_deadlocked_batch_runs_again_and_its_caller_sees_only_the_result(pg: Engine, caplog):
+    with pg.begin() as c:
+        c.exec_driver_sql("create table counter (id integer primary key, n integer not null)")
+        c.exec_driver_sql("insert into counter values (1, 0), (2, 0)")
+    forgotten = []
+    writer = IndexWriter(pg, on_failure=lambda: forgotten.append(1))
+    writer.start()
+    runs = []
+
+    def work(tx: Tx) -> str:
+        runs.append(1)
+        tx.cur.execute("update counter set n = n + 1 where id = 1")
+        tx.cur.execute("update counter set n = n + 1 where id = 2")  # the other side holds row 2
+        return "done"
+
+    other = pg.raw_connection()
+    try:
+        cur = other.cursor()
+        cur.execute("set deadlock_timeout = '10s'")  # so that the writer is the one PostgreSQL aborts
+        cur.execute("update counter set n = n + 10 where id = 2")
+        with caplog.at_level(logging.INFO, logger="node.index.writer"):
+            fut = writer.submit(work)
+            _wait_until_blocked(pg)  # the writer holds row 1 and waits for row 2
+            cur.execute("update counter set n = n + 10 where id = 1")  # ... and now we wait for row 1: deadlock
+            other.commit()
+            assert fut.result(timeout=30) == "done"
+    finally:
+        other.close()
+        writer.stop()
+    with pg.connect() as c:
+        assert c.execute(text("select id, n from counter order by id")).all() == [(1, 11), (2, 11)]
+    assert len(runs) == 2 and forgotten
+    assert "deadlock detected" in caplog.text and "running it again (attempt 2 of 5)" in caplog.text
+    pg.dispose()
+
+
+@pytest.mark.parametrize("parents", ["new", "indexed before"])
+@pytest.mark.parametrize(("policy", "kind"), [("keep_first", "duplicate"), ("overwrite", "replaced")])
+def test_an_instance_another_process_recorded_first_ends_as_a_duplicate_or_a_replacement(
+    pg: Engine, record: InstanceRecord, policy: DuplicatePolicy, kind: str, parents: str
+):
+    """The other process records the same instance and has not committed yet when the writer runs.
+
+    With new parents, the writer's patient INSERT waits for the other's and then finds its row; with
+    parents indexed before, the writer's SELECT finds no instance, its series UPDATE waits for the
+    other's row lock, and its instance INSERT then meets the committed row (a Conflict: run again).
+    """
+    recorder = Recorder(policy)
+    writer = IndexWriter(pg, on_failure=recorder.forget)
+    writer.start()
+    if parents == "indexed before":
+        sibling = dict(record.instance, sop_instance_uid=record.sop_instance_uid + ".1", file_path="files/sibling.dcm")
+        writer.call(lambda tx: recorder.record(tx, dataclasses.replace(record, instance=sibling)))
+    theirs = dataclasses.replace(record, instance=dict(record.instance, file_path="files/other-process.dcm"))
+    other = pg.raw_connection()
+    try:
+        Recorder(policy).record(Tx(other.dbapi_connection, pg.dialect), theirs)
+        fut = writer.submit(lambda tx: recorder.record(tx, record))
+        _wait_until_blocked(pg)
+        other.commit()
+        outcome = fut.result(timeout=30)
+    finally:
+        other.close()
+        writer.stop()
+    assert outcome.kind == kind
+    assert outcome.old_file_path == ("files/other-process.dcm" if kind == "replaced" else None)
+    with pg.connect() as c:
+        path = c.execute(
+            text("select file_path from instance where sop_instance_uid = :u"), {"u": record.sop_instance_uid}
+        ).all()
+        counts = c.execute(text("select instance_count, revision_instances from series")).all()
+    pg.dispose()
+    assert path == [("files/other-process.dcm",)] if kind == "duplicate" else [("files/writer.dcm",)]
+    n = 1 if parents == "new" else 2
+    assert counts == [(n, n)]
+
+
+def test_sqlite_writers_of_several_processes_take_turns_on_the_write_lock_file(tmp_path: Path, record):
+    db = tmp_path / "index.sqlite"
+    engine = make_engine(f"sqlite:///{db}")
+    migrate(engine)
+    recorder = Recorder("keep_first")
+    writer = IndexWriter(engine, on_failure=recorder.forget)
+    writer.start()
+    try:
+        with open(f"{db}.write.lock", "ab") as lock:  # another process's writer, mid-transaction
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            fut = writer.submit(lambda tx: recorder.record(tx, record))
+            done = threading.Event()
+            fut.add_done_callback(lambda _f: done.set())
+            assert not done.wait(0.5)  # waits for its turn ...
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+            assert fut.result(timeout=30).kind == "new"  # ... and takes it when the other is done
+    finally:
+        writer.stop()
+        engine.dispose()
