@@ -32,6 +32,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +49,7 @@ from node.decide.facts import dataset_facts, expected_instances, first_instance,
 from node.decide.rules import ForwardAction, PluginAction, RuleSet
 from node.index.models import Series, SeriesRevision, aware, utcnow
 from node.index.records import RecordOutcome
-from node.index.states import SeriesState
+from node.index.states import SeriesState, series_tracking
 from node.jobs.store import NewJob, create_jobs
 from node.logs import phi
 
@@ -56,6 +57,8 @@ log = logging.getLogger(__name__)
 
 _series = Series.__table__
 _revision = SeriesRevision.__table__
+#: Seconds between sweeps that look at every untriggered revision, not only those of tracked series.
+FULL_SWEEP = 600.0
 
 
 @dataclass
@@ -101,6 +104,8 @@ class SeriesTracker:
         self.data_dir: Path = cfg.data_dir
         self.on_jobs = on_jobs
         self._pending: dict[int, _Pending] = {}
+        #: When sweep() last read every untriggered revision (start() does too).
+        self._full_sweep = time.monotonic()
         self._lock = threading.Lock()
         self.scheduler = BackgroundScheduler(
             timezone=dt.UTC,
@@ -156,11 +161,21 @@ class SeriesTracker:
     def sweep(self) -> None:
         """Take up what a process that died left: series it was timing, revisions it did not trigger.
 
-        Cheap (two indexed reads); the timers and triggers it schedules run in the scheduler's threads.
+        Cheap: both reads go by the series' state index (receiving or stable series are few). A revision
+        left untriggered under a series that moved on since (a newer revision, triggered by another
+        process) is found by a scan of all revisions, every :data:`FULL_SWEEP` seconds only.
         """
         if not self.scheduler.running:
             return
         now = utcnow()
+        untriggered_cond = [
+            _revision.c.triggered_at.is_(None),
+            _revision.c.stable_at < now - dt.timedelta(seconds=self.lease),
+        ]
+        if time.monotonic() - self._full_sweep < FULL_SWEEP:
+            untriggered_cond.append(_revision.c.series_fk.in_(select(_series.c.id).where(series_tracking(_series))))
+        else:
+            self._full_sweep = time.monotonic()
         with self.reader.connect() as conn:
             receiving = conn.execute(
                 select(
@@ -172,9 +187,7 @@ class SeriesTracker:
                 )
             ).all()
             untriggered = conn.execute(
-                select(_revision.c.series_fk, _revision.c.revision).where(
-                    _revision.c.triggered_at.is_(None), _revision.c.stable_at < now - dt.timedelta(seconds=self.lease)
-                )
+                select(_revision.c.series_fk, _revision.c.revision).where(*untriggered_cond)
             ).all()
         adopted = []
         for sid, revision, last, count in receiving:
@@ -192,9 +205,9 @@ class SeriesTracker:
             taken.append((sid, revision))
             self._schedule_trigger(sid, revision, now)
         if adopted:
-            log.warning(
-                "series tracker: %d receiving series without an instance for over %g s, timed by no process, "
-                "taken up here (series #%s)",
+            log.info(
+                "series tracker: %d receiving series not timed here and without an instance for over %g s "
+                "(their node process may have stopped): timed here too (series #%s)",
                 len(adopted),
                 self.adopt_after,
                 ", #".join(map(str, adopted)),

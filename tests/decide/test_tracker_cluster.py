@@ -61,7 +61,7 @@ def test_a_series_whose_receiving_process_is_gone_is_made_stable_by_another_once
     assert cluster.series_states() == {"CT": ("triggered", 1), "MR": ("triggered", 1)}
     assert cluster.jobs() == [("CT", 1, "ct"), ("MR", 1, "mr")]
     assert cluster.audited("rule_fired") == 2
-    assert "timed by no process, taken up here" in caplog.text
+    assert "(their node process may have stopped): timed here too" in caplog.text
 
 
 def test_two_processes_evaluating_the_same_revisions_make_their_jobs_once(

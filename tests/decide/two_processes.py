@@ -67,14 +67,14 @@ RULES = """
 [[rules]]
 name = "ct"
 on_revision = "rerun"
-match = {{ Modality = "CT" }}
-actions = [{{ type = "forward", to = ["pacs"] }}]
+match = { Modality = "CT" }
+actions = [{ type = "forward", to = ["pacs"] }]
 
 [[rules]]
 name = "mr"
 on_revision = "rerun"
-match = {{ Modality = "MR" }}
-actions = [{{ type = "forward", to = ["pacs"] }}]
+match = { Modality = "MR" }
+actions = [{ type = "forward", to = ["pacs"] }]
 """
 
 

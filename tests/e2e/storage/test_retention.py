@@ -19,7 +19,6 @@ from pathlib import Path
 import pydicom
 import pytest
 from helpers import REPO, StoreSCP, make_ct_series, series_files, storescu, wait_for
-from index.test_postgres import postgres_url  # noqa: F401  (the fixture: a throwaway PostgreSQL cluster)
 
 CT = "ct-head-philips-5mm"
 MR = "mr-t1-sag-siemens"
@@ -320,8 +319,8 @@ sources = {{ max_age_days = 1 }}
 def test_watermark_deletes_oldest_first_and_says_why_it_stops(node, scp, tmp_path, caplog):
     from node.config import load_config
     from node.index.db import make_engine
-    from node.storage.retention import Retention
     from node.storage import Storage
+    from node.storage.retention import Retention
 
     node.extra_config = f"""
 [tracker]
