@@ -15,9 +15,13 @@ the destination waiting. The failed and waiting deliveries are rescheduled for
 that time, which is what ``dicom-node queue`` shows. A permanent failure fails
 the delivery at once with the reason, without retrying.
 
-The circuit (failure count and next try) is kept in the index, so a node
-restarted during an outage waits out the back-off and goes on counting from
-where it was, instead of sending from every association at once.
+The circuit (failure count and next try) is kept in the index and shared by
+every node process sending to the destination (see :class:`Breaker`): an
+outage one process sees is respected by all, one probe goes at a time across
+the cluster, and a node restarted during an outage waits out the back-off and
+goes on counting from where it was, instead of sending from every association
+at once. Deliveries are claimed with this process as their owner; what a
+process that is gone was sending is taken over on each heartbeat.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from sqlalchemy import Engine
 from node import metrics
 from node.config import Config, DestinationSection, RetrySection
 from node.index import read
+from node.index.cluster import hold_duty
 from node.index.models import utcnow
 from node.index.states import DeliveryState
 from node.send import queue
@@ -56,6 +61,8 @@ BATCH = 32
 LINGER = 2.0
 #: Outcomes are written at least this often while a batch is sent (seconds).
 FLUSH_EVERY = 0.5
+#: The duty (node.index.cluster.hold_duty) of the one process that resends what was never committed.
+COMMITMENT_DUTY = "commitment-watchdog"
 
 
 @dataclass(frozen=True)
@@ -66,116 +73,199 @@ class Turn:
     probe: bool = False
 
 
-class Breaker:
-    """A destination's consecutive transient failures, back-off and circuit state (shared by its workers).
+def backoff(policy: RetrySection, n: int, rng: random.Random) -> float:
+    """The back-off after the ``n``-th consecutive transient failure (seconds, with jitter)."""
+    base = min(policy.max_delay, policy.initial_delay * policy.multiplier ** max(0, n - 1))
+    return min(policy.max_delay, max(0.0, base * (1 + rng.uniform(-policy.jitter, policy.jitter))))
 
-    Closed: every worker sends. Open (after a transient failure, for its back-off): none does.
-    Half-open (the back-off has passed): exactly one worker's turn is the probe, and the others wait
-    until that turn ends. A turn ends however it ends (delivered, transient or permanent failure,
-    nothing to send, an exception, the node stopping): :meth:`turn` releases the probe on the way out,
-    so no outcome can leave the destination waiting for a probe that never finishes.
+
+class Breaker:
+    """A destination's circuit as this process sees it; the ``destination_circuit`` row is the truth for all.
+
+    Closed: every worker sends. Open (after a transient failure, for its back-off): none does, in any
+    process. Half-open (the back-off has passed): exactly one worker in the cluster probes, and the
+    others wait until that turn ends. A worker reads the row (one primary-key SELECT) at the start of
+    each turn, i.e. once per batch or idle poll, so an outage one process sees is respected by every
+    other process from its next turn on: only batches already under way go on. Changes are
+    compare-and-set on the row's version (:class:`node.send.queue.Circuit`): of the processes whose
+    batches fail in the same outage, one counts it; of those that find the circuit half-open, one
+    takes the probe; a delivery anywhere closes it for all.
+
+    A turn ends however it ends (delivered, transient or permanent failure, nothing to send, an
+    exception, the node stopping): :meth:`turn` releases the probe on the way out, so no outcome can
+    leave the destination waiting for a probe that never finishes. A probe whose process died is
+    given up after ``hold`` seconds (the cluster lease). An index that cannot be reached leaves the
+    breaker working on its own copy.
     """
 
-    def __init__(self, policy: RetrySection, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        policy: RetrySection,
+        engine: Engine,
+        destination: str,
+        *,
+        reader: Engine | None = None,
+        hold: float = 30.0,
+        rng: random.Random | None = None,
+    ) -> None:
         self.policy = policy
-        self.failures = 0
-        self._open_until = 0.0  # monotonic
-        #: The wall-clock time of the next try while the circuit is open.
-        self.retry_at: dt.datetime | None = None
-        self._probing = False
-        self._lock = threading.Lock()
+        self.engine = engine
+        self.reader = reader or engine
+        self.destination = destination
+        self.hold = hold
         self._rng = rng or random.Random()
-        #: Changes whenever the circuit does (a failure counted, the circuit closed); each worker thread
-        #: remembers the one its turn was admitted in, so a batch that began before the change and fails
-        #: late (a hung PACS answers after the back-off ended) is the same outage, not a new failure.
-        self._generation = 0
+        self._lock = threading.Lock()
+        self._c = queue.Circuit()
+        #: The version this process's probe wrote (None: it is not probing).
+        self._probing: dt.datetime | None = None
+        #: The circuit version each worker thread's turn was admitted in: a batch that began before the
+        #: circuit last changed and fails late (a hung PACS answers after the back-off ended) is the
+        #: same outage, not a new failure.
         self._admitted = threading.local()
 
     def delay(self, n: int) -> float:
-        p = self.policy
-        base = min(p.max_delay, p.initial_delay * p.multiplier ** max(0, n - 1))
-        return min(p.max_delay, max(0.0, base * (1 + self._rng.uniform(-p.jitter, p.jitter))))
+        return backoff(self.policy, n, self._rng)
+
+    @property
+    def failures(self) -> int:
+        return self._c.failures
+
+    @property
+    def retry_at(self) -> dt.datetime | None:
+        """The wall-clock time of the next try while the circuit is open (None when closed)."""
+        return self._c.retry_at if self._c.failures else None
 
     @property
     def state(self) -> str:
-        if self.failures == 0:
+        c = self._c
+        if c.failures == 0:
             return "closed"
-        return "open" if time.monotonic() < self._open_until else "half-open"
+        return "open" if c.retry_at is not None and utcnow() < c.retry_at else "half-open"
 
-    def restore(self, failures: int, retry_at: dt.datetime | None) -> None:
-        """Take up the circuit as a previous run left it (an outage outlives a restart)."""
+    def restore(self, circuit: queue.Circuit) -> None:
+        """Take up the circuit as read at start (an outage outlives a restart, and other processes' view)."""
         with self._lock:
-            self.failures = max(0, failures)
-            self.retry_at = retry_at if self.failures else None
-            left = (retry_at - utcnow()).total_seconds() if self.failures and retry_at else 0.0
-            self._open_until = time.monotonic() + max(0.0, left)
+            self._c = circuit
 
-    def snapshot(self) -> tuple[int, dt.datetime | None]:
-        """(consecutive failures, when to try again), to be recorded."""
-        with self._lock:
-            return self.failures, self.retry_at
+    def _refresh(self) -> None:
+        """Read the shared row (under the lock); keeps this copy if the index cannot be read."""
+        try:
+            self._c = queue.read_circuit(self.reader, self.destination)
+        except Exception as e:
+            log.debug("destination %s: could not read its circuit: %s", self.destination, e)
 
     @contextmanager
     def turn(self) -> Iterator[Turn]:
-        """A worker's turn; in a half-open circuit only one turn at a time gets to go, and it is released here."""
+        """A worker's turn; in a half-open circuit only one turn in the cluster goes, and it is released here."""
         t = self._admit()
         try:
             yield t
         finally:
             if t.probe:
-                with self._lock:
-                    self._probing = False
+                self._end_probe()
 
     def _admit(self) -> Turn:
         with self._lock:
-            self._admitted.generation = self._generation
-            if self.failures == 0:
+            self._refresh()
+            c, now = self._c, utcnow()
+            self._admitted.version = c.updated_at
+            if c.failures == 0:
                 return Turn(0.0)
-            left = self._open_until - time.monotonic()
+            left = (c.retry_at - now).total_seconds() if c.retry_at is not None else 0.0
             if left > 0:
                 return Turn(left)
-            if self._probing:
-                return Turn(min(POLL, self.policy.initial_delay or POLL))
-            self._probing = True
+            wait = min(POLL, self.policy.initial_delay or POLL)
+            since = c.probe_since
+            if self._probing is not None or (since is not None and (now - since).total_seconds() < self.hold):
+                return Turn(wait)  # a probe is under way, here or in another process
+            try:
+                took = queue.take_probe(self.engine, self.destination, c, now)
+            except Exception as e:
+                log.warning("destination %s: could not take the probe of its circuit: %s", self.destination, e)
+                return Turn(wait)
+            if not took:  # another process changed the circuit first (took the probe, or closed it)
+                self._refresh()
+                return Turn(0.0 if self._c.failures == 0 else wait)
+            self._c = dataclasses.replace(c, updated_at=now)
+            self._probing = self._admitted.version = now
             return Turn(0.0, probe=True)
 
-    def success(self) -> bool:
-        """The destination took an instance: the circuit closes. Returns whether it was open (a change to record)."""
+    def _end_probe(self) -> None:
+        """The probe's turn ended: if it left no verdict, the next turn (in any process) probes at once."""
         with self._lock:
-            was_open = self.failures > 0
-            if was_open:
-                self._generation += 1
-            self.failures = 0
-            self.retry_at = None
-            self._open_until = 0.0
-            return was_open
+            mark, self._probing = self._probing, None
+            if mark is None or self._c.updated_at != mark:
+                return  # a delivery closed the circuit or a failure counted: the row says what next
+            try:
+                queue.end_probe(self.engine, self.destination, mark)
+            except Exception as e:
+                log.warning("destination %s: could not release the probe of its circuit: %s", self.destination, e)
+            self._refresh()
+
+    def success(self) -> bool:
+        """The destination took an instance: the circuit closes for all. Returns whether this closed it."""
+        with self._lock:
+            if self._c.failures == 0:
+                return False
+            try:
+                closed = queue.close_circuit(self.engine, self.destination)
+            except Exception as e:
+                log.warning("destination %s: could not record its circuit closed: %s", self.destination, e)
+                self._c = queue.Circuit(updated_at=utcnow())
+                return True
+            self._refresh()
+            return closed
 
     def probe_now(self) -> bool:
-        """End the current back-off early (an operator's retry): the next worker probes. False if it had ended."""
+        """End the current back-off early for all (an operator's retry): the next turn probes. False if it had ended."""
         with self._lock:
-            was_open = self.failures > 0 and time.monotonic() < self._open_until
-            self._open_until = 0.0
-            return was_open
+            self._refresh()
+            c, now = self._c, utcnow()
+            if not (c.failures and c.retry_at is not None and now < c.retry_at):
+                return False
+            try:
+                ended = queue.end_backoff(self.engine, self.destination, c, now)
+            except Exception as e:
+                log.warning("destination %s: could not end the back-off: %s", self.destination, e)
+                return False
+            if ended:
+                self._c = dataclasses.replace(c, retry_at=now, updated_at=now)
+            else:
+                self._refresh()
+            return ended
 
-    def failure(self) -> tuple[bool, float, dt.datetime]:
+    def failure(self, error: str = "") -> tuple[bool, float, dt.datetime]:
         """Count a transient failure; returns (counted, delay, when to try again).
 
-        A failure reported while the circuit is already open, or by a worker whose turn was admitted
-        before the circuit last changed, comes from an attempt that began before it opened (another
-        worker's batch, in flight when the first one failed, however late it fails): the same outage,
-        so it neither counts again nor lengthens the back-off.
+        A failure reported while the circuit is already open, by a worker whose turn was admitted
+        before the circuit last changed, or after another process counted it first, comes from an
+        attempt that began before it opened (another worker's batch, here or in another process, in
+        flight when the first one failed, however late it fails): the same outage, so it neither
+        counts again nor lengthens the back-off.
         """
         with self._lock:
-            wall, now = utcnow(), time.monotonic()  # in this order: when the back-off ends, retry_at has passed
-            stale = getattr(self._admitted, "generation", self._generation) != self._generation
-            if self.failures and self.retry_at is not None and (now < self._open_until or stale):
-                return False, max(0.0, self._open_until - now), self.retry_at
-            self._generation += 1
-            self.failures += 1
-            d = self.delay(self.failures)
-            self._open_until = now + d
-            self.retry_at = wall + dt.timedelta(seconds=d)
-            return True, d, self.retry_at
+            admitted = getattr(self._admitted, "version", self._c.updated_at)
+            for _ in range(3):
+                c, now = self._c, utcnow()
+                stale = admitted != c.updated_at
+                if c.failures and c.retry_at is not None and (now < c.retry_at or stale):
+                    return False, max(0.0, (c.retry_at - now).total_seconds()), c.retry_at
+                n = c.failures + 1
+                d = self.delay(n)
+                at = now + dt.timedelta(seconds=d)
+                try:
+                    counted = queue.circuit_failed(self.engine, self.destination, c, n, at, error, now)
+                except Exception as e:
+                    log.warning("destination %s: could not record its circuit: %s", self.destination, e)
+                    counted = True  # on its own copy until the index answers again
+                if counted:
+                    self._c = queue.Circuit(n, at, error, now)
+                    return True, d, at
+                self._refresh()  # another process changed it: is it this outage, counted?
+                if not self._c.failures:  # closed meanwhile: this failure is a new outage
+                    admitted = self._c.updated_at
+            at = self._c.retry_at or utcnow()
+            return False, max(0.0, (at - utcnow()).total_seconds()), at
 
 
 @dataclass
@@ -205,6 +295,7 @@ class DestinationSender:
         storage: Storage,
         reader: Engine,
         stop: threading.Event,
+        owner: str,
     ) -> None:
         self.cfg = cfg
         self.dest = d
@@ -212,12 +303,13 @@ class DestinationSender:
         self.engine = engine
         self.reader = reader
         self.storage = storage
-        self.breaker = Breaker(d.retry)
+        #: This node process (node.index.cluster): the owner of the deliveries it claims.
+        self.owner = owner
+        self.breaker = Breaker(d.retry, engine, d.name, reader=reader, hold=cfg.node.lease)
         self._stop = stop
         self._wake = threading.Condition()
         self._woken = False
         self._claim_lock = threading.Lock()
-        self._circuit_lock = threading.Lock()
         self.threads = [
             threading.Thread(target=self._work, name=f"send-{d.name}-{i}", daemon=True)
             for i in range(d.max_associations)
@@ -234,16 +326,15 @@ class DestinationSender:
                 self._wake.wait(max(0.01, seconds))
             self._woken = False
 
-    def _postpone(self, forced_too: bool = False) -> None:
+    def _postpone(self) -> None:
         """Deliveries queued while the circuit is open show (in ``dicom-node queue``) when they will go.
 
-        ``forced_too`` after a failure: an operator's retry has had its try, and what it made due
-        waits for the back-off too (else each batch of it would be one more try at a dead PACS).
+        (Those queued before the failure were postponed with it: node.send.queue.circuit_failed.)
         """
         until = self.breaker.retry_at
         if until is not None:
             try:
-                queue.postpone(self.engine, self.dest.name, until, forced_too=forced_too)
+                queue.postpone(self.engine, self.dest.name, until)
             except Exception as e:
                 log.debug("destination %s: could not postpone queued deliveries: %s", self.dest.name, e)
 
@@ -265,8 +356,8 @@ class DestinationSender:
         return min(POLL, max(0.01, (due - utcnow()).total_seconds()))
 
     def restore(self, circuit: queue.Circuit) -> None:
-        """Take up the circuit the last run left: a destination that was down is not hammered after a restart."""
-        self.breaker.restore(circuit.failures, circuit.retry_at)
+        """Take up the circuit as it is: a destination that was down is not hammered after a restart."""
+        self.breaker.restore(circuit)
         if circuit.failures:
             log.warning(
                 "destination %s: %d consecutive failure(s) before the node stopped (last: %s); next try at "
@@ -277,19 +368,6 @@ class DestinationSender:
                 circuit.retry_at.isoformat(timespec="seconds") if circuit.retry_at else "once started",
                 extra={"destination": self.dest.name},
             )
-
-    def _record_circuit(self, error: str = "") -> None:
-        """Write the circuit's current state to the index (it survives a restart)."""
-        with self._circuit_lock:  # the state read under this lock is the one written last
-            failures, retry_at = self.breaker.snapshot()
-            try:
-                queue.save_circuit(self.engine, self.dest.name, queue.Circuit(failures, retry_at, error))
-            except Exception as e:
-                log.warning(
-                    "destination %s: could not record its circuit state (%s); after a restart it would start closed",
-                    self.dest.name,
-                    e,
-                )
 
     def _work(self) -> None:
         w = _Worker(Sender(self.peer))
@@ -317,7 +395,7 @@ class DestinationSender:
         """Claim a batch and send it (``probe``: it tests a half-open circuit); returns the pause before the next."""
         try:
             with self._claim_lock:
-                items = queue.claim(self.engine, self.dest.name, BATCH)
+                items = queue.claim(self.engine, self.dest.name, BATCH, self.owner)
         except Exception as e:
             log.error("destination %s: cannot read the delivery queue: %s", self.dest.name, e)
             return POLL
@@ -343,9 +421,12 @@ class DestinationSender:
             log.exception("destination %s: unexpected error while sending", self.dest.name)
             w.sender.close()
             try:
-                queue.release(self.engine, [c.id for c in items], f"internal error while sending: {e}")
+                queue.release(self.engine, [c.id for c in items], f"internal error while sending: {e}", self.owner)
             except Exception:
-                log.exception("destination %s: could not put the batch back (it is at the next start)", self.dest.name)
+                log.exception(
+                    "destination %s: could not put the batch back (it is taken over once this process is gone)",
+                    self.dest.name,
+                )
             return POLL
         return 0.0
 
@@ -382,7 +463,7 @@ class DestinationSender:
             outcomes.append(self._outcome(r, retry_at))
             delivered += r.outcome == "delivered"
             if not commit and time.monotonic() - last_flush[0] >= FLUSH_EVERY:
-                queue.record(self.engine, outcomes)
+                queue.record(self.engine, outcomes, self.owner)
                 outcomes.clear()
                 last_flush[0] = time.monotonic()
 
@@ -396,7 +477,7 @@ class DestinationSender:
             )
         if commit:
             self._request_commitment(sender, outcomes, items)
-        queue.record(self.engine, outcomes)
+        queue.record(self.engine, outcomes, self.owner)
         failed = [r for r in results if r.outcome == "permanent"]
         waiting = [r for r in results if r.outcome == "transient"]
         took = time.monotonic() - t0
@@ -433,7 +514,6 @@ class DestinationSender:
                     self.dest.name,
                     extra={"destination": self.dest.name},
                 )
-                self._record_circuit()
             metrics.INSTANCES_SENT.labels(self.dest.name).inc()
             metrics.BYTES_SENT.labels(self.dest.name).inc(c.file_size)
             metrics.DELIVERY_LATENCY.labels(self.dest.name).observe(max(0.0, (utcnow() - c.created_at).total_seconds()))
@@ -452,7 +532,7 @@ class DestinationSender:
             return queue.Outcome(c.id, DeliveryState.FAILED, r.status, r.text, **self._who(c))
         # Transient: the first such result of a batch counts as one failure of the destination.
         if not retry_at:
-            counted, delay, when = self.breaker.failure()
+            counted, delay, when = self.breaker.failure(r.text)
             retry_at.append(when)
             if counted:
                 log.warning(
@@ -464,8 +544,6 @@ class DestinationSender:
                     when.isoformat(timespec="seconds"),
                     extra={"destination": self.dest.name},
                 )
-                self._record_circuit(r.text)
-                self._postpone(forced_too=True)
         give_up = self.dest.retry.give_up_after
         age = (utcnow() - c.created_at).total_seconds()
         if give_up and age >= give_up:
@@ -505,21 +583,28 @@ class DestinationSender:
 
 
 class Dispatcher:
-    """All destinations' senders; ``wake()`` after queuing, ``stop()`` to finish the batches in flight."""
+    """All destinations' senders; ``wake()`` after queuing, ``stop()`` to finish the batches in flight.
 
-    def __init__(self, cfg: Config, engine: Engine, storage: Storage, reader: Engine | None = None) -> None:
+    ``owner`` is this node process (node.index.cluster); :meth:`take_over` (at start and on every
+    heartbeat) queues again what processes that are gone left being sent. The Storage Commitment
+    watchdog runs in one process of the cluster at a time (duty ``commitment-watchdog``).
+    """
+
+    def __init__(
+        self, cfg: Config, engine: Engine, storage: Storage, reader: Engine | None = None, *, owner: str
+    ) -> None:
         self.cfg = cfg
         self.engine = engine
+        self.owner = owner
         self._stop = threading.Event()
         self.senders = {
-            d.name: DestinationSender(cfg, d, engine, storage, reader or engine, self._stop) for d in cfg.destinations
+            d.name: DestinationSender(cfg, d, engine, storage, reader or engine, self._stop, owner)
+            for d in cfg.destinations
         }
         self._watchdog = threading.Thread(target=self._commitments, name="commitment-watchdog", daemon=True)
 
     def start(self) -> None:
-        n = queue.requeue_sending(self.engine)
-        if n:
-            log.warning("%d deliveries were being sent when the node stopped: sending them again", n)
+        self.take_over()
         known = set(self.senders)
         for dest, states in read.delivery_counts(self.engine).items():
             waiting = states.get(DeliveryState.QUEUED, 0)
@@ -541,6 +626,18 @@ class Dispatcher:
         if any(d.storage_commitment for d in self.cfg.destinations):
             self._watchdog.start()
 
+    def take_over(self) -> None:
+        """Queue again what node processes that are gone were sending, and wake those destinations' senders."""
+        taken = queue.take_over(self.engine, utcnow())
+        for dest, n in sorted(taken.items()):
+            log.warning(
+                "destination %s: %d deliveries were being sent by a node process that is gone: sending them again",
+                dest,
+                n,
+                extra={"destination": dest},
+            )
+        self.wake(list(taken))
+
     def wake(self, destinations: list[str] | None = None) -> None:
         for name, s in self.senders.items():
             if destinations is None or name in destinations:
@@ -557,8 +654,16 @@ class Dispatcher:
                     t.join(max(0.0, deadline - time.monotonic()))
 
     def _commitments(self) -> None:
-        """Instances whose commitment was never confirmed are sent (and committed) again."""
-        while not self._stop.wait(POLL * 5):
+        """Instances whose commitment was never confirmed are sent (and committed) again, by one process."""
+        every = POLL * 5
+        while not self._stop.wait(every):
+            try:
+                # Renewed each run; a holder that dies hands it on after the lease (or three runs, if longer).
+                if not hold_duty(self.engine, COMMITMENT_DUTY, self.owner, max(self.cfg.node.lease, 3 * every)):
+                    continue
+            except Exception as e:
+                log.error("storage commitment watchdog: cannot take its duty in the index: %s", e)
+                continue
             for d in self.cfg.destinations:
                 if not d.storage_commitment:
                     continue

@@ -2,21 +2,28 @@
 
 Every state change is a conditional UPDATE on the row's current state, so
 an operator's ``cancel`` while a row is being sent is not undone by the
-sender, and a second node process could never claim the same row twice.
-Delivery is at least once: rows left ``sending`` by a process that died are
-queued again at start-up, and a PACS keeps one copy of a SOP Instance UID.
+sender. Several node processes may share the queue (node.index.cluster): a
+claim marks the rows with the claiming process as ``owner`` (on PostgreSQL
+``FOR UPDATE SKIP LOCKED``, so two processes never claim the same row), and
+only that owner's outcome is recorded for them. Delivery is at least once:
+rows left ``sending`` by a process that is gone are taken over (:func:`take_over`,
+at start and on every heartbeat), and a PACS keeps one copy of a SOP Instance UID.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Engine, and_, bindparam, func, or_, select, update
+from sqlalchemy import ColumnElement, Connection, Engine, and_, bindparam, func, literal, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from node import audit
+from node.index.cluster import owner_gone
 from node.index.models import Delivery, DestinationCircuit, Instance, aware, utcnow
 from node.index.read import delivery_selection
 from node.index.states import (
@@ -26,6 +33,8 @@ from node.index.states import (
     delivery_in_flight,
     delivery_not_arrived,
 )
+
+log = logging.getLogger(__name__)
 
 #: The due time an operator's retry gives: earlier than anything else, so the sender also tries at
 #: once when the destination's circuit is open (see Breaker).
@@ -118,6 +127,7 @@ def enqueue(
                     created_at=now,
                     updated_at=now,
                     attempts=0,
+                    owner=None,
                     commitment=CommitmentState.NONE,
                     commitment_uid="",
                     job_fk=job_id if job_id is not None else _d.c.job_fk,
@@ -143,8 +153,13 @@ class Item:
     file_size: int = 0
 
 
-def claim(engine: Engine, destination: str, limit: int, now: dt.datetime | None = None) -> list[Item]:
-    """Take up to ``limit`` due queued deliveries for a destination, most urgent first, in queue order."""
+def claim(engine: Engine, destination: str, limit: int, owner: str, now: dt.datetime | None = None) -> list[Item]:
+    """Take up to ``limit`` due queued deliveries for a destination, most urgent first, in queue order.
+
+    ``owner`` (this process's id) is written in the claiming UPDATE: only it may record their outcome.
+    On PostgreSQL the candidates are locked with SKIP LOCKED, so processes claiming at the same time
+    take different rows instead of waiting for each other; SQLite serialises writers (BEGIN IMMEDIATE).
+    """
     now = now or utcnow()
     with engine.begin() as conn:
         rows = conn.execute(
@@ -164,6 +179,8 @@ def claim(engine: Engine, destination: str, limit: int, now: dt.datetime | None 
             .where(_d.c.destination == destination, _d.c.state == DeliveryState.QUEUED, _d.c.next_attempt_at <= now)
             .order_by(_d.c.priority.desc(), _d.c.id)
             .limit(limit)
+            # Only the delivery rows: the instance is the nullable side of the join (and is not changed).
+            .with_for_update(skip_locked=True, of=_d)
         ).all()
         if not rows:
             return []
@@ -173,7 +190,7 @@ def claim(engine: Engine, destination: str, limit: int, now: dt.datetime | None 
             conn.execute(
                 update(_d)
                 .where(_d.c.id.in_(ids), _d.c.state == DeliveryState.QUEUED)
-                .values(state=DeliveryState.SENDING, attempts=_d.c.attempts + 1, updated_at=now)
+                .values(state=DeliveryState.SENDING, owner=owner, attempts=_d.c.attempts + 1, updated_at=now)
                 .returning(_d.c.id)
             ).scalars()
         )
@@ -217,119 +234,177 @@ class Outcome:
     job_id: int | None = None
 
 
-def record(engine: Engine, outcomes: Sequence[Outcome]) -> None:
-    """Write the outcomes of a batch in one transaction (only for rows still ``sending``).
+def record(engine: Engine, outcomes: Sequence[Outcome], owner: str) -> None:
+    """Write the outcomes of a batch claimed by ``owner`` in one transaction.
 
-    Deliveries and permanent failures are audited in the same transaction, as they happened (a row
-    cancelled meanwhile was still delivered).
+    Only rows still ``sending`` and owned by ``owner`` change (and an instance delivered after an
+    operator cancelled its row is recorded as delivered: it was). A row no longer ours was taken over
+    by another process (this one was thought gone): its outcome is logged and dropped, never written
+    over the new owner's. Deliveries and permanent failures are audited in the same transaction.
     """
     if not outcomes:
         return
     now = utcnow()
-    events = [
-        audit.row(
-            "delivered" if o.state == DeliveryState.DELIVERED else "delivery_failed",
-            at=now,
-            actor="node",
-            destination=o.destination,
-            sop_instance_uid=o.sop_instance_uid,
-            job_id=o.job_id,
-            status=o.status,
-            detail=(o.warning or (f"sent as {o.sent_syntax}" if o.sent_syntax else ""))
-            if o.state == DeliveryState.DELIVERED
-            else o.error,
-        )
-        for o in outcomes
-        if o.state in (DeliveryState.DELIVERED, DeliveryState.FAILED)
-    ]
     with engine.begin() as conn:
-        audit.record_many(conn, events)
-        delivered = [o for o in outcomes if o.state == DeliveryState.DELIVERED]
-        if delivered:
-            conn.execute(
-                update(_d)
+        held = {
+            r.id: r.state
+            for r in conn.execute(
+                select(_d.c.id, _d.c.state)
                 .where(
-                    _d.c.id == bindparam("b_id"),
-                    # Not IN (...): an expanding parameter cannot be used with executemany.
-                    or_(_d.c.state == DeliveryState.SENDING, _d.c.state == DeliveryState.CANCELLED),
+                    _d.c.id.in_([o.id for o in outcomes]),
+                    _d.c.owner == owner,
+                    _d.c.state.in_([DeliveryState.SENDING, DeliveryState.CANCELLED]),
                 )
-                .values(
-                    state=DeliveryState.DELIVERED,
-                    last_status=bindparam("b_status"),
-                    last_error=bindparam("b_error"),
-                    warning=bindparam("b_warning"),
-                    sent_transfer_syntax=bindparam("b_syntax"),
-                    delivered_at=now,
-                    updated_at=now,
-                    commitment=bindparam("b_commitment"),
-                    commitment_uid=bindparam("b_uid"),
-                    commitment_at=None,
-                ),
-                [
-                    dict(
-                        b_id=o.id,
-                        b_status=o.status,
-                        b_warning=o.warning[:256],
-                        b_syntax=o.sent_syntax,
-                        b_commitment=CommitmentState.REQUESTED
-                        if o.commitment_uid
-                        else CommitmentState.FAILED
-                        if o.error
-                        else CommitmentState.NONE,
-                        b_uid=o.commitment_uid,
-                        b_error=o.error,
-                    )
-                    for o in delivered
-                ],
+                .with_for_update()
             )
-        for o in outcomes:
-            if o.state == DeliveryState.DELIVERED:
-                continue
-            values: dict[str, Any] = dict(state=o.state, last_status=o.status, last_error=o.error, updated_at=now)
-            if o.state == DeliveryState.QUEUED:
-                values["next_attempt_at"] = o.retry_at or now
-                if not o.attempted:
-                    values["attempts"] = _d.c.attempts - 1
-            conn.execute(update(_d).where(_d.c.id == o.id, _d.c.state == DeliveryState.SENDING).values(**values))
+        }
+        ours = [
+            o
+            for o in outcomes
+            if held.get(o.id) == DeliveryState.SENDING
+            or (held.get(o.id) == DeliveryState.CANCELLED and o.state == DeliveryState.DELIVERED)
+        ]
+        _write_outcomes(conn, ours, owner, now)
+    lost = [o for o in outcomes if o.id not in held]
+    if lost:
+        log.warning(
+            "delivery id(s) %s: outcome (%s) not recorded: taken over by another process meanwhile "
+            "(this process was thought gone); the new owner sends them",
+            ", ".join(str(o.id) for o in lost),
+            ", ".join(sorted({str(o.state) for o in lost})),
+        )
 
 
-def release(engine: Engine, ids: Sequence[int], why: str) -> int:
-    """Put claimed rows back (an internal error while sending them): due again a little later."""
+def _write_outcomes(conn: Connection, outcomes: Sequence[Outcome], owner: str, now: dt.datetime) -> None:
+    """The UPDATEs and audit events of :func:`record` for the rows it found still ours."""
+    audit.record_many(
+        conn,
+        [
+            audit.row(
+                "delivered" if o.state == DeliveryState.DELIVERED else "delivery_failed",
+                at=now,
+                actor="node",
+                destination=o.destination,
+                sop_instance_uid=o.sop_instance_uid,
+                job_id=o.job_id,
+                status=o.status,
+                detail=(o.warning or (f"sent as {o.sent_syntax}" if o.sent_syntax else ""))
+                if o.state == DeliveryState.DELIVERED
+                else o.error,
+            )
+            for o in outcomes
+            if o.state in (DeliveryState.DELIVERED, DeliveryState.FAILED)
+        ],
+    )
+    mine = _d.c.owner == owner
+    delivered = [o for o in outcomes if o.state == DeliveryState.DELIVERED]
+    if delivered:
+        conn.execute(
+            update(_d)
+            .where(
+                _d.c.id == bindparam("b_id"),
+                mine,
+                # Not IN (...): an expanding parameter cannot be used with executemany.
+                or_(_d.c.state == DeliveryState.SENDING, _d.c.state == DeliveryState.CANCELLED),
+            )
+            .values(
+                state=DeliveryState.DELIVERED,
+                owner=None,
+                last_status=bindparam("b_status"),
+                last_error=bindparam("b_error"),
+                warning=bindparam("b_warning"),
+                sent_transfer_syntax=bindparam("b_syntax"),
+                delivered_at=now,
+                updated_at=now,
+                commitment=bindparam("b_commitment"),
+                commitment_uid=bindparam("b_uid"),
+                commitment_at=None,
+            ),
+            [
+                dict(
+                    b_id=o.id,
+                    b_status=o.status,
+                    b_warning=o.warning[:256],
+                    b_syntax=o.sent_syntax,
+                    b_commitment=CommitmentState.REQUESTED
+                    if o.commitment_uid
+                    else CommitmentState.FAILED
+                    if o.error
+                    else CommitmentState.NONE,
+                    b_uid=o.commitment_uid,
+                    b_error=o.error,
+                )
+                for o in delivered
+            ],
+        )
+    for o in outcomes:
+        if o.state == DeliveryState.DELIVERED:
+            continue
+        values: dict[str, Any] = dict(
+            state=o.state, owner=None, last_status=o.status, last_error=o.error, updated_at=now
+        )
+        if o.state == DeliveryState.QUEUED:
+            values["next_attempt_at"] = o.retry_at or now
+            if not o.attempted:
+                values["attempts"] = _d.c.attempts - 1
+        conn.execute(update(_d).where(_d.c.id == o.id, mine, _d.c.state == DeliveryState.SENDING).values(**values))
+
+
+def release(engine: Engine, ids: Sequence[int], why: str, owner: str) -> int:
+    """Put rows ``owner`` claimed back (an internal error while sending them): due again a little later."""
     at = utcnow() + dt.timedelta(seconds=30)
     with engine.begin() as conn:
         return conn.execute(
             update(_d)
-            .where(_d.c.id.in_(list(ids)), _d.c.state == DeliveryState.SENDING)
-            .values(state=DeliveryState.QUEUED, next_attempt_at=at, updated_at=utcnow(), last_error=why)
+            .where(_d.c.id.in_(list(ids)), _d.c.owner == owner, _d.c.state == DeliveryState.SENDING)
+            .values(state=DeliveryState.QUEUED, owner=None, next_attempt_at=at, updated_at=utcnow(), last_error=why)
         ).rowcount
 
 
-def postpone(engine: Engine, destination: str, until: dt.datetime, *, forced_too: bool = False) -> int:
+def postpone(engine: Engine, destination: str, until: dt.datetime) -> int:
     """While a destination is in back-off, what is queued for it waits until then.
 
-    An operator's retry (due at FORCED) is left due unless ``forced_too``: the sender passes that once
-    the retry has been tried and failed.
+    An operator's retry (due at FORCED) is left due: it ends the back-off (:func:`end_backoff`).
     """
-    cond = [_d.c.destination == destination, _d.c.state == DeliveryState.QUEUED, _d.c.next_attempt_at < until]
-    if not forced_too:
-        cond.append(_d.c.next_attempt_at > FORCED)
-    with engine.begin() as conn:
-        return conn.execute(update(_d).where(*cond).values(next_attempt_at=until)).rowcount
-
-
-def requeue_sending(engine: Engine) -> int:
-    """At start-up: deliveries left ``sending`` by a process that died are queued again."""
     with engine.begin() as conn:
         return conn.execute(
             update(_d)
-            .where(_d.c.state == DeliveryState.SENDING)
+            .where(
+                _d.c.destination == destination,
+                _d.c.state == DeliveryState.QUEUED,
+                _d.c.next_attempt_at < until,
+                _d.c.next_attempt_at > FORCED,
+            )
+            .values(next_attempt_at=until)
+        ).rowcount
+
+
+def take_over(engine: Engine, now: dt.datetime | None = None) -> dict[str, int]:
+    """Queue again the deliveries left ``sending`` by processes that are gone; returns how many per destination.
+
+    Run at start and on every heartbeat: only rows whose owner is no live process (node.index.cluster)
+    are touched, never those a live process is sending. ``last_error`` names the process and says why.
+    """
+    now = now or utcnow()
+    with engine.begin() as conn:
+        taken = conn.execute(
+            update(_d)
+            .where(_d.c.state == DeliveryState.SENDING, owner_gone(_d.c.owner, now))
             .values(
                 state=DeliveryState.QUEUED,
-                next_attempt_at=utcnow(),
-                updated_at=utcnow(),
-                last_error="the node stopped while this was being sent; sending it again",
+                owner=None,
+                next_attempt_at=now,
+                updated_at=now,
+                last_error=literal("node process ")
+                + func.coalesce(_d.c.owner, "(unknown)")
+                + literal(" stopped while this was being sent; sending it again"),
             )
-        ).rowcount
+            .returning(_d.c.destination)
+        ).scalars()
+        out: dict[str, int] = {}
+        for dest in taken:
+            out[dest] = out.get(dest, 0) + 1
+    return out
 
 
 def next_due(engine: Engine, destination: str) -> dt.datetime | None:
@@ -347,40 +422,136 @@ def next_due(engine: Engine, destination: str) -> dt.datetime | None:
 
 @dataclass(frozen=True)
 class Circuit:
-    """A destination's stored circuit: consecutive transient failures and when to try again."""
+    """A destination's stored circuit, shared by every node process sending to it.
+
+    ``updated_at`` is the row's version: every change writes a new one, and every change a process
+    decides from what it read is a compare-and-set on it (another process's change since then makes
+    it do nothing). While half-open, the process taking the probe writes only ``updated_at``, so
+    ``updated_at > retry_at`` with failures says "a probe is under way since ``updated_at``".
+    """
 
     failures: int = 0
     #: No attempt before this (UTC); None when the circuit is closed.
     retry_at: dt.datetime | None = None
     last_error: str = ""
+    updated_at: dt.datetime | None = None
+
+    @property
+    def probe_since(self) -> dt.datetime | None:
+        """When the probe under way was taken (None: none is)."""
+        if self.failures and self.retry_at is not None and self.updated_at is not None:
+            return self.updated_at if self.updated_at > self.retry_at else None
+        return None
+
+
+def _circuit(r: Any) -> Circuit:
+    return Circuit(
+        r.failures,
+        aware(r.retry_at) if r.retry_at else None,
+        r.last_error,
+        aware(r.updated_at) if r.updated_at else None,
+    )
 
 
 def load_circuits(engine: Engine, destinations: Sequence[str]) -> dict[str, Circuit]:
-    """At start-up: each destination's circuit as the last run left it (a closed one is made where none is)."""
+    """At start-up: each destination's circuit as it is (a closed one is made where none is)."""
     now = utcnow()
     with engine.begin() as conn:
-        rows = {r.destination: r for r in conn.execute(select(_c).where(_c.c.destination.in_(list(destinations))))}
-        missing = [d for d in destinations if d not in rows]
+        have = {
+            r.destination
+            for r in conn.execute(select(_c.c.destination).where(_c.c.destination.in_(list(destinations))))
+        }
+        missing = [d for d in destinations if d not in have]
         if missing:
+            # Two processes starting together may both find a row missing: the second one's is no change.
+            insert = sqlite_insert if engine.dialect.name == "sqlite" else postgresql_insert
             conn.execute(
-                _c.insert(),
-                [dict(destination=d, failures=0, retry_at=None, last_error="", updated_at=now) for d in missing],
+                insert(_c)
+                .values(
+                    [dict(destination=d, failures=0, retry_at=None, last_error="", updated_at=now) for d in missing]
+                )
+                .on_conflict_do_nothing()
             )
-    out = {d: Circuit() for d in destinations}
-    for d, r in rows.items():
-        out[d] = Circuit(r.failures, aware(r.retry_at) if r.retry_at else None, r.last_error)
-    return out
+    return {d: read_circuit(engine, d) for d in destinations}
 
 
-def save_circuit(engine: Engine, destination: str, circuit: Circuit) -> None:
-    """Record a destination's circuit (its row exists: :func:`load_circuits` made it)."""
+def read_circuit(engine: Engine, destination: str) -> Circuit:
+    """A destination's circuit now (one primary-key read: a sender's worker does it at each turn)."""
+    with engine.connect() as conn:
+        r = conn.execute(select(_c).where(_c.c.destination == destination)).first()
+    return Circuit() if r is None else _circuit(r)
+
+
+def _change_circuit(
+    conn: Connection, destination: str, seen: Circuit, *only: ColumnElement[bool], **values: Any
+) -> bool:
+    """Set ``values`` if the row is still the version ``seen`` (compare-and-set) and ``only`` holds; whether it was."""
+    version = _c.c.updated_at.is_(None) if seen.updated_at is None else _c.c.updated_at == seen.updated_at
+    return (
+        conn.execute(update(_c).where(_c.c.destination == destination, version, *only).values(**values)).rowcount == 1
+    )
+
+
+def circuit_failed(
+    engine: Engine, destination: str, seen: Circuit, failures: int, retry_at: dt.datetime, error: str, now: dt.datetime
+) -> bool:
+    """Count a transient failure, unless the circuit changed since ``seen`` (then it is the same outage).
+
+    What is queued for the destination (an operator's retry too: it has had its try) waits for the
+    back-off, in the same transaction: no sender anywhere sees the circuit open with deliveries due.
+    """
+    with engine.begin() as conn:
+        if not _change_circuit(
+            conn, destination, seen, failures=failures, retry_at=retry_at, last_error=error, updated_at=now
+        ):
+            return False
+        conn.execute(
+            update(_d)
+            .where(_d.c.destination == destination, _d.c.state == DeliveryState.QUEUED, _d.c.next_attempt_at < retry_at)
+            .values(next_attempt_at=retry_at)
+        )
+        return True
+
+
+def take_probe(engine: Engine, destination: str, seen: Circuit, now: dt.datetime) -> bool:
+    """Take the half-open circuit's one probe for this process: False if another process changed it first."""
+    with engine.begin() as conn:
+        return _change_circuit(conn, destination, seen, updated_at=now)
+
+
+def end_probe(engine: Engine, destination: str, taken: dt.datetime) -> None:
+    """A probe ended without a verdict (nothing to send, refused for good, stopped): the next one may go."""
     with engine.begin() as conn:
         conn.execute(
-            update(_c)
-            .where(_c.c.destination == destination)
-            .values(
-                failures=circuit.failures, retry_at=circuit.retry_at, last_error=circuit.last_error, updated_at=utcnow()
-            )
+            update(_c).where(_c.c.destination == destination, _c.c.updated_at == taken).values(updated_at=_c.c.retry_at)
+        )
+
+
+def end_backoff(engine: Engine, destination: str, seen: Circuit, now: dt.datetime) -> bool:
+    """An operator's retry: the back-off ends now for every process (the next turn anywhere probes).
+
+    Only while what the operator made due is still waiting: once a probe has tried it and failed, it
+    waits for the new back-off with everything else (:func:`circuit_failed`).
+    """
+    forced = (
+        select(_d.c.id)
+        .where(_d.c.destination == destination, _d.c.state == DeliveryState.QUEUED, _d.c.next_attempt_at <= FORCED)
+        .exists()
+    )
+    with engine.begin() as conn:
+        return _change_circuit(conn, destination, seen, forced, retry_at=now, updated_at=now)
+
+
+def close_circuit(engine: Engine, destination: str) -> bool:
+    """The destination took an instance: the circuit closes for all. Whether it was open."""
+    with engine.begin() as conn:
+        return (
+            conn.execute(
+                update(_c)
+                .where(_c.c.destination == destination, _c.c.failures > 0)
+                .values(failures=0, retry_at=None, last_error="", updated_at=utcnow())
+            ).rowcount
+            == 1
         )
 
 
@@ -451,6 +622,7 @@ def resend(engine: Engine, ids: Sequence[int], reason: str, at: dt.datetime | No
             .where(_d.c.id.in_(list(ids)), _d.c.state == DeliveryState.DELIVERED)
             .values(
                 state=DeliveryState.QUEUED,
+                owner=None,
                 next_attempt_at=at or now,
                 updated_at=now,
                 last_error=reason,
@@ -522,6 +694,7 @@ def retry(
         _d.c.state.in_(states),
         {
             "state": DeliveryState.QUEUED,
+            "owner": None,
             "next_attempt_at": FORCED,
             "created_at": now,
             "updated_at": now,

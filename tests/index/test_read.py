@@ -85,7 +85,7 @@ def index(tmp_path_factory):
     with engine.begin() as conn:
         queue.enqueue(conn, instances, ["pacs"], job_id=second.id)
     store.finish(engine, second.id, "test", ok=True, result="queued 3 instance(s) for pacs")
-    claimed = queue.claim(engine, "pacs", 10)
+    claimed = queue.claim(engine, "pacs", 10, "test")
     assert len(claimed) == 3
     ok, refused, later = (c.id for c in claimed)
     queue.record(
@@ -95,6 +95,7 @@ def index(tmp_path_factory):
             queue.Outcome(refused, DeliveryState.FAILED, 0xA700, REFUSED),
             queue.Outcome(later, DeliveryState.QUEUED, None, "connection refused", retry_at=utcnow()),
         ],
+        "test",
     )
     yield engine, config, jobs
     engine.dispose()

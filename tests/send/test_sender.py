@@ -8,7 +8,7 @@ import random
 import pytest
 
 from node.config import RetrySection
-from node.send.dispatch import Breaker
+from node.send.dispatch import backoff
 from node.send.failures import classify_status
 from node.send.transcode import proposals
 
@@ -51,10 +51,10 @@ def test_status_classes(status, kind):
 
 def test_backoff_grows_by_the_multiplier_to_its_maximum_with_bounded_jitter():
     policy = RetrySection(initial_delay=2, multiplier=3, max_delay=60, jitter=0.25)
-    b = Breaker(policy, random.Random(7))
+    rng = random.Random(7)
     for n, base in enumerate([2, 6, 18, 54, 60, 60, 60], start=1):
         for _ in range(50):
-            d = b.delay(n)
+            d = backoff(policy, n, rng)
             assert base * 0.75 - 1e-9 <= d <= min(60, base * 1.25) + 1e-9, (n, d)
 
 
