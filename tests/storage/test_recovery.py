@@ -50,9 +50,9 @@ class Proc:
 class Cluster:
     """Node processes on one data directory and one index, made and stopped by the test."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, url: str = "") -> None:
         self.data_dir = tmp_path / "data"
-        self.engine: Engine = make_engine(f"sqlite:///{tmp_path / 'index.sqlite'}")
+        self.engine: Engine = make_engine(url or f"sqlite:///{tmp_path / 'index.sqlite'}")
         migrate(self.engine)
         self.procs: list[Proc] = []
 
@@ -246,9 +246,12 @@ def test_a_start_beside_a_live_process_leaves_its_files_alone(cluster: Cluster, 
     assert b_unindexed.is_file() and cluster.indexed() == {}
 
 
+@pytest.mark.parametrize("index", ["sqlite", "postgresql"])
 def test_a_crashed_process_is_reconciled_once_by_one_of_two_and_only_its_old_enough_files(
-    cluster: Cluster, shared_data: Path
+    index: str, tmp_path: Path, request: pytest.FixtureRequest, shared_data: Path
 ) -> None:
+    cluster = Cluster(tmp_path, request.getfixturevalue("postgres_url") if index == "postgresql" else "")
+    request.addfinalizer(cluster.close)
     dead = cluster.crashed(ago=300)
     settle = 60.0
     staging = Storage(cluster.data_dir)
