@@ -31,6 +31,7 @@ from sqlalchemy import Engine, create_engine, text
 CLUSTER_GROUP = pytest.mark.xdist_group("cluster")
 
 T = TypeVar("T")
+HERE = Path(__file__).resolve().parent
 
 
 @dataclass
@@ -62,8 +63,10 @@ class Cluster:
 
     def make(self) -> None:
         env = {
-            # The test plugins (faulty_plugins: slow-box) importable by the nodes and their plugin processes.
-            "PYTHONPATH": os.pathsep.join([str(TEST_PLUGINS), *filter(None, [os.environ.get("PYTHONPATH")])]),
+            # The test plugins (cluster_plugins, faulty_plugins) importable by the nodes and their plugin processes.
+            "PYTHONPATH": os.pathsep.join(
+                [str(HERE), str(TEST_PLUGINS), *filter(None, [os.environ.get("PYTHONPATH")])]
+            ),
             **({"DICOM_NODE_DATABASE__URL": self.url} if self.url else {}),
             **self.env,
         }
@@ -137,12 +140,13 @@ class Cluster:
 
 @dataclass
 class CountingSCP(StoreSCP):
-    """DCMTK storescp keeping every copy it receives (``+uf``: unique file names), so resends can be counted."""
+    """DCMTK storescp keeping every copy it receives (``+uf``: unique file names), so resends can be counted;
+    ``--fork``: a process per association, as a PACS takes several nodes' associations at once."""
 
     def start(self) -> CountingSCP:
         self.out.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [dcmtk("storescp"), "+uf", "-aet", self.ae_title, "-od", str(self.out), str(self.port)],
+            [dcmtk("storescp"), "--fork", "+uf", "-aet", self.ae_title, "-od", str(self.out), str(self.port)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             env=PEER_ENV,

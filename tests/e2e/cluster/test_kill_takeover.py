@@ -1,6 +1,6 @@
 """kill -9 of one of three node processes while it holds work: the other two finish all of it, exactly once.
 
-At the moment of the kill the victim holds a running plugin job (a slow plugin), deliveries in flight (to a
+At the moment of the kill the victim holds a running plugin job (held until the test releases it), deliveries in flight (to a
 PACS that hangs until the test lets it answer) and a series only it received, still waiting for its quiet
 period. Its lease is short (5 s), so the others must notice, take over each piece once and finish it:
 the job runs once more (attempts 2) and stores one SEG, every delivery reaches the PACS exactly once, the
@@ -30,14 +30,12 @@ from helpers import make_ct_series, read_sop_uid
 pytestmark = CLUSTER_GROUP
 
 LEASE = 5
-#: How long the slow plugin sleeps per run.
-PLUGIN_SECONDS = 5
 #: Forwarded series, each of FORWARD_SLICES: more deliveries than the three processes' senders claim at
 #: once (32 per association), so that every process holds some in flight when the PACS hangs.
 FORWARD_SERIES, FORWARD_SLICES = 3, 34
 
 
-def config(gate: GatedProxy) -> str:
+def config(gate: GatedProxy, release: Path) -> str:
     return f"""
 [tracker]
 stable_after = 1
@@ -46,7 +44,7 @@ use_expected_counts = false
 workers = 1
 retry_delay = 1
 [plugins.local]
-slow-box = "faulty_plugins:slow_box"
+held-box = "cluster_plugins:held_box"
 [[destinations]]
 name = "pacs"
 ae_title = "PACS"
@@ -60,7 +58,7 @@ actions = [{{ type = "forward", to = ["pacs"] }}]
 [[rules]]
 name = "slow"
 match = {{ SeriesDescription = "slow" }}
-actions = [{{ type = "plugin", plugin = "slow-box", params = {{ seconds = {PLUGIN_SECONDS} }}, send_to = ["pacs"] }}]
+actions = [{{ type = "plugin", plugin = "held-box", params = {{ release = "{release}" }}, send_to = ["pacs"] }}]
 [[rules]]
 name = "late"
 match = {{ SeriesDescription = "late" }}
@@ -118,8 +116,9 @@ def finished(p: dict[str, Any], jobs: int) -> bool:
 def test_kill9_of_one_process_the_others_finish_its_work_once(
     make_cluster, postgres_url, pacs: CountingSCP, gated_pacs: GatedProxy, tmp_path: Path
 ):
+    release = tmp_path / "release-plugin-jobs"
     cluster: Cluster = make_cluster(
-        postgres_url, extra_config=config(gated_pacs), env={"DICOM_NODE_NODE__LEASE": str(LEASE)}
+        postgres_url, extra_config=config(gated_pacs, release), env={"DICOM_NODE_NODE__LEASE": str(LEASE)}
     ).start()
     nodes = cluster.nodes
     ids = [cluster.process_id(n) for n in nodes]
@@ -136,7 +135,7 @@ def test_kill9_of_one_process_the_others_finish_its_work_once(
         f"each of {ids} to hold deliveries in flight",
     )
 
-    # A running plugin job in every process (one job worker each, one slow series each).
+    # A running plugin job in every process (one job worker each, one slow series each, held until released).
     slow = [labelled(tmp_path, "slow", 6, seed=10 + i) for i in range(len(nodes))]
     results = send_concurrently([(n.port, files) for n, files in zip(nodes, slow, strict=True)])
     assert_stored(results)
@@ -170,6 +169,7 @@ def test_kill9_of_one_process_the_others_finish_its_work_once(
             pass
     psutil.wait_procs(children, timeout=10)
     gated_pacs.open()
+    release.touch()  # the survivors' plugin jobs finish; a run taken over from the victim returns at once
 
     fwd_uids = {read_sop_uid(f) for files in forward for f in files}
     late_uids = {read_sop_uid(f) for f in late}
@@ -218,6 +218,8 @@ def test_kill9_of_one_process_the_others_finish_its_work_once(
     before = snapshot(cluster, pacs)
     victim.start()
     cluster.process_id(victim)
-    time.sleep(LEASE + 2)  # several heartbeats (lease / 4) and take-over sweeps of every process
+    # It took over what it could at start, before it answered C-ECHO; then two heartbeats (lease / 4) and
+    # take-over sweeps of every process.
+    time.sleep(LEASE / 2 + 1)
     assert snapshot(cluster, pacs) == before
     print(f"kill -9 -> all finished by the two survivors in {finished_after:.1f} s (lease {LEASE} s)")

@@ -27,7 +27,7 @@ def config(pacs: CountingSCP) -> str:
     of each, sent to the PACS too."""
     return f"""
 [tracker]
-stable_after = 2
+stable_after = 3
 use_expected_counts = false
 [jobs]
 retry_delay = 1
