@@ -109,7 +109,7 @@ class Recovery:
 
     def at_start(self) -> RecoveryReport:
         """Reconcile before this process accepts anything: its row registered, the index writer running."""
-        cutoff = self.clock()  # checked before: a process starting after this writes only newer files
+        started = self.clock()  # taken before the check: a process starting after it writes only newer files
         alone = not self.membership.others_alive()
         report = RecoveryReport(temp_removed=clear_scratch(self.storage, self.engine, alone=alone))
         if not alone:
@@ -132,6 +132,9 @@ class Recovery:
         if not hold_duty(self.engine, DUTY, self.membership.id, self.membership.lease):
             log.info("recovery: another node process (starting too) holds duty %r: it reconciles", DUTY)
             return report
+        # A dead process stored nothing after its lease ended; a newer file is a live process's (one that
+        # just registered, or one whose lease lapsed while it kept working): it indexes that itself.
+        cutoff = min([started, max(p.expires_at for p in dead)]) if dead else started
         try:
             self._reconcile(report, dead, cutoff, why, check_index=True)
         finally:

@@ -138,18 +138,22 @@ def _temp_files(storage: Storage, process_id: str) -> list[Path]:
 def test_received_and_derived_files_are_indexed_and_only_received_series_are_tracked(
     cluster: Cluster, shared_data: Path
 ) -> None:
-    dead = cluster.crashed(ago=1)  # kill -9 a moment ago: alone, the next start reconciles at once
-    a = cluster.start()
-    received = _place(a.storage, shared_data / CT)
+    staging = Storage(cluster.data_dir)
+    received = _place(staging, shared_data / CT)
     derived_uid = DERIVED_UID_ROOT + "1.2.3"
-    derived = _place(a.storage, shared_data / CT, sop_uid=derived_uid, series_uid=DERIVED_UID_ROOT + "1.2")
-    left = _temp_files(a.storage, dead)
+    derived = _place(staging, shared_data / CT, sop_uid=derived_uid, series_uid=DERIVED_UID_ROOT + "1.2")
+    dead = cluster.crashed(ago=0)  # kill -9 just now: alone, the next start reconciles at once
+    left = _temp_files(staging, dead)
+    time.sleep(0.05)  # coarse file timestamps
+    # Stored after the dead process's lease ended: a live process's whose lease lapsed; it indexes it itself.
+    late = _place(staging, shared_data / CT, sop_uid=generate_uid())
+    a = cluster.start()
 
     report = a.recovery.at_start()
 
     assert report.full_scan and report.processes == [dead]
     assert sorted(report.indexed) == sorted([dcmread(received).SOPInstanceUID, derived_uid])
-    assert report.quarantined == [] and report.too_recent == 0
+    assert report.quarantined == [] and report.too_recent == 1 and late.is_file()
     assert report.temp_removed == 2 and not any(f.exists() for f in left)
     with cluster.engine.connect() as conn:
         states = dict(
@@ -167,11 +171,11 @@ def test_received_and_derived_files_are_indexed_and_only_received_series_are_tra
 def test_an_unreadable_stored_file_goes_to_quarantine_with_the_reason(
     cluster: Cluster, shared_data: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    dead = cluster.crashed(ago=1)
-    a = cluster.start()
-    stored = _place(a.storage, shared_data / CT)
+    stored = _place(Storage(cluster.data_dir), shared_data / CT)
     data = stored.read_bytes()
     stored.write_bytes(data[: len(data) // 10])  # cut inside the header: a torn copy
+    dead = cluster.crashed(ago=0)
+    a = cluster.start()
 
     with caplog.at_level("INFO", logger="node.storage.recovery"):
         report = a.recovery.at_start()
@@ -309,9 +313,9 @@ def test_the_heartbeat_sweep_reconciles_in_its_own_thread(cluster: Cluster, shar
 
 def test_a_file_another_recovery_indexed_meanwhile_stays_where_it_is(cluster: Cluster, shared_data: Path) -> None:
     """Two reconcilers adopting the same file (a duty that lapsed mid-scan): the second must not quarantine it."""
-    cluster.crashed(ago=1)
+    stored = _place(Storage(cluster.data_dir), shared_data / CT)
+    cluster.crashed(ago=0)
     a = cluster.start()
-    stored = _place(a.storage, shared_data / CT)
     assert len(a.recovery.at_start().indexed) == 1
     b = cluster.start()
     report = RecoveryReport()
