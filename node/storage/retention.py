@@ -384,9 +384,9 @@ class Retention:
         return "; ".join(parts)
 
     def _scheduled(self) -> None:
-        if self.owner is not None and not self._hold():
-            return
         try:
+            if self.owner is not None and not self._hold():
+                return
             self.run_once(scheduled=True)
         except RetentionBusy:
             log.info("retention: the previous clean-up is still running; this one is skipped")
