@@ -154,7 +154,10 @@ def test_kill9_of_one_process_the_others_finish_its_work_once(
     victim_job = cluster.rows("select id from job where state = 'running' and owner = :o", o=victim_id)
     victim_sending = cluster.rows("select id from delivery where state = 'sending' and owner = :o", o=victim_id)
     late_state = cluster.value("select state from series where series_description = 'late'")
-    assert len(victim_job) == 1 and victim_sending and late_state == "receiving", (victim_job, late_state)
+    held = {"running jobs": victim_job, "deliveries sending": len(victim_sending), "late series": late_state}
+    assert len(victim_job) == 1 and victim_sending and late_state == "receiving", (
+        f"before the kill, {victim_id} holds {held}"
+    )
 
     assert victim.proc is not None
     children = psutil.Process(victim.proc.pid).children(recursive=True)
