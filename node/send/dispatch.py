@@ -63,6 +63,8 @@ LINGER = 2.0
 FLUSH_EVERY = 0.5
 #: The duty (node.index.cluster.hold_duty) of the one process that resends what was never committed.
 COMMITMENT_DUTY = "commitment-watchdog"
+#: How often the watchdog looks for deliveries whose commitment never came (seconds).
+COMMITMENT_EVERY = POLL * 5
 
 
 @dataclass(frozen=True)
@@ -654,37 +656,45 @@ class Dispatcher:
                     t.join(max(0.0, deadline - time.monotonic()))
 
     def _commitments(self) -> None:
-        """Instances whose commitment was never confirmed are sent (and committed) again, by one process."""
-        every = POLL * 5
-        while not self._stop.wait(every):
-            try:
-                # Renewed each run; a holder that dies hands it on after the lease (or three runs, if longer).
-                if not hold_duty(self.engine, COMMITMENT_DUTY, self.owner, max(self.cfg.node.lease, 3 * every)):
-                    continue
-            except Exception as e:
-                log.error("storage commitment watchdog: cannot take its duty in the index: %s", e)
+        """The Storage Commitment watchdog's thread: a check every few polls."""
+        while not self._stop.wait(COMMITMENT_EVERY):
+            self.check_commitments()
+
+    def check_commitments(self) -> int:
+        """Send again (and ask to commit again) what was never confirmed in time; returns how many.
+
+        Only in the holder of duty ``commitment-watchdog``, renewed at each check: one process of the
+        cluster resends, and one that dies hands it on after the lease (or three checks, if longer).
+        """
+        try:
+            lease = max(self.cfg.node.lease, 3 * COMMITMENT_EVERY)
+            if not hold_duty(self.engine, COMMITMENT_DUTY, self.owner, lease):
+                return 0
+        except Exception as e:
+            log.error("storage commitment watchdog: cannot take its duty in the index: %s", e)
+            return 0
+        total = 0
+        for d in self.cfg.destinations:
+            if not d.storage_commitment:
                 continue
-            for d in self.cfg.destinations:
-                if not d.storage_commitment:
-                    continue
-                try:
-                    late = queue.commitment_overdue(
-                        self.engine, d.name, utcnow() - dt.timedelta(seconds=d.commitment_timeout)
+            try:
+                late = queue.commitment_overdue(
+                    self.engine, d.name, utcnow() - dt.timedelta(seconds=d.commitment_timeout)
+                )
+                if late:
+                    n = queue.resend(
+                        self.engine,
+                        late,
+                        f"no storage commitment report within {d.commitment_timeout:g} s; sending again",
                     )
-                    if late:
-                        n = queue.resend(
-                            self.engine,
-                            late,
-                            f"no storage commitment report within {d.commitment_timeout:g} s; sending again",
-                        )
-                        log.warning(
-                            "destination %s: %d instance(s) never confirmed by storage commitment: sending again",
-                            d.name,
-                            n,
-                        )
-                        self.senders[d.name].wake()
-                except Exception as e:
-                    log.error("storage commitment watchdog: %s", e)
+                    log.warning(
+                        "destination %s: %d instance(s) never confirmed by storage commitment: sending again", d.name, n
+                    )
+                    total += n
+                    self.senders[d.name].wake()
+            except Exception as e:
+                log.error("storage commitment watchdog: %s", e)
+        return total
 
     def commitment_report(self, transaction_uid: str, committed: list[str], failed: dict[str, str]) -> None:
         """An N-EVENT-REPORT arrived: committed instances are done; failed ones are sent again."""
