@@ -167,6 +167,8 @@ def last_stop(node: NodeProcess) -> str | None:
 def stop_cleanly(node: NodeProcess) -> None:
     assert node.stop() == 0, node.log()[-4000:]
     assert last_stop(node) is not None, "a clean stop must be recorded in the node's process row"
+    left = list((node.data_dir / "tmp").iterdir())
+    assert left == [], f"a clean stop leaves no temp directory behind: {left}"
 
 
 def forget_clean_stop(node: NodeProcess) -> None:
