@@ -606,7 +606,7 @@ class Dispatcher:
         self._watchdog = threading.Thread(target=self._commitments, name="commitment-watchdog", daemon=True)
 
     def start(self) -> None:
-        self.take_over()
+        self._take_over(None)  # every destination: also those no longer configured
         known = set(self.senders)
         for dest, states in read.delivery_counts(self.engine).items():
             waiting = states.get(DeliveryState.QUEUED, 0)
@@ -629,8 +629,11 @@ class Dispatcher:
             self._watchdog.start()
 
     def take_over(self) -> None:
-        """Queue again what node processes that are gone were sending, and wake those destinations' senders."""
-        taken = queue.take_over(self.engine, utcnow())
+        """Queue again what node processes that are gone were sending here, and wake those destinations' senders."""
+        self._take_over(list(self.senders))
+
+    def _take_over(self, destinations: list[str] | None) -> None:
+        taken = queue.take_over(self.engine, utcnow(), destinations)
         for dest, n in sorted(taken.items()):
             log.warning(
                 "destination %s: %d deliveries were being sent by a node process that is gone: sending them again",

@@ -379,17 +379,26 @@ def postpone(engine: Engine, destination: str, until: dt.datetime) -> int:
         ).rowcount
 
 
-def take_over(engine: Engine, now: dt.datetime | None = None) -> dict[str, int]:
+def take_over(
+    engine: Engine, now: dt.datetime | None = None, destinations: Sequence[str] | None = None
+) -> dict[str, int]:
     """Queue again the deliveries left ``sending`` by processes that are gone; returns how many per destination.
 
     Run at start and on every heartbeat: only rows whose owner is no live process (node.index.cluster)
     are touched, never those a live process is sending. ``last_error`` names the process and says why.
+    ``destinations``: only those (the heartbeat's look then uses the claim index instead of reading
+    every delivery ever made); None for all (at start).
     """
     now = now or utcnow()
+    where = [_d.c.state == DeliveryState.SENDING, owner_gone(_d.c.owner, now)]
+    if destinations is not None:
+        if not destinations:
+            return {}
+        where.append(_d.c.destination.in_(list(destinations)))
     with engine.begin() as conn:
         taken = conn.execute(
             update(_d)
-            .where(_d.c.state == DeliveryState.SENDING, owner_gone(_d.c.owner, now))
+            .where(*where)
             .values(
                 state=DeliveryState.QUEUED,
                 owner=None,

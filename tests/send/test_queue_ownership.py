@@ -129,7 +129,8 @@ def test_take_over_queues_again_only_what_processes_that_are_gone_were_sending(i
     assert {r[2] for r in index.deliveries()} == {live.id, dead.id}
 
     dead.stop(clean=False)  # killed: its lease ends without a clean stop
-    assert queue.take_over(index.engine) == {"pacs": 3}
+    assert queue.take_over(index.engine, destinations=["archive"]) == {}, "only the destinations asked for"
+    assert queue.take_over(index.engine, destinations=["pacs", "archive"]) == {"pacs": 3}
     rows = {r[0]: r for r in index.deliveries()}
     for c in lost:
         _, state, owner, attempts, why = rows[c.id]
