@@ -75,6 +75,21 @@ class Cluster:
             for i in range(self.count)
         ]
 
+    def add_node(self, timeout: float = 60.0) -> ClusterNode:
+        """One more node process like the others, started and answering C-ECHO."""
+        first = self.nodes[0]
+        n = ClusterNode(
+            self.root / f"node{len(self.nodes)}",
+            extra_config=first.extra_config,
+            env=first.env,
+            shared_dir=self.data_dir,
+        )
+        self.nodes.append(n)
+        n.start(wait=False)
+        assert n.run is not None
+        n.run.wait_ready(timeout)
+        return n
+
     def start(self, timeout: float = 60.0) -> Cluster:
         """Start every node at the same time, then wait until each answers C-ECHO."""
         if not self.nodes:

@@ -1,10 +1,12 @@
 """kill -9 of one of three node processes while it holds work: the other two finish all of it, exactly once.
 
-At the moment of the kill the victim holds a running plugin job (held until the test releases it), deliveries in flight (to a
-PACS that hangs until the test lets it answer) and a series only it received, still waiting for its quiet
-period. Its lease is short (5 s), so the others must notice, take over each piece once and finish it:
-the job runs once more (attempts 2) and stores one SEG, every delivery reaches the PACS exactly once, the
-waiting series is triggered once. Restarting the killed process afterwards must change nothing.
+At the moment of the kill the victim holds a running plugin job (held until the test releases it),
+deliveries in flight (to a PACS that hangs until the test lets it answer) and a series only it received,
+still waiting for its quiet period. Its lease is short (5 s), so the others must notice, take over each
+piece once and finish it: the job runs once more (attempts 2) and stores one SEG, every delivery reaches
+the PACS exactly once, the waiting series is triggered once. Restarting the killed process afterwards
+must change nothing. Before the kill, a fourth process starts and stops while the three hold their work:
+it must take none of it (a starting process used to requeue every running job and delivery).
 """
 
 from __future__ import annotations
@@ -27,12 +29,15 @@ from cluster_peers import (
 )
 from helpers import make_ct_series, read_sop_uid
 
+from node.send.dispatch import BATCH
+
 pytestmark = CLUSTER_GROUP
 
 LEASE = 5
-#: Forwarded series, each of FORWARD_SLICES: more deliveries than the three processes' senders claim at
-#: once (32 per association), so that every process holds some in flight when the PACS hangs.
-FORWARD_SERIES, FORWARD_SLICES = 3, 34
+#: Forwarded series, each of FORWARD_SLICES: more deliveries than two of the three processes' senders claim
+#: at once (BATCH per association, one association each), but not more than all three do: every process
+#: holds some in flight while the PACS hangs, and none is left queued for a process that starts meanwhile.
+FORWARD_SERIES, FORWARD_SLICES = 3, BATCH - 2
 
 
 def config(gate: GatedProxy, release: Path) -> str:
@@ -94,6 +99,14 @@ def snapshot(cluster: Cluster, pacs: CountingSCP) -> dict[str, Any]:
     }
 
 
+def holdings(cluster: Cluster) -> list[tuple[Any, ...]]:
+    """The running jobs and the deliveries being sent, with their owner and attempts."""
+    return sorted(
+        cluster.rows("select 'job', id, owner, attempts from job where state = 'running'")
+        + cluster.rows("select 'delivery', id, owner, attempts from delivery where state = 'sending'")
+    )
+
+
 def progress(cluster: Cluster) -> dict[str, Any]:
     """Jobs by (rule, state, owner) and deliveries by (state, owner): what is left, and who holds it."""
     return {
@@ -147,6 +160,15 @@ def test_kill9_of_one_process_the_others_finish_its_work_once(
         f"each of {ids} to run a slow plugin job",
     )
 
+    # A process starting while the others hold this work takes none of it, and neither does its clean stop.
+    held = holdings(cluster)
+    newcomer = cluster.add_node()
+    cluster.process_id(newcomer)
+    time.sleep(LEASE / 2 + 1)  # it took over what it could before it answered C-ECHO; then two heartbeats
+    assert holdings(cluster) == held, "a starting process took over work of live processes"
+    assert newcomer.stop() == 0
+    assert holdings(cluster) == held, "a stopping process changed work of live processes"
+
     victim, victim_id = nodes[0], ids[0]
     # A series only the victim received, waiting for its quiet period (4 s) when the victim dies.
     late = labelled(tmp_path, "late", 5, seed=20)
@@ -154,9 +176,9 @@ def test_kill9_of_one_process_the_others_finish_its_work_once(
     victim_job = cluster.rows("select id from job where state = 'running' and owner = :o", o=victim_id)
     victim_sending = cluster.rows("select id from delivery where state = 'sending' and owner = :o", o=victim_id)
     late_state = cluster.value("select state from series where series_description = 'late'")
-    held = {"running jobs": victim_job, "deliveries sending": len(victim_sending), "late series": late_state}
+    victim_holds = {"running jobs": victim_job, "deliveries sending": len(victim_sending), "late series": late_state}
     assert len(victim_job) == 1 and victim_sending and late_state == "receiving", (
-        f"before the kill, {victim_id} holds {held}"
+        f"before the kill, {victim_id} holds {victim_holds}"
     )
 
     assert victim.proc is not None
