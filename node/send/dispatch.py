@@ -96,7 +96,7 @@ class Breaker:
     A turn ends however it ends (delivered, transient or permanent failure, nothing to send, an
     exception, the node stopping): :meth:`turn` releases the probe on the way out, so no outcome can
     leave the destination waiting for a probe that never finishes. A probe whose process died is
-    given up after ``hold`` seconds (the cluster lease). An index that cannot be reached leaves the
+    given up after ``hold`` seconds (longer than a live probe can take). An index that cannot be reached leaves the
     breaker working on its own copy.
     """
 
@@ -307,7 +307,10 @@ class DestinationSender:
         self.storage = storage
         #: This node process (node.index.cluster): the owner of the deliveries it claims.
         self.owner = owner
-        self.breaker = Breaker(d.retry, engine, d.name, reader=reader, hold=cfg.node.lease)
+        # A probe that delivers closes the circuit at its first instance; one that fails mostly does so
+        # within the destination's timeout. Past that and the lease, its process is taken to be gone (a
+        # probe still waiting for a hung PACS then has company: one more try, not a wedged destination).
+        self.breaker = Breaker(d.retry, engine, d.name, reader=reader, hold=max(cfg.node.lease, d.timeout))
         self._stop = stop
         self._wake = threading.Condition()
         self._woken = False

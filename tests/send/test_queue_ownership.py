@@ -69,7 +69,6 @@ def test_two_processes_claiming_at_once_take_each_delivery_once(index: Index) ->
     a, b = (claimed[p.id] for p in procs)
     assert not set(a) & set(b), "a delivery was claimed by both processes"
     assert sorted(a + b) == ids, "every delivery claimed once"
-    assert a and b, "both processes took part"
     assert empty_while_left == [], "a claim came back empty while deliveries were waiting"
     owners = {i: owner for i, state, owner, _, _ in index.deliveries() if state == DeliveryState.SENDING}
     assert owners == {**{i: procs[0].id for i in a}, **{i: procs[1].id for i in b}}, "each row names its claimer"
