@@ -268,8 +268,8 @@ def record(engine: Engine, outcomes: Sequence[Outcome], owner: str) -> None:
     lost = [o for o in outcomes if o.id not in held]
     if lost:
         log.warning(
-            "delivery id(s) %s: outcome (%s) not recorded: taken over by another process meanwhile "
-            "(this process was thought gone); the new owner sends them",
+            "delivery id(s) %s: outcome (%s) not recorded: no longer this process's (taken over by another "
+            "process while this one was thought gone, or cancelled and queued again by an operator)",
             ", ".join(str(o.id) for o in lost),
             ", ".join(sorted({str(o.state) for o in lost})),
         )

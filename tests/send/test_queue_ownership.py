@@ -92,7 +92,7 @@ def test_the_outcome_of_a_process_that_no_longer_owns_the_delivery_is_ignored(in
         queue.record(index.engine, [delivered], slow.id)
     assert index.deliveries()[0][1:3] == (DeliveryState.SENDING, other.id), "the late outcome overwrote the new owner's"
     assert _delivered_events(index) == [], "an outcome not recorded is not audited"
-    assert f"delivery id(s) {did}: outcome (delivered) not recorded: taken over by another process" in caplog.text
+    assert f"delivery id(s) {did}: outcome (delivered) not recorded: no longer this process's" in caplog.text
     assert queue.release(index.engine, [did], "internal error", slow.id) == 0, "nor may it put the row back"
 
     queue.record(index.engine, [delivered], other.id)
