@@ -56,9 +56,6 @@ _study = Study.__table__
 _series = Series.__table__
 _instance = Instance.__table__
 
-# Statements are built once with bound parameters: SQLAlchemy then reuses the
-# compiled form, which is what keeps a row under a millisecond of Python.
-
 
 def _upserts(table: Table, *identity: str) -> dict[str, Insert]:
     """``INSERT ... ON CONFLICT (identity) DO NOTHING RETURNING id``, per dialect.
@@ -82,6 +79,8 @@ def _upsert(tx: Tx, statements: dict[str, Insert]) -> Insert:
         raise RuntimeError(f"the index needs SQLite or PostgreSQL, not {tx.dialect.name}") from None
 
 
+# Statements are built once with bound parameters: SQLAlchemy then reuses the
+# compiled form, which is what keeps a row under a millisecond of Python.
 _SEL_PATIENT = select(_patient.c.id).where(
     _patient.c.patient_id == bindparam("patient_id"),
     _patient.c.issuer_of_patient_id == bindparam("issuer_of_patient_id"),
@@ -139,6 +138,9 @@ class Recorder:
     Used only from the index writer thread (or one recovery thread), so the
     cache needs no lock. The writer calls :meth:`forget` whenever a
     transaction fails, in case the cache holds ids of rows rolled back.
+    Other node processes may record the same rows at the same moment: parent
+    rows are upserted, and an instance row that another process wrote since
+    this transaction read it raises :class:`~node.index.writer.Conflict`.
     """
 
     def __init__(self, policy: DuplicatePolicy, file_exists: Callable[[str], bool] | None = None) -> None:
