@@ -17,6 +17,7 @@ import pytest
 from helpers import series_files, wait_for
 from two_processes import DATABASES, LEASE, STABLE_AFTER, Cluster, clusters
 
+from node.decide import tracker as tracker_module
 from node.decide.tracker import SeriesTracker
 
 CT = "ct-head-philips-5mm"
@@ -105,3 +106,28 @@ def test_two_processes_evaluating_the_same_revisions_make_their_jobs_once(
     fired = [r for r in caplog.records if "matched ->" in r.getMessage()]
     assert len(fired) == 6, [r.getMessage() for r in fired]
     assert "evaluated here" in caplog.text
+
+
+def test_a_revision_left_behind_by_a_newer_one_is_evaluated_by_the_full_sweep(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Revision 1 made stable by a process that died; revision 2 opened and triggered by another since.
+
+    The series no longer looks tracked (its state is ``triggered``): only the sweep that reads every
+    untriggered revision (every FULL_SWEEP seconds; here: every time) finds revision 1.
+    """
+    a = cluster.process()
+    dying = cluster.process(tracker=DiesAfterStable)
+    ct = series_files(CT)[:2]
+    dying.receive(ct[0])
+    wait_for(lambda: cluster.series_states() == {"CT": ("stable", 1)}, 15, "revision 1 to be stable")
+    dying.stop()
+    a.receive(ct[1])
+    wait_for(lambda: cluster.series_states() == {"CT": ("triggered", 2)}, 15, "revision 2 to be triggered")
+    assert cluster.jobs() == [("CT", 2, "ct")]
+
+    monkeypatch.setattr(tracker_module, "FULL_SWEEP", 0.0)
+    wait_for(lambda: a.tracker.sweep() or cluster.triggered() == 2, 15, "revision 1 to be evaluated", interval=0.5)
+    a.stop()
+    assert cluster.jobs() == [("CT", 1, "ct"), ("CT", 2, "ct")]
+    assert cluster.audited("rule_fired") == 2
