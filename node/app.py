@@ -341,6 +341,12 @@ class ParentLink:
         self.fd = fd
         os.set_blocking(fd, False)
 
+    def tag_logs(self) -> None:
+        """Mark this process's log lines: they go to the same output as the node process's."""
+        tag = _ReceiverTag(f"[receiver pid {os.getpid()}] ")
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(tag)
+
     def tell(self, message: bytes) -> None:
         try:
             os.write(self.fd, message)
@@ -348,6 +354,20 @@ class ParentLink:
             pass
         except OSError as e:  # the parent is gone: its death signal stops this process
             log.debug("cannot tell the node process %r: %s", message, e)
+
+
+class _ReceiverTag(logging.Filter):
+    """Puts ``prefix`` before each message of a receiver process (once, whatever the handlers)."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(record, "receiver_tagged", False):
+            record.msg = self.prefix + str(record.msg)
+            record.receiver_tagged = True
+        return True
 
 
 @dataclass

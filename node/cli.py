@@ -85,6 +85,8 @@ def run(
     from node.logs import setup_logging
 
     setup_logging(cfg.logging.level, cfg.logging.json_format, redact_phi=cfg.logging.redact_phi)
+    if link is not None:
+        link.tag_logs()
     try:
         if link is not None:
             Node(cfg, role=RECEIVER, parent=link).run_forever()

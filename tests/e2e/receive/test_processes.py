@@ -114,7 +114,9 @@ def test_three_processes_share_the_port_store_everything_once_and_restart(
         assert all(echo(node.port) for _ in range(5)), "the DICOM port stopped answering after a receiver died"
         wait_for(lambda: len(receiver_pids(node) - {victim}) == 2, 60, "a new receiver process")
         wait_for(lambda: ready(node).get("receivers") == "ok", 60, "the new receiver listening")
-        assert "was killed by SIGKILL" in node.log_path.read_text()
+        log = node.log_path.read_text()
+        assert "was killed by SIGKILL" in log
+        assert f"[receiver pid {victim}] " in log, "a receiver's log lines do not say which process wrote them"
         pids = receiver_pids(node)
         assert victim not in pids and len(pids) == 2
 
