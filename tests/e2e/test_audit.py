@@ -322,10 +322,7 @@ def test_sqlite_refuses_to_change_or_delete_audit_rows(node, tmp_path):
     _sqlite_refuses_changes(node.data_dir / "index.sqlite")
 
 
-from index.test_postgres import postgres_url  # noqa: E402,F401  (the throwaway PostgreSQL cluster fixture)
-
-
-def test_postgresql_refuses_to_change_delete_or_truncate_audit_rows(postgres_url):  # noqa: F811
+def test_postgresql_refuses_to_change_delete_or_truncate_audit_rows(postgres_url):
     engine = make_engine(postgres_url)
     migrate(engine)
     with engine.begin() as conn:
