@@ -75,7 +75,7 @@ def postgres_server(max_connections: int = 200) -> Iterator[str]:
         yield url
     finally:
         subprocess.run(
-            [*as_pg, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"], capture_output=True
+            [*as_pg, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"], capture_output=True
         )
         shutil.rmtree(root, ignore_errors=True)
 
