@@ -115,8 +115,19 @@ def enqueue(
             else:
                 already += 1
         if rows:
-            conn.execute(_d.insert(), rows)
-            new += len(rows)
+            # Another process's job may queue the same instance for the same destination at this moment:
+            # its row wins, ours is no change (a plain INSERT would fail the whole job on the constraint).
+            insert = sqlite_insert if conn.dialect.name == "sqlite" else postgresql_insert
+            made = len(
+                conn.execute(
+                    insert(_d)
+                    .on_conflict_do_nothing(index_elements=[_d.c.instance_fk, _d.c.destination])
+                    .returning(_d.c.id),
+                    rows,
+                ).all()
+            )
+            new += made
+            already += len(rows) - made
         if again:
             requeued += conn.execute(
                 update(_d)

@@ -139,3 +139,38 @@ def test_take_over_queues_again_only_what_processes_that_are_gone_were_sending(i
         assert rows[c.id][1:3] == (DeliveryState.SENDING, live.id), "a live process's delivery was taken"
     assert sorted(c.id for c in queue.claim(index.engine, "pacs", 10, live.id)) == sorted(c.id for c in lost)
     assert queue.take_over(index.engine) == {}, "taken over once"
+
+
+def test_two_jobs_queueing_the_same_instances_at_once_make_one_delivery_each(index: Index) -> None:
+    """Two processes' jobs forward the same instances to one destination in overlapping transactions.
+
+    Each reads the existing rows before the other has committed its own: the second INSERT must not fail
+    on the (instance, destination) constraint (the job would fail and run again); one row per instance.
+    """
+    d = Delivery.__table__
+    ids = index.queue(40, destination="other")  # instances that exist; their deliveries go elsewhere
+    with index.engine.connect() as conn:
+        instances = list(conn.execute(select(d.c.instance_fk).where(d.c.id.in_(ids))).scalars())
+    a, b = index.connect(), index.connect()
+    with a.begin() as ca:
+        first = queue.enqueue(ca, instances, ["pacs"])
+        results: list[queue.Enqueued] = []
+        errors: list[BaseException] = []
+
+        def second() -> None:
+            try:
+                with b.begin() as cb:
+                    results.append(queue.enqueue(cb, instances, ["pacs"]))
+            except BaseException as e:
+                errors.append(e)
+
+        t = threading.Thread(target=second)
+        t.start()
+        t.join(1.0)  # on PostgreSQL it waits for our rows' fate; on SQLite for the write lock
+    t.join(30)
+    assert not errors, errors
+    assert first.new == 40
+    assert results and results[0].new == 0 and results[0].already == 40
+    with index.engine.connect() as conn:
+        n = conn.execute(select(func.count()).where(d.c.destination == "pacs")).scalar_one()
+    assert n == 40
