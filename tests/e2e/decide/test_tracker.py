@@ -241,7 +241,8 @@ def test_kill9_while_waiting_for_stability_triggers_once(node, scp, overdue):
         assert created - t_started < dt.timedelta(seconds=2), "an overdue series must fire at once"
     else:
         assert created - last >= dt.timedelta(seconds=4), "fired before stable_after"
-        assert created - last < dt.timedelta(seconds=7), "fired late"
+        due = max(last + dt.timedelta(seconds=4), t_started)  # a slow restart (a loaded host) may start past it
+        assert created - due < dt.timedelta(seconds=3), "fired late"
     wait_for(lambda: jobs(node)[0][5] == "succeeded", 30, "the job to succeed")
     time.sleep(1)
     assert len(jobs(node)) == 1
