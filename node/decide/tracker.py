@@ -168,12 +168,12 @@ class SeriesTracker:
         if not self.scheduler.running:
             return
         now = utcnow()
-        untriggered_cond = [
+        untriggered = [
             _revision.c.triggered_at.is_(None),
             _revision.c.stable_at < now - dt.timedelta(seconds=self.lease),
         ]
         if time.monotonic() - self._full_sweep < FULL_SWEEP:
-            untriggered_cond.append(_revision.c.series_fk.in_(select(_series.c.id).where(series_tracking(_series))))
+            untriggered.append(_revision.c.series_fk.in_(select(_series.c.id).where(series_tracking(_series))))
         else:
             self._full_sweep = time.monotonic()
         with self.reader.connect() as conn:
@@ -186,24 +186,21 @@ class SeriesTracker:
                     _series.c.last_received_at < now - dt.timedelta(seconds=self.adopt_after),
                 )
             ).all()
-            untriggered = conn.execute(
-                select(_revision.c.series_fk, _revision.c.revision).where(*untriggered_cond)
-            ).all()
+            revisions = conn.execute(select(_revision.c.series_fk, _revision.c.revision).where(*untriggered)).all()
+        self._adopt([(sid, rev, aware(last), count) for sid, rev, last, count in receiving], now)
+        self._take_up([(sid, rev) for sid, rev in revisions], now)
+
+    def _adopt(self, receiving: list[tuple[int, int, dt.datetime, int]], now: dt.datetime) -> None:
+        """Time the receiving series (id, revision, last arrival, count) that this process does not time."""
         adopted = []
         for sid, revision, last, count in receiving:
             with self._lock:
                 p = self._pending.get(sid)
                 if p is not None and p.revision >= revision:
                     continue  # timed here
-                self._pending[sid] = _Pending(revision, aware(last), count, self.cfg.tracker.stable_after)
+                self._pending[sid] = _Pending(revision, last, count, self.cfg.tracker.stable_after)
             adopted.append(sid)
             self._schedule(sid, now)  # works out its timing, then marks it stable or waits
-        taken = []
-        for sid, revision in untriggered:
-            if self.scheduler.get_job(f"trigger-{sid}-{revision}") is not None:
-                continue  # a retry of it is scheduled here
-            taken.append((sid, revision))
-            self._schedule_trigger(sid, revision, now)
         if adopted:
             log.info(
                 "series tracker: %d receiving series not timed here and without an instance for over %g s "
@@ -212,6 +209,15 @@ class SeriesTracker:
                 self.adopt_after,
                 ", #".join(map(str, adopted)),
             )
+
+    def _take_up(self, revisions: list[tuple[int, int]], now: dt.datetime) -> None:
+        """Evaluate the rules of stable revisions (series id, revision) that nobody evaluated in time."""
+        taken = []
+        for sid, revision in revisions:
+            if self.scheduler.get_job(f"trigger-{sid}-{revision}") is not None:
+                continue  # a retry of it is scheduled here
+            taken.append((sid, revision))
+            self._schedule_trigger(sid, revision, now)
         if taken:
             log.warning(
                 "series tracker: %d stable revision(s) left without their rules evaluated for over %g s, "
