@@ -1,4 +1,5 @@
-"""Three node processes on one PostgreSQL and one data directory, each series split across all three at once.
+"""Three node processes on one index (PostgreSQL, or SQLite on one host) and one data directory, each series
+split across all three at once.
 
 A load balancer in front of a cluster spreads one sender's associations over the processes, so one
 series arrives in thirds at three processes concurrently (and a sender that retries may send the same
@@ -13,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
 from cluster_peers import CLUSTER_GROUP, Cluster, CountingSCP, assert_stored, send_concurrently, wait_until
 from helpers import make_ct_series, read_sop_uid
 
@@ -65,8 +67,13 @@ def finished(p: dict[str, Any], series: int) -> bool:
     )
 
 
-def test_series_split_across_three_processes_are_handled_once(make_cluster, postgres_url, pacs, tmp_path: Path):
-    cluster = make_cluster(postgres_url, extra_config=config(pacs)).start()
+@pytest.mark.parametrize("dialect", ["postgresql", "sqlite"])
+def test_series_split_across_three_processes_are_handled_once(
+    make_cluster, request: pytest.FixtureRequest, dialect: str, pacs, tmp_path: Path
+):
+    # PostgreSQL, or SQLite in the shared data directory (several processes on one host).
+    url = request.getfixturevalue("postgres_url") if dialect == "postgresql" else ""
+    cluster = make_cluster(url, extra_config=config(pacs)).start()
     ports = [n.port for n in cluster.nodes]
     study = "1.2.826.0.1.3680043.10.1431.16.1"  # one study for all rounds: its parent rows are raced each time
 
