@@ -76,7 +76,7 @@ class Node:
         )
         #: Temp and quarantine directories of this process's own (node.storage.layout).
         self.storage = Storage(cfg.data_dir, self.membership.id)
-        self.writer = IndexWriter(self.engine, on_failure=lambda: self.ingest.recorder.forget())
+        self.writer = IndexWriter(self.engine)
         self.checkpointer = WalCheckpointer(self.engine)
         self.recovery = Recovery(self.storage, self.writer, self.membership)
         self.membership.on_beat.append(self.recovery.sweep)  # files that crashed processes left

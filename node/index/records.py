@@ -135,9 +135,11 @@ _NOT_TRACKED = (
 class Recorder:
     """Upserts instances, caching parent row ids.
 
-    Used only from the index writer thread (or one recovery thread), so the
-    cache needs no lock. The writer calls :meth:`forget` whenever a
-    transaction fails, in case the cache holds ids of rows rolled back.
+    Used only in the index writer's work items (its thread), so the cache
+    needs no lock. Whenever anything was rolled back since the ids were cached
+    (the transaction's epoch changed), the cache is dropped: it may hold ids
+    of rows never committed. Every recorder sharing the writer (receiving,
+    outputs, crash recovery) sees that, without being told.
     Other node processes may record the same rows at the same moment: parent
     rows are upserted, and an instance row that another process wrote since
     this transaction read it raises :class:`~node.index.writer.Conflict`.
@@ -150,6 +152,8 @@ class Recorder:
         self._patients: dict[tuple[str, str, str, str], int] = {}
         self._studies: dict[str, int] = {}
         self._series: dict[str, int] = {}
+        #: The writer transaction epoch the cached ids were read in (node.index.writer.Tx.epoch).
+        self._epoch = 0
 
     def forget(self) -> None:
         self._patients.clear()
@@ -188,6 +192,9 @@ class Recorder:
         return int(pk)
 
     def record(self, tx: Tx, rec: InstanceRecord, *, _again: bool = False) -> RecordOutcome:
+        if tx.epoch != self._epoch:  # something was rolled back since these ids were cached
+            self.forget()
+            self._epoch = tx.epoch
         now = rec.received_at
         p = rec.patient
         patient_key = (p["patient_id"], p["issuer_of_patient_id"], p["patient_name"], p["birth_date"])

@@ -20,6 +20,7 @@ an ``flock`` beside the database file (see :class:`_WriteLock`).
 from __future__ import annotations
 
 import fcntl
+import itertools
 import logging
 import os
 import queue
@@ -64,6 +65,10 @@ def retryable(exc: BaseException) -> bool:
     return False
 
 
+#: Epochs of the writers' transactions: a new one after every rollback (see Tx.epoch).
+_epochs = itertools.count(1)
+
+
 class Tx:
     """The writer's open transaction, as seen by a work item."""
 
@@ -71,7 +76,14 @@ class Tx:
         self.conn = dbapi_conn
         self.cur = dbapi_conn.cursor()
         self.dialect = dialect
+        #: Changes whenever something was rolled back (an item, a batch) or the connection replaced: a cache of
+        #: row ids made under another epoch may hold ids of rows that were never committed (SQLite reuses them),
+        #: so a cache keeps its epoch and forgets everything when it differs (node.index.records.Recorder).
+        self.epoch = next(_epochs)
         self._prepared: dict[Any, Prepared] = {}
+
+    def rolled_back(self) -> None:
+        self.epoch = next(_epochs)
 
     def prepare(self, key: Any, stmt: Any, keys: list[str] | None = None) -> Prepared:
         p = self._prepared.get(key)
@@ -95,12 +107,10 @@ Work = Callable[[Tx], T]
 
 
 class IndexWriter:
-    def __init__(self, engine: Engine, on_failure: Callable[[], None] | None = None) -> None:
-        """``on_failure`` is called after any failed item or transaction (e.g. to drop caches)."""
+    def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._queue: queue.SimpleQueue[tuple[Work[Any], Future[Any]] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="index-writer", daemon=True)
-        self._on_failure = on_failure
         self._stopped = False
         self._begin = begin_statement(engine)
         self._raw: Any = None
@@ -193,8 +203,7 @@ class IndexWriter:
                         self._rollback()
                         raise
             except Exception as exc:  # nothing in the batch is durable
-                if self._on_failure:
-                    self._on_failure()
+                self._rolled_back()
                 if retryable(exc) and attempt < ATTEMPTS:
                     log.log(
                         logging.WARNING if attempt >= 3 else logging.INFO,
@@ -216,8 +225,6 @@ class IndexWriter:
             break
         for fut, value, error in results:
             if error is not None:
-                if self._on_failure:
-                    self._on_failure()
                 fut.set_exception(error)
             else:
                 fut.set_result(value)
@@ -247,11 +254,14 @@ class IndexWriter:
                     tx.cur.execute("RELEASE SAVEPOINT item")
                     # Ids cached while running this item may belong to rows
                     # just rolled back: the next items must not use them.
-                    if self._on_failure:
-                        self._on_failure()
+                    tx.rolled_back()
                     results.append((fut, None, exc))
         tx.conn.commit()
         return results
+
+    def _rolled_back(self) -> None:
+        if self._tx is not None:
+            self._tx.rolled_back()
 
     def _rollback(self) -> None:
         try:

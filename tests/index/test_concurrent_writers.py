@@ -80,7 +80,7 @@ def _writer_process(
     logging.getLogger("node.index.writer").setLevel(logging.INFO)
     engine = make_engine(url)
     recorder = Recorder(policy)
-    writer = IndexWriter(engine, on_failure=recorder.forget)
+    writer = IndexWriter(engine)
     writer.start()
     rng = random.Random(process)
     outcomes: list[tuple[int, str, str, str, str | None]] = []

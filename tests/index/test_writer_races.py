@@ -61,13 +61,14 @@ def test_a_deadlocked_batch_runs_again_and_its_caller_sees_only_the_result(pg: E
     with pg.begin() as c:
         c.exec_driver_sql("create table counter (id integer primary key, n integer not null)")
         c.exec_driver_sql("insert into counter values (1, 0), (2, 0)")
-    forgotten = []
-    writer = IndexWriter(pg, on_failure=lambda: forgotten.append(1))
+    epochs = []
+    writer = IndexWriter(pg)
     writer.start()
     runs = []
 
     def work(tx: Tx) -> str:
         runs.append(1)
+        epochs.append(tx.epoch)
         tx.cur.execute("update counter set n = n + 1 where id = 1")
         tx.cur.execute("update counter set n = n + 1 where id = 2")  # the other side holds row 2
         return "done"
@@ -88,7 +89,8 @@ def test_a_deadlocked_batch_runs_again_and_its_caller_sees_only_the_result(pg: E
         writer.stop()
     with pg.connect() as c:
         assert c.execute(text("select id, n from counter order by id")).all() == [(1, 11), (2, 11)]
-    assert len(runs) == 2 and forgotten
+    assert len(runs) == 2
+    assert epochs[0] != epochs[1], "ids cached in the rolled-back run must not be trusted in the next"
     assert "deadlock detected" in caplog.text and "running it again (attempt 2 of 5)" in caplog.text
     pg.dispose()
 
@@ -105,7 +107,7 @@ def test_an_instance_another_process_recorded_first_ends_as_a_duplicate_or_a_rep
     other's row lock, and its instance INSERT then meets the committed row (a Conflict: run again).
     """
     recorder = Recorder(policy)
-    writer = IndexWriter(pg, on_failure=recorder.forget)
+    writer = IndexWriter(pg)
     writer.start()
     if parents == "indexed before":
         sibling = dict(record.instance, sop_instance_uid=record.sop_instance_uid + ".1", file_path="files/sibling.dcm")
@@ -139,7 +141,7 @@ def test_sqlite_writers_of_several_processes_take_turns_on_the_write_lock_file(t
     engine = make_engine(f"sqlite:///{db}")
     migrate(engine)
     recorder = Recorder("keep_first")
-    writer = IndexWriter(engine, on_failure=recorder.forget)
+    writer = IndexWriter(engine)
     writer.start()
     try:
         with open(f"{db}.write.lock", "ab") as lock:  # another process's writer, mid-transaction
@@ -153,3 +155,43 @@ def test_sqlite_writers_of_several_processes_take_turns_on_the_write_lock_file(t
     finally:
         writer.stop()
         engine.dispose()
+
+
+def test_ids_a_recorder_cached_in_a_rolled_back_transaction_are_not_used_again(tmp_path: Path, record):
+    """Two recorders share one writer (receiving, and crash recovery); a failure of one's transaction
+    must not leave the other (or itself) with ids of rows that were never committed: SQLite gives the
+    rolled-back series' id to the next new series, and an instance filed under a cached id would land
+    in a stranger's series."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'index.sqlite'}")
+    migrate(engine)
+    writer = IndexWriter(engine)
+    writer.start()
+    mine, other = Recorder("keep_first"), Recorder("keep_first")
+
+    def uids(rec: InstanceRecord, series: str, sop: str) -> InstanceRecord:
+        return dataclasses.replace(
+            rec,
+            series=dict(rec.series, series_instance_uid=series),
+            instance=dict(rec.instance, sop_instance_uid=sop, file_path=f"files/{sop}.dcm"),
+        )
+
+    def fails(tx: Tx) -> None:
+        mine.record(tx, uids(record, "1.2.3.1", "1.2.3.1.1"))  # caches the new series' id ...
+        raise RuntimeError("the rest of this item failed")  # ... which is rolled back
+
+    try:
+        with pytest.raises(RuntimeError):
+            writer.call(fails)
+        writer.call(lambda tx: other.record(tx, uids(record, "1.2.3.2", "1.2.3.2.1")))  # takes that id
+        writer.call(lambda tx: mine.record(tx, uids(record, "1.2.3.1", "1.2.3.1.2")))
+    finally:
+        writer.stop()
+    with engine.connect() as c:
+        rows = c.execute(
+            text(
+                "select i.sop_instance_uid, s.series_instance_uid from instance i join series s on s.id = i.series_fk"
+                " order by i.sop_instance_uid"
+            )
+        ).all()
+    assert rows == [("1.2.3.1.2", "1.2.3.1"), ("1.2.3.2.1", "1.2.3.2")]
+    engine.dispose()

@@ -78,7 +78,7 @@ def test_a_failed_item_does_not_leave_stale_ids_for_the_rest_of_its_batch(tmp_pa
     engine = make_engine(f"sqlite:///{tmp_path / 'index.sqlite'}")
     migrate(engine)
     recorder = Recorder("keep_first")
-    writer = IndexWriter(engine, on_failure=recorder.forget)
+    writer = IndexWriter(engine)
 
     def failing(tx):
         recorder.record(tx, _record(1, "ALICE", "STUDY-1"))
