@@ -130,8 +130,8 @@ class OutputStore:
                 raise
         out = []
         for (p, _, sop, series), o in zip(placed, outcomes, strict=True):
-            if o.kind == "duplicate":  # stored by an earlier run of this job: keep that copy
-                self.storage.remove(p)
+            if o.kind == "duplicate" and o.old_file_path != self.storage.relative(p):
+                self.storage.remove(p)  # stored by an earlier run of this job: keep that copy
             elif o.kind == "replaced" and o.old_file_path and o.old_file_path != self.storage.relative(p):
                 old = self.storage.absolute(o.old_file_path)  # duplicates = "overwrite": the earlier copy goes
                 if old.is_file():

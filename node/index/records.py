@@ -42,7 +42,9 @@ class RecordOutcome:
     #: "new", "duplicate" (kept the first, nothing written) or "replaced".
     kind: Literal["new", "duplicate", "replaced"]
     instance_id: int
-    #: For "replaced": the file the old row pointed to, to delete after commit.
+    #: For "replaced": the file the old row pointed to, to delete after commit. For "duplicate": the file
+    #: the row keeps (the caller's new copy goes, unless it is that very file: recovery by another process
+    #: may have indexed it meanwhile).
     old_file_path: str | None = None
     #: For "new" and "replaced": the series row, its open revision and how many
     #: instances that revision holds now (for the series tracker).
@@ -247,7 +249,7 @@ class Recorder:
         )
         row = tx.row(tx.prepare("sel_instance", _SEL_INSTANCE), {"uid": rec.sop_instance_uid})
         if row is not None and self.policy == "keep_first" and (self.file_exists is None or self.file_exists(row[1])):
-            return RecordOutcome("duplicate", row[0])
+            return RecordOutcome("duplicate", row[0], old_file_path=row[1])
         # The series row first: it says which revision the instance belongs to.
         delta = 1 if row is None or row[2] != series_fk else 0
         added = tx.row(tx.prepare("series_add", _SERIES_ADD), {"pk": series_fk, "delta": delta, "now": now})

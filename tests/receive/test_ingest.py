@@ -142,6 +142,28 @@ def test_a_duplicate_keeps_the_first_copy_by_default(node: Node, shared_data: Pa
     assert node.temp_files() == []
 
 
+def test_a_file_indexed_meanwhile_by_another_process_is_kept(node: Node, shared_data: Path) -> None:
+    """Crash recovery in another process may index our just-placed file before our own row commits.
+
+    Our record then finds the instance "already indexed", as this very file: deleting it as a duplicate's
+    second copy would leave the row without its file.
+    """
+    recorder = node.ingest.recorder
+    real = recorder.record
+
+    def recovered_first(tx, rec, **kw):  # type: ignore[no-untyped-def]
+        real(tx, rec)  # the other process's row, for this same file
+        return real(tx, rec, **kw)
+
+    recorder.record = recovered_first  # type: ignore[method-assign]
+    result, written = _send(node, shared_data / CT)
+
+    assert (result.status, result.outcome) == (Status.SUCCESS, "duplicate"), result
+    [(_, path, _)] = node.rows()
+    assert node.stored_files() == [node.storage.absolute(path)]
+    assert node.storage.absolute(path).read_bytes() == written
+
+
 def test_a_duplicate_replaces_the_stored_copy_under_overwrite(overwriting_node: Node, shared_data: Path) -> None:
     node = overwriting_node
     _send(node, shared_data / CT)
