@@ -456,6 +456,9 @@ def test_scale_out_dicom_goes_through_the_load_balancer_to_every_node():
         host_ports.append(str(web).split(":")[1])
         assert s.get("init") is True and s["build"]["dockerfile"] == "docker/Dockerfile"
     assert len(set(host_ports)) == len(host_ports), "each node's dashboard on its own host port"
+    # Every association arrives from the balancer's address: one address may hold every pending connection.
+    for cfg in cfgs.values():
+        assert cfg.node.max_pending_per_address >= cfg.node.max_pending_connections
     # The balancer outlasts the node's idle timeout: the node ends idle associations, not the balancer.
     for side in ("client", "server"):
         (value,) = re.findall(rf"^\s*timeout {side}\s+(\d+)([sm])", conf, re.M)
