@@ -81,9 +81,9 @@ class Node:
         self.recovery = Recovery(self.storage, self.writer, self.membership)
         self.membership.on_beat.append(self.recovery.sweep)  # files that crashed processes left
         self.runner = JobRunner(cfg, self.engine, self.storage, reader=self.reader, owner=self.membership.id)
-        self.membership.on_beat.append(self.runner.take_over)
         self.dispatcher = Dispatcher(cfg, self.engine, self.storage, reader=self.reader, owner=self.membership.id)
-        self.membership.on_beat.append(self.dispatcher.take_over)
+        if role == NODE:  # a receiver runs no jobs and sends nothing: what it would take over would wait
+            self.membership.on_beat += [self.runner.take_over, self.dispatcher.take_over]
         self.runner.wake_senders = self.dispatcher.wake
         self.tracker = SeriesTracker(
             cfg, self.engine, on_jobs=self._jobs_made, reader=self.reader, lease=self.membership.lease
