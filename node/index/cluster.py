@@ -47,6 +47,8 @@ _d = Duty.__table__
 NODE = "node"
 RECEIVER = "receiver"
 RUN_DIR = "run"
+#: Rows of processes that stopped (or were reconciled) longer ago than this are removed at each start.
+FORGET_AFTER = dt.timedelta(days=7)
 
 
 def new_id() -> str:
@@ -151,6 +153,7 @@ class Membership:
                 )
             )
         log.info("registered as node process %s (%s, lease %g s)", self.id, self.role, self.lease)
+        forget_old(self.engine, now - FORGET_AFTER)
         self.expire_dead_here()
 
     def start(self) -> None:
