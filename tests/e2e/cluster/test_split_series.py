@@ -1,5 +1,5 @@
-"""Three node processes on one index (PostgreSQL, or SQLite on one host) and one data directory, each series
-split across all three at once.
+"""Three node processes on one index (PostgreSQL; or SQLite on one host, each node with a receiver process)
+and one data directory, each series split across all three at once.
 
 A load balancer in front of a cluster spreads one sender's associations over the processes, so one
 series arrives in thirds at three processes concurrently (and a sender that retries may send the same
@@ -67,13 +67,23 @@ def finished(p: dict[str, Any], series: int) -> bool:
     )
 
 
-@pytest.mark.parametrize("dialect", ["postgresql", "sqlite"])
+@pytest.mark.parametrize(
+    ("dialect", "processes"), [("postgresql", 1), ("sqlite", 2)], ids=["postgresql", "sqlite-with-receivers"]
+)
 def test_series_split_across_three_processes_are_handled_once(
-    make_cluster, request: pytest.FixtureRequest, dialect: str, pacs, tmp_path: Path
+    make_cluster, request: pytest.FixtureRequest, dialect: str, processes: int, pacs, tmp_path: Path
 ):
-    # PostgreSQL, or SQLite in the shared data directory (several processes on one host).
+    # PostgreSQL; or SQLite in the shared data directory, each node with a receiver process on its DICOM
+    # port ([node] processes = 2): six processes on one host.
     url = request.getfixturevalue("postgres_url") if dialect == "postgresql" else ""
-    cluster = make_cluster(url, extra_config=config(pacs)).start()
+    cluster = make_cluster(url, extra_config=f"processes = {processes}\n" + config(pacs)).start()
+    receivers = 3 * (processes - 1)
+    wait_until(
+        lambda: cluster.value("select count(*) from node_process where role = 'receiver' and stopped_at is null"),
+        lambda n: n == receivers,
+        60,
+        f"{receivers} receiver processes to register",
+    )
     ports = [n.port for n in cluster.nodes]
     study = "1.2.826.0.1.3680043.10.1431.16.1"  # one study for all rounds: its parent rows are raced each time
 
