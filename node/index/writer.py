@@ -204,6 +204,19 @@ class IndexWriter:
                         raise
             except Exception as exc:  # nothing in the batch is durable
                 self._rolled_back()
+                if self._lost(exc) and attempt < ATTEMPTS:
+                    # The database restarted or failed over (or a proxy dropped us): a new connection, and again.
+                    self._close()
+                    log.warning(
+                        "index connection lost (%s); reconnecting and running the transaction of %d item(s) "
+                        "again (attempt %d of %d)",
+                        _first_line(exc),
+                        len(batch),
+                        attempt + 1,
+                        ATTEMPTS,
+                    )
+                    time.sleep(min(2.0, 0.1 * 2**attempt))
+                    continue
                 if retryable(exc) and attempt < ATTEMPTS:
                     log.log(
                         logging.WARNING if attempt >= 3 else logging.INFO,
@@ -262,6 +275,21 @@ class IndexWriter:
     def _rolled_back(self) -> None:
         if self._tx is not None:
             self._tx.rolled_back()
+
+    def _lost(self, exc: Exception) -> bool:
+        """Whether ``exc`` says the connection to the database is gone (the dialect knows its errors)."""
+        state = getattr(exc, "sqlstate", None) or ""
+        # Class 08: connection exception; 57P01-57P03: the server shut down or is starting (PostgreSQL).
+        if state.startswith("08") or state in ("57P01", "57P02", "57P03"):
+            return True
+        dbapi = self._raw.dbapi_connection if self._raw is not None else None
+        if dbapi is not None and getattr(dbapi, "closed", False):
+            return True
+        try:
+            # type: ignore: typed for DBAPI errors only; any exception may be asked about (the dialect checks)
+            return bool(self._engine.dialect.is_disconnect(exc, dbapi, None))  # type: ignore[arg-type]
+        except Exception:
+            return False
 
     def _rollback(self) -> None:
         try:

@@ -124,7 +124,7 @@ def test_an_instance_another_process_recorded_first_ends_as_a_duplicate_or_a_rep
         other.close()
         writer.stop()
     assert outcome.kind == kind
-    assert outcome.old_file_path == ("files/other-process.dcm" if kind == "replaced" else None)
+    assert outcome.old_file_path == "files/other-process.dcm"  # the file the row keeps, or the one it replaced
     with pg.connect() as c:
         path = c.execute(
             text("select file_path from instance where sop_instance_uid = :u"), {"u": record.sop_instance_uid}
@@ -195,3 +195,31 @@ def test_ids_a_recorder_cached_in_a_rolled_back_transaction_are_not_used_again(t
         ).all()
     assert rows == [("1.2.3.1.2", "1.2.3.1"), ("1.2.3.2.1", "1.2.3.2")]
     engine.dispose()
+
+
+def test_a_connection_the_database_dropped_is_replaced_and_the_batch_runs_again(pg: Engine, caplog) -> None:
+    """PostgreSQL restarted, failed over, or a proxy cut the writer's connection between two instances:
+    the next instance is recorded on a new connection, not refused."""
+    with pg.begin() as c:
+        c.exec_driver_sql("create table counter (id integer primary key, n integer not null)")
+        c.exec_driver_sql("insert into counter values (1, 0)")
+    writer = IndexWriter(pg)
+    writer.start()
+
+    def work(tx: Tx) -> int:
+        tx.cur.execute("update counter set n = n + 1 where id = 1 returning pg_backend_pid()")
+        return int(tx.cur.fetchone()[0])
+
+    try:
+        first = writer.call(work)
+        with pg.connect() as c:  # the server ends the writer's session
+            c.exec_driver_sql(f"select pg_terminate_backend({first})")
+        with caplog.at_level(logging.WARNING, logger="node.index.writer"):
+            second = writer.call(work, timeout=30)
+    finally:
+        writer.stop()
+    assert second != first
+    assert "index connection lost" in caplog.text
+    with pg.connect() as c:
+        assert c.execute(text("select n from counter")).scalar() == 2
+    pg.dispose()
