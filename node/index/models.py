@@ -11,7 +11,19 @@ from __future__ import annotations
 import datetime as dt
 from typing import ClassVar
 
-from sqlalchemy import BigInteger, DateTime, Float, ForeignKey, Index, Integer, String, Table, Text, UniqueConstraint
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from node.index.states import CommitmentState, DeliveryState, JobState, SeriesState
@@ -188,6 +200,8 @@ class Job(Base):
     __table_args__ = (
         UniqueConstraint("series_fk", "revision", "rule", "action_index", name="uq_job_match"),
         Index("ix_job_state_due", "state", "not_before"),
+        # The claim's order (node.jobs.store.claim_next): it reads the rows it takes, not the whole queue.
+        Index("ix_job_claim_order", "state", text("priority DESC"), "id"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -230,6 +244,8 @@ class Delivery(Base):
     __table_args__ = (
         UniqueConstraint("instance_fk", "destination", name="uq_delivery_instance_destination"),
         Index("ix_delivery_claim", "destination", "state", "next_attempt_at"),
+        # The claim's order (node.send.queue.claim): a long queue (a PACS down for hours) is not sorted per claim.
+        Index("ix_delivery_claim_order", "destination", "state", text("priority DESC"), "id"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
