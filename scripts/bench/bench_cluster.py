@@ -62,11 +62,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import ProcessGroup, SeriesSpec, generate_series, send_with_storescu  # noqa: E402
 
 DESTINATIONS = ("pacs", "archive", "research", "ai")
-#: Not in the node's schema: ``--claim-order-indexes`` measures what they would change.
-CLAIM_ORDER_INDEXES = (
-    "CREATE INDEX bench_job_claim_order ON job (state, priority DESC, id)",
-    "CREATE INDEX bench_delivery_claim_order ON delivery (destination, state, priority DESC, id)",
-)
 SERIES = 2000
 
 
@@ -417,11 +412,6 @@ def main() -> int:
     ap.add_argument("--instances", type=int, default=300, help="instances per receive run (0: none)")
     ap.add_argument("--quick", action="store_true", help="20k deliveries, 2k jobs, 3 s runs, 100 instances")
     ap.add_argument("--json", type=Path, help="write the results here too")
-    ap.add_argument(
-        "--claim-order-indexes",
-        action="store_true",
-        help=f"add indexes that serve the claims' ORDER BY ({'; '.join(CLAIM_ORDER_INDEXES)}) before claiming",
-    )
     args = ap.parse_args()
     if args.quick:
         args.deliveries, args.jobs, args.seconds, args.instances = 20_000, 2_000, 3.0, 100
@@ -434,11 +424,6 @@ def main() -> int:
             migrate(engine)
             t0 = time.perf_counter()
             fill(engine, args.deliveries, args.jobs)
-            if args.claim_order_indexes:
-                with engine.begin() as c:
-                    for ddl in CLAIM_ORDER_INDEXES:
-                        c.execute(text(ddl))
-                vacuum(engine)
             print(
                 f"filled {args.deliveries} queued deliveries ({len(DESTINATIONS)} destinations) and "
                 f"{args.jobs} pending jobs in {time.perf_counter() - t0:.1f} s",
