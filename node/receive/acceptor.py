@@ -271,7 +271,7 @@ class Association(threading.Thread):
         if self._tmp is None:
             assert self.info is not None  # files are made only once the association is accepted
             self._tmp = self.settings.receive_dir / f"a-{self.info.id}"
-            self._tmp.mkdir(exist_ok=True)
+            self._tmp.mkdir(parents=True, exist_ok=True)  # also after crash recovery took it for gone
         return self._tmp
 
     def _new_file(self) -> ReceivedFile:

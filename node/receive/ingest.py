@@ -221,11 +221,10 @@ class Ingest:
                 self.on_recorded(outcome, record.received_at)
             except Exception:  # the instance is stored; the tracker re-arms from the table on restart
                 log.exception("the series tracker could not take note of %s", ds_inst)
-        if outcome.kind == "duplicate" and outcome.old_file_path == relative:
-            # Our own file, indexed meanwhile by another process reconciling one that looked crashed: keep it.
-            log.warning(
-                "%s from %s was already indexed as this very file (by crash recovery)", ds_inst, peer.calling_ae
-            )
+        if outcome.kind != "new" and outcome.old_file_path == relative:
+            # The row already names this very file: another process's crash recovery indexed it meanwhile, or the
+            # index transaction ran again after its commit's answer was lost. It is ours: keep it.
+            log.warning("%s from %s was already indexed as this very file", ds_inst, peer.calling_ae)
         elif outcome.kind == "duplicate":
             self.storage.remove(final)
             log.info(

@@ -142,12 +142,14 @@ def test_a_duplicate_keeps_the_first_copy_by_default(node: Node, shared_data: Pa
     assert node.temp_files() == []
 
 
-def test_a_file_indexed_meanwhile_by_another_process_is_kept(node: Node, shared_data: Path) -> None:
+@pytest.mark.parametrize("policy", ["keep_first", "overwrite"])
+def test_a_file_indexed_meanwhile_by_another_process_is_kept(request, shared_data: Path, policy) -> None:
     """Crash recovery in another process may index our just-placed file before our own row commits.
 
     Our record then finds the instance "already indexed", as this very file: deleting it as a duplicate's
     second copy would leave the row without its file.
     """
+    node: Node = request.getfixturevalue("node" if policy == "keep_first" else "overwriting_node")
     recorder = node.ingest.recorder
     real = recorder.record
 
@@ -158,7 +160,8 @@ def test_a_file_indexed_meanwhile_by_another_process_is_kept(node: Node, shared_
     recorder.record = recovered_first  # type: ignore[method-assign]
     result, written = _send(node, shared_data / CT)
 
-    assert (result.status, result.outcome) == (Status.SUCCESS, "duplicate"), result
+    kind = "duplicate" if policy == "keep_first" else "replaced"
+    assert (result.status, result.outcome) == (Status.SUCCESS, kind), result
     [(_, path, _)] = node.rows()
     assert node.stored_files() == [node.storage.absolute(path)]
     assert node.storage.absolute(path).read_bytes() == written
