@@ -149,7 +149,7 @@ class Node:
         def scp() -> str:
             return "" if self.scp is not None and self.scp.listening else "the DICOM port is not listening"
 
-        checks = {"index": index, "storage": storage, "dicom": scp}
+        checks = {"index": index, "storage": storage, "dicom": scp, "heartbeat": self.membership.problem}
         if self.receivers is not None:
             checks["receivers"] = self.receivers.problems
         return checks
@@ -169,6 +169,7 @@ class Node:
         log.info("data directory %s, index %s", self.storage.root, self.engine.url.render_as_string(hide_password=True))
         migrate(self.engine)
         self.membership.register()
+        self.membership.heartbeat()  # from now on: a long start must not let the lease run out
         self.storage.prepare()  # after registering: see Storage.prepare
         self.writer.start()
         self.checkpointer.start()
@@ -224,6 +225,7 @@ class Node:
         """
         log.info("dicom-node %s receiver process starting (config: %s)", __version__, self.cfg.source)
         self.membership.register()
+        self.membership.heartbeat()  # from now on: a long start must not let the lease run out
         self.storage.prepare()  # after registering: see Storage.prepare
         self.writer.start()
         self.tracker.start()

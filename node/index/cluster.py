@@ -28,6 +28,7 @@ import os
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,43 +125,56 @@ class Membership:
         self.interval = max(0.5, lease / 4)
         self.on_beat: list[Callable[[], None]] = []
         self._stop = threading.Event()
+        self._tasks = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
         self._lock_file: IO[bytes] | None = None
+        #: Until when the index holds this process alive (the last lease written), and when that was (monotonic).
+        self._expires: dt.datetime | None = None
+        self._last_beat = 0.0
 
     # -- life cycle ----------------------------------------------------------
 
+    def _row_values(self, now: dt.datetime) -> dict[str, object]:
+        return dict(
+            id=self.id,
+            host=socket.gethostname()[:255],
+            pid=os.getpid(),
+            role=self.role,
+            version=self.version[:32],
+            started_at=now,
+            heartbeat_at=now,
+            expires_at=now + dt.timedelta(seconds=self.lease),
+            stopped_at=None,
+            recovered_at=None,
+        )
+
     def register(self) -> None:
-        """Take the liveness lock and insert this process's row (before it claims anything)."""
+        """Take the liveness lock and insert this process's row (before claiming anything)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         f = open(self.run_dir / _lock_name(self.id), "wb")
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # new file, new id: nobody else holds it
         self._lock_file = f
         now = utcnow()
-        host, pid = socket.gethostname()[:255], os.getpid()
         with self.engine.begin() as conn:
-            conn.execute(
-                _p.insert().values(
-                    id=self.id,
-                    host=host,
-                    pid=pid,
-                    role=self.role,
-                    version=self.version[:32],
-                    started_at=now,
-                    heartbeat_at=now,
-                    expires_at=now + dt.timedelta(seconds=self.lease),
-                    stopped_at=None,
-                    recovered_at=None,
-                )
-            )
+            conn.execute(_p.insert().values(**self._row_values(now)))
+        self._expires, self._last_beat = now + dt.timedelta(seconds=self.lease), time.monotonic()
         log.info("registered as node process %s (%s, lease %g s)", self.id, self.role, self.lease)
         forget_old(self.engine, now - FORGET_AFTER)
         self.expire_dead_here()
 
+    def heartbeat(self) -> None:
+        """Start renewing the lease (without the periodic tasks yet): right after :meth:`register`, so that a
+        long start (reconciling a large data directory after a crash) never lets the lease run out."""
+        if not self._thread.is_alive():
+            self._thread.start()
+
     def start(self) -> None:
-        self._thread.start()
+        """Heartbeat, and run the periodic tasks (``on_beat``) after each one (the parts they use have started)."""
+        self._tasks.set()
+        self.heartbeat()
 
     def stop(self, *, clean: bool) -> None:
-        """Stop the heartbeat; ``clean``: record a clean stop (nothing left for anyone to reconcile)."""
+        """Stop the heartbeat and give up this process's duties; ``clean``: nothing left for anyone to reconcile."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(10)
@@ -171,8 +185,7 @@ class Membership:
                 if clean:
                     values.update(stopped_at=now, recovered_at=now)
                 conn.execute(update(_p).where(_p.c.id == self.id).values(**values))
-                if clean:
-                    conn.execute(delete(_d).where(_d.c.owner == self.id))
+                conn.execute(delete(_d).where(_d.c.owner == self.id))
         except Exception as e:  # the index is gone: the lease runs out by itself
             log.warning("could not record this process's stop in the index: %s", e)
         if self._lock_file is not None:
@@ -186,34 +199,52 @@ class Membership:
     # -- heartbeat -----------------------------------------------------------
 
     def beat(self) -> bool:
-        """Renew this process's lease; False if its row was gone (it is written again)."""
+        """Renew this process's lease; False if its row was not as this process left it (it is written again)."""
         now = utcnow()
+        until = now + dt.timedelta(seconds=self.lease)
+        mine = and_(_p.c.id == self.id, _p.c.stopped_at.is_(None), _p.c.recovered_at.is_(None))
         with self.engine.begin() as conn:
-            done = conn.execute(
-                update(_p)
-                .where(_p.c.id == self.id)
-                .values(heartbeat_at=now, expires_at=now + dt.timedelta(seconds=self.lease), stopped_at=None)
-            ).rowcount
-        if done != 1:
-            log.warning("node process %s had no row in the index (removed by hand?); registering again", self.id)
-            with self.engine.begin() as conn:
-                conn.execute(
-                    _p.insert().values(
-                        id=self.id,
-                        host=socket.gethostname()[:255],
-                        pid=os.getpid(),
-                        role=self.role,
-                        version=self.version[:32],
-                        started_at=now,
-                        heartbeat_at=now,
-                        expires_at=now + dt.timedelta(seconds=self.lease),
+            done = conn.execute(update(_p).where(mine).values(heartbeat_at=now, expires_at=until)).rowcount
+            if done != 1 and not self._stop.is_set():  # (a beat racing stop() must not make the row alive again)
+                row = conn.execute(select(_p.c.stopped_at, _p.c.recovered_at).where(_p.c.id == self.id)).first()
+                if row is None:
+                    log.warning(
+                        "node process %s had no row in the index (removed by hand?); registering again", self.id
                     )
-                )
+                    conn.execute(_p.insert().values(**self._row_values(now)))
+                else:
+                    log.error(
+                        "node process %s was taken for gone by the others (no heartbeat since %s) and what it left "
+                        "was reconciled: its running jobs and deliveries were taken over, and their outcomes here are "
+                        "not recorded. It goes on working; find out why its heartbeat stopped (index unreachable? "
+                        "the process paused?)",
+                        self.id,
+                        self._expires.isoformat(timespec="seconds") if self._expires else "its start",
+                    )
+                    conn.execute(
+                        update(_p)
+                        .where(_p.c.id == self.id)
+                        .values(heartbeat_at=now, expires_at=until, stopped_at=None, recovered_at=None)
+                    )
+        if done == 1 and self._expires is not None and now > self._expires:
+            log.warning(
+                "this process's lease had lapsed %.0f s before this heartbeat: other node processes may have taken "
+                "over its running jobs and deliveries (their outcomes here are then not recorded)",
+                (now - self._expires).total_seconds(),
+            )
+        self._expires, self._last_beat = until, time.monotonic()
         return done == 1
+
+    def problem(self) -> str:
+        """For /readyz: "" while the heartbeat keeps the lease, else what is wrong."""
+        since = time.monotonic() - self._last_beat
+        if self._last_beat and since > self.lease / 2:
+            return f"no heartbeat written to the index for {since:.0f} s (lease {self.lease:g} s)"
+        return ""
 
     def _run(self) -> None:
         late = False
-        while not self._stop.wait(self.interval):
+        while True:
             try:
                 self.beat()
                 if late:
@@ -223,16 +254,20 @@ class Membership:
                 if not late:
                     log.error("could not write this process's heartbeat to the index: %s", e)
                 late = True
-                continue
-            try:
-                self.expire_dead_here()
-            except Exception as e:
-                log.warning("checking for dead node processes on this host failed: %s", e)
-            for fn in self.on_beat:
+            if not late and self._tasks.is_set():
                 try:
-                    fn()
-                except Exception:
-                    log.exception("periodic cluster task %s failed", getattr(fn, "__qualname__", fn))
+                    self.expire_dead_here()
+                except Exception as e:
+                    log.warning("checking for dead node processes on this host failed: %s", e)
+                for fn in self.on_beat:
+                    if self._stop.is_set():
+                        break
+                    try:
+                        fn()
+                    except Exception:
+                        log.exception("periodic cluster task %s failed", getattr(fn, "__qualname__", fn))
+            if self._stop.wait(self.interval):
+                return
 
     # -- processes that died -------------------------------------------------
 

@@ -25,7 +25,7 @@ def test_health_is_open_and_ready_names_its_checks(web_node):
     assert code == 200 and body["status"] == "ok"
     code, body = web_node.get("/readyz", token=None)
     assert code == 200, body
-    assert body == {"status": "ready", "checks": {"index": "ok", "storage": "ok", "dicom": "ok"}}
+    assert body == {"status": "ready", "checks": {"index": "ok", "storage": "ok", "dicom": "ok", "heartbeat": "ok"}}
 
 
 def test_the_api_refuses_without_or_with_a_wrong_token(web_node):
