@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import selectors
@@ -276,7 +277,8 @@ class Node:
             self.receivers.join()  # their jobs still reach this process's runner meanwhile
         self.tracker.stop()
         if self.role == NODE:  # a receiver did not start them
-            self.runner.stop()
+            # A job still running would leave its outputs' temp files and perhaps a stored but unindexed output.
+            clean = self.runner.stop() and clean
             from node.plugins.pool import close_pool
 
             close_pool()  # after the jobs: a job still running gave its worker back or was stopped
@@ -294,7 +296,9 @@ class Node:
             log.info("stopped cleanly")
         else:
             # Something may have been stored but not indexed: it is reconciled (node.storage.recovery).
-            log.warning("stopped, but not cleanly (associations aborted or index writes unfinished)")
+            log.warning(
+                "stopped, but not cleanly (associations aborted, jobs still running or index writes unfinished)"
+            )
 
     def run_forever(self) -> None:
         """Run until SIGINT/SIGTERM, then stop cleanly."""
@@ -506,7 +510,7 @@ class Receivers:
         assert c.proc is not None
         self._forget(c)
         code = c.proc.returncode
-        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+        how = f"was killed by {_signal_name(-code)}" if code < 0 else f"exited with status {code}"
         ran = time.monotonic() - c.started
         c.delay = RESTART_MIN if ran >= STEADY else c.delay
         c.last_exit = f"(pid {c.proc.pid}) {how} after {ran:.0f} s; starting it again in {c.delay:g} s"
@@ -542,7 +546,8 @@ class Receivers:
                             STOP_TIMEOUT,
                         )
                         c.proc.kill()
-                        c.proc.wait(10)
+                        with contextlib.suppress(subprocess.TimeoutExpired):
+                            c.proc.wait(10)
                 break
             self._read(0.1)
         for c in self.children:
@@ -555,3 +560,11 @@ class Receivers:
                 c.proc, c.ready = None, False
                 c.last_exit = "is stopped"
         self._sel.close()
+
+
+def _signal_name(number: int) -> str:
+    """SIGKILL etc.; a real-time signal has no name in the enum."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"

@@ -41,8 +41,11 @@ T = TypeVar("T")
 MAX_BATCH = 64
 #: How often a batch runs at most when it keeps losing races with other processes (deadlock etc.).
 ATTEMPTS = 5
-#: PostgreSQL's "deadlock detected" and "could not serialize access": the transaction may simply run again.
-RETRY_SQLSTATES = frozenset({"40P01", "40001"})
+#: PostgreSQL's "deadlock detected" and "could not serialize access": the transaction may simply run again;
+#: and "foreign key violation": a parent row another process removed meanwhile (retention deleting an empty
+#: study while we filed a new series under it): run again, the rolled-back epoch drops the cached id and the
+#: parent is made anew.
+RETRY_SQLSTATES = frozenset({"40P01", "40001", "23503"})
 
 
 class Conflict(Exception):

@@ -91,17 +91,23 @@ class JobRunner:
         if taken:
             self.wake()
 
-    def stop(self, timeout: float = 10) -> None:
-        """Let running jobs finish for up to ``timeout`` s.
+    def stop(self, timeout: float = 10) -> bool:
+        """Let running jobs finish for up to ``timeout`` s; False if some did not (the stop is then not clean).
 
-        Any still running are taken up again by another node process once this one is gone (at once after
-        a clean stop), or at the next start.
+        Any still running are taken up again by another node process once this one is gone, or at the next
+        start.
         """
         self._stop.set()
         self.wake()
         deadline = time.monotonic() + timeout
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
+        running = sum(t.is_alive() for t in self._threads)
+        if running:
+            log.warning(
+                "%d job(s) still running after %g s: this stop is not clean; they are taken up again", running, timeout
+            )
+        return running == 0
 
     def wake(self) -> None:
         with self._wake:
