@@ -476,7 +476,7 @@ stable_after = 30
     node.wait_delivered(1)
     job = jobs_by_rule(node)["slow"]
     assert job["attempts"] == 2, job
-    assert "was running when the node stopped" in node.log()
+    assert "which stopped (attempt 1): taking it up again" in node.log()
     rows = seg_rows(node)
     assert len(rows) == 1 and rows[0][1] == job["id"], rows
     (seg_file,) = received_segs(scp)
@@ -593,7 +593,7 @@ stable_after = 30
     node.start()
     wait_for(lambda: jobs_by_rule(node)["slow"]["state"] == "succeeded", 60, "the job to run again")
     assert jobs_by_rule(node)["slow"]["attempts"] == 2
-    assert "was running when the node stopped" in node.log()
+    assert "which stopped (attempt 1): taking it up again" in node.log()
     assert len(seg_rows(node)) == 1
 
 
