@@ -161,7 +161,18 @@ class Orthanc:
             unknown_sop_class_accepted=self.unknown_sop_class_accepted,
         )
 
-    def start(self, timeout: float = 30.0) -> Orthanc:
+    def start(self, timeout: float = 30.0, port_attempts: int = 3) -> Orthanc:
+        """Start it; a port another process took since it was picked (free_port) is picked again."""
+        for attempt in range(1, port_attempts + 1):
+            try:
+                return self._start(timeout)
+            except PeerError as e:
+                if "already in use" not in str(e) or attempt == port_attempts:
+                    raise
+                self.dicom_port, self.http_port = free_port(), free_port()
+        raise AssertionError("unreachable")
+
+    def _start(self, timeout: float) -> Orthanc:
         binary = self.binary or find_orthanc()
         if binary is None:
             raise PeerError("Orthanc is not installed (e.g. apt-get install orthanc)")

@@ -25,6 +25,7 @@ import datetime as dt
 import fcntl
 import logging
 import os
+import re
 import secrets
 import socket
 import threading
@@ -361,8 +362,19 @@ def release_duty(engine: Engine, name: str, owner: str) -> None:
         conn.execute(delete(_d).where(_d.c.name == name, _d.c.owner == owner))
 
 
+def file_name(process_id: str) -> str:
+    """A process id as a file or directory name (its lock file, its temp and quarantine directories).
+
+    Process ids are ``host:pid:random``; a host name may hold characters a file name should not (and
+    ``:`` is awkward on some filesystems), so anything but letters, digits, ``.``, ``-`` and ``_``
+    becomes ``_``. The random part keeps two processes apart.
+    """
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", process_id)
+    return name if name.strip(".") else f"_{name}"
+
+
 def _lock_name(process_id: str) -> str:
-    return process_id.replace(":", "_").replace("/", "_") + ".lock"
+    return file_name(process_id) + ".lock"
 
 
 def _lock_held(path: Path) -> bool:

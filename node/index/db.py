@@ -19,7 +19,8 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import Connection, Dialect, Engine, create_engine, event
+from sqlalchemy import ColumnElement, Connection, Dialect, Engine, Table, create_engine, event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry
@@ -82,6 +83,21 @@ def make_engine(url: str, *, write: bool = True) -> Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
     return engine
+
+
+def insert_or_skip(table: Table, dialect: str, *conflict: ColumnElement[Any]) -> sqlite.Insert | postgresql.Insert:
+    """``INSERT ... ON CONFLICT (conflict) DO NOTHING`` for the index's dialect.
+
+    Both databases the index runs on have it, but SQLAlchemy spells it per dialect. Several node processes
+    may insert the same row at the same moment: with this the slower one's row is no change instead of an
+    error (no ``conflict`` columns: any unique constraint).
+    """
+    targets = list(conflict) or None
+    if dialect == "sqlite":
+        return sqlite.insert(table).on_conflict_do_nothing(index_elements=targets)
+    if dialect == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing(index_elements=targets)
+    raise RuntimeError(f"the index needs SQLite or PostgreSQL, not {dialect}")
 
 
 class NoIndex(Exception):

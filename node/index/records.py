@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from sqlalchemy import ColumnClause, DateTime, Insert, Table, bindparam, case, literal_column, select
-from sqlalchemy.dialects import postgresql, sqlite
 
 from node.dicom.files import Header
+from node.index.db import insert_or_skip
 from node.index.models import Instance, Patient, Series, Study
 from node.index.states import SeriesState
 from node.index.writer import Conflict, Tx
@@ -68,10 +68,7 @@ def _upserts(table: Table, *identity: str) -> dict[str, Insert]:
     other transaction, so what it finds afterwards is committed).
     """
     conflict = [table.c[name] for name in identity]
-    return {
-        module.dialect.name: module.insert(table).on_conflict_do_nothing(index_elements=conflict).returning(table.c.id)
-        for module in (sqlite, postgresql)
-    }
+    return {name: insert_or_skip(table, name, *conflict).returning(table.c.id) for name in ("sqlite", "postgresql")}
 
 
 def _upsert(tx: Tx, statements: dict[str, Insert]) -> Insert:

@@ -19,11 +19,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, Engine, and_, bindparam, func, literal, or_, select, update
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from node import audit
 from node.index.cluster import owner_gone
+from node.index.db import insert_or_skip
 from node.index.models import Delivery, DestinationCircuit, Instance, aware, utcnow
 from node.index.read import delivery_selection
 from node.index.states import (
@@ -117,15 +116,8 @@ def enqueue(
         if rows:
             # Another process's job may queue the same instance for the same destination at this moment:
             # its row wins, ours is no change (a plain INSERT would fail the whole job on the constraint).
-            insert = sqlite_insert if conn.dialect.name == "sqlite" else postgresql_insert
-            made = len(
-                conn.execute(
-                    insert(_d)
-                    .on_conflict_do_nothing(index_elements=[_d.c.instance_fk, _d.c.destination])
-                    .returning(_d.c.id),
-                    rows,
-                ).all()
-            )
+            stmt = insert_or_skip(_d, conn.dialect.name, _d.c.instance_fk, _d.c.destination)
+            made = len(conn.execute(stmt.returning(_d.c.id), rows).all())
             new += made
             already += len(rows) - made
         if again:
@@ -484,13 +476,10 @@ def load_circuits(engine: Engine, destinations: Sequence[str]) -> dict[str, Circ
         missing = [d for d in destinations if d not in have]
         if missing:
             # Two processes starting together may both find a row missing: the second one's is no change.
-            insert = sqlite_insert if engine.dialect.name == "sqlite" else postgresql_insert
             conn.execute(
-                insert(_c)
-                .values(
+                insert_or_skip(_c, engine.dialect.name).values(
                     [dict(destination=d, failures=0, retry_at=None, last_error="", updated_at=now) for d in missing]
                 )
-                .on_conflict_do_nothing()
             )
     return {d: read_circuit(engine, d) for d in destinations}
 

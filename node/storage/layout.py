@@ -16,7 +16,7 @@ Layout under ``data_dir``::
     quarantine/<process>/                          files that process's recovery could not index
 
 Several node processes may share one data directory (``[node] processes``, or several hosts): each
-has its own temp and quarantine directory, named after its process id (:func:`scratch_name`), so one
+has its own temp and quarantine directory, named after its process id (:func:`node.index.cluster.file_name`), so one
 process clearing what it left never touches another's files in flight (node.storage.recovery).
 """
 
@@ -26,28 +26,18 @@ import errno
 import hashlib
 import os
 import random
-import re
 import secrets
 import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from node.index.cluster import file_name
+
 STORAGE_DIR = "storage"
 TMP_DIR = "tmp"
 QUARANTINE_DIR = "quarantine"
 SUFFIX = ".dcm"
-
-
-def scratch_name(process_id: str) -> str:
-    """The directory name of a node process's temp and quarantine directories.
-
-    Process ids are ``host:pid:random``; a host name may hold characters a file name should not
-    (and ``:`` is awkward on some filesystems), so anything but letters, digits, ``.``, ``-`` and ``_``
-    becomes ``_``. The random part keeps two processes apart.
-    """
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", process_id)
-    return name if name.strip(".") else f"_{name}"
 
 
 class Storage:
@@ -63,10 +53,10 @@ class Storage:
         self.files = self.root / STORAGE_DIR
         #: Every process's temp directories are under ``tmp_root``; ``tmp`` is this process's.
         self.tmp_root = self.root / TMP_DIR
-        self.tmp = self.tmp_root / scratch_name(self.process)
+        self.tmp = self.tmp_root / file_name(self.process)
         self.quarantine_root = self.root / QUARANTINE_DIR
         #: Made when recovery first moves a file there.
-        self.quarantine = self.quarantine_root / scratch_name(self.process)
+        self.quarantine = self.quarantine_root / file_name(self.process)
         #: Series directories known to exist durably (bounded: see place()), to save a stat per instance.
         self._dirs: set[Path] = set()
         self._dirs_lock = threading.Lock()

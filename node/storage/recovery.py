@@ -42,11 +42,20 @@ from sqlalchemy import Engine, select
 
 from node.dicom.files import file_checksum, read_file_header
 from node.dicom.identity import DERIVED_UID_ROOT
-from node.index.cluster import Membership, ProcessRow, crashed, hold_duty, mark_recovered, processes, release_duty
+from node.index.cluster import (
+    Membership,
+    ProcessRow,
+    crashed,
+    file_name,
+    hold_duty,
+    mark_recovered,
+    processes,
+    release_duty,
+)
 from node.index.models import Instance, utcnow
 from node.index.records import INDEX_WAIT, Recorder, mark_not_tracked, to_record
 from node.index.writer import IndexWriter
-from node.storage.layout import Storage, fsync_dir, scratch_name
+from node.storage.layout import Storage, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +223,7 @@ class Recovery:
         report.full_scan = True
         log.warning("recovery: %s; comparing storage with the index", why)
         for p in dead:
-            entry = self.storage.tmp_root / scratch_name(p.id)
+            entry = self.storage.tmp_root / file_name(p.id)
             if entry.exists():
                 n = self.storage.clear_temp(entry)
                 report.temp_removed += n
@@ -353,8 +362,8 @@ def clear_scratch(storage: Storage, engine: Engine, *, alone: bool) -> int:
         return 0
     now = utcnow()
     rows = processes(engine)
-    live = {scratch_name(p.id) for p in rows if p.alive(now)}
-    known = {scratch_name(p.id): p.id for p in rows}
+    live = {file_name(p.id) for p in rows if p.alive(now)}
+    known = {file_name(p.id): p.id for p in rows}
     removed: dict[str, int] = {}
     for entry in entries:
         if entry == storage.tmp or entry.name in live:

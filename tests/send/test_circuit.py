@@ -10,8 +10,8 @@ import time
 from collections.abc import Callable
 
 import pytest
-from conftest import Index
 from helpers import free_port, series_files, wait_for
+from queue_index import Index
 
 from node.config import RetrySection, load_config
 from node.send import queue

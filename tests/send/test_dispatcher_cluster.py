@@ -8,7 +8,7 @@ import logging
 import time
 from pathlib import Path
 
-from conftest import Index
+from queue_index import Index
 
 from node.config import Config, load_config
 from node.index.states import DeliveryState

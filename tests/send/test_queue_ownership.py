@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from conftest import Index
+from queue_index import Index
 from sqlalchemy import func, select
 
 from node.index.models import AuditEvent, Delivery

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from node.storage.layout import Storage, scratch_name
+from node.index.cluster import file_name as scratch_name
+from node.storage.layout import Storage
 
 HEX_NAME = re.compile(r"[0-9a-f]{32}-[0-9a-f]{8}\.dcm")
 

@@ -26,11 +26,11 @@ from sqlalchemy import Engine, func, insert, select
 
 from node.dicom.identity import DERIVED_UID_ROOT
 from node.index.cluster import RUN_DIR, Membership, processes
+from node.index.cluster import file_name as scratch_name
 from node.index.db import make_engine, migrate
 from node.index.models import Instance, NodeProcess, Series, utcnow
 from node.index.writer import IndexWriter
 from node.storage import Storage
-from node.storage.layout import scratch_name
 from node.storage.recovery import LEGACY_CLEAN_MARKER, Recovery, RecoveryReport
 
 CT = "transfer-syntaxes/misc/CT_small.dcm"
