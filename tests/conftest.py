@@ -83,3 +83,11 @@ def postgres_url(postgres_server):
     from helpers.postgres import new_database
 
     return new_database(postgres_server)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_index_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The URL of a new, empty index (not migrated): a SQLite file, then a PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'index.sqlite'}"
+    return str(request.getfixturevalue("postgres_url"))

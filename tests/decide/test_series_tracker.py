@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 from helpers import series_files, wait_for
+from helpers.ingest import receive
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
-from two_processes import receive
 
 from node.decide.compile import load_checked_config
 from node.decide.tracker import SeriesTracker

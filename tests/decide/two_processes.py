@@ -14,9 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from helpers import dataset_bytes
-from pydicom import dcmread
-from pydicom.uid import UID
+from helpers.ingest import receive
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
@@ -24,14 +22,11 @@ from node import audit
 from node.config import Config
 from node.decide.compile import load_checked_config
 from node.decide.tracker import SeriesTracker
-from node.dicom import dimse
-from node.dicom.status import Status
 from node.index.cluster import RUN_DIR, Membership
 from node.index.db import make_engine, migrate
 from node.index.models import Job, Series, SeriesRevision
 from node.index.writer import IndexWriter
-from node.receive.ingest import Ingest, Peer
-from node.receive.rxfile import ReceivedFile
+from node.receive.ingest import Ingest
 from node.storage import Storage
 
 #: The lease (the configuration's minimum) and the quiet period: a series is adopted 1 + 3 s after its last instance.
@@ -76,24 +71,6 @@ on_revision = "rerun"
 match = { Modality = "MR" }
 actions = [{ type = "forward", to = ["pacs"] }]
 """
-
-
-def receive(storage: Storage, ingest: Ingest, path: Path) -> None:
-    """One C-STORE as the acceptor hands it over: our File Meta, then the data set as sent."""
-    ds = dcmread(path, stop_before_pixels=True)
-    ts = str(ds.file_meta.TransferSyntaxUID)
-    rx = ReceivedFile(storage.tmp)
-    rx.write(dimse.encode_file_meta(str(ds.SOPClassUID), str(ds.SOPInstanceUID), ts, "1.2.3.4", "TEST"))
-    rx.dataset_offset = rx.size
-    rx.write(dataset_bytes(path))
-    result = ingest.store(
-        rx,
-        sop_class_uid=str(ds.SOPClassUID),
-        sop_instance_uid=str(ds.SOPInstanceUID),
-        transfer_syntax=UID(ts),
-        peer=Peer("SENDER", "NODE", "127.0.0.1"),
-    )
-    assert result.status == Status.SUCCESS, result
 
 
 @dataclass

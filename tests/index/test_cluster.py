@@ -25,11 +25,9 @@ from node.index.db import make_engine, migrate
 from node.index.models import NodeProcess, utcnow
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'index.sqlite'}"
-    return str(request.getfixturevalue("postgres_url"))
+@pytest.fixture
+def url(any_index_url: str) -> str:
+    return any_index_url
 
 
 @pytest.fixture

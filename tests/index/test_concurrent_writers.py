@@ -164,16 +164,12 @@ def records(shared_data: Path) -> list[InstanceRecord]:
     return _real_records(shared_data)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def index_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    url = (
-        f"sqlite:///{tmp_path / 'index.sqlite'}"
-        if request.param == "sqlite"
-        else request.getfixturevalue("postgres_url")
-    )
+@pytest.fixture
+def index_url(any_index_url: str) -> str:
+    url = any_index_url
     engine = make_engine(url)
     migrate(engine)
-    if request.param == "postgresql":  # deadlocks are part of the test: find them in 0.1 s rather than 1 s
+    if engine.dialect.name == "postgresql":  # deadlocks are part of the test: find them in 0.1 s rather than 1 s
         with engine.begin() as c:
             c.exec_driver_sql(f"ALTER DATABASE {engine.url.database} SET deadlock_timeout = '100ms'")
     engine.dispose()  # no connection of this process is inherited by the writers

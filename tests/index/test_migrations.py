@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
@@ -21,15 +20,8 @@ def _comparable(obj: Any, name: str | None, type_: str, _reflected: bool, _compa
     return not (type_ == "index" and name in DESC_INDEXES)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request: pytest.FixtureRequest, tmp_path) -> str:  # type: ignore[no-untyped-def]
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'index.sqlite'}"
-    return str(request.getfixturevalue("postgres_url"))
-
-
-def test_migrations_match_models(url: str) -> None:
-    engine = make_engine(url)
+def test_migrations_match_models(any_index_url: str) -> None:
+    engine = make_engine(any_index_url)
     migrate(engine)
     migrate(engine)  # idempotent: a restart runs it again
     with engine.connect() as conn:

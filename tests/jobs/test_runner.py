@@ -18,16 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from helpers import dataset_bytes, series_files, wait_for
+from helpers import series_files, wait_for
+from helpers.ingest import receive
 from pydicom import dcmread
-from pydicom.uid import UID
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
 from node.config import Config
 from node.decide.compile import load_checked_config
-from node.dicom import dimse
-from node.dicom.status import Status
 from node.index.cluster import Membership
 from node.index.db import make_engine, migrate
 from node.index.models import Delivery, Job, NodeProcess, utcnow
@@ -35,8 +33,7 @@ from node.index.writer import IndexWriter
 from node.jobs import store
 from node.jobs.runner import JobRunner
 from node.jobs.store import NewJob, create_jobs
-from node.receive.ingest import Ingest, Peer
-from node.receive.rxfile import ReceivedFile
+from node.receive.ingest import Ingest
 from node.storage import Storage
 
 CT = "ct-head-philips-5mm"
@@ -93,24 +90,6 @@ class Jobs:
             return list(s.execute(q).all())
 
 
-def _receive(storage: Storage, ingest: Ingest, path: Path) -> None:
-    """One C-STORE as the acceptor hands it over: our File Meta, then the data set as sent."""
-    ds = dcmread(path, stop_before_pixels=True)
-    ts = str(ds.file_meta.TransferSyntaxUID)
-    rx = ReceivedFile(storage.tmp)
-    rx.write(dimse.encode_file_meta(str(ds.SOPClassUID), str(ds.SOPInstanceUID), ts, "1.2.3.4", "TEST"))
-    rx.dataset_offset = rx.size
-    rx.write(dataset_bytes(path))
-    result = ingest.store(
-        rx,
-        sop_class_uid=str(ds.SOPClassUID),
-        sop_instance_uid=str(ds.SOPInstanceUID),
-        transfer_syntax=UID(ts),
-        peer=Peer("SENDER", "NODE", "127.0.0.1"),
-    )
-    assert result.status == Status.SUCCESS, result
-
-
 def _slices() -> list[Path]:
     """The two slices every test's series holds."""
     return series_files(CT)[:2]
@@ -130,7 +109,7 @@ def _received(tmp_path: Path, extra_config: str = "", workers: int = 1) -> Itera
     writer.start()
     ingest = Ingest(storage, writer)
     for path in _slices():
-        _receive(storage, ingest, path)
+        receive(storage, ingest, path)
     writer.stop()
     me = Membership(engine, tmp_path / "run", lease=30)
     me.register()

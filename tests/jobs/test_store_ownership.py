@@ -52,13 +52,9 @@ class Index:
             return job
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def index(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Index]:
-    url = (
-        f"sqlite:///{tmp_path / 'index.sqlite'}"
-        if request.param == "sqlite"
-        else request.getfixturevalue("postgres_url")
-    )
+@pytest.fixture
+def index(any_index_url: str, tmp_path: Path) -> Iterator[Index]:
+    url = any_index_url
     engine = make_engine(url)
     migrate(engine)
     with Session(engine) as s:

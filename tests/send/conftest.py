@@ -11,15 +11,11 @@ from queue_index import Index
 from node.index.db import make_engine, migrate
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def index(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Index]:
+@pytest.fixture
+def index(any_index_url: str, tmp_path: Path) -> Iterator[Index]:
     """A new migrated index on SQLite, then on PostgreSQL."""
     (tmp_path / "data").mkdir()
-    url = (
-        f"sqlite:///{tmp_path / 'data' / 'index.sqlite'}"
-        if request.param == "sqlite"
-        else request.getfixturevalue("postgres_url")
-    )
+    url = any_index_url
     engine = make_engine(url)
     migrate(engine)
     ix = Index(url, engine, tmp_path)
