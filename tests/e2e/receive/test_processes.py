@@ -111,6 +111,9 @@ def test_three_processes_share_the_port_store_everything_once_and_restart(
         # A receiver killed outright: the node starts another; the port answers all along.
         victim = min(pids)
         psutil.Process(victim).kill()
+        # Until the kernel has closed the victim's socket, a connection may still be queued on it and is then
+        # reset (SO_REUSEPORT; docs/scale-out.md): a sender retries. Once it is gone, the others take them all.
+        wait_for(lambda: _gone(victim), 10, "the killed receiver to exit")
         assert all(echo(node.port) for _ in range(5)), "the DICOM port stopped answering after a receiver died"
         wait_for(lambda: len(receiver_pids(node) - {victim}) == 2, 60, "a new receiver process")
         wait_for(lambda: ready(node).get("receivers") == "ok", 60, "the new receiver listening")
@@ -152,3 +155,11 @@ def test_receivers_stop_cleanly_when_the_node_process_is_killed(tmp_path: Path) 
     finally:
         node.stop()
         engine.dispose()
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie holds no sockets any more)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
