@@ -73,6 +73,16 @@ class Jobs:
         r.wake_senders = self.woken.append
         return r
 
+    def run_one(self, job_id: int) -> Job:
+        """Run a runner until job ``job_id`` has ended; the job as it ended."""
+        runner = self.runner()
+        runner.start()
+        try:
+            runner.wake()
+            return wait_for(lambda: self.done(job_id), 10, "the job to end")
+        finally:
+            runner.stop()
+
     def job(self, job_id: int) -> Job:
         with Session(self.engine) as s:
             job = s.get(Job, job_id)
@@ -132,13 +142,7 @@ def _uids() -> list[str]:
 
 def test_a_pending_job_is_run_and_its_outcome_recorded(jobs: Jobs) -> None:
     [job_id] = jobs.make(NewJob("ct", 0, "forward", {"type": "forward", "to": ["pacs"]}))
-    runner = jobs.runner()
-    runner.start()
-    try:
-        runner.wake()
-        job = wait_for(lambda: jobs.done(job_id), 10, "the job to end")
-    finally:
-        runner.stop()
+    job = jobs.run_one(job_id)
 
     assert (job.state, job.attempts, job.last_error) == ("succeeded", 1, "")
     assert job.result == "queued 2 instance(s) for pacs"
@@ -197,13 +201,7 @@ def test_a_failing_job_is_retried_then_failed_and_the_workers_carry_on(jobs: Job
 
 def test_a_job_whose_destination_left_the_config_fails_at_once_and_says_so(jobs: Jobs) -> None:
     [job_id] = jobs.make(NewJob("ct", 0, "forward", {"type": "forward", "to": ["old-pacs"]}))
-    runner = jobs.runner()
-    runner.start()
-    try:
-        runner.wake()
-        job = wait_for(lambda: jobs.done(job_id), 10, "the job to end")
-    finally:
-        runner.stop()
+    job = jobs.run_one(job_id)
 
     assert (job.state, job.attempts) == ("failed", 1)  # another attempt would fail the same way
     assert "no destination 'old-pacs' in the config" in job.last_error, job.last_error
