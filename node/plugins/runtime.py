@@ -256,13 +256,17 @@ def run_in_process(
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
-                if receiver.poll(min(left, 1.0 if watch is None else 0.2)):
+                ready = receiver.poll(min(left, 1.0 if watch is None else 0.2))
+                if not ready and not proc.is_alive():
+                    # It may have sent its result and ended just after that poll timed out.
+                    ready = receiver.poll(0)
+                    if not ready:
+                        break
+                if ready:
                     try:
                         result = receiver.recv()
                     except EOFError:  # the process ended without sending
                         result = None
-                    break
-                if not proc.is_alive():
                     break
                 if callable(cancelled) and cancelled():
                     _end(proc)

@@ -223,3 +223,61 @@ memory_limit_mb = 100
         timeout=120,
     )
     assert r.returncode == 0 and "warning" not in r.stderr, r.stdout + r.stderr
+
+
+def test_a_result_sent_just_as_the_wait_for_it_timed_out_is_kept(tmp_path, marker, monkeypatch):
+    """The process sends its result and ends right after one of the runner's polls of the pipe timed out.
+
+    The runner then sees a process that has ended: it must still read the result waiting in the pipe,
+    not report a process that "exited with code 0 without a result" (seen once in CI under load).
+    """
+    from node.plugins import runtime
+    from node.plugins.worker import StepSpec, WorkSpec
+
+    real = runtime._context()
+
+    class LateReceiver:
+        """The first poll returns False only once the result is in the pipe and its sender has ended."""
+
+        def __init__(self, conn):
+            self.conn, self.first = conn, True
+
+        def poll(self, timeout=0.0):
+            if self.first and timeout:
+                self.first = False
+                assert self.conn.poll(60), "the plugin sent nothing within 60 s"
+                deadline = time.monotonic() + 10
+                while sender_alive() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                return False
+            return self.conn.poll(timeout)
+
+        def __getattr__(self, name):
+            return getattr(self.conn, name)
+
+    started = []
+
+    class Context:
+        def Pipe(self, duplex=True):
+            receiver, sender = real.Pipe(duplex=duplex)
+            return LateReceiver(receiver), sender
+
+        def Process(self, *args, **kwargs):
+            proc = real.Process(*args, **kwargs)
+            started.append(proc)
+            return proc
+
+    def sender_alive():
+        return started[0].is_alive()
+
+    monkeypatch.setattr(runtime, "_context", lambda: Context())
+    files = labelled_ct(tmp_path, "late")
+    out = tmp_path / "out"
+    out.mkdir()
+    step = StepSpec("spawner", "faulty_plugins:spawner", {"marker": marker, "then_return": True})
+    result = runtime.run_in_process(
+        WorkSpec(files=[str(f) for f in files], steps=[step], out_dir=str(out), job_key=("1.2.3", 1, "late", 0)),
+        timeout=120,
+    )
+    assert result.ok, result.error
+    assert len(result.outputs) == 1
