@@ -18,7 +18,7 @@ from collections.abc import Hashable, Iterable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 ENV_PREFIX = "DICOM_NODE_"
 DEFAULT_CONFIG_PATH = Path("config/node.toml")
@@ -197,9 +197,19 @@ class DestinationTlsSection(_Section):
 
 class DestinationSection(_Section):
     name: str
-    ae_title: str
-    host: str
-    port: int = Field(ge=1, le=65535)
+    #: "dimse": C-STORE to ae_title at host:port; "dicomweb": STOW-RS to url.
+    type: Literal["dimse", "dicomweb"] = "dimse"
+    #: Required for type = "dimse".
+    ae_title: str = Field("", validate_default=True)
+    host: str = Field("", validate_default=True)
+    port: int = Field(0, ge=0, le=65535, validate_default=True)
+    #: type = "dicomweb": the DICOMweb base URL (instances are POSTed to <url>/studies), e.g.
+    #: "https://pacs.example.org/dicom-web".
+    url: str = ""
+    #: type = "dicomweb": a bearer token (Authorization: Bearer ...), or username and password for HTTP Basic.
+    token: str = ""
+    username: str = ""
+    password: str = ""
     #: Our AE title towards this destination (default: [node] ae_title).
     calling_ae_title: str | None = None
     #: Associations open to it at the same time (each sends many instances).
@@ -229,7 +239,36 @@ class DestinationSection(_Section):
     retry: RetrySection = Field(default_factory=RetrySection)
     tls: DestinationTlsSection = Field(default_factory=DestinationTlsSection)
 
-    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
+    @field_validator("ae_title", "host", "port", mode="after")
+    @classmethod
+    def _dimse(cls, v: Any, info: ValidationInfo) -> Any:
+        if info.data.get("type") == "dimse" and not v:
+            raise ValueError('required for a destination of type "dimse"')
+        return _check_ae_title(v) if info.field_name == "ae_title" and v else v
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if v and not re.fullmatch(r"https?://[^/\s]+(/\S*)?", v):
+            raise ValueError(f"{v!r} is not an http:// or https:// URL")
+        return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _by_type(self) -> DestinationSection:
+        if self.type == "dimse":
+            missing = [k for k in ("ae_title", "host", "port") if not getattr(self, k)]
+            if missing:
+                raise ValueError(f'{", ".join(missing)} required for a destination of type "dimse" ({self.name!r})')
+            if self.url:
+                raise ValueError(f'url is for type = "dicomweb"; destination {self.name!r} is "dimse"')
+        else:
+            if not self.url:
+                raise ValueError(f'url required for a destination of type "dicomweb" ({self.name!r})')
+            if self.storage_commitment:
+                raise ValueError(f'storage_commitment is a DIMSE service; destination {self.name!r} is "dicomweb"')
+            if self.token and (self.username or self.password):
+                raise ValueError(f"give token or username/password for destination {self.name!r}, not both")
+        return self
 
     @field_validator("calling_ae_title")
     @classmethod
@@ -546,6 +585,20 @@ class RetentionSection(_Section):
         return self
 
 
+class QrSection(_Section):
+    """The Query/Retrieve SCP (C-FIND, C-MOVE, C-GET) on the node's DICOM port."""
+
+    #: Answer C-FIND, C-MOVE and C-GET (Patient Root and Study Root) from the index.
+    enabled: bool = True
+    #: A C-FIND matching more than this many entries is refused (0xA700: narrow the query); 0 = no limit.
+    max_results: int = Field(10000, ge=0)
+    #: Seconds a C-MOVE waits for its deliveries; what is still queued then is reported failed in the
+    #: C-MOVE response (and stays in the durable queue, delivered later).
+    move_timeout: float = Field(600.0, gt=0)
+    #: Queue priority of the deliveries a C-MOVE makes (rules' forward actions default to 0).
+    move_priority: int = Field(10, ge=-100, le=100)
+
+
 class Config(_Section):
     node: NodeSection = Field(default_factory=NodeSection)
     database: DatabaseSection = Field(default_factory=DatabaseSection)
@@ -557,6 +610,7 @@ class Config(_Section):
     plugins: PluginsSection = Field(default_factory=PluginsSection)
     destinations: list[DestinationSection] = Field(default_factory=list)
     web: WebSection = Field(default_factory=WebSection)
+    qr: QrSection = Field(default_factory=QrSection)
     retention: RetentionSection = Field(default_factory=RetentionSection)
     #: Rules are validated by the rule engine; here they are only tables.
     rules: list[dict[str, Any]] = Field(default_factory=list)

@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 need_apt=()
 [ -x /usr/bin/storescu ] || need_apt+=(dcmtk)
 [ -x /usr/sbin/Orthanc ] || need_apt+=(orthanc)
+# Orthanc's DICOMweb plugin: a DICOMweb client of the node and a STOW-RS destination in the tests.
+[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need_apt+=(orthanc-dicomweb)
 command -v dciodvfy >/dev/null 2>&1 || need_apt+=(dicom3tools)
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need_apt+=(postgresql)
 # The scale-out compose file's DICOM load balancer is run by tests/e2e/test_docker_files.py.

@@ -11,6 +11,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBasic, HTTPBasicC
 from sqlalchemy import Engine
 
 from node.config import Config
+from node.receive.ingest import Ingest
+from node.storage.layout import Storage
 from node.storage.retention import Retention
 from node.web.auth import COOKIE, Authenticator
 from node.web.data import RateSampler
@@ -34,6 +36,10 @@ class WebContext:
     wake_senders: Callable[[], None] = _nothing
     #: The node's scheduled clean-up, when [retention] enabled.
     retention: Retention | None = None
+    #: STOW-RS stores through the same path as C-STORE (None: this server does not take instances).
+    ingest: Ingest | None = None
+    #: Where WADO-RS reads stored files from.
+    storage: Storage | None = None
 
 
 def context(request: Request) -> WebContext:
