@@ -12,6 +12,7 @@ checked, and what a synthetic CT holds. It lives in the package (not under tests
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -35,6 +36,12 @@ from node.demo.procs import child_preexec
 from node.dicom.dimse import VERIFICATION
 
 ORTHANC_PATHS = ("/usr/sbin/Orthanc", "/usr/bin/Orthanc", "/usr/local/bin/Orthanc")
+#: Where Debian's orthanc-dicomweb package (and Orthanc's own builds) put the DICOMweb plugin.
+DICOMWEB_PLUGIN_PATHS = (
+    "/usr/share/orthanc/plugins/libOrthancDicomWeb.so",
+    "/usr/lib/orthanc/libOrthancDicomWeb.so",
+    "/usr/local/share/orthanc/plugins/libOrthancDicomWeb.so",
+)
 
 
 class PeerError(RuntimeError):
@@ -74,6 +81,11 @@ def find_orthanc() -> str | None:
     return shutil.which("Orthanc")
 
 
+def find_dicomweb_plugin() -> str | None:
+    """Orthanc's DICOMweb plugin (``orthanc-dicomweb``), or None when it is not installed."""
+    return next((p for p in DICOMWEB_PLUGIN_PATHS if Path(p).is_file()), None)
+
+
 def orthanc_config(
     root: Path,
     *,
@@ -83,10 +95,18 @@ def orthanc_config(
     http_port: int,
     modalities: dict[str, list[Any]],
     unknown_sop_class_accepted: bool = True,
+    dicomweb_plugin: str | None = None,
+    dicomweb_servers: dict[str, dict[str, Any]] | None = None,
+    users: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """A private Orthanc on loopback (the demo's PACS, the tests' PACS): storage under ``root``, plain DICOM
-    files, HTTP for this host only, and C-STORE only from ``modalities`` ({name: [AE, host, port]})."""
-    return {
+    files, HTTP for this host only, and C-STORE only from ``modalities`` ({name: [AE, host, port]}).
+
+    ``dicomweb_plugin``: load the DICOMweb plugin from this path, serving ``/dicom-web/`` (STOW-RS, QIDO-RS,
+    WADO-RS) and calling ``dicomweb_servers`` ({name: {Url, Username, Password, HttpHeaders}}) as a client.
+    ``users`` ({user: password}): HTTP basic authentication is required on every request.
+    """
+    config: dict[str, Any] = {
         "Name": name,
         "StorageDirectory": str(root / "storage"),
         "IndexDirectory": str(root / "index"),
@@ -112,6 +132,19 @@ def orthanc_config(
         "SaveJobs": False,
         "HttpDescribeErrors": True,
     }
+    if dicomweb_plugin:
+        config["Plugins"] = [dicomweb_plugin]
+        config["DicomWeb"] = {
+            "Enable": True,
+            "Root": "/dicom-web/",
+            "EnableWado": True,
+            "Ssl": False,
+            "Servers": dict(dicomweb_servers or {}),
+        }
+    if users:
+        config["AuthenticationEnabled"] = True
+        config["RegisteredUsers"] = dict(users)
+    return config
 
 
 @dataclass
@@ -139,6 +172,14 @@ class Orthanc:
     binary: str = ""
     #: Own session, and SIGTERM when the starting process dies (the demo: nothing outlives it).
     detached: bool = False
+    #: Load the DICOMweb plugin (``orthanc-dicomweb``): Orthanc serves STOW-RS/QIDO-RS/WADO-RS at ``dicomweb_url``.
+    dicomweb: bool = False
+    #: DICOMweb servers Orthanc's plugin can call: {name: {"Url": ..., "Username": ..., "Password": ...,
+    #: "HttpHeaders": {...}}} (``/dicom-web/servers/<name>/...``); needs ``dicomweb``.
+    dicomweb_servers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: {user: password}: Orthanc requires HTTP basic authentication (REST and DICOMweb); this object's own
+    #: REST calls use the first user.
+    users: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -161,8 +202,23 @@ class Orthanc:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
+    @property
+    def dicomweb_url(self) -> str:
+        """The DICOMweb base URL (with ``dicomweb``): what a ``type = "dicomweb"`` destination's ``url`` is."""
+        return f"{self.url}/dicom-web"
+
     def config(self) -> dict[str, Any]:
         modalities = {ae.lower(): [ae, "127.0.0.1", self.sender_ports.get(ae, 104)] for ae in self.senders}
+        plugin = None
+        if self.dicomweb:
+            plugin = find_dicomweb_plugin()
+            if plugin is None:
+                raise PeerError(
+                    "Orthanc's DICOMweb plugin is not installed (e.g. apt-get install orthanc-dicomweb); looked in "
+                    + ", ".join(DICOMWEB_PLUGIN_PATHS)
+                )
+        elif self.dicomweb_servers:
+            raise PeerError("dicomweb_servers needs dicomweb=True (the servers are the DICOMweb plugin's)")
         return orthanc_config(
             self.root,
             name=self.name or f"dicom-node tests {self.aet}",
@@ -171,6 +227,9 @@ class Orthanc:
             http_port=self.http_port,
             modalities=modalities,
             unknown_sop_class_accepted=self.unknown_sop_class_accepted,
+            dicomweb_plugin=plugin,
+            dicomweb_servers=self.dicomweb_servers,
+            users=self.users,
         )
 
     def start(self, timeout: float = 30.0, port_attempts: int = 3) -> Orthanc:
@@ -250,6 +309,9 @@ class Orthanc:
     def request(self, method: str, path: str, body: Any = None, timeout: float = 30.0) -> Any:
         data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
         req = urllib.request.Request(self.url + path, data=data, method=method)
+        if self.users:
+            user, password = next(iter(self.users.items()))
+            req.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
         with urllib.request.urlopen(req, timeout=timeout) as rsp:
             raw = rsp.read()
             if "json" in rsp.headers.get("Content-Type", ""):
@@ -304,6 +366,11 @@ class Orthanc:
             f'[[destinations]]\nname = "{name}"\nae_title = "{self.aet}"\nhost = "127.0.0.1"\n'
             f"port = {self.dicom_port}\n{more}"
         )
+
+    def dicomweb_destination(self, name: str = "orthanc-web", **extra: str) -> str:
+        """A ``type = "dicomweb"`` [[destinations]] table (STOW-RS to ``dicomweb_url``); ``extra`` is TOML as written."""
+        more = "".join(f"{k} = {v}\n" for k, v in extra.items())
+        return f'[[destinations]]\nname = "{name}"\ntype = "dicomweb"\nurl = "{self.dicomweb_url}"\n{more}'
 
 
 @dataclass
