@@ -51,6 +51,10 @@ class Enqueued:
     requeued: int = 0
     #: Already queued, being sent or delivered: left as they are.
     already: int = 0
+    #: Every delivery row of the request (new, queued again and already there), in the order given, per destination.
+    ids: tuple[int, ...] = ()
+    #: The rows this call queued (new or again): what its caller may cancel without touching others' deliveries.
+    queued: tuple[int, ...] = ()
 
 
 def enqueue(
@@ -60,10 +64,18 @@ def enqueue(
     *,
     job_id: int | None = None,
     priority: int = 0,
+    again: bool = False,
 ) -> Enqueued:
-    """Queue instances (in the order given, which is the order they are sent in) for each destination."""
+    """Queue instances (in the order given, which is the order they are sent in) for each destination.
+
+    Failed and cancelled rows are queued again (a retried job asks for them once more); with ``again``
+    delivered ones too: a C-MOVE asks for another copy of what the destination was sent before.
+    """
     now = utcnow()
     new = requeued = already = 0
+    requeue = DELIVERY_RETRYABLE | {DeliveryState.DELIVERED} if again else DELIVERY_RETRYABLE
+    order: list[int] = []
+    queued: list[int] = []
     if not instance_ids:
         return Enqueued()
     info = {
@@ -82,11 +94,14 @@ def enqueue(
             )
         }
         rows = []
-        again = []
+        again_ids = []
+        ids: dict[int, int] = {}  # instance id -> its row for dest
         for pk in instance_ids:
             if pk not in info:
                 continue
             old = existing.get(pk)
+            if old is not None:
+                ids[pk] = old.id
             if old is None:
                 r = info[pk]
                 rows.append(
@@ -109,21 +124,25 @@ def enqueue(
                         commitment_uid="",
                     )
                 )
-            elif old.state in DELIVERY_RETRYABLE:
-                again.append(old.id)
+            elif old.state in requeue:
+                again_ids.append(old.id)
             else:
                 already += 1
         if rows:
             # Another process's job may queue the same instance for the same destination at this moment:
             # its row wins, ours is no change (a plain INSERT would fail the whole job on the constraint).
             stmt = insert_or_skip(_d, conn.dialect.name, _d.c.instance_fk, _d.c.destination)
-            made = len(conn.execute(stmt.returning(_d.c.id), rows).all())
-            new += made
-            already += len(rows) - made
-        if again:
-            requeued += conn.execute(
+            made = conn.execute(stmt.returning(_d.c.id, _d.c.instance_fk), rows).all()
+            new += len(made)
+            already += len(rows) - len(made)
+            ids.update({r.instance_fk: r.id for r in made})
+            queued += [r.id for r in made]
+            if len(made) < len(rows):  # the other process's rows: ours to follow, not to cancel
+                ids.update(_row_ids(conn, dest, [r["instance_fk"] for r in rows if r["instance_fk"] not in ids]))
+        if again_ids:
+            taken = conn.execute(
                 update(_d)
-                .where(_d.c.id.in_(again), _d.c.state.in_(sorted(DELIVERY_RETRYABLE)))
+                .where(_d.c.id.in_(again_ids), _d.c.state.in_(sorted(requeue)))
                 .values(
                     state=DeliveryState.QUEUED,
                     next_attempt_at=now,
@@ -135,8 +154,55 @@ def enqueue(
                     commitment_uid="",
                     job_fk=job_id if job_id is not None else _d.c.job_fk,
                 )
-            ).rowcount
-    return Enqueued(new, requeued, already)
+                .returning(_d.c.id)
+            ).scalars()
+            mine = set(taken)
+            requeued += len(mine)
+            queued += [i for i in again_ids if i in mine]
+        order += [ids[pk] for pk in instance_ids if pk in ids]
+    return Enqueued(new, requeued, already, tuple(order), tuple(queued))
+
+
+def _row_ids(conn: Connection, destination: str, instance_ids: Sequence[int]) -> dict[int, int]:
+    """{instance id: delivery id} of the rows for ``destination`` (another process's, just made)."""
+    if not instance_ids:
+        return {}
+    rows = conn.execute(
+        select(_d.c.instance_fk, _d.c.id).where(_d.c.destination == destination, _d.c.instance_fk.in_(instance_ids))
+    )
+    return {r.instance_fk: r.id for r in rows}
+
+
+@dataclass(frozen=True)
+class DeliveryStatus:
+    """Where one delivery row stands (:func:`states_of`): what a C-MOVE reports to its requestor."""
+
+    id: int
+    state: DeliveryState
+    sop_instance_uid: str
+    #: Delivered with a warning status from the destination (e.g. 0xB000: coerced).
+    warning: bool
+    last_error: str
+
+
+def states_of(conn: Connection, ids: Sequence[int]) -> list[DeliveryStatus]:
+    """The states of the delivery rows ``ids`` (rows gone meanwhile are left out), in chunks of bound parameters."""
+    out: list[DeliveryStatus] = []
+    for k in range(0, len(ids), _CHUNK):
+        rows = conn.execute(
+            select(_d.c.id, _d.c.state, _d.c.sop_instance_uid, _d.c.warning, _d.c.last_error).where(
+                _d.c.id.in_(list(ids[k : k + _CHUNK]))
+            )
+        )
+        out += [
+            DeliveryStatus(r.id, DeliveryState(r.state), r.sop_instance_uid, bool(r.warning), r.last_error or "")
+            for r in rows
+        ]
+    return out
+
+
+#: Ids per IN (...) of :func:`states_of`: well below SQLite's and PostgreSQL's bound parameter limits.
+_CHUNK = 5000
 
 
 @dataclass(frozen=True)
