@@ -194,6 +194,9 @@ def wants_binary_segs(ctx: JobContext, names: list[str]) -> dict[str, str]:
         if d.label_map_seg == "binary":
             out[d.name] = 'label_map_seg = "binary"'
             continue
+        if d.type == "dicomweb":  # STOW-RS has no negotiation to ask at: the SEG every PACS takes
+            out[d.name] = 'a DICOMweb destination cannot be asked (label_map_seg = "send" sends the label map)'
+            continue
         key = (d.host, d.ae_title, d.port, d.calling_ae_title or ctx.cfg.node.ae_title)
         hit = _asked.get(key)
         if hit is None or time.monotonic() - hit[0] > (_ASKED_TTL if hit[1] is not None else _UNASKED_TTL):

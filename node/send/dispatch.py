@@ -32,11 +32,11 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pydicom.uid import generate_uid
 from sqlalchemy import Engine
@@ -50,6 +50,7 @@ from node.index.states import DeliveryState
 from node.send import queue
 from node.send.failures import PROCESSING_FAILURE_ATTEMPTS
 from node.send.scu import Item, Peer, Result, Sender
+from node.send.stow import StowSender
 from node.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -270,11 +271,42 @@ class Breaker:
             return False, max(0.0, (at - utcnow()).total_seconds()), at
 
 
+class ItemSender(Protocol):
+    """What a worker sends with: a connection to one destination, opened on demand, kept while there is more.
+
+    :class:`node.send.scu.Sender` (C-STORE) and :class:`node.send.stow.StowSender` (STOW-RS) have this shape, so
+    the queue, back-off, breaker, audit and metrics do not depend on the destination's type.
+    """
+
+    @property
+    def open(self) -> bool:
+        """Whether it holds a connection (released after LINGER without anything to send)."""
+        ...
+
+    def send(
+        self,
+        items: list[Item],
+        on_result: Callable[[Result], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> list[Result]: ...
+
+    def close(self) -> None: ...
+
+    def request_commitment(self, transaction_uid: str, refs: list[tuple[str, str]]) -> str: ...
+
+
+#: The sender of each ``[[destinations]] type``, given the destination and the node's AE title.
+SENDERS: dict[str, Callable[[DestinationSection, str], ItemSender]] = {
+    "dimse": lambda d, node_ae: Sender(Peer.from_destination(d, node_ae)),
+    "dicomweb": lambda d, node_ae: StowSender(d),
+}
+
+
 @dataclass
 class _Worker:
-    """One sender thread's association and how long it has had nothing to send."""
+    """One sender thread's connection and how long it has had nothing to send."""
 
-    sender: Sender
+    sender: ItemSender
     idle_since: float | None = None
 
 
@@ -301,7 +333,6 @@ class DestinationSender:
     ) -> None:
         self.cfg = cfg
         self.dest = d
-        self.peer = Peer.from_destination(d, cfg.node.ae_title)
         self.engine = engine
         self.reader = reader
         self.storage = storage
@@ -375,7 +406,7 @@ class DestinationSender:
             )
 
     def _work(self) -> None:
-        w = _Worker(Sender(self.peer))
+        w = _Worker(SENDERS[self.dest.type](self.dest, self.cfg.node.ae_title))
         try:
             while not self._stop.is_set():
                 if self.breaker.state == "open" and self._forced() and self.breaker.probe_now():
@@ -407,9 +438,9 @@ class DestinationSender:
         if not items:
             now = time.monotonic()
             w.idle_since = w.idle_since or now
-            if w.sender.assoc is not None and now - w.idle_since >= LINGER:
+            if w.sender.open and now - w.idle_since >= LINGER:
                 w.sender.close()
-            return min(self._idle_wait(), LINGER if w.sender.assoc is not None else POLL)
+            return min(self._idle_wait(), LINGER if w.sender.open else POLL)
         w.idle_since = None
         if probe:
             log.info(
@@ -435,7 +466,7 @@ class DestinationSender:
             return POLL
         return 0.0
 
-    def _send_batch(self, sender: Sender, claimed: list[queue.Item]) -> None:
+    def _send_batch(self, sender: ItemSender, claimed: list[queue.Item]) -> None:
         t0 = time.monotonic()
         items: list[Item] = []
         outcomes: list[queue.Outcome] = []
@@ -453,7 +484,7 @@ class DestinationSender:
                 metrics.DELIVERY_RESULTS.labels(self.dest.name, "permanent").inc()
                 continue
             items.append(Item(Path(path), c.sop_class_uid, c.transfer_syntax_uid, c.sop_instance_uid, key=c))
-        commit = self.peer.storage_commitment
+        commit = self.dest.storage_commitment
         last_flush = [time.monotonic()]
         delivered = 0
         retry_at: list[dt.datetime] = []
@@ -563,7 +594,7 @@ class DestinationSender:
             return queue.Outcome(c.id, DeliveryState.FAILED, r.status, f"{r.text} ({c.attempts} times)", **self._who(c))
         return queue.Outcome(c.id, DeliveryState.QUEUED, r.status, r.text, retry_at=retry_at[0], attempted=r.attempted)
 
-    def _request_commitment(self, sender: Sender, outcomes: list[queue.Outcome], items: list[Item]) -> None:
+    def _request_commitment(self, sender: ItemSender, outcomes: list[queue.Outcome], items: list[Item]) -> None:
         by_id = {_claimed(it).id: it for it in items}
         delivered = [o for o in outcomes if o.state == DeliveryState.DELIVERED and o.id in by_id]
         if not delivered:

@@ -208,6 +208,11 @@ class Sender:
         )
         return all((c, ts) in self._proposed for c, groups in need.items() for g in groups for ts in g)
 
+    @property
+    def open(self) -> bool:
+        """Whether an association is held (the dispatcher releases it after its linger)."""
+        return self.assoc is not None
+
     def close(self) -> None:
         if self.assoc is not None:
             self.assoc.release()
