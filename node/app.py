@@ -106,12 +106,19 @@ class Node:
         )
         self.scp: StorageSCP | None = None
         self.receivers = (
-            Receivers(cfg.node.processes - 1, config_path, on_jobs=self.runner.wake)
+            Receivers(cfg.node.processes - 1, config_path, on_jobs=self.runner.wake, on_senders=self.dispatcher.wake)
             if role == NODE and cfg.node.processes > 1
             else None
         )
         self.web = self._web() if cfg.web.enabled and role == NODE else None
         self._stop = threading.Event()
+
+    def _wake_senders(self, destinations: list[str]) -> None:
+        """Deliveries are due for ``destinations``: the dispatcher sends them now, not at its next poll."""
+        if self.parent is not None:
+            self.parent.tell(SENDERS)
+        else:
+            self.dispatcher.wake(destinations)
 
     def _web(self) -> WebServer:
         """The dashboard, REST API, /metrics and health checks (node.web), served from this process."""
@@ -131,6 +138,8 @@ class Node:
             wake_jobs=self.runner.wake,
             wake_senders=self.dispatcher.wake,
             retention=self.retention,
+            ingest=self.ingest,
+            storage=self.storage,
         )
         return WebServer(ctx)
 
@@ -320,9 +329,10 @@ class Node:
 # -- several receivers on one host ([node] processes) ----------------------------------------------
 
 #: What a receiver tells the process that started it, one byte each over a pipe: it listens; it made
-#: jobs (wake the job runner).
+#: jobs (wake the job runner); it queued deliveries (a C-MOVE: wake the dispatcher).
 READY = b"R"
 JOBS = b"J"
+SENDERS = b"S"
 #: A receiver that died is started again after RESTART_MIN s, doubling up to RESTART_MAX while it keeps
 #: dying; one that ran STEADY s before dying counts as healthy again.
 RESTART_MIN = 1.0
@@ -336,8 +346,9 @@ class ParentLink:
     """A receiver process's line to the node process that started it.
 
     It dies with that process (the kernel's parent-death signal: SIGTERM, a clean stop), and tells it
-    what the parent's threads must hear at once: that it listens, and that its tracker made jobs
-    (the parent's job runner would otherwise find them at its next poll, up to 2 s later).
+    what the parent's threads must hear at once: that it listens, that its tracker made jobs and that
+    a C-MOVE queued deliveries (the parent's job runner and dispatcher would otherwise find them at
+    their next poll, up to 2 s later).
     """
 
     def __init__(self, parent_pid: int, fd: int) -> None:
@@ -399,9 +410,17 @@ class Receivers:
     started a child: it must live as long as the children do.
     """
 
-    def __init__(self, count: int, config_path: Path | None, *, on_jobs: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        count: int,
+        config_path: Path | None,
+        *,
+        on_jobs: Callable[[], None],
+        on_senders: Callable[[], None] = lambda: None,
+    ) -> None:
         self.config_path = config_path
         self.on_jobs = on_jobs
+        self.on_senders = on_senders
         self.children = [_Child(i + 1) for i in range(count)]
         self.port = 0
         self._stopping = threading.Event()
@@ -476,16 +495,22 @@ class Receivers:
 
     def _read(self, timeout: float) -> None:
         """Handle what the receivers said within ``timeout`` s."""
-        jobs = False
+        said = b""
         for key, _ in self._sel.select(timeout):
             c: _Child = key.data
             data = self._drain(c)
             if READY in data and not c.ready:
                 c.ready = True
                 log.info("receiver process %d (pid %d) is listening", c.number, c.proc.pid if c.proc else 0)
-            jobs = jobs or JOBS in data
-        if jobs:
+            said += data
+        self._wake(said)
+
+    def _wake(self, said: bytes) -> None:
+        """Wake what the receivers' messages ask for (each once, however often it was asked)."""
+        if JOBS in said:
             self.on_jobs()
+        if SENDERS in said:
+            self.on_senders()
 
     def _drain(self, c: _Child) -> bytes:
         """Everything ``c`` wrote so far; closes the pipe at its end (the child exited)."""
@@ -520,9 +545,7 @@ class Receivers:
         c.proc, c.ready = None, False
 
     def _forget(self, c: _Child) -> None:
-        data = self._drain(c)  # its last jobs count too
-        if JOBS in data:
-            self.on_jobs()
+        self._wake(self._drain(c))  # its last jobs and deliveries count too
         if c.pipe is not None:
             self._sel.unregister(c.pipe)
             os.close(c.pipe)
