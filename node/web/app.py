@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from node import __version__
-from node.web import api, pages
+from node.web import api, dicomweb, pages
 from node.web.context import LoginRequired, WebContext, identify
 
 STATIC = Path(__file__).parent / "static"
@@ -97,6 +97,7 @@ def create_app(ctx: WebContext) -> FastAPI:
         return Response(body, media_type=content_type)
 
     app.include_router(api.router, tags=["api"])
+    app.include_router(dicomweb.router)
     app.include_router(pages.router, include_in_schema=False)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app

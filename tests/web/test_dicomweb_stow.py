@@ -1,0 +1,148 @@
+"""STOW-RS on the node's web app, in this process, over a real index and storage (node.web.dicomweb_stow).
+
+What a client relies on: an answered instance is stored durably and indexed with its data set exactly as
+sent; a broken part gets its own failure reason and the others are stored; a broken body or a wrong media
+type gets a clear 400/415; nothing half-received is left behind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import SHARED, dataset_bytes, read_sop_uid, series_files
+from helpers.dicomweb import BOUNDARY, LocalNode, files_body, local_node, part, stow_body
+from sqlalchemy import text
+
+CT = series_files("ct-head-philips-5mm")
+MALFORMED = SHARED / "malformed"
+
+
+@pytest.fixture
+def web(tmp_path: Path) -> Iterator[LocalNode]:
+    with local_node(tmp_path / "data") as n:
+        yield n
+
+
+def _rows(web: LocalNode) -> dict[str, str]:
+    with web.engine.connect() as c:
+        return dict(c.execute(text("SELECT sop_instance_uid, file_path FROM instance")).all())
+
+
+def _items(body: dict, tag: str) -> list[dict]:
+    return body.get(tag, {}).get("Value", [])
+
+
+def _uid(item: dict, tag: str) -> str:
+    return item[tag]["Value"][0]
+
+
+def test_a_series_is_stored_indexed_and_byte_identical(web: LocalNode):
+    files = CT[:6]
+    r = web.stow(files_body(files))
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/dicom+json"
+    body = r.json()
+    referenced = _items(body, "00081199")
+    assert [_uid(i, "00081155") for i in referenced] == [read_sop_uid(p) for p in files]
+    assert "00081198" not in body
+    study = _uid(body, "00081190").rsplit("/", 1)[1]
+    assert all(
+        _uid(i, "00081190").startswith(f"http://testserver/dicom-web/studies/{study}/series/") for i in referenced
+    )
+    rows = _rows(web)
+    assert len(rows) == 6 and len(web.recorded) == 6
+    for p in files:
+        stored = web.storage.absolute(rows[read_sop_uid(p)])
+        assert dataset_bytes(stored) == dataset_bytes(p)
+    assert web.temp_files() == []
+
+
+def test_a_broken_part_gets_its_own_failure_and_the_others_are_stored(web: LocalNode):
+    body = stow_body(
+        [
+            part(CT[0].read_bytes()),
+            part((MALFORMED / "no_meta.dcm").read_bytes()),  # no preamble, no File Meta
+            part((MALFORMED / "MR_truncated.dcm").read_bytes()),  # Pixel Data shorter than the image
+            part(b"{}", "application/json"),
+            part(CT[1].read_bytes()),
+        ]
+    )
+    r = web.stow(body)
+    assert r.status_code == 202, r.text
+    out = r.json()
+    assert [_uid(i, "00081155") for i in _items(out, "00081199")] == [read_sop_uid(CT[0]), read_sop_uid(CT[1])]
+    failed = _items(out, "00081198")
+    assert [i["00081197"]["Value"][0] for i in failed] == [0xC000, 0xC000, 0xC000]
+    reasons = [_uid(i, "00000902") for i in failed]
+    assert "part 2" in reasons[0] and "Part 10" in reasons[0]
+    assert "part 3" in reasons[1] and _uid(failed[1], "00081155") == read_sop_uid(MALFORMED / "MR_truncated.dcm")
+    assert "part 4" in reasons[2] and "application/json" in reasons[2]
+    assert set(_rows(web)) == {read_sop_uid(CT[0]), read_sop_uid(CT[1])}
+    assert len(web.stored_files()) == 2 and web.temp_files() == []
+
+
+def test_a_file_meta_without_sop_uids_is_stored_under_the_data_set_uids(web: LocalNode):
+    source = MALFORMED / "CTImageStorage_bad_meta.dcm"
+    r = web.stow(files_body([source]))
+    assert r.status_code == 200, r.text
+    assert list(_rows(web)) == [read_sop_uid(source)]
+
+
+def test_nothing_stored_is_409_with_the_reasons(web: LocalNode):
+    r = web.stow(files_body([MALFORMED / "no_meta.dcm", MALFORMED / "meta_missing_tsyntax.dcm"]))
+    assert r.status_code == 409, r.text
+    reasons = [_uid(i, "00000902") for i in _items(r.json(), "00081198")]
+    assert "Part 10" in reasons[0] and "Transfer Syntax" in reasons[1]
+    assert _rows(web) == {}
+
+
+def test_instances_of_another_study_than_the_url_are_refused(web: LocalNode):
+    r = web.stow(files_body(CT[:2]), path="/dicom-web/studies/1.2.3.4.5")
+    assert r.status_code == 409, r.text
+    failed = _items(r.json(), "00081198")
+    assert [i["00081197"]["Value"][0] for i in failed] == [0xA900, 0xA900]
+    assert "not the study of the URL" in _uid(failed[0], "00000902")
+    assert _rows(web) == {} and web.stored_files() == [] and web.temp_files() == []
+
+
+def test_a_body_cut_off_inside_a_part_keeps_the_parts_before_it_and_nothing_of_that_part(web: LocalNode):
+    whole = files_body(CT[:3])
+    cut = whole[: len(whole) - 200_000]  # inside the third part
+    r = web.stow(cut)
+    assert r.status_code == 400, r.text
+    detail = r.json()["detail"]
+    assert "ended before its closing boundary" in detail and "part 3" in detail and "2 instance(s)" in detail
+    assert set(_rows(web)) == {read_sop_uid(CT[0]), read_sop_uid(CT[1])}
+    assert len(web.stored_files()) == 2 and web.temp_files() == []
+
+
+def test_a_body_that_is_not_multipart_is_400(web: LocalNode):
+    r = web.stow(b"this is not a multipart body at all " * 100)
+    assert r.status_code == 400, r.text
+    assert "closing boundary" in r.json()["detail"] or "cannot be parsed" in r.json()["detail"]
+    assert _rows(web) == {}
+
+
+@pytest.mark.parametrize(
+    ("content_type", "code", "says"),
+    [
+        ("application/dicom", 415, "multipart/related"),
+        (f'multipart/related; type="application/dicom+json"; boundary={BOUNDARY}', 415, "application/dicom+json"),
+        ('multipart/related; type="application/dicom"', 400, "boundary"),
+    ],
+)
+def test_wrong_media_type_says_what_is_accepted(web: LocalNode, content_type: str, code: int, says: str):
+    r = web.stow(files_body(CT[:1]), content_type=content_type)
+    assert r.status_code == code, r.text
+    assert says in r.json()["detail"]
+    assert _rows(web) == {}
+
+
+def test_stow_needs_authentication(web: LocalNode):
+    r = web.client.post(
+        "/dicom-web/studies", content=files_body(CT[:1]), headers={"Content-Type": web.headers()["Content-Type"]}
+    )
+    assert r.status_code == 401
+    assert _rows(web) == {}
