@@ -243,6 +243,8 @@ KEYWORDS = (
     "SeriesDescription",
     "BodyPartExamined",
     "ProtocolName",
+    "SeriesDate",
+    "SeriesTime",
     "Manufacturer",
     "StationName",
     "FrameOfReferenceUID",

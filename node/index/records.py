@@ -320,6 +320,8 @@ def to_record(
             "series_description": t("SeriesDescription", 512),
             "body_part_examined": t("BodyPartExamined", 64),
             "protocol_name": t("ProtocolName", 512),
+            "series_date": t("SeriesDate", 16),
+            "series_time": t("SeriesTime", 32),
             "manufacturer": t("Manufacturer", 128),
             "station_name": t("StationName", 64),
             "frame_of_reference_uid": t("FrameOfReferenceUID", 128),

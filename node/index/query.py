@@ -1,0 +1,725 @@
+"""The query engine: C-FIND identifiers and QIDO-RS parameters matched against the index (PS3.4 C.2.2.2).
+
+One engine serves DIMSE Query/Retrieve (C-FIND, and the instances a C-MOVE or C-GET sends) and QIDO/WADO-RS,
+so both answer the same query the same way. A query is turned into one SQL statement over the index tables
+(patient, study, series, instance, joined down to the query's level); derived counts and the sets a study
+holds (ModalitiesInStudy, SOPClassesInStudy) are computed only when asked for and only for the matched rows,
+so a query over a large index reads what it returns, not the whole table.
+
+Matching (PS3.4 C.2.2.2): single value (Person Name case-insensitive, as Orthanc does by default; other
+text case-sensitive; leading and trailing spaces ignored), wildcard ``*`` ``?``, range for dates and times
+(``a-b``, ``-b``, ``a-``), a list of values separated by ``\\`` (QIDO: ``,`` too for UIDs), universal
+(empty). Hierarchical and relational queries are answered alike: keys of the levels above the query's
+level can be matched and returned at any level (a SERIES query needs no StudyInstanceUID).
+A standard attribute the index does not keep is returned zero-length and not matched (PS3.4 allows this;
+:func:`unsupported` lists them); sequence matching is not supported either (the key is returned empty).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, cast, get_args
+
+from pydicom import Dataset
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.dataelem import DataElement
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence as DicomSequence
+from sqlalchemy import ColumnElement, Connection, Select, and_, func, or_, select
+from sqlalchemy.sql import FromClause
+
+from node.index.models import Instance, Patient, Series, Study
+
+Level = Literal["PATIENT", "STUDY", "SERIES", "IMAGE"]
+Root = Literal["patient", "study"]
+LEVELS: tuple[Level, ...] = get_args(Level)
+
+#: The character set of every result: index values are unicode.
+CHARSET = "ISO_IR 192"
+
+
+class QueryError(ValueError):
+    """A query the node cannot run; the message says what to change.
+
+    ``keyword``/``tag`` name the offending attribute when there is one: C-FIND answers 0xA900 with it as
+    Offending Element (0000,0901) and the message as Error Comment; QIDO-RS answers 400 with the message.
+    """
+
+    def __init__(self, message: str, *, keyword: str | None = None, tag: int | None = None) -> None:
+        super().__init__(message)
+        self.keyword = keyword
+        self.tag = tag if tag is not None or keyword is None else tag_for_keyword(keyword)
+
+
+@dataclass
+class Query:
+    """What to find: the level, the information model and the keys as the client sent them."""
+
+    level: Level
+    root: Root = "study"
+    #: {keyword: value} as the client sent them (str; "" = universal matching / return key only).
+    keys: dict[str, str] = field(default_factory=dict)
+    limit: int | None = None
+    offset: int = 0
+    #: "dimse" results carry QueryRetrieveLevel (0008,0052); QIDO-RS results do not.
+    origin: Literal["dimse", "qido"] = "dimse"
+
+
+@dataclass(frozen=True)
+class InstanceRef:
+    """One stored instance a C-MOVE, C-GET or WADO-RS sends."""
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    #: Relative to the storage's data directory.
+    file_path: str
+    file_size: int
+    instance_id: int
+
+
+# -- what the index keeps ---------------------------------------------------------------------------
+
+_patient = Patient.__table__
+_study = Study.__table__
+_series = Series.__table__
+_instance = Instance.__table__
+_TABLES = {"PATIENT": _patient, "STUDY": _study, "SERIES": _series, "IMAGE": _instance}
+
+#: How a key matches: text (case-sensitive), pn (case-insensitive), uid (list, no wildcard), date/time
+#: (ranges), int, count (a derived count: returned only), set (a study's modalities or SOP classes).
+Kind = Literal["text", "pn", "uid", "date", "time", "int", "count", "set"]
+
+
+@dataclass(frozen=True)
+class _Key:
+    level: Level
+    kind: Kind
+    #: The column, or the expression of a derived count given the level's table.
+    column: Callable[[], ColumnElement[Any]]
+
+
+def _col(table: Any, name: str) -> Callable[[], ColumnElement[Any]]:
+    return lambda: cast(ColumnElement[Any], table.c[name])
+
+
+def _count_studies() -> ColumnElement[Any]:
+    s = _study.alias("cs")
+    return select(func.count()).where(s.c.patient_fk == _patient.c.id).scalar_subquery()
+
+
+def _count_patient_series() -> ColumnElement[Any]:
+    s, se = _study.alias("cs"), _series.alias("cse")
+    return (
+        select(func.count())
+        .select_from(se.join(s, se.c.study_fk == s.c.id))
+        .where(s.c.patient_fk == _patient.c.id)
+        .scalar_subquery()
+    )
+
+
+def _count_patient_instances() -> ColumnElement[Any]:
+    s, se = _study.alias("cs"), _series.alias("cse")
+    return (
+        select(func.coalesce(func.sum(se.c.instance_count), 0))
+        .select_from(se.join(s, se.c.study_fk == s.c.id))
+        .where(s.c.patient_fk == _patient.c.id)
+        .scalar_subquery()
+    )
+
+
+def _count_study_series() -> ColumnElement[Any]:
+    se = _series.alias("cse")
+    return select(func.count()).where(se.c.study_fk == _study.c.id).scalar_subquery()
+
+
+def _count_study_instances() -> ColumnElement[Any]:
+    se = _series.alias("cse")
+    return select(func.coalesce(func.sum(se.c.instance_count), 0)).where(se.c.study_fk == _study.c.id).scalar_subquery()
+
+
+_KEYS: dict[str, _Key] = {
+    # PATIENT
+    "PatientName": _Key("PATIENT", "pn", _col(_patient, "patient_name")),
+    "PatientID": _Key("PATIENT", "text", _col(_patient, "patient_id")),
+    "IssuerOfPatientID": _Key("PATIENT", "text", _col(_patient, "issuer_of_patient_id")),
+    "PatientBirthDate": _Key("PATIENT", "date", _col(_patient, "birth_date")),
+    "PatientSex": _Key("PATIENT", "text", _col(_patient, "sex")),
+    "NumberOfPatientRelatedStudies": _Key("PATIENT", "count", _count_studies),
+    "NumberOfPatientRelatedSeries": _Key("PATIENT", "count", _count_patient_series),
+    "NumberOfPatientRelatedInstances": _Key("PATIENT", "count", _count_patient_instances),
+    # STUDY
+    "StudyInstanceUID": _Key("STUDY", "uid", _col(_study, "study_instance_uid")),
+    "StudyDate": _Key("STUDY", "date", _col(_study, "study_date")),
+    "StudyTime": _Key("STUDY", "time", _col(_study, "study_time")),
+    "AccessionNumber": _Key("STUDY", "text", _col(_study, "accession_number")),
+    "StudyID": _Key("STUDY", "text", _col(_study, "study_id")),
+    "StudyDescription": _Key("STUDY", "text", _col(_study, "study_description")),
+    "ReferringPhysicianName": _Key("STUDY", "pn", _col(_study, "referring_physician_name")),
+    "ModalitiesInStudy": _Key("STUDY", "set", _col(_series, "modality")),
+    "SOPClassesInStudy": _Key("STUDY", "set", _col(_instance, "sop_class_uid")),
+    "NumberOfStudyRelatedSeries": _Key("STUDY", "count", _count_study_series),
+    "NumberOfStudyRelatedInstances": _Key("STUDY", "count", _count_study_instances),
+    # SERIES
+    "SeriesInstanceUID": _Key("SERIES", "uid", _col(_series, "series_instance_uid")),
+    "Modality": _Key("SERIES", "text", _col(_series, "modality")),
+    "SeriesNumber": _Key("SERIES", "int", _col(_series, "series_number")),
+    "SeriesDescription": _Key("SERIES", "text", _col(_series, "series_description")),
+    "BodyPartExamined": _Key("SERIES", "text", _col(_series, "body_part_examined")),
+    "ProtocolName": _Key("SERIES", "text", _col(_series, "protocol_name")),
+    "SeriesDate": _Key("SERIES", "date", _col(_series, "series_date")),
+    "SeriesTime": _Key("SERIES", "time", _col(_series, "series_time")),
+    "Manufacturer": _Key("SERIES", "text", _col(_series, "manufacturer")),
+    "StationName": _Key("SERIES", "text", _col(_series, "station_name")),
+    "FrameOfReferenceUID": _Key("SERIES", "uid", _col(_series, "frame_of_reference_uid")),
+    "NumberOfSeriesRelatedInstances": _Key("SERIES", "count", _col(_series, "instance_count")),
+    # IMAGE
+    "SOPInstanceUID": _Key("IMAGE", "uid", _col(_instance, "sop_instance_uid")),
+    "SOPClassUID": _Key("IMAGE", "uid", _col(_instance, "sop_class_uid")),
+    "InstanceNumber": _Key("IMAGE", "int", _col(_instance, "instance_number")),
+    "AcquisitionNumber": _Key("IMAGE", "int", _col(_instance, "acquisition_number")),
+    "Rows": _Key("IMAGE", "int", _col(_instance, "rows")),
+    "Columns": _Key("IMAGE", "int", _col(_instance, "columns")),
+    "NumberOfFrames": _Key("IMAGE", "int", _col(_instance, "number_of_frames")),
+    "BitsAllocated": _Key("IMAGE", "int", _col(_instance, "bits_allocated")),
+    "ImageType": _Key("IMAGE", "text", _col(_instance, "image_type")),
+    "PhotometricInterpretation": _Key("IMAGE", "text", _col(_instance, "photometric_interpretation")),
+    "AvailableTransferSyntaxUID": _Key("IMAGE", "uid", _col(_instance, "transfer_syntax_uid")),
+}
+
+#: The keys the node matches and returns, per level (keys of the levels above work too: see the module doc).
+SUPPORTED: dict[Level, tuple[str, ...]] = {
+    level: tuple(k for k, spec in _KEYS.items() if spec.level == level) for level in LEVELS
+}
+
+#: The unique key of each level (PS3.4 C.2.2.1).
+UNIQUE: dict[Level, str] = {
+    "PATIENT": "PatientID",
+    "STUDY": "StudyInstanceUID",
+    "SERIES": "SeriesInstanceUID",
+    "IMAGE": "SOPInstanceUID",
+}
+
+#: Keys every result carries whatever was asked; their values in a query are not matched.
+_RESULT_ONLY = frozenset(
+    {"SpecificCharacterSet", "QueryRetrieveLevel", "RetrieveAETitle", "InstanceAvailability", "RetrieveURL"}
+)
+
+#: QIDO-RS default return attributes (PS3.18 Table 10.6.3-3..5) that the index keeps.
+_QIDO_DEFAULT: dict[Level, tuple[str, ...]] = {
+    "PATIENT": (),
+    "STUDY": (
+        "StudyDate",
+        "StudyTime",
+        "AccessionNumber",
+        "ModalitiesInStudy",
+        "ReferringPhysicianName",
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyInstanceUID",
+        "StudyID",
+        "NumberOfStudyRelatedSeries",
+        "NumberOfStudyRelatedInstances",
+    ),
+    "SERIES": ("Modality", "SeriesDescription", "SeriesInstanceUID", "SeriesNumber", "NumberOfSeriesRelatedInstances"),
+    "IMAGE": ("SOPClassUID", "SOPInstanceUID", "InstanceNumber", "Rows", "Columns", "BitsAllocated", "NumberOfFrames"),
+}
+
+
+def _above(level: Level) -> tuple[Level, ...]:
+    """The levels from PATIENT down to ``level``."""
+    return LEVELS[: LEVELS.index(level) + 1]
+
+
+def _available(level: Level, keyword: str) -> bool:
+    spec = _KEYS.get(keyword)
+    return spec is not None and spec.level in _above(level)
+
+
+def unsupported(q: Query) -> list[str]:
+    """The keys of ``q`` the node neither matches nor returns at its level (returned zero-length).
+
+    C-FIND answers 0xFF01 instead of 0xFF00 when a query has any with a value (PS3.4 C.4.1.1.4).
+    """
+    return [k for k in q.keys if k not in _RESULT_ONLY and not _available(q.level, k)]
+
+
+# -- reading the client's query ---------------------------------------------------------------------
+
+
+def _tag_text(tag: int) -> str:
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def _standard_keyword(tag: int) -> str:
+    """The keyword of a standard attribute; QueryError for a private or unknown one."""
+    if (tag >> 16) % 2 == 1:
+        raise QueryError(f"{_tag_text(tag)} private attributes cannot be queried", tag=tag)
+    keyword = keyword_for_tag(tag)
+    if not keyword:
+        raise QueryError(f"{_tag_text(tag)} is not a DICOM attribute in the data dictionary", tag=tag)
+    return keyword
+
+
+def _check_keyword(keyword: str) -> str:
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        raise QueryError(f"{keyword} is not a DICOM attribute keyword", keyword=keyword)
+    return keyword
+
+
+def _value_text(elem: DataElement) -> str:
+    """The element's value as the query string: multiple values joined by ``\\``, sequences empty."""
+    value = elem.value
+    if value is None or isinstance(value, (bytes, bytearray, DicomSequence)) or elem.VR == "SQ":
+        return ""
+    if isinstance(value, (MultiValue, list, tuple)):
+        return "\\".join("" if v is None else str(v) for v in value)
+    return str(value)
+
+
+def from_identifier(ds: Dataset, root: Root) -> Query:
+    """The query of a C-FIND, C-MOVE or C-GET identifier under Patient Root or Study Root.
+
+    pydicom decodes the text values with the identifier's Specific Character Set when they are read.
+    """
+    try:
+        level_text = str(ds.get("QueryRetrieveLevel", "") or "").strip().upper()
+    except Exception as exc:  # a value pydicom cannot decode
+        raise QueryError(f"QueryRetrieveLevel (0008,0052) cannot be read: {exc}", keyword="QueryRetrieveLevel") from exc
+    level = _level(level_text, root)
+    keys: dict[str, str] = {}
+    for elem in ds:
+        tag = int(elem.tag)
+        group, element = tag >> 16, tag & 0xFFFF
+        if element == 0 or group in (0x0000, 0x0002):  # group lengths, command and file meta elements
+            continue
+        keyword = _standard_keyword(tag)
+        if keyword in ("QueryRetrieveLevel", "SpecificCharacterSet"):
+            continue
+        try:
+            keys[keyword] = _value_text(elem).strip()
+        except Exception as exc:  # undecodable bytes, a malformed number
+            raise QueryError(f"{keyword} {_tag_text(tag)}: the value cannot be read: {exc}", tag=tag) from exc
+    q = Query(level=level, root=root, keys=keys)
+    _validate(q)
+    return q
+
+
+def _level(text: str, root: Root) -> Level:
+    if not text:
+        raise QueryError(
+            "QueryRetrieveLevel (0008,0052) is missing: set it to PATIENT, STUDY, SERIES or IMAGE",
+            keyword="QueryRetrieveLevel",
+        )
+    if text not in LEVELS:
+        raise QueryError(
+            f"QueryRetrieveLevel (0008,0052) '{text}' is not PATIENT, STUDY, SERIES or IMAGE",
+            keyword="QueryRetrieveLevel",
+        )
+    if text == "PATIENT" and root == "study":
+        raise QueryError(
+            "the Study Root information model has no PATIENT level: query at STUDY level or use Patient Root",
+            keyword="QueryRetrieveLevel",
+        )
+    return text
+
+
+#: QIDO-RS query parameters that are not attributes.
+_QIDO_PARAMS = frozenset({"includefield", "limit", "offset", "fuzzymatching"})
+_HEX_TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
+
+
+def _qido_keyword(name: str) -> str:
+    if "." in name:
+        raise QueryError(f"{name}: sequence matching (attribute paths with '.') is not supported")
+    if _HEX_TAG.match(name):
+        return _standard_keyword(int(name, 16))
+    return _check_keyword(name)
+
+
+def from_qido(
+    level: Level,
+    params: Mapping[str, list[str]],
+    *,
+    study: str | None = None,
+    series: str | None = None,
+) -> tuple[Query, list[str]]:
+    """The query of a QIDO-RS request (PS3.18 8.3.4) and its includefield keywords (or ``["all"]``).
+
+    ``study``/``series`` are the UIDs of the request path. The query's keys are the matching keys, the
+    default return attributes of the level that the node keeps and the included fields, so :func:`find`
+    returns what the response must hold. ``fuzzymatching=true`` is accepted and matching stays exact.
+    """
+    if level not in LEVELS or level == "PATIENT":
+        raise QueryError(f"QIDO-RS searches studies, series or instances, not {level}")
+    keys: dict[str, str] = {}
+    include: list[str] = []
+    limit: int | None = None
+    offset = 0
+    for name, values in params.items():
+        if name in _QIDO_PARAMS:
+            if name == "includefield":
+                for v in values:
+                    for item in v.split(","):
+                        item = item.strip()
+                        if item == "all":
+                            include = ["all"]
+                        elif item and include != ["all"]:
+                            include.append(_qido_keyword(item))
+                        elif item:
+                            _qido_keyword(item)
+            elif name in ("limit", "offset"):
+                number = _qido_int(name, values)
+                if name == "limit":
+                    limit = number
+                else:
+                    offset = number
+            elif any(v.strip().lower() not in ("true", "false") for v in values):
+                raise QueryError(f"fuzzymatching must be true or false, not {values[-1]!r}")
+            continue
+        keyword = _qido_keyword(name)
+        parts = [v.strip() for v in values]
+        if _vr(keyword) == "UI":
+            parts = [p.strip() for v in parts for p in v.split(",")]
+        keys[keyword] = "\\".join(p for p in parts if p) if len(parts) > 1 else parts[0] if parts else ""
+    for keyword, uid in (("StudyInstanceUID", study), ("SeriesInstanceUID", series)):
+        if uid is not None:
+            keys[keyword] = uid
+    shown = [*(_QIDO_DEFAULT["STUDY"] if level != "STUDY" and study is None else ())]
+    if level == "IMAGE" and series is None:
+        shown += _QIDO_DEFAULT["SERIES"]
+    shown += _QIDO_DEFAULT[level]
+    if include == ["all"]:
+        shown += [k for lv in _above(level) if lv != "PATIENT" or level == "STUDY" for k in SUPPORTED[lv]]
+        shown += SUPPORTED["PATIENT"][:5]
+    else:
+        shown += include
+    for keyword in shown:
+        keys.setdefault(keyword, "")
+    q = Query(level=level, root="study", keys=keys, limit=limit, offset=offset, origin="qido")
+    _validate(q)
+    return q, include
+
+
+def _qido_int(name: str, values: list[str]) -> int:
+    try:
+        number = int(values[-1])
+    except ValueError:
+        raise QueryError(f"{name} must be a whole number, not {values[-1]!r}") from None
+    if number < 0:
+        raise QueryError(f"{name} must not be negative, not {number}")
+    return number
+
+
+# -- matching ---------------------------------------------------------------------------------------
+
+
+def _vr(keyword: str) -> str:
+    tag = tag_for_keyword(keyword)
+    assert tag is not None
+    return str(dictionary_VR(tag)).split(" or ")[0]
+
+
+_DATE = re.compile(r"^\d{8}$")
+_TIME = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
+
+
+def _validate(q: Query) -> None:
+    """Refuse values that cannot match anything as sent (a malformed date), naming the key."""
+    for keyword, value in q.keys.items():
+        spec = _KEYS.get(keyword)
+        if spec is None or not value or not _available(q.level, keyword):
+            continue
+        _condition(keyword, spec, value, "sqlite")
+
+
+def _like_pattern(value: str) -> str:
+    escaped = value.replace("!", "!!").replace("%", "!%").replace("_", "!_")
+    return escaped.replace("*", "%").replace("?", "_")
+
+
+def _wildcard(column: ColumnElement[Any], value: str, dialect: str, fold: bool) -> ColumnElement[bool]:
+    """``*``/``?`` matching. SQLite's LIKE ignores ASCII case, so case-sensitive matching uses GLOB there."""
+    if fold:
+        return func.lower(column).like(_like_pattern(value.lower()), escape="!")
+    if dialect == "sqlite":
+        return column.op("GLOB")(value.replace("[", "[[]"))
+    return column.like(_like_pattern(value), escape="!")
+
+
+def _range_bounds(keyword: str, value: str, pattern: re.Pattern[str], what: str) -> tuple[str, str]:
+    low, _, high = value.partition("-")
+    low, high = low.strip().replace(":", ""), high.strip().replace(":", "")
+    for bound in (low, high):
+        if bound and not pattern.match(bound):
+            raise QueryError(
+                f"{keyword} value '{value}' is not a {what} or a range of them (a-b, -b, a-)", keyword=keyword
+            )
+    return low, high
+
+
+def _date_condition(keyword: str, column: ColumnElement[Any], value: str) -> ColumnElement[bool]:
+    value = value.replace(".", "") if re.fullmatch(r"[\d.]{10}(-[\d.]{10})?|-[\d.]{10}|[\d.]{10}-", value) else value
+    if "-" not in value:
+        _range_bounds(keyword, value, _DATE, "date (YYYYMMDD)")
+        return column == value
+    low, high = _range_bounds(keyword, value, _DATE, "date (YYYYMMDD)")
+    conditions = [column != ""]
+    if low:
+        conditions.append(column >= low)
+    if high:
+        conditions.append(column <= high)
+    return and_(*conditions)
+
+
+def _time_upper(bound: str) -> str:
+    """The last time within a bound's precision: ``-1200`` includes 12:00:59.999999."""
+    whole, _, fraction = bound.partition(".")
+    return whole.ljust(6, "9") + "." + fraction.ljust(6, "9")
+
+
+def _time_condition(keyword: str, column: ColumnElement[Any], value: str) -> ColumnElement[bool]:
+    low, high = _range_bounds(keyword, value, _TIME, "time (HHMMSS.FFFFFF)")
+    if "-" not in value:
+        # A time matches at the precision sent: 1200 matches 120000 and 120059.5 as well as 1200.
+        return and_(column >= low, column <= _time_upper(low))
+    conditions = [column != ""]
+    if low:
+        conditions.append(column >= low)
+    if high:
+        conditions.append(column <= _time_upper(high))
+    return and_(*conditions)
+
+
+def _int_condition(keyword: str, column: ColumnElement[Any], value: str) -> ColumnElement[bool]:
+    numbers: list[int] = []
+    for part in value.split("\\"):
+        try:
+            numbers.append(int(part.strip()))
+        except ValueError:
+            raise QueryError(
+                f"{keyword} value '{value}' is not a whole number (or a list of them)", keyword=keyword
+            ) from None
+    return column.in_(numbers) if len(numbers) > 1 else column == numbers[0]
+
+
+def _text_condition(column: ColumnElement[Any], value: str, dialect: str, fold: bool) -> ColumnElement[bool] | None:
+    """Single value, wildcard or a ``\\`` list of them (any matches)."""
+    conditions: list[ColumnElement[bool]] = []
+    for part in value.split("\\"):
+        part = part.strip()
+        if part == "" or part.strip("*") == "":
+            return None  # "*" matches everything, empty values included
+        if "*" in part or "?" in part:
+            conditions.append(_wildcard(column, part, dialect, fold))
+        elif fold:
+            conditions.append(func.lower(column) == part.lower())
+        else:
+            conditions.append(column == part)
+    return conditions[0] if len(conditions) == 1 else or_(*conditions)
+
+
+def _uid_condition(keyword: str, column: ColumnElement[Any], value: str) -> ColumnElement[bool] | None:
+    uids = [u.strip() for u in value.split("\\") if u.strip()]
+    if not uids or uids == ["*"]:
+        return None
+    bad = [u for u in uids if "*" in u or "?" in u]
+    if bad:
+        raise QueryError(
+            f"{keyword} value '{bad[0]}': UIDs are matched whole (single value or list), not with wildcards",
+            keyword=keyword,
+        )
+    return column.in_(uids) if len(uids) > 1 else column == uids[0]
+
+
+def _condition(keyword: str, spec: _Key, value: str, dialect: str) -> ColumnElement[bool] | None:
+    """The SQL condition of one key with a value; None when it matches everything."""
+    column = spec.column()
+    if spec.kind == "uid":
+        return _uid_condition(keyword, column, value)
+    if spec.kind == "date":
+        return _date_condition(keyword, column, value)
+    if spec.kind == "time":
+        return _time_condition(keyword, column, value)
+    if spec.kind == "int":
+        return _int_condition(keyword, column, value)
+    if spec.kind == "set":
+        # Any series (modality) or instance (SOP class) of the study has one of the values.
+        inner_vr = "UI" if keyword == "SOPClassesInStudy" else "CS"
+        cond = (
+            _uid_condition(keyword, column, value)
+            if inner_vr == "UI"
+            else _text_condition(column, value, dialect, False)
+        )
+        if cond is None:
+            return None
+        if keyword == "ModalitiesInStudy":
+            sub = select(_series.c.study_fk).where(cond)
+        else:
+            sub = select(_series.c.study_fk).select_from(_instance.join(_series, _instance.c.series_fk == _series.c.id))
+            sub = sub.where(cond)
+        return _study.c.id.in_(sub)
+    if spec.kind == "count":
+        return None  # derived counts are returned, not matched
+    return _text_condition(column, value, dialect, spec.kind == "pn")
+
+
+def _from(level: Level) -> FromClause:
+    """The level's table joined with those above it."""
+    joined: FromClause = _patient
+    if level in ("STUDY", "SERIES", "IMAGE"):
+        joined = joined.join(_study, _study.c.patient_fk == _patient.c.id)
+    if level in ("SERIES", "IMAGE"):
+        joined = joined.join(_series, _series.c.study_fk == _study.c.id)
+    if level == "IMAGE":
+        joined = joined.join(_instance, _instance.c.series_fk == _series.c.id)
+    return joined
+
+
+def _where(q: Query, dialect: str) -> list[ColumnElement[bool]]:
+    conditions = []
+    for keyword, value in q.keys.items():
+        spec = _KEYS.get(keyword)
+        if spec is None or not value.strip() or not _available(q.level, keyword):
+            continue
+        cond = _condition(keyword, spec, value.strip(), dialect)
+        if cond is not None:
+            conditions.append(cond)
+    return conditions
+
+
+# -- results ----------------------------------------------------------------------------------------
+
+
+def _return_keys(q: Query) -> list[str]:
+    """The keys each result holds: those asked for, and the unique keys of its level and those above."""
+    keys = list(q.keys)
+    levels = _above(q.level)
+    unique = [UNIQUE[lv] for lv in levels if lv != "PATIENT" or q.root == "patient" or q.level == "PATIENT"]
+    for key in unique:
+        if key not in keys:
+            keys.append(key)
+    return keys
+
+
+def _statement(q: Query, dialect: str, columns: Sequence[ColumnElement[Any]]) -> Select[Any]:
+    table = _TABLES[q.level]
+    stmt = select(table.c.id.label("_id"), *columns).select_from(_from(q.level)).where(*_where(q, dialect))
+    stmt = stmt.order_by(table.c.id)
+    if q.limit is not None:
+        stmt = stmt.limit(q.limit)
+    if q.offset:
+        stmt = stmt.offset(q.offset)
+    return stmt
+
+
+def count(conn: Connection, q: Query) -> int:
+    """How many results :func:`find` gives (before ``limit``/``offset``)."""
+    table = _TABLES[q.level]
+    stmt = select(func.count(table.c.id)).select_from(_from(q.level)).where(*_where(q, conn.dialect.name))
+    return int(conn.execute(stmt).scalar_one())
+
+
+_BATCH = 500
+
+
+def find(conn: Connection, q: Query, *, retrieve_ae: str = "") -> Iterator[Dataset]:
+    """One result identifier per match, in the order the index holds them (oldest first).
+
+    Each holds SpecificCharacterSet "ISO_IR 192", QueryRetrieveLevel (DIMSE queries), the keys asked for
+    (zero-length where the node keeps no value), the unique keys of its level and those above,
+    RetrieveAETitle (``retrieve_ae``, when given) and InstanceAvailability "ONLINE".
+    """
+    keys = _return_keys(q)
+    columns = {k: _KEYS[k] for k in keys if _available(q.level, k)}
+    selected = [spec.column().label(k) for k, spec in columns.items() if spec.kind != "set"]
+    sets = [k for k, spec in columns.items() if spec.kind == "set"]
+    if sets:
+        selected.append(_study.c.id.label("_study"))
+    result = conn.execute(_statement(q, conn.dialect.name, selected))
+    while rows := result.fetchmany(_BATCH):
+        found = _study_sets(conn, sets, sorted({row._mapping["_study"] for row in rows})) if sets else {}
+        for row in rows:
+            values = dict(row._mapping)
+            for k in sets:
+                values[k] = found[k].get(values["_study"], [])
+            yield _dataset(q, keys, values, retrieve_ae)
+
+
+def _study_sets(conn: Connection, keywords: list[str], study_ids: list[int]) -> dict[str, dict[int, list[str]]]:
+    """ModalitiesInStudy / SOPClassesInStudy of these studies, in one query each."""
+    out: dict[str, dict[int, list[str]]] = {}
+    for keyword in keywords:
+        column = _KEYS[keyword].column()
+        joined: FromClause = (
+            _series
+            if keyword == "ModalitiesInStudy"
+            else _instance.join(_series, _instance.c.series_fk == _series.c.id)
+        )
+        stmt = (
+            select(_series.c.study_fk, column)
+            .select_from(joined)
+            .where(_series.c.study_fk.in_(study_ids), column != "")
+            .group_by(_series.c.study_fk, column)
+            .order_by(_series.c.study_fk, column)
+        )
+        found: dict[int, list[str]] = {}
+        for study_id, value in conn.execute(stmt):
+            found.setdefault(study_id, []).append(value)
+        out[keyword] = found
+    return out
+
+
+def _dataset(q: Query, keys: list[str], values: Mapping[str, Any], retrieve_ae: str) -> Dataset:
+    ds = Dataset()
+    ds.SpecificCharacterSet = CHARSET
+    if q.origin == "dimse":
+        ds.QueryRetrieveLevel = q.level
+    for keyword in keys:
+        if keyword in _RESULT_ONLY:
+            continue
+        tag = tag_for_keyword(keyword)
+        assert tag is not None
+        value = values.get(keyword)
+        vr = _vr(keyword)
+        if value == "" or vr == "SQ" and value is None:
+            value = None
+        if vr == "SQ":
+            ds.add_new(tag, vr, DicomSequence([]))
+        elif isinstance(value, list):
+            ds.add_new(tag, vr, value or None)
+        elif value is not None and vr in ("IS", "DS", "UL", "US", "SL", "SS"):
+            ds.add_new(tag, vr, int(value))
+        else:
+            ds.add_new(tag, vr, value)
+    if retrieve_ae:
+        ds.RetrieveAETitle = retrieve_ae
+    ds.InstanceAvailability = "ONLINE"
+    return ds
+
+
+def instances(conn: Connection, q: Query) -> list[InstanceRef]:
+    """Every stored instance under the matches of ``q`` (what a C-MOVE, C-GET or WADO-RS sends), by series."""
+    stmt = (
+        select(
+            _study.c.study_instance_uid,
+            _series.c.series_instance_uid,
+            _instance.c.sop_instance_uid,
+            _instance.c.sop_class_uid,
+            _instance.c.transfer_syntax_uid,
+            _instance.c.file_path,
+            _instance.c.file_size,
+            _instance.c.id,
+        )
+        .select_from(_from("IMAGE"))
+        .where(*_where(q, conn.dialect.name))
+        .order_by(_series.c.id, _instance.c.instance_number, _instance.c.id)
+    )
+    return [InstanceRef(*row) for row in conn.execute(stmt)]
