@@ -51,6 +51,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+# The node of this work tree (its in-process helpers: node.demo.peers), whatever is installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # The throwaway PostgreSQL server the tests use (tests/helpers/postgres.py): one way to start it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
