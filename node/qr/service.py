@@ -1,0 +1,430 @@
+"""The Query/Retrieve SCP's answers: C-FIND from the index, C-MOVE through the forward queue, C-GET on the association.
+
+The acceptor (node.receive.acceptor) reads the request's identifier and calls one of the methods
+here in the association's thread, with a channel for the pending responses; what a method returns is
+the final response. Matching is the query engine's (node.index.query); this module decides what the
+requestor is told, when, and what is recorded.
+
+Why a C-MOVE goes through the durable queue instead of its own association: the destination then
+gets the instances the way every delivery goes (its transfer syntax choices, circuit breaker,
+retries, audit trail), what was asked for is not lost when the requestor gives up or the node
+stops, and the dashboard shows it like any other delivery.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from pydicom import Dataset
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from node import audit
+from node.config import Config, DestinationSection
+from node.dicom.status import Category, QRStatus, category
+from node.index import query
+from node.index.query import Query, QueryError, Root
+from node.index.states import DeliveryState
+from node.index.writer import IndexWriter
+from node.receive.acceptor import AssociationInfo, QRChannel, QRFinal
+from node.send import queue
+from node.storage.layout import Storage
+
+log = logging.getLogger(__name__)
+
+#: The information models by the prefix of their SOP class UIDs (.1 FIND, .2 MOVE, .3 GET).
+_ROOTS: dict[str, Root] = {"1.2.840.10008.5.1.4.1.2.1.": "patient", "1.2.840.10008.5.1.4.1.2.2.": "study"}
+#: How often a C-MOVE looks at its deliveries, and the longest it goes without a pending response.
+MOVE_POLL = 0.25
+MOVE_HEARTBEAT = 5.0
+
+
+def root_of(abstract_syntax: str) -> Root:
+    """Patient Root or Study Root, from the request's SOP class (the acceptor only accepts those)."""
+    for prefix, root in _ROOTS.items():
+        if abstract_syntax.startswith(prefix):
+            return root
+    raise ValueError(f"{abstract_syntax} is not a Patient Root or Study Root Query/Retrieve SOP class")
+
+
+@dataclass
+class _Counts:
+    """A retrieve's sub-operations (PS3.4 C.4.2.1.3), as the responses carry them."""
+
+    total: int
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+
+    @property
+    def remaining(self) -> int:
+        return self.total - self.completed - self.failed - self.warning
+
+    def as_args(self) -> dict[str, int]:
+        return dict(remaining=self.remaining, completed=self.completed, failed=self.failed, warning=self.warning)
+
+    def cancelled(self, comment: str, failed_uids: Sequence[str]) -> QRFinal:
+        """The final response after a C-CANCEL: with the sub-operations that remain (PS3.4 C.4.2.1.5)."""
+        return QRFinal(
+            QRStatus.CANCEL,
+            comment,
+            remaining=self.remaining,
+            completed=self.completed,
+            failed=self.failed,
+            warning=self.warning,
+            failed_uids=tuple(failed_uids),
+        )
+
+
+class QueryRetrieve:
+    """The node's Query/Retrieve SCP (``node.receive.acceptor.QRService``), Patient Root and Study Root.
+
+    ``reader``: the engine queries read from; ``engine``: the one the forward queue is written with;
+    ``wake_senders(destinations)``: tells the dispatcher (in a receiver process: the node process's)
+    that deliveries are due; ``writer``: the index writer audit events go through (queries write
+    nothing else, so they wait for no write lock).
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        reader: Engine,
+        engine: Engine,
+        storage: Storage,
+        wake_senders: Callable[[list[str]], None],
+        writer: IndexWriter | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.reader = reader
+        self.engine = engine
+        self.storage = storage
+        self.wake_senders = wake_senders
+        self.writer = writer
+
+    # -- C-FIND -----------------------------------------------------------------------------------
+
+    def find(self, assoc: AssociationInfo, abstract: str, identifier: Dataset, channel: QRChannel) -> QRFinal:
+        """Match, then answer one pending response per match; more than ``[qr] max_results`` is refused."""
+        started = time.monotonic()
+        try:
+            q = query.from_identifier(identifier, root_of(abstract))
+        except QueryError as e:
+            return self._refused(assoc, "C-FIND", e)
+        limit = self.cfg.qr.max_results
+        if limit and (q.limit is None or q.limit > limit):
+            q.limit = limit + 1  # one more than allowed tells "too many" without reading them all
+        try:
+            # Read them all before answering: the read transaction ends before the network waits begin.
+            with self.reader.connect() as conn:
+                matches = list(query.find(conn, q, retrieve_ae=self.cfg.node.ae_title))
+        except SQLAlchemyError as e:
+            return self._index_failed(assoc, "C-FIND", q, e)
+        unsupported = query.unsupported(q)
+        sent = 0
+        if limit and len(matches) > limit:
+            final = QRFinal(
+                QRStatus.OUT_OF_RESOURCES_MATCHES,
+                f"more than {limit} matches: narrow the query (the node's [qr] max_results is {limit})",
+            )
+        else:
+            final = QRFinal(QRStatus.SUCCESS)
+            for ds in matches:
+                if channel.cancelled():
+                    final = QRFinal(
+                        QRStatus.CANCEL, f"cancelled by the requestor after {sent} of {len(matches)} match(es)"
+                    )
+                    break
+                channel.pending(ds, status=QRStatus.PENDING_WARNING if unsupported else QRStatus.PENDING)
+                sent += 1
+        found = f"more than {limit}" if final.status == QRStatus.OUT_OF_RESOURCES_MATCHES else str(len(matches))
+        detail = f"C-FIND {q.level} ({q.root} root) on {_keys(q)}: {found} match(es), {sent} sent"
+        log.info(
+            "%s from %s@%s in %.0f ms%s",
+            detail,
+            assoc.calling_ae,
+            assoc.address,
+            (time.monotonic() - started) * 1000,
+            f" (not supported, returned empty: {', '.join(unsupported)})" if unsupported else "",
+        )
+        self._audit("query", assoc, q, final.status, detail)
+        return final
+
+    # -- C-MOVE -----------------------------------------------------------------------------------
+
+    def move(
+        self, assoc: AssociationInfo, abstract: str, identifier: Dataset, destination: str, channel: QRChannel
+    ) -> QRFinal:
+        """Queue the matched instances for the destination and report the deliveries until they are done."""
+        dest = self.destination(destination)
+        if dest is None:
+            comment = f"move destination {destination.strip()!r} is not a [[destinations]] entry of this node"
+            log.warning("C-MOVE from %s@%s refused: %s", assoc.calling_ae, assoc.address, comment)
+            self._audit("retrieve", assoc, None, QRStatus.MOVE_DESTINATION_UNKNOWN, f"C-MOVE: {comment}")
+            return QRFinal(QRStatus.MOVE_DESTINATION_UNKNOWN, comment)
+        try:
+            q = query.from_identifier(identifier, root_of(abstract))
+        except QueryError as e:
+            return self._refused(assoc, "C-MOVE", e)
+        try:
+            with self.reader.connect() as conn:
+                refs = query.instances(conn, q)
+            if refs:
+                with self.engine.begin() as conn:
+                    done = queue.enqueue(
+                        conn,
+                        [r.instance_id for r in refs],
+                        [dest.name],
+                        priority=self.cfg.qr.move_priority,
+                        again=True,
+                    )
+            else:
+                done = queue.Enqueued()
+        except SQLAlchemyError as e:
+            return self._index_failed(assoc, "C-MOVE", q, e)
+        what = f"C-MOVE {q.level} ({q.root} root) on {_keys(q)} to {dest.name} ({dest.ae_title})"
+        log.info(
+            "%s from %s@%s: %d instance(s) (%d newly queued, %d queued again, %d already on their way)",
+            what,
+            assoc.calling_ae,
+            assoc.address,
+            len(done.ids),
+            done.new,
+            done.requeued,
+            done.already,
+        )
+        if done.ids:
+            self.wake_senders([dest.name])
+        final = self._follow(dest, done, channel)
+        log.info(
+            "%s from %s@%s: final 0x%04X: %d completed, %d failed, %d warning%s",
+            what,
+            assoc.calling_ae,
+            assoc.address,
+            final.status,
+            final.completed or 0,
+            final.failed or 0,
+            final.warning or 0,
+            f" ({final.comment})" if final.comment else "",
+        )
+        self._audit(
+            "retrieve",
+            assoc,
+            q,
+            final.status,
+            f"{what}: {final.completed or 0} completed, {final.failed or 0} failed, {final.warning or 0} warning",
+            destination=dest.name,
+        )
+        return final
+
+    def destination(self, ae_title: str) -> DestinationSection | None:
+        """The first DIMSE ``[[destinations]]`` entry with this AE title (a C-MOVE names an AE, the queue a name)."""
+        wanted = ae_title.strip()
+        return next((d for d in self.cfg.destinations if d.type == "dimse" and d.ae_title == wanted), None)
+
+    def _follow(self, dest: DestinationSection, done: queue.Enqueued, channel: QRChannel) -> QRFinal:
+        """Pending responses while the deliveries ``done`` go out; the final once all ended, on cancel or timeout."""
+        ids = list(done.ids)
+        counts = _Counts(len(ids))
+        failed: list[str] = []
+        uid_of: dict[int, str] = {}
+        open_ids = ids
+        deadline = time.monotonic() + self.cfg.qr.move_timeout
+        last_sent: tuple[int, ...] = ()
+        last_at = time.monotonic()
+        while open_ids:
+            with self.reader.connect() as conn:
+                states = queue.states_of(conn, open_ids)
+            seen = {s.id for s in states}
+            uid_of.update((s.id, s.sop_instance_uid) for s in states)
+            still: list[int] = []
+            for s in states:
+                if s.state == DeliveryState.DELIVERED:
+                    if s.warning:
+                        counts.warning += 1
+                    else:
+                        counts.completed += 1
+                elif s.state in (DeliveryState.FAILED, DeliveryState.CANCELLED):
+                    counts.failed += 1
+                    failed.append(s.sop_instance_uid)
+                else:
+                    still.append(s.id)
+            gone = [i for i in open_ids if i not in seen]  # removed meanwhile (retention, a discard): not delivered
+            counts.failed += len(gone)
+            open_ids = still
+            if not open_ids:
+                break
+            if channel.cancelled():
+                mine = set(done.queued)
+                stopped = queue.cancel(
+                    self.engine, ids=[i for i in open_ids if i in mine], actor="C-MOVE requestor (C-CANCEL)"
+                )
+                return counts.cancelled(
+                    f"cancelled by the requestor: {stopped} delivery(ies) to {dest.name} cancelled", failed
+                )
+            now = time.monotonic()
+            if now >= deadline:
+                left = len(open_ids)
+                failed += [uid_of[i] for i in open_ids]
+                counts.failed += left
+                return QRFinal(
+                    QRStatus.SUBOPS_WARNING if counts.completed or counts.warning else QRStatus.OUT_OF_RESOURCES_SUBOPS,
+                    f"{left} instance(s) still queued for {dest.name} after {self.cfg.qr.move_timeout:g} s"
+                    " ([qr] move_timeout): the node keeps delivering them",
+                    failed_uids=tuple(failed),
+                    completed=counts.completed,
+                    failed=counts.failed,
+                    warning=counts.warning,
+                )
+            key = (counts.completed, counts.failed, counts.warning)
+            if key != last_sent or now - last_at >= MOVE_HEARTBEAT:
+                channel.pending(None, **counts.as_args())
+                last_sent, last_at = key, now
+            time.sleep(MOVE_POLL)
+        return _retrieve_final(counts, failed, f"to {dest.name}")
+
+    # -- C-GET ------------------------------------------------------------------------------------
+
+    def get(self, assoc: AssociationInfo, abstract: str, identifier: Dataset, channel: QRChannel) -> QRFinal:
+        """Send the matched instances back on this association (C-STORE sub-operations), as stored."""
+        started = time.monotonic()
+        try:
+            q = query.from_identifier(identifier, root_of(abstract))
+        except QueryError as e:
+            return self._refused(assoc, "C-GET", e)
+        try:
+            with self.reader.connect() as conn:
+                refs = query.instances(conn, q)
+        except SQLAlchemyError as e:
+            return self._index_failed(assoc, "C-GET", q, e)
+        counts = _Counts(len(refs))
+        failed: list[str] = []
+        reasons: dict[str, int] = {}
+        final: QRFinal | None = None
+        for n, ref in enumerate(refs):
+            if channel.cancelled():
+                final = counts.cancelled("cancelled by the requestor", failed)
+                break
+            status, comment = self._store(channel, ref)
+            kind = category(status)
+            if kind == Category.SUCCESS:
+                counts.completed += 1
+            elif kind == Category.WARNING:
+                counts.warning += 1
+            else:
+                counts.failed += 1
+                failed.append(ref.sop_instance_uid)
+                why = f"0x{status:04X} {comment}".strip()
+                reasons[why] = reasons.get(why, 0) + 1
+            if n + 1 < len(refs):
+                channel.pending(None, **counts.as_args())
+        if final is None:
+            final = _retrieve_final(counts, failed, "to the requestor")
+        for why, k in reasons.items():
+            log.warning("C-GET from %s@%s: %d instance(s) not sent: %s", assoc.calling_ae, assoc.address, k, why)
+        what = f"C-GET {q.level} ({q.root} root) on {_keys(q)}"
+        log.info(
+            "%s from %s@%s: final 0x%04X: %d completed, %d failed, %d warning in %.1f s",
+            what,
+            assoc.calling_ae,
+            assoc.address,
+            final.status,
+            counts.completed,
+            counts.failed,
+            counts.warning,
+            time.monotonic() - started,
+        )
+        self._audit(
+            "retrieve",
+            assoc,
+            q,
+            final.status,
+            f"{what}: {counts.completed} completed, {counts.failed} failed, {counts.warning} warning",
+        )
+        return final
+
+    def _store(self, channel: QRChannel, ref: query.InstanceRef) -> tuple[int, str]:
+        """One C-STORE sub-operation; a stored file that is gone fails this instance only."""
+        try:
+            path = self.storage.absolute(ref.file_path)
+        except ValueError as e:
+            return QRStatus.UNABLE_TO_PROCESS, str(e)
+        if not path.is_file():
+            return (
+                QRStatus.UNABLE_TO_PROCESS,
+                f"the stored file {ref.file_path} is missing (removed by retention meanwhile?)",
+            )
+        return channel.store(path, ref.sop_class_uid, ref.sop_instance_uid, ref.transfer_syntax_uid)
+
+    # -- shared -----------------------------------------------------------------------------------
+
+    def _refused(self, assoc: AssociationInfo, op: str, e: QueryError) -> QRFinal:
+        """A query the node cannot run: 0xA900 with the offending element and what to change."""
+        log.warning("%s from %s@%s refused: %s", op, assoc.calling_ae, assoc.address, e)
+        self._audit(
+            "query" if op == "C-FIND" else "retrieve", assoc, None, QRStatus.IDENTIFIER_DOES_NOT_MATCH, f"{op}: {e}"
+        )
+        return QRFinal(QRStatus.IDENTIFIER_DOES_NOT_MATCH, str(e), offending=(e.tag,) if e.tag is not None else ())
+
+    def _index_failed(self, assoc: AssociationInfo, op: str, q: Query, e: SQLAlchemyError) -> QRFinal:
+        log.error("%s from %s@%s: the index could not be read: %s", op, assoc.calling_ae, assoc.address, e)
+        return QRFinal(QRStatus.UNABLE_TO_PROCESS, "the node's index could not be read; try again later")
+
+    def _audit(
+        self,
+        kind: str,
+        assoc: AssociationInfo,
+        q: Query | None,
+        status: int,
+        detail: str,
+        *,
+        destination: str = "",
+    ) -> None:
+        """One audit event per request (UIDs and key names only: the values may be patient data)."""
+        if self.writer is None:
+            return
+        keys = q.keys if q is not None else {}
+        audit.submit(
+            self.writer,
+            kind,
+            actor=assoc.calling_ae,
+            calling_ae=assoc.calling_ae,
+            called_ae=assoc.called_ae,
+            peer_address=assoc.address,
+            study_uid=_single_uid(keys.get("StudyInstanceUID", "")),
+            series_uid=_single_uid(keys.get("SeriesInstanceUID", "")),
+            destination=destination,
+            status=status,
+            detail=detail,
+        )
+
+
+def _retrieve_final(counts: _Counts, failed: Sequence[str], where: str) -> QRFinal:
+    """A C-MOVE/C-GET's final status from its counts (PS3.4 C.4.2.1.5, C.4.3.1.4)."""
+    if counts.failed == 0 and counts.warning == 0:
+        status, comment = QRStatus.SUCCESS, ""
+    elif counts.completed == 0 and counts.warning == 0:
+        status, comment = QRStatus.OUT_OF_RESOURCES_SUBOPS, f"none of {counts.failed} instance(s) could be sent {where}"
+    else:
+        status = QRStatus.SUBOPS_WARNING
+        comment = f"{counts.failed} of {counts.total} instance(s) could not be sent {where}" if counts.failed else ""
+    return QRFinal(
+        status,
+        comment,
+        completed=counts.completed,
+        failed=counts.failed,
+        warning=counts.warning,
+        failed_uids=tuple(failed),
+    )
+
+
+def _keys(q: Query) -> str:
+    """The keys a query matches on (non-empty values), by name only: their values may be patient data."""
+    return ", ".join(k for k, v in q.keys.items() if v) or "(all)"
+
+
+def _single_uid(value: str) -> str:
+    """A UID key naming one entity (for the audit row); a list or wildcard names none."""
+    return value if value and "\\" not in value and "*" not in value and "?" not in value else ""

@@ -1,0 +1,255 @@
+"""node.qr.QueryRetrieve on a real index with real series: what a C-FIND, C-MOVE and C-GET requestor is told.
+
+The association is a recording channel (conftest.Channel); the network side is the acceptor's
+(tests/receive/test_acceptor_qr.py) and the whole path runs against DCMTK and Orthanc in tests/e2e/qr.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+from helpers import read_sop_uid, series_files
+from pydicom import Dataset
+from sqlalchemy import select
+
+from node.index.models import AuditEvent, Delivery
+from node.index.states import DeliveryState
+from node.qr.service import QueryRetrieve
+from node.send import queue
+
+from .conftest import ASSOC, CT, MR, PATIENT_FIND, STUDY_FIND, STUDY_GET, STUDY_MOVE, Channel, Stored
+
+
+def _service(stored: Stored, extra: str = "", wake=lambda dests: None) -> QueryRetrieve:  # type: ignore[no-untyped-def]
+    return QueryRetrieve(stored.config(extra), stored.engine, stored.engine, stored.storage, wake, writer=stored.writer)
+
+
+def _identifier(level: str, **keys: str) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    for k, v in keys.items():
+        setattr(ds, k, v)
+    return ds
+
+
+def _first(name: str) -> pydicom.Dataset:
+    return pydicom.dcmread(series_files(name)[0], stop_before_pixels=True)
+
+
+def _deliver(  # type: ignore[no-untyped-def]
+    stored: Stored, *, fail: frozenset[str] = frozenset(), warn: frozenset[str] = frozenset(), sent: list | None = None
+):
+    """A dispatcher that sends everything due for "pacs" at once when woken (``fail``/``warn``: by SOP Instance
+    UID; ``sent``: gets the UIDs it sent)."""
+
+    def wake(destinations: list[str]) -> None:
+        assert destinations == ["pacs"]
+        items = queue.claim(stored.engine, "pacs", 10_000, stored.process.id)
+        if sent is not None:
+            sent.extend(i.sop_instance_uid for i in items)
+        outcomes = [
+            queue.Outcome(i.id, DeliveryState.FAILED, 0xA700, error="refused")
+            if i.sop_instance_uid in fail
+            else queue.Outcome(
+                i.id,
+                DeliveryState.DELIVERED,
+                0xB000 if i.sop_instance_uid in warn else 0,
+                warning="coerced" if i.sop_instance_uid in warn else "",
+            )
+            for i in items
+        ]
+        queue.record(stored.engine, outcomes, stored.process.id)
+
+    return wake
+
+
+# -- C-FIND ---------------------------------------------------------------------------------------
+
+
+def test_a_study_query_answers_one_pending_response_per_study(stored: Stored) -> None:
+    ct, mr = _first(CT), _first(MR)
+    channel = Channel()
+    final = _service(stored).find(
+        ASSOC, STUDY_FIND, _identifier("STUDY", StudyInstanceUID="", PatientID="", StudyDate=""), channel
+    )
+    assert final.status == 0x0000, final
+    found = {str(ds.StudyInstanceUID): ds for ds, _ in channel.pendings}
+    assert set(found) == {ct.StudyInstanceUID, mr.StudyInstanceUID}
+    assert found[ct.StudyInstanceUID].PatientID == ct.PatientID
+    assert found[ct.StudyInstanceUID].QueryRetrieveLevel == "STUDY"
+    assert found[ct.StudyInstanceUID].RetrieveAETitle == "DICOM_NODE"
+    stored.writer.submit(lambda tx: None).result(10)  # the audit event went in before this
+    with stored.engine.connect() as conn:
+        kind, calling, status, detail = conn.execute(
+            select(AuditEvent.kind, AuditEvent.calling_ae, AuditEvent.status, AuditEvent.detail)
+            .order_by(AuditEvent.id.desc())
+            .limit(1)
+        ).one()
+    assert (kind, calling, status) == ("query", "FINDSCU", 0)
+    assert detail == "C-FIND STUDY (study root) on (all): 2 match(es), 2 sent"
+
+
+def test_an_image_query_under_patient_root_finds_the_series_instances(stored: Stored) -> None:
+    ct = _first(CT)
+    channel = Channel(PATIENT_FIND)
+    ident = _identifier(
+        "IMAGE",
+        PatientID=ct.PatientID,
+        StudyInstanceUID=ct.StudyInstanceUID,
+        SeriesInstanceUID=ct.SeriesInstanceUID,
+        SOPInstanceUID="",
+    )
+    final = _service(stored).find(ASSOC, PATIENT_FIND, ident, channel)
+    assert final.status == 0x0000, final
+    assert {str(ds.SOPInstanceUID) for ds, _ in channel.pendings} == {read_sop_uid(f) for f in series_files(CT)}
+
+
+def test_an_attribute_the_node_cannot_query_is_refused_with_the_offending_element(stored: Stored) -> None:
+    ident = _identifier("STUDY", StudyInstanceUID="")
+    ident.add_new(0x00090010, "LO", "ACME")  # a private creator: nothing the node can match
+    channel = Channel()
+    final = _service(stored).find(ASSOC, STUDY_FIND, ident, channel)
+    assert final.status == 0xA900 and final.offending == (0x00090010,), final
+    assert "(0009,0010)" in final.comment and not channel.pendings
+
+
+def test_more_matches_than_max_results_are_refused_before_any_is_sent(stored: Stored) -> None:
+    channel = Channel()
+    final = _service(stored, "[qr]\nmax_results = 1\n").find(
+        ASSOC, STUDY_FIND, _identifier("STUDY", StudyInstanceUID=""), channel
+    )
+    assert final.status == 0xA700 and "narrow the query" in final.comment and "max_results is 1" in final.comment
+    assert not channel.pendings
+
+
+def test_a_cancelled_find_stops_sending_matches(stored: Stored) -> None:
+    channel = Channel(cancel_after=3)
+    final = _service(stored).find(ASSOC, STUDY_FIND, _identifier("IMAGE", SOPInstanceUID=""), channel)
+    assert final.status == 0xFE00, final
+    assert len(channel.pendings) == 3
+
+
+# -- C-MOVE ---------------------------------------------------------------------------------------
+
+
+def _series_move(name: str) -> Dataset:
+    return _identifier("SERIES", SeriesInstanceUID=_first(name).SeriesInstanceUID)
+
+
+def _rows(stored: Stored, uids: set[str]) -> dict[str, str]:
+    d = Delivery.__table__
+    with stored.engine.connect() as conn:
+        rows = conn.execute(select(d.c.sop_instance_uid, d.c.state).where(d.c.destination == "pacs")).all()
+    return {u: s for u, s in rows if u in uids}
+
+
+def test_an_unknown_move_destination_is_refused_with_a_message_naming_it(stored: Stored) -> None:
+    channel = Channel(STUDY_MOVE)
+    final = _service(stored).move(ASSOC, STUDY_MOVE, _series_move(CT), "NOSUCHAE", channel)
+    assert final.status == 0xA801
+    assert "'NOSUCHAE' is not a [[destinations]] entry" in final.comment
+
+
+def test_a_move_queues_the_series_reports_progress_and_a_second_move_sends_it_again(stored: Stored) -> None:
+    uids = {read_sop_uid(f) for f in series_files(MR)}
+    sent: list[str] = []
+    service = _service(stored, wake=_deliver(stored, sent=sent))
+    channel = Channel(STUDY_MOVE)
+    final = service.move(ASSOC, STUDY_MOVE, _series_move(MR), "PACS", channel)
+    assert (final.status, final.completed, final.failed, final.warning) == (0x0000, len(uids), 0, 0), final
+    assert set(_rows(stored, uids).values()) == {"delivered"} and sorted(sent) == sorted(uids)
+
+    sent.clear()
+    final = service.move(ASSOC, STUDY_MOVE, _series_move(MR), "PACS", Channel(STUDY_MOVE))
+    assert (final.status, final.completed) == (0x0000, len(uids)), final
+    assert sorted(sent) == sorted(uids), "a C-MOVE asks for another copy: delivered rows are sent again"
+
+
+def test_failed_and_warned_sub_operations_give_b000_with_the_failed_uids(stored: Stored) -> None:
+    files = series_files(CT)
+    bad, warned = read_sop_uid(files[0]), read_sop_uid(files[1])
+    service = _service(stored, wake=_deliver(stored, fail=frozenset({bad}), warn=frozenset({warned})))
+    final = service.move(ASSOC, STUDY_MOVE, _series_move(CT), "PACS", Channel(STUDY_MOVE))
+    assert (final.status, final.completed, final.failed, final.warning) == (0xB000, len(files) - 2, 1, 1), final
+    assert final.failed_uids == (bad,)
+
+
+def test_a_move_nothing_delivers_ends_at_move_timeout_and_the_deliveries_stay_queued(stored: Stored) -> None:
+    uids = {read_sop_uid(f) for f in series_files(CT)}
+    with stored.engine.begin() as conn:  # what the test before left failed
+        conn.execute(Delivery.__table__.delete())
+    channel = Channel(STUDY_MOVE)
+    final = _service(stored, "[qr]\nmove_timeout = 0.6\n").move(ASSOC, STUDY_MOVE, _series_move(CT), "PACS", channel)
+    assert (final.status, final.completed, final.failed) == (0xA702, 0, len(uids)), final
+    assert f"{len(uids)} instance(s) still queued for pacs" in final.comment and "keeps delivering" in final.comment
+    assert set(final.failed_uids) == uids
+    assert set(_rows(stored, uids).values()) == {"queued"}
+    assert channel.pendings and channel.pendings[0][1]["remaining"] == len(uids)
+
+
+def test_a_cancelled_move_cancels_the_deliveries_it_queued(stored: Stored) -> None:
+    uids = {read_sop_uid(f) for f in series_files(MR)}
+    with stored.engine.begin() as conn:
+        conn.execute(Delivery.__table__.delete())
+    channel = Channel(STUDY_MOVE, cancel_after=1)
+    final = _service(stored).move(ASSOC, STUDY_MOVE, _series_move(MR), "PACS", channel)
+    assert final.status == 0xFE00 and final.remaining == len(uids), final
+    assert set(_rows(stored, uids).values()) == {"cancelled"}
+
+
+def test_a_move_matching_nothing_succeeds_with_zero_counts(stored: Stored) -> None:
+    final = _service(stored).move(
+        ASSOC, STUDY_MOVE, _identifier("STUDY", StudyInstanceUID="1.2.3.999"), "PACS", Channel(STUDY_MOVE)
+    )
+    assert (final.status, final.completed, final.failed, final.warning) == (0x0000, 0, 0, 0)
+
+
+# -- C-GET ----------------------------------------------------------------------------------------
+
+
+def test_a_get_sends_each_stored_file_as_stored(stored: Stored) -> None:
+    files = series_files(CT)
+    channel = Channel(STUDY_GET)
+    final = _service(stored).get(ASSOC, STUDY_GET, _series_move(CT), channel)
+    assert (final.status, final.completed, final.failed) == (0x0000, len(files), 0), final
+    assert {uid for _, _, uid, _ in channel.stored} == {read_sop_uid(f) for f in files}
+    for path, _, uid, syntax in channel.stored:
+        meta = pydicom.filereader.read_file_meta_info(path)
+        assert (str(meta.MediaStorageSOPInstanceUID), str(meta.TransferSyntaxUID)) == (uid, syntax)
+    assert [p[1]["remaining"] for p in channel.pendings] == list(range(len(files) - 1, 0, -1))
+
+
+def test_a_get_whose_sub_operations_all_fail_is_a702_and_some_b000(stored: Stored) -> None:
+    files = series_files(CT)
+    uids = [read_sop_uid(f) for f in files]
+    none = Channel(STUDY_GET, stores={u: (0xA900, "no presentation context") for u in uids})
+    final = _service(stored).get(ASSOC, STUDY_GET, _series_move(CT), none)
+    assert (final.status, final.failed, set(final.failed_uids)) == (0xA702, len(uids), set(uids)), final
+
+    some = Channel(STUDY_GET, stores={uids[3]: (0xA700, "full")})
+    final = _service(stored).get(ASSOC, STUDY_GET, _series_move(CT), some)
+    assert (final.status, final.completed, final.failed_uids) == (0xB000, len(uids) - 1, (uids[3],)), final
+
+
+def test_a_get_of_an_instance_whose_file_is_gone_fails_that_instance_only(stored: Stored, tmp_path: Path) -> None:
+    files = series_files(MR)
+    channel = Channel(STUDY_GET)
+    service = _service(stored)
+    victim = stored.storage.absolute(
+        next(r.file_path for r in _refs(stored) if r.series_uid == str(_first(MR).SeriesInstanceUID))
+    )
+    moved = tmp_path / "away.dcm"
+    victim.rename(moved)
+    try:
+        final = service.get(ASSOC, STUDY_GET, _series_move(MR), channel)
+    finally:
+        moved.rename(victim)
+    assert (final.status, final.completed, final.failed) == (0xB000, len(files) - 1, 1), final
+
+
+def _refs(stored: Stored):  # type: ignore[no-untyped-def]
+    from node.index import query
+
+    with stored.engine.connect() as conn:
+        return query.instances(conn, query.Query("IMAGE", keys={"SOPInstanceUID": ""}))
