@@ -10,16 +10,21 @@ from __future__ import annotations
 import logging
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydicom.dataset import Dataset
 from python_multipart.multipart import parse_options_header
 from starlette.requests import ClientDisconnect
 
 from node.dicom.status import Status
+from node.index import query
+from node.index.query import InstanceRef, Level
 from node.receive.ingest import Ingest, Peer
+from node.web import dicomweb_wado as wado
 from node.web.context import WebContext, api_user, context
 from node.web.dicomweb_stow import MalformedBody, PartResult, StowReceiver
 
@@ -179,3 +184,295 @@ async def stow(request: Request, user: str = Depends(api_user)) -> Response:
 )
 async def stow_study(study: str, request: Request, user: str = Depends(api_user)) -> Response:
     return await _stow(request, user, study)
+
+
+# --- QIDO-RS ---------------------------------------------------------------------------------------
+
+
+def _retrieve_url(base: str, level: Level, ds: Dataset) -> str:
+    url = f"{base}/studies/{ds.get('StudyInstanceUID', '')}"
+    if level in ("SERIES", "IMAGE"):
+        url += f"/series/{ds.get('SeriesInstanceUID', '')}"
+    if level == "IMAGE":
+        url += f"/instances/{ds.get('SOPInstanceUID', '')}"
+    return url
+
+
+def _qido(request: Request, level: Level, study: str | None = None, series: str | None = None) -> Response:
+    accept = request.headers.get("accept", "")
+    if "xml" in accept and "json" not in accept and "*/*" not in accept:
+        return problem(406, f"QIDO-RS answers application/dicom+json only, not {accept}")
+    params: dict[str, list[str]] = {}
+    for name, value in request.query_params.multi_items():
+        params.setdefault(name, []).append(value)
+    try:
+        q, _include = query.from_qido(level, params, study=study, series=series)
+        with context(request).reader.connect() as conn:
+            found = list(query.find(conn, q))
+    except query.QueryError as e:
+        return problem(400, f"QIDO-RS: {e}")
+    base = base_url(request)
+    body = []
+    for ds in found:
+        item = ds.to_json_dict()
+        item["00081190"] = {"vr": "UR", "Value": [_retrieve_url(base, level, ds)]}
+        body.append(item)
+    return JSONResponse(body, media_type=DICOM_JSON)
+
+
+_QIDO_DOC: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the matches (an empty list when none)", "content": {DICOM_JSON: {}}},
+    400: {"description": "an attribute or parameter the node cannot match; the message names it"},
+}
+
+
+@router.get("/studies", summary="QIDO-RS: search studies", responses=_QIDO_DOC)
+def search_studies(request: Request, _user: str = Depends(api_user)) -> Response:
+    return _qido(request, "STUDY")
+
+
+@router.get("/series", summary="QIDO-RS: search series", responses=_QIDO_DOC)
+def search_series(request: Request, _user: str = Depends(api_user)) -> Response:
+    return _qido(request, "SERIES")
+
+
+@router.get("/instances", summary="QIDO-RS: search instances", responses=_QIDO_DOC)
+def search_instances(request: Request, _user: str = Depends(api_user)) -> Response:
+    return _qido(request, "IMAGE")
+
+
+@router.get("/studies/{study}/series", summary="QIDO-RS: search the series of a study", responses=_QIDO_DOC)
+def search_study_series(study: str, request: Request, _user: str = Depends(api_user)) -> Response:
+    return _qido(request, "SERIES", study)
+
+
+@router.get("/studies/{study}/instances", summary="QIDO-RS: search the instances of a study", responses=_QIDO_DOC)
+def search_study_instances(study: str, request: Request, _user: str = Depends(api_user)) -> Response:
+    return _qido(request, "IMAGE", study)
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances",
+    summary="QIDO-RS: search the instances of a series",
+    responses=_QIDO_DOC,
+)
+def search_series_instances(study: str, series: str, request: Request, _user: str = Depends(api_user)) -> Response:
+    return _qido(request, "IMAGE", study, series)
+
+
+# --- WADO-RS ---------------------------------------------------------------------------------------
+
+
+def _stored(
+    request: Request, study: str, series: str | None = None, instance: str | None = None
+) -> list[tuple[InstanceRef, Path]] | Response:
+    """The stored files of a study, series or instance (index order), or the 404 naming what is missing."""
+    ctx = context(request)
+    if ctx.storage is None:
+        return problem(503, "this node process does not serve stored files")
+    keys = {"StudyInstanceUID": study}
+    level: Level = "STUDY"
+    if series is not None:
+        keys["SeriesInstanceUID"], level = series, "SERIES"
+    if instance is not None:
+        keys["SOPInstanceUID"], level = instance, "IMAGE"
+    for uid in keys.values():
+        if not uid or "\\" in uid or "*" in uid or "?" in uid:
+            return problem(400, f"{uid!r} is not a UID: WADO-RS takes one UID per path segment")
+    with ctx.reader.connect() as conn:
+        refs = query.instances(conn, query.Query(level=level, keys=keys))
+    if not refs:
+        what = {"STUDY": "study", "SERIES": "series", "IMAGE": "instance"}[level]
+        return problem(
+            404, f"no {what} {keys[list(keys)[-1]]} in this node" + ("" if level == "STUDY" else f" (study {study})")
+        )
+    found = [(r, ctx.storage.absolute(r.file_path)) for r in refs]
+    present = [(r, p) for r, p in found if p.is_file()]
+    if len(present) < len(found):
+        log.error(
+            "WADO-RS: %d of %d indexed file(s) are missing from storage (e.g. %s); they are left out",
+            len(found) - len(present),
+            len(found),
+            next(p for _r, p in found if not p.is_file()),
+        )
+        if not present:
+            return problem(404, "the instances are indexed but their files are missing from the node's storage")
+    return present
+
+
+def _retrieve(request: Request, study: str, series: str | None = None, instance: str | None = None) -> Response:
+    stored = _stored(request, study, series, instance)
+    if isinstance(stored, Response):
+        return stored
+    try:
+        wado.check_syntaxes([r for r, _p in stored], request.headers.get("accept", ""))
+    except wado.NotAcceptable as e:
+        return problem(406, str(e))
+    boundary = wado.new_boundary()
+    return StreamingResponse(
+        wado.multipart(wado.instance_parts(stored), boundary),
+        media_type=f'multipart/related; type="application/dicom"; boundary={boundary}',
+    )
+
+
+def _metadata(request: Request, study: str, series: str | None = None, instance: str | None = None) -> Response:
+    stored = _stored(request, study, series, instance)
+    if isinstance(stored, Response):
+        return stored
+    return JSONResponse([wado.metadata(r, p) for r, p in stored], media_type=DICOM_JSON)
+
+
+_WADO_DOC: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the instances as stored", "content": {"multipart/related": {}}},
+    404: {"description": "no such study, series or instance"},
+    406: {"description": "a transfer syntax other than the stored one was asked for (the node does not transcode)"},
+}
+_META_DOC: dict[int | str, dict[str, Any]] = {
+    200: {"description": "DICOM JSON of each instance, without Pixel Data", "content": {DICOM_JSON: {}}},
+    404: {"description": "no such study, series or instance"},
+}
+
+
+@router.get("/studies/{study}", summary="WADO-RS: retrieve a study", responses=_WADO_DOC, response_class=Response)
+def retrieve_study(study: str, request: Request, _user: str = Depends(api_user)) -> Response:
+    return _retrieve(request, study)
+
+
+@router.get(
+    "/studies/{study}/series/{series}",
+    summary="WADO-RS: retrieve a series",
+    responses=_WADO_DOC,
+    response_class=Response,
+)
+def retrieve_series(study: str, series: str, request: Request, _user: str = Depends(api_user)) -> Response:
+    return _retrieve(request, study, series)
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{instance}",
+    summary="WADO-RS: retrieve an instance",
+    responses=_WADO_DOC,
+    response_class=Response,
+)
+def retrieve_instance(
+    study: str, series: str, instance: str, request: Request, _user: str = Depends(api_user)
+) -> Response:
+    return _retrieve(request, study, series, instance)
+
+
+@router.get("/studies/{study}/metadata", summary="WADO-RS: a study's metadata", responses=_META_DOC)
+def study_metadata(study: str, request: Request, _user: str = Depends(api_user)) -> Response:
+    return _metadata(request, study)
+
+
+@router.get("/studies/{study}/series/{series}/metadata", summary="WADO-RS: a series' metadata", responses=_META_DOC)
+def series_metadata(study: str, series: str, request: Request, _user: str = Depends(api_user)) -> Response:
+    return _metadata(request, study, series)
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{instance}/metadata",
+    summary="WADO-RS: an instance's metadata",
+    responses=_META_DOC,
+)
+def instance_metadata(
+    study: str, series: str, instance: str, request: Request, _user: str = Depends(api_user)
+) -> Response:
+    return _metadata(request, study, series, instance)
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{instance}/frames/{frames}",
+    summary="WADO-RS: frames of an instance, as stored",
+    response_class=Response,
+    responses={
+        200: {"description": "the frames (raw pixels, or the compressed frames)", "content": {"multipart/related": {}}},
+        404: {"description": "no such instance or frame"},
+    },
+)
+def retrieve_frames(
+    study: str, series: str, instance: str, frames: str, request: Request, _user: str = Depends(api_user)
+) -> Response:
+    stored = _stored(request, study, series, instance)
+    if isinstance(stored, Response):
+        return stored
+    try:
+        numbers = wado.parse_frames(frames)
+        media, data = wado.frames(stored[0][1], numbers)
+    except ValueError as e:
+        return problem(400, str(e))
+    except wado.NotFound as e:
+        return problem(404, str(e))
+    boundary = wado.new_boundary()
+    kind = media.split(";")[0]
+    return StreamingResponse(
+        wado.multipart(((media, [d]) for d in data), boundary),
+        media_type=f'multipart/related; type="{kind}"; boundary={boundary}',
+    )
+
+
+def _rendered(
+    request: Request, study: str, series: str, instance: str, frame: str, window: str, quality: int
+) -> Response:
+    stored = _stored(request, study, series, instance)
+    if isinstance(stored, Response):
+        return stored
+    try:
+        media = wado.rendered_type(request.headers.get("accept", ""))
+        number = wado.parse_frames(frame)
+        if len(number) != 1:
+            raise ValueError(f"one frame is rendered at a time, not {frame!r}")
+        picture = wado.render(stored[0][1], number[0], media, wado.parse_window(window), quality)
+    except wado.NotAcceptable as e:
+        return problem(406, str(e))
+    except wado.NotFound as e:
+        return problem(404, str(e))
+    except ValueError as e:
+        return problem(400, str(e))
+    return Response(picture, media_type=media)
+
+
+_RENDERED_DOC: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the frame as an 8-bit image", "content": {"image/png": {}, "image/jpeg": {}}},
+    404: {"description": "no such instance or frame"},
+    406: {"description": "neither image/png nor image/jpeg is acceptable"},
+}
+_WINDOW = Query("", description="center,width[,linear]: the window instead of the data set's own")
+_QUALITY = Query(90, ge=1, le=100, description="JPEG quality")
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{instance}/rendered",
+    summary="WADO-RS: an instance rendered (its first frame)",
+    response_class=Response,
+    responses=_RENDERED_DOC,
+)
+def rendered_instance(
+    study: str,
+    series: str,
+    instance: str,
+    request: Request,
+    window: str = _WINDOW,
+    quality: int = _QUALITY,
+    _user: str = Depends(api_user),
+) -> Response:
+    return _rendered(request, study, series, instance, "1", window, quality)
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{instance}/frames/{frame}/rendered",
+    summary="WADO-RS: a frame rendered",
+    response_class=Response,
+    responses=_RENDERED_DOC,
+)
+def rendered_frame(
+    study: str,
+    series: str,
+    instance: str,
+    frame: str,
+    request: Request,
+    window: str = _WINDOW,
+    quality: int = _QUALITY,
+    _user: str = Depends(api_user),
+) -> Response:
+    return _rendered(request, study, series, instance, frame, window, quality)

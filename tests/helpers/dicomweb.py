@@ -54,8 +54,8 @@ class LocalNode:
     def stow(self, body: bytes, path: str = "/dicom-web/studies", content_type: str = STOW_TYPE):  # -> Response
         return self.client.post(path, content=body, headers=self.headers(content_type))
 
-    def get(self, path: str, **headers: str):
-        return self.client.get(path, headers={"Authorization": f"Bearer {TOKEN}", **headers})
+    def get(self, path: str, params: dict[str, str] | None = None, **headers: str):  # -> Response
+        return self.client.get(path, params=params, headers={"Authorization": f"Bearer {TOKEN}", **headers})
 
     def stored_files(self) -> list[Path]:
         return sorted(p for p in self.storage.files.rglob("*") if p.is_file())
@@ -88,3 +88,36 @@ def local_node(root: Path) -> Iterator[LocalNode]:
         writer.stop()
         engine.dispose()
         reader.dispose()
+
+
+def parts_of(content_type: str, body: bytes) -> list[tuple[str, bytes]]:
+    """The (Content-Type, bytes) parts of a multipart response."""
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
+    _media, params = parse_options_header(content_type)
+    out: list[tuple[str, bytes]] = []
+    field, value, data = bytearray(), bytearray(), bytearray()
+    headers: dict[str, str] = {}
+
+    def header_end() -> None:
+        headers[field.decode().lower()] = value.decode()
+        field.clear()
+        value.clear()
+
+    def part_end() -> None:
+        out.append((headers.get("content-type", ""), bytes(data)))
+        data.clear()
+        headers.clear()
+
+    parser = MultipartParser(
+        params[b"boundary"],
+        {
+            "on_header_field": lambda d, s, e: field.extend(d[s:e]),
+            "on_header_value": lambda d, s, e: value.extend(d[s:e]),
+            "on_header_end": header_end,
+            "on_part_data": lambda d, s, e: data.extend(d[s:e]),
+            "on_part_end": part_end,
+        },
+    )
+    parser.write(body)
+    return out

@@ -1,0 +1,186 @@
+"""QIDO-RS and WADO-RS on the node's web app in this process, over instances stored by STOW-RS.
+
+A client relies on: a search finds what is stored (and says so when it cannot search on an attribute); a
+retrieve gives back the instances byte for byte as stored; metadata leaves Pixel Data out; frames are the
+stored pixel bytes; rendered is a picture of the right size; unknown UIDs are 404 with a message.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import SHARED, dataset_bytes, read_sop_uid, series_files
+from helpers.dicomweb import LocalNode, files_body, local_node, parts_of
+from PIL import Image
+from pydicom import dcmread
+from pydicom.encaps import generate_frames
+
+CT = series_files("ct-head-philips-5mm")
+MISC = SHARED / "transfer-syntaxes" / "misc"
+J2K_MULTIFRAME = MISC / "emri_small_jpeg_2k_lossless.dcm"
+NATIVE_MULTIFRAME = MISC / "eCT_Supplemental.dcm"
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNode]:
+    with local_node(tmp_path_factory.mktemp("dicomweb") / "data") as n:
+        r = n.stow(files_body([*CT, J2K_MULTIFRAME, NATIVE_MULTIFRAME]))
+        assert r.status_code == 200, r.text
+        yield n
+
+
+def _ct() -> tuple[str, str]:
+    ds = dcmread(CT[0], stop_before_pixels=True)
+    return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
+
+
+def _uids(body: list[dict], tag: str) -> list[str]:
+    return [item[tag]["Value"][0] for item in body]
+
+
+def test_qido_finds_studies_series_and_instances(web: LocalNode):
+    study, series = _ct()
+    r = web.get("/dicom-web/studies", Accept="application/dicom+json")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/dicom+json"
+    studies = r.json()
+    assert study in _uids(studies, "0020000D")
+    ct_study = next(s for s in studies if s["0020000D"]["Value"][0] == study)
+    assert ct_study["00081190"]["Value"][0] == f"http://testserver/dicom-web/studies/{study}"
+    r = web.get(f"/dicom-web/studies/{study}/series")
+    assert r.status_code == 200 and _uids(r.json(), "0020000E") == [series]
+    r = web.get(f"/dicom-web/studies/{study}/series/{series}/instances")
+    assert sorted(_uids(r.json(), "00080018")) == sorted(read_sop_uid(p) for p in CT)
+    r = web.get("/dicom-web/instances", params={"SOPInstanceUID": read_sop_uid(CT[3])})
+    assert _uids(r.json(), "0020000E") == [series]
+
+
+def test_qido_matches_limits_and_answers_empty(web: LocalNode):
+    study, series = _ct()
+    r = web.get(f"/dicom-web/studies/{study}/instances", params={"limit": "5", "offset": "2"})
+    assert r.status_code == 200 and len(r.json()) == 5
+    r = web.get("/dicom-web/series", params={"Modality": "CT", "SeriesInstanceUID": series})
+    assert _uids(r.json(), "0020000E") == [series]
+    r = web.get("/dicom-web/series", params={"Modality": "XA"})
+    assert r.status_code == 200 and r.json() == []
+
+
+def test_qido_unknown_attribute_is_400_naming_it(web: LocalNode):
+    r = web.get("/dicom-web/studies", params={"NoSuchAttribute": "x"})
+    assert r.status_code == 400
+    assert "NoSuchAttribute" in r.json()["detail"]
+    r = web.get("/dicom-web/studies", params={"limit": "many"})
+    assert r.status_code == 400 and "limit" in r.json()["detail"]
+
+
+def test_wado_retrieves_a_series_byte_identical(web: LocalNode):
+    study, series = _ct()
+    r = web.get(f"/dicom-web/studies/{study}/series/{series}", Accept='multipart/related; type="application/dicom"')
+    assert r.status_code == 200, r.text
+    parts = parts_of(r.headers["content-type"], r.content)
+    assert len(parts) == len(CT)
+    assert all(ct.startswith("application/dicom") for ct, _ in parts)
+    sent = {read_sop_uid(p): dataset_bytes(p) for p in CT}
+    for _type, data in parts:
+        ds = dcmread(io.BytesIO(data), stop_before_pixels=True)
+        got = data[144 + int.from_bytes(data[140:144], "little") :]
+        assert got == sent[str(ds.SOPInstanceUID)]
+
+
+def test_wado_instance_and_study(web: LocalNode):
+    study, series = _ct()
+    uid = read_sop_uid(CT[0])
+    r = web.get(f"/dicom-web/studies/{study}/series/{series}/instances/{uid}")
+    (part,) = parts_of(r.headers["content-type"], r.content)
+    assert dcmread(io.BytesIO(part[1])).SOPInstanceUID == uid
+    r = web.get(f"/dicom-web/studies/{study}", Accept='multipart/related; type="application/dicom"; transfer-syntax=*')
+    assert len(parts_of(r.headers["content-type"], r.content)) == len(CT)
+
+
+def test_wado_does_not_transcode_and_says_so(web: LocalNode):
+    study, _series = _ct()
+    accept = 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.4.50'
+    r = web.get(f"/dicom-web/studies/{study}", Accept=accept)
+    assert r.status_code == 406
+    assert "1.2.840.10008.1.2.1" in r.json()["detail"] and "transfer-syntax=*" in r.json()["detail"]
+
+
+def test_wado_unknown_uids_are_404(web: LocalNode):
+    study, series = _ct()
+    r = web.get("/dicom-web/studies/1.2.3.999")
+    assert r.status_code == 404 and "1.2.3.999" in r.json()["detail"]
+    r = web.get(f"/dicom-web/studies/{study}/series/{series}/instances/1.2.3.999/metadata")
+    assert r.status_code == 404 and "instance 1.2.3.999" in r.json()["detail"]
+
+
+def test_metadata_has_the_attributes_but_no_pixel_data(web: LocalNode):
+    study, series = _ct()
+    r = web.get(f"/dicom-web/studies/{study}/series/{series}/metadata")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/dicom+json"
+    items = r.json()
+    assert len(items) == len(CT)
+    assert all("7FE00010" not in i and i["00080060"]["Value"] == ["CT"] for i in items)
+    assert {i["00083002"]["Value"][0] for i in items} == {"1.2.840.10008.1.2.1"}
+
+
+def _refs(path: Path) -> tuple[str, str, str]:
+    ds = dcmread(path, stop_before_pixels=True)
+    return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
+
+
+def test_frames_of_an_encapsulated_multiframe_are_the_stored_frames(web: LocalNode):
+    s, se, i = _refs(J2K_MULTIFRAME)
+    r = web.get(f"/dicom-web/studies/{s}/series/{se}/instances/{i}/frames/2,5")
+    assert r.status_code == 200, r.text
+    parts = parts_of(r.headers["content-type"], r.content)
+    ds = dcmread(J2K_MULTIFRAME)
+    expected = list(generate_frames(ds.PixelData, number_of_frames=int(ds.NumberOfFrames)))
+    assert [data for _t, data in parts] == [expected[1], expected[4]]
+    assert all(t.startswith("image/jp2; transfer-syntax=1.2.840.10008.1.2.4.90") for t, _d in parts)
+    r = web.get(f"/dicom-web/studies/{s}/series/{se}/instances/{i}/frames/11")
+    assert r.status_code == 404 and "10 frame(s)" in r.json()["detail"]
+
+
+def test_frames_of_a_native_image_are_its_pixel_bytes(web: LocalNode):
+    s, se, i = _refs(NATIVE_MULTIFRAME)
+    r = web.get(f"/dicom-web/studies/{s}/series/{se}/instances/{i}/frames/2")
+    (part,) = parts_of(r.headers["content-type"], r.content)
+    ds = dcmread(NATIVE_MULTIFRAME)
+    size = ds.Rows * ds.Columns * ds.BitsAllocated // 8
+    assert part[0].startswith("application/octet-stream")
+    assert part[1] == ds.PixelData[size : 2 * size]
+
+
+def test_rendered_is_a_windowed_picture(web: LocalNode):
+    study, series = _ct()
+    uid = read_sop_uid(CT[14])
+    base = f"/dicom-web/studies/{study}/series/{series}/instances/{uid}"
+    r = web.get(base + "/rendered")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    png = np.asarray(Image.open(io.BytesIO(r.content)))
+    assert png.shape == (512, 512) and png.min() < 20 and png.max() > 200  # air dark, bone bright
+    bone = web.get(base + "/rendered", params={"window": "500,2000"})
+    assert bone.status_code == 200 and bone.content != r.content
+    r = web.get(base + "/frames/1/rendered", Accept="image/jpeg")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(r.content)).size == (512, 512)
+    r = web.get(base + "/rendered", Accept="image/gif")
+    assert r.status_code == 406 and "image/png" in r.json()["detail"]
+    r = web.get(base + "/rendered", params={"window": "wide"})
+    assert r.status_code == 400 and "center,width" in r.json()["detail"]
+
+
+def test_rendered_multiframe_j2k_frame(web: LocalNode):
+    s, se, i = _refs(J2K_MULTIFRAME)
+    r = web.get(f"/dicom-web/studies/{s}/series/{se}/instances/{i}/frames/3/rendered")
+    assert r.status_code == 200, r.text
+    assert Image.open(io.BytesIO(r.content)).size == (64, 64)
+
+
+def test_everything_needs_authentication(web: LocalNode):
+    study, _series = _ct()
+    for path in ("/dicom-web/studies", f"/dicom-web/studies/{study}", f"/dicom-web/studies/{study}/metadata"):
+        assert web.client.get(path).status_code == 401
