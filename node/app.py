@@ -29,6 +29,7 @@ from node.index.db import WalCheckpointer, make_engine, migrate, session_factory
 from node.index.writer import IndexWriter
 from node.jobs.runner import JobRunner
 from node.logs import set_redaction
+from node.qr.service import QueryRetrieve
 from node.receive.ingest import Ingest
 from node.receive.scp import StorageSCP
 from node.send.dispatch import Dispatcher
@@ -110,8 +111,13 @@ class Node:
             if role == NODE and cfg.node.processes > 1
             else None
         )
+        self.qr = self._qr() if cfg.qr.enabled else None
         self.web = self._web() if cfg.web.enabled and role == NODE else None
         self._stop = threading.Event()
+
+    def _qr(self) -> QueryRetrieve:
+        """The Query/Retrieve SCP's service (C-FIND, C-MOVE, C-GET), in a receiver process too: it shares the index."""
+        return QueryRetrieve(self.cfg, self.reader, self.engine, self.storage, self._wake_senders, writer=self.writer)
 
     def _wake_senders(self, destinations: list[str]) -> None:
         """Deliveries are due for ``destinations``: the dispatcher sends them now, not at its next poll."""
@@ -222,7 +228,9 @@ class Node:
                 self.web.port,
                 auth,
             )
-        self.scp = StorageSCP(self.cfg, self.ingest, self.dispatcher.commitment_report if commitment else None)
+        self.scp = StorageSCP(
+            self.cfg, self.ingest, self.dispatcher.commitment_report if commitment else None, qr=self.qr
+        )
         self.scp.start()
         if self.receivers is not None:  # after this process holds the port (and has migrated and recovered)
             self.receivers.start(self.scp.acceptor.port)
@@ -241,7 +249,9 @@ class Node:
         self.tracker.start()
         self.membership.start()
         commitment = any(d.storage_commitment for d in self.cfg.destinations)
-        self.scp = StorageSCP(self.cfg, self.ingest, self.dispatcher.commitment_report if commitment else None)
+        self.scp = StorageSCP(
+            self.cfg, self.ingest, self.dispatcher.commitment_report if commitment else None, qr=self.qr
+        )
         self.scp.start()
         if self.parent is not None:
             self.parent.tell(READY)
