@@ -316,10 +316,13 @@ class Header:
             if vr in _BINARY_INT:
                 n = self.int(keyword)
                 return "" if n is None else str(n)
-            try:
-                return v.decode("ascii").strip(" \x00")[:limit]
-            except UnicodeDecodeError:
-                return self._decode_text(keyword, v, vr or _VRS[keyword])[:limit]
+            # ISO 2022 text (e.g. Japanese, Korean) is 7-bit: ASCII bytes with escape sequences to decode.
+            if b"\x1b" not in v:
+                try:
+                    return v.decode("ascii").strip(" \x00")[:limit]
+                except UnicodeDecodeError:
+                    pass
+            return self._decode_text(keyword, v, vr or _VRS[keyword])[:limit]
         if isinstance(v, (MultiValue, list, tuple)):
             return "\\".join(str(x) for x in v)[:limit]
         return str(v).strip()[:limit]

@@ -372,7 +372,9 @@ def from_qido(
                         if item == "all":
                             include = ["all"]
                         elif item and include != ["all"]:
-                            include.append(_qido_keyword(item))
+                            keyword = _qido_keyword(item)
+                            if keyword not in include:
+                                include.append(keyword)
                         elif item:
                             _qido_keyword(item)
             elif name in ("limit", "offset"):
