@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import free_port, series_files, wait_for
@@ -334,3 +335,19 @@ def test_a_refusing_server_fails_the_deliveries_once_and_leaves_the_destination_
     )
     assert queue.read_circuit(index.engine, "pacs").failures == 0, "a refusal is not an outage"
     assert len(srv.requests) == 3, "32 + 8, then the 3 queued later: nobody waited for a back-off"
+
+
+def test_label_map_segs_go_to_a_dicomweb_destination_as_binary_unless_it_says_send():
+    """STOW-RS has no negotiation to ask whether the server takes Label Map SEG: "auto" sends the BINARY SEG."""
+    from types import SimpleNamespace
+
+    from node.config import Config
+    from node.jobs.actions import wants_binary_segs
+
+    web = {"type": "dicomweb", "url": "http://127.0.0.1:9/dicom-web"}
+    cfg = Config.model_validate(
+        {"destinations": [{"name": "auto", **web}, {"name": "send", "label_map_seg": "send", **web}]}
+    )
+    ctx: Any = SimpleNamespace(cfg=cfg)
+    reasons = wants_binary_segs(ctx, ["auto", "send"])
+    assert reasons == {"auto": 'a DICOMweb destination cannot be asked (label_map_seg = "send" sends the label map)'}
