@@ -124,17 +124,25 @@ def answer_context(proposal: ContextProposal, accepted: frozenset[str] | None) -
 
 
 def answer_roles(
-    proposed: Iterable[RoleSelection], scp_role_classes: frozenset[str], accepted_abstracts: Iterable[str]
+    proposed: Iterable[RoleSelection],
+    scp_role_classes: frozenset[str],
+    accepted_abstracts: Iterable[str],
+    storage_classes: Iterable[str] = (),
 ) -> list[RoleSelection]:
     """Answers to SCP/SCU role selection (PS3.7 D.3.3.4): the requestor may take the SCP role for the
     classes in ``scp_role_classes`` that have an accepted context (so it can send us, say, N-EVENT-REPORTs);
-    other proposals get no answer, which leaves the default roles."""
+    for ``storage_classes`` (accepted storage contexts, when the node answers C-GET) the roles are granted
+    as proposed, so that a C-GET requestor receives the C-STORE sub-operations and may still store to us.
+    Other proposals get no answer, which leaves the default roles."""
     abstracts = set(accepted_abstracts)
-    return [
-        RoleSelection(r.sop_class_uid, scu_role=False, scp_role=r.scp_role)
-        for r in proposed
-        if r.sop_class_uid in scp_role_classes and r.sop_class_uid in abstracts
-    ]
+    storage = set(storage_classes)
+    out = []
+    for r in proposed:
+        if r.sop_class_uid in storage:
+            out.append(RoleSelection(r.sop_class_uid, scu_role=r.scu_role, scp_role=r.scp_role))
+        elif r.sop_class_uid in scp_role_classes and r.sop_class_uid in abstracts:
+            out.append(RoleSelection(r.sop_class_uid, scu_role=False, scp_role=r.scp_role))
+    return out
 
 
 def build_accept(

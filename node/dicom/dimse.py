@@ -1,9 +1,10 @@
 """The DIMSE command sets both roles need (PS3.7 9.3, 10.3, E.1), done directly on bytes.
 
 Command sets are always Implicit VR Little Endian group 0000 elements
-(PS3.7 6.3.1): the acceptor reads C-ECHO, C-STORE and N-EVENT-REPORT requests
-and writes their responses; the requestor writes C-ECHO, C-STORE and N-ACTION
-requests and reads the responses. Building a pydicom Dataset for each (as a
+(PS3.7 6.3.1): the acceptor reads C-ECHO, C-STORE, N-EVENT-REPORT, C-FIND,
+C-MOVE, C-GET and C-CANCEL requests and writes their responses (and, for
+C-GET, writes C-STORE sub-operation requests and reads their responses); the
+requestor writes C-ECHO, C-STORE and N-ACTION requests and reads the responses. Building a pydicom Dataset for each (as a
 general toolkit must) cost more than a millisecond per instance; these
 functions cost microseconds. The File Meta written in front of each stored
 data set is encoded here too, for the same reason.
@@ -20,6 +21,12 @@ C_STORE_RSP = 0x8001
 C_ECHO_RQ = 0x0030
 C_ECHO_RSP = 0x8030
 C_CANCEL_RQ = 0x0FFF
+C_FIND_RQ = 0x0020
+C_FIND_RSP = 0x8020
+C_GET_RQ = 0x0010
+C_GET_RSP = 0x8010
+C_MOVE_RQ = 0x0021
+C_MOVE_RSP = 0x8021
 N_EVENT_REPORT_RQ = 0x0100
 N_EVENT_REPORT_RSP = 0x8100
 N_ACTION_RQ = 0x0130
@@ -42,13 +49,27 @@ class Command:
     affected_sop_class_uid: str = ""
     affected_sop_instance_uid: str = ""
     priority: int = 0
+    #: C-MOVE-RQ's Move Destination (0000,0600).
+    move_destination: str = ""
+    #: C-STORE-RQ sub-operations of a C-MOVE: Move Originator AE Title and Message ID (0000,1030/1031).
     move_originator_ae: str = ""
+    move_originator_id: int | None = None
     #: N-EVENT-REPORT's Event Type ID (0000,1002).
     event_type_id: int = 0
     #: In responses: Message ID Being Responded To, Status and Error Comment.
     responding_to: int = 0
     status: int | None = None
     error_comment: str = ""
+    #: C-FIND/C-MOVE/C-GET responses: Number of Remaining/Completed/Failed/Warning Sub-operations.
+    remaining: int | None = None
+    completed: int | None = None
+    failed: int | None = None
+    warning: int | None = None
+
+
+def _us_or_none(fields: dict[int, bytes], elem: int) -> int | None:
+    value = fields.get(elem)
+    return int.from_bytes(value[:2], "little") if value is not None and len(value) >= 2 else None
 
 
 def _uid(value: bytes) -> str:
@@ -85,11 +106,17 @@ def decode_command(data: bytes | bytearray | memoryview) -> Command:
         affected_sop_class_uid=_uid(fields.get(0x0002, b"")),
         affected_sop_instance_uid=_uid(fields.get(0x1000, b"")),
         priority=int.from_bytes(fields.get(0x0700, b"\0\0")[:2], "little"),
-        move_originator_ae=fields.get(0x1030, b"").decode("ascii", "replace").strip(),
+        move_destination=fields.get(0x0600, b"").decode("ascii", "replace").strip(" \x00"),
+        move_originator_ae=fields.get(0x1030, b"").decode("ascii", "replace").strip(" \x00"),
+        move_originator_id=_us_or_none(fields, 0x1031),
         event_type_id=int.from_bytes(fields.get(0x1002, b"\0\0")[:2], "little"),
         responding_to=int.from_bytes(fields.get(0x0120, b"\0\0")[:2], "little"),
         status=int.from_bytes(fields[0x0900][:2], "little") if 0x0900 in fields else None,
         error_comment=fields.get(0x0902, b"").decode("ascii", "replace").strip(" \x00"),
+        remaining=_us_or_none(fields, 0x1020),
+        completed=_us_or_none(fields, 0x1021),
+        failed=_us_or_none(fields, 0x1022),
+        warning=_us_or_none(fields, 0x1023),
     )
 
 
@@ -111,6 +138,10 @@ def _us(value: int) -> bytes:
     return value.to_bytes(2, "little")
 
 
+def _ae_value(value: str) -> bytes:
+    return _text(value.strip()[:16])
+
+
 def encode_response(
     command_field: int,
     message_id: int,
@@ -119,21 +150,35 @@ def encode_response(
     sop_instance_uid: str = "",
     error_comment: str = "",
     event_type_id: int | None = None,
+    *,
+    remaining: int | None = None,
+    completed: int | None = None,
+    failed: int | None = None,
+    warning: int | None = None,
+    offending: tuple[int, ...] | list[int] = (),
+    has_dataset: bool = False,
 ) -> bytes:
-    """A C-STORE-RSP, C-ECHO-RSP or N-EVENT-REPORT-RSP command set, group length first."""
+    """A response command set, group length first: C-STORE, C-ECHO, N-EVENT-REPORT, and C-FIND, C-MOVE,
+    C-GET with their sub-operation counts (0000,1020-1023), Offending Element (0000,0901: tags as
+    ``0xGGGGEEEE``) and, for a pending C-FIND or a final with a Failed SOP Instance UID List, a data set."""
     body = [
         _elem(0x0002, _ui(sop_class_uid)),
         _elem(0x0100, _us(command_field)),
         _elem(0x0120, _us(message_id)),
-        _elem(0x0800, _us(NO_DATASET)),
+        _elem(0x0800, _us(HAS_DATASET if has_dataset else NO_DATASET)),
         _elem(0x0900, _us(status)),
     ]
+    if offending:
+        body.append(_elem(0x0901, b"".join(struct.pack("<HH", t >> 16, t & 0xFFFF) for t in offending)))
     if error_comment:
         body.append(_elem(0x0902, _text(error_comment[:64])))
     if sop_instance_uid:
         body.append(_elem(0x1000, _ui(sop_instance_uid)))
     if event_type_id is not None:
         body.append(_elem(0x1002, _us(event_type_id)))
+    for elem, count in ((0x1020, remaining), (0x1021, completed), (0x1022, failed), (0x1023, warning)):
+        if count is not None:
+            body.append(_elem(elem, _us(min(count, 0xFFFF))))
     rest = b"".join(body)
     return _elem(0x0000, len(rest).to_bytes(4, "little")) + rest
 
@@ -143,16 +188,37 @@ def _group(body: list[bytes]) -> bytes:
     return _elem(0x0000, len(rest).to_bytes(4, "little")) + rest
 
 
-def encode_c_store_rq(message_id: int, sop_class_uid: str, sop_instance_uid: str, priority: int = 0) -> bytes:
-    """A C-STORE-RQ command set (a data set follows)."""
+def encode_c_store_rq(
+    message_id: int,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    priority: int = 0,
+    move_originator_ae: str = "",
+    move_originator_id: int | None = None,
+) -> bytes:
+    """A C-STORE-RQ command set (a data set follows); a C-MOVE's sub-operation names its originator."""
+    body = [
+        _elem(0x0002, _ui(sop_class_uid)),
+        _elem(0x0100, _us(C_STORE_RQ)),
+        _elem(0x0110, _us(message_id)),
+        _elem(0x0700, _us(priority)),
+        _elem(0x0800, _us(HAS_DATASET)),
+        _elem(0x1000, _ui(sop_instance_uid)),
+    ]
+    if move_originator_ae.strip():
+        body.append(_elem(0x1030, _ae_value(move_originator_ae)))
+    if move_originator_id is not None:
+        body.append(_elem(0x1031, _us(move_originator_id)))
+    return _group(body)
+
+
+def encode_c_cancel_rq(message_id_being_responded_to: int) -> bytes:
+    """A C-CANCEL-RQ command set (PS3.7 9.3.2.3) for the C-FIND, C-GET or C-MOVE with that Message ID."""
     return _group(
         [
-            _elem(0x0002, _ui(sop_class_uid)),
-            _elem(0x0100, _us(C_STORE_RQ)),
-            _elem(0x0110, _us(message_id)),
-            _elem(0x0700, _us(priority)),
-            _elem(0x0800, _us(HAS_DATASET)),
-            _elem(0x1000, _ui(sop_instance_uid)),
+            _elem(0x0100, _us(C_CANCEL_RQ)),
+            _elem(0x0120, _us(message_id_being_responded_to)),
+            _elem(0x0800, _us(NO_DATASET)),
         ]
     )
 
@@ -211,3 +277,10 @@ def encode_file_meta(
         items.append(short(0x0016, b"AE", _text(source_ae.strip())))
     group = b"".join(items)
     return b"\x00" * 128 + b"DICM" + short(0x0000, b"UL", len(group).to_bytes(4, "little")) + group
+
+
+def dataset_offset(head: bytes, name: str) -> int:
+    """Where a Part 10 file's data set starts (after the File Meta group), from its first 144 bytes."""
+    if len(head) < 144 or head[128:132] != b"DICM" or head[132:136] != b"\x02\x00\x00\x00":
+        raise ValueError(f"{name} is not a DICOM file with a File Meta group")
+    return 144 + int.from_bytes(head[140:144], "little")

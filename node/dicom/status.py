@@ -44,6 +44,32 @@ class Status(IntEnum):
     DUPLICATE_INVOCATION = 0x0210
 
 
+class QRStatus(IntEnum):
+    """The statuses the Query/Retrieve SCP answers C-FIND, C-MOVE and C-GET with (PS3.4 C.4.1.1.4,
+    C.4.2.1.5, C.4.3.1.4). Apart from :class:`Status`: some codes mean something else there (0xB000 is
+    "sub-operations complete, one or more failures", not a C-STORE coercion)."""
+
+    SUCCESS = 0x0000
+    #: A match (C-FIND) or progress (C-MOVE, C-GET); more responses follow.
+    PENDING = 0xFF00
+    #: A C-FIND match without some optional keys the query asked for.
+    PENDING_WARNING = 0xFF01
+    #: The requestor's C-CANCEL-RQ ended the operation.
+    CANCEL = 0xFE00
+    #: The identifier asks for something the node cannot match.
+    IDENTIFIER_DOES_NOT_MATCH = 0xA900
+    #: Failed: unable to process.
+    UNABLE_TO_PROCESS = 0xC000
+    #: Refused: out of resources, unable to calculate the number of matches.
+    OUT_OF_RESOURCES_MATCHES = 0xA700
+    #: Refused: out of resources, unable to perform sub-operations.
+    OUT_OF_RESOURCES_SUBOPS = 0xA702
+    #: Refused: the C-MOVE destination is unknown.
+    MOVE_DESTINATION_UNKNOWN = 0xA801
+    #: Warning: sub-operations complete, one or more failures (0xB000 in C-MOVE/C-GET responses).
+    SUBOPS_WARNING = 0xB000
+
+
 @dataclass(frozen=True)
 class Meaning:
     category: Category
@@ -59,6 +85,8 @@ _CODES: dict[int, Meaning] = {
     0x0001: Meaning(_W, "requested optional attributes are not supported", "done, without the optional attributes"),
     0x0107: Meaning(_W, "attribute list error", "done; some attributes were not understood"),
     0x0116: Meaning(_W, "attribute value out of range", "done; some values were out of range"),
+    # 0xB000 is also C-MOVE/C-GET's "sub-operations complete, one or more failures"; the send side reads
+    # it only as a C-STORE status.
     0xB000: Meaning(_W, "coercion of data elements", "stored, with some elements changed"),
     0xB006: Meaning(_W, "elements discarded", "stored, with some elements left out"),
     0xB007: Meaning(_W, "data set does not match SOP class", "stored, although it does not conform"),
@@ -75,6 +103,8 @@ _CODES: dict[int, Meaning] = {
     0x0211: Meaning(_F, "unrecognized operation", "the peer does not know this operation"),
     0x0212: Meaning(_F, "mistyped argument", "an argument has the wrong type"),
     0x0213: Meaning(_F, "resource limitation", "the peer is short of resources"),
+    0xA702: Meaning(_F, "out of resources", "the peer cannot perform the sub-operations now"),
+    0xA801: Meaning(_F, "move destination unknown", "the peer does not know the C-MOVE destination AE title"),
     0xFE00: Meaning(Category.CANCEL, "cancel", "the operation was cancelled"),
     0xFF00: Meaning(Category.PENDING, "pending", "more results follow"),
     0xFF01: Meaning(Category.PENDING, "pending", "more results follow; optional keys not supported"),

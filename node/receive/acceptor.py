@@ -21,11 +21,21 @@ What a malformed or out-of-place PDU gets (PS3.8 9.3.8, 9.1.5):
   A-ABORT (provider, invalid PDU parameter value);
 - a known PDU type out of place: A-ABORT (provider, unexpected PDU); an unknown type: unrecognised PDU;
 - ARTIM: no complete A-ASSOCIATE-RQ within node.acse_timeout: the connection is closed.
+
+Query/Retrieve (with a :class:`QRService`): a C-FIND, C-MOVE or C-GET request's identifier is read
+into memory (at most 1 MiB: more aborts the association), then the service runs in the
+association's own thread and answers through a :class:`QRChannel` (pending responses, C-CANCEL
+checks, C-GET's C-STORE sub-operations on this association); the acceptor writes the final response.
+While it runs, only a C-CANCEL-RQ (and, for C-GET, C-STORE-RSPs) may arrive: another request is a
+protocol error (asynchronous operations are not negotiated), an A-ABORT ends the association.
 """
 
 from __future__ import annotations
 
+import io
 import logging
+import os
+import select
 import socket
 import ssl
 import struct
@@ -35,6 +45,10 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
+
+from pydicom.dataset import Dataset
+from pynetdicom.dsutils import decode as decode_dataset
+from pynetdicom.dsutils import encode as encode_dataset
 
 from node import metrics
 from node.dicom import association, dimse, pdu
@@ -51,7 +65,7 @@ from node.dicom.pdu import (
     PeerClosed,
     Rejection,
 )
-from node.dicom.status import Status
+from node.dicom.status import QRStatus, Status
 from node.receive import sop_classes
 from node.receive.rxfile import ReceivedFile
 
@@ -69,10 +83,24 @@ NEGOTIATION_BUFFER = 16 << 10
 #: Command sets are small; anything bigger is a protocol error, not a command.
 MAX_COMMAND = 1 << 16
 MAX_EVENT_DATASET = 16 << 20
+#: A C-FIND/C-MOVE/C-GET identifier is a few keys; a larger one aborts the association.
+MAX_IDENTIFIER = 1 << 20
+#: Data per P-DATA-TF we send when the peer takes PDUs of any size (its Maximum Length is 0).
+UNLIMITED_FRAGMENT = 1 << 20
+#: Q/R request -> (its response, the SOP classes it is for, its name for logs and comments).
+_QR_COMMANDS: dict[int, tuple[int, frozenset[str], str]] = {
+    dimse.C_FIND_RQ: (dimse.C_FIND_RSP, sop_classes.QR_FIND, "C-FIND"),
+    dimse.C_MOVE_RQ: (dimse.C_MOVE_RSP, sop_classes.QR_MOVE, "C-MOVE"),
+    dimse.C_GET_RQ: (dimse.C_GET_RSP, sop_classes.QR_GET, "C-GET"),
+}
 
 
 class ProtocolError(Exception):
     """The peer broke PS3.8; the association is aborted."""
+
+
+class _PeerAborted(PeerClosed):
+    """The peer sent an A-ABORT while a Q/R operation was answering."""
 
 
 @dataclass(slots=True)
@@ -124,6 +152,68 @@ class Handlers(Protocol):
 
     def event_report(self, assoc: AssociationInfo, command: dimse.Command, transfer_syntax: str, data: bytes) -> int:
         """An N-EVENT-REPORT (Storage Commitment's result); return its status. Must not raise."""
+
+
+@dataclass
+class QRFinal:
+    """A Q/R operation's final response (the acceptor writes it when the service returns)."""
+
+    status: int
+    comment: str = ""
+    #: Offending Element (0000,0901): tags as ``0xGGGGEEEE`` (with 0xA900 / 0xC000).
+    offending: tuple[int, ...] = ()
+    remaining: int | None = None
+    completed: int | None = None
+    failed: int | None = None
+    warning: int | None = None
+    #: C-MOVE/C-GET: the Failed SOP Instance UID List (0008,0058) identifier sent with a failure/warning final.
+    failed_uids: tuple[str, ...] = ()
+
+
+class QRChannel(Protocol):
+    """What a Q/R service answers through, in the association's thread."""
+
+    abstract_syntax: str
+
+    def pending(
+        self,
+        identifier: Dataset | None = None,
+        *,
+        remaining: int | None = None,
+        completed: int | None = None,
+        failed: int | None = None,
+        warning: int | None = None,
+        status: int = QRStatus.PENDING,
+    ) -> None:
+        """A pending response: a C-FIND match (``status`` 0xFF01 if optional keys are not supported) or
+        C-MOVE/C-GET progress counts."""
+
+    def cancelled(self) -> bool:
+        """Whether a C-CANCEL-RQ for this request has arrived (does not wait)."""
+
+    def store(
+        self,
+        path: Path,
+        sop_class: str,
+        sop_instance: str,
+        transfer_syntax: str,
+        move_originator: tuple[str, int] | None = None,
+    ) -> tuple[int, str]:
+        """C-GET: one C-STORE sub-operation on this association; ``(status, comment)``. A peer's refusal
+        and a file that cannot be sent are statuses, not exceptions."""
+
+
+class QRService(Protocol):
+    """The Query/Retrieve SCP's logic (``node.qr``); returns the final response. Exceptions other than
+    the channel's are logged and answered with 0xC000."""
+
+    def find(self, assoc: AssociationInfo, abstract: str, identifier: Dataset, channel: QRChannel) -> QRFinal: ...
+
+    def move(
+        self, assoc: AssociationInfo, abstract: str, identifier: Dataset, destination: str, channel: QRChannel
+    ) -> QRFinal: ...
+
+    def get(self, assoc: AssociationInfo, abstract: str, identifier: Dataset, channel: QRChannel) -> QRFinal: ...
 
 
 @dataclass
@@ -198,8 +288,17 @@ class Association(threading.Thread):
         self._rx: ReceivedFile | None = None
         self._tmp: Path | None = None
         self._spare: ReceivedFile | None = None
-        #: An N-EVENT-REPORT's data set while it arrives.
+        #: An N-EVENT-REPORT's data set or a Q/R identifier while it arrives, and its size limit.
         self._small: bytearray | None = None
+        self._small_limit = MAX_EVENT_DATASET
+        #: A Q/R request whose identifier is complete: run once the PDU that ended it is read.
+        self._qr_request: tuple[dimse.Command, int, bytes] | None = None
+        #: A C-CANCEL-RQ for it came in the same PDU.
+        self._qr_cancel = False
+        #: Storage SOP classes for which the requestor took the SCP role (C-GET sub-operations).
+        self._requestor_scp: frozenset[str] = frozenset()
+        #: Message IDs of the C-STORE sub-operations we send.
+        self._sub_message_id = 0
         self._closing = False
         #: Why the acceptor closed this connection before its association request ("acse-timeout": it
         #: took longer than node.acse_timeout; "pending-limit": room was needed for a newer one).
@@ -362,12 +461,15 @@ class Association(threading.Thread):
             return False
 
         answers = []
+        storage: set[str] = set()
         for cx in rq.contexts:
             accepted, why_not = self._syntaxes_for(cx.abstract_syntax)
             answer = association.answer_context(cx, accepted)
             answers.append(answer)
             if answer.result == ContextResult.ACCEPTANCE:
                 info.contexts[cx.id] = (cx.abstract_syntax, answer.transfer_syntax)
+                if accepted is self.settings.unknown_storage or sop_classes.is_standard_storage(cx.abstract_syntax):
+                    storage.add(cx.abstract_syntax)
                 if accepted is self.settings.unknown_storage and cx.abstract_syntax not in self.settings.supported:
                     log.info(
                         "association %s from %s: accepted presentation context %d for %s as a storage "
@@ -388,10 +490,15 @@ class Association(threading.Thread):
                 )
 
         # A PACS sending Storage Commitment results on its own association proposes the SCP role for
-        # that SOP class; we accept exactly that.
+        # that SOP class; we accept exactly that. A C-GET requestor proposes the SCP role for the storage
+        # classes it wants to receive: granted when the node answers C-GET.
         roles = association.answer_roles(
-            rq.user.roles, self.settings.scp_role_classes, (a for a, _ in info.contexts.values())
+            rq.user.roles,
+            self.settings.scp_role_classes,
+            (a for a, _ in info.contexts.values()),
+            storage if self.server.qr is not None else (),
         )
+        self._requestor_scp = frozenset(r.sop_class_uid for r in roles if r.scp_role and r.sop_class_uid in storage)
         ac = association.build_accept(
             rq,
             answers,
@@ -423,8 +530,13 @@ class Association(threading.Thread):
         accepted = self.settings.supported.get(abstract)
         if accepted is not None:
             return accepted, ""
+        if abstract in sop_classes.QR_CLASSES:  # only without a Q/R service: else they are in `supported`
+            return None, "Query/Retrieve is not enabled on this node ([qr] enabled = false)"
         if sop_classes.is_other_service(abstract):
-            return None, "not a storage service (this node is a Storage and Verification SCP)"
+            services = (
+                "Storage, Verification and Query/Retrieve" if self.server.qr is not None else "Storage and Verification"
+            )
+            return None, f"not a storage service (this node is a {services} SCP)"
         if not self.settings.unknown_storage:
             return None, "not a standard storage class, and node.accept_unknown_sop_classes is false"
         return self.settings.unknown_storage, ""
@@ -457,12 +569,14 @@ class Association(threading.Thread):
             if pdu_type == PduType.P_DATA_TF:
                 try:
                     command_buf, command, context_id = self._p_data(conn, length, command_buf, command, context_id)
+                    if self._qr_request is not None:
+                        self._run_qr(conn)
                 except ProtocolError as e:
                     log.error("association %s from %s: %s; aborting", info.id, info.calling_ae, e)
                     _send_quietly(conn, pdu.a_abort(AbortSource.SERVICE_PROVIDER, AbortReason.INVALID_PDU_PARAMETER))
                     return "aborted"
                 except PeerClosed as e:
-                    if self._closing:
+                    if self._closing or isinstance(e, _PeerAborted):
                         return "aborted"
                     if e.timed_out:  # silent in the middle of a PDU
                         log.error(
@@ -539,8 +653,10 @@ class Association(threading.Thread):
                 if cx_id != context_id:
                     raise ProtocolError("a data set fragment arrived on another presentation context")
                 if self._small is not None:
-                    if len(self._small) + data_len > MAX_EVENT_DATASET:
-                        raise ProtocolError("N-EVENT-REPORT data set larger than 16 MiB")
+                    if len(self._small) + data_len > self._small_limit:
+                        raise ProtocolError(
+                            f"{_name(command.command_field)} data set larger than {self._small_limit >> 20} MiB"
+                        )
                     self._small += conn.read_exact(data_len)
                 elif self._rx is not None:  # checked above: a file or the small buffer
                     conn.read_into_chunks(data_len, self._rx.write)
@@ -552,8 +668,13 @@ class Association(threading.Thread):
     def _start_dataset(self, cmd: dimse.Command, cx_id: int) -> None:
         if cmd.command_field == dimse.N_EVENT_REPORT_RQ:
             self._small = bytearray()  # a few references: kept in memory, never a file
+            self._small_limit = MAX_EVENT_DATASET
             return
         if cmd.command_field != dimse.C_STORE_RQ:
+            if cmd.command_field in _QR_COMMANDS and self.server.qr is not None:
+                self._small = bytearray()  # an identifier: a few keys
+                self._small_limit = MAX_IDENTIFIER
+                return
             raise ProtocolError(f"command 0x{cmd.command_field:04X} with a data set is not supported here")
         info = self.info
         assert info is not None  # a data set is read only once the association is accepted
@@ -585,7 +706,10 @@ class Association(threading.Thread):
             self._conn_send(pdu.p_data(cx_id, rsp))
             return
         if cmd.command_field == dimse.C_CANCEL_RQ:
-            return  # nothing to cancel: every C-STORE is answered before the next is read (PS3.7 9.3.2.3)
+            if self._qr_request is not None and cmd.responding_to == self._qr_request[0].message_id:
+                self._qr_cancel = True  # in the same PDU as the request's identifier
+            # otherwise nothing to cancel: every request is answered before the next is read (PS3.7 9.3.2.3)
+            return
         if cmd.command_field == dimse.N_EVENT_REPORT_RQ:
             data, self._small = bytes(self._small or b""), None
             event_status = self.handlers.event_report(info, cmd, ts, data)
@@ -600,6 +724,12 @@ class Association(threading.Thread):
             self._conn_send(pdu.p_data(cx_id, rsp))
             return
         if cmd.command_field != dimse.C_STORE_RQ:
+            if cmd.command_field in _QR_COMMANDS and self._small is not None:
+                if self._qr_request is not None:
+                    raise ProtocolError("a second request arrived before the first was answered")
+                data, self._small = bytes(self._small), None
+                self._qr_request = (cmd, cx_id, data)
+                return
             raise ProtocolError(f"command 0x{cmd.command_field:04X} is not supported by this SCP")
         rx = self._rx
         if rx is None:
@@ -642,13 +772,323 @@ class Association(threading.Thread):
         except OSError as e:
             raise PeerClosed(str(e)) from None
 
+    # --- Query/Retrieve -----------------------------------------------------
+
+    def _run_qr(self, conn: PduReader) -> None:
+        """Run the Q/R request read last through the service and write its final response."""
+        assert self._qr_request is not None and self.info is not None
+        (cmd, cx_id, data), self._qr_request = self._qr_request, None
+        info = self.info
+        abstract, ts = info.contexts[cx_id]
+        channel = _Channel(self, conn, cmd, cx_id)
+        channel._cancel, self._qr_cancel = self._qr_cancel, False
+        final = self._qr_final(cmd, abstract, ts, data, channel)
+        channel.respond(
+            final.status,
+            comment=final.comment,
+            offending=final.offending,
+            remaining=final.remaining,
+            completed=final.completed,
+            failed=final.failed,
+            warning=final.warning,
+            identifier=_failed_uid_list(final.failed_uids) if final.failed_uids else None,
+        )
+
+    def _qr_final(self, cmd: dimse.Command, abstract: str, ts: str, data: bytes, channel: _Channel) -> QRFinal:
+        assert self.info is not None
+        info, qr = self.info, self.server.qr
+        _rsp, classes, name = _QR_COMMANDS[cmd.command_field]
+        if qr is None or abstract not in classes or cmd.affected_sop_class_uid != abstract:
+            comment = f"{name} for {cmd.affected_sop_class_uid} on a context for {abstract}"
+            log.warning("association %s from %s: refused a %s", info.id, info.calling_ae, comment)
+            return QRFinal(Status.SOP_CLASS_NOT_SUPPORTED, comment)
+        try:
+            implicit = ts == _IMPLICIT
+            identifier = decode_dataset(io.BytesIO(data), implicit, True)
+            identifier.walk(lambda _ds, _elem: None)  # values decode lazily: fail here, not in the service
+        except Exception as e:
+            log.warning("association %s from %s: unreadable %s identifier: %s", info.id, info.calling_ae, name, e)
+            return QRFinal(QRStatus.UNABLE_TO_PROCESS, f"the identifier cannot be read: {e}")
+        try:
+            if cmd.command_field == dimse.C_FIND_RQ:
+                return qr.find(info, abstract, identifier, channel)
+            if cmd.command_field == dimse.C_MOVE_RQ:
+                return qr.move(info, abstract, identifier, cmd.move_destination, channel)
+            return qr.get(info, abstract, identifier, channel)
+        except (PeerClosed, ProtocolError):
+            raise
+        except Exception:
+            log.exception("association %s from %s: the %s failed", info.id, info.calling_ae, name)
+            return QRFinal(QRStatus.UNABLE_TO_PROCESS, f"{name} failed in the node: see its log")
+
+    def _send_parts(self, *parts: bytes | memoryview) -> None:
+        """One PDU from its pieces (headers and a view of a buffer), without joining them."""
+        try:
+            if isinstance(self.sock, ssl.SSLSocket):
+                for p in parts:
+                    self.sock.sendall(p)
+                return
+            total = sum(len(p) for p in parts)
+            sent = self.sock.sendmsg(parts)
+            if sent < total:  # a partial write: send the rest plainly
+                self.sock.sendall(b"".join(bytes(p) for p in parts)[sent:])
+        except OSError as e:
+            raise PeerClosed(str(e), timed_out=isinstance(e, TimeoutError)) from None
+
+    def _fragment(self) -> int:
+        """Data per P-DATA-TF: the PDU body is a PDV item (4-byte length, context id, header) plus data."""
+        assert self.info is not None
+        return self.info.max_pdu - 6 if self.info.max_pdu else UNLIMITED_FRAGMENT
+
+    def _send_dataset(self, cx_id: int, data: bytes) -> None:
+        """An encoded data set in PDVs of at most the peer's Maximum Length."""
+        step = self._fragment()
+        view = memoryview(data)
+        if not data:
+            self._send_parts(pdu.p_data_header(cx_id, 0, _LAST))
+        for start in range(0, len(data), step):
+            part = view[start : start + step]
+            last = start + len(part) >= len(data)
+            self._send_parts(pdu.p_data_header(cx_id, len(part), _LAST if last else 0), part)
+
+    def _send_file(self, cx_id: int, f: io.RawIOBase, offset: int, size: int, name: str) -> None:
+        """A stored file's data set (from ``offset``), streamed in PDVs of at most the peer's Maximum Length."""
+        left = size - offset
+        if left <= 0:
+            self._send_parts(pdu.p_data_header(cx_id, 0, _LAST))
+            return
+        chunk = min(self._fragment(), 1 << 22)
+        view = memoryview(bytearray(min(chunk, left)))
+        f.seek(offset)
+        while left:
+            try:
+                n = f.readinto(view[: min(chunk, left)])
+            except OSError as e:
+                raise ProtocolError(f"{name} could not be read while sending it ({e})") from None
+            if not n:
+                raise ProtocolError(f"{name} ended {left} bytes early while sending it")
+            left -= n
+            self._send_parts(pdu.p_data_header(cx_id, n, 0 if left else _LAST), view[:n])
+
+    def _storage_context(self, sop_class: str, transfer_syntax: str) -> int | None:
+        """An accepted context for ``sop_class`` in ``transfer_syntax`` on which the requestor is SCP."""
+        assert self.info is not None
+        if sop_class not in self._requestor_scp:
+            return None
+        for cx_id, (abstract, ts) in self.info.contexts.items():
+            if abstract == sop_class and ts == transfer_syntax:
+                return cx_id
+        return None
+
+    def _next_sub_message_id(self) -> int:
+        self._sub_message_id = self._sub_message_id % 0xFFFF + 1
+        return self._sub_message_id
+
+
+_IMPLICIT = "1.2.840.10008.1.2"
+
+
+def _name(command_field: int) -> str:
+    known = _QR_COMMANDS.get(command_field)
+    return (
+        known[2]
+        if known
+        else "N-EVENT-REPORT"
+        if command_field == dimse.N_EVENT_REPORT_RQ
+        else f"0x{command_field:04X}"
+    )
+
+
+def _failed_uid_list(uids: tuple[str, ...]) -> Dataset:
+    ds = Dataset()
+    ds.FailedSOPInstanceUIDList = list(uids)
+    return ds
+
+
+class _Channel:
+    """:class:`QRChannel` for one Q/R request: writes its responses, reads what the requestor sends meanwhile."""
+
+    def __init__(self, assoc: Association, conn: PduReader, request: dimse.Command, cx_id: int) -> None:
+        assert assoc.info is not None
+        self._assoc = assoc
+        self._conn = conn
+        self._request = request
+        self._cx_id = cx_id
+        self.abstract_syntax, self._ts = assoc.info.contexts[cx_id]
+        self._rsp_field = _QR_COMMANDS[request.command_field][0]
+        self._cancel = False
+        self._command = bytearray()
+
+    # --- responses --------------------------------------------------------
+
+    def respond(
+        self,
+        status: int,
+        *,
+        comment: str = "",
+        offending: tuple[int, ...] = (),
+        remaining: int | None = None,
+        completed: int | None = None,
+        failed: int | None = None,
+        warning: int | None = None,
+        identifier: Dataset | None = None,
+    ) -> None:
+        data = None
+        if identifier is not None:
+            data = encode_dataset(identifier, self._ts == _IMPLICIT, True)
+            if data is None:
+                raise ValueError("the response identifier cannot be encoded")
+        command = dimse.encode_response(
+            self._rsp_field,
+            self._request.message_id,
+            status,
+            self._request.affected_sop_class_uid,
+            error_comment=comment,
+            remaining=remaining,
+            completed=completed,
+            failed=failed,
+            warning=warning,
+            offending=offending,
+            has_dataset=data is not None,
+        )
+        self._assoc._conn_send(pdu.p_data(self._cx_id, command))
+        if data is not None:
+            self._assoc._send_dataset(self._cx_id, data)
+
+    def pending(
+        self,
+        identifier: Dataset | None = None,
+        *,
+        remaining: int | None = None,
+        completed: int | None = None,
+        failed: int | None = None,
+        warning: int | None = None,
+        status: int = QRStatus.PENDING,
+    ) -> None:
+        self.respond(
+            status, remaining=remaining, completed=completed, failed=failed, warning=warning, identifier=identifier
+        )
+
+    # --- what the requestor sends meanwhile ----------------------------------
+
+    def cancelled(self) -> bool:
+        while not self._cancel and self._readable():
+            self._read_pdu()
+        return self._cancel
+
+    def _readable(self) -> bool:
+        conn, sock = self._conn, self._assoc.sock
+        if conn.start < conn.end:
+            return True
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True
+        return bool(select.select([sock], [], [], 0)[0])
+
+    def _read_pdu(self) -> dimse.Command | None:
+        """Read one PDU: a C-CANCEL-RQ for this request is remembered; a complete C-STORE-RSP is returned."""
+        info = self._assoc.info
+        assert info is not None
+        pdu_type, length = self._conn.read_header()
+        if pdu_type == PduType.A_ABORT:
+            try:
+                self._conn.read_exact(min(length, MAX_CONTROL_PDU))
+            except PeerClosed:
+                pass
+            log.info("association %s from %s: aborted by the peer during a %s", info.id, info.calling_ae, self._name)
+            raise _PeerAborted("the peer aborted the association")
+        if pdu_type != PduType.P_DATA_TF:
+            raise ProtocolError(f"PDU type 0x{pdu_type:02X} while a {self._name} was being answered")
+        if length > MAX_COMMAND + 64:
+            raise ProtocolError(f"a P-DATA-TF of {length} bytes while a {self._name} was being answered")
+        try:
+            pdvs = list(pdu.iter_pdvs(self._conn.read_exact(length)))
+        except pdu.PduError as e:
+            raise ProtocolError(str(e)) from None
+        done = None
+        for cx_id, header, data in pdvs:
+            if cx_id not in info.contexts:
+                raise ProtocolError(f"PDV for presentation context {cx_id}, which was not accepted")
+            if not header & _COMMAND:
+                raise ProtocolError(f"a data set fragment while a {self._name} was being answered")
+            self._command += data
+            if len(self._command) > MAX_COMMAND:
+                raise ProtocolError("command set larger than 64 KiB")
+            if header & _LAST:
+                try:
+                    cmd = dimse.decode_command(self._command)
+                except dimse.CommandError as e:
+                    raise ProtocolError(f"undecodable command set: {e}") from None
+                self._command = bytearray()
+                if cmd.command_field == dimse.C_CANCEL_RQ:
+                    if cmd.responding_to == self._request.message_id:
+                        self._cancel = True
+                elif cmd.command_field == dimse.C_STORE_RSP and not cmd.has_dataset:
+                    done = cmd
+                else:
+                    raise ProtocolError(
+                        f"command 0x{cmd.command_field:04X} while a {self._name} was being answered "
+                        "(asynchronous operations are not negotiated)"
+                    )
+        return done
+
+    @property
+    def _name(self) -> str:
+        return _name(self._request.command_field)
+
+    # --- C-GET sub-operations ---------------------------------------------------
+
+    def store(
+        self,
+        path: Path,
+        sop_class: str,
+        sop_instance: str,
+        transfer_syntax: str,
+        move_originator: tuple[str, int] | None = None,
+    ) -> tuple[int, str]:
+        assoc = self._assoc
+        cx_id = assoc._storage_context(sop_class, transfer_syntax)
+        if cx_id is None:
+            return (
+                Status.SOP_CLASS_NOT_SUPPORTED,
+                f"no presentation context for {sop_class} in {transfer_syntax} with the SCP role for the requestor",
+            )
+        try:
+            f = open(path, "rb", buffering=0)
+        except OSError as e:
+            return Status.PROCESSING_FAILURE, f"the stored file cannot be read: {e.strerror}"
+        with f:
+            try:
+                size = os.fstat(f.fileno()).st_size
+                offset = dimse.dataset_offset(f.read(144), path.name)
+            except (OSError, ValueError) as e:
+                return Status.PROCESSING_FAILURE, f"the stored file cannot be sent: {e}"
+            msg_id = assoc._next_sub_message_id()
+            ae, originator_id = move_originator if move_originator is not None else ("", None)
+            command = dimse.encode_c_store_rq(msg_id, sop_class, sop_instance, 0, ae, originator_id)
+            assoc._conn_send(pdu.p_data(cx_id, command))
+            assoc._send_file(cx_id, f, offset, size, path.name)
+        while True:
+            rsp = self._read_pdu()
+            if rsp is None:
+                continue
+            if rsp.responding_to != msg_id:
+                raise ProtocolError(f"a C-STORE-RSP for message {rsp.responding_to} while waiting for {msg_id}")
+            if rsp.status is None:
+                return Status.PROCESSING_FAILURE, "the C-STORE-RSP has no Status"
+            return rsp.status, rsp.error_comment
+
 
 class Acceptor:
     """Listens, admits associations up to the limit, and stops cleanly."""
 
-    def __init__(self, settings: AcceptorSettings, handlers: Handlers, host: str, port: int) -> None:
+    def __init__(
+        self, settings: AcceptorSettings, handlers: Handlers, host: str, port: int, qr: QRService | None = None
+    ) -> None:
+        """``qr``: the Query/Retrieve service; with it, C-FIND, C-MOVE and C-GET requests are answered
+        (the Q/R SOP classes must be in ``settings.supported`` too)."""
         self.settings = settings
         self.handlers = handlers
+        self.qr = qr
         self.host = host
         self.port = port
         self._sock: socket.socket | None = None

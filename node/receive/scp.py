@@ -1,4 +1,5 @@
-"""The Storage and Verification SCP: what is accepted, from whom, and what each association did."""
+"""The node's SCP (Storage, Verification and, with a service, Query/Retrieve): what is accepted, from
+whom, and what each association did."""
 
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ from node.dicom import dimse, pdu
 from node.dicom.dimse import VERIFICATION
 from node.dicom.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from node.dicom.status import Status, is_stored, lookup
-from node.receive.acceptor import Acceptor, AcceptorSettings, AssociationInfo, StoreRequest
+from node.receive.acceptor import Acceptor, AcceptorSettings, AssociationInfo, QRService, StoreRequest
 from node.receive.ingest import Ingest, Peer
-from node.receive.sop_classes import storage_classes
+from node.receive.sop_classes import QR_CLASSES, storage_classes
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +76,16 @@ class StorageSCP:
     """Owns the listening acceptor and answers for the node."""
 
     def __init__(
-        self, cfg: Config, ingest: Ingest, on_commitment: Callable[[str, list[str], dict[str, str]], None] | None = None
+        self,
+        cfg: Config,
+        ingest: Ingest,
+        on_commitment: Callable[[str, list[str], dict[str, str]], None] | None = None,
+        qr: QRService | None = None,
     ) -> None:
         """``on_commitment(transaction UID, committed SOP Instance UIDs, {failed UID: reason})``: a
-        Storage Commitment result arrived (a PACS sends it on an association of its own)."""
+        Storage Commitment result arrived (a PACS sends it on an association of its own). ``qr``: the
+        Query/Retrieve service; with it the Patient and Study Root FIND, MOVE and GET classes are accepted
+        (Explicit or Implicit VR Little Endian) and a C-GET requestor may take the SCP role for storage."""
         self.cfg = cfg
         self.ingest = ingest
         self.on_commitment = on_commitment
@@ -89,8 +96,11 @@ class StorageSCP:
         syntaxes = accepted_transfer_syntaxes()
         supported = {uid: syntaxes for uid in storage_classes()}
         supported[VERIFICATION] = syntaxes
+        little_endian = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian})
         if on_commitment is not None:
-            supported[STORAGE_COMMITMENT] = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian})
+            supported[STORAGE_COMMITMENT] = little_endian
+        if qr is not None:
+            supported.update(dict.fromkeys(QR_CLASSES, little_endian))
         settings = AcceptorSettings(
             ae_title=n.ae_title,
             max_pdu=n.max_pdu,
@@ -108,7 +118,7 @@ class StorageSCP:
             scp_role_classes=frozenset({STORAGE_COMMITMENT}) if on_commitment is not None else frozenset(),
             reuse_port=n.processes > 1,
         )
-        self.acceptor = Acceptor(settings, self, n.host, n.port)
+        self.acceptor = Acceptor(settings, self, n.host, n.port, qr)
 
     def _ssl_context(self) -> ssl.SSLContext | None:
         t = self.cfg.tls

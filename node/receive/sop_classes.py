@@ -17,12 +17,30 @@ from __future__ import annotations
 
 import re
 from functools import cache
+from typing import Literal
 
 from pydicom._uid_dict import UID_dictionary
 from pynetdicom import sop_class
 from pynetdicom.service_class import NonPatientObjectStorageServiceClass, ServiceClass, StorageServiceClass
 
 _STORAGE_SERVICES = (StorageServiceClass, NonPatientObjectStorageServiceClass)
+
+#: The Query/Retrieve information models the node answers (PS3.4 C.6.1, C.6.2); the retired
+#: Patient/Study Only model is not supported.
+PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
+PATIENT_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.1.2"
+PATIENT_ROOT_GET = "1.2.840.10008.5.1.4.1.2.1.3"
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
+STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
+QR_FIND = frozenset({PATIENT_ROOT_FIND, STUDY_ROOT_FIND})
+QR_MOVE = frozenset({PATIENT_ROOT_MOVE, STUDY_ROOT_MOVE})
+QR_GET = frozenset({PATIENT_ROOT_GET, STUDY_ROOT_GET})
+QR_CLASSES = QR_FIND | QR_MOVE | QR_GET
+#: Q/R SOP class -> its information model's root (``node.index.query.Root``).
+QR_ROOT: dict[str, Literal["patient", "study"]] = {
+    uid: ("patient" if uid.startswith("1.2.840.10008.5.1.4.1.2.1.") else "study") for uid in QR_CLASSES
+}
 
 
 @cache

@@ -28,6 +28,7 @@ from typing import TypeVar
 
 from node.dicom import association, dimse, pdu
 from node.dicom.association import Accepted
+from node.dicom.dimse import dataset_offset
 from node.dicom.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from node.dicom.pdu import MAX_CONTROL_PDU, AbortSource, PduReader, PduType, Pdv, PeerClosed
 
@@ -72,13 +73,6 @@ class PeerAborted(AssociationError):
 
 class Lost(AssociationError):
     """The connection closed, timed out, or the peer broke the protocol."""
-
-
-def dataset_offset(head: bytes, name: str) -> int:
-    """Where a Part 10 file's data set starts (after the File Meta group), from its first 144 bytes."""
-    if len(head) < 144 or head[128:132] != b"DICM" or head[132:136] != b"\x02\x00\x00\x00":
-        raise ValueError(f"{name} is not a DICOM file with a File Meta group")
-    return 144 + int.from_bytes(head[140:144], "little")
 
 
 class Association:

@@ -73,3 +73,71 @@ def test_file_meta_reads_as_part_10():
         "MODALITY",
     )
     assert ds.SOPInstanceUID == "1.2.3.45"
+
+
+def test_qr_responses_are_what_a_peer_reads():
+    """Counts, Offending Element and the data set flag of C-FIND/C-MOVE/C-GET responses, read by pydicom."""
+    raw = dimse.encode_response(
+        dimse.C_MOVE_RSP,
+        5,
+        0xB000,
+        "1.2.840.10008.5.1.4.1.2.2.2",
+        error_comment="1 instance failed",
+        remaining=0,
+        completed=27,
+        failed=1,
+        warning=0,
+        has_dataset=True,
+    )
+    ds = as_dataset(raw)
+    assert (ds.CommandField, ds.MessageIDBeingRespondedTo, ds.Status, ds.CommandDataSetType) == (0x8021, 5, 0xB000, 0)
+    counts = (
+        ds.NumberOfRemainingSuboperations,
+        ds.NumberOfCompletedSuboperations,
+        ds.NumberOfFailedSuboperations,
+        ds.NumberOfWarningSuboperations,
+    )
+    assert counts == (0, 27, 1, 0)
+    assert ds.CommandGroupLength == len(raw) - 12
+    cmd = dimse.decode_command(raw)
+    assert (cmd.remaining, cmd.completed, cmd.failed, cmd.warning, cmd.has_dataset) == (0, 27, 1, 0, True)
+
+    find = as_dataset(
+        dimse.encode_response(dimse.C_FIND_RSP, 2, 0xA900, "1.2.840.10008.5.1.4.1.2.1.1", offending=[0x00100010])
+    )
+    assert (find.Status, find.OffendingElement, find.CommandDataSetType) == (0xA900, 0x00100010, 0x0101)
+    assert "NumberOfRemainingSuboperations" not in find  # C-FIND responses carry no counts
+
+
+def test_a_peers_c_move_rq_and_c_cancel_rq_decode():
+    ds = Dataset()
+    ds.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.2.2.2"
+    ds.CommandField = 0x0021
+    ds.MessageID = 11
+    ds.MoveDestination = "STORESCP"
+    ds.Priority = 0
+    ds.CommandDataSetType = 0x0000
+    cmd = dimse.decode_command(encode(ds, True, True))
+    assert (cmd.command_field, cmd.message_id, cmd.move_destination, cmd.has_dataset) == (0x0021, 11, "STORESCP", True)
+    cancel = Dataset()
+    cancel.CommandField = 0x0FFF
+    cancel.MessageIDBeingRespondedTo = 11
+    cancel.CommandDataSetType = 0x0101
+    mine = dimse.encode_c_cancel_rq(11)
+    assert dimse.decode_command(encode(cancel, True, True)) == dimse.decode_command(mine)
+    assert as_dataset(mine).CommandGroupLength == len(mine) - 12
+
+
+def test_c_store_sub_operation_names_its_move_originator():
+    ds = as_dataset(dimse.encode_c_store_rq(3, CT, "1.2.3.45", 0, "FINDSCU", 17))
+    assert (ds.MoveOriginatorApplicationEntityTitle, ds.MoveOriginatorMessageID) == ("FINDSCU", 17)
+    cmd = dimse.decode_command(dimse.encode_c_store_rq(3, CT, "1.2.3.45", 0, "FINDSCU", 17))
+    assert (cmd.move_originator_ae, cmd.move_originator_id) == ("FINDSCU", 17)
+    assert "MoveOriginatorMessageID" not in as_dataset(dimse.encode_c_store_rq(3, CT, "1.2.3.45"))
+
+
+def test_dataset_offset_is_where_the_file_meta_ends():
+    meta = dimse.encode_file_meta(CT, "1.2.3.45", "1.2.840.10008.1.2.1", "1.2.3.9", "NODE_1")
+    assert dimse.dataset_offset(meta + b"\x08\x00", "f.dcm") == len(meta)
+    with pytest.raises(ValueError, match="not-dicom.bin is not a DICOM file"):
+        dimse.dataset_offset(b"\x00" * 200, "not-dicom.bin")

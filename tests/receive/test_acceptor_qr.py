@@ -1,0 +1,346 @@
+"""The acceptor's Query/Retrieve transport, driven by real clients (DCMTK findscu, movescu, getscu; pynetdicom
+where DCMTK cannot produce the case). The Q/R logic is a small test double: what is pinned here is the
+transport (pending responses, finals, C-CANCEL, C-GET sub-operations with role selection, limits)."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.tag import Tag
+from pynetdicom import AE
+from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelFind
+
+from node.dicom.status import QRStatus
+from node.receive import sop_classes
+from node.receive.acceptor import Acceptor, AcceptorSettings, AssociationInfo, QRChannel, QRFinal
+from tests.helpers import PEER_ENV, dcmtk, read_sop_uid, series_files, wait_for
+
+VERIFICATION = "1.2.840.10008.1.1"
+EXPLICIT, IMPLICIT = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
+CT = "1.2.840.10008.5.1.4.1.1.2"
+CT_SERIES = "ct-head-philips-5mm"
+
+
+@dataclass
+class Instance:
+    path: Path
+    sop_instance: str
+    sop_class: str = CT
+    transfer_syntax: str = EXPLICIT
+
+
+@dataclass
+class FakeQR:
+    """A QRService test double: answers from a fixed list and records what it was asked."""
+
+    matches: int = 3
+    #: find: after this many matches, wait (bounded) for the requestor's C-CANCEL.
+    wait_for_cancel_after: int | None = None
+    instances: list[Instance] = field(default_factory=list)
+    final: QRFinal | None = None
+    asked: list[tuple[str, str, Dataset, str]] = field(default_factory=list)
+    #: What each operation saw: "cancelled after N", "completed", or the exception that ended it.
+    outcome: list[str] = field(default_factory=list)
+    store_results: list[tuple[int, str]] = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def _wait_cancel(self, channel: QRChannel) -> bool:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if channel.cancelled():
+                return True
+            time.sleep(0.01)
+        return False
+
+    def find(self, assoc: AssociationInfo, abstract: str, identifier: Dataset, channel: QRChannel) -> QRFinal:
+        self.asked.append(("find", abstract, identifier, ""))
+        try:
+            if self.final is not None:
+                return self.final
+            for i in range(self.matches):
+                if channel.cancelled():
+                    self.outcome.append(f"cancelled after {i}")
+                    return QRFinal(QRStatus.CANCEL)
+                ds = Dataset()
+                ds.QueryRetrieveLevel = identifier.QueryRetrieveLevel
+                ds.PatientID = f"P{i}"
+                ds.PatientName = f"Doe^{i}"
+                channel.pending(ds)
+                if self.wait_for_cancel_after == i + 1 and self._wait_cancel(channel):
+                    self.outcome.append(f"cancelled after {i + 1}")
+                    return QRFinal(QRStatus.CANCEL)
+            self.outcome.append("completed")
+            return QRFinal(QRStatus.SUCCESS)
+        except BaseException as e:
+            self.outcome.append(type(e).__name__)
+            raise
+        finally:
+            self.done.set()
+
+    def move(
+        self, assoc: AssociationInfo, abstract: str, identifier: Dataset, destination: str, channel: QRChannel
+    ) -> QRFinal:
+        self.asked.append(("move", abstract, identifier, destination))
+        self.done.set()
+        channel.pending(remaining=3, completed=0, failed=0, warning=0)
+        channel.pending(remaining=1, completed=1, failed=1, warning=0)
+        return self.final or QRFinal(QRStatus.SUCCESS, remaining=0, completed=3, failed=0, warning=0)
+
+    def get(self, assoc: AssociationInfo, abstract: str, identifier: Dataset, channel: QRChannel) -> QRFinal:
+        self.asked.append(("get", abstract, identifier, ""))
+        try:
+            completed, failed = 0, []
+            for i, inst in enumerate(self.instances):
+                if channel.cancelled():
+                    self.outcome.append(f"cancelled after {i}")
+                    return QRFinal(
+                        QRStatus.CANCEL,
+                        remaining=len(self.instances) - i,
+                        completed=completed,
+                        failed=len(failed),
+                        warning=0,
+                    )
+                status, comment = channel.store(inst.path, inst.sop_class, inst.sop_instance, inst.transfer_syntax)
+                self.store_results.append((status, comment))
+                if status == 0:
+                    completed += 1
+                else:
+                    failed.append(inst.sop_instance)
+                channel.pending(
+                    remaining=len(self.instances) - i - 1, completed=completed, failed=len(failed), warning=0
+                )
+            self.outcome.append("completed")
+            if failed:
+                status = QRStatus.SUBOPS_WARNING if completed else QRStatus.OUT_OF_RESOURCES_SUBOPS
+                return QRFinal(
+                    status,
+                    f"{len(failed)} failed",
+                    completed=completed,
+                    failed=len(failed),
+                    warning=0,
+                    remaining=0,
+                    failed_uids=tuple(failed),
+                )
+            return QRFinal(QRStatus.SUCCESS, remaining=0, completed=completed, failed=0, warning=0)
+        except BaseException as e:
+            self.outcome.append(type(e).__name__)
+            raise
+        finally:
+            self.done.set()
+
+
+class Handlers:
+    def __init__(self) -> None:
+        self.ended: list[str] = []
+        self.stored: list[str] = []
+
+    def check_association(self, calling_ae, called_ae, address):
+        return None
+
+    def store(self, assoc, request):
+        self.stored.append(request.command.affected_sop_instance_uid)
+        request.file.discard()
+        return 0, ""
+
+    def association_accepted(self, assoc):
+        pass
+
+    def association_rejected(self, assoc, reason, text):
+        pass
+
+    def association_ended(self, assoc, how):
+        self.ended.append(how)
+
+    def event_report(self, assoc, command, transfer_syntax, data):
+        return 0
+
+
+def settings(tmp_path: Path, qr: bool) -> AcceptorSettings:
+    little = frozenset({EXPLICIT, IMPLICIT})
+    supported = {VERIFICATION: little, CT: frozenset({EXPLICIT, IMPLICIT, "1.2.840.10008.1.2.4.70"})}
+    if qr:
+        supported.update(dict.fromkeys(sop_classes.QR_CLASSES, little))
+    return AcceptorSettings(
+        ae_title="NODE",
+        max_pdu=16384,
+        max_associations=4,
+        acse_timeout=5,
+        network_timeout=10,
+        implementation_class_uid="1.2.3.9",
+        implementation_version="TEST",
+        supported=supported,
+        receive_dir=tmp_path,
+    )
+
+
+@dataclass
+class Running:
+    acceptor: Acceptor
+    qr: FakeQR
+    handlers: Handlers
+
+    @property
+    def port(self) -> int:
+        return self.acceptor.port
+
+
+@pytest.fixture
+def scp(tmp_path) -> Iterator[Running]:
+    qr, handlers = FakeQR(), Handlers()
+    a = Acceptor(settings(tmp_path, qr=True), handlers, "127.0.0.1", 0, qr)
+    a.start()
+    yield Running(a, qr, handlers)
+    a.stop(1)
+
+
+def run(tool: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [dcmtk(tool), *args], capture_output=True, text=True, env=PEER_ENV, timeout=timeout, check=False
+    )
+
+
+def wait_ended(handlers: Handlers, n: int = 1) -> list[str]:
+    deadline = time.monotonic() + 10
+    while len(handlers.ended) < n and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return handlers.ended
+
+
+# --- C-FIND ------------------------------------------------------------------------------------------
+
+
+def test_findscu_gets_every_match_and_the_final(scp, tmp_path):
+    scp.qr.matches = 40  # more than one PDU's worth of responses
+    out = run(
+        "findscu",
+        "-aec",
+        "NODE",
+        "-P",
+        "-k",
+        "QueryRetrieveLevel=PATIENT",
+        "-k",
+        "PatientName=Do*",
+        "-k",
+        "PatientID",
+        "-X",
+        "-od",
+        str(tmp_path),
+        "127.0.0.1",
+        str(scp.port),
+    )
+    assert out.returncode == 0, out.stderr
+    files = sorted(tmp_path.glob("rsp*.dcm"))
+    assert len(files) == 40
+    from pydicom import dcmread
+
+    assert [str(dcmread(f).PatientID) for f in files] == [f"P{i}" for i in range(40)]
+    ((kind, abstract, identifier, _),) = scp.qr.asked
+    assert (kind, abstract) == ("find", sop_classes.PATIENT_ROOT_FIND)
+    assert (identifier.QueryRetrieveLevel, str(identifier.PatientName)) == ("PATIENT", "Do*")
+    assert scp.qr.outcome == ["completed"]
+    assert wait_ended(scp.handlers) == ["released"]
+
+
+def test_findscu_cancel_ends_the_find(scp, tmp_path):
+    scp.qr.matches, scp.qr.wait_for_cancel_after = 10, 2
+    out = run(
+        "findscu",
+        "-v",
+        "-aec",
+        "NODE",
+        "-S",
+        "--cancel",
+        "2",
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        "StudyInstanceUID",
+        "127.0.0.1",
+        str(scp.port),
+    )
+    assert out.returncode == 0, out.stderr
+    assert scp.qr.outcome == ["cancelled after 2"]
+    log = out.stdout + out.stderr
+    assert log.count("Find Response:") == 2, log  # two matches ...
+    assert "Received Final Find Response (Cancel: MatchingTerminatedDueToCancelRequest)" in log  # ... then the final
+    assert wait_ended(scp.handlers) == ["released"]
+
+
+def test_a_failure_final_carries_offending_element_and_comment(scp):
+    scp.qr.final = QRFinal(
+        QRStatus.IDENTIFIER_DOES_NOT_MATCH, "NotAKeyword is not an attribute", offending=(0x00101234, 0x00080050)
+    )
+    ae = AE(ae_title="SCU")
+    ae.add_requested_context(PatientRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="NODE")
+    assert assoc.is_established
+    q = Dataset()
+    q.QueryRetrieveLevel = "PATIENT"
+    q.PatientID = ""
+    ((status, ident),) = list(assoc.send_c_find(q, PatientRootQueryRetrieveInformationModelFind))
+    assoc.release()
+    assert status.Status == 0xA900
+    assert status.ErrorComment == "NotAKeyword is not an attribute"
+    assert list(status.OffendingElement) == [Tag(0x00101234), Tag(0x00080050)]
+    assert ident is None
+
+
+def test_an_oversize_identifier_aborts_with_a_log_line(scp, caplog):
+    ae = AE(ae_title="SCU")
+    ae.add_requested_context(PatientRootQueryRetrieveInformationModelFind)
+    ae.maximum_pdu_size = 16384
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="NODE")
+    q = Dataset()
+    q.QueryRetrieveLevel = "PATIENT"
+    q.PatientComments = "x" * (1 << 20)  # 1 MiB + the rest: over the limit
+    with caplog.at_level(logging.ERROR, logger="node.receive.acceptor"):
+        responses = list(assoc.send_c_find(q, PatientRootQueryRetrieveInformationModelFind))
+        assert wait_ended(scp.handlers) == ["aborted"]
+    wait_for(lambda: not assoc.is_established, 10, "pynetdicom to see the abort")
+    assert all(not s for s, _ in responses)  # no status: the association was aborted
+    assert scp.qr.asked == []
+    assert "C-FIND data set larger than 1 MiB; aborting" in caplog.text
+
+
+def test_peer_abort_during_a_find_ends_the_association(scp):
+    scp.qr.matches, scp.qr.wait_for_cancel_after = 5, 1
+    ae = AE(ae_title="SCU")
+    ae.add_requested_context(PatientRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="NODE")
+    q = Dataset()
+    q.QueryRetrieveLevel = "PATIENT"
+    responses = assoc.send_c_find(q, PatientRootQueryRetrieveInformationModelFind)
+    status, _ = next(responses)
+    assert status.Status == 0xFF00
+    assoc.abort()
+    assert scp.qr.done.wait(10)
+    assert wait_ended(scp.handlers) == ["aborted"]
+    assert scp.qr.outcome == ["_PeerAborted"]
+
+
+def test_without_a_service_qr_contexts_are_refused_with_a_clear_log(tmp_path, caplog):
+    a = Acceptor(settings(tmp_path, qr=False), Handlers(), "127.0.0.1", 0)
+    a.start()
+    try:
+        with caplog.at_level(logging.INFO, logger="node.receive.acceptor"):
+            out = run("findscu", "-aec", "NODE", "-S", "-k", "QueryRetrieveLevel=STUDY", "127.0.0.1", str(a.port))
+    finally:
+        a.stop(1)
+    assert out.returncode != 0
+    assert "Query/Retrieve is not enabled on this node ([qr] enabled = false)" in caplog.text
+
+
+def test_store_and_echo_still_work_beside_qr(scp, shared_data):
+    path = series_files(CT_SERIES)[0]
+    out = run("storescu", "-aec", "NODE", "127.0.0.1", str(scp.port), str(path))
+    assert out.returncode == 0, out.stderr
+    assert scp.handlers.stored == [read_sop_uid(path)]
+    assert run("echoscu", "-aec", "NODE", "127.0.0.1", str(scp.port)).returncode == 0
