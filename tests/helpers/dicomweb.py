@@ -46,6 +46,7 @@ class LocalNode:
     client: TestClient
     storage: Storage
     engine: Engine
+    ingest: Ingest
     recorded: list[RecordOutcome] = field(default_factory=list)
 
     def headers(self, content_type: str = STOW_TYPE) -> dict[str, str]:
@@ -83,7 +84,7 @@ def local_node(root: Path) -> Iterator[LocalNode]:
     ctx = WebContext(cfg, engine, reader, Authenticator(cfg.web, TOKEN, engine, reader), ingest=ingest, storage=storage)
     try:
         with TestClient(create_app(ctx)) as client:
-            yield LocalNode(client, storage, engine, recorded)
+            yield LocalNode(client, storage, engine, ingest, recorded)
     finally:
         writer.stop()
         engine.dispose()
