@@ -127,7 +127,7 @@ class QueryRetrieve:
         if limit and len(matches) > limit:
             final = QRFinal(
                 QRStatus.OUT_OF_RESOURCES_MATCHES,
-                f"more than {limit} matches: narrow the query (the node's [qr] max_results is {limit})",
+                f"over {limit} matches: narrow the query ([qr] max_results)",
             )
         else:
             final = QRFinal(QRStatus.SUCCESS)
@@ -160,8 +160,15 @@ class QueryRetrieve:
         """Queue the matched instances for the destination and report the deliveries until they are done."""
         dest = self.destination(destination)
         if dest is None:
-            comment = f"move destination {destination.strip()!r} is not a [[destinations]] entry of this node"
-            log.warning("C-MOVE from %s@%s refused: %s", assoc.calling_ae, assoc.address, comment)
+            # The Error Comment is an LO (64 characters): the whole story goes to the log.
+            comment = f"{destination.strip()!r} is not in the node's [[destinations]]"
+            log.warning(
+                "C-MOVE from %s@%s refused (0xA801): move destination %r is not the ae_title of a DIMSE "
+                "[[destinations]] entry of this node; add one for it to retrieve to that AE",
+                assoc.calling_ae,
+                assoc.address,
+                destination.strip(),
+            )
             self._audit("retrieve", assoc, None, QRStatus.MOVE_DESTINATION_UNKNOWN, f"C-MOVE: {comment}")
             return QRFinal(QRStatus.MOVE_DESTINATION_UNKNOWN, comment)
         try:
@@ -261,18 +268,26 @@ class QueryRetrieve:
                 stopped = queue.cancel(
                     self.engine, ids=[i for i in open_ids if i in mine], actor="C-MOVE requestor (C-CANCEL)"
                 )
-                return counts.cancelled(
-                    f"cancelled by the requestor: {stopped} delivery(ies) to {dest.name} cancelled", failed
+                log.info(
+                    "C-MOVE to %s cancelled by the requestor: %d queued delivery(ies) cancelled", dest.name, stopped
                 )
+                return counts.cancelled(f"cancelled: {stopped} queued for {dest.name} cancelled", failed)
             now = time.monotonic()
             if now >= deadline:
                 left = len(open_ids)
                 failed += [uid_of[i] for i in open_ids]
                 counts.failed += left
+                log.warning(
+                    "C-MOVE to %s: %d instance(s) still queued after %g s ([qr] move_timeout): reported failed to "
+                    "the requestor; they stay in the queue and are delivered when %s takes them",
+                    dest.name,
+                    left,
+                    self.cfg.qr.move_timeout,
+                    dest.name,
+                )
                 return QRFinal(
                     QRStatus.SUBOPS_WARNING if counts.completed or counts.warning else QRStatus.OUT_OF_RESOURCES_SUBOPS,
-                    f"{left} instance(s) still queued for {dest.name} after {self.cfg.qr.move_timeout:g} s"
-                    " ([qr] move_timeout): the node keeps delivering them",
+                    f"{left} still queued for {dest.name}: delivered later",
                     failed_uids=tuple(failed),
                     completed=counts.completed,
                     failed=counts.failed,
