@@ -25,8 +25,8 @@ What one size does:
    STUDY-level queries ask for the return keys a viewer's study list asks for (names, IDs, dates,
    accession, description, ModalitiesInStudy, NumberOfStudyRelatedInstances). The latency of a query
    runs from sending the C-FIND-RQ to the final response, all pending responses read and decoded.
-   Every server must return the same number of matches for a query (a count that differs is reported
-   and makes the exit status 1).
+   Every server must return, for every query, the number of matches the generated data holds (a
+   query that does not is reported, asked once more, and makes the exit status 1).
 4. Prints median and p95 per kind and server, and the ratios node/Orthanc of the medians (below 1:
    the node answers faster).
 
@@ -315,23 +315,31 @@ class FindQuery:
     kind: str
     level: str
     keys: tuple[tuple[str, str], ...]
+    #: How many studies (series) match, from the generated data: every server must return that many.
+    expected: int
 
 
 def make_queries(studies: Sequence[Study], per_kind: int, seed: int = 1818) -> list[FindQuery]:
     """``per_kind`` queries of each kind, targets drawn at random from the data (interleaved by kind)."""
+    from collections import Counter
+
     rng = random.Random(seed)
     dates = sorted({s.date for s in studies})
+    per_patient = Counter(s.patient_id for s in studies)
+    per_family = Counter(s.family for s in studies)
+    per_date = Counter(s.date for s in studies)
     out: list[FindQuery] = []
     for _ in range(per_kind):
         s = rng.choice(studies)
-        out.append(FindQuery("patient-id", "STUDY", (("PatientID", s.patient_id),)))
+        out.append(FindQuery("patient-id", "STUDY", (("PatientID", s.patient_id),), per_patient[s.patient_id]))
         s = rng.choice(studies)
-        out.append(FindQuery("name-wildcard", "STUDY", (("PatientName", f"{s.family}*"),)))
+        out.append(FindQuery("name-wildcard", "STUDY", (("PatientName", f"{s.family}*"),), per_family[s.family]))
         k = rng.randrange(len(dates))
-        day_range = f"{dates[k]}-{dates[min(k + 1, len(dates) - 1)]}"
-        out.append(FindQuery("date-range", "STUDY", (("StudyDate", day_range),)))
+        first, last = dates[k], dates[min(k + 1, len(dates) - 1)]
+        in_range = per_date[first] + (per_date[last] if last != first else 0)
+        out.append(FindQuery("date-range", "STUDY", (("StudyDate", f"{first}-{last}"),), in_range))
         s = rng.choice(studies)
-        out.append(FindQuery("series", "SERIES", (("StudyInstanceUID", s.study_uid),)))
+        out.append(FindQuery("series", "SERIES", (("StudyInstanceUID", s.study_uid),), 1))
     return out
 
 
@@ -369,10 +377,24 @@ class FindClient:
             self.close()
             raise ReceiverUnavailable(f"{recv.name}: Study Root C-FIND not accepted (no Q/R SCP?)")
 
+    def _park_reactor(self) -> None:
+        """Keep pynetdicom's reactor thread out of the next query's responses.
+
+        send_c_find() pauses that thread while it sends, but the thread may have passed its checkpoint just
+        before (it resumed after the previous query) and then takes a response off the queue and drops it
+        as unexpected: a match goes missing now and then (seen with both servers). Parked here, outside
+        the timed part, it stays parked until the query has ended.
+        """
+        assoc = self.assoc
+        assoc._reactor_checkpoint.clear()
+        wait_until(lambda: bool(assoc._is_paused), 2.0, interval=0.001)
+        time.sleep(0.005)  # a thread that had passed the checkpoint has come round to it again by now
+
     def find(self, q: FindQuery) -> tuple[float, int, int]:
         """(seconds to the final response, matches, final status)."""
         ds = identifier(q)
         matches, status = 0, -1
+        self._park_reactor()
         t0 = time.perf_counter()
         for st, _ident in self.assoc.send_c_find(ds, STUDY_ROOT_FIND):
             if not st or "Status" not in st:
@@ -475,18 +497,16 @@ def run_size(n: int, args: argparse.Namespace, workdir: Path) -> tuple[dict[str,
             log(f"{n:,} studies: {len(queries)} C-FIND queries on {', '.join(names) or 'no server'} ...")
             for i, q in enumerate(queries):
                 order = names if i % 2 == 0 else names[::-1]
-                seen: dict[str, int] = {}
                 for name in order:
                     secs, matches, status = clients[name].find(q)
-                    if status != 0:
-                        problems.append(
-                            f"{n:,} studies, {name}: {q.kind} {dict(q.keys)} ended with status 0x{status & 0xFFFF:04X}"
-                        )
                     results[name].latencies_ms.setdefault(q.kind, []).append(secs * 1000)
                     results[name].matches.setdefault(q.kind, []).append(matches)
-                    seen[name] = matches
-                if len(set(seen.values())) > 1:
-                    problems.append(f"{n:,} studies: {q.kind} {dict(q.keys)} matched {seen}")
+                    if status != 0 or matches != q.expected:
+                        again = clients[name].find(q)[1:]
+                        problems.append(
+                            f"{n:,} studies, {name}: {q.kind} {dict(q.keys)}: {matches} match(es), status "
+                            f"0x{status & 0xFFFF:04X}; {q.expected} expected; asked again: (matches, status) {again}"
+                        )
         finally:
             for c in clients.values():
                 c.close()
