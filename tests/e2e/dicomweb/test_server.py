@@ -28,7 +28,7 @@ TOKEN = "dicomweb-e2e-token-0123456789"
 BOUNDARY = "e2e-stow-boundary-51f0"
 CT = series_files("ct-head-philips-5mm")
 MR = series_files("mr-t1-sag-siemens")
-#: 200 CT instances: 8 series of 25 real slices (copies with new Series/SOP Instance UIDs, one study).
+#: 200 CT instances: 8 series of 25 real slices (copies with new Study/Series/SOP Instance UIDs).
 SERIES, SLICES = 8, 25
 
 
@@ -62,6 +62,7 @@ token = "{TOKEN}"
 name = "ct-to-pacs"
 [rules.match]
 Modality = "CT"
+calling_ae = "STOW-RS"
 [[rules.actions]]
 type = "forward"
 to = ["pacs"]
@@ -78,13 +79,15 @@ to = ["pacs"]
 
 
 def _copies(folder: Path) -> list[Path]:
-    """200 CT files made from the real series: each of 8 series gets new Series and SOP Instance UIDs."""
+    """200 CT files made from the real series: one new study of 8 series, new Series and SOP Instance UIDs."""
     folder.mkdir(parents=True, exist_ok=True)
     out = []
+    study_uid = generate_uid()
     for s in range(SERIES):
         series_uid = generate_uid()
         for k, source in enumerate(CT[:SLICES]):
             ds = pydicom.dcmread(source)
+            ds.StudyInstanceUID = study_uid
             ds.SeriesInstanceUID = series_uid
             ds.SeriesNumber = 100 + s
             ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -138,7 +141,7 @@ def test_stow_of_200_ct_instances_is_durable_indexed_identical_and_rules_fire(se
     assert {ae for _u, _p, ae in rows} == {"STOW-RS"}
     for uid, path, _ae in rows:
         assert dataset_bytes(server.node.data_dir / path) == sent[uid]
-    # The rule forwards every instance to the PACS, as it does for C-STORE.
+    # The rule (CT from calling AE "STOW-RS") forwards every instance to the PACS, as it does for C-STORE.
     wait_for(lambda: len(server.pacs.received()) >= len(files), 120, "the rule to forward the 200 instances")
     got = {read_sop_uid(p): dataset_bytes(p) for p in server.pacs.received()}
     assert all(got[uid] == data for uid, data in sent.items())
@@ -197,6 +200,8 @@ def test_orthanc_dicomweb_plugin_queries_retrieves_and_stores_through_the_node(s
         assert {s["0020000E"]["Value"] for s in series} >= {str(ct.SeriesInstanceUID)}
 
         orthanc.post("/dicom-web/servers/node/retrieve", {"Resources": [{"Study": study}]}, timeout=120)
+        # Stored by C-STORE (calling AE STORESCU): the rule for STOW-RS instances left it alone.
+        assert not any(read_sop_uid(p) == read_sop_uid(CT[0]) for p in server.pacs.received())
         assert orthanc.count() == len(CT)
         for p in CT[:5]:
             assert dataset_bytes_of(orthanc.file(read_sop_uid(p))) == dataset_bytes(p)
