@@ -290,6 +290,8 @@ class Node:
         clean = True
         if self.web is not None:
             self.web.stop()
+        if self.qr is not None:
+            self.qr.stop()  # a C-MOVE waiting for its deliveries answers now: its association can end
         if self.scp is not None:
             clean = self.scp.stop()
         if self.receivers is not None:

@@ -14,6 +14,7 @@ stops, and the dashboard shows it like any other delivery.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -103,6 +104,12 @@ class QueryRetrieve:
         self.storage = storage
         self.wake_senders = wake_senders
         self.writer = writer
+        self._stopping = threading.Event()
+
+    def stop(self) -> None:
+        """The node is stopping: C-MOVEs waiting for deliveries answer now (the rest stays queued), C-GETs
+        send nothing more, so open associations end instead of being aborted at the stop's deadline."""
+        self._stopping.set()
 
     # -- C-FIND -----------------------------------------------------------------------------------
 
@@ -238,7 +245,8 @@ class QueryRetrieve:
         failed: list[str] = []
         uid_of: dict[int, str] = {}
         open_ids = ids
-        deadline = time.monotonic() + self.cfg.qr.move_timeout
+        started = time.monotonic()
+        deadline = started + self.cfg.qr.move_timeout
         last_sent: tuple[int, ...] = ()
         last_at = time.monotonic()
         while open_ids:
@@ -273,16 +281,18 @@ class QueryRetrieve:
                 )
                 return counts.cancelled(f"cancelled: {stopped} queued for {dest.name} cancelled", failed)
             now = time.monotonic()
-            if now >= deadline:
+            if now >= deadline or self._stopping.is_set():
                 left = len(open_ids)
                 failed += [uid_of[i] for i in open_ids]
                 counts.failed += left
+                why = "the node is stopping" if self._stopping.is_set() else "[qr] move_timeout"
                 log.warning(
-                    "C-MOVE to %s: %d instance(s) still queued after %g s ([qr] move_timeout): reported failed to "
-                    "the requestor; they stay in the queue and are delivered when %s takes them",
+                    "C-MOVE to %s: %d instance(s) still queued after %.0f s (%s): reported failed to the requestor; "
+                    "they stay in the queue and are delivered when %s takes them",
                     dest.name,
                     left,
-                    self.cfg.qr.move_timeout,
+                    now - started,
+                    why,
                     dest.name,
                 )
                 return QRFinal(
@@ -297,7 +307,7 @@ class QueryRetrieve:
             if key != last_sent or now - last_at >= MOVE_HEARTBEAT:
                 channel.pending(None, **counts.as_args())
                 last_sent, last_at = key, now
-            time.sleep(MOVE_POLL)
+            self._stopping.wait(MOVE_POLL)
         return _retrieve_final(counts, failed, f"to {dest.name}")
 
     # -- C-GET ------------------------------------------------------------------------------------
@@ -321,6 +331,11 @@ class QueryRetrieve:
         for n, ref in enumerate(refs):
             if channel.cancelled():
                 final = counts.cancelled("cancelled by the requestor", failed)
+                break
+            if self._stopping.is_set():
+                failed += [r.sop_instance_uid for r in refs[n:]]
+                counts.failed += len(refs) - n
+                final = _retrieve_final(counts, failed, "(the node is stopping)")
                 break
             status, comment = self._store(channel, ref)
             kind = category(status)

@@ -188,6 +188,18 @@ def test_a_move_nothing_delivers_ends_at_move_timeout_and_the_deliveries_stay_qu
     assert channel.pendings and channel.pendings[0][1]["remaining"] == len(uids)
 
 
+def test_a_move_waiting_when_the_node_stops_answers_at_once_and_leaves_the_rest_queued(stored: Stored) -> None:
+    uids = {read_sop_uid(f) for f in series_files(CT)}
+    with stored.engine.begin() as conn:
+        conn.execute(Delivery.__table__.delete())
+    service = _service(stored)  # move_timeout: 600 s
+    channel = Channel(STUDY_MOVE, on_pending=service.stop)
+    final = service.move(ASSOC, STUDY_MOVE, _series_move(CT), "PACS", channel)
+    assert (final.status, final.completed, final.failed) == (0xA702, 0, len(uids)), final
+    assert final.comment == f"{len(uids)} still queued for pacs: delivered later"
+    assert set(_rows(stored, uids).values()) == {"queued"}
+
+
 def test_a_cancelled_move_cancels_the_deliveries_it_queued(stored: Stored) -> None:
     uids = {read_sop_uid(f) for f in series_files(MR)}
     with stored.engine.begin() as conn:
