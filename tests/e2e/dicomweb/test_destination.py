@@ -79,6 +79,8 @@ def test_a_rule_delivers_each_instance_once_with_its_data_set_unchanged(node, or
     table = " ".join(queue_cli(node).split())
     assert re.search(rf"pacs │ 0 │ 0 │ {len(files)} │ 0 │ 0", table), table
     assert "instance(s) delivered" in node.log()
+    audited = node.query("select count(*) from audit_event where kind = 'delivered' and destination = 'pacs'")
+    assert audited == [(len(files),)], "each delivery is in the audit trail"
 
 
 def test_wrong_credentials_fail_each_delivery_once_with_the_reason_then_retry_delivers(node, orthanc, tmp_path):
@@ -101,6 +103,8 @@ def test_wrong_credentials_fail_each_delivery_once_with_the_reason_then_retry_de
     assert orthanc.count() == 0
     assert "consecutive failure" not in node.log(), "a refusal is not an outage: no back-off"
     assert reason in node.log()
+    audited = node.query("select detail from audit_event where kind = 'delivery_failed' and destination = 'pacs'")
+    assert len(audited) == 17 and all(reason in d for (d,) in audited)
     # the administrator fixes the password and sends the failed ones again
     node.stop()
     node.extra_config = forward_to(
