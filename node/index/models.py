@@ -22,6 +22,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    func,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -58,6 +59,13 @@ class Patient(Base):
     __table_args__ = (
         UniqueConstraint(
             "patient_id", "issuer_of_patient_id", "patient_name", "birth_date", name="uq_patient_identity"
+        ),
+        # Person Name matching ignores case (node.index.query): an exact name, and on PostgreSQL a name
+        # prefix (``DOE*``: text_pattern_ops serves LIKE whatever the database's collation), read the index.
+        Index(
+            "ix_patient_name_lower",
+            func.lower(text("patient_name")).label("name_lower"),
+            postgresql_ops={"name_lower": "text_pattern_ops"},
         ),
     )
 

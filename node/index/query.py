@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast, get_args
 
-from pydicom import Dataset
+from pydicom import Dataset, config
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.multival import MultiValue
@@ -450,7 +450,14 @@ def _like_pattern(value: str) -> str:
 def _wildcard(column: ColumnElement[Any], value: str, dialect: str, fold: bool) -> ColumnElement[bool]:
     """``*``/``?`` matching. SQLite's LIKE ignores ASCII case, so case-sensitive matching uses GLOB there."""
     if fold:
-        return func.lower(column).like(_like_pattern(value.lower()), escape="!")
+        folded = func.lower(column)
+        like = folded.like(_like_pattern(value.lower()), escape="!")
+        prefix = re.split(r"[*?]", value.lower(), maxsplit=1)[0]
+        if dialect != "sqlite" or not prefix:
+            return like
+        # SQLite reads an index for LIKE only on a NOCASE column; a range on lower(name) reads
+        # ix_patient_name_lower (binary order: the range holds exactly the names with that prefix).
+        return and_(folded >= prefix, folded < prefix[:-1] + chr(ord(prefix[-1]) + 1), like)
     if dialect == "sqlite":
         return column.op("GLOB")(value.replace("[", "[[]"))
     return column.like(_like_pattern(value), escape="!")
@@ -553,24 +560,32 @@ def _condition(keyword: str, spec: _Key, value: str, dialect: str) -> ColumnElem
     if spec.kind == "int":
         return _int_condition(keyword, column, value)
     if spec.kind == "set":
-        # Any series (modality) or instance (SOP class) of the study has one of the values.
-        inner_vr = "UI" if keyword == "SOPClassesInStudy" else "CS"
-        cond = (
-            _uid_condition(keyword, column, value)
-            if inner_vr == "UI"
-            else _text_condition(column, value, dialect, False)
-        )
-        if cond is None:
-            return None
-        if keyword == "ModalitiesInStudy":
-            sub = select(_series.c.study_fk).where(cond)
-        else:
-            sub = select(_series.c.study_fk).select_from(_instance.join(_series, _instance.c.series_fk == _series.c.id))
-            sub = sub.where(cond)
-        return _study.c.id.in_(sub)
+        return _study_has(keyword, value, dialect)
     if spec.kind == "count":
         return None  # derived counts are returned, not matched
     return _text_condition(column, value, dialect, spec.kind == "pn")
+
+
+def _study_has(keyword: str, value: str, dialect: str) -> ColumnElement[bool] | None:
+    """ModalitiesInStudy / SOPClassesInStudy matching: any series (modality) or instance (SOP class) of the study.
+
+    EXISTS, correlated on the study: the other keys (a date range, a patient) usually select few studies,
+    each then checked through ix_series_study_fk, rather than every study that has a CT. Aliases keep it
+    apart from the series and instance tables of a SERIES or IMAGE query.
+    """
+    se = _series.alias("has_series")
+    if keyword == "ModalitiesInStudy":
+        cond = _text_condition(se.c.modality, value, dialect, False)
+        sub = select(se.c.id).where(se.c.study_fk == _study.c.id)
+    else:
+        inst = _instance.alias("has_instance")
+        cond = _uid_condition(keyword, inst.c.sop_class_uid, value)
+        sub = (
+            select(inst.c.id)
+            .select_from(inst.join(se, inst.c.series_fk == se.c.id))
+            .where(se.c.study_fk == _study.c.id)
+        )
+    return None if cond is None else sub.where(cond).exists()
 
 
 def _from(level: Level) -> FromClause:
@@ -640,6 +655,7 @@ def find(conn: Connection, q: Query, *, retrieve_ae: str = "") -> Iterator[Datas
     RetrieveAETitle (``retrieve_ae``, when given) and InstanceAvailability "ONLINE".
     """
     keys = _return_keys(q)
+    elements = _elements(keys)
     columns = {k: _KEYS[k] for k in keys if _available(q.level, k)}
     selected = [spec.column().label(k) for k, spec in columns.items() if spec.kind != "set"]
     sets = [k for k, spec in columns.items() if spec.kind == "set"]
@@ -652,7 +668,7 @@ def find(conn: Connection, q: Query, *, retrieve_ae: str = "") -> Iterator[Datas
             values = dict(row._mapping)
             for k in sets:
                 values[k] = found[k].get(values["_study"], [])
-            yield _dataset(q, keys, values, retrieve_ae)
+            yield _dataset(q, elements, values, retrieve_ae)
 
 
 def _study_sets(conn: Connection, keywords: list[str], study_ids: list[int]) -> dict[str, dict[int, list[str]]]:
@@ -679,32 +695,47 @@ def _study_sets(conn: Connection, keywords: list[str], study_ids: list[int]) -> 
     return out
 
 
-def _dataset(q: Query, keys: list[str], values: Mapping[str, Any], retrieve_ae: str) -> Dataset:
-    ds = Dataset()
-    ds.SpecificCharacterSet = CHARSET
-    if q.origin == "dimse":
-        ds.QueryRetrieveLevel = q.level
+#: Result values are the index's own (already checked when stored): pydicom's per-value regex checks
+#: would cost more than the query itself for a thousand results.
+_NO_CHECK = config.IGNORE
+
+
+def _elements(keys: list[str]) -> list[tuple[str, int, str]]:
+    """(keyword, tag, VR) of the keys a result holds, beyond those every result has."""
+    out = []
     for keyword in keys:
         if keyword in _RESULT_ONLY:
             continue
         tag = tag_for_keyword(keyword)
         assert tag is not None
+        out.append((keyword, tag, _vr(keyword)))
+    return out
+
+
+def _dataset(q: Query, elements: list[tuple[str, int, str]], values: Mapping[str, Any], retrieve_ae: str) -> Dataset:
+    ds = Dataset()
+    ds[_CHARSET_TAG] = DataElement(_CHARSET_TAG, "CS", CHARSET, validation_mode=_NO_CHECK)
+    if q.origin == "dimse":
+        ds[_LEVEL_TAG] = DataElement(_LEVEL_TAG, "CS", q.level, validation_mode=_NO_CHECK)
+    for keyword, tag, vr in elements:
         value = values.get(keyword)
-        vr = _vr(keyword)
-        if value == "" or vr == "SQ" and value is None:
-            value = None
         if vr == "SQ":
-            ds.add_new(tag, vr, DicomSequence([]))
-        elif isinstance(value, list):
-            ds.add_new(tag, vr, value or None)
-        elif value is not None and vr in ("IS", "DS", "UL", "US", "SL", "SS"):
-            ds.add_new(tag, vr, int(value))
-        else:
-            ds.add_new(tag, vr, value)
+            value = DicomSequence([])
+        elif value == "" or value == []:
+            value = None
+        elif value is not None and vr in ("IS", "US", "UL", "SL", "SS"):
+            value = int(value)
+        ds[tag] = DataElement(tag, vr, value, validation_mode=_NO_CHECK)
     if retrieve_ae:
-        ds.RetrieveAETitle = retrieve_ae
-    ds.InstanceAvailability = "ONLINE"
+        ds[_RETRIEVE_AE_TAG] = DataElement(_RETRIEVE_AE_TAG, "AE", retrieve_ae, validation_mode=_NO_CHECK)
+    ds[_AVAILABILITY_TAG] = DataElement(_AVAILABILITY_TAG, "CS", "ONLINE", validation_mode=_NO_CHECK)
     return ds
+
+
+_CHARSET_TAG = 0x00080005
+_LEVEL_TAG = 0x00080052
+_RETRIEVE_AE_TAG = 0x00080054
+_AVAILABILITY_TAG = 0x00080056
 
 
 def instances(conn: Connection, q: Query) -> list[InstanceRef]:
