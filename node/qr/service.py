@@ -27,28 +27,19 @@ from node import audit
 from node.config import Config, DestinationSection
 from node.dicom.status import Category, QRStatus, category
 from node.index import query
-from node.index.query import Query, QueryError, Root
+from node.index.query import Query, QueryError
 from node.index.states import DeliveryState
 from node.index.writer import IndexWriter
 from node.receive.acceptor import AssociationInfo, QRChannel, QRFinal
+from node.receive.sop_classes import QR_ROOT
 from node.send import queue
 from node.storage.layout import Storage
 
 log = logging.getLogger(__name__)
 
-#: The information models by the prefix of their SOP class UIDs (.1 FIND, .2 MOVE, .3 GET).
-_ROOTS: dict[str, Root] = {"1.2.840.10008.5.1.4.1.2.1.": "patient", "1.2.840.10008.5.1.4.1.2.2.": "study"}
 #: How often a C-MOVE looks at its deliveries, and the longest it goes without a pending response.
 MOVE_POLL = 0.25
 MOVE_HEARTBEAT = 5.0
-
-
-def root_of(abstract_syntax: str) -> Root:
-    """Patient Root or Study Root, from the request's SOP class (the acceptor only accepts those)."""
-    for prefix, root in _ROOTS.items():
-        if abstract_syntax.startswith(prefix):
-            return root
-    raise ValueError(f"{abstract_syntax} is not a Patient Root or Study Root Query/Retrieve SOP class")
 
 
 @dataclass
@@ -117,7 +108,7 @@ class QueryRetrieve:
         """Match, then answer one pending response per match; more than ``[qr] max_results`` is refused."""
         started = time.monotonic()
         try:
-            q = query.from_identifier(identifier, root_of(abstract))
+            q = query.from_identifier(identifier, QR_ROOT[abstract])
         except QueryError as e:
             return self._refused(assoc, "C-FIND", e)
         limit = self.cfg.qr.max_results
@@ -179,7 +170,7 @@ class QueryRetrieve:
             self._audit("retrieve", assoc, None, QRStatus.MOVE_DESTINATION_UNKNOWN, f"C-MOVE: {comment}")
             return QRFinal(QRStatus.MOVE_DESTINATION_UNKNOWN, comment)
         try:
-            q = query.from_identifier(identifier, root_of(abstract))
+            q = query.from_identifier(identifier, QR_ROOT[abstract])
         except QueryError as e:
             return self._refused(assoc, "C-MOVE", e)
         try:
@@ -316,7 +307,7 @@ class QueryRetrieve:
         """Send the matched instances back on this association (C-STORE sub-operations), as stored."""
         started = time.monotonic()
         try:
-            q = query.from_identifier(identifier, root_of(abstract))
+            q = query.from_identifier(identifier, QR_ROOT[abstract])
         except QueryError as e:
             return self._refused(assoc, "C-GET", e)
         try:

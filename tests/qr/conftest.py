@@ -19,13 +19,12 @@ from node.index.db import make_engine, migrate
 from node.index.writer import IndexWriter
 from node.receive.acceptor import AssociationInfo
 from node.receive.ingest import Ingest
+from node.receive.sop_classes import PATIENT_ROOT_FIND, STUDY_ROOT_FIND, STUDY_ROOT_GET, STUDY_ROOT_MOVE
 from node.storage import Storage
 
 CT, MR = "ct-head-philips-5mm", "mr-t1-sag-siemens"
-STUDY_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
-STUDY_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
-STUDY_GET = "1.2.840.10008.5.1.4.1.2.2.3"
-PATIENT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
+STUDY_FIND, STUDY_MOVE, STUDY_GET = STUDY_ROOT_FIND, STUDY_ROOT_MOVE, STUDY_ROOT_GET
+PATIENT_FIND = PATIENT_ROOT_FIND
 ASSOC = AssociationInfo("a-1", "FINDSCU", "DICOM_NODE", "127.0.0.1", 40000)
 
 
