@@ -3,7 +3,9 @@
 Each destination has its own worker threads, so a dead PACS only ever
 occupies its own. A worker claims a batch of due deliveries (in queue
 order, which is series order), sends it over its association, and keeps the
-association open for the next batch while the queue has more.
+association open for the next batch while the queue has more. A ``type = "dicomweb"``
+destination's workers send by STOW-RS instead (:mod:`node.send.stow`, over a kept-alive
+HTTP connection); everything below applies to both.
 
 A transient failure (refused, reset, timed out, rejected as transient,
 0xA7xx) opens the destination's circuit: nothing is tried until its back-off
