@@ -644,6 +644,17 @@ def count(conn: Connection, q: Query) -> int:
     return int(conn.execute(stmt).scalar_one())
 
 
+def plan(conn: Connection, q: Query) -> list[str]:
+    """How the database runs the SELECT of :func:`find` (EXPLAIN), one line per step: which indexes it reads."""
+    keys = _return_keys(q)
+    columns = [_KEYS[k].column().label(k) for k in keys if _available(q.level, k) and _KEYS[k].kind != "set"]
+    stmt = _statement(q, conn.dialect.name, columns)
+    sql = str(stmt.compile(conn, compile_kwargs={"literal_binds": True}))
+    if conn.dialect.name == "sqlite":
+        return [str(row[-1]) for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql)]
+    return [str(row[0]).strip() for row in conn.exec_driver_sql("EXPLAIN " + sql)]
+
+
 _BATCH = 500
 
 
