@@ -223,6 +223,7 @@ def _qido(request: Request, level: Level, study: str | None = None, series: str 
 _QIDO_DOC: dict[int | str, dict[str, Any]] = {
     200: {"description": "the matches (an empty list when none)", "content": {DICOM_JSON: {}}},
     400: {"description": "an attribute or parameter the node cannot match; the message names it"},
+    406: {"description": "an Accept other than application/dicom+json"},
 }
 
 
@@ -322,12 +323,15 @@ def _metadata(request: Request, study: str, series: str | None = None, instance:
     return JSONResponse([wado.metadata(r, p) for r, p in stored], media_type=DICOM_JSON)
 
 
+_BAD = {"description": "a path segment that is not a UID, or a bad parameter; the message says which"}
 _WADO_DOC: dict[int | str, dict[str, Any]] = {
+    400: _BAD,
     200: {"description": "the instances as stored", "content": {"multipart/related": {}}},
     404: {"description": "no such study, series or instance"},
     406: {"description": "a transfer syntax other than the stored one was asked for (the node does not transcode)"},
 }
 _META_DOC: dict[int | str, dict[str, Any]] = {
+    400: _BAD,
     200: {"description": "DICOM JSON of each instance, without Pixel Data", "content": {DICOM_JSON: {}}},
     404: {"description": "no such study, series or instance"},
 }
@@ -387,6 +391,7 @@ def instance_metadata(
     response_class=Response,
     responses={
         200: {"description": "the frames (raw pixels, or the compressed frames)", "content": {"multipart/related": {}}},
+        400: _BAD,
         404: {"description": "no such instance or frame"},
     },
 )
@@ -433,6 +438,7 @@ def _rendered(
 
 
 _RENDERED_DOC: dict[int | str, dict[str, Any]] = {
+    400: _BAD,
     200: {"description": "the frame as an 8-bit image", "content": {"image/png": {}, "image/jpeg": {}}},
     404: {"description": "no such instance or frame"},
     406: {"description": "neither image/png nor image/jpeg is acceptable"},

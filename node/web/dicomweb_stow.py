@@ -297,6 +297,9 @@ class StowReceiver:
         except MultipartParseError as e:
             self.abandon()
             raise MalformedBody(f"the multipart body cannot be parsed: {e}") from None
+        except BaseException:  # a bug: the temp file of the part being received must not stay behind
+            self.abandon()
+            raise
 
     def finish(self) -> list[PartResult]:
         """Every part's result, once all stores have ended; MalformedBody if the body stopped mid-way."""
