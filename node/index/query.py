@@ -364,50 +364,50 @@ def from_qido(
     limit: int | None = None
     offset = 0
     for name, values in params.items():
-        if name in _QIDO_PARAMS:
-            if name == "includefield":
-                for v in values:
-                    for item in v.split(","):
-                        item = item.strip()
-                        if item == "all":
-                            include = ["all"]
-                        elif item and include != ["all"]:
-                            keyword = _qido_keyword(item)
-                            if keyword not in include:
-                                include.append(keyword)
-                        elif item:
-                            _qido_keyword(item)
-            elif name in ("limit", "offset"):
-                number = _qido_int(name, values)
-                if name == "limit":
-                    limit = number
-                else:
-                    offset = number
-            elif any(v.strip().lower() not in ("true", "false") for v in values):
+        if name == "includefield":
+            include = _qido_include(values)
+        elif name == "limit":
+            limit = _qido_int(name, values)
+        elif name == "offset":
+            offset = _qido_int(name, values)
+        elif name == "fuzzymatching":
+            if any(v.strip().lower() not in ("true", "false") for v in values):
                 raise QueryError(f"fuzzymatching must be true or false, not {values[-1]!r}")
-            continue
-        keyword = _qido_keyword(name)
-        parts = [v.strip() for v in values]
-        if _vr(keyword) == "UI":
-            parts = [p.strip() for v in parts for p in v.split(",")]
-        keys[keyword] = "\\".join(p for p in parts if p) if len(parts) > 1 else parts[0] if parts else ""
+        else:
+            keyword = _qido_keyword(name)
+            parts = [v.strip() for v in values]
+            if _vr(keyword) == "UI":  # PS3.18: a list of UIDs is separated by commas
+                parts = [p.strip() for v in parts for p in v.split(",")]
+            keys[keyword] = "\\".join(parts)
     for keyword, uid in (("StudyInstanceUID", study), ("SeriesInstanceUID", series)):
         if uid is not None:
             keys[keyword] = uid
-    shown = [*(_QIDO_DEFAULT["STUDY"] if level != "STUDY" and study is None else ())]
-    if level == "IMAGE" and series is None:
-        shown += _QIDO_DEFAULT["SERIES"]
-    shown += _QIDO_DEFAULT[level]
-    if include == ["all"]:
-        shown += [k for lv in _above(level) if lv != "PATIENT" or level == "STUDY" for k in SUPPORTED[lv]]
-        shown += SUPPORTED["PATIENT"][:5]
-    else:
-        shown += include
-    for keyword in shown:
+    for keyword in _qido_shown(level, include, study, series):
         keys.setdefault(keyword, "")
     q = Query(level=level, root="study", keys=keys, limit=limit, offset=offset, origin="qido")
     _validate(q)
     return q, include
+
+
+def _qido_include(values: list[str]) -> list[str]:
+    """includefield values (repeated or comma-separated keywords or tags) as keywords, or ``["all"]``."""
+    items = [item.strip() for v in values for item in v.split(",") if item.strip()]
+    keywords = [_qido_keyword(item) for item in items if item != "all"]  # each checked, even with "all"
+    return ["all"] if "all" in items else list(dict.fromkeys(keywords))
+
+
+def _qido_shown(level: Level, include: list[str], study: str | None, series: str | None) -> list[str]:
+    """The attributes a QIDO-RS response holds: the level's defaults (PS3.18 10.6.3.3), those of the
+    levels above unless the path names them, and the included ones (``all``: every key the node keeps
+    at this level and above, less the PATIENT-level counts, which QIDO-RS has no level for)."""
+    shown = list(_QIDO_DEFAULT[level])
+    if level != "STUDY" and study is None:
+        shown += _QIDO_DEFAULT["STUDY"]
+    if level == "IMAGE" and series is None:
+        shown += _QIDO_DEFAULT["SERIES"]
+    if include == ["all"]:
+        return shown + [k for lv in _above(level) for k in SUPPORTED[lv] if not k.startswith("NumberOfPatient")]
+    return shown + include
 
 
 def _qido_int(name: str, values: list[str]) -> int:

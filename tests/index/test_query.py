@@ -196,6 +196,17 @@ def test_study_level_returns_the_keys_asked_and_the_unique_keys(index: Index) ->
     assert result["PatientAge"].is_empty and result["AccessionNumber"].is_empty
 
 
+def test_keys_the_index_does_not_keep_are_returned_empty_and_not_matched(index: Index) -> None:
+    item = Dataset()
+    item.RequestedProcedureID = "RP1"
+    ident = _identifier("STUDY", PatientID="crlab", PatientAge="052Y", RequestAttributesSequence=[item])
+    q = query.from_identifier(ident, "study")
+    assert query.unsupported(q) == ["PatientAge", "RequestAttributesSequence"]  # C-FIND: 0xFF01
+    [result] = index.find(q)  # neither narrows the match
+    assert result["PatientAge"].is_empty and result["PatientAge"].VR == "AS"
+    assert result["RequestAttributesSequence"].VR == "SQ" and len(result.RequestAttributesSequence) == 0
+
+
 def test_study_counts_and_what_the_study_holds(index: Index) -> None:
     ident = _identifier(
         "STUDY",
@@ -414,6 +425,12 @@ def test_qido_series_and_instances_of_a_study(index: Index) -> None:
     assert include == ["all"]
     [mr] = index.find(q)
     assert mr.SeriesDate == "20220407" and mr.ProtocolName
+    # "all": every key kept at this level and above (the study's too), not the PATIENT-level counts.
+    assert mr.StudyDescription == "Rorden^Rorden_Prisma" and mr.ModalitiesInStudy == "MR"
+    assert "NumberOfPatientRelatedStudies" not in mr
+    # A repeated attribute is a list: any of the values matches.
+    q, _ = query.from_qido("STUDY", {"PatientID": ["PLASTIC", "crlab"]})
+    assert {str(r.StudyInstanceUID) for r in index.find(q)} == {CT_STUDY, MR_STUDY}
 
 
 # -- instances (C-MOVE, C-GET, WADO-RS) -----------------------------------------------------------
