@@ -9,6 +9,7 @@ clients people use.
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -224,3 +225,31 @@ def test_orthanc_dicomweb_plugin_queries_retrieves_and_stores_through_the_node(s
 def dataset_bytes_of(data: bytes) -> bytes:
     """The data set after the File Meta of a file held in memory."""
     return data[144 + int.from_bytes(data[140:144], "little") :]
+
+
+def test_a_client_that_goes_away_mid_body_leaves_the_parts_before_and_nothing_of_the_cut_part(server: Server):
+    files = MR[10:13]
+    body = b"".join(_stream(files))
+    cut = body[: len(body) - len(files[-1].read_bytes()) // 2]  # inside the third part
+    head = (
+        f"POST /dicom-web/studies HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+        f'Content-Type: multipart/related; type="application/dicom"; boundary={BOUNDARY}\r\n'
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", server.node.web_port), timeout=10) as s:
+        s.sendall(head + cut)
+        wait_for(
+            lambda: (
+                len(
+                    server.node.query(
+                        "SELECT id FROM instance WHERE sop_instance_uid IN (?, ?)", *map(read_sop_uid, files[:2])
+                    )
+                )
+                == 2
+            ),
+            30,
+            "the two complete parts to be stored",
+        )
+    wait_for(lambda: "the client went away after 2 part(s)" in server.node.log(), 30, "the node to log the cut body")
+    assert server.node.query("SELECT id FROM instance WHERE sop_instance_uid = ?", read_sop_uid(files[2])) == []
+    assert server.node.temp_files() == []
