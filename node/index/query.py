@@ -243,9 +243,10 @@ def _available(level: Level, keyword: str) -> bool:
 
 
 def unsupported(q: Query) -> list[str]:
-    """The keys of ``q`` the node neither matches nor returns at its level (returned zero-length).
+    """The keys of ``q`` the node neither matches nor returns at its level (they are returned zero-length).
 
-    C-FIND answers 0xFF01 instead of 0xFF00 when a query has any with a value (PS3.4 C.4.1.1.4).
+    C-FIND answers 0xFF01 instead of 0xFF00 when there are any: "one or more Optional Keys were not
+    supported for existence and/or matching" (PS3.4 C.4.1.1.4).
     """
     return [k for k in q.keys if k not in _RESULT_ONLY and not _available(q.level, k)]
 
@@ -295,16 +296,16 @@ def from_identifier(ds: Dataset, root: Root) -> Query:
         raise QueryError(f"QueryRetrieveLevel (0008,0052) cannot be read: {exc}", keyword="QueryRetrieveLevel") from exc
     level = _level(level_text, root)
     keys: dict[str, str] = {}
-    for elem in ds:
-        tag = int(elem.tag)
+    for base_tag in list(ds.keys()):
+        tag = int(base_tag)
         group, element = tag >> 16, tag & 0xFFFF
         if element == 0 or group in (0x0000, 0x0002):  # group lengths, command and file meta elements
             continue
         keyword = _standard_keyword(tag)
         if keyword in ("QueryRetrieveLevel", "SpecificCharacterSet"):
             continue
-        try:
-            keys[keyword] = _value_text(elem).strip()
+        try:  # pydicom decodes a value read from the network on first access
+            keys[keyword] = _value_text(ds[tag]).strip()
         except Exception as exc:  # undecodable bytes, a malformed number
             raise QueryError(f"{keyword} {_tag_text(tag)}: the value cannot be read: {exc}", tag=tag) from exc
     q = Query(level=level, root=root, keys=keys)

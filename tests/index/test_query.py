@@ -494,6 +494,12 @@ def test_identifier_errors_say_what_to_change() -> None:
             _identifier("SERIES", raw=struct.pack("<HH2sH", 0x0020, 0x0011, b"IS", 4) + b"two "), "study"
         )
     assert err.value.tag == 0x00200011
+    # A value pydicom cannot decode (a US of 3 bytes) is an error naming the attribute, not a crash.
+    with pytest.raises(QueryError, match=r"Rows \(0028,0010\): the value cannot be read") as err:
+        query.from_identifier(
+            _identifier("IMAGE", raw=struct.pack("<HH2sH", 0x0028, 0x0010, b"US", 3) + b"\1\2\3"), "study"
+        )
+    assert err.value.tag == 0x00280010
     unknown = Dataset()
     unknown.QueryRetrieveLevel = "STUDY"
     unknown.add_new(0x12340010, "LO", "x")
