@@ -13,19 +13,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
-from pynetdicom import AE
-from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelFind
+from pynetdicom import AE, build_role, evt
+from pynetdicom.sop_class import (
+    CTImageStorage,
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
 
 from node.dicom.status import QRStatus
 from node.receive import sop_classes
 from node.receive.acceptor import Acceptor, AcceptorSettings, AssociationInfo, QRChannel, QRFinal
-from tests.helpers import PEER_ENV, dcmtk, read_sop_uid, series_files, wait_for
+from tests.helpers import PEER_ENV, dataset_bytes, dcmtk, read_sop_uid, series_files, wait_for
 
 VERIFICATION = "1.2.840.10008.1.1"
 EXPLICIT, IMPLICIT = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
 CT = "1.2.840.10008.5.1.4.1.1.2"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 CT_SERIES = "ct-head-philips-5mm"
 
 
@@ -165,7 +172,8 @@ class Handlers:
 
 def settings(tmp_path: Path, qr: bool) -> AcceptorSettings:
     little = frozenset({EXPLICIT, IMPLICIT})
-    supported = {VERIFICATION: little, CT: frozenset({EXPLICIT, IMPLICIT, "1.2.840.10008.1.2.4.70"})}
+    storage = frozenset({EXPLICIT, IMPLICIT, "1.2.840.10008.1.2.4.70"})
+    supported = {VERIFICATION: little, CT: storage, SECONDARY_CAPTURE: storage}
     if qr:
         supported.update(dict.fromkeys(sop_classes.QR_CLASSES, little))
     return AcceptorSettings(
@@ -239,8 +247,6 @@ def test_findscu_gets_every_match_and_the_final(scp, tmp_path):
     assert out.returncode == 0, out.stderr
     files = sorted(tmp_path.glob("rsp*.dcm"))
     assert len(files) == 40
-    from pydicom import dcmread
-
     assert [str(dcmread(f).PatientID) for f in files] == [f"P{i}" for i in range(40)]
     ((kind, abstract, identifier, _),) = scp.qr.asked
     assert (kind, abstract) == ("find", sop_classes.PATIENT_ROOT_FIND)
@@ -344,3 +350,199 @@ def test_store_and_echo_still_work_beside_qr(scp, shared_data):
     assert out.returncode == 0, out.stderr
     assert scp.handlers.stored == [read_sop_uid(path)]
     assert run("echoscu", "-aec", "NODE", "127.0.0.1", str(scp.port)).returncode == 0
+
+
+# --- C-MOVE ------------------------------------------------------------------------------------------
+
+
+def test_movescu_reads_pending_counts_and_the_final(scp):
+    scp.qr.final = QRFinal(
+        QRStatus.SUBOPS_WARNING, "1 failed", remaining=0, completed=2, failed=1, warning=0, failed_uids=("1.2.3.4",)
+    )
+    out = run(
+        "movescu",
+        "-v",
+        "-aec",
+        "NODE",
+        "-aem",
+        "STORESCP",
+        "-S",
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        "StudyInstanceUID=1.2.3",
+        "127.0.0.1",
+        str(scp.port),
+    )
+    log = out.stdout + out.stderr
+    assert out.returncode == 68, log  # DCMTK's exit code for a final warning
+    ((kind, abstract, identifier, destination),) = scp.qr.asked
+    assert (kind, abstract, destination) == ("move", sop_classes.STUDY_ROOT_MOVE, "STORESCP")
+    assert identifier.StudyInstanceUID == "1.2.3"
+    assert "Received Move Response 2 (Pending)" in log and "Move Response 3" not in log, log
+    assert "Received Final Move Response (Warning: SubOperationsCompleteOneOrMoreFailures)" in log, log
+
+
+def test_move_counts_and_failed_uid_list_as_pynetdicom_reads_them(scp):
+    scp.qr.final = QRFinal(
+        QRStatus.SUBOPS_WARNING, "1 failed", remaining=0, completed=2, failed=1, warning=0, failed_uids=("1.2.3.4",)
+    )
+    ae = AE(ae_title="SCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove, [IMPLICIT])
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="NODE")
+    q = Dataset()
+    q.QueryRetrieveLevel = "STUDY"
+    q.StudyInstanceUID = "1.2.3"
+    responses = list(assoc.send_c_move(q, "STORESCP", StudyRootQueryRetrieveInformationModelMove))
+    assoc.release()
+    counts = [
+        (
+            s.Status,
+            s.NumberOfRemainingSuboperations,
+            s.NumberOfCompletedSuboperations,
+            s.NumberOfFailedSuboperations,
+        )
+        for s, _ in responses
+    ]
+    assert counts == [(0xFF00, 3, 0, 0), (0xFF00, 1, 1, 1), (0xB000, 0, 2, 1)]
+    final_status, final_identifier = responses[-1]
+    assert final_status.ErrorComment == "1 failed"
+    assert final_identifier.FailedSOPInstanceUIDList == "1.2.3.4"
+
+
+# --- C-GET -------------------------------------------------------------------------------------------
+
+
+def ct_instances() -> list[Instance]:
+    return [Instance(p, read_sop_uid(p)) for p in series_files(CT_SERIES)]
+
+
+def test_getscu_receives_every_instance(scp, tmp_path, shared_data):
+    """getscu writes sequences with undefined length, so its files are compared as data sets; the bytes on
+    the wire are compared in test_cancel_in_the_middle_of_a_get."""
+    scp.qr.instances = ct_instances()
+    out_dir = tmp_path / "got"
+    out_dir.mkdir()
+    out = run(
+        "getscu",
+        "-v",
+        "-aec",
+        "NODE",
+        "-S",
+        "-k",
+        "QueryRetrieveLevel=SERIES",
+        "-k",
+        "SeriesInstanceUID=1.2.3",
+        "-od",
+        str(out_dir),
+        "127.0.0.1",
+        str(scp.port),
+    )
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log
+    assert scp.qr.outcome == ["completed"]
+    assert scp.qr.store_results == [(0, "")] * len(scp.qr.instances)
+    got = {read_sop_uid(p): dcmread(p) for p in out_dir.iterdir()}
+    assert got == {i.sop_instance: dcmread(i.path) for i in scp.qr.instances}
+    assert "Received C-GET Response (Success)" in log, log
+    assert f"Number of Completed Suboperations : {len(scp.qr.instances)}" in log, log
+    assert wait_ended(scp.handlers) == ["released"]
+
+
+def test_an_instance_without_a_context_in_its_syntax_fails_and_is_listed(scp, tmp_path, shared_data):
+    """getscu proposes uncompressed syntaxes only: a JPEG-stored instance has no context to go on (its
+    Secondary Capture class is accepted, in Explicit VR Little Endian)."""
+    jpeg = shared_data / "transfer-syntaxes" / "misc" / "JPEG-LL.dcm"  # JPEG Lossless, SV1
+    meta = dcmread(jpeg, stop_before_pixels=True)
+    bad = Instance(jpeg, str(meta.SOPInstanceUID), str(meta.SOPClassUID), str(meta.file_meta.TransferSyntaxUID))
+    assert (bad.sop_class, bad.transfer_syntax) == (SECONDARY_CAPTURE, "1.2.840.10008.1.2.4.70")
+    good = ct_instances()[:2]
+    scp.qr.instances = [good[0], bad, good[1]]
+    out_dir = tmp_path / "got"
+    out_dir.mkdir()
+    out = run(
+        "getscu",
+        "-v",
+        "-aec",
+        "NODE",
+        "-S",
+        "-k",
+        "QueryRetrieveLevel=SERIES",
+        "-k",
+        "SeriesInstanceUID=1.2.3",
+        "-od",
+        str(out_dir),
+        "127.0.0.1",
+        str(scp.port),
+    )
+    log = out.stdout + out.stderr
+    assert [s for s, _ in scp.qr.store_results] == [0, 0x0122, 0]
+    assert f"no presentation context for {bad.sop_class} in {bad.transfer_syntax}" in scp.qr.store_results[1][1]
+    assert sorted(read_sop_uid(p) for p in out_dir.iterdir()) == sorted(i.sop_instance for i in good)
+    assert "Number of Failed Suboperations    : 1" in log, log
+    assert wait_ended(scp.handlers) == ["released"]
+
+
+def get_ae() -> AE:
+    ae = AE(ae_title="SCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet, [EXPLICIT])
+    ae.add_requested_context(CTImageStorage, [EXPLICIT])
+    return ae
+
+
+def test_cancel_in_the_middle_of_a_get(scp, shared_data):
+    scp.qr.instances = ct_instances()
+    received: list[str] = []
+    wire: dict[str, bytes] = {}
+
+    def on_store(event: evt.Event) -> int:
+        uid = str(event.request.AffectedSOPInstanceUID)
+        received.append(uid)
+        wire[uid] = event.request.DataSet.getvalue()
+        return 0x0000
+
+    ae = get_ae()
+    assoc = ae.associate(
+        "127.0.0.1",
+        scp.port,
+        ae_title="NODE",
+        ext_neg=[build_role(CTImageStorage, scp_role=True)],
+        evt_handlers=[(evt.EVT_C_STORE, on_store)],
+    )
+    assert assoc.is_established
+    q = Dataset()
+    q.QueryRetrieveLevel = "SERIES"
+    q.SeriesInstanceUID = "1.2.3"
+    statuses = []
+    for status, _identifier in assoc.send_c_get(q, StudyRootQueryRetrieveInformationModelGet, msg_id=7):
+        statuses.append(status)
+        if len(statuses) == 3:
+            assoc.send_c_cancel(7, query_model=StudyRootQueryRetrieveInformationModelGet)
+    assoc.release()
+    final = statuses[-1]
+    assert final.Status == 0xFE00
+    n = len(received)
+    assert 3 <= n < len(scp.qr.instances)
+    assert scp.qr.outcome == [f"cancelled after {n}"]
+    assert (final.NumberOfCompletedSuboperations, final.NumberOfRemainingSuboperations) == (
+        n,
+        len(scp.qr.instances) - n,
+    )
+    assert received == [i.sop_instance for i in scp.qr.instances[:n]]
+    assert wire == {i.sop_instance: dataset_bytes(i.path) for i in scp.qr.instances[:n]}  # as stored, byte for byte
+
+
+def test_without_role_selection_no_instance_is_sent(scp, shared_data):
+    """PS3.7 D.3.3.4: without the SCP role for a storage class, the requestor cannot receive C-STOREs."""
+    scp.qr.instances = ct_instances()[:2]
+    ae = get_ae()
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="NODE")
+    q = Dataset()
+    q.QueryRetrieveLevel = "SERIES"
+    q.SeriesInstanceUID = "1.2.3"
+    responses = list(assoc.send_c_get(q, StudyRootQueryRetrieveInformationModelGet))
+    assoc.release()
+    final, identifier = responses[-1]
+    assert (final.Status, final.NumberOfFailedSuboperations, final.NumberOfCompletedSuboperations) == (0xA702, 2, 0)
+    assert list(identifier.FailedSOPInstanceUIDList) == [i.sop_instance for i in scp.qr.instances]
+    assert all("with the SCP role for the requestor" in comment for _, comment in scp.qr.store_results)
