@@ -205,19 +205,30 @@ def _qido(request: Request, level: Level, study: str | None = None, series: str 
     params: dict[str, list[str]] = {}
     for name, value in request.query_params.multi_items():
         params.setdefault(name, []).append(value)
+    ctx = context(request)
     try:
         q, _include = query.from_qido(level, params, study=study, series=series)
-        with context(request).reader.connect() as conn:
+        # At most [qr] max_results per answer, as for C-FIND; one more is read to know whether there are more.
+        cap = ctx.cfg.qr.max_results
+        capped = bool(cap) and (q.limit is None or q.limit > cap)
+        if capped:
+            q.limit = cap + 1
+        with ctx.reader.connect() as conn:
             found = list(query.find(conn, q))
     except query.QueryError as e:
         return problem(400, f"QIDO-RS: {e}")
+    headers = {}
+    if capped and len(found) > cap:
+        found = found[:cap]
+        # PS3.18 8.3.4.4: the client pages on with offset.
+        headers["Warning"] = f'299 dicom-node: "There are additional results that can be requested" (limit {cap})'
     base = base_url(request)
     body = []
     for ds in found:
         item = ds.to_json_dict()
         item["00081190"] = {"vr": "UR", "Value": [_retrieve_url(base, level, ds)]}
         body.append(item)
-    return JSONResponse(body, media_type=DICOM_JSON)
+    return JSONResponse(body, media_type=DICOM_JSON, headers=headers)
 
 
 _QIDO_DOC: dict[int | str, dict[str, Any]] = {

@@ -66,8 +66,10 @@ class LocalNode:
 
 
 @contextmanager
-def local_node(root: Path) -> Iterator[LocalNode]:
-    cfg = Config.model_validate({"node": {"data_dir": str(root)}, "web": {"token": TOKEN}})
+def local_node(root: Path, max_results: int = 10000) -> Iterator[LocalNode]:
+    cfg = Config.model_validate(
+        {"node": {"data_dir": str(root)}, "web": {"token": TOKEN}, "qr": {"max_results": max_results}}
+    )
     storage = Storage(root)
     storage.prepare()
     engine = make_engine(cfg.database_url)

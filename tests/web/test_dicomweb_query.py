@@ -184,3 +184,16 @@ def test_everything_needs_authentication(web: LocalNode):
     study, _series = _ct()
     for path in ("/dicom-web/studies", f"/dicom-web/studies/{study}", f"/dicom-web/studies/{study}/metadata"):
         assert web.client.get(path).status_code == 401
+
+
+def test_qido_answers_at_most_max_results_and_says_there_is_more(tmp_path: Path):
+    with local_node(tmp_path / "data", max_results=10) as small:
+        assert small.stow(files_body(CT[:12])).status_code == 200
+        r = small.get("/dicom-web/instances")
+        assert r.status_code == 200 and len(r.json()) == 10
+        assert "additional results" in r.headers["warning"]
+        rest = small.get("/dicom-web/instances", params={"offset": "10"})
+        assert len(rest.json()) == 2 and "warning" not in rest.headers
+        assert {*_uids(r.json(), "00080018"), *_uids(rest.json(), "00080018")} == {read_sop_uid(p) for p in CT[:12]}
+        exact = small.get("/dicom-web/instances", params={"limit": "10"})
+        assert len(exact.json()) == 10 and "warning" not in exact.headers
