@@ -23,12 +23,13 @@ CT = series_files("ct-head-philips-5mm")
 MISC = SHARED / "transfer-syntaxes" / "misc"
 J2K_MULTIFRAME = MISC / "emri_small_jpeg_2k_lossless.dcm"
 NATIVE_MULTIFRAME = MISC / "eCT_Supplemental.dcm"
+RGB_JPEG = MISC / "SC_rgb_jpeg_dcmtk.dcm"
 
 
 @pytest.fixture(scope="module")
 def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNode]:
     with local_node(tmp_path_factory.mktemp("dicomweb") / "data") as n:
-        r = n.stow(files_body([*CT, J2K_MULTIFRAME, NATIVE_MULTIFRAME]))
+        r = n.stow(files_body([*CT, J2K_MULTIFRAME, NATIVE_MULTIFRAME, RGB_JPEG]))
         assert r.status_code == 200, r.text
         yield n
 
@@ -197,3 +198,13 @@ def test_qido_answers_at_most_max_results_and_says_there_is_more(tmp_path: Path)
         assert {*_uids(r.json(), "00080018"), *_uids(rest.json(), "00080018")} == {read_sop_uid(p) for p in CT[:12]}
         exact = small.get("/dicom-web/instances", params={"limit": "10"})
         assert len(exact.json()) == 10 and "warning" not in exact.headers
+
+
+def test_rendered_colour_image_is_rgb_like_the_decoded_pixels(web: LocalNode):
+    s, se, i = _refs(RGB_JPEG)
+    r = web.get(f"/dicom-web/studies/{s}/series/{se}/instances/{i}/rendered")
+    assert r.status_code == 200, r.text
+    picture = np.asarray(Image.open(io.BytesIO(r.content)))
+    expected = dcmread(RGB_JPEG).pixel_array  # pydicom's RGB
+    assert picture.shape == expected.shape and picture.shape[2] == 3
+    assert np.abs(picture.astype(int) - expected.astype(int)).max() <= 1
