@@ -21,6 +21,7 @@ def _comparable(obj: Any, name: str | None, type_: str, _reflected: bool, _compa
 
 
 @pytest.mark.filterwarnings("ignore:Skipped unsupported reflection of expression-based index")
+@pytest.mark.filterwarnings("ignore:autogenerate skipping metadata-specified expression-based index")
 def test_migrations_match_models(any_index_url: str) -> None:
     engine = make_engine(any_index_url)
     migrate(engine)
