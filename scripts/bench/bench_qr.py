@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import random
 import socket
 import statistics
@@ -392,6 +393,8 @@ class FindClient:
 
     def find(self, q: FindQuery) -> tuple[float, int, int]:
         """(seconds to the final response, matches, final status)."""
+        if not self.assoc.is_established:
+            raise RuntimeError(f"{self.recv.name}: the C-FIND association ended (see the server's log)")
         ds = identifier(q)
         matches, status = 0, -1
         self._park_reactor()
@@ -485,24 +488,32 @@ def run_size(n: int, args: argparse.Namespace, workdir: Path) -> tuple[dict[str,
                     res.error = f"holds {res.stored} instances after the fill, expected {n}"
                     problems.append(f"{n:,} studies, {name}: {res.error}")
                     continue
+            filled = [name for name in servers if not results[name].error]
+            settle({name: servers[name] for name in filled}, args.settle)
+            for name in filled:  # after settling: an association idle that long would have timed out
                 try:
-                    clients[name] = FindClient(recv)
+                    clients[name] = FindClient(servers[name])
                 except ReceiverUnavailable as exc:
-                    res.error = str(exc)
+                    results[name].error = str(exc)
                     problems.append(f"{n:,} studies, {name}: {exc}")
             names = list(clients)
-            for q in warmup:
-                for name in names:
-                    clients[name].find(q)
             log(f"{n:,} studies: {len(queries)} C-FIND queries on {', '.join(names) or 'no server'} ...")
-            for i, q in enumerate(queries):
-                order = names if i % 2 == 0 else names[::-1]
+            for i, q in enumerate([*warmup, *queries]):
+                timed = i >= len(warmup)
+                order = list(names) if i % 2 == 0 else names[::-1]
                 for name in order:
-                    secs, matches, status = clients[name].find(q)
-                    results[name].latencies_ms.setdefault(q.kind, []).append(secs * 1000)
-                    results[name].matches.setdefault(q.kind, []).append(matches)
-                    if status != 0 or matches != q.expected:
-                        again = clients[name].find(q)[1:]
+                    try:
+                        secs, matches, status = clients[name].find(q)
+                        again = clients[name].find(q)[1:] if status != 0 or matches != q.expected else None
+                    except RuntimeError as exc:
+                        results[name].error = str(exc)
+                        problems.append(f"{n:,} studies, {name}: {exc}; no more queries to it")
+                        names.remove(name)
+                        continue
+                    if timed:
+                        results[name].latencies_ms.setdefault(q.kind, []).append(secs * 1000)
+                        results[name].matches.setdefault(q.kind, []).append(matches)
+                    if again is not None:
                         problems.append(
                             f"{n:,} studies, {name}: {q.kind} {dict(q.keys)}: {matches} match(es), status "
                             f"0x{status & 0xFFFF:04X}; {q.expected} expected; asked again: (matches, status) {again}"
@@ -516,6 +527,42 @@ def run_size(n: int, args: argparse.Namespace, workdir: Path) -> tuple[dict[str,
         for name in args.server_list:
             rmtree_quiet(workdir / f"{n}-{name}")
     return results, problems
+
+
+def session_cpu(leader: int) -> float:
+    """CPU seconds (user + system) used so far by the processes of the session ``leader`` started."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        if int(fields[3]) == leader:
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def settle(servers: dict[str, Receiver], wait_s: float, timeout: float = 300.0) -> None:
+    """Wait ``wait_s`` seconds, then until every server is idle, before the first query.
+
+    Both servers do deferred work after receiving: the node's series tracker and Orthanc's stable
+    events fire 60 s (their defaults) after a series' last instance. Queried before that work is
+    done, every server would be measured against its own and the others' background work.
+    """
+    procs = {name: r.proc for name, r in servers.items() if r.proc is not None}
+    log(f"waiting {wait_s:.0f} s for deferred work (series stability), then until the servers are idle ...")
+    time.sleep(wait_s)
+    t0 = time.monotonic()
+
+    def idle() -> bool:
+        before = {n: session_cpu(p.pid) for n, p in procs.items()}
+        time.sleep(2.0)
+        busy = {n: session_cpu(p.pid) - before[n] for n, p in procs.items()}
+        return all(v < 0.04 for v in busy.values())  # < 2 % of one core over 2 s
+
+    if not wait_until(idle, timeout, interval=0.0):
+        log(f"the servers were still busy after {timeout:.0f} s: querying anyway")
+    log(f"idle after {wait_s + time.monotonic() - t0:.0f} s")
 
 
 def _count(recv: Receiver) -> int:
@@ -567,6 +614,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rebuild", action="store_true", help="write the generated studies again")
     p.add_argument("--workdir", type=Path, help="servers' data directories (default: a new temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the servers' data directories")
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=65.0,
+        help="seconds to wait after the fills before querying (longer than both servers' 60 s series stability)",
+    )
     p.add_argument("--fill-timeout", type=float, default=3600.0, help="max seconds to fill one server")
     p.add_argument("--json", metavar="OUT", type=Path, help="write every measurement as JSON here")
     args = p.parse_args(argv)
