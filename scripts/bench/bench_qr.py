@@ -7,18 +7,19 @@ What one size does:
    16-bit), about two studies per patient, with varied Patient's Name, Patient ID and Study Date: the
    names are made of four two-letter syllables (about five patients per family name, whatever the
    size), the dates advance one day per 20 studies. The files sit in folders of 1,000.
-2. Starts every server on an empty data directory (the node with SQLite, and with ``--node-databases
-   sqlite,postgresql`` also on a throwaway PostgreSQL server; Orthanc with its defaults: SQLite index,
-   plain files) and fills each one by real C-STORE: ``--streams`` parallel DCMTK ``storescu`` processes,
-   each scanning its share of the folders (``+sd +r``). How long each fill took is printed and recorded;
-   every server must then hold all N instances.
+2. Starts every server on an empty data directory (``--servers``: ``node`` with SQLite, ``node-pg`` on a
+   throwaway PostgreSQL server, ``orthanc`` with its defaults: SQLite index, plain files) and fills each
+   one by real C-STORE: ``--streams`` parallel DCMTK ``storescu`` processes, each scanning its share of
+   the folders (``+sd +r``). How long each fill took is printed and recorded; every server must then
+   hold all N instances. Then it waits ``--settle`` seconds (the servers' deferred series-stability
+   work) and until every server is idle.
 3. Runs the same C-FIND queries against every server with the same client (pynetdicom, Study Root, one
    association per server kept open for all queries), query by query in turn (the server order
    alternates) so that a change in machine load hits every server alike. Four kinds, ``--queries`` of
    each, each query with its own target drawn from the data (the same targets for every server):
 
    * ``patient-id``: STUDY level, PatientID exact (about 2 matches);
-   * ``name-wildcard``: STUDY level, PatientName ``<family name>*`` (about 10 matches);
+   * ``name-wildcard``: STUDY level, PatientName ``<family name>*`` (about 12 matches);
    * ``date-range``: STUDY level, StudyDate ``<day>-<day+1>`` (about 40 matches);
    * ``series``: SERIES level, StudyInstanceUID of one study (1 match).
 
