@@ -20,6 +20,7 @@ from pydicom.dataset import Dataset
 from python_multipart.multipart import parse_options_header
 from starlette.requests import ClientDisconnect
 
+from node import audit
 from node.dicom.status import Status
 from node.index import query
 from node.index.query import InstanceRef, Level
@@ -47,6 +48,34 @@ def problem(status: int, message: str) -> JSONResponse:
 
 def base_url(request: Request) -> str:
     return str(request.base_url).rstrip("/") + PREFIX
+
+
+def _audit(
+    request: Request,
+    user: str,
+    kind: str,
+    status: int,
+    detail: str,
+    *,
+    study: str = "",
+    series: str = "",
+    sop: str = "",
+) -> None:
+    """One audit event per QIDO-RS or WADO-RS request, as for C-FIND/C-MOVE/C-GET (key names, never values)."""
+    ctx = context(request)
+    if ctx.ingest is None:
+        return
+    audit.submit(
+        ctx.ingest.writer,
+        kind,
+        actor=user,
+        peer_address=request.client.host if request.client else "",
+        study_uid=study,
+        series_uid=series,
+        sop_instance_uid=sop,
+        status=status,
+        detail=detail,
+    )
 
 
 # --- STOW-RS ---------------------------------------------------------------------------------------
@@ -198,7 +227,7 @@ def _retrieve_url(base: str, level: Level, ds: Dataset) -> str:
     return url
 
 
-def _qido(request: Request, level: Level, study: str | None = None, series: str | None = None) -> Response:
+def _qido(request: Request, user: str, level: Level, study: str | None = None, series: str | None = None) -> Response:
     accept = request.headers.get("accept", "")
     if "xml" in accept and "json" not in accept and "*/*" not in accept:
         return problem(406, f"QIDO-RS answers application/dicom+json only, not {accept}")
@@ -216,7 +245,18 @@ def _qido(request: Request, level: Level, study: str | None = None, series: str 
         with ctx.reader.connect() as conn:
             found = list(query.find(conn, q))
     except query.QueryError as e:
+        _audit(request, user, "query", 400, f"QIDO-RS {level}: refused: {e}", study=study or "", series=series or "")
         return problem(400, f"QIDO-RS: {e}")
+    matched = sorted(k for k, v in q.keys.items() if v)
+    _audit(
+        request,
+        user,
+        "query",
+        200,
+        f"QIDO-RS {level} on {', '.join(matched) or 'nothing'}: {len(found)} result(s)",
+        study=study or "",
+        series=series or "",
+    )
     headers = {}
     if capped and len(found) > cap:
         found = found[:cap]
@@ -239,28 +279,28 @@ _QIDO_DOC: dict[int | str, dict[str, Any]] = {
 
 
 @router.get("/studies", summary="QIDO-RS: search studies", responses=_QIDO_DOC)
-def search_studies(request: Request, _user: str = Depends(api_user)) -> Response:
-    return _qido(request, "STUDY")
+def search_studies(request: Request, user: str = Depends(api_user)) -> Response:
+    return _qido(request, user, "STUDY")
 
 
 @router.get("/series", summary="QIDO-RS: search series", responses=_QIDO_DOC)
-def search_series(request: Request, _user: str = Depends(api_user)) -> Response:
-    return _qido(request, "SERIES")
+def search_series(request: Request, user: str = Depends(api_user)) -> Response:
+    return _qido(request, user, "SERIES")
 
 
 @router.get("/instances", summary="QIDO-RS: search instances", responses=_QIDO_DOC)
-def search_instances(request: Request, _user: str = Depends(api_user)) -> Response:
-    return _qido(request, "IMAGE")
+def search_instances(request: Request, user: str = Depends(api_user)) -> Response:
+    return _qido(request, user, "IMAGE")
 
 
 @router.get("/studies/{study}/series", summary="QIDO-RS: search the series of a study", responses=_QIDO_DOC)
-def search_study_series(study: str, request: Request, _user: str = Depends(api_user)) -> Response:
-    return _qido(request, "SERIES", study)
+def search_study_series(study: str, request: Request, user: str = Depends(api_user)) -> Response:
+    return _qido(request, user, "SERIES", study)
 
 
 @router.get("/studies/{study}/instances", summary="QIDO-RS: search the instances of a study", responses=_QIDO_DOC)
-def search_study_instances(study: str, request: Request, _user: str = Depends(api_user)) -> Response:
-    return _qido(request, "IMAGE", study)
+def search_study_instances(study: str, request: Request, user: str = Depends(api_user)) -> Response:
+    return _qido(request, user, "IMAGE", study)
 
 
 @router.get(
@@ -268,8 +308,8 @@ def search_study_instances(study: str, request: Request, _user: str = Depends(ap
     summary="QIDO-RS: search the instances of a series",
     responses=_QIDO_DOC,
 )
-def search_series_instances(study: str, series: str, request: Request, _user: str = Depends(api_user)) -> Response:
-    return _qido(request, "IMAGE", study, series)
+def search_series_instances(study: str, series: str, request: Request, user: str = Depends(api_user)) -> Response:
+    return _qido(request, user, "IMAGE", study, series)
 
 
 # --- WADO-RS ---------------------------------------------------------------------------------------
@@ -312,7 +352,9 @@ def _stored(
     return present
 
 
-def _retrieve(request: Request, study: str, series: str | None = None, instance: str | None = None) -> Response:
+def _retrieve(
+    request: Request, user: str, study: str, series: str | None = None, instance: str | None = None
+) -> Response:
     stored = _stored(request, study, series, instance)
     if isinstance(stored, Response):
         return stored
@@ -320,6 +362,7 @@ def _retrieve(request: Request, study: str, series: str | None = None, instance:
         wado.check_syntaxes([r for r, _p in stored], request.headers.get("accept", ""))
     except wado.NotAcceptable as e:
         return problem(406, str(e))
+    _audit_retrieve(request, user, "WADO-RS", stored, study, series, instance)
     boundary = wado.new_boundary()
     return StreamingResponse(
         wado.multipart(wado.instance_parts(stored), boundary),
@@ -327,10 +370,27 @@ def _retrieve(request: Request, study: str, series: str | None = None, instance:
     )
 
 
-def _metadata(request: Request, study: str, series: str | None = None, instance: str | None = None) -> Response:
+def _audit_retrieve(
+    request: Request,
+    user: str,
+    what: str,
+    stored: list[tuple[InstanceRef, Path]],
+    study: str,
+    series: str | None,
+    instance: str | None,
+) -> None:
+    size = sum(r.file_size for r, _p in stored)
+    detail = f"{what}: {len(stored)} instance(s), {size / 2**20:.1f} MiB"
+    _audit(request, user, "retrieve", 200, detail, study=study, series=series or "", sop=instance or "")
+
+
+def _metadata(
+    request: Request, user: str, study: str, series: str | None = None, instance: str | None = None
+) -> Response:
     stored = _stored(request, study, series, instance)
     if isinstance(stored, Response):
         return stored
+    _audit_retrieve(request, user, "WADO-RS metadata", stored, study, series, instance)
     return JSONResponse([wado.metadata(r, p) for r, p in stored], media_type=DICOM_JSON)
 
 
@@ -349,8 +409,8 @@ _META_DOC: dict[int | str, dict[str, Any]] = {
 
 
 @router.get("/studies/{study}", summary="WADO-RS: retrieve a study", responses=_WADO_DOC, response_class=Response)
-def retrieve_study(study: str, request: Request, _user: str = Depends(api_user)) -> Response:
-    return _retrieve(request, study)
+def retrieve_study(study: str, request: Request, user: str = Depends(api_user)) -> Response:
+    return _retrieve(request, user, study)
 
 
 @router.get(
@@ -359,8 +419,8 @@ def retrieve_study(study: str, request: Request, _user: str = Depends(api_user))
     responses=_WADO_DOC,
     response_class=Response,
 )
-def retrieve_series(study: str, series: str, request: Request, _user: str = Depends(api_user)) -> Response:
-    return _retrieve(request, study, series)
+def retrieve_series(study: str, series: str, request: Request, user: str = Depends(api_user)) -> Response:
+    return _retrieve(request, user, study, series)
 
 
 @router.get(
@@ -370,19 +430,19 @@ def retrieve_series(study: str, series: str, request: Request, _user: str = Depe
     response_class=Response,
 )
 def retrieve_instance(
-    study: str, series: str, instance: str, request: Request, _user: str = Depends(api_user)
+    study: str, series: str, instance: str, request: Request, user: str = Depends(api_user)
 ) -> Response:
-    return _retrieve(request, study, series, instance)
+    return _retrieve(request, user, study, series, instance)
 
 
 @router.get("/studies/{study}/metadata", summary="WADO-RS: a study's metadata", responses=_META_DOC)
-def study_metadata(study: str, request: Request, _user: str = Depends(api_user)) -> Response:
-    return _metadata(request, study)
+def study_metadata(study: str, request: Request, user: str = Depends(api_user)) -> Response:
+    return _metadata(request, user, study)
 
 
 @router.get("/studies/{study}/series/{series}/metadata", summary="WADO-RS: a series' metadata", responses=_META_DOC)
-def series_metadata(study: str, series: str, request: Request, _user: str = Depends(api_user)) -> Response:
-    return _metadata(request, study, series)
+def series_metadata(study: str, series: str, request: Request, user: str = Depends(api_user)) -> Response:
+    return _metadata(request, user, study, series)
 
 
 @router.get(
@@ -391,9 +451,9 @@ def series_metadata(study: str, series: str, request: Request, _user: str = Depe
     responses=_META_DOC,
 )
 def instance_metadata(
-    study: str, series: str, instance: str, request: Request, _user: str = Depends(api_user)
+    study: str, series: str, instance: str, request: Request, user: str = Depends(api_user)
 ) -> Response:
-    return _metadata(request, study, series, instance)
+    return _metadata(request, user, study, series, instance)
 
 
 @router.get(

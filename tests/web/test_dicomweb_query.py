@@ -8,6 +8,7 @@ stored pixel bytes; rendered is a picture of the right size; unknown UIDs are 40
 from __future__ import annotations
 
 import io
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from helpers.dicomweb import LocalNode, files_body, local_node, parts_of
 from PIL import Image
 from pydicom import dcmread
 from pydicom.encaps import generate_frames
+
+from node import audit
 
 CT = series_files("ct-head-philips-5mm")
 MISC = SHARED / "transfer-syntaxes" / "misc"
@@ -208,3 +211,22 @@ def test_rendered_colour_image_is_rgb_like_the_decoded_pixels(web: LocalNode):
     expected = dcmread(RGB_JPEG).pixel_array  # pydicom's RGB
     assert picture.shape == expected.shape and picture.shape[2] == 3
     assert np.abs(picture.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_searches_and_retrievals_are_audited_by_name_without_values(web: LocalNode):
+    study, series = _ct()
+    assert web.get("/dicom-web/studies", params={"PatientID": "PLASTIC"}).status_code == 200
+    assert web.get(f"/dicom-web/studies/{study}/series/{series}").status_code == 200
+
+    def events() -> list[dict]:
+        found = audit.query(web.engine, kind=["query", "retrieve"], uid=None, limit=100)
+        return [e for e in found if "PatientID" in e["detail"] or e["series_uid"] == series]
+
+    deadline = time.monotonic() + 10
+    while len(events()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    query_event = next(e for e in events() if e["kind"] == "query")
+    retrieve_event = next(e for e in events() if e["kind"] == "retrieve")
+    assert query_event["actor"] == "token" and "PatientID" in query_event["detail"]
+    assert "PLASTIC" not in query_event["detail"]  # key names only: values may be patient data
+    assert retrieve_event["study_uid"] == study and f"{len(CT)} instance(s)" in retrieve_event["detail"]
