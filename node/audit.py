@@ -49,8 +49,8 @@ KINDS: dict[str, str] = {
     "queue_cancel": "an operator cancelled deliveries",
     "job_retry": "an operator ran a failed or cancelled job again",
     "job_cancel": "an operator cancelled a job",
-    "query": "a C-FIND: the level and the keys matched on (names only), how many matched, the status",
-    "retrieve": "a C-MOVE or C-GET: what was asked for, the destination, the sub-operations' counts, the status",
+    "query": "a C-FIND or QIDO-RS search: the level and the keys matched on (names only), how many matched, the status",
+    "retrieve": "a C-MOVE, C-GET or WADO-RS retrieval: what was asked for, the destination, the counts, the status",
     "series_deleted": "a series' instances and files were deleted: by retention (or an operator's run), or a rule's discard",
 }
 
