@@ -46,3 +46,67 @@ def test_migrations_match_models(any_index_url: str) -> None:
             assert "text_pattern_ops" in definition  # serves LIKE 'doe%' whatever the collation
     assert found == DESC_INDEXES
     engine.dispose()
+
+
+def _insert(conn: Any, table: str, **values: Any) -> None:
+    """A row written as an older schema has it (the models describe the newest one)."""
+    from sqlalchemy import text
+
+    conn.execute(
+        text(f"INSERT INTO {table} ({', '.join(values)}) VALUES ({', '.join(':' + k for k in values)})"), values
+    )
+
+
+def test_0009_keeps_an_index_from_before(any_index_url: str) -> None:
+    """An index made before 0009 is upgraded in place: its series get empty SeriesDate/SeriesTime and are
+    found by the query engine, a patient's name through the new index."""
+    import datetime as dt
+
+    from alembic import command
+
+    from node.index import query
+    from node.index.db import alembic_config
+
+    engine = make_engine(any_index_url)
+    cfg = alembic_config(engine)
+    now = dt.datetime.now(dt.UTC)
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0008")
+        empty = dict.fromkeys(("issuer_of_patient_id", "birth_date", "sex"), "")
+        _insert(conn, "patient", id=1, patient_id="P1", patient_name="OLD^Patient", created_at=now, **empty)
+        empty = dict.fromkeys(("study_time", "accession_number", "study_id", "study_description"), "")
+        _insert(
+            conn,
+            "study",
+            id=1,
+            study_instance_uid="1.2.3",
+            patient_fk=1,
+            study_date="20200101",
+            referring_physician_name="",
+            created_at=now,
+            **empty,
+        )
+        texts = ("series_description", "body_part_examined", "protocol_name", "manufacturer", "station_name")
+        _insert(
+            conn,
+            "series",
+            id=1,
+            series_instance_uid="1.2.3.4",
+            study_fk=1,
+            modality="CT",
+            frame_of_reference_uid="",
+            instance_count=0,
+            first_received_at=now,
+            last_received_at=now,
+            state="stable",
+            revision=1,
+            revision_instances=0,
+            revision_started_at=now,
+            **dict.fromkeys(texts, ""),
+        )
+    migrate(engine)
+    with engine.connect() as conn:
+        [series] = query.find(conn, query.Query("SERIES", keys={"PatientName": "old^patient", "SeriesDate": ""}))
+        assert series.SeriesInstanceUID == "1.2.3.4" and series["SeriesDate"].is_empty
+    engine.dispose()
