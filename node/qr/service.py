@@ -343,6 +343,9 @@ class QueryRetrieve:
                 channel.pending(None, **counts.as_args())
         if final is None:
             final = _retrieve_final(counts, failed, "to the requestor")
+            if reasons and all("no presentation context" in why for why in reasons):
+                # The usual cause, worth the Error Comment: the requestor takes none of the stored syntaxes.
+                final.comment = f"{counts.failed} not sent: stored syntax not accepted (no transcoding)"
         for why, k in reasons.items():
             log.warning("C-GET from %s@%s: %d instance(s) not sent: %s", assoc.calling_ae, assoc.address, k, why)
         what = f"C-GET {q.level} ({q.root} root) on {_keys(q)}"

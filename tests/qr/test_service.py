@@ -235,9 +235,10 @@ def test_a_get_sends_each_stored_file_as_stored(stored: Stored) -> None:
 def test_a_get_whose_sub_operations_all_fail_is_a702_and_some_b000(stored: Stored) -> None:
     files = series_files(CT)
     uids = [read_sop_uid(f) for f in files]
-    none = Channel(STUDY_GET, stores={u: (0xA900, "no presentation context") for u in uids})
+    none = Channel(STUDY_GET, stores={u: (0x0122, "no presentation context for ... in ...") for u in uids})
     final = _service(stored).get(ASSOC, STUDY_GET, _series_move(CT), none)
     assert (final.status, final.failed, set(final.failed_uids)) == (0xA702, len(uids), set(uids)), final
+    assert final.comment == f"{len(uids)} not sent: stored syntax not accepted (no transcoding)"
 
     some = Channel(STUDY_GET, stores={uids[3]: (0xA700, "full")})
     final = _service(stored).get(ASSOC, STUDY_GET, _series_move(CT), some)

@@ -14,15 +14,31 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from helpers import PEER_ENV, NodeProcess, StoreSCP, dataset_bytes, dcmtk, read_sop_uid, series_files, storescu
+from helpers import (
+    PEER_ENV,
+    SHARED,
+    NodeProcess,
+    StoreSCP,
+    dataset_bytes,
+    dcmtk,
+    read_sop_uid,
+    series_files,
+    storescu,
+)
 
 CT, MR = "ct-head-philips-5mm", "mr-t1-sag-siemens"
+#: A study of one MR image stored in JPEG 2000 lossless (another patient, 2004).
+J2K = SHARED / "transfer-syntaxes" / "misc" / "MR2_J2KR.dcm"
 #: One node for the whole module: its tests run in one xdist worker.
 pytestmark = pytest.mark.xdist_group("qr-dcmtk")
 
 
 def _first(name: str) -> pydicom.Dataset:
     return pydicom.dcmread(series_files(name)[0], stop_before_pixels=True)
+
+
+def _j2k() -> pydicom.Dataset:
+    return pydicom.dcmread(J2K, stop_before_pixels=True)
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +50,12 @@ def scp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StoreSCP]:
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory, scp: StoreSCP) -> Iterator[NodeProcess]:
-    """A node holding the CT and MR series, with the storescp as its [[destinations]] entry "scp"."""
+    """A node holding the CT and MR series and the J2K image, with the storescp as its [[destinations]] entry "scp"."""
     n = NodeProcess(tmp_path_factory.mktemp("node"), extra_config=scp.destination("scp"))
     n.start()
     r = storescu(n.port, [*series_files(CT), *series_files(MR)])
+    assert r.returncode == 0, r.stderr
+    r = storescu(n.port, [J2K], "-xv")
     assert r.returncode == 0, r.stderr
     yield n
     code = n.stop()
@@ -90,7 +108,7 @@ def test_patient_level_under_patient_root_finds_both_patients(node: NodeProcess,
         root="-P",
     )
     by_id = {str(ds.PatientID): ds for ds in found}
-    assert set(by_id) == {ct.PatientID, mr.PatientID}
+    assert set(by_id) == {ct.PatientID, mr.PatientID, _j2k().PatientID}
     assert str(by_id[ct.PatientID].PatientName) == str(ct.PatientName)
     assert by_id[ct.PatientID].NumberOfPatientRelatedStudies == 1
 
@@ -154,7 +172,9 @@ def test_wildcard_date_range_and_uid_list_matching(node: NodeProcess, tmp_path: 
     ranged = findscu(node, tmp_path / "range", *study, "StudyDate=20220101-20221231")
     assert [ds.StudyInstanceUID for ds in ranged] == [mr.StudyInstanceUID]
     open_ended = findscu(node, tmp_path / "open", *study, "StudyDate=-20151231")
-    assert [ds.StudyInstanceUID for ds in open_ended] == [ct.StudyInstanceUID]
+    assert {ds.StudyInstanceUID for ds in open_ended} == {ct.StudyInstanceUID, _j2k().StudyInstanceUID}
+    since = findscu(node, tmp_path / "since", *study, "StudyDate=20150206-")
+    assert {ds.StudyInstanceUID for ds in since} == {ct.StudyInstanceUID, mr.StudyInstanceUID}
     listed = findscu(
         node,
         tmp_path / "list",
@@ -252,3 +272,54 @@ def test_getscu_gets_the_study_on_its_own_association_byte_identical(node: NodeP
     assert set(got) == {read_sop_uid(f) for f in files}
     for f in files:
         assert dataset_bytes(got[read_sop_uid(f)]) == dataset_bytes(f)
+
+
+def test_getscu_gets_a_compressed_instance_only_in_a_syntax_it_accepts(node: NodeProcess, tmp_path: Path) -> None:
+    """C-GET sends as stored (no transcoding): a requestor taking only uncompressed syntaxes is told why it got nothing."""
+    study = ["-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={_j2k().StudyInstanceUID}"]
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    r = _run("getscu", node, "-S", "+B", "-od", str(plain), *study)
+    out = r.stdout + r.stderr
+    assert final_status(out) == 0xA702 and counts(out) == (0, 1, 0), out[-3000:]
+    assert "1 not sent: stored syntax not accepted (no transcoding)" in out
+    assert not list(plain.iterdir())
+    # DCMTK 3.6.7's getscu does not read the final response's identifier (it then fails to release the
+    # association); pynetdicom does: the Failed SOP Instance UID List names the instance.
+    [final] = _pynetdicom_get(node, _j2k().StudyInstanceUID)[-1:]
+    assert final[0] == 0xA702 and final[1].FailedSOPInstanceUIDList == _j2k().SOPInstanceUID, final
+    assert "no presentation context for 1.2.840.10008.5.1.4.1.1.4 in 1.2.840.10008.1.2.4.90" in node.log()
+
+    j2k = tmp_path / "j2k"
+    j2k.mkdir()
+    r = _run("getscu", node, "-S", "+B", "+xv", "-od", str(j2k), *study)  # JPEG 2000 lossless proposed first
+    out = r.stdout + r.stderr
+    assert final_status(out) == 0x0000 and counts(out) == (1, 0, 0), out[-3000:]
+    [got] = j2k.iterdir()
+    [(path,)] = node.query("select file_path from instance where sop_instance_uid = ?", str(_j2k().SOPInstanceUID))
+    assert dataset_bytes(got) == dataset_bytes(node.data_dir / path), "as the node stored it (storescu re-encodes)"
+
+
+def _pynetdicom_get(node: NodeProcess, study_uid: str) -> list[tuple[int, pydicom.Dataset | None]]:
+    """A C-GET of a study with pynetdicom taking only uncompressed MR images: each response's (status, identifier)."""
+    from pynetdicom import AE, build_role, evt
+    from pynetdicom.sop_class import MRImageStorage, StudyRootQueryRetrieveInformationModelGet
+
+    ae = AE(ae_title="PYNETDICOM")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(MRImageStorage)
+    assoc = ae.associate(
+        "127.0.0.1",
+        node.port,
+        ae_title=node.ae_title,
+        ext_neg=[build_role(MRImageStorage, scp_role=True)],
+        evt_handlers=[(evt.EVT_C_STORE, lambda _event: 0x0000)],
+    )
+    assert assoc.is_established
+    ident = pydicom.Dataset()
+    ident.QueryRetrieveLevel = "STUDY"
+    ident.StudyInstanceUID = study_uid
+    try:
+        return [(int(st.Status), ds) for st, ds in assoc.send_c_get(ident, StudyRootQueryRetrieveInformationModelGet)]
+    finally:
+        assoc.release()
