@@ -6,7 +6,8 @@ What one size does:
 1. Generates (once, cached under ``--cache``) ``N`` tiny studies of one CT instance each (8x8 pixels,
    16-bit), about two studies per patient, with varied Patient's Name, Patient ID and Study Date: the
    names are made of four two-letter syllables (about five patients per family name, whatever the
-   size), the dates advance one day per 20 studies. The files sit in folders of 1,000.
+   size), the dates advance one day per 20 studies. The files sit in folders of 50
+   (the storescu streams share them out: even shares at 1,000 studies too).
 2. Starts every server on an empty data directory (``--servers``: ``node`` with SQLite, ``node-pg`` on a
    throwaway PostgreSQL server, ``orthanc`` with its defaults: SQLite index, plain files) and fills each
    one by real C-STORE: ``--streams`` parallel DCMTK ``storescu`` processes, each scanning its share of
@@ -85,9 +86,9 @@ from bench_common import (  # noqa: E402
 )
 from report import median, table  # noqa: E402
 
-DATA_VERSION = 1  # bump when the generated studies change (the cache is keyed by it)
+DATA_VERSION = 2  # bump when the generated studies change (the cache is keyed by it)
 DEFAULT_CACHE = Path("/tmp/dicom-node-bench-qr")
-PER_FOLDER = 1000
+PER_FOLDER = 50  # small enough that every size splits evenly over 4 streams
 STUDIES_PER_DAY = 20
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 UID_ROOT = "1.2.826.0.1.3680043.8.498.77."  # pydicom's root, a branch of our own
@@ -160,7 +161,7 @@ def plan_studies(n: int, seed: int = 18) -> list[Study]:
 
 
 def write_studies(out: Path, n: int) -> list[Study]:
-    """Write the ``n`` one-instance studies as Explicit VR Little Endian files into folders of 1,000."""
+    """Write the ``n`` one-instance studies as Explicit VR Little Endian files into folders of PER_FOLDER."""
     import numpy as np
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian
@@ -189,7 +190,7 @@ def write_studies(out: Path, n: int) -> list[Study]:
     ds.file_meta = meta
     t0 = time.perf_counter()
     for i, s in enumerate(studies):
-        folder = out / f"{i // PER_FOLDER:04d}"
+        folder = out / f"{i // PER_FOLDER:05d}"
         if i % PER_FOLDER == 0:
             folder.mkdir(parents=True, exist_ok=True)
         sop = f"{UID_ROOT}{n}.{i + 1}.3"
