@@ -250,6 +250,14 @@ class StowReceiver:
 
     def _store(self, rx: ReceivedFile, meta: Dataset, number: int) -> PartResult:
         """One part into the C-STORE write path; runs on the executor, never raises."""
+        try:
+            return self._store_part(rx, meta, number)
+        except Exception as e:  # a bug must not lose the other parts' answers nor leave the temp file
+            rx.discard()
+            log.exception("STOW-RS from %s: part %d could not be stored", self.peer.address, number)
+            return PartResult(Status.OUT_OF_RESOURCES, f"part {number}: internal error: {type(e).__name__}")
+
+    def _store_part(self, rx: ReceivedFile, meta: Dataset, number: int) -> PartResult:
         ts = UID(str(meta.TransferSyntaxUID))
         sop_class = str(meta.get("MediaStorageSOPClassUID", "") or "").strip()
         sop_instance = str(meta.get("MediaStorageSOPInstanceUID", "") or "").strip()
