@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from helpers import make_ct_series, read_sop_uid, series_files, storescu, wait_for
+from helpers import NodeProcess, make_ct_series, read_sop_uid, series_files, storescu, wait_for
 from helpers.orthanc import Orthanc
 
 CT = "ct-head-philips-5mm"  # 28 real axial CT images
@@ -130,7 +130,8 @@ def test_orthanc_down_then_up_is_retried_with_backoff_and_delivered_once(node, t
         files = make_ct_series(tmp_path / "ct", 20, seed=3)
         assert storescu(node.port, files).returncode == 0
         wait_for(lambda: node.log().count("consecutive failure(s), next try in") >= 3, 30, "three failed tries")
-        assert node.deliveries() == {"queued": 20}
+        waiting = node.deliveries()
+        assert set(waiting) <= {"queued", "sending"} and sum(waiting.values()) == 20, waiting  # "sending": a probe
         assert "cannot reach pacs (" in node.log() and "Connection refused" in node.log()
         orthanc.start()
         node.wait_delivered(20, timeout=30)
@@ -140,3 +141,30 @@ def test_orthanc_down_then_up_is_retried_with_backoff_and_delivered_once(node, t
         assert "delivering again; circuit closed" in node.log()
     finally:
         orthanc.stop()
+
+
+def test_one_node_forwards_to_another_nodes_dicomweb_server_with_its_bearer_token(node, tmp_path):
+    """Node to node over DICOMweb: the first forwards by STOW-RS to the second's /dicom-web with a bearer token."""
+    token = "node-to-node-token-0123456789"
+    other = NodeProcess(tmp_path / "other", extra_config=f'[web]\ntoken = "{token}"\n')
+    other.start()
+    try:
+        url = f"http://127.0.0.1:{other.web_port}/dicom-web"
+        node.extra_config = forward_to(
+            f'[[destinations]]\nname = "pacs"\ntype = "dicomweb"\nurl = "{url}"\ntoken = "{token}"\n'
+            f'[[destinations]]\nname = "stranger"\ntype = "dicomweb"\nurl = "{url}"\ntoken = "not-{token}"\n'
+        ).replace('to = ["pacs"]', 'to = ["pacs", "stranger"]')
+        node.start()
+        files = series_files(CT)
+        assert storescu(node.port, files).returncode == 0
+        wait_for(lambda: node.deliveries() == {"delivered": 28, "failed": 28}, 60, "28 delivered, 28 refused")
+        received = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in other.stored_files()}
+        sent = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in node.stored_files()}
+        assert set(received) == set(sent) == {read_sop_uid(f) for f in files}
+        for uid, p in sent.items():
+            assert dataset_bytes(received[uid].read_bytes()) == dataset_bytes(p.read_bytes()), uid
+        refused = node.query("select distinct last_error from delivery where destination = 'stranger'")
+        assert len(refused) == 1 and "HTTP 401" in refused[0][0] and "[[destinations]] 'stranger'" in refused[0][0]
+    finally:
+        other.stop()
+    assert "Traceback" not in other.log(), other.log()[-4000:]
