@@ -6,8 +6,9 @@ so both answer the same query the same way. A query is turned into one SQL state
 holds (ModalitiesInStudy, SOPClassesInStudy) are computed only when asked for and only for the matched rows,
 so a query over a large index reads what it returns, not the whole table.
 
-Matching (PS3.4 C.2.2.2): single value (Person Name case-insensitive, as Orthanc does by default; other
-text case-sensitive; leading and trailing spaces ignored), wildcard ``*`` ``?``, range for dates and times
+Matching (PS3.4 C.2.2.2): single value (Person Name case-insensitive, as Orthanc does by default, with
+the database's lower(); on SQLite, which folds ASCII letters only, a stored "ÅSTRÖM" is not found as
+"åström": see _foldings; other text case-sensitive; leading and trailing spaces ignored), wildcard ``*`` ``?``, range for dates and times
 (``a-b``, ``-b``, ``a-``), a list of values separated by ``\\`` (QIDO: ``,`` too for UIDs), universal
 (empty). Hierarchical and relational queries are answered alike: keys of the levels above the query's
 level can be matched and returned at any level (a SERIES query needs no StudyInstanceUID).
@@ -17,13 +18,14 @@ A standard attribute the index does not keep is returned zero-length and not mat
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast, get_args
 
 from pydicom import Dataset, config
-from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.datadict import dictionary_VR, keyword_dict, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
@@ -261,17 +263,21 @@ def _tag_text(tag: int) -> str:
 def _standard_keyword(tag: int) -> str:
     """The keyword of a standard attribute; QueryError for a private or unknown one."""
     if (tag >> 16) % 2 == 1:
-        raise QueryError(f"{_tag_text(tag)} private attributes cannot be queried", tag=tag)
+        raise QueryError(f"{_tag_text(tag)} private attributes cannot be queried: leave it out of the query", tag=tag)
     keyword = keyword_for_tag(tag)
     if not keyword:
-        raise QueryError(f"{_tag_text(tag)} is not a DICOM attribute in the data dictionary", tag=tag)
+        raise QueryError(
+            f"{_tag_text(tag)} is not a DICOM attribute in the data dictionary: leave it out of the query", tag=tag
+        )
     return keyword
 
 
 def _check_keyword(keyword: str) -> str:
     tag = tag_for_keyword(keyword)
     if tag is None:
-        raise QueryError(f"{keyword} is not a DICOM attribute keyword", keyword=keyword)
+        close = difflib.get_close_matches(keyword, keyword_dict, n=1, cutoff=0.8)
+        hint = f" (did you mean {close[0]}?)" if close else " (keywords are spelled as in PS3.6, e.g. PatientName)"
+        raise QueryError(f"{keyword} is not a DICOM attribute keyword{hint}", keyword=keyword)
     return keyword
 
 
@@ -448,20 +454,47 @@ def _like_pattern(value: str) -> str:
     return escaped.replace("*", "%").replace("?", "_")
 
 
+#: SQLite's built-in lower() folds the ASCII letters only.
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def _foldings(value: str, dialect: str) -> list[Any]:
+    """``value`` case-folded as the database folds the column with lower(), so that both sides agree.
+
+    PostgreSQL folds by the database's locale: lower() of the value, a constant (indexes still serve it).
+    SQLite folds ASCII letters only: the value folded so matches a name as stored; folded fully as well,
+    it also matches a stored name whose other letters are lower case ("MÜLLER" finds "Müller"). Only a
+    stored upper-case non-ASCII letter asked for in lower case ("müller" for "MÜLLER") is not found there.
+    """
+    if dialect != "sqlite":
+        return [func.lower(value)]
+    return list(dict.fromkeys((value.translate(_ASCII_LOWER), value.lower())))
+
+
+def _folded_equals(column: ColumnElement[Any], value: str, dialect: str) -> ColumnElement[bool]:
+    folded = func.lower(column)
+    return or_(*(folded == v for v in _foldings(value, dialect)))
+
+
 def _wildcard(column: ColumnElement[Any], value: str, dialect: str, fold: bool) -> ColumnElement[bool]:
     """``*``/``?`` matching. SQLite's LIKE ignores ASCII case, so case-sensitive matching uses GLOB there."""
-    if fold:
-        folded = func.lower(column)
-        like = folded.like(_like_pattern(value.lower()), escape="!")
-        prefix = re.split(r"[*?]", value.lower(), maxsplit=1)[0]
-        if dialect != "sqlite" or not prefix:
-            return like
+    if not fold:
+        if dialect == "sqlite":
+            return column.op("GLOB")(value.replace("[", "[[]"))
+        return column.like(_like_pattern(value), escape="!")
+    folded = func.lower(column)
+    if dialect != "sqlite":
+        return folded.like(func.lower(_like_pattern(value)), escape="!")
+    matches = []
+    for v in _foldings(value, dialect):
+        like = folded.like(_like_pattern(v), escape="!")
+        prefix = re.split(r"[*?]", v, maxsplit=1)[0]
         # SQLite reads an index for LIKE only on a NOCASE column; a range on lower(name) reads
         # ix_patient_name_lower (binary order: the range holds exactly the names with that prefix).
-        return and_(folded >= prefix, folded < prefix[:-1] + chr(ord(prefix[-1]) + 1), like)
-    if dialect == "sqlite":
-        return column.op("GLOB")(value.replace("[", "[[]"))
-    return column.like(_like_pattern(value), escape="!")
+        matches.append(
+            and_(folded >= prefix, folded < prefix[:-1] + chr(ord(prefix[-1]) + 1), like) if prefix else like
+        )
+    return or_(*matches)
 
 
 def _range_bounds(keyword: str, value: str, pattern: re.Pattern[str], what: str) -> tuple[str, str]:
@@ -530,7 +563,7 @@ def _text_condition(column: ColumnElement[Any], value: str, dialect: str, fold: 
         if "*" in part or "?" in part:
             conditions.append(_wildcard(column, part, dialect, fold))
         elif fold:
-            conditions.append(func.lower(column) == part.lower())
+            conditions.append(_folded_equals(column, part, dialect))
         else:
             conditions.append(column == part)
     return conditions[0] if len(conditions) == 1 else or_(*conditions)

@@ -57,6 +57,7 @@ class Variant:
 VARIANTS = (
     Variant("mueller", "ISO_IR 100", "Müller^Jürgen", "MUE-1", "20240115", "083000", "ACC_1", "50% dose"),
     Variant("yamada", ["", "ISO 2022 IR 87"], YAMADA, "YAM-1", "20240320", "120000", "ACC%1", "low_dose"),
+    Variant("astrom", "ISO_IR 100", "ÅSTRÖM^ÖRJAN", "AST-1", "20010101", "070000", "ACC-3", "plain"),
 )
 
 
@@ -82,7 +83,8 @@ def _variant(v: Variant, source: Path, out: Path) -> Path:
 
 MUELLER_STUDY = _uid("mueller", CT_STUDY)
 YAMADA_STUDY = _uid("yamada", CT_STUDY)
-ALL_STUDIES = {CT_STUDY, MR_STUDY, DOE_STUDY, MUELLER_STUDY, YAMADA_STUDY}
+ASTROM_STUDY = _uid("astrom", CT_STUDY)
+ALL_STUDIES = {CT_STUDY, MR_STUDY, DOE_STUDY, MUELLER_STUDY, YAMADA_STUDY, ASTROM_STUDY}
 
 
 @dataclass
@@ -239,7 +241,7 @@ def test_patient_level_under_patient_root(index: Index) -> None:
     q = query.from_identifier(ident, "patient")
     assert query.unsupported(q) == ["StudyDate"]
     results = {str(r.PatientID): r for r in index.find(q)}
-    assert set(results) == {"PLASTIC", "crlab", "77654033", "MUE-1", "YAM-1"}
+    assert set(results) == {"PLASTIC", "crlab", "77654033", "MUE-1", "YAM-1", "AST-1"}
     doe = results["77654033"]
     assert doe.QueryRetrieveLevel == "PATIENT" and doe.PatientName == "Doe^Archibald"
     assert (
@@ -329,7 +331,7 @@ def test_single_value_matching(index: Index) -> None:
     assert index.study_uids(PatientName="doe^archibald") == {DOE_STUDY}  # PN ignores case, as Orthanc does
     assert index.study_uids(AccessionNumber="ACC%1") == {YAMADA_STUDY}
     assert index.study_uids(StudyDate="19950903") == {DOE_STUDY}
-    assert index.study_uids(ReferringPhysicianName="SMITH^JANE") == {MUELLER_STUDY, YAMADA_STUDY}
+    assert index.study_uids(ReferringPhysicianName="SMITH^JANE") == {MUELLER_STUDY, YAMADA_STUDY, ASTROM_STUDY}
 
 
 def test_wildcard_matching(index: Index) -> None:
@@ -349,6 +351,7 @@ def test_wildcard_matching(index: Index) -> None:
 def test_range_matching(index: Index) -> None:
     assert index.study_uids(StudyDate="20200101-") == {MR_STUDY, MUELLER_STUDY, YAMADA_STUDY}
     assert index.study_uids(StudyDate="-20000101") == {DOE_STUDY}
+    assert index.study_uids(StudyDate="-20010101") == {DOE_STUDY, ASTROM_STUDY}  # bounds are inclusive
     assert index.study_uids(StudyDate="20150101-20221231") == {CT_STUDY, MR_STUDY}
     assert index.study_uids(StudyTime="0800-0900") == {MUELLER_STUDY}  # 09:28 is after 09:00:59
     assert index.study_uids(StudyTime="1200") == {YAMADA_STUDY}  # at the precision sent: 120000 is 12:00
@@ -388,9 +391,19 @@ def test_character_sets(index: Index) -> None:
     assert wild.StudyInstanceUID == YAMADA_STUDY
 
 
+def test_person_names_fold_case_as_the_database_does(index: Index) -> None:
+    """Both sides are folded by the database's lower(): a name is found as stored, whatever the ASCII case;
+    PostgreSQL (a UTF-8 locale) folds the other letters too, SQLite's lower() does not (documented)."""
+    for name in ("ÅSTRÖM^ÖRJAN", "ÅsTrÖm^ÖrJaN", "ÅSTRÖM*", "Åstr?m*", "*^ÖRJAN"):
+        assert index.study_uids(PatientName=name) == {ASTROM_STUDY}, name
+    for name in ("müller^jürgen", "MÜLLER^JÜRGEN", "MÜLL*"):  # stored as Müller^Jürgen
+        assert index.study_uids(PatientName=name) == {MUELLER_STUDY}, name
+    assert index.study_uids(PatientName="åström^örjan") == ({ASTROM_STUDY} if index.dialect == "postgresql" else set())
+
+
 def test_limit_and_offset(index: Index) -> None:
     everything = index.find(Query("STUDY", keys={"StudyInstanceUID": ""}))
-    assert len(everything) == 5
+    assert len(everything) == 6
     page = index.find(Query("STUDY", keys={"StudyInstanceUID": ""}, limit=2, offset=1))
     assert [r.StudyInstanceUID for r in page] == [r.StudyInstanceUID for r in everything[1:3]]
     with index.engine.connect() as conn:
@@ -449,7 +462,7 @@ def test_instances_under_the_matches(index: Index) -> None:
     assert [r.series_uid for r in series] == [CT_SERIES] * 3
     [one] = index.instances(Query("IMAGE", keys={"SOPInstanceUID": series[1].sop_instance_uid}))
     assert one == series[1]
-    assert len(index.instances(Query("STUDY", keys={"PatientName": "*"}))) == 3 + 2 + 5 + 2
+    assert len(index.instances(Query("STUDY", keys={"PatientName": "*"}))) == 3 + 2 + 5 + 3
     assert index.instances(Query("STUDY", keys={"StudyInstanceUID": "1.2.3.4"})) == []
 
 
@@ -459,7 +472,8 @@ def test_instances_under_the_matches(index: Index) -> None:
 @pytest.mark.parametrize(
     ("keys", "message", "tag"),
     [
-        ({"PatientNme": ["x"]}, "PatientNme is not a DICOM attribute keyword", None),
+        ({"PatientNme": ["x"]}, "PatientNme is not a DICOM attribute keyword (did you mean PatientName?)", None),
+        ({"orderby": ["x"]}, "orderby is not a DICOM attribute keyword (keywords are spelled as in PS3.6", None),
         ({"00110010": ["x"]}, "(0011,0010) private attributes cannot be queried", 0x00110010),
         ({"StudyDate": ["2015-01"]}, "StudyDate value '2015-01' is not a date (YYYYMMDD)", 0x00080020),
         ({"StudyInstanceUID": ["1.2.*"]}, "UIDs are matched whole", 0x0020000D),
