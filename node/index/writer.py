@@ -41,6 +41,8 @@ T = TypeVar("T")
 MAX_BATCH = 64
 #: How often a batch runs at most when it keeps losing races with other processes (deadlock etc.).
 ATTEMPTS = 5
+#: A batch that met other processes' writes this many times runs again one item per transaction.
+SPLIT_AFTER = 2
 #: PostgreSQL's "deadlock detected" and "could not serialize access": the transaction may simply run again;
 #: and "foreign key violation": a parent row another process removed meanwhile (retention deleting an empty
 #: study while we filed a new series under it): run again, the rolled-back epoch drops the cached id and the
@@ -194,8 +196,10 @@ class IndexWriter:
     def _commit(self, batch: list[tuple[Work[Any], Future[Any]]]) -> None:
         # Work whose caller gave up waiting (and cancelled it) is not run.
         batch = [(w, f) for w, f in batch if f.set_running_or_notify_cancel()]
-        if not batch:
-            return
+        if batch:
+            self._run_batch(batch)
+
+    def _run_batch(self, batch: list[tuple[Work[Any], Future[Any]]]) -> None:
         results: list[tuple[Future[Any], object, Exception | None]] = []
         for attempt in range(1, ATTEMPTS + 1):
             try:
@@ -220,6 +224,19 @@ class IndexWriter:
                     )
                     time.sleep(min(2.0, 0.1 * 2**attempt))
                     continue
+                if retryable(exc) and len(batch) > 1 and attempt >= SPLIT_AFTER:
+                    # Batches of other processes keep meeting this one (their rows locked in another
+                    # order): one item per transaction, each locking its rows in the same order everywhere.
+                    log.info(
+                        "index transaction of %d item(s) met another process's writes %d times (%s); "
+                        "running its items one by one",
+                        len(batch),
+                        attempt,
+                        _first_line(exc),
+                    )
+                    for item in batch:
+                        self._run_batch([item])
+                    return
                 if retryable(exc) and attempt < ATTEMPTS:
                     log.log(
                         logging.WARNING if attempt >= 3 else logging.INFO,
