@@ -70,7 +70,7 @@ from bench_common import (  # noqa: E402
 )
 from report import cell, ratio, table  # noqa: E402
 
-from node.demo.peers import Orthanc, PeerError  # noqa: E402
+from node.demo.peers import Orthanc, PeerError, find_dicomweb_plugin  # noqa: E402
 
 CELLS = ("node stow", "node c-store", "orthanc stow", "orthanc c-store")
 WADO_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
@@ -312,7 +312,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=3, help="repetitions; medians are reported")
     p.add_argument("--batch", type=int, default=50, help="instances per STOW-RS request (0: all in one)")
     p.add_argument("--stow-streams", type=int, default=1, help="STOW-RS requests in flight")
-    p.add_argument("--wado-repeat", type=int, default=3, help="WADO-RS retrievals after each STOW cell")
+    p.add_argument("--wado-repeat", type=int, default=5, help="WADO-RS retrievals after each STOW cell")
     p.add_argument("--cells", default=",".join(CELLS), help="comma-separated cells: " + ", ".join(CELLS))
     p.add_argument("--timeout", type=float, default=600.0, help="HTTP timeout per request, seconds")
     p.add_argument("--workdir", type=Path, help="data and servers' directories (default: a new temp dir)")
@@ -411,6 +411,11 @@ def main(argv: list[str] | None = None) -> int:
             "machine": machine,
             "versions": versions,
             "data": {"label": label, "instances": len(files), "bytes": nbytes},
+            "servers": {
+                "node": "python -m node run (SQLite in data_dir, defaults; [web] with a token)",
+                "orthanc": "Orthanc via node.demo.peers.Orthanc(dicomweb=True): orthanc_config() defaults, plugin "
+                + str(find_dicomweb_plugin()),
+            },
             "settings": {k: getattr(args, k) for k in ("repeat", "batch", "stow_streams", "wado_repeat", "cell_list")},
             "results": asdict(res),
             "tables": lines,
