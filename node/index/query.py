@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast, get_args
 
@@ -437,6 +437,8 @@ def _vr(keyword: str) -> str:
 
 
 _DATE = re.compile(r"^\d{8}$")
+#: ACR-NEMA dates (YYYY.MM.DD), which old peers still send: read as YYYYMMDD.
+_LEGACY_DATE = re.compile(r"\b\d{4}\.\d{2}\.\d{2}\b")
 _TIME = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
 
 
@@ -509,7 +511,7 @@ def _range_bounds(keyword: str, value: str, pattern: re.Pattern[str], what: str)
 
 
 def _date_condition(keyword: str, column: ColumnElement[Any], value: str) -> ColumnElement[bool]:
-    value = value.replace(".", "") if re.fullmatch(r"[\d.]{10}(-[\d.]{10})?|-[\d.]{10}|[\d.]{10}-", value) else value
+    value = _LEGACY_DATE.sub(lambda m: m.group().replace(".", ""), value)
     if "-" not in value:
         _range_bounds(keyword, value, _DATE, "date (YYYYMMDD)")
         return column == value
@@ -660,15 +662,22 @@ def _return_keys(q: Query) -> list[str]:
     return keys
 
 
-def _statement(q: Query, dialect: str, columns: Sequence[ColumnElement[Any]]) -> Select[Any]:
+def _statement(q: Query, dialect: str) -> tuple[Select[Any], list[str]]:
+    """The SELECT of :func:`find` (the level's id, then one column per key the index keeps) and the keys
+    it leaves to :func:`_study_sets` (a study's modalities or SOP classes: one more query per batch)."""
     table = _TABLES[q.level]
+    available = {k: _KEYS[k] for k in _return_keys(q) if _available(q.level, k)}
+    columns = [spec.column().label(k) for k, spec in available.items() if spec.kind != "set"]
+    sets = [k for k, spec in available.items() if spec.kind == "set"]
+    if sets:
+        columns.append(_study.c.id.label("_study"))
     stmt = select(table.c.id.label("_id"), *columns).select_from(_from(q.level)).where(*_where(q, dialect))
     stmt = stmt.order_by(table.c.id)
     if q.limit is not None:
         stmt = stmt.limit(q.limit)
     if q.offset:
         stmt = stmt.offset(q.offset)
-    return stmt
+    return stmt, sets
 
 
 def count(conn: Connection, q: Query) -> int:
@@ -680,9 +689,7 @@ def count(conn: Connection, q: Query) -> int:
 
 def plan(conn: Connection, q: Query) -> list[str]:
     """How the database runs the SELECT of :func:`find` (EXPLAIN), one line per step: which indexes it reads."""
-    keys = _return_keys(q)
-    columns = [_KEYS[k].column().label(k) for k in keys if _available(q.level, k) and _KEYS[k].kind != "set"]
-    stmt = _statement(q, conn.dialect.name, columns)
+    stmt, _sets = _statement(q, conn.dialect.name)
     sql = str(stmt.compile(conn, compile_kwargs={"literal_binds": True}))
     if conn.dialect.name == "sqlite":
         return [str(row[-1]) for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql)]
@@ -699,14 +706,9 @@ def find(conn: Connection, q: Query, *, retrieve_ae: str = "") -> Iterator[Datas
     (zero-length where the node keeps no value), the unique keys of its level and those above,
     RetrieveAETitle (``retrieve_ae``, when given) and InstanceAvailability "ONLINE".
     """
-    keys = _return_keys(q)
-    elements = _elements(keys)
-    columns = {k: _KEYS[k] for k in keys if _available(q.level, k)}
-    selected = [spec.column().label(k) for k, spec in columns.items() if spec.kind != "set"]
-    sets = [k for k, spec in columns.items() if spec.kind == "set"]
-    if sets:
-        selected.append(_study.c.id.label("_study"))
-    result = conn.execute(_statement(q, conn.dialect.name, selected))
+    elements = _elements(_return_keys(q))
+    stmt, sets = _statement(q, conn.dialect.name)
+    result = conn.execute(stmt)
     while rows := result.fetchmany(_BATCH):
         found = _study_sets(conn, sets, sorted({row._mapping["_study"] for row in rows})) if sets else {}
         for row in rows:
