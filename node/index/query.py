@@ -93,8 +93,9 @@ _instance = Instance.__table__
 _TABLES = {"PATIENT": _patient, "STUDY": _study, "SERIES": _series, "IMAGE": _instance}
 
 #: How a key matches: text (case-sensitive), pn (case-insensitive), uid (list, no wildcard), date/time
-#: (ranges), int, count (a derived count: returned only), set (a study's modalities or SOP classes).
-Kind = Literal["text", "pn", "uid", "date", "time", "int", "count", "set"]
+#: (ranges), int, count (a derived count: returned only), set (a study's modalities or SOP classes),
+#: multi (a multi-valued attribute kept joined by backslashes: any of its values).
+Kind = Literal["text", "pn", "uid", "date", "time", "int", "count", "set", "multi"]
 
 
 @dataclass(frozen=True)
@@ -188,7 +189,7 @@ _KEYS: dict[str, _Key] = {
     "Columns": _Key("IMAGE", "int", _col(_instance, "columns")),
     "NumberOfFrames": _Key("IMAGE", "int", _col(_instance, "number_of_frames")),
     "BitsAllocated": _Key("IMAGE", "int", _col(_instance, "bits_allocated")),
-    "ImageType": _Key("IMAGE", "text", _col(_instance, "image_type")),
+    "ImageType": _Key("IMAGE", "multi", _col(_instance, "image_type")),
     "PhotometricInterpretation": _Key("IMAGE", "text", _col(_instance, "photometric_interpretation")),
     "AvailableTransferSyntaxUID": _Key("IMAGE", "uid", _col(_instance, "transfer_syntax_uid")),
 }
@@ -571,6 +572,20 @@ def _text_condition(column: ColumnElement[Any], value: str, dialect: str, fold: 
     return conditions[0] if len(conditions) == 1 else or_(*conditions)
 
 
+def _multi_condition(column: ColumnElement[Any], value: str, dialect: str) -> ColumnElement[bool] | None:
+    """A multi-valued attribute kept as its values joined by ``\\`` (ImageType): any stored value matches
+    any value asked for (PS3.4 C.2.2.2), each alone, first, last or in between."""
+    conditions: list[ColumnElement[bool]] = []
+    for part in value.split("\\"):
+        part = part.strip()
+        if part.strip("*") == "":
+            return None
+        alone = _wildcard(column, part, dialect, False) if "*" in part or "?" in part else column == part
+        among = [f"{part}\\*", f"*\\{part}", f"*\\{part}\\*"]
+        conditions += [alone, *(_wildcard(column, p, dialect, False) for p in among)]
+    return or_(*conditions)
+
+
 def _uid_condition(keyword: str, column: ColumnElement[Any], value: str) -> ColumnElement[bool] | None:
     uids = [u.strip() for u in value.split("\\") if u.strip()]
     if not uids or uids == ["*"]:
@@ -587,6 +602,8 @@ def _uid_condition(keyword: str, column: ColumnElement[Any], value: str) -> Colu
 def _condition(keyword: str, spec: _Key, value: str, dialect: str) -> ColumnElement[bool] | None:
     """The SQL condition of one key with a value; None when it matches everything."""
     column = spec.column()
+    if spec.kind == "multi":
+        return _multi_condition(column, value, dialect)
     if spec.kind == "uid":
         return _uid_condition(keyword, column, value)
     if spec.kind == "date":

@@ -361,6 +361,20 @@ def test_range_matching(index: Index) -> None:
     assert index.study_uids(StudyDate="1995.09.03") == {DOE_STUDY}
 
 
+def test_multi_valued_attributes_match_any_of_their_values(index: Index) -> None:
+    def images(image_type: str) -> list[Dataset]:
+        return index.find(Query("IMAGE", keys={"ImageType": image_type, "SOPClassUID": ""}))
+
+    derived = images("DERIVED")
+    assert [str(r.SOPClassUID) for r in derived] == [SEG_CLASS]
+    assert list(derived[0].ImageType) == ["DERIVED", "PRIMARY"]  # returned with its values
+    axial = images("AXIAL")  # the last value: the CT slices (3 + 4 + the 3 copies), not the MR or the SEG
+    assert len(axial) == 10 and {str(r.SOPClassUID) for r in axial} == {CT_CLASS}
+    assert len(images("PRIMARY")) == 3 + 2 + 4 + 1 + 3  # a value in between: every image
+    assert len(images("NORM\\DERIVED")) == 2 + 1  # a list: any of them
+    assert len(images("DIS*")) == 2 and images("RIMARY") == []  # whole values, or wildcards
+
+
 def test_list_and_universal_matching(index: Index) -> None:
     assert index.study_uids(StudyInstanceUID=f"{CT_STUDY}\\{MR_STUDY}") == {CT_STUDY, MR_STUDY}
     assert index.study_uids(PatientID="PLASTIC\\crlab") == {CT_STUDY, MR_STUDY}
