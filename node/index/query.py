@@ -492,6 +492,8 @@ def _wildcard(column: ColumnElement[Any], value: str, dialect: str, fold: bool) 
     for v in _foldings(value, dialect):
         like = folded.like(_like_pattern(v), escape="!")
         prefix = re.split(r"[*?]", v, maxsplit=1)[0]
+        if prefix and ord(prefix[-1]) >= 0xD7FF:  # the next code point may be a surrogate: LIKE alone
+            prefix = ""
         # SQLite reads an index for LIKE only on a NOCASE column; a range on lower(name) reads
         # ix_patient_name_lower (binary order: the range holds exactly the names with that prefix).
         matches.append(
