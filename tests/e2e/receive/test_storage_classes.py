@@ -21,7 +21,8 @@ from pynetdicom import AE, build_context
 LABEL_MAP_SEG = "1.2.840.10008.5.1.4.1.1.66.7"
 #: Under the project's own root: a private SOP class no standard will ever define.
 PRIVATE_CLASS = "1.2.826.0.1.3680043.10.1431.99.1"
-PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
+#: A query the node never answers (Query/Retrieve FIND is answered when [qr] is enabled).
+WORKLIST_FIND = "1.2.840.10008.5.1.4.31"
 
 #: Storage classes added to the standard in 2023-2025 (none is in pydicom 3.0's UID dictionary).
 NEW_STANDARD_CLASSES = {
@@ -90,7 +91,7 @@ def scu_config(path: Path) -> Path:
         "[[PresentationContexts]]\n[Contexts]\n"
         f"PresentationContext1 = {LABEL_MAP_SEG}\\Uncompressed\n"
         f"PresentationContext2 = {PRIVATE_CLASS}\\Uncompressed\n"
-        f"PresentationContext3 = {PATIENT_ROOT_FIND}\\Uncompressed\n\n"
+        f"PresentationContext3 = {WORKLIST_FIND}\\Uncompressed\n\n"
         "[[Profiles]]\n[Contexts]\nPresentationContexts = Contexts\n"
     )
     return path
@@ -147,8 +148,8 @@ def test_label_map_seg_and_private_class_stored_byte_identical_and_indexed(node,
     ), log[-3000:]
     # A query is never taken for a storage class, even with unknown classes accepted.
     assert re.search(
-        rf"refused presentation context {re.escape(PATIENT_ROOT_FIND)} \(Patient Root Query/Retrieve "
-        r"Information Model - FIND\).*not a storage service",
+        rf"refused presentation context {re.escape(WORKLIST_FIND)} \(Modality Worklist Information Model - "
+        r"FIND\).*not a storage service",
         log,
     ), log[-3000:]
     assert node.temp_files() == []
