@@ -531,7 +531,7 @@ class Association(threading.Thread):
         if accepted is not None:
             return accepted, ""
         if abstract in sop_classes.QR_CLASSES:  # only without a Q/R service: else they are in `supported`
-            return None, "Query/Retrieve is not enabled on this node ([qr] enabled = false)"
+            return None, "not a storage service, and Query/Retrieve is not enabled on this node ([qr] enabled = false)"
         if sop_classes.is_other_service(abstract):
             services = (
                 "Storage, Verification and Query/Retrieve" if self.server.qr is not None else "Storage and Verification"

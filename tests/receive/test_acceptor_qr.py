@@ -5,6 +5,7 @@ transport (pending responses, finals, C-CANCEL, C-GET sub-operations with role s
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import threading
 import time
@@ -341,7 +342,11 @@ def test_without_a_service_qr_contexts_are_refused_with_a_clear_log(tmp_path, ca
     finally:
         a.stop(1)
     assert out.returncode != 0
-    assert "Query/Retrieve is not enabled on this node ([qr] enabled = false)" in caplog.text
+    assert re.search(
+        r"refused presentation context 1.2.840.10008.5.1.4.1.2.2.1 \(Study Root Query/Retrieve Information Model - "
+        r"FIND\).*: not a storage service, and Query/Retrieve is not enabled on this node \(\[qr\] enabled = false\)",
+        caplog.text,
+    ), caplog.text
 
 
 def test_store_and_echo_still_work_beside_qr(scp, shared_data):
