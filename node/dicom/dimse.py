@@ -72,6 +72,17 @@ def _us_or_none(fields: dict[int, bytes], elem: int) -> int | None:
     return int.from_bytes(value[:2], "little") if value is not None and len(value) >= 2 else None
 
 
+def _counts(fields: dict[int, bytes]) -> dict[str, int | None]:
+    """A C-MOVE/C-GET response's sub-operation counts (looked up only when there are some: C-STORE's path
+    stays as short as it was)."""
+    return {
+        "remaining": _us_or_none(fields, 0x1020),
+        "completed": _us_or_none(fields, 0x1021),
+        "failed": _us_or_none(fields, 0x1022),
+        "warning": _us_or_none(fields, 0x1023),
+    }
+
+
 def _uid(value: bytes) -> str:
     return value.rstrip(b"\x00 ").decode("ascii", "replace").strip()
 
@@ -108,15 +119,12 @@ def decode_command(data: bytes | bytearray | memoryview) -> Command:
         priority=int.from_bytes(fields.get(0x0700, b"\0\0")[:2], "little"),
         move_destination=fields.get(0x0600, b"").decode("ascii", "replace").strip(" \x00"),
         move_originator_ae=fields.get(0x1030, b"").decode("ascii", "replace").strip(" \x00"),
-        move_originator_id=_us_or_none(fields, 0x1031),
+        move_originator_id=_us_or_none(fields, 0x1031) if 0x1031 in fields else None,
         event_type_id=int.from_bytes(fields.get(0x1002, b"\0\0")[:2], "little"),
         responding_to=int.from_bytes(fields.get(0x0120, b"\0\0")[:2], "little"),
         status=int.from_bytes(fields[0x0900][:2], "little") if 0x0900 in fields else None,
         error_comment=fields.get(0x0902, b"").decode("ascii", "replace").strip(" \x00"),
-        remaining=_us_or_none(fields, 0x1020),
-        completed=_us_or_none(fields, 0x1021),
-        failed=_us_or_none(fields, 0x1022),
-        warning=_us_or_none(fields, 0x1023),
+        **(_counts(fields) if 0x1021 in fields or 0x1020 in fields else {}),
     )
 
 
@@ -176,9 +184,10 @@ def encode_response(
         body.append(_elem(0x1000, _ui(sop_instance_uid)))
     if event_type_id is not None:
         body.append(_elem(0x1002, _us(event_type_id)))
-    for elem, count in ((0x1020, remaining), (0x1021, completed), (0x1022, failed), (0x1023, warning)):
-        if count is not None:
-            body.append(_elem(elem, _us(min(count, 0xFFFF))))
+    if remaining is not None or completed is not None or failed is not None or warning is not None:
+        for elem, count in ((0x1020, remaining), (0x1021, completed), (0x1022, failed), (0x1023, warning)):
+            if count is not None:
+                body.append(_elem(elem, _us(min(count, 0xFFFF))))
     rest = b"".join(body)
     return _elem(0x0000, len(rest).to_bytes(4, "little")) + rest
 
