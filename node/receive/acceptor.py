@@ -803,8 +803,7 @@ class Association(threading.Thread):
             log.warning("association %s from %s: refused a %s", info.id, info.calling_ae, comment)
             return QRFinal(Status.SOP_CLASS_NOT_SUPPORTED, comment)
         try:
-            implicit = ts == _IMPLICIT
-            identifier = decode_dataset(io.BytesIO(data), implicit, True)
+            identifier = decode_dataset(io.BytesIO(data), ts == _IMPLICIT, True, ts == _DEFLATED)
             identifier.walk(lambda _ds, _elem: None)  # values decode lazily: fail here, not in the service
         except Exception as e:
             log.warning("association %s from %s: unreadable %s identifier: %s", info.id, info.calling_ae, name, e)
@@ -885,7 +884,8 @@ class Association(threading.Thread):
         return self._sub_message_id
 
 
-_IMPLICIT = "1.2.840.10008.1.2"
+#: Identifiers are read and written in the context's syntax: one of these or Explicit VR Little Endian.
+_IMPLICIT, _DEFLATED = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1.99"
 
 
 def _name(command_field: int) -> str:
@@ -935,7 +935,7 @@ class _Channel:
     ) -> None:
         data = None
         if identifier is not None:
-            data = encode_dataset(identifier, self._ts == _IMPLICIT, True)
+            data = encode_dataset(identifier, self._ts == _IMPLICIT, True, self._ts == _DEFLATED)
             if data is None:
                 raise ValueError("the response identifier cannot be encoded")
         command = dimse.encode_response(

@@ -13,7 +13,13 @@ from io import BytesIO
 from typing import Any
 
 from pydicom.filereader import read_dataset
-from pydicom.uid import UID, AllTransferSyntaxes, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    AllTransferSyntaxes,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from node import audit, metrics
 from node.config import Config
@@ -85,7 +91,7 @@ class StorageSCP:
         """``on_commitment(transaction UID, committed SOP Instance UIDs, {failed UID: reason})``: a
         Storage Commitment result arrived (a PACS sends it on an association of its own). ``qr``: the
         Query/Retrieve service; with it the Patient and Study Root FIND, MOVE and GET classes are accepted
-        (Explicit or Implicit VR Little Endian) and a C-GET requestor may take the SCP role for storage."""
+        (Explicit or Implicit VR Little Endian, Deflated Explicit VR Little Endian) and a C-GET requestor may take the SCP role for storage."""
         self.cfg = cfg
         self.ingest = ingest
         self.on_commitment = on_commitment
@@ -100,7 +106,7 @@ class StorageSCP:
         if on_commitment is not None:
             supported[STORAGE_COMMITMENT] = little_endian
         if qr is not None:
-            supported.update(dict.fromkeys(QR_CLASSES, little_endian))
+            supported.update(dict.fromkeys(QR_CLASSES, little_endian | {DeflatedExplicitVRLittleEndian}))
         settings = AcceptorSettings(
             ae_title=n.ae_title,
             max_pdu=n.max_pdu,

@@ -31,7 +31,7 @@ from node.receive.acceptor import Acceptor, AcceptorSettings, AssociationInfo, Q
 from tests.helpers import PEER_ENV, dataset_bytes, dcmtk, read_sop_uid, series_files, wait_for
 
 VERIFICATION = "1.2.840.10008.1.1"
-EXPLICIT, IMPLICIT = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
+EXPLICIT, IMPLICIT, DEFLATED = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.1.99"
 CT = "1.2.840.10008.5.1.4.1.1.2"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 CT_SERIES = "ct-head-philips-5mm"
@@ -159,7 +159,7 @@ class Handlers:
         return 0, ""
 
     def association_accepted(self, assoc):
-        pass
+        self.contexts = dict(assoc.contexts)
 
     def association_rejected(self, assoc, reason, text):
         pass
@@ -176,7 +176,7 @@ def settings(tmp_path: Path, qr: bool) -> AcceptorSettings:
     storage = frozenset({EXPLICIT, IMPLICIT, "1.2.840.10008.1.2.4.70"})
     supported = {VERIFICATION: little, CT: storage, SECONDARY_CAPTURE: storage}
     if qr:
-        supported.update(dict.fromkeys(sop_classes.QR_CLASSES, little))
+        supported.update(dict.fromkeys(sop_classes.QR_CLASSES, little | {DEFLATED}))
     return AcceptorSettings(
         ae_title="NODE",
         max_pdu=16384,
@@ -226,10 +226,16 @@ def wait_ended(handlers: Handlers, n: int = 1) -> list[str]:
 # --- C-FIND ------------------------------------------------------------------------------------------
 
 
-def test_findscu_gets_every_match_and_the_final(scp, tmp_path):
+@pytest.mark.parametrize(
+    "syntax, negotiated",
+    [("-xe", EXPLICIT), ("-xi", IMPLICIT), ("-xd", DEFLATED)],
+    ids=["explicit", "implicit", "deflated"],
+)
+def test_findscu_gets_every_match_and_the_final(scp, tmp_path, syntax, negotiated):
     scp.qr.matches = 40  # more than one PDU's worth of responses
     out = run(
         "findscu",
+        syntax,
         "-aec",
         "NODE",
         "-P",
@@ -246,6 +252,7 @@ def test_findscu_gets_every_match_and_the_final(scp, tmp_path):
         str(scp.port),
     )
     assert out.returncode == 0, out.stderr
+    assert scp.handlers.contexts == {1: (sop_classes.PATIENT_ROOT_FIND, negotiated)}
     files = sorted(tmp_path.glob("rsp*.dcm"))
     assert len(files) == 40
     assert [str(dcmread(f).PatientID) for f in files] == [f"P{i}" for i in range(40)]
