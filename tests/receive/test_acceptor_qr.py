@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 import subprocess
 import threading
 import time
@@ -18,6 +19,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from pynetdicom import AE, build_role, evt
+from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import (
     CTImageStorage,
     PatientRootQueryRetrieveInformationModelFind,
@@ -25,6 +27,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from node.dicom import association, dimse, pdu
 from node.dicom.status import QRStatus
 from node.receive import sop_classes
 from node.receive.acceptor import Acceptor, AcceptorSettings, AssociationInfo, QRChannel, QRFinal
@@ -558,3 +561,75 @@ def test_without_role_selection_no_instance_is_sent(scp, shared_data):
     assert (final.Status, final.NumberOfFailedSuboperations, final.NumberOfCompletedSuboperations) == (0xA702, 2, 0)
     assert list(identifier.FailedSOPInstanceUIDList) == [i.sop_instance for i in scp.qr.instances]
     assert all("with the SCP role for the requestor" in comment for _, comment in scp.qr.store_results)
+
+
+# --- what DCMTK and pynetdicom do not send ------------------------------------------------------------
+
+
+def raw_find(scp: Running) -> tuple[socket.socket, pdu.PduReader, bytes, bytes]:
+    """An association proposing Patient Root FIND, and a C-FIND-RQ (message 9) command and identifier."""
+    rq = association.build_request(
+        "RAWSCU",
+        "NODE",
+        [(sop_classes.PATIENT_ROOT_FIND, [EXPLICIT])],
+        implementation_class_uid="1.2.3.4",
+        implementation_version_name=None,
+    )
+    s = socket.create_connection(("127.0.0.1", scp.port), timeout=10)
+    reader = pdu.PduReader(s, 1 << 16)
+    s.sendall(rq.encode())
+    assert reader.read_pdu(pdu.MAX_CONTROL_PDU)[0] == pdu.PduType.A_ASSOCIATE_AC
+    cmd = Dataset()
+    cmd.AffectedSOPClassUID = sop_classes.PATIENT_ROOT_FIND
+    cmd.CommandField = 0x0020
+    cmd.MessageID = 9
+    cmd.Priority = 0
+    cmd.CommandDataSetType = 0x0000
+    q = Dataset()
+    q.QueryRetrieveLevel = "PATIENT"
+    q.PatientID = ""
+    return s, reader, encode(cmd, True, True), encode(q, False, True)
+
+
+def responses(reader: pdu.PduReader) -> Iterator[dimse.Command]:
+    """The response command sets until the final one (data set PDVs skipped)."""
+    while True:
+        kind, body = reader.read_pdu(1 << 20)
+        assert kind == pdu.PduType.P_DATA_TF, kind
+        for _cx, header, data in pdu.iter_pdvs(body):
+            if header & pdu.Pdv.COMMAND:
+                rsp = dimse.decode_command(data)
+                yield rsp
+                if rsp.status not in (0xFF00, 0xFF01):
+                    return
+
+
+def test_a_cancel_in_the_same_pdu_as_the_identifier_is_seen(scp):
+    s, reader, command, identifier = raw_find(scp)
+    with s:
+        both = pdu.PDV_HEAD.pack(len(identifier) + 2, 1, pdu.Pdv.LAST) + identifier
+        cancel = dimse.encode_c_cancel_rq(9)
+        both += pdu.PDV_HEAD.pack(len(cancel) + 2, 1, pdu.Pdv.COMMAND | pdu.Pdv.LAST) + cancel
+        s.sendall(pdu.p_data(1, command) + pdu.PDU_HEAD.pack(pdu.PduType.P_DATA_TF, len(both)) + both)
+        got = [(r.command_field, r.responding_to, r.status) for r in responses(reader)]
+        s.sendall(pdu.A_RELEASE_RQ)
+    assert got == [(dimse.C_FIND_RSP, 9, 0xFE00)]
+    assert scp.qr.outcome == ["cancelled after 0"]
+
+
+def test_another_request_during_a_find_aborts_with_a_log_line(scp, caplog):
+    scp.qr.matches, scp.qr.wait_for_cancel_after = 5, 1
+    s, reader, command, identifier = raw_find(scp)
+    with s, caplog.at_level(logging.ERROR, logger="node.receive.acceptor"):
+        s.sendall(pdu.p_data(1, command) + pdu.p_data(1, identifier, pdu.Pdv.LAST))
+        first = next(responses(reader))
+        assert first.status == 0xFF00
+        s.sendall(pdu.p_data(1, dimse.encode_c_echo_rq(10)))
+        kinds = []
+        while kinds[-1:] != [pdu.PduType.A_ABORT]:
+            kinds.append(reader.read_pdu(1 << 20)[0])
+        assert wait_ended(scp.handlers) == ["aborted"]
+    assert scp.qr.outcome == ["ProtocolError"]
+    assert "command 0x0030 while a C-FIND was being answered (asynchronous operations are not negotiated)" in (
+        caplog.text
+    )
