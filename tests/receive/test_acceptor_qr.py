@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import re
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -31,7 +32,7 @@ from node.dicom import association, dimse, pdu
 from node.dicom.status import QRStatus
 from node.receive import sop_classes
 from node.receive.acceptor import Acceptor, AcceptorSettings, AssociationInfo, QRChannel, QRFinal
-from tests.helpers import PEER_ENV, dataset_bytes, dcmtk, read_sop_uid, series_files, wait_for
+from tests.helpers import PEER_ENV, dataset_bytes, dcmtk, make_cert, read_sop_uid, series_files, wait_for
 
 VERIFICATION = "1.2.840.10008.1.1"
 EXPLICIT, IMPLICIT, DEFLATED = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.1.99"
@@ -633,3 +634,74 @@ def test_another_request_during_a_find_aborts_with_a_log_line(scp, caplog):
     assert "command 0x0030 while a C-FIND was being answered (asynchronous operations are not negotiated)" in (
         caplog.text
     )
+
+
+# --- over TLS ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tls_scp(tmp_path) -> Iterator[tuple[Running, Path]]:
+    key, cert = make_cert(tmp_path, "node")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(cert), str(key))
+    qr, handlers = FakeQR(), Handlers()
+    s = settings(tmp_path, qr=True)
+    s.ssl_context = ctx
+    a = Acceptor(s, handlers, "127.0.0.1", 0, qr)
+    a.start()
+    yield Running(a, qr, handlers), cert
+    a.stop(1)
+
+
+def test_findscu_cancel_over_tls(tls_scp):
+    scp, cert = tls_scp
+    scp.qr.matches, scp.qr.wait_for_cancel_after = 10, 2
+    out = run(
+        "findscu",
+        "-v",
+        "+tla",
+        "+cf",
+        str(cert),
+        "-aec",
+        "NODE",
+        "-S",
+        "--cancel",
+        "2",
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "127.0.0.1",
+        str(scp.port),
+    )
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log
+    assert scp.qr.outcome == ["cancelled after 2"]
+    assert "Received Final Find Response (Cancel: MatchingTerminatedDueToCancelRequest)" in log, log
+
+
+def test_get_over_tls_sends_the_data_sets_as_stored(tls_scp, shared_data):
+    scp, cert = tls_scp
+    scp.qr.instances = ct_instances()[:4]
+    wire: dict[str, bytes] = {}
+
+    def on_store(event: evt.Event) -> int:
+        wire[str(event.request.AffectedSOPInstanceUID)] = event.request.DataSet.getvalue()
+        return 0x0000
+
+    client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+    client.check_hostname = False
+    assoc = get_ae().associate(
+        "127.0.0.1",
+        scp.port,
+        ae_title="NODE",
+        ext_neg=[build_role(CTImageStorage, scp_role=True)],
+        evt_handlers=[(evt.EVT_C_STORE, on_store)],
+        tls_args=(client, None),
+    )
+    assert assoc.is_established
+    q = Dataset()
+    q.QueryRetrieveLevel = "SERIES"
+    q.SeriesInstanceUID = "1.2.3"
+    final, _ = list(assoc.send_c_get(q, StudyRootQueryRetrieveInformationModelGet))[-1]
+    assoc.release()
+    assert (final.Status, final.NumberOfCompletedSuboperations) == (0x0000, 4)
+    assert wire == {i.sop_instance: dataset_bytes(i.path) for i in scp.qr.instances}
