@@ -37,7 +37,9 @@ from node.storage.layout import Storage
 
 log = logging.getLogger(__name__)
 
-#: How often a C-MOVE looks at its deliveries, and the longest it goes without a pending response.
+#: How often a C-MOVE looks at its deliveries: soon at first (a small study is often sent within tens of
+#: milliseconds), then less often, and the longest it goes without a pending response.
+MOVE_POLL_FIRST = 0.02
 MOVE_POLL = 0.25
 MOVE_HEARTBEAT = 5.0
 
@@ -240,6 +242,7 @@ class QueryRetrieve:
         deadline = started + self.cfg.qr.move_timeout
         last_sent: tuple[int, ...] = ()
         last_at = time.monotonic()
+        poll = MOVE_POLL_FIRST
         while open_ids:
             with self.reader.connect() as conn:
                 states = queue.states_of(conn, open_ids)
@@ -298,7 +301,8 @@ class QueryRetrieve:
             if key != last_sent or now - last_at >= MOVE_HEARTBEAT:
                 channel.pending(None, **counts.as_args())
                 last_sent, last_at = key, now
-            self._stopping.wait(MOVE_POLL)
+            self._stopping.wait(poll)
+            poll = min(poll * 2, MOVE_POLL)
         return _retrieve_final(counts, failed, f"to {dest.name}")
 
     # -- C-GET ------------------------------------------------------------------------------------
