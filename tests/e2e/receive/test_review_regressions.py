@@ -44,6 +44,8 @@ def _record(n: int, patient: str, study: str) -> InstanceRecord:
             "manufacturer": "",
             "station_name": "",
             "frame_of_reference_uid": "",
+            "series_date": "",
+            "series_time": "",
         },
         instance={
             "sop_instance_uid": f"I-{n}",
