@@ -323,3 +323,44 @@ def _pynetdicom_get(node: NodeProcess, study_uid: str) -> list[tuple[int, pydico
         return [(int(st.Status), ds) for st, ds in assoc.send_c_get(ident, StudyRootQueryRetrieveInformationModelGet)]
     finally:
         assoc.release()
+
+
+def test_a_move_to_a_destination_that_is_down_times_out_and_is_delivered_once_it_is_up(tmp_path: Path) -> None:
+    """[qr] move_timeout: the requestor hears what is still queued; the durable queue delivers it later."""
+    scp = StoreSCP(tmp_path / "later", ae_title="LATER")  # not started yet: its port refuses connections
+    retry = "[destinations.retry]\ninitial_delay = 0.5\nmax_delay = 1\n"
+    node = NodeProcess(tmp_path / "node", extra_config=f"[qr]\nmove_timeout = 2\n{scp.destination('later')}{retry}")
+    try:
+        node.start()
+        assert storescu(node.port, [J2K], "-xv").returncode == 0
+        uid = str(_j2k().SOPInstanceUID)
+        r = _run(
+            "movescu",
+            node,
+            "-S",
+            "-aem",
+            "LATER",
+            "-k",
+            "QueryRetrieveLevel=IMAGE",
+            "-k",
+            f"StudyInstanceUID={_j2k().StudyInstanceUID}",
+            "-k",
+            f"SOPInstanceUID={uid}",
+        )
+        out = r.stdout + r.stderr
+        assert final_status(out) == 0xA702 and counts(out) == (0, 1, 0), out[-3000:]
+        assert "1 still queued for later: delivered later" in out
+        assert node.query("select state from delivery where destination = 'later'") == [("queued",)]
+        assert re.search(
+            r"C-MOVE to later: 1 instance\(s\) still queued after \d+ s \(\[qr\] move_timeout\)", node.log()
+        )
+
+        scp.start()
+        node.wait_delivered(1, timeout=60)
+        [got] = scp.received()
+        assert read_sop_uid(got) == uid
+    finally:
+        code = node.stop()
+        scp.stop()
+    assert "Traceback" not in node.log(), node.log()[-4000:]
+    assert code in (0, None), f"node exited with {code}\n{node.log()[-4000:]}"
