@@ -266,3 +266,10 @@ def _refs(stored: Stored):  # type: ignore[no-untyped-def]
 
     with stored.engine.connect() as conn:
         return query.instances(conn, query.Query("IMAGE", keys={"SOPInstanceUID": ""}))
+
+
+def test_a_malformed_date_is_refused_naming_the_key(stored: Stored) -> None:
+    channel = Channel()
+    final = _service(stored).find(ASSOC, STUDY_FIND, _identifier("STUDY", StudyDate="06.02.2015"), channel)
+    assert final.status == 0xA900 and final.offending == (0x00080020,), final
+    assert "StudyDate" in final.comment and not channel.pendings
