@@ -44,6 +44,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import httpx
+
 # The node of this work tree (its in-process helpers: node.demo.peers), whatever is installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -90,9 +92,28 @@ class WebNode(NodeReceiver):
         self.web_port = 0
         self.token = secrets.token_hex(16)
 
+    def _command(self, workdir: Path) -> tuple[list[str], dict[str, str], Path | None]:
+        """The node runs on the config written here alone: DICOM_NODE_* variables (a test run's) are dropped."""
+        cmd, env, cwd = super()._command(workdir)
+        return cmd, {k: v for k, v in env.items() if not k.startswith("DICOM_NODE_")}, cwd
+
     def extra_config(self) -> str:
         self.web_port = free_port()
         return f'\n[web]\nport = {self.web_port}\ntoken = "{self.token}"\n'
+
+    def start(self, workdir: Path) -> None:
+        """Started once it answers C-ECHO and its web server answers HTTP (it starts listening a little later)."""
+        super().start(workdir)
+        if not wait_until(self._web_up, 60, interval=0.1):
+            self.stop()
+            raise ReceiverUnavailable(f"node: no HTTP answer on port {self.web_port} within 60 s")
+
+    def _web_up(self) -> bool:
+        try:
+            httpx.get(f"http://127.0.0.1:{self.web_port}/healthz", timeout=2)
+        except httpx.HTTPError:
+            return False
+        return True
 
     @property
     def dicomweb_url(self) -> str:
@@ -164,8 +185,6 @@ def multipart_body(files: Sequence[Path], boundary: str) -> tuple[int, Iterator[
 
 def stow(server: Server, files: Sequence[Path], batch: int, streams: int, timeout: float) -> tuple[float, list[str]]:
     """STOW-RS ``files`` in batches with ``streams`` requests in flight; (seconds, problems)."""
-    import httpx
-
     batches = [list(files)] if batch <= 0 else [list(files[i : i + batch]) for i in range(0, len(files), batch)]
     local = threading.local()
     clients: list[httpx.Client] = []
@@ -204,8 +223,6 @@ def stow(server: Server, files: Sequence[Path], batch: int, streams: int, timeou
 
 def wado_series(server: Server, study: str, series: str, timeout: float) -> tuple[float, int, int]:
     """WADO-RS of one series read to the end: (seconds, body bytes, parts)."""
-    import httpx
-
     url = f"{server.url}/studies/{study}/series/{series}"
     with httpx.Client(timeout=timeout, headers=server.headers) as c:
         t0 = time.perf_counter()
@@ -278,8 +295,8 @@ def run_cell(
                     problems.append(f"{name}: WADO-RS returned {parts} parts for {len(files)} instances")
                     break
                 wado.append((w_secs, nbytes))
-    except (RuntimeError, OSError) as exc:
-        problems.append(f"{name}: {exc}")
+    except (RuntimeError, OSError, httpx.HTTPError) as exc:
+        problems.append(f"{name}: {exc!r}")
     finally:
         server.stop()
     return (secs if stored else None), wado, problems

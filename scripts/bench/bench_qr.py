@@ -299,6 +299,11 @@ class QrNode(NodeReceiver):
         self.name = "node-pg" if database is not None else "node"
         self.start_timeout = 120.0
 
+    def _command(self, workdir: Path) -> tuple[list[str], dict[str, str], Path | None]:
+        """The node runs on the config written here alone: DICOM_NODE_* variables (a test run's) are dropped."""
+        cmd, env, cwd = super()._command(workdir)
+        return cmd, {k: v for k, v in env.items() if not k.startswith("DICOM_NODE_")}, cwd
+
     def extra_config(self) -> str:
         text = f"\n[web]\nport = {free_port()}\n"
         if self.database is not None:
