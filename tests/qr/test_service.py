@@ -9,12 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pydicom
+import pytest
 from helpers import read_sop_uid, series_files
 from pydicom import Dataset
 from sqlalchemy import select
 
 from node.index.models import AuditEvent, Delivery
 from node.index.states import DeliveryState
+from node.qr import service as service_module
 from node.qr.service import QueryRetrieve
 from node.send import queue
 
@@ -208,6 +210,34 @@ def test_a_cancelled_move_cancels_the_deliveries_it_queued(stored: Stored) -> No
     final = _service(stored).move(ASSOC, STUDY_MOVE, _series_move(MR), "PACS", channel)
     assert final.status == 0xFE00 and final.remaining == len(uids), final
     assert set(_rows(stored, uids).values()) == {"cancelled"}
+
+
+def test_a_cancelled_move_leaves_what_a_rule_had_queued_before_it(stored: Stored) -> None:
+    files = series_files(MR)
+    uids = [read_sop_uid(f) for f in files]
+    ids = {r.sop_instance_uid: r.instance_id for r in _refs(stored)}
+    with stored.engine.begin() as conn:
+        conn.execute(Delivery.__table__.delete())
+        queue.enqueue(conn, [ids[u] for u in uids[:5]], ["pacs"])  # a rule's forward, before the C-MOVE
+    final = _service(stored).move(ASSOC, STUDY_MOVE, _series_move(MR), "PACS", Channel(STUDY_MOVE, cancel_after=1))
+    assert final.status == 0xFE00 and final.remaining == len(uids), final
+    rows = _rows(stored, set(uids))
+    assert {u: rows[u] for u in uids[:5]} == dict.fromkeys(uids[:5], "queued"), "not the C-MOVE's to cancel"
+    assert {rows[u] for u in uids[5:]} == {"cancelled"}
+
+
+def test_a_waiting_move_sends_a_pending_response_even_when_nothing_changes(
+    stored: Stored, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(service_module, "MOVE_HEARTBEAT", 0.1)
+    with stored.engine.begin() as conn:
+        conn.execute(Delivery.__table__.delete())
+    channel = Channel(STUDY_MOVE)
+    final = _service(stored, "[qr]\nmove_timeout = 1\n").move(ASSOC, STUDY_MOVE, _series_move(MR), "PACS", channel)
+    assert final.status == 0xA702
+    n = len(series_files(MR))
+    assert len(channel.pendings) >= 4, "about one per 0.1 s while nothing is delivered"
+    assert {(p[1]["remaining"], p[1]["completed"]) for p in channel.pendings} == {(n, 0)}
 
 
 def test_a_move_matching_nothing_succeeds_with_zero_counts(stored: Stored) -> None:
