@@ -264,8 +264,21 @@ class DestinationSection(_Section):
         else:
             if not self.url:
                 raise ValueError(f'url required for a destination of type "dicomweb" ({self.name!r})')
-            if self.storage_commitment:
-                raise ValueError(f'storage_commitment is a DIMSE service; destination {self.name!r} is "dicomweb"')
+            dimse_only = sorted(
+                self.model_fields_set
+                & {
+                    "storage_commitment",
+                    "commitment_timeout",
+                    "transfer_syntax",
+                    "accepted_transfer_syntaxes",
+                    "max_pdu",
+                    "calling_ae_title",
+                }
+            )
+            if dimse_only:
+                raise ValueError(
+                    f'{", ".join(dimse_only)}: DIMSE settings, not for destination {self.name!r} of type "dicomweb"'
+                )
             if self.token and (self.username or self.password):
                 raise ValueError(f"give token or username/password for destination {self.name!r}, not both")
         return self

@@ -39,6 +39,13 @@ def test_defaults_work_without_a_file(tmp_path, monkeypatch):
             "not an IP address",
         ),
         ('[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "h"\n', "destinations[0].port", "required"),
+        ('[[destinations]]\nname = "web"\ntype = "dicomweb"\n', "destinations[0]", "url required"),
+        (
+            '[[destinations]]\nname = "web"\ntype = "dicomweb"\nurl = "http://h/dicom-web"\nstorage_commitment = true\n',
+            "destinations[0]",
+            "storage_commitment: DIMSE settings",
+        ),
+        ('[[destinations]]\nname = "web"\ntype = "dicomweb"\nurl = "ftp://h"\n', "destinations[0].url", "not an http"),
         ("[tls]\nenabled = true\n", "tls", "certificate is not set"),
         ("[nod]\nport = 1\n", "nod", "unknown key"),
     ],
