@@ -21,6 +21,7 @@ from python_multipart.multipart import parse_options_header
 from starlette.requests import ClientDisconnect
 
 from node import audit
+from node.dicom.multipart import Body, Part
 from node.dicom.status import Status
 from node.index import query
 from node.index.query import InstanceRef, Level
@@ -363,11 +364,8 @@ def _retrieve(
     except wado.NotAcceptable as e:
         return problem(406, str(e))
     _audit_retrieve(request, user, "WADO-RS", stored, study, series, instance)
-    boundary = wado.new_boundary()
-    return StreamingResponse(
-        wado.multipart(wado.instance_parts(stored), boundary),
-        media_type=f'multipart/related; type="application/dicom"; boundary={boundary}',
-    )
+    body = wado.instance_body(stored)
+    return StreamingResponse(iter(body), media_type=body.content_type, headers={"Content-Length": str(body.length)})
 
 
 def _audit_retrieve(
@@ -479,12 +477,8 @@ def retrieve_frames(
         return problem(400, str(e))
     except wado.NotFound as e:
         return problem(404, str(e))
-    boundary = wado.new_boundary()
-    kind = media.split(";")[0]
-    return StreamingResponse(
-        wado.multipart(((media, [d]) for d in data), boundary),
-        media_type=f'multipart/related; type="{kind}"; boundary={boundary}',
-    )
+    body = Body([Part.of_bytes(d, media) for d in data], type_=media.split(";")[0])
+    return StreamingResponse(iter(body), media_type=body.content_type, headers={"Content-Length": str(body.length)})
 
 
 def _rendered(

@@ -7,8 +7,6 @@ no transcoding, so a client asking for one specific other transfer syntax gets 4
 from __future__ import annotations
 
 import io
-import uuid
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +19,8 @@ from pydicom.multival import MultiValue
 from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 from pydicom.uid import UID
 
+from node.dicom.multipart import Body, Part
 from node.index.query import InstanceRef
-
-CHUNK = 1024 * 1024
 
 #: The media type of a frame in an encapsulated transfer syntax (PS3.18 Table 8.7.3-2).
 FRAME_MEDIA: dict[str, str] = {
@@ -91,28 +88,11 @@ def check_syntaxes(refs: list[InstanceRef], accept: str) -> None:
         )
 
 
-def multipart(parts: Iterable[tuple[str, Iterable[bytes]]], boundary: str) -> Iterator[bytes]:
-    """A multipart/related body from (content type, chunks) parts, produced as it is sent."""
-    for content_type, chunks in parts:
-        yield f"--{boundary}\r\nContent-Type: {content_type}\r\n\r\n".encode()
-        yield from chunks
-        yield b"\r\n"
-    yield f"--{boundary}--\r\n".encode()
-
-
-def new_boundary() -> str:
-    return f"dicom-node-{uuid.uuid4().hex}"
-
-
-def file_chunks(path: Path) -> Iterator[bytes]:
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            yield chunk
-
-
-def instance_parts(files: list[tuple[InstanceRef, Path]]) -> Iterator[tuple[str, Iterable[bytes]]]:
-    for ref, path in files:
-        yield f"application/dicom; transfer-syntax={ref.transfer_syntax_uid}", file_chunks(path)
+def instance_body(files: list[tuple[InstanceRef, Path]]) -> Body:
+    """The multipart/related body of stored instances, each part read from its file as it is sent."""
+    return Body(
+        [Part.of_file(path, f"application/dicom; transfer-syntax={ref.transfer_syntax_uid}") for ref, path in files]
+    )
 
 
 def metadata(ref: InstanceRef, path: Path) -> dict[str, Any]:
