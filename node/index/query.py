@@ -21,8 +21,9 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal, cast, get_args
+from collections.abc import Sequence as SequenceABC
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, cast, get_args, overload
 
 from pydicom import Dataset, config
 from pydicom.datadict import dictionary_VR, keyword_dict, keyword_for_tag, tag_for_keyword
@@ -726,6 +727,12 @@ def find(conn: Connection, q: Query, *, retrieve_ae: str = "") -> Iterator[Datas
     RetrieveAETitle (``retrieve_ae``, when given) and InstanceAvailability "ONLINE".
     """
     elements = _elements(_return_keys(q))
+    for values in _values(conn, q):
+        yield _dataset(q, elements, values, retrieve_ae)
+
+
+def _values(conn: Connection, q: Query) -> Iterator[dict[str, Any]]:
+    """The plain values of each match, by keyword (what a result identifier is built from)."""
     stmt, sets = _statement(q, conn.dialect.name)
     result = conn.execute(stmt)
     while rows := result.fetchmany(_BATCH):
@@ -734,7 +741,49 @@ def find(conn: Connection, q: Query, *, retrieve_ae: str = "") -> Iterator[Datas
             values = dict(row._mapping)
             for k in sets:
                 values[k] = found[k].get(values["_study"], [])
-            yield _dataset(q, elements, values, retrieve_ae)
+            yield values
+
+
+class Matches(SequenceABC[Dataset]):
+    """The matches of a query as plain values; each result identifier is built when it is asked for.
+
+    Why not Datasets: a thousand pydicom Datasets cost far more memory and time than their values, and a
+    C-FIND answer is encoded straight from the values (:meth:`elements`) as each response is sent.
+    """
+
+    def __init__(self, q: Query, retrieve_ae: str, rows: list[dict[str, Any]]) -> None:
+        self.q = q
+        self.retrieve_ae = retrieve_ae
+        self.rows = rows
+        self._elements = _elements(_return_keys(q))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @overload
+    def __getitem__(self, i: int) -> Dataset: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[Dataset]: ...
+
+    def __getitem__(self, i: int | slice) -> Dataset | list[Dataset]:
+        if isinstance(i, slice):
+            return [_dataset(self.q, self._elements, v, self.retrieve_ae) for v in self.rows[i]]
+        return _dataset(self.q, self._elements, self.rows[i], self.retrieve_ae)
+
+
+def find_capped(conn: Connection, q: Query, cap: int, *, retrieve_ae: str = "") -> tuple[Matches, bool]:
+    """The matches of ``q``, at most ``cap`` of them (0: no cap), and whether more matched.
+
+    One more than ``cap`` is read to tell "more" without reading them all; a ``q.limit`` at or below the
+    cap is the client's own page and never "more". ``q`` itself is not changed.
+    """
+    capped = cap > 0 and (q.limit is None or q.limit > cap)
+    rows = list(_values(conn, replace(q, limit=cap + 1) if capped else q))
+    more = capped and len(rows) > cap
+    if more:
+        del rows[cap:]
+    return Matches(q, retrieve_ae, rows), more
 
 
 def _study_sets(conn: Connection, keywords: list[str], study_ids: list[int]) -> dict[str, dict[int, list[str]]]:

@@ -424,6 +424,23 @@ def test_limit_and_offset(index: Index) -> None:
         assert query.count(conn, Query("STUDY", keys={"StudyDate": "20200101-"})) == 3
 
 
+def test_find_capped_says_whether_more_matched(index: Index) -> None:
+    q = Query("STUDY", keys={"StudyInstanceUID": "", "PatientName": ""})
+    with index.engine.connect() as conn:
+        everything = list(query.find(conn, q))
+        capped, more = query.find_capped(conn, q, 4, retrieve_ae="NODE")
+        exact, exact_more = query.find_capped(conn, q, 6)
+        unlimited, unlimited_more = query.find_capped(conn, q, 0)
+        page, page_more = query.find_capped(conn, Query("STUDY", keys={"StudyInstanceUID": ""}, limit=2), 4)
+    assert (len(capped), more) == (4, True)
+    assert [d.StudyInstanceUID for d in capped] == [d.StudyInstanceUID for d in everything[:4]]
+    assert capped[0].RetrieveAETitle == "NODE" and capped[0].PatientName == everything[0].PatientName
+    assert (len(exact), exact_more) == (6, False)
+    assert (len(unlimited), unlimited_more) == (6, False)
+    assert (len(page), page_more) == (2, False)  # the client's own page is not "more"
+    assert q.limit is None  # the caller's query is left as it was
+
+
 # -- QIDO-RS --------------------------------------------------------------------------------------
 
 
