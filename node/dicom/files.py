@@ -21,12 +21,13 @@ own outputs); :func:`file_checksum` is the checksum the index keeps for either.
 
 from __future__ import annotations
 
+import io
 import mmap
 import struct
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NoReturn
 
 import xxhash
 from pydicom import config as pydicom_config
@@ -35,7 +36,7 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.filereader import dcmread, read_file_meta_info
+from pydicom.filereader import dcmread, read_dataset, read_file_meta_info
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
@@ -470,6 +471,62 @@ def read_file_header(path: Path) -> tuple[Header, int, FileMetaDataset]:
     # preamble (128) + "DICM" (4) + the group length element (12) + the rest of group 0002
     header = read_header(str(path), ts, size, 132 + 12 + int(meta.FileMetaInformationGroupLength))
     return header, size, meta
+
+
+#: A File Meta group larger than this is not a real one (they are a few hundred bytes).
+MAX_FILE_META = 64 * 1024
+
+
+def split_file_meta(head: bytes | bytearray) -> tuple[Dataset, int] | None:
+    """The File Meta of a Part 10 file's start and where its data set begins; None: more bytes needed.
+
+    Incremental: call it again with more of the start as it arrives (STOW-RS parts are streamed), and it
+    never reads past the File Meta, so the data set need not have arrived.
+
+    Raises ValueError (with what is wrong) for something that is not a Part 10 file. The group is walked
+    element by element (Explicit VR Little Endian, PS3.10 7.1) rather than trusting its group length.
+    """
+    if len(head) < 132:
+        return None
+    if head[128:132] != b"DICM":
+        raise ValueError("not a DICOM Part 10 file: no 128-byte preamble followed by 'DICM'")
+    pos = 132
+    while True:
+        if len(head) < pos + 6:
+            if len(head) >= MAX_FILE_META:
+                _file_meta_too_long()
+            return None
+        group, _elem = struct.unpack_from("<HH", head, pos)
+        if group != 0x0002:
+            break
+        vr = bytes(head[pos + 4 : pos + 6])
+        if vr in LONG_VRS:
+            if len(head) < pos + 12:
+                return None
+            length = struct.unpack_from("<L", head, pos + 8)[0]
+            pos += 12 + length
+        else:
+            if len(head) < pos + 8:
+                return None
+            pos += 8 + struct.unpack_from("<H", head, pos + 6)[0]
+        if pos > MAX_FILE_META:
+            _file_meta_too_long()
+    if pos == 132:
+        raise ValueError("not a DICOM Part 10 file: no File Meta Information (group 0002) after 'DICM'")
+    try:
+        meta = read_dataset(io.BytesIO(bytes(head[132:pos])), is_implicit_VR=False, is_little_endian=True)
+        ts = str(meta.get("TransferSyntaxUID", "") or "").strip()
+    except Exception as e:
+        raise ValueError(f"the File Meta Information cannot be read: {e}") from None
+    if not ts:
+        raise ValueError("the File Meta has no Transfer Syntax UID (0002,0010)")
+    if not UID(ts).is_transfer_syntax:
+        raise ValueError(f"transfer syntax {ts} in the File Meta is not one this node can read")
+    return meta, pos
+
+
+def _file_meta_too_long() -> NoReturn:
+    raise ValueError(f"the File Meta Information is longer than {MAX_FILE_META} bytes: not a real one")
 
 
 def _read_with_pydicom(fp: BinaryIO, transfer_syntax: UID, file_size: int, dataset_offset: int) -> Header:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from node.index.query import InstanceRef, Level
 from node.receive.ingest import Ingest, Peer
 from node.web import dicomweb_wado as wado
 from node.web.context import WebContext, api_user, context
-from node.web.dicomweb_stow import MalformedBody, PartResult, StowReceiver
+from node.web.dicomweb_stow import MalformedBody, PartResult, StorePool, StowReceiver
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +37,29 @@ PREFIX = "/dicom-web"
 DICOM_JSON = "application/dicom+json"
 #: The calling AE title that instances stored through STOW-RS are indexed with (rules can match it).
 STOW_CALLING_AE = "STOW-RS"
-#: Threads storing the parts of one STOW-RS request while the next parts arrive.
-STORE_THREADS = 4
+#: RFC 2046 5.1.1: a boundary is 1 to 70 characters.
+MAX_BOUNDARY = 70
 
-router = APIRouter(prefix=PREFIX, tags=["dicomweb"])
+
+@asynccontextmanager
+async def _lifespan(app: Any) -> AsyncIterator[None]:
+    """Stops the STOW-RS store threads with the app (when the server runs the lifespan)."""
+    yield
+    pool: StorePool | None = getattr(app.state, "stow_pool", None)
+    if pool is not None:
+        pool.shutdown()
+
+
+router = APIRouter(prefix=PREFIX, tags=["dicomweb"], lifespan=_lifespan)
+
+
+def _store_pool(request: Request) -> StorePool:
+    """The app's one STOW-RS store pool, made by its first STOW-RS request (on the event loop: no race)."""
+    state = request.app.state
+    pool: StorePool | None = getattr(state, "stow_pool", None)
+    if pool is None:
+        pool = state.stow_pool = StorePool()
+    return pool
 
 
 def problem(status: int, message: str) -> JSONResponse:
@@ -98,6 +118,10 @@ def _stow_boundary(content_type: str) -> str | JSONResponse:
     boundary = params.get(b"boundary", b"").decode("latin-1")
     if not boundary:
         return problem(400, f"the multipart/related Content-Type has no boundary parameter: {accepted}")
+    if len(boundary) > MAX_BOUNDARY:
+        return problem(
+            400, f"the multipart boundary is {len(boundary)} characters long: at most {MAX_BOUNDARY} (RFC 2046)"
+        )
     return boundary
 
 
@@ -154,30 +178,34 @@ async def _stow(request: Request, user: str, study: str | None) -> Response:
     address = request.client.host if request.client else ""
     peer = Peer(STOW_CALLING_AE, ctx.cfg.node.ae_title, address, request_id)
     ingest: Ingest = ctx.ingest
-    with ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="stow") as executor:
-        receiver = StowReceiver(boundary, ingest, peer, study=study, executor=executor)
-        try:
-            async for chunk in request.stream():
-                if chunk:
-                    await run_in_threadpool(receiver.feed, chunk)
-            results = await run_in_threadpool(receiver.finish)
-        except MalformedBody as e:
-            await run_in_threadpool(receiver.collect)  # the stores already under way end first
-            log.warning("STOW-RS %s from %s (%s): 400 %s", request_id, user, address, e)
-            return problem(400, str(e))
-        except ClientDisconnect:
+    receiver = StowReceiver(boundary, ingest, peer, study=study, pool=_store_pool(request))
+    complete = False
+    try:
+        async for chunk in request.stream():
+            if chunk:
+                await run_in_threadpool(receiver.feed, chunk)
+        results = await run_in_threadpool(receiver.finish)
+        complete = True
+    except MalformedBody as e:
+        await run_in_threadpool(receiver.collect)  # the stores already under way end first
+        log.warning("STOW-RS %s from %s (%s): 400 %s", request_id, user, address, e)
+        return problem(400, str(e))
+    except ClientDisconnect:
+        receiver.abandon()
+        done = await run_in_threadpool(receiver.collect)
+        log.warning(
+            "STOW-RS %s from %s (%s): the client went away after %d part(s) (%d stored); the part being "
+            "received was discarded",
+            request_id,
+            user,
+            address,
+            len(done),
+            sum(r.stored for r in done),
+        )
+        return problem(400, "the client closed the connection before the end of the body")
+    finally:
+        if not complete:  # also on cancellation (server shutdown): the part being received leaves no temp file
             receiver.abandon()
-            done = await run_in_threadpool(receiver.collect)
-            log.warning(
-                "STOW-RS %s from %s (%s): the client went away after %d part(s) (%d stored); the part being "
-                "received was discarded",
-                request_id,
-                user,
-                address,
-                len(done),
-                sum(r.stored for r in done),
-            )
-            return problem(400, "the client closed the connection before the end of the body")
     status, body = stow_response(results, base_url(request))
     stored = sum(r.stored for r in results)
     log.info(

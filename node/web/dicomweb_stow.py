@@ -5,29 +5,28 @@ Only the start of a part (preamble, "DICM", File Meta) is buffered until the Fil
 the node's own File Meta (as for C-STORE) goes into a ``ReceivedFile`` followed by the data set bytes
 unchanged. At the end of each part the file goes through ``Ingest.store`` (check, fsync, rename, index
 row): the same durable path as C-STORE, so the answer is sent only once every stored instance is durable,
-and the series tracker and the rules see them like any other instance. Stores run on a few threads while
-the next parts arrive, so the index writer can commit them in batches.
+and the series tracker and the rules see them like any other instance. Stores run on a few threads (one
+:class:`StorePool` for the whole web app) while the next parts arrive, so the index writer can commit them
+in batches.
 """
 
 from __future__ import annotations
 
-import io
 import logging
-import struct
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any
 
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_dataset
 from pydicom.uid import UID
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser
 
 from node import metrics
 from node.dicom import dimse
-from node.dicom.files import Rejected, read_header
+from node.dicom.files import Rejected, read_header, split_file_meta
 from node.dicom.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from node.dicom.status import Status
 from node.receive.ingest import Ingest, Peer
@@ -35,15 +34,14 @@ from node.receive.rxfile import ReceivedFile
 
 log = logging.getLogger(__name__)
 
-#: A File Meta group larger than this is not a real one (they are a few hundred bytes).
-MAX_FILE_META = 64 * 1024
-#: Stores running or waiting while the next parts arrive (each holds one temp file).
-MAX_PENDING = 8
+#: Threads storing STOW-RS parts, for all requests together (storing is fsync-bound, not CPU-bound).
+STORE_THREADS = 4
+#: Stores running or waiting, for all requests together (each holds one temp file); a request whose part
+#: would exceed it waits before reading on, so many clients cannot fill storage.tmp or memory.
+MAX_PENDING = 16
 #: PS3.18 Table 10.5.3-2 failure reasons beyond the DIMSE statuses.
 PROCESSING_FAILURE = Status.CANNOT_UNDERSTAND  # 0xC000
 STUDY_MISMATCH = 0xA900
-#: Explicit VR elements with a 4-byte length (PS3.5 7.1.2).
-_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ UC UN UR UT SV UV".split())
 
 
 class MalformedBody(ValueError):
@@ -67,53 +65,28 @@ class PartResult:
         return self.status == Status.SUCCESS or (self.status & 0xF000) == 0xB000
 
 
-def split_file_meta(head: bytes | bytearray) -> tuple[Dataset, int] | None:
-    """The File Meta of a Part 10 file's start and where its data set begins; None: more bytes needed.
+class StorePool:
+    """The threads that store STOW-RS parts, shared by every request of the web app, and the bound on stores
+    waiting for them (a new pool per request would let N clients start 4N threads and 8N temp files)."""
 
-    Raises ValueError (with what is wrong) for something that is not a Part 10 file. The group is walked
-    element by element (Explicit VR Little Endian, PS3.10 7.1) rather than trusting its group length.
-    """
-    if len(head) < 132:
-        return None
-    if head[128:132] != b"DICM":
-        raise ValueError("not a DICOM Part 10 file: no 128-byte preamble followed by 'DICM'")
-    pos = 132
-    while True:
-        if len(head) < pos + 6:
-            if len(head) >= MAX_FILE_META:
-                _too_long()
-            return None
-        group, _elem = struct.unpack_from("<HH", head, pos)
-        if group != 0x0002:
-            break
-        vr = bytes(head[pos + 4 : pos + 6])
-        if vr in _LONG_VRS:
-            if len(head) < pos + 12:
-                return None
-            length = struct.unpack_from("<L", head, pos + 8)[0]
-            pos += 12 + length
-        else:
-            if len(head) < pos + 8:
-                return None
-            pos += 8 + struct.unpack_from("<H", head, pos + 6)[0]
-        if pos > MAX_FILE_META:
-            _too_long()
-    if pos == 132:
-        raise ValueError("not a DICOM Part 10 file: no File Meta Information (group 0002) after 'DICM'")
-    try:
-        meta = read_dataset(io.BytesIO(bytes(head[132:pos])), is_implicit_VR=False, is_little_endian=True)
-        ts = str(meta.get("TransferSyntaxUID", "") or "").strip()
-    except Exception as e:
-        raise ValueError(f"the File Meta Information cannot be read: {e}") from None
-    if not ts:
-        raise ValueError("the File Meta has no Transfer Syntax UID (0002,0010)")
-    if not UID(ts).is_transfer_syntax:
-        raise ValueError(f"transfer syntax {ts} in the File Meta is not one this node can read")
-    return meta, pos
+    def __init__(self, threads: int = STORE_THREADS, pending: int = MAX_PENDING) -> None:
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="stow")
+        self._slots = threading.BoundedSemaphore(pending)
 
+    def submit(self, fn: Callable[..., PartResult], *args: Any) -> Future[PartResult]:
+        """Run ``fn`` on a pool thread; blocks (the calling request's reading) while MAX_PENDING stores wait."""
+        self._slots.acquire()
+        try:
+            future = self._executor.submit(fn, *args)
+        except BaseException:
+            self._slots.release()
+            raise
+        future.add_done_callback(lambda _f: self._slots.release())
+        return future
 
-def _too_long() -> NoReturn:
-    raise ValueError(f"the File Meta Information is longer than {MAX_FILE_META} bytes: not a real one")
+    def shutdown(self) -> None:
+        """Finish the stores under way (their clients wait for the answer), then stop the threads."""
+        self._executor.shutdown(wait=True)
 
 
 @dataclass
@@ -140,12 +113,12 @@ class StowReceiver:
         peer: Peer,
         *,
         study: str | None = None,
-        executor: ThreadPoolExecutor,
+        pool: StorePool,
     ) -> None:
         self.ingest = ingest
         self.peer = peer
         self.study = study
-        self.executor = executor
+        self.pool = pool
         self.results: list[Future[PartResult] | PartResult] = []
         self._part: _Part | None = None
         self._header_field = bytearray()
@@ -234,11 +207,7 @@ class StowReceiver:
             return
         assert part.meta is not None
         rx, meta, number = part.rx, part.meta, self._parts
-        self._add(self.executor.submit(self._store, rx, meta, number))
-        # Bounded: each pending store holds a temp file; wait for the oldest before reading on.
-        pending = [r for r in self.results if isinstance(r, Future) and not r.done()]
-        if len(pending) >= MAX_PENDING:
-            pending[0].result()
+        self._add(self.pool.submit(self._store, rx, meta, number))
 
     def _on_end(self) -> None:
         self._ended = True
@@ -274,9 +243,23 @@ class StowReceiver:
             log.warning("STOW-RS from %s: part %d refused: %s", self.peer.address, number, why)
             return PartResult(status, f"part {number}: {why}", sop_class, sop_instance)
         study, series = header.text("StudyInstanceUID"), header.text("SeriesInstanceUID")
-        # A File Meta without the SOP UIDs does not lose the instance: the data set names them.
-        sop_class = sop_class or header.text("SOPClassUID")
-        sop_instance = sop_instance or header.text("SOPInstanceUID")
+        if not (sop_class and sop_instance):
+            # A File Meta without the SOP UIDs does not lose the instance: the data set names them, and the
+            # stored file gets a File Meta that names them too (what WADO-RS serves and destinations forward).
+            sop_class = sop_class or header.text("SOPClassUID")
+            sop_instance = sop_instance or header.text("SOPInstanceUID")
+            if not (sop_class and sop_instance):
+                rx.discard()
+                reason = f"part {number}: neither its File Meta nor its data set has a SOP Class and Instance UID"
+                log.warning("STOW-RS from %s: %s", self.peer.address, reason)
+                return PartResult(PROCESSING_FAILURE, reason, sop_class, sop_instance, study, series)
+            try:
+                rx = self._with_file_meta(rx, sop_class, sop_instance, ts)
+            except OSError as e:
+                log.error("STOW-RS from %s: part %d could not be copied: %s", self.peer.address, number, e)
+                return PartResult(
+                    Status.OUT_OF_RESOURCES, f"part {number}: storage error: {e}", sop_class, sop_instance
+                )
         if self.study is not None and study != self.study:
             rx.discard()
             reason = f"part {number}: not the study of the URL: its Study Instance UID is {study or 'missing'}"
@@ -296,6 +279,39 @@ class StowReceiver:
         else:
             stored.reason = f"part {number}: {result.reason}"
         return stored
+
+    def _with_file_meta(self, rx: ReceivedFile, sop_class: str, sop_instance: str, ts: UID) -> ReceivedFile:
+        """A copy of ``rx`` whose File Meta names the SOP Class and Instance UIDs (rare: a copy is fine).
+
+        The File Meta was written before the data set arrived, from the part's own File Meta; the data set
+        bytes are copied unchanged. ``rx`` is removed either way; OSError when the copy cannot be written.
+        """
+        fixed: ReceivedFile | None = None
+        try:
+            fixed = ReceivedFile(self.ingest.storage.tmp)
+            meta = dimse.encode_file_meta(
+                sop_class,
+                sop_instance,
+                str(ts),
+                IMPLEMENTATION_CLASS_UID,
+                IMPLEMENTATION_VERSION_NAME,
+                self.peer.calling_ae,
+            )
+            fixed.write(meta)
+            fixed.dataset_offset = fixed.size
+            with open(rx.name, "rb") as src:
+                src.seek(rx.dataset_offset)
+                while chunk := src.read(1024 * 1024):
+                    fixed.write(chunk)
+            if fixed.error is not None:
+                raise fixed.error
+            return fixed
+        except BaseException:
+            if fixed is not None:
+                fixed.discard()
+            raise
+        finally:
+            rx.discard()
 
     # --- driving ----------------------------------------------------------------------------------
 

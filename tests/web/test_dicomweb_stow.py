@@ -7,6 +7,9 @@ type gets a clear 400/415; nothing half-received is left behind.
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
 import tracemalloc
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -14,12 +17,15 @@ from pathlib import Path
 
 import pytest
 from helpers import SHARED, dataset_bytes, read_sop_uid, series_files
-from helpers.dicomweb import BOUNDARY, LocalNode, files_body, local_node, part, stow_body
+from helpers.dicomweb import BOUNDARY, STOW_TYPE, LocalNode, files_body, local_node, part, stow_body
 from pydicom import dcmread
 from sqlalchemy import text
+from starlette.requests import Request
 
+from node.dicom.files import split_file_meta
 from node.receive.ingest import Peer
-from node.web.dicomweb_stow import StowReceiver
+from node.web import dicomweb
+from node.web.dicomweb_stow import STORE_THREADS, StorePool, StowReceiver
 
 CT = series_files("ct-head-philips-5mm")
 MALFORMED = SHARED / "malformed"
@@ -90,10 +96,19 @@ def test_a_broken_part_gets_its_own_failure_and_the_others_are_stored(web: Local
 
 
 def test_a_file_meta_without_sop_uids_is_stored_under_the_data_set_uids(web: LocalNode):
+    """The stored file's own File Meta names the instance (WADO-RS serves it, destinations forward it)."""
     source = MALFORMED / "CTImageStorage_bad_meta.dcm"
     r = web.stow(files_body([source]))
     assert r.status_code == 200, r.text
-    assert list(_rows(web)) == [read_sop_uid(source)]
+    rows = _rows(web)
+    assert list(rows) == [read_sop_uid(source)]
+    stored = web.storage.absolute(rows[read_sop_uid(source)])
+    meta = dcmread(stored, stop_before_pixels=True).file_meta
+    ds = dcmread(source, stop_before_pixels=True, force=True)
+    assert meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+    assert meta.MediaStorageSOPClassUID == ds.SOPClassUID
+    assert dataset_bytes(stored) == dataset_bytes(source)
+    assert len(web.stored_files()) == 1 and web.temp_files() == []
 
 
 def test_nothing_stored_is_409_with_the_reasons(web: LocalNode):
@@ -137,6 +152,7 @@ def test_a_body_that_is_not_multipart_is_400(web: LocalNode):
         ("application/dicom", 415, "multipart/related"),
         (f'multipart/related; type="application/dicom+json"; boundary={BOUNDARY}', 415, "application/dicom+json"),
         ('multipart/related; type="application/dicom"', 400, "boundary"),
+        (f'multipart/related; type="application/dicom"; boundary={"b" * 300}', 400, "at most 70"),
     ],
 )
 def test_wrong_media_type_says_what_is_accepted(web: LocalNode, content_type: str, code: int, says: str):
@@ -180,8 +196,9 @@ def test_the_body_is_never_held_in_memory(tmp_path: Path):
     """28 CT files (14 MiB) fed in 64 KiB chunks: the receiver's peak allocation stays far below a part's size."""
     with local_node(tmp_path / "data") as web:
         body = files_body(CT)
-        with ThreadPoolExecutor(2) as executor:
-            receiver = StowReceiver(BOUNDARY, web.ingest, Peer("STOW-RS", "NODE", "127.0.0.1", "t"), executor=executor)
+        pool = StorePool(2)
+        try:
+            receiver = StowReceiver(BOUNDARY, web.ingest, Peer("STOW-RS", "NODE", "127.0.0.1", "t"), pool=pool)
             tracemalloc.start()
             try:
                 for k in range(0, len(body), 65536):
@@ -190,7 +207,78 @@ def test_the_body_is_never_held_in_memory(tmp_path: Path):
                 _current, peak = tracemalloc.get_traced_memory()
             finally:
                 tracemalloc.stop()
+        finally:
+            pool.shutdown()
         assert [r.stored for r in results] == [True] * len(CT)
         # The first 64 KiB of each pending file are kept (ReceivedFile.head) and a chunk is in flight: ~1 MiB.
         # A body held whole (14 MiB) or parts held whole (0.5 MiB each, up to 8 pending) would exceed 2 MiB.
         assert peak < 2 * 2**20, f"peak {peak / 2**20:.1f} MiB for a {len(body) / 2**20:.0f} MiB body"
+
+
+def test_concurrent_requests_share_one_bounded_store_pool(web: LocalNode, monkeypatch: pytest.MonkeyPatch):
+    """Three clients at once: at most STORE_THREADS stores run together (not a pool of threads per request)."""
+    lock = threading.Lock()
+    active = peak = 0
+    real = web.ingest.store
+
+    def store(rx, **kw):  # noqa: ANN001, ANN003, ANN202
+        nonlocal active, peak
+        with lock:
+            active += 1
+            peak = max(peak, active)
+        try:
+            time.sleep(0.05)  # a slow disk: the stores overlap
+            return real(rx, **kw)
+        finally:
+            with lock:
+                active -= 1
+
+    monkeypatch.setattr(web.ingest, "store", store)
+    with ThreadPoolExecutor(3) as clients:
+        answers = list(clients.map(lambda fs: web.stow(files_body(fs)), [CT[0:6], CT[6:12], CT[12:18]]))
+    assert [r.status_code for r in answers] == [200, 200, 200]
+    assert len(_rows(web)) == 18 and web.temp_files() == []
+    assert 1 <= peak <= STORE_THREADS
+
+
+def test_a_request_cancelled_mid_part_leaves_no_temp_file(web: LocalNode):
+    """A server shutdown cancels the request while a part is being received: its temp file goes."""
+    chunks = [files_body(CT[:1])[:100_000]]  # past the File Meta: the part's temp file exists
+
+    async def receive() -> dict:
+        if chunks:
+            return {"type": "http.request", "body": chunks.pop(), "more_body": True}
+        raise asyncio.CancelledError
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/dicom-web/studies",
+        "query_string": b"",
+        "headers": [(b"content-type", STOW_TYPE.encode())],
+        "app": web.client.app,
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+        "scheme": "http",
+        "root_path": "",
+    }
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(dicomweb._stow(Request(scope, receive), "tester", None))
+    assert web.temp_files() == [] and _rows(web) == {}
+
+
+def test_split_file_meta_is_incremental():
+    """None until the File Meta and the first data set tag have arrived, then the File Meta and where the data
+    set starts (the first element after group 0002 ends the group: its length is not trusted)."""
+    raw = CT[0].read_bytes()
+    offset = 144 + int.from_bytes(raw[140:144], "little")
+    for n in (0, 100, 132, 140, offset - 1, offset + 5):
+        assert split_file_meta(raw[:n]) is None
+    found = split_file_meta(raw[: offset + 6])
+    assert found is not None
+    meta, at = found
+    assert (
+        at == offset and meta.TransferSyntaxUID == dcmread(CT[0], stop_before_pixels=True).file_meta.TransferSyntaxUID
+    )
+    with pytest.raises(ValueError, match="Part 10"):
+        split_file_meta(b"\0" * 200)
