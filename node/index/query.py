@@ -853,6 +853,24 @@ _RETRIEVE_AE_TAG = 0x00080054
 _AVAILABILITY_TAG = 0x00080056
 
 
+def check_retrieve(q: Query) -> None:
+    """Refuse a C-MOVE or C-GET identifier without the unique keys of its level and the levels above.
+
+    PS3.4 C.4.2.2.1 (no relational retrieve negotiated): a retrieve names what it wants by unique key,
+    one value per level above and one or a list at its own level (Study Root has no patient level). An
+    empty or wildcard key would be universal matching and retrieve the whole archive: QueryError (0xA900)
+    naming the key instead.
+    """
+    levels = [lv for lv in _above(q.level) if lv != "PATIENT" or q.root == "patient"]
+    for lv in levels:
+        key = UNIQUE[lv]
+        value = q.keys.get(key, "").strip()
+        if not value or "*" in value or "?" in value:
+            raise QueryError(f"retrieve at {q.level} level needs {key} (no wildcard)", keyword=key)
+        if lv != q.level and "\\" in value:
+            raise QueryError(f"retrieve at {q.level} level needs one {key}, not a list", keyword=key)
+
+
 def instances(conn: Connection, q: Query) -> list[InstanceRef]:
     """Every stored instance under the matches of ``q`` (what a C-MOVE, C-GET or WADO-RS sends), by series."""
     stmt = (

@@ -173,6 +173,7 @@ class QueryRetrieve:
             return QRFinal(QRStatus.MOVE_DESTINATION_UNKNOWN, comment)
         try:
             q = query.from_identifier(identifier, QR_ROOT[abstract])
+            query.check_retrieve(q)
         except QueryError as e:
             return self._refused(assoc, "C-MOVE", e)
         try:
@@ -236,7 +237,8 @@ class QueryRetrieve:
         ids = list(done.ids)
         counts = _Counts(len(ids))
         failed: list[str] = []
-        uid_of: dict[int, str] = {}
+        # From enqueue time: a row removed meanwhile is still named in the Failed SOP Instance UID List.
+        uid_of = dict(zip(done.ids, done.sop_instance_uids, strict=True))
         open_ids = ids
         started = time.monotonic()
         deadline = started + self.cfg.qr.move_timeout
@@ -247,7 +249,6 @@ class QueryRetrieve:
             with self.reader.connect() as conn:
                 states = queue.states_of(conn, open_ids)
             seen = {s.id for s in states}
-            uid_of.update((s.id, s.sop_instance_uid) for s in states)
             still: list[int] = []
             for s in states:
                 if s.state == DeliveryState.DELIVERED:
@@ -262,6 +263,7 @@ class QueryRetrieve:
                     still.append(s.id)
             gone = [i for i in open_ids if i not in seen]  # removed meanwhile (retention, a discard): not delivered
             counts.failed += len(gone)
+            failed += [uid_of[i] for i in gone]
             open_ids = still
             if not open_ids:
                 break
@@ -312,6 +314,7 @@ class QueryRetrieve:
         started = time.monotonic()
         try:
             q = query.from_identifier(identifier, QR_ROOT[abstract])
+            query.check_retrieve(q)
         except QueryError as e:
             return self._refused(assoc, "C-GET", e)
         try:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +55,9 @@ class Enqueued:
     ids: tuple[int, ...] = ()
     #: The rows this call queued (new or again): what its caller may cancel without touching others' deliveries.
     queued: tuple[int, ...] = ()
+    #: The SOP Instance UID of each row of ``ids``, as it was when queued: a C-MOVE names a row removed
+    #: meanwhile (retention, a discard) in its Failed SOP Instance UID List.
+    sop_instance_uids: tuple[str, ...] = ()
 
 
 def enqueue(
@@ -78,18 +81,19 @@ def enqueue(
     queued: list[int] = []
     if not instance_ids:
         return Enqueued()
+    uids: list[str] = []
     info = {
         r.id: r
-        for r in conn.execute(
-            select(_i.c.id, _i.c.series_fk, _i.c.sop_instance_uid).where(_i.c.id.in_(list(instance_ids)))
-        )
+        for chunk in _chunks(instance_ids)
+        for r in conn.execute(select(_i.c.id, _i.c.series_fk, _i.c.sop_instance_uid).where(_i.c.id.in_(chunk)))
     }
     for dest in destinations:
         existing = {
             r.instance_fk: r
+            for chunk in _chunks(instance_ids)
             for r in conn.execute(
                 select(_d.c.id, _d.c.instance_fk, _d.c.state).where(
-                    _d.c.destination == dest, _d.c.instance_fk.in_(list(instance_ids))
+                    _d.c.destination == dest, _d.c.instance_fk.in_(chunk)
                 )
             )
         }
@@ -139,10 +143,10 @@ def enqueue(
             queued += [r.id for r in made]
             if len(made) < len(rows):  # the other process's rows: ours to follow, not to cancel
                 ids.update(_row_ids(conn, dest, [r["instance_fk"] for r in rows if r["instance_fk"] not in ids]))
-        if again_ids:
+        for chunk in _chunks(again_ids):
             taken = conn.execute(
                 update(_d)
-                .where(_d.c.id.in_(again_ids), _d.c.state.in_(sorted(requeue)))
+                .where(_d.c.id.in_(chunk), _d.c.state.in_(sorted(requeue)))
                 .values(
                     state=DeliveryState.QUEUED,
                     next_attempt_at=now,
@@ -158,19 +162,28 @@ def enqueue(
             ).scalars()
             mine = set(taken)
             requeued += len(mine)
-            queued += [i for i in again_ids if i in mine]
+            queued += [i for i in chunk if i in mine]
         order += [ids[pk] for pk in instance_ids if pk in ids]
-    return Enqueued(new, requeued, already, tuple(order), tuple(queued))
+        uids += [info[pk].sop_instance_uid for pk in instance_ids if pk in ids]
+    return Enqueued(new, requeued, already, tuple(order), tuple(queued), tuple(uids))
+
+
+def _chunks(ids: Sequence[int]) -> Iterator[list[int]]:
+    """``ids`` in lists of at most :data:`_CHUNK`: an IN (...) of each stays below the bound parameter limits
+    (PostgreSQL's protocol: 65,535 per statement)."""
+    for k in range(0, len(ids), _CHUNK):
+        yield list(ids[k : k + _CHUNK])
 
 
 def _row_ids(conn: Connection, destination: str, instance_ids: Sequence[int]) -> dict[int, int]:
     """{instance id: delivery id} of the rows for ``destination`` (another process's, just made)."""
-    if not instance_ids:
-        return {}
-    rows = conn.execute(
-        select(_d.c.instance_fk, _d.c.id).where(_d.c.destination == destination, _d.c.instance_fk.in_(instance_ids))
-    )
-    return {r.instance_fk: r.id for r in rows}
+    return {
+        r.instance_fk: r.id
+        for chunk in _chunks(instance_ids)
+        for r in conn.execute(
+            select(_d.c.instance_fk, _d.c.id).where(_d.c.destination == destination, _d.c.instance_fk.in_(chunk))
+        )
+    }
 
 
 @dataclass(frozen=True)
@@ -188,11 +201,9 @@ class DeliveryStatus:
 def states_of(conn: Connection, ids: Sequence[int]) -> list[DeliveryStatus]:
     """The states of the delivery rows ``ids`` (rows gone meanwhile are left out), in chunks of bound parameters."""
     out: list[DeliveryStatus] = []
-    for k in range(0, len(ids), _CHUNK):
+    for chunk in _chunks(ids):
         rows = conn.execute(
-            select(_d.c.id, _d.c.state, _d.c.sop_instance_uid, _d.c.warning, _d.c.last_error).where(
-                _d.c.id.in_(list(ids[k : k + _CHUNK]))
-            )
+            select(_d.c.id, _d.c.state, _d.c.sop_instance_uid, _d.c.warning, _d.c.last_error).where(_d.c.id.in_(chunk))
         )
         out += [
             DeliveryStatus(r.id, DeliveryState(r.state), r.sop_instance_uid, bool(r.warning), r.last_error or "")

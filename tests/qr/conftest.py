@@ -19,12 +19,19 @@ from node.index.db import make_engine, migrate
 from node.index.writer import IndexWriter
 from node.receive.acceptor import AssociationInfo
 from node.receive.ingest import Ingest
-from node.receive.sop_classes import PATIENT_ROOT_FIND, STUDY_ROOT_FIND, STUDY_ROOT_GET, STUDY_ROOT_MOVE
+from node.receive.sop_classes import (
+    PATIENT_ROOT_FIND,
+    PATIENT_ROOT_GET,
+    PATIENT_ROOT_MOVE,
+    STUDY_ROOT_FIND,
+    STUDY_ROOT_GET,
+    STUDY_ROOT_MOVE,
+)
 from node.storage import Storage
 
 CT, MR = "ct-head-philips-5mm", "mr-t1-sag-siemens"
 STUDY_FIND, STUDY_MOVE, STUDY_GET = STUDY_ROOT_FIND, STUDY_ROOT_MOVE, STUDY_ROOT_GET
-PATIENT_FIND = PATIENT_ROOT_FIND
+PATIENT_FIND, PATIENT_MOVE, PATIENT_GET = PATIENT_ROOT_FIND, PATIENT_ROOT_MOVE, PATIENT_ROOT_GET
 ASSOC = AssociationInfo("a-1", "FINDSCU", "DICOM_NODE", "127.0.0.1", 40000)
 
 

@@ -20,7 +20,19 @@ from node.qr import service as service_module
 from node.qr.service import QueryRetrieve
 from node.send import queue
 
-from .conftest import ASSOC, CT, MR, PATIENT_FIND, STUDY_FIND, STUDY_GET, STUDY_MOVE, Channel, Stored
+from .conftest import (
+    ASSOC,
+    CT,
+    MR,
+    PATIENT_FIND,
+    PATIENT_GET,
+    PATIENT_MOVE,
+    STUDY_FIND,
+    STUDY_GET,
+    STUDY_MOVE,
+    Channel,
+    Stored,
+)
 
 
 def _service(stored: Stored, extra: str = "", wake=lambda dests: None) -> QueryRetrieve:  # type: ignore[no-untyped-def]
@@ -136,7 +148,8 @@ def test_a_cancelled_find_stops_sending_matches(stored: Stored) -> None:
 
 
 def _series_move(name: str) -> Dataset:
-    return _identifier("SERIES", SeriesInstanceUID=_first(name).SeriesInstanceUID)
+    first = _first(name)
+    return _identifier("SERIES", StudyInstanceUID=first.StudyInstanceUID, SeriesInstanceUID=first.SeriesInstanceUID)
 
 
 def _rows(stored: Stored, uids: set[str]) -> dict[str, str]:
@@ -175,6 +188,43 @@ def test_failed_and_warned_sub_operations_give_b000_with_the_failed_uids(stored:
     final = service.move(ASSOC, STUDY_MOVE, _series_move(CT), "PACS", Channel(STUDY_MOVE))
     assert (final.status, final.completed, final.failed, final.warning) == (0xB000, len(files) - 2, 1, 1), final
     assert final.failed_uids == (bad,)
+
+
+def test_deliveries_removed_meanwhile_are_failed_and_named_in_the_failed_uid_list(stored: Stored) -> None:
+    files = series_files(MR)
+    gone = {read_sop_uid(files[0]), read_sop_uid(files[1])}
+    deliver = _deliver(stored)
+    with stored.engine.begin() as conn:
+        conn.execute(Delivery.__table__.delete())
+
+    def wake(destinations: list[str]) -> None:  # retention removed two rows before the dispatcher took them
+        d = Delivery.__table__
+        with stored.engine.begin() as conn:
+            conn.execute(d.delete().where(d.c.sop_instance_uid.in_(gone)))
+        deliver(destinations)
+
+    final = _service(stored, wake=wake).move(ASSOC, STUDY_MOVE, _series_move(MR), "PACS", Channel(STUDY_MOVE))
+    assert (final.status, final.completed, final.failed) == (0xB000, len(files) - 2, 2), final
+    assert set(final.failed_uids) == gone
+
+
+def test_a_move_of_more_instances_than_a_statement_takes_parameters_queues_them(
+    postgres_server: object, tmp_path: Path
+) -> None:
+    """PostgreSQL takes at most 65,535 bound parameters per statement: enqueue's IN lists go in chunks."""
+    from helpers.postgres import new_database
+
+    from node.index.db import make_engine, migrate
+
+    engine = make_engine(new_database(postgres_server))
+    migrate(engine)
+    try:
+        with engine.begin() as conn:
+            done = queue.enqueue(conn, list(range(1, 70_001)), ["pacs"], again=True)
+            assert queue.states_of(conn, list(range(1, 70_001))) == []
+    finally:
+        engine.dispose()
+    assert (done.new, done.ids) == (0, ())
 
 
 def test_a_move_nothing_delivers_ends_at_move_timeout_and_the_deliveries_stay_queued(stored: Stored) -> None:
@@ -238,6 +288,39 @@ def test_a_waiting_move_sends_a_pending_response_even_when_nothing_changes(
     n = len(series_files(MR))
     assert len(channel.pendings) >= 4, "about one per 0.1 s while nothing is delivered"
     assert {(p[1]["remaining"], p[1]["completed"]) for p in channel.pendings} == {(n, 0)}
+
+
+@pytest.mark.parametrize(
+    ("abstract", "level", "keys", "missing"),
+    [
+        (STUDY_MOVE, "STUDY", {"StudyInstanceUID": ""}, "StudyInstanceUID"),
+        (STUDY_MOVE, "STUDY", {"StudyInstanceUID": "1.2*"}, "StudyInstanceUID"),
+        (STUDY_MOVE, "STUDY", {"PatientID": "*"}, "StudyInstanceUID"),
+        (STUDY_GET, "SERIES", {"SeriesInstanceUID": "<ct series>"}, "StudyInstanceUID"),
+        (STUDY_GET, "IMAGE", {"StudyInstanceUID": "<ct study>", "SOPInstanceUID": "1.2.3"}, "SeriesInstanceUID"),
+        (PATIENT_MOVE, "STUDY", {"StudyInstanceUID": "<ct study>"}, "PatientID"),
+        (PATIENT_GET, "PATIENT", {"PatientID": "?"}, "PatientID"),
+    ],
+)
+def test_a_retrieve_without_the_unique_keys_of_its_levels_is_refused_naming_the_key(
+    stored: Stored, abstract: str, level: str, keys: dict[str, str], missing: str
+) -> None:
+    """An empty or wildcard unique key would be universal matching: the whole archive queued or sent."""
+    ct = _first(CT)
+    real = {"<ct series>": str(ct.SeriesInstanceUID), "<ct study>": str(ct.StudyInstanceUID)}
+    ident = _identifier(level, **{k: real.get(v, v) for k, v in keys.items()})
+    with stored.engine.begin() as conn:
+        conn.execute(Delivery.__table__.delete())
+    service = _service(stored)
+    channel = Channel(abstract)
+    if abstract in (STUDY_MOVE, PATIENT_MOVE):
+        final = service.move(ASSOC, abstract, ident, "PACS", channel)
+    else:
+        final = service.get(ASSOC, abstract, ident, channel)
+    assert final.status == 0xA900, final
+    assert final.offending == (pydicom.datadict.tag_for_keyword(missing),)
+    assert missing in final.comment
+    assert not channel.stored and not _rows(stored, {read_sop_uid(f) for f in series_files(CT)})
 
 
 def test_a_move_matching_nothing_succeeds_with_zero_counts(stored: Stored) -> None:

@@ -345,6 +345,8 @@ def test_a_move_to_a_destination_that_is_down_times_out_and_is_delivered_once_it
             "-k",
             f"StudyInstanceUID={_j2k().StudyInstanceUID}",
             "-k",
+            f"SeriesInstanceUID={_j2k().SeriesInstanceUID}",
+            "-k",
             f"SOPInstanceUID={uid}",
         )
         out = r.stdout + r.stderr

@@ -47,6 +47,8 @@ def test_a_move_answered_by_a_receiver_process_is_delivered_by_the_node_process(
             "-k",
             "QueryRetrieveLevel=SERIES",
             "-k",
+            f"StudyInstanceUID={ct.StudyInstanceUID}",
+            "-k",
             f"SeriesInstanceUID={ct.SeriesInstanceUID}",
             "127.0.0.1",
             str(node.port),
