@@ -292,7 +292,7 @@ class Association(threading.Thread):
         self._small: bytearray | None = None
         self._small_limit = MAX_EVENT_DATASET
         #: A Q/R request whose identifier is complete: run once the PDU that ended it is read.
-        self._qr_request: tuple[dimse.Command, int, bytes] | None = None
+        self._qr_request: tuple[dimse.Command, int, bytes | None] | None = None
         #: A C-CANCEL-RQ for it came in the same PDU.
         self._qr_cancel = False
         #: Storage SOP classes for which the requestor took the SCP role (C-GET sub-operations).
@@ -724,11 +724,13 @@ class Association(threading.Thread):
             self._conn_send(pdu.p_data(cx_id, rsp))
             return
         if cmd.command_field != dimse.C_STORE_RQ:
-            if cmd.command_field in _QR_COMMANDS and self._small is not None:
+            if cmd.command_field in _QR_COMMANDS and (self._small is not None or not cmd.has_dataset):
                 if self._qr_request is not None:
                     raise ProtocolError("a second request arrived before the first was answered")
-                data, self._small = bytes(self._small), None
-                self._qr_request = (cmd, cx_id, data)
+                # Without an identifier (Command Data Set Type 0x0101) it is answered 0xC000, not aborted.
+                ident = bytes(self._small) if self._small is not None else None
+                self._small = None
+                self._qr_request = (cmd, cx_id, ident)
                 return
             raise ProtocolError(f"command 0x{cmd.command_field:04X} is not supported by this SCP")
         rx = self._rx
@@ -794,7 +796,7 @@ class Association(threading.Thread):
             identifier=_failed_uid_list(final.failed_uids) if final.failed_uids else None,
         )
 
-    def _qr_final(self, cmd: dimse.Command, abstract: str, ts: str, data: bytes, channel: _Channel) -> QRFinal:
+    def _qr_final(self, cmd: dimse.Command, abstract: str, ts: str, data: bytes | None, channel: _Channel) -> QRFinal:
         assert self.info is not None
         info, qr = self.info, self.server.qr
         _rsp, classes, name = _QR_COMMANDS[cmd.command_field]
@@ -802,6 +804,9 @@ class Association(threading.Thread):
             comment = f"{name} for {cmd.affected_sop_class_uid} on a context for {abstract}"
             log.warning("association %s from %s: refused a %s", info.id, info.calling_ae, comment)
             return QRFinal(Status.SOP_CLASS_NOT_SUPPORTED, comment)
+        if data is None:
+            log.warning("association %s from %s: a %s without an identifier", info.id, info.calling_ae, name)
+            return QRFinal(QRStatus.UNABLE_TO_PROCESS, f"a {name} needs an identifier (the keys to match)")
         try:
             identifier = decode_dataset(io.BytesIO(data), ts == _IMPLICIT, True, ts == _DEFLATED)
             identifier.walk(lambda _ds, _elem: None)  # values decode lazily: fail here, not in the service
@@ -899,9 +904,31 @@ def _name(command_field: int) -> str:
     )
 
 
+#: The longest value a 2-byte length (Explicit VR UI) holds: a longer Failed SOP Instance UID List would be
+#: written as UN by pydicom, which requestors do not read as the list.
+_UI_MAX = 0xFFFE
+
+
 def _failed_uid_list(uids: tuple[str, ...]) -> Dataset:
+    """The Failed SOP Instance UID List (0008,0058) of a final response: the first UIDs that fit in one UI value.
+
+    The counts in the command stay true; the UIDs left out are logged (the node's log has them all).
+    """
+    kept, size = [], -1
+    for uid in uids:
+        size += len(uid) + 1
+        if size > _UI_MAX:
+            break
+        kept.append(uid)
+    if len(kept) < len(uids):
+        log.warning(
+            "Failed SOP Instance UID List: %d of %d UID(s) fit in the response; not listed there: %s",
+            len(kept),
+            len(uids),
+            "\\".join(uids[len(kept) :]),
+        )
     ds = Dataset()
-    ds.FailedSOPInstanceUIDList = list(uids)
+    ds.FailedSOPInstanceUIDList = kept
     return ds
 
 

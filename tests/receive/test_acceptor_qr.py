@@ -426,6 +426,36 @@ def test_move_counts_and_failed_uid_list_as_pynetdicom_reads_them(scp):
     assert final_identifier.FailedSOPInstanceUIDList == "1.2.3.4"
 
 
+def test_a_failed_uid_list_over_64_kib_is_cut_to_what_fits_and_the_counts_stay_true(scp, caplog):
+    """A longer UI value would go out as UN in Explicit VR, which requestors do not read as the list."""
+    uids = tuple(f"1.2.826.0.1.3680043.8.498.{10**20 + i}" for i in range(3000))
+    scp.qr.final = QRFinal(
+        QRStatus.OUT_OF_RESOURCES_SUBOPS,
+        "none sent",
+        remaining=0,
+        completed=0,
+        failed=3000,
+        warning=0,
+        failed_uids=uids,
+    )
+    ae = AE(ae_title="SCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove, [EXPLICIT])
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="NODE")
+    q = Dataset()
+    q.QueryRetrieveLevel = "STUDY"
+    q.StudyInstanceUID = "1.2.3"
+    with caplog.at_level(logging.WARNING, logger="node.receive.acceptor"):
+        final_status, final_identifier = list(
+            assoc.send_c_move(q, "STORESCP", StudyRootQueryRetrieveInformationModelMove)
+        )[-1]
+    assoc.release()
+    assert (final_status.Status, final_status.NumberOfFailedSuboperations) == (0xA702, 3000)
+    listed = list(final_identifier.FailedSOPInstanceUIDList)
+    assert listed == list(uids[: len(listed)]) and len("\\".join(listed)) <= 0xFFFE
+    assert len(listed) == (0xFFFE + 1) // (len(uids[0]) + 1)  # as many as fit
+    assert f"{len(listed)} of 3000 UID(s) fit in the response" in caplog.text and uids[-1] in caplog.text
+
+
 # --- C-GET -------------------------------------------------------------------------------------------
 
 
@@ -634,6 +664,22 @@ def test_another_request_during_a_find_aborts_with_a_log_line(scp, caplog):
     assert "command 0x0030 while a C-FIND was being answered (asynchronous operations are not negotiated)" in (
         caplog.text
     )
+
+
+def test_a_find_without_an_identifier_gets_c000_and_the_association_goes_on(scp):
+    s, reader, _command, _identifier = raw_find(scp)
+    no_data = Dataset()
+    no_data.AffectedSOPClassUID = sop_classes.PATIENT_ROOT_FIND
+    no_data.CommandField, no_data.MessageID, no_data.Priority, no_data.CommandDataSetType = 0x0020, 9, 0, 0x0101
+    with s:
+        s.sendall(pdu.p_data(1, encode(no_data, True, True)))
+        [final] = list(responses(reader))
+        assert (final.status, final.responding_to) == (0xC000, 9)
+        assert final.error_comment == "a C-FIND needs an identifier (the keys to match)"
+        s.sendall(pdu.p_data(1, dimse.encode_c_echo_rq(10)))  # the association is still there
+        [echo] = list(responses(reader))
+        assert echo.status == 0x0000
+    assert scp.qr.asked == []
 
 
 # --- over TLS ----------------------------------------------------------------------------------------
