@@ -18,6 +18,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from python_multipart.multipart import parse_options_header
 from starlette.requests import ClientDisconnect
 
@@ -257,22 +258,19 @@ def _retrieve_url(base: str, level: Level, ds: Dataset) -> str:
 
 
 def _qido(request: Request, user: str, level: Level, study: str | None = None, series: str | None = None) -> Response:
-    accept = request.headers.get("accept", "")
-    if "xml" in accept and "json" not in accept and "*/*" not in accept:
-        return problem(406, f"QIDO-RS answers application/dicom+json only, not {accept}")
+    try:
+        wado.negotiate(request.headers.get("accept", ""), [DICOM_JSON, "application/json"])
+    except wado.NotAcceptable as e:
+        return problem(406, f"QIDO-RS answers {DICOM_JSON} only: {e}")
     params: dict[str, list[str]] = {}
     for name, value in request.query_params.multi_items():
         params.setdefault(name, []).append(value)
     ctx = context(request)
+    cap = ctx.cfg.qr.max_results  # at most [qr] max_results per answer, as for C-FIND
     try:
         q, _include = query.from_qido(level, params, study=study, series=series)
-        # At most [qr] max_results per answer, as for C-FIND; one more is read to know whether there are more.
-        cap = ctx.cfg.qr.max_results
-        capped = bool(cap) and (q.limit is None or q.limit > cap)
-        if capped:
-            q.limit = cap + 1
         with ctx.reader.connect() as conn:
-            found = list(query.find(conn, q))
+            found, more = query.find_capped(conn, q, cap)
     except query.QueryError as e:
         _audit(request, user, "query", 400, f"QIDO-RS {level}: refused: {e}", study=study or "", series=series or "")
         return problem(400, f"QIDO-RS: {e}")
@@ -287,9 +285,7 @@ def _qido(request: Request, user: str, level: Level, study: str | None = None, s
         series=series or "",
     )
     headers = {}
-    if capped and len(found) > cap:
-        found = found[:cap]
-        # PS3.18 8.3.4.4: the client pages on with offset.
+    if more:  # PS3.18 8.3.4.4: the client pages on with offset.
         headers["Warning"] = f'299 dicom-node: "There are additional results that can be requested" (limit {cap})'
     base = base_url(request)
     body = []
@@ -417,7 +413,7 @@ def _metadata(
     if isinstance(stored, Response):
         return stored
     _audit_retrieve(request, user, "WADO-RS metadata", stored, study, series, instance)
-    return JSONResponse([wado.metadata(r, p) for r, p in stored], media_type=DICOM_JSON)
+    return StreamingResponse(wado.metadata_json(stored), media_type=DICOM_JSON)
 
 
 _BAD = {"description": "a path segment that is not a UID, or a bad parameter; the message says which"}
@@ -490,6 +486,7 @@ def instance_metadata(
         200: {"description": "the frames (raw pixels, or the compressed frames)", "content": {"multipart/related": {}}},
         400: _BAD,
         404: {"description": "no such instance or frame"},
+        406: {"description": "a media type or transfer syntax other than the stored one (no transcoding)"},
     },
 )
 def retrieve_frames(
@@ -498,9 +495,13 @@ def retrieve_frames(
     stored = _stored(request, study, series, instance)
     if isinstance(stored, Response):
         return stored
+    ref, path = stored[0]
     try:
         numbers = wado.parse_frames(frames)
-        media, data = wado.frames(stored[0][1], numbers)
+        wado.check_frame_type(request.headers.get("accept", ""), UID(ref.transfer_syntax_uid))
+        media, data = wado.frames(path, numbers)
+    except wado.NotAcceptable as e:
+        return problem(406, str(e))
     except ValueError as e:
         return problem(400, str(e))
     except wado.NotFound as e:
@@ -525,6 +526,8 @@ def _rendered(
         return problem(406, str(e))
     except wado.NotFound as e:
         return problem(404, str(e))
+    except wado.TooLarge as e:
+        return problem(413, str(e))
     except ValueError as e:
         return problem(400, str(e))
     return Response(picture, media_type=media)
@@ -535,6 +538,7 @@ _RENDERED_DOC: dict[int | str, dict[str, Any]] = {
     200: {"description": "the frame as an 8-bit image", "content": {"image/png": {}, "image/jpeg": {}}},
     404: {"description": "no such instance or frame"},
     406: {"description": "neither image/png nor image/jpeg is acceptable"},
+    413: {"description": "the frame is too large to render (more than 64 Mpixel)"},
 }
 _WINDOW = Query("", description="center,width[,linear]: the window instead of the data set's own")
 _QUALITY = Query(90, ge=1, le=100, description="JPEG quality")

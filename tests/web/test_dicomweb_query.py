@@ -7,8 +7,11 @@ stored pixel bytes; rendered is a picture of the right size; unknown UIDs are 40
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import time
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,9 +21,13 @@ from helpers import SHARED, dataset_bytes, read_sop_uid, series_files
 from helpers.dicomweb import LocalNode, files_body, local_node, parts_of
 from PIL import Image
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
+from pydicom.uid import generate_uid
 
 from node import audit
+from node.index import query
+from node.web import dicomweb_wado as wado
 
 CT = series_files("ct-head-philips-5mm")
 MISC = SHARED / "transfer-syntaxes" / "misc"
@@ -230,3 +237,137 @@ def test_searches_and_retrievals_are_audited_by_name_without_values(web: LocalNo
     assert query_event["actor"] == "token" and "PatientID" in query_event["detail"]
     assert "PLASTIC" not in query_event["detail"]  # key names only: values may be patient data
     assert retrieve_event["study_uid"] == study and f"{len(CT)} instance(s)" in retrieve_event["detail"]
+
+
+# --- review fixes: metadata, frames, rendered, Accept ------------------------------------------------
+
+
+def _variant(tmp_path: Path, name: str) -> tuple[Path, Dataset]:
+    """CT[0] as a new instance of a new study: a bad DS value and a large and a small private binary value."""
+    ds = dcmread(CT[0])
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.SliceThickness = "5.25"
+    ds.add_new(0x00090010, "LO", "DICOM-NODE TEST")
+    ds.add_new(0x00091010, "OB", bytes(range(256)) * 256)  # 64 KiB: a PDF or an overlay in real life
+    ds.add_new(0x00091011, "OB", b"small value!")
+    path = tmp_path / name
+    ds.save_as(path, enforce_file_format=True)
+    raw = bytearray(path.read_bytes())
+    at = raw.index(b"5.25")  # SliceThickness's value: no longer a number
+    raw[at : at + 4] = b"five"
+    path.write_bytes(bytes(raw))
+    return path, ds
+
+
+def test_metadata_survives_a_bad_value_and_leaves_large_binary_values_out(web: LocalNode, tmp_path: Path):
+    path, ds = _variant(tmp_path, "bad-ds.dcm")
+    assert web.stow(files_body([path])).status_code == 200
+    r = web.get(f"/dicom-web/studies/{ds.StudyInstanceUID}/metadata")
+    assert r.status_code == 200, r.text
+    (item,) = r.json()
+    assert item["00080018"]["Value"] == [ds.SOPInstanceUID]
+    assert "00180050" not in item  # the DS that is not a number is left out, not a 500
+    assert "00091010" not in item  # 64 KiB of binary: left out
+    assert base64.b64decode(item["00091011"]["InlineBinary"]) == b"small value!"
+    assert len(r.content) < 20_000
+
+
+def test_metadata_is_written_one_instance_at_a_time(web: LocalNode, monkeypatch: pytest.MonkeyPatch):
+    study, series = _ct()
+    stored = [(ref, web.storage.absolute(ref.file_path)) for ref in _series_refs(web, series)]
+    reads: list[Path] = []
+    real = wado.dcmread
+
+    def counting(path, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        reads.append(path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(wado, "dcmread", counting)
+    chunks = wado.metadata_json(stored)
+    assert next(chunks) == b"[" and json.loads(next(chunks))["0020000E"]["Value"] == [series]
+    assert len(reads) == 1  # the others are read as the answer goes out
+    rest = b"".join(chunks)
+    assert len(reads) == len(CT)
+    assert len(json.loads(b"[{}" + rest)) == len(CT)  # the first item stands in as {}: a valid array
+
+
+def _series_refs(web: LocalNode, series: str) -> list:
+    with web.engine.connect() as conn:
+        return query.instances(conn, query.Query(level="SERIES", keys={"SeriesInstanceUID": series}))
+
+
+def _many_frames(tmp_path: Path, frames: int = 40) -> tuple[Path, Dataset]:
+    """The native enhanced CT with its two frames repeated: a 20 MiB multi-frame."""
+    ds = dcmread(NATIVE_MULTIFRAME)
+    ds.PixelData = bytes(ds.PixelData) * (frames // 2)
+    ds.NumberOfFrames = frames
+    path = tmp_path / "many-frames.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path, ds
+
+
+def _peak(fn) -> tuple[object, int]:  # noqa: ANN001
+    tracemalloc.start()
+    try:
+        out = fn()
+        return out, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_frame_is_read_alone_from_the_file(tmp_path: Path):
+    path, ds = _many_frames(tmp_path)
+    size = ds.Rows * ds.Columns * 2
+    (media, (frame,)), peak = _peak(lambda: wado.frames(path, [3]))
+    assert media.startswith("application/octet-stream") and frame == ds.PixelData[2 * size : 3 * size]
+    assert peak < 4 * size, f"{peak / 2**20:.1f} MiB to read one {size / 2**20:.1f} MiB frame of 40"
+
+
+def test_rendering_decodes_only_the_frame_shown(tmp_path: Path):
+    path, ds = _many_frames(tmp_path)
+    png, peak = _peak(lambda: wado.render(path, 3, "image/png", None))
+    assert Image.open(io.BytesIO(png)).size == (512, 512)
+    frame_bytes = ds.Rows * ds.Columns * 2
+    assert peak < 10 * frame_bytes, f"{peak / 2**20:.1f} MiB to render one frame of 40 (all: 20 MiB)"
+
+
+def test_a_frame_too_large_to_render_is_413(web: LocalNode, monkeypatch: pytest.MonkeyPatch):
+    study, series = _ct()
+    monkeypatch.setattr(wado, "MAX_RENDER_PIXELS", 512 * 256)
+    r = web.get(f"/dicom-web/studies/{study}/series/{series}/instances/{read_sop_uid(CT[0])}/rendered")
+    assert r.status_code == 413 and "512 x 512" in r.json()["detail"] and "frames/1" in r.json()["detail"]
+
+
+def test_accept_is_read_with_its_preferences(web: LocalNode):
+    study, series = _ct()
+    base = f"/dicom-web/studies/{study}/series/{series}/instances/{read_sop_uid(CT[0])}"
+    r = web.get(base + "/rendered", Accept="image/png;q=0.2, image/jpeg")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+    assert web.get(base + "/rendered", Accept="image/*").headers["content-type"] == "image/png"
+    assert web.get("/dicom-web/studies", Accept="text/plain").status_code == 406
+    assert web.get("/dicom-web/studies", Accept="application/dicom+xml").status_code == 406
+    assert web.get("/dicom-web/studies", Accept="text/html, */*;q=0.8").status_code == 200
+    assert web.get("/dicom-web/studies", Accept="application/json").status_code == 200
+    r = web.get(
+        f"/dicom-web/studies/{study}",
+        Accept='multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.4.90',
+    )
+    assert r.status_code == 406 and "1.2.840.10008.1.2.1" in r.json()["detail"]
+
+
+def test_compressed_frames_as_octet_stream_need_transfer_syntax_star(web: LocalNode):
+    s, se, i = _refs(J2K_MULTIFRAME)
+    url = f"/dicom-web/studies/{s}/series/{se}/instances/{i}/frames/1"
+    r = web.get(url, Accept='multipart/related; type="application/octet-stream"')
+    assert r.status_code == 406 and 'type="image/jp2"' in r.json()["detail"]
+    r = web.get(url, Accept='multipart/related; type="application/octet-stream"; transfer-syntax=*')
+    assert r.status_code == 200
+    r = web.get(url, Accept='multipart/related; type="image/jp2"')
+    assert r.status_code == 200 and parts_of(r.headers["content-type"], r.content)[0][0].startswith("image/jp2")
+    native = _refs(NATIVE_MULTIFRAME)
+    r = web.get(
+        "/dicom-web/studies/{}/series/{}/instances/{}/frames/1".format(*native),
+        Accept='multipart/related; type="application/octet-stream"',
+    )
+    assert r.status_code == 200
