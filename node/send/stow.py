@@ -9,10 +9,14 @@ connection per worker.
 
 What the answer means for each instance (PS3.18 10.5.3):
 
-* 200: every instance stored (a WarningReason in its ReferencedSOPSequence item is logged as a warning).
-* 202 / 409: the instances listed in FailedSOPSequence failed with their FailureReason, classified as a
-  C-STORE status is (:func:`node.send.failures.classify_status`: 0xA7xx out of resources is retried, the rest
-  fails at once); the others of a 202 were stored, the others of a 409 failed with the response's text.
+* 200 / 202 / 409 with a DICOM JSON body: an instance is delivered only when its SOP Instance UID is in
+  ReferencedSOPSequence (a WarningReason there is recorded as a warning). Those in FailedSOPSequence failed
+  with their FailureReason, classified as a C-STORE status is (:func:`node.send.failures.classify_status`:
+  0xA7xx out of resources is retried, the rest fails at once). One in neither list was not confirmed:
+  a permanent failure saying so (resending it blindly could loop forever; the operator retries it).
+* A 2xx whose body is no STOW-RS response (empty, an HTML login page of a proxy, other JSON): nothing is
+  confirmed, so nothing is delivered; a permanent failure telling to check the ``url`` (a login page will
+  not turn into a PACS by waiting). A 409 without one fails every instance with the response's text.
 * 408, 429, 5xx, a refused or reset connection, a timeout: the destination is unavailable; the batch is
   retried with back-off (the breaker opens as for an association that cannot be opened).
 * 413 for a batch of several: each instance is sent on its own; for one instance it fails.
@@ -24,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +36,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from node.config import DestinationSection
+from node.dicom import multipart
 from node.dicom.status import Status
 from node.send.failures import classify_status
 from node.send.scu import Item, Result, tls_context
@@ -43,8 +47,6 @@ log = logging.getLogger(__name__)
 MAX_ITEMS = 32
 #: Bytes of instances in one STOW-RS request (one larger instance goes alone).
 MAX_BYTES = 64 * 1024 * 1024
-#: Files are streamed in pieces of this size.
-CHUNK = 1024 * 1024
 #: Of an error response's body, this many characters go into the delivery's error.
 BODY_EXCERPT = 300
 
@@ -57,43 +59,58 @@ _WARNING_REASON = "00081196"
 
 @dataclass(frozen=True)
 class StowResponse:
-    """What a STOW-RS response says per SOP Instance UID: failure reasons and warning reasons."""
+    """What a STOW-RS response (PS3.18 10.5.3, a DICOM JSON data set) says per SOP Instance UID.
 
-    failed: dict[str, int]
-    warnings: dict[str, int]
+    ``stored``: the instances in ReferencedSOPSequence, with their WarningReason (None: none given);
+    ``failed``: those in FailedSOPSequence, with their FailureReason (None: none given). Only ``stored`` counts as delivered:
+    an instance the response does not list was not confirmed, whatever the HTTP status.
+    """
+
+    stored: dict[str, int | None]
+    failed: dict[str, int | None]
 
     @classmethod
-    def parse(cls, body: bytes) -> StowResponse:
-        """Read the DICOM JSON response (PS3.18 F.2); a body that is not one says nothing per instance."""
+    def parse(cls, body: bytes) -> StowResponse | None:
+        """Read the DICOM JSON response; None when the body is not one (empty, HTML, other JSON)."""
         try:
-            doc = json.loads(body) if body.strip() else {}
+            doc = json.loads(body)
         except ValueError:
-            return cls({}, {})
-        if isinstance(doc, list):  # some servers answer with an array of one data set
-            doc = doc[0] if doc and isinstance(doc[0], dict) else {}
-        if not isinstance(doc, dict):
-            return cls({}, {})
+            return None
+        if isinstance(doc, list) and len(doc) == 1:  # some servers answer with an array of one data set
+            doc = doc[0]
+        if not isinstance(doc, dict) or not all(_is_attribute(k, v) for k, v in doc.items()):
+            return None
         return cls(
-            _reasons(doc, _FAILED_SOP_SEQUENCE, _FAILURE_REASON),
-            _reasons(doc, _REFERENCED_SOP_SEQUENCE, _WARNING_REASON),
+            dict(_items(doc, _REFERENCED_SOP_SEQUENCE, _WARNING_REASON)),
+            dict(_items(doc, _FAILED_SOP_SEQUENCE, _FAILURE_REASON)),
         )
 
 
-def _reasons(doc: dict[str, Any], sequence: str, reason: str) -> dict[str, int]:
-    """{SOP Instance UID: reason} of the items of ``sequence`` that carry ``reason``."""
-    out: dict[str, int] = {}
+def _is_attribute(key: object, value: object) -> bool:
+    """Whether ``key: value`` is a DICOM JSON attribute (PS3.18 F.2.2: 8 hex digits -> an object with "vr")."""
+    return (
+        isinstance(key, str)
+        and len(key) == 8
+        and all(c in "0123456789abcdefABCDEF" for c in key)
+        and isinstance(value, dict)
+        and "vr" in value
+    )
+
+
+def _items(doc: dict[str, Any], sequence: str, reason: str) -> Iterator[tuple[str, int | None]]:
+    """(SOP Instance UID, ``reason`` code or None) of each item of ``sequence`` that names its instance."""
     items = doc.get(sequence, {}).get("Value", []) if isinstance(doc.get(sequence), dict) else []
-    for it in items:
+    for it in items if isinstance(items, list) else []:
         if not isinstance(it, dict):
             continue
         uid = _first(it, _REFERENCED_SOP_INSTANCE_UID)
-        code = _first(it, reason)
-        if isinstance(uid, str) and code is not None:
-            try:
-                out[uid] = int(code)
-            except (TypeError, ValueError):
-                continue
-    return out
+        if not isinstance(uid, str):
+            continue
+        try:
+            code = _first(it, reason)
+            yield uid, None if code is None else int(code)
+        except (TypeError, ValueError):
+            yield uid, None
 
 
 def _first(item: dict[str, Any], tag: str) -> Any:
@@ -204,34 +221,9 @@ class StowSender:
 
     def _post(self, group: list[Item], size_of: dict[int, int]) -> list[Result]:
         """One STOW-RS request for ``group``; a result per item."""
-        boundary = uuid.uuid4().hex
-        heads = [
-            f"--{boundary}\r\nContent-Type: application/dicom\r\nContent-Length: {size_of[id(it)]}\r\n\r\n".encode()
-            for it in group
-        ]
-        tail = f"--{boundary}--\r\n".encode()
-        length = sum(len(h) + size_of[id(it)] + 2 for h, it in zip(heads, group, strict=True)) + len(tail)
-
-        def body() -> Iterator[bytes]:
-            for head, it in zip(heads, group, strict=True):
-                yield head
-                left = size_of[id(it)]
-                with it.path.open("rb") as f:
-                    while left > 0:
-                        chunk = f.read(min(CHUNK, left))
-                        if not chunk:
-                            raise OSError(f"{it.path} is shorter than when the request began")
-                        left -= len(chunk)
-                        yield chunk
-                yield b"\r\n"
-            yield tail
-
-        headers = {
-            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
-            "Content-Length": str(length),
-        }
+        body = multipart.Body([multipart.Part.of_file(it.path, size=size_of[id(it)]) for it in group])
         try:
-            rsp = self._http().post(self.endpoint, content=body(), headers=headers)
+            rsp = self._http().post(self.endpoint, content=body, headers=body.headers())
         except httpx.TimeoutException as e:
             self.close()
             return self._all(group, "transient", f"no response from {self.label} within {self.dest.timeout:g} s ({e})")
@@ -265,32 +257,58 @@ class StowSender:
         return self._all(group, "permanent", text)
 
     def _per_instance(self, group: list[Item], rsp: httpx.Response) -> list[Result]:
+        """Each instance's result from a 2xx or 409 answer: delivered only if listed in ReferencedSOPSequence."""
         parsed = StowResponse.parse(rsp.content)
-        out = []
-        for it in group:
-            syntax = it.transfer_syntax
-            reason = parsed.failed.get(it.sop_instance)
-            if reason is not None:
-                kind, text = classify_status(reason)
-                if kind == "delivered":  # a "failure" reason that is success or duplicate: stored
-                    out.append(Result(it, "delivered", reason, "", warning=text, sent_syntax=syntax))
-                else:
-                    out.append(
-                        Result(
-                            it,
-                            kind,
-                            reason,
-                            f"{self.label} refused it (STOW-RS FailureReason): {text}",
-                            sent_syntax=syntax,
-                        )
-                    )
-            elif rsp.status_code == 409:
-                out.append(Result(it, "permanent", None, self._http_error(rsp), sent_syntax=syntax))
-            else:
-                warning = parsed.warnings.get(it.sop_instance)
-                note = "" if warning is None else f"STOW-RS WarningReason 0x{warning:04X}"
-                out.append(Result(it, "delivered", Status.SUCCESS, "", warning=note, sent_syntax=syntax))
-        return out
+        if parsed is None:
+            if rsp.status_code == 409:
+                return self._all(group, "permanent", self._http_error(rsp))
+            return self._all(group, "permanent", self._not_stow(rsp))
+        return [self._instance(it, parsed, rsp) for it in group]
+
+    def _instance(self, it: Item, parsed: StowResponse, rsp: httpx.Response) -> Result:
+        syntax = it.transfer_syntax
+        uid = it.sop_instance
+        if uid in parsed.failed:
+            reason = parsed.failed[uid]
+            if reason is None:
+                text = f"{self.label} refused it (in FailedSOPSequence, without a FailureReason)"
+                return Result(it, "permanent", None, text, sent_syntax=syntax)
+            kind, said = classify_status(reason)
+            if kind == "delivered":  # a "failure" reason that is success or duplicate: stored
+                return Result(it, "delivered", reason, "", warning=said, sent_syntax=syntax)
+            text = f"{self.label} refused it (STOW-RS FailureReason): {said}"
+            return Result(it, kind, reason, text, sent_syntax=syntax)
+        if uid in parsed.stored:
+            warning = parsed.stored[uid]
+            note = "" if warning is None else f"STOW-RS WarningReason 0x{warning:04X}"
+            return Result(it, "delivered", Status.SUCCESS, "", warning=note, sent_syntax=syntax)
+        if rsp.status_code == 409:
+            return Result(it, "permanent", None, self._http_error(rsp), sent_syntax=syntax)
+        text = (
+            f"{self.label}: the STOW-RS response (HTTP {rsp.status_code}) lists this instance neither as stored "
+            "(ReferencedSOPSequence) nor as failed (FailedSOPSequence), so it is not counted as delivered: "
+            "check the server's log, then `dicom-node queue retry` sends it again"
+        )
+        return Result(it, "permanent", None, text, sent_syntax=syntax)
+
+    def _not_stow(self, rsp: httpx.Response) -> str:
+        """A 2xx whose body is no STOW-RS response: a login page or proxy answering in the server's place."""
+        kind = rsp.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        text = rsp.text.strip()
+        if not text:
+            what = "an empty body"
+        elif kind == "application/dicom+xml":
+            what = "application/dicom+xml, not the application/dicom+json it was asked for"
+        elif kind == "text/html" or text.startswith("<"):
+            what = "an HTML page"
+        else:
+            what = f"{kind or 'a body without Content-Type'} that is not DICOM JSON"
+        said = " ".join(text.split())[:BODY_EXCERPT]
+        return (
+            f"the server at {self.endpoint} did not answer as a STOW-RS origin server (HTTP {rsp.status_code} "
+            f"with {what}): check [[destinations]] url for {self.dest.name!r}; the instances may or may not be "
+            "stored there, so they are not counted as delivered" + (f" (server said: {said})" if said else "")
+        )
 
     def _http_error(self, rsp: httpx.Response) -> str:
         """The HTTP status, what the server said, and what to change."""

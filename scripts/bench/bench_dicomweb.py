@@ -14,8 +14,9 @@ that rotates between repetitions:
 STOW-RS client (the same for both servers): httpx, ``--batch`` instances per ``multipart/related;
 type="application/dicom"`` request (0: all in one), ``--stow-streams`` requests in flight; each body is
 streamed from the files with its Content-Length known in advance (no chunked encoding). Time: from the
-first request to the last response; every response must be 200 and every server must then hold every
-instance (the node's index, Orthanc's ``/statistics``).
+first request to the last response; every response must be 200 and list each instance of its request in
+ReferencedSOPSequence, and every server must then hold every instance (the node's index, Orthanc's
+``/statistics``).
 
 After a STOW cell, with the series in the server, WADO-RS retrieves it ``--wado-repeat`` times:
 ``GET {base}/studies/{study}/series/{series}`` with ``Accept: multipart/related; type="application/dicom";
@@ -39,7 +40,7 @@ import secrets
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -73,6 +74,8 @@ from bench_common import (  # noqa: E402
 from report import cell, ratio, table  # noqa: E402
 
 from node.demo.peers import Orthanc, PeerError, find_dicomweb_plugin  # noqa: E402
+from node.dicom.multipart import Body, Part  # noqa: E402
+from node.send.stow import StowResponse  # noqa: E402
 
 CELLS = ("node stow", "node c-store", "orthanc stow", "orthanc c-store")
 WADO_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
@@ -165,24 +168,6 @@ class Server:
 # --------------------------------------------------------------------------
 
 
-def multipart_body(files: Sequence[Path], boundary: str) -> tuple[int, Iterator[bytes]]:
-    """(Content-Length, chunks) of a multipart/related body holding ``files``, read from disk as it is sent."""
-    head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-    tail_ = f"--{boundary}--\r\n".encode()
-    length = sum(len(head) + f.stat().st_size + 2 for f in files) + len(tail_)
-
-    def chunks() -> Iterator[bytes]:
-        for f in files:
-            yield head
-            with open(f, "rb") as fp:
-                while data := fp.read(CHUNK):
-                    yield data
-            yield b"\r\n"
-        yield tail_
-
-    return length, chunks()
-
-
 def stow(server: Server, files: Sequence[Path], batch: int, streams: int, timeout: float) -> tuple[float, list[str]]:
     """STOW-RS ``files`` in batches with ``streams`` requests in flight; (seconds, problems)."""
     batches = [list(files)] if batch <= 0 else [list(files[i : i + batch]) for i in range(0, len(files), batch)]
@@ -198,16 +183,15 @@ def stow(server: Server, files: Sequence[Path], batch: int, streams: int, timeou
         return local.c
 
     def send(part: list[Path]) -> str:
-        boundary = secrets.token_hex(16)
-        length, body = multipart_body(part, boundary)
-        headers = {
-            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
-            "Content-Length": str(length),
-            "Accept": "application/dicom+json",
-        }
+        body = Body([Part.of_file(f) for f in part])
+        headers = {**body.headers(), "Accept": "application/dicom+json"}
         rsp = client().post(f"{server.url}/studies", content=body, headers=headers)
         if rsp.status_code != 200:
             return f"STOW-RS of {len(part)} instances: HTTP {rsp.status_code}: {rsp.text[:300]}"
+        answer = StowResponse.parse(rsp.content)
+        if answer is None or len(answer.stored) != len(part):
+            listed = "no STOW-RS response" if answer is None else f"{len(answer.stored)} listed as stored"
+            return f"STOW-RS of {len(part)} instances: HTTP 200 but {listed}: {rsp.text[:300]}"
         return ""
 
     t0 = time.perf_counter()

@@ -5,21 +5,25 @@ FailedSOPSequence, 503/429, 413, a redirect, silence; and the dispatcher riding 
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 from helpers import free_port, series_files, wait_for
 from queue_index import Index
+from sqlalchemy import select
 
 from node.config import DestinationSection, load_config
+from node.index.models import Instance
 from node.send import queue, stow
 from node.send.dispatch import DestinationSender
 from node.send.scu import Item, Result, file_item
@@ -31,7 +35,8 @@ CT = "ct-head-philips-5mm"  # 28 real axial CT images
 @dataclass
 class Reply:
     status: int
-    body: bytes = b""
+    #: None: a STOW-RS response listing every instance of the request as stored (ReferencedSOPSequence).
+    body: bytes | None = None
     headers: dict[str, str] = field(default_factory=dict)
     #: Seconds to wait before answering.
     delay: float = 0.0
@@ -61,6 +66,10 @@ class Request:
             out.append(data)
         return out
 
+    def sop_instances(self) -> list[str]:
+        """The SOP Instance UIDs of the parts, in order."""
+        return [str(pydicom.dcmread(io.BytesIO(p), stop_before_pixels=True).SOPInstanceUID) for p in self.parts()]
+
 
 class StowServer:
     """A DICOMweb server that answers each POST with the next scripted reply (the last one from then on)."""
@@ -78,13 +87,14 @@ class StowServer:
                 req = Request(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
                 server.requests.append(req)
                 reply = server.answer(req)
+                body = response(stored=req.sop_instances()) if reply.body is None else reply.body
                 time.sleep(reply.delay)
                 self.send_response(reply.status)
                 for k, v in {"Content-Type": "application/dicom+json", **reply.headers}.items():
                     self.send_header(k, v)
-                self.send_header("Content-Length", str(len(reply.body)))
+                self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(reply.body)
+                self.wfile.write(body)
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -111,17 +121,24 @@ def script(*replies: Reply) -> Callable[[Request], Reply]:
     return lambda _req: left.pop(0) if len(left) > 1 else left[0]
 
 
-def response(failed: dict[str, int] | None = None, warnings: dict[str, int] | None = None) -> bytes:
-    """A STOW-RS response (DICOM JSON): FailedSOPSequence with FailureReason, ReferencedSOPSequence with warnings."""
+def response(
+    stored: Sequence[str] = (), failed: dict[str, int] | None = None, warnings: dict[str, int] | None = None
+) -> bytes:
+    """A STOW-RS response (DICOM JSON): ReferencedSOPSequence for ``stored`` (WarningReason for those in
+    ``warnings``), FailedSOPSequence with FailureReason for ``failed``."""
 
-    def item(uid: str, tag: str, code: int) -> dict[str, object]:
-        return {"00081155": {"vr": "UI", "Value": [uid]}, tag: {"vr": "US", "Value": [code]}}
+    def item(uid: str, tag: str, code: int | None) -> dict[str, object]:
+        out: dict[str, object] = {"00081155": {"vr": "UI", "Value": [uid]}}
+        if code is not None:
+            out[tag] = {"vr": "US", "Value": [code]}
+        return out
 
     doc: dict[str, object] = {}
     if failed:
         doc["00081198"] = {"vr": "SQ", "Value": [item(u, "00081197", c) for u, c in failed.items()]}
-    if warnings:
-        doc["00081199"] = {"vr": "SQ", "Value": [item(u, "00081196", c) for u, c in warnings.items()]}
+    if stored:
+        warn = warnings or {}
+        doc["00081199"] = {"vr": "SQ", "Value": [item(u, "00081196", warn.get(u)) for u in stored]}
     return json.dumps(doc).encode()
 
 
@@ -139,7 +156,7 @@ def outcomes(results: list[Result]) -> list[str]:
 
 
 def test_instances_go_in_batches_of_parts_identical_to_the_stored_files(items: list[Item]):
-    with StowServer(script(Reply(200, response()))) as srv:
+    with StowServer(script(Reply(200))) as srv:
         sender = stow.StowSender(dest(srv.url, token="t0k3n"))
         results = sender.send(items)
         sender.close()
@@ -171,7 +188,7 @@ def test_a_batch_is_bounded_by_count_and_bytes(items: list[Item], monkeypatch: p
 def test_202_fails_the_instances_listed_in_failed_sop_sequence_and_delivers_the_others(items: list[Item]):
     three = items[:3]
     uids = [it.sop_instance for it in three]
-    body = response(failed={uids[0]: 0xC000}, warnings={uids[1]: 0xB007})
+    body = response(stored=uids[1:], failed={uids[0]: 0xC000}, warnings={uids[1]: 0xB007})
     with StowServer(script(Reply(202, body))) as srv:
         results = stow.StowSender(dest(srv.url)).send(three)
     assert outcomes(results) == ["permanent", "delivered", "delivered"]
@@ -184,7 +201,7 @@ def test_out_of_resources_in_failed_sop_sequence_is_transient_and_holds_back_the
 ):
     monkeypatch.setattr(stow, "MAX_ITEMS", 2)
     uid = items[1].sop_instance
-    with StowServer(script(Reply(202, response(failed={uid: 0xA700})))) as srv:
+    with StowServer(script(Reply(202, response([items[0].sop_instance], failed={uid: 0xA700})))) as srv:
         results = stow.StowSender(dest(srv.url)).send(items[:5])
     assert outcomes(results) == ["delivered", "transient", "transient", "transient", "transient"]
     assert results[1].status == 0xA700 and results[1].attempted
@@ -199,6 +216,51 @@ def test_409_fails_every_instance_with_the_reason_given_or_the_response(items: l
     assert outcomes(results) == ["permanent", "permanent"]
     assert results[0].status == 0xA900
     assert "HTTP 409 Conflict" in results[1].text and "00081198" in results[1].text
+
+
+LOGIN_PAGE = b"<!DOCTYPE html><html><head><title>Sign in</title></head><body><form>...</form></body></html>"
+
+
+@pytest.mark.parametrize(
+    ("reply", "what"),
+    [
+        (Reply(200, LOGIN_PAGE, {"Content-Type": "text/html; charset=utf-8"}), "HTTP 200 with an HTML page"),
+        (Reply(200, b""), "HTTP 200 with an empty body"),
+        (Reply(202, b'{"status": "ok"}', {"Content-Type": "application/json"}), "HTTP 202 with application/json that"),
+        (Reply(200, b"<x/>", {"Content-Type": "application/dicom+xml"}), "HTTP 200 with application/dicom+xml, not"),
+    ],
+    ids=["login-page", "empty", "other-json", "xml"],
+)
+def test_a_success_status_whose_body_is_not_a_stow_response_delivers_nothing(reply: Reply, what: str, items):
+    """A login page or proxy answering 200 in the server's place: nothing is confirmed, so nothing counts as sent."""
+    with StowServer(script(reply)) as srv:
+        results = stow.StowSender(dest(srv.url)).send(items[:3])
+    assert outcomes(results) == ["permanent"] * 3
+    expected = f"the server at {srv.url}/studies did not answer as a STOW-RS origin server ({what}"
+    assert expected in results[0].text, results[0].text
+    assert "check [[destinations]] url for 'web'" in results[0].text
+    if reply.body == LOGIN_PAGE:
+        assert "server said: <!DOCTYPE html><html><head><title>Sign in</title>" in results[0].text
+
+
+def test_an_instance_the_response_does_not_list_is_not_delivered(items: list[Item]):
+    """A valid STOW-RS response that leaves instances out of both sequences confirms only those it lists."""
+    three = items[:3]
+    with StowServer(script(Reply(200, response(stored=[three[0].sop_instance])))) as srv:
+        results = stow.StowSender(dest(srv.url)).send(three)
+    assert outcomes(results) == ["delivered", "permanent", "permanent"]
+    assert "lists this instance neither as stored (ReferencedSOPSequence) nor as failed (FailedSOPSequence)" in (
+        results[1].text
+    )
+    assert "check the server's log, then `dicom-node queue retry` sends it again" in results[1].text
+
+
+def test_a_failed_item_without_a_failure_reason_fails(items: list[Item]):
+    uid = items[0].sop_instance
+    body = json.dumps({"00081198": {"vr": "SQ", "Value": [{"00081155": {"vr": "UI", "Value": [uid]}}]}}).encode()
+    with StowServer(script(Reply(409, body))) as srv:
+        results = stow.StowSender(dest(srv.url)).send(items[:1])
+    assert outcomes(results) == ["permanent"] and "in FailedSOPSequence, without a FailureReason" in results[0].text
 
 
 @pytest.mark.parametrize("code", [503, 429, 408])
@@ -303,12 +365,19 @@ retry = {{ initial_delay = 0.3, max_delay = 0.3, multiplier = 1, jitter = 0 }}
             t.join(20)
 
 
+def queued_uids(index: Index) -> list[str]:
+    """The SOP Instance UIDs of the queued instances (the Index helper's own UIDs, not the files')."""
+    with index.engine.connect() as conn:
+        return list(conn.execute(select(Instance.__table__.c.sop_instance_uid)).scalars())
+
+
 def test_the_queue_rides_out_a_503_with_its_breaker_and_delivers_each_instance_once(
     index: Index, dicomweb_sender: Callable[[str], DestinationSender]
 ):
     files = series_files(CT)[:6]
     ids = index.queue(6, files=files)
-    with StowServer(script(Reply(503, b"starting"), Reply(503, b"starting"), Reply(200))) as srv:
+    stored = Reply(200, response(stored=queued_uids(index)))
+    with StowServer(script(Reply(503, b"starting"), Reply(503, b"starting"), stored)) as srv:
         dicomweb_sender(srv.url)
         wait_for(lambda: {s for _, s, *_ in index.deliveries()} == {"delivered"}, 30, "every delivery")
     rows = index.deliveries()
@@ -335,6 +404,19 @@ def test_a_refusing_server_fails_the_deliveries_once_and_leaves_the_destination_
     )
     assert queue.read_circuit(index.engine, "pacs").failures == 0, "a refusal is not an outage"
     assert len(srv.requests) == 3, "32 + 8, then the 3 queued later: nobody waited for a back-off"
+
+
+def test_a_proxy_login_page_fails_the_deliveries_instead_of_marking_them_delivered(
+    index: Index, dicomweb_sender: Callable[[str], DestinationSender]
+):
+    index.queue(5, files=series_files(CT))
+    with StowServer(script(Reply(200, LOGIN_PAGE, {"Content-Type": "text/html"}))) as srv:
+        dicomweb_sender(srv.url)
+        wait_for(lambda: {s for _, s, *_ in index.deliveries()} == {"failed"}, 30, "every delivery to fail")
+    rows = index.deliveries()
+    assert all("did not answer as a STOW-RS origin server (HTTP 200 with an HTML page)" in r[4] for r in rows)
+    assert all("check [[destinations]] url for 'pacs'" in r[4] for r in rows)
+    assert {r[3] for r in rows} == {1} and len(srv.requests) == 1
 
 
 def test_label_map_segs_go_to_a_dicomweb_destination_as_binary_unless_it_says_send():
