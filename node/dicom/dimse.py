@@ -13,6 +13,7 @@ data set is encoded here too, for the same reason.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 # Command Field values (PS3.7 E.1)
@@ -293,3 +294,48 @@ def dataset_offset(head: bytes, name: str) -> int:
     if len(head) < 144 or head[128:132] != b"DICM" or head[132:136] != b"\x02\x00\x00\x00":
         raise ValueError(f"{name} is not a DICOM file with a File Meta group")
     return 144 + int.from_bytes(head[140:144], "little")
+
+
+# -- result identifiers -------------------------------------------------------------------------------
+
+#: One data set element to write: (tag, VR, value). Value None, "" or [] = zero length; a str (UTF-8: the
+#: data set's Specific Character Set must be ISO_IR 192), a list of str (values joined by backslashes), an
+#: int (IS as text; US/SS/UL/SL binary). A SQ is written empty.
+Element = tuple[int, str, "str | int | list[str] | None"]
+
+_LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
+_BINARY_VRS = {"US": "<H", "SS": "<h", "UL": "<L", "SL": "<l"}
+_EXPLICIT = struct.Struct("<HH2sH")
+_EXPLICIT_LONG = struct.Struct("<HH2s2xL")
+_IMPLICIT = struct.Struct("<HHL")
+
+
+def encode_identifier(elements: Iterable[Element], implicit: bool) -> bytes:
+    """A data set of plain elements in Implicit or Explicit VR Little Endian, in the order given (ascending tags).
+
+    What a C-FIND answers per match: a handful of text values from the index. pydicom's writer (through a
+    Dataset per match) cost about 200 us per result; this costs a few. Text is padded to even length
+    (UI with a NUL, others with a space), as PS3.5 6.2 asks.
+    """
+    out: list[bytes] = []
+    for tag, vr, value in elements:
+        if value is None or value == "" or value == [] or vr == "SQ":
+            data = b""
+        elif vr in _BINARY_VRS:
+            data = struct.pack(_BINARY_VRS[vr], int(value))  # type: ignore[arg-type]
+        else:
+            text = "\\".join(value) if isinstance(value, list) else str(value)
+            data = text.encode("utf-8")
+            if len(data) % 2:
+                data += b"\x00" if vr == "UI" else b" "
+        group, elem = tag >> 16, tag & 0xFFFF
+        if implicit:
+            out.append(_IMPLICIT.pack(group, elem, len(data)))
+        elif vr in _LONG_VRS:
+            out.append(_EXPLICIT_LONG.pack(group, elem, vr.encode("ascii"), len(data)))
+        elif len(data) > 0xFFFF:
+            raise ValueError(f"({group:04X},{elem:04X}) {vr}: {len(data)} bytes do not fit a 2-byte length")
+        else:
+            out.append(_EXPLICIT.pack(group, elem, vr.encode("ascii"), len(data)))
+        out.append(data)
+    return b"".join(out)

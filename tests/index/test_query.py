@@ -441,6 +441,64 @@ def test_find_capped_says_whether_more_matched(index: Index) -> None:
     assert q.limit is None  # the caller's query is left as it was
 
 
+@pytest.mark.parametrize(
+    ("level", "root", "keys"),
+    [
+        ("PATIENT", "patient", {"PatientName": "", "PatientBirthDate": "", "NumberOfPatientRelatedInstances": ""}),
+        (
+            "STUDY",
+            "study",
+            {
+                "PatientName": "",
+                "StudyDate": "",
+                "StudyDescription": "",
+                "ModalitiesInStudy": "",
+                "SOPClassesInStudy": "",
+                "NumberOfStudyRelatedInstances": "",
+                "ReferencedStudySequence": "",
+                "OtherPatientIDs": "",
+            },
+        ),
+        ("SERIES", "study", {"Modality": "", "SeriesNumber": "", "SeriesDescription": "", "SeriesTime": ""}),
+        ("IMAGE", "patient", {"Rows": "", "InstanceNumber": "", "ImageType": "", "NumberOfFrames": ""}),
+    ],
+)
+def test_result_elements_encode_to_the_bytes_pydicom_writes(
+    index: Index, level: str, root: str, keys: dict[str, str]
+) -> None:
+    """C-FIND encodes each result from (tag, VR, value) without pydicom: the same bytes, both VR encodings,
+    for every result (Unicode names, empty values, counts, lists, an empty sequence)."""
+    from pynetdicom.dsutils import encode
+
+    from node.dicom.dimse import encode_identifier
+
+    with index.engine.connect() as conn:
+        matches, _more = query.find_capped(conn, Query(level, root, keys=dict(keys)), 0, retrieve_ae="NODE")  # type: ignore[arg-type]
+    assert len(matches) >= 2
+    for i in range(len(matches)):
+        for implicit in (True, False):
+            assert encode_identifier(matches.elements(i), implicit) == encode(matches[i], implicit, True)
+
+
+def test_a_query_builds_no_table_alias(index: Index, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counts and ModalitiesInStudy/SOPClassesInStudy use aliases built once: an alias made per query rebuilt
+    every column proxy (about 0.3 ms per count, most of a one-match query's time)."""
+    from sqlalchemy import Table
+
+    made: list[str] = []
+    real = Table.alias
+    monkeypatch.setattr(Table, "alias", lambda self, *a, **k: made.append(self.name) or real(self, *a, **k))
+    keys = {
+        "ModalitiesInStudy": "CT",
+        "SOPClassesInStudy": "1.2.840.10008.5.1.4.1.1.2",
+        "NumberOfStudyRelatedSeries": "",
+        "NumberOfStudyRelatedInstances": "",
+        "NumberOfPatientRelatedStudies": "",
+    }
+    found = index.find(Query("STUDY", "patient", keys={"PatientID": "", **keys}))
+    assert found and made == []
+
+
 # -- QIDO-RS --------------------------------------------------------------------------------------
 
 
