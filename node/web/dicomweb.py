@@ -19,7 +19,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from python_multipart.multipart import parse_options_header
+from python_multipart.multipart import MAX_BOUNDARY_LENGTH, parse_options_header
 from starlette.requests import ClientDisconnect
 
 from node import audit
@@ -38,8 +38,9 @@ PREFIX = "/dicom-web"
 DICOM_JSON = "application/dicom+json"
 #: The calling AE title that instances stored through STOW-RS are indexed with (rules can match it).
 STOW_CALLING_AE = "STOW-RS"
-#: RFC 2046 5.1.1: a boundary is 1 to 70 characters.
-MAX_BOUNDARY = 70
+#: The longest multipart boundary taken. RFC 2046 5.1.1 allows 70 characters, but Orthanc's DICOMweb plugin
+#: sends 73 (two UUIDs): be liberal up to what the multipart parser takes.
+MAX_BOUNDARY = MAX_BOUNDARY_LENGTH
 
 
 @asynccontextmanager
@@ -121,7 +122,9 @@ def _stow_boundary(content_type: str) -> str | JSONResponse:
         return problem(400, f"the multipart/related Content-Type has no boundary parameter: {accepted}")
     if len(boundary) > MAX_BOUNDARY:
         return problem(
-            400, f"the multipart boundary is {len(boundary)} characters long: at most {MAX_BOUNDARY} (RFC 2046)"
+            400,
+            f"the multipart boundary is {len(boundary)} characters long: at most {MAX_BOUNDARY} are taken "
+            "(RFC 2046 allows 70)",
         )
     return boundary
 
