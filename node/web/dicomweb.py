@@ -391,7 +391,11 @@ def _retrieve(
     except wado.NotAcceptable as e:
         return problem(406, str(e))
     _audit_retrieve(request, user, "WADO-RS", stored, study, series, instance)
-    body = wado.instance_body(stored)
+    try:
+        body = wado.instance_body(stored)
+    except OSError as e:  # a file went away since it was looked up (deleted by retention meanwhile)
+        log.error("WADO-RS: a stored file cannot be read: %s", e)
+        return problem(404, f"a file of these instances is no longer in the node's storage: {e.filename or e}")
     return StreamingResponse(iter(body), media_type=body.content_type, headers={"Content-Length": str(body.length)})
 
 
