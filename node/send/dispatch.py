@@ -239,8 +239,11 @@ class Breaker:
                 self._refresh()
             return ended
 
-    def failure(self, error: str = "") -> tuple[bool, float, dt.datetime]:
+    def failure(self, error: str = "", at_least: float = 0.0) -> tuple[bool, float, dt.datetime]:
         """Count a transient failure; returns (counted, delay, when to try again).
+
+        ``at_least``: the wait the destination asked for (HTTP Retry-After); it lengthens the back-off, up to
+        ``max_delay`` (the operator's bound on any wait).
 
         A failure reported while the circuit is already open, by a worker whose turn was admitted
         before the circuit last changed, or after another process counted it first, comes from an
@@ -256,7 +259,7 @@ class Breaker:
                 if c.failures and c.retry_at is not None and (now < c.retry_at or stale):
                     return False, max(0.0, (c.retry_at - now).total_seconds()), c.retry_at
                 n = c.failures + 1
-                d = self.delay(n)
+                d = max(self.delay(n), min(at_least, self.policy.max_delay))
                 at = now + dt.timedelta(seconds=d)
                 try:
                     counted = queue.circuit_failed(self.engine, self.destination, c, n, at, error, now)
@@ -570,7 +573,7 @@ class DestinationSender:
             return queue.Outcome(c.id, DeliveryState.FAILED, r.status, r.text, **self._who(c))
         # Transient: the first such result of a batch counts as one failure of the destination.
         if not retry_at:
-            counted, delay, when = self.breaker.failure(r.text)
+            counted, delay, when = self.breaker.failure(r.text, r.retry_after or 0.0)
             retry_at.append(when)
             if counted:
                 log.warning(

@@ -137,6 +137,8 @@ class Result:
     attempted: bool = True
     #: The peer refused the association's first request by aborting: it refuses everything from us.
     refused_all: bool = False
+    #: Transient: seconds the peer asked to wait before the next try (HTTP Retry-After); None: the back-off decides.
+    retry_after: float | None = None
 
 
 class AssociationFailed(Exception):

@@ -18,7 +18,8 @@ What the answer means for each instance (PS3.18 10.5.3):
   confirmed, so nothing is delivered; a permanent failure telling to check the ``url`` (a login page will
   not turn into a PACS by waiting). A 409 without one fails every instance with the response's text.
 * 408, 429, 5xx, a refused or reset connection, a timeout: the destination is unavailable; the batch is
-  retried with back-off (the breaker opens as for an association that cannot be opened).
+  retried with back-off (the breaker opens as for an association that cannot be opened). A Retry-After
+  header lengthens that back-off to what the server asks, up to ``retry.max_delay``.
 * 413 for a batch of several: each instance is sent on its own; for one instance it fails.
 * Other 4xx (400, 401, 403, 404, 415...) and redirects: a permanent failure naming the HTTP status, what the
   server said, and the setting to check (``url``, ``token``, ``username``/``password``).
@@ -26,6 +27,8 @@ What the answer means for each instance (PS3.18 10.5.3):
 
 from __future__ import annotations
 
+import datetime as dt
+import email.utils
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -116,6 +119,25 @@ def _items(doc: dict[str, Any], sequence: str, reason: str) -> Iterator[tuple[st
 def _first(item: dict[str, Any], tag: str) -> Any:
     value = item.get(tag, {}).get("Value") if isinstance(item.get(tag), dict) else None
     return value[0] if isinstance(value, list) and value else None
+
+
+def retry_after(value: str | None, now: dt.datetime | None = None) -> float | None:
+    """Seconds to wait from an HTTP Retry-After header (RFC 9110 10.2.3: delay-seconds or an HTTP date).
+
+    None when absent or unreadable (the back-off alone decides); a date in the past is 0.
+    """
+    if not value or not value.strip():
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return float(text)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return max(0.0, (when - (now or dt.datetime.now(dt.UTC))).total_seconds())
 
 
 def batches(items: list[Item], sizes: list[int]) -> list[list[int]]:
@@ -214,7 +236,7 @@ class StowSender:
                 why = f"not sent: {transient.text}"
                 for later in groups[n + 1 :]:
                     for it in later:
-                        done(Result(it, "transient", None, why, attempted=False))
+                        done(Result(it, "transient", None, why, attempted=False, retry_after=transient.retry_after))
                 self.close()
                 return results
         return results
@@ -253,7 +275,8 @@ class StowSender:
             return self._per_instance(group, rsp)
         text = self._http_error(rsp)
         if code in (408, 429) or code >= 500:
-            return self._all(group, "transient", text)
+            wait = retry_after(rsp.headers.get("Retry-After"))
+            return [Result(it, "transient", None, text, retry_after=wait) for it in group]
         return self._all(group, "permanent", text)
 
     def _per_instance(self, group: list[Item], rsp: httpx.Response) -> list[Result]:
@@ -327,6 +350,8 @@ class StowSender:
             hint = f"redirected to {rsp.headers.get('Location', '?')}: set the url of [[destinations]] {name!r} to it"
         elif code in (408, 429) or code >= 500:
             hint = "the server is unavailable; trying again later"
+            if rsp.headers.get("Retry-After"):
+                hint += f" (it asks to wait: Retry-After {rsp.headers['Retry-After']})"
         phrase = f" {rsp.reason_phrase}" if rsp.reason_phrase else ""
         return (
             f"{self.label}: HTTP {code}{phrase}"

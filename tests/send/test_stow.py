@@ -5,6 +5,7 @@ FailedSOPSequence, 503/429, 413, a redirect, silence; and the dispatcher riding 
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 import re
@@ -47,6 +48,8 @@ class Request:
     path: str
     headers: dict[str, str]
     body: bytes
+    #: time.monotonic() when it arrived.
+    at: float = field(default_factory=time.monotonic)
 
     def parts(self) -> list[bytes]:
         """The bodies of the multipart/related parts, checked against their Content-Length."""
@@ -275,6 +278,24 @@ def test_an_unavailable_server_is_transient_for_the_whole_send(code: int, items:
     assert len(srv.requests) == 1
 
 
+def test_retry_after_is_read_as_seconds_or_an_http_date():
+    now = dt.datetime(2026, 12, 6, 16, 0, 0, tzinfo=dt.UTC)
+    assert stow.retry_after("120", now) == 120.0
+    assert stow.retry_after("Sun, 06 Dec 2026 16:01:30 GMT", now) == 90.0
+    assert stow.retry_after("Sun, 06 Dec 2026 15:00:00 GMT", now) == 0.0, "a date past is now"
+    assert stow.retry_after("soon", now) is None and stow.retry_after(None, now) is None
+    assert stow.retry_after("", now) is None
+
+
+def test_a_503_with_retry_after_carries_the_wait_to_every_instance_it_holds_back(items, monkeypatch):
+    monkeypatch.setattr(stow, "MAX_ITEMS", 2)
+    with StowServer(script(Reply(503, b"maintenance", {"Retry-After": "7"}))) as srv:
+        results = stow.StowSender(dest(srv.url)).send(items[:4])
+    assert outcomes(results) == ["transient"] * 4
+    assert [r.retry_after for r in results] == [7.0] * 4
+    assert "trying again later (it asks to wait: Retry-After 7)" in results[0].text
+
+
 def test_a_server_that_does_not_answer_in_time_is_transient(items: list[Item]):
     with StowServer(script(Reply(200, delay=3))) as srv:
         results = stow.StowSender(dest(srv.url, timeout=0.5)).send(items[:1])
@@ -330,11 +351,13 @@ def test_a_stored_file_that_is_gone_fails_alone(items: list[Item], tmp_path: Pat
 
 
 @pytest.fixture
-def dicomweb_sender(index: Index, tmp_path: Path) -> Iterator[Callable[[str], DestinationSender]]:
+def dicomweb_sender(index: Index, tmp_path: Path) -> Iterator[Callable[..., DestinationSender]]:
     stop = threading.Event()
     started: list[DestinationSender] = []
 
-    def make(url: str) -> DestinationSender:
+    def make(
+        url: str, retry: str = "{ initial_delay = 0.3, max_delay = 0.3, multiplier = 1, jitter = 0 }"
+    ) -> DestinationSender:
         (tmp_path / "node.toml").write_text(
             f"""
 [node]
@@ -344,7 +367,7 @@ name = "pacs"
 type = "dicomweb"
 url = "{url}"
 max_associations = 1
-retry = {{ initial_delay = 0.3, max_delay = 0.3, multiplier = 1, jitter = 0 }}
+retry = {retry}
 """
         )
         cfg = load_config(tmp_path / "node.toml")
@@ -372,7 +395,7 @@ def queued_uids(index: Index) -> list[str]:
 
 
 def test_the_queue_rides_out_a_503_with_its_breaker_and_delivers_each_instance_once(
-    index: Index, dicomweb_sender: Callable[[str], DestinationSender]
+    index: Index, dicomweb_sender: Callable[..., DestinationSender]
 ):
     files = series_files(CT)[:6]
     ids = index.queue(6, files=files)
@@ -388,8 +411,26 @@ def test_the_queue_rides_out_a_503_with_its_breaker_and_delivers_each_instance_o
     assert sorted(srv.requests[-1].parts()) == sorted(f.read_bytes() for f in files), "the stored files, as stored"
 
 
+def test_the_queue_waits_as_long_as_retry_after_asks_up_to_max_delay(
+    index: Index, dicomweb_sender: Callable[..., DestinationSender]
+):
+    """503 + Retry-After: 2 waits 2 s (not the 0.3 s back-off); Retry-After: 3600 waits max_delay (2.5 s), not an hour."""
+    index.queue(3, files=series_files(CT)[:3])
+    replies = [
+        Reply(503, b"", {"Retry-After": "2"}),
+        Reply(503, b"", {"Retry-After": "3600"}),
+        Reply(200, response(stored=queued_uids(index))),
+    ]
+    with StowServer(script(*replies)) as srv:
+        dicomweb_sender(srv.url, "{ initial_delay = 0.3, max_delay = 2.5, multiplier = 1, jitter = 0 }")
+        wait_for(lambda: {s for _, s, *_ in index.deliveries()} == {"delivered"}, 30, "every delivery")
+    first, second, third = (r.at for r in srv.requests)
+    assert second - first >= 1.9, f"the second try came {second - first:.2f} s after the first: Retry-After 2"
+    assert third - second >= 2.4, f"the third try came {third - second:.2f} s after the second: max_delay 2.5"
+
+
 def test_a_refusing_server_fails_the_deliveries_once_and_leaves_the_destination_open(
-    index: Index, dicomweb_sender: Callable[[str], DestinationSender]
+    index: Index, dicomweb_sender: Callable[..., DestinationSender]
 ):
     index.queue(40, files=series_files(CT))
     with StowServer(script(Reply(401, b""))) as srv:
@@ -407,7 +448,7 @@ def test_a_refusing_server_fails_the_deliveries_once_and_leaves_the_destination_
 
 
 def test_a_proxy_login_page_fails_the_deliveries_instead_of_marking_them_delivered(
-    index: Index, dicomweb_sender: Callable[[str], DestinationSender]
+    index: Index, dicomweb_sender: Callable[..., DestinationSender]
 ):
     index.queue(5, files=series_files(CT))
     with StowServer(script(Reply(200, LOGIN_PAGE, {"Content-Type": "text/html"}))) as srv:
