@@ -18,8 +18,9 @@ class WebServer:
     def __init__(self, ctx: WebContext) -> None:
         web = ctx.cfg.web
         self.ctx = ctx
+        self.app = create_app(ctx)
         config = uvicorn.Config(
-            create_app(ctx),
+            self.app,
             host=web.host,
             port=web.port,
             log_level="warning",
@@ -60,3 +61,7 @@ class WebServer:
             self.ctx.sampler.stop()
         self.server.should_exit = True
         self._thread.join(10)
+        # uvicorn runs without its lifespan here (lifespan="off"): the STOW-RS store threads end with the server.
+        pool = getattr(self.app.state, "stow_pool", None)
+        if pool is not None:
+            pool.shutdown()
