@@ -17,10 +17,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pydicom import Dataset
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from node import audit
@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 MOVE_POLL_FIRST = 0.02
 MOVE_POLL = 0.25
 MOVE_HEARTBEAT = 5.0
+#: C-FIND matches held at a time (plain values, read on a short connection per page).
+FIND_PAGE = 1000
 
 
 @dataclass
@@ -107,39 +109,53 @@ class QueryRetrieve:
     # -- C-FIND -----------------------------------------------------------------------------------
 
     def find(self, assoc: AssociationInfo, abstract: str, identifier: Dataset, channel: QRChannel) -> QRFinal:
-        """Match, then answer one pending response per match; more than ``[qr] max_results`` is refused."""
+        """Match, then answer one pending response per match; more than ``[qr] max_results`` is refused.
+
+        The matches are read as plain values, a page (``FIND_PAGE``) at a time, each page on its own short
+        connection, so no read transaction spans the network waits and memory stays bounded whatever
+        ``max_results`` is (0: no limit). Each result identifier is encoded as its response is sent. Pages
+        follow each other by offset: a study stored or removed meanwhile may shift a later page by one.
+        """
         started = time.monotonic()
         try:
             q = query.from_identifier(identifier, QR_ROOT[abstract])
         except QueryError as e:
             return self._refused(assoc, "C-FIND", e)
-        limit = self.cfg.qr.max_results
-        if limit and (q.limit is None or q.limit > limit):
-            q.limit = limit + 1  # one more than allowed tells "too many" without reading them all
+        cap = self.cfg.qr.max_results
+        page_size = min(cap, FIND_PAGE) if cap else FIND_PAGE
+        ae = self.cfg.node.ae_title
         try:
-            # Read them all before answering: the read transaction ends before the network waits begin.
             with self.reader.connect() as conn:
-                matches = list(query.find(conn, q, retrieve_ae=self.cfg.node.ae_title))
+                page, more = query.find_capped(conn, q, page_size, retrieve_ae=ae)
+                # More than a page: is there more than the cap? (one row past it, read by the database only)
+                too_many = more and bool(cap) and (cap == page_size or _beyond(conn, q, cap))
         except SQLAlchemyError as e:
             return self._index_failed(assoc, "C-FIND", q, e)
         unsupported = query.unsupported(q)
+        status = QRStatus.PENDING_WARNING if unsupported else QRStatus.PENDING
         sent = 0
-        if limit and len(matches) > limit:
+        final = QRFinal(QRStatus.SUCCESS)
+        if too_many:
             final = QRFinal(
-                QRStatus.OUT_OF_RESOURCES_MATCHES,
-                f"over {limit} matches: narrow the query ([qr] max_results)",
+                QRStatus.OUT_OF_RESOURCES_MATCHES, f"over {cap} matches: narrow the query ([qr] max_results)"
             )
-        else:
-            final = QRFinal(QRStatus.SUCCESS)
-            for ds in matches:
+        while not too_many:
+            for i in range(len(page)):
                 if channel.cancelled():
-                    final = QRFinal(
-                        QRStatus.CANCEL, f"cancelled by the requestor after {sent} of {len(matches)} match(es)"
-                    )
+                    final = QRFinal(QRStatus.CANCEL, f"cancelled by the requestor after {sent} match(es)")
                     break
-                channel.pending(ds, status=QRStatus.PENDING_WARNING if unsupported else QRStatus.PENDING)
+                channel.pending(page.elements(i), status=status)
                 sent += 1
-        found = f"more than {limit}" if final.status == QRStatus.OUT_OF_RESOURCES_MATCHES else str(len(matches))
+            if final.status != QRStatus.SUCCESS or not more or (cap and sent >= cap):
+                break
+            try:
+                with self.reader.connect() as conn:
+                    page, more = query.find_capped(conn, replace(q, offset=q.offset + sent), page_size, retrieve_ae=ae)
+            except SQLAlchemyError as e:
+                log.error("C-FIND: the index could not be read after %d match(es): %s", sent, e)
+                final = QRFinal(QRStatus.UNABLE_TO_PROCESS, "the node's index could not be read; try again later")
+                break
+        found = f"more than {cap}" if too_many else str(sent)
         detail = f"C-FIND {q.level} ({q.root} root) on {_keys(q)}: {found} match(es), {sent} sent"
         log.info(
             "%s from %s@%s in %.0f ms%s",
@@ -449,6 +465,12 @@ def _retrieve_final(counts: _Counts, failed: Sequence[str], where: str) -> QRFin
         warning=counts.warning,
         failed_uids=tuple(failed),
     )
+
+
+def _beyond(conn: Connection, q: Query, cap: int) -> bool:
+    """Whether ``q`` matches more than ``cap`` (the database skips the first ``cap``; one row is read)."""
+    past, _more = query.find_capped(conn, replace(q, offset=q.offset + cap, limit=1), 0)
+    return len(past) > 0
 
 
 def _keys(q: Query) -> str:

@@ -42,6 +42,8 @@ import struct
 import threading
 import time
 import uuid
+import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -85,6 +87,9 @@ MAX_COMMAND = 1 << 16
 MAX_EVENT_DATASET = 16 << 20
 #: A C-FIND/C-MOVE/C-GET identifier is a few keys; a larger one aborts the association.
 MAX_IDENTIFIER = 1 << 20
+#: How often a Q/R channel looks at the socket for a C-CANCEL-RQ (a select() per match cost more than
+#: encoding the match); data already read is looked at on every call.
+CANCEL_POLL = 0.05
 #: Data per P-DATA-TF we send when the peer takes PDUs of any size (its Maximum Length is 0).
 UNLIMITED_FRAGMENT = 1 << 20
 #: Q/R request -> (its response, the SOP classes it is for, its name for logs and comments).
@@ -177,7 +182,7 @@ class QRChannel(Protocol):
 
     def pending(
         self,
-        identifier: Dataset | None = None,
+        identifier: Dataset | Sequence[dimse.Element] | None = None,
         *,
         remaining: int | None = None,
         completed: int | None = None,
@@ -186,10 +191,12 @@ class QRChannel(Protocol):
         status: int = QRStatus.PENDING,
     ) -> None:
         """A pending response: a C-FIND match (``status`` 0xFF01 if optional keys are not supported) or
-        C-MOVE/C-GET progress counts."""
+        C-MOVE/C-GET progress counts. A match given as elements (tag, VR, value; Specific Character Set
+        ISO_IR 192) is written by ``dimse.encode_identifier``, without a pydicom Dataset."""
 
     def cancelled(self) -> bool:
-        """Whether a C-CANCEL-RQ for this request has arrived (does not wait)."""
+        """Whether a C-CANCEL-RQ for this request has arrived (does not wait; looks at the socket at most
+        every ``CANCEL_POLL`` seconds)."""
 
     def store(
         self,
@@ -945,6 +952,7 @@ class _Channel:
         self._rsp_field = _QR_COMMANDS[request.command_field][0]
         self._cancel = False
         self._command = bytearray()
+        self._next_poll = 0.0
 
     # --- responses --------------------------------------------------------
 
@@ -958,13 +966,19 @@ class _Channel:
         completed: int | None = None,
         failed: int | None = None,
         warning: int | None = None,
-        identifier: Dataset | None = None,
+        identifier: Dataset | Sequence[dimse.Element] | None = None,
     ) -> None:
-        data = None
-        if identifier is not None:
+        data: bytes | None = None
+        if isinstance(identifier, Dataset):
             data = encode_dataset(identifier, self._ts == _IMPLICIT, True, self._ts == _DEFLATED)
             if data is None:
                 raise ValueError("the response identifier cannot be encoded")
+        elif identifier is not None:
+            data = dimse.encode_identifier(identifier, self._ts == _IMPLICIT)
+            if self._ts == _DEFLATED:
+                deflate = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+                data = deflate.compress(data) + deflate.flush()
+                data += b"\x00" if len(data) % 2 else b""
         command = dimse.encode_response(
             self._rsp_field,
             self._request.message_id,
@@ -978,13 +992,18 @@ class _Channel:
             offending=offending,
             has_dataset=data is not None,
         )
-        self._assoc._conn_send(pdu.p_data(self._cx_id, command))
+        message = pdu.p_data(self._cx_id, command)
+        if data is not None and 0 < len(data) <= self._assoc._fragment():
+            # A match and its command in one write: one system call per response, not two.
+            self._assoc._conn_send(message + pdu.p_data(self._cx_id, data, pdu.Pdv.LAST))
+            return
+        self._assoc._conn_send(message)
         if data is not None:
             self._assoc._send_dataset(self._cx_id, data)
 
     def pending(
         self,
-        identifier: Dataset | None = None,
+        identifier: Dataset | Sequence[dimse.Element] | None = None,
         *,
         remaining: int | None = None,
         completed: int | None = None,
@@ -999,9 +1018,16 @@ class _Channel:
     # --- what the requestor sends meanwhile ----------------------------------
 
     def cancelled(self) -> bool:
+        now = time.monotonic()
+        if not self._cancel and (now >= self._next_poll or self._conn.start < self._conn.end):
+            self._next_poll = now + CANCEL_POLL
+            self._poll_cancel()
+        return self._cancel
+
+    def _poll_cancel(self) -> None:
+        """Read what the requestor sent meanwhile: a C-CANCEL-RQ for this request sets ``_cancel``."""
         while not self._cancel and self._readable():
             self._read_pdu()
-        return self._cancel
 
     def _readable(self) -> bool:
         conn, sock = self._conn, self._assoc.sock

@@ -3,7 +3,8 @@ for the association: what node.qr answers is read from it, the index behind it i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import io
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,10 @@ import pytest
 from helpers import series_files
 from helpers.ingest import receive
 from pydicom import Dataset
+from pynetdicom.dsutils import decode
 
 from node.config import Config, load_config
+from node.dicom.dimse import Element, encode_identifier
 from node.index.cluster import Membership
 from node.index.db import make_engine, migrate
 from node.index.writer import IndexWriter
@@ -90,7 +93,11 @@ class Channel:
     stored: list[tuple[Path, str, str, str]] = field(default_factory=list)
     on_pending: Callable[[], None] | None = None
 
-    def pending(self, identifier: Dataset | None = None, **counts: Any) -> None:
+    def pending(self, identifier: Dataset | Sequence[Element] | None = None, **counts: Any) -> None:
+        if identifier is not None and not isinstance(identifier, Dataset):
+            # What the acceptor writes for a match given as elements, read back as a requestor reads it.
+            data = encode_identifier(identifier, implicit=False)
+            identifier = decode(io.BytesIO(data), False, True)
         self.pendings.append((identifier, counts))
         if self.on_pending is not None:
             self.on_pending()

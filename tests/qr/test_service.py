@@ -6,6 +6,7 @@ The association is a recording channel (conftest.Channel); the network side is t
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pydicom
@@ -135,6 +136,54 @@ def test_more_matches_than_max_results_are_refused_before_any_is_sent(stored: St
     )
     assert final.status == 0xA700 and final.comment == "over 1 matches: narrow the query ([qr] max_results)"
     assert not channel.pendings
+
+
+@pytest.mark.parametrize("max_results", [0, 40, 10_000])
+def test_a_find_holds_a_page_of_values_at_a_time_and_reads_nothing_while_it_answers(
+    stored: Stored, monkeypatch: pytest.MonkeyPatch, max_results: int
+) -> None:
+    """Memory stays bounded (one page of plain values, also with max_results = 0) and no read transaction is
+    open while a response is written (the requestor may be slow)."""
+    monkeypatch.setattr(service_module, "FIND_PAGE", 7)
+    held: list[int] = []
+    real = service_module.query.find_capped
+
+    def find_capped(conn, q, cap, **kw):  # type: ignore[no-untyped-def]
+        page, more = real(conn, q, cap, **kw)
+        held.append(len(page))
+        return page, more
+
+    monkeypatch.setattr(service_module.query, "find_capped", find_capped)
+    service = _service(stored, f"[qr]\nmax_results = {max_results}\n")
+    opened = 0
+    connect = stored.engine.connect
+
+    class Reader:  # the service's read engine, counting its open connections
+        @contextlib.contextmanager
+        def connect(self):  # type: ignore[no-untyped-def]
+            nonlocal opened
+            opened += 1
+            try:
+                with connect() as conn:
+                    yield conn
+            finally:
+                opened -= 1
+
+    service.reader = Reader()  # type: ignore[assignment]
+    channel = Channel(on_pending=lambda: assert_no_read(opened))
+    final = service.find(ASSOC, STUDY_FIND, _identifier("IMAGE", SOPInstanceUID=""), channel)
+    everything = {read_sop_uid(f) for name in (CT, MR) for f in series_files(name)}
+    if max_results == 40:
+        assert final.status == 0xA700 and not channel.pendings
+        return
+    assert final.status == 0x0000, final
+    sent = [str(ds.SOPInstanceUID) for ds, _ in channel.pendings]
+    assert sorted(sent) == sorted(everything), "each match once, across pages"
+    assert max(held) <= 7 and len(held) >= len(everything) // 7
+
+
+def assert_no_read(opened: int) -> None:
+    assert opened == 0, "a response was written with a read connection open"
 
 
 def test_a_cancelled_find_stops_sending_matches(stored: Stored) -> None:
