@@ -87,9 +87,10 @@ MAX_COMMAND = 1 << 16
 MAX_EVENT_DATASET = 16 << 20
 #: A C-FIND/C-MOVE/C-GET identifier is a few keys; a larger one aborts the association.
 MAX_IDENTIFIER = 1 << 20
-#: How often a Q/R channel looks at the socket for a C-CANCEL-RQ (a select() per match cost more than
-#: encoding the match); data already read is looked at on every call.
+#: How often a Q/R channel looks at the socket for a C-CANCEL-RQ: every CANCEL_POLL_CALLS calls of
+#: cancelled() or CANCEL_POLL seconds, whichever comes first (data already read is looked at every call).
 CANCEL_POLL = 0.05
+CANCEL_POLL_CALLS = 8
 #: Data per P-DATA-TF we send when the peer takes PDUs of any size (its Maximum Length is 0).
 UNLIMITED_FRAGMENT = 1 << 20
 #: Q/R request -> (its response, the SOP classes it is for, its name for logs and comments).
@@ -953,6 +954,7 @@ class _Channel:
         self._cancel = False
         self._command = bytearray()
         self._next_poll = 0.0
+        self._calls = 0
 
     # --- responses --------------------------------------------------------
 
@@ -1019,8 +1021,10 @@ class _Channel:
 
     def cancelled(self) -> bool:
         now = time.monotonic()
-        if not self._cancel and (now >= self._next_poll or self._conn.start < self._conn.end):
-            self._next_poll = now + CANCEL_POLL
+        self._calls += 1
+        due = now >= self._next_poll or self._calls >= CANCEL_POLL_CALLS or self._conn.start < self._conn.end
+        if not self._cancel and due:
+            self._next_poll, self._calls = now + CANCEL_POLL, 0
             self._poll_cancel()
         return self._cancel
 

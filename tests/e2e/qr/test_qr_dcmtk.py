@@ -185,12 +185,20 @@ def test_wildcard_date_range_and_uid_list_matching(node: NodeProcess, tmp_path: 
     assert sorted(ds.Modality for ds in listed) == ["CT", "MR"]
 
 
-def test_a_cancelled_find_ends_with_fe00_before_all_matches(node: NodeProcess, tmp_path: Path) -> None:
+def test_findscu_cancel_ends_the_find_with_fe00_or_comes_after_it(node: NodeProcess, tmp_path: Path) -> None:
+    """findscu sends its C-CANCEL-RQ after the 2nd response. The node answers its ~60 matches in about a
+    millisecond, usually before the C-CANCEL arrives: then the find completed (PS3.4 allows it) and the late
+    C-CANCEL is ignored without harming the association. When it arrives in time the final is 0xFE00 after
+    fewer matches. (A C-CANCEL that always arrives in time is pinned in tests/receive/test_acceptor_qr.py and
+    tests/qr/test_service.py.)"""
     r = _run("findscu", node, "-S", "--cancel", "2", "-k", "QueryRetrieveLevel=IMAGE", "-k", "SOPInstanceUID")
     out = r.stdout + r.stderr
-    assert final_status(out) == 0xFE00, out[-3000:]
-    total = len(series_files(CT)) + len(series_files(MR))
-    assert len(re.findall(r"Find Response: \d+ \(Pending\)", out)) < total
+    [(total,)] = node.query("select count(*) from instance")
+    pendings = len(re.findall(r"Received Find Response \d+", out))
+    assert "Sending Cancel Request" in out, out[-3000:]
+    assert (final_status(out), pendings < total) in ((0xFE00, True), (0x0000, False)), out[-3000:]
+    assert r.returncode == 0 and "Releasing Association" in out, out[-3000:]
+    assert "Association Aborted" not in out and "A-ABORT" not in out, out[-3000:]
 
 
 def test_an_unknown_attribute_is_refused_with_a900_naming_it(node: NodeProcess) -> None:
