@@ -81,11 +81,21 @@ class FakeQR:
                 if channel.cancelled():
                     self.outcome.append(f"cancelled after {i}")
                     return QRFinal(QRStatus.CANCEL)
-                ds = Dataset()
-                ds.QueryRetrieveLevel = identifier.QueryRetrieveLevel
-                ds.PatientID = f"P{i}"
-                ds.PatientName = f"Doe^{i}"
-                channel.pending(ds)
+                if i % 2:  # as node.qr answers: elements encoded by the acceptor, Unicode in ISO_IR 192
+                    channel.pending(
+                        [
+                            (0x00080005, "CS", "ISO_IR 192"),
+                            (0x00080052, "CS", str(identifier.QueryRetrieveLevel)),
+                            (0x00100010, "PN", f"Döe^{i}"),
+                            (0x00100020, "LO", f"P{i}"),
+                        ]
+                    )
+                else:
+                    ds = Dataset()
+                    ds.QueryRetrieveLevel = identifier.QueryRetrieveLevel
+                    ds.PatientID = f"P{i}"
+                    ds.PatientName = f"Doe^{i}"
+                    channel.pending(ds)
                 if self.wait_for_cancel_after == i + 1 and self._wait_cancel(channel):
                     self.outcome.append(f"cancelled after {i + 1}")
                     return QRFinal(QRStatus.CANCEL)
@@ -260,6 +270,7 @@ def test_findscu_gets_every_match_and_the_final(scp, tmp_path, syntax, negotiate
     files = sorted(tmp_path.glob("rsp*.dcm"))
     assert len(files) == 40
     assert [str(dcmread(f).PatientID) for f in files] == [f"P{i}" for i in range(40)]
+    assert [str(dcmread(f).PatientName) for f in files[:2]] == ["Doe^0", "Döe^1"]
     ((kind, abstract, identifier, _),) = scp.qr.asked
     assert (kind, abstract) == ("find", sop_classes.PATIENT_ROOT_FIND)
     assert (identifier.QueryRetrieveLevel, str(identifier.PatientName)) == ("PATIENT", "Do*")
