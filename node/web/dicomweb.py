@@ -396,7 +396,9 @@ def _retrieve(
     except OSError as e:  # a file went away since it was looked up (deleted by retention meanwhile)
         log.error("WADO-RS: a stored file cannot be read: %s", e)
         return problem(404, f"a file of these instances is no longer in the node's storage: {e.filename or e}")
-    return StreamingResponse(iter(body), media_type=body.content_type, headers={"Content-Length": str(body.length)})
+    return StreamingResponse(
+        body.in_pieces(), media_type=body.content_type, headers={"Content-Length": str(body.length)}
+    )
 
 
 def _audit_retrieve(
@@ -514,7 +516,9 @@ def retrieve_frames(
     except wado.NotFound as e:
         return problem(404, str(e))
     body = Body([Part.of_bytes(d, media) for d in data], type_=media.split(";")[0])
-    return StreamingResponse(iter(body), media_type=body.content_type, headers={"Content-Length": str(body.length)})
+    return StreamingResponse(
+        body.in_pieces(), media_type=body.content_type, headers={"Content-Length": str(body.length)}
+    )
 
 
 def _rendered(

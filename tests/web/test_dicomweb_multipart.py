@@ -26,6 +26,9 @@ def test_files_and_bytes_come_back_whole_with_the_announced_length():
     data = b"".join(body)
     assert len(data) == body.length == int(body.headers()["Content-Length"])
     assert b"".join(body) == data  # iterating again gives the same body
+    pieces = list(body.in_pieces(size=600_000))  # as a server writes it: the same bytes in fewer, larger pieces
+    assert b"".join(pieces) == data
+    assert all(len(p) >= 600_000 for p in pieces[:-1]) and len(pieces) < len(list(body))
     parts = parts_of(body.content_type, data)
     assert [d for _t, d in parts] == [p.read_bytes() for p in files] + [b"\x00\x01" * 10]
     assert parts[0][0] == "application/dicom; transfer-syntax=1.2.840.10008.1.2.1"
