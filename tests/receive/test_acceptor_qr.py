@@ -474,13 +474,9 @@ def ct_instances() -> list[Instance]:
     return [Instance(p, read_sop_uid(p)) for p in series_files(CT_SERIES)]
 
 
-def test_getscu_receives_every_instance(scp, tmp_path, shared_data):
-    """getscu writes sequences with undefined length, so its files are compared as data sets; the bytes on
-    the wire are compared in test_cancel_in_the_middle_of_a_get."""
-    scp.qr.instances = ct_instances()
-    out_dir = tmp_path / "got"
-    out_dir.mkdir()
-    out = run(
+def getscu_series(scp, out_dir):
+    """DCMTK getscu of the test series (Study Root, SERIES level) into ``out_dir``."""
+    return run(
         "getscu",
         "-v",
         "-aec",
@@ -495,6 +491,15 @@ def test_getscu_receives_every_instance(scp, tmp_path, shared_data):
         "127.0.0.1",
         str(scp.port),
     )
+
+
+def test_getscu_receives_every_instance(scp, tmp_path, shared_data):
+    """getscu writes sequences with undefined length, so its files are compared as data sets; the bytes on
+    the wire are compared in test_cancel_in_the_middle_of_a_get."""
+    scp.qr.instances = ct_instances()
+    out_dir = tmp_path / "got"
+    out_dir.mkdir()
+    out = getscu_series(scp, out_dir)
     log = out.stdout + out.stderr
     assert out.returncode == 0, log
     assert scp.qr.outcome == ["completed"]
@@ -517,21 +522,7 @@ def test_an_instance_without_a_context_in_its_syntax_fails_and_is_listed(scp, tm
     scp.qr.instances = [good[0], bad, good[1]]
     out_dir = tmp_path / "got"
     out_dir.mkdir()
-    out = run(
-        "getscu",
-        "-v",
-        "-aec",
-        "NODE",
-        "-S",
-        "-k",
-        "QueryRetrieveLevel=SERIES",
-        "-k",
-        "SeriesInstanceUID=1.2.3",
-        "-od",
-        str(out_dir),
-        "127.0.0.1",
-        str(scp.port),
-    )
+    out = getscu_series(scp, out_dir)
     log = out.stdout + out.stderr
     assert [s for s, _ in scp.qr.store_results] == [0, 0x0122, 0]
     assert f"no presentation context for {bad.sop_class} in {bad.transfer_syntax}" in scp.qr.store_results[1][1]
