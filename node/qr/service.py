@@ -27,6 +27,7 @@ from node import audit
 from node.config import Config, DestinationSection
 from node.dicom.status import Category, QRStatus, category
 from node.index import query
+from node.index.models import utcnow
 from node.index.query import Query, QueryError
 from node.index.states import DeliveryState
 from node.index.writer import IndexWriter
@@ -293,11 +294,17 @@ class QueryRetrieve:
                 )
                 return counts.cancelled(f"cancelled: {stopped} queued for {dest.name} cancelled", failed)
             now = time.monotonic()
-            if now >= deadline or self._stopping.is_set():
+            down = self._unreachable(dest.name)
+            if now >= deadline or self._stopping.is_set() or down:
                 left = len(open_ids)
                 failed += [uid_of[i] for i in open_ids]
                 counts.failed += left
-                why = "the node is stopping" if self._stopping.is_set() else "[qr] move_timeout"
+                if self._stopping.is_set():
+                    why = "the node is stopping"
+                elif down:
+                    why = f"{dest.name} is unreachable, its next try is in {down}"
+                else:
+                    why = "[qr] move_timeout"
                 log.warning(
                     "C-MOVE to %s: %d instance(s) still queued after %.0f s (%s): reported failed to the requestor; "
                     "they stay in the queue and are delivered when %s takes them",
@@ -309,7 +316,8 @@ class QueryRetrieve:
                 )
                 return QRFinal(
                     QRStatus.SUBOPS_WARNING if counts.completed or counts.warning else QRStatus.OUT_OF_RESOURCES_SUBOPS,
-                    f"{left} still queued for {dest.name}: delivered later",
+                    f"{left} still queued for {dest.name}: {'unreachable, ' if down and not self._stopping.is_set() else ''}"
+                    "delivered later",
                     failed_uids=tuple(failed),
                     completed=counts.completed,
                     failed=counts.failed,
@@ -322,6 +330,19 @@ class QueryRetrieve:
             self._stopping.wait(poll)
             poll = min(poll * 2, MOVE_POLL)
         return _retrieve_final(counts, failed, f"to {dest.name}")
+
+    def _unreachable(self, destination: str) -> str:
+        """When the destination's circuit is open (its last tries failed; the queue waits out a back-off before
+        the next): how long until that next try and why the last failed, else "". A C-MOVE does not wait for
+        it: the requestor hears at once that the rest is queued."""
+        try:
+            c = queue.read_circuit(self.reader, destination)
+        except SQLAlchemyError:
+            return ""
+        now = utcnow()
+        if not c.failures or c.retry_at is None or c.retry_at <= now:
+            return ""
+        return f"{(c.retry_at - now).total_seconds():.0f} s ({c.last_error or 'failed'})"
 
     # -- C-GET ------------------------------------------------------------------------------------
 

@@ -7,6 +7,8 @@ The association is a recording channel (conftest.Channel); the network side is t
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
+import time
 from pathlib import Path
 
 import pydicom
@@ -287,6 +289,32 @@ def test_a_move_nothing_delivers_ends_at_move_timeout_and_the_deliveries_stay_qu
     assert set(final.failed_uids) == uids
     assert set(_rows(stored, uids).values()) == {"queued"}
     assert channel.pendings and channel.pendings[0][1]["remaining"] == len(uids)
+
+
+def test_a_move_to_a_destination_whose_circuit_is_open_answers_at_once_and_the_deliveries_stay_queued(
+    stored: Stored,
+) -> None:
+    """The destination's last tries failed and the queue waits out its back-off: the requestor is not kept
+    waiting for move_timeout (600 s) but told at once what stays queued, and why."""
+    uids = {read_sop_uid(f) for f in series_files(CT)}
+    with stored.engine.begin() as conn:
+        conn.execute(Delivery.__table__.delete())
+    seen = queue.load_circuits(stored.engine, ["pacs"])["pacs"]
+    now = dt.datetime.now(dt.UTC)
+    assert queue.circuit_failed(
+        stored.engine, "pacs", seen, 3, now + dt.timedelta(seconds=300), "connection refused", now
+    )
+    channel = Channel(STUDY_MOVE)
+    t0 = time.monotonic()
+    try:
+        final = _service(stored).move(ASSOC, STUDY_MOVE, _series_move(CT), "PACS", channel)
+    finally:
+        queue.close_circuit(stored.engine, "pacs")
+    assert time.monotonic() - t0 < 30  # not move_timeout: 600 s
+    assert (final.status, final.completed, final.failed) == (0xA702, 0, len(uids)), final
+    assert final.comment == f"{len(uids)} still queued for pacs: unreachable, delivered later"
+    assert set(final.failed_uids) == uids
+    assert set(_rows(stored, uids).values()) == {"queued"}
 
 
 def test_a_move_waiting_when_the_node_stops_answers_at_once_and_leaves_the_rest_queued(stored: Stored) -> None:
