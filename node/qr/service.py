@@ -287,7 +287,10 @@ class QueryRetrieve:
             if channel.cancelled():
                 mine = set(done.queued)
                 stopped = queue.cancel(
-                    self.engine, ids=[i for i in open_ids if i in mine], actor="C-MOVE requestor (C-CANCEL)"
+                    self.engine,
+                    ids=[i for i in open_ids if i in mine],
+                    actor="C-MOVE requestor (C-CANCEL)",
+                    why="the C-MOVE that queued it was cancelled by its requestor",
                 )
                 log.info(
                     "C-MOVE to %s cancelled by the requestor: %d queued delivery(ies) cancelled", dest.name, stopped

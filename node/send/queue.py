@@ -819,8 +819,11 @@ def cancel(
     ids: Sequence[int] | None = None,
     series_uid: str | None = None,
     actor: str = "cli",
+    why: str = "cancelled by an operator",
 ) -> int:
-    """Cancel queued (and in-flight) deliveries; an instance already on the wire may still arrive."""
+    """Cancel queued (and in-flight) deliveries; an instance already on the wire may still arrive.
+
+    ``why`` is added to each delivery's last error (what the dashboard and `dicom-node queue` show)."""
     return _operator_update(
         engine,
         "queue_cancel",
@@ -828,7 +831,7 @@ def cancel(
         {
             "state": DeliveryState.CANCELLED,
             "updated_at": utcnow(),
-            "last_error": func.trim(func.coalesce(_d.c.last_error, "") + " (cancelled by an operator)"),
+            "last_error": func.trim(func.coalesce(_d.c.last_error, "") + f" ({why})"),
         },
         "deliveries cancelled",
         actor=actor,

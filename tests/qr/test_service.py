@@ -337,6 +337,11 @@ def test_a_cancelled_move_cancels_the_deliveries_it_queued(stored: Stored) -> No
     final = _service(stored).move(ASSOC, STUDY_MOVE, _series_move(MR), "PACS", channel)
     assert final.status == 0xFE00 and final.remaining == len(uids), final
     assert set(_rows(stored, uids).values()) == {"cancelled"}
+    with stored.engine.connect() as conn:  # what the dashboard and `dicom-node queue` show for them
+        errors = {
+            r[0] for r in conn.execute(Delivery.__table__.select().with_only_columns(Delivery.__table__.c.last_error))
+        }
+    assert errors == {"(the C-MOVE that queued it was cancelled by its requestor)"}, errors
 
 
 def test_a_cancelled_move_leaves_what_a_rule_had_queued_before_it(stored: Stored) -> None:
