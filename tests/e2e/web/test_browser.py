@@ -160,3 +160,45 @@ def test_jobs_rules_and_plugins_pages(page, web_node, tmp_path):
     assert "STORESCU" in page.inner_text("table.audit") and "127.0.0.1" in page.inner_text("table.audit")
     page.goto(web_node.url + "/audit")
     shot(page, "audit", tmp_path)
+
+
+def test_api_docs_render_offline_from_the_nodes_own_assets_within_its_csp(browser, node):
+    """Hospital networks are often offline and the node's CSP allows no script from elsewhere: Swagger UI
+    comes from the node itself, and its set-up script runs without a CSP violation."""
+    node.start()
+    url = f"http://127.0.0.1:{node.web_port}"
+    context = browser.new_context(viewport={"width": 1360, "height": 900})
+    elsewhere: list[str] = []
+
+    def only_the_node(route) -> None:
+        if route.request.url.startswith(url + "/"):
+            route.continue_()
+        else:
+            elsewhere.append(route.request.url)
+            route.abort()
+
+    context.route("**/*", only_the_node)
+    # Injected by the browser itself, so the page's CSP does not stop it from reporting violations.
+    context.add_init_script(
+        "window.__csp = []; document.addEventListener('securitypolicyviolation',"
+        " e => window.__csp.push(e.violatedDirective + ' ' + e.blockedURI));"
+    )
+    pg = context.new_page()
+    pg.set_default_timeout(20_000)
+    problems: list[str] = []
+    pg.on("pageerror", lambda e: problems.append(str(e)))
+    pg.on("console", lambda m: problems.append(m.text) if m.type in ("error", "warning") else None)
+    pg.goto(url + "/api/docs")
+    pg.locator(".swagger-ui .info .title").filter(has_text="dicom-node").wait_for()
+    healthz = pg.locator(".opblock .opblock-summary-path", has_text="/healthz").first
+    healthz.wait_for()
+    assert healthz.is_visible()
+    assert pg.locator(".opblock").count() > 5
+    violations = pg.evaluate("window.__csp")
+    # The inline script is allowed on this page only.
+    other = pg.request.get(url + "/healthz").headers["content-security-policy"]
+    assert "script-src 'self';" in other and "sha256-" not in other
+    context.close()
+    assert not elsewhere, elsewhere
+    assert not violations, violations
+    assert not problems, problems
