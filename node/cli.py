@@ -18,6 +18,8 @@ from rich.table import Table
 if TYPE_CHECKING:  # the database layer is imported by the commands that read the index, not at start
     from sqlalchemy import Engine
 
+    from node.send.scu import SendSummary
+
 from node import __version__
 from node.config import Config, ConfigError
 
@@ -162,13 +164,26 @@ def send(
     t.add_column("instances", justify="right")
     for status, n in sorted(summary.statuses.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
         t.add_row("no response" if status is None else f"0x{status:04X}", str(n))
-    if summary.skipped:
-        t.add_row("skipped (not DICOM)", str(len(summary.skipped)))
     out.print(t)
     for path, err in (summary.errors + summary.skipped)[:20]:
         console.print(f"  {path}: {err}", highlight=False)
-    out.print(f"{summary.sent} sent, {summary.failed} failed, {len(summary.skipped)} skipped")
-    raise typer.Exit(0 if summary.ok else 1)
+    for path in summary.dicomdirs[:20]:
+        console.print(f"  {path}: a DICOMDIR (an index of the files, not an instance): not sent", highlight=False)
+    out.print(f"{summary.sent} sent, {summary.failed} failed{_skipped_text(summary)}", highlight=False)
+    if not files or summary.sent + summary.failed == 0:
+        _fail("no DICOM instances to send in the given paths")
+    # Files left out on purpose are said above; the exit status is about what was sent.
+    raise typer.Exit(0 if summary.failed == 0 else 1)
+
+
+def _skipped_text(summary: SendSummary) -> str:
+    """``; skipped 1 DICOMDIR, 2 non-DICOM files`` (empty when nothing was left out)."""
+    parts = []
+    if summary.dicomdirs:
+        parts.append(f"{len(summary.dicomdirs)} DICOMDIR{'s' if len(summary.dicomdirs) > 1 else ''}")
+    if summary.skipped:
+        parts.append(f"{len(summary.skipped)} non-DICOM file{'s' if len(summary.skipped) > 1 else ''}")
+    return f"; skipped {', '.join(parts)}" if parts else ""
 
 
 @app.command()

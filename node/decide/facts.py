@@ -23,6 +23,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from node.decide.conditions import Facts, orientation
+from node.dicom.files import is_dicomdir
 from node.index.models import Instance, Series, Study
 
 #: SOP classes whose one instance usually is the whole series (PS3.3 enhanced multi-frame IODs).
@@ -181,6 +182,9 @@ def series_from_files(paths: Iterable[Path]) -> tuple[list[FileSeries], list[tup
             ds = read_dataset(p)
         except Exception as e:  # any unreadable file is reported, not fatal
             bad.append((p, f"not readable as DICOM: {type(e).__name__}: {e}"))
+            continue
+        if is_dicomdir(str(ds.file_meta.get("MediaStorageSOPClassUID", ""))):
+            bad.append((p, "a DICOMDIR (an index of the files, not an instance)"))
             continue
         uid = str(ds.get("SeriesInstanceUID", "") or "")
         if not uid:

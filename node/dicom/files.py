@@ -39,7 +39,13 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import dcmread, read_dataset, read_file_meta_info
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ImplicitVRLittleEndian,
+    MediaStorageDirectoryStorage,
+)
 
 from node.dicom.status import Status
 
@@ -659,6 +665,15 @@ def _check_encapsulated(fp: BinaryIO, pos: int, file_size: int, end: str) -> Non
             )
         pos += 8 + length
         items += 1
+
+
+def is_dicomdir(sop_class: str) -> bool:
+    """Whether a file's SOP Class is Media Storage Directory Storage.
+
+    A DICOMDIR indexes the files on a medium; it is not an instance to store (a peer answers 0xA900), so
+    ``send`` and ``rules test`` leave it out when they walk a folder copied from a CD.
+    """
+    return sop_class == MediaStorageDirectoryStorage
 
 
 def file_checksum(path: Path) -> str:

@@ -29,6 +29,7 @@ from pynetdicom import dsutils
 
 from node.config import DestinationSection, DestinationTlsSection
 from node.dicom.dimse import VERIFICATION
+from node.dicom.files import is_dicomdir
 from node.dicom.pdu import AbortSource, RejectResult
 from node.dicom.status import Status
 from node.send.failures import classify_status
@@ -394,7 +395,10 @@ class SendSummary:
     warnings: int = 0
     #: DIMSE status -> count (None: no response).
     statuses: Counter[int | None] = field(default_factory=Counter)
+    #: Files that are not DICOM (no File Meta), and why.
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    #: DICOMDIRs found among the files: a media index, not an instance a peer stores (it answers 0xA900).
+    dicomdirs: list[str] = field(default_factory=list)
     errors: list[tuple[str, str]] = field(default_factory=list)
 
     @property
@@ -443,11 +447,17 @@ def send_files(
     items: list[Item] = []
     for f in files:
         try:
-            items.append(file_item(f))
+            item = file_item(f)
         except ValueError as e:
             summary.skipped.append((str(f), str(e)))
-            if progress:
-                progress(f, None)
+            item = None
+        if item is not None and is_dicomdir(item.sop_class):
+            summary.dicomdirs.append(str(f))
+            item = None
+        if item is not None:
+            items.append(item)
+        elif progress:
+            progress(f, None)
     sender = Sender(peer)
     retry: list[Item] = []
     last = [attempts <= 1]

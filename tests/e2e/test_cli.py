@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -28,15 +29,42 @@ def test_echo_and_send_and_status(node, tmp_path):
     r = cli("echo", "127.0.0.1", str(node.port), "--aec", "DICOM_NODE")
     assert r.returncode == 0 and "status 0x0000" in r.stdout
     r = cli("send", "127.0.0.1", str(node.port), str(tmp_path / "src"), "--aec", "DICOM_NODE", "--aet", "CLI")
-    # 12 instances stored; the text file is reported as skipped, so the exit code says not everything went.
-    assert "12 sent, 0 failed, 1 skipped" in r.stdout, r.stdout + r.stderr
+    # 12 instances stored; the text file is named as skipped, and every instance sent was stored: exit 0.
+    assert "12 sent, 0 failed; skipped 1 non-DICOM file" in r.stdout, r.stdout + r.stderr
     assert "notes.txt" in r.stderr
-    assert r.returncode == 1
+    assert r.returncode == 0
     assert node.query("select count(*) from instance where calling_ae = 'CLI'") == [(12,)]
     r = cli("status", "--config", str(node.config_path))
     assert r.returncode == 0, r.stderr
     assert "instances: 12" in r.stdout and "series: 1" in r.stdout
     assert "TEST^SYNTHETIC" in r.stdout
+
+
+def test_send_skips_a_dicomdir_and_non_dicom_files(node, tmp_path, shared_data):
+    """A folder copied from a CD: its DICOMDIR and stray files are left out and named, the images are stored."""
+    src = shared_data / "series" / "ct-head-philips-5mm"
+    folder = tmp_path / "cd"
+    folder.mkdir()
+    for name in ("DIRFILE", "I10", "I20", "I30"):
+        shutil.copy(src / name, folder / name)
+    (folder / "README.TXT").write_text("Patient CD viewer: run VIEWER.EXE")
+    # A damaged copy: the image's bytes without its preamble, File Meta and first elements.
+    (folder / "I40.part").write_bytes((src / "I40").read_bytes()[4000:])
+    node.start()
+    r = cli("send", "127.0.0.1", str(node.port), str(folder), "--aec", "DICOM_NODE")
+    assert "3 sent, 0 failed; skipped 1 DICOMDIR, 2 non-DICOM files" in r.stdout, r.stdout + r.stderr
+    assert "0xA900" not in r.stdout
+    assert "DIRFILE: a DICOMDIR" in r.stderr and "README.TXT" in r.stderr and "I40.part" in r.stderr
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert node.query("select count(*) from instance") == [(3,)]
+
+
+def test_send_with_nothing_to_send_fails(tmp_path, shared_data):
+    shutil.copy(shared_data / "series" / "ct-head-philips-5mm" / "DIRFILE", tmp_path / "DICOMDIR")
+    r = cli("send", "127.0.0.1", str(free_port()), str(tmp_path), "--timeout", "3")
+    assert "0 sent, 0 failed; skipped 1 DICOMDIR" in r.stdout, r.stdout + r.stderr
+    assert "no DICOM instances to send" in r.stderr
+    assert r.returncode == 1
 
 
 def test_send_reports_refusals(node, tmp_path):
