@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -23,8 +24,11 @@ if TYPE_CHECKING:  # the database layer is imported by the commands that read th
 from node import __version__
 from node.config import Config, ConfigError
 
+# Help is plain text, printed as written: with Rich markup, config names such as [retention] or
+# [[web.users]] in a docstring would be read as style tags and vanish. Sub-apps inherit the mode.
 app = typer.Typer(
     help="dicom-node: receive, index, derive and forward DICOM.",
+    rich_markup_mode=None,
     no_args_is_help=True,
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -37,7 +41,7 @@ out = Console() if sys.stdout.isatty() else Console(width=200)
 
 def _fail(message: str, code: int = 1) -> NoReturn:
     """End the command with ``error: <message>`` on stderr and exit status ``code`` (2: the command line is wrong)."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code) from None
 
 
@@ -113,7 +117,7 @@ def echo(
     try:
         status = do_echo(Peer(host, port, called_ae=called_ae, calling_ae=calling_ae, timeout=timeout))
     except ConnectionError as e:
-        console.print(f"[bold red]C-ECHO failed:[/] {e}", highlight=False)
+        console.print(f"[bold red]C-ECHO failed:[/] {escape(str(e))}", highlight=False)
         raise typer.Exit(1) from None
     out.print(f"C-ECHO {called_ae}@{host}:{port}: status 0x{status:04X}")
     raise typer.Exit(0 if status == 0 else 1)
@@ -166,9 +170,11 @@ def send(
         t.add_row("no response" if status is None else f"0x{status:04X}", str(n))
     out.print(t)
     for path, err in (summary.errors + summary.skipped)[:20]:
-        console.print(f"  {path}: {err}", highlight=False)
+        console.print(f"  {path}: {err}", highlight=False, markup=False)
     for path in summary.dicomdirs[:20]:
-        console.print(f"  {path}: a DICOMDIR (an index of the files, not an instance): not sent", highlight=False)
+        console.print(
+            f"  {path}: a DICOMDIR (an index of the files, not an instance): not sent", highlight=False, markup=False
+        )
     out.print(f"{summary.sent} sent, {summary.failed} failed{_skipped_text(summary)}", highlight=False)
     if not files or summary.sent + summary.failed == 0:
         _fail("no DICOM instances to send in the given paths")
@@ -350,8 +356,6 @@ def rules_check(config: Path | None = ConfigOption) -> None:
                 *[f"     then {a.summary()}" for a in m.actions],
             ]
         )
-    from rich.markup import escape
-
     from node.plugins.gpus import gpu_warnings
     from node.plugins.runtime import memory_limit_warnings
 
@@ -394,7 +398,7 @@ def rules_test(
     groups, bad = series_from_files(iter_files(paths))
     _lines(dry_run_files(cfg.ruleset, groups, calling_ae, called_ae))
     for p, why in bad[:20]:
-        console.print(f"  skipped {p}: {why}", highlight=False)
+        console.print(f"  skipped {p}: {why}", highlight=False, markup=False)
     if not groups:
         _fail("no readable DICOM series in the given paths")
 
@@ -571,7 +575,7 @@ def seg_template(
         out.print(text, end="", highlight=False, markup=False, soft_wrap=True)
     else:
         output.write_text(text)
-        console.print(f"wrote {output} ({len(ds.SegmentSequence)} segments)", highlight=False)
+        console.print(f"wrote {output} ({len(ds.SegmentSequence)} segments)", highlight=False, markup=False)
 
 
 DestinationOption = typer.Option(None, "--destination", "-d", help="Only deliveries to this destination.")
@@ -763,7 +767,7 @@ def retention(
     config: Path | None = ConfigOption,
     dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be deleted; change nothing."),
 ) -> None:
-    """Run the clean-up once now (the config's retention section): old series, the disk watermark, delivery history.
+    """Run the clean-up once now ([retention] in the config): old series, the disk watermark, delivery history.
 
     Safe while the node runs: each series is checked again and deleted in its own transaction.
     """
