@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,10 +57,15 @@ MODIFIERS = ("ignore_case",)
 
 
 class ConditionError(ValueError):
-    """A condition that cannot be parsed; ``path`` is where in the match table it is."""
+    """Conditions that cannot be parsed: ``problems`` holds (path in the match table, message) for each.
 
-    def __init__(self, path: str, message: str) -> None:
-        super().__init__(f"{path}: {message}")
+    ``path`` and ``message`` are the first; a match table is checked whole, so that one run of
+    ``rules check`` names every mistake in it rather than one per try.
+    """
+
+    def __init__(self, path: str, message: str, more: Sequence[tuple[str, str]] = ()) -> None:
+        self.problems = [(path, message), *more]
+        super().__init__("; ".join(f"{p}: {m}" for p, m in self.problems))
         self.path = path
         self.message = message
 
@@ -404,27 +409,44 @@ def parse_match(table: Any, path: str = "match") -> Condition:
     if not isinstance(table, dict):
         raise ConditionError(path, f"expected a table of conditions, got {table!r}")
     children: list[Condition] = []
+    problems: list[tuple[str, str]] = []
     for key, spec in table.items():
-        where = f"{path}.{key}"
-        if key in ("all", "any"):
-            items = spec if isinstance(spec, list) else None
-            if not items:
-                raise ConditionError(
-                    where,
-                    f'expected a non-empty list of tables, e.g. {key} = [{{ Modality = "CT" }}, {{ Modality = "MR" }}]',
-                )
-            if any(t == {} for t in items):
-                raise ConditionError(where, "contains an empty table (it would always hold)")
-            parsed = tuple(parse_match(t, f"{where}[{i}]") for i, t in enumerate(items))
-            children.append(All(parsed) if key == "all" else AnyOf(parsed))
-        elif key == "not":
-            if spec == {}:
-                raise ConditionError(where, "an empty table: not = {} would never match")
-            children.append(Not(parse_match(spec, where)))
-        else:
-            _check_key(key, where)
-            children.append(Compare(key, _parse_tests(key, spec, where)))
+        try:
+            children.append(_parse_entry(key, spec, f"{path}.{key}"))
+        except ConditionError as e:  # go on: the other entries' problems are reported with it
+            problems.extend(e.problems)
+    if problems:
+        raise ConditionError(*problems[0], problems[1:])
     return children[0] if len(children) == 1 else All(tuple(children))
+
+
+def _parse_entry(key: str, spec: Any, where: str) -> Condition:
+    """One entry of a match table: ``all``/``any`` (a list of tables), ``not`` (a table) or a fact's test."""
+    if key in ("all", "any"):
+        items = spec if isinstance(spec, list) else None
+        if not items:
+            raise ConditionError(
+                where,
+                f'expected a non-empty list of tables, e.g. {key} = [{{ Modality = "CT" }}, {{ Modality = "MR" }}]',
+            )
+        if any(t == {} for t in items):
+            raise ConditionError(where, "contains an empty table (it would always hold)")
+        parsed: list[Condition] = []
+        problems: list[tuple[str, str]] = []
+        for i, t in enumerate(items):
+            try:
+                parsed.append(parse_match(t, f"{where}[{i}]"))
+            except ConditionError as e:
+                problems.extend(e.problems)
+        if problems:
+            raise ConditionError(*problems[0], problems[1:])
+        return All(tuple(parsed)) if key == "all" else AnyOf(tuple(parsed))
+    if key == "not":
+        if spec == {}:
+            raise ConditionError(where, "an empty table: not = {} would never match")
+        return Not(parse_match(spec, where))
+    _check_key(key, where)
+    return Compare(key, _parse_tests(key, spec, where))
 
 
 # -- derived facts -----------------------------------------------------------

@@ -198,7 +198,7 @@ class RuleSet:
                     try:  # report the conditions' problems in the same run
                         parse_match(table.get("match", {}))
                     except ConditionError as ce:
-                        errors.append(f"{where}.{ce.path}: {ce.message}")
+                        errors += [f"{where}.{path}: {message}" for path, message in ce.problems]
                 continue
             if not _NAME.match(model.name):
                 errors.append(f"{where}.name: use letters, digits, '-', '_' or '.' (at most 128), not {model.name!r}")
@@ -245,7 +245,7 @@ class RuleSet:
             try:
                 condition = parse_match(model.match)
             except ConditionError as e:
-                errors.append(f"{where}.{e.path}: {e.message}")
+                errors += [f"{where}.{path}: {message}" for path, message in e.problems]
                 continue
             rules.append(Rule(model, condition, i))
         if errors:

@@ -92,3 +92,32 @@ def test_status_without_an_index_says_so(tmp_path):
     assert r.returncode == 1
     assert "no index at" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "nothing").exists(), "status creates nothing"
+
+
+def test_rules_check_names_every_error_in_the_file(tmp_path):
+    """Three mistakes in one match table and two in another rule: one run names all of them, each by its key."""
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(
+        f'[node]\ndata_dir = "{tmp_path / "data"}"\n'
+        '[[destinations]]\nname = "pacs"\nhost = "127.0.0.1"\nport = 104\nae_title = "PACS"\n'
+        '[[rules]]\nname = "mr"\n[rules.match]\nModalty = "MR"\nSeriesDescripton = "T1"\n'
+        'any = [{ BodyPartExamined = { regex = "(" } }, { StationNam = "MR1" }]\n'
+        '[[rules.actions]]\ntype = "forward"\nto = ["pacs"]\n'
+        '[[rules]]\nname = "ct"\npriority = "high"\n[rules.match]\nModality = "CT"\nnot = { ImageTyp = "X" }\n'
+        '[[rules.actions]]\ntype = "forward"\nto = ["pacs"]\n'
+    )
+    r = cli("rules", "check", "--config", str(cfg))
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = [line.strip() for line in r.stderr.splitlines()]
+    assert lines[0].startswith(f"error: invalid rules in {cfg}"), r.stderr
+    keys = [line.split(":")[0] for line in lines[1:]]
+    assert keys == [
+        'rules[0] ("mr").match.Modalty',
+        'rules[0] ("mr").match.SeriesDescripton',
+        'rules[0] ("mr").match.any[0].BodyPartExamined.regex',
+        'rules[0] ("mr").match.any[1].StationNam',
+        'rules[1] ("ct").priority',
+        'rules[1] ("ct").match.not.ImageTyp',
+    ], r.stderr
+    assert "'SeriesDescripton' is not a DICOM keyword" in r.stderr
+    assert "invalid regular expression '('" in r.stderr
