@@ -34,21 +34,29 @@ def compile_rules(cfg: Config, source: str = "") -> RuleSet:
     ``source`` names where the config came from in messages (default: ``cfg.source``).
     """
     source = source or cfg.source
-    check_command_templates(cfg, source)
+    # Every problem of the file in one error: a bad template does not hide the rules' mistakes.
+    problems: list[str] = []
+    try:
+        check_command_templates(cfg, source)
+    except ConfigError as e:
+        problems.append(str(e))
     try:
         plugins = discover(cfg.plugins)
-    except PluginLoadError as e:
-        raise ConfigError(f"invalid plugins in {source}: {e}") from None
+    except PluginLoadError as e:  # the rules name plugins: they cannot be checked without them
+        raise ConfigError("\n".join([*problems, f"invalid plugins in {source}: {e}"])) from None
     try:
-        return RuleSet.compile(
+        ruleset = RuleSet.compile(
             cfg.rules,
             destinations={d.name: d for d in cfg.destinations},
             plugins=plugins,
             check_params=lambda name, params: _param_problems(cfg, plugins[name], params),
         )
     except RulesError as e:
-        lines = [f"invalid rules in {source}:"] + [f"  {line}" for line in e.errors]
-        raise ConfigError("\n".join(lines)) from None
+        problems += [f"invalid rules in {source}:"] + [f"  {line}" for line in e.errors]
+        raise ConfigError("\n".join(problems)) from None
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return ruleset
 
 
 def check_command_templates(cfg: Config, source: str) -> None:

@@ -117,6 +117,22 @@ def test_a_command_plugins_template_that_is_not_json_names_the_key(tmp_path: Pat
     assert lines[1].endswith(f"(got {str(notjson)!r})"), lines
 
 
+def test_a_bad_template_and_bad_rules_are_named_in_one_error(tmp_path: Path) -> None:
+    """rules check names every problem of the file: a command plugin's template does not hide the rules' mistakes."""
+    missing = tmp_path / "nowhere.json"
+    command = f'[plugins.commands.labels]\ncommand = ["{sys.executable}"]\nmetainfo = "{missing}"\n'
+    rule = RULE.replace("Modality", "Modalty").replace('send_to = ["pacs"]', 'send_to = ["pascs"]')
+    path = write(tmp_path, HEADER + command + rule)
+    lines = compile_error(path)
+    assert lines[0] == f"invalid configuration in {path}:"
+    assert lines[1].startswith("  plugins.commands.labels.metainfo: cannot read the segment template"), lines
+    assert lines[2] == f"invalid rules in {path}:", lines
+    assert [line.split(":")[0] for line in lines[3:]] == [
+        '  rules[0] ("bones").actions[0].send_to',
+        '  rules[0] ("bones").match.Modalty',
+    ], lines
+
+
 def test_a_command_plugins_missing_template_names_the_key(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere.json"
     command = f'[plugins.commands.labels]\ncommand = ["{sys.executable}"]\nmetainfo = "{missing}"\n'
