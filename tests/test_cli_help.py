@@ -55,3 +55,9 @@ def test_an_error_message_keeps_its_brackets(tmp_path):
     r = CliRunner().invoke(app, ["send", "127.0.0.1", "104", str(missing)])
     assert r.exit_code == 2
     assert f"no such file or folder: {missing}" in flat(r.output)
+
+
+def test_the_demo_error_keeps_its_brackets():
+    r = CliRunner().invoke(app, ["demo", "--pacs", "[retention]"])
+    assert r.exit_code == 2
+    assert "not '[retention]'" in r.output, r.output

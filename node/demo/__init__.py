@@ -52,6 +52,7 @@ def demo(
 ) -> None:
     """Run the node with a local downstream PACS, send a bundled real CT series and show each step."""
     from rich.console import Console
+    from rich.markup import escape
 
     from node.demo.run import Demo, DemoError, Options
     from node.demo.workdir import WorkdirError
@@ -59,7 +60,7 @@ def demo(
     # Piped output (logs, tests) gets whole lines instead of wrapped ones.
     out = Console(highlight=False) if sys.stdout.isatty() else Console(width=200, highlight=False, soft_wrap=True)
     if pacs not in PACS_KINDS:
-        out.print(f"[bold red]error:[/] --pacs must be one of {', '.join(PACS_KINDS)}, not {pacs!r}")
+        out.print(f"[bold red]error:[/] --pacs must be one of {', '.join(PACS_KINDS)}, not {escape(repr(pacs))}")
         raise typer.Exit(2)
 
     def _terminate(signum: int, _frame: object) -> None:
@@ -85,7 +86,7 @@ def demo(
     try:
         code = run.run()
     except WorkdirError as e:
-        out.print(f"[bold red]error:[/] {e}", highlight=False)
+        out.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         raise typer.Exit(2) from None
     except DemoError as e:
         run.fail(str(e))

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from node.demo import pacs as pacs_mod
 from node.demo import peers
@@ -523,7 +524,7 @@ class Demo:
                 self.pacs.stop()
 
     def fail(self, message: str) -> None:
-        self.out.print(f"[bold red]error:[/] {message}", highlight=False)
+        self.out.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
         logs = [("node log", self.node_log)]
         if self.pacs is not None:
             logs.append(("PACS log", self.pacs.log_path))
