@@ -114,7 +114,11 @@ def test_three_processes_share_the_port_store_everything_once_and_restart(
         # Until the kernel has closed the victim's socket, a connection may still be queued on it and is then
         # reset (SO_REUSEPORT; docs/scale-out.md): a sender retries. Once it is gone, the others take them all.
         wait_for(lambda: _gone(victim), 10, "the killed receiver to exit")
-        assert all(echo(node.port) for _ in range(5)), "the DICOM port stopped answering after a receiver died"
+        # A sender retries (as DCMTK and PACS do): the replacement receiver, just bound to the port, may hold a
+        # connection for a moment under load before its accept loop runs.
+        assert all(echo(node.port) or echo(node.port) for _ in range(5)), (
+            "the DICOM port stopped answering after a receiver died"
+        )
         wait_for(lambda: len(receiver_pids(node) - {victim}) == 2, 60, "a new receiver process")
         wait_for(lambda: ready(node).get("receivers") == "ok", 60, "the new receiver listening")
         log = node.log_path.read_text()
