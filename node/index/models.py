@@ -93,6 +93,10 @@ class Study(Base):
     study_description: Mapped[str] = mapped_column(String(512), default="")
     referring_physician_name: Mapped[str] = mapped_column(String(512), default="")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    #: When the study rules are to be evaluated for this study next (UTC; NULL: nothing to do). Set when one
+    #: of its series triggers, moved to the end of a quiet period while a rule waits for one, cleared once
+    #: every study rule has fired or waits for an input: the durable timer of node.decide.tracker.
+    study_rules_due: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True, index=True)
 
     patient: Mapped[Patient] = relationship(back_populates="studies")
     series: Mapped[list[Series]] = relationship(back_populates="study")
@@ -203,6 +207,36 @@ class SeriesRevision(Base):
     error: Mapped[str] = mapped_column(Text, default="")
 
 
+class StudyTrigger(Base):
+    """A study rule that fired for a study: one row per (study, rule, input revision set).
+
+    ``revision`` counts the rule's firings for the study (1, 2, ...: a new revision of an input series,
+    or a new series in a study without declared inputs, makes the next). The unique constraints make the
+    firing exactly once: of two processes evaluating a study at once only one inserts the row (and makes
+    the jobs in the same transaction).
+    """
+
+    __tablename__ = "study_trigger"
+    __table_args__ = (
+        UniqueConstraint("study_fk", "rule", "revision", name="uq_study_trigger_revision"),
+        UniqueConstraint("study_fk", "rule", "inputs_key", name="uq_study_trigger_inputs"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_fk: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    rule: Mapped[str] = mapped_column(String(128))
+    revision: Mapped[int] = mapped_column(Integer)
+    #: The inputs it fired with (JSON): ``{name: {"series_id", "series_uid", "revision"}}``.
+    inputs: Mapped[str] = mapped_column(Text)
+    #: SHA-256 (hex) of the input revision set (name, series id, revision): the same set never fires twice.
+    inputs_key: Mapped[str] = mapped_column(String(64))
+    #: The input outputs are built on (its jobs' ``series_fk``).
+    primary_series_fk: Mapped[int] = mapped_column(ForeignKey("series.id"))
+    #: Why it fired, for people (e.g. "every input stable" or "no instance in the study for 120 s").
+    reason: Mapped[str] = mapped_column(String(256), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class Job(Base):
     """One (series revision, rule, action) match; the unique constraint makes it exactly one."""
 
@@ -239,6 +273,9 @@ class Job(Base):
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     #: The node process (:class:`NodeProcess` id) running it; NULL unless ``running``.
     owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    #: A study rule's job: the firing it belongs to (its named inputs); NULL for a series rule's job. Then
+    #: ``series_fk`` is the primary input and ``revision`` the study trigger's revision.
+    study_trigger_fk: Mapped[int | None] = mapped_column(ForeignKey("study_trigger.id"), nullable=True, index=True)
 
 
 class Delivery(Base):
