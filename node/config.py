@@ -585,6 +585,8 @@ class RetentionSection(_Section):
     low_watermark: float = Field(0, ge=0, le=100)
     sources: RetentionKindSection = Field(default_factory=RetentionKindSection)
     outputs: RetentionKindSection = Field(default_factory=RetentionKindSection)
+    #: Prior studies retrieved from a [[sources]] PACS for a job (kept while a job that asked for them runs).
+    priors: RetentionKindSection = Field(default_factory=lambda: RetentionKindSection(max_age_days=7))
     #: Days to keep delivery rows of instances already deleted (their history); 0 keeps them.
     delivery_history_days: float = Field(90, ge=0)
 
@@ -596,6 +598,32 @@ class RetentionSection(_Section):
                 f"({self.high_watermark:g})"
             )
         return self
+
+
+class SourceSection(_Section):
+    """A PACS the node may query for a patient's prior studies (C-FIND) and retrieve them from (C-MOVE or C-GET).
+
+    With ``retrieve = "move"`` the source sends the studies to the node's own AE title ([node] ae_title,
+    the calling AE title here): it must know that AE with this node's host and port.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    ae_title: str
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    #: "move": C-MOVE to this node's AE (the source opens associations to the node's DICOM port);
+    #: "get": C-GET on the query's own association (no route back to the node needed).
+    retrieve: Literal["move", "get"] = "move"
+    #: Seconds to wait for the association and each C-FIND response.
+    timeout: float = Field(30.0, gt=0)
+    #: Seconds a whole retrieve of one study may take.
+    retrieve_timeout: float = Field(600.0, gt=0)
+    #: The first retry of a query or retrieve that failed (source down, refused) waits this long; each
+    #: further one waits as long as the job has waited so far (doubling), at most ``max_retry_delay``.
+    retry_delay: float = Field(10.0, gt=0)
+    max_retry_delay: float = Field(600.0, gt=0)
+
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
 
 
 class QrSection(_Section):
@@ -622,6 +650,8 @@ class Config(_Section):
     jobs: JobsSection = Field(default_factory=JobsSection)
     plugins: PluginsSection = Field(default_factory=PluginsSection)
     destinations: list[DestinationSection] = Field(default_factory=list)
+    #: PACS the node may ask for prior studies (a plugin action's ``priors = { from = "NAME", ... }``).
+    sources: list[SourceSection] = Field(default_factory=list)
     web: WebSection = Field(default_factory=WebSection)
     qr: QrSection = Field(default_factory=QrSection)
     retention: RetentionSection = Field(default_factory=RetentionSection)
@@ -638,6 +668,13 @@ class Config(_Section):
         name = first_repeated(d.name for d in self.destinations)
         if name is not None:
             raise ValueError(f"destination name {name!r} is used twice")
+        return self
+
+    @model_validator(mode="after")
+    def _unique_sources(self) -> Config:
+        name = first_repeated(src.name for src in self.sources)
+        if name is not None:
+            raise ValueError(f"source name {name!r} is used twice")
         return self
 
     @property

@@ -54,9 +54,26 @@ def compile_rules(cfg: Config, source: str = "") -> RuleSet:
     except RulesError as e:
         problems += [f"invalid rules in {source}:"] + [f"  {line}" for line in e.errors]
         raise ConfigError("\n".join(problems)) from None
+    problems += _prior_source_problems(cfg, ruleset, source)
     if problems:
         raise ConfigError("\n".join(problems))
     return ruleset
+
+
+def _prior_source_problems(cfg: Config, ruleset: RuleSet, source: str) -> list[str]:
+    """A plugin action's ``priors.from`` must name a [[sources]] entry (node.qr.priors asks it)."""
+    known = {s.name for s in cfg.sources}
+    problems = []
+    for i, rule in enumerate(ruleset):
+        for j, action in enumerate(rule.model.actions):
+            wanted = getattr(action, "priors", None)
+            if wanted is not None and wanted.source not in known:
+                names = ", ".join(sorted(known)) or "none are configured; add a [[sources]] table"
+                problems.append(
+                    f'  rules[{i}] ("{rule.name}").actions[{j}].priors.from: unknown source {wanted.source!r} '
+                    f"(sources: {names})"
+                )
+    return [f"invalid rules in {source}:", *problems] if problems else []
 
 
 def check_command_templates(cfg: Config, source: str) -> None:

@@ -432,3 +432,31 @@ class WebSession(Base):
     user: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     expires_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+
+
+class PriorFetch(Base):
+    """A prior study a job asked a ``[[sources]]`` PACS for (node.qr.priors): written *before* the retrieve.
+
+    Its series arrive like any other (C-STORE from the source), but the series tracker finds their study
+    here and evaluates no rule for them (never forwarded, never a job of their own); retention counts
+    them as ``priors``. One row per (job, study).
+    """
+
+    __tablename__ = "prior_fetch"
+    __table_args__ = (UniqueConstraint("job_fk", "study_uid", name="uq_prior_fetch_job_study"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    #: The job that asked (NULL once that job's row was deleted with its series: the study stays a prior).
+    job_fk: Mapped[int | None] = mapped_column(ForeignKey("job.id", ondelete="SET NULL"), nullable=True, index=True)
+    #: The [[sources]] name asked.
+    source: Mapped[str] = mapped_column(String(64))
+    study_uid: Mapped[str] = mapped_column(UID, index=True)
+    study_date: Mapped[str] = mapped_column(String(16), default="")
+    #: "requested" (retrieve under way or to be tried again), "retrieved", or "failed".
+    state: Mapped[str] = mapped_column(String(16), default="requested")
+    #: Instances the source reported for the study, and how many arrived.
+    expected: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    received: Mapped[int] = mapped_column(Integer, default=0)
+    requested_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    error: Mapped[str] = mapped_column(Text, default="")

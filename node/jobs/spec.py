@@ -8,9 +8,10 @@ rule engine.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 
 class _Strict(BaseModel):
@@ -28,6 +29,54 @@ class _ActionBase(_Strict):
 class PluginStep(_Strict):
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def seconds(value: Any) -> Any:
+    """A duration as seconds: a number, or a string such as "90s", "30m", "1h", "2d" (else left for pydantic)."""
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m is None:
+            raise ValueError(f'{value!r} is not a duration: give seconds (3600) or e.g. "90s", "30m", "1h", "2d"')
+        return float(m.group(1)) * _UNIT_SECONDS[m.group(2) or "s"]
+    return value
+
+
+class PriorsRequest(_Strict):
+    """``priors = { from = "pacs", same = ["PatientID"], modality = "CT", within_days = 730, max = 2 }``.
+
+    Before the plugin runs, the node asks the ``[[sources]]`` entry ``from`` (C-FIND, study level) for the
+    patient's other studies and retrieves the newest ``max`` it does not hold (node.qr.priors); the plugin
+    gets them as ``inputs.priors``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    source: str = Field(alias="from", min_length=1)
+    #: The new study's attributes a prior must share (query keys, matched exactly); PatientID is required.
+    same: list[Literal["PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate"]] = Field(
+        default_factory=lambda: ["PatientID"]
+    )
+    #: Only studies with this modality (Modalities in Study); empty: any.
+    modality: str = ""
+    #: Only studies at most this many days before the new one (Study Date).
+    within_days: int = Field(730, ge=1)
+    #: The newest this many studies.
+    max: int = Field(2, ge=1, le=20)
+    #: How long after the job was made it may wait for a source that is down or refusing before it fails.
+    timeout: Annotated[float, BeforeValidator(seconds), Field(gt=0)] = 3600.0
+    #: With no prior found: run the plugin without (true) or fail the job (false).
+    optional: bool = True
+
+    @field_validator("same")
+    @classmethod
+    def _patient(cls, v: list[str]) -> list[str]:
+        if "PatientID" not in v:
+            raise ValueError('must include "PatientID" (a prior is another study of the same patient)')
+        return v
 
 
 class PluginAction(_ActionBase):
@@ -55,6 +104,8 @@ class PluginAction(_ActionBase):
     unknown_labels: Literal["error", "skip"] = "error"
     #: Whether the job wants a GPU from [plugins] gpus; None: what the plugin declares.
     gpu: Literal["none", "optional", "required"] | None = None
+    #: Prior studies of the patient to fetch from a [[sources]] PACS before the run (see PriorsRequest).
+    priors: PriorsRequest | None = None
 
     @model_validator(mode="after")
     def _template(self) -> PluginAction:
