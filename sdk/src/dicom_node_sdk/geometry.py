@@ -206,6 +206,62 @@ def slice_frame(positions: np.ndarray, orientation: Orientation, pixel_spacing: 
     )
 
 
+def slab_thickness(positions: np.ndarray, orientation: Orientation, single: float | None = None) -> np.ndarray:
+    """Each slice's thickness (mm) along the normal, (slices,): the slab from halfway to one neighbour to
+    halfway to the other.
+
+    Why per slice: with uneven spacing (dropped or irregular slices) the slab a slice stands for is as
+    thick as the gaps around it, not the median spacing; measured along the normal, not between the
+    positions, so a tilted gantry's in-plane shift does not count. The first and last slices reach
+    half their only gap outward, so an evenly spaced series gives every slice the spacing. Slices may
+    come in any order. ``single`` is the thickness of a lone slice (e.g. Slice Thickness): one slice
+    has no neighbour to measure against (ValueError without it).
+    """
+    p = np.asarray(positions, dtype=float).reshape(-1, 3)
+    if len(p) < 2:
+        if single is None or not np.isfinite(single) or single <= 0:
+            raise ValueError("one slice has no neighbour to measure its thickness: give its thickness (single)")
+        return np.full(len(p), float(single))
+    depth = p @ (normal(orientation) / np.linalg.norm(normal(orientation)))
+    order = np.argsort(depth, kind="stable")
+    gaps = np.diff(depth[order])
+    # the slab of sorted slice k reaches halfway to k-1 and halfway to k+1; the ends mirror their one gap
+    sorted_thickness = (np.concatenate([gaps[:1], gaps]) + np.concatenate([gaps, gaps[-1:]])) / 2
+    thickness = np.empty_like(sorted_thickness)
+    thickness[order] = sorted_thickness
+    return thickness
+
+
+def voxel_volumes(
+    positions: np.ndarray, orientation: Orientation, pixel_spacing: tuple[float, float], single: float | None = None
+) -> np.ndarray:
+    """The volume (mm³) of one voxel of each slice, (slices,): pixel area times the slab thickness along the normal.
+
+    A tilted gantry's voxel is a sheared prism (a parallelepiped leaning along the tilt): its volume is
+    its base, the pixel, times its height along the normal, whatever the lean. See :func:`slab_thickness`.
+    """
+    return float(pixel_spacing[0]) * float(pixel_spacing[1]) * slab_thickness(positions, orientation, single)
+
+
+def segment_volume_ml(
+    mask: np.ndarray,
+    positions: np.ndarray,
+    orientation: Orientation,
+    pixel_spacing: tuple[float, float],
+    single: float | None = None,
+) -> float:
+    """The volume (ml) of a mask (slices, rows, columns), each voxel counted with its slice's :func:`voxel_volumes`.
+
+    Non-zero counts as inside (threshold fractional masks first). ``positions`` are the slices' Image
+    Position (Patient), in the mask's slice order.
+    """
+    m = np.asarray(mask)
+    if m.ndim != 3 or m.shape[0] != len(positions):
+        raise ValueError(f"mask must be (slices, rows, columns) with one slice per position; got shape {m.shape}")
+    per_slice = np.count_nonzero(m.reshape(m.shape[0], -1), axis=1)
+    return float(per_slice @ voxel_volumes(positions, orientation, pixel_spacing, single)) / 1000.0
+
+
 @dataclass(frozen=True)
 class Grid:
     """The planes of an affine's grid: per-slice positions, the row/column directions, spacing and thickness."""
@@ -262,9 +318,12 @@ __all__ = [
     "normal",
     "patient_axes",
     "patient_orientation",
+    "segment_volume_ml",
     "slice_distances",
     "slice_frame",
     "slice_spacing",
     "spacing",
     "spacing_is_uniform",
+    "slab_thickness",
+    "voxel_volumes",
 ]
