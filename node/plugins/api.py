@@ -27,6 +27,7 @@ from dicom_node_sdk.api import (
     Segment,
     Segmentation,
     SeriesInput,
+    StudyInput,
     Volume,
     codes,
     plugin,
@@ -53,6 +54,7 @@ __all__ = [
     "geometry",
     "plugin",
 ]
+    "StudyInput",
 
 
 def __getattr__(name: str) -> Any:

@@ -26,6 +26,7 @@ from dicom_node_sdk.api import (
     Segment,
     Segmentation,
     SeriesInput,
+    StudyInput,
     Volume,
     codes,
     plugin,
@@ -54,6 +55,7 @@ __all__ = [
     "codes",
     "geometry",
     "plugin",
+    "StudyInput",
 ]
 
 #: The node's side of the contract, importable from here as before (not part of it: use

@@ -52,6 +52,8 @@ class PluginInfo:
     segment_template: str | None = None
     #: "none", "optional" (uses a GPU when given one) or "required" (waits for one).
     gpu: str = "none"
+    #: "series": run gets a SeriesInput; "study": run gets a StudyInput (a study rule's named inputs).
+    takes: str = "series"
     #: The class of a class plugin (None for a function): a worker makes one instance of it per process.
     plugin_class: type[Plugin] | None = field(default=None, repr=False, compare=False)
     #: Whether the plugin is a class with its own ``setup`` (weights to load once per worker).

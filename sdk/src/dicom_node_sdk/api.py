@@ -32,13 +32,21 @@ Function form::
 Class form: subclass :class:`Plugin`, set ``name``, ``version`` and
 ``Params``, implement ``run(self, series, params)`` and, to load weights once
 per worker process rather than once per job, ``setup(self)``.
+
+A plugin that needs several series of a study (a contrast and a non-contrast CT, say) declares
+``takes="study"`` and gets a :class:`StudyInput` (the named inputs of a study rule) instead::
+
+    @plugin(name="enhancement", version="1.0", takes="study")
+    def enhancement(study, params):
+        pre, post = study["ct_plain"].rescaled(), study["ct_contrast"].rescaled()
+        ...                                   # outputs are built on study.primary
 """
 
 from __future__ import annotations
 
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -54,7 +62,17 @@ from dicom_node_sdk import params as _params
 from dicom_node_sdk._info import Returned
 from dicom_node_sdk.errors import GeometryError, PluginError, ResultError
 from dicom_node_sdk.params import NoParams, ParamsError
-from dicom_node_sdk.results import Images, Result, Segment, Segmentation, Volume
+from dicom_node_sdk.results import (
+    Images,
+    Measurement,
+    MeasurementGroup,
+    Measurements,
+    QualitativeFinding,
+    Result,
+    Segment,
+    Segmentation,
+    Volume,
+)
 
 if sys.version_info >= (3, 10):
     from typing import ParamSpec
@@ -66,17 +84,23 @@ __all__ = [
     "Code",
     "GeometryError",
     "Images",
+    "Measurement",
+    "MeasurementGroup",
+    "Measurements",
     "NoParams",
     "ParamsError",
     "Plugin",
     "PluginError",
     "PluginFunction",
+    "QualitativeFinding",
     "Result",
     "ResultError",
     "Returned",
     "Segment",
     "Segmentation",
     "SeriesInput",
+    "StudyInput",
+    "TAKES",
     "Volume",
     "codes",
     "plugin",
@@ -108,6 +132,10 @@ class SeriesInput:
     pixel_spacing: tuple[float, float] | None = None
     #: Results of the plugins that ran before this one in the same job (a chain), in order.
     previous: list[Result] = field(default_factory=list)
+    #: Prior studies of the same patient (newest first) when the rule's action asks for them; else empty.
+    priors: list[StudyInput] = field(default_factory=list)
+    #: The study this series is an input of, when a study rule (``scope = "study"``) made the job.
+    study: StudyInput | None = None
 
     @property
     def first(self) -> Dataset:
@@ -194,10 +222,57 @@ class SeriesInput:
         return geometry.spacing_is_uniform(self.positions, self.orientation)
 
 
+@dataclass
+class StudyInput:
+    """A study as a ``takes="study"`` plugin sees it: its named series, the primary one, and its priors.
+
+    A study rule that declares ``inputs`` names each series it needs (``study["ct_contrast"]``); one that
+    declares none gets every series of the study, keyed ``series-<SeriesNumber>`` (the Series Instance
+    UID where a series has no number or shares it). A prior study's inputs are keyed by Series Instance
+    UID. Outputs are always built on :attr:`primary`: its geometry, frame of reference and patient.
+    """
+
+    inputs: dict[str, SeriesInput]
+    study_uid: str = ""
+    study_date: str = ""
+    patient_id: str = ""
+    #: Prior studies of the same patient, newest first (empty unless the action asks for priors).
+    priors: list[StudyInput] = field(default_factory=list)
+    #: The name of the input outputs are built on ("": the first input).
+    primary_name: str = ""
+
+    @property
+    def primary(self) -> SeriesInput:
+        """The input outputs are built on: the rule's ``primary`` input, else the first one."""
+        if self.primary_name:
+            return self[self.primary_name]
+        if not self.inputs:
+            raise KeyError("this study input has no series")
+        return next(iter(self.inputs.values()))
+
+    def __getitem__(self, name: str) -> SeriesInput:
+        try:
+            return self.inputs[name]
+        except KeyError:
+            known = ", ".join(self.inputs) or "none"
+            raise KeyError(f"no input named {name!r} (inputs: {known})") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.inputs
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.inputs)
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+
 # -- declaring plugins ---------------------------------------------------------
 
 #: What a plugin says about GPUs: it never uses one, uses one when there is one, or cannot run without one.
 GPU_MODES = ("none", "optional", "required")
+#: What a plugin takes: one series (:class:`SeriesInput`), or a study's named series (:class:`StudyInput`).
+TAKES = ("series", "study")
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R", bound=Returned)
@@ -231,6 +306,12 @@ def _gpu(value: str, name: str) -> str:
     return value
 
 
+def _takes(value: str, name: str) -> str:
+    if value not in TAKES:
+        raise ValueError(f"plugin {name!r}: takes must be one of {', '.join(TAKES)} (got {value!r})")
+    return value
+
+
 def plugin(
     name: str,
     version: str,
@@ -241,14 +322,17 @@ def plugin(
     family: Code = codes.cid7162.ArtificialIntelligence,
     segment_template: str | None = None,
     gpu: str = "none",
+    takes: str = "series",
 ) -> Callable[[Callable[_P, _R]], PluginFunction[_P, _R]]:
     """Declare a function as a plugin (see the module docstring).
 
-    The function takes the series and the validated parameters and returns one result, a list of
-    them, or None. What the decorator returns is still callable as the function.
+    The function takes the series (``takes="study"``: the :class:`StudyInput`) and the validated
+    parameters and returns one result, a list of them, or None. What the decorator returns is still
+    callable as the function.
     """
     checked = _params.check_params_type(params, name)
     _gpu(gpu, name)
+    _takes(takes, name)
 
     def wrap(fn: Callable[_P, _R]) -> PluginFunction[_P, _R]:
         declared: PluginFunction[_P, _R] = PluginFunction(
@@ -261,6 +345,7 @@ def plugin(
             family,
             _beside(fn, segment_template),
             gpu,
+            takes=takes,
         )
         # What help(), inspect.signature() and a traceback show: the function's own name, doc and signature.
         for attr in ("__module__", "__name__", "__qualname__", "__doc__"):
@@ -289,6 +374,8 @@ class Plugin:
     family: Code = codes.cid7162.ArtificialIntelligence
     segment_template: str | None = None
     gpu: str = "none"
+    #: "series" (run gets a SeriesInput) or "study" (run gets a StudyInput: a study rule's inputs).
+    takes: str = "series"
 
     def setup(self) -> None:
         """Load what every job needs; runs once per instance, before its first ``run``."""
@@ -315,6 +402,7 @@ class Plugin:
             cls.family,
             _beside(cls, cls.segment_template),
             _gpu(cls.gpu, cls.name),
+            takes=_takes(cls.takes, cls.name),
             plugin_class=cls,
             has_setup=getattr(cls, "setup", None) is not Plugin.setup,
         )
