@@ -32,17 +32,22 @@ from dicom_node_sdk.api import (
     codes,
     plugin,
 )
+from dicom_node_sdk.results import Measurement, MeasurementGroup, Measurements, QualitativeFinding
 
 __all__ = [
     "GPU_MODES",
     "Code",
     "GeometryError",
     "Images",
+    "Measurement",
+    "MeasurementGroup",
+    "Measurements",
     "NoParams",
     "ParamsError",
     "Plugin",
     "PluginError",
     "PluginFunction",
+    "QualitativeFinding",
     "Result",
     "ResultError",
     "Returned",

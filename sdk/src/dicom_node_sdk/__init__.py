@@ -31,6 +31,7 @@ from dicom_node_sdk.api import (
     codes,
     plugin,
 )
+from dicom_node_sdk.results import Measurement, MeasurementGroup, Measurements, QualitativeFinding
 
 __version__ = "0.1.0"
 
@@ -39,11 +40,15 @@ __all__ = [
     "Code",
     "GeometryError",
     "Images",
+    "Measurement",
+    "MeasurementGroup",
+    "Measurements",
     "NoParams",
     "ParamsError",
     "Plugin",
     "PluginError",
     "PluginFunction",
+    "QualitativeFinding",
     "Result",
     "ResultError",
     "Returned",

@@ -17,7 +17,7 @@ from pydicom.sr.coding import Code
 from dicom_node_sdk import params as _params
 from dicom_node_sdk.errors import PluginError
 from dicom_node_sdk.params import NoParams
-from dicom_node_sdk.results import Images, Result, Segmentation, Volume
+from dicom_node_sdk.results import Images, Measurements, Result, Segmentation, Volume
 
 if TYPE_CHECKING:
     from dicom_node_sdk.api import Plugin, SeriesInput
@@ -83,15 +83,15 @@ class PluginInfo:
 def as_results(name: str, out: Any) -> list[Result]:
     """What a plugin's run returned as a list of results (None: none; one result: a list of it).
 
-    Raises PluginError naming the plugin for anything that is not a Segmentation, Images or Volume.
+    Raises PluginError naming the plugin for anything that is not a Segmentation, Images, Volume or Measurements.
     (Each result checked its own arrays when it was made.)
     """
     if out is None:
         return []
     items = list(out) if isinstance(out, (list, tuple)) else [out]
     for r in items:
-        if not isinstance(r, (Segmentation, Images, Volume)):
+        if not isinstance(r, (Segmentation, Images, Volume, Measurements)):
             raise PluginError(
-                f"plugin {name} returned a {type(r).__name__}; results are Segmentation, Images or Volume"
+                f"plugin {name} returned a {type(r).__name__}; results are Segmentation, Images, Volume or Measurements"
             )
     return items

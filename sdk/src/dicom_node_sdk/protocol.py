@@ -33,6 +33,7 @@ from pydicom.sr.coding import Code
 
 from dicom_node_sdk._info import PluginInfo
 from dicom_node_sdk.api import Images, Result, Segment, Segmentation, SeriesInput, Volume
+from dicom_node_sdk.results import Measurement, MeasurementGroup, Measurements, QualitativeFinding
 
 __all__ = [
     "MAX_MESSAGE",
@@ -281,7 +282,9 @@ def result_to_json(result: Result, folder: str | os.PathLike[str], stem: str) ->
             "units": code_to_json(result.units),
             "affine": affine,
         }
-    raise TypeError(f"a plugin result is a Segmentation, Images or Volume, not a {type(result).__name__}")
+    if isinstance(result, Measurements):
+        return _measurements_to_json(result)
+    raise TypeError(f"a plugin result is a Segmentation, Images, Volume or Measurements, not a {type(result).__name__}")
 
 
 def result_from_json(d: dict[str, Any]) -> Result:
@@ -315,7 +318,71 @@ def result_from_json(d: dict[str, Any]) -> Result:
             units=code_from_json(d.get("units")),
             affine=None if affine is None else np.array(affine, dtype=float),
         )
-    raise ProtocolError(f"a result of type {kind!r}: protocol {PROTOCOL} knows segmentation, images and volume")
+    if kind == "measurements":
+        return _measurements_from_json(d)
+    raise ProtocolError(
+        f"a result of type {kind!r}: protocol {PROTOCOL} knows segmentation, images, volume and measurements"
+    )
+
+
+def _measurements_to_json(m: Measurements) -> dict[str, Any]:
+    """Measurements as JSON: no arrays, only codes and numbers (floats round-trip exactly in JSON)."""
+    return {
+        "type": "measurements",
+        "title": code_to_json(m.title),
+        "description": str(m.description),
+        "groups": [
+            {
+                "tracking_id": g.tracking_id,
+                "finding": code_to_json(g.finding),
+                "measurements": [
+                    [code_to_json(x.name), float(x.value), code_to_json(x.unit), code_to_json(x.derivation)]
+                    for x in g.measurements
+                ],
+                "qualitative": [[code_to_json(q.name), code_to_json(q.value)] for q in g.qualitative],
+                "segment": g.segment,
+                "segmentation": g.segmentation,
+                "finding_site": code_to_json(g.finding_site),
+                "source_slices": None if g.source_slices is None else [int(i) for i in g.source_slices],
+            }
+            for g in m.groups
+        ],
+    }
+
+
+def _code_of(value: Any, what: str) -> Code:
+    code = code_from_json(value)
+    if code is None:
+        raise ProtocolError(f"{what} is a code, not null")
+    return code
+
+
+def _measurements_from_json(d: dict[str, Any]) -> Measurements:
+    groups = [
+        MeasurementGroup(
+            tracking_id=g["tracking_id"],
+            finding=_code_of(g["finding"], "a measurement group's finding"),
+            measurements=[
+                Measurement(
+                    _code_of(name, "a measurement's name"),
+                    value,
+                    _code_of(unit, "a measurement's unit"),
+                    code_from_json(derivation),
+                )
+                for name, value, unit, derivation in g.get("measurements", [])
+            ],
+            qualitative=[
+                QualitativeFinding(_code_of(n, "a qualitative finding's name"), _code_of(v, "its value"))
+                for n, v in g.get("qualitative", [])
+            ],
+            segment=g.get("segment"),
+            segmentation=g.get("segmentation"),
+            finding_site=code_from_json(g.get("finding_site")),
+            source_slices=g.get("source_slices"),
+        )
+        for g in d.get("groups", [])
+    ]
+    return Measurements(groups, title=_code_of(d["title"], "a report's title"), description=d.get("description", ""))
 
 
 # -- series ----------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""What a plugin returns: masks (:class:`Segmentation`), pictures (:class:`Images`), numbers (:class:`Volume`).
+"""What a plugin returns: masks (:class:`Segmentation`), pictures (:class:`Images`), numbers on a grid
+(:class:`Volume`), and named quantities per finding (:class:`Measurements`, written as a DICOM SR).
 
 Each result checks itself when it is made, so a wrong shape, type or value range is an error at
 the line of the plugin that made it, saying what to change, not a failed job later. What needs the
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Union
 
 import numpy as np
+from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from dicom_node_sdk import geometry
@@ -305,6 +307,167 @@ class Volume:
                 raise ResultError(f"Volume.affine {e}") from None
 
 
-Result = Union[Segmentation, Images, Volume]
+def _code_field(owner: str, field: str, value: object, example: str, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not _is_code(value):
+        none = " or None" if optional else ""
+        raise ResultError(f"{owner}: {field} must be a pydicom Code{none}, e.g. {example}; got {value!r}")
 
-__all__ = ["Images", "Result", "Segment", "Segmentation", "Volume"]
+
+@dataclass
+class Measurement:
+    """One named quantity of a finding, e.g. its volume in ml or its mean in HU (DICOM TID 300).
+
+    ``unit`` is a UCUM code: ``Code("ml", "UCUM", "milliliter")``, ``Code("[hnsf'U]", "UCUM",
+    "Hounsfield unit")``, ``Code("1", "UCUM", "no units")``. ``derivation`` says how a value summarises
+    the region (CID 7464: ``codes.SCT.Mean``, ``codes.SCT.Maximum``, ``codes.DCM.StandardDeviation`` ...).
+    """
+
+    name: Code
+    value: float
+    unit: Code
+    derivation: Code | None = None
+
+    def __post_init__(self) -> None:
+        name = getattr(self.name, "meaning", self.name)
+        owner = f"Measurement {name!r}"
+        _code_field("Measurement", "name", self.name, 'codes.SCT.Volume or Code("118565006", "SCT", "Volume")')
+        _code_field(owner, "unit", self.unit, 'Code("ml", "UCUM", "milliliter")')
+        if self.unit.scheme_designator != "UCUM":
+            raise ResultError(
+                f'{owner}: unit must be a UCUM code (scheme "UCUM"), e.g. Code("mm", "UCUM", "millimeter"); '
+                f"got scheme {self.unit.scheme_designator!r}"
+            )
+        _code_field(owner, "derivation", self.derivation, "codes.SCT.Mean", optional=True)
+        value: object = self.value
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise ResultError(f"{owner}: value must be a number; got {value!r} ({type(value).__name__})")
+        if not np.isfinite(value):
+            raise ResultError(
+                f"{owner}: value must be a finite number; got {value!r} (leave the measurement out instead)"
+            )
+        self.value = float(value)
+
+
+@dataclass
+class QualitativeFinding:
+    """A coded statement about a finding, e.g. whether a finding is malignant: value ``codes.SCT.Malignant``."""
+
+    name: Code
+    value: Code
+
+    def __post_init__(self) -> None:
+        _code_field("QualitativeFinding", "name", self.name, 'Code("RID5705", "RADLEX", "Malignancy")')
+        _code_field(f"QualitativeFinding {self.name.meaning!r}", "value", self.value, "codes.SCT.Malignant")
+
+
+@dataclass
+class MeasurementGroup:
+    """One finding (a region, an organ, a nodule) and what was measured of it.
+
+    ``tracking_id`` names the finding the same way in every study of the patient ("Liver", "Nodule 1"):
+    the node derives the finding's Tracking UID from it (with the patient and the plugin), so a follow-up
+    report of the same finding carries the same UID. ``segment`` (1-based) names the segment of a
+    Segmentation the job made that the group measures: ``segmentation`` is that result's index among
+    the job's results (chain order, 0-based); None means the last Segmentation before this result.
+    A region without a Segmentation may name the input slices it was measured on (``source_slices``).
+    """
+
+    tracking_id: str
+    finding: Code
+    measurements: Sequence[Measurement]
+    qualitative: Sequence[QualitativeFinding] = ()
+    segment: int | None = None
+    segmentation: int | None = None
+    finding_site: Code | None = None
+    source_slices: Sequence[int] | None = None
+
+    def __post_init__(self) -> None:
+        tid: object = self.tracking_id
+        if not isinstance(tid, str) or not tid.strip():
+            raise ResultError(f'MeasurementGroup.tracking_id must be a non-empty string, e.g. "Liver"; got {tid!r}')
+        owner = f"MeasurementGroup {self.tracking_id!r}"
+        if len(tid) > 64:
+            raise ResultError(f"{owner}: tracking_id is {len(tid)} characters; at most 64")
+        _code_field(owner, "finding", self.finding, "codes.SCT.Liver or the segment's type code")
+        _code_field(owner, "finding_site", self.finding_site, "codes.SCT.Liver", optional=True)
+        self.measurements = _items(owner, "measurements", self.measurements, Measurement)
+        self.qualitative = _items(owner, "qualitative", self.qualitative, QualitativeFinding)
+        if not self.measurements and not self.qualitative:
+            raise ResultError(f"{owner} holds no measurements and no qualitative findings; leave the group out")
+        self.segment = _index(owner, "segment", self.segment, 1, "the segment number, 1 for the first segment")
+        self.segmentation = _index(
+            owner, "segmentation", self.segmentation, 0, "the index of the Segmentation among the job's results"
+        )
+        if self.segmentation is not None and self.segment is None:
+            raise ResultError(f"{owner}: segmentation is set but segment is not; name the segment number it measures")
+        if self.source_slices is not None:
+            if self.segment is not None:
+                raise ResultError(
+                    f"{owner}: give segment (a region of a Segmentation) or source_slices (the slices it was measured "
+                    "on), not both: the Segmentation already names its slices"
+                )
+            self.source_slices = [
+                _index(owner, "source_slices[]", s, 0, "the index of an input slice (0, 1, ...)") or 0
+                for s in self.source_slices
+            ]
+
+
+def _index(owner: str, field: str, value: object, lowest: int, what: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < lowest:
+        raise ResultError(f"{owner}: {field} must be an integer >= {lowest} ({what}) or None; got {value!r}")
+    return int(value)
+
+
+def _items(owner: str, field: str, values: object, kind: type[Any]) -> list[Any]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise ResultError(f"{owner}: {field} must be a list of {kind.__name__}; got {type(values).__name__}")
+    for i, v in enumerate(values):
+        if not isinstance(v, kind):
+            raise ResultError(f"{owner}: {field}[{i}] must be a {kind.__name__}, not a {type(v).__name__}")
+    return list(values)
+
+
+@dataclass
+class Measurements:
+    """Findings and what was measured of them: written as one DICOM SR measurement report (TID 1500).
+
+    Each group is one finding; its ``tracking_id`` is unique in the report. An empty ``groups``
+    is a report that found nothing to measure. ``title`` is a report title from CID 7021.
+    """
+
+    groups: Sequence[MeasurementGroup]
+    title: Code = codes.DCM.ImagingMeasurementReport
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        self.groups = _items("Measurements", "groups", self.groups, MeasurementGroup)
+        _code_field("Measurements", "title", self.title, "codes.DCM.ImagingMeasurementReport")
+        seen: set[str] = set()
+        for g in self.groups:
+            if g.tracking_id in seen:
+                raise ResultError(
+                    f"Measurements: two groups have tracking_id {g.tracking_id!r}; each finding needs its own "
+                    '(e.g. "Nodule 1", "Nodule 2")'
+                )
+            seen.add(g.tracking_id)
+        if not isinstance(self.description, str):
+            raise ResultError(f"Measurements.description must be a string; got {self.description!r}")
+
+
+Result = Union[Segmentation, Images, Volume, Measurements]
+
+__all__ = [
+    "Images",
+    "Measurement",
+    "MeasurementGroup",
+    "Measurements",
+    "QualitativeFinding",
+    "Result",
+    "Segment",
+    "Segmentation",
+    "Volume",
+]
