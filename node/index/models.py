@@ -97,6 +97,9 @@ class Study(Base):
     #: of its series triggers, moved to the end of a quiet period while a rule waits for one, cleared once
     #: every study rule has fired or waits for an input: the durable timer of node.decide.tracker.
     study_rules_due: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True, index=True)
+    #: What the study rules waited for at their last evaluation (JSON ``{rule: "waiting for ct_contrast"}``;
+    #: "" for none): written by the tracker, read by the dashboard (node.index.read.study_waiting).
+    study_rules_waiting: Mapped[str] = mapped_column(Text, default="", server_default="")
 
     patient: Mapped[Patient] = relationship(back_populates="studies")
     series: Mapped[list[Series]] = relationship(back_populates="study")

@@ -7,7 +7,8 @@ Create Date: 2026-12-06 18:20:00.000000
 A study rule (``scope = "study"``) fires once per (study, rule, input revision set): a study_trigger row,
 inserted in the transaction that makes its jobs (whose study_trigger_fk names it). study.study_rules_due
 is when the study's rules are to be evaluated next, so that a restart (or another node process) picks up
-studies whose series triggered while a rule waited.
+studies whose series triggered while a rule waited; study.study_rules_waiting is what the last evaluation
+found each waiting rule waiting for (JSON), for the dashboard.
 """
 
 import sqlalchemy as sa
@@ -46,12 +47,14 @@ def upgrade() -> None:
         batch_op.create_index("ix_job_study_trigger_fk", ["study_trigger_fk"])
     with op.batch_alter_table("study") as batch_op:
         batch_op.add_column(sa.Column("study_rules_due", sa.DateTime(timezone=True), nullable=True))
+        batch_op.add_column(sa.Column("study_rules_waiting", sa.Text(), nullable=False, server_default=""))
         batch_op.create_index("ix_study_study_rules_due", ["study_rules_due"])
 
 
 def downgrade() -> None:
     with op.batch_alter_table("study") as batch_op:
         batch_op.drop_index("ix_study_study_rules_due")
+        batch_op.drop_column("study_rules_waiting")
         batch_op.drop_column("study_rules_due")
     with op.batch_alter_table("job") as batch_op:
         batch_op.drop_index("ix_job_study_trigger_fk")
