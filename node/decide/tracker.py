@@ -46,6 +46,7 @@ from sqlalchemy.orm import Session
 from node import audit
 from node.config import Config
 from node.decide.facts import dataset_facts, expected_instances, first_instance, read_dataset, series_snapshot
+from node.decide.rerun import rule_jobs
 from node.decide.rules import ForwardAction, PluginAction, RuleSet
 from node.index.models import Series, SeriesRevision, aware, utcnow
 from node.index.records import RecordOutcome
@@ -416,7 +417,9 @@ class SeriesTracker:
         processes triggering it, only the one that claims it makes jobs, audits and logs.
         """
         now = utcnow()
-        error, jobs, matched = "", [], []
+        error = ""
+        jobs: list[NewJob] = []
+        matched: list[str] = []
         if self._triggered(sid, revision):
             return
         with Session(self.reader) as s:
@@ -440,22 +443,7 @@ class SeriesTracker:
                 results = self.ruleset.evaluate(snap.facts)
             except Exception as e:
                 results, error = [], f"evaluating the rules failed: {type(e).__name__}: {e}"
-            for r in results:
-                if not r.fired:
-                    continue
-                matched.append(r.rule.name)
-                m = r.rule.model
-                for i, action in enumerate(m.actions):
-                    jobs.append(
-                        NewJob(
-                            m.name,
-                            i,
-                            action.type,
-                            action.model_dump(mode="json"),
-                            m.job_priority(action),
-                            m.max_attempts,
-                        )
-                    )
+            matched, jobs = rule_jobs(results)
         uids = {"series_uid": snap.series_uid, "study_uid": snap.study_uid} if snap is not None else {}
         with self.engine.begin() as conn:
             claimed = conn.execute(

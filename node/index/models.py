@@ -245,7 +245,8 @@ class Job(Base):
 
     __tablename__ = "job"
     __table_args__ = (
-        UniqueConstraint("series_fk", "revision", "rule", "action_index", name="uq_job_match"),
+        # ``run``: 1 for the job the tracker made; an operator's rerun (node.jobs.store.rerun) adds the next.
+        UniqueConstraint("series_fk", "revision", "rule", "action_index", "run", name="uq_job_match"),
         Index("ix_job_state_due", "state", "not_before"),
         # The claim's order (node.jobs.store.claim_next): it reads the rows it takes, not the whole queue.
         Index("ix_job_claim_order", "state", text("priority DESC"), "id"),
@@ -256,6 +257,9 @@ class Job(Base):
     revision: Mapped[int] = mapped_column(Integer)
     rule: Mapped[str] = mapped_column(String(128))
     action_index: Mapped[int] = mapped_column(Integer)
+    #: Which run of the (series revision, rule, action): 1 as the rules made it, 2, 3, ... for each rerun an
+    #: operator asked for. A rerun's outputs get UIDs of their own; the earlier run's outputs are kept.
+    run: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     #: "plugin", "forward" or "discard".
     kind: Mapped[str] = mapped_column(String(16))
     #: The action as configured when the job was made (JSON), so a later config change does not alter it.

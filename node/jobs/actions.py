@@ -282,7 +282,13 @@ def plugin(ctx: JobContext) -> str:
         files=[str(ctx.storage.absolute(r)) for r in rels],
         steps=steps,
         out_dir=str(work),
-        job_key=(series_uid, ctx.job.revision, ctx.job.rule, ctx.job.action_index),
+        # A rerun (run 2, 3, ...) makes new objects; run 1 keeps the UIDs it always had (a retry makes the same).
+        job_key=(
+            series_uid,
+            ctx.job.revision,
+            ctx.job.rule + (f"#run{ctx.job.run}" if ctx.job.run > 1 else ""),
+            ctx.job.action_index,
+        ),
         memory_limit_mb=action.memory_limit_mb if action.memory_limit_mb is not None else cfg.plugins.memory_limit_mb,
         transfer_syntax=str(_SYNTAX[_compression(action, cfg)]),
         keep_empty_frames=action.keep_empty_frames,

@@ -1,9 +1,11 @@
 """Durable jobs: made once per (series revision, rule, action), claimed, finished, retried, taken over.
 
 "Exactly once" is the table's unique constraint on (series, revision, rule,
-action index), not a hope: making the jobs of a revision twice (a restart
+action index, run), not a hope: making the jobs of a revision twice (a restart
 between its stability and its trigger, say) inserts nothing the second
-time.
+time. ``run`` is 1 for what the rules made; only an operator's rerun
+(:func:`rerun`, :func:`rerun_jobs`) adds the next run of a match, as a row of
+its own, so the earlier run (its state, plugin versions, outputs) is kept.
 
 Several node processes may share the table (node.index.cluster). A claim sets
 ``owner`` to the claiming process in the same UPDATE that makes the job
@@ -21,7 +23,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, exists, or_, select, update
+from sqlalchemy import Connection, Engine, and_, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from node import audit
@@ -41,6 +43,27 @@ class NewJob:
     action: dict[str, Any]
     priority: int = 0
     max_attempts: int = 3
+
+
+def _job_row(series_id: int, revision: int, j: NewJob, now: dt.datetime, run: int = 1) -> dict[str, Any]:
+    """The columns of a new pending job (one place for the tracker's jobs and an operator's reruns)."""
+    return dict(
+        series_fk=series_id,
+        revision=revision,
+        rule=j.rule,
+        action_index=j.action_index,
+        run=run,
+        kind=j.kind,
+        action=json.dumps(j.action, sort_keys=True),
+        priority=j.priority,
+        state=JobState.PENDING,
+        attempts=0,
+        max_attempts=j.max_attempts,
+        last_error="",
+        result="",
+        created_at=now,
+        not_before=now,
+    )
 
 
 def create_jobs(
@@ -63,23 +86,7 @@ def create_jobs(
         try:
             with conn.begin_nested():
                 pk = conn.execute(
-                    _job.insert().returning(_job.c.id),
-                    dict(
-                        series_fk=series_id,
-                        revision=revision,
-                        rule=j.rule,
-                        action_index=j.action_index,
-                        kind=j.kind,
-                        action=json.dumps(j.action, sort_keys=True),
-                        priority=j.priority,
-                        state=JobState.PENDING,
-                        attempts=0,
-                        max_attempts=j.max_attempts,
-                        last_error="",
-                        result="",
-                        created_at=now,
-                        not_before=now,
-                    ),
+                    _job.insert().returning(_job.c.id), _job_row(series_id, revision, j, now)
                 ).scalar_one()
         except IntegrityError:  # made meanwhile by another process: the constraint did its job
             continue
@@ -128,6 +135,8 @@ class ClaimedJob:
     max_attempts: int
     #: Higher first (node.decide.rules.URGENT added for an urgent job); also orders waiting for a GPU.
     priority: int = 0
+    #: 1 as the rules made it; 2, 3, ... for an operator's reruns (their outputs get UIDs of their own).
+    run: int = 1
 
 
 def claim_next(engine: Engine, owner: str, now: dt.datetime | None = None) -> ClaimedJob | None:
@@ -166,6 +175,7 @@ def claim_next(engine: Engine, owner: str, now: dt.datetime | None = None) -> Cl
         row.attempts + 1,
         row.max_attempts,
         row.priority,
+        row.run,
     )
 
 
@@ -328,3 +338,98 @@ def cancel(engine: Engine, job_id: int, *, actor: str = "cli") -> str:
         )
         _audit_operator(conn, "job_cancel", job_id, row, actor)
         return str(state)
+
+
+def _next_run(conn: Connection, series_id: int, revision: int, rule: str, action_index: int) -> int:
+    """The run number a new run of this (series revision, rule, action) gets: one past the highest so far."""
+    last = conn.execute(
+        select(func.max(_job.c.run)).where(
+            _job.c.series_fk == series_id,
+            _job.c.revision == revision,
+            _job.c.rule == rule,
+            _job.c.action_index == action_index,
+        )
+    ).scalar()
+    return int(last or 0) + 1
+
+
+def rerun_jobs(
+    conn: Connection,
+    series_id: int,
+    revision: int,
+    jobs: list[NewJob],
+    *,
+    actor: str,
+    series_uid: str = "",
+    study_uid: str = "",
+    study_trigger: int | None = None,
+) -> list[int]:
+    """Make ``jobs`` for a revision again, each as the next run of its match (the earlier runs are kept).
+
+    Unlike :func:`create_jobs` nothing is skipped: an operator asked for these to run (again). Each job
+    made is audited (``job_created``, naming the run and who asked) in the caller's transaction.
+    ``study_trigger``: a study rule's jobs keep the firing they belong to (their named inputs).
+    """
+    now = utcnow()
+    ids = []
+    for j in jobs:
+        run = _next_run(conn, series_id, revision, j.rule, j.action_index)
+        values = _job_row(series_id, revision, j, now, run) | {"study_trigger_fk": study_trigger}
+        pk = conn.execute(_job.insert().returning(_job.c.id), values).scalar_one()
+        ids.append(pk)
+        audit.record(
+            conn,
+            "job_created",
+            actor=actor,
+            rule=j.rule,
+            job_id=pk,
+            series_uid=series_uid,
+            study_uid=study_uid,
+            detail=f"revision {revision}, action {j.action_index} ({j.kind}), run {run}",
+        )
+    return ids
+
+
+def rerun(engine: Engine, job_id: int, *, actor: str = "cli") -> int:
+    """Run a finished job (succeeded, failed or cancelled) again as a new job; returns the new job's id.
+
+    The new job is the next run of the same (series revision, rule, action) with the action as the old
+    job stored it; a plugin's outputs get new UIDs (the run is part of their identity) and the old job's
+    outputs stay. A pending or running job is refused: it is about to run anyway. Audited
+    (``job_rerun``, naming the new job) as done by ``actor``.
+    """
+    with engine.begin() as conn:
+        row = _operator_row(
+            conn,
+            job_id,
+            _job.c.revision,
+            _job.c.action_index,
+            _job.c.kind,
+            _job.c.action,
+            _job.c.priority,
+            _job.c.max_attempts,
+            _job.c.study_trigger_fk,
+        )
+        if row.state in JOB_ACTIVE:
+            raise JobStateError(f"job {job_id} is {row.state}; it runs anyway (cancel it first to run it again)")
+        job = NewJob(row.rule, row.action_index, row.kind, json.loads(row.action), row.priority, row.max_attempts)
+        series_uid = conn.execute(select(_series.c.series_instance_uid).where(_series.c.id == row.series_fk)).scalar()
+        (new,) = rerun_jobs(
+            conn,
+            row.series_fk,
+            row.revision,
+            [job],
+            actor=actor,
+            series_uid=str(series_uid or ""),
+            study_trigger=row.study_trigger_fk,
+        )
+        audit.record(
+            conn,
+            "job_rerun",
+            actor=actor,
+            job_id=job_id,
+            rule=row.rule,
+            series_uid=str(series_uid or ""),
+            detail=f"was {row.state}; runs again as job {new}",
+        )
+    return int(new)

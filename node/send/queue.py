@@ -23,7 +23,7 @@ from sqlalchemy import ColumnElement, Connection, Engine, and_, bindparam, func,
 from node import audit
 from node.index.cluster import owner_gone
 from node.index.db import insert_or_skip
-from node.index.models import Delivery, DestinationCircuit, Instance, aware, utcnow
+from node.index.models import Delivery, DestinationCircuit, Instance, Series, aware, utcnow
 from node.index.read import delivery_selection
 from node.index.states import (
     DELIVERY_RETRYABLE,
@@ -850,3 +850,40 @@ def unfinished_for_series(conn: Connection, series_id: int, revision: int | None
         select(_d.c.state, _d.c.destination, func.count()).where(*cond).group_by(_d.c.state, _d.c.destination)
     )
     return [(state, destination, count) for state, destination, count in rows]
+
+
+def forward_series(
+    engine: Engine, series_uid: str, destination: str, *, actor: str = "cli", priority: int = 0
+) -> Enqueued:
+    """Queue every stored instance of a series for ``destination`` now: an operator's "forward".
+
+    Like a forward action, but asked for by a person: instances the destination already received are sent
+    again (a person who asks for a copy wants one), those already waiting stay queued once. The caller
+    checks that ``destination`` is configured. Audited (``series_forward``) as done by ``actor``;
+    :class:`LookupError` for an unknown series or one without instances.
+    """
+    s = Series.__table__
+    with engine.begin() as conn:
+        sid = conn.execute(select(s.c.id).where(s.c.series_instance_uid == series_uid)).scalar()
+        if sid is None:
+            raise LookupError(f"no series {series_uid} in the index")
+        ids = list(
+            conn.execute(
+                select(_i.c.id)
+                .where(_i.c.series_fk == sid)
+                .order_by(_i.c.instance_number.is_(None), _i.c.instance_number, _i.c.id)
+            ).scalars()
+        )
+        if not ids:
+            raise LookupError(f"series {series_uid} has no stored instances (discarded?); nothing to forward")
+        got = enqueue(conn, ids, [destination], priority=priority, again=True)
+        audit.record(
+            conn,
+            "series_forward",
+            actor=actor,
+            series_uid=series_uid,
+            destination=destination,
+            detail=f"{got.new + got.requeued} of {len(ids)} instance(s) queued"
+            + (f", {got.already} already waiting" if got.already else ""),
+        )
+    return got

@@ -1,0 +1,115 @@
+"""An operator's rerun of a job (node.jobs.store.rerun), on SQLite and PostgreSQL.
+
+What an operator relies on: a finished job runs again as a job of its own (the next ``run`` of the same
+series revision, rule and action), the earlier run keeps its state and result, a job about to run anyway
+is refused with a reason, and the audit trail says who asked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import Engine, select, update
+from sqlalchemy.orm import Session
+
+from node import audit
+from node.index.db import make_engine, migrate
+from node.index.models import Job, Patient, Series, Study
+from node.jobs import store
+from node.jobs.store import NewJob, create_jobs
+
+
+@pytest.fixture
+def engine(any_index_url: str) -> Iterator[Engine]:
+    engine = make_engine(any_index_url)
+    migrate(engine)
+    with Session(engine) as s:
+        s.add(
+            Series(
+                series_instance_uid="1.2.3.1",
+                state="triggered",
+                study=Study(study_instance_uid="1.2.3", patient=Patient()),
+            )
+        )
+        s.commit()
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+def _make(engine: Engine) -> int:
+    with engine.begin() as conn:
+        (job_id,) = create_jobs(conn, 1, 1, [NewJob("seg", 0, "plugin", {"plugin": "threshold-seg"}, 5, 2)])
+    return job_id
+
+
+def _finish(engine: Engine, job_id: int, state: str, result: str = "") -> None:
+    with engine.begin() as conn:
+        conn.execute(update(Job).where(Job.id == job_id).values(state=state, result=result))
+
+
+def _job(engine: Engine, job_id: int) -> Job:
+    with Session(engine) as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        s.expunge(job)
+        return job
+
+
+def test_a_succeeded_job_runs_again_as_the_next_run_and_the_first_is_kept(engine: Engine) -> None:
+    first = _make(engine)
+    _finish(engine, first, "succeeded", "1 SEG")
+    second = store.rerun(engine, first, actor="alice")
+    third = store.rerun(engine, first, actor="bob")
+    old, new, newer = _job(engine, first), _job(engine, second), _job(engine, third)
+    assert (old.state, old.result, old.run) == ("succeeded", "1 SEG", 1)
+    assert (new.state, new.run, newer.run) == ("pending", 2, 3)
+    # The same match, the action as the first job stored it, its priority and attempts allowed.
+    for j in (new, newer):
+        assert (j.series_fk, j.revision, j.rule, j.action_index, j.kind) == (1, 1, "seg", 0, "plugin")
+        assert (j.action, j.priority, j.max_attempts, j.attempts) == (old.action, 5, 2, 0)
+    claimed = store.claim_next(engine, "p1")
+    assert claimed is not None and (claimed.id, claimed.run) == (second, 2)
+    events = audit.query(engine, kind=["job_rerun"])  # newest first
+    assert [(e["actor"], e["job_id"], e["detail"]) for e in events] == [
+        ("bob", first, f"was succeeded; runs again as job {third}"),
+        ("alice", first, f"was succeeded; runs again as job {second}"),
+    ]
+    created = {e["job_id"]: (e["actor"], e["detail"]) for e in audit.query(engine, kind=["job_created"])}
+    assert created[second] == ("alice", "revision 1, action 0 (plugin), run 2")
+
+
+@pytest.mark.parametrize("state", ["failed", "cancelled"])
+def test_a_failed_or_cancelled_job_also_runs_again_as_a_new_job(engine: Engine, state: str) -> None:
+    first = _make(engine)
+    _finish(engine, first, state)
+    second = store.rerun(engine, first)
+    assert _job(engine, first).state == state
+    assert _job(engine, second).state == "pending"
+
+
+@pytest.mark.parametrize("state", ["pending", "running"])
+def test_a_job_about_to_run_is_not_run_twice(engine: Engine, state: str) -> None:
+    first = _make(engine)
+    _finish(engine, first, state)
+    with pytest.raises(store.JobStateError, match=f"job {first} is {state}; it runs anyway"):
+        store.rerun(engine, first)
+    with engine.connect() as conn:
+        assert conn.execute(select(Job.id)).scalars().all() == [first]
+    assert audit.query(engine, kind=["job_rerun"]) == []
+
+
+def test_an_unknown_job_is_named(engine: Engine) -> None:
+    with pytest.raises(store.JobStateError, match="there is no job 99"):
+        store.rerun(engine, 99)
+
+
+def test_the_trackers_second_evaluation_still_makes_nothing_after_a_rerun(engine: Engine) -> None:
+    """Exactly once per revision stays true for the tracker: a rerun does not open the door to duplicates."""
+    first = _make(engine)
+    _finish(engine, first, "succeeded")
+    store.rerun(engine, first)
+    with engine.begin() as conn:
+        assert create_jobs(conn, 1, 1, [NewJob("seg", 0, "plugin", {"plugin": "threshold-seg"})]) == []
