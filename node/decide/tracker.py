@@ -53,6 +53,7 @@ from node.index.records import RecordOutcome
 from node.index.states import SeriesState, series_tracking
 from node.jobs.store import NewJob, create_jobs
 from node.logs import phi
+from node.qr.priors import is_prior_study
 
 log = logging.getLogger(__name__)
 
@@ -439,8 +440,10 @@ class SeriesTracker:
                 f'patient "{phi(name) or ""}", ID "{phi(pid) or ""}")'
             )
             extra.update(series_uid=snap.series_uid, study_uid=snap.study_uid)
+            # A prior retrieved for a job (node.qr.priors) is indexed and kept, but no rule acts on it.
+            prior = is_prior_study(self.reader, snap.study_uid)
             try:
-                results = self.ruleset.evaluate(snap.facts)
+                results = [] if prior else self.ruleset.evaluate(snap.facts)
             except Exception as e:
                 results, error = [], f"evaluating the rules failed: {type(e).__name__}: {e}"
             matched, jobs = rule_jobs(results)
@@ -480,6 +483,14 @@ class SeriesTracker:
                 len(made),
                 actions,
                 extra=dict(extra, rules=matched, job_ids=made),
+            )
+        elif snap is not None and is_prior_study(self.reader, snap.study_uid):
+            log.info(
+                "%s revision %d is stable%s: a prior study retrieved for a job; no rule is evaluated for it",
+                label,
+                revision,
+                when,
+                extra=extra,
             )
         else:
             log.info("%s revision %d is stable%s: no rule matched", label, revision, when, extra=extra)

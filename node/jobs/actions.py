@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import logging
 import shutil
 from collections.abc import Callable
@@ -34,6 +35,17 @@ class JobFailed(Exception):
     def __init__(self, message: str, *, retryable: bool) -> None:
         super().__init__(message)
         self.retryable = retryable
+
+
+class JobDeferred(JobFailed):
+    """The job waits for something outside the node (a source PACS for priors): pending again at ``retry_at``.
+
+    Not a failed attempt: the runner puts it back without counting one (its own deadline fails it).
+    """
+
+    def __init__(self, message: str, retry_at: dt.datetime) -> None:
+        super().__init__(message, retryable=True)
+        self.retry_at = retry_at
 
 
 @dataclass
@@ -274,6 +286,8 @@ def plugin(ctx: JobContext) -> str:
         )
     if not rels:
         raise JobFailed("the series has no stored instances (discarded?)", retryable=False)
+    # Before the plugin slot (and any work folder): a job waiting for a PACS holds nothing.
+    priors = _fetch_priors(ctx, action) if action.priors is not None else []
     # A BINARY copy of each label map is built whenever a destination might need it; which one it
     # needs is asked only once the plugin has actually returned a label map (see _queue_outputs).
     policies = _label_map_policy(ctx, action.send_to)
@@ -300,6 +314,7 @@ def plugin(ctx: JobContext) -> str:
         unknown_labels=action.unknown_labels,
         labelmap_as_binary=any(p != "send" for p in policies.values()),
     )
+    spec.priors = priors
     timeout = action.timeout or cfg.plugins.timeout
     try:
         # A plugin process slot first, then a GPU, then warm workers: nothing is held while waiting for a slot.
@@ -378,6 +393,32 @@ def plugin(ctx: JobContext) -> str:
     if not result.ok:  # what was built before the failure is kept and sent; the job says what failed
         raise JobFailed(f"{result.error} ({summary})", retryable=result.retryable)
     return summary
+
+
+def _fetch_priors(ctx: JobContext, action: PluginAction) -> list[dict[str, Any]]:
+    """The action's prior studies for the worker (node.qr.priors): retrieved now, or the job waits (JobDeferred)."""
+    from node.qr.priors import PriorsFailed, PriorsWaiting, fetch_priors
+
+    try:
+        priors = fetch_priors(
+            ctx.cfg,
+            ctx.engine,
+            ctx.job.id,
+            ctx.job.series_id,
+            action.priors,
+            note=lambda text: _note_running(ctx, text),
+        )
+    except PriorsWaiting as e:
+        raise JobDeferred(str(e), e.retry_at) from None
+    except PriorsFailed as e:
+        raise JobFailed(str(e), retryable=False) from None
+    if ctx.cancelled():
+        raise JobFailed("cancelled", retryable=False)
+    out = []
+    for p in priors:
+        p.series = [[str(ctx.storage.absolute(f)) for f in files] for files in p.series]
+        out.append(p.as_spec())
+    return out
 
 
 def _keep_command_logs(ctx: JobContext, steps: list[Any], work: Path) -> list[tuple[str, Path, Path]]:

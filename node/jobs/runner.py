@@ -29,7 +29,7 @@ from node.derive.store import OutputStore
 from node.index.models import Job, utcnow
 from node.index.states import JobState
 from node.jobs import store
-from node.jobs.actions import JobContext, JobFailed, handler_for
+from node.jobs.actions import JobContext, JobDeferred, JobFailed, handler_for
 from node.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -173,6 +173,9 @@ class JobRunner:
         )
         try:
             result = handler_for(job.kind)(ctx)
+        except JobDeferred as e:
+            self._deferred(job, e)
+            return
         except JobFailed as e:
             self._failed(job, str(e), e.retryable, t0)
             return
@@ -189,6 +192,15 @@ class JobRunner:
             log.info("job %d succeeded in %.1f s: %s", job.id, took, result, extra=self._extra(job))
         else:
             self._not_recorded(job, f"succeeded ({result})", done)
+
+    def _deferred(self, job: store.ClaimedJob, e: JobDeferred) -> None:
+        """The job waits for something outside the node: pending again at ``e.retry_at``, no attempt spent."""
+        done = store.defer(self.engine, job.id, self.owner, note=str(e), until=e.retry_at)
+        self.wake()
+        if done.recorded:
+            log.warning("job %d: %s", job.id, e, extra=self._extra(job))
+        else:
+            self._not_recorded(job, f"deferred ({e})", done)
 
     def _failed(self, job: store.ClaimedJob, error: str, retryable: bool, t0: float) -> None:
         retry_at = None

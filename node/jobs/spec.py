@@ -45,6 +45,9 @@ def seconds(value: Any) -> Any:
     return value
 
 
+_PatientKey = Literal["PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate"]
+
+
 class PriorsRequest(_Strict):
     """``priors = { from = "pacs", same = ["PatientID"], modality = "CT", within_days = 730, max = 2 }``.
 
@@ -57,9 +60,7 @@ class PriorsRequest(_Strict):
 
     source: str = Field(alias="from", min_length=1)
     #: The new study's attributes a prior must share (query keys, matched exactly); PatientID is required.
-    same: list[Literal["PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate"]] = Field(
-        default_factory=lambda: ["PatientID"]
-    )
+    same: list[_PatientKey] = Field(default_factory=lambda: list[_PatientKey](["PatientID"]))
     #: Only studies with this modality (Modalities in Study); empty: any.
     modality: str = ""
     #: Only studies at most this many days before the new one (Study Date).

@@ -236,6 +236,34 @@ def finish(
     return Finished(str(now_row.state), False, now_row.owner)
 
 
+def defer(engine: Engine, job_id: int, owner: str, *, note: str, until: dt.datetime) -> Finished:
+    """Put ``owner``'s running job back to pending until ``until`` without counting the attempt.
+
+    For a job that waits for something outside the node (a source PACS for priors) with its own deadline:
+    the wait is not a failed attempt, so ``max_attempts`` still counts the plugin's real failures.
+    ``note`` (what it waits for) is its ``last_error`` meanwhile. Conditional like :func:`finish`.
+    """
+    with engine.begin() as conn:
+        done = conn.execute(
+            update(_job)
+            .where(_job.c.id == job_id, _job.c.state == JobState.RUNNING, _job.c.owner == owner)
+            .values(
+                owner=None,
+                state=JobState.PENDING,
+                attempts=_job.c.attempts - 1,
+                not_before=until,
+                last_error=note,
+                finished_at=utcnow(),
+            )
+        )
+        if done.rowcount == 1:
+            return Finished(JobState.PENDING, True)
+        now_row = conn.execute(select(_job.c.state, _job.c.owner).where(_job.c.id == job_id)).first()
+    if now_row is None:
+        return Finished("missing", False)
+    return Finished(str(now_row.state), False, now_row.owner)
+
+
 @dataclass(frozen=True)
 class TakenOver:
     """A running job whose process was gone, pending again."""

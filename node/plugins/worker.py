@@ -62,6 +62,9 @@ class WorkSpec:
     device: str | None = None
     #: Environment variables of the job's process (CUDA_VISIBLE_DEVICES when the node schedules GPUs).
     environ: dict[str, str] = field(default_factory=dict)
+    #: Prior studies of the patient (node.qr.priors), newest first: {"study_uid", "study_date", "series":
+    #: [[file path, ...], ...]}; loaded as StudyInputs on the input's ``priors``.
+    priors: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass

@@ -3,7 +3,8 @@
 The unit is a whole series (every revision of it): a PACS or a viewer asking this node never sees
 half a series vanish, and the series directory goes with it. Two kinds are configured apart:
 *sources*, series the node received, and *outputs*, series the node derived (their instances carry
-the job that made them). A series is deleted only when nothing still needs it:
+the job that made them); *priors*, series of prior studies the node retrieved for a job from a
+``[[sources]]`` PACS (node.qr.priors), are a third kind, kept while a job that asked for them runs. A series is deleted only when nothing still needs it:
 
 - it is not receiving, and the rules have evaluated its last revision (tracker state ``triggered``);
 - no job of it is pending or running, nor the job making it (for an output);
@@ -46,14 +47,26 @@ from sqlalchemy.exc import SQLAlchemyError
 from node import audit, units
 from node.config import Config
 from node.index.cluster import hold_duty, live_ids
-from node.index.models import Delivery, Duty, Instance, Job, Patient, Series, SeriesRevision, Study, aware, utcnow
+from node.index.models import (
+    Delivery,
+    Duty,
+    Instance,
+    Job,
+    Patient,
+    PriorFetch,
+    Series,
+    SeriesRevision,
+    Study,
+    aware,
+    utcnow,
+)
 from node.index.states import DELIVERY_IN_FLIGHT, delivery_not_arrived, job_active, series_tracking
 from node.storage import Storage
 from node.storage.removal import delete_instance_rows, remove_files
 
 log = logging.getLogger(__name__)
 
-KINDS = ("sources", "outputs")
+KINDS = ("sources", "outputs", "priors")
 #: Seconds from start-up to the first scheduled run (not at once: start-up has enough to do).
 FIRST_RUN_DELAY = 10.0
 #: Why a series that is due is kept, in the order they are checked.
@@ -71,6 +84,7 @@ DUTY = "retention"
 _s, _i, _d = Series.__table__, Instance.__table__, Delivery.__table__
 _j, _rev = Job.__table__, SeriesRevision.__table__
 _study, _patient = Study.__table__, Patient.__table__
+_pf = PriorFetch.__table__
 
 DiskUsage = Callable[[Path], tuple[int, int, int]]
 
@@ -101,6 +115,14 @@ def protected_series(conn: Connection, series_ids: list[int] | None = None) -> d
         "job": [
             select(_j.c.series_fk).where(unfinished_job, only(_j.c.series_fk)),
             select(_i.c.series_fk).join(_j, _j.c.id == _i.c.job_fk).where(unfinished_job, only(_i.c.series_fk)),
+            # A prior study stays while a job that asked for it has not finished.
+            select(_s.c.id)
+            .select_from(
+                _s.join(_study, _study.c.id == _s.c.study_fk)
+                .join(_pf, _pf.c.study_uid == _study.c.study_instance_uid)
+                .join(_j, _j.c.id == _pf.c.job_fk)
+            )
+            .where(unfinished_job, only(_s.c.id)),
         ],
         "undelivered": [
             select(_i.c.series_fk).join(_d, _d.c.instance_fk == _i.c.id).where(_undelivered(), only(_i.c.series_fk)),
@@ -488,8 +510,9 @@ class Retention:
         return r.interrupted
 
     def _candidates(self, conn: Connection) -> list[_Candidate]:
-        """Every series with instances, oldest change first."""
+        """Every series with instances, oldest change first; a series of a study retrieved as a prior is a prior."""
         derived = func.max(case((_i.c.job_fk.is_not(None), 1), else_=0))
+        prior = exists().where(_pf.c.study_uid == _study.c.study_instance_uid)
         rows = conn.execute(
             select(
                 _s.c.id,
@@ -499,14 +522,19 @@ class Retention:
                 func.count(_i.c.id),
                 func.coalesce(func.sum(_i.c.file_size), 0),
                 derived,
+                prior.label("prior"),
             )
-            .select_from(_s.join(_i, _i.c.series_fk == _s.c.id))
-            .group_by(_s.c.id, _s.c.series_instance_uid, _s.c.last_received_at, _s.c.revision)
+            .select_from(_s.join(_i, _i.c.series_fk == _s.c.id).join(_study, _study.c.id == _s.c.study_fk))
+            .group_by(
+                _s.c.id, _s.c.series_instance_uid, _s.c.last_received_at, _s.c.revision, _study.c.study_instance_uid
+            )
             .order_by(_s.c.last_received_at, _s.c.id)
         ).all()
         return [
-            _Candidate(sid, uid, aware(last), rev, "outputs" if out else "sources", int(n), int(size))
-            for sid, uid, last, rev, n, size, out in rows
+            _Candidate(
+                sid, uid, aware(last), rev, "outputs" if out else "priors" if is_prior else "sources", int(n), int(size)
+            )
+            for sid, uid, last, rev, n, size, out, is_prior in rows
         ]
 
     def _consider(
@@ -706,7 +734,7 @@ class Retention:
             log.debug("retention: nothing to do")
             return
         log.info(
-            "retention%s: %s %d series (%d sources, %d outputs; %d instances, %s%s), %d by age, %d for the "
+            "retention%s: %s %d series (%d sources, %d outputs, %d priors; %d instances, %s%s), %d by age, %d for the "
             "watermark; %d delivery rows pruned; %d empty series, %d study and %d patient rows removed; "
             "%d due series kept as protected",
             " (dry run)" if r.dry_run else "",
@@ -714,6 +742,7 @@ class Retention:
             r.series,
             r.deleted["sources"].series,
             r.deleted["outputs"].series,
+            r.deleted["priors"].series,
             r.instances,
             units.size(r.bytes),
             "" if r.dry_run else " freed",

@@ -1,0 +1,449 @@
+"""Prior studies from a PACS: find them (C-FIND, study level), retrieve them (C-MOVE to this node), hand them over.
+
+A plugin action with ``priors = { from = "pacs", ... }`` (node.jobs.spec.PriorsRequest) calls
+:func:`fetch_priors` before its job takes a plugin slot. It asks the ``[[sources]]`` entry for the
+patient's other studies (same PatientID, and whatever else ``same`` names; Study Date within
+``within_days`` before the new study; the modality in Modalities in Study), keeps the newest ``max``, and
+retrieves each one the node does not hold yet. Before a retrieve starts, a ``prior_fetch`` row names the
+study: the series tracker reads it and evaluates no rule for the series that arrive (they are never
+forwarded and make no job of their own), and retention keeps them per ``[retention] priors``.
+
+The source may be down or refuse: the job is then not failed but put back with a back-off
+(:class:`PriorsWaiting`, the runner's deferral: no attempt is spent, nothing held while it waits), until
+``timeout`` after the job was made; then :class:`PriorsFailed` with the last reason. Everything needed
+to resume is in the index (the job's creation time, the prior_fetch rows), so a restart while waiting
+just runs the job again when it is due.
+
+The SCU side uses pynetdicom (the node's own acceptor receives what the C-MOVE sends).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from sqlalchemy import Engine, func, select, update
+from sqlalchemy.exc import IntegrityError
+
+from node.config import Config, SourceSection
+from node.index.models import Instance, Job, Patient, PriorFetch, Series, Study, aware, utcnow
+
+log = logging.getLogger(__name__)
+
+#: Modalities of series that are not images a plugin can load (objects made from images, documents).
+NOT_IMAGES = frozenset({"SEG", "SR", "KO", "PR", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "DOC", "REG", "OT"})
+#: After a C-MOVE ended, how long the node waits for the instances it reported to be indexed (they are
+#: answered only once durable, so this is a short safety margin, not a poll for slow data).
+INDEX_GRACE = 10.0
+
+_pf, _i, _s, _st, _p, _j = (
+    PriorFetch.__table__,
+    Instance.__table__,
+    Series.__table__,
+    Study.__table__,
+    Patient.__table__,
+    Job.__table__,
+)
+
+
+class PriorsWaiting(Exception):
+    """The source could not answer now; try again at ``retry_at`` (the job's timeout is not reached)."""
+
+    def __init__(self, message: str, retry_at: dt.datetime) -> None:
+        super().__init__(message)
+        self.retry_at = retry_at
+
+
+class PriorsFailed(Exception):
+    """The priors cannot be had: the source kept failing until the job's timeout, or none exists (not optional)."""
+
+
+class SourceError(Exception):
+    """One query or retrieve that failed (source down, refused, a failure status), worded for the operator."""
+
+
+@dataclass(frozen=True)
+class FoundStudy:
+    """A study the source reported."""
+
+    study_uid: str
+    study_date: str
+    description: str = ""
+    modalities: str = ""
+    #: Number of Study Related Instances, when the source gives it.
+    instances: int | None = None
+
+
+@dataclass
+class Prior:
+    """A prior as the worker gets it (``WorkSpec.priors``): newest first, each series a list of file paths."""
+
+    study_uid: str
+    study_date: str
+    series: list[list[str]] = field(default_factory=list)
+
+    def as_spec(self) -> dict[str, Any]:
+        return {"study_uid": self.study_uid, "study_date": self.study_date, "series": self.series}
+
+
+@dataclass(frozen=True)
+class CurrentStudy:
+    """What the new study tells about the patient: the query keys."""
+
+    study_uid: str
+    study_date: str
+    patient: dict[str, str]
+
+
+# -- the network (pynetdicom SCU) ------------------------------------------------------------------------
+
+
+def _where(src: SourceSection) -> str:
+    return f"source {src.name!r} ({src.ae_title} at {src.host}:{src.port})"
+
+
+@contextmanager
+def _association(src: SourceSection, calling_ae: str, context: str, timeout: float) -> Iterator[Any]:
+    """An association to the source proposing one Q/R model; SourceError (naming why) when there is none."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = src.timeout
+    ae.network_timeout = timeout
+    ae.dimse_timeout = timeout
+    ae.connection_timeout = src.timeout
+    ae.add_requested_context(context)
+    assoc = ae.associate(src.host, src.port, ae_title=src.ae_title)
+    if not assoc.is_established:
+        if assoc.is_rejected:
+            why = f"it rejected the association (calling AE {calling_ae}: does it know this node's AE title?)"
+        elif assoc.is_aborted:
+            why = "it aborted the association request"
+        else:
+            why = "no connection (is it running, are host and port right?)"
+        raise SourceError(f"{_where(src)}: {why}")
+    try:
+        yield assoc
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def _text(value: Any) -> str:
+    """A (possibly multi-valued) element value as DICOM writes it: values joined by backslashes."""
+    if isinstance(value, MultiValue | list | tuple):
+        return "\\".join(str(v) for v in value)
+    return str(value or "")
+
+
+def _status_text(status: Dataset | None) -> str:
+    if status is None or "Status" not in status:
+        return "no response (timed out or the association was lost)"
+    comment = f" ({status.ErrorComment})" if "ErrorComment" in status else ""
+    return f"status 0x{int(status.Status):04X}{comment}"
+
+
+def find_studies(
+    src: SourceSection, calling_ae: str, keys: dict[str, str], date_range: str, modality: str
+) -> list[FoundStudy]:
+    """C-FIND (Study Root, study level) for the patient's studies; raises SourceError."""
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND  # type: ignore[attr-defined]
+
+    q = Dataset()
+    q.QueryRetrieveLevel = "STUDY"
+    for keyword, value in keys.items():
+        setattr(q, keyword, value)
+    q.StudyInstanceUID = ""
+    q.StudyDate = date_range
+    q.StudyDescription = ""
+    q.ModalitiesInStudy = modality
+    q.NumberOfStudyRelatedInstances = ""
+    found: list[FoundStudy] = []
+    with _association(src, calling_ae, FIND, src.timeout) as assoc:
+        final = None
+        for status, identifier in assoc.send_c_find(q, FIND):
+            final = status
+            if status is None or "Status" not in status:
+                break
+            if int(status.Status) in (0xFF00, 0xFF01) and identifier is not None:
+                uid = str(identifier.get("StudyInstanceUID", "") or "")
+                if not uid:
+                    continue
+                n = identifier.get("NumberOfStudyRelatedInstances", None)
+                mods = identifier.get("ModalitiesInStudy", "")
+                found.append(
+                    FoundStudy(
+                        uid,
+                        str(identifier.get("StudyDate", "") or ""),
+                        str(identifier.get("StudyDescription", "") or ""),
+                        _text(mods),
+                        int(n) if n not in (None, "") else None,
+                    )
+                )
+        if final is None or "Status" not in final or int(final.Status) != 0x0000:
+            raise SourceError(f"{_where(src)}: the C-FIND ended with {_status_text(final)}")
+    return found
+
+
+@dataclass(frozen=True)
+class Moved:
+    completed: int
+    failed: int
+    warning: int
+
+
+def move_study(src: SourceSection, calling_ae: str, study_uid: str) -> Moved:
+    """C-MOVE (Study Root) of one study to this node's AE title (``calling_ae``); raises SourceError."""
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as MOVE  # type: ignore[attr-defined]
+
+    q = Dataset()
+    q.QueryRetrieveLevel = "STUDY"
+    q.StudyInstanceUID = study_uid
+    with _association(src, calling_ae, MOVE, src.retrieve_timeout) as assoc:
+        final = None
+        for status, _identifier in assoc.send_c_move(q, calling_ae, MOVE):
+            final = status
+            if status is None or "Status" not in status:
+                break
+        if final is None or "Status" not in final:
+            raise SourceError(f"{_where(src)}: the C-MOVE of study {study_uid} got {_status_text(final)}")
+        code = int(final.Status)
+        moved = Moved(
+            int(final.get("NumberOfCompletedSuboperations", 0) or 0),
+            int(final.get("NumberOfFailedSuboperations", 0) or 0),
+            int(final.get("NumberOfWarningSuboperations", 0) or 0),
+        )
+        if code == 0xA801:
+            raise SourceError(
+                f"{_where(src)} does not know the move destination {calling_ae} (0xA801): add this node's AE title, "
+                "host and port to the source's modalities"
+            )
+        if code not in (0x0000, 0xB000):
+            raise SourceError(
+                f"{_where(src)}: the C-MOVE of study {study_uid} ended with {_status_text(final)} "
+                f"({moved.completed} sent, {moved.failed} failed)"
+            )
+        if moved.failed:
+            raise SourceError(
+                f"{_where(src)}: the C-MOVE of study {study_uid} sent {moved.completed} instance(s) but "
+                f"{moved.failed} failed ({_status_text(final)})"
+            )
+        return moved
+
+
+# -- the index ---------------------------------------------------------------------------------------------
+
+
+def current_study(engine: Engine, series_id: int) -> CurrentStudy:
+    """The new study's UID, date and patient keys, from the index rows of the job's series."""
+    with engine.connect() as conn:
+        row = conn.execute(
+            select(
+                _st.c.study_instance_uid,
+                _st.c.study_date,
+                _p.c.patient_id,
+                _p.c.issuer_of_patient_id,
+                _p.c.patient_name,
+                _p.c.birth_date,
+            )
+            .select_from(_s.join(_st, _st.c.id == _s.c.study_fk).join(_p, _p.c.id == _st.c.patient_fk))
+            .where(_s.c.id == series_id)
+        ).one()
+    patient = {
+        "PatientID": row.patient_id,
+        "IssuerOfPatientID": row.issuer_of_patient_id,
+        "PatientName": row.patient_name,
+        "PatientBirthDate": row.birth_date,
+    }
+    return CurrentStudy(row.study_instance_uid, row.study_date, patient)
+
+
+def is_prior_study(engine: Engine, study_uid: str) -> bool:
+    """Whether a study was retrieved as a prior (a prior_fetch row names it): the tracker runs no rule on it."""
+    with engine.connect() as conn:
+        return conn.execute(select(_pf.c.id).where(_pf.c.study_uid == study_uid).limit(1)).first() is not None
+
+
+def _local_count(engine: Engine, study_uid: str) -> int:
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                select(func.count(_i.c.id))
+                .select_from(_i.join(_s, _s.c.id == _i.c.series_fk).join(_st, _st.c.id == _s.c.study_fk))
+                .where(_st.c.study_instance_uid == study_uid)
+            ).scalar_one()
+        )
+
+
+def _record(engine: Engine, job_id: int, src: str, study: FoundStudy, **values: Any) -> None:
+    """Insert or update the (job, study) prior_fetch row, committed before whatever comes next."""
+    now = utcnow()
+    with engine.begin() as conn:
+        done = conn.execute(
+            update(_pf).where(_pf.c.job_fk == job_id, _pf.c.study_uid == study.study_uid).values(**values)
+        ).rowcount
+        if done:
+            return
+        try:
+            with conn.begin_nested():
+                conn.execute(
+                    _pf.insert().values(
+                        job_fk=job_id,
+                        source=src,
+                        study_uid=study.study_uid,
+                        study_date=study.study_date,
+                        expected=study.instances,
+                        received=0,
+                        requested_at=now,
+                        error="",
+                        **{"state": "requested", **values},
+                    )
+                )
+        except IntegrityError:  # the same job's other run inserted it meanwhile
+            conn.execute(update(_pf).where(_pf.c.job_fk == job_id, _pf.c.study_uid == study.study_uid).values(**values))
+
+
+def study_files(engine: Engine, study_uid: str, modality: str) -> list[list[str]]:
+    """The stored files of a study's image series (``modality`` only, when given), one list per series."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(_s.c.id, _s.c.modality, _i.c.file_path)
+            .select_from(_i.join(_s, _s.c.id == _i.c.series_fk).join(_st, _st.c.id == _s.c.study_fk))
+            .where(_st.c.study_instance_uid == study_uid, _i.c.job_fk.is_(None))
+            .order_by(_s.c.series_number.is_(None), _s.c.series_number, _s.c.id, _i.c.instance_number, _i.c.id)
+        ).all()
+    series: dict[int, list[str]] = {}
+    for sid, mod, path in rows:
+        if (modality and mod != modality) or mod in NOT_IMAGES:
+            continue
+        series.setdefault(sid, []).append(path)
+    return list(series.values())
+
+
+# -- the whole fetch -----------------------------------------------------------------------------------------
+
+
+def _date_range(study_date: str, within_days: int, today: dt.date) -> str:
+    """``YYYYMMDD-YYYYMMDD``: ``within_days`` before the new study (today when it has no date) up to it."""
+    try:
+        end = dt.datetime.strptime(study_date, "%Y%m%d").date()
+    except ValueError:
+        end = today
+    return f"{end - dt.timedelta(days=within_days):%Y%m%d}-{end:%Y%m%d}"
+
+
+def fetch_priors(
+    cfg: Config,
+    engine: Engine,
+    job_id: int,
+    series_id: int,
+    request: Any,
+    *,
+    note: Callable[[str], None] = lambda text: None,
+    now: Callable[[], dt.datetime] = utcnow,
+) -> list[Prior]:
+    """The newest ``request.max`` prior studies, retrieved where needed; stored paths relative to the data folder.
+
+    ``request`` is a :class:`node.jobs.spec.PriorsRequest`. Raises :class:`PriorsWaiting` (try again later) or
+    :class:`PriorsFailed`. ``note`` hears what the job is doing (shown while it runs).
+    """
+    src = next((s for s in cfg.sources if s.name == request.source), None)
+    if src is None:
+        raise PriorsFailed(
+            f"priors.from = {request.source!r}: no [[sources]] entry of that name in the config any more"
+        )
+    current = current_study(engine, series_id)
+    if not current.patient["PatientID"]:
+        raise PriorsFailed("the study has no Patient ID: its priors cannot be asked for")
+    keys = {k: current.patient[k] for k in request.same}
+    calling = cfg.node.ae_title
+    chosen: list[FoundStudy] = []
+    try:
+        note(f"asking {_where(src)} for prior studies")
+        found = find_studies(
+            src, calling, keys, _date_range(current.study_date, request.within_days, now().date()), request.modality
+        )
+        found = [f for f in found if f.study_uid != current.study_uid]
+        found.sort(key=lambda f: (f.study_date, f.study_uid), reverse=True)
+        chosen = found[: request.max]
+        for study in chosen:
+            _retrieve(cfg, engine, src, job_id, study, note)
+    except SourceError as e:
+        _wait_or_fail(engine, job_id, src, str(e), request.timeout, now())
+    if not chosen and not request.optional:
+        raise PriorsFailed(f"{_where(src)} has no prior study of the patient (priors.optional = false)")
+    priors = [Prior(f.study_uid, f.study_date, study_files(engine, f.study_uid, request.modality)) for f in chosen]
+    log.info(
+        "job %d: %d prior stud%s from %s: %s",
+        job_id,
+        len(priors),
+        "y" if len(priors) == 1 else "ies",
+        src.name,
+        ", ".join(f"{p.study_uid} ({p.study_date}, {len(p.series)} series)" for p in priors) or "none found",
+    )
+    return priors
+
+
+def _retrieve(
+    cfg: Config, engine: Engine, src: SourceSection, job_id: int, study: FoundStudy, note: Callable[[str], None]
+) -> None:
+    """Retrieve one study unless it is held already; its prior_fetch row is committed before the C-MOVE."""
+    have = _local_count(engine, study.study_uid)
+    if have and (study.instances is None or have >= study.instances):
+        if is_prior_study(engine, study.study_uid):  # a prior held for another job: this job needs it too
+            _record(engine, job_id, src.name, study, state="retrieved", received=have, finished_at=utcnow())
+        return
+    if src.retrieve == "get":
+        raise SourceError(f'{_where(src)}: retrieve = "get" is not supported yet; use retrieve = "move"')
+    _record(engine, job_id, src.name, study, state="requested", error="")
+    note(f"retrieving prior study {study.study_uid} ({study.study_date}) from {_where(src)} by C-MOVE")
+    t = time.monotonic()
+    try:
+        moved = move_study(src, cfg.node.ae_title, study.study_uid)
+    except SourceError as e:
+        _record(engine, job_id, src.name, study, error=str(e)[:2000])
+        raise
+    # Each C-STORE was answered once its instance was durable and indexed; a short margin for the last one.
+    deadline = time.monotonic() + INDEX_GRACE
+    want = max(moved.completed + moved.warning, study.instances or 0)
+    have = _local_count(engine, study.study_uid)
+    while have < want and time.monotonic() < deadline:
+        time.sleep(0.2)
+        have = _local_count(engine, study.study_uid)
+    _record(engine, job_id, src.name, study, state="retrieved", received=have, finished_at=utcnow(), error="")
+    log.info(
+        "job %d: retrieved prior study %s from %s: %d instance(s) in %.1f s",
+        job_id,
+        study.study_uid,
+        src.name,
+        have,
+        time.monotonic() - t,
+    )
+
+
+def _wait_or_fail(
+    engine: Engine, job_id: int, src: SourceSection, error: str, timeout: float, now: dt.datetime
+) -> None:
+    """Back-off: wait as long as the job has waited so far (doubling), within the source's bounds and the timeout."""
+    with engine.connect() as conn:
+        created = aware(conn.execute(select(_j.c.created_at).where(_j.c.id == job_id)).scalar_one())
+    deadline = created + dt.timedelta(seconds=timeout)
+    waited = (now - created).total_seconds()
+    if now >= deadline:
+        raise PriorsFailed(
+            f"{error}; gave up: the priors were not had within priors.timeout = {timeout:g} s of the job's creation"
+        )
+    delay = min(max(src.retry_delay, waited), src.max_retry_delay)
+    retry_at = min(now + dt.timedelta(seconds=delay), deadline)
+    raise PriorsWaiting(
+        f"waiting for priors: {error}; trying again at {retry_at:%Y-%m-%d %H:%M:%S} UTC "
+        f"(gives up at {deadline:%Y-%m-%d %H:%M:%S} UTC)",
+        retry_at,
+    )
