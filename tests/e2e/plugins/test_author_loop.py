@@ -1,0 +1,216 @@
+"""A plugin author's loop: ``plugins new`` -> pip install -> its own test -> ``plugins run`` on a real CT.
+
+``plugins run`` goes through the node's own plugin runtime (a process from the fork server, output
+validation), so what it writes is what a node would store and send: the SEG is checked with dciodvfy
+and its frames against the source's values. The other tests pin what an author sees when something
+is wrong: each names what to change, and nothing half-made is left as if it were a result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from helpers import TEST_PLUGINS
+from helpers.dciodvfy import verify
+from pydicom.uid import SegmentationStorage
+
+CT = "series/ct-head-philips-5mm"
+
+
+def cli(*args: str, cwd: Path, pythonpath: list[Path] = (), timeout: float = 300) -> subprocess.CompletedProcess[str]:  # type: ignore[assignment]
+    """``dicom-node ARGS`` in a fresh process, from ``cwd`` (no config/node.toml there: the embedded defaults)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([*map(str, pythonpath), *filter(None, [env.get("PYTHONPATH")])])
+    return subprocess.run(
+        [sys.executable, "-m", "node", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout
+    )
+
+
+def hu_by_sop(files: list[Path]) -> dict[str, np.ndarray]:
+    """Each source image's rescaled values (HU), by SOP Instance UID."""
+    out = {}
+    for f in files:
+        ds = pydicom.dcmread(f)
+        out[str(ds.SOPInstanceUID)] = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    return out
+
+
+def test_new_package_installs_passes_its_test_and_runs_on_a_real_ct(tmp_path: Path, shared_data: Path) -> None:
+    pkg, site = tmp_path / "bone-author", tmp_path / "site"
+    r = cli("plugins", "new", "bone-author", str(pkg), cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (pkg / "pyproject.toml").is_file() and (pkg / "bone_author" / "plugin.py").is_file()
+    assert "dicom-node plugins run bone-author" in r.stdout  # the next steps are printed
+
+    # Installed as a user would (a wheel built from the folder), into a folder of its own on PYTHONPATH:
+    # its entry point is then found by the node like any installed plugin's.
+    pip = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps"]
+        + ["--no-build-isolation", "--target", str(site), str(pkg)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert pip.returncode == 0, pip.stdout + pip.stderr
+    assert (site / "bone_author" / "plugin.py").is_file()
+
+    # Its own test passes out of the box (run from the package folder, against the installed copy).
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
+    own = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist"],
+        capture_output=True,
+        text=True,
+        cwd=pkg,
+        env=env,
+        timeout=300,
+    )
+    assert own.returncode == 0, own.stdout + own.stderr
+    assert "3 passed" in own.stdout
+
+    listed = cli("plugins", cwd=tmp_path, pythonpath=[site])
+    assert "bone-author 0.1.0" in listed.stdout and "lower: number = 300.0" in listed.stdout, listed.stdout
+
+    # On a real CT (a folder as copied from a CD, DICOMDIR included), with a parameter.
+    src = shared_data / CT
+    out = tmp_path / "out"
+    r = cli(
+        "plugins",
+        "run",
+        "bone-author",
+        str(src),
+        "--params",
+        '{"lower": 200}',
+        "--out",
+        str(out),
+        cwd=tmp_path,
+        pythonpath=[site],
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "DIRFILE: a DICOMDIR" in r.stderr
+    assert 'CT series 201 "STD BRAIN 5MM" (28 files): bone-author 0.1.0' in r.stdout, r.stdout
+    for part in ("load ", "plugin ", "build ", "write ", "peak memory"):
+        assert part in r.stdout, r.stdout
+    segs = list(out.glob("*/seg-*.dcm"))
+    assert len(segs) == 1, list(out.rglob("*"))
+    assert f"SEG    {segs[0]}  (Segmentation Storage)" in r.stdout
+    verify(segs[0], "plugins run: SEG of a scaffolded plugin")
+
+    seg = pydicom.dcmread(segs[0])
+    assert seg.SOPClassUID == SegmentationStorage
+    assert segs[0].parent.name == seg.ReferencedSeriesSequence[0].SeriesInstanceUID
+    assert seg.SegmentSequence[0].SegmentLabel == "Bone"
+    algo = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert (algo.AlgorithmName, algo.AlgorithmVersion) == ("bone-author", "0.1.0")
+    # Every frame is the source image it references, thresholded with the parameters given.
+    sources = [p for p in src.iterdir() if p.name != "DIRFILE"]
+    hu = hu_by_sop(sources)
+    frames = seg.pixel_array.reshape(-1, seg.Rows, seg.Columns).astype(bool)
+    covered = set()
+    for frame, item in zip(frames, seg.PerFrameFunctionalGroupsSequence, strict=True):
+        sop = item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        covered.add(sop)
+        assert np.array_equal(frame, (hu[sop] >= 200) & (hu[sop] <= 3000)), sop
+    # Frames without bone are left out (as the node does); none of those slices has any.
+    assert all(not ((v >= 200) & (v <= 3000)).any() for sop, v in hu.items() if sop not in covered)
+    assert covered
+
+
+def test_a_chain_writes_each_steps_outputs_and_a_second_run_replaces_them(tmp_path: Path, shared_data: Path) -> None:
+    src = tmp_path / "ct"
+    src.mkdir()
+    for name in ("I10", "I20", "I30", "I40"):
+        shutil.copy(shared_data / CT / name, src / name)
+    out = tmp_path / "out"
+    args = ("plugins", "run", "threshold-seg,overlay-sc", str(src), "--out", str(out))
+    r = cli(*args, "--params", json.dumps([{"largest_component": True}, {"style": "outline"}]), cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "threshold-seg 1.0, overlay-sc 1.0" in r.stdout
+    first = sorted(p.name for p in out.glob("*/*.dcm"))
+    assert [n for n in first if n.startswith("seg-")] == ["seg-000-00000.dcm"]
+    assert len([n for n in first if n.startswith("sc-")]) == 4, first  # one picture per slice
+    for f in out.glob("*/*.dcm"):
+        verify(f, f"plugins run chain: {f.name}")
+    seg_uid = pydicom.dcmread(next(out.glob("*/seg-*.dcm"))).SOPInstanceUID
+
+    # Run again (the author changed something): the folder holds this run's outputs only, with new UIDs.
+    r = cli(*args, "--params", json.dumps([{}, {}]), cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert sorted(p.name for p in out.glob("*/*.dcm")) == first
+    assert pydicom.dcmread(next(out.glob("*/seg-*.dcm"))).SOPInstanceUID != seg_uid
+
+
+def test_mistakes_are_named_before_anything_runs(tmp_path: Path, shared_data: Path) -> None:
+    src = shared_data / CT / "I10"
+    out = tmp_path / "out"
+    r = cli("plugins", "run", "no-such-plugin", str(src), "--out", str(out), cwd=tmp_path)
+    assert r.returncode == 1
+    assert "no plugin 'no-such-plugin' is installed" in r.stderr and "threshold-seg" in r.stderr, r.stderr
+
+    r = cli(
+        "plugins", "run", "threshold-seg", str(src), "--out", str(out), "--params", '{"fil_holes": true}', cwd=tmp_path
+    )
+    assert r.returncode == 1
+    assert "threshold-seg params.fil_holes" in r.stderr, r.stderr
+
+    r = cli("plugins", "run", "threshold-seg", str(src), "--out", str(out), "--params", "{lower: 1}", cwd=tmp_path)
+    assert r.returncode == 2 and "--params is not JSON" in r.stderr, r.stderr
+    r = cli("plugins", "run", "threshold-seg,overlay-sc", str(src), "--out", str(out), "--params", "{}", cwd=tmp_path)
+    assert r.returncode == 2 and "a JSON list of 2 objects" in r.stderr, r.stderr
+    assert not list(out.rglob("*.dcm"))
+
+    # A folder with no DICOM series in it: the files are named, and the run says there was nothing to run on.
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("not DICOM")
+    (junk / "I10.part").write_bytes((shared_data / CT / "I10").read_bytes()[:3000])  # cut short
+    r = cli("plugins", "run", "threshold-seg", str(junk), "--out", str(out), cwd=tmp_path)
+    assert r.returncode == 1
+    assert "notes.txt" in r.stderr and "I10.part" in r.stderr and "no DICOM series in the given paths" in r.stderr
+
+    # A folder of someone else's files is not emptied.
+    series_uid = pydicom.dcmread(src, stop_before_pixels=True).SeriesInstanceUID
+    (out / series_uid).mkdir(parents=True)
+    (out / series_uid / "mine.txt").write_text("keep me")
+    r = cli("plugins", "run", "threshold-seg", str(src), "--out", str(out), cwd=tmp_path)
+    assert r.returncode == 1 and "holds files this command did not write" in r.stderr, r.stderr
+    assert (out / series_uid / "mine.txt").read_text() == "keep me"
+
+
+def test_a_failing_plugin_fails_the_run_with_its_message(tmp_path: Path, shared_data: Path) -> None:
+    from faulty_plugins import RAISER_MESSAGE
+
+    config = tmp_path / "node.toml"
+    config.write_text('[plugins]\nlocal = { raiser = "faulty_plugins:raiser" }\n')
+    out = tmp_path / "out"
+    args = ("plugins", "run", "raiser", str(shared_data / CT / "I10"), "--out", str(out), "--config", str(config))
+    r = cli(*args, cwd=tmp_path, pythonpath=[TEST_PLUGINS])
+    assert r.returncode == 1
+    assert f"failed: running plugin raiser: ValueError: {RAISER_MESSAGE}" in r.stderr, r.stderr
+    assert "1 of 1 series failed" in r.stderr
+    assert not list(out.rglob("*.dcm"))
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [("Bone_Seg", "lowercase letters, digits and hyphens"), ("numpy", "already importable"), ("class", "keyword")],
+)
+def test_new_refuses_a_name_it_cannot_use(tmp_path: Path, name: str, why: str) -> None:
+    r = cli("plugins", "new", name, cwd=tmp_path)
+    assert r.returncode == 2 and why in r.stderr, r.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_new_never_writes_into_a_folder_in_use(tmp_path: Path) -> None:
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "work.py").write_text("x = 1\n")
+    r = cli("plugins", "new", "fresh-plugin", str(tmp_path / "pkg"), cwd=tmp_path)
+    assert r.returncode == 2 and "is not an empty folder" in r.stderr, r.stderr
+    assert [p.name for p in (tmp_path / "pkg").iterdir()] == ["work.py"]
