@@ -227,7 +227,7 @@ def slab_thickness(positions: np.ndarray, orientation: Orientation, single: floa
     gaps = np.diff(depth[order])
     # the slab of sorted slice k reaches halfway to k-1 and halfway to k+1; the ends mirror their one gap
     sorted_thickness = (np.concatenate([gaps[:1], gaps]) + np.concatenate([gaps, gaps[-1:]])) / 2
-    thickness = np.empty_like(sorted_thickness)
+    thickness: np.ndarray = np.empty_like(sorted_thickness)
     thickness[order] = sorted_thickness
     return thickness
 
