@@ -17,7 +17,7 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from node.plugins.api import GeometryError, SeriesInput, geometry
+from node.plugins.api import GeometryError, SeriesInput, StudyInput, geometry
 
 #: Makes the array the pixels are decoded into: (shape, dtype) -> array. np.empty by default; a memory-mapped
 #: file when the voxels go to a worker in another environment (node.plugins.worker.share_voxels).
@@ -190,3 +190,35 @@ def _multiframe(ds: Dataset, path: Path) -> SeriesInput:
         orientation=orientation,
         pixel_spacing=spacing,
     )
+
+
+def load_priors(priors: list[dict[str, Any]]) -> list[StudyInput]:
+    """The prior studies of a job (``WorkSpec.priors``, newest first) as StudyInputs keyed by Series Instance UID.
+
+    Each series is loaded like the job's own (sorted, checked, pixels read only when a plugin asks). A
+    prior series that cannot form a volume is left out with the reason in the log, not the job failed:
+    the plugin still gets the current study and whatever priors loaded.
+    """
+    import logging
+
+    log = logging.getLogger(__name__)
+    out = []
+    for p in priors:
+        inputs: dict[str, SeriesInput] = {}
+        for files in p.get("series", []):
+            try:
+                s = load_series([Path(f) for f in files])
+            except (GeometryError, OSError, ValueError) as e:
+                log.warning("prior study %s: a series (%d files) left out: %s", p.get("study_uid", ""), len(files), e)
+                continue
+            inputs[str(s.first.get("SeriesInstanceUID", "") or len(inputs))] = s
+        first = next(iter(inputs.values()), None)
+        out.append(
+            StudyInput(
+                inputs,
+                study_uid=str(p.get("study_uid", "")),
+                study_date=str(p.get("study_date", "")),
+                patient_id=str(first.first.get("PatientID", "")) if first is not None else "",
+            )
+        )
+    return out
