@@ -262,6 +262,30 @@ def _used(iod: _Iod, ds: Dataset) -> list[_Module]:
     return [m for m in iod.modules if m.usage == "M" or any(m.tree[kw].tag in ds for kw in m.own)]
 
 
+#: The SR Document Content module (SR and Key Object Selection): the tables list every content item's
+#: attributes as if all applied, but which are required depends on each item's Value Type (a NUM item has a
+#: Measured Value Sequence, a CONTAINER its Continuity of Content). Its types are not checked from the
+#: tables (highdicom builds the items by template; dciodvfy checks them), nothing is filled in there; only
+#: the root item's own Type 1 attributes are checked (``_DOCUMENT_ROOT``), and every value against its VR.
+_CONTENT_TREE_MODULES = frozenset({"sr-document-content"})
+_DOCUMENT_ROOT = ("ValueType", "ConceptNameCodeSequence", "ContinuityOfContent")
+
+
+def _typed(iod: _Iod, ds: Dataset) -> list[_Module]:
+    """The modules in use whose attribute types the tables give (all but the SR content tree)."""
+    return [m for m in _used(iod, ds) if m.key not in _CONTENT_TREE_MODULES]
+
+
+def _document_root(iod: _Iod, ds: Dataset, out: list[Problem]) -> None:
+    """The root content item of an SR document (a CONTAINER): its Type 1 attributes are present with a value."""
+    for m in iod.modules:
+        if m.key in _CONTENT_TREE_MODULES:
+            for kw in _DOCUMENT_ROOT:
+                elem = ds.get(kw)
+                if elem is None or _empty(ds[kw]):
+                    out.append(Problem(kw, _tag_of(kw), m.key, "1", "missing" if elem is None else "empty"))
+
+
 def _check_tree(ds: Dataset, tree: dict[str, _Node], module: str, path: str, out: list[Problem]) -> None:
     for kw, node in tree.items():
         kind = node.rules[module]
@@ -365,10 +389,10 @@ def validate(ds: Dataset) -> list[Problem]:
         out.append(Problem("SOPClassUID", "(0008,0016)", "sop-common", "1", why))
         merged, used = None, set()
     else:
-        modules = _used(iod, ds)
-        used = {m.key for m in modules}
-        for m in modules:
+        used = {m.key for m in _used(iod, ds)}
+        for m in _typed(iod, ds):
             _check_tree(ds, m.tree, m.key, "", out)
+        _document_root(iod, ds, out)
         merged = iod.merged
     out = _strictest(out)
     seen = {(p.path, p.keyword) for p in out}
@@ -431,7 +455,7 @@ def _describe(keyword: str, module: str, kind: str, path: str) -> str:
 def _fill(ds: Dataset, source: Dataset | None, iod: _Iod, changes: list[str]) -> None:
     """Missing Type 2 attributes added (the source's value for Patient and Study, else empty); Type 1 ones the
     source has or the standard gives a value for filled in."""
-    for module in _used(iod, ds):
+    for module in _typed(iod, ds):
         problems: list[Problem] = []
         _check_tree(ds, module.tree, module.key, "", problems)
         for p in problems:

@@ -313,6 +313,7 @@ def plugin(ctx: JobContext) -> str:
         segment_template=action.segment_template,
         unknown_labels=action.unknown_labels,
         labelmap_as_binary=any(p != "send" for p in policies.values()),
+        key_objects=_key_objects(action),
     )
     spec.priors = priors
     timeout = action.timeout or cfg.plugins.timeout
@@ -393,6 +394,21 @@ def plugin(ctx: JobContext) -> str:
     if not result.ok:  # what was built before the failure is kept and sent; the job says what failed
         raise JobFailed(f"{result.error} ({summary})", retryable=result.retryable)
     return summary
+
+
+def _key_objects(action: PluginAction) -> dict[str, str] | None:
+    """The action's Key Object Selection title for the worker (``key_objects``), None for none."""
+    if action.key_objects is False:
+        return None
+    if action.key_objects is True:
+        from node.derive.kos import DEFAULT_TITLE
+
+        return {
+            "value": DEFAULT_TITLE.value,
+            "scheme": DEFAULT_TITLE.scheme_designator,
+            "meaning": DEFAULT_TITLE.meaning,
+        }
+    return action.key_objects.model_dump()
 
 
 def _fetch_priors(ctx: JobContext, action: PluginAction) -> list[dict[str, Any]]:

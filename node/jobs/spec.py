@@ -80,6 +80,17 @@ class PriorsRequest(_Strict):
         return v
 
 
+class KeyObjectTitle(_Strict):
+    """``key_objects = { value = "113000", scheme = "DCM", meaning = "Of Interest" }``: a Key Object Selection
+    Document Title (CID 7010) for the job's Key Object Selection document."""
+
+    value: str = Field(min_length=1, max_length=16)
+    scheme: str = Field(min_length=1, max_length=16)
+    meaning: str = Field(min_length=1, max_length=64)
+    #: Key Object Description: free text a viewer shows with the selection.
+    description: str = Field("", max_length=1024)
+
+
 class PluginAction(_ActionBase):
     """Run one plugin (``plugin`` + ``params``) or a chain (``plugins``), and send the results."""
 
@@ -107,6 +118,9 @@ class PluginAction(_ActionBase):
     gpu: Literal["none", "optional", "required"] | None = None
     #: Prior studies of the patient to fetch from a [[sources]] PACS before the run (see PriorsRequest).
     priors: PriorsRequest | None = None
+    #: After the outputs, one Key Object Selection document listing them (sent with them): true for the title
+    #: "Of Interest" (DCM 113000), or a title code of CID 7010.
+    key_objects: bool | KeyObjectTitle = False
 
     @model_validator(mode="after")
     def _template(self) -> PluginAction:

@@ -19,7 +19,7 @@ from typing import Any
 
 from dicom_node_sdk._info import as_results
 
-from node.plugins.api import GeometryError, PluginError, ResultError, Segmentation, Volume
+from node.plugins.api import GeometryError, Measurements, PluginError, ResultError, Segmentation, Volume
 
 
 @dataclass
@@ -62,6 +62,9 @@ class WorkSpec:
     device: str | None = None
     #: Environment variables of the job's process (CUDA_VISIBLE_DEVICES when the node schedules GPUs).
     environ: dict[str, str] = field(default_factory=dict)
+    #: A Key Object Selection listing the outputs, written after them: its title code (value, scheme,
+    #: meaning) and description; None: none.
+    key_objects: dict[str, str] | None = None
     #: Prior studies of the patient (node.qr.priors), newest first: {"study_uid", "study_date", "series":
     #: [[file path, ...], ...]}; loaded as StudyInputs on the input's ``priors``.
     priors: list[dict[str, Any]] = field(default_factory=list)
@@ -70,7 +73,7 @@ class WorkSpec:
 @dataclass
 class Output:
     file: str
-    kind: str  # "SEG", "SC", "image" or "parametric map"
+    kind: str  # "SEG", "SC", "image", "parametric map", "SR" or "KOS"
     sop_instance_uid: str
     series_instance_uid: str
     #: For a BINARY SEG made for destinations that refuse Label Map SEG: the label map's SOP Instance UID.
@@ -272,19 +275,28 @@ def run(spec: WorkSpec) -> WorkResult:
     series.__dict__.pop("_voxels", None)
     series.__dict__.pop("_rescaled", None)
     timings["load"] += time.perf_counter() - t
-    outputs: list[Output] = []
-    for i, (r, prov) in enumerate(zip(results, made_by, strict=True)):
-        step = f"building output {i + 1} of {len(results)} ({prov.algorithm})"
+    #: Each Segmentation result's SEG by the result's index: what an SR's measurement groups reference.
+    segs: dict[int, Any] = {}
+    built: dict[int, list[Output]] = {}
+    # SEGs first (an SR names the SEG it measures by the SEG's UIDs); the outputs keep the results' order.
+    for i in sorted(range(len(results)), key=lambda k: not isinstance(results[k], Segmentation)):
+        step = f"building output {i + 1} of {len(results)} ({made_by[i].algorithm})"
         try:
-            outputs += _build_and_write(series, r, prov, i, spec, timings, notes)
+            built[i] = _build_and_write(series, results[i], made_by[i], i, spec, timings, notes, segs)
         except Exception as e:  # noqa: BLE001
             errors.append(_failure(e, step, spec, None)[0])
+    outputs: list[Output] = [o for i in sorted(built) for o in built[i]]
     for n, (ds, prov) in enumerate(ready):
         step = f"checking DICOM object {n + 1} of {len(ready)} written by {prov.algorithm}"
         try:
             outputs.append(_check_and_write_ready(series, ds, n, spec, timings, notes))
         except Exception as e:  # noqa: BLE001
             errors.append(_failure(e, step, spec, None)[0])
+    if spec.key_objects is not None and outputs:
+        try:
+            outputs.append(_write_key_objects(outputs, made_by[0] if made_by else None, spec, timings, len(results)))
+        except Exception as e:  # noqa: BLE001
+            errors.append(_failure(e, "building the Key Object Selection of the outputs", spec, None)[0])
     if errors and outputs:
         notes.append(f"kept {len(outputs)} output(s) that were built before or beside the failure")
     # A retry may help even with outputs kept: they have the job's own UIDs, so a re-run stores and
@@ -457,6 +469,7 @@ _KINDS = {
     "1.2.840.10008.5.1.4.1.1.66.4": "SEG",
     "1.2.840.10008.5.1.4.1.1.66.7": "SEG",
     "1.2.840.10008.5.1.4.1.1.30": "parametric map",
+    "1.2.840.10008.5.1.4.1.1.88.59": "KOS",
 }
 
 
@@ -514,14 +527,26 @@ def _check(ds: Any, source: Any, kind: str, notes: list[str]) -> None:
 
 
 def _build_and_write(
-    series: Any, r: Any, prov: Any, i: int, spec: WorkSpec, timings: dict[str, float], notes: list[str]
+    series: Any,
+    r: Any,
+    prov: Any,
+    i: int,
+    spec: WorkSpec,
+    timings: dict[str, float],
+    notes: list[str],
+    segs: dict[int, Any] | None = None,
 ) -> list[Output]:
-    """One result as DICOM objects, written to the job's folder (nothing written if any of them fails)."""
+    """One result as DICOM objects, written to the job's folder (nothing written if any of them fails).
+
+    ``segs``: the SEGs written so far by result index; a Segmentation's SEG is added once written, a
+    Measurements' SR references them.
+    """
     from pydicom.uid import UID
 
     from node.derive.image import build_image_series, build_parametric_map
     from node.derive.sc import build_sc
     from node.derive.seg import build_seg
+    from node.derive.sr import build_sr
 
     t = time.perf_counter()
     ts = UID(spec.transfer_syntax)
@@ -551,6 +576,9 @@ def _build_and_write(
         datasets, error = build_image_series(series, r, prov, index=i, transfer_syntax=ts)
         kind = "image"
         stored = f"{r.name or 'volume'} stored " + ("exactly" if error == 0 else f"within {error:.3g}")
+    elif isinstance(r, Measurements):
+        datasets = [build_sr(series, r, prov, index=i, segs=segs)]
+        kind = "SR"
     else:
         datasets = build_sc(series, r, prov, index=i, transfer_syntax=ts)
         kind = "SC"
@@ -558,7 +586,7 @@ def _build_and_write(
         _check(ds, series.first, kind, notes)
     if stored:
         notes.append(stored)
-    if isinstance(r, Segmentation) or (isinstance(r, Volume) and r.kind == "parametric-map"):
+    if isinstance(r, (Segmentation, Measurements)) or (isinstance(r, Volume) and r.kind == "parametric-map"):
         from node.derive.sources import prepare
 
         for repair in prepare(series).repairs:  # what the sources lacked (made once per series, see prepare)
@@ -590,7 +618,39 @@ def _build_and_write(
             Path(o.file).unlink(missing_ok=True)
         raise
     timings["write"] += time.perf_counter() - t
+    if segs is not None and kind == "SEG":
+        segs[i] = datasets[0]
     return written
+
+
+def _write_key_objects(
+    outputs: list[Output], prov: Any, spec: WorkSpec, timings: dict[str, float], results: int
+) -> Output:
+    """The Key Object Selection listing the job's outputs (not the BINARY copies of label maps), written last."""
+    import pydicom
+    from pydicom.sr.coding import Code
+
+    from node.derive.kos import build_kos
+
+    t = time.perf_counter()
+    ko = spec.key_objects or {}
+    listed = [pydicom.dcmread(o.file, stop_before_pixels=True) for o in outputs if not o.twin_of]
+    if prov is None:  # only ready objects of a command plugin: the job itself
+        prov = _provenance(spec, spec.steps[0].name if spec.steps else "dicom-node", "", {}, None)
+    ds = build_kos(
+        listed,
+        prov,
+        title=Code(ko["value"], ko["scheme"], ko["meaning"]),
+        description=ko.get("description", ""),
+        series_number=spec.series_number + results,
+    )
+    _check(ds, listed[0], "KOS", [])
+    timings["build"] += time.perf_counter() - t
+    t = time.perf_counter()
+    path = Path(spec.out_dir) / "key-objects.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    timings["write"] += time.perf_counter() - t
+    return Output(str(path), "KOS", str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID))
 
 
 def main(spec: WorkSpec, conn: Any) -> None:
