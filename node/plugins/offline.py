@@ -256,7 +256,8 @@ def run_series(
 
     folder = _series_folder(out, series.uid)
     done = SeriesRun(series, folder)
-    work = Path(tempfile.mkdtemp(prefix=".work-", dir=out))
+    # Absolute: a plugin's worker (another interpreter) runs in a folder of its own.
+    work = Path(tempfile.mkdtemp(prefix=".work-", dir=out)).resolve()
     spec = WorkSpec(
         files=[str(f.resolve()) for f in series.files],
         steps=steps,
