@@ -50,6 +50,7 @@ def compile_rules(cfg: Config, source: str = "") -> RuleSet:
             destinations={d.name: d for d in cfg.destinations},
             plugins=plugins,
             check_params=lambda name, params: _param_problems(cfg, plugins[name], params),
+            takes=lambda name: _takes(cfg, plugins[name]),
         )
     except RulesError as e:
         problems += [f"invalid rules in {source}:"] + [f"  {line}" for line in e.errors]
@@ -88,6 +89,14 @@ def check_command_templates(cfg: Config, source: str) -> None:
             problems.append((f"plugins.commands.{name}.metainfo", f"{e} (got {str(command.metainfo)!r})"))
     if problems:
         raise ConfigError(format_errors(source, problems))
+
+
+def _takes(cfg: Config, ref: PluginRef) -> str:
+    """What a plugin takes ("series" or "study"); one that cannot be loaded is reported by its parameter check."""
+    try:
+        return describe(ref, cfg.plugins).takes
+    except PluginLoadError:
+        return "series"
 
 
 def _param_problems(cfg: Config, ref: PluginRef, params: dict[str, Any]) -> list[tuple[str, str]]:

@@ -6,8 +6,9 @@ Everything here only reads; the functions return lines of text for the CLI.
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from sqlalchemy import Engine, select
@@ -15,8 +16,9 @@ from sqlalchemy.orm import Session
 
 from node.decide.conditions import Facts
 from node.decide.facts import FileSeries, series_snapshot
-from node.decide.rules import RuleResult, RuleSet
-from node.index.models import Job, Patient, Series, SeriesRevision, Study, aware
+from node.decide.rules import RuleResult, RuleSet, StudyResult
+from node.decide.study import study_series
+from node.index.models import Job, Patient, Series, SeriesRevision, Study, StudyTrigger, aware, utcnow
 from node.index.states import JobState, SeriesState
 
 
@@ -74,6 +76,7 @@ def explain_series(engine: Engine, data_dir: Path, ruleset: RuleSet, series_uid:
             .all()
         )
         jobs = s.execute(select(Job).where(Job.series_fk == series.id).order_by(Job.id)).scalars().all()
+        study_lines = study_rule_lines(s, data_dir, ruleset, study.id)
     lines = [
         f'Series {series.series_instance_uid} ({series.modality} "{series.series_description}", '
         f"{series.instance_count} instances)",
@@ -101,6 +104,7 @@ def explain_series(engine: Engine, data_dir: Path, ruleset: RuleSet, series_uid:
     extra = _facts_line(snap.facts)
     lines.append(f"Rules, evaluated now for revision {snap.revision}" + (f" ({extra})" if extra else "") + ":")
     lines.extend(rule_lines(ruleset.evaluate(snap.facts)))
+    lines.extend(study_lines)
     if jobs:
         lines.append("Jobs:")
         for j in jobs:
@@ -108,6 +112,43 @@ def explain_series(engine: Engine, data_dir: Path, ruleset: RuleSet, series_uid:
     else:
         lines.append("Jobs: none")
     return lines
+
+
+def study_rule_lines(session: Session, data_dir: Path, ruleset: RuleSet, study_id: int) -> list[str]:
+    """The study rules' answers for a study now, and each time one fired (empty without study rules)."""
+    if not ruleset.study_rules:
+        return []
+    results = ruleset.evaluate_study(study_series(session, data_dir, study_id), utcnow())
+    fired = (
+        session.execute(select(StudyTrigger).where(StudyTrigger.study_fk == study_id).order_by(StudyTrigger.id))
+        .scalars()
+        .all()
+    )
+    lines = ["Study rules, evaluated now for the series' study:"]
+    for n, r in enumerate(results, 1):
+        lines.append(f"  {n}. {r.rule.name} (priority {r.rule.model.priority}): {_study_status(r, fired)}")
+    for t in fired:
+        inputs = json.loads(t.inputs)
+        names = ", ".join(f"{k}=series {v['series_uid']} revision {v['revision']}" for k, v in inputs["inputs"].items())
+        lines.append(
+            f"  fired: {t.rule} study revision {t.revision} at {_when(t.created_at)} ({t.reason}), "
+            f"primary {inputs['primary']}: {names}"
+        )
+    return lines
+
+
+def _study_status(r: StudyResult, fired: Sequence[StudyTrigger]) -> str:
+    m = r.rule.model
+    if r.status != "ready":
+        return f"{r.status.upper()} -- {r.why}"
+    mine = [t for t in fired if t.rule == r.rule.name]
+    same = next((t for t in mine if t.inputs_key == r.key), None)
+    if same is not None:
+        return f"FIRED for these inputs (study revision {same.revision})"
+    if mine and m.on_revision == "ignore":
+        return 'NOT FOR REVISIONS -- it fired for earlier inputs and has on_revision = "ignore"'
+    actions = "; ".join(a.summary() for a in m.actions)
+    return f"READY ({r.why}) -> {actions} (fires when the tracker evaluates the study)"
 
 
 def job_line(j: Job) -> str:

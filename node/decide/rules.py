@@ -24,22 +24,43 @@
     [[rules.actions]]
     type = "discard"           # delete the series from this node
 
+A study rule (``scope = "study"``) fires once for a study when the series it names have arrived::
+
+    [[rules]]
+    name = "ct-enhancement"
+    scope = "study"
+    primary = "ct_contrast"    # the input outputs are built on (default: the first input)
+    [rules.match]              # every series the rule considers meets this
+    Modality = "CT"
+    [rules.inputs.ct_plain]    # each input: conditions on one series of the study
+    ContrastBolusAgent = { exists = false }
+    [rules.inputs.ct_contrast]
+    ContrastBolusAgent = { exists = true }
+    [[rules.actions]]
+    type = "plugin"
+    plugin = "enhancement"     # a plugin with takes = "study" gets every input; others get the primary
+
+Without ``inputs`` it fires once every series of the study is stable and no instance arrived in the
+study for ``study_quiet`` (default 120 s; seconds or "2m"), with every matching series as an input.
+
 Everything is checked when the rules are compiled (node.decide.compile, before the node listens); an
 error names the rule, the field and what is wrong.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from node.config import error_text, loc_to_key
 from node.decide.conditions import Condition, ConditionError, Outcome, parse_match
-from node.jobs.spec import Action, DiscardAction
+from node.jobs.spec import Action, DiscardAction, seconds
 from node.jobs.spec import ForwardAction as ForwardAction  # the action types are the jobs' data; rules build them
 from node.jobs.spec import PluginAction as PluginAction
 
@@ -56,6 +77,18 @@ class _Strict(BaseModel):
 
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+#: A study rule's input name: what a study plugin indexes its StudyInput with.
+_INPUT = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,63}$")
+#: Seconds without an instance in a study before a study rule without inputs fires (its ``study_quiet``).
+DEFAULT_STUDY_QUIET = 120.0
+#: Keys only a study rule has, and the series-rule keys a study rule refuses (with why).
+_STUDY_ONLY = ("inputs", "study_quiet", "primary")
+_SERIES_ONLY = {
+    "stop": "a study rule never stops series rules (they are evaluated for each series on their own)",
+    "stable_after": "a series' timing belongs to series rules; a study rule waits for its inputs to be "
+    "stable (and, without inputs, for study_quiet)",
+    "expected_instances": "a series' timing belongs to series rules; a study rule waits for its inputs to be stable",
+}
 
 
 class RuleModel(_Strict):
@@ -70,6 +103,14 @@ class RuleModel(_Strict):
     expected_instances: int | None = Field(None, ge=1)
     on_revision: Literal["ignore", "rerun"] = "ignore"
     max_attempts: int = Field(3, ge=1, le=100)
+    #: "series": evaluated for each stable series; "study": once a study has the series it needs.
+    scope: Literal["series", "study"] = "series"
+    #: A study rule's named inputs: conditions on one series of the study each (different series).
+    inputs: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    #: A study rule without inputs: seconds without an instance in the study before it fires.
+    study_quiet: Annotated[float, BeforeValidator(seconds), Field(gt=0, le=86400)] | None = None
+    #: The input outputs are built on (default: the first input).
+    primary: str | None = None
 
     @field_validator("priority", mode="before")
     @classmethod
@@ -100,10 +141,53 @@ class Rule:
     condition: Condition
     #: Position in the config file, for messages and as the tie-breaker of equal priorities.
     index: int
+    #: A study rule's inputs, in declared order, as conditions.
+    inputs: Mapping[str, Condition] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
         return self.model.name
+
+    @property
+    def study(self) -> bool:
+        return self.model.scope == "study"
+
+
+@dataclass(frozen=True)
+class StudySeries:
+    """One series of a study as study rules see it (node.decide.tracker reads them from the index)."""
+
+    series_id: int
+    series_uid: str
+    series_number: int | None
+    #: Its latest revision whose series rules were evaluated (what a study rule takes).
+    revision: int
+    #: Whether that revision is the series' current state (False: instances are still arriving).
+    stable: bool
+    last_received_at: dt.datetime
+    #: What conditions look at (None while it is arriving, or when its first instance cannot be read).
+    facts: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class StudyResult:
+    """A study rule's answer for a study now: ``ready`` (to fire with ``inputs``), ``waiting``, ``not matched``
+    or ``disabled``; ``why`` says what it waits for (``missing``: the inputs without a series)."""
+
+    rule: Rule
+    status: str
+    why: str = ""
+    inputs: Mapping[str, StudySeries] = field(default_factory=dict)
+    primary: str = ""
+    missing: tuple[str, ...] = ()
+    #: When a waiting rule is to be looked at again (the end of its quiet period); None: at the next series.
+    due: dt.datetime | None = None
+
+    @property
+    def key(self) -> str:
+        """The input revision set as a digest: a study rule fires once for each (study_trigger.inputs_key)."""
+        text = "\n".join(f"{name}={s.series_id}:{s.revision}" for name, s in sorted(self.inputs.items()))
+        return hashlib.sha256(text.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -170,12 +254,14 @@ class RuleSet:
         destinations: Iterable[str] = (),
         plugins: Iterable[str] = (),
         check_params: Callable[[str, dict[str, Any]], list[tuple[str, str]]] | None = None,
+        takes: Callable[[str], str] | None = None,
     ) -> RuleSet:
         """Validate rule tables from the config; raises :class:`RulesError` listing every problem.
 
         ``tables`` are what the TOML holds: each should be a table (a dict), and one that is not is an error.
 
         ``check_params(plugin, params)`` returns (field, message) pairs for parameters the plugin refuses.
+        ``takes(plugin)`` says what a plugin takes ("series" or "study"): a study plugin needs a study rule.
         """
         dest_settings = dict(destinations) if isinstance(destinations, Mapping) else {}
         destinations, plugins = set(destinations), set(plugins)
@@ -242,22 +328,43 @@ class RuleSet:
                             for fld, msg in check_params(step.name, step.params):
                                 where_ = f"{a}.{pkey}.{fld}" if fld else f"{a}.{key}"
                                 errors.append(f"{where_}: {msg}")
+                        if step.name in plugins and takes is not None and model.scope == "series":
+                            if takes(step.name) == "study":
+                                errors.append(
+                                    f'{a}.{key}: plugin {step.name!r} takes a study (takes = "study"): '
+                                    f'its rule needs scope = "study" (with inputs naming the series it gets)'
+                                )
+            errors += _scope_errors(model, where)
+            inputs: dict[str, Condition] = {}
+            for input_name, table in model.inputs.items():
+                try:
+                    inputs[input_name] = parse_match(table, f"inputs.{input_name}")
+                except ConditionError as e:
+                    errors += [f"{where}.{path}: {message}" for path, message in e.problems]
             try:
                 condition = parse_match(model.match)
             except ConditionError as e:
                 errors += [f"{where}.{path}: {message}" for path, message in e.problems]
                 continue
-            rules.append(Rule(model, condition, i))
+            rules.append(Rule(model, condition, i, inputs))
         if errors:
             raise RulesError(errors)
         return cls(rules)
 
+    @property
+    def series_rules(self) -> list[Rule]:
+        return [r for r in self.rules if not r.study]
+
+    @property
+    def study_rules(self) -> list[Rule]:
+        return [r for r in self.rules if r.study]
+
     def evaluate(self, facts: Mapping[str, Any]) -> list[RuleResult]:
-        """Every rule's answer for a stable series, in evaluation order (stop honoured)."""
+        """Every series rule's answer for a stable series, in evaluation order (stop honoured)."""
         results: list[RuleResult] = []
         stopped_by: str | None = None
         revision = facts.get("revision") or 1
-        for rule in self.rules:
+        for rule in self.series_rules:
             if stopped_by is not None:
                 results.append(RuleResult(rule, "skipped", f"rule {stopped_by!r} matched first and has stop = true"))
                 continue
@@ -290,7 +397,7 @@ class RuleSet:
         counts cannot be known yet and count as satisfied.
         """
         revision = facts.get("revision") or 1
-        for rule in self.rules:
+        for rule in self.series_rules:
             m = rule.model
             if not m.enabled or (revision > 1 and m.on_revision == "ignore"):
                 continue
@@ -304,3 +411,102 @@ class RuleSet:
     @property
     def needs_timing(self) -> bool:
         return any(r.model.stable_after is not None or r.model.expected_instances is not None for r in self.rules)
+
+    def evaluate_study(self, series: Sequence[StudySeries], now: dt.datetime) -> list[StudyResult]:
+        """Every study rule's answer for a study whose (received) series are ``series``, in evaluation order.
+
+        With inputs, a rule is ready once each input has a stable series matching it and the rule's
+        ``match`` (the newest such series; each input a different one); without, once every series is
+        stable, one matches, and no instance arrived for ``study_quiet``. Whether it fired for these
+        inputs already is the tracker's question (the study_trigger table).
+        """
+        return [_evaluate_study_rule(rule, series, now) for rule in self.study_rules]
+
+
+def _scope_errors(model: RuleModel, where: str) -> list[str]:
+    """The keys that do not fit the rule's scope, and a study rule's inputs and actions that cannot work."""
+    errors = []
+    fields = model.model_fields_set
+    if model.scope == "series":
+        for key in _STUDY_ONLY:
+            if key in fields:
+                errors.append(f'{where}.{key}: only a study rule has {key}; add scope = "study"')
+        return errors
+    for key, why in _SERIES_ONLY.items():
+        if key in fields:
+            errors.append(f"{where}.{key}: not for a study rule: {why}")
+    for name in model.inputs:
+        if not _INPUT.match(name):
+            errors.append(
+                f"{where}.inputs.{name}: name an input with letters, digits, '_' or '-' "
+                "(starting with a letter or '_', at most 64)"
+            )
+    if model.primary is not None and model.primary not in model.inputs:
+        known = ", ".join(model.inputs) or "none: declare them as [rules.inputs.<name>] tables"
+        errors.append(f"{where}.primary: no input named {model.primary!r} (inputs: {known})")
+    if model.inputs and "study_quiet" in fields:
+        errors.append(
+            f"{where}.study_quiet: a rule with inputs fires as soon as each input is stable; "
+            "study_quiet is for a study rule without inputs"
+        )
+    for j, action in enumerate(model.actions):
+        if not isinstance(action, PluginAction):
+            errors.append(
+                f"{where}.actions[{j}].type: a study rule runs plugins; forward and discard act on one series "
+                "(use a series rule for them)"
+            )
+    return errors
+
+
+def _input_keys(series: Sequence[StudySeries]) -> dict[str, StudySeries]:
+    """A study's series keyed ``series-<SeriesNumber>`` in number order (the UID for none or a shared one)."""
+    ordered = sorted(series, key=lambda s: (s.series_number is None, s.series_number or 0, s.series_uid))
+    numbers = [s.series_number for s in ordered]
+    return {
+        f"series-{s.series_number}"
+        if s.series_number is not None and numbers.count(s.series_number) == 1
+        else s.series_uid: s
+        for s in ordered
+    }
+
+
+def _evaluate_study_rule(rule: Rule, series: Sequence[StudySeries], now: dt.datetime) -> StudyResult:
+    m = rule.model
+    if not m.enabled:
+        return StudyResult(rule, "disabled", "enabled = false")
+    arriving = [s for s in series if not s.stable]
+    still = f" ({len(arriving)} series of the study still arriving)" if arriving else ""
+    stable = [s for s in series if s.stable and s.facts is not None and rule.condition.evaluate(s.facts).ok]
+    if rule.inputs:
+        chosen: dict[str, StudySeries] = {}
+        missing = []
+        for name, condition in rule.inputs.items():
+            taken = {s.series_id for s in chosen.values()}
+            fits = [
+                s for s in stable if s.series_id not in taken and s.facts is not None and condition.evaluate(s.facts).ok
+            ]
+            if fits:
+                chosen[name] = max(fits, key=lambda s: (s.last_received_at, s.series_id))
+            else:
+                missing.append(name)
+        if missing:
+            return StudyResult(rule, "waiting", f"waiting for {', '.join(missing)}{still}", missing=tuple(missing))
+        return StudyResult(rule, "ready", "every input is stable", chosen, m.primary or next(iter(chosen)))
+    if arriving:
+        return StudyResult(rule, "waiting", f"waiting for {len(arriving)} series of the study still arriving")
+    if not stable:
+        why = "no series of the study matches"
+        if series and series[0].facts is not None:
+            why += f" (e.g. series {series[0].series_uid}: {rule.condition.evaluate(series[0].facts).why})"
+        return StudyResult(rule, "not matched", why)
+    quiet = m.study_quiet if m.study_quiet is not None else DEFAULT_STUDY_QUIET
+    due = max(s.last_received_at for s in series) + dt.timedelta(seconds=quiet)
+    if now < due:
+        return StudyResult(
+            rule,
+            "waiting",
+            f"waiting for the study to be quiet: no instance for {quiet:g} s (until {due:%Y-%m-%d %H:%M:%S} UTC)",
+            due=due,
+        )
+    inputs = _input_keys(stable)
+    return StudyResult(rule, "ready", f"no instance in the study for {quiet:g} s", inputs, next(iter(inputs)))

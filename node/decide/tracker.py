@@ -25,6 +25,11 @@ shortest quiet period any rule may give it plus the lease, and triggers stable r
 untriggered for longer than the lease. Two processes timing one series is harmless: marking it stable
 is conditional, and a revision is triggered by the one transaction that claims it
 (``triggered_at IS NULL``); the other makes no job, audit event or log line for it.
+
+Study rules (node.decide.study) are timed the same way: the transaction that triggers a series sets its
+study's ``study_rules_due``; the study is then evaluated (one timer job per study), and a rule waiting for
+a quiet period moves ``study_rules_due`` to its end. Start-up re-arms every study with a due time, and the
+sweep takes up studies overdue by more than the lease.
 """
 
 from __future__ import annotations
@@ -48,7 +53,8 @@ from node.config import Config
 from node.decide.facts import dataset_facts, expected_instances, first_instance, read_dataset, series_snapshot
 from node.decide.rerun import rule_jobs
 from node.decide.rules import ForwardAction, PluginAction, RuleSet
-from node.index.models import Series, SeriesRevision, aware, utcnow
+from node.decide.study import evaluate_study, mark_due
+from node.index.models import Series, SeriesRevision, Study, aware, utcnow
 from node.index.records import RecordOutcome
 from node.index.states import SeriesState, series_tracking
 from node.jobs.store import NewJob, create_jobs
@@ -59,6 +65,7 @@ log = logging.getLogger(__name__)
 
 _series = Series.__table__
 _revision = SeriesRevision.__table__
+_study = Study.__table__
 #: Seconds between sweeps that look at every untriggered revision, not only those of tracked series.
 FULL_SWEEP = 600.0
 
@@ -132,17 +139,24 @@ class SeriesTracker:
             untriggered = conn.execute(
                 select(_revision.c.series_fk, _revision.c.revision).where(_revision.c.triggered_at.is_(None))
             ).all()
+            studies = conn.execute(
+                select(_study.c.id, _study.c.study_rules_due).where(_study.c.study_rules_due.is_not(None))
+            ).all()
+        for study_id, due in studies:
+            self._schedule_study(study_id, aware(due))
         for sid, revision, last, count in receiving:
             with self._lock:
                 self._pending[sid] = _Pending(revision, aware(last), count, self.cfg.tracker.stable_after)
             self._schedule(sid, now)  # computes its timing, then waits or fires at once if overdue
         for sid, revision in untriggered:
             self._schedule_trigger(sid, revision, now)
-        if receiving or untriggered:
+        if receiving or untriggered or studies:
             log.info(
-                "series tracker: %d receiving series re-armed from the index, %d stable revision(s) to evaluate",
+                "series tracker: %d receiving series re-armed from the index, %d stable revision(s) to evaluate, "
+                "%d stud(ies) whose study rules are due",
                 len(receiving),
                 len(untriggered),
+                len(studies),
             )
 
     def stop(self) -> None:
@@ -189,8 +203,21 @@ class SeriesTracker:
                 )
             ).all()
             revisions = conn.execute(select(_revision.c.series_fk, _revision.c.revision).where(*untriggered)).all()
+            studies = conn.execute(
+                select(_study.c.id).where(_study.c.study_rules_due < now - dt.timedelta(seconds=self.lease))
+            ).all()
         self._adopt([(sid, rev, aware(last), count) for sid, rev, last, count in receiving], now)
         self._take_up([(sid, rev) for sid, rev in revisions], now)
+        overdue = [study_id for (study_id,) in studies if self.scheduler.get_job(f"study-{study_id}") is None]
+        for study_id in overdue:
+            self._schedule_study(study_id, now)
+        if overdue:
+            log.warning(
+                "series tracker: the study rules of %d stud(ies) were due over %g s ago, evaluated here (study #%s)",
+                len(overdue),
+                self.lease,
+                ", #".join(map(str, overdue)),
+            )
 
     def _adopt(self, receiving: list[tuple[int, int, dt.datetime, int]], now: dt.datetime) -> None:
         """Time the receiving series (id, revision, last arrival, count) that this process does not time."""
@@ -268,6 +295,16 @@ class SeriesTracker:
             run_date=when,
             args=[sid, revision, reason, attempt],
             id=f"trigger-{sid}-{revision}",
+            replace_existing=True,
+        )
+
+    def _schedule_study(self, study_id: int, when: dt.datetime, attempt: int = 1) -> None:
+        self.scheduler.add_job(
+            self._study_logged,
+            "date",
+            run_date=when,
+            args=[study_id, attempt],
+            id=f"study-{study_id}",
             replace_existing=True,
         )
 
@@ -462,6 +499,11 @@ class SeriesTracker:
             for name in matched:  # audited with the jobs, in the transaction that makes them
                 audit.record(conn, "rule_fired", actor="node", rule=name, detail=f"revision {revision}", **uids)
             made = create_jobs(conn, sid, revision, jobs, **uids) if jobs else []
+            # The study's rules see this series now (evaluated after this commits).
+            # (Never a prior's: a retrieved prior study is an input of others' jobs, not a study of its own.)
+            study_due = (
+                mark_due(conn, sid, now) if snap is not None and not prior and self.ruleset.study_rules else None
+            )
             conn.execute(
                 update(_series)
                 .where(and_(_series.c.id == sid, _series.c.revision == revision, _series.c.state == SeriesState.STABLE))
@@ -495,6 +537,29 @@ class SeriesTracker:
         else:
             log.info("%s revision %d is stable%s: no rule matched", label, revision, when, extra=extra)
         if made and self.on_jobs:
+            self.on_jobs()
+        if study_due is not None:
+            self._schedule_study(study_due, now)
+
+    def _study_logged(self, study_id: int, attempt: int = 1) -> None:
+        """Evaluate a study's rules (node.decide.study); retried with back-off (its due time stays set)."""
+        try:
+            out = evaluate_study(self.engine, self.reader, self.data_dir, self.ruleset, study_id)
+        except Exception:
+            delay = min(300, 5 * 2 ** (attempt - 1))
+            log.exception(
+                "series tracker: evaluating the study rules for study #%d failed (attempt %d); retrying in %d s",
+                study_id,
+                attempt,
+                delay,
+            )
+            self._schedule_study(study_id, utcnow() + dt.timedelta(seconds=delay), attempt + 1)
+            return
+        for rule, why in out.waiting.items():
+            log.info("study %s: study rule %s is %s", out.study_uid, rule, why, extra={"study_uid": out.study_uid})
+        if out.due is not None:
+            self._schedule_study(study_id, out.due)
+        if any(ids for _, _, ids in out.fired) and self.on_jobs:
             self.on_jobs()
 
     def _triggered(self, sid: int, revision: int) -> bool:

@@ -99,7 +99,8 @@ class Study(Base):
     study_rules_due: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True, index=True)
     #: What the study rules waited for at their last evaluation (JSON ``{rule: "waiting for ct_contrast"}``;
     #: "" for none): written by the tracker, read by the dashboard (node.index.read.study_waiting).
-    study_rules_waiting: Mapped[str] = mapped_column(Text, default="", server_default="")
+    #: Server default only: the receive path's prepared INSERT (node.index.records) names no column for it.
+    study_rules_waiting: Mapped[str] = mapped_column(Text, server_default="")
 
     patient: Mapped[Patient] = relationship(back_populates="studies")
     series: Mapped[list[Series]] = relationship(back_populates="study")

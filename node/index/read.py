@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Self, TypeVar
 
-from sqlalchemy import ColumnElement, Engine, and_, func, or_, select
+from sqlalchemy import ColumnElement, Connection, Engine, and_, func, or_, select
 
 from node.index import cluster
 from node.index.cluster import ProcessRow
@@ -492,3 +493,174 @@ def deliveries(
             .offset(offset)
         ).all()
     return Page(int(total), [DeliveryRow.of(r) for r in rows])
+
+
+@dataclass(frozen=True)
+class DeliveryGroup:
+    """A series' deliveries to one destination (the deliveries page, ``GET /api/deliveries?group=series``)."""
+
+    series_instance_uid: str
+    modality: str
+    series_description: str
+    study_date: str
+    patient_name: str
+    patient_id: str
+    destination: str
+    #: Deliveries by :class:`DeliveryState` (only the states that occur).
+    states: dict[str, int]
+    total: int
+    #: The newest error among its queued or failed deliveries.
+    last_error: str
+    #: When one of its deliveries last changed (an attempt, a retry, a cancel).
+    last_attempt_at: dt.datetime | None
+    #: Only while some are queued: when the next attempt is due.
+    next_attempt_at: dt.datetime | None
+
+
+def delivery_groups(
+    engine: Engine,
+    *,
+    destination: str = "",
+    state: str = "",
+    series_uid: str = "",
+    limit: int = 50,
+    offset: int = 0,
+) -> Page[DeliveryGroup]:
+    """Deliveries per (series, destination), most recently active first; ``state`` selects the groups that
+    have a delivery in that state (their counts still show every state)."""
+    sel = delivery_selection(destination or None, state or None, None, series_uid or None)
+    cond = [] if sel is None else [sel]
+    keys = (
+        select(_d.c.series_fk, _d.c.destination, func.max(_d.c.id).label("newest"))
+        .where(*cond)
+        .group_by(_d.c.series_fk, _d.c.destination)
+    )
+    with engine.connect() as conn:
+        total = conn.execute(select(func.count()).select_from(keys.subquery())).scalar_one()
+        page = conn.execute(keys.order_by(func.max(_d.c.id).desc()).limit(limit).offset(offset)).all()
+        series_ids = list({r.series_fk for r in page})
+        if not page:
+            return Page(int(total), [])
+        wanted = [_d.c.series_fk.in_(series_ids)] + ([_d.c.destination == destination] if destination else [])
+        counts: dict[tuple[int, str], dict[str, int]] = {}
+        times: dict[tuple[int, str], tuple[Any, Any]] = {}
+        for fk, dest, st, n, last, due in conn.execute(
+            select(
+                _d.c.series_fk,
+                _d.c.destination,
+                _d.c.state,
+                func.count(),
+                func.max(_d.c.updated_at),
+                func.min(_d.c.next_attempt_at),
+            )
+            .where(*wanted)
+            .group_by(_d.c.series_fk, _d.c.destination, _d.c.state)
+        ):
+            counts.setdefault((fk, dest), {})[st] = int(n)
+            was_last, was_due = times.get((fk, dest), (None, None))
+            last = aware(last) if last is not None else None
+            due = aware(due) if due is not None and st == DeliveryState.QUEUED else None
+            times[(fk, dest)] = (max(filter(None, (was_last, last)), default=None), due or was_due)
+        newest_error = (
+            select(
+                _d.c.series_fk,
+                _d.c.destination,
+                _d.c.last_error,
+                func.row_number()
+                .over(
+                    partition_by=(_d.c.series_fk, _d.c.destination), order_by=(_d.c.updated_at.desc(), _d.c.id.desc())
+                )
+                .label("n"),
+            )
+            .where(
+                *wanted,
+                _d.c.state.in_((DeliveryState.QUEUED, DeliveryState.FAILED)),
+                _d.c.last_error != "",
+            )
+            .subquery()
+        )
+        errors = {
+            (fk, dest): err
+            for fk, dest, err in conn.execute(
+                select(newest_error.c.series_fk, newest_error.c.destination, newest_error.c.last_error).where(
+                    newest_error.c.n == 1
+                )
+            )
+        }
+        about = {
+            r.id: r
+            for r in conn.execute(
+                select(
+                    _s.c.id,
+                    _s.c.series_instance_uid,
+                    _s.c.modality,
+                    _s.c.series_description,
+                    _st.c.study_date,
+                    _p.c.patient_name,
+                    _p.c.patient_id,
+                )
+                .select_from(SERIES_JOIN)
+                .where(_s.c.id.in_(series_ids))
+            )
+        }
+    items = []
+    for r in page:
+        key, s = (r.series_fk, r.destination), about[r.series_fk]
+        states = counts.get(key, {})
+        items.append(
+            DeliveryGroup(
+                series_instance_uid=s.series_instance_uid,
+                modality=s.modality,
+                series_description=s.series_description,
+                study_date=s.study_date,
+                patient_name=s.patient_name,
+                patient_id=s.patient_id,
+                destination=r.destination,
+                states=states,
+                total=sum(states.values()),
+                last_error=errors.get(key, ""),
+                last_attempt_at=times.get(key, (None, None))[0],
+                next_attempt_at=times.get(key, (None, None))[1],
+            )
+        )
+    return Page(int(total), items)
+
+
+# --- changes ------------------------------------------------------------------------------------------
+
+
+def changes(engine: Engine) -> str:
+    """A short fingerprint of what the dashboard shows: it changes when an instance arrives, a series'
+    state, a job's or a delivery's state changes, or something is deleted.
+
+    Cheap: the highest ids (index lookups) and the counts by state (the GROUP BYs the metrics run);
+    a page polls it every few seconds and fetches its data again only when it changed.
+    """
+    import hashlib
+
+    with engine.connect() as conn:
+        maxes = conn.execute(
+            select(
+                select(func.coalesce(func.max(_i.c.id), 0)).scalar_subquery(),
+                select(func.coalesce(func.max(_j.c.id), 0)).scalar_subquery(),
+                select(func.coalesce(func.max(_d.c.id), 0)).scalar_subquery(),
+                select(func.count()).select_from(_s).scalar_subquery(),
+            )
+        ).one()
+    counts = state_counts(engine)
+    parts = [*map(int, maxes), sorted(counts.series.items()), sorted(counts.jobs.items())]
+    parts.append(sorted((d, sorted(c.items())) for d, c in counts.deliveries.items()))
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+
+
+# -- study rules (H5) ---------------------------------------------------------------------------------------
+
+
+def study_waiting(conn: Connection, study_uid: str) -> list[tuple[str, str]]:
+    """The study rules waiting for a study, and what for: ``[(rule, "waiting for ct_contrast"), ...]``.
+
+    As the series tracker found at the study's last evaluation (node.decide.study writes it whenever a
+    series of the study triggers, and at the end of a quiet period a rule waits for); [] when none waits.
+    """
+    raw = conn.execute(select(Study.study_rules_waiting).where(Study.study_instance_uid == study_uid)).scalar()
+    return sorted(json.loads(raw).items()) if raw else []

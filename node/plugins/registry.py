@@ -171,6 +171,20 @@ def discover_environment(name: str, env: EnvironmentSection, local: Mapping[str,
 
 
 def discover(plugins: PluginsSection | Mapping[str, str] | None = None) -> dict[str, PluginRef]:
+def use_paths(paths: list[Path]) -> None:
+    """Make the ``[plugins] paths`` folders importable in this process (first on sys.path, each once).
+
+    The node's fork server is started after the rules are compiled (which discovers the plugins) and
+    takes this sys.path with it, so the job processes it forks import local plugins from there too.
+    """
+    for p in reversed(paths):
+        folder = str(p)
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+    if paths:
+        importlib.invalidate_caches()
+
+
     """Every plugin by name: entry points, then environments, then local entries, then commands (later wins).
 
     Raises EnvironmentError_ when a configured environment cannot list its plugins.
@@ -281,6 +295,8 @@ class Described:
     info: PluginInfo | None = None
 
 
+    #: "series" or "study" (a study rule's named inputs: dicom_node_sdk.StudyInput).
+    takes: str = "series"
 _NO_PARAMS = {"type": "object", "properties": {}, "additionalProperties": False}
 
 
@@ -288,7 +304,15 @@ def describe(ref: PluginRef, plugins: PluginsSection | None = None) -> Described
     """A plugin of any kind as a Described; PluginLoadError says why it cannot be used."""
     if ref.kind == "local":
         info = load(ref.name, ref.target)
-        return Described(info.name, info.version, info.description, info.schema(), getattr(info, "gpu", "none"), info)
+        return Described(
+            info.name,
+            info.version,
+            info.description,
+            info.schema(),
+            getattr(info, "gpu", "none"),
+            info,
+            takes=getattr(info, "takes", "series"),
+        )
     if ref.kind == "environment":
         if ref.error or ref.remote is None:
             raise PluginLoadError(
@@ -304,6 +328,7 @@ def describe(ref: PluginRef, plugins: PluginsSection | None = None) -> Described
             str(r.get("gpu") or "none"),
         )
     cmd = getattr(plugins, "commands", {}).get(ref.name) if plugins is not None else None
+            takes=str(r.get("takes") or "series"),
     if cmd is None:
         raise PluginLoadError(f"command plugin {ref.name!r} is not configured")
     return Described(ref.name, cmd.version, cmd.description, _NO_PARAMS, cmd.gpu)

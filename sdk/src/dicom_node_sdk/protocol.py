@@ -501,6 +501,7 @@ def info_to_json(info: PluginInfo, target: str, dist: str = "", dist_version: st
         "segment_template": info.segment_template,
         "setup": info.has_setup,
         "gpu": info.gpu,
+        "takes": getattr(info, "takes", "series"),
         "dist": dist,
         "dist_version": dist_version,
     }

@@ -1,0 +1,350 @@
+"""Study rules (``scope = "study"``) on the series tracker: no node process, no network.
+
+A study's series are made from the real shared CT (a plain and a "contrast" copy: new UIDs, a Series
+Number, ContrastBolusAgent) and go through the real receive path into a migrated SQLite index, as in
+test_series_tracker.py. What a user relies on: a study rule fires once, as soon as every input it names
+has a stable series, however the series arrived; until then it says what it waits for; a restart while it
+waits loses nothing; a new revision of an input fires again only when the rule asks for it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from helpers import TEST_PLUGINS, series_files, wait_for
+from helpers.ingest import receive
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from node.config import Config
+from node.decide.compile import load_checked_config
+from node.decide.explain import explain_series
+from node.decide.rules import RulesError, RuleSet
+from node.decide.study import evaluate_study
+from node.decide.tracker import SeriesTracker
+from node.index.db import make_engine, migrate
+from node.index.models import Job, Series, Study, StudyTrigger
+from node.index.read import study_waiting
+from node.index.writer import IndexWriter
+from node.receive.ingest import Ingest
+from node.storage import Storage
+
+sys.path.insert(0, str(TEST_PLUGINS))  # study_plugins.py: the local test plugins the config names
+
+CT = "ct-head-philips-5mm"
+
+CONFIG = """
+[node]
+data_dir = "{data_dir}"
+
+[tracker]
+stable_after = 0.5
+use_expected_counts = false
+
+[plugins.local]
+pair = "study_plugins:pair"
+
+[[rules]]
+name = "enhancement"
+scope = "study"
+primary = "ct_contrast"
+{extra}
+match = {{ Modality = "CT" }}
+inputs.ct_plain = {{ ContrastBolusAgent = {{ exists = false }} }}
+inputs.ct_contrast = {{ ContrastBolusAgent = {{ exists = true }} }}
+actions = [{{ type = "plugin", plugin = "pair" }}]
+
+[[rules]]
+name = "whole-study"
+scope = "study"
+study_quiet = 1
+enabled = {whole_study}
+match = {{ Modality = "CT" }}
+actions = [{{ type = "plugin", plugin = "threshold-seg" }}]
+"""
+
+
+def variant(folder: Path, number: int, contrast: bool, count: int = 3) -> list[Path]:
+    """The first ``count`` slices of the shared CT as a series of its own (same study and patient)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    series_uid = generate_uid(entropy_srcs=[str(folder), "series"])
+    out = []
+    for i, path in enumerate(series_files(CT)[:count]):
+        ds = dcmread(path)
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[str(folder), str(i)])
+        ds.SeriesNumber = number
+        if contrast:
+            ds.ContrastBolusAgent = "IOPAMIDOL"
+        elif "ContrastBolusAgent" in ds:
+            del ds.ContrastBolusAgent
+        target = folder / f"{i}.dcm"
+        ds.save_as(target)
+        out.append(target)
+    return out
+
+
+@dataclass
+class Node:
+    """The receive path and a series tracker on one index; the tracker can be restarted."""
+
+    cfg: Config
+    engine: Engine
+    storage: Storage
+    writer: IndexWriter
+    tracker: SeriesTracker | None = None
+    ingest: Ingest | None = None
+    woken: list[bool] = field(default_factory=list)
+
+    def start(self) -> None:
+        self.tracker = SeriesTracker(self.cfg, self.engine, on_jobs=lambda: self.woken.append(True))
+        self.tracker.start()
+        self.ingest = Ingest(self.storage, self.writer, on_recorded=self.tracker.arrived)
+
+    def stop(self) -> None:
+        assert self.tracker is not None
+        self.tracker.stop()
+        self.tracker = self.ingest = None
+
+    def receive(self, files: list[Path]) -> None:
+        assert self.ingest is not None
+        for path in files:
+            receive(self.storage, self.ingest, path)
+
+    def series_triggered(self, n: int) -> bool:
+        with Session(self.engine) as s:
+            return len(s.scalars(select(Series).where(Series.state == "triggered")).all()) == n
+
+    def triggers(self) -> list[StudyTrigger]:
+        with Session(self.engine) as s:
+            rows = list(s.scalars(select(StudyTrigger).order_by(StudyTrigger.id)).all())
+            s.expunge_all()
+            return rows
+
+    def jobs(self) -> list[Job]:
+        with Session(self.engine) as s:
+            rows = list(s.scalars(select(Job).order_by(Job.id)).all())
+            s.expunge_all()
+            return rows
+
+    def series_id(self, files: list[Path]) -> int:
+        uid = str(dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+        with Session(self.engine) as s:
+            return s.scalars(select(Series.id).where(Series.series_instance_uid == uid)).one()
+
+    def study_uid(self) -> str:
+        with Session(self.engine) as s:
+            return s.scalars(select(Study.study_instance_uid)).one()
+
+    def waiting(self) -> list[tuple[str, str]]:
+        with self.engine.connect() as conn:
+            return study_waiting(conn, self.study_uid())
+
+
+@contextmanager
+def running(tmp_path: Path, extra: str = "", whole_study: bool = False) -> Iterator[Node]:
+    config = tmp_path / "node.toml"
+    config.write_text(CONFIG.format(data_dir=tmp_path / "data", extra=extra, whole_study=str(whole_study).lower()))
+    cfg = load_checked_config(config, environ={})
+    storage = Storage(cfg.data_dir)
+    storage.prepare()
+    engine = make_engine(cfg.database_url)
+    migrate(engine)
+    writer = IndexWriter(engine)
+    writer.start()
+    node = Node(cfg, engine, storage, writer)
+    node.start()
+    try:
+        yield node
+    finally:
+        if node.tracker is not None:
+            node.stop()
+        writer.stop()
+        engine.dispose()
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    with running(tmp_path) as n:
+        yield n
+
+
+def test_a_study_rule_fires_once_when_its_inputs_arrived_in_separate_associations(node: Node, tmp_path: Path) -> None:
+    plain = variant(tmp_path / "plain", 2, contrast=False)
+    contrast = variant(tmp_path / "contrast", 3, contrast=True)
+
+    node.receive(plain)
+    wait_for(lambda: node.series_triggered(1) and node.waiting(), 10, "the plain series to trigger")
+    assert node.triggers() == [] and node.jobs() == []
+    assert node.waiting() == [("enhancement", "waiting for ct_contrast")]
+    explained = "\n".join(explain_series(node.engine, node.cfg.data_dir, node.cfg.ruleset, _uid(plain)))
+    assert "enhancement" in explained and "waiting for ct_contrast" in explained, explained
+
+    node.receive(contrast)
+    wait_for(lambda: node.triggers(), 10, "the study rule to fire")
+    wait_for(lambda: node.woken, 5, "the job runner to be told")
+
+    [trigger] = node.triggers()
+    assert (trigger.rule, trigger.revision) == ("enhancement", 1)
+    inputs = json.loads(trigger.inputs)
+    assert inputs["primary"] == "ct_contrast"
+    assert {k: v["series_id"] for k, v in inputs["inputs"].items()} == {
+        "ct_plain": node.series_id(plain),
+        "ct_contrast": node.series_id(contrast),
+    }
+    [job] = node.jobs()
+    assert (job.rule, job.kind, job.series_fk, job.study_trigger_fk) == (
+        "enhancement",
+        "plugin",
+        node.series_id(contrast),  # the primary input
+        trigger.id,
+    )
+    assert node.waiting() == []
+
+    # Evaluated again (as a restart or another process would): the same inputs never fire twice.
+    assert node.tracker is not None
+    again = evaluate_study(node.engine, node.engine, node.cfg.data_dir, node.cfg.ruleset, trigger.study_fk)
+    assert again.fired == [] and [r.status for r in again.results] == ["ready", "disabled"]
+    assert len(node.triggers()) == 1 and len(node.jobs()) == 1
+
+
+def _uid(files: list[Path]) -> str:
+    return str(dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+
+
+def test_a_restart_while_a_study_rule_waits_then_the_input_arrives_fires_once(node: Node, tmp_path: Path) -> None:
+    plain = variant(tmp_path / "plain", 2, contrast=False)
+    contrast = variant(tmp_path / "contrast", 3, contrast=True)
+    node.receive(plain)
+    wait_for(lambda: node.series_triggered(1) and node.waiting(), 10, "the plain series to trigger")
+
+    node.stop()
+    node.start()  # a new tracker on the same index: nothing was kept in memory
+    node.receive(contrast)
+
+    wait_for(lambda: node.triggers(), 10, "the study rule to fire after the restart")
+    node.stop()
+    node.start()  # and a restart after firing fires nothing more
+    wait_for(lambda: node.series_triggered(2), 5, "both series triggered")
+    assert len(node.triggers()) == 1 and len(node.jobs()) == 1
+
+
+@pytest.mark.parametrize(("on_revision", "fired"), [("ignore", 1), ("rerun", 2)])
+def test_a_new_revision_of_an_input_fires_again_only_with_on_revision_rerun(
+    tmp_path: Path, on_revision: str, fired: int
+) -> None:
+    with running(tmp_path, extra=f'on_revision = "{on_revision}"') as node:
+        plain = variant(tmp_path / "plain", 2, contrast=False)
+        contrast = variant(tmp_path / "contrast", 3, contrast=True, count=4)
+        node.receive(plain + contrast[:3])
+        wait_for(lambda: node.triggers(), 10, "the study rule to fire")
+        node.receive(contrast[3:])  # revision 2 of the contrast series
+        wait_for(lambda: node.series_triggered(2) and _revision(node, contrast) == 2, 10, "revision 2")
+        wait_for(lambda: len(node.triggers()) == fired, 10, f"{fired} firing(s)")
+        if fired == 1:  # nothing more comes: the study was evaluated after revision 2 triggered
+            wait_for(lambda: _evaluated(node), 10, "the study to be evaluated after revision 2")
+        triggers = node.triggers()
+        assert [t.revision for t in triggers] == list(range(1, fired + 1))
+        assert [j.revision for j in node.jobs()] == list(range(1, fired + 1))
+        if fired == 2:
+            assert json.loads(triggers[1].inputs)["inputs"]["ct_contrast"]["revision"] == 2
+
+
+def _evaluated(node: Node) -> bool:
+    with Session(node.engine) as s:
+        return s.scalars(select(Study.study_rules_due)).one() is None
+
+
+def _revision(node: Node, files: list[Path]) -> int:
+    with Session(node.engine) as s:
+        return int(s.scalars(select(Series.revision).where(Series.id == node.series_id(files))).one())
+
+
+def test_a_study_rule_without_inputs_fires_once_the_study_is_quiet(tmp_path: Path) -> None:
+    with running(tmp_path, extra="enabled = false", whole_study=True) as node:
+        first = variant(tmp_path / "a", 7, contrast=False)
+        second = variant(tmp_path / "b", 4, contrast=True)
+        node.receive(first)
+        wait_for(lambda: node.series_triggered(1), 10, "the first series to trigger")
+        node.receive(second)  # within the study's quiet period: one firing for both
+        wait_for(lambda: node.triggers(), 15, "the study rule to fire")
+        [trigger] = node.triggers()
+        inputs = json.loads(trigger.inputs)
+        # Every series, keyed by Series Number in number order; the first is the primary.
+        assert list(inputs["inputs"]) == ["series-4", "series-7"] and inputs["primary"] == "series-4"
+        assert trigger.reason == "no instance in the study for 1 s"
+        [job] = node.jobs()
+        assert job.series_fk == node.series_id(second)
+
+
+@pytest.mark.parametrize(
+    ("table", "error"),
+    [
+        (
+            {"name": "r", "inputs": {"a": {"Modality": "CT"}}, "actions": [{"type": "plugin", "plugin": "p"}]},
+            'rules[0] ("r").inputs: only a study rule has inputs; add scope = "study"',
+        ),
+        (
+            {"name": "r", "scope": "study", "inputs": {"a": {}}, "actions": [{"type": "forward", "to": ["pacs"]}]},
+            'rules[0] ("r").actions[0].type: a study rule runs plugins',
+        ),
+        (
+            {
+                "name": "r",
+                "scope": "study",
+                "primary": "b",
+                "inputs": {"a": {}},
+                "actions": [{"type": "plugin", "plugin": "p"}],
+            },
+            "rules[0] (\"r\").primary: no input named 'b' (inputs: a)",
+        ),
+        (
+            {"name": "r", "scope": "study", "stop": True, "actions": [{"type": "plugin", "plugin": "p"}]},
+            'rules[0] ("r").stop: not for a study rule',
+        ),
+        (
+            {
+                "name": "r",
+                "scope": "study",
+                "inputs": {"a": {"Modality": {"regex": "("}}},
+                "actions": [{"type": "plugin", "plugin": "p"}],
+            },
+            'rules[0] ("r").inputs.a.Modality',
+        ),
+        (
+            {"name": "r", "scope": "study", "study_quiet": "2 weeks", "actions": [{"type": "plugin", "plugin": "p"}]},
+            'rules[0] ("r").study_quiet',
+        ),
+        (
+            {"name": "r", "actions": [{"type": "plugin", "plugin": "study-plugin"}]},
+            'rules[0] ("r").actions[0].plugin: plugin \'study-plugin\' takes a study (takes = "study"): '
+            'its rule needs scope = "study"',
+        ),
+    ],
+)
+def test_study_rule_mistakes_are_errors_naming_the_key(table: dict, error: str) -> None:
+    with pytest.raises(RulesError) as e:
+        RuleSet.compile(
+            [table],
+            destinations=["pacs"],
+            plugins=["p", "study-plugin"],
+            takes=lambda name: "study" if name == "study-plugin" else "series",
+        )
+    assert any(line.startswith(error) for line in e.value.errors), e.value.errors
+
+
+def test_study_quiet_takes_a_duration() -> None:
+    rules = RuleSet.compile(
+        [{"name": "r", "scope": "study", "study_quiet": "2m", "actions": [{"type": "plugin", "plugin": "p"}]}],
+        plugins=["p"],
+    )
+    [rule] = rules.study_rules
+    assert rule.model.study_quiet == 120 and rules.series_rules == []
