@@ -445,6 +445,9 @@ class PluginsSection(_Section):
     #: name = { entry = "module:attribute", environment = "NAME" } (run in that environment).
     #: Installed ones come from entry points.
     local: dict[str, str | LocalPlugin] = Field(default_factory=dict)
+    #: Folders the node's Python imports local plugin modules from (added to sys.path of the node, its
+    #: fork server and job processes, and of ``dicom-node rules``/``plugins``): no PYTHONPATH needed.
+    paths: list[Path] = Field(default_factory=list)
     #: Plugin processes running at the same time.
     workers: int = Field(2, ge=1, le=64)
     #: Wall-clock seconds a plugin job may take (a rule's action may set its own).
@@ -470,6 +473,17 @@ class PluginsSection(_Section):
             if not mod or not attr:
                 raise ValueError(f'{name} = {target!r}: write it as "package.module:attribute"')
         return local
+
+    @field_validator("paths")
+    @classmethod
+    def _paths(cls, paths: list[Path]) -> list[Path]:
+        out = []
+        for p in paths:
+            if not p.is_dir():
+                what = "is not a folder" if p.exists() else "does not exist"
+                raise ValueError(f"{str(p)!r} {what} (list the folders your local plugin modules are in)")
+            out.append(p.resolve())
+        return out
 
     @field_validator("gpus")
     @classmethod

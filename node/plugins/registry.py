@@ -20,6 +20,7 @@ import importlib
 import json
 import os
 import subprocess
+import sys
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -170,7 +171,6 @@ def discover_environment(name: str, env: EnvironmentSection, local: Mapping[str,
 # -- all plugins ------------------------------------------------------------------------------------------
 
 
-def discover(plugins: PluginsSection | Mapping[str, str] | None = None) -> dict[str, PluginRef]:
 def use_paths(paths: list[Path]) -> None:
     """Make the ``[plugins] paths`` folders importable in this process (first on sys.path, each once).
 
@@ -185,6 +185,7 @@ def use_paths(paths: list[Path]) -> None:
         importlib.invalidate_caches()
 
 
+def discover(plugins: PluginsSection | Mapping[str, str] | None = None) -> dict[str, PluginRef]:
     """Every plugin by name: entry points, then environments, then local entries, then commands (later wins).
 
     Raises EnvironmentError_ when a configured environment cannot list its plugins.
@@ -197,6 +198,7 @@ def use_paths(paths: list[Path]) -> None:
         for name, target in (plugins or {}).items():
             found[name] = PluginRef(name, target, "config")
         return found
+    use_paths(plugins.paths)  # before anything imports a local plugin module
     own = dict(found)  # the node's own entry points
 
     def add(ref: PluginRef, where: str) -> None:
@@ -293,10 +295,10 @@ class Described:
     gpu: str
     #: The local plugin itself (kind "local" only).
     info: PluginInfo | None = None
-
-
     #: "series" or "study" (a study rule's named inputs: dicom_node_sdk.StudyInput).
     takes: str = "series"
+
+
 _NO_PARAMS = {"type": "object", "properties": {}, "additionalProperties": False}
 
 
@@ -326,9 +328,9 @@ def describe(ref: PluginRef, plugins: PluginsSection | None = None) -> Described
             str(r.get("description", "")),
             r.get("schema") or _NO_PARAMS,
             str(r.get("gpu") or "none"),
+            takes=str(r.get("takes") or "series"),
         )
     cmd = getattr(plugins, "commands", {}).get(ref.name) if plugins is not None else None
-            takes=str(r.get("takes") or "series"),
     if cmd is None:
         raise PluginLoadError(f"command plugin {ref.name!r} is not configured")
     return Described(ref.name, cmd.version, cmd.description, _NO_PARAMS, cmd.gpu)
