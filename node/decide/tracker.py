@@ -469,6 +469,7 @@ class SeriesTracker:
             error = "the series has no instances (discarded?)"
         label = f"series #{sid}"
         extra: dict[str, Any] = {"series_id": sid, "revision": revision}
+        prior = False
         if snap is not None:
             # Patient name and ID help an operator find the study; they are shown only with redact_phi off.
             name, pid = snap.facts["PatientName"], snap.facts["PatientID"]
