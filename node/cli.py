@@ -13,16 +13,19 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-if TYPE_CHECKING:  # the database layer is imported by the commands that read the index, not at start
+# Start-up time: ``dicom-node --help`` imports only typer and rich. Each command imports what it uses
+# (the config, the database layer, the DICOM stack) inside its function; commands that only read the
+# index load the config without compiling the rules, so they never import plugin code
+# (scripts/bench/bench_cli_startup.py measures it, tests/e2e/test_cli_startup.py pins which modules load).
+if TYPE_CHECKING:
     from sqlalchemy import Engine
 
+    from node.config import Config
     from node.send.scu import SendSummary
 
 from node import __version__
-from node.config import Config, ConfigError
 
 # Help is plain text, printed as written: with Rich markup, config names such as [retention] or
 # [[web.users]] in a docstring would be read as style tags and vanish. Sub-apps inherit the mode.
@@ -49,11 +52,26 @@ ConfigOption = typer.Option(None, "--config", "-c", help="TOML config file (defa
 
 
 def _load(config: Path | None) -> Config:
-    """The config with its rules compiled; an error is printed as the config's and exits 2."""
-    from node.decide.compile import load_checked_config  # plugins and rules: not for --help
+    """The config with its rules compiled (plugins discovered and imported); an error exits 2."""
+    from node.config import ConfigError
+    from node.decide.compile import load_checked_config
 
     try:
         return load_checked_config(config)
+    except ConfigError as e:
+        _fail(str(e), 2)
+
+
+def _settings(config: Path | None) -> Config:
+    """The config without its rules: for commands that only read or change the index.
+
+    Compiling the rules imports every plugin a rule names; ``status``, ``queue``, ``jobs`` must answer
+    an on-call admin even where a local plugin's module cannot be imported (or a rule is wrong).
+    """
+    from node.config import ConfigError, load_config
+
+    try:
+        return load_config(config)
     except ConfigError as e:
         _fail(str(e), 2)
 
@@ -139,6 +157,8 @@ def send(
     attempts: int = typer.Option(1, "--attempts", min=1, help="Tries for instances that fail transiently."),
 ) -> None:
     """Send files with C-STORE (the forwarder's sender), with a progress bar."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
     from node.send.scu import Peer, iter_files, send_files
     from node.send.transcode import PREFERRED
 
@@ -199,7 +219,7 @@ def status(config: Path | None = ConfigOption) -> None:
 
     from node.index import read
 
-    cfg = _load(config)
+    cfg = _settings(config)
     with _index(cfg) as engine:
         try:
             s = read.summary(engine)
@@ -453,7 +473,7 @@ def jobs_list(
     from node.index.states import JobState
 
     _check_state(state, JobState)
-    cfg = _load(config)
+    cfg = _settings(config)
     with _index(cfg) as engine:
         rows = read.jobs(engine, state=state or "", limit=limit).items
     t = Table(title=f"jobs{f' ({state})' if state else ''}")
@@ -481,7 +501,7 @@ def jobs_show(job_id: int, config: Path | None = ConfigOption) -> None:
 
     from node.index import read
 
-    cfg = _load(config)
+    cfg = _settings(config)
     with _index(cfg) as engine:
         j = read.job(engine, job_id)
     if j is None:
@@ -510,7 +530,7 @@ def jobs_retry(job_id: int, config: Path | None = ConfigOption) -> None:
     """Run a failed or cancelled job again (the running node picks it up within seconds)."""
     from node.jobs.store import JobStateError, retry
 
-    cfg = _load(config)
+    cfg = _settings(config)
     with _index(cfg, write=True) as engine:
         try:
             retry(engine, job_id)
@@ -524,7 +544,7 @@ def jobs_cancel(job_id: int, config: Path | None = ConfigOption) -> None:
     """Cancel a pending or running job (a running one stops at its next step)."""
     from node.jobs.store import JobStateError, cancel
 
-    cfg = _load(config)
+    cfg = _settings(config)
     with _index(cfg, write=True) as engine:
         try:
             was = cancel(engine, job_id)
@@ -542,7 +562,7 @@ def lineage(
     from node.index.lineage import NotFound
     from node.index.lineage import lineage as chain
 
-    cfg = _load(config)
+    cfg = _settings(config)
     with _index(cfg) as engine:
         try:
             lines = chain(engine, uid)
@@ -607,7 +627,7 @@ def queue_list(
     from node.index.states import DeliveryState
 
     _check_state(state, DeliveryState)
-    cfg = _load(config)
+    cfg = _settings(config)
     summaries: list[read.DestinationQueue] = []
     with _index(cfg) as engine:
         if state is None and series is None:
@@ -687,7 +707,7 @@ def _change_queue(
     """Run ``change(engine)`` on the index for retry/cancel, after checking that a selection was given."""
     if not (destination or series or ids or everything):
         _fail("say which deliveries: --destination, --series, --id, or --all", 2)
-    cfg = _load(config)
+    cfg = _settings(config)
     with _index(cfg, write=True) as engine:
         message = change(engine)
     out.print(message)
@@ -746,7 +766,7 @@ def audit(
     if kinds:
         _lines([f"{k:<22} {meaning}" for k, meaning in trail.KINDS.items()])
         return
-    cfg = _load(config)
+    cfg = _settings(config)
     with _index(cfg) as engine:
         try:
             events = trail.query(
@@ -775,7 +795,7 @@ def retention(
     from node.storage import Storage
     from node.storage.retention import Retention
 
-    cfg = _load(config)
+    cfg = _settings(config)
     setup_logging(cfg.logging.level, cfg.logging.json_format, redact_phi=cfg.logging.redact_phi)
     reader = _engine(cfg)
     engine = _engine(cfg, write=True) if not dry_run else reader
