@@ -91,6 +91,7 @@ def test_measurements_cross_the_protocol_unchanged(tmp_path):
         ),
         (lambda: Measurements([_report().groups[0], _report().groups[0]]), "two groups have tracking_id 'Liver'"),
         (lambda: Measurements([_report()]), "groups[0] must be a MeasurementGroup"),
+        (lambda: Measurements([]), "Measurements holds no groups"),
     ],
 )
 def test_a_wrong_field_says_what_to_change(make, message):

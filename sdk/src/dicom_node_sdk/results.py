@@ -435,8 +435,8 @@ def _items(owner: str, field: str, values: object, kind: type[Any]) -> list[Any]
 class Measurements:
     """Findings and what was measured of them: written as one DICOM SR measurement report (TID 1500).
 
-    Each group is one finding; its ``tracking_id`` is unique in the report. An empty ``groups``
-    is a report that found nothing to measure. ``title`` is a report title from CID 7021.
+    Each group is one finding; its ``tracking_id`` is unique in the report; a report has at least one
+    (TID 1500: nothing measured is no report, so return none). ``title`` is a report title from CID 7021.
     """
 
     groups: Sequence[MeasurementGroup]
@@ -445,6 +445,11 @@ class Measurements:
 
     def __post_init__(self) -> None:
         self.groups = _items("Measurements", "groups", self.groups, MeasurementGroup)
+        if not self.groups:
+            raise ResultError(
+                "Measurements holds no groups; a measurement report has at least one finding: with nothing "
+                "measured, return no Measurements (leave it out of the results, or return None)"
+            )
         _code_field("Measurements", "title", self.title, "codes.DCM.ImagingMeasurementReport")
         seen: set[str] = set()
         for g in self.groups:

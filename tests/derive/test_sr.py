@@ -1,0 +1,271 @@
+"""Measurements as a DICOM SR (TID 1500) and a job's Key Object Selection, built from a real CT and its SEG.
+
+What a user relies on: a viewer reading the SR with highdicom gets back exactly the plugin's numbers,
+codes and findings; each finding points at the segment of the SEG it measures; the same finding keeps
+its Tracking UID in a follow-up job; dciodvfy finds no error in what the node made; a wrong reference
+is an error that says what to change.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from helpers import series_files
+from helpers.dciodvfy import LABEL_MAP_SEGMENTATION_STORAGE, verify
+from helpers.dciodvfy import errors as dciodvfy_errors
+from pydicom.dataset import Dataset
+from pydicom.uid import SegmentationStorage
+
+from node.derive.common import Provenance
+from node.derive.errors import OutputError
+from node.derive.kos import build_kos
+from node.derive.seg import build_seg
+from node.derive.sr import build_sr, tracking_uid
+from node.derive.validate import validate
+from node.plugins.api import (
+    Code,
+    Measurement,
+    MeasurementGroup,
+    Measurements,
+    QualitativeFinding,
+    Segment,
+    Segmentation,
+    SeriesInput,
+    codes,
+)
+from node.plugins.builtin.threshold import Params, threshold_seg
+from node.plugins.series import load_series
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*unlikely to represent the intended person name:UserWarning")
+
+CT = "ct-head-philips-5mm"
+ML = Code("ml", "UCUM", "milliliter")
+HU = Code("[hnsf'U]", "UCUM", "Hounsfield unit")
+MALIGNANCY = Code("RID5705", "RADLEX", "Malignancy")
+#: dciodvfy's (dicom3tools 1.00~20220618) error for a segment reference to a Label Map SEG: see its test.
+NOT_A_SEGMENTATION = (
+    "Error - Shall not be present for Referenced SOP Class that is not segmentation - attribute "
+    "<ReferencedSegmentNumber>"
+)
+
+
+@pytest.fixture(scope="module")
+def ct() -> SeriesInput:
+    return load_series(series_files(CT))
+
+
+@pytest.fixture(scope="module")
+def seg_result(ct: SeriesInput) -> Segmentation:
+    params = Params.model_validate(
+        {
+            "segments": [
+                {"label": "Bone", "lower": 300, "type": "Bone"},
+                {"label": "Brain", "lower": 20, "upper": 60, "type": "Brain"},
+            ]
+        }
+    )
+    (result,) = threshold_seg(ct, params)
+    return result
+
+
+def prov(job: str = "job-1", plugin: str = "measure") -> Provenance:
+    return Provenance((f"1.2.3.{job}", 1, "rule", 0), plugin, "0.3")
+
+
+@pytest.fixture(scope="module")
+def seg(ct: SeriesInput, seg_result: Segmentation) -> Dataset:
+    return build_seg(ct, seg_result, prov(plugin="threshold-seg"), index=0)
+
+
+def report(seg_result: Segmentation) -> Measurements:
+    groups = [
+        MeasurementGroup(
+            tracking_id=s.label,
+            finding=s.type,
+            segment=k + 1,
+            segmentation=0,
+            finding_site=codes.SCT.Head,
+            measurements=[
+                # Values a decimal string (16 characters) cannot hold: the SR keeps them exactly anyway.
+                Measurement(codes.SCT.Volume, 1234.567890123456 + k, ML),
+                Measurement(codes.SCT.Mean, -12.000000000001 * (k + 1), HU, codes.SCT.Mean),
+            ],
+        )
+        for k, s in enumerate(seg_result.segments)
+    ]
+    groups.append(
+        MeasurementGroup(
+            "Nodule 1",
+            codes.SCT.Nodule,
+            [Measurement(codes.SCT.Volume, 0.5, ML)],
+            qualitative=[QualitativeFinding(MALIGNANCY, codes.SCT.Malignant)],
+            source_slices=[4, 3],
+        )
+    )
+    return Measurements(groups, description="head measurements")
+
+
+def read(ds: Dataset, path: Path) -> hd.sr.MeasurementReport:
+    ds.save_as(path, enforce_file_format=True)
+    sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(path))
+    return hd.sr.MeasurementReport.from_sequence(sr.content)
+
+
+def code(c: object) -> tuple[str, str, str]:
+    return (c.value, c.scheme_designator, c.meaning)  # type: ignore[attr-defined]
+
+
+def test_the_sr_reads_back_as_the_plugins_measurements_and_dciodvfy_finds_no_error(
+    tmp_path: Path, ct: SeriesInput, seg_result: Segmentation, seg: Dataset
+) -> None:
+    m = report(seg_result)
+    ds = build_sr(ct, m, prov(), index=1, segs={0: seg})
+    assert validate(ds) == []
+    back = read(ds, tmp_path / "sr.dcm")
+    verify(tmp_path / "sr.dcm", "measurement SR")
+    assert ds.SeriesDescription == "head measurements" and ds.Modality == "SR"
+    assert ds.StudyInstanceUID == ct.first.StudyInstanceUID and ds.PatientID == ct.first.PatientID
+    # The device that observed: the plugin.
+    (observer,) = back.get_observer_contexts()
+    assert "measure" in {str(item.get("TextValue", "")) for item in observer}
+
+    volumetric = back.get_volumetric_roi_measurement_groups()
+    assert [g.tracking_identifier for g in volumetric] == ["Bone", "Brain"]
+    for k, (want, got) in enumerate(zip(m.groups[:2], volumetric, strict=True)):
+        assert got.tracking_uid == tracking_uid(str(ct.first.PatientID), "measure", want.tracking_id)
+        assert code(got.finding_type) == code(want.finding)
+        assert [code(s.value) for s in got.finding_sites] == [code(codes.SCT.Head)]
+        ref = got.referenced_segment
+        assert ref.referenced_sop_instance_uid == seg.SOPInstanceUID
+        assert ref.referenced_segment_numbers == [k + 1]
+        # The segment's source images are the slices it lies on (a subset of the CT's).
+        sources = {s.referenced_sop_instance_uid for s in ref.source_images_for_segmentation}
+        assert sources and sources <= {d.SOPInstanceUID for d in ct.datasets}
+        measured = [
+            (code(x.name), x.value, code(x.unit), x.derivation and code(x.derivation)) for x in got.get_measurements()
+        ]
+        assert measured == [
+            (code(x.name), x.value, code(x.unit), x.derivation and code(x.derivation)) for x in want.measurements
+        ]
+
+    (image_level,) = back.get_image_measurement_groups()
+    assert image_level.tracking_identifier == "Nodule 1"
+    assert {s.referenced_sop_instance_uid for s in image_level.source_images} == {
+        ct.datasets[3].SOPInstanceUID,
+        ct.datasets[4].SOPInstanceUID,
+    }
+    ((name, value),) = [(code(q.name), code(q.value)) for q in image_level.get_qualitative_evaluations()]
+    assert (name, value) == (code(MALIGNANCY), code(codes.SCT.Malignant))
+    assert [x.value for x in image_level.get_measurements()] == [0.5]
+    # Evidence: every source image and the SEG.
+    evidence = {
+        s.ReferencedSOPInstanceUID
+        for study in ds.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for s in series.ReferencedSOPSequence
+    }
+    assert evidence == {d.SOPInstanceUID for d in ct.datasets} | {seg.SOPInstanceUID}
+
+
+def test_a_finding_keeps_its_tracking_uid_in_another_job_and_the_report_gets_its_own(
+    ct: SeriesInput, seg_result: Segmentation, seg: Dataset
+) -> None:
+    m = report(seg_result)
+    first = build_sr(ct, m, prov("job-1"), index=1, segs={0: seg})
+    again = build_sr(ct, m, prov("job-1"), index=1, segs={0: seg})
+    follow_up = build_sr(ct, m, prov("job-2"), index=1, segs={0: seg})
+    assert first.SOPInstanceUID == again.SOPInstanceUID  # a retry makes the same object (a re-send)
+    assert follow_up.SOPInstanceUID != first.SOPInstanceUID
+
+    def uids(ds: Dataset) -> list[str]:
+        r = hd.sr.MeasurementReport.from_sequence(hd.sr.Comprehensive3DSR.from_dataset(ds).content)
+        return [g.tracking_uid for g in r.get_volumetric_roi_measurement_groups()]
+
+    assert uids(first) == uids(follow_up)
+    assert len(set(uids(first))) == 2
+    assert tracking_uid("other patient", "measure", "Bone") != tracking_uid(str(ct.first.PatientID), "measure", "Bone")
+    assert tracking_uid("p", "other-plugin", "Bone") != tracking_uid("p", "measure", "Bone")
+
+
+def test_a_label_map_seg_is_referenced_through_its_source_series(tmp_path: Path, ct: SeriesInput) -> None:
+    labels = np.zeros((len(ct), int(ct.first.Rows), int(ct.first.Columns)), np.uint8)
+    labels[10:14, 200:260, 200:260] = 1
+    labels[12:16, 300:320, 300:320] = 2
+    segments = [Segment("A", codes.SCT.Tissue, codes.SCT.Tissue), Segment("B", codes.SCT.Tissue, codes.SCT.Bone)]
+    label_map = build_seg(ct, Segmentation(labels, segments, kind="labelmap"), prov(plugin="lm"), index=0)
+    m = Measurements([MeasurementGroup("B", codes.SCT.Bone, [Measurement(codes.SCT.Volume, 2.0, ML)], segment=2)])
+    ds = build_sr(ct, m, prov(), index=1, segs={0: label_map})
+    back = read(ds, tmp_path / "sr.dcm")
+    # dicom3tools 1.00~20220618 predates Label Map Segmentation Storage (Sup 243, 2024), so it takes a segment
+    # reference to one for a reference to something that is not a segmentation: that error only; the same SR
+    # referring to the SEG as Segmentation Storage has none.
+    assert [e for e in dciodvfy_errors(tmp_path / "sr.dcm") if e != NOT_A_SEGMENTATION] == []
+    as_seg = pydicom.dcmread(tmp_path / "sr.dcm")
+    for item in _walk_items(as_seg):
+        for sop in item.get("ReferencedSOPSequence", []):
+            if sop.ReferencedSOPClassUID == LABEL_MAP_SEGMENTATION_STORAGE:
+                sop.ReferencedSOPClassUID = SegmentationStorage
+    as_seg.save_as(tmp_path / "as-seg.dcm", enforce_file_format=True)
+    verify(tmp_path / "as-seg.dcm", "SR on a label map SEG, referring to it as Segmentation Storage")
+    (group,) = back.get_volumetric_roi_measurement_groups()
+    ref = group.referenced_segment
+    assert (ref.referenced_sop_instance_uid, ref.referenced_segment_numbers) == (label_map.SOPInstanceUID, [2])
+    assert ref.source_series_for_segmentation.value == ct.first.SeriesInstanceUID
+
+
+def _walk_items(ds: Dataset) -> list[Dataset]:
+    """Every item of every sequence in ``ds``, depth first."""
+    out = []
+    for elem in ds:
+        if elem.VR == "SQ":
+            for item in elem.value:
+                out += [item, *_walk_items(item)]
+    return out
+
+
+def one(**kw: object) -> Measurements:
+    return Measurements([MeasurementGroup("X", codes.SCT.Bone, [Measurement(codes.SCT.Volume, 1.0, ML)], **kw)])
+
+
+@pytest.mark.parametrize(
+    ("result", "segs", "message"),
+    [
+        (one(segment=3), "seg", "segment 3 is not in the Segmentation it measures (its segments are 1, 2)"),
+        (one(segment=1), None, "names segment 1 but the job made no Segmentation before it"),
+        (one(segment=1, segmentation=5), "seg", "segmentation = 5 is not a Segmentation this job wrote"),
+        (one(source_slices=[28]), None, "source_slices [28] out of range; the series has 28 slices (0..27)"),
+    ],
+)
+def test_a_reference_that_cannot_hold_says_what_to_change(
+    ct: SeriesInput, seg: Dataset, result: Measurements, segs: str | None, message: str
+) -> None:
+    with pytest.raises(OutputError) as e:
+        build_sr(ct, result, prov(), index=1, segs={0: seg} if segs else {})
+    assert message in str(e.value)
+
+
+def test_the_key_object_selection_lists_the_outputs_and_dciodvfy_finds_no_error(
+    tmp_path: Path, ct: SeriesInput, seg_result: Segmentation, seg: Dataset
+) -> None:
+    sr = build_sr(ct, report(seg_result), prov(), index=1, segs={0: seg})
+    kos = build_kos([seg, sr], prov(), title=codes.DCM.OfInterest, series_number=9002)
+    assert validate(kos) == []
+    path = tmp_path / "kos.dcm"
+    kos.save_as(path, enforce_file_format=True)
+    verify(path, "KOS")
+    back = hd.ko.KeyObjectSelectionDocument.from_dataset(pydicom.dcmread(path))
+    listed = {
+        item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        for item in back.ContentSequence
+        if "ReferencedSOPSequence" in item
+    }
+    assert listed == {seg.SOPInstanceUID, sr.SOPInstanceUID}
+    assert code(hd.sr.CodedConcept.from_dataset(back.ConceptNameCodeSequence[0])) == code(codes.DCM.OfInterest)
+    assert back.StudyInstanceUID == ct.first.StudyInstanceUID
+    # The same outputs make the same KOS (a retry re-sends it); other outputs another one.
+    assert build_kos([sr, seg], prov()).SOPInstanceUID == kos.SOPInstanceUID
+    assert build_kos([seg], prov()).SOPInstanceUID != kos.SOPInstanceUID
