@@ -112,7 +112,7 @@ def _where(src: SourceSection) -> str:
 @contextmanager
 def _association(src: SourceSection, calling_ae: str, context: str, timeout: float) -> Iterator[Any]:
     """An association to the source proposing one Q/R model; SourceError (naming why) when there is none."""
-    from pynetdicom import AE
+    from pynetdicom import AE, evt
 
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = src.timeout
@@ -120,14 +120,17 @@ def _association(src: SourceSection, calling_ae: str, context: str, timeout: flo
     ae.dimse_timeout = timeout
     ae.connection_timeout = src.timeout
     ae.add_requested_context(context)
-    assoc = ae.associate(src.host, src.port, ae_title=src.ae_title)
+    opened: list[bool] = []  # pynetdicom reports a refused connection as an abort: tell them apart
+    assoc = ae.associate(
+        src.host, src.port, ae_title=src.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, lambda _e: opened.append(True))]
+    )
     if not assoc.is_established:
-        if assoc.is_rejected:
+        if not opened:
+            why = "no connection (refused or unreachable: is it running, are host and port right?)"
+        elif assoc.is_rejected:
             why = f"it rejected the association (calling AE {calling_ae}: does it know this node's AE title?)"
-        elif assoc.is_aborted:
-            why = "it aborted the association request"
         else:
-            why = "no connection (is it running, are host and port right?)"
+            why = "it aborted the association request, or did not answer it"
         raise SourceError(f"{_where(src)}: {why}")
     try:
         yield assoc
@@ -295,15 +298,18 @@ def _record(engine: Engine, job_id: int, src: str, study: FoundStudy, **values: 
             with conn.begin_nested():
                 conn.execute(
                     _pf.insert().values(
-                        job_fk=job_id,
-                        source=src,
-                        study_uid=study.study_uid,
-                        study_date=study.study_date,
-                        expected=study.instances,
-                        received=0,
-                        requested_at=now,
-                        error="",
-                        **{"state": "requested", **values},
+                        **{
+                            "job_fk": job_id,
+                            "source": src,
+                            "study_uid": study.study_uid,
+                            "study_date": study.study_date,
+                            "expected": study.instances,
+                            "received": 0,
+                            "requested_at": now,
+                            "error": "",
+                            "state": "requested",
+                            **values,
+                        }
                     )
                 )
         except IntegrityError:  # the same job's other run inserted it meanwhile
