@@ -553,9 +553,80 @@ def jobs_cancel(job_id: int, config: Path | None = ConfigOption) -> None:
     out.print(f"job {job_id} cancelled (it was {was})")
 
 
+# -- operator actions: run a job or a series' rules again, forward a series (node.web.actions does the same) --
+
+
+@jobs_app.command("rerun")
+def jobs_rerun(job_id: int, config: Path | None = ConfigOption) -> None:
+    """Run a finished job (succeeded, failed or cancelled) again as a new job; a plugin's new outputs get new UIDs.
+
+    The earlier job and its outputs stay; the running node picks the new job up within seconds.
+    """
+    from node.jobs.store import JobStateError, rerun
+
+    cfg = _settings(config)
+    with _index(cfg, write=True) as engine:
+        try:
+            new = rerun(engine, job_id)
+        except JobStateError as e:
+            _fail(str(e))
+    out.print(f"job {job_id} runs again as job {new}")
+
+
+series_app = typer.Typer(help="Act on a stored series: run its rules again, forward it.", no_args_is_help=True)
+app.add_typer(series_app, name="series")
+
+
+@series_app.command("rerun-rules")
+def series_rerun_rules(
+    series_uid: str = typer.Argument(..., help="Series Instance UID."), config: Path | None = ConfigOption
+) -> None:
+    """Evaluate the current rules on the series' latest stable revision and make the matching rules' jobs again.
+
+    Each job is the next run of its rule and action: the earlier jobs and their outputs stay.
+    """
+    from node.decide.rerun import RerunRefused, rerun_rules
+
+    cfg = _load(config)
+    assert cfg.ruleset is not None
+    with _index(cfg, write=True) as engine:
+        try:
+            done = rerun_rules(engine, cfg.data_dir, cfg.ruleset, series_uid, actor="cli")
+        except RerunRefused as e:
+            _fail(str(e.args[0]))
+    out.print(done.message(), highlight=False, markup=False)
+
+
+@series_app.command("forward")
+def series_forward(
+    series_uid: str = typer.Argument(..., help="Series Instance UID."),
+    destination: str = typer.Argument(..., help="A configured destination's name."),
+    config: Path | None = ConfigOption,
+) -> None:
+    """Queue the series' stored instances for a destination now (instances it received before are sent again)."""
+    from node.send.queue import forward_series
+
+    cfg = _settings(config)
+    known = [d.name for d in cfg.destinations]
+    if destination not in known:
+        _fail(f"no destination {destination!r} in {cfg.source} (destinations: {', '.join(known) or 'none'})", 2)
+    with _index(cfg, write=True) as engine:
+        try:
+            got = forward_series(engine, series_uid, destination)
+        except LookupError as e:
+            _fail(str(e.args[0]))
+    waiting = f"; {got.already} already waiting to be sent" if got.already else ""
+    out.print(f"{got.new + got.requeued} instance(s) queued for {destination}{waiting}", highlight=False)
+
+
 @app.command()
 def lineage(
     uid: str = typer.Argument(..., help="A SOP Instance UID or Series Instance UID (a source or an output)."),
+    plugin_version: str = typer.Option(
+        "",
+        "--plugin-version",
+        help='Only jobs made with this plugin version: "1.2", "NAME 1.2" or "NAME==1.2".',
+    ),
     config: Path | None = ConfigOption,
 ) -> None:
     """Where an object came from and went: source series, revisions, jobs (plugin versions), outputs, deliveries."""
@@ -565,7 +636,7 @@ def lineage(
     cfg = _settings(config)
     with _index(cfg) as engine:
         try:
-            lines = chain(engine, uid)
+            lines = chain(engine, uid, plugin_version)
         except NotFound as e:
             _fail(str(e))
     _lines(lines)

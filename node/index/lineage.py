@@ -20,6 +20,26 @@ class NotFound(LookupError):
     pass
 
 
+def plugin_versions(software: str) -> list[tuple[str, str]]:
+    """(plugin, version) of each step named in ``job.software`` ("threshold-seg 1.0, segment-stats 0.2")."""
+    steps = []
+    for part in software.split(","):
+        name, _, version = part.strip().partition(" ")
+        if name:
+            steps.append((name, version.strip()))
+    return steps
+
+
+def made_with(software: str, wanted: str) -> bool:
+    """Whether a job's plugins include ``wanted``: a version ("1.0"), "NAME VERSION" or "NAME==VERSION"."""
+    wanted = wanted.strip().replace("==", " ")
+    name, _, version = wanted.rpartition(" ")
+    for n, v in plugin_versions(software):
+        if (v == wanted and not name) or (n == name.strip() and v == version):
+            return True
+    return False
+
+
 def _when(value: dt.datetime | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S") if value is not None else "-"
 
@@ -53,8 +73,13 @@ def _deliveries(conn: Connection, which: ColumnElement[bool], indent: str) -> li
     return out or [f"{indent}-> not queued for any destination"]
 
 
-def lineage(engine: Engine, uid: str) -> list[str]:
-    """Lines describing the chain through ``uid`` (a SOP Instance UID or a Series Instance UID)."""
+def lineage(engine: Engine, uid: str, plugin_version: str = "") -> list[str]:
+    """Lines describing the chain through ``uid`` (a SOP Instance UID or a Series Instance UID).
+
+    Each job names the plugins and versions that ran (``job.software``) and each output the ones that made
+    it, so outputs of several plugin versions (a rerun after an upgrade) are told apart. ``plugin_version``
+    (see :func:`made_with`) keeps only the jobs made with that version, and says how many it left out.
+    """
     with engine.connect() as conn:
         series = conn.execute(select(_s).where(_s.c.series_instance_uid == uid)).first()
         if series is None:
@@ -84,11 +109,13 @@ def lineage(engine: Engine, uid: str) -> list[str]:
                 f"({rev.stable_reason}); {rules}"
             )
         jobs = conn.execute(select(_j).where(_j.c.series_fk == series.id).order_by(_j.c.id)).all()
-        for job in jobs:
+        shown = [j for j in jobs if not plugin_version or made_with(j.software, plugin_version)]
+        for job in shown:
             what = job.kind + (f" {job.software}" if job.software else "")
             detail = job.result if job.state == JobState.SUCCEEDED else job.last_error
+            run = f" run {job.run}" if job.run > 1 else ""
             lines.append(
-                f"  job #{job.id} revision {job.revision} rule {job.rule} action {job.action_index} ({what}): "
+                f"  job #{job.id} revision {job.revision} rule {job.rule} action {job.action_index}{run} ({what}): "
                 f"{job.state} {_when(job.finished_at)}" + (f" -- {detail}" if detail else "")
             )
             outputs = conn.execute(
@@ -100,12 +127,16 @@ def lineage(engine: Engine, uid: str) -> list[str]:
             for o in outputs:
                 from pydicom.uid import UID
 
+                made = f", made by {job.software}" if job.software else ""
                 lines.append(
-                    f"    output {UID(o.sop_class_uid).name} {o.sop_instance_uid} (series {o.series_instance_uid})"
+                    f"    output {UID(o.sop_class_uid).name} {o.sop_instance_uid} (series {o.series_instance_uid}{made})"
                 )
                 lines.extend(_deliveries(conn, _d.c.instance_fk == o.id, "      "))
             if job.kind == "forward":
                 lines.extend(_deliveries(conn, _d.c.job_fk == job.id, "    "))
         if not jobs:
             lines.append("  no jobs")
+        elif plugin_version and len(shown) < len(jobs):
+            left = len(jobs) - len(shown)
+            lines.append(f"  ({left} job(s) not made with plugin version {plugin_version!r} left out)")
     return lines

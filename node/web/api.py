@@ -16,8 +16,20 @@ from node import audit
 from node.index import read
 from node.index.states import DeliveryState, JobState, SeriesState
 from node.web import data
-from node.web.actions import ActionResult, Change, JobId, Refused, Selection, delivery_change, job_change
+from node.web.actions import (
+    ActionResult,
+    Change,
+    JobId,
+    Refused,
+    Selection,
+    delivery_change,
+    forward_now,
+    job_change,
+    rerun_job,
+    rerun_rules,
+)
 from node.web.context import WebContext, api_user, context
+from node.web.tester import RuleTest, RuleTestReport, try_rule
 
 log = logging.getLogger(__name__)
 
@@ -313,11 +325,17 @@ def get_preview(
     responses={404: {"description": "unknown UID"}},
     summary="Source -> jobs (plugin versions) -> outputs -> deliveries, from any SOP or series UID",
 )
-def get_lineage(uid: str, ctx: WebContext = Depends(context)) -> dict[str, Any]:
+def get_lineage(
+    uid: str,
+    plugin_version: str = Query(
+        "", max_length=128, description='only jobs made with this plugin version: "1.2", "NAME 1.2" or "NAME==1.2"'
+    ),
+    ctx: WebContext = Depends(context),
+) -> dict[str, Any]:
     from node.index.lineage import NotFound, lineage
 
     try:
-        return {"uid": uid, "lines": lineage(ctx.reader, uid)}
+        return {"uid": uid, "lines": lineage(ctx.reader, uid, plugin_version)}
     except NotFound as e:
         raise _not_found(e) from None
 
@@ -365,6 +383,62 @@ _job_action("retry", "the job is not failed or cancelled")
 _job_action("cancel", "the job is not pending or running")
 
 
+@router.post(
+    "/jobs/{job_id}/rerun",
+    response_model=ActionResult,
+    responses={404: {"description": "no such job"}, 409: {"description": "the job is pending or running"}},
+    summary="Run a finished job again as a new job (a plugin's new outputs get new UIDs; the old ones stay)",
+)
+def post_job_rerun(
+    job_id: int = JobId, ctx: WebContext = Depends(context), user: str = Depends(api_user)
+) -> ActionResult:
+    try:
+        return rerun_job(ctx, job_id, user)
+    except Refused as e:
+        raise _refused(e) from None
+
+
+@router.post(
+    "/series/{uid}/rerun-rules",
+    response_model=ActionResult,
+    responses={
+        404: {"description": "no such series"},
+        409: {"description": "the series has no stable revision or no stored instances"},
+    },
+    summary="Evaluate the current rules on the series' latest revision again and make the matching rules' jobs",
+)
+def post_series_rerun_rules(
+    uid: str, ctx: WebContext = Depends(context), user: str = Depends(api_user)
+) -> ActionResult:
+    try:
+        return rerun_rules(ctx, uid, user)
+    except Refused as e:
+        raise _refused(e) from None
+
+
+class ForwardRequest(BaseModel):
+    destination: str = Field(min_length=1, max_length=64, description="a configured destination's name")
+
+
+@router.post(
+    "/series/{uid}/forward",
+    response_model=ActionResult,
+    responses={
+        400: {"description": "the body is not JSON"},
+        404: {"description": "no such series, or it has no stored instances"},
+        422: {"description": "not a configured destination"},
+    },
+    summary="Queue the series' stored instances for a destination now (sent again where delivered before)",
+)
+def post_series_forward(
+    uid: str, body: ForwardRequest, ctx: WebContext = Depends(context), user: str = Depends(api_user)
+) -> ActionResult:
+    try:
+        return forward_now(ctx, uid, body.destination, user)
+    except Refused as e:
+        raise _refused(e) from None
+
+
 @router.get(
     "/deliveries", response_model=DeliveryPage, summary="Deliveries (one per instance and destination), newest first"
 )
@@ -410,6 +484,16 @@ def post_deliveries_cancel(
 @router.get("/rules", response_model=list[RuleModel], summary="The configured rules and how often each matched")
 def get_rules(ctx: WebContext = Depends(context)) -> list[dict[str, Any]]:
     return data.rules(ctx.cfg, ctx.reader)
+
+
+@router.post(
+    "/rules/test",
+    response_model=RuleTestReport,
+    responses={400: {"description": "the body is not JSON"}},
+    summary="Try a rule (TOML) on stored series: which match and why; errors name their key; nothing is changed",
+)
+def post_rules_test(body: RuleTest, ctx: WebContext = Depends(context)) -> RuleTestReport:
+    return try_rule(ctx.cfg, ctx.reader, body)
 
 
 @router.get("/plugins", response_model=list[PluginModel], summary="Installed plugins, their versions and users")

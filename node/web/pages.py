@@ -276,6 +276,58 @@ def rules(request: Request, user: str = Depends(page_user), ctx: WebContext = De
     return _render(request, "rules.html", user, rules=data.rules(ctx.cfg, ctx.reader), page="rules")
 
 
+# -- the rule tester (node.web.tester): a rule tried on stored series; nothing in the config changes --
+
+#: What the tester's text area holds at first: a rule to edit.
+_EXAMPLE_RULE = """[[rules]]
+name = "ct-chest"
+[rules.match]
+Modality = "CT"
+SeriesDescription = { contains = "chest" }
+[[rules.actions]]
+type = "forward"
+to = ["pacs"]
+"""
+
+
+def _tester(request: Request, user: str, ctx: WebContext, rule_toml: str, chosen: list[str], report: Any) -> Response:
+    from node.web.tester import recent_series
+
+    if report is None and not rule_toml:
+        names = [d.name for d in ctx.cfg.destinations]
+        rule_toml = _EXAMPLE_RULE.replace('"pacs"', f'"{names[0]}"') if names else _EXAMPLE_RULE
+    return _render(
+        request,
+        "rule_tester.html",
+        user,
+        rule_toml=rule_toml,
+        chosen=set(chosen),
+        choices=recent_series(ctx.reader),
+        report=report,
+        page="rules",
+    )
+
+
+@router.get("/rules/test", response_class=HTMLResponse)
+def rule_tester(request: Request, user: str = Depends(page_user), ctx: WebContext = Depends(context)) -> Response:
+    return _tester(request, user, ctx, "", [], None)
+
+
+@router.post("/rules/test", response_class=HTMLResponse)
+def rule_tester_run(
+    request: Request,
+    rule_toml: str = Form("", max_length=100_000),
+    series_uids: list[str] = Form(default_factory=list),
+    user: str = Depends(page_user),
+    ctx: WebContext = Depends(context),
+) -> Response:
+    from node.web.tester import MAX_SERIES, RuleTest, try_rule
+
+    chosen = series_uids[:MAX_SERIES]
+    report = try_rule(ctx.cfg, ctx.reader, RuleTest(rule_toml=rule_toml, series_uids=chosen))
+    return _tester(request, user, ctx, rule_toml, chosen, report)
+
+
 @router.get("/plugins", response_class=HTMLResponse)
 def plugins(request: Request, user: str = Depends(page_user), ctx: WebContext = Depends(context)) -> Response:
     return _render(request, "plugins.html", user, plugins=data.plugins(ctx.cfg), page="plugins")
@@ -285,6 +337,7 @@ def plugins(request: Request, user: str = Depends(page_user), ctx: WebContext = 
 def lineage(
     request: Request,
     uid: str = Query("", max_length=64),
+    plugin_version: str = Query("", max_length=128),
     user: str = Depends(page_user),
     ctx: WebContext = Depends(context),
 ) -> Response:
@@ -294,10 +347,19 @@ def lineage(
     lines, error = [], ""
     if uid:
         try:
-            lines = chain(ctx.reader, uid)
+            lines = chain(ctx.reader, uid, plugin_version)
         except NotFound as e:
             error = str(e)
-    return _render(request, "lineage.html", user, uid=uid, lines=lines, error=error, page="lineage")
+    return _render(
+        request,
+        "lineage.html",
+        user,
+        uid=uid,
+        plugin_version=plugin_version,
+        lines=lines,
+        error=error,
+        page="lineage",
+    )
 
 
 @router.get("/audit", response_class=HTMLResponse)
