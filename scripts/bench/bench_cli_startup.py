@@ -1,0 +1,143 @@
+"""Start-up time of the command line: ``dicom-node --help``, ``status``, ``queue``, ``jobs`` in fresh processes.
+
+Each command runs ``--repeat`` times, each time in a new process, with the commands interleaved round by round
+(the order rotates) so that a change in machine load hits all of them alike. Beside them run the floor (``python
+-c pass``: the interpreter alone, with this environment's site-packages) and two peers a PACS administrator
+already uses: DCMTK's ``echoscu --version`` (a C++ tool) and ``python -m pynetdicom --version`` (a Python DICOM
+tool). The read-only commands read a real, empty index (made once, in a temporary folder, as the node makes it).
+
+Prints the median and minimum wall time of each command, its median minus the floor's (what the command itself
+costs), and the ratio of medians to the floor; and the load average before and after. With ``--markdown`` the
+table is written for docs/benchmarks.md. No threshold: a person judges (the issue's target: under 0.5 s).
+
+    python scripts/bench/bench_cli_startup.py --repeat 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import report
+
+REPO = Path(__file__).resolve().parents[2]
+ECHOSCU = "/usr/bin/echoscu"  # by full path: pynetdicom's console scripts shadow DCMTK's on PATH
+
+
+def node_command() -> list[str]:
+    """How to start the command line: the installed ``dicom-node`` script when it works here, else ``python -m node``."""
+    script = shutil.which("dicom-node")
+    if script:
+        ok = subprocess.run([script, "--version"], capture_output=True, text=True, cwd=REPO)
+        if ok.returncode == 0:
+            return [script]
+    return [sys.executable, "-m", "node"]
+
+
+def make_site(folder: Path) -> Path:
+    """A config and an empty index made as the node makes it (migrated), for the commands that read the index."""
+    sys.path.insert(0, str(REPO))
+    from node.config import load_config
+    from node.index.db import make_engine, migrate
+
+    config = folder / "node.toml"
+    config.write_text(f'[node]\ndata_dir = "{folder / "data"}"\n')
+    (folder / "data").mkdir()
+    engine = make_engine(load_config(config, environ={}).database_url)
+    try:
+        migrate(engine)
+    finally:
+        engine.dispose()
+    return config
+
+
+def commands(config: Path) -> dict[str, list[str]]:
+    node = node_command()
+    cmds = {
+        "python -c pass (floor)": [sys.executable, "-c", "pass"],
+        "dicom-node --version": [*node, "--version"],
+        "dicom-node --help": [*node, "--help"],
+        "dicom-node status": [*node, "status", "--config", str(config)],
+        "dicom-node queue": [*node, "queue", "--config", str(config)],
+        "dicom-node jobs": [*node, "jobs", "--config", str(config)],
+        "python -m pynetdicom --version": [sys.executable, "-m", "pynetdicom", "--version"],
+    }
+    if Path(ECHOSCU).exists():
+        cmds["DCMTK echoscu --version"] = [ECHOSCU, "--version"]
+    return cmds
+
+
+def time_once(cmd: Sequence[str]) -> float:
+    """Wall seconds from starting the process to its exit; a failing command stops the benchmark."""
+    t = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, cwd=REPO, timeout=120)
+    elapsed = time.perf_counter() - t
+    if done.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr.decode(errors='replace')[-2000:]}")
+    return elapsed
+
+
+def measure(cmds: dict[str, list[str]], repeat: int) -> dict[str, list[float]]:
+    names = list(cmds)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for name in names:  # one warm-up each: the page cache holds the files of every command alike
+        time_once(cmds[name])
+    for r in range(repeat):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            times[name].append(time_once(cmds[name]))
+    return times
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeat", type=int, default=20, help="Fresh processes per command (default 20).")
+    ap.add_argument("--markdown", action="store_true", help="Print the table as Markdown.")
+    ap.add_argument("--json", type=Path, help="Also write every measured time here.")
+    args = ap.parse_args(argv)
+
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="bench-cli-") as tmp:
+        cmds = commands(make_site(Path(tmp)))
+        times = measure(cmds, args.repeat)
+    load_after = os.getloadavg()
+
+    floor = times["python -c pass (floor)"]
+    floor_med = report.median(floor) or 0.0
+    rows = []
+    for name, ts in times.items():
+        med = report.median(ts) or 0.0
+        ratio = report.ratio(ts, floor)
+        rows.append(
+            [
+                name,
+                f"{med * 1000:.0f}",
+                f"{min(ts) * 1000:.0f}",
+                "-" if ts is floor else f"{(med - floor_med) * 1000:.0f}",
+                "n/a" if ratio is None else f"{ratio:.1f}",
+            ]
+        )
+    header = ["command", "median ms", "min ms", "median - floor ms", "x floor"]
+    print(f"node started as: {' '.join(node_command())}")
+    print(
+        f"{args.repeat} fresh processes per command, interleaved; Python {platform.python_version()}, "
+        f"{os.cpu_count()} CPUs; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after"
+    )
+    print(report.table(rows, header, markdown=args.markdown))
+    if args.json:
+        args.json.write_text(
+            json.dumps({"times": times, "load_before": load_before, "load_after": load_after}, indent=2) + "\n"
+        )
+
+
+if __name__ == "__main__":
+    main()
