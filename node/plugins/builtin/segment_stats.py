@@ -170,6 +170,8 @@ def segment_stats(series: SeriesInput, params: NoParams) -> Measurements:
     if values.ndim != 3:
         raise PluginError("segment-stats takes grey images (one sample per pixel), not colour")
     masks = segment_masks(seg)
+    if not masks:
+        raise PluginError("the segmentation from the earlier step has no segments: there is nothing to measure")
     if masks and masks[0].shape != values.shape:
         raise PluginError(
             f"the segmentation's masks are {masks[0].shape} (slices, rows, columns) but the series is {values.shape}"
