@@ -56,9 +56,9 @@ def module_name(name: str) -> str:
 
 def scaffold(name: str, folder: Path) -> Scaffolded:
     """Write the package for plugin ``name`` into ``folder`` (new, or an empty folder)."""
-    module = module_name(name)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise ScaffoldError(f"{folder} exists and is not an empty folder; give a new folder: plugins new {name} DIR")
+    module = module_name(name)
     values = {"name": name, "module": module}
     files = []
     for template in sorted(TEMPLATE.rglob("*.tmpl")):
