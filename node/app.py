@@ -100,6 +100,7 @@ class Node:
         )
         # Derived objects go through the same index writer and duplicate rules as received ones.
         self.runner.outputs = OutputStore(self.storage, self.writer, self.ingest.recorder, cfg.node.ae_title)
+        self.runner.ingest = self.ingest  # priors retrieved by C-GET (node.qr.priors) are stored as received
         self.retention = (
             Retention(cfg, self.engine, self.storage, reader=self.reader, owner=self.membership.id)
             if cfg.retention.enabled

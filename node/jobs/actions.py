@@ -61,6 +61,8 @@ class JobContext:
     outputs: OutputStore | None = None
     #: Tells the forward dispatcher that deliveries were queued for these destinations.
     wake_senders: Callable[[list[str]], None] = lambda names: None
+    #: The node's C-STORE write path (node.receive.ingest.Ingest), for priors retrieved by C-GET.
+    ingest: Any = None
 
     def instance_files(self) -> list[tuple[int, str]]:
         """(id, stored path) of the revision's instances, in Instance Number order."""
@@ -423,6 +425,7 @@ def _fetch_priors(ctx: JobContext, action: PluginAction) -> list[dict[str, Any]]
             ctx.job.series_id,
             action.priors,
             note=lambda text: _note_running(ctx, text),
+            ingest=ctx.ingest,
         )
     except PriorsWaiting as e:
         raise JobDeferred(str(e), e.retry_at) from None

@@ -60,6 +60,8 @@ class JobRunner:
         self.storage = storage
         #: Set by the node: tells the forward dispatcher about newly queued deliveries.
         self.wake_senders: Callable[[list[str]], None] = lambda names: None
+        #: Set by the node: its C-STORE write path (node.receive.ingest.Ingest), for priors retrieved by C-GET.
+        self.ingest: Any = None
         self._wake = threading.Condition()
         self._pending_wake = False
         self._stop = threading.Event()
@@ -169,7 +171,14 @@ class JobRunner:
             extra=self._extra(job),
         )
         ctx = JobContext(
-            job, self.cfg, self.engine, self.storage, lambda: self._cancelled(job.id), self.outputs, self.wake_senders
+            job,
+            self.cfg,
+            self.engine,
+            self.storage,
+            lambda: self._cancelled(job.id),
+            self.outputs,
+            self.wake_senders,
+            ingest=self.ingest,
         )
         try:
             result = handler_for(job.kind)(ctx)

@@ -215,30 +215,121 @@ def move_study(src: SourceSection, calling_ae: str, study_uid: str) -> Moved:
             final = status
             if status is None or "Status" not in status:
                 break
-        if final is None or "Status" not in final:
-            raise SourceError(f"{_where(src)}: the C-MOVE of study {study_uid} got {_status_text(final)}")
-        code = int(final.Status)
-        moved = Moved(
-            int(final.get("NumberOfCompletedSuboperations", 0) or 0),
-            int(final.get("NumberOfFailedSuboperations", 0) or 0),
-            int(final.get("NumberOfWarningSuboperations", 0) or 0),
+    return _retrieved(src, "C-MOVE", study_uid, calling_ae, final)
+
+
+def _retrieved(src: SourceSection, what: str, study_uid: str, calling_ae: str, final: Dataset | None) -> Moved:
+    """The sub-operation counts of a C-MOVE's or C-GET's final response; SourceError unless every one worked."""
+    if final is None or "Status" not in final:
+        raise SourceError(f"{_where(src)}: the {what} of study {study_uid} got {_status_text(final)}")
+    code = int(final.Status)
+    moved = Moved(
+        int(final.get("NumberOfCompletedSuboperations", 0) or 0),
+        int(final.get("NumberOfFailedSuboperations", 0) or 0),
+        int(final.get("NumberOfWarningSuboperations", 0) or 0),
+    )
+    if code == 0xA801:
+        raise SourceError(
+            f"{_where(src)} does not know the move destination {calling_ae} (0xA801): add this node's AE title, "
+            'host and port to the source\'s modalities (or set retrieve = "get")'
         )
-        if code == 0xA801:
-            raise SourceError(
-                f"{_where(src)} does not know the move destination {calling_ae} (0xA801): add this node's AE title, "
-                "host and port to the source's modalities"
+    if code not in (0x0000, 0xB000):
+        raise SourceError(
+            f"{_where(src)}: the {what} of study {study_uid} ended with {_status_text(final)} "
+            f"({moved.completed} stored, {moved.failed} failed)"
+        )
+    if moved.failed:
+        raise SourceError(
+            f"{_where(src)}: the {what} of study {study_uid} stored {moved.completed} instance(s) but "
+            f"{moved.failed} failed ({_status_text(final)})"
+        )
+    return moved
+
+
+#: Answers a C-STORE sub-operation of a C-GET: (SOP Class UID, SOP Instance UID, transfer syntax, data set
+#: bytes as received) -> the status to answer (stored through the node's C-STORE write path).
+StoreOne = Callable[[str, str, str, bytes], int]
+
+
+def get_study(src: SourceSection, calling_ae: str, study_uid: str, store: StoreOne) -> Moved:
+    """C-GET (Study Root) of one study on our own association; each instance goes to ``store``. SourceError."""
+    from pynetdicom import AE, StoragePresentationContexts, build_role, evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET  # type: ignore[attr-defined]
+
+    def on_store(event: Any) -> int:
+        return store(
+            str(event.request.AffectedSOPClassUID),
+            str(event.request.AffectedSOPInstanceUID),
+            str(event.context.transfer_syntax),
+            event.request.DataSet.getvalue(),
+        )
+
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = src.timeout
+    ae.connection_timeout = src.timeout
+    ae.network_timeout = ae.dimse_timeout = src.retrieve_timeout
+    ae.add_requested_context(GET)
+    # 120 storage classes + the C-GET model fit the 128 contexts an association may propose.
+    roles: list[Any] = []
+    for cx in StoragePresentationContexts:
+        ae.add_requested_context(str(cx.abstract_syntax))
+        roles.append(build_role(str(cx.abstract_syntax), scp_role=True))
+    opened: list[bool] = []
+    assoc = ae.associate(
+        src.host,
+        src.port,
+        ae_title=src.ae_title,
+        ext_neg=roles,
+        evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_CONN_OPEN, lambda _e: opened.append(True))],
+    )
+    if not assoc.is_established:
+        why = "no connection (refused or unreachable)" if not opened else "it refused the C-GET association"
+        raise SourceError(f"{_where(src)}: {why}")
+    q = Dataset()
+    q.QueryRetrieveLevel = "STUDY"
+    q.StudyInstanceUID = study_uid
+    try:
+        final = None
+        for status, _identifier in assoc.send_c_get(q, GET):
+            final = status
+            if "Status" not in status:  # an empty data set: no response in time
+                break
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return _retrieved(src, "C-GET", study_uid, calling_ae, final)
+
+
+def ingest_store(ingest: Any, src: SourceSection, called_ae: str) -> StoreOne:
+    """C-STORE sub-operations of a C-GET through the node's own write path (node.receive.ingest.Ingest).
+
+    The same as an instance received on the DICOM port: a File Meta of the node's, the data set bytes as
+    received, checked, fsynced, indexed and told to the series tracker (which sees the prior_fetch row).
+    """
+    from pydicom.uid import UID
+
+    from node.dicom import dimse
+    from node.dicom.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+    from node.receive.ingest import Peer
+    from node.receive.rxfile import ReceivedFile
+
+    peer = Peer(calling_ae=src.ae_title, called_ae=called_ae, address=src.host)
+
+    def store(sop_class: str, sop_instance: str, syntax: str, data: bytes) -> int:
+        rx = ReceivedFile(ingest.storage.tmp)
+        rx.write(
+            dimse.encode_file_meta(
+                sop_class, sop_instance, syntax, IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, src.ae_title
             )
-        if code not in (0x0000, 0xB000):
-            raise SourceError(
-                f"{_where(src)}: the C-MOVE of study {study_uid} ended with {_status_text(final)} "
-                f"({moved.completed} sent, {moved.failed} failed)"
-            )
-        if moved.failed:
-            raise SourceError(
-                f"{_where(src)}: the C-MOVE of study {study_uid} sent {moved.completed} instance(s) but "
-                f"{moved.failed} failed ({_status_text(final)})"
-            )
-        return moved
+        )
+        rx.dataset_offset = rx.size
+        rx.write(data)
+        done = ingest.store(
+            rx, sop_class_uid=sop_class, sop_instance_uid=sop_instance, transfer_syntax=UID(syntax), peer=peer
+        )
+        return int(done.status)
+
+    return store
 
 
 # -- the index ---------------------------------------------------------------------------------------------
@@ -354,11 +445,13 @@ def fetch_priors(
     *,
     note: Callable[[str], None] = lambda text: None,
     now: Callable[[], dt.datetime] = utcnow,
+    ingest: Any = None,
 ) -> list[Prior]:
     """The newest ``request.max`` prior studies, retrieved where needed; stored paths relative to the data folder.
 
     ``request`` is a :class:`node.jobs.spec.PriorsRequest`. Raises :class:`PriorsWaiting` (try again later) or
-    :class:`PriorsFailed`. ``note`` hears what the job is doing (shown while it runs).
+    :class:`PriorsFailed`. ``note`` hears what the job is doing (shown while it runs). ``ingest``: the node's
+    C-STORE write path (node.receive.ingest.Ingest), which a source with ``retrieve = "get"`` needs.
     """
     src = next((s for s in cfg.sources if s.name == request.source), None)
     if src is None:
@@ -380,7 +473,7 @@ def fetch_priors(
         found.sort(key=lambda f: (f.study_date, f.study_uid), reverse=True)
         chosen = found[: request.max]
         for study in chosen:
-            _retrieve(cfg, engine, src, job_id, study, note)
+            _retrieve(cfg, engine, src, job_id, study, note, ingest)
     except SourceError as e:
         _wait_or_fail(engine, job_id, src, str(e), request.timeout, now())
     if not chosen and not request.optional:
@@ -398,21 +491,31 @@ def fetch_priors(
 
 
 def _retrieve(
-    cfg: Config, engine: Engine, src: SourceSection, job_id: int, study: FoundStudy, note: Callable[[str], None]
+    cfg: Config,
+    engine: Engine,
+    src: SourceSection,
+    job_id: int,
+    study: FoundStudy,
+    note: Callable[[str], None],
+    ingest: Any,
 ) -> None:
-    """Retrieve one study unless it is held already; its prior_fetch row is committed before the C-MOVE."""
+    """Retrieve one study unless it is held already; its prior_fetch row is committed before the C-MOVE/C-GET."""
     have = _local_count(engine, study.study_uid)
     if have and (study.instances is None or have >= study.instances):
         if is_prior_study(engine, study.study_uid):  # a prior held for another job: this job needs it too
             _record(engine, job_id, src.name, study, state="retrieved", received=have, finished_at=utcnow())
         return
-    if src.retrieve == "get":
-        raise SourceError(f'{_where(src)}: retrieve = "get" is not supported yet; use retrieve = "move"')
+    if src.retrieve == "get" and ingest is None:
+        raise PriorsFailed(f'{_where(src)}: retrieve = "get" needs the running node\'s receive path')
     _record(engine, job_id, src.name, study, state="requested", error="")
-    note(f"retrieving prior study {study.study_uid} ({study.study_date}) from {_where(src)} by C-MOVE")
+    how = "C-GET" if src.retrieve == "get" else "C-MOVE"
+    note(f"retrieving prior study {study.study_uid} ({study.study_date}) from {_where(src)} by {how}")
     t = time.monotonic()
     try:
-        moved = move_study(src, cfg.node.ae_title, study.study_uid)
+        if src.retrieve == "get":
+            moved = get_study(src, cfg.node.ae_title, study.study_uid, ingest_store(ingest, src, cfg.node.ae_title))
+        else:
+            moved = move_study(src, cfg.node.ae_title, study.study_uid)
     except SourceError as e:
         _record(engine, job_id, src.name, study, error=str(e)[:2000])
         raise
@@ -425,10 +528,11 @@ def _retrieve(
         have = _local_count(engine, study.study_uid)
     _record(engine, job_id, src.name, study, state="retrieved", received=have, finished_at=utcnow(), error="")
     log.info(
-        "job %d: retrieved prior study %s from %s: %d instance(s) in %.1f s",
+        "job %d: retrieved prior study %s from %s by %s: %d instance(s) in %.1f s",
         job_id,
         study.study_uid,
         src.name,
+        how,
         have,
         time.monotonic() - t,
     )

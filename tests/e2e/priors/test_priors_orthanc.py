@@ -71,7 +71,15 @@ def _plugins_config() -> str:
     return '[plugins.local]\n"volume-change" = "node.plugins.builtin.volume_change:volume_change"\n'
 
 
-def _config(source_port: int, source_ae: str, *, timeout: str = "1h", extra_rule: str = "", workers: int = 2) -> str:
+def _config(
+    source_port: int,
+    source_ae: str,
+    *,
+    timeout: str = "1h",
+    extra_rule: str = "",
+    workers: int = 2,
+    retrieve: str = "move",
+) -> str:
     return f"""
 [tracker]
 stable_after = 1
@@ -89,6 +97,7 @@ port = {source_port}
 timeout = 5
 retry_delay = 1
 max_retry_delay = 2
+retrieve = "{retrieve}"
 
 [[rules]]
 name = "follow-up"
@@ -257,3 +266,31 @@ def test_a_job_waiting_for_its_source_survives_a_restart_and_resumes_once_the_pa
     job = _wait_job(node, "follow-up", ("succeeded", "failed"), 120)
     assert job[2] == "succeeded", job
     assert node.query("select state, received from prior_fetch") == [("retrieved", len(studies.prior))]
+
+
+def test_with_retrieve_get_the_prior_comes_on_the_nodes_own_association(tmp_path: Path, studies: Studies) -> None:
+    """C-GET: the source needs no route back to the node (this Orthanc has the node's AE on port 104, so a
+    C-MOVE to it could not arrive); the instances go through the node's C-STORE write path all the same."""
+    node = NodeProcess(tmp_path / "node")
+    with Orthanc(tmp_path / "orthanc") as orthanc:
+        r = storescu(orthanc.dicom_port, studies.prior, ae=orthanc.aet)
+        assert r.returncode == 0, r.stderr
+        node.extra_config = _config(orthanc.dicom_port, orthanc.aet, retrieve="get") + orthanc.destination("orthanc")
+        node.start()
+        try:
+            r = storescu(node.port, studies.current)
+            assert r.returncode == 0, r.stderr
+            job = _wait_job(node, "follow-up", ("succeeded", "failed"), 180)
+            assert job[2] == "succeeded", job
+            assert node.query("select state, received from prior_fetch") == [("retrieved", len(studies.prior))]
+            stored = node.query(
+                "select count(*), min(i.calling_ae) from instance i join series s on s.id = i.series_fk "
+                "join study st on st.id = s.study_fk where st.study_instance_uid = ?",
+                studies.prior_study_uid,
+            )
+            assert stored == [(len(studies.prior), orthanc.aet)]
+            assert "by C-GET" in node.log()
+        finally:
+            code = node.stop()
+    assert "Traceback" not in node.log(), node.log()[-4000:]
+    assert code == 0, node.log()[-3000:]
