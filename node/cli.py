@@ -257,12 +257,22 @@ def status(config: Path | None = ConfigOption) -> None:
         out.print(t)
 
 
-@app.command()
+plugins_app = typer.Typer(
+    help="List the installed plugins; run one on files (plugins run); start a plugin package (plugins new).",
+    invoke_without_command=True,
+)
+app.add_typer(plugins_app, name="plugins")
+
+
+@plugins_app.callback()
 def plugins(
+    ctx: typer.Context,
     config: Path | None = ConfigOption,
     schema: bool = typer.Option(False, "--schema", help="Print each plugin's full parameter JSON schema."),
 ) -> None:
-    """List installed plugins: name, version, where they come from, and their parameters."""
+    """Without a sub-command: list installed plugins: name, version, where they come from, and their parameters."""
+    if ctx.invoked_subcommand is not None:
+        return
     import json
 
     from node.plugins.registry import PluginLoadError, describe, discover
@@ -313,6 +323,83 @@ def plugins(
             out.print(f"    {key}: {kind}{default}", highlight=False, markup=False)
     if failed:
         raise typer.Exit(1)
+
+
+@plugins_app.command("run")
+def plugins_run(
+    name: str = typer.Argument(..., help="The plugin, or a chain NAME,NAME2 (each sees the results before it)."),
+    paths: list[Path] = typer.Argument(..., help="DICOM files or folders (searched recursively); one run per series."),
+    params: str | None = typer.Option(
+        None, "--params", help='Parameters as JSON, e.g. {"lower": 200}; for a chain a list, one object per plugin.'
+    ),
+    out_dir: Path = typer.Option(
+        ..., "--out", "-o", help="Folder for the outputs: one sub-folder per source series, named by its UID."
+    ),
+    timeout: float | None = typer.Option(None, "--timeout", help="Seconds per series (default: [plugins] timeout)."),
+    config: Path | None = ConfigOption,
+) -> None:
+    """Run a plugin on files as a node job runs it, without a node: for plugin authors.
+
+    Each series runs in a plugin process of its own, under the timeout and memory limit of [plugins],
+    and its outputs are built, repaired and validated as the node does before they are written. Prints
+    each output's kind and file, and where the time went. Nothing is indexed or sent; no node needs to
+    run. Exit status 1 when a series failed (what was built before the failure is still written).
+    """
+    from node.plugins import offline
+
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        _fail(f"no such file or folder: {', '.join(map(str, missing))}", 2)
+    cfg = _settings(config)
+    chain = [n.strip() for n in name.split(",") if n.strip()]
+    try:
+        values = offline.parse_params(params, chain)
+    except offline.OfflineError as e:
+        _fail(str(e), 2)
+    series, skipped = offline.group_series(paths)
+    for path, why in skipped[:20]:
+        console.print(f"  skipped {path}: {why}", highlight=False, markup=False)
+    if len(skipped) > 20:
+        console.print(f"  ... and {len(skipped) - 20} more files skipped", highlight=False, markup=False)
+    failed = 0
+    try:
+        for done in offline.run(cfg, chain, series, values, out_dir, timeout=timeout):
+            ran = ", ".join(done.result.plugins) if done.result and done.result.plugins else " then ".join(chain)
+            _lines([f"{done.series.label()}: {ran}"])
+            _lines([f"  {o.kind:<6} {o.file}  ({o.sop_class})" for o in done.outputs])
+            if done.result is not None and not done.outputs and done.ok:
+                _lines(["  no output (the plugin returned none)"])
+            _lines([f"  note: {n}" for n in (done.result.notes if done.result else [])])
+            _lines([f"  time: {offline.timing_line(done)}"])
+            if not done.ok:
+                failed += 1
+                console.print(f"  [bold red]failed:[/] {escape(done.error)}", highlight=False)
+    except offline.OfflineError as e:
+        _fail(str(e))
+    if failed:
+        _fail(f"{failed} of {len(series)} series failed (see above)")
+
+
+@plugins_app.command("new")
+def plugins_new(
+    name: str = typer.Argument(..., help="The plugin's name as rules write it: lowercase letters, digits, hyphens."),
+    folder: Path | None = typer.Argument(None, help="Where the package goes (default: ./NAME); new or empty."),
+) -> None:
+    """Start a plugin package that installs and passes its own test as it is.
+
+    It has a pyproject.toml with the dicom_node.plugins entry point, a threshold segmentation plugin
+    with a parameters model, a test that runs it on a small generated series, and a README with the
+    next steps (pip install -e, pytest, dicom-node plugins run).
+    """
+    from node.plugins.scaffold import ScaffoldError, scaffold
+
+    target = folder if folder is not None else Path(name)
+    try:
+        made = scaffold(name, target)
+    except ScaffoldError as e:
+        _fail(str(e), 2)
+    _lines([f"created {p}" for p in made.files])
+    _lines(["", "next:", *(f"  {step}" for step in made.next_steps)])
 
 
 rules_app = typer.Typer(help="Check rules and see what they do (nothing here changes the index).", no_args_is_help=True)

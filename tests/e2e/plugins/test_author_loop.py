@@ -207,10 +207,11 @@ def test_a_failing_plugin_fails_the_run_with_its_message(tmp_path: Path, shared_
     from faulty_plugins import RAISER_MESSAGE
 
     config = tmp_path / "node.toml"
-    config.write_text('[plugins]\nlocal = { raiser = "faulty_plugins:raiser" }\n')
+    # A local plugin module in a folder of its own: [plugins] paths makes it importable (no PYTHONPATH).
+    config.write_text(f'[plugins]\npaths = ["{TEST_PLUGINS}"]\nlocal = {{ raiser = "faulty_plugins:raiser" }}\n')
     out = tmp_path / "out"
     args = ("plugins", "run", "raiser", str(shared_data / CT / "I10"), "--out", str(out), "--config", str(config))
-    r = cli(*args, cwd=tmp_path, pythonpath=[TEST_PLUGINS])
+    r = cli(*args, cwd=tmp_path)
     assert r.returncode == 1
     assert f"failed: running plugin raiser: ValueError: {RAISER_MESSAGE}" in r.stderr, r.stderr
     assert "1 of 1 series failed" in r.stderr
