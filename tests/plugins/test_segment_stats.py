@@ -19,15 +19,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
+import pydicom
 import pytest
 from pydicom.sr.codedict import codes
 
 from node.plugins.api import Measurements, NoParams, PluginError, Segmentation, SeriesInput
 from node.plugins.builtin.segment_stats import segment_stats
 from node.plugins.builtin.threshold import Params, Range, threshold_seg
+from node.plugins.runtime import run_in_process
 from node.plugins.series import load_series
+from node.plugins.worker import StepSpec, WorkSpec
 from tests.helpers import variants
+from tests.helpers.dciodvfy import verify
 
 #: Lattice step of the reference (mm): one jittered point per cube of this side.
 CELL_MM = 1.0
@@ -206,4 +211,44 @@ def test_without_a_segmentation_it_says_what_to_chain(folder: Path) -> None:
     series = chained(folder, "ct-head")
     series.previous = []
     with pytest.raises(PluginError, match='chain it after a segmentation plugin.*"segment-stats"'):
+        run(series)
+
+
+def test_a_threshold_seg_then_segment_stats_job_writes_a_seg_and_an_sr_referencing_it(tmp_path: Path) -> None:
+    """The chain in the node's isolated runtime, as ``plugins = [{ name = "threshold-seg" }, { name =
+    "segment-stats" }]`` runs it: one SEG, one SR (dciodvfy: no errors), each SR group naming its segment of
+    that SEG, with the volume and statistics the plugin measured (read back with highdicom)."""
+    files = variants.make_files(tmp_path / "in", "ct-tilted")
+    out = tmp_path / "out"
+    out.mkdir()
+    ranges = [r.model_dump() for r in CT_SEGMENTS]
+    steps = [
+        StepSpec("threshold-seg", "node.plugins.builtin.threshold:threshold_seg", {"segments": ranges}),
+        StepSpec("segment-stats", "node.plugins.builtin.segment_stats:segment_stats", {}),
+    ]
+    spec = WorkSpec(files=[str(f) for f in files], steps=steps, out_dir=str(out), job_key=("1.2.3", 1, "stats", 0))
+    result = run_in_process(spec, timeout=300)
+    assert result.ok, result.error
+    assert sorted(o.kind for o in result.outputs) == ["SEG", "SR"], result.outputs
+    by_kind = {o.kind: Path(o.file) for o in result.outputs}
+    for kind, path in by_kind.items():
+        verify(path, f"segment-stats job {kind}")
+    seg = pydicom.dcmread(by_kind["SEG"])
+    sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(by_kind["SR"]))
+    groups = sr.content.get_volumetric_roi_measurement_groups()
+    expected = run(chained(tmp_path, "ct-tilted"))  # the plugin's own figures, in this process
+    assert [g.tracking_identifier for g in groups] == ["Bone", "Head"]
+    for g, want in zip(groups, expected.groups, strict=True):
+        ref = g.referenced_segment
+        assert ref.referenced_sop_instance_uid == seg.SOPInstanceUID
+        assert ref.referenced_segment_numbers == [want.segment]
+        got = {((m.derivation or m.name).meaning): m.value for m in g.get_measurements()}
+        assert got == pytest.approx({(w.derivation or w.name).meaning: w.value for w in want.measurements}, rel=1e-6)
+
+
+def test_a_segmentation_without_segments_is_refused_clearly(folder: Path) -> None:
+    """A label map with no label and no descriptions (a template would describe them) has nothing to measure."""
+    series = chained(folder, "ct-head")
+    series.previous = [Segmentation(np.zeros(series.voxels().shape, np.uint8), [], kind="labelmap")]
+    with pytest.raises(PluginError, match="has no segments: there is nothing to measure"):
         run(series)
