@@ -538,20 +538,35 @@ def _retrieve(
     )
 
 
+def next_try(
+    created: dt.datetime, now: dt.datetime, timeout: float, retry_delay: float, max_retry_delay: float
+) -> dt.datetime | None:
+    """When a job that has waited since ``created`` tries its source again; None once ``timeout`` has passed.
+
+    The wait is as long as the job has waited so far (so the waits double: 10, 10, 20, 40 s ...), at least
+    ``retry_delay`` and at most ``max_retry_delay``; the last try is at the deadline itself. Only the job's
+    creation time is needed, so the back-off survives a restart without a counter of its own.
+    """
+    deadline = created + dt.timedelta(seconds=timeout)
+    if now >= deadline:
+        return None
+    waited = (now - created).total_seconds()
+    delay = min(max(retry_delay, waited), max_retry_delay)
+    return min(now + dt.timedelta(seconds=delay), deadline)
+
+
 def _wait_or_fail(
     engine: Engine, job_id: int, src: SourceSection, error: str, timeout: float, now: dt.datetime
 ) -> None:
-    """Back-off: wait as long as the job has waited so far (doubling), within the source's bounds and the timeout."""
+    """Raise PriorsWaiting with the next try (:func:`next_try`), or PriorsFailed once the timeout has passed."""
     with engine.connect() as conn:
         created = aware(conn.execute(select(_j.c.created_at).where(_j.c.id == job_id)).scalar_one())
-    deadline = created + dt.timedelta(seconds=timeout)
-    waited = (now - created).total_seconds()
-    if now >= deadline:
+    retry_at = next_try(created, now, timeout, src.retry_delay, src.max_retry_delay)
+    if retry_at is None:
         raise PriorsFailed(
             f"{error}; gave up: the priors were not had within priors.timeout = {timeout:g} s of the job's creation"
         )
-    delay = min(max(src.retry_delay, waited), src.max_retry_delay)
-    retry_at = min(now + dt.timedelta(seconds=delay), deadline)
+    deadline = created + dt.timedelta(seconds=timeout)
     raise PriorsWaiting(
         f"waiting for priors: {error}; trying again at {retry_at:%Y-%m-%d %H:%M:%S} UTC "
         f"(gives up at {deadline:%Y-%m-%d %H:%M:%S} UTC)",
