@@ -367,6 +367,7 @@ def plugins_run(
             ran = ", ".join(done.result.plugins) if done.result and done.result.plugins else " then ".join(chain)
             _lines([f"{done.series.label()}: {ran}"])
             _lines([f"  {o.kind:<6} {o.file}  ({o.sop_class})" for o in done.outputs])
+            _lines([f"  log    {log}  (what the command printed)" for log in done.logs])
             if done.result is not None and not done.outputs and done.ok:
                 _lines(["  no output (the plugin returned none)"])
             _lines([f"  note: {n}" for n in (done.result.notes if done.result else [])])

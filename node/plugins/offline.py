@@ -197,6 +197,8 @@ class SeriesRun:
     series: SourceSeries
     folder: Path
     outputs: list[WrittenOutput] = field(default_factory=list)
+    #: What each command plugin printed, kept beside its outputs.
+    logs: list[Path] = field(default_factory=list)
     result: WorkResult | None = None
     error: str = ""
     seconds: float = 0.0
@@ -281,7 +283,7 @@ def run_series(
         for k, st in enumerate(steps):  # a command plugin's own output, kept beside what it made
             log = work / f"command-{k}" / "command.log"
             if st.kind == "command" and log.exists():
-                shutil.move(log, folder / f"{st.name}.log")
+                done.logs.append(Path(shutil.move(log, folder / f"{st.name}.log")))
     except PluginRunError as e:
         done.error = str(e)
     except OfflineError as e:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from helpers import TEST_PLUGINS
+from helpers import REPO, TEST_PLUGINS
 from helpers.dciodvfy import verify
 from pydicom.uid import SegmentationStorage
 
@@ -164,6 +164,30 @@ def test_a_plugin_in_an_environment_of_its_own_runs_in_a_warm_worker(tmp_path: P
     assert f"SEG    {seg_file.relative_to(tmp_path)}  (Segmentation Storage)" in r.stdout  # as --out was given
     verify(seg_file, "plugins run: SEG of a plugin in an environment")
     assert "numpy 1." in pydicom.dcmread(seg_file, stop_before_pixels=True).SeriesDescription
+
+
+def test_a_command_plugin_gets_its_label_map_built_and_its_log_kept(tmp_path: Path, shared_data: Path) -> None:
+    script = REPO / "tests" / "data" / "command-plugins" / "write_labelmap.py"
+    config = tmp_path / "node.toml"
+    command = [
+        sys.executable,
+        str(script),
+        "{input}",
+        "{output}",
+        "--metainfo",
+        str(TEST_PLUGINS / "templated-metainfo.json"),
+    ]
+    config.write_text(f"[plugins.commands.labels]\ncommand = {json.dumps(command)}\n")
+    files = [str(shared_data / CT / name) for name in ("I10", "I20")]
+    r = cli("plugins", "run", "labels", *files, "--out", "out", "--config", str(config), cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (seg_file,) = (tmp_path / "out").glob("*/seg-*.dcm")
+    verify(seg_file, "plugins run: SEG of a command plugin's label map")
+    seg = pydicom.dcmread(seg_file, stop_before_pixels=True)
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Upper left", "Lower right"]  # from its metainfo.json
+    log = seg_file.parent / "labels.log"
+    assert f"log    {log.relative_to(tmp_path)}  (what the command printed)" in r.stdout, r.stdout
+    assert "write_labelmap.py" in log.read_text()
 
 
 def test_mistakes_are_named_before_anything_runs(tmp_path: Path, shared_data: Path) -> None:
