@@ -158,7 +158,9 @@ def job_line(j: Job) -> str:
         else j.result
     )
     return (
-        f"#{j.id} revision {j.revision} rule {j.rule} action {j.action_index} ({j.kind}): {j.state}, "
+        f"#{j.id} revision {j.revision} rule {j.rule} action {j.action_index}"
+        + (f" run {j.run}" if j.run > 1 else "")
+        + f" ({j.kind}): {j.state}, "
         f"attempt {j.attempts} of {j.max_attempts}" + (f" -- {detail}" if detail else "")
     )
 
