@@ -19,7 +19,7 @@ from scipy import ndimage
 
 from node.plugins.api import PluginError, SeriesInput
 
-__all__ = ["REGULAR_TOLERANCE_MM", "SliceFrame", "orthogonal_volume", "slice_frame"]
+__all__ = ["REGULAR_TOLERANCE_MM", "SliceFrame", "orthogonal_volume", "slice_frame", "voxel_volumes"]
 
 
 def slice_frame(series: SeriesInput, purpose: str) -> SliceFrame:
@@ -29,6 +29,28 @@ def slice_frame(series: SeriesInput, purpose: str) -> SliceFrame:
     if series.pixel_spacing is None:
         raise PluginError(f"{purpose} needs Pixel Spacing")
     return geometry.slice_frame(series.positions, series.orientation, series.pixel_spacing)
+
+
+def voxel_volumes(series: SeriesInput, purpose: str) -> np.ndarray:
+    """Each slice's voxel volume (mm³), (slices,), from :func:`dicom_node_sdk.geometry.voxel_volumes`.
+
+    A PluginError names what is missing for ``purpose``: the slices' positions and orientation, Pixel
+    Spacing, or, for a single slice (which has no neighbour to measure its slab against), Spacing
+    Between Slices or Slice Thickness, which then give its slab.
+    """
+    if series.orientation is None or series.positions is None:
+        raise PluginError(f"{purpose} needs Image Orientation (Patient) and Image Position (Patient) on every slice")
+    if series.pixel_spacing is None:
+        raise PluginError(f"{purpose} needs Pixel Spacing to measure volumes")
+    single = series.first.get("SpacingBetweenSlices") or series.first.get("SliceThickness")
+    try:
+        return geometry.voxel_volumes(
+            series.positions, series.orientation, series.pixel_spacing, float(single or 0) or None
+        )
+    except ValueError:
+        raise PluginError(
+            f"{purpose} cannot measure the volume of a single slice without Slice Thickness or Spacing Between Slices"
+        ) from None
 
 
 def orthogonal_volume(frame: SliceFrame, volume: np.ndarray, fill: float) -> tuple[np.ndarray, float]:

@@ -252,3 +252,19 @@ def test_a_segmentation_without_segments_is_refused_clearly(folder: Path) -> Non
     series.previous = [Segmentation(np.zeros(series.voxels().shape, np.uint8), [], kind="labelmap")]
     with pytest.raises(PluginError, match="has no segments: there is nothing to measure"):
         run(series)
+
+
+def test_a_repeated_label_gets_its_segment_number_and_a_single_slice_its_thickness(folder: Path) -> None:
+    """Tracking ids stay unique (the report needs it); one slice's slab is its Spacing Between Slices (5 mm)."""
+    series = chained(folder, "ct-head", "single")
+    seg = series.previous[-1]
+    assert isinstance(seg, Segmentation)
+    seg.segments[1].label = "Bone"
+    report = run(series)
+    assert [g.tracking_id for g in report.groups] == ["Bone", "Bone (segment 2)"]
+    dr, dc = series.pixel_spacing
+    assert value(report.groups[0].measurements, "Volume") == pytest.approx(seg.masks[..., 0].sum() * dr * dc * 5 / 1000)
+    for d in series.datasets:
+        del d.SpacingBetweenSlices, d.SliceThickness
+    with pytest.raises(PluginError, match="single slice without Slice Thickness or Spacing Between Slices"):
+        run(series)

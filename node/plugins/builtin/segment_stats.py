@@ -41,9 +41,9 @@ from node.plugins.api import (
     PluginError,
     Segmentation,
     SeriesInput,
-    geometry,
     plugin,
 )
+from node.plugins.geometry import voxel_volumes
 
 log = logging.getLogger(__name__)
 
@@ -114,33 +114,25 @@ def stats(mask: np.ndarray, values: np.ndarray, slice_volumes: np.ndarray) -> St
     return Stats(volume_ml, count, mean, sd, float(inside.min()), float(inside.max()))
 
 
-def _slice_volumes(series: SeriesInput) -> np.ndarray:
-    if series.orientation is None or series.positions is None:
-        raise PluginError("segment-stats needs Image Orientation (Patient) and Image Position (Patient) on every slice")
-    if series.pixel_spacing is None:
-        raise PluginError("segment-stats needs Pixel Spacing to measure volumes")
-    first = series.first
-    single = first.get("SpacingBetweenSlices") or first.get("SliceThickness")
-    try:
-        return geometry.voxel_volumes(
-            series.positions, series.orientation, series.pixel_spacing, float(single or 0) or None
-        )
-    except ValueError:
-        raise PluginError(
-            "segment-stats cannot measure the volume of a single slice without Slice Thickness or "
-            "Spacing Between Slices"
-        ) from None
+def tracking_ids(seg: Segmentation, count: int) -> list[str]:
+    """The tracking id of each of ``count`` segments: its label ("Segment N" without a description); a label
+    used before gets its segment number, so each finding has its own id (and a follow-up the same one)."""
+    used: set[str] = set()
+    out = []
+    for number in range(1, count + 1):
+        label = seg.segments[number - 1].label if number <= len(seg.segments) else f"Segment {number}"
+        tid = label if label not in used else f"{label} (segment {number})"
+        used.add(tid)
+        out.append(tid)
+    return out
 
 
 def group(
-    number: int, seg: Segmentation, index: int, figures: Stats, what: Quantity, used: set[str]
+    number: int, tracking_id: str, seg: Segmentation, index: int, figures: Stats, what: Quantity
 ) -> MeasurementGroup:
     """The measurement group of segment ``number`` (1-based) of ``seg`` (result ``index`` of the job): volume,
     then mean, SD, min and max."""
     described = seg.segments[number - 1] if number <= len(seg.segments) else None
-    label = described.label if described is not None else f"Segment {number}"
-    tracking_id = label if label not in used else f"{label} (segment {number})"
-    used.add(tracking_id)
     measurements = [Measurement(codes.SCT.Volume, figures.volume_ml, MILLILITER)]
     for key, derivation in DERIVATIONS.items():
         value = getattr(figures, key)
@@ -165,23 +157,22 @@ def segment_stats(series: SeriesInput, params: NoParams) -> Measurements:
             'plugin (plugins = [{ name = "threshold-seg" }, { name = "segment-stats" }])'
         )
     index, seg = found[-1]
-    volumes = _slice_volumes(series)
+    volumes = voxel_volumes(series, "segment-stats")
     values = series.rescaled()
     if values.ndim != 3:
         raise PluginError("segment-stats takes grey images (one sample per pixel), not colour")
     masks = segment_masks(seg)
     if not masks:
         raise PluginError("the segmentation from the earlier step has no segments: there is nothing to measure")
-    if masks and masks[0].shape != values.shape:
+    if masks[0].shape != values.shape:
         raise PluginError(
             f"the segmentation's masks are {masks[0].shape} (slices, rows, columns) but the series is {values.shape}"
         )
     what = quantity(series.modality)
-    used: set[str] = set()
     groups = []
-    for number, mask in enumerate(masks, start=1):
+    for (number, mask), tid in zip(enumerate(masks, start=1), tracking_ids(seg, len(masks)), strict=True):
         figures = stats(mask, values, volumes)
         if figures.voxels == 0:
             log.info("segment-stats: segment %d is empty: volume 0, no value statistics", number)
-        groups.append(group(number, seg, index, figures, what, used))
+        groups.append(group(number, tid, seg, index, figures, what))
     return Measurements(groups, description="segment-stats")
