@@ -15,8 +15,11 @@ succeeds once the PACS is there.
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -87,6 +90,9 @@ stable_after = 1
 [jobs]
 workers = {workers}
 retry_delay = 1
+
+[retention]
+priors = {{ max_age_days = 1 }}
 
 {_plugins_config()}
 [[sources]]
@@ -200,6 +206,24 @@ def test_a_prior_from_orthanc_is_retrieved_compared_and_the_seg_and_sr_delivered
     sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(files[SR_CLASS]))
     [group] = sr.content.get_volumetric_roi_measurement_groups()
     assert group.referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID
+
+    # Retention: the prior goes by [retention] priors (1 day here), the new study's series stay.
+    old_day = (dt.datetime.now(dt.UTC) - dt.timedelta(days=2)).strftime("%Y-%m-%d %H:%M:%S.%f")
+    with node.db() as db:
+        db.execute("update series set last_received_at = ? where id = ?", (old_day, prior_series[0][0]))
+    r = subprocess.run(
+        [sys.executable, "-m", "node", "retention", "--config", str(node.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"priors: deleted 1 series, {len(studies.prior)} instances" in r.stdout, r.stdout
+    assert "sources: deleted 0 series" in r.stdout, r.stdout
+    assert node.query("select count(*) from series where id = ?", prior_series[0][0]) in ([(0,)], [(1,)])
+    assert node.query(
+        "select count(*) from instance i join series s on s.id = i.series_fk where s.id = ?", prior_series[0][0]
+    ) == [(0,)]
 
 
 def test_a_source_that_is_down_defers_the_job_with_back_off_until_its_timeout_without_holding_others(
