@@ -9,8 +9,11 @@ tool). The read-only commands read a real, empty index (made once, in a temporar
 Prints the median and minimum wall time of each command, its median minus the floor's (what the command itself
 costs), and the ratio of medians to the floor; and the load average before and after. With ``--markdown`` the
 table is written for docs/benchmarks.md. No threshold: a person judges (the issue's target: under 0.5 s).
+``--compare DIR`` also runs the same commands from another tree of the node (e.g. an older commit, unpacked
+with ``git archive``), as ``python -m node`` there, in the same rounds.
 
     python scripts/bench/bench_cli_startup.py --repeat 20
+    git archive 9eb67ff | tar -x -C /tmp/before && python scripts/bench/bench_cli_startup.py --compare /tmp/before
 """
 
 from __future__ import annotations
@@ -60,33 +63,46 @@ def make_site(folder: Path) -> Path:
     return config
 
 
-def commands(config: Path) -> dict[str, list[str]]:
-    node = node_command()
-    cmds = {
-        "python -c pass (floor)": [sys.executable, "-c", "pass"],
-        "dicom-node --version": [*node, "--version"],
-        "dicom-node --help": [*node, "--help"],
-        "dicom-node status": [*node, "status", "--config", str(config)],
-        "dicom-node queue": [*node, "queue", "--config", str(config)],
-        "dicom-node jobs": [*node, "jobs", "--config", str(config)],
-        "python -m pynetdicom --version": [sys.executable, "-m", "pynetdicom", "--version"],
+#: Command lines as timed: the words and the folder they run in (None: this repository).
+Cmd = tuple[list[str], Path | None]
+
+
+def node_commands(node: list[str], config: Path, label: str = "", cwd: Path | None = None) -> dict[str, Cmd]:
+    return {
+        f"{label}dicom-node --version": ([*node, "--version"], cwd),
+        f"{label}dicom-node --help": ([*node, "--help"], cwd),
+        f"{label}dicom-node status": ([*node, "status", "--config", str(config)], cwd),
+        f"{label}dicom-node queue": ([*node, "queue", "--config", str(config)], cwd),
+        f"{label}dicom-node jobs": ([*node, "jobs", "--config", str(config)], cwd),
     }
+
+
+def commands(config: Path, compare: Path | None, label: str) -> dict[str, Cmd]:
+    cmds: dict[str, Cmd] = {"python -c pass (floor)": ([sys.executable, "-c", "pass"], None)}
+    cmds.update(node_commands(node_command(), config))
+    if compare is not None:  # python -m node run in that tree imports its node package (the folder is first)
+        cmds.update(node_commands([sys.executable, "-m", "node"], config, f"{label}: ", compare))
+    cmds["python -m pynetdicom --version"] = ([sys.executable, "-m", "pynetdicom", "--version"], None)
     if Path(ECHOSCU).exists():
-        cmds["DCMTK echoscu --version"] = [ECHOSCU, "--version"]
+        cmds["DCMTK echoscu --version"] = ([ECHOSCU, "--version"], None)
     return cmds
 
 
-def time_once(cmd: Sequence[str]) -> float:
+def time_once(cmd: Cmd) -> float:
     """Wall seconds from starting the process to its exit; a failing command stops the benchmark."""
+    words, cwd = cmd
+    env = dict(os.environ)
+    if cwd is not None:  # that tree's SDK too (an installed SDK is this tree's)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(cwd), str(cwd / "sdk" / "src"), env.get("PYTHONPATH")]))
     t = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, cwd=REPO, timeout=120)
+    done = subprocess.run(words, capture_output=True, cwd=cwd or REPO, env=env, timeout=120)
     elapsed = time.perf_counter() - t
     if done.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr.decode(errors='replace')[-2000:]}")
+        sys.exit(f"{' '.join(words)} failed ({done.returncode}): {done.stderr.decode(errors='replace')[-2000:]}")
     return elapsed
 
 
-def measure(cmds: dict[str, list[str]], repeat: int) -> dict[str, list[float]]:
+def measure(cmds: dict[str, Cmd], repeat: int) -> dict[str, list[float]]:
     names = list(cmds)
     times: dict[str, list[float]] = {n: [] for n in names}
     for name in names:  # one warm-up each: the page cache holds the files of every command alike
@@ -103,11 +119,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--repeat", type=int, default=20, help="Fresh processes per command (default 20).")
     ap.add_argument("--markdown", action="store_true", help="Print the table as Markdown.")
     ap.add_argument("--json", type=Path, help="Also write every measured time here.")
+    ap.add_argument("--compare", type=Path, help="Another tree of the node to time alike (python -m node there).")
+    ap.add_argument("--label", default="before", help="The other tree's name in the table (default: before).")
     args = ap.parse_args(argv)
 
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-cli-") as tmp:
-        cmds = commands(make_site(Path(tmp)))
+        cmds = commands(make_site(Path(tmp)), args.compare, args.label)
         times = measure(cmds, args.repeat)
     load_after = os.getloadavg()
 
