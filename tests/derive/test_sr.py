@@ -14,7 +14,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from helpers import series_files
+from helpers import SHARED, series_files
 from helpers.dciodvfy import LABEL_MAP_SEGMENTATION_STORAGE, verify
 from helpers.dciodvfy import errors as dciodvfy_errors
 from pydicom.dataset import Dataset
@@ -45,6 +45,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*unlikely to represent the inte
 CT = "ct-head-philips-5mm"
 ML = Code("ml", "UCUM", "milliliter")
 HU = Code("[hnsf'U]", "UCUM", "Hounsfield unit")
+MM2 = Code("mm2", "UCUM", "square millimeter")
 MALIGNANCY = Code("RID5705", "RADLEX", "Malignancy")
 #: dciodvfy's (dicom3tools 1.00~20220618) error for a segment reference to a Label Map SEG: see its test.
 NOT_A_SEGMENTATION = (
@@ -225,6 +226,31 @@ def _walk_items(ds: Dataset) -> list[Dataset]:
             for item in elem.value:
                 out += [item, *_walk_items(item)]
     return out
+
+
+def test_an_enhanced_multi_frame_source_is_referenced_by_its_frames(tmp_path: Path) -> None:
+    mf = load_series([SHARED / "transfer-syntaxes" / "misc" / "eCT_Supplemental.dcm"])
+    assert mf.frames is not None and list(mf.frames) == [1, 0]  # slice order is not frame order
+    (result,) = threshold_seg(
+        mf, Params.model_validate({"segments": [{"label": "Body", "lower": -300, "type": "Bone"}]})
+    )
+    seg = build_seg(mf, result, prov(plugin="threshold-seg"), index=0)
+    m = Measurements(
+        [
+            MeasurementGroup("Body", codes.SCT.Bone, [Measurement(codes.SCT.Volume, 1.0, ML)], segment=1),
+            MeasurementGroup("Slice 0", codes.SCT.Bone, [Measurement(codes.SCT.Area, 2.0, MM2)], source_slices=[0]),
+        ]
+    )
+    ds = build_sr(mf, m, prov(), index=1, segs={0: seg})
+    assert validate(ds) == []
+    back = read(ds, tmp_path / "sr.dcm")
+    verify(tmp_path / "sr.dcm", "SR on an enhanced CT")
+    (segment,) = back.get_volumetric_roi_measurement_groups()
+    assert segment.referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID
+    (image_level,) = back.get_image_measurement_groups()
+    (source,) = image_level.source_images
+    # Slice 0 is frame 2 of the source.
+    assert (source.referenced_sop_instance_uid, source.referenced_frame_numbers) == (mf.first.SOPInstanceUID, [2])
 
 
 def one(**kw: object) -> Measurements:
