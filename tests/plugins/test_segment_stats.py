@@ -178,6 +178,7 @@ def test_value_statistics_are_numpys_on_the_mask(folder: Path, case: tuple[str, 
 
 
 def test_groups_name_their_segments_and_units(folder: Path) -> None:
+    assert segment_stats.family == codes.cid7162.HistogramAnalysis  # statistics of values, not an AI model
     ct = chained(folder, "ct-head")
     report = run(ct)
     assert [g.tracking_id for g in report.groups] == ["Bone", "Head"]

@@ -147,7 +147,7 @@ def group(
     )
 
 
-@plugin(name="segment-stats", version="1.0", params=NoParams)
+@plugin(name="segment-stats", version="1.0", params=NoParams, family=codes.cid7162.HistogramAnalysis)
 def segment_stats(series: SeriesInput, params: NoParams) -> Measurements:
     """Volume (ml) and mean, SD, min, max of the values (HU for CT) of every segment from an earlier step."""
     found = [(i, r) for i, r in enumerate(series.previous) if isinstance(r, Segmentation)]
