@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 
 class _Strict(BaseModel):
@@ -120,7 +120,7 @@ class PluginAction(_ActionBase):
     priors: PriorsRequest | None = None
     #: After the outputs, one Key Object Selection document listing them (sent with them): true for the title
     #: "Of Interest" (DCM 113000), or a title code of CID 7010.
-    key_objects: bool | KeyObjectTitle = False
+    key_objects: StrictBool | KeyObjectTitle = False
 
     @model_validator(mode="after")
     def _template(self) -> PluginAction:
