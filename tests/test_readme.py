@@ -93,10 +93,11 @@ def documented_invocations() -> list[list[str]]:
     """Each ``dicom-node ...`` the README shows, as words after ``dicom-node``.
 
     In the command table a cell may continue a command: `dicom-node jobs ...` / `jobs show ID` / `retry ID`
-    means ``jobs show`` and ``jobs retry``; a continuation starting with a sub-command of the first is read
-    under it.
+    means ``jobs show`` and ``jobs retry``: a continuation that does not start with a command is read under
+    the first one's.
     """
     text = README.read_text()
+    top = set(command_tree().commands)
     found = [shlex.split(line)[1:] for line in shell_lines() if line.startswith("dicom-node ")]
     for row in re.findall(r"(?m)^\|(.*)\|\s*$", text):
         first_cell = row.split(" | ")[0]
@@ -110,7 +111,7 @@ def documented_invocations() -> list[list[str]]:
             if words[:1] == ["dicom-node"]:
                 found.append(words[1:])
                 continue
-            group = head[:1] if head and words and words[0] != head[0] else []
+            group = head[:1] if words and words[0] not in top else []
             found.append(group + words)
     return found
 
