@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, Exists, FromClause, exists, select, update
 
 from node import metrics
 from node.config import Config
@@ -111,6 +111,19 @@ def forward(ctx: JobContext) -> str:
     return _queue(ctx, ids, ctx.job.action["to"])
 
 
+def _succeeded_later(j: FromClause) -> Exists:
+    """A later run of the job's match (an operator's rerun) succeeded: the job's own failure is overtaken."""
+    later = j.alias("later")
+    return exists().where(
+        later.c.series_fk == j.c.series_fk,
+        later.c.revision == j.c.revision,
+        later.c.rule == j.c.rule,
+        later.c.action_index == j.c.action_index,
+        later.c.run > j.c.run,
+        later.c.state == JobState.SUCCEEDED,
+    )
+
+
 def discard(ctx: JobContext) -> str:
     """Delete the revision's instances, rows and files in one transaction (see :mod:`node.storage.removal`).
 
@@ -133,6 +146,7 @@ def discard(ctx: JobContext) -> str:
                 j.c.id != ctx.job.id,
                 j.c.kind != "discard",
                 j.c.state != JobState.SUCCEEDED,
+                ~_succeeded_later(j),
             )
             .order_by(j.c.id)
             .with_for_update()

@@ -381,6 +381,23 @@ def _next_run(conn: Connection, series_id: int, revision: int, rule: str, action
     return int(last or 0) + 1
 
 
+def _insert_next_run(
+    conn: Connection, series_id: int, revision: int, j: NewJob, now: dt.datetime, study_trigger: int | None
+) -> tuple[int, int]:
+    """Insert ``j`` as the next run of its match; returns (job id, run)."""
+    tries = 3
+    while True:
+        run = _next_run(conn, series_id, revision, j.rule, j.action_index)
+        values = _job_row(series_id, revision, j, now, run) | {"study_trigger_fk": study_trigger}
+        try:
+            with conn.begin_nested():
+                return int(conn.execute(_job.insert().returning(_job.c.id), values).scalar_one()), run
+        except IntegrityError:  # another operator's rerun took this run number meanwhile: the next one
+            tries -= 1
+            if not tries:
+                raise
+
+
 def rerun_jobs(
     conn: Connection,
     series_id: int,
@@ -401,9 +418,7 @@ def rerun_jobs(
     now = utcnow()
     ids = []
     for j in jobs:
-        run = _next_run(conn, series_id, revision, j.rule, j.action_index)
-        values = _job_row(series_id, revision, j, now, run) | {"study_trigger_fk": study_trigger}
-        pk = conn.execute(_job.insert().returning(_job.c.id), values).scalar_one()
+        pk, run = _insert_next_run(conn, series_id, revision, j, now, study_trigger)
         ids.append(pk)
         audit.record(
             conn,

@@ -8,6 +8,7 @@ is refused with a reason, and the audit trail says who asked.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, select, update
@@ -113,3 +114,70 @@ def test_the_trackers_second_evaluation_still_makes_nothing_after_a_rerun(engine
     store.rerun(engine, first)
     with engine.begin() as conn:
         assert create_jobs(conn, 1, 1, [NewJob("seg", 0, "plugin", {"plugin": "threshold-seg"})]) == []
+
+
+def test_two_operators_rerunning_one_job_at_once_get_two_runs(engine: Engine) -> None:
+    """On PostgreSQL both may read the same highest run; the one that loses the insert takes the next."""
+    import threading
+
+    first = _make(engine)
+    _finish(engine, first, "succeeded")
+    start = threading.Barrier(2)
+    made: list[int] = []
+
+    def rerun(actor: str) -> None:
+        start.wait()
+        made.append(store.rerun(engine, first, actor=actor))
+
+    threads = [threading.Thread(target=rerun, args=(who,)) for who in ("alice", "bob")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(_job(engine, i).run for i in made) == [2, 3]
+
+
+@pytest.mark.parametrize("rerun_state, discarded", [("succeeded", True), ("failed", False)])
+def test_a_discard_goes_ahead_once_a_rerun_of_the_failed_job_succeeded(
+    engine: Engine, tmp_path: Path, rerun_state: str, discarded: bool
+) -> None:
+    """ "Forward, then discard" keeps the series while the forward failed; a successful rerun of the forward
+    counts as the forward having succeeded, a failed one does not."""
+    from node.config import Config
+    from node.index.models import Instance
+    from node.jobs.actions import JobContext, JobFailed, discard
+    from node.storage import Storage
+
+    storage = Storage(tmp_path / "data")
+    stored = storage.absolute("storage/1/one.dcm")
+    stored.parent.mkdir(parents=True)
+    stored.write_bytes(b"DICM")
+    with Session(engine) as s:
+        s.add(
+            Instance(
+                sop_instance_uid="1.2.3.1.1",
+                series_fk=1,
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                transfer_syntax_uid="1.2.840.10008.1.2.1",
+                file_path="storage/1/one.dcm",
+                file_size=4,
+                checksum="0" * 64,
+            )
+        )
+        s.commit()
+    with engine.begin() as conn:
+        forward, drop = create_jobs(
+            conn, 1, 1, [NewJob("keep", 0, "forward", {"to": ["pacs"]}), NewJob("keep", 1, "discard", {})]
+        )
+    _finish(engine, forward, "failed")
+    again = store.rerun(engine, forward)
+    _finish(engine, again, rerun_state)
+    claimed = store.ClaimedJob(drop, 1, 1, "keep", 1, "discard", {}, 1, 3)
+    ctx = JobContext(claimed, Config(), engine, storage, cancelled=lambda: False)
+    if discarded:
+        assert discard(ctx) == "discarded 1 instances (1 files removed)"
+        assert not stored.exists()
+    else:
+        with pytest.raises(JobFailed, match=f"not discarding: job {forward} is failed, job {again} is failed"):
+            discard(ctx)
+        assert stored.exists()
