@@ -356,7 +356,7 @@ def plugins_run(
         values = offline.parse_params(params, chain)
     except offline.OfflineError as e:
         _fail(str(e), 2)
-    series, skipped = offline.group_series(paths)
+    series, skipped = offline.group_series(paths, outputs=out_dir)
     for path, why in skipped[:20]:
         console.print(f"  skipped {path}: {why}", highlight=False, markup=False)
     if len(skipped) > 20:

@@ -66,16 +66,23 @@ def _walk(paths: Iterable[Path]) -> Iterator[Path]:
             yield p
 
 
-def group_series(paths: Iterable[Path]) -> tuple[list[SourceSeries], list[tuple[Path, str]]]:
+def group_series(
+    paths: Iterable[Path], outputs: Path | None = None
+) -> tuple[list[SourceSeries], list[tuple[Path, str]]]:
     """The DICOM series among ``paths`` (files or folders), and each file left out with the reason.
 
     Files are checked as the node checks what it receives (node.dicom.files: whole, readable), so a
     truncated file is named here rather than failing the plugin's load; a DICOMDIR (a CD's index) and
-    files that are not DICOM are left out.
+    files that are not DICOM are left out, and so is what lies in ``outputs`` (``--out`` inside an
+    input folder: an earlier run's SEG is not a series to run on).
     """
     groups: dict[str, list[tuple[Path, Any]]] = {}
     skipped: list[tuple[Path, str]] = []
+    out = outputs.resolve() if outputs is not None else None
     for path in _walk(paths):
+        if out is not None and path.resolve().is_relative_to(out):
+            skipped.append((path, "in the --out folder (outputs of a run, not a source)"))
+            continue
         try:
             header, _size, meta = read_file_header(path)
         except Rejected as e:

@@ -35,6 +35,19 @@ def test_files_are_grouped_per_series_and_the_rest_is_named(tmp_path: Path, shar
     assert "Pixel Data says 524288 bytes but the data set ends" in why["I40"], why["I40"]
 
 
+def test_outputs_of_an_earlier_run_inside_an_input_folder_are_not_sources(tmp_path: Path, shared_data: Path) -> None:
+    """``plugins run NAME . --out out``: the SEG an earlier run left in ./out is not a series to run on."""
+    ct = shared_data / "series" / "ct-head-philips-5mm"
+    (tmp_path / "out" / "1.2.3").mkdir(parents=True)
+    shutil.copy(ct / "I10", tmp_path / "I10")
+    shutil.copy(ct / "I20", tmp_path / "out" / "1.2.3" / "seg-000-00000.dcm")  # stands for an output
+    series, skipped = group_series([tmp_path], outputs=tmp_path / "out")
+    assert [s.files for s in series] == [[tmp_path / "I10"]]
+    assert skipped == [
+        (tmp_path / "out" / "1.2.3" / "seg-000-00000.dcm", "in the --out folder (outputs of a run, not a source)")
+    ]
+
+
 @pytest.mark.parametrize(
     ("text", "chain", "expected"),
     [
