@@ -28,6 +28,7 @@ __all__ = [
     "COMMITTED",
     "SERIES_COLUMNS",
     "SERIES_JOIN",
+    "DeliveryGroup",
     "DeliveryRow",
     "DestinationQueue",
     "IndexSummary",
@@ -37,8 +38,10 @@ __all__ = [
     "ProcessRow",
     "SeriesRow",
     "StateCounts",
+    "changes",
     "deliveries",
     "delivery_counts",
+    "delivery_groups",
     "delivery_selection",
     "destinations",
     "job",
@@ -352,6 +355,11 @@ class JobRow:
     created_at: dt.datetime | None
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
+    #: What names the job's series for people (as the series list shows them).
+    series_description: str
+    study_date: str
+    patient_name: str
+    patient_id: str
 
     @property
     def detail(self) -> str:
@@ -372,13 +380,18 @@ class JobDetail(JobRow):
     action: str = ""
     priority: int = 0
     not_before: dt.datetime | None = None
-    series_description: str = ""
 
 
 def _job_select() -> Any:
-    return select(_j, _s.c.series_instance_uid, _s.c.modality, _s.c.series_description).select_from(
-        _j.join(_s, _s.c.id == _j.c.series_fk)
-    )
+    return select(
+        _j,
+        _s.c.series_instance_uid,
+        _s.c.modality,
+        _s.c.series_description,
+        _st.c.study_date,
+        _p.c.patient_name,
+        _p.c.patient_id,
+    ).select_from(SERIES_JOIN.join(_j, _j.c.series_fk == _s.c.id))
 
 
 def jobs(engine: Engine, *, state: str = "", series_uid: str = "", limit: int = 50, offset: int = 0) -> Page[JobRow]:
@@ -653,7 +666,7 @@ def changes(engine: Engine) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
-# -- study rules (H5) ---------------------------------------------------------------------------------------
+# -- study rules --------------------------------------------------------------------------------------------
 
 
 def study_waiting(conn: Connection, study_uid: str) -> list[tuple[str, str]]:

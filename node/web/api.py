@@ -107,6 +107,7 @@ if TYPE_CHECKING:  # mypy cannot see into a model made at run time: to it, these
     JobModel = BaseModel
     JobDetail = BaseModel
     DeliveryModel = BaseModel
+    DeliveryGroupModel = BaseModel
 else:
     StudyKeys = row_model(read.StudyKeys, "StudyKeys")
     SeriesModel = row_model(read.SeriesRow, "SeriesModel", base=StudyKeys)
@@ -115,6 +116,7 @@ else:
         read.JobDetail, "JobDetail", base=JobModel, described={"action": "the rule action this job runs, as JSON"}
     )
     DeliveryModel = row_model(read.DeliveryRow, "DeliveryModel")
+    DeliveryGroupModel = row_model(read.DeliveryGroup, "DeliveryGroupModel")
 
 
 class SeriesPage(BaseModel):
@@ -144,6 +146,15 @@ class DeliveryPage(BaseModel):
     items: list[DeliveryModel]
 
 
+class DeliveryGroupPage(BaseModel):
+    total: int = Field(description="how many (series, destination) groups match")
+    items: list[DeliveryGroupModel]
+
+
+class ChangesModel(BaseModel):
+    version: str = Field(description="changes whenever what the dashboard shows changes; poll it, compare")
+
+
 class RevisionModel(BaseModel):
     revision: int
     instance_count: int
@@ -168,6 +179,8 @@ class OutputModel(BaseModel):
     series_instance_uid: str
     series_description: str
     modality: str
+    kind: str = Field(description="SEG, SC, SR, KOS, Parametric Map, or 'derived CT image' (its modality)")
+    software: str = Field(description="the plugins (name and version) of the job that made it")
 
 
 class SeriesDetail(SeriesModel):
@@ -440,21 +453,32 @@ def post_series_forward(
 
 
 @router.get(
-    "/deliveries", response_model=DeliveryPage, summary="Deliveries (one per instance and destination), newest first"
+    "/deliveries",
+    response_model=DeliveryPage | DeliveryGroupPage,
+    summary="Deliveries (one per instance and destination), newest first; or per series and destination",
 )
 def get_deliveries(
     destination: str = Query("", max_length=64),
     state: DeliveryState | None = None,
     series_uid: str = Query("", max_length=64),
+    group: Literal["series"] | None = Query(
+        None, description="series: one item per (series, destination) with counts by state (DeliveryGroupPage)"
+    ),
     limit: int = Limit,
     offset: int = Offset,
     ctx: WebContext = Depends(context),
 ) -> dict[str, Any]:
+    listing = read.delivery_groups if group == "series" else read.deliveries
     return data.page_json(
-        read.deliveries(
+        listing(
             ctx.reader, destination=destination, state=state or "", series_uid=series_uid, limit=limit, offset=offset
         )
     )
+
+
+@router.get("/changes", response_model=ChangesModel, summary="A fingerprint of the dashboard's data, to poll")
+def get_changes(ctx: WebContext = Depends(context)) -> dict[str, str]:
+    return {"version": read.changes(ctx.reader)}
 
 
 _BODY_ERRORS: dict[int | str, dict[str, Any]] = {400: {"description": "the body is not JSON"}}

@@ -36,6 +36,62 @@ class NotFound(LookupError):
     pass
 
 
+#: Output kinds by SOP Class UID; an image class not named here is a derived image of its modality.
+_KINDS = {
+    "1.2.840.10008.5.1.4.1.1.66.4": "SEG",
+    "1.2.840.10008.5.1.4.1.1.66.7": "SEG",
+    "1.2.840.10008.5.1.4.1.1.30": "Parametric Map",
+    "1.2.840.10008.5.1.4.1.1.88.59": "KOS",
+}
+
+
+def output_kind(sop_class_uid: str, modality: str) -> str:
+    """What a produced instance is, for people: SEG, SC, SR, KOS, Parametric Map or "derived CT image"."""
+    if sop_class_uid in _KINDS:
+        return _KINDS[sop_class_uid]
+    if sop_class_uid.startswith("1.2.840.10008.5.1.4.1.1.88."):  # the structured report classes
+        return "SR"
+    if "Secondary Capture" in UID(sop_class_uid).name:
+        return "SC"
+    return f"derived {modality} image" if modality else "derived image"
+
+
+def made_by(engine: Engine, series_ids: list[int]) -> dict[int, dict[str, Any]]:
+    """For each of these series that this node produced: its kind, the job and the plugins (name and version)."""
+    if not series_ids:
+        return {}
+    with engine.connect() as conn:
+        first = (
+            select(_i.c.series_fk, func.min(_i.c.id).label("first"))
+            .where(_i.c.series_fk.in_(series_ids), _i.c.job_fk.is_not(None))
+            .group_by(_i.c.series_fk)
+            .subquery()
+        )
+        rows = conn.execute(
+            select(
+                _i.c.series_fk,
+                _i.c.sop_class_uid,
+                _j.c.id,
+                _j.c.rule,
+                _j.c.software,
+                _s.c.series_instance_uid,
+            )
+            .select_from(first.join(_i, _i.c.id == first.c.first).join(_j, _j.c.id == _i.c.job_fk))
+            .join(_s, _s.c.id == _j.c.series_fk)
+        ).all()
+        modality = dict(conn.execute(select(_s.c.id, _s.c.modality).where(_s.c.id.in_(series_ids))).tuples().all())
+    return {
+        r.series_fk: {
+            "kind": output_kind(r.sop_class_uid, modality.get(r.series_fk, "")),
+            "job_id": r.id,
+            "rule": r.rule,
+            "software": r.software,
+            "source_series_instance_uid": r.series_instance_uid,
+        }
+        for r in rows
+    }
+
+
 def iso(value: dt.datetime | None) -> str | None:
     return aware(value).isoformat(timespec="milliseconds") if value else None
 
@@ -193,8 +249,9 @@ def studies(engine: Engine, *, q: str = "", limit: int = 25, offset: int = 0) ->
             else []
         )
     by_study: dict[int, list[dict[str, Any]]] = collections.defaultdict(list)
+    outputs = made_by(engine, [r.id for r in series])
     for r in series:
-        by_study[r.study_fk].append(jsonable(read.SeriesRow.of(r)))
+        by_study[r.study_fk].append(jsonable(read.SeriesRow.of(r)) | {"made_by": outputs.get(r.id)})
     items = [
         read.StudyKeys.values(r)
         | {
@@ -224,12 +281,6 @@ def series_detail(engine: Engine, cfg: Config, uid: str) -> dict[str, Any]:
             "manufacturer": r.manufacturer,
             "station_name": r.station_name,
         }
-        made_by = conn.execute(
-            select(_j.c.id, _s.c.series_instance_uid)
-            .select_from(_i.join(_j, _j.c.id == _i.c.job_fk).join(_s, _s.c.id == _j.c.series_fk))
-            .where(_i.c.series_fk == sid)
-            .limit(1)
-        ).first()
         first_inst = conn.execute(
             select(_i.c.calling_ae, _i.c.called_ae, _i.c.peer_address, _i.c.sop_class_uid, _i.c.transfer_syntax_uid)
             .where(_i.c.series_fk == sid)
@@ -249,8 +300,9 @@ def series_detail(engine: Engine, cfg: Config, uid: str) -> dict[str, Any]:
                     _s.c.series_instance_uid,
                     _s.c.series_description,
                     _s.c.modality,
+                    _j.c.software,
                 )
-                .select_from(_i.join(_s, _s.c.id == _i.c.series_fk))
+                .select_from(_i.join(_s, _s.c.id == _i.c.series_fk).join(_j, _j.c.id == _i.c.job_fk))
                 .where(_i.c.job_fk.in_(job_ids))
                 .order_by(_i.c.id)
             ).all()
@@ -373,9 +425,7 @@ def series_detail(engine: Engine, cfg: Config, uid: str) -> dict[str, Any]:
         t["offset_s"] = round((dt.datetime.fromisoformat(t["at"]) - start).total_seconds(), 3) if start else 0.0
 
     return head | {
-        "made_by": {"job_id": made_by.id, "source_series_instance_uid": made_by.series_instance_uid}
-        if made_by
-        else None,
+        "made_by": made_by(engine, [sid]).get(sid),
         "received_from": {
             "calling_ae": first_inst.calling_ae,
             "called_ae": first_inst.called_ae,
@@ -407,6 +457,8 @@ def series_detail(engine: Engine, cfg: Config, uid: str) -> dict[str, Any]:
                 "series_instance_uid": o.series_instance_uid,
                 "series_description": o.series_description,
                 "modality": o.modality,
+                "kind": output_kind(o.sop_class_uid, o.modality),
+                "software": o.software,
             }
             for o in outputs
         ],
@@ -496,3 +548,12 @@ def instance_file(engine: Engine, data_dir: Path, uid: str, index: int | None = 
         raise NotFound(f"series {uid} has no stored instance")
     i = len(paths) // 2 if index is None else max(0, min(index, len(paths) - 1))
     return Storage(data_dir).absolute(paths[i]), len(paths)
+
+
+def sop_file(engine: Engine, data_dir: Path, sop_uid: str) -> Path:
+    """The stored file of the instance ``sop_uid``."""
+    with engine.connect() as conn:
+        path = conn.execute(select(_i.c.file_path).where(_i.c.sop_instance_uid == sop_uid)).scalar()
+    if path is None:
+        raise NotFound(f"no instance {sop_uid} in the index")
+    return Storage(data_dir).absolute(path)

@@ -10,40 +10,88 @@ from urllib.parse import quote, urlencode
 from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
+from markupsafe import Markup
 
 from node import __version__
 from node.index import read
 from node.index.states import DeliveryState, JobState
 from node.units import size
 from node.web import data
-from node.web.actions import JobId, Refused, Selection, delivery_change, job_change
+from node.web.actions import JobId, Selection, delivery_change, job_change
 from node.web.auth import COOKIE
 from node.web.context import WebContext, context, page_user
 
-router = APIRouter()
+#: The header dashboard.js sends to fetch one live region of a page again: its value names the template
+#: block (the region's ``data-live`` attribute), and only that block is rendered.
+LIVE_HEADER = "X-Live"
+_LIVE_BLOCKS = ("live", "facts")
+
+
+def _note_version(request: Request) -> None:
+    """What the data looks like before a page reads it: the page compares later polls of /api/changes
+    with this, so a change made while the page was read is not missed."""
+    if request.method == "GET" and not request.url.path.endswith(".png"):
+        request.state.version = read.changes(context(request).reader)
+
+
+router = APIRouter(dependencies=[Depends(_note_version)])
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
 
 
-def _when(value: str | None) -> str:
+def _when(value: str | None) -> Markup | str:
+    """A time for people, in UTC and saying so (and as ISO 8601 with its offset, for machines)."""
     if not value:
         return "-"
-    return dt.datetime.fromisoformat(value).astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+    at = dt.datetime.fromisoformat(value).astimezone(dt.UTC)
+    return Markup('<time datetime="{}">{}</time>').format(at.isoformat(), at.strftime("%Y-%m-%d %H:%M:%S UTC"))
+
+
+def _date(value: str | None) -> str:
+    """A DICOM date (YYYYMMDD) as ISO 8601; anything else as it is."""
+    v = value or ""
+    return f"{v[:4]}-{v[4:6]}-{v[6:]}" if len(v) == 8 and v.isdigit() else v
+
+
+def _runs(items: list[dict[str, Any]], key: str = "series_instance_uid") -> list[list[dict[str, Any]]]:
+    """Consecutive rows with the same ``key``, together: the jobs table shows their series once."""
+    out: list[list[dict[str, Any]]] = []
+    for item in items:
+        if out and out[-1][0][key] == item[key]:
+            out[-1].append(item)
+        else:
+            out.append([item])
+    return out
 
 
 templates.env.filters["size"] = size
 templates.env.filters["when"] = _when
+templates.env.filters["date"] = _date
+templates.env.filters["runs"] = _runs
 templates.env.filters["q"] = lambda s: quote(str(s), safe="")
 templates.env.filters["pager"] = lambda params, offset: urlencode({**dict(params), "offset": max(offset, 0)})
 templates.env.globals["version"] = __version__
 
 
 def _render(request: Request, name: str, user: str, **values: Any) -> HTMLResponse:
+    """The page ``name``; or, asked with :data:`LIVE_HEADER`, only that block of it (data that changes)."""
     ctx = context(request)
-    return templates.TemplateResponse(
-        request,
-        name,
-        {"user": user, "open_access": ctx.auth.open, "msg": request.query_params.get("msg", ""), **values},
-    )
+    values = {
+        "user": user,
+        "open_access": ctx.auth.open,
+        "msg": request.query_params.get("msg", ""),
+        "version": getattr(request.state, "version", ""),
+        **values,
+    }
+    headers = {"Vary": LIVE_HEADER, "Cache-Control": "no-store"}
+    part = request.headers.get(LIVE_HEADER)
+    if part:
+        template = templates.get_template(name)
+        block = template.blocks.get(part) if part in _LIVE_BLOCKS else None
+        if block is None:
+            raise HTTPException(404, f"{request.url.path} has no live part {part!r}")
+        html = "".join(block(template.new_context({"request": request, **values})))
+        return HTMLResponse(html, headers=headers)
+    return templates.TemplateResponse(request, name, values, headers=headers)
 
 
 def _safe_next(target: str) -> str:
@@ -156,7 +204,71 @@ def series(request: Request, uid: str, user: str = Depends(page_user), ctx: WebC
     except data.NotFound as e:
         raise HTTPException(404, str(e)) from None
     recent = data.page_json(read.deliveries(ctx.reader, series_uid=uid, limit=20))["items"]
-    return _render(request, "series.html", user, s=s, deliveries=recent, page="studies")
+    with ctx.reader.connect() as conn:  # the study rules waiting for this series' study
+        waiting = read.study_waiting(conn, s["study_instance_uid"])
+    return _render(
+        request,
+        "series.html",
+        user,
+        s=s,
+        study_waiting=waiting,
+        deliveries=recent,
+        destinations=[d.name for d in ctx.cfg.destinations],
+        page="studies",
+    )
+
+
+@router.get("/series/{uid}/overlay.png")
+def seg_overlay(
+    uid: str,
+    source: str = Query("", max_length=64, description="the source instance (default: the most segmented one)"),
+    size: int = Query(512, ge=16, le=1024),
+    user: str = Depends(page_user),
+    ctx: WebContext = Depends(context),
+) -> Response:
+    """A SEG output drawn in its segments' colours over the source slice it was made from."""
+    from node.web.preview import NoPreview, seg_overlay_png
+
+    try:
+        seg_path, _ = data.instance_file(ctx.reader, ctx.cfg.data_dir, uid)
+        png = seg_overlay_png(
+            seg_path, lambda sop: data.sop_file(ctx.reader, ctx.cfg.data_dir, sop), source or None, size
+        )
+    except data.NotFound as e:
+        raise HTTPException(404, str(e)) from None
+    except (NoPreview, OSError, ValueError) as e:
+        raise HTTPException(422, f"no overlay: {e}") from None
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+
+
+def _action_result(back: str, do: Any) -> Response:
+    """Run an operator action of :mod:`node.web.actions`, then back to the page with what it did (or why not)."""
+    from node.web.actions import Refused
+
+    try:
+        result = do()
+    except Refused as e:
+        return _back(back, e.message)
+    return _back(back, result.message)
+
+
+@router.post("/series/{uid}/rerun-rules")
+def series_rerun_rules(uid: str, user: str = Depends(page_user), ctx: WebContext = Depends(context)) -> Response:
+    from node.web.actions import rerun_rules
+
+    return _action_result(f"/series/{quote(uid, safe='')}", lambda: rerun_rules(ctx, uid, user))
+
+
+@router.post("/series/{uid}/forward")
+def series_forward(
+    uid: str,
+    destination: str = Form(..., max_length=64),
+    user: str = Depends(page_user),
+    ctx: WebContext = Depends(context),
+) -> Response:
+    from node.web.actions import forward_now
+
+    return _action_result(f"/series/{quote(uid, safe='')}", lambda: forward_now(ctx, uid, destination, user))
 
 
 def _list_page(
@@ -210,13 +322,13 @@ def job_action(
     user: str = Depends(page_user),
     ctx: WebContext = Depends(context),
 ) -> Response:
+    if what == "rerun":
+        from node.web.actions import rerun_job
+
+        return _action_result(back, lambda: rerun_job(ctx, job_id, user))
     if what not in ("retry", "cancel"):
         raise HTTPException(404, "no such action")
-    try:
-        result = job_change(ctx, job_id, "retry" if what == "retry" else "cancel", user)
-    except Refused as e:
-        return _back(back, e.message)
-    return _back(back, result.message)
+    return _action_result(back, lambda: job_change(ctx, job_id, "retry" if what == "retry" else "cancel", user))
 
 
 @router.get("/deliveries", response_class=HTMLResponse)
@@ -225,11 +337,15 @@ def deliveries(
     destination: str = Query("", max_length=64),
     state: str = Query("", max_length=16),
     series_uid: str = Query("", max_length=64),
+    view: str = Query("", max_length=16),
     offset: int = Offset,
     user: str = Depends(page_user),
     ctx: WebContext = Depends(context),
 ) -> Response:
-    found = read.deliveries(
+    """Per series and destination, or (for one series, or with ``view=instances``) per instance."""
+    per_instance = bool(series_uid) or view == "instances"
+    listing = read.deliveries if per_instance else read.delivery_groups
+    found = listing(
         ctx.reader,
         destination=destination,
         state=state if state in list(DeliveryState) else "",
@@ -237,6 +353,8 @@ def deliveries(
         limit=_ROWS,
         offset=offset,
     )
+    named = read.series(ctx.reader, q=series_uid, limit=5).items if series_uid else []
+    series_row = [r for r in named if r.series_instance_uid == series_uid]
     return _list_page(
         request,
         user,
@@ -248,6 +366,8 @@ def deliveries(
         destinations=data.destinations(ctx.reader, ctx.cfg),
         destination=destination,
         series_uid=series_uid,
+        per_instance=per_instance,
+        series=data.jsonable(series_row[0]) if series_row else None,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -12,6 +13,17 @@ from typing import Any
 from helpers import NodeProcess, StoreSCP
 
 TOKEN = "web-test-token-0123456789"
+#: Debian's Chromium, which the browser tests drive through Playwright (the ``browser`` fixture).
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 EVIL_NAME = '<script>window.__pwned = 1</script>^<img src=x onerror="window.__pwned=2">'
 
 

@@ -1,5 +1,5 @@
-// The overview refreshes itself from /api/overview every 5 s. Values go in with textContent only:
-// nothing from the server is ever parsed as HTML.
+// The overview's cards and charts refresh themselves from /api/overview every 5 s. Values go in with
+// textContent only: nothing from the server's JSON is ever parsed as HTML.
 (function () {
   "use strict";
   const root = document.querySelector("[data-refresh]");
@@ -74,3 +74,54 @@
   refresh();
   setInterval(refresh, 5000);
 })();
+
+
+// Every page's live regions ([data-live="BLOCK"]) follow the data: /api/changes is polled every 2.5 s;
+// when its version differs from the one the page was rendered at (main[data-version]), each region is
+// fetched again as the server renders it (the same page, only that block: header X-Live) and swapped in.
+// The HTML is the node's own autoescaped template output, as in the first load; a swapped-in <script>
+// would not run (and the CSP allows only this file).
+(function () {
+  "use strict";
+  const main = document.querySelector("main[data-version]");
+  const regions = document.querySelectorAll("[data-live]");
+  if (!main || !regions.length) return;
+  let version = main.getAttribute("data-version");
+  let busy = false;
+
+  function refetch(region) {
+    return fetch(window.location.href, {
+      credentials: "same-origin",
+      headers: { "X-Live": region.getAttribute("data-live") },
+    })
+      .then((r) => (r.ok ? r.text() : Promise.reject(new Error("HTTP " + r.status))))
+      .then((html) => {
+        region.innerHTML = html;
+        region.dispatchEvent(new CustomEvent("live-updated", { bubbles: true }));
+      });
+  }
+
+  function poll() {
+    if (busy || document.hidden) return;
+    busy = true;
+    fetch("/api/changes", { credentials: "same-origin", headers: { Accept: "application/json" } })
+      .then((r) => (r.ok ? r.json() : null))
+      .then((c) => {
+        if (!c || c.version === version) return null;
+        // Take the new version only once every region shows data at least that new.
+        return Promise.all([...regions].map(refetch)).then(() => {
+          version = c.version;
+          main.setAttribute("data-version", version);
+        });
+      })
+      .catch(() => {})
+      .finally(() => { busy = false; });
+  }
+  setInterval(poll, 2500);
+})();
+
+// A form with data-confirm asks first; nothing is sent unless the operator says yes.
+document.addEventListener("submit", (e) => {
+  const message = e.target.getAttribute && e.target.getAttribute("data-confirm");
+  if (message && !window.confirm(message)) e.preventDefault();
+});

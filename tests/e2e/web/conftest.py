@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from helpers import NodeProcess, StoreSCP, free_port, make_ct_series, series_files, storescu, wait_for
-from helpers.web import EVIL_NAME, WebNode, web_config
+from helpers.web import CHROMIUM, CHROMIUM_ARGS, EVIL_NAME, WebNode, web_config
 
 
 @pytest.fixture(scope="module")
@@ -43,3 +43,14 @@ def web_node(tmp_path_factory: pytest.TempPathFactory, shared_data: Path):
         log = node.log()
         assert "Traceback" not in log, log[-4000:]
         assert code == 0, log[-4000:]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium (Debian's), one per test module."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield b
+        b.close()
