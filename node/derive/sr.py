@@ -161,8 +161,12 @@ def _group(
     tracking = hd.sr.TrackingIdentifier(
         uid=tracking_uid(patient_id, prov.algorithm, group.tracking_id), identifier=group.tracking_id
     )
+    # TID 4019: the plugin, its version and every parameter it ran with (defaults included). Not its family:
+    # a coded item beside the findings reads back (highdicom) as one more qualitative evaluation.
     algorithm = hd.sr.AlgorithmIdentification(
-        name=prov.algorithm[:64], version=prov.algorithm_version[:64] or "unknown"
+        name=prov.algorithm[:64],
+        version=prov.algorithm_version[:64] or "unknown",
+        parameters=[f"{k}={v}" for k, v in prov.parameters.items()] or None,
     )
     sites = None if group.finding_site is None else [hd.sr.FindingSite(group.finding_site)]
     measurements = [

@@ -74,7 +74,7 @@ def seg_result(ct: SeriesInput) -> Segmentation:
 
 
 def prov(job: str = "job-1", plugin: str = "measure") -> Provenance:
-    return Provenance((f"1.2.3.{job}", 1, "rule", 0), plugin, "0.3")
+    return Provenance((f"1.2.3.{job}", 1, "rule", 0), plugin, "0.3", parameters={"threshold": "300"})
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +133,19 @@ def test_the_sr_reads_back_as_the_plugins_measurements_and_dciodvfy_finds_no_err
     # The device that observed: the plugin.
     (observer,) = back.get_observer_contexts()
     assert "measure" in {str(item.get("TextValue", "")) for item in observer}
+    # Each group names the algorithm (TID 4019): the plugin, its version, its parameters.
+    for group in back.get_volumetric_roi_measurement_groups() + back.get_image_measurement_groups():
+        algorithm = [
+            (i.ConceptNameCodeSequence[0].CodeMeaning, str(i.TextValue))
+            for top in group
+            for i in (top, *_walk_items(top))
+            if "TextValue" in i
+        ]
+        assert {
+            ("Algorithm Name", "measure"),
+            ("Algorithm Version", "0.3"),
+            ("Algorithm Parameters", "threshold=300"),
+        } <= set(algorithm)
 
     volumetric = back.get_volumetric_roi_measurement_groups()
     assert [g.tracking_identifier for g in volumetric] == ["Bone", "Brain"]
