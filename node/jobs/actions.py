@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import logging
 import shutil
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from sqlalchemy import Engine, Exists, FromClause, exists, select, update
 from node import metrics
 from node.config import Config
 from node.derive.store import OutputStore
-from node.index.models import Delivery, Instance, Job, Series
+from node.index.models import Delivery, Instance, Job, Patient, Series, Study, StudyTrigger
 from node.index.states import JobState
 from node.jobs.spec import PluginAction
 from node.jobs.store import ClaimedJob
@@ -300,6 +301,9 @@ def plugin(ctx: JobContext) -> str:
             .scalars()
             .all()
         )
+    study = _study_inputs(ctx)
+    if study is not None:  # a study rule's job: the primary as of the revision it fired with
+        rels = study.files[study.primary]
     if not rels:
         raise JobFailed("the series has no stored instances (discarded?)", retryable=False)
     # Before the plugin slot (and any work folder): a job waiting for a PACS holds nothing.
@@ -332,6 +336,9 @@ def plugin(ctx: JobContext) -> str:
         key_objects=_key_objects(action),
     )
     spec.priors = priors
+    if study is not None:
+        spec.inputs = {name: [str(ctx.storage.absolute(r)) for r in files] for name, files in study.files.items()}
+        spec.primary, spec.study = study.primary, study.study
     timeout = action.timeout or cfg.plugins.timeout
     try:
         # A plugin process slot first, then a GPU, then warm workers: nothing is held while waiting for a slot.
@@ -425,6 +432,46 @@ def _key_objects(action: PluginAction) -> dict[str, str] | None:
             "meaning": DEFAULT_TITLE.meaning,
         }
     return action.key_objects.model_dump()
+
+
+@dataclass(frozen=True)
+class StudyInputs:
+    """A study rule's job: the stored files of each named input (as of its revision), the primary's name, the study."""
+
+    primary: str
+    files: dict[str, list[str]]
+    study: dict[str, str]
+
+
+def _study_inputs(ctx: JobContext) -> StudyInputs | None:
+    """The inputs of the study trigger a job belongs to (node.decide.study made it), or None for a series job."""
+    i, j, t = Instance.__table__, Job.__table__, StudyTrigger.__table__
+    st, p = Study.__table__, Patient.__table__
+    with ctx.engine.connect() as conn:
+        row = conn.execute(
+            select(t.c.inputs, st.c.study_instance_uid, st.c.study_date, p.c.patient_id)
+            .select_from(j.join(t, t.c.id == j.c.study_trigger_fk).join(st, st.c.id == t.c.study_fk))
+            .join(p, p.c.id == st.c.patient_fk)
+            .where(j.c.id == ctx.job.id)
+        ).first()
+        if row is None:
+            return None
+        fired = json.loads(row.inputs)
+        files: dict[str, list[str]] = {}
+        for name, inp in fired["inputs"].items():
+            files[name] = list(
+                conn.execute(
+                    select(i.c.file_path)
+                    .where(i.c.series_fk == inp["series_id"], i.c.job_fk.is_(None), i.c.revision <= inp["revision"])
+                    .order_by(i.c.id)
+                ).scalars()
+            )
+            if not files[name]:
+                raise JobFailed(
+                    f"input {name} (series {inp['series_uid']}) has no stored instances (discarded?)", retryable=False
+                )
+    study = {"study_uid": row.study_instance_uid, "study_date": row.study_date, "patient_id": row.patient_id}
+    return StudyInputs(str(fired["primary"]), files, study)
 
 
 def _fetch_priors(ctx: JobContext, action: PluginAction) -> list[dict[str, Any]]:

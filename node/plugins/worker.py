@@ -19,7 +19,15 @@ from typing import Any
 
 from dicom_node_sdk._info import as_results
 
-from node.plugins.api import GeometryError, Measurements, PluginError, ResultError, Segmentation, Volume
+from node.plugins.api import (
+    GeometryError,
+    Measurements,
+    PluginError,
+    ResultError,
+    Segmentation,
+    SeriesInput,
+    Volume,
+)
 
 
 @dataclass
@@ -65,6 +73,11 @@ class WorkSpec:
     #: A Key Object Selection listing the outputs, written after them: its title code (value, scheme,
     #: meaning) and description; None: none.
     key_objects: dict[str, str] | None = None
+    #: A study rule's job: every named input's files (name -> file paths; ``files`` are the primary's), the
+    #: primary's name and the study ({"study_uid", "study_date", "patient_id"}). Empty for a series rule.
+    inputs: dict[str, list[str]] = field(default_factory=dict)
+    primary: str = ""
+    study: dict[str, str] = field(default_factory=dict)
     #: Prior studies of the patient (node.qr.priors), newest first: {"study_uid", "study_date", "series":
     #: [[file path, ...], ...]}; loaded as StudyInputs on the input's ``priors``.
     priors: list[dict[str, Any]] = field(default_factory=list)
@@ -138,9 +151,10 @@ def out_of_memory(limit_mb: int, baseline_mb: float, where: str = "") -> str:
     )
 
 
-def _timed(series: Any, timings: dict[str, float]) -> list[float]:
-    """Wrap the series' pixel loader so its time goes to timings["load"]; returns the running total."""
-    total = [0.0]
+def _timed(series: Any, timings: dict[str, float], total: list[float] | None = None) -> list[float]:
+    """Wrap the series' pixel loader so its time goes to timings["load"]; returns the running total
+    (``total``: one shared with other series, e.g. a study's inputs)."""
+    total = [0.0] if total is None else total
     loader = series._loader
 
     def load(*args: Any) -> Any:
@@ -154,6 +168,53 @@ def _timed(series: Any, timings: dict[str, float]) -> list[float]:
 
     series._loader = load
     return total
+
+
+def _study_input(spec: WorkSpec, primary: SeriesInput, timings: dict[str, float], pixel_read: list[float]) -> Any:
+    """A study rule's inputs as a StudyInput around the loaded primary (None for a series rule's job).
+
+    Every input gets ``.study`` and the priors the primary has; the other inputs' pixel reading counts
+    as loading, like the primary's.
+    """
+    if not spec.inputs:
+        return None
+    from node.plugins.api import StudyInput
+    from node.plugins.series import load_series
+
+    t = time.perf_counter()
+    inputs: dict[str, SeriesInput] = {}
+    for name, files in spec.inputs.items():
+        if name == spec.primary:
+            inputs[name] = primary
+            continue
+        try:
+            inputs[name] = load_series([Path(f) for f in files])
+        except GeometryError as e:
+            raise GeometryError(f"input {name}: {e}") from None
+        _timed(inputs[name], timings, pixel_read)
+    study = StudyInput(
+        inputs,
+        study_uid=spec.study.get("study_uid", ""),
+        study_date=spec.study.get("study_date", ""),
+        patient_id=spec.study.get("patient_id", ""),
+        priors=primary.priors,
+        primary_name=spec.primary,
+    )
+    for s in inputs.values():
+        s.study, s.priors = study, primary.priors
+    timings["load"] += time.perf_counter() - t
+    return study
+
+
+def _argument(info: Any, series: SeriesInput, study: Any) -> Any:
+    """What a plugin's run gets: the StudyInput for a ``takes="study"`` plugin, else the (primary) series."""
+    if getattr(info, "takes", "series") != "study":
+        return series
+    if study is None:
+        raise PluginError(
+            f'plugin {info.name} takes a study (takes = "study"): run it from a study rule (scope = "study")'
+        )
+    return study
 
 
 def _failure(e: BaseException, step: str, spec: WorkSpec, info: Any) -> tuple[str, bool]:
@@ -202,7 +263,7 @@ def run(spec: WorkSpec) -> WorkResult:
     """
     from node.derive.common import Provenance
     from node.plugins.registry import load
-    from node.plugins.series import load_series
+    from node.plugins.series import load_priors, load_series
 
     timings = {"load": 0.0, "plugin": 0.0, "build": 0.0, "write": 0.0}
     names: list[str] = []
@@ -220,6 +281,9 @@ def run(spec: WorkSpec) -> WorkResult:
     t = time.perf_counter()
     try:
         series = load_series([Path(f) for f in spec.files])
+        if spec.priors:
+            step = "loading the prior studies"
+            series.priors = load_priors(spec.priors)
     except Exception as e:  # noqa: BLE001 (MemoryError included: it is an Exception)
         error, retryable = _failure(e, step, spec, info)
         return WorkResult(False, error=error, retryable=retryable, timings=timings, plugins=names, notes=notes)
@@ -227,11 +291,18 @@ def run(spec: WorkSpec) -> WorkResult:
     try:
         # Pixels are read when a plugin first asks: count that reading as "load", not as the plugin's time.
         pixel_read = _timed(series, timings)
+        step = "loading the study's inputs"
+        study = _study_input(spec, series, timings, pixel_read)
         for k, s in enumerate(spec.steps):
             series.previous = list(results)
             if s.kind == "environment":
                 step = f"running plugin {s.name} (environment {s.environment})"
                 info = _RemoteInfo(s.remote or {})
+                if (s.remote or {}).get("takes") == "study":
+                    raise PluginError(
+                        f'plugin {s.name} takes a study (takes = "study") and runs in environment {s.environment}: '
+                        "the worker protocol passes one series; install it in the node's own environment"
+                    )
                 out, prov = _remote_step(s, k, series, spec, timings, pixel_read)
                 names.append(prov.algorithm + " " + prov.algorithm_version)
             elif s.kind == "command":
@@ -248,7 +319,7 @@ def run(spec: WorkSpec) -> WorkResult:
                 prov = _provenance(spec, info.name, info.version, info.dump_params(params), info.family)
                 step = f"running plugin {s.name}"
                 t, before = time.perf_counter(), pixel_read[0]
-                out = info.run(series, params)
+                out = info.run(_argument(info, series, study), params)
                 timings["plugin"] += time.perf_counter() - t - (pixel_read[0] - before)
             out = as_results(s.name, out)
             # The rule's template, else the plugin's own, describes its segments.

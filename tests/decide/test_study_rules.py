@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from helpers import TEST_PLUGINS, series_files, wait_for
+from helpers import TEST_PLUGINS, wait_for
 from helpers.ingest import receive
+from helpers.studies import series_uid, study_series
 from pydicom import dcmread
-from pydicom.uid import generate_uid
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
@@ -38,8 +38,6 @@ from node.receive.ingest import Ingest
 from node.storage import Storage
 
 sys.path.insert(0, str(TEST_PLUGINS))  # study_plugins.py: the local test plugins the config names
-
-CT = "ct-head-philips-5mm"
 
 CONFIG = """
 [node]
@@ -70,26 +68,6 @@ enabled = {whole_study}
 match = {{ Modality = "CT" }}
 actions = [{{ type = "plugin", plugin = "threshold-seg" }}]
 """
-
-
-def variant(folder: Path, number: int, contrast: bool, count: int = 3) -> list[Path]:
-    """The first ``count`` slices of the shared CT as a series of its own (same study and patient)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    series_uid = generate_uid(entropy_srcs=[str(folder), "series"])
-    out = []
-    for i, path in enumerate(series_files(CT)[:count]):
-        ds = dcmread(path)
-        ds.SeriesInstanceUID = series_uid
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[str(folder), str(i)])
-        ds.SeriesNumber = number
-        if contrast:
-            ds.ContrastBolusAgent = "IOPAMIDOL"
-        elif "ContrastBolusAgent" in ds:
-            del ds.ContrastBolusAgent
-        target = folder / f"{i}.dcm"
-        ds.save_as(target)
-        out.append(target)
-    return out
 
 
 @dataclass
@@ -178,14 +156,14 @@ def node(tmp_path: Path) -> Iterator[Node]:
 
 
 def test_a_study_rule_fires_once_when_its_inputs_arrived_in_separate_associations(node: Node, tmp_path: Path) -> None:
-    plain = variant(tmp_path / "plain", 2, contrast=False)
-    contrast = variant(tmp_path / "contrast", 3, contrast=True)
+    plain = study_series(tmp_path / "plain", 2, contrast=False)
+    contrast = study_series(tmp_path / "contrast", 3, contrast=True)
 
     node.receive(plain)
     wait_for(lambda: node.series_triggered(1) and node.waiting(), 10, "the plain series to trigger")
     assert node.triggers() == [] and node.jobs() == []
     assert node.waiting() == [("enhancement", "waiting for ct_contrast")]
-    explained = "\n".join(explain_series(node.engine, node.cfg.data_dir, node.cfg.ruleset, _uid(plain)))
+    explained = "\n".join(explain_series(node.engine, node.cfg.data_dir, node.cfg.ruleset, series_uid(plain)))
     assert "enhancement" in explained and "waiting for ct_contrast" in explained, explained
 
     node.receive(contrast)
@@ -216,13 +194,9 @@ def test_a_study_rule_fires_once_when_its_inputs_arrived_in_separate_association
     assert len(node.triggers()) == 1 and len(node.jobs()) == 1
 
 
-def _uid(files: list[Path]) -> str:
-    return str(dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
-
-
 def test_a_restart_while_a_study_rule_waits_then_the_input_arrives_fires_once(node: Node, tmp_path: Path) -> None:
-    plain = variant(tmp_path / "plain", 2, contrast=False)
-    contrast = variant(tmp_path / "contrast", 3, contrast=True)
+    plain = study_series(tmp_path / "plain", 2, contrast=False)
+    contrast = study_series(tmp_path / "contrast", 3, contrast=True)
     node.receive(plain)
     wait_for(lambda: node.series_triggered(1) and node.waiting(), 10, "the plain series to trigger")
 
@@ -242,8 +216,8 @@ def test_a_new_revision_of_an_input_fires_again_only_with_on_revision_rerun(
     tmp_path: Path, on_revision: str, fired: int
 ) -> None:
     with running(tmp_path, extra=f'on_revision = "{on_revision}"') as node:
-        plain = variant(tmp_path / "plain", 2, contrast=False)
-        contrast = variant(tmp_path / "contrast", 3, contrast=True, count=4)
+        plain = study_series(tmp_path / "plain", 2, contrast=False)
+        contrast = study_series(tmp_path / "contrast", 3, contrast=True, count=4)
         node.receive(plain + contrast[:3])
         wait_for(lambda: node.triggers(), 10, "the study rule to fire")
         node.receive(contrast[3:])  # revision 2 of the contrast series
@@ -270,8 +244,8 @@ def _revision(node: Node, files: list[Path]) -> int:
 
 def test_a_study_rule_without_inputs_fires_once_the_study_is_quiet(tmp_path: Path) -> None:
     with running(tmp_path, extra="enabled = false", whole_study=True) as node:
-        first = variant(tmp_path / "a", 7, contrast=False)
-        second = variant(tmp_path / "b", 4, contrast=True)
+        first = study_series(tmp_path / "a", 7, contrast=False)
+        second = study_series(tmp_path / "b", 4, contrast=True)
         node.receive(first)
         wait_for(lambda: node.series_triggered(1), 10, "the first series to trigger")
         node.receive(second)  # within the study's quiet period: one firing for both
