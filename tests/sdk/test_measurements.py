@@ -16,7 +16,7 @@ from dicom_node_sdk import (
     ResultError,
     codes,
 )
-from dicom_node_sdk.protocol import result_from_json, result_to_json
+from dicom_node_sdk.protocol import WorkerClient, encode_series, result_from_json, result_to_json
 
 ML = Code("ml", "UCUM", "milliliter")
 HU = Code("[hnsf'U]", "UCUM", "Hounsfield unit")
@@ -98,3 +98,29 @@ def test_a_wrong_field_says_what_to_change(make, message):
     with pytest.raises(ResultError, match=None) as e:
         make()
     assert message in str(e.value)
+
+
+def test_measurements_come_back_from_a_warm_worker_with_numpy_1_and_pydicom_2(old_python, workers, ct_series, exchange):
+    """The Segmentation of an earlier step goes to the worker as ``previous``; its Measurements come back equal."""
+    import measure_sdk_plugin
+
+    from node.plugins.builtin.threshold import Params, threshold_seg
+
+    (seg,) = threshold_seg(ct_series, Params())
+    ct_series.previous = [seg]
+    w = workers(old_python, "measure=measure_sdk_plugin:measure")
+    assert w.ready["ready"] is True, w.stderr()
+    with WorkerClient(w.socket, timeout=120) as client:
+        reply = client.run(encode_series(ct_series, exchange / "voxels.npy"), {}, out_dir=exchange, previous=[seg])
+    (got,) = reply.results
+    want = measure_sdk_plugin.compute(ct_series, seg)
+    assert got.description.startswith("numpy 1.")  # computed in the old environment
+    # Codes, references and counts exactly; means as numpy 1 sums them (float64, in another order).
+    assert [(g.tracking_id, g.finding, g.segment) for g in got.groups] == [
+        (g.tracking_id, g.finding, g.segment) for g in want.groups
+    ]
+    for g, w_ in zip(got.groups, want.groups, strict=True):
+        assert [(m.name, m.unit, m.derivation) for m in g.measurements] == [
+            (m.name, m.unit, m.derivation) for m in w_.measurements
+        ]
+        assert [m.value for m in g.measurements] == pytest.approx([m.value for m in w_.measurements], rel=1e-12)
