@@ -600,12 +600,12 @@ VALIDATION_CASES = [
     (
         "unknown plugin",
         one_rule(actions='type = "plugin"\nplugin = "lung-seg"'),
-        "rules[0] (\"r\").actions[0].plugin: unknown plugin 'lung-seg' (installed: body-parts-seg, distance-map, mip-sc, overlay-sc, seg, smooth-series, threshold-seg)",
+        "rules[0] (\"r\").actions[0].plugin: unknown plugin 'lung-seg' (installed: body-parts-seg, distance-map, mip-sc, overlay-sc, seg, segment-stats, smooth-series, threshold-seg, volume-change)",
     ),
     (
         "unknown plugin in a chain",
         one_rule(actions='type = "plugin"\nplugins = [{ name = "seg" }, { name = "lung-seg" }]'),
-        "rules[0] (\"r\").actions[0].plugins[1].name: unknown plugin 'lung-seg' (installed: body-parts-seg, distance-map, mip-sc, overlay-sc, seg, smooth-series, threshold-seg)",
+        "rules[0] (\"r\").actions[0].plugins[1].name: unknown plugin 'lung-seg' (installed: body-parts-seg, distance-map, mip-sc, overlay-sc, seg, segment-stats, smooth-series, threshold-seg, volume-change)",
     ),
     (
         "unknown destination in forward",
@@ -805,7 +805,7 @@ def test_all_errors_reported_in_one_message(tmp_path):
         '  rules[0] ("ct").priorty: unknown key',
         "  rules[0] (\"ct\").match.SeriesDescription.regex: invalid regular expression '('",
         "  rules[1] (\"mr\").actions[0].send_to: unknown destination 'x' (destinations: pacs)",
-        "  rules[1] (\"mr\").actions[0].plugin: unknown plugin 'nope' (installed: body-parts-seg, distance-map, mip-sc, overlay-sc, seg, smooth-series, threshold-seg)",
+        "  rules[1] (\"mr\").actions[0].plugin: unknown plugin 'nope' (installed: body-parts-seg, distance-map, mip-sc, overlay-sc, seg, segment-stats, smooth-series, threshold-seg, volume-change)",
         '  rules[2] ("bad name").name: use letters, digits',
         "  rules[2] (\"bad name\").match.Calling_AE: 'Calling_AE' is not a DICOM keyword (did you mean 'calling_ae'?)",
         '  rules[3] ("mr").stable_after: Input should be greater than 0 (got 0)',
