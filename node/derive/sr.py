@@ -66,10 +66,11 @@ def _segmentation_for(group: MeasurementGroup, index: int, segs: Mapping[int, Da
             )
         return segs[max(before)]
     if group.segmentation not in segs:
-        made = ", ".join(map(str, sorted(segs))) or "none"
+        made = f"results {', '.join(map(str, sorted(segs)))}" if segs else "none"
         raise OutputError(
-            f"{owner}: segmentation = {group.segmentation} is not a Segmentation this job wrote (its Segmentation "
-            f"results are at index {made}, counting every result of the chain from 0)"
+            f"{owner}: segmentation = {group.segmentation} is not a Segmentation this job wrote (the SEGs it wrote: "
+            f"{made}, counting every result of the chain from 0; a Segmentation that failed to build is not "
+            "among them)"
         )
     return segs[group.segmentation]
 

@@ -8,6 +8,7 @@ is an error that says what to change.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import highdicom as hd
@@ -308,3 +309,29 @@ def test_the_key_object_selection_lists_the_outputs_and_dciodvfy_finds_no_error(
     # The same outputs make the same KOS (a retry re-sends it); other outputs another one.
     assert build_kos([sr, seg], prov()).SOPInstanceUID == kos.SOPInstanceUID
     assert build_kos([seg], prov()).SOPInstanceUID != kos.SOPInstanceUID
+
+
+def test_a_report_returned_before_its_segmentation_references_it(tmp_path: Path) -> None:
+    """The node builds every SEG of a job before its SRs, and keeps the outputs in the order they were returned."""
+    from helpers import TEST_PLUGINS
+
+    from node.plugins.worker import StepSpec, WorkSpec, run
+
+    spec = WorkSpec(
+        files=[str(f) for f in series_files(CT)],
+        out_dir=str(tmp_path),
+        job_key=("order", 1, "r", 0),
+        steps=[StepSpec("report-first", "measure_plugins:report_first", {})],
+    )
+    sys.path.insert(0, str(TEST_PLUGINS))
+    try:
+        result = run(spec)
+    finally:
+        sys.path.remove(str(TEST_PLUGINS))
+    assert result.ok, result.error
+    assert [o.kind for o in result.outputs] == ["SR", "SEG"]
+    sr, seg = (pydicom.dcmread(o.file) for o in result.outputs)
+    back = hd.sr.MeasurementReport.from_sequence(hd.sr.Comprehensive3DSR.from_dataset(sr).content)
+    (group,) = back.get_volumetric_roi_measurement_groups()
+    assert group.referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID
+    assert [m.value for m in group.get_measurements()] == [3 * 50 * 50]

@@ -11,6 +11,7 @@ from node.plugins.api import (
     Measurements,
     NoParams,
     PluginError,
+    Segment,
     Segmentation,
     SeriesInput,
     codes,
@@ -49,3 +50,14 @@ def measure(series: SeriesInput, params: NoParams) -> Measurements:
             )
         )
     return Measurements(groups, description="segment measurements")
+
+
+@plugin(name="report-first", version="1.0", params=NoParams)
+def report_first(series: SeriesInput, params: NoParams) -> list[Measurements | Segmentation]:
+    """Its report before the Segmentation the report measures (``segmentation=1``): the node builds the SEG first."""
+    mask = np.zeros((len(series), int(series.first.Rows), int(series.first.Columns)), dtype=bool)
+    mask[2:5, 100:150, 100:150] = True
+    seg = Segmentation(mask, [Segment("Box", codes.SCT.Tissue, codes.SCT.Tissue)])
+    volume = Measurement(codes.SCT.Volume, int(mask.sum()), VOXELS)
+    group = MeasurementGroup("Box", codes.SCT.Tissue, [volume], segment=1, segmentation=1)
+    return [Measurements([group]), seg]
