@@ -336,6 +336,13 @@ def plugins_run(
         ..., "--out", "-o", help="Folder for the outputs: one sub-folder per source series, named by its UID."
     ),
     timeout: float | None = typer.Option(None, "--timeout", help="Seconds per series (default: [plugins] timeout)."),
+    study: bool = typer.Option(
+        False, "--study", help="One run per study, its series as named inputs (series-<number>), as a study rule."
+    ),
+    primary: str | None = typer.Option(None, "--primary", help="With --study: the input the outputs are built on."),
+    priors: list[Path] = typer.Option(
+        [], "--prior", help="Files or folders of a prior study of the patient (repeatable): the plugin's priors."
+    ),
     config: Path | None = ConfigOption,
 ) -> None:
     """Run a plugin on files as a node job runs it, without a node: for plugin authors.
@@ -347,9 +354,11 @@ def plugins_run(
     """
     from node.plugins import offline
 
-    missing = [p for p in paths if not p.exists()]
+    missing = [p for p in [*paths, *priors] if not p.exists()]
     if missing:
         _fail(f"no such file or folder: {', '.join(map(str, missing))}", 2)
+    if primary is not None and not study:
+        _fail("--primary names an input of a study: give --study too", 2)
     cfg = _settings(config)
     chain = [n.strip() for n in name.split(",") if n.strip()]
     try:
@@ -357,15 +366,21 @@ def plugins_run(
     except offline.OfflineError as e:
         _fail(str(e), 2)
     series, skipped = offline.group_series(paths, outputs=out_dir)
-    for path, why in skipped[:20]:
+    prior_series, prior_skipped = offline.group_series(priors, outputs=out_dir) if priors else ([], [])
+    for path, why in [*skipped, *prior_skipped][:20]:
         console.print(f"  skipped {path}: {why}", highlight=False, markup=False)
-    if len(skipped) > 20:
-        console.print(f"  ... and {len(skipped) - 20} more files skipped", highlight=False, markup=False)
+    if len(skipped) + len(prior_skipped) > 20:
+        more = len(skipped) + len(prior_skipped) - 20
+        console.print(f"  ... and {more} more files skipped", highlight=False, markup=False)
     failed = 0
     try:
-        for done in offline.run(cfg, chain, series, values, out_dir, timeout=timeout):
+        units = offline.runs(series, study=study, primary=primary)
+        found = offline.prior_studies(prior_series)
+        if priors and not found:
+            _fail("no DICOM series in the --prior paths")
+        for done in offline.run(cfg, chain, units, values, out_dir, timeout=timeout, priors=found):
             ran = ", ".join(done.result.plugins) if done.result and done.result.plugins else " then ".join(chain)
-            _lines([f"{done.series.label()}: {ran}"])
+            _lines([f"{done.unit.label()}: {ran}"])
             _lines([f"  {o.kind:<6} {o.file}  ({o.sop_class})" for o in done.outputs])
             _lines([f"  log    {log}  (what the command printed)" for log in done.logs])
             if done.result is not None and not done.outputs and done.ok:
@@ -378,7 +393,7 @@ def plugins_run(
     except offline.OfflineError as e:
         _fail(str(e))
     if failed:
-        _fail(f"{failed} of {len(series)} series failed (see above)")
+        _fail(f"{failed} of {len(units)} {'studies' if study else 'series'} failed (see above)")
 
 
 @plugins_app.command("new")

@@ -48,6 +48,9 @@ class SourceSeries:
     modality: str
     number: str
     description: str
+    study_uid: str = ""
+    study_date: str = ""
+    patient_id: str = ""
 
     def label(self) -> str:
         """``CT series 2 "STD BRAIN 5MM" (28 files)``."""
@@ -55,6 +58,28 @@ class SourceSeries:
         if self.description:
             what += f' "{self.description}"'
         return f"{what} ({len(self.files)} file{'s' if len(self.files) != 1 else ''})"
+
+    def series_number(self) -> int | None:
+        try:
+            return int(self.number)
+        except ValueError:
+            return None
+
+
+@dataclass(frozen=True)
+class RunInput:
+    """What one run takes: a series, or (``--study``) a study's series by input name around its primary."""
+
+    primary: SourceSeries
+    #: A study run's series by input name (empty for a series run), and the primary's name among them.
+    inputs: dict[str, SourceSeries] = field(default_factory=dict)
+    primary_name: str = ""
+
+    def label(self) -> str:
+        if not self.inputs:
+            return self.primary.label()
+        names = ", ".join(f"{k} ({len(v.files)} files)" for k, v in self.inputs.items())
+        return f"study {self.primary.study_uid}: {names}; primary {self.primary_name}"
 
 
 def _walk(paths: Iterable[Path]) -> Iterator[Path]:
@@ -109,9 +134,59 @@ def group_series(
                 first.text("Modality"),
                 first.text("SeriesNumber"),
                 first.text("SeriesDescription", 64),
+                first.text("StudyInstanceUID"),
+                first.text("StudyDate"),
+                first.text("PatientID"),
             )
         )
     return found, skipped
+
+
+def input_keys(series: Iterable[SourceSeries]) -> dict[str, SourceSeries]:
+    """A study's series keyed as a study rule without declared inputs keys them (node.decide.rules):
+    ``series-<SeriesNumber>`` in number order, the Series Instance UID for none or a shared number."""
+    ordered = sorted(series, key=lambda s: (s.series_number() is None, s.series_number() or 0, s.uid))
+    numbers = [s.series_number() for s in ordered]
+    return {
+        f"series-{s.series_number()}"
+        if s.series_number() is not None and numbers.count(s.series_number()) == 1
+        else s.uid: s
+        for s in ordered
+    }
+
+
+def _by_study(series: Iterable[SourceSeries]) -> dict[str, list[SourceSeries]]:
+    studies: dict[str, list[SourceSeries]] = {}
+    for s in series:
+        studies.setdefault(s.study_uid, []).append(s)
+    return studies
+
+
+def runs(series: list[SourceSeries], *, study: bool = False, primary: str | None = None) -> list[RunInput]:
+    """One run per series; with ``study``, one per study, its series as named inputs (``primary``: which one)."""
+    if not study:
+        return [RunInput(s) for s in series]
+    out = []
+    for uid, group in _by_study(series).items():
+        keys = input_keys(group)
+        name = primary or next(iter(keys))
+        if name not in keys:
+            raise OfflineError(f"--primary {name}: study {uid} has no such series; its series are {', '.join(keys)}")
+        out.append(RunInput(keys[name], keys, name))
+    return out
+
+
+def prior_studies(series: list[SourceSeries]) -> list[dict[str, Any]]:
+    """``--prior`` files as a job's WorkSpec.priors: one entry per study, newest first, each series' files."""
+    studies = [
+        {
+            "study_uid": uid,
+            "study_date": group[0].study_date,
+            "series": [[str(f.resolve()) for f in s.files] for s in group],
+        }
+        for uid, group in _by_study(series).items()
+    ]
+    return sorted(studies, key=lambda p: str(p["study_date"]), reverse=True)
 
 
 def parse_params(text: str | None, chain: list[str]) -> list[dict[str, Any]]:
@@ -201,7 +276,7 @@ class WrittenOutput:
 class SeriesRun:
     """One series' run: what was written where, the job's result (timings, notes, error) and its wall time."""
 
-    series: SourceSeries
+    unit: RunInput
     folder: Path
     outputs: list[WrittenOutput] = field(default_factory=list)
     #: What each command plugin printed, kept beside its outputs.
@@ -213,6 +288,11 @@ class SeriesRun:
     @property
     def ok(self) -> bool:
         return not self.error
+
+    @property
+    def series(self) -> SourceSeries:
+        """The series the outputs are built on (a study run's primary)."""
+        return self.unit.primary
 
 
 def _series_folder(out: Path, uid: str) -> Path:
@@ -249,22 +329,24 @@ def _lease_workers(cfg: Config, steps: list[StepSpec], workers: WorkerPool) -> l
 
 def run_series(
     cfg: Config,
-    series: SourceSeries,
+    unit: RunInput,
     steps: list[StepSpec],
     out: Path,
     *,
     timeout: float,
     run_id: str,
     workers: WorkerPool,
+    priors: list[dict[str, Any]] = (),  # type: ignore[assignment]
 ) -> SeriesRun:
-    """Run the chain on one series in a plugin process; its outputs end up in ``out/<series UID>``."""
+    """Run the chain on one series (or study) in a plugin process; its outputs end up in ``out/<series UID>``."""
     from pydicom.uid import UID
 
     from node.plugins.runtime import PluginRunError, run_in_process
     from node.plugins.worker import WorkSpec
 
+    series = unit.primary
     folder = _series_folder(out, series.uid)
-    done = SeriesRun(series, folder)
+    done = SeriesRun(unit, folder)
     # Absolute: a plugin's worker (another interpreter) runs in a folder of its own.
     work = Path(tempfile.mkdtemp(prefix=".work-", dir=out)).resolve()
     spec = WorkSpec(
@@ -274,6 +356,15 @@ def run_series(
         job_key=(series.uid, 1, f"plugins run {run_id}", 0),
         memory_limit_mb=cfg.plugins.memory_limit_mb,
         station_name=cfg.node.ae_title,
+        inputs={name: [str(f.resolve()) for f in s.files] for name, s in unit.inputs.items()},
+        primary=unit.primary_name,
+        study=(
+            {"study_uid": series.study_uid, "study_date": series.study_date, "patient_id": series.patient_id}
+            if unit.inputs
+            else {}
+        ),
+        # As a node fetches them: other studies than the one the run is on.
+        priors=[p for p in priors if p["study_uid"] != series.study_uid],
     )
     t = time.monotonic()
     leased: list[Any] = []
@@ -316,19 +407,20 @@ def _sop_class_name(uid: Any) -> str:
 def run(
     cfg: Config,
     chain: list[str],
-    series: list[SourceSeries],
+    units: list[RunInput],
     params: list[dict[str, Any]],
     out: Path,
     *,
     timeout: float | None = None,
+    priors: list[dict[str, Any]] = (),  # type: ignore[assignment]
 ) -> Iterator[SeriesRun]:
-    """Run the chain on each series in turn, yielding each one's run as it ends (the command prints as it goes).
+    """Run the chain on each series (or study) in turn, yielding each run as it ends (the command prints as it goes).
 
     Raises OfflineError before anything runs when a plugin or its parameters are wrong.
     """
     from node.plugins.pool import WorkerPool
 
-    if not series:
+    if not units:
         raise OfflineError("no DICOM series in the given paths")
     steps = plan_steps(cfg, chain, params)
     out.mkdir(parents=True, exist_ok=True)
@@ -336,9 +428,16 @@ def run(
     with tempfile.TemporaryDirectory(prefix="dicom-node-worker-logs-") as logs:
         workers = WorkerPool(Path(logs))
         try:
-            for s in series:
+            for unit in units:
                 yield run_series(
-                    cfg, s, steps, out, timeout=timeout or cfg.plugins.timeout, run_id=run_id, workers=workers
+                    cfg,
+                    unit,
+                    steps,
+                    out,
+                    timeout=timeout or cfg.plugins.timeout,
+                    run_id=run_id,
+                    workers=workers,
+                    priors=list(priors),
                 )
         finally:
             workers.close()

@@ -20,7 +20,7 @@ import pydicom
 import pytest
 from helpers import REPO, TEST_PLUGINS
 from helpers.dciodvfy import verify
-from pydicom.uid import SegmentationStorage
+from pydicom.uid import SegmentationStorage, generate_uid
 
 CT = "series/ct-head-philips-5mm"
 
@@ -188,6 +188,61 @@ def test_a_command_plugin_gets_its_label_map_built_and_its_log_kept(tmp_path: Pa
     log = seg_file.parent / "labels.log"
     assert f"log    {log.relative_to(tmp_path)}  (what the command printed)" in r.stdout, r.stdout
     assert "write_labelmap.py" in log.read_text()
+
+
+def copy_series(sources: list[Path], folder: Path, **values: str) -> list[Path]:
+    """The real slices under a new Series (and SOP) Instance UID, with ``values`` set (another study, number...)."""
+    folder.mkdir(parents=True)
+    series_uid = generate_uid()
+    out = []
+    for p in sources:
+        ds = pydicom.dcmread(p)
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = series_uid, generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        for keyword, value in values.items():
+            setattr(ds, keyword, value)
+        ds.save_as(folder / p.name, enforce_file_format=True)
+        out.append(folder / p.name)
+    return out
+
+
+def test_a_study_plugin_gets_the_studys_series_as_inputs_and_its_priors(tmp_path: Path, shared_data: Path) -> None:
+    """--study: the series of a study as a study rule without declared inputs names them; --prior: a prior study."""
+    slices = [shared_data / CT / name for name in ("I10", "I20")]
+    current = tmp_path / "current"
+    (current / "original").mkdir(parents=True)
+    for p in slices:
+        shutil.copy(p, current / "original" / p.name)
+    copy_series(slices, current / "second", SeriesNumber="5")  # the same study, series 5
+    prior_study = generate_uid()
+    copy_series(slices, tmp_path / "prior", StudyInstanceUID=prior_study, StudyDate="20100101", SeriesNumber="3")
+    config = tmp_path / "node.toml"
+    config.write_text(f'[plugins]\npaths = ["{TEST_PLUGINS}"]\nlocal = {{ pair = "study_plugins:pair" }}\n')
+    report = tmp_path / "report.json"
+    args = ["plugins", "run", "pair", str(current), "--out", "out", "--config", str(config)]
+    args += ["--params", json.dumps({"report": str(report)})]
+
+    r = cli(*args, cwd=tmp_path)  # a study plugin on one series at a time: it says what to give
+    assert r.returncode == 1 and 'takes a study (takes = "study")' in r.stderr, r.stderr
+
+    r = cli(*args, "--study", "--primary", "series-201", "--prior", str(tmp_path / "prior"), cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    original = pydicom.dcmread(slices[0], stop_before_pixels=True)
+    assert (
+        f"study {original.StudyInstanceUID}: series-5 (2 files), series-201 (2 files); primary series-201" in r.stdout
+    )
+    got = json.loads(report.read_text())
+    assert got["study_uid"] == original.StudyInstanceUID and got["study_date"] == "20150206"
+    assert sorted(got["inputs"]) == ["series-201", "series-5"]
+    assert got["primary"] == original.SeriesInstanceUID
+    assert [(p["study_uid"], p["study_date"]) for p in got["priors"]] == [(prior_study, "20100101")]
+    # The outputs are built on the primary, as in a node.
+    (seg_file,) = (tmp_path / "out").glob("*/seg-*.dcm")
+    assert seg_file.parent.name == original.SeriesInstanceUID
+    verify(seg_file, "plugins run --study: SEG of a study plugin")
+
+    r = cli(*args, "--study", "--primary", "series-9", cwd=tmp_path)
+    assert r.returncode == 1 and "--primary series-9: study" in r.stderr and "series-5, series-201" in r.stderr
 
 
 def test_mistakes_are_named_before_anything_runs(tmp_path: Path, shared_data: Path) -> None:
