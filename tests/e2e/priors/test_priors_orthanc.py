@@ -36,8 +36,6 @@ from node.plugins.builtin.threshold import Params
 from node.plugins.builtin.volume_change import volume_change
 from node.plugins.series import load_priors, load_series
 
-pytestmark = pytest.mark.xdist_group("priors-orthanc")
-
 CT = "ct-head"
 #: Slices the prior lacks at the top of the head (its bone volume is smaller by what they hold).
 DROPPED = 6
@@ -82,7 +80,11 @@ def _config(
     extra_rule: str = "",
     workers: int = 2,
     retrieve: str = "move",
+    scope: str = "series",
 ) -> str:
+    """The node's config: the source, and rule follow-up running volume-change with priors (a study rule with
+    ``scope = "study"``: its one declared input is the CT series, whose plugin gets the priors too)."""
+    study = 'scope = "study"\ninputs.ct = { Modality = "CT" }\n' if scope == "study" else ""
     return f"""
 [tracker]
 stable_after = 1
@@ -108,7 +110,7 @@ retrieve = "{retrieve}"
 [[rules]]
 name = "follow-up"
 match = {{ Modality = "CT" }}
-[[rules.actions]]
+{study}[[rules.actions]]
 type = "plugin"
 plugin = "volume-change"
 send_to = ["orthanc"]
@@ -264,11 +266,13 @@ plugin = "threshold-seg"
     assert plain_end < follow_end
 
 
-def test_a_job_waiting_for_its_source_survives_a_restart_and_resumes_once_the_pacs_answers(
+def test_a_study_rules_job_waiting_for_its_source_survives_a_restart_and_resumes_once_the_pacs_answers(
     pacs: tuple[Orthanc, NodeProcess], studies: Studies
 ) -> None:
     orthanc, node = pacs
-    node.extra_config = _config(orthanc.dicom_port, orthanc.aet, timeout="10m") + orthanc.destination("orthanc")
+    node.extra_config = _config(orthanc.dicom_port, orthanc.aet, timeout="10m", scope="study") + orthanc.destination(
+        "orthanc"
+    )
     node.start()
     r = storescu(node.port, studies.current)
     assert r.returncode == 0, r.stderr
@@ -290,6 +294,16 @@ def test_a_job_waiting_for_its_source_survives_a_restart_and_resumes_once_the_pa
     job = _wait_job(node, "follow-up", ("succeeded", "failed"), 120)
     assert job[2] == "succeeded", job
     assert node.query("select state, received from prior_fetch") == [("retrieved", len(studies.prior))]
+    assert node.query("select count(*) from study_trigger") == [(1,)]  # the prior study fired no study rule
+    # The plugin of the study rule's job got the prior: its report holds the prior's volume.
+    [(sr_path,)] = node.query("select file_path from instance where job_fk = ? and sop_class_uid = ?", job[0], SR_CLASS)
+    got = _sr_values(pydicom.dcmread(node.data_dir / sr_path))
+    assert set(got["Bone"]) == {
+        "Volume",
+        "Volume in prior study",
+        "Volume change since prior study",
+        "Fractional Change",
+    }
 
 
 def test_with_retrieve_get_the_prior_comes_on_the_nodes_own_association(tmp_path: Path, studies: Studies) -> None:
