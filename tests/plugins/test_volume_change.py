@@ -54,9 +54,7 @@ def _values(m: Measurements) -> dict[str, float]:
 def test_volumes_now_and_in_the_prior_and_the_change(studies: tuple[list[Path], list[Path]]) -> None:
     current, prior = studies
     series = load_series(current)
-    series.priors = load_priors(
-        [{"study_uid": "1.2.3", "study_date": "20190101", "series": [[str(p) for p in prior]]}]
-    )
+    series.priors = load_priors([{"study_uid": "1.2.3", "study_date": "20190101", "series": [[str(p) for p in prior]]}])
     seg, report = volume_change(series, Params())
     assert isinstance(seg, Segmentation) and isinstance(report, Measurements)
     now, before = _bone_ml(current), _bone_ml(prior)
