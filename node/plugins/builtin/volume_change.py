@@ -103,9 +103,7 @@ def _group(tid: str, number: int, seg: Segmentation, now: float, before: float |
         if before > 0:
             measurements.append(Measurement(codes.DCM.FractionalChange, 100.0 * (now - before) / before, PERCENT))
     described = seg.segments[number - 1]
-    return MeasurementGroup(
-        tracking_id=tid, finding=described.type, measurements=measurements, segment=number
-    )
+    return MeasurementGroup(tracking_id=tid, finding=described.type, measurements=measurements, segment=number)
 
 
 @plugin(name="volume-change", version="1.0", params=Params, family=codes.cid7162.HistogramAnalysis)
