@@ -20,6 +20,7 @@ from node.decide.rules import RuleResult, RuleSet, StudyResult
 from node.decide.study import study_series
 from node.index.models import Job, Patient, Series, SeriesRevision, Study, StudyTrigger, aware, utcnow
 from node.index.states import JobState, SeriesState
+from node.qr.priors import is_prior_study
 
 
 def _when(value: dt.datetime | None) -> str:
@@ -101,6 +102,11 @@ def explain_series(engine: Engine, data_dir: Path, ruleset: RuleSet, series_uid:
     if snap is None:
         lines.append("  (no instance of the series is stored, so the rules cannot be evaluated)")
         return lines
+    if is_prior_study(engine, study.study_instance_uid):
+        lines.append(
+            "  its study is a prior retrieved from a [[sources]] PACS for a job (docs/priors.md): the node "
+            "evaluates no rule for it (below: what they would say otherwise)"
+        )
     extra = _facts_line(snap.facts)
     lines.append(f"Rules, evaluated now for revision {snap.revision}" + (f" ({extra})" if extra else "") + ":")
     lines.extend(rule_lines(ruleset.evaluate(snap.facts)))
@@ -200,6 +206,10 @@ def replay(
                 continue
             if snap is None:
                 continue
+            if is_prior_study(engine, snap.study_uid):  # the tracker evaluates no rule for a retrieved prior
+                fired["(prior study)"] += 1
+                lines.append(f"series {snap.series_uid}: a prior study retrieved for a job (docs/priors.md): no rule")
+                continue
             results = [r for r in ruleset.evaluate(snap.facts) if r.fired]
             head = (
                 f'{_when(snap.last_received_at)}  {snap.modality:<3} "{snap.description}" '
@@ -211,4 +221,29 @@ def replay(
             for r in results:
                 fired[r.rule.name] += 1
                 lines.append(f"{head}: {r.rule.name} -> " + "; ".join(a.summary() for a in r.rule.model.actions))
+        if ruleset.study_rules:
+            lines += _replay_studies(s, data_dir, ruleset, ids, fired)
     return lines, fired
+
+
+def _replay_studies(
+    session: Session, data_dir: Path, ruleset: RuleSet, series_ids: Sequence[int], fired: Counter[str]
+) -> list[str]:
+    """What the study rules would fire now for the studies of ``series_ids`` (each study once)."""
+    lines = []
+    studies = session.execute(
+        select(Study.id, Study.study_instance_uid)
+        .where(Study.id.in_(select(Series.study_fk).where(Series.id.in_(series_ids))))
+        .order_by(Study.id)
+    ).all()
+    for study_id, study_uid in studies:
+        for r in ruleset.evaluate_study(study_series(session, data_dir, study_id), utcnow()):
+            if r.status != "ready":
+                if r.status == "waiting":
+                    lines.append(f"study {study_uid}: {r.rule.name} {r.why}")
+                continue
+            fired[r.rule.name] += 1
+            inputs = ", ".join(f"{name}={s.series_uid}" for name, s in r.inputs.items())
+            actions = "; ".join(a.summary() for a in r.rule.model.actions)
+            lines.append(f"study {study_uid}: {r.rule.name} ({inputs}; primary {r.primary}) -> {actions}")
+    return lines

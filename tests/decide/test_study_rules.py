@@ -9,9 +9,12 @@ waits loses nothing; a new revision of an input fires again only when the rule a
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import sys
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from node.config import Config
 from node.decide.compile import load_checked_config
-from node.decide.explain import explain_series
+from node.decide.explain import explain_series, replay
 from node.decide.rules import RulesError, RuleSet
 from node.decide.study import evaluate_study
 from node.decide.tracker import SeriesTracker
@@ -37,11 +40,13 @@ from node.index.writer import IndexWriter
 from node.receive.ingest import Ingest
 from node.storage import Storage
 
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 sys.path.insert(0, str(TEST_PLUGINS))  # study_plugins.py: the local test plugins the config names
 
 CONFIG = """
 [node]
 data_dir = "{data_dir}"
+{database}
 
 [tracker]
 stable_after = 0.5
@@ -128,10 +133,8 @@ class Node:
 
 
 @contextmanager
-def running(tmp_path: Path, extra: str = "", whole_study: bool = False) -> Iterator[Node]:
-    config = tmp_path / "node.toml"
-    config.write_text(CONFIG.format(data_dir=tmp_path / "data", extra=extra, whole_study=str(whole_study).lower()))
-    cfg = load_checked_config(config, environ={})
+def running(tmp_path: Path, extra: str = "", whole_study: bool = False, url: str = "") -> Iterator[Node]:
+    cfg = _config(tmp_path, extra, whole_study, url)
     storage = Storage(cfg.data_dir)
     storage.prepare()
     engine = make_engine(cfg.database_url)
@@ -147,6 +150,14 @@ def running(tmp_path: Path, extra: str = "", whole_study: bool = False) -> Itera
             node.stop()
         writer.stop()
         engine.dispose()
+
+
+def _config(tmp_path: Path, extra: str = "", whole_study: bool = False, url: str = "", name: str = "node") -> Config:
+    config = tmp_path / f"{name}.toml"
+    database = f'[database]\nurl = "{url}"\n[tracker]' if url else ""
+    text = CONFIG.format(data_dir=tmp_path / "data", extra=extra, whole_study=str(whole_study).lower(), database="")
+    config.write_text(text.replace("[tracker]", database, 1) if url else text)
+    return load_checked_config(config, environ={})
 
 
 @pytest.fixture
@@ -165,6 +176,8 @@ def test_a_study_rule_fires_once_when_its_inputs_arrived_in_separate_association
     assert node.waiting() == [("enhancement", "waiting for ct_contrast")]
     explained = "\n".join(explain_series(node.engine, node.cfg.data_dir, node.cfg.ruleset, series_uid(plain)))
     assert "enhancement" in explained and "waiting for ct_contrast" in explained, explained
+    lines, fired = replay(node.engine, node.cfg.data_dir, node.cfg.ruleset, EPOCH)
+    assert f"study {node.study_uid()}: enhancement waiting for ct_contrast" in lines and not fired["enhancement"]
 
     node.receive(contrast)
     wait_for(lambda: node.triggers(), 10, "the study rule to fire")
@@ -186,6 +199,13 @@ def test_a_study_rule_fires_once_when_its_inputs_arrived_in_separate_association
         trigger.id,
     )
     assert node.waiting() == []
+    # Replay (what the rules would do now with what is stored) shows the study rule with its inputs.
+    lines, fired = replay(node.engine, node.cfg.data_dir, node.cfg.ruleset, EPOCH)
+    assert fired["enhancement"] == 1
+    assert (
+        f"study {node.study_uid()}: enhancement (ct_plain={series_uid(plain)}, ct_contrast={series_uid(contrast)}; "
+        "primary ct_contrast) -> run pair"
+    ) in lines, lines
 
     # Evaluated again (as a restart or another process would): the same inputs never fire twice.
     assert node.tracker is not None
@@ -322,3 +342,39 @@ def test_study_quiet_takes_a_duration() -> None:
     )
     [rule] = rules.study_rules
     assert rule.model.study_quiet == 120 and rules.series_rules == []
+
+
+def test_two_processes_evaluating_a_ready_study_at_once_fire_it_once(tmp_path: Path, any_index_url: str) -> None:
+    """Each evaluation claims the firing in its own transaction: the study_trigger row's insert decides."""
+    with running(tmp_path, extra="enabled = false", url=any_index_url) as node:  # stored, not fired
+        node.receive(study_series(tmp_path / "plain", 2, contrast=False))
+        node.receive(study_series(tmp_path / "contrast", 3, contrast=True))
+        wait_for(lambda: node.series_triggered(2) and _evaluated(node), 10, "both series to trigger")
+        study_id = _study_id(node)
+    ruleset = _config(tmp_path, url=any_index_url, name="enabled").ruleset
+    assert ruleset is not None
+    barrier = threading.Barrier(2)
+
+    def process() -> list[tuple[str, int, list[int]]]:
+        engine = make_engine(any_index_url)  # a connection pool of its own, as another process has
+        try:
+            barrier.wait(10)
+            return evaluate_study(engine, engine, node.cfg.data_dir, ruleset, study_id).fired
+        finally:
+            engine.dispose()
+
+    with ThreadPoolExecutor(2) as pool:
+        fired = [f for f in pool.map(lambda _: process(), range(2))]
+    assert sorted(len(f) for f in fired) == [0, 1], fired
+    engine = make_engine(any_index_url)
+    try:
+        with Session(engine) as s:
+            assert len(s.scalars(select(StudyTrigger)).all()) == 1
+            assert len(s.scalars(select(Job)).all()) == 1
+    finally:
+        engine.dispose()
+
+
+def _study_id(node: Node) -> int:
+    with Session(node.engine) as s:
+        return int(s.scalars(select(Study.id)).one())
