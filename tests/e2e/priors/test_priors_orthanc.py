@@ -140,6 +140,18 @@ def _sr_values(ds: pydicom.Dataset) -> dict[str, dict[str, float]]:
     }
 
 
+def _cli(node: NodeProcess, *args: str) -> str:
+    """``dicom-node ARGS --config`` on the node's config; its output (it must succeed)."""
+    r = subprocess.run(
+        [sys.executable, "-m", "node", *args, "--config", str(node.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
 @pytest.fixture
 def pacs(tmp_path: Path) -> Iterator[tuple[Orthanc, NodeProcess]]:
     """An Orthanc that knows the node (AE and port) as a modality, and the node (not started)."""
@@ -183,6 +195,12 @@ def test_a_prior_from_orthanc_is_retrieved_compared_and_the_seg_and_sr_delivered
     assert node.query("select count(*) from job where series_fk = ?", prior_series[0][0]) == [(0,)]
     assert node.query("select count(*) from delivery where series_fk = ?", prior_series[0][0]) == [(0,)]
     assert "a prior study retrieved for a job; no rule is evaluated for it" in node.log()
+    # rules explain says why nothing fired; replay (a dry run) does not claim a rule would fire for it.
+    prior_uid = str(pydicom.dcmread(studies.prior[0], stop_before_pixels=True).SeriesInstanceUID)
+    explained = _cli(node, "rules", "explain", prior_uid)
+    assert "its study is a prior retrieved from a [[sources]] PACS for a job" in explained
+    replayed = _cli(node, "rules", "replay", "--since", "2000-01-01")
+    assert f"series {prior_uid}: a prior study retrieved for a job (docs/priors.md): no rule" in replayed
 
     # SEG and SR made by the job, delivered to Orthanc, valid, and the SR says what the plugin measured.
     node.wait_delivered(timeout=60)
@@ -213,15 +231,9 @@ def test_a_prior_from_orthanc_is_retrieved_compared_and_the_seg_and_sr_delivered
     old_day = (dt.datetime.now(dt.UTC) - dt.timedelta(days=2)).strftime("%Y-%m-%d %H:%M:%S.%f")
     with node.db() as db:
         db.execute("update series set last_received_at = ? where id = ?", (old_day, prior_series[0][0]))
-    r = subprocess.run(
-        [sys.executable, "-m", "node", "retention", "--config", str(node.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert f"priors: deleted 1 series, {len(studies.prior)} instances" in r.stdout, r.stdout
-    assert "sources: deleted 0 series" in r.stdout, r.stdout
+    cleaned = _cli(node, "retention")
+    assert f"priors: deleted 1 series, {len(studies.prior)} instances" in cleaned
+    assert "sources: deleted 0 series" in cleaned
     assert node.query("select count(*) from series where id = ?", prior_series[0][0]) in ([(0,)], [(1,)])
     assert node.query(
         "select count(*) from instance i join series s on s.id = i.series_fk where s.id = ?", prior_series[0][0]
