@@ -74,7 +74,7 @@ def delivery_change(ctx: WebContext, what: Change, sel: Selection, user: str) ->
     destination, ids, series_uid = sel.destination or None, sel.ids or None, sel.series_uid or None
     if what == "retry":
         n = queue.retry(ctx.engine, destination=destination, ids=ids, series_uid=series_uid, actor=user)
-        if sel.all or (sel.destination and not sel.ids):
+        if sel.all or (sel.destination and not sel.ids and not sel.series_uid):  # a whole destination
             n += queue.retry_now(ctx.engine, sel.destination, actor=user)
         ctx.wake_senders()
         message = f"{n} deliver{'y' if n == 1 else 'ies'} queued to be sent now"

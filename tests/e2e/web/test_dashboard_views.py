@@ -195,6 +195,33 @@ def test_a_seg_is_drawn_in_its_colours_over_its_source_slice(page, web_node, tmp
     assert code == 422 and "segmentation" in body["detail"], body
 
 
+def test_a_groups_retry_requeues_that_series_for_that_destination_only(page, web_node):
+    q = web_node.node.query
+    others = q(
+        "SELECT d.id, d.updated_at FROM delivery d JOIN series s ON s.id = d.series_fk"
+        " WHERE s.series_instance_uid != ? AND d.destination = 'down' ORDER BY d.id",
+        web_node.ct_series_uid,
+    )
+    assert len(others) == 3
+    page.goto(web_node.url + "/deliveries?destination=down")
+    page.click(f"tr.group[data-series='{web_node.ct_series_uid}'] button.retry")
+    assert page.inner_text("#msg") == "28 deliveries queued to be sent now"
+    # 'down' still does not answer: they fail again; the other series' deliveries were not touched.
+    wait_for(
+        lambda: q("SELECT count(*) FROM delivery WHERE destination = 'down' AND state = 'failed'")[0][0] == 31,
+        30,
+        "the retried deliveries to fail again",
+    )
+    assert (
+        q(
+            "SELECT d.id, d.updated_at FROM delivery d JOIN series s ON s.id = d.series_fk"
+            " WHERE s.series_instance_uid != ? AND d.destination = 'down' ORDER BY d.id",
+            web_node.ct_series_uid,
+        )
+        == others
+    )
+
+
 def test_the_jobs_and_studies_pages_follow_new_data_without_a_reload(page, web_node, tmp_path):
     before = int(web_node.node.query("SELECT count(*) FROM job")[0][0])
     page.goto(web_node.url + "/jobs")
