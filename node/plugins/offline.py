@@ -339,8 +339,6 @@ def run_series(
     priors: list[dict[str, Any]] = (),  # type: ignore[assignment]
 ) -> SeriesRun:
     """Run the chain on one series (or study) in a plugin process; its outputs end up in ``out/<series UID>``."""
-    from pydicom.uid import UID
-
     from node.plugins.runtime import PluginRunError, run_in_process
     from node.plugins.worker import WorkSpec
 
@@ -376,32 +374,33 @@ def run_series(
             src = Path(o.file)
             target = folder / f"{o.kind.replace(' ', '-').lower()}-{src.name}"
             shutil.move(src, target)
-            sop_class = _sop_class_name(UID(_sop_class_of(target)))
-            done.outputs.append(WrittenOutput(o.kind, target, sop_class))
+            done.outputs.append(WrittenOutput(o.kind, target, _sop_class(target)))
         for k, st in enumerate(steps):  # a command plugin's own output, kept beside what it made
             log = work / f"command-{k}" / "command.log"
             if st.kind == "command" and log.exists():
                 done.logs.append(Path(shutil.move(log, folder / f"{st.name}.log")))
-    except PluginRunError as e:
+    except PluginRunError as e:  # stopped or crashed: the state of its workers is unknown (as in a node job)
         done.error = str(e)
+        for w in leased:
+            w.throw_away(f"plugins run failed while it used it: {e}")
+        leased = []
     except OfflineError as e:
         done.error = str(e)
     finally:
         for w in leased:
-            w.give_back(healthy=w.alive() and not done.error)
+            w.give_back(healthy=w.alive())
         shutil.rmtree(work, ignore_errors=True)
         done.seconds = time.monotonic() - t
     return done
 
 
-def _sop_class_of(path: Path) -> str:
+def _sop_class(path: Path) -> str:
+    """The SOP Class of a written output by name ("Segmentation Storage"), else its UID."""
     from pydicom.filereader import read_file_meta_info
+    from pydicom.uid import UID
 
-    return str(read_file_meta_info(path).get("MediaStorageSOPClassUID", ""))
-
-
-def _sop_class_name(uid: Any) -> str:
-    return str(uid.name) if uid.name and uid.name != str(uid) else str(uid)
+    uid = UID(str(read_file_meta_info(path).get("MediaStorageSOPClassUID", "")))
+    return str(uid.name or uid)
 
 
 def run(
