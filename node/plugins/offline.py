@@ -284,6 +284,8 @@ class SeriesRun:
     result: WorkResult | None = None
     error: str = ""
     seconds: float = 0.0
+    #: Of ``seconds``: starting the warm workers of environment plugins (their setup loads the model).
+    worker_start: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -368,6 +370,7 @@ def run_series(
     leased: list[Any] = []
     try:
         leased = _lease_workers(cfg, steps, workers)
+        done.worker_start = time.monotonic() - t
         done.result = result = run_in_process(spec, timeout=timeout, workers=1)
         done.error = result.error if not result.ok else ""
         for o in result.outputs:
@@ -452,9 +455,10 @@ def timing_line(done: SeriesRun) -> str:
     if "transfer" in t:
         parts.append(f"worker transfer {t['transfer'] * 1000:.0f} ms")
     parts += [f"build {t.get('build', 0):.2f} s", f"write {t.get('write', 0):.2f} s"]
-    spent = sum(t.get(k, 0.0) for k in ("load", "plugin", "transfer", "build", "write"))
+    spent = done.worker_start + sum(t.get(k, 0.0) for k in ("load", "plugin", "transfer", "build", "write"))
+    start = f"worker start and setup {done.worker_start:.2f} s; " if done.worker_start >= 0.005 else ""
     return (
         ", ".join(parts)
-        + f"; process start and hand-over {max(0.0, done.seconds - spent):.2f} s; total {done.seconds:.2f} s"
+        + f"; {start}process start and hand-over {max(0.0, done.seconds - spent):.2f} s; total {done.seconds:.2f} s"
         + f"; peak memory {r.peak_mb:.0f} MiB, {r.peak_added_mb:.0f} MiB for the run"
     )

@@ -160,6 +160,7 @@ def test_a_plugin_in_an_environment_of_its_own_runs_in_a_warm_worker(tmp_path: P
     r = cli("plugins", "run", "env-bone", *files, "--out", "out", "--config", str(config), cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "env-bone 2.0" in r.stdout and "worker transfer" in r.stdout, r.stdout
+    assert "worker start and setup" in r.stdout  # its setup() (the model's loading) apart from the run
     (seg_file,) = (tmp_path / "out").glob("*/seg-*.dcm")
     assert f"SEG    {seg_file.relative_to(tmp_path)}  (Segmentation Storage)" in r.stdout  # as --out was given
     verify(seg_file, "plugins run: SEG of a plugin in an environment")
