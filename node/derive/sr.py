@@ -49,6 +49,13 @@ def tracking_uid(patient_id: str, plugin: str, tracking_id: str) -> str:
     return "2.25." + str(uuid.uuid5(TRACKING_NAMESPACE, f"{patient_id}|{plugin}|{tracking_id}").int)
 
 
+def _patient_key(ds: Dataset) -> str:
+    """Whose findings: the Patient ID; without one (anonymised), the study, so that patients without an ID never
+    share a Tracking UID (their findings are then tracked within the study only)."""
+    patient_id = str(ds.get("PatientID", "") or "").strip()
+    return patient_id or f"study {ds.get('StudyInstanceUID', '')}"
+
+
 def device_uid(plugin: str) -> str:
     """Device Observer UID: the plugin as the observing device (stable across its jobs and versions)."""
     return str(generate_uid(prefix=DERIVED_UID_ROOT, entropy_srcs=["device observer", plugin]))
@@ -213,7 +220,7 @@ def build_sr(
     """
     segs = segs or {}
     sources = prepare(series).datasets
-    patient_id = str(series.first.get("PatientID", "") or "")
+    patient_id = _patient_key(series.first)
     groups = []
     referenced: dict[str, Dataset] = {}
     for g in result.groups:

@@ -206,6 +206,23 @@ def test_a_finding_keeps_its_tracking_uid_in_another_job_and_the_report_gets_its
     assert tracking_uid("p", "other-plugin", "Bone") != tracking_uid("p", "measure", "Bone")
 
 
+def test_series_without_a_patient_id_never_share_a_tracking_uid() -> None:
+    """Anonymised exports without Patient ID: two studies' findings would otherwise be "the same finding"."""
+    m = Measurements([MeasurementGroup("X", codes.SCT.Bone, [Measurement(codes.SCT.Volume, 1.0, ML)])])
+    study_uids = []
+    for study in ("1.2.3.4.1", "1.2.3.4.2"):
+        anonymous = load_series(series_files(CT))
+        for d in anonymous.datasets:
+            d.PatientID = ""
+            d.StudyInstanceUID = study
+        ds = build_sr(anonymous, m, prov(), index=0)
+        (group,) = hd.sr.MeasurementReport.from_sequence(
+            hd.sr.Comprehensive3DSR.from_dataset(ds).content
+        ).get_image_measurement_groups()
+        study_uids.append(group.tracking_uid)
+    assert study_uids[0] != study_uids[1]
+
+
 def test_a_label_map_seg_is_referenced_through_its_source_series(tmp_path: Path, ct: SeriesInput) -> None:
     labels = np.zeros((len(ct), int(ct.first.Rows), int(ct.first.Columns)), np.uint8)
     labels[10:14, 200:260, 200:260] = 1
