@@ -10,12 +10,14 @@ listens or a ``rules`` command answers.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from node.config import Config, ConfigError, error_text, format_errors, load_config, loc_to_key
 from node.decide.rules import RulesError, RuleSet
 from node.derive.template import TemplateError, load_template
+from node.jobs.spec import PluginAction
 from node.plugins.api import ParamsError
 from node.plugins.registry import PluginLoadError, PluginRef, describe, discover
 from node.plugins.registry import check_params as check
@@ -55,25 +57,34 @@ def compile_rules(cfg: Config, source: str = "") -> RuleSet:
     except RulesError as e:
         problems += [f"invalid rules in {source}:"] + [f"  {line}" for line in e.errors]
         raise ConfigError("\n".join(problems)) from None
-    problems += _prior_source_problems(cfg, ruleset, source)
+    problems += _prior_problems(cfg, ruleset, plugins, source)
     if problems:
         raise ConfigError("\n".join(problems))
     return ruleset
 
 
-def _prior_source_problems(cfg: Config, ruleset: RuleSet, source: str) -> list[str]:
-    """A plugin action's ``priors.from`` must name a [[sources]] entry (node.qr.priors asks it)."""
+def _prior_problems(cfg: Config, ruleset: RuleSet, plugins: Mapping[str, PluginRef], source: str) -> list[str]:
+    """A plugin action's ``priors``: ``from`` must name a [[sources]] entry (node.qr.priors asks it), and its
+    plugins must run in the node's own Python (the priors do not reach an environment's worker or a command)."""
     known = {s.name for s in cfg.sources}
     problems = []
     for i, rule in enumerate(ruleset):
         for j, action in enumerate(rule.model.actions):
-            wanted = getattr(action, "priors", None)
-            if wanted is not None and wanted.source not in known:
+            if not isinstance(action, PluginAction) or action.priors is None:
+                continue
+            wanted = action.priors
+            where = f'  rules[{i}] ("{rule.name}").actions[{j}].priors'
+            if wanted.source not in known:
                 names = ", ".join(sorted(known)) or "none are configured; add a [[sources]] table"
-                problems.append(
-                    f'  rules[{i}] ("{rule.name}").actions[{j}].priors.from: unknown source {wanted.source!r} '
-                    f"(sources: {names})"
-                )
+                problems.append(f"{where}.from: unknown source {wanted.source!r} (sources: {names})")
+            for step in action.steps:
+                ref = plugins.get(step.name)
+                if ref is not None and ref.kind != "local":
+                    runs = f"in environment {ref.environment!r}" if ref.kind == "environment" else "as a command"
+                    problems.append(
+                        f"{where}: plugin {step.name!r} runs {runs}; priors reach only plugins that run in the "
+                        "node's own Python"
+                    )
     return [f"invalid rules in {source}:", *problems] if problems else []
 
 

@@ -154,3 +154,15 @@ def test_a_deferred_job_is_pending_at_its_next_try_and_spent_no_attempt(engine: 
     assert not store.defer(engine, job_id, owner.id, note="late", until=until).recorded
     with Session(engine) as s:
         assert s.get(Job, job_id).state == "cancelled"  # type: ignore[union-attr]
+
+
+def test_priors_for_a_plugin_outside_the_nodes_python_are_refused_with_the_reason(tmp_path: Path) -> None:
+    """A command (or a plugin environment's worker) would not get the priors: the rule is refused, not silently run."""
+    command = '[plugins.commands.tool]\ncommand = ["/bin/true", "{input}", "{output}"]\n'
+    rule = RULE.format(source="pacs").replace('plugin = "threshold-seg"', 'plugin = "tool"')
+    with pytest.raises(ConfigError) as e:
+        compile_rules(_load(tmp_path, SOURCE + command + rule))  # type: ignore[arg-type]
+    assert (
+        "rules[0] (\"follow-up\").actions[0].priors: plugin 'tool' runs as a command; priors reach only plugins "
+        "that run in the node's own Python" in str(e.value)
+    )
