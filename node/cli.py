@@ -616,6 +616,7 @@ def jobs_show(job_id: int, config: Path | None = ConfigOption) -> None:
         ("action", f"{j.action_index}: {json.dumps(json.loads(j.action))}"),
         ("series", f'{j.series_instance_uid} ({j.modality} "{j.series_description}")'),
         ("revision", str(j.revision)),
+        ("run", str(j.run) + (" (a rerun: dicom-node lineage shows every run)" if j.run > 1 else "")),
         ("priority", str(j.priority)),
         ("attempts", f"{j.attempts} of {j.max_attempts}"),
         ("created", str(j.created_at)),

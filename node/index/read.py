@@ -380,6 +380,8 @@ class JobDetail(JobRow):
     action: str = ""
     priority: int = 0
     not_before: dt.datetime | None = None
+    #: 1 as the rules made it; 2, 3, ... for an operator's reruns of the same (revision, rule, action).
+    run: int = 1
 
 
 def _job_select() -> Any:

@@ -163,6 +163,8 @@ def test_rerun_of_a_succeeded_job_makes_new_outputs_and_keeps_the_old(web_node):
     _settled(web_node, [new_id])
     new = next(j for j in _jobs(web_node, web_node.ct_series_uid) if j[0] == new_id)
     assert (new[1], new[2], new[3], new[4]) == ("plugin", 2, "succeeded", first[4])
+    code, detail = web_node.get(f"/api/jobs/{new_id}")
+    assert code == 200 and (detail["run"], detail["rule"], detail["action_index"]) == (2, "ct-seg", 0)
     outputs = _outputs(web_node, new_id)
     assert len(outputs) == 1
     new_sop, new_series = outputs[0]
@@ -260,6 +262,8 @@ def test_the_same_from_the_command_line(web_node):
     assert r.returncode == 0, r.stderr
     new_id = int(re.fullmatch(rf"job {job} runs again as job (\d+)\n", r.stdout).group(1))
     _settled(web_node, [new_id])  # the running node picks it up
+    r = cli(web_node, "jobs", "show", str(new_id))
+    assert re.search(r"^ +run: [2-9] \(a rerun", r.stdout, re.M), r.stdout
     r = cli(web_node, "jobs", "rerun", "999999")
     assert r.returncode == 1 and "there is no job 999999" in r.stderr
     r = cli(web_node, "series", "forward", uid, "pacs")
