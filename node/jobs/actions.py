@@ -401,6 +401,9 @@ def plugin(ctx: JobContext) -> str:
         + f"build {t['build']:.1f} s, write {t['write']:.1f} s; "
         f"peak memory {result.peak_mb:.0f} MiB, {result.peak_added_mb:.0f} MiB for the job)"
     )
+    if action.priors is not None:
+        given = ", ".join(f"{p['study_date'] or p['study_uid']} ({len(p['series'])} series)" for p in priors)
+        summary += f"; priors from {action.priors.source}: {given or 'none found'}"
     if result.notes:
         summary += "; " + "; ".join(result.notes)
     if again:

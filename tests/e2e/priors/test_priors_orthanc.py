@@ -180,6 +180,7 @@ def test_a_prior_from_orthanc_is_retrieved_compared_and_the_seg_and_sr_delivered
     assert r.returncode == 0, r.stderr
     job = _wait_job(node, "follow-up", ("succeeded", "failed"), 180)
     assert job[2] == "succeeded", job
+    assert f"priors from pacs: {PRIOR_DATE} (1 series)" in job[5]  # the job's result names what it compared with
 
     # The prior was recorded before it was moved, and arrived: indexed, marked, no rule, nothing sent.
     [fetch] = node.query("select job_fk, source, study_uid, study_date, state, received from prior_fetch")
