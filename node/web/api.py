@@ -147,7 +147,7 @@ class DeliveryPage(BaseModel):
 
 
 class DeliveryGroupPage(BaseModel):
-    total: int = Field(description="how many (series, destination) groups match")
+    total: int = Field(description="how many series match: limit and offset count series, each with its destinations")
     items: list[DeliveryGroupModel]
 
 

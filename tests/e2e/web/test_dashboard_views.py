@@ -121,12 +121,19 @@ def test_deliveries_are_grouped_per_series_and_destination_and_open_to_the_insta
     assert ct["description"] in page.inner_text("main")
 
     code, grouped = web_node.get("/api/deliveries?group=series")
-    assert code == 200 and grouped["total"] == 6, grouped
+    # Four series: limit, offset and the total count series; each brings a group per destination.
+    assert code == 200 and grouped["total"] == 4 and len(grouped["items"]) == 6, grouped
     item = next(
         g for g in grouped["items"] if g["series_instance_uid"] == web_node.ct_series_uid and g["destination"] == "down"
     )
     assert item["states"] == {"failed": 28} and item["total"] == 28 and item["last_error"] == newest
     assert item["patient_name"] == ct["name"] and item["series_description"] == ct["description"]
+    # Only the groups with a failed delivery: the two sources to down (not their deliveries to pacs).
+    code, failed = web_node.get("/api/deliveries?group=series&state=failed")
+    assert code == 200 and failed["total"] == 2, failed
+    assert {(g["destination"], g["total"]) for g in failed["items"]} == {("down", 28), ("down", 3)}
+    code, second = web_node.get("/api/deliveries?group=series&limit=1&offset=1")
+    assert code == 200 and second["total"] == 4 and len({g["series_instance_uid"] for g in second["items"]}) == 1
     code, rows = web_node.get(f"/api/deliveries?series_uid={web_node.ct_series_uid}&destination=down")
     assert code == 200 and rows["total"] == 28  # the per-instance view stays
 
@@ -147,7 +154,7 @@ def test_outputs_are_labelled_by_kind_plugin_and_job(page, web_node):
     made_by = page.inner_text("#made-by")
     assert made_by.startswith(f"SEG by {software}, job #{job_id}"), made_by
     page.goto(f"{web_node.url}/studies")
-    assert f"SEG by {software} · job #{job_id}" in page.inner_text(".thumbs")
+    assert f"SEG by {software} · job #{job_id}" in page.inner_text("main")
 
 
 def test_a_seg_is_drawn_in_its_colours_over_its_source_slice(page, web_node, tmp_path):
