@@ -425,7 +425,10 @@ def run(
     if not units:
         raise OfflineError("no DICOM series in the given paths")
     steps = plan_steps(cfg, chain, params)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file of that name, no permission: before any plugin runs
+        raise OfflineError(f"--out {out}: cannot make that folder: {e.strerror or e}") from None
     run_id = uuid.uuid4().hex
     with tempfile.TemporaryDirectory(prefix="dicom-node-worker-logs-") as logs:
         workers = WorkerPool(Path(logs))

@@ -272,6 +272,10 @@ def test_mistakes_are_named_before_anything_runs(tmp_path: Path, shared_data: Pa
     assert r.returncode == 1
     assert "notes.txt" in r.stderr and "I10.part" in r.stderr and "no DICOM series in the given paths" in r.stderr
 
+    (tmp_path / "a-file").write_text("not a folder")
+    r = cli("plugins", "run", "threshold-seg", str(src), "--out", str(tmp_path / "a-file"), cwd=tmp_path)
+    assert r.returncode == 1 and "cannot make that folder" in r.stderr, r.stderr
+
     # A folder of someone else's files is not emptied.
     series_uid = pydicom.dcmread(src, stop_before_pixels=True).SeriesInstanceUID
     (out / series_uid).mkdir(parents=True)
