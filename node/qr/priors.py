@@ -460,7 +460,10 @@ def fetch_priors(
         )
     current = current_study(engine, series_id)
     if not current.patient["PatientID"]:
-        raise PriorsFailed("the study has no Patient ID: its priors cannot be asked for")
+        if not request.optional:
+            raise PriorsFailed("the study has no Patient ID: its priors cannot be asked for (priors.optional = false)")
+        log.warning("job %d: the study has no Patient ID, so no prior can be asked for; running without", job_id)
+        return []
     keys = {k: current.patient[k] for k in request.same}
     calling = cfg.node.ae_title
     chosen: list[FoundStudy] = []

@@ -166,3 +166,16 @@ def test_priors_for_a_plugin_outside_the_nodes_python_are_refused_with_the_reaso
         "rules[0] (\"follow-up\").actions[0].priors: plugin 'tool' runs as a command; priors reach only plugins "
         "that run in the node's own Python" in str(e.value)
     )
+
+
+def test_a_study_without_patient_id_runs_without_priors_unless_they_are_required(engine: Engine) -> None:
+    """Nothing identifies the patient to the PACS: no query is made (it would match other patients)."""
+    from node.config import Config
+    from node.qr.priors import PriorsFailed, fetch_priors
+
+    cfg = Config.model_validate({"sources": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 9}]})
+    optional = PluginAction.model_validate({"type": "plugin", "plugin": "p", "priors": {"from": "pacs"}}).priors
+    assert fetch_priors(cfg, engine, 1, 1, optional) == []
+    required = optional.model_copy(update={"optional": False})  # type: ignore[union-attr]
+    with pytest.raises(PriorsFailed, match="no Patient ID"):
+        fetch_priors(cfg, engine, 1, 1, required)
