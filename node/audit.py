@@ -54,6 +54,8 @@ KINDS: dict[str, str] = {
     "series_forward": "an operator queued a series' instances for a destination",
     "query": "a C-FIND or QIDO-RS search: the level and the keys matched on (names only), how many matched, the status",
     "retrieve": "a C-MOVE, C-GET or WADO-RS retrieval: what was asked for, the destination, the counts, the status",
+    "prior_retrieved": "the node retrieved a prior study from a [[sources]] PACS for a job (C-MOVE or C-GET): the "
+    "source, how, how many instances",
     "series_deleted": "a series' instances and files were deleted: by retention (or an operator's run), or a rule's discard",
 }
 

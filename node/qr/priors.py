@@ -32,6 +32,7 @@ from pydicom.multival import MultiValue
 from sqlalchemy import Engine, func, select, update
 from sqlalchemy.exc import IntegrityError
 
+from node import audit
 from node.config import Config, SourceSection
 from node.index.models import Instance, Job, Patient, PriorFetch, Series, Study, aware, utcnow
 
@@ -530,6 +531,18 @@ def _retrieve(
         time.sleep(0.2)
         have = _local_count(engine, study.study_uid)
     _record(engine, job_id, src.name, study, state="retrieved", received=have, finished_at=utcnow(), error="")
+    with engine.begin() as conn:
+        audit.record(
+            conn,
+            "prior_retrieved",
+            actor="node",
+            called_ae=src.ae_title,
+            calling_ae=cfg.node.ae_title,
+            peer_address=src.host,
+            study_uid=study.study_uid,
+            job_id=job_id,
+            detail=f"from source {src.name!r} by {how}: {moved.completed} sent, {have} held now",
+        )
     log.info(
         "job %d: retrieved prior study %s from %s by %s: %d instance(s) in %.1f s",
         job_id,

@@ -185,6 +185,10 @@ def test_a_prior_from_orthanc_is_retrieved_compared_and_the_seg_and_sr_delivered
     # The prior was recorded before it was moved, and arrived: indexed, marked, no rule, nothing sent.
     [fetch] = node.query("select job_fk, source, study_uid, study_date, state, received from prior_fetch")
     assert fetch == (job[0], "pacs", studies.prior_study_uid, PRIOR_DATE, "retrieved", len(studies.prior))
+    audited = node.query("select job_id, called_ae, detail from audit_event where kind = 'prior_retrieved'")
+    assert audited == [
+        (job[0], orthanc.aet, f"from source 'pacs' by C-MOVE: {len(studies.prior)} sent, {len(studies.prior)} held now")
+    ]
     prior_series = node.query(
         "select s.id from series s join study st on st.id = s.study_fk where st.study_instance_uid = ?",
         studies.prior_study_uid,
