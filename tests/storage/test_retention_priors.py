@@ -46,8 +46,8 @@ def _series(s: Session, study: Study, uid: str, days_old: float, storage: Storag
 
 
 @pytest.fixture
-def index(tmp_path: Path) -> Iterator[tuple[Engine, Storage, dict[str, int]]]:
-    engine = make_engine(f"sqlite:///{tmp_path / 'index.sqlite'}")
+def index(any_index_url: str, tmp_path: Path) -> Iterator[tuple[Engine, Storage, dict[str, int]]]:
+    engine = make_engine(any_index_url)
     migrate(engine)
     storage = Storage(tmp_path / "data")
     with Session(engine) as s:
