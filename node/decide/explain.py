@@ -109,7 +109,8 @@ def explain_series(engine: Engine, data_dir: Path, ruleset: RuleSet, series_uid:
         )
     extra = _facts_line(snap.facts)
     lines.append(f"Rules, evaluated now for revision {snap.revision}" + (f" ({extra})" if extra else "") + ":")
-    lines.extend(rule_lines(ruleset.evaluate(snap.facts)))
+    results = ruleset.evaluate(snap.facts)
+    lines.extend(rule_lines(results) if results or not ruleset.study_rules else ["  (no series rules are configured)"])
     lines.extend(study_lines)
     if jobs:
         lines.append("Jobs:")
@@ -206,7 +207,7 @@ def replay(
                 continue
             if snap is None:
                 continue
-            if is_prior_study(engine, snap.study_uid):  # the tracker evaluates no rule for a retrieved prior
+            if is_prior_study(s.connection(), snap.study_uid):  # the tracker evaluates no rule for a retrieved prior
                 fired["(prior study)"] += 1
                 lines.append(f"series {snap.series_uid}: a prior study retrieved for a job (docs/priors.md): no rule")
                 continue

@@ -29,7 +29,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Connection, Engine, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from node import audit
@@ -360,10 +360,17 @@ def current_study(engine: Engine, series_id: int) -> CurrentStudy:
     return CurrentStudy(row.study_instance_uid, row.study_date, patient)
 
 
-def is_prior_study(engine: Engine, study_uid: str) -> bool:
-    """Whether a study was retrieved as a prior (a prior_fetch row names it): the tracker runs no rule on it."""
-    with engine.connect() as conn:
-        return conn.execute(select(_pf.c.id).where(_pf.c.study_uid == study_uid).limit(1)).first() is not None
+def is_prior_study(db: Engine | Connection, study_uid: str) -> bool:
+    """Whether a study was retrieved as a prior (a prior_fetch row names it): the tracker runs no rule on it.
+
+    ``db``: an engine, or the connection of a transaction the caller holds (on SQLite a write engine's
+    transaction holds the write lock: a second connection of the same caller would wait for it).
+    """
+    query = select(_pf.c.id).where(_pf.c.study_uid == study_uid).limit(1)
+    if isinstance(db, Connection):
+        return db.execute(query).first() is not None
+    with db.connect() as conn:
+        return conn.execute(query).first() is not None
 
 
 def _local_count(engine: Engine, study_uid: str) -> int:
