@@ -147,6 +147,14 @@ def _text(value: Any) -> str:
     return str(value or "")
 
 
+def _hint(status: Dataset | None, calling_ae: str) -> str:
+    """Why a source may not answer at all: many PACS (Orthanc among them) drop a request from an AE they do
+    not know instead of answering it with a failure status."""
+    if status is not None and "Status" in status:
+        return ""
+    return f"; does the source allow this node's AE title {calling_ae} to query and retrieve (its modalities)?"
+
+
 def _status_text(status: Dataset | None) -> str:
     if status is None or "Status" not in status:
         return "no response (timed out or the association was lost)"
@@ -192,7 +200,7 @@ def find_studies(
                     )
                 )
         if final is None or "Status" not in final or int(final.Status) != 0x0000:
-            raise SourceError(f"{_where(src)}: the C-FIND ended with {_status_text(final)}")
+            raise SourceError(f"{_where(src)}: the C-FIND ended with {_status_text(final)}{_hint(final, calling_ae)}")
     return found
 
 
@@ -222,7 +230,9 @@ def move_study(src: SourceSection, calling_ae: str, study_uid: str) -> Moved:
 def _retrieved(src: SourceSection, what: str, study_uid: str, calling_ae: str, final: Dataset | None) -> Moved:
     """The sub-operation counts of a C-MOVE's or C-GET's final response; SourceError unless every one worked."""
     if final is None or "Status" not in final:
-        raise SourceError(f"{_where(src)}: the {what} of study {study_uid} got {_status_text(final)}")
+        raise SourceError(
+            f"{_where(src)}: the {what} of study {study_uid} got {_status_text(final)}{_hint(final, calling_ae)}"
+        )
     code = int(final.Status)
     moved = Moved(
         int(final.get("NumberOfCompletedSuboperations", 0) or 0),

@@ -349,3 +349,28 @@ def test_with_retrieve_get_the_prior_comes_on_the_nodes_own_association(tmp_path
             code = node.stop()
     assert "Traceback" not in node.log(), node.log()[-4000:]
     assert code == 0, node.log()[-3000:]
+
+
+def test_a_source_that_does_not_know_the_node_is_waited_for_with_the_reason(tmp_path: Path, studies: Studies) -> None:
+    """Orthanc drops a query from an AE title it does not know (no failure status): the job waits, saying why."""
+    node = NodeProcess(tmp_path / "node")
+    with Orthanc(tmp_path / "orthanc", senders=("STORESCU",)) as orthanc:
+        node.extra_config = _config(orthanc.dicom_port, orthanc.aet) + orthanc.destination("orthanc")
+        node.start()
+        try:
+            r = storescu(node.port, studies.current)
+            assert r.returncode == 0, r.stderr
+
+            def waiting() -> tuple | None:
+                rows = [j for j in _jobs(node) if j[2] == "pending" and "waiting for priors" in j[4]]
+                return rows[0] if rows else None
+
+            job = wait_for(waiting, 90, f"the job to wait for the source\n{_jobs(node)}")
+            assert job[3] == 0  # no attempt spent
+            assert "the C-FIND ended with no response" in job[4], job[4]
+            assert "does the source allow this node's AE title DICOM_NODE to query and retrieve" in job[4], job[4]
+            assert "trying again at" in job[4]
+        finally:
+            code = node.stop()
+    assert "Traceback" not in node.log(), node.log()[-4000:]
+    assert code == 0, node.log()[-3000:]
