@@ -94,7 +94,13 @@
       credentials: "same-origin",
       headers: { "X-Live": region.getAttribute("data-live") },
     })
-      .then((r) => (r.ok ? r.text() : Promise.reject(new Error("HTTP " + r.status))))
+      .then((r) => {
+        if (r.redirected) {  // the session ended: the server sent the login page; show it as a page
+          window.location.reload();
+          return Promise.reject(new Error("logged out"));
+        }
+        return r.ok ? r.text() : Promise.reject(new Error("HTTP " + r.status));
+      })
       .then((html) => {
         region.innerHTML = html;
         region.dispatchEvent(new CustomEvent("live-updated", { bubbles: true }));
