@@ -245,9 +245,15 @@ def _retrieved(src: SourceSection, what: str, study_uid: str, calling_ae: str, f
             'host and port to the source\'s modalities (or set retrieve = "get")'
         )
     if code not in (0x0000, 0xB000):
+        route = (
+            f"; a C-MOVE sends the study to this node's AE title {calling_ae}: the source's entry for it must "
+            'name this node\'s host and DICOM port (or set retrieve = "get")'
+            if what == "C-MOVE"
+            else ""
+        )
         raise SourceError(
             f"{_where(src)}: the {what} of study {study_uid} ended with {_status_text(final)} "
-            f"({moved.completed} stored, {moved.failed} failed)"
+            f"({moved.completed} stored, {moved.failed} failed){route}"
         )
     if moved.failed:
         raise SourceError(
@@ -496,7 +502,16 @@ def fetch_priors(
         for study in chosen:
             _retrieve(cfg, engine, src, job_id, study, note, ingest)
     except SourceError as e:
-        _wait_or_fail(engine, job_id, src, str(e), request.timeout, now())
+        try:
+            _wait_or_fail(engine, job_id, src, str(e), request.timeout, now())
+        except PriorsFailed:  # the retrieves this job left unfinished stay failed (their studies stay priors)
+            with engine.begin() as conn:
+                conn.execute(
+                    update(_pf)
+                    .where(_pf.c.job_fk == job_id, _pf.c.state == "requested")
+                    .values(state="failed", finished_at=utcnow())
+                )
+            raise
     if not chosen and not request.optional:
         raise PriorsFailed(f"{_where(src)} has no prior study of the patient (priors.optional = false)")
     priors = [Prior(f.study_uid, f.study_date, study_files(engine, f.study_uid, request.modality)) for f in chosen]

@@ -374,3 +374,29 @@ def test_a_source_that_does_not_know_the_node_is_waited_for_with_the_reason(tmp_
             code = node.stop()
     assert "Traceback" not in node.log(), node.log()[-4000:]
     assert code == 0, node.log()[-3000:]
+
+
+def test_a_move_the_source_cannot_deliver_fails_the_job_after_its_timeout_and_the_fetch_stays_failed(
+    tmp_path: Path, studies: Studies
+) -> None:
+    """The PACS finds the prior but has the node at a wrong port (its C-MOVE cannot reach it): the job waits
+    with the source's answer, then fails after priors.timeout; the prior_fetch row says failed, with why."""
+    node = NodeProcess(tmp_path / "node")
+    with Orthanc(tmp_path / "orthanc") as orthanc:  # knows DICOM_NODE, but at port 104
+        r = storescu(orthanc.dicom_port, studies.prior, ae=orthanc.aet)
+        assert r.returncode == 0, r.stderr
+        node.extra_config = _config(orthanc.dicom_port, orthanc.aet, timeout="6s") + orthanc.destination("orthanc")
+        node.start()
+        try:
+            r = storescu(node.port, studies.current)
+            assert r.returncode == 0, r.stderr
+            job = _wait_job(node, "follow-up", ("failed", "succeeded"), 120)
+        finally:
+            code = node.stop()
+    assert job[2] == "failed", job
+    assert "the C-MOVE of study " + studies.prior_study_uid in job[4] and "priors.timeout = 6 s" in job[4], job[4]
+    assert "the source's entry for it must name this node's host and DICOM port" in job[4], job[4]
+    [(state, error)] = node.query("select state, error from prior_fetch")
+    assert state == "failed" and "C-MOVE" in error, error
+    assert "Traceback" not in node.log(), node.log()[-4000:]
+    assert code == 0, node.log()[-3000:]
