@@ -249,6 +249,26 @@ def test_the_jobs_and_studies_pages_follow_new_data_without_a_reload(page, web_n
     other.close()
 
 
+def test_a_series_page_shows_a_rerun_job_and_its_output_as_they_come(page, web_node):
+    """Both live regions of the series page (its facts, and timeline to deliveries) follow a job run from elsewhere."""
+    q = web_node.node.query
+    job_id = q(
+        "SELECT j.id FROM job j JOIN series s ON s.id = j.series_fk WHERE s.series_instance_uid = ? AND kind = 'plugin'",
+        web_node.ct_series_uid,
+    )[0][0]
+    page.goto(f"{web_node.url}/series/{web_node.ct_series_uid}")
+    page.evaluate("() => { window.__same_page = true; }")
+    assert page.locator("table.outputs tr").count() == 2  # the header and the first SEG
+    code, done = web_node.post(f"/api/jobs/{job_id}/rerun")
+    assert code == 200, done
+    new = int(re.search(r"as job (\d+)", done["message"]).group(1))
+    page.locator(f"#job-{new} .state.succeeded").wait_for(timeout=60_000)
+    page.locator("table.outputs tr").nth(2).wait_for(timeout=30_000)  # the new SEG series
+    made_by = page.locator("table.outputs tr td:nth-child(5)").all_inner_texts()
+    assert sorted(made_by) == sorted([f"#{job_id}", f"#{new}"]), made_by
+    assert page.evaluate("() => window.__same_page") is True
+
+
 def test_series_page_actions_run_rules_and_jobs_again_and_forward_now(page, web_node):
     from node.web import actions
 
