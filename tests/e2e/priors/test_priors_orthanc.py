@@ -3,7 +3,8 @@
 The node asks Orthanc (C-FIND, study level), retrieves the prior by C-MOVE to its own AE title (Orthanc
 knows the node as a modality), runs ``volume-change`` on the new series with the prior, and sends the SEG
 and the SR (TID 1500) back to Orthanc. The SR's measurements read back (highdicom) equal what the plugin
-computes in this process on the same files; dciodvfy finds no error in the SEG and the SR. The retrieved
+computes in this process on the same files; a Key Object Selection flags both; dciodvfy finds no error in
+the SEG, the SR and the KOS. The retrieved
 prior is indexed as such: no rule is evaluated for it, nothing of it is forwarded, retention counts it
 as a prior.
 
@@ -42,6 +43,7 @@ DROPPED = 6
 PRIOR_DATE = "20130115"  # two years before the real CT (20150206)
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+KOS_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"
 
 
 @dataclass
@@ -114,6 +116,7 @@ match = {{ Modality = "CT" }}
 type = "plugin"
 plugin = "volume-change"
 send_to = ["orthanc"]
+key_objects = true
 priors = {{ from = "pacs", modality = "CT", within_days = 3650, max = 2, timeout = "{timeout}" }}
 {extra_rule}
 """
@@ -210,7 +213,7 @@ def test_a_prior_from_orthanc_is_retrieved_compared_and_the_seg_and_sr_delivered
     # SEG and SR made by the job, delivered to Orthanc, valid, and the SR says what the plugin measured.
     node.wait_delivered(timeout=60)
     outputs = dict(node.query("select sop_class_uid, sop_instance_uid from instance where job_fk = ?", job[0]))
-    assert set(outputs) == {SEG_CLASS, SR_CLASS}, outputs
+    assert set(outputs) == {SEG_CLASS, SR_CLASS, KOS_CLASS}, outputs
     files = {}
     for cls, uid in outputs.items():
         assert orthanc.has_instance(uid)
@@ -231,6 +234,15 @@ def test_a_prior_from_orthanc_is_retrieved_compared_and_the_seg_and_sr_delivered
     sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(files[SR_CLASS]))
     [group] = sr.content.get_volumetric_roi_measurement_groups()
     assert group.referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID
+    # The Key Object Selection flags the SEG and the SR for the reading radiologist.
+    kos = pydicom.dcmread(files[KOS_CLASS])
+    flagged = {
+        ref.ReferencedSOPInstanceUID
+        for item in kos.CurrentRequestedProcedureEvidenceSequence
+        for series_item in item.ReferencedSeriesSequence
+        for ref in series_item.ReferencedSOPSequence
+    }
+    assert flagged == {outputs[SEG_CLASS], outputs[SR_CLASS]}
 
     # Retention: the prior goes by [retention] priors (1 day here), the new study's series stay.
     old_day = (dt.datetime.now(dt.UTC) - dt.timedelta(days=2)).strftime("%Y-%m-%d %H:%M:%S.%f")
