@@ -100,7 +100,6 @@ __all__ = [
     "Segmentation",
     "SeriesInput",
     "StudyInput",
-    "TAKES",
     "Volume",
     "codes",
     "plugin",
