@@ -271,7 +271,7 @@ class StudyInput:
 #: What a plugin says about GPUs: it never uses one, uses one when there is one, or cannot run without one.
 GPU_MODES = ("none", "optional", "required")
 #: What a plugin takes: one series (:class:`SeriesInput`), or a study's named series (:class:`StudyInput`).
-TAKES = ("series", "study")
+_TAKES = ("series", "study")
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R", bound=Returned)
@@ -306,8 +306,8 @@ def _gpu(value: str, name: str) -> str:
 
 
 def _takes(value: str, name: str) -> str:
-    if value not in TAKES:
-        raise ValueError(f"plugin {name!r}: takes must be one of {', '.join(TAKES)} (got {value!r})")
+    if value not in _TAKES:
+        raise ValueError(f"plugin {name!r}: takes must be one of {', '.join(_TAKES)} (got {value!r})")
     return value
 
 
