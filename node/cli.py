@@ -475,7 +475,7 @@ def rules_check(config: Path | None = ConfigOption) -> None:
         _lines(
             [
                 f"  {n}. {rule.name} ({', '.join(flags)})",
-                f"     when {rule.condition.describe()}",
+                *[f"     {line}" for line in rule.describe()],
                 *[f"     then {a.summary()}" for a in m.actions],
             ]
         )

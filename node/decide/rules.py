@@ -152,6 +152,21 @@ class Rule:
     def study(self) -> bool:
         return self.model.scope == "study"
 
+    def describe(self) -> list[str]:
+        """When the rule fires, in words (``rules check``): its conditions, and a study rule's inputs."""
+        if not self.study:
+            return [f"when {self.condition.describe()}"]
+        m = self.model
+        where = self.condition.describe()
+        lines = ["for each study:" if where == "always" else f"for each study, of its series where {where}:"]
+        if not self.inputs:
+            quiet = m.study_quiet if m.study_quiet is not None else DEFAULT_STUDY_QUIET
+            return [*lines, f"when every series is stable and none arrived for {quiet:g} s (all series are inputs)"]
+        primary = m.primary or next(iter(self.inputs))
+        for name, condition in self.inputs.items():
+            lines.append(f"input {name}{' (primary)' if name == primary else ''}: {condition.describe()}")
+        return [*lines, "when each input has a stable series"]
+
 
 @dataclass(frozen=True)
 class StudySeries:

@@ -378,3 +378,28 @@ def test_two_processes_evaluating_a_ready_study_at_once_fire_it_once(tmp_path: P
 def _study_id(node: Node) -> int:
     with Session(node.engine) as s:
         return int(s.scalars(select(Study.id)).one())
+
+
+def test_rules_check_says_what_a_study_rule_waits_for() -> None:
+    rules = RuleSet.compile(
+        [
+            {
+                "name": "r",
+                "scope": "study",
+                "primary": "post",
+                "match": {"Modality": "CT"},
+                "inputs": {
+                    "pre": {"ContrastBolusAgent": {"exists": False}},
+                    "post": {"ContrastBolusAgent": {"exists": True}},
+                },
+                "actions": [{"type": "plugin", "plugin": "p"}],
+            }
+        ],
+        plugins=["p"],
+    )
+    assert rules.study_rules[0].describe() == [
+        'for each study, of its series where Modality = "CT":',
+        "input pre: ContrastBolusAgent is missing",
+        "input post (primary): ContrastBolusAgent is present",
+        "when each input has a stable series",
+    ]
