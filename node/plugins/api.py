@@ -54,12 +54,12 @@ __all__ = [
     "Segment",
     "Segmentation",
     "SeriesInput",
+    "StudyInput",
     "Volume",
     "codes",
     "geometry",
     "plugin",
 ]
-    "StudyInput",
 
 
 def __getattr__(name: str) -> Any:

@@ -55,12 +55,12 @@ __all__ = [
     "Segment",
     "Segmentation",
     "SeriesInput",
+    "StudyInput",
     "Volume",
     "__version__",
     "codes",
     "geometry",
     "plugin",
-    "StudyInput",
 ]
 
 #: The node's side of the contract, importable from here as before (not part of it: use
