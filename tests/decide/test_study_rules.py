@@ -403,3 +403,27 @@ def test_rules_check_says_what_a_study_rule_waits_for() -> None:
         "input post (primary): ContrastBolusAgent is present",
         "when each input has a stable series",
     ]
+
+
+def test_a_study_whose_process_died_before_evaluating_it_is_taken_up_by_another_sweep(
+    node: Node, tmp_path: Path
+) -> None:
+    """Process A triggers the series (so the study is due) but dies before its study timer fires."""
+    other = SeriesTracker(node.cfg, node.engine, lease=0.5)  # process B, sharing the index
+    other.start()
+    try:
+        assert node.tracker is not None
+        node.tracker._schedule_study = lambda *args, **kwargs: None  # type: ignore[method-assign]  # A's timer never fires
+        node.receive(study_series(tmp_path / "plain", 2, contrast=False))
+        node.receive(study_series(tmp_path / "contrast", 3, contrast=True))
+        wait_for(lambda: node.series_triggered(2), 10, "both series to trigger")
+        assert node.triggers() == [] and not _evaluated(node)  # due, and nobody evaluates it
+
+        def swept() -> bool:
+            other.sweep()  # B's heartbeat: a study due for longer than the lease is evaluated there
+            return bool(node.triggers())
+
+        wait_for(swept, 10, "the other process's sweep to fire the study rule", interval=0.3)
+    finally:
+        other.stop()
+    assert len(node.triggers()) == 1 and len(node.jobs()) == 1
