@@ -114,3 +114,15 @@ def test_study_input_names_its_inputs() -> None:
     assert StudyInput({"x": a}).primary is a  # no primary named: the first input
     with pytest.raises(KeyError, match="no input named 'ct' \\(inputs: ct_plain, ct_contrast\\)"):
         study["ct"]
+
+
+def test_a_study_plugin_in_a_plugin_environment_is_refused_saying_why(
+    tmp_path: Path, study: dict[str, list[Path]]
+) -> None:
+    spec = _spec(tmp_path, study, "pair", **_study_fields(study))
+    remote = {"name": "pair", "version": "1.0", "takes": "study"}
+    spec.steps = [StepSpec("pair", "study_plugins:pair", {}, kind="environment", environment="torch", remote=remote)]
+    result = run(spec)
+    assert not result.ok and not result.retryable
+    assert 'plugin pair takes a study (takes = "study") and runs in environment torch' in result.error, result.error
+    assert "install it in the node's own environment" in result.error
