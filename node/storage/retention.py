@@ -7,7 +7,8 @@ the job that made them); *priors*, series of prior studies the node retrieved fo
 ``[[sources]]`` PACS (node.qr.priors), are a third kind, kept while a job that asked for them runs. A series is deleted only when nothing still needs it:
 
 - it is not receiving, and the rules have evaluated its last revision (tracker state ``triggered``);
-- no job of it is pending or running, nor the job making it (for an output);
+- no job of it is pending or running, nor the job making it (for an output), nor a study rule's job of
+  its study (which reads the study's other series too);
 - none of its instances has a delivery queued, being sent, failed (failed means *not delivered*:
   an operator retries or cancels it first), or delivered but awaiting a storage commitment;
 - for a source: no output made from it is waiting for such a delivery either. An output, once
@@ -41,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, case, delete, exists, func, select, true
+from sqlalchemy import Connection, Engine, and_, case, delete, exists, func, select, true, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from node import audit, units
@@ -57,6 +58,7 @@ from node.index.models import (
     Series,
     SeriesRevision,
     Study,
+    StudyTrigger,
     aware,
     utcnow,
 )
@@ -85,6 +87,7 @@ _s, _i, _d = Series.__table__, Instance.__table__, Delivery.__table__
 _j, _rev = Job.__table__, SeriesRevision.__table__
 _study, _patient = Study.__table__, Patient.__table__
 _pf = PriorFetch.__table__
+_trigger = StudyTrigger.__table__
 
 DiskUsage = Callable[[Path], tuple[int, int, int]]
 
@@ -123,6 +126,12 @@ def protected_series(conn: Connection, series_ids: list[int] | None = None) -> d
                 .join(_j, _j.c.id == _pf.c.job_fk)
             )
             .where(unfinished_job, only(_s.c.id)),
+            # A study rule's job reads every input series of its study, not only its own (the primary).
+            select(_s.c.id)
+            .select_from(
+                _s.join(_trigger, _trigger.c.study_fk == _s.c.study_fk).join(_j, _j.c.study_trigger_fk == _trigger.c.id)
+            )
+            .where(unfinished_job, only(_s.c.id)),
         ],
         "undelivered": [
             select(_i.c.series_fk).join(_d, _d.c.instance_fk == _i.c.id).where(_undelivered(), only(_i.c.series_fk)),
@@ -153,8 +162,22 @@ def _row_removable() -> Any:
     )
 
 
+def _drop_study_triggers(conn: Connection, which: Any) -> None:
+    """Delete the study rule firings ``which`` selects, unlinking any job that still names one.
+
+    A firing whose primary series (or study) goes has nothing left to fire again on: a series received
+    again is a new row, so its input set is new anyway. Its jobs are the primary series' own (deleted
+    with it, :func:`_row_removable` having checked nothing needs them); unlinking first keeps the
+    foreign key satisfied whatever else names the firing.
+    """
+    ids = select(_trigger.c.id).where(which)
+    conn.execute(update(_j).where(_j.c.study_trigger_fk.in_(ids)).values(study_trigger_fk=None))
+    conn.execute(delete(_trigger).where(which))
+
+
 def drop_series_row(conn: Connection, series_id: int) -> tuple[int, int, int]:
-    """Delete an empty series' row (its revisions and jobs too) and the study and patient it leaves empty.
+    """Delete an empty series' row (its revisions, jobs and the study rule firings it was the primary input
+    of too) and the study and patient it leaves empty.
 
     Only when nothing refers to it (see :func:`_row_removable`). Returns the (series, study,
     patient) rows deleted.
@@ -163,11 +186,13 @@ def drop_series_row(conn: Connection, series_id: int) -> tuple[int, int, int]:
     if row is None:
         return 0, 0, 0
     conn.execute(delete(_rev).where(_rev.c.series_fk == series_id))
+    _drop_study_triggers(conn, _trigger.c.primary_series_fk == series_id)
     conn.execute(delete(_j).where(_j.c.series_fk == series_id))
     conn.execute(delete(_s).where(_s.c.id == series_id))
     studies = patients = 0
     if conn.execute(select(_s.c.id).where(_s.c.study_fk == row.study_fk).limit(1)).first() is None:
         patient_fk = conn.execute(select(_study.c.patient_fk).where(_study.c.id == row.study_fk)).scalar()
+        _drop_study_triggers(conn, _trigger.c.study_fk == row.study_fk)
         studies = conn.execute(delete(_study).where(_study.c.id == row.study_fk)).rowcount
         if (
             patient_fk is not None
