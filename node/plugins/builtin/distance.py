@@ -54,17 +54,13 @@ class Params(BaseModel):
 
 
 def _mask(seg: Segmentation, number: int) -> np.ndarray:
-    m = np.asarray(seg.masks)
-    if m.ndim == 3:  # label map, or a single binary/fractional mask
-        if m.dtype == bool or (np.issubdtype(m.dtype, np.floating) and m.max() <= 1):
-            if number != 1:
-                raise PluginError(f"the segmentation has one segment; segment = {number} does not exist")
-            return m > 0.5
-        labelled: np.ndarray = m == number
-        return labelled
-    if number > m.shape[-1]:
-        raise PluginError(f"the segmentation has {m.shape[-1]} segments; segment = {number} does not exist")
-    return m[..., number - 1] > 0.5
+    """Segment ``number`` (1-based) of ``seg`` as booleans (slices, rows, columns)."""
+    masks = seg.segment_masks()
+    count = masks.shape[-1]
+    if not 1 <= number <= count:
+        raise PluginError(f"the segmentation has {count} segment(s); segment = {number} does not exist")
+    mask: np.ndarray = masks[..., number - 1]
+    return mask
 
 
 def refinement(offsets: np.ndarray, spacing: float, budget: float) -> int:

@@ -26,7 +26,7 @@ For each chosen slice (all, or those with any segment; then every n-th):
    in the corner that covers the fewest segmented pixels over the chosen
    slices (top left on a tie), the same corner in every picture.
 
-Fractional masks count where they are at least 0.5.
+Fractional masks count where they are at least 0.5 (``Segmentation.segment_masks``).
 """
 
 from __future__ import annotations
@@ -192,25 +192,17 @@ def resolve_window(
 
 
 def stacked_masks(seg: Segmentation, shape: tuple[int, int, int]) -> np.ndarray:
-    """The segmentation's masks as booleans of shape (slices, rows, cols, segments)."""
-    m = np.asarray(seg.masks)
+    """The segmentation's masks as booleans of shape (slices, rows, cols, segments), one per described segment."""
     k = len(seg.segments)
     if k == 0:
         raise PluginError("the previous segmentation has no segments")
-    if m.shape[:3] != shape or m.ndim not in (3, 4) or (m.ndim == 4 and m.shape[3] != k):
+    masks = seg.segment_masks()
+    if masks.shape != (*shape, k):
         raise PluginError(
-            f"the previous segmentation's masks have shape {m.shape}, which does not fit the series "
-            f"{shape} with {len(seg.segments)} segment(s)"
+            f"the previous segmentation's masks have shape {np.shape(seg.masks)}, which does not fit the series "
+            f"{shape} with {k} segment(s)"
         )
-    if seg.kind == "fractional":
-        m = m >= 0.5
-    if m.ndim == 4:
-        return m.astype(bool)
-    if m.dtype == bool:  # one boolean mask
-        if k != 1:
-            raise PluginError(f"the previous segmentation has one boolean mask for {k} segments")
-        return m[..., None]
-    return np.stack([m == i for i in range(1, k + 1)], axis=-1)
+    return masks
 
 
 def segment_colors(seg: Segmentation) -> list[tuple[int, int, int]]:

@@ -20,7 +20,7 @@ positions).
 **Statistics in patient space too.** Mean and standard deviation weight each voxel by its volume,
 so a thick slab counts as much as the thin slices covering the same depth would; on an evenly
 spaced series that is the plain mean and (population) standard deviation of the voxels.
-A fractional (probability) mask counts a voxel as inside above 0.5, as distance-map does.
+A fractional (probability) mask counts a voxel as inside from 0.5 up (``Segmentation.segment_masks``).
 An empty segment is reported with volume 0 and no value statistics.
 """
 
@@ -88,17 +88,6 @@ class Stats:
     max: float | None = None
 
 
-def segment_masks(seg: Segmentation) -> list[np.ndarray]:
-    """Each segment's boolean mask (slices, rows, columns), segment 1 first, whatever way the masks are stored."""
-    m = np.asarray(seg.masks)
-    if m.ndim == 4:
-        return [m[..., n] > 0.5 if m.dtype != bool else m[..., n] for n in range(m.shape[-1])]
-    if m.dtype == bool or np.issubdtype(m.dtype, np.floating):  # one binary or fractional mask
-        return [m > 0.5]
-    count = max(len(seg.segments), int(m.max()) if m.size else 0)  # a label map
-    return [m == n for n in range(1, count + 1)]
-
-
 def stats(mask: np.ndarray, values: np.ndarray, slice_volumes: np.ndarray) -> Stats:
     """Volume and value statistics of one mask over ``values``, each voxel weighted by its slice's volume (mm³)."""
     per_slice = np.count_nonzero(mask.reshape(len(mask), -1), axis=1)
@@ -161,7 +150,8 @@ def segment_stats(series: SeriesInput, params: NoParams) -> Measurements:
     values = series.rescaled()
     if values.ndim != 3:
         raise PluginError("segment-stats takes grey images (one sample per pixel), not colour")
-    masks = segment_masks(seg)
+    stacked = seg.segment_masks()
+    masks = [stacked[..., n] for n in range(stacked.shape[-1])]
     if not masks:
         raise PluginError("the segmentation from the earlier step has no segments: there is nothing to measure")
     if masks[0].shape != values.shape:

@@ -131,6 +131,26 @@ class Segmentation:
             # No descriptions: a segment template describes the labels (checked when it is applied).
             raise ResultError(f"label values must be 0 (background) or more; found {int(m.min())}")
 
+    def segment_masks(self) -> np.ndarray:
+        """Each segment's voxels as booleans of shape (slices, rows, columns, segments), segment 1 first.
+
+        One reading of ``masks`` for every plugin that measures or draws an earlier step's segments, so
+        they all count the same voxels as the SEG the node writes: stacked masks count where non-zero,
+        a label map gives segments 1..n (n: the segments described, or the largest label without
+        descriptions), a 3-D boolean is one segment. A fractional mask counts where it is **at least
+        0.5** (a probability of one half is inside), so a voxel the SEG stores as 128 of 255 is inside.
+        """
+        m = np.asarray(self.masks)
+        if self.kind == "fractional":
+            inside = m >= 0.5
+            return inside if inside.ndim == 4 else inside[..., None]
+        if m.ndim == 4:
+            return m.astype(bool)
+        if m.dtype == bool:  # one segment
+            return m[..., None]
+        count = max(len(self.segments), int(m.max()) if m.size else 0)
+        return np.stack([m == n for n in range(1, count + 1)], axis=-1) if count else np.zeros((*m.shape, 0), bool)
+
 
 def _check_fractional(m: np.ndarray) -> None:
     if not np.issubdtype(m.dtype, np.floating):
