@@ -21,7 +21,7 @@ from pydicom.uid import UID, generate_uid
 
 from node.derive.common import MANUFACTURER, Provenance
 from node.derive.errors import OutputError
-from node.derive.sr import device_uid
+from node.derive.sr import device_observer
 from node.dicom.identity import DERIVED_UID_ROOT
 
 #: The title when the action says only ``key_objects = true`` (CID 7010).
@@ -47,15 +47,7 @@ def build_kos(
     def uid(kind: str) -> UID:
         return generate_uid(prefix=DERIVED_UID_ROOT, entropy_srcs=[*map(str, prov.job_key), kind, *uids])
 
-    device = hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=device_uid(prov.algorithm),
-            name=prov.algorithm[:64],
-            manufacturer_name=MANUFACTURER,
-            model_name=f"{prov.algorithm} {prov.algorithm_version}".strip()[:64],
-        ),
-    )
+    device = device_observer(prov)
     text = description or f"results of {prov.algorithm} {prov.algorithm_version}".strip()
     content = hd.ko.KeyObjectSelection(
         document_title=title, referenced_objects=list(objects), observer_device_context=device, description=text

@@ -6,10 +6,16 @@ wrote (the SEG's own UIDs, so it is built first), or a TID 1501 group referencin
 slices it was measured on (or nothing: a measurement of the whole series). The source images
 (and the SEGs) are the report's Current Requested Procedure Evidence.
 
-A finding's Tracking UID is derived from the patient, the plugin and the plugin's
-``tracking_id``, not from the job: the same finding measured in a follow-up study carries the
-same UID, so a viewer or a registry can line the reports up over time. The observer is the
-device (the plugin and its version, manufacturer "dicom-node"), not a person.
+A finding's Tracking UID is derived from the patient and the plugin's ``tracking_id`` only, not
+from the job or the plugin: the same finding measured in a follow-up study, or by another plugin
+that tracks it under the same id (segment-stats and volume-change both use the segment's label),
+carries the same UID, so a viewer or a registry can line the reports up over time. The observer is
+the device (the plugin and its version, manufacturer "dicom-node"), not a person.
+
+Series the plugin used beside the one it measured (``Measurements.evidence_series``: a prior
+study's series, another input of a study rule) are listed in the evidence too: a prior study's
+under Pertinent Other Evidence. Codes of the node's local scheme ``99DICOMNODE`` are declared in
+the Coding Scheme Identification Sequence.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 
 import highdicom as hd
-from dicom_node_sdk.api import SeriesInput
+from dicom_node_sdk.api import SeriesInput, StudyInput
 from dicom_node_sdk.results import MeasurementGroup, Measurements
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
@@ -44,9 +50,13 @@ _PROCEDURES = {
 }
 
 
-def tracking_uid(patient_id: str, plugin: str, tracking_id: str) -> str:
-    """The Tracking UID of a finding: the same for the same patient, plugin and tracking id, in any study."""
-    return "2.25." + str(uuid.uuid5(TRACKING_NAMESPACE, f"{patient_id}|{plugin}|{tracking_id}").int)
+#: The node's local coding scheme (codes no standard has, e.g. volume-change's "Volume in prior study").
+LOCAL_SCHEME = "99DICOMNODE"
+
+
+def tracking_uid(patient_id: str, tracking_id: str) -> str:
+    """The Tracking UID of a finding: the same for the same patient and tracking id, in any study, by any plugin."""
+    return "2.25." + str(uuid.uuid5(TRACKING_NAMESPACE, f"{patient_id}|{tracking_id}").int)
 
 
 def _patient_key(ds: Dataset) -> str:
@@ -59,6 +69,60 @@ def _patient_key(ds: Dataset) -> str:
 def device_uid(plugin: str) -> str:
     """Device Observer UID: the plugin as the observing device (stable across its jobs and versions)."""
     return str(generate_uid(prefix=DERIVED_UID_ROOT, entropy_srcs=["device observer", plugin]))
+
+
+def device_observer(prov: Provenance) -> hd.sr.ObserverContext:
+    """The plugin of ``prov`` as the observing device (TID 1004), as SRs and KOSs name it."""
+    return hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_uid(prov.algorithm),
+            name=prov.algorithm[:64],
+            manufacturer_name=MANUFACTURER,
+            model_name=f"{prov.algorithm} {prov.algorithm_version}".strip()[:64],
+        ),
+    )
+
+
+def _other_evidence(result: Measurements, series: SeriesInput, study: StudyInput | None) -> list[Dataset]:
+    """The instances of the series ``result.evidence_series`` names, found among the job's inputs and priors."""
+    if not result.evidence_series:
+        return []
+    known: dict[str, SeriesInput] = {}
+    for s in [
+        *(study.inputs.values() if study is not None else ()),
+        *(p for prior in series.priors for p in prior.inputs.values()),
+    ]:
+        known.setdefault(str(s.first.get("SeriesInstanceUID", "")), s)
+    current = str(series.first.get("SeriesInstanceUID", ""))
+    missing = [u for u in result.evidence_series if u not in known and u != current]
+    if missing:
+        raise OutputError(
+            f"Measurements.evidence_series names {', '.join(missing)}, which is not among the job's inputs or "
+            f"priors (those are: {', '.join(known) or 'none'}): name only series the plugin was given"
+        )
+    return [ds for u in result.evidence_series if u != current for ds in known[u].datasets]
+
+
+def _declare_local_codes(sr: Dataset) -> None:
+    """Declare the local scheme in the Coding Scheme Identification Sequence when the report uses it (PS3.3 C.12.1)."""
+
+    def uses(ds: Dataset) -> bool:
+        return any(
+            (e.keyword == "CodingSchemeDesignator" and e.value == LOCAL_SCHEME)
+            or (e.VR == "SQ" and any(uses(item) for item in e.value))
+            for e in ds
+        )
+
+    if not uses(sr):
+        return
+    item = Dataset()
+    item.CodingSchemeDesignator = LOCAL_SCHEME
+    item.CodingSchemeName = "dicom-node local codes"
+    item.CodingSchemeResponsibleOrganization = MANUFACTURER
+    declared = list(sr.get("CodingSchemeIdentificationSequence", []))
+    if not any(d.get("CodingSchemeDesignator") == LOCAL_SCHEME for d in declared):
+        sr.CodingSchemeIdentificationSequence = [*declared, item]
 
 
 def _segmentation_for(group: MeasurementGroup, index: int, segs: Mapping[int, Dataset]) -> Dataset:
@@ -166,9 +230,7 @@ def _group(
     Dataset | None,
 ]:
     """One group as TID 1411 (a segment) or TID 1501 (slices or the whole series), and the SEG it references."""
-    tracking = hd.sr.TrackingIdentifier(
-        uid=tracking_uid(patient_id, prov.algorithm, group.tracking_id), identifier=group.tracking_id
-    )
+    tracking = hd.sr.TrackingIdentifier(uid=tracking_uid(patient_id, group.tracking_id), identifier=group.tracking_id)
     # TID 4019: the plugin, its version and every parameter it ran with (defaults included). Not its family:
     # a coded item beside the findings reads back (highdicom) as one more qualitative evaluation.
     algorithm = hd.sr.AlgorithmIdentification(
@@ -212,14 +274,20 @@ def build_sr(
     *,
     index: int = 0,
     segs: Mapping[int, Dataset] | None = None,
+    study: StudyInput | None = None,
+    binary: bool = False,
 ) -> Dataset:
     """The SR for one Measurements result (``index``: its place among the job's results).
 
     ``segs`` maps the index of each Segmentation result of the job to the SEG built from it: a
-    group's ``segment`` refers to one of them.
+    group's ``segment`` refers to one of them. ``study``: a study rule's inputs (where
+    ``evidence_series`` may point). ``binary``: the twin SR for destinations that get the BINARY
+    copies of label map SEGs (``segs`` then holds those copies): its own UIDs.
     """
     segs = segs or {}
+    tag = "sr-binary" if binary else "sr"
     sources = prepare(series).datasets
+    others = _other_evidence(result, series, study)
     patient_id = _patient_key(series.first)
     groups = []
     referenced: dict[str, Dataset] = {}
@@ -228,15 +296,7 @@ def build_sr(
         groups.append(item)
         if seg is not None:
             referenced[str(seg.SOPInstanceUID)] = seg
-    device = hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=device_uid(prov.algorithm),
-            name=prov.algorithm[:64],
-            manufacturer_name=MANUFACTURER,
-            model_name=f"{prov.algorithm} {prov.algorithm_version}".strip()[:64],
-        ),
-    )
+    device = device_observer(prov)
     modality = str(series.first.get("Modality", ""))
     procedure: Code = _PROCEDURES.get(modality, codes.cid100.ImagingProcedure)
     description = (prov.series_description or result.description or f"{prov.algorithm} measurements")[:64]
@@ -249,11 +309,11 @@ def build_sr(
             title=result.title,
         )
         sr = hd.sr.Comprehensive3DSR(
-            evidence=[*sources, *referenced.values()],
+            evidence=[*sources, *referenced.values(), *others],
             content=report[0],
-            series_instance_uid=prov.uid("sr-series", index),
+            series_instance_uid=prov.uid(f"{tag}-series", index),
             series_number=prov.series_number + index,
-            sop_instance_uid=prov.uid("sr", index),
+            sop_instance_uid=prov.uid(tag, index),
             instance_number=1,
             manufacturer=MANUFACTURER,
             is_complete=True,
@@ -263,4 +323,5 @@ def build_sr(
             device_serial_number=equipment[0].DeviceSerialNumber,
             contributing_equipment=equipment,
         )
+    _declare_local_codes(sr)
     return sr

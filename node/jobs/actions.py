@@ -370,7 +370,11 @@ def plugin(ctx: JobContext) -> str:
         twinned = any(o.twin_of for o in result.outputs)
         binary_for = wants_binary_segs(ctx, action.send_to) if twinned else {}
         notes = [
-            f"BINARY copy of label map SEG {o.twin_of} for destinations that do not take Label Map SEG"
+            (
+                f"BINARY copy of label map SEG {o.twin_of} for destinations that do not take Label Map SEG"
+                if o.kind == "SEG"
+                else f"{o.kind} {o.twin_of} as it refers to the BINARY copies of label map SEGs, for their destinations"
+            )
             if o.twin_of
             else ""
             for o in result.outputs
@@ -408,7 +412,7 @@ def plugin(ctx: JobContext) -> str:
         summary += "; " + "; ".join(result.notes)
     if again:
         summary += f"; {again} already stored by an earlier run"
-    twins = sum(1 for o in result.outputs if o.twin_of)
+    twins = sum(1 for o in result.outputs if o.twin_of and o.kind == "SEG")
     if twins and binary_for:
         why = "; ".join(f"{n}: {r}" for n, r in sorted(binary_for.items()))
         summary += f"; {twins} label map SEG(s) also written as BINARY SEG for {why}"

@@ -278,6 +278,8 @@ def run(spec: WorkSpec) -> WorkResult:
     ready: list[tuple[Any, Provenance]] = []
     #: What the job's summary should also say.
     notes: list[str] = []
+    #: A study rule's inputs (None for a series rule's job, or before they are loaded).
+    study: Any = None
     t = time.perf_counter()
     try:
         series = load_series([Path(f) for f in spec.files])
@@ -346,14 +348,15 @@ def run(spec: WorkSpec) -> WorkResult:
     series.__dict__.pop("_voxels", None)
     series.__dict__.pop("_rescaled", None)
     timings["load"] += time.perf_counter() - t
-    #: Each Segmentation result's SEG by the result's index: what an SR's measurement groups reference.
-    segs: dict[int, Any] = {}
+    #: Each Segmentation result's SEG by the result's index (what an SR's measurement groups reference), and
+    #: the BINARY copy of each label map SEG (what the SR's twin for the destinations of those copies references).
+    segs = _Segs()
     built: dict[int, list[Output]] = {}
     # SEGs first (an SR names the SEG it measures by the SEG's UIDs); the outputs keep the results' order.
     for i in sorted(range(len(results)), key=lambda k: not isinstance(results[k], Segmentation)):
         step = f"building output {i + 1} of {len(results)} ({made_by[i].algorithm})"
         try:
-            built[i] = _build_and_write(series, results[i], made_by[i], i, spec, timings, notes, segs)
+            built[i] = _build_and_write(series, results[i], made_by[i], i, spec, timings, notes, segs, study)
         except Exception as e:  # noqa: BLE001
             errors.append(_failure(e, step, spec, None)[0])
     outputs: list[Output] = [o for i in sorted(built) for o in built[i]]
@@ -363,9 +366,13 @@ def run(spec: WorkSpec) -> WorkResult:
             outputs.append(_check_and_write_ready(series, ds, n, spec, timings, notes))
         except Exception as e:  # noqa: BLE001
             errors.append(_failure(e, step, spec, None)[0])
-    if spec.key_objects is not None and outputs:
+    if spec.key_objects is not None and outputs and errors and retryable:
+        # A retry may make the outputs that failed: its KOS would list other objects, a second selection.
+        notes.append("no Key Object Selection: some outputs failed and a retry may make them (the retry writes it)")
+    elif spec.key_objects is not None and outputs:
         try:
-            outputs.append(_write_key_objects(outputs, made_by[0] if made_by else None, spec, timings, len(results)))
+            # The observer: the plugin of the last step (the one whose results the selection is about).
+            outputs.extend(_write_key_objects(outputs, made_by[-1] if made_by else None, spec, timings, len(results)))
         except Exception as e:  # noqa: BLE001
             errors.append(_failure(e, "building the Key Object Selection of the outputs", spec, None)[0])
     if errors and outputs:
@@ -375,6 +382,14 @@ def run(spec: WorkSpec) -> WorkResult:
     return WorkResult(
         not errors, outputs, error="; ".join(errors), retryable=retryable, timings=timings, plugins=names, notes=notes
     )
+
+
+@dataclass
+class _Segs:
+    """The job's SEGs by result index, and the BINARY copies of its label map SEGs by the same index."""
+
+    built: dict[int, Any] = field(default_factory=dict)
+    binary: dict[int, Any] = field(default_factory=dict)
 
 
 class _RemoteInfo:
@@ -605,12 +620,15 @@ def _build_and_write(
     spec: WorkSpec,
     timings: dict[str, float],
     notes: list[str],
-    segs: dict[int, Any] | None = None,
+    segs: _Segs | None = None,
+    study: Any = None,
 ) -> list[Output]:
     """One result as DICOM objects, written to the job's folder (nothing written if any of them fails).
 
-    ``segs``: the SEGs written so far by result index; a Segmentation's SEG is added once written, a
-    Measurements' SR references them.
+    ``segs``: the SEGs written so far by result index; a Segmentation's SEG (and its BINARY copy) is
+    added once written, a Measurements' SR references them. An SR referencing a label map SEG that
+    has a BINARY copy gets a twin referencing the copy, for the destinations that get the copy.
+    ``study``: a study rule's inputs, where an SR's ``evidence_series`` may point.
     """
     from pydicom.uid import UID
 
@@ -648,8 +666,12 @@ def _build_and_write(
         kind = "image"
         stored = f"{r.name or 'volume'} stored " + ("exactly" if error == 0 else f"within {error:.3g}")
     elif isinstance(r, Measurements):
-        datasets = [build_sr(series, r, prov, index=i, segs=segs)]
+        segs = segs if segs is not None else _Segs()
+        datasets = [build_sr(series, r, prov, index=i, segs=segs.built, study=study)]
         kind = "SR"
+        label_maps = {str(segs.built[k].SOPInstanceUID) for k in segs.binary}
+        if label_maps & _evidence_uids(datasets[0]):
+            twins = [build_sr(series, r, prov, index=i, segs={**segs.built, **segs.binary}, study=study, binary=True)]
     else:
         datasets = build_sc(series, r, prov, index=i, transfer_syntax=ts)
         kind = "SC"
@@ -690,14 +712,31 @@ def _build_and_write(
         raise
     timings["write"] += time.perf_counter() - t
     if segs is not None and kind == "SEG":
-        segs[i] = datasets[0]
+        segs.built[i] = datasets[0]
+        if twins:
+            segs.binary[i] = twins[0]
     return written
+
+
+def _evidence_uids(ds: Any) -> set[str]:
+    """The SOP Instance UIDs an SR lists as evidence of the current procedure."""
+    return {
+        str(sop.ReferencedSOPInstanceUID)
+        for study in ds.get("CurrentRequestedProcedureEvidenceSequence", [])
+        for series in study.ReferencedSeriesSequence
+        for sop in series.ReferencedSOPSequence
+    }
 
 
 def _write_key_objects(
     outputs: list[Output], prov: Any, spec: WorkSpec, timings: dict[str, float], results: int
-) -> Output:
-    """The Key Object Selection listing the job's outputs (not the BINARY copies of label maps), written last."""
+) -> list[Output]:
+    """The Key Object Selection listing the job's outputs (not the BINARY copies of label maps), written last.
+
+    When some outputs have BINARY twins (label map SEGs and the SRs on them), a twin KOS lists the twins
+    in their place, for the destinations that get the twins: each destination gets a selection of what
+    it received.
+    """
     import pydicom
     from pydicom.sr.coding import Code
 
@@ -705,23 +744,30 @@ def _write_key_objects(
 
     t = time.perf_counter()
     ko = spec.key_objects or {}
-    listed = [pydicom.dcmread(o.file, stop_before_pixels=True) for o in outputs if not o.twin_of]
     if prov is None:  # only ready objects of a command plugin: the job itself
         prov = _provenance(spec, spec.steps[0].name if spec.steps else "dicom-node", "", {}, None)
-    ds = build_kos(
-        listed,
-        prov,
-        title=Code(ko["value"], ko["scheme"], ko["meaning"]),
-        description=ko.get("description", ""),
-        series_number=spec.series_number + results,
-    )
-    _check(ds, listed[0], "KOS", [])
+    twin = {o.twin_of: o for o in outputs if o.twin_of}
+    originals = [o for o in outputs if not o.twin_of]
+    selections = [("key-objects", originals)]
+    if twin:
+        selections.append(("key-objects-binary", [twin.get(o.sop_instance_uid, o) for o in originals]))
+    written: list[Output] = []
+    for name, listed_outputs in selections:
+        listed = [pydicom.dcmread(o.file, stop_before_pixels=True) for o in listed_outputs]
+        ds = build_kos(
+            listed,
+            prov,
+            title=Code(ko["value"], ko["scheme"], ko["meaning"]),
+            description=ko.get("description", ""),
+            series_number=spec.series_number + results,
+        )
+        _check(ds, listed[0], "KOS", [])
+        path = Path(spec.out_dir) / f"{name}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        twin_of = written[0].sop_instance_uid if written else ""
+        written.append(Output(str(path), "KOS", str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), twin_of=twin_of))
     timings["build"] += time.perf_counter() - t
-    t = time.perf_counter()
-    path = Path(spec.out_dir) / "key-objects.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    timings["write"] += time.perf_counter() - t
-    return Output(str(path), "KOS", str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID))
+    return written
 
 
 def main(spec: WorkSpec, conn: Any) -> None:

@@ -151,7 +151,7 @@ def test_the_sr_reads_back_as_the_plugins_measurements_and_dciodvfy_finds_no_err
     volumetric = back.get_volumetric_roi_measurement_groups()
     assert [g.tracking_identifier for g in volumetric] == ["Bone", "Brain"]
     for k, (want, got) in enumerate(zip(m.groups[:2], volumetric, strict=True)):
-        assert got.tracking_uid == tracking_uid(str(ct.first.PatientID), "measure", want.tracking_id)
+        assert got.tracking_uid == tracking_uid(str(ct.first.PatientID), want.tracking_id)
         assert code(got.finding_type) == code(want.finding)
         assert [code(s.value) for s in got.finding_sites] == [code(codes.SCT.Head)]
         ref = got.referenced_segment
@@ -202,8 +202,9 @@ def test_a_finding_keeps_its_tracking_uid_in_another_job_and_the_report_gets_its
 
     assert uids(first) == uids(follow_up)
     assert len(set(uids(first))) == 2
-    assert tracking_uid("other patient", "measure", "Bone") != tracking_uid(str(ct.first.PatientID), "measure", "Bone")
-    assert tracking_uid("p", "other-plugin", "Bone") != tracking_uid("p", "measure", "Bone")
+    assert tracking_uid("other patient", "Bone") != tracking_uid(str(ct.first.PatientID), "Bone")
+    # Another plugin tracking the same finding under the same id gives it the same UID.
+    assert uids(build_sr(ct, m, prov("job-3", plugin="other-plugin"), index=1, segs={0: seg})) == uids(first)
 
 
 def test_series_without_a_patient_id_never_share_a_tracking_uid() -> None:
@@ -352,3 +353,100 @@ def test_a_report_returned_before_its_segmentation_references_it(tmp_path: Path)
     (group,) = back.get_volumetric_roi_measurement_groups()
     assert group.referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID
     assert [m.value for m in group.get_measurements()] == [3 * 50 * 50]
+
+
+def _run(tmp_path: Path, steps: list[tuple[str, str]], **spec: object) -> object:
+    """The node's worker on the CT with the test plugins ``steps`` ((name, module:function), ...)."""
+    from helpers import TEST_PLUGINS
+
+    from node.plugins.worker import StepSpec, WorkSpec, run
+
+    work = WorkSpec(
+        files=[str(f) for f in series_files(CT)],
+        out_dir=str(tmp_path),
+        job_key=("twins", 1, "r", 0),
+        steps=[StepSpec(name, target, {}) for name, target in steps],
+        **spec,  # type: ignore[arg-type]
+    )
+    sys.path.insert(0, str(TEST_PLUGINS))
+    try:
+        return run(work)
+    finally:
+        sys.path.remove(str(TEST_PLUGINS))
+
+
+KEY_OBJECTS = {"value": "113000", "scheme": "DCM", "meaning": "Of Interest"}
+
+
+def _listed(kos: Dataset) -> set[str]:
+    return {
+        item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        for item in kos.ContentSequence
+        if "ReferencedSOPSequence" in item
+    }
+
+
+def test_destinations_of_the_binary_seg_get_an_sr_and_a_kos_that_refer_to_it(tmp_path: Path) -> None:
+    """A destination that refuses Label Map SEG gets the BINARY copy: the SR and KOS it gets must name that copy,
+    not a label map it never received (the twins are routed as the copy is: twin_of)."""
+    result = _run(
+        tmp_path,
+        [("label-boxes", "measure_plugins:label_boxes"), ("measure", "measure_plugins:measure")],
+        labelmap_as_binary=True,
+        key_objects=KEY_OBJECTS,
+    )
+    assert result.ok, result.error  # type: ignore[attr-defined]
+    outputs = result.outputs  # type: ignore[attr-defined]
+    assert [(o.kind, bool(o.twin_of)) for o in outputs] == [
+        ("SEG", False),
+        ("SEG", True),
+        ("SR", False),
+        ("SR", True),
+        ("KOS", False),
+        ("KOS", True),
+    ]
+    label_map, binary, sr, sr_twin, kos, kos_twin = outputs
+    assert (binary.twin_of, sr_twin.twin_of, kos_twin.twin_of) == (
+        label_map.sop_instance_uid,
+        sr.sop_instance_uid,
+        kos.sop_instance_uid,
+    )
+
+    def segments(path: str) -> list[tuple[str, list[int]]]:
+        back = hd.sr.MeasurementReport.from_sequence(
+            hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(path)).content
+        )
+        return [
+            (g.referenced_segment.referenced_sop_instance_uid, g.referenced_segment.referenced_segment_numbers)
+            for g in back.get_volumetric_roi_measurement_groups()
+        ]
+
+    assert segments(sr.file) == [(label_map.sop_instance_uid, [1]), (label_map.sop_instance_uid, [2])]
+    assert segments(sr_twin.file) == [(binary.sop_instance_uid, [1]), (binary.sop_instance_uid, [2])]
+    assert _listed(pydicom.dcmread(kos.file)) == {label_map.sop_instance_uid, sr.sop_instance_uid}
+    assert _listed(pydicom.dcmread(kos_twin.file)) == {binary.sop_instance_uid, sr_twin.sop_instance_uid}
+    # What a destination of the copies gets is valid throughout (the label map side has dicom3tools' known
+    # Label Map SEG gap, see test_a_label_map_seg_is_referenced_through_its_source_series).
+    verify(Path(sr_twin.file), "SR on the BINARY copy")
+    verify(Path(kos_twin.file), "KOS of the BINARY copies")
+    # The selection's observer is the plugin of the last step, the one that made the report.
+    observer = {str(i.get("TextValue", "")) for i in _walk_items(pydicom.dcmread(kos.file)) if "TextValue" in i}
+    assert "measure" in observer and "label-boxes" not in observer
+
+
+def test_no_key_object_selection_when_a_retry_may_still_make_outputs(tmp_path: Path) -> None:
+    """A retry that makes the missing outputs writes the KOS then: one selection, not one per attempt."""
+    steps = [("label-boxes", "measure_plugins:label_boxes"), ("busy", "measure_plugins:busy_after_one")]
+    result = _run(tmp_path, steps, key_objects=KEY_OBJECTS)
+    assert not result.ok and result.retryable  # type: ignore[attr-defined]
+    assert [o.kind for o in result.outputs] == ["SEG"]  # type: ignore[attr-defined]
+    assert any("no Key Object Selection" in n for n in result.notes)  # type: ignore[attr-defined]
+
+
+def test_evidence_series_outside_the_job_says_what_to_change(ct: SeriesInput) -> None:
+    m = Measurements(
+        [MeasurementGroup("X", codes.SCT.Bone, [Measurement(codes.SCT.Volume, 1.0, ML)])], evidence_series=["1.2.3"]
+    )
+    with pytest.raises(OutputError) as e:
+        build_sr(ct, m, prov(), index=0)
+    assert "evidence_series names 1.2.3, which is not among the job's inputs or priors" in str(e.value)

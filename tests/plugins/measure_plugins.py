@@ -61,3 +61,22 @@ def report_first(series: SeriesInput, params: NoParams) -> list[Measurements | S
     volume = Measurement(codes.SCT.Volume, int(mask.sum()), VOXELS)
     group = MeasurementGroup("Box", codes.SCT.Tissue, [volume], segment=1, segmentation=1)
     return [Measurements([group]), seg]
+
+
+@plugin(name="label-boxes", version="1.0", params=NoParams)
+def label_boxes(series: SeriesInput, params: NoParams) -> Segmentation:
+    """A label map of two boxes (labels 1 and 2): what the node also writes as a BINARY SEG when asked."""
+    labels = np.zeros((len(series), int(series.first.Rows), int(series.first.Columns)), np.uint8)
+    labels[2:5, 100:150, 100:150] = 1
+    labels[6:8, 200:220, 200:220] = 2
+    segments = [
+        Segment("Box A", codes.SCT.Tissue, codes.SCT.Tissue),
+        Segment("Box B", codes.SCT.Tissue, codes.SCT.Bone),
+    ]
+    return Segmentation(labels, segments, kind="labelmap")
+
+
+@plugin(name="busy-after-one", version="1.0", params=NoParams)
+def busy_after_one(series: SeriesInput, params: NoParams) -> Segmentation:
+    """A failure another attempt may cure (a busy service), after an earlier step returned a result."""
+    raise PluginError("the service is busy", retryable=True)

@@ -75,3 +75,49 @@ def test_without_a_prior_only_the_current_volume(studies: tuple[list[Path], list
     assert list(_values(report)) == [codes.SCT.Volume.meaning]
     assert _values(report)[codes.SCT.Volume.meaning] == pytest.approx(_bone_ml(current), rel=1e-9)
     assert report.description == "volume-change: no prior study"
+
+
+def test_the_sr_names_the_prior_it_compared_with_and_tracks_findings_as_segment_stats_does(
+    tmp_path: Path, studies: tuple[list[Path], list[Path]]
+) -> None:
+    """A reader of the report can tell where "volume in prior study" came from (Pertinent Other Evidence), the
+    local codes are declared, and the Bone finding has the Tracking UID segment-stats gives it."""
+    import highdicom as hd
+    import pydicom
+    from helpers.dciodvfy import verify
+
+    from node.derive.common import Provenance
+    from node.derive.seg import build_seg
+    from node.derive.sr import build_sr
+    from node.plugins.builtin.segment_stats import segment_stats
+
+    current, prior = studies
+    series = load_series(current)
+    series.priors = load_priors([{"study_uid": "1.2.3", "study_date": "20190101", "series": [[str(p) for p in prior]]}])
+    seg, report = volume_change(series, Params())
+
+    def sr(plugin: str, m: Measurements) -> Path:
+        prov = Provenance((str(series.first.SeriesInstanceUID), 1, plugin, 0), plugin, "1.0")
+        segs = {0: build_seg(series, seg, prov, index=0)}
+        path = tmp_path / f"{plugin}.dcm"
+        build_sr(series, m, prov, index=1, segs=segs).save_as(path, enforce_file_format=True)
+        return path
+
+    path = sr("volume-change", report)
+    verify(path, "volume-change SR")
+    ds = pydicom.dcmread(path)
+    prior_uids = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in prior}
+    [other_study] = ds.PertinentOtherEvidenceSequence
+    assert other_study.StudyInstanceUID == pydicom.dcmread(prior[0], stop_before_pixels=True).StudyInstanceUID
+    listed = {s.ReferencedSOPInstanceUID for x in other_study.ReferencedSeriesSequence for s in x.ReferencedSOPSequence}
+    assert listed == prior_uids
+    assert "99DICOMNODE" in {d.CodingSchemeDesignator for d in ds.CodingSchemeIdentificationSequence}
+
+    series.previous = [seg]
+    stats_path = sr("segment-stats", segment_stats(series, segment_stats.validate_params({})))
+
+    def tracking(p: Path) -> dict[str, str]:
+        back = hd.sr.MeasurementReport.from_sequence(hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(p)).content)
+        return {g.tracking_identifier: g.tracking_uid for g in back.get_volumetric_roi_measurement_groups()}
+
+    assert tracking(path) == tracking(stats_path) and set(tracking(path)) == {"Bone"}

@@ -3,14 +3,16 @@
 A follow-up example for rules that ask for priors (``priors = { from = "pacs", ... }`` on the action).
 It segments the current series and the matching series of the newest prior study with the same
 intensity ranges (threshold-seg's parameters and function), measures every segment's volume in patient
-space (:func:`dicom_node_sdk.geometry.segment_volume_ml`: uneven spacing and tilted gantries counted
-right), and returns
+space as segment-stats does (:func:`node.plugins.geometry.voxel_volumes`: uneven spacing and tilted
+gantries counted right), and returns
 
 - the current series' Segmentation (the SEG the node writes), and
 - :class:`Measurements`: one group per segment, tracked as segment-stats tracks it (the segment's
   label), referencing that SEG's segment, with its volume (SCT 118565006, ml) and, when a prior was
   measured, the prior's volume, the difference in ml and the relative change in percent (DCM 125314
-  "Fractional Change", UCUM "%").
+  "Fractional Change", UCUM "%"). The prior series measured is named in ``evidence_series``: the SR
+  lists it under Pertinent Other Evidence. Its findings have the Tracking UIDs segment-stats gives the
+  same segments (the node derives them from the patient and the tracking id only).
 
 DICOM has no standard concept for "the same quantity in the prior study" or "volume change", so those
 two use the local coding scheme ``99DICOMNODE`` (codes ``VOL-PRIOR`` and ``VOL-CHANGE``).
@@ -25,7 +27,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
@@ -33,14 +34,14 @@ from node.plugins.api import (
     Measurement,
     MeasurementGroup,
     Measurements,
-    PluginError,
     Segmentation,
     SeriesInput,
     StudyInput,
-    geometry,
     plugin,
 )
+from node.plugins.builtin.segment_stats import tracking_ids
 from node.plugins.builtin.threshold import Params, threshold_seg
+from node.plugins.geometry import voxel_volumes
 
 log = logging.getLogger(__name__)
 
@@ -51,26 +52,12 @@ PRIOR_VOLUME = Code("VOL-PRIOR", "99DICOMNODE", "Volume in prior study")
 VOLUME_CHANGE = Code("VOL-CHANGE", "99DICOMNODE", "Volume change since prior study")
 
 
-def masks_of(seg: Segmentation) -> list[np.ndarray]:
-    """threshold-seg's masks (slices, rows, columns, segments) as one boolean mask per segment."""
-    m = np.asarray(seg.masks)
-    return [m[..., n] for n in range(m.shape[-1])]
-
-
 def volumes_ml(series: SeriesInput, seg: Segmentation) -> list[float]:
-    """Each segment's volume in ml, in patient space."""
-    if series.positions is None or series.orientation is None or series.pixel_spacing is None:
-        raise PluginError(
-            "volume-change needs Image Position, Image Orientation (Patient) and Pixel Spacing on every slice"
-        )
-    first = series.first
-    single = first.get("SpacingBetweenSlices") or first.get("SliceThickness")
-    return [
-        geometry.segment_volume_ml(
-            mask, series.positions, series.orientation, series.pixel_spacing, float(single or 0) or None
-        )
-        for mask in masks_of(seg)
-    ]
+    """Each segment's volume in ml, in patient space (each slice's voxels times that slice's voxel volume)."""
+    per_slice_mm3 = voxel_volumes(series, "volume-change")
+    masks = seg.segment_masks()
+    counts = masks.reshape(masks.shape[0], -1, masks.shape[-1]).sum(axis=1)  # (slices, segments)
+    return [float(v) / 1000.0 for v in per_slice_mm3 @ counts]
 
 
 def matching_series(current: SeriesInput, prior: StudyInput) -> SeriesInput | None:
@@ -82,17 +69,6 @@ def matching_series(current: SeriesInput, prior: StudyInput) -> SeriesInput | No
     named = [s for s in same if str(s.first.get("SeriesDescription", "")) == description]
     pool = named or same
     return min(pool, key=lambda s: abs(len(s.datasets) - len(current.datasets)))
-
-
-def tracking_ids(seg: Segmentation) -> list[str]:
-    """The segment labels, as segment-stats names its groups (a repeated label gets its segment number)."""
-    used: set[str] = set()
-    out = []
-    for number, segment in enumerate(seg.segments, start=1):
-        tid = segment.label if segment.label not in used else f"{segment.label} (segment {number})"
-        used.add(tid)
-        out.append(tid)
-    return out
 
 
 def _group(tid: str, number: int, seg: Segmentation, now: float, before: float | None) -> MeasurementGroup:
@@ -113,6 +89,7 @@ def volume_change(series: SeriesInput, params: Params) -> list[Segmentation | Me
     now = volumes_ml(series, seg)
     before: list[float | None] = [None] * len(now)
     description = "volume-change: no prior study"
+    evidence: list[str] = []
     if series.priors:
         prior = series.priors[0]
         other = matching_series(series, prior)
@@ -122,9 +99,10 @@ def volume_change(series: SeriesInput, params: Params) -> list[Segmentation | Me
         else:
             [prior_seg] = threshold_seg(other, params)
             before = list(volumes_ml(other, prior_seg))
+            evidence.append(str(other.first.SeriesInstanceUID))
             description = f"volume-change against prior of {prior.study_date}"
     groups = [
         _group(tid, number, seg, now[number - 1], before[number - 1])
-        for number, tid in enumerate(tracking_ids(seg), start=1)
+        for number, tid in enumerate(tracking_ids(seg, len(seg.segments)), start=1)
     ]
-    return [seg, Measurements(groups, description=description[:64])]
+    return [seg, Measurements(groups, description=description[:64], evidence_series=evidence)]

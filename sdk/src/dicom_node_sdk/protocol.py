@@ -331,6 +331,7 @@ def _measurements_to_json(m: Measurements) -> dict[str, Any]:
         "type": "measurements",
         "title": code_to_json(m.title),
         "description": str(m.description),
+        "evidence_series": [str(u) for u in m.evidence_series],
         "groups": [
             {
                 "tracking_id": g.tracking_id,
@@ -382,7 +383,12 @@ def _measurements_from_json(d: dict[str, Any]) -> Measurements:
         )
         for g in d.get("groups", [])
     ]
-    return Measurements(groups, title=_code_of(d["title"], "a report's title"), description=d.get("description", ""))
+    return Measurements(
+        groups,
+        title=_code_of(d["title"], "a report's title"),
+        description=d.get("description", ""),
+        evidence_series=d.get("evidence_series", []),
+    )
 
 
 # -- series ----------------------------------------------------------------------------

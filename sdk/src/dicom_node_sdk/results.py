@@ -457,11 +457,17 @@ class Measurements:
 
     Each group is one finding; its ``tracking_id`` is unique in the report; a report has at least one
     (TID 1500: nothing measured is no report, so return none). ``title`` is a report title from CID 7021.
+
+    ``evidence_series``: the Series Instance UIDs of the other series the plugin measured or compared
+    with (a prior study's series, another input of a study rule): the node lists their instances in the
+    report's evidence (a prior study's under Pertinent Other Evidence), so a reader can tell where a
+    "volume in the prior study" came from. Each must be one of the job's inputs or priors.
     """
 
     groups: Sequence[MeasurementGroup]
     title: Code = codes.DCM.ImagingMeasurementReport
     description: str = ""
+    evidence_series: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         self.groups = _items("Measurements", "groups", self.groups, MeasurementGroup)
@@ -481,6 +487,12 @@ class Measurements:
             seen.add(g.tracking_id)
         if not isinstance(self.description, str):
             raise ResultError(f"Measurements.description must be a string; got {self.description!r}")
+        if isinstance(self.evidence_series, str) or not all(isinstance(u, str) for u in self.evidence_series):
+            raise ResultError(
+                "Measurements.evidence_series is a list of Series Instance UIDs (strings), e.g. "
+                f"[prior_series.first.SeriesInstanceUID]; got {self.evidence_series!r}"
+            )
+        self.evidence_series = list(dict.fromkeys(self.evidence_series))
 
 
 Result = Union[Segmentation, Images, Volume, Measurements]
