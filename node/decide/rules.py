@@ -63,6 +63,7 @@ from node.decide.conditions import Condition, ConditionError, Outcome, parse_mat
 from node.jobs.spec import Action, DiscardAction, seconds
 from node.jobs.spec import ForwardAction as ForwardAction  # the action types are the jobs' data; rules build them
 from node.jobs.spec import PluginAction as PluginAction
+from node.plugins.inputs import input_keys
 
 #: Added to the priority of an urgent job (an action's or its rule's ``priority = "urgent"``). Jobs are
 #: claimed, and GPU devices given, by priority (higher first), so every urgent job goes before every normal
@@ -473,16 +474,50 @@ def _scope_errors(model: RuleModel, where: str) -> list[str]:
     return errors
 
 
-def _input_keys(series: Sequence[StudySeries]) -> dict[str, StudySeries]:
-    """A study's series keyed ``series-<SeriesNumber>`` in number order (the UID for none or a shared one)."""
-    ordered = sorted(series, key=lambda s: (s.series_number is None, s.series_number or 0, s.series_uid))
-    numbers = [s.series_number for s in ordered]
-    return {
-        f"series-{s.series_number}"
-        if s.series_number is not None and numbers.count(s.series_number) == 1
-        else s.series_uid: s
-        for s in ordered
-    }
+def _assign(fits: Mapping[str, Sequence[StudySeries]]) -> dict[str, StudySeries]:
+    """A different series for each input, from the series that fit it (each list newest first).
+
+    One series may fit several inputs (``{Modality = "CT"}`` and ``{ContrastBolusAgent = {exists = true}}``
+    both fit a contrast CT), so taking each input's newest fit in turn can take the only series a later
+    input fits and wait forever. Instead each input, in declared order, takes its newest fit that still
+    leaves a series for every later input (a bipartite matching decides that), so a complete assignment is
+    found whenever one exists. Without one, the inputs a largest matching leaves out (the later-declared
+    ones) are missing from the answer.
+    """
+    names = list(fits)
+    largest = _matching(names, fits, set())
+    if len(largest) < len(names):
+        return {name: fits[name][k] for name, k in largest.items()}
+    chosen: dict[str, StudySeries] = {}
+    taken: set[int] = set()
+    for i, name in enumerate(names):
+        rest = names[i + 1 :]
+        for s in fits[name]:
+            if s.series_id not in taken and len(_matching(rest, fits, taken | {s.series_id})) == len(rest):
+                chosen[name] = s
+                taken.add(s.series_id)
+                break
+    return chosen
+
+
+def _matching(names: Sequence[str], fits: Mapping[str, Sequence[StudySeries]], taken: set[int]) -> dict[str, int]:
+    """A largest matching of ``names`` to series not in ``taken`` (augmenting paths, inputs in declared
+    order): ``{input: index of its series in fits[input]}``."""
+    owner: dict[int, tuple[str, int]] = {}  # series id -> (input, index in its fits)
+
+    def augment(name: str, seen: set[int]) -> bool:
+        for k, s in enumerate(fits[name]):
+            if s.series_id in taken or s.series_id in seen:
+                continue
+            seen.add(s.series_id)
+            if s.series_id not in owner or augment(owner[s.series_id][0], seen):
+                owner[s.series_id] = (name, k)
+                return True
+        return False
+
+    for name in names:
+        augment(name, set())
+    return dict(owner.values())
 
 
 def _evaluate_study_rule(rule: Rule, series: Sequence[StudySeries], now: dt.datetime) -> StudyResult:
@@ -493,19 +528,25 @@ def _evaluate_study_rule(rule: Rule, series: Sequence[StudySeries], now: dt.date
     still = f" ({len(arriving)} series of the study still arriving)" if arriving else ""
     stable = [s for s in series if s.stable and s.facts is not None and rule.condition.evaluate(s.facts).ok]
     if rule.inputs:
-        chosen: dict[str, StudySeries] = {}
-        missing = []
-        for name, condition in rule.inputs.items():
-            taken = {s.series_id for s in chosen.values()}
-            fits = [
-                s for s in stable if s.series_id not in taken and s.facts is not None and condition.evaluate(s.facts).ok
-            ]
-            if fits:
-                chosen[name] = max(fits, key=lambda s: (s.last_received_at, s.series_id))
-            else:
-                missing.append(name)
+        fits = {
+            name: sorted(
+                (s for s in stable if s.facts is not None and condition.evaluate(s.facts).ok),
+                key=lambda s: (s.last_received_at, s.series_id),
+                reverse=True,
+            )
+            for name, condition in rule.inputs.items()
+        }
+        chosen = _assign(fits)
+        missing = [name for name in rule.inputs if name not in chosen]
         if missing:
-            return StudyResult(rule, "waiting", f"waiting for {', '.join(missing)}{still}", missing=tuple(missing))
+            shared = [name for name in missing if fits[name]]
+            why = f"waiting for {', '.join(missing)}{still}"
+            if shared:
+                why += (
+                    f" ({', '.join(shared)}: the series that fit it fit other inputs too, and each input "
+                    "takes a series of its own)"
+                )
+            return StudyResult(rule, "waiting", why, missing=tuple(missing))
         return StudyResult(rule, "ready", "every input is stable", chosen, m.primary or next(iter(chosen)))
     if arriving:
         return StudyResult(rule, "waiting", f"waiting for {len(arriving)} series of the study still arriving")
@@ -523,5 +564,5 @@ def _evaluate_study_rule(rule: Rule, series: Sequence[StudySeries], now: dt.date
             f"waiting for the study to be quiet: no instance for {quiet:g} s (until {due:%Y-%m-%d %H:%M:%S} UTC)",
             due=due,
         )
-    inputs = _input_keys(stable)
+    inputs = input_keys(stable, lambda s: s.series_number, lambda s: s.series_uid)
     return StudyResult(rule, "ready", f"no instance in the study for {quiet:g} s", inputs, next(iter(inputs)))

@@ -3,8 +3,10 @@
 The series tracker (:mod:`node.decide.tracker`) calls :func:`evaluate_study` whenever a series of a study
 has triggered (and again at the end of a quiet period a rule waits for); nothing here keeps state in
 memory. A firing is one transaction: the ``study_trigger`` row (unique per study, rule and input revision
-set, and per study, rule and revision), its audit event and its jobs. Of two processes evaluating one
-study at once, only the one whose insert wins makes jobs; the other sees the constraint and moves on.
+set, and per study, rule and revision), its audit event and its jobs. Firings of one study are ordered
+by a lock on its study row: of two processes evaluating one study at once with the same inputs, the
+second finds the first's row and makes nothing; with different inputs (one saw a newer series) and
+``on_revision = "rerun"``, the second takes the next revision, so neither firing is lost.
 
 A study rule's job is a job like any other: ``series_fk`` is its primary input and ``revision`` the study
 trigger's revision (1, 2, ... for that study and rule), ``study_trigger_fk`` names the firing, whose
@@ -37,6 +39,9 @@ _revision = SeriesRevision.__table__
 _study = Study.__table__
 _trigger = StudyTrigger.__table__
 _job = Job.__table__
+#: Tries at inserting a firing whose revision another process took between the read and the insert (with
+#: the study row locked first that cannot happen; the retry covers a database that ignores FOR UPDATE).
+_FIRE_ATTEMPTS = 3
 
 
 def study_series(session: Session, data_dir: Path, study_id: int) -> list[StudySeries]:
@@ -153,62 +158,82 @@ def _fire(
     rule = result.rule
     key = result.key
     primary = result.inputs[result.primary]
-    with engine.begin() as conn:
-        earlier = conn.execute(
-            select(_trigger.c.revision, _trigger.c.inputs_key).where(
-                _trigger.c.study_fk == study_id, _trigger.c.rule == rule.name
+    inputs = {
+        name: {"series_id": s.series_id, "series_uid": s.series_uid, "revision": s.revision}
+        for name, s in result.inputs.items()
+    }
+    for attempt in range(_FIRE_ATTEMPTS):
+        with engine.begin() as conn:
+            # The study row's lock orders firings of one study: another process's firing (of any input set)
+            # commits before this one reads the revisions, so the next revision is free when it inserts.
+            # (On SQLite every write transaction holds the database's write lock from its start anyway.)
+            if conn.execute(select(_study.c.id).where(_study.c.id == study_id).with_for_update()).first() is None:
+                return None  # deleted meanwhile (retention)
+            earlier = conn.execute(
+                select(_trigger.c.revision, _trigger.c.inputs_key).where(
+                    _trigger.c.study_fk == study_id, _trigger.c.rule == rule.name
+                )
+            ).all()
+            if any(k == key for _, k in earlier):
+                return None
+            if earlier and rule.model.on_revision == "ignore":
+                return None
+            revision = max((r for r, _ in earlier), default=0) + 1
+            try:
+                with conn.begin_nested():
+                    trigger_id = conn.execute(
+                        _trigger.insert().returning(_trigger.c.id),
+                        dict(
+                            study_fk=study_id,
+                            rule=rule.name,
+                            revision=revision,
+                            inputs=json.dumps({"primary": result.primary, "inputs": inputs}, sort_keys=True),
+                            inputs_key=key,
+                            primary_series_fk=primary.series_id,
+                            reason=result.why[:256],
+                            created_at=now,
+                        ),
+                    ).scalar_one()
+            except IntegrityError:
+                # Another firing took this revision (or these inputs) after the read: read again. Only the
+                # same input set firing already ends it; a different one just takes the next revision.
+                log.info(
+                    "study %s: study rule %s: revision %d was taken meanwhile; reading again (attempt %d)",
+                    study_uid,
+                    rule.name,
+                    revision,
+                    attempt + 1,
+                )
+                continue
+            uids = {"series_uid": primary.series_uid, "study_uid": study_uid}
+            names = ", ".join(f"{n}=series #{s.series_id} revision {s.revision}" for n, s in result.inputs.items())
+            audit.record(
+                conn, "rule_fired", actor="node", rule=rule.name, detail=f"study revision {revision}: {names}", **uids
             )
-        ).all()
-        if any(k == key for _, k in earlier):
-            return None
-        if earlier and rule.model.on_revision == "ignore":
-            return None
-        revision = max((r for r, _ in earlier), default=0) + 1
-        inputs = {
-            name: {"series_id": s.series_id, "series_uid": s.series_uid, "revision": s.revision}
-            for name, s in result.inputs.items()
-        }
-        try:
-            with conn.begin_nested():
-                trigger_id = conn.execute(
-                    _trigger.insert().returning(_trigger.c.id),
-                    dict(
-                        study_fk=study_id,
-                        rule=rule.name,
-                        revision=revision,
-                        inputs=json.dumps({"primary": result.primary, "inputs": inputs}, sort_keys=True),
-                        inputs_key=key,
-                        primary_series_fk=primary.series_id,
-                        reason=result.why[:256],
-                        created_at=now,
-                    ),
-                ).scalar_one()
-        except IntegrityError:  # fired meanwhile by another process
-            return None
-        uids = {"series_uid": primary.series_uid, "study_uid": study_uid}
-        names = ", ".join(f"{n}=series #{s.series_id} revision {s.revision}" for n, s in result.inputs.items())
-        audit.record(
-            conn, "rule_fired", actor="node", rule=rule.name, detail=f"study revision {revision}: {names}", **uids
+            m = rule.model
+            jobs = [
+                NewJob(m.name, i, action.type, action.model_dump(mode="json"), m.job_priority(action), m.max_attempts)
+                for i, action in enumerate(m.actions)
+            ]
+            made = create_jobs(conn, primary.series_id, revision, jobs, **uids)
+            if made:
+                conn.execute(update(_job).where(_job.c.id.in_(made)).values(study_trigger_fk=trigger_id))
+        log.info(
+            "study %s: study rule %s fired (study revision %d, %s) with %s -> %d job(s)",
+            study_uid,
+            rule.name,
+            revision,
+            result.why,
+            names,
+            len(made),
+            extra={"study_uid": study_uid, "rules": [rule.name], "job_ids": made},
         )
-        m = rule.model
-        jobs = [
-            NewJob(m.name, i, action.type, action.model_dump(mode="json"), m.job_priority(action), m.max_attempts)
-            for i, action in enumerate(m.actions)
-        ]
-        made = create_jobs(conn, primary.series_id, revision, jobs, **uids)
-        if made:
-            conn.execute(update(_job).where(_job.c.id.in_(made)).values(study_trigger_fk=trigger_id))
-    log.info(
-        "study %s: study rule %s fired (study revision %d, %s) with %s -> %d job(s)",
-        study_uid,
-        rule.name,
-        revision,
-        result.why,
-        names,
-        len(made),
-        extra={"study_uid": study_uid, "rules": [rule.name], "job_ids": made},
+        return revision, made
+    # Never silently: the study stays due (evaluate_study does not get to clear it) and is evaluated again.
+    raise RuntimeError(
+        f"study {study_uid}: study rule {rule.name} could not take a revision in {_FIRE_ATTEMPTS} attempts "
+        "(other firings kept taking it); it is evaluated again at the next sweep"
     )
-    return revision, made
 
 
 def mark_due(conn: Connection, series_id: int, when: dt.datetime) -> int | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Self, TypeVar
 
@@ -690,11 +690,14 @@ def changes(engine: Engine) -> str:
 # -- study rules --------------------------------------------------------------------------------------------
 
 
-def study_waiting(conn: Connection, study_uid: str) -> list[tuple[str, str]]:
+def study_waiting(conn: Connection, study_uid: str, rules: Collection[str]) -> list[tuple[str, str]]:
     """The study rules waiting for a study, and what for: ``[(rule, "waiting for ct_contrast"), ...]``.
 
     As the series tracker found at the study's last evaluation (node.decide.study writes it whenever a
     series of the study triggers, and at the end of a quiet period a rule waits for); [] when none waits.
+    Only ``rules`` (the enabled study rules of the running config) count: a rule removed or disabled since
+    that evaluation waits for nothing, and the study may never be evaluated again to say so.
     """
     raw = conn.execute(select(Study.study_rules_waiting).where(Study.study_instance_uid == study_uid)).scalar()
-    return sorted(json.loads(raw).items()) if raw else []
+    current = set(rules)
+    return sorted((rule, why) for rule, why in json.loads(raw).items() if rule in current) if raw else []

@@ -205,7 +205,8 @@ def series(request: Request, uid: str, user: str = Depends(page_user), ctx: WebC
         raise HTTPException(404, str(e)) from None
     recent = data.page_json(read.deliveries(ctx.reader, series_uid=uid, limit=20))["items"]
     with ctx.reader.connect() as conn:  # the study rules waiting for this series' study
-        waiting = read.study_waiting(conn, s["study_instance_uid"])
+        rules = [r.name for r in ctx.cfg.ruleset.study_rules if r.model.enabled] if ctx.cfg.ruleset else []
+        waiting = read.study_waiting(conn, s["study_instance_uid"], rules)
     return _render(
         request,
         "series.html",

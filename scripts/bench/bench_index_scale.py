@@ -154,6 +154,70 @@ def _create_schema(path: Path) -> None:
         engine.dispose()
 
 
+#: The columns fill_index gives a value, in the order of its row tuples. Named rather than read from the
+#: schema, so a column a later migration adds (with a default, as the node's inserts need too) does not
+#: break the fill.
+FILL_COLUMNS: dict[str, tuple[str, ...]] = {
+    "patient": ("id", "patient_id", "issuer_of_patient_id", "patient_name", "birth_date", "sex", "created_at"),
+    "study": (
+        "id",
+        "study_instance_uid",
+        "patient_fk",
+        "study_date",
+        "study_time",
+        "accession_number",
+        "study_id",
+        "study_description",
+        "referring_physician_name",
+        "created_at",
+    ),
+    "series": (
+        "id",
+        "series_instance_uid",
+        "study_fk",
+        "modality",
+        "series_number",
+        "series_description",
+        "body_part_examined",
+        "protocol_name",
+        "manufacturer",
+        "station_name",
+        "frame_of_reference_uid",
+        "instance_count",
+        "first_received_at",
+        "last_received_at",
+    ),
+    "instance": (
+        "id",
+        "sop_instance_uid",
+        "series_fk",
+        "sop_class_uid",
+        "transfer_syntax_uid",
+        "instance_number",
+        "acquisition_number",
+        "image_type",
+        "rows",
+        "columns",
+        "number_of_frames",
+        "bits_allocated",
+        "photometric_interpretation",
+        "image_position_patient",
+        "image_orientation_patient",
+        "pixel_spacing",
+        "slice_thickness",
+        "slice_location",
+        "file_path",
+        "file_size",
+        "checksum",
+        "received_at",
+        "calling_ae",
+        "called_ae",
+        "peer_address",
+        "association_id",
+    ),
+}
+
+
 def fill_index(path: Path, rows: int, per_study: int, per_series: int, seed: int = 20261122) -> dict[str, int]:
     """Create the node's schema in ``path`` and insert ``rows`` realistic instance rows.
 
@@ -172,13 +236,8 @@ def fill_index(path: Path, rows: int, per_study: int, per_series: int, seed: int
     con.execute("PRAGMA temp_store=MEMORY")
     con.execute("PRAGMA foreign_keys=OFF")
 
-    cols = {
-        t: [r[1] for r in con.execute(f"PRAGMA table_info({t})") if r[1] != "id"]
-        for t in ("patient", "study", "series", "instance")
-    }
-
     def ins(table: str, data: list[tuple[object, ...]]) -> None:
-        names = ["id", *cols[table]]
+        names = FILL_COLUMNS[table]
         con.executemany(f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})", data)
 
     n_studies = -(-rows // per_study)

@@ -13,7 +13,7 @@ import datetime as dt
 import json
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,19 +24,20 @@ from helpers import TEST_PLUGINS, wait_for
 from helpers.ingest import receive
 from helpers.studies import series_uid, study_series
 from pydicom import dcmread
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, event, select
 from sqlalchemy.orm import Session
 
 from node.config import Config
 from node.decide.compile import load_checked_config
 from node.decide.explain import explain_series, replay
-from node.decide.rules import RulesError, RuleSet
+from node.decide.rules import RulesError, RuleSet, StudySeries
 from node.decide.study import evaluate_study
 from node.decide.tracker import SeriesTracker
 from node.index.db import make_engine, migrate
 from node.index.models import Job, Series, Study, StudyTrigger
 from node.index.read import study_waiting
 from node.index.writer import IndexWriter
+from node.plugins.offline import SourceSeries, runs
 from node.receive.ingest import Ingest
 from node.storage import Storage
 
@@ -128,8 +129,11 @@ class Node:
             return s.scalars(select(Study.study_instance_uid)).one()
 
     def waiting(self) -> list[tuple[str, str]]:
+        """What the dashboard shows: the waiting texts of the study rules the running config has."""
+        assert self.cfg.ruleset is not None
+        rules = [r.name for r in self.cfg.ruleset.study_rules if r.model.enabled]
         with self.engine.connect() as conn:
-            return study_waiting(conn, self.study_uid())
+            return study_waiting(conn, self.study_uid(), rules)
 
 
 @contextmanager
@@ -427,3 +431,126 @@ def test_a_study_whose_process_died_before_evaluating_it_is_taken_up_by_another_
     finally:
         other.stop()
     assert len(node.triggers()) == 1 and len(node.jobs()) == 1
+
+
+def _ruleset(inputs: Mapping[str, Mapping[str, object]], on_revision: str = "ignore") -> RuleSet:
+    return RuleSet.compile(
+        [
+            {
+                "name": "enhancement",
+                "scope": "study",
+                "on_revision": on_revision,
+                "match": {"Modality": "CT"},
+                "inputs": inputs,
+                "actions": [{"type": "plugin", "plugin": "pair"}],
+            }
+        ],
+        plugins=["pair"],
+    )
+
+
+def _series(series_id: int, minute: int, *, contrast: bool, number: int | None = None) -> StudySeries:
+    facts = {"Modality": "CT", "SeriesNumber": number, **({"ContrastBolusAgent": "IODINE"} if contrast else {})}
+    when = EPOCH + dt.timedelta(minutes=minute)
+    return StudySeries(series_id, f"1.2.3.{series_id}", number, 1, True, when, facts)
+
+
+def test_overlapping_input_conditions_still_give_each_input_a_series() -> None:
+    """ct_plain = any CT also fits the contrast series: taking the newest CT for it first would leave
+    ct_contrast nothing, and the rule would wait forever although the study has what it needs."""
+    rules = _ruleset({"ct_plain": {"Modality": "CT"}, "ct_contrast": {"ContrastBolusAgent": {"exists": True}}})
+    plain, newer_plain, contrast = (
+        _series(1, 0, contrast=False),
+        _series(2, 5, contrast=False),
+        _series(3, 9, contrast=True),
+    )
+
+    [result] = rules.evaluate_study([plain, contrast], EPOCH)
+    assert result.status == "ready", result.why
+    assert {k: s.series_id for k, s in result.inputs.items()} == {"ct_plain": 1, "ct_contrast": 3}
+
+    [result] = rules.evaluate_study([plain, newer_plain, contrast], EPOCH)  # among what works: the newest
+    assert {k: s.series_id for k, s in result.inputs.items()} == {"ct_plain": 2, "ct_contrast": 3}
+
+    [result] = rules.evaluate_study([contrast], EPOCH)  # one series cannot be both inputs
+    assert (result.status, result.missing) == ("waiting", ("ct_contrast",))
+    assert result.why.startswith("waiting for ct_contrast (ct_contrast: the series that fit it fit other inputs too")
+
+
+def test_a_study_run_offline_names_its_inputs_as_a_study_rule_does() -> None:
+    """``plugins run --study`` and a study rule without inputs key a study's series the same way."""
+    numbers = [7, 4, None, 9, 9]
+    rules = RuleSet.compile(
+        [{"name": "all", "scope": "study", "study_quiet": 1, "actions": [{"type": "plugin", "plugin": "p"}]}],
+        plugins=["p"],
+    )
+    [result] = rules.evaluate_study(
+        [_series(i, 0, contrast=False, number=n) for i, n in enumerate(numbers, 1)], EPOCH + dt.timedelta(hours=1)
+    )
+    source = [SourceSeries(f"1.2.3.{i}", [], "CT", "" if n is None else str(n), "") for i, n in enumerate(numbers, 1)]
+    [run] = runs(source, study=True)
+    assert list(result.inputs) == list(run.inputs) == ["series-4", "series-7", "1.2.3.4", "1.2.3.5", "1.2.3.3"]
+
+
+def test_a_study_rule_removed_or_disabled_since_it_waited_waits_for_nothing(node: Node, tmp_path: Path) -> None:
+    node.receive(study_series(tmp_path / "plain", 2, contrast=False))
+    wait_for(lambda: node.series_triggered(1) and node.waiting(), 10, "the plain series to trigger")
+    assert node.waiting() == [("enhancement", "waiting for ct_contrast")]
+
+    node.stop()  # restarted with the rule disabled: nothing evaluates the study again
+    node.cfg = _config(tmp_path, extra="enabled = false", name="disabled")
+    node.start()
+    assert node.waiting() == []
+    with node.engine.connect() as conn:  # and with the rule gone from the config
+        assert study_waiting(conn, node.study_uid(), ["whole-study"]) == []
+
+
+def test_two_processes_firing_different_input_sets_at_once_lose_neither(tmp_path: Path, any_index_url: str) -> None:
+    """Process A sees contrast series 3 as the newest, B already series 4 (here: their rules pick by number).
+    Both read the study's firings before either inserts; B must not lose its firing to A's revision."""
+    with running(tmp_path, extra="enabled = false", url=any_index_url) as node:  # stored, not fired
+        node.receive(study_series(tmp_path / "plain", 2, contrast=False))
+        node.receive(study_series(tmp_path / "contrast3", 3, contrast=True))
+        node.receive(study_series(tmp_path / "contrast4", 4, contrast=True))
+        wait_for(lambda: node.series_triggered(3) and _evaluated(node), 15, "the three series to trigger")
+        study_id = _study_id(node)
+    rulesets = [
+        _ruleset(
+            {"ct_plain": {"ContrastBolusAgent": {"exists": False}}, "ct_contrast": {"SeriesNumber": number}},
+            on_revision="rerun",
+        )
+        for number in (3, 4)
+    ]
+    barrier = threading.Barrier(2)
+    waited = threading.local()
+
+    def process(ruleset: RuleSet) -> list[tuple[str, int, list[int]]]:
+        engine = make_engine(any_index_url)  # a connection pool of its own, as another process has
+
+        @event.listens_for(engine, "before_cursor_execute")
+        def meet(conn: object, cursor: object, statement: str, *args: object) -> None:
+            if statement.startswith("INSERT INTO study_trigger") and not getattr(waited, "done", False):
+                waited.done = True
+                try:  # both insert at once, unless one waits for the other's study row lock
+                    barrier.wait(2)
+                except threading.BrokenBarrierError:
+                    pass
+
+        try:
+            return evaluate_study(engine, engine, node.cfg.data_dir, ruleset, study_id).fired
+        finally:
+            engine.dispose()
+
+    with ThreadPoolExecutor(2) as pool:
+        fired = list(pool.map(process, rulesets))
+    assert sorted(len(f) for f in fired) == [1, 1], fired
+    engine = make_engine(any_index_url)
+    try:
+        with Session(engine) as s:
+            triggers = s.scalars(select(StudyTrigger).order_by(StudyTrigger.revision)).all()
+            assert [t.revision for t in triggers] == [1, 2]
+            numbers = sorted(json.loads(t.inputs)["inputs"]["ct_contrast"]["series_id"] for t in triggers)
+            assert len(set(numbers)) == 2
+            assert sorted(j.study_trigger_fk for j in s.scalars(select(Job)).all()) == sorted(t.id for t in triggers)
+    finally:
+        engine.dispose()
