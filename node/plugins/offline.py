@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from node.config import Config, error_text, loc_to_key
 from node.dicom.files import Rejected, is_dicomdir, read_file_header
+from node.plugins.inputs import input_keys
 
 if TYPE_CHECKING:
     from node.plugins.pool import WorkerPool
@@ -142,19 +143,6 @@ def group_series(
     return found, skipped
 
 
-def input_keys(series: Iterable[SourceSeries]) -> dict[str, SourceSeries]:
-    """A study's series keyed as a study rule without declared inputs keys them (node.decide.rules):
-    ``series-<SeriesNumber>`` in number order, the Series Instance UID for none or a shared number."""
-    ordered = sorted(series, key=lambda s: (s.series_number() is None, s.series_number() or 0, s.uid))
-    numbers = [s.series_number() for s in ordered]
-    return {
-        f"series-{s.series_number()}"
-        if s.series_number() is not None and numbers.count(s.series_number()) == 1
-        else s.uid: s
-        for s in ordered
-    }
-
-
 def _by_study(series: Iterable[SourceSeries]) -> dict[str, list[SourceSeries]]:
     studies: dict[str, list[SourceSeries]] = {}
     for s in series:
@@ -168,7 +156,7 @@ def runs(series: list[SourceSeries], *, study: bool = False, primary: str | None
         return [RunInput(s) for s in series]
     out = []
     for uid, group in _by_study(series).items():
-        keys = input_keys(group)
+        keys = input_keys(group, SourceSeries.series_number, lambda s: s.uid)
         name = primary or next(iter(keys))
         if name not in keys:
             raise OfflineError(f"--primary {name}: study {uid} has no such series; its series are {', '.join(keys)}")
