@@ -112,3 +112,69 @@ send_to = ["scp"]
         assert {pydicom.dcmread(f).StudyInstanceUID for f in received.values()} == {seg.StudyInstanceUID}
     finally:
         node.stop()
+
+
+def test_a_destination_that_gets_the_binary_seg_gets_an_sr_and_kos_that_refer_to_it(
+    tmp_path: Path, scp: StoreSCP
+) -> None:
+    """storescp (DCMTK 3.6.7) refuses Label Map SEG, Orthanc takes it: each gets a SEG, an SR measuring that
+    SEG and a KOS listing what it got; nothing either holds refers to an object it never received."""
+    import io
+
+    from helpers.orthanc import Orthanc
+
+    with Orthanc(tmp_path / "orthanc") as orthanc:
+        node = NodeProcess(
+            tmp_path / "node",
+            extra_config=f"""
+[tracker]
+stable_after = 1
+{scp.destination("scp")}
+{orthanc.destination("pacs")}
+[plugins.local]
+label-boxes = "measure_plugins:label_boxes"
+measure = "measure_plugins:measure"
+[[rules]]
+name = "measure"
+[[rules.actions]]
+type = "plugin"
+plugins = [{{ name = "label-boxes" }}, {{ name = "measure" }}]
+key_objects = true
+send_to = ["scp", "pacs"]
+""",
+        )
+        node.env = {"PYTHONPATH": os.pathsep.join([str(TEST_PLUGINS), *filter(None, [os.environ.get("PYTHONPATH")])])}
+        node.start()
+        try:
+            assert storescu(node.port, series_files(CT)).returncode == 0
+            wait_for(
+                lambda: node.query("select state from job") in ([("succeeded",)], [("failed",)]), 120, "the job to end"
+            )
+            ((state, result, error),) = node.query("select state, result, last_error from job")
+            assert state == "succeeded", error
+            node.wait_delivered(6)
+            at_scp = [pydicom.dcmread(f) for f in scp.received()]
+            at_pacs = [pydicom.dcmread(io.BytesIO(orthanc.get(f"/instances/{i}/file"))) for i in orthanc.instances()]
+            for kind, got in (("BINARY", at_scp), ("LABELMAP", at_pacs)):
+                by_kind = {KINDS.get(ds.SOPClassUID, "label map SEG"): ds for ds in got}
+                assert sorted(by_kind) == (["KOS", "SEG", "SR"] if kind == "BINARY" else ["KOS", "SR", "label map SEG"])
+                seg = by_kind.get("SEG") or by_kind["label map SEG"]
+                assert seg.SegmentationType == kind
+                report = hd.sr.MeasurementReport.from_sequence(
+                    hd.sr.Comprehensive3DSR.from_dataset(by_kind["SR"]).content
+                )
+                refs = {
+                    g.referenced_segment.referenced_sop_instance_uid
+                    for g in report.get_volumetric_roi_measurement_groups()
+                }
+                assert refs == {seg.SOPInstanceUID}
+                listed = {
+                    item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+                    for item in by_kind["KOS"].ContentSequence
+                    if "ReferencedSOPSequence" in item
+                }
+                assert listed == {seg.SOPInstanceUID, by_kind["SR"].SOPInstanceUID}
+            for f in scp.received():
+                verify(f, "what the destination of BINARY copies got")
+        finally:
+            node.stop()
