@@ -166,8 +166,11 @@ def _fire(
         with engine.begin() as conn:
             # The study row's lock orders firings of one study: another process's firing (of any input set)
             # commits before this one reads the revisions, so the next revision is free when it inserts.
-            # (On SQLite every write transaction holds the database's write lock from its start anyway.)
-            if conn.execute(select(_study.c.id).where(_study.c.id == study_id).with_for_update()).first() is None:
+            # FOR NO KEY UPDATE: it excludes another firing but not the receive path inserting a series of
+            # the study (its foreign key takes a key-share lock). (On SQLite every write transaction holds
+            # the database's write lock from its start anyway.)
+            lock = select(_study.c.id).where(_study.c.id == study_id).with_for_update(key_share=True)
+            if conn.execute(lock).first() is None:
                 return None  # deleted meanwhile (retention)
             earlier = conn.execute(
                 select(_trigger.c.revision, _trigger.c.inputs_key).where(
