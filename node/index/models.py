@@ -62,11 +62,9 @@ class Patient(Base):
         ),
         # Person Name matching ignores case (node.index.query): an exact name, and on PostgreSQL a name
         # prefix (``DOE*``: text_pattern_ops serves LIKE whatever the database's collation), read the index.
-        Index(
-            "ix_patient_name_lower",
-            func.lower(text("patient_name")).label("name_lower"),
-            postgresql_ops={"name_lower": "text_pattern_ops"},
-        ),
+        # The operator class is the migration's (0009): named here as ``postgresql_ops``, it would load the
+        # PostgreSQL dialect into every command on SQLite (tests/index/test_migrations.py checks it on PostgreSQL).
+        Index("ix_patient_name_lower", func.lower(text("patient_name"))),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -284,6 +282,9 @@ class Job(Base):
     #: A study rule's job: the firing it belongs to (its named inputs); NULL for a series rule's job. Then
     #: ``series_fk`` is the primary input and ``revision`` the study trigger's revision.
     study_trigger_fk: Mapped[int | None] = mapped_column(ForeignKey("study_trigger.id"), nullable=True, index=True)
+    #: When the job first waited for its priors source (down, refusing): ``priors.timeout`` counts from here,
+    #: not from ``created_at`` (a job that sat in a busy queue still gets its back-off). node.qr.priors.
+    waiting_since: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class Delivery(Base):
@@ -460,7 +461,7 @@ class PriorFetch(Base):
     source: Mapped[str] = mapped_column(String(64))
     study_uid: Mapped[str] = mapped_column(UID, index=True)
     study_date: Mapped[str] = mapped_column(String(16), default="")
-    #: "requested" (retrieve under way or to be tried again), "retrieved", or "failed".
+    #: "retrieving" (under way in ``owner``), "requested" (to be tried again), "retrieved", or "failed".
     state: Mapped[str] = mapped_column(String(16), default="requested")
     #: Instances the source reported for the study, and how many arrived.
     expected: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -468,3 +469,5 @@ class PriorFetch(Base):
     requested_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     error: Mapped[str] = mapped_column(Text, default="")
+    #: The node process whose retrieve pool runs the retrieve (state "retrieving"): once gone, it is tried again.
+    owner: Mapped[str | None] = mapped_column(String(64), nullable=True)

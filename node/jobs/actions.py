@@ -64,6 +64,8 @@ class JobContext:
     wake_senders: Callable[[list[str]], None] = lambda names: None
     #: The node's C-STORE write path (node.receive.ingest.Ingest), for priors retrieved by C-GET.
     ingest: Any = None
+    #: The node process's pool for retrieving priors (node.qr.priors.Retrieves); None retrieves in the job's thread.
+    retrieves: Any = None
 
     def instance_files(self) -> list[tuple[int, str]]:
         """(id, stored path) of the revision's instances, in Instance Number order."""
@@ -482,7 +484,8 @@ def _study_inputs(ctx: JobContext) -> StudyInputs | None:
 
 
 def _fetch_priors(ctx: JobContext, action: PluginAction) -> list[dict[str, Any]]:
-    """The action's prior studies for the worker (node.qr.priors): retrieved now, or the job waits (JobDeferred)."""
+    """The action's prior studies for the worker (node.qr.priors): all held, or the job waits (JobDeferred) for
+    its source or for the retrieves the node process's pool runs meanwhile."""
     from node.qr.priors import PriorsFailed, PriorsWaiting, fetch_priors
 
     try:
@@ -494,6 +497,7 @@ def _fetch_priors(ctx: JobContext, action: PluginAction) -> list[dict[str, Any]]
             action.priors,
             note=lambda text: _note_running(ctx, text),
             ingest=ctx.ingest,
+            retrieves=ctx.retrieves,
         )
     except PriorsWaiting as e:
         raise JobDeferred(str(e), e.retry_at) from None

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, update
 
 from node import metrics
 from node.config import Config
@@ -30,6 +30,7 @@ from node.index.models import Job, utcnow
 from node.index.states import JobState
 from node.jobs import store
 from node.jobs.actions import JobContext, JobDeferred, JobFailed, handler_for
+from node.qr.priors import Retrieves
 from node.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -69,9 +70,15 @@ class JobRunner:
         self._threads = [
             threading.Thread(target=self._work, name=f"job-worker-{i}", daemon=True) for i in range(cfg.jobs.workers)
         ]
+        #: Retrieves of priors run here, not on the job workers (a slow PACS would hold one up to retrieve_timeout);
+        #: the job is deferred meanwhile and made due again when its retrieve ends.
+        self.retrieves = Retrieves(owner, done=self._retrieved)
+        self._resume: set[int] = set()
+        self._resume_lock = threading.Lock()
 
     def start(self) -> None:
         self.take_over()
+        self.retrieves.start()
         for t in self._threads:
             t.start()
 
@@ -100,6 +107,7 @@ class JobRunner:
         start.
         """
         self._stop.set()
+        self.retrieves.stop()
         self.wake()
         deadline = time.monotonic() + timeout
         for t in self._threads:
@@ -179,6 +187,7 @@ class JobRunner:
             self.outputs,
             self.wake_senders,
             ingest=self.ingest,
+            retrieves=self.retrieves,
         )
         try:
             result = handler_for(job.kind)(ctx)
@@ -205,11 +214,36 @@ class JobRunner:
     def _deferred(self, job: store.ClaimedJob, e: JobDeferred) -> None:
         """The job waits for something outside the node: pending again at ``e.retry_at``, no attempt spent."""
         done = store.defer(self.engine, job.id, self.owner, note=str(e), until=e.retry_at)
+        with self._resume_lock:
+            resume = job.id in self._resume
+            self._resume.discard(job.id)
+        if resume:  # its retrieve ended while it was still deferring
+            self._due_now(job.id)
         self.wake()
         if done.recorded:
             log.warning("job %d: %s", job.id, e, extra=self._extra(job))
         else:
             self._not_recorded(job, f"deferred ({e})", done)
+
+    def _retrieved(self, job_id: int) -> None:
+        """A retrieve of the job's priors ended (node.qr.priors.Retrieves): the job may go on at once.
+
+        The job may not be deferred yet (a quick retrieve): then :meth:`_deferred` does it.
+        """
+        with self._resume_lock:
+            self._resume.add(job_id)
+        if self._due_now(job_id):
+            with self._resume_lock:
+                self._resume.discard(job_id)
+        self.wake()
+
+    def _due_now(self, job_id: int) -> bool:
+        """Make a deferred (pending) job due now; False if it is not pending."""
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                update(Job).where(Job.id == job_id, Job.state == JobState.PENDING).values(not_before=utcnow())
+            )
+        return done.rowcount == 1
 
     def _failed(self, job: store.ClaimedJob, error: str, retryable: bool, t0: float) -> None:
         retry_at = None

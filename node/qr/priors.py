@@ -3,16 +3,22 @@
 A plugin action with ``priors = { from = "pacs", ... }`` (node.jobs.spec.PriorsRequest) calls
 :func:`fetch_priors` before its job takes a plugin slot. It asks the ``[[sources]]`` entry for the
 patient's other studies (same PatientID, and whatever else ``same`` names; Study Date within
-``within_days`` before the new study; the modality in Modalities in Study), keeps the newest ``max``, and
-retrieves each one the node does not hold yet. Before a retrieve starts, a ``prior_fetch`` row names the
-study: the series tracker reads it and evaluates no rule for the series that arrive (they are never
-forwarded and make no job of their own), and retention keeps them per ``[retention] priors``.
+``within_days`` before the new study; the modality in Modalities in Study) and keeps the newest ``max``.
+A study the node already holds is used as it is: one it received normally stays an ordinary study (no
+row, its rules and retention unchanged). Each other one gets a ``prior_fetch`` row (state ``retrieving``,
+this node process as its owner) *before* its retrieve starts: the series tracker reads it and evaluates
+no rule for the series that arrive (never forwarded, no job of their own), and retention keeps them per
+``[retention] priors``.
+
+The retrieve runs on the node process's own small pool (:class:`Retrieves`), not on the job's worker: the
+job is deferred meanwhile and made due again when the retrieve ends, so a slow PACS holds up no other job.
+A row left ``retrieving`` by a process that is gone is retried by the job's next run.
 
 The source may be down or refuse: the job is then not failed but put back with a back-off
 (:class:`PriorsWaiting`, the runner's deferral: no attempt is spent, nothing held while it waits), until
-``timeout`` after the job was made; then :class:`PriorsFailed` with the last reason. Everything needed
-to resume is in the index (the job's creation time, the prior_fetch rows), so a restart while waiting
-just runs the job again when it is due.
+``timeout`` after the job first waited (``job.waiting_since``); then :class:`PriorsFailed` with the last
+reason. Everything needed to resume is in the index (``waiting_since``, the prior_fetch rows), so a
+restart while waiting just runs the job again when it is due.
 
 The SCU side uses pynetdicom (the node's own acceptor receives what the C-MOVE sends).
 """
@@ -21,8 +27,10 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import queue
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +42,7 @@ from sqlalchemy.exc import IntegrityError
 
 from node import audit
 from node.config import Config, SourceSection
+from node.index.cluster import owner_gone
 from node.index.models import Instance, Job, Patient, PriorFetch, Series, Study, aware, utcnow
 
 log = logging.getLogger(__name__)
@@ -219,12 +228,19 @@ def move_study(src: SourceSection, calling_ae: str, study_uid: str) -> Moved:
     q.QueryRetrieveLevel = "STUDY"
     q.StudyInstanceUID = study_uid
     with _association(src, calling_ae, MOVE, src.retrieve_timeout) as assoc:
-        final = None
-        for status, _identifier in assoc.send_c_move(q, calling_ae, MOVE):
-            final = status
-            if status is None or "Status" not in status:
-                break
+        final = _final(assoc.send_c_move(q, calling_ae, MOVE))
     return _retrieved(src, "C-MOVE", study_uid, calling_ae, final)
+
+
+def _final(responses: Iterable[tuple[Any, Any]]) -> Dataset | None:
+    """The last response of a C-MOVE or C-GET: its final status, or the empty (or missing) status that ended it
+    early (pynetdicom yields an empty data set when no response came in time or the association was lost)."""
+    final = None
+    for status, _identifier in responses:
+        final = status
+        if status is None or "Status" not in status:
+            break
+    return final
 
 
 def _retrieved(src: SourceSection, what: str, study_uid: str, calling_ae: str, final: Dataset | None) -> Moved:
@@ -306,11 +322,7 @@ def get_study(src: SourceSection, calling_ae: str, study_uid: str, store: StoreO
     q.QueryRetrieveLevel = "STUDY"
     q.StudyInstanceUID = study_uid
     try:
-        final = None
-        for status, _identifier in assoc.send_c_get(q, GET):
-            final = status
-            if "Status" not in status:  # an empty data set: no response in time
-                break
+        final = _final(assoc.send_c_get(q, GET))
     finally:
         if assoc.is_established:
             assoc.release()
@@ -451,6 +463,71 @@ def study_files(engine: Engine, study_uid: str, modality: str) -> list[list[str]
 # -- the whole fetch -----------------------------------------------------------------------------------------
 
 
+class Retrieves:
+    """The node process's retrieves of prior studies, on threads of their own (not ``[jobs]`` workers).
+
+    One retrieve may take up to a source's ``retrieve_timeout``: run on a job worker it would hold that worker,
+    and every job queued behind it, as long. Instead the job writes the study's prior_fetch row (state
+    ``retrieving``, this process as ``owner``), hands the retrieve to this pool and is deferred; when the
+    retrieve ends, ``done`` (the job runner) makes the job due again. The row is what lasts: a job whose row
+    is still ``retrieving`` in a process that is gone (the node stopped mid-retrieve) tries it again.
+    """
+
+    def __init__(self, owner: str, threads: int = 2, done: Callable[[int], None] = lambda job_id: None) -> None:
+        self.owner = owner
+        self.done = done
+        self._queue: queue.Queue[tuple[int, str, Callable[[], None]] | None] = queue.Queue()
+        self._busy: set[tuple[int, str]] = set()
+        self._lock = threading.Lock()
+        # Daemon threads: a stop does not wait for a retrieve; its row is tried again once this process is gone.
+        self._threads = [
+            threading.Thread(target=self._work, name=f"prior-retrieve-{i}", daemon=True) for i in range(threads)
+        ]
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        for _t in self._threads:
+            self._queue.put(None)
+
+    def busy(self, job_id: int, study_uid: str) -> bool:
+        """Whether this process is retrieving (or about to retrieve) the study for the job."""
+        with self._lock:
+            return (job_id, study_uid) in self._busy
+
+    def submit(self, job_id: int, study_uid: str, run: Callable[[], None]) -> None:
+        """Queue ``run`` (the retrieve of ``study_uid`` for ``job_id``) unless it is queued or running already."""
+        with self._lock:
+            if (job_id, study_uid) in self._busy:
+                return
+            self._busy.add((job_id, study_uid))
+        self._queue.put((job_id, study_uid, run))
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            job_id, study_uid, run = item
+            try:
+                run()
+            except SourceError as e:  # recorded on the prior_fetch row; the job reports it when it runs next
+                log.warning("job %d: the retrieve of prior study %s failed: %s", job_id, study_uid, e)
+            except Exception:
+                log.exception("job %d: the retrieve of prior study %s failed", job_id, study_uid)
+            finally:
+                with self._lock:
+                    self._busy.discard((job_id, study_uid))
+                try:
+                    self.done(job_id)
+                except Exception:
+                    log.exception("job %d: could not make it due after its retrieve", job_id)
+
+
+#: While a retrieve runs on the pool, its job looks again this often: the pool's end makes the job due at once,
+#: so this only matters after a restart (a retrieve whose process is gone is then tried again).
+RETRIEVE_CHECK = 30.0
+
+
 def _date_range(study_date: str, within_days: int, today: dt.date) -> str:
     """``YYYYMMDD-YYYYMMDD``: ``within_days`` before the new study (today when it has no date) up to it."""
     try:
@@ -470,12 +547,16 @@ def fetch_priors(
     note: Callable[[str], None] = lambda text: None,
     now: Callable[[], dt.datetime] = utcnow,
     ingest: Any = None,
+    retrieves: Retrieves | None = None,
 ) -> list[Prior]:
-    """The newest ``request.max`` prior studies, retrieved where needed; stored paths relative to the data folder.
+    """The newest ``request.max`` prior studies, once all are held; stored paths relative to the data folder.
 
-    ``request`` is a :class:`node.jobs.spec.PriorsRequest`. Raises :class:`PriorsWaiting` (try again later) or
-    :class:`PriorsFailed`. ``note`` hears what the job is doing (shown while it runs). ``ingest``: the node's
-    C-STORE write path (node.receive.ingest.Ingest), which a source with ``retrieve = "get"`` needs.
+    ``request`` is a :class:`node.jobs.spec.PriorsRequest`. The query runs on every call (it is short and
+    bounded by the source's ``timeout``); a study to retrieve goes to ``retrieves`` and this raises
+    :class:`PriorsWaiting` until it is held (without a pool, as in a tool or a test, it is retrieved in
+    this thread). Raises :class:`PriorsWaiting` (try again later) or :class:`PriorsFailed`. ``note`` hears
+    what the job is doing (shown while it runs). ``ingest``: the node's C-STORE write path
+    (node.receive.ingest.Ingest), which a source with ``retrieve = "get"`` needs.
     """
     src = next((s for s in cfg.sources if s.name == request.source), None)
     if src is None:
@@ -489,18 +570,21 @@ def fetch_priors(
         log.warning("job %d: the study has no Patient ID, so no prior can be asked for; running without", job_id)
         return []
     keys = {k: current.patient[k] for k in request.same}
-    calling = cfg.node.ae_title
     chosen: list[FoundStudy] = []
+    under_way: list[FoundStudy] = []
     try:
         note(f"asking {_where(src)} for prior studies")
         found = find_studies(
-            src, calling, keys, _date_range(current.study_date, request.within_days, now().date()), request.modality
+            src,
+            cfg.node.ae_title,
+            keys,
+            _date_range(current.study_date, request.within_days, now().date()),
+            request.modality,
         )
         found = [f for f in found if f.study_uid != current.study_uid]
         found.sort(key=lambda f: (f.study_date, f.study_uid), reverse=True)
         chosen = found[: request.max]
-        for study in chosen:
-            _retrieve(cfg, engine, src, job_id, study, note, ingest)
+        under_way = [s for s in chosen if not _held(cfg, engine, src, job_id, s, note, ingest, retrieves, now())]
     except SourceError as e:
         try:
             _wait_or_fail(engine, job_id, src, str(e), request.timeout, now())
@@ -512,6 +596,14 @@ def fetch_priors(
                     .values(state="failed", finished_at=utcnow())
                 )
             raise
+    if under_way:
+        raise PriorsWaiting(
+            f"waiting for the retrieve of prior stud{'y' if len(under_way) == 1 else 'ies'} "
+            f"{', '.join(s.study_uid for s in under_way)} from {_where(src)}",
+            now() + dt.timedelta(seconds=RETRIEVE_CHECK),
+        )
+    with engine.begin() as conn:  # had: a later wait (another attempt) has the whole timeout again
+        conn.execute(update(_j).where(_j.c.id == job_id, _j.c.waiting_since.is_not(None)).values(waiting_since=None))
     if not chosen and not request.optional:
         raise PriorsFailed(f"{_where(src)} has no prior study of the patient (priors.optional = false)")
     priors = [Prior(f.study_uid, f.study_date, study_files(engine, f.study_uid, request.modality)) for f in chosen]
@@ -526,7 +618,7 @@ def fetch_priors(
     return priors
 
 
-def _retrieve(
+def _held(
     cfg: Config,
     engine: Engine,
     src: SourceSection,
@@ -534,18 +626,104 @@ def _retrieve(
     study: FoundStudy,
     note: Callable[[str], None],
     ingest: Any,
-) -> None:
-    """Retrieve one study unless it is held already; its prior_fetch row is committed before the C-MOVE/C-GET."""
-    have = _local_count(engine, study.study_uid)
-    if have and (study.instances is None or have >= study.instances):
-        if is_prior_study(engine, study.study_uid):  # a prior held for another job: this job needs it too
+    retrieves: Retrieves | None,
+    now: dt.datetime,
+) -> bool:
+    """Whether the job may use the study now; if not, its retrieve is under way (started here when needed).
+
+    A study the node received normally (instances held, no prior_fetch row names it) stays what it is: it is
+    used as held, even when the source reports more instances, and no row makes it a prior (that would stop
+    its rules and hand it to the priors retention). Raises SourceError when the job's last retrieve of the
+    study failed (reported once, so the job waits with its back-off; its next run tries again).
+    """
+    mine = retrieves.owner if retrieves is not None else None
+    row = _fetch_row(engine, job_id, study.study_uid, now)
+    if row is not None and row.state == "retrieved":
+        return True
+    if row is not None and row.state == "retrieving":
+        if retrieves is not None and retrieves.busy(job_id, study.study_uid):
+            return False
+        started = aware(row.requested_at)
+        elsewhere = not row.gone and row.owner != mine  # another live node process retrieves it
+        if elsewhere and now < started + dt.timedelta(seconds=src.retrieve_timeout):
+            return False
+        log.warning(
+            "job %d: the retrieve of prior study %s started at %s did not finish (%s); trying it again",
+            job_id,
+            study.study_uid,
+            f"{started:%Y-%m-%d %H:%M:%S} UTC",
+            "its node process is gone" if not elsewhere else "longer than retrieve_timeout",
+        )
+    elif row is not None and row.state == "requested" and row.finished_at is not None and row.error:
+        _record(engine, job_id, src.name, study, finished_at=None)  # reported now; the next run tries again
+        raise SourceError(row.error)
+    elif row is None:
+        have = _local_count(engine, study.study_uid)
+        if have and not is_prior_study(engine, study.study_uid):
+            if study.instances is not None and have < study.instances:
+                log.info(
+                    "job %d: study %s was received normally with %d of the %d instance(s) %s reports; using "
+                    "those (it is not retrieved as a prior)",
+                    job_id,
+                    study.study_uid,
+                    have,
+                    study.instances,
+                    src.name,
+                )
+            return True
+        if have and (study.instances is None or have >= study.instances):  # a prior held for another job
             _record(engine, job_id, src.name, study, state="retrieved", received=have, finished_at=utcnow())
-        return
+            return True
     if src.retrieve == "get" and ingest is None:
         raise PriorsFailed(f'{_where(src)}: retrieve = "get" needs the running node\'s receive path')
-    _record(engine, job_id, src.name, study, state="requested", error="")
+    # The row first: the tracker must know the arriving series are a prior's before the first one arrives.
+    _record(
+        engine, job_id, src.name, study, state="retrieving", owner=mine, requested_at=now, finished_at=None, error=""
+    )
     how = "C-GET" if src.retrieve == "get" else "C-MOVE"
     note(f"retrieving prior study {study.study_uid} ({study.study_date}) from {_where(src)} by {how}")
+    if retrieves is None:  # no pool (a tool, a test): in this thread, its failure reported at once
+        try:
+            _retrieve(cfg, engine, src, job_id, study, ingest)
+        except SourceError:
+            _record(engine, job_id, src.name, study, finished_at=None)  # reported: the next run tries again
+            raise
+        return True
+    retrieves.submit(job_id, study.study_uid, lambda: _retrieve(cfg, engine, src, job_id, study, ingest))
+    return False
+
+
+@dataclass(frozen=True)
+class _FetchRow:
+    state: str
+    error: str
+    requested_at: dt.datetime
+    finished_at: dt.datetime | None
+    owner: str | None
+    #: Its owner is no live node process.
+    gone: bool
+
+
+def _fetch_row(engine: Engine, job_id: int, study_uid: str, now: dt.datetime) -> _FetchRow | None:
+    with engine.connect() as conn:
+        r = conn.execute(
+            select(
+                _pf.c.state,
+                _pf.c.error,
+                _pf.c.requested_at,
+                _pf.c.finished_at,
+                _pf.c.owner,
+                owner_gone(_pf.c.owner, now).label("gone"),
+            ).where(_pf.c.job_fk == job_id, _pf.c.study_uid == study_uid)
+        ).first()
+    if r is None:
+        return None
+    return _FetchRow(r.state, r.error, r.requested_at, r.finished_at, r.owner, bool(r.gone))
+
+
+def _retrieve(cfg: Config, engine: Engine, src: SourceSection, job_id: int, study: FoundStudy, ingest: Any) -> None:
+    """Retrieve one study (its row says ``retrieving``); the row records the outcome. Raises SourceError."""
+    how = "C-GET" if src.retrieve == "get" else "C-MOVE"
     t = time.monotonic()
     try:
         if src.retrieve == "get":
@@ -553,7 +731,7 @@ def _retrieve(
         else:
             moved = move_study(src, cfg.node.ae_title, study.study_uid)
     except SourceError as e:
-        _record(engine, job_id, src.name, study, error=str(e)[:2000])
+        _record(engine, job_id, src.name, study, state="requested", error=str(e)[:2000], finished_at=utcnow())
         raise
     # Each C-STORE was answered once its instance was durable and indexed; a short margin for the last one.
     deadline = time.monotonic() + INDEX_GRACE
@@ -587,18 +765,18 @@ def _retrieve(
 
 
 def next_try(
-    created: dt.datetime, now: dt.datetime, timeout: float, retry_delay: float, max_retry_delay: float
+    since: dt.datetime, now: dt.datetime, timeout: float, retry_delay: float, max_retry_delay: float
 ) -> dt.datetime | None:
-    """When a job that has waited since ``created`` tries its source again; None once ``timeout`` has passed.
+    """When a job that has waited since ``since`` tries its source again; None once ``timeout`` has passed.
 
     The wait is as long as the job has waited so far (so the waits double: 10, 10, 20, 40 s ...), at least
-    ``retry_delay`` and at most ``max_retry_delay``; the last try is at the deadline itself. Only the job's
-    creation time is needed, so the back-off survives a restart without a counter of its own.
+    ``retry_delay`` and at most ``max_retry_delay``; the last try is at the deadline itself. Only the start
+    of the wait is needed (``job.waiting_since``), so the back-off survives a restart without a counter.
     """
-    deadline = created + dt.timedelta(seconds=timeout)
+    deadline = since + dt.timedelta(seconds=timeout)
     if now >= deadline:
         return None
-    waited = (now - created).total_seconds()
+    waited = (now - since).total_seconds()
     delay = min(max(retry_delay, waited), max_retry_delay)
     return min(now + dt.timedelta(seconds=delay), deadline)
 
@@ -606,15 +784,21 @@ def next_try(
 def _wait_or_fail(
     engine: Engine, job_id: int, src: SourceSection, error: str, timeout: float, now: dt.datetime
 ) -> None:
-    """Raise PriorsWaiting with the next try (:func:`next_try`), or PriorsFailed once the timeout has passed."""
-    with engine.connect() as conn:
-        created = aware(conn.execute(select(_j.c.created_at).where(_j.c.id == job_id)).scalar_one())
-    retry_at = next_try(created, now, timeout, src.retry_delay, src.max_retry_delay)
+    """Raise PriorsWaiting with the next try (:func:`next_try`), or PriorsFailed once the timeout has passed.
+
+    The timeout counts from the job's first failure to have its priors (``job.waiting_since``, set here),
+    not from its creation: a job that sat in a busy queue longer than the timeout still gets its back-off.
+    """
+    with engine.begin() as conn:
+        conn.execute(update(_j).where(_j.c.id == job_id, _j.c.waiting_since.is_(None)).values(waiting_since=now))
+        since = aware(conn.execute(select(_j.c.waiting_since).where(_j.c.id == job_id)).scalar_one())
+    retry_at = next_try(since, now, timeout, src.retry_delay, src.max_retry_delay)
     if retry_at is None:
         raise PriorsFailed(
-            f"{error}; gave up: the priors were not had within priors.timeout = {timeout:g} s of the job's creation"
+            f"{error}; gave up: the priors were not had within priors.timeout = {timeout:g} s of the job's first "
+            f"wait for them ({since:%Y-%m-%d %H:%M:%S} UTC)"
         )
-    deadline = created + dt.timedelta(seconds=timeout)
+    deadline = since + dt.timedelta(seconds=timeout)
     raise PriorsWaiting(
         f"waiting for priors: {error}; trying again at {retry_at:%Y-%m-%d %H:%M:%S} UTC "
         f"(gives up at {deadline:%Y-%m-%d %H:%M:%S} UTC)",
