@@ -159,7 +159,8 @@ def send(
     """Send files with C-STORE (the forwarder's sender), with a progress bar."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from node.send.scu import Peer, iter_files, send_files
+    from node.dicom.files import iter_files
+    from node.send.scu import Peer, send_files
     from node.send.transcode import PREFERRED
 
     if transfer_syntax not in PREFERRED:
@@ -513,7 +514,7 @@ def rules_test(
     cfg = _load(config)
     from node.decide.explain import dry_run_files
     from node.decide.facts import series_from_files
-    from node.send.scu import iter_files
+    from node.dicom.files import iter_files
 
     missing = [p for p in paths if not p.exists()]
     if missing:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from node.config import Config, error_text, loc_to_key
-from node.dicom.files import Rejected, is_dicomdir, read_file_header
+from node.dicom.files import Rejected, is_dicomdir, iter_files, read_file_header
 from node.plugins.inputs import input_keys
 
 if TYPE_CHECKING:
@@ -83,15 +83,6 @@ class RunInput:
         return f"study {self.primary.study_uid}: {names}; primary {self.primary_name}"
 
 
-def _walk(paths: Iterable[Path]) -> Iterator[Path]:
-    """The files named, and every file under the folders named (sorted, so runs are repeatable)."""
-    for p in paths:
-        if p.is_dir():
-            yield from sorted(q for q in p.rglob("*") if q.is_file())
-        else:
-            yield p
-
-
 def group_series(
     paths: Iterable[Path], outputs: Path | None = None
 ) -> tuple[list[SourceSeries], list[tuple[Path, str]]]:
@@ -105,7 +96,7 @@ def group_series(
     groups: dict[str, list[tuple[Path, Any]]] = {}
     skipped: list[tuple[Path, str]] = []
     out = outputs.resolve() if outputs is not None else None
-    for path in _walk(paths):
+    for path in iter_files(paths):
         if out is not None and path.resolve().is_relative_to(out):
             skipped.append((path, "in the --out folder (outputs of a run, not a source)"))
             continue

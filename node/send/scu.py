@@ -406,16 +406,6 @@ class SendSummary:
         return self.failed == 0 and not self.skipped
 
 
-def iter_files(paths: Iterable[Path]) -> list[Path]:
-    out: list[Path] = []
-    for p in paths:
-        if p.is_dir():
-            out.extend(sorted(q for q in p.rglob("*") if q.is_file()))
-        else:
-            out.append(p)
-    return out
-
-
 def file_item(path: Path) -> Item:
     """An item from a file's File Meta (raises ValueError for anything that is not a DICOM file with one)."""
     try:
