@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import ColumnElement, Connection, Dialect, Engine, Table, create_engine, event
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry
@@ -27,6 +27,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 
 if TYPE_CHECKING:  # alembic (~0.1 s) is imported by what migrates, not by a command that reads the index
     from alembic.config import Config as AlembicConfig
+    from sqlalchemy.dialects import postgresql
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,9 @@ def insert_or_skip(table: Table, dialect: str, *conflict: ColumnElement[Any]) ->
     if dialect == "sqlite":
         return sqlite.insert(table).on_conflict_do_nothing(index_elements=targets)
     if dialect == "postgresql":
+        # Imported here: the PostgreSQL dialect (~20 ms) is loaded by a PostgreSQL engine, not on SQLite.
+        from sqlalchemy.dialects import postgresql
+
         return postgresql.insert(table).on_conflict_do_nothing(index_elements=targets)
     raise RuntimeError(f"the index needs SQLite or PostgreSQL, not {dialect}")
 
@@ -140,11 +144,39 @@ def migrate(engine: Engine) -> None:
     from alembic import command
 
     cfg = alembic_config(engine)
-    with _migration_file_lock(engine), engine.begin() as conn:
+    with _migration_file_lock(engine), migration_connection(engine) as conn:
         if engine.dialect.name == "postgresql":
             conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY})")
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
+
+
+@contextmanager
+def migration_connection(engine: Engine) -> Iterator[Connection]:
+    """A connection in a transaction for Alembic; on SQLite with foreign key enforcement off meanwhile.
+
+    SQLite's batch mode alters a table by copying it and dropping the old one; with enforcement on,
+    dropping a table other rows refer to fails (or fires their ``ON DELETE SET NULL``), and the pragma
+    cannot change inside a transaction. So it is off from before the transaction to after it, and
+    ``PRAGMA foreign_key_check`` must find nothing dangling before the commit.
+    """
+    sqlite_db = engine.dialect.name == "sqlite"
+    with engine.connect() as conn:
+        raw = conn.connection.driver_connection
+        if sqlite_db and raw is not None:
+            raw.execute("PRAGMA foreign_keys=OFF")
+        try:
+            with conn.begin():
+                yield conn
+                if sqlite_db:
+                    dangling = conn.exec_driver_sql("PRAGMA foreign_key_check").all()
+                    if dangling:
+                        raise RuntimeError(
+                            f"the migration left references to missing rows (table, rowid, parent): {dangling[:5]}"
+                        )
+        finally:
+            if sqlite_db and raw is not None:
+                raw.execute("PRAGMA foreign_keys=ON")
 
 
 @contextmanager
