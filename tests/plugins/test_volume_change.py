@@ -121,3 +121,20 @@ def test_the_sr_names_the_prior_it_compared_with_and_tracks_findings_as_segment_
         return {g.tracking_identifier: g.tracking_uid for g in back.get_volumetric_roi_measurement_groups()}
 
     assert tracking(path) == tracking(stats_path) and set(tracking(path)) == {"Bone"}
+
+
+def test_a_single_slice_without_thickness_is_refused_saying_what_is_missing(
+    studies: tuple[list[Path], list[Path]],
+) -> None:
+    """One slice has no neighbour to measure its slab against: the plugin says what the series lacks."""
+    from node.plugins.api import PluginError
+
+    current, _ = studies
+    series = load_series(current[:1])
+    for d in series.datasets:
+        for keyword in ("SliceThickness", "SpacingBetweenSlices"):
+            if keyword in d:
+                delattr(d, keyword)
+    with pytest.raises(PluginError) as e:
+        volume_change(series, Params())
+    assert "volume-change cannot measure the volume of a single slice without Slice Thickness" in str(e.value)

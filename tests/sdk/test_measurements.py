@@ -53,6 +53,8 @@ def test_measurements_cross_the_protocol_unchanged(tmp_path):
     m = _report()
     back = result_from_json(json.loads(json.dumps(result_to_json(m, tmp_path, "r"))))
     assert back == m
+    m.evidence_series = ["1.2.3.4"]  # the prior series a plugin compared with
+    assert result_from_json(json.loads(json.dumps(result_to_json(m, tmp_path, "r")))) == m
 
 
 @pytest.mark.parametrize(
@@ -92,6 +94,7 @@ def test_measurements_cross_the_protocol_unchanged(tmp_path):
         (lambda: Measurements([_report().groups[0], _report().groups[0]]), "two groups have tracking_id 'Liver'"),
         (lambda: Measurements([_report()]), "groups[0] must be a MeasurementGroup"),
         (lambda: Measurements([]), "Measurements holds no groups"),
+        (lambda: Measurements(_report().groups, evidence_series="1.2.3"), "evidence_series is a list of Series"),
     ],
 )
 def test_a_wrong_field_says_what_to_change(make, message):
