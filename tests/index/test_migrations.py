@@ -110,3 +110,95 @@ def test_0009_keeps_an_index_from_before(any_index_url: str) -> None:
         [series] = query.find(conn, query.Query("SERIES", keys={"PatientName": "old^patient", "SeriesDate": ""}))
         assert series.SeriesInstanceUID == "1.2.3.4" and series["SeriesDate"].is_empty
     engine.dispose()
+
+
+def test_down_to_0009_and_up_again_keeps_what_a_rerun_made(any_index_url: str) -> None:
+    """A downgrade below 0012 folds a match's runs into its first: the rerun's output, its delivery and its
+    prior retrieval are named as the first run's (no foreign key breaks, nothing derived is lost); below
+    0010/0011 the study rule firing and the prior retrievals go with their tables, and the way back up works."""
+    import json
+
+    from alembic import command
+    from sqlalchemy import select, text
+    from sqlalchemy.orm import Session
+
+    from node.index.db import alembic_config, migration_connection
+    from node.index.models import Delivery, Instance, Job, Patient, PriorFetch, Series, Study, StudyTrigger
+
+    engine = make_engine(any_index_url)
+    migrate(engine)
+    with Session(engine) as s:
+        study = Study(study_instance_uid="1.5", patient=Patient(patient_id="P5"))
+        source = Series(series_instance_uid="1.5.1", study=study, state="triggered")
+        output = Series(series_instance_uid="1.5.2", study=study, state="triggered")
+        s.add_all([source, output])
+        s.flush()
+        trigger = StudyTrigger(
+            study_fk=study.id,
+            rule="seg",
+            revision=1,
+            inputs=json.dumps({"primary": "ct", "inputs": {}}),
+            inputs_key="k" * 64,
+            primary_series_fk=source.id,
+            reason="every input stable",
+        )
+        s.add(trigger)
+        s.flush()
+        first, rerun = (
+            Job(
+                series_fk=source.id,
+                revision=1,
+                rule="seg",
+                action_index=0,
+                run=run,
+                kind="plugin",
+                action="{}",
+                state="succeeded",
+                study_trigger_fk=trigger.id,
+            )
+            for run in (1, 2)
+        )
+        s.add_all([first, rerun])
+        s.flush()
+        made = Instance(
+            sop_instance_uid="1.5.2.1",
+            series=output,
+            job_fk=rerun.id,
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.66.4",
+            transfer_syntax_uid="1.2.840.10008.1.2.1",
+            file_path="storage/x/1.dcm",
+            file_size=1,
+            checksum="0" * 64,
+        )
+        s.add(made)
+        s.flush()
+        s.add(
+            Delivery(
+                instance_fk=made.id,
+                series_fk=output.id,
+                job_fk=rerun.id,
+                destination="pacs",
+                sop_instance_uid="1.5.2.1",
+            )
+        )
+        for job, study_uid in ((first, "1.4"), (rerun, "1.4"), (rerun, "1.3")):
+            s.add(PriorFetch(job_fk=job.id, source="pacs", study_uid=study_uid, state="retrieved"))
+        s.commit()
+        first_id = first.id
+    cfg = alembic_config(engine)
+    with migration_connection(engine) as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0011")
+        assert sorted(conn.execute(text("SELECT job_fk, study_uid FROM prior_fetch")).all()) == [
+            (first_id, "1.3"),
+            (first_id, "1.4"),
+        ]
+        command.downgrade(cfg, "0009")
+        assert conn.execute(text("SELECT id FROM job")).scalars().all() == [first_id]
+        assert conn.execute(text("SELECT job_fk FROM instance")).scalars().all() == [first_id]
+        assert conn.execute(text("SELECT job_fk FROM delivery")).scalars().all() == [first_id]
+    migrate(engine)
+    with Session(engine) as s:
+        assert s.execute(select(Job.id, Job.run, Job.study_trigger_fk)).all() == [(first_id, 1, None)]
+        assert s.execute(select(Instance.job_fk)).scalars().all() == [first_id]
+    engine.dispose()
