@@ -810,9 +810,8 @@ def queue_list(
             summaries = [s for s in read.destinations(engine) if destination in (None, s.destination)]
             rows = None
         else:
-            rows = read.deliveries(
-                engine, destination=destination or "", state=state or "", series_uid=series or "", limit=limit
-            ).items
+            query = read.DeliveryQuery(destination or "", state or "", series or "", limit)
+            rows = read.deliveries(engine, query).items
     configured = {d.name: d for d in cfg.destinations}
     if rows is None:
         t = Table(title="forward queue")

@@ -41,6 +41,7 @@ __all__ = [
     "changes",
     "deliveries",
     "delivery_counts",
+    "DeliveryQuery",
     "delivery_groups",
     "delivery_selection",
     "destinations",
@@ -484,18 +485,27 @@ class DeliveryRow:
         )
 
 
-def deliveries(
-    engine: Engine,
-    *,
-    destination: str = "",
-    state: str = "",
-    series_uid: str = "",
-    limit: int = 50,
-    offset: int = 0,
-) -> Page[DeliveryRow]:
-    """Deliveries, newest first."""
-    sel = delivery_selection(destination or None, state or None, None, series_uid or None)
-    cond = [] if sel is None else [sel]
+@dataclass(frozen=True)
+class DeliveryQuery:
+    """Which deliveries a listing shows ("" = any) and which page: what the CLI's queue, the API and the
+    dashboard ask :func:`deliveries` and :func:`delivery_groups` for, so both read the filters alike."""
+
+    destination: str = ""
+    state: str = ""
+    series_uid: str = ""
+    limit: int = 50
+    offset: int = 0
+
+    def where(self) -> list[ColumnElement[bool]]:
+        """The condition on delivery rows, as a list for ``.where(*...)`` (empty: all)."""
+        sel = delivery_selection(self.destination or None, self.state or None, None, self.series_uid or None)
+        return [] if sel is None else [sel]
+
+
+def deliveries(engine: Engine, query: DeliveryQuery | None = None) -> Page[DeliveryRow]:
+    """Deliveries, newest first (all, first page: no ``query``)."""
+    query = query or DeliveryQuery()
+    cond = query.where()
     base = _d.join(_s, _s.c.id == _d.c.series_fk)
     with engine.connect() as conn:
         total = conn.execute(select(func.count()).select_from(base).where(*cond)).scalar_one()
@@ -504,8 +514,8 @@ def deliveries(
             .select_from(base)
             .where(*cond)
             .order_by(_d.c.id.desc())
-            .limit(limit)
-            .offset(offset)
+            .limit(query.limit)
+            .offset(query.offset)
         ).all()
     return Page(int(total), [DeliveryRow.of(r) for r in rows])
 
@@ -532,15 +542,7 @@ class DeliveryGroup:
     next_attempt_at: dt.datetime | None
 
 
-def delivery_groups(
-    engine: Engine,
-    *,
-    destination: str = "",
-    state: str = "",
-    series_uid: str = "",
-    limit: int = 50,
-    offset: int = 0,
-) -> Page[DeliveryGroup]:
+def delivery_groups(engine: Engine, query: DeliveryQuery | None = None) -> Page[DeliveryGroup]:
     """Deliveries per (series, destination), the newest series first; ``limit``, ``offset`` and the total
     count series (each brings its destinations). ``state`` keeps the groups with a delivery in that state
     (their counts still show every state).
@@ -548,8 +550,8 @@ def delivery_groups(
     Paged by series so that a page costs index look-ups (the delivery table's series index), not a
     grouping of every delivery: the dashboard fetches it again whenever the data changes.
     """
-    sel = delivery_selection(destination or None, state or None, None, series_uid or None)
-    cond = [] if sel is None else [sel]
+    query = query or DeliveryQuery()
+    cond, destination = query.where(), query.destination
     with engine.connect() as conn:
         total = conn.execute(select(func.count(func.distinct(_d.c.series_fk))).where(*cond)).scalar_one()
         series_ids = list(
@@ -558,8 +560,8 @@ def delivery_groups(
                 .where(*cond)
                 .distinct()
                 .order_by(_d.c.series_fk.desc())
-                .limit(limit)
-                .offset(offset)
+                .limit(query.limit)
+                .offset(query.offset)
             ).scalars()
         )
         if not series_ids:
@@ -628,7 +630,7 @@ def delivery_groups(
         }
     items = []
     for (fk, dest), states in sorted(counts.items(), key=lambda kv: (-kv[0][0], kv[0][1])):
-        if state and state not in states:
+        if query.state and query.state not in states:
             continue
         s = about[fk]
         last_attempt, next_attempt = times[(fk, dest)]

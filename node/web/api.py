@@ -469,11 +469,7 @@ def get_deliveries(
     ctx: WebContext = Depends(context),
 ) -> dict[str, Any]:
     listing = read.delivery_groups if group == "series" else read.deliveries
-    return data.page_json(
-        listing(
-            ctx.reader, destination=destination, state=state or "", series_uid=series_uid, limit=limit, offset=offset
-        )
-    )
+    return data.page_json(listing(ctx.reader, read.DeliveryQuery(destination, state or "", series_uid, limit, offset)))
 
 
 @router.get("/changes", response_model=ChangesModel, summary="A fingerprint of the dashboard's data, to poll")

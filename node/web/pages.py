@@ -203,7 +203,7 @@ def series(request: Request, uid: str, user: str = Depends(page_user), ctx: WebC
         s = data.series_detail(ctx.reader, ctx.cfg, uid)
     except data.NotFound as e:
         raise HTTPException(404, str(e)) from None
-    recent = data.page_json(read.deliveries(ctx.reader, series_uid=uid, limit=20))["items"]
+    recent = data.page_json(read.deliveries(ctx.reader, read.DeliveryQuery(series_uid=uid, limit=20)))["items"]
     with ctx.reader.connect() as conn:  # the study rules waiting for this series' study
         rules = [r.name for r in ctx.cfg.ruleset.study_rules if r.model.enabled] if ctx.cfg.ruleset else []
         waiting = read.study_waiting(conn, s["study_instance_uid"], rules)
@@ -346,14 +346,8 @@ def deliveries(
     """Per series and destination, or (for one series, or with ``view=instances``) per instance."""
     per_instance = bool(series_uid) or view == "instances"
     listing = read.deliveries if per_instance else read.delivery_groups
-    found = listing(
-        ctx.reader,
-        destination=destination,
-        state=state if state in list(DeliveryState) else "",
-        series_uid=series_uid,
-        limit=_ROWS,
-        offset=offset,
-    )
+    known = state if state in list(DeliveryState) else ""
+    found = listing(ctx.reader, read.DeliveryQuery(destination, known, series_uid, _ROWS, offset))
     named = read.series(ctx.reader, q=series_uid, limit=5).items if series_uid else []
     series_row = [r for r in named if r.series_instance_uid == series_uid]
     return _list_page(

@@ -125,17 +125,17 @@ def test_destination_queue_and_rows(index):
     assert pacs.destination == "pacs" and pacs.states["failed"] == 1
     assert pacs.oldest_queued is not None and pacs.next_attempt is not None
     assert pacs.last_error in (REFUSED, "connection refused")
-    failed = read.deliveries(engine, state="failed")
+    failed = read.deliveries(engine, read.DeliveryQuery(state="failed"))
     assert failed.total == 1
     (row,) = failed.items
     assert (row.destination, row.state, row.last_status, row.last_error) == ("pacs", "failed", 0xA700, REFUSED)
     assert row.sop_instance_uid.startswith(SERIES_UID) and row.series_instance_uid == SERIES_UID
     assert row.next_attempt_at is None, "only a queued delivery has a next attempt"
-    (waiting,) = read.deliveries(engine, state="queued").items
+    (waiting,) = read.deliveries(engine, read.DeliveryQuery(state="queued")).items
     assert waiting.next_attempt_at is not None and waiting.next_attempt_at.tzinfo is dt.UTC
-    assert read.deliveries(engine, series_uid=SERIES_UID, limit=2).total == 3
-    assert len(read.deliveries(engine, series_uid=SERIES_UID, limit=2).items) == 2
-    assert read.deliveries(engine, destination="elsewhere").total == 0
+    assert read.deliveries(engine, read.DeliveryQuery(series_uid=SERIES_UID, limit=2)).total == 3
+    assert len(read.deliveries(engine, read.DeliveryQuery(series_uid=SERIES_UID, limit=2)).items) == 2
+    assert read.deliveries(engine, read.DeliveryQuery("elsewhere")).total == 0
 
 
 def test_job_rows_and_detail(index):
@@ -209,7 +209,9 @@ def test_metrics_and_the_api_show_the_same(index):
     page = api.JobPage.model_validate(data.page_json(read.jobs(engine)))
     assert {j.state for j in page.items} == {"failed", "succeeded"}
     assert (
-        api.DeliveryPage.model_validate(data.page_json(read.deliveries(engine, state="failed"))).items[0].last_error
+        api.DeliveryPage.model_validate(data.page_json(read.deliveries(engine, read.DeliveryQuery(state="failed"))))
+        .items[0]
+        .last_error
         == REFUSED
     )
     with engine.connect() as conn:
