@@ -6,6 +6,7 @@ import dataclasses
 import datetime as dt
 import logging
 import typing
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
@@ -372,8 +373,12 @@ def get_job(job_id: int = JobId, ctx: WebContext = Depends(context)) -> dict[str
         raise _not_found(e) from None
 
 
-def _refused(e: Refused) -> HTTPException:
-    return HTTPException(e.status, e.message)
+def _acting(change: Callable[[], ActionResult]) -> ActionResult:
+    """Runs an operator action; one it refuses answers with the refusal's status (404, 409, 422) and reason."""
+    try:
+        return change()
+    except Refused as e:
+        raise HTTPException(e.status, e.message) from None
 
 
 def _job_action(what: Change, refused: str) -> None:
@@ -386,10 +391,7 @@ def _job_action(what: Change, refused: str) -> None:
         responses={404: {"description": "no such job"}, 409: {"description": refused}},
     )
     def post(job_id: int = JobId, ctx: WebContext = Depends(context), user: str = Depends(api_user)) -> ActionResult:
-        try:
-            return job_change(ctx, job_id, what, user)
-        except Refused as e:
-            raise _refused(e) from None
+        return _acting(lambda: job_change(ctx, job_id, what, user))
 
 
 _job_action("retry", "the job is not failed or cancelled")
@@ -405,10 +407,7 @@ _job_action("cancel", "the job is not pending or running")
 def post_job_rerun(
     job_id: int = JobId, ctx: WebContext = Depends(context), user: str = Depends(api_user)
 ) -> ActionResult:
-    try:
-        return rerun_job(ctx, job_id, user)
-    except Refused as e:
-        raise _refused(e) from None
+    return _acting(lambda: rerun_job(ctx, job_id, user))
 
 
 @router.post(
@@ -423,10 +422,7 @@ def post_job_rerun(
 def post_series_rerun_rules(
     uid: str, ctx: WebContext = Depends(context), user: str = Depends(api_user)
 ) -> ActionResult:
-    try:
-        return rerun_rules(ctx, uid, user)
-    except Refused as e:
-        raise _refused(e) from None
+    return _acting(lambda: rerun_rules(ctx, uid, user))
 
 
 class ForwardRequest(BaseModel):
@@ -446,10 +442,7 @@ class ForwardRequest(BaseModel):
 def post_series_forward(
     uid: str, body: ForwardRequest, ctx: WebContext = Depends(context), user: str = Depends(api_user)
 ) -> ActionResult:
-    try:
-        return forward_now(ctx, uid, body.destination, user)
-    except Refused as e:
-        raise _refused(e) from None
+    return _acting(lambda: forward_now(ctx, uid, body.destination, user))
 
 
 @router.get(
