@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from helpers import REPO
+from helpers.site_plugin import VERSION, write_site_plugin
 
 from node.config import ConfigError, load_config
 
@@ -23,26 +24,6 @@ HEAVY = ("numpy", "pydicom", "highdicom", "pynetdicom", "fastapi", "starlette", 
 NOT_FOR_READING = ("node.plugins", "node.decide", "node.derive", "node.send", "node.receive", "node.web")
 #: What an index on SQLite has no use for: SQLAlchemy's PostgreSQL dialect (~20 ms; loaded by a PostgreSQL engine).
 NOT_ON_SQLITE = ("sqlalchemy.dialects.postgresql",)
-
-#: A site plugin, as a site would write it (docs/plugins.md, "A plugin in 20 lines").
-PLUGIN_SOURCE = '''
-from pydantic import BaseModel, ConfigDict, Field
-
-from node.plugins.api import Segment, Segmentation, SeriesInput, codes, plugin
-
-
-class Params(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    lower: float = Field(300, description="Lowest value (HU) that counts as bone.")
-
-
-@plugin(name="bone", version="7.3", params=Params)
-def bone(series: SeriesInput, params: Params) -> list[Segmentation]:
-    """Bone as CT values above `lower` HU."""
-    mask = series.rescaled() > params.lower
-    return [Segmentation(mask, [Segment("Bone", codes.SCT.Tissue, codes.SCT.Bone)])]
-'''
 
 
 def run_cli(*args: str) -> tuple[subprocess.CompletedProcess[str], set[str]]:
@@ -82,16 +63,13 @@ def site(tmp_path: Path) -> Path:
 
     data = tmp_path / "data"
     data.mkdir()
-    plugins = tmp_path / "opt-plugins" / "site_bone_h4"
-    plugins.mkdir(parents=True)
-    (plugins / "__init__.py").write_text("")
-    (plugins / "bone.py").write_text(PLUGIN_SOURCE)
+    local = write_site_plugin(tmp_path / "opt-plugins", "site_bone_h4")
     config = tmp_path / "node.toml"
     config.write_text(f"""
 [node]
 data_dir = "{data}"
 [plugins]
-local = {{ bone = "site_bone_h4.bone:bone" }}
+local = {{ bone = "{local}" }}
 [[rules]]
 name = "ct-bone"
 match = {{ Modality = "CT" }}
@@ -149,7 +127,7 @@ def test_commands_that_compile_the_rules_import_local_plugins_from_plugin_paths(
     assert "ct-bone" in r.stdout and "bone" in r.stdout
     r, _ = run_cli("plugins", "--config", str(site))
     assert r.returncode == 0, messages(r)
-    assert "bone 7.3" in r.stdout and "lower: number = 300" in r.stdout
+    assert f"bone {VERSION}" in r.stdout and "lower: number = 300" in r.stdout
 
 
 def test_a_plugin_path_that_is_not_a_folder_is_a_config_error_naming_the_key(tmp_path: Path):

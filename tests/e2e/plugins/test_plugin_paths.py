@@ -10,40 +10,19 @@ import os
 from pathlib import Path
 
 from helpers import series_files, storescu_exact, wait_for
-
-#: A site plugin written as docs/plugins.md shows ("A plugin in 20 lines").
-PLUGIN_SOURCE = '''
-from pydantic import BaseModel, ConfigDict, Field
-
-from node.plugins.api import Segment, Segmentation, SeriesInput, codes, plugin
-
-
-class Params(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    lower: float = Field(300, description="Lowest value (HU) that counts as bone.")
-
-
-@plugin(name="bone", version="7.3", params=Params)
-def bone(series: SeriesInput, params: Params) -> list[Segmentation]:
-    """Bone as CT values above `lower` HU."""
-    mask = series.rescaled() > params.lower
-    return [Segmentation(mask, [Segment("Bone", codes.SCT.Tissue, codes.SCT.Bone)])]
-'''
+from helpers.site_plugin import VERSION, write_site_plugin
 
 
 def test_a_job_runs_a_plugin_found_through_plugin_paths(node, tmp_path: Path):
     folder = tmp_path / "opt-plugins"
-    (folder / "site_bone_paths").mkdir(parents=True)
-    (folder / "site_bone_paths" / "__init__.py").write_text("")
-    (folder / "site_bone_paths" / "bone.py").write_text(PLUGIN_SOURCE)
+    local = write_site_plugin(folder, "site_bone_paths")
     assert str(folder) not in os.environ.get("PYTHONPATH", "")
     node.extra_config = f"""
 [tracker]
 stable_after = 1
 [plugins]
 paths = ["{folder}"]
-local = {{ bone = "site_bone_paths.bone:bone" }}
+local = {{ bone = "{local}" }}
 [[rules]]
 name = "ct-bone"
 match = {{ Modality = "CT" }}
@@ -58,6 +37,6 @@ actions = [{{ type = "plugin", plugin = "bone", params = {{ lower = 250 }} }}]
 
     [(state, software, error)] = wait_for(finished, 120, "the plugin job to finish", interval=0.3)
     assert state == "succeeded", error
-    assert software == "bone 7.3"
+    assert software == f"bone {VERSION}"
     outputs = node.query("select sop_class_uid from instance where job_fk is not null")
     assert outputs == [("1.2.840.10008.5.1.4.1.1.66.4",)]  # one Segmentation
