@@ -244,6 +244,15 @@ SERIES_COLUMNS = (
     _s.c.last_received_at,
     *STUDY_KEY_COLUMNS,
 )
+#: What a job or a delivery listing shows of its series, over :data:`SERIES_JOIN`.
+SERIES_ABOUT = (
+    _s.c.series_instance_uid,
+    _s.c.modality,
+    _s.c.series_description,
+    _st.c.study_date,
+    _p.c.patient_name,
+    _p.c.patient_id,
+)
 #: series JOIN study JOIN patient.
 SERIES_JOIN = _s.join(_st, _st.c.id == _s.c.study_fk).join(_p, _p.c.id == _st.c.patient_fk)
 
@@ -386,15 +395,7 @@ class JobDetail(JobRow):
 
 
 def _job_select() -> Any:
-    return select(
-        _j,
-        _s.c.series_instance_uid,
-        _s.c.modality,
-        _s.c.series_description,
-        _st.c.study_date,
-        _p.c.patient_name,
-        _p.c.patient_id,
-    ).select_from(SERIES_JOIN.join(_j, _j.c.series_fk == _s.c.id))
+    return select(_j, *SERIES_ABOUT).select_from(SERIES_JOIN.join(_j, _j.c.series_fk == _s.c.id))
 
 
 def jobs(engine: Engine, *, state: str = "", series_uid: str = "", limit: int = 50, offset: int = 0) -> Page[JobRow]:
@@ -615,17 +616,7 @@ def delivery_groups(engine: Engine, query: DeliveryQuery | None = None) -> Page[
         about = {
             r.id: r
             for r in conn.execute(
-                select(
-                    _s.c.id,
-                    _s.c.series_instance_uid,
-                    _s.c.modality,
-                    _s.c.series_description,
-                    _st.c.study_date,
-                    _p.c.patient_name,
-                    _p.c.patient_id,
-                )
-                .select_from(SERIES_JOIN)
-                .where(_s.c.id.in_(series_ids))
+                select(_s.c.id, *SERIES_ABOUT).select_from(SERIES_JOIN).where(_s.c.id.in_(series_ids))
             )
         }
     items = []
