@@ -18,8 +18,8 @@ from sqlalchemy.orm import Session
 from node import audit
 from node.decide.facts import series_snapshot
 from node.decide.rules import RuleResult, RuleSet
-from node.index.models import Series, SeriesRevision, Study
-from node.jobs.store import NewJob, rerun_jobs
+from node.index.models import PriorFetch, Series, SeriesRevision, Study
+from node.jobs.store import JobStateError, NewJob, rerun_jobs
 
 
 def rule_jobs(results: list[RuleResult]) -> tuple[list[str], list[NewJob]]:
@@ -62,7 +62,10 @@ def rerun_rules(engine: Engine, data_dir: Path, ruleset: RuleSet, series_uid: st
     """Evaluate ``ruleset`` on the series' latest stable revision and make the matching rules' jobs again.
 
     Audited (``rules_rerun``) with the jobs made, in one transaction; refused (:class:`RerunRefused`) for
-    an unknown series, one with no stable revision yet, or one whose files cannot be read.
+    an unknown series, a series of a prior study (retrieved for a job: the tracker runs no rule on it, and
+    a rerun must not either, or it would forward a PACS's own study back), one with no stable revision
+    yet, one whose files cannot be read, or when a run of a matching rule's action is still pending or
+    running (nothing is made then).
     """
     with Session(engine) as s:
         row = s.execute(
@@ -73,6 +76,13 @@ def rerun_rules(engine: Engine, data_dir: Path, ruleset: RuleSet, series_uid: st
         if row is None:
             raise RerunRefused(f"no series {series_uid} in the index")
         sid, study_uid = row
+        prior = s.execute(select(PriorFetch.job_fk).where(PriorFetch.study_uid == study_uid).limit(1)).first()
+        if prior is not None:
+            raise RerunRefused(
+                f"series {series_uid} is of a prior study retrieved for "
+                + (f"job {prior.job_fk}" if prior.job_fk is not None else "a job (since deleted)")
+                + "; no rule acts on it"
+            )
         revision = s.execute(select(func.max(SeriesRevision.revision)).where(SeriesRevision.series_fk == sid)).scalar()
         if revision is None:
             raise RerunRefused(
@@ -86,7 +96,10 @@ def rerun_rules(engine: Engine, data_dir: Path, ruleset: RuleSet, series_uid: st
         raise RerunRefused(f"series {series_uid} has no stored instances (discarded?); there is nothing to run on")
     matched, jobs = rule_jobs(ruleset.evaluate(snap.facts))
     with engine.begin() as conn:
-        ids = rerun_jobs(conn, sid, revision, jobs, actor=actor, series_uid=series_uid, study_uid=study_uid)
+        try:
+            ids = rerun_jobs(conn, sid, revision, jobs, actor=actor, series_uid=series_uid, study_uid=study_uid)
+        except JobStateError as e:  # a run of one of them is still pending or running: nothing is made
+            raise RerunRefused(f"series {series_uid} revision {revision}: {e}") from None
         done = RulesRerun(series_uid, revision, matched, ids)
         audit.record(
             conn, "rules_rerun", actor=actor, series_uid=series_uid, study_uid=study_uid, detail=done.message()

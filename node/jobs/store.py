@@ -253,7 +253,7 @@ def defer(engine: Engine, job_id: int, owner: str, *, note: str, until: dt.datet
                 attempts=_job.c.attempts - 1,
                 not_before=until,
                 last_error=note,
-                finished_at=utcnow(),
+                finished_at=None,  # it has not finished: it waits
             )
         )
         if done.rowcount == 1:
@@ -381,10 +381,33 @@ def _next_run(conn: Connection, series_id: int, revision: int, rule: str, action
     return int(last or 0) + 1
 
 
+def _refuse_if_active(conn: Connection, series_id: int, revision: int, j: NewJob) -> None:
+    """Refuse a rerun while a run of the same match is pending or running: it runs anyway, and two runs
+    at once would make two sets of outputs (and send both)."""
+    active = conn.execute(
+        select(_job.c.id, _job.c.state, _job.c.run)
+        .where(
+            _job.c.series_fk == series_id,
+            _job.c.revision == revision,
+            _job.c.rule == j.rule,
+            _job.c.action_index == j.action_index,
+            job_active(_job),
+        )
+        .order_by(_job.c.run)
+        .limit(1)
+    ).first()
+    if active is not None:
+        raise JobStateError(
+            f"job {active.id} is {active.state}; it runs anyway (cancel it first to run it again; it is run "
+            f"{active.run} of rule {j.rule}, action {j.action_index} on revision {revision} of this series)"
+        )
+
+
 def _insert_next_run(
     conn: Connection, series_id: int, revision: int, j: NewJob, now: dt.datetime, study_trigger: int | None
 ) -> tuple[int, int]:
     """Insert ``j`` as the next run of its match; returns (job id, run)."""
+    _refuse_if_active(conn, series_id, revision, j)
     tries = 3
     while True:
         run = _next_run(conn, series_id, revision, j.rule, j.action_index)
@@ -411,10 +434,14 @@ def rerun_jobs(
 ) -> list[int]:
     """Make ``jobs`` for a revision again, each as the next run of its match (the earlier runs are kept).
 
-    Unlike :func:`create_jobs` nothing is skipped: an operator asked for these to run (again). Each job
-    made is audited (``job_created``, naming the run and who asked) in the caller's transaction.
+    Unlike :func:`create_jobs` nothing is skipped: an operator asked for these to run (again). But a
+    match with a run still pending or running is refused (:class:`JobStateError`, naming that job): it
+    runs anyway. The series row is locked first (``FOR UPDATE`` on PostgreSQL; SQLite's write lock does
+    it there), so of two operators asking at once the second sees the first one's new run and is refused.
+    Each job made is audited (``job_created``, naming the run and who asked) in the caller's transaction.
     ``study_trigger``: a study rule's jobs keep the firing they belong to (their named inputs).
     """
+    conn.execute(select(_series.c.id).where(_series.c.id == series_id).with_for_update()).all()
     now = utcnow()
     ids = []
     for j in jobs:
@@ -438,8 +465,8 @@ def rerun(engine: Engine, job_id: int, *, actor: str = "cli") -> int:
 
     The new job is the next run of the same (series revision, rule, action) with the action as the old
     job stored it; a plugin's outputs get new UIDs (the run is part of their identity) and the old job's
-    outputs stay. A pending or running job is refused: it is about to run anyway. Audited
-    (``job_rerun``, naming the new job) as done by ``actor``.
+    outputs stay. Refused while any run of the match (this job or an earlier rerun of it) is pending or
+    running: it is about to run anyway. Audited (``job_rerun``, naming the new job) as done by ``actor``.
     """
     with engine.begin() as conn:
         row = _operator_row(
@@ -453,8 +480,6 @@ def rerun(engine: Engine, job_id: int, *, actor: str = "cli") -> int:
             _job.c.max_attempts,
             _job.c.study_trigger_fk,
         )
-        if row.state in JOB_ACTIVE:
-            raise JobStateError(f"job {job_id} is {row.state}; it runs anyway (cancel it first to run it again)")
         job = NewJob(row.rule, row.action_index, row.kind, json.loads(row.action), row.priority, row.max_attempts)
         series_uid = conn.execute(select(_series.c.series_instance_uid).where(_series.c.id == row.series_fk)).scalar()
         (new,) = rerun_jobs(
