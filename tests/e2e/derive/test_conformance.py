@@ -6,11 +6,13 @@ anonymised (Type 2 attributes gone), orientations jittered by 1e-5, no Slice Thi
 (uneven spacing), a sheared "tilted" copy, a single slice. For each, one plugin job (the node's own
 worker, in this process) returns every result kind the node writes: BINARY, LABELMAP (and its BINARY copy
 for destinations that refuse Label Map SEG) and FRACTIONAL SEG, grey and RGB Secondary Captures, a derived
-image series and a Parametric Map; a second job chains every built-in plugin. Each output must:
+image series, a Parametric Map and a measurement report (SR, TID 1500, on the label map SEG, so its BINARY
+copy gets an SR of its own), with a Key Object Selection listing them; a second job chains every built-in
+plugin (segment-stats measuring threshold-seg's SEG among them). Each output must:
 
 - come out of a job that succeeded (nothing here should fail);
 - have 0 dciodvfy errors (tests/helpers/dciodvfy.py);
-- read back (highdicom for SEG, pydicom for the rest) equal to what the plugin returned;
+- read back (highdicom for SEG and SR, pydicom for the rest) equal to what the plugin returned;
 - lie where its sources lie (per frame or per instance positions, orientation, spacing);
 - be accepted by a real Orthanc (the last test sends them all and asks Orthanc for each).
 """
@@ -30,7 +32,18 @@ from helpers.dciodvfy import LABEL_MAP_SEGMENTATION_STORAGE, verify
 from helpers.orthanc import Orthanc
 from pydicom.dataset import Dataset
 
-from node.plugins.api import Images, Segment, Segmentation, SeriesInput, Volume, codes, plugin
+from node.plugins.api import (
+    Images,
+    Measurement,
+    MeasurementGroup,
+    Measurements,
+    Segment,
+    Segmentation,
+    SeriesInput,
+    Volume,
+    codes,
+    plugin,
+)
 from node.plugins.series import load_series
 from node.plugins.worker import Output, StepSpec, WorkResult, WorkSpec
 from node.plugins.worker import run as run_work
@@ -50,7 +63,11 @@ MADE: list[Path] = []
 # -- the plugin: one result of every kind, computed from the series so the test can compute it again ----------
 
 
-def expected(series: SeriesInput) -> list[Segmentation | Images | Volume]:
+Result = Segmentation | Images | Volume | Measurements
+VOXELS = codes.UCUM.NoUnits
+
+
+def expected(series: SeriesInput) -> list[Result]:
     v = series.rescaled()
     lo, hi = np.percentile(v, [35, 80])
     dense, faint = v > hi, (v > lo) & (v <= hi)
@@ -73,16 +90,38 @@ def expected(series: SeriesInput) -> list[Segmentation | Images | Volume]:
         Images(rgb, source_slices=picks),
         Volume(v * 0.5 + 3.25, name="half"),
         Volume(frac * 0.002, kind="parametric-map", name="prob", units=codes.UCUM.NoUnits),
+        Measurements(
+            [
+                MeasurementGroup(
+                    tracking_id=seg.label,
+                    finding=seg.type,
+                    measurements=[Measurement(codes.SCT.Volume, float(np.count_nonzero(labels == k + 1)), VOXELS)],
+                    segment=k + 1,
+                    segmentation=1,
+                )
+                for k, seg in enumerate(SEGMENTS[:2])
+            ]
+            + [
+                MeasurementGroup(
+                    tracking_id="Middle slice",
+                    finding=codes.SCT.Tissue,
+                    measurements=[Measurement(codes.SCT.Mean, float(v[n // 2].mean()), VOXELS)],
+                    source_slices=[n // 2],
+                )
+            ],
+            description="harness",
+        ),
     ]
 
 
 @plugin(name="every-kind", version="1.0")
-def every_kind(series: SeriesInput, params: object) -> list[Segmentation | Images | Volume]:
+def every_kind(series: SeriesInput, params: object) -> list[Result]:
     return expected(series)
 
 
 BUILTIN_STEPS = [
     StepSpec("threshold-seg", "node.plugins.builtin.threshold:threshold_seg", {}),
+    StepSpec("segment-stats", "node.plugins.builtin.segment_stats:segment_stats", {}),
     StepSpec("distance-map", "node.plugins.builtin.distance:distance_map", {}),
     StepSpec("overlay-sc", "node.plugins.builtin.overlay:overlay_sc", {}),
     StepSpec("mip-sc", "node.plugins.builtin.mip:mip_sc", {}),
@@ -99,6 +138,7 @@ def run_job(files: list[Path], out: Path, steps: list[StepSpec], tag: str) -> Wo
         out_dir=str(out),
         job_key=(tag, 1, "harness", 0),
         labelmap_as_binary=True,
+        key_objects={"value": "113000", "scheme": "DCM", "meaning": "Of Interest", "description": "harness"},
     )
     result = run_work(spec)
     assert result.ok, f"{tag}: {result.error}"
@@ -195,6 +235,36 @@ def check_parametric_map(path: Path, series: SeriesInput, want: Volume) -> None:
         np.testing.assert_array_equal(f, want.values[by_uid[uid]].astype(np.float32))
 
 
+def check_sr(path: Path, seg_path: Path, series: SeriesInput, want: Measurements) -> None:
+    """The report reads back as the plugin's figures; each segment group references its segment of that SEG."""
+    sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(path))
+    report = hd.sr.MeasurementReport.from_sequence(sr.content)
+    seg_uid = str(pydicom.dcmread(seg_path, stop_before_pixels=True).SOPInstanceUID)
+    volumetric = report.get_volumetric_roi_measurement_groups()
+    assert [g.tracking_identifier for g in volumetric] == [g.tracking_id for g in want.groups[:2]]
+    for k, (got, group) in enumerate(zip(volumetric, want.groups[:2], strict=True)):
+        assert got.referenced_segment.referenced_sop_instance_uid == seg_uid
+        assert got.referenced_segment.referenced_segment_numbers == [k + 1]
+        assert [m.value for m in got.get_measurements()] == [m.value for m in group.measurements]
+    (image_level,) = report.get_image_measurement_groups()
+    assert {s.referenced_sop_instance_uid for s in image_level.source_images} == {
+        str(series.datasets[len(series) // 2].SOPInstanceUID)
+    }
+    assert [m.value for m in image_level.get_measurements()] == [m.value for m in want.groups[2].measurements]
+
+
+def check_kos(path: Path, listed: list[Path]) -> None:
+    """The selection lists exactly the job's outputs a destination gets."""
+    ds = pydicom.dcmread(path)
+    got = {
+        str(sop.ReferencedSOPInstanceUID)
+        for study in ds.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for sop in series.ReferencedSOPSequence
+    }
+    assert got == {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in listed}
+
+
 def by_result(outputs: list[Output]) -> dict[str, list[Path]]:
     """Output files grouped by the result they came from (the worker names them NNN-...)."""
     groups: dict[str, list[Path]] = {}
@@ -224,7 +294,20 @@ def test_every_result_kind(
     series = load_series(files)
     want = expected(series)
     out = by_result(result.outputs)
-    assert sorted(out) == ["000", "001", "001-binary", "002", "003", "004", "005", "006"], sorted(out)
+    assert sorted(out) == [
+        "000",
+        "001",
+        "001-binary",
+        "002",
+        "003",
+        "004",
+        "005",
+        "006",
+        "007",
+        "007-binary",
+        "key",
+        "key-binary",
+    ], sorted(out)
     for key, paths in out.items():
         verify_all(paths, f"{source}/{variant} output {key}")
     check_seg(out["000"][0], series, want[0].masks, "binary")
@@ -237,6 +320,13 @@ def test_every_result_kind(
     check_images(out["004"], series, want[4])
     check_image_series(out["005"], series, want[5])
     check_parametric_map(out["006"][0], series, want[6])
+    for sr, seg in ((out["007"][0], out["001"][0]), (out["007-binary"][0], out["001-binary"][0])):
+        check_sr(sr, seg, series, want[7])
+    for kos, listed in (
+        ("key", ("000", "001", "002", "003", "004", "005", "006", "007")),
+        ("key-binary", ("000", "001-binary", "002", "003", "004", "005", "006", "007-binary")),
+    ):
+        check_kos(out[kos][0], [p for k in listed for p in out[k]])
 
 
 @pytest.mark.parametrize(("source", "variant"), CASES)
@@ -250,6 +340,7 @@ def test_every_builtin_plugin(
     kinds = sorted(o.kind for o in result.outputs)
     assert kinds.count("SEG") == (2 if source.startswith("ct") else 1), kinds
     assert "parametric map" in kinds and "image" in kinds and "SC" in kinds
+    assert kinds.count("SR") == 1, kinds  # segment-stats on threshold-seg's SEG
     for key, paths in by_result(result.outputs).items():
         verify_all(paths, f"{source}/{variant} built-in output {key}")
         ds = pydicom.dcmread(paths[0], stop_before_pixels=True)
