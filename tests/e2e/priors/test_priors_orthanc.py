@@ -169,14 +169,16 @@ def pacs(tmp_path: Path) -> Iterator[tuple[Orthanc, NodeProcess]]:
     assert code in (0, None), f"node exited with {code}\n{node.log()[-4000:]}"
 
 
+@pytest.mark.parametrize("scope", ["series", "study"])
 def test_a_prior_from_orthanc_is_retrieved_compared_and_the_seg_and_sr_delivered(
-    pacs: tuple[Orthanc, NodeProcess], studies: Studies, tmp_path: Path
+    pacs: tuple[Orthanc, NodeProcess], studies: Studies, tmp_path: Path, scope: str
 ) -> None:
+    """A series rule's job and a study rule's job alike: the prior found, moved, compared; SEG, SR, KOS sent."""
     orthanc, node = pacs
     orthanc.start()
     r = storescu(orthanc.dicom_port, studies.prior, ae=orthanc.aet)
     assert r.returncode == 0, r.stderr
-    node.extra_config = _config(orthanc.dicom_port, orthanc.aet) + orthanc.destination("orthanc")
+    node.extra_config = _config(orthanc.dicom_port, orthanc.aet, scope=scope) + orthanc.destination("orthanc")
     node.start()
 
     r = storescu(node.port, studies.current)
