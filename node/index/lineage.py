@@ -41,7 +41,8 @@ def made_with(software: str, wanted: str) -> bool:
 
 
 def _when(value: dt.datetime | None) -> str:
-    return value.strftime("%Y-%m-%d %H:%M:%S") if value is not None else "-"
+    """The index keeps UTC (naive on SQLite): said so, as the dashboard's other times are."""
+    return value.strftime("%Y-%m-%d %H:%M:%S UTC") if value is not None else "-"
 
 
 def _deliveries(conn: Connection, which: ColumnElement[bool], indent: str) -> list[str]:

@@ -116,11 +116,11 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
 def test_a_source_series_shows_its_revisions_jobs_outputs_and_deliveries(engine: Engine) -> None:
     assert lineage(engine, SOURCE) == [
         f'source series {SOURCE} (CT "head", 2 instances)',
-        "  revision 1: 2 instances, stable 2026-01-02 03:04:05 (quiet for 30 s); ct-seg",
-        "  job #1 revision 1 rule ct-seg action 0 (plugin threshold-seg 1.0): succeeded 2026-01-02 03:04:05 -- 1 SEG",
+        "  revision 1: 2 instances, stable 2026-01-02 03:04:05 UTC (quiet for 30 s); ct-seg",
+        "  job #1 revision 1 rule ct-seg action 0 (plugin threshold-seg 1.0): succeeded 2026-01-02 03:04:05 UTC -- 1 SEG",
         f"    output Segmentation Storage {OUTPUT}.1 (series {OUTPUT}, made by threshold-seg 1.0)",
-        "      -> pacs: 1 delivered 2026-01-02 03:04:05",
-        "  job #2 revision 1 rule ct-seg action 1 (forward): succeeded 2026-01-02 03:04:05 -- queued 2",
+        "      -> pacs: 1 delivered 2026-01-02 03:04:05 UTC",
+        "  job #2 revision 1 rule ct-seg action 1 (forward): succeeded 2026-01-02 03:04:05 UTC -- queued 2",
         "    -> pacs: 2 failed -- 0xA700 out of resources",
     ]
 

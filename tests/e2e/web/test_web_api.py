@@ -109,6 +109,9 @@ def test_jobs_deliveries_lineage_rules_plugins(web_node):
     assert code == 200 and failed["total"] == 31 and len(failed["items"]) == 5
     code, lin = web_node.get(f"/api/lineage/{web_node.ct_series_uid}")
     assert code == 200 and any("threshold-seg" in line for line in lin["lines"])
+    # The lineage page follows new data like the others: its live part alone, times in UTC.
+    code, part = request(f"{web_node.url}/lineage?uid={web_node.ct_series_uid}", headers={"X-Live": "live"})
+    assert code == 200 and b"threshold-seg" in part and b"<html" not in part and b" UTC" in part, part[:500]
     code, rules = web_node.get("/api/rules")
     assert code == 200 and rules[0]["name"] == "ct-seg" and rules[0]["matched_revisions"] == 2
     code, plugins = web_node.get("/api/plugins")
