@@ -144,11 +144,24 @@ def migrate(engine: Engine) -> None:
     from alembic import command
 
     cfg = alembic_config(engine)
-    with _migration_file_lock(engine), migration_connection(engine) as conn:
-        if engine.dialect.name == "postgresql":
-            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY})")
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
+    with _migration_file_lock(engine):
+        if _at_head(engine, cfg):  # the usual start: nothing to migrate, nothing to check
+            return
+        with migration_connection(engine) as conn:
+            if engine.dialect.name == "postgresql":
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY})")
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+
+
+def _at_head(engine: Engine, cfg: Any) -> bool:
+    """Whether the schema is at the newest revision already (read without a write transaction)."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    with engine.connect() as conn:
+        current = set(MigrationContext.configure(conn).get_current_heads())
+    return current == set(ScriptDirectory.from_config(cfg).get_heads())
 
 
 @contextmanager
@@ -158,7 +171,8 @@ def migration_connection(engine: Engine) -> Iterator[Connection]:
     SQLite's batch mode alters a table by copying it and dropping the old one; with enforcement on,
     dropping a table other rows refer to fails (or fires their ``ON DELETE SET NULL``), and the pragma
     cannot change inside a transaction. So it is off from before the transaction to after it, and
-    ``PRAGMA foreign_key_check`` must find nothing dangling before the commit.
+    ``PRAGMA foreign_key_check`` must find nothing dangling before the commit that was not dangling
+    before the migration (an index some older tool left with a dangling reference still upgrades).
     """
     sqlite_db = engine.dialect.name == "sqlite"
     with engine.connect() as conn:
@@ -167,9 +181,11 @@ def migration_connection(engine: Engine) -> Iterator[Connection]:
             raw.execute("PRAGMA foreign_keys=OFF")
         try:
             with conn.begin():
+                check = "PRAGMA foreign_key_check"
+                before = {tuple(r) for r in conn.exec_driver_sql(check).all()} if sqlite_db else set()
                 yield conn
                 if sqlite_db:
-                    dangling = conn.exec_driver_sql("PRAGMA foreign_key_check").all()
+                    dangling = [tuple(r) for r in conn.exec_driver_sql(check).all() if tuple(r) not in before]
                     if dangling:
                         raise RuntimeError(
                             f"the migration left references to missing rows (table, rowid, parent): {dangling[:5]}"

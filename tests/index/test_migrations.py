@@ -202,3 +202,37 @@ def test_down_to_0009_and_up_again_keeps_what_a_rerun_made(any_index_url: str) -
         assert s.execute(select(Job.id, Job.run, Job.study_trigger_fk)).all() == [(first_id, 1, None)]
         assert s.execute(select(Instance.job_fk)).scalars().all() == [first_id]
     engine.dispose()
+
+
+def test_a_dangling_reference_left_by_something_else_neither_stops_a_start_nor_an_upgrade(tmp_path: Any) -> None:
+    """SQLite migrations check that they break no foreign key: only what they broke counts. A row some other
+    tool deleted under its references (the rows were there before) does not stop the node starting at head,
+    nor an upgrade of an older index; the check runs only when there is something to migrate."""
+    from alembic import command
+    from sqlalchemy import text
+
+    from node.index.db import alembic_config, migration_connection
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'index.sqlite'}")
+    migrate(engine)
+    raw = engine.raw_connection()
+    try:
+        raw.execute("PRAGMA foreign_keys=OFF")  # enforced on the node's connections: off for this one
+        raw.execute(
+            "INSERT INTO delivery (id, series_fk, job_fk, destination, sop_instance_uid, priority, state,"
+            " attempts, next_attempt_at, warning, sent_transfer_syntax, created_at, updated_at, commitment,"
+            " commitment_uid, last_error) VALUES (1, 999, 998, 'pacs', '1.2', 0, 'queued', 0,"
+            " '2026-01-01', '', '', '2026-01-01', '2026-01-01', 'none', '', '')"
+        )
+        raw.commit()
+    finally:
+        raw.close()
+    migrate(engine)  # at head: starts
+    cfg = alembic_config(engine)
+    with migration_connection(engine) as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0011")
+    migrate(engine)  # an upgrade with the old dangling row still there
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM delivery")).scalar_one() == 1
+    engine.dispose()
