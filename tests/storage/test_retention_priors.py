@@ -7,42 +7,20 @@ running, retention keeps it (the job will read it), and once the job has ended i
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers.rows import stored_series
 from sqlalchemy import Engine, update
 from sqlalchemy.orm import Session
 
 from node.config import Config
 from node.index.db import make_engine, migrate
-from node.index.models import Instance, Job, Patient, PriorFetch, Series, Study, utcnow
+from node.index.models import Job, Patient, PriorFetch, Study
 from node.jobs.store import NewJob, create_jobs
 from node.storage import Storage
 from node.storage.retention import Retention, protected_series
-
-
-def _series(s: Session, study: Study, uid: str, days_old: float, storage: Storage) -> Series:
-    """A triggered series with one stored instance (a real file), last changed ``days_old`` days ago."""
-    when = utcnow() - dt.timedelta(days=days_old)
-    series = Series(series_instance_uid=uid, study=study, state="triggered", last_received_at=when, instance_count=1)
-    rel = f"storage/{uid}/1.dcm"
-    path = storage.absolute(rel)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"x")
-    s.add(
-        Instance(
-            sop_instance_uid=uid + ".1",
-            series=series,
-            sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-            transfer_syntax_uid="1.2.840.10008.1.2.1",
-            file_path=rel,
-            file_size=1,
-            checksum="0" * 64,
-        )
-    )
-    return series
 
 
 @pytest.fixture
@@ -52,8 +30,8 @@ def index(any_index_url: str, tmp_path: Path) -> Iterator[tuple[Engine, Storage,
     storage = Storage(tmp_path / "data")
     with Session(engine) as s:
         patient = Patient(patient_id="P1")
-        new = _series(s, Study(study_instance_uid="1.9.1", patient=patient), "1.9.1.1", 10, storage)
-        prior = _series(s, Study(study_instance_uid="1.9.0", patient=patient), "1.9.0.1", 10, storage)
+        new = stored_series(s, Study(study_instance_uid="1.9.1", patient=patient), "1.9.1.1", storage)
+        prior = stored_series(s, Study(study_instance_uid="1.9.0", patient=patient), "1.9.0.1", storage)
         s.commit()
         ids = {"new": new.id, "prior": prior.id}
     with engine.begin() as conn:

@@ -9,45 +9,23 @@ inputs too.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers.rows import stored_series
 from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session
 
 from node.config import Config
 from node.index.db import make_engine, migrate
-from node.index.models import Instance, Job, Patient, Series, Study, StudyTrigger, utcnow
+from node.index.models import Job, Patient, Series, Study, StudyTrigger
 from node.jobs.store import NewJob, create_jobs
 from node.storage import Storage
 from node.storage.retention import Retention
 
 _job = Job.__table__
-
-
-def _series(s: Session, study: Study, uid: str, storage: Storage) -> Series:
-    """A triggered series with one stored instance (a real file), last changed ten days ago."""
-    when = utcnow() - dt.timedelta(days=10)
-    series = Series(series_instance_uid=uid, study=study, state="triggered", last_received_at=when, instance_count=1)
-    rel = f"storage/{uid}/1.dcm"
-    path = storage.absolute(rel)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"x")
-    s.add(
-        Instance(
-            sop_instance_uid=uid + ".1",
-            series=series,
-            sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-            transfer_syntax_uid="1.2.840.10008.1.2.1",
-            file_path=rel,
-            file_size=1,
-            checksum="0" * 64,
-        )
-    )
-    return series
 
 
 @pytest.fixture
@@ -58,7 +36,7 @@ def fired(any_index_url: str, tmp_path: Path) -> Iterator[tuple[Engine, Storage,
     storage = Storage(tmp_path / "data")
     with Session(engine) as s:
         study = Study(study_instance_uid="1.7.1", patient=Patient(patient_id="P7"))
-        ct, pet = _series(s, study, "1.7.1.1", storage), _series(s, study, "1.7.1.2", storage)
+        ct, pet = stored_series(s, study, "1.7.1.1", storage), stored_series(s, study, "1.7.1.2", storage)
         s.flush()
         inputs = {
             n: {"series_id": x.id, "series_uid": x.series_instance_uid, "revision": 1}
