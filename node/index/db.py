@@ -144,24 +144,11 @@ def migrate(engine: Engine) -> None:
     from alembic import command
 
     cfg = alembic_config(engine)
-    with _migration_file_lock(engine):
-        if _at_head(engine, cfg):  # the usual start: nothing to migrate, nothing to check
-            return
-        with migration_connection(engine) as conn:
-            if engine.dialect.name == "postgresql":
-                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY})")
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
-
-
-def _at_head(engine: Engine, cfg: Any) -> bool:
-    """Whether the schema is at the newest revision already (read without a write transaction)."""
-    from alembic.runtime.migration import MigrationContext
-    from alembic.script import ScriptDirectory
-
-    with engine.connect() as conn:
-        current = set(MigrationContext.configure(conn).get_current_heads())
-    return current == set(ScriptDirectory.from_config(cfg).get_heads())
+    with _migration_file_lock(engine), migration_connection(engine) as conn:
+        if engine.dialect.name == "postgresql":
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY})")
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
 
 
 @contextmanager

@@ -69,7 +69,7 @@ actions = [{{ type = "plugin", plugin = "pair" }}]
 [[rules]]
 name = "whole-study"
 scope = "study"
-study_quiet = 1
+study_quiet = 5
 enabled = {whole_study}
 match = {{ Modality = "CT" }}
 actions = [{{ type = "plugin", plugin = "threshold-seg" }}]
@@ -273,12 +273,12 @@ def test_a_study_rule_without_inputs_fires_once_the_study_is_quiet(tmp_path: Pat
         node.receive(first)
         wait_for(lambda: node.series_triggered(1), 10, "the first series to trigger")
         node.receive(second)  # within the study's quiet period: one firing for both
-        wait_for(lambda: node.triggers(), 15, "the study rule to fire")
+        wait_for(lambda: node.triggers(), 30, "the study rule to fire")
         [trigger] = node.triggers()
         inputs = json.loads(trigger.inputs)
         # Every series, keyed by Series Number in number order; the first is the primary.
         assert list(inputs["inputs"]) == ["series-4", "series-7"] and inputs["primary"] == "series-4"
-        assert trigger.reason == "no instance in the study for 1 s"
+        assert trigger.reason == "no instance in the study for 5 s"
         [job] = node.jobs()
         assert job.series_fk == node.series_id(second)
 
